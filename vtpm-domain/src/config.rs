@@ -1,0 +1,68 @@
+//! Validated configuration of one vtpm-domain process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use uuid::Uuid;
+use vtpm_proto::tpm::Family;
+
+/// Where the vTPM listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// swtpm-TCTI style: data channel on `addr`, control channel on
+    /// `addr.port() + 1` (port 0 picks a free pair).
+    TcpPair(SocketAddr),
+    /// A Unix-socket data channel.
+    UnixData(PathBuf),
+    /// A Unix-socket control channel (QEMU's `-chardev socket,path=`);
+    /// the data channel then arrives through `CMD_SET_DATAFD`.
+    UnixCtrl(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let hint = "expected tcp:HOST:PORT, data:PATH or ctrl:PATH";
+        let (kind, rest) = s.split_once(':').ok_or_else(|| format!("--listen {s:?}: {hint}"))?;
+        match kind {
+            "tcp" => rest
+                .parse()
+                .map(Listen::TcpPair)
+                .map_err(|e| format!("--listen {s:?}: bad address ({e}); {hint}")),
+            "data" if !rest.is_empty() => Ok(Listen::UnixData(rest.into())),
+            "ctrl" if !rest.is_empty() => Ok(Listen::UnixCtrl(rest.into())),
+            _ => Err(format!("--listen {s:?}: {hint}")),
+        }
+    }
+}
+
+/// What the vTPM does with a fresh engine before serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Startup {
+    /// Send TPM2_Startup(CLEAR) itself, like swtpm's `--flags startup-clear`.
+    Clear,
+    /// Leave Startup to the client (firmware, the guest kernel).
+    None,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The vTPM's identity.
+    pub uuid: Uuid,
+    /// TPM family.
+    pub family: Family,
+    /// The sealed state file.
+    pub state: PathBuf,
+    /// The manager's per-vTPM socket.
+    pub mgr_socket: PathBuf,
+    /// Manufacture a new TPM (the state file must not exist).
+    pub create: bool,
+    /// Startup behaviour.
+    pub startup: Startup,
+    /// Listeners.
+    pub listen: Vec<Listen>,
+    /// How long to keep retrying the manager while it has not attached us.
+    pub mgr_wait: std::time::Duration,
+}

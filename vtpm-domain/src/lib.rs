@@ -1,0 +1,101 @@
+//! vtpm-domain: one process, one vTPM.
+//!
+//! The process holds exactly one libtpms TPM (libtpms is process-global),
+//! fetches its state key from vtpmmgr over its own per-vTPM socket, keeps its
+//! state sealed on disk after every state-changing command, and serves the
+//! TPM over swtpm's socket protocol (data channel + control channel) so that
+//! QEMU's `-tpmdev emulator` and the tpm2-tss `swtpm` TCTI use it unchanged.
+//!
+//! Module map: [`store`] seals and atomically writes state; [`mgr_client`]
+//! asks the manager for the key; [`vtpm`] is the transport-independent core
+//! (framing checks, engine, persistence); [`server`] is the swtpm protocol.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod mgr_client;
+pub mod ratelimit;
+pub mod server;
+pub mod store;
+pub mod vtpm;
+
+use std::rc::Rc;
+
+use anyhow::Context;
+use tracing::info;
+
+use crate::config::Config;
+use crate::server::Shared;
+use crate::store::Store;
+use crate::vtpm::Vtpm;
+
+/// Exit code: the state could not be opened or created (never regenerated).
+pub const EXIT_STATE: i32 = 3;
+/// Exit code: the manager refused or could not be reached.
+pub const EXIT_MANAGER: i32 = 4;
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct Fatal {
+    /// Process exit code.
+    pub code: i32,
+    /// The error chain.
+    pub error: anyhow::Error,
+}
+
+/// Runs one vTPM until it is shut down. On success returns after a clean
+/// shutdown (control channel `CMD_SHUTDOWN`, SIGTERM or SIGINT).
+pub fn run(cfg: Config) -> Result<(), Fatal> {
+    let fatal = |code: i32| move |error: anyhow::Error| Fatal { code, error };
+    let key = mgr_client::fetch_state_key(&cfg.mgr_socket, cfg.uuid, cfg.mgr_wait)
+        .map_err(anyhow::Error::from)
+        .map_err(fatal(EXIT_MANAGER))?;
+    let (vtpm, ek) = if cfg.create {
+        let store = Store::create(&cfg.state, cfg.uuid, cfg.family, key).map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
+        let (v, ek) = Vtpm::manufacture(cfg.family, store).map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
+        info!(uuid = %cfg.uuid, "manufactured a new vTPM");
+        (v, ek)
+    } else {
+        let (store, state) = Store::open(&cfg.state, cfg.uuid, cfg.family, key).map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
+        let mut v = Vtpm::resume(cfg.family, store, state, cfg.startup == config::Startup::Clear)
+            .map_err(anyhow::Error::from)
+            .map_err(fatal(EXIT_STATE))?;
+        let ek = v.ek_public().unwrap_or_default();
+        info!(uuid = %cfg.uuid, generation = v.generation(), "resumed vTPM");
+        (v, ek)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the runtime")
+        .map_err(fatal(1))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let bound = server::bind(&cfg.listen).await.context("binding listeners").map_err(fatal(1))?;
+        let ready = serde_json::json!({
+            "ready": true,
+            "uuid": cfg.uuid,
+            "pid": std::process::id(),
+            "tcp_ports": bound.tcp_ports,
+            "ek_public": hex_encode(&ek),
+        });
+        println!("{ready}");
+        use std::io::Write;
+        std::io::stdout().flush().ok();
+        let shared = Rc::new(Shared { vtpm: std::cell::RefCell::new(vtpm), exit: tokio::sync::Notify::new() });
+        let sig = shared.clone();
+        tokio::task::spawn_local(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            info!("signal received, shutting down");
+            sig.exit.notify_one();
+        });
+        server::serve(bound, shared.clone()).await;
+        shared.vtpm.borrow_mut().stop().map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
+        Ok(())
+    })
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

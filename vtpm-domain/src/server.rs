@@ -1,0 +1,434 @@
+//! swtpm's socket protocol: a data channel carrying raw TPM packets and a
+//! control channel carrying `CMD_*` requests (see [`vtpm_proto::swtpm_ctrl`]).
+//!
+//! Everything runs on one thread (libtpms is process-global and not
+//! thread-safe): a tokio current-thread runtime with a `LocalSet`, the vTPM
+//! in an `Rc<RefCell<_>>` that is never borrowed across an `.await`.
+//!
+//! Framing on the data channel is defensive: a header must arrive within
+//! [`FRAME_GRACE`] of its first byte and a body within [`BODY_GRACE`]; a
+//! packet that is short, oversized or lies about its size is answered with a
+//! TPM error, the rest of what the peer sent is drained, and the connection
+//! keeps serving.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::Notify;
+use tokio::time::timeout;
+use tracing::{debug, info, warn};
+use vtpm_proto::swtpm_ctrl::{self as ctrl, Request, cap, cmd, res};
+use vtpm_proto::tpm::{self, HEADER_LEN};
+
+use crate::config::Listen;
+use crate::guest_warn;
+use crate::vtpm::Vtpm;
+
+/// How long the rest of a header may take after its first byte.
+pub const FRAME_GRACE: Duration = Duration::from_millis(200);
+/// How long the body may take after the header.
+pub const BODY_GRACE: Duration = Duration::from_secs(2);
+/// Quiet period that ends draining after a malformed packet.
+pub const DRAIN_QUIET: Duration = Duration::from_millis(30);
+
+/// Control-channel capabilities we implement.
+pub const CAPS: u64 = cap::INIT
+    | cap::SHUTDOWN
+    | cap::GET_TPMESTABLISHED
+    | cap::SET_LOCALITY
+    | cap::CANCEL_TPM_CMD
+    | cap::STORE_VOLATILE
+    | cap::RESET_TPMESTABLISHED
+    | cap::STOP
+    | cap::GET_CONFIG
+    | cap::SET_DATAFD
+    | cap::SET_BUFFERSIZE;
+
+/// Shared state of the server.
+pub struct Shared {
+    /// The vTPM.
+    pub vtpm: RefCell<Vtpm>,
+    /// Notified when the process should exit (CMD_SHUTDOWN, signals).
+    pub exit: Notify,
+}
+
+/// Bound listeners, ready to serve.
+pub struct Bound {
+    tcp: Vec<(TcpListener, TcpListener)>,
+    data: Vec<UnixListener>,
+    ctrl: Vec<UnixListener>,
+    /// (data port, ctrl port) of each TCP pair.
+    pub tcp_ports: Vec<(u16, u16)>,
+}
+
+/// Binds every listener. Must be called inside the runtime.
+pub async fn bind(listen: &[Listen]) -> io::Result<Bound> {
+    let mut b = Bound { tcp: vec![], data: vec![], ctrl: vec![], tcp_ports: vec![] };
+    for l in listen {
+        match l {
+            Listen::TcpPair(addr) => {
+                let (d, c) = bind_tcp_pair(*addr).await?;
+                b.tcp_ports.push((d.local_addr()?.port(), c.local_addr()?.port()));
+                b.tcp.push((d, c));
+            }
+            Listen::UnixData(p) => b.data.push(bind_unix(p)?),
+            Listen::UnixCtrl(p) => b.ctrl.push(bind_unix(p)?),
+        }
+    }
+    Ok(b)
+}
+
+fn bind_unix(p: &Path) -> io::Result<UnixListener> {
+    // A stale socket from a killed predecessor would make bind fail.
+    if let Ok(meta) = std::fs::symlink_metadata(p) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(p)?;
+        }
+    }
+    UnixListener::bind(p)
+}
+
+async fn bind_tcp_pair(addr: SocketAddr) -> io::Result<(TcpListener, TcpListener)> {
+    if addr.port() != 0 {
+        let d = TcpListener::bind(addr).await?;
+        let mut c_addr = addr;
+        c_addr.set_port(addr.port().checked_add(1).ok_or_else(|| io::Error::other("port 65535 leaves no control port"))?);
+        return Ok((d, TcpListener::bind(c_addr).await?));
+    }
+    for _ in 0..200 {
+        let d = TcpListener::bind(addr).await?;
+        let p = d.local_addr()?.port();
+        let Some(cp) = p.checked_add(1) else { continue };
+        let mut c_addr = addr;
+        c_addr.set_port(cp);
+        if let Ok(c) = TcpListener::bind(c_addr).await {
+            return Ok((d, c));
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AddrInUse, "no free data/control port pair found"))
+}
+
+/// Serves until shutdown is requested.
+pub async fn serve(bound: Bound, shared: Rc<Shared>) {
+    for (d, c) in bound.tcp {
+        let s = shared.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                match d.accept().await {
+                    Ok((stream, _)) => {
+                        stream.set_nodelay(true).ok();
+                        tokio::task::spawn_local(serve_data(stream, s.clone()));
+                    }
+                    Err(e) => warn!(error = %e, "accept on data channel failed"),
+                }
+            }
+        });
+        let s = shared.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                match c.accept().await {
+                    Ok((stream, _)) => {
+                        stream.set_nodelay(true).ok();
+                        tokio::task::spawn_local(serve_ctrl(CtrlStream::Tcp(stream), s.clone()));
+                    }
+                    Err(e) => warn!(error = %e, "accept on control channel failed"),
+                }
+            }
+        });
+    }
+    for d in bound.data {
+        let s = shared.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                if let Ok((stream, _)) = d.accept().await {
+                    tokio::task::spawn_local(serve_data(stream, s.clone()));
+                }
+            }
+        });
+    }
+    for c in bound.ctrl {
+        let s = shared.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                if let Ok((stream, _)) = c.accept().await {
+                    tokio::task::spawn_local(serve_ctrl(CtrlStream::Unix(stream, VecDeque::new()), s.clone()));
+                }
+            }
+        });
+    }
+    shared.exit.notified().await;
+}
+
+async fn drain<S: AsyncRead + Unpin>(s: &mut S) {
+    let mut sink = [0u8; 4096];
+    while let Ok(Ok(n)) = timeout(DRAIN_QUIET, s.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Reads into `buf` until full, or until `grace` passes without completion.
+/// Returns bytes read; 0 with an empty buf means EOF.
+async fn read_within<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8], grace: Duration) -> io::Result<usize> {
+    let mut got = 0;
+    let deadline = tokio::time::Instant::now() + grace;
+    while got < buf.len() {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf[got..])).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => got += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(got)
+}
+
+/// Serves one data-channel connection.
+pub async fn serve_data<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: Rc<Shared>) {
+    loop {
+        let mut hdr = [0u8; HEADER_LEN];
+        let first = match s.read(&mut hdr).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let got = match read_within(&mut s, &mut hdr[first..], FRAME_GRACE).await {
+            Ok(n) => first + n,
+            Err(_) => return,
+        };
+        let max = shared.vtpm.borrow().buffer_size() as usize;
+        let declared = tpm::peek_header(&hdr[..got]).map(|h| h.size as usize);
+        let rsp = match declared {
+            Some(size) if (HEADER_LEN..=max).contains(&size) => {
+                let mut packet = vec![0u8; size];
+                packet[..HEADER_LEN].copy_from_slice(&hdr);
+                let body = match read_within(&mut s, &mut packet[HEADER_LEN..], BODY_GRACE).await {
+                    Ok(n) => n,
+                    Err(_) => return,
+                };
+                packet.truncate(HEADER_LEN + body);
+                let complete = packet.len() == size;
+                let rsp = shared.vtpm.borrow_mut().execute(&packet);
+                if !complete {
+                    drain(&mut s).await;
+                }
+                rsp
+            }
+            _ => {
+                // Short, undersized or oversized: answer from what we have,
+                // then resynchronise by draining whatever else was sent.
+                let rsp = shared.vtpm.borrow_mut().execute(&hdr[..got]);
+                drain(&mut s).await;
+                rsp
+            }
+        };
+        if s.write_all(&rsp).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A control connection: TCP (tpm2-tss) or Unix (QEMU, may carry fds).
+pub enum CtrlStream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix, with file descriptors received so far.
+    Unix(UnixStream, VecDeque<OwnedFd>),
+}
+
+fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut VecDeque<OwnedFd>) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC).map_err(io::Error::from)?;
+    let n = msg.bytes;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            for raw in received {
+                // SAFETY: the kernel just installed `raw` in our fd table for
+                // this SCM_RIGHTS message; nothing else refers to it, so we
+                // take sole ownership here.
+                fds.push_back(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+    }
+    Ok(n)
+}
+
+impl CtrlStream {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            CtrlStream::Tcp(s) => s.read(buf).await,
+            CtrlStream::Unix(s, fds) => loop {
+                s.readable().await?;
+                let raw = s.as_raw_fd();
+                match s.try_io(tokio::io::Interest::READABLE, || recv_with_fds(raw, buf, fds)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            },
+        }
+    }
+
+    async fn read_exact_within(&mut self, buf: &mut [u8], grace: Duration) -> io::Result<bool> {
+        let mut got = 0;
+        let deadline = tokio::time::Instant::now() + grace;
+        while got < buf.len() {
+            match tokio::time::timeout_at(deadline, self.read(&mut buf[got..])).await {
+                Ok(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(Ok(n)) => got += n,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    async fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        match self {
+            CtrlStream::Tcp(s) => s.write_all(b).await,
+            CtrlStream::Unix(s, _) => s.write_all(b).await,
+        }
+    }
+
+    fn take_fd(&mut self) -> Option<OwnedFd> {
+        match self {
+            CtrlStream::Tcp(_) => None,
+            CtrlStream::Unix(_, fds) => fds.pop_front(),
+        }
+    }
+}
+
+/// Serves one control-channel connection.
+pub async fn serve_ctrl(mut s: CtrlStream, shared: Rc<Shared>) {
+    loop {
+        let mut code = [0u8; 4];
+        let first = match s.read(&mut code).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        match s.read_exact_within(&mut code[first..], FRAME_GRACE).await {
+            Ok(true) => {}
+            Ok(false) => {
+                guest_warn!("control request shorter than its command code");
+                if s.write_all(&ctrl::response(res::BAD_PARAMETER, &[])).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(_) => return,
+        }
+        let code = u32::from_be_bytes(code);
+        // Variable bodies announce their length in a fixed prefix.
+        let prefix_len = match code {
+            cmd::HASH_DATA => 4,
+            cmd::SET_STATEBLOB => 12,
+            _ => 0,
+        };
+        let mut body = vec![0u8; prefix_len];
+        if prefix_len > 0 && !matches!(s.read_exact_within(&mut body, BODY_GRACE).await, Ok(true)) {
+            return;
+        }
+        let need = match ctrl::body_len(code, &body) {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            Err(e) => {
+                guest_warn!(error = %e, "rejected control request");
+                // The stream cannot be resynchronised reliably: answer and close.
+                let _ = s.write_all(&ctrl::response(res::BAD_ORDINAL, &[])).await;
+                return;
+            }
+        };
+        body.resize(need, 0);
+        if need > prefix_len && !matches!(s.read_exact_within(&mut body[prefix_len..], BODY_GRACE).await, Ok(true)) {
+            return;
+        }
+        let req = match ctrl::decode(code, &body) {
+            Ok(r) => r,
+            Err(_) => Request::Unsupported(code),
+        };
+        let (reply, exit) = handle_ctrl(req, &mut s, &shared);
+        if s.write_all(&reply).await.is_err() {
+            return;
+        }
+        if exit {
+            shared.exit.notify_one();
+            return;
+        }
+    }
+}
+
+fn result_of<E: std::fmt::Display>(r: Result<(), E>, what: &str) -> u32 {
+    match r {
+        Ok(()) => res::SUCCESS,
+        Err(e) => {
+            warn!(error = %e, "{what} failed");
+            res::FAIL
+        }
+    }
+}
+
+fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8>, bool) {
+    debug!(?req, "control request");
+    let mut v = shared.vtpm.borrow_mut();
+    let ok = |r: u32| ctrl::response(r, &[]);
+    match req {
+        Request::GetCapability => (ctrl::capability_response(CAPS).to_vec(), false),
+        Request::Init { .. } => (ok(result_of(v.init(), "CMD_INIT")), false),
+        Request::Shutdown => {
+            let r = result_of(v.stop(), "CMD_SHUTDOWN");
+            info!("shutdown requested on the control channel");
+            (ok(r), true)
+        }
+        Request::Stop => (ok(result_of(v.stop(), "CMD_STOP")), false),
+        Request::GetTpmEstablished => {
+            if v.running() {
+                (ctrl::established_response(res::SUCCESS, false).to_vec(), false)
+            } else {
+                (ok(res::BAD_ORDINAL), false)
+            }
+        }
+        Request::SetLocality(l) if l <= 4 => {
+            v.set_locality(l);
+            (ok(res::SUCCESS), false)
+        }
+        Request::SetLocality(_) => (ok(res::BAD_LOCALITY), false),
+        Request::ResetTpmEstablished(l) if l <= 4 => (ok(res::SUCCESS), false),
+        Request::ResetTpmEstablished(_) => (ok(res::BAD_LOCALITY), false),
+        // Commands run synchronously; nothing is ever in flight to cancel.
+        Request::Cancel => (ok(res::SUCCESS), false),
+        Request::StoreVolatile => (ok(result_of(v.store_volatile(), "CMD_STORE_VOLATILE")), false),
+        Request::GetConfig => (ctrl::response(res::SUCCESS, &0u32.to_be_bytes()), false),
+        Request::SetBufferSize(n) => {
+            let (size, min, max) = v.set_buffer_size(n);
+            (ctrl::buffersize_response(res::SUCCESS, size, min, max).to_vec(), false)
+        }
+        Request::SetDataFd => match s.take_fd() {
+            Some(fd) => {
+                let std_stream = std::os::unix::net::UnixStream::from(fd);
+                let attached = std_stream.set_nonblocking(true).and_then(|_| UnixStream::from_std(std_stream));
+                match attached {
+                    Ok(stream) => {
+                        tokio::task::spawn_local(serve_data(stream, shared.clone()));
+                        (ok(res::SUCCESS), false)
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "CMD_SET_DATAFD: unusable descriptor");
+                        (ok(res::FAIL), false)
+                    }
+                }
+            }
+            None => (ok(res::BAD_PARAMETER), false),
+        },
+        Request::GetInfo { .. } | Request::Unsupported(_) => (ok(res::BAD_ORDINAL), false),
+    }
+}

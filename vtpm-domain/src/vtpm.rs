@@ -1,0 +1,236 @@
+//! The transport-independent core of one vTPM: framing checks, the engine,
+//! and persistence after every state-changing command.
+//!
+//! Every packet from a client passes [`vtpm_proto::tpm::parse_command`]
+//! first; a packet it rejects is answered with a TPM error and never reaches
+//! libtpms. A response is only sent once the state it implies is durable: if
+//! sealing or writing fails, the client gets `TPM_RC_FAILURE` instead.
+
+use tracing::{error, info};
+use vtpm_engine::{Engine, TpmVersion};
+use vtpm_proto::tpm::{self, Family};
+
+use crate::guest_warn;
+use crate::store::{Store, StoreError};
+
+/// The default and largest command size. 4096 matches swtpm and a TIS/CRB
+/// buffer; the Xen transport lowers it to 4088 (one page minus the header).
+pub const DEFAULT_BUFFER: u32 = 4096;
+
+/// Maps our family to the engine's.
+pub fn engine_version(f: Family) -> TpmVersion {
+    match f {
+        Family::Tpm2 => TpmVersion::Tpm2,
+        Family::Tpm12 => TpmVersion::Tpm12,
+    }
+}
+
+/// Errors starting or restarting the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum VtpmError {
+    /// The engine refused.
+    #[error("TPM engine: {0}")]
+    Engine(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One vTPM.
+pub struct Vtpm {
+    family: Family,
+    engine: Option<Engine>,
+    store: Store,
+    buffer_size: u32,
+    locality: u8,
+    /// The permanent blob that is on disk, to skip writes that change nothing.
+    last_saved: Option<zeroize::Zeroizing<Vec<u8>>>,
+}
+
+impl Vtpm {
+    /// Manufactures a new vTPM (EK included, for TPM 2.0) and writes its first
+    /// state. Returns the vTPM and the EK public area (empty for TPM 1.2).
+    pub fn manufacture(family: Family, mut store: Store) -> Result<(Vtpm, Vec<u8>), VtpmError> {
+        let mut engine = Engine::start(engine_version(family), None, None).map_err(|e| VtpmError::Engine(e.to_string()))?;
+        let ek = match family {
+            Family::Tpm2 => vtpm_engine::provision_ek(&mut engine).map_err(|e| VtpmError::Engine(e.to_string()))?,
+            Family::Tpm12 => Vec::new(),
+        };
+        let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
+        store.save(&perm, &[])?;
+        let _ = engine.take_dirty_permanent();
+        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm) };
+        Ok((v, ek))
+    }
+
+    /// Resumes a vTPM from its opened state. A saved volatile state is used
+    /// once: it is dropped from the file right after the resume, so a later
+    /// crash does not replay stale PCRs (swtpm's `DELETE_VOLATILE`).
+    pub fn resume(family: Family, store: Store, state: vtpm_proto::sealed::State, startup: bool) -> Result<Vtpm, VtpmError> {
+        let vol = (!state.volatile.is_empty()).then_some(&state.volatile[..]);
+        let engine = Engine::start(engine_version(family), Some(&state.permanent), vol)
+            .map_err(|e| VtpmError::Engine(e.to_string()))?;
+        let mut v = Vtpm {
+            family,
+            engine: Some(engine),
+            store,
+            buffer_size: DEFAULT_BUFFER,
+            locality: 0,
+            last_saved: Some(zeroize::Zeroizing::new(state.permanent.to_vec())),
+        };
+        if vol.is_some() {
+            let perm = state.permanent.clone();
+            v.store.save(&perm, &[])?;
+        } else if startup && family == Family::Tpm2 {
+            let rsp = v.engine_mut().map(|e| e.process(&tpm::tpm2_startup(tpm::TPM2_SU_CLEAR)));
+            if let Some(rc) = rsp.as_deref().and_then(tpm::response_code) {
+                if rc != tpm::TPM2_RC_SUCCESS && rc != tpm::TPM2_RC_INITIALIZE {
+                    return Err(VtpmError::Engine(format!("TPM2_Startup(CLEAR) returned {rc:#x}")));
+                }
+            }
+        }
+        v.persist_if_dirty().map_err(VtpmError::Store)?;
+        Ok(v)
+    }
+
+    /// The TPM family.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// Whether the engine is running (not stopped by `CMD_STOP`).
+    pub fn running(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    fn engine_mut(&mut self) -> Option<&mut Engine> {
+        self.engine.as_mut()
+    }
+
+    /// The largest command accepted.
+    pub fn buffer_size(&self) -> u32 {
+        self.buffer_size
+    }
+
+    /// Sets the locality for following commands.
+    pub fn set_locality(&mut self, loc: u8) {
+        self.locality = loc;
+        if let Some(e) = self.engine.as_mut() {
+            e.set_locality(loc);
+        }
+    }
+
+    /// Sets the I/O buffer size (swtpm `CMD_SET_BUFFERSIZE`); 0 queries.
+    /// Returns (size in use, min, max).
+    pub fn set_buffer_size(&mut self, wanted: u32) -> (u32, u32, u32) {
+        let (min, max) = (128, DEFAULT_BUFFER);
+        if wanted != 0 {
+            self.buffer_size = wanted.clamp(min, max);
+            if let Some(e) = self.engine.as_mut() {
+                e.set_buffer_size(self.buffer_size);
+            }
+        }
+        (self.buffer_size, min, max)
+    }
+
+    /// Runs one command packet from a client and returns the response.
+    /// Never panics on client input; always returns a well-formed response.
+    pub fn execute(&mut self, packet: &[u8]) -> Vec<u8> {
+        let family = self.family;
+        if let Err(e) = tpm::parse_command(packet, family, self.buffer_size as usize) {
+            guest_warn!(error = %e, "rejected malformed TPM command");
+            return tpm::error_response(family, e.response_code(family)).to_vec();
+        }
+        let Some(engine) = self.engine.as_mut() else {
+            let rc = match family {
+                Family::Tpm2 => tpm::TPM2_RC_FAILURE,
+                Family::Tpm12 => tpm::TPM12_FAIL,
+            };
+            return tpm::error_response(family, rc).to_vec();
+        };
+        let rsp = engine.process(packet);
+        match self.persist_if_dirty() {
+            Ok(()) => rsp,
+            Err(e) => {
+                error!(error = %e, "could not persist vTPM state; answering TPM_RC_FAILURE");
+                let rc = match family {
+                    Family::Tpm2 => tpm::TPM2_RC_FAILURE,
+                    Family::Tpm12 => tpm::TPM12_FAIL,
+                };
+                tpm::error_response(family, rc).to_vec()
+            }
+        }
+    }
+
+    /// Writes the permanent state if libtpms changed it. A failed write is
+    /// retried on the next call (the dirty blob is kept).
+    pub fn persist_if_dirty(&mut self) -> Result<(), StoreError> {
+        let Some(engine) = self.engine.as_mut() else { return Ok(()) };
+        let Some(perm) = engine.take_dirty_permanent() else { return Ok(()) };
+        if self.last_saved.as_deref().map(|v| &v[..]) == Some(&perm[..]) {
+            return Ok(());
+        }
+        match self.store.save(&perm, &[]) {
+            Ok(()) => {
+                self.last_saved = Some(perm);
+                Ok(())
+            }
+            Err(e) => {
+                // Force a retry next time: forget what is on disk.
+                self.last_saved = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Saves permanent and volatile state (`CMD_STORE_VOLATILE`): the next
+    /// start resumes the running TPM (PCRs, loaded objects) once.
+    pub fn store_volatile(&mut self) -> Result<(), VtpmError> {
+        let Some(engine) = self.engine.as_mut() else { return Err(VtpmError::Engine("TPM is stopped".into())) };
+        let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
+        let vol = engine.volatile_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
+        self.store.save(&perm, &vol)?;
+        self.last_saved = Some(perm);
+        Ok(())
+    }
+
+    /// Stops the engine (`CMD_STOP`) after persisting.
+    pub fn stop(&mut self) -> Result<(), VtpmError> {
+        self.persist_if_dirty()?;
+        if let Some(mut e) = self.engine.take() {
+            let perm = e.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
+            if self.last_saved.as_deref().map(|v| &v[..]) != Some(&perm[..]) {
+                self.store.save(&perm, &[])?;
+                self.last_saved = Some(perm);
+            }
+        }
+        Ok(())
+    }
+
+    /// Power-cycles the engine (`CMD_INIT`): restart from the persisted
+    /// permanent state, as a TPM reset.
+    pub fn init(&mut self) -> Result<(), VtpmError> {
+        self.stop()?;
+        let perm = self.last_saved.clone().ok_or_else(|| VtpmError::Engine("no persisted state to initialise from".into()))?;
+        let mut engine = Engine::start(engine_version(self.family), Some(&perm), None)
+            .map_err(|e| VtpmError::Engine(e.to_string()))?;
+        engine.set_locality(self.locality);
+        if self.buffer_size != DEFAULT_BUFFER {
+            engine.set_buffer_size(self.buffer_size);
+        }
+        self.engine = Some(engine);
+        info!("TPM initialised (power cycle)");
+        Ok(())
+    }
+
+    /// The EK public area at 0x81010001 (TPM 2.0), for identity checks.
+    pub fn ek_public(&mut self) -> Option<Vec<u8>> {
+        let e = self.engine.as_mut()?;
+        vtpm_engine::read_ek_public(e).ok()
+    }
+
+    /// The state generation on disk.
+    pub fn generation(&self) -> u64 {
+        self.store.generation()
+    }
+}

@@ -1,0 +1,16 @@
+//! Wire formats of xvtpm: TPM command framing, the manager protocol, swtpm's
+//! control channel, sealed-state envelopes, deep-quote evidence and its verifier.
+//!
+//! This crate does no I/O and contains no `unsafe`: every byte it parses may
+//! come from a guest or a peer, so every parser is a checked constructor that
+//! returns an error carrying the offending numbers.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod tpm;
+pub mod swtpm_ctrl;
+pub mod mgr;
+pub mod sealed;
+pub mod merkle;
+pub mod evidence;
+pub mod verify;

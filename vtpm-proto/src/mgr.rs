@@ -1,0 +1,340 @@
+//! The manager protocol: what a vTPM and an administrator say to vtpmmgr.
+//!
+//! Framing: a big-endian `u32` length, then that many bytes of JSON. The
+//! length is checked against [`MAX_FRAME`] before anything is allocated.
+//! JSON keeps the protocol inspectable (`socat` + `jq`); the only secret that
+//! crosses it is a vTPM's state key, carried as [`SecretBytes`], whose
+//! `Debug` is redacted and whose memory is zeroed on drop.
+//!
+//! ```text
+//! vtpm-domain                      vtpmmgr
+//!    │ connect <run>/vtpm/<uuid>.sock  │  identity = the socket + SO_PEERCRED pid
+//!    │── Hello{uuid} ─────────────────▶│  uuid must equal the socket's uuid
+//!    │◀─ StateKey{key} / Error ────────│  pid must be the one xl-vtpm attached
+//! xl-vtpm (root)
+//!    │ connect <run>/admin.sock (0600)  │  peer uid must be root or the manager's
+//!    │── Admin(..) ───────────────────▶│
+//!    │◀─ AdminReply(..) ───────────────│
+//! ```
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+/// Largest frame either side accepts. Deep-quote evidence bundles are the
+/// biggest messages (a few KiB); 1 MiB leaves room for listings of many
+/// thousands of vTPMs while bounding what a peer can make us allocate.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Protocol version carried in [`VtpmRequest::Hello`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Error while framing or parsing a message.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix exceeds [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// The payload is not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Checks a 4-byte length prefix and returns the payload length.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let n = u32::from_be_bytes(prefix) as usize;
+    if n > MAX_FRAME {
+        return Err(FrameError::TooLarge(n));
+    }
+    Ok(n)
+}
+
+/// Serialises `msg` into a length-prefixed frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Parses a frame payload (the bytes after the length prefix).
+pub fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, FrameError> {
+    Ok(serde_json::from_slice(payload)?)
+}
+
+/// Secret bytes on the wire: hex in JSON, redacted in `Debug`, zeroed on drop.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(pub Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBytes([redacted; {}])", self.0.len())
+    }
+}
+
+impl Serialize for SecretBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let hex = Zeroizing::new(hex::encode(self.0.as_slice()));
+        s.serialize_str(&hex)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = Zeroizing::new(String::deserialize(d)?);
+        let v = hex::decode(s.as_str()).map_err(serde::de::Error::custom)?;
+        Ok(SecretBytes(Zeroizing::new(v)))
+    }
+}
+
+/// Machine-readable error class, so clients can map errors to exit codes
+/// without parsing prose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The manager has not been provisioned yet.
+    NotProvisioned,
+    /// The manager is provisioned already (provision without `force`).
+    AlreadyProvisioned,
+    /// No such vTPM or group.
+    NotFound,
+    /// The caller is not entitled to this (wrong peer, forged UUID, not root).
+    Refused,
+    /// No process has been attached to this vTPM yet; retry shortly.
+    NotAttached,
+    /// The request is malformed or names a bad value.
+    BadRequest,
+    /// The object exists already.
+    Exists,
+    /// The manager is overloaded; retry.
+    Busy,
+    /// The physical TPM failed.
+    Tpm,
+    /// Anything else.
+    Internal,
+}
+
+/// An error answer: a class and a sentence that names the fix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// Error class.
+    pub code: ErrorCode,
+    /// Human-readable explanation naming the field and the fix.
+    pub message: String,
+}
+
+impl Failure {
+    /// Builds a failure.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Failure { code, message: message.into() }
+    }
+}
+
+/// What a vTPM process may ask on its own per-vTPM socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum VtpmRequest {
+    /// Asks for the state key. `uuid` is the vTPM the caller believes it is;
+    /// the manager refuses if it differs from the socket's own vTPM.
+    GetStateKey {
+        /// Protocol version ([`PROTOCOL_VERSION`]).
+        version: u32,
+        /// The UUID the caller expects to be.
+        uuid: Uuid,
+    },
+}
+
+/// The manager's answer on a per-vTPM socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum VtpmReply {
+    /// The 32-byte AES-256-GCM key for this vTPM's state.
+    StateKey {
+        /// The key.
+        key: SecretBytes,
+        /// The vTPM's group.
+        group: Uuid,
+    },
+    /// Refused or failed.
+    Error(Failure),
+}
+
+/// A group: a set of vTPMs sharing one attestation key in the physical TPM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Group UUID.
+    pub uuid: Uuid,
+    /// Admin-chosen name, unique.
+    pub name: String,
+    /// Attestation key algorithm ("ecc-p256" or "rsa-2048").
+    pub ak_alg: String,
+    /// The AK public area (TPM2B_PUBLIC), hex.
+    pub ak_public: String,
+    /// Number of vTPMs in the group.
+    pub vtpms: usize,
+}
+
+/// A vTPM identity as the manager records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VtpmInfo {
+    /// vTPM UUID.
+    pub uuid: Uuid,
+    /// Group UUID.
+    pub group: Uuid,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// The process currently attached, if any.
+    pub attached_pid: Option<u32>,
+    /// The per-vTPM socket the process must use.
+    pub socket: String,
+}
+
+/// Manager status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// Whether the manager is provisioned and serving vTPMs.
+    pub provisioned: bool,
+    /// The TCTI of the physical TPM.
+    pub tcti: String,
+    /// Whether the physical TPM is a software TPM (insecure outside tests).
+    pub software_tpm: bool,
+    /// PCRs the master secret is sealed to.
+    pub sealed_pcrs: Vec<u8>,
+    /// Number of groups.
+    pub groups: usize,
+    /// Number of vTPMs.
+    pub vtpms: usize,
+    /// Manager version.
+    pub version: String,
+}
+
+/// What an administrator may ask on the root-only admin socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum AdminRequest {
+    /// Manager status.
+    Status,
+    /// Provisions the manager: storage key, default group AK, sealed master
+    /// secret bound to `pcrs`.
+    Provision {
+        /// PCR indices (SHA-256 bank) the master secret is sealed to.
+        pcrs: Vec<u8>,
+    },
+    /// Adds a group with its own attestation key.
+    GroupAdd {
+        /// Unique name.
+        name: String,
+    },
+    /// Lists groups.
+    GroupList,
+    /// Deletes an empty group.
+    GroupDel {
+        /// Group UUID or name.
+        group: String,
+    },
+    /// Creates a vTPM identity.
+    VtpmCreate {
+        /// Group UUID or name; `None` = the default group.
+        group: Option<String>,
+        /// A chosen UUID (e.g. from an xl.cfg `vtpm=` line); `None` = random.
+        uuid: Option<Uuid>,
+    },
+    /// Lists vTPM identities.
+    VtpmList,
+    /// Shows one vTPM.
+    VtpmShow {
+        /// vTPM UUID.
+        uuid: Uuid,
+    },
+    /// Deletes a vTPM identity; its state key is gone for good.
+    VtpmDel {
+        /// vTPM UUID.
+        uuid: Uuid,
+    },
+    /// Binds the process `pid` to a vTPM: only that process gets its key.
+    VtpmAttach {
+        /// vTPM UUID.
+        uuid: Uuid,
+        /// Process id of the vtpm-domain serving it.
+        pid: u32,
+    },
+    /// Unbinds the vTPM's process.
+    VtpmDetach {
+        /// vTPM UUID.
+        uuid: Uuid,
+    },
+}
+
+/// The manager's answer on the admin socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum AdminReply {
+    /// Status.
+    Status(StatusInfo),
+    /// One group.
+    Group(GroupInfo),
+    /// All groups.
+    Groups {
+        /// The groups.
+        groups: Vec<GroupInfo>,
+    },
+    /// One vTPM.
+    Vtpm(VtpmInfo),
+    /// All vTPMs.
+    Vtpms {
+        /// The vTPMs.
+        vtpms: Vec<VtpmInfo>,
+    },
+    /// Done, nothing to report.
+    Ok,
+    /// Refused or failed.
+    Error(Failure),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trip() {
+        let req = AdminRequest::VtpmCreate { group: Some("g".into()), uuid: None };
+        let f = encode(&req).unwrap();
+        let n = frame_len(f[..4].try_into().unwrap()).unwrap();
+        assert_eq!(n, f.len() - 4);
+        let back: AdminRequest = decode(&f[4..]).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused_before_allocation() {
+        assert!(matches!(frame_len([0xff; 4]), Err(FrameError::TooLarge(_))));
+        assert!(frame_len(((MAX_FRAME + 1) as u32).to_be_bytes()).is_err());
+        assert!(frame_len((MAX_FRAME as u32).to_be_bytes()).is_ok());
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors() {
+        for bad in [&b""[..], b"{", b"{\"op\":\"nope\"}", b"\xff\xfe", b"[]"] {
+            assert!(decode::<AdminRequest>(bad).is_err());
+            assert!(decode::<VtpmRequest>(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_and_hex_on_the_wire() {
+        let r = VtpmReply::StateKey {
+            key: SecretBytes(Zeroizing::new(vec![0xab; 4])),
+            group: Uuid::nil(),
+        };
+        assert!(!format!("{r:?}").contains("ab"));
+        let json = String::from_utf8(encode(&r).unwrap()[4..].to_vec()).unwrap();
+        assert!(json.contains("abababab"));
+        let back: VtpmReply = decode(json.as_bytes()).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,717 @@
+//! Deep-quote verifier: recomputes every hash of a [`Bundle`] and checks the
+//! physical TPM's signature, in pure Rust (rsa, p256, sha2).
+//!
+//! The TPM structures are parsed by hand here: TPMT_PUBLIC (RSA-2048 and
+//! ECC NIST P-256 restricted signing keys), TPMT_SIGNATURE (RSASSA-SHA256 and
+//! ECDSA-SHA256) and TPMS_ATTEST of type TPM_ST_ATTEST_QUOTE. Checks run in
+//! this order and each failure has its own [`VerifyError`] variant:
+//!
+//! 1. the bundle's AK public area equals the expected one, byte for byte;
+//! 2. the AK parses and is a restricted, fixedTPM signing key of a supported type;
+//! 3. the signature parses, its scheme fits the key, and it verifies over the
+//!    TPMS_ATTEST bytes (nothing inside the attest is believed before this);
+//! 4. TPMS_ATTEST parses: magic `TPM_GENERATED`, type `TPM_ST_ATTEST_QUOTE`;
+//! 5. the leaf is re-encoded from its fields, hashed, and walked up the
+//!    inclusion path; the root must equal `extraData` (32 bytes);
+//! 6. the quote's PCR selection equals the bundle's, and `pcrDigest` equals
+//!    SHA-256 of the bundle's host PCR values in selection order;
+//! 7. the leaf's nonce equals the expected nonce;
+//! 8. optional expectations: vTPM UUID, group UUID, flags, host-PCR policy,
+//!    vPCR policy.
+
+use std::collections::BTreeMap;
+
+use p256::ecdsa::signature::Verifier as _;
+use uuid::Uuid;
+
+use crate::evidence::{
+    Bundle, EvidenceError, HostPcrs, Leaf, PcrSelection, Reader, digest_size, pcr_digest_sha256, read_pcr_selection_list, TPM_ALG_SHA256,
+};
+use crate::merkle::{self, Hash, MerkleError};
+
+/// `TPM_GENERATED_VALUE`, the magic of every TPMS_ATTEST the TPM makes.
+pub const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
+/// `TPM_ST_ATTEST_QUOTE`.
+pub const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
+/// `TPM_ALG_RSA`.
+pub const TPM_ALG_RSA: u16 = 0x0001;
+/// `TPM_ALG_ECC`.
+pub const TPM_ALG_ECC: u16 = 0x0023;
+/// `TPM_ALG_NULL`.
+pub const TPM_ALG_NULL: u16 = 0x0010;
+/// `TPM_ALG_RSASSA` (PKCS#1 v1.5).
+pub const TPM_ALG_RSASSA: u16 = 0x0014;
+/// `TPM_ALG_ECDSA`.
+pub const TPM_ALG_ECDSA: u16 = 0x0018;
+/// `TPM_ALG_ECDAA` (parsed, not accepted).
+pub const TPM_ALG_ECDAA: u16 = 0x001A;
+/// `TPM_ECC_NIST_P256`.
+pub const TPM_ECC_NIST_P256: u16 = 0x0003;
+
+/// TPMA_OBJECT `fixedTPM`.
+pub const TPMA_OBJECT_FIXED_TPM: u32 = 1 << 1;
+/// TPMA_OBJECT `restricted`.
+pub const TPMA_OBJECT_RESTRICTED: u32 = 1 << 16;
+/// TPMA_OBJECT `decrypt`.
+pub const TPMA_OBJECT_DECRYPT: u32 = 1 << 17;
+/// TPMA_OBJECT `sign`.
+pub const TPMA_OBJECT_SIGN: u32 = 1 << 18;
+
+/// What the verifier requires of a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectations {
+    /// The nonce the verifier sent (must equal the leaf's nonce).
+    pub nonce: Vec<u8>,
+    /// The manager AK's TPMT_PUBLIC, obtained out of band (must equal the bundle's).
+    pub ak_public: Vec<u8>,
+    /// Required host PCR values.
+    pub host_pcrs: Option<PcrPolicy>,
+    /// Required vPCR values.
+    pub vpcrs: Option<PcrPolicy>,
+    /// Required vTPM UUID.
+    pub vtpm_uuid: Option<Uuid>,
+    /// Required group UUID.
+    pub group_uuid: Option<Uuid>,
+    /// Required request flags.
+    pub flags: Option<u32>,
+}
+
+impl Expectations {
+    /// Expectations with only the nonce and the AK; everything optional is unset.
+    pub fn new(nonce: impl Into<Vec<u8>>, ak_public: impl Into<Vec<u8>>) -> Self {
+        Expectations { nonce: nonce.into(), ak_public: ak_public.into(), host_pcrs: None, vpcrs: None, vtpm_uuid: None, group_uuid: None, flags: None }
+    }
+}
+
+/// Required PCR values in one bank: every listed PCR must be covered and equal.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PcrPolicy {
+    /// TPM_ALG_ID of the bank.
+    pub hash_alg: u16,
+    /// PCR index → required value.
+    pub values: BTreeMap<u32, Vec<u8>>,
+}
+
+/// The public key of the AK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AkKey {
+    /// RSA-2048.
+    Rsa2048 {
+        /// Modulus, 256 bytes big-endian.
+        modulus: Vec<u8>,
+        /// Public exponent (TPM's 0 already mapped to 65537).
+        exponent: u32,
+    },
+    /// ECC NIST P-256.
+    EccP256 {
+        /// x coordinate, left-padded to 32 bytes.
+        x: [u8; 32],
+        /// y coordinate, left-padded to 32 bytes.
+        y: [u8; 32],
+    },
+}
+
+/// A parsed TPMT_PUBLIC of an attestation key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AkPublic {
+    /// `nameAlg`.
+    pub name_alg: u16,
+    /// `objectAttributes` (TPMA_OBJECT).
+    pub object_attributes: u32,
+    /// `authPolicy`.
+    pub auth_policy: Vec<u8>,
+    /// The signing scheme's hash, or `None` if the key's scheme is TPM_ALG_NULL.
+    pub scheme_hash: Option<u16>,
+    /// The key.
+    pub key: AkKey,
+}
+
+/// TPMS_CLOCK_INFO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockInfo {
+    /// `clock`, ms.
+    pub clock: u64,
+    /// `resetCount`.
+    pub reset_count: u32,
+    /// `restartCount`.
+    pub restart_count: u32,
+    /// `safe`.
+    pub safe: bool,
+}
+
+/// A parsed TPMS_ATTEST of type TPM_ST_ATTEST_QUOTE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuoteAttest {
+    /// `qualifiedSigner` (TPM2B_NAME contents).
+    pub qualified_signer: Vec<u8>,
+    /// `extraData`: the TPM2_Quote `qualifyingData`, here the Merkle root.
+    pub extra_data: Vec<u8>,
+    /// `clockInfo`.
+    pub clock_info: ClockInfo,
+    /// `firmwareVersion`.
+    pub firmware_version: u64,
+    /// `attested.quote.pcrSelect`.
+    pub pcr_select: Vec<PcrSelection>,
+    /// `attested.quote.pcrDigest`.
+    pub pcr_digest: Vec<u8>,
+}
+
+/// A parsed TPMT_SIGNATURE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TpmSignature {
+    /// TPM_ALG_RSASSA.
+    RsaSsa {
+        /// Hash algorithm.
+        hash_alg: u16,
+        /// Signature, big-endian.
+        sig: Vec<u8>,
+    },
+    /// TPM_ALG_ECDSA.
+    Ecdsa {
+        /// Hash algorithm.
+        hash_alg: u16,
+        /// r, left-padded to 32 bytes.
+        r: [u8; 32],
+        /// s, left-padded to 32 bytes.
+        s: [u8; 32],
+    },
+}
+
+/// What a successful verification established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The leaf (vTPM UUID, group, vPCRs, nonce, flags, position).
+    pub leaf: Leaf,
+    /// Its Merkle leaf hash.
+    pub leaf_hash: Hash,
+    /// The Merkle root the TPM signed.
+    pub root: Hash,
+    /// The AK.
+    pub ak: AkPublic,
+    /// The signed quote.
+    pub attest: QuoteAttest,
+    /// The host PCRs, now known to match `pcrDigest`.
+    pub host_pcrs: HostPcrs,
+}
+
+fn hexs(b: &[u8]) -> String {
+    hex::encode(b)
+}
+
+/// Why a bundle was rejected. Each check has its own variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The bundle's AK public area differs from the expected one.
+    #[error("AK public area differs from the expected AK")]
+    AkMismatch,
+    /// The AK's TPMT_PUBLIC does not parse.
+    #[error("AK TPMT_PUBLIC malformed: {0}")]
+    AkMalformed(EvidenceError),
+    /// The AK uses an algorithm, curve, size or scheme this verifier refuses.
+    #[error("AK unsupported: {what} = {value:#x}")]
+    AkUnsupported {
+        /// Field.
+        what: &'static str,
+        /// Value found.
+        value: u64,
+    },
+    /// The AK is not a restricted, fixedTPM, signing-only key.
+    #[error("AK attributes {attributes:#010x} are not restricted|sign|fixedTPM without decrypt")]
+    AkAttributes {
+        /// TPMA_OBJECT found.
+        attributes: u32,
+    },
+    /// The AK's key material is not a valid public key.
+    #[error("AK key material invalid: {0}")]
+    AkInvalidKey(&'static str),
+    /// The TPMT_SIGNATURE does not parse.
+    #[error("TPMT_SIGNATURE malformed: {0}")]
+    SignatureMalformed(EvidenceError),
+    /// The signature algorithm or hash is not RSASSA/ECDSA with SHA-256 matching the AK.
+    #[error("signature scheme {sig_alg:#06x}/hash {hash_alg:#06x} does not fit AK type {key_alg:#06x} with SHA-256")]
+    SignatureScheme {
+        /// TPM_ALG_ID of the key type.
+        key_alg: u16,
+        /// TPM_ALG_ID of the signature scheme.
+        sig_alg: u16,
+        /// TPM_ALG_ID of the signature hash.
+        hash_alg: u16,
+    },
+    /// The signature does not verify over the TPMS_ATTEST bytes.
+    #[error("signature does not verify over TPMS_ATTEST with the AK")]
+    SignatureInvalid,
+    /// TPMS_ATTEST does not parse.
+    #[error("TPMS_ATTEST malformed: {0}")]
+    AttestMalformed(EvidenceError),
+    /// TPMS_ATTEST.magic is not TPM_GENERATED_VALUE.
+    #[error("TPMS_ATTEST magic {got:#010x} is not TPM_GENERATED (0xff544347)")]
+    AttestMagic {
+        /// Magic found.
+        got: u32,
+    },
+    /// TPMS_ATTEST.type is not TPM_ST_ATTEST_QUOTE.
+    #[error("TPMS_ATTEST type {got:#06x} is not TPM_ST_ATTEST_QUOTE (0x8018)")]
+    AttestType {
+        /// Type found.
+        got: u16,
+    },
+    /// The leaf's fields violate the leaf format.
+    #[error("leaf invalid: {0}")]
+    Leaf(EvidenceError),
+    /// The inclusion path does not fit the leaf's position.
+    #[error("inclusion proof invalid: {0}")]
+    Inclusion(MerkleError),
+    /// The quote's extraData is not 32 bytes long.
+    #[error("quote extraData is {got} bytes, a Merkle root is 32")]
+    ExtraDataLength {
+        /// Length found.
+        got: usize,
+    },
+    /// The root recomputed from leaf and path differs from the quote's extraData.
+    #[error("Merkle root {computed} recomputed from leaf and path differs from quoted extraData {quoted}", computed = hexs(.computed), quoted = hexs(.quoted))]
+    RootMismatch {
+        /// Root recomputed from the bundle.
+        computed: Hash,
+        /// Root in the signed quote.
+        quoted: Hash,
+    },
+    /// The quote's PCR selection differs from the bundle's host PCR selection.
+    #[error("quote PCR selection {quoted:?} differs from the bundle's {bundle:?}")]
+    HostPcrSelectionMismatch {
+        /// Selection in the signed quote.
+        quoted: Vec<PcrSelection>,
+        /// Selection in the bundle.
+        bundle: Vec<PcrSelection>,
+    },
+    /// The bundle's host PCR values do not fit its selection.
+    #[error("host PCR values invalid: {0}")]
+    HostPcrValues(EvidenceError),
+    /// SHA-256 of the host PCR values differs from the quote's pcrDigest.
+    #[error("SHA-256 of host PCR values {computed} differs from quoted pcrDigest {quoted}", computed = hexs(.computed), quoted = hexs(.quoted))]
+    PcrDigestMismatch {
+        /// Digest of the bundle's values.
+        computed: Hash,
+        /// `pcrDigest` in the signed quote.
+        quoted: Vec<u8>,
+    },
+    /// The leaf's nonce differs from the expected nonce.
+    #[error("nonce {got} differs from the expected {expected}", got = hexs(.got), expected = hexs(.expected))]
+    NonceMismatch {
+        /// Nonce expected.
+        expected: Vec<u8>,
+        /// Nonce in the leaf.
+        got: Vec<u8>,
+    },
+    /// The leaf is for another vTPM.
+    #[error("vTPM UUID {got} differs from the expected {expected}")]
+    VtpmUuidMismatch {
+        /// UUID expected.
+        expected: Uuid,
+        /// UUID in the leaf.
+        got: Uuid,
+    },
+    /// The leaf is for another group.
+    #[error("group UUID {got} differs from the expected {expected}")]
+    GroupUuidMismatch {
+        /// UUID expected.
+        expected: Uuid,
+        /// UUID in the leaf.
+        got: Uuid,
+    },
+    /// The leaf's flags differ from the expected flags.
+    #[error("flags {got:#010x} differ from the expected {expected:#010x}")]
+    FlagsMismatch {
+        /// Flags expected.
+        expected: u32,
+        /// Flags in the leaf.
+        got: u32,
+    },
+    /// A host PCR the policy names is not in the quote.
+    #[error("host PCR {index} of bank {hash_alg:#06x} required by policy is not quoted")]
+    HostPcrNotQuoted {
+        /// Bank.
+        hash_alg: u16,
+        /// PCR index.
+        index: u32,
+    },
+    /// A host PCR differs from the policy.
+    #[error("host PCR {index} of bank {hash_alg:#06x} is {got}, policy requires {expected}", got = hexs(.got), expected = hexs(.expected))]
+    HostPcrPolicy {
+        /// Bank.
+        hash_alg: u16,
+        /// PCR index.
+        index: u32,
+        /// Required value.
+        expected: Vec<u8>,
+        /// Quoted value.
+        got: Vec<u8>,
+    },
+    /// The vPCR policy names another bank than the leaf's.
+    #[error("vPCR policy is for bank {policy:#06x}, the leaf carries bank {leaf:#06x}")]
+    VpcrBank {
+        /// Bank of the policy.
+        policy: u16,
+        /// Bank of the leaf.
+        leaf: u16,
+    },
+    /// A vPCR the policy names is not in the leaf.
+    #[error("vPCR {index} required by policy is not in the leaf")]
+    VpcrNotSelected {
+        /// vPCR index.
+        index: u32,
+    },
+    /// A vPCR differs from the policy.
+    #[error("vPCR {index} is {got}, policy requires {expected}", got = hexs(.got), expected = hexs(.expected))]
+    VpcrPolicy {
+        /// vPCR index.
+        index: u32,
+        /// Required value.
+        expected: Vec<u8>,
+        /// Value in the leaf.
+        got: Vec<u8>,
+    },
+}
+
+/// Reads a TPMT_SYM_DEF_OBJECT and returns its algorithm.
+fn read_sym_def(r: &mut Reader<'_>) -> Result<u16, EvidenceError> {
+    let alg = r.u16("TPMT_SYM_DEF_OBJECT.algorithm")?;
+    if alg != TPM_ALG_NULL {
+        r.u16("TPMT_SYM_DEF_OBJECT.keyBits")?;
+        r.u16("TPMT_SYM_DEF_OBJECT.mode")?;
+    }
+    Ok(alg)
+}
+
+impl AkPublic {
+    /// Parses a TPMT_PUBLIC and accepts only a restricted, fixedTPM signing key
+    /// that is RSA-2048 (RSASSA or NULL scheme) or ECC NIST P-256 (ECDSA or NULL
+    /// scheme), with a SHA-256 scheme hash if a scheme is set.
+    pub fn parse(bytes: &[u8]) -> Result<AkPublic, VerifyError> {
+        use VerifyError::{AkMalformed as M, AkUnsupported};
+        let mut r = Reader::new(bytes);
+        let ty = r.u16("TPMT_PUBLIC.type").map_err(M)?;
+        let name_alg = r.u16("TPMT_PUBLIC.nameAlg").map_err(M)?;
+        let object_attributes = r.u32("TPMT_PUBLIC.objectAttributes").map_err(M)?;
+        let auth_policy = r.sized16("TPMT_PUBLIC.authPolicy", 64).map_err(M)?.to_vec();
+        let (scheme_hash, key) = match ty {
+            TPM_ALG_RSA => {
+                let sym = read_sym_def(&mut r).map_err(M)?;
+                let scheme = r.u16("TPMT_RSA_SCHEME.scheme").map_err(M)?;
+                let scheme_hash = match scheme {
+                    TPM_ALG_NULL => None,
+                    TPM_ALG_RSASSA => Some(r.u16("TPMT_RSA_SCHEME.hashAlg").map_err(M)?),
+                    other => return Err(AkUnsupported { what: "RSA scheme", value: other.into() }),
+                };
+                let key_bits = r.u16("TPMS_RSA_PARMS.keyBits").map_err(M)?;
+                let exponent = r.u32("TPMS_RSA_PARMS.exponent").map_err(M)?;
+                let modulus = r.sized16("TPM2B_PUBLIC_KEY_RSA", 512).map_err(M)?.to_vec();
+                r.finish("TPMT_PUBLIC").map_err(M)?;
+                if sym != TPM_ALG_NULL {
+                    return Err(AkUnsupported { what: "symmetric algorithm of a signing key", value: sym.into() });
+                }
+                if key_bits != 2048 {
+                    return Err(AkUnsupported { what: "RSA key bits", value: key_bits.into() });
+                }
+                if modulus.len() != 256 || modulus[0] & 0x80 == 0 {
+                    return Err(VerifyError::AkInvalidKey("RSA-2048 modulus is not 2048 bits"));
+                }
+                let exponent = if exponent == 0 { 65537 } else { exponent };
+                (scheme_hash, AkKey::Rsa2048 { modulus, exponent })
+            }
+            TPM_ALG_ECC => {
+                let sym = read_sym_def(&mut r).map_err(M)?;
+                let scheme = r.u16("TPMT_ECC_SCHEME.scheme").map_err(M)?;
+                let scheme_hash = match scheme {
+                    TPM_ALG_NULL => None,
+                    TPM_ALG_ECDSA => Some(r.u16("TPMT_ECC_SCHEME.hashAlg").map_err(M)?),
+                    other => return Err(AkUnsupported { what: "ECC scheme", value: other.into() }),
+                };
+                let curve = r.u16("TPMS_ECC_PARMS.curveID").map_err(M)?;
+                let kdf = r.u16("TPMT_KDF_SCHEME.scheme").map_err(M)?;
+                if kdf != TPM_ALG_NULL {
+                    r.u16("TPMT_KDF_SCHEME.hashAlg").map_err(M)?;
+                }
+                let x = r.sized16("TPMS_ECC_POINT.x", 128).map_err(M)?;
+                let y = r.sized16("TPMS_ECC_POINT.y", 128).map_err(M)?;
+                r.finish("TPMT_PUBLIC").map_err(M)?;
+                if sym != TPM_ALG_NULL {
+                    return Err(AkUnsupported { what: "symmetric algorithm of a signing key", value: sym.into() });
+                }
+                if curve != TPM_ECC_NIST_P256 {
+                    return Err(AkUnsupported { what: "ECC curve", value: curve.into() });
+                }
+                let x = left_pad_32(x).ok_or(VerifyError::AkInvalidKey("P-256 x coordinate longer than 32 bytes"))?;
+                let y = left_pad_32(y).ok_or(VerifyError::AkInvalidKey("P-256 y coordinate longer than 32 bytes"))?;
+                (scheme_hash, AkKey::EccP256 { x, y })
+            }
+            other => return Err(AkUnsupported { what: "TPMT_PUBLIC.type", value: other.into() }),
+        };
+        if let Some(h) = scheme_hash
+            && h != TPM_ALG_SHA256
+        {
+            return Err(AkUnsupported { what: "scheme hash", value: h.into() });
+        }
+        let need = TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_SIGN | TPMA_OBJECT_FIXED_TPM;
+        if object_attributes & need != need || object_attributes & TPMA_OBJECT_DECRYPT != 0 {
+            return Err(VerifyError::AkAttributes { attributes: object_attributes });
+        }
+        let ak = AkPublic { name_alg, object_attributes, auth_policy, scheme_hash, key };
+        // Reject keys the crypto libraries refuse now, not at signature time.
+        match &ak.key {
+            AkKey::Rsa2048 { .. } => {
+                ak.rsa_key()?;
+            }
+            AkKey::EccP256 { .. } => {
+                ak.p256_key()?;
+            }
+        }
+        Ok(ak)
+    }
+
+    /// TPM_ALG_ID of the key type.
+    pub fn key_alg(&self) -> u16 {
+        match self.key {
+            AkKey::Rsa2048 { .. } => TPM_ALG_RSA,
+            AkKey::EccP256 { .. } => TPM_ALG_ECC,
+        }
+    }
+
+    fn rsa_key(&self) -> Result<rsa::RsaPublicKey, VerifyError> {
+        match &self.key {
+            AkKey::Rsa2048 { modulus, exponent } => {
+                rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(modulus), rsa::BigUint::from(*exponent))
+                    .map_err(|_| VerifyError::AkInvalidKey("RSA public key rejected (exponent or modulus)"))
+            }
+            AkKey::EccP256 { .. } => Err(VerifyError::AkInvalidKey("not an RSA key")),
+        }
+    }
+
+    fn p256_key(&self) -> Result<p256::ecdsa::VerifyingKey, VerifyError> {
+        match &self.key {
+            AkKey::EccP256 { x, y } => {
+                let point = p256::EncodedPoint::from_affine_coordinates(x.into(), y.into(), false);
+                p256::ecdsa::VerifyingKey::from_encoded_point(&point).map_err(|_| VerifyError::AkInvalidKey("point is not on P-256"))
+            }
+            AkKey::Rsa2048 { .. } => Err(VerifyError::AkInvalidKey("not an ECC key")),
+        }
+    }
+
+    /// Verifies `sig` over `message` (SHA-256 inside the scheme).
+    pub fn verify_signature(&self, message: &[u8], sig: &TpmSignature) -> Result<(), VerifyError> {
+        let scheme_err = |sig_alg: u16, hash_alg: u16| VerifyError::SignatureScheme { key_alg: self.key_alg(), sig_alg, hash_alg };
+        match (&self.key, sig) {
+            (AkKey::Rsa2048 { .. }, TpmSignature::RsaSsa { hash_alg, sig }) => {
+                if *hash_alg != TPM_ALG_SHA256 {
+                    return Err(scheme_err(TPM_ALG_RSASSA, *hash_alg));
+                }
+                if sig.len() != 256 {
+                    return Err(VerifyError::SignatureInvalid);
+                }
+                let vk = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(self.rsa_key()?);
+                let s = rsa::pkcs1v15::Signature::try_from(sig.as_slice()).map_err(|_| VerifyError::SignatureInvalid)?;
+                vk.verify(message, &s).map_err(|_| VerifyError::SignatureInvalid)
+            }
+            (AkKey::EccP256 { .. }, TpmSignature::Ecdsa { hash_alg, r, s }) => {
+                if *hash_alg != TPM_ALG_SHA256 {
+                    return Err(scheme_err(TPM_ALG_ECDSA, *hash_alg));
+                }
+                let vk = self.p256_key()?;
+                let s = p256::ecdsa::Signature::from_scalars(*r, *s).map_err(|_| VerifyError::SignatureInvalid)?;
+                vk.verify(message, &s).map_err(|_| VerifyError::SignatureInvalid)
+            }
+            (_, TpmSignature::RsaSsa { hash_alg, .. }) => Err(scheme_err(TPM_ALG_RSASSA, *hash_alg)),
+            (_, TpmSignature::Ecdsa { hash_alg, .. }) => Err(scheme_err(TPM_ALG_ECDSA, *hash_alg)),
+        }
+    }
+}
+
+fn left_pad_32(b: &[u8]) -> Option<[u8; 32]> {
+    if b.len() > 32 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    out[32 - b.len()..].copy_from_slice(b);
+    Some(out)
+}
+
+impl TpmSignature {
+    /// Parses a TPMT_SIGNATURE of scheme RSASSA or ECDSA (any hash; the hash is
+    /// checked against the key in [`AkPublic::verify_signature`]).
+    pub fn parse(bytes: &[u8]) -> Result<TpmSignature, VerifyError> {
+        use VerifyError::SignatureMalformed as M;
+        let mut r = Reader::new(bytes);
+        let alg = r.u16("TPMT_SIGNATURE.sigAlg").map_err(M)?;
+        let sig = match alg {
+            TPM_ALG_RSASSA => {
+                let hash_alg = r.u16("TPMS_SIGNATURE_RSA.hash").map_err(M)?;
+                let sig = r.sized16("TPMS_SIGNATURE_RSA.sig", 512).map_err(M)?.to_vec();
+                TpmSignature::RsaSsa { hash_alg, sig }
+            }
+            TPM_ALG_ECDSA => {
+                let hash_alg = r.u16("TPMS_SIGNATURE_ECC.hash").map_err(M)?;
+                let rr = r.sized16("TPMS_SIGNATURE_ECC.signatureR", 128).map_err(M)?;
+                let ss = r.sized16("TPMS_SIGNATURE_ECC.signatureS", 128).map_err(M)?;
+                r.finish("TPMT_SIGNATURE").map_err(M)?;
+                let too_long = || M(EvidenceError::TooLong { what: "P-256 signature scalar", len: 33, max: 32 });
+                TpmSignature::Ecdsa { hash_alg, r: left_pad_32(rr).ok_or_else(too_long)?, s: left_pad_32(ss).ok_or_else(too_long)? }
+            }
+            other => return Err(M(EvidenceError::InvalidValue { what: "TPMT_SIGNATURE.sigAlg", value: other.into() })),
+        };
+        r.finish("TPMT_SIGNATURE").map_err(M)?;
+        Ok(sig)
+    }
+}
+
+impl QuoteAttest {
+    /// Parses a TPMS_ATTEST and accepts only magic TPM_GENERATED and type
+    /// TPM_ST_ATTEST_QUOTE; no trailing bytes.
+    pub fn parse(bytes: &[u8]) -> Result<QuoteAttest, VerifyError> {
+        use VerifyError::AttestMalformed as M;
+        let mut r = Reader::new(bytes);
+        let magic = r.u32("TPMS_ATTEST.magic").map_err(M)?;
+        if magic != TPM_GENERATED_VALUE {
+            return Err(VerifyError::AttestMagic { got: magic });
+        }
+        let ty = r.u16("TPMS_ATTEST.type").map_err(M)?;
+        if ty != TPM_ST_ATTEST_QUOTE {
+            return Err(VerifyError::AttestType { got: ty });
+        }
+        let qualified_signer = r.sized16("TPMS_ATTEST.qualifiedSigner", 68).map_err(M)?.to_vec();
+        let extra_data = r.sized16("TPMS_ATTEST.extraData", 66).map_err(M)?.to_vec();
+        let clock = r.u64("TPMS_CLOCK_INFO.clock").map_err(M)?;
+        let reset_count = r.u32("TPMS_CLOCK_INFO.resetCount").map_err(M)?;
+        let restart_count = r.u32("TPMS_CLOCK_INFO.restartCount").map_err(M)?;
+        let safe = match r.u8("TPMS_CLOCK_INFO.safe").map_err(M)? {
+            0 => false,
+            1 => true,
+            v => return Err(M(EvidenceError::InvalidValue { what: "TPMS_CLOCK_INFO.safe", value: v.into() })),
+        };
+        let firmware_version = r.u64("TPMS_ATTEST.firmwareVersion").map_err(M)?;
+        let pcr_select = read_pcr_selection_list(&mut r).map_err(M)?;
+        let pcr_digest = r.sized16("TPMS_QUOTE_INFO.pcrDigest", 64).map_err(M)?.to_vec();
+        r.finish("TPMS_ATTEST").map_err(M)?;
+        Ok(QuoteAttest {
+            qualified_signer,
+            extra_data,
+            clock_info: ClockInfo { clock, reset_count, restart_count, safe },
+            firmware_version,
+            pcr_select,
+            pcr_digest,
+        })
+    }
+}
+
+/// Checks that the host PCR values fit the selection (known banks, no bank
+/// twice, one value of the bank's digest size per selected PCR).
+fn check_host_values(host: &HostPcrs) -> Result<(), EvidenceError> {
+    let mut expected_sizes = Vec::new();
+    for (i, bank) in host.selection.iter().enumerate() {
+        let size = digest_size(bank.hash_alg).ok_or(EvidenceError::UnknownHashAlg { what: "host PCR bank", alg: bank.hash_alg })?;
+        if host.selection[..i].iter().any(|b| b.hash_alg == bank.hash_alg) {
+            return Err(EvidenceError::InvalidValue { what: "host PCR bank listed twice", value: bank.hash_alg.into() });
+        }
+        expected_sizes.extend(bank.indices().map(|_| size));
+    }
+    if expected_sizes.len() != host.values.len() {
+        return Err(EvidenceError::CountMismatch { what: "host PCR values", expected: expected_sizes.len(), got: host.values.len() });
+    }
+    for (position, (v, &size)) in host.values.iter().zip(&expected_sizes).enumerate() {
+        if v.len() != size {
+            return Err(EvidenceError::ValueLength { what: "host PCR value", position, expected: size, got: v.len() });
+        }
+    }
+    Ok(())
+}
+
+/// The value of host PCR `index` in bank `hash_alg`, if quoted.
+fn host_value<'a>(host: &'a HostPcrs, hash_alg: u16, index: u32) -> Option<&'a [u8]> {
+    let mut pos = 0;
+    for bank in &host.selection {
+        for i in bank.indices() {
+            if bank.hash_alg == hash_alg && i == index {
+                return host.values.get(pos).map(Vec::as_slice);
+            }
+            pos += 1;
+        }
+    }
+    None
+}
+
+/// Verifies a deep-quote bundle against the verifier's expectations.
+pub fn verify(bundle: &Bundle, expected: &Expectations) -> Result<Verified, VerifyError> {
+    // 1–3: the AK is the one we trust, and it signed these attest bytes.
+    if bundle.ak_public != expected.ak_public {
+        return Err(VerifyError::AkMismatch);
+    }
+    let ak = AkPublic::parse(&bundle.ak_public)?;
+    let sig = TpmSignature::parse(&bundle.signature)?;
+    ak.verify_signature(&bundle.attest, &sig)?;
+
+    // 4: what was signed is a TPM-generated quote.
+    let attest = QuoteAttest::parse(&bundle.attest)?;
+
+    // 5: the leaf, recomputed from its fields, is under the signed root.
+    let leaf_hash = bundle.leaf.leaf_hash().map_err(VerifyError::Leaf)?;
+    let pos = bundle.leaf.position;
+    let root = merkle::root_from_inclusion(&leaf_hash, pos.leaf_index.into(), pos.tree_size.into(), &bundle.path).map_err(VerifyError::Inclusion)?;
+    let quoted: Hash = attest.extra_data.as_slice().try_into().map_err(|_| VerifyError::ExtraDataLength { got: attest.extra_data.len() })?;
+    if root != quoted {
+        return Err(VerifyError::RootMismatch { computed: root, quoted });
+    }
+
+    // 6: the host PCR values are the quoted ones.
+    if attest.pcr_select != bundle.host_pcrs.selection {
+        return Err(VerifyError::HostPcrSelectionMismatch { quoted: attest.pcr_select.clone(), bundle: bundle.host_pcrs.selection.clone() });
+    }
+    check_host_values(&bundle.host_pcrs).map_err(VerifyError::HostPcrValues)?;
+    let computed = pcr_digest_sha256(&bundle.host_pcrs.values);
+    if attest.pcr_digest != computed {
+        return Err(VerifyError::PcrDigestMismatch { computed, quoted: attest.pcr_digest.clone() });
+    }
+
+    // 7: freshness.
+    let leaf = &bundle.leaf;
+    if leaf.nonce != expected.nonce {
+        return Err(VerifyError::NonceMismatch { expected: expected.nonce.clone(), got: leaf.nonce.clone() });
+    }
+
+    // 8: identity and policies.
+    if let Some(want) = expected.vtpm_uuid
+        && want != leaf.vtpm_uuid
+    {
+        return Err(VerifyError::VtpmUuidMismatch { expected: want, got: leaf.vtpm_uuid });
+    }
+    if let Some(want) = expected.group_uuid
+        && want != leaf.group_uuid
+    {
+        return Err(VerifyError::GroupUuidMismatch { expected: want, got: leaf.group_uuid });
+    }
+    if let Some(want) = expected.flags
+        && want != leaf.flags
+    {
+        return Err(VerifyError::FlagsMismatch { expected: want, got: leaf.flags });
+    }
+    if let Some(policy) = &expected.host_pcrs {
+        for (&index, want) in &policy.values {
+            let got = host_value(&bundle.host_pcrs, policy.hash_alg, index).ok_or(VerifyError::HostPcrNotQuoted { hash_alg: policy.hash_alg, index })?;
+            if got != want.as_slice() {
+                return Err(VerifyError::HostPcrPolicy { hash_alg: policy.hash_alg, index, expected: want.clone(), got: got.to_vec() });
+            }
+        }
+    }
+    if let Some(policy) = &expected.vpcrs {
+        let sel = &leaf.vpcr_selection;
+        if policy.hash_alg != sel.hash_alg && !policy.values.is_empty() {
+            return Err(VerifyError::VpcrBank { policy: policy.hash_alg, leaf: sel.hash_alg });
+        }
+        for (&index, want) in &policy.values {
+            let pos = sel.pcrs.iter().position(|&p| u32::from(p) == index).ok_or(VerifyError::VpcrNotSelected { index })?;
+            let got = &leaf.vpcr_values[pos];
+            if got != want {
+                return Err(VerifyError::VpcrPolicy { index, expected: want.clone(), got: got.clone() });
+            }
+        }
+    }
+
+    Ok(Verified { leaf: leaf.clone(), leaf_hash, root, ak, attest, host_pcrs: bundle.host_pcrs.clone() })
+}

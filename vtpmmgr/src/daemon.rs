@@ -1,0 +1,164 @@
+//! The manager's sockets: the root-only admin socket and one socket per vTPM.
+//!
+//! A vTPM's identity is the socket it connects to plus the process id the
+//! kernel reports for the peer (`SO_PEERCRED`), which must be the process
+//! xl-vtpm attached. Nothing the peer says about itself is trusted.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+use uuid::Uuid;
+use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
+
+use crate::manager::Manager;
+
+type Shared = Arc<Mutex<Manager>>;
+
+fn lock(m: &Shared) -> std::sync::MutexGuard<'_, Manager> {
+    // A panic while holding the lock must not take the whole manager down.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn read_frame(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = mgr::frame_len(len).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut body = vec![0u8; n];
+    s.read_exact(&mut body).await?;
+    Ok(Some(body))
+}
+
+async fn write_msg<T: serde::Serialize>(s: &mut UnixStream, msg: &T) -> std::io::Result<()> {
+    let f = mgr::encode(msg).map_err(|e| std::io::Error::other(e.to_string()))?;
+    s.write_all(&f).await
+}
+
+fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+/// Keeps one listener per served vTPM in step with the store.
+struct VtpmSockets {
+    tasks: HashMap<Uuid, JoinHandle<()>>,
+}
+
+impl VtpmSockets {
+    fn reconcile(&mut self, mgr: &Shared) {
+        let (want, run_dir) = {
+            let m = lock(mgr);
+            (m.served_vtpms(), m.config().run_dir.clone())
+        };
+        self.tasks.retain(|uuid, task| {
+            let keep = want.contains(uuid);
+            if !keep {
+                task.abort();
+                let _ = std::fs::remove_file(crate::manager::vtpm_socket(&run_dir, uuid));
+            }
+            keep
+        });
+        for uuid in want {
+            if self.tasks.contains_key(&uuid) {
+                continue;
+            }
+            let path = crate::manager::vtpm_socket(&run_dir, &uuid);
+            match bind(&path, 0o600) {
+                Ok(l) => {
+                    let m = mgr.clone();
+                    self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, m)));
+                }
+                Err(e) => error!(vtpm = %uuid, error = %e, path = %path.display(), "cannot bind the vTPM socket"),
+            }
+        }
+    }
+}
+
+async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared) {
+    loop {
+        let Ok((mut s, _)) = l.accept().await else { continue };
+        let m = mgr.clone();
+        tokio::spawn(async move {
+            let pid = s.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
+            while let Ok(Some(body)) = read_frame(&mut s).await {
+                let reply = match mgr::decode::<VtpmRequest>(&body) {
+                    Ok(req) => lock(&m).vtpm_request(uuid, pid, req),
+                    Err(e) => VtpmReply::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
+                };
+                if write_msg(&mut s, &reply).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Runs the manager until SIGTERM/SIGINT.
+pub async fn serve(mgr: Manager) -> std::io::Result<()> {
+    let admin_path = mgr.config().admin_socket();
+    let run_dir = mgr.config().run_dir.clone();
+    std::fs::create_dir_all(&run_dir)?;
+    let admin = bind(&admin_path, 0o600)?;
+    let shared: Shared = Arc::new(Mutex::new(mgr));
+    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new() }));
+    sockets.lock().await.reconcile(&shared);
+    info!(admin = %admin_path.display(), "vtpmmgr serving");
+    // Readiness marker for supervisors and tests.
+    println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id()}));
+    let my_uid = nix::unistd::geteuid().as_raw();
+    let accept = async {
+        loop {
+            let Ok((mut s, _)) = admin.accept().await else { continue };
+            let m = shared.clone();
+            let socks = sockets.clone();
+            tokio::spawn(async move {
+                let uid = s.peer_cred().map(|c| c.uid()).ok();
+                if uid != Some(0) && uid != Some(my_uid) {
+                    warn!(uid = ?uid, "refused admin connection from a non-root peer");
+                    let _ = write_msg(&mut s, &AdminReply::Error(Failure::new(ErrorCode::Refused, "the admin socket is root-only"))).await;
+                    return;
+                }
+                while let Ok(Some(body)) = read_frame(&mut s).await {
+                    let reply = match mgr::decode::<AdminRequest>(&body) {
+                        Ok(req) => {
+                            let m2 = m.clone();
+                            match tokio::task::spawn_blocking(move || lock(&m2).admin(req)).await {
+                                Ok(r) => r,
+                                Err(e) => AdminReply::Error(Failure::new(ErrorCode::Internal, e.to_string())),
+                            }
+                        }
+                        Err(e) => AdminReply::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
+                    };
+                    socks.lock().await.reconcile(&m);
+                    if write_msg(&mut s, &reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    };
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = accept => {}
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+    let _ = std::fs::remove_file(&admin_path);
+    Ok(())
+}

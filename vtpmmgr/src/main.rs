@@ -1,0 +1,61 @@
+//! `vtpmmgr`: the vTPM manager daemon. See the library docs.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use vtpmmgr::manager::{Config, Manager};
+
+/// The xvtpm manager: owns the physical TPM, seals the vTPMs' keys to the
+/// host's PCRs and releases each key only to the vTPM it belongs to.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TCTI of the physical TPM (e.g. device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321).
+    #[arg(long, env = "XVTPM_TCTI", default_value = "device:/dev/tpmrm0", global = true)]
+    tcti: String,
+    /// Persistent state directory.
+    #[arg(long, default_value = "/var/lib/xvtpm", global = true)]
+    state_dir: PathBuf,
+    /// Runtime directory for sockets.
+    #[arg(long, default_value = "/run/xvtpm", global = true)]
+    run_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve vTPMs and the admin socket (provision through `xl-vtpm mgr provision`).
+    Serve,
+    /// After an intended host upgrade: authorise the current PCR values with the
+    /// admin's policy-signing key so the master secret unseals again.
+    Reauthorize {
+        /// The admin's policy-signing key written at provisioning.
+        #[arg(long)]
+        policy_key: PathBuf,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let cfg = Config { tcti: args.tcti, state_dir: args.state_dir, run_dir: args.run_dir };
+    let result = match args.cmd {
+        Cmd::Serve => serve(cfg),
+        Cmd::Reauthorize { policy_key } => vtpmmgr::reauthorize(&cfg, &policy_key),
+    };
+    if let Err(e) = result {
+        eprintln!("vtpmmgr: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(cfg: Config) -> anyhow::Result<()> {
+    let mgr = Manager::open(cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(vtpmmgr::daemon::serve(mgr))?;
+    Ok(())
+}

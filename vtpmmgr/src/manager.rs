@@ -1,0 +1,354 @@
+//! The manager's logic, independent of sockets: provisioning, groups, vTPM
+//! identities, and the one decision that matters most — whether a caller
+//! gets a vTPM's state key.
+//!
+//! A state key is `HKDF-SHA256(ikm = master secret, salt = "xvtpm/state-key/v1",
+//! info = vTPM UUID)`. The master secret exists only in memory (unsealed from
+//! the physical TPM under the PCR policy) and as a sealed TPM object on disk;
+//! deleting a vTPM's identity therefore makes its state undecryptable for good
+//! once the state file is gone too.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hkdf::Hkdf;
+use sha2::Sha256;
+use tracing::{info, warn};
+use uuid::Uuid;
+use vtpm_proto::mgr::{
+    AdminReply, AdminRequest, ErrorCode, Failure, GroupInfo, SecretBytes, StatusInfo, VtpmInfo, VtpmReply, VtpmRequest,
+    PROTOCOL_VERSION,
+};
+use zeroize::Zeroizing;
+
+use crate::hwtpm::{AkAlg, HwTpm, MasterSecret, PcrPolicySpec};
+use crate::store::{Group, Store, VtpmEntry};
+
+/// Name of the default group created at provisioning.
+pub const DEFAULT_GROUP: &str = "default";
+
+/// Manager configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// TCTI of the physical TPM.
+    pub tcti: String,
+    /// Persistent state directory (store, admin policy key).
+    pub state_dir: PathBuf,
+    /// Runtime directory (sockets).
+    pub run_dir: PathBuf,
+}
+
+impl Config {
+    /// The store file.
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("manager.json")
+    }
+    /// The admin's policy-signing key written at provisioning.
+    pub fn policy_key_path(&self) -> PathBuf {
+        self.state_dir.join("policy-signing.key")
+    }
+    /// The admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.run_dir.join("admin.sock")
+    }
+    /// The per-vTPM socket of `uuid`.
+    pub fn vtpm_socket(&self, uuid: &Uuid) -> PathBuf {
+        vtpm_socket(&self.run_dir, uuid)
+    }
+}
+
+/// The per-vTPM socket path under a run directory.
+pub fn vtpm_socket(run_dir: &Path, uuid: &Uuid) -> PathBuf {
+    run_dir.join("vtpm").join(format!("{uuid}.sock"))
+}
+
+/// Errors opening the manager.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Physical TPM.
+    #[error("physical TPM ({tcti}): {source}")]
+    Tpm {
+        /// TCTI.
+        tcti: String,
+        /// Cause.
+        source: crate::hwtpm::HwTpmError,
+    },
+    /// Store.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The master secret does not unseal.
+    #[error("cannot unseal the master secret: {0}. If the host was upgraded on purpose, authorise the new PCR values with `vtpmmgr reauthorize --policy-key <admin key>`; otherwise the host is not in its provisioned state")]
+    Unseal(crate::hwtpm::HwTpmError),
+}
+
+/// The manager.
+pub struct Manager {
+    cfg: Config,
+    hw: HwTpm,
+    store: Store,
+    master: Option<MasterSecret>,
+    attached: HashMap<Uuid, u32>,
+    software_tpm: bool,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn fail(code: ErrorCode, msg: impl Into<String>) -> AdminReply {
+    AdminReply::Error(Failure::new(code, msg))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl Manager {
+    /// Opens the physical TPM and the store; unseals the master secret if
+    /// provisioned. An unprovisioned manager opens fine and refuses to serve.
+    pub fn open(cfg: Config) -> Result<Manager, OpenError> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| crate::store::StoreError::Io {
+            what: "creating",
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        let mut hw = HwTpm::open(&cfg.tcti).map_err(|source| OpenError::Tpm { tcti: cfg.tcti.clone(), source })?;
+        let software_tpm = hw.is_software_tpm();
+        if software_tpm {
+            warn!("INSECURE: the physical TPM is a software TPM; use this only for tests");
+        }
+        let store = Store::load(&cfg.store_path())?;
+        let master = match &store.provision {
+            Some(rec) => Some(hw.unseal_master(rec).map_err(OpenError::Unseal)?),
+            None => None,
+        };
+        if master.is_none() {
+            warn!("manager is not provisioned; it serves no vTPM until `xl-vtpm mgr provision`");
+        }
+        Ok(Manager { cfg, hw, store, master, attached: HashMap::new(), software_tpm })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Whether provisioned (and unsealed).
+    pub fn provisioned(&self) -> bool {
+        self.master.is_some()
+    }
+
+    /// UUIDs of all vTPMs that should have a socket.
+    pub fn served_vtpms(&self) -> Vec<Uuid> {
+        if !self.provisioned() {
+            return vec![];
+        }
+        self.store.vtpms.iter().map(|v| v.uuid).collect()
+    }
+
+    fn derive_key(&self, uuid: &Uuid) -> Option<Zeroizing<Vec<u8>>> {
+        let master = self.master.as_ref()?;
+        let hk = Hkdf::<Sha256>::new(Some(b"xvtpm/state-key/v1"), &master[..]);
+        let mut okm = Zeroizing::new(vec![0u8; 32]);
+        hk.expand(uuid.as_bytes(), &mut okm).expect("32 bytes is a valid HKDF-SHA256 output length");
+        Some(okm)
+    }
+
+    /// Answers a request that arrived on vTPM `socket_uuid`'s own socket from
+    /// process `peer_pid`.
+    pub fn vtpm_request(&self, socket_uuid: Uuid, peer_pid: Option<u32>, req: VtpmRequest) -> VtpmReply {
+        let refuse = |code, msg: String| VtpmReply::Error(Failure::new(code, msg));
+        match req {
+            VtpmRequest::GetStateKey { version, uuid } => {
+                if version != PROTOCOL_VERSION {
+                    return refuse(ErrorCode::BadRequest, format!("protocol version {version} not supported (manager speaks {PROTOCOL_VERSION})"));
+                }
+                if uuid != socket_uuid {
+                    warn!(socket = %socket_uuid, claimed = %uuid, pid = ?peer_pid, "refused state key: caller claimed another vTPM's UUID");
+                    return refuse(ErrorCode::Refused, format!("this socket serves vTPM {socket_uuid}, not {uuid}"));
+                }
+                let Some(entry) = self.store.vtpm(&socket_uuid) else {
+                    return refuse(ErrorCode::NotFound, format!("vTPM {socket_uuid} does not exist"));
+                };
+                let Some(expected) = self.attached.get(&socket_uuid).copied() else {
+                    return refuse(ErrorCode::NotAttached, format!("no process is attached to vTPM {socket_uuid} yet (xl-vtpm attaches it after spawning)"));
+                };
+                if peer_pid != Some(expected) {
+                    warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected, "refused state key: caller is not the attached process");
+                    return refuse(ErrorCode::Refused, format!("process {peer_pid:?} is not the process attached to vTPM {socket_uuid}"));
+                }
+                match self.derive_key(&socket_uuid) {
+                    Some(k) => {
+                        info!(vtpm = %socket_uuid, pid = expected, "released state key");
+                        VtpmReply::StateKey { key: SecretBytes(k), group: entry.group }
+                    }
+                    None => refuse(ErrorCode::NotProvisioned, "the manager is not provisioned".into()),
+                }
+            }
+        }
+    }
+
+    fn group_info(&self, g: &Group) -> GroupInfo {
+        GroupInfo {
+            uuid: g.uuid,
+            name: g.name.clone(),
+            ak_alg: g.ak.alg.to_string(),
+            ak_public: hex::encode(&g.ak.public),
+            vtpms: self.store.vtpms.iter().filter(|v| v.group == g.uuid).count(),
+        }
+    }
+
+    fn vtpm_info(&self, v: &VtpmEntry) -> VtpmInfo {
+        VtpmInfo {
+            uuid: v.uuid,
+            group: v.group,
+            created: v.created,
+            attached_pid: self.attached.get(&v.uuid).copied().filter(|p| pid_alive(*p)),
+            socket: self.cfg.vtpm_socket(&v.uuid).display().to_string(),
+        }
+    }
+
+    fn save(&self) -> Result<(), AdminReply> {
+        self.store.save(&self.cfg.store_path()).map_err(|e| fail(ErrorCode::Internal, e.to_string()))
+    }
+
+    fn status(&mut self) -> StatusInfo {
+        StatusInfo {
+            provisioned: self.provisioned(),
+            tcti: self.cfg.tcti.clone(),
+            software_tpm: self.software_tpm,
+            sealed_pcrs: self.store.provision.as_ref().map(|p| p.pcrs.clone()).unwrap_or_default(),
+            groups: self.store.groups.len(),
+            vtpms: self.store.vtpms.len(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// Answers an admin request (the caller has checked the peer is root).
+    pub fn admin(&mut self, req: AdminRequest) -> AdminReply {
+        match self.admin_inner(req) {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    fn admin_inner(&mut self, req: AdminRequest) -> Result<AdminReply, AdminReply> {
+        if !self.provisioned() && !matches!(req, AdminRequest::Status | AdminRequest::Provision { .. }) {
+            return Err(fail(ErrorCode::NotProvisioned, "the manager is not provisioned: run `xl-vtpm mgr provision` first"));
+        }
+        Ok(match req {
+            AdminRequest::Status => AdminReply::Status(self.status()),
+            AdminRequest::Provision { pcrs } => return self.provision(&pcrs),
+            AdminRequest::GroupAdd { name } => {
+                validate_name(&name)?;
+                if self.store.group(&name).is_some() {
+                    return Err(fail(ErrorCode::Exists, format!("group {name:?} exists already; pick another name")));
+                }
+                let ak = self.hw.create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the group's AK: {e}")))?;
+                let g = Group { uuid: Uuid::new_v4(), name, ak };
+                self.store.groups.push(g.clone());
+                self.save()?;
+                info!(group = %g.uuid, name = %g.name, "group added");
+                AdminReply::Group(self.group_info(&g))
+            }
+            AdminRequest::GroupList => AdminReply::Groups { groups: self.store.groups.iter().map(|g| self.group_info(g)).collect() },
+            AdminRequest::GroupDel { group } => {
+                let g = self.store.group(&group).cloned().ok_or_else(|| fail(ErrorCode::NotFound, format!("no group {group:?}; see `xl-vtpm mgr group list`")))?;
+                if g.name == DEFAULT_GROUP {
+                    return Err(fail(ErrorCode::BadRequest, "the default group cannot be deleted"));
+                }
+                let members = self.store.vtpms.iter().filter(|v| v.group == g.uuid).count();
+                if members > 0 {
+                    return Err(fail(ErrorCode::BadRequest, format!("group {:?} still has {members} vTPM(s); delete them first", g.name)));
+                }
+                self.store.groups.retain(|x| x.uuid != g.uuid);
+                self.save()?;
+                AdminReply::Ok
+            }
+            AdminRequest::VtpmCreate { group, uuid } => {
+                let g = match &group {
+                    Some(k) => self.store.group(k).ok_or_else(|| fail(ErrorCode::NotFound, format!("--group {k:?}: no such group; see `xl-vtpm mgr group list`")))?,
+                    None => self.store.groups.first().ok_or_else(|| fail(ErrorCode::Internal, "no default group"))?,
+                };
+                let uuid = uuid.unwrap_or_else(Uuid::new_v4);
+                if self.store.vtpm(&uuid).is_some() {
+                    return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} exists already")));
+                }
+                let v = VtpmEntry { uuid, group: g.uuid, created: now() };
+                self.store.vtpms.push(v.clone());
+                self.save()?;
+                info!(vtpm = %uuid, group = %v.group, "vTPM identity created");
+                AdminReply::Vtpm(self.vtpm_info(&v))
+            }
+            AdminRequest::VtpmList => AdminReply::Vtpms { vtpms: self.store.vtpms.iter().map(|v| self.vtpm_info(v)).collect() },
+            AdminRequest::VtpmShow { uuid } => {
+                let v = self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                AdminReply::Vtpm(self.vtpm_info(v))
+            }
+            AdminRequest::VtpmDel { uuid } => {
+                self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                if let Some(pid) = self.attached.get(&uuid).copied().filter(|p| pid_alive(*p)) {
+                    return Err(fail(ErrorCode::BadRequest, format!("vTPM {uuid} is still served by process {pid}; stop it first (`xl-vtpm vtpm stop {uuid}`)")));
+                }
+                self.store.vtpms.retain(|v| v.uuid != uuid);
+                self.attached.remove(&uuid);
+                self.save()?;
+                info!(vtpm = %uuid, "vTPM identity deleted");
+                AdminReply::Ok
+            }
+            AdminRequest::VtpmAttach { uuid, pid } => {
+                self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                if let Some(old) = self.attached.get(&uuid).copied() {
+                    if old != pid && pid_alive(old) {
+                        return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} is already served by process {old}; stop it first")));
+                    }
+                }
+                self.attached.insert(uuid, pid);
+                info!(vtpm = %uuid, pid, "process attached");
+                AdminReply::Ok
+            }
+            AdminRequest::VtpmDetach { uuid } => {
+                self.attached.remove(&uuid);
+                AdminReply::Ok
+            }
+        })
+    }
+
+    fn provision(&mut self, pcrs: &[u8]) -> Result<AdminReply, AdminReply> {
+        if self.store.provision.is_some() {
+            return Err(fail(ErrorCode::AlreadyProvisioned, "the manager is provisioned already"));
+        }
+        if pcrs.iter().any(|p| *p > 23) {
+            return Err(fail(ErrorCode::BadRequest, "--pcrs: PCR indices must be 0..=23"));
+        }
+        let spec = PcrPolicySpec::with_pcrs(pcrs);
+        let (rec, policy_key, master) = self.hw.provision(&spec).map_err(|e| fail(ErrorCode::Tpm, format!("provisioning: {e}")))?;
+        let ak = self.hw.create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the default AK: {e}")))?;
+        // The admin's policy-signing key: needed only to authorise new PCR
+        // values after a host upgrade. Root-only; admins should move it offline.
+        let key_path = self.cfg.policy_key_path();
+        xvtpm_fsutil::write_atomic(&key_path, &policy_key[..], 0o600)
+            .map_err(|e| fail(ErrorCode::Internal, format!("writing {}: {e}", key_path.display())))?;
+        self.store.provision = Some(rec);
+        self.store.groups = vec![Group { uuid: Uuid::new_v4(), name: DEFAULT_GROUP.into(), ak }];
+        self.save()?;
+        self.master = Some(master);
+        info!(pcrs = ?pcrs, "manager provisioned");
+        Ok(AdminReply::Status(self.status()))
+    }
+}
+
+fn not_found(uuid: &Uuid) -> AdminReply {
+    fail(ErrorCode::NotFound, format!("no vTPM {uuid}; see `xl-vtpm vtpm list`"))
+}
+
+fn validate_name(name: &str) -> Result<(), AdminReply> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(fail(ErrorCode::BadRequest, format!("group name {name:?}: use 1-64 characters from [A-Za-z0-9._-]")))
+    }
+}
