@@ -1,1 +1,342 @@
-fn main() {}
+//! `xl-vtpm`: the dom0 tool of xvtpm. See the crate docs and README.md.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use vtpm_proto::mgr::{AdminReply, AdminRequest, GroupInfo, StatusInfo};
+use xl_tools::admin::Admin;
+use xl_tools::exit::{self, CliError};
+use xl_tools::local::{self, Local, Row};
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 bad usage, 3 manager unreachable, \
+4 manager not provisioned, 5 no such vTPM or group, 6 refused (confirmation needed, exists, not permitted).";
+
+/// Create, run and destroy vTPMs; administer vtpmmgr.
+#[derive(Parser, Debug)]
+#[command(version, about, after_help = EXIT_CODES)]
+struct Args {
+    /// vtpmmgr's runtime directory (admin socket).
+    #[arg(long, env = "XVTPM_RUN_DIR", default_value = "/run/xvtpm", global = true)]
+    run_dir: PathBuf,
+    /// Persistent state directory of local vTPMs.
+    #[arg(long, env = "XVTPM_STATE_DIR", default_value = "/var/lib/xvtpm", global = true)]
+    state_dir: PathBuf,
+    /// The vtpm-domain binary (default: next to xl-vtpm, then $PATH).
+    #[arg(long, env = "XVTPM_VTPM_DOMAIN", global = true)]
+    vtpm_domain: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Administer the manager.
+    #[command(subcommand)]
+    Mgr(MgrCmd),
+    /// Local vTPMs (processes on this host speaking swtpm's protocol).
+    #[command(subcommand)]
+    Vtpm(VtpmCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum MgrCmd {
+    /// Provision the manager: storage key, default group AK, master secret
+    /// sealed to the host's current PCR values.
+    Provision {
+        /// SHA-256 PCRs to seal to, e.g. 0,2,4,7 or 0-7.
+        #[arg(long, default_value = "0,2,4,7")]
+        pcrs: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Manager status.
+    Status,
+    /// Groups (each has its own attestation key).
+    #[command(subcommand)]
+    Group(GroupCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCmd {
+    /// Add a group.
+    Add {
+        /// Unique name ([A-Za-z0-9._-], ≤ 64).
+        name: String,
+    },
+    /// List groups.
+    List,
+    /// Delete an empty group.
+    Del {
+        /// Name or UUID.
+        group: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VtpmCmd {
+    /// Create a vTPM (identity, EK, sealed state) and start it.
+    Create {
+        /// Group name or UUID (default group if omitted).
+        #[arg(long)]
+        group: Option<String>,
+        /// Use this UUID (e.g. the one in a guest's vtpm= line).
+        #[arg(long)]
+        uuid: Option<String>,
+        /// Listener: tcp:HOST:PORT (data PORT, control PORT+1; 0 picks), data:PATH, ctrl:PATH.
+        #[arg(long, default_value = "tcp:127.0.0.1:0")]
+        listen: Vec<String>,
+        /// A TPM 1.2 instead of TPM 2.0.
+        #[arg(long)]
+        tpm12: bool,
+    },
+    /// List vTPMs.
+    List,
+    /// Show one vTPM.
+    Show {
+        /// vTPM UUID.
+        uuid: String,
+    },
+    /// Start a stopped vTPM.
+    Start {
+        /// vTPM UUID.
+        uuid: String,
+        /// Listener(s), as for create.
+        #[arg(long, default_value = "tcp:127.0.0.1:0")]
+        listen: Vec<String>,
+    },
+    /// Stop a running vTPM (its state stays).
+    Stop {
+        /// vTPM UUID.
+        uuid: String,
+    },
+    /// Stop a vTPM and delete its identity and state. Irreversible.
+    Destroy {
+        /// vTPM UUID.
+        uuid: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let json = args.json;
+    match run(args) {
+        Ok(()) => {}
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"error": e.message, "exit_code": e.code}));
+            } else {
+                eprintln!("xl-vtpm: error: {}", e.message);
+            }
+            std::process::exit(e.code);
+        }
+    }
+}
+
+fn confirm(yes: bool, what: &str) -> Result<(), CliError> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::new(exit::REFUSED, format!("{what}: pass --yes to confirm (no terminal to ask)")));
+    }
+    eprint!("{what}. Continue? [y/N] ");
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).ok();
+    if matches!(line.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(CliError::new(exit::REFUSED, format!("{what}: not confirmed")))
+    }
+}
+
+/// Parses "0,2,4,7" or "0-7,16" into PCR indices.
+fn parse_pcrs(s: &str) -> Result<Vec<u8>, CliError> {
+    let bad = |part: &str| CliError::new(exit::USAGE, format!("--pcrs {s:?}: {part:?} is not a PCR index or range 0..=23 (e.g. 0,2,4,7 or 0-7)"));
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let a: u8 = a.trim().parse().map_err(|_| bad(part))?;
+        let b: u8 = b.trim().parse().map_err(|_| bad(part))?;
+        if a > b || b > 23 {
+            return Err(bad(part));
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        return Err(CliError::new(exit::USAGE, "--pcrs: give at least one PCR (e.g. 0,2,4,7)"));
+    }
+    Ok(out)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+}
+
+fn print_status(s: &StatusInfo, json: bool) {
+    if json {
+        return print_json(s);
+    }
+    println!("provisioned:  {}", s.provisioned);
+    println!("physical TPM: {}{}", s.tcti, if s.software_tpm { " (SOFTWARE TPM — insecure, tests only)" } else { "" });
+    println!("sealed PCRs:  {:?} (sha256)", s.sealed_pcrs);
+    println!("groups:       {}", s.groups);
+    println!("vTPMs:        {}", s.vtpms);
+    println!("version:      {}", s.version);
+}
+
+fn print_groups(gs: &[GroupInfo], json: bool) {
+    if json {
+        return print_json(&gs);
+    }
+    println!("{:<36}  {:<16}  {:<9}  {:>5}", "UUID", "NAME", "AK", "VTPMS");
+    for g in gs {
+        println!("{:<36}  {:<16}  {:<9}  {:>5}", g.uuid, g.name, g.ak_alg, g.vtpms);
+    }
+}
+
+fn print_rows(rows: &[Row], json: bool) {
+    if json {
+        return print_json(&rows);
+    }
+    println!("{:<36}  {:<36}  {:<8}  {:>7}  TCTI", "UUID", "GROUP", "STATE", "PID");
+    for r in rows {
+        let pid = r.runtime.as_ref().map(|x| x.pid.to_string()).unwrap_or_else(|| "-".into());
+        println!("{:<36}  {:<36}  {:<8}  {:>7}  {}", r.info.uuid, r.info.group, r.state, pid, r.tcti.as_deref().unwrap_or("-"));
+    }
+}
+
+fn vtpm_domain_path(explicit: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
+    }
+    if let Some(sibling) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("vtpm-domain"))) {
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    PathBuf::from("vtpm-domain")
+}
+
+fn run(args: Args) -> Result<(), CliError> {
+    let json = args.json;
+    let local = Local {
+        state_dir: args.state_dir.clone(),
+        run_dir: args.run_dir.clone(),
+        vtpm_domain: vtpm_domain_path(args.vtpm_domain.clone()),
+    };
+    let mut admin = Admin::connect(&args.run_dir)?;
+    match args.cmd {
+        Cmd::Mgr(MgrCmd::Provision { pcrs, yes }) => {
+            let pcrs = parse_pcrs(&pcrs)?;
+            confirm(yes, &format!("Provision the manager, sealing its master secret to the current values of PCRs {pcrs:?}"))?;
+            if let AdminReply::Status(s) = admin.call(&AdminRequest::Provision { pcrs })? {
+                print_status(&s, json);
+            }
+        }
+        Cmd::Mgr(MgrCmd::Status) => {
+            if let AdminReply::Status(s) = admin.call(&AdminRequest::Status)? {
+                print_status(&s, json);
+            }
+        }
+        Cmd::Mgr(MgrCmd::Group(GroupCmd::Add { name })) => {
+            if let AdminReply::Group(g) = admin.call(&AdminRequest::GroupAdd { name })? {
+                print_groups(&[g], json);
+            }
+        }
+        Cmd::Mgr(MgrCmd::Group(GroupCmd::List)) => {
+            if let AdminReply::Groups { groups } = admin.call(&AdminRequest::GroupList)? {
+                print_groups(&groups, json);
+            }
+        }
+        Cmd::Mgr(MgrCmd::Group(GroupCmd::Del { group, yes })) => {
+            confirm(yes, &format!("Delete group {group:?} and its attestation key"))?;
+            admin.call(&AdminRequest::GroupDel { group })?;
+        }
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, tpm12 }) => {
+            let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
+            let rt = local.create(&mut admin, group, uuid, &listen, tpm12)?;
+            let row = local.show(&mut admin, &rt.uuid)?;
+            if json {
+                print_json(&row);
+            } else {
+                println!("created vTPM {} (pid {})", rt.uuid, rt.pid);
+                if let Some(t) = &row.tcti {
+                    println!("TPM2TOOLS_TCTI={t}");
+                }
+            }
+        }
+        Cmd::Vtpm(VtpmCmd::List) => print_rows(&local.list(&mut admin)?, json),
+        Cmd::Vtpm(VtpmCmd::Show { uuid }) => {
+            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let row = local.show(&mut admin, &uuid)?;
+            print_rows(std::slice::from_ref(&row), json);
+        }
+        Cmd::Vtpm(VtpmCmd::Start { uuid, listen }) => {
+            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let rt = local.start(&mut admin, &uuid, &listen)?;
+            let row = local.show(&mut admin, &rt.uuid)?;
+            if json {
+                print_json(&row);
+            } else {
+                println!("started vTPM {} (pid {})", rt.uuid, rt.pid);
+                if let Some(t) = &row.tcti {
+                    println!("TPM2TOOLS_TCTI={t}");
+                }
+            }
+        }
+        Cmd::Vtpm(VtpmCmd::Stop { uuid }) => {
+            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let was = local.stop(&mut admin, &uuid, Duration::from_secs(5))?;
+            if json {
+                print_json(&serde_json::json!({"uuid": uuid, "was_running": was}));
+            } else if was {
+                println!("stopped vTPM {uuid}");
+            } else {
+                println!("vTPM {uuid} was not running");
+            }
+        }
+        Cmd::Vtpm(VtpmCmd::Destroy { uuid, yes }) => {
+            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            local.show(&mut admin, &uuid)?;
+            confirm(yes, &format!("Destroy vTPM {uuid}: its keys, NV and EK are gone for good"))?;
+            local.destroy(&mut admin, &uuid)?;
+            if json {
+                print_json(&serde_json::json!({"uuid": uuid, "destroyed": true}));
+            } else {
+                println!("destroyed vTPM {uuid}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pcr_lists() {
+        assert_eq!(parse_pcrs("0,2,4,7").unwrap(), vec![0, 2, 4, 7]);
+        assert_eq!(parse_pcrs("0-3, 2,16").unwrap(), vec![0, 1, 2, 3, 16]);
+        for bad in ["", "24", "a", "3-1", "0-24", "-1", "1,,x"] {
+            let e = parse_pcrs(bad).unwrap_err();
+            assert_eq!(e.code, exit::USAGE, "{bad}");
+            assert!(e.message.contains("--pcrs"), "{}", e.message);
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Client of vtpmmgr's admin socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vtpm_proto::mgr::{self, AdminReply, AdminRequest};
+
+use crate::exit::{CliError, NO_MANAGER};
+
+/// A connection to the admin socket.
+pub struct Admin {
+    stream: UnixStream,
+}
+
+impl Admin {
+    /// Connects to `<run_dir>/admin.sock`.
+    pub fn connect(run_dir: &Path) -> Result<Admin, CliError> {
+        let path: PathBuf = run_dir.join("admin.sock");
+        let stream = UnixStream::connect(&path).map_err(|e| {
+            CliError::new(
+                NO_MANAGER,
+                format!("cannot reach vtpmmgr at {}: {e} (start it with `vtpmmgr serve`, or pass --run-dir)", path.display()),
+            )
+        })?;
+        // Provisioning can take a few seconds on a discrete TPM (RSA keys).
+        stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
+        Ok(Admin { stream })
+    }
+
+    /// Sends one request and returns the reply; a manager error becomes a
+    /// [`CliError`] with the matching exit code.
+    pub fn call(&mut self, req: &AdminRequest) -> Result<AdminReply, CliError> {
+        let io = |e: std::io::Error| CliError::new(NO_MANAGER, format!("admin socket: {e}"));
+        let frame = mgr::encode(req).map_err(|e| CliError::new(1, e.to_string()))?;
+        self.stream.write_all(&frame).map_err(io)?;
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).map_err(io)?;
+        let n = mgr::frame_len(len).map_err(|e| CliError::new(1, e.to_string()))?;
+        let mut body = vec![0u8; n];
+        self.stream.read_exact(&mut body).map_err(io)?;
+        match mgr::decode::<AdminReply>(&body).map_err(|e| CliError::new(1, e.to_string()))? {
+            AdminReply::Error(f) => Err(CliError::from_manager(f.code, f.message)),
+            other => Ok(other),
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! xl-vtpm: the dom0 tool of xvtpm.
+//!
+//! [`admin`] speaks to vtpmmgr's root-only admin socket; [`local`] runs vTPMs
+//! as local processes (vtpm-domain serving swtpm's protocol) — the mode used
+//! without Xen, by QEMU/KVM hosts and by the test suite.
+#![deny(missing_docs)]
+
+pub mod admin;
+pub mod exit;
+pub mod local;

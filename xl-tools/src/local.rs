@@ -1,0 +1,290 @@
+//! Local mode: each vTPM is a `vtpm-domain` process on this host serving
+//! swtpm's protocol (for QEMU/KVM guests, tpm2-tools and tests).
+//!
+//! Layout:
+//! - `<state-dir>/vtpms/<uuid>/state.xvts` — the sealed state (vtpm-domain writes it);
+//! - `<state-dir>/vtpms/<uuid>/vtpm.log` — its log (never holds key material or command bytes);
+//! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports).
+//!
+//! Every step that can fail after the manager created an identity is rolled
+//! back, so a failed `create` leaves no identity, no state and no process.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vtpm_proto::mgr::{AdminReply, AdminRequest, VtpmInfo};
+
+use crate::admin::Admin;
+use crate::exit::{CliError, FAILURE, NOT_FOUND, REFUSED};
+
+/// Paths and binaries of local mode.
+#[derive(Debug, Clone)]
+pub struct Local {
+    /// Persistent state directory.
+    pub state_dir: PathBuf,
+    /// Runtime directory (manager sockets, runtime records).
+    pub run_dir: PathBuf,
+    /// The vtpm-domain binary.
+    pub vtpm_domain: PathBuf,
+}
+
+/// A running vTPM process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Runtime {
+    /// vTPM UUID.
+    pub uuid: Uuid,
+    /// Process id.
+    pub pid: u32,
+    /// (data, control) TCP ports, if listening on TCP.
+    pub tcp_ports: Vec<(u16, u16)>,
+    /// Listener specs it was started with.
+    pub listen: Vec<String>,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// One row of `vtpm list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    /// Manager's record.
+    #[serde(flatten)]
+    pub info: VtpmInfo,
+    /// "running" or "stopped".
+    pub state: String,
+    /// Runtime record when running.
+    pub runtime: Option<Runtime>,
+    /// The state file.
+    pub state_file: PathBuf,
+    /// The swtpm TCTI string for tpm2-tools, when on TCP.
+    pub tcti: Option<String>,
+}
+
+/// How long a new vTPM may take to answer "ready".
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie still has /proc/<pid>; check its state too.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+impl Local {
+    /// The directory of one vTPM's persistent files.
+    pub fn vtpm_dir(&self, uuid: &Uuid) -> PathBuf {
+        self.state_dir.join("vtpms").join(uuid.to_string())
+    }
+    /// The sealed state file of a vTPM.
+    pub fn state_file(&self, uuid: &Uuid) -> PathBuf {
+        self.vtpm_dir(uuid).join("state.xvts")
+    }
+    fn runtime_file(&self, uuid: &Uuid) -> PathBuf {
+        self.run_dir.join("vtpms").join(format!("{uuid}.json"))
+    }
+
+    /// The runtime record of a vTPM whose process is alive.
+    pub fn runtime(&self, uuid: &Uuid) -> Option<Runtime> {
+        let bytes = fs::read(self.runtime_file(uuid)).ok()?;
+        let rt: Runtime = serde_json::from_slice(&bytes).ok()?;
+        pid_alive(rt.pid).then_some(rt)
+    }
+
+    fn find(&self, admin: &mut Admin, uuid: &Uuid) -> Result<VtpmInfo, CliError> {
+        match admin.call(&AdminRequest::VtpmShow { uuid: *uuid })? {
+            AdminReply::Vtpm(v) => Ok(v),
+            other => Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Creates a vTPM identity in the manager and starts its process, which
+    /// manufactures the TPM (EK included) and writes its first sealed state.
+    pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], tpm12: bool) -> Result<Runtime, CliError> {
+        let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid })? {
+            AdminReply::Vtpm(v) => v,
+            other => return Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
+        };
+        match self.spawn(admin, &info, listen, true, tpm12) {
+            Ok(rt) => Ok(rt),
+            Err(e) => {
+                // Roll back: no identity, no state, no process.
+                let _ = admin.call(&AdminRequest::VtpmDetach { uuid: info.uuid });
+                let _ = admin.call(&AdminRequest::VtpmDel { uuid: info.uuid });
+                let _ = fs::remove_dir_all(self.vtpm_dir(&info.uuid));
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the process of an existing vTPM.
+    pub fn start(&self, admin: &mut Admin, uuid: &Uuid, listen: &[String]) -> Result<Runtime, CliError> {
+        let info = self.find(admin, uuid)?;
+        if let Some(rt) = self.runtime(uuid) {
+            return Err(CliError::new(REFUSED, format!("vTPM {uuid} is already running as process {}", rt.pid)));
+        }
+        self.spawn(admin, &info, listen, false, false)
+    }
+
+    fn spawn(&self, admin: &mut Admin, info: &VtpmInfo, listen: &[String], create: bool, tpm12: bool) -> Result<Runtime, CliError> {
+        let uuid = info.uuid;
+        let dir = self.vtpm_dir(&uuid);
+        fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
+        fs::create_dir_all(self.run_dir.join("vtpms")).map_err(|e| CliError::new(FAILURE, format!("creating run dir: {e}")))?;
+        let log = dir.join("vtpm.log");
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| CliError::new(FAILURE, format!("opening {}: {e}", log.display())))?;
+        let mut cmd = Command::new(&self.vtpm_domain);
+        cmd.arg("--uuid").arg(uuid.to_string());
+        cmd.arg("--state").arg(self.state_file(&uuid));
+        cmd.arg("--mgr-socket").arg(&info.socket);
+        for l in listen {
+            cmd.arg("--listen").arg(l);
+        }
+        if create {
+            cmd.arg("--create");
+        }
+        if tpm12 {
+            cmd.arg("--tpm12");
+        }
+        // Own process group: a Ctrl-C in the admin's terminal must not kill vTPMs.
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log_file);
+        let mut child = cmd.spawn().map_err(|e| {
+            CliError::new(FAILURE, format!("cannot run {}: {e} (install vtpm-domain or pass --vtpm-domain PATH)", self.vtpm_domain.display()))
+        })?;
+        let pid = child.id();
+        let kill = |child: &mut std::process::Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+        };
+        if let Err(e) = admin.call(&AdminRequest::VtpmAttach { uuid, pid }) {
+            kill(&mut child);
+            return Err(e);
+        }
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let line = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(l) => break Some(l),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) => break None,
+            }
+        };
+        let ready: Option<serde_json::Value> = line.as_deref().and_then(|l| serde_json::from_str(l).ok());
+        let Some(ready) = ready.filter(|v| v["ready"] == true) else {
+            kill(&mut child);
+            let _ = admin.call(&AdminRequest::VtpmDetach { uuid });
+            return Err(CliError::new(
+                FAILURE,
+                format!("vTPM {uuid} did not start; last lines of {}:\n{}", log.display(), tail(&log, 15)),
+            ));
+        };
+        let tcp_ports: Vec<(u16, u16)> = serde_json::from_value(ready["tcp_ports"].clone()).unwrap_or_default();
+        let rt = Runtime { uuid, pid, tcp_ports, listen: listen.to_vec(), log };
+        let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
+        xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o644)
+            .map_err(|e| CliError::new(FAILURE, format!("writing runtime record: {e}")))?;
+        // The child keeps running after we exit; reap nothing.
+        std::mem::forget(child);
+        Ok(rt)
+    }
+
+    /// Stops a vTPM's process (SIGTERM, then SIGKILL after `grace`).
+    /// Returns whether a process was running.
+    pub fn stop(&self, admin: &mut Admin, uuid: &Uuid, grace: Duration) -> Result<bool, CliError> {
+        self.find(admin, uuid)?;
+        let was = match self.runtime(uuid) {
+            Some(rt) => {
+                use nix::sys::signal::{Signal, kill};
+                use nix::unistd::Pid;
+                let pid = Pid::from_raw(rt.pid as i32);
+                let _ = kill(pid, Signal::SIGTERM);
+                let deadline = Instant::now() + grace;
+                while pid_alive(rt.pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if pid_alive(rt.pid) {
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+                true
+            }
+            None => false,
+        };
+        let _ = fs::remove_file(self.runtime_file(uuid));
+        admin.call(&AdminRequest::VtpmDetach { uuid: *uuid })?;
+        Ok(was)
+    }
+
+    /// Stops a vTPM, deletes its identity and its state. Irreversible.
+    pub fn destroy(&self, admin: &mut Admin, uuid: &Uuid) -> Result<(), CliError> {
+        self.stop(admin, uuid, Duration::from_secs(5))?;
+        admin.call(&AdminRequest::VtpmDel { uuid: *uuid })?;
+        let dir = self.vtpm_dir(uuid);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("removing {}: {e}", dir.display())))?;
+        }
+        Ok(())
+    }
+
+    /// All vTPMs with their runtime state.
+    pub fn list(&self, admin: &mut Admin) -> Result<Vec<Row>, CliError> {
+        let vtpms = match admin.call(&AdminRequest::VtpmList)? {
+            AdminReply::Vtpms { vtpms } => vtpms,
+            other => return Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
+        };
+        Ok(vtpms.into_iter().map(|info| self.row(info)).collect())
+    }
+
+    /// One vTPM with its runtime state.
+    pub fn show(&self, admin: &mut Admin, uuid: &Uuid) -> Result<Row, CliError> {
+        Ok(self.row(self.find(admin, uuid)?))
+    }
+
+    fn row(&self, info: VtpmInfo) -> Row {
+        let runtime = self.runtime(&info.uuid);
+        let tcti = runtime
+            .as_ref()
+            .and_then(|r| r.tcp_ports.first())
+            .map(|(d, _)| format!("swtpm:host=127.0.0.1,port={d}"));
+        Row {
+            state: if runtime.is_some() { "running" } else { "stopped" }.into(),
+            state_file: self.state_file(&info.uuid),
+            runtime,
+            tcti,
+            info,
+        }
+    }
+}
+
+/// The last `n` lines of a file, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let s = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Parses a UUID argument, naming the argument on error.
+pub fn parse_uuid(arg: &str, what: &str) -> Result<Uuid, CliError> {
+    Uuid::parse_str(arg).map_err(|e| CliError::new(crate::exit::USAGE, format!("{what} {arg:?} is not a UUID ({e}); see `xl-vtpm vtpm list`")))
+}
+
+/// Errors for a missing vTPM.
+pub fn not_found(uuid: &Uuid) -> CliError {
+    CliError::new(NOT_FOUND, format!("no vTPM {uuid}; see `xl-vtpm vtpm list`"))
+}
