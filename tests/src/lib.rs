@@ -1,1 +1,300 @@
-//! End-to-end tests of the local stack live in tests/.
+//! The end-to-end fixture: a [`Stack`] is one real swtpm (the physical TPM),
+//! one real `vtpmmgr serve`, and the `xl-vtpm` CLI to create and run real
+//! `vtpm-domain` processes (libtpms). Nothing is mocked.
+//!
+//! On drop every process the stack started is killed by PID; if the test is
+//! panicking, the manager's log and every vTPM's log are printed first (the
+//! swtpm log is printed by [`testkit::Swtpm`]).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use testkit::{Swtpm, bin_path};
+use uuid::Uuid;
+
+/// A running local stack.
+pub struct Stack {
+    /// The "physical" TPM.
+    pub swtpm: Swtpm,
+    /// Working directory (state, run, logs).
+    pub dir: tempfile::TempDir,
+    mgr: Option<Child>,
+}
+
+/// A vTPM as `xl-vtpm vtpm show --json` reports it.
+#[derive(Debug, Clone)]
+pub struct VtpmHandle {
+    /// UUID.
+    pub uuid: Uuid,
+    /// Process id (when running).
+    pub pid: Option<u32>,
+    /// TCP data port (when running).
+    pub port: Option<u16>,
+    /// The state file.
+    pub state_file: PathBuf,
+}
+
+impl VtpmHandle {
+    /// TCTI string for tpm2-tools / tss-esapi.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port.expect("vTPM is running"))
+    }
+}
+
+impl Stack {
+    /// swtpm + a provisioned manager.
+    pub fn start() -> Stack {
+        let s = Stack::start_unprovisioned();
+        let out = s.xl(&["mgr", "provision", "--yes", "--pcrs", "0-7"]);
+        assert!(out.status.success(), "provision failed: {}", String::from_utf8_lossy(&out.stderr));
+        s
+    }
+
+    /// swtpm + a manager that has not been provisioned.
+    pub fn start_unprovisioned() -> Stack {
+        let swtpm = Swtpm::start();
+        let dir = testkit::tempdir();
+        let mut s = Stack { swtpm, dir, mgr: None };
+        s.start_manager();
+        s
+    }
+
+    /// The runtime directory.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn mgr_log_path(&self) -> PathBuf {
+        self.dir.path().join("vtpmmgr.log")
+    }
+
+    /// The manager's log so far.
+    pub fn mgr_log(&self) -> String {
+        std::fs::read_to_string(self.mgr_log_path()).unwrap_or_default()
+    }
+
+    /// Starts `vtpmmgr serve`; waits until its admin socket answers.
+    /// Returns false (and reaps it) if the manager exited instead.
+    pub fn try_start_manager(&mut self) -> bool {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.mgr_log_path()).unwrap();
+        let _ = std::fs::remove_file(self.run_dir().join("admin.sock"));
+        let mut child = Command::new(bin_path("vtpmmgr"))
+            .arg("--tcti")
+            .arg(self.swtpm.tcti())
+            .arg("--state-dir")
+            .arg(self.state_dir().join("mgr"))
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("serve")
+            .env("XVTPM_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn vtpmmgr");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if std::os::unix::net::UnixStream::connect(self.run_dir().join("admin.sock")).is_ok() {
+                self.mgr = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        panic!("vtpmmgr did not come up in 20 s:\n{}", self.mgr_log());
+    }
+
+    /// Starts the manager and asserts it came up.
+    pub fn start_manager(&mut self) {
+        assert!(self.try_start_manager(), "vtpmmgr exited at start:\n{}", self.mgr_log());
+    }
+
+    /// Stops the manager (SIGTERM, wait).
+    pub fn stop_manager(&mut self) {
+        if let Some(mut c) = self.mgr.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `xl-vtpm` with this stack's directories.
+    pub fn xl(&self, args: &[&str]) -> Output {
+        Command::new(bin_path("xl-vtpm"))
+            .args(args)
+            .env("XVTPM_RUN_DIR", self.run_dir())
+            .env("XVTPM_STATE_DIR", self.state_dir())
+            .env("XVTPM_VTPM_DOMAIN", bin_path("vtpm-domain"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run xl-vtpm")
+    }
+
+    /// Runs `xl-vtpm ... --json` and parses stdout, asserting success.
+    pub fn xl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.xl(&a);
+        assert!(
+            out.status.success(),
+            "xl-vtpm {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json output")
+    }
+
+    fn handle(v: &serde_json::Value) -> VtpmHandle {
+        let v = if v.is_array() { &v[0] } else { v };
+        VtpmHandle {
+            uuid: v["uuid"].as_str().unwrap().parse().unwrap(),
+            pid: v["runtime"]["pid"].as_u64().map(|p| p as u32),
+            port: v["runtime"]["tcp_ports"][0][0].as_u64().map(|p| p as u16),
+            state_file: v["state_file"].as_str().unwrap().into(),
+        }
+    }
+
+    /// Creates and starts a vTPM.
+    pub fn create_vtpm(&self) -> VtpmHandle {
+        Self::handle(&self.xl_json(&["vtpm", "create"]))
+    }
+
+    /// Starts a stopped vTPM.
+    pub fn start_vtpm(&self, uuid: &Uuid) -> VtpmHandle {
+        Self::handle(&self.xl_json(&["vtpm", "start", &uuid.to_string()]))
+    }
+
+    /// Stops a vTPM.
+    pub fn stop_vtpm(&self, uuid: &Uuid) {
+        self.xl_json(&["vtpm", "stop", &uuid.to_string()]);
+    }
+
+    /// The log of a vTPM.
+    pub fn vtpm_log(&self, uuid: &Uuid) -> String {
+        std::fs::read_to_string(self.state_dir().join("vtpms").join(uuid.to_string()).join("vtpm.log")).unwrap_or_default()
+    }
+
+    fn running_pids(&self) -> Vec<u32> {
+        let mut pids = vec![];
+        if let Ok(rd) = std::fs::read_dir(self.run_dir().join("vtpms")) {
+            for e in rd.flatten() {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap_or_default()) {
+                    if let Some(p) = v["pid"].as_u64() {
+                        pids.push(p as u32);
+                    }
+                }
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("===== vtpmmgr log =====\n{}", self.mgr_log());
+            if let Ok(rd) = std::fs::read_dir(self.state_dir().join("vtpms")) {
+                for e in rd.flatten() {
+                    let log = std::fs::read_to_string(e.path().join("vtpm.log")).unwrap_or_default();
+                    eprintln!("===== vtpm {} log (last 40 lines) =====", e.file_name().to_string_lossy());
+                    let lines: Vec<&str> = log.lines().collect();
+                    eprintln!("{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+                }
+            }
+        }
+        for pid in self.running_pids() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if let Some(mut c) = self.mgr.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sends one raw packet on a fresh data connection and reads one response
+/// (header first, then the declared size).
+pub fn raw_command(port: u16, packet: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect data port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(packet).unwrap();
+    read_response(&mut s)
+}
+
+/// Reads one TPM response from a stream.
+pub fn read_response(s: &mut impl Read) -> Vec<u8> {
+    try_read_response(s).expect("reading a TPM response")
+}
+
+/// Reads one TPM response, or the I/O error (e.g. the vTPM was killed).
+pub fn try_read_response(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut hdr = [0u8; 10];
+    s.read_exact(&mut hdr)?;
+    let size = u32::from_be_bytes(hdr[2..6].try_into().unwrap()) as usize;
+    assert!((10..=4096).contains(&size), "response size {size}");
+    let mut rsp = hdr.to_vec();
+    rsp.resize(size, 0);
+    s.read_exact(&mut rsp[10..])?;
+    Ok(rsp)
+}
+
+/// The response code of a response.
+pub fn rc(rsp: &[u8]) -> u32 {
+    u32::from_be_bytes(rsp[6..10].try_into().unwrap())
+}
+
+/// TPM2_GetRandom(n).
+pub fn get_random(n: u16) -> Vec<u8> {
+    let mut c = vec![0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b];
+    c.extend_from_slice(&n.to_be_bytes());
+    c
+}
+
+/// TPM2_ReadPublic(handle).
+pub fn read_public(handle: u32) -> Vec<u8> {
+    let mut c = vec![0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x73];
+    c.extend_from_slice(&handle.to_be_bytes());
+    c
+}
+
+/// Runs a tpm2-tools command against `tcti`, asserting success; returns stdout.
+pub fn tpm2(tcti: &str, args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).env("TPM2TOOLS_TCTI", tcti).output().expect("run tpm2-tools");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until `pid` no longer names a live process.
+pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !xvtpm_fsutil::pid_alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// True if `p` exists.
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}

@@ -200,17 +200,29 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
-    pub(crate) fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], EvidenceError> {
+    pub(crate) fn bytes(
+        &mut self,
+        n: usize,
+        what: &'static str,
+    ) -> Result<&'a [u8], EvidenceError> {
         let have = self.buf.len() - self.pos;
         if n > have {
-            return Err(EvidenceError::Truncated { what, offset: self.pos, need: n, have });
+            return Err(EvidenceError::Truncated {
+                what,
+                offset: self.pos,
+                need: n,
+                have,
+            });
         }
         let out = &self.buf[self.pos..self.pos + n];
         self.pos += n;
         Ok(out)
     }
 
-    pub(crate) fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], EvidenceError> {
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<[u8; N], EvidenceError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.bytes(N, what)?);
         Ok(a)
@@ -233,7 +245,11 @@ impl<'a> Reader<'a> {
     }
 
     /// A `u16`-length-prefixed field (a TPM2B), length checked against `max` first.
-    pub(crate) fn sized16(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], EvidenceError> {
+    pub(crate) fn sized16(
+        &mut self,
+        what: &'static str,
+        max: usize,
+    ) -> Result<&'a [u8], EvidenceError> {
         let len = usize::from(self.u16(what)?);
         if len > max {
             return Err(EvidenceError::TooLong { what, len, max });
@@ -249,9 +265,18 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn put_sized16(out: &mut Vec<u8>, what: &'static str, data: &[u8], max: usize) -> Result<(), EvidenceError> {
+fn put_sized16(
+    out: &mut Vec<u8>,
+    what: &'static str,
+    data: &[u8],
+    max: usize,
+) -> Result<(), EvidenceError> {
     if data.len() > max {
-        return Err(EvidenceError::TooLong { what, len: data.len(), max });
+        return Err(EvidenceError::TooLong {
+            what,
+            len: data.len(),
+            max,
+        });
     }
     out.extend_from_slice(&(data.len() as u16).to_be_bytes());
     out.extend_from_slice(data);
@@ -299,9 +324,16 @@ impl Leaf {
     /// Checks every invariant the encoding requires.
     pub fn validate(&self) -> Result<(), EvidenceError> {
         let sel = &self.vpcr_selection;
-        let size = digest_size(sel.hash_alg).ok_or(EvidenceError::UnknownHashAlg { what: "vPCR bank", alg: sel.hash_alg })?;
+        let size = digest_size(sel.hash_alg).ok_or(EvidenceError::UnknownHashAlg {
+            what: "vPCR bank",
+            alg: sel.hash_alg,
+        })?;
         if sel.pcrs.len() > usize::from(MAX_VPCR_INDEX) {
-            return Err(EvidenceError::TooLong { what: "vPCR count", len: sel.pcrs.len(), max: MAX_VPCR_INDEX.into() });
+            return Err(EvidenceError::TooLong {
+                what: "vPCR count",
+                len: sel.pcrs.len(),
+                max: MAX_VPCR_INDEX.into(),
+            });
         }
         let mut prev: Option<u8> = None;
         for (position, &index) in sel.pcrs.iter().enumerate() {
@@ -311,19 +343,38 @@ impl Leaf {
             prev = Some(index);
         }
         if self.vpcr_values.len() != sel.pcrs.len() {
-            return Err(EvidenceError::CountMismatch { what: "vPCR values", expected: sel.pcrs.len(), got: self.vpcr_values.len() });
+            return Err(EvidenceError::CountMismatch {
+                what: "vPCR values",
+                expected: sel.pcrs.len(),
+                got: self.vpcr_values.len(),
+            });
         }
         for (position, v) in self.vpcr_values.iter().enumerate() {
             if v.len() != size {
-                return Err(EvidenceError::ValueLength { what: "vPCR value", position, expected: size, got: v.len() });
+                return Err(EvidenceError::ValueLength {
+                    what: "vPCR value",
+                    position,
+                    expected: size,
+                    got: v.len(),
+                });
             }
         }
         if self.nonce.len() > MAX_NONCE {
-            return Err(EvidenceError::TooLong { what: "nonce", len: self.nonce.len(), max: MAX_NONCE });
+            return Err(EvidenceError::TooLong {
+                what: "nonce",
+                len: self.nonce.len(),
+                max: MAX_NONCE,
+            });
         }
-        let LeafPosition { leaf_index, tree_size } = self.position;
+        let LeafPosition {
+            leaf_index,
+            tree_size,
+        } = self.position;
         if leaf_index >= tree_size {
-            return Err(EvidenceError::Position { index: leaf_index, size: tree_size });
+            return Err(EvidenceError::Position {
+                index: leaf_index,
+                size: tree_size,
+            });
         }
         Ok(())
     }
@@ -331,7 +382,8 @@ impl Leaf {
     /// The leaf encoding (the Merkle leaf *data*).
     pub fn encode(&self) -> Result<Vec<u8>, EvidenceError> {
         self.validate()?;
-        let mut out = Vec::with_capacity(128 + self.vpcr_values.iter().map(|v| v.len() + 2).sum::<usize>());
+        let mut out =
+            Vec::with_capacity(128 + self.vpcr_values.iter().map(|v| v.len() + 2).sum::<usize>());
         out.extend_from_slice(LEAF_DOMAIN);
         out.extend_from_slice(&LEAF_VERSION.to_be_bytes());
         out.extend_from_slice(self.vtpm_uuid.as_bytes());
@@ -359,7 +411,11 @@ impl Leaf {
     /// Decodes a leaf encoding, accepting exactly what [`Leaf::encode`] produces.
     pub fn decode(bytes: &[u8]) -> Result<Leaf, EvidenceError> {
         if bytes.len() > MAX_LEAF_LEN {
-            return Err(EvidenceError::TooLong { what: "leaf", len: bytes.len(), max: MAX_LEAF_LEN });
+            return Err(EvidenceError::TooLong {
+                what: "leaf",
+                len: bytes.len(),
+                max: MAX_LEAF_LEN,
+            });
         }
         let mut r = Reader::new(bytes);
         if r.bytes(LEAF_DOMAIN.len(), "leaf domain tag")? != LEAF_DOMAIN {
@@ -367,26 +423,45 @@ impl Leaf {
         }
         let version = r.u16("leaf version")?;
         if version != LEAF_VERSION {
-            return Err(EvidenceError::UnsupportedVersion { what: "leaf", got: version });
+            return Err(EvidenceError::UnsupportedVersion {
+                what: "leaf",
+                got: version,
+            });
         }
         let vtpm_uuid = Uuid::from_bytes(r.array("vTPM UUID")?);
         let group_uuid = Uuid::from_bytes(r.array("group UUID")?);
         let hash_alg = r.u16("vPCR bank")?;
-        let size = digest_size(hash_alg).ok_or(EvidenceError::UnknownHashAlg { what: "vPCR bank", alg: hash_alg })?;
+        let size = digest_size(hash_alg).ok_or(EvidenceError::UnknownHashAlg {
+            what: "vPCR bank",
+            alg: hash_alg,
+        })?;
         let count = usize::from(r.u8("vPCR count")?);
         if count > usize::from(MAX_VPCR_INDEX) {
-            return Err(EvidenceError::TooLong { what: "vPCR count", len: count, max: MAX_VPCR_INDEX.into() });
+            return Err(EvidenceError::TooLong {
+                what: "vPCR count",
+                len: count,
+                max: MAX_VPCR_INDEX.into(),
+            });
         }
         let pcrs = r.bytes(count, "vPCR indices")?.to_vec();
         let nvalues = usize::from(r.u16("vPCR value count")?);
         if nvalues != count {
-            return Err(EvidenceError::CountMismatch { what: "vPCR values", expected: count, got: nvalues });
+            return Err(EvidenceError::CountMismatch {
+                what: "vPCR values",
+                expected: count,
+                got: nvalues,
+            });
         }
         let mut vpcr_values = Vec::with_capacity(count);
         for position in 0..count {
             let v = r.sized16("vPCR value", 64)?;
             if v.len() != size {
-                return Err(EvidenceError::ValueLength { what: "vPCR value", position, expected: size, got: v.len() });
+                return Err(EvidenceError::ValueLength {
+                    what: "vPCR value",
+                    position,
+                    expected: size,
+                    got: v.len(),
+                });
             }
             vpcr_values.push(v.to_vec());
         }
@@ -402,7 +477,10 @@ impl Leaf {
             vpcr_values,
             nonce,
             flags,
-            position: LeafPosition { leaf_index, tree_size },
+            position: LeafPosition {
+                leaf_index,
+                tree_size,
+            },
         };
         leaf.validate()?;
         Ok(leaf)
@@ -422,24 +500,39 @@ pub struct PcrSelection {
 impl PcrSelection {
     /// The selected PCR indices, ascending.
     pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.select.len() * 8).filter(|i| self.select[i / 8] & (1 << (i % 8)) != 0).map(|i| i as u32)
+        (0..self.select.len() * 8)
+            .filter(|i| self.select[i / 8] & (1 << (i % 8)) != 0)
+            .map(|i| i as u32)
     }
 }
 
 /// Parses a TPML_PCR_SELECTION (`u32 count ‖ (u16 hash ‖ u8 sizeofSelect ‖ bitmap) × count`).
-pub(crate) fn read_pcr_selection_list(r: &mut Reader<'_>) -> Result<Vec<PcrSelection>, EvidenceError> {
+pub(crate) fn read_pcr_selection_list(
+    r: &mut Reader<'_>,
+) -> Result<Vec<PcrSelection>, EvidenceError> {
     let count = r.u32("TPML_PCR_SELECTION.count")? as usize;
     if count > MAX_PCR_BANKS {
-        return Err(EvidenceError::TooLong { what: "TPML_PCR_SELECTION.count", len: count, max: MAX_PCR_BANKS });
+        return Err(EvidenceError::TooLong {
+            what: "TPML_PCR_SELECTION.count",
+            len: count,
+            max: MAX_PCR_BANKS,
+        });
     }
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let hash_alg = r.u16("TPMS_PCR_SELECTION.hash")?;
         let n = usize::from(r.u8("TPMS_PCR_SELECTION.sizeofSelect")?);
         if n > MAX_PCR_SELECT {
-            return Err(EvidenceError::TooLong { what: "TPMS_PCR_SELECTION.sizeofSelect", len: n, max: MAX_PCR_SELECT });
+            return Err(EvidenceError::TooLong {
+                what: "TPMS_PCR_SELECTION.sizeofSelect",
+                len: n,
+                max: MAX_PCR_SELECT,
+            });
         }
-        out.push(PcrSelection { hash_alg, select: r.bytes(n, "TPMS_PCR_SELECTION.pcrSelect")?.to_vec() });
+        out.push(PcrSelection {
+            hash_alg,
+            select: r.bytes(n, "TPMS_PCR_SELECTION.pcrSelect")?.to_vec(),
+        });
     }
     Ok(out)
 }
@@ -447,13 +540,21 @@ pub(crate) fn read_pcr_selection_list(r: &mut Reader<'_>) -> Result<Vec<PcrSelec
 /// Marshals a TPML_PCR_SELECTION.
 pub fn encode_pcr_selection_list(list: &[PcrSelection]) -> Result<Vec<u8>, EvidenceError> {
     if list.len() > MAX_PCR_BANKS {
-        return Err(EvidenceError::TooLong { what: "TPML_PCR_SELECTION.count", len: list.len(), max: MAX_PCR_BANKS });
+        return Err(EvidenceError::TooLong {
+            what: "TPML_PCR_SELECTION.count",
+            len: list.len(),
+            max: MAX_PCR_BANKS,
+        });
     }
     let mut out = Vec::with_capacity(4 + list.len() * (3 + MAX_PCR_SELECT));
     out.extend_from_slice(&(list.len() as u32).to_be_bytes());
     for s in list {
         if s.select.len() > MAX_PCR_SELECT {
-            return Err(EvidenceError::TooLong { what: "TPMS_PCR_SELECTION.sizeofSelect", len: s.select.len(), max: MAX_PCR_SELECT });
+            return Err(EvidenceError::TooLong {
+                what: "TPMS_PCR_SELECTION.sizeofSelect",
+                len: s.select.len(),
+                max: MAX_PCR_SELECT,
+            });
         }
         out.extend_from_slice(&s.hash_alg.to_be_bytes());
         out.push(s.select.len() as u8);
@@ -504,12 +605,23 @@ impl Bundle {
     /// ```
     pub fn encode(&self) -> Result<Vec<u8>, EvidenceError> {
         let leaf = self.leaf.encode()?;
-        let mut out = Vec::with_capacity(16 + leaf.len() + self.path.len() * 32 + self.attest.len() + self.signature.len() + self.ak_public.len() + 64 * self.host_pcrs.values.len());
+        let mut out = Vec::with_capacity(
+            16 + leaf.len()
+                + self.path.len() * 32
+                + self.attest.len()
+                + self.signature.len()
+                + self.ak_public.len()
+                + 64 * self.host_pcrs.values.len(),
+        );
         out.extend_from_slice(BUNDLE_MAGIC);
         out.extend_from_slice(&BUNDLE_VERSION.to_be_bytes());
         put_sized16(&mut out, "leaf", &leaf, MAX_LEAF_LEN)?;
         if self.path.len() > MAX_PATH_LEN {
-            return Err(EvidenceError::TooLong { what: "inclusion path", len: self.path.len(), max: MAX_PATH_LEN });
+            return Err(EvidenceError::TooLong {
+                what: "inclusion path",
+                len: self.path.len(),
+                max: MAX_PATH_LEN,
+            });
         }
         out.push(self.path.len() as u8);
         for h in &self.path {
@@ -521,7 +633,11 @@ impl Bundle {
         out.extend_from_slice(&encode_pcr_selection_list(&self.host_pcrs.selection)?);
         let values = &self.host_pcrs.values;
         if values.len() > MAX_HOST_PCR_VALUES {
-            return Err(EvidenceError::TooLong { what: "host PCR value count", len: values.len(), max: MAX_HOST_PCR_VALUES });
+            return Err(EvidenceError::TooLong {
+                what: "host PCR value count",
+                len: values.len(),
+                max: MAX_HOST_PCR_VALUES,
+            });
         }
         out.extend_from_slice(&(values.len() as u16).to_be_bytes());
         for v in values {
@@ -540,12 +656,19 @@ impl Bundle {
         }
         let version = r.u16("bundle version")?;
         if version != BUNDLE_VERSION {
-            return Err(EvidenceError::UnsupportedVersion { what: "bundle", got: version });
+            return Err(EvidenceError::UnsupportedVersion {
+                what: "bundle",
+                got: version,
+            });
         }
         let leaf = Leaf::decode(r.sized16("leaf", MAX_LEAF_LEN)?)?;
         let n = usize::from(r.u8("inclusion path length")?);
         if n > MAX_PATH_LEN {
-            return Err(EvidenceError::TooLong { what: "inclusion path", len: n, max: MAX_PATH_LEN });
+            return Err(EvidenceError::TooLong {
+                what: "inclusion path",
+                len: n,
+                max: MAX_PATH_LEN,
+            });
         }
         let mut path = Vec::with_capacity(n);
         for _ in 0..n {
@@ -557,14 +680,25 @@ impl Bundle {
         let selection = read_pcr_selection_list(&mut r)?;
         let nvalues = usize::from(r.u16("host PCR value count")?);
         if nvalues > MAX_HOST_PCR_VALUES {
-            return Err(EvidenceError::TooLong { what: "host PCR value count", len: nvalues, max: MAX_HOST_PCR_VALUES });
+            return Err(EvidenceError::TooLong {
+                what: "host PCR value count",
+                len: nvalues,
+                max: MAX_HOST_PCR_VALUES,
+            });
         }
         let mut values = Vec::with_capacity(nvalues);
         for _ in 0..nvalues {
             values.push(r.sized16("host PCR value", 64)?.to_vec());
         }
         r.finish("bundle")?;
-        Ok(Bundle { leaf, path, attest, signature, ak_public, host_pcrs: HostPcrs { selection, values } })
+        Ok(Bundle {
+            leaf,
+            path,
+            attest,
+            signature,
+            ak_public,
+            host_pcrs: HostPcrs { selection, values },
+        })
     }
 }
 

@@ -143,7 +143,10 @@ impl Tree {
     pub fn inclusion_proof(&self, index: usize) -> Result<Vec<Hash>, MerkleError> {
         let size = self.size();
         if index >= size {
-            return Err(MerkleError::IndexOutOfRange { index: index as u64, size: size as u64 });
+            return Err(MerkleError::IndexOutOfRange {
+                index: index as u64,
+                size: size as u64,
+            });
         }
         let mut proof = Vec::with_capacity(self.levels.len());
         let mut i = index;
@@ -167,9 +170,15 @@ pub fn root<T: AsRef<[u8]>>(leaves: &[T]) -> Hash {
 /// The inclusion proof (RFC 6962 `PATH`) of leaf `index` in the tree over `leaves`.
 ///
 /// Builds the whole tree; to prove many leaves of one tree, build a [`Tree`] once.
-pub fn inclusion_proof<T: AsRef<[u8]>>(leaves: &[T], index: usize) -> Result<Vec<Hash>, MerkleError> {
+pub fn inclusion_proof<T: AsRef<[u8]>>(
+    leaves: &[T],
+    index: usize,
+) -> Result<Vec<Hash>, MerkleError> {
     if index >= leaves.len() {
-        return Err(MerkleError::IndexOutOfRange { index: index as u64, size: leaves.len() as u64 });
+        return Err(MerkleError::IndexOutOfRange {
+            index: index as u64,
+            size: leaves.len() as u64,
+        });
     }
     Tree::from_leaves(leaves).inclusion_proof(index)
 }
@@ -190,10 +199,20 @@ pub fn proof_len(index: u64, size: u64) -> Result<usize, MerkleError> {
 
 /// Recomputes the root from a leaf hash and its inclusion proof
 /// (RFC 9162 §2.1.3.2 steps 1–4, plus the explicit length check).
-pub fn root_from_inclusion(leaf_hash: &Hash, index: u64, size: u64, proof: &[Hash]) -> Result<Hash, MerkleError> {
+pub fn root_from_inclusion(
+    leaf_hash: &Hash,
+    index: u64,
+    size: u64,
+    proof: &[Hash],
+) -> Result<Hash, MerkleError> {
     let expected = proof_len(index, size)?;
     if proof.len() != expected {
-        return Err(MerkleError::WrongProofLength { index, size, expected, got: proof.len() });
+        return Err(MerkleError::WrongProofLength {
+            index,
+            size,
+            expected,
+            got: proof.len(),
+        });
     }
     let mut fn_ = index;
     let mut sn = size - 1;
@@ -201,7 +220,12 @@ pub fn root_from_inclusion(leaf_hash: &Hash, index: u64, size: u64, proof: &[Has
     for p in proof {
         if sn == 0 {
             // Unreachable after the length check; kept as the RFC states it.
-            return Err(MerkleError::WrongProofLength { index, size, expected, got: proof.len() });
+            return Err(MerkleError::WrongProofLength {
+                index,
+                size,
+                expected,
+                got: proof.len(),
+            });
         }
         if fn_ & 1 == 1 || fn_ == sn {
             r = node_hash(p, &r);
@@ -218,17 +242,31 @@ pub fn root_from_inclusion(leaf_hash: &Hash, index: u64, size: u64, proof: &[Has
         sn >>= 1;
     }
     if sn != 0 {
-        return Err(MerkleError::WrongProofLength { index, size, expected, got: proof.len() });
+        return Err(MerkleError::WrongProofLength {
+            index,
+            size,
+            expected,
+            got: proof.len(),
+        });
     }
     Ok(r)
 }
 
 /// RFC 9162 §2.1.3.2: checks that `leaf_hash` is leaf `index` of the tree of
 /// `size` leaves whose root is `root`.
-pub fn verify_inclusion(leaf_hash: &Hash, index: u64, size: u64, proof: &[Hash], root: &Hash) -> Result<(), MerkleError> {
+pub fn verify_inclusion(
+    leaf_hash: &Hash,
+    index: u64,
+    size: u64,
+    proof: &[Hash],
+    root: &Hash,
+) -> Result<(), MerkleError> {
     let computed = root_from_inclusion(leaf_hash, index, size, proof)?;
     if computed != *root {
-        return Err(MerkleError::RootMismatch { computed, expected: *root });
+        return Err(MerkleError::RootMismatch {
+            computed,
+            expected: *root,
+        });
     }
     Ok(())
 }

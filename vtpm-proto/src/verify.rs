@@ -25,7 +25,8 @@ use p256::ecdsa::signature::Verifier as _;
 use uuid::Uuid;
 
 use crate::evidence::{
-    Bundle, EvidenceError, HostPcrs, Leaf, PcrSelection, Reader, digest_size, pcr_digest_sha256, read_pcr_selection_list, TPM_ALG_SHA256,
+    Bundle, EvidenceError, HostPcrs, Leaf, PcrSelection, Reader, TPM_ALG_SHA256, digest_size,
+    pcr_digest_sha256, read_pcr_selection_list,
 };
 use crate::merkle::{self, Hash, MerkleError};
 
@@ -79,7 +80,15 @@ pub struct Expectations {
 impl Expectations {
     /// Expectations with only the nonce and the AK; everything optional is unset.
     pub fn new(nonce: impl Into<Vec<u8>>, ak_public: impl Into<Vec<u8>>) -> Self {
-        Expectations { nonce: nonce.into(), ak_public: ak_public.into(), host_pcrs: None, vpcrs: None, vtpm_uuid: None, group_uuid: None, flags: None }
+        Expectations {
+            nonce: nonce.into(),
+            ak_public: ak_public.into(),
+            host_pcrs: None,
+            vpcrs: None,
+            vtpm_uuid: None,
+            group_uuid: None,
+            flags: None,
+        }
     }
 }
 
@@ -228,7 +237,9 @@ pub enum VerifyError {
     #[error("TPMT_SIGNATURE malformed: {0}")]
     SignatureMalformed(EvidenceError),
     /// The signature algorithm or hash is not RSASSA/ECDSA with SHA-256 matching the AK.
-    #[error("signature scheme {sig_alg:#06x}/hash {hash_alg:#06x} does not fit AK type {key_alg:#06x} with SHA-256")]
+    #[error(
+        "signature scheme {sig_alg:#06x}/hash {hash_alg:#06x} does not fit AK type {key_alg:#06x} with SHA-256"
+    )]
     SignatureScheme {
         /// TPM_ALG_ID of the key type.
         key_alg: u16,
@@ -400,20 +411,33 @@ impl AkPublic {
                 let scheme_hash = match scheme {
                     TPM_ALG_NULL => None,
                     TPM_ALG_RSASSA => Some(r.u16("TPMT_RSA_SCHEME.hashAlg").map_err(M)?),
-                    other => return Err(AkUnsupported { what: "RSA scheme", value: other.into() }),
+                    other => {
+                        return Err(AkUnsupported {
+                            what: "RSA scheme",
+                            value: other.into(),
+                        });
+                    }
                 };
                 let key_bits = r.u16("TPMS_RSA_PARMS.keyBits").map_err(M)?;
                 let exponent = r.u32("TPMS_RSA_PARMS.exponent").map_err(M)?;
                 let modulus = r.sized16("TPM2B_PUBLIC_KEY_RSA", 512).map_err(M)?.to_vec();
                 r.finish("TPMT_PUBLIC").map_err(M)?;
                 if sym != TPM_ALG_NULL {
-                    return Err(AkUnsupported { what: "symmetric algorithm of a signing key", value: sym.into() });
+                    return Err(AkUnsupported {
+                        what: "symmetric algorithm of a signing key",
+                        value: sym.into(),
+                    });
                 }
                 if key_bits != 2048 {
-                    return Err(AkUnsupported { what: "RSA key bits", value: key_bits.into() });
+                    return Err(AkUnsupported {
+                        what: "RSA key bits",
+                        value: key_bits.into(),
+                    });
                 }
                 if modulus.len() != 256 || modulus[0] & 0x80 == 0 {
-                    return Err(VerifyError::AkInvalidKey("RSA-2048 modulus is not 2048 bits"));
+                    return Err(VerifyError::AkInvalidKey(
+                        "RSA-2048 modulus is not 2048 bits",
+                    ));
                 }
                 let exponent = if exponent == 0 { 65537 } else { exponent };
                 (scheme_hash, AkKey::Rsa2048 { modulus, exponent })
@@ -424,7 +448,12 @@ impl AkPublic {
                 let scheme_hash = match scheme {
                     TPM_ALG_NULL => None,
                     TPM_ALG_ECDSA => Some(r.u16("TPMT_ECC_SCHEME.hashAlg").map_err(M)?),
-                    other => return Err(AkUnsupported { what: "ECC scheme", value: other.into() }),
+                    other => {
+                        return Err(AkUnsupported {
+                            what: "ECC scheme",
+                            value: other.into(),
+                        });
+                    }
                 };
                 let curve = r.u16("TPMS_ECC_PARMS.curveID").map_err(M)?;
                 let kdf = r.u16("TPMT_KDF_SCHEME.scheme").map_err(M)?;
@@ -435,27 +464,53 @@ impl AkPublic {
                 let y = r.sized16("TPMS_ECC_POINT.y", 128).map_err(M)?;
                 r.finish("TPMT_PUBLIC").map_err(M)?;
                 if sym != TPM_ALG_NULL {
-                    return Err(AkUnsupported { what: "symmetric algorithm of a signing key", value: sym.into() });
+                    return Err(AkUnsupported {
+                        what: "symmetric algorithm of a signing key",
+                        value: sym.into(),
+                    });
                 }
                 if curve != TPM_ECC_NIST_P256 {
-                    return Err(AkUnsupported { what: "ECC curve", value: curve.into() });
+                    return Err(AkUnsupported {
+                        what: "ECC curve",
+                        value: curve.into(),
+                    });
                 }
-                let x = left_pad_32(x).ok_or(VerifyError::AkInvalidKey("P-256 x coordinate longer than 32 bytes"))?;
-                let y = left_pad_32(y).ok_or(VerifyError::AkInvalidKey("P-256 y coordinate longer than 32 bytes"))?;
+                let x = left_pad_32(x).ok_or(VerifyError::AkInvalidKey(
+                    "P-256 x coordinate longer than 32 bytes",
+                ))?;
+                let y = left_pad_32(y).ok_or(VerifyError::AkInvalidKey(
+                    "P-256 y coordinate longer than 32 bytes",
+                ))?;
                 (scheme_hash, AkKey::EccP256 { x, y })
             }
-            other => return Err(AkUnsupported { what: "TPMT_PUBLIC.type", value: other.into() }),
+            other => {
+                return Err(AkUnsupported {
+                    what: "TPMT_PUBLIC.type",
+                    value: other.into(),
+                });
+            }
         };
         if let Some(h) = scheme_hash
             && h != TPM_ALG_SHA256
         {
-            return Err(AkUnsupported { what: "scheme hash", value: h.into() });
+            return Err(AkUnsupported {
+                what: "scheme hash",
+                value: h.into(),
+            });
         }
         let need = TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_SIGN | TPMA_OBJECT_FIXED_TPM;
         if object_attributes & need != need || object_attributes & TPMA_OBJECT_DECRYPT != 0 {
-            return Err(VerifyError::AkAttributes { attributes: object_attributes });
+            return Err(VerifyError::AkAttributes {
+                attributes: object_attributes,
+            });
         }
-        let ak = AkPublic { name_alg, object_attributes, auth_policy, scheme_hash, key };
+        let ak = AkPublic {
+            name_alg,
+            object_attributes,
+            auth_policy,
+            scheme_hash,
+            key,
+        };
         // Reject keys the crypto libraries refuse now, not at signature time.
         match &ak.key {
             AkKey::Rsa2048 { .. } => {
@@ -478,10 +533,13 @@ impl AkPublic {
 
     fn rsa_key(&self) -> Result<rsa::RsaPublicKey, VerifyError> {
         match &self.key {
-            AkKey::Rsa2048 { modulus, exponent } => {
-                rsa::RsaPublicKey::new(rsa::BigUint::from_bytes_be(modulus), rsa::BigUint::from(*exponent))
-                    .map_err(|_| VerifyError::AkInvalidKey("RSA public key rejected (exponent or modulus)"))
-            }
+            AkKey::Rsa2048 { modulus, exponent } => rsa::RsaPublicKey::new(
+                rsa::BigUint::from_bytes_be(modulus),
+                rsa::BigUint::from(*exponent),
+            )
+            .map_err(|_| {
+                VerifyError::AkInvalidKey("RSA public key rejected (exponent or modulus)")
+            }),
             AkKey::EccP256 { .. } => Err(VerifyError::AkInvalidKey("not an RSA key")),
         }
     }
@@ -490,7 +548,8 @@ impl AkPublic {
         match &self.key {
             AkKey::EccP256 { x, y } => {
                 let point = p256::EncodedPoint::from_affine_coordinates(x.into(), y.into(), false);
-                p256::ecdsa::VerifyingKey::from_encoded_point(&point).map_err(|_| VerifyError::AkInvalidKey("point is not on P-256"))
+                p256::ecdsa::VerifyingKey::from_encoded_point(&point)
+                    .map_err(|_| VerifyError::AkInvalidKey("point is not on P-256"))
             }
             AkKey::Rsa2048 { .. } => Err(VerifyError::AkInvalidKey("not an ECC key")),
         }
@@ -498,7 +557,11 @@ impl AkPublic {
 
     /// Verifies `sig` over `message` (SHA-256 inside the scheme).
     pub fn verify_signature(&self, message: &[u8], sig: &TpmSignature) -> Result<(), VerifyError> {
-        let scheme_err = |sig_alg: u16, hash_alg: u16| VerifyError::SignatureScheme { key_alg: self.key_alg(), sig_alg, hash_alg };
+        let scheme_err = |sig_alg: u16, hash_alg: u16| VerifyError::SignatureScheme {
+            key_alg: self.key_alg(),
+            sig_alg,
+            hash_alg,
+        };
         match (&self.key, sig) {
             (AkKey::Rsa2048 { .. }, TpmSignature::RsaSsa { hash_alg, sig }) => {
                 if *hash_alg != TPM_ALG_SHA256 {
@@ -508,18 +571,24 @@ impl AkPublic {
                     return Err(VerifyError::SignatureInvalid);
                 }
                 let vk = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(self.rsa_key()?);
-                let s = rsa::pkcs1v15::Signature::try_from(sig.as_slice()).map_err(|_| VerifyError::SignatureInvalid)?;
-                vk.verify(message, &s).map_err(|_| VerifyError::SignatureInvalid)
+                let s = rsa::pkcs1v15::Signature::try_from(sig.as_slice())
+                    .map_err(|_| VerifyError::SignatureInvalid)?;
+                vk.verify(message, &s)
+                    .map_err(|_| VerifyError::SignatureInvalid)
             }
             (AkKey::EccP256 { .. }, TpmSignature::Ecdsa { hash_alg, r, s }) => {
                 if *hash_alg != TPM_ALG_SHA256 {
                     return Err(scheme_err(TPM_ALG_ECDSA, *hash_alg));
                 }
                 let vk = self.p256_key()?;
-                let s = p256::ecdsa::Signature::from_scalars(*r, *s).map_err(|_| VerifyError::SignatureInvalid)?;
-                vk.verify(message, &s).map_err(|_| VerifyError::SignatureInvalid)
+                let s = p256::ecdsa::Signature::from_scalars(*r, *s)
+                    .map_err(|_| VerifyError::SignatureInvalid)?;
+                vk.verify(message, &s)
+                    .map_err(|_| VerifyError::SignatureInvalid)
             }
-            (_, TpmSignature::RsaSsa { hash_alg, .. }) => Err(scheme_err(TPM_ALG_RSASSA, *hash_alg)),
+            (_, TpmSignature::RsaSsa { hash_alg, .. }) => {
+                Err(scheme_err(TPM_ALG_RSASSA, *hash_alg))
+            }
             (_, TpmSignature::Ecdsa { hash_alg, .. }) => Err(scheme_err(TPM_ALG_ECDSA, *hash_alg)),
         }
     }
@@ -544,7 +613,10 @@ impl TpmSignature {
         let sig = match alg {
             TPM_ALG_RSASSA => {
                 let hash_alg = r.u16("TPMS_SIGNATURE_RSA.hash").map_err(M)?;
-                let sig = r.sized16("TPMS_SIGNATURE_RSA.sig", 512).map_err(M)?.to_vec();
+                let sig = r
+                    .sized16("TPMS_SIGNATURE_RSA.sig", 512)
+                    .map_err(M)?
+                    .to_vec();
                 TpmSignature::RsaSsa { hash_alg, sig }
             }
             TPM_ALG_ECDSA => {
@@ -552,10 +624,25 @@ impl TpmSignature {
                 let rr = r.sized16("TPMS_SIGNATURE_ECC.signatureR", 128).map_err(M)?;
                 let ss = r.sized16("TPMS_SIGNATURE_ECC.signatureS", 128).map_err(M)?;
                 r.finish("TPMT_SIGNATURE").map_err(M)?;
-                let too_long = || M(EvidenceError::TooLong { what: "P-256 signature scalar", len: 33, max: 32 });
-                TpmSignature::Ecdsa { hash_alg, r: left_pad_32(rr).ok_or_else(too_long)?, s: left_pad_32(ss).ok_or_else(too_long)? }
+                let too_long = || {
+                    M(EvidenceError::TooLong {
+                        what: "P-256 signature scalar",
+                        len: 33,
+                        max: 32,
+                    })
+                };
+                TpmSignature::Ecdsa {
+                    hash_alg,
+                    r: left_pad_32(rr).ok_or_else(too_long)?,
+                    s: left_pad_32(ss).ok_or_else(too_long)?,
+                }
             }
-            other => return Err(M(EvidenceError::InvalidValue { what: "TPMT_SIGNATURE.sigAlg", value: other.into() })),
+            other => {
+                return Err(M(EvidenceError::InvalidValue {
+                    what: "TPMT_SIGNATURE.sigAlg",
+                    value: other.into(),
+                }));
+            }
         };
         r.finish("TPMT_SIGNATURE").map_err(M)?;
         Ok(sig)
@@ -576,7 +663,10 @@ impl QuoteAttest {
         if ty != TPM_ST_ATTEST_QUOTE {
             return Err(VerifyError::AttestType { got: ty });
         }
-        let qualified_signer = r.sized16("TPMS_ATTEST.qualifiedSigner", 68).map_err(M)?.to_vec();
+        let qualified_signer = r
+            .sized16("TPMS_ATTEST.qualifiedSigner", 68)
+            .map_err(M)?
+            .to_vec();
         let extra_data = r.sized16("TPMS_ATTEST.extraData", 66).map_err(M)?.to_vec();
         let clock = r.u64("TPMS_CLOCK_INFO.clock").map_err(M)?;
         let reset_count = r.u32("TPMS_CLOCK_INFO.resetCount").map_err(M)?;
@@ -584,16 +674,29 @@ impl QuoteAttest {
         let safe = match r.u8("TPMS_CLOCK_INFO.safe").map_err(M)? {
             0 => false,
             1 => true,
-            v => return Err(M(EvidenceError::InvalidValue { what: "TPMS_CLOCK_INFO.safe", value: v.into() })),
+            v => {
+                return Err(M(EvidenceError::InvalidValue {
+                    what: "TPMS_CLOCK_INFO.safe",
+                    value: v.into(),
+                }));
+            }
         };
         let firmware_version = r.u64("TPMS_ATTEST.firmwareVersion").map_err(M)?;
         let pcr_select = read_pcr_selection_list(&mut r).map_err(M)?;
-        let pcr_digest = r.sized16("TPMS_QUOTE_INFO.pcrDigest", 64).map_err(M)?.to_vec();
+        let pcr_digest = r
+            .sized16("TPMS_QUOTE_INFO.pcrDigest", 64)
+            .map_err(M)?
+            .to_vec();
         r.finish("TPMS_ATTEST").map_err(M)?;
         Ok(QuoteAttest {
             qualified_signer,
             extra_data,
-            clock_info: ClockInfo { clock, reset_count, restart_count, safe },
+            clock_info: ClockInfo {
+                clock,
+                reset_count,
+                restart_count,
+                safe,
+            },
             firmware_version,
             pcr_select,
             pcr_digest,
@@ -606,25 +709,43 @@ impl QuoteAttest {
 fn check_host_values(host: &HostPcrs) -> Result<(), EvidenceError> {
     let mut expected_sizes = Vec::new();
     for (i, bank) in host.selection.iter().enumerate() {
-        let size = digest_size(bank.hash_alg).ok_or(EvidenceError::UnknownHashAlg { what: "host PCR bank", alg: bank.hash_alg })?;
-        if host.selection[..i].iter().any(|b| b.hash_alg == bank.hash_alg) {
-            return Err(EvidenceError::InvalidValue { what: "host PCR bank listed twice", value: bank.hash_alg.into() });
+        let size = digest_size(bank.hash_alg).ok_or(EvidenceError::UnknownHashAlg {
+            what: "host PCR bank",
+            alg: bank.hash_alg,
+        })?;
+        if host.selection[..i]
+            .iter()
+            .any(|b| b.hash_alg == bank.hash_alg)
+        {
+            return Err(EvidenceError::InvalidValue {
+                what: "host PCR bank listed twice",
+                value: bank.hash_alg.into(),
+            });
         }
         expected_sizes.extend(bank.indices().map(|_| size));
     }
     if expected_sizes.len() != host.values.len() {
-        return Err(EvidenceError::CountMismatch { what: "host PCR values", expected: expected_sizes.len(), got: host.values.len() });
+        return Err(EvidenceError::CountMismatch {
+            what: "host PCR values",
+            expected: expected_sizes.len(),
+            got: host.values.len(),
+        });
     }
     for (position, (v, &size)) in host.values.iter().zip(&expected_sizes).enumerate() {
         if v.len() != size {
-            return Err(EvidenceError::ValueLength { what: "host PCR value", position, expected: size, got: v.len() });
+            return Err(EvidenceError::ValueLength {
+                what: "host PCR value",
+                position,
+                expected: size,
+                got: v.len(),
+            });
         }
     }
     Ok(())
 }
 
 /// The value of host PCR `index` in bank `hash_alg`, if quoted.
-fn host_value<'a>(host: &'a HostPcrs, hash_alg: u16, index: u32) -> Option<&'a [u8]> {
+fn host_value(host: &HostPcrs, hash_alg: u16, index: u32) -> Option<&[u8]> {
     let mut pos = 0;
     for bank in &host.selection {
         for i in bank.indices() {
@@ -653,65 +774,127 @@ pub fn verify(bundle: &Bundle, expected: &Expectations) -> Result<Verified, Veri
     // 5: the leaf, recomputed from its fields, is under the signed root.
     let leaf_hash = bundle.leaf.leaf_hash().map_err(VerifyError::Leaf)?;
     let pos = bundle.leaf.position;
-    let root = merkle::root_from_inclusion(&leaf_hash, pos.leaf_index.into(), pos.tree_size.into(), &bundle.path).map_err(VerifyError::Inclusion)?;
-    let quoted: Hash = attest.extra_data.as_slice().try_into().map_err(|_| VerifyError::ExtraDataLength { got: attest.extra_data.len() })?;
+    let root = merkle::root_from_inclusion(
+        &leaf_hash,
+        pos.leaf_index.into(),
+        pos.tree_size.into(),
+        &bundle.path,
+    )
+    .map_err(VerifyError::Inclusion)?;
+    let quoted: Hash =
+        attest
+            .extra_data
+            .as_slice()
+            .try_into()
+            .map_err(|_| VerifyError::ExtraDataLength {
+                got: attest.extra_data.len(),
+            })?;
     if root != quoted {
-        return Err(VerifyError::RootMismatch { computed: root, quoted });
+        return Err(VerifyError::RootMismatch {
+            computed: root,
+            quoted,
+        });
     }
 
     // 6: the host PCR values are the quoted ones.
     if attest.pcr_select != bundle.host_pcrs.selection {
-        return Err(VerifyError::HostPcrSelectionMismatch { quoted: attest.pcr_select.clone(), bundle: bundle.host_pcrs.selection.clone() });
+        return Err(VerifyError::HostPcrSelectionMismatch {
+            quoted: attest.pcr_select.clone(),
+            bundle: bundle.host_pcrs.selection.clone(),
+        });
     }
     check_host_values(&bundle.host_pcrs).map_err(VerifyError::HostPcrValues)?;
     let computed = pcr_digest_sha256(&bundle.host_pcrs.values);
     if attest.pcr_digest != computed {
-        return Err(VerifyError::PcrDigestMismatch { computed, quoted: attest.pcr_digest.clone() });
+        return Err(VerifyError::PcrDigestMismatch {
+            computed,
+            quoted: attest.pcr_digest.clone(),
+        });
     }
 
     // 7: freshness.
     let leaf = &bundle.leaf;
     if leaf.nonce != expected.nonce {
-        return Err(VerifyError::NonceMismatch { expected: expected.nonce.clone(), got: leaf.nonce.clone() });
+        return Err(VerifyError::NonceMismatch {
+            expected: expected.nonce.clone(),
+            got: leaf.nonce.clone(),
+        });
     }
 
     // 8: identity and policies.
     if let Some(want) = expected.vtpm_uuid
         && want != leaf.vtpm_uuid
     {
-        return Err(VerifyError::VtpmUuidMismatch { expected: want, got: leaf.vtpm_uuid });
+        return Err(VerifyError::VtpmUuidMismatch {
+            expected: want,
+            got: leaf.vtpm_uuid,
+        });
     }
     if let Some(want) = expected.group_uuid
         && want != leaf.group_uuid
     {
-        return Err(VerifyError::GroupUuidMismatch { expected: want, got: leaf.group_uuid });
+        return Err(VerifyError::GroupUuidMismatch {
+            expected: want,
+            got: leaf.group_uuid,
+        });
     }
     if let Some(want) = expected.flags
         && want != leaf.flags
     {
-        return Err(VerifyError::FlagsMismatch { expected: want, got: leaf.flags });
+        return Err(VerifyError::FlagsMismatch {
+            expected: want,
+            got: leaf.flags,
+        });
     }
     if let Some(policy) = &expected.host_pcrs {
         for (&index, want) in &policy.values {
-            let got = host_value(&bundle.host_pcrs, policy.hash_alg, index).ok_or(VerifyError::HostPcrNotQuoted { hash_alg: policy.hash_alg, index })?;
+            let got = host_value(&bundle.host_pcrs, policy.hash_alg, index).ok_or(
+                VerifyError::HostPcrNotQuoted {
+                    hash_alg: policy.hash_alg,
+                    index,
+                },
+            )?;
             if got != want.as_slice() {
-                return Err(VerifyError::HostPcrPolicy { hash_alg: policy.hash_alg, index, expected: want.clone(), got: got.to_vec() });
+                return Err(VerifyError::HostPcrPolicy {
+                    hash_alg: policy.hash_alg,
+                    index,
+                    expected: want.clone(),
+                    got: got.to_vec(),
+                });
             }
         }
     }
     if let Some(policy) = &expected.vpcrs {
         let sel = &leaf.vpcr_selection;
         if policy.hash_alg != sel.hash_alg && !policy.values.is_empty() {
-            return Err(VerifyError::VpcrBank { policy: policy.hash_alg, leaf: sel.hash_alg });
+            return Err(VerifyError::VpcrBank {
+                policy: policy.hash_alg,
+                leaf: sel.hash_alg,
+            });
         }
         for (&index, want) in &policy.values {
-            let pos = sel.pcrs.iter().position(|&p| u32::from(p) == index).ok_or(VerifyError::VpcrNotSelected { index })?;
+            let pos = sel
+                .pcrs
+                .iter()
+                .position(|&p| u32::from(p) == index)
+                .ok_or(VerifyError::VpcrNotSelected { index })?;
             let got = &leaf.vpcr_values[pos];
             if got != want {
-                return Err(VerifyError::VpcrPolicy { index, expected: want.clone(), got: got.clone() });
+                return Err(VerifyError::VpcrPolicy {
+                    index,
+                    expected: want.clone(),
+                    got: got.clone(),
+                });
             }
         }
     }
 
-    Ok(Verified { leaf: leaf.clone(), leaf_hash, root, ak, attest, host_pcrs: bundle.host_pcrs.clone() })
+    Ok(Verified {
+        leaf: leaf.clone(),
+        leaf_hash,
+        root,
+        ak,
+        attest,
+        host_pcrs: bundle.host_pcrs.clone(),
+    })
 }

@@ -9,7 +9,16 @@ fn h(s: &str) -> Hash {
 
 /// Leaf inputs of the Certificate Transparency test data (transparency-dev/merkle
 /// `testonly/constants.go`, google/certificate-transparency `merkle_tree_test`).
-const CT_LEAVES: [&str; 8] = ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"];
+const CT_LEAVES: [&str; 8] = [
+    "",
+    "00",
+    "10",
+    "2021",
+    "3031",
+    "40414243",
+    "5051525354555657",
+    "606162636465666768696a6b6c6d6e6f",
+];
 
 /// Roots for tree sizes 0..=8 over `CT_LEAVES`.
 const CT_ROOTS: [&str; 9] = [
@@ -71,7 +80,11 @@ fn split(n: usize) -> usize {
 fn ct_roots_for_every_prefix() {
     let leaves = ct_leaves();
     for n in 0..=8 {
-        assert_eq!(hex::encode(merkle::root(&leaves[..n])), CT_ROOTS[n], "root of the first {n} CT leaves");
+        assert_eq!(
+            hex::encode(merkle::root(&leaves[..n])),
+            CT_ROOTS[n],
+            "root of the first {n} CT leaves"
+        );
     }
     assert_eq!(merkle::root::<&[u8]>(&[]), merkle::empty_root());
 }
@@ -80,22 +93,38 @@ fn ct_roots_for_every_prefix() {
 fn ct_inclusion_vectors() {
     // transparency-dev/merkle proof/verify_test.go `inclusionProofs` (1-based leaf numbers there).
     let vectors: [(usize, usize, &[&str]); 4] = [
-        (0, 8, &[
-            "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
-            "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-            "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
-        ]),
-        (5, 8, &[
-            "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
-            "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
-            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
-        ]),
-        (2, 3, &["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"]),
-        (1, 5, &[
-            "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
-            "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
-            "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
-        ]),
+        (
+            0,
+            8,
+            &[
+                "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+                "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+            ],
+        ),
+        (
+            5,
+            8,
+            &[
+                "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+                "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+                "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+            ],
+        ),
+        (
+            2,
+            3,
+            &["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"],
+        ),
+        (
+            1,
+            5,
+            &[
+                "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+                "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+            ],
+        ),
     ];
     let leaves = ct_leaves();
     for (index, size, want) in vectors {
@@ -103,7 +132,8 @@ fn ct_inclusion_vectors() {
         let got = merkle::inclusion_proof(&leaves[..size], index).unwrap();
         assert_eq!(got, want, "PATH({index}, D[{size}])");
         let lh = merkle::leaf_hash(&leaves[index]);
-        merkle::verify_inclusion(&lh, index as u64, size as u64, &want, &h(CT_ROOTS[size])).unwrap();
+        merkle::verify_inclusion(&lh, index as u64, size as u64, &want, &h(CT_ROOTS[size]))
+            .unwrap();
     }
     // Single-leaf tree: empty proof, root is the leaf hash.
     let lh = merkle::leaf_hash(b"data");
@@ -113,11 +143,17 @@ fn ct_inclusion_vectors() {
 #[test]
 fn bottom_up_tree_equals_rfc_recursion() {
     for n in 0..=130usize {
-        let hashes: Vec<Hash> = (0..n).map(|i| merkle::leaf_hash(&(i as u32).to_be_bytes())).collect();
+        let hashes: Vec<Hash> = (0..n)
+            .map(|i| merkle::leaf_hash(&(i as u32).to_be_bytes()))
+            .collect();
         let tree = Tree::from_leaf_hashes(hashes.clone());
         assert_eq!(tree.root(), mth(&hashes), "root n={n}");
         for m in 0..n {
-            assert_eq!(tree.inclusion_proof(m).unwrap(), path(m, &hashes), "PATH({m}, D[{n}])");
+            assert_eq!(
+                tree.inclusion_proof(m).unwrap(),
+                path(m, &hashes),
+                "PATH({m}, D[{n}])"
+            );
         }
     }
 }
@@ -128,8 +164,12 @@ fn bottom_up_tree_equals_rfc_recursion() {
 #[test]
 fn every_proof_of_every_tree_up_to_1025_verifies() {
     const MAX: usize = 1025;
-    let all: Vec<Hash> = (0..MAX).map(|i| merkle::leaf_hash(&(i as u32).to_be_bytes())).collect();
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let all: Vec<Hash> = (0..MAX)
+        .map(|i| merkle::leaf_hash(&(i as u32).to_be_bytes()))
+        .collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(8);
     let checked: usize = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|w| {
@@ -143,10 +183,14 @@ fn every_proof_of_every_tree_up_to_1025_verifies() {
                         for (i, lh) in all[..n].iter().enumerate() {
                             let proof = tree.inclusion_proof(i).unwrap();
                             assert_eq!(proof.len(), merkle::proof_len(i as u64, n as u64).unwrap());
-                            merkle::verify_inclusion(lh, i as u64, n as u64, &proof, &root).unwrap_or_else(|e| panic!("leaf {i} of {n}: {e}"));
+                            merkle::verify_inclusion(lh, i as u64, n as u64, &proof, &root)
+                                .unwrap_or_else(|e| panic!("leaf {i} of {n}: {e}"));
                             checked += 1;
                         }
-                        assert!(matches!(tree.inclusion_proof(n), Err(MerkleError::IndexOutOfRange { .. })));
+                        assert!(matches!(
+                            tree.inclusion_proof(n),
+                            Err(MerkleError::IndexOutOfRange { .. })
+                        ));
                     }
                     checked
                 })
@@ -160,7 +204,9 @@ fn every_proof_of_every_tree_up_to_1025_verifies() {
 #[test]
 fn proof_for_leaf_i_fails_at_every_other_index() {
     for n in 1..=70usize {
-        let hashes: Vec<Hash> = (0..n).map(|i| merkle::leaf_hash(&[i as u8, 0xA5])).collect();
+        let hashes: Vec<Hash> = (0..n)
+            .map(|i| merkle::leaf_hash(&[i as u8, 0xA5]))
+            .collect();
         let tree = Tree::from_leaf_hashes(hashes.clone());
         let root = tree.root();
         for i in 0..n {
@@ -170,7 +216,10 @@ fn proof_for_leaf_i_fails_at_every_other_index() {
                     continue;
                 }
                 // Same leaf hash at another index, and the other index's own leaf with i's proof.
-                assert!(merkle::verify_inclusion(&hashes[i], j, n as u64, &proof, &root).is_err(), "leaf {i} of {n} verified at {j}");
+                assert!(
+                    merkle::verify_inclusion(&hashes[i], j, n as u64, &proof, &root).is_err(),
+                    "leaf {i} of {n} verified at {j}"
+                );
                 if let Some(other) = hashes.get(j as usize) {
                     assert!(merkle::verify_inclusion(other, j, n as u64, &proof, &root).is_err());
                 }
@@ -180,9 +229,14 @@ fn proof_for_leaf_i_fails_at_every_other_index() {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn proof_for_size_n_fails_in_a_tree_of_another_size() {
-    let hashes: Vec<Hash> = (0..80u32).map(|i| merkle::leaf_hash(&i.to_le_bytes())).collect();
-    let trees: Vec<Tree> = (0..=80).map(|n| Tree::from_leaf_hashes(hashes[..n].to_vec())).collect();
+    let hashes: Vec<Hash> = (0..80u32)
+        .map(|i| merkle::leaf_hash(&i.to_le_bytes()))
+        .collect();
+    let trees: Vec<Tree> = (0..=80)
+        .map(|n| Tree::from_leaf_hashes(hashes[..n].to_vec()))
+        .collect();
     for n in 1..=64usize {
         for i in 0..n {
             let proof = trees[n].inclusion_proof(i).unwrap();
@@ -191,12 +245,30 @@ fn proof_for_size_n_fails_in_a_tree_of_another_size() {
                     continue;
                 }
                 // Against the real root of the m-leaf tree over the same leaves.
-                let r = merkle::verify_inclusion(&hashes[i], i as u64, m as u64, &proof, &trees[m].root());
-                assert!(r.is_err(), "leaf {i}: proof for size {n} verified in the tree of size {m}");
+                let r = merkle::verify_inclusion(
+                    &hashes[i],
+                    i as u64,
+                    m as u64,
+                    &proof,
+                    &trees[m].root(),
+                );
+                assert!(
+                    r.is_err(),
+                    "leaf {i}: proof for size {n} verified in the tree of size {m}"
+                );
                 // Against the n-leaf root, a size whose proof shape differs is refused.
                 if merkle::proof_len(i as u64, m as u64).unwrap() != proof.len() {
-                    let r = merkle::verify_inclusion(&hashes[i], i as u64, m as u64, &proof, &trees[n].root());
-                    assert!(matches!(r, Err(MerkleError::WrongProofLength { .. })), "{r:?}");
+                    let r = merkle::verify_inclusion(
+                        &hashes[i],
+                        i as u64,
+                        m as u64,
+                        &proof,
+                        &trees[n].root(),
+                    );
+                    assert!(
+                        matches!(r, Err(MerkleError::WrongProofLength { .. })),
+                        "{r:?}"
+                    );
                 }
             }
         }
@@ -225,12 +297,32 @@ fn malformed_proofs_are_rejected() {
     let proof = tree.inclusion_proof(5).unwrap();
     merkle::verify_inclusion(&lh, 5, 8, &proof, &root).unwrap();
 
-    assert_eq!(merkle::verify_inclusion(&lh, 8, 8, &proof, &root), Err(MerkleError::IndexOutOfRange { index: 8, size: 8 }));
-    assert_eq!(merkle::verify_inclusion(&lh, 0, 0, &[], &root), Err(MerkleError::IndexOutOfRange { index: 0, size: 0 }));
-    assert!(matches!(merkle::verify_inclusion(&lh, 5, 8, &proof[..2], &root), Err(MerkleError::WrongProofLength { expected: 3, got: 2, .. })));
+    assert_eq!(
+        merkle::verify_inclusion(&lh, 8, 8, &proof, &root),
+        Err(MerkleError::IndexOutOfRange { index: 8, size: 8 })
+    );
+    assert_eq!(
+        merkle::verify_inclusion(&lh, 0, 0, &[], &root),
+        Err(MerkleError::IndexOutOfRange { index: 0, size: 0 })
+    );
+    assert!(matches!(
+        merkle::verify_inclusion(&lh, 5, 8, &proof[..2], &root),
+        Err(MerkleError::WrongProofLength {
+            expected: 3,
+            got: 2,
+            ..
+        })
+    ));
     let mut longer = proof.clone();
     longer.push(root);
-    assert!(matches!(merkle::verify_inclusion(&lh, 5, 8, &longer, &root), Err(MerkleError::WrongProofLength { expected: 3, got: 4, .. })));
+    assert!(matches!(
+        merkle::verify_inclusion(&lh, 5, 8, &longer, &root),
+        Err(MerkleError::WrongProofLength {
+            expected: 3,
+            got: 4,
+            ..
+        })
+    ));
     let mut prepended = vec![root];
     prepended.extend_from_slice(&proof);
     assert!(merkle::verify_inclusion(&lh, 5, 8, &prepended, &root).is_err());
@@ -238,11 +330,20 @@ fn malformed_proofs_are_rejected() {
         for bit in 0..256 {
             let mut bad = proof.clone();
             bad[k][bit / 8] ^= 1 << (bit % 8);
-            assert!(matches!(merkle::verify_inclusion(&lh, 5, 8, &bad, &root), Err(MerkleError::RootMismatch { .. })));
+            assert!(matches!(
+                merkle::verify_inclusion(&lh, 5, 8, &bad, &root),
+                Err(MerkleError::RootMismatch { .. })
+            ));
         }
     }
-    assert!(matches!(merkle::verify_inclusion(&merkle::leaf_hash(b"x"), 5, 8, &proof, &root), Err(MerkleError::RootMismatch { .. })));
-    assert!(matches!(merkle::verify_inclusion(&lh, 5, 8, &proof, &merkle::empty_root()), Err(MerkleError::RootMismatch { .. })));
+    assert!(matches!(
+        merkle::verify_inclusion(&merkle::leaf_hash(b"x"), 5, 8, &proof, &root),
+        Err(MerkleError::RootMismatch { .. })
+    ));
+    assert!(matches!(
+        merkle::verify_inclusion(&lh, 5, 8, &proof, &merkle::empty_root()),
+        Err(MerkleError::RootMismatch { .. })
+    ));
     // Huge indices and sizes do not overflow.
     assert!(merkle::verify_inclusion(&lh, u64::MAX - 1, u64::MAX, &proof, &root).is_err());
     assert_eq!(merkle::proof_len(u64::MAX - 1, u64::MAX).unwrap(), 63);

@@ -100,9 +100,7 @@ fn fail(code: ErrorCode, msg: impl Into<String>) -> AdminReply {
     AdminReply::Error(Failure::new(code, msg))
 }
 
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
+use xvtpm_fsutil::pid_alive;
 
 impl Manager {
     /// Opens the physical TPM and the store; unseals the master secret if
@@ -171,7 +169,9 @@ impl Manager {
                 let Some(entry) = self.store.vtpm(&socket_uuid) else {
                     return refuse(ErrorCode::NotFound, format!("vTPM {socket_uuid} does not exist"));
                 };
-                let Some(expected) = self.attached.get(&socket_uuid).copied() else {
+                // A dead attached process is no attachment: its successor may
+                // ask before xl-vtpm has attached it, and should retry.
+                let Some(expected) = self.attached.get(&socket_uuid).copied().filter(|p| pid_alive(*p)) else {
                     return refuse(ErrorCode::NotAttached, format!("no process is attached to vTPM {socket_uuid} yet (xl-vtpm attaches it after spawning)"));
                 };
                 if peer_pid != Some(expected) {

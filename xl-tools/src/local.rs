@@ -68,13 +68,7 @@ pub struct Row {
 /// How long a new vTPM may take to answer "ready".
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn pid_alive(pid: u32) -> bool {
-    // A zombie still has /proc/<pid>; check its state too.
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')).unwrap_or(false),
-        Err(_) => false,
-    }
-}
+use xvtpm_fsutil::pid_alive;
 
 impl Local {
     /// The directory of one vTPM's persistent files.

@@ -9,7 +9,10 @@ use p256::ecdsa::signature::Signer as _;
 use rsa::pkcs1::DecodeRsaPrivateKey;
 use rsa::traits::PublicKeyParts;
 use uuid::Uuid;
-use vtpm_proto::evidence::{Bundle, HostPcrs, Leaf, LeafPosition, PcrSelection, VpcrSelection, TPM_ALG_SHA1, TPM_ALG_SHA256, encode_pcr_selection_list, pcr_digest_sha256};
+use vtpm_proto::evidence::{
+    Bundle, HostPcrs, Leaf, LeafPosition, PcrSelection, TPM_ALG_SHA1, TPM_ALG_SHA256,
+    VpcrSelection, encode_pcr_selection_list, pcr_digest_sha256,
+};
 use vtpm_proto::merkle::Tree;
 
 /// fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | restricted | sign.
@@ -78,7 +81,10 @@ impl Ak {
         let sk = p256::ecdsa::SigningKey::from_bytes(&d.into()).unwrap();
         let pt = sk.verifying_key().to_encoded_point(false);
         let public = ecc_public(pt.x().unwrap(), pt.y().unwrap(), AK_ATTRIBUTES);
-        Ak { key: Key::Ecc(sk), public }
+        Ak {
+            key: Key::Ecc(sk),
+            public,
+        }
     }
 
     pub fn ecc() -> Ak {
@@ -88,7 +94,10 @@ impl Ak {
     pub fn rsa() -> Ak {
         let sk = rsa::RsaPrivateKey::from_pkcs1_pem(RSA_PEM).unwrap();
         let public = rsa_public(&sk.n().to_bytes_be(), AK_ATTRIBUTES);
-        Ak { key: Key::Rsa(Box::new(rsa::pkcs1v15::SigningKey::new(sk))), public }
+        Ak {
+            key: Key::Rsa(Box::new(rsa::pkcs1v15::SigningKey::new(sk))),
+            public,
+        }
     }
 
     /// TPMT_SIGNATURE over `msg` (r and s with leading zeros dropped, as a TPM may).
@@ -116,7 +125,13 @@ impl Ak {
 }
 
 /// TPMS_ATTEST of type TPM_ST_ATTEST_QUOTE, as TPM2_Quote marshals it.
-pub fn quote_attest_with(magic: u32, ty: u16, extra_data: &[u8], sel: &[PcrSelection], pcr_digest: &[u8]) -> Vec<u8> {
+pub fn quote_attest_with(
+    magic: u32,
+    ty: u16,
+    extra_data: &[u8],
+    sel: &[PcrSelection],
+    pcr_digest: &[u8],
+) -> Vec<u8> {
     let mut a = Vec::new();
     a.extend_from_slice(&magic.to_be_bytes());
     a.extend_from_slice(&ty.to_be_bytes());
@@ -135,7 +150,13 @@ pub fn quote_attest_with(magic: u32, ty: u16, extra_data: &[u8], sel: &[PcrSelec
 }
 
 pub fn quote_attest(extra_data: &[u8], host: &HostPcrs) -> Vec<u8> {
-    quote_attest_with(0xff54_4347, 0x8018, extra_data, &host.selection, &pcr_digest_sha256(&host.values))
+    quote_attest_with(
+        0xff54_4347,
+        0x8018,
+        extra_data,
+        &host.selection,
+        &pcr_digest_sha256(&host.values),
+    )
 }
 
 /// SHA-256 PCRs 0–7 and SHA-1 PCR 0, with distinct values.
@@ -144,15 +165,23 @@ pub fn host_pcrs() -> HostPcrs {
     values.push(vec![0xA0; 20]);
     HostPcrs {
         selection: vec![
-            PcrSelection { hash_alg: TPM_ALG_SHA256, select: vec![0xff, 0x00, 0x00] },
-            PcrSelection { hash_alg: TPM_ALG_SHA1, select: vec![0x01, 0x00, 0x00] },
+            PcrSelection {
+                hash_alg: TPM_ALG_SHA256,
+                select: vec![0xff, 0x00, 0x00],
+            },
+            PcrSelection {
+                hash_alg: TPM_ALG_SHA1,
+                select: vec![0x01, 0x00, 0x00],
+            },
         ],
         values,
     }
 }
 
 pub fn uuid(n: u8) -> Uuid {
-    Uuid::from_bytes([n, 0x11, 0x22, 0x33, 0x44, 0x55, 0x46, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, n])
+    Uuid::from_bytes([
+        n, 0x11, 0x22, 0x33, 0x44, 0x55, 0x46, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, n,
+    ])
 }
 
 pub fn nonce(n: u8) -> Vec<u8> {
@@ -164,11 +193,17 @@ pub fn request(n: u8) -> Leaf {
     Leaf {
         vtpm_uuid: uuid(n),
         group_uuid: uuid(0xF0),
-        vpcr_selection: VpcrSelection { hash_alg: TPM_ALG_SHA256, pcrs: vec![0, 7] },
+        vpcr_selection: VpcrSelection {
+            hash_alg: TPM_ALG_SHA256,
+            pcrs: vec![0, 7],
+        },
         vpcr_values: vec![vec![n; 32], vec![0x77; 32]],
         nonce: nonce(n),
         flags: 0x0000_0001,
-        position: LeafPosition { leaf_index: 0, tree_size: 1 },
+        position: LeafPosition {
+            leaf_index: 0,
+            tree_size: 1,
+        },
     }
 }
 
@@ -177,7 +212,10 @@ pub fn request(n: u8) -> Leaf {
 pub fn batch(ak: &Ak, mut requests: Vec<Leaf>, host: &HostPcrs) -> Vec<Bundle> {
     let n = requests.len() as u32;
     for (i, r) in requests.iter_mut().enumerate() {
-        r.position = LeafPosition { leaf_index: i as u32, tree_size: n };
+        r.position = LeafPosition {
+            leaf_index: i as u32,
+            tree_size: n,
+        };
     }
     let encodings: Vec<Vec<u8>> = requests.iter().map(|r| r.encode().unwrap()).collect();
     let tree = Tree::from_leaves(&encodings);

@@ -1,0 +1,39 @@
+# xvtpm — the two commands: `make demo` (main job) and `make test` (all tests).
+# Both install missing Debian packages first (scripts/install-deps.sh).
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+
+.PHONY: deps build demo test bench testbed clippy fmt clean
+
+deps:
+	scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --workspace --locked
+
+## The main job: swtpm as physical TPM → vtpmmgr → two vTPMs → tpm2-tools, restart, destroy.
+demo: build
+	scripts/demo.sh $(CARGO_TARGET_DIR)/debug
+
+## Every test: unit tests, integration tests with real swtpm and real libtpms.
+test: build
+	$(CARGO) test --workspace --locked --no-fail-fast
+
+## Benchmarks (release build); results are appended to BENCHMARKS.md.
+bench: deps
+	$(CARGO) build --workspace --release --locked
+	scripts/bench.sh $(CARGO_TARGET_DIR)/release
+
+## The QEMU-based Xen testbed (real Xen 4.17 + Debian kernel under TCG).
+testbed: build
+	ci/testbed/run.sh
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

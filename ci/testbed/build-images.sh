@@ -1,0 +1,219 @@
+#!/bin/bash
+# Build the testbed's initramfs images from the unpacked .debs (fetch.sh) and
+# the project's binaries:
+#   $OUT/img/domu.cpio.gz     guest: busybox, tpm2-tools + libs, xenstore client, xen-tpmfront.ko
+#   $OUT/img/vtpmdom.cpio.gz  vTPM domain, unikernel-style: /init = vtpm-domain + its libs
+#                             (or a busybox placeholder backend, see XVTPM_VTPM_PLACEHOLDER)
+#   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
+#                             Xen/TPM modules, /scenario.sh, the guest kernel + the two images above
+# Every shared library comes from ci/cache/root (the pinned .debs); a library that
+# resolves only on the host is an error (XVTPM_ALLOW_HOST_LIBS=1 to allow it).
+#
+# Env: XVTPM_CACHE (ci/cache), XVTPM_OUT (ci/out), CARGO_TARGET_DIR (target),
+#      XVTPM_PROFILE (auto|debug|release; auto = release if built, else debug),
+#      XVTPM_VTPM_PLACEHOLDER (auto|0|1; auto = placeholder only if vtpm-domain is missing),
+#      XVTPM_VTPM_DOMAIN_ARGS (vtpm-domain argv in the vTPM domain; default "--xen-backend"),
+#      XVTPM_GUEST_KERNEL (elf|bzimage; elf = raw vmlinux, ~5x faster xl create under TCG),
+#      XVTPM_GUEST_MEM (MiB, 96)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+CI=$(dirname "$HERE"); TOP=$(dirname "$CI")
+CACHE=${XVTPM_CACHE:-$CI/cache}; OUT=${XVTPM_OUT:-$CI/out}
+R=$CACHE/root
+TARGET=${CARGO_TARGET_DIR:-$TOP/target}
+GUEST_MEM=${XVTPM_GUEST_MEM:-96}      # 64 is too small for the Debian kernel (FINDINGS)
+GUEST_KERNEL=${XVTPM_GUEST_KERNEL:-elf}
+VTPM_ARGS=${XVTPM_VTPM_DOMAIN_ARGS:---xen-backend}
+die() { echo "build-images.sh: ERROR: $*" >&2; exit 1; }
+
+[ -f "$CACHE/root.stamp" ] && [ -f "$CACHE/img/kver" ] || die "run ci/testbed/fetch.sh first"
+KVER=$(cat "$CACHE/img/kver")
+KMOD=$R/lib/modules/$KVER/kernel
+XBIN=$R/usr/lib/xen-4.17/bin
+LDSO=$R/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
+LIBPATH=$R/lib/x86_64-linux-gnu:$R/usr/lib/x86_64-linux-gnu
+B=$OUT/build; IMG=$OUT/img
+mkdir -p "$B" "$IMG"
+
+# ---- helpers ----
+# install a library/binary's runtime closure into tree $1 (flat /lib/x86_64-linux-gnu)
+copy_libs() {  # tree elf
+  local T=$1 elf=$2 name arrow path rest
+  "$LDSO" --inhibit-cache --library-path "$LIBPATH" --list "$elf" > "$B/ldd.out" 2>&1 ||
+    die "cannot resolve the libraries of $elf: $(cat "$B/ldd.out")"
+  while read -r name arrow path rest; do
+    case $name in linux-vdso*|/lib64/ld-linux*) continue ;; esac
+    [ "$arrow" = "=>" ] || continue
+    [ "$path" = "not" ] && die "$elf needs $name, which no package in debs.lock provides (add it to fetch.sh)"
+    case $path in
+      "$R"/*) ;;
+      *) [ "${XVTPM_ALLOW_HOST_LIBS:-0}" = 1 ] || die "$elf needs $name, found only on the host ($path): add its package to fetch.sh"
+         echo "build-images.sh: WARNING: $name taken from the host" >&2 ;;
+    esac
+    [ -e "$T/lib/x86_64-linux-gnu/$name" ] || install -D -m 0755 "$(readlink -f "$path")" "$T/lib/x86_64-linux-gnu/$name"
+  done < "$B/ldd.out"
+  [ -e "$T/lib64/ld-linux-x86-64.so.2" ] || install -D -m 0755 "$LDSO" "$T/lib64/ld-linux-x86-64.so.2"
+}
+copy_bin() {  # tree src dst [strip]
+  install -D -m 0755 "$2" "$1$3"
+  [ "${4:-}" = strip ] && strip --strip-debug "$1$3"
+  copy_libs "$1" "$2"
+}
+copy_dlopened() {  # tree lib-soname...  (dlopen()ed: ldd cannot see them)
+  local T=$1 l; shift
+  for l in "$@"; do
+    local src; src=$(ls "$R"/{lib,usr/lib}/x86_64-linux-gnu/"$l" 2>/dev/null | head -n1 || true)
+    [ -n "$src" ] || die "dlopen()ed $l is not in the cache"
+    install -D -m 0755 "$(readlink -f "$src")" "$T/lib/x86_64-linux-gnu/$l"
+    copy_libs "$T" "$src"
+  done
+}
+# kernel module + its depends= closure, flat in /lib/modules, plus <mod>.deps (load order)
+copy_mod() {  # tree module-name
+  local T=$1 m=$2 f deps d
+  f=$(find "$KMOD" -name "$m.ko" -o -name "${m//-/_}.ko" | head -n1)
+  if [ -z "$f" ]; then
+    grep -qE "/(${m}|${m//-/_})\.ko\$" "$R/lib/modules/$KVER/modules.builtin" 2>/dev/null && return 0  # built in
+    die "kernel module $m not found in $KVER"
+  fi
+  deps=$(strings "$f" | sed -n 's/^depends=//p' | tr ',' ' ')
+  for d in $deps; do copy_mod "$T" "$d"; done
+  mkdir -p "$T/lib/modules"
+  cp "$f" "$T/lib/modules/$m.ko"
+  { for d in $deps; do cat "$T/lib/modules/$d.deps" 2>/dev/null; done; echo "$m"; } | awk '!s[$0]++' > "$T/lib/modules/$m.deps"
+}
+skeleton() {  # tree
+  local T=$1
+  rm -rf "$T"; mkdir -p "$T"/{proc,sys,dev,run,tmp,etc,var/lib,var/log,root}
+  ln -s ../run "$T/var/run"
+  mknod -m 600 "$T/dev/console" c 5 1
+  mknod -m 666 "$T/dev/null" c 1 3
+}
+busybox_tree() {  # tree
+  local T=$1 a
+  skeleton "$T"; mkdir -p "$T"/{bin,sbin,usr/bin,usr/sbin}
+  install -m 0755 "$R/bin/busybox" "$T/bin/busybox"
+  for a in $("$R/bin/busybox" --list); do [ -e "$T/bin/$a" ] || ln -s busybox "$T/bin/$a"; done
+  copy_bin "$T" "$R/usr/bin/xenstore" /usr/bin/xenstore
+  for a in read write ls list rm exists watch chmod; do ln -s xenstore "$T/usr/bin/xenstore-$a"; done
+}
+tpm2_tools() {  # tree
+  local T=$1 l
+  copy_bin "$T" "$R/usr/bin/tpm2" /usr/bin/tpm2
+  for l in "$R"/usr/bin/tpm2_*; do ln -sf tpm2 "$T/usr/bin/$(basename "$l")"; done
+  copy_dlopened "$T" libtss2-tcti-device.so.0 libgcc_s.so.1
+}
+mkcpio() {  # tree out
+  (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0 | gzip -6 -n) > "$2"
+}
+
+# ---- project binaries ----
+PROFILE=${XVTPM_PROFILE:-auto}
+if [ "$PROFILE" = auto ]; then
+  PROFILE=debug
+  for b in vtpmmgr vtpm-domain xl-vtpm; do [ -x "$TARGET/release/$b" ] && PROFILE=release; done
+fi
+declare -A PBIN
+for b in vtpmmgr vtpm-domain xl-vtpm; do
+  if [ -x "$TARGET/$PROFILE/$b" ]; then PBIN[$b]=$TARGET/$PROFILE/$b
+  else echo "build-images.sh: note: $TARGET/$PROFILE/$b not built; the scenario will skip what needs it"; fi
+done
+
+### guest (domU) ###
+D=$B/domu
+busybox_tree "$D"
+tpm2_tools "$D"
+copy_mod "$D" xen-tpmfront
+install -m 0755 "$HERE/domu-init.sh" "$D/init"
+mkcpio "$D" "$IMG/domu.cpio.gz"
+
+### vTPM domain (unikernel-style) ###
+D=$B/vtpmdom
+PH=${XVTPM_VTPM_PLACEHOLDER:-auto}
+[ "$PH" = auto ] && { [ -n "${PBIN[vtpm-domain]:-}" ] && PH=0 || PH=1; }
+if [ "$PH" = 1 ]; then
+  # placeholder backend: busybox script that acks vtpm backends (InitWait) but
+  # never serves the ring -- proves the xl/xenstore plumbing only
+  busybox_tree "$D"
+  install -m 0755 "$HERE/vtpmdom-placeholder.sh" "$D/init"
+  echo placeholder > "$D/etc/xvtpm-vtpmdom-kind"
+else
+  [ -n "${PBIN[vtpm-domain]:-}" ] || die "XVTPM_VTPM_PLACEHOLDER=0 but vtpm-domain is not built"
+  skeleton "$D"
+  copy_bin "$D" "${PBIN[vtpm-domain]}" /init strip
+  copy_dlopened "$D" libgcc_s.so.1
+  # The Debian kernel has evtchn/gntdev/gntalloc as modules: the backend must
+  # finit_module() them itself (and mount devtmpfs) since nothing else runs here.
+  for m in xen-evtchn xen-gntdev xen-gntalloc; do copy_mod "$D" $m; done
+  mkdir -p "$D/var/lib/xvtpm"
+  echo vtpm-domain > "$D/etc/xvtpm-vtpmdom-kind"
+fi
+mkcpio "$D" "$IMG/vtpmdom.cpio.gz"
+
+### dom0 ###
+D=$B/dom0
+busybox_tree "$D"
+for b in xl xenstored xenconsoled xen-init-dom0 libxl-save-helper xenconsole xenstore-control; do
+  copy_bin "$D" "$XBIN/$b" /usr/lib/xen-4.17/bin/$b
+done
+# glibc dlopen()s libgcc_s (pthread_cancel; xl aborts without it), tctildr dlopen()s the TCTI
+tpm2_tools "$D"
+for b in "${!PBIN[@]}"; do copy_bin "$D" "${PBIN[$b]}" /usr/bin/$b strip; done
+for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm; do
+  copy_mod "$D" $m
+done
+mkdir -p "$D/etc/xen" "$D/guest" "$D/var/lib/xen" "$D/var/log/xen" "$D/var/lib/xvtpm"
+cp "$R/etc/xen/xl.conf" "$D/etc/xen/"
+install -m 0755 "$HERE/dom0-init.sh" "$D/init"
+install -m 0755 "$HERE/dom0-scenario.sh" "$D/scenario.sh"
+cp "$IMG/domu.cpio.gz" "$IMG/vtpmdom.cpio.gz" "$D/guest/"
+cat > "$D/etc/xvtpm-testbed.env" <<ENV
+profile=$PROFILE
+vtpmdom_kind=$(cat "$B/vtpmdom/etc/xvtpm-vtpmdom-kind")
+guest_kernel=$GUEST_KERNEL
+kver=$KVER
+ENV
+case $GUEST_KERNEL in
+  elf)     KIMG=/guest/vmlinux ;;   # raw vmlinux, appended uncompressed below
+  bzimage) KIMG=/guest/vmlinuz; cp "$CACHE/img/vmlinuz" "$D/guest/vmlinuz" ;;
+  *) die "XVTPM_GUEST_KERNEL must be elf or bzimage" ;;
+esac
+gen_cfg() {  # name ramdisk extra [more lines]
+  cat > "$D/etc/xen/$1.cfg" <<CFG
+name = "$1"
+type = "pv"
+kernel = "$KIMG"
+ramdisk = "/guest/$2"
+extra = "$3"
+memory = $GUEST_MEM
+vcpus = 1
+on_poweroff = "destroy"
+on_crash = "destroy"
+${4:-}
+CFG
+}
+gen_cfg guest1 domu.cpio.gz "console=hvc0 quiet role=plain"
+gen_cfg xvtpm-vtpmdom vtpmdom.cpio.gz "console=hvc0 quiet -- $VTPM_ARGS"
+gen_cfg guest-vtpm domu.cpio.gz "console=hvc0 quiet role=vtpm" 'vtpm = [ "backend=xvtpm-vtpmdom" ]'
+mkcpio "$D" "$B/dom0.cpio.gz"
+
+# The raw guest vmlinux (66 MB) goes in a second, uncompressed cpio segment
+# appended to the gzip one: Linux unpacks concatenated segments, and skipping
+# gunzip of 66 MB saves dom0 boot time under TCG.
+if [ "$GUEST_KERNEL" = elf ]; then
+  K=$B/guestkernel; rm -rf "$K"; mkdir -p "$K/guest"
+  off=$(perl -0777 -ne 'print index($_, "\xfd7zXZ\x00")' "$CACHE/img/vmlinuz")
+  [ "$off" -ge 0 ] || die "no xz payload in the bzImage"
+  tail -c +$((off+1)) "$CACHE/img/vmlinuz" | xz -dc 2>/dev/null > "$K/guest/vmlinux" || true  # trailing data after the stream
+  head -c 4 "$K/guest/vmlinux" | grep -q ELF || die "vmlinux extraction failed"
+  (cd "$K" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0) > "$B/guestkernel.cpio"
+  # pad the gzip segment to 4 bytes with zeros (the kernel skips zero padding)
+  cp "$B/dom0.cpio.gz" "$IMG/dom0.img"
+  pad=$(( (4 - $(stat -c %s "$IMG/dom0.img") % 4) % 4 )); head -c $pad /dev/zero >> "$IMG/dom0.img"
+  cat "$B/guestkernel.cpio" >> "$IMG/dom0.img"
+else
+  cp "$B/dom0.cpio.gz" "$IMG/dom0.img"
+fi
+ls -la "$IMG"
+du -sh "$B/dom0" "$B/domu" "$B/vtpmdom" | tr '\n' ' '; echo
+echo "build-images.sh: OK (profile=$PROFILE, vtpm domain=$(cat "$B/vtpmdom/etc/xvtpm-vtpmdom-kind"), guest kernel=$GUEST_KERNEL)"

@@ -1,0 +1,151 @@
+#!/bin/bash
+# Boot Xen 4.17 + dom0 in QEMU (TCG) with swtpm as the physical TPM and run the
+# dom0 scenario (dom0-scenario.sh).  Prints "PHASE <name> <seconds>" lines and
+# the scenario's RESULT lines; exits 0 only if the scenario passed.
+#
+#   ci/testbed/run.sh            # fetch (verify debs.lock) + build images + boot + scenario
+#
+# Env:
+#   XVTPM_TESTBED_BUDGET   whole-run budget in seconds (900)
+#   XVTPM_TESTBED_VTPM     1: run the vTPM-domain (tpmif backend) phase (0)
+#   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
+#   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
+#   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
+#   XVTPM_TESTBED_CPU      QEMU -cpu (qemu64; "max,-smap,-xsave" is ~20% faster, also clean)
+#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1024 / 512M
+#   XVTPM_TESTBED_STARTUP  swtpm --flags value (startup-clear)
+#   XVTPM_TESTBED_NICE     nice level for QEMU (10)
+#   XVTPM_OUT              output dir (ci/out); each run in $XVTPM_OUT/runs/<stamp>, ci/out/latest -> it
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+CI=$(dirname "$HERE")
+OUT=${XVTPM_OUT:-$CI/out}; CACHE=${XVTPM_CACHE:-$CI/cache}
+BUDGET=${XVTPM_TESTBED_BUDGET:-900}
+ACCEL=${XVTPM_TESTBED_ACCEL:-tcg}
+SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-1024}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-512M}
+NICE=${XVTPM_TESTBED_NICE:-10}
+case $ACCEL in
+  tcg) CPU=${XVTPM_TESTBED_CPU:-qemu64}; ACCEL_ARGS=(-accel tcg,thread=multi) ;;
+  kvm) CPU=${XVTPM_TESTBED_CPU:-host}; ACCEL_ARGS=(-accel kvm) ;;
+  *) echo "run.sh: XVTPM_TESTBED_ACCEL must be tcg or kvm" >&2; exit 2 ;;
+esac
+
+T_START=$(date +%s.%N)
+now() { awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
+remaining() { awk -v a="$T_START" -v b="$(date +%s.%N)" -v B="$BUDGET" 'BEGIN{r=B-(b-a); printf "%d", (r<0?0:r)}'; }
+phase() { echo "PHASE $1 $2"; echo "PHASE $1 $2" >> "$L/phases.txt"; }
+RUN_ID=$(date +%Y%m%d-%H%M%S)-$$
+L=$OUT/runs/$RUN_ID; mkdir -p "$L"; ln -sfn "runs/$RUN_ID" "$OUT/latest"
+echo "run.sh: logs in $L"
+
+SWTPM_PID=""; QEMU_PID=""
+cleanup() {
+  [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null
+  [ -n "$SWTPM_PID" ] && kill "$SWTPM_PID" 2>/dev/null
+  true
+}
+trap cleanup EXIT
+trap 'echo "run.sh: interrupted"; exit 130' INT TERM
+
+fail() {  # reason
+  echo "run.sh: FAIL: $*"
+  for f in "$L/serial.log" "$L/swtpm.log" "$L/qemu.stderr" "$L/build.log"; do
+    [ -s "$f" ] || continue
+    echo "===== last 100 lines of $f ====="; tail -n 100 "$f"
+  done
+  echo "TESTBED FAIL ($*) logs: $L"
+  exit 1
+}
+
+# ---- 1. inputs: pinned debs + images ----
+if [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
+  t=$(date +%s.%N)
+  timeout "$(remaining)" "$HERE/fetch.sh" > "$L/build.log" 2>&1 || fail "fetch.sh (debs.lock)"
+  phase fetch "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
+  t=$(date +%s.%N)
+  timeout "$(remaining)" "$HERE/build-images.sh" >> "$L/build.log" 2>&1 || fail "build-images.sh"
+  phase build-images "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
+  grep -E '^build-images.sh: (OK|note)' "$L/build.log"
+fi
+for f in "$CACHE/img/xen" "$CACHE/img/vmlinuz" "$OUT/img/dom0.img"; do [ -s "$f" ] || fail "missing $f"; done
+for c in qemu-system-x86_64 swtpm perl; do command -v $c >/dev/null || fail "$c not installed (fetch.sh installs it)"; done
+
+# ---- 2. swtpm = the host's physical TPM ----
+TPMDIR=$L/tpm; mkdir -p "$TPMDIR"
+swtpm socket --tpm2 --tpmstate dir="$TPMDIR" \
+  --ctrl type=unixio,path="$TPMDIR/swtpm-sock" \
+  --flags "${XVTPM_TESTBED_STARTUP:-startup-clear}" \
+  --log file="$L/swtpm.log",level=2 > "$L/swtpm.stdout" 2>&1 &
+SWTPM_PID=$!
+for i in $(seq 100); do [ -S "$TPMDIR/swtpm-sock" ] && break; kill -0 $SWTPM_PID 2>/dev/null || break; sleep 0.1; done
+[ -S "$TPMDIR/swtpm-sock" ] || fail "swtpm did not create its socket within 10 s"
+
+# ---- 3. QEMU: Xen (multiboot) + dom0 kernel + dom0 initramfs ----
+XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=$DOM0_MEM,max:$DOM0_MEM noreboot ${XVTPM_TESTBED_XEN_EXTRA:-}"
+# scenario switches ride on the dom0 command line (multiboot module: ',' must be ',,')
+DOM0_ARGS="console=hvc0 earlyprintk=xen xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-0} ${XVTPM_TESTBED_DOM0_EXTRA:-}"
+[ -n "${XVTPM_TESTBED_VTPM_READY:-}" ] && DOM0_ARGS="$DOM0_ARGS xvtpm_vtpm_ready=${XVTPM_TESTBED_VTPM_READY}"
+QEMU=(nice -n "$NICE" qemu-system-x86_64 "${ACCEL_ARGS[@]}" -cpu "$CPU" -smp "$SMP" -m "$MEM"
+      -display none -monitor none -serial stdio -no-reboot
+      -kernel "$CACHE/img/xen" -append "$XEN_ARGS"
+      -initrd "$CACHE/img/vmlinuz ${DOM0_ARGS//,/,,},$OUT/img/dom0.img"
+      -chardev socket,id=chrtpm,path="$TPMDIR/swtpm-sock"
+      -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0)
+printf '%q ' "${QEMU[@]}" > "$L/qemu-cmdline.txt"; echo >> "$L/qemu-cmdline.txt"
+REM=$(remaining); [ "$REM" -gt 30 ] || fail "budget exhausted before boot"
+export T0=$(date +%s.%N)
+timeout -k 5 "$REM" "${QEMU[@]}" < /dev/null 2> "$L/qemu.stderr" \
+  > >(perl -MTime::HiRes=time -e '$|=1; while(<STDIN>){ s/\r//g; printf "[%8.3f] %s", time-$ENV{T0}, $_ }' > "$L/serial.log") &
+QEMU_PID=$!
+touch "$L/serial.log"
+echo "run.sh: QEMU pid $QEMU_PID (cpu $CPU, smp $SMP, mem $MEM, dom0 $DOM0_MEM, budget left ${REM}s); serial: $L/serial.log"
+
+# ---- 4. watch the serial log ----
+status=""; done_at=""; last_marks=0
+CRASH='Hardware Dom0 crashed|Panic on CPU|Kernel panic|\(XEN\) \*\*\*\*\*\*\*\*|KVM internal error'
+while :; do
+  if ! kill -0 $QEMU_PID 2>/dev/null; then break; fi
+  if [ -z "$done_at" ]; then
+    if grep -q 'MARK TESTBED-DONE' "$L/serial.log"; then done_at=$(date +%s)
+    elif grep -qE "$CRASH" "$L/serial.log" "$L/qemu.stderr"; then status="crash: $(grep -m1 -hE "$CRASH" "$L/serial.log" "$L/qemu.stderr")"; sleep 3; break
+    fi
+    n=$(grep -c -E '^\[ *[0-9.]+\] (MARK|RESULT) ' "$L/serial.log")
+    if [ "$n" != "$last_marks" ]; then   # live progress
+      grep -E '^\[ *[0-9.]+\] (MARK|RESULT) ' "$L/serial.log" | tail -n +$((last_marks+1)) | sed 's/^/  /'; last_marks=$n
+    fi
+  elif [ $(( $(date +%s) - done_at )) -ge 30 ]; then
+    echo "run.sh: QEMU still running 30 s after TESTBED-DONE; stopping it"; break
+  fi
+  sleep 0.5
+done
+if kill -0 $QEMU_PID 2>/dev/null; then kill $QEMU_PID; sleep 1; fi
+wait $QEMU_PID; qrc=$?
+QEMU_PID=""
+T_END=$(date +%s.%N)
+kill $SWTPM_PID 2>/dev/null; wait $SWTPM_PID 2>/dev/null; SWTPM_PID=""
+sleep 0.2
+grep -E '^\[ *[0-9.]+\] (MARK|RESULT) ' "$L/serial.log" | tail -n +$((last_marks+1)) | sed 's/^/  /'
+
+# ---- 5. marks -> phase durations (host clock, from QEMU start) ----
+grep -E '^\[ *[0-9.]+\] MARK ' "$L/serial.log" | sed -E 's/^\[ *([0-9.]+)\] MARK ([^ ]+).*/\1 \2/' > "$L/marks.txt"
+prev=0; prevname=xen+dom0-kernel-boot
+while read -r ts name; do
+  case $name in
+    dom0-init) phase xen+dom0-kernel-boot "$(awk -v a=$prev -v b=$ts 'BEGIN{printf "%.1f", b-a}')" ;;
+    TESTBED-DONE) ;;
+    *) phase "$name" "$(awk -v a=$prev -v b=$ts 'BEGIN{printf "%.1f", b-a}')" ;;
+  esac
+  prev=$ts
+done < "$L/marks.txt"
+qemu_wall=$(awk -v a=$T0 -v b=$T_END 'BEGIN{printf "%.1f", b-a}')
+[ -n "$done_at" ] && phase poweroff "$(awk -v a=$prev -v b=$qemu_wall 'BEGIN{printf "%.1f", b-a}')"
+phase qemu-total "$qemu_wall"
+phase total "$(now)"
+grep -E '^\[ *[0-9.]+\] (RESULT|SUMMARY) ' "$L/serial.log" | sed -E 's/^\[ *[0-9.]+\] //' > "$L/results.txt"
+
+# ---- 6. verdict ----
+[ -n "$status" ] && fail "$status"
+grep -q 'MARK TESTBED-DONE' "$L/serial.log" || fail "no TESTBED-DONE within the budget (${BUDGET}s; qemu rc=$qrc)"
+grep -q 'MARK TESTBED-DONE.*result=PASS' "$L/serial.log" || { cat "$L/results.txt"; fail "scenario failed: $(grep SUMMARY "$L/results.txt")"; }
+cat "$L/results.txt"
+echo "TESTBED PASS (qemu rc=$qrc, total $(now) s) logs: $L"
