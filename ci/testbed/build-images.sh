@@ -1,8 +1,8 @@
 #!/bin/bash
 # Build the testbed's initramfs images from the unpacked .debs (fetch.sh) and
 # the project's binaries:
-#   $OUT/img/domu.cpio.gz     guest: busybox, tpm2-tools + libs, xenstore client, xen-tpmfront.ko
-#   $OUT/img/vtpmdom.cpio.gz  vTPM domain, unikernel-style: /init = vtpm-domain + its libs
+#   $OUT/img/domu.cpio.zst    guest: busybox, tpm2-tools + libs, xenstore client, xen-tpmfront.ko
+#   $OUT/img/vtpmdom.cpio.zst vTPM domain, unikernel-style: /init = vtpm-domain + its libs
 #                             (or a busybox placeholder backend, see XVTPM_VTPM_PLACEHOLDER)
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
 #                             Xen/TPM modules, /scenario.sh, the guest kernel + the two images above
@@ -14,14 +14,17 @@
 #      XVTPM_VTPM_PLACEHOLDER (auto|0|1; auto = placeholder only if vtpm-domain is missing),
 #      XVTPM_VTPM_DOMAIN_ARGS (vtpm-domain argv in the vTPM domain; default "--xen-backend"),
 #      XVTPM_GUEST_KERNEL (elf|bzimage; elf = raw vmlinux, ~5x faster xl create under TCG),
-#      XVTPM_GUEST_MEM (MiB, 96)
+#      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 128 / 128)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI=$(dirname "$HERE"); TOP=$(dirname "$CI")
 CACHE=${XVTPM_CACHE:-$CI/cache}; OUT=${XVTPM_OUT:-$CI/out}
 R=$CACHE/root
 TARGET=${CARGO_TARGET_DIR:-$TOP/target}
-GUEST_MEM=${XVTPM_GUEST_MEM:-96}      # 64 is too small for the Debian kernel (FINDINGS)
+# 64 MiB cannot hold the Debian kernel (FINDINGS); 96 MiB leaves ~49 MB MemTotal and the
+# guest initramfs (tpm2-tools + libcurl/gnutls/krb5 tail, 22 MB unpacked) OOMs while unpacking
+GUEST_MEM=${XVTPM_GUEST_MEM:-128}
+VTPMDOM_MEM=${XVTPM_VTPMDOM_MEM:-128}
 GUEST_KERNEL=${XVTPM_GUEST_KERNEL:-elf}
 VTPM_ARGS=${XVTPM_VTPM_DOMAIN_ARGS:---xen-backend}
 die() { echo "build-images.sh: ERROR: $*" >&2; exit 1; }
@@ -103,8 +106,11 @@ tpm2_tools() {  # tree
   for l in "$R"/usr/bin/tpm2_*; do ln -sf tpm2 "$T/usr/bin/$(basename "$l")"; done
   copy_dlopened "$T" libtss2-tcti-device.so.0 libgcc_s.so.1
 }
-mkcpio() {  # tree out
-  (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0 | gzip -6 -n) > "$2"
+mkcpio() {  # tree out [gzip|zstd]
+  # guest ramdisks use zstd: libxenguest gunzips a gzip ramdisk before loading it,
+  # and 21 MB unpacked does not fit next to the kernel in a 96 MiB PV guest
+  local comp="gzip -6 -n"; [ "${3:-gzip}" = zstd ] && comp="zstd -q -10 -T0 -c"
+  (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0 | $comp) > "$2"
 }
 
 # ---- project binaries ----
@@ -119,13 +125,22 @@ for b in vtpmmgr vtpm-domain xl-vtpm; do
   else echo "build-images.sh: note: $TARGET/$PROFILE/$b not built; the scenario will skip what needs it"; fi
 done
 
+# raw ELF vmlinux from the bzImage's xz payload (guest kernel; optional dom0 kernel)
+if [ ! -s "$CACHE/img/vmlinux" ] || [ "$CACHE/img/vmlinuz" -nt "$CACHE/img/vmlinux" ]; then
+  off=$(perl -0777 -ne 'print index($_, "\xfd7zXZ\x00")' "$CACHE/img/vmlinuz")
+  [ "$off" -ge 0 ] || die "no xz payload in the bzImage"
+  tail -c +$((off+1)) "$CACHE/img/vmlinuz" | xz -dc 2>/dev/null > "$CACHE/img/vmlinux.tmp" || true  # data after the stream
+  head -c 4 "$CACHE/img/vmlinux.tmp" | grep -q ELF || die "vmlinux extraction failed"
+  mv "$CACHE/img/vmlinux.tmp" "$CACHE/img/vmlinux"
+fi
+
 ### guest (domU) ###
 D=$B/domu
 busybox_tree "$D"
 tpm2_tools "$D"
 copy_mod "$D" xen-tpmfront
 install -m 0755 "$HERE/domu-init.sh" "$D/init"
-mkcpio "$D" "$IMG/domu.cpio.gz"
+mkcpio "$D" "$IMG/domu.cpio.zst" zstd
 
 ### vTPM domain (unikernel-style) ###
 D=$B/vtpmdom
@@ -148,7 +163,7 @@ else
   mkdir -p "$D/var/lib/xvtpm"
   echo vtpm-domain > "$D/etc/xvtpm-vtpmdom-kind"
 fi
-mkcpio "$D" "$IMG/vtpmdom.cpio.gz"
+mkcpio "$D" "$IMG/vtpmdom.cpio.zst" zstd
 
 ### dom0 ###
 D=$B/dom0
@@ -166,7 +181,7 @@ mkdir -p "$D/etc/xen" "$D/guest" "$D/var/lib/xen" "$D/var/log/xen" "$D/var/lib/x
 cp "$R/etc/xen/xl.conf" "$D/etc/xen/"
 install -m 0755 "$HERE/dom0-init.sh" "$D/init"
 install -m 0755 "$HERE/dom0-scenario.sh" "$D/scenario.sh"
-cp "$IMG/domu.cpio.gz" "$IMG/vtpmdom.cpio.gz" "$D/guest/"
+cp "$IMG/domu.cpio.zst" "$IMG/vtpmdom.cpio.zst" "$D/guest/"
 cat > "$D/etc/xvtpm-testbed.env" <<ENV
 profile=$PROFILE
 vtpmdom_kind=$(cat "$B/vtpmdom/etc/xvtpm-vtpmdom-kind")
@@ -178,23 +193,23 @@ case $GUEST_KERNEL in
   bzimage) KIMG=/guest/vmlinuz; cp "$CACHE/img/vmlinuz" "$D/guest/vmlinuz" ;;
   *) die "XVTPM_GUEST_KERNEL must be elf or bzimage" ;;
 esac
-gen_cfg() {  # name ramdisk extra [more lines]
+gen_cfg() {  # name ramdisk extra [more lines] [memory]
   cat > "$D/etc/xen/$1.cfg" <<CFG
 name = "$1"
 type = "pv"
 kernel = "$KIMG"
 ramdisk = "/guest/$2"
 extra = "$3"
-memory = $GUEST_MEM
+memory = ${5:-$GUEST_MEM}
 vcpus = 1
 on_poweroff = "destroy"
 on_crash = "destroy"
 ${4:-}
 CFG
 }
-gen_cfg guest1 domu.cpio.gz "console=hvc0 quiet role=plain"
-gen_cfg xvtpm-vtpmdom vtpmdom.cpio.gz "console=hvc0 quiet -- $VTPM_ARGS"
-gen_cfg guest-vtpm domu.cpio.gz "console=hvc0 quiet role=vtpm" 'vtpm = [ "backend=xvtpm-vtpmdom" ]'
+gen_cfg guest1 domu.cpio.zst "console=hvc0 quiet role=plain"
+gen_cfg xvtpm-vtpmdom vtpmdom.cpio.zst "console=hvc0 quiet -- $VTPM_ARGS" "" "$VTPMDOM_MEM"
+gen_cfg guest-vtpm domu.cpio.zst "console=hvc0 quiet role=vtpm" 'vtpm = [ "backend=xvtpm-vtpmdom" ]'
 mkcpio "$D" "$B/dom0.cpio.gz"
 
 # The raw guest vmlinux (66 MB) goes in a second, uncompressed cpio segment
@@ -202,10 +217,7 @@ mkcpio "$D" "$B/dom0.cpio.gz"
 # gunzip of 66 MB saves dom0 boot time under TCG.
 if [ "$GUEST_KERNEL" = elf ]; then
   K=$B/guestkernel; rm -rf "$K"; mkdir -p "$K/guest"
-  off=$(perl -0777 -ne 'print index($_, "\xfd7zXZ\x00")' "$CACHE/img/vmlinuz")
-  [ "$off" -ge 0 ] || die "no xz payload in the bzImage"
-  tail -c +$((off+1)) "$CACHE/img/vmlinuz" | xz -dc 2>/dev/null > "$K/guest/vmlinux" || true  # trailing data after the stream
-  head -c 4 "$K/guest/vmlinux" | grep -q ELF || die "vmlinux extraction failed"
+  ln "$CACHE/img/vmlinux" "$K/guest/vmlinux" 2>/dev/null || cp "$CACHE/img/vmlinux" "$K/guest/vmlinux"
   (cd "$K" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0) > "$B/guestkernel.cpio"
   # pad the gzip segment to 4 bytes with zeros (the kernel skips zero padding)
   cp "$B/dom0.cpio.gz" "$IMG/dom0.img"

@@ -19,8 +19,11 @@ result() {  # phase status reason...
   mark "$p"
 }
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -n1; }
-# wait_until SECONDS CMD...: poll every 0.2 s
-wait_until() { t=$1; shift; n=0; while ! "$@" >/dev/null 2>&1; do n=$((n+1)); [ $n -ge $((t*5)) ] && return 1; sleep 0.2; done; return 0; }
+# wait_until SECONDS CMD...: poll every 0.2 s until CMD succeeds; deadline on dom0 uptime
+wait_until() {
+  _end=$(( $(cut -d. -f1 /proc/uptime) + $1 )); shift
+  while ! "$@" >/dev/null 2>&1; do [ "$(cut -d. -f1 /proc/uptime)" -ge $_end ] && return 1; sleep 0.2; done
+}
 clog() { echo /var/log/xen/console/guest-$1.log; }
 console_has() { grep -qE "$2" "$(clog "$1")" 2>/dev/null; }
 show_console() { [ -f "$(clog "$1")" ] && sed -e 's/\r//' -e "s/^/[$1] /" "$(clog "$1")" | grep -v '^\[.*\] *$' | tail -n "${2:-40}"; }

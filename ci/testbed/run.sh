@@ -15,6 +15,7 @@
 #   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1024 / 512M
 #   XVTPM_TESTBED_STARTUP  swtpm --flags value (startup-clear)
 #   XVTPM_TESTBED_NICE     nice level for QEMU (10)
+#   XVTPM_TESTBED_DOM0_KERNEL  bzimage|elf: dom0 kernel as Debian's bzImage or the raw vmlinux (bzimage)
 #   XVTPM_OUT              output dir (ci/out); each run in $XVTPM_OUT/runs/<stamp>, ci/out/latest -> it
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -67,7 +68,8 @@ if [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
   phase build-images "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
   grep -E '^build-images.sh: (OK|note)' "$L/build.log"
 fi
-for f in "$CACHE/img/xen" "$CACHE/img/vmlinuz" "$OUT/img/dom0.img"; do [ -s "$f" ] || fail "missing $f"; done
+case ${XVTPM_TESTBED_DOM0_KERNEL:-bzimage} in elf) DOM0_K=$CACHE/img/vmlinux ;; *) DOM0_K=$CACHE/img/vmlinuz ;; esac
+for f in "$CACHE/img/xen" "$DOM0_K" "$OUT/img/dom0.img"; do [ -s "$f" ] || fail "missing $f"; done
 for c in qemu-system-x86_64 swtpm perl; do command -v $c >/dev/null || fail "$c not installed (fetch.sh installs it)"; done
 
 # ---- 2. swtpm = the host's physical TPM ----
@@ -75,7 +77,7 @@ TPMDIR=$L/tpm; mkdir -p "$TPMDIR"
 swtpm socket --tpm2 --tpmstate dir="$TPMDIR" \
   --ctrl type=unixio,path="$TPMDIR/swtpm-sock" \
   --flags "${XVTPM_TESTBED_STARTUP:-startup-clear}" \
-  --log file="$L/swtpm.log",level=2 > "$L/swtpm.stdout" 2>&1 &
+  --log file="$L/swtpm.log",level=1 > "$L/swtpm.stdout" 2>&1 &
 SWTPM_PID=$!
 for i in $(seq 100); do [ -S "$TPMDIR/swtpm-sock" ] && break; kill -0 $SWTPM_PID 2>/dev/null || break; sleep 0.1; done
 [ -S "$TPMDIR/swtpm-sock" ] || fail "swtpm did not create its socket within 10 s"
@@ -88,7 +90,7 @@ DOM0_ARGS="console=hvc0 earlyprintk=xen xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvt
 QEMU=(nice -n "$NICE" qemu-system-x86_64 "${ACCEL_ARGS[@]}" -cpu "$CPU" -smp "$SMP" -m "$MEM"
       -display none -monitor none -serial stdio -no-reboot
       -kernel "$CACHE/img/xen" -append "$XEN_ARGS"
-      -initrd "$CACHE/img/vmlinuz ${DOM0_ARGS//,/,,},$OUT/img/dom0.img"
+      -initrd "$DOM0_K ${DOM0_ARGS//,/,,},$OUT/img/dom0.img"
       -chardev socket,id=chrtpm,path="$TPMDIR/swtpm-sock"
       -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0)
 printf '%q ' "${QEMU[@]}" > "$L/qemu-cmdline.txt"; echo >> "$L/qemu-cmdline.txt"
@@ -102,7 +104,8 @@ echo "run.sh: QEMU pid $QEMU_PID (cpu $CPU, smp $SMP, mem $MEM, dom0 $DOM0_MEM, 
 
 # ---- 4. watch the serial log ----
 status=""; done_at=""; last_marks=0
-CRASH='Hardware Dom0 crashed|Panic on CPU|Kernel panic|\(XEN\) \*\*\*\*\*\*\*\*|KVM internal error'
+# Xen or dom0 dying (guest consoles are echoed with a "[name] " prefix and do not match)
+CRASH='^\[ *[0-9.]+\] (\(XEN\) .*(Hardware Dom0 crashed|Panic on CPU)|(\[ *[0-9.]+\] )?Kernel panic)|KVM internal error'
 while :; do
   if ! kill -0 $QEMU_PID 2>/dev/null; then break; fi
   if [ -z "$done_at" ]; then

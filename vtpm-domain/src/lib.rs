@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod deepquote;
 pub mod mgr_client;
 pub mod ratelimit;
 pub mod server;
@@ -81,7 +82,12 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
         println!("{ready}");
         use std::io::Write;
         std::io::stdout().flush().ok();
-        let shared = Rc::new(Shared { vtpm: std::cell::RefCell::new(vtpm), exit: tokio::sync::Notify::new() });
+        let shared = Rc::new(Shared {
+            vtpm: std::cell::RefCell::new(vtpm),
+            exit: tokio::sync::Notify::new(),
+            uuid: cfg.uuid,
+            mgr_socket: cfg.mgr_socket.clone(),
+        });
         let sig = shared.clone();
         tokio::task::spawn_local(async move {
             use tokio::signal::unix::{SignalKind, signal};

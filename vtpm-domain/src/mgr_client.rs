@@ -69,6 +69,7 @@ pub fn fetch_state_key(path: &Path, uuid: Uuid, wait: Duration) -> Result<Zeroiz
                 Ok(Zeroizing::new(arr))
             }
             VtpmReply::Error(f) => Err(KeyError::Refused(f)),
+            VtpmReply::DeepQuote { .. } => Err(KeyError::Protocol("unexpected deep-quote reply".into())),
         };
     }
 }

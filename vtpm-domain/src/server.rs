@@ -58,6 +58,34 @@ pub struct Shared {
     pub vtpm: RefCell<Vtpm>,
     /// Notified when the process should exit (CMD_SHUTDOWN, signals).
     pub exit: Notify,
+    /// This vTPM's UUID.
+    pub uuid: uuid::Uuid,
+    /// The manager's per-vTPM socket (for deep quotes).
+    pub mgr_socket: std::path::PathBuf,
+}
+
+/// Runs one command: a deep-quote vendor command goes to the manager
+/// (asynchronously: other clients keep being served meanwhile); everything
+/// else goes to the engine.
+pub async fn execute(shared: &Shared, packet: &[u8]) -> Vec<u8> {
+    let family = shared.vtpm.borrow().family();
+    let max = shared.vtpm.borrow().buffer_size() as usize;
+    let is_dq = family == tpm::Family::Tpm2
+        && tpm::parse_command(packet, family, max).map(|h| h.code) == Ok(vtpm_proto::deepquote_cmd::TPM2_CC_XVTPM_DEEP_QUOTE);
+    if !is_dq {
+        return shared.vtpm.borrow_mut().execute(packet);
+    }
+    match crate::deepquote::deep_quote(shared, packet).await {
+        Ok(bundle) => {
+            let rsp = vtpm_proto::deepquote_cmd::response(&bundle);
+            if rsp.len() > max {
+                guest_warn!(len = rsp.len(), max, "deep-quote evidence exceeds the buffer; select fewer PCRs");
+                return tpm::error_response(family, vtpm_proto::deepquote_cmd::rc::SIZE).to_vec();
+            }
+            rsp
+        }
+        Err(rc) => tpm::error_response(family, rc).to_vec(),
+    }
 }
 
 /// Bound listeners, ready to serve.
@@ -217,7 +245,7 @@ pub async fn serve_data<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: Rc<
                 };
                 packet.truncate(HEADER_LEN + body);
                 let complete = packet.len() == size;
-                let rsp = shared.vtpm.borrow_mut().execute(&packet);
+                let rsp = execute(&shared, &packet).await;
                 if !complete {
                     drain(&mut s).await;
                 }

@@ -148,7 +148,12 @@ impl Vtpm {
             };
             return tpm::error_response(family, rc).to_vec();
         };
-        let rsp = engine.process(packet);
+        let mut rsp = engine.process(packet);
+        if family == Family::Tpm2 {
+            if let Some(patched) = vtpm_proto::deepquote_cmd::patch_getcap_response(packet, &rsp) {
+                rsp = patched;
+            }
+        }
         match self.persist_if_dirty() {
             Ok(()) => rsp,
             Err(e) => {
@@ -229,8 +234,70 @@ impl Vtpm {
         vtpm_engine::read_ek_public(e).ok()
     }
 
+    /// Reads PCR values of one bank through the engine (TPM2_PCR_Read, which
+    /// returns at most 8 digests per call, so it loops). Errors are TPM
+    /// response codes to hand back to the guest.
+    pub fn read_pcrs(&mut self, alg: u16, pcrs: &[u8]) -> Result<Vec<Vec<u8>>, u32> {
+        let engine = self.engine.as_mut().ok_or(tpm::TPM2_RC_FAILURE)?;
+        let mut remaining: Vec<u8> = pcrs.to_vec();
+        let mut values: std::collections::BTreeMap<u8, Vec<u8>> = Default::default();
+        while !remaining.is_empty() {
+            let mut cmd = vec![0x80, 0x01, 0, 0, 0, 20, 0, 0, 0x01, 0x7E];
+            cmd.extend_from_slice(&vtpm_proto::deepquote_cmd::selection_bytes(alg, &remaining));
+            let rsp = engine.process(&cmd);
+            let rc = tpm::response_code(&rsp).unwrap_or(tpm::TPM2_RC_FAILURE);
+            if rc != 0 {
+                return Err(rc);
+            }
+            let (got, digests) = parse_pcr_read(&rsp).ok_or(tpm::TPM2_RC_FAILURE)?;
+            if got.is_empty() || got.len() != digests.len() {
+                // The bank is not allocated, or libtpms made no progress.
+                return Err(vtpm_proto::deepquote_cmd::rc::VPCRS);
+            }
+            for (p, d) in got.into_iter().zip(digests) {
+                remaining.retain(|x| *x != p);
+                values.insert(p, d);
+            }
+        }
+        Ok(pcrs.iter().map(|p| values.remove(p).unwrap_or_default()).collect())
+    }
+
     /// The state generation on disk.
     pub fn generation(&self) -> u64 {
         self.store.generation()
     }
+}
+
+/// Parses a TPM2_PCR_Read response: the returned PCR indices (one bank) and
+/// their digests, in order.
+fn parse_pcr_read(rsp: &[u8]) -> Option<(Vec<u8>, Vec<Vec<u8>>)> {
+    let mut at = 10 + 4; // header, pcrUpdateCounter
+    let be32 = |b: &[u8], at: usize| b.get(at..at + 4).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]));
+    let banks = be32(rsp, at)?;
+    at += 4;
+    let mut idx = vec![];
+    for _ in 0..banks.min(16) {
+        at += 2; // hash alg
+        let n = usize::from(*rsp.get(at)?);
+        at += 1;
+        let map = rsp.get(at..at + n)?;
+        at += n;
+        for (i, byte) in map.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    idx.push((i * 8 + bit) as u8);
+                }
+            }
+        }
+    }
+    let count = be32(rsp, at)? as usize;
+    at += 4;
+    let mut digests = Vec::with_capacity(count.min(24));
+    for _ in 0..count.min(24) {
+        let n = usize::from(u16::from_be_bytes(rsp.get(at..at + 2)?.try_into().ok()?));
+        at += 2;
+        digests.push(rsp.get(at..at + n)?.to_vec());
+        at += n;
+    }
+    Some((idx, digests))
 }

@@ -14,3 +14,4 @@ pub mod sealed;
 pub mod merkle;
 pub mod evidence;
 pub mod verify;
+pub mod deepquote_cmd;

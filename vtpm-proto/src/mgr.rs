@@ -147,6 +147,25 @@ pub enum VtpmRequest {
         /// The UUID the caller expects to be.
         uuid: Uuid,
     },
+    /// Asks for a deep quote. The manager puts the vTPM's UUID and group
+    /// into the leaf from its own records; only the vTPM's own readings
+    /// (vPCR values) and the guest's nonce and choices come from the caller.
+    DeepQuote {
+        /// The UUID the caller expects to be (checked like `GetStateKey`).
+        uuid: Uuid,
+        /// Guest nonce (≤ 64 bytes), hex.
+        nonce: String,
+        /// vPCR bank (TPM_ALG_ID).
+        vpcr_alg: u16,
+        /// vPCR indices.
+        vpcrs: Vec<u8>,
+        /// vPCR values read by the vTPM, hex, in `vpcrs` order.
+        vpcr_values: Vec<String>,
+        /// Host PCR indices (SHA-256 bank) to quote.
+        host_pcrs: Vec<u8>,
+        /// Flags bound into the leaf.
+        flags: u32,
+    },
 }
 
 /// The manager's answer on a per-vTPM socket.
@@ -159,6 +178,11 @@ pub enum VtpmReply {
         key: SecretBytes,
         /// The vTPM's group.
         group: Uuid,
+    },
+    /// A deep-quote evidence bundle (docs/deep-quote.md), hex.
+    DeepQuote {
+        /// The encoded bundle.
+        bundle: String,
     },
     /// Refused or failed.
     Error(Failure),
@@ -211,6 +235,15 @@ pub struct StatusInfo {
     pub vtpms: usize,
     /// Manager version.
     pub version: String,
+    /// Deep-quote requests answered since start.
+    #[serde(default)]
+    pub deep_quotes: u64,
+    /// Physical TPM2_Quote operations since start.
+    #[serde(default)]
+    pub physical_quotes: u64,
+    /// Whether deep-quote batching is on.
+    #[serde(default)]
+    pub batching: bool,
 }
 
 /// What an administrator may ask on the root-only admin socket.

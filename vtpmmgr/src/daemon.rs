@@ -16,11 +16,16 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
 
+use vtpm_proto::evidence::VpcrSelection;
+
+use crate::deepquote::{self, Batcher};
 use crate::manager::Manager;
 
-type Shared = Arc<Mutex<Manager>>;
+/// The manager shared between socket tasks.
+pub type Shared = Arc<Mutex<Manager>>;
 
-fn lock(m: &Shared) -> std::sync::MutexGuard<'_, Manager> {
+/// Locks the manager, recovering from a poisoned lock.
+pub fn lock(m: &Shared) -> std::sync::MutexGuard<'_, Manager> {
     // A panic while holding the lock must not take the whole manager down.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -56,6 +61,7 @@ fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 /// Keeps one listener per served vTPM in step with the store.
 struct VtpmSockets {
     tasks: HashMap<Uuid, JoinHandle<()>>,
+    batcher: Batcher,
 }
 
 impl VtpmSockets {
@@ -80,7 +86,7 @@ impl VtpmSockets {
             match bind(&path, 0o600) {
                 Ok(l) => {
                     let m = mgr.clone();
-                    self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, m)));
+                    self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, m, self.batcher.clone())));
                 }
                 Err(e) => error!(vtpm = %uuid, error = %e, path = %path.display(), "cannot bind the vTPM socket"),
             }
@@ -88,15 +94,17 @@ impl VtpmSockets {
     }
 }
 
-async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared) {
+async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared, batcher: Batcher) {
     loop {
         let Ok((mut s, _)) = l.accept().await else { continue };
         let m = mgr.clone();
+        let b = batcher.clone();
         tokio::spawn(async move {
             let pid = s.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
             while let Ok(Some(body)) = read_frame(&mut s).await {
                 let reply = match mgr::decode::<VtpmRequest>(&body) {
-                    Ok(req) => lock(&m).vtpm_request(uuid, pid, req),
+                    Ok(VtpmRequest::GetStateKey { version, uuid: claimed }) => lock(&m).state_key(uuid, pid, version, claimed),
+                    Ok(req @ VtpmRequest::DeepQuote { .. }) => deep_quote(&m, &b, uuid, pid, req).await,
                     Err(e) => VtpmReply::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
                 };
                 if write_msg(&mut s, &reply).await.is_err() {
@@ -107,14 +115,49 @@ async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared) {
     }
 }
 
+async fn deep_quote(m: &Shared, b: &Batcher, socket_uuid: Uuid, pid: Option<u32>, req: VtpmRequest) -> VtpmReply {
+    let VtpmRequest::DeepQuote { uuid, nonce, vpcr_alg, vpcrs, vpcr_values, host_pcrs, flags } = req else {
+        return VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "not a deep-quote request"));
+    };
+    let group = match lock(m).authorize(socket_uuid, pid, uuid) {
+        Ok(g) => g,
+        Err(f) => return VtpmReply::Error(f),
+    };
+    let bad = |what: &str| VtpmReply::Error(Failure::new(ErrorCode::BadRequest, format!("deep-quote {what} is not hex")));
+    let Ok(nonce) = hex::decode(&nonce) else { return bad("nonce") };
+    let Ok(values) = vpcr_values.iter().map(hex::decode).collect::<Result<Vec<_>, _>>() else { return bad("vPCR value") };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let r = deepquote::Request {
+        vtpm: socket_uuid,
+        group,
+        vpcrs: VpcrSelection { hash_alg: vpcr_alg, pcrs: vpcrs },
+        vpcr_values: values,
+        nonce,
+        flags,
+        host_pcrs,
+        reply: tx,
+    };
+    if let Err(f) = b.submit(r) {
+        return VtpmReply::Error(f);
+    }
+    match rx.await {
+        Ok(Ok(bundle)) => VtpmReply::DeepQuote { bundle: hex::encode(bundle) },
+        Ok(Err(f)) => VtpmReply::Error(f),
+        Err(_) => VtpmReply::Error(Failure::new(ErrorCode::Internal, "deep-quote batcher dropped the request")),
+    }
+}
+
 /// Runs the manager until SIGTERM/SIGINT.
 pub async fn serve(mgr: Manager) -> std::io::Result<()> {
     let admin_path = mgr.config().admin_socket();
     let run_dir = mgr.config().run_dir.clone();
     std::fs::create_dir_all(&run_dir)?;
     let admin = bind(&admin_path, 0o600)?;
+    let batch = mgr.config().batch;
+    let stats = mgr.stats();
     let shared: Shared = Arc::new(Mutex::new(mgr));
-    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new() }));
+    let batcher = Batcher::spawn(shared.clone(), batch, stats);
+    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), batcher }));
     sockets.lock().await.reconcile(&shared);
     info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.

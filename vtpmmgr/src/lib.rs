@@ -8,6 +8,7 @@
 //! unseal (the host's PCRs are not the approved ones).
 
 pub mod daemon;
+pub mod deepquote;
 pub mod hwtpm;
 pub mod manager;
 pub mod store;

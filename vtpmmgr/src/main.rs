@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use vtpmmgr::deepquote::BatchConfig;
 use vtpmmgr::manager::{Config, Manager};
 
 /// The xvtpm manager: owns the physical TPM, seals the vTPMs' keys to the
@@ -26,7 +27,17 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve vTPMs and the admin socket (provision through `xl-vtpm mgr provision`).
-    Serve,
+    Serve {
+        /// Most deep-quote requests one physical quote covers.
+        #[arg(long, default_value_t = 1024)]
+        batch_max: usize,
+        /// One physical quote per deep-quote request (for comparison).
+        #[arg(long)]
+        no_batching: bool,
+        /// Most deep-quote requests waiting; beyond it callers get "busy, retry".
+        #[arg(long, default_value_t = 4096)]
+        queue_max: usize,
+    },
     /// After an intended host upgrade: authorise the current PCR values with the
     /// admin's policy-signing key so the master secret unseals again.
     Reauthorize {
@@ -43,9 +54,12 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info".into()))
         .init();
-    let cfg = Config { tcti: args.tcti, state_dir: args.state_dir, run_dir: args.run_dir };
+    let mut cfg = Config { tcti: args.tcti, state_dir: args.state_dir, run_dir: args.run_dir, batch: Default::default() };
     let result = match args.cmd {
-        Cmd::Serve => serve(cfg),
+        Cmd::Serve { batch_max, no_batching, queue_max } => {
+            cfg.batch = BatchConfig { max_batch: if no_batching { 1 } else { batch_max.max(1) }, max_queue: queue_max.max(1) };
+            serve(cfg)
+        }
         Cmd::Reauthorize { policy_key } => vtpmmgr::reauthorize(&cfg, &policy_key),
     };
     if let Err(e) = result {

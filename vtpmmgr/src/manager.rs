@@ -17,7 +17,7 @@ use sha2::Sha256;
 use tracing::{info, warn};
 use uuid::Uuid;
 use vtpm_proto::mgr::{
-    AdminReply, AdminRequest, ErrorCode, Failure, GroupInfo, SecretBytes, StatusInfo, VtpmInfo, VtpmReply, VtpmRequest,
+    AdminReply, AdminRequest, ErrorCode, Failure, GroupInfo, SecretBytes, StatusInfo, VtpmInfo, VtpmReply,
     PROTOCOL_VERSION,
 };
 use zeroize::Zeroizing;
@@ -37,6 +37,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Runtime directory (sockets).
     pub run_dir: PathBuf,
+    /// Deep-quote batching.
+    pub batch: crate::deepquote::BatchConfig,
 }
 
 impl Config {
@@ -90,6 +92,7 @@ pub struct Manager {
     master: Option<MasterSecret>,
     attached: HashMap<Uuid, u32>,
     software_tpm: bool,
+    stats: std::sync::Arc<crate::deepquote::Stats>,
 }
 
 fn now() -> u64 {
@@ -124,7 +127,7 @@ impl Manager {
         if master.is_none() {
             warn!("manager is not provisioned; it serves no vTPM until `xl-vtpm mgr provision`");
         }
-        Ok(Manager { cfg, hw, store, master, attached: HashMap::new(), software_tpm })
+        Ok(Manager { cfg, hw, store, master, attached: HashMap::new(), software_tpm, stats: Default::default() })
     }
 
     /// The configuration.
@@ -153,40 +156,61 @@ impl Manager {
         Some(okm)
     }
 
-    /// Answers a request that arrived on vTPM `socket_uuid`'s own socket from
-    /// process `peer_pid`.
-    pub fn vtpm_request(&self, socket_uuid: Uuid, peer_pid: Option<u32>, req: VtpmRequest) -> VtpmReply {
-        let refuse = |code, msg: String| VtpmReply::Error(Failure::new(code, msg));
-        match req {
-            VtpmRequest::GetStateKey { version, uuid } => {
-                if version != PROTOCOL_VERSION {
-                    return refuse(ErrorCode::BadRequest, format!("protocol version {version} not supported (manager speaks {PROTOCOL_VERSION})"));
-                }
-                if uuid != socket_uuid {
-                    warn!(socket = %socket_uuid, claimed = %uuid, pid = ?peer_pid, "refused state key: caller claimed another vTPM's UUID");
-                    return refuse(ErrorCode::Refused, format!("this socket serves vTPM {socket_uuid}, not {uuid}"));
-                }
-                let Some(entry) = self.store.vtpm(&socket_uuid) else {
-                    return refuse(ErrorCode::NotFound, format!("vTPM {socket_uuid} does not exist"));
-                };
-                // A dead attached process is no attachment: its successor may
-                // ask before xl-vtpm has attached it, and should retry.
-                let Some(expected) = self.attached.get(&socket_uuid).copied().filter(|p| pid_alive(*p)) else {
-                    return refuse(ErrorCode::NotAttached, format!("no process is attached to vTPM {socket_uuid} yet (xl-vtpm attaches it after spawning)"));
-                };
-                if peer_pid != Some(expected) {
-                    warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected, "refused state key: caller is not the attached process");
-                    return refuse(ErrorCode::Refused, format!("process {peer_pid:?} is not the process attached to vTPM {socket_uuid}"));
-                }
-                match self.derive_key(&socket_uuid) {
-                    Some(k) => {
-                        info!(vtpm = %socket_uuid, pid = expected, "released state key");
-                        VtpmReply::StateKey { key: SecretBytes(k), group: entry.group }
-                    }
-                    None => refuse(ErrorCode::NotProvisioned, "the manager is not provisioned".into()),
-                }
-            }
+    /// Decides whether the peer on vTPM `socket_uuid`'s own socket, process
+    /// `peer_pid`, which believes it is `claimed`, is that vTPM's process.
+    /// Returns the vTPM's group.
+    pub fn authorize(&self, socket_uuid: Uuid, peer_pid: Option<u32>, claimed: Uuid) -> Result<Uuid, Failure> {
+        if claimed != socket_uuid {
+            warn!(socket = %socket_uuid, claimed = %claimed, pid = ?peer_pid, "refused state key: caller claimed another vTPM's UUID");
+            return Err(Failure::new(ErrorCode::Refused, format!("this socket serves vTPM {socket_uuid}, not {claimed}")));
         }
+        let Some(entry) = self.store.vtpm(&socket_uuid) else {
+            return Err(Failure::new(ErrorCode::NotFound, format!("vTPM {socket_uuid} does not exist")));
+        };
+        // A dead attached process is no attachment: its successor may
+        // ask before xl-vtpm has attached it, and should retry.
+        let Some(expected) = self.attached.get(&socket_uuid).copied().filter(|p| pid_alive(*p)) else {
+            return Err(Failure::new(ErrorCode::NotAttached, format!("no process is attached to vTPM {socket_uuid} yet (xl-vtpm attaches it after spawning)")));
+        };
+        if peer_pid != Some(expected) {
+            warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected, "refused state key: caller is not the attached process");
+            return Err(Failure::new(ErrorCode::Refused, format!("process {peer_pid:?} is not the process attached to vTPM {socket_uuid}")));
+        }
+        if self.master.is_none() {
+            return Err(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned"));
+        }
+        Ok(entry.group)
+    }
+
+    /// Answers a `GetStateKey` that arrived on vTPM `socket_uuid`'s own
+    /// socket from process `peer_pid`.
+    pub fn state_key(&self, socket_uuid: Uuid, peer_pid: Option<u32>, version: u32, claimed: Uuid) -> VtpmReply {
+        if version != PROTOCOL_VERSION {
+            return VtpmReply::Error(Failure::new(ErrorCode::BadRequest, format!("protocol version {version} not supported (manager speaks {PROTOCOL_VERSION})")));
+        }
+        match self.authorize(socket_uuid, peer_pid, claimed) {
+            Ok(group) => match self.derive_key(&socket_uuid) {
+                Some(key) => {
+                    info!(vtpm = %socket_uuid, pid = ?peer_pid, "released state key");
+                    VtpmReply::StateKey { key: SecretBytes(key), group }
+                }
+                None => VtpmReply::Error(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned")),
+            },
+            Err(f) => VtpmReply::Error(f),
+        }
+    }
+
+    /// Quotes the host PCRs `pcrs` with group `group`'s AK over `root`.
+    /// Returns the quote and the AK's TPMT_PUBLIC.
+    pub fn quote_root(&mut self, group: Uuid, root: &[u8; 32], pcrs: &[u8]) -> Result<(crate::hwtpm::QuoteOut, Vec<u8>), Failure> {
+        let g = self.store.groups.iter().find(|g| g.uuid == group).cloned().ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("group {group} does not exist")))?;
+        let q = self.hw.quote(&g.ak, root, pcrs).map_err(|e| Failure::new(ErrorCode::Tpm, format!("TPM2_Quote: {e}")))?;
+        Ok((q, g.ak.public))
+    }
+
+    /// Shared deep-quote counters.
+    pub fn stats(&self) -> std::sync::Arc<crate::deepquote::Stats> {
+        self.stats.clone()
     }
 
     fn group_info(&self, g: &Group) -> GroupInfo {
@@ -222,6 +246,9 @@ impl Manager {
             groups: self.store.groups.len(),
             vtpms: self.store.vtpms.len(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            deep_quotes: self.stats.answered.load(std::sync::atomic::Ordering::Relaxed),
+            physical_quotes: self.stats.physical_quotes.load(std::sync::atomic::Ordering::Relaxed),
+            batching: self.cfg.batch.max_batch > 1,
         }
     }
 

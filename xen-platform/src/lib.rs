@@ -1,1 +1,51 @@
-//! (placeholder while the crate is being written)
+//! Xen platform layer for xvtpm: how a Xen guest's TPM requests reach a vTPM.
+//!
+//! - [`ids`]: `DomId`, `GrantRef`, `EvtchnPort`, `DevId`, `XenbusState`, with strict parsers for
+//!   (untrusted) xenstore values.
+//! - [`tpmif`]: the tpmif v2 shared page exactly as Linux `xen-tpmfront` speaks it, accessed
+//!   only by volatile copies ([`tpmif::SharedPage`]), and [`tpmif::backend_step`].
+//! - [`xenbus`]: the backend state machine for tpmif devices over the [`xenstore::Xenstore`] and
+//!   [`xenbus::Transport`] traits (InitWait → Connected, Closed → InitWait, detach, guest gone).
+//! - [`xenstore`]: the xenstore trait, the coalescing watch queue, and [`xenstore::XsClient`]
+//!   (xenstore-rs 0.8.0).
+//! - [`xen`]: libxenevtchn / libxengnttab bindings (bindgen) and the production transport. The
+//!   only module with `unsafe`.
+//! - `fake` (feature `test-utils`): in-memory xenstore and transport.
+//!
+//! Nothing in this crate knows what the TPM commands mean: the vTPM engine plugs in as the
+//! handler closure of [`tpmif::backend_step`] / [`xenbus::Backend::service`].
+//!
+//! ```no_run
+//! # async fn run(mut engine: impl FnMut(&[u8]) -> Vec<u8>) -> Result<(), Box<dyn std::error::Error>> {
+//! use xen_platform::{xen::XenTransport, xenbus::{Activity, Backend}, xenstore::XsClient};
+//! let (xs, mut events) = XsClient::open().await?;
+//! let mut backend = Backend::new(xs, XenTransport::open()?, "backend/vtpm");
+//! backend.start().await?;
+//! loop {
+//!     match backend.next(&mut events).await {
+//!         Activity::Guest(key) => {
+//!             let _ = backend.service(key, &mut |cmd, _locality| engine(cmd))?;
+//!         }
+//!         Activity::Xenstore(device_events) => { /* log them */ }
+//!         Activity::GuestError(key, e) => { /* log; the device stays until xenstore says */ }
+//!         Activity::XenstoreClosed => break,
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
+pub mod ids;
+pub mod tpmif;
+pub mod xen;
+pub mod xenbus;
+pub mod xenstore;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fake;
+
+pub use ids::{DevId, DomId, EvtchnPort, GrantRef, ParseError, XenbusState};

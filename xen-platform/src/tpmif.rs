@@ -762,7 +762,7 @@ mod tests {
                 4 => (rng.next() % 3) as u8 * 2, // IDLE or FINISH (or 4)
                 _ => rng.next() as u8,
             };
-            if rng.next() % 4 != 0 {
+            if !rng.next().is_multiple_of(4) {
                 data[OFFSET_NR_EXTRA_PAGES] = 0;
             }
             let resp_len: u16 = match rng.next() % 5 {

@@ -20,7 +20,9 @@
 //!
 //! Values from the frontend directory are guest-controlled: bad ones produce a
 //! [`BackendEvent::Error`] naming the key and value and leave the device in InitWait, so a
-//! well-behaved frontend can still retry; nothing panics.
+//! well-behaved frontend can still retry; nothing panics. A device reports the same error only
+//! once until a pass succeeds or the error changes, so a guest rewriting its directory in a loop
+//! cannot turn into a log flood.
 
 use std::collections::BTreeMap;
 use std::future::{Future, poll_fn};
@@ -231,6 +233,8 @@ pub struct TpmifDevice<C> {
     seen_frontend: bool,
     /// A step is due without an event (right after connecting: a request may be waiting).
     kick: bool,
+    /// The last error reported, to report each distinct failure once.
+    last_error: Option<String>,
 }
 
 impl<C: Connection> TpmifDevice<C> {
@@ -426,14 +430,23 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         }
         let Some(dev) = self.devices.get_mut(&key) else { return events };
         let mut gone = false;
-        if let Err(error) = drive(&self.xs, &mut self.transport, dev, &mut events, &mut gone).await {
-            events.push(BackendEvent::Error { key: Some(key), error });
+        match drive(&self.xs, &mut self.transport, dev, &mut events, &mut gone).await {
+            Ok(()) => dev.last_error = None,
+            Err(error) => {
+                // Report a given failure once until something changes: the guest can trigger
+                // a re-read (and thus the same error) with every write to its directory.
+                let text = error.to_string();
+                if dev.last_error.as_deref() != Some(text.as_str()) {
+                    dev.last_error = Some(text);
+                    events.push(BackendEvent::Error { key: Some(key), error });
+                }
+            }
         }
         if gone {
-            if let Some(dev) = self.devices.remove(&key) {
-                if let Err(error) = self.xs.unwatch(&dev.frontend_path).await {
-                    events.push(BackendEvent::Error { key: Some(key), error: error.into() });
-                }
+            if let Some(dev) = self.devices.remove(&key)
+                && let Err(error) = self.xs.unwatch(&dev.frontend_path).await
+            {
+                events.push(BackendEvent::Error { key: Some(key), error: error.into() });
             }
             events.push(BackendEvent::Gone { key });
         }
@@ -474,6 +487,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             written: XenbusState::InitWait,
             seen_frontend: false,
             kick: false,
+            last_error: None,
         }))
     }
 
@@ -668,3 +682,7 @@ async fn connect<X: Xenstore, T: Transport>(
     let port = EvtchnPort::parse(&port_key, &read_required(xs, &port_key).await?)?;
     Ok(transport.connect(dev.key.frontend, ring_ref, port)?)
 }
+
+#[cfg(test)]
+#[path = "xenbus_tests.rs"]
+mod tests;

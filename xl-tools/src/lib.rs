@@ -7,4 +7,5 @@
 
 pub mod admin;
 pub mod exit;
+pub mod guest;
 pub mod local;

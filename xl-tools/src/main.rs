@@ -8,10 +8,12 @@ use clap::{Parser, Subcommand};
 use vtpm_proto::mgr::{AdminReply, AdminRequest, GroupInfo, StatusInfo};
 use xl_tools::admin::Admin;
 use xl_tools::exit::{self, CliError};
+use xl_tools::guest;
 use xl_tools::local::{self, Local, Row};
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 bad usage, 3 manager unreachable, \
-4 manager not provisioned, 5 no such vTPM or group, 6 refused (confirmation needed, exists, not permitted).";
+4 manager not provisioned, 5 no such vTPM or group, 6 refused (confirmation needed, exists, not permitted), \
+7 evidence did not verify.";
 
 /// Create, run and destroy vTPMs; administer vtpmmgr.
 #[derive(Parser, Debug)]
@@ -41,6 +43,55 @@ enum Cmd {
     /// Local vTPMs (processes on this host speaking swtpm's protocol).
     #[command(subcommand)]
     Vtpm(VtpmCmd),
+    /// Commands run inside a guest (or against any vTPM).
+    #[command(subcommand)]
+    Guest(GuestCmd),
+    /// Verify a deep-quote evidence bundle offline (exit 0 only if everything verified).
+    Verify {
+        /// The bundle file.
+        file: PathBuf,
+        /// The nonce you sent, hex.
+        #[arg(long)]
+        nonce: String,
+        /// The group's attestation key (TPMT_PUBLIC, raw or hex), obtained out of band
+        /// (`xl-vtpm mgr group ak <group> --out FILE`).
+        #[arg(long)]
+        ak: PathBuf,
+        /// Required host PCR values: JSON {"0": "hex", ...} (SHA-256).
+        #[arg(long)]
+        host_pcrs_policy: Option<PathBuf>,
+        /// Required vPCR values: JSON {"hash_alg": "sha256", "pcrs": {"0": "hex"}}.
+        #[arg(long)]
+        vpcrs_policy: Option<PathBuf>,
+        /// Required vTPM UUID.
+        #[arg(long)]
+        vtpm: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GuestCmd {
+    /// Ask the vTPM for a deep quote and write the evidence bundle.
+    DeepQuote {
+        /// Fresh nonce from the verifier, hex (≤ 64 bytes).
+        #[arg(long)]
+        nonce: String,
+        /// vPCRs to include (SHA-256 bank).
+        #[arg(long, default_value = "0-7")]
+        vpcrs: String,
+        /// Host PCRs the physical quote covers (SHA-256 bank).
+        #[arg(long, default_value = "0-7")]
+        host_pcrs: String,
+        /// Flags bound into the evidence.
+        #[arg(long, default_value_t = 0)]
+        flags: u32,
+        /// The vTPM: swtpm:host=H,port=P, device:/dev/tpm0 or a device path.
+        #[arg(long, env = "TPM2TOOLS_TCTI", default_value = "device:/dev/tpm0")]
+        tcti: String,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,6 +122,14 @@ enum GroupCmd {
     },
     /// List groups.
     List,
+    /// Write a group's attestation key (TPMT_PUBLIC) for verifiers.
+    Ak {
+        /// Name or UUID.
+        group: String,
+        /// Output file (raw TPMT_PUBLIC bytes).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Delete an empty group.
     Del {
         /// Name or UUID.
@@ -135,7 +194,11 @@ fn main() {
         Ok(()) => {}
         Err(e) => {
             if json {
-                println!("{}", serde_json::json!({"error": e.message, "exit_code": e.code}));
+                let mut v = serde_json::json!({"error": e.message, "exit_code": e.code});
+                if e.code == guest::NOT_VERIFIED {
+                    v["verified"] = false.into();
+                }
+                println!("{v}");
             } else {
                 eprintln!("xl-vtpm: error: {}", e.message);
             }
@@ -160,27 +223,6 @@ fn confirm(yes: bool, what: &str) -> Result<(), CliError> {
     } else {
         Err(CliError::new(exit::REFUSED, format!("{what}: not confirmed")))
     }
-}
-
-/// Parses "0,2,4,7" or "0-7,16" into PCR indices.
-fn parse_pcrs(s: &str) -> Result<Vec<u8>, CliError> {
-    let bad = |part: &str| CliError::new(exit::USAGE, format!("--pcrs {s:?}: {part:?} is not a PCR index or range 0..=23 (e.g. 0,2,4,7 or 0-7)"));
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let a: u8 = a.trim().parse().map_err(|_| bad(part))?;
-        let b: u8 = b.trim().parse().map_err(|_| bad(part))?;
-        if a > b || b > 23 {
-            return Err(bad(part));
-        }
-        out.extend(a..=b);
-    }
-    out.sort_unstable();
-    out.dedup();
-    if out.is_empty() {
-        return Err(CliError::new(exit::USAGE, "--pcrs: give at least one PCR (e.g. 0,2,4,7)"));
-    }
-    Ok(out)
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -239,10 +281,18 @@ fn run(args: Args) -> Result<(), CliError> {
         run_dir: args.run_dir.clone(),
         vtpm_domain: vtpm_domain_path(args.vtpm_domain.clone()),
     };
+    let cmd = match args.cmd {
+        Cmd::Guest(g) => return run_guest(g, json),
+        Cmd::Verify { file, nonce, ak, host_pcrs_policy, vpcrs_policy, vtpm } => {
+            return run_verify(&file, &nonce, &ak, host_pcrs_policy.as_deref(), vpcrs_policy.as_deref(), vtpm.as_deref(), json);
+        }
+        other => other,
+    };
     let mut admin = Admin::connect(&args.run_dir)?;
-    match args.cmd {
+    match cmd {
+        Cmd::Guest(_) | Cmd::Verify { .. } => unreachable!("handled above"),
         Cmd::Mgr(MgrCmd::Provision { pcrs, yes }) => {
-            let pcrs = parse_pcrs(&pcrs)?;
+            let pcrs = guest::parse_pcr_list(&pcrs, "--pcrs")?;
             confirm(yes, &format!("Provision the manager, sealing its master secret to the current values of PCRs {pcrs:?}"))?;
             if let AdminReply::Status(s) = admin.call(&AdminRequest::Provision { pcrs })? {
                 print_status(&s, json);
@@ -261,6 +311,20 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Mgr(MgrCmd::Group(GroupCmd::List)) => {
             if let AdminReply::Groups { groups } = admin.call(&AdminRequest::GroupList)? {
                 print_groups(&groups, json);
+            }
+        }
+        Cmd::Mgr(MgrCmd::Group(GroupCmd::Ak { group, out })) => {
+            let AdminReply::Groups { groups } = admin.call(&AdminRequest::GroupList)? else {
+                return Err(CliError::new(exit::FAILURE, "unexpected reply"));
+            };
+            let g = groups
+                .iter()
+                .find(|g| g.name == group || g.uuid.to_string() == group)
+                .ok_or_else(|| CliError::new(exit::NOT_FOUND, format!("no group {group:?}; see `xl-vtpm mgr group list`")))?;
+            let bytes = guest::parse_hex(&g.ak_public, "ak_public")?;
+            std::fs::write(&out, &bytes).map_err(|e| CliError::new(exit::FAILURE, format!("--out {}: {e}", out.display())))?;
+            if json {
+                print_json(&serde_json::json!({"group": g.uuid, "ak_public": g.ak_public, "out": out}));
             }
         }
         Cmd::Mgr(MgrCmd::Group(GroupCmd::Del { group, yes })) => {
@@ -325,18 +389,62 @@ fn run(args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
 
-    #[test]
-    fn pcr_lists() {
-        assert_eq!(parse_pcrs("0,2,4,7").unwrap(), vec![0, 2, 4, 7]);
-        assert_eq!(parse_pcrs("0-3, 2,16").unwrap(), vec![0, 1, 2, 3, 16]);
-        for bad in ["", "24", "a", "3-1", "0-24", "-1", "1,,x"] {
-            let e = parse_pcrs(bad).unwrap_err();
-            assert_eq!(e.code, exit::USAGE, "{bad}");
-            assert!(e.message.contains("--pcrs"), "{}", e.message);
+fn run_guest(cmd: GuestCmd, json: bool) -> Result<(), CliError> {
+    match cmd {
+        GuestCmd::DeepQuote { nonce, vpcrs, host_pcrs, flags, tcti, out } => {
+            let nonce = guest::parse_hex(&nonce, "--nonce")?;
+            if nonce.len() > 64 {
+                return Err(CliError::new(exit::USAGE, format!("--nonce: {} bytes; at most 64", nonce.len())));
+            }
+            let cmd = vtpm_proto::deepquote_cmd::DeepQuoteCommand {
+                nonce,
+                vpcr_alg: vtpm_proto::evidence::TPM_ALG_SHA256,
+                vpcrs: guest::parse_pcr_list(&vpcrs, "--vpcrs")?,
+                host_pcrs: guest::parse_pcr_list(&host_pcrs, "--host-pcrs")?,
+                flags,
+            };
+            let target = guest::Target::parse(&tcti)?;
+            let bundle = guest::deep_quote(&target, &cmd)?;
+            std::fs::write(&out, &bundle).map_err(|e| CliError::new(exit::FAILURE, format!("--out {}: {e}", out.display())))?;
+            if json {
+                print_json(&serde_json::json!({"out": out, "bytes": bundle.len()}));
+            } else {
+                println!("wrote {} bytes of evidence to {}", bundle.len(), out.display());
+            }
+            Ok(())
         }
     }
+}
+
+fn run_verify(
+    file: &std::path::Path,
+    nonce: &str,
+    ak: &std::path::Path,
+    host_policy: Option<&std::path::Path>,
+    vpcr_policy: Option<&std::path::Path>,
+    vtpm: Option<&str>,
+    json: bool,
+) -> Result<(), CliError> {
+    let bytes = std::fs::read(file).map_err(|e| CliError::new(exit::USAGE, format!("{}: {e}", file.display())))?;
+    let mut exp = vtpm_proto::verify::Expectations::new(guest::parse_hex(nonce, "--nonce")?, guest::read_bytes_or_hex(ak, "--ak")?);
+    exp.host_pcrs = host_policy.map(|p| guest::read_policy(p, "--host-pcrs-policy")).transpose()?;
+    exp.vpcrs = vpcr_policy.map(|p| guest::read_policy(p, "--vpcrs-policy")).transpose()?;
+    exp.vtpm_uuid = vtpm.map(|u| local::parse_uuid(u, "--vtpm")).transpose()?;
+    let v = guest::verify_bytes(&bytes, &exp)?;
+    if json {
+        print_json(&serde_json::json!({
+            "verified": true,
+            "vtpm": v.leaf.vtpm_uuid,
+            "group": v.leaf.group_uuid,
+            "leaf_index": v.leaf.position.leaf_index,
+            "tree_size": v.leaf.position.tree_size,
+            "root": hex::encode(v.root),
+            "vpcrs": v.leaf.vpcr_selection.pcrs.iter().zip(&v.leaf.vpcr_values).map(|(p, val)| (p.to_string(), hex::encode(val))).collect::<std::collections::BTreeMap<_, _>>(),
+            "host_pcr_values": v.host_pcrs.values.iter().map(hex::encode).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!("verified: vTPM {} (group {}), leaf {} of {}, host PCRs and vPCRs as listed in the evidence", v.leaf.vtpm_uuid, v.leaf.group_uuid, v.leaf.position.leaf_index, v.leaf.position.tree_size);
+    }
+    Ok(())
 }

@@ -1,0 +1,109 @@
+//! Raw TPM 2.0 commands and a blocking client for one persistent connection.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use anyhow::{Result, bail};
+use vtpm_engine::tpm2::{self, Command, ST_NO_SESSIONS, ST_SESSIONS};
+use vtpm_engine::{EK_ATTRIBUTES, EK_AUTH_POLICY};
+
+/// `TPM2_GetRandom(n)`.
+pub fn get_random(n: u16) -> Vec<u8> {
+    Command::new(ST_NO_SESSIONS, 0x17B).u16(n).finish()
+}
+
+/// `TPM2_PCR_Extend(pcr, sha256 = digest)` with an empty-password session.
+pub fn pcr_extend(pcr: u32, digest: &[u8; 32]) -> Vec<u8> {
+    Command::new(ST_SESSIONS, 0x182)
+        .u32(pcr)
+        .password_session()
+        .u32(1) // TPML_DIGEST_VALUES.count
+        .u16(0x000B) // TPM_ALG_SHA256
+        .bytes(digest)
+        .finish()
+}
+
+/// The TCG default ECC NIST P-256 EK template (EK Credential Profile, template L-2).
+pub fn ek_ecc_p256_template() -> Vec<u8> {
+    let mut t = Vec::with_capacity(128);
+    t.extend_from_slice(&0x0023u16.to_be_bytes()); // TPM_ALG_ECC
+    t.extend_from_slice(&0x000Bu16.to_be_bytes()); // nameAlg SHA-256
+    t.extend_from_slice(&EK_ATTRIBUTES.to_be_bytes());
+    t.extend_from_slice(&32u16.to_be_bytes());
+    t.extend_from_slice(&EK_AUTH_POLICY);
+    t.extend_from_slice(&0x0006u16.to_be_bytes()); // symmetric: AES
+    t.extend_from_slice(&128u16.to_be_bytes()); //   128 bits
+    t.extend_from_slice(&0x0043u16.to_be_bytes()); //   CFB
+    t.extend_from_slice(&0x0010u16.to_be_bytes()); // scheme: TPM_ALG_NULL
+    t.extend_from_slice(&0x0003u16.to_be_bytes()); // curveID: TPM_ECC_NIST_P256
+    t.extend_from_slice(&0x0010u16.to_be_bytes()); // kdf: TPM_ALG_NULL
+    t.extend_from_slice(&32u16.to_be_bytes()); // unique.x: 32 zero bytes
+    t.extend_from_slice(&[0u8; 32]);
+    t.extend_from_slice(&32u16.to_be_bytes()); // unique.y: 32 zero bytes
+    t.extend_from_slice(&[0u8; 32]);
+    t
+}
+
+/// `TPM2_CreatePrimary(TPM_RH_ENDORSEMENT, template)`.
+pub fn create_primary_ek(template: &[u8]) -> Vec<u8> {
+    Command::new(ST_SESSIONS, tpm2::CC_CREATE_PRIMARY)
+        .u32(tpm2::RH_ENDORSEMENT)
+        .password_session()
+        .tpm2b(&[0, 0, 0, 0])
+        .tpm2b(template)
+        .tpm2b(&[])
+        .u32(0)
+        .finish()
+}
+
+/// `TPM2_EvictControl(owner, handle → persistent)`.
+pub fn evict_control(handle: u32, persistent: u32) -> Vec<u8> {
+    Command::new(ST_SESSIONS, tpm2::CC_EVICT_CONTROL)
+        .u32(tpm2::RH_OWNER)
+        .u32(handle)
+        .password_session()
+        .u32(persistent)
+        .finish()
+}
+
+/// `TPM2_FlushContext(handle)`.
+pub fn flush(handle: u32) -> Vec<u8> {
+    Command::new(ST_NO_SESSIONS, tpm2::CC_FLUSH_CONTEXT).u32(handle).finish()
+}
+
+/// The response code of a response.
+pub fn rc(rsp: &[u8]) -> u32 {
+    tpm2::response_code(rsp).unwrap_or(u32::MAX)
+}
+
+/// The object handle of a CreatePrimary response.
+pub fn object_handle(rsp: &[u8]) -> u32 {
+    rsp.get(10..14).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0)
+}
+
+/// One persistent data connection (swtpm socket protocol: raw TPM packets).
+pub struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    /// Wraps a connected stream.
+    pub fn new(s: TcpStream) -> Conn {
+        Conn { s, buf: Vec::with_capacity(4096) }
+    }
+
+    /// Sends one command, reads one response, returns its response code.
+    pub fn xfer(&mut self, cmd: &[u8]) -> Result<u32> {
+        self.s.write_all(cmd)?;
+        self.buf.resize(10, 0);
+        self.s.read_exact(&mut self.buf[..10])?;
+        let size = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]) as usize;
+        if !(10..=8192).contains(&size) {
+            bail!("bad response size {size}");
+        }
+        self.buf.resize(size, 0);
+        self.s.read_exact(&mut self.buf[10..])?;
+        Ok(rc(&self.buf))
+    }
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Benchmarks of the local stack against swtpm on the same machine (make bench).
+#   P1 command latency, P3 new vTPM → first answered command, P4 memory per vTPM.
+# Usage: scripts/bench.sh [TARGET_DIR [xvtpm-bench options...]]
+#   (binaries from TARGET_DIR, default target/release; options e.g. --only p1 --n 5000)
+# Writes (adds or replaces) today's section of BENCHMARKS.md. Every process it
+# starts is killed by PID when it ends, also on failure or Ctrl-C.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${1:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
+[ $# -gt 0 ] && shift
+for b in vtpmmgr vtpm-domain xl-vtpm xvtpm-bench; do
+  [ -x "$BIN/$b" ] || { echo "bench: $BIN/$b missing; run 'cargo build --workspace --release' (make bench does)"; exit 1; }
+done
+for t in swtpm swtpm_setup swtpm_localca; do
+  command -v "$t" >/dev/null || { echo "bench: $t not found (apt-get install swtpm swtpm-tools)"; exit 1; }
+done
+
+# State files must be on a real disk (fsync cost is part of what we measure):
+# /var/tmp rather than /tmp, which may be a tmpfs.
+WORK=$(mktemp -d "${XVTPM_BENCH_DIR:-/var/tmp}/xvtpm-bench.XXXXXX")
+PIDFILE=$WORK/pids
+BENCH_PID=
+
+# Kill a PID only if it is still one of the programs we start (no PID reuse accidents).
+kill_ours() { # $1 = signal
+  local pid cmd
+  for pid in $BENCH_PID $( [ -f "$PIDFILE" ] && cat "$PIDFILE" ); do
+    [ -r "/proc/$pid/cmdline" ] || continue
+    cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
+    case "$cmd" in
+      *swtpm*|*vtpm-domain*|*vtpmmgr*|*xvtpm-bench*|*xl-vtpm*) kill "-$1" "$pid" 2>/dev/null || true ;;
+    esac
+  done
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  kill_ours TERM
+  for _ in $(seq 40); do
+    alive=0
+    for pid in $BENCH_PID $( [ -f "$PIDFILE" ] && cat "$PIDFILE" ); do
+      [ -d "/proc/$pid" ] && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ] && alive=1
+    done
+    [ $alive -eq 0 ] && break
+    sleep 0.05
+  done
+  kill_ours KILL
+  if [ $rc -ne 0 ]; then
+    echo "bench FAILED (rc=$rc); work directory with logs kept: $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+echo "bench: $(date -u '+%F %T') UTC, load average $(cut -d' ' -f1-3 /proc/loadavg), work dir $WORK"
+export XVTPM_BENCH_TOP
+XVTPM_BENCH_TOP=$(ps -eo pcpu=,comm= --sort=-pcpu | head -4 | awk '{printf "%s%s %s%%", (NR>1?", ":""), $2, $1}')
+cd "$ROOT"
+"$BIN/xvtpm-bench" --bin "$BIN" --work "$WORK" --pidfile "$PIDFILE" --out "$ROOT/BENCHMARKS.md" "$@" &
+BENCH_PID=$!
+wait "$BENCH_PID"

@@ -1,0 +1,74 @@
+//! The vTPM side of a deep quote: parse the guest's vendor command, read the
+//! selected vPCRs from our own engine (the guest cannot choose what the
+//! manager is told), and ask the manager over our per-vTPM socket.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use vtpm_proto::deepquote_cmd::{DeepQuoteCommand, rc};
+use vtpm_proto::mgr::{self, ErrorCode, VtpmReply, VtpmRequest};
+
+use crate::guest_warn;
+use crate::server::Shared;
+
+/// How long the manager may take (a batch behind a slow discrete TPM).
+pub const MANAGER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs a deep-quote command; `Ok(bundle)` or a TPM response code.
+pub async fn deep_quote(shared: &Shared, packet: &[u8]) -> Result<Vec<u8>, u32> {
+    let cmd = DeepQuoteCommand::parse(packet)?;
+    let values = shared.vtpm.borrow_mut().read_pcrs(cmd.vpcr_alg, &cmd.vpcrs)?;
+    let req = VtpmRequest::DeepQuote {
+        uuid: shared.uuid,
+        nonce: hex(&cmd.nonce),
+        vpcr_alg: cmd.vpcr_alg,
+        vpcrs: cmd.vpcrs.clone(),
+        vpcr_values: values.iter().map(|v| hex(v)).collect(),
+        host_pcrs: cmd.host_pcrs.clone(),
+        flags: cmd.flags,
+    };
+    let reply = match tokio::time::timeout(MANAGER_TIMEOUT, ask(&shared.mgr_socket, &req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            guest_warn!(error = %e, "deep quote: manager unreachable");
+            return Err(rc::NO_RESULT);
+        }
+        Err(_) => {
+            guest_warn!("deep quote: manager timed out");
+            return Err(rc::RETRY);
+        }
+    };
+    match reply {
+        VtpmReply::DeepQuote { bundle } => unhex(&bundle).ok_or(rc::NO_RESULT),
+        VtpmReply::Error(f) if f.code == ErrorCode::Busy => Err(rc::RETRY),
+        VtpmReply::Error(f) => {
+            guest_warn!(error = %f, "deep quote refused by the manager");
+            Err(rc::NO_RESULT)
+        }
+        VtpmReply::StateKey { .. } => Err(rc::NO_RESULT),
+    }
+}
+
+async fn ask(path: &std::path::Path, req: &VtpmRequest) -> std::io::Result<VtpmReply> {
+    let mut s = UnixStream::connect(path).await?;
+    let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
+    s.write_all(&frame).await?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await?;
+    let n = mgr::frame_len(len).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut body = vec![0u8; n];
+    s.read_exact(&mut body).await?;
+    mgr::decode(&body).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}

@@ -1,0 +1,190 @@
+//! Deep quotes with natural batching.
+//!
+//! Requests queue in a bounded channel. One batcher task takes everything
+//! queued (up to `max_batch`), builds an RFC 6962 Merkle tree over the
+//! requests' leaves, and has the physical TPM sign the root as the
+//! `qualifyingData` of one `TPM2_Quote` per (group, host PCR selection).
+//! While that quote is in flight, new requests queue for the next batch, so a
+//! lone request waits for nothing and a crowd shares one signature.
+//! A full queue answers `Busy` instead of growing without bound.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+use uuid::Uuid;
+use vtpm_proto::evidence::{Bundle, HostPcrs, Leaf, LeafPosition, VpcrSelection};
+use vtpm_proto::merkle::Tree;
+use vtpm_proto::mgr::{ErrorCode, Failure};
+
+use crate::daemon::Shared;
+
+/// Batching configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Most requests one physical quote covers (1 = batching off).
+    pub max_batch: usize,
+    /// Most requests waiting; more are refused with `Busy`.
+    pub max_queue: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig { max_batch: 1024, max_queue: 4096 }
+    }
+}
+
+/// Counters exposed in the manager's status.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Deep-quote requests answered with a bundle.
+    pub answered: AtomicU64,
+    /// Physical `TPM2_Quote` operations.
+    pub physical_quotes: AtomicU64,
+}
+
+/// One request, its identity fields already filled from the manager's records.
+pub struct Request {
+    /// The vTPM (from the socket, never from the caller).
+    pub vtpm: Uuid,
+    /// Its group (from the manager's records).
+    pub group: Uuid,
+    /// vPCR bank, indices and values read by the vTPM.
+    pub vpcrs: VpcrSelection,
+    /// The values.
+    pub vpcr_values: Vec<Vec<u8>>,
+    /// Guest nonce.
+    pub nonce: Vec<u8>,
+    /// Flags.
+    pub flags: u32,
+    /// Host PCRs to quote (SHA-256 bank).
+    pub host_pcrs: Vec<u8>,
+    /// Where the encoded bundle goes.
+    pub reply: oneshot::Sender<Result<Vec<u8>, Failure>>,
+}
+
+/// Handle to the batcher task.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Batcher {
+    /// Starts the batcher task.
+    pub fn spawn(mgr: Shared, cfg: BatchConfig, stats: Arc<Stats>) -> Batcher {
+        let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
+        tokio::spawn(run(mgr, cfg, stats, rx));
+        Batcher { tx }
+    }
+
+    /// Queues a request; `Busy` when the queue is full.
+    pub fn submit(&self, req: Request) -> Result<(), Failure> {
+        self.tx.try_send(req).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Failure::new(ErrorCode::Busy, "deep-quote queue is full; retry shortly"),
+            mpsc::error::TrySendError::Closed(_) => Failure::new(ErrorCode::Internal, "deep-quote batcher stopped"),
+        })
+    }
+}
+
+async fn run(mgr: Shared, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Receiver<Request>) {
+    let max = cfg.max_batch.max(1);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        // One tree and one physical quote per (group, host PCR selection).
+        let mut parts: BTreeMap<(Uuid, Vec<u8>), Vec<Request>> = BTreeMap::new();
+        for r in batch {
+            parts.entry((r.group, r.host_pcrs.clone())).or_default().push(r);
+        }
+        for ((group, host_pcrs), reqs) in parts {
+            quote_part(&mgr, &stats, group, host_pcrs, reqs).await;
+        }
+    }
+}
+
+async fn quote_part(mgr: &Shared, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>, reqs: Vec<Request>) {
+    let n = reqs.len() as u32;
+    let mut leaves = Vec::with_capacity(reqs.len());
+    let mut encoded = Vec::with_capacity(reqs.len());
+    let mut waiting = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        // Positions are assigned over the valid requests only.
+        let leaf = Leaf {
+            vtpm_uuid: r.vtpm,
+            group_uuid: r.group,
+            vpcr_selection: r.vpcrs,
+            vpcr_values: r.vpcr_values,
+            nonce: r.nonce,
+            flags: r.flags,
+            position: LeafPosition { leaf_index: 0, tree_size: n },
+        };
+        if let Err(e) = leaf.validate() {
+            let _ = r.reply.send(Err(Failure::new(ErrorCode::BadRequest, format!("deep-quote request: {e}"))));
+            continue;
+        }
+        leaves.push(leaf);
+        waiting.push(r.reply);
+    }
+    let size = leaves.len() as u32;
+    if size == 0 {
+        return;
+    }
+    for (i, leaf) in leaves.iter_mut().enumerate() {
+        leaf.position = LeafPosition { leaf_index: i as u32, tree_size: size };
+        encoded.push(leaf.encode().expect("validated leaf encodes"));
+    }
+    let tree = Tree::from_leaves(&encoded);
+    let root = tree.root();
+    let m = mgr.clone();
+    let pcrs = host_pcrs.clone();
+    let quoted = tokio::task::spawn_blocking(move || crate::daemon::lock(&m).quote_root(group, &root, &pcrs)).await;
+    stats.physical_quotes.fetch_add(1, Ordering::Relaxed);
+    let (q, ak_public) = match quoted {
+        Ok(Ok(x)) => x,
+        Ok(Err(f)) => {
+            warn!(error = %f, "physical quote failed");
+            for w in waiting {
+                let _ = w.send(Err(f.clone()));
+            }
+            return;
+        }
+        Err(e) => {
+            for w in waiting {
+                let _ = w.send(Err(Failure::new(ErrorCode::Internal, e.to_string())));
+            }
+            return;
+        }
+    };
+    let selection = match vtpm_proto::verify::QuoteAttest::parse(&q.attest) {
+        Ok(a) => a.pcr_select,
+        Err(e) => {
+            for w in waiting {
+                let _ = w.send(Err(Failure::new(ErrorCode::Tpm, format!("unparseable quote: {e}"))));
+            }
+            return;
+        }
+    };
+    debug!(batch = size, "deep quote batch signed");
+    for (i, (leaf, w)) in leaves.into_iter().zip(waiting).enumerate() {
+        let bundle = Bundle {
+            leaf,
+            path: tree.inclusion_proof(i).expect("index < size"),
+            attest: q.attest.clone(),
+            signature: q.signature.clone(),
+            ak_public: ak_public.clone(),
+            host_pcrs: HostPcrs { selection: selection.clone(), values: q.pcr_values.clone() },
+        };
+        let out = bundle.encode().map_err(|e| Failure::new(ErrorCode::Internal, format!("encoding bundle: {e}")));
+        if out.is_ok() {
+            stats.answered.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = w.send(out);
+    }
+}
