@@ -24,6 +24,18 @@ pub struct Stack {
     /// Working directory (state, run, logs).
     pub dir: tempfile::TempDir,
     mgr: Option<Child>,
+    opts: Options,
+    proxy: Option<testkit::delay::DelayProxy>,
+}
+
+/// How to run the stack.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Put a delaying proxy (this much per TPM command) between the manager
+    /// and swtpm, to model a discrete TPM.
+    pub tpm_delay: Option<Duration>,
+    /// Extra arguments for `vtpmmgr serve`.
+    pub mgr_args: Vec<String>,
 }
 
 /// A vTPM as `xl-vtpm vtpm show --json` reports it.
@@ -57,11 +69,30 @@ impl Stack {
 
     /// swtpm + a manager that has not been provisioned.
     pub fn start_unprovisioned() -> Stack {
+        Stack::start_unprovisioned_with(Options::default())
+    }
+
+    /// swtpm + a provisioned manager run with `opts`.
+    pub fn start_with(opts: Options) -> Stack {
+        let s = Stack::start_unprovisioned_with(opts);
+        let out = s.xl(&["mgr", "provision", "--yes", "--pcrs", "0-7"]);
+        assert!(out.status.success(), "provision failed: {}", String::from_utf8_lossy(&out.stderr));
+        s
+    }
+
+    /// swtpm + an unprovisioned manager run with `opts`.
+    pub fn start_unprovisioned_with(opts: Options) -> Stack {
         let swtpm = Swtpm::start();
         let dir = testkit::tempdir();
-        let mut s = Stack { swtpm, dir, mgr: None };
+        let proxy = opts.tpm_delay.map(|d| testkit::delay::DelayProxy::start(swtpm.port(), d));
+        let mut s = Stack { swtpm, dir, mgr: None, opts, proxy };
         s.start_manager();
         s
+    }
+
+    /// The TCTI the manager uses (through the delay proxy, if any).
+    pub fn mgr_tcti(&self) -> String {
+        self.proxy.as_ref().map(|p| p.tcti()).unwrap_or_else(|| self.swtpm.tcti())
     }
 
     /// The runtime directory.
@@ -90,12 +121,13 @@ impl Stack {
         let _ = std::fs::remove_file(self.run_dir().join("admin.sock"));
         let mut child = Command::new(bin_path("vtpmmgr"))
             .arg("--tcti")
-            .arg(self.swtpm.tcti())
+            .arg(self.mgr_tcti())
             .arg("--state-dir")
             .arg(self.state_dir().join("mgr"))
             .arg("--run-dir")
             .arg(self.run_dir())
             .arg("serve")
+            .args(&self.opts.mgr_args)
             .env("XVTPM_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,132 @@
+//! Deep quotes end to end: real swtpm as the physical TPM (behind a 20 ms
+//! per-command delay, like a discrete TPM), real vtpm-domains, the vendor
+//! command sent by many guests at once, every bundle verified offline.
+
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use vtpm_proto::deepquote_cmd::{self, DeepQuoteCommand};
+use vtpm_proto::evidence::{Bundle, TPM_ALG_SHA256};
+use vtpm_proto::verify::{Expectations, VerifyError, verify};
+use xvtpm_tests::{Options, Stack, raw_command, rc};
+
+fn ak_of_default_group(s: &Stack) -> Vec<u8> {
+    let groups = s.xl_json(&["mgr", "group", "list"]);
+    hex::decode(groups[0]["ak_public"].as_str().unwrap()).unwrap()
+}
+
+fn command(nonce: &[u8]) -> DeepQuoteCommand {
+    DeepQuoteCommand { nonce: nonce.to_vec(), vpcr_alg: TPM_ALG_SHA256, vpcrs: vec![0, 1, 16], host_pcrs: vec![0, 7], flags: 0 }
+}
+
+#[test]
+fn sixteen_concurrent_guests_share_physical_quotes_and_all_verify() {
+    let s = Stack::start_with(Options { tpm_delay: Some(Duration::from_millis(20)), ..Default::default() });
+    let ak = ak_of_default_group(&s);
+    let guests: Vec<_> = (0..16).map(|_| s.create_vtpm()).collect();
+    // Give each guest a distinct vPCR 16 so leaves differ in content too.
+    for (i, g) in guests.iter().enumerate() {
+        xvtpm_tests::tpm2(&g.tcti(), &["tpm2_pcrextend", &format!("16:sha256={:064x}", i + 1)]);
+    }
+    let before = s.xl_json(&["mgr", "status"])["physical_quotes"].as_u64().unwrap();
+    let barrier = Arc::new(Barrier::new(guests.len()));
+    let handles: Vec<_> = guests
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let port = g.port.unwrap();
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                let nonce = format!("guest-{i}-nonce").into_bytes();
+                b.wait();
+                let rsp = raw_command(port, &command(&nonce).encode());
+                (nonce, rsp)
+            })
+        })
+        .collect();
+    let mut sizes = vec![];
+    for (g, h) in guests.iter().zip(handles) {
+        let (nonce, rsp) = h.join().unwrap();
+        assert_eq!(rc(&rsp), 0, "deep quote failed: {:#x}", rc(&rsp));
+        let bundle = Bundle::decode(&deepquote_cmd::parse_response(&rsp).unwrap()).unwrap();
+        let mut exp = Expectations::new(nonce.clone(), ak.clone());
+        exp.vtpm_uuid = Some(g.uuid);
+        let v = verify(&bundle, &exp).unwrap_or_else(|e| panic!("bundle of {} did not verify: {e}", g.uuid));
+        assert_eq!(v.leaf.vpcr_selection.pcrs, vec![0, 1, 16]);
+        sizes.push(v.leaf.position.tree_size);
+    }
+    let after = s.xl_json(&["mgr", "status"]);
+    let physical = after["physical_quotes"].as_u64().unwrap() - before;
+    assert!(physical < 16, "16 requests took {physical} physical quotes (tree sizes {sizes:?})");
+    assert!(sizes.iter().any(|n| *n > 1), "no batch had more than one leaf: {sizes:?}");
+}
+
+#[test]
+fn evidence_is_bound_to_its_vtpm_and_nonce() {
+    let s = Stack::start();
+    let ak = ak_of_default_group(&s);
+    let a = s.create_vtpm();
+    let b = s.create_vtpm();
+    let nonce = b"fresh-nonce-1".to_vec();
+    let rsp = raw_command(a.port.unwrap(), &command(&nonce).encode());
+    assert_eq!(rc(&rsp), 0);
+    let bundle = Bundle::decode(&deepquote_cmd::parse_response(&rsp).unwrap()).unwrap();
+    let mut as_a = Expectations::new(nonce.clone(), ak.clone());
+    as_a.vtpm_uuid = Some(a.uuid);
+    verify(&bundle, &as_a).unwrap();
+    // The same evidence presented as B's fails on the vTPM identity.
+    let mut as_b = as_a.clone();
+    as_b.vtpm_uuid = Some(b.uuid);
+    assert!(matches!(verify(&bundle, &as_b), Err(VerifyError::VtpmUuidMismatch { .. })));
+    // Replayed against a verifier that sent a new nonce: rejected.
+    let fresh = Expectations { nonce: b"fresh-nonce-2".to_vec(), ..as_a.clone() };
+    assert!(matches!(verify(&bundle, &fresh), Err(VerifyError::NonceMismatch { .. })));
+    // The vPCR values in the evidence are the vTPM's own: PCR 16 reads zero on a fresh vTPM.
+    assert_eq!(bundle.leaf.vpcr_values[2], vec![0u8; 32]);
+
+    // The CLI round trip: guest tool + offline verifier, exit codes 0 and 7.
+    let d = s.dir.path();
+    let out = s.xl(&["guest", "deep-quote", "--tcti", &a.tcti(), "--nonce", "c0ffee", "--vpcrs", "0-7", "--host-pcrs", "0-7", "--out", d.join("ev.bin").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(d.join("ak.pub"), &ak).unwrap();
+    let ok = s.xl(&["verify", d.join("ev.bin").to_str().unwrap(), "--nonce", "c0ffee", "--ak", d.join("ak.pub").to_str().unwrap(), "--vtpm", &a.uuid.to_string()]);
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    let replay = s.xl(&["verify", d.join("ev.bin").to_str().unwrap(), "--nonce", "c0ffef", "--ak", d.join("ak.pub").to_str().unwrap()]);
+    assert_eq!(replay.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&replay.stderr).contains("nonce"));
+    let wrong = s.xl(&["verify", d.join("ev.bin").to_str().unwrap(), "--nonce", "c0ffee", "--ak", d.join("ak.pub").to_str().unwrap(), "--vtpm", &b.uuid.to_string()]);
+    assert_eq!(wrong.status.code(), Some(7));
+}
+
+#[test]
+fn bad_deep_quote_commands_get_parameter_errors() {
+    let s = Stack::start();
+    let a = s.create_vtpm();
+    let port = a.port.unwrap();
+    let mut c = command(b"n");
+    c.host_pcrs = vec![];
+    assert_eq!(rc(&raw_command(port, &c.encode())), deepquote_cmd::rc::HOST_PCRS);
+    let mut c = command(b"n");
+    c.vpcr_alg = 0x0099;
+    assert_eq!(rc(&raw_command(port, &c.encode())), deepquote_cmd::rc::VPCRS);
+    let mut p = command(b"n").encode();
+    p.truncate(p.len() - 2);
+    let n = p.len() as u32;
+    p[2..6].copy_from_slice(&n.to_be_bytes());
+    assert_eq!(rc(&raw_command(port, &p)), deepquote_cmd::rc::SIZE);
+    // Still serving.
+    assert_eq!(rc(&raw_command(port, &xvtpm_tests::get_random(8))), 0);
+}
+
+#[test]
+fn unbatched_mode_takes_one_physical_quote_per_request() {
+    let s = Stack::start_with(Options { mgr_args: vec!["--no-batching".into()], ..Default::default() });
+    let a = s.create_vtpm();
+    for i in 0..3u8 {
+        assert_eq!(rc(&raw_command(a.port.unwrap(), &command(&[i]).encode())), 0);
+    }
+    let st = s.xl_json(&["mgr", "status"]);
+    assert_eq!(st["batching"], false);
+    assert_eq!(st["physical_quotes"], 3);
+    assert_eq!(st["deep_quotes"], 3);
+}
