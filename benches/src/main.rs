@@ -63,7 +63,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// P3: vTPMs created per method.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 20)]
     creates: usize,
     /// P3: swtpm_setup runs per variant.
     #[arg(long, default_value_t = 5)]
@@ -176,7 +176,17 @@ impl Stack {
 
     /// `xl-vtpm vtpm create --json` → (uuid, pid, data port, state file).
     fn create(&self, procs: &mut Procs) -> Result<(Uuid, u32, u16, PathBuf)> {
-        let out = self.xl(&["vtpm", "create", "--json"])?;
+        self.create_with(procs, &[])
+    }
+
+    /// As [`Stack::create`], with extra arguments (e.g. more `--listen`).
+    fn create_with(&self, procs: &mut Procs, extra: &[&str]) -> Result<(Uuid, u32, u16, PathBuf)> {
+        let mut a = vec!["vtpm", "create", "--json"];
+        if !extra.is_empty() {
+            a.extend_from_slice(&["--listen", "tcp:127.0.0.1:0"]);
+            a.extend_from_slice(extra);
+        }
+        let out = self.xl(&a)?;
         if !out.status.success() {
             bail!("xl-vtpm vtpm create failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -230,15 +240,22 @@ fn state_generation(p: &Path) -> Option<u64> {
 // ------------------------------------------------------------------------ P1
 
 struct P1 {
-    /// [target][cmd] → per-run summaries. target: 0 vtpm-domain, 1 swtpm, 2 in-process.
-    runs: [[Vec<Summary>; 2]; 3],
+    /// [target][cmd] → per-run summaries. target: 0 vtpm-domain, 1 swtpm, 2 in-process
+    /// (all TCP), 3 vtpm-domain Unix socket, 4 swtpm Unix socket.
+    runs: [[Vec<Summary>; 2]; 5],
     gen_before: Option<u64>,
     gen_after: Option<u64>,
     swtpm_nv_changed: bool,
     load: String,
 }
 
-const TARGETS: [&str; 3] = ["vtpm-domain (TCP)", "swtpm socket (TCP)", "libtpms in process (vtpm-engine)"];
+const TARGETS: [&str; 5] = [
+    "vtpm-domain (TCP)",
+    "swtpm socket (TCP)",
+    "libtpms in process (vtpm-engine)",
+    "*info:* vtpm-domain (Unix socket `data:PATH`)",
+    "*info:* swtpm socket (Unix socket `type=unixio`)",
+];
 const P1_CMDS: [&str; 2] = ["GetRandom(32)", "PCR_Extend(16, sha256, pw session)"];
 
 fn measure<F: FnMut(&[u8]) -> Result<u32>>(mut f: F, cmd: &[u8], warmup: usize, n: usize) -> Result<Summary> {
@@ -262,11 +279,34 @@ fn measure<F: FnMut(&[u8]) -> Result<u32>>(mut f: F, cmd: &[u8], warmup: usize, 
 
 fn p1(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P1> {
     let load = loadavg();
-    let (_uuid, dom_pid, dom_port, state_file) = stack.create(procs)?;
+    let dom_sock = args.work.join("p1-dom.sock");
+    let dom_listen = format!("data:{}", dom_sock.display());
+    let (_uuid, dom_pid, dom_port, state_file) = stack.create_with(procs, &["--listen", &dom_listen])?;
     let swtpm_dir = args.work.join("p1-swtpm");
     let (sw_pid, sw_port) = start_swtpm(procs, &swtpm_dir)?;
     let mut dom = Conn::new(connect_retry(dom_port, Duration::from_secs(10))?);
     let mut sw = Conn::new(connect_retry(sw_port, Duration::from_secs(10))?);
+    let mut dom_u = Conn::unix(&dom_sock, Duration::from_secs(10))?;
+    let swu_dir = args.work.join("p1-swtpm-unix");
+    fs::create_dir_all(&swu_dir)?;
+    let swu_sock = args.work.join("p1-swtpm.sock");
+    let swu_pid = procs.spawn(
+        Command::new("swtpm")
+            .arg("socket")
+            .arg("--tpm2")
+            .arg("--server")
+            .arg(format!("type=unixio,path={}", swu_sock.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}.ctrl", swu_sock.display()))
+            .arg("--tpmstate")
+            .arg(format!("dir={}", swu_dir.display()))
+            .arg("--flags")
+            .arg("not-need-init,startup-clear")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
+    let mut sw_u = Conn::unix(&swu_sock, Duration::from_secs(10))?;
     let mut engine = Engine::start(TpmVersion::Tpm2, None, None)?;
     let rc = tpm::rc(&engine.process(&tpm2::startup(tpm2::SU_CLEAR)));
     if rc != 0 {
@@ -292,6 +332,10 @@ fn p1(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P1> {
             res.runs[1][ci].push(s);
             let s = measure(|c| Ok(tpm::rc(&engine.process(c))), cmd, args.warmup, args.n)?;
             res.runs[2][ci].push(s);
+            let s = measure(|c| dom_u.xfer(c), cmd, args.warmup, args.n)?;
+            res.runs[3][ci].push(s);
+            let s = measure(|c| sw_u.xfer(c), cmd, args.warmup, args.n)?;
+            res.runs[4][ci].push(s);
         }
         eprintln!("P1 run {} done (load {})", run + 1, loadavg());
     }
@@ -300,7 +344,9 @@ fn p1(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P1> {
     drop(engine);
     drop(dom);
     drop(sw);
-    procs.stop_many(&[dom_pid, sw_pid], Duration::from_secs(3));
+    drop(dom_u);
+    drop(sw_u);
+    procs.stop_many(&[dom_pid, sw_pid, swu_pid], Duration::from_secs(3));
     Ok(res)
 }
 
@@ -709,19 +755,24 @@ fn report_p1(out: &mut String, r: &P1, args: &Args) {
             );
         }
     }
-    let _ = writeln!(out, "\n| command | vtpm-domain / swtpm (median) | goal | | vtpm-domain / in-process (median) | vtpm-domain / swtpm (p99) |");
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "\n| command | vtpm-domain / swtpm, TCP (median) | goal | | vtpm-domain / in-process (median) | vtpm-domain / swtpm, TCP (p99) | *info:* vtpm-domain Unix / swtpm TCP (median) | *info:* vtpm-domain Unix / swtpm Unix (median) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for (ci, cname) in P1_CMDS.iter().enumerate() {
         let m = |t: usize| median_f(&r.runs[t][ci].iter().map(|s| s.median).collect::<Vec<_>>());
         let p = |t: usize| median_f(&r.runs[t][ci].iter().map(|s| s.p99).collect::<Vec<_>>());
         let ratio = m(0) / m(1);
         let _ = writeln!(
             out,
-            "| {cname} | {:.2}× | ≤ 0.5× | {} | {:.1}× | {:.2}× |",
+            "| {cname} | {:.2}× | ≤ 0.5× | {} | {:.1}× | {:.2}× | {:.2}× | {:.2}× |",
             ratio,
             pass(ratio <= 0.5),
             m(0) / m(2),
-            p(0) / p(1)
+            p(0) / p(1),
+            m(3) / m(1),
+            m(3) / m(4)
         );
     }
     let _ = writeln!(

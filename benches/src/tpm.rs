@@ -2,6 +2,9 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use vtpm_engine::tpm2::{self, Command, ST_NO_SESSIONS, ST_SESSIONS};
@@ -81,16 +84,36 @@ pub fn object_handle(rsp: &[u8]) -> u32 {
     rsp.get(10..14).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0)
 }
 
+/// A byte stream (TCP or Unix).
+pub trait Stream: Read + Write {}
+impl Stream for TcpStream {}
+impl Stream for UnixStream {}
+
 /// One persistent data connection (swtpm socket protocol: raw TPM packets).
 pub struct Conn {
-    s: TcpStream,
+    s: Box<dyn Stream>,
     buf: Vec<u8>,
 }
 
 impl Conn {
-    /// Wraps a connected stream.
+    /// Wraps a connected TCP stream.
     pub fn new(s: TcpStream) -> Conn {
-        Conn { s, buf: Vec::with_capacity(4096) }
+        Conn { s: Box::new(s), buf: Vec::with_capacity(4096) }
+    }
+
+    /// Connects to a Unix data socket, retrying until `timeout`.
+    pub fn unix(path: &Path, timeout: Duration) -> Result<Conn> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                    return Ok(Conn { s: Box::new(s), buf: Vec::with_capacity(4096) });
+                }
+                Err(e) if Instant::now() >= deadline => bail!("{} did not answer: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
     }
 
     /// Sends one command, reads one response, returns its response code.

@@ -46,6 +46,17 @@ pub fn remove_stale_temps(path: &Path) {
     }
 }
 
+/// Whether process `pid` is alive: it exists in /proc and is not a zombie.
+/// (A killed vTPM whose parent has exited may linger as a zombie under an
+/// init that does not reap; it serves nothing and must count as gone.)
+pub fn pid_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state field follows the parenthesised command name, which may itself contain ") ".
+        Ok(s) => s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,16 +75,5 @@ mod tests {
         remove_stale_temps(&p);
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
         fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-/// Whether process `pid` is alive: it exists in /proc and is not a zombie.
-/// (A killed vTPM whose parent has exited may linger as a zombie under an
-/// init that does not reap; it serves nothing and must count as gone.)
-pub fn pid_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state field follows the parenthesised command name, which may itself contain ") ".
-        Ok(s) => s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')).unwrap_or(false),
-        Err(_) => false,
     }
 }

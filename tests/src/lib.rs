@@ -146,6 +146,7 @@ impl Stack {
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("vtpmmgr did not come up in 20 s:\n{}", self.mgr_log());
     }
 
@@ -223,11 +224,10 @@ impl Stack {
         let mut pids = vec![];
         if let Ok(rd) = std::fs::read_dir(self.run_dir().join("vtpms")) {
             for e in rd.flatten() {
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap_or_default()) {
-                    if let Some(p) = v["pid"].as_u64() {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&std::fs::read(e.path()).unwrap_or_default())
+                    && let Some(p) = v["pid"].as_u64() {
                         pids.push(p as u32);
                     }
-                }
             }
         }
         pids

@@ -70,6 +70,6 @@ mod tests {
         let l = RateLimiter::new();
         let allowed = (0..100).filter(|_| l.check().is_some()).count() as u64;
         // All 100 calls fall in at most two windows.
-        assert!(allowed >= BURST && allowed <= 2 * BURST, "allowed {allowed}");
+        assert!((BURST..=2 * BURST).contains(&allowed), "allowed {allowed}");
     }
 }

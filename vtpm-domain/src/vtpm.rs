@@ -83,11 +83,10 @@ impl Vtpm {
             v.store.save(&perm, &[])?;
         } else if startup && family == Family::Tpm2 {
             let rsp = v.engine_mut().map(|e| e.process(&tpm::tpm2_startup(tpm::TPM2_SU_CLEAR)));
-            if let Some(rc) = rsp.as_deref().and_then(tpm::response_code) {
-                if rc != tpm::TPM2_RC_SUCCESS && rc != tpm::TPM2_RC_INITIALIZE {
+            if let Some(rc) = rsp.as_deref().and_then(tpm::response_code)
+                && rc != tpm::TPM2_RC_SUCCESS && rc != tpm::TPM2_RC_INITIALIZE {
                     return Err(VtpmError::Engine(format!("TPM2_Startup(CLEAR) returned {rc:#x}")));
                 }
-            }
         }
         v.persist_if_dirty().map_err(VtpmError::Store)?;
         Ok(v)
@@ -149,11 +148,10 @@ impl Vtpm {
             return tpm::error_response(family, rc).to_vec();
         };
         let mut rsp = engine.process(packet);
-        if family == Family::Tpm2 {
-            if let Some(patched) = vtpm_proto::deepquote_cmd::patch_getcap_response(packet, &rsp) {
+        if family == Family::Tpm2
+            && let Some(patched) = vtpm_proto::deepquote_cmd::patch_getcap_response(packet, &rsp) {
                 rsp = patched;
             }
-        }
         match self.persist_if_dirty() {
             Ok(()) => rsp,
             Err(e) => {

@@ -325,11 +325,10 @@ impl Manager {
             }
             AdminRequest::VtpmAttach { uuid, pid } => {
                 self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
-                if let Some(old) = self.attached.get(&uuid).copied() {
-                    if old != pid && pid_alive(old) {
+                if let Some(old) = self.attached.get(&uuid).copied()
+                    && old != pid && pid_alive(old) {
                         return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} is already served by process {old}; stop it first")));
                     }
-                }
                 self.attached.insert(uuid, pid);
                 info!(vtpm = %uuid, pid, "process attached");
                 AdminReply::Ok

@@ -12,10 +12,13 @@ use tokio::sync::Notify;
 use crate::ids::{DomId, EvtchnPort, GrantRef};
 use crate::tpmif::MemPage;
 use crate::xenbus::{Connection, Transport, TransportError};
-use crate::xenstore::{WatchEvents, WatchQueue, XsError, Xenstore};
+use crate::xenstore::{WatchEvents, WatchQueue, Xenstore, XsError};
 
 fn is_at_or_below(path: &str, dir: &str) -> bool {
-    path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+    path == dir
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 #[derive(Default)]
@@ -39,7 +42,10 @@ impl FakeXenstore {
     /// An empty store and the event queue of its watches.
     pub fn new() -> (Self, WatchEvents) {
         let queue = Arc::new(WatchQueue::default());
-        let fake = Self { store: Arc::new(Mutex::new(Store::default())), queue: queue.clone() };
+        let fake = Self {
+            store: Arc::new(Mutex::new(Store::default())),
+            queue: queue.clone(),
+        };
         (fake, WatchEvents::new(queue))
     }
 
@@ -116,7 +122,12 @@ impl FakeXenstore {
 
     /// Every value written to exactly `path`, oldest first (by any clone).
     pub fn history(&self, path: &str) -> Vec<String> {
-        self.lock().log.iter().filter(|(p, _)| p == path).map(|(_, v)| v.clone()).collect()
+        self.lock()
+            .log
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Number of mutating operations so far (writes and removals, from any clone).
@@ -127,7 +138,9 @@ impl FakeXenstore {
 
 impl std::fmt::Debug for FakeXenstore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeXenstore").field("nodes", &self.lock().nodes).finish()
+        f.debug_struct("FakeXenstore")
+            .field("nodes", &self.lock().nodes)
+            .finish()
     }
 }
 
@@ -138,7 +151,11 @@ impl Xenstore for FakeXenstore {
 
     async fn write(&self, path: &str, value: &str) -> Result<(), XsError> {
         if path.is_empty() {
-            return Err(XsError::new("write", path, io::ErrorKind::InvalidInput.into()));
+            return Err(XsError::new(
+                "write",
+                path,
+                io::ErrorKind::InvalidInput.into(),
+            ));
         }
         self.set(path, value);
         Ok(())
@@ -253,19 +270,33 @@ impl Transport for MemTransport {
         port: EvtchnPort,
     ) -> Result<MemConnection, TransportError> {
         let grants = self.lock();
-        let page = grants.pages.get(&(frontend, ring_ref)).cloned().ok_or(TransportError::MapGrant {
-            domid: frontend,
-            gref: ring_ref,
-            source: io::Error::from_raw_os_error(libc::EINVAL),
-        })?;
-        let chan = grants.ports.get(&(frontend, port)).cloned().ok_or(TransportError::BindEvtchn {
-            domid: frontend,
-            port,
-            source: io::Error::from_raw_os_error(libc::EINVAL),
-        })?;
+        let page =
+            grants
+                .pages
+                .get(&(frontend, ring_ref))
+                .cloned()
+                .ok_or(TransportError::MapGrant {
+                    domid: frontend,
+                    gref: ring_ref,
+                    source: io::Error::from_raw_os_error(libc::EINVAL),
+                })?;
+        let chan =
+            grants
+                .ports
+                .get(&(frontend, port))
+                .cloned()
+                .ok_or(TransportError::BindEvtchn {
+                    domid: frontend,
+                    port,
+                    source: io::Error::from_raw_os_error(libc::EINVAL),
+                })?;
         chan.bound.fetch_add(1, Ordering::SeqCst);
         self.live.fetch_add(1, Ordering::SeqCst);
-        Ok(MemConnection { page, chan, live: self.live.clone() })
+        Ok(MemConnection {
+            page,
+            chan,
+            live: self.live.clone(),
+        })
     }
 }
 

@@ -28,7 +28,11 @@ impl ParseError {
         if shown.len() < value.len() {
             shown.push('…');
         }
-        Self { key: key.to_owned(), value: shown, kind }
+        Self {
+            key: key.to_owned(),
+            value: shown,
+            kind,
+        }
     }
 
     /// The xenstore key (usually the full path) whose value was rejected.
@@ -78,7 +82,11 @@ fn parse_decimal(key: &str, value: &str, min: u64, max: u64) -> Result<u64, Pars
     let mut acc: u64 = 0;
     for (index, byte) in value.bytes().enumerate() {
         if !byte.is_ascii_digit() {
-            return Err(ParseError::new(key, value, ParseErrorKind::NotDecimal { index }));
+            return Err(ParseError::new(
+                key,
+                value,
+                ParseErrorKind::NotDecimal { index },
+            ));
         }
         acc = acc
             .checked_mul(10)
@@ -106,7 +114,11 @@ impl DomId {
 
     /// A domain id, or `None` for the reserved range.
     pub const fn new(id: u16) -> Option<Self> {
-        if id < Self::FIRST_RESERVED { Some(DomId(id)) } else { None }
+        if id < Self::FIRST_RESERVED {
+            Some(DomId(id))
+        } else {
+            None
+        }
     }
 
     /// The raw id.
@@ -152,7 +164,11 @@ pub struct EvtchnPort(u32);
 impl EvtchnPort {
     /// A port, or `None` for the reserved port 0.
     pub const fn new(port: u32) -> Option<Self> {
-        if port == 0 { None } else { Some(EvtchnPort(port)) }
+        if port == 0 {
+            None
+        } else {
+            Some(EvtchnPort(port))
+        }
     }
 
     /// The raw port number.
@@ -255,7 +271,9 @@ impl XenbusState {
         u32::try_from(raw)
             .ok()
             .and_then(|v| XenbusState::try_from(v).ok())
-            .ok_or_else(|| ParseError::new(key, value, ParseErrorKind::OutOfRange { min: 0, max: 8 }))
+            .ok_or_else(|| {
+                ParseError::new(key, value, ParseErrorKind::OutOfRange { min: 0, max: 8 })
+            })
     }
 
     /// The numeric value as written to xenstore (`"4"` for `Connected`).
@@ -277,7 +295,10 @@ mod tests {
     #[test]
     fn parses_plain_decimals() {
         assert_eq!(GrantRef::parse("ring-ref", "8").unwrap().get(), 8);
-        assert_eq!(GrantRef::parse("ring-ref", "4294967295").unwrap().get(), u32::MAX);
+        assert_eq!(
+            GrantRef::parse("ring-ref", "4294967295").unwrap().get(),
+            u32::MAX
+        );
         assert_eq!(EvtchnPort::parse("event-channel", "17").unwrap().get(), 17);
         assert_eq!(DomId::parse("frontend-id", "32751").unwrap().get(), 0x7FEF);
         assert_eq!(DevId::parse("handle", "0").unwrap().get(), 0);
@@ -296,11 +317,26 @@ mod tests {
             ("12\n", ParseErrorKind::NotDecimal { index: 2 }),
             ("0x10", ParseErrorKind::NotDecimal { index: 1 }),
             ("１", ParseErrorKind::NotDecimal { index: 0 }),
-            ("99999999999", ParseErrorKind::OutOfRange { min: 0, max: u64::from(u32::MAX) }),
-            ("4294967296", ParseErrorKind::OutOfRange { min: 0, max: u64::from(u32::MAX) }),
+            (
+                "99999999999",
+                ParseErrorKind::OutOfRange {
+                    min: 0,
+                    max: u64::from(u32::MAX),
+                },
+            ),
+            (
+                "4294967296",
+                ParseErrorKind::OutOfRange {
+                    min: 0,
+                    max: u64::from(u32::MAX),
+                },
+            ),
             (
                 "99999999999999999999999999",
-                ParseErrorKind::OutOfRange { min: 0, max: u64::from(u32::MAX) },
+                ParseErrorKind::OutOfRange {
+                    min: 0,
+                    max: u64::from(u32::MAX),
+                },
             ),
         ];
         for (value, kind) in cases {

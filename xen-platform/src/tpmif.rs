@@ -168,7 +168,9 @@ pub struct MemPage {
 impl MemPage {
     /// A zeroed page (what Linux allocates).
     pub fn new() -> Self {
-        Self { bytes: (0..PAGE_SIZE).map(|_| AtomicU8::new(0)).collect() }
+        Self {
+            bytes: (0..PAGE_SIZE).map(|_| AtomicU8::new(0)).collect(),
+        }
     }
 
     /// A page whose first `min(len, 4096)` bytes are `contents`; the rest is zero.
@@ -183,7 +185,10 @@ impl MemPage {
 
     /// A snapshot of the whole page.
     pub fn to_vec(&self) -> Vec<u8> {
-        self.bytes.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+        self.bytes
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -259,7 +264,12 @@ impl Header {
         let length = page.read_u32_ne(OFFSET_LENGTH)?;
         let locality = page.read_u8(OFFSET_LOCALITY)?;
         let nr_extra_pages = page.read_u8(OFFSET_NR_EXTRA_PAGES)?;
-        Ok(Header { length, state, locality, nr_extra_pages })
+        Ok(Header {
+            length,
+            state,
+            locality,
+            nr_extra_pages,
+        })
     }
 
     /// Where the packet starts: `8 + 4 * nr_extra_pages` (at most 1028).
@@ -398,7 +408,10 @@ fn step(
 /// `offset + response.len() <= PAGE_SIZE`; the page re-checks anyway.
 fn finish(page: &impl SharedPage, offset: usize, response: &[u8]) -> Result<(), OutOfBounds> {
     check_bounds(offset, response.len())?;
-    let len = u32::try_from(response.len()).map_err(|_| OutOfBounds { offset, len: response.len() })?;
+    let len = u32::try_from(response.len()).map_err(|_| OutOfBounds {
+        offset,
+        len: response.len(),
+    })?;
     page.write_bytes(offset, response)?;
     page.write_u32_ne(OFFSET_LENGTH, len)?;
     // The frontend must observe data and length before it observes FINISH.
@@ -422,7 +435,10 @@ pub mod testing {
     impl CheckedPage {
         /// Wraps a page built from `contents`.
         pub fn new(contents: &[u8]) -> Self {
-            Self { inner: MemPage::from_bytes(contents), writes: RefCell::new(Vec::new()) }
+            Self {
+                inner: MemPage::from_bytes(contents),
+                writes: RefCell::new(Vec::new()),
+            }
         }
 
         /// `(offset, len)` of every write so far.
@@ -438,12 +454,20 @@ pub mod testing {
 
     impl SharedPage for CheckedPage {
         fn read_bytes(&self, offset: usize, buf: &mut [u8]) -> Result<(), OutOfBounds> {
-            assert!(check_bounds(offset, buf.len()).is_ok(), "read out of bounds: {offset}+{}", buf.len());
+            assert!(
+                check_bounds(offset, buf.len()).is_ok(),
+                "read out of bounds: {offset}+{}",
+                buf.len()
+            );
             self.inner.read_bytes(offset, buf)
         }
 
         fn write_bytes(&self, offset: usize, data: &[u8]) -> Result<(), OutOfBounds> {
-            assert!(check_bounds(offset, data.len()).is_ok(), "write out of bounds: {offset}+{}", data.len());
+            assert!(
+                check_bounds(offset, data.len()).is_ok(),
+                "write out of bounds: {offset}+{}",
+                data.len()
+            );
             self.writes.borrow_mut().push((offset, data.len()));
             self.inner.write_bytes(offset, data)
         }
@@ -488,18 +512,28 @@ pub mod testing {
 
         for (off, len) in page.writes() {
             assert!(off + len <= PAGE_SIZE);
-            let header_field = (off == OFFSET_LENGTH && len == 4) || (off == OFFSET_STATE && len == 1);
-            assert!(header_field || (off >= offset && len <= header.max_packet()), "write at {off}+{len}");
+            let header_field =
+                (off == OFFSET_LENGTH && len == 4) || (off == OFFSET_STATE && len == 1);
+            assert!(
+                header_field || (off >= offset && len <= header.max_packet()),
+                "write at {off}+{len}"
+            );
         }
         // locality, pad and nr_extra_pages are never written.
-        assert_eq!(after[OFFSET_LOCALITY..HEADER_SIZE], before[OFFSET_LOCALITY..HEADER_SIZE]);
+        assert_eq!(
+            after[OFFSET_LOCALITY..HEADER_SIZE],
+            before[OFFSET_LOCALITY..HEADER_SIZE]
+        );
 
         match PageState::try_from(header.state) {
             Ok(PageState::Submit) => {
                 assert!(outcome.notify_guest(), "{outcome:?}");
                 assert_eq!(after[OFFSET_STATE], PageState::Finish as u8);
                 let len = u32::from_ne_bytes([after[0], after[1], after[2], after[3]]) as usize;
-                assert!(len > 0 && len <= MAX_PACKET && offset + len <= PAGE_SIZE, "len {len}");
+                assert!(
+                    len > 0 && len <= MAX_PACKET && offset + len <= PAGE_SIZE,
+                    "len {len}"
+                );
                 let written = &after[offset..offset + len];
                 let valid_cmd = header.length > 0 && header.length as usize <= header.max_packet();
                 assert_eq!(calls.get(), usize::from(valid_cmd));
@@ -514,7 +548,10 @@ pub mod testing {
                 assert_eq!(after[offset + len..], before[offset + len..]);
             }
             Ok(PageState::Cancel) => {
-                assert_eq!(outcome, StepOutcome::NotifyGuest(Completion::CancelAcknowledged));
+                assert_eq!(
+                    outcome,
+                    StepOutcome::NotifyGuest(Completion::CancelAcknowledged)
+                );
                 assert_eq!(calls.get(), 0);
                 let mut expected = before.clone();
                 expected[OFFSET_STATE] = PageState::Idle as u8;
@@ -537,7 +574,8 @@ mod tests {
     fn submit(page: &MemPage, cmd: &[u8]) {
         page.write_bytes(DATA_OFFSET, cmd).unwrap();
         page.write_u32_ne(OFFSET_LENGTH, cmd.len() as u32).unwrap();
-        page.write_u8(OFFSET_STATE, PageState::Submit as u8).unwrap();
+        page.write_u8(OFFSET_STATE, PageState::Submit as u8)
+            .unwrap();
     }
 
     fn response(page: &MemPage) -> Vec<u8> {
@@ -551,8 +589,14 @@ mod tests {
 
     #[test]
     fn error_response_bytes() {
-        assert_eq!(tpm_error_response(TPM_RC_COMMAND_SIZE), [0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x42]);
-        assert_eq!(tpm_error_response(TPM_RC_FAILURE), [0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x01]);
+        assert_eq!(
+            tpm_error_response(TPM_RC_COMMAND_SIZE),
+            [0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x42]
+        );
+        assert_eq!(
+            tpm_error_response(TPM_RC_FAILURE),
+            [0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x01]
+        );
     }
 
     #[test]
@@ -568,12 +612,21 @@ mod tests {
         assert_eq!(seen, GET_RANDOM);
         assert_eq!(
             out,
-            StepOutcome::NotifyGuest(Completion::Responded { command_len: 12, response_len: 12 })
+            StepOutcome::NotifyGuest(Completion::Responded {
+                command_len: 12,
+                response_len: 12
+            })
         );
         assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
-        assert_eq!(response(&page), [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0, 0, 0xaa, 0xbb]);
+        assert_eq!(
+            response(&page),
+            [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0, 0, 0xaa, 0xbb]
+        );
         // FINISH again: nothing to do.
-        assert_eq!(backend_step(&page, &mut |_, _| unreachable!()), StepOutcome::Nothing);
+        assert_eq!(
+            backend_step(&page, &mut |_, _| unreachable!()),
+            StepOutcome::Nothing
+        );
     }
 
     #[test]
@@ -594,9 +647,15 @@ mod tests {
         for length in [0u32, 4089, 4092, 0xffff_ffff] {
             let page = MemPage::new();
             page.write_u32_ne(OFFSET_LENGTH, length).unwrap();
-            page.write_u8(OFFSET_STATE, PageState::Submit as u8).unwrap();
-            let out = backend_step(&page, &mut |_, _| panic!("handler called for length {length}"));
-            assert_eq!(out, StepOutcome::NotifyGuest(Completion::CommandRejected { length }));
+            page.write_u8(OFFSET_STATE, PageState::Submit as u8)
+                .unwrap();
+            let out = backend_step(&page, &mut |_, _| {
+                panic!("handler called for length {length}")
+            });
+            assert_eq!(
+                out,
+                StepOutcome::NotifyGuest(Completion::CommandRejected { length })
+            );
             assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
             assert_eq!(response(&page), tpm_error_response(TPM_RC_COMMAND_SIZE));
         }
@@ -613,7 +672,10 @@ mod tests {
         });
         assert!(matches!(
             out,
-            StepOutcome::NotifyGuest(Completion::Responded { command_len: MAX_PACKET, response_len: MAX_PACKET })
+            StepOutcome::NotifyGuest(Completion::Responded {
+                command_len: MAX_PACKET,
+                response_len: MAX_PACKET
+            })
         ));
         assert_eq!(response(&page), vec![0x11; MAX_PACKET]);
     }
@@ -624,12 +686,19 @@ mod tests {
             let page = MemPage::new();
             submit(&page, &GET_RANDOM);
             let out = backend_step(&page, &mut |_, _| vec![0xee; len]);
-            assert_eq!(out, StepOutcome::NotifyGuest(Completion::ResponseRejected { response_len: len }));
+            assert_eq!(
+                out,
+                StepOutcome::NotifyGuest(Completion::ResponseRejected { response_len: len })
+            );
             assert_eq!(response(&page), tpm_error_response(TPM_RC_FAILURE));
             assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
             // The tail of the page is untouched.
             let snapshot = page.to_vec();
-            assert!(snapshot[DATA_OFFSET + GET_RANDOM.len()..].iter().all(|&b| b == 0));
+            assert!(
+                snapshot[DATA_OFFSET + GET_RANDOM.len()..]
+                    .iter()
+                    .all(|&b| b == 0)
+            );
         }
     }
 
@@ -638,10 +707,13 @@ mod tests {
         for state in 4..=255u8 {
             let page = MemPage::new();
             page.write_bytes(DATA_OFFSET, &GET_RANDOM).unwrap();
-            page.write_u32_ne(OFFSET_LENGTH, GET_RANDOM.len() as u32).unwrap();
+            page.write_u32_ne(OFFSET_LENGTH, GET_RANDOM.len() as u32)
+                .unwrap();
             page.write_u8(OFFSET_STATE, state).unwrap();
             let before = page.to_vec();
-            let out = backend_step(&page, &mut |_, _| panic!("handler called for state {state}"));
+            let out = backend_step(&page, &mut |_, _| {
+                panic!("handler called for state {state}")
+            });
             assert_eq!(out, StepOutcome::UnknownState(state));
             assert_eq!(page.to_vec(), before);
         }
@@ -650,10 +722,17 @@ mod tests {
     #[test]
     fn idle_does_nothing_and_cancel_while_idle_acks() {
         let page = MemPage::new();
-        assert_eq!(backend_step(&page, &mut |_, _| unreachable!()), StepOutcome::Nothing);
-        page.write_u8(OFFSET_STATE, PageState::Cancel as u8).unwrap();
+        assert_eq!(
+            backend_step(&page, &mut |_, _| unreachable!()),
+            StepOutcome::Nothing
+        );
+        page.write_u8(OFFSET_STATE, PageState::Cancel as u8)
+            .unwrap();
         let out = backend_step(&page, &mut |_, _| unreachable!());
-        assert_eq!(out, StepOutcome::NotifyGuest(Completion::CancelAcknowledged));
+        assert_eq!(
+            out,
+            StepOutcome::NotifyGuest(Completion::CancelAcknowledged)
+        );
         assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Idle as u8);
     }
 
@@ -663,7 +742,8 @@ mod tests {
         submit(&page, &GET_RANDOM);
         let out = backend_step(&page, &mut |_, _| {
             // The guest times out and writes CANCEL while the command runs.
-            page.write_u8(OFFSET_STATE, PageState::Cancel as u8).unwrap();
+            page.write_u8(OFFSET_STATE, PageState::Cancel as u8)
+                .unwrap();
             vec![0x80, 0x01, 0, 0, 0, 10, 0, 0, 0, 0]
         });
         assert!(out.notify_guest());
@@ -695,7 +775,8 @@ mod tests {
         page.write_u8(OFFSET_NR_EXTRA_PAGES, 2).unwrap();
         page.write_bytes(16, &GET_RANDOM).unwrap();
         page.write_u32_ne(OFFSET_LENGTH, 12).unwrap();
-        page.write_u8(OFFSET_STATE, PageState::Submit as u8).unwrap();
+        page.write_u8(OFFSET_STATE, PageState::Submit as u8)
+            .unwrap();
         let out = backend_step(&page, &mut |cmd, _| {
             assert_eq!(cmd, GET_RANDOM);
             vec![1; 10]
@@ -706,7 +787,8 @@ mod tests {
         assert_eq!(r, [1; 10]);
         // 4096 - 16 = 4080 is the limit now.
         page.write_u32_ne(OFFSET_LENGTH, 4081).unwrap();
-        page.write_u8(OFFSET_STATE, PageState::Submit as u8).unwrap();
+        page.write_u8(OFFSET_STATE, PageState::Submit as u8)
+            .unwrap();
         assert_eq!(
             backend_step(&page, &mut |_, _| unreachable!()),
             StepOutcome::NotifyGuest(Completion::CommandRejected { length: 4081 })

@@ -70,22 +70,34 @@ impl Evtchn {
         // SAFETY: a NULL logger selects libxenevtchn's default; flags 0 are valid. The returned
         // pointer is either NULL (errno set) or a handle we own until `xenevtchn_close`.
         let raw = unsafe { sys::xenevtchn_open(ptr::null_mut(), 0) };
-        NonNull::new(raw).map(|handle| Evtchn { handle }).ok_or_else(last_error)
+        NonNull::new(raw)
+            .map(|handle| Evtchn { handle })
+            .ok_or_else(last_error)
     }
 
     /// Binds a local port to `remote_port`, an unbound port `domid` allocated for us.
-    pub fn bind_interdomain(&self, domid: DomId, remote_port: EvtchnPort) -> io::Result<EvtchnPort> {
+    pub fn bind_interdomain(
+        &self,
+        domid: DomId,
+        remote_port: EvtchnPort,
+    ) -> io::Result<EvtchnPort> {
         // SAFETY: `self.handle` is a live handle from `xenevtchn_open`; the other arguments are
         // plain integers.
         port_result(unsafe {
-            sys::xenevtchn_bind_interdomain(self.handle.as_ptr(), u32::from(domid.get()), remote_port.get())
+            sys::xenevtchn_bind_interdomain(
+                self.handle.as_ptr(),
+                u32::from(domid.get()),
+                remote_port.get(),
+            )
         })
     }
 
     /// Allocates a local port that `domid` may bind to (frontend side).
     pub fn bind_unbound_port(&self, domid: DomId) -> io::Result<EvtchnPort> {
         // SAFETY: live handle; integer argument.
-        port_result(unsafe { sys::xenevtchn_bind_unbound_port(self.handle.as_ptr(), u32::from(domid.get())) })
+        port_result(unsafe {
+            sys::xenevtchn_bind_unbound_port(self.handle.as_ptr(), u32::from(domid.get()))
+        })
     }
 
     /// Unbinds a local port.
@@ -110,7 +122,11 @@ impl Evtchn {
         let ret = unsafe { sys::xenevtchn_pending(self.handle.as_ptr()) };
         if ret < 0 {
             let e = last_error();
-            return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(e)
+            };
         }
         port_result(ret).map(Some)
     }
@@ -179,7 +195,9 @@ impl Gnttab {
         // SAFETY: NULL logger = default; flags 0 valid; NULL (errno set) or an owned handle.
         let raw = unsafe { sys::xengnttab_open(ptr::null_mut(), 0) };
         let handle = NonNull::new(raw).ok_or_else(last_error)?;
-        Ok(Gnttab { handle: Arc::new(GnttabHandle(handle)) })
+        Ok(Gnttab {
+            handle: Arc::new(GnttabHandle(handle)),
+        })
     }
 
     /// Maps one page granted by `domid` read/write. Unmapped when the result is dropped.
@@ -195,7 +213,10 @@ impl Gnttab {
             )
         };
         let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(last_error)?;
-        Ok(MappedPage { ptr, gnttab: self.handle.clone() })
+        Ok(MappedPage {
+            ptr,
+            gnttab: self.handle.clone(),
+        })
     }
 }
 
@@ -258,7 +279,8 @@ impl Drop for MappedPage {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from `xengnttab_map_grant_ref` on this handle (kept alive by the
         // Arc), covers one page, and is unmapped exactly once; no reference into it exists.
-        let ret = unsafe { sys::xengnttab_unmap(self.gnttab.0.as_ptr(), self.ptr.as_ptr().cast(), 1) };
+        let ret =
+            unsafe { sys::xengnttab_unmap(self.gnttab.0.as_ptr(), self.ptr.as_ptr().cast(), 1) };
         if ret < 0 {
             tracing::warn!(error = %last_error(), "xengnttab_unmap failed");
         }
@@ -292,7 +314,9 @@ impl Gntshr {
         // SAFETY: NULL logger = default; flags 0 valid; NULL (errno set) or an owned handle.
         let raw = unsafe { sys::xengntshr_open(ptr::null_mut(), 0) };
         let handle = NonNull::new(raw).ok_or_else(last_error)?;
-        Ok(Gntshr { handle: Arc::new(GntshrHandle(handle)) })
+        Ok(Gntshr {
+            handle: Arc::new(GntshrHandle(handle)),
+        })
     }
 
     /// Allocates a zeroed page and grants it to `domid`. Unshared when the memory is dropped.
@@ -310,7 +334,13 @@ impl Gntshr {
             )
         };
         let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(last_error)?;
-        Ok((GrantRef::new(gref), SharedMem { ptr, gntshr: self.handle.clone() }))
+        Ok((
+            GrantRef::new(gref),
+            SharedMem {
+                ptr,
+                gntshr: self.handle.clone(),
+            },
+        ))
     }
 }
 
@@ -345,7 +375,8 @@ impl Drop for SharedMem {
     fn drop(&mut self) {
         // SAFETY: `ptr` came from `xengntshr_share_pages` on this handle (alive via the Arc),
         // one page, unshared exactly once.
-        let ret = unsafe { sys::xengntshr_unshare(self.gntshr.0.as_ptr(), self.ptr.as_ptr().cast(), 1) };
+        let ret =
+            unsafe { sys::xengntshr_unshare(self.gntshr.0.as_ptr(), self.ptr.as_ptr().cast(), 1) };
         if ret < 0 {
             tracing::warn!(error = %last_error(), "xengntshr_unshare failed");
         }
@@ -363,7 +394,9 @@ pub struct XenTransport {
 impl XenTransport {
     /// Opens the grant device (event-channel handles are opened per connection).
     pub fn open() -> io::Result<Self> {
-        Ok(Self { gnttab: Gnttab::open()? })
+        Ok(Self {
+            gnttab: Gnttab::open()?,
+        })
     }
 }
 
@@ -379,8 +412,16 @@ impl Transport for XenTransport {
         let page = self
             .gnttab
             .map_grant_ref(frontend, ring_ref)
-            .map_err(|source| TransportError::MapGrant { domid: frontend, gref: ring_ref, source })?;
-        let bind_err = |source| TransportError::BindEvtchn { domid: frontend, port, source };
+            .map_err(|source| TransportError::MapGrant {
+                domid: frontend,
+                gref: ring_ref,
+                source,
+            })?;
+        let bind_err = |source| TransportError::BindEvtchn {
+            domid: frontend,
+            port,
+            source,
+        };
         let evtchn = Evtchn::open().map_err(bind_err)?;
         evtchn.set_nonblocking().map_err(bind_err)?;
         let local_port = evtchn.bind_interdomain(frontend, port).map_err(bind_err)?;
@@ -389,7 +430,11 @@ impl Transport for XenTransport {
         // deregisters before the handle (and fd) is closed.
         let evtchn = unsafe { AsyncFd::register(evtchn) }
             .map_err(|e| TransportError::Evtchn(io::Error::other(e.to_string())))?;
-        Ok(XenConnection { evtchn, local_port, page })
+        Ok(XenConnection {
+            evtchn,
+            local_port,
+            page,
+        })
     }
 }
 
@@ -432,15 +477,29 @@ impl Connection for XenConnection {
     }
 
     fn notify(&self) -> Result<(), TransportError> {
-        self.evtchn.get_ref().notify(self.local_port).map_err(TransportError::Evtchn)
+        self.evtchn
+            .get_ref()
+            .notify(self.local_port)
+            .map_err(TransportError::Evtchn)
     }
 
     async fn wait_event(&self) -> Result<(), TransportError> {
         loop {
-            let mut guard = self.evtchn.readable().await.map_err(TransportError::Evtchn)?;
-            match guard.get_inner().pending().map_err(TransportError::Evtchn)? {
+            let mut guard = self
+                .evtchn
+                .readable()
+                .await
+                .map_err(TransportError::Evtchn)?;
+            match guard
+                .get_inner()
+                .pending()
+                .map_err(TransportError::Evtchn)?
+            {
                 Some(port) => {
-                    guard.get_inner().unmask(port).map_err(TransportError::Evtchn)?;
+                    guard
+                        .get_inner()
+                        .unmask(port)
+                        .map_err(TransportError::Evtchn)?;
                     return Ok(());
                 }
                 None => guard.clear_ready(),
@@ -462,13 +521,21 @@ mod tests {
         if xen_present() {
             return;
         }
-        let e = Evtchn::open().err().expect("evtchn open must fail without Xen");
+        let e = Evtchn::open()
+            .err()
+            .expect("evtchn open must fail without Xen");
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
-        let e = Gnttab::open().err().expect("gnttab open must fail without Xen");
+        let e = Gnttab::open()
+            .err()
+            .expect("gnttab open must fail without Xen");
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
-        let e = Gntshr::open().err().expect("gntshr open must fail without Xen");
+        let e = Gntshr::open()
+            .err()
+            .expect("gntshr open must fail without Xen");
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
-        let e = XenTransport::open().err().expect("transport open must fail without Xen");
+        let e = XenTransport::open()
+            .err()
+            .expect("transport open must fail without Xen");
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
     }
 }

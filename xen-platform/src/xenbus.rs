@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use crate::ids::{DevId, DomId, EvtchnPort, GrantRef, ParseError, XenbusState};
 use crate::tpmif::{SharedPage, StepOutcome, backend_step};
-use crate::xenstore::{WatchEvent, WatchEvents, XsError, Xenstore};
+use crate::xenstore::{WatchEvent, WatchEvents, Xenstore, XsError};
 
 /// A failure of the grant-mapping / event-channel layer.
 #[derive(Debug, thiserror::Error)]
@@ -305,7 +305,12 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         while root.len() > 1 && root.ends_with('/') {
             root.pop();
         }
-        Self { xs, transport, root, devices: BTreeMap::new() }
+        Self {
+            xs,
+            transport,
+            root,
+            devices: BTreeMap::new(),
+        }
     }
 
     /// Watches the root (which also covers every device's `state` and `online`) and picks up
@@ -345,7 +350,10 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
                 events.extend(errors);
                 keys.extend(found);
             }
-            Err(e) => events.push(BackendEvent::Error { key: None, error: e }),
+            Err(e) => events.push(BackendEvent::Error {
+                key: None,
+                error: e,
+            }),
         }
         keys.sort();
         keys.dedup();
@@ -363,7 +371,10 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             let frontend = match DomId::parse(&fe_path, &fe) {
                 Ok(d) => d,
                 Err(e) => {
-                    errors.push(BackendEvent::Error { key: None, error: e.into() });
+                    errors.push(BackendEvent::Error {
+                        key: None,
+                        error: e.into(),
+                    });
                     continue;
                 }
             };
@@ -371,7 +382,10 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
                 let dev_path = format!("{fe_path}/{dev}");
                 match DevId::parse(&dev_path, &dev) {
                     Ok(devid) => keys.push(DeviceKey { frontend, devid }),
-                    Err(e) => errors.push(BackendEvent::Error { key: None, error: e.into() }),
+                    Err(e) => errors.push(BackendEvent::Error {
+                        key: None,
+                        error: e.into(),
+                    }),
                 }
             }
         }
@@ -396,7 +410,10 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             let devid = DevId::parse(&format!("{}/{fe}/{dev}", self.root), dev);
             return match (frontend, devid) {
                 (Ok(frontend), Ok(devid)) => self.reconcile(DeviceKey { frontend, devid }).await,
-                (Err(e), _) | (_, Err(e)) => vec![BackendEvent::Error { key: None, error: e.into() }],
+                (Err(e), _) | (_, Err(e)) => vec![BackendEvent::Error {
+                    key: None,
+                    error: e.into(),
+                }],
             };
         }
         let keys: Vec<DeviceKey> = self
@@ -418,17 +435,25 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         if !self.devices.contains_key(&key) {
             match self.attach(key).await {
                 Ok(Some(dev)) => {
-                    events.push(BackendEvent::Added { key, uuid: dev.uuid });
+                    events.push(BackendEvent::Added {
+                        key,
+                        uuid: dev.uuid,
+                    });
                     self.devices.insert(key, dev);
                 }
                 Ok(None) => return events,
                 Err(error) => {
-                    events.push(BackendEvent::Error { key: Some(key), error });
+                    events.push(BackendEvent::Error {
+                        key: Some(key),
+                        error,
+                    });
                     return events;
                 }
             }
         }
-        let Some(dev) = self.devices.get_mut(&key) else { return events };
+        let Some(dev) = self.devices.get_mut(&key) else {
+            return events;
+        };
         let mut gone = false;
         match drive(&self.xs, &mut self.transport, dev, &mut events, &mut gone).await {
             Ok(()) => dev.last_error = None,
@@ -438,7 +463,10 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
                 let text = error.to_string();
                 if dev.last_error.as_deref() != Some(text.as_str()) {
                     dev.last_error = Some(text);
-                    events.push(BackendEvent::Error { key: Some(key), error });
+                    events.push(BackendEvent::Error {
+                        key: Some(key),
+                        error,
+                    });
                 }
             }
         }
@@ -446,7 +474,10 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             if let Some(dev) = self.devices.remove(&key)
                 && let Err(error) = self.xs.unwatch(&dev.frontend_path).await
             {
-                events.push(BackendEvent::Error { key: Some(key), error: error.into() });
+                events.push(BackendEvent::Error {
+                    key: Some(key),
+                    error: error.into(),
+                });
             }
             events.push(BackendEvent::Gone { key });
         }
@@ -455,27 +486,48 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
 
     /// Reads a new device's backend directory and announces InitWait. `Ok(None)` if the
     /// directory is absent or not filled in yet.
-    async fn attach(&mut self, key: DeviceKey) -> Result<Option<TpmifDevice<T::Connection>>, XenbusError> {
+    async fn attach(
+        &mut self,
+        key: DeviceKey,
+    ) -> Result<Option<TpmifDevice<T::Connection>>, XenbusError> {
         let backend_path = format!("{}/{}/{}", self.root, key.frontend, key.devid);
         let fe_key = format!("{backend_path}/frontend");
-        let Some(frontend_path) = self.xs.read(&fe_key).await? else { return Ok(None) };
+        let Some(frontend_path) = self.xs.read(&fe_key).await? else {
+            return Ok(None);
+        };
         if !frontend_path.starts_with('/') || frontend_path.len() < 2 {
-            return Err(XenbusError::BadFrontendPath { path: fe_key, value: shown(&frontend_path) });
+            return Err(XenbusError::BadFrontendPath {
+                path: fe_key,
+                value: shown(&frontend_path),
+            });
         }
         let frontend_path = frontend_path.trim_end_matches('/').to_owned();
         let id_key = format!("{backend_path}/frontend-id");
         let id = read_required(&self.xs, &id_key).await?;
         let id = DomId::parse(&id_key, &id)?;
         if id != key.frontend {
-            return Err(XenbusError::FrontendIdMismatch { path: id_key, value: id, expected: key.frontend });
+            return Err(XenbusError::FrontendIdMismatch {
+                path: id_key,
+                value: id,
+                expected: key.frontend,
+            });
         }
         let uuid_key = format!("{backend_path}/uuid");
         let uuid_str = read_required(&self.xs, &uuid_key).await?;
-        let uuid = Uuid::try_parse(&uuid_str)
-            .map_err(|_| XenbusError::BadUuid { path: uuid_key, value: shown(&uuid_str) })?;
+        let uuid = Uuid::try_parse(&uuid_str).map_err(|_| XenbusError::BadUuid {
+            path: uuid_key,
+            value: shown(&uuid_str),
+        })?;
 
-        self.xs.write(&format!("{backend_path}/feature-protocol-v2"), "1").await?;
-        self.xs.write(&format!("{backend_path}/state"), XenbusState::InitWait.as_value()).await?;
+        self.xs
+            .write(&format!("{backend_path}/feature-protocol-v2"), "1")
+            .await?;
+        self.xs
+            .write(
+                &format!("{backend_path}/state"),
+                XenbusState::InitWait.as_value(),
+            )
+            .await?;
         self.xs.watch(&frontend_path).await?;
         tracing::debug!(%key, %uuid, frontend = %frontend_path, "tpmif device in InitWait");
         Ok(Some(TpmifDevice {
@@ -494,14 +546,21 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
     /// Waits until some connected frontend signals (or a step is due). Never completes while no
     /// device is connected.
     pub async fn wait_guest(&self) -> Result<DeviceKey, (DeviceKey, TransportError)> {
-        if let Some(dev) = self.devices.values().find(|d| d.kick && d.connection().is_some()) {
+        if let Some(dev) = self
+            .devices
+            .values()
+            .find(|d| d.kick && d.connection().is_some())
+        {
             return Ok(dev.key);
         }
         type Wait<'a> = Pin<Box<dyn Future<Output = Result<(), TransportError>> + Send + 'a>>;
         let mut waits: Vec<(DeviceKey, Wait<'_>)> = self
             .devices
             .values()
-            .filter_map(|d| d.connection().map(|c| (d.key, Box::pin(c.wait_event()) as Wait<'_>)))
+            .filter_map(|d| {
+                d.connection()
+                    .map(|c| (d.key, Box::pin(c.wait_event()) as Wait<'_>))
+            })
             .collect();
         poll_fn(|cx| {
             for (key, wait) in waits.iter_mut() {
@@ -521,9 +580,13 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         key: DeviceKey,
         handler: &mut dyn FnMut(&[u8], u8) -> Vec<u8>,
     ) -> Result<StepOutcome, TransportError> {
-        let Some(dev) = self.devices.get_mut(&key) else { return Ok(StepOutcome::Nothing) };
+        let Some(dev) = self.devices.get_mut(&key) else {
+            return Ok(StepOutcome::Nothing);
+        };
         dev.kick = false;
-        let Some(conn) = dev.connection() else { return Ok(StepOutcome::Nothing) };
+        let Some(conn) = dev.connection() else {
+            return Ok(StepOutcome::Nothing);
+        };
         let outcome = backend_step(conn.page(), handler);
         if outcome.notify_guest() {
             conn.notify()?;
@@ -553,11 +616,16 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
 }
 
 fn is_at_or_below(path: &str, dir: &str) -> bool {
-    path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
+    path == dir
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 async fn read_required(xs: &impl Xenstore, path: &str) -> Result<String, XenbusError> {
-    xs.read(path).await?.ok_or_else(|| XenbusError::Missing { path: path.to_owned() })
+    xs.read(path).await?.ok_or_else(|| XenbusError::Missing {
+        path: path.to_owned(),
+    })
 }
 
 async fn write_state<C>(
@@ -565,7 +633,8 @@ async fn write_state<C>(
     dev: &mut TpmifDevice<C>,
     state: XenbusState,
 ) -> Result<(), XenbusError> {
-    xs.write(&format!("{}/state", dev.backend_path), state.as_value()).await?;
+    xs.write(&format!("{}/state", dev.backend_path), state.as_value())
+        .await?;
     dev.written = state;
     Ok(())
 }
@@ -674,7 +743,10 @@ async fn connect<X: Xenstore, T: Transport>(
     let v2_key = format!("{fe}/feature-protocol-v2");
     let v2 = xs.read(&v2_key).await?;
     if v2.as_deref() != Some("1") {
-        return Err(XenbusError::ProtocolV2Required { path: v2_key, value: v2.as_deref().map(shown) });
+        return Err(XenbusError::ProtocolV2Required {
+            path: v2_key,
+            value: v2.as_deref().map(shown),
+        });
     }
     let ring_key = format!("{fe}/ring-ref");
     let ring_ref = GrantRef::parse(&ring_key, &read_required(xs, &ring_key).await?)?;

@@ -17,7 +17,10 @@ const FE: &str = "/local/domain/5/device/vtpm/0";
 const UUID: &str = "e2b1a7d4-3c5f-4b8e-9a61-0c2d4e6f8a10";
 
 fn key() -> DeviceKey {
-    DeviceKey { frontend: DomId::new(5).unwrap(), devid: DevId::new(0) }
+    DeviceKey {
+        frontend: DomId::new(5).unwrap(),
+        devid: DevId::new(0),
+    }
 }
 
 fn dom5() -> DomId {
@@ -38,7 +41,12 @@ impl Harness {
         let mut backend = Backend::new(xs.clone(), transport.clone(), format!("{ROOT}/"));
         let initial = backend.start().await.unwrap();
         assert!(initial.is_empty(), "{initial:?}");
-        let mut h = Harness { xs, events, transport, backend };
+        let mut h = Harness {
+            xs,
+            events,
+            transport,
+            backend,
+        };
         h.pump().await;
         h
     }
@@ -47,7 +55,9 @@ impl Harness {
     async fn pump(&mut self) -> Vec<BackendEvent> {
         let mut out = Vec::new();
         for _ in 0..1000 {
-            let Some(ev) = self.events.try_next() else { return out };
+            let Some(ev) = self.events.try_next() else {
+                return out;
+            };
             out.extend(self.backend.handle_watch_event(ev).await);
         }
         panic!("watch events never settle: {out:?}");
@@ -66,7 +76,12 @@ impl Harness {
         ] {
             self.xs.set(&format!("{BE}/{k}"), v);
         }
-        for (k, v) in [("backend", BE), ("backend-id", "0"), ("state", "1"), ("handle", "0")] {
+        for (k, v) in [
+            ("backend", BE),
+            ("backend-id", "0"),
+            ("state", "1"),
+            ("handle", "0"),
+        ] {
             self.xs.set(&format!("{FE}/{k}"), v);
         }
     }
@@ -74,9 +89,12 @@ impl Harness {
     /// What Linux xen-tpmfront does in `setup_ring` + switch to Initialised.
     fn guest_publish(&self, gref: u32, port: u32) -> (Arc<MemPage>, Arc<FakeChannel>) {
         let page = self.transport.grant_page(dom5(), GrantRef::new(gref));
-        let chan = self.transport.alloc_port(dom5(), EvtchnPort::new(port).unwrap());
+        let chan = self
+            .transport
+            .alloc_port(dom5(), EvtchnPort::new(port).unwrap());
         self.xs.set(&format!("{FE}/ring-ref"), &gref.to_string());
-        self.xs.set(&format!("{FE}/event-channel"), &port.to_string());
+        self.xs
+            .set(&format!("{FE}/event-channel"), &port.to_string());
         self.xs.set(&format!("{FE}/feature-protocol-v2"), "1");
         self.xs.set(&format!("{FE}/state"), "3");
         (page, chan)
@@ -92,16 +110,21 @@ impl Harness {
         h.pump().await;
         let (page, chan) = h.guest_publish(8, 17);
         let ev = h.pump().await;
-        assert!(ev.iter().any(|e| matches!(e, BackendEvent::Connected { .. })), "{ev:?}");
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, BackendEvent::Connected { .. })),
+            "{ev:?}"
+        );
         (h, page, chan)
     }
 
     /// Drives `Backend::next` until the guest's kick is served; returns the step outcome.
     async fn serve(&mut self, handler: &mut dyn FnMut(&[u8], u8) -> Vec<u8>) -> StepOutcome {
         loop {
-            let act = tokio::time::timeout(Duration::from_secs(5), self.backend.next(&mut self.events))
-                .await
-                .expect("backend never woke");
+            let act =
+                tokio::time::timeout(Duration::from_secs(5), self.backend.next(&mut self.events))
+                    .await
+                    .expect("backend never woke");
             match act {
                 Activity::Guest(k) => {
                     let out = self.backend.service(k, handler).unwrap();
@@ -119,7 +142,8 @@ impl Harness {
 fn submit(page: &MemPage, chan: &FakeChannel, cmd: &[u8]) {
     page.write_bytes(DATA_OFFSET, cmd).unwrap();
     page.write_u32_ne(OFFSET_LENGTH, cmd.len() as u32).unwrap();
-    page.write_u8(OFFSET_STATE, PageState::Submit as u8).unwrap();
+    page.write_u8(OFFSET_STATE, PageState::Submit as u8)
+        .unwrap();
     chan.kick();
 }
 
@@ -159,7 +183,10 @@ async fn handshake_initwait_to_connected() {
 
     let (_page, chan) = h.guest_publish(8, 17);
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Connected { key: k }] if *k == key()), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Connected { key: k }] if *k == key()),
+        "{ev:?}"
+    );
     assert_eq!(h.be("state").as_deref(), Some("4"));
     assert_eq!(h.be("ready").as_deref(), Some("1"));
     assert_eq!(h.transport.live_connections(), 1);
@@ -191,12 +218,23 @@ async fn frontend_skipping_initialised_connects_too() {
 #[tokio::test]
 async fn submit_round_trip_through_backend() {
     let (mut h, page, chan) = Harness::connected().await;
-    let cmd = [0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x7b, 0xde, 0xad, 0xbe, 0xef];
+    let cmd = [
+        0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x7b, 0xde, 0xad, 0xbe, 0xef,
+    ];
     submit(&page, &chan, &cmd);
     let out = h.serve(&mut echo_tpm).await;
-    assert_eq!(out, StepOutcome::NotifyGuest(Completion::Responded { command_len: 14, response_len: 14 }));
+    assert_eq!(
+        out,
+        StepOutcome::NotifyGuest(Completion::Responded {
+            command_len: 14,
+            response_len: 14
+        })
+    );
     assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
-    assert_eq!(read_response(&page), [0x80, 0x01, 0, 0, 0, 14, 0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]);
+    assert_eq!(
+        read_response(&page),
+        [0x80, 0x01, 0, 0, 0, 14, 0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]
+    );
     assert_eq!(chan.notifications(), 1);
 
     // A second command on the same connection.
@@ -211,11 +249,18 @@ async fn garbage_length_via_backend_still_finishes() {
     for length in [0u32, 4089, 0xffff_ffff] {
         let (mut h, page, chan) = Harness::connected().await;
         page.write_u32_ne(OFFSET_LENGTH, length).unwrap();
-        page.write_u8(OFFSET_STATE, PageState::Submit as u8).unwrap();
+        page.write_u8(OFFSET_STATE, PageState::Submit as u8)
+            .unwrap();
         chan.kick();
         let out = h.serve(&mut |_, _| panic!("handler must not run")).await;
-        assert_eq!(out, StepOutcome::NotifyGuest(Completion::CommandRejected { length }));
-        assert_eq!(read_response(&page), tpm_error_response(TPM_RC_COMMAND_SIZE));
+        assert_eq!(
+            out,
+            StepOutcome::NotifyGuest(Completion::CommandRejected { length })
+        );
+        assert_eq!(
+            read_response(&page),
+            tpm_error_response(TPM_RC_COMMAND_SIZE)
+        );
         assert_eq!(chan.notifications(), 1);
     }
 }
@@ -227,9 +272,14 @@ async fn garbage_state_byte_is_reported_not_answered() {
     let _ = h.backend.service(key(), &mut |_, _| unreachable!());
     page.write_u8(OFFSET_STATE, 0xa5).unwrap();
     chan.kick();
-    let act = tokio::time::timeout(Duration::from_secs(5), h.backend.next(&mut h.events)).await.unwrap();
+    let act = tokio::time::timeout(Duration::from_secs(5), h.backend.next(&mut h.events))
+        .await
+        .unwrap();
     assert!(matches!(act, Activity::Guest(k) if k == key()));
-    let out = h.backend.service(key(), &mut |_, _| unreachable!()).unwrap();
+    let out = h
+        .backend
+        .service(key(), &mut |_, _| unreachable!())
+        .unwrap();
     assert_eq!(out, StepOutcome::UnknownState(0xa5));
     assert_eq!(chan.notifications(), 0);
 }
@@ -241,7 +291,9 @@ async fn cancel_mid_command_still_completes_with_finish() {
     let guest_page = page.clone();
     let out = h
         .serve(&mut |cmd, loc| {
-            guest_page.write_u8(OFFSET_STATE, PageState::Cancel as u8).unwrap();
+            guest_page
+                .write_u8(OFFSET_STATE, PageState::Cancel as u8)
+                .unwrap();
             echo_tpm(cmd, loc)
         })
         .await;
@@ -250,10 +302,14 @@ async fn cancel_mid_command_still_completes_with_finish() {
     assert_eq!(read_response(&page), [0x80, 0x01, 0, 0, 0, 10, 0, 0, 0, 0]);
 
     // A CANCEL while idle is acknowledged with IDLE.
-    page.write_u8(OFFSET_STATE, PageState::Cancel as u8).unwrap();
+    page.write_u8(OFFSET_STATE, PageState::Cancel as u8)
+        .unwrap();
     chan.kick();
     let out = h.serve(&mut |_, _| unreachable!()).await;
-    assert_eq!(out, StepOutcome::NotifyGuest(Completion::CancelAcknowledged));
+    assert_eq!(
+        out,
+        StepOutcome::NotifyGuest(Completion::CancelAcknowledged)
+    );
     assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Idle as u8);
 }
 
@@ -263,8 +319,15 @@ async fn guest_vanishing_cleans_up() {
     // `xl destroy`: the guest's whole domain directory goes.
     h.xs.remove("/local/domain/5");
     let ev = h.pump().await;
-    assert!(ev.iter().any(|e| matches!(e, BackendEvent::Gone { key: k } if *k == key())), "{ev:?}");
-    assert_eq!(h.xs.history(&format!("{BE}/state")), ["1", "2", "4", "5", "6"]);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, BackendEvent::Gone { key: k } if *k == key())),
+        "{ev:?}"
+    );
+    assert_eq!(
+        h.xs.history(&format!("{BE}/state")),
+        ["1", "2", "4", "5", "6"]
+    );
     assert!(!h.xs.exists(BE), "backend directory must be removed");
     assert_eq!(h.transport.live_connections(), 0);
     assert!(!chan.is_bound());
@@ -280,7 +343,10 @@ async fn vanishing_before_connect_cleans_up() {
     h.pump().await;
     h.xs.remove(FE);
     let ev = h.pump().await;
-    assert!(ev.iter().any(|e| matches!(e, BackendEvent::Gone { .. })), "{ev:?}");
+    assert!(
+        ev.iter().any(|e| matches!(e, BackendEvent::Gone { .. })),
+        "{ev:?}"
+    );
     assert!(!h.xs.exists(BE));
 }
 
@@ -289,14 +355,20 @@ async fn close_returns_to_initwait_and_reconnect_works() {
     let (mut h, page, chan) = Harness::connected().await;
     h.xs.set(&format!("{FE}/state"), "5");
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Closing { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Closing { .. }]),
+        "{ev:?}"
+    );
     assert_eq!(h.be("state").as_deref(), Some("5"));
     // Our own Closing is not mistaken for a toolstack detach.
     assert!(h.backend.device(key()).unwrap().connection().is_some());
 
     h.xs.set(&format!("{FE}/state"), "6");
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Disconnected { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Disconnected { .. }]),
+        "{ev:?}"
+    );
     assert_eq!(h.be("state").as_deref(), Some("2"));
     assert_eq!(h.transport.live_connections(), 0);
     assert!(!chan.is_bound());
@@ -308,12 +380,22 @@ async fn close_returns_to_initwait_and_reconnect_works() {
     assert_eq!(h.be("state").as_deref(), Some("2"));
     let (page2, chan2) = h.guest_publish(9, 18);
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Connected { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Connected { .. }]),
+        "{ev:?}"
+    );
     assert_eq!(h.be("state").as_deref(), Some("4"));
-    submit(&page2, &chan2, &[0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8]);
+    submit(
+        &page2,
+        &chan2,
+        &[0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8],
+    );
     let out = h.serve(&mut echo_tpm).await;
     assert!(out.notify_guest());
-    assert_eq!(read_response(&page2), [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0, 0, 0, 8]);
+    assert_eq!(
+        read_response(&page2),
+        [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0, 0, 0, 8]
+    );
 }
 
 #[tokio::test]
@@ -321,7 +403,10 @@ async fn frontend_restart_without_close_disconnects() {
     let (mut h, _page, _chan) = Harness::connected().await;
     h.xs.set(&format!("{FE}/state"), "1");
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Disconnected { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Disconnected { .. }]),
+        "{ev:?}"
+    );
     assert_eq!(h.be("state").as_deref(), Some("2"));
     assert_eq!(h.transport.live_connections(), 0);
 }
@@ -333,7 +418,10 @@ async fn toolstack_detach_goes_to_closed_promptly() {
     h.xs.set(&format!("{BE}/online"), "0");
     h.xs.set(&format!("{BE}/state"), "5");
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Detached { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Detached { .. }]),
+        "{ev:?}"
+    );
     assert_eq!(h.be("state").as_deref(), Some("6"));
     assert_eq!(h.transport.live_connections(), 0);
     assert!(!chan.is_bound());
@@ -345,7 +433,10 @@ async fn toolstack_detach_goes_to_closed_promptly() {
     h.xs.remove(FE);
     h.xs.remove(BE);
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Gone { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Gone { .. }]),
+        "{ev:?}"
+    );
     assert!(h.backend.device(key()).is_none());
 }
 
@@ -354,7 +445,10 @@ async fn toolstack_state_5_alone_is_a_detach() {
     let (mut h, _page, _chan) = Harness::connected().await;
     h.xs.set(&format!("{BE}/state"), "5");
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Detached { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Detached { .. }]),
+        "{ev:?}"
+    );
     assert_eq!(h.be("state").as_deref(), Some("6"));
 }
 
@@ -363,13 +457,21 @@ async fn forced_backend_removal_releases_the_mapping() {
     let (mut h, _page, _chan) = Harness::connected().await;
     h.xs.remove(BE);
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Gone { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Gone { .. }]),
+        "{ev:?}"
+    );
     assert_eq!(h.transport.live_connections(), 0);
 }
 
 fn parse_error(ev: &[BackendEvent]) -> &ParseError {
     match ev {
-        [BackendEvent::Error { error: XenbusError::Parse(p), .. }] => p,
+        [
+            BackendEvent::Error {
+                error: XenbusError::Parse(p),
+                ..
+            },
+        ] => p,
         other => panic!("expected one parse error, got {other:?}"),
     }
 }
@@ -388,7 +490,13 @@ async fn bad_ring_ref_and_event_channel_are_clear_errors() {
     for (value, kind) in [
         ("abc", ParseErrorKind::NotDecimal { index: 0 }),
         ("-1", ParseErrorKind::NotDecimal { index: 0 }),
-        ("99999999999", ParseErrorKind::OutOfRange { min: 0, max: u64::from(u32::MAX) }),
+        (
+            "99999999999",
+            ParseErrorKind::OutOfRange {
+                min: 0,
+                max: u64::from(u32::MAX),
+            },
+        ),
     ] {
         h.xs.set(&ring_key, value);
         h.xs.set(&format!("{FE}/state"), "3");
@@ -409,12 +517,18 @@ async fn bad_ring_ref_and_event_channel_are_clear_errors() {
     assert_eq!(err.kind(), ParseErrorKind::Empty);
 
     h.xs.set(&format!("{FE}/event-channel"), "0");
-    assert!(matches!(parse_error(&h.pump().await).kind(), ParseErrorKind::OutOfRange { .. }));
+    assert!(matches!(
+        parse_error(&h.pump().await).kind(),
+        ParseErrorKind::OutOfRange { .. }
+    ));
 
     // Fixed values: the same device connects.
     h.xs.set(&format!("{FE}/event-channel"), "17");
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Connected { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Connected { .. }]),
+        "{ev:?}"
+    );
 }
 
 #[tokio::test]
@@ -425,12 +539,24 @@ async fn missing_values_and_protocol_v1_are_errors() {
     h.xs.set(&format!("{FE}/state"), "3");
     let ev = h.pump().await;
     assert!(
-        matches!(ev.as_slice(), [BackendEvent::Error { error: XenbusError::ProtocolV2Required { value: None, .. }, .. }]),
+        matches!(
+            ev.as_slice(),
+            [BackendEvent::Error {
+                error: XenbusError::ProtocolV2Required { value: None, .. },
+                ..
+            }]
+        ),
         "{ev:?}"
     );
     h.xs.set(&format!("{FE}/feature-protocol-v2"), "0");
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Error { error: XenbusError::ProtocolV2Required { .. }, .. }]));
+    assert!(matches!(
+        ev.as_slice(),
+        [BackendEvent::Error {
+            error: XenbusError::ProtocolV2Required { .. },
+            ..
+        }]
+    ));
     h.xs.set(&format!("{FE}/feature-protocol-v2"), "1");
     let ev = h.pump().await;
     assert!(
@@ -442,7 +568,13 @@ async fn missing_values_and_protocol_v1_are_errors() {
     h.xs.set(&format!("{FE}/event-channel"), "17");
     let ev = h.pump().await;
     assert!(
-        matches!(ev.as_slice(), [BackendEvent::Error { error: XenbusError::Transport(TransportError::MapGrant { .. }), .. }]),
+        matches!(
+            ev.as_slice(),
+            [BackendEvent::Error {
+                error: XenbusError::Transport(TransportError::MapGrant { .. }),
+                ..
+            }]
+        ),
         "{ev:?}"
     );
     assert_eq!(h.be("state").as_deref(), Some("2"));
@@ -469,35 +601,70 @@ async fn bad_backend_directory_is_rejected() {
     // (the toolstack's writes came one by one; only the settled state matters)
     let ev = h.pump().await;
     assert!(
-        ev.iter().all(|e| matches!(e, BackendEvent::Error { error: XenbusError::FrontendIdMismatch { .. }, .. })),
+        ev.iter().all(|e| matches!(
+            e,
+            BackendEvent::Error {
+                error: XenbusError::FrontendIdMismatch { .. },
+                ..
+            }
+        )),
         "{ev:?}"
     );
     assert_eq!(h.be("state").as_deref(), Some("1"));
     h.xs.set(&format!("{BE}/frontend-id"), "5");
     h.xs.set(&format!("{BE}/uuid"), "not-a-uuid");
     let ev = h.pump().await;
-    assert!(ev.iter().all(|e| matches!(e, BackendEvent::Error { error: XenbusError::BadUuid { .. }, .. })), "{ev:?}");
+    assert!(
+        ev.iter().all(|e| matches!(
+            e,
+            BackendEvent::Error {
+                error: XenbusError::BadUuid { .. },
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
     h.xs.set(&format!("{BE}/uuid"), UUID);
     let ev = h.pump().await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Added { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Added { .. }]),
+        "{ev:?}"
+    );
 
     // Garbage device names under the root are reported, not fatal.
     h.xs.set(&format!("{ROOT}/abc/0/frontend"), FE);
     h.xs.set(&format!("{ROOT}/7/-1/frontend"), FE);
     let ev = h.pump().await;
-    assert!(!ev.is_empty() && ev.iter().all(|e| matches!(e, BackendEvent::Error { key: None, .. })), "{ev:?}");
+    assert!(
+        !ev.is_empty()
+            && ev
+                .iter()
+                .all(|e| matches!(e, BackendEvent::Error { key: None, .. })),
+        "{ev:?}"
+    );
 }
 
 #[tokio::test]
 async fn devices_present_before_start_are_picked_up() {
     let (xs, mut events) = FakeXenstore::new();
     let transport = MemTransport::new();
-    let h0 = Harness { xs: xs.clone(), events: FakeXenstore::new().1, transport: transport.clone(), backend: Backend::new(xs.clone(), transport.clone(), ROOT) };
+    let h0 = Harness {
+        xs: xs.clone(),
+        events: FakeXenstore::new().1,
+        transport: transport.clone(),
+        backend: Backend::new(xs.clone(), transport.clone(), ROOT),
+    };
     h0.toolstack_add();
     h0.guest_publish(8, 17);
     let mut backend = h0.backend;
     let ev = backend.start().await.unwrap();
-    assert!(matches!(ev.as_slice(), [BackendEvent::Added { .. }, BackendEvent::Connected { .. }]), "{ev:?}");
+    assert!(
+        matches!(
+            ev.as_slice(),
+            [BackendEvent::Added { .. }, BackendEvent::Connected { .. }]
+        ),
+        "{ev:?}"
+    );
     while let Some(e) = events.try_next() {
         backend.handle_watch_event(e).await;
     }
@@ -514,7 +681,10 @@ async fn resync_after_event_overflow() {
     let first = h.events.try_next();
     assert_eq!(first, Some(WatchEvent::Resync));
     let ev = h.backend.handle_watch_event(WatchEvent::Resync).await;
-    assert!(matches!(ev.as_slice(), [BackendEvent::Added { .. }]), "{ev:?}");
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Added { .. }]),
+        "{ev:?}"
+    );
     h.pump().await;
     assert_eq!(h.be("state").as_deref(), Some("2"));
 }
@@ -525,7 +695,13 @@ async fn two_guests_are_independent() {
     // A second device for domain 7.
     let be7 = format!("{ROOT}/7/0");
     let fe7 = "/local/domain/7/device/vtpm/0";
-    for (k, v) in [("frontend", fe7), ("frontend-id", "7"), ("online", "1"), ("state", "1"), ("uuid", UUID)] {
+    for (k, v) in [
+        ("frontend", fe7),
+        ("frontend-id", "7"),
+        ("online", "1"),
+        ("state", "1"),
+        ("uuid", UUID),
+    ] {
         h.xs.set(&format!("{be7}/{k}"), v);
     }
     h.xs.set(&format!("{fe7}/state"), "1");
@@ -533,17 +709,29 @@ async fn two_guests_are_independent() {
     let d7 = DomId::new(7).unwrap();
     let page7 = h.transport.grant_page(d7, GrantRef::new(8));
     let chan7 = h.transport.alloc_port(d7, EvtchnPort::new(17).unwrap());
-    for (k, v) in [("ring-ref", "8"), ("event-channel", "17"), ("feature-protocol-v2", "1"), ("state", "3")] {
+    for (k, v) in [
+        ("ring-ref", "8"),
+        ("event-channel", "17"),
+        ("feature-protocol-v2", "1"),
+        ("state", "3"),
+    ] {
         h.xs.set(&format!("{fe7}/{k}"), v);
     }
     h.pump().await;
     assert_eq!(h.xs.get(&format!("{be7}/state")).as_deref(), Some("4"));
     assert_eq!(h.transport.live_connections(), 2);
 
-    submit(&page7, &chan7, &[0x80, 0x01, 0, 0, 0, 11, 0, 0, 0x01, 0x44, 7]);
+    submit(
+        &page7,
+        &chan7,
+        &[0x80, 0x01, 0, 0, 0, 11, 0, 0, 0x01, 0x44, 7],
+    );
     let out = h.serve(&mut echo_tpm).await;
     assert!(out.notify_guest());
-    assert_eq!(read_response(&page7), [0x80, 0x01, 0, 0, 0, 11, 0, 0, 0, 0, 7]);
+    assert_eq!(
+        read_response(&page7),
+        [0x80, 0x01, 0, 0, 0, 11, 0, 0, 0, 0, 7]
+    );
     assert_eq!(chan7.notifications(), 1);
     assert_eq!(chan.notifications(), 0);
     assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Idle as u8);

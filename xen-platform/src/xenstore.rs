@@ -58,7 +58,11 @@ pub struct XsError {
 impl XsError {
     /// Builds an error for `op` on `path`.
     pub fn new(op: &'static str, path: &str, source: io::Error) -> Self {
-        Self { op, path: path.to_owned(), source }
+        Self {
+            op,
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -203,7 +207,11 @@ impl XsClient {
             .await
             .map_err(|e| XsError::new("open", "/run/xenstored/socket or /dev/xen/xenbus", e))?;
         let queue = Arc::new(WatchQueue::default());
-        let client = Self { xs, queue: queue.clone(), watches: Mutex::new(HashMap::new()) };
+        let client = Self {
+            xs,
+            queue: queue.clone(),
+            watches: Mutex::new(HashMap::new()),
+        };
         Ok((client, WatchEvents::new(queue)))
     }
 
@@ -240,7 +248,10 @@ impl Xenstore for XsClient {
     }
 
     async fn write(&self, path: &str, value: &str) -> Result<(), XsError> {
-        self.xs.write(path, value).await.map_err(|e| XsError::new("write", path, e))
+        self.xs
+            .write(path, value)
+            .await
+            .map_err(|e| XsError::new("write", path, e))
     }
 
     async fn rm(&self, path: &str) -> Result<(), XsError> {
@@ -263,7 +274,11 @@ impl Xenstore for XsClient {
         if self.watches().contains_key(path) {
             return Ok(());
         }
-        let mut stream = self.xs.watch(path).await.map_err(|e| XsError::new("watch", path, e))?;
+        let mut stream = self
+            .xs
+            .watch(path)
+            .await
+            .map_err(|e| XsError::new("watch", path, e))?;
         let queue = self.queue.clone();
         // One forwarding task per watch keeps xenstore-rs's per-watch channel (capacity 8, whose
         // fullness would stall its mux task) drained into our coalescing queue.
@@ -288,6 +303,10 @@ impl Xenstore for XsClient {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "xenstore_wire_tests.rs"]
+mod wire_tests;
 
 #[cfg(test)]
 mod tests {

@@ -127,7 +127,7 @@ pub fn read_bytes_or_hex(path: &Path, flag: &str) -> Result<Vec<u8>, CliError> {
     let raw = std::fs::read(path).map_err(|e| CliError::new(USAGE, format!("{flag} {}: {e}", path.display())))?;
     let text = String::from_utf8_lossy(&raw);
     let t = text.trim();
-    if !t.is_empty() && t.len() % 2 == 0 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !t.is_empty() && t.len().is_multiple_of(2) && t.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(hex::decode(t).expect("checked hex"));
     }
     Ok(raw)

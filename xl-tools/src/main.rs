@@ -266,11 +266,10 @@ fn vtpm_domain_path(explicit: Option<PathBuf>) -> PathBuf {
     if let Some(p) = explicit {
         return p;
     }
-    if let Some(sibling) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("vtpm-domain"))) {
-        if sibling.exists() {
+    if let Some(sibling) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("vtpm-domain")))
+        && sibling.exists() {
             return sibling;
         }
-    }
     PathBuf::from("vtpm-domain")
 }
 

@@ -8,8 +8,10 @@ use xen_platform::{DevId, DomId, EvtchnPort, GrantRef, XenbusState};
 fuzz_target!(|data: &[u8]| {
     // xenstore-rs hands us UTF-8 only; lossy conversion still covers odd code points.
     let value = String::from_utf8_lossy(data);
-    let canonical = |n: u64| value.trim_start_matches('0').is_empty() && n == 0
-        || value.trim_start_matches('0') == n.to_string();
+    let canonical = |n: u64| {
+        value.trim_start_matches('0').is_empty() && n == 0
+            || value.trim_start_matches('0') == n.to_string()
+    };
     if let Ok(v) = GrantRef::parse("ring-ref", &value) {
         assert!(canonical(u64::from(v.get())));
     }
