@@ -601,8 +601,9 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             Xs(Option<WatchEvent>),
             Guest(Result<DeviceKey, (DeviceKey, TransportError)>),
         }
+        // Unbiased: neither a guest that keeps rewriting its xenstore directory nor one that
+        // keeps kicking its event channel can starve the other source.
         let woke = tokio::select! {
-            biased;
             ev = events.next() => Woke::Xs(ev),
             g = self.wait_guest() => Woke::Guest(g),
         };
