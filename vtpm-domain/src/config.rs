@@ -17,13 +17,20 @@ pub enum Listen {
     /// A Unix-socket control channel (QEMU's `-chardev socket,path=`);
     /// the data channel then arrives through `CMD_SET_DATAFD`.
     UnixCtrl(PathBuf),
+    /// Xen tpmif v2 backend for the devices under this xenstore directory
+    /// whose `uuid` is this vTPM's (relative paths are resolved against
+    /// our own domain's home, `/local/domain/<domid>/`).
+    Xen(String),
 }
 
 impl std::str::FromStr for Listen {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let hint = "expected tcp:HOST:PORT, data:PATH or ctrl:PATH";
+        let hint = "expected tcp:HOST:PORT, data:PATH, ctrl:PATH or xen[:XENSTORE-DIR]";
+        if s == "xen" {
+            return Ok(Listen::Xen("backend/vtpm".into()));
+        }
         let (kind, rest) = s.split_once(':').ok_or_else(|| format!("--listen {s:?}: {hint}"))?;
         match kind {
             "tcp" => rest
@@ -32,6 +39,7 @@ impl std::str::FromStr for Listen {
                 .map_err(|e| format!("--listen {s:?}: bad address ({e}); {hint}")),
             "data" if !rest.is_empty() => Ok(Listen::UnixData(rest.into())),
             "ctrl" if !rest.is_empty() => Ok(Listen::UnixCtrl(rest.into())),
+            "xen" if !rest.is_empty() => Ok(Listen::Xen(rest.into())),
             _ => Err(format!("--listen {s:?}: {hint}")),
         }
     }
@@ -65,4 +73,22 @@ pub struct Config {
     pub listen: Vec<Listen>,
     /// How long to keep retrying the manager while it has not attached us.
     pub mgr_wait: std::time::Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_specs() {
+        assert_eq!("tcp:127.0.0.1:0".parse::<Listen>(), Ok(Listen::TcpPair("127.0.0.1:0".parse().unwrap())));
+        assert_eq!("data:/run/x.sock".parse::<Listen>(), Ok(Listen::UnixData("/run/x.sock".into())));
+        assert_eq!("ctrl:/run/c".parse::<Listen>(), Ok(Listen::UnixCtrl("/run/c".into())));
+        assert_eq!("xen".parse::<Listen>(), Ok(Listen::Xen("backend/vtpm".into())));
+        assert_eq!("xen:/local/domain/0/backend/vtpm".parse::<Listen>(), Ok(Listen::Xen("/local/domain/0/backend/vtpm".into())));
+        for bad in ["", "tcp:nope", "tcp:1.2.3.4", "data:", "ctrl:", "udp:1", "xen:"] {
+            let e = bad.parse::<Listen>().unwrap_err();
+            assert!(e.contains("--listen"), "{e}");
+        }
+    }
 }

@@ -15,20 +15,22 @@ use crate::server::Shared;
 /// How long the manager may take (a batch behind a slow discrete TPM).
 pub const MANAGER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Runs a deep-quote command; `Ok(bundle)` or a TPM response code.
-pub async fn deep_quote(shared: &Shared, packet: &[u8]) -> Result<Vec<u8>, u32> {
+fn request(shared: &Shared, packet: &[u8]) -> Result<VtpmRequest, u32> {
     let cmd = DeepQuoteCommand::parse(packet)?;
     let values = shared.vtpm.borrow_mut().read_pcrs(cmd.vpcr_alg, &cmd.vpcrs)?;
-    let req = VtpmRequest::DeepQuote {
+    Ok(VtpmRequest::DeepQuote {
         uuid: shared.uuid,
         nonce: hex(&cmd.nonce),
         vpcr_alg: cmd.vpcr_alg,
-        vpcrs: cmd.vpcrs.clone(),
+        vpcrs: cmd.vpcrs,
         vpcr_values: values.iter().map(|v| hex(v)).collect(),
-        host_pcrs: cmd.host_pcrs.clone(),
+        host_pcrs: cmd.host_pcrs,
         flags: cmd.flags,
-    };
-    let reply = match tokio::time::timeout(MANAGER_TIMEOUT, ask(&shared.mgr_socket, &req)).await {
+    })
+}
+
+fn outcome(reply: Result<std::io::Result<VtpmReply>, tokio::time::error::Elapsed>) -> Result<Vec<u8>, u32> {
+    let reply = match reply {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             guest_warn!(error = %e, "deep quote: manager unreachable");
@@ -47,6 +49,25 @@ pub async fn deep_quote(shared: &Shared, packet: &[u8]) -> Result<Vec<u8>, u32> 
             Err(rc::NO_RESULT)
         }
         VtpmReply::StateKey { .. } => Err(rc::NO_RESULT),
+    }
+}
+
+/// Runs a deep-quote command; `Ok(bundle)` or a TPM response code.
+pub async fn deep_quote(shared: &Shared, packet: &[u8]) -> Result<Vec<u8>, u32> {
+    let req = request(shared, packet)?;
+    outcome(tokio::time::timeout(MANAGER_TIMEOUT, ask(&shared.mgr_socket, &req)).await)
+}
+
+/// [`deep_quote`] without awaiting (blocking socket I/O with the same timeout).
+pub fn deep_quote_blocking(shared: &Shared, packet: &[u8]) -> Result<Vec<u8>, u32> {
+    let req = request(shared, packet)?;
+    match crate::mgr_client::exchange_timeout(&shared.mgr_socket, &req, MANAGER_TIMEOUT) {
+        Ok(r) => outcome(Ok(Ok(r))),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+            guest_warn!("deep quote: manager timed out");
+            Err(rc::RETRY)
+        }
+        Err(e) => outcome(Ok(Err(e))),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod vtpm;
+pub mod xen;
 
 use std::rc::Rc;
 
@@ -71,7 +72,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
         .map_err(fatal(1))?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let bound = server::bind(&cfg.listen).await.context("binding listeners").map_err(fatal(1))?;
+        let bound = server::bind(&cfg.listen, cfg.uuid).await.context("binding listeners").map_err(fatal(1))?;
         let ready = serde_json::json!({
             "ready": true,
             "uuid": cfg.uuid,

@@ -28,18 +28,28 @@ pub enum KeyError {
     Refused(Failure),
 }
 
-fn exchange(path: &Path, req: &VtpmRequest) -> Result<VtpmReply, KeyError> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|source| KeyError::Connect { path: path.display().to_string(), source })?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let frame = mgr::encode(req).map_err(|e| KeyError::Protocol(e.to_string()))?;
-    s.write_all(&frame).map_err(|e| KeyError::Protocol(e.to_string()))?;
+/// One request/reply on a connected manager socket.
+fn exchange_on(mut s: UnixStream, req: &VtpmRequest, timeout: Duration) -> std::io::Result<VtpmReply> {
+    s.set_read_timeout(Some(timeout))?;
+    let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
+    s.write_all(&frame)?;
     let mut len = [0u8; 4];
-    s.read_exact(&mut len).map_err(|e| KeyError::Protocol(format!("reading reply: {e}")))?;
-    let n = mgr::frame_len(len).map_err(|e| KeyError::Protocol(e.to_string()))?;
+    s.read_exact(&mut len)?;
+    let n = mgr::frame_len(len).map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut body = Zeroizing::new(vec![0u8; n]);
-    s.read_exact(&mut body).map_err(|e| KeyError::Protocol(format!("reading reply: {e}")))?;
-    mgr::decode(&body).map_err(|e| KeyError::Protocol(e.to_string()))
+    s.read_exact(&mut body)?;
+    mgr::decode(&body).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// One request/reply on the manager socket with blocking I/O.
+pub fn exchange_timeout(path: &Path, req: &VtpmRequest, timeout: Duration) -> std::io::Result<VtpmReply> {
+    exchange_on(UnixStream::connect(path)?, req, timeout)
+}
+
+fn exchange(path: &Path, req: &VtpmRequest) -> Result<VtpmReply, KeyError> {
+    let s = UnixStream::connect(path)
+        .map_err(|source| KeyError::Connect { path: path.display().to_string(), source })?;
+    exchange_on(s, req, Duration::from_secs(30)).map_err(|e| KeyError::Protocol(format!("manager exchange: {e}")))
 }
 
 /// Asks the manager for this vTPM's state key, retrying while the manager

@@ -64,18 +64,19 @@ pub struct Shared {
     pub mgr_socket: std::path::PathBuf,
 }
 
-/// Runs one command: a deep-quote vendor command goes to the manager
-/// (asynchronously: other clients keep being served meanwhile); everything
-/// else goes to the engine.
-pub async fn execute(shared: &Shared, packet: &[u8]) -> Vec<u8> {
-    let family = shared.vtpm.borrow().family();
-    let max = shared.vtpm.borrow().buffer_size() as usize;
-    let is_dq = family == tpm::Family::Tpm2
-        && tpm::parse_command(packet, family, max).map(|h| h.code) == Ok(vtpm_proto::deepquote_cmd::TPM2_CC_XVTPM_DEEP_QUOTE);
-    if !is_dq {
-        return shared.vtpm.borrow_mut().execute(packet);
-    }
-    match crate::deepquote::deep_quote(shared, packet).await {
+fn is_deep_quote(shared: &Shared, packet: &[u8]) -> bool {
+    let v = shared.vtpm.borrow();
+    v.family() == tpm::Family::Tpm2
+        && tpm::parse_command(packet, v.family(), v.buffer_size() as usize).map(|h| h.code)
+            == Ok(vtpm_proto::deepquote_cmd::TPM2_CC_XVTPM_DEEP_QUOTE)
+}
+
+fn deep_quote_response(shared: &Shared, result: Result<Vec<u8>, u32>) -> Vec<u8> {
+    let (family, max) = {
+        let v = shared.vtpm.borrow();
+        (v.family(), v.buffer_size() as usize)
+    };
+    match result {
         Ok(bundle) => {
             let rsp = vtpm_proto::deepquote_cmd::response(&bundle);
             if rsp.len() > max {
@@ -88,18 +89,38 @@ pub async fn execute(shared: &Shared, packet: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Runs one command: a deep-quote vendor command goes to the manager
+/// (asynchronously: other clients keep being served meanwhile); everything
+/// else goes to the engine.
+pub async fn execute(shared: &Shared, packet: &[u8]) -> Vec<u8> {
+    if !is_deep_quote(shared, packet) {
+        return shared.vtpm.borrow_mut().execute(packet);
+    }
+    deep_quote_response(shared, crate::deepquote::deep_quote(shared, packet).await)
+}
+
+/// [`execute`] for callers that cannot await (the Xen page handler); a deep
+/// quote blocks this vTPM's one thread until the manager answers.
+pub fn execute_blocking(shared: &Shared, packet: &[u8]) -> Vec<u8> {
+    if !is_deep_quote(shared, packet) {
+        return shared.vtpm.borrow_mut().execute(packet);
+    }
+    deep_quote_response(shared, crate::deepquote::deep_quote_blocking(shared, packet))
+}
+
 /// Bound listeners, ready to serve.
 pub struct Bound {
     tcp: Vec<(TcpListener, TcpListener)>,
     data: Vec<UnixListener>,
     ctrl: Vec<UnixListener>,
+    xen: Vec<crate::xen::XenBackend>,
     /// (data port, ctrl port) of each TCP pair.
     pub tcp_ports: Vec<(u16, u16)>,
 }
 
 /// Binds every listener. Must be called inside the runtime.
-pub async fn bind(listen: &[Listen]) -> io::Result<Bound> {
-    let mut b = Bound { tcp: vec![], data: vec![], ctrl: vec![], tcp_ports: vec![] };
+pub async fn bind(listen: &[Listen], uuid: uuid::Uuid) -> io::Result<Bound> {
+    let mut b = Bound { tcp: vec![], data: vec![], ctrl: vec![], xen: vec![], tcp_ports: vec![] };
     for l in listen {
         match l {
             Listen::TcpPair(addr) => {
@@ -109,6 +130,7 @@ pub async fn bind(listen: &[Listen]) -> io::Result<Bound> {
             }
             Listen::UnixData(p) => b.data.push(bind_unix(p)?),
             Listen::UnixCtrl(p) => b.ctrl.push(bind_unix(p)?),
+            Listen::Xen(root) => b.xen.push(crate::xen::XenBackend::open(root, uuid).await?),
         }
     }
     Ok(b)
@@ -191,6 +213,14 @@ pub async fn serve(bound: Bound, shared: Rc<Shared>) {
                     tokio::task::spawn_local(serve_ctrl(CtrlStream::Unix(stream, VecDeque::new()), s.clone()));
                 }
             }
+        });
+    }
+    for x in bound.xen {
+        let s = shared.clone();
+        tokio::task::spawn_local(async move {
+            x.serve(s.clone()).await;
+            // Xenstore went away: nothing left to serve.
+            s.exit.notify_one();
         });
     }
     shared.exit.notified().await;

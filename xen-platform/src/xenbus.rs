@@ -291,6 +291,7 @@ pub struct Backend<X, T: Transport> {
     transport: T,
     root: String,
     devices: BTreeMap<DeviceKey, TpmifDevice<T::Connection>>,
+    only_uuid: Option<Uuid>,
 }
 
 fn shown(value: &str) -> String {
@@ -310,7 +311,17 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             transport,
             root,
             devices: BTreeMap::new(),
+            only_uuid: None,
         }
+    }
+
+    /// Serves only devices whose backend `uuid` key (written by the toolstack
+    /// from the guest's `vtpm=[...,uuid=...]` line; the guest cannot write it)
+    /// is `uuid`, and leaves every other device untouched — for one vTPM
+    /// process per guest sharing a backend domain.
+    pub fn only_uuid(mut self, uuid: Uuid) -> Self {
+        self.only_uuid = Some(uuid);
+        self
     }
 
     /// Watches the root (which also covers every device's `state` and `online`) and picks up
@@ -518,6 +529,10 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             path: uuid_key,
             value: shown(&uuid_str),
         })?;
+        if self.only_uuid.is_some_and(|mine| mine != uuid) {
+            // Another vTPM's device: not ours to touch.
+            return Ok(None);
+        }
 
         self.xs
             .write(&format!("{backend_path}/feature-protocol-v2"), "1")

@@ -742,3 +742,29 @@ async fn two_guests_are_independent() {
     assert_eq!(h.transport.live_connections(), 1);
     assert_eq!(h.xs.get(&format!("{be7}/state")).as_deref(), Some("4"));
 }
+
+#[tokio::test]
+async fn a_backend_bound_to_one_vtpm_leaves_other_devices_untouched() {
+    let (xs, mut events) = FakeXenstore::new();
+    let transport = MemTransport::new();
+    let other = Uuid::parse_str("0b6e9d3a-1111-4222-8333-944455556666").unwrap();
+    let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT).only_uuid(other);
+    backend.start().await.unwrap();
+    for (k, v) in [("frontend", FE), ("frontend-id", "5"), ("online", "1"), ("state", "1"), ("uuid", UUID)] {
+        xs.set(&format!("{BE}/{k}"), v);
+    }
+    xs.set(&format!("{FE}/state"), "1");
+    while let Some(ev) = events.try_next() {
+        backend.handle_watch_event(ev).await;
+    }
+    // Not ours: no InitWait, no feature flag, no device.
+    assert_eq!(xs.get(&format!("{BE}/state")).as_deref(), Some("1"));
+    assert_eq!(xs.get(&format!("{BE}/feature-protocol-v2")), None);
+    assert_eq!(backend.devices().count(), 0);
+    // The same device with our UUID is served.
+    xs.set(&format!("{BE}/uuid"), &other.to_string());
+    while let Some(ev) = events.try_next() {
+        backend.handle_watch_event(ev).await;
+    }
+    assert_eq!(xs.get(&format!("{BE}/state")).as_deref(), Some("2"));
+}
