@@ -148,3 +148,23 @@ fn qemu_style_datafd_over_unix_control_socket() {
     assert_eq!(rc(&rsp), 0);
     assert_eq!(rsp.len(), 28);
 }
+
+#[test]
+fn stock_xen_tpmfront_probe_commands_get_tpm12_answers() {
+    // Linux drives a stock xen-tpmfront chip as TPM 1.2: timeouts at probe,
+    // GetRandom for hwrng. The TPM 2.0 vTPM answers those two in 1.2 form.
+    let s = Stack::start();
+    let v = s.create_vtpm();
+    let port = v.port.unwrap();
+    let getcap = [0x00, 0xC1, 0, 0, 0, 22, 0, 0, 0, 0x65, 0, 0, 0, 5, 0, 0, 0, 4, 0, 0, 0x01, 0x15];
+    let r = raw_command(port, &getcap);
+    assert_eq!(&r[..2], &[0x00, 0xC4]);
+    assert_eq!(rc(&r), 0);
+    assert_eq!(u32::from_be_bytes(r[14..18].try_into().unwrap()), 750_000);
+    let rnd = [0x00, 0xC1, 0, 0, 0, 14, 0, 0, 0, 0x46, 0, 0, 0, 32];
+    let r = raw_command(port, &rnd);
+    assert_eq!((rc(&r), r.len()), (0, 14 + 32));
+    let r2 = raw_command(port, &rnd);
+    assert_ne!(r[14..], r2[14..], "two GetRandom answers were equal");
+    still_serves(port);
+}

@@ -136,6 +136,11 @@ impl Vtpm {
     /// Never panics on client input; always returns a well-formed response.
     pub fn execute(&mut self, packet: &[u8]) -> Vec<u8> {
         let family = self.family;
+        if family == Family::Tpm2 && packet.get(..2) == Some(&[0x00, 0xC1]) {
+            if let Some(rsp) = vtpm_proto::tpm12_compat::answer(packet, |n| self.tpm2_random(n)) {
+                return rsp;
+            }
+        }
         if let Err(e) = tpm::parse_command(packet, family, self.buffer_size as usize) {
             guest_warn!(error = %e, "rejected malformed TPM command");
             return tpm::error_response(family, e.response_code(family)).to_vec();
@@ -230,6 +235,19 @@ impl Vtpm {
     pub fn ek_public(&mut self) -> Option<Vec<u8>> {
         let e = self.engine.as_mut()?;
         vtpm_engine::read_ek_public(e).ok()
+    }
+
+    /// `n` random bytes from the TPM 2.0 engine (TPM2_GetRandom).
+    fn tpm2_random(&mut self, n: u16) -> Option<Vec<u8>> {
+        let engine = self.engine.as_mut()?;
+        let mut cmd = vec![0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b];
+        cmd.extend_from_slice(&n.to_be_bytes());
+        let rsp = engine.process(&cmd);
+        if tpm::response_code(&rsp) != Some(0) {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes(rsp.get(10..12)?.try_into().ok()?));
+        rsp.get(12..12 + len).map(<[u8]>::to_vec)
     }
 
     /// Reads PCR values of one bank through the engine (TPM2_PCR_Read, which

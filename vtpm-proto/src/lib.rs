@@ -15,3 +15,4 @@ pub mod merkle;
 pub mod evidence;
 pub mod verify;
 pub mod deepquote_cmd;
+pub mod tpm12_compat;
