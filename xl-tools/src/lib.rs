@@ -9,3 +9,6 @@ pub mod admin;
 pub mod exit;
 pub mod guest;
 pub mod local;
+pub mod libvirt_hook;
+pub mod registry;
+pub mod xlcfg;

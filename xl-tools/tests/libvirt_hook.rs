@@ -1,0 +1,198 @@
+//! libvirt libxl hook decisions against recorded invocations (tests/data/libvirt/).
+
+use std::path::PathBuf;
+
+use uuid::Uuid;
+use xl_tools::libvirt_hook::{
+    Action, HookError, Invocation, Operation, RequestSource, TpmVersion, decide,
+    exit_code_for_error, parse_domain_xml,
+};
+
+fn data(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/libvirt")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn kind(a: &Action) -> &'static str {
+    match a {
+        Action::EnsureVtpmRunning { .. } => "ensure",
+        Action::AttachVtpm { .. } => "attach",
+        Action::StopVtpm { .. } => "stop",
+        Action::Verify { .. } => "verify",
+        Action::RefuseMigration { .. } => "refuse",
+    }
+}
+
+#[test]
+fn recorded_invocations() {
+    let mut n = 0;
+    for (lineno, line) in data("invocations.txt").lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split('|').map(str::trim).collect();
+        assert_eq!(f.len(), 4, "invocations.txt:{}: {line}", lineno + 1);
+        let (xml, argv, expect, code) = (
+            data(f[0]),
+            f[1].split_whitespace().collect::<Vec<_>>(),
+            f[2],
+            f[3].parse::<i32>().unwrap(),
+        );
+        let at = format!("invocations.txt:{}: `{}`", lineno + 1, f[1]);
+        let inv = Invocation::from_args(&argv).unwrap();
+        match decide(&inv, &xml) {
+            Ok(d) => {
+                let kinds: Vec<&str> = d.actions.iter().map(kind).collect();
+                if expect == "noop" {
+                    assert!(d.is_noop(), "{at}: expected no-op, got {kinds:?}");
+                    assert_eq!(d.exit_code(true), 0, "{at}");
+                } else {
+                    assert_eq!(kinds, [expect], "{at}");
+                    let refused = expect == "refuse";
+                    assert_eq!(
+                        d.exit_code(true),
+                        if refused { code } else { 0 },
+                        "{at}: success exit code"
+                    );
+                }
+                assert_eq!(d.exit_code(false), code, "{at}: failure exit code");
+            }
+            Err(e) => {
+                assert_eq!(expect, "error", "{at}: unexpected error {e}");
+                assert_eq!(exit_code_for_error(Some(&inv.operation)), code, "{at}: {e}");
+                assert!(e.to_string().starts_with("libvirt hook: "), "{at}: {e}");
+            }
+        }
+        n += 1;
+    }
+    assert!(n >= 20, "only {n} recorded invocations");
+}
+
+#[test]
+fn actions_carry_the_guest_identity() {
+    let web1 = Uuid::parse_str("4dea22b3-1d52-d8f3-2516-782e98a23fa0").unwrap();
+    let inv = Invocation::from_args(["web1", "prepare", "begin", "-"]).unwrap();
+    let d = decide(&inv, &data("web1-metadata.xml")).unwrap();
+    let Action::EnsureVtpmRunning {
+        guest_name,
+        guest_uuid,
+        request,
+    } = &d.actions[0]
+    else {
+        panic!("{d:?}")
+    };
+    assert_eq!((guest_name.as_str(), *guest_uuid), ("web1", web1));
+    assert_eq!(
+        request.uuid,
+        Some(Uuid::parse_str("ac0a5b9e-cbe2-4c07-b43b-1d69e46fb839").unwrap())
+    );
+    assert_eq!(request.group.as_deref(), Some("tenant-a"));
+    assert_eq!(
+        (request.version, request.source),
+        (TpmVersion::V2, RequestSource::Metadata)
+    );
+
+    let inv = Invocation::from_args(["web1", "started", "begin", "-"]).unwrap();
+    let d = decide(&inv, &data("web1-running.xml")).unwrap();
+    assert_eq!(
+        d.actions,
+        [Action::AttachVtpm {
+            guest_name: "web1".into(),
+            guest_uuid: web1,
+            guest_domid: Some(12)
+        }]
+    );
+
+    let inv = Invocation::from_args(["db1", "prepare", "begin", "-"]).unwrap();
+    let d = decide(&inv, &data("db1-tpm-device.xml")).unwrap();
+    let Action::EnsureVtpmRunning { request, .. } = &d.actions[0] else {
+        panic!("{d:?}")
+    };
+    assert_eq!(
+        (request.uuid, request.source),
+        (None, RequestSource::TpmDevice)
+    );
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let e = parse_domain_xml(&data("truncated.xml")).unwrap_err();
+    assert!(matches!(e, HookError::BadXml(_)), "{e}");
+    assert!(e.to_string().contains("not well-formed"), "{e}");
+
+    let e = parse_domain_xml(&data("bad-metadata.xml")).unwrap_err();
+    assert!(
+        e.to_string().contains("uuid=\"ac0a5b9e\" is not a UUID"),
+        "{e}"
+    );
+    let fixed = data("bad-metadata.xml").replace("uuid=\"ac0a5b9e\" ", "");
+    let e = parse_domain_xml(&fixed).unwrap_err();
+    assert!(e.to_string().contains("unknown attribute `grup`"), "{e}");
+
+    let e = parse_domain_xml(&data("passthrough-tpm.xml")).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("'passthrough' cannot be served on Xen"),
+        "{e}"
+    );
+
+    let e = parse_domain_xml("<network><name>x</name></network>").unwrap_err();
+    assert!(e.to_string().contains("expected <domain>"), "{e}");
+    let e = parse_domain_xml("<domain><name>x</name><uuid>nope</uuid></domain>").unwrap_err();
+    assert!(e.to_string().contains("<uuid> `nope`"), "{e}");
+    let e = parse_domain_xml("<domain><name>x</name></domain>").unwrap_err();
+    assert!(e.to_string().contains("no <uuid>"), "{e}");
+
+    let two = data("web1-metadata.xml").replace(
+        "</metadata>",
+        "<xvtpm:vtpm xmlns:xvtpm=\"https://xvtpm.invalid/xmlns/1\"/></metadata>",
+    );
+    assert!(
+        parse_domain_xml(&two)
+            .unwrap_err()
+            .to_string()
+            .contains("more than one")
+    );
+
+    let conflict = data("db1-tpm-device.xml").replace(
+        "<memory",
+        "<metadata><v:vtpm xmlns:v=\"https://xvtpm.invalid/xmlns/1\" version=\"1.2\"/></metadata><memory",
+    );
+    assert!(
+        parse_domain_xml(&conflict)
+            .unwrap_err()
+            .to_string()
+            .contains("make them agree")
+    );
+
+    // Wrong argument count: libvirt always passes four.
+    assert_eq!(
+        Invocation::from_args(["web1", "prepare"]).unwrap_err(),
+        HookError::Usage(2)
+    );
+    assert_eq!(exit_code_for_error(None), 2);
+    assert_eq!(
+        exit_code_for_error(Some(&Operation::Reconnect)),
+        0,
+        "reconnect must never kill guests"
+    );
+}
+
+#[test]
+fn metadata_in_other_namespaces_and_domid_minus_one() {
+    let xml =
+        data("web1-metadata.xml").replace("<domain type='xen'>", "<domain type='xen' id='-1'>");
+    let d = parse_domain_xml(&xml).unwrap();
+    assert_eq!(d.domid, None);
+    assert!(d.vtpm.is_some());
+    // The nova element alone does not opt in.
+    let only_nova = data("web1-metadata.xml")
+        .lines()
+        .filter(|l| !l.contains("xvtpm:vtpm"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(parse_domain_xml(&only_nova).unwrap().vtpm.is_none());
+}
