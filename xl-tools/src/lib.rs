@@ -9,6 +9,7 @@ pub mod admin;
 pub mod exit;
 pub mod guest;
 pub mod local;
+pub mod xenlife;
 pub mod libvirt_hook;
 pub mod registry;
 pub mod xlcfg;

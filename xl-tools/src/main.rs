@@ -9,6 +9,7 @@ use vtpm_proto::mgr::{AdminReply, AdminRequest, GroupInfo, StatusInfo};
 use xl_tools::admin::Admin;
 use xl_tools::exit::{self, CliError};
 use xl_tools::guest;
+use xl_tools::xenlife;
 use xl_tools::local::{self, Local, Row};
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 bad usage, 3 manager unreachable, \
@@ -43,6 +44,53 @@ enum Cmd {
     /// Local vTPMs (processes on this host speaking swtpm's protocol).
     #[command(subcommand)]
     Vtpm(VtpmCmd),
+    /// Create a Xen guest and its vTPM together from an ordinary xl.cfg (with or
+    /// without a vtpm= line); rolls back on any failure.
+    Create {
+        /// The guest's xl.cfg.
+        config: PathBuf,
+        /// Manager group for a new vTPM.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Destroy a guest (like `xl destroy`), then stop its vTPM (its state is kept).
+    Destroy {
+        /// Guest name.
+        name: String,
+    },
+    /// Shut a guest down (waits), then stop its vTPM.
+    Shutdown {
+        /// Guest name.
+        name: String,
+    },
+    /// Reboot a guest; its vTPM keeps running.
+    Reboot {
+        /// Guest name.
+        name: String,
+    },
+    /// Guests with their vTPMs (registry and what runs now).
+    List,
+    /// Attach to a guest's console (`xl console`).
+    Console {
+        /// Guest name.
+        name: String,
+    },
+    /// Couple lifetimes: stop a guest's vTPM when the guest goes away (watches @releaseDomain).
+    Watch {
+        /// Safety-net poll interval in seconds.
+        #[arg(long, default_value_t = 5)]
+        poll_secs: u64,
+    },
+    /// The guest ⇄ vTPM registry.
+    #[command(subcommand)]
+    Registry(RegistryCmd),
+    /// libvirt `/etc/libvirt/hooks/libxl` mode: `xl-vtpm libvirt-hook <domain> <op> <subop> <extra>`,
+    /// domain XML on stdin.
+    LibvirtHook {
+        /// The hook's arguments as libvirt passes them.
+        #[arg(num_args = 0.., allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Commands run inside a guest (or against any vTPM).
     #[command(subcommand)]
     Guest(GuestCmd),
@@ -66,6 +114,30 @@ enum Cmd {
         /// Required vTPM UUID.
         #[arg(long)]
         vtpm: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RegistryCmd {
+    /// Reconcile the registry with the running domains and report drift.
+    Check {
+        /// Also repair what can be repaired.
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MgrVtpmCmd {
+    /// vTPM identities known to the manager.
+    List,
+    /// Delete a vTPM identity in the manager (its state becomes undecryptable).
+    Del {
+        /// vTPM UUID.
+        uuid: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -111,6 +183,9 @@ enum MgrCmd {
     /// Groups (each has its own attestation key).
     #[command(subcommand)]
     Group(GroupCmd),
+    /// vTPM identities in the manager.
+    #[command(subcommand)]
+    Vtpm(MgrVtpmCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -285,11 +360,78 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Verify { file, nonce, ak, host_pcrs_policy, vpcrs_policy, vtpm } => {
             return run_verify(&file, &nonce, &ak, host_pcrs_policy.as_deref(), vpcrs_policy.as_deref(), vtpm.as_deref(), json);
         }
+        Cmd::Console { name } => {
+            use std::os::unix::process::CommandExt;
+            let e = std::process::Command::new(xl_path()).arg("console").arg(&name).exec();
+            return Err(CliError::new(exit::FAILURE, format!("cannot run xl console: {e}")));
+        }
         other => other,
     };
+    let xen = xenlife::Xen { local: local.clone(), xl: xl_path() };
+    if let Cmd::Reboot { name } = &cmd {
+        return xen.reboot(name);
+    }
     let mut admin = Admin::connect(&args.run_dir)?;
     match cmd {
-        Cmd::Guest(_) | Cmd::Verify { .. } => unreachable!("handled above"),
+        Cmd::Guest(_) | Cmd::Verify { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => unreachable!("handled above"),
+        Cmd::Create { config, group } => {
+            let row = xen.create(&mut admin, &config, group)?;
+            if json {
+                print_json(&row);
+            } else {
+                println!("guest {} (domid {}) created with vTPM {}", row.guest_name, row.guest_domid.unwrap_or(0), row.vtpm_uuid);
+            }
+        }
+        Cmd::Destroy { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Destroy)?,
+        Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown)?,
+        Cmd::List => {
+            let rows = xen.list()?;
+            if json {
+                print_json(&rows);
+            } else {
+                println!("{:<20}  {:>6}  {:<36}  {:<10}  {:>7}", "GUEST", "DOMID", "VTPM", "STATE", "VTPM-PID");
+                for r in &rows {
+                    let opt = |v: &serde_json::Value| v.as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<20}  {:>6}  {:<36}  {:<10}  {:>7}",
+                        r["guest_name"].as_str().unwrap_or("?"),
+                        opt(&r["guest_running_domid"]),
+                        r["vtpm_uuid"].as_str().unwrap_or("?"),
+                        r["state"].as_str().unwrap_or("?"),
+                        opt(&r["vtpm_pid"])
+                    );
+                }
+            }
+        }
+        Cmd::Watch { poll_secs } => xen.watch(&args.run_dir, Duration::from_secs(poll_secs.max(1)))?,
+        Cmd::Registry(RegistryCmd::Check { repair }) => {
+            let report = xen.check(&mut admin, repair)?;
+            if json {
+                print_json(&report);
+            } else if report.is_empty() {
+                println!("registry matches what runs");
+            } else {
+                report.iter().for_each(|l| println!("{l}"));
+            }
+        }
+        Cmd::LibvirtHook { args: hook_args } => return run_libvirt_hook(&xen, &mut admin, &hook_args),
+        Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::List)) => {
+            if let AdminReply::Vtpms { vtpms } = admin.call(&AdminRequest::VtpmList)? {
+                if json {
+                    print_json(&vtpms);
+                } else {
+                    println!("{:<36}  {:<36}  {:>7}", "UUID", "GROUP", "PID");
+                    for v in vtpms {
+                        println!("{:<36}  {:<36}  {:>7}", v.uuid, v.group, v.attached_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()));
+                    }
+                }
+            }
+        }
+        Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::Del { uuid, yes })) => {
+            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            confirm(yes, &format!("Delete vTPM identity {uuid} in the manager: its state can never be opened again"))?;
+            admin.call(&AdminRequest::VtpmDel { uuid })?;
+        }
         Cmd::Mgr(MgrCmd::Provision { pcrs, yes }) => {
             let pcrs = guest::parse_pcr_list(&pcrs, "--pcrs")?;
             confirm(yes, &format!("Provision the manager, sealing its master secret to the current values of PCRs {pcrs:?}"))?;
@@ -388,6 +530,36 @@ fn run(args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
+
+fn xl_path() -> PathBuf {
+    std::env::var_os("XVTPM_XL").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("xl"))
+}
+
+/// libvirt hook mode: decide from argv + the domain XML, then act. Exit codes
+/// follow libvirt's rules (non-zero from prepare aborts the guest's start).
+fn run_libvirt_hook(xen: &xenlife::Xen, admin: &mut Admin, args: &[String]) -> Result<(), CliError> {
+    use std::io::Read;
+    use xl_tools::libvirt_hook as hook;
+    let inv = hook::Invocation::from_args(args).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let mut xml = String::new();
+    std::io::stdin().read_to_string(&mut xml).map_err(|e| CliError::new(exit::USAGE, format!("reading the domain XML from stdin: {e}")))?;
+    let decision = match hook::decide(&inv, &xml) {
+        Ok(d) => d,
+        Err(e) => return Err(CliError::new(hook::exit_code_for_error(Some(&inv.operation)), e.to_string())),
+    };
+    let mut ok = true;
+    for a in &decision.actions {
+        if let Err(e) = xen.run_hook_action(admin, a) {
+            eprintln!("xl-vtpm libvirt-hook: {}", e.message);
+            ok = false;
+            break;
+        }
+    }
+    match decision.exit_code(ok) {
+        0 => Ok(()),
+        code => Err(CliError::new(code, "libvirt hook action failed".to_string())),
+    }
+}
 
 fn run_guest(cmd: GuestCmd, json: bool) -> Result<(), CliError> {
     match cmd {

@@ -1,0 +1,476 @@
+//! Guest and vTPM live and die together (Xen).
+//!
+//! `xl-vtpm create guest.cfg` reads an ordinary xl.cfg, binds the guest to
+//! its vTPM in the registry (a vTPM is never attached to another guest),
+//! makes sure the vTPM identity exists in the manager, starts the guest's
+//! vTPM backend *before* the guest (libxl waits only 10 s for a backend to
+//! reach InitWait), then runs `xl create` with the resolved `vtpm=` line.
+//! Any failure rolls back what this invocation did: no half-created pair.
+//!
+//! Backend placement today is **dom0-process mode**: the guest's vTPM is a
+//! `vtpm-domain` process in dom0 serving tpmif for exactly that guest
+//! (`vtpm=["backend=0,uuid=<vTPM>"]`); its manager link is the local per-vTPM
+//! socket. In the registry its "vTPM domain" is the logical name
+//! `vtpm-<guest>` with domid 0.
+//!
+//! `xl-vtpm watch` couples lifetimes: on every `@releaseDomain` it looks for
+//! running pairs whose guest is gone; a guest that reappears under the same
+//! name within [`REBOOT_GRACE`] was rebooted by xl and keeps its vTPM,
+//! otherwise its vTPM process is stopped and the pair marked stopped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+use vtpm_proto::mgr::{AdminReply, AdminRequest};
+
+use crate::admin::Admin;
+use crate::exit::{CliError, FAILURE, NOT_FOUND, REFUSED, USAGE};
+use crate::local::Local;
+use crate::registry::{NewPair, ObservedDomain, Registry, Row, State};
+use crate::xlcfg::{VtpmSpec, XlConfig};
+
+/// How long a vanished guest may take to reappear (xl's reboot) before its
+/// vTPM is stopped. Kept under 2 s so a destroyed guest's vTPM goes quickly.
+pub const REBOOT_GRACE: Duration = Duration::from_millis(1500);
+
+/// The xenstore directory where dom0-process vTPMs serve tpmif.
+pub const DOM0_BACKEND_ROOT: &str = "/local/domain/0/backend/vtpm";
+
+/// Xen lifecycle context.
+pub struct Xen {
+    /// Local-mode paths (vtpm-domain processes, state).
+    pub local: Local,
+    /// The `xl` binary.
+    pub xl: PathBuf,
+}
+
+fn fail(code: i32, m: impl Into<String>) -> CliError {
+    CliError::new(code, m)
+}
+
+fn reg_err(e: crate::registry::RegistryError) -> CliError {
+    use crate::registry::RegistryError as E;
+    let code = match &e {
+        E::Sqlite(_) => FAILURE,
+        _ => REFUSED,
+    };
+    fail(code, e.to_string())
+}
+
+/// The vTPM "domain" name recorded for a guest in dom0-process mode.
+pub fn vtpm_domain_name(guest: &str) -> String {
+    format!("vtpm-{guest}")
+}
+
+impl Xen {
+    fn registry(&self) -> Result<Registry, CliError> {
+        std::fs::create_dir_all(&self.local.state_dir).map_err(|e| fail(FAILURE, format!("{}: {e}", self.local.state_dir.display())))?;
+        Registry::open(&self.local.state_dir.join("registry.sqlite")).map_err(reg_err)
+    }
+
+    fn xl(&self, args: &[&str]) -> Result<String, CliError> {
+        let out = Command::new(&self.xl)
+            .args(args)
+            .output()
+            .map_err(|e| fail(FAILURE, format!("cannot run {} ({e}); is this dom0 with the Xen tools installed?", self.xl.display())))?;
+        if !out.status.success() {
+            return Err(fail(
+                FAILURE,
+                format!("xl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Running domains (`xl list -v`: name, id, …, uuid).
+    pub fn observed(&self) -> Result<Vec<ObservedDomain>, CliError> {
+        let text = self.xl(&["list", "-v"])?;
+        Ok(parse_xl_list(&text))
+    }
+
+    fn domid_of(&self, name: &str) -> Option<u32> {
+        self.xl(&["domid", name]).ok().and_then(|s| s.trim().parse().ok())
+    }
+
+    /// `xl-vtpm create`.
+    pub fn create(&self, admin: &mut Admin, cfg_path: &Path, group: Option<String>) -> Result<Row, CliError> {
+        let mut cfg = XlConfig::parse_file(cfg_path).map_err(|e| fail(USAGE, e.to_string()))?;
+        let name = cfg
+            .name()
+            .map(str::to_string)
+            .ok_or_else(|| fail(USAGE, format!("{}: `name` is missing; every guest needs a name", cfg_path.display())))?;
+        let guest_uuid = match cfg.uuid() {
+            Some(u) => u,
+            None => {
+                let u = Uuid::new_v4();
+                cfg.set("uuid", u.to_string()).map_err(|e| fail(USAGE, e.to_string()))?;
+                u
+            }
+        };
+        let specs = cfg.vtpms();
+        if specs.len() > 1 {
+            return Err(fail(USAGE, format!("{}: vtpm= lists {} devices; a guest has one TPM", cfg_path.display(), specs.len())));
+        }
+        if let Some(s) = specs.first() {
+            if s.backend != "0" && s.backend != "Domain-0" {
+                return Err(fail(
+                    USAGE,
+                    format!("{}: vtpm= backend={:?}: xl-vtpm serves vTPMs from dom0 (backend=0); drop backend= or set it to 0", cfg_path.display(), s.backend),
+                ));
+            }
+        }
+        let reg = &mut self.registry()?;
+        let bound = reg.get_by_guest(guest_uuid).map_err(reg_err)?;
+        let vtpm_uuid = match (specs.first().and_then(|s| s.uuid), &bound) {
+            (Some(u), _) => u,
+            (None, Some(row)) => row.vtpm_uuid,
+            (None, None) => Uuid::new_v4(),
+        };
+        reg.check_attach(vtpm_uuid, guest_uuid).map_err(reg_err)?;
+        if let Some(domid) = self.domid_of(&name) {
+            return Err(fail(REFUSED, format!("guest {name} is already running (domid {domid})")));
+        }
+        let id = reg
+            .begin_create(&NewPair { guest_uuid, guest_name: name.clone(), vtpm_uuid, vtpm_domain: vtpm_domain_name(&name), group: group.clone() })
+            .map_err(reg_err)?;
+        let mut undo = Undo { new_row: bound.is_none(), id, identity_created: false, started: false, uuid: vtpm_uuid };
+        let result = self.create_steps(admin, reg, &mut cfg, &name, vtpm_uuid, group, &mut undo);
+        match result {
+            Ok(row) => Ok(row),
+            Err(e) => {
+                self.rollback(admin, reg, &undo);
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_steps(
+        &self,
+        admin: &mut Admin,
+        reg: &mut Registry,
+        cfg: &mut XlConfig,
+        name: &str,
+        vtpm_uuid: Uuid,
+        group: Option<String>,
+        undo: &mut Undo,
+    ) -> Result<Row, CliError> {
+        let (identity_created, started) = self.ensure_vtpm_process(admin, vtpm_uuid, group)?;
+        undo.identity_created = identity_created;
+        undo.started = started;
+        reg.set_domids(undo.id, None, Some(0)).map_err(reg_err)?;
+        cfg.set_vtpms(&[VtpmSpec { backend: "0".into(), uuid: Some(vtpm_uuid) }]);
+        let dir = self.local.run_dir.join("guests");
+        std::fs::create_dir_all(&dir).map_err(|e| fail(FAILURE, format!("{}: {e}", dir.display())))?;
+        let path = dir.join(format!("{name}.cfg"));
+        xvtpm_fsutil::write_atomic(&path, cfg.render().as_bytes(), 0o600).map_err(|e| fail(FAILURE, format!("{}: {e}", path.display())))?;
+        self.xl(&["create", path.to_str().unwrap_or_default()])?;
+        let domid = self.domid_of(name).ok_or_else(|| fail(FAILURE, format!("xl create succeeded but guest {name} has no domid")))?;
+        reg.mark_running(undo.id, domid, 0).map_err(reg_err)?;
+        reg.get(undo.id).map_err(reg_err)?.ok_or_else(|| fail(FAILURE, "registry row vanished"))
+    }
+
+    /// Makes sure vTPM `uuid` exists in the manager and its dom0 tpmif
+    /// backend process runs (ready, i.e. watching, before it returns).
+    /// Returns (identity created now, process started now).
+    pub fn ensure_vtpm_process(&self, admin: &mut Admin, uuid: Uuid, group: Option<String>) -> Result<(bool, bool), CliError> {
+        if self.local.runtime(&uuid).is_some() {
+            return Ok((false, false));
+        }
+        let listen = vec![format!("xen:{DOM0_BACKEND_ROOT}")];
+        match admin.call(&AdminRequest::VtpmShow { uuid }) {
+            Ok(_) => {
+                self.local.start(admin, &uuid, &listen)?;
+                Ok((false, true))
+            }
+            Err(e) if e.code == NOT_FOUND => {
+                self.local.create(admin, group, Some(uuid), &listen, false)?;
+                Ok((true, true))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Executes a libvirt hook decision (`xl-vtpm libvirt-hook`).
+    pub fn run_hook_action(&self, admin: &mut Admin, action: &crate::libvirt_hook::Action) -> Result<(), CliError> {
+        use crate::libvirt_hook::Action as A;
+        let reg = &mut self.registry()?;
+        match action {
+            A::EnsureVtpmRunning { guest_name, guest_uuid, request } => {
+                let bound = reg.get_by_guest(*guest_uuid).map_err(reg_err)?;
+                let vtpm = request.uuid.or(bound.as_ref().map(|r| r.vtpm_uuid)).unwrap_or_else(Uuid::new_v4);
+                reg.check_attach(vtpm, *guest_uuid).map_err(reg_err)?;
+                let id = match bound {
+                    Some(r) if r.state != State::Stopped => r.id,
+                    _ => reg
+                        .begin_create(&NewPair {
+                            guest_uuid: *guest_uuid,
+                            guest_name: guest_name.clone(),
+                            vtpm_uuid: vtpm,
+                            vtpm_domain: vtpm_domain_name(guest_name),
+                            group: request.group.clone(),
+                        })
+                        .map_err(reg_err)?,
+                };
+                self.ensure_vtpm_process(admin, vtpm, request.group.clone())?;
+                reg.set_domids(id, None, Some(0)).map_err(reg_err)
+            }
+            A::AttachVtpm { guest_name, guest_uuid, guest_domid } => {
+                let row = reg.get_by_guest(*guest_uuid).map_err(reg_err)?.ok_or_else(|| fail(NOT_FOUND, format!("guest {guest_name} has no vTPM pair; the prepare hook did not run")))?;
+                let domid = guest_domid.or_else(|| self.domid_of(guest_name)).ok_or_else(|| fail(FAILURE, format!("guest {guest_name} has no domid")))?;
+                self.xl(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={}", row.vtpm_uuid)])?;
+                reg.mark_running(row.id, domid, 0).map_err(reg_err)
+            }
+            A::StopVtpm { guest_uuid, .. } => {
+                let Some(row) = reg.get_by_guest(*guest_uuid).map_err(reg_err)? else { return Ok(()) };
+                if matches!(row.state, State::Running | State::Creating) {
+                    reg.begin_destroy(row.id).map_err(reg_err)?;
+                }
+                self.local.stop(admin, &row.vtpm_uuid, Duration::from_secs(5))?;
+                if reg.get(row.id).map_err(reg_err)?.is_some_and(|r| r.state == State::Destroying) {
+                    reg.mark_stopped(row.id).map_err(reg_err)?;
+                }
+                Ok(())
+            }
+            A::Verify { guest_name, guest_uuid } => {
+                let row = reg.get_by_guest(*guest_uuid).map_err(reg_err)?;
+                match row {
+                    Some(r) if self.local.runtime(&r.vtpm_uuid).is_none() => {
+                        Err(fail(FAILURE, format!("guest {guest_name}: its vTPM {} is not running", r.vtpm_uuid)))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            other => Err(fail(REFUSED, format!("{other:?}"))),
+        }
+    }
+
+    fn rollback(&self, admin: &mut Admin, reg: &mut Registry, undo: &Undo) {
+        if undo.started {
+            let _ = self.local.stop(admin, &undo.uuid, Duration::from_secs(5));
+        }
+        if undo.identity_created {
+            let _ = self.local.destroy(admin, &undo.uuid);
+        }
+        let _ = reg.begin_destroy(undo.id).and_then(|_| reg.mark_stopped(undo.id));
+        if undo.new_row {
+            let _ = reg.remove(undo.id);
+        }
+    }
+
+    fn row_by_name(&self, reg: &Registry, name: &str) -> Result<Row, CliError> {
+        reg.get_by_name(name)
+            .map_err(reg_err)?
+            .ok_or_else(|| fail(NOT_FOUND, format!("no guest {name:?} in the registry; see `xl-vtpm list`")))
+    }
+
+    /// `xl-vtpm destroy|shutdown`: stops the guest, then its vTPM.
+    pub fn stop_pair(&self, admin: &mut Admin, name: &str, how: Stop) -> Result<(), CliError> {
+        let reg = &mut self.registry()?;
+        let row = self.row_by_name(reg, name)?;
+        if row.state == State::Running || row.state == State::Creating {
+            reg.begin_destroy(row.id).map_err(reg_err)?;
+        }
+        if self.domid_of(name).is_some() {
+            match how {
+                Stop::Destroy => self.xl(&["destroy", name]).map(|_| ())?,
+                Stop::Shutdown => self.xl(&["shutdown", "-w", name]).map(|_| ())?,
+            }
+        }
+        self.local.stop(admin, &row.vtpm_uuid, Duration::from_secs(5))?;
+        if reg.get(row.id).map_err(reg_err)?.is_some_and(|r| r.state == State::Destroying) {
+            reg.mark_stopped(row.id).map_err(reg_err)?;
+        }
+        Ok(())
+    }
+
+    /// `xl-vtpm reboot`: the guest reboots, its vTPM stays.
+    pub fn reboot(&self, name: &str) -> Result<(), CliError> {
+        self.xl(&["reboot", name]).map(|_| ())
+    }
+
+    /// Registry rows with what is observed now.
+    pub fn list(&self) -> Result<Vec<serde_json::Value>, CliError> {
+        let reg = self.registry()?;
+        let observed = self.observed().unwrap_or_default();
+        let rows = reg.list().map_err(reg_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let guest = observed.iter().find(|o| o.name == r.guest_name).map(|o| o.domid);
+                let vtpm = self.local.runtime(&r.vtpm_uuid).map(|rt| rt.pid);
+                let mut v = serde_json::to_value(&r).unwrap_or_default();
+                v["guest_running_domid"] = serde_json::json!(guest);
+                v["vtpm_pid"] = serde_json::json!(vtpm);
+                v
+            })
+            .collect())
+    }
+
+    /// Domains as the registry expects to see them: real domains plus a
+    /// synthetic `vtpm-<guest>` entry for every running dom0 vTPM process.
+    fn observed_with_vtpms(&self, reg: &Registry) -> Result<Vec<ObservedDomain>, CliError> {
+        let mut obs = self.observed()?;
+        for r in reg.list().map_err(reg_err)? {
+            if self.local.runtime(&r.vtpm_uuid).is_some() {
+                obs.push(ObservedDomain { name: r.vtpm_domain.clone(), uuid: r.vtpm_uuid, domid: 0 });
+            }
+        }
+        Ok(obs)
+    }
+
+    /// `xl-vtpm registry check [--repair]`: reports drift (and repairs it).
+    pub fn check(&self, admin: &mut Admin, repair: bool) -> Result<Vec<String>, CliError> {
+        let reg = &mut self.registry()?;
+        let obs = self.observed_with_vtpms(reg)?;
+        let mgr: Vec<Uuid> = match admin.call(&AdminRequest::VtpmList)? {
+            AdminReply::Vtpms { vtpms } => vtpms.into_iter().map(|v| v.uuid).collect(),
+            _ => vec![],
+        };
+        let drift = reg.check(&obs, Some(&mgr), Default::default()).map_err(reg_err)?;
+        let mut report: Vec<String> = drift.iter().map(|d| format!("drift: {d}")).collect();
+        if repair {
+            for action in crate::registry::repair(&drift, Some(&mgr)) {
+                use crate::registry::RepairAction as A;
+                let done = match &action {
+                    A::DestroyDomain { name, domid, .. } if name.starts_with("vtpm-") && *domid == 0 => {
+                        let row = reg.list().map_err(reg_err)?.into_iter().find(|r| &r.vtpm_domain == name);
+                        match row {
+                            Some(r) => self.local.stop(admin, &r.vtpm_uuid, Duration::from_secs(5)).map(|_| true),
+                            None => Ok(false),
+                        }
+                    }
+                    A::DestroyDomain { name, domid, .. } => {
+                        if self.domid_of(name) == Some(*domid) {
+                            self.xl(&["destroy", &domid.to_string()]).map(|_| true)
+                        } else {
+                            Ok(false)
+                        }
+                    }
+                    other => reg.apply(other).map_err(reg_err),
+                };
+                report.push(format!("repair: {action:?} → {}", if done.unwrap_or(false) { "done" } else { "not applied" }));
+            }
+        }
+        Ok(report)
+    }
+
+    /// One pass of the watcher: stop the vTPM of every running pair whose
+    /// guest is gone (unless it comes back within [`REBOOT_GRACE`]).
+    pub fn reap_once(&self, admin: &mut Admin) -> Result<Vec<String>, CliError> {
+        let reg = &mut self.registry()?;
+        let mut done = vec![];
+        let running: Vec<Row> = reg.list().map_err(reg_err)?.into_iter().filter(|r| r.state == State::Running).collect();
+        if running.is_empty() {
+            return Ok(done);
+        }
+        let obs = self.observed()?;
+        let present: BTreeMap<String, u32> = obs.iter().map(|o| (o.name.clone(), o.domid)).collect();
+        for r in running {
+            if let Some(&domid) = present.get(&r.guest_name) {
+                if Some(domid) != r.guest_domid {
+                    reg.mark_running(r.id, domid, 0).map_err(reg_err)?;
+                    done.push(format!("{}: rebooted as domid {domid}; vTPM kept", r.guest_name));
+                }
+                continue;
+            }
+            let deadline = Instant::now() + REBOOT_GRACE;
+            let mut back = None;
+            while Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some(d) = self.domid_of(&r.guest_name) {
+                    back = Some(d);
+                    break;
+                }
+            }
+            match back {
+                Some(d) => {
+                    reg.mark_running(r.id, d, 0).map_err(reg_err)?;
+                    done.push(format!("{}: rebooted as domid {d}; vTPM kept", r.guest_name));
+                }
+                None => {
+                    reg.begin_destroy(r.id).map_err(reg_err)?;
+                    self.local.stop(admin, &r.vtpm_uuid, Duration::from_secs(5))?;
+                    reg.mark_stopped(r.id).map_err(reg_err)?;
+                    done.push(format!("{}: guest gone; vTPM {} stopped", r.guest_name, r.vtpm_uuid));
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// `xl-vtpm watch`: runs [`Self::reap_once`] on every `@releaseDomain`
+    /// (and every `poll` as a safety net) until killed.
+    pub fn watch(&self, run_dir: &Path, poll: Duration) -> Result<(), CliError> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| fail(FAILURE, e.to_string()))?;
+        rt.block_on(async {
+            use xen_platform::xenstore::Xenstore;
+            let (xs, mut events) = xen_platform::xenstore::XsClient::open().await.map_err(|e| fail(FAILURE, format!("xenstore: {e}")))?;
+            xs.watch("@releaseDomain").await.map_err(|e| fail(FAILURE, format!("watching @releaseDomain: {e}")))?;
+            println!("{}", serde_json::json!({"watching": "@releaseDomain"}));
+            loop {
+                let _ = tokio::time::timeout(poll, events.next()).await;
+                // A fresh admin connection per pass: the manager may have restarted.
+                match Admin::connect(run_dir) {
+                    Ok(mut admin) => match self.reap_once(&mut admin) {
+                        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                        Err(e) => eprintln!("xl-vtpm watch: {}", e.message),
+                    },
+                    Err(e) if e.code == crate::exit::NO_MANAGER => eprintln!("xl-vtpm watch: {}", e.message),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+}
+
+/// How to stop a guest.
+#[derive(Debug, Clone, Copy)]
+pub enum Stop {
+    /// `xl destroy`.
+    Destroy,
+    /// `xl shutdown -w`.
+    Shutdown,
+}
+
+struct Undo {
+    new_row: bool,
+    id: i64,
+    identity_created: bool,
+    started: bool,
+    uuid: Uuid,
+}
+
+/// Parses `xl list -v` (Name ID Mem VCPUs State Time(s) UUID …).
+pub fn parse_xl_list(text: &str) -> Vec<ObservedDomain> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let name = (*cols.first()?).to_string();
+            let domid = cols.get(1)?.parse().ok()?;
+            let uuid = cols.get(6).and_then(|u| Uuid::parse_str(u).ok()).unwrap_or(Uuid::nil());
+            Some(ObservedDomain { name, uuid, domid })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xl_list_verbose() {
+        let t = "Name                                        ID   Mem VCPUs\tState\tTime(s)   UUID                            Reason-Code\tSecurity Label\n\
+Domain-0                                     0   384     2     r-----      12.3 00000000-0000-0000-0000-000000000000        -                -\n\
+guest1                                       3   128     1     -b----       1.0 0b6e9d3a-1111-4222-8333-944455556666        -                -\n";
+        let d = parse_xl_list(t);
+        assert_eq!(d.len(), 2);
+        assert_eq!((d[1].name.as_str(), d[1].domid), ("guest1", 3));
+        assert_eq!(d[1].uuid.to_string(), "0b6e9d3a-1111-4222-8333-944455556666");
+        assert!(parse_xl_list("").is_empty());
+    }
+}
