@@ -1,0 +1,68 @@
+//! `xl-vtpm create` without Xen: bad configs are refused naming the key, and
+//! a create that fails half-way (here: no xenstore for the vTPM's backend)
+//! leaves nothing behind — no registry row, no manager identity, no process.
+//! The successful path needs Xen and is covered by the QEMU testbed.
+
+use xvtpm_tests::Stack;
+
+fn write(s: &Stack, name: &str, text: &str) -> String {
+    let p = s.dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    let s = Stack::start();
+    let cases = [
+        ("unknown.cfg", "name = \"g\"\nmemroy = 128\n", "memroy"),
+        ("dup.cfg", "name = \"g\"\nmemory = 128\nmemory = 256\n", "memory"),
+        ("vtpm-uuid.cfg", "name = \"g\"\nvtpm = [ \"backend=0,uuid=nope\" ]\n", "uuid"),
+        ("vtpm-backend.cfg", "name = \"g\"\nvtpm = [ \"uuid=0b6e9d3a-1111-4222-8333-944455556666\" ]\n", "backend"),
+        ("vtpm-key.cfg", "name = \"g\"\nvtpm = [ \"backend=0,colour=red\" ]\n", "colour"),
+        ("noname.cfg", "memory = 128\n", "name"),
+    ];
+    for (file, text, key) in cases {
+        let out = s.xl(&["create", &write(&s, file, text)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {err}");
+        assert!(err.contains(key), "{file}: error does not name {key:?}: {err}");
+    }
+}
+
+#[test]
+fn a_failed_create_rolls_back_everything() {
+    let s = Stack::start();
+    // A stand-in for `xl` (there is no Xen here): any call succeeds and says
+    // no domain exists, so the create proceeds until the vTPM's Xen backend
+    // cannot reach xenstore.
+    let fake_xl = write(&s, "xl", "#!/bin/sh\ncase \"$1\" in domid) exit 1;; list) echo 'Name ID Mem VCPUs State Time(s) UUID'; exit 0;; esac\nexit 0\n");
+    std::fs::set_permissions(&fake_xl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg = write(&s, "g.cfg", "name = \"guest1\"\nmemory = 128\ntype = \"pv\"\n");
+    let out = std::process::Command::new(testkit::bin_path("xl-vtpm"))
+        .args(["create", &cfg])
+        .env("XVTPM_RUN_DIR", s.run_dir())
+        .env("XVTPM_STATE_DIR", s.state_dir())
+        .env("XVTPM_VTPM_DOMAIN", testkit::bin_path("vtpm-domain"))
+        .env("XVTPM_XL", &fake_xl)
+        .env("XENSTORED_PATH", s.dir.path().join("no-xenstored"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "create succeeded without Xen");
+    assert!(err.contains("did not start"), "{err}");
+    // Nothing left: no vTPM identity, no registry pair, no process, no state.
+    let mgr = s.xl_json(&["mgr", "vtpm", "list"]);
+    assert_eq!(mgr.as_array().unwrap().len(), 0, "manager kept an identity: {mgr}");
+    let pairs = std::process::Command::new(testkit::bin_path("xl-vtpm"))
+        .args(["list", "--json"])
+        .env("XVTPM_RUN_DIR", s.run_dir())
+        .env("XVTPM_STATE_DIR", s.state_dir())
+        .env("XVTPM_XL", &fake_xl)
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&pairs.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 0, "registry kept a pair: {rows}");
+    let vtpms = s.state_dir().join("vtpms");
+    assert!(!vtpms.exists() || std::fs::read_dir(&vtpms).unwrap().count() == 0, "state left behind");
+}
