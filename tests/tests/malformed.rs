@@ -168,3 +168,18 @@ fn stock_xen_tpmfront_probe_commands_get_tpm12_answers() {
     assert_ne!(r[14..], r2[14..], "two GetRandom answers were equal");
     still_serves(port);
 }
+
+#[test]
+fn pipelined_commands_in_one_write_are_both_answered() {
+    let s = Stack::start();
+    let v = s.create_vtpm();
+    let mut c = TcpStream::connect(("127.0.0.1", v.port.unwrap())).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut two = get_random(8);
+    two.extend_from_slice(&get_random(16));
+    c.write_all(&two).unwrap();
+    let a = read_response(&mut c);
+    let b = read_response(&mut c);
+    assert_eq!((rc(&a), a.len()), (0, 20));
+    assert_eq!((rc(&b), b.len()), (0, 28));
+}

@@ -252,40 +252,54 @@ async fn read_within<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8], grace: Dur
 }
 
 /// Serves one data-channel connection.
+///
+/// One buffer per connection: a command normally arrives in a single read,
+/// which is then the only syscall and no timer is armed. Bytes beyond the
+/// declared size (a pipelining client) are kept for the next command.
 pub async fn serve_data<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: Rc<Shared>) {
+    let mut buf = vec![0u8; crate::vtpm::DEFAULT_BUFFER as usize];
+    let mut have = 0usize;
     loop {
-        let mut hdr = [0u8; HEADER_LEN];
-        let first = match s.read(&mut hdr).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let got = match read_within(&mut s, &mut hdr[first..], FRAME_GRACE).await {
-            Ok(n) => first + n,
-            Err(_) => return,
-        };
-        let max = shared.vtpm.borrow().buffer_size() as usize;
-        let declared = tpm::peek_header(&hdr[..got]).map(|h| h.size as usize);
+        if have == 0 {
+            have = match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+        }
+        if have < HEADER_LEN {
+            match read_within(&mut s, &mut buf[have..HEADER_LEN], FRAME_GRACE).await {
+                Ok(n) => have += n,
+                Err(_) => return,
+            }
+        }
+        let max = (shared.vtpm.borrow().buffer_size() as usize).min(buf.len());
+        let declared = tpm::peek_header(&buf[..have]).map(|h| h.size as usize);
         let rsp = match declared {
             Some(size) if (HEADER_LEN..=max).contains(&size) => {
-                let mut packet = vec![0u8; size];
-                packet[..HEADER_LEN].copy_from_slice(&hdr);
-                let body = match read_within(&mut s, &mut packet[HEADER_LEN..], BODY_GRACE).await {
-                    Ok(n) => n,
-                    Err(_) => return,
-                };
-                packet.truncate(HEADER_LEN + body);
-                let complete = packet.len() == size;
-                let rsp = execute(&shared, &packet).await;
-                if !complete {
+                if have < size {
+                    match read_within(&mut s, &mut buf[have..size], BODY_GRACE).await {
+                        Ok(n) => have += n,
+                        Err(_) => return,
+                    }
+                }
+                let complete = have >= size;
+                let rsp = execute(&shared, &buf[..size.min(have)]).await;
+                if complete {
+                    // Keep what a pipelining client sent after this command.
+                    buf.copy_within(size..have, 0);
+                    have -= size;
+                } else {
                     drain(&mut s).await;
+                    have = 0;
                 }
                 rsp
             }
             _ => {
                 // Short, undersized or oversized: answer from what we have,
                 // then resynchronise by draining whatever else was sent.
-                let rsp = shared.vtpm.borrow_mut().execute(&hdr[..got]);
+                let rsp = shared.vtpm.borrow_mut().execute(&buf[..have.min(HEADER_LEN)]);
                 drain(&mut s).await;
+                have = 0;
                 rsp
             }
         };
