@@ -20,19 +20,37 @@ done
 # State files must be on a real disk (fsync cost is part of what we measure):
 # /var/tmp rather than /tmp, which may be a tmpfs.
 WORK=$(mktemp -d "${XVTPM_BENCH_DIR:-/var/tmp}/xvtpm-bench.XXXXXX")
+# The runtime directory (sockets, runtime records) is /run/xvtpm in production: a tmpfs.
+RUN=$(mktemp -d "${XVTPM_BENCH_RUN_DIR:-/dev/shm}/xvtpm-bench-run.XXXXXX")
 PIDFILE=$WORK/pids
 BENCH_PID=
 
-# Kill a PID only if it is still one of the programs we start (no PID reuse accidents).
-kill_ours() { # $1 = signal
+# PIDs to stop: those the harness recorded, plus any process whose command line
+# names our private work or runtime directory (e.g. a vtpm-domain that xl-vtpm
+# was still starting when the harness died). Each recorded PID is killed only if
+# it still runs one of our programs (no PID-reuse accidents).
+our_pids() {
   local pid cmd
   for pid in $BENCH_PID $( [ -f "$PIDFILE" ] && cat "$PIDFILE" ); do
     [ -r "/proc/$pid/cmdline" ] || continue
     cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
     case "$cmd" in
-      *swtpm*|*vtpm-domain*|*vtpmmgr*|*xvtpm-bench*|*xl-vtpm*) kill "-$1" "$pid" 2>/dev/null || true ;;
+      *swtpm*|*vtpm-domain*|*vtpmmgr*|*xvtpm-bench*|*xl-vtpm*) echo "$pid" ;;
     esac
   done
+  for f in /proc/[0-9]*/cmdline; do
+    pid=${f#/proc/}; pid=${pid%/cmdline}
+    [ "$pid" = $$ ] && continue
+    cmd=$(tr '\0' ' ' <"$f" 2>/dev/null || true)
+    case "$cmd" in
+      *"$WORK"*|*"$RUN"*) echo "$pid" ;;
+    esac
+  done
+}
+
+kill_ours() { # $1 = signal
+  local pid
+  for pid in $(our_pids | sort -u); do kill "-$1" "$pid" 2>/dev/null || true; done
 }
 
 cleanup() {
@@ -41,13 +59,14 @@ cleanup() {
   kill_ours TERM
   for _ in $(seq 40); do
     alive=0
-    for pid in $BENCH_PID $( [ -f "$PIDFILE" ] && cat "$PIDFILE" ); do
-      [ -d "/proc/$pid" ] && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ] && alive=1
+    for pid in $(our_pids | sort -u); do
+      [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ] && alive=1
     done
     [ $alive -eq 0 ] && break
     sleep 0.05
   done
   kill_ours KILL
+  rm -rf "$RUN"
   if [ $rc -ne 0 ]; then
     echo "bench FAILED (rc=$rc); work directory with logs kept: $WORK"
   else
@@ -60,8 +79,9 @@ trap 'exit 130' INT TERM
 
 echo "bench: $(date -u '+%F %T') UTC, load average $(cut -d' ' -f1-3 /proc/loadavg), work dir $WORK"
 export XVTPM_BENCH_TOP
-XVTPM_BENCH_TOP=$(ps -eo pcpu=,comm= --sort=-pcpu | head -4 | awk '{printf "%s%s %s%%", (NR>1?", ":""), $2, $1}')
+# CPU use over one second just before the run (top's second sample), busiest four.
+XVTPM_BENCH_TOP=$(top -b -n 2 -d 1 -w 256 2>/dev/null | awk '/^top -/ {s++} s==2 && $1 ~ /^[0-9]+$/ && n < 4 {printf "%s%s %s%%", (n ? ", " : ""), $12, $9; n++}')
 cd "$ROOT"
-"$BIN/xvtpm-bench" --bin "$BIN" --work "$WORK" --pidfile "$PIDFILE" --out "$ROOT/BENCHMARKS.md" "$@" &
+"$BIN/xvtpm-bench" --bin "$BIN" --work "$WORK" --run-dir "$RUN" --pidfile "$PIDFILE" --out "$ROOT/BENCHMARKS.md" "$@" &
 BENCH_PID=$!
 wait "$BENCH_PID"

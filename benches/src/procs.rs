@@ -36,11 +36,19 @@ pub struct Procs {
 impl Procs {
     /// Starts an empty set; PIDs are appended to `pidfile`.
     pub fn new(pidfile: &Path) -> Procs {
-        Procs { pidfile: pidfile.to_path_buf(), children: vec![], adopted: vec![] }
+        Procs {
+            pidfile: pidfile.to_path_buf(),
+            children: vec![],
+            adopted: vec![],
+        }
     }
 
     fn record(&self, pid: u32) {
-        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&self.pidfile) {
+        if let Ok(mut f) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.pidfile)
+        {
             let _ = writeln!(f, "{pid}");
         }
     }
@@ -56,7 +64,10 @@ impl Procs {
 
     /// Spawns `cmd` with stdout piped and records it; returns the PID and the pipe.
     pub fn spawn_piped(&mut self, cmd: &mut Command) -> Result<(u32, std::process::ChildStdout)> {
-        let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
         let pid = child.id();
         self.record(pid);
         let out = child.stdout.take().expect("stdout is piped");

@@ -39,7 +39,11 @@ pub fn median_f(v: &[f64]) -> f64 {
         return f64::NAN;
     }
     let m = s.len() / 2;
-    if s.len() % 2 == 1 { s[m] } else { (s[m - 1] + s[m]) / 2.0 }
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
 }
 
 /// Nanoseconds → µs with one decimal.
@@ -50,5 +54,9 @@ pub fn us(ns: f64) -> String {
 /// Nanoseconds → ms with one decimal (two below 10 ms).
 pub fn ms(ns: f64) -> String {
     let v = ns / 1e6;
-    if v < 10.0 { format!("{v:.2}") } else { format!("{v:.1}") }
+    if v < 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.1}")
+    }
 }

@@ -71,7 +71,9 @@ pub fn evict_control(handle: u32, persistent: u32) -> Vec<u8> {
 
 /// `TPM2_FlushContext(handle)`.
 pub fn flush(handle: u32) -> Vec<u8> {
-    Command::new(ST_NO_SESSIONS, tpm2::CC_FLUSH_CONTEXT).u32(handle).finish()
+    Command::new(ST_NO_SESSIONS, tpm2::CC_FLUSH_CONTEXT)
+        .u32(handle)
+        .finish()
 }
 
 /// The response code of a response.
@@ -81,7 +83,9 @@ pub fn rc(rsp: &[u8]) -> u32 {
 
 /// The object handle of a CreatePrimary response.
 pub fn object_handle(rsp: &[u8]) -> u32 {
-    rsp.get(10..14).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0)
+    rsp.get(10..14)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
 }
 
 /// A byte stream (TCP or Unix).
@@ -98,7 +102,10 @@ pub struct Conn {
 impl Conn {
     /// Wraps a connected TCP stream.
     pub fn new(s: TcpStream) -> Conn {
-        Conn { s: Box::new(s), buf: Vec::with_capacity(4096) }
+        Conn {
+            s: Box::new(s),
+            buf: Vec::with_capacity(4096),
+        }
     }
 
     /// Connects to a Unix data socket, retrying until `timeout`.
@@ -108,9 +115,14 @@ impl Conn {
             match UnixStream::connect(path) {
                 Ok(s) => {
                     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-                    return Ok(Conn { s: Box::new(s), buf: Vec::with_capacity(4096) });
+                    return Ok(Conn {
+                        s: Box::new(s),
+                        buf: Vec::with_capacity(4096),
+                    });
                 }
-                Err(e) if Instant::now() >= deadline => bail!("{} did not answer: {e}", path.display()),
+                Err(e) if Instant::now() >= deadline => {
+                    bail!("{} did not answer: {e}", path.display())
+                }
                 Err(_) => std::thread::sleep(Duration::from_micros(200)),
             }
         }
@@ -121,7 +133,8 @@ impl Conn {
         self.s.write_all(cmd)?;
         self.buf.resize(10, 0);
         self.s.read_exact(&mut self.buf[..10])?;
-        let size = u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]) as usize;
+        let size =
+            u32::from_be_bytes([self.buf[2], self.buf[3], self.buf[4], self.buf[5]]) as usize;
         if !(10..=8192).contains(&size) {
             bail!("bad response size {size}");
         }
