@@ -81,3 +81,19 @@ fn tss_esapi_drives_a_vtpm_like_a_physical_tpm() {
     // Raw GetRandom on the same vTPM still answers.
     assert_eq!(rc(&raw_command(v.port.unwrap(), &get_random(8))), 0);
 }
+
+#[test]
+fn ecc_endorsement_key_on_request() {
+    let s = Stack::start();
+    let j = s.xl_json(&["vtpm", "create", "--ek", "ecc"]);
+    let port = j["runtime"]["tcp_ports"][0][0].as_u64().unwrap() as u16;
+    let uuid: uuid::Uuid = j["uuid"].as_str().unwrap().parse().unwrap();
+    let ek = raw_command(port, &read_public(0x8101_0002));
+    assert_eq!(rc(&ek), 0, "no ECC EK at 0x81010002");
+    assert_ne!(rc(&raw_command(port, &read_public(0x8101_0001))), 0, "an RSA EK was made too");
+    // TPMT_PUBLIC type is TPM_ALG_ECC, and it survives a restart.
+    assert_eq!(&ek[12..14], &[0x00, 0x23]);
+    s.stop_vtpm(&uuid);
+    let v = s.start_vtpm(&uuid);
+    assert_eq!(raw_command(v.port.unwrap(), &read_public(0x8101_0002)), ek);
+}

@@ -73,6 +73,18 @@ pub struct Config {
     pub listen: Vec<Listen>,
     /// How long to keep retrying the manager while it has not attached us.
     pub mgr_wait: std::time::Duration,
+    /// The endorsement key made at `--create`.
+    pub ek: EkChoice,
+}
+
+/// The endorsement key a new vTPM gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum EkChoice {
+    /// RSA-2048 at 0x81010001 (TCG template L-1).
+    #[default]
+    Rsa,
+    /// ECC NIST P-256 at 0x81010002 (TCG template L-2): much faster to create.
+    Ecc,
 }
 
 #[cfg(test)]

@@ -53,7 +53,11 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
         .map_err(fatal(EXIT_MANAGER))?;
     let (vtpm, ek) = if cfg.create {
         let store = Store::create(&cfg.state, cfg.uuid, cfg.family, key).map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
-        let (v, ek) = Vtpm::manufacture(cfg.family, store).map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
+        let kind = match cfg.ek {
+            config::EkChoice::Rsa => vtpm_engine::EkKind::Rsa2048,
+            config::EkChoice::Ecc => vtpm_engine::EkKind::EccP256,
+        };
+        let (v, ek) = Vtpm::manufacture_with(cfg.family, store, kind).map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
         info!(uuid = %cfg.uuid, "manufactured a new vTPM");
         (v, ek)
     } else {

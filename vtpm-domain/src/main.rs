@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use uuid::Uuid;
-use vtpm_domain::config::{Config, Listen, Startup};
+use vtpm_domain::config::{Config, EkChoice, Listen, Startup};
 use vtpm_proto::tpm::Family;
 
 /// One vTPM: libtpms TPM 2.0 (or 1.2), state sealed under a key from vtpmmgr,
@@ -35,6 +35,9 @@ struct Args {
     /// data:PATH or ctrl:PATH (Unix sockets). Repeatable.
     #[arg(long, required = true)]
     listen: Vec<Listen>,
+    /// Endorsement key made at --create.
+    #[arg(long, value_enum, default_value = "rsa")]
+    ek: EkChoice,
     /// Seconds to keep retrying the manager while it has not attached us.
     #[arg(long, default_value_t = 10)]
     mgr_wait: u64,
@@ -58,6 +61,7 @@ fn main() {
         startup: args.startup,
         listen: args.listen,
         mgr_wait: Duration::from_secs(args.mgr_wait),
+        ek: args.ek,
     };
     if let Err(f) = vtpm_domain::run(cfg) {
         eprintln!("vtpm-domain: error: {:#}", f.error);

@@ -50,10 +50,15 @@ pub struct Vtpm {
 impl Vtpm {
     /// Manufactures a new vTPM (EK included, for TPM 2.0) and writes its first
     /// state. Returns the vTPM and the EK public area (empty for TPM 1.2).
-    pub fn manufacture(family: Family, mut store: Store) -> Result<(Vtpm, Vec<u8>), VtpmError> {
+    pub fn manufacture(family: Family, store: Store) -> Result<(Vtpm, Vec<u8>), VtpmError> {
+        Vtpm::manufacture_with(family, store, vtpm_engine::EkKind::Rsa2048)
+    }
+
+    /// [`Vtpm::manufacture`] with a choice of endorsement key.
+    pub fn manufacture_with(family: Family, mut store: Store, ek_kind: vtpm_engine::EkKind) -> Result<(Vtpm, Vec<u8>), VtpmError> {
         let mut engine = Engine::start(engine_version(family), None, None).map_err(|e| VtpmError::Engine(e.to_string()))?;
         let ek = match family {
-            Family::Tpm2 => vtpm_engine::provision_ek(&mut engine).map_err(|e| VtpmError::Engine(e.to_string()))?,
+            Family::Tpm2 => vtpm_engine::provision_ek_kind(&mut engine, ek_kind).map_err(|e| VtpmError::Engine(e.to_string()))?,
             Family::Tpm12 => Vec::new(),
         };
         let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;

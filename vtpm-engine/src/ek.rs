@@ -36,6 +36,58 @@ pub fn ek_rsa2048_template() -> Vec<u8> {
     t
 }
 
+/// The TCG default ECC NIST P-256 EK template (EK Credential Profile,
+/// template L-2) as a marshalled `TPMT_PUBLIC`.
+pub fn ek_ecc_p256_template() -> Vec<u8> {
+    let mut t = Vec::with_capacity(64 + 68);
+    t.extend_from_slice(&0x0023u16.to_be_bytes()); // TPM_ALG_ECC
+    t.extend_from_slice(&0x000Bu16.to_be_bytes()); // nameAlg SHA-256
+    t.extend_from_slice(&EK_ATTRIBUTES.to_be_bytes());
+    t.extend_from_slice(&32u16.to_be_bytes());
+    t.extend_from_slice(&EK_AUTH_POLICY);
+    t.extend_from_slice(&0x0006u16.to_be_bytes()); // symmetric: AES
+    t.extend_from_slice(&128u16.to_be_bytes()); //   128 bits
+    t.extend_from_slice(&0x0043u16.to_be_bytes()); //   CFB
+    t.extend_from_slice(&0x0010u16.to_be_bytes()); // scheme: TPM_ALG_NULL
+    t.extend_from_slice(&0x0003u16.to_be_bytes()); // curveID: TPM_ECC_NIST_P256
+    t.extend_from_slice(&0x0010u16.to_be_bytes()); // kdf: TPM_ALG_NULL
+    t.extend_from_slice(&32u16.to_be_bytes()); // unique.x: 32 zero bytes
+    t.extend_from_slice(&[0u8; 32]);
+    t.extend_from_slice(&32u16.to_be_bytes()); // unique.y: 32 zero bytes
+    t.extend_from_slice(&[0u8; 32]);
+    t
+}
+
+/// Which endorsement key a new vTPM gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EkKind {
+    /// RSA-2048 (template L-1) at 0x81010001: what most attestation software expects.
+    #[default]
+    Rsa2048,
+    /// ECC NIST P-256 (template L-2) at 0x81010002: ~15× faster to create.
+    EccP256,
+}
+
+impl EkKind {
+    /// The persistent handle the EK is stored at (TCG provisioning guidance).
+    pub fn handle(self) -> u32 {
+        match self {
+            EkKind::Rsa2048 => EK_RSA_HANDLE,
+            EkKind::EccP256 => EK_ECC_HANDLE,
+        }
+    }
+
+    fn template(self) -> Vec<u8> {
+        match self {
+            EkKind::Rsa2048 => ek_rsa2048_template(),
+            EkKind::EccP256 => ek_ecc_p256_template(),
+        }
+    }
+}
+
+/// Persistent handle of the ECC P-256 EK.
+pub const EK_ECC_HANDLE: u32 = 0x8101_0002;
+
 fn check(resp: &[u8], command: &'static str) -> Result<(), EngineError> {
     match tpm2::response_code(resp) {
         Some(RC_SUCCESS) => Ok(()),
@@ -63,6 +115,11 @@ fn require_tpm2(engine: &Engine) -> Result<(), EngineError> {
 /// [`read_ek_public`] returns later. Fails with `EngineError::Tpm { command: "EvictControl",
 /// rc: 0x14c }` (`TPM_RC_NV_DEFINED`) if an EK is already persisted.
 pub fn provision_ek(engine: &mut Engine) -> Result<Vec<u8>, EngineError> {
+    provision_ek_kind(engine, EkKind::Rsa2048)
+}
+
+/// [`provision_ek`] for either kind of EK (see [`EkKind`]).
+pub fn provision_ek_kind(engine: &mut Engine, kind: EkKind) -> Result<Vec<u8>, EngineError> {
     require_tpm2(engine)?;
     let resp = engine.process(&tpm2::startup(tpm2::SU_CLEAR));
     match tpm2::response_code(&resp) {
@@ -80,7 +137,7 @@ pub fn provision_ek(engine: &mut Engine) -> Result<Vec<u8>, EngineError> {
         .u32(RH_ENDORSEMENT)
         .password_session()
         .tpm2b(&[0, 0, 0, 0]) // TPM2B_SENSITIVE_CREATE: empty userAuth, empty data
-        .tpm2b(&ek_rsa2048_template())
+        .tpm2b(&kind.template())
         .tpm2b(&[]) // outsideInfo
         .u32(0) // creationPCR: empty TPML_PCR_SELECTION
         .finish();
@@ -96,7 +153,7 @@ pub fn provision_ek(engine: &mut Engine) -> Result<Vec<u8>, EngineError> {
         .u32(RH_OWNER)
         .u32(handle)
         .password_session()
-        .u32(EK_RSA_HANDLE)
+        .u32(kind.handle())
         .finish();
     let evict = engine.process(&cmd);
 
@@ -116,10 +173,11 @@ pub fn provision_ek(engine: &mut Engine) -> Result<Vec<u8>, EngineError> {
 /// The TPM must have been started (`TPM2_Startup` done, or resumed from volatile state).
 pub fn read_ek_public(engine: &mut Engine) -> Result<Vec<u8>, EngineError> {
     require_tpm2(engine)?;
-    let cmd = Command::new(ST_NO_SESSIONS, CC_READ_PUBLIC)
-        .u32(EK_RSA_HANDLE)
-        .finish();
-    let resp = engine.process(&cmd);
+    let read = |engine: &mut Engine, h: u32| engine.process(&Command::new(ST_NO_SESSIONS, CC_READ_PUBLIC).u32(h).finish());
+    let mut resp = read(engine, EK_RSA_HANDLE);
+    if tpm2::response_code(&resp) != Some(RC_SUCCESS) {
+        resp = read(engine, EK_ECC_HANDLE);
+    }
     check(&resp, "ReadPublic")?;
     Ok(tpm2::tpm2b_at(&resp, 10)
         .ok_or(EngineError::MalformedResponse("ReadPublic"))?
@@ -136,5 +194,9 @@ mod tests {
         // type, nameAlg, attributes, policy(2+32), sym(6), scheme(2), bits(2), exp(4), unique(2+256)
         assert_eq!(t.len(), 2 + 2 + 4 + 34 + 6 + 2 + 2 + 4 + 258);
         assert_eq!(&t[4..8], &[0x00, 0x03, 0x00, 0xb2]);
+        let e = ek_ecc_p256_template();
+        // type, nameAlg, attributes, policy, sym, scheme, curve, kdf, x(2+32), y(2+32)
+        assert_eq!(e.len(), 2 + 2 + 4 + 34 + 6 + 2 + 2 + 2 + 34 + 34);
+        assert_eq!(EkKind::EccP256.handle(), 0x8101_0002);
     }
 }

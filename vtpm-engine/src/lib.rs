@@ -61,7 +61,10 @@ use libtpms_sys as sys;
 use zeroize::Zeroize;
 pub use zeroize::Zeroizing;
 
-pub use ek::{EK_ATTRIBUTES, EK_AUTH_POLICY, ek_rsa2048_template, provision_ek, read_ek_public};
+pub use ek::{
+    EK_ATTRIBUTES, EK_AUTH_POLICY, EK_ECC_HANDLE, EkKind, ek_ecc_p256_template, ek_rsa2048_template, provision_ek,
+    provision_ek_kind, read_ek_public,
+};
 
 /// Smallest well-formed TPM command or response: tag, size, code.
 const HEADER_LEN: usize = 10;

@@ -49,6 +49,15 @@ pub struct Runtime {
     pub log: PathBuf,
 }
 
+/// Options of a new vTPM.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOpts {
+    /// A TPM 1.2 instead of TPM 2.0.
+    pub tpm12: bool,
+    /// An ECC P-256 endorsement key instead of RSA-2048.
+    pub ek_ecc: bool,
+}
+
 /// One row of `vtpm list`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
@@ -99,12 +108,12 @@ impl Local {
 
     /// Creates a vTPM identity in the manager and starts its process, which
     /// manufactures the TPM (EK included) and writes its first sealed state.
-    pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], tpm12: bool) -> Result<Runtime, CliError> {
+    pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], opts: &CreateOpts) -> Result<Runtime, CliError> {
         let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid })? {
             AdminReply::Vtpm(v) => v,
             other => return Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
         };
-        match self.spawn(admin, &info, listen, true, tpm12) {
+        match self.spawn(admin, &info, listen, Some(opts)) {
             Ok(rt) => Ok(rt),
             Err(e) => {
                 // Roll back: no identity, no state, no process.
@@ -122,10 +131,10 @@ impl Local {
         if let Some(rt) = self.runtime(uuid) {
             return Err(CliError::new(REFUSED, format!("vTPM {uuid} is already running as process {}", rt.pid)));
         }
-        self.spawn(admin, &info, listen, false, false)
+        self.spawn(admin, &info, listen, None)
     }
 
-    fn spawn(&self, admin: &mut Admin, info: &VtpmInfo, listen: &[String], create: bool, tpm12: bool) -> Result<Runtime, CliError> {
+    fn spawn(&self, admin: &mut Admin, info: &VtpmInfo, listen: &[String], create: Option<&CreateOpts>) -> Result<Runtime, CliError> {
         let uuid = info.uuid;
         let dir = self.vtpm_dir(&uuid);
         fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
@@ -143,11 +152,14 @@ impl Local {
         for l in listen {
             cmd.arg("--listen").arg(l);
         }
-        if create {
+        if let Some(o) = create {
             cmd.arg("--create");
-        }
-        if tpm12 {
-            cmd.arg("--tpm12");
+            if o.tpm12 {
+                cmd.arg("--tpm12");
+            }
+            if o.ek_ecc {
+                cmd.arg("--ek").arg("ecc");
+            }
         }
         // Own process group: a Ctrl-C in the admin's terminal must not kill vTPMs.
         use std::os::unix::process::CommandExt;

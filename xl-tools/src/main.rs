@@ -231,6 +231,9 @@ enum VtpmCmd {
         /// A TPM 1.2 instead of TPM 2.0.
         #[arg(long)]
         tpm12: bool,
+        /// Endorsement key: rsa (RSA-2048 at 0x81010001, default) or ecc (P-256 at 0x81010002, faster).
+        #[arg(long, default_value = "rsa", value_parser = ["rsa", "ecc"])]
+        ek: String,
     },
     /// List vTPMs.
     List,
@@ -472,9 +475,9 @@ fn run(args: Args) -> Result<(), CliError> {
             confirm(yes, &format!("Delete group {group:?} and its attestation key"))?;
             admin.call(&AdminRequest::GroupDel { group })?;
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, tpm12 }) => {
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, tpm12, ek }) => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
-            let rt = local.create(&mut admin, group, uuid, &listen, tpm12)?;
+            let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc" })?;
             let row = local.show(&mut admin, &rt.uuid)?;
             if json {
                 print_json(&row);

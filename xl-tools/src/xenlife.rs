@@ -187,7 +187,7 @@ impl Xen {
                 Ok((false, true))
             }
             Err(e) if e.code == NOT_FOUND => {
-                self.local.create(admin, group, Some(uuid), &listen, false)?;
+                self.local.create(admin, group, Some(uuid), &listen, &Default::default())?;
                 Ok((true, true))
             }
             Err(e) => Err(e),
