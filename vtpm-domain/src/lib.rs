@@ -11,6 +11,7 @@
 //! (framing checks, engine, persistence); [`server`] is the swtpm protocol.
 #![deny(missing_docs)]
 
+pub mod blockstore;
 pub mod config;
 pub mod deepquote;
 pub mod mgr_client;

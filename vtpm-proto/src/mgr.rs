@@ -296,7 +296,17 @@ pub enum AdminRequest {
         /// Process id of the vtpm-domain serving it.
         pid: u32,
     },
-    /// Unbinds the vTPM's process.
+    /// Binds the Xen domain `domid` to a vTPM: only a tpmif link whose
+    /// frontend is that domain (as the toolstack recorded it in the manager's
+    /// own backend directory, `backend/vtpm/<domid>/<devid>/{uuid,frontend-id}`)
+    /// gets the vTPM's key. The Xen counterpart of [`AdminRequest::VtpmAttach`].
+    VtpmAttachDomain {
+        /// vTPM UUID.
+        uuid: Uuid,
+        /// Domain id of the vTPM domain serving it.
+        domid: u32,
+    },
+    /// Unbinds the vTPM's process and its domain.
     VtpmDetach {
         /// vTPM UUID.
         uuid: Uuid,
@@ -341,6 +351,15 @@ mod tests {
         assert_eq!(n, f.len() - 4);
         let back: AdminRequest = decode(&f[4..]).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn attach_domain_wire_form() {
+        let uuid = Uuid::nil();
+        let req = AdminRequest::VtpmAttachDomain { uuid, domid: 7 };
+        let json = String::from_utf8(encode(&req).unwrap()[4..].to_vec()).unwrap();
+        assert_eq!(json, r#"{"op":"vtpm-attach-domain","uuid":"00000000-0000-0000-0000-000000000000","domid":7}"#);
+        assert_eq!(decode::<AdminRequest>(json.as_bytes()).unwrap(), req);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! It owns the physical TPM 2.0 ([`hwtpm`], through tss-esapi), keeps the
 //! provisioning record, groups and vTPM identities ([`store`]), decides who
 //! gets a vTPM's state key ([`manager`]) and serves the admin and per-vTPM
-//! sockets ([`daemon`]). The manager refuses to serve vTPMs until it is
+//! sockets ([`daemon`]); [`xenlink`] serves vTPMs that run in their own Xen
+//! domains over tpmif. The manager refuses to serve vTPMs until it is
 //! provisioned, and refuses to start at all if its master secret does not
 //! unseal (the host's PCRs are not the approved ones).
 
@@ -12,6 +13,7 @@ pub mod deepquote;
 pub mod hwtpm;
 pub mod manager;
 pub mod store;
+pub mod xenlink;
 
 /// `vtpmmgr reauthorize`: approve the current PCR values with the admin's
 /// policy-signing key (after an intended host upgrade).

@@ -91,6 +91,8 @@ pub struct Manager {
     store: Store,
     master: Option<MasterSecret>,
     attached: HashMap<Uuid, u32>,
+    /// vTPM → the Xen domain attached to it (`VtpmAttachDomain`).
+    attached_domains: HashMap<Uuid, u32>,
     software_tpm: bool,
     stats: std::sync::Arc<crate::deepquote::Stats>,
 }
@@ -127,7 +129,7 @@ impl Manager {
         if master.is_none() {
             warn!("manager is not provisioned; it serves no vTPM until `xl-vtpm mgr provision`");
         }
-        Ok(Manager { cfg, hw, store, master, attached: HashMap::new(), software_tpm, stats: Default::default() })
+        Ok(Manager { cfg, hw, store, master, attached: HashMap::new(), attached_domains: HashMap::new(), software_tpm, stats: Default::default() })
     }
 
     /// The configuration.
@@ -180,6 +182,56 @@ impl Manager {
             return Err(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned"));
         }
         Ok(entry.group)
+    }
+
+    /// The Xen counterpart of [`authorize`](Self::authorize): decides whether
+    /// the tpmif link whose backend directory (written by the toolstack in the
+    /// manager's own xenstore home; the vTPM domain cannot write it) names vTPM
+    /// `backend_uuid` and frontend domain `frontend_domid`, and whose peer
+    /// believes it is `claimed`, is that vTPM's domain. Returns the vTPM's group.
+    pub fn authorize_domain(&self, backend_uuid: Uuid, frontend_domid: u32, claimed: Uuid) -> Result<Uuid, Failure> {
+        if claimed != backend_uuid {
+            warn!(backend_uuid = %backend_uuid, claimed = %claimed, domid = frontend_domid, "refused: vTPM domain claimed another vTPM's UUID");
+            return Err(Failure::new(ErrorCode::Refused, format!("this link serves vTPM {backend_uuid}, not {claimed}")));
+        }
+        let Some(entry) = self.store.vtpm(&backend_uuid) else {
+            return Err(Failure::new(ErrorCode::NotFound, format!("vTPM {backend_uuid} does not exist")));
+        };
+        let Some(expected) = self.attached_domains.get(&backend_uuid).copied() else {
+            return Err(Failure::new(ErrorCode::NotAttached, format!("no domain is attached to vTPM {backend_uuid} yet (xl-vtpm attaches the vTPM domain after creating it)")));
+        };
+        if frontend_domid != expected {
+            warn!(vtpm = %backend_uuid, domid = frontend_domid, expected, "refused: frontend domain is not the domain attached to this vTPM");
+            return Err(Failure::new(ErrorCode::Refused, format!("domain {frontend_domid} is not the domain attached to vTPM {backend_uuid}")));
+        }
+        if self.master.is_none() {
+            return Err(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned"));
+        }
+        Ok(entry.group)
+    }
+
+    /// Answers a `GetStateKey` that arrived over the tpmif link of vTPM
+    /// `backend_uuid` (from the manager's backend directory) whose frontend is
+    /// domain `frontend_domid`.
+    pub fn state_key_domain(&self, backend_uuid: Uuid, frontend_domid: u32, version: u32, claimed: Uuid) -> VtpmReply {
+        if version != PROTOCOL_VERSION {
+            return VtpmReply::Error(Failure::new(ErrorCode::BadRequest, format!("protocol version {version} not supported (manager speaks {PROTOCOL_VERSION})")));
+        }
+        match self.authorize_domain(backend_uuid, frontend_domid, claimed) {
+            Ok(group) => match self.derive_key(&backend_uuid) {
+                Some(key) => {
+                    info!(vtpm = %backend_uuid, domid = frontend_domid, "released state key over tpmif");
+                    VtpmReply::StateKey { key: SecretBytes(key), group }
+                }
+                None => VtpmReply::Error(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned")),
+            },
+            Err(f) => VtpmReply::Error(f),
+        }
+    }
+
+    /// The domain attached to vTPM `uuid`, if any.
+    pub fn attached_domain(&self, uuid: &Uuid) -> Option<u32> {
+        self.attached_domains.get(uuid).copied()
     }
 
     /// Answers a `GetStateKey` that arrived on vTPM `socket_uuid`'s own
@@ -319,6 +371,7 @@ impl Manager {
                 }
                 self.store.vtpms.retain(|v| v.uuid != uuid);
                 self.attached.remove(&uuid);
+                self.attached_domains.remove(&uuid);
                 self.save()?;
                 info!(vtpm = %uuid, "vTPM identity deleted");
                 AdminReply::Ok
@@ -333,8 +386,32 @@ impl Manager {
                 info!(vtpm = %uuid, pid, "process attached");
                 AdminReply::Ok
             }
+            AdminRequest::VtpmAttachDomain { uuid, domid } => {
+                self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                // DOMID_FIRST_RESERVED (0x7FF0) and above are never real domains; dom0 is
+                // the manager's own domain, never a vTPM domain.
+                if domid == 0 || domid >= 0x7FF0 {
+                    return Err(fail(ErrorCode::BadRequest, format!("domid {domid}: a vTPM domain is a domU (1..=32751)")));
+                }
+                // Unlike a process, the manager cannot tell whether a domain still runs:
+                // a stale attachment must be removed explicitly (`VtpmDetach`).
+                if let Some(old) = self.attached_domains.get(&uuid).copied()
+                    && old != domid
+                {
+                    return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} is already attached to domain {old}; detach it first (`xl-vtpm vtpm stop {uuid}`)")));
+                }
+                if let Some((other, _)) = self.attached_domains.iter().find(|(u, d)| **d == domid && **u != uuid) {
+                    return Err(fail(ErrorCode::Exists, format!("domain {domid} is already attached to vTPM {other}; one vTPM per domain")));
+                }
+                self.attached_domains.insert(uuid, domid);
+                info!(vtpm = %uuid, domid, "domain attached");
+                AdminReply::Ok
+            }
             AdminRequest::VtpmDetach { uuid } => {
                 self.attached.remove(&uuid);
+                if let Some(domid) = self.attached_domains.remove(&uuid) {
+                    info!(vtpm = %uuid, domid, "domain detached");
+                }
                 AdminReply::Ok
             }
         })

@@ -24,14 +24,17 @@ fn is_at_or_below(path: &str, dir: &str) -> bool {
 #[derive(Default)]
 struct Store {
     nodes: BTreeMap<String, String>,
-    watches: Vec<String>,
+    /// Watched paths and the queue of the client that registered each.
+    watches: Vec<(String, Arc<WatchQueue>)>,
     ops: usize,
     log: Vec<(String, String)>,
 }
 
 /// An in-memory xenstore with xenstored's watch semantics: a watch fires for writes and
 /// removals at or below its path, once right after registration, and for a removal above it.
-/// Writes create missing parents with empty values. Clones share the store and the watches.
+/// Writes create missing parents with empty values. Clones share the store and the watches;
+/// [`client`](FakeXenstore::client) makes a second connection (same store, own watches and
+/// event queue), as a second domain or process would have.
 #[derive(Clone)]
 pub struct FakeXenstore {
     store: Arc<Mutex<Store>>,
@@ -49,16 +52,26 @@ impl FakeXenstore {
         (fake, WatchEvents::new(queue))
     }
 
+    /// Another client of the same store, with its own watches and event queue.
+    pub fn client(&self) -> (Self, WatchEvents) {
+        let queue = Arc::new(WatchQueue::default());
+        let fake = Self {
+            store: self.store.clone(),
+            queue: queue.clone(),
+        };
+        (fake, WatchEvents::new(queue))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn fire(&self, store: &Store, changed: &str, removed: bool) {
-        for w in &store.watches {
+        for (w, queue) in &store.watches {
             if is_at_or_below(changed, w) {
-                self.queue.push(changed);
+                queue.push(changed);
             } else if removed && is_at_or_below(w, changed) {
-                self.queue.push(w);
+                queue.push(w);
             }
         }
     }
@@ -115,9 +128,9 @@ impl FakeXenstore {
         )
     }
 
-    /// Paths currently watched.
+    /// Paths currently watched (by any client).
     pub fn watched(&self) -> Vec<String> {
-        self.lock().watches.clone()
+        self.lock().watches.iter().map(|(w, _)| w.clone()).collect()
     }
 
     /// Every value written to exactly `path`, oldest first (by any clone).
@@ -172,15 +185,22 @@ impl Xenstore for FakeXenstore {
 
     async fn watch(&self, path: &str) -> Result<(), XsError> {
         let mut st = self.lock();
-        if !st.watches.iter().any(|w| w == path) {
-            st.watches.push(path.to_owned());
+        if !st
+            .watches
+            .iter()
+            .any(|(w, q)| w == path && Arc::ptr_eq(q, &self.queue))
+        {
+            st.watches.push((path.to_owned(), self.queue.clone()));
         }
         self.queue.push(path);
         Ok(())
     }
 
     async fn unwatch(&self, path: &str) -> Result<(), XsError> {
-        self.lock().watches.retain(|w| w != path);
+        let queue = self.queue.clone();
+        self.lock()
+            .watches
+            .retain(|(w, q)| !(w == path && Arc::ptr_eq(q, &queue)));
         Ok(())
     }
 }
@@ -329,6 +349,101 @@ impl Connection for MemConnection {
 
     async fn wait_event(&self) -> Result<(), TransportError> {
         self.chan.to_backend.notified().await;
+        Ok(())
+    }
+}
+
+/// The frontend side of [`MemTransport`]: "grants" pages and "allocates" ports in the shared
+/// [`MemTransport`] as domain `domid`, so a [`crate::frontend::Frontend`] and a
+/// [`crate::xenbus::Backend`] over clones of the same `MemTransport` see one [`MemPage`] and one
+/// [`FakeChannel`]. Grant refs count up from 8, ports from 20.
+pub struct FakeFrontendTransport {
+    mem: MemTransport,
+    domid: DomId,
+    shared: u32,
+    fail: bool,
+}
+
+impl FakeFrontendTransport {
+    /// A frontend transport for guest `domid` over `mem`.
+    pub fn new(mem: MemTransport, domid: DomId) -> Self {
+        Self {
+            mem,
+            domid,
+            shared: 0,
+            fail: false,
+        }
+    }
+
+    /// Makes every further [`share`](crate::frontend::FrontendTransport::share) fail like a
+    /// missing `/dev/xen/gntalloc`.
+    pub fn fail_shares(&mut self) {
+        self.fail = true;
+    }
+
+    /// How many rings were shared so far.
+    pub fn shared(&self) -> u32 {
+        self.shared
+    }
+}
+
+impl crate::frontend::FrontendTransport for FakeFrontendTransport {
+    type Link = FakeFrontendLink;
+
+    fn share(
+        &mut self,
+        backend: DomId,
+    ) -> Result<crate::frontend::SharedRing<FakeFrontendLink>, TransportError> {
+        if self.fail {
+            return Err(TransportError::ShareGrant {
+                domid: backend,
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
+        let n = self.shared;
+        self.shared += 1;
+        let ring_ref = GrantRef::new(8 + n);
+        let port = EvtchnPort::new(20 + n).ok_or(TransportError::AllocEvtchn {
+            domid: backend,
+            source: io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+        let page = self.mem.grant_page(self.domid, ring_ref);
+        let chan = self.mem.alloc_port(self.domid, port);
+        Ok(crate::frontend::SharedRing {
+            ring_ref,
+            port,
+            link: FakeFrontendLink { page, chan },
+        })
+    }
+}
+
+/// The guest's end of a fake ring: the page it granted and its end of the channel.
+pub struct FakeFrontendLink {
+    page: Arc<MemPage>,
+    chan: Arc<FakeChannel>,
+}
+
+impl FakeFrontendLink {
+    /// The channel (to see whether a backend is bound).
+    pub fn channel(&self) -> &Arc<FakeChannel> {
+        &self.chan
+    }
+}
+
+impl Connection for FakeFrontendLink {
+    type Page = Arc<MemPage>;
+
+    fn page(&self) -> &Arc<MemPage> {
+        &self.page
+    }
+
+    fn notify(&self) -> Result<(), TransportError> {
+        self.chan.kick();
+        Ok(())
+    }
+
+    async fn wait_event(&self) -> Result<(), TransportError> {
+        self.chan.wait_notified().await;
         Ok(())
     }
 }

@@ -6,6 +6,8 @@
 //!   only by volatile copies ([`tpmif::SharedPage`]), and [`tpmif::backend_step`].
 //! - [`xenbus`]: the backend state machine for tpmif devices over the [`xenstore::Xenstore`] and
 //!   [`xenbus::Transport`] traits (InitWait → Connected, Closed → InitWait, detach, guest gone).
+//! - [`frontend`]: a userspace tpmif frontend ([`frontend::Frontend`]) and the chunking layer
+//!   that carries manager-protocol frames larger than a page (a vTPM domain → vtpmmgr in dom0).
 //! - [`xenstore`]: the xenstore trait, the coalescing watch queue, and [`xenstore::XsClient`]
 //!   (xenstore-rs 0.8.0).
 //! - [`xen`]: libxenevtchn / libxengnttab bindings (bindgen) and the production transport. The
@@ -39,6 +41,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+pub mod frontend;
 pub mod ids;
 pub mod tpmif;
 pub mod xen;

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use tokio::io::unix::AsyncFd;
 
+use crate::frontend::{FrontendTransport, SharedRing};
 use crate::ids::{DomId, EvtchnPort, GrantRef};
 use crate::tpmif::{OutOfBounds, PAGE_SIZE, SharedPage, check_bounds};
 use crate::xenbus::{Connection, Transport, TransportError};
@@ -484,27 +485,109 @@ impl Connection for XenConnection {
     }
 
     async fn wait_event(&self) -> Result<(), TransportError> {
-        loop {
-            let mut guard = self
-                .evtchn
-                .readable()
-                .await
-                .map_err(TransportError::Evtchn)?;
-            match guard
-                .get_inner()
-                .pending()
-                .map_err(TransportError::Evtchn)?
-            {
-                Some(port) => {
-                    guard
-                        .get_inner()
-                        .unmask(port)
-                        .map_err(TransportError::Evtchn)?;
-                    return Ok(());
-                }
-                None => guard.clear_ready(),
+        wait_pending(&self.evtchn).await
+    }
+}
+
+/// Waits until a port of `evtchn` is pending, consumes it and re-arms it.
+async fn wait_pending(evtchn: &AsyncFd<Evtchn>) -> Result<(), TransportError> {
+    loop {
+        let mut guard = evtchn.readable().await.map_err(TransportError::Evtchn)?;
+        match guard
+            .get_inner()
+            .pending()
+            .map_err(TransportError::Evtchn)?
+        {
+            Some(port) => {
+                guard
+                    .get_inner()
+                    .unmask(port)
+                    .map_err(TransportError::Evtchn)?;
+                return Ok(());
             }
+            None => guard.clear_ready(),
         }
+    }
+}
+
+/// The production [`FrontendTransport`]: a page granted with libxengntshr (`/dev/xen/gntalloc`)
+/// and an unbound port from libxenevtchn, its fd registered with tokio. For a userspace frontend
+/// such as a vTPM domain talking to vtpmmgr. Must be used inside a tokio runtime.
+pub struct XenFrontendTransport {
+    gntshr: Gntshr,
+}
+
+impl XenFrontendTransport {
+    /// Opens the grant-allocation device. Without Xen: `ENOENT`.
+    pub fn open() -> io::Result<Self> {
+        Ok(Self {
+            gntshr: Gntshr::open()?,
+        })
+    }
+}
+
+impl FrontendTransport for XenFrontendTransport {
+    type Link = XenFrontendLink;
+
+    fn share(&mut self, backend: DomId) -> Result<SharedRing<XenFrontendLink>, TransportError> {
+        let (ring_ref, page) = self
+            .gntshr
+            .share_page(backend, true)
+            .map_err(|source| TransportError::ShareGrant {
+                domid: backend,
+                source,
+            })?;
+        let alloc_err = |source| TransportError::AllocEvtchn {
+            domid: backend,
+            source,
+        };
+        let evtchn = Evtchn::open().map_err(alloc_err)?;
+        evtchn.set_nonblocking().map_err(alloc_err)?;
+        let port = evtchn.bind_unbound_port(backend).map_err(alloc_err)?;
+        // SAFETY: as in `XenTransport::connect`: the fd belongs to the live handle owned by the
+        // `AsyncFd`, which deregisters before the handle (and fd) is closed.
+        let evtchn = unsafe { AsyncFd::register(evtchn) }
+            .map_err(|e| TransportError::Evtchn(io::Error::other(e.to_string())))?;
+        Ok(SharedRing {
+            ring_ref,
+            port,
+            link: XenFrontendLink { evtchn, port, page },
+        })
+    }
+}
+
+/// Our granted page plus our event-channel port. Drop unbinds the port, closes the handle and
+/// unshares the page (in that order).
+pub struct XenFrontendLink {
+    evtchn: AsyncFd<Evtchn>,
+    port: EvtchnPort,
+    page: SharedMem,
+}
+
+impl Drop for XenFrontendLink {
+    fn drop(&mut self) {
+        if let Err(e) = self.evtchn.get_ref().unbind(self.port) {
+            tracing::warn!(error = %e, port = %self.port, "xenevtchn_unbind failed");
+        }
+    }
+}
+
+impl Connection for XenFrontendLink {
+    type Page = SharedMem;
+
+    fn page(&self) -> &SharedMem {
+        &self.page
+    }
+
+    fn notify(&self) -> Result<(), TransportError> {
+        self.evtchn
+            .get_ref()
+            .notify(self.port)
+            .map_err(TransportError::Evtchn)
+    }
+
+    async fn wait_event(&self) -> Result<(), TransportError> {
+        wait_pending(&self.evtchn).await
     }
 }
 
@@ -536,6 +619,10 @@ mod tests {
         let e = XenTransport::open()
             .err()
             .expect("transport open must fail without Xen");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        let e = XenFrontendTransport::open()
+            .err()
+            .expect("frontend transport open must fail without Xen");
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
     }
 }

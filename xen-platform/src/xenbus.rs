@@ -18,6 +18,14 @@
 //! | toolstack detach: backend `online=0`, or backend `state=5` we did not write | unmap + unbind; Closed(6) at once (libxl waits at most 10 s for 6); then wait for the toolstack to remove the directories |
 //! | backend directory removed | unmap + unbind; [`BackendEvent::Gone`] |
 //!
+//! Which devices are ours: every device under the root, unless narrowed by
+//! [`Backend::only_uuid`] (other devices are skipped silently: they belong to another vTPM
+//! process sharing the backend domain) and/or by an accept filter ([`Backend::accept`], over the
+//! verified `frontend-id` and the backend `uuid`; both are toolstack-written, the guest can write
+//! neither). A device the filter refuses is left untouched (no key written), reported once as
+//! [`BackendEvent::Refused`], and re-evaluated on every change under its backend directory and on
+//! every [`Backend::rescan`] — call that after whatever the filter consults changed.
+//!
 //! Values from the frontend directory are guest-controlled: bad ones produce a
 //! [`BackendEvent::Error`] naming the key and value and leave the device in InitWait, so a
 //! well-behaved frontend can still retry; nothing panics. A device reports the same error only
@@ -57,6 +65,24 @@ pub enum TransportError {
         domid: DomId,
         /// Remote (unbound) port.
         port: EvtchnPort,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Granting our page to a backend failed (frontend side).
+    #[error("granting a page to domain {domid}: {source}")]
+    ShareGrant {
+        /// The backend domain.
+        domid: DomId,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Allocating an unbound event channel for a backend failed (frontend side).
+    #[error("allocating an event channel for domain {domid}: {source}")]
+    AllocEvtchn {
+        /// The backend domain.
+        domid: DomId,
         /// Cause.
         #[source]
         source: io::Error,
@@ -200,6 +226,14 @@ pub enum BackendEvent {
         /// Device.
         key: DeviceKey,
     },
+    /// The accept filter refused the device: nothing was written, it stays as the toolstack
+    /// left it. Reported once per device and UUID until it is accepted or disappears.
+    Refused {
+        /// Device (its frontend domain is the verified `frontend-id`).
+        key: DeviceKey,
+        /// The vTPM UUID from the backend directory.
+        uuid: Uuid,
+    },
     /// Something went wrong for a device (or an unparseable device directory name).
     Error {
         /// The device, when known.
@@ -285,6 +319,9 @@ pub enum Activity {
     XenstoreClosed,
 }
 
+/// An accept filter: `(verified frontend domain, backend uuid) -> serve it?`.
+pub type AcceptFilter = Box<dyn Fn(DomId, Uuid) -> bool + Send + Sync>;
+
 /// The tpmif backend for all devices under one backend root.
 pub struct Backend<X, T: Transport> {
     xs: X,
@@ -292,6 +329,19 @@ pub struct Backend<X, T: Transport> {
     root: String,
     devices: BTreeMap<DeviceKey, TpmifDevice<T::Connection>>,
     only_uuid: Option<Uuid>,
+    accept: Option<AcceptFilter>,
+    /// Devices the accept filter refused, with the UUID reported (to report each once).
+    refused: BTreeMap<DeviceKey, Uuid>,
+}
+
+/// What [`Backend::attach`] found.
+enum Attach<C> {
+    /// A device of ours, now in InitWait.
+    Device(TpmifDevice<C>),
+    /// Absent, not filled in yet, or not ours (`only_uuid`).
+    Skip,
+    /// Refused by the accept filter.
+    Refused(Uuid),
 }
 
 fn shown(value: &str) -> String {
@@ -312,7 +362,21 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             root,
             devices: BTreeMap::new(),
             only_uuid: None,
+            accept: None,
+            refused: BTreeMap::new(),
         }
+    }
+
+    /// Serves only devices for which `filter(frontend domain, uuid)` is true. The domain is the
+    /// backend's `frontend-id` (checked to equal the `<fe>` path component) and the UUID its
+    /// `uuid` key — both written by the toolstack in the backend's own directory. The filter is
+    /// consulted before anything is written; it must be quick (it runs on the backend's task).
+    /// Combines with [`only_uuid`](Self::only_uuid) (both must pass). A refused device is
+    /// re-evaluated whenever its backend directory changes and on [`rescan`](Self::rescan);
+    /// a device already being served is not re-checked (the caller decides per request).
+    pub fn accept(mut self, filter: impl Fn(DomId, Uuid) -> bool + Send + Sync + 'static) -> Self {
+        self.accept = Some(Box::new(filter));
+        self
     }
 
     /// Serves only devices whose backend `uuid` key (written by the toolstack
@@ -356,6 +420,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
     pub async fn rescan(&mut self) -> Vec<BackendEvent> {
         let mut events = Vec::new();
         let mut keys: Vec<DeviceKey> = self.devices.keys().copied().collect();
+        keys.extend(self.refused.keys().copied());
         match self.list_devices().await {
             Ok((found, errors)) => {
                 events.extend(errors);
@@ -445,14 +510,24 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         let mut events = Vec::new();
         if !self.devices.contains_key(&key) {
             match self.attach(key).await {
-                Ok(Some(dev)) => {
+                Ok(Attach::Device(dev)) => {
+                    self.refused.remove(&key);
                     events.push(BackendEvent::Added {
                         key,
                         uuid: dev.uuid,
                     });
                     self.devices.insert(key, dev);
                 }
-                Ok(None) => return events,
+                Ok(Attach::Skip) => {
+                    self.refused.remove(&key);
+                    return events;
+                }
+                Ok(Attach::Refused(uuid)) => {
+                    if self.refused.insert(key, uuid) != Some(uuid) {
+                        events.push(BackendEvent::Refused { key, uuid });
+                    }
+                    return events;
+                }
                 Err(error) => {
                     events.push(BackendEvent::Error {
                         key: Some(key),
@@ -495,16 +570,13 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         events
     }
 
-    /// Reads a new device's backend directory and announces InitWait. `Ok(None)` if the
+    /// Reads a new device's backend directory and announces InitWait. `Skip` if the
     /// directory is absent or not filled in yet.
-    async fn attach(
-        &mut self,
-        key: DeviceKey,
-    ) -> Result<Option<TpmifDevice<T::Connection>>, XenbusError> {
+    async fn attach(&mut self, key: DeviceKey) -> Result<Attach<T::Connection>, XenbusError> {
         let backend_path = format!("{}/{}/{}", self.root, key.frontend, key.devid);
         let fe_key = format!("{backend_path}/frontend");
         let Some(frontend_path) = self.xs.read(&fe_key).await? else {
-            return Ok(None);
+            return Ok(Attach::Skip);
         };
         if !frontend_path.starts_with('/') || frontend_path.len() < 2 {
             return Err(XenbusError::BadFrontendPath {
@@ -531,7 +603,12 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         })?;
         if self.only_uuid.is_some_and(|mine| mine != uuid) {
             // Another vTPM's device: not ours to touch.
-            return Ok(None);
+            return Ok(Attach::Skip);
+        }
+        if let Some(filter) = &self.accept
+            && !filter(key.frontend, uuid)
+        {
+            return Ok(Attach::Refused(uuid));
         }
 
         self.xs
@@ -545,7 +622,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             .await?;
         self.xs.watch(&frontend_path).await?;
         tracing::debug!(%key, %uuid, frontend = %frontend_path, "tpmif device in InitWait");
-        Ok(Some(TpmifDevice {
+        Ok(Attach::Device(TpmifDevice {
             key,
             backend_path,
             frontend_path,
@@ -586,6 +663,21 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             Poll::Pending
         })
         .await
+    }
+
+    /// Takes a due step of `key` without servicing it: the caller has seen the request (e.g.
+    /// through [`TpmifDevice::connection`]) and will answer it later with
+    /// [`service`](Self::service). Until then [`wait_guest`](Self::wait_guest) reports the
+    /// device only when the frontend signals again.
+    pub fn defer(&mut self, key: DeviceKey) {
+        if let Some(dev) = self.devices.get_mut(&key) {
+            dev.kick = false;
+        }
+    }
+
+    /// Devices the accept filter refused (and that still exist), with their UUIDs.
+    pub fn refused(&self) -> impl Iterator<Item = (DeviceKey, Uuid)> + '_ {
+        self.refused.iter().map(|(k, u)| (*k, *u))
     }
 
     /// Runs one [`backend_step`] on a connected device's page and notifies the frontend when

@@ -768,3 +768,56 @@ async fn a_backend_bound_to_one_vtpm_leaves_other_devices_untouched() {
     }
     assert_eq!(xs.get(&format!("{BE}/state")).as_deref(), Some("2"));
 }
+
+#[tokio::test]
+async fn accept_filter_refuses_once_and_is_re_evaluated_on_rescan() {
+    use std::sync::Mutex;
+    let (xs, mut events) = FakeXenstore::new();
+    let transport = MemTransport::new();
+    let allowed: Arc<Mutex<Option<(DomId, Uuid)>>> = Arc::new(Mutex::new(None));
+    let consulted = allowed.clone();
+    let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT)
+        .accept(move |domid, uuid| *consulted.lock().unwrap() == Some((domid, uuid)));
+    backend.start().await.unwrap();
+    for (k, v) in [("frontend", FE), ("frontend-id", "5"), ("online", "1"), ("state", "1"), ("uuid", UUID)] {
+        xs.set(&format!("{BE}/{k}"), v);
+    }
+    xs.set(&format!("{FE}/state"), "1");
+    let mut seen = Vec::new();
+    while let Some(ev) = events.try_next() {
+        seen.extend(backend.handle_watch_event(ev).await);
+    }
+    let uuid = Uuid::parse_str(UUID).unwrap();
+    let refused: Vec<_> = seen.iter().filter(|e| matches!(e, BackendEvent::Refused { .. })).collect();
+    assert_eq!(refused.len(), 1, "{seen:?}");
+    assert!(matches!(refused[0], BackendEvent::Refused { key: k, uuid: u } if *k == key() && *u == uuid));
+    assert_eq!(seen.len(), 1, "nothing else happened: {seen:?}");
+    assert_eq!(xs.get(&format!("{BE}/state")).as_deref(), Some("1"));
+    assert_eq!(xs.get(&format!("{BE}/feature-protocol-v2")), None);
+    assert_eq!(backend.refused().collect::<Vec<_>>(), [(key(), uuid)]);
+    // Rescans and directory changes do not repeat the report.
+    assert!(backend.rescan().await.is_empty());
+    // The filter now accepts (e.g. the domain was attached): a rescan picks the device up.
+    *allowed.lock().unwrap() = Some((dom5(), uuid));
+    let ev = backend.rescan().await;
+    assert!(ev.iter().any(|e| matches!(e, BackendEvent::Added { .. })), "{ev:?}");
+    assert_eq!(xs.get(&format!("{BE}/state")).as_deref(), Some("2"));
+    assert_eq!(backend.refused().count(), 0);
+}
+
+#[tokio::test]
+async fn accept_filter_sees_a_verified_frontend_id() {
+    let (xs, mut events) = FakeXenstore::new();
+    let transport = MemTransport::new();
+    let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT).accept(|_, _| panic!("filter consulted"));
+    backend.start().await.unwrap();
+    // frontend-id disagreeing with the path is an error before the filter runs.
+    for (k, v) in [("frontend", FE), ("frontend-id", "6"), ("uuid", UUID)] {
+        xs.set(&format!("{BE}/{k}"), v);
+    }
+    let mut seen = Vec::new();
+    while let Some(ev) = events.try_next() {
+        seen.extend(backend.handle_watch_event(ev).await);
+    }
+    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Error { error: XenbusError::FrontendIdMismatch { .. }, .. })), "{seen:?}");
+}

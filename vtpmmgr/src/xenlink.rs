@@ -1,0 +1,425 @@
+//! The manager's Xen link: a tpmif backend in dom0 through which vTPMs running in their own
+//! domains reach the manager.
+//!
+//! Each vTPM domain's xl config carries `vtpm = [ "backend=0,uuid=<vTPM UUID>" ]`, so libxl
+//! creates a tpmif device whose **backend is the manager** and whose frontend is the vTPM domain
+//! (`xen_platform::frontend`). Manager-protocol frames (`u32` BE length ‖ JSON, see
+//! `vtpm_proto::mgr`) ride in the shared page: SUBMIT carries a request frame, FINISH the reply;
+//! replies above one page (a deep-quote bundle) are chunked with `CONT` requests as documented
+//! byte for byte in `xen_platform::frontend`. Requests above one page (4088 bytes) never arrive
+//! (the frontend refuses them; the page layer answers a 10-byte TPM error).
+//!
+//! # Identity
+//!
+//! Nothing the vTPM domain says about itself is trusted. The caller is the pair the toolstack
+//! wrote into the manager's **own** backend directory, `/local/domain/0/backend/vtpm/<fe>/<dev>`:
+//! `uuid` (the vTPM) and `frontend-id` (the vTPM domain; the xenbus layer checks it equals
+//! `<fe>`). A vTPM domain cannot write there.
+//!
+//! * A device is taken at all (InitWait written, page mapped) only if that `uuid` names a known
+//!   vTPM to which `frontend-id` was attached by `AdminRequest::VtpmAttachDomain` (the Xen
+//!   counterpart of the pid attachment). Refused devices are left untouched and logged once;
+//!   they are re-checked when their directory changes, when [`XenLink::poker`] is poked (do it
+//!   after every admin request) and every [`RECHECK`] while any device is refused.
+//! * Every request is authorised again with [`Manager::authorize_domain`](crate::manager::Manager::authorize_domain)
+//!   (a detach after connecting takes effect at the next request), and the UUID the vTPM claims
+//!   must equal the backend directory's.
+//!
+//! # Concurrency: deep quotes are answered when ready
+//!
+//! The xenbus handler is synchronous. State-key requests are answered inside it (a lock and an
+//! HKDF). A deep quote instead is *deferred*: the link peeks at the SUBMITted request (a private
+//! copy; the page is not touched), queues it with the shared [`Batcher`], and leaves the page in
+//! SUBMIT. When the batcher's reply arrives, the link runs the xenbus step, whose handler now
+//! returns the ready reply (if the page still carries the same request). So the link's task
+//! never blocks, other vTPM domains are served meanwhile, and deep quotes from many domains
+//! (and from the Unix sockets) share one physical quote — natural batching is preserved.
+//! Blocking the handler instead (`block_in_place` + `Handle::block_on`) would have serialised
+//! every Xen vTPM behind each physical quote and defeated the batching.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+use vtpm_proto::evidence::VpcrSelection;
+use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
+use xen_platform::frontend::ReplyChunker;
+use xen_platform::tpmif::{Header, PageState, SharedPage};
+use xen_platform::xen::XenTransport;
+use xen_platform::xenbus::{
+    Backend, BackendEvent, Connection, DeviceKey, Transport, TransportError,
+};
+use xen_platform::xenstore::{WatchEvent, WatchEvents, Xenstore, XsClient};
+
+use crate::daemon::{Shared, lock};
+use crate::deepquote::{self, Batcher};
+
+/// Where libxl puts the devices of `vtpm = ["backend=0,..."]`: the manager's backend root.
+pub const DEFAULT_ROOT: &str = "/local/domain/0/backend/vtpm";
+
+/// How often refused devices are re-checked without a poke.
+pub const RECHECK: Duration = Duration::from_secs(2);
+
+/// A deep quote waiting for the batcher: the device, the exact request bytes, the reply frame.
+type Ready = (DeviceKey, Vec<u8>, Vec<u8>);
+
+/// The manager's tpmif backend. Build it with [`XenLink::open`] (real Xen) or
+/// [`XenLink::new`] (any xenstore/transport, e.g. the fakes), then [`run`](XenLink::run) it.
+pub struct XenLink<X: Xenstore, T: Transport> {
+    backend: Backend<X, T>,
+    events: WatchEvents,
+    mgr: Shared,
+    batcher: Batcher,
+    poke: Arc<Notify>,
+    chunkers: HashMap<DeviceKey, ReplyChunker>,
+    /// Devices whose current request is a deep quote at the batcher.
+    deferred: HashSet<DeviceKey>,
+    ready: JoinSet<Ready>,
+}
+
+impl XenLink<XsClient, XenTransport> {
+    /// Connects to xenstore and the grant/event-channel devices and starts watching `root`
+    /// ([`DEFAULT_ROOT`] in dom0). Start it before any vTPM domain is created: libxl gives a
+    /// backend only 10 s to reach InitWait.
+    pub async fn open(root: &str, mgr: Shared, batcher: Batcher) -> std::io::Result<Self> {
+        let (xs, events) = XsClient::open()
+            .await
+            .map_err(|e| std::io::Error::other(format!("xenstore: {e}")))?;
+        let transport = XenTransport::open().map_err(|e| {
+            std::io::Error::new(e.kind(), format!("Xen grant / event channel devices: {e}"))
+        })?;
+        Self::new(xs, events, transport, root, mgr, batcher)
+            .await
+            .map_err(|e| std::io::Error::other(format!("watching {root}: {e}")))
+    }
+}
+
+impl<X: Xenstore, T: Transport> XenLink<X, T> {
+    /// A link over `xs` (whose watch queue is `events`) and `transport`, serving the devices
+    /// under `root` whose frontend domain is attached to their vTPM.
+    pub async fn new(
+        xs: X,
+        events: WatchEvents,
+        transport: T,
+        root: &str,
+        mgr: Shared,
+        batcher: Batcher,
+    ) -> Result<Self, xen_platform::xenbus::XenbusError> {
+        let m = mgr.clone();
+        let mut backend = Backend::new(xs, transport, root).accept(move |domid, uuid| {
+            // Quiet check first (the filter is re-run on every change); `authorize_domain`
+            // covers "known vTPM" and "provisioned".
+            let m = lock(&m);
+            m.attached_domain(&uuid) == Some(u32::from(domid.get()))
+                && m.authorize_domain(uuid, u32::from(domid.get()), uuid)
+                    .is_ok()
+        });
+        let initial = backend.start().await?;
+        initial.iter().for_each(log_event);
+        info!(root, "Xen manager link watching");
+        Ok(XenLink {
+            backend,
+            events,
+            mgr,
+            batcher,
+            poke: Arc::new(Notify::new()),
+            chunkers: HashMap::new(),
+            deferred: HashSet::new(),
+            ready: JoinSet::new(),
+        })
+    }
+
+    /// A handle to make the link re-check refused devices now (e.g. after `VtpmAttachDomain`).
+    pub fn poker(&self) -> Arc<Notify> {
+        self.poke.clone()
+    }
+
+    /// Serves until the xenstore connection closes.
+    pub async fn run(mut self) {
+        let mut recheck = tokio::time::interval(RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        enum Woke {
+            Xs(Option<WatchEvent>),
+            Guest(Result<DeviceKey, (DeviceKey, TransportError)>),
+            Ready(Option<Result<Ready, tokio::task::JoinError>>),
+            Recheck(bool),
+        }
+        loop {
+            let woke = tokio::select! {
+                ev = self.events.next() => Woke::Xs(ev),
+                g = self.backend.wait_guest() => Woke::Guest(g),
+                r = self.ready.join_next(), if !self.ready.is_empty() => Woke::Ready(r),
+                _ = self.poke.notified() => Woke::Recheck(true),
+                _ = recheck.tick() => Woke::Recheck(false),
+            };
+            match woke {
+                Woke::Xs(None) => {
+                    warn!("xenstore connection closed; the Xen manager link stops");
+                    return;
+                }
+                Woke::Xs(Some(ev)) => {
+                    let evs = self.backend.handle_watch_event(ev).await;
+                    self.after(evs);
+                }
+                Woke::Guest(Ok(key)) => self.on_guest(key),
+                Woke::Guest(Err((key, e))) => {
+                    warn!(device = %key, error = %e, "vTPM domain event channel error")
+                }
+                Woke::Ready(Some(Ok((key, request, reply)))) => self.on_ready(key, request, reply),
+                Woke::Ready(Some(Err(e))) => warn!(error = %e, "deep-quote waiter failed"),
+                Woke::Ready(None) => {}
+                Woke::Recheck(poked) => {
+                    if poked || self.backend.refused().next().is_some() {
+                        let evs = self.backend.rescan().await;
+                        self.after(evs);
+                    }
+                }
+            }
+        }
+    }
+
+    fn after(&mut self, events: Vec<BackendEvent>) {
+        for ev in &events {
+            log_event(ev);
+            if let BackendEvent::Disconnected { key }
+            | BackendEvent::Detached { key }
+            | BackendEvent::Gone { key }
+            | BackendEvent::Connected { key } = ev
+            {
+                self.chunkers.remove(key);
+                self.deferred.remove(key);
+            }
+        }
+    }
+
+    fn on_guest(&mut self, key: DeviceKey) {
+        if self.deferred.contains(&key) {
+            // One request per interface: the deferred one is answered when the batcher is done.
+            self.backend.defer(key);
+            return;
+        }
+        let Some(dev) = self.backend.device(key) else {
+            return;
+        };
+        let uuid = dev.uuid();
+        let domid = u32::from(key.frontend.get());
+        if let Some(cmd) = dev.connection().and_then(|c| peek_submit(c.page()))
+            && let Ok(req @ VtpmRequest::DeepQuote { .. }) = decode_request(&cmd)
+        {
+            match submit_deep_quote(&self.mgr, &self.batcher, uuid, domid, req) {
+                Ok(rx) => {
+                    self.ready.spawn(async move {
+                        let reply = match rx.await {
+                            Ok(Ok(bundle)) => VtpmReply::DeepQuote {
+                                bundle: hex::encode(bundle),
+                            },
+                            Ok(Err(f)) => VtpmReply::Error(f),
+                            Err(_) => VtpmReply::Error(Failure::new(
+                                ErrorCode::Internal,
+                                "deep-quote batcher dropped the request",
+                            )),
+                        };
+                        (key, cmd, encode_reply(&reply))
+                    });
+                    self.deferred.insert(key);
+                    self.backend.defer(key);
+                    debug!(device = %key, "deep quote queued");
+                    return;
+                }
+                Err(reply) => {
+                    // Refused or malformed: answer at once.
+                    let frame = encode_reply(&reply);
+                    self.serve(key, uuid, domid, Some(frame));
+                    return;
+                }
+            }
+        }
+        self.serve(key, uuid, domid, None);
+    }
+
+    fn on_ready(&mut self, key: DeviceKey, request: Vec<u8>, reply: Vec<u8>) {
+        if !self.deferred.remove(&key) {
+            return; // the device went away meanwhile
+        }
+        let Some(dev) = self.backend.device(key) else {
+            return;
+        };
+        let uuid = dev.uuid();
+        let domid = u32::from(key.frontend.get());
+        // Answer only the request we computed the reply for; anything else is answered afresh.
+        let still_same = dev
+            .connection()
+            .and_then(|c| peek_submit(c.page()))
+            .as_deref()
+            == Some(&request[..]);
+        if still_same {
+            self.serve(key, uuid, domid, Some(reply));
+        } else {
+            self.serve(key, uuid, domid, None);
+        }
+    }
+
+    /// Runs the xenbus step for `key`. With `ready`, a non-`CONT` request is answered with that
+    /// frame; otherwise requests are answered synchronously.
+    fn serve(&mut self, key: DeviceKey, uuid: Uuid, domid: u32, ready: Option<Vec<u8>>) {
+        let chunker = self.chunkers.entry(key).or_default();
+        let mgr = &self.mgr;
+        let mut ready = ready;
+        let mut handler = |cmd: &[u8], _locality: u8| -> Vec<u8> {
+            if ReplyChunker::is_cont(cmd) {
+                return chunker.next_chunk().unwrap_or_else(|| {
+                    encode_reply(&VtpmReply::Error(Failure::new(
+                        ErrorCode::BadRequest,
+                        "CONT without a pending reply",
+                    )))
+                });
+            }
+            let frame = match ready.take() {
+                Some(frame) => frame,
+                None => encode_reply(&answer(mgr, uuid, domid, cmd)),
+            };
+            chunker.start(frame)
+        };
+        if let Err(e) = self.backend.service(key, &mut handler) {
+            warn!(device = %key, error = %e, "notifying the vTPM domain failed");
+        }
+    }
+}
+
+/// A synchronous answer to one request frame from the vTPM of backend `uuid`, domain `domid`.
+fn answer(mgr: &Shared, uuid: Uuid, domid: u32, cmd: &[u8]) -> VtpmReply {
+    match decode_request(cmd) {
+        Ok(VtpmRequest::GetStateKey {
+            version,
+            uuid: claimed,
+        }) => lock(mgr).state_key_domain(uuid, domid, version, claimed),
+        // Only reached when a deferred request was replaced under us: let the vTPM retry.
+        Ok(VtpmRequest::DeepQuote { .. }) => VtpmReply::Error(Failure::new(
+            ErrorCode::Busy,
+            "the request changed while a deep quote was in progress; retry",
+        )),
+        Err(f) => VtpmReply::Error(f),
+    }
+}
+
+/// Parses one whole request frame (`u32` BE length ‖ JSON) from the page.
+fn decode_request(cmd: &[u8]) -> Result<VtpmRequest, Failure> {
+    let bad = |m: String| Failure::new(ErrorCode::BadRequest, m);
+    let prefix: [u8; 4] = cmd
+        .get(..4)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| {
+            bad(format!(
+                "request of {} bytes has no length prefix",
+                cmd.len()
+            ))
+        })?;
+    let n = mgr::frame_len(prefix).map_err(|e| bad(e.to_string()))?;
+    if n != cmd.len() - 4 {
+        return Err(bad(format!(
+            "length prefix says {n} bytes, the page carries {}",
+            cmd.len() - 4
+        )));
+    }
+    mgr::decode(&cmd[4..]).map_err(|e| bad(e.to_string()))
+}
+
+fn encode_reply(reply: &VtpmReply) -> Vec<u8> {
+    mgr::encode(reply).unwrap_or_else(|e| {
+        mgr::encode(&VtpmReply::Error(Failure::new(
+            ErrorCode::Internal,
+            format!("encoding the reply: {e}"),
+        )))
+        .expect("a short error reply encodes")
+    })
+}
+
+/// A private copy of a SUBMITted request, or `None` if the page holds none (or an invalid one,
+/// which the xenbus step answers itself). Reads the header once, then at most `length` bytes.
+fn peek_submit(page: &impl SharedPage) -> Option<Vec<u8>> {
+    let header = Header::read_from(page).ok()?;
+    if PageState::try_from(header.state) != Ok(PageState::Submit) {
+        return None;
+    }
+    let len = usize::try_from(header.length).ok()?;
+    if len == 0 || len > header.max_packet() {
+        return None;
+    }
+    let mut cmd = vec![0u8; len];
+    page.read_bytes(header.data_offset(), &mut cmd).ok()?;
+    Some(cmd)
+}
+
+/// Authorises and queues a deep quote; the receiver yields the encoded bundle.
+fn submit_deep_quote(
+    mgr: &Shared,
+    batcher: &Batcher,
+    backend_uuid: Uuid,
+    domid: u32,
+    req: VtpmRequest,
+) -> Result<oneshot::Receiver<Result<Vec<u8>, Failure>>, VtpmReply> {
+    let VtpmRequest::DeepQuote {
+        uuid,
+        nonce,
+        vpcr_alg,
+        vpcrs,
+        vpcr_values,
+        host_pcrs,
+        flags,
+    } = req
+    else {
+        return Err(VtpmReply::Error(Failure::new(
+            ErrorCode::BadRequest,
+            "not a deep-quote request",
+        )));
+    };
+    let group = lock(mgr)
+        .authorize_domain(backend_uuid, domid, uuid)
+        .map_err(VtpmReply::Error)?;
+    let bad = |what: &str| {
+        VtpmReply::Error(Failure::new(
+            ErrorCode::BadRequest,
+            format!("deep-quote {what} is not hex"),
+        ))
+    };
+    let nonce = hex::decode(&nonce).map_err(|_| bad("nonce"))?;
+    let values = vpcr_values
+        .iter()
+        .map(hex::decode)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad("vPCR value"))?;
+    let (tx, rx) = oneshot::channel();
+    batcher
+        .submit(deepquote::Request {
+            vtpm: backend_uuid,
+            group,
+            vpcrs: VpcrSelection {
+                hash_alg: vpcr_alg,
+                pcrs: vpcrs,
+            },
+            vpcr_values: values,
+            nonce,
+            flags,
+            host_pcrs,
+            reply: tx,
+        })
+        .map_err(VtpmReply::Error)?;
+    Ok(rx)
+}
+
+fn log_event(ev: &BackendEvent) {
+    match ev {
+        BackendEvent::Refused { key, uuid } => warn!(
+            device = %key,
+            vtpm = %uuid,
+            domid = key.frontend.get(),
+            "refused a tpmif link: the frontend domain is not the domain attached to this vTPM (or the vTPM is unknown); attach it with VtpmAttachDomain"
+        ),
+        BackendEvent::Error { .. } => warn!(event = ?ev, "tpmif device error"),
+        other => info!(event = ?other, "Xen manager link"),
+    }
+}

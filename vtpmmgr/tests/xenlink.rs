@@ -1,0 +1,368 @@
+//! The manager's Xen link against a real manager (one swtpm per test) over the fake xenstore
+//! and a page shared in memory with a `xen_platform::frontend::Frontend`.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use testkit::Swtpm;
+use uuid::Uuid;
+use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, VtpmReply, VtpmRequest};
+use vtpmmgr::daemon::{Shared, lock};
+use vtpmmgr::deepquote::{BatchConfig, Batcher};
+use vtpmmgr::manager::{Config, Manager};
+use vtpmmgr::xenlink::XenLink;
+use xen_platform::DomId;
+use xen_platform::fake::{FakeFrontendLink, FakeFrontendTransport, FakeXenstore, MemTransport};
+use xen_platform::frontend::{Frontend, FrontendConfig, FrontendError};
+
+const ROOT: &str = "/local/domain/0/backend/vtpm";
+const DOMID: u16 = 7;
+
+fn be() -> String {
+    format!("{ROOT}/{DOMID}/0")
+}
+fn fe() -> String {
+    format!("/local/domain/{DOMID}/device/vtpm/0")
+}
+
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// The process-wide log capture (a thread-local default subscriber misses events whose
+/// callsite interest another test thread cached first). Tests pick their lines by vTPM UUID.
+fn logs() -> Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs::default();
+        let sink = logs.clone();
+        tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .init();
+        logs
+    })
+    .clone()
+}
+
+fn lines_about(logs: &Logs, uuid: Uuid, needle: &str) -> usize {
+    logs.text()
+        .lines()
+        .filter(|l| l.contains(&uuid.to_string()) && l.contains(needle))
+        .count()
+}
+
+struct World {
+    _tpm: Swtpm,
+    _dir: tempfile::TempDir,
+    mgr: Shared,
+    xs: FakeXenstore,
+    mem: MemTransport,
+    poke: Arc<tokio::sync::Notify>,
+    vtpm: Uuid,
+}
+
+impl World {
+    /// A provisioned manager with one vTPM, its Xen link running, and the toolstack's device
+    /// for the vTPM domain `DOMID`.
+    async fn start() -> World {
+        let tpm = Swtpm::start();
+        let dir = testkit::tempdir();
+        let cfg = Config {
+            tcti: tpm.tcti(),
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            batch: BatchConfig::default(),
+        };
+        let mut m = Manager::open(cfg).expect("open manager");
+        assert!(matches!(
+            m.admin(AdminRequest::Provision { pcrs: vec![16] }),
+            AdminReply::Status(_)
+        ));
+        let vtpm = Uuid::new_v4();
+        let created = m.admin(AdminRequest::VtpmCreate {
+            group: None,
+            uuid: Some(vtpm),
+        });
+        assert!(matches!(created, AdminReply::Vtpm(_)), "{created:?}");
+        let stats = m.stats();
+        let mgr: Shared = Arc::new(Mutex::new(m));
+        let batcher = Batcher::spawn(mgr.clone(), BatchConfig::default(), stats);
+
+        let (xs, _unused) = FakeXenstore::new();
+        let (bxs, bev) = xs.client();
+        let mem = MemTransport::new();
+        let link = XenLink::new(bxs, bev, mem.clone(), ROOT, mgr.clone(), batcher)
+            .await
+            .unwrap();
+        let poke = link.poker();
+        tokio::spawn(link.run());
+
+        // What libxl writes for the vTPM domain's `vtpm = ["backend=0,uuid=<vtpm>"]`.
+        for (k, v) in [
+            ("frontend", fe()),
+            ("frontend-id", DOMID.to_string()),
+            ("online", "1".into()),
+            ("state", "1".into()),
+            ("handle", "0".into()),
+            ("uuid", vtpm.to_string()),
+        ] {
+            xs.set(&format!("{}/{k}", be()), &v);
+        }
+        for (k, v) in [
+            ("backend", be()),
+            ("backend-id", "0".into()),
+            ("state", "1".into()),
+            ("handle", "0".into()),
+        ] {
+            xs.set(&format!("{}/{k}", fe()), &v);
+        }
+        World {
+            _tpm: tpm,
+            _dir: dir,
+            mgr,
+            xs,
+            mem,
+            poke,
+            vtpm,
+        }
+    }
+
+    fn admin(&self, req: AdminRequest) -> AdminReply {
+        let r = lock(&self.mgr).admin(req);
+        self.poke.notify_one(); // what the daemon does after every admin request
+        r
+    }
+
+    async fn connect(
+        &self,
+        timeout: Duration,
+    ) -> Result<Frontend<FakeXenstore, FakeFrontendLink>, FrontendError> {
+        let (fxs, mut fev) = self.xs.client();
+        let mut t = FakeFrontendTransport::new(self.mem.clone(), DomId::new(DOMID).unwrap());
+        let cfg = FrontendConfig {
+            connect_timeout: timeout,
+            request_timeout: Duration::from_secs(30),
+            max_reply: mgr::MAX_FRAME,
+        };
+        Frontend::connect(Arc::new(fxs), &mut fev, &mut t, &fe(), cfg).await
+    }
+}
+
+async fn call(fe: &mut Frontend<FakeXenstore, FakeFrontendLink>, req: &VtpmRequest) -> VtpmReply {
+    let reply = fe
+        .transact(&mgr::encode(req).unwrap())
+        .await
+        .expect("transact");
+    let n = mgr::frame_len(reply[..4].try_into().unwrap()).unwrap();
+    assert_eq!(n, reply.len() - 4);
+    mgr::decode(&reply[4..]).expect("reply decodes")
+}
+
+fn get_key(uuid: Uuid) -> VtpmRequest {
+    VtpmRequest::GetStateKey {
+        version: mgr::PROTOCOL_VERSION,
+        uuid,
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn only_the_attached_domain_gets_the_key() {
+    let logs = logs();
+    let w = World::start().await;
+
+    // 1. Not attached: the device is not even taken, and the refusal is logged once.
+    let err = w
+        .connect(Duration::from_millis(700))
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, FrontendError::Timeout { .. }), "{err}");
+    assert_eq!(
+        w.xs.history(&format!("{}/state", be())),
+        ["1"],
+        "the backend never touched the device"
+    );
+    assert_eq!(w.mem.live_connections(), 0);
+    assert_eq!(
+        lines_about(&logs, w.vtpm, "refused a tpmif link"),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    // 2. Attached to another domain: still refused.
+    assert_eq!(
+        w.admin(AdminRequest::VtpmAttachDomain {
+            uuid: w.vtpm,
+            domid: u32::from(DOMID) + 1
+        }),
+        AdminReply::Ok
+    );
+    assert!(w.connect(Duration::from_millis(700)).await.is_err());
+    assert_eq!(w.mem.live_connections(), 0);
+    // Re-attaching elsewhere needs a detach first; unknown vTPMs and dom0 are refused.
+    assert!(
+        matches!(w.admin(AdminRequest::VtpmAttachDomain { uuid: w.vtpm, domid: DOMID.into() }), AdminReply::Error(f) if f.code == ErrorCode::Exists)
+    );
+    assert!(
+        matches!(w.admin(AdminRequest::VtpmAttachDomain { uuid: Uuid::new_v4(), domid: 9 }), AdminReply::Error(f) if f.code == ErrorCode::NotFound)
+    );
+    assert!(
+        matches!(w.admin(AdminRequest::VtpmAttachDomain { uuid: w.vtpm, domid: 0 }), AdminReply::Error(f) if f.code == ErrorCode::BadRequest)
+    );
+    assert_eq!(
+        w.admin(AdminRequest::VtpmDetach { uuid: w.vtpm }),
+        AdminReply::Ok
+    );
+
+    // 3. Attached: the link connects and releases the key — the same key the socket path gives.
+    assert_eq!(
+        w.admin(AdminRequest::VtpmAttachDomain {
+            uuid: w.vtpm,
+            domid: DOMID.into()
+        }),
+        AdminReply::Ok
+    );
+    let mut fe = w
+        .connect(Duration::from_secs(5))
+        .await
+        .expect("attached domain connects");
+    let VtpmReply::StateKey { key, group } = call(&mut fe, &get_key(w.vtpm)).await else {
+        panic!("no key")
+    };
+    assert_eq!(key.0.len(), 32);
+    let pid = std::process::id();
+    assert_eq!(
+        w.admin(AdminRequest::VtpmAttach { uuid: w.vtpm, pid }),
+        AdminReply::Ok
+    );
+    let VtpmReply::StateKey {
+        key: via_socket,
+        group: g2,
+    } = lock(&w.mgr).state_key(w.vtpm, Some(pid), mgr::PROTOCOL_VERSION, w.vtpm)
+    else {
+        panic!("socket path refused")
+    };
+    assert_eq!((key, group), (via_socket, g2));
+
+    // 4. Claiming another vTPM's UUID over the link: refused (the backend directory decides).
+    let other = Uuid::new_v4();
+    let r = call(&mut fe, &get_key(other)).await;
+    assert!(
+        matches!(&r, VtpmReply::Error(f) if f.code == ErrorCode::Refused),
+        "{r:?}"
+    );
+    assert_eq!(
+        lines_about(&logs, w.vtpm, "claimed another vTPM"),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    // 5. Garbage and stray CONTs get error frames, and the link keeps working.
+    let garbage = [0, 0, 0, 3, b'{', b'x', b'}'];
+    let r = fe.transact(&garbage).await.unwrap();
+    assert!(
+        matches!(mgr::decode::<VtpmReply>(&r[4..]).unwrap(), VtpmReply::Error(f) if f.code == ErrorCode::BadRequest)
+    );
+    assert!(matches!(
+        call(&mut fe, &get_key(w.vtpm)).await,
+        VtpmReply::StateKey { .. }
+    ));
+
+    // 6. Detached while connected: the next request is refused.
+    assert_eq!(
+        w.admin(AdminRequest::VtpmDetach { uuid: w.vtpm }),
+        AdminReply::Ok
+    );
+    let r = call(&mut fe, &get_key(w.vtpm)).await;
+    assert!(
+        matches!(&r, VtpmReply::Error(f) if f.code == ErrorCode::NotAttached),
+        "{r:?}"
+    );
+    fe.close().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn deep_quotes_over_the_link_are_answered_when_ready() {
+    let w = World::start().await;
+    assert_eq!(
+        w.admin(AdminRequest::VtpmAttachDomain {
+            uuid: w.vtpm,
+            domid: DOMID.into()
+        }),
+        AdminReply::Ok
+    );
+    let mut fe = w.connect(Duration::from_secs(5)).await.unwrap();
+    // Many vPCRs make the bundle (hex) large enough to need chunks.
+    let vpcrs: Vec<u8> = (0..24).collect();
+    let req = VtpmRequest::DeepQuote {
+        uuid: w.vtpm,
+        nonce: hex::encode([0x5a; 32]),
+        vpcr_alg: 0x000b,
+        vpcrs: vpcrs.clone(),
+        vpcr_values: vpcrs.iter().map(|i| hex::encode([*i; 32])).collect(),
+        host_pcrs: (0..24).collect(),
+        flags: 0,
+    };
+    let frame = mgr::encode(&req).unwrap();
+    let reply = fe.transact(&frame).await.expect("deep quote");
+    eprintln!("deep-quote reply frame: {} bytes", reply.len());
+    let VtpmReply::DeepQuote { bundle } = mgr::decode(&reply[4..]).unwrap() else {
+        panic!("no bundle: {reply:?}")
+    };
+    let bundle = hex::decode(bundle).unwrap();
+    assert!(!bundle.is_empty());
+    // A state key right after (the link is idle again) and a second quote still work.
+    assert!(matches!(
+        call(&mut fe, &get_key(w.vtpm)).await,
+        VtpmReply::StateKey { .. }
+    ));
+    assert!(matches!(
+        call(&mut fe, &req).await,
+        VtpmReply::DeepQuote { .. }
+    ));
+    // A deep quote claiming another vTPM is refused at once.
+    let VtpmRequest::DeepQuote {
+        nonce,
+        vpcr_alg,
+        vpcrs,
+        vpcr_values,
+        host_pcrs,
+        flags,
+        ..
+    } = req
+    else {
+        unreachable!()
+    };
+    let forged = VtpmRequest::DeepQuote {
+        uuid: Uuid::new_v4(),
+        nonce,
+        vpcr_alg,
+        vpcrs,
+        vpcr_values,
+        host_pcrs,
+        flags,
+    };
+    assert!(
+        matches!(call(&mut fe, &forged).await, VtpmReply::Error(f) if f.code == ErrorCode::Refused)
+    );
+    fe.close().await;
+}
