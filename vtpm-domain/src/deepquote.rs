@@ -58,19 +58,6 @@ pub async fn deep_quote(shared: &Shared, packet: &[u8]) -> Result<Vec<u8>, u32> 
     outcome(tokio::time::timeout(MANAGER_TIMEOUT, ask(&shared.mgr_socket, &req)).await)
 }
 
-/// [`deep_quote`] without awaiting (blocking socket I/O with the same timeout).
-pub fn deep_quote_blocking(shared: &Shared, packet: &[u8]) -> Result<Vec<u8>, u32> {
-    let req = request(shared, packet)?;
-    match crate::mgr_client::exchange_timeout(&shared.mgr_socket, &req, MANAGER_TIMEOUT) {
-        Ok(r) => outcome(Ok(Ok(r))),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
-            guest_warn!("deep quote: manager timed out");
-            Err(rc::RETRY)
-        }
-        Err(e) => outcome(Ok(Err(e))),
-    }
-}
-
 async fn ask(path: &std::path::Path, req: &VtpmRequest) -> std::io::Result<VtpmReply> {
     let mut s = UnixStream::connect(path).await?;
     let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;

@@ -64,7 +64,8 @@ pub struct Shared {
     pub mgr_socket: std::path::PathBuf,
 }
 
-fn is_deep_quote(shared: &Shared, packet: &[u8]) -> bool {
+/// Whether `packet` is a well-framed deep-quote vendor command.
+pub fn is_deep_quote(shared: &Shared, packet: &[u8]) -> bool {
     let v = shared.vtpm.borrow();
     v.family() == tpm::Family::Tpm2
         && tpm::parse_command(packet, v.family(), v.buffer_size() as usize).map(|h| h.code)
@@ -97,15 +98,6 @@ pub async fn execute(shared: &Shared, packet: &[u8]) -> Vec<u8> {
         return shared.vtpm.borrow_mut().execute(packet);
     }
     deep_quote_response(shared, crate::deepquote::deep_quote(shared, packet).await)
-}
-
-/// [`execute`] for callers that cannot await (the Xen page handler); a deep
-/// quote blocks this vTPM's one thread until the manager answers.
-pub fn execute_blocking(shared: &Shared, packet: &[u8]) -> Vec<u8> {
-    if !is_deep_quote(shared, packet) {
-        return shared.vtpm.borrow_mut().execute(packet);
-    }
-    deep_quote_response(shared, crate::deepquote::deep_quote_blocking(shared, packet))
 }
 
 /// Bound listeners, ready to serve.

@@ -236,6 +236,22 @@ impl Vtpm {
         Ok(())
     }
 
+    /// A platform reset (the guest booted or rebooted): power-cycle the
+    /// engine and send TPM2_Startup(CLEAR), so PCRs restart from zero and
+    /// keys and NV stay. TPM 1.2 engines are left for the guest to start.
+    pub fn platform_reset(&mut self) -> Result<(), VtpmError> {
+        self.init()?;
+        if self.family == Family::Tpm2 {
+            let rsp = self.engine_mut().map(|e| e.process(&tpm::tpm2_startup(tpm::TPM2_SU_CLEAR)));
+            match rsp.as_deref().and_then(tpm::response_code) {
+                Some(tpm::TPM2_RC_SUCCESS | tpm::TPM2_RC_INITIALIZE) => {}
+                other => return Err(VtpmError::Engine(format!("TPM2_Startup(CLEAR) after reset returned {other:?}"))),
+            }
+        }
+        self.persist_if_dirty()?;
+        Ok(())
+    }
+
     /// The EK public area at 0x81010001 (TPM 2.0), for identity checks.
     pub fn ek_public(&mut self) -> Option<Vec<u8>> {
         let e = self.engine.as_mut()?;

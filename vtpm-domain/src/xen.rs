@@ -9,13 +9,15 @@ use std::rc::Rc;
 
 use tracing::{info, warn};
 use uuid::Uuid;
-use xen_platform::tpmif::MAX_PACKET;
+use std::collections::HashSet;
+
+use xen_platform::tpmif::{MAX_PACKET, peek_submit};
 use xen_platform::xen::XenTransport;
-use xen_platform::xenbus::{Activity, Backend, BackendEvent};
+use xen_platform::xenbus::{Activity, Backend, BackendEvent, Connection, DeviceKey};
 use xen_platform::xenstore::{WatchEvents, Xenstore, XsClient};
 
 use crate::guest_warn;
-use crate::server::{Shared, execute_blocking};
+use crate::server::{Shared, execute, is_deep_quote};
 
 /// A started tpmif backend.
 pub struct XenBackend {
@@ -51,26 +53,85 @@ impl XenBackend {
     }
 
     /// Serves until xenstore closes.
+    ///
+    /// Every new frontend connection is a platform reset of the guest (boot,
+    /// reboot, kexec): the TPM is power-cycled and started, so PCRs start
+    /// from zero while keys and NV stay, as on a physical machine.
+    ///
+    /// A deep quote waits for the manager; the page stays in SUBMIT and the
+    /// device is answered when the evidence arrives, while other work (other
+    /// devices, xenstore) goes on.
     pub async fn serve(mut self, shared: Rc<Shared>) {
         shared.vtpm.borrow_mut().set_buffer_size(MAX_PACKET as u32);
+        let mut ready: tokio::task::JoinSet<(DeviceKey, Vec<u8>, Vec<u8>)> = tokio::task::JoinSet::new();
+        let mut deferred: HashSet<DeviceKey> = HashSet::new();
         loop {
-            match self.backend.next(&mut self.events).await {
+            let activity = tokio::select! {
+                a = self.backend.next(&mut self.events) => a,
+                Some(done) = ready.join_next(), if !ready.is_empty() => {
+                    if let Ok((key, request, response)) = done {
+                        deferred.remove(&key);
+                        let still = self.backend.device(key).and_then(|d| d.connection()).and_then(|c| peek_submit(c.page()));
+                        if still.as_deref() == Some(&request[..]) {
+                            self.answer(key, &shared, Some(response));
+                        }
+                    }
+                    continue;
+                }
+            };
+            match activity {
                 Activity::Guest(key) => {
-                    let mut handler = |cmd: &[u8], locality: u8| {
-                        shared.vtpm.borrow_mut().set_locality(locality.min(4));
-                        execute_blocking(&shared, cmd)
-                    };
-                    if let Err(e) = self.backend.service(key, &mut handler) {
-                        guest_warn!(device = %key, error = %e, "tpmif service failed");
+                    if deferred.contains(&key) {
+                        self.backend.defer(key);
+                        continue;
+                    }
+                    let request = self.backend.device(key).and_then(|d| d.connection()).and_then(|c| peek_submit(c.page()));
+                    match request {
+                        Some(cmd) if is_deep_quote(&shared, &cmd) => {
+                            let s = shared.clone();
+                            ready.spawn_local(async move {
+                                let rsp = execute(&s, &cmd).await;
+                                (key, cmd, rsp)
+                            });
+                            deferred.insert(key);
+                            self.backend.defer(key);
+                        }
+                        _ => self.answer(key, &shared, None),
                     }
                 }
-                Activity::Xenstore(events) => events.iter().for_each(log_event),
+                Activity::Xenstore(events) => {
+                    for ev in &events {
+                        log_event(ev);
+                        if let BackendEvent::Connected { key } = ev {
+                            deferred.remove(key);
+                            if let Err(e) = shared.vtpm.borrow_mut().platform_reset() {
+                                warn!(device = %key, error = %e, "TPM reset on guest connect failed");
+                            }
+                        }
+                    }
+                }
                 Activity::GuestError(key, e) => guest_warn!(device = %key, error = %e, "guest event channel error"),
                 Activity::XenstoreClosed => {
                     warn!("xenstore connection closed");
                     return;
                 }
             }
+        }
+    }
+
+    /// Runs one page step for `key`: with a precomputed response, or by
+    /// executing the request now.
+    fn answer(&mut self, key: DeviceKey, shared: &Shared, response: Option<Vec<u8>>) {
+        let mut handler = |cmd: &[u8], locality: u8| {
+            if let Some(r) = &response {
+                return r.clone();
+            }
+            let mut v = shared.vtpm.borrow_mut();
+            v.set_locality(locality.min(4));
+            v.execute(cmd)
+        };
+        if let Err(e) = self.backend.service(key, &mut handler) {
+            guest_warn!(device = %key, error = %e, "tpmif service failed");
         }
     }
 }

@@ -48,7 +48,8 @@ use uuid::Uuid;
 use vtpm_proto::evidence::VpcrSelection;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
 use xen_platform::frontend::ReplyChunker;
-use xen_platform::tpmif::{Header, PageState, SharedPage};
+use xen_platform::tpmif::peek_submit;
+
 use xen_platform::xen::XenTransport;
 use xen_platform::xenbus::{
     Backend, BackendEvent, Connection, DeviceKey, Transport, TransportError,
@@ -340,20 +341,6 @@ fn encode_reply(reply: &VtpmReply) -> Vec<u8> {
 
 /// A private copy of a SUBMITted request, or `None` if the page holds none (or an invalid one,
 /// which the xenbus step answers itself). Reads the header once, then at most `length` bytes.
-fn peek_submit(page: &impl SharedPage) -> Option<Vec<u8>> {
-    let header = Header::read_from(page).ok()?;
-    if PageState::try_from(header.state) != Ok(PageState::Submit) {
-        return None;
-    }
-    let len = usize::try_from(header.length).ok()?;
-    if len == 0 || len > header.max_packet() {
-        return None;
-    }
-    let mut cmd = vec![0u8; len];
-    page.read_bytes(header.data_offset(), &mut cmd).ok()?;
-    Some(cmd)
-}
-
 /// Authorises and queues a deep quote; the receiver yields the encoded bundle.
 fn submit_deep_quote(
     mgr: &Shared,
