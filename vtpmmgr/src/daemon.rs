@@ -148,7 +148,7 @@ async fn deep_quote(m: &Shared, b: &Batcher, socket_uuid: Uuid, pid: Option<u32>
 }
 
 /// Runs the manager until SIGTERM/SIGINT.
-pub async fn serve(mgr: Manager) -> std::io::Result<()> {
+pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()> {
     let admin_path = mgr.config().admin_socket();
     let run_dir = mgr.config().run_dir.clone();
     std::fs::create_dir_all(&run_dir)?;
@@ -157,6 +157,17 @@ pub async fn serve(mgr: Manager) -> std::io::Result<()> {
     let stats = mgr.stats();
     let shared: Shared = Arc::new(Mutex::new(mgr));
     let batcher = Batcher::spawn(shared.clone(), batch, stats);
+    // vTPMs in their own Xen domains reach the manager over tpmif (xenlink).
+    let xen_poke = match xen_root {
+        Some(root) => {
+            let link = crate::xenlink::XenLink::open(&root, shared.clone(), batcher.clone()).await?;
+            let poke = link.poker();
+            tokio::spawn(link.run());
+            info!(root = %root, "Xen manager link serving vTPM domains");
+            Some(poke)
+        }
+        None => None,
+    };
     let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), batcher }));
     sockets.lock().await.reconcile(&shared);
     info!(admin = %admin_path.display(), "vtpmmgr serving");
@@ -168,6 +179,7 @@ pub async fn serve(mgr: Manager) -> std::io::Result<()> {
             let Ok((mut s, _)) = admin.accept().await else { continue };
             let m = shared.clone();
             let socks = sockets.clone();
+            let poke = xen_poke.clone();
             tokio::spawn(async move {
                 let uid = s.peer_cred().map(|c| c.uid()).ok();
                 if uid != Some(0) && uid != Some(my_uid) {
@@ -187,6 +199,10 @@ pub async fn serve(mgr: Manager) -> std::io::Result<()> {
                         Err(e) => AdminReply::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
                     };
                     socks.lock().await.reconcile(&m);
+                    if let Some(p) = &poke {
+                        // Attachments may have changed: re-check refused vTPM domains now.
+                        p.notify_one();
+                    }
                     if write_msg(&mut s, &reply).await.is_err() {
                         break;
                     }

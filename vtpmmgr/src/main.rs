@@ -37,6 +37,10 @@ enum Cmd {
         /// Most deep-quote requests waiting; beyond it callers get "busy, retry".
         #[arg(long, default_value_t = 4096)]
         queue_max: usize,
+        /// Also serve vTPMs running in their own Xen domains over tpmif
+        /// (backend directory; vTPM domains must be attached with VtpmAttachDomain).
+        #[arg(long, num_args = 0..=1, default_missing_value = "/local/domain/0/backend/vtpm")]
+        xen: Option<String>,
     },
     /// After an intended host upgrade: authorise the current PCR values with the
     /// admin's policy-signing key so the master secret unseals again.
@@ -56,9 +60,9 @@ fn main() {
         .init();
     let mut cfg = Config { tcti: args.tcti, state_dir: args.state_dir, run_dir: args.run_dir, batch: Default::default() };
     let result = match args.cmd {
-        Cmd::Serve { batch_max, no_batching, queue_max } => {
+        Cmd::Serve { batch_max, no_batching, queue_max, xen } => {
             cfg.batch = BatchConfig { max_batch: if no_batching { 1 } else { batch_max.max(1) }, max_queue: queue_max.max(1) };
-            serve(cfg)
+            serve(cfg, xen)
         }
         Cmd::Reauthorize { policy_key } => vtpmmgr::reauthorize(&cfg, &policy_key),
     };
@@ -68,9 +72,9 @@ fn main() {
     }
 }
 
-fn serve(cfg: Config) -> anyhow::Result<()> {
+fn serve(cfg: Config, xen: Option<String>) -> anyhow::Result<()> {
     let mgr = Manager::open(cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(vtpmmgr::daemon::serve(mgr))?;
+    rt.block_on(vtpmmgr::daemon::serve(mgr, xen))?;
     Ok(())
 }

@@ -131,6 +131,14 @@ enum RegistryCmd {
 enum MgrVtpmCmd {
     /// vTPM identities known to the manager.
     List,
+    /// Bind a vTPM to the Xen domain that runs it (vTPM-domain mode): the manager then
+    /// serves that domain's tpmif link, and no other.
+    AttachDomain {
+        /// vTPM UUID.
+        uuid: String,
+        /// Domain id of the vTPM domain.
+        domid: u32,
+    },
     /// Delete a vTPM identity in the manager (its state becomes undecryptable).
     Del {
         /// vTPM UUID.
@@ -429,6 +437,10 @@ fn run(args: Args) -> Result<(), CliError> {
                     }
                 }
             }
+        }
+        Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::AttachDomain { uuid, domid })) => {
+            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            admin.call(&AdminRequest::VtpmAttachDomain { uuid, domid })?;
         }
         Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::Del { uuid, yes })) => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
