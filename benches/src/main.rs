@@ -7,6 +7,10 @@
 //! * **P1** command latency (GetRandom(32), PCR_Extend(16, sha256, password
 //!   session)) over one persistent TCP connection: vtpm-domain vs swtpm vs
 //!   libtpms in process (vtpm-engine).
+//! * **P2** deep quotes per second and p50/p99 latency with N = 1, 16, 256
+//!   concurrent requesters (each its own vtpm-domain), batched vs unbatched, against the
+//!   physical swtpm directly and behind a 100 ms per-command delay (a discrete TPM); every
+//!   bundle verified offline (see `p2.rs`).
 //! * **P3** time from "create a vTPM" to its first answered command, EK
 //!   included, vs `swtpm_setup --create-ek-cert` + spawning swtpm; with a
 //!   breakdown of our time and an ECC P-256 EK variant measured in process.
@@ -16,6 +20,7 @@
 //! Results go to stdout (JSON) and into a dated section of BENCHMARKS.md.
 //! Timings are reported, never asserted.
 
+mod p2;
 mod procs;
 mod stats;
 mod tpm;
@@ -38,7 +43,9 @@ use vtpm_proto::mgr::{AdminReply, AdminRequest};
 use vtpm_proto::tpm::Family;
 
 #[derive(Parser, Debug)]
-#[command(about = "xvtpm benchmarks (P1 latency, P3 creation time, P4 memory) against swtpm")]
+#[command(
+    about = "xvtpm benchmarks (P1 latency, P2 deep-quote throughput, P3 creation time, P4 memory) against swtpm"
+)]
 struct Args {
     /// Directory with vtpmmgr, vtpm-domain and xl-vtpm (release build).
     #[arg(long)]
@@ -74,8 +81,30 @@ struct Args {
     /// P4: concurrent instances.
     #[arg(long, default_value_t = 50)]
     instances: usize,
-    /// Benchmarks to run (comma separated: p1,p3,p4).
-    #[arg(long, default_value = "p1,p3,p4", value_delimiter = ',')]
+    /// P2: concurrent requesters (vTPMs) per cell.
+    #[arg(long, default_value = "1,16,256", value_delimiter = ',')]
+    p2_n: Vec<usize>,
+    /// P2: time box (s) of a cell against the physical swtpm directly.
+    #[arg(long, default_value_t = 8.0)]
+    p2_secs: f64,
+    /// P2: time box (s) of a cell behind the delay proxy.
+    #[arg(long, default_value_t = 15.0)]
+    p2_secs_delay: f64,
+    /// P2: after the time box, at most this long (s) for outstanding requests to finish;
+    /// still outstanding then: reported as censored.
+    #[arg(long, default_value_t = 8.0)]
+    p2_drain_secs: f64,
+    /// P2: at most this many requests per cell (whichever comes first with the time box).
+    #[arg(long, default_value_t = 40_000)]
+    p2_max_requests: usize,
+    /// P2: delay (ms) before every physical TPM command (the discrete-TPM model).
+    #[arg(long, default_value_t = 100)]
+    p2_delay_ms: u64,
+    /// P2: verify at most this many responses per cell (evenly spaced sample); 0 = all.
+    #[arg(long, default_value_t = 0)]
+    p2_verify_max: usize,
+    /// Benchmarks to run (comma separated: p1,p2,p3,p4).
+    #[arg(long, default_value = "p1,p2,p3,p4", value_delimiter = ',')]
     only: Vec<String>,
 }
 
@@ -87,6 +116,10 @@ struct Stack {
     run_dir: PathBuf,
     state_dir: PathBuf,
     mgr_log: PathBuf,
+    /// The running vtpmmgr (replaced by [`Stack::restart_mgr`]).
+    mgr_pid: u32,
+    /// The physical swtpm's data port (control is port + 1).
+    hw_port: u16,
 }
 
 fn swtpm_cmd(port: u16, dir: &Path, log: Option<&Path>) -> Command {
@@ -131,7 +164,7 @@ impl Stack {
         let port = free_port_pair()?;
         procs.spawn(&mut swtpm_cmd(port, &hw, Some(&hw.join("swtpm.log"))))?;
         drop(connect_retry(port, Duration::from_secs(10)).context("physical swtpm")?);
-        let s = Stack {
+        let mut s = Stack {
             bin: args.bin.clone(),
             run_dir: args
                 .run_dir
@@ -139,37 +172,78 @@ impl Stack {
                 .unwrap_or_else(|| args.work.join("run")),
             state_dir: args.work.join("state"),
             mgr_log: args.work.join("vtpmmgr.log"),
+            mgr_pid: 0,
+            hw_port: port,
         };
-        let log = fs::File::create(&s.mgr_log)?;
-        procs.spawn(
-            Command::new(s.bin.join("vtpmmgr"))
-                .arg("--tcti")
-                .arg(format!("swtpm:host=127.0.0.1,port={port}"))
-                .arg("--state-dir")
-                .arg(s.state_dir.join("mgr"))
-                .arg("--run-dir")
-                .arg(&s.run_dir)
-                .arg("serve")
-                .env("XVTPM_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log),
+        let log = s.mgr_log.clone();
+        s.spawn_mgr(
+            procs,
+            &format!("swtpm:host=127.0.0.1,port={port}"),
+            &[],
+            &log,
+            "info",
         )?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(s.run_dir.join("admin.sock")).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "vtpmmgr did not come up:\n{}",
-                    fs::read_to_string(&s.mgr_log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
         let out = s.xl(&["mgr", "provision", "--yes", "--pcrs", "0-7"])?;
         if !out.status.success() {
             bail!("provision failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(s)
+    }
+
+    /// Spawns `vtpmmgr --tcti TCTI serve EXTRA...` (stderr to `log`, `XVTPM_LOG=filter`) and
+    /// waits until its admin socket answers.
+    fn spawn_mgr(
+        &mut self,
+        procs: &mut Procs,
+        tcti: &str,
+        extra: &[&str],
+        log: &Path,
+        filter: &str,
+    ) -> Result<()> {
+        let logf = fs::File::create(log)?;
+        self.mgr_pid = procs.spawn(
+            Command::new(self.bin.join("vtpmmgr"))
+                .arg("--tcti")
+                .arg(tcti)
+                .arg("--state-dir")
+                .arg(self.state_dir.join("mgr"))
+                .arg("--run-dir")
+                .arg(&self.run_dir)
+                .arg("serve")
+                .args(extra)
+                .env("XVTPM_LOG", filter)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(logf),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(self.run_dir.join("admin.sock")).is_err() {
+            if Instant::now() > deadline
+                || !Path::new(&format!("/proc/{}", self.mgr_pid)).exists()
+            {
+                bail!(
+                    "vtpmmgr did not come up:\n{}",
+                    fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Stops the running manager (SIGTERM: it finishes the physical command in flight and
+    /// flushes its SRK, so no transient slot of the physical TPM leaks) and starts another
+    /// on the same state, e.g. with another TCTI or batching switch.
+    fn restart_mgr(
+        &mut self,
+        procs: &mut Procs,
+        tcti: &str,
+        extra: &[&str],
+        log: &Path,
+        filter: &str,
+    ) -> Result<()> {
+        procs.stop(self.mgr_pid, Duration::from_secs(20));
+        self.spawn_mgr(procs, tcti, extra, log, filter)
     }
 
     fn xl(&self, a: &[&str]) -> Result<std::process::Output> {
@@ -699,7 +773,7 @@ fn p3(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P3> {
                 .output()
         })?;
         let key = timed(&mut r.key_fetch, || {
-            vtpm_domain::mgr_client::fetch_state_key(&sock, info.uuid, Duration::from_secs(10))
+            vtpm_domain::mgr_client::fetch_state_key_blocking(&sock, info.uuid, Duration::from_secs(10))
         })?;
         let mut e = timed(&mut r.manufacture, || {
             Engine::start(TpmVersion::Tpm2, None, None)
@@ -1416,28 +1490,92 @@ fn header(args: &Args, date: &str, load_start: &str) -> String {
     h
 }
 
+/// The benchmark a `### P…` subsection belongs to (`p1` for P1a/P1b).
+fn subsection_key(title: &str) -> Option<String> {
+    let t = title.strip_prefix("### P")?;
+    let d: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
+    (!d.is_empty()).then(|| format!("p{d}"))
+}
+
+/// Splits a section body into (text before the first `### `, [(key, subsection text)]).
+fn split_subsections(body: &str) -> (String, Vec<(Option<String>, String)>) {
+    let mut head = String::new();
+    let mut subs: Vec<(Option<String>, String)> = vec![];
+    for line in body.split_inclusive('\n') {
+        if line.starts_with("### ") {
+            subs.push((subsection_key(line), String::new()));
+        }
+        match subs.last_mut() {
+            Some((_, t)) => t.push_str(line),
+            None => head.push_str(line),
+        }
+    }
+    (head, subs)
+}
+
+/// Merges this run's `body` into an earlier section of the same day: benchmarks this run
+/// did not run keep their earlier subsections (marked as such), in P1, P2, P3, P4 order.
+fn merge_section(old_body: &str, body: &str) -> String {
+    let (head, new_subs) = split_subsections(body);
+    let (old_head, old_subs) = split_subsections(old_body);
+    let ran: Vec<Option<String>> = new_subs.iter().map(|(k, _)| k.clone()).collect();
+    let old_date = old_head
+        .lines()
+        .find(|l| l.starts_with("| date (UTC) |"))
+        .and_then(|l| l.split('|').nth(2))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let mut all: Vec<(Option<String>, String, bool)> =
+        new_subs.into_iter().map(|(k, t)| (k, t, false)).collect();
+    for (k, t) in old_subs {
+        if k.is_some() && !ran.contains(&k) {
+            all.push((k, t, true));
+        }
+    }
+    all.sort_by_key(|(k, _, _)| k.clone().unwrap_or_default());
+    let mut out = head;
+    for (_, t, kept) in all {
+        if kept {
+            let mut lines = t.splitn(2, '\n');
+            let title = lines.next().unwrap_or_default();
+            let rest = lines.next().unwrap_or_default();
+            let note = if title.contains("(earlier run") {
+                String::new()
+            } else {
+                format!(
+                    "\n*(earlier run of this day, started {old_date} UTC, load and versions as in that run's header; not rerun in the run above)*\n"
+                )
+            };
+            out.push_str(&format!("{title}\n{note}{rest}"));
+        } else {
+            out.push_str(&t);
+        }
+    }
+    out
+}
+
 fn write_section(path: &Path, date: &str, body: &str) -> Result<()> {
     let begin = format!("<!-- xvtpm-bench {date} -->");
     let end = format!("<!-- /xvtpm-bench {date} -->");
-    let section = format!("{begin}\n{body}{end}\n");
     let old = fs::read_to_string(path).unwrap_or_else(|_| {
         "# Benchmarks\n\nWritten by `make bench` (`scripts/bench.sh` → `xvtpm-bench`); one section per day, a rerun on the same day \
-         replaces that day's section. Timings are medians on a shared, noisy machine: compare ratios measured in the same run, \
-         not absolute values across runs.\n\n"
+         replaces that day's section (benchmarks left out of the rerun with `--only` keep their earlier subsections). Timings are \
+         medians on a shared, noisy machine: compare ratios measured in the same run, not absolute values across runs.\n\n"
             .to_string()
     });
     let new = match (old.find(&begin), old.find(&end)) {
-        (Some(a), Some(b)) if b > a => format!(
-            "{}{}{}",
-            &old[..a],
-            section,
-            old[b + end.len()..].trim_start_matches('\n')
-        ),
+        (Some(a), Some(b)) if b > a => {
+            let merged = merge_section(&old[a + begin.len()..b].trim_start_matches('\n'), body);
+            format!(
+                "{}{begin}\n{merged}{end}\n{}",
+                &old[..a],
+                old[b + end.len()..].trim_start_matches('\n')
+            )
+        }
         _ => format!(
-            "{}{}{}",
+            "{}{}{begin}\n{body}{end}\n",
             old,
             if old.ends_with("\n\n") { "" } else { "\n" },
-            section
         ),
     };
     fs::write(path, new)?;
@@ -1451,7 +1589,7 @@ fn main() -> Result<()> {
     let date = sh("date -u +%Y-%m-%d");
     let load_start = loadavg();
     let mut procs = Procs::new(&args.pidfile);
-    let stack = Stack::start(&args, &mut procs)?;
+    let mut stack = Stack::start(&args, &mut procs)?;
     let want = |b: &str| args.only.iter().any(|o| o.eq_ignore_ascii_case(b));
 
     let mut body = String::new();
@@ -1473,12 +1611,21 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    // Last: it restarts the manager (with other TCTIs and batching switches) per cell.
+    let r2 = if want("p2") {
+        Some(p2::p2(&args, &mut stack, &mut procs)?)
+    } else {
+        None
+    };
     procs.stop_all();
 
     body.push_str(&header(&args, &date, &load_start));
     if let Some((same, split)) = &r1 {
         report_p1(&mut body, same, &args);
         report_p1(&mut body, split, &args);
+    }
+    if let Some(r) = &r2 {
+        p2::report_p2(&mut body, r, &args);
     }
     if let Some(r) = &r3 {
         report_p3(&mut body, r, &args);

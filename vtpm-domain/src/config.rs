@@ -61,10 +61,10 @@ pub struct Config {
     pub uuid: Uuid,
     /// TPM family.
     pub family: Family,
-    /// The sealed state file.
-    pub state: PathBuf,
-    /// The manager's per-vTPM socket.
-    pub mgr_socket: PathBuf,
+    /// Where the sealed state lives.
+    pub state: StateSpec,
+    /// How to reach the manager.
+    pub mgr: MgrSpec,
     /// Manufacture a new TPM (the state file must not exist).
     pub create: bool,
     /// Startup behaviour.
@@ -75,6 +75,26 @@ pub struct Config {
     pub mgr_wait: std::time::Duration,
     /// The endorsement key made at `--create`.
     pub ek: EkChoice,
+}
+
+/// Where the sealed state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateSpec {
+    /// A file, replaced atomically (temp, fsync, rename, fsync dir).
+    File(PathBuf),
+    /// A raw block device (or file) with A/B slots — for a vTPM in its own
+    /// Xen domain, which has no file system.
+    Block(PathBuf),
+}
+
+/// How the vTPM reaches vtpmmgr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MgrSpec {
+    /// The manager's per-vTPM Unix socket (the vTPM runs in the manager's domain).
+    Socket(PathBuf),
+    /// A tpmif link from our own Xen domain to the manager's (frontend directory,
+    /// normally `device/vtpm/0`, from the vTPM domain's `vtpm=["backend=0,uuid=…"]`).
+    Xen(String),
 }
 
 /// The endorsement key a new vTPM gets.

@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use vtpm_proto::deepquote_cmd::{DeepQuoteCommand, rc};
-use vtpm_proto::mgr::{self, ErrorCode, VtpmReply, VtpmRequest};
+use vtpm_proto::mgr::{ErrorCode, VtpmReply, VtpmRequest};
 
 use crate::guest_warn;
 use crate::server::Shared;
@@ -55,19 +53,7 @@ fn outcome(reply: Result<std::io::Result<VtpmReply>, tokio::time::error::Elapsed
 /// Runs a deep-quote command; `Ok(bundle)` or a TPM response code.
 pub async fn deep_quote(shared: &Shared, packet: &[u8]) -> Result<Vec<u8>, u32> {
     let req = request(shared, packet)?;
-    outcome(tokio::time::timeout(MANAGER_TIMEOUT, ask(&shared.mgr_socket, &req)).await)
-}
-
-async fn ask(path: &std::path::Path, req: &VtpmRequest) -> std::io::Result<VtpmReply> {
-    let mut s = UnixStream::connect(path).await?;
-    let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
-    s.write_all(&frame).await?;
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).await?;
-    let n = mgr::frame_len(len).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let mut body = vec![0u8; n];
-    s.read_exact(&mut body).await?;
-    mgr::decode(&body).map_err(|e| std::io::Error::other(e.to_string()))
+    outcome(tokio::time::timeout(MANAGER_TIMEOUT, shared.mgr.ask(&req)).await)
 }
 
 fn hex(b: &[u8]) -> String {

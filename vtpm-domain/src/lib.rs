@@ -26,7 +26,9 @@ use std::rc::Rc;
 use anyhow::Context;
 use tracing::info;
 
+use crate::blockstore::BlockStore;
 use crate::config::Config;
+use crate::mgr_client::MgrLink;
 use crate::server::Shared;
 use crate::store::Store;
 use crate::vtpm::Vtpm;
@@ -49,27 +51,6 @@ pub struct Fatal {
 /// shutdown (control channel `CMD_SHUTDOWN`, SIGTERM or SIGINT).
 pub fn run(cfg: Config) -> Result<(), Fatal> {
     let fatal = |code: i32| move |error: anyhow::Error| Fatal { code, error };
-    let key = mgr_client::fetch_state_key(&cfg.mgr_socket, cfg.uuid, cfg.mgr_wait)
-        .map_err(anyhow::Error::from)
-        .map_err(fatal(EXIT_MANAGER))?;
-    let (vtpm, ek) = if cfg.create {
-        let store = Store::create(&cfg.state, cfg.uuid, cfg.family, key).map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
-        let kind = match cfg.ek {
-            config::EkChoice::Rsa => vtpm_engine::EkKind::Rsa2048,
-            config::EkChoice::Ecc => vtpm_engine::EkKind::EccP256,
-        };
-        let (v, ek) = Vtpm::manufacture_with(cfg.family, store, kind).map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
-        info!(uuid = %cfg.uuid, "manufactured a new vTPM");
-        (v, ek)
-    } else {
-        let (store, state) = Store::open(&cfg.state, cfg.uuid, cfg.family, key).map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
-        let mut v = Vtpm::resume(cfg.family, store, state, cfg.startup == config::Startup::Clear)
-            .map_err(anyhow::Error::from)
-            .map_err(fatal(EXIT_STATE))?;
-        let ek = v.ek_public().unwrap_or_default();
-        info!(uuid = %cfg.uuid, generation = v.generation(), "resumed vTPM");
-        (v, ek)
-    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -77,6 +58,12 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
         .map_err(fatal(1))?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        let link = MgrLink::open(&cfg.mgr).await.map_err(anyhow::Error::from).map_err(fatal(EXIT_MANAGER))?;
+        let key = mgr_client::fetch_state_key(&link, cfg.uuid, cfg.mgr_wait)
+            .await
+            .map_err(anyhow::Error::from)
+            .map_err(fatal(EXIT_MANAGER))?;
+        let (vtpm, ek) = open_vtpm(&cfg, key).map_err(fatal(EXIT_STATE))?;
         let bound = server::bind(&cfg.listen, cfg.uuid).await.context("binding listeners").map_err(fatal(1))?;
         let ready = serde_json::json!({
             "ready": true,
@@ -92,7 +79,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             vtpm: std::cell::RefCell::new(vtpm),
             exit: tokio::sync::Notify::new(),
             uuid: cfg.uuid,
-            mgr_socket: cfg.mgr_socket.clone(),
+            mgr: link,
         });
         let sig = shared.clone();
         tokio::task::spawn_local(async move {
@@ -106,6 +93,37 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
         shared.vtpm.borrow_mut().stop().map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
         Ok(())
     })
+}
+
+/// Creates (manufactures) or opens the vTPM on its state store.
+fn open_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>) -> anyhow::Result<(Vtpm, Vec<u8>)> {
+    use crate::config::StateSpec;
+    if cfg.create {
+        let kind = match cfg.ek {
+            config::EkChoice::Rsa => vtpm_engine::EkKind::Rsa2048,
+            config::EkChoice::Ecc => vtpm_engine::EkKind::EccP256,
+        };
+        let made = match &cfg.state {
+            StateSpec::File(p) => Vtpm::manufacture_with(cfg.family, Store::create(p, cfg.uuid, cfg.family, key)?, kind)?,
+            StateSpec::Block(p) => Vtpm::manufacture_with(cfg.family, BlockStore::create(p, cfg.uuid, cfg.family, key)?, kind)?,
+        };
+        info!(uuid = %cfg.uuid, "manufactured a new vTPM");
+        return Ok(made);
+    }
+    let startup = cfg.startup == config::Startup::Clear;
+    let mut v = match &cfg.state {
+        StateSpec::File(p) => {
+            let (store, state) = Store::open(p, cfg.uuid, cfg.family, key)?;
+            Vtpm::resume(cfg.family, store, state, startup)?
+        }
+        StateSpec::Block(p) => {
+            let (store, state) = BlockStore::open(p, cfg.uuid, cfg.family, key)?;
+            Vtpm::resume(cfg.family, store, state, startup)?
+        }
+    };
+    let ek = v.ek_public().unwrap_or_default();
+    info!(uuid = %cfg.uuid, generation = v.generation(), "resumed vTPM");
+    Ok((v, ek))
 }
 
 fn hex_encode(b: &[u8]) -> String {

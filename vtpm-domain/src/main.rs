@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use uuid::Uuid;
-use vtpm_domain::config::{Config, EkChoice, Listen, Startup};
+use vtpm_domain::config::{Config, EkChoice, Listen, MgrSpec, StateSpec, Startup};
 use vtpm_proto::tpm::Family;
 
 /// One vTPM: libtpms TPM 2.0 (or 1.2), state sealed under a key from vtpmmgr,
@@ -17,11 +17,17 @@ struct Args {
     #[arg(long)]
     uuid: Uuid,
     /// Sealed state file.
+    #[arg(long, required_unless_present = "state_block", conflicts_with = "state_block")]
+    state: Option<PathBuf>,
+    /// Sealed state on a raw block device with A/B slots (a vTPM in its own Xen domain).
     #[arg(long)]
-    state: PathBuf,
+    state_block: Option<PathBuf>,
     /// The manager's per-vTPM socket (`<run-dir>/vtpm/<uuid>.sock`).
-    #[arg(long)]
-    mgr_socket: PathBuf,
+    #[arg(long, required_unless_present = "mgr_xen", conflicts_with = "mgr_xen")]
+    mgr_socket: Option<PathBuf>,
+    /// Reach the manager over Xen tpmif from this domain (frontend directory).
+    #[arg(long, num_args = 0..=1, default_missing_value = "device/vtpm/0")]
+    mgr_xen: Option<String>,
     /// Manufacture a new TPM; the state file must not exist yet.
     #[arg(long)]
     create: bool,
@@ -55,8 +61,16 @@ fn main() {
     let cfg = Config {
         uuid: args.uuid,
         family: if args.tpm12 { Family::Tpm12 } else { Family::Tpm2 },
-        state: args.state,
-        mgr_socket: args.mgr_socket,
+        state: match (args.state, args.state_block) {
+            (Some(f), _) => StateSpec::File(f),
+            (None, Some(b)) => StateSpec::Block(b),
+            (None, None) => unreachable!("clap requires one of --state and --state-block"),
+        },
+        mgr: match (args.mgr_socket, args.mgr_xen) {
+            (Some(p), _) => MgrSpec::Socket(p),
+            (None, Some(d)) => MgrSpec::Xen(d),
+            (None, None) => unreachable!("clap requires one of --mgr-socket and --mgr-xen"),
+        },
         create: args.create,
         startup: args.startup,
         listen: args.listen,

@@ -1,22 +1,28 @@
-//! The vTPM side of the manager protocol: fetch this vTPM's state key.
+//! The vTPM side of the manager protocol: one [`MgrLink`] per vTPM, over the
+//! manager's per-vTPM Unix socket or, for a vTPM in its own Xen domain, over
+//! a tpmif link to the manager's domain (`xen_platform::frontend`).
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
+use xen_platform::frontend::{Frontend, FrontendConfig};
+use xen_platform::xen::{XenFrontendLink, XenFrontendTransport};
+use xen_platform::xenstore::XsClient;
 use zeroize::Zeroizing;
+
+use crate::config::MgrSpec;
 
 /// Why no key was obtained.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    /// The manager socket could not be reached.
-    #[error("cannot reach the manager at {path}: {source} (is vtpmmgr running and was this vTPM created with `xl-vtpm vtpm create`?)")]
+    /// The manager could not be reached.
+    #[error("cannot reach the manager ({what}): {source} (is vtpmmgr running and was this vTPM created with `xl-vtpm vtpm create`?)")]
     Connect {
-        /// Socket path.
-        path: String,
+        /// Which link.
+        what: String,
         /// Cause.
         source: std::io::Error,
     },
@@ -28,50 +34,80 @@ pub enum KeyError {
     Refused(Failure),
 }
 
-/// One request/reply on a connected manager socket.
-fn exchange_on(mut s: UnixStream, req: &VtpmRequest, timeout: Duration) -> std::io::Result<VtpmReply> {
-    s.set_read_timeout(Some(timeout))?;
-    let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
-    s.write_all(&frame)?;
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let n = mgr::frame_len(len).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let mut body = Zeroizing::new(vec![0u8; n]);
-    s.read_exact(&mut body)?;
-    mgr::decode(&body).map_err(|e| std::io::Error::other(e.to_string()))
+/// A link to vtpmmgr.
+pub enum MgrLink {
+    /// The per-vTPM Unix socket (a new connection per request).
+    Socket(PathBuf),
+    /// tpmif to the manager's domain; one request at a time.
+    Xen(Box<tokio::sync::Mutex<Frontend<XsClient, XenFrontendLink>>>),
 }
 
-/// One request/reply on the manager socket with blocking I/O.
-pub fn exchange_timeout(path: &Path, req: &VtpmRequest, timeout: Duration) -> std::io::Result<VtpmReply> {
-    exchange_on(UnixStream::connect(path)?, req, timeout)
-}
+impl MgrLink {
+    /// Opens the link (for Xen: the frontend handshake with the manager's backend).
+    pub async fn open(spec: &MgrSpec) -> Result<MgrLink, KeyError> {
+        match spec {
+            MgrSpec::Socket(p) => Ok(MgrLink::Socket(p.clone())),
+            MgrSpec::Xen(dir) => {
+                let io = |e: String| KeyError::Connect { what: format!("Xen link {dir}"), source: std::io::Error::other(e) };
+                let (xs, mut events) = XsClient::open().await.map_err(|e| io(format!("xenstore: {e}")))?;
+                let mut transport = XenFrontendTransport::open().map_err(|e| io(format!("grant/event devices: {e}")))?;
+                let f = Frontend::connect(std::sync::Arc::new(xs), &mut events, &mut transport, dir, FrontendConfig::default())
+                    .await
+                    .map_err(|e| io(e.to_string()))?;
+                Ok(MgrLink::Xen(Box::new(tokio::sync::Mutex::new(f))))
+            }
+        }
+    }
 
-fn exchange(path: &Path, req: &VtpmRequest) -> Result<VtpmReply, KeyError> {
-    let s = UnixStream::connect(path)
-        .map_err(|source| KeyError::Connect { path: path.display().to_string(), source })?;
-    exchange_on(s, req, Duration::from_secs(30)).map_err(|e| KeyError::Protocol(format!("manager exchange: {e}")))
+    /// One request and its reply.
+    pub async fn ask(&self, req: &VtpmRequest) -> std::io::Result<VtpmReply> {
+        let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let reply = match self {
+            MgrLink::Socket(path) => {
+                let mut s = tokio::net::UnixStream::connect(path).await?;
+                s.write_all(&frame).await?;
+                let mut len = [0u8; 4];
+                s.read_exact(&mut len).await?;
+                let n = mgr::frame_len(len).map_err(|e| std::io::Error::other(e.to_string()))?;
+                let mut body = Zeroizing::new(vec![0u8; n]);
+                s.read_exact(&mut body).await?;
+                return mgr::decode(&body).map_err(|e| std::io::Error::other(e.to_string()));
+            }
+            MgrLink::Xen(f) => Zeroizing::new(f.lock().await.transact(&frame).await.map_err(|e| std::io::Error::other(e.to_string()))?),
+        };
+        let body = reply.get(4..).ok_or_else(|| std::io::Error::other("short reply frame"))?;
+        mgr::decode(body).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            MgrLink::Socket(p) => p.display().to_string(),
+            MgrLink::Xen(_) => "Xen link".into(),
+        }
+    }
 }
 
 /// Asks the manager for this vTPM's state key, retrying while the manager
-/// has not yet been told which process serves the vTPM (`NotAttached`) or is
-/// not listening yet, until `wait` has passed.
-pub fn fetch_state_key(path: &Path, uuid: Uuid, wait: Duration) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+/// has not yet been told which process/domain serves the vTPM
+/// (`NotAttached`), is busy, or is not listening yet, until `wait` has passed.
+pub async fn fetch_state_key(link: &MgrLink, uuid: Uuid, wait: Duration) -> Result<Zeroizing<[u8; 32]>, KeyError> {
     let deadline = Instant::now() + wait;
     let mut backoff = Duration::from_millis(1);
     let req = VtpmRequest::GetStateKey { version: mgr::PROTOCOL_VERSION, uuid };
     loop {
-        let outcome = exchange(path, &req);
+        let outcome = link.ask(&req).await;
         let retryable = match &outcome {
             Ok(VtpmReply::Error(f)) => matches!(f.code, ErrorCode::NotAttached | ErrorCode::Busy),
-            Err(KeyError::Connect { .. }) => true,
+            Err(e) => matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused),
             _ => false,
         };
         if retryable && Instant::now() < deadline {
-            std::thread::sleep(backoff);
+            tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(50));
             continue;
         }
-        return match outcome? {
+        let reply = outcome.map_err(|source| KeyError::Connect { what: link.describe(), source })?;
+        return match reply {
             VtpmReply::StateKey { key, .. } => {
                 let arr: [u8; 32] = key.0.as_slice().try_into().map_err(|_| {
                     KeyError::Protocol(format!("state key has {} bytes, expected 32", key.0.len()))
@@ -82,4 +118,14 @@ pub fn fetch_state_key(path: &Path, uuid: Uuid, wait: Duration) -> Result<Zeroiz
             VtpmReply::DeepQuote { .. } => Err(KeyError::Protocol("unexpected deep-quote reply".into())),
         };
     }
+}
+
+/// [`fetch_state_key`] over a Unix socket for callers without a runtime
+/// (tools, benchmarks).
+pub fn fetch_state_key_blocking(path: &std::path::Path, uuid: Uuid, wait: Duration) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| KeyError::Connect { what: "runtime".into(), source })?;
+    rt.block_on(fetch_state_key(&MgrLink::Socket(path.to_path_buf()), uuid, wait))
 }

@@ -60,8 +60,8 @@ pub struct Shared {
     pub exit: Notify,
     /// This vTPM's UUID.
     pub uuid: uuid::Uuid,
-    /// The manager's per-vTPM socket (for deep quotes).
-    pub mgr_socket: std::path::PathBuf,
+    /// The link to the manager (for deep quotes).
+    pub mgr: crate::mgr_client::MgrLink,
 }
 
 /// Whether `packet` is a well-framed deep-quote vendor command.

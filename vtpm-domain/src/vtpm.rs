@@ -11,7 +11,35 @@ use vtpm_engine::{Engine, TpmVersion};
 use vtpm_proto::tpm::{self, Family};
 
 use crate::guest_warn;
+use crate::blockstore::BlockStore;
 use crate::store::{Store, StoreError};
+
+/// Where a vTPM's sealed state lives: a file (atomic replace) or a raw
+/// block device with A/B slots (a vTPM in its own domain has no file system).
+pub trait StateStore {
+    /// Seals and durably writes a new state.
+    fn save(&mut self, permanent: &[u8], volatile: &[u8]) -> Result<(), StoreError>;
+    /// The generation of the last write.
+    fn generation(&self) -> u64;
+}
+
+impl StateStore for Store {
+    fn save(&mut self, permanent: &[u8], volatile: &[u8]) -> Result<(), StoreError> {
+        Store::save(self, permanent, volatile)
+    }
+    fn generation(&self) -> u64 {
+        Store::generation(self)
+    }
+}
+
+impl StateStore for BlockStore {
+    fn save(&mut self, permanent: &[u8], volatile: &[u8]) -> Result<(), StoreError> {
+        BlockStore::save(self, permanent, volatile)
+    }
+    fn generation(&self) -> u64 {
+        BlockStore::generation(self)
+    }
+}
 
 /// The default and largest command size. 4096 matches swtpm and a TIS/CRB
 /// buffer; the Xen transport lowers it to 4088 (one page minus the header).
@@ -40,7 +68,7 @@ pub enum VtpmError {
 pub struct Vtpm {
     family: Family,
     engine: Option<Engine>,
-    store: Store,
+    store: Box<dyn StateStore>,
     buffer_size: u32,
     locality: u8,
     /// The permanent blob that is on disk, to skip writes that change nothing.
@@ -50,12 +78,13 @@ pub struct Vtpm {
 impl Vtpm {
     /// Manufactures a new vTPM (EK included, for TPM 2.0) and writes its first
     /// state. Returns the vTPM and the EK public area (empty for TPM 1.2).
-    pub fn manufacture(family: Family, store: Store) -> Result<(Vtpm, Vec<u8>), VtpmError> {
+    pub fn manufacture(family: Family, store: impl StateStore + 'static) -> Result<(Vtpm, Vec<u8>), VtpmError> {
         Vtpm::manufacture_with(family, store, vtpm_engine::EkKind::Rsa2048)
     }
 
     /// [`Vtpm::manufacture`] with a choice of endorsement key.
-    pub fn manufacture_with(family: Family, mut store: Store, ek_kind: vtpm_engine::EkKind) -> Result<(Vtpm, Vec<u8>), VtpmError> {
+    pub fn manufacture_with(family: Family, store: impl StateStore + 'static, ek_kind: vtpm_engine::EkKind) -> Result<(Vtpm, Vec<u8>), VtpmError> {
+        let mut store: Box<dyn StateStore> = Box::new(store);
         let mut engine = Engine::start(engine_version(family), None, None).map_err(|e| VtpmError::Engine(e.to_string()))?;
         let ek = match family {
             Family::Tpm2 => vtpm_engine::provision_ek_kind(&mut engine, ek_kind).map_err(|e| VtpmError::Engine(e.to_string()))?,
@@ -71,7 +100,8 @@ impl Vtpm {
     /// Resumes a vTPM from its opened state. A saved volatile state is used
     /// once: it is dropped from the file right after the resume, so a later
     /// crash does not replay stale PCRs (swtpm's `DELETE_VOLATILE`).
-    pub fn resume(family: Family, store: Store, state: vtpm_proto::sealed::State, startup: bool) -> Result<Vtpm, VtpmError> {
+    pub fn resume(family: Family, store: impl StateStore + 'static, state: vtpm_proto::sealed::State, startup: bool) -> Result<Vtpm, VtpmError> {
+        let store: Box<dyn StateStore> = Box::new(store);
         let vol = (!state.volatile.is_empty()).then_some(&state.volatile[..]);
         let engine = Engine::start(engine_version(family), Some(&state.permanent), vol)
             .map_err(|e| VtpmError::Engine(e.to_string()))?;
