@@ -27,7 +27,7 @@ bench: deps
 
 ## The QEMU-based Xen testbed (real Xen 4.17 + Debian kernel under TCG).
 testbed: build
-	ci/testbed/run.sh
+	XVTPM_PROFILE=$${XVTPM_PROFILE:-debug} ci/testbed/run.sh
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Build the testbed's initramfs images from the unpacked .debs (fetch.sh) and
 # the project's binaries:
-#   $OUT/img/domu.cpio.zst    guest: busybox, tpm2-tools + libs, xenstore client, xen-tpmfront.ko
+#   $OUT/img/domu.cpio.zst    guest: busybox, tpm2-tools + libs, xenstore client, xen-tpmfront.ko,
+#                             xl-vtpm (for `xl-vtpm guest deep-quote`)
 #   $OUT/img/vtpmdom.cpio.zst vTPM domain, unikernel-style: /init = vtpm-domain + its libs
 #                             (or a busybox placeholder backend, see XVTPM_VTPM_PLACEHOLDER)
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
@@ -10,9 +11,11 @@
 # resolves only on the host is an error (XVTPM_ALLOW_HOST_LIBS=1 to allow it).
 #
 # Env: XVTPM_CACHE (ci/cache), XVTPM_OUT (ci/out), CARGO_TARGET_DIR (target),
-#      XVTPM_PROFILE (auto|debug|release; auto = release if built, else debug),
+#      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer vtpm-domain),
 #      XVTPM_VTPM_PLACEHOLDER (auto|0|1; auto = placeholder only if vtpm-domain is missing),
 #      XVTPM_VTPM_DOMAIN_ARGS (vtpm-domain argv in the vTPM domain; default "--xen-backend"),
+#      XVTPM_VTPMDOM_CFG_EXTRA (extra xl.cfg lines for the vTPM domain, e.g. 'vtpm = [ "backend=0" ]'),
+#      XVTPM_VTPM_PHASE_SCRIPT (a script that replaces the built-in vtpm phase in dom0; exit 0 = PASS),
 #      XVTPM_GUEST_KERNEL (elf|bzimage; elf = raw vmlinux, ~5x faster xl create under TCG),
 #      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 128 / 128)
 set -euo pipefail
@@ -59,7 +62,7 @@ copy_libs() {  # tree elf
 }
 copy_bin() {  # tree src dst [strip]
   install -D -m 0755 "$2" "$1$3"
-  [ "${4:-}" = strip ] && strip --strip-debug "$1$3"
+  case ${4:-} in strip) strip --strip-debug "$1$3" ;; strip-all) strip "$1$3" ;; esac
   copy_libs "$1" "$2"
 }
 copy_dlopened() {  # tree lib-soname...  (dlopen()ed: ldd cannot see them)
@@ -115,9 +118,11 @@ mkcpio() {  # tree out [gzip|zstd]
 
 # ---- project binaries ----
 PROFILE=${XVTPM_PROFILE:-auto}
-if [ "$PROFILE" = auto ]; then
+if [ "$PROFILE" = auto ]; then   # the profile whose vtpm-domain was built last (stale release builds lose)
   PROFILE=debug
-  for b in vtpmmgr vtpm-domain xl-vtpm; do [ -x "$TARGET/release/$b" ] && PROFILE=release; done
+  if [ -x "$TARGET/release/vtpm-domain" ] && { [ ! -x "$TARGET/debug/vtpm-domain" ] || [ "$TARGET/release/vtpm-domain" -nt "$TARGET/debug/vtpm-domain" ]; }; then
+    PROFILE=release
+  fi
 fi
 declare -A PBIN
 for b in vtpmmgr vtpm-domain xl-vtpm; do
@@ -139,6 +144,8 @@ D=$B/domu
 busybox_tree "$D"
 tpm2_tools "$D"
 copy_mod "$D" xen-tpmfront
+# xl-vtpm in the guest: `xl-vtpm guest deep-quote` over /dev/tpm0
+[ -n "${PBIN[xl-vtpm]:-}" ] && copy_bin "$D" "${PBIN[xl-vtpm]}" /usr/bin/xl-vtpm strip-all
 install -m 0755 "$HERE/domu-init.sh" "$D/init"
 mkcpio "$D" "$IMG/domu.cpio.zst" zstd
 
@@ -193,13 +200,15 @@ case $GUEST_KERNEL in
   bzimage) KIMG=/guest/vmlinuz; cp "$CACHE/img/vmlinuz" "$D/guest/vmlinuz" ;;
   *) die "XVTPM_GUEST_KERNEL must be elf or bzimage" ;;
 esac
+# rootfstype=ramfs: the initramfs goes into ramfs, not a tmpfs capped at half the RAM
+# (the guest tree is ~37 MB; a 128 MiB guest has ~90 MB MemTotal)
 gen_cfg() {  # name ramdisk extra [more lines] [memory]
   cat > "$D/etc/xen/$1.cfg" <<CFG
 name = "$1"
 type = "pv"
 kernel = "$KIMG"
 ramdisk = "/guest/$2"
-extra = "$3"
+extra = "rootfstype=ramfs $3"
 memory = ${5:-$GUEST_MEM}
 vcpus = 1
 on_poweroff = "destroy"
@@ -208,8 +217,16 @@ ${4:-}
 CFG
 }
 gen_cfg guest1 domu.cpio.zst "console=hvc0 quiet role=plain"
-gen_cfg xvtpm-vtpmdom vtpmdom.cpio.zst "console=hvc0 quiet -- $VTPM_ARGS" "" "$VTPMDOM_MEM"
-gen_cfg guest-vtpm domu.cpio.zst "console=hvc0 quiet role=vtpm" 'vtpm = [ "backend=xvtpm-vtpmdom" ]'
+gen_cfg xvtpm-vtpmdom vtpmdom.cpio.zst "console=hvc0 quiet NO_COLOR=1 -- $VTPM_ARGS" "${XVTPM_VTPMDOM_CFG_EXTRA:-}" "$VTPMDOM_MEM"
+if [ -n "${XVTPM_VTPM_PHASE_SCRIPT:-}" ]; then
+  install -D -m 0755 "$XVTPM_VTPM_PHASE_SCRIPT" "$D/etc/xvtpm/vtpm-phase.sh"
+fi
+# legacy experiment (xvtpm_vtpm=domain): the vTPM as its own unikernel-style domain
+gen_cfg guest-vtpmdom domu.cpio.zst "console=hvc0 quiet role=vtpm" 'vtpm = [ "backend=xvtpm-vtpmdom" ]'
+# dom0-process mode (default): the scenario fills in @UUID@ (xl-vtpm vtpm create) and
+# @EXTRA@ (boot number, deep-quote nonce) and writes guest-vtpm.cfg
+gen_cfg guest-vtpm domu.cpio.zst "console=hvc0 quiet role=vtpm @EXTRA@" 'vtpm = [ "backend=0,uuid=@UUID@" ]'
+mv "$D/etc/xen/guest-vtpm.cfg" "$D/etc/xen/guest-vtpm.cfg.in"
 mkcpio "$D" "$B/dom0.cpio.gz"
 
 # The raw guest vmlinux (66 MB) goes in a second, uncompressed cpio segment

@@ -5,11 +5,21 @@
 # and run.sh turns consecutive MARKs into PHASE durations.  Exit 0 iff no FAIL.
 # Switches come from the dom0 kernel command line (run.sh sets them):
 #   xvtpm_mgr=auto|1|0   auto: xl-vtpm failures => SKIPPED; 1: required; 0: skip phase
-#   xvtpm_vtpm=0|1       vTPM domain (tpmif backend) + vtpm guest phase
-#   xvtpm_vtpm_ready=RE  console regex that says the vTPM domain watches backend/vtpm
+#   xvtpm_vtpm=dom0|domain|0  dom0 (default): vtpm-domain as a dom0 process serving tpmif
+#                        (`xl-vtpm vtpm create --listen xen:...`), guest boot + reboot + destroy;
+#                        domain: the old unikernel vTPM-domain experiment; 0: skip
+#   xvtpm_vtpm_ready=RE  (domain mode) console regex that says the vTPM domain watches backend/vtpm
+#   xvtpm_deadline=S     dom0 uptime by which every wait gives up (run.sh: budget - margin)
 export PATH=/usr/lib/xen-4.17/bin:/bin:/sbin:/usr/bin:/usr/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 up() { cut -d' ' -f1 /proc/uptime; }
+upi() { cut -d. -f1 /proc/uptime; }
+# Xen wallclock with microseconds (busybox date has no %N); guests read the same PV clock
+wall() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf "%d.%06d", s, u}'; }
+ms_between() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%d", (b-a)*1000}'; }
+# p5_build W0 WALL UP: ms from xl create (W0) to the guest kernel's start (WALL - UP)
+p5_build() { awk -v a="$1" -v w="$2" -v u="$3" 'BEGIN{printf "%d", (w-u-a)*1000}'; }
+s_between() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b-a}'; }
 mark() { echo "MARK $1 up=$(up)"; }
 FAILS=""; NPASS=0; NFAIL=0; NSKIP=0
 result() {  # phase status reason...
@@ -19,13 +29,24 @@ result() {  # phase status reason...
   mark "$p"
 }
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -n1; }
+DEADLINE=$(arg xvtpm_deadline); DEADLINE=${DEADLINE:-100000}
+# tmo SECONDS: SECONDS, cut to what is left before the scenario deadline (at least 1)
+tmo() { _l=$(( DEADLINE - $(upi) )); [ $_l -lt 1 ] && _l=1; [ $1 -lt $_l ] && echo $1 || echo $_l; }
 # wait_until SECONDS CMD...: poll every 0.2 s until CMD succeeds; deadline on dom0 uptime
 wait_until() {
-  _end=$(( $(cut -d. -f1 /proc/uptime) + $1 )); shift
-  while ! "$@" >/dev/null 2>&1; do [ "$(cut -d. -f1 /proc/uptime)" -ge $_end ] && return 1; sleep 0.2; done
+  _end=$(( $(upi) + $(tmo $1) )); shift
+  while ! "$@" >/dev/null 2>&1; do [ "$(upi)" -ge $_end ] && return 1; sleep 0.2; done
 }
 clog() { echo /var/log/xen/console/guest-$1.log; }
 console_has() { grep -qE "$2" "$(clog "$1")" 2>/dev/null; }
+console_txt() { tr -d '\r' < "$(clog "$1")" 2>/dev/null; }
+# dump_log NAME FILE [LINES]: a log file onto the serial console; run.sh saves it as dom0/NAME.log
+dump_log() {
+  [ -f "$2" ] || return 0
+  echo "LOGDUMP-BEGIN $1 $2 (last ${3:-300} lines)"
+  tr -d '\r' < "$2" | tail -n "${3:-300}" | sed 's/^/| /'
+  echo "LOGDUMP-END $1"
+}
 show_console() { [ -f "$(clog "$1")" ] && sed -e 's/\r//' -e "s/^/[$1] /" "$(clog "$1")" | grep -v '^\[.*\] *$' | tail -n "${2:-40}"; }
 domain_gone() { ! xl domid "$1" >/dev/null 2>&1; }
 modload() {  # load a module and its dependencies (build-time .deps order)
@@ -34,9 +55,9 @@ modload() {  # load a module and its dependencies (build-time .deps order)
   done
 }
 MGR_MODE=$(arg xvtpm_mgr); MGR_MODE=${MGR_MODE:-auto}
-VTPM_MODE=$(arg xvtpm_vtpm); VTPM_MODE=${VTPM_MODE:-0}
+VTPM_MODE=$(arg xvtpm_vtpm); VTPM_MODE=${VTPM_MODE:-dom0}; [ "$VTPM_MODE" = 1 ] && VTPM_MODE=dom0
 VTPM_READY=$(arg xvtpm_vtpm_ready); VTPM_READY=${VTPM_READY:-VTPMDOM-READY|backend ready|watching backend/vtpm}
-echo "scenario: $(cat /etc/xvtpm-testbed.env | tr '\n' ' ') mgr=$MGR_MODE vtpm=$VTPM_MODE"
+echo "scenario: $(cat /etc/xvtpm-testbed.env | tr '\n' ' ') mgr=$MGR_MODE vtpm=$VTPM_MODE deadline=$DEADLINE"
 mkdir -p /run/xen /run/xenstored /var/lib/xen /var/log/xen/console /var/lock /var/log/xvtpm /var/lib/xvtpm /run/xvtpm
 
 ############ (a) dom0-up: Xen devices, toolstack, physical TPM device nodes
@@ -115,46 +136,215 @@ else
   else result $ph SKIPPED "$why (XVTPM_TESTBED_MGR=1 makes this required)"; fi
 fi
 
-############ (d) guest: a PV domU with the guest initramfs, loads xen-tpmfront, powers off
+############ (d) guest: a PV domU with the guest initramfs, loads xen-tpmfront, powers off.
+# Also the P5 baseline: xl create -> first line of the guest's /init, without a vTPM.
 ph=guest; err=""
-t0=$(up)
-timeout 180 xl create /etc/xen/guest1.cfg > /tmp/xl-guest1.out 2>&1 || err="$err xl-create-rc=$?"
-echo "xl create guest1: $(awk -v a=$t0 -v b=$(up) 'BEGIN{printf "%.1f", b-a}') s"
+t0=$(up); w0=$(wall)
+timeout $(tmo 180) xl create /etc/xen/guest1.cfg > /tmp/xl-guest1.out 2>&1 || err="$err xl-create-rc=$?"
+echo "xl create guest1: $(s_between $t0 $(up)) s"
 [ -n "$err" ] && tail -n 20 /tmp/xl-guest1.out
 if [ -z "$err" ]; then
   wait_until 180 console_has guest1 'GUEST-DONE' || err="$err no-GUEST-DONE-in-180s"
-  console_has guest1 'GUEST-DONE role=plain result=ok' || err="$err guest-result"
-  wait_until 60 domain_gone guest1 || { err="$err guest-did-not-power-off"; xl destroy guest1; }
+  console_has guest1 'GUEST-DONE role=plain .*result=ok' || err="$err guest-result"
+  wait_until 60 domain_gone guest1 || { err="$err guest-did-not-power-off"; timeout 60 xl destroy guest1; }
 fi
 show_console guest1 20 | grep -E 'GUEST-|Kernel panic|Oops|segfault'
-if [ -z "$err" ]; then result $ph PASS "PV domU booted, xen-tpmfront loaded, powered off (create->gone $(awk -v a=$t0 -v b=$(up) 'BEGIN{printf "%.1f", b-a}') s)"
+gw=$(console_txt guest1 | sed -n 's/^GUEST-UP .* wall=\([0-9.]*\) up=\([0-9.]*\).*/\1 \2/p' | head -n1)
+if [ -n "$gw" ]; then
+  echo "PERF p5-without-vtpm-ms=$(ms_between $w0 ${gw% *}) (xl create -> first line of /init: domain build+start $(p5_build $w0 ${gw% *} ${gw#* }) ms, kernel to init $(ms_between 0 ${gw#* }) ms)"
+fi
+if [ -z "$err" ]; then result $ph PASS "PV domU booted, xen-tpmfront loaded, powered off (create->gone $(s_between $t0 $(up)) s)"
 else show_console guest1 60; result $ph FAIL "$err"; fi
 
-############ (e) vtpm: vTPM domain (tpmif backend) + guest using /dev/tpm0 [XVTPM_TESTBED_VTPM=1]
-ph=vtpm
-if [ "$VTPM_MODE" != 1 ]; then
-  result $ph SKIPPED "off by default (XVTPM_TESTBED_VTPM=1 enables it; vTPM domain image: $(sed -n 's/^vtpmdom_kind=//p' /etc/xvtpm-testbed.env))"
+############ (e) vtpm: vtpm-domain as a dom0 process serving tpmif v2; guest boot, reboot, destroy
+VTPM_UUID=""; VTPM_PID=""; VLOG=""; EK1=""
+GCFG=/etc/xen/guest-vtpm.cfg
+# guest_checks NAME BOOT EXPECTED...: echo the guest's GUEST-CHECK lines as CHECK lines; sets $gerr
+guest_checks() {
+  _g=$1; _b=$2; shift 2; gerr=""
+  console_txt $_g | sed -n "s|^GUEST-CHECK |CHECK $_g/boot$_b |p"
+  for c in "$@"; do
+    console_txt $_g | grep -qE "^GUEST-CHECK $c PASS" || gerr="$gerr $c"
+  done
+  console_txt $_g | grep -q '^GUEST-DONE .*result=ok' || gerr="$gerr guest-result"
+}
+write_gcfg() {  # extra-words
+  sed -e "s/@UUID@/$VTPM_UUID/" -e "s/@EXTRA@/$1/" /etc/xen/guest-vtpm.cfg.in > $GCFG
+}
+# p5_vtpm KEY: xl create (w0) -> first answered TPM command (tpm2_getrandom) in guest-vtpm
+p5_vtpm() {
+  _a=$(console_txt guest-vtpm | sed -n 's/^GUEST-P5 first-tpm-answer wall=\([0-9.]*\) up=\([0-9.]*\).*/\1 \2/p' | head -n1)
+  _i=$(console_txt guest-vtpm | sed -n 's/^GUEST-UP .* wall=\([0-9.]*\) up=\([0-9.]*\).*/\1 \2/p' | head -n1)
+  [ -n "$_a" ] && [ -n "$_i" ] || { echo "PERF $1=n/a (no GUEST-P5 marker)"; return; }
+  echo "PERF $1=$(ms_between $w0 ${_a% *}) (xl create -> first answered tpm2_getrandom: domain build+start $(p5_build $w0 ${_i% *} ${_i#* }) ms, kernel to init $(ms_between 0 ${_i#* }) ms, init to TPM answer $(ms_between ${_i#* } ${_a#* }) ms incl. insmod xen-tpmfront + probe + tpm2_startup)"
+  console_txt guest-vtpm | sed -n 's/^GUEST-INFO /INFO guest-vtpm /p'
+}
+kib() { awk -v k="$1:" '$1==k{print $2}' /proc/$VTPM_PID/smaps_rollup 2>/dev/null; }
+vtpm_exited() { [ ! -e /proc/$VTPM_PID/stat ] || sed 's/.*) //' /proc/$VTPM_PID/stat | grep -q '^Z'; }
+
+if [ "$VTPM_MODE" = 0 ]; then
+  for p in vtpm-create vtpm-guest deep-quote vtpm-reboot vtpm-destroy; do result $p SKIPPED "disabled (XVTPM_TESTBED_VTPM=0)"; done
+elif [ "$VTPM_MODE" = dom0 ]; then
+  ##### vtpm-create: identity in the manager + vtpm-domain process bound to backend/vtpm
+  ph=vtpm-create; err=""
+  if [ -z "$MGR_PID" ] || ! grep -q '"provisioned": *true' /tmp/status.json 2>/dev/null; then err="needs a provisioned vtpmmgr (mgr phases)"
+  elif [ ! -x /usr/bin/vtpm-domain ]; then err="vtpm-domain not built"
+  else
+    t0=$(up)
+    XVTPM_LOG=info NO_COLOR=1 timeout $(tmo 90) xl-vtpm vtpm create --listen xen:/local/domain/0/backend/vtpm --json \
+      > /tmp/vtpm-create.json 2> /tmp/vtpm-create.err; rc=$?
+    echo "xl-vtpm vtpm create: rc=$rc in $(s_between $t0 $(up)) s"
+    sed 's/^/[vtpm create] /' /tmp/vtpm-create.json /tmp/vtpm-create.err | tail -n 40
+    VTPM_UUID=$(sed -n 's/^ *"uuid": *"\([0-9a-fA-F-]*\)".*/\1/p' /tmp/vtpm-create.json | head -n1)
+    VTPM_PID=$(sed -n 's/^ *"pid": *\([0-9][0-9]*\).*/\1/p' /tmp/vtpm-create.json | head -n1)
+    VLOG=/var/lib/xvtpm/vtpms/$VTPM_UUID/vtpm.log
+    if [ $rc != 0 ]; then err="xl-vtpm vtpm create exited $rc"
+    elif [ -z "$VTPM_UUID" ] || [ -z "$VTPM_PID" ]; then err="no uuid/pid in the --json output"
+    elif ! wait_until 30 grep -q 'tpmif backend watching' $VLOG; then err="no 'tpmif backend watching' in $VLOG within 30 s"
+    elif vtpm_exited; then err="vtpm-domain (pid $VTPM_PID) is not running"
+    fi
+    [ -f "$VLOG" ] && tail -n 5 "$VLOG" | sed 's/^/[vtpm.log] /'
+    echo "PERF vtpm-create-s=$(s_between $t0 $(up))"
+    [ -n "$VTPM_PID" ] && echo "PERF vtpm-idle-pss-kib=$(kib Pss) vtpm-idle-rss-kib=$(kib Rss)"
+  fi
+  if [ -z "$err" ]; then result $ph PASS "vTPM $VTPM_UUID, vtpm-domain pid $VTPM_PID, tpmif backend watching /local/domain/0/backend/vtpm"
+  else result $ph FAIL "$err"; VTPM_UUID=""; fi
+
+  ##### vtpm-guest: boot 1 of a guest with vtpm = [ "backend=0,uuid=..." ]
+  ph=vtpm-guest; err=""; DQ_NONCE=""
+  if [ -z "$VTPM_UUID" ]; then err="no vTPM (vtpm-create failed)"
+  else
+    DQ_NONCE=$(head -c 32 /dev/urandom | xxd -p -c 64)
+    write_gcfg "boot=1 dq_nonce=$DQ_NONCE"
+    grep -E '^(name|vtpm|extra)' $GCFG
+    t0=$(up); w0=$(wall)
+    timeout $(tmo 120) xl create $GCFG > /tmp/xl-guest-vtpm1.out 2>&1 || { err="$err xl-create-rc=$?"; tail -n 20 /tmp/xl-guest-vtpm1.out; }
+    echo "xl create guest-vtpm (boot 1): $(s_between $t0 $(up)) s"
+    if [ -z "$err" ]; then
+      xl vtpm-list guest-vtpm 2>&1
+      wait_until 240 console_has guest-vtpm 'GUEST-DONE' || err="$err no-GUEST-DONE-in-240s"
+      guest_checks guest-vtpm 1 tpm0 startup getrandom pcr16-reset pcrextend createek createak quote checkquote persistent nv-write deep-quote
+      [ -n "$gerr" ] && err="$err guest-checks-failed:$gerr"
+      p5_vtpm p5-with-vtpm-ms
+      EK1=$(console_txt guest-vtpm | sed -n 's/^GUEST-EKHASH //p' | head -n1)
+      # the deep-quote bundle, hex on the guest console
+      console_txt guest-vtpm | sed -n 's/^GUEST-DQ \([0-9a-f]*\)$/\1/p' | xxd -r -p > /tmp/dq.bin
+      want=$(console_txt guest-vtpm | sed -n 's/^GUEST-DQ-END sha256=\([0-9a-f]*\).*/\1/p' | head -n1)
+      got=$(sha256sum /tmp/dq.bin | cut -c1-64)
+      echo "deep-quote bundle from the guest console: $(wc -c < /tmp/dq.bin) bytes sha256=$got (guest said ${want:-none})"
+      [ -n "$want" ] && [ "$want" = "$got" ] || { err="$err dq-capture"; rm -f /tmp/dq.bin; }
+      wait_until 60 domain_gone guest-vtpm || { err="$err guest-did-not-power-off"; timeout $(tmo 60) xl destroy guest-vtpm; }
+      vtpm_exited && err="$err vtpm-domain-died"
+    fi
+    show_console guest-vtpm 200 | grep -vE 'GUEST-DQ |GUEST-CHECK' | grep -E 'GUEST-|panic|Oops|tpm|TPM' | tail -n 30
+    mv "$(clog guest-vtpm)" /var/log/xen/console/guest-guest-vtpm-boot1.log 2>/dev/null
+  fi
+  [ -z "$err" ] && result $ph PASS "boot 1: all guest checks passed on /dev/tpm0 (TPM 2.0 behind stock xen-tpmfront)" || { result $ph FAIL "$err"; }
+
+  ##### deep-quote: verify the bundle in dom0 with the group AK
+  ph=deep-quote; err=""
+  if [ ! -s /tmp/dq.bin ]; then err="no bundle from the guest"
+  elif ! timeout $(tmo 60) xl-vtpm mgr group ak default --out /tmp/ak.bin > /tmp/ak.out 2>&1; then err="xl-vtpm mgr group ak default failed: $(tail -n 3 /tmp/ak.out)"
+  else
+    timeout $(tmo 60) xl-vtpm verify /tmp/dq.bin --nonce $DQ_NONCE --ak /tmp/ak.bin --vtpm $VTPM_UUID > /tmp/verify-ok.out 2>&1; rc_ok=$?
+    sed 's/^/[verify right nonce] /' /tmp/verify-ok.out | tail -n 25
+    BAD=$(head -c 32 /dev/urandom | xxd -p -c 64)
+    timeout $(tmo 60) xl-vtpm verify /tmp/dq.bin --nonce $BAD --ak /tmp/ak.bin --vtpm $VTPM_UUID > /tmp/verify-bad.out 2>&1; rc_bad=$?
+    sed 's/^/[verify wrong nonce] /' /tmp/verify-bad.out | tail -n 10
+    OTHER=00000000-0000-4000-8000-000000000001
+    timeout $(tmo 60) xl-vtpm verify /tmp/dq.bin --nonce $DQ_NONCE --ak /tmp/ak.bin --vtpm $OTHER > /tmp/verify-uuid.out 2>&1; rc_uuid=$?
+    sed 's/^/[verify other vTPM] /' /tmp/verify-uuid.out | tail -n 5
+    echo "CHECK dom0 verify-other-vtpm $([ $rc_uuid = 7 ] && echo PASS || echo FAIL) exit=$rc_uuid (want 7: bundle is bound to $VTPM_UUID)"
+    [ $rc_uuid = 7 ] || err="$err verify-with-other-vtpm-uuid-exit-$rc_uuid(want-7)"
+    echo "CHECK dom0 verify-right-nonce $([ $rc_ok = 0 ] && echo PASS || echo FAIL) exit=$rc_ok"
+    echo "CHECK dom0 verify-wrong-nonce $([ $rc_bad = 7 ] && echo PASS || echo FAIL) exit=$rc_bad (want 7)"
+    [ $rc_ok = 0 ] || err="$err verify-with-right-nonce-exit-$rc_ok"
+    [ $rc_bad = 7 ] || err="$err verify-with-wrong-nonce-exit-$rc_bad(want-7)"
+  fi
+  [ -z "$err" ] && result $ph PASS "xl-vtpm verify: right nonce -> 0, wrong nonce -> 7 ($(wc -c < /tmp/dq.bin) byte bundle)" || { result $ph FAIL "$err"; }
+
+  ##### vtpm-reboot: the same guest config again (new domain, same vTPM): state kept, PCRs reset
+  ph=vtpm-reboot; err=""
+  if [ -z "$VTPM_UUID" ]; then err="no vTPM"
+  elif vtpm_exited; then err="vtpm-domain (pid $VTPM_PID) is gone"
+  else
+    domain_gone guest-vtpm || timeout $(tmo 60) xl destroy guest-vtpm
+    write_gcfg "boot=2 hold=1"
+    t0=$(up); w0=$(wall)
+    timeout $(tmo 120) xl create $GCFG > /tmp/xl-guest-vtpm2.out 2>&1 || { err="$err xl-create-rc=$?"; tail -n 20 /tmp/xl-guest-vtpm2.out; }
+    echo "xl create guest-vtpm (boot 2): $(s_between $t0 $(up)) s, domid $(xl domid guest-vtpm 2>&1)"
+    if [ -z "$err" ]; then
+      wait_until 180 console_has guest-vtpm 'GUEST-DONE' || err="$err no-GUEST-DONE-in-180s"
+      guest_checks guest-vtpm 2 tpm0 startup getrandom pcr16-reset pcrextend createek persistent-kept persistent-usable nv-kept
+      [ -n "$gerr" ] && err="$err guest-checks-failed:$gerr"
+      EK2=$(console_txt guest-vtpm | sed -n 's/^GUEST-EKHASH //p' | head -n1)
+      if [ -n "$EK1" ] && [ "$EK1" = "$EK2" ]; then echo "CHECK dom0 ek-stable PASS EK sha256 $(echo $EK1 | cut -c1-16)... in both boots"
+      else echo "CHECK dom0 ek-stable FAIL boot1=${EK1:-none} boot2=${EK2:-none}"; err="$err ek-changed"; fi
+      p5_vtpm p5-with-vtpm-reboot-ms
+      echo "PERF vtpm-pss-kib=$(kib Pss) vtpm-rss-kib=$(kib Rss) (vtpm-domain pid $VTPM_PID serving a connected guest)"
+    fi
+    show_console guest-vtpm 200 | grep -vE 'GUEST-CHECK' | grep -E 'GUEST-|panic|Oops|tpm|TPM' | tail -n 20
+  fi
+  [ -z "$err" ] && result $ph PASS "boot 2: 0x81000010 persistent key + NV index kept, PCR16 reset, same EK" || { result $ph FAIL "$err"; }
+
+  ##### vtpm-destroy: xl destroy; vtpm-domain keeps running; xl-vtpm vtpm stop ends it
+  ph=vtpm-destroy; err=""
+  if [ -z "$VTPM_UUID" ]; then err="no vTPM"
+  else
+    if ! domain_gone guest-vtpm; then
+      domid=$(xl domid guest-vtpm)
+      timeout $(tmo 60) xl destroy guest-vtpm || err="$err xl-destroy-rc=$?"
+      wait_until 30 domain_gone guest-vtpm || err="$err guest-still-there"
+      sleep 2
+      echo "backend after xl destroy: $(xenstore-ls -f /local/domain/0/backend/vtpm 2>&1 | grep "/vtpm/$domid/" | tr '\n' ' ' | cut -c1-300)"
+    fi
+    if vtpm_exited; then err="$err vtpm-domain-exited-on-guest-destroy"; echo "CHECK dom0 vtpm-survives-destroy FAIL"
+    else echo "CHECK dom0 vtpm-survives-destroy PASS pid $VTPM_PID still running"; fi
+    t0=$(up)
+    timeout $(tmo 30) xl-vtpm vtpm stop $VTPM_UUID > /tmp/vtpm-stop.out 2>&1; rc=$?
+    sed 's/^/[vtpm stop] /' /tmp/vtpm-stop.out
+    [ $rc = 0 ] || err="$err vtpm-stop-exit-$rc"
+    if wait_until 10 vtpm_exited; then echo "CHECK dom0 vtpm-stop PASS pid $VTPM_PID gone after $(s_between $t0 $(up)) s"
+    else echo "CHECK dom0 vtpm-stop FAIL pid $VTPM_PID still alive"; err="$err vtpm-domain-still-running"; kill -9 $VTPM_PID; fi
+    timeout $(tmo 30) xl-vtpm vtpm list 2>&1 | sed 's/^/[vtpm list] /'
+    tail -n 8 "$VLOG" | sed 's/^/[vtpm.log] /'
+  fi
+  [ -z "$err" ] && result $ph PASS "guest destroyed, vtpm-domain survived it; xl-vtpm vtpm stop ended the process" || { result $ph FAIL "$err"; }
+
+############ legacy: the vTPM as its own (unikernel-style) domain [XVTPM_TESTBED_VTPM=domain]
 else
-  err=""
-  timeout 180 xl create /etc/xen/xvtpm-vtpmdom.cfg > /tmp/xl-vtpmdom.out 2>&1 || { err="$err vtpmdom-create"; tail -n 20 /tmp/xl-vtpmdom.out; }
-  if [ -z "$err" ]; then
-    wait_until 120 console_has xvtpm-vtpmdom "$VTPM_READY" || echo "vtpm domain: no ready marker /$VTPM_READY/ in 120 s; trying anyway"
-    timeout 180 xl create /etc/xen/guest-vtpm.cfg > /tmp/xl-guest-vtpm.out 2>&1 || { err="$err guest-vtpm-create"; tail -n 20 /tmp/xl-guest-vtpm.out; }
+  ph=vtpm
+  if [ -x /etc/xvtpm/vtpm-phase.sh ]; then   # XVTPM_VTPM_PHASE_SCRIPT at image build
+    if timeout $(tmo 600) /etc/xvtpm/vtpm-phase.sh; then result $ph PASS "custom vtpm phase script"
+    else result $ph FAIL "custom vtpm phase script exited $?"; fi
+    for d in guest-vtpmdom xvtpm-vtpmdom; do domain_gone $d || timeout 60 xl destroy $d; done
+  else
+    err=""
+    timeout $(tmo 180) xl create /etc/xen/xvtpm-vtpmdom.cfg > /tmp/xl-vtpmdom.out 2>&1 || { err="$err vtpmdom-create"; tail -n 20 /tmp/xl-vtpmdom.out; }
+    if [ -z "$err" ]; then
+      vtpmdom_settled() { console_has xvtpm-vtpmdom "$VTPM_READY" || console_has xvtpm-vtpmdom 'Kernel panic' || domain_gone xvtpm-vtpmdom; }
+      wait_until 120 vtpmdom_settled
+      if ! console_has xvtpm-vtpmdom "$VTPM_READY"; then
+        echo "vtpm domain: no ready marker /$VTPM_READY/ (died: $(domain_gone xvtpm-vtpmdom && echo yes || echo no)); trying the guest anyway"
+      fi
+      timeout $(tmo 180) xl create /etc/xen/guest-vtpmdom.cfg > /tmp/xl-guest-vtpm.out 2>&1 || { err="$err guest-vtpm-create"; tail -n 20 /tmp/xl-guest-vtpm.out; }
+    fi
+    if [ -z "$err" ]; then
+      wait_until 240 console_has guest-vtpmdom 'GUEST-DONE' || err="$err no-GUEST-DONE-in-240s"
+      console_has guest-vtpmdom 'GUEST-DONE role=vtpm .*result=ok' || err="$err guest-tpm-failed"
+      xl vtpm-list guest-vtpmdom 2>&1
+    fi
+    xenstore-ls -f /local/domain 2>/dev/null | grep '/vtpm/' | head -n 30
+    show_console xvtpm-vtpmdom 30
+    show_console guest-vtpmdom 30 | grep -E 'GUEST-|panic|Oops'
+    for d in guest-vtpmdom xvtpm-vtpmdom; do domain_gone $d || timeout 60 xl destroy $d; done
+    if [ -z "$err" ]; then result $ph PASS "guest used a vTPM served by the vtpm-domain backend"; else result $ph FAIL "$err"; fi
   fi
-  if [ -z "$err" ]; then
-    wait_until 180 console_has guest-vtpm 'GUEST-DONE' || err="$err no-GUEST-DONE-in-180s"
-    console_has guest-vtpm 'GUEST-DONE role=vtpm result=ok' || err="$err guest-tpm-failed"
-    xl vtpm-list guest-vtpm 2>&1
-  fi
-  xenstore-ls -f /local/domain 2>/dev/null | grep '/vtpm/' | head -n 30
-  show_console xvtpm-vtpmdom 30
-  show_console guest-vtpm 30 | grep -E 'GUEST-|panic|Oops'
-  for d in guest-vtpm xvtpm-vtpmdom; do domain_gone $d || timeout 60 xl destroy $d; done
-  if [ -z "$err" ]; then result $ph PASS "guest used a vTPM served by the vtpm-domain backend"; else result $ph FAIL "$err"; fi
 fi
 
 ############ (f) teardown
 ph=teardown; err=""
+if [ -n "$VTPM_PID" ] && ! vtpm_exited; then err="$err vtpm-domain-left-running"; timeout 30 xl-vtpm vtpm stop $VTPM_UUID; fi
 if [ -n "$MGR_PID" ]; then
   kill $MGR_PID; wait_until 20 sh -c "! kill -0 $MGR_PID" || { err="$err vtpmmgr-did-not-exit"; kill -9 $MGR_PID; }
   tail -n 3 /var/log/xvtpm/vtpmmgr.log | sed 's/^/[vtpmmgr] /'
@@ -163,6 +353,14 @@ for d in $(xl list 2>/dev/null | awk 'NR>1 && $2!=0 {print $1}'); do err="$err l
 xl list
 [ "$(xl list | awk 'NR>1' | wc -l)" = 1 ] || err="$err xl-list"
 if [ -z "$err" ]; then result $ph PASS "all domUs gone, daemons stopped"; else result $ph FAIL "$err"; fi
+
+# logs for run.sh (saved as ci/out/runs/<stamp>/dom0/<name>.log; printed on failure)
+n=300; [ $NFAIL = 0 ] || n=400
+[ -n "$VLOG" ] && dump_log vtpm "$VLOG" $n
+for f in /var/log/xen/console/guest-*.log; do [ -f "$f" ] && _b=$(basename $f .log); dump_log "console-${_b#guest-}" "$f" $n; done
+dump_log vtpmmgr /var/log/xvtpm/vtpmmgr.log $n
+for f in /tmp/xl-*.out /tmp/vtpm-create.err; do [ -s "$f" ] && dump_log "$(basename $f)" "$f" 100; done
+[ $NFAIL = 0 ] || { xenstore-ls -f /local/domain > /tmp/xenstore.txt 2>&1; dump_log xenstore /tmp/xenstore.txt 200; }
 
 echo "SUMMARY pass=$NPASS fail=$NFAIL skipped=$NSKIP${FAILS:+ failed:$FAILS}"
 [ $NFAIL = 0 ]

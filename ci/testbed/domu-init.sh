@@ -1,16 +1,46 @@
 #!/bin/sh
-# Guest /init.  role= (kernel command line, reaches init as an env variable):
-#   plain  load xen-tpmfront (no vtpm device), print markers, power off
-#   vtpm   load xen-tpmfront against the vtpm backend, use /dev/tpm0 with tpm2-tools
+# Guest /init.  Parameters come from the kernel command line (unknown name=value
+# words reach init as environment variables):
+#   role=plain  load xen-tpmfront (no vtpm device), print markers, power off
+#   role=vtpm   load xen-tpmfront against the vTPM backend and exercise /dev/tpm0:
+#     boot=1    startup, getrandom, PCR 16 extend/read, EK + AK, quote + checkquote,
+#               persistent key 0x81000010, NV index 0x01500016, deep quote (dq_nonce=HEX)
+#               printed as hex between GUEST-DQ-BEGIN/GUEST-DQ-END
+#     boot=2    the same vTPM after a guest reboot: 0x81000010 and the NV contents are
+#               still there, PCR 16 is reset, same EK
+#   hold=1      do not power off at the end (dom0 xl destroys the guest)
+#   tpm_wait=S  how long to wait for /dev/tpm0 (90)
+# Every check prints "GUEST-CHECK <name> PASS|FAIL <detail>"; the last line is
+# "GUEST-DONE role=<role> result=ok|fail".  Timing markers carry wall=<Xen wallclock,
+# s.us> (busybox date has no %N; adjtimex reads the same PV clock dom0 sees) and up=.
 export PATH=/bin:/usr/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
+wall() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf "%d.%06d", s, u}'; }
 up() { cut -d' ' -f1 /proc/uptime; }
-role=${role:-plain}
-echo "GUEST-UP role=$role up=$(up) kernel=$(uname -r) domid=$(xenstore-read domid 2>/dev/null)"
+role=${role:-plain}; boot=${boot:-1}
+echo "GUEST-UP role=$role boot=$boot wall=$(wall) up=$(up) kernel=$(uname -r) domid=$(xenstore-read domid 2>/dev/null) memavail=$(awk '/MemAvailable/{print $2}' /proc/meminfo)kB"
 res=ok
+check() {  # name PASS|FAIL detail...
+  n=$1; s=$2; shift 2
+  echo "GUEST-CHECK $n $s $* [up=$(up)]"
+  [ "$s" = PASS ] || res=fail
+}
+# run a TPM tool with a timeout; output in $out, rc in $rc
+t() { out=$(timeout ${TT:-60} "$@" 2>&1); rc=$?; return $rc; }
+# no resource manager behind /dev/tpm0: flush transient objects (-l: loaded sessions too)
+flush() { timeout 30 tpm2_flushcontext -t >/dev/null 2>&1; [ "${1:-}" = -l ] && timeout 30 tpm2_flushcontext -l >/dev/null 2>&1; }
+# PCR 16 extend: digest D = sha256("xvtpm-testbed"); after a reset PCR16 = sha256(0^32 || D)
+PCR_D=3b601227023b6a4393425aaec9930303862dbbfcdc503406ee2e99f2b6b8c44d
+PCR_AFTER=39DE0A6FECF21D432302A5D79315BC42DFF73C4BE042FB5276E3C5B4758BCA02
+PCR_ZERO=0000000000000000000000000000000000000000000000000000000000000000
+NV_IDX=0x01500016; NV_DATA='xvtpm-testbed-nv-0123456789abcde'   # 32 bytes
+PERSIST=0x81000010
+pcr16() { t tpm2_pcrread sha256:16 && echo "$out" | sed -n 's/^ *16 *: *0x//p'; }
+
 case $role in
 plain)
   if insmod /lib/modules/xen-tpmfront.ko && [ -d /sys/bus/xen/drivers/vtpm ]; then
@@ -18,22 +48,105 @@ plain)
   else res=fail; echo "GUEST-TPMFRONT insmod failed"; fi
   ;;
 vtpm)
+  export TPM2TOOLS_TCTI=device:/dev/tpm0
   echo "GUEST-VTPM frontend: $(xenstore-ls device/vtpm 2>&1 | tr '\n' ' ')"
-  ( insmod /lib/modules/xen-tpmfront.ko; echo "GUEST-TPMFRONT insmod rc=$? up=$(up)" ) &
-  i=0; while [ ! -c /dev/tpm0 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
-  if [ -c /dev/tpm0 ]; then
-    dev=/dev/tpm0; [ -c /dev/tpmrm0 ] && dev=/dev/tpmrm0
-    echo "GUEST-TPM device $dev up=$(up)"
-    if r=$(timeout 60 tpm2_getrandom -T device:$dev --hex 16 2>&1); then echo "GUEST-TPM getrandom $r"
-    else res=fail; echo "GUEST-TPM getrandom FAILED: $r"; fi
-    timeout 60 tpm2_pcrread -T device:$dev sha256:0,1,2,3,4,5,6,7 2>&1 | head -n 10 | sed 's/^/GUEST-TPM /'
+  for m in $(cat /lib/modules/xen-tpmfront.deps 2>/dev/null || echo xen-tpmfront); do
+    grep -q "^$(echo $m | tr - _) " /proc/modules || insmod /lib/modules/$m.ko || echo "GUEST-TPMFRONT insmod $m failed"
+  done &
+  end=$(( $(cut -d. -f1 /proc/uptime) + ${tpm_wait:-90} ))
+  while [ ! -c /dev/tpm0 ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.1; done
+  if [ ! -c /dev/tpm0 ]; then
+    check tpm0 FAIL "no /dev/tpm0 after ${tpm_wait:-90} s; frontend state=$(xenstore-read device/vtpm/0/state 2>&1)"
+    dmesg | grep -iE 'tpm|vtpm|xen' | tail -n 20 | sed 's/^/GUEST-DMESG /'
+    echo "GUEST-DONE role=$role boot=$boot result=fail up=$(up)"
+    sync; [ "${hold:-0}" = 1 ] && exec sleep 100000; poweroff -f
+  fi
+  check tpm0 PASS "/dev/tpm0 up=$(up) tpmrm0=$([ -c /dev/tpmrm0 ] && echo yes || echo no) version=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)"
+
+  # TPM2_Startup(CLEAR): "already initialized" (TPM_RC_INITIALIZE, 0x100) is fine
+  if t tpm2_startup -c; then check startup PASS "rc=0"
+  elif echo "$out" | grep -qiE 'TPM_RC_INITIALIZE|0x100|already'; then check startup PASS "already started"
+  else check startup FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+
+  if t tpm2_getrandom --hex 16 && echo "$out" | grep -qE '^[0-9a-f]{32}$'; then
+    echo "GUEST-P5 first-tpm-answer wall=$(wall) up=$(up)"
+    check getrandom PASS "$out"
+  else check getrandom FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+
+  # resetCount/restartCount: a new guest boot should be a TPM reset (resetCount + 1)
+  t tpm2_readclock && echo "GUEST-INFO clock boot=$boot $(echo "$out" | grep -E 'reset_count|restart_count|safe' | tr -s ' \n' ' ')"
+  v0=$(pcr16)
+  if [ "$v0" = "$PCR_ZERO" ]; then check pcr16-reset PASS "PCR16=0 at boot $boot"
+  else check pcr16-reset FAIL "PCR16=${v0:-<read failed>} at boot $boot (expected zeros: a new boot must reset the vTPM's PCRs)"; fi
+
+  if t tpm2_pcrextend 16:sha256=$PCR_D; then
+    v=$(pcr16)
+    if [ "$v0" = "$PCR_ZERO" ]; then
+      [ "$v" = "$PCR_AFTER" ] && check pcrextend PASS "PCR16=$v" || check pcrextend FAIL "PCR16=${v:-<read failed>} expected $PCR_AFTER"
+    else  # not reset (reported above): the extend itself must still change the PCR
+      [ -n "$v" ] && [ "$v" != "$v0" ] && check pcrextend PASS "PCR16 changed to $v (from a non-zero start)" || check pcrextend FAIL "PCR16=${v:-<read failed>} unchanged"
+    fi
+  else check pcrextend FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+
+  cd /tmp
+  # EK (ECC: RSA key generation under TCG takes far too long), then hash of its public part
+  if t tpm2_createek -c ek.ctx -G ecc -u ek.pub; then
+    echo "GUEST-EKHASH $(sha256sum ek.pub | cut -c1-64)"; check createek PASS "ecc"
+  else check createek FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+  flush
+
+  if [ "$boot" = 1 ]; then
+    if t tpm2_createak -C ek.ctx -c ak.ctx -G ecc -g sha256 -s ecdsa -u ak.pub -n ak.name; then check createak PASS "ecc/ecdsa restricted signing key"
+    else check createak FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    flush -l
+    q=$(timeout 5 head -c 16 /dev/urandom | xxd -p)
+    if t tpm2_quote -c ak.ctx -l sha256:0,16 -q $q -m q.msg -s q.sig -o q.pcrs -g sha256; then check quote PASS "PCRs sha256:0,16"
+    else check quote FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    flush
+    if t tpm2_checkquote -u ak.pub -m q.msg -s q.sig -f q.pcrs -g sha256 -q $q; then
+      if t tpm2_checkquote -u ak.pub -m q.msg -s q.sig -f q.pcrs -g sha256 -q 00$q; then check checkquote FAIL "a wrong nonce verified too"
+      else check checkquote PASS "signature + nonce verified; a wrong nonce is rejected"; fi
+    else check checkquote FAIL "rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi
+
+    if t tpm2_createprimary -C o -G ecc -c prim.ctx; then :; else check persistent FAIL "createprimary rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    flush
+    if [ -f prim.ctx ]; then
+      if t tpm2_evictcontrol -C o -c prim.ctx $PERSIST; then
+        t tpm2_getcap handles-persistent
+        echo "$out" | grep -qi "$PERSIST" && check persistent PASS "evictcontrol -> $PERSIST" || check persistent FAIL "$PERSIST not in handles-persistent: $out"
+      else check persistent FAIL "evictcontrol rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    fi
+    flush
+
+    printf '%s' "$NV_DATA" > nv.dat
+    if t tpm2_nvdefine $NV_IDX -C o -s 32 -a "ownerread|ownerwrite" && t tpm2_nvwrite $NV_IDX -C o -i nv.dat &&
+       t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out; then
+      cmp -s nv.dat nv.out && check nv-write PASS "$NV_IDX = '$NV_DATA'" || check nv-write FAIL "read back '$(cat nv.out)'"
+    else check nv-write FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    flush
+
+    if [ -n "${dq_nonce:-}" ]; then
+      if TT=120 t xl-vtpm guest deep-quote --tcti device:/dev/tpm0 --nonce "$dq_nonce" --vpcrs 0-7 --host-pcrs 0-7 --out dq.bin; then
+        echo "GUEST-DQ-BEGIN bytes=$(wc -c < dq.bin)"
+        xxd -p -c 32 dq.bin | sed 's/^/GUEST-DQ /'
+        echo "GUEST-DQ-END sha256=$(sha256sum dq.bin | cut -c1-64)"
+        check deep-quote PASS "$(wc -c < dq.bin) bytes; $out"
+      else check deep-quote FAIL "rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi
+      flush
+    else check deep-quote FAIL "no dq_nonce= on the kernel command line"; fi
   else
-    res=fail
-    echo "GUEST-TPM no /dev/tpm0 after 60 s; state=$(xenstore-read device/vtpm/0/state 2>&1)"
-    dmesg | grep -i tpm | tail -n 10 | sed 's/^/GUEST-DMESG /'
+    t tpm2_getcap handles-persistent
+    echo "$out" | grep -qi "$PERSIST" && check persistent-kept PASS "$PERSIST still present" || check persistent-kept FAIL "handles-persistent: $(echo "$out" | tr '\n' ' ')"
+    if t tpm2_readpublic -c $PERSIST; then check persistent-usable PASS "readpublic $PERSIST"
+    else check persistent-usable FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    if t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out; then
+      [ "$(cat nv.out)" = "$NV_DATA" ] && check nv-kept PASS "$NV_IDX = '$NV_DATA'" || check nv-kept FAIL "read '$(cat nv.out)'"
+    else check nv-kept FAIL "nvread rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    flush
   fi
   ;;
 esac
-echo "GUEST-DONE role=$role result=$res up=$(up)"
+echo "GUEST-DONE role=$role boot=$boot result=$res up=$(up)"
 sync
+if [ "${hold:-0}" = 1 ]; then echo "GUEST-HOLD waiting for xl destroy"; exec sleep 100000; fi
 poweroff -f

@@ -23,7 +23,7 @@ die() { echo "fetch.sh: ERROR: $*" >&2; exit 1; }
 declare -A HOST_TOOLS=(
   [qemu-system-x86_64]=qemu-system-x86 [swtpm]=swtpm [cpio]=cpio [xz]=xz-utils
   [perl]=perl [gzip]=gzip [sha256sum]=coreutils [dpkg-deb]=dpkg [apt-get]=apt
-  [timeout]=coreutils [zstd]=zstd [strip]=binutils
+  [timeout]=coreutils [zstd]=zstd [strip]=binutils [strings]=binutils
 )
 missing=()
 for c in "${!HOST_TOOLS[@]}"; do command -v "$c" >/dev/null 2>&1 || missing+=("${HOST_TOOLS[$c]}"); done
