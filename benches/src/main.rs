@@ -100,6 +100,12 @@ struct Args {
     /// P2: delay (ms) before every physical TPM command (the discrete-TPM model).
     #[arg(long, default_value_t = 100)]
     p2_delay_ms: u64,
+    /// P2: physical TPM paths to run (direct, delay).
+    #[arg(long, default_value = "direct,delay", value_delimiter = ',')]
+    p2_tpm: Vec<String>,
+    /// P2: manager modes to run (batched, unbatched).
+    #[arg(long, default_value = "batched,unbatched", value_delimiter = ',')]
+    p2_modes: Vec<String>,
     /// P2: verify at most this many responses per cell (evenly spaced sample); 0 = all.
     #[arg(long, default_value_t = 0)]
     p2_verify_max: usize,
@@ -218,8 +224,7 @@ impl Stack {
         )?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::os::unix::net::UnixStream::connect(self.run_dir.join("admin.sock")).is_err() {
-            if Instant::now() > deadline
-                || !Path::new(&format!("/proc/{}", self.mgr_pid)).exists()
+            if Instant::now() > deadline || !Path::new(&format!("/proc/{}", self.mgr_pid)).exists()
             {
                 bail!(
                     "vtpmmgr did not come up:\n{}",
@@ -773,7 +778,11 @@ fn p3(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P3> {
                 .output()
         })?;
         let key = timed(&mut r.key_fetch, || {
-            vtpm_domain::mgr_client::fetch_state_key_blocking(&sock, info.uuid, Duration::from_secs(10))
+            vtpm_domain::mgr_client::fetch_state_key_blocking(
+                &sock,
+                info.uuid,
+                Duration::from_secs(10),
+            )
         })?;
         let mut e = timed(&mut r.manufacture, || {
             Engine::start(TpmVersion::Tpm2, None, None)
@@ -1525,6 +1534,13 @@ fn merge_section(old_body: &str, body: &str) -> String {
         .and_then(|l| l.split('|').nth(2))
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
+    let old_git = old_head
+        .lines()
+        .find(|l| l.starts_with("| versions |"))
+        .and_then(|l| l.split("(git ").nth(1))
+        .and_then(|l| l.split(')').next())
+        .map(|g| format!(", xvtpm git {g}"))
+        .unwrap_or_default();
     let mut all: Vec<(Option<String>, String, bool)> =
         new_subs.into_iter().map(|(k, t)| (k, t, false)).collect();
     for (k, t) in old_subs {
@@ -1539,11 +1555,12 @@ fn merge_section(old_body: &str, body: &str) -> String {
             let mut lines = t.splitn(2, '\n');
             let title = lines.next().unwrap_or_default();
             let rest = lines.next().unwrap_or_default();
-            let note = if title.contains("(earlier run") {
+            // Already marked by an earlier merge: keep that note (it names the right run).
+            let note = if rest.trim_start().starts_with("*(earlier run") {
                 String::new()
             } else {
                 format!(
-                    "\n*(earlier run of this day, started {old_date} UTC, load and versions as in that run's header; not rerun in the run above)*\n"
+                    "\n*(earlier run of this day, started {old_date} UTC{old_git}; not rerun in the run above)*\n"
                 )
             };
             out.push_str(&format!("{title}\n{note}{rest}"));
@@ -1565,7 +1582,7 @@ fn write_section(path: &Path, date: &str, body: &str) -> Result<()> {
     });
     let new = match (old.find(&begin), old.find(&end)) {
         (Some(a), Some(b)) if b > a => {
-            let merged = merge_section(&old[a + begin.len()..b].trim_start_matches('\n'), body);
+            let merged = merge_section(old[a + begin.len()..b].trim_start_matches('\n'), body);
             format!(
                 "{}{begin}\n{merged}{end}\n{}",
                 &old[..a],
