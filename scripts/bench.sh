@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Benchmarks of the local stack against swtpm on the same machine (make bench).
-#   P1 command latency, P3 new vTPM → first answered command, P4 memory per vTPM.
+#   P1 command latency, P2 deep quotes/s and p50/p99 latency with N = 1, 16, 256
+#   requesters, batched vs unbatched, direct and behind a 100 ms/command delay
+#   (about 4 minutes), P3 new vTPM → first answered command, P4 memory per vTPM.
 # Usage: scripts/bench.sh [TARGET_DIR [xvtpm-bench options...]]
-#   (binaries from TARGET_DIR, default target/release; options e.g. --only p1 --n 5000)
-# Writes (adds or replaces) today's section of BENCHMARKS.md. Every process it
-# starts is killed by PID when it ends, also on failure or Ctrl-C.
+#   (binaries from TARGET_DIR, default target/release; options e.g. --only p1 --n 5000,
+#   --only p2 --p2-n 1,16,256 --p2-secs 8 --p2-secs-delay 15; see xvtpm-bench --help)
+# Writes (adds or replaces) today's section of BENCHMARKS.md; benchmarks left out
+# with --only keep their subsections from an earlier run of the same day. Every
+# process it starts is killed by PID when it ends, also on failure or Ctrl-C.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,7 +45,7 @@ our_pids() {
   for f in /proc/[0-9]*/cmdline; do
     pid=${f#/proc/}; pid=${pid%/cmdline}
     [ "$pid" = $$ ] && continue
-    cmd=$(tr '\0' ' ' <"$f" 2>/dev/null || true)
+    cmd=$( { tr '\0' ' ' <"$f"; } 2>/dev/null || true)  # the process may exit meanwhile
     case "$cmd" in
       *"$WORK"*|*"$RUN"*) echo "$pid" ;;
     esac

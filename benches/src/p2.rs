@@ -1122,13 +1122,13 @@ pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
                  and every arriving request needs that same lock for `authorize` *before* it is queued (vtpmmgr/src/daemon.rs `deep_quote`), on one of the \
                  runtime's 2 worker threads. So requests arriving during a quote are not queued during it — two of them block both tokio workers (stalling \
                  every other connection, so the rest are not even read) — and when the quote ends they race the batcher, which starts the next quote with \
-                 whatever reached the queue first. A request therefore waits several quotes instead of at most two.\n"
+                 whatever reached the queue first. A request therefore waits several quotes instead of at most two."
             );
         } else {
             let _ = writeln!(
                 out,
                 "Batches are large, as natural batching intends; what remains above 2 T_q is the lone quote that the first returning requester starts \
-                 (a lone request waits for nothing), which the other N − 1 must wait out, plus delivering {top} responses through {top} vtpm-domains on this machine.\n"
+                 (a lone request waits for nothing), which the other N − 1 must wait out, plus delivering {top} responses through {top} vtpm-domains on this machine."
             );
         }
     }

@@ -88,9 +88,28 @@ impl Batcher {
     }
 }
 
+/// Longest gathering pause after a crowded batch (see [`gather_window`]).
+pub const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// How long to let a crowd regroup before cutting the next batch. After a
+/// batch of many requests all its callers get their answers at once and most
+/// ask again within milliseconds; cutting the next batch at the first of
+/// them would sign a quote for one request and make the rest wait two quote
+/// times. So after a crowded batch the batcher waits 1/20 of the last quote's
+/// duration (at most [`MAX_GATHER`]); after a lone request, or when idle, it
+/// waits for nothing.
+pub fn gather_window(last_batch: usize, last_quote: std::time::Duration) -> std::time::Duration {
+    if last_batch <= 1 { std::time::Duration::ZERO } else { (last_quote / 20).min(MAX_GATHER) }
+}
+
 async fn run(mgr: Shared, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Receiver<Request>) {
     let max = cfg.max_batch.max(1);
+    let (mut last_batch, mut last_quote) = (0usize, std::time::Duration::ZERO);
     while let Some(first) = rx.recv().await {
+        let pause = if max > 1 { gather_window(last_batch, last_quote) } else { std::time::Duration::ZERO };
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
         let mut batch = vec![first];
         while batch.len() < max {
             match rx.try_recv() {
@@ -103,10 +122,17 @@ async fn run(mgr: Shared, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Rec
         for r in batch {
             parts.entry((r.group, r.host_pcrs.clone())).or_default().push(r);
         }
+        last_batch = batch_len(&parts);
+        let started = std::time::Instant::now();
         for ((group, host_pcrs), reqs) in parts {
             quote_part(&mgr, &stats, group, host_pcrs, reqs).await;
         }
+        last_quote = started.elapsed();
     }
+}
+
+fn batch_len(parts: &BTreeMap<(Uuid, Vec<u8>), Vec<Request>>) -> usize {
+    parts.values().map(Vec::len).sum()
 }
 
 async fn quote_part(mgr: &Shared, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>, reqs: Vec<Request>) {
@@ -142,9 +168,12 @@ async fn quote_part(mgr: &Shared, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>
     }
     let tree = Tree::from_leaves(&encoded);
     let root = tree.root();
-    let m = mgr.clone();
     let pcrs = host_pcrs.clone();
-    let quoted = tokio::task::spawn_blocking(move || crate::daemon::lock(&m).quote_root(group, &root, &pcrs)).await;
+    let job = crate::daemon::lock(mgr).quote_job(group);
+    let quoted = match job {
+        Ok(job) => tokio::task::spawn_blocking(move || crate::manager::quote_with(job, &root, &pcrs)).await,
+        Err(f) => Ok(Err(f)),
+    };
     stats.physical_quotes.fetch_add(1, Ordering::Relaxed);
     let (q, ak_public) = match quoted {
         Ok(Ok(x)) => x,
@@ -186,5 +215,19 @@ async fn quote_part(mgr: &Shared, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>
             stats.answered.fetch_add(1, Ordering::Relaxed);
         }
         let _ = w.send(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn lone_requests_never_wait_and_crowds_wait_briefly() {
+        assert_eq!(gather_window(0, Duration::from_millis(400)), Duration::ZERO);
+        assert_eq!(gather_window(1, Duration::from_millis(400)), Duration::ZERO);
+        assert_eq!(gather_window(16, Duration::from_millis(400)), MAX_GATHER);
+        assert_eq!(gather_window(16, Duration::from_millis(2)), Duration::from_micros(100));
     }
 }

@@ -25,6 +25,20 @@ use zeroize::Zeroizing;
 use crate::hwtpm::{AkAlg, HwTpm, MasterSecret, PcrPolicySpec};
 use crate::store::{Group, Store, VtpmEntry};
 
+/// A physical quote to run outside the manager lock.
+pub struct QuoteJob {
+    hw: std::sync::Arc<std::sync::Mutex<HwTpm>>,
+    ak: crate::hwtpm::AkRecord,
+}
+
+/// Quotes the host PCRs `pcrs` with the job's AK over `root` (holding only
+/// the TPM lock). Returns the quote and the AK's TPMT_PUBLIC.
+pub fn quote_with(job: QuoteJob, root: &[u8; 32], pcrs: &[u8]) -> Result<(crate::hwtpm::QuoteOut, Vec<u8>), Failure> {
+    let mut hw = job.hw.lock().unwrap_or_else(|p| p.into_inner());
+    let q = hw.quote(&job.ak, root, pcrs).map_err(|e| Failure::new(ErrorCode::Tpm, format!("TPM2_Quote: {e}")))?;
+    Ok((q, job.ak.public))
+}
+
 /// Name of the default group created at provisioning.
 pub const DEFAULT_GROUP: &str = "default";
 
@@ -87,7 +101,10 @@ pub enum OpenError {
 /// The manager.
 pub struct Manager {
     cfg: Config,
-    hw: HwTpm,
+    /// The physical TPM has its own lock: a quote (hundreds of ms on a
+    /// discrete TPM) must not hold the manager lock that every request needs
+    /// to be authorised and queued, or natural batching degenerates.
+    hw: std::sync::Arc<std::sync::Mutex<HwTpm>>,
     store: Store,
     master: Option<MasterSecret>,
     attached: HashMap<Uuid, u32>,
@@ -129,6 +146,7 @@ impl Manager {
         if master.is_none() {
             warn!("manager is not provisioned; it serves no vTPM until `xl-vtpm mgr provision`");
         }
+        let hw = std::sync::Arc::new(std::sync::Mutex::new(hw));
         Ok(Manager { cfg, hw, store, master, attached: HashMap::new(), attached_domains: HashMap::new(), software_tpm, stats: Default::default() })
     }
 
@@ -252,12 +270,16 @@ impl Manager {
         }
     }
 
-    /// Quotes the host PCRs `pcrs` with group `group`'s AK over `root`.
-    /// Returns the quote and the AK's TPMT_PUBLIC.
-    pub fn quote_root(&mut self, group: Uuid, root: &[u8; 32], pcrs: &[u8]) -> Result<(crate::hwtpm::QuoteOut, Vec<u8>), Failure> {
-        let g = self.store.groups.iter().find(|g| g.uuid == group).cloned().ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("group {group} does not exist")))?;
-        let q = self.hw.quote(&g.ak, root, pcrs).map_err(|e| Failure::new(ErrorCode::Tpm, format!("TPM2_Quote: {e}")))?;
-        Ok((q, g.ak.public))
+    /// What a quote for `group` needs, taken under the manager lock: the
+    /// physical TPM handle and the group's AK. The quote itself then runs
+    /// under the TPM lock only ([`quote_with`]).
+    pub fn quote_job(&self, group: Uuid) -> Result<QuoteJob, Failure> {
+        let g = self.store.groups.iter().find(|g| g.uuid == group).ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("group {group} does not exist")))?;
+        Ok(QuoteJob { hw: self.hw.clone(), ak: g.ak.clone() })
+    }
+
+    fn hw(&self) -> std::sync::MutexGuard<'_, HwTpm> {
+        self.hw.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Shared deep-quote counters.
@@ -323,7 +345,7 @@ impl Manager {
                 if self.store.group(&name).is_some() {
                     return Err(fail(ErrorCode::Exists, format!("group {name:?} exists already; pick another name")));
                 }
-                let ak = self.hw.create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the group's AK: {e}")))?;
+                let ak = self.hw().create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the group's AK: {e}")))?;
                 let g = Group { uuid: Uuid::new_v4(), name, ak };
                 self.store.groups.push(g.clone());
                 self.save()?;
@@ -425,8 +447,8 @@ impl Manager {
             return Err(fail(ErrorCode::BadRequest, "--pcrs: PCR indices must be 0..=23"));
         }
         let spec = PcrPolicySpec::with_pcrs(pcrs);
-        let (rec, policy_key, master) = self.hw.provision(&spec).map_err(|e| fail(ErrorCode::Tpm, format!("provisioning: {e}")))?;
-        let ak = self.hw.create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the default AK: {e}")))?;
+        let (rec, policy_key, master) = self.hw().provision(&spec).map_err(|e| fail(ErrorCode::Tpm, format!("provisioning: {e}")))?;
+        let ak = self.hw().create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the default AK: {e}")))?;
         // The admin's policy-signing key: needed only to authorise new PCR
         // values after a host upgrade. Root-only; admins should move it offline.
         let key_path = self.cfg.policy_key_path();
