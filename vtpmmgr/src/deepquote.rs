@@ -89,17 +89,17 @@ impl Batcher {
 }
 
 /// Longest gathering pause after a crowded batch (see [`gather_window`]).
-pub const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(10);
+pub const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How long to let a crowd regroup before cutting the next batch. After a
 /// batch of many requests all its callers get their answers at once and most
 /// ask again within milliseconds; cutting the next batch at the first of
 /// them would sign a quote for one request and make the rest wait two quote
-/// times. So after a crowded batch the batcher waits 1/20 of the last quote's
+/// times. So after a crowded batch the batcher waits 1/8 of the last quote's
 /// duration (at most [`MAX_GATHER`]); after a lone request, or when idle, it
 /// waits for nothing.
 pub fn gather_window(last_batch: usize, last_quote: std::time::Duration) -> std::time::Duration {
-    if last_batch <= 1 { std::time::Duration::ZERO } else { (last_quote / 20).min(MAX_GATHER) }
+    if last_batch <= 1 { std::time::Duration::ZERO } else { (last_quote / 8).min(MAX_GATHER) }
 }
 
 async fn run(mgr: Shared, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Receiver<Request>) {
@@ -228,6 +228,6 @@ mod tests {
         assert_eq!(gather_window(0, Duration::from_millis(400)), Duration::ZERO);
         assert_eq!(gather_window(1, Duration::from_millis(400)), Duration::ZERO);
         assert_eq!(gather_window(16, Duration::from_millis(400)), MAX_GATHER);
-        assert_eq!(gather_window(16, Duration::from_millis(2)), Duration::from_micros(100));
+        assert_eq!(gather_window(16, Duration::from_millis(2)), Duration::from_micros(250));
     }
 }
