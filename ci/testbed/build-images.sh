@@ -227,6 +227,18 @@ gen_cfg guest-vtpmdom domu.cpio.zst "console=hvc0 quiet role=vtpm" 'vtpm = [ "ba
 # @EXTRA@ (boot number, deep-quote nonce) and writes guest-vtpm.cfg
 gen_cfg guest-vtpm domu.cpio.zst "console=hvc0 quiet role=vtpm @EXTRA@" 'vtpm = [ "backend=0,uuid=@UUID@" ]'
 mv "$D/etc/xen/guest-vtpm.cfg" "$D/etc/xen/guest-vtpm.cfg.in"
+# lifecycle phases (issue 5): xen-configs/guest.cfg verbatim (`xl-vtpm create`, vtpm = [ "backend=0" ],
+# no uuid), only name, kernel, ramdisk and the kernel command line substituted
+GCFG_SRC=$TOP/xen-configs/guest.cfg
+[ -f "$GCFG_SRC" ] || die "$GCFG_SRC missing"
+sed -e 's|^name = .*|name = "life-a"|' \
+    -e "s|^kernel = .*|kernel = \"$KIMG\"|" \
+    -e 's|^ramdisk = .*|ramdisk = "/guest/domu.cpio.zst"|' \
+    -e 's|^extra = .*|extra = "console=hvc0 rootfstype=ramfs quiet role=life hold=1"|' \
+    -e "s|^memory = .*|memory = $GUEST_MEM|" "$GCFG_SRC" > "$D/etc/xen/life-a.cfg"
+for k in 'name = "life-a"' "kernel = \"$KIMG\"" 'ramdisk = "/guest/domu.cpio.zst"' 'role=life hold=1' 'vtpm = [ "backend=0" ]'; do
+  grep -qF "$k" "$D/etc/xen/life-a.cfg" || die "life-a.cfg: no '$k' after substituting $GCFG_SRC"
+done
 mkcpio "$D" "$B/dom0.cpio.gz"
 
 # The raw guest vmlinux (66 MB) goes in a second, uncompressed cpio segment

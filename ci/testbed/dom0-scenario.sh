@@ -9,6 +9,7 @@
 #                        (`xl-vtpm vtpm create --listen xen:...`), guest boot + reboot + destroy;
 #                        domain: the old unikernel vTPM-domain experiment; 0: skip
 #   xvtpm_vtpm_ready=RE  (domain mode) console regex that says the vTPM domain watches backend/vtpm
+#   xvtpm_life=1|0       lifecycle phases (issue 5: xl-vtpm create/watch/reboot/refuse/mgr restart) (1)
 #   xvtpm_deadline=S     dom0 uptime by which every wait gives up (run.sh: budget - margin)
 export PATH=/usr/lib/xen-4.17/bin:/bin:/sbin:/usr/bin:/usr/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
@@ -35,7 +36,7 @@ tmo() { _l=$(( DEADLINE - $(upi) )); [ $_l -lt 1 ] && _l=1; [ $1 -lt $_l ] && ec
 # wait_until SECONDS CMD...: poll every 0.2 s until CMD succeeds; deadline on dom0 uptime
 wait_until() {
   _end=$(( $(upi) + $(tmo $1) )); shift
-  while ! "$@" >/dev/null 2>&1; do [ "$(upi)" -ge $_end ] && return 1; sleep 0.2; done
+  while ! "$@" >/dev/null 2>&1; do [ "$(upi)" -ge $_end ] && return 1; sleep ${WU_SLEEP:-0.2}; done
 }
 clog() { echo /var/log/xen/console/guest-$1.log; }
 console_has() { grep -qE "$2" "$(clog "$1")" 2>/dev/null; }
@@ -342,6 +343,362 @@ else
   fi
 fi
 
+############ (e2) lifecycle (issue 5): xl-vtpm create of xen-configs/guest.cfg, `xl-vtpm watch`
+# couples the vTPM process to the guest. One RESULT per step:
+#   life-watch       `xl-vtpm watch` runs in the background (@releaseDomain)
+#   life-create      `xl-vtpm create /etc/xen/life-a.cfg` (vtpm = [ "backend=0" ], no uuid): list --json
+#                    says running with a vtpm_pid; the guest writes 0x81000010 + NV on the fresh vTPM
+#   life-xl-destroy  plain `xl destroy`: the watcher stops the vTPM process within 2 s; list says stopped
+#   life-recreate    the same config again: same vTPM UUID, 0x81000010 + NV still there, same EK
+#   life-reboot      `xl-vtpm reboot`: same vTPM pid, state kept, PCR 16 reset, registry domid follows
+#   life-refuse-b    guest B with vtpm = [ "backend=0,uuid=<A's vTPM>" ] is refused naming life-a;
+#                    no domain, `xl-vtpm list` unchanged
+#   life-mgr-restart vtpmmgr SIGTERM + restart; `xl-vtpm destroy` + `xl-vtpm create` of A: the vTPM
+#                    comes back on the new manager, state kept, same EK (INFO: the running pair right
+#                    after the restart, getrandom + deep quote from the guest)
+#   life-registry    `xl-vtpm registry check` clean with A running and after `xl-vtpm destroy`; the
+#                    watcher is stopped
+# Timestamps: watch.log lines and the INFO timeline lines carry the Xen wallclock (the clock of
+# vtpm.log's UTC timestamps).
+LIFE_MODE=$(arg xvtpm_life); LIFE_MODE=${LIFE_MODE:-1}
+LCFG0=/etc/xen/life-a.cfg; LCFG=$LCFG0
+WATCH_PID=""; LUUID=""; LPID=""; LEK=""; LOFF=0; LGUEST_UUID=""; LVLOG=/dev/null
+WLOG=/var/log/xvtpm/watch.log
+# pid_up PID: the process exists and is not a zombie (no forks: the destroy timing polls it)
+pid_up() { [ -n "$1" ] && [ -e /proc/$1/stat ] && read -r _st 2>/dev/null < /proc/$1/stat || return 1; case $_st in *") Z "*) return 1 ;; esac; return 0; }
+pid_down() { ! pid_up "$1"; }
+lines_of() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
+# lcon NAME OFF: guest console after line OFF (this boot only)
+lcon() { tail -n +$(( $2 + 1 )) "$(clog $1)" 2>/dev/null | tr -d '\r'; }
+lcon_has() { lcon "$1" "$2" | grep -qE "$3"; }
+ms_up() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%d", (b-a)*1000}'; }
+# wallt: Xen wallclock as "EPOCH.us (HH:MM:SS UTC)", comparable with vtpm.log
+wallt() { _w=$(wall); echo "$_w ($(date -u -d @${_w%.*} +%T 2>/dev/null) UTC)"; }
+past_deadline() { [ "$(upi)" -ge "$DEADLINE" ]; }
+# life_row NAME: the pair of NAME from `xl-vtpm list --json`, one line; jf FIELD: a value from it
+life_row() { timeout $(tmo 30) xl-vtpm list --json 2>/dev/null | tr -d ' \n' | sed 's/},{/}\n{/g' | grep "\"guest_name\":\"$1\""; }
+jf() { sed -n "s/.*\"$1\":\"\{0,1\}\([^\",}]*\).*/\1/p" | head -n1; }
+life_list() { timeout $(tmo 30) xl-vtpm list 2>&1 | sed "s/^/[xl-vtpm list] /"; }
+life_state() { [ "$(life_row $1 | jf state)" = "$2" ]; }
+a_running() { xl domid life-a >/dev/null 2>&1; }
+# life_guest OFF TAG fresh|kept: wait for the boot's GUEST-DONE, echo its checks; sets lerr and LEK_NOW
+life_guest() {
+  _o=$1; _t=$2; _s=$3; lerr=""; LEK_NOW=""
+  WU_SLEEP=1 wait_until 240 lcon_has life-a $_o '^GUEST-DONE' || lerr="no-GUEST-DONE"
+  lcon life-a $_o | sed -n "s|^GUEST-CHECK |CHECK life-a/$_t |p"
+  if [ $_s = fresh ]; then _want="tpm0 startup getrandom pcr16-reset ek persistent nv-write"
+  else _want="tpm0 startup getrandom pcr16-reset ek persistent-kept nv-kept"; fi
+  for c in $_want; do lcon life-a $_o | grep -qE "^GUEST-CHECK $c PASS" || lerr="$lerr $c"; done
+  lcon life-a $_o | grep -q '^GUEST-DONE .*result=ok' || lerr="$lerr guest-result"
+  _got=$(lcon life-a $_o | sed -n 's/^GUEST-LIFE state=//p' | head -n1)
+  [ "$_got" = $_s ] || lerr="$lerr vtpm-state-${_got:-none}(want-$_s)"
+  LEK_NOW=$(lcon life-a $_o | sed -n 's/^GUEST-EKHASH //p' | head -n1)
+  lcon life-a $_o | grep -E '^GUEST-(UP|LIFE|DONE|DMESG)|GUEST-CHECK tpm0 FAIL|panic|Oops' | sed "s/^/[life-a $_t] /"
+  [ -n "$lerr" ] && lcon life-a $_o | tail -n 15 | sed "s/^/[life-a $_t console] /"
+}
+ek_check() {  # TAG
+  if [ -n "$LEK" ] && [ "$LEK" = "$LEK_NOW" ]; then echo "CHECK dom0 life-ek-stable PASS $1: EK sha256 $(echo $LEK | cut -c1-16)..."
+  else echo "CHECK dom0 life-ek-stable FAIL $1: first=${LEK:-none} now=${LEK_NOW:-none}"; err="$err ek-changed"; fi
+}
+# life_create CFG TAG: xl-vtpm create; sets lrc, LROW and LUUID_NOW/LPID_NOW from the registry
+life_create() {
+  LOFF=$(lines_of "$(clog life-a)")
+  _t0=$(up)
+  NO_COLOR=1 timeout $(tmo 150) xl-vtpm create "$1" > /tmp/xl-life-$2.out 2>&1; lrc=$?
+  echo "xl-vtpm create $1 ($2): rc=$lrc in $(s_between $_t0 $(up)) s"
+  sed "s/^/[xl-vtpm create $2] /" /tmp/xl-life-$2.out | tail -n 20
+  LROW=$(life_row life-a); LUUID_NOW=$(echo "$LROW" | jf vtpm_uuid); LPID_NOW=$(echo "$LROW" | jf vtpm_pid)
+  echo "registry: life-a state=$(echo "$LROW" | jf state) domid=$(echo "$LROW" | jf guest_running_domid) vtpm=$LUUID_NOW vtpm_pid=$LPID_NOW"
+}
+# life_cmd N CMD TIMEOUT: run CMD in the held guest (xenstore data/xvtpm-cmd); echo its GUEST-CMD line
+life_cmd() {
+  _d=$(xl domid life-a 2>/dev/null) || { echo "no life-a domain"; return 1; }
+  xenstore-write /local/domain/$_d/data/xvtpm-cmd "$1:$2" || { echo "xenstore-write failed"; return 1; }
+  WU_SLEEP=1 wait_until $3 lcon_has life-a $LOFF "^GUEST-CMD $1 " || { echo "no answer within $3 s"; return 1; }
+  _l=$(lcon life-a $LOFF | grep "^GUEST-CMD $1 " | head -n1); echo "$_l"
+  echo "$_l" | grep -q "^GUEST-CMD $1 [a-z]* PASS"
+}
+# life_stop_a: leave no life-a domain and no running pair (after a failed step)
+life_stop_a() {
+  if a_running || ! life_state life-a stopped; then
+    echo "life: cleaning up life-a (domain: $(xl domid life-a 2>/dev/null || echo none), pair: $(life_row life-a | jf state))"
+    NO_COLOR=1 timeout $(tmo 60) xl-vtpm destroy life-a 2>&1 | sed 's/^/[xl-vtpm destroy (cleanup)] /'
+    a_running && timeout $(tmo 60) xl destroy life-a
+  fi
+  pid_up $LPID && { echo "life: killing leftover vTPM pid $LPID"; kill $LPID; }
+}
+
+if [ "$LIFE_MODE" = 0 ] || [ "$VTPM_MODE" != dom0 ]; then
+  why="disabled (XVTPM_TESTBED_LIFE=0)"; [ "$LIFE_MODE" = 0 ] || why="needs XVTPM_TESTBED_VTPM=dom0"
+  for p in life-watch life-create life-xl-destroy life-recreate life-reboot life-refuse-b life-mgr-restart life-registry; do result $p SKIPPED "$why"; done
+else
+  ##### life-watch
+  ph=life-watch; err=""
+  if [ -z "$MGR_PID" ] || ! grep -q '"provisioned": *true' /tmp/status.json 2>/dev/null; then err="needs a provisioned vtpmmgr (mgr phases)"
+  elif [ ! -x /usr/bin/xl-vtpm ] || [ ! -x /usr/bin/vtpm-domain ]; then err="xl-vtpm or vtpm-domain not built"
+  elif [ ! -f $LCFG0 ]; then err="$LCFG0 missing (build-images.sh)"
+  else
+    # the earlier phases' standalone vTPM (`xl-vtpm vtpm create`, stopped by vtpm-destroy) is no pair:
+    # drop its identity so that `registry check` at the end speaks about the lifecycle pairs only
+    if [ -n "$VTPM_UUID" ] && vtpm_exited; then
+      timeout $(tmo 30) xl-vtpm mgr vtpm del $VTPM_UUID --yes 2>&1 | sed 's/^/[mgr vtpm del] /'
+    fi
+    grep -vE '^ *(#|$)' $LCFG0 | sed 's/^/[life-a.cfg] /'
+    # the watcher's lines get the Xen wallclock in front
+    ( XVTPM_LOG=info NO_COLOR=1 xl-vtpm watch 2>&1 & echo $! > /run/xvtpm-watch.pid; wait ) |
+      while IFS= read -r l; do echo "[$(wall)] $l"; done > $WLOG &
+    wait_until 10 test -s /run/xvtpm-watch.pid; WATCH_PID=$(cat /run/xvtpm-watch.pid 2>/dev/null)
+    watch_settled() { grep -q watching $WLOG || pid_down $WATCH_PID; }
+    wait_until 20 watch_settled || true
+    if grep -q '"watching":"@releaseDomain"' $WLOG && pid_up $WATCH_PID; then :
+    else err="xl-vtpm watch not watching within 20 s (alive: $(pid_up $WATCH_PID && echo yes || echo no)): $(tail -n 3 $WLOG | tr '\n' ' ')"; fi
+  fi
+  if [ -z "$err" ]; then result $ph PASS "xl-vtpm watch (pid $WATCH_PID) watching @releaseDomain"
+  else result $ph FAIL "$err"; fi
+
+  ##### life-create: xl-vtpm create of the verbatim guest config; a fresh vTPM; the guest writes state
+  ph=life-create; err=""
+  if [ -z "$WATCH_PID" ]; then result $ph SKIPPED "life-watch failed"
+  else
+    life_create $LCFG create1
+    LUUID=$LUUID_NOW; LPID=$LPID_NOW; LGUEST_UUID=$(echo "$LROW" | jf guest_uuid)
+    LVLOG=/var/lib/xvtpm/vtpms/$LUUID/vtpm.log
+    if [ $lrc != 0 ]; then err="xl-vtpm create exited $lrc: $(tail -n 3 /tmp/xl-life-create1.out | tr '\n' ' ')"
+    elif ! echo "$LROW" | grep -q '"state":"running"'; then err="xl-vtpm list --json: life-a not running: $LROW"
+    elif ! echo "$LPID" | grep -qE '^[0-9]+$' || ! pid_up $LPID; then err="xl-vtpm list --json: no live vtpm_pid ($LPID)"
+    elif ! echo "$LROW" | jf guest_running_domid | grep -qE '^[0-9]+$'; then err="xl-vtpm list --json: no guest_running_domid"
+    else
+      echo "CHECK dom0 life-list-running PASS life-a domid $(echo "$LROW" | jf guest_running_domid), vTPM $LUUID pid $LPID"
+      life_guest $LOFF create1 fresh
+      LEK=$LEK_NOW
+      [ -n "$lerr" ] && err="guest checks failed:$lerr"
+    fi
+    if [ -z "$err" ]; then result $ph PASS "life-a with vTPM $LUUID (pid $LPID, allocated by xl-vtpm); 0x81000010 + NV written"
+    else result $ph FAIL "$err"; fi
+  fi
+
+  ##### life-xl-destroy: plain xl; the watcher takes the vTPM with it
+  ph=life-xl-destroy; err=""
+  if [ -z "$LUUID" ] || ! a_running; then result $ph SKIPPED "no running life-a (life-create failed)"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    _d=$(xl domid life-a)
+    echo "INFO life timeline xl-destroy-start $(wallt)"
+    t0=$(up)
+    timeout $(tmo 60) xl destroy life-a || err="$err xl-destroy-rc=$?"
+    t1=$(up)
+    _end=$(( $(upi) + $(tmo 10) ))
+    while pid_up $LPID && [ "$(upi)" -lt $_end ]; do sleep 0.05; done
+    t2=$(up)
+    echo "INFO life timeline vtpm-gone $(wallt)"
+    if pid_up $LPID; then
+      echo "CHECK dom0 life-vtpm-gone FAIL vTPM pid $LPID still alive $(s_between $t1 $t2) s after xl destroy returned"
+      err="$err vtpm-process-still-running-after-10s"
+    else
+      gone_ms=$(ms_up $t1 $t2)
+      echo "PERF life-destroy-to-vtpm-gone-ms=$gone_ms (xl destroy returned -> vTPM pid $LPID gone; $(ms_up $t0 $t2) ms from the start of xl destroy, which took $(ms_up $t0 $t1) ms)"
+      if [ $gone_ms -le 2000 ]; then echo "CHECK dom0 life-vtpm-gone PASS ${gone_ms} ms after xl destroy (limit 2000)"
+      else echo "CHECK dom0 life-vtpm-gone FAIL ${gone_ms} ms after xl destroy (limit 2000)"; err="$err vtpm-gone-after-${gone_ms}ms(limit-2000)"; fi
+    fi
+    if wait_until 10 life_state life-a stopped; then
+      _row=$(life_row life-a)
+      if [ "$(echo "$_row" | jf vtpm_pid)" = null ]; then echo "CHECK dom0 life-list-stopped PASS state stopped, vtpm_pid null"
+      else echo "CHECK dom0 life-list-stopped FAIL vtpm_pid $(echo "$_row" | jf vtpm_pid)"; err="$err list-vtpm-pid"; fi
+    else echo "CHECK dom0 life-list-stopped FAIL $(life_row life-a)"; err="$err list-not-stopped"; fi
+    life_list
+    tail -n 3 $WLOG | sed 's/^/[watch.log] /'
+    tail -n 4 $LVLOG | sed 's/^/[vtpm-life-a.log] /'
+    if [ -z "$err" ]; then result $ph PASS "xl destroy (domid $_d): vTPM process gone ${gone_ms} ms later (watcher), pair stopped"
+    else result $ph FAIL "$err"; fi
+    pid_up $LPID && { echo "life: killing leftover vTPM pid $LPID"; kill $LPID; }
+  fi
+
+  ##### life-recreate: the same (verbatim, uuid-less) config again: same vTPM, state kept
+  ph=life-recreate; err=""
+  if [ -z "$LUUID" ]; then result $ph SKIPPED "no vTPM (life-create failed)"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    life_stop_a
+    life_create $LCFG recreate
+    if [ $lrc != 0 ]; then
+      err="xl-vtpm create of the unchanged $LCFG0 exited $lrc: $(tail -n 3 /tmp/xl-life-recreate.out | tr '\n' ' ')"
+      # go on with the guest's recorded uuid, so the later steps still say something
+      if [ -n "$LGUEST_UUID" ]; then
+        LCFG=/etc/xen/life-a-uuid.cfg
+        sed "s|^# uuid = .*|uuid = \"$LGUEST_UUID\"|" $LCFG0 > $LCFG
+        echo "life-recreate: retrying with $LCFG ($(grep '^uuid' $LCFG)); the later steps use it"
+        life_create $LCFG recreate-uuid
+        [ $lrc = 0 ] || err="$err; with uuid = $LGUEST_UUID too (rc $lrc)"
+      fi
+    fi
+    if [ $lrc = 0 ]; then
+      [ "$LUUID_NOW" = "$LUUID" ] && echo "CHECK dom0 life-same-vtpm PASS $LUUID" || { echo "CHECK dom0 life-same-vtpm FAIL now ${LUUID_NOW:-none}, first create $LUUID"; err="$err other-vtpm-uuid"; }
+      pid_up $LPID_NOW || err="$err no-live-vtpm-pid"
+      LPID=$LPID_NOW
+      life_guest $LOFF recreate kept
+      [ -n "$lerr" ] && err="$err guest checks failed:$lerr"
+      ek_check recreate
+    fi
+    if [ -z "$err" ]; then result $ph PASS "same vTPM $LUUID (new pid $LPID), 0x81000010 + NV kept, same EK"
+    else result $ph FAIL "$err"; fi
+  fi
+
+  ##### life-reboot: xl-vtpm reboot; the vTPM process stays
+  ph=life-reboot; err=""
+  if ! a_running; then result $ph SKIPPED "no running life-a (life-recreate failed)"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    _d0=$(xl domid life-a); _d1=""; LOFF=$(lines_of "$(clog life-a)")
+    echo "INFO life timeline xl-vtpm-reboot $(wallt)"
+    t0=$(up)
+    timeout $(tmo 60) xl-vtpm reboot life-a > /tmp/xl-life-reboot.out 2>&1 || err="$err xl-vtpm-reboot-rc=$?"
+    sed 's/^/[xl-vtpm reboot] /' /tmp/xl-life-reboot.out | tail -n 5
+    rebooted() { _n=$(xl domid life-a 2>/dev/null) && [ "$_n" != "$_d0" ]; }
+    if wait_until 120 rebooted; then
+      _d1=$(xl domid life-a)
+      echo "INFO life timeline new-domid-$_d1-seen $(wallt)"
+      echo "life-a rebooted: domid $_d0 -> $_d1 after $(s_between $t0 $(up)) s"
+      if pid_up $LPID; then echo "CHECK dom0 life-vtpm-kept PASS vTPM pid $LPID alive after the reboot"
+      else echo "CHECK dom0 life-vtpm-kept FAIL vTPM pid $LPID is gone (the watcher stopped it?)"; err="$err vtpm-process-stopped"; fi
+      tail -n 4 $WLOG | sed 's/^/[watch.log] /'
+      grep -E 'DomId\(('$_d0'|'$_d1')\)|signal|shutting' $LVLOG | tail -n 8 | sed 's/^/[vtpm-life-a.log] /'
+      if [ -z "$err" ]; then
+        life_guest $LOFF reboot kept
+        [ -n "$lerr" ] && err="$err guest checks failed:$lerr"
+        ek_check reboot
+        [ "$(life_row life-a | jf vtpm_pid)" = "$LPID" ] || { echo "CHECK dom0 life-vtpm-kept FAIL registry vtpm_pid $(life_row life-a | jf vtpm_pid), want $LPID"; err="$err registry-vtpm-pid"; }
+        regdomid() { [ "$(life_row life-a | jf guest_domid)" = "$_d1" ]; }
+        if wait_until 15 regdomid; then echo "CHECK dom0 life-registry-domid PASS guest_domid $_d1"
+        else echo "CHECK dom0 life-registry-domid FAIL registry guest_domid $(life_row life-a | jf guest_domid), running $_d1"; err="$err registry-domid"; fi
+      else
+        sleep 5; echo "life-a 5 s later: domid $(xl domid life-a 2>&1)"
+        lcon life-a $LOFF | grep -E 'GUEST-|tpm|vtpm|xenbus' | tail -n 10 | sed "s/^/[life-a reboot console] /"
+        tail -n 25 /var/log/xen/xl-life-a.log 2>/dev/null | sed 's/^/[xl-life-a.log] /'
+      fi
+    else err="$err no-new-domain-in-120s"; fi
+    life_list
+    if [ -n "$err" ] && ! past_deadline; then
+      # bring the pair back (no verdict on it; its time counts here) so the next steps test what they are for
+      echo "life: recovering life-a for the next steps (xl-vtpm destroy + create)"
+      life_stop_a; life_create $LCFG reboot-recover
+      if [ $lrc = 0 ]; then LPID=$LPID_NOW; life_guest $LOFF reboot-recover kept; echo "INFO life recovered: vTPM pid $LPID, guest checks: ${lerr:-all PASS}"; fi
+    fi
+    if [ -z "$err" ]; then result $ph PASS "domid $_d0 -> $_d1, vTPM pid $LPID kept, 0x81000010 + NV kept, PCR16 reset, same EK"
+    else result $ph FAIL "$err"; fi
+  fi
+
+  ##### life-refuse-b: guest B naming A's vTPM is refused, nothing half-created
+  ph=life-refuse-b; err=""
+  if [ -z "$LUUID" ]; then result $ph SKIPPED "no vTPM (life-create failed)"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    sed -e 's|^name = .*|name = "life-b"|' -e "s|^vtpm = .*|vtpm = [ \"backend=0,uuid=$LUUID\" ]|" $LCFG0 > /etc/xen/life-b.cfg
+    grep -E '^(name|vtpm|uuid)' /etc/xen/life-b.cfg | sed 's/^/[life-b.cfg] /'
+    _a_state() { echo "domain $(xl domid life-a 2>/dev/null || echo none), vTPM pid $LPID $(pid_up $LPID && echo up || echo down)"; }
+    _ab=$(_a_state)
+    timeout $(tmo 30) xl-vtpm list --json > /tmp/life-list-before.json 2>&1
+    NO_COLOR=1 timeout $(tmo 120) xl-vtpm create /etc/xen/life-b.cfg > /tmp/xl-life-b.out 2>&1; rc=$?
+    sed 's/^/[xl-vtpm create life-b] /' /tmp/xl-life-b.out | tail -n 10
+    timeout $(tmo 30) xl-vtpm list --json > /tmp/life-list-after.json 2>&1
+    [ $rc = 6 ] && echo "CHECK dom0 life-b-refused PASS exit 6 (refused)" || { echo "CHECK dom0 life-b-refused FAIL exit $rc (want 6)"; err="$err exit-$rc"; }
+    grep -q 'life-a' /tmp/xl-life-b.out && echo "CHECK dom0 life-b-names-owner PASS the error names life-a" || { echo "CHECK dom0 life-b-names-owner FAIL"; err="$err error-does-not-name-life-a"; }
+    xl domid life-b >/dev/null 2>&1 && { err="$err life-b-domain-exists"; timeout $(tmo 60) xl destroy life-b; }
+    if cmp -s /tmp/life-list-before.json /tmp/life-list-after.json && grep -q life-a /tmp/life-list-after.json; then
+      echo "CHECK dom0 life-b-nothing-left PASS no life-b domain, xl-vtpm list --json unchanged"
+    else echo "CHECK dom0 life-b-nothing-left FAIL xl-vtpm list changed:"; diff /tmp/life-list-before.json /tmp/life-list-after.json | head -n 20; err="$err xl-vtpm-list-changed"; fi
+    _aa=$(_a_state)
+    [ "$_ab" = "$_aa" ] && echo "CHECK dom0 life-a-untouched PASS $_aa" || { echo "CHECK dom0 life-a-untouched FAIL before: $_ab; after: $_aa"; err="$err life-a-changed"; }
+    if [ -z "$err" ]; then result $ph PASS "xl-vtpm create life-b refused (exit 6, names life-a); nothing created; life-a: $_aa"
+    else result $ph FAIL "$err"; fi
+  fi
+
+  ##### life-mgr-restart: manager SIGTERM + restart; A's vTPM stop/start on the new manager
+  ph=life-mgr-restart; err=""
+  if [ -z "$LUUID" ] || [ -z "$MGR_PID" ]; then result $ph SKIPPED "no vTPM or no manager"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    _ar=""; a_running && pid_up $LPID && _ar=1
+    [ -z "$_ar" ] && { echo "life-a is not running with its vTPM (an earlier step failed): restart the manager, then create it"; life_stop_a; }
+    kill $MGR_PID
+    if wait_until 20 pid_down $MGR_PID; then echo "vtpmmgr (pid $MGR_PID) exited on SIGTERM"
+    else err="$err vtpmmgr-did-not-exit"; kill -9 $MGR_PID; fi
+    [ -n "$_ar" ] && echo "INFO life vtpm-after-mgr-exit pid $LPID alive=$(pid_up $LPID && echo yes || echo no)"
+    XVTPM_LOG=${XVTPM_LOG:-info} vtpmmgr --tcti device:/dev/tpmrm0 --state-dir /var/lib/xvtpm --run-dir /run/xvtpm serve \
+        > /var/log/xvtpm/vtpmmgr-2.log 2>&1 &
+    MGR_PID=$!
+    mgr2_settled() { grep -q '"ready":true' /var/log/xvtpm/vtpmmgr-2.log || pid_down $MGR_PID; }
+    wait_until 120 mgr2_settled
+    if grep -q '"ready":true' /var/log/xvtpm/vtpmmgr-2.log && pid_up $MGR_PID; then
+      echo "vtpmmgr restarted (pid $MGR_PID)"
+      if [ -n "$_ar" ]; then
+        # the running pair, untouched (informational: this step restarts the vTPM below)
+        echo "INFO life vtpm-after-mgr-restart pid $LPID alive=$(pid_up $LPID && echo yes || echo no)"
+        echo "INFO life live-getrandom-after-mgr-restart $(life_cmd 1 getrandom 60 | tail -n1)"
+        echo "INFO life live-deepquote-after-mgr-restart $(life_cmd 2 deepquote:$(head -c 16 /dev/urandom | xxd -p) 60 | tail -n1)"
+        t0=$(up)
+        NO_COLOR=1 timeout $(tmo 60) xl-vtpm destroy life-a > /tmp/xl-life-destroy2.out 2>&1; rc=$?
+        sed 's/^/[xl-vtpm destroy] /' /tmp/xl-life-destroy2.out | tail -n 10
+        echo "xl-vtpm destroy life-a: rc=$rc in $(s_between $t0 $(up)) s"
+        [ $rc = 0 ] || err="$err xl-vtpm-destroy-exit-$rc"
+        wait_until 30 domain_gone life-a || err="$err guest-still-there"
+        wait_until 10 pid_down $LPID || { err="$err vtpm-pid-$LPID-still-alive"; kill -9 $LPID; }
+        wait_until 10 life_state life-a stopped || err="$err pair-not-stopped($(life_row life-a | jf state))"
+      fi
+      life_create $LCFG create3
+      if [ $lrc != 0 ]; then err="$err xl-vtpm-create-exit-$lrc: $(tail -n 3 /tmp/xl-life-create3.out | tr '\n' ' ')"
+      else
+        [ "$LUUID_NOW" = "$LUUID" ] || err="$err other-vtpm-uuid-$LUUID_NOW"
+        pid_up $LPID_NOW || err="$err no-live-vtpm-pid"
+        echo "vTPM $LUUID_NOW: pid $LPID -> $LPID_NOW on the restarted manager"
+        LPID=$LPID_NOW
+        life_guest $LOFF mgr-restart kept
+        [ -n "$lerr" ] && err="$err guest checks failed:$lerr"
+        ek_check mgr-restart
+      fi
+    else
+      tail -n 20 /var/log/xvtpm/vtpmmgr-2.log | sed 's/^/[vtpmmgr-2] /'
+      err="$err vtpmmgr-not-ready-after-restart"; MGR_PID=""
+    fi
+    life_list
+    if [ -z "$err" ]; then result $ph PASS "vtpmmgr restarted; A's vTPM restarted on it (pid $LPID): getrandom, 0x81000010 + NV kept, same EK"
+    else result $ph FAIL "$err"; fi
+  fi
+
+  ##### life-registry: registry check clean with A running and after xl-vtpm destroy; watcher stopped
+  ph=life-registry; err=""
+  if [ -z "$WATCH_PID" ]; then result $ph SKIPPED "life-watch failed"
+  elif [ -z "$MGR_PID" ]; then result $ph FAIL "no manager for xl-vtpm (see life-mgr-restart)"
+  else
+    if a_running; then
+      timeout $(tmo 60) xl-vtpm registry check > /tmp/life-check1.out 2>&1; rc=$?
+      sed 's/^/[registry check, life-a running] /' /tmp/life-check1.out
+      [ $rc = 0 ] && grep -q 'registry matches what runs' /tmp/life-check1.out || err="$err drift-with-life-a-running(rc=$rc)"
+      t0=$(up)
+      NO_COLOR=1 timeout $(tmo 60) xl-vtpm destroy life-a > /tmp/xl-life-destroy3.out 2>&1; rc=$?
+      sed 's/^/[xl-vtpm destroy] /' /tmp/xl-life-destroy3.out | tail -n 10
+      [ $rc = 0 ] || err="$err xl-vtpm-destroy-exit-$rc"
+      wait_until 30 domain_gone life-a || err="$err guest-still-there"
+      pid_up $LPID && err="$err vtpm-pid-$LPID-alive-after-xl-vtpm-destroy"
+      life_state life-a stopped || err="$err pair-not-stopped"
+      echo "xl-vtpm destroy life-a: rc=$rc, guest and vTPM gone after $(s_between $t0 $(up)) s"
+    else echo "life-a is not running (an earlier step failed); checking the registry as it is"; err="$err life-a-not-running"
+    fi
+    timeout $(tmo 60) xl-vtpm registry check > /tmp/life-check2.out 2>&1; rc=$?
+    sed 's/^/[registry check, end] /' /tmp/life-check2.out
+    [ $rc = 0 ] && grep -q 'registry matches what runs' /tmp/life-check2.out || err="$err drift-at-end(rc=$rc)"
+    life_list
+    kill $WATCH_PID
+    wait_until 10 pid_down $WATCH_PID || { err="$err watcher-did-not-exit"; kill -9 $WATCH_PID; }
+    tail -n 20 $WLOG | sed 's/^/[watch.log] /'
+    if [ -z "$err" ]; then result $ph PASS "registry check: no drift (life-a running, and after xl-vtpm destroy); watcher stopped"
+    else result $ph FAIL "$err"; fi
+  fi
+  # nothing of the lifecycle may outlive it (teardown then checks there is no domU left)
+  for d in life-a life-b; do xl domid $d >/dev/null 2>&1 && timeout $(tmo 60) xl destroy $d; done
+  pid_up $LPID && { echo "life: stopping leftover vTPM pid $LPID"; kill $LPID; }
+  pid_up $WATCH_PID && kill -9 $WATCH_PID
+fi
+
 ############ (f) teardown
 ph=teardown; err=""
 if [ -n "$VTPM_PID" ] && ! vtpm_exited; then err="$err vtpm-domain-left-running"; timeout 30 xl-vtpm vtpm stop $VTPM_UUID; fi
@@ -356,9 +713,15 @@ if [ -z "$err" ]; then result $ph PASS "all domUs gone, daemons stopped"; else r
 
 # logs for run.sh (saved as ci/out/runs/<stamp>/dom0/<name>.log; printed on failure)
 n=300; [ $NFAIL = 0 ] || n=400
+# the lifecycle's logs first (the budget may cut the dump short)
+dump_log watch /var/log/xvtpm/watch.log $n
+[ -n "$LUUID" ] && dump_log vtpm-life-a $LVLOG $n
 [ -n "$VLOG" ] && dump_log vtpm "$VLOG" $n
-for f in /var/log/xen/console/guest-*.log; do [ -f "$f" ] && _b=$(basename $f .log); dump_log "console-${_b#guest-}" "$f" $n; done
+for f in $(ls /var/log/xen/console/guest-life-*.log 2>/dev/null) $(ls /var/log/xen/console/guest-*.log 2>/dev/null | grep -v /guest-life-); do
+  [ -f "$f" ] && _b=$(basename $f .log); dump_log "console-${_b#guest-}" "$f" $n
+done
 dump_log vtpmmgr /var/log/xvtpm/vtpmmgr.log $n
+dump_log vtpmmgr-2 /var/log/xvtpm/vtpmmgr-2.log $n
 for f in /tmp/xl-*.out /tmp/vtpm-create.err; do [ -s "$f" ] && dump_log "$(basename $f)" "$f" 100; done
 [ $NFAIL = 0 ] || { xenstore-ls -f /local/domain > /tmp/xenstore.txt 2>&1; dump_log xenstore /tmp/xenstore.txt 200; }
 

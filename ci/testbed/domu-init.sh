@@ -8,7 +8,13 @@
 #               printed as hex between GUEST-DQ-BEGIN/GUEST-DQ-END
 #     boot=2    the same vTPM after a guest reboot: 0x81000010 and the NV contents are
 #               still there, PCR 16 is reset, same EK
-#   hold=1      do not power off at the end (dom0 xl destroys the guest)
+#   role=life   the lifecycle guest (xl-vtpm create of xen-configs/guest.cfg; the same kernel
+#               command line on every boot): startup, getrandom, PCR 16 reset, hash of the
+#               manufactured EK; then if 0x81000010 is absent (a fresh vTPM) it creates 0x81000010
+#               + the NV index ("GUEST-LIFE state=fresh"), else checks they are there ("state=kept")
+#   hold=1      do not power off at the end (dom0 xl destroys the guest); role=life then
+#               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX"),
+#               answering "GUEST-CMD N <cmd> PASS|FAIL ..." on the console
 #   tpm_wait=S  how long to wait for /dev/tpm0 (90)
 # Every check prints "GUEST-CHECK <name> PASS|FAIL <detail>"; the last line is
 # "GUEST-DONE role=<role> result=ok|fail".  Timing markers carry wall=<Xen wallclock,
@@ -47,7 +53,7 @@ plain)
     echo "GUEST-TPMFRONT loaded up=$(up)"
   else res=fail; echo "GUEST-TPMFRONT insmod failed"; fi
   ;;
-vtpm)
+vtpm|life)
   export TPM2TOOLS_TCTI=device:/dev/tpm0
   echo "GUEST-VTPM frontend: $(xenstore-ls device/vtpm 2>&1 | tr '\n' ' ')"
   for m in $(cat /lib/modules/xen-tpmfront.deps 2>/dev/null || echo xen-tpmfront); do
@@ -73,6 +79,34 @@ vtpm)
     check getrandom PASS "$out"
   else check getrandom FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
 
+  if [ "$role" = life ]; then
+    # the lifecycle guest: the same kernel command line on every boot; a fresh vTPM or one that
+    # kept its state (0x81000010 tells). Few tools: each run costs seconds under TCG.
+    t tpm2_getcap handles-persistent
+    if echo "$out" | grep -qi "$PERSIST"; then st=kept; else st=fresh; fi
+    echo "GUEST-LIFE state=$st"
+    v0=$(pcr16)
+    [ "$v0" = "$PCR_ZERO" ] && check pcr16-reset PASS "PCR16=0" || check pcr16-reset FAIL "PCR16=${v0:-<read failed>} (a new boot must reset the vTPM's PCRs)"
+    cd /tmp
+    # the EK the vTPM was manufactured with (persistent: RSA 0x81010001 or ECC 0x81010002)
+    if t tpm2_readpublic -c 0x81010001 -o ek.pub || t tpm2_readpublic -c 0x81010002 -o ek.pub; then
+      echo "GUEST-EKHASH $(sha256sum ek.pub | cut -c1-64)"; check ek PASS "readpublic of the manufactured EK"
+    else check ek FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    if [ $st = fresh ]; then
+      if t tpm2_createprimary -C o -G ecc -c prim.ctx && t tpm2_evictcontrol -C o -c prim.ctx $PERSIST; then check persistent PASS "evictcontrol -> $PERSIST"
+      else check persistent FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+      printf '%s' "$NV_DATA" > nv.dat
+      if t tpm2_nvdefine $NV_IDX -C o -s 32 -a "ownerread|ownerwrite" && t tpm2_nvwrite $NV_IDX -C o -i nv.dat &&
+         t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out; then
+        cmp -s nv.dat nv.out && check nv-write PASS "$NV_IDX = '$NV_DATA'" || check nv-write FAIL "read back '$(cat nv.out)'"
+      else check nv-write FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    else
+      check persistent-kept PASS "$PERSIST in handles-persistent"
+      if t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out; then
+        [ "$(cat nv.out)" = "$NV_DATA" ] && check nv-kept PASS "$NV_IDX = '$NV_DATA'" || check nv-kept FAIL "read '$(cat nv.out)'"
+      else check nv-kept FAIL "nvread rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    fi
+  else
   # resetCount/restartCount: a new guest boot should be a TPM reset (resetCount + 1)
   t tpm2_readclock && echo "GUEST-INFO clock boot=$boot $(echo "$out" | grep -E 'reset_count|restart_count|safe' | tr -s ' \n' ' ')"
   v0=$(pcr16)
@@ -144,9 +178,31 @@ vtpm)
     else check nv-kept FAIL "nvread rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
     flush
   fi
+  fi  # role=vtpm
   ;;
 esac
 echo "GUEST-DONE role=$role boot=$boot result=$res up=$(up)"
 sync
+if [ "${hold:-0}" = 1 ] && [ "$role" = life ]; then
+  # dom0 writes /local/domain/<domid>/data/xvtpm-cmd = "N:cmd[:arg]"; each new N runs once
+  echo "GUEST-HOLD serving data/xvtpm-cmd"
+  last=""
+  while :; do
+    c=$(xenstore-read data/xvtpm-cmd 2>/dev/null)
+    if [ -n "$c" ] && [ "$c" != "$last" ]; then
+      last=$c; n=${c%%:*}; r=${c#*:}; cmd=${r%%:*}; a=${r#*:}
+      case $cmd in
+        getrandom) t tpm2_getrandom --hex 16 && echo "$out" | grep -qE '^[0-9a-f]{32}$' &&
+                     echo "GUEST-CMD $n getrandom PASS $out" || echo "GUEST-CMD $n getrandom FAIL rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')" ;;
+        deepquote) if TT=120 t xl-vtpm guest deep-quote --tcti device:/dev/tpm0 --nonce "$a" --vpcrs 0-7 --host-pcrs 0-7 --out /tmp/dq-cmd.bin; then
+                     echo "GUEST-CMD $n deepquote PASS $(wc -c < /tmp/dq-cmd.bin) bytes"
+                   else echo "GUEST-CMD $n deepquote FAIL rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi ;;
+        *) echo "GUEST-CMD $n $cmd FAIL unknown command" ;;
+      esac
+      flush
+    fi
+    sleep 1
+  done
+fi
 if [ "${hold:-0}" = 1 ]; then echo "GUEST-HOLD waiting for xl destroy"; exec sleep 100000; fi
 poweroff -f

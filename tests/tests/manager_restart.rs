@@ -42,3 +42,17 @@ fn manager_refuses_to_start_when_host_pcrs_changed() {
     let log = s.mgr_log();
     assert!(log.contains("cannot unseal the master secret") && log.contains("reauthorize"), "{log}");
 }
+
+#[test]
+fn running_vtpms_stay_attached_across_a_manager_restart() {
+    use vtpm_proto::deepquote_cmd::DeepQuoteCommand;
+    let mut s = Stack::start();
+    let v = s.create_vtpm();
+    s.stop_manager();
+    s.start_manager();
+    // The running vTPM's deep quote needs the manager to know its process.
+    let cmd = DeepQuoteCommand { nonce: vec![1; 16], vpcr_alg: 0x000B, vpcrs: vec![0], host_pcrs: vec![0], flags: 0 };
+    let r = raw_command(v.port.unwrap(), &cmd.encode());
+    assert_eq!(rc(&r), 0, "deep quote after manager restart: {:#x}\n{}", rc(&r), s.mgr_log());
+    assert!(s.mgr_log().contains("re-attached running vTPM processes"));
+}

@@ -68,6 +68,12 @@ impl Config {
     pub fn admin_socket(&self) -> PathBuf {
         self.run_dir.join("admin.sock")
     }
+    /// Process attachments, kept in the runtime directory (tmpfs: gone at
+    /// host reboot, with the processes) so a manager restart does not orphan
+    /// running vTPMs.
+    pub fn attachments_path(&self) -> PathBuf {
+        self.run_dir.join("attachments.json")
+    }
     /// The per-vTPM socket of `uuid`.
     pub fn vtpm_socket(&self, uuid: &Uuid) -> PathBuf {
         vtpm_socket(&self.run_dir, uuid)
@@ -147,7 +153,8 @@ impl Manager {
             warn!("manager is not provisioned; it serves no vTPM until `xl-vtpm mgr provision`");
         }
         let hw = std::sync::Arc::new(std::sync::Mutex::new(hw));
-        Ok(Manager { cfg, hw, store, master, attached: HashMap::new(), attached_domains: HashMap::new(), software_tpm, stats: Default::default() })
+        let attached = load_attachments(&cfg.attachments_path());
+        Ok(Manager { cfg, hw, store, master, attached, attached_domains: HashMap::new(), software_tpm, stats: Default::default() })
     }
 
     /// The configuration.
@@ -393,6 +400,7 @@ impl Manager {
                 }
                 self.store.vtpms.retain(|v| v.uuid != uuid);
                 self.attached.remove(&uuid);
+                self.save_attachments();
                 self.attached_domains.remove(&uuid);
                 self.save()?;
                 info!(vtpm = %uuid, "vTPM identity deleted");
@@ -405,6 +413,7 @@ impl Manager {
                         return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} is already served by process {old}; stop it first")));
                     }
                 self.attached.insert(uuid, pid);
+                self.save_attachments();
                 info!(vtpm = %uuid, pid, "process attached");
                 AdminReply::Ok
             }
@@ -431,6 +440,7 @@ impl Manager {
             }
             AdminRequest::VtpmDetach { uuid } => {
                 self.attached.remove(&uuid);
+                self.save_attachments();
                 if let Some(domid) = self.attached_domains.remove(&uuid) {
                     info!(vtpm = %uuid, domid, "domain detached");
                 }
@@ -460,6 +470,40 @@ impl Manager {
         self.master = Some(master);
         info!(pcrs = ?pcrs, "manager provisioned");
         Ok(AdminReply::Status(self.status()))
+    }
+}
+
+/// A process's start time (clock ticks since boot, /proc/PID/stat field 22):
+/// with the pid it names one process for good, so a recycled pid is not
+/// mistaken for the attached vTPM.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn load_attachments(path: &Path) -> HashMap<Uuid, u32> {
+    let Ok(bytes) = std::fs::read(path) else { return HashMap::new() };
+    let saved: Vec<(Uuid, u32, u64)> = serde_json::from_slice(&bytes).unwrap_or_default();
+    let kept: HashMap<Uuid, u32> = saved
+        .into_iter()
+        .filter(|(_, pid, started)| pid_alive(*pid) && start_time(*pid) == Some(*started))
+        .map(|(u, p, _)| (u, p))
+        .collect();
+    if !kept.is_empty() {
+        info!(count = kept.len(), "re-attached running vTPM processes after restart");
+    }
+    kept
+}
+
+impl Manager {
+    fn save_attachments(&self) {
+        let list: Vec<(Uuid, u32, u64)> =
+            self.attached.iter().filter_map(|(u, p)| Some((*u, *p, start_time(*p)?))).collect();
+        let bytes = serde_json::to_vec(&list).expect("serialisable");
+        if let Err(e) = xvtpm_fsutil::write_atomic(&self.cfg.attachments_path(), &bytes, 0o600) {
+            warn!(error = %e, "could not record vTPM attachments; a manager restart will need them re-attached");
+        }
     }
 }
 

@@ -125,6 +125,15 @@ enum RegistryCmd {
         #[arg(long)]
         repair: bool,
     },
+    /// Forget a stopped guest ⇄ vTPM pair (the vTPM identity stays in the manager;
+    /// delete it with `xl-vtpm mgr vtpm del`).
+    Remove {
+        /// Guest name.
+        name: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -424,6 +433,10 @@ fn run(args: Args) -> Result<(), CliError> {
             } else {
                 report.iter().for_each(|l| println!("{l}"));
             }
+        }
+        Cmd::Registry(RegistryCmd::Remove { name, yes }) => {
+            confirm(yes, &format!("Forget guest {name}'s binding to its vTPM"))?;
+            xen.forget(&name)?;
         }
         Cmd::LibvirtHook { args: hook_args } => return run_libvirt_hook(&xen, &mut admin, &hook_args),
         Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::List)) => {

@@ -14,9 +14,10 @@
 //! `vtpm-<guest>` with domid 0.
 //!
 //! `xl-vtpm watch` couples lifetimes: on every `@releaseDomain` it looks for
-//! running pairs whose guest is gone; a guest that reappears under the same
-//! name within [`REBOOT_GRACE`] was rebooted by xl and keeps its vTPM,
-//! otherwise its vTPM process is stopped and the pair marked stopped.
+//! running pairs whose guest is gone. While xl's monitor process for the
+//! guest still runs, xl is rebuilding it (a reboot) and the vTPM stays; once
+//! the monitor is gone the guest was destroyed or powered off, and its vTPM
+//! process is stopped and the pair marked stopped (see `await_reboot`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,9 +33,24 @@ use crate::local::Local;
 use crate::registry::{NewPair, ObservedDomain, Registry, Row, State};
 use crate::xlcfg::{VtpmSpec, XlConfig};
 
-/// How long a vanished guest may take to reappear (xl's reboot) before its
-/// vTPM is stopped. Kept under 2 s so a destroyed guest's vTPM goes quickly.
-pub const REBOOT_GRACE: Duration = Duration::from_millis(1500);
+/// How long a vanished guest's xl monitor may take to exit after a destroy.
+pub const MONITOR_SETTLE: Duration = Duration::from_millis(200);
+
+/// Longest wait for a rebooting guest whose xl monitor is still running.
+pub const REBOOT_MAX: Duration = Duration::from_secs(60);
+
+/// Whether an `xl create <cfg>` monitor process for `cfg` is alive.
+pub fn xl_monitor_alive(cfg: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return false };
+    let want = cfg.as_os_str().as_encoded_bytes();
+    rd.flatten().any(|e| {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { return false };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { return false };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+        let is_xl = args.first().is_some_and(|a| a.ends_with(b"xl"));
+        is_xl && args.iter().any(|a| *a == b"create") && args.last() == Some(&want) && xvtpm_fsutil::pid_alive(pid)
+    })
+}
 
 /// The xenstore directory where dom0-process vTPMs serve tpmif.
 pub const DOM0_BACKEND_ROOT: &str = "/local/domain/0/backend/vtpm";
@@ -102,10 +118,13 @@ impl Xen {
             .name()
             .map(str::to_string)
             .ok_or_else(|| fail(USAGE, format!("{}: `name` is missing; every guest needs a name", cfg_path.display())))?;
+        // Without `uuid=`, the name identifies the guest: a guest created before
+        // under this name keeps its UUID (and so its vTPM).
         let guest_uuid = match cfg.uuid() {
             Some(u) => u,
             None => {
-                let u = Uuid::new_v4();
+                let known = self.registry()?.get_by_name(&name).map_err(reg_err)?.map(|r| r.guest_uuid);
+                let u = known.unwrap_or_else(Uuid::new_v4);
                 cfg.set("uuid", u.to_string()).map_err(|e| fail(USAGE, e.to_string()))?;
                 u
             }
@@ -287,6 +306,13 @@ impl Xen {
         Ok(())
     }
 
+    /// `xl-vtpm registry remove`: forgets a stopped pair.
+    pub fn forget(&self, name: &str) -> Result<(), CliError> {
+        let reg = &mut self.registry()?;
+        let row = self.row_by_name(reg, name)?;
+        reg.remove(row.id).map_err(reg_err)
+    }
+
     /// `xl-vtpm reboot`: the guest reboots, its vTPM stays.
     pub fn reboot(&self, name: &str) -> Result<(), CliError> {
         self.xl(&["reboot", name]).map(|_| ())
@@ -359,7 +385,7 @@ impl Xen {
     }
 
     /// One pass of the watcher: stop the vTPM of every running pair whose
-    /// guest is gone (unless it comes back within [`REBOOT_GRACE`]).
+    /// guest is gone (unless xl is rebooting it, see `await_reboot`).
     pub fn reap_once(&self, admin: &mut Admin) -> Result<Vec<String>, CliError> {
         let reg = &mut self.registry()?;
         let mut done = vec![];
@@ -377,15 +403,7 @@ impl Xen {
                 }
                 continue;
             }
-            let deadline = Instant::now() + REBOOT_GRACE;
-            let mut back = None;
-            while Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-                if let Some(d) = self.domid_of(&r.guest_name) {
-                    back = Some(d);
-                    break;
-                }
-            }
+            let back = self.await_reboot(&r.guest_name);
             match back {
                 Some(d) => {
                     reg.mark_running(r.id, d, 0).map_err(reg_err)?;
@@ -400,6 +418,33 @@ impl Xen {
             }
         }
         Ok(done)
+    }
+
+    /// After a guest vanished: is it coming back (a reboot)? `xl create`
+    /// leaves a monitor process that restarts the domain on reboot and exits
+    /// when the domain is destroyed or powered off. So: the guest is back →
+    /// reboot; the monitor is gone → destroyed (answer at once); the monitor
+    /// still runs after [`MONITOR_SETTLE`] → a reboot is being built (slow under
+    /// emulation), wait up to [`REBOOT_MAX`] for the domain. The monitor
+    /// needs a moment to exit after a destroy, so its absence counts only
+    /// after [`MONITOR_SETTLE`].
+    fn await_reboot(&self, name: &str) -> Option<u32> {
+        let cfg = self.local.run_dir.join("guests").join(format!("{name}.cfg"));
+        let start = Instant::now();
+        loop {
+            if let Some(d) = self.domid_of(name) {
+                return Some(d);
+            }
+            let monitor = xl_monitor_alive(&cfg);
+            let waited = start.elapsed();
+            if !monitor && waited >= MONITOR_SETTLE {
+                return None;
+            }
+            if waited >= REBOOT_MAX {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `xl-vtpm watch`: runs [`Self::reap_once`] on every `@releaseDomain`
