@@ -186,6 +186,9 @@ for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_v
 done
 mkdir -p "$D/etc/xen" "$D/guest" "$D/var/lib/xen" "$D/var/log/xen" "$D/var/lib/xvtpm"
 cp "$R/etc/xen/xl.conf" "$D/etc/xen/"
+# TPM 2.0 guest phase: the patched xen-tpmfront (guest/linux/build-module.sh) and its script.
+install -D -m 0644 "${XVTPM_GUEST_KO:-$OUT/guest-linux/xen-tpmfront.ko}" "$D/guest/xen-tpmfront-tpm2.ko"
+install -D -m 0755 "$HERE/tpm2-guest-phase.sh" "$D/usr/lib/xvtpm/tpm2-guest-phase.sh"
 install -m 0755 "$HERE/dom0-init.sh" "$D/init"
 install -m 0755 "$HERE/dom0-scenario.sh" "$D/scenario.sh"
 cp "$IMG/domu.cpio.zst" "$IMG/vtpmdom.cpio.zst" "$D/guest/"

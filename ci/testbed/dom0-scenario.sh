@@ -699,6 +699,13 @@ else
   pid_up $WATCH_PID && kill -9 $WATCH_PID
 fi
 
+############ (e3) tpm2-guest: patched xen-tpmfront -> /dev/tpmrm0 in the guest (guest/linux)
+ph=tpm2-guest
+if [ -z "$MGR_PID" ]; then result $ph SKIPPED "needs the manager (mgr phases)"
+elif timeout $(tmo 600) sh /usr/lib/xvtpm/tpm2-guest-phase.sh /guest/xen-tpmfront-tpm2.ko; then
+  result $ph PASS "patched xen-tpmfront: TPM 2.0 vTPM -> /dev/tpmrm0 + tpm2-tools via the kernel RM; TPM 1.2 vTPM stays 1.2"
+else result $ph FAIL "tpm2-guest-phase.sh failed"; fi
+
 ############ (f) teardown
 ph=teardown; err=""
 if [ -n "$VTPM_PID" ] && ! vtpm_exited; then err="$err vtpm-domain-left-running"; timeout 30 xl-vtpm vtpm stop $VTPM_UUID; fi

@@ -66,6 +66,10 @@ if [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
   timeout "$(remaining)" "$HERE/fetch.sh" > "$L/build.log" 2>&1 || fail "fetch.sh (debs.lock)"
   phase fetch "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
   t=$(date +%s.%N)
+  # The patched xen-tpmfront (guest/linux) for the TPM 2.0 guest phase.
+  timeout "$(remaining)" "$HERE/../../guest/linux/build-module.sh" >> "$L/build.log" 2>&1 || fail "guest/linux/build-module.sh"
+  phase guest-module "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
+  t=$(date +%s.%N)
   timeout "$(remaining)" "$HERE/build-images.sh" >> "$L/build.log" 2>&1 || fail "build-images.sh"
   phase build-images "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
   grep -E '^build-images.sh: (OK|note)' "$L/build.log"
