@@ -42,7 +42,6 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use vtpm_proto::sealed::{self, OpenError, State};
@@ -336,15 +335,7 @@ impl BlockStore {
     /// Seals a new state and writes it into the older slot, then fsyncs.
     pub fn save(&mut self, permanent: &[u8], volatile: &[u8]) -> Result<(), StoreError> {
         let generation = self.generation + 1;
-        let state = State {
-            family: self.family,
-            generation,
-            permanent: Zeroizing::new(permanent.to_vec()),
-            volatile: Zeroizing::new(volatile.to_vec()),
-        };
-        let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let blob = sealed::seal(&self.key, &self.uuid, &state, &nonce);
+        let blob = crate::store::seal_generation(&self.key, &self.uuid, self.family, generation, permanent, volatile);
         if blob.len() > MAX_SEALED {
             return Err(StoreError::Io {
                 what: "writing",

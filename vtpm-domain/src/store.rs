@@ -112,19 +112,32 @@ impl Store {
     /// Seals and atomically writes a new state.
     pub fn save(&mut self, permanent: &[u8], volatile: &[u8]) -> Result<(), StoreError> {
         let generation = self.generation + 1;
-        let state = State {
-            family: self.family,
-            generation,
-            permanent: Zeroizing::new(permanent.to_vec()),
-            volatile: Zeroizing::new(volatile.to_vec()),
-        };
-        let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let blob = sealed::seal(&self.key, &self.uuid, &state, &nonce);
+        let blob = seal_generation(&self.key, &self.uuid, self.family, generation, permanent, volatile);
         write_atomic(&self.path, &blob)?;
         self.generation = generation;
         Ok(())
     }
+}
+
+/// Seals `permanent` and `volatile` as generation `generation` of vTPM `uuid`
+/// under `key`, with a fresh random nonce (shared by every state store).
+pub fn seal_generation(
+    key: &[u8; sealed::KEY_LEN],
+    uuid: &Uuid,
+    family: Family,
+    generation: u64,
+    permanent: &[u8],
+    volatile: &[u8],
+) -> Vec<u8> {
+    let state = State {
+        family,
+        generation,
+        permanent: Zeroizing::new(permanent.to_vec()),
+        volatile: Zeroizing::new(volatile.to_vec()),
+    };
+    let mut nonce = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    sealed::seal(key, uuid, &state, &nonce)
 }
 
 /// Writes `data` atomically (see [`xvtpm_fsutil::write_atomic`]).

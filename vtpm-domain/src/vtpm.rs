@@ -171,11 +171,10 @@ impl Vtpm {
     /// Never panics on client input; always returns a well-formed response.
     pub fn execute(&mut self, packet: &[u8]) -> Vec<u8> {
         let family = self.family;
-        if family == Family::Tpm2 && packet.get(..2) == Some(&[0x00, 0xC1]) {
-            if let Some(rsp) = vtpm_proto::tpm12_compat::answer(packet, |n| self.tpm2_random(n)) {
+        if family == Family::Tpm2 && packet.get(..2) == Some(&[0x00, 0xC1])
+            && let Some(rsp) = vtpm_proto::tpm12_compat::answer(packet, |n| self.tpm2_random(n)) {
                 return rsp;
             }
-        }
         if let Err(e) = tpm::parse_command(packet, family, self.buffer_size as usize) {
             guest_warn!(error = %e, "rejected malformed TPM command");
             return tpm::error_response(family, e.response_code(family)).to_vec();
