@@ -800,7 +800,7 @@ fn p3(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P3> {
         check(&rsp, "EvictControl")?;
         check(&e.process(&tpm::flush(h)), "FlushContext")?;
         let rsp = timed(&mut r.ek_ecc, || {
-            e.process(&tpm::create_primary_ek(&tpm::ek_ecc_p256_template()))
+            e.process(&tpm::create_primary_ek(&vtpm_engine::ek_ecc_p256_template()))
         });
         check(&rsp, "CreatePrimary ECC")?;
         check(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use vtpm_engine::tpm2::{self, Command, ST_NO_SESSIONS, ST_SESSIONS};
-use vtpm_engine::{EK_ATTRIBUTES, EK_AUTH_POLICY};
+
 
 /// `TPM2_GetRandom(n)`.
 pub fn get_random(n: u16) -> Vec<u8> {
@@ -24,27 +24,6 @@ pub fn pcr_extend(pcr: u32, digest: &[u8; 32]) -> Vec<u8> {
         .u16(0x000B) // TPM_ALG_SHA256
         .bytes(digest)
         .finish()
-}
-
-/// The TCG default ECC NIST P-256 EK template (EK Credential Profile, template L-2).
-pub fn ek_ecc_p256_template() -> Vec<u8> {
-    let mut t = Vec::with_capacity(128);
-    t.extend_from_slice(&0x0023u16.to_be_bytes()); // TPM_ALG_ECC
-    t.extend_from_slice(&0x000Bu16.to_be_bytes()); // nameAlg SHA-256
-    t.extend_from_slice(&EK_ATTRIBUTES.to_be_bytes());
-    t.extend_from_slice(&32u16.to_be_bytes());
-    t.extend_from_slice(&EK_AUTH_POLICY);
-    t.extend_from_slice(&0x0006u16.to_be_bytes()); // symmetric: AES
-    t.extend_from_slice(&128u16.to_be_bytes()); //   128 bits
-    t.extend_from_slice(&0x0043u16.to_be_bytes()); //   CFB
-    t.extend_from_slice(&0x0010u16.to_be_bytes()); // scheme: TPM_ALG_NULL
-    t.extend_from_slice(&0x0003u16.to_be_bytes()); // curveID: TPM_ECC_NIST_P256
-    t.extend_from_slice(&0x0010u16.to_be_bytes()); // kdf: TPM_ALG_NULL
-    t.extend_from_slice(&32u16.to_be_bytes()); // unique.x: 32 zero bytes
-    t.extend_from_slice(&[0u8; 32]);
-    t.extend_from_slice(&32u16.to_be_bytes()); // unique.y: 32 zero bytes
-    t.extend_from_slice(&[0u8; 32]);
-    t
 }
 
 /// `TPM2_CreatePrimary(TPM_RH_ENDORSEMENT, template)`.

@@ -16,7 +16,6 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
 
-use vtpm_proto::evidence::VpcrSelection;
 
 use crate::deepquote::{self, Batcher};
 use crate::manager::Manager;
@@ -116,34 +115,16 @@ async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared, batcher: Ba
 }
 
 async fn deep_quote(m: &Shared, b: &Batcher, socket_uuid: Uuid, pid: Option<u32>, req: VtpmRequest) -> VtpmReply {
-    let VtpmRequest::DeepQuote { uuid, nonce, vpcr_alg, vpcrs, vpcr_values, host_pcrs, flags } = req else {
+    let VtpmRequest::DeepQuote { uuid, .. } = &req else {
         return VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "not a deep-quote request"));
     };
-    let group = match lock(m).authorize(socket_uuid, pid, uuid) {
+    let group = match lock(m).authorize(socket_uuid, pid, *uuid) {
         Ok(g) => g,
         Err(f) => return VtpmReply::Error(f),
     };
-    let bad = |what: &str| VtpmReply::Error(Failure::new(ErrorCode::BadRequest, format!("deep-quote {what} is not hex")));
-    let Ok(nonce) = hex::decode(&nonce) else { return bad("nonce") };
-    let Ok(values) = vpcr_values.iter().map(hex::decode).collect::<Result<Vec<_>, _>>() else { return bad("vPCR value") };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let r = deepquote::Request {
-        vtpm: socket_uuid,
-        group,
-        vpcrs: VpcrSelection { hash_alg: vpcr_alg, pcrs: vpcrs },
-        vpcr_values: values,
-        nonce,
-        flags,
-        host_pcrs,
-        reply: tx,
-    };
-    if let Err(f) = b.submit(r) {
-        return VtpmReply::Error(f);
-    }
-    match rx.await {
-        Ok(Ok(bundle)) => VtpmReply::DeepQuote { bundle: hex::encode(bundle) },
-        Ok(Err(f)) => VtpmReply::Error(f),
-        Err(_) => VtpmReply::Error(Failure::new(ErrorCode::Internal, "deep-quote batcher dropped the request")),
+    match deepquote::submit_request(b, socket_uuid, group, req) {
+        Ok(rx) => deepquote::reply_for(rx).await,
+        Err(reply) => reply,
     }
 }
 

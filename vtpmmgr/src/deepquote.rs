@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 use vtpm_proto::evidence::{Bundle, HostPcrs, Leaf, LeafPosition, VpcrSelection};
 use vtpm_proto::merkle::Tree;
-use vtpm_proto::mgr::{ErrorCode, Failure};
+use vtpm_proto::mgr::{ErrorCode, Failure, VtpmReply, VtpmRequest};
 
 use crate::daemon::Shared;
 
@@ -63,6 +63,46 @@ pub struct Request {
     pub host_pcrs: Vec<u8>,
     /// Where the encoded bundle goes.
     pub reply: oneshot::Sender<Result<Vec<u8>, Failure>>,
+}
+
+/// Queues a `VtpmRequest::DeepQuote` that arrived over any link, once the
+/// caller has authorised the peer as vTPM `vtpm` of group `group`. Returns
+/// the receiver of the encoded bundle, or the reply to send at once.
+pub fn submit_request(
+    batcher: &Batcher,
+    vtpm: Uuid,
+    group: Uuid,
+    req: VtpmRequest,
+) -> Result<oneshot::Receiver<Result<Vec<u8>, Failure>>, VtpmReply> {
+    let VtpmRequest::DeepQuote { nonce, vpcr_alg, vpcrs, vpcr_values, host_pcrs, flags, .. } = req else {
+        return Err(VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "not a deep-quote request")));
+    };
+    let bad = |what: &str| VtpmReply::Error(Failure::new(ErrorCode::BadRequest, format!("deep-quote {what} is not hex")));
+    let nonce = hex::decode(&nonce).map_err(|_| bad("nonce"))?;
+    let vpcr_values = vpcr_values.iter().map(hex::decode).collect::<Result<Vec<_>, _>>().map_err(|_| bad("vPCR value"))?;
+    let (tx, rx) = oneshot::channel();
+    batcher
+        .submit(Request {
+            vtpm,
+            group,
+            vpcrs: VpcrSelection { hash_alg: vpcr_alg, pcrs: vpcrs },
+            vpcr_values,
+            nonce,
+            flags,
+            host_pcrs,
+            reply: tx,
+        })
+        .map_err(VtpmReply::Error)?;
+    Ok(rx)
+}
+
+/// The reply for a queued request's outcome.
+pub async fn reply_for(rx: oneshot::Receiver<Result<Vec<u8>, Failure>>) -> VtpmReply {
+    match rx.await {
+        Ok(Ok(bundle)) => VtpmReply::DeepQuote { bundle: hex::encode(bundle) },
+        Ok(Err(f)) => VtpmReply::Error(f),
+        Err(_) => VtpmReply::Error(Failure::new(ErrorCode::Internal, "deep-quote batcher dropped the request")),
+    }
 }
 
 /// Handle to the batcher task.

@@ -45,7 +45,6 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
-use vtpm_proto::evidence::VpcrSelection;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
 use xen_platform::frontend::ReplyChunker;
 use xen_platform::tpmif::peek_submit;
@@ -214,16 +213,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             match submit_deep_quote(&self.mgr, &self.batcher, uuid, domid, req) {
                 Ok(rx) => {
                     self.ready.spawn(async move {
-                        let reply = match rx.await {
-                            Ok(Ok(bundle)) => VtpmReply::DeepQuote {
-                                bundle: hex::encode(bundle),
-                            },
-                            Ok(Err(f)) => VtpmReply::Error(f),
-                            Err(_) => VtpmReply::Error(Failure::new(
-                                ErrorCode::Internal,
-                                "deep-quote batcher dropped the request",
-                            )),
-                        };
+                        let reply = deepquote::reply_for(rx).await;
                         (key, cmd, encode_reply(&reply))
                     });
                     self.deferred.insert(key);
@@ -339,9 +329,8 @@ fn encode_reply(reply: &VtpmReply) -> Vec<u8> {
     })
 }
 
-/// A private copy of a SUBMITted request, or `None` if the page holds none (or an invalid one,
-/// which the xenbus step answers itself). Reads the header once, then at most `length` bytes.
-/// Authorises and queues a deep quote; the receiver yields the encoded bundle.
+/// Authorises a deep quote from vTPM domain `domid` on the device whose
+/// backend `uuid` is `backend_uuid`, and queues it.
 fn submit_deep_quote(
     mgr: &Shared,
     batcher: &Batcher,
@@ -349,53 +338,11 @@ fn submit_deep_quote(
     domid: u32,
     req: VtpmRequest,
 ) -> Result<oneshot::Receiver<Result<Vec<u8>, Failure>>, VtpmReply> {
-    let VtpmRequest::DeepQuote {
-        uuid,
-        nonce,
-        vpcr_alg,
-        vpcrs,
-        vpcr_values,
-        host_pcrs,
-        flags,
-    } = req
-    else {
-        return Err(VtpmReply::Error(Failure::new(
-            ErrorCode::BadRequest,
-            "not a deep-quote request",
-        )));
+    let VtpmRequest::DeepQuote { uuid, .. } = &req else {
+        return Err(VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "not a deep-quote request")));
     };
-    let group = lock(mgr)
-        .authorize_domain(backend_uuid, domid, uuid)
-        .map_err(VtpmReply::Error)?;
-    let bad = |what: &str| {
-        VtpmReply::Error(Failure::new(
-            ErrorCode::BadRequest,
-            format!("deep-quote {what} is not hex"),
-        ))
-    };
-    let nonce = hex::decode(&nonce).map_err(|_| bad("nonce"))?;
-    let values = vpcr_values
-        .iter()
-        .map(hex::decode)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| bad("vPCR value"))?;
-    let (tx, rx) = oneshot::channel();
-    batcher
-        .submit(deepquote::Request {
-            vtpm: backend_uuid,
-            group,
-            vpcrs: VpcrSelection {
-                hash_alg: vpcr_alg,
-                pcrs: vpcrs,
-            },
-            vpcr_values: values,
-            nonce,
-            flags,
-            host_pcrs,
-            reply: tx,
-        })
-        .map_err(VtpmReply::Error)?;
-    Ok(rx)
+    let group = lock(mgr).authorize_domain(backend_uuid, domid, *uuid).map_err(VtpmReply::Error)?;
+    deepquote::submit_request(batcher, backend_uuid, group, req)
 }
 
 fn log_event(ev: &BackendEvent) {
