@@ -75,6 +75,8 @@ pub struct Config {
     pub mgr_wait: std::time::Duration,
     /// The endorsement key made at `--create`.
     pub ek: EkChoice,
+    /// Running as the init of the vTPM's own Xen domain ([`crate::init`]).
+    pub as_init: bool,
 }
 
 /// Where the sealed state lives.

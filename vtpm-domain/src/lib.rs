@@ -8,12 +8,14 @@
 //!
 //! Module map: [`store`] seals and atomically writes state; [`mgr_client`]
 //! asks the manager for the key; [`vtpm`] is the transport-independent core
-//! (framing checks, engine, persistence); [`server`] is the swtpm protocol.
+//! (framing checks, engine, persistence); [`server`] is the swtpm protocol;
+//! [`xen`] the tpmif backend; [`init`] the PID 1 duties in a vTPM's own Xen domain.
 #![deny(missing_docs)]
 
 pub mod blockstore;
 pub mod config;
 pub mod deepquote;
+pub mod init;
 pub mod mgr_client;
 pub mod ratelimit;
 pub mod server;
@@ -75,6 +77,11 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
         println!("{ready}");
         use std::io::Write;
         std::io::stdout().flush().ok();
+        if cfg.as_init {
+            println!("VTPMDOM-READY uuid={} {}", cfg.uuid, init::memory_report());
+            std::io::stdout().flush().ok();
+            init::publish(init::XS_READY, &cfg.uuid.to_string()).await;
+        }
         let shared = Rc::new(Shared {
             vtpm: std::cell::RefCell::new(vtpm),
             exit: tokio::sync::Notify::new(),

@@ -1,10 +1,11 @@
 //! `vtpm-domain`: serve one vTPM. See the library docs for the design.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
 use uuid::Uuid;
+use vtpm_domain::init;
 use vtpm_domain::config::{Config, EkChoice, Listen, MgrSpec, StateSpec, Startup};
 use vtpm_proto::tpm::Family;
 
@@ -50,7 +51,31 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
+    if std::env::args().nth(1).as_deref() == Some(init::POWEROFF_ARG) {
+        std::process::exit(init::poweroff_helper());
+    }
+    let as_init = init::is_pid1();
+    // PID 1 in the vTPM's own domain: argv comes from the kernel command line after `--`.
+    let args = if as_init {
+        println!("VTPMDOM-INIT vtpm-domain {} as the domain's init", env!("CARGO_PKG_VERSION"));
+        match init::setup() {
+            Ok(loaded) => println!("VTPMDOM-INIT mounted /proc /sys /dev; modules loaded: {}", loaded.join(" ")),
+            Err(e) => {
+                eprintln!("vtpm-domain: error: init: {e}");
+                init::power_off(1);
+            }
+        }
+        match Args::try_parse() {
+            Ok(a) => a,
+            Err(e) => {
+                // clap's message names the flag; the console is the only place to say it.
+                eprintln!("{e}");
+                init::power_off(2);
+            }
+        }
+    } else {
+        Args::parse()
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -58,6 +83,19 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info".into()),
         )
         .init();
+    if as_init {
+        let mut need: Vec<&Path> = init::XEN_DEVICES.iter().map(Path::new).collect();
+        if let Some(b) = &args.state_block {
+            need.push(b);
+        }
+        match init::wait_for(&need, init::DEVICE_WAIT) {
+            Ok(t) => println!("VTPMDOM-INIT devices present after {} ms", t.as_millis()),
+            Err(e) => {
+                eprintln!("vtpm-domain: error: {e}");
+                init::power_off(1);
+            }
+        }
+    }
     let cfg = Config {
         uuid: args.uuid,
         family: if args.tpm12 { Family::Tpm12 } else { Family::Tpm2 },
@@ -76,9 +114,20 @@ fn main() {
         listen: args.listen,
         mgr_wait: Duration::from_secs(args.mgr_wait),
         ek: args.ek,
+        as_init,
     };
-    if let Err(f) = vtpm_domain::run(cfg) {
-        eprintln!("vtpm-domain: error: {:#}", f.error);
-        std::process::exit(f.code);
+    let code = match vtpm_domain::run(cfg) {
+        Ok(()) => 0,
+        Err(f) => {
+            eprintln!("vtpm-domain: error: {:#}", f.error);
+            f.code
+        }
+    };
+    if as_init {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            rt.block_on(init::publish(init::XS_EXIT, &code.to_string()));
+        }
+        init::power_off(code);
     }
+    std::process::exit(code);
 }
