@@ -2,13 +2,15 @@
 //!
 //! [`admin`] speaks to vtpmmgr's root-only admin socket; [`local`] runs vTPMs
 //! as local processes (vtpm-domain serving swtpm's protocol) — the mode used
-//! without Xen, by QEMU/KVM hosts and by the test suite.
+//! without Xen, by QEMU/KVM hosts and by the test suite; [`vtpmdom`] runs a vTPM
+//! as the only program of its own Xen domain; [`xenlife`] couples guests and vTPMs.
 #![deny(missing_docs)]
 
 pub mod admin;
 pub mod exit;
 pub mod guest;
 pub mod local;
+pub mod vtpmdom;
 pub mod xenlife;
 pub mod libvirt_hook;
 pub mod registry;

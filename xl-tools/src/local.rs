@@ -72,6 +72,12 @@ pub struct Row {
     pub state_file: PathBuf,
     /// The swtpm TCTI string for tpm2-tools, when on TCP.
     pub tcti: Option<String>,
+    /// Domain mode: the vTPM domain's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_name: Option<String>,
+    /// Domain mode: the running vTPM domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<crate::vtpmdom::DomainRuntime>,
 }
 
 /// How long a new vTPM may take to answer "ready".
@@ -274,6 +280,8 @@ impl Local {
             runtime,
             tcti,
             info,
+            domain_name: None,
+            domain: None,
         }
     }
 }

@@ -251,6 +251,8 @@ enum VtpmCmd {
         /// Endorsement key: rsa (RSA-2048 at 0x81010001, default) or ecc (P-256 at 0x81010002, faster).
         #[arg(long, default_value = "rsa", value_parser = ["rsa", "ecc"])]
         ek: String,
+        #[command(flatten)]
+        dom: DomainArgs,
     },
     /// List vTPMs.
     List,
@@ -259,13 +261,16 @@ enum VtpmCmd {
         /// vTPM UUID.
         uuid: String,
     },
-    /// Start a stopped vTPM.
+    /// Start a stopped vTPM (a process, or its own domain if created with --domain).
     Start {
         /// vTPM UUID.
         uuid: String,
         /// Listener(s), as for create.
         #[arg(long, default_value = "tcp:127.0.0.1:0")]
         listen: Vec<String>,
+        /// Seconds to wait for a vTPM domain to be ready.
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
     },
     /// Stop a running vTPM (its state stays).
     Stop {
@@ -280,6 +285,30 @@ enum VtpmCmd {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// `vtpm create --domain`: the vTPM as the only program of its own Xen domain.
+#[derive(clap::Args, Debug)]
+struct DomainArgs {
+    /// Run the vTPM in its own Xen domain with this name (guests then say
+    /// `vtpm = [ "backend=NAME,uuid=UUID" ]`) instead of as a process here.
+    #[arg(long, value_name = "NAME")]
+    domain: Option<String>,
+    /// The vTPM domain's PV kernel.
+    #[arg(long, env = "XVTPM_VTPMDOM_KERNEL", default_value = "/usr/lib/xvtpm/vtpmdom/vmlinuz")]
+    kernel: PathBuf,
+    /// The vTPM domain's initramfs (/init = vtpm-domain).
+    #[arg(long, env = "XVTPM_VTPMDOM_RAMDISK", default_value = "/usr/lib/xvtpm/vtpmdom/initrd")]
+    ramdisk: PathBuf,
+    /// The vTPM domain's memory in MiB.
+    #[arg(long, default_value_t = xl_tools::vtpmdom::DEFAULT_MEMORY_MIB, requires = "domain")]
+    memory: u32,
+    /// A block device for the vTPM's state (default: a 4 MiB image file on a loop device).
+    #[arg(long, requires = "domain")]
+    disk: Option<PathBuf>,
+    /// Seconds to wait for the vTPM domain to be ready.
+    #[arg(long, default_value_t = 120, requires = "domain")]
+    wait: u64,
 }
 
 fn main() {
@@ -346,12 +375,29 @@ fn print_groups(gs: &[GroupInfo], json: bool) {
     }
 }
 
+/// Fills in the domain of domain-mode vTPMs (running = its domain exists).
+fn with_domains(domains: &xl_tools::vtpmdom::Domains, mut rows: Vec<Row>) -> Vec<Row> {
+    for r in &mut rows {
+        if let Ok(Some(spec)) = domains.spec(&r.info.uuid) {
+            r.domain = domains.runtime(&r.info.uuid);
+            r.state = if r.domain.is_some() { "running" } else { "stopped" }.into();
+            r.domain_name = Some(spec.name);
+        }
+    }
+    rows
+}
+
 fn print_rows(rows: &[Row], json: bool) {
     if json {
         return print_json(&rows);
     }
-    println!("{:<36}  {:<36}  {:<8}  {:>7}  TCTI", "UUID", "GROUP", "STATE", "PID");
+    println!("{:<36}  {:<36}  {:<8}  {:>7}  TCTI / DOMAIN", "UUID", "GROUP", "STATE", "PID");
     for r in rows {
+        if let Some(name) = &r.domain_name {
+            let id = r.domain.as_ref().map(|d| format!("dom{}", d.domid)).unwrap_or_else(|| "-".into());
+            println!("{:<36}  {:<36}  {:<8}  {:>7}  domain {name}", r.info.uuid, r.info.group, r.state, id);
+            continue;
+        }
         let pid = r.runtime.as_ref().map(|x| x.pid.to_string()).unwrap_or_else(|| "-".into());
         println!("{:<36}  {:<36}  {:<8}  {:>7}  {}", r.info.uuid, r.info.group, r.state, pid, r.tcti.as_deref().unwrap_or("-"));
     }
@@ -374,6 +420,11 @@ fn run(args: Args) -> Result<(), CliError> {
         state_dir: args.state_dir.clone(),
         run_dir: args.run_dir.clone(),
         vtpm_domain: vtpm_domain_path(args.vtpm_domain.clone()),
+    };
+    let domains = xl_tools::vtpmdom::Domains {
+        local: &local,
+        xl: xl_path(),
+        losetup: std::env::var_os("XVTPM_LOSETUP").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("losetup")),
     };
     let cmd = match args.cmd {
         Cmd::Guest(g) => return run_guest(g, json),
@@ -500,7 +551,22 @@ fn run(args: Args) -> Result<(), CliError> {
             confirm(yes, &format!("Delete group {group:?} and its attestation key"))?;
             admin.call(&AdminRequest::GroupDel { group })?;
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, tpm12, ek }) => {
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } }) => {
+            let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
+            let mut create_args = vec!["--ek".to_string(), ek];
+            if tpm12 {
+                create_args.push("--tpm12".into());
+            }
+            let opts = xl_tools::vtpmdom::DomainOpts { name, kernel, ramdisk, memory_mib: memory, disk, ready_wait: Duration::from_secs(wait) };
+            let rt = domains.create(&mut admin, group, uuid, &opts, create_args)?;
+            if json {
+                print_json(&rt);
+            } else {
+                println!("created vTPM {} in domain {} (domid {})", rt.uuid, rt.name, rt.domid);
+                println!("guest config: vtpm = [ \"backend={},uuid={}\" ]", rt.name, rt.uuid);
+            }
+        }
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, tpm12, ek, dom: _ }) => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc" })?;
             let row = local.show(&mut admin, &rt.uuid)?;
@@ -513,13 +579,23 @@ fn run(args: Args) -> Result<(), CliError> {
                 }
             }
         }
-        Cmd::Vtpm(VtpmCmd::List) => print_rows(&local.list(&mut admin)?, json),
+        Cmd::Vtpm(VtpmCmd::List) => print_rows(&with_domains(&domains, local.list(&mut admin)?), json),
         Cmd::Vtpm(VtpmCmd::Show { uuid }) => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
             let row = local.show(&mut admin, &uuid)?;
-            print_rows(std::slice::from_ref(&row), json);
+            print_rows(&with_domains(&domains, vec![row]), json);
         }
-        Cmd::Vtpm(VtpmCmd::Start { uuid, listen }) => {
+        Cmd::Vtpm(VtpmCmd::Start { uuid, listen: _, wait }) if is_domain(&domains, &uuid) => {
+            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            local.show(&mut admin, &uuid)?;
+            let rt = domains.start(&mut admin, &uuid, Duration::from_secs(wait))?;
+            if json {
+                print_json(&rt);
+            } else {
+                println!("started vTPM {} in domain {} (domid {})", rt.uuid, rt.name, rt.domid);
+            }
+        }
+        Cmd::Vtpm(VtpmCmd::Start { uuid, listen, wait: _ }) => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
             let rt = local.start(&mut admin, &uuid, &listen)?;
             let row = local.show(&mut admin, &rt.uuid)?;
@@ -534,7 +610,12 @@ fn run(args: Args) -> Result<(), CliError> {
         }
         Cmd::Vtpm(VtpmCmd::Stop { uuid }) => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
-            let was = local.stop(&mut admin, &uuid, Duration::from_secs(5))?;
+            let was = if domains.spec(&uuid)?.is_some() {
+                local.show(&mut admin, &uuid)?;
+                domains.stop(&mut admin, &uuid, xl_tools::vtpmdom::SHUTDOWN_GRACE)?
+            } else {
+                local.stop(&mut admin, &uuid, Duration::from_secs(5))?
+            };
             if json {
                 print_json(&serde_json::json!({"uuid": uuid, "was_running": was}));
             } else if was {
@@ -547,6 +628,9 @@ fn run(args: Args) -> Result<(), CliError> {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
             local.show(&mut admin, &uuid)?;
             confirm(yes, &format!("Destroy vTPM {uuid}: its keys, NV and EK are gone for good"))?;
+            if domains.spec(&uuid)?.is_some() {
+                domains.stop(&mut admin, &uuid, xl_tools::vtpmdom::SHUTDOWN_GRACE)?;
+            }
             local.destroy(&mut admin, &uuid)?;
             if json {
                 print_json(&serde_json::json!({"uuid": uuid, "destroyed": true}));
@@ -646,4 +730,9 @@ fn run_verify(
         println!("verified: vTPM {} (group {}), leaf {} of {}, host PCRs and vPCRs as listed in the evidence", v.leaf.vtpm_uuid, v.leaf.group_uuid, v.leaf.position.leaf_index, v.leaf.position.tree_size);
     }
     Ok(())
+}
+
+/// Whether a vTPM argument names a domain-mode vTPM.
+fn is_domain(domains: &xl_tools::vtpmdom::Domains, uuid: &str) -> bool {
+    local::parse_uuid(uuid, "UUID").ok().and_then(|u| domains.spec(&u).ok().flatten()).is_some()
 }

@@ -133,13 +133,19 @@ impl Xen {
         if specs.len() > 1 {
             return Err(fail(USAGE, format!("{}: vtpm= lists {} devices; a guest has one TPM", cfg_path.display(), specs.len())));
         }
-        if let Some(s) = specs.first() {
-            if s.backend != "0" && s.backend != "Domain-0" {
-                return Err(fail(
-                    USAGE,
-                    format!("{}: vtpm= backend={:?}: xl-vtpm serves vTPMs from dom0 (backend=0); drop backend= or set it to 0", cfg_path.display(), s.backend),
-                ));
-            }
+        if let Some(s) = specs.first()
+            && s.backend != "0"
+            && s.backend != "Domain-0"
+        {
+            return Err(fail(
+                USAGE,
+                format!(
+                    "{}: vtpm= backend={:?}: `xl-vtpm create` pairs a guest with a vTPM served from dom0 (backend=0); drop backend= or set it to 0 \
+                     (a vTPM in its own domain is made with `xl-vtpm vtpm create --domain NAME`, and its guest with plain `xl create`)",
+                    cfg_path.display(),
+                    s.backend
+                ),
+            ));
         }
         let reg = &mut self.registry()?;
         let bound = reg.get_by_guest(guest_uuid).map_err(reg_err)?;

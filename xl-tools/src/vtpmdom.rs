@@ -1,0 +1,542 @@
+//! Domain mode: a vTPM as the only program of its own Xen domain.
+//!
+//! The vTPM domain is a PV domain whose kernel boots an initramfs with `vtpm-domain` as
+//! `/init` (see `vtpm_domain::init`). Its sealed state lives on its own disk (`/dev/xvda`,
+//! A/B slots, no filesystem), its manager link is a tpmif device whose backend is vtpmmgr in
+//! dom0, and it serves its guest on its own `backend/vtpm` (the guest's config says
+//! `vtpm = [ "backend=<vTPM domain>,uuid=<vTPM>" ]`).
+//!
+//! Booting one, in this order (each step undone if a later one fails):
+//!
+//! 1. the disk: a block device given by the admin (`--disk`, e.g. an LVM volume), or a 4 MiB
+//!    image `<state-dir>/vtpms/<uuid>/disk.img` put on a loop device with `losetup` (libxl's
+//!    phy backend and Xen's `block` hotplug script take block devices);
+//! 2. `xl create -p` of a generated config (`<run-dir>/vtpms/<uuid>.xl.cfg`);
+//! 3. the manager learns the domain: `VtpmAttachDomain` (it takes the tpmif device only from
+//!    an attached domain, and it reads the caller's identity from its own backend directory);
+//! 4. `xl vtpm-attach <domid> backend=0 uuid=<uuid>` — only now, because libxl waits just
+//!    10 s for the backend (the manager) to reach InitWait, and the manager refuses devices of
+//!    unattached domains;
+//! 5. `xl unpause`, then wait until the domain publishes `data/xvtpm/ready` = its UUID.
+//!
+//! The domain's description (kernel, ramdisk, memory, disk) is kept in
+//! `<state-dir>/vtpms/<uuid>/domain.json`, so `start` boots the same vTPM again from its disk;
+//! the running domain's record is `<run-dir>/vtpms/<uuid>.domain.json`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vtpm_proto::mgr::{AdminReply, AdminRequest, VtpmInfo};
+
+use crate::admin::Admin;
+use crate::exit::{CliError, FAILURE, NOT_FOUND, REFUSED, USAGE};
+use crate::local::Local;
+
+/// Size of a new disk image: two 1 MiB slots and room to spare.
+pub const DISK_IMAGE_SIZE: u64 = 4 << 20;
+/// Default memory of a vTPM domain (MiB). The Debian kernel needs about this much.
+pub const DEFAULT_MEMORY_MIB: u32 = 128;
+/// How long a vTPM domain may take from unpause to ready.
+pub const DEFAULT_READY_WAIT: Duration = Duration::from_secs(120);
+/// How long `stop` waits for a clean shutdown before `xl destroy`.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Where a vTPM domain keeps its state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Disk {
+    /// An image file, put on a loop device at each boot.
+    Image(PathBuf),
+    /// A block device given by the admin.
+    Device(PathBuf),
+}
+
+/// What a vTPM domain is made of (persistent, `domain.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DomainSpec {
+    /// Xen domain name.
+    pub name: String,
+    /// PV kernel.
+    pub kernel: PathBuf,
+    /// Initramfs whose /init is vtpm-domain.
+    pub ramdisk: PathBuf,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// The state disk.
+    pub disk: Disk,
+    /// Extra vtpm-domain arguments used at manufacture (`--ek ecc`, `--tpm12`).
+    pub create_args: Vec<String>,
+}
+
+/// A running vTPM domain (`<run-dir>/vtpms/<uuid>.domain.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DomainRuntime {
+    /// vTPM UUID.
+    pub uuid: Uuid,
+    /// Domain name.
+    pub name: String,
+    /// Domain id.
+    pub domid: u32,
+    /// The block device given to the domain.
+    pub disk_device: PathBuf,
+    /// The loop device xl-vtpm attached (detached at stop).
+    pub loop_device: Option<PathBuf>,
+    /// The generated xl config.
+    pub config: PathBuf,
+}
+
+/// Options of `vtpm create --domain`.
+#[derive(Debug, Clone)]
+pub struct DomainOpts {
+    /// Domain name.
+    pub name: String,
+    /// PV kernel.
+    pub kernel: PathBuf,
+    /// Ramdisk.
+    pub ramdisk: PathBuf,
+    /// Memory (MiB).
+    pub memory_mib: u32,
+    /// A block device for the state (else an image file on a loop device).
+    pub disk: Option<PathBuf>,
+    /// How long to wait for the domain to be ready.
+    pub ready_wait: Duration,
+}
+
+/// Domain-mode operations.
+pub struct Domains<'a> {
+    /// Paths shared with local mode.
+    pub local: &'a Local,
+    /// The `xl` binary.
+    pub xl: PathBuf,
+    /// The `losetup` binary.
+    pub losetup: PathBuf,
+}
+
+fn fail(code: i32, m: impl Into<String>) -> CliError {
+    CliError::new(code, m)
+}
+
+/// Checks a Xen domain name as xl would take it (and as it goes into a config file).
+pub fn check_name(name: &str) -> Result<(), CliError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.chars().all(|c| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(fail(USAGE, format!("--domain {name:?}: a domain name of letters, digits, '-', '_' or '.' (not all digits, at most 64)")))
+    }
+}
+
+fn quote(p: &Path) -> Result<String, CliError> {
+    let s = p.to_str().ok_or_else(|| fail(USAGE, format!("{}: the path must be UTF-8", p.display())))?;
+    if s.contains(['"', '\n', ',', '\\']) {
+        return Err(fail(USAGE, format!("{s:?}: the path must not contain '\"', ',', '\\' or a newline (it goes into an xl config)")));
+    }
+    Ok(s.to_string())
+}
+
+/// The xl config of a vTPM domain boot.
+pub fn render_config(uuid: &Uuid, spec: &DomainSpec, disk_device: &Path, create: bool) -> Result<String, CliError> {
+    let mut argv = format!("--uuid {uuid} --state-block /dev/xvda --mgr-xen --listen xen");
+    if create {
+        argv.push_str(" --create");
+        for a in &spec.create_args {
+            argv.push(' ');
+            argv.push_str(a);
+        }
+    }
+    Ok(format!(
+        "# Generated by xl-vtpm for vTPM {uuid}; regenerated at every start.\n\
+         name = \"{name}\"\n\
+         type = \"pv\"\n\
+         kernel = \"{kernel}\"\n\
+         ramdisk = \"{ramdisk}\"\n\
+         extra = \"console=hvc0 quiet NO_COLOR=1 -- {argv}\"\n\
+         memory = {mem}\n\
+         vcpus = 1\n\
+         on_poweroff = \"destroy\"\n\
+         on_reboot = \"destroy\"\n\
+         on_crash = \"destroy\"\n\
+         disk = [ \"format=raw,vdev=xvda,access=rw,target={disk}\" ]\n",
+        name = spec.name,
+        kernel = quote(&spec.kernel)?,
+        ramdisk = quote(&spec.ramdisk)?,
+        mem = spec.memory_mib,
+        disk = quote(disk_device)?,
+    ))
+}
+
+/// The loop device currently backed by `image`, from sysfs.
+pub fn loop_of(image: &Path) -> Option<PathBuf> {
+    let want = fs::canonicalize(image).ok()?;
+    for e in fs::read_dir("/sys/block").ok()?.flatten() {
+        let name = e.file_name();
+        let Some(n) = name.to_str().filter(|n| n.starts_with("loop")) else { continue };
+        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file"))
+            && Path::new(b.trim()) == want
+        {
+            return Some(PathBuf::from(format!("/dev/{n}")));
+        }
+    }
+    None
+}
+
+impl Domains<'_> {
+    fn spec_file(&self, uuid: &Uuid) -> PathBuf {
+        self.local.vtpm_dir(uuid).join("domain.json")
+    }
+    fn runtime_file(&self, uuid: &Uuid) -> PathBuf {
+        self.local.run_dir.join("vtpms").join(format!("{uuid}.domain.json"))
+    }
+    fn config_file(&self, uuid: &Uuid) -> PathBuf {
+        self.local.run_dir.join("vtpms").join(format!("{uuid}.xl.cfg"))
+    }
+
+    /// The description of a domain-mode vTPM (`None`: not domain mode).
+    pub fn spec(&self, uuid: &Uuid) -> Result<Option<DomainSpec>, CliError> {
+        match fs::read(self.spec_file(uuid)) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| fail(FAILURE, format!("{}: {e}", self.spec_file(uuid).display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(fail(FAILURE, format!("{}: {e}", self.spec_file(uuid).display()))),
+        }
+    }
+
+    /// The running domain of a vTPM, if its record names a domain that still exists.
+    pub fn runtime(&self, uuid: &Uuid) -> Option<DomainRuntime> {
+        let rt: DomainRuntime = serde_json::from_slice(&fs::read(self.runtime_file(uuid)).ok()?).ok()?;
+        (self.domid(&rt.name) == Some(rt.domid)).then_some(rt)
+    }
+
+    fn xl(&self, args: &[&str]) -> Result<String, CliError> {
+        run_tool(&self.xl, args, "is this dom0 with the Xen tools installed?")
+    }
+
+    fn domid(&self, name: &str) -> Option<u32> {
+        let out = Command::new(&self.xl).args(["domid", name]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
+    /// Creates a vTPM identity and boots its domain, which manufactures the TPM on a fresh
+    /// disk. On failure nothing is left: no domain, identity, disk or loop device.
+    pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, opts: &DomainOpts, create_args: Vec<String>) -> Result<DomainRuntime, CliError> {
+        check_name(&opts.name)?;
+        for (what, p) in [("--kernel", &opts.kernel), ("--ramdisk", &opts.ramdisk)] {
+            if !p.is_file() {
+                return Err(fail(USAGE, format!("{what} {}: no such file (the vTPM domain's {})", p.display(), &what[2..])));
+            }
+        }
+        if let Some(d) = &opts.disk {
+            use std::os::unix::fs::FileTypeExt;
+            let ok = fs::metadata(d).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+            if !ok {
+                return Err(fail(USAGE, format!("--disk {}: not a block device (leave --disk out to use an image file)", d.display())));
+            }
+        }
+        if self.domid(&opts.name).is_some() {
+            return Err(fail(REFUSED, format!("a domain named {:?} exists already; choose another --domain name", opts.name)));
+        }
+        let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid })? {
+            AdminReply::Vtpm(v) => v,
+            other => return Err(fail(FAILURE, format!("unexpected reply {other:?}"))),
+        };
+        let result = self.create_inner(admin, &info, opts, create_args);
+        if result.is_err() {
+            let _ = admin.call(&AdminRequest::VtpmDetach { uuid: info.uuid });
+            let _ = admin.call(&AdminRequest::VtpmDel { uuid: info.uuid });
+            let _ = fs::remove_dir_all(self.local.vtpm_dir(&info.uuid));
+        }
+        result
+    }
+
+    fn create_inner(&self, admin: &mut Admin, info: &VtpmInfo, opts: &DomainOpts, create_args: Vec<String>) -> Result<DomainRuntime, CliError> {
+        let uuid = info.uuid;
+        let dir = self.local.vtpm_dir(&uuid);
+        fs::create_dir_all(&dir).map_err(|e| fail(FAILURE, format!("creating {}: {e}", dir.display())))?;
+        let disk = match &opts.disk {
+            Some(d) => Disk::Device(d.clone()),
+            None => {
+                let img = dir.join("disk.img");
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode_0600()
+                    .open(&img)
+                    .map_err(|e| fail(FAILURE, format!("creating {}: {e}", img.display())))?;
+                f.set_len(DISK_IMAGE_SIZE).and_then(|()| f.sync_all()).map_err(|e| fail(FAILURE, format!("sizing {}: {e}", img.display())))?;
+                Disk::Image(img)
+            }
+        };
+        let spec = DomainSpec {
+            name: opts.name.clone(),
+            kernel: fs::canonicalize(&opts.kernel).unwrap_or_else(|_| opts.kernel.clone()),
+            ramdisk: fs::canonicalize(&opts.ramdisk).unwrap_or_else(|_| opts.ramdisk.clone()),
+            memory_mib: opts.memory_mib,
+            disk,
+            create_args,
+        };
+        let bytes = serde_json::to_vec_pretty(&spec).expect("serialisable");
+        xvtpm_fsutil::write_atomic(&self.spec_file(&uuid), &bytes, 0o644)
+            .map_err(|e| fail(FAILURE, format!("writing {}: {e}", self.spec_file(&uuid).display())))?;
+        self.boot(admin, uuid, &spec, true, opts.ready_wait)
+    }
+
+    /// Boots the domain of an existing, stopped vTPM from its disk.
+    pub fn start(&self, admin: &mut Admin, uuid: &Uuid, ready_wait: Duration) -> Result<DomainRuntime, CliError> {
+        let spec = self.spec(uuid)?.ok_or_else(|| fail(NOT_FOUND, format!("vTPM {uuid} has no domain (not created with --domain)")))?;
+        if let Some(rt) = self.runtime(uuid) {
+            return Err(fail(REFUSED, format!("vTPM {uuid} is already running as domain {} ({})", rt.name, rt.domid)));
+        }
+        if self.domid(&spec.name).is_some() {
+            return Err(fail(REFUSED, format!("a domain named {:?} exists but is not this vTPM's; remove it first", spec.name)));
+        }
+        self.boot(admin, *uuid, &spec, false, ready_wait)
+    }
+
+    fn boot(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration) -> Result<DomainRuntime, CliError> {
+        fs::create_dir_all(self.local.run_dir.join("vtpms")).map_err(|e| fail(FAILURE, format!("creating the run dir: {e}")))?;
+        let mut undo = Undo::default();
+        let result = self.boot_steps(admin, uuid, spec, create, ready_wait, &mut undo);
+        if result.is_err() {
+            if let Some(domid) = undo.domid {
+                let _ = self.xl(&["destroy", &domid.to_string()]);
+            }
+            if undo.attached {
+                let _ = admin.call(&AdminRequest::VtpmDetach { uuid });
+            }
+            if let Some(l) = &undo.loop_device {
+                let _ = self.detach_loop(l);
+            }
+            let _ = fs::remove_file(self.runtime_file(&uuid));
+        }
+        result
+    }
+
+    fn boot_steps(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration, undo: &mut Undo) -> Result<DomainRuntime, CliError> {
+        let (disk_device, loop_device) = match &spec.disk {
+            Disk::Device(d) => (d.clone(), None),
+            Disk::Image(img) => {
+                let l = match loop_of(img) {
+                    Some(l) => l, // left over from a crash: reuse it
+                    None => {
+                        let l = self.attach_loop(img)?;
+                        undo.loop_device = Some(l.clone());
+                        l
+                    }
+                };
+                (l.clone(), Some(l))
+            }
+        };
+        let cfg = self.config_file(&uuid);
+        let text = render_config(&uuid, spec, &disk_device, create)?;
+        xvtpm_fsutil::write_atomic(&cfg, text.as_bytes(), 0o644).map_err(|e| fail(FAILURE, format!("writing {}: {e}", cfg.display())))?;
+        let cfg_s = quote(&cfg)?;
+        self.xl(&["create", "-p", &cfg_s])?;
+        let domid = self.domid(&spec.name).ok_or_else(|| fail(FAILURE, format!("xl create -p {cfg_s} succeeded but domain {} has no domid", spec.name)))?;
+        undo.domid = Some(domid);
+        admin.call(&AdminRequest::VtpmAttachDomain { uuid, domid })?;
+        undo.attached = true;
+        self.xl(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={uuid}")])?;
+        self.xl(&["unpause", &domid.to_string()])?;
+        wait_ready(domid, &uuid, ready_wait).map_err(|m| {
+            let console = format!("/var/log/xen/console/guest-{}.log", spec.name);
+            let tail = crate::local::tail(Path::new(&console), 15);
+            let hint = if tail.is_empty() { format!("see `xl console {}`", spec.name) } else { format!("last lines of {console}:\n{tail}") };
+            fail(FAILURE, format!("vTPM domain {} (domid {domid}) did not become ready: {m}; {hint}", spec.name))
+        })?;
+        let rt = DomainRuntime { uuid, name: spec.name.clone(), domid, disk_device, loop_device, config: cfg };
+        let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
+        xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o644)
+            .map_err(|e| fail(FAILURE, format!("writing the runtime record: {e}")))?;
+        Ok(rt)
+    }
+
+    fn attach_loop(&self, img: &Path) -> Result<PathBuf, CliError> {
+        let hint = "install util-linux (losetup) and load the loop module, or give --disk";
+        for _ in 0..5 {
+            let free = run_tool(&self.losetup, &["-f"], hint)?;
+            let dev = free.trim().to_string();
+            if !dev.starts_with("/dev/") {
+                return Err(fail(FAILURE, format!("losetup -f printed {dev:?}, not a device")));
+            }
+            // `losetup DEV FILE` works with util-linux and busybox alike.
+            if run_tool(&self.losetup, &[&dev, &quote(img)?], hint).is_ok() {
+                return Ok(PathBuf::from(dev));
+            }
+            if let Some(l) = loop_of(img) {
+                return Ok(l);
+            }
+            std::thread::sleep(Duration::from_millis(50)); // raced another attach: next free one
+        }
+        Err(fail(FAILURE, format!("could not put {} on a loop device ({hint})", img.display())))
+    }
+
+    fn detach_loop(&self, dev: &Path) -> Result<(), CliError> {
+        run_tool(&self.losetup, &["-d", &quote(dev)?], "").map(drop)
+    }
+
+    /// Shuts a vTPM domain down (clean stop, `xl destroy` after `grace`), detaches its loop
+    /// device and its manager attachment. Returns whether it was running.
+    pub fn stop(&self, admin: &mut Admin, uuid: &Uuid, grace: Duration) -> Result<bool, CliError> {
+        let spec = self.spec(uuid)?.ok_or_else(|| fail(NOT_FOUND, format!("vTPM {uuid} has no domain")))?;
+        let rt = self.runtime(uuid);
+        let was = rt.is_some();
+        if let Some(rt) = &rt {
+            let id = rt.domid.to_string();
+            let _ = self.xl(&["shutdown", &id]);
+            let deadline = Instant::now() + grace;
+            while self.domid(&rt.name) == Some(rt.domid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if self.domid(&rt.name) == Some(rt.domid) {
+                self.xl(&["destroy", &id])?;
+            }
+        }
+        // Whatever the record says, the image must not stay on a loop device.
+        if let Disk::Image(img) = &spec.disk {
+            let mut tries = 0;
+            while let Some(l) = loop_of(img) {
+                // blkback may hold the device for a moment after the domain is gone
+                if self.detach_loop(&l).is_ok() || tries >= 50 {
+                    break;
+                }
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = fs::remove_file(self.runtime_file(uuid));
+        let _ = fs::remove_file(self.config_file(uuid));
+        admin.call(&AdminRequest::VtpmDetach { uuid: *uuid })?;
+        Ok(was)
+    }
+}
+
+#[derive(Default)]
+struct Undo {
+    loop_device: Option<PathBuf>,
+    domid: Option<u32>,
+    attached: bool,
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+impl Mode0600 for fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+fn run_tool(bin: &Path, args: &[&str], hint: &str) -> Result<String, CliError> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .map_err(|e| fail(FAILURE, format!("cannot run {} ({e}); {hint}", bin.display())))?;
+    if !out.status.success() {
+        return Err(fail(
+            FAILURE,
+            format!("{} {} failed: {}", bin.display(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim()),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits until domain `domid` publishes `data/xvtpm/ready` = `uuid`; fails early if it
+/// publishes an exit code or disappears.
+fn wait_ready(domid: u32, uuid: &Uuid, limit: Duration) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        use xen_platform::xenstore::Xenstore;
+        let (xs, mut events) = xen_platform::xenstore::XsClient::open().await.map_err(|e| format!("xenstore: {e}"))?;
+        let home = format!("/local/domain/{domid}");
+        let ready = format!("{home}/data/xvtpm/ready");
+        let exit = format!("{home}/data/xvtpm/exit");
+        // Watches fire on creation; the poll below is the safety net.
+        let _ = xs.watch(&ready).await;
+        let _ = xs.watch(&exit).await;
+        let _ = xs.watch("@releaseDomain").await;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(v)) = xs.read(&ready).await {
+                let v = v.trim().to_string();
+                return if v == uuid.to_string() { Ok(()) } else { Err(format!("it says it serves vTPM {v:?}, not {uuid}")) };
+            }
+            if let Ok(Some(code)) = xs.read(&exit).await {
+                return Err(format!("vtpm-domain exited with code {}", code.trim()));
+            }
+            if xs.read(&format!("{home}/domid")).await.ok().flatten().is_none() {
+                return Err("the domain is gone".into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no data/xvtpm/ready within {} s", limit.as_secs()));
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(500)), events.next()).await;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> DomainSpec {
+        DomainSpec {
+            name: "vtpm-a".into(),
+            kernel: "/boot/vmlinuz".into(),
+            ramdisk: "/usr/lib/xvtpm/vtpmdom.cpio.zst".into(),
+            memory_mib: 128,
+            disk: Disk::Image("/var/lib/xvtpm/vtpms/x/disk.img".into()),
+            create_args: vec!["--ek".into(), "ecc".into()],
+        }
+    }
+
+    #[test]
+    fn config_carries_the_vtpm_argv_and_disk() {
+        let u = Uuid::parse_str("6d0b3b1e-8f57-4f5b-9d7a-4f2e7b7c1a01").unwrap();
+        let first = render_config(&u, &spec(), Path::new("/dev/loop3"), true).unwrap();
+        assert!(first.contains(&format!("-- --uuid {u} --state-block /dev/xvda --mgr-xen --listen xen --create --ek ecc\"")), "{first}");
+        assert!(first.contains("target=/dev/loop3\" ]"), "{first}");
+        assert!(first.contains("name = \"vtpm-a\"") && first.contains("memory = 128"), "{first}");
+        let again = render_config(&u, &spec(), Path::new("/dev/loop3"), false).unwrap();
+        assert!(!again.contains("--create") && !again.contains("--ek"), "{again}");
+        // the rendered config is one xl.cfg our own parser accepts
+        let parsed = crate::xlcfg::XlConfig::parse(&first).unwrap();
+        assert!(parsed.get("disk").is_some() && parsed.get("extra").is_some());
+    }
+
+    #[test]
+    fn hostile_paths_and_names_are_refused() {
+        let u = Uuid::nil();
+        let mut s = spec();
+        s.kernel = "/boot/x\",extra=\"evil".into();
+        let e = render_config(&u, &s, Path::new("/dev/loop0"), false).unwrap_err();
+        assert_eq!(e.code, USAGE);
+        let e = render_config(&u, &spec(), Path::new("/dev/loop0,access=ro"), false).unwrap_err();
+        assert!(e.message.contains("must not contain"), "{}", e.message);
+        for bad in ["", "123", "a b", "a\"b", "a/b", &"x".repeat(65)] {
+            assert_eq!(check_name(bad).unwrap_err().code, USAGE, "{bad:?}");
+        }
+        for good in ["vtpm-a", "vtpm_guest.1", "v1"] {
+            check_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn spec_round_trips() {
+        let s = spec();
+        let back: DomainSpec = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+}
