@@ -287,6 +287,13 @@ enum VtpmCmd {
     },
 }
 
+const DEFAULT_VTPMDOM_KERNEL: &str = "/usr/lib/xvtpm/vtpmdom/vmlinuz";
+const DEFAULT_VTPMDOM_RAMDISK: &str = "/usr/lib/xvtpm/vtpmdom/initrd";
+
+fn losetup_path() -> PathBuf {
+    std::env::var_os("XVTPM_LOSETUP").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("losetup"))
+}
+
 /// `vtpm create --domain`: the vTPM as the only program of its own Xen domain.
 #[derive(clap::Args, Debug)]
 struct DomainArgs {
@@ -295,10 +302,10 @@ struct DomainArgs {
     #[arg(long, value_name = "NAME")]
     domain: Option<String>,
     /// The vTPM domain's PV kernel.
-    #[arg(long, env = "XVTPM_VTPMDOM_KERNEL", default_value = "/usr/lib/xvtpm/vtpmdom/vmlinuz")]
+    #[arg(long, env = "XVTPM_VTPMDOM_KERNEL", default_value = DEFAULT_VTPMDOM_KERNEL)]
     kernel: PathBuf,
     /// The vTPM domain's initramfs (/init = vtpm-domain).
-    #[arg(long, env = "XVTPM_VTPMDOM_RAMDISK", default_value = "/usr/lib/xvtpm/vtpmdom/initrd")]
+    #[arg(long, env = "XVTPM_VTPMDOM_RAMDISK", default_value = DEFAULT_VTPMDOM_RAMDISK)]
     ramdisk: PathBuf,
     /// The vTPM domain's memory in MiB.
     #[arg(long, default_value_t = xl_tools::vtpmdom::DEFAULT_MEMORY_MIB, requires = "domain")]
@@ -424,7 +431,7 @@ fn run(args: Args) -> Result<(), CliError> {
     let domains = xl_tools::vtpmdom::Domains {
         local: &local,
         xl: xl_path(),
-        losetup: std::env::var_os("XVTPM_LOSETUP").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("losetup")),
+        losetup: losetup_path(),
     };
     let cmd = match args.cmd {
         Cmd::Guest(g) => return run_guest(g, json),
@@ -438,7 +445,16 @@ fn run(args: Args) -> Result<(), CliError> {
         }
         other => other,
     };
-    let xen = xenlife::Xen { local: local.clone(), xl: xl_path() };
+    let xen = xenlife::Xen {
+        local: local.clone(),
+        xl: xl_path(),
+        losetup: losetup_path(),
+        vtpmdom: xenlife::VtpmDomDefaults {
+            kernel: std::env::var_os("XVTPM_VTPMDOM_KERNEL").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_VTPMDOM_KERNEL)),
+            ramdisk: std::env::var_os("XVTPM_VTPMDOM_RAMDISK").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_VTPMDOM_RAMDISK)),
+            memory_mib: xl_tools::vtpmdom::DEFAULT_MEMORY_MIB,
+        },
+    };
     if let Cmd::Reboot { name } = &cmd {
         return xen.reboot(name);
     }

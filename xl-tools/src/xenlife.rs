@@ -7,11 +7,15 @@
 //! reach InitWait), then runs `xl create` with the resolved `vtpm=` line.
 //! Any failure rolls back what this invocation did: no half-created pair.
 //!
-//! Backend placement today is **dom0-process mode**: the guest's vTPM is a
-//! `vtpm-domain` process in dom0 serving tpmif for exactly that guest
-//! (`vtpm=["backend=0,uuid=<vTPM>"]`); its manager link is the local per-vTPM
-//! socket. In the registry its "vTPM domain" is the logical name
-//! `vtpm-<guest>` with domid 0.
+//! Backend placement follows the guest's `vtpm=` line:
+//! - `backend=0` (or no backend): **dom0-process mode**, the guest's vTPM is a
+//!   `vtpm-domain` process in dom0 serving tpmif for exactly that guest; its
+//!   manager link is the local per-vTPM socket. In the registry its "vTPM
+//!   domain" is the logical name `vtpm-<guest>` with domid 0.
+//! - `backend=NAME`: **domain mode**, the vTPM runs as the only program of its
+//!   own Xen domain `NAME` ([`crate::vtpmdom`]), made on first use (new disk,
+//!   new TPM) and booted again from its disk later; its manager link is tpmif
+//!   to vtpmmgr in dom0. The registry records that domain and its domid.
 //!
 //! `xl-vtpm watch` couples lifetimes: on every `@releaseDomain` it looks for
 //! running pairs whose guest is gone. While xl's monitor process for the
@@ -61,6 +65,40 @@ pub struct Xen {
     pub local: Local,
     /// The `xl` binary.
     pub xl: PathBuf,
+    /// The `losetup` binary (disk images of vTPM domains).
+    pub losetup: PathBuf,
+    /// How a new vTPM domain is made (kernel, ramdisk, memory).
+    pub vtpmdom: VtpmDomDefaults,
+}
+
+/// Kernel, ramdisk and memory of vTPM domains that `xl-vtpm create` makes.
+#[derive(Debug, Clone)]
+pub struct VtpmDomDefaults {
+    /// PV kernel.
+    pub kernel: PathBuf,
+    /// Initramfs with vtpm-domain as /init.
+    pub ramdisk: PathBuf,
+    /// Memory (MiB).
+    pub memory_mib: u32,
+}
+
+/// Where a guest's vTPM runs, from its `vtpm=` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// `backend=0` (or none): a vtpm-domain process in dom0.
+    Dom0Process,
+    /// `backend=NAME`: a vTPM domain of that name (made or started by xl-vtpm).
+    Domain(String),
+}
+
+impl Placement {
+    /// From a `vtpm=` backend value.
+    pub fn of_backend(backend: &str) -> Placement {
+        match backend {
+            "" | "0" | "Domain-0" => Placement::Dom0Process,
+            name => Placement::Domain(name.to_string()),
+        }
+    }
 }
 
 fn fail(code: i32, m: impl Into<String>) -> CliError {
@@ -82,6 +120,25 @@ pub fn vtpm_domain_name(guest: &str) -> String {
 }
 
 impl Xen {
+    fn domains(&self) -> crate::vtpmdom::Domains<'_> {
+        crate::vtpmdom::Domains { local: &self.local, xl: self.xl.clone(), losetup: self.losetup.clone() }
+    }
+
+    /// Whether vTPM `uuid` runs (its process, or its domain).
+    pub fn vtpm_running(&self, uuid: &Uuid) -> bool {
+        self.local.runtime(uuid).is_some() || self.domains().runtime(uuid).is_some()
+    }
+
+    /// Stops vTPM `uuid` however it runs (its state stays). Returns whether it was running.
+    pub fn stop_vtpm(&self, admin: &mut Admin, uuid: &Uuid) -> Result<bool, CliError> {
+        let d = self.domains();
+        if d.spec(uuid)?.is_some() {
+            d.stop(admin, uuid, crate::vtpmdom::SHUTDOWN_GRACE)
+        } else {
+            self.local.stop(admin, uuid, Duration::from_secs(5))
+        }
+    }
+
     fn registry(&self) -> Result<Registry, CliError> {
         std::fs::create_dir_all(&self.local.state_dir).map_err(|e| fail(FAILURE, format!("{}: {e}", self.local.state_dir.display())))?;
         Registry::open(&self.local.state_dir.join("registry.sqlite")).map_err(reg_err)
@@ -133,19 +190,12 @@ impl Xen {
         if specs.len() > 1 {
             return Err(fail(USAGE, format!("{}: vtpm= lists {} devices; a guest has one TPM", cfg_path.display(), specs.len())));
         }
-        if let Some(s) = specs.first()
-            && s.backend != "0"
-            && s.backend != "Domain-0"
-        {
-            return Err(fail(
-                USAGE,
-                format!(
-                    "{}: vtpm= backend={:?}: `xl-vtpm create` pairs a guest with a vTPM served from dom0 (backend=0); drop backend= or set it to 0 \
-                     (a vTPM in its own domain is made with `xl-vtpm vtpm create --domain NAME`, and its guest with plain `xl create`)",
-                    cfg_path.display(),
-                    s.backend
-                ),
-            ));
+        let placement = specs.first().map_or(Placement::Dom0Process, |s| Placement::of_backend(&s.backend));
+        if let Placement::Domain(d) = &placement {
+            crate::vtpmdom::check_name(d).map_err(|e| fail(USAGE, format!("{}: vtpm= backend={d:?}: {}", cfg_path.display(), e.message)))?;
+            if *d == name {
+                return Err(fail(USAGE, format!("{}: vtpm= backend={d:?} is the guest itself; name the vTPM domain (e.g. backend=vtpm-{name})", cfg_path.display())));
+            }
         }
         let reg = &mut self.registry()?;
         let bound = reg.get_by_guest(guest_uuid).map_err(reg_err)?;
@@ -159,10 +209,19 @@ impl Xen {
             return Err(fail(REFUSED, format!("guest {name} is already running (domid {domid})")));
         }
         let id = reg
-            .begin_create(&NewPair { guest_uuid, guest_name: name.clone(), vtpm_uuid, vtpm_domain: vtpm_domain_name(&name), group: group.clone() })
+            .begin_create(&NewPair {
+                guest_uuid,
+                guest_name: name.clone(),
+                vtpm_uuid,
+                vtpm_domain: match &placement {
+                    Placement::Dom0Process => vtpm_domain_name(&name),
+                    Placement::Domain(d) => d.clone(),
+                },
+                group: group.clone(),
+            })
             .map_err(reg_err)?;
         let mut undo = Undo { new_row: bound.is_none(), id, identity_created: false, started: false, uuid: vtpm_uuid };
-        let result = self.create_steps(admin, reg, &mut cfg, &name, vtpm_uuid, group, &mut undo);
+        let result = self.create_steps(admin, reg, &mut cfg, &name, vtpm_uuid, &placement, group, &mut undo);
         match result {
             Ok(row) => Ok(row),
             Err(e) => {
@@ -180,22 +239,72 @@ impl Xen {
         cfg: &mut XlConfig,
         name: &str,
         vtpm_uuid: Uuid,
+        placement: &Placement,
         group: Option<String>,
         undo: &mut Undo,
     ) -> Result<Row, CliError> {
-        let (identity_created, started) = self.ensure_vtpm_process(admin, vtpm_uuid, group)?;
+        let (identity_created, started, vtpm_domid) = match placement {
+            Placement::Dom0Process => {
+                let (c, s) = self.ensure_vtpm_process(admin, vtpm_uuid, group)?;
+                (c, s, 0)
+            }
+            Placement::Domain(d) => self.ensure_vtpm_domain(admin, vtpm_uuid, d, group)?,
+        };
         undo.identity_created = identity_created;
         undo.started = started;
-        reg.set_domids(undo.id, None, Some(0)).map_err(reg_err)?;
-        cfg.set_vtpms(&[VtpmSpec { backend: "0".into(), uuid: Some(vtpm_uuid) }]);
+        reg.set_domids(undo.id, None, Some(vtpm_domid)).map_err(reg_err)?;
+        let backend = match placement {
+            Placement::Dom0Process => "0".to_string(),
+            Placement::Domain(d) => d.clone(),
+        };
+        cfg.set_vtpms(&[VtpmSpec { backend, uuid: Some(vtpm_uuid) }]);
         let dir = self.local.run_dir.join("guests");
         std::fs::create_dir_all(&dir).map_err(|e| fail(FAILURE, format!("{}: {e}", dir.display())))?;
         let path = dir.join(format!("{name}.cfg"));
         xvtpm_fsutil::write_atomic(&path, cfg.render().as_bytes(), 0o600).map_err(|e| fail(FAILURE, format!("{}: {e}", path.display())))?;
         self.xl(&["create", path.to_str().unwrap_or_default()])?;
         let domid = self.domid_of(name).ok_or_else(|| fail(FAILURE, format!("xl create succeeded but guest {name} has no domid")))?;
-        reg.mark_running(undo.id, domid, 0).map_err(reg_err)?;
+        reg.mark_running(undo.id, domid, vtpm_domid).map_err(reg_err)?;
         reg.get(undo.id).map_err(reg_err)?.ok_or_else(|| fail(FAILURE, "registry row vanished"))
+    }
+
+    /// Makes sure vTPM `uuid` exists and runs in its own domain `name` (ready before it
+    /// returns). A new vTPM gets a new domain and disk. Returns (identity created now,
+    /// domain started now, the vTPM domain's domid).
+    pub fn ensure_vtpm_domain(&self, admin: &mut Admin, uuid: Uuid, name: &str, group: Option<String>) -> Result<(bool, bool, u32), CliError> {
+        let d = self.domains();
+        if let Some(rt) = d.runtime(&uuid) {
+            if rt.name != name {
+                return Err(fail(REFUSED, format!("vTPM {uuid} runs in domain {}, not {name:?}; fix the guest's vtpm= backend", rt.name)));
+            }
+            return Ok((false, false, rt.domid));
+        }
+        let wait = crate::vtpmdom::DEFAULT_READY_WAIT;
+        match admin.call(&AdminRequest::VtpmShow { uuid }) {
+            Ok(_) => {
+                let spec = d.spec(&uuid)?.ok_or_else(|| {
+                    fail(REFUSED, format!("vTPM {uuid} runs as a dom0 process (backend=0), not in a domain; keep backend=0 in the guest's vtpm= line"))
+                })?;
+                if spec.name != name {
+                    return Err(fail(REFUSED, format!("vTPM {uuid} belongs to vTPM domain {:?}, not {name:?}; fix the guest's vtpm= backend", spec.name)));
+                }
+                let rt = d.start(admin, &uuid, wait)?;
+                Ok((false, true, rt.domid))
+            }
+            Err(e) if e.code == NOT_FOUND => {
+                let opts = crate::vtpmdom::DomainOpts {
+                    name: name.to_string(),
+                    kernel: self.vtpmdom.kernel.clone(),
+                    ramdisk: self.vtpmdom.ramdisk.clone(),
+                    memory_mib: self.vtpmdom.memory_mib,
+                    disk: None,
+                    ready_wait: wait,
+                };
+                let rt = d.create(admin, group, Some(uuid), &opts, vec!["--ek".into(), "rsa".into()])?;
+                Ok((true, true, rt.domid))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes sure vTPM `uuid` exists in the manager and its dom0 tpmif
@@ -254,7 +363,7 @@ impl Xen {
                 if matches!(row.state, State::Running | State::Creating) {
                     reg.begin_destroy(row.id).map_err(reg_err)?;
                 }
-                self.local.stop(admin, &row.vtpm_uuid, Duration::from_secs(5))?;
+                self.stop_vtpm(admin, &row.vtpm_uuid)?;
                 if reg.get(row.id).map_err(reg_err)?.is_some_and(|r| r.state == State::Destroying) {
                     reg.mark_stopped(row.id).map_err(reg_err)?;
                 }
@@ -275,7 +384,7 @@ impl Xen {
 
     fn rollback(&self, admin: &mut Admin, reg: &mut Registry, undo: &Undo) {
         if undo.started {
-            let _ = self.local.stop(admin, &undo.uuid, Duration::from_secs(5));
+            let _ = self.stop_vtpm(admin, &undo.uuid);
         }
         if undo.identity_created {
             let _ = self.local.destroy(admin, &undo.uuid);
@@ -305,7 +414,7 @@ impl Xen {
                 Stop::Shutdown => self.xl(&["shutdown", "-w", name]).map(|_| ())?,
             }
         }
-        self.local.stop(admin, &row.vtpm_uuid, Duration::from_secs(5))?;
+        self.stop_vtpm(admin, &row.vtpm_uuid)?;
         if reg.get(row.id).map_err(reg_err)?.is_some_and(|r| r.state == State::Destroying) {
             reg.mark_stopped(row.id).map_err(reg_err)?;
         }
@@ -334,9 +443,11 @@ impl Xen {
             .map(|r| {
                 let guest = observed.iter().find(|o| o.name == r.guest_name).map(|o| o.domid);
                 let vtpm = self.local.runtime(&r.vtpm_uuid).map(|rt| rt.pid);
+                let vtpm_dom = self.domains().runtime(&r.vtpm_uuid).map(|rt| rt.domid);
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
                 v["guest_running_domid"] = serde_json::json!(guest);
                 v["vtpm_pid"] = serde_json::json!(vtpm);
+                v["vtpm_running_domid"] = serde_json::json!(vtpm_dom);
                 v
             })
             .collect())
@@ -371,7 +482,7 @@ impl Xen {
                     A::DestroyDomain { name, domid, .. } if name.starts_with("vtpm-") && *domid == 0 => {
                         let row = reg.list().map_err(reg_err)?.into_iter().find(|r| &r.vtpm_domain == name);
                         match row {
-                            Some(r) => self.local.stop(admin, &r.vtpm_uuid, Duration::from_secs(5)).map(|_| true),
+                            Some(r) => self.stop_vtpm(admin, &r.vtpm_uuid).map(|_| true),
                             None => Ok(false),
                         }
                     }
@@ -417,7 +528,7 @@ impl Xen {
                 }
                 None => {
                     reg.begin_destroy(r.id).map_err(reg_err)?;
-                    self.local.stop(admin, &r.vtpm_uuid, Duration::from_secs(5))?;
+                    self.stop_vtpm(admin, &r.vtpm_uuid)?;
                     reg.mark_stopped(r.id).map_err(reg_err)?;
                     done.push(format!("{}: guest gone; vTPM {} stopped", r.guest_name, r.vtpm_uuid));
                 }
