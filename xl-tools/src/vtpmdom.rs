@@ -344,6 +344,9 @@ impl Domains<'_> {
         self.xl(&["create", "-p", &cfg_s])?;
         let domid = self.domid(&spec.name).ok_or_else(|| fail(FAILURE, format!("xl create -p {cfg_s} succeeded but domain {} has no domid", spec.name)))?;
         undo.domid = Some(domid);
+        // The vTPM runs nowhere (checked by the callers): an attachment the manager still
+        // holds is stale (a domain that crashed or was destroyed behind our back).
+        admin.call(&AdminRequest::VtpmDetach { uuid })?;
         admin.call(&AdminRequest::VtpmAttachDomain { uuid, domid })?;
         undo.attached = true;
         self.xl(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={uuid}")])?;
