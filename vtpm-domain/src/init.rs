@@ -4,7 +4,8 @@
 //! binary, nothing else. When it finds itself running as PID 1 it does what an init system
 //! would, and no more:
 //!
-//! 1. mounts `/proc`, `/sys` and devtmpfs on `/dev`;
+//! 1. mounts `/proc`, `/sys` and devtmpfs on `/dev`, and opens `/dev/console` as stdio if
+//!    the kernel could not (an image built without device nodes);
 //! 2. loads the kernel modules named in [`LOAD_ORDER`] (one file name per line, relative to
 //!    `/lib/modules`, in dependency order; the image builder writes it) with `finit_module`;
 //! 3. makes the domain's shutdown requests reach it: `xl shutdown` makes the kernel run
@@ -75,6 +76,7 @@ pub fn setup() -> Result<Vec<String>, String> {
             Err(e) => return Err(format!("mounting {fstype} on {target}: {e}")),
         }
     }
+    attach_console();
     let loaded = load_modules(Path::new(LOAD_ORDER))?;
     // xl shutdown -> kernel runs poweroff_cmd; xl reboot -> SIGINT (instead of an unsynced restart).
     let me = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("/init"));
@@ -82,6 +84,25 @@ pub fn setup() -> Result<Vec<String>, String> {
     std::fs::write("/proc/sys/kernel/poweroff_cmd", &cmd).map_err(|e| format!("setting poweroff_cmd: {e}"))?;
     nix::sys::reboot::set_cad_enabled(false).map_err(|e| format!("disabling ctrl-alt-del: {e}"))?;
     Ok(loaded)
+}
+
+/// Gives us stdin/stdout/stderr on `/dev/console` if the kernel could not (an initramfs
+/// without a `/dev/console` node: the kernel opens it before devtmpfs is mounted).
+fn attach_console() {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl, open};
+    if fcntl(1, FcntlArg::F_GETFD).is_ok() {
+        return;
+    }
+    if let Ok(fd) = open("/dev/console", OFlag::O_RDWR | OFlag::O_NOCTTY, nix::sys::stat::Mode::empty()) {
+        for target in 0..=2 {
+            if fd != target {
+                let _ = nix::unistd::dup2(fd, target);
+            }
+        }
+        if fd > 2 {
+            let _ = nix::unistd::close(fd);
+        }
+    }
 }
 
 /// Loads each module of the list in order. A missing list means no modules.

@@ -57,9 +57,12 @@ fn main() {
     let as_init = init::is_pid1();
     // PID 1 in the vTPM's own domain: argv comes from the kernel command line after `--`.
     let args = if as_init {
-        println!("VTPMDOM-INIT vtpm-domain {} as the domain's init", env!("CARGO_PKG_VERSION"));
         match init::setup() {
-            Ok(loaded) => println!("VTPMDOM-INIT mounted /proc /sys /dev; modules loaded: {}", loaded.join(" ")),
+            Ok(loaded) => println!(
+                "VTPMDOM-INIT vtpm-domain {} as the domain's init; mounted /proc /sys /dev; modules loaded: {}",
+                env!("CARGO_PKG_VERSION"),
+                loaded.join(" ")
+            ),
             Err(e) => {
                 eprintln!("vtpm-domain: error: init: {e}");
                 init::power_off(1);
