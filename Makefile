@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: deps build demo test bench testbed clippy fmt clean
+.PHONY: deps build demo test bench testbed vtpmdom clippy fmt clean
 
 deps:
 	scripts/install-deps.sh
@@ -28,6 +28,12 @@ bench: deps
 ## The QEMU-based Xen testbed (real Xen 4.17 + Debian kernel under TCG).
 testbed: build
 	XVTPM_PROFILE=$${XVTPM_PROFILE:-debug} ci/testbed/run.sh
+
+## The boot image of a vTPM domain (kernel + initramfs with vtpm-domain as /init) for the
+## running kernel (KVER=… for another installed one): target/vtpmdom/{vmlinuz,initrd}.
+vtpmdom: deps
+	$(CARGO) build --release -p vtpm-domain --locked
+	scripts/build-vtpmdom.sh --vtpm-domain $(CARGO_TARGET_DIR)/release/vtpm-domain $${KVER:+--kver $$KVER}
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
