@@ -74,6 +74,12 @@ impl Config {
     pub fn attachments_path(&self) -> PathBuf {
         self.run_dir.join("attachments.json")
     }
+    /// Domain attachments (vTPM domains), kept beside the process attachments for the same
+    /// reason. A domain cannot be checked for liveness here; the toolstack detaches a vTPM
+    /// whose domain it stops, and `xl-vtpm` clears a stale attachment before booting a vTPM.
+    pub fn domain_attachments_path(&self) -> PathBuf {
+        self.run_dir.join("domain-attachments.json")
+    }
     /// The per-vTPM socket of `uuid`.
     pub fn vtpm_socket(&self, uuid: &Uuid) -> PathBuf {
         vtpm_socket(&self.run_dir, uuid)
@@ -154,7 +160,8 @@ impl Manager {
         }
         let hw = std::sync::Arc::new(std::sync::Mutex::new(hw));
         let attached = load_attachments(&cfg.attachments_path());
-        Ok(Manager { cfg, hw, store, master, attached, attached_domains: HashMap::new(), software_tpm, stats: Default::default() })
+        let attached_domains = load_domain_attachments(&cfg.domain_attachments_path(), &store);
+        Ok(Manager { cfg, hw, store, master, attached, attached_domains, software_tpm, stats: Default::default() })
     }
 
     /// The configuration.
@@ -402,6 +409,7 @@ impl Manager {
                 self.attached.remove(&uuid);
                 self.save_attachments();
                 self.attached_domains.remove(&uuid);
+                self.save_domain_attachments();
                 self.save()?;
                 info!(vtpm = %uuid, "vTPM identity deleted");
                 AdminReply::Ok
@@ -435,6 +443,7 @@ impl Manager {
                     return Err(fail(ErrorCode::Exists, format!("domain {domid} is already attached to vTPM {other}; one vTPM per domain")));
                 }
                 self.attached_domains.insert(uuid, domid);
+                self.save_domain_attachments();
                 info!(vtpm = %uuid, domid, "domain attached");
                 AdminReply::Ok
             }
@@ -442,6 +451,7 @@ impl Manager {
                 self.attached.remove(&uuid);
                 self.save_attachments();
                 if let Some(domid) = self.attached_domains.remove(&uuid) {
+                    self.save_domain_attachments();
                     info!(vtpm = %uuid, domid, "domain detached");
                 }
                 AdminReply::Ok
@@ -496,7 +506,29 @@ fn load_attachments(path: &Path) -> HashMap<Uuid, u32> {
     kept
 }
 
+/// Domain attachments of vTPMs that still exist (see [`Config::domain_attachments_path`]).
+fn load_domain_attachments(path: &Path, store: &crate::store::Store) -> HashMap<Uuid, u32> {
+    let Ok(bytes) = std::fs::read(path) else { return HashMap::new() };
+    let saved: Vec<(Uuid, u32)> = serde_json::from_slice(&bytes).unwrap_or_default();
+    let kept: HashMap<Uuid, u32> = saved
+        .into_iter()
+        .filter(|(u, d)| store.vtpm(u).is_some() && (1..0x7FF0).contains(d))
+        .collect();
+    if !kept.is_empty() {
+        info!(count = kept.len(), "kept vTPM domain attachments after restart");
+    }
+    kept
+}
+
 impl Manager {
+    fn save_domain_attachments(&self) {
+        let list: Vec<(Uuid, u32)> = self.attached_domains.iter().map(|(u, d)| (*u, *d)).collect();
+        let bytes = serde_json::to_vec(&list).expect("serialisable");
+        if let Err(e) = xvtpm_fsutil::write_atomic(&self.cfg.domain_attachments_path(), &bytes, 0o600) {
+            warn!(error = %e, "could not record vTPM domain attachments; a manager restart will need them re-attached");
+        }
+    }
+
     fn save_attachments(&self) {
         let list: Vec<(Uuid, u32, u64)> =
             self.attached.iter().filter_map(|(u, p)| Some((*u, *p, start_time(*p)?))).collect();

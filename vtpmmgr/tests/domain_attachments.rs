@@ -1,0 +1,45 @@
+//! A vTPM domain attachment survives a manager restart (the domain keeps running and must
+//! still be able to reach the manager), dies with the vTPM identity, and a detach sticks.
+
+use testkit::Swtpm;
+use uuid::Uuid;
+use vtpm_proto::mgr::{AdminReply, AdminRequest};
+use vtpmmgr::deepquote::BatchConfig;
+use vtpmmgr::manager::{Config, Manager};
+
+fn cfg(tpm: &Swtpm, dir: &std::path::Path) -> Config {
+    Config { tcti: tpm.tcti(), state_dir: dir.join("state"), run_dir: dir.join("run"), batch: BatchConfig::default() }
+}
+
+fn ok(r: AdminReply) {
+    assert!(matches!(r, AdminReply::Ok | AdminReply::Vtpm(_) | AdminReply::Status(_)), "{r:?}");
+}
+
+#[test]
+fn domain_attachments_survive_a_restart_and_follow_detach_and_delete() {
+    let tpm = Swtpm::start();
+    let dir = testkit::tempdir();
+    std::fs::create_dir_all(dir.path().join("run")).unwrap(); // the daemon makes it
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    {
+        let mut m = Manager::open(cfg(&tpm, dir.path())).expect("open");
+        ok(m.admin(AdminRequest::Provision { pcrs: vec![16] }));
+        for u in [a, b] {
+            ok(m.admin(AdminRequest::VtpmCreate { group: None, uuid: Some(u) }));
+        }
+        ok(m.admin(AdminRequest::VtpmAttachDomain { uuid: a, domid: 7 }));
+        ok(m.admin(AdminRequest::VtpmAttachDomain { uuid: b, domid: 8 }));
+    }
+    {
+        let mut m = Manager::open(cfg(&tpm, dir.path())).expect("reopen");
+        assert_eq!(m.attached_domain(&a), Some(7));
+        assert_eq!(m.attached_domain(&b), Some(8));
+        assert!(m.authorize_domain(a, 7, a).is_ok());
+        assert!(m.authorize_domain(a, 8, a).is_err(), "domain 8 is b's");
+        ok(m.admin(AdminRequest::VtpmDetach { uuid: a }));
+        ok(m.admin(AdminRequest::VtpmDel { uuid: b }));
+    }
+    let m = Manager::open(cfg(&tpm, dir.path())).expect("reopen again");
+    assert_eq!(m.attached_domain(&a), None, "the detach was forgotten");
+    assert_eq!(m.attached_domain(&b), None, "a deleted vTPM kept its domain");
+}
