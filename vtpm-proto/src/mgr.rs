@@ -244,6 +244,24 @@ pub struct StatusInfo {
     /// Whether deep-quote batching is on.
     #[serde(default)]
     pub batching: bool,
+    /// The rollback counter covering the manager's store (once provisioned). Boxed to keep
+    /// replies small.
+    #[serde(default)]
+    pub store_counter: Option<Box<StoreCounterInfo>>,
+}
+
+/// The monotonic counter in the physical TPM's NV that covers the manager's store: every
+/// store write increments it and records the new value in the (authenticated) store, and the
+/// manager refuses to start from a store whose value is not the counter's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreCounterInfo {
+    /// The NV index handle (owner range, e.g. `0x01805600`).
+    pub nv_index: u32,
+    /// The value the store records (its last write).
+    pub store_value: u64,
+    /// The value read from the TPM just now; `None` if it could not be read (see the manager's
+    /// log). It equals `store_value` unless something is wrong.
+    pub tpm_value: Option<u64>,
 }
 
 /// What an administrator may ask on the root-only admin socket.

@@ -49,6 +49,14 @@ enum Cmd {
         #[arg(long)]
         policy_key: PathBuf,
     },
+    /// Accept the store file as it is although it does not match its rollback counter in the
+    /// physical TPM (an older copy, a missing counter, …): every change after the copy was
+    /// made is lost. The manager refuses to start in that case and says why; stop it first.
+    AcceptStore {
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() {
@@ -65,6 +73,10 @@ fn main() {
             serve(cfg, xen)
         }
         Cmd::Reauthorize { policy_key } => vtpmmgr::reauthorize(&cfg, &policy_key),
+        Cmd::AcceptStore { yes: false } => Err(anyhow::anyhow!(
+            "accept-store discards every change made after this copy of the store was written (deleted vTPMs and groups may come back); re-run with --yes to accept it"
+        )),
+        Cmd::AcceptStore { yes: true } => vtpmmgr::accept_store(&cfg).map(|msg| eprintln!("vtpmmgr: {msg}")),
     };
     if let Err(e) = result {
         eprintln!("vtpmmgr: error: {e:#}");

@@ -17,13 +17,14 @@ use sha2::Sha256;
 use tracing::{info, warn};
 use uuid::Uuid;
 use vtpm_proto::mgr::{
-    AdminReply, AdminRequest, ErrorCode, Failure, GroupInfo, SecretBytes, StatusInfo, VtpmInfo, VtpmReply,
-    PROTOCOL_VERSION,
+    AdminReply, AdminRequest, ErrorCode, Failure, GroupInfo, SecretBytes, StatusInfo, StoreCounterInfo, VtpmInfo,
+    VtpmReply, PROTOCOL_VERSION,
 };
 use zeroize::Zeroizing;
 
 use crate::hwtpm::{AkAlg, HwTpm, MasterSecret, PcrPolicySpec};
-use crate::store::{Group, Store, VtpmEntry};
+use crate::rollback::{Protected, RollbackError};
+use crate::store::{Group, Store, StoreKeys, VtpmEntry};
 
 /// A physical quote to run outside the manager lock.
 pub struct QuoteJob {
@@ -105,6 +106,9 @@ pub enum OpenError {
     /// Store.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The store is not the newest, does not verify, or its counter is gone.
+    #[error(transparent)]
+    Rollback(crate::rollback::RollbackError),
     /// The master secret does not unseal.
     #[error("cannot unseal the master secret: {0}. If the host was upgraded on purpose, authorise the new PCR values with `vtpmmgr reauthorize --policy-key <admin key>`; otherwise the host is not in its provisioned state")]
     Unseal(crate::hwtpm::HwTpmError),
@@ -118,6 +122,8 @@ pub struct Manager {
     /// to be authorised and queued, or natural batching degenerates.
     hw: std::sync::Arc<std::sync::Mutex<HwTpm>>,
     store: Store,
+    /// The store's file, keys and rollback counter (present once provisioned).
+    protected: Option<Protected>,
     master: Option<MasterSecret>,
     attached: HashMap<Uuid, u32>,
     /// vTPM → the Xen domain attached to it (`VtpmAttachDomain`).
@@ -150,18 +156,29 @@ impl Manager {
         if software_tpm {
             warn!("INSECURE: the physical TPM is a software TPM; use this only for tests");
         }
-        let store = Store::load(&cfg.store_path())?;
-        let master = match &store.provision {
-            Some(rec) => Some(hw.unseal_master(rec).map_err(OpenError::Unseal)?),
-            None => None,
-        };
+        let opened = crate::rollback::open(
+            &mut hw,
+            &cfg.store_path(),
+            &mut |hw, rec| hw.unseal_master(rec),
+            crate::rollback::Mode::Refuse,
+        )
+        .map_err(|e| match e {
+            RollbackError::Unseal(e) => OpenError::Unseal(e),
+            RollbackError::Store(e) => OpenError::Store(e),
+            e => OpenError::Rollback(e),
+        })?;
+        let (store, master, protected) = (opened.store, opened.master, opened.protected);
+        if let Some(p) = &protected {
+            let c = p.counter();
+            info!(store = %cfg.store_path().display(), nv_index = %format!("{:#010x}", c.nv_index), value = c.value, "store matches its rollback counter");
+        }
         if master.is_none() {
             warn!("manager is not provisioned; it serves no vTPM until `xl-vtpm mgr provision`");
         }
         let hw = std::sync::Arc::new(std::sync::Mutex::new(hw));
         let attached = load_attachments(&cfg.attachments_path());
         let attached_domains = load_domain_attachments(&cfg.domain_attachments_path(), &store);
-        Ok(Manager { cfg, hw, store, master, attached, attached_domains, software_tpm, stats: Default::default() })
+        Ok(Manager { cfg, hw, store, protected, master, attached, attached_domains, software_tpm, stats: Default::default() })
     }
 
     /// The configuration.
@@ -321,8 +338,37 @@ impl Manager {
         }
     }
 
-    fn save(&self) -> Result<(), AdminReply> {
-        self.store.save(&self.cfg.store_path()).map_err(|e| fail(ErrorCode::Internal, e.to_string()))
+    /// Makes `next` the store: written durably under the rollback counter
+    /// ([`crate::rollback`]) first, adopted in memory only once that worked.
+    fn commit(&mut self, next: Store) -> Result<(), AdminReply> {
+        let Some(prot) = self.protected.as_mut() else {
+            return Err(fail(ErrorCode::NotProvisioned, "the manager is not provisioned"));
+        };
+        let mut hw = self.hw.lock().unwrap_or_else(|p| p.into_inner());
+        let code = |e: &RollbackError| match e {
+            RollbackError::Tpm(_) | RollbackError::Staged { .. } => ErrorCode::Tpm,
+            _ => ErrorCode::Internal,
+        };
+        self.store = prot.commit(&mut hw, next).map_err(|e| fail(code(&e), format!("writing the manager store: {e}")))?;
+        Ok(())
+    }
+
+    /// The store's rollback counter: the value the store records and the TPM's now.
+    fn store_counter(&self) -> Option<Box<StoreCounterInfo>> {
+        let p = self.protected.as_ref()?;
+        let c = p.counter();
+        let tpm = match p.tpm_value(&mut self.hw()) {
+            Ok(crate::hwtpm::CounterProbe::Value(v)) => Some(v),
+            Ok(other) => {
+                warn!(nv_index = %format!("{:#010x}", c.nv_index), state = ?other, "store counter unreadable");
+                None
+            }
+            Err(e) => {
+                warn!(nv_index = %format!("{:#010x}", c.nv_index), error = %e, "store counter unreadable");
+                None
+            }
+        };
+        Some(Box::new(StoreCounterInfo { nv_index: c.nv_index, store_value: c.value, tpm_value: tpm }))
     }
 
     fn status(&mut self) -> StatusInfo {
@@ -337,6 +383,7 @@ impl Manager {
             deep_quotes: self.stats.answered.load(std::sync::atomic::Ordering::Relaxed),
             physical_quotes: self.stats.physical_quotes.load(std::sync::atomic::Ordering::Relaxed),
             batching: self.cfg.batch.max_batch > 1,
+            store_counter: self.store_counter(),
         }
     }
 
@@ -361,8 +408,9 @@ impl Manager {
                 }
                 let ak = self.hw().create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the group's AK: {e}")))?;
                 let g = Group { uuid: Uuid::new_v4(), name, ak };
-                self.store.groups.push(g.clone());
-                self.save()?;
+                let mut next = self.store.clone();
+                next.groups.push(g.clone());
+                self.commit(next)?;
                 info!(group = %g.uuid, name = %g.name, "group added");
                 AdminReply::Group(self.group_info(&g))
             }
@@ -376,8 +424,9 @@ impl Manager {
                 if members > 0 {
                     return Err(fail(ErrorCode::BadRequest, format!("group {:?} still has {members} vTPM(s); delete them first", g.name)));
                 }
-                self.store.groups.retain(|x| x.uuid != g.uuid);
-                self.save()?;
+                let mut next = self.store.clone();
+                next.groups.retain(|x| x.uuid != g.uuid);
+                self.commit(next)?;
                 AdminReply::Ok
             }
             AdminRequest::VtpmCreate { group, uuid } => {
@@ -390,8 +439,9 @@ impl Manager {
                     return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} exists already")));
                 }
                 let v = VtpmEntry { uuid, group: g.uuid, created: now() };
-                self.store.vtpms.push(v.clone());
-                self.save()?;
+                let mut next = self.store.clone();
+                next.vtpms.push(v.clone());
+                self.commit(next)?;
                 info!(vtpm = %uuid, group = %v.group, "vTPM identity created");
                 AdminReply::Vtpm(self.vtpm_info(&v))
             }
@@ -405,12 +455,13 @@ impl Manager {
                 if let Some(pid) = self.attached.get(&uuid).copied().filter(|p| pid_alive(*p)) {
                     return Err(fail(ErrorCode::BadRequest, format!("vTPM {uuid} is still served by process {pid}; stop it first (`xl-vtpm vtpm stop {uuid}`)")));
                 }
-                self.store.vtpms.retain(|v| v.uuid != uuid);
+                let mut next = self.store.clone();
+                next.vtpms.retain(|v| v.uuid != uuid);
+                self.commit(next)?;
                 self.attached.remove(&uuid);
                 self.save_attachments();
                 self.attached_domains.remove(&uuid);
                 self.save_domain_attachments();
-                self.save()?;
                 info!(vtpm = %uuid, "vTPM identity deleted");
                 AdminReply::Ok
             }
@@ -474,11 +525,19 @@ impl Manager {
         let key_path = self.cfg.policy_key_path();
         xvtpm_fsutil::write_atomic(&key_path, &policy_key[..], 0o600)
             .map_err(|e| fail(ErrorCode::Internal, format!("writing {}: {e}", key_path.display())))?;
-        self.store.provision = Some(rec);
-        self.store.groups = vec![Group { uuid: Uuid::new_v4(), name: DEFAULT_GROUP.into(), ak }];
-        self.save()?;
+        let first = Store {
+            provision: Some(rec),
+            groups: vec![Group { uuid: Uuid::new_v4(), name: DEFAULT_GROUP.into(), ak }],
+            ..Store::empty()
+        };
+        let path = self.cfg.store_path();
+        let (store, prot) = crate::rollback::bind_new_counter(&mut self.hw(), &path, StoreKeys::derive(&master), first)
+            .map_err(|e| fail(ErrorCode::Tpm, format!("provisioning: writing the store under its rollback counter: {e}")))?;
+        let c = prot.counter();
+        self.store = store;
+        self.protected = Some(prot);
         self.master = Some(master);
-        info!(pcrs = ?pcrs, "manager provisioned");
+        info!(pcrs = ?pcrs, nv_index = %format!("{:#010x}", c.nv_index), counter = c.value, "manager provisioned");
         Ok(AdminReply::Status(self.status()))
     }
 }

@@ -1,19 +1,39 @@
-//! The manager's persistent store: provisioning record, groups and vTPM
-//! identities, one JSON document replaced atomically on every change.
+//! The manager's persistent store: provisioning record, groups, vTPM identities and
+//! the store's rollback counter, one JSON document replaced atomically on every change.
 //!
 //! Nothing secret is in it: the master secret exists on disk only as a TPM
 //! sealed object (its private part encrypted under the SRK), and the AK
 //! private parts are likewise TPM-wrapped blobs. The file is still mode 0600.
+//!
+//! **Integrity** (format 2): the document carries `mac`, HMAC-SHA256 under a key derived
+//! from the master secret ([`StoreKeys`]) over the rest of the document, so nobody who
+//! cannot unseal the master secret can edit it — in particular not the counter value it
+//! records. The MAC covers the document's meaning, not its bytes: it is computed over the
+//! compact JSON serialisation of [`Store`] (fixed field order, no maps), so re-formatting
+//! the file does not break it, but changing, adding or removing any field the manager reads
+//! does. **Freshness** is the rollback counter's job ([`crate::rollback`]).
+//!
+//! Format 1 (before the rollback counter) had neither `counter` nor `mac`; it is read once,
+//! to migrate it ([`crate::rollback`]).
 
 use std::path::{Path, PathBuf};
 
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
-use crate::hwtpm::{AkRecord, ProvisionRecord};
+use crate::hwtpm::{AkRecord, MasterSecret, ProvisionRecord};
 
-/// Store format version.
-pub const STORE_VERSION: u32 = 1;
+/// Store format version written by this code.
+pub const STORE_VERSION: u32 = 2;
+/// The format before the rollback counter: no counter, no MAC. Read only to migrate it.
+pub const STORE_VERSION_UNPROTECTED: u32 = 1;
+
+/// Domain separation of the store MAC.
+const MAC_CONTEXT: &[u8] = b"xvtpm/manager-store/v2\0";
 
 /// A group and its attestation key.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -37,6 +57,28 @@ pub struct VtpmEntry {
     pub created: u64,
 }
 
+/// Which NV counter covers the store, and which of its values this copy of the store is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CounterRecord {
+    /// TPM handle of the NV counter index (JSON: `"0x01805600"`).
+    #[serde(with = "hexhandle")]
+    pub nv_index: u32,
+    /// The counter's value right after the increment that preceded this write.
+    pub value: u64,
+}
+
+mod hexhandle {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:#010x}"))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let s = String::deserialize(d)?;
+        let hex = s.strip_prefix("0x").ok_or_else(|| serde::de::Error::custom("NV index: expected 0x…"))?;
+        u32::from_str_radix(hex, 16).map_err(serde::de::Error::custom)
+    }
+}
+
 /// The whole store.
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
 pub struct Store {
@@ -48,6 +90,18 @@ pub struct Store {
     pub groups: Vec<Group>,
     /// vTPM identities.
     pub vtpms: Vec<VtpmEntry>,
+    /// The rollback counter (format 2; set by [`crate::rollback`] on every write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<CounterRecord>,
+}
+
+/// The file: the store plus its MAC.
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    #[serde(flatten)]
+    store: Store,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
 }
 
 /// Store errors.
@@ -71,33 +125,130 @@ pub enum StoreError {
         /// Cause.
         source: serde_json::Error,
     },
-    /// A newer format.
-    #[error("manager store {0} has format version {1}; this vtpmmgr reads {STORE_VERSION}")]
+    /// A format this code does not read.
+    #[error("manager store {0} has format version {1}; this vtpmmgr reads {STORE_VERSION_UNPROTECTED} and {STORE_VERSION}")]
     Version(PathBuf, u32),
+    /// The MAC does not verify.
+    #[error("manager store {path} fails its integrity check ({why}): it was edited or damaged after the manager wrote it, or it belongs to another provisioning; it was left untouched — restore the newest copy from backup")]
+    Tampered {
+        /// Path.
+        path: PathBuf,
+        /// What is wrong.
+        why: &'static str,
+    },
+}
+
+/// The keys the manager derives from its master secret for its store: the store MAC key
+/// and the rollback counter's authorisation value. Zeroed on drop, redacted in `Debug`.
+pub struct StoreKeys {
+    mac: Zeroizing<[u8; 32]>,
+    nv_auth: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for StoreKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreKeys([REDACTED])")
+    }
+}
+
+fn hkdf32(master: &MasterSecret, salt: &[u8]) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(Some(salt), &master[..]);
+    let mut okm = Zeroizing::new([0u8; 32]);
+    hk.expand(b"", okm.as_mut()).expect("32 bytes is a valid HKDF-SHA256 output length");
+    okm
+}
+
+impl StoreKeys {
+    /// `mac = HKDF-SHA256(master, salt "xvtpm/store-mac/v1")`,
+    /// `nv_auth = HKDF-SHA256(master, salt "xvtpm/store-counter-auth/v1")` (state keys use
+    /// salt "xvtpm/state-key/v1", so none of these can equal another).
+    pub fn derive(master: &MasterSecret) -> StoreKeys {
+        StoreKeys { mac: hkdf32(master, b"xvtpm/store-mac/v1"), nv_auth: hkdf32(master, b"xvtpm/store-counter-auth/v1") }
+    }
+
+    /// The rollback counter's authorisation value.
+    pub fn nv_auth(&self) -> &[u8] {
+        &self.nv_auth[..]
+    }
+
+    fn mac(&self, store: &Store) -> Hmac<Sha256> {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.mac[..]).expect("HMAC takes any key length");
+        m.update(MAC_CONTEXT);
+        m.update(&serde_json::to_vec(store).expect("the store always serialises"));
+        m
+    }
+}
+
+/// A store as read from disk, not yet authenticated.
+#[derive(Debug)]
+pub struct Unverified {
+    store: Store,
+    mac: Option<String>,
+    path: PathBuf,
+}
+
+impl Unverified {
+    /// The format version the file claims.
+    pub fn version(&self) -> u32 {
+        self.store.version
+    }
+
+    /// The provisioning record (needed to unseal the master secret, which the MAC check
+    /// needs; an edited record simply does not unseal, or unseals nothing that verifies).
+    pub fn provision(&self) -> Option<&ProvisionRecord> {
+        self.store.provision.as_ref()
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks the MAC (format 2).
+    pub fn verify(self, keys: &StoreKeys) -> Result<Store, StoreError> {
+        let tampered = |why| StoreError::Tampered { path: self.path.clone(), why };
+        if self.store.version != STORE_VERSION {
+            return Err(tampered("it is not a format-2 store"));
+        }
+        let mac = self.mac.as_deref().ok_or_else(|| tampered("it has no mac"))?;
+        let mac = hex::decode(mac).map_err(|_| tampered("its mac is not hex"))?;
+        keys.mac(&self.store).verify_slice(&mac).map_err(|_| tampered("HMAC-SHA256 under the master secret does not match"))?;
+        if self.store.counter.is_none() {
+            return Err(tampered("it records no rollback counter"));
+        }
+        Ok(self.store)
+    }
+
+    /// A format-1 store as it is (it has no MAC: the caller migrates it).
+    pub fn unprotected(self) -> Option<Store> {
+        (self.store.version == STORE_VERSION_UNPROTECTED).then_some(self.store)
+    }
+}
+
+/// Reads the store at `path`; `None` if there is no file.
+pub fn read(path: &Path) -> Result<Option<Unverified>, StoreError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StoreError::Io { what: "reading", path: path.into(), source }),
+    };
+    let d: OnDisk = serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path: path.into(), source })?;
+    if d.store.version != STORE_VERSION && d.store.version != STORE_VERSION_UNPROTECTED {
+        return Err(StoreError::Version(path.into(), d.store.version));
+    }
+    Ok(Some(Unverified { store: d.store, mac: d.mac, path: path.into() }))
+}
+
+/// The file contents of `store` (format 2) with its MAC.
+pub fn encode(store: &Store, keys: &StoreKeys) -> Vec<u8> {
+    let mac = hex::encode(keys.mac(store).finalize().into_bytes());
+    serde_json::to_vec_pretty(&OnDisk { store: store.clone(), mac: Some(mac) }).expect("the store always serialises")
 }
 
 impl Store {
-    /// Loads the store, or an empty one if the file does not exist.
-    pub fn load(path: &Path) -> Result<Store, StoreError> {
-        xvtpm_fsutil::remove_stale_temps(path);
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Store { version: STORE_VERSION, ..Default::default() });
-            }
-            Err(source) => return Err(StoreError::Io { what: "reading", path: path.into(), source }),
-        };
-        let s: Store = serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path: path.into(), source })?;
-        if s.version != STORE_VERSION {
-            return Err(StoreError::Version(path.into(), s.version));
-        }
-        Ok(s)
-    }
-
-    /// Writes the store atomically.
-    pub fn save(&self, path: &Path) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec_pretty(self).expect("the store always serialises");
-        xvtpm_fsutil::write_atomic(path, &bytes, 0o600).map_err(|source| StoreError::Io { what: "writing", path: path.into(), source })
+    /// An empty (unprovisioned) store.
+    pub fn empty() -> Store {
+        Store { version: STORE_VERSION, ..Default::default() }
     }
 
     /// Finds a group by UUID or name.
@@ -108,5 +259,63 @@ impl Store {
     /// Finds a vTPM.
     pub fn vtpm(&self, uuid: &Uuid) -> Option<&VtpmEntry> {
         self.vtpms.iter().find(|v| v.uuid == *uuid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hwtpm::Secret;
+
+    fn keys(b: u8) -> StoreKeys {
+        StoreKeys::derive(&Secret::new([b; 32]))
+    }
+
+    fn sample() -> Store {
+        Store {
+            version: STORE_VERSION,
+            provision: None,
+            groups: vec![],
+            vtpms: vec![VtpmEntry { uuid: Uuid::from_u128(7), group: Uuid::from_u128(1), created: 5 }],
+            counter: Some(CounterRecord { nv_index: 0x0180_5600, value: 42 }),
+        }
+    }
+
+    fn roundtrip(bytes: &[u8], k: &StoreKeys) -> Result<Store, StoreError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("manager.json");
+        std::fs::write(&p, bytes).unwrap();
+        read(&p).unwrap().unwrap().verify(k)
+    }
+
+    #[test]
+    fn mac_verifies_and_binds_every_field() {
+        let k = keys(1);
+        let bytes = encode(&sample(), &k);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains("\"nv_index\": \"0x01805600\""), "{text}");
+        assert_eq!(roundtrip(&bytes, &k).unwrap(), sample());
+        // Re-formatting keeps the meaning, so the MAC still holds.
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(roundtrip(&serde_json::to_vec(&v).unwrap(), &k).unwrap(), sample());
+        // Another master secret, an edited counter, an added vTPM: refused.
+        assert!(matches!(roundtrip(&bytes, &keys(2)), Err(StoreError::Tampered { .. })));
+        let edited = text.replace("\"value\": 42", "\"value\": 43");
+        assert_ne!(edited, text);
+        assert!(matches!(roundtrip(edited.as_bytes(), &k), Err(StoreError::Tampered { .. })));
+        let mut more = v.clone();
+        let first = more["vtpms"][0].clone();
+        more["vtpms"].as_array_mut().unwrap().push(first);
+        assert!(matches!(roundtrip(&serde_json::to_vec(&more).unwrap(), &k), Err(StoreError::Tampered { .. })));
+        let mut nomac = v;
+        nomac.as_object_mut().unwrap().remove("mac");
+        assert!(matches!(roundtrip(&serde_json::to_vec(&nomac).unwrap(), &k), Err(StoreError::Tampered { .. })));
+    }
+
+    #[test]
+    fn keys_are_distinct_and_redacted() {
+        let k = keys(3);
+        assert_ne!(&k.mac[..], k.nv_auth());
+        assert_eq!(format!("{k:?}"), "StoreKeys([REDACTED])");
     }
 }

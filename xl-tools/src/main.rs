@@ -369,6 +369,14 @@ fn print_status(s: &StatusInfo, json: bool) {
     println!("sealed PCRs:  {:?} (sha256)", s.sealed_pcrs);
     println!("groups:       {}", s.groups);
     println!("vTPMs:        {}", s.vtpms);
+    if let Some(c) = &s.store_counter {
+        let tpm = match c.tpm_value {
+            Some(v) if v == c.store_value => "matches the TPM".to_string(),
+            Some(v) => format!("the TPM reads {v}: MISMATCH, see the manager's log"),
+            None => "the TPM's value could not be read: see the manager's log".to_string(),
+        };
+        println!("store counter: NV {:#010x} = {} ({tpm})", c.nv_index, c.store_value);
+    }
     println!("version:      {}", s.version);
 }
 
