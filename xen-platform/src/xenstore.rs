@@ -24,9 +24,21 @@
 //!   Write creates parents implicitly; paths are given absolute (or relative, which xenstored
 //!   resolves against `/local/domain/<our domid>`); device directories are tiny.
 //! - **Non-UTF-8 values** are an `InvalidData` error, which surfaces as an [`XsError`].
-//! - Its mux task dies if more than 32 requests are in flight at once; the backend issues one
-//!   request at a time. If the task dies every call fails with `BrokenPipe` and
-//!   [`WatchEvents::next`] returns `None`.
+//! - Its mux task dies if more than 32 requests are in flight at once. If the task dies every
+//!   call fails with `BrokenPipe` and [`WatchEvents::next`] returns `None`.
+//!
+//! # One request at a time (a Linux `/dev/xen/xenbus` deadlock)
+//!
+//! In a domU the client talks through the kernel's `/dev/xen/xenbus`. There, a WATCH or UNWATCH
+//! is executed inside `write()` while the file's `msgbuffer_mutex` is held, and waits for
+//! xenstored's answer; but the kernel thread that reads xenstored's answers first delivers the
+//! reply to any *other* request still outstanding on the same file, and that delivery
+//! (`xenbus_dev_queue_reply`) takes the same `msgbuffer_mutex`. With a read in flight when an
+//! UNWATCH is written, both wait forever (seen in the testbed: `vtpm-domain` and `xenbus` hung
+//! after a guest went away). So [`XsClient`] keeps at most one request outstanding: every
+//! operation holds `one_at_a_time` until its answer is in, and `unwatch` waits until
+//! xenstore-rs has sent the UNWATCH (it does so when the watch stream is dropped) by following
+//! it with a read of `domid` and awaiting that answer.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::{Future, poll_fn};
@@ -197,6 +209,8 @@ pub struct XsClient {
     xs: xenstore_rs::tokio::XsTokio,
     queue: Arc<WatchQueue>,
     watches: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Held across each request and its answer (see the module docs).
+    one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 impl XsClient {
@@ -211,6 +225,7 @@ impl XsClient {
             xs,
             queue: queue.clone(),
             watches: Mutex::new(HashMap::new()),
+            one_at_a_time: tokio::sync::Mutex::new(()),
         };
         Ok((client, WatchEvents::new(queue)))
     }
@@ -240,6 +255,7 @@ fn not_found(e: &io::Error) -> bool {
 
 impl Xenstore for XsClient {
     async fn read(&self, path: &str) -> Result<Option<String>, XsError> {
+        let _one = self.one_at_a_time.lock().await;
         match self.xs.read(path).await {
             Ok(v) => Ok(Some(v.into())),
             Err(e) if not_found(&e) => Ok(None),
@@ -248,6 +264,7 @@ impl Xenstore for XsClient {
     }
 
     async fn write(&self, path: &str, value: &str) -> Result<(), XsError> {
+        let _one = self.one_at_a_time.lock().await;
         self.xs
             .write(path, value)
             .await
@@ -255,6 +272,7 @@ impl Xenstore for XsClient {
     }
 
     async fn rm(&self, path: &str) -> Result<(), XsError> {
+        let _one = self.one_at_a_time.lock().await;
         match self.xs.rm(path).await {
             Ok(()) => Ok(()),
             Err(e) if not_found(&e) => Ok(()),
@@ -263,6 +281,7 @@ impl Xenstore for XsClient {
     }
 
     async fn directory(&self, path: &str) -> Result<Option<Vec<String>>, XsError> {
+        let _one = self.one_at_a_time.lock().await;
         match self.xs.directory(path).await {
             Ok(list) => Ok(Some(list.into_iter().map(String::from).collect())),
             Err(e) if not_found(&e) => Ok(None),
@@ -271,6 +290,7 @@ impl Xenstore for XsClient {
     }
 
     async fn watch(&self, path: &str) -> Result<(), XsError> {
+        let _one = self.one_at_a_time.lock().await;
         if self.watches().contains_key(path) {
             return Ok(());
         }
@@ -297,8 +317,14 @@ impl Xenstore for XsClient {
 
     async fn unwatch(&self, path: &str) -> Result<(), XsError> {
         // Aborting the task drops the stream, which makes xenstore-rs send UNWATCH.
-        if let Some(task) = self.watches().remove(path) {
+        let _one = self.one_at_a_time.lock().await;
+        let task = self.watches().remove(path);
+        if let Some(task) = task {
             task.abort();
+            // Once the task is gone its stream is dropped, and the UNWATCH is queued.
+            let _ = task.await;
+            // The mux sends in order: when this answer is in, the UNWATCH was written and done.
+            let _ = self.xs.read("domid").await;
         }
         Ok(())
     }
