@@ -566,6 +566,23 @@ pub mod testing {
     }
 }
 
+/// The request of a page in SUBMIT, copied out (never borrowed), without
+/// changing the page: for a backend that answers later (see
+/// `xenbus::Backend::defer`). `None` if the page is not in a valid SUBMIT.
+pub fn peek_submit(page: &impl SharedPage) -> Option<Vec<u8>> {
+    let header = Header::read_from(page).ok()?;
+    if PageState::try_from(header.state) != Ok(PageState::Submit) {
+        return None;
+    }
+    let len = usize::try_from(header.length).ok()?;
+    if len == 0 || len > header.max_packet() {
+        return None;
+    }
+    let mut cmd = vec![0u8; len];
+    page.read_bytes(header.data_offset(), &mut cmd).ok()?;
+    Some(cmd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::testing::check_step_invariants;
@@ -861,21 +878,4 @@ mod tests {
             check_step_invariants(&vec![1u8; n]);
         }
     }
-}
-
-/// The request of a page in SUBMIT, copied out (never borrowed), without
-/// changing the page: for a backend that answers later (see
-/// `xenbus::Backend::defer`). `None` if the page is not in a valid SUBMIT.
-pub fn peek_submit(page: &impl SharedPage) -> Option<Vec<u8>> {
-    let header = Header::read_from(page).ok()?;
-    if PageState::try_from(header.state) != Ok(PageState::Submit) {
-        return None;
-    }
-    let len = usize::try_from(header.length).ok()?;
-    if len == 0 || len > header.max_packet() {
-        return None;
-    }
-    let mut cmd = vec![0u8; len];
-    page.read_bytes(header.data_offset(), &mut cmd).ok()?;
-    Some(cmd)
 }
