@@ -3,21 +3,23 @@
 # the project's binaries:
 #   $OUT/img/domu.cpio.zst    guest: busybox, tpm2-tools + libs, xenstore client, xen-tpmfront.ko,
 #                             xl-vtpm (for `xl-vtpm guest deep-quote`)
-#   $OUT/img/vtpmdom.cpio.zst vTPM domain, unikernel-style: /init = vtpm-domain + its libs
-#                             (or a busybox placeholder backend, see XVTPM_VTPM_PLACEHOLDER)
+#   $OUT/img/vtpmdom.cpio.zst vTPM domain, unikernel-style (scripts/build-vtpmdom.sh --root, the
+#                             image real hosts use): /init = vtpm-domain + its libs, xen-evtchn,
+#                             xen-gntdev, xen-gntalloc, xen-blkfront + /lib/modules/load-order
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
-#                             Xen/TPM modules, /scenario.sh, the guest kernel + the two images above
+#                             Xen/TPM/block modules, /scenario.sh, /etc/xen/scripts/block
+#                             (xen-block-hotplug.sh), the guest kernel + the two images above
+#                             (the vTPM-domain image as /usr/lib/xvtpm/vtpmdom/initrd)
 # Every shared library comes from ci/cache/root (the pinned .debs); a library that
 # resolves only on the host is an error (XVTPM_ALLOW_HOST_LIBS=1 to allow it).
 #
 # Env: XVTPM_CACHE (ci/cache), XVTPM_OUT (ci/out), CARGO_TARGET_DIR (target),
 #      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer vtpm-domain),
-#      XVTPM_VTPM_PLACEHOLDER (auto|0|1; auto = placeholder only if vtpm-domain is missing),
-#      XVTPM_VTPM_DOMAIN_ARGS (vtpm-domain argv in the vTPM domain; default "--xen-backend"),
-#      XVTPM_VTPMDOM_CFG_EXTRA (extra xl.cfg lines for the vTPM domain, e.g. 'vtpm = [ "backend=0" ]'),
-#      XVTPM_VTPM_PHASE_SCRIPT (a script that replaces the built-in vtpm phase in dom0; exit 0 = PASS),
 #      XVTPM_GUEST_KERNEL (elf|bzimage; elf = raw vmlinux, ~5x faster xl create under TCG),
-#      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 128 / 128)
+#      XVTPM_VTPMDOM_LOG (diagnosis: XVTPM_LOG filter inside the vTPM domain, e.g. debug; adds a
+#      busybox /init wrapper to its image),
+#      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 128 / 128; the vTPM domain's goes to
+#      `xl-vtpm vtpm create --domain … --memory`)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI=$(dirname "$HERE"); TOP=$(dirname "$CI")
@@ -29,7 +31,6 @@ TARGET=${CARGO_TARGET_DIR:-$TOP/target}
 GUEST_MEM=${XVTPM_GUEST_MEM:-128}
 VTPMDOM_MEM=${XVTPM_VTPMDOM_MEM:-128}
 GUEST_KERNEL=${XVTPM_GUEST_KERNEL:-elf}
-VTPM_ARGS=${XVTPM_VTPM_DOMAIN_ARGS:---xen-backend}
 die() { echo "build-images.sh: ERROR: $*" >&2; exit 1; }
 
 [ -f "$CACHE/root.stamp" ] && [ -f "$CACHE/img/kver" ] || die "run ci/testbed/fetch.sh first"
@@ -150,27 +151,34 @@ install -m 0755 "$HERE/domu-init.sh" "$D/init"
 mkcpio "$D" "$IMG/domu.cpio.zst" zstd
 
 ### vTPM domain (unikernel-style) ###
-D=$B/vtpmdom
-PH=${XVTPM_VTPM_PLACEHOLDER:-auto}
-[ "$PH" = auto ] && { [ -n "${PBIN[vtpm-domain]:-}" ] && PH=0 || PH=1; }
-if [ "$PH" = 1 ]; then
-  # placeholder backend: busybox script that acks vtpm backends (InitWait) but
-  # never serves the ring -- proves the xl/xenstore plumbing only
-  busybox_tree "$D"
-  install -m 0755 "$HERE/vtpmdom-placeholder.sh" "$D/init"
-  echo placeholder > "$D/etc/xvtpm-vtpmdom-kind"
-else
-  [ -n "${PBIN[vtpm-domain]:-}" ] || die "XVTPM_VTPM_PLACEHOLDER=0 but vtpm-domain is not built"
-  skeleton "$D"
-  copy_bin "$D" "${PBIN[vtpm-domain]}" /init strip
-  copy_dlopened "$D" libgcc_s.so.1
-  # The Debian kernel has evtchn/gntdev/gntalloc as modules: the backend must
-  # finit_module() them itself (and mount devtmpfs) since nothing else runs here.
-  for m in xen-evtchn xen-gntdev xen-gntalloc; do copy_mod "$D" $m; done
-  mkdir -p "$D/var/lib/xvtpm"
-  echo vtpm-domain > "$D/etc/xvtpm-vtpmdom-kind"
+# The project's own image builder (what `make vtpmdom` runs on a real host), fed the pinned
+# Debian root: /init = vtpm-domain (PID 1: mounts, finit_module()s /lib/modules/load-order,
+# waits for /dev/xen/* and its disk), its libraries, xen-evtchn, xen-gntdev, xen-gntalloc and
+# xen-blkfront with their dependencies. No shell, no device nodes.
+rm -rf "$B/vtpmdom" "$IMG/vtpmdom.cpio.zst"
+if [ -n "${PBIN[vtpm-domain]:-}" ]; then
+  "$TOP/scripts/build-vtpmdom.sh" --vtpm-domain "${PBIN[vtpm-domain]}" --root "$R" --kver "$KVER" --out "$B/vtpmdom" ||
+    die "scripts/build-vtpmdom.sh failed"
+  mv "$B/vtpmdom/initrd" "$IMG/vtpmdom.cpio.zst"
+  rm -f "$B/vtpmdom/vmlinuz"   # the same Debian kernel as the guests': dom0 has it as $KIMG
+  if [ -n "${XVTPM_VTPMDOM_LOG:-}" ]; then
+    # diagnosis only: /init becomes a busybox script that sets XVTPM_LOG (the domain's kernel
+    # command line is xl-vtpm's), raises the console loglevel (stack traces of hung tasks, reported
+    # after 30 s) and execs vtpm-domain, which stays PID 1
+    W=$B/vtpmdom-log; rm -rf "$W"; mkdir -p "$W"
+    (cd "$W" && zstd -dc "$IMG/vtpmdom.cpio.zst" | cpio -i --quiet --make-directories)
+    mv "$W/init" "$W/vtpm-domain"
+    install -D -m 0755 "$R/bin/busybox" "$W/bin/busybox"
+    printf '%s\n' '#!/bin/busybox sh' '/bin/busybox mount -t proc proc /proc' \
+      'echo 7 > /proc/sys/kernel/printk; echo 30 > /proc/sys/kernel/hung_task_timeout_secs' \
+      "export XVTPM_LOG=\"$XVTPM_VTPMDOM_LOG\"" 'exec /vtpm-domain "$@"' > "$W/init"
+    chmod 0755 "$W/init"
+    mkcpio "$W" "$IMG/vtpmdom.cpio.zst" zstd
+    echo "vtpmdom.cpio.zst: XVTPM_LOG=$XVTPM_VTPMDOM_LOG wrapper around vtpm-domain (XVTPM_VTPMDOM_LOG)"
+  fi
+  echo "vtpmdom.cpio.zst: $(zstd -dc "$IMG/vtpmdom.cpio.zst" | cpio -t --quiet | grep -vE '^\.?$' | tr '\n' ' ')"
+  echo "vtpmdom load-order: $(zstd -dc "$IMG/vtpmdom.cpio.zst" | cpio -i --quiet --to-stdout "*/load-order" | tr '\n' ' ')"
 fi
-mkcpio "$D" "$IMG/vtpmdom.cpio.zst" zstd
 
 ### dom0 ###
 D=$B/dom0
@@ -181,28 +189,42 @@ done
 # glibc dlopen()s libgcc_s (pthread_cancel; xl aborts without it), tctildr dlopen()s the TCTI
 tpm2_tools "$D"
 for b in "${!PBIN[@]}"; do copy_bin "$D" "${PBIN[$b]}" /usr/bin/$b strip; done
-for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm; do
+# loop + xen-blkback: a vTPM domain's disk (an image on a loop device, served by blkback)
+for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm loop xen-blkback; do
   copy_mod "$D" $m
 done
 mkdir -p "$D/etc/xen" "$D/guest" "$D/var/lib/xen" "$D/var/log/xen" "$D/var/lib/xvtpm"
 cp "$R/etc/xen/xl.conf" "$D/etc/xen/"
+# libxl runs /etc/xen/scripts/block for phy disks (run_hotplug_scripts is on by default)
+grep -qE '^[[:space:]]*run_hotplug_scripts[[:space:]]*=[[:space:]]*0' "$D/etc/xen/xl.conf" &&
+  die "xl.conf turns run_hotplug_scripts off: nothing would run the block script"
+install -D -m 0755 "$HERE/xen-block-hotplug.sh" "$D/etc/xen/scripts/block"
 # TPM 2.0 guest phase: the patched xen-tpmfront (guest/linux/build-module.sh) and its script.
 install -D -m 0644 "${XVTPM_GUEST_KO:-$OUT/guest-linux/xen-tpmfront.ko}" "$D/guest/xen-tpmfront-tpm2.ko"
 install -D -m 0755 "$HERE/tpm2-guest-phase.sh" "$D/usr/lib/xvtpm/tpm2-guest-phase.sh"
 install -m 0755 "$HERE/dom0-init.sh" "$D/init"
 install -m 0755 "$HERE/dom0-scenario.sh" "$D/scenario.sh"
-cp "$IMG/domu.cpio.zst" "$IMG/vtpmdom.cpio.zst" "$D/guest/"
-cat > "$D/etc/xvtpm-testbed.env" <<ENV
-profile=$PROFILE
-vtpmdom_kind=$(cat "$B/vtpmdom/etc/xvtpm-vtpmdom-kind")
-guest_kernel=$GUEST_KERNEL
-kver=$KVER
-ENV
+cp "$IMG/domu.cpio.zst" "$D/guest/"
 case $GUEST_KERNEL in
   elf)     KIMG=/guest/vmlinux ;;   # raw vmlinux, appended uncompressed below
   bzimage) KIMG=/guest/vmlinuz; cp "$CACHE/img/vmlinuz" "$D/guest/vmlinuz" ;;
   *) die "XVTPM_GUEST_KERNEL must be elf or bzimage" ;;
 esac
+# the vTPM domain's boot files where xl-vtpm looks by default (/usr/lib/xvtpm/vtpmdom/{vmlinuz,initrd});
+# its kernel is the guests' kernel
+VTPMDOM_KIND=none
+if [ -s "$IMG/vtpmdom.cpio.zst" ]; then
+  install -D -m 0644 "$IMG/vtpmdom.cpio.zst" "$D/usr/lib/xvtpm/vtpmdom/initrd"
+  ln -sfn "$KIMG" "$D/usr/lib/xvtpm/vtpmdom/vmlinuz"
+  VTPMDOM_KIND=vtpm-domain
+fi
+cat > "$D/etc/xvtpm-testbed.env" <<ENV
+profile=$PROFILE
+vtpmdom_image=$VTPMDOM_KIND
+vtpmdom_mem=$VTPMDOM_MEM
+guest_kernel=$GUEST_KERNEL
+kver=$KVER
+ENV
 # rootfstype=ramfs: the initramfs goes into ramfs, not a tmpfs capped at half the RAM
 # (the guest tree is ~37 MB; a 128 MiB guest has ~90 MB MemTotal)
 gen_cfg() {  # name ramdisk extra [more lines] [memory]
@@ -220,16 +242,13 @@ ${4:-}
 CFG
 }
 gen_cfg guest1 domu.cpio.zst "console=hvc0 quiet role=plain"
-gen_cfg xvtpm-vtpmdom vtpmdom.cpio.zst "console=hvc0 quiet NO_COLOR=1 -- $VTPM_ARGS" "${XVTPM_VTPMDOM_CFG_EXTRA:-}" "$VTPMDOM_MEM"
-if [ -n "${XVTPM_VTPM_PHASE_SCRIPT:-}" ]; then
-  install -D -m 0755 "$XVTPM_VTPM_PHASE_SCRIPT" "$D/etc/xvtpm/vtpm-phase.sh"
-fi
-# legacy experiment (xvtpm_vtpm=domain): the vTPM as its own unikernel-style domain
-gen_cfg guest-vtpmdom domu.cpio.zst "console=hvc0 quiet role=vtpm" 'vtpm = [ "backend=xvtpm-vtpmdom" ]'
 # dom0-process mode (default): the scenario fills in @UUID@ (xl-vtpm vtpm create) and
 # @EXTRA@ (boot number, deep-quote nonce) and writes guest-vtpm.cfg
 gen_cfg guest-vtpm domu.cpio.zst "console=hvc0 quiet role=vtpm @EXTRA@" 'vtpm = [ "backend=0,uuid=@UUID@" ]'
 mv "$D/etc/xen/guest-vtpm.cfg" "$D/etc/xen/guest-vtpm.cfg.in"
+# vTPM-domain mode (issue 4): the guest's vTPM is served by the vTPM domain @BACKEND@ (its name)
+gen_cfg guest-vdom domu.cpio.zst "console=hvc0 quiet role=vtpm @EXTRA@" 'vtpm = [ "backend=@BACKEND@,uuid=@UUID@" ]'
+mv "$D/etc/xen/guest-vdom.cfg" "$D/etc/xen/guest-vdom.cfg.in"
 # lifecycle phases (issue 5): xen-configs/guest.cfg verbatim (`xl-vtpm create`, vtpm = [ "backend=0" ],
 # no uuid), only name, kernel, ramdisk and the kernel command line substituted
 GCFG_SRC=$TOP/xen-configs/guest.cfg
@@ -259,5 +278,5 @@ else
   cp "$B/dom0.cpio.gz" "$IMG/dom0.img"
 fi
 ls -la "$IMG"
-du -sh "$B/dom0" "$B/domu" "$B/vtpmdom" | tr '\n' ' '; echo
-echo "build-images.sh: OK (profile=$PROFILE, vtpm domain=$(cat "$B/vtpmdom/etc/xvtpm-vtpmdom-kind"), guest kernel=$GUEST_KERNEL)"
+du -sh "$B/dom0" "$B/domu" | tr '\n' ' '; echo
+echo "build-images.sh: OK (profile=$PROFILE, vtpm domain image=$VTPMDOM_KIND, guest kernel=$GUEST_KERNEL)"

@@ -5,11 +5,11 @@
 # and run.sh turns consecutive MARKs into PHASE durations.  Exit 0 iff no FAIL.
 # Switches come from the dom0 kernel command line (run.sh sets them):
 #   xvtpm_mgr=auto|1|0   auto: xl-vtpm failures => SKIPPED; 1: required; 0: skip phase
-#   xvtpm_vtpm=dom0|domain|0  dom0 (default): vtpm-domain as a dom0 process serving tpmif
-#                        (`xl-vtpm vtpm create --listen xen:...`), guest boot + reboot + destroy;
-#                        domain: the old unikernel vTPM-domain experiment; 0: skip
-#   xvtpm_vtpm_ready=RE  (domain mode) console regex that says the vTPM domain watches backend/vtpm
+#   xvtpm_vtpm=dom0|0    dom0 (default): vtpm-domain as a dom0 process serving tpmif
+#                        (`xl-vtpm vtpm create --listen xen:...`), guest boot + reboot + destroy; 0: skip
 #   xvtpm_life=1|0       lifecycle phases (issue 5: xl-vtpm create/watch/reboot/refuse/mgr restart) (1)
+#   xvtpm_vtpmdom=1|0    vTPM-domain phases (issue 4: the vTPM as its own unikernel-style domain,
+#                        `xl-vtpm vtpm create --domain`) (1)
 #   xvtpm_deadline=S     dom0 uptime by which every wait gives up (run.sh: budget - margin)
 export PATH=/usr/lib/xen-4.17/bin:/bin:/sbin:/usr/bin:/usr/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
@@ -57,8 +57,12 @@ modload() {  # load a module and its dependencies (build-time .deps order)
 }
 MGR_MODE=$(arg xvtpm_mgr); MGR_MODE=${MGR_MODE:-auto}
 VTPM_MODE=$(arg xvtpm_vtpm); VTPM_MODE=${VTPM_MODE:-dom0}; [ "$VTPM_MODE" = 1 ] && VTPM_MODE=dom0
-VTPM_READY=$(arg xvtpm_vtpm_ready); VTPM_READY=${VTPM_READY:-VTPMDOM-READY|backend ready|watching backend/vtpm}
-echo "scenario: $(cat /etc/xvtpm-testbed.env | tr '\n' ' ') mgr=$MGR_MODE vtpm=$VTPM_MODE deadline=$DEADLINE"
+case $VTPM_MODE in 0|dom0) ;; *)
+  echo "scenario: xvtpm_vtpm=$VTPM_MODE is not dom0|0 (the old 'domain' experiment is now the vtpmdom-* phases); using dom0"
+  VTPM_MODE=dom0 ;;
+esac
+VTPMDOM_MODE=$(arg xvtpm_vtpmdom); VTPMDOM_MODE=${VTPMDOM_MODE:-1}
+echo "scenario: $(cat /etc/xvtpm-testbed.env | tr '\n' ' ') mgr=$MGR_MODE vtpm=$VTPM_MODE vtpmdom=$VTPMDOM_MODE deadline=$DEADLINE"
 mkdir -p /run/xen /run/xenstored /var/lib/xen /var/log/xen/console /var/lock /var/log/xvtpm /var/lib/xvtpm /run/xvtpm
 
 ############ (a) dom0-up: Xen devices, toolstack, physical TPM device nodes
@@ -93,7 +97,7 @@ timeout 60 tpm2_getcap properties-variable 2>/dev/null | grep -A4 'TPM2_PT_START
 if [ -z "$err" ]; then result $ph PASS "TPM2_GetRandom + PCR read via device:/dev/tpmrm0"; else result $ph FAIL "$err"; fi
 
 ############ (c) mgr: vtpmmgr on the physical TPM, xl-vtpm mgr provision/status
-MGR_PID=""
+MGR_PID=""; MGR_LOG=/dev/null
 if [ "$MGR_MODE" = 0 ]; then
   result mgr-serve SKIPPED "disabled (XVTPM_TESTBED_MGR=0)"
   result mgr-cli SKIPPED "disabled (XVTPM_TESTBED_MGR=0)"
@@ -103,15 +107,19 @@ elif [ ! -x /usr/bin/vtpmmgr ]; then
   result mgr-cli $st "needs vtpmmgr"
 else
   ph=mgr-serve
-  XVTPM_LOG=${XVTPM_LOG:-info} vtpmmgr --tcti device:/dev/tpmrm0 --state-dir /var/lib/xvtpm --run-dir /run/xvtpm serve \
-      > /var/log/xvtpm/vtpmmgr.log 2>&1 &
+  # --xen: it also serves vTPM domains (the vtpmdom-* phases) over tpmif on dom0's backend/vtpm,
+  # from the start (libxl gives a backend 10 s to reach InitWait); devices of unattached domains
+  # (every dom0-process guest's) it leaves alone
+  MGR_LOG=/var/log/xvtpm/vtpmmgr.log
+  XVTPM_LOG=${XVTPM_LOG:-info} vtpmmgr --tcti device:/dev/tpmrm0 --state-dir /var/lib/xvtpm --run-dir /run/xvtpm serve --xen \
+      > $MGR_LOG 2>&1 &
   MGR_PID=$!
   mgr_ready() { grep -q '"ready":true' /var/log/xvtpm/vtpmmgr.log || ! kill -0 $MGR_PID; }
   wait_until 120 mgr_ready
   if grep -q '"ready":true' /var/log/xvtpm/vtpmmgr.log && kill -0 $MGR_PID 2>/dev/null; then
     tail -n 5 /var/log/xvtpm/vtpmmgr.log | sed 's/^/[vtpmmgr] /'
     ls -l /run/xvtpm 2>&1 | sed 's/^/[vtpmmgr] /'
-    result $ph PASS "vtpmmgr serve ready on device:/dev/tpmrm0 (pid $MGR_PID)"
+    result $ph PASS "vtpmmgr serve --xen ready on device:/dev/tpmrm0 (pid $MGR_PID)"
   else
     tail -n 30 /var/log/xvtpm/vtpmmgr.log | sed 's/^/[vtpmmgr] /'
     result $ph FAIL "vtpmmgr serve not ready within 120 s (alive: $(kill -0 $MGR_PID 2>/dev/null && echo yes || echo no))"
@@ -172,20 +180,21 @@ guest_checks() {
 write_gcfg() {  # extra-words
   sed -e "s/@UUID@/$VTPM_UUID/" -e "s/@EXTRA@/$1/" /etc/xen/guest-vtpm.cfg.in > $GCFG
 }
-# p5_vtpm KEY: xl create (w0) -> first answered TPM command (tpm2_getrandom) in guest-vtpm
+# p5_vtpm KEY [GUEST]: xl create (w0) -> first answered TPM command (tpm2_getrandom) in GUEST (guest-vtpm)
 p5_vtpm() {
-  _a=$(console_txt guest-vtpm | sed -n 's/^GUEST-P5 first-tpm-answer wall=\([0-9.]*\) up=\([0-9.]*\).*/\1 \2/p' | head -n1)
-  _i=$(console_txt guest-vtpm | sed -n 's/^GUEST-UP .* wall=\([0-9.]*\) up=\([0-9.]*\).*/\1 \2/p' | head -n1)
+  _g=${2:-guest-vtpm}
+  _a=$(console_txt $_g | sed -n 's/^GUEST-P5 first-tpm-answer wall=\([0-9.]*\) up=\([0-9.]*\).*/\1 \2/p' | head -n1)
+  _i=$(console_txt $_g | sed -n 's/^GUEST-UP .* wall=\([0-9.]*\) up=\([0-9.]*\).*/\1 \2/p' | head -n1)
   [ -n "$_a" ] && [ -n "$_i" ] || { echo "PERF $1=n/a (no GUEST-P5 marker)"; return; }
   echo "PERF $1=$(ms_between $w0 ${_a% *}) (xl create -> first answered tpm2_getrandom: domain build+start $(p5_build $w0 ${_i% *} ${_i#* }) ms, kernel to init $(ms_between 0 ${_i#* }) ms, init to TPM answer $(ms_between ${_i#* } ${_a#* }) ms incl. insmod xen-tpmfront + probe + tpm2_startup)"
-  console_txt guest-vtpm | sed -n 's/^GUEST-INFO /INFO guest-vtpm /p'
+  console_txt $_g | sed -n "s/^GUEST-INFO /INFO $_g /p"
 }
 kib() { awk -v k="$1:" '$1==k{print $2}' /proc/$VTPM_PID/smaps_rollup 2>/dev/null; }
 vtpm_exited() { [ ! -e /proc/$VTPM_PID/stat ] || sed 's/.*) //' /proc/$VTPM_PID/stat | grep -q '^Z'; }
 
 if [ "$VTPM_MODE" = 0 ]; then
   for p in vtpm-create vtpm-guest deep-quote vtpm-reboot vtpm-destroy; do result $p SKIPPED "disabled (XVTPM_TESTBED_VTPM=0)"; done
-elif [ "$VTPM_MODE" = dom0 ]; then
+else
   ##### vtpm-create: identity in the manager + vtpm-domain process bound to backend/vtpm
   ph=vtpm-create; err=""
   if [ -z "$MGR_PID" ] || ! grep -q '"provisioned": *true' /tmp/status.json 2>/dev/null; then err="needs a provisioned vtpmmgr (mgr phases)"
@@ -312,35 +321,6 @@ elif [ "$VTPM_MODE" = dom0 ]; then
   fi
   [ -z "$err" ] && result $ph PASS "guest destroyed, vtpm-domain survived it; xl-vtpm vtpm stop ended the process" || { result $ph FAIL "$err"; }
 
-############ legacy: the vTPM as its own (unikernel-style) domain [XVTPM_TESTBED_VTPM=domain]
-else
-  ph=vtpm
-  if [ -x /etc/xvtpm/vtpm-phase.sh ]; then   # XVTPM_VTPM_PHASE_SCRIPT at image build
-    if timeout $(tmo 600) /etc/xvtpm/vtpm-phase.sh; then result $ph PASS "custom vtpm phase script"
-    else result $ph FAIL "custom vtpm phase script exited $?"; fi
-    for d in guest-vtpmdom xvtpm-vtpmdom; do domain_gone $d || timeout 60 xl destroy $d; done
-  else
-    err=""
-    timeout $(tmo 180) xl create /etc/xen/xvtpm-vtpmdom.cfg > /tmp/xl-vtpmdom.out 2>&1 || { err="$err vtpmdom-create"; tail -n 20 /tmp/xl-vtpmdom.out; }
-    if [ -z "$err" ]; then
-      vtpmdom_settled() { console_has xvtpm-vtpmdom "$VTPM_READY" || console_has xvtpm-vtpmdom 'Kernel panic' || domain_gone xvtpm-vtpmdom; }
-      wait_until 120 vtpmdom_settled
-      if ! console_has xvtpm-vtpmdom "$VTPM_READY"; then
-        echo "vtpm domain: no ready marker /$VTPM_READY/ (died: $(domain_gone xvtpm-vtpmdom && echo yes || echo no)); trying the guest anyway"
-      fi
-      timeout $(tmo 180) xl create /etc/xen/guest-vtpmdom.cfg > /tmp/xl-guest-vtpm.out 2>&1 || { err="$err guest-vtpm-create"; tail -n 20 /tmp/xl-guest-vtpm.out; }
-    fi
-    if [ -z "$err" ]; then
-      wait_until 240 console_has guest-vtpmdom 'GUEST-DONE' || err="$err no-GUEST-DONE-in-240s"
-      console_has guest-vtpmdom 'GUEST-DONE role=vtpm .*result=ok' || err="$err guest-tpm-failed"
-      xl vtpm-list guest-vtpmdom 2>&1
-    fi
-    xenstore-ls -f /local/domain 2>/dev/null | grep '/vtpm/' | head -n 30
-    show_console xvtpm-vtpmdom 30
-    show_console guest-vtpmdom 30 | grep -E 'GUEST-|panic|Oops'
-    for d in guest-vtpmdom xvtpm-vtpmdom; do domain_gone $d || timeout 60 xl destroy $d; done
-    if [ -z "$err" ]; then result $ph PASS "guest used a vTPM served by the vtpm-domain backend"; else result $ph FAIL "$err"; fi
-  fi
 fi
 
 ############ (e2) lifecycle (issue 5): xl-vtpm create of xen-configs/guest.cfg, `xl-vtpm watch`
@@ -623,8 +603,9 @@ else
     if wait_until 20 pid_down $MGR_PID; then echo "vtpmmgr (pid $MGR_PID) exited on SIGTERM"
     else err="$err vtpmmgr-did-not-exit"; kill -9 $MGR_PID; fi
     [ -n "$_ar" ] && echo "INFO life vtpm-after-mgr-exit pid $LPID alive=$(pid_up $LPID && echo yes || echo no)"
-    XVTPM_LOG=${XVTPM_LOG:-info} vtpmmgr --tcti device:/dev/tpmrm0 --state-dir /var/lib/xvtpm --run-dir /run/xvtpm serve \
-        > /var/log/xvtpm/vtpmmgr-2.log 2>&1 &
+    MGR_LOG=/var/log/xvtpm/vtpmmgr-2.log
+    XVTPM_LOG=${XVTPM_LOG:-info} vtpmmgr --tcti device:/dev/tpmrm0 --state-dir /var/lib/xvtpm --run-dir /run/xvtpm serve --xen \
+        > $MGR_LOG 2>&1 &
     MGR_PID=$!
     mgr2_settled() { grep -q '"ready":true' /var/log/xvtpm/vtpmmgr-2.log || pid_down $MGR_PID; }
     wait_until 120 mgr2_settled
@@ -699,6 +680,288 @@ else
   pid_up $WATCH_PID && kill -9 $WATCH_PID
 fi
 
+############ (e4) vTPM domain (issue 4): the vTPM as the only program of its own Xen domain
+# `xl-vtpm vtpm create --domain` boots a PV domain whose /init is vtpm-domain
+# (/usr/lib/xvtpm/vtpmdom/initrd, built by scripts/build-vtpmdom.sh; the guests' kernel). It keeps its
+# sealed state on its own disk (/dev/xvda: a 4 MiB image on a dom0 loop device, blkback, our
+# /etc/xen/scripts/block), reaches vtpmmgr (serve --xen) over a tpmif device whose backend is dom0,
+# and serves its guest on its own backend/vtpm. One RESULT per step:
+#   vtpmdom-create   domain running, data/xvtpm/ready = its UUID, VTPMDOM-READY on its console;
+#                    PERF: create time, memory (xl list, and the domain's own meminfo/RSS line)
+#   vtpmdom-guest    guest-vdom with vtpm = [ "backend=vtpmdom-a,uuid=U" ]: the vtpm-guest checks
+#                    (stock xen-tpmfront), the deep quote verified in dom0 (right nonce 0, wrong 7); P5
+#   vtpmdom-reboot   the guest again: 0x81000010 + NV kept, PCR 16 reset, same EK
+#   vtpmdom-restart  `xl-vtpm vtpm stop` (clean stop: VTPMDOM-EXIT code=0, loop device released),
+#                    `xl-vtpm vtpm start` (new domain, resumes from its disk: no --create); guest
+#                    boot 3: 0x81000010 + NV kept, same EK -- the A/B store on a real xen-blkfront disk
+#   vtpmdom-destroy  xl destroy of the (held) guest, the vTPM domain survives it; `xl-vtpm vtpm destroy
+#                    --yes`: domain, manager identity, disk image and loop device gone
+VD=vtpmdom-a; VDG=guest-vdom; VDCFG=/etc/xen/guest-vdom.cfg
+VDU=""; VDID=""; VDOFF=0; VD_EK1=""
+VTPMDOM_MEM=$(sed -n 's/^vtpmdom_mem=//p' /etc/xvtpm-testbed.env); VTPMDOM_MEM=${VTPMDOM_MEM:-128}
+# where xl-vtpm looks by default; explicit, so that the scenario says what it boots
+export XVTPM_VTPMDOM_KERNEL=/usr/lib/xvtpm/vtpmdom/vmlinuz XVTPM_VTPMDOM_RAMDISK=/usr/lib/xvtpm/vtpmdom/initrd
+vd_domid() { xl domid $VD 2>/dev/null; }
+vd_ready() { _i=$(vd_domid) && [ "$(xenstore-read /local/domain/$_i/data/xvtpm/ready 2>/dev/null)" = "$VDU" ]; }
+vd_con() { lcon $VD $VDOFF; }   # the vTPM domain's console, this boot
+vd_row() { timeout $(tmo 30) xl-vtpm vtpm show $VDU --json 2>/dev/null | tr -d ' \n'; }
+# vd_loop: the loop device(s) backed by the vTPM's disk image
+vd_loop() {
+  for _f in /sys/block/loop*/loop/backing_file; do
+    grep -qF "/vtpms/$VDU/" $_f 2>/dev/null && { _l=${_f#/sys/block/}; echo "/dev/${_l%%/*}"; }
+  done
+}
+vd_gcfg() {  # extra-words
+  sed -e "s/@UUID@/$VDU/" -e "s/@BACKEND@/$VD/" -e "s/@EXTRA@/$1/" $VDCFG.in > $VDCFG
+}
+# vd_diag: what the vTPM domain, xenstore, xl, the block script and the manager said
+vd_diag() {
+  vd_con | tail -n 40 | sed "s/^/[$VD console] /"
+  _i=$(vd_domid) && xenstore-ls -f /local/domain/$_i 2>/dev/null | grep -E "/$_i/(data|device|backend)/" | head -n 60 | sed "s/^/[$VD xenstore] /"
+  xenstore-ls -f /local/domain/0/backend 2>/dev/null | grep -E '/backend/(vbd|vtpm)/' | head -n 60 | sed 's/^/[dom0 backend] /'
+  tail -n 25 /var/log/xen/xl-$VD.log 2>/dev/null | sed "s/^/[xl-$VD.log] /"
+  tail -n 10 /var/log/xen/xen-hotplug.log 2>/dev/null | sed 's/^/[xen-hotplug.log] /'
+  tail -n 15 $MGR_LOG 2>/dev/null | sed 's/^/[vtpmmgr] /'
+}
+# vd_snap WHY: xenstore as the vTPM domain sees it and dom0's backends for it, while it runs
+# (xl-vtpm destroys a domain that does not become ready, so this is taken while waiting)
+vd_snap() {
+  _i=$(vd_domid) || { echo "vtpmdom snapshot ($1): no $VD domain"; return; }
+  echo "vtpmdom snapshot ($1): domid $_i, $(xl list $_i 2>/dev/null | awk 'NR==2{print "state "$5", cpu "$6" s"}')"
+  xenstore-ls -f /local/domain/$_i 2>/dev/null | grep -E "/$_i/(data|device|backend|control)/" | head -n 60 | sed "s/^/[$VD xenstore] /"
+  xenstore-ls -f /local/domain/0/backend 2>/dev/null | grep -E "/backend/(vbd|vtpm)/$_i/" | head -n 40 | sed 's/^/[dom0 backend] /'
+  vd_con | tail -n 20 | sed "s/^/[$VD console] /"
+}
+# vd_xlvtpm OUT ERR SECONDS ARGS...: xl-vtpm in the background; a snapshot if it is still waiting
+# after 40 s; sets rc
+vd_xlvtpm() {
+  _o=$1; _e=$2; _s=$3; shift 3
+  if [ "$_o" = "$_e" ]; then ( NO_COLOR=1 timeout $(tmo $_s) xl-vtpm "$@" > $_o 2>&1; echo $? > $_o.rc ) &
+  else ( NO_COLOR=1 timeout $(tmo $_s) xl-vtpm "$@" > $_o 2> $_e; echo $? > $_o.rc ) &
+  fi
+  _p=$!; _t=$(( $(upi) + 40 )); _snapped=""
+  while kill -0 $_p 2>/dev/null; do
+    [ -z "$_snapped" ] && [ "$(upi)" -ge $_t ] && { _snapped=1; vd_snap "xl-vtpm $1 $2 still waiting after 40 s"; }
+    sleep 0.5
+  done
+  rc=$(cat $_o.rc 2>/dev/null || echo 255)
+}
+# vd_boot N EXTRA CHECKS...: one boot of guest-vdom; sets err (appends) and VD_EK_NOW; the console log
+# is kept as guest-guest-vdom-bootN.log
+vd_boot() {
+  _n=$1; _x=$2; shift 2; VD_EK_NOW=""
+  vd_gcfg "boot=$_n $_x"
+  [ $_n = 1 ] && grep -E '^(name|vtpm|extra)' $VDCFG
+  t0=$(up); w0=$(wall)
+  timeout $(tmo 120) xl create $VDCFG > /tmp/xl-$VDG$_n.out 2>&1 || { err="$err xl-create-rc=$?"; tail -n 20 /tmp/xl-$VDG$_n.out; }
+  echo "xl create $VDG (boot $_n): $(s_between $t0 $(up)) s, domid $(xl domid $VDG 2>&1)"
+  if xl domid $VDG >/dev/null 2>&1; then
+    xl vtpm-list $VDG 2>&1
+    wait_until 240 console_has $VDG 'GUEST-DONE' || err="$err no-GUEST-DONE-in-240s"
+    guest_checks $VDG $_n "$@"
+    [ -n "$gerr" ] && err="$err guest-checks-failed:$gerr"
+    VD_EK_NOW=$(console_txt $VDG | sed -n 's/^GUEST-EKHASH //p' | head -n1)
+    _k=p5-vtpmdom-ms; [ $_n = 1 ] || _k=p5-vtpmdom-boot$_n-ms
+    p5_vtpm $_k $VDG
+  fi
+  show_console $VDG 200 | grep -vE 'GUEST-DQ |GUEST-CHECK' | grep -E 'GUEST-|panic|Oops|tpm|TPM' | tail -n 20
+}
+vd_ek_check() {  # boot
+  if [ -n "$VD_EK1" ] && [ "$VD_EK1" = "$VD_EK_NOW" ]; then echo "CHECK dom0 vtpmdom-ek-stable PASS boot $1: EK sha256 $(echo $VD_EK1 | cut -c1-16)... as in boot 1"
+  else echo "CHECK dom0 vtpmdom-ek-stable FAIL boot $1: boot1=${VD_EK1:-none} now=${VD_EK_NOW:-none}"; err="$err ek-changed"; fi
+}
+vd_keep_log() { mv "$(clog $VDG)" /var/log/xen/console/guest-$VDG-boot$1.log 2>/dev/null; }
+vd_chk() {  # name PASS|FAIL detail: a dom0 CHECK line; FAIL adds name to err
+  echo "CHECK dom0 $1 $2 $3"; [ "$2" = PASS ] || err="$err $1"
+}
+
+if [ "$VTPMDOM_MODE" = 0 ]; then
+  for p in vtpmdom-create vtpmdom-guest vtpmdom-reboot vtpmdom-restart vtpmdom-destroy; do result $p SKIPPED "disabled (XVTPM_TESTBED_VTPMDOM=0)"; done
+else
+  ##### vtpmdom-create
+  ph=vtpmdom-create; err=""
+  if [ -z "$MGR_PID" ] || ! grep -q '"provisioned": *true' /tmp/status.json 2>/dev/null; then err="needs a provisioned vtpmmgr (mgr phases)"
+  elif [ ! -s $XVTPM_VTPMDOM_RAMDISK ]; then err="no vTPM-domain image $XVTPM_VTPMDOM_RAMDISK (vtpm-domain not built at image build)"
+  elif past_deadline; then err="scenario deadline reached"
+  else
+    for m in loop xen-blkback; do modload $m || err="$err insmod-$m"; done
+    wait_until 10 test -e /dev/loop-control || err="$err no-/dev/loop-control"
+  fi
+  if [ -z "$err" ]; then
+    VDOFF=$(lines_of "$(clog $VD)")
+    t0=$(up)
+    vd_xlvtpm /tmp/vtpmdom-create.json /tmp/vtpmdom-create.err 200 vtpm create --domain $VD --memory $VTPMDOM_MEM --ek ecc --json
+    VD_CREATE_S=$(s_between $t0 $(up))
+    echo "xl-vtpm vtpm create --domain $VD: rc=$rc in $VD_CREATE_S s"
+    sed 's/^/[vtpm create --domain] /' /tmp/vtpmdom-create.json /tmp/vtpmdom-create.err | tail -n 40
+    _j=$(tr -d ' \n' < /tmp/vtpmdom-create.json)
+    VDU=$(echo "$_j" | jf uuid); VDID=$(echo "$_j" | jf domid)
+    if [ $rc != 0 ]; then err="xl-vtpm vtpm create --domain exited $rc"
+    elif [ -z "$VDU" ] || [ -z "$VDID" ]; then err="no uuid/domid in the --json output"
+    else
+      [ "$(vd_domid)" = "$VDID" ] && vd_chk vtpmdom-running PASS "$VD is domid $VDID" || vd_chk vtpmdom-running FAIL "xl domid $VD: $(vd_domid || echo none), json said $VDID"
+      vd_ready && vd_chk vtpmdom-xs-ready PASS "/local/domain/$VDID/data/xvtpm/ready = $VDU" ||
+        vd_chk vtpmdom-xs-ready FAIL "data/xvtpm/ready = '$(xenstore-read /local/domain/$VDID/data/xvtpm/ready 2>&1)'"
+      vd_con | grep -q "^VTPMDOM-READY uuid=$VDU" && vd_chk vtpmdom-console-ready PASS "VTPMDOM-READY on its console" ||
+        vd_chk vtpmdom-console-ready FAIL "no 'VTPMDOM-READY uuid=$VDU' on the console"
+      echo "$(vd_row)" | grep -q '"state":"running"' && vd_chk vtpmdom-show-running PASS "xl-vtpm vtpm show: running" ||
+        vd_chk vtpmdom-show-running FAIL "xl-vtpm vtpm show: $(vd_row | cut -c1-300)"
+      _img=/var/lib/xvtpm/vtpms/$VDU/disk.img
+      [ "$(stat -c %s $_img 2>/dev/null)" = 4194304 ] && [ -n "$(vd_loop)" ] && vd_chk vtpmdom-disk PASS "$_img (4 MiB) on $(vd_loop)" ||
+        vd_chk vtpmdom-disk FAIL "$_img: $(ls -l $_img 2>&1); loop: $(losetup -a 2>&1 | tr '\n' ' ')"
+      xl block-list $VD 2>&1 | sed "s/^/[xl block-list $VD] /"
+    fi
+    vd_con | grep -E '^VTPMDOM-|error|panic|Oops' | tail -n 12 | sed "s/^/[$VD console] /"
+    echo "PERF vtpmdom-create-s=$VD_CREATE_S (xl-vtpm vtpm create --domain: loop device, xl create -p, manager attach, vtpm-attach, unpause, boot + manufacture, ready)"
+    if [ -n "$VDID" ]; then
+      echo "PERF vtpmdom-xl-mem-mib=$(xl list $VD 2>/dev/null | awk 'NR==2{print $3}') (xl list; configured $VTPMDOM_MEM MiB)"
+      # vtpm-domain's own line when it serves (VTPMDOM-READY, or a separate VTPMDOM-MEM)
+      _m=$(vd_con | grep -m1 -E '^VTPMDOM-(READY|MEM) .*mem_total_kib=')
+      _v() { echo "$_m" | sed -n "s/.* $1=\([0-9?]*\).*/\1/p"; }
+      echo "PERF vtpmdom-mem-total-kib=$(_v mem_total_kib) vtpmdom-mem-available-kib=$(_v mem_available_kib) vtpmdom-rss-kib=$(_v rss_kib) (inside the vTPM domain when ready: MemTotal, MemAvailable, vtpm-domain VmRSS)"
+      _t=$(vd_con | sed -n 's/^VTPMDOM-INIT devices present after \([0-9]*\) ms.*/\1/p' | head -n1)
+      [ -n "$_t" ] && echo "INFO vtpmdom devices-present-after-ms=$_t (modules loaded -> /dev/xen/* and /dev/xvda there)"
+    fi
+    [ -n "$err" ] && vd_diag
+  fi
+  if [ -z "$err" ]; then result $ph PASS "vTPM $VDU in domain $VD (domid $VDID), ready in $VD_CREATE_S s; state on /dev/xvda"
+  else result $ph FAIL "$err"; vd_ready || VDID=""; fi   # the next steps need a ready vTPM domain
+
+  ##### vtpmdom-guest: boot 1 of a guest whose vTPM lives in vtpmdom-a; deep quote verified in dom0
+  ph=vtpmdom-guest; err=""
+  if [ -z "$VDID" ]; then result $ph SKIPPED "no vTPM domain (vtpmdom-create failed)"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    VDQ_NONCE=$(head -c 32 /dev/urandom | xxd -p -c 64)
+    vd_boot 1 "dq_nonce=$VDQ_NONCE" tpm0 startup getrandom pcr16-reset pcrextend createek createak quote checkquote persistent nv-write deep-quote
+    VD_EK1=$VD_EK_NOW
+    console_txt $VDG | sed -n 's/^GUEST-DQ \([0-9a-f]*\)$/\1/p' | xxd -r -p > /tmp/vdq.bin
+    want=$(console_txt $VDG | sed -n 's/^GUEST-DQ-END sha256=\([0-9a-f]*\).*/\1/p' | head -n1)
+    got=$(sha256sum /tmp/vdq.bin | cut -c1-64)
+    echo "deep-quote bundle from the $VDG console: $(wc -c < /tmp/vdq.bin) bytes sha256=$got (guest said ${want:-none})"
+    if [ -n "$want" ] && [ "$want" = "$got" ]; then
+      if [ -s /tmp/ak.bin ] || timeout $(tmo 60) xl-vtpm mgr group ak default --out /tmp/ak.bin > /tmp/ak.out 2>&1; then
+        timeout $(tmo 60) xl-vtpm verify /tmp/vdq.bin --nonce $VDQ_NONCE --ak /tmp/ak.bin --vtpm $VDU > /tmp/vdverify-ok.out 2>&1; rc_ok=$?
+        sed 's/^/[verify right nonce] /' /tmp/vdverify-ok.out | tail -n 25
+        BAD=$(head -c 32 /dev/urandom | xxd -p -c 64)
+        timeout $(tmo 60) xl-vtpm verify /tmp/vdq.bin --nonce $BAD --ak /tmp/ak.bin --vtpm $VDU > /tmp/vdverify-bad.out 2>&1; rc_bad=$?
+        sed 's/^/[verify wrong nonce] /' /tmp/vdverify-bad.out | tail -n 5
+        vd_chk vtpmdom-verify-right-nonce $([ $rc_ok = 0 ] && echo PASS || echo FAIL) "exit=$rc_ok"
+        vd_chk vtpmdom-verify-wrong-nonce $([ $rc_bad = 7 ] && echo PASS || echo FAIL) "exit=$rc_bad (want 7)"
+      else err="$err no-group-ak($(tail -n 2 /tmp/ak.out | tr '\n' ' '))"; fi
+    else err="$err dq-capture"; fi
+    wait_until 60 domain_gone $VDG || { err="$err guest-did-not-power-off"; timeout $(tmo 60) xl destroy $VDG; }
+    vd_ready && vd_chk vtpmdom-survives-guest PASS "$VD still running and ready after the guest powered off" ||
+      vd_chk vtpmdom-survives-guest FAIL "$VD: domid $(vd_domid || echo none)"
+    [ -n "$err" ] && vd_diag
+    vd_keep_log 1
+    if [ -z "$err" ]; then result $ph PASS "boot 1: all guest checks on /dev/tpm0 served by domain $VD; deep quote verified in dom0 (right nonce 0, wrong 7)"
+    else result $ph FAIL "$err"; fi
+  fi
+
+  ##### vtpmdom-reboot: the guest again, same vTPM domain: state kept, PCRs reset
+  ph=vtpmdom-reboot; err=""
+  if [ -z "$VDID" ] || [ -z "$VD_EK1" ]; then result $ph SKIPPED "no vTPM domain or no first boot (vtpmdom-create/-guest failed)"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    vd_boot 2 "" tpm0 startup getrandom pcr16-reset pcrextend createek persistent-kept persistent-usable nv-kept
+    vd_ek_check 2
+    wait_until 60 domain_gone $VDG || { err="$err guest-did-not-power-off"; timeout $(tmo 60) xl destroy $VDG; }
+    vd_ready || { err="$err vtpm-domain-not-ready-after-boot-2"; }
+    [ -n "$err" ] && vd_diag
+    vd_keep_log 2
+    if [ -z "$err" ]; then result $ph PASS "boot 2: 0x81000010 + NV index kept, PCR16 reset, same EK (domain $VD, domid $VDID)"
+    else result $ph FAIL "$err"; fi
+  fi
+
+  ##### vtpmdom-restart: stop the vTPM domain, boot it again from its disk; guest boot 3
+  ph=vtpmdom-restart; err=""
+  if [ -z "$VDID" ] || [ -z "$VD_EK1" ]; then result $ph SKIPPED "no vTPM domain or no first boot"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    _d0=$VDID
+    t0=$(up)
+    # xl-vtpm stop: xl shutdown (libxl waits up to 60 s for the guest to acknowledge), 20 s grace, xl destroy
+    vd_xlvtpm /tmp/vtpmdom-stop.out /tmp/vtpmdom-stop.out 150 vtpm stop $VDU
+    VD_STOP_S=$(s_between $t0 $(up))
+    sed 's/^/[vtpm stop] /' /tmp/vtpmdom-stop.out | tail -n 10
+    [ $rc = 0 ] || err="$err vtpm-stop-exit-$rc"
+    wait_until 30 domain_gone $VD && vd_chk vtpmdom-stopped PASS "domain $VD (domid $_d0) gone $VD_STOP_S s after xl-vtpm vtpm stop" ||
+      vd_chk vtpmdom-stopped FAIL "domain $VD still there: $(xl list $VD 2>&1 | tail -n1)"
+    vd_con | grep -E '^VTPMDOM-EXIT|signal|stopping|shut' | tail -n 5 | sed "s/^/[$VD console] /"
+    vd_con | grep -q '^VTPMDOM-EXIT code=0' && vd_chk vtpmdom-clean-stop PASS "VTPMDOM-EXIT code=0 (xl shutdown -> SIGTERM -> clean stop)" ||
+      vd_chk vtpmdom-clean-stop FAIL "no 'VTPMDOM-EXIT code=0' on the console: $(vd_con | grep '^VTPMDOM-EXIT' | tail -n1)"
+    [ -z "$(vd_loop)" ] && vd_chk vtpmdom-loop-released PASS "no loop device on the disk image" || vd_chk vtpmdom-loop-released FAIL "$(vd_loop)"
+    echo "$(vd_row)" | grep -q '"state":"stopped"' && vd_chk vtpmdom-show-stopped PASS "xl-vtpm vtpm show: stopped" ||
+      vd_chk vtpmdom-show-stopped FAIL "xl-vtpm vtpm show: $(vd_row | cut -c1-300)"
+    echo "PERF vtpmdom-stop-s=$VD_STOP_S (xl-vtpm vtpm stop: xl shutdown, clean stop, domain gone, loop device released)"
+    VDOFF=$(lines_of "$(clog $VD)")
+    t0=$(up)
+    vd_xlvtpm /tmp/vtpmdom-start.json /tmp/vtpmdom-start.err 200 vtpm start $VDU --json
+    VD_START_S=$(s_between $t0 $(up))
+    sed 's/^/[vtpm start] /' /tmp/vtpmdom-start.json /tmp/vtpmdom-start.err | tail -n 20
+    VDID=$(tr -d ' \n' < /tmp/vtpmdom-start.json | jf domid)
+    if [ $rc != 0 ]; then err="$err vtpm-start-exit-$rc"; VDID=$(vd_domid)
+    else
+      [ -n "$VDID" ] && [ "$VDID" != "$_d0" ] && [ "$(vd_domid)" = "$VDID" ] && vd_chk vtpmdom-new-domain PASS "domid $_d0 -> $VDID" ||
+        vd_chk vtpmdom-new-domain FAIL "json domid ${VDID:-none}, xl domid $(vd_domid || echo none), before $_d0"
+      vd_ready && vd_chk vtpmdom-xs-ready PASS "data/xvtpm/ready = $VDU" || vd_chk vtpmdom-xs-ready FAIL "not ready"
+      _cfg=/run/xvtpm/vtpms/$VDU.xl.cfg
+      if [ -f $_cfg ] && grep -q -- '--state-block /dev/xvda' $_cfg && ! grep -q -- '--create' $_cfg; then
+        vd_chk vtpmdom-resumed PASS "booted without --create: $(sed -n 's/^extra = .*-- //p' $_cfg | tr -d '"')"
+      else vd_chk vtpmdom-resumed FAIL "$_cfg: $(grep '^extra' $_cfg 2>&1)"; fi
+    fi
+    vd_con | grep -E '^VTPMDOM-|error|panic' | tail -n 8 | sed "s/^/[$VD console, boot 2] /"
+    echo "PERF vtpmdom-start-s=$VD_START_S (xl-vtpm vtpm start: boot from the disk, resume, ready)"
+    if vd_ready; then
+      vd_boot 3 "hold=1" tpm0 startup getrandom pcr16-reset pcrextend createek persistent-kept persistent-usable nv-kept
+      vd_ek_check 3
+    else err="$err no-ready-vtpm-domain-for-boot-3"; fi
+    [ -n "$err" ] && vd_diag
+    if [ -z "$err" ]; then result $ph PASS "vTPM domain stopped cleanly and booted again from its disk (domid $_d0 -> $VDID); boot 3: 0x81000010 + NV kept, same EK"
+    else result $ph FAIL "$err"; fi
+  fi
+
+  ##### vtpmdom-destroy: the guest goes, the vTPM domain stays; xl-vtpm vtpm destroy removes all of it
+  ph=vtpmdom-destroy; err=""
+  if [ -z "$VDU" ]; then result $ph SKIPPED "no vTPM (vtpmdom-create failed)"
+  else
+    if xl domid $VDG >/dev/null 2>&1; then
+      timeout $(tmo 60) xl destroy $VDG || err="$err xl-destroy-rc=$?"
+      wait_until 30 domain_gone $VDG || err="$err guest-still-there"
+      sleep 1
+      vd_ready && vd_chk vtpmdom-survives-destroy PASS "$VD still ready after xl destroy $VDG" || vd_chk vtpmdom-survives-destroy FAIL "$VD: domid $(vd_domid || echo none)"
+    fi
+    vd_keep_log 3
+    _d=$(vd_domid)
+    t0=$(up)
+    vd_xlvtpm /tmp/vtpmdom-destroy.out /tmp/vtpmdom-destroy.out 150 vtpm destroy $VDU --yes
+    sed 's/^/[vtpm destroy] /' /tmp/vtpmdom-destroy.out | tail -n 10
+    [ $rc = 0 ] || err="$err vtpm-destroy-exit-$rc"
+    wait_until 30 domain_gone $VD && vd_chk vtpmdom-domain-gone PASS "$VD not in xl list $(s_between $t0 $(up)) s after xl-vtpm vtpm destroy" ||
+      vd_chk vtpmdom-domain-gone FAIL "$(xl list $VD 2>&1 | tail -n1)"
+    echo "PERF vtpmdom-destroy-s=$(s_between $t0 $(up))"
+    timeout $(tmo 30) xl-vtpm mgr vtpm list > /tmp/vtpmdom-mgr-list.out 2>&1
+    grep -qi "$VDU" /tmp/vtpmdom-mgr-list.out && vd_chk vtpmdom-identity-gone FAIL "the manager still lists $VDU" ||
+      vd_chk vtpmdom-identity-gone PASS "not in xl-vtpm mgr vtpm list"
+    [ ! -e /var/lib/xvtpm/vtpms/$VDU ] && [ -z "$(vd_loop)" ] && vd_chk vtpmdom-disk-gone PASS "no /var/lib/xvtpm/vtpms/$VDU, no loop device" ||
+      vd_chk vtpmdom-disk-gone FAIL "$(ls -l /var/lib/xvtpm/vtpms/$VDU 2>&1 | tr '\n' ' ') $(vd_loop)"
+    if [ -n "$_d" ]; then
+      _left=$(xenstore-ls -f /local/domain/0/backend 2>/dev/null | grep -E "/backend/(vbd|vtpm)/$_d/" | head -n 3)
+      [ -z "$_left" ] && vd_chk vtpmdom-backends-gone PASS "no dom0 vbd/vtpm backend of domid $_d left" || vd_chk vtpmdom-backends-gone FAIL "$_left"
+    fi
+    [ -n "$err" ] && vd_diag
+    if [ -z "$err" ]; then result $ph PASS "guest destroyed (vTPM domain survived); xl-vtpm vtpm destroy: domain, identity, disk and loop device gone"
+    else result $ph FAIL "$err"; fi
+  fi
+  # nothing of it may outlive the section (teardown checks that no domU is left)
+  xl domid $VDG >/dev/null 2>&1 && timeout $(tmo 60) xl destroy $VDG
+  if xl domid $VD >/dev/null 2>&1 && [ -n "$VDU" ]; then
+    echo "vtpmdom: cleaning up $VD"; NO_COLOR=1 timeout $(tmo 150) xl-vtpm vtpm destroy $VDU --yes 2>&1 | tail -n 3
+  fi
+  xl domid $VD >/dev/null 2>&1 && timeout $(tmo 60) xl destroy $VD
+fi
+
 ############ (e3) tpm2-guest: patched xen-tpmfront -> /dev/tpmrm0 in the guest (guest/linux)
 ph=tpm2-guest
 if [ -z "$MGR_PID" ]; then result $ph SKIPPED "needs the manager (mgr phases)"
@@ -729,6 +992,8 @@ for f in $(ls /var/log/xen/console/guest-life-*.log 2>/dev/null) $(ls /var/log/x
 done
 dump_log vtpmmgr /var/log/xvtpm/vtpmmgr.log $n
 dump_log vtpmmgr-2 /var/log/xvtpm/vtpmmgr-2.log $n
+dump_log xen-hotplug /var/log/xen/xen-hotplug.log 100
+dump_log xl-$VD /var/log/xen/xl-$VD.log 100
 for f in /tmp/xl-*.out /tmp/vtpm-create.err; do [ -s "$f" ] && dump_log "$(basename $f)" "$f" 100; done
 [ $NFAIL = 0 ] || { xenstore-ls -f /local/domain > /tmp/xenstore.txt 2>&1; dump_log xenstore /tmp/xenstore.txt 200; }
 

@@ -6,10 +6,10 @@
 #   ci/testbed/run.sh            # fetch (verify debs.lock) + build images + boot + scenario
 #
 # Env:
-#   XVTPM_TESTBED_BUDGET   whole-run budget in seconds (600)
-#   XVTPM_TESTBED_VTPM     dom0|domain|0: vTPM phases (dom0 = vtpm-domain as a dom0 process serving
-#                          tpmif; domain = the old unikernel vTPM-domain experiment) (dom0)
+#   XVTPM_TESTBED_BUDGET   whole-run budget in seconds (900, as .ci/run)
+#   XVTPM_TESTBED_VTPM     dom0|0: vTPM phases with vtpm-domain as a dom0 process serving tpmif (dom0)
 #   XVTPM_TESTBED_LIFE     1|0: lifecycle phases after the vTPM phases (xl-vtpm create/watch, issue 5) (1)
+#   XVTPM_TESTBED_VTPMDOM  1|0: vTPM-domain phases (the vTPM as its own unikernel-style domain, issue 4) (1)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
@@ -23,7 +23,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI=$(dirname "$HERE")
 OUT=${XVTPM_OUT:-$CI/out}; CACHE=${XVTPM_CACHE:-$CI/cache}
-BUDGET=${XVTPM_TESTBED_BUDGET:-600}
+BUDGET=${XVTPM_TESTBED_BUDGET:-900}
 ACCEL=${XVTPM_TESTBED_ACCEL:-tcg}
 SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-1024}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-512M}
 NICE=${XVTPM_TESTBED_NICE:-10}
@@ -93,8 +93,7 @@ XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=$DOM
 # scenario switches ride on the dom0 command line (multiboot module: ',' must be ',,')
 # rootfstype=ramfs: the ~190 MB initramfs would overflow a rootfs tmpfs (capped at half of dom0's RAM:
 # "Initramfs unpacking failed: write error")
-DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} ${XVTPM_TESTBED_DOM0_EXTRA:-}"
-[ -n "${XVTPM_TESTBED_VTPM_READY:-}" ] && DOM0_ARGS="$DOM0_ARGS xvtpm_vtpm_ready=${XVTPM_TESTBED_VTPM_READY}"
+DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} ${XVTPM_TESTBED_DOM0_EXTRA:-}"
 REM=$(remaining); [ "$REM" -gt 10 ] || fail "budget exhausted before boot"
 # dom0's waits all give up by this dom0 uptime, leaving time to dump the logs and power off
 # (dom0 uptime lags the host clock by the Xen boot, so this is conservative)
