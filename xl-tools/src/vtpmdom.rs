@@ -396,10 +396,23 @@ impl Domains<'_> {
         let was = rt.is_some();
         if let Some(rt) = &rt {
             let id = rt.domid.to_string();
-            let _ = self.xl(&["shutdown", &id]);
+            // `xl shutdown` itself waits up to a minute for a domain that does not acknowledge
+            // (a hung vTPM domain): run it in the background and keep our own deadline.
+            let mut asked = Command::new(&self.xl)
+                .args(["shutdown", &id])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok();
             let deadline = Instant::now() + grace;
             while self.domid(&rt.name) == Some(rt.domid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Some(child) = asked.as_mut() {
+                if matches!(child.try_wait(), Ok(None)) {
+                    let _ = child.kill();
+                }
+                let _ = child.wait();
             }
             if self.domid(&rt.name) == Some(rt.domid) {
                 self.xl(&["destroy", &id])?;
