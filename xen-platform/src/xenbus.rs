@@ -778,6 +778,13 @@ async fn drive<X: Xenstore, T: Transport>(
         }
     }
 
+    // Detached: only the toolstack's removal of the backend directory (step 1) matters now.
+    // The frontend is not read any more; its domain may be half torn down already, and then
+    // xenstored denies the read, which is no error of the guest's.
+    if matches!(dev.phase, Phase::Detached) {
+        return Ok(());
+    }
+
     // 3. The frontend.
     let fe_state_path = format!("{}/state", dev.frontend_path);
     let Some(raw) = xs.read(&fe_state_path).await? else {
