@@ -83,7 +83,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info,xenstore_rs=error".into()),
         )
         .init();
     if as_init {
