@@ -65,7 +65,13 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             .await
             .map_err(anyhow::Error::from)
             .map_err(fatal(EXIT_MANAGER))?;
-        let (vtpm, ek) = open_vtpm(&cfg, key).map_err(fatal(EXIT_STATE))?;
+        let (vtpm, ek) = if cfg.create {
+            create_vtpm(&cfg, key, &link).await?
+        } else {
+            let (mut v, ek) = open_vtpm(&cfg, key).map_err(fatal(EXIT_STATE))?;
+            certify_if_missing(&mut v, &link, &cfg).await;
+            (v, ek)
+        };
         let bound = server::bind(&cfg.listen, cfg.uuid).await.context("binding listeners").map_err(fatal(1))?;
         let ready = serde_json::json!({
             "ready": true,
@@ -102,21 +108,67 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
     })
 }
 
-/// Creates (manufactures) or opens the vTPM on its state store.
+/// The wire form of the engine's TPM properties.
+fn tpm_info(p: &vtpm_engine::TpmProperties) -> vtpm_proto::ekcert::TpmInfo {
+    vtpm_proto::ekcert::TpmInfo {
+        manufacturer: p.manufacturer,
+        model: p.vendor.clone(),
+        firmware_version: p.firmware_version_1,
+        family: p.family.clone(),
+        level: p.level,
+        revision: p.revision,
+    }
+}
+
+/// Manufactures the vTPM: EK, then (TPM 2.0) its EK certificate from the manager, stored at the
+/// TCG NV index, and only then the first state. A manager that does not certify the EK fails
+/// the creation and nothing is written.
+async fn create_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &MgrLink) -> Result<(Vtpm, Vec<u8>), Fatal> {
+    use crate::config::StateSpec;
+    let state = |e: anyhow::Error| Fatal { code: EXIT_STATE, error: e };
+    let kind = match cfg.ek {
+        config::EkChoice::Rsa => vtpm_engine::EkKind::Rsa2048,
+        config::EkChoice::Ecc => vtpm_engine::EkKind::EccP256,
+    };
+    let begun = match &cfg.state {
+        StateSpec::File(p) => Store::create(p, cfg.uuid, cfg.family, key)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| Ok(Vtpm::begin_manufacture(cfg.family, s, kind)?)),
+        StateSpec::Block(p) => BlockStore::create(p, cfg.uuid, cfg.family, key)
+            .map_err(anyhow::Error::from)
+            .and_then(|s| Ok(Vtpm::begin_manufacture(cfg.family, s, kind)?)),
+    };
+    let mut m = begun.map_err(state)?;
+    if let Some(ek_kind) = m.ek_kind() {
+        let props = m.tpm_properties().map_err(|e| state(e.into()))?;
+        let cert = mgr_client::fetch_ek_cert(link, cfg.uuid, m.ek_public(), &tpm_info(&props)).await.map_err(|e| Fatal {
+            code: EXIT_MANAGER,
+            error: anyhow::Error::from(e).context("manufacturing the vTPM (no state was written)"),
+        })?;
+        m.install_ek_cert(&cert).map_err(|e| state(e.into()))?;
+        info!(nv_index = %format!("{:#010x}", ek_kind.cert_index()), bytes = cert.len(), "EK certificate stored");
+    }
+    let made = m.finish().map_err(|e| state(e.into()))?;
+    info!(uuid = %cfg.uuid, "manufactured a new vTPM");
+    Ok(made)
+}
+
+/// A TPM 2.0 vTPM made before EK certificates (or whose certificate could not be stored) asks
+/// for one at start. Failing that is logged, not fatal: the vTPM serves as before.
+async fn certify_if_missing(v: &mut Vtpm, link: &MgrLink, cfg: &Config) {
+    let Some((kind, ek, props)) = v.missing_ek_cert() else { return };
+    match mgr_client::fetch_ek_cert(link, cfg.uuid, &ek, &tpm_info(&props)).await {
+        Ok(cert) => match v.install_ek_cert(kind, &cert) {
+            Ok(()) => info!(nv_index = %format!("{:#010x}", kind.cert_index()), bytes = cert.len(), "EK certificate obtained and stored"),
+            Err(e) => tracing::warn!(error = %e, "could not store the EK certificate; the vTPM serves without one"),
+        },
+        Err(e) => tracing::warn!(error = %e, "this vTPM has no EK certificate and the manager did not issue one; it serves without one"),
+    }
+}
+
+/// Opens the existing vTPM on its state store (never manufactures).
 fn open_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>) -> anyhow::Result<(Vtpm, Vec<u8>)> {
     use crate::config::StateSpec;
-    if cfg.create {
-        let kind = match cfg.ek {
-            config::EkChoice::Rsa => vtpm_engine::EkKind::Rsa2048,
-            config::EkChoice::Ecc => vtpm_engine::EkKind::EccP256,
-        };
-        let made = match &cfg.state {
-            StateSpec::File(p) => Vtpm::manufacture_with(cfg.family, Store::create(p, cfg.uuid, cfg.family, key)?, kind)?,
-            StateSpec::Block(p) => Vtpm::manufacture_with(cfg.family, BlockStore::create(p, cfg.uuid, cfg.family, key)?, kind)?,
-        };
-        info!(uuid = %cfg.uuid, "manufactured a new vTPM");
-        return Ok(made);
-    }
     let startup = cfg.startup == config::Startup::Clear;
     let mut v = match &cfg.state {
         StateSpec::File(p) => {

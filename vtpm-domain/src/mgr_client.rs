@@ -115,8 +115,47 @@ pub async fn fetch_state_key(link: &MgrLink, uuid: Uuid, wait: Duration) -> Resu
                 Ok(Zeroizing::new(arr))
             }
             VtpmReply::Error(f) => Err(KeyError::Refused(f)),
-            VtpmReply::DeepQuote { .. } => Err(KeyError::Protocol("unexpected deep-quote reply".into())),
+            VtpmReply::DeepQuote { .. } | VtpmReply::EkCert { .. } => {
+                Err(KeyError::Protocol("unexpected reply to a state-key request".into()))
+            }
         };
+    }
+}
+
+/// Why no EK certificate was obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum EkCertError {
+    /// The manager could not be reached.
+    #[error("cannot reach the manager ({what}) for the EK certificate: {source}")]
+    Connect {
+        /// Which link.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The exchange broke.
+    #[error("manager protocol error while asking for the EK certificate: {0}")]
+    Protocol(String),
+    /// The manager refused or failed.
+    #[error("the manager did not issue an EK certificate: {0}")]
+    Refused(Failure),
+}
+
+/// Asks the manager to certify this vTPM's EK (`ek_public`: its `TPM2B_PUBLIC`). Returns the
+/// certificate (X.509, DER). One attempt: by now the manager has released the state key, so it
+/// knows and has authorised this vTPM.
+pub async fn fetch_ek_cert(link: &MgrLink, uuid: Uuid, ek_public: &[u8], tpm: &vtpm_proto::ekcert::TpmInfo) -> Result<Vec<u8>, EkCertError> {
+    let req = VtpmRequest::IssueEkCert { uuid, ek_public: hex::encode(ek_public), tpm: tpm.clone() };
+    match link.ask(&req).await.map_err(|source| EkCertError::Connect { what: link.describe(), source })? {
+        VtpmReply::EkCert { cert } => {
+            let der = hex::decode(&cert).map_err(|_| EkCertError::Protocol("the certificate is not hex".into()))?;
+            if der.is_empty() || der.len() > vtpm_engine::MAX_EK_CERT_LEN {
+                return Err(EkCertError::Protocol(format!("a certificate of {} bytes does not fit the EK certificate index", der.len())));
+            }
+            Ok(der)
+        }
+        VtpmReply::Error(f) => Err(EkCertError::Refused(f)),
+        _ => Err(EkCertError::Protocol("unexpected reply to an EK certificate request".into())),
     }
 }
 

@@ -84,17 +84,21 @@ impl Vtpm {
 
     /// [`Vtpm::manufacture`] with a choice of endorsement key.
     pub fn manufacture_with(family: Family, store: impl StateStore + 'static, ek_kind: vtpm_engine::EkKind) -> Result<(Vtpm, Vec<u8>), VtpmError> {
-        let mut store: Box<dyn StateStore> = Box::new(store);
+        Vtpm::begin_manufacture(family, store, ek_kind)?.finish()
+    }
+
+    /// The first half of manufacturing: a fresh TPM with its EK, nothing written yet. The
+    /// caller may add the EK certificate ([`Manufacturing::install_ek_cert`]) before
+    /// [`Manufacturing::finish`] writes the first state, so a failure in between leaves no state.
+    pub fn begin_manufacture(family: Family, store: impl StateStore + 'static, ek_kind: vtpm_engine::EkKind) -> Result<Manufacturing, VtpmError> {
+        let store: Box<dyn StateStore> = Box::new(store);
         let mut engine = Engine::start(engine_version(family), None, None).map_err(|e| VtpmError::Engine(e.to_string()))?;
         let ek = match family {
             Family::Tpm2 => vtpm_engine::provision_ek_kind(&mut engine, ek_kind).map_err(|e| VtpmError::Engine(e.to_string()))?,
             Family::Tpm12 => Vec::new(),
         };
-        let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
-        store.save(&perm, &[])?;
-        let _ = engine.take_dirty_permanent();
-        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm) };
-        Ok((v, ek))
+        let ek_kind = (family == Family::Tpm2).then_some(ek_kind);
+        Ok(Manufacturing { family, engine, store, ek, ek_kind })
     }
 
     /// Resumes a vTPM from its opened state. A saved volatile state is used
@@ -281,6 +285,31 @@ impl Vtpm {
         Ok(())
     }
 
+    /// For a TPM 2.0 with a TCG EK but nothing at the EK certificate's NV index: the EK's kind,
+    /// its `TPM2B_PUBLIC` and the TPM's properties, to ask the manager for a certificate.
+    /// `None` if a certificate (or anything else) is at the index, for TPM 1.2, or if the TPM
+    /// cannot say (not started).
+    pub fn missing_ek_cert(&mut self) -> Option<(vtpm_engine::EkKind, Vec<u8>, vtpm_engine::TpmProperties)> {
+        if self.family != Family::Tpm2 {
+            return None;
+        }
+        let e = self.engine.as_mut()?;
+        let (kind, ek) = vtpm_engine::read_ek(e).ok()?;
+        if vtpm_engine::nv_size(e, kind.cert_index()).ok()?.is_some() {
+            return None;
+        }
+        let props = vtpm_engine::tpm_properties(e).ok()?;
+        Some((kind, ek, props))
+    }
+
+    /// Writes an EK certificate at `kind`'s TCG index and persists the state.
+    pub fn install_ek_cert(&mut self, kind: vtpm_engine::EkKind, der: &[u8]) -> Result<(), VtpmError> {
+        let e = self.engine.as_mut().ok_or_else(|| VtpmError::Engine("TPM is stopped".into()))?;
+        vtpm_engine::write_ek_cert(e, kind, der).map_err(|e| VtpmError::Engine(format!("storing the EK certificate: {e}")))?;
+        self.persist_if_dirty()?;
+        Ok(())
+    }
+
     /// The EK public area at 0x81010001 (TPM 2.0), for identity checks.
     pub fn ek_public(&mut self) -> Option<Vec<u8>> {
         let e = self.engine.as_mut()?;
@@ -331,6 +360,48 @@ impl Vtpm {
     /// The state generation on disk.
     pub fn generation(&self) -> u64 {
         self.store.generation()
+    }
+}
+
+/// A TPM being manufactured ([`Vtpm::begin_manufacture`]): it has its EK, nothing is on disk.
+pub struct Manufacturing {
+    family: Family,
+    engine: Engine,
+    store: Box<dyn StateStore>,
+    ek: Vec<u8>,
+    ek_kind: Option<vtpm_engine::EkKind>,
+}
+
+impl Manufacturing {
+    /// The EK's `TPM2B_PUBLIC` (empty for TPM 1.2).
+    pub fn ek_public(&self) -> &[u8] {
+        &self.ek
+    }
+
+    /// The EK's kind (`None` for TPM 1.2, which gets no EK certificate).
+    pub fn ek_kind(&self) -> Option<vtpm_engine::EkKind> {
+        self.ek_kind
+    }
+
+    /// The TPM's fixed properties (manufacturer, vendor strings, versions).
+    pub fn tpm_properties(&mut self) -> Result<vtpm_engine::TpmProperties, VtpmError> {
+        vtpm_engine::tpm_properties(&mut self.engine).map_err(|e| VtpmError::Engine(e.to_string()))
+    }
+
+    /// Writes the EK certificate (DER) at its TCG NV index, write-locked.
+    pub fn install_ek_cert(&mut self, der: &[u8]) -> Result<(), VtpmError> {
+        let kind = self.ek_kind.ok_or_else(|| VtpmError::Engine("a TPM 1.2 has no TPM 2.0 EK certificate index".into()))?;
+        vtpm_engine::write_ek_cert(&mut self.engine, kind, der).map_err(|e| VtpmError::Engine(format!("storing the EK certificate: {e}")))
+    }
+
+    /// Writes the first state and returns the running vTPM and the EK public area.
+    pub fn finish(self) -> Result<(Vtpm, Vec<u8>), VtpmError> {
+        let Manufacturing { family, mut engine, mut store, ek, .. } = self;
+        let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
+        store.save(&perm, &[])?;
+        let _ = engine.take_dirty_permanent();
+        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm) };
+        Ok((v, ek))
     }
 }
 

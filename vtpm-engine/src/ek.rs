@@ -1,9 +1,10 @@
 //! Endorsement-key provisioning for a freshly manufactured TPM 2.0.
 
 use crate::tpm2::{
-    self, CC_CREATE_PRIMARY, CC_EVICT_CONTROL, CC_FLUSH_CONTEXT, CC_READ_PUBLIC, Command,
-    EK_RSA_HANDLE, RC_INITIALIZE, RC_SUCCESS, RH_ENDORSEMENT, RH_OWNER, ST_NO_SESSIONS,
-    ST_SESSIONS,
+    self, CC_CREATE_PRIMARY, CC_EVICT_CONTROL, CC_FLUSH_CONTEXT, CC_GET_CAPABILITY,
+    CC_NV_DEFINE_SPACE, CC_NV_READ, CC_NV_READ_PUBLIC, CC_NV_WRITE, CC_NV_WRITE_LOCK,
+    CC_READ_PUBLIC, Command, EK_RSA_HANDLE, RC_INITIALIZE, RC_SUCCESS, RH_ENDORSEMENT, RH_OWNER,
+    RH_PLATFORM, ST_NO_SESSIONS, ST_SESSIONS,
 };
 use crate::{Engine, EngineError, TpmVersion};
 
@@ -77,6 +78,15 @@ impl EkKind {
         }
     }
 
+    /// The TCG NV index of this EK's certificate (EK Credential Profile, low range):
+    /// [`EK_CERT_NV_RSA2048`] or [`EK_CERT_NV_ECC_P256`].
+    pub fn cert_index(self) -> u32 {
+        match self {
+            EkKind::Rsa2048 => EK_CERT_NV_RSA2048,
+            EkKind::EccP256 => EK_CERT_NV_ECC_P256,
+        }
+    }
+
     fn template(self) -> Vec<u8> {
         match self {
             EkKind::Rsa2048 => ek_rsa2048_template(),
@@ -87,6 +97,21 @@ impl EkKind {
 
 /// Persistent handle of the ECC P-256 EK.
 pub const EK_ECC_HANDLE: u32 = 0x8101_0002;
+
+/// NV index of the RSA-2048 EK certificate.
+pub const EK_CERT_NV_RSA2048: u32 = 0x01C0_0002;
+/// NV index of the ECC NIST P-256 EK certificate.
+pub const EK_CERT_NV_ECC_P256: u32 = 0x01C0_000A;
+/// `TPMA_NV` of an EK certificate index, as TPM manufacturers and `swtpm_setup` define it:
+/// `PPWRITE | WRITEDEFINE | PPREAD | OWNERREAD | AUTHREAD | NO_DA | PLATFORMCREATE`. Created by
+/// the platform, written once and then write-locked for good (`WRITEDEFINE` + `NV_WriteLock`);
+/// readable by the platform, the owner, and anyone with the index's (empty) authorisation value,
+/// so `tpm2_nvread 0x1c00002` and `tpm2_getekcertificate` need no password.
+pub const EK_CERT_NV_ATTRIBUTES: u32 = 0x4207_2001;
+/// Largest EK certificate written to NV (libtpms' `MAX_NV_INDEX_SIZE`).
+pub const MAX_EK_CERT_LEN: usize = 2048;
+/// Bytes per `TPM2_NV_Write`/`TPM2_NV_Read` (the TCG minimum of `MAX_NV_BUFFER_SIZE`).
+const NV_CHUNK: usize = 512;
 
 fn check(resp: &[u8], command: &'static str) -> Result<(), EngineError> {
     match tpm2::response_code(resp) {
@@ -184,6 +209,165 @@ pub fn read_ek_public(engine: &mut Engine) -> Result<Vec<u8>, EngineError> {
         .to_vec())
 }
 
+/// Which EK this TPM holds (RSA-2048 at 0x81010001 is looked for first) and its public area
+/// (`TPM2B_PUBLIC`, size prefix included).
+pub fn read_ek(engine: &mut Engine) -> Result<(EkKind, Vec<u8>), EngineError> {
+    require_tpm2(engine)?;
+    let mut last = None;
+    for kind in [EkKind::Rsa2048, EkKind::EccP256] {
+        let resp = engine.process(&Command::new(ST_NO_SESSIONS, CC_READ_PUBLIC).u32(kind.handle()).finish());
+        match tpm2::response_code(&resp) {
+            Some(RC_SUCCESS) => {
+                let public = tpm2::tpm2b_at(&resp, 10).ok_or(EngineError::MalformedResponse("ReadPublic"))?;
+                return Ok((kind, public.to_vec()));
+            }
+            Some(rc) => last = Some(rc),
+            None => return Err(EngineError::MalformedResponse("ReadPublic")),
+        }
+    }
+    Err(EngineError::Tpm { command: "ReadPublic", rc: last.unwrap_or(tpm2::RC_FAILURE) })
+}
+
+/// Is `rc` a format-1 `TPM_RC_HANDLE` (the handle names nothing)?
+fn is_rc_handle(rc: u32) -> bool {
+    rc & 0x80 != 0 && rc & 0x3F == 0x0B
+}
+
+/// The size of the NV index `index`, or `None` if it is not defined (`TPM2_NV_ReadPublic`).
+pub fn nv_size(engine: &mut Engine, index: u32) -> Result<Option<usize>, EngineError> {
+    require_tpm2(engine)?;
+    let resp = engine.process(&Command::new(ST_NO_SESSIONS, CC_NV_READ_PUBLIC).u32(index).finish());
+    match tpm2::response_code(&resp) {
+        Some(RC_SUCCESS) => {}
+        Some(rc) if is_rc_handle(rc) => return Ok(None),
+        Some(rc) => return Err(EngineError::Tpm { command: "NV_ReadPublic", rc }),
+        None => return Err(EngineError::MalformedResponse("NV_ReadPublic")),
+    }
+    // TPM2B_NV_PUBLIC: size | nvIndex(4) nameAlg(2) attributes(4) authPolicy(TPM2B) dataSize(2)
+    let public = tpm2::tpm2b_at(&resp, 10).ok_or(EngineError::MalformedResponse("NV_ReadPublic"))?;
+    let policy = tpm2::tpm2b_at(public, 12).ok_or(EngineError::MalformedResponse("NV_ReadPublic"))?;
+    let at = 12 + policy.len();
+    let size = public.get(at..at + 2).ok_or(EngineError::MalformedResponse("NV_ReadPublic"))?;
+    Ok(Some(usize::from(u16::from_be_bytes([size[0], size[1]]))))
+}
+
+/// Stores an EK certificate the way a TPM manufacturer does: `TPM2_NV_DefineSpace` of
+/// `kind`'s TCG index with [`EK_CERT_NV_ATTRIBUTES`] (platform authorisation, empty as after
+/// manufacture), `TPM2_NV_Write` of `cert` (DER) in chunks, then `TPM2_NV_WriteLock`. Fails
+/// with `EngineError::Tpm { command: "NV_DefineSpace", rc: 0x14c }` (`TPM_RC_NV_DEFINED`) if
+/// the index exists.
+pub fn write_ek_cert(engine: &mut Engine, kind: EkKind, cert: &[u8]) -> Result<(), EngineError> {
+    require_tpm2(engine)?;
+    if cert.is_empty() || cert.len() > MAX_EK_CERT_LEN {
+        return Err(EngineError::InvalidArgument("an EK certificate is 1 to 2048 bytes"));
+    }
+    let index = kind.cert_index();
+    let size = u16::try_from(cert.len()).map_err(|_| EngineError::InvalidArgument("EK certificate too long"))?;
+    let mut public = Vec::with_capacity(14);
+    public.extend_from_slice(&index.to_be_bytes());
+    public.extend_from_slice(&0x000Bu16.to_be_bytes()); // nameAlg SHA-256
+    public.extend_from_slice(&EK_CERT_NV_ATTRIBUTES.to_be_bytes());
+    public.extend_from_slice(&0u16.to_be_bytes()); // authPolicy: empty
+    public.extend_from_slice(&size.to_be_bytes());
+    let define = Command::new(ST_SESSIONS, CC_NV_DEFINE_SPACE)
+        .u32(RH_PLATFORM)
+        .password_session()
+        .tpm2b(&[]) // auth: empty
+        .tpm2b(&public)
+        .finish();
+    check(&engine.process(&define), "NV_DefineSpace")?;
+    for (i, chunk) in cert.chunks(NV_CHUNK).enumerate() {
+        let offset = u16::try_from(i * NV_CHUNK).map_err(|_| EngineError::InvalidArgument("EK certificate too long"))?;
+        let write = Command::new(ST_SESSIONS, CC_NV_WRITE)
+            .u32(RH_PLATFORM)
+            .u32(index)
+            .password_session()
+            .tpm2b(chunk)
+            .u16(offset)
+            .finish();
+        check(&engine.process(&write), "NV_Write")?;
+    }
+    let lock = Command::new(ST_SESSIONS, CC_NV_WRITE_LOCK).u32(RH_PLATFORM).u32(index).password_session().finish();
+    check(&engine.process(&lock), "NV_WriteLock")
+}
+
+/// Reads the EK certificate of `kind` from its TCG index the way `tpm2_nvread` does (the
+/// index's own, empty, authorisation); `None` if the index is not defined.
+pub fn read_ek_cert(engine: &mut Engine, kind: EkKind) -> Result<Option<Vec<u8>>, EngineError> {
+    let index = kind.cert_index();
+    let Some(size) = nv_size(engine, index)? else { return Ok(None) };
+    let mut out = Vec::with_capacity(size);
+    while out.len() < size {
+        let n = (size - out.len()).min(NV_CHUNK);
+        let read = Command::new(ST_SESSIONS, CC_NV_READ)
+            .u32(index)
+            .u32(index)
+            .password_session()
+            .u16(n as u16)
+            .u16(out.len() as u16)
+            .finish();
+        let resp = engine.process(&read);
+        check(&resp, "NV_Read")?;
+        // header(10) | parameterSize(4) | TPM2B_MAX_NV_BUFFER | sessions
+        let data = tpm2::tpm2b_at(&resp, 14).ok_or(EngineError::MalformedResponse("NV_Read"))?;
+        if data.len() != 2 + n {
+            return Err(EngineError::MalformedResponse("NV_Read"));
+        }
+        out.extend_from_slice(&data[2..]);
+    }
+    Ok(Some(out))
+}
+
+/// The fixed properties that describe a TPM implementation (from
+/// `TPM2_GetCapability(TPM_CAP_TPM_PROPERTIES, TPM_PT_FAMILY_INDICATOR, …)`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmProperties {
+    /// `TPM_PT_FAMILY_INDICATOR` as text ("2.0").
+    pub family: String,
+    /// `TPM_PT_LEVEL`.
+    pub level: u32,
+    /// `TPM_PT_REVISION`.
+    pub revision: u32,
+    /// `TPM_PT_MANUFACTURER`.
+    pub manufacturer: u32,
+    /// `TPM_PT_VENDOR_STRING_1..4` as text, trailing NULs and spaces removed.
+    pub vendor: String,
+    /// `TPM_PT_FIRMWARE_VERSION_1`.
+    pub firmware_version_1: u32,
+}
+
+/// Reads [`TpmProperties`].
+pub fn tpm_properties(engine: &mut Engine) -> Result<TpmProperties, EngineError> {
+    require_tpm2(engine)?;
+    const TPM_CAP_TPM_PROPERTIES: u32 = 6;
+    const PT_FIXED: u32 = 0x100;
+    let cmd = Command::new(ST_NO_SESSIONS, CC_GET_CAPABILITY).u32(TPM_CAP_TPM_PROPERTIES).u32(PT_FIXED).u32(13).finish();
+    let resp = engine.process(&cmd);
+    check(&resp, "GetCapability")?;
+    // header(10) | moreData(1) | capability(4) | count(4) | (property(4) value(4))*
+    let bad = EngineError::MalformedResponse("GetCapability");
+    let count = tpm2::be_u32(&resp, 15).ok_or(bad.clone())? as usize;
+    let mut props = std::collections::BTreeMap::new();
+    for i in 0..count.min(64) {
+        let at = 19 + 8 * i;
+        let (Some(p), Some(v)) = (tpm2::be_u32(&resp, at), tpm2::be_u32(&resp, at + 4)) else { return Err(bad) };
+        props.insert(p, v);
+    }
+    let get = |p: u32| props.get(&p).copied().ok_or(EngineError::MalformedResponse("GetCapability"));
+    let text = |vals: &[u32]| {
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_be_bytes()).filter(|b| *b != 0).collect();
+        String::from_utf8_lossy(&bytes).trim_end().to_string()
+    };
+    Ok(TpmProperties {
+        family: text(&[get(0x100)?]),
+        level: get(0x101)?,
+        revision: get(0x102)?,
+        manufacturer: get(0x105)?,
+        vendor: text(&[get(0x106)?, get(0x107)?, get(0x108)?, get(0x109)?]),
+        firmware_version_1: get(0x10B)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +382,14 @@ mod tests {
         // type, nameAlg, attributes, policy, sym, scheme, curve, kdf, x(2+32), y(2+32)
         assert_eq!(e.len(), 2 + 2 + 4 + 34 + 6 + 2 + 2 + 2 + 34 + 34);
         assert_eq!(EkKind::EccP256.handle(), 0x8101_0002);
+        assert_eq!(EkKind::Rsa2048.cert_index(), 0x01C0_0002);
+        assert_eq!(EkKind::EccP256.cert_index(), 0x01C0_000A);
+    }
+
+    #[test]
+    fn handle_errors() {
+        assert!(is_rc_handle(0x18B)); // TPM_RC_HANDLE, handle 1
+        assert!(!is_rc_handle(0x14C)); // TPM_RC_NV_DEFINED
+        assert!(!is_rc_handle(0x00B));
     }
 }

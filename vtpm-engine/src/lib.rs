@@ -30,7 +30,8 @@
 //!   because libtpms dumps command bytes to stderr when it enters failure mode.
 //!
 //! [`provision_ek`] and [`read_ek_public`] create and read the TCG default RSA-2048 EK at
-//! persistent handle 0x81010001. [`tpm2`] holds the few marshalling helpers they need.
+//! persistent handle 0x81010001; [`write_ek_cert`] and [`read_ek_cert`] keep an EK certificate at
+//! its TCG NV index. [`tpm2`] holds the few marshalling helpers they need.
 //!
 //! ```no_run
 //! use vtpm_engine::{Engine, TpmVersion, provision_ek, tpm2};
@@ -62,8 +63,9 @@ use zeroize::Zeroize;
 pub use zeroize::Zeroizing;
 
 pub use ek::{
-    EK_ATTRIBUTES, EK_AUTH_POLICY, EK_ECC_HANDLE, EkKind, ek_ecc_p256_template, ek_rsa2048_template, provision_ek,
-    provision_ek_kind, read_ek_public,
+    EK_ATTRIBUTES, EK_AUTH_POLICY, EK_CERT_NV_ATTRIBUTES, EK_CERT_NV_ECC_P256, EK_CERT_NV_RSA2048, EK_ECC_HANDLE,
+    EkKind, MAX_EK_CERT_LEN, TpmProperties, ek_ecc_p256_template, ek_rsa2048_template, nv_size, provision_ek,
+    provision_ek_kind, read_ek, read_ek_cert, read_ek_public, tpm_properties, write_ek_cert,
 };
 
 /// Smallest well-formed TPM command or response: tag, size, code.

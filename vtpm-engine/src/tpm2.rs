@@ -23,6 +23,8 @@ pub const RS_PW: u32 = 0x4000_0009;
 pub const RH_OWNER: u32 = 0x4000_0001;
 /// `TPM_RH_ENDORSEMENT`.
 pub const RH_ENDORSEMENT: u32 = 0x4000_000B;
+/// `TPM_RH_PLATFORM`.
+pub const RH_PLATFORM: u32 = 0x4000_000C;
 /// Persistent handle of the RSA-2048 EK (TCG EK Credential Profile).
 pub const EK_RSA_HANDLE: u32 = 0x8101_0001;
 
@@ -38,6 +40,18 @@ pub const CC_EVICT_CONTROL: u32 = 0x120;
 pub const CC_FLUSH_CONTEXT: u32 = 0x165;
 /// `TPM_CC_ReadPublic`.
 pub const CC_READ_PUBLIC: u32 = 0x173;
+/// `TPM_CC_NV_DefineSpace`.
+pub const CC_NV_DEFINE_SPACE: u32 = 0x12A;
+/// `TPM_CC_NV_Write`.
+pub const CC_NV_WRITE: u32 = 0x137;
+/// `TPM_CC_NV_WriteLock`.
+pub const CC_NV_WRITE_LOCK: u32 = 0x138;
+/// `TPM_CC_NV_Read`.
+pub const CC_NV_READ: u32 = 0x14E;
+/// `TPM_CC_NV_ReadPublic`.
+pub const CC_NV_READ_PUBLIC: u32 = 0x169;
+/// `TPM_CC_GetCapability`.
+pub const CC_GET_CAPABILITY: u32 = 0x17A;
 
 /// Builder for one TPM 2.0 command; [`Command::finish`] patches the size field.
 #[derive(Debug, Clone)]

@@ -1,5 +1,6 @@
 //! Wire formats of xvtpm: TPM command framing, the manager protocol, swtpm's
-//! control channel, sealed-state envelopes, deep-quote evidence and its verifier.
+//! control channel, sealed-state envelopes, deep-quote evidence and its verifier, and the
+//! X.509 EK certificates of vTPMs (`ekcert`).
 //!
 //! This crate does no I/O and contains no `unsafe`: every byte it parses may
 //! come from a guest or a peer, so every parser is a checked constructor that
@@ -14,5 +15,6 @@ pub mod sealed;
 pub mod merkle;
 pub mod evidence;
 pub mod verify;
+pub mod ekcert;
 pub mod deepquote_cmd;
 pub mod tpm12_compat;

@@ -11,6 +11,8 @@
 //!    │ connect <run>/vtpm/<uuid>.sock  │  identity = the socket + SO_PEERCRED pid
 //!    │── Hello{uuid} ─────────────────▶│  uuid must equal the socket's uuid
 //!    │◀─ StateKey{key} / Error ────────│  pid must be the one xl-vtpm attached
+//!    │── IssueEkCert{uuid, ek, tpm} ──▶│  same checks; the manager's group CA (a key in the
+//!    │◀─ EkCert{cert} / Error ─────────│  physical TPM) signs an X.509 EK certificate
 //! xl-vtpm (root)
 //!    │ connect <run>/admin.sock (0600)  │  peer uid must be root or the manager's
 //!    │── Admin(..) ───────────────────▶│
@@ -166,6 +168,18 @@ pub enum VtpmRequest {
         /// Flags bound into the leaf.
         flags: u32,
     },
+    /// Asks for an X.509 certificate of the vTPM's endorsement key, issued by the EK CA of the
+    /// vTPM's group ([`crate::ekcert`]). Authorised like `GetStateKey`: the manager certifies an
+    /// EK only for the vTPM whose socket (or Xen link) it arrived on, and only one EK per vTPM
+    /// identity (the first one it certified).
+    IssueEkCert {
+        /// The UUID the caller expects to be (checked like `GetStateKey`).
+        uuid: Uuid,
+        /// The EK's `TPM2B_PUBLIC`, hex; it must follow the TCG default template L-1 or L-2.
+        ek_public: String,
+        /// The vTPM's fixed TPM properties, for the certificate's TCG attributes.
+        tpm: crate::ekcert::TpmInfo,
+    },
 }
 
 /// The manager's answer on a per-vTPM socket.
@@ -184,8 +198,27 @@ pub enum VtpmReply {
         /// The encoded bundle.
         bundle: String,
     },
+    /// An EK certificate (X.509, DER), hex.
+    EkCert {
+        /// The certificate.
+        cert: String,
+    },
     /// Refused or failed.
     Error(Failure),
+}
+
+/// A group's EK CA: its self-signed certificate and the evidence that its key lives in the
+/// physical TPM (the group AK's `TPM2_Certify` of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupCaInfo {
+    /// Group UUID.
+    pub group: Uuid,
+    /// Group name.
+    pub name: String,
+    /// The CA certificate (X.509, DER), hex.
+    pub cert: String,
+    /// The CA key certified by the group's AK.
+    pub certify: crate::ekcert::CaCertify,
 }
 
 /// A group: a set of vTPMs sharing one attestation key in the physical TPM.
@@ -288,6 +321,12 @@ pub enum AdminRequest {
         /// Group UUID or name.
         group: String,
     },
+    /// A group's EK CA certificate and its certification by the group AK (the CA is made on
+    /// first use if the group has none yet).
+    GroupCa {
+        /// Group UUID or name.
+        group: String,
+    },
     /// Creates a vTPM identity.
     VtpmCreate {
         /// Group UUID or name; `None` = the default group.
@@ -344,6 +383,8 @@ pub enum AdminReply {
         /// The groups.
         groups: Vec<GroupInfo>,
     },
+    /// A group's EK CA.
+    GroupCa(Box<GroupCaInfo>),
     /// One vTPM.
     Vtpm(VtpmInfo),
     /// All vTPMs.
@@ -378,6 +419,28 @@ mod tests {
         let json = String::from_utf8(encode(&req).unwrap()[4..].to_vec()).unwrap();
         assert_eq!(json, r#"{"op":"vtpm-attach-domain","uuid":"00000000-0000-0000-0000-000000000000","domid":7}"#);
         assert_eq!(decode::<AdminRequest>(json.as_bytes()).unwrap(), req);
+    }
+
+    #[test]
+    fn ek_cert_wire_form() {
+        let tpm = crate::ekcert::TpmInfo {
+            manufacturer: 0x4942_4D00,
+            model: "SW   TPM".into(),
+            firmware_version: 1,
+            family: "2.0".into(),
+            level: 0,
+            revision: 164,
+        };
+        let req = VtpmRequest::IssueEkCert { uuid: Uuid::nil(), ek_public: "0001".into(), tpm };
+        let json = String::from_utf8(encode(&req).unwrap()[4..].to_vec()).unwrap();
+        assert!(json.starts_with(r#"{"op":"issue-ek-cert","uuid":"00000000-0000-0000-0000-000000000000","ek_public":"0001","tpm":{"manufacturer":1229081856,"#), "{json}");
+        assert_eq!(decode::<VtpmRequest>(json.as_bytes()).unwrap(), req);
+        let reply = VtpmReply::EkCert { cert: "3000".into() };
+        let json = String::from_utf8(encode(&reply).unwrap()[4..].to_vec()).unwrap();
+        assert_eq!(json, r#"{"result":"ek-cert","cert":"3000"}"#);
+        let admin = AdminRequest::GroupCa { group: "default".into() };
+        let json = String::from_utf8(encode(&admin).unwrap()[4..].to_vec()).unwrap();
+        assert_eq!(json, r#"{"op":"group-ca","group":"default"}"#);
     }
 
     #[test]

@@ -104,6 +104,13 @@ async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared, batcher: Ba
                 let reply = match mgr::decode::<VtpmRequest>(&body) {
                     Ok(VtpmRequest::GetStateKey { version, uuid: claimed }) => lock(&m).state_key(uuid, pid, version, claimed),
                     Ok(req @ VtpmRequest::DeepQuote { .. }) => deep_quote(&m, &b, uuid, pid, req).await,
+                    Ok(VtpmRequest::IssueEkCert { uuid: claimed, ek_public, tpm }) => {
+                        // A TPM signature (and, the first time, a CA key): off the async threads.
+                        let m2 = m.clone();
+                        tokio::task::spawn_blocking(move || lock(&m2).ek_cert(uuid, pid, claimed, &ek_public, &tpm))
+                            .await
+                            .unwrap_or_else(|e| VtpmReply::Error(Failure::new(ErrorCode::Internal, e.to_string())))
+                    }
                     Err(e) => VtpmReply::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
                 };
                 if write_msg(&mut s, &reply).await.is_err() {

@@ -4,13 +4,15 @@
 //! provisioning record, groups and vTPM identities ([`store`], authenticated and
 //! covered by a monotonic counter in the TPM's NV: [`rollback`]), decides who
 //! gets a vTPM's state key ([`manager`]) and serves the admin and per-vTPM
-//! sockets ([`daemon`]); [`xenlink`] serves vTPMs that run in their own Xen
+//! sockets ([`daemon`]); [`ekca`] issues vTPM EK certificates from each group's CA key in the
+//! physical TPM; [`xenlink`] serves vTPMs that run in their own Xen
 //! domains over tpmif. The manager refuses to serve vTPMs until it is
 //! provisioned, and refuses to start at all if its master secret does not
 //! unseal (the host's PCRs are not the approved ones).
 
 pub mod daemon;
 pub mod deepquote;
+pub mod ekca;
 pub mod hwtpm;
 pub mod manager;
 pub mod rollback;

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hkdf::Hkdf;
-use sha2::Sha256;
+use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
 use uuid::Uuid;
+use vtpm_proto::ekcert::{EkPublic, TpmInfo};
 use vtpm_proto::mgr::{
     AdminReply, AdminRequest, ErrorCode, Failure, GroupInfo, SecretBytes, StatusInfo, StoreCounterInfo, VtpmInfo,
     VtpmReply, PROTOCOL_VERSION,
@@ -24,7 +25,7 @@ use zeroize::Zeroizing;
 
 use crate::hwtpm::{AkAlg, HwTpm, MasterSecret, PcrPolicySpec};
 use crate::rollback::{Protected, RollbackError};
-use crate::store::{Group, Store, StoreKeys, VtpmEntry};
+use crate::store::{EkBinding, Group, GroupCa, Store, StoreKeys, VtpmEntry};
 
 /// A physical quote to run outside the manager lock.
 pub struct QuoteJob {
@@ -278,6 +279,97 @@ impl Manager {
         }
     }
 
+    /// `group`'s EK CA; made (and committed) first if the group has none, as in stores written
+    /// before EK certificates.
+    fn ensure_ca(&mut self, group: Uuid) -> Result<GroupCa, Failure> {
+        let g = self
+            .store
+            .groups
+            .iter()
+            .find(|g| g.uuid == group)
+            .cloned()
+            .ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("group {group} does not exist")))?;
+        if let Some(ca) = g.ca {
+            return Ok(ca);
+        }
+        let master = self.master.as_ref().ok_or_else(|| Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned"))?;
+        let ca = crate::ekca::make_ca(&mut self.hw(), master, &g, now())?;
+        let mut next = self.store.clone();
+        if let Some(x) = next.groups.iter_mut().find(|x| x.uuid == group) {
+            x.ca = Some(ca.clone());
+        }
+        self.commit(next).map_err(into_failure)?;
+        info!(group = %group, name = %g.name, "EK CA created for the group");
+        Ok(ca)
+    }
+
+    /// Issues an EK certificate for vTPM `vtpm` of `group` (the caller has authorised the
+    /// peer as that vTPM). The EK must be a TCG default EK; the first EK certified for an
+    /// identity is the only one it ever gets certified (a repeated request for the same EK
+    /// gets a fresh certificate).
+    fn issue_ek_cert(&mut self, vtpm: Uuid, group: Uuid, ek_public: &str, tpm: &TpmInfo) -> Result<Vec<u8>, Failure> {
+        let bad = |m: String| Failure::new(ErrorCode::BadRequest, m);
+        if ek_public.len() > 2048 {
+            return Err(bad(format!("ek_public of {} hex digits is too long for an EK", ek_public.len())));
+        }
+        let bytes = hex::decode(ek_public).map_err(|_| bad("ek_public is not hex".into()))?;
+        let ek = EkPublic::parse(&bytes).map_err(|e| {
+            bad(format!("{e}; only a TCG default EK (template L-1 RSA-2048 or L-2 ECC P-256, as `vtpm-domain --create` makes it) is certified"))
+        })?;
+        tpm.validate().map_err(|e| bad(e.to_string()))?;
+        let ek_sha256 = hex::encode(Sha256::digest(ek.tpmt()));
+        let entry = self.store.vtpm(&vtpm).cloned().ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("vTPM {vtpm} does not exist")))?;
+        if let Some(b) = &entry.ek
+            && b.ek_sha256 != ek_sha256
+        {
+            warn!(vtpm = %vtpm, "refused EK certificate: this vTPM identity was certified for another EK");
+            return Err(Failure::new(
+                ErrorCode::Refused,
+                format!(
+                    "vTPM {vtpm} was certified for another EK (certificate serial {}, issued at {} s since the epoch); an identity's EK is certified once: for a new EK, destroy the vTPM (`xl-vtpm vtpm destroy {vtpm}`) and create a new one",
+                    b.serial, b.issued
+                ),
+            ));
+        }
+        let ca = self.ensure_ca(group)?;
+        let g = self.store.groups.iter().find(|g| g.uuid == group).cloned().ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("group {group} does not exist")))?;
+        let master = self.master.as_ref().ok_or_else(|| Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned"))?;
+        let (cert, serial) = crate::ekca::issue(&mut self.hw(), master, &g, &ca, &ek, tpm, now())?;
+        if entry.ek.is_none() {
+            let mut next = self.store.clone();
+            if let Some(v) = next.vtpms.iter_mut().find(|v| v.uuid == vtpm) {
+                v.ek = Some(EkBinding { ek_sha256, serial: serial.clone(), issued: now() });
+            }
+            self.commit(next).map_err(into_failure)?;
+        }
+        info!(vtpm = %vtpm, group = %group, serial = %serial, ek = %ek.ek_type(), "issued an EK certificate");
+        Ok(cert)
+    }
+
+    fn ek_cert_reply(&mut self, vtpm: Uuid, group: Result<Uuid, Failure>, ek_public: &str, tpm: &TpmInfo) -> VtpmReply {
+        match group.and_then(|g| self.issue_ek_cert(vtpm, g, ek_public, tpm)) {
+            Ok(cert) => VtpmReply::EkCert { cert: hex::encode(cert) },
+            Err(f) => {
+                warn!(vtpm = %vtpm, code = ?f.code, error = %f.message, "EK certificate not issued");
+                VtpmReply::Error(f)
+            }
+        }
+    }
+
+    /// Answers an `IssueEkCert` that arrived on vTPM `socket_uuid`'s own socket from process
+    /// `peer_pid` (authorised exactly like a state-key request).
+    pub fn ek_cert(&mut self, socket_uuid: Uuid, peer_pid: Option<u32>, claimed: Uuid, ek_public: &str, tpm: &TpmInfo) -> VtpmReply {
+        let group = self.authorize(socket_uuid, peer_pid, claimed);
+        self.ek_cert_reply(socket_uuid, group, ek_public, tpm)
+    }
+
+    /// Answers an `IssueEkCert` that arrived over the tpmif link of vTPM `backend_uuid` whose
+    /// frontend is domain `frontend_domid`.
+    pub fn ek_cert_domain(&mut self, backend_uuid: Uuid, frontend_domid: u32, claimed: Uuid, ek_public: &str, tpm: &TpmInfo) -> VtpmReply {
+        let group = self.authorize_domain(backend_uuid, frontend_domid, claimed);
+        self.ek_cert_reply(backend_uuid, group, ek_public, tpm)
+    }
+
     /// The domain attached to vTPM `uuid`, if any.
     pub fn attached_domain(&self, uuid: &Uuid) -> Option<u32> {
         self.attached_domains.get(uuid).copied()
@@ -407,12 +499,19 @@ impl Manager {
                     return Err(fail(ErrorCode::Exists, format!("group {name:?} exists already; pick another name")));
                 }
                 let ak = self.hw().create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the group's AK: {e}")))?;
-                let g = Group { uuid: Uuid::new_v4(), name, ak };
+                let mut g = Group { uuid: Uuid::new_v4(), name, ak, ca: None };
+                let master = self.master.as_ref().ok_or_else(|| fail(ErrorCode::NotProvisioned, "the manager is not provisioned"))?;
+                g.ca = Some(crate::ekca::make_ca(&mut self.hw(), master, &g, now()).map_err(AdminReply::Error)?);
                 let mut next = self.store.clone();
                 next.groups.push(g.clone());
                 self.commit(next)?;
                 info!(group = %g.uuid, name = %g.name, "group added");
                 AdminReply::Group(self.group_info(&g))
+            }
+            AdminRequest::GroupCa { group } => {
+                let g = self.store.group(&group).cloned().ok_or_else(|| fail(ErrorCode::NotFound, format!("no group {group:?}; see `xl-vtpm mgr group list`")))?;
+                let ca = self.ensure_ca(g.uuid).map_err(AdminReply::Error)?;
+                AdminReply::GroupCa(Box::new(crate::ekca::info(&g, &ca)))
             }
             AdminRequest::GroupList => AdminReply::Groups { groups: self.store.groups.iter().map(|g| self.group_info(g)).collect() },
             AdminRequest::GroupDel { group } => {
@@ -438,7 +537,7 @@ impl Manager {
                 if self.store.vtpm(&uuid).is_some() {
                     return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} exists already")));
                 }
-                let v = VtpmEntry { uuid, group: g.uuid, created: now() };
+                let v = VtpmEntry { uuid, group: g.uuid, created: now(), ek: None };
                 let mut next = self.store.clone();
                 next.vtpms.push(v.clone());
                 self.commit(next)?;
@@ -525,11 +624,9 @@ impl Manager {
         let key_path = self.cfg.policy_key_path();
         xvtpm_fsutil::write_atomic(&key_path, &policy_key[..], 0o600)
             .map_err(|e| fail(ErrorCode::Internal, format!("writing {}: {e}", key_path.display())))?;
-        let first = Store {
-            provision: Some(rec),
-            groups: vec![Group { uuid: Uuid::new_v4(), name: DEFAULT_GROUP.into(), ak }],
-            ..Store::empty()
-        };
+        let mut group = Group { uuid: Uuid::new_v4(), name: DEFAULT_GROUP.into(), ak, ca: None };
+        group.ca = Some(crate::ekca::make_ca(&mut self.hw(), &master, &group, now()).map_err(AdminReply::Error)?);
+        let first = Store { provision: Some(rec), groups: vec![group], ..Store::empty() };
         let path = self.cfg.store_path();
         let (store, prot) = crate::rollback::bind_new_counter(&mut self.hw(), &path, StoreKeys::derive(&master), first)
             .map_err(|e| fail(ErrorCode::Tpm, format!("provisioning: writing the store under its rollback counter: {e}")))?;
@@ -595,6 +692,13 @@ impl Manager {
         if let Err(e) = xvtpm_fsutil::write_atomic(&self.cfg.attachments_path(), &bytes, 0o600) {
             warn!(error = %e, "could not record vTPM attachments; a manager restart will need them re-attached");
         }
+    }
+}
+
+fn into_failure(r: AdminReply) -> Failure {
+    match r {
+        AdminReply::Error(f) => f,
+        other => Failure::new(ErrorCode::Internal, format!("unexpected {other:?}")),
     }
 }
 

@@ -25,7 +25,7 @@ use sha2::Sha256;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::hwtpm::{AkRecord, MasterSecret, ProvisionRecord};
+use crate::hwtpm::{AkRecord, CaKeyRecord, MasterSecret, ProvisionRecord};
 
 /// Store format version written by this code.
 pub const STORE_VERSION: u32 = 2;
@@ -44,6 +44,49 @@ pub struct Group {
     pub name: String,
     /// The group's attestation key.
     pub ak: AkRecord,
+    /// The group's EK CA (made at provisioning / group creation; stores written before EK
+    /// certificates existed get it on first use). Absent from the JSON while `None`, so older
+    /// stores keep their MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<GroupCa>,
+}
+
+/// A group's EK CA: a signing key in the physical TPM, its self-signed certificate, and the
+/// group AK's `TPM2_Certify` of the key (qualifyingData = SHA-256 of the certificate).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupCa {
+    /// The key (TPM-wrapped).
+    pub key: CaKeyRecord,
+    /// The CA certificate, DER, hex in JSON.
+    #[serde(with = "hexbytes")]
+    pub cert: Vec<u8>,
+    /// TPMS_ATTEST of the AK's TPM2_Certify of the key.
+    #[serde(with = "hexbytes")]
+    pub certify_attest: Vec<u8>,
+    /// The AK's TPMT_SIGNATURE over `certify_attest`.
+    #[serde(with = "hexbytes")]
+    pub certify_signature: Vec<u8>,
+}
+
+/// The EK a vTPM identity was certified for: the manager certifies one EK per identity.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EkBinding {
+    /// SHA-256 of the EK's TPMT_PUBLIC, hex.
+    pub ek_sha256: String,
+    /// Serial of the first certificate issued, hex.
+    pub serial: String,
+    /// When it was issued (seconds since the epoch).
+    pub issued: u64,
+}
+
+mod hexbytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
 /// A vTPM identity.
@@ -55,6 +98,9 @@ pub struct VtpmEntry {
     pub group: Uuid,
     /// Creation time (seconds since the epoch).
     pub created: u64,
+    /// The EK certified for this vTPM (absent until its first EK certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek: Option<EkBinding>,
 }
 
 /// Which NV counter covers the store, and which of its values this copy of the store is.
@@ -276,7 +322,7 @@ mod tests {
             version: STORE_VERSION,
             provision: None,
             groups: vec![],
-            vtpms: vec![VtpmEntry { uuid: Uuid::from_u128(7), group: Uuid::from_u128(1), created: 5 }],
+            vtpms: vec![VtpmEntry { uuid: Uuid::from_u128(7), group: Uuid::from_u128(1), created: 5, ek: None }],
             counter: Some(CounterRecord { nv_index: 0x0180_5600, value: 42 }),
         }
     }
@@ -310,6 +356,23 @@ mod tests {
         let mut nomac = v;
         nomac.as_object_mut().unwrap().remove("mac");
         assert!(matches!(roundtrip(&serde_json::to_vec(&nomac).unwrap(), &k), Err(StoreError::Tampered { .. })));
+    }
+
+    /// Stores written before EK certificates (no `ca`, no `ek`) keep verifying: the new fields
+    /// are absent from the JSON, and so from the MAC, while unset.
+    #[test]
+    fn optional_ek_fields_keep_old_macs() {
+        let k = keys(4);
+        let bytes = encode(&sample(), &k);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(!text.contains("\"ek\"") && !text.contains("\"ca\""), "{text}");
+        let mut with = sample();
+        with.vtpms[0].ek = Some(EkBinding { ek_sha256: "ab".into(), serial: "01".into(), issued: 9 });
+        assert_eq!(roundtrip(&encode(&with, &k), &k).unwrap(), with);
+        // Dropping the binding from the file is an edit the MAC catches.
+        let mut v: serde_json::Value = serde_json::from_slice(&encode(&with, &k)).unwrap();
+        v["vtpms"][0].as_object_mut().unwrap().remove("ek");
+        assert!(matches!(roundtrip(&serde_json::to_vec(&v).unwrap(), &k), Err(StoreError::Tampered { .. })));
     }
 
     #[test]

@@ -288,6 +288,10 @@ fn answer(mgr: &Shared, uuid: Uuid, domid: u32, cmd: &[u8]) -> VtpmReply {
             version,
             uuid: claimed,
         }) => lock(mgr).state_key_domain(uuid, domid, version, claimed),
+        // Once per vTPM (at manufacture): signed in the physical TPM while this task waits.
+        Ok(VtpmRequest::IssueEkCert { uuid: claimed, ek_public, tpm }) => {
+            lock(mgr).ek_cert_domain(uuid, domid, claimed, &ek_public, &tpm)
+        }
         // Only reached when a deferred request was replaced under us: let the vTPM retry.
         Ok(VtpmRequest::DeepQuote { .. }) => VtpmReply::Error(Failure::new(
             ErrorCode::Busy,

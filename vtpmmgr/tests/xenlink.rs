@@ -366,3 +366,50 @@ async fn deep_quotes_over_the_link_are_answered_when_ready() {
     );
     fe.close().await;
 }
+
+/// A TCG default ECC P-256 EK public area (template L-2) around a software key, as TPM2B_PUBLIC.
+fn ecc_ek(seed: u8) -> Vec<u8> {
+    let sk = p256::ecdsa::SigningKey::from_slice(&[seed; 32]).unwrap();
+    let pt = sk.verifying_key().to_encoded_point(false);
+    let mut t = hex::decode(
+        "0023000b000300b20020837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa00060080004300100003001000\
+         20",
+    )
+    .unwrap();
+    t.extend_from_slice(pt.x().unwrap());
+    t.extend_from_slice(&32u16.to_be_bytes());
+    t.extend_from_slice(pt.y().unwrap());
+    let mut b = (t.len() as u16).to_be_bytes().to_vec();
+    b.extend_from_slice(&t);
+    b
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn ek_certificates_over_the_link_only_for_the_attached_vtpm() {
+    use vtpm_proto::ekcert::{self, Certificate, TpmInfo};
+    let w = World::start().await;
+    assert_eq!(w.admin(AdminRequest::VtpmAttachDomain { uuid: w.vtpm, domid: DOMID.into() }), AdminReply::Ok);
+    let mut fe = w.connect(Duration::from_secs(5)).await.unwrap();
+    let tpm = TpmInfo { manufacturer: 0x4942_4D00, model: "SW   TPM".into(), firmware_version: 1, family: "2.0".into(), level: 0, revision: 164 };
+    let issue = |uuid: Uuid, ek: &[u8]| VtpmRequest::IssueEkCert { uuid, ek_public: hex::encode(ek), tpm: tpm.clone() };
+
+    // Claiming another vTPM over this link: refused.
+    let r = call(&mut fe, &issue(Uuid::new_v4(), &ecc_ek(1))).await;
+    assert!(matches!(&r, VtpmReply::Error(f) if f.code == ErrorCode::Refused), "{r:?}");
+    // Its own: a certificate of the group's CA for exactly that EK.
+    let VtpmReply::EkCert { cert } = call(&mut fe, &issue(w.vtpm, &ecc_ek(1))).await else { panic!("no certificate") };
+    let cert = Certificate::parse(&hex::decode(cert).unwrap()).unwrap();
+    let AdminReply::GroupCa(ca) = w.admin(AdminRequest::GroupCa { group: "default".into() }) else { panic!("no CA") };
+    let ca = Certificate::parse(&hex::decode(&ca.cert).unwrap()).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    ekcert::verify_ek_cert(&cert, &ca, now).unwrap();
+    ekcert::check_ek_matches(&cert, &ecc_ek(1)).unwrap();
+    // One EK per identity.
+    let r = call(&mut fe, &issue(w.vtpm, &ecc_ek(2))).await;
+    assert!(matches!(&r, VtpmReply::Error(f) if f.code == ErrorCode::Refused), "{r:?}");
+    // Detached: not served.
+    assert_eq!(w.admin(AdminRequest::VtpmDetach { uuid: w.vtpm }), AdminReply::Ok);
+    let r = call(&mut fe, &issue(w.vtpm, &ecc_ek(1))).await;
+    assert!(matches!(&r, VtpmReply::Error(f) if f.code == ErrorCode::NotAttached), "{r:?}");
+    fe.close().await;
+}

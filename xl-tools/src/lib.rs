@@ -3,10 +3,12 @@
 //! [`admin`] speaks to vtpmmgr's root-only admin socket; [`local`] runs vTPMs
 //! as local processes (vtpm-domain serving swtpm's protocol) — the mode used
 //! without Xen, by QEMU/KVM hosts and by the test suite; [`vtpmdom`] runs a vTPM
-//! as the only program of its own Xen domain; [`xenlife`] couples guests and vTPMs.
+//! as the only program of its own Xen domain; [`xenlife`] couples guests and vTPMs;
+//! [`ekcert`] exports a group's EK CA and verifies vTPM EK certificates.
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod ekcert;
 pub mod exit;
 pub mod guest;
 pub mod local;

@@ -14,7 +14,7 @@ use xl_tools::local::{self, Local, Row};
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 bad usage, 3 manager unreachable, \
 4 manager not provisioned, 5 no such vTPM or group, 6 refused (confirmation needed, exists, not permitted), \
-7 evidence did not verify.";
+7 evidence or an EK certificate did not verify.";
 
 /// Create, run and destroy vTPMs; administer vtpmmgr.
 #[derive(Parser, Debug)]
@@ -114,6 +114,24 @@ enum Cmd {
         /// Required vTPM UUID.
         #[arg(long)]
         vtpm: Option<String>,
+    },
+    /// Verify a vTPM's EK certificate (read with `tpm2_nvread 0x1c00002` or `0x1c0000a`, DER or
+    /// PEM) against its group's EK CA (`xl-vtpm mgr group ca-cert`); exit 0 only if it verified.
+    VerifyEkcert {
+        /// The EK certificate.
+        cert: PathBuf,
+        /// The group's CA certificate (PEM or DER).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Also require the certified key to be this EK (`tpm2_readpublic -c 0x81010001 -o FILE`).
+        #[arg(long)]
+        ek: Option<PathBuf>,
+        /// Also verify the CA's certification by the group AK (`ca-cert --certify FILE`).
+        #[arg(long, requires = "ak")]
+        certify: Option<PathBuf>,
+        /// The group's AK (TPMT_PUBLIC, raw or hex; `xl-vtpm mgr group ak`), for --certify.
+        #[arg(long, requires = "certify")]
+        ak: Option<PathBuf>,
     },
 }
 
@@ -221,6 +239,22 @@ enum GroupCmd {
         /// Output file (raw TPMT_PUBLIC bytes).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Write a group's EK CA certificate (for Keylime's tpm_cert_store and other verifiers)
+    /// and, with --certify, the evidence that its key lives in the physical TPM (the group AK's
+    /// TPM2_Certify of it).
+    CaCert {
+        /// Name or UUID.
+        group: String,
+        /// Output file (PEM; DER with --der).
+        #[arg(long)]
+        out: PathBuf,
+        /// Write DER instead of PEM.
+        #[arg(long)]
+        der: bool,
+        /// Also write the certification evidence (JSON) here.
+        #[arg(long)]
+        certify: Option<PathBuf>,
     },
     /// Delete an empty group.
     Del {
@@ -446,6 +480,31 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Verify { file, nonce, ak, host_pcrs_policy, vpcrs_policy, vtpm } => {
             return run_verify(&file, &nonce, &ak, host_pcrs_policy.as_deref(), vpcrs_policy.as_deref(), vtpm.as_deref(), json);
         }
+        Cmd::VerifyEkcert { cert, ca, ek, certify, ak } => {
+            let checks = xl_tools::ekcert::Checks { ek_public: ek.as_deref(), certify: certify.as_deref().zip(ak.as_deref()) };
+            let info = xl_tools::ekcert::verify(&cert, &ca, &checks)?;
+            if json {
+                print_json(&serde_json::json!({
+                    "verified": true,
+                    "ek_type": info.ek_type.to_string(),
+                    "serial": info.serial,
+                    "tpm_manufacturer": info.manufacturer,
+                    "tpm_model": info.model,
+                    "tpm_version": info.version,
+                    "ek_checked": ek.is_some(),
+                    "ca_certify_checked": certify.is_some(),
+                }));
+            } else {
+                println!(
+                    "verified: {} EK certificate, serial {}, issued by the CA{}{}",
+                    info.ek_type,
+                    info.serial,
+                    if ek.is_some() { "; it certifies the given EK" } else { "" },
+                    if certify.is_some() { "; the CA key is certified by the given AK" } else { "" }
+                );
+            }
+            return Ok(());
+        }
         Cmd::Console { name } => {
             use std::os::unix::process::CommandExt;
             let e = std::process::Command::new(xl_path()).arg("console").arg(&name).exec();
@@ -468,7 +527,9 @@ fn run(args: Args) -> Result<(), CliError> {
     }
     let mut admin = Admin::connect(&args.run_dir)?;
     match cmd {
-        Cmd::Guest(_) | Cmd::Verify { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => unreachable!("handled above"),
+        Cmd::Guest(_) | Cmd::Verify { .. } | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
+            unreachable!("handled above")
+        }
         Cmd::Create { config, group } => {
             let row = xen.create(&mut admin, &config, group)?;
             if json {
@@ -569,6 +630,17 @@ fn run(args: Args) -> Result<(), CliError> {
             std::fs::write(&out, &bytes).map_err(|e| CliError::new(exit::FAILURE, format!("--out {}: {e}", out.display())))?;
             if json {
                 print_json(&serde_json::json!({"group": g.uuid, "ak_public": g.ak_public, "out": out}));
+            }
+        }
+        Cmd::Mgr(MgrCmd::Group(GroupCmd::CaCert { group, out, der, certify })) => {
+            let AdminReply::GroupCa(info) = admin.call(&AdminRequest::GroupCa { group })? else {
+                return Err(CliError::new(exit::FAILURE, "unexpected reply"));
+            };
+            xl_tools::ekcert::write_ca(&info, &out, der, certify.as_deref())?;
+            if json {
+                print_json(&serde_json::json!({"group": info.group, "name": info.name, "out": out, "certify": certify}));
+            } else {
+                println!("wrote the EK CA certificate of group {} ({}) to {}", info.name, info.group, out.display());
             }
         }
         Cmd::Mgr(MgrCmd::Group(GroupCmd::Del { group, yes })) => {
