@@ -61,18 +61,30 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let link = MgrLink::open(&cfg.mgr).await.map_err(anyhow::Error::from).map_err(fatal(EXIT_MANAGER))?;
-        let key = mgr_client::fetch_state_key(&link, cfg.uuid, cfg.mgr_wait)
-            .await
-            .map_err(anyhow::Error::from)
-            .map_err(fatal(EXIT_MANAGER))?;
-        let (vtpm, ek) = if cfg.create {
-            create_vtpm(&cfg, key, &link).await?
-        } else {
-            let (mut v, ek) = open_vtpm(&cfg, key).map_err(fatal(EXIT_STATE))?;
-            certify_if_missing(&mut v, &link, &cfg).await;
-            (v, ek)
+        let started = async {
+            let key = mgr_client::fetch_state_key(&link, cfg.uuid, cfg.mgr_wait)
+                .await
+                .map_err(anyhow::Error::from)
+                .map_err(fatal(EXIT_MANAGER))?;
+            let (vtpm, ek) = if cfg.create {
+                create_vtpm(&cfg, key, &link).await?
+            } else {
+                let (mut v, ek) = open_vtpm(&cfg, key).map_err(fatal(EXIT_STATE))?;
+                certify_if_missing(&mut v, &link, &cfg).await;
+                (v, ek)
+            };
+            let bound = server::bind(&cfg.listen, cfg.uuid).await.context("binding listeners").map_err(fatal(1))?;
+            Ok::<_, Fatal>((vtpm, ek, bound))
+        }
+        .await;
+        let (vtpm, ek, bound) = match started {
+            Ok(s) => s,
+            Err(f) => {
+                // Leave the manager an orderly detach, not a page dropped mid-connection.
+                link.close().await;
+                return Err(f);
+            }
         };
-        let bound = server::bind(&cfg.listen, cfg.uuid).await.context("binding listeners").map_err(fatal(1))?;
         let ready = serde_json::json!({
             "ready": true,
             "uuid": cfg.uuid,
@@ -103,7 +115,9 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             sig.exit.notify_one();
         });
         server::serve(bound, shared.clone()).await;
-        shared.vtpm.borrow_mut().stop().map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
+        let stopped = shared.vtpm.borrow_mut().stop();
+        shared.mgr.close().await;
+        stopped.map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
         Ok(())
     })
 }

@@ -38,8 +38,8 @@ pub enum KeyError {
 pub enum MgrLink {
     /// The per-vTPM Unix socket (a new connection per request).
     Socket(PathBuf),
-    /// tpmif to the manager's domain; one request at a time.
-    Xen(Box<tokio::sync::Mutex<Frontend<XsClient, XenFrontendLink>>>),
+    /// tpmif to the manager's domain; one request at a time (`None` once closed).
+    Xen(Box<tokio::sync::Mutex<Option<Frontend<XsClient, XenFrontendLink>>>>),
 }
 
 impl MgrLink {
@@ -54,7 +54,7 @@ impl MgrLink {
                 let f = Frontend::connect(std::sync::Arc::new(xs), &mut events, &mut transport, dir, FrontendConfig::default())
                     .await
                     .map_err(|e| io(e.to_string()))?;
-                Ok(MgrLink::Xen(Box::new(tokio::sync::Mutex::new(f))))
+                Ok(MgrLink::Xen(Box::new(tokio::sync::Mutex::new(Some(f)))))
             }
         }
     }
@@ -73,10 +73,24 @@ impl MgrLink {
                 s.read_exact(&mut body).await?;
                 return mgr::decode(&body).map_err(|e| std::io::Error::other(e.to_string()));
             }
-            MgrLink::Xen(f) => Zeroizing::new(f.lock().await.transact(&frame).await.map_err(|e| std::io::Error::other(e.to_string()))?),
+            MgrLink::Xen(f) => {
+                let mut f = f.lock().await;
+                let f = f.as_mut().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "the Xen link to the manager is closed"))?;
+                Zeroizing::new(f.transact(&frame).await.map_err(|e| std::io::Error::other(e.to_string()))?)
+            }
         };
         let body = reply.get(4..).ok_or_else(|| std::io::Error::other("short reply frame"))?;
         mgr::decode(body).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    /// Closes the link the way Xen expects (the frontend goes Closing → Closed and releases
+    /// its page), so the manager sees an orderly detach. A no-op for the socket.
+    pub async fn close(&self) {
+        if let MgrLink::Xen(f) = self
+            && let Some(f) = f.lock().await.take()
+        {
+            f.close().await;
+        }
     }
 
     fn describe(&self) -> String {
