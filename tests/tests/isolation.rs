@@ -69,8 +69,8 @@ fn keys_go_only_to_the_attached_process_on_its_own_socket() {
     assert!(vtpm_proto::sealed::open(&k, &a.uuid, &a_state).is_err());
 
     let log = s.mgr_log();
-    assert!(log.contains("refused state key: caller claimed another vTPM's UUID"), "{log}");
-    assert!(log.contains("refused state key: caller is not the attached process"), "{log}");
+    assert!(log.contains("refused a vTPM request: caller claimed another vTPM's UUID"), "{log}");
+    assert!(log.contains("refused a vTPM request: caller is not the attached process"), "{log}");
 }
 
 #[test]

@@ -213,7 +213,7 @@ impl Manager {
     /// Returns the vTPM's group.
     pub fn authorize(&self, socket_uuid: Uuid, peer_pid: Option<u32>, claimed: Uuid) -> Result<Uuid, Failure> {
         if claimed != socket_uuid {
-            warn!(socket = %socket_uuid, claimed = %claimed, pid = ?peer_pid, "refused state key: caller claimed another vTPM's UUID");
+            warn!(socket = %socket_uuid, claimed = %claimed, pid = ?peer_pid, "refused a vTPM request: caller claimed another vTPM's UUID");
             return Err(Failure::new(ErrorCode::Refused, format!("this socket serves vTPM {socket_uuid}, not {claimed}")));
         }
         let Some(entry) = self.store.vtpm(&socket_uuid) else {
@@ -225,7 +225,7 @@ impl Manager {
             return Err(Failure::new(ErrorCode::NotAttached, format!("no process is attached to vTPM {socket_uuid} yet (xl-vtpm attaches it after spawning)")));
         };
         if peer_pid != Some(expected) {
-            warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected, "refused state key: caller is not the attached process");
+            warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected, "refused a vTPM request: caller is not the attached process");
             return Err(Failure::new(ErrorCode::Refused, format!("process {peer_pid:?} is not the process attached to vTPM {socket_uuid}")));
         }
         if self.master.is_none() {
