@@ -16,6 +16,7 @@ T0=$(date +%s%N)
 ms() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 ok() { printf '   ok: %s\n' "$*"; }
+fail() { printf '   FAIL: %s\n' "$*"; exit 1; }
 
 cleanup() {
   local rc=$?
@@ -66,18 +67,23 @@ exercise() { # $1 = name, $2 = uuid
   export TPM2TOOLS_TCTI; TPM2TOOLS_TCTI=$(tcti "$2")
   local d="$WORK/$1"; mkdir -p "$d"
   tpm2_startup -c
-  [ "$(tpm2_getrandom --hex 16 | wc -c)" -eq 32 ] && ok "$1: getrandom"
+  [ "$(tpm2_getrandom --hex 16 | wc -c)" -eq 32 ] && ok "$1: getrandom" || fail "$1: getrandom"
   tpm2_pcrextend 16:sha256=$(printf '%s' "$1" | sha256sum | cut -c1-64)
-  tpm2_pcrread sha256:16 | grep -q "16: 0x" && ok "$1: pcrextend + pcrread"
-  tpm2_createek -c "$d/ek.ctx" -G rsa -u "$d/ek.pub" >/dev/null && ok "$1: createprimary (EK)"
+  tpm2_pcrread sha256:16 | grep -q "16: 0x" && ok "$1: pcrextend + pcrread" || fail "$1: pcrextend + pcrread"
+  tpm2_createek -c "$d/ek.ctx" -G rsa -u "$d/ek.pub" >/dev/null && ok "$1: createprimary (EK)" || fail "$1: createprimary (EK)"
   tpm2_createak -C "$d/ek.ctx" -c "$d/ak.ctx" -G ecc -g sha256 -s ecdsa -u "$d/ak.pub" -f pem -n "$d/ak.name" >/dev/null
   tpm2_flushcontext -t; tpm2_flushcontext -s
   tpm2_quote -c "$d/ak.ctx" -l sha256:0,16 -q 5ca1ab1e -m "$d/q.msg" -s "$d/q.sig" -o "$d/q.pcrs" -g sha256 >/dev/null
-  tpm2_checkquote -u "$d/ak.pub" -m "$d/q.msg" -s "$d/q.sig" -f "$d/q.pcrs" -g sha256 -q 5ca1ab1e >/dev/null && ok "$1: quote + checkquote"
+  tpm2_checkquote -u "$d/ak.pub" -m "$d/q.msg" -s "$d/q.sig" -f "$d/q.pcrs" -g sha256 -q 5ca1ab1e >/dev/null && ok "$1: quote + checkquote" || fail "$1: quote + checkquote"
   tpm2_flushcontext -t
+  # the EK certificate at the TCG index, issued by the group's EK CA (a key in the physical TPM)
+  tpm2_nvread 0x1c00002 -o "$d/ekcert.der" >/dev/null 2>&1 && openssl x509 -inform der -in "$d/ekcert.der" -out "$d/ekcert.pem" &&
+    openssl verify -CAfile "$WORK/ek-ca.pem" "$d/ekcert.pem" >/dev/null &&
+    ok "$1: EK certificate at 0x1c00002 verifies against the group's EK CA (openssl verify)" || fail "$1: EK certificate"
 }
 
 step "4. tpm2-tools against each vTPM"
+$XL mgr group ca-cert default --out "$WORK/ek-ca.pem" >/dev/null
 exercise A "$A"
 exercise B "$B"
 
@@ -92,13 +98,13 @@ EK_BEFORE=$(tpm2_readpublic -c 0x81010001 | grep '^name:')
 $XL vtpm stop "$A" | sed 's/^/   /'
 t=$(date +%s%N); $XL vtpm start "$A" | sed 's/^/   /'; ok "restarted in $(ms $t) ms"
 TPM2TOOLS_TCTI=$(tcti "$A")
-tpm2_getcap handles-persistent | grep -q 0x81000001 && ok "persistent key 0x81000001 survived"
-[ "$(tpm2_nvread 0x1500016 -C o -s 16)" = "xvtpm-demo-nv!!!" ] && ok "NV index 0x1500016 survived"
-[ "$(tpm2_readpublic -c 0x81010001 | grep '^name:')" = "$EK_BEFORE" ] && ok "same EK after restart ($EK_BEFORE)"
+tpm2_getcap handles-persistent | grep -q 0x81000001 && ok "persistent key 0x81000001 survived" || fail "persistent key 0x81000001 survived"
+[ "$(tpm2_nvread 0x1500016 -C o -s 16)" = "xvtpm-demo-nv!!!" ] && ok "NV index 0x1500016 survived" || fail "NV index 0x1500016 survived"
+[ "$(tpm2_readpublic -c 0x81010001 | grep '^name:')" = "$EK_BEFORE" ] && ok "same EK after restart ($EK_BEFORE)" || fail "same EK after restart ($EK_BEFORE)"
 
 step "6. destroy B"
 $XL vtpm destroy "$B" --yes | sed 's/^/   /'
-[ ! -e "$XVTPM_STATE_DIR/vtpms/$B" ] && ok "B's state is gone"
+[ ! -e "$XVTPM_STATE_DIR/vtpms/$B" ] && ok "B's state is gone" || fail "B's state is gone"
 $XL vtpm list | sed 's/^/   /'
 
 step "summary"
