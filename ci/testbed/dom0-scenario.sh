@@ -10,6 +10,8 @@
 #   xvtpm_life=1|0       lifecycle phases (issue 5: xl-vtpm create/watch/reboot/refuse/mgr restart) (1)
 #   xvtpm_vtpmdom=1|0    vTPM-domain phases (issue 4: the vTPM as its own unikernel-style domain,
 #                        `xl-vtpm vtpm create --domain`) (1)
+#   xvtpm_lifedom=1|0    lifecycle of a guest whose vTPM is its own domain (DESIGN decision 10:
+#                        `xl-vtpm create` with vtpm = [ "backend=NAME" ], `xl-vtpm watch`) (1)
 #   xvtpm_deadline=S     dom0 uptime by which every wait gives up (run.sh: budget - margin)
 export PATH=/usr/lib/xen-4.17/bin:/bin:/sbin:/usr/bin:/usr/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
@@ -342,7 +344,7 @@ fi
 # vtpm.log's UTC timestamps).
 LIFE_MODE=$(arg xvtpm_life); LIFE_MODE=${LIFE_MODE:-1}
 LCFG0=/etc/xen/life-a.cfg; LCFG=$LCFG0
-WATCH_PID=""; LUUID=""; LPID=""; LEK=""; LOFF=0; LGUEST_UUID=""; LVLOG=/dev/null
+WATCH_PID=""; LUUID=""; LPID=""; LEK=""; LOFF=0; LGUEST_UUID=""; LVLOG=/dev/null; LNAME=life-a
 WLOG=/var/log/xvtpm/watch.log
 # pid_up PID: the process exists and is not a zombie (no forks: the destroy timing polls it)
 pid_up() { [ -n "$1" ] && [ -e /proc/$1/stat ] && read -r _st 2>/dev/null < /proc/$1/stat || return 1; case $_st in *") Z "*) return 1 ;; esac; return 0; }
@@ -361,34 +363,36 @@ jf() { sed -n "s/.*\"$1\":\"\{0,1\}\([^\",}]*\).*/\1/p" | head -n1; }
 life_list() { timeout $(tmo 30) xl-vtpm list 2>&1 | sed "s/^/[xl-vtpm list] /"; }
 life_state() { [ "$(life_row $1 | jf state)" = "$2" ]; }
 a_running() { xl domid life-a >/dev/null 2>&1; }
-# life_guest OFF TAG fresh|kept: wait for the boot's GUEST-DONE, echo its checks; sets lerr and LEK_NOW
+# life_guest OFF TAG fresh|kept: wait for the boot's GUEST-DONE of guest $LNAME (life-a), echo its checks;
+# sets lerr and LEK_NOW
 life_guest() {
   _o=$1; _t=$2; _s=$3; lerr=""; LEK_NOW=""
-  WU_SLEEP=1 wait_until 240 lcon_has life-a $_o '^GUEST-DONE' || lerr="no-GUEST-DONE"
-  lcon life-a $_o | sed -n "s|^GUEST-CHECK |CHECK life-a/$_t |p"
+  WU_SLEEP=1 wait_until 240 lcon_has $LNAME $_o '^GUEST-DONE' || lerr="no-GUEST-DONE"
+  lcon $LNAME $_o | sed -n "s|^GUEST-CHECK |CHECK $LNAME/$_t |p"
   if [ $_s = fresh ]; then _want="tpm0 startup getrandom pcr16-reset ek persistent nv-write"
   else _want="tpm0 startup getrandom pcr16-reset ek persistent-kept nv-kept"; fi
-  for c in $_want; do lcon life-a $_o | grep -qE "^GUEST-CHECK $c PASS" || lerr="$lerr $c"; done
-  lcon life-a $_o | grep -q '^GUEST-DONE .*result=ok' || lerr="$lerr guest-result"
-  _got=$(lcon life-a $_o | sed -n 's/^GUEST-LIFE state=//p' | head -n1)
+  for c in $_want; do lcon $LNAME $_o | grep -qE "^GUEST-CHECK $c PASS" || lerr="$lerr $c"; done
+  lcon $LNAME $_o | grep -q '^GUEST-DONE .*result=ok' || lerr="$lerr guest-result"
+  _got=$(lcon $LNAME $_o | sed -n 's/^GUEST-LIFE state=//p' | head -n1)
   [ "$_got" = $_s ] || lerr="$lerr vtpm-state-${_got:-none}(want-$_s)"
-  LEK_NOW=$(lcon life-a $_o | sed -n 's/^GUEST-EKHASH //p' | head -n1)
-  lcon life-a $_o | grep -E '^GUEST-(UP|LIFE|DONE|DMESG)|GUEST-CHECK tpm0 FAIL|panic|Oops' | sed "s/^/[life-a $_t] /"
-  [ -n "$lerr" ] && lcon life-a $_o | tail -n 15 | sed "s/^/[life-a $_t console] /"
+  LEK_NOW=$(lcon $LNAME $_o | sed -n 's/^GUEST-EKHASH //p' | head -n1)
+  lcon $LNAME $_o | grep -E '^GUEST-(UP|LIFE|DONE|DMESG)|GUEST-CHECK tpm0 FAIL|panic|Oops' | sed "s/^/[$LNAME $_t] /"
+  [ -n "$lerr" ] && lcon $LNAME $_o | tail -n 15 | sed "s/^/[$LNAME $_t console] /"
 }
 ek_check() {  # TAG
   if [ -n "$LEK" ] && [ "$LEK" = "$LEK_NOW" ]; then echo "CHECK dom0 life-ek-stable PASS $1: EK sha256 $(echo $LEK | cut -c1-16)..."
   else echo "CHECK dom0 life-ek-stable FAIL $1: first=${LEK:-none} now=${LEK_NOW:-none}"; err="$err ek-changed"; fi
 }
-# life_create CFG TAG: xl-vtpm create; sets lrc, LROW and LUUID_NOW/LPID_NOW from the registry
+# life_create CFG TAG: xl-vtpm create of guest $LNAME (life-a); sets lrc, LROW and LUUID_NOW/LPID_NOW
+# from the registry
 life_create() {
-  LOFF=$(lines_of "$(clog life-a)")
+  LOFF=$(lines_of "$(clog $LNAME)")
   _t0=$(up)
   NO_COLOR=1 timeout $(tmo 150) xl-vtpm create "$1" > /tmp/xl-life-$2.out 2>&1; lrc=$?
   echo "xl-vtpm create $1 ($2): rc=$lrc in $(s_between $_t0 $(up)) s"
   sed "s/^/[xl-vtpm create $2] /" /tmp/xl-life-$2.out | tail -n 20
-  LROW=$(life_row life-a); LUUID_NOW=$(echo "$LROW" | jf vtpm_uuid); LPID_NOW=$(echo "$LROW" | jf vtpm_pid)
-  echo "registry: life-a state=$(echo "$LROW" | jf state) domid=$(echo "$LROW" | jf guest_running_domid) vtpm=$LUUID_NOW vtpm_pid=$LPID_NOW"
+  LROW=$(life_row $LNAME); LUUID_NOW=$(echo "$LROW" | jf vtpm_uuid); LPID_NOW=$(echo "$LROW" | jf vtpm_pid)
+  echo "registry: $LNAME state=$(echo "$LROW" | jf state) domid=$(echo "$LROW" | jf guest_running_domid) vtpm=$LUUID_NOW vtpm_pid=$LPID_NOW"
 }
 # life_cmd N CMD TIMEOUT: run CMD in the held guest (xenstore data/xvtpm-cmd); echo its GUEST-CMD line
 life_cmd() {
@@ -397,6 +401,19 @@ life_cmd() {
   WU_SLEEP=1 wait_until $3 lcon_has life-a $LOFF "^GUEST-CMD $1 " || { echo "no answer within $3 s"; return 1; }
   _l=$(lcon life-a $LOFF | grep "^GUEST-CMD $1 " | head -n1); echo "$_l"
   echo "$_l" | grep -q "^GUEST-CMD $1 [a-z]* PASS"
+}
+# watch_start: `xl-vtpm watch` in the background, its lines to $WLOG with the Xen wallclock in
+# front; sets WATCH_PID; fails with werr unless it says it watches @releaseDomain within 20 s
+watch_start() {
+  werr=""; rm -f /run/xvtpm-watch.pid
+  ( XVTPM_LOG=info NO_COLOR=1 xl-vtpm watch 2>&1 & echo $! > /run/xvtpm-watch.pid; wait ) |
+    while IFS= read -r l; do echo "[$(wall)] $l"; done > $WLOG &
+  wait_until 10 test -s /run/xvtpm-watch.pid; WATCH_PID=$(cat /run/xvtpm-watch.pid 2>/dev/null)
+  watch_settled() { grep -q watching $WLOG || pid_down $WATCH_PID; }
+  wait_until 20 watch_settled || true
+  grep -q '"watching":"@releaseDomain"' $WLOG && pid_up $WATCH_PID && return 0
+  werr="xl-vtpm watch not watching within 20 s (alive: $(pid_up $WATCH_PID && echo yes || echo no)): $(tail -n 3 $WLOG | tr '\n' ' ')"
+  return 1
 }
 # life_stop_a: leave no life-a domain and no running pair (after a failed step)
 life_stop_a() {
@@ -424,14 +441,7 @@ else
       timeout $(tmo 30) xl-vtpm mgr vtpm del $VTPM_UUID --yes 2>&1 | sed 's/^/[mgr vtpm del] /'
     fi
     grep -vE '^ *(#|$)' $LCFG0 | sed 's/^/[life-a.cfg] /'
-    # the watcher's lines get the Xen wallclock in front
-    ( XVTPM_LOG=info NO_COLOR=1 xl-vtpm watch 2>&1 & echo $! > /run/xvtpm-watch.pid; wait ) |
-      while IFS= read -r l; do echo "[$(wall)] $l"; done > $WLOG &
-    wait_until 10 test -s /run/xvtpm-watch.pid; WATCH_PID=$(cat /run/xvtpm-watch.pid 2>/dev/null)
-    watch_settled() { grep -q watching $WLOG || pid_down $WATCH_PID; }
-    wait_until 20 watch_settled || true
-    if grep -q '"watching":"@releaseDomain"' $WLOG && pid_up $WATCH_PID; then :
-    else err="xl-vtpm watch not watching within 20 s (alive: $(pid_up $WATCH_PID && echo yes || echo no)): $(tail -n 3 $WLOG | tr '\n' ' ')"; fi
+    watch_start || err="$werr"
   fi
   if [ -z "$err" ]; then result $ph PASS "xl-vtpm watch (pid $WATCH_PID) watching @releaseDomain"
   else result $ph FAIL "$err"; fi
@@ -705,10 +715,11 @@ vd_domid() { xl domid $VD 2>/dev/null; }
 vd_ready() { _i=$(vd_domid) && [ "$(xenstore-read /local/domain/$_i/data/xvtpm/ready 2>/dev/null)" = "$VDU" ]; }
 vd_con() { lcon $VD $VDOFF; }   # the vTPM domain's console, this boot
 vd_row() { timeout $(tmo 30) xl-vtpm vtpm show $VDU --json 2>/dev/null | tr -d ' \n'; }
-# vd_loop: the loop device(s) backed by the vTPM's disk image
+# vd_loop [UUID]: the loop device(s) backed by the disk image of vTPM UUID ($VDU)
 vd_loop() {
+  _u=${1:-$VDU}; [ -n "$_u" ] || return 0
   for _f in /sys/block/loop*/loop/backing_file; do
-    grep -qF "/vtpms/$VDU/" $_f 2>/dev/null && { _l=${_f#/sys/block/}; echo "/dev/${_l%%/*}"; }
+    grep -qF "/vtpms/$_u/" $_f 2>/dev/null && { _l=${_f#/sys/block/}; echo "/dev/${_l%%/*}"; }
   done
 }
 vd_gcfg() {  # extra-words
@@ -962,6 +973,239 @@ else
   xl domid $VD >/dev/null 2>&1 && timeout $(tmo 60) xl destroy $VD
 fi
 
+############ (e5) lifecycle of a guest whose vTPM is its own domain (DESIGN decision 10)
+# `xl-vtpm create life-d.cfg` with vtpm = [ "backend=vtpm-life-d" ] (life-a.cfg, i.e. xen-configs/guest.cfg,
+# with only name and vtpm changed): xl-vtpm makes the vTPM domain vtpm-life-d on first use (new
+# disk, new TPM), boots it from its disk later, and `xl-vtpm watch` shuts it down when the guest
+# goes. One RESULT per step:
+#   lifedom-create      watcher running (started again if the life-* phases' is gone); both domains
+#                       in `xl list`; `xl-vtpm list --json`: running, vtpm_running_domid = the vTPM
+#                       domain; a new 4 MiB disk, first boot with --create; guest writes 0x81000010 + NV
+#   lifedom-xl-destroy  plain `xl destroy life-d`: the watcher shuts vtpm-life-d down (clean stop,
+#                       gone within 15 s: PERF), its loop device is released, the pair stopped
+#   lifedom-recreate    the same config again: same vTPM UUID, its domain booted from the kept disk
+#                       (same image, no --create); 0x81000010 + NV kept, same EK
+#   lifedom-destroy     `xl-vtpm destroy life-d`: guest and vTPM domain gone, loop released, pair
+#                       stopped; `xl-vtpm registry check` clean (running, and after); watcher stopped
+LIFEDOM_MODE=$(arg xvtpm_lifedom); LIFEDOM_MODE=${LIFEDOM_MODE:-1}
+LDN=life-d; LDV=vtpm-life-d; LDCFG=/etc/xen/life-d.cfg
+LDU=""; LDEK=""; LDVOFF=0; LDVID=""; LDINO=""; LD_WATCH=""
+LD_GONE_LIMIT=15000   # ms; below xl-vtpm's 20 s shutdown grace: a clean stop, not the xl destroy fallback
+ld_vdomid() { xl domid $LDV 2>/dev/null; }
+ld_vcon() { lcon $LDV $LDVOFF; }   # the vTPM domain's console, this boot
+ld_img() { echo /var/lib/xvtpm/vtpms/$LDU/disk.img; }
+ld_xlcfg() { echo /run/xvtpm/vtpms/$LDU.xl.cfg; }
+ld_noloop() { [ -z "$(vd_loop $LDU)" ]; }
+ld_chk() { echo "CHECK dom0 $1 $2 $3"; [ "$2" = PASS ] || err="$err $1"; }
+# ld_domains: what xl-vtpm and xl say about the pair, one line each
+ld_domains() {
+  echo "xl list: $(xl list 2>/dev/null | awk 'NR>1{printf "%s(%s) ", $1, $2}')"
+  LDROW=$(life_row $LDN)
+  echo "xl-vtpm list --json $LDN: state=$(echo "$LDROW" | jf state) guest_running_domid=$(echo "$LDROW" | jf guest_running_domid) vtpm_domain=$(echo "$LDROW" | jf vtpm_domain) vtpm_domid=$(echo "$LDROW" | jf vtpm_domid) vtpm_running_domid=$(echo "$LDROW" | jf vtpm_running_domid) vtpm_pid=$(echo "$LDROW" | jf vtpm_pid)"
+}
+# ld_running TAG: the pair runs -- both domains, the registry row, the vTPM domain ready; sets LDVID
+ld_running() {
+  ld_domains
+  _g=$(xl domid $LDN 2>/dev/null); LDVID=$(ld_vdomid)
+  [ -n "$_g" ] && [ -n "$LDVID" ] && ld_chk lifedom-xl-list-$1 PASS "$LDN is domid $_g, $LDV is domid $LDVID" ||
+    ld_chk lifedom-xl-list-$1 FAIL "$LDN: ${_g:-none}, $LDV: ${LDVID:-none}"
+  if [ "$(echo "$LDROW" | jf state)" = running ] && [ "$(echo "$LDROW" | jf guest_running_domid)" = "$_g" ] &&
+     [ "$(echo "$LDROW" | jf vtpm_domain)" = $LDV ] && [ -n "$LDVID" ] &&
+     [ "$(echo "$LDROW" | jf vtpm_running_domid)" = "$LDVID" ] && [ "$(echo "$LDROW" | jf vtpm_domid)" = "$LDVID" ]; then
+    ld_chk lifedom-list-running-$1 PASS "running, guest domid $_g, vtpm_domain $LDV, vtpm_domid = vtpm_running_domid = $LDVID"
+  else ld_chk lifedom-list-running-$1 FAIL "$LDROW"; fi
+  [ -n "$LDVID" ] && [ "$(xenstore-read /local/domain/$LDVID/data/xvtpm/ready 2>/dev/null)" = "$LDU" ] &&
+    ld_vcon | grep -q "^VTPMDOM-READY uuid=$LDU" && ld_chk lifedom-vtpm-ready-$1 PASS "data/xvtpm/ready = $LDU, VTPMDOM-READY on its console" ||
+    ld_chk lifedom-vtpm-ready-$1 FAIL "ready='$(xenstore-read /local/domain/${LDVID:-x}/data/xvtpm/ready 2>&1)'; console: $(ld_vcon | grep '^VTPMDOM-' | tail -n 2 | tr '\n' ' ')"
+}
+# ld_stopped TAG T0: after the guest went -- vTPM domain gone (clean stop), loop released, pair stopped
+ld_stopped() {
+  _end=$(( $(upi) + $(tmo 60) ))
+  while xl domid $LDV >/dev/null 2>&1 && [ "$(upi)" -lt $_end ]; do sleep 0.1; done
+  _tg=$(up)
+  if xl domid $LDV >/dev/null 2>&1; then ld_chk lifedom-vtpmdom-gone-$1 FAIL "$LDV still there $(s_between $2 $_tg) s later: $(xl list $LDV 2>&1 | tail -n1)"; LD_GONE_MS=""
+  else LD_GONE_MS=$(ms_up $2 $_tg); ld_chk lifedom-vtpmdom-gone-$1 PASS "$LDV (domid $LDVID) gone ${LD_GONE_MS} ms later"; fi
+  ld_vcon | grep -q '^VTPMDOM-EXIT code=0' && ld_chk lifedom-clean-stop-$1 PASS "VTPMDOM-EXIT code=0 on its console (xl shutdown -> clean stop)" ||
+    ld_chk lifedom-clean-stop-$1 FAIL "no 'VTPMDOM-EXIT code=0': $(ld_vcon | grep -E '^VTPMDOM-' | tail -n 2 | tr '\n' ' ')"
+  wait_until 15 ld_noloop && ld_chk lifedom-loop-released-$1 PASS "no loop device on $(ld_img)" || ld_chk lifedom-loop-released-$1 FAIL "$(vd_loop $LDU)"
+  if wait_until 15 life_state $LDN stopped; then
+    _r=$(life_row $LDN)
+    [ "$(echo "$_r" | jf vtpm_running_domid)" = null ] && [ "$(echo "$_r" | jf guest_running_domid)" = null ] &&
+      ld_chk lifedom-pair-stopped-$1 PASS "state stopped, guest_running_domid and vtpm_running_domid null" ||
+      ld_chk lifedom-pair-stopped-$1 FAIL "$_r"
+  else ld_chk lifedom-pair-stopped-$1 FAIL "$(life_row $LDN)"; fi
+}
+# ld_diag: the vTPM domain's console and xenstore, dom0's backends, xl's log, the watcher, the manager
+ld_diag() {
+  ld_vcon | tail -n 30 | sed "s/^/[$LDV console] /"
+  for _n in $LDV $LDN; do
+    _i=$(xl domid $_n 2>/dev/null) && xenstore-ls -f /local/domain/$_i 2>/dev/null | grep -E "/$_i/(data|device|control)/" | head -n 40 | sed "s/^/[$_n xenstore] /"
+  done
+  xenstore-ls -f /local/domain/0/backend 2>/dev/null | grep -E '/backend/(vbd|vtpm)/' | head -n 40 | sed 's/^/[dom0 backend] /'
+  ls /run/xvtpm/vtpms/ 2>&1 | tr '\n' ' ' | sed 's/^/[run\/xvtpm\/vtpms] /'; echo
+  tail -n 20 /var/log/xen/xl-$LDV.log 2>/dev/null | sed "s/^/[xl-$LDV.log] /"
+  tail -n 10 /var/log/xen/xen-hotplug.log 2>/dev/null | sed 's/^/[xen-hotplug.log] /'
+  tail -n 10 $WLOG | sed 's/^/[watch.log] /'
+  tail -n 15 $MGR_LOG 2>/dev/null | sed 's/^/[vtpmmgr] /'
+  life_list
+}
+
+if [ "$LIFEDOM_MODE" = 0 ]; then
+  for p in lifedom-create lifedom-xl-destroy lifedom-recreate lifedom-destroy; do result $p SKIPPED "disabled (XVTPM_TESTBED_LIFEDOM=0)"; done
+else
+  ##### lifedom-create: the vTPM domain made on first use, then the guest
+  ph=lifedom-create; err=""
+  if [ -z "$MGR_PID" ] || ! grep -q '"provisioned": *true' /tmp/status.json 2>/dev/null; then err="needs a provisioned vtpmmgr (mgr phases)"
+  elif [ ! -x /usr/bin/xl-vtpm ] || [ ! -s $XVTPM_VTPMDOM_RAMDISK ]; then err="xl-vtpm or the vTPM-domain image $XVTPM_VTPMDOM_RAMDISK not built"
+  elif past_deadline; then err="scenario deadline reached"
+  else
+    for m in loop xen-blkback; do modload $m || err="$err insmod-$m"; done
+    wait_until 10 test -e /dev/loop-control || err="$err no-/dev/loop-control"
+  fi
+  if [ -z "$err" ] && ! pid_up $WATCH_PID; then
+    # the life-* phases stopped theirs (or did not run): one for these phases, its own log
+    if [ "$LIFE_MODE" = 0 ] && [ -n "$VTPM_UUID" ] && vtpm_exited; then   # no pair (see life-watch)
+      timeout $(tmo 30) xl-vtpm mgr vtpm del $VTPM_UUID --yes 2>&1 | sed 's/^/[mgr vtpm del] /'
+    fi
+    WLOG=/var/log/xvtpm/watch-d.log
+    if watch_start; then LD_WATCH=1; echo "xl-vtpm watch started for the lifedom phases (pid $WATCH_PID, $WLOG)"
+    else err="$werr"; WATCH_PID=""; fi
+  fi
+  if [ -z "$err" ]; then
+    sed -e "s|^name = .*|name = \"$LDN\"|" -e "s|^vtpm = .*|vtpm = [ \"backend=$LDV\" ]|" $LCFG0 > $LDCFG
+    grep -E '^(name|uuid|vtpm|extra)' $LDCFG | sed 's/^/[life-d.cfg] /'
+    LNAME=$LDN; LDVOFF=$(lines_of "$(clog $LDV)")
+    t0=$(up)
+    life_create $LDCFG d-create
+    LD_CREATE_S=$(s_between $t0 $(up))
+    LDU=$LUUID_NOW
+    if [ $lrc != 0 ]; then err="xl-vtpm create exited $lrc: $(tail -n 3 /tmp/xl-life-d-create.out | tr '\n' ' ')"
+    elif [ -z "$LDU" ]; then err="no vtpm_uuid for $LDN in xl-vtpm list --json"
+    else
+      ld_running create
+      _img=$(ld_img)
+      [ "$(stat -c %s $_img 2>/dev/null)" = 4194304 ] && [ -n "$(vd_loop $LDU)" ] && ld_chk lifedom-new-disk PASS "$_img (4 MiB, new) on $(vd_loop $LDU)" ||
+        ld_chk lifedom-new-disk FAIL "$_img: $(ls -l $_img 2>&1); loop: $(losetup -a 2>&1 | tr '\n' ' ')"
+      LDINO=$(stat -c %i $_img 2>/dev/null)
+      grep -q -- "--uuid $LDU .*--create" $(ld_xlcfg) 2>/dev/null && ld_chk lifedom-new-tpm PASS "first boot manufactures: $(sed -n 's/^extra = .*-- //p' $(ld_xlcfg) | tr -d '"')" ||
+        ld_chk lifedom-new-tpm FAIL "$(ld_xlcfg): $(grep '^extra' $(ld_xlcfg) 2>&1)"
+      ld_vcon | grep -E '^VTPMDOM-|panic|Oops' | tail -n 6 | sed "s/^/[$LDV console] /"
+      life_guest $LOFF d-create fresh
+      LDEK=$LEK_NOW
+      [ -n "$lerr" ] && err="$err guest-checks-failed:$lerr"
+    fi
+    echo "PERF lifedom-create-s=$LD_CREATE_S (xl-vtpm create life-d.cfg: new vTPM identity, disk, vTPM domain boot + manufacture + ready, then xl create of the guest)"
+    [ -n "$err" ] && ld_diag
+  fi
+  if [ -z "$err" ]; then result $ph PASS "$LDN with vTPM $LDU in its own domain $LDV (domid $LDVID, made in this create, $LD_CREATE_S s); 0x81000010 + NV written"
+  else result $ph FAIL "$err"; fi
+
+  ##### lifedom-xl-destroy: plain xl destroy of the guest; the watcher shuts the vTPM domain down
+  ph=lifedom-xl-destroy; err=""
+  if [ -z "$LDU" ] || ! xl domid $LDN >/dev/null 2>&1 || [ -z "$WATCH_PID" ]; then result $ph SKIPPED "no running $LDN or no watcher (lifedom-create failed)"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    LDVID=$(ld_vdomid); _gd=$(xl domid $LDN)
+    echo "INFO lifedom timeline xl-destroy-start $(wallt)"
+    t0=$(up)
+    ( timeout $(tmo 60) xl destroy $LDN > /tmp/xl-life-d-xldestroy.out 2>&1; echo $? > /tmp/xl-life-d-xldestroy.rc ) &
+    _xp=$!; _snap=$(( $(upi) + 3 ))
+    while kill -0 $_xp 2>/dev/null && [ "$(upi)" -lt $_snap ]; do sleep 0.1; done
+    # still waiting: libxl waits (10 s) for the backend domain to remove its backend directory
+    kill -0 $_xp 2>/dev/null && xenstore-ls -f /local/domain/$LDVID/backend/vtpm/$_gd 2>&1 | sed "s/^/[xl destroy still running after $(s_between $t0 $(up)) s: $LDV's backend] /"
+    wait $_xp; rc=$(cat /tmp/xl-life-d-xldestroy.rc 2>/dev/null || echo 255)
+    t1=$(up)
+    sed 's/^/[xl destroy] /' /tmp/xl-life-d-xldestroy.out
+    [ "$rc" = 0 ] || err="$err xl-destroy-rc=$rc"
+    echo "PERF lifedom-xl-destroy-ms=$(ms_up $t0 $t1) (plain xl destroy $LDN, a guest whose vTPM backend is the domain $LDV)"
+    grep -q "timed out while waiting for /local/domain/$LDVID/backend/vtpm/$_gd/0 to be removed" /tmp/xl-life-d-xldestroy.out &&
+      echo "INFO lifedom xl-destroy-backend-timeout yes: libxl waited for $LDV (domid $LDVID) to remove its backend directory backend/vtpm/$_gd/0 and gave up (LIBXL_DESTROY_TIMEOUT); a driver domain removes it itself"
+    ld_stopped xl-destroy $t1
+    echo "INFO lifedom timeline vtpmdom-gone-seen $(wallt)"
+    if [ -n "$LD_GONE_MS" ]; then
+      echo "PERF lifedom-destroy-to-vtpmdom-gone-ms=$LD_GONE_MS (xl destroy $LDN returned -> $LDV gone from xl list, through the watcher's xl shutdown; xl destroy took $(ms_up $t0 $t1) ms)"
+      [ $LD_GONE_MS -le $LD_GONE_LIMIT ] && ld_chk lifedom-gone-in-time PASS "${LD_GONE_MS} ms (limit $LD_GONE_LIMIT)" ||
+        ld_chk lifedom-gone-in-time FAIL "${LD_GONE_MS} ms (limit $LD_GONE_LIMIT)"
+    fi
+    grep -q "$LDN: guest gone; vTPM $LDU stopped" $WLOG && ld_chk lifedom-watcher-said PASS "$(grep "$LDN: guest gone" $WLOG | tail -n1)" ||
+      ld_chk lifedom-watcher-said FAIL "no '$LDN: guest gone; vTPM $LDU stopped' in $WLOG"
+    tail -n 3 $WLOG | sed 's/^/[watch.log] /'
+    ld_vcon | grep -E '^VTPMDOM-|signal|stopping' | tail -n 4 | sed "s/^/[$LDV console] /"
+    [ -n "$err" ] && ld_diag
+    if [ -z "$err" ]; then result $ph PASS "xl destroy $LDN: the watcher shut $LDV (domid $LDVID) down cleanly ${LD_GONE_MS} ms later; loop device released, pair stopped"
+    else result $ph FAIL "$err"; fi
+    # leave nothing running for the recreate (no verdict)
+    xl domid $LDV >/dev/null 2>&1 && { echo "lifedom: $LDV still running; xl-vtpm destroy $LDN"; NO_COLOR=1 timeout $(tmo 150) xl-vtpm destroy $LDN 2>&1 | tail -n 3; }
+  fi
+
+  ##### lifedom-recreate: the same config again: the same vTPM, its domain booted from the kept disk
+  ph=lifedom-recreate; err=""
+  if [ -z "$LDU" ] || [ -z "$LDEK" ]; then result $ph SKIPPED "no vTPM or no first boot (lifedom-create failed)"
+  elif past_deadline; then result $ph SKIPPED "scenario deadline reached"
+  else
+    _v0=$LDVID
+    xl domid $LDN >/dev/null 2>&1 && timeout $(tmo 60) xl destroy $LDN
+    LNAME=$LDN; LDVOFF=$(lines_of "$(clog $LDV)")
+    t0=$(up)
+    life_create $LDCFG d-recreate
+    LD_RECREATE_S=$(s_between $t0 $(up))
+    if [ $lrc != 0 ]; then err="xl-vtpm create exited $lrc: $(tail -n 3 /tmp/xl-life-d-recreate.out | tr '\n' ' ')"
+    else
+      [ "$LUUID_NOW" = "$LDU" ] && ld_chk lifedom-same-vtpm PASS "$LDU" || ld_chk lifedom-same-vtpm FAIL "now ${LUUID_NOW:-none}, first create $LDU"
+      ld_running recreate
+      [ -n "$LDVID" ] && [ "$LDVID" != "$_v0" ] && ld_chk lifedom-new-vtpm-domid PASS "$LDV domid $_v0 -> $LDVID" || ld_chk lifedom-new-vtpm-domid FAIL "domid ${LDVID:-none}, before $_v0"
+      _cfg=$(ld_xlcfg)
+      if [ -f $_cfg ] && grep -q -- "--state-block /dev/xvda" $_cfg && ! grep -q -- '--create' $_cfg && [ "$(stat -c %i $(ld_img) 2>/dev/null)" = "$LDINO" ]; then
+        ld_chk lifedom-from-disk PASS "booted from the kept disk (same image, inode $LDINO, on $(vd_loop $LDU)), no --create: $(sed -n 's/^extra = .*-- //p' $_cfg | tr -d '"')"
+      else ld_chk lifedom-from-disk FAIL "$_cfg: $(grep '^extra' $_cfg 2>&1); image inode $(stat -c %i $(ld_img) 2>&1), first $LDINO"; fi
+      ld_vcon | grep -E '^VTPMDOM-|panic|Oops' | tail -n 6 | sed "s/^/[$LDV console] /"
+      life_guest $LOFF d-recreate kept
+      [ -n "$lerr" ] && err="$err guest-checks-failed:$lerr"
+      [ -n "$LDEK" ] && [ "$LDEK" = "$LEK_NOW" ] && ld_chk lifedom-ek-stable PASS "EK sha256 $(echo $LDEK | cut -c1-16)... as at the first create" ||
+        ld_chk lifedom-ek-stable FAIL "first=${LDEK:-none} now=${LEK_NOW:-none}"
+    fi
+    echo "PERF lifedom-recreate-s=$LD_RECREATE_S (xl-vtpm create life-d.cfg again: vTPM domain boot from its disk + ready, then xl create of the guest)"
+    [ -n "$err" ] && ld_diag
+    if [ -z "$err" ]; then result $ph PASS "same vTPM $LDU, $LDV booted from its kept disk (domid $_v0 -> $LDVID); 0x81000010 + NV kept, same EK"
+    else result $ph FAIL "$err"; fi
+  fi
+
+  ##### lifedom-destroy: xl-vtpm destroy takes both down; the registry is clean
+  ph=lifedom-destroy; err=""
+  if [ -z "$LDU" ]; then result $ph SKIPPED "no vTPM (lifedom-create failed)"
+  elif ! xl domid $LDN >/dev/null 2>&1; then result $ph SKIPPED "no running $LDN (lifedom-recreate failed)"
+  else
+    timeout $(tmo 60) xl-vtpm registry check > /tmp/lifedom-check1.out 2>&1; rc=$?
+    sed 's/^/[registry check, life-d running] /' /tmp/lifedom-check1.out
+    [ $rc = 0 ] && grep -q 'registry matches what runs' /tmp/lifedom-check1.out && ld_chk lifedom-registry-running PASS "no drift with $LDN + $LDV running" ||
+      ld_chk lifedom-registry-running FAIL "rc=$rc"
+    LDVID=$(ld_vdomid)
+    t0=$(up)
+    NO_COLOR=1 timeout $(tmo 150) xl-vtpm destroy $LDN > /tmp/xl-life-d-destroy.out 2>&1; rc=$?
+    t1=$(up)
+    sed 's/^/[xl-vtpm destroy] /' /tmp/xl-life-d-destroy.out | tail -n 10
+    [ $rc = 0 ] && ld_chk lifedom-destroy-exit PASS "xl-vtpm destroy $LDN: exit 0 in $(s_between $t0 $t1) s" || ld_chk lifedom-destroy-exit FAIL "exit $rc"
+    wait_until 30 domain_gone $LDN && ld_chk lifedom-guest-gone PASS "$LDN not in xl list" || ld_chk lifedom-guest-gone FAIL "$(xl list $LDN 2>&1 | tail -n1)"
+    ld_stopped destroy $t1
+    echo "PERF lifedom-destroy-s=$(s_between $t0 $t1) (xl-vtpm destroy: xl destroy of the guest, xl shutdown of the vTPM domain, clean stop, loop device released)"
+    timeout $(tmo 60) xl-vtpm registry check > /tmp/lifedom-check2.out 2>&1; rc=$?
+    sed 's/^/[registry check, end] /' /tmp/lifedom-check2.out
+    [ $rc = 0 ] && grep -q 'registry matches what runs' /tmp/lifedom-check2.out && ld_chk lifedom-registry-end PASS "no drift after xl-vtpm destroy" ||
+      ld_chk lifedom-registry-end FAIL "rc=$rc"
+    life_list
+    [ -n "$err" ] && ld_diag
+    if [ -z "$err" ]; then result $ph PASS "xl-vtpm destroy $LDN: guest and $LDV gone (clean stop), loop device released, pair stopped; registry check clean"
+    else result $ph FAIL "$err"; fi
+  fi
+  # nothing of it may outlive the section (teardown checks that no domU is left)
+  if xl domid $LDN >/dev/null 2>&1 || xl domid $LDV >/dev/null 2>&1; then
+    echo "lifedom: cleaning up (xl-vtpm destroy $LDN)"; NO_COLOR=1 timeout $(tmo 150) xl-vtpm destroy $LDN 2>&1 | tail -n 3
+    for d in $LDN $LDV; do xl domid $d >/dev/null 2>&1 && timeout $(tmo 60) xl destroy $d; done
+  fi
+  if pid_up $WATCH_PID; then kill $WATCH_PID; wait_until 10 pid_down $WATCH_PID || kill -9 $WATCH_PID; fi
+  tail -n 10 $WLOG | sed 's/^/[watch.log] /'
+fi
+
 ############ (e3) tpm2-guest: patched xen-tpmfront -> /dev/tpmrm0 in the guest (guest/linux)
 ph=tpm2-guest
 if [ -z "$MGR_PID" ]; then result $ph SKIPPED "needs the manager (mgr phases)"
@@ -985,6 +1229,7 @@ if [ -z "$err" ]; then result $ph PASS "all domUs gone, daemons stopped"; else r
 n=300; [ $NFAIL = 0 ] || n=400
 # the lifecycle's logs first (the budget may cut the dump short)
 dump_log watch /var/log/xvtpm/watch.log $n
+dump_log watch-d /var/log/xvtpm/watch-d.log $n
 [ -n "$LUUID" ] && dump_log vtpm-life-a $LVLOG $n
 [ -n "$VLOG" ] && dump_log vtpm "$VLOG" $n
 for f in $(ls /var/log/xen/console/guest-life-*.log 2>/dev/null) $(ls /var/log/xen/console/guest-*.log 2>/dev/null | grep -v /guest-life-); do
@@ -994,6 +1239,7 @@ dump_log vtpmmgr /var/log/xvtpm/vtpmmgr.log $n
 dump_log vtpmmgr-2 /var/log/xvtpm/vtpmmgr-2.log $n
 dump_log xen-hotplug /var/log/xen/xen-hotplug.log 100
 dump_log xl-$VD /var/log/xen/xl-$VD.log 100
+dump_log xl-$LDV /var/log/xen/xl-$LDV.log 100
 for f in /tmp/xl-*.out /tmp/vtpm-create.err; do [ -s "$f" ] && dump_log "$(basename $f)" "$f" 100; done
 [ $NFAIL = 0 ] || { xenstore-ls -f /local/domain > /tmp/xenstore.txt 2>&1; dump_log xenstore /tmp/xenstore.txt 200; }
 
