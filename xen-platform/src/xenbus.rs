@@ -15,7 +15,7 @@
 //! | frontend Closing(5) | mirror Closing(5); keep the mapping until Closed |
 //! | frontend Closed(6), or back to ≤ InitWait while we are connected | unmap + unbind; InitWait(2), ready for a reconnect (kexec, module reload) |
 //! | frontend directory vanished (guest destroyed) | unmap + unbind; Closing(5), Closed(6); `rm` the backend directory; [`BackendEvent::Gone`] |
-//! | toolstack detach: backend `online=0`, or backend `state=5` we did not write | unmap + unbind; Closed(6) at once (libxl waits at most 10 s for 6); then wait for the toolstack to remove the directories |
+//! | toolstack detach: backend `online=0`, or backend `state=5` we did not write | unmap + unbind; Closed(6) at once (libxl waits at most 10 s for 6); in dom0, wait for the toolstack to remove the directories; in a driver domain, `rm` the backend directory (libxl waits for that) and [`BackendEvent::Gone`] |
 //! | backend directory removed | unmap + unbind; [`BackendEvent::Gone`] |
 //!
 //! Which devices are ours: every device under the root, unless narrowed by
@@ -332,6 +332,8 @@ pub struct Backend<X, T: Transport> {
     accept: Option<AcceptFilter>,
     /// Devices the accept filter refused, with the UUID reported (to report each once).
     refused: BTreeMap<DeviceKey, Uuid>,
+    /// A backend outside dom0 removes its own device directory after a toolstack detach.
+    driver_domain: bool,
 }
 
 /// What [`Backend::attach`] found.
@@ -356,6 +358,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         while root.len() > 1 && root.ends_with('/') {
             root.pop();
         }
+        let driver_domain = is_driver_domain_root(&root);
         Self {
             xs,
             transport,
@@ -364,7 +367,18 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             only_uuid: None,
             accept: None,
             refused: BTreeMap::new(),
+            driver_domain,
         }
+    }
+
+    /// Whether this backend runs in a driver domain (not dom0). libxl removes a detached
+    /// device's backend directory itself only when the backend is dom0; a driver domain must
+    /// remove it ("the driver domain is in charge of removing what it can from the backend
+    /// path"), or `xl destroy` of the guest waits 10 s for it and reports an error. Derived
+    /// from the root (`/local/domain/<N>/…` with N ≠ 0); set it when the root is relative.
+    pub fn driver_domain(mut self, yes: bool) -> Self {
+        self.driver_domain = yes;
+        self
     }
 
     /// Serves only devices for which `filter(frontend domain, uuid)` is true. The domain is the
@@ -541,7 +555,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             return events;
         };
         let mut gone = false;
-        match drive(&self.xs, &mut self.transport, dev, &mut events, &mut gone).await {
+        match drive(&self.xs, &mut self.transport, dev, self.driver_domain, &mut events, &mut gone).await {
             Ok(()) => dev.last_error = None,
             Err(error) => {
                 // Report a given failure once until something changes: the guest can trigger
@@ -723,6 +737,13 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
     }
 }
 
+/// `/local/domain/<N>/…` with N ≠ 0.
+fn is_driver_domain_root(root: &str) -> bool {
+    root.strip_prefix("/local/domain/")
+        .and_then(|rest| rest.split('/').next())
+        .is_some_and(|id| id != "0")
+}
+
 fn is_at_or_below(path: &str, dir: &str) -> bool {
     path == dir
         || path
@@ -752,6 +773,7 @@ async fn drive<X: Xenstore, T: Transport>(
     xs: &X,
     transport: &mut T,
     dev: &mut TpmifDevice<T::Connection>,
+    driver_domain: bool,
     events: &mut Vec<BackendEvent>,
     gone: &mut bool,
 ) -> Result<(), XenbusError> {
@@ -775,6 +797,12 @@ async fn drive<X: Xenstore, T: Transport>(
             dev.phase = Phase::Detached; // drops (unmaps/unbinds) any connection
             write_state(xs, dev, XenbusState::Closed).await?;
             events.push(BackendEvent::Detached { key });
+            if driver_domain {
+                // libxl waits for us to remove it (see `Backend::driver_domain`).
+                xs.rm(&be).await?;
+                *gone = true;
+                return Ok(());
+            }
         }
     }
 

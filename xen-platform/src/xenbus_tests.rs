@@ -36,9 +36,15 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Self {
+        Self::new_with(|b| b).await
+    }
+
+    async fn new_with(
+        configure: impl FnOnce(Backend<FakeXenstore, MemTransport>) -> Backend<FakeXenstore, MemTransport>,
+    ) -> Self {
         let (xs, events) = FakeXenstore::new();
         let transport = MemTransport::new();
-        let mut backend = Backend::new(xs.clone(), transport.clone(), format!("{ROOT}/"));
+        let mut backend = configure(Backend::new(xs.clone(), transport.clone(), format!("{ROOT}/")));
         let initial = backend.start().await.unwrap();
         assert!(initial.is_empty(), "{initial:?}");
         let mut h = Harness {
@@ -105,7 +111,13 @@ impl Harness {
     }
 
     async fn connected() -> (Self, Arc<MemPage>, Arc<FakeChannel>) {
-        let mut h = Harness::new().await;
+        Self::connected_with(|b| b).await
+    }
+
+    async fn connected_with(
+        configure: impl FnOnce(Backend<FakeXenstore, MemTransport>) -> Backend<FakeXenstore, MemTransport>,
+    ) -> (Self, Arc<MemPage>, Arc<FakeChannel>) {
+        let mut h = Harness::new_with(configure).await;
         h.toolstack_add();
         h.pump().await;
         let (page, chan) = h.guest_publish(8, 17);
@@ -438,6 +450,29 @@ async fn toolstack_detach_goes_to_closed_promptly() {
         "{ev:?}"
     );
     assert!(h.backend.device(key()).is_none());
+}
+
+#[tokio::test]
+async fn a_driver_domain_backend_removes_its_directory_after_a_detach() {
+    let (mut h, _page, chan) = Harness::connected_with(|b| b.driver_domain(true)).await;
+    h.xs.set(&format!("{BE}/online"), "0");
+    h.xs.set(&format!("{BE}/state"), "5");
+    let ev = h.pump().await;
+    assert!(
+        matches!(ev.as_slice(), [BackendEvent::Detached { .. }, BackendEvent::Gone { .. }]),
+        "{ev:?}"
+    );
+    assert_eq!(h.be("state"), None, "the backend directory must be gone");
+    assert_eq!(h.transport.live_connections(), 0);
+    assert!(!chan.is_bound());
+    assert!(h.backend.device(key()).is_none());
+}
+
+#[test]
+fn driver_domain_is_derived_from_the_root() {
+    assert!(!is_driver_domain_root("/local/domain/0/backend/vtpm"));
+    assert!(is_driver_domain_root("/local/domain/7/backend/vtpm"));
+    assert!(!is_driver_domain_root("backend/vtpm"));
 }
 
 #[tokio::test]
