@@ -515,7 +515,7 @@ impl Xen {
         for r in running {
             if let Some(&domid) = present.get(&r.guest_name) {
                 if Some(domid) != r.guest_domid {
-                    reg.mark_running(r.id, domid, 0).map_err(reg_err)?;
+                    reg.mark_running(r.id, domid, r.vtpm_domid.unwrap_or(0)).map_err(reg_err)?;
                     done.push(format!("{}: rebooted as domid {domid}; vTPM kept", r.guest_name));
                 }
                 continue;
@@ -523,7 +523,7 @@ impl Xen {
             let back = self.await_reboot(&r.guest_name);
             match back {
                 Some(d) => {
-                    reg.mark_running(r.id, d, 0).map_err(reg_err)?;
+                    reg.mark_running(r.id, d, r.vtpm_domid.unwrap_or(0)).map_err(reg_err)?;
                     done.push(format!("{}: rebooted as domid {d}; vTPM kept", r.guest_name));
                 }
                 None => {
