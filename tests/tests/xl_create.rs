@@ -11,6 +11,23 @@ fn write(s: &Stack, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
+/// No vTPM identity in the manager, no registry pair, nothing under the state directory.
+fn assert_nothing_left(s: &Stack, fake_xl: &str) {
+    let mgr = s.xl_json(&["mgr", "vtpm", "list"]);
+    assert_eq!(mgr.as_array().unwrap().len(), 0, "manager kept an identity: {mgr}");
+    let pairs = std::process::Command::new(testkit::bin_path("xl-vtpm"))
+        .args(["list", "--json"])
+        .env("XVTPM_RUN_DIR", s.run_dir())
+        .env("XVTPM_STATE_DIR", s.state_dir())
+        .env("XVTPM_XL", fake_xl)
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&pairs.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 0, "registry kept a pair: {rows}");
+    let vtpms = s.state_dir().join("vtpms");
+    assert!(!vtpms.exists() || std::fs::read_dir(&vtpms).unwrap().count() == 0, "state or disk image left behind");
+}
+
 #[test]
 fn bad_configs_name_the_key() {
     let s = Stack::start();
@@ -52,19 +69,7 @@ fn a_failed_create_rolls_back_everything() {
     assert!(!out.status.success(), "create succeeded without Xen");
     assert!(err.contains("did not start"), "{err}");
     // Nothing left: no vTPM identity, no registry pair, no process, no state.
-    let mgr = s.xl_json(&["mgr", "vtpm", "list"]);
-    assert_eq!(mgr.as_array().unwrap().len(), 0, "manager kept an identity: {mgr}");
-    let pairs = std::process::Command::new(testkit::bin_path("xl-vtpm"))
-        .args(["list", "--json"])
-        .env("XVTPM_RUN_DIR", s.run_dir())
-        .env("XVTPM_STATE_DIR", s.state_dir())
-        .env("XVTPM_XL", &fake_xl)
-        .output()
-        .unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&pairs.stdout).unwrap();
-    assert_eq!(rows.as_array().unwrap().len(), 0, "registry kept a pair: {rows}");
-    let vtpms = s.state_dir().join("vtpms");
-    assert!(!vtpms.exists() || std::fs::read_dir(&vtpms).unwrap().count() == 0, "state left behind");
+    assert_nothing_left(&s, &fake_xl);
 }
 
 #[test]
@@ -122,19 +127,7 @@ fn a_failed_vtpm_domain_create_rolls_back_everything() {
     assert!(at("xl destroy 5") < at("losetup -d /dev/loop7"), "{calls}");
     assert!(!calls.contains("xl unpause"), "unpaused a half-made domain:\n{calls}");
     assert!(!calls.contains("xl create /"), "created the guest without its vTPM:\n{calls}");
-    let mgr = s.xl_json(&["mgr", "vtpm", "list"]);
-    assert_eq!(mgr.as_array().unwrap().len(), 0, "manager kept an identity: {mgr}");
-    let pairs = std::process::Command::new(testkit::bin_path("xl-vtpm"))
-        .args(["list", "--json"])
-        .env("XVTPM_RUN_DIR", s.run_dir())
-        .env("XVTPM_STATE_DIR", s.state_dir())
-        .env("XVTPM_XL", &fake_xl)
-        .output()
-        .unwrap();
-    let rows: serde_json::Value = serde_json::from_slice(&pairs.stdout).unwrap();
-    assert_eq!(rows.as_array().unwrap().len(), 0, "registry kept a pair: {rows}");
-    let vtpms = s.state_dir().join("vtpms");
-    assert!(!vtpms.exists() || std::fs::read_dir(&vtpms).unwrap().count() == 0, "disk image or state left behind");
+    assert_nothing_left(&s, &fake_xl);
 }
 
 #[test]
