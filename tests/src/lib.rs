@@ -330,3 +330,17 @@ pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// One manager-protocol request over a manager socket (a vTPM's own socket or the admin
+/// socket) and its decoded reply, as a raw client would speak it.
+pub fn mgr_call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(path: &Path, req: &Req) -> Rep {
+    use std::os::unix::net::UnixStream;
+    use vtpm_proto::mgr;
+    let mut s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+    s.write_all(&mgr::encode(req).unwrap()).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; mgr::frame_len(len).unwrap()];
+    s.read_exact(&mut body).unwrap();
+    mgr::decode(&body).unwrap()
+}

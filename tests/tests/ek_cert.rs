@@ -3,15 +3,13 @@
 //! from the vTPM's NV, `openssl verify` against the group's CA certificate, and `xl-vtpm
 //! verify-ekcert` for the CA key's certification by the group AK.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use uuid::Uuid;
 use vtpm_proto::ekcert::{self, Certificate, TpmInfo};
-use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, VtpmReply, VtpmRequest};
-use xvtpm_tests::{Stack, VtpmHandle, raw_command, rc, read_public, tpm2};
+use vtpm_proto::mgr::{AdminReply, AdminRequest, ErrorCode, VtpmReply, VtpmRequest};
+use xvtpm_tests::{Stack, VtpmHandle, mgr_call, raw_command, rc, read_public, tpm2};
 
 fn run(cmd: &str, args: &[&str], tcti: Option<&str>) -> Output {
     let mut c = Command::new(cmd);
@@ -218,16 +216,6 @@ fn ecc_ek_certificate_survives_a_restart() {
     assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&ca).unwrap());
 }
 
-fn call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(path: &Path, req: &Req) -> Rep {
-    let mut s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-    s.write_all(&mgr::encode(req).unwrap()).unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; mgr::frame_len(len).unwrap()];
-    s.read_exact(&mut body).unwrap();
-    mgr::decode(&body).unwrap()
-}
-
 fn libtpms_info() -> TpmInfo {
     TpmInfo { manufacturer: 0x4942_4D00, model: "SW   TPM".into(), firmware_version: 0x2019_1023, family: "2.0".into(), level: 0, revision: 164 }
 }
@@ -265,42 +253,42 @@ fn a_vtpm_socket_certifies_only_its_own_identity_and_only_one_ek() {
     let sock = |u: &Uuid| run_dir.join("vtpm").join(format!("{u}.sock"));
 
     // This process is not B's process: B's socket refuses it, whatever it claims.
-    refused(call(&sock(&b.uuid), &issue(b.uuid, &ek_b)), ErrorCode::Refused, "not the process attached");
+    refused(mgr_call(&sock(&b.uuid), &issue(b.uuid, &ek_b)), ErrorCode::Refused, "not the process attached");
     // An identity attached to this process may not get a certificate in A's name.
-    let c = match call::<_, AdminReply>(&admin, &AdminRequest::VtpmCreate { group: None, uuid: None }) {
+    let c = match mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmCreate { group: None, uuid: None }) {
         AdminReply::Vtpm(v) => v.uuid,
         other => panic!("{other:?}"),
     };
-    assert_eq!(call::<_, AdminReply>(&admin, &AdminRequest::VtpmAttach { uuid: c, pid: std::process::id() }), AdminReply::Ok);
-    refused(call(&sock(&c), &issue(a.uuid, &ek_a)), ErrorCode::Refused, &format!("serves vTPM {c}"));
+    assert_eq!(mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmAttach { uuid: c, pid: std::process::id() }), AdminReply::Ok);
+    refused(mgr_call(&sock(&c), &issue(a.uuid, &ek_a)), ErrorCode::Refused, &format!("serves vTPM {c}"));
     // Only TCG default EKs are certified: not garbage, not another key shape.
-    refused(call(&sock(&c), &VtpmRequest::IssueEkCert { uuid: c, ek_public: "zz".into(), tpm: libtpms_info() }), ErrorCode::BadRequest, "not hex");
+    refused(mgr_call(&sock(&c), &VtpmRequest::IssueEkCert { uuid: c, ek_public: "zz".into(), tpm: libtpms_info() }), ErrorCode::BadRequest, "not hex");
     let mut not_ek = ek_a.clone();
     not_ek[2 + 7] ^= 0x40; // objectAttributes: userWithAuth
-    refused(call(&sock(&c), &issue(c, &not_ek)), ErrorCode::BadRequest, "TCG default");
+    refused(mgr_call(&sock(&c), &issue(c, &not_ek)), ErrorCode::BadRequest, "TCG default");
     let bad_tpm = VtpmRequest::IssueEkCert { uuid: c, ek_public: hex::encode(&ek_a), tpm: TpmInfo { model: String::new(), ..libtpms_info() } };
-    refused(call(&sock(&c), &bad_tpm), ErrorCode::BadRequest, "model");
+    refused(mgr_call(&sock(&c), &bad_tpm), ErrorCode::BadRequest, "model");
 
     // Its own identity gets a certificate (for whichever EK it presents first)…
-    let ca = match call::<_, AdminReply>(&admin, &AdminRequest::GroupCa { group: "default".into() }) {
+    let ca = match mgr_call::<_, AdminReply>(&admin, &AdminRequest::GroupCa { group: "default".into() }) {
         AdminReply::GroupCa(info) => Certificate::parse(&hex::decode(&info.cert).unwrap()).unwrap(),
         other => panic!("{other:?}"),
     };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let first = match call::<_, VtpmReply>(&sock(&c), &issue(c, &ek_a)) {
+    let first = match mgr_call::<_, VtpmReply>(&sock(&c), &issue(c, &ek_a)) {
         VtpmReply::EkCert { cert } => Certificate::parse(&hex::decode(cert).unwrap()).unwrap(),
         other => panic!("{other:?}"),
     };
     ekcert::verify_ek_cert(&first, &ca, now).unwrap();
     ekcert::check_ek_matches(&first, &ek_a).unwrap();
     // …again for the same EK, but never for a second one.
-    assert!(matches!(call::<_, VtpmReply>(&sock(&c), &issue(c, &ek_a)), VtpmReply::EkCert { .. }));
-    refused(call(&sock(&c), &issue(c, &ek_b)), ErrorCode::Refused, "certified for another EK");
+    assert!(matches!(mgr_call::<_, VtpmReply>(&sock(&c), &issue(c, &ek_a)), VtpmReply::EkCert { .. }));
+    refused(mgr_call(&sock(&c), &issue(c, &ek_b)), ErrorCode::Refused, "certified for another EK");
     // The binding is in the manager's store: it holds across a manager restart.
     s.stop_manager();
     s.start_manager();
-    assert_eq!(call::<_, AdminReply>(&admin, &AdminRequest::VtpmAttach { uuid: c, pid: std::process::id() }), AdminReply::Ok);
-    refused(call(&sock(&c), &issue(c, &ek_b)), ErrorCode::Refused, "certified for another EK");
+    assert_eq!(mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmAttach { uuid: c, pid: std::process::id() }), AdminReply::Ok);
+    refused(mgr_call(&sock(&c), &issue(c, &ek_b)), ErrorCode::Refused, "certified for another EK");
     let log = s.mgr_log();
     assert!(log.contains("refused EK certificate: this vTPM identity was certified for another EK"), "{log}");
     assert!(log.contains("EK certificate not issued"), "{log}");

@@ -1,23 +1,10 @@
 //! A vTPM's state key goes only to the process attached to it, on its own
 //! socket; a forged UUID or a foreign process is refused and logged.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, VtpmReply, VtpmRequest};
-use xvtpm_tests::Stack;
-
-fn call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(path: &Path, req: &Req) -> Rep {
-    let mut s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-    s.write_all(&mgr::encode(req).unwrap()).unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; mgr::frame_len(len).unwrap()];
-    s.read_exact(&mut body).unwrap();
-    mgr::decode(&body).unwrap()
-}
+use xvtpm_tests::{Stack, mgr_call};
 
 fn key_request(uuid: Uuid) -> VtpmRequest {
     VtpmRequest::GetStateKey { version: mgr::PROTOCOL_VERSION, uuid }
@@ -40,26 +27,26 @@ fn keys_go_only_to_the_attached_process_on_its_own_socket() {
 
     // This test process is not vTPM B's process: B's socket refuses it,
     // whether it claims to be B or A.
-    refused(call(&sock(&b.uuid), &key_request(b.uuid)), ErrorCode::Refused);
-    refused(call(&sock(&b.uuid), &key_request(a.uuid)), ErrorCode::Refused);
+    refused(mgr_call(&sock(&b.uuid), &key_request(b.uuid)), ErrorCode::Refused);
+    refused(mgr_call(&sock(&b.uuid), &key_request(a.uuid)), ErrorCode::Refused);
 
     // A third identity attached to *this* process: its own key is released
     // (so refusals above are not a blanket "no"), but asking its socket for
     // A's key — a forged UUID — is refused.
-    let c = match call::<_, AdminReply>(&admin, &AdminRequest::VtpmCreate { group: None, uuid: None }) {
+    let c = match mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmCreate { group: None, uuid: None }) {
         AdminReply::Vtpm(v) => v.uuid,
         other => panic!("{other:?}"),
     };
     let me = std::process::id();
-    assert_eq!(call::<_, AdminReply>(&admin, &AdminRequest::VtpmAttach { uuid: c, pid: me }), AdminReply::Ok);
-    let ka = match call::<_, VtpmReply>(&sock(&c), &key_request(c)) {
+    assert_eq!(mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmAttach { uuid: c, pid: me }), AdminReply::Ok);
+    let ka = match mgr_call::<_, VtpmReply>(&sock(&c), &key_request(c)) {
         VtpmReply::StateKey { key, .. } => key,
         other => panic!("own key refused: {other:?}"),
     };
     assert_eq!(ka.0.len(), 32);
-    refused(call(&sock(&c), &key_request(a.uuid)), ErrorCode::Refused);
+    refused(mgr_call(&sock(&c), &key_request(a.uuid)), ErrorCode::Refused);
     // Attaching this process to A, which is served by a live process, is refused.
-    match call::<_, AdminReply>(&admin, &AdminRequest::VtpmAttach { uuid: a.uuid, pid: me }) {
+    match mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmAttach { uuid: a.uuid, pid: me }) {
         AdminReply::Error(f) => assert_eq!(f.code, ErrorCode::Exists),
         other => panic!("attach to a live vTPM accepted: {other:?}"),
     }
@@ -79,7 +66,7 @@ fn admin_socket_is_root_only_and_unprovisioned_manager_serves_nothing() {
     let admin = s.run_dir().join("admin.sock");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&admin).unwrap().permissions().mode() & 0o777, 0o600);
-    match call::<_, AdminReply>(&admin, &AdminRequest::VtpmCreate { group: None, uuid: None }) {
+    match mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmCreate { group: None, uuid: None }) {
         AdminReply::Error(f) => assert_eq!(f.code, ErrorCode::NotProvisioned),
         other => panic!("{other:?}"),
     }
