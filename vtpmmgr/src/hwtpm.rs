@@ -470,13 +470,20 @@ fn policy_key_public(vk: &p256::ecdsa::VerifyingKey) -> Result<Public> {
         .map_err(HwTpmError::tpm("policy key public"))
 }
 
-fn srk_template() -> Result<Public> {
-    let attrs = ObjectAttributesBuilder::new()
+/// Attributes shared by the keys the manager creates (SRK, AKs, EK CA keys): made in this TPM
+/// and never leaving it (fixedTPM, fixedParent, sensitiveDataOrigin), used with their
+/// authorisation value (userWithAuth), exempt from dictionary-attack lockout (noDA).
+fn made_here_attrs() -> ObjectAttributesBuilder {
+    ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
         .with_sensitive_data_origin(true)
         .with_user_with_auth(true)
         .with_no_da(true)
+}
+
+fn srk_template() -> Result<Public> {
+    let attrs = made_here_attrs()
         .with_restricted(true)
         .with_decrypt(true)
         .build()
@@ -1058,15 +1065,10 @@ impl HwTpm {
 
     /// Creates a restricted signing attestation key under the SRK.
     pub fn create_ak(&mut self, alg: AkAlg) -> Result<AkRecord> {
-        let attrs = ObjectAttributesBuilder::new()
-            .with_fixed_tpm(true)
-            .with_fixed_parent(true)
-            .with_sensitive_data_origin(true)
-            .with_user_with_auth(true)
+        let attrs = made_here_attrs()
             .with_restricted(true)
             .with_sign_encrypt(true)
             .with_decrypt(false)
-            .with_no_da(true)
             .build()
             .map_err(HwTpmError::tpm("AK attributes"))?;
         let b = PublicBuilder::new()
@@ -1129,20 +1131,33 @@ impl HwTpm {
     }
 
     fn load_ak(&mut self, ak: &AkRecord) -> Result<KeyHandle> {
-        let public = Public::unmarshall(&ak.public)
-            .map_err(|e| HwTpmError::InvalidRecord(format!("AK public: {e}")))?;
-        let private = Private::try_from(ak.private.clone())
-            .map_err(|e| HwTpmError::InvalidRecord(format!("AK private: {e}")))?;
-        if sha256_name(&ak.public) != ak.name {
-            return Err(HwTpmError::InvalidRecord(
-                "AK name does not match its public area".into(),
-            ));
+        self.load_under_srk("AK", "Load(AK)", &ak.public, &ak.private, &ak.name)
+    }
+
+    /// Loads a key blob created under the SRK (`what` names it in errors), after checking that
+    /// the recorded name is the name of the recorded public area.
+    fn load_under_srk(
+        &mut self,
+        what: &str,
+        op: &'static str,
+        public: &[u8],
+        private: &[u8],
+        name: &[u8],
+    ) -> Result<KeyHandle> {
+        let public_area = Public::unmarshall(public)
+            .map_err(|e| HwTpmError::InvalidRecord(format!("{what} public: {e}")))?;
+        let private = Private::try_from(private.to_vec())
+            .map_err(|e| HwTpmError::InvalidRecord(format!("{what} private: {e}")))?;
+        if sha256_name(public) != name {
+            return Err(HwTpmError::InvalidRecord(format!(
+                "{what} name does not match its public area"
+            )));
         }
         self.ctx
             .execute_with_session(Some(AuthSession::Password), |ctx| {
-                ctx.load(self.srk, private, public)
+                ctx.load(self.srk, private, public_area)
             })
-            .map_err(HwTpmError::tpm("Load(AK)"))
+            .map_err(HwTpmError::tpm(op))
     }
 
     /// `TPM2_Quote` by `ak` over the sha256 PCRs `pcrs` with `qualifyingData = qualifying`
@@ -1233,12 +1248,7 @@ fn ca_key_template() -> Result<Public> {
     // fixedTPM/fixedParent/sensitiveDataOrigin: made in this TPM and never leaves it (what the
     // AK's TPM2_Certify attests). noDA: its authorisation value is 256 bits of HKDF output, and a
     // lockout caused by someone else must not stop certificate issuance.
-    let attrs = ObjectAttributesBuilder::new()
-        .with_fixed_tpm(true)
-        .with_fixed_parent(true)
-        .with_sensitive_data_origin(true)
-        .with_user_with_auth(true)
-        .with_no_da(true)
+    let attrs = made_here_attrs()
         .with_sign_encrypt(true)
         .build()
         .map_err(HwTpmError::tpm("CA key attributes"))?;
@@ -1299,21 +1309,7 @@ impl HwTpm {
 
     /// Loads the CA key and sets its authorisation value on the ESYS handle.
     fn load_ca_key(&mut self, key: &CaKeyRecord, auth: &[u8]) -> Result<KeyHandle> {
-        let public = Public::unmarshall(&key.public)
-            .map_err(|e| HwTpmError::InvalidRecord(format!("CA key public: {e}")))?;
-        let private = Private::try_from(key.private.clone())
-            .map_err(|e| HwTpmError::InvalidRecord(format!("CA key private: {e}")))?;
-        if sha256_name(&key.public) != key.name {
-            return Err(HwTpmError::InvalidRecord(
-                "CA key name does not match its public area".into(),
-            ));
-        }
-        let handle = self
-            .ctx
-            .execute_with_session(Some(AuthSession::Password), |ctx| {
-                ctx.load(self.srk, private, public)
-            })
-            .map_err(HwTpmError::tpm("Load(EK CA key)"))?;
+        let handle = self.load_under_srk("CA key", "Load(EK CA key)", &key.public, &key.private, &key.name)?;
         let auth = match Auth::try_from(auth.to_vec()) {
             Ok(a) => a,
             Err(e) => {
