@@ -17,11 +17,12 @@ pub const EK_AUTH_POLICY: [u8; 32] = [
 /// fixedTPM | fixedParent | sensitiveDataOrigin | adminWithPolicy | restricted | decrypt.
 pub const EK_ATTRIBUTES: u32 = 0x0003_00B2;
 
-/// The TCG default RSA-2048 EK template (EK Credential Profile, template L-1) as a
-/// marshalled `TPMT_PUBLIC`.
-pub fn ek_rsa2048_template() -> Vec<u8> {
-    let mut t = Vec::with_capacity(64 + 256);
-    t.extend_from_slice(&0x0001u16.to_be_bytes()); // TPM_ALG_RSA
+/// What the TCG default EK templates share, up to the algorithm-specific parameters: type
+/// `alg`, nameAlg SHA-256, [`EK_ATTRIBUTES`], [`EK_AUTH_POLICY`], AES-128-CFB as the symmetric
+/// algorithm and a NULL scheme. `tail` is the room the caller will add.
+fn ek_template_head(alg: u16, tail: usize) -> Vec<u8> {
+    let mut t = Vec::with_capacity(64 + tail);
+    t.extend_from_slice(&alg.to_be_bytes());
     t.extend_from_slice(&0x000Bu16.to_be_bytes()); // nameAlg SHA-256
     t.extend_from_slice(&EK_ATTRIBUTES.to_be_bytes());
     t.extend_from_slice(&32u16.to_be_bytes());
@@ -30,6 +31,13 @@ pub fn ek_rsa2048_template() -> Vec<u8> {
     t.extend_from_slice(&128u16.to_be_bytes()); //   128 bits
     t.extend_from_slice(&0x0043u16.to_be_bytes()); //   CFB
     t.extend_from_slice(&0x0010u16.to_be_bytes()); // scheme: TPM_ALG_NULL
+    t
+}
+
+/// The TCG default RSA-2048 EK template (EK Credential Profile, template L-1) as a
+/// marshalled `TPMT_PUBLIC`.
+pub fn ek_rsa2048_template() -> Vec<u8> {
+    let mut t = ek_template_head(0x0001, 256); // TPM_ALG_RSA
     t.extend_from_slice(&2048u16.to_be_bytes()); // keyBits
     t.extend_from_slice(&0u32.to_be_bytes()); // exponent (default 65537)
     t.extend_from_slice(&256u16.to_be_bytes()); // unique: 256 zero bytes
@@ -40,16 +48,7 @@ pub fn ek_rsa2048_template() -> Vec<u8> {
 /// The TCG default ECC NIST P-256 EK template (EK Credential Profile,
 /// template L-2) as a marshalled `TPMT_PUBLIC`.
 pub fn ek_ecc_p256_template() -> Vec<u8> {
-    let mut t = Vec::with_capacity(64 + 68);
-    t.extend_from_slice(&0x0023u16.to_be_bytes()); // TPM_ALG_ECC
-    t.extend_from_slice(&0x000Bu16.to_be_bytes()); // nameAlg SHA-256
-    t.extend_from_slice(&EK_ATTRIBUTES.to_be_bytes());
-    t.extend_from_slice(&32u16.to_be_bytes());
-    t.extend_from_slice(&EK_AUTH_POLICY);
-    t.extend_from_slice(&0x0006u16.to_be_bytes()); // symmetric: AES
-    t.extend_from_slice(&128u16.to_be_bytes()); //   128 bits
-    t.extend_from_slice(&0x0043u16.to_be_bytes()); //   CFB
-    t.extend_from_slice(&0x0010u16.to_be_bytes()); // scheme: TPM_ALG_NULL
+    let mut t = ek_template_head(0x0023, 68); // TPM_ALG_ECC
     t.extend_from_slice(&0x0003u16.to_be_bytes()); // curveID: TPM_ECC_NIST_P256
     t.extend_from_slice(&0x0010u16.to_be_bytes()); // kdf: TPM_ALG_NULL
     t.extend_from_slice(&32u16.to_be_bytes()); // unique.x: 32 zero bytes
