@@ -892,7 +892,7 @@ else
   else
     _d0=$VDID
     t0=$(up)
-    # xl-vtpm stop: xl shutdown (libxl waits up to 60 s for the guest to acknowledge), 20 s grace, xl destroy
+    # xl-vtpm stop: xl shutdown (run in the background), up to 20 s for the clean stop, then xl destroy
     vd_xlvtpm /tmp/vtpmdom-stop.out /tmp/vtpmdom-stop.out 150 vtpm stop $VDU
     VD_STOP_S=$(s_between $t0 $(up))
     sed 's/^/[vtpm stop] /' /tmp/vtpmdom-stop.out | tail -n 10

@@ -266,11 +266,12 @@ impl Domains<'_> {
         let disk = match &opts.disk {
             Some(d) => Disk::Device(d.clone()),
             None => {
+                use std::os::unix::fs::OpenOptionsExt;
                 let img = dir.join("disk.img");
                 let f = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
-                    .mode_0600()
+                    .mode(0o600)
                     .open(&img)
                     .map_err(|e| fail(FAILURE, format!("creating {}: {e}", img.display())))?;
                 f.set_len(DISK_IMAGE_SIZE).and_then(|()| f.sync_all()).map_err(|e| fail(FAILURE, format!("sizing {}: {e}", img.display())))?;
@@ -442,16 +443,6 @@ struct Undo {
     loop_device: Option<PathBuf>,
     domid: Option<u32>,
     attached: bool,
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-impl Mode0600 for fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.mode(0o600)
-    }
 }
 
 fn run_tool(bin: &Path, args: &[&str], hint: &str) -> Result<String, CliError> {
