@@ -5,15 +5,23 @@
 #   ci/testbed/fetch.sh                  # first run: writes debs.lock; later: verifies it
 #   ci/testbed/fetch.sh --update-lock    # re-resolve the newest candidates, rewrite debs.lock
 #
-# Env: XVTPM_CACHE (default ci/cache), XVTPM_NO_HOST_INSTALL=1 (do not apt-get
-# install missing host tools; just fail).
+# A pin that Debian no longer publishes is drift, not an error: debs-resolve.sh re-resolves its
+# group (kernel image + headers + kbuild + source of one version, with guest/linux/debs.lock; Xen
+# packages of one version) and writes the locks as used; every .deb is then checked against them.
+# A published version whose SHA256 changed is a hard error. XVTPM_TESTBED_STRICT=1 refuses drift.
+#
+# Env: XVTPM_CACHE (see cache-dir.sh: /var/cache/xvtpm-testbed for root), XVTPM_LOCK_OUT (where the
+# locks as used go; default $XVTPM_CACHE/locks; run.sh puts them in the run's log directory),
+# XVTPM_NO_HOST_INSTALL=1 (do not apt-get install missing host tools; just fail).
 # Layout: $XVTPM_CACHE/debs/*.deb, $XVTPM_CACHE/root/ (dpkg -x of every .deb),
 #         $XVTPM_CACHE/img/{xen,vmlinuz} (multiboot Xen ELF, dom0/domU kernel).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI=$(dirname "$HERE")
-CACHE=${XVTPM_CACHE:-$CI/cache}
+. "$HERE/cache-dir.sh"; CACHE=$XVTPM_CACHE
 LOCK=$HERE/debs.lock
+GUEST_LOCK=$(dirname "$CI")/guest/linux/debs.lock
+LOCK_OUT=${XVTPM_LOCK_OUT:-$CACHE/locks}
 XENV=4.17
 
 die() { echo "fetch.sh: ERROR: $*" >&2; exit 1; }
@@ -94,7 +102,9 @@ else
   done
 fi
 
-# ---- verify every pinned .deb (download by exact version when not cached) ----
+# ---- the locks as used today (drift re-resolved), then every .deb checked against them ----
+"$HERE/debs-resolve.sh" --out "$LOCK_OUT" "$LOCK" "$GUEST_LOCK" || die "cannot resolve the pinned packages (see above)"
+USED=$LOCK_OUT/testbed-debs.lock.used
 bad=0
 while read -r p v a sum f; do
   case $p in ''|\#*) continue ;; esac
@@ -105,23 +115,23 @@ while read -r p v a sum f; do
   if [ "$got" != "$sum" ]; then
     echo "fetch.sh: ERROR: sha256 mismatch for $f: debs.lock says $sum, file has $got" >&2; bad=1
   fi
-done < "$LOCK"
+done < "$USED"
 [ $bad = 0 ] || die "debs.lock verification failed (delete the bad file from $CACHE/debs to re-download it, or run fetch.sh --update-lock to re-pin)"
 
 # ---- unpack (only when the lock changed) ----
-stamp=$(sha256sum < "$LOCK" | cut -d' ' -f1)
+stamp=$(grep -v '^#' "$USED" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$CACHE/root.stamp" 2>/dev/null)" != "$stamp" ] || [ ! -d "$CACHE/root" ]; then
   rm -rf "$CACHE/root"; mkdir -p "$CACHE/root"
   while read -r p v a sum f; do
     case $p in ''|\#*) continue ;; esac
     dpkg-deb -x "$f" "$CACHE/root"
-  done < "$LOCK"
-  kver=$(grep -oE '^linux-image-6\.1\.0-[0-9]+-amd64' "$LOCK" | sed 's/^linux-image-//')
+  done < "$USED"
+  kver=$(grep -oE '^linux-image-6\.1\.0-[0-9]+-amd64' "$USED" | sed 's/^linux-image-//')
   # QEMU's multiboot loader wants the uncompressed 32-bit ELF, not xen.gz
   gunzip -c "$CACHE/root/boot/xen-$XENV-amd64.gz" > "$CACHE/img/xen"
   cp "$CACHE/root/boot/vmlinuz-$kver" "$CACHE/img/vmlinuz"
   echo "$kver" > "$CACHE/img/kver"
   echo "$stamp" > "$CACHE/root.stamp"
-  echo "fetch.sh: unpacked $(grep -vc '^#' "$LOCK") packages into $CACHE/root (kernel $kver)"
+  echo "fetch.sh: unpacked $(grep -vc '^#' "$USED") packages into $CACHE/root (kernel $kver)"
 fi
-echo "fetch.sh: OK ($(grep -vc '^#' "$LOCK") packages verified against debs.lock)"
+echo "fetch.sh: OK ($(grep -vc '^#' "$USED") packages verified against $USED)"

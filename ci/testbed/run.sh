@@ -21,10 +21,14 @@
 #   XVTPM_TESTBED_NICE     nice level for QEMU (10)
 #   XVTPM_TESTBED_DOM0_KERNEL  bzimage|elf: dom0 kernel as Debian's bzImage or the raw vmlinux (elf: Xen builds dom0 in 0.4 s instead of 5.7 s)
 #   XVTPM_OUT              output dir (ci/out); each run in $XVTPM_OUT/runs/<stamp>, ci/out/latest -> it
+#   XVTPM_CACHE            downloaded/unpacked packages and built inputs, outside the clone (cache-dir.sh)
+#   XVTPM_TESTBED_STRICT   1: a pinned package Debian no longer publishes fails the run (default: the
+#                          locks are re-resolved, one NOTE line says so, the locks as used are in the run's logs)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI=$(dirname "$HERE")
-OUT=${XVTPM_OUT:-$CI/out}; CACHE=${XVTPM_CACHE:-$CI/cache}
+OUT=${XVTPM_OUT:-$CI/out}
+. "$HERE/cache-dir.sh"; CACHE=$XVTPM_CACHE
 BUDGET=${XVTPM_TESTBED_BUDGET:-900}
 ACCEL=${XVTPM_TESTBED_ACCEL:-tcg}
 SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-1024}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-512M}
@@ -42,6 +46,10 @@ phase() { echo "PHASE $1 $2"; echo "PHASE $1 $2" >> "$L/phases.txt"; }
 RUN_ID=$(date +%Y%m%d-%H%M%S)-$$
 L=$OUT/runs/$RUN_ID; mkdir -p "$L"; ln -sfn "runs/$RUN_ID" "$OUT/latest"
 echo "run.sh: logs in $L"
+# one run at a time per cache (a developer's run beside CI's would rebuild what the other reads)
+mkdir -p "$CACHE"; exec 9> "$CACHE/.run.lock"
+flock -n 9 || { echo "run.sh: another testbed run holds $CACHE/.run.lock; waiting for it"; flock 9; }
+export XVTPM_LOCK_OUT=$L
 
 SWTPM_PID=""; QEMU_PID=""
 cleanup() {
@@ -52,7 +60,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "run.sh: interrupted"; exit 130' INT TERM
 
+REPORTED=""
+budget_report() {  # the slowest phases and what was left of the budget (also on failure)
+  [ -z "$REPORTED" ] && [ -s "$L/phases.txt" ] || return 0
+  REPORTED=1
+  echo "run.sh: slowest phases (s): $(grep -vE '^PHASE (total|qemu-total) ' "$L/phases.txt" | sort -k3 -rn | head -n 6 | awk '{printf "%s%s %s", (NR>1?", ":""), $2, $3}')"
+  echo "run.sh: budget ${BUDGET} s, used $(now) s, left $(remaining) s (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+}
 fail() {  # reason
+  budget_report
   echo "run.sh: FAIL: $*"
   for f in "$L/serial.log" "$L/swtpm.log" "$L/qemu.stderr" "$L/build.log" "$L"/dom0/*.log; do
     [ -s "$f" ] || continue
@@ -65,8 +81,11 @@ fail() {  # reason
 # ---- 1. inputs: pinned debs + images ----
 if [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
   t=$(date +%s.%N)
-  timeout "$(remaining)" "$HERE/fetch.sh" > "$L/build.log" 2>&1 || fail "fetch.sh (debs.lock)"
+  timeout "$(remaining)" "$HERE/fetch.sh" > "$L/build.log" 2>&1 || { grep -E 'ERROR' "$L/build.log"; fail "fetch.sh (debs.lock)"; }
   phase fetch "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
+  # drift from the repository's locks: one line, and the locks as used are kept with the run
+  grep -h '^debs-resolve.sh: NOTE' "$L/build.log" || true
+  echo "run.sh: locks as used: $L/testbed-debs.lock.used $L/linux-debs.lock.used"
   t=$(date +%s.%N)
   # The patched xen-tpmfront (guest/linux) for the TPM 2.0 guest phase.
   timeout "$(remaining)" "$HERE/../../guest/linux/build-module.sh" >> "$L/build.log" 2>&1 || fail "guest/linux/build-module.sh"
@@ -165,6 +184,7 @@ phase qemu-total "$qemu_wall"
 phase total "$(now)"
 grep -E '^\[ *[0-9.]+\] (RESULT|SUMMARY|CHECK|PERF|INFO) ' "$L/serial.log" | sed -E 's/^\[ *[0-9.]+\] //' > "$L/results.txt"
 grep '^PERF ' "$L/results.txt" > "$L/perf.txt"
+budget_report
 
 # ---- 6. verdict ----
 [ -n "$status" ] && fail "$status"
