@@ -10,10 +10,10 @@
 #                             Xen/TPM/block modules, /scenario.sh, /etc/xen/scripts/block
 #                             (xen-block-hotplug.sh), the guest kernel + the two images above
 #                             (the vTPM-domain image as /usr/lib/xvtpm/vtpmdom/initrd)
-# Every shared library comes from ci/cache/root (the pinned .debs); a library that
+# Every shared library comes from $XVTPM_CACHE/root (the pinned .debs); a library that
 # resolves only on the host is an error (XVTPM_ALLOW_HOST_LIBS=1 to allow it).
 #
-# Env: XVTPM_CACHE (ci/cache), XVTPM_OUT (ci/out), CARGO_TARGET_DIR (target),
+# Env: XVTPM_CACHE (cache-dir.sh), XVTPM_OUT (ci/out), CARGO_TARGET_DIR (target),
 #      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer vtpm-domain),
 #      XVTPM_GUEST_KERNEL (elf|bzimage; elf = raw vmlinux, ~5x faster xl create under TCG),
 #      XVTPM_VTPMDOM_LOG (diagnosis: XVTPM_LOG filter inside the vTPM domain, e.g. debug; adds a
@@ -23,10 +23,10 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI=$(dirname "$HERE"); TOP=$(dirname "$CI")
-CACHE=${XVTPM_CACHE:-$CI/cache}; OUT=${XVTPM_OUT:-$CI/out}
+. "$HERE/cache-dir.sh"; CACHE=$XVTPM_CACHE; OUT=${XVTPM_OUT:-$CI/out}
 R=$CACHE/root
 TARGET=${CARGO_TARGET_DIR:-$TOP/target}
-# 64 MiB cannot hold the Debian kernel (FINDINGS); 96 MiB leaves ~49 MB MemTotal and the
+# 64 MiB cannot hold the Debian kernel (its image takes 58 MiB of guest memory: "segment kernel too large"); 96 MiB leaves ~49 MB MemTotal and the
 # guest initramfs (tpm2-tools + libcurl/gnutls/krb5 tail, 22 MB unpacked) OOMs while unpacking
 GUEST_MEM=${XVTPM_GUEST_MEM:-128}
 VTPMDOM_MEM=${XVTPM_VTPMDOM_MEM:-128}
@@ -246,10 +246,10 @@ gen_cfg guest1 domu.cpio.zst "console=hvc0 quiet role=plain"
 # @EXTRA@ (boot number, deep-quote nonce) and writes guest-vtpm.cfg
 gen_cfg guest-vtpm domu.cpio.zst "console=hvc0 quiet role=vtpm @EXTRA@" 'vtpm = [ "backend=0,uuid=@UUID@" ]'
 mv "$D/etc/xen/guest-vtpm.cfg" "$D/etc/xen/guest-vtpm.cfg.in"
-# vTPM-domain mode (issue 4): the guest's vTPM is served by the vTPM domain @BACKEND@ (its name)
+# vTPM-domain mode: the guest's vTPM is served by the vTPM domain @BACKEND@ (its name)
 gen_cfg guest-vdom domu.cpio.zst "console=hvc0 quiet role=vtpm @EXTRA@" 'vtpm = [ "backend=@BACKEND@,uuid=@UUID@" ]'
 mv "$D/etc/xen/guest-vdom.cfg" "$D/etc/xen/guest-vdom.cfg.in"
-# lifecycle phases (issue 5): xen-configs/guest.cfg verbatim (`xl-vtpm create`, vtpm = [ "backend=0" ],
+# lifecycle phases: xen-configs/guest.cfg verbatim (`xl-vtpm create`, vtpm = [ "backend=0" ],
 # no uuid), only name, kernel, ramdisk and the kernel command line substituted
 GCFG_SRC=$TOP/xen-configs/guest.cfg
 [ -f "$GCFG_SRC" ] || die "$GCFG_SRC missing"

@@ -7,10 +7,10 @@
 #   xvtpm_mgr=auto|1|0   auto: xl-vtpm failures => SKIPPED; 1: required; 0: skip phase
 #   xvtpm_vtpm=dom0|0    dom0 (default): vtpm-domain as a dom0 process serving tpmif
 #                        (`xl-vtpm vtpm create --listen xen:...`), guest boot + reboot + destroy; 0: skip
-#   xvtpm_life=1|0       lifecycle phases (issue 5: xl-vtpm create/watch/reboot/refuse/mgr restart) (1)
-#   xvtpm_vtpmdom=1|0    vTPM-domain phases (issue 4: the vTPM as its own unikernel-style domain,
+#   xvtpm_life=1|0       lifecycle phases (xl-vtpm create/watch/reboot/refuse/mgr restart) (1)
+#   xvtpm_vtpmdom=1|0    vTPM-domain phases (the vTPM as its own unikernel-style domain,
 #                        `xl-vtpm vtpm create --domain`) (1)
-#   xvtpm_lifedom=1|0    lifecycle of a guest whose vTPM is its own domain (DESIGN decision 10:
+#   xvtpm_lifedom=1|0    lifecycle of a guest whose vTPM is its own domain (xl-vtpm create with a vTPM domain backend:
 #                        `xl-vtpm create` with vtpm = [ "backend=NAME" ], `xl-vtpm watch`) (1)
 #   xvtpm_deadline=S     dom0 uptime by which every wait gives up (run.sh: budget - margin)
 export PATH=/usr/lib/xen-4.17/bin:/bin:/sbin:/usr/bin:/usr/sbin
@@ -325,7 +325,7 @@ else
 
 fi
 
-############ (e2) lifecycle (issue 5): xl-vtpm create of xen-configs/guest.cfg, `xl-vtpm watch`
+############ (e2) lifecycle: xl-vtpm create of xen-configs/guest.cfg, `xl-vtpm watch`
 # couples the vTPM process to the guest. One RESULT per step:
 #   life-watch       `xl-vtpm watch` runs in the background (@releaseDomain)
 #   life-create      `xl-vtpm create /etc/xen/life-a.cfg` (vtpm = [ "backend=0" ], no uuid): list --json
@@ -690,7 +690,7 @@ else
   pid_up $WATCH_PID && kill -9 $WATCH_PID
 fi
 
-############ (e4) vTPM domain (issue 4): the vTPM as the only program of its own Xen domain
+############ (e4) vTPM domain: the vTPM as the only program of its own Xen domain
 # `xl-vtpm vtpm create --domain` boots a PV domain whose /init is vtpm-domain
 # (/usr/lib/xvtpm/vtpmdom/initrd, built by scripts/build-vtpmdom.sh; the guests' kernel). It keeps its
 # sealed state on its own disk (/dev/xvda: a 4 MiB image on a dom0 loop device, blkback, our
@@ -973,7 +973,7 @@ else
   xl domid $VD >/dev/null 2>&1 && timeout $(tmo 60) xl destroy $VD
 fi
 
-############ (e5) lifecycle of a guest whose vTPM is its own domain (DESIGN decision 10)
+############ (e5) lifecycle of a guest whose vTPM is its own domain (xl-vtpm create/destroy, xl-vtpm watch)
 # `xl-vtpm create life-d.cfg` with vtpm = [ "backend=vtpm-life-d" ] (life-a.cfg, i.e. xen-configs/guest.cfg,
 # with only name and vtpm changed): xl-vtpm makes the vTPM domain vtpm-life-d on first use (new
 # disk, new TPM), boots it from its disk later, and `xl-vtpm watch` shuts it down when the guest

@@ -8,10 +8,10 @@
 # Env:
 #   XVTPM_TESTBED_BUDGET   whole-run budget in seconds (900, as .ci/run)
 #   XVTPM_TESTBED_VTPM     dom0|0: vTPM phases with vtpm-domain as a dom0 process serving tpmif (dom0)
-#   XVTPM_TESTBED_LIFE     1|0: lifecycle phases after the vTPM phases (xl-vtpm create/watch, issue 5) (1)
-#   XVTPM_TESTBED_VTPMDOM  1|0: vTPM-domain phases (the vTPM as its own unikernel-style domain, issue 4) (1)
+#   XVTPM_TESTBED_LIFE     1|0: lifecycle phases after the vTPM phases (xl-vtpm create/watch) (1)
+#   XVTPM_TESTBED_VTPMDOM  1|0: vTPM-domain phases (the vTPM as its own unikernel-style domain) (1)
 #   XVTPM_TESTBED_LIFEDOM  1|0: lifecycle of a guest whose vTPM is its own domain (xl-vtpm create with
-#                          vtpm=["backend=NAME"], xl-vtpm watch; DESIGN decision 10) (1)
+#                          vtpm=["backend=NAME"], xl-vtpm watch) (1)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)

@@ -1,4 +1,4 @@
-//! vTPM EK certificates end to end (DESIGN decision 8): real swtpm as the physical TPM, real
+//! vTPM EK certificates end to end: real swtpm as the physical TPM, real
 //! manager and vTPMs, and the stock tools a tenant uses — tpm2-tools to read the certificate
 //! from the vTPM's NV, `openssl verify` against the group's CA certificate, and `xl-vtpm
 //! verify-ekcert` for the CA key's certification by the group AK.

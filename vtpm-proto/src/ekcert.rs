@@ -1,4 +1,4 @@
-//! vTPM endorsement-key certificates (DESIGN decision 8): the X.509 side.
+//! vTPM endorsement-key certificates: the X.509 side.
 //!
 //! Each manager group has an **EK CA**: an ECDSA P-256 signing key created in the physical TPM
 //! under the manager's SRK, a self-signed CA certificate for it, and a `TPM2_Certify` of that key

@@ -1,4 +1,4 @@
-//! The groups' EK CAs (DESIGN decision 8): vTPM EK certificates issued by a key in the
+//! The groups' EK CAs: vTPM EK certificates issued by a key in the
 //! physical TPM, certified by the group's AK.
 //!
 //! **One CA per group.** A group is the unit a tenant trusts: its AK signs the deep quotes of its

@@ -1222,7 +1222,7 @@ impl HwTpm {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The EK CA key (DESIGN decision 8)
+// The EK CA key (a group's vTPM EK certificates; ARCHITECTURE.md "Trust chain")
 // ---------------------------------------------------------------------------------------------
 
 /// A group's EK CA key, stored as blobs (the private part is encrypted under the SRK). It has an

@@ -1,4 +1,4 @@
-//! The registry (DESIGN decision 9): which guest owns which vTPM, and what state the pair is in.
+//! The registry: which guest owns which vTPM, and what state the pair is in.
 //!
 //! One row per guest ⇄ vTPM pair: guest UUID and name, vTPM UUID, the name of the vTPM
 //! domain, both domids while running, the manager group, creation time and a state
