@@ -99,6 +99,17 @@ for p in "${PKGS[@]}"; do
   [ "$v" = "$KPKGVER" ] || die "$LOCK pins $p $v but the testbed kernel is $KPKG $KPKGVER; run $0 --update-lock"
 done
 
+# ---- a module built before from exactly these inputs is reused (the cache is keyed by them) ----
+KEY=$( { grep -E "^($KPKG|$(IFS='|'; echo "${PKGS[*]}")) " "$TB_LOCK" "$LOCK" | cut -d: -f2-
+         cat "$HERE"/0*.patch "$HERE/xen-tpmfront/Kbuild" "$HERE/xen-tpmfront/Makefile" "$HERE/build-module.sh"; gcc-12 --version | head -n1; } |
+       sha256sum | cut -c1-32)
+KO_CACHE=$CACHE/ko/$KEY
+if [ -s "$KO_CACHE/xen-tpmfront.ko" ] && [ -s "$KO_CACHE/xen-tpmfront.ko.info" ]; then
+  install -m 0644 "$KO_CACHE/xen-tpmfront.ko" "$KO_CACHE/xen-tpmfront.ko.info" "$OUTDIR/"
+  log "OK: $OUTDIR/xen-tpmfront.ko reused from $KO_CACHE (same kernel set, patches, build files and compiler)"
+  exit 0
+fi
+
 # ---- unpack (only what is missing); every .deb used is checked against the lock ----
 HDR=$CACHE/headers-$KPKGVER; SRC=$CACHE/src-$KPKGVER
 verify() {  # pkg -> path of the verified .deb (downloaded by exact version if absent)
@@ -179,4 +190,5 @@ cp "$B/build.log" "$OUTDIR/build.log"
   for pf in "${patches[@]}"; do echo "patch: $(basename "$pf") sha256 $(sha256sum < "$pf" | cut -d' ' -f1)"; done
   echo "compiler: $(gcc-12 --version | head -n1)"
 } > "$OUTDIR/xen-tpmfront.ko.info"
+mkdir -p "$KO_CACHE" && install -m 0644 "$OUTDIR/xen-tpmfront.ko" "$OUTDIR/xen-tpmfront.ko.info" "$KO_CACHE/"
 log "OK: $OUTDIR/xen-tpmfront.ko ($(stat -c %s "$OUTDIR/xen-tpmfront.ko") bytes, vermagic '$vm') in $(el) s"
