@@ -122,9 +122,28 @@ pub fn deep_quote(target: &Target, cmd: &DeepQuoteCommand) -> Result<Vec<u8>, Cl
     })
 }
 
+/// The largest evidence bundle `verify` reads: a bundle is ~1 KiB plus 32 bytes per Merkle level.
+pub const MAX_EVIDENCE: u64 = 1 << 20;
+/// The largest key or policy file the verifier reads.
+pub const MAX_SMALL_INPUT: u64 = 64 << 10;
+
+/// Reads at most `cap` bytes of a file the user named (`what` names it in errors): a larger
+/// input (or a device such as /dev/zero) is refused before it is read into memory.
+pub fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>, CliError> {
+    use std::io::Read;
+    let bad = |why: String| CliError::new(USAGE, format!("{what} {}: {why}", path.display()));
+    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut buf = Vec::new();
+    f.take(cap + 1).read_to_end(&mut buf).map_err(|e| bad(e.to_string()))?;
+    if buf.len() as u64 > cap {
+        return Err(bad(format!("larger than {cap} bytes; this is not the file you meant")));
+    }
+    Ok(buf)
+}
+
 /// Reads a file that holds bytes either raw or as hex text.
 pub fn read_bytes_or_hex(path: &Path, flag: &str) -> Result<Vec<u8>, CliError> {
-    let raw = std::fs::read(path).map_err(|e| CliError::new(USAGE, format!("{flag} {}: {e}", path.display())))?;
+    let raw = read_capped(path, MAX_SMALL_INPUT, flag)?;
     let text = String::from_utf8_lossy(&raw);
     let t = text.trim();
     if !t.is_empty() && t.len().is_multiple_of(2) && t.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -137,7 +156,7 @@ pub fn read_bytes_or_hex(path: &Path, flag: &str) -> Result<Vec<u8>, CliError> {
 /// or just `{"0": "hex", ...}` (SHA-256).
 pub fn read_policy(path: &Path, flag: &str) -> Result<PcrPolicy, CliError> {
     let bad = |why: String| CliError::new(USAGE, format!("{flag} {}: {why}", path.display()));
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).map_err(|e| bad(e.to_string()))?).map_err(|e| bad(format!("not JSON ({e})")))?;
+    let v: serde_json::Value = serde_json::from_slice(&read_capped(path, MAX_SMALL_INPUT, flag)?).map_err(|e| bad(format!("not JSON ({e})")))?;
     let hash_alg = match v.get("hash_alg").and_then(|x| x.as_str()).unwrap_or("sha256") {
         "sha1" => 0x0004,
         "sha256" => TPM_ALG_SHA256,

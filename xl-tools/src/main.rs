@@ -105,11 +105,11 @@ enum Cmd {
         /// (`xl-vtpm mgr group ak <group> --out FILE`).
         #[arg(long)]
         ak: PathBuf,
-        /// Required host PCR values: JSON {"0": "hex", ...} (SHA-256).
-        #[arg(long)]
+        /// A JSON file of required host PCR values: {"0": "hex", ...} (SHA-256).
+        #[arg(long, value_name = "FILE")]
         host_pcrs_policy: Option<PathBuf>,
-        /// Required vPCR values: JSON {"hash_alg": "sha256", "pcrs": {"0": "hex"}}.
-        #[arg(long)]
+        /// A JSON file of required vPCR values: {"hash_alg": "sha256", "pcrs": {"0": "hex"}}.
+        #[arg(long, value_name = "FILE")]
         vpcrs_policy: Option<PathBuf>,
         /// Required vTPM UUID.
         #[arg(long)]
@@ -805,7 +805,7 @@ fn run_verify(
     vtpm: Option<&str>,
     json: bool,
 ) -> Result<(), CliError> {
-    let bytes = std::fs::read(file).map_err(|e| CliError::new(exit::USAGE, format!("{}: {e}", file.display())))?;
+    let bytes = guest::read_capped(file, guest::MAX_EVIDENCE, "evidence")?;
     let mut exp = vtpm_proto::verify::Expectations::new(guest::parse_hex(nonce, "--nonce")?, guest::read_bytes_or_hex(ak, "--ak")?);
     exp.host_pcrs = host_policy.map(|p| guest::read_policy(p, "--host-pcrs-policy")).transpose()?;
     exp.vpcrs = vpcr_policy.map(|p| guest::read_policy(p, "--vpcrs-policy")).transpose()?;
