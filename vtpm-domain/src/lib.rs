@@ -105,6 +105,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             exit: tokio::sync::Notify::new(),
             uuid: cfg.uuid,
             mgr: link,
+            persist: cfg.persist,
         });
         let sig = shared.clone();
         tokio::task::spawn_local(async move {
