@@ -8,7 +8,9 @@
 //!   plain swtpm too, which proves the expectations are swtpm's.
 //! * The real thing: `qemu-system-x86_64` (TCG, SeaBIOS, no guest OS — SeaBIOS
 //!   itself starts the TPM 2.0 through tpm-tis and measures into PCRs 0-7) on
-//!   the vTPM, driven over QMP through 5 `system_reset`s and a `quit`.
+//!   the vTPM, driven over QMP through 5 `system_reset`s and a `quit`; and
+//!   migrated through a file to a second QEMU on a second process of the same
+//!   vTPM, keeping its PCRs, while a tampered or replayed stream is refused.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
@@ -57,9 +59,10 @@ impl PlainSwtpm {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn swtpm");
+        // Wait until it listens (a probe connection would end a --terminate swtpm).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !ctrl.exists() {
-            assert!(Instant::now() < deadline, "swtpm made no control socket in 10 s");
+        while !listening(&ctrl) {
+            assert!(Instant::now() < deadline, "swtpm did not listen on its control socket in 10 s");
             std::thread::sleep(Duration::from_millis(10));
         }
         PlainSwtpm { child, ctrl, _dir: dir }
@@ -77,6 +80,16 @@ impl PlainSwtpm {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// Whether a Unix socket listens at `path` (`__SO_ACCEPTCON` in /proc/net/unix).
+fn listening(path: &Path) -> bool {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = path.to_string_lossy();
+    table.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8 && f[7] == path && f[3] == "00010000"
+    })
 }
 
 impl Drop for PlainSwtpm {
@@ -233,13 +246,26 @@ fn controller_hang_up_ends_the_vtpm_unless_persist() {
     assert!(wait_gone(v.pid.unwrap(), Duration::from_secs(10)), "vTPM kept running after its controller hung up");
     assert!(s.vtpm_log(&v.uuid).contains("controller hung up"), "{}", s.vtpm_log(&v.uuid));
 
-    // Started with --persist (through a wrapper, as a unit file would pass it): it stays.
-    let wrapper = s.dir.path().join("vtpm-domain-persist");
-    std::fs::write(&wrapper, format!("#!/bin/sh\nexec {} \"$@\" --persist\n", testkit::bin_path("vtpm-domain").display())).unwrap();
+    // Started with --persist: it stays.
+    let (pid, _) = restart_vtpm_with(&s, &v, &ctrl, &["--persist"]);
+    for _ in 0..2 {
+        let mut c = UnixStream::connect(&ctrl).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(result(&exchange(&mut c, "CMD_GET_CAPABILITY", &[0, 0, 0, 1], 8)), 0);
+    }
+    assert!(xvtpm_fsutil::pid_alive(pid), "--persist vTPM exited when its controller hung up");
+}
+
+/// Starts the stopped vTPM again (same identity and state) on `ctrl` and TCP,
+/// with extra `vtpm-domain` flags (through a wrapper, as a unit file would pass
+/// them). Returns its pid and TCP data port.
+fn restart_vtpm_with(s: &Stack, v: &VtpmHandle, ctrl: &Path, flags: &[&str]) -> (u32, u16) {
+    let wrapper = s.dir.path().join("vtpm-domain-wrapper");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec {} \"$@\" {}\n", testkit::bin_path("vtpm-domain").display(), flags.join(" "))).unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let listen = format!("ctrl:{}", ctrl.display());
     let out = Command::new(testkit::bin_path("xl-vtpm"))
-        .args(["vtpm", "start", &v.uuid.to_string(), "--listen", &listen, "--json"])
+        .args(["vtpm", "start", &v.uuid.to_string(), "--listen", &listen, "--listen", "tcp:127.0.0.1:0", "--json"])
         .env("XVTPM_RUN_DIR", s.run_dir())
         .env("XVTPM_STATE_DIR", s.state_dir())
         .env("XVTPM_VTPM_DOMAIN", &wrapper)
@@ -248,13 +274,8 @@ fn controller_hang_up_ends_the_vtpm_unless_persist() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let pid = j["runtime"]["pid"].as_u64().unwrap() as u32;
-    for _ in 0..2 {
-        let mut c = UnixStream::connect(&ctrl).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        assert_eq!(result(&exchange(&mut c, "CMD_GET_CAPABILITY", &[0, 0, 0, 1], 8)), 0);
-    }
-    assert!(xvtpm_fsutil::pid_alive(pid), "--persist vTPM exited when its controller hung up");
+    let j = if j.is_array() { &j[0] } else { &j };
+    (j["runtime"]["pid"].as_u64().unwrap() as u32, j["runtime"]["tcp_ports"][0][0].as_u64().unwrap() as u16)
 }
 
 // ---- the real QEMU ----
@@ -298,7 +319,11 @@ impl Qmp {
     }
 
     fn execute(&mut self, cmd: &str) -> serde_json::Value {
-        writeln!(self.w, "{}", serde_json::json!({ "execute": cmd })).unwrap();
+        self.execute_with(cmd, serde_json::json!({}))
+    }
+
+    fn execute_with(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        writeln!(self.w, "{}", serde_json::json!({ "execute": cmd, "arguments": args })).unwrap();
         loop {
             let v = self.line();
             if let Some(r) = v.get("return") {
@@ -321,23 +346,42 @@ fn qemu_binary() -> &'static str {
 
 /// Starts QEMU (TCG, q35, SeaBIOS, no disk) with a tpm-tis on the control socket `ctrl`.
 fn start_qemu(dir: &Path, ctrl: &Path) -> (Child, Qmp) {
+    let mut child = spawn_qemu(dir, ctrl, &[]);
+    let q = Qmp::connect(&dir.join("qmp.sock"), &mut child, dir.join("qemu.log"));
+    (child, q)
+}
+
+fn spawn_qemu(dir: &Path, ctrl: &Path, extra: &[&str]) -> Child {
     let qmp = dir.join("qmp.sock");
     let _ = std::fs::remove_file(&qmp);
     let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
-    let mut child = Command::new(qemu_binary())
+    Command::new(qemu_binary())
         .args(["-machine", "q35", "-accel", "tcg", "-nodefaults", "-nographic", "-m", "64"])
         .arg("-chardev")
         .arg(format!("socket,id=chrtpm,path={}", ctrl.display()))
         .args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .expect("spawn qemu");
-    let q = Qmp::connect(&qmp, &mut child, dir.join("qemu.log"));
-    (child, q)
+        .expect("spawn qemu")
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("qemu still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn qemu_log(dir: &Path) -> String {
@@ -406,14 +450,7 @@ fn real_qemu_survives_resets_and_quit_ends_the_vtpm() {
     let inits = s.vtpm_log(&v.uuid).matches("TPM initialised (power cycle)").count();
     assert!(inits >= 6, "{inits} CMD_INITs for a start and 5 resets");
     q.execute("quit");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = qemu.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "qemu did not exit after quit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut qemu, Duration::from_secs(30));
     assert!(status.success(), "qemu exited with {status}:\n{}", qemu_log(s.dir.path()));
     assert!(!qemu_log(s.dir.path()).contains("tpm-emulator"), "{}", qemu_log(s.dir.path()));
     assert!(wait_gone(v.pid.unwrap(), Duration::from_secs(10)), "the vTPM outlived QEMU's quit");
@@ -432,4 +469,118 @@ fn real_qemu_on_plain_swtpm_for_comparison() {
     let st = qemu.wait().unwrap();
     assert!(st.success(), "qemu on swtpm exited with {st}");
     assert!(sw.exited(Duration::from_secs(10)), "swtpm --terminate outlived QEMU's quit");
+}
+
+/// A file that must exist.
+fn read_file(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Loads `file` into a new QEMU on a new process of the same vTPM; returns QEMU's exit
+/// status if loading failed, or the running QEMU and QMP.
+fn incoming(s: &Stack, v: &VtpmHandle, ctrl: &Path, file: &Path, dir: &Path) -> (u32, u16, Result<(Child, Qmp), std::process::ExitStatus>) {
+    // QEMU's firmware starts the TPM; the vTPM must not (that would write a newer state).
+    let (pid, port) = restart_vtpm_with(s, v, ctrl, &["--startup", "none"]);
+    std::fs::create_dir_all(dir).unwrap();
+    let from = format!("exec:cat {}", file.display());
+    let mut qemu = spawn_qemu(dir, ctrl, &["-incoming", &from]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // A failed load ends QEMU at any moment, QMP connection included.
+        if let Some(st) = qemu.try_wait().unwrap() {
+            return (pid, port, Err(st));
+        }
+        if matches!(query_status(&dir.join("qmp.sock")).as_deref(), Some(st) if st != "inmigrate") {
+            let q = Qmp::connect(&dir.join("qmp.sock"), &mut qemu, dir.join("qemu.log"));
+            return (pid, port, Ok((qemu, q)));
+        }
+        assert!(Instant::now() < deadline, "incoming migration did not finish in 60 s:\n{}", qemu_log(dir));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// QEMU's run state over a fresh QMP connection; None if QEMU does not answer (yet, or any more).
+fn query_status(qmp: &Path) -> Option<String> {
+    let s = UnixStream::connect(qmp).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut w = s.try_clone().ok()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    writeln!(w, r#"{{"execute":"qmp_capabilities"}}"#).ok()?;
+    writeln!(w, r#"{{"execute":"query-status"}}"#).ok()?;
+    loop {
+        line.clear();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+        if let Some(st) = v["return"]["status"].as_str() {
+            return Some(st.to_string());
+        }
+    }
+}
+
+#[test]
+fn real_qemu_migration_keeps_tpm_state_and_refuses_tampered_or_replayed_blobs() {
+    let s = Stack::start();
+    let (v, ctrl) = vtpm_for_qemu(&s);
+    let port = v.port.unwrap();
+    let dir = s.dir.path().join("q1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut qemu, mut q) = start_qemu(&dir, &ctrl);
+    let zero = [0u8; 32];
+    let mut measured = None;
+    until("SeaBIOS to measure into PCR 0", || {
+        measured = pcr(port, 0).filter(|p| *p != zero);
+        measured.is_some()
+    });
+    // PCRs are volatile state: a mark in PCR 9 survives only if the volatile blob does.
+    pcr_extend(port, 9, [0x5a; 32]);
+    let mark = pcr(port, 9).unwrap();
+    let ek = xvtpm_tests::raw_command(port, &xvtpm_tests::read_public(0x8101_0002));
+    assert_eq!(rc(&ek), 0, "EK ReadPublic");
+    let size = usize::from(u16::from_be_bytes([ek[10], ek[11]]));
+    let ek_y = ek[12 + size - 32..12 + size].to_vec();
+
+    let file = s.dir.path().join("vm.migration");
+    q.execute_with("migrate", serde_json::json!({ "uri": format!("exec:cat > {}", file.display()) }));
+    until("the migration to complete", || {
+        let m = q.execute("query-migrate");
+        assert_ne!(m["status"], "failed", "{m}\n{}", qemu_log(&dir));
+        m["status"] == "completed"
+    });
+    q.execute("quit");
+    assert!(wait_exit(&mut qemu, Duration::from_secs(30)).success(), "{}", qemu_log(&dir));
+    assert!(wait_gone(v.pid.unwrap(), Duration::from_secs(10)), "the vTPM outlived QEMU's quit");
+    let stream = read_file(&file);
+    assert!(!stream.windows(32).any(|w| w == &ek_y[..]), "plaintext TPM state (the EK's public key) in the migration stream");
+    let blob_at = stream.windows(4).position(|w| w == b"XVTB").expect("no sealed state blob in the migration stream");
+
+    // A tampered blob is refused; QEMU fails the load.
+    let mut bad = stream.clone();
+    bad[blob_at + 100] ^= 0x01;
+    let bad_file = s.dir.path().join("tampered.migration");
+    std::fs::write(&bad_file, &bad).unwrap();
+    let (pid, _, r) = incoming(&s, &v, &ctrl, &bad_file, &s.dir.path().join("q2"));
+    let st = r.err().expect("QEMU accepted a migration stream with a tampered TPM blob");
+    assert!(!st.success());
+    assert!(wait_gone(pid, Duration::from_secs(10)));
+    assert!(s.vtpm_log(&v.uuid).contains("failed authentication"), "{}", s.vtpm_log(&v.uuid));
+
+    // The real stream: a second vTPM process of the same identity resumes the TPM as it was.
+    let (pid, port, r) = incoming(&s, &v, &ctrl, &file, &s.dir.path().join("q3"));
+    let (mut qemu, mut q) = r.unwrap_or_else(|st| panic!("incoming migration failed ({st}):\n{}\n{}", qemu_log(&s.dir.path().join("q3")), s.vtpm_log(&v.uuid)));
+    assert_eq!(pcr(port, 9), Some(mark), "PCR 9 lost in migration");
+    assert_eq!(pcr(port, 0), Some(measured.unwrap()), "PCR 0 lost in migration");
+    q.execute("quit");
+    assert!(wait_exit(&mut qemu, Duration::from_secs(30)).success());
+    assert!(wait_gone(pid, Duration::from_secs(10)));
+
+    // The same stream again (a replay of older state) is refused.
+    let (pid, _, r) = incoming(&s, &v, &ctrl, &file, &s.dir.path().join("q4"));
+    let st = r.err().expect("QEMU loaded a replayed TPM state blob");
+    assert!(!st.success());
+    assert!(wait_gone(pid, Duration::from_secs(10)));
+    assert!(s.vtpm_log(&v.uuid).contains("older than this vTPM's state"), "{}", s.vtpm_log(&v.uuid));
 }

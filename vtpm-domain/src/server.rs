@@ -47,6 +47,8 @@ pub const CAPS: u32 = cap::INIT
     | cap::CANCEL_TPM_CMD
     | cap::STORE_VOLATILE
     | cap::RESET_TPMESTABLISHED
+    | cap::GET_STATEBLOB
+    | cap::SET_STATEBLOB
     | cap::STOP
     | cap::GET_CONFIG
     | cap::SET_DATAFD
@@ -65,6 +67,14 @@ pub struct Shared {
     /// Keep serving when the controller on a Unix control socket hangs up
     /// (`--persist`); otherwise the process ends then, like swtpm `--terminate`.
     pub persist: bool,
+    /// The vTPM's state key: `CMD_GET/SET_STATEBLOB` blobs are sealed under it.
+    pub blob_key: zeroize::Zeroizing<[u8; 32]>,
+    /// The oldest state generation a `CMD_SET_STATEBLOB` blob may carry: the
+    /// generation this process opened, raised past every loaded blob at the
+    /// `CMD_INIT` that resumes it. An older blob (a replay) is refused.
+    pub import_floor: std::cell::Cell<u64>,
+    /// A blob was loaded since the last `CMD_INIT`.
+    pub imported: std::cell::Cell<bool>,
 }
 
 /// Whether `packet` is a well-framed deep-quote vendor command.
@@ -455,8 +465,20 @@ async fn serve_ctrl_requests(s: &mut CtrlStream, shared: &Rc<Shared>) -> CtrlEnd
                     return CtrlEnd::HungUp;
                 }
                 let len = ctrl::announced_len(&head, len_at).unwrap_or(0) as usize;
-                // Not implemented here: consume the data in chunks (never
-                // allocating what the peer announces), then answer.
+                let req = ctrl::decode(code, &head);
+                if matches!(req, Request::SetStateBlob { .. }) && len <= vtpm_proto::stateblob::MAX_SEALED {
+                    let mut data = vec![0u8; len];
+                    if !matches!(s.read_exact_within(&mut data, BODY_GRACE).await, Ok(true)) {
+                        return CtrlEnd::HungUp;
+                    }
+                    let reply = set_state_blob(req, &data, shared);
+                    if s.write_all(&reply).await.is_err() {
+                        return CtrlEnd::HungUp;
+                    }
+                    continue;
+                }
+                // Not taken (hashing; a blob over the cap): consume the data in
+                // chunks (never allocating what the peer announces), then answer.
                 let mut sink = [0u8; 4096];
                 let mut left = len;
                 while left > 0 {
@@ -466,7 +488,13 @@ async fn serve_ctrl_requests(s: &mut CtrlStream, shared: &Rc<Shared>) -> CtrlEnd
                     }
                     left -= n;
                 }
-                ctrl::decode(code, &head)
+                match req {
+                    Request::SetStateBlob { .. } => {
+                        guest_warn!(len, "state blob larger than any this vTPM makes");
+                        Request::BadSize(code)
+                    }
+                    other => other,
+                }
             }
         };
         let (reply, exit) = handle_ctrl(req, s, shared);
@@ -500,7 +528,14 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8
     let stopped = !v.running();
     match req {
         Request::GetCapability => (ctrl::capability_response(CAPS).to_vec(), false),
-        Request::Init { .. } => (ok(result_of(v.init(), "CMD_INIT")), false),
+        Request::Init { .. } => {
+            if shared.imported.replace(false) {
+                // Loading a blob wrote a newer generation: no blob of this
+                // export (or older) is accepted again.
+                shared.import_floor.set(v.generation());
+            }
+            (ok(result_of(v.init(), "CMD_INIT")), false)
+        }
         Request::Shutdown => {
             let r = result_of(v.stop(), "CMD_SHUTDOWN");
             info!("shutdown requested on the control channel");
@@ -554,6 +589,82 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8
             guest_warn!(code = %format!("{code:#x}"), "unknown control command");
             (ok(res::BAD_ORDINAL), false)
         }
+        Request::GetStateBlob { .. } if stopped => (ok(res::BAD_ORDINAL), false),
+        Request::GetStateBlob { kind, offset } => {
+            let kind = match u8::try_from(kind) {
+                Ok(k @ 1..=3) if offset == 0 => k,
+                _ => return (ok(res::BAD_PARAMETER), false),
+            };
+            // The blob is stamped with the generation on disk: write what is pending first.
+            if let Err(e) = v.persist_if_dirty() {
+                warn!(error = %e, "CMD_GET_STATEBLOB: could not persist the state first");
+                return (ok(res::FAIL), false);
+            }
+            let plain = match v.export_blob(kind) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "CMD_GET_STATEBLOB failed");
+                    return (ok(res::FAIL), false);
+                }
+            };
+            if plain.is_empty() {
+                return (ctrl::stateblob_response(0, &[]), false);
+            }
+            let mut nonce = [0u8; 12];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+            let sealed = vtpm_proto::stateblob::seal(&shared.blob_key, &shared.uuid, v.family(), kind, v.generation(), &plain, &nonce);
+            static SEALED: crate::ratelimit::RateLimiter = crate::ratelimit::RateLimiter::new();
+            if SEALED.check().is_some() {
+                info!(kind, bytes = sealed.len(), generation = v.generation(), "state blob sealed for the controller");
+            }
+            (ctrl::stateblob_response(ctrl::STATE_FLAG_ENCRYPTED, &sealed), false)
+        }
+        // The data of SET_STATEBLOB is read by the caller: see set_state_blob.
+        Request::SetStateBlob { .. } => (ok(res::BAD_PARAMETER), false),
         Request::GetInfo { .. } | Request::Unsupported(_) => (ok(res::BAD_ORDINAL), false),
+    }
+}
+
+/// `CMD_SET_STATEBLOB` with its data: open the sealed blob (this vTPM's key,
+/// UUID, family and the requested type), refuse one older than the state it
+/// would replace, and load it into the stopped TPM.
+fn set_state_blob(req: Request, data: &[u8], shared: &Rc<Shared>) -> Vec<u8> {
+    let ok = |r: u32| ctrl::response(r, &[]);
+    let Request::SetStateBlob { kind, .. } = req else { return ok(res::BAD_PARAMETER) };
+    let mut v = shared.vtpm.borrow_mut();
+    if v.running() {
+        // swtpm: err_running; QEMU sends CMD_STOP first.
+        return ok(res::BAD_ORDINAL);
+    }
+    let kind = match u8::try_from(kind) {
+        Ok(k @ 1..=3) => k,
+        _ => return ok(res::BAD_PARAMETER),
+    };
+    let (generation, plain) = match vtpm_proto::stateblob::open(&shared.blob_key, &shared.uuid, v.family(), kind, data) {
+        Ok(opened) => opened,
+        Err(e) => {
+            guest_warn!(error = %e, kind, "refused a state blob");
+            let r = if e == vtpm_proto::stateblob::BlobError::Authentication { res::DECRYPT_ERROR } else { res::BAD_PARAMETER };
+            return ok(r);
+        }
+    };
+    let floor = shared.import_floor.get();
+    if generation < floor {
+        guest_warn!(kind, generation, current = floor, "refused a state blob older than this vTPM's state (a replay)");
+        return ok(res::FAIL);
+    }
+    match v.import_blob(kind, plain) {
+        Ok(()) => {
+            shared.imported.set(true);
+            static LOADED: crate::ratelimit::RateLimiter = crate::ratelimit::RateLimiter::new();
+            if LOADED.check().is_some() {
+                info!(kind, generation, "state blob loaded");
+            }
+            ok(res::SUCCESS)
+        }
+        Err(e) => {
+            warn!(error = %e, "CMD_SET_STATEBLOB failed");
+            ok(res::FAIL)
+        }
     }
 }

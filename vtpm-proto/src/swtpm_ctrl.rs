@@ -68,6 +68,9 @@ pub mod cap {
 /// `PTM_INIT_FLAG_DELETE_VOLATILE`: discard saved volatile state on init.
 pub const INIT_FLAG_DELETE_VOLATILE: u32 = 1;
 
+/// `PTM_STATE_FLAG_ENCRYPTED`: on `CMD_GET_STATEBLOB` output, the blob is encrypted.
+pub const STATE_FLAG_ENCRYPTED: u32 = 2;
+
 /// Result codes used on the control channel (TPM 1.2 numbering, as swtpm).
 #[allow(missing_docs)]
 pub mod res {
@@ -79,6 +82,7 @@ pub mod res {
     pub const BAD_ORDINAL: u32 = 0x0a;
     pub const SIZE: u32 = 0x17;
     pub const IOERROR: u32 = 0x1f;
+    pub const DECRYPT_ERROR: u32 = 0x21;
     pub const BAD_LOCALITY: u32 = 0x3d;
 }
 
@@ -167,8 +171,22 @@ pub enum Request {
         /// Offset into the answer.
         offset: u32,
     },
+    /// `CMD_GET_STATEBLOB`.
+    GetStateBlob {
+        /// `PTM_BLOB_TYPE_*`.
+        kind: u32,
+        /// Offset into the blob.
+        offset: u32,
+    },
+    /// `CMD_SET_STATEBLOB`'s header; the `len` data bytes follow it.
+    SetStateBlob {
+        /// `PTM_BLOB_TYPE_*`.
+        kind: u32,
+        /// Announced data length.
+        len: u32,
+    },
     /// A command of `tpm_ioctl.h` this server does not implement (hashing,
-    /// state blobs, storage locking): its body was consumed whole and it is
+    /// storage locking): its body was consumed whole and it is
     /// answered [`res::BAD_ORDINAL`], as swtpm answers what it does not know.
     Unsupported(u32),
     /// A code `tpm_ioctl.h` does not define: [`res::BAD_ORDINAL`].
@@ -206,8 +224,9 @@ pub fn decode(code: u32, body: &[u8]) -> Request {
             offset: be32(8).expect("4 bytes"),
         }),
         cmd::HASH_START | cmd::HASH_END => none(Request::Unsupported(code)),
-        cmd::HASH_DATA | cmd::SET_STATEBLOB => Request::Unsupported(code),
-        cmd::GET_STATEBLOB => at_least(12, &|| Request::Unsupported(code)),
+        cmd::HASH_DATA => Request::Unsupported(code),
+        cmd::SET_STATEBLOB => at_least(12, &|| Request::SetStateBlob { kind: be32(4).expect("4 bytes"), len: be32(8).expect("4 bytes") }),
+        cmd::GET_STATEBLOB => at_least(12, &|| Request::GetStateBlob { kind: be32(4).expect("4 bytes"), offset: be32(8).expect("4 bytes") }),
         cmd::LOCK_STORAGE => at_least(4, &|| Request::Unsupported(code)),
         other => Request::Unknown(other),
     }
@@ -235,6 +254,18 @@ pub fn established_response(result: u32, bit: bool) -> [u8; 8] {
     let mut out = [0u8; 8];
     out[0..4].copy_from_slice(&result.to_be_bytes());
     out[4] = bit as u8;
+    out
+}
+
+/// The `CMD_GET_STATEBLOB` response, `ptm_getstate.u.resp` with the whole
+/// blob in one piece (`length` = `totlength`, as QEMU requires).
+pub fn stateblob_response(flags: u32, blob: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + blob.len());
+    out.extend_from_slice(&res::SUCCESS.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&(blob.len() as u32).to_be_bytes());
+    out.extend_from_slice(&(blob.len() as u32).to_be_bytes());
+    out.extend_from_slice(blob);
     out
 }
 
@@ -290,6 +321,9 @@ mod tests {
         assert_eq!(decode(cmd::GET_CAPABILITY, &[1, 2]), Request::GetCapability);
         assert_eq!(decode(cmd::HASH_START, &[]), Request::Unsupported(cmd::HASH_START));
         assert_eq!(decode(cmd::LOCK_STORAGE, &[0, 0, 1, 44]), Request::Unsupported(cmd::LOCK_STORAGE));
+        assert_eq!(decode(cmd::GET_STATEBLOB, &[0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 0]), Request::GetStateBlob { kind: 2, offset: 0 });
+        assert_eq!(decode(cmd::SET_STATEBLOB, &[0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 1, 0]), Request::SetStateBlob { kind: 1, len: 256 });
+        assert_eq!(decode(cmd::GET_STATEBLOB, &[0; 8]), Request::BadSize(cmd::GET_STATEBLOB));
         assert_eq!(decode(0x99, &[1, 2, 3]), Request::Unknown(0x99));
     }
 
