@@ -207,6 +207,21 @@ fn replay_qemu_session(ctrl: &Path, gone: &mut dyn FnMut() -> bool) {
     data.write_all(&xvtpm_tests::get_random(8)).unwrap();
     assert_eq!(rc(&read_response(&mut data)), 0, "the TPM still runs after the odd requests");
 
+    // QEMU's pre_save: CMD_GET_STATEBLOB (ptm_getstate.u.req, 12 bytes) per blob type; the
+    // reply is the 16-byte u.resp head and then totlength (= length) bytes of blob.
+    for (kind, name) in [(1u8, "permanent"), (2, "volatile")] {
+        c.write_all(&[0, 0, 0, 0x0c, 0, 0, 0, 1, 0, 0, 0, kind, 0, 0, 0, 0]).unwrap();
+        let mut head = [0u8; 16];
+        c.read_exact(&mut head).unwrap();
+        assert_eq!(result(&head), 0, "CMD_GET_STATEBLOB {name}: {head:02x?}");
+        let total = u32::from_be_bytes(head[8..12].try_into().unwrap());
+        assert_eq!(head[12..16], head[8..12], "CMD_GET_STATEBLOB {name}: totlength != length");
+        assert!(total > 0, "CMD_GET_STATEBLOB {name}: empty");
+        let mut blob = vec![0u8; total as usize - 1];
+        c.read_exact(&mut blob).unwrap();
+        exchange(&mut c, &format!("CMD_GET_STATEBLOB {name}'s last byte"), &[], 1);
+    }
+
     // quit: tpm_emulator_shutdown.
     assert_eq!(exchange(&mut c, "CMD_SHUTDOWN", &[0, 0, 0, 3], 4), [0, 0, 0, 0]);
     let deadline = Instant::now() + Duration::from_secs(10);
