@@ -77,6 +77,8 @@ pub struct Config {
     pub ek: EkChoice,
     /// Running as the init of the vTPM's own Xen domain ([`crate::init`]).
     pub as_init: bool,
+    /// Keep serving after the controller on a `ctrl:PATH` socket hangs up.
+    pub persist: bool,
 }
 
 /// Where the sealed state lives.

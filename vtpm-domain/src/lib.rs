@@ -66,6 +66,8 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 .await
                 .map_err(anyhow::Error::from)
                 .map_err(fatal(EXIT_MANAGER))?;
+            // The control channel's state blobs are sealed under the same key.
+            let blob_key = key.clone();
             let (vtpm, ek) = if cfg.create {
                 create_vtpm(&cfg, key, &link).await?
             } else {
@@ -74,10 +76,10 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 (v, ek)
             };
             let bound = server::bind(&cfg.listen, cfg.uuid).await.context("binding listeners").map_err(fatal(1))?;
-            Ok::<_, Fatal>((vtpm, ek, bound))
+            Ok::<_, Fatal>((vtpm, ek, bound, blob_key))
         }
         .await;
-        let (vtpm, ek, bound) = match started {
+        let (vtpm, ek, bound, blob_key) = match started {
             Ok(s) => s,
             Err(f) => {
                 // Leave the manager an orderly detach, not a page dropped mid-connection.
@@ -100,11 +102,16 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             std::io::stdout().flush().ok();
             init::publish(init::XS_READY, &cfg.uuid.to_string()).await;
         }
+        let import_floor = std::cell::Cell::new(vtpm.opened_generation());
         let shared = Rc::new(Shared {
             vtpm: std::cell::RefCell::new(vtpm),
             exit: tokio::sync::Notify::new(),
             uuid: cfg.uuid,
             mgr: link,
+            persist: cfg.persist,
+            blob_key,
+            import_floor,
+            imported: std::cell::Cell::new(false),
         });
         let sig = shared.clone();
         tokio::task::spawn_local(async move {

@@ -48,6 +48,12 @@ struct Args {
     /// Seconds to keep retrying the manager while it has not attached us.
     #[arg(long, default_value_t = 10)]
     mgr_wait: u64,
+    /// Keep running when the controller (QEMU) on a ctrl:PATH control socket hangs up.
+    /// Without it the vTPM saves its state and exits then, as swtpm --terminate does
+    /// (how libvirt runs swtpm): a VM's quit or crash ends its vTPM. TCP control
+    /// connections (the tpm2-tss swtpm TCTI opens one per request) never end it.
+    #[arg(long)]
+    persist: bool,
 }
 
 fn main() {
@@ -118,6 +124,7 @@ fn main() {
         mgr_wait: Duration::from_secs(args.mgr_wait),
         ek: args.ek,
         as_init,
+        persist: args.persist,
     };
     let code = match vtpm_domain::run(cfg) {
         Ok(()) => 0,

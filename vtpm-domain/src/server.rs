@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
-use vtpm_proto::swtpm_ctrl::{self as ctrl, Request, cap, cmd, res};
+use vtpm_proto::swtpm_ctrl::{self as ctrl, Request, cap, res};
 use vtpm_proto::tpm::{self, HEADER_LEN};
 
 use crate::config::Listen;
@@ -40,13 +40,15 @@ pub const BODY_GRACE: Duration = Duration::from_secs(2);
 pub const DRAIN_QUIET: Duration = Duration::from_millis(30);
 
 /// Control-channel capabilities we implement.
-pub const CAPS: u64 = cap::INIT
+pub const CAPS: u32 = cap::INIT
     | cap::SHUTDOWN
     | cap::GET_TPMESTABLISHED
     | cap::SET_LOCALITY
     | cap::CANCEL_TPM_CMD
     | cap::STORE_VOLATILE
     | cap::RESET_TPMESTABLISHED
+    | cap::GET_STATEBLOB
+    | cap::SET_STATEBLOB
     | cap::STOP
     | cap::GET_CONFIG
     | cap::SET_DATAFD
@@ -62,6 +64,17 @@ pub struct Shared {
     pub uuid: uuid::Uuid,
     /// The link to the manager (for deep quotes).
     pub mgr: crate::mgr_client::MgrLink,
+    /// Keep serving when the controller on a Unix control socket hangs up
+    /// (`--persist`); otherwise the process ends then, like swtpm `--terminate`.
+    pub persist: bool,
+    /// The vTPM's state key: `CMD_GET/SET_STATEBLOB` blobs are sealed under it.
+    pub blob_key: zeroize::Zeroizing<[u8; 32]>,
+    /// The oldest state generation a `CMD_SET_STATEBLOB` blob may carry: the
+    /// generation this process opened, raised past every loaded blob at the
+    /// `CMD_INIT` that resumes it. An older blob (a replay) is refused.
+    pub import_floor: std::cell::Cell<u64>,
+    /// A blob was loaded since the last `CMD_INIT`.
+    pub imported: std::cell::Cell<bool>,
 }
 
 /// Whether `packet` is a well-framed deep-quote vendor command.
@@ -364,6 +377,18 @@ impl CtrlStream {
         }
     }
 
+    /// How many bytes (up to `max`) the peer has already sent and we have not
+    /// read, without waiting and without consuming them.
+    fn queued(&self, max: usize) -> usize {
+        use nix::sys::socket::{MsgFlags, recv};
+        let raw = match self {
+            CtrlStream::Tcp(s) => s.as_raw_fd(),
+            CtrlStream::Unix(s, _) => s.as_raw_fd(),
+        };
+        let mut peek = vec![0u8; max];
+        recv(raw, &mut peek, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT).unwrap_or(0)
+    }
+
     fn take_fd(&mut self) -> Option<OwnedFd> {
         match self {
             CtrlStream::Tcp(_) => None,
@@ -373,11 +398,35 @@ impl CtrlStream {
 }
 
 /// Serves one control-channel connection.
+///
+/// A request is framed as swtpm frames it (see [`vtpm_proto::swtpm_ctrl`]):
+/// the command code, the fixed part of its body, then whatever the client
+/// wrote with it (QEMU's union padding), or the length its header announces.
+/// Every request gets exactly one response, so the stream stays in step
+/// whatever the command. When a controller on a Unix control socket (QEMU)
+/// hangs up, the process ends like swtpm `--terminate`, unless it was started
+/// with `--persist`.
 pub async fn serve_ctrl(mut s: CtrlStream, shared: Rc<Shared>) {
+    let served = serve_ctrl_requests(&mut s, &shared).await;
+    if served == CtrlEnd::HungUp && matches!(s, CtrlStream::Unix(..)) && !shared.persist {
+        info!("the controller hung up the control channel; stopping (run with --persist to keep serving)");
+        shared.exit.notify_one();
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum CtrlEnd {
+    /// The peer closed the connection (or it failed).
+    HungUp,
+    /// `CMD_SHUTDOWN` ended the process.
+    Shutdown,
+}
+
+async fn serve_ctrl_requests(s: &mut CtrlStream, shared: &Rc<Shared>) -> CtrlEnd {
     loop {
         let mut code = [0u8; 4];
         let first = match s.read(&mut code).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return CtrlEnd::HungUp,
             Ok(n) => n,
         };
         match s.read_exact_within(&mut code[first..], FRAME_GRACE).await {
@@ -385,48 +434,76 @@ pub async fn serve_ctrl(mut s: CtrlStream, shared: Rc<Shared>) {
             Ok(false) => {
                 guest_warn!("control request shorter than its command code");
                 if s.write_all(&ctrl::response(res::BAD_PARAMETER, &[])).await.is_err() {
-                    return;
+                    return CtrlEnd::HungUp;
                 }
                 continue;
             }
-            Err(_) => return,
+            Err(_) => return CtrlEnd::HungUp,
         }
         let code = u32::from_be_bytes(code);
-        // Variable bodies announce their length in a fixed prefix.
-        let prefix_len = match code {
-            cmd::HASH_DATA => 4,
-            cmd::SET_STATEBLOB => 12,
-            _ => 0,
-        };
-        let mut body = vec![0u8; prefix_len];
-        if prefix_len > 0 && !matches!(s.read_exact_within(&mut body, BODY_GRACE).await, Ok(true)) {
-            return;
-        }
-        let need = match ctrl::body_len(code, &body) {
-            Ok(Some(n)) => n,
-            Ok(None) => return,
-            Err(e) => {
-                guest_warn!(error = %e, "rejected control request");
-                // The stream cannot be resynchronised reliably: answer and close.
-                let _ = s.write_all(&ctrl::response(res::BAD_ORDINAL, &[])).await;
-                return;
+        let req = match ctrl::framing(code) {
+            ctrl::Framing::Fixed { min } => {
+                let mut body = vec![0u8; min];
+                if !matches!(s.read_exact_within(&mut body, BODY_GRACE).await, Ok(true)) {
+                    return CtrlEnd::HungUp;
+                }
+                // What the client wrote with the request is part of it (QEMU
+                // sends whole C unions: ptm_loc is the locality and 3 bytes
+                // of padding), as swtpm takes it.
+                let extra = s.queued(ctrl::MAX_BODY - min);
+                if extra > 0 {
+                    body.resize(min + extra, 0);
+                    if !matches!(s.read_exact_within(&mut body[min..], BODY_GRACE).await, Ok(true)) {
+                        return CtrlEnd::HungUp;
+                    }
+                }
+                ctrl::decode(code, &body)
+            }
+            ctrl::Framing::Announced { header, len_at } => {
+                let mut head = vec![0u8; header];
+                if !matches!(s.read_exact_within(&mut head, BODY_GRACE).await, Ok(true)) {
+                    return CtrlEnd::HungUp;
+                }
+                let len = ctrl::announced_len(&head, len_at).unwrap_or(0) as usize;
+                let req = ctrl::decode(code, &head);
+                if matches!(req, Request::SetStateBlob { .. }) && len <= vtpm_proto::stateblob::MAX_SEALED {
+                    let mut data = vec![0u8; len];
+                    if !matches!(s.read_exact_within(&mut data, BODY_GRACE).await, Ok(true)) {
+                        return CtrlEnd::HungUp;
+                    }
+                    let reply = set_state_blob(req, &data, shared);
+                    if s.write_all(&reply).await.is_err() {
+                        return CtrlEnd::HungUp;
+                    }
+                    continue;
+                }
+                // Not taken (hashing; a blob over the cap): consume the data in
+                // chunks (never allocating what the peer announces), then answer.
+                let mut sink = [0u8; 4096];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(sink.len());
+                    if !matches!(s.read_exact_within(&mut sink[..n], BODY_GRACE).await, Ok(true)) {
+                        return CtrlEnd::HungUp;
+                    }
+                    left -= n;
+                }
+                match req {
+                    Request::SetStateBlob { .. } => {
+                        guest_warn!(len, "state blob larger than any this vTPM makes");
+                        Request::BadSize(code)
+                    }
+                    other => other,
+                }
             }
         };
-        body.resize(need, 0);
-        if need > prefix_len && !matches!(s.read_exact_within(&mut body[prefix_len..], BODY_GRACE).await, Ok(true)) {
-            return;
-        }
-        let req = match ctrl::decode(code, &body) {
-            Ok(r) => r,
-            Err(_) => Request::Unsupported(code),
-        };
-        let (reply, exit) = handle_ctrl(req, &mut s, &shared);
+        let (reply, exit) = handle_ctrl(req, s, shared);
         if s.write_all(&reply).await.is_err() {
-            return;
+            return CtrlEnd::HungUp;
         }
         if exit {
             shared.exit.notify_one();
-            return;
+            return CtrlEnd::Shutdown;
         }
     }
 }
@@ -441,37 +518,48 @@ fn result_of<E: std::fmt::Display>(r: Result<(), E>, what: &str) -> u32 {
     }
 }
 
+/// Answers one control request. Responses carry only `u.resp` of the
+/// command's union; a failure is a bare 4-byte result, as swtpm sends it.
 fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8>, bool) {
     debug!(?req, "control request");
     let mut v = shared.vtpm.borrow_mut();
     let ok = |r: u32| ctrl::response(r, &[]);
+    // swtpm answers commands that need a running TPM with BAD_ORDINAL while stopped.
+    let stopped = !v.running();
     match req {
         Request::GetCapability => (ctrl::capability_response(CAPS).to_vec(), false),
-        Request::Init { .. } => (ok(result_of(v.init(), "CMD_INIT")), false),
+        Request::Init { .. } => {
+            if shared.imported.replace(false) {
+                // Loading a blob wrote a newer generation: no blob of this
+                // export (or older) is accepted again.
+                shared.import_floor.set(v.generation());
+            }
+            (ok(result_of(v.init(), "CMD_INIT")), false)
+        }
         Request::Shutdown => {
             let r = result_of(v.stop(), "CMD_SHUTDOWN");
             info!("shutdown requested on the control channel");
             (ok(r), true)
         }
         Request::Stop => (ok(result_of(v.stop(), "CMD_STOP")), false),
-        Request::GetTpmEstablished => {
-            if v.running() {
-                (ctrl::established_response(res::SUCCESS, false).to_vec(), false)
-            } else {
-                (ok(res::BAD_ORDINAL), false)
-            }
-        }
+        Request::GetTpmEstablished if stopped => (ok(res::BAD_ORDINAL), false),
+        Request::GetTpmEstablished => (ctrl::established_response(res::SUCCESS, false).to_vec(), false),
         Request::SetLocality(l) if l <= 4 => {
             v.set_locality(l);
             (ok(res::SUCCESS), false)
         }
         Request::SetLocality(_) => (ok(res::BAD_LOCALITY), false),
+        Request::ResetTpmEstablished(_) if stopped => (ok(res::BAD_ORDINAL), false),
         Request::ResetTpmEstablished(l) if l <= 4 => (ok(res::SUCCESS), false),
         Request::ResetTpmEstablished(_) => (ok(res::BAD_LOCALITY), false),
         // Commands run synchronously; nothing is ever in flight to cancel.
+        Request::Cancel if stopped => (ok(res::BAD_ORDINAL), false),
         Request::Cancel => (ok(res::SUCCESS), false),
+        Request::StoreVolatile if stopped => (ok(res::BAD_ORDINAL), false),
         Request::StoreVolatile => (ok(result_of(v.store_volatile(), "CMD_STORE_VOLATILE")), false),
         Request::GetConfig => (ctrl::response(res::SUCCESS, &0u32.to_be_bytes()), false),
+        // A running TPM's buffer size can only be queried (swtpm: err_running).
+        Request::SetBufferSize(n) if n > 0 && !stopped => (ok(res::BAD_ORDINAL), false),
         Request::SetBufferSize(n) => {
             let (size, min, max) = v.set_buffer_size(n);
             (ctrl::buffersize_response(res::SUCCESS, size, min, max).to_vec(), false)
@@ -493,6 +581,90 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8
             }
             None => (ok(res::BAD_PARAMETER), false),
         },
+        Request::BadSize(code) => {
+            guest_warn!(code = %format!("{code:#x}"), "control request with a body of the wrong size");
+            (ok(res::BAD_PARAMETER), false)
+        }
+        Request::Unknown(code) => {
+            guest_warn!(code = %format!("{code:#x}"), "unknown control command");
+            (ok(res::BAD_ORDINAL), false)
+        }
+        Request::GetStateBlob { .. } if stopped => (ok(res::BAD_ORDINAL), false),
+        Request::GetStateBlob { kind, offset } => {
+            let kind = match u8::try_from(kind) {
+                Ok(k @ 1..=3) if offset == 0 => k,
+                _ => return (ok(res::BAD_PARAMETER), false),
+            };
+            // The blob is stamped with the generation on disk: write what is pending first.
+            if let Err(e) = v.persist_if_dirty() {
+                warn!(error = %e, "CMD_GET_STATEBLOB: could not persist the state first");
+                return (ok(res::FAIL), false);
+            }
+            let plain = match v.export_blob(kind) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(error = %e, "CMD_GET_STATEBLOB failed");
+                    return (ok(res::FAIL), false);
+                }
+            };
+            if plain.is_empty() {
+                return (ctrl::stateblob_response(0, &[]), false);
+            }
+            let mut nonce = [0u8; 12];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+            let sealed = vtpm_proto::stateblob::seal(&shared.blob_key, &shared.uuid, v.family(), kind, v.generation(), &plain, &nonce);
+            static SEALED: crate::ratelimit::RateLimiter = crate::ratelimit::RateLimiter::new();
+            if SEALED.check().is_some() {
+                info!(kind, bytes = sealed.len(), generation = v.generation(), "state blob sealed for the controller");
+            }
+            (ctrl::stateblob_response(ctrl::STATE_FLAG_ENCRYPTED, &sealed), false)
+        }
+        // The data of SET_STATEBLOB is read by the caller: see set_state_blob.
+        Request::SetStateBlob { .. } => (ok(res::BAD_PARAMETER), false),
         Request::GetInfo { .. } | Request::Unsupported(_) => (ok(res::BAD_ORDINAL), false),
+    }
+}
+
+/// `CMD_SET_STATEBLOB` with its data: open the sealed blob (this vTPM's key,
+/// UUID, family and the requested type), refuse one older than the state it
+/// would replace, and load it into the stopped TPM.
+fn set_state_blob(req: Request, data: &[u8], shared: &Rc<Shared>) -> Vec<u8> {
+    let ok = |r: u32| ctrl::response(r, &[]);
+    let Request::SetStateBlob { kind, .. } = req else { return ok(res::BAD_PARAMETER) };
+    let mut v = shared.vtpm.borrow_mut();
+    if v.running() {
+        // swtpm: err_running; QEMU sends CMD_STOP first.
+        return ok(res::BAD_ORDINAL);
+    }
+    let kind = match u8::try_from(kind) {
+        Ok(k @ 1..=3) => k,
+        _ => return ok(res::BAD_PARAMETER),
+    };
+    let (generation, plain) = match vtpm_proto::stateblob::open(&shared.blob_key, &shared.uuid, v.family(), kind, data) {
+        Ok(opened) => opened,
+        Err(e) => {
+            guest_warn!(error = %e, kind, "refused a state blob");
+            let r = if e == vtpm_proto::stateblob::BlobError::Authentication { res::DECRYPT_ERROR } else { res::BAD_PARAMETER };
+            return ok(r);
+        }
+    };
+    let floor = shared.import_floor.get();
+    if generation < floor {
+        guest_warn!(kind, generation, current = floor, "refused a state blob older than this vTPM's state (a replay)");
+        return ok(res::FAIL);
+    }
+    match v.import_blob(kind, plain) {
+        Ok(()) => {
+            shared.imported.set(true);
+            static LOADED: crate::ratelimit::RateLimiter = crate::ratelimit::RateLimiter::new();
+            if LOADED.check().is_some() {
+                info!(kind, generation, "state blob loaded");
+            }
+            ok(res::SUCCESS)
+        }
+        Err(e) => {
+            warn!(error = %e, "CMD_SET_STATEBLOB failed");
+            ok(res::FAIL)
+        }
     }
 }

@@ -73,6 +73,11 @@ pub struct Vtpm {
     locality: u8,
     /// The permanent blob that is on disk, to skip writes that change nothing.
     last_saved: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// Volatile state loaded by `CMD_SET_STATEBLOB` (an incoming migration),
+    /// resumed by the next [`Vtpm::init`].
+    pending_volatile: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// The state generation this process opened (before its own writes).
+    opened_generation: u64,
 }
 
 impl Vtpm {
@@ -106,6 +111,7 @@ impl Vtpm {
     /// crash does not replay stale PCRs (swtpm's `DELETE_VOLATILE`).
     pub fn resume(family: Family, store: impl StateStore + 'static, state: vtpm_proto::sealed::State, startup: bool) -> Result<Vtpm, VtpmError> {
         let store: Box<dyn StateStore> = Box::new(store);
+        let opened_generation = state.generation;
         let vol = (!state.volatile.is_empty()).then_some(&state.volatile[..]);
         let engine = Engine::start(engine_version(family), Some(&state.permanent), vol)
             .map_err(|e| VtpmError::Engine(e.to_string()))?;
@@ -116,6 +122,8 @@ impl Vtpm {
             buffer_size: DEFAULT_BUFFER,
             locality: 0,
             last_saved: Some(zeroize::Zeroizing::new(state.permanent.to_vec())),
+            pending_volatile: None,
+            opened_generation,
         };
         if vol.is_some() {
             let perm = state.permanent.clone();
@@ -258,7 +266,8 @@ impl Vtpm {
     pub fn init(&mut self) -> Result<(), VtpmError> {
         self.stop()?;
         let perm = self.last_saved.clone().ok_or_else(|| VtpmError::Engine("no persisted state to initialise from".into()))?;
-        let mut engine = Engine::start(engine_version(self.family), Some(&perm), None)
+        let vol = self.pending_volatile.take();
+        let mut engine = Engine::start(engine_version(self.family), Some(&perm), vol.as_deref().map(|v| &v[..]))
             .map_err(|e| VtpmError::Engine(e.to_string()))?;
         engine.set_locality(self.locality);
         if self.buffer_size != DEFAULT_BUFFER {
@@ -266,6 +275,38 @@ impl Vtpm {
         }
         self.engine = Some(engine);
         info!("TPM initialised (power cycle)");
+        Ok(())
+    }
+
+    /// The plaintext libtpms blob of `CMD_GET_STATEBLOB` type `kind` (1 permanent,
+    /// 2 volatile, 3 savestate — empty: a TPM 2.0 keeps it in its permanent state).
+    /// The caller seals it before it leaves the process.
+    pub fn export_blob(&mut self, kind: u8) -> Result<zeroize::Zeroizing<Vec<u8>>, VtpmError> {
+        let Some(engine) = self.engine.as_mut() else { return Err(VtpmError::Engine("TPM is stopped".into())) };
+        let blob = match kind {
+            1 => engine.permanent_state(),
+            2 => engine.volatile_state(),
+            _ => return Ok(zeroize::Zeroizing::new(Vec::new())),
+        };
+        blob.map_err(|e| VtpmError::Engine(e.to_string()))
+    }
+
+    /// Loads an opened (authenticated) `CMD_SET_STATEBLOB` blob into the stopped TPM:
+    /// the permanent state is written to the store at once, the volatile state is
+    /// resumed by the next [`Vtpm::init`].
+    pub fn import_blob(&mut self, kind: u8, blob: zeroize::Zeroizing<Vec<u8>>) -> Result<(), VtpmError> {
+        if self.engine.is_some() {
+            return Err(VtpmError::Engine("state blobs load only into a stopped TPM".into()));
+        }
+        match kind {
+            1 => {
+                self.store.save(&blob, &[])?;
+                self.last_saved = Some(blob);
+            }
+            2 => self.pending_volatile = Some(blob),
+            _ if blob.is_empty() => {}
+            _ => return Err(VtpmError::Engine("a TPM 2.0 save-state blob is always empty".into())),
+        }
         Ok(())
     }
 
@@ -361,6 +402,12 @@ impl Vtpm {
     pub fn generation(&self) -> u64 {
         self.store.generation()
     }
+
+    /// The state generation this process opened, before any write of its own
+    /// (0 for a vTPM manufactured by this process).
+    pub fn opened_generation(&self) -> u64 {
+        self.opened_generation
+    }
 }
 
 /// A TPM being manufactured ([`Vtpm::begin_manufacture`]): it has its EK, nothing is on disk.
@@ -400,7 +447,7 @@ impl Manufacturing {
         let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
         store.save(&perm, &[])?;
         let _ = engine.take_dirty_permanent();
-        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm) };
+        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, opened_generation: 0 };
         Ok((v, ek))
     }
 }

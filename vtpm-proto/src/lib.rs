@@ -12,6 +12,7 @@ pub mod tpm;
 pub mod swtpm_ctrl;
 pub mod mgr;
 pub mod sealed;
+pub mod stateblob;
 pub mod merkle;
 pub mod evidence;
 pub mod verify;
