@@ -17,7 +17,7 @@ pub mod config;
 pub mod deepquote;
 pub mod init;
 pub mod mgr_client;
-pub mod ratelimit;
+pub mod peer;
 pub mod server;
 pub mod store;
 pub mod vtpm;
@@ -34,6 +34,9 @@ use crate::mgr_client::MgrLink;
 use crate::server::Shared;
 use crate::store::Store;
 use crate::vtpm::Vtpm;
+
+/// Rate-limited logging for lines a guest or a local peer can trigger (see `xvtpm-log`).
+pub use xvtpm_log::{guest_error, guest_info, guest_warn};
 
 /// Exit code: the state could not be opened or created (never regenerated).
 pub const EXIT_STATE: i32 = 3;
@@ -73,7 +76,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 certify_if_missing(&mut v, &link, &cfg).await;
                 (v, ek)
             };
-            let bound = server::bind(&cfg.listen, cfg.uuid).await.context("binding listeners").map_err(fatal(1))?;
+            let bound = server::bind(&cfg.listen, cfg.uuid, peer::Access { consumer_uid: cfg.consumer_uid }).await.context("binding listeners").map_err(fatal(1))?;
             Ok::<_, Fatal>((vtpm, ek, bound))
         }
         .await;
