@@ -260,6 +260,27 @@ fn peer_uid(c: &Conn) -> Result<u32, String> {
     }
 }
 
+/// Waits until the peer has sent something (or closed): a peek, since a fresh
+/// stream counts as readable before anything arrived.
+async fn first_byte(c: &Conn) -> io::Result<()> {
+    let mut b = [0u8; 1];
+    match c {
+        Conn::Tcp(t) => t.peek(&mut b).await.map(|_| ()),
+        Conn::Unix(u) => loop {
+            u.readable().await?;
+            let peek = || {
+                rustix::net::recv(u.as_fd(), &mut b[..], rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT)
+                    .map(|_| ())
+                    .map_err(io::Error::from)
+            };
+            match u.try_io(tokio::io::Interest::READABLE, peek) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        },
+    }
+}
+
 async fn accept_loop(l: Listener, ch: Channel, access: Access, shared: Rc<Shared>) {
     let mut backoff = ACCEPT_BACKOFF.0;
     loop {
@@ -299,11 +320,7 @@ async fn accept_loop(l: Listener, ch: Channel, access: Access, shared: Rc<Shared
         let s = shared.clone();
         tokio::task::spawn_local(async move {
             let _slot = slot;
-            let first = match &conn {
-                Conn::Tcp(t) => timeout(FIRST_BYTE_WAIT, t.readable()).await,
-                Conn::Unix(u) => timeout(FIRST_BYTE_WAIT, u.readable()).await,
-            };
-            if first.is_err() {
+            if timeout(FIRST_BYTE_WAIT, first_byte(&conn)).await.is_err() {
                 guest_info!(channel = ch.name(), wait_s = FIRST_BYTE_WAIT.as_secs(), "closed a connection that sent nothing");
                 return;
             }

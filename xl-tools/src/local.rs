@@ -205,6 +205,7 @@ impl Local {
     /// `listen` empty: the default Unix sockets (see the module docs). `listen` and the
     /// consumer are recorded and reused by [`Local::start`].
     pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], opts: &CreateOpts) -> Result<Runtime, CliError> {
+        check_listen(listen)?;
         let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid })? {
             AdminReply::Vtpm(v) => v,
             other => return Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
@@ -239,6 +240,7 @@ impl Local {
         if let Some(rt) = self.runtime(uuid) {
             return Err(CliError::new(REFUSED, format!("vTPM {uuid} is already running as process {}", rt.pid)));
         }
+        check_listen(listen)?;
         let mut access = self.access(uuid);
         if !listen.is_empty() {
             access.listen = listen.to_vec();
@@ -419,6 +421,25 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// Parses a UUID argument, naming the argument on error.
 pub fn parse_uuid(arg: &str, what: &str) -> Result<Uuid, CliError> {
     Uuid::parse_str(arg).map_err(|e| CliError::new(crate::exit::USAGE, format!("{what} {arg:?} is not a UUID ({e}); see `xl-vtpm vtpm list`")))
+}
+
+/// TCP listeners must be on loopback: the vTPM maps each connection to the local uid
+/// that made it, which a remote peer does not have. (vtpm-domain checks every spec.)
+fn check_listen(listen: &[String]) -> Result<(), CliError> {
+    for l in listen {
+        if let Some(addr) = l.strip_prefix("tcp:") {
+            match addr.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                _ => {
+                    return Err(CliError::new(
+                        crate::exit::USAGE,
+                        format!("--listen {l:?}: TCP listeners must be on a loopback address (tcp:127.0.0.1:PORT or tcp:[::1]:PORT)"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A user name or numeric uid (`--consumer`).
