@@ -206,3 +206,43 @@ fn manager_refusals_are_rate_limited() {
     let n = s.mgr_log().matches("refused a vTPM request").count();
     assert!((1..=15).contains(&n), "{n} refusal lines in the manager's log for 300 refused requests");
 }
+
+#[test]
+fn a_local_vtpm_log_is_capped_and_rotated() {
+    let s = Stack::start();
+    // Debug logging makes every control request a log line: the cap, not the rate limit, bounds it.
+    let out = Command::new(testkit::bin_path("xl-vtpm"))
+        .args(["vtpm", "create", "--json", "--listen", "tcp:127.0.0.1:0"])
+        .env("XVTPM_RUN_DIR", s.run_dir())
+        .env("XVTPM_STATE_DIR", s.state_dir())
+        .env("XVTPM_VTPM_DOMAIN", testkit::bin_path("vtpm-domain"))
+        .env("XVTPM_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = Stack::handle(&serde_json::from_slice(&out.stdout).unwrap());
+    let log = s.state_dir().join("vtpms").join(v.uuid.to_string()).join("vtpm.log");
+    let mut c = TcpStream::connect(("127.0.0.1", v.port.unwrap() + 1)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // CMD_GET_CAPABILITY until well over 2 MiB of log have been written.
+    let mut rotated = false;
+    for i in 0..200_000 {
+        ctrl_on(&mut c, &1u32.to_be_bytes(), 8);
+        if i % 1000 == 0 {
+            let cur = std::fs::metadata(&log).unwrap().len();
+            assert!(cur <= 1 << 20, "vtpm.log is {cur} bytes");
+            let old = std::fs::metadata(log.with_extension("log.1")).map(|m| m.len()).unwrap_or(0);
+            assert!(old <= 1 << 20, "vtpm.log.1 is {old} bytes");
+            if rotated && old > 0 && cur > 512 * 1024 {
+                break;
+            }
+            rotated |= old > 0;
+        }
+    }
+    assert!(rotated, "the log never reached its cap (test ineffective)");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+    // Nothing else accumulates next to the state.
+    let names: Vec<String> = std::fs::read_dir(log.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| ["state.xvts", "vtpm.log", "vtpm.log.1", "access.json"].contains(&n.as_str())), "{names:?}");
+}
