@@ -454,7 +454,9 @@ fn recv_with_fds(fd: BorrowedFd<'_>, buf: &mut [u8], pending: &mut Option<OwnedF
     match (received.len(), pending.is_some()) {
         (0, _) => {}
         (1, false) => *pending = received.pop(),
-        (n, _) => return bad(format!("{n} more descriptor(s) than CMD_SET_DATAFD takes; closed them")),
+        (n, waiting) => {
+            return bad(format!("{} descriptors passed where CMD_SET_DATAFD takes one; closed them", n + usize::from(waiting)));
+        }
     }
     Ok(msg.bytes)
 }
