@@ -163,6 +163,15 @@ mod tests {
     }
 
     #[test]
+    fn finds_the_owner_of_an_ipv6_loopback_peer() {
+        let Ok(l) = TcpListener::bind("[::1]:0") else { return }; // no IPv6 on this host
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, peer) = l.accept().unwrap();
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(tcp_peer_uid(s.local_addr().unwrap(), peer).unwrap(), Some(me));
+    }
+
+    #[test]
     fn finds_the_owner_of_a_live_loopback_peer_and_nothing_else() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
