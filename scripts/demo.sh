@@ -87,6 +87,19 @@ $XL mgr group ca-cert default --out "$WORK/ek-ca.pem" >/dev/null
 exercise A "$A"
 exercise B "$B"
 
+step "4b. only root and a vTPM's consumer reach it"
+ok "A listens on its own Unix sockets: TPM2TOOLS_TCTI=$(tcti "$A")"
+chmod 711 "$WORK"   # let other users traverse to the sockets, as /run allows
+if setpriv --reuid=nobody --regid=nogroup --clear-groups env TPM2TOOLS_TCTI="$(tcti "$A")" tpm2_getrandom 8 >/dev/null 2>&1; then
+  fail "user nobody used vTPM A"
+else
+  ok "user nobody is refused by vTPM A (created without --consumer)"
+fi
+C=$($XL vtpm create --consumer nobody --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["uuid"])')
+setpriv --reuid=nobody --regid=nogroup --clear-groups env TPM2TOOLS_TCTI="$(tcti "$C")" tpm2_getrandom --hex 8 >/dev/null &&
+  ok "user nobody uses vTPM C, created with --consumer nobody" || fail "the consumer of vTPM C was refused"
+$XL vtpm destroy "$C" --yes >/dev/null
+
 step "5. persistent key + NV in A, restart A, check they survived"
 export TPM2TOOLS_TCTI; TPM2TOOLS_TCTI=$(tcti "$A")
 tpm2_createprimary -C o -G ecc -c "$WORK/A/srk.ctx" >/dev/null

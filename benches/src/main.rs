@@ -269,11 +269,9 @@ impl Stack {
 
     /// As [`Stack::create`], with extra arguments (e.g. more `--listen`).
     fn create_with(&self, procs: &mut Procs, extra: &[&str]) -> Result<(Uuid, u32, u16, PathBuf)> {
-        let mut a = vec!["vtpm", "create", "--json"];
-        if !extra.is_empty() {
-            a.extend_from_slice(&["--listen", "tcp:127.0.0.1:0"]);
-            a.extend_from_slice(extra);
-        }
+        // Loopback TCP (the benchmarks' clients speak TCP), plus any extra listeners.
+        let mut a = vec!["vtpm", "create", "--json", "--listen", "tcp:127.0.0.1:0"];
+        a.extend_from_slice(extra);
         let out = self.xl(&a)?;
         if !out.status.success() {
             bail!(

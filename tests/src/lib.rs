@@ -45,18 +45,41 @@ pub struct VtpmHandle {
     pub uuid: Uuid,
     /// Process id (when running).
     pub pid: Option<u32>,
-    /// TCP data port (when running).
+    /// TCP data port (when running on TCP).
     pub port: Option<u16>,
+    /// Unix data socket (when running on the default Unix sockets; control: + `.ctrl`).
+    pub socket: Option<PathBuf>,
     /// The state file.
     pub state_file: PathBuf,
 }
 
 impl VtpmHandle {
-    /// TCTI string for tpm2-tools / tss-esapi.
+    /// TCTI string for tpm2-tools / tss-esapi (TCP if it listens there, else its Unix socket).
     pub fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port.expect("vTPM is running"))
+        match (self.port, &self.socket) {
+            (Some(p), _) => format!("swtpm:host=127.0.0.1,port={p}"),
+            (None, Some(s)) => format!("swtpm:path={}", s.display()),
+            (None, None) => panic!("vTPM is not running"),
+        }
+    }
+
+    /// One raw command on a fresh data connection (TCP or Unix), and its response.
+    pub fn command(&self, packet: &[u8]) -> Vec<u8> {
+        match (self.port, &self.socket) {
+            (Some(p), _) => raw_command(p, packet),
+            (None, Some(path)) => {
+                let mut s = std::os::unix::net::UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(packet).unwrap();
+                read_response(&mut s)
+            }
+            (None, None) => panic!("vTPM is not running"),
+        }
     }
 }
+
+/// The explicit TCP listener the fixture's vTPMs use (raw-socket tests speak TCP).
+pub const TCP_LISTEN: [&str; 2] = ["--listen", "tcp:127.0.0.1:0"];
 
 impl Stack {
     /// swtpm + a provisioned manager.
@@ -190,19 +213,30 @@ impl Stack {
         serde_json::from_slice(&out.stdout).expect("json output")
     }
 
-    fn handle(v: &serde_json::Value) -> VtpmHandle {
+    /// The handle of `xl-vtpm vtpm create|start|show --json` output.
+    pub fn handle(v: &serde_json::Value) -> VtpmHandle {
         let v = if v.is_array() { &v[0] } else { v };
         VtpmHandle {
             uuid: v["uuid"].as_str().unwrap().parse().unwrap(),
             pid: v["runtime"]["pid"].as_u64().map(|p| p as u32),
             port: v["runtime"]["tcp_ports"][0][0].as_u64().map(|p| p as u16),
+            socket: v["runtime"]["socket"].as_str().map(PathBuf::from),
             state_file: v["state_file"].as_str().unwrap().into(),
         }
     }
 
-    /// Creates and starts a vTPM.
+    /// Creates and starts a vTPM listening on loopback TCP ([`TCP_LISTEN`]; root may
+    /// connect), recorded so that [`Stack::start_vtpm`] keeps it there.
     pub fn create_vtpm(&self) -> VtpmHandle {
-        Self::handle(&self.xl_json(&["vtpm", "create"]))
+        Self::handle(&self.xl_json(&["vtpm", "create", TCP_LISTEN[0], TCP_LISTEN[1]]))
+    }
+
+    /// Creates and starts a vTPM with `xl-vtpm vtpm create ARGS` (no `--listen`: the
+    /// default Unix sockets).
+    pub fn create_vtpm_with(&self, args: &[&str]) -> VtpmHandle {
+        let mut a = vec!["vtpm", "create"];
+        a.extend_from_slice(args);
+        Self::handle(&self.xl_json(&a))
     }
 
     /// Starts a stopped vTPM.

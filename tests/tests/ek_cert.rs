@@ -130,7 +130,7 @@ fn rsa_ek_certificate_in_nv_verifies_with_openssl_tpm2_tools_and_the_ak() {
     assert_eq!(out.status.code(), Some(7));
     assert!(String::from_utf8_lossy(&out.stderr).contains("extraData is not SHA-256 of this CA certificate"), "{}", String::from_utf8_lossy(&out.stderr));
     // A vTPM of tenant-b gets tenant-b's certificate.
-    let b = xvtpm_tests_handle(&s.xl_json(&["vtpm", "create", "--group", "tenant-b"]));
+    let b = xvtpm_tests_handle(&s.xl_json(&["vtpm", "create", "--group", "tenant-b", "--listen", "tcp:127.0.0.1:0"]));
     let (_, pem_b) = nvread_cert(&b, "0x1c00002", &dir, "ek-b");
     assert!(openssl_verify(&ca_b, &pem_b).status.success());
     assert!(!openssl_verify(&ca, &pem_b).status.success());
@@ -160,6 +160,7 @@ fn xvtpm_tests_handle(v: &serde_json::Value) -> VtpmHandle {
         uuid: v["uuid"].as_str().unwrap().parse().unwrap(),
         pid: v["runtime"]["pid"].as_u64().map(|p| p as u32),
         port: v["runtime"]["tcp_ports"][0][0].as_u64().map(|p| p as u16),
+        socket: None,
         state_file: v["state_file"].as_str().unwrap().into(),
     }
 }
@@ -169,7 +170,7 @@ fn ecc_ek_certificate_survives_a_restart() {
     let mut s = Stack::start();
     let dir = s.dir.path().join("tenant");
     std::fs::create_dir_all(&dir).unwrap();
-    let v = xvtpm_tests_handle(&s.xl_json(&["vtpm", "create", "--ek", "ecc"]));
+    let v = xvtpm_tests_handle(&s.xl_json(&["vtpm", "create", "--ek", "ecc", "--listen", "tcp:127.0.0.1:0"]));
     let (ca, certify, ak) = export_ca(&s, "default", &dir);
     let (der, pem) = nvread_cert(&v, "0x1c0000a", &dir, "ek");
     assert!(openssl_verify(&ca, &pem).status.success());

@@ -32,6 +32,7 @@ fn vtpm_for_qemu(s: &Stack) -> (VtpmHandle, PathBuf) {
         uuid: j["uuid"].as_str().unwrap().parse().unwrap(),
         pid: j["runtime"]["pid"].as_u64().map(|p| p as u32),
         port: j["runtime"]["tcp_ports"][0][0].as_u64().map(|p| p as u16),
+        socket: None,
         state_file: j["state_file"].as_str().unwrap().into(),
     };
     (v, ctrl)
@@ -462,8 +463,10 @@ fn real_qemu_survives_resets_and_quit_ends_the_vtpm() {
         });
         assert_qemu_alive(&mut q, &mut qemu, s.dir.path(), &format!("after system_reset {round}"));
     }
+    // Each round above proved its reset through the PCRs; the log shows the power cycles too, at
+    // most 5 lines per 10 s (CMD_INIT is peer-triggerable, so its line is rate-limited).
     let inits = s.vtpm_log(&v.uuid).matches("TPM initialised (power cycle)").count();
-    assert!(inits >= 6, "{inits} CMD_INITs for a start and 5 resets");
+    assert!(inits >= 5, "{inits} CMD_INITs logged for a start and 5 resets");
     q.execute("quit");
     let status = wait_exit(&mut qemu, Duration::from_secs(30));
     assert!(status.success(), "qemu exited with {status}:\n{}", qemu_log(s.dir.path()));

@@ -1,14 +1,17 @@
-//! Round trips through a vTPM with tpm2-tools (swtpm TCTI) and with tss-esapi
-//! (the manager's own TPM layer, pointed at a vTPM), and persistence across a
-//! vTPM restart.
+//! Round trips through a vTPM with tpm2-tools (swtpm TCTI: `swtpm:path=` on the default
+//! Unix sockets) and with tss-esapi (the manager's own TPM layer, pointed at a vTPM on
+//! TCP), and persistence across a vTPM restart.
 
 use xvtpm_tests::{Stack, get_random, raw_command, rc, read_public, tpm2};
 
 #[test]
 fn tpm2_tools_round_trip_and_restart_keeps_keys_nv_and_ek() {
     let s = Stack::start();
-    let v = s.create_vtpm();
+    // The default listeners: Unix sockets, reached by tpm2-tss's `swtpm:path=` TCTI.
+    let v = s.create_vtpm_with(&[]);
+    assert!(v.port.is_none() && v.socket.is_some(), "{v:?}");
     let t = v.tcti();
+    assert!(t.starts_with("swtpm:path="), "{t}");
     let d = s.dir.path();
     let p = |f: &str| d.join(f).display().to_string();
     tpm2(&t, &["tpm2_startup", "-c"]);
@@ -40,7 +43,7 @@ fn tpm2_tools_round_trip_and_restart_keeps_keys_nv_and_ek() {
     tpm2(&t, &["tpm2_nvdefine", "0x1500016", "-C", "o", "-s", "8", "-a", "ownerread|ownerwrite"]);
     std::fs::write(d.join("nv.in"), b"persist!").unwrap();
     tpm2(&t, &["tpm2_nvwrite", "0x1500016", "-C", "o", "-i", &p("nv.in")]);
-    let ek_before = raw_command(v.port.unwrap(), &read_public(0x8101_0001));
+    let ek_before = v.command(&read_public(0x8101_0001));
     assert_eq!(rc(&ek_before), 0);
 
     s.stop_vtpm(&v.uuid);
@@ -49,7 +52,8 @@ fn tpm2_tools_round_trip_and_restart_keeps_keys_nv_and_ek() {
     let t2 = v2.tcti();
     assert!(tpm2(&t2, &["tpm2_getcap", "handles-persistent"]).contains("0x81000001"));
     assert_eq!(tpm2(&t2, &["tpm2_nvread", "0x1500016", "-C", "o", "-s", "8"]), "persist!");
-    assert_eq!(raw_command(v2.port.unwrap(), &read_public(0x8101_0001)), ek_before, "EK changed across restart");
+    assert_eq!(v2.socket, v.socket, "the restart keeps the recorded listeners");
+    assert_eq!(v2.command(&read_public(0x8101_0001)), ek_before, "EK changed across restart");
     // PCRs reset on restart (power cycle), as on a real TPM.
     assert!(!tpm2(&t2, &["tpm2_pcrread", "sha256:16"]).contains(&expect));
 }
@@ -85,7 +89,7 @@ fn tss_esapi_drives_a_vtpm_like_a_physical_tpm() {
 #[test]
 fn ecc_endorsement_key_on_request() {
     let s = Stack::start();
-    let j = s.xl_json(&["vtpm", "create", "--ek", "ecc"]);
+    let j = s.xl_json(&["vtpm", "create", "--ek", "ecc", "--listen", "tcp:127.0.0.1:0"]);
     let port = j["runtime"]["tcp_ports"][0][0].as_u64().unwrap() as u16;
     let uuid: uuid::Uuid = j["uuid"].as_str().unwrap().parse().unwrap();
     let ek = raw_command(port, &read_public(0x8101_0002));

@@ -10,7 +10,8 @@ use vtpm_proto::tpm::Family;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
     /// swtpm-TCTI style: data channel on `addr`, control channel on
-    /// `addr.port() + 1` (port 0 picks a free pair).
+    /// `addr.port() + 1` (port 0 picks a free pair). Loopback only: each
+    /// connection is mapped to the uid that made it, which only a local peer has.
     TcpPair(SocketAddr),
     /// A Unix-socket data channel.
     UnixData(PathBuf),
@@ -33,10 +34,14 @@ impl std::str::FromStr for Listen {
         }
         let (kind, rest) = s.split_once(':').ok_or_else(|| format!("--listen {s:?}: {hint}"))?;
         match kind {
-            "tcp" => rest
-                .parse()
-                .map(Listen::TcpPair)
-                .map_err(|e| format!("--listen {s:?}: bad address ({e}); {hint}")),
+            "tcp" => match rest.parse::<SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => Ok(Listen::TcpPair(a)),
+                Ok(_) => Err(format!(
+                    "--listen {s:?}: TCP listeners must be on a loopback address (127.0.0.1 or [::1]): \
+                     a connection is accepted only from a local uid allowed to use the vTPM"
+                )),
+                Err(e) => Err(format!("--listen {s:?}: bad address ({e}); {hint}")),
+            },
             "data" if !rest.is_empty() => Ok(Listen::UnixData(rest.into())),
             "ctrl" if !rest.is_empty() => Ok(Listen::UnixCtrl(rest.into())),
             "xen" if !rest.is_empty() => Ok(Listen::Xen(rest.into())),
@@ -71,6 +76,8 @@ pub struct Config {
     pub startup: Startup,
     /// Listeners.
     pub listen: Vec<Listen>,
+    /// Who may connect besides root (`--consumer-uid`); Unix sockets are made theirs.
+    pub consumer_uid: Option<u32>,
     /// How long to keep retrying the manager while it has not attached us.
     pub mgr_wait: std::time::Duration,
     /// The endorsement key made at `--create`.
@@ -122,7 +129,8 @@ mod tests {
         assert_eq!("ctrl:/run/c".parse::<Listen>(), Ok(Listen::UnixCtrl("/run/c".into())));
         assert_eq!("xen".parse::<Listen>(), Ok(Listen::Xen("backend/vtpm".into())));
         assert_eq!("xen:/local/domain/0/backend/vtpm".parse::<Listen>(), Ok(Listen::Xen("/local/domain/0/backend/vtpm".into())));
-        for bad in ["", "tcp:nope", "tcp:1.2.3.4", "data:", "ctrl:", "udp:1", "xen:"] {
+        assert_eq!("tcp:[::1]:0".parse::<Listen>(), Ok(Listen::TcpPair("[::1]:0".parse().unwrap())));
+        for bad in ["", "tcp:nope", "tcp:1.2.3.4", "tcp:0.0.0.0:2321", "tcp:[::]:0", "data:", "ctrl:", "udp:1", "xen:"] {
             let e = bad.parse::<Listen>().unwrap_err();
             assert!(e.contains("--listen"), "{e}");
         }

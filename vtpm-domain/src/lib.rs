@@ -17,7 +17,7 @@ pub mod config;
 pub mod deepquote;
 pub mod init;
 pub mod mgr_client;
-pub mod ratelimit;
+pub mod peer;
 pub mod server;
 pub mod store;
 pub mod vtpm;
@@ -34,6 +34,9 @@ use crate::mgr_client::MgrLink;
 use crate::server::Shared;
 use crate::store::Store;
 use crate::vtpm::Vtpm;
+
+/// Rate-limited logging for lines a guest or a local peer can trigger (see `xvtpm-log`).
+pub use xvtpm_log::{guest_error, guest_info, guest_warn};
 
 /// Exit code: the state could not be opened or created (never regenerated).
 pub const EXIT_STATE: i32 = 3;
@@ -75,7 +78,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 certify_if_missing(&mut v, &link, &cfg).await;
                 (v, ek)
             };
-            let bound = server::bind(&cfg.listen, cfg.uuid).await.context("binding listeners").map_err(fatal(1))?;
+            let bound = server::bind(&cfg.listen, cfg.uuid, peer::Access { consumer_uid: cfg.consumer_uid }).await.context("binding listeners").map_err(fatal(1))?;
             Ok::<_, Fatal>((vtpm, ek, bound, blob_key))
         }
         .await;
@@ -108,7 +111,11 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             exit: tokio::sync::Notify::new(),
             uuid: cfg.uuid,
             mgr: link,
-            persist: cfg.persist,
+            // A Unix control socket without a Unix data socket beside it is QEMU's chardev (the
+            // data channel arrives through CMD_SET_DATAFD): its hang-up ends the vTPM, as swtpm
+            // --terminate does under libvirt. Paired with a data socket (xl-vtpm's default
+            // layout) it serves the tpm2-tss `swtpm:path=` TCTI, which connects per request.
+            persist: cfg.persist || cfg.listen.iter().any(|l| matches!(l, crate::config::Listen::UnixData(_))),
             blob_key,
             import_floor,
             imported: std::cell::Cell::new(false),

@@ -51,9 +51,18 @@ struct Args {
     /// Keep running when the controller (QEMU) on a ctrl:PATH control socket hangs up.
     /// Without it the vTPM saves its state and exits then, as swtpm --terminate does
     /// (how libvirt runs swtpm): a VM's quit or crash ends its vTPM. TCP control
-    /// connections (the tpm2-tss swtpm TCTI opens one per request) never end it.
+    /// connections, and a ctrl:PATH paired with a data:PATH socket (the tpm2-tss
+    /// swtpm TCTI opens one per request), never end it.
     #[arg(long)]
     persist: bool,
+    /// The uid that uses this vTPM (e.g. QEMU's); besides root, the only one whose
+    /// connections are accepted. Unix sockets are made mode 0600 and owned by it.
+    #[arg(long)]
+    consumer_uid: Option<u32>,
+    /// Log to this file (stderr too is pointed at it), kept with one predecessor
+    /// (`FILE.1`) each at most 1 MiB, instead of to stderr.
+    #[arg(long)]
+    log_file: Option<PathBuf>,
 }
 
 fn main() {
@@ -85,13 +94,25 @@ fn main() {
     } else {
         Args::parse()
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
+    let capped = match &args.log_file {
+        Some(p) => match xvtpm_log::CappedLog::open(p, xvtpm_log::LOG_MAX_BYTES, true) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("vtpm-domain: error: --log-file {}: {e}", p.display());
+                std::process::exit(1);
+            }
+        },
+        None => None,
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_ansi(capped.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info,xenstore_rs=error".into()),
-        )
-        .init();
+        );
+    match capped {
+        Some(l) => logs.with_writer(move || l.writer()).init(),
+        None => logs.with_writer(std::io::stderr).init(),
+    }
     if as_init {
         let mut need: Vec<&Path> = init::XEN_DEVICES.iter().map(Path::new).collect();
         if let Some(b) = &args.state_block {
@@ -121,6 +142,7 @@ fn main() {
         create: args.create,
         startup: args.startup,
         listen: args.listen,
+        consumer_uid: args.consumer_uid,
         mgr_wait: Duration::from_secs(args.mgr_wait),
         ek: args.ek,
         as_init,

@@ -12,12 +12,12 @@
 //! keeps serving.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -29,8 +29,9 @@ use vtpm_proto::swtpm_ctrl::{self as ctrl, Request, cap, res};
 use vtpm_proto::tpm::{self, HEADER_LEN};
 
 use crate::config::Listen;
-use crate::guest_warn;
+use crate::peer::Access;
 use crate::vtpm::Vtpm;
+use xvtpm_log::{guest_info, guest_warn};
 
 /// How long the rest of a header may take after its first byte.
 pub const FRAME_GRACE: Duration = Duration::from_millis(200);
@@ -113,35 +114,98 @@ pub async fn execute(shared: &Shared, packet: &[u8]) -> Vec<u8> {
     deep_quote_response(shared, crate::deepquote::deep_quote(shared, packet).await)
 }
 
+/// Most connections open at once per channel (data, control) of this vTPM; more
+/// are accepted and closed at once. QEMU uses one of each, a tpm2-tss client one
+/// data connection and short control connections.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A connection must send its first byte within this long, or it is closed.
+pub const FIRST_BYTE_WAIT: Duration = Duration::from_secs(10);
+/// First and longest pause after `accept` fails (out of descriptors or memory):
+/// the listener stays readable, so retrying at once would spin.
+pub const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(500));
+
+/// The two channels of swtpm's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// TPM command packets.
+    Data,
+    /// `CMD_*` control requests.
+    Ctrl,
+}
+
+impl Channel {
+    fn name(self) -> &'static str {
+        match self {
+            Channel::Data => "data",
+            Channel::Ctrl => "control",
+        }
+    }
+
+    fn open(self) -> &'static AtomicUsize {
+        static OPEN: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        &OPEN[self as usize]
+    }
+}
+
+/// One of a channel's [`MAX_CONNECTIONS`] places, given back on drop.
+pub struct Slot(&'static AtomicUsize);
+
+impl Slot {
+    /// A place on `ch`, if one is free.
+    pub fn take(ch: Channel) -> Option<Slot> {
+        let open = ch.open();
+        open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < MAX_CONNECTIONS).then_some(n + 1)).ok().map(|_| Slot(open))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
 /// Bound listeners, ready to serve.
 pub struct Bound {
-    tcp: Vec<(TcpListener, TcpListener)>,
-    data: Vec<UnixListener>,
-    ctrl: Vec<UnixListener>,
+    listeners: Vec<(Listener, Channel)>,
     xen: Vec<crate::xen::XenBackend>,
+    access: Access,
     /// (data port, ctrl port) of each TCP pair.
     pub tcp_ports: Vec<(u16, u16)>,
 }
 
-/// Binds every listener. Must be called inside the runtime.
-pub async fn bind(listen: &[Listen], uuid: uuid::Uuid) -> io::Result<Bound> {
-    let mut b = Bound { tcp: vec![], data: vec![], ctrl: vec![], xen: vec![], tcp_ports: vec![] };
+/// Binds every listener. Must be called inside the runtime. Unix sockets are made
+/// mode 0600 and owned by the consumer (if any); every connection is checked against
+/// `access` when accepted.
+pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access) -> io::Result<Bound> {
+    let mut b = Bound { listeners: vec![], xen: vec![], access, tcp_ports: vec![] };
     for l in listen {
         match l {
             Listen::TcpPair(addr) => {
                 let (d, c) = bind_tcp_pair(*addr).await?;
                 b.tcp_ports.push((d.local_addr()?.port(), c.local_addr()?.port()));
-                b.tcp.push((d, c));
+                b.listeners.push((Listener::Tcp(d), Channel::Data));
+                b.listeners.push((Listener::Tcp(c), Channel::Ctrl));
             }
-            Listen::UnixData(p) => b.data.push(bind_unix(p)?),
-            Listen::UnixCtrl(p) => b.ctrl.push(bind_unix(p)?),
+            Listen::UnixData(p) => b.listeners.push((Listener::Unix(bind_unix(p, access)?), Channel::Data)),
+            Listen::UnixCtrl(p) => b.listeners.push((Listener::Unix(bind_unix(p, access)?), Channel::Ctrl)),
             Listen::Xen(root) => b.xen.push(crate::xen::XenBackend::open(root, uuid).await?),
         }
     }
     Ok(b)
 }
 
-fn bind_unix(p: &Path) -> io::Result<UnixListener> {
+fn bind_unix(p: &Path, access: Access) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     // A stale socket from a killed predecessor would make bind fail.
     if let Ok(meta) = std::fs::symlink_metadata(p) {
         use std::os::unix::fs::FileTypeExt;
@@ -149,7 +213,13 @@ fn bind_unix(p: &Path) -> io::Result<UnixListener> {
             std::fs::remove_file(p)?;
         }
     }
-    UnixListener::bind(p)
+    let l = UnixListener::bind(p)?;
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(named)?;
+    if let Some(uid) = access.consumer_uid.filter(|&u| u != rustix::process::geteuid().as_raw()) {
+        std::os::unix::fs::chown(p, Some(uid), None).map_err(named)?;
+    }
+    Ok(l)
 }
 
 async fn bind_tcp_pair(addr: SocketAddr) -> io::Result<(TcpListener, TcpListener)> {
@@ -174,51 +244,8 @@ async fn bind_tcp_pair(addr: SocketAddr) -> io::Result<(TcpListener, TcpListener
 
 /// Serves until shutdown is requested.
 pub async fn serve(bound: Bound, shared: Rc<Shared>) {
-    for (d, c) in bound.tcp {
-        let s = shared.clone();
-        tokio::task::spawn_local(async move {
-            loop {
-                match d.accept().await {
-                    Ok((stream, _)) => {
-                        stream.set_nodelay(true).ok();
-                        tokio::task::spawn_local(serve_data(stream, s.clone()));
-                    }
-                    Err(e) => warn!(error = %e, "accept on data channel failed"),
-                }
-            }
-        });
-        let s = shared.clone();
-        tokio::task::spawn_local(async move {
-            loop {
-                match c.accept().await {
-                    Ok((stream, _)) => {
-                        stream.set_nodelay(true).ok();
-                        tokio::task::spawn_local(serve_ctrl(CtrlStream::Tcp(stream), s.clone()));
-                    }
-                    Err(e) => warn!(error = %e, "accept on control channel failed"),
-                }
-            }
-        });
-    }
-    for d in bound.data {
-        let s = shared.clone();
-        tokio::task::spawn_local(async move {
-            loop {
-                if let Ok((stream, _)) = d.accept().await {
-                    tokio::task::spawn_local(serve_data(stream, s.clone()));
-                }
-            }
-        });
-    }
-    for c in bound.ctrl {
-        let s = shared.clone();
-        tokio::task::spawn_local(async move {
-            loop {
-                if let Ok((stream, _)) = c.accept().await {
-                    tokio::task::spawn_local(serve_ctrl(CtrlStream::Unix(stream, VecDeque::new()), s.clone()));
-                }
-            }
-        });
+    for (l, ch) in bound.listeners {
+        tokio::task::spawn_local(accept_loop(l, ch, bound.access, shared.clone()));
     }
     for x in bound.xen {
         let s = shared.clone();
@@ -229,6 +256,101 @@ pub async fn serve(bound: Bound, shared: Rc<Shared>) {
         });
     }
     shared.exit.notified().await;
+}
+
+/// The uid behind a connection, or why there is none.
+fn peer_uid(c: &Conn) -> Result<u32, String> {
+    match c {
+        Conn::Unix(s) => s.peer_cred().map(|c| c.uid()).map_err(|e| format!("SO_PEERCRED: {e}")),
+        Conn::Tcp(s) => {
+            let (ours, peer) = (s.local_addr().map_err(|e| e.to_string())?, s.peer_addr().map_err(|e| e.to_string())?);
+            match crate::peer::tcp_peer_uid(ours, peer) {
+                Ok(Some(uid)) => Ok(uid),
+                Ok(None) => Err(format!("no live local socket for peer {peer}")),
+                Err(e) => Err(format!("looking up the owner of peer {peer}: {e}")),
+            }
+        }
+    }
+}
+
+/// Waits until the peer has sent something (or closed): a peek, since a fresh
+/// stream counts as readable before anything arrived.
+async fn first_byte(c: &Conn) -> io::Result<()> {
+    let mut b = [0u8; 1];
+    match c {
+        Conn::Tcp(t) => t.peek(&mut b).await.map(|_| ()),
+        Conn::Unix(u) => loop {
+            u.readable().await?;
+            let peek = || {
+                rustix::net::recv(u.as_fd(), &mut b[..], rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT)
+                    .map(|_| ())
+                    .map_err(io::Error::from)
+            };
+            match u.try_io(tokio::io::Interest::READABLE, peek) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        },
+    }
+}
+
+async fn accept_loop(l: Listener, ch: Channel, access: Access, shared: Rc<Shared>) {
+    let mut backoff = ACCEPT_BACKOFF.0;
+    loop {
+        let accepted = match &l {
+            Listener::Tcp(t) => t.accept().await.map(|(s, _)| Conn::Tcp(s)),
+            Listener::Unix(u) => u.accept().await.map(|(s, _)| Conn::Unix(s)),
+        };
+        let conn = match accepted {
+            Ok(c) => {
+                backoff = ACCEPT_BACKOFF.0;
+                c
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOMEM leave the connection queued and the listener
+                // readable: pause (doubling) instead of spinning.
+                guest_warn!(channel = ch.name(), error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; pausing this listener");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                continue;
+            }
+        };
+        match peer_uid(&conn) {
+            Ok(uid) if access.allows(uid) => {}
+            Ok(uid) => {
+                guest_warn!(channel = ch.name(), uid, consumer = ?access.consumer_uid, "refused a connection: only root and the vTPM's consumer may use it");
+                continue;
+            }
+            Err(why) => {
+                guest_warn!(channel = ch.name(), reason = %why, "refused a connection whose owner is unknown");
+                continue;
+            }
+        }
+        let Some(slot) = Slot::take(ch) else {
+            guest_warn!(channel = ch.name(), limit = MAX_CONNECTIONS, "refused a connection: too many open on this channel");
+            continue;
+        };
+        let s = shared.clone();
+        tokio::task::spawn_local(async move {
+            let _slot = slot;
+            if timeout(FIRST_BYTE_WAIT, first_byte(&conn)).await.is_err() {
+                guest_info!(channel = ch.name(), wait_s = FIRST_BYTE_WAIT.as_secs(), "closed a connection that sent nothing");
+                return;
+            }
+            match (ch, conn) {
+                (Channel::Data, Conn::Tcp(t)) => {
+                    t.set_nodelay(true).ok();
+                    serve_data(t, s).await
+                }
+                (Channel::Data, Conn::Unix(u)) => serve_data(u, s).await,
+                (Channel::Ctrl, Conn::Tcp(t)) => {
+                    t.set_nodelay(true).ok();
+                    serve_ctrl(CtrlStream::Tcp(t), s).await
+                }
+                (Channel::Ctrl, Conn::Unix(u)) => serve_ctrl(CtrlStream::Unix(u, None), s).await,
+            }
+        });
+    }
 }
 
 async fn drain<S: AsyncRead + Unpin>(s: &mut S) {
@@ -318,38 +440,53 @@ pub async fn serve_data<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: Rc<
 pub enum CtrlStream {
     /// TCP.
     Tcp(TcpStream),
-    /// Unix, with file descriptors received so far.
-    Unix(UnixStream, VecDeque<OwnedFd>),
+    /// Unix, with the descriptor received for `CMD_SET_DATAFD`, if any.
+    Unix(UnixStream, Option<OwnedFd>),
 }
 
-fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut VecDeque<OwnedFd>) -> io::Result<usize> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+/// One `recvmsg`. Every descriptor the kernel installs is owned (closed when dropped),
+/// whatever else goes wrong. A message with more than one descriptor, a truncated
+/// control message, or a second descriptor while one waits for `CMD_SET_DATAFD` is an
+/// error: the peer is not speaking swtpm's protocol.
+fn recv_with_fds(fd: BorrowedFd<'_>, buf: &mut [u8], pending: &mut Option<OwnedFd>) -> io::Result<usize> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [io::IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; 4]);
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC).map_err(io::Error::from)?;
-    let n = msg.bytes;
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(received) = c {
-            for raw in received {
-                // SAFETY: the kernel just installed `raw` in our fd table for
-                // this SCM_RIGHTS message; nothing else refers to it, so we
-                // take sole ownership here.
-                fds.push_back(unsafe { OwnedFd::from_raw_fd(raw) });
-            }
+    let msg = rustix::net::recvmsg(fd, &mut iov, &mut cmsg, RecvFlags::CMSG_CLOEXEC)?;
+    let mut received: Vec<OwnedFd> = Vec::new();
+    for m in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = m {
+            received.extend(fds);
         }
     }
-    Ok(n)
+    let bad = |why: String| Err(io::Error::new(io::ErrorKind::InvalidData, why));
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
+        return bad(format!("control message truncated (more descriptors than the one CMD_SET_DATAFD takes); closed the {} received", received.len()));
+    }
+    match (received.len(), pending.is_some()) {
+        (0, _) => {}
+        (1, false) => *pending = received.pop(),
+        (n, waiting) => {
+            return bad(format!("{} descriptors passed where CMD_SET_DATAFD takes one; closed them", n + usize::from(waiting)));
+        }
+    }
+    Ok(msg.bytes)
 }
 
 impl CtrlStream {
     async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             CtrlStream::Tcp(s) => s.read(buf).await,
-            CtrlStream::Unix(s, fds) => loop {
+            CtrlStream::Unix(s, pending) => loop {
                 s.readable().await?;
-                let raw = s.as_raw_fd();
-                match s.try_io(tokio::io::Interest::READABLE, || recv_with_fds(raw, buf, fds)) {
+                let fd = s.as_fd();
+                match s.try_io(tokio::io::Interest::READABLE, || recv_with_fds(fd, buf, pending)) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        guest_warn!(error = %e, "closed a control connection");
+                        return Err(e);
+                    }
                     other => return other,
                 }
             },
@@ -392,7 +529,7 @@ impl CtrlStream {
     fn take_fd(&mut self) -> Option<OwnedFd> {
         match self {
             CtrlStream::Tcp(_) => None,
-            CtrlStream::Unix(_, fds) => fds.pop_front(),
+            CtrlStream::Unix(_, pending) => pending.take(),
         }
     }
 }
@@ -512,7 +649,8 @@ fn result_of<E: std::fmt::Display>(r: Result<(), E>, what: &str) -> u32 {
     match r {
         Ok(()) => res::SUCCESS,
         Err(e) => {
-            warn!(error = %e, "{what} failed");
+            // A client can repeat a failing request as fast as it likes.
+            guest_warn!(error = %e, "{what} failed");
             res::FAIL
         }
     }
@@ -568,13 +706,21 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8
             Some(fd) => {
                 let std_stream = std::os::unix::net::UnixStream::from(fd);
                 let attached = std_stream.set_nonblocking(true).and_then(|_| UnixStream::from_std(std_stream));
-                match attached {
-                    Ok(stream) => {
-                        tokio::task::spawn_local(serve_data(stream, shared.clone()));
+                match (attached, Slot::take(Channel::Data)) {
+                    (Ok(stream), Some(slot)) => {
+                        let s = shared.clone();
+                        tokio::task::spawn_local(async move {
+                            let _slot = slot;
+                            serve_data(stream, s).await
+                        });
                         (ok(res::SUCCESS), false)
                     }
-                    Err(e) => {
-                        warn!(error = %e, "CMD_SET_DATAFD: unusable descriptor");
+                    (Ok(_), None) => {
+                        guest_warn!(limit = MAX_CONNECTIONS, "CMD_SET_DATAFD refused: too many data connections open");
+                        (ok(res::FAIL), false)
+                    }
+                    (Err(e), _) => {
+                        guest_warn!(error = %e, "CMD_SET_DATAFD: unusable descriptor");
                         (ok(res::FAIL), false)
                     }
                 }
@@ -613,10 +759,7 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8
             let mut nonce = [0u8; 12];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
             let sealed = vtpm_proto::stateblob::seal(&shared.blob_key, &shared.uuid, v.family(), kind, v.generation(), &plain, &nonce);
-            static SEALED: crate::ratelimit::RateLimiter = crate::ratelimit::RateLimiter::new();
-            if SEALED.check().is_some() {
-                info!(kind, bytes = sealed.len(), generation = v.generation(), "state blob sealed for the controller");
-            }
+            crate::guest_info!(kind, bytes = sealed.len(), generation = v.generation(), "state blob sealed for the controller");
             (ctrl::stateblob_response(ctrl::STATE_FLAG_ENCRYPTED, &sealed), false)
         }
         // The data of SET_STATEBLOB is read by the caller: see set_state_blob.
@@ -656,10 +799,7 @@ fn set_state_blob(req: Request, data: &[u8], shared: &Rc<Shared>) -> Vec<u8> {
     match v.import_blob(kind, plain) {
         Ok(()) => {
             shared.imported.set(true);
-            static LOADED: crate::ratelimit::RateLimiter = crate::ratelimit::RateLimiter::new();
-            if LOADED.check().is_some() {
-                info!(kind, generation, "state blob loaded");
-            }
+            crate::guest_info!(kind, generation, "state blob loaded");
             ok(res::SUCCESS)
         }
         Err(e) => {

@@ -6,11 +6,10 @@
 //! libtpms. A response is only sent once the state it implies is durable: if
 //! sealing or writing fails, the client gets `TPM_RC_FAILURE` instead.
 
-use tracing::{error, info};
 use vtpm_engine::{Engine, TpmVersion};
 use vtpm_proto::tpm::{self, Family};
 
-use crate::guest_warn;
+use crate::{guest_error, guest_info, guest_warn};
 use crate::blockstore::BlockStore;
 use crate::store::{Store, StoreError};
 
@@ -206,7 +205,7 @@ impl Vtpm {
         match self.persist_if_dirty() {
             Ok(()) => rsp,
             Err(e) => {
-                error!(error = %e, "could not persist vTPM state; answering TPM_RC_FAILURE");
+                guest_error!(error = %e, "could not persist vTPM state; answering TPM_RC_FAILURE");
                 let rc = match family {
                     Family::Tpm2 => tpm::TPM2_RC_FAILURE,
                     Family::Tpm12 => tpm::TPM12_FAIL,
@@ -274,7 +273,8 @@ impl Vtpm {
             engine.set_buffer_size(self.buffer_size);
         }
         self.engine = Some(engine);
-        info!("TPM initialised (power cycle)");
+        // CMD_INIT: a client can power-cycle in a loop.
+        guest_info!("TPM initialised (power cycle)");
         Ok(())
     }
 

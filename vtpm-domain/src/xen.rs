@@ -16,7 +16,7 @@ use xen_platform::xen::XenTransport;
 use xen_platform::xenbus::{Activity, Backend, BackendEvent, Connection, DeviceKey};
 use xen_platform::xenstore::{WatchEvents, Xenstore, XsClient};
 
-use crate::guest_warn;
+use crate::{guest_info, guest_warn};
 use crate::server::{Shared, execute, is_deep_quote};
 
 /// A started tpmif backend.
@@ -105,7 +105,7 @@ impl XenBackend {
                         if let BackendEvent::Connected { key } = ev {
                             deferred.remove(key);
                             if let Err(e) = shared.vtpm.borrow_mut().platform_reset() {
-                                warn!(device = %key, error = %e, "TPM reset on guest connect failed");
+                                guest_warn!(device = %key, error = %e, "TPM reset on guest connect failed");
                             }
                         }
                     }
@@ -139,6 +139,7 @@ impl XenBackend {
 fn log_event(ev: &BackendEvent) {
     match ev {
         BackendEvent::Error { .. } => guest_warn!(event = ?ev, "tpmif device error"),
-        other => info!(event = ?other, "tpmif"),
+        // Frontend state changes: a guest can flip them in a loop.
+        other => guest_info!(event = ?other, "tpmif"),
     }
 }

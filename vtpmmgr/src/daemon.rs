@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{error, info};
+use xvtpm_log::guest_warn;
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
 
@@ -171,7 +172,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
             tokio::spawn(async move {
                 let uid = s.peer_cred().map(|c| c.uid()).ok();
                 if uid != Some(0) && uid != Some(my_uid) {
-                    warn!(uid = ?uid, "refused admin connection from a non-root peer");
+                    guest_warn!(uid = ?uid, "refused admin connection from a non-root peer");
                     let _ = write_msg(&mut s, &AdminReply::Error(Failure::new(ErrorCode::Refused, "the admin socket is root-only"))).await;
                     return;
                 }

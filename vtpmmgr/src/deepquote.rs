@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::debug;
+use xvtpm_log::guest_warn;
 use uuid::Uuid;
 use vtpm_proto::evidence::{Bundle, HostPcrs, Leaf, LeafPosition, VpcrSelection};
 use vtpm_proto::merkle::Tree;
@@ -218,7 +219,7 @@ async fn quote_part(mgr: &Shared, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>
     let (q, ak_public) = match quoted {
         Ok(Ok(x)) => x,
         Ok(Err(f)) => {
-            warn!(error = %f, "physical quote failed");
+            guest_warn!(error = %f, "physical quote failed");
             for w in waiting {
                 let _ = w.send(Err(f.clone()));
             }

@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use hkdf::Hkdf;
 use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
+use xvtpm_log::{guest_info, guest_warn};
 use uuid::Uuid;
 use vtpm_proto::ekcert::{EkPublic, TpmInfo};
 use vtpm_proto::mgr::{
@@ -213,7 +214,7 @@ impl Manager {
     /// Returns the vTPM's group.
     pub fn authorize(&self, socket_uuid: Uuid, peer_pid: Option<u32>, claimed: Uuid) -> Result<Uuid, Failure> {
         if claimed != socket_uuid {
-            warn!(socket = %socket_uuid, claimed = %claimed, pid = ?peer_pid, "refused a vTPM request: caller claimed another vTPM's UUID");
+            guest_warn!(socket = %socket_uuid, claimed = %claimed, pid = ?peer_pid, "refused a vTPM request: caller claimed another vTPM's UUID");
             return Err(Failure::new(ErrorCode::Refused, format!("this socket serves vTPM {socket_uuid}, not {claimed}")));
         }
         let Some(entry) = self.store.vtpm(&socket_uuid) else {
@@ -225,7 +226,7 @@ impl Manager {
             return Err(Failure::new(ErrorCode::NotAttached, format!("no process is attached to vTPM {socket_uuid} yet (xl-vtpm attaches it after spawning)")));
         };
         if peer_pid != Some(expected) {
-            warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected, "refused a vTPM request: caller is not the attached process");
+            guest_warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected, "refused a vTPM request: caller is not the attached process");
             return Err(Failure::new(ErrorCode::Refused, format!("process {peer_pid:?} is not the process attached to vTPM {socket_uuid}")));
         }
         if self.master.is_none() {
@@ -241,7 +242,7 @@ impl Manager {
     /// believes it is `claimed`, is that vTPM's domain. Returns the vTPM's group.
     pub fn authorize_domain(&self, backend_uuid: Uuid, frontend_domid: u32, claimed: Uuid) -> Result<Uuid, Failure> {
         if claimed != backend_uuid {
-            warn!(backend_uuid = %backend_uuid, claimed = %claimed, domid = frontend_domid, "refused: vTPM domain claimed another vTPM's UUID");
+            guest_warn!(backend_uuid = %backend_uuid, claimed = %claimed, domid = frontend_domid, "refused: vTPM domain claimed another vTPM's UUID");
             return Err(Failure::new(ErrorCode::Refused, format!("this link serves vTPM {backend_uuid}, not {claimed}")));
         }
         let Some(entry) = self.store.vtpm(&backend_uuid) else {
@@ -251,7 +252,7 @@ impl Manager {
             return Err(Failure::new(ErrorCode::NotAttached, format!("no domain is attached to vTPM {backend_uuid} yet (xl-vtpm attaches the vTPM domain after creating it)")));
         };
         if frontend_domid != expected {
-            warn!(vtpm = %backend_uuid, domid = frontend_domid, expected, "refused: frontend domain is not the domain attached to this vTPM");
+            guest_warn!(vtpm = %backend_uuid, domid = frontend_domid, expected, "refused: frontend domain is not the domain attached to this vTPM");
             return Err(Failure::new(ErrorCode::Refused, format!("domain {frontend_domid} is not the domain attached to vTPM {backend_uuid}")));
         }
         if self.master.is_none() {
@@ -270,7 +271,7 @@ impl Manager {
         match self.authorize_domain(backend_uuid, frontend_domid, claimed) {
             Ok(group) => match self.derive_key(&backend_uuid) {
                 Some(key) => {
-                    info!(vtpm = %backend_uuid, domid = frontend_domid, "released state key over tpmif");
+                    guest_info!(vtpm = %backend_uuid, domid = frontend_domid, "released state key over tpmif");
                     VtpmReply::StateKey { key: SecretBytes(key), group }
                 }
                 None => VtpmReply::Error(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned")),
@@ -322,7 +323,7 @@ impl Manager {
         if let Some(b) = &entry.ek
             && b.ek_sha256 != ek_sha256
         {
-            warn!(vtpm = %vtpm, "refused EK certificate: this vTPM identity was certified for another EK");
+            guest_warn!(vtpm = %vtpm, "refused EK certificate: this vTPM identity was certified for another EK");
             return Err(Failure::new(
                 ErrorCode::Refused,
                 format!(
@@ -342,7 +343,7 @@ impl Manager {
             }
             self.commit(next).map_err(into_failure)?;
         }
-        info!(vtpm = %vtpm, group = %group, serial = %serial, ek = %ek.ek_type(), "issued an EK certificate");
+        guest_info!(vtpm = %vtpm, group = %group, serial = %serial, ek = %ek.ek_type(), "issued an EK certificate");
         Ok(cert)
     }
 
@@ -350,7 +351,7 @@ impl Manager {
         match group.and_then(|g| self.issue_ek_cert(vtpm, g, ek_public, tpm)) {
             Ok(cert) => VtpmReply::EkCert { cert: hex::encode(cert) },
             Err(f) => {
-                warn!(vtpm = %vtpm, code = ?f.code, error = %f.message, "EK certificate not issued");
+                guest_warn!(vtpm = %vtpm, code = ?f.code, error = %f.message, "EK certificate not issued");
                 VtpmReply::Error(f)
             }
         }
@@ -384,7 +385,7 @@ impl Manager {
         match self.authorize(socket_uuid, peer_pid, claimed) {
             Ok(group) => match self.derive_key(&socket_uuid) {
                 Some(key) => {
-                    info!(vtpm = %socket_uuid, pid = ?peer_pid, "released state key");
+                    guest_info!(vtpm = %socket_uuid, pid = ?peer_pid, "released state key");
                     VtpmReply::StateKey { key: SecretBytes(key), group }
                 }
                 None => VtpmReply::Error(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned")),

@@ -44,6 +44,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
+use xvtpm_log::{guest_info, guest_warn};
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
 use xen_platform::frontend::ReplyChunker;
@@ -167,10 +168,10 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
                 }
                 Woke::Guest(Ok(key)) => self.on_guest(key),
                 Woke::Guest(Err((key, e))) => {
-                    warn!(device = %key, error = %e, "vTPM domain event channel error")
+                    guest_warn!(device = %key, error = %e, "vTPM domain event channel error")
                 }
                 Woke::Ready(Some(Ok((key, request, reply)))) => self.on_ready(key, request, reply),
-                Woke::Ready(Some(Err(e))) => warn!(error = %e, "deep-quote waiter failed"),
+                Woke::Ready(Some(Err(e))) => guest_warn!(error = %e, "deep-quote waiter failed"),
                 Woke::Ready(None) => {}
                 Woke::Recheck(poked) => {
                     if poked || self.backend.refused().next().is_some() {
@@ -276,7 +277,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             chunker.start(frame)
         };
         if let Err(e) = self.backend.service(key, &mut handler) {
-            warn!(device = %key, error = %e, "notifying the vTPM domain failed");
+            guest_warn!(device = %key, error = %e, "notifying the vTPM domain failed");
         }
     }
 }
@@ -351,13 +352,13 @@ fn submit_deep_quote(
 
 fn log_event(ev: &BackendEvent) {
     match ev {
-        BackendEvent::Refused { key, uuid } => warn!(
+        BackendEvent::Refused { key, uuid } => guest_warn!(
             device = %key,
             vtpm = %uuid,
             domid = key.frontend.get(),
             "refused a tpmif link: the frontend domain is not the domain attached to this vTPM (or the vTPM is unknown); attach it with VtpmAttachDomain"
         ),
-        BackendEvent::Error { .. } => warn!(event = ?ev, "tpmif device error"),
-        other => info!(event = ?other, "Xen manager link"),
+        BackendEvent::Error { .. } => guest_warn!(event = ?ev, "tpmif device error"),
+        other => guest_info!(event = ?other, "Xen manager link"),
     }
 }

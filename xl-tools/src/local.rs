@@ -3,8 +3,15 @@
 //!
 //! Layout:
 //! - `<state-dir>/vtpms/<uuid>/state.xvts` — the sealed state (vtpm-domain writes it);
-//! - `<state-dir>/vtpms/<uuid>/vtpm.log` — its log (never holds key material or command bytes);
-//! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports).
+//! - `<state-dir>/vtpms/<uuid>/vtpm.log` — its log (never holds key material or command
+//!   bytes), kept with one predecessor `vtpm.log.1`, each at most 1 MiB;
+//! - `<state-dir>/vtpms/<uuid>/access.json` — how it is reached (listeners, consumer),
+//!   recorded at create and reused by every start;
+//! - `<run-dir>/vtpms/<uuid>/tpm.sock`, `tpm.sock.ctrl` — its data and control sockets
+//!   (the default listeners): the directory is mode 0700 and owned by the consumer (root
+//!   if none), under `<run-dir>/vtpms` which only root may write; the sockets are mode
+//!   0600 and the vTPM accepts only root and the consumer (`SO_PEERCRED`);
+//! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports, sockets).
 //!
 //! Every step that can fail after the manager created an identity is rolled
 //! back, so a failed `create` leaves no identity, no state and no process.
@@ -47,7 +54,28 @@ pub struct Runtime {
     pub listen: Vec<String>,
     /// Its log file.
     pub log: PathBuf,
+    /// Data-channel Unix socket (the control socket is the same path + `.ctrl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// The uid allowed besides root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_uid: Option<u32>,
 }
+
+/// How a vTPM is reached, recorded at create and reused by `start`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Access {
+    /// Listener specs given at create; empty means the default Unix sockets.
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// The uid that uses the vTPM (e.g. QEMU's), besides root.
+    #[serde(default)]
+    pub consumer_uid: Option<u32>,
+}
+
+/// Name of the data socket in a vTPM's socket directory; the control socket is
+/// `tpm.sock.ctrl`, the pair the tpm2-tss `swtpm:path=` TCTI expects.
+pub const DATA_SOCKET: &str = "tpm.sock";
 
 /// Options of a new vTPM.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +84,8 @@ pub struct CreateOpts {
     pub tpm12: bool,
     /// An ECC P-256 endorsement key instead of RSA-2048.
     pub ek_ecc: bool,
+    /// The uid that may use the vTPM besides root.
+    pub consumer_uid: Option<u32>,
 }
 
 /// One row of `vtpm list`.
@@ -70,7 +100,7 @@ pub struct Row {
     pub runtime: Option<Runtime>,
     /// The state file.
     pub state_file: PathBuf,
-    /// The swtpm TCTI string for tpm2-tools, when on TCP.
+    /// The swtpm TCTI string for tpm2-tools (`swtpm:path=…` or `swtpm:host=…,port=…`).
     pub tcti: Option<String>,
     /// Domain mode: the vTPM domain's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,6 +127,63 @@ impl Local {
     fn runtime_file(&self, uuid: &Uuid) -> PathBuf {
         self.run_dir.join("vtpms").join(format!("{uuid}.json"))
     }
+    fn access_file(&self, uuid: &Uuid) -> PathBuf {
+        self.vtpm_dir(uuid).join("access.json")
+    }
+    /// The directory of a vTPM's default Unix sockets.
+    pub fn socket_dir(&self, uuid: &Uuid) -> PathBuf {
+        self.run_dir.join("vtpms").join(uuid.to_string())
+    }
+
+    /// The access recorded at create (the defaults for a vTPM made before it was recorded).
+    pub fn access(&self, uuid: &Uuid) -> Access {
+        fs::read(self.access_file(uuid)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Makes `<run-dir>/vtpms/<uuid>/` for the default sockets: mode 0700, owned by the
+    /// consumer (or root), in a parent only root can write.
+    fn prepare_socket_dir(&self, uuid: &Uuid, consumer: Option<u32>) -> Result<PathBuf, CliError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        let fail = |what: &Path, e: std::io::Error| CliError::new(FAILURE, format!("{}: {e}", what.display()));
+        let vtpms = self.run_dir.join("vtpms");
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(&vtpms).map_err(|e| fail(&vtpms, e))?;
+        let me = nix::unistd::geteuid().as_raw();
+        for d in [&self.run_dir, &vtpms] {
+            let m = fs::symlink_metadata(d).map_err(|e| fail(d, e))?;
+            if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+                return Err(CliError::new(
+                    FAILURE,
+                    format!(
+                        "{} must be a directory owned by uid {me} that no one else may write (it is uid {}, mode {:o}): \
+                         vTPM sockets live under it; fix its owner and mode",
+                        d.display(),
+                        m.uid(),
+                        m.mode() & 0o7777
+                    ),
+                ));
+            }
+        }
+        let dir = self.socket_dir(uuid);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(CliError::new(FAILURE, format!("{} is not a directory; remove it", dir.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| fail(&dir, e))?
+            }
+            Err(e) => return Err(fail(&dir, e)),
+        }
+        std::os::unix::fs::chown(&dir, Some(consumer.unwrap_or(me)), None).map_err(|e| fail(&dir, e))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| fail(&dir, e))?;
+        // sun_path holds 107 bytes; the control socket's is the longest.
+        let longest = dir.join(format!("{DATA_SOCKET}.ctrl"));
+        if longest.as_os_str().len() > 107 {
+            return Err(CliError::new(
+                FAILURE,
+                format!("{} is too long for a Unix socket (max 107 bytes); use a shorter --run-dir", longest.display()),
+            ));
+        }
+        Ok(dir)
+    }
 
     /// The runtime record of a vTPM whose process is alive.
     pub fn runtime(&self, uuid: &Uuid) -> Option<Runtime> {
@@ -114,49 +201,85 @@ impl Local {
 
     /// Creates a vTPM identity in the manager and starts its process, which
     /// manufactures the TPM (EK included) and writes its first sealed state.
+    ///
+    /// `listen` empty: the default Unix sockets (see the module docs). `listen` and the
+    /// consumer are recorded and reused by [`Local::start`].
     pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], opts: &CreateOpts) -> Result<Runtime, CliError> {
+        check_listen(listen)?;
         let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid })? {
             AdminReply::Vtpm(v) => v,
             other => return Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
         };
-        match self.spawn(admin, &info, listen, Some(opts)) {
+        let access = Access { listen: listen.to_vec(), consumer_uid: opts.consumer_uid };
+        let made = self.record_access(&info.uuid, &access).and_then(|()| self.spawn(admin, &info, &access, Some(opts)));
+        match made {
             Ok(rt) => Ok(rt),
             Err(e) => {
                 // Roll back: no identity, no state, no process.
                 let _ = admin.call(&AdminRequest::VtpmDetach { uuid: info.uuid });
                 let _ = admin.call(&AdminRequest::VtpmDel { uuid: info.uuid });
                 let _ = fs::remove_dir_all(self.vtpm_dir(&info.uuid));
+                let _ = fs::remove_dir_all(self.socket_dir(&info.uuid));
                 Err(e)
             }
         }
     }
 
-    /// Starts the process of an existing vTPM.
+    fn record_access(&self, uuid: &Uuid, access: &Access) -> Result<(), CliError> {
+        let dir = self.vtpm_dir(uuid);
+        fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
+        let bytes = serde_json::to_vec_pretty(access).expect("serialisable");
+        xvtpm_fsutil::write_atomic(&self.access_file(uuid), &bytes, 0o600)
+            .map_err(|e| CliError::new(FAILURE, format!("writing {}: {e}", self.access_file(uuid).display())))
+    }
+
+    /// Starts the process of an existing vTPM, reachable as recorded at create
+    /// (`listen`, if not empty, replaces the recorded listeners for this run).
     pub fn start(&self, admin: &mut Admin, uuid: &Uuid, listen: &[String]) -> Result<Runtime, CliError> {
         let info = self.find(admin, uuid)?;
         if let Some(rt) = self.runtime(uuid) {
             return Err(CliError::new(REFUSED, format!("vTPM {uuid} is already running as process {}", rt.pid)));
         }
-        self.spawn(admin, &info, listen, None)
+        check_listen(listen)?;
+        let mut access = self.access(uuid);
+        if !listen.is_empty() {
+            access.listen = listen.to_vec();
+        }
+        self.spawn(admin, &info, &access, None)
     }
 
-    fn spawn(&self, admin: &mut Admin, info: &VtpmInfo, listen: &[String], create: Option<&CreateOpts>) -> Result<Runtime, CliError> {
+    fn spawn(&self, admin: &mut Admin, info: &VtpmInfo, access: &Access, create: Option<&CreateOpts>) -> Result<Runtime, CliError> {
         let uuid = info.uuid;
         let dir = self.vtpm_dir(&uuid);
         fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
         fs::create_dir_all(self.run_dir.join("vtpms")).map_err(|e| CliError::new(FAILURE, format!("creating run dir: {e}")))?;
+        let (listen, socket) = if access.listen.is_empty() {
+            let data = self.prepare_socket_dir(&uuid, access.consumer_uid)?.join(DATA_SOCKET);
+            let ctrl = format!("{}.ctrl", data.display());
+            (vec![format!("data:{}", data.display()), format!("ctrl:{ctrl}")], Some(data))
+        } else {
+            let data = access.listen.iter().find_map(|l| l.strip_prefix("data:")).map(PathBuf::from);
+            (access.listen.clone(), data)
+        };
         let log = dir.join("vtpm.log");
+        // Until vtpm-domain opens its capped log (--log-file), early errors go here too.
+        use std::os::unix::fs::OpenOptionsExt;
         let log_file = fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&log)
             .map_err(|e| CliError::new(FAILURE, format!("opening {}: {e}", log.display())))?;
         let mut cmd = Command::new(&self.vtpm_domain);
         cmd.arg("--uuid").arg(uuid.to_string());
         cmd.arg("--state").arg(self.state_file(&uuid));
         cmd.arg("--mgr-socket").arg(&info.socket);
-        for l in listen {
+        cmd.arg("--log-file").arg(&log);
+        for l in &listen {
             cmd.arg("--listen").arg(l);
+        }
+        if let Some(uid) = access.consumer_uid {
+            cmd.arg("--consumer-uid").arg(uid.to_string());
         }
         if let Some(o) = create {
             cmd.arg("--create");
@@ -208,7 +331,7 @@ impl Local {
             ));
         };
         let tcp_ports: Vec<(u16, u16)> = serde_json::from_value(ready["tcp_ports"].clone()).unwrap_or_default();
-        let rt = Runtime { uuid, pid, tcp_ports, listen: listen.to_vec(), log };
+        let rt = Runtime { uuid, pid, tcp_ports, listen, log, socket, consumer_uid: access.consumer_uid };
         let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
         xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o644)
             .map_err(|e| CliError::new(FAILURE, format!("writing runtime record: {e}")))?;
@@ -239,6 +362,7 @@ impl Local {
             None => false,
         };
         let _ = fs::remove_file(self.runtime_file(uuid));
+        let _ = fs::remove_dir_all(self.socket_dir(uuid));
         admin.call(&AdminRequest::VtpmDetach { uuid: *uuid })?;
         Ok(was)
     }
@@ -270,10 +394,11 @@ impl Local {
 
     fn row(&self, info: VtpmInfo) -> Row {
         let runtime = self.runtime(&info.uuid);
-        let tcti = runtime
-            .as_ref()
-            .and_then(|r| r.tcp_ports.first())
-            .map(|(d, _)| format!("swtpm:host=127.0.0.1,port={d}"));
+        let tcti = runtime.as_ref().and_then(|r| match (r.tcp_ports.first(), &r.socket) {
+            (Some((d, _)), _) => Some(format!("swtpm:host=127.0.0.1,port={d}")),
+            (None, Some(p)) => Some(format!("swtpm:path={}", p.display())),
+            (None, None) => None,
+        });
         Row {
             state: if runtime.is_some() { "running" } else { "stopped" }.into(),
             state_file: self.state_file(&info.uuid),
@@ -296,6 +421,37 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// Parses a UUID argument, naming the argument on error.
 pub fn parse_uuid(arg: &str, what: &str) -> Result<Uuid, CliError> {
     Uuid::parse_str(arg).map_err(|e| CliError::new(crate::exit::USAGE, format!("{what} {arg:?} is not a UUID ({e}); see `xl-vtpm vtpm list`")))
+}
+
+/// TCP listeners must be on loopback: the vTPM maps each connection to the local uid
+/// that made it, which a remote peer does not have. (vtpm-domain checks every spec.)
+fn check_listen(listen: &[String]) -> Result<(), CliError> {
+    for l in listen {
+        if let Some(addr) = l.strip_prefix("tcp:") {
+            match addr.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                _ => {
+                    return Err(CliError::new(
+                        crate::exit::USAGE,
+                        format!("--listen {l:?}: TCP listeners must be on a loopback address (tcp:127.0.0.1:PORT or tcp:[::1]:PORT)"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A user name or numeric uid (`--consumer`).
+pub fn parse_user(arg: &str) -> Result<u32, CliError> {
+    if let Ok(uid) = arg.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(arg) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(CliError::new(crate::exit::USAGE, format!("--consumer {arg:?}: no such user (give a user name or a numeric uid)"))),
+        Err(e) => Err(CliError::new(FAILURE, format!("--consumer {arg:?}: looking up the user: {e}"))),
+    }
 }
 
 /// Errors for a missing vTPM.

@@ -276,9 +276,17 @@ enum VtpmCmd {
         /// Use this UUID (e.g. the one in a guest's vtpm= line).
         #[arg(long)]
         uuid: Option<String>,
-        /// Listener: tcp:HOST:PORT (data PORT, control PORT+1; 0 picks), data:PATH, ctrl:PATH.
-        #[arg(long, default_value = "tcp:127.0.0.1:0")]
+        /// Listener (repeatable; recorded for `vtpm start`). Default: Unix sockets
+        /// <run-dir>/vtpms/<uuid>/tpm.sock and tpm.sock.ctrl (TCTI swtpm:path=…, QEMU's
+        /// chardev path=…ctrl). tcp:127.0.0.1:PORT (data PORT, control PORT+1; 0 picks) for
+        /// clients that speak TCP only; data:PATH, ctrl:PATH; xen:DIR.
+        #[arg(long)]
         listen: Vec<String>,
+        /// The user that uses this vTPM besides root (e.g. the QEMU user): name or uid.
+        /// Its sockets are made theirs; connections from any other uid are refused.
+        /// Recorded for `vtpm start`.
+        #[arg(long)]
+        consumer: Option<String>,
         /// A TPM 1.2 instead of TPM 2.0.
         #[arg(long)]
         tpm12: bool,
@@ -299,8 +307,8 @@ enum VtpmCmd {
     Start {
         /// vTPM UUID.
         uuid: String,
-        /// Listener(s), as for create.
-        #[arg(long, default_value = "tcp:127.0.0.1:0")]
+        /// Listener(s) for this run, as for create (default: those recorded at create).
+        #[arg(long)]
         listen: Vec<String>,
         /// Seconds to wait for a vTPM domain to be ready.
         #[arg(long, default_value_t = 120)]
@@ -461,6 +469,24 @@ fn vtpm_domain_path(explicit: Option<PathBuf>) -> PathBuf {
             return sibling;
         }
     PathBuf::from("vtpm-domain")
+}
+
+/// How to reach a local vTPM: the TCTI for tpm2-tools and, on Unix sockets, QEMU's options.
+fn print_endpoints(row: &Row) {
+    if let Some(t) = &row.tcti {
+        println!("TPM2TOOLS_TCTI={t}");
+    }
+    if let Some(sock) = row.runtime.as_ref().and_then(|r| r.socket.as_ref()) {
+        let who = match row.runtime.as_ref().and_then(|r| r.consumer_uid) {
+            Some(uid) => format!("root and uid {uid}"),
+            None => "root only (see --consumer)".into(),
+        };
+        println!("usable by: {who}");
+        println!(
+            "QEMU: -chardev socket,id=chrtpm,path={}.ctrl -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0",
+            sock.display()
+        );
+    }
 }
 
 fn run(args: Args) -> Result<(), CliError> {
@@ -647,7 +673,7 @@ fn run(args: Args) -> Result<(), CliError> {
             confirm(yes, &format!("Delete group {group:?} and its attestation key"))?;
             admin.call(&AdminRequest::GroupDel { group })?;
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } }) => {
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen: _, consumer: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } }) => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let mut create_args = vec!["--ek".to_string(), ek];
             if tpm12 {
@@ -662,17 +688,16 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("guest config: vtpm = [ \"backend={},uuid={}\" ]", rt.name, rt.uuid);
             }
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, tpm12, ek, dom: _ }) => {
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, consumer, tpm12, ek, dom: _ }) => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
-            let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc" })?;
+            let consumer_uid = consumer.as_deref().map(local::parse_user).transpose()?;
+            let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc", consumer_uid })?;
             let row = local.show(&mut admin, &rt.uuid)?;
             if json {
                 print_json(&row);
             } else {
                 println!("created vTPM {} (pid {})", rt.uuid, rt.pid);
-                if let Some(t) = &row.tcti {
-                    println!("TPM2TOOLS_TCTI={t}");
-                }
+                print_endpoints(&row);
             }
         }
         Cmd::Vtpm(VtpmCmd::List) => print_rows(&with_domains(&domains, local.list(&mut admin)?), json),
@@ -699,9 +724,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 print_json(&row);
             } else {
                 println!("started vTPM {} (pid {})", rt.uuid, rt.pid);
-                if let Some(t) = &row.tcti {
-                    println!("TPM2TOOLS_TCTI={t}");
-                }
+                print_endpoints(&row);
             }
         }
         Cmd::Vtpm(VtpmCmd::Stop { uuid }) => {

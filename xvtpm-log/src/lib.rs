@@ -1,0 +1,241 @@
+//! Logging a peer cannot turn against the host.
+//!
+//! Guests, vTPM processes and local users can make our daemons log as fast as they
+//! can send. Two things keep that bounded, and every crate uses the same ones:
+//!
+//! - **Rate limits per call site.** Every log line a peer can trigger goes through
+//!   [`guest_warn!`], [`guest_info!`] or [`guest_error!`]: a burst of [`BURST`] lines
+//!   per [`WINDOW_SECS`] per call site, then only a count of what was suppressed
+//!   (reported as `suppressed=N` on the next line that gets through).
+//! - **A size-capped log file.** [`CappedLog`] keeps a log file and one predecessor
+//!   (`<file>.1`) each at most a given size, so a log never fills the file system
+//!   that also holds sealed state.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+#[doc(hidden)]
+pub use tracing as __tracing;
+
+/// Lines allowed per window and call site.
+pub const BURST: u64 = 5;
+/// Window length in seconds.
+pub const WINDOW_SECS: u64 = 10;
+
+/// Seconds since the first use in this process (monotonic: a clock step does not
+/// reopen or freeze a window).
+fn now_secs() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_secs()
+}
+
+/// One limiter per call site; `const`-constructible for use in statics.
+pub struct RateLimiter {
+    /// (window number << 20) | lines logged in this window (saturating at 2^20 - 1).
+    state: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimiter {
+    /// A fresh limiter.
+    pub const fn new() -> Self {
+        RateLimiter { state: AtomicU64::new(u64::MAX), suppressed: AtomicU64::new(0) }
+    }
+
+    /// Returns `Some(suppressed_since_last)` if a line may be logged now.
+    pub fn check(&self) -> Option<u64> {
+        self.check_at(now_secs())
+    }
+
+    fn check_at(&self, now_secs: u64) -> Option<u64> {
+        let window = now_secs / WINDOW_SECS;
+        let cur = self.state.load(Ordering::Relaxed);
+        let (w, n) = (cur >> 20, cur & 0xFFFFF);
+        let (next, allowed) = if w != window { ((window << 20) | 1, true) } else { ((w << 20) | (n + 1).min(0xFFFFF), n < BURST) };
+        // A lost race only miscounts one line; that is acceptable for logs.
+        self.state.store(next, Ordering::Relaxed);
+        if allowed {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `guest_warn!(field = value, .., "message")`: a `tracing::warn!` rate-limited per
+/// call site. For every line a guest, a vTPM or a local peer can trigger.
+#[macro_export]
+macro_rules! guest_warn {
+    ($($arg:tt)+) => { $crate::__limited!(warn, $($arg)+) };
+}
+
+/// As [`guest_warn!`], at `info` level.
+#[macro_export]
+macro_rules! guest_info {
+    ($($arg:tt)+) => { $crate::__limited!(info, $($arg)+) };
+}
+
+/// As [`guest_warn!`], at `error` level.
+#[macro_export]
+macro_rules! guest_error {
+    ($($arg:tt)+) => { $crate::__limited!(error, $($arg)+) };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __limited {
+    ($level:ident, $($arg:tt)+) => {{
+        static LIMIT: $crate::RateLimiter = $crate::RateLimiter::new();
+        if let Some(suppressed) = LIMIT.check() {
+            $crate::__tracing::$level!(suppressed, $($arg)+);
+        }
+    }};
+}
+
+/// Default cap of one log file: the current file and its predecessor together stay
+/// under twice this.
+pub const LOG_MAX_BYTES: u64 = 1 << 20;
+
+/// A log file of bounded size: when the next record would take it past `max` bytes it is
+/// renamed to `<file>.1` (replacing the previous one) and a new file is started.
+pub struct CappedLog {
+    state: Mutex<LogState>,
+}
+
+struct LogState {
+    path: PathBuf,
+    file: File,
+    written: u64,
+    max: u64,
+    follow_stderr: bool,
+}
+
+fn open_log(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path)
+}
+
+impl CappedLog {
+    /// Appends to `path` (created mode 0600). With `follow_stderr`, file descriptor 2
+    /// is pointed at the current file too (now and after every rotation), so panics
+    /// and fatal errors written to stderr land in the same capped file.
+    pub fn open(path: &Path, max: u64, follow_stderr: bool) -> io::Result<Arc<CappedLog>> {
+        let file = open_log(path)?;
+        let written = file.metadata()?.len();
+        let st = LogState { path: path.to_path_buf(), file, written, max: max.max(1024), follow_stderr };
+        if follow_stderr {
+            st.point_stderr()?;
+        }
+        Ok(Arc::new(CappedLog { state: Mutex::new(st) }))
+    }
+
+    /// A writer for `tracing_subscriber::fmt().with_writer(move || log.writer())`.
+    pub fn writer(self: &Arc<Self>) -> LogWriter {
+        LogWriter(self.clone())
+    }
+}
+
+impl LogState {
+    fn point_stderr(&self) -> io::Result<()> {
+        nix::unistd::dup2(self.file.as_raw_fd(), 2).map(|_| ()).map_err(io::Error::from)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&self.path, &old)?;
+        self.file = open_log(&self.path)?;
+        self.written = 0;
+        if self.follow_stderr {
+            self.point_stderr()?;
+        }
+        Ok(())
+    }
+}
+
+/// One handle on a [`CappedLog`]; each `write` is one record.
+pub struct LogWriter(Arc<CappedLog>);
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut st = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Bytes written to fd 2 directly (not through us) also count.
+        if let Ok(m) = st.file.metadata() {
+            st.written = st.written.max(m.len());
+        }
+        if st.written > 0 && st.written + buf.len() as u64 > st.max && st.rotate().is_err() {
+            // Cannot rotate (e.g. the directory is read-only): drop the line rather than grow.
+            return Ok(buf.len());
+        }
+        let take = buf.len().min((st.max - st.written.min(st.max)) as usize);
+        st.file.write_all(&buf[..take])?;
+        st.written += take as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bursts_then_suppresses_then_reports_the_count() {
+        let l = RateLimiter::new();
+        let allowed: Vec<Option<u64>> = (0..100).map(|_| l.check_at(7)).collect();
+        assert_eq!(allowed.iter().filter(|a| a.is_some()).count() as u64, BURST);
+        assert_eq!(allowed[0], Some(0));
+        // The next window lets a line through and reports what was suppressed.
+        assert_eq!(l.check_at(7 + WINDOW_SECS), Some(100 - BURST));
+        assert_eq!(l.check_at(7 + WINDOW_SECS), Some(0));
+    }
+
+    #[test]
+    fn the_macros_limit_per_call_site() {
+        for _ in 0..1000 {
+            guest_warn!(n = 1, "a");
+            guest_info!("b");
+            guest_error!(error = %"x", "c");
+        }
+    }
+
+    #[test]
+    fn capped_log_rotates_and_never_exceeds_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vtpm.log");
+        std::fs::write(&path, vec![b'x'; 3000]).unwrap();
+        let log = CappedLog::open(&path, 4096, false).unwrap();
+        let mut w = log.writer();
+        let line = [b'y'; 100];
+        for _ in 0..10_000 {
+            w.write_all(&line).unwrap();
+            let cur = std::fs::metadata(&path).unwrap().len();
+            assert!(cur <= 4096, "current log {cur} bytes");
+        }
+        let old = std::fs::metadata(dir.path().join("vtpm.log.1")).unwrap().len();
+        assert!(old <= 4096 && old > 4096 - 100, "previous log {old} bytes");
+        // Only the two files exist: nothing else accumulates.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A record larger than the cap is cut, not written whole.
+        w.write_all(&vec![b'z'; 10_000]).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() <= 4096);
+    }
+}
