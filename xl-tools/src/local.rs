@@ -47,6 +47,20 @@ pub struct Runtime {
     pub listen: Vec<String>,
     /// Its log file.
     pub log: PathBuf,
+    /// The process's start time ([`xvtpm_fsutil::start_time`]): with `pid` it names the one
+    /// process this record is about, so a later process on a recycled pid is not taken for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
+}
+
+impl Runtime {
+    /// Whether the recorded process still runs (the same instance, not a holder of its recycled pid).
+    pub fn alive(&self) -> bool {
+        match self.start_time {
+            Some(t) => xvtpm_fsutil::instance_alive(self.pid, t),
+            None => pid_alive(self.pid),
+        }
+    }
 }
 
 /// Options of a new vTPM.
@@ -102,7 +116,7 @@ impl Local {
     pub fn runtime(&self, uuid: &Uuid) -> Option<Runtime> {
         let bytes = fs::read(self.runtime_file(uuid)).ok()?;
         let rt: Runtime = serde_json::from_slice(&bytes).ok()?;
-        pid_alive(rt.pid).then_some(rt)
+        rt.alive().then_some(rt)
     }
 
     fn find(&self, admin: &mut Admin, uuid: &Uuid) -> Result<VtpmInfo, CliError> {
@@ -146,9 +160,11 @@ impl Local {
         fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
         fs::create_dir_all(self.run_dir.join("vtpms")).map_err(|e| CliError::new(FAILURE, format!("creating run dir: {e}")))?;
         let log = dir.join("vtpm.log");
+        use std::os::unix::fs::OpenOptionsExt as _;
         let log_file = fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&log)
             .map_err(|e| CliError::new(FAILURE, format!("opening {}: {e}", log.display())))?;
         let mut cmd = Command::new(&self.vtpm_domain);
@@ -208,9 +224,10 @@ impl Local {
             ));
         };
         let tcp_ports: Vec<(u16, u16)> = serde_json::from_value(ready["tcp_ports"].clone()).unwrap_or_default();
-        let rt = Runtime { uuid, pid, tcp_ports, listen: listen.to_vec(), log };
+        // The child is not reaped yet, so its pid still names it.
+        let rt = Runtime { uuid, pid, tcp_ports, listen: listen.to_vec(), log, start_time: xvtpm_fsutil::start_time(pid) };
         let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
-        xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o644)
+        xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o600)
             .map_err(|e| CliError::new(FAILURE, format!("writing runtime record: {e}")))?;
         // The child keeps running after we exit; reap nothing.
         std::mem::forget(child);
@@ -228,10 +245,10 @@ impl Local {
                 let pid = Pid::from_raw(rt.pid as i32);
                 let _ = kill(pid, Signal::SIGTERM);
                 let deadline = Instant::now() + grace;
-                while pid_alive(rt.pid) && Instant::now() < deadline {
+                while rt.alive() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                if pid_alive(rt.pid) {
+                if rt.alive() {
                     let _ = kill(pid, Signal::SIGKILL);
                 }
                 true
