@@ -4,10 +4,15 @@
 //! Layout:
 //! - `<state-dir>/vtpms/<uuid>/state.xvts` — the sealed state (vtpm-domain writes it);
 //! - `<state-dir>/vtpms/<uuid>/vtpm.log` — its log (never holds key material or command bytes);
+//! - `<state-dir>/vtpms/<uuid>/creating` — present from before the manager makes the identity
+//!   until the vTPM has written its first state;
 //! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports).
 //!
 //! Every step that can fail after the manager created an identity is rolled
-//! back, so a failed `create` leaves no identity, no state and no process.
+//! back, so a failed `create` leaves no identity, no state and no process. If the rollback
+//! itself cannot happen (the manager or xl-vtpm was killed), the `creating` marker stays:
+//! `vtpm start` and `vtpm list` then report the identity as never completely created
+//! (`incomplete`), and `vtpm destroy` removes it.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -78,7 +83,7 @@ pub struct Row {
     /// Manager's record.
     #[serde(flatten)]
     pub info: VtpmInfo,
-    /// "running" or "stopped".
+    /// "running", "stopped", or "incomplete" (its creation was interrupted before its first state).
     pub state: String,
     /// Runtime record when running.
     pub runtime: Option<Runtime>,
@@ -108,6 +113,16 @@ impl Local {
     pub fn state_file(&self, uuid: &Uuid) -> PathBuf {
         self.vtpm_dir(uuid).join("state.xvts")
     }
+    /// The marker of a creation that has not finished (see the module docs).
+    fn creating_marker(&self, uuid: &Uuid) -> PathBuf {
+        self.vtpm_dir(uuid).join("creating")
+    }
+
+    /// Whether `uuid`'s creation was interrupted before its first state was written.
+    pub fn incomplete(&self, uuid: &Uuid) -> bool {
+        self.creating_marker(uuid).exists() && !self.state_file(uuid).exists()
+    }
+
     fn runtime_file(&self, uuid: &Uuid) -> PathBuf {
         self.run_dir.join("vtpms").join(format!("{uuid}.json"))
     }
@@ -129,18 +144,45 @@ impl Local {
     /// Creates a vTPM identity in the manager and starts its process, which
     /// manufactures the TPM (EK included) and writes its first sealed state.
     pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], opts: &CreateOpts) -> Result<Runtime, CliError> {
-        let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid })? {
-            AdminReply::Vtpm(v) => v,
-            other => return Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
+        let uuid = uuid.unwrap_or_else(Uuid::new_v4);
+        // The marker goes down before the identity exists, so no kill can leave an identity
+        // without it. An existing directory is another vTPM's (the manager refuses below).
+        let dir = self.vtpm_dir(&uuid);
+        let marked = !dir.exists();
+        if marked {
+            let marker = self.creating_marker(&uuid);
+            fs::create_dir_all(&dir)
+                .and_then(|()| xvtpm_fsutil::write_atomic(&marker, b"creation started; the vTPM has not written its first state yet\n", 0o600))
+                .map_err(|e| CliError::new(FAILURE, format!("writing {}: {e}", marker.display())))?;
+        }
+        let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid: Some(uuid) }) {
+            Ok(AdminReply::Vtpm(v)) => v,
+            other => {
+                // Without an answer the identity may exist: keep the marker for `vtpm destroy`.
+                if marked && !matches!(&other, Err(e) if e.code == crate::exit::NO_MANAGER) {
+                    let _ = fs::remove_dir_all(&dir);
+                }
+                return Err(other.err().unwrap_or_else(|| CliError::new(FAILURE, "unexpected reply to VtpmCreate")));
+            }
         };
         match self.spawn(admin, &info, listen, Some(opts)) {
-            Ok(rt) => Ok(rt),
+            Ok(rt) => {
+                let _ = fs::remove_file(self.creating_marker(&uuid));
+                Ok(rt)
+            }
             Err(e) => {
                 // Roll back: no identity, no state, no process.
-                let _ = admin.call(&AdminRequest::VtpmDetach { uuid: info.uuid });
-                let _ = admin.call(&AdminRequest::VtpmDel { uuid: info.uuid });
-                let _ = fs::remove_dir_all(self.vtpm_dir(&info.uuid));
-                Err(e)
+                let _ = admin.call(&AdminRequest::VtpmDetach { uuid });
+                match admin.call(&AdminRequest::VtpmDel { uuid }) {
+                    Ok(_) => {
+                        let _ = fs::remove_dir_all(&dir);
+                        Err(e)
+                    }
+                    Err(d) => Err(CliError::new(
+                        e.code,
+                        format!("{}\nThe half-made identity could not be removed ({}); remove it with `xl-vtpm vtpm destroy {uuid}`", e.message, d.message),
+                    )),
+                }
             }
         }
     }
@@ -151,7 +193,19 @@ impl Local {
         if let Some(rt) = self.runtime(uuid) {
             return Err(CliError::new(REFUSED, format!("vTPM {uuid} is already running as process {}", rt.pid)));
         }
-        self.spawn(admin, &info, listen, None)
+        if self.incomplete(uuid) {
+            return Err(CliError::new(
+                FAILURE,
+                format!(
+                    "vTPM {uuid} was never completely created: its creation was interrupted before it wrote its first state, so there is no state file to restore. \
+                     Remove it with `xl-vtpm vtpm destroy {uuid}` and create a new vTPM"
+                ),
+            ));
+        }
+        let rt = self.spawn(admin, &info, listen, None)?;
+        // Killed after its first state write: the creation did complete.
+        let _ = fs::remove_file(self.creating_marker(uuid));
+        Ok(rt)
     }
 
     fn spawn(&self, admin: &mut Admin, info: &VtpmInfo, listen: &[String], create: Option<&CreateOpts>) -> Result<Runtime, CliError> {
@@ -292,7 +346,12 @@ impl Local {
             .and_then(|r| r.tcp_ports.first())
             .map(|(d, _)| format!("swtpm:host=127.0.0.1,port={d}"));
         Row {
-            state: if runtime.is_some() { "running" } else { "stopped" }.into(),
+            state: match (&runtime, self.incomplete(&info.uuid)) {
+                (Some(_), _) => "running",
+                (None, true) => "incomplete",
+                (None, false) => "stopped",
+            }
+            .into(),
             state_file: self.state_file(&info.uuid),
             runtime,
             tcti,
