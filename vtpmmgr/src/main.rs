@@ -108,6 +108,12 @@ fn harden() {
     if let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
         eprintln!("vtpmmgr: warning: cannot disable core dumps (RLIMIT_CORE): {e}");
     }
+    // One listening socket per vTPM identity: use every descriptor the hard limit allows.
+    if let Ok((soft, hard)) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         eprintln!("vtpmmgr: warning: cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}");
     }

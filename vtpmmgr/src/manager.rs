@@ -467,6 +467,24 @@ impl Manager {
         }
     }
 
+    /// The vTPMs after `after` in UUID order, as many as fit in [`vtpm_proto::mgr::LIST_PAGE_BYTES`].
+    fn vtpm_page(&self, after: Option<Uuid>) -> AdminReply {
+        let mut rest: Vec<&VtpmEntry> = self.store.vtpms.iter().filter(|v| after.is_none_or(|a| v.uuid > a)).collect();
+        rest.sort_unstable_by_key(|v| v.uuid);
+        let (mut vtpms, mut bytes, mut next) = (Vec::new(), 0, None);
+        for v in rest {
+            let info = self.vtpm_info(v);
+            let n = serde_json::to_vec(&info).map(|b| b.len() + 1).unwrap_or(usize::MAX);
+            if !vtpms.is_empty() && bytes + n > vtpm_proto::mgr::LIST_PAGE_BYTES {
+                next = vtpms.last().map(|i: &VtpmInfo| i.uuid);
+                break;
+            }
+            bytes = bytes.saturating_add(n);
+            vtpms.push(info);
+        }
+        AdminReply::VtpmPage { vtpms, next }
+    }
+
     fn vtpm_info(&self, v: &VtpmEntry) -> VtpmInfo {
         VtpmInfo {
             uuid: v.uuid,
@@ -592,6 +610,7 @@ impl Manager {
                 AdminReply::Vtpm(self.vtpm_info(&v))
             }
             AdminRequest::VtpmList => AdminReply::Vtpms { vtpms: self.store.vtpms.iter().map(|v| self.vtpm_info(v)).collect() },
+            AdminRequest::VtpmListPage { after } => self.vtpm_page(after),
             AdminRequest::VtpmShow { uuid } => {
                 let v = self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
                 AdminReply::Vtpm(self.vtpm_info(v))

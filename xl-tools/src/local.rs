@@ -221,6 +221,8 @@ impl Local {
             .mode(0o600)
             .open(&log)
             .map_err(|e| CliError::new(FAILURE, format!("opening {}: {e}", log.display())))?;
+        // A log made by an older xl-vtpm may be wider.
+        let _ = log_file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600));
         let mut cmd = Command::new(&self.vtpm_domain);
         cmd.arg("--uuid").arg(uuid.to_string());
         cmd.arg("--state").arg(self.state_file(&uuid));
@@ -327,10 +329,7 @@ impl Local {
 
     /// All vTPMs with their runtime state.
     pub fn list(&self, admin: &mut Admin) -> Result<Vec<Row>, CliError> {
-        let vtpms = match admin.call(&AdminRequest::VtpmList)? {
-            AdminReply::Vtpms { vtpms } => vtpms,
-            other => return Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
-        };
+        let vtpms = admin.list_vtpms()?;
         Ok(vtpms.into_iter().map(|info| self.row(info)).collect())
     }
 
