@@ -70,7 +70,10 @@ pub fn start_time(pid: u32) -> Option<u64> {
 /// ([`pid_alive`]) and is still the process that started at `start`, not a later one that
 /// obtained the same pid.
 pub fn instance_alive(pid: u32, start: u64) -> bool {
-    pid_alive(pid) && start_time(pid) == Some(start)
+    // One read of /proc/PID/stat: state (not a zombie) and start time.
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Some((_, rest)) = stat.rsplit_once(") ") else { return false };
+    !rest.starts_with('Z') && rest.split_whitespace().nth(19).and_then(|t| t.parse().ok()) == Some(start)
 }
 
 #[cfg(test)]
