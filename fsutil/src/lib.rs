@@ -1,4 +1,4 @@
-//! Crash-safe file replacement.
+//! Crash-safe file replacement; process identity (pid + start time) from `/proc`.
 //!
 //! Both the vTPM's sealed state and the manager's store are replaced, never
 //! edited in place: write a temporary file in the same directory, fsync it,
@@ -57,6 +57,25 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// A process's start time (clock ticks since boot, `/proc/PID/stat` field 22): with the pid it
+/// names one process instance for good, so a recycled pid is not mistaken for an earlier process.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the parenthesised command name (which may itself contain ") ").
+    let rest = stat.rsplit_once(") ")?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the process instance `(pid, start)` (see [`start_time`]) is alive: `pid` is alive
+/// ([`pid_alive`]) and is still the process that started at `start`, not a later one that
+/// obtained the same pid.
+pub fn instance_alive(pid: u32, start: u64) -> bool {
+    // One read of /proc/PID/stat: state (not a zombie) and start time.
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Some((_, rest)) = stat.rsplit_once(") ") else { return false };
+    !rest.starts_with('Z') && rest.split_whitespace().nth(19).and_then(|t| t.parse().ok()) == Some(start)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +94,13 @@ mod tests {
         remove_stale_temps(&p);
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn own_instance_is_alive_and_another_start_time_is_not() {
+        let me = std::process::id();
+        let t = start_time(me).expect("own start time");
+        assert!(instance_alive(me, t));
+        assert!(!instance_alive(me, t + 1));
     }
 }

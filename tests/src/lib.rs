@@ -140,23 +140,8 @@ impl Stack {
     /// Starts `vtpmmgr serve`; waits until its admin socket answers.
     /// Returns false (and reaps it) if the manager exited instead.
     pub fn try_start_manager(&mut self) -> bool {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.mgr_log_path()).unwrap();
         let _ = std::fs::remove_file(self.run_dir().join("admin.sock"));
-        let mut child = Command::new(bin_path("vtpmmgr"))
-            .arg("--tcti")
-            .arg(self.mgr_tcti())
-            .arg("--state-dir")
-            .arg(self.state_dir().join("mgr"))
-            .arg("--run-dir")
-            .arg(self.run_dir())
-            .arg("serve")
-            .args(&self.opts.mgr_args)
-            .env("XVTPM_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn vtpmmgr");
+        let mut child = self.mgr_command().spawn().expect("spawn vtpmmgr");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -171,6 +156,38 @@ impl Stack {
         let _ = child.kill();
         let _ = child.wait();
         panic!("vtpmmgr did not come up in 20 s:\n{}", self.mgr_log());
+    }
+
+    /// The `vtpmmgr serve` command of this stack (its log appended to [`mgr_log`](Self::mgr_log)).
+    pub fn mgr_command(&self) -> Command {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.mgr_log_path()).unwrap();
+        let mut c = Command::new(bin_path("vtpmmgr"));
+        c.arg("--tcti")
+            .arg(self.mgr_tcti())
+            .arg("--state-dir")
+            .arg(self.state_dir().join("mgr"))
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("serve")
+            .args(&self.opts.mgr_args)
+            .env("XVTPM_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        c
+    }
+
+    /// The running manager's pid.
+    pub fn mgr_pid(&self) -> Option<u32> {
+        self.mgr.as_ref().map(|c| c.id())
+    }
+
+    /// Kills the manager with SIGKILL and reaps it.
+    pub fn kill9_manager(&mut self) {
+        if let Some(mut c) = self.mgr.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Starts the manager and asserts it came up.

@@ -75,13 +75,23 @@ fn an_older_store_is_refused_and_status_shows_the_counter() {
     assert!(!out.status.success(), "the destroyed vTPM is back");
     assert_eq!(status(&s)["store_counter"], after);
 
-    // A store that disappears altogether leaves an unprovisioned manager, which says that the
-    // TPM still holds an earlier provisioning's counter; provisioning again takes the next handle.
+    // A store that disappears altogether while its counter exists: the manager refuses to start
+    // (unprovisioned, it would abandon every vTPM) and names the counter and both fixes.
+    s.stop_manager();
+    let kept = std::fs::read(&store).unwrap();
+    std::fs::remove_file(&store).unwrap();
+    assert!(!s.try_start_manager(), "the manager started unprovisioned although its store counter exists");
+    let log = s.mgr_log();
+    assert!(log.contains("does not exist, but the physical TPM holds the rollback counter(s) 0x01805600"), "{log}");
+    assert!(log.contains("Put the newest copy of the store back") && log.contains("tpm2_nvundefine -C o"), "{log}");
+    // Putting it back is one fix; undefining the counter (giving every vTPM up) the other.
+    std::fs::write(&store, &kept).unwrap();
+    s.start_manager();
     s.stop_manager();
     std::fs::remove_file(&store).unwrap();
+    xvtpm_tests::tpm2(&s.swtpm.tcti(), &["tpm2_nvundefine", "-C", "o", "0x01805600"]);
     s.start_manager();
-    assert!(s.mgr_log().contains("store counters of an earlier provisioning"), "{}", s.mgr_log());
     let out = s.xl(&["mgr", "provision", "--yes", "--pcrs", "0-7"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(status(&s)["store_counter"]["nv_index"], 0x0180_5601);
+    assert_eq!(status(&s)["store_counter"]["nv_index"], 0x0180_5600);
 }

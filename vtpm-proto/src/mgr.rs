@@ -28,6 +28,10 @@ use zeroize::Zeroizing;
 /// thousands of vTPMs while bounding what a peer can make us allocate.
 pub const MAX_FRAME: usize = 1 << 20;
 
+/// Most bytes of vTPM records one [`AdminReply::VtpmPage`] carries (half a frame, so the page
+/// and its envelope always fit).
+pub const LIST_PAGE_BYTES: usize = MAX_FRAME / 2;
+
 /// Protocol version carried in [`VtpmRequest::Hello`].
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -334,8 +338,15 @@ pub enum AdminRequest {
         /// A chosen UUID (e.g. from an xl.cfg `vtpm=` line); `None` = random.
         uuid: Option<Uuid>,
     },
-    /// Lists vTPM identities.
+    /// Lists vTPM identities in one reply (fails beyond what one frame holds, a few thousand;
+    /// use [`AdminRequest::VtpmListPage`]).
     VtpmList,
+    /// One page of the vTPM identities, in UUID order, after `after` (`None`: from the first).
+    VtpmListPage {
+        /// The `next` of the previous page.
+        #[serde(default)]
+        after: Option<Uuid>,
+    },
     /// Shows one vTPM.
     VtpmShow {
         /// vTPM UUID.
@@ -391,6 +402,13 @@ pub enum AdminReply {
     Vtpms {
         /// The vTPMs.
         vtpms: Vec<VtpmInfo>,
+    },
+    /// One page of vTPMs (at most [`LIST_PAGE_BYTES`] of records).
+    VtpmPage {
+        /// The vTPMs, in UUID order.
+        vtpms: Vec<VtpmInfo>,
+        /// Pass as `after` for the next page; `None` on the last page.
+        next: Option<Uuid>,
     },
     /// Done, nothing to report.
     Ok,

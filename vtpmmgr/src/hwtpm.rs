@@ -546,10 +546,54 @@ impl Drop for HwTpm {
     }
 }
 
+/// Flushes every transient object (0x80xxxxxx), loaded session (0x02…) and saved session
+/// (0x03…) the TPM holds. Returns how many.
+fn flush_all(ctx: &mut Context) -> Result<usize> {
+    let mut n = 0;
+    for (first, want) in [(0x8000_0000u32, &[0x80u8][..]), (0x0200_0000, &[0x02, 0x03]), (0x0300_0000, &[0x02, 0x03])] {
+        let (data, _) = ctx
+            .execute_without_session(|ctx| ctx.get_capability(CapabilityType::Handles, first, 64))
+            .map_err(HwTpmError::tpm("GetCapability(handles)"))?;
+        let CapabilityData::Handles(list) = data else {
+            return Err(HwTpmError::Unexpected("GetCapability(handles) returned other data".into()));
+        };
+        for h in list.into_inner().into_iter().map(u32::from) {
+            if !want.contains(&((h >> 24) as u8)) {
+                continue;
+            }
+            let th = TpmHandle::try_from(h).map_err(|e| HwTpmError::Unexpected(format!("handle {h:#010x}: {e}")))?;
+            let tr = ctx.tr_from_tpm_public(th).map_err(HwTpmError::tpm("TR_FromTPMPublic(leftover handle)"))?;
+            ctx.flush_context(tr).map_err(HwTpmError::tpm("FlushContext(leftover handle)"))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 impl HwTpm {
     /// Connects via `tcti` (`device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=N`, …) and
     /// re-creates the SRK.
     pub fn open(tcti: &str) -> Result<Self> {
+        Self::open_inner(tcti, false).map(|(hw, _)| hw)
+    }
+
+    /// Whether `tcti` reaches the TPM through a resource manager (`/dev/tpmrm*`, tpm2-abrmd),
+    /// which gives each connection its own transient objects and sessions and flushes them
+    /// when the connection closes.
+    pub fn has_resource_manager(tcti: &str) -> bool {
+        tcti.contains("tpmrm") || tcti.starts_with("tabrmd")
+    }
+
+    /// [`open`](Self::open) for the manager, which owns the TPM: without a resource manager
+    /// (swtpm, `/dev/tpm0`) the transient objects and sessions a killed manager left behind
+    /// stay loaded until the TPM resets and fill its few slots, so every transient object and
+    /// every loaded or saved session is flushed first. Only the manager's instance lock
+    /// (`crate::instance`) makes this safe. Returns how many handles were flushed.
+    pub fn open_owned(tcti: &str) -> Result<(Self, usize)> {
+        Self::open_inner(tcti, !Self::has_resource_manager(tcti))
+    }
+
+    fn open_inner(tcti: &str, flush_leftovers: bool) -> Result<(Self, usize)> {
         let conf = TctiNameConf::from_str(tcti).map_err(|source| HwTpmError::Tcti {
             tcti: tcti.to_string(),
             source,
@@ -558,6 +602,7 @@ impl HwTpm {
             tcti: tcti.to_string(),
             source,
         })?;
+        let flushed = if flush_leftovers { flush_all(&mut ctx)? } else { 0 };
         let t = Instant::now();
         let srk = ctx
             .execute_with_session(Some(AuthSession::Password), |ctx| {
@@ -576,12 +621,15 @@ impl HwTpm {
             }
         };
         tracing::debug!(elapsed_ms = t.elapsed().as_millis() as u64, "SRK created");
-        Ok(HwTpm {
-            ctx,
-            srk,
-            srk_name,
-            tcti: tcti.to_string(),
-        })
+        Ok((
+            HwTpm {
+                ctx,
+                srk,
+                srk_name,
+                tcti: tcti.to_string(),
+            },
+            flushed,
+        ))
     }
 
     /// TCTI string this connection was opened with.

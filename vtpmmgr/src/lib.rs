@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod deepquote;
 pub mod ekca;
 pub mod hwtpm;
+pub mod instance;
 pub mod manager;
 pub mod rollback;
 pub mod store;
@@ -25,7 +26,7 @@ pub mod xenlink;
 pub fn reauthorize(cfg: &manager::Config, policy_key: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
     let key = zeroize::Zeroizing::new(std::fs::read(policy_key).with_context(|| format!("reading --policy-key {}", policy_key.display()))?);
-    let mut hw = hwtpm::HwTpm::open(&cfg.tcti).with_context(|| format!("opening the physical TPM at {}", cfg.tcti))?;
+    let (mut hw, _) = hwtpm::HwTpm::open_owned(&cfg.tcti).with_context(|| format!("opening the physical TPM at {}", cfg.tcti))?;
     let mut new = None;
     let opened = rollback::open(
         &mut hw,
@@ -54,7 +55,7 @@ pub fn reauthorize(cfg: &manager::Config, policy_key: &std::path::Path) -> anyho
 /// counter (a new one if needed) at the counter's next value. Returns what was done.
 pub fn accept_store(cfg: &manager::Config) -> anyhow::Result<String> {
     use anyhow::Context;
-    let mut hw = hwtpm::HwTpm::open(&cfg.tcti).with_context(|| format!("opening the physical TPM at {}", cfg.tcti))?;
+    let (mut hw, _) = hwtpm::HwTpm::open_owned(&cfg.tcti).with_context(|| format!("opening the physical TPM at {}", cfg.tcti))?;
     let opened = rollback::open(&mut hw, &cfg.store_path(), &mut |hw, rec| hw.unseal_master(rec), rollback::Mode::Accept)?;
     let Some(prot) = opened.protected else {
         anyhow::bail!("there is no provisioned manager store at {}; nothing to accept", cfg.store_path().display());

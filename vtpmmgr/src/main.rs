@@ -66,7 +66,17 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info,xenstore_rs=error".into()))
         .init();
+    harden();
     let mut cfg = Config { tcti: args.tcti, state_dir: args.state_dir, run_dir: args.run_dir, batch: Default::default() };
+    // Every command writes the store or the TPM: one manager at a time per directory pair,
+    // checked before anything is touched.
+    let _lock = match vtpmmgr::instance::acquire(&cfg.state_dir, &cfg.run_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vtpmmgr: error: {e}");
+            std::process::exit(1);
+        }
+    };
     let result = match args.cmd {
         Cmd::Serve { batch_max, no_batching, queue_max, xen } => {
             cfg.batch = BatchConfig { max_batch: if no_batching { 1 } else { batch_max.max(1) }, max_queue: queue_max.max(1) };
@@ -89,4 +99,22 @@ fn serve(cfg: Config, xen: Option<String>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(vtpmmgr::daemon::serve(mgr, xen))?;
     Ok(())
+}
+
+/// The manager holds the master secret and every vTPM's state key in memory: no core dump,
+/// and no ptrace or /proc/PID/mem access by anything but root with CAP_SYS_PTRACE.
+fn harden() {
+    use nix::sys::resource::{Resource, setrlimit};
+    if let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
+        eprintln!("vtpmmgr: warning: cannot disable core dumps (RLIMIT_CORE): {e}");
+    }
+    // One listening socket per vTPM identity: use every descriptor the hard limit allows.
+    if let Ok((soft, hard)) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("vtpmmgr: warning: cannot make the process non-dumpable (PR_SET_DUMPABLE): {e}");
+    }
 }

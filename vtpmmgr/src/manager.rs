@@ -111,9 +111,18 @@ pub enum OpenError {
     /// The store is not the newest, does not verify, or its counter is gone.
     #[error(transparent)]
     Rollback(crate::rollback::RollbackError),
-    /// The master secret does not unseal.
+    /// The master secret does not unseal: the host's PCRs are not the approved ones.
     #[error("cannot unseal the master secret: {0}. If the host was upgraded on purpose, authorise the new PCR values with `vtpmmgr reauthorize --policy-key <admin key>`; otherwise the host is not in its provisioned state")]
     Unseal(crate::hwtpm::HwTpmError),
+    /// Unsealing the master secret failed for another reason than the PCR policy (the error
+    /// names it; re-authorising PCR values would not help).
+    #[error("cannot unseal the master secret ({tcti}): {source}")]
+    UnsealTpm {
+        /// TCTI.
+        tcti: String,
+        /// Cause.
+        source: crate::hwtpm::HwTpmError,
+    },
 }
 
 /// The manager.
@@ -127,7 +136,7 @@ pub struct Manager {
     /// The store's file, keys and rollback counter (present once provisioned).
     protected: Option<Protected>,
     master: Option<MasterSecret>,
-    attached: HashMap<Uuid, u32>,
+    attached: HashMap<Uuid, Attachment>,
     /// vTPM → the Xen domain attached to it (`VtpmAttachDomain`).
     attached_domains: HashMap<Uuid, u32>,
     software_tpm: bool,
@@ -142,7 +151,22 @@ fn fail(code: ErrorCode, msg: impl Into<String>) -> AdminReply {
     AdminReply::Error(Failure::new(code, msg))
 }
 
-use xvtpm_fsutil::pid_alive;
+/// The one process instance attached to a vTPM: its pid and its start time, taken at attach.
+/// Checked on every request, so a process that later obtains the same pid is not the vTPM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attachment {
+    /// Process id.
+    pub pid: u32,
+    /// Start time (clock ticks since boot, [`xvtpm_fsutil::start_time`]).
+    pub start: u64,
+}
+
+impl Attachment {
+    /// Whether this process instance still runs.
+    pub fn alive(&self) -> bool {
+        xvtpm_fsutil::instance_alive(self.pid, self.start)
+    }
+}
 
 impl Manager {
     /// Opens the physical TPM and the store; unseals the master secret if
@@ -153,7 +177,10 @@ impl Manager {
             path: cfg.state_dir.clone(),
             source,
         })?;
-        let mut hw = HwTpm::open(&cfg.tcti).map_err(|source| OpenError::Tpm { tcti: cfg.tcti.clone(), source })?;
+        let (mut hw, flushed) = HwTpm::open_owned(&cfg.tcti).map_err(|source| OpenError::Tpm { tcti: cfg.tcti.clone(), source })?;
+        if flushed > 0 {
+            info!(tcti = %cfg.tcti, handles = flushed, "flushed the transient objects and sessions an earlier manager left in the TPM (no resource manager)");
+        }
         let software_tpm = hw.is_software_tpm();
         if software_tpm {
             warn!("INSECURE: the physical TPM is a software TPM; use this only for tests");
@@ -165,7 +192,8 @@ impl Manager {
             crate::rollback::Mode::Refuse,
         )
         .map_err(|e| match e {
-            RollbackError::Unseal(e) => OpenError::Unseal(e),
+            RollbackError::Unseal(e @ crate::hwtpm::HwTpmError::PolicyMismatch { .. }) => OpenError::Unseal(e),
+            RollbackError::Unseal(source) => OpenError::UnsealTpm { tcti: cfg.tcti.clone(), source },
             RollbackError::Store(e) => OpenError::Store(e),
             e => OpenError::Rollback(e),
         })?;
@@ -222,11 +250,11 @@ impl Manager {
         };
         // A dead attached process is no attachment: its successor may
         // ask before xl-vtpm has attached it, and should retry.
-        let Some(expected) = self.attached.get(&socket_uuid).copied().filter(|p| pid_alive(*p)) else {
+        let Some(expected) = self.attachment(&socket_uuid) else {
             return Err(Failure::new(ErrorCode::NotAttached, format!("no process is attached to vTPM {socket_uuid} yet (xl-vtpm attaches it after spawning)")));
         };
-        if peer_pid != Some(expected) {
-            guest_warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected, "refused a vTPM request: caller is not the attached process");
+        if peer_pid != Some(expected.pid) {
+            guest_warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected = expected.pid, "refused a vTPM request: caller is not the attached process");
             return Err(Failure::new(ErrorCode::Refused, format!("process {peer_pid:?} is not the process attached to vTPM {socket_uuid}")));
         }
         if self.master.is_none() {
@@ -371,6 +399,25 @@ impl Manager {
         self.ek_cert_reply(backend_uuid, group, ek_public, tpm)
     }
 
+    /// The live process instance attached to vTPM `uuid`, if any.
+    pub fn attachment(&self, uuid: &Uuid) -> Option<Attachment> {
+        self.attached.get(uuid).copied().filter(Attachment::alive)
+    }
+
+    /// Every process attachment (live or not yet noticed dead).
+    pub fn attachments(&self) -> Vec<(Uuid, Attachment)> {
+        self.attached.iter().map(|(u, a)| (*u, *a)).collect()
+    }
+
+    /// Drops the attachment of `uuid` if it is still `att` (its process exited).
+    pub fn detach_exited(&mut self, uuid: Uuid, att: Attachment) {
+        if self.attached.get(&uuid) == Some(&att) {
+            self.attached.remove(&uuid);
+            self.save_attachments();
+            info!(vtpm = %uuid, pid = att.pid, "attached process exited; attachment dropped");
+        }
+    }
+
     /// The domain attached to vTPM `uuid`, if any.
     pub fn attached_domain(&self, uuid: &Uuid) -> Option<u32> {
         self.attached_domains.get(uuid).copied()
@@ -421,12 +468,30 @@ impl Manager {
         }
     }
 
+    /// The vTPMs after `after` in UUID order, as many as fit in [`vtpm_proto::mgr::LIST_PAGE_BYTES`].
+    fn vtpm_page(&self, after: Option<Uuid>) -> AdminReply {
+        let mut rest: Vec<&VtpmEntry> = self.store.vtpms.iter().filter(|v| after.is_none_or(|a| v.uuid > a)).collect();
+        rest.sort_unstable_by_key(|v| v.uuid);
+        let (mut vtpms, mut bytes, mut next) = (Vec::new(), 0, None);
+        for v in rest {
+            let info = self.vtpm_info(v);
+            let n = serde_json::to_vec(&info).map(|b| b.len() + 1).unwrap_or(usize::MAX);
+            if !vtpms.is_empty() && bytes + n > vtpm_proto::mgr::LIST_PAGE_BYTES {
+                next = vtpms.last().map(|i: &VtpmInfo| i.uuid);
+                break;
+            }
+            bytes = bytes.saturating_add(n);
+            vtpms.push(info);
+        }
+        AdminReply::VtpmPage { vtpms, next }
+    }
+
     fn vtpm_info(&self, v: &VtpmEntry) -> VtpmInfo {
         VtpmInfo {
             uuid: v.uuid,
             group: v.group,
             created: v.created,
-            attached_pid: self.attached.get(&v.uuid).copied().filter(|p| pid_alive(*p)),
+            attached_pid: self.attachment(&v.uuid).map(|a| a.pid),
             socket: self.cfg.vtpm_socket(&v.uuid).display().to_string(),
         }
     }
@@ -546,14 +611,15 @@ impl Manager {
                 AdminReply::Vtpm(self.vtpm_info(&v))
             }
             AdminRequest::VtpmList => AdminReply::Vtpms { vtpms: self.store.vtpms.iter().map(|v| self.vtpm_info(v)).collect() },
+            AdminRequest::VtpmListPage { after } => self.vtpm_page(after),
             AdminRequest::VtpmShow { uuid } => {
                 let v = self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
                 AdminReply::Vtpm(self.vtpm_info(v))
             }
             AdminRequest::VtpmDel { uuid } => {
                 self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
-                if let Some(pid) = self.attached.get(&uuid).copied().filter(|p| pid_alive(*p)) {
-                    return Err(fail(ErrorCode::BadRequest, format!("vTPM {uuid} is still served by process {pid}; stop it first (`xl-vtpm vtpm stop {uuid}`)")));
+                if let Some(a) = self.attachment(&uuid) {
+                    return Err(fail(ErrorCode::BadRequest, format!("vTPM {uuid} is still served by process {}; stop it first (`xl-vtpm vtpm stop {uuid}`)", a.pid)));
                 }
                 let mut next = self.store.clone();
                 next.vtpms.retain(|v| v.uuid != uuid);
@@ -567,11 +633,17 @@ impl Manager {
             }
             AdminRequest::VtpmAttach { uuid, pid } => {
                 self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
-                if let Some(old) = self.attached.get(&uuid).copied()
-                    && old != pid && pid_alive(old) {
-                        return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} is already served by process {old}; stop it first")));
+                // The instance is named now, while the caller (the vTPM's parent) keeps the
+                // child unreaped, so the pid cannot have been reused yet.
+                let Some(start) = xvtpm_fsutil::start_time(pid).filter(|_| xvtpm_fsutil::pid_alive(pid)) else {
+                    return Err(fail(ErrorCode::BadRequest, format!("process {pid} is not running; attach a vTPM's process while it runs")));
+                };
+                let att = Attachment { pid, start };
+                if let Some(old) = self.attachment(&uuid)
+                    && old != att {
+                        return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} is already served by process {}; stop it first", old.pid)));
                     }
-                self.attached.insert(uuid, pid);
+                self.attached.insert(uuid, att);
                 self.save_attachments();
                 info!(vtpm = %uuid, pid, "process attached");
                 AdminReply::Ok
@@ -640,22 +712,13 @@ impl Manager {
     }
 }
 
-/// A process's start time (clock ticks since boot, /proc/PID/stat field 22):
-/// with the pid it names one process for good, so a recycled pid is not
-/// mistaken for the attached vTPM.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(") ")?.1;
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn load_attachments(path: &Path) -> HashMap<Uuid, u32> {
+fn load_attachments(path: &Path) -> HashMap<Uuid, Attachment> {
     let Ok(bytes) = std::fs::read(path) else { return HashMap::new() };
     let saved: Vec<(Uuid, u32, u64)> = serde_json::from_slice(&bytes).unwrap_or_default();
-    let kept: HashMap<Uuid, u32> = saved
+    let kept: HashMap<Uuid, Attachment> = saved
         .into_iter()
-        .filter(|(_, pid, started)| pid_alive(*pid) && start_time(*pid) == Some(*started))
-        .map(|(u, p, _)| (u, p))
+        .map(|(u, pid, start)| (u, Attachment { pid, start }))
+        .filter(|(_, a)| a.alive())
         .collect();
     if !kept.is_empty() {
         info!(count = kept.len(), "re-attached running vTPM processes after restart");
@@ -687,8 +750,7 @@ impl Manager {
     }
 
     fn save_attachments(&self) {
-        let list: Vec<(Uuid, u32, u64)> =
-            self.attached.iter().filter_map(|(u, p)| Some((*u, *p, start_time(*p)?))).collect();
+        let list: Vec<(Uuid, u32, u64)> = self.attached.iter().map(|(u, a)| (*u, a.pid, a.start)).collect();
         let bytes = serde_json::to_vec(&list).expect("serialisable");
         if let Err(e) = xvtpm_fsutil::write_atomic(&self.cfg.attachments_path(), &bytes, 0o600) {
             warn!(error = %e, "could not record vTPM attachments; a manager restart will need them re-attached");

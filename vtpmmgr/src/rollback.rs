@@ -117,6 +117,19 @@ pub enum RollbackError {
         /// The TPM's value.
         tpm: u64,
     },
+    /// There is no store, but the TPM holds store counters of a provisioning.
+    #[error(
+        "manager store {path} does not exist, but the physical TPM holds the rollback counter(s) {counters} of a provisioned manager: \
+         the store was deleted or lost, and starting unprovisioned would abandon every vTPM identity. Put the newest copy of the store back \
+         (if it is older than the counter, then also run `vtpmmgr accept-store --yes`); or, to give up every vTPM of that provisioning for good \
+         and provision anew, remove the counter(s) as TPM owner (`tpm2_nvundefine -C o <index>` for each) and start again"
+    )]
+    StoreMissing {
+        /// Store file.
+        path: PathBuf,
+        /// The counters' handles.
+        counters: String,
+    },
     /// The counter is gone or not the manager's.
     #[error(
         "manager store {path} is covered by the rollback counter {nv_index:#010x}, but {why}: without its counter the store's freshness \
@@ -397,7 +410,7 @@ pub fn open(
             return Ok(Opened { store: m.unprotected().unwrap_or_else(Store::empty), master: None, protected: None, note: None });
         }
         let _ = std::fs::remove_file(&pending);
-        warn_about_orphan_counters(hw, path);
+        refuse_orphan_counters(hw, path)?;
         return Ok(Opened { store: Store::empty(), master: None, protected: None, note: None });
     };
     let master = unseal(hw, &rec).map_err(RollbackError::Unseal)?;
@@ -513,16 +526,17 @@ pub fn open(
 }
 
 /// With no store: warn if the TPM holds counters that look like an earlier provisioning's.
-fn warn_about_orphan_counters(hw: &mut HwTpm, path: &Path) {
-    let Ok(used) = hw.nv_indices_in(STORE_COUNTER_FIRST, STORE_COUNTER_SLOTS) else { return };
+/// A missing store while the TPM holds counters that look like the manager's is refused.
+fn refuse_orphan_counters(hw: &mut HwTpm, path: &Path) -> Result<(), RollbackError> {
+    let used = hw.nv_indices_in(STORE_COUNTER_FIRST, STORE_COUNTER_SLOTS)?;
     let ours: Vec<String> = used
         .into_iter()
         // Without the master secret only the public area can be compared.
         .filter(|h| matches!(hw.counter_template_mismatch(*h), Ok(None)))
         .map(|h| format!("{h:#010x}"))
         .collect();
-    if !ours.is_empty() {
-        warn!(store = %path.display(), counters = ?ours,
-            "there is no manager store, but the physical TPM holds store counters of an earlier provisioning: if this host was provisioned, its store is missing — put it back before provisioning again");
+    if ours.is_empty() {
+        return Ok(());
     }
+    Err(RollbackError::StoreMissing { path: path.into(), counters: ours.join(", ") })
 }

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vtpm_proto::mgr::{self, AdminReply, AdminRequest};
+use vtpm_proto::mgr::{self, AdminReply, AdminRequest, VtpmInfo};
 
 use crate::exit::{CliError, NO_MANAGER};
 
@@ -27,6 +27,25 @@ impl Admin {
         // Provisioning can take a few seconds on a discrete TPM (RSA keys).
         stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
         Ok(Admin { stream })
+    }
+
+    /// Every vTPM identity, page by page (a host may have far more than one frame holds).
+    pub fn list_vtpms(&mut self) -> Result<Vec<VtpmInfo>, CliError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            match self.call(&AdminRequest::VtpmListPage { after })? {
+                AdminReply::VtpmPage { vtpms, next } => {
+                    all.extend(vtpms);
+                    match next {
+                        // A cursor that does not move would loop for ever.
+                        Some(n) if Some(n) != after => after = Some(n),
+                        _ => return Ok(all),
+                    }
+                }
+                other => return Err(CliError::new(1, format!("unexpected reply to VtpmListPage: {other:?}"))),
+            }
+        }
     }
 
     /// Sends one request and returns the reply; a manager error becomes a

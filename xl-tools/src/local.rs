@@ -11,10 +11,15 @@
 //!   (the default listeners): the directory is mode 0700 and owned by the consumer (root
 //!   if none), under `<run-dir>/vtpms` which only root may write; the sockets are mode
 //!   0600 and the vTPM accepts only root and the consumer (`SO_PEERCRED`);
+//! - `<state-dir>/vtpms/<uuid>/creating` — present from before the manager makes the identity
+//!   until the vTPM has written its first state;
 //! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports, sockets).
 //!
 //! Every step that can fail after the manager created an identity is rolled
-//! back, so a failed `create` leaves no identity, no state and no process.
+//! back, so a failed `create` leaves no identity, no state and no process. If the rollback
+//! itself cannot happen (the manager or xl-vtpm was killed), the `creating` marker stays:
+//! `vtpm start` and `vtpm list` then report the identity as never completely created
+//! (`incomplete`), and `vtpm destroy` removes it.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -60,6 +65,20 @@ pub struct Runtime {
     /// The uid allowed besides root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer_uid: Option<u32>,
+    /// The process's start time ([`xvtpm_fsutil::start_time`]): with `pid` it names the one
+    /// process this record is about, so a later process on a recycled pid is not taken for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
+}
+
+impl Runtime {
+    /// Whether the recorded process still runs (the same instance, not a holder of its recycled pid).
+    pub fn alive(&self) -> bool {
+        match self.start_time {
+            Some(t) => xvtpm_fsutil::instance_alive(self.pid, t),
+            None => pid_alive(self.pid),
+        }
+    }
 }
 
 /// How a vTPM is reached, recorded at create and reused by `start`.
@@ -94,7 +113,7 @@ pub struct Row {
     /// Manager's record.
     #[serde(flatten)]
     pub info: VtpmInfo,
-    /// "running" or "stopped".
+    /// "running", "stopped", or "incomplete" (its creation was interrupted before its first state).
     pub state: String,
     /// Runtime record when running.
     pub runtime: Option<Runtime>,
@@ -124,6 +143,16 @@ impl Local {
     pub fn state_file(&self, uuid: &Uuid) -> PathBuf {
         self.vtpm_dir(uuid).join("state.xvts")
     }
+    /// The marker of a creation that has not finished (see the module docs).
+    fn creating_marker(&self, uuid: &Uuid) -> PathBuf {
+        self.vtpm_dir(uuid).join("creating")
+    }
+
+    /// Whether `uuid`'s creation was interrupted before its first state was written.
+    pub fn incomplete(&self, uuid: &Uuid) -> bool {
+        self.creating_marker(uuid).exists() && !self.state_file(uuid).exists()
+    }
+
     fn runtime_file(&self, uuid: &Uuid) -> PathBuf {
         self.run_dir.join("vtpms").join(format!("{uuid}.json"))
     }
@@ -189,7 +218,7 @@ impl Local {
     pub fn runtime(&self, uuid: &Uuid) -> Option<Runtime> {
         let bytes = fs::read(self.runtime_file(uuid)).ok()?;
         let rt: Runtime = serde_json::from_slice(&bytes).ok()?;
-        pid_alive(rt.pid).then_some(rt)
+        rt.alive().then_some(rt)
     }
 
     fn find(&self, admin: &mut Admin, uuid: &Uuid) -> Result<VtpmInfo, CliError> {
@@ -206,21 +235,47 @@ impl Local {
     /// consumer are recorded and reused by [`Local::start`].
     pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], opts: &CreateOpts) -> Result<Runtime, CliError> {
         check_listen(listen)?;
-        let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid })? {
-            AdminReply::Vtpm(v) => v,
-            other => return Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
+        let uuid = uuid.unwrap_or_else(Uuid::new_v4);
+        // The marker goes down before the identity exists, so no kill can leave an identity
+        // without it. An existing directory is another vTPM's (the manager refuses below).
+        let dir = self.vtpm_dir(&uuid);
+        let marked = !dir.exists();
+        if marked {
+            let marker = self.creating_marker(&uuid);
+            fs::create_dir_all(&dir)
+                .and_then(|()| xvtpm_fsutil::write_atomic(&marker, b"creation started; the vTPM has not written its first state yet\n", 0o600))
+                .map_err(|e| CliError::new(FAILURE, format!("writing {}: {e}", marker.display())))?;
+        }
+        let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid: Some(uuid) }) {
+            Ok(AdminReply::Vtpm(v)) => v,
+            other => {
+                // Without an answer the identity may exist: keep the marker for `vtpm destroy`.
+                if marked && !matches!(&other, Err(e) if e.code == crate::exit::NO_MANAGER) {
+                    let _ = fs::remove_dir_all(&dir);
+                }
+                return Err(other.err().unwrap_or_else(|| CliError::new(FAILURE, "unexpected reply to VtpmCreate")));
+            }
         };
         let access = Access { listen: listen.to_vec(), consumer_uid: opts.consumer_uid };
-        let made = self.record_access(&info.uuid, &access).and_then(|()| self.spawn(admin, &info, &access, Some(opts)));
-        match made {
-            Ok(rt) => Ok(rt),
+        match self.record_access(&uuid, &access).and_then(|()| self.spawn(admin, &info, &access, Some(opts))) {
+            Ok(rt) => {
+                let _ = fs::remove_file(self.creating_marker(&uuid));
+                Ok(rt)
+            }
             Err(e) => {
                 // Roll back: no identity, no state, no process.
-                let _ = admin.call(&AdminRequest::VtpmDetach { uuid: info.uuid });
-                let _ = admin.call(&AdminRequest::VtpmDel { uuid: info.uuid });
-                let _ = fs::remove_dir_all(self.vtpm_dir(&info.uuid));
-                let _ = fs::remove_dir_all(self.socket_dir(&info.uuid));
-                Err(e)
+                let _ = admin.call(&AdminRequest::VtpmDetach { uuid });
+                let _ = fs::remove_dir_all(self.socket_dir(&uuid));
+                match admin.call(&AdminRequest::VtpmDel { uuid }) {
+                    Ok(_) => {
+                        let _ = fs::remove_dir_all(&dir);
+                        Err(e)
+                    }
+                    Err(d) => Err(CliError::new(
+                        e.code,
+                        format!("{}\nThe half-made identity could not be removed ({}); remove it with `xl-vtpm vtpm destroy {uuid}`", e.message, d.message),
+                    )),
+                }
             }
         }
     }
@@ -241,11 +296,23 @@ impl Local {
             return Err(CliError::new(REFUSED, format!("vTPM {uuid} is already running as process {}", rt.pid)));
         }
         check_listen(listen)?;
+        if self.incomplete(uuid) {
+            return Err(CliError::new(
+                FAILURE,
+                format!(
+                    "vTPM {uuid} was never completely created: its creation was interrupted before it wrote its first state, so there is no state file to restore. \
+                     Remove it with `xl-vtpm vtpm destroy {uuid}` and create a new vTPM"
+                ),
+            ));
+        }
         let mut access = self.access(uuid);
         if !listen.is_empty() {
             access.listen = listen.to_vec();
         }
-        self.spawn(admin, &info, &access, None)
+        let rt = self.spawn(admin, &info, &access, None)?;
+        // Killed after its first state write: the creation did complete.
+        let _ = fs::remove_file(self.creating_marker(uuid));
+        Ok(rt)
     }
 
     fn spawn(&self, admin: &mut Admin, info: &VtpmInfo, access: &Access, create: Option<&CreateOpts>) -> Result<Runtime, CliError> {
@@ -270,6 +337,8 @@ impl Local {
             .mode(0o600)
             .open(&log)
             .map_err(|e| CliError::new(FAILURE, format!("opening {}: {e}", log.display())))?;
+        // A log made by an older xl-vtpm may be wider.
+        let _ = log_file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600));
         let mut cmd = Command::new(&self.vtpm_domain);
         cmd.arg("--uuid").arg(uuid.to_string());
         cmd.arg("--state").arg(self.state_file(&uuid));
@@ -331,9 +400,10 @@ impl Local {
             ));
         };
         let tcp_ports: Vec<(u16, u16)> = serde_json::from_value(ready["tcp_ports"].clone()).unwrap_or_default();
-        let rt = Runtime { uuid, pid, tcp_ports, listen, log, socket, consumer_uid: access.consumer_uid };
+        // The child is not reaped yet, so its pid still names it.
+        let rt = Runtime { uuid, pid, tcp_ports, listen, log, socket, consumer_uid: access.consumer_uid, start_time: xvtpm_fsutil::start_time(pid) };
         let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
-        xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o644)
+        xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o600)
             .map_err(|e| CliError::new(FAILURE, format!("writing runtime record: {e}")))?;
         // The child keeps running after we exit; reap nothing.
         std::mem::forget(child);
@@ -351,10 +421,10 @@ impl Local {
                 let pid = Pid::from_raw(rt.pid as i32);
                 let _ = kill(pid, Signal::SIGTERM);
                 let deadline = Instant::now() + grace;
-                while pid_alive(rt.pid) && Instant::now() < deadline {
+                while rt.alive() && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                if pid_alive(rt.pid) {
+                if rt.alive() {
                     let _ = kill(pid, Signal::SIGKILL);
                 }
                 true
@@ -380,10 +450,7 @@ impl Local {
 
     /// All vTPMs with their runtime state.
     pub fn list(&self, admin: &mut Admin) -> Result<Vec<Row>, CliError> {
-        let vtpms = match admin.call(&AdminRequest::VtpmList)? {
-            AdminReply::Vtpms { vtpms } => vtpms,
-            other => return Err(CliError::new(FAILURE, format!("unexpected reply {other:?}"))),
-        };
+        let vtpms = admin.list_vtpms()?;
         Ok(vtpms.into_iter().map(|info| self.row(info)).collect())
     }
 
@@ -400,7 +467,12 @@ impl Local {
             (None, None) => None,
         });
         Row {
-            state: if runtime.is_some() { "running" } else { "stopped" }.into(),
+            state: match (&runtime, self.incomplete(&info.uuid)) {
+                (Some(_), _) => "running",
+                (None, true) => "incomplete",
+                (None, false) => "stopped",
+            }
+            .into(),
             state_file: self.state_file(&info.uuid),
             runtime,
             tcti,

@@ -602,7 +602,8 @@ fn run(args: Args) -> Result<(), CliError> {
         }
         Cmd::LibvirtHook { args: hook_args } => return run_libvirt_hook(&xen, &mut admin, &hook_args),
         Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::List)) => {
-            if let AdminReply::Vtpms { vtpms } = admin.call(&AdminRequest::VtpmList)? {
+            {
+                let vtpms = admin.list_vtpms()?;
                 if json {
                     print_json(&vtpms);
                 } else {

@@ -263,6 +263,14 @@ pub enum RegistryError {
     /// SQLite failed (I/O, locked beyond the busy timeout, corrupt file, …).
     #[error("registry database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// Creating or narrowing the database file.
+    #[error("registry {path}: {source}")]
+    Io {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// A running domain as observed by the caller (from xenstore or `xl list`).
@@ -618,6 +626,14 @@ impl Registry {
     /// Opens (creating if needed) the registry at `path`: WAL, `synchronous=FULL`, a 10 s
     /// busy timeout, and the schema migrated to [`SCHEMA_VERSION`].
     pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        // Root-only: SQLite creates the file with the umask's mode (0644) and gives its WAL and
+        // shared-memory files the database file's mode, so the file is made (or narrowed) first.
+        {
+            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+            let io = |source| RegistryError::Io { path: path.into(), source };
+            let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
         let conn = Connection::open(path)?;
         Registry::init(conn, true)
     }
@@ -1153,6 +1169,23 @@ pub fn repair(drift: &[Drift], manager_vtpms: Option<&[Uuid]>) -> Vec<RepairActi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_registry_files_are_root_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("xvtpm-registry-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("registry.sqlite");
+        let mut reg = Registry::open(&path).unwrap();
+        reg.begin_create(&pair(1)).unwrap();
+        for name in ["registry.sqlite", "registry.sqlite-wal", "registry.sqlite-shm"] {
+            let mode = std::fs::metadata(dir.join(name)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name} has mode {mode:o}");
+        }
+        drop(reg);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn pair(n: u8) -> NewPair {
         NewPair {

@@ -287,7 +287,7 @@ impl Domains<'_> {
             create_args,
         };
         let bytes = serde_json::to_vec_pretty(&spec).expect("serialisable");
-        xvtpm_fsutil::write_atomic(&self.spec_file(&uuid), &bytes, 0o644)
+        xvtpm_fsutil::write_atomic(&self.spec_file(&uuid), &bytes, 0o600)
             .map_err(|e| fail(FAILURE, format!("writing {}: {e}", self.spec_file(&uuid).display())))?;
         self.boot(admin, uuid, &spec, true, opts.ready_wait)
     }
@@ -340,7 +340,7 @@ impl Domains<'_> {
         };
         let cfg = self.config_file(&uuid);
         let text = render_config(&uuid, spec, &disk_device, create)?;
-        xvtpm_fsutil::write_atomic(&cfg, text.as_bytes(), 0o644).map_err(|e| fail(FAILURE, format!("writing {}: {e}", cfg.display())))?;
+        xvtpm_fsutil::write_atomic(&cfg, text.as_bytes(), 0o600).map_err(|e| fail(FAILURE, format!("writing {}: {e}", cfg.display())))?;
         let cfg_s = quote(&cfg)?;
         self.xl(&["create", "-p", &cfg_s])?;
         let domid = self.domid(&spec.name).ok_or_else(|| fail(FAILURE, format!("xl create -p {cfg_s} succeeded but domain {} has no domid", spec.name)))?;
@@ -360,7 +360,7 @@ impl Domains<'_> {
         })?;
         let rt = DomainRuntime { uuid, name: spec.name.clone(), domid, disk_device, loop_device, config: cfg };
         let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
-        xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o644)
+        xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o600)
             .map_err(|e| fail(FAILURE, format!("writing the runtime record: {e}")))?;
         Ok(rt)
     }

@@ -29,7 +29,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
-use vtpm_proto::mgr::{AdminReply, AdminRequest};
+use vtpm_proto::mgr::AdminRequest;
 
 use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, NOT_FOUND, REFUSED, USAGE};
@@ -469,10 +469,7 @@ impl Xen {
     pub fn check(&self, admin: &mut Admin, repair: bool) -> Result<Vec<String>, CliError> {
         let reg = &mut self.registry()?;
         let obs = self.observed_with_vtpms(reg)?;
-        let mgr: Vec<Uuid> = match admin.call(&AdminRequest::VtpmList)? {
-            AdminReply::Vtpms { vtpms } => vtpms.into_iter().map(|v| v.uuid).collect(),
-            _ => vec![],
-        };
+        let mgr: Vec<Uuid> = admin.list_vtpms()?.into_iter().map(|v| v.uuid).collect();
         let drift = reg.check(&obs, Some(&mgr), Default::default()).map_err(reg_err)?;
         let mut report: Vec<String> = drift.iter().map(|d| format!("drift: {d}")).collect();
         if repair {
