@@ -205,6 +205,13 @@ impl Stack {
         Self::handle(&self.xl_json(&["vtpm", "create"]))
     }
 
+    /// Creates and starts a vTPM with extra `xl-vtpm vtpm create` arguments (e.g. `--ek ecc`).
+    pub fn create_vtpm_with(&self, args: &[&str]) -> VtpmHandle {
+        let mut a = vec!["vtpm", "create"];
+        a.extend_from_slice(args);
+        Self::handle(&self.xl_json(&a))
+    }
+
     /// Starts a stopped vTPM.
     pub fn start_vtpm(&self, uuid: &Uuid) -> VtpmHandle {
         Self::handle(&self.xl_json(&["vtpm", "start", &uuid.to_string()]))

@@ -322,6 +322,13 @@ impl BlockStore {
         self.generation
     }
 
+    /// Makes the next save write a generation above `generation` (no effect if it would
+    /// anyway): after an administrator accepted an older state, so that its new writes
+    /// outnumber every write of the abandoned newer states ([`crate::anchor`]).
+    pub fn skip_generation_to(&mut self, generation: u64) {
+        self.generation = self.generation.max(generation);
+    }
+
     /// The device or file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -118,6 +118,9 @@ pub enum ErrorCode {
     Tpm,
     /// Anything else.
     Internal,
+    /// A vTPM presented a state older than (or different from) the newest one the manager
+    /// anchored for it: a restored copy. Accept it only with `xl-vtpm vtpm accept-state`.
+    StaleState,
 }
 
 /// An error answer: a class and a sentence that names the fix.
@@ -180,6 +183,24 @@ pub enum VtpmRequest {
         /// The vTPM's fixed TPM properties, for the certificate's TCG attributes.
         tpm: crate::ekcert::TpmInfo,
     },
+    /// Anchors a state generation of this vTPM in the manager's store (covered by the physical
+    /// TPM's NV counter), so that an older state is refused when the vTPM starts. Sent once when
+    /// the vTPM opens its state (`opening`), before it writes anything, and after every state
+    /// write, before the vTPM answers the command that caused it. The manager answers
+    /// [`VtpmReply::StateAnchored`] only once the anchor is durable; it refuses a generation
+    /// below its anchor, or equal to it with another digest, with [`ErrorCode::StaleState`].
+    /// Authorised like `GetStateKey`.
+    AnchorState {
+        /// The UUID the caller expects to be (checked like `GetStateKey`).
+        uuid: Uuid,
+        /// The state's generation, read from the authenticated header of the sealed state.
+        generation: u64,
+        /// [`crate::sealed::anchor_digest`] of the state, hex (64 digits).
+        digest: String,
+        /// True when the vTPM is opening its state (start), false after a write.
+        #[serde(default)]
+        opening: bool,
+    },
 }
 
 /// The manager's answer on a per-vTPM socket.
@@ -202,6 +223,16 @@ pub enum VtpmReply {
     EkCert {
         /// The certificate.
         cert: String,
+    },
+    /// The state generation is anchored durably (or was already).
+    StateAnchored {
+        /// The generation the manager's anchor now records.
+        generation: u64,
+        /// After an administrator accepted an older state: the vTPM's next write must use a
+        /// generation above this one (the newest generation of the abandoned states), so that
+        /// none of those can pass for a later write of the accepted state.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        continue_after: Option<u64>,
     },
     /// Refused or failed.
     Error(Failure),
@@ -281,6 +312,13 @@ pub struct StatusInfo {
     /// replies small.
     #[serde(default)]
     pub store_counter: Option<Box<StoreCounterInfo>>,
+    /// State-anchor requests (`AnchorState`) answered since start.
+    #[serde(default)]
+    pub anchor_requests: u64,
+    /// Store writes (rollback-counter increments) made for state anchors since start: group
+    /// commit makes one write cover every anchor request queued while the previous one ran.
+    #[serde(default)]
+    pub anchor_commits: u64,
 }
 
 /// The monotonic counter in the physical TPM's NV that covers the manager's store: every
@@ -365,6 +403,13 @@ pub enum AdminRequest {
     },
     /// Unbinds the vTPM's process and its domain.
     VtpmDetach {
+        /// vTPM UUID.
+        uuid: Uuid,
+    },
+    /// Accepts the state the vTPM last presented and the manager refused as older than its
+    /// anchor (`xl-vtpm vtpm accept-state UUID --yes`): the anchor is set to that state, and
+    /// every change made after it is lost. The vTPM must be stopped.
+    VtpmAcceptState {
         /// vTPM UUID.
         uuid: Uuid,
     },
