@@ -489,6 +489,23 @@ mod tests {
     }
 
     #[test]
+    fn state_anchor_wire_form() {
+        let req = VtpmRequest::AnchorState { uuid: Uuid::nil(), generation: 7, digest: "ab".repeat(32), opening: true };
+        let json = String::from_utf8(encode(&req).unwrap()[4..].to_vec()).unwrap();
+        assert!(json.starts_with(r#"{"op":"anchor-state","uuid":"00000000-0000-0000-0000-000000000000","generation":7,"digest":"abab"#), "{json}");
+        assert_eq!(decode::<VtpmRequest>(json.as_bytes()).unwrap(), req);
+        // `opening` defaults to false; `continue_after` is omitted while unset.
+        let after = decode::<VtpmRequest>(br#"{"op":"anchor-state","uuid":"00000000-0000-0000-0000-000000000000","generation":8,"digest":""}"#).unwrap();
+        assert!(matches!(after, VtpmRequest::AnchorState { opening: false, generation: 8, .. }));
+        let reply = VtpmReply::StateAnchored { generation: 7, continue_after: None };
+        assert_eq!(String::from_utf8(encode(&reply).unwrap()[4..].to_vec()).unwrap(), r#"{"result":"state-anchored","generation":7}"#);
+        let f = VtpmReply::Error(Failure::new(ErrorCode::StaleState, "older"));
+        assert!(String::from_utf8(encode(&f).unwrap()[4..].to_vec()).unwrap().contains(r#""code":"stale-state""#));
+        let admin = AdminRequest::VtpmAcceptState { uuid: Uuid::nil() };
+        assert_eq!(String::from_utf8(encode(&admin).unwrap()[4..].to_vec()).unwrap(), r#"{"op":"vtpm-accept-state","uuid":"00000000-0000-0000-0000-000000000000"}"#);
+    }
+
+    #[test]
     fn oversized_prefix_is_refused_before_allocation() {
         assert!(matches!(frame_len([0xff; 4]), Err(FrameError::TooLarge(_))));
         assert!(frame_len(((MAX_FRAME + 1) as u32).to_be_bytes()).is_err());
