@@ -211,3 +211,33 @@ fn concurrent_nv_writes_share_store_writes() {
     assert!(increments < writes / 2, "{increments} counter increments for {writes} NV writes: no group commit");
     eprintln!("{writes} NV writes, {requests} anchor requests, {increments} counter increments");
 }
+
+/// `kill -9` of the vTPM after its state write and before the manager anchored it (the anchor
+/// waits for a slow physical TPM, so the window is wide): the command was not answered, and the
+/// vTPM starts again with every acknowledged increment.
+#[test]
+fn kill_dash_nine_between_write_and_anchor() {
+    let s = Stack::start_with(Options { tpm_delay: Some(Duration::from_millis(150)), ..Default::default() });
+    let v = s.create_vtpm_with(&["--ek", "ecc"]);
+    let port = v.port.unwrap();
+    assert_eq!(rc(&raw_command(port, &nv_define_counter())), 0);
+    increment(port);
+    increment(port);
+    let written = generation(&v);
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    c.write_all(&nv_increment()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while generation(&v) == written {
+        assert!(std::time::Instant::now() < deadline, "the state was never written");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    kill(Pid::from_raw(v.pid.unwrap() as i32), Signal::SIGKILL).unwrap();
+    assert!(try_read_response(&mut c).is_err(), "the write was answered before its anchor");
+    assert!(xvtpm_tests::wait_gone(v.pid.unwrap(), Duration::from_secs(5)));
+    let h = s.start_vtpm(&v.uuid);
+    let now = nv_read_counter(h.port.unwrap());
+    assert!((2..=3).contains(&now), "counter {now}: 2 acknowledged increments (+1 unacknowledged) expected");
+    increment(h.port.unwrap());
+    assert_eq!(nv_read_counter(h.port.unwrap()), now + 1);
+}
