@@ -201,7 +201,7 @@ fn concurrent_nv_writes_share_store_writes() {
     for v in &vtpms {
         assert_eq!(nv_read_counter(v.port.unwrap()), WRITES as u64);
     }
-    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    let delta = |k: &str| after["store_counter"][k].as_u64().unwrap() - before["store_counter"][k].as_u64().unwrap();
     let writes = (VTPMS * WRITES) as u64;
     let requests = delta("anchor_requests");
     assert!(requests >= writes, "{requests} anchor requests for {writes} acknowledged NV writes");

@@ -312,13 +312,6 @@ pub struct StatusInfo {
     /// replies small.
     #[serde(default)]
     pub store_counter: Option<Box<StoreCounterInfo>>,
-    /// State-anchor requests (`AnchorState`) answered since start.
-    #[serde(default)]
-    pub anchor_requests: u64,
-    /// Store writes (rollback-counter increments) made for state anchors since start: group
-    /// commit makes one write cover every anchor request queued while the previous one ran.
-    #[serde(default)]
-    pub anchor_commits: u64,
 }
 
 /// The monotonic counter in the physical TPM's NV that covers the manager's store: every
@@ -333,6 +326,13 @@ pub struct StoreCounterInfo {
     /// The value read from the TPM just now; `None` if it could not be read (see the manager's
     /// log). It equals `store_value` unless something is wrong.
     pub tpm_value: Option<u64>,
+    /// vTPM state-anchor requests (`AnchorState`) answered since the manager started.
+    #[serde(default)]
+    pub anchor_requests: u64,
+    /// Store writes (counter increments) made for them since the manager started: group commit
+    /// makes one write cover every anchor request queued while the previous write ran.
+    #[serde(default)]
+    pub anchor_commits: u64,
 }
 
 /// What an administrator may ask on the root-only admin socket.

@@ -481,7 +481,13 @@ impl Manager {
                 None
             }
         };
-        Some(Box::new(StoreCounterInfo { nv_index: c.nv_index, store_value: c.value, tpm_value: tpm }))
+        Some(Box::new(StoreCounterInfo {
+            nv_index: c.nv_index,
+            store_value: c.value,
+            tpm_value: tpm,
+            anchor_requests: self.anchor_stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+            anchor_commits: self.anchor_stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+        }))
     }
 
     fn status(&mut self) -> StatusInfo {
@@ -497,8 +503,6 @@ impl Manager {
             physical_quotes: self.stats.physical_quotes.load(std::sync::atomic::Ordering::Relaxed),
             batching: self.cfg.batch.max_batch > 1,
             store_counter: self.store_counter(),
-            anchor_requests: self.anchor_stats.requests.load(std::sync::atomic::Ordering::Relaxed),
-            anchor_commits: self.anchor_stats.commits.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
