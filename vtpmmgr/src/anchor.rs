@@ -33,7 +33,13 @@
 //! store write (one counter increment) for the whole batch. While that write is in flight new
 //! requests queue for the next one, so a lone request waits for nothing and a burst of writes
 //! from many vTPMs (and many writes from one) shares one increment. The requests are
-//! authorised inside the batch, so queueing one never waits for the manager lock.
+//! authorised inside the batch, so queueing one never waits for the manager lock; the batch
+//! holds that lock for its store write (as an admin change does), so a state-key request or a
+//! deep quote's authorisation arriving meanwhile waits for that one write.
+//!
+//! An anchor write costs what any store write costs (stage with fsync, one physical
+//! `TPM2_NV_Increment`, rename with fsync) and wears the physical counter accordingly: under
+//! continuous NV writes the counter moves once per batch, i.e. at most once per store-write time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
