@@ -16,11 +16,15 @@
 //!   breakdown of our time and an ECC P-256 EK variant measured in process.
 //! * **P4** memory (PSS, Private_Dirty, RSS) per running vTPM with N
 //!   vtpm-domain processes vs N swtpm processes.
+//! * **P6** NV-write-heavy latency (NV_Increment: every command writes state and anchors its
+//!   generation in the manager), one vTPM and N concurrent vTPMs, optionally against a baseline
+//!   build in the same run (see `p6.rs`).
 //!
 //! Results go to stdout (JSON) and into a dated section of BENCHMARKS.md.
 //! Timings are reported, never asserted.
 
 mod p2;
+mod p6;
 mod procs;
 mod stats;
 mod tpm;
@@ -109,8 +113,21 @@ struct Args {
     /// P2: verify at most this many responses per cell (evenly spaced sample); 0 = all.
     #[arg(long, default_value_t = 0)]
     p2_verify_max: usize,
-    /// Benchmarks to run (comma separated: p1,p2,p3,p4).
-    #[arg(long, default_value = "p1,p2,p3,p4", value_delimiter = ',')]
+    /// P6: NV_Increment commands per run (sequential; split over the vTPMs when concurrent).
+    #[arg(long, default_value_t = 400)]
+    p6_n: usize,
+    /// P6: vTPMs writing at once in the concurrent cell.
+    #[arg(long, default_value_t = 8)]
+    p6_vtpms: usize,
+    /// P6: runs.
+    #[arg(long, default_value_t = 3)]
+    p6_runs: usize,
+    /// P6: also run against the binaries in this directory (a build without state anchors), in
+    /// the same run, for the before/after comparison.
+    #[arg(long)]
+    p6_baseline: Option<PathBuf>,
+    /// Benchmarks to run (comma separated: p1,p2,p3,p4,p6).
+    #[arg(long, default_value = "p1,p2,p3,p4,p6", value_delimiter = ',')]
     only: Vec<String>,
 }
 
@@ -165,19 +182,22 @@ fn start_swtpm(procs: &mut Procs, dir: &Path) -> Result<(u32, u16)> {
 
 impl Stack {
     fn start(args: &Args, procs: &mut Procs) -> Result<Stack> {
-        let hw = args.work.join("hwtpm");
+        let run_dir = args.run_dir.clone().unwrap_or_else(|| args.work.join("run"));
+        Stack::start_in(procs, &args.bin, &args.work, &run_dir)
+    }
+
+    /// A stack of the binaries in `bin`, its files under `work` and its sockets in `run_dir`.
+    fn start_in(procs: &mut Procs, bin: &Path, work: &Path, run_dir: &Path) -> Result<Stack> {
+        let hw = work.join("hwtpm");
         fs::create_dir_all(&hw)?;
         let port = free_port_pair()?;
         procs.spawn(&mut swtpm_cmd(port, &hw, Some(&hw.join("swtpm.log"))))?;
         drop(connect_retry(port, Duration::from_secs(10)).context("physical swtpm")?);
         let mut s = Stack {
-            bin: args.bin.clone(),
-            run_dir: args
-                .run_dir
-                .clone()
-                .unwrap_or_else(|| args.work.join("run")),
-            state_dir: args.work.join("state"),
-            mgr_log: args.work.join("vtpmmgr.log"),
+            bin: bin.to_path_buf(),
+            run_dir: run_dir.to_path_buf(),
+            state_dir: work.join("state"),
+            mgr_log: work.join("vtpmmgr.log"),
             mgr_pid: 0,
             hw_port: port,
         };
@@ -1626,6 +1646,11 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let r6 = if want("p6") {
+        Some(p6::p6(&args, &stack, &mut procs)?)
+    } else {
+        None
+    };
     // Last: it restarts the manager (with other TCTIs and batching switches) per cell.
     let r2 = if want("p2") {
         Some(p2::p2(&args, &mut stack, &mut procs)?)
@@ -1647,6 +1672,9 @@ fn main() -> Result<()> {
     }
     if let Some(r) = &r4 {
         report_p4(&mut body, r);
+    }
+    if let Some(r) = &r6 {
+        p6::report_p6(&mut body, r, &args);
     }
     println!("{body}");
     if let Some(out) = &args.out {

@@ -27,8 +27,10 @@
 //!   after `rename` but before the answer in the file store.
 //! * **Corruption of the newest slot** after it was acknowledged (a bit flip on the disk) makes
 //!   open fall back to the other slot, i.e. one generation back. That is logged as a warning
-//!   naming both slots; it is the price of having no rename. (A generation that fails AEAD is
-//!   never used, so corruption never yields forged or garbled state.)
+//!   naming both slots; the manager then refuses that older state like any restored copy
+//!   ([`crate::anchor`]) until an administrator accepts it (`xl-vtpm vtpm accept-state`). (A
+//!   generation that fails AEAD is never used, so corruption never yields forged or garbled
+//!   state.) A restored copy of the whole device is refused the same way.
 //! * **Never regenerates**: a device on which no slot verifies is an error naming the device and
 //!   each slot's failure; nothing is written. `create` refuses a device unless the start of both
 //!   slots is zero (fresh, or wiped on purpose: `dd if=/dev/zero of=<dev> bs=1M count=2`), so a
@@ -320,6 +322,13 @@ impl BlockStore {
     /// The generation of the last write.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Makes the next save write a generation above `generation` (no effect if it would
+    /// anyway): after an administrator accepted an older state, so that its new writes
+    /// outnumber every write of the abandoned newer states ([`crate::anchor`]).
+    pub fn skip_generation_to(&mut self, generation: u64) {
+        self.generation = self.generation.max(generation);
     }
 
     /// The device or file.

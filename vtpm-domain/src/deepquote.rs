@@ -46,7 +46,7 @@ fn outcome(reply: Result<std::io::Result<VtpmReply>, tokio::time::error::Elapsed
             guest_warn!(error = %f, "deep quote refused by the manager");
             Err(rc::NO_RESULT)
         }
-        VtpmReply::StateKey { .. } | VtpmReply::EkCert { .. } => Err(rc::NO_RESULT),
+        VtpmReply::StateKey { .. } | VtpmReply::EkCert { .. } | VtpmReply::StateAnchored { .. } => Err(rc::NO_RESULT),
     }
 }
 

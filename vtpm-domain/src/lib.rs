@@ -12,6 +12,7 @@
 //! [`xen`] the tpmif backend; [`init`] the PID 1 duties in a vTPM's own Xen domain.
 #![deny(missing_docs)]
 
+pub mod anchor;
 pub mod blockstore;
 pub mod config;
 pub mod deepquote;
@@ -28,6 +29,7 @@ use std::rc::Rc;
 use anyhow::Context;
 use tracing::info;
 
+use crate::anchor::Anchored;
 use crate::blockstore::BlockStore;
 use crate::config::Config;
 use crate::mgr_client::MgrLink;
@@ -74,7 +76,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             let (vtpm, ek) = if cfg.create {
                 create_vtpm(&cfg, key, &link).await?
             } else {
-                let (mut v, ek) = open_vtpm(&cfg, key).map_err(fatal(EXIT_STATE))?;
+                let (mut v, ek) = open_vtpm(&cfg, key, &link).map_err(fatal(EXIT_STATE))?;
                 certify_if_missing(&mut v, &link, &cfg).await;
                 (v, ek)
             };
@@ -158,13 +160,14 @@ async fn create_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &Mgr
         config::EkChoice::Rsa => vtpm_engine::EkKind::Rsa2048,
         config::EkChoice::Ecc => vtpm_engine::EkKind::EccP256,
     };
+    let anchored = |s| Anchored::new(s, link.clone(), cfg.uuid, cfg.family);
     let begun = match &cfg.state {
         StateSpec::File(p) => Store::create(p, cfg.uuid, cfg.family, key)
             .map_err(anyhow::Error::from)
-            .and_then(|s| Ok(Vtpm::begin_manufacture(cfg.family, s, kind)?)),
+            .and_then(|s| Ok(Vtpm::begin_manufacture(cfg.family, anchored(s), kind)?)),
         StateSpec::Block(p) => BlockStore::create(p, cfg.uuid, cfg.family, key)
             .map_err(anyhow::Error::from)
-            .and_then(|s| Ok(Vtpm::begin_manufacture(cfg.family, s, kind)?)),
+            .and_then(|s| Ok(Vtpm::begin_manufacture(cfg.family, Anchored::new(s, link.clone(), cfg.uuid, cfg.family), kind)?)),
     };
     let mut m = begun.map_err(state)?;
     if let Some(ek_kind) = m.ek_kind() {
@@ -194,17 +197,22 @@ async fn certify_if_missing(v: &mut Vtpm, link: &MgrLink, cfg: &Config) {
     }
 }
 
-/// Opens the existing vTPM on its state store (never manufactures).
-fn open_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>) -> anyhow::Result<(Vtpm, Vec<u8>)> {
+/// Opens the existing vTPM on its state store (never manufactures). The manager sees the
+/// state's generation before anything is written, and refuses an older state ([`anchor`]).
+fn open_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &MgrLink) -> anyhow::Result<(Vtpm, Vec<u8>)> {
     use crate::config::StateSpec;
     let startup = cfg.startup == config::Startup::Clear;
     let mut v = match &cfg.state {
         StateSpec::File(p) => {
             let (store, state) = Store::open(p, cfg.uuid, cfg.family, key)?;
+            let mut store = Anchored::new(store, link.clone(), cfg.uuid, cfg.family);
+            store.present(p, &state)?;
             Vtpm::resume(cfg.family, store, state, startup)?
         }
         StateSpec::Block(p) => {
             let (store, state) = BlockStore::open(p, cfg.uuid, cfg.family, key)?;
+            let mut store = Anchored::new(store, link.clone(), cfg.uuid, cfg.family);
+            store.present(p, &state)?;
             Vtpm::resume(cfg.family, store, state, startup)?
         }
     };

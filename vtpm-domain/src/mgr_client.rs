@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
 use xen_platform::frontend::{Frontend, FrontendConfig};
-use xen_platform::xen::{XenFrontendLink, XenFrontendTransport};
+use xen_platform::xen::XenFrontendTransport;
 use xen_platform::xenstore::XsClient;
 use zeroize::Zeroizing;
 
@@ -34,27 +34,102 @@ pub enum KeyError {
     Refused(Failure),
 }
 
-/// A link to vtpmmgr.
+/// A link to vtpmmgr. Cheap to clone; every clone talks to the same manager link.
+#[derive(Clone)]
 pub enum MgrLink {
     /// The per-vTPM Unix socket (a new connection per request).
     Socket(PathBuf),
-    /// tpmif to the manager's domain; one request at a time (`None` once closed).
-    Xen(Box<tokio::sync::Mutex<Option<Frontend<XsClient, XenFrontendLink>>>>),
+    /// tpmif to the manager's domain, driven by its own thread ([`XenWorker`]) so that it can
+    /// be used from async code and — for state anchors, inside a state write — synchronously.
+    Xen(XenWorker),
+}
+
+/// The thread that owns the tpmif frontend to the manager: one request at a time, in order.
+#[derive(Clone)]
+pub struct XenWorker {
+    tx: tokio::sync::mpsc::UnboundedSender<XenJob>,
+}
+
+type Frame = std::io::Result<Zeroizing<Vec<u8>>>;
+
+enum ReplyTo {
+    Async(tokio::sync::oneshot::Sender<Frame>),
+    Sync(std::sync::mpsc::Sender<Frame>),
+}
+
+enum XenJob {
+    Ask(Vec<u8>, ReplyTo),
+    Close(tokio::sync::oneshot::Sender<()>),
+}
+
+fn link_closed() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, "the Xen link to the manager is closed")
+}
+
+/// Runs the frontend on the worker thread until closed or every handle is dropped.
+async fn xen_worker(dir: String, mut jobs: tokio::sync::mpsc::UnboundedReceiver<XenJob>, ready: tokio::sync::oneshot::Sender<Result<(), String>>) {
+    let connected = async {
+        let (xs, mut events) = XsClient::open().await.map_err(|e| format!("xenstore: {e}"))?;
+        let mut transport = XenFrontendTransport::open().map_err(|e| format!("grant/event devices: {e}"))?;
+        Frontend::connect(std::sync::Arc::new(xs), &mut events, &mut transport, &dir, FrontendConfig::default())
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let mut f = match connected {
+        Ok(f) => {
+            let _ = ready.send(Ok(()));
+            f
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    while let Some(job) = jobs.recv().await {
+        match job {
+            XenJob::Ask(frame, to) => {
+                let r = f.transact(&frame).await.map(Zeroizing::new).map_err(|e| std::io::Error::other(e.to_string()));
+                match to {
+                    ReplyTo::Async(tx) => drop(tx.send(r)),
+                    ReplyTo::Sync(tx) => drop(tx.send(r)),
+                }
+            }
+            XenJob::Close(done) => {
+                f.close().await;
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+    f.close().await;
+}
+
+fn reply_of(frame: &[u8]) -> std::io::Result<VtpmReply> {
+    let body = frame.get(4..).ok_or_else(|| std::io::Error::other("short reply frame"))?;
+    mgr::decode(body).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 impl MgrLink {
-    /// Opens the link (for Xen: the frontend handshake with the manager's backend).
+    /// Opens the link (for Xen: the frontend handshake with the manager's backend, on the
+    /// link's own thread).
     pub async fn open(spec: &MgrSpec) -> Result<MgrLink, KeyError> {
         match spec {
             MgrSpec::Socket(p) => Ok(MgrLink::Socket(p.clone())),
             MgrSpec::Xen(dir) => {
                 let io = |e: String| KeyError::Connect { what: format!("Xen link {dir}"), source: std::io::Error::other(e) };
-                let (xs, mut events) = XsClient::open().await.map_err(|e| io(format!("xenstore: {e}")))?;
-                let mut transport = XenFrontendTransport::open().map_err(|e| io(format!("grant/event devices: {e}")))?;
-                let f = Frontend::connect(std::sync::Arc::new(xs), &mut events, &mut transport, dir, FrontendConfig::default())
-                    .await
-                    .map_err(|e| io(e.to_string()))?;
-                Ok(MgrLink::Xen(Box::new(tokio::sync::Mutex::new(Some(f)))))
+                let (tx, jobs) = tokio::sync::mpsc::unbounded_channel();
+                let (ready_tx, ready) = tokio::sync::oneshot::channel();
+                let d = dir.clone();
+                std::thread::Builder::new()
+                    .name("mgr-xen-link".into())
+                    .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt.block_on(xen_worker(d, jobs, ready_tx)),
+                        Err(e) => drop(ready_tx.send(Err(format!("runtime: {e}")))),
+                    })
+                    .map_err(|e| io(format!("starting the link thread: {e}")))?;
+                ready.await.map_err(|_| io("the link thread stopped".into()))?.map_err(io)?;
+                Ok(MgrLink::Xen(XenWorker { tx }))
             }
         }
     }
@@ -62,7 +137,7 @@ impl MgrLink {
     /// One request and its reply.
     pub async fn ask(&self, req: &VtpmRequest) -> std::io::Result<VtpmReply> {
         let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let reply = match self {
+        match self {
             MgrLink::Socket(path) => {
                 let mut s = tokio::net::UnixStream::connect(path).await?;
                 s.write_all(&frame).await?;
@@ -71,29 +146,85 @@ impl MgrLink {
                 let n = mgr::frame_len(len).map_err(|e| std::io::Error::other(e.to_string()))?;
                 let mut body = Zeroizing::new(vec![0u8; n]);
                 s.read_exact(&mut body).await?;
-                return mgr::decode(&body).map_err(|e| std::io::Error::other(e.to_string()));
+                mgr::decode(&body).map_err(|e| std::io::Error::other(e.to_string()))
             }
-            MgrLink::Xen(f) => {
-                let mut f = f.lock().await;
-                let f = f.as_mut().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotConnected, "the Xen link to the manager is closed"))?;
-                Zeroizing::new(f.transact(&frame).await.map_err(|e| std::io::Error::other(e.to_string()))?)
+            MgrLink::Xen(w) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                w.tx.send(XenJob::Ask(frame, ReplyTo::Async(tx))).map_err(|_| link_closed())?;
+                let reply = rx.await.map_err(|_| link_closed())??;
+                reply_of(&reply)
             }
-        };
-        let body = reply.get(4..).ok_or_else(|| std::io::Error::other("short reply frame"))?;
-        mgr::decode(body).map_err(|e| std::io::Error::other(e.to_string()))
+        }
+    }
+
+    /// One request and its reply, blocking the calling thread (at most `timeout`). `conn`
+    /// caches the socket connection between calls. For callers inside a synchronous step, such
+    /// as a state write ([`crate::anchor`]); safe to call from within the runtime's thread,
+    /// because the Xen link runs on its own thread.
+    pub fn ask_blocking(&self, req: &VtpmRequest, conn: &mut Option<std::os::unix::net::UnixStream>, timeout: Duration) -> std::io::Result<VtpmReply> {
+        use std::io::{Read, Write};
+        let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
+        match self {
+            MgrLink::Socket(path) => {
+                // A cached connection the manager closed (restart) fails the write or the read:
+                // then once more on a fresh one.
+                for attempt in 0..2 {
+                    let s = match conn {
+                        Some(s) => s,
+                        None => {
+                            let s = std::os::unix::net::UnixStream::connect(path)?;
+                            s.set_read_timeout(Some(timeout))?;
+                            s.set_write_timeout(Some(timeout))?;
+                            conn.insert(s)
+                        }
+                    };
+                    let exchange = (|| {
+                        s.write_all(&frame)?;
+                        let mut len = [0u8; 4];
+                        s.read_exact(&mut len)?;
+                        let n = mgr::frame_len(len).map_err(|e| std::io::Error::other(e.to_string()))?;
+                        let mut body = Zeroizing::new(vec![0u8; n]);
+                        s.read_exact(&mut body)?;
+                        mgr::decode::<VtpmReply>(&body).map_err(|e| std::io::Error::other(e.to_string()))
+                    })();
+                    match exchange {
+                        Ok(r) => return Ok(r),
+                        Err(e) => {
+                            *conn = None;
+                            let stale = matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset);
+                            if attempt == 1 || !stale {
+                                return Err(e);
+                            }
+                        }
+                    }
+                }
+                unreachable!("the loop returns")
+            }
+            MgrLink::Xen(w) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                w.tx.send(XenJob::Ask(frame, ReplyTo::Sync(tx))).map_err(|_| link_closed())?;
+                let reply = rx.recv_timeout(timeout).map_err(|e| match e {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => std::io::Error::new(std::io::ErrorKind::TimedOut, "the manager did not answer over the Xen link"),
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => link_closed(),
+                })??;
+                reply_of(&reply)
+            }
+        }
     }
 
     /// Closes the link the way Xen expects (the frontend goes Closing → Closed and releases
     /// its page), so the manager sees an orderly detach. A no-op for the socket.
     pub async fn close(&self) {
-        if let MgrLink::Xen(f) = self
-            && let Some(f) = f.lock().await.take()
-        {
-            f.close().await;
+        if let MgrLink::Xen(w) = self {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if w.tx.send(XenJob::Close(tx)).is_ok() {
+                let _ = rx.await;
+            }
         }
     }
 
-    fn describe(&self) -> String {
+    /// What the link is, for messages.
+    pub fn describe(&self) -> String {
         match self {
             MgrLink::Socket(p) => p.display().to_string(),
             MgrLink::Xen(_) => "Xen link".into(),
@@ -129,7 +260,7 @@ pub async fn fetch_state_key(link: &MgrLink, uuid: Uuid, wait: Duration) -> Resu
                 Ok(Zeroizing::new(arr))
             }
             VtpmReply::Error(f) => Err(KeyError::Refused(f)),
-            VtpmReply::DeepQuote { .. } | VtpmReply::EkCert { .. } => {
+            VtpmReply::DeepQuote { .. } | VtpmReply::EkCert { .. } | VtpmReply::StateAnchored { .. } => {
                 Err(KeyError::Protocol("unexpected reply to a state-key request".into()))
             }
         };

@@ -43,6 +43,26 @@ pub enum StoreError {
         /// Family requested.
         wanted: Family,
     },
+    /// The manager refused the state as older than (or different from) the newest state it
+    /// anchored for this vTPM ([`crate::anchor`]).
+    #[error("state {path} (generation {generation}) was refused by the manager: {reason}")]
+    Stale {
+        /// The state file or device.
+        path: PathBuf,
+        /// Its authenticated generation.
+        generation: u64,
+        /// The manager's explanation (names the anchored generation and the admin command).
+        reason: String,
+    },
+    /// A state was written, but the manager did not anchor it: the command that changed it is
+    /// not acknowledged ([`crate::anchor`]).
+    #[error("state generation {generation} was written but not anchored by the manager ({reason}); the change is not acknowledged, and the next write retries the anchor first")]
+    Unanchored {
+        /// The generation written.
+        generation: u64,
+        /// Why.
+        reason: String,
+    },
     /// An I/O error.
     #[error("{what} {path}: {source}")]
     Io {
@@ -102,6 +122,13 @@ impl Store {
     /// The generation of the last write.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Makes the next save write a generation above `generation` (no effect if it would
+    /// anyway): after an administrator accepted an older state, so that its new writes
+    /// outnumber every write of the abandoned newer states ([`crate::anchor`]).
+    pub fn skip_generation_to(&mut self, generation: u64) {
+        self.generation = self.generation.max(generation);
     }
 
     /// The state file path.

@@ -122,6 +122,9 @@ pub enum ErrorCode {
     Tpm,
     /// Anything else.
     Internal,
+    /// A vTPM presented a state older than (or different from) the newest one the manager
+    /// anchored for it: a restored copy. Accept it only with `xl-vtpm vtpm accept-state`.
+    StaleState,
 }
 
 /// An error answer: a class and a sentence that names the fix.
@@ -184,6 +187,24 @@ pub enum VtpmRequest {
         /// The vTPM's fixed TPM properties, for the certificate's TCG attributes.
         tpm: crate::ekcert::TpmInfo,
     },
+    /// Anchors a state generation of this vTPM in the manager's store (covered by the physical
+    /// TPM's NV counter), so that an older state is refused when the vTPM starts. Sent once when
+    /// the vTPM opens its state (`opening`), before it writes anything, and after every state
+    /// write, before the vTPM answers the command that caused it. The manager answers
+    /// [`VtpmReply::StateAnchored`] only once the anchor is durable; it refuses a generation
+    /// below its anchor, or equal to it with another digest, with [`ErrorCode::StaleState`].
+    /// Authorised like `GetStateKey`.
+    AnchorState {
+        /// The UUID the caller expects to be (checked like `GetStateKey`).
+        uuid: Uuid,
+        /// The state's generation, read from the authenticated header of the sealed state.
+        generation: u64,
+        /// [`crate::sealed::anchor_digest`] of the state, hex (64 digits).
+        digest: String,
+        /// True when the vTPM is opening its state (start), false after a write.
+        #[serde(default)]
+        opening: bool,
+    },
 }
 
 /// The manager's answer on a per-vTPM socket.
@@ -206,6 +227,16 @@ pub enum VtpmReply {
     EkCert {
         /// The certificate.
         cert: String,
+    },
+    /// The state generation is anchored durably (or was already).
+    StateAnchored {
+        /// The generation the manager's anchor now records.
+        generation: u64,
+        /// After an administrator accepted an older state: the vTPM's next write must use a
+        /// generation above this one (the newest generation of the abandoned states), so that
+        /// none of those can pass for a later write of the accepted state.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        continue_after: Option<u64>,
     },
     /// Refused or failed.
     Error(Failure),
@@ -299,6 +330,13 @@ pub struct StoreCounterInfo {
     /// The value read from the TPM just now; `None` if it could not be read (see the manager's
     /// log). It equals `store_value` unless something is wrong.
     pub tpm_value: Option<u64>,
+    /// vTPM state-anchor requests (`AnchorState`) answered since the manager started.
+    #[serde(default)]
+    pub anchor_requests: u64,
+    /// Store writes (counter increments) made for them since the manager started: group commit
+    /// makes one write cover every anchor request queued while the previous write ran.
+    #[serde(default)]
+    pub anchor_commits: u64,
 }
 
 /// What an administrator may ask on the root-only admin socket.
@@ -376,6 +414,13 @@ pub enum AdminRequest {
     },
     /// Unbinds the vTPM's process and its domain.
     VtpmDetach {
+        /// vTPM UUID.
+        uuid: Uuid,
+    },
+    /// Accepts the state the vTPM last presented and the manager refused as older than its
+    /// anchor (`xl-vtpm vtpm accept-state UUID --yes`): the anchor is set to that state, and
+    /// every change made after it is lost. The vTPM must be stopped.
+    VtpmAcceptState {
         /// vTPM UUID.
         uuid: Uuid,
     },
@@ -459,6 +504,23 @@ mod tests {
         let admin = AdminRequest::GroupCa { group: "default".into() };
         let json = String::from_utf8(encode(&admin).unwrap()[4..].to_vec()).unwrap();
         assert_eq!(json, r#"{"op":"group-ca","group":"default"}"#);
+    }
+
+    #[test]
+    fn state_anchor_wire_form() {
+        let req = VtpmRequest::AnchorState { uuid: Uuid::nil(), generation: 7, digest: "ab".repeat(32), opening: true };
+        let json = String::from_utf8(encode(&req).unwrap()[4..].to_vec()).unwrap();
+        assert!(json.starts_with(r#"{"op":"anchor-state","uuid":"00000000-0000-0000-0000-000000000000","generation":7,"digest":"abab"#), "{json}");
+        assert_eq!(decode::<VtpmRequest>(json.as_bytes()).unwrap(), req);
+        // `opening` defaults to false; `continue_after` is omitted while unset.
+        let after = decode::<VtpmRequest>(br#"{"op":"anchor-state","uuid":"00000000-0000-0000-0000-000000000000","generation":8,"digest":""}"#).unwrap();
+        assert!(matches!(after, VtpmRequest::AnchorState { opening: false, generation: 8, .. }));
+        let reply = VtpmReply::StateAnchored { generation: 7, continue_after: None };
+        assert_eq!(String::from_utf8(encode(&reply).unwrap()[4..].to_vec()).unwrap(), r#"{"result":"state-anchored","generation":7}"#);
+        let f = VtpmReply::Error(Failure::new(ErrorCode::StaleState, "older"));
+        assert!(String::from_utf8(encode(&f).unwrap()[4..].to_vec()).unwrap().contains(r#""code":"stale-state""#));
+        let admin = AdminRequest::VtpmAcceptState { uuid: Uuid::nil() };
+        assert_eq!(String::from_utf8(encode(&admin).unwrap()[4..].to_vec()).unwrap(), r#"{"op":"vtpm-accept-state","uuid":"00000000-0000-0000-0000-000000000000"}"#);
     }
 
     #[test]

@@ -142,6 +142,26 @@ pub fn seal(key: &[u8; KEY_LEN], uuid: &Uuid, state: &State, nonce: &[u8; 12]) -
     out
 }
 
+/// Domain separation of [`anchor_digest`].
+const ANCHOR_CONTEXT: &[u8] = b"xvtpm/state-anchor/v1\0";
+
+/// What the manager's anchor records of one state write besides its generation: SHA-256 over
+/// the family, generation and both plaintext blobs. Two writes with the same generation but
+/// different contents (a copy kept from an interrupted write, then a new write at the same
+/// generation) have different digests, so the anchor tells them apart.
+pub fn anchor_digest(family: Family, generation: u64, permanent: &[u8], volatile: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(ANCHOR_CONTEXT);
+    h.update([family_byte(family)]);
+    h.update(generation.to_be_bytes());
+    h.update((permanent.len() as u64).to_be_bytes());
+    h.update(permanent);
+    h.update((volatile.len() as u64).to_be_bytes());
+    h.update(volatile);
+    h.finalize().into()
+}
+
 /// Reads the unauthenticated header fields (for diagnostics such as
 /// `xl-vtpm vtpm show`); trust nothing in it until [`open`] succeeds.
 pub fn peek(bytes: &[u8]) -> Result<(Family, Uuid, u64), OpenError> {
@@ -251,6 +271,21 @@ mod tests {
         let mut bad = f.clone();
         bad[0] = b'Y';
         assert_eq!(open(&key, &id, &bad).unwrap_err(), OpenError::BadMagic);
+    }
+
+    #[test]
+    fn anchor_digest_binds_every_field() {
+        let base = anchor_digest(Family::Tpm2, 7, b"perm", b"vol");
+        assert_eq!(base, anchor_digest(Family::Tpm2, 7, b"perm", b"vol"));
+        for other in [
+            anchor_digest(Family::Tpm12, 7, b"perm", b"vol"),
+            anchor_digest(Family::Tpm2, 8, b"perm", b"vol"),
+            anchor_digest(Family::Tpm2, 7, b"perm2", b"vol"),
+            anchor_digest(Family::Tpm2, 7, b"perm", b""),
+            anchor_digest(Family::Tpm2, 7, b"permv", b"ol"),
+        ] {
+            assert_ne!(base, other);
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
 
 
+use crate::anchor::{self, Anchorer};
 use crate::deepquote::{self, Batcher};
 use crate::manager::{Attachment, Manager};
 
@@ -112,6 +113,7 @@ fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 struct VtpmSockets {
     tasks: HashMap<Uuid, JoinHandle<()>>,
     batcher: Batcher,
+    anchorer: Anchorer,
 }
 
 impl VtpmSockets {
@@ -136,7 +138,7 @@ impl VtpmSockets {
             match bind(&path, 0o600) {
                 Ok(l) => {
                     let m = mgr.clone();
-                    self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, m, self.batcher.clone())));
+                    self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, m, self.batcher.clone(), self.anchorer.clone())));
                 }
                 Err(e) => error!(vtpm = %uuid, error = %e, path = %path.display(), "cannot bind the vTPM socket"),
             }
@@ -144,17 +146,23 @@ impl VtpmSockets {
     }
 }
 
-async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared, batcher: Batcher) {
+async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared, batcher: Batcher, anchorer: Anchorer) {
     loop {
         let Ok((mut s, _)) = l.accept().await else { continue };
         let m = mgr.clone();
         let b = batcher.clone();
+        let a = anchorer.clone();
         tokio::spawn(async move {
             let pid = s.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
             while let Ok(Some(body)) = read_frame(&mut s).await {
                 let reply = match mgr::decode::<VtpmRequest>(&body) {
                     Ok(VtpmRequest::GetStateKey { version, uuid: claimed }) => lock(&m).state_key(uuid, pid, version, claimed),
                     Ok(req @ VtpmRequest::DeepQuote { .. }) => deep_quote(&m, &b, uuid, pid, req).await,
+                    // Authorised inside the batch: queueing never waits for the manager lock.
+                    Ok(req @ VtpmRequest::AnchorState { .. }) => match a.submit(uuid, anchor::Peer::Socket(pid), req) {
+                        Ok(rx) => anchor::reply_for(rx).await,
+                        Err(reply) => reply,
+                    },
                     Ok(VtpmRequest::IssueEkCert { uuid: claimed, ek_public, tpm }) => {
                         // A TPM signature (and, the first time, a CA key): off the async threads.
                         let m2 = m.clone();
@@ -200,10 +208,11 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
     for (uuid, att) in reloaded {
         watch_attachment(&shared, uuid, att);
     }
+    let anchorer = Anchorer::spawn(shared.clone());
     // vTPMs in their own Xen domains reach the manager over tpmif (xenlink).
     let xen_poke = match xen_root {
         Some(root) => {
-            let link = crate::xenlink::XenLink::open(&root, shared.clone(), batcher.clone()).await?;
+            let link = crate::xenlink::XenLink::open(&root, shared.clone(), batcher.clone()).await?.with_anchorer(anchorer.clone());
             let poke = link.poker();
             tokio::spawn(link.run());
             info!(root = %root, "Xen manager link serving vTPM domains");
@@ -211,7 +220,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
         }
         None => None,
     };
-    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), batcher }));
+    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), batcher, anchorer }));
     sockets.lock().await.reconcile(&shared);
     info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.

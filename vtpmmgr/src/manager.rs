@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 
 use crate::hwtpm::{AkAlg, HwTpm, MasterSecret, PcrPolicySpec};
 use crate::rollback::{Protected, RollbackError};
-use crate::store::{EkBinding, Group, GroupCa, Store, StoreKeys, VtpmEntry};
+use crate::store::{EkBinding, Group, GroupCa, StateAnchor, Store, StoreKeys, VtpmEntry};
 
 /// A physical quote to run outside the manager lock.
 pub struct QuoteJob {
@@ -141,6 +141,10 @@ pub struct Manager {
     attached_domains: HashMap<Uuid, u32>,
     software_tpm: bool,
     stats: std::sync::Arc<crate::deepquote::Stats>,
+    /// The state each vTPM last presented and was refused as older than its anchor, for
+    /// `VtpmAcceptState` ([`crate::anchor`]).
+    refused_states: HashMap<Uuid, StateAnchor>,
+    anchor_stats: std::sync::Arc<crate::anchor::Stats>,
 }
 
 fn now() -> u64 {
@@ -208,7 +212,19 @@ impl Manager {
         let hw = std::sync::Arc::new(std::sync::Mutex::new(hw));
         let attached = load_attachments(&cfg.attachments_path());
         let attached_domains = load_domain_attachments(&cfg.domain_attachments_path(), &store);
-        Ok(Manager { cfg, hw, store, protected, master, attached, attached_domains, software_tpm, stats: Default::default() })
+        Ok(Manager {
+            cfg,
+            hw,
+            store,
+            protected,
+            master,
+            attached,
+            attached_domains,
+            software_tpm,
+            stats: Default::default(),
+            refused_states: HashMap::new(),
+            anchor_stats: Default::default(),
+        })
     }
 
     /// The configuration.
@@ -453,6 +469,11 @@ impl Manager {
         self.hw.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Shared state-anchor counters.
+    pub fn anchor_stats(&self) -> std::sync::Arc<crate::anchor::Stats> {
+        self.anchor_stats.clone()
+    }
+
     /// Shared deep-quote counters.
     pub fn stats(&self) -> std::sync::Arc<crate::deepquote::Stats> {
         self.stats.clone()
@@ -526,7 +547,13 @@ impl Manager {
                 None
             }
         };
-        Some(Box::new(StoreCounterInfo { nv_index: c.nv_index, store_value: c.value, tpm_value: tpm }))
+        Some(Box::new(StoreCounterInfo {
+            nv_index: c.nv_index,
+            store_value: c.value,
+            tpm_value: tpm,
+            anchor_requests: self.anchor_stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+            anchor_commits: self.anchor_stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+        }))
     }
 
     fn status(&mut self) -> StatusInfo {
@@ -603,7 +630,7 @@ impl Manager {
                 if self.store.vtpm(&uuid).is_some() {
                     return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} exists already")));
                 }
-                let v = VtpmEntry { uuid, group: g.uuid, created: now(), ek: None };
+                let v = VtpmEntry { uuid, group: g.uuid, created: now(), ek: None, state: None };
                 let mut next = self.store.clone();
                 next.vtpms.push(v.clone());
                 self.commit(next)?;
@@ -624,6 +651,7 @@ impl Manager {
                 let mut next = self.store.clone();
                 next.vtpms.retain(|v| v.uuid != uuid);
                 self.commit(next)?;
+                self.refused_states.remove(&uuid);
                 self.attached.remove(&uuid);
                 self.save_attachments();
                 self.attached_domains.remove(&uuid);
@@ -670,6 +698,7 @@ impl Manager {
                 info!(vtpm = %uuid, domid, "domain attached");
                 AdminReply::Ok
             }
+            AdminRequest::VtpmAcceptState { uuid } => return self.accept_state(uuid),
             AdminRequest::VtpmDetach { uuid } => {
                 self.attached.remove(&uuid);
                 self.save_attachments();
@@ -756,6 +785,135 @@ impl Manager {
             warn!(error = %e, "could not record vTPM attachments; a manager restart will need them re-attached");
         }
     }
+}
+
+impl Manager {
+    /// Decides a batch of state-anchor requests ([`crate::anchor`]) and makes one durable store
+    /// write for every anchor it moves; answers each request (after that write, if it needed it).
+    pub fn anchor_batch(&mut self, batch: Vec<crate::anchor::Request>) {
+        use crate::anchor::Peer;
+        let n = batch.len();
+        let mut next: Option<Store> = None;
+        let mut changed: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
+        let mut waiting: Vec<(Uuid, u64, Option<u64>, tokio::sync::oneshot::Sender<VtpmReply>)> = Vec::new();
+        for r in batch {
+            let auth = match r.peer {
+                Peer::Socket(pid) => self.authorize(r.vtpm, pid, r.claimed),
+                Peer::Domain(domid) => self.authorize_domain(r.vtpm, domid, r.claimed),
+            };
+            if let Err(f) = auth {
+                let _ = r.reply.send(VtpmReply::Error(f));
+                continue;
+            }
+            let current = next.as_ref().unwrap_or(&self.store).vtpm(&r.vtpm).and_then(|v| v.state.clone());
+            let presented = StateAnchor { generation: r.generation, digest: r.digest, fence: None };
+            let g = presented.generation;
+            let refusal = match &current {
+                None => None,
+                Some(a) if g < a.generation => Some(format!("state generation {g} is older than generation {}, the newest the manager anchored for vTPM {}", a.generation, r.vtpm)),
+                Some(a) if g == a.generation && presented.digest != a.digest => Some(format!(
+                    "state generation {g} of vTPM {} has other contents than the generation {} the manager anchored (a copy kept from an interrupted write, or a different state)",
+                    r.vtpm, a.generation
+                )),
+                Some(a) if g > a.generation && a.fence.is_some_and(|f| g <= f) => Some(format!(
+                    "state generation {g} of vTPM {} is one of the states abandoned when an administrator accepted generation {} (they reached generation {})",
+                    r.vtpm,
+                    a.generation,
+                    a.fence.unwrap_or_default()
+                )),
+                Some(_) => None,
+            };
+            if let Some(what) = refusal {
+                let anchored = current.as_ref().map(|a| a.generation).unwrap_or_default();
+                warn!(vtpm = %r.vtpm, presented = g, anchored, opening = r.opening, "refused an older vTPM state");
+                let f = stale(r.vtpm, &what, g, r.opening);
+                self.refused_states.insert(r.vtpm, presented);
+                let _ = r.reply.send(VtpmReply::Error(f));
+                continue;
+            }
+            let mut continue_after = None;
+            match &current {
+                Some(a) if g == a.generation => continue_after = a.fence,
+                _ => {
+                    if current.is_none() || r.opening {
+                        info!(vtpm = %r.vtpm, generation = g, previous = ?current.as_ref().map(|a| a.generation), opening = r.opening, "anchoring vTPM state");
+                    }
+                    let store = next.get_or_insert_with(|| self.store.clone());
+                    if let Some(v) = store.vtpms.iter_mut().find(|v| v.uuid == r.vtpm) {
+                        v.state = Some(presented.clone());
+                    }
+                    changed.insert(r.vtpm);
+                }
+            }
+            if r.opening {
+                self.refused_states.remove(&r.vtpm);
+            }
+            waiting.push((r.vtpm, g, continue_after, r.reply));
+        }
+        let committed = match next {
+            Some(next) => {
+                crate::anchor::count(&self.anchor_stats, 0, 1);
+                self.commit(next).map_err(into_failure)
+            }
+            None => Ok(()),
+        };
+        if let Err(f) = &committed {
+            warn!(error = %f, "could not anchor vTPM states; their writes are not acknowledged");
+        }
+        for (vtpm, generation, continue_after, reply) in waiting {
+            let answer = match &committed {
+                Err(f) if changed.contains(&vtpm) => VtpmReply::Error(Failure::new(f.code, format!("anchoring state generation {generation}: {}", f.message))),
+                _ => VtpmReply::StateAnchored { generation, continue_after },
+            };
+            let _ = reply.send(answer);
+        }
+        crate::anchor::count(&self.anchor_stats, n, 0);
+    }
+
+    /// `VtpmAcceptState`: makes the state vTPM `uuid` last presented (and was refused) its anchor.
+    fn accept_state(&mut self, uuid: Uuid) -> Result<AdminReply, AdminReply> {
+        let entry = self.store.vtpm(&uuid).cloned().ok_or_else(|| not_found(&uuid))?;
+        if let Some(pid) = self.attached.get(&uuid).filter(|a| a.alive()).map(|a| a.pid) {
+            return Err(fail(ErrorCode::BadRequest, format!("vTPM {uuid} is running (process {pid}); stop it first (`xl-vtpm vtpm stop {uuid}`)")));
+        }
+        let Some(presented) = self.refused_states.get(&uuid).cloned() else {
+            return Err(fail(
+                ErrorCode::NotFound,
+                format!(
+                    "the manager has refused no state of vTPM {uuid} since it started, so there is nothing to accept: start the vTPM (`xl-vtpm vtpm start {uuid}`) so that the manager sees its state, then run accept-state again"
+                ),
+            ));
+        };
+        // Every generation the abandoned states reached stays refused; the vTPM's next write
+        // skips above them (`continue_after`).
+        let old = entry.state.as_ref();
+        let fence = old.map(|a| a.generation.max(a.fence.unwrap_or(0))).filter(|f| *f > presented.generation);
+        let accepted = StateAnchor { fence, ..presented.clone() };
+        let mut next = self.store.clone();
+        if let Some(v) = next.vtpms.iter_mut().find(|v| v.uuid == uuid) {
+            v.state = Some(accepted);
+        }
+        self.commit(next)?;
+        self.refused_states.remove(&uuid);
+        warn!(vtpm = %uuid, accepted = presented.generation, was = ?entry.state.map(|a| a.generation), fence = ?fence, "administrator accepted an older vTPM state");
+        Ok(AdminReply::Ok)
+    }
+}
+
+/// The refusal of a presented state of vTPM `uuid` at generation `g`, `what` saying why:
+/// names the remedies.
+fn stale(uuid: Uuid, what: &str, g: u64, opening: bool) -> Failure {
+    let how = if opening {
+        "the state was restored from an older copy (backup, snapshot) or the disk lost writes; the vTPM did not start and the state was left untouched"
+    } else {
+        "another writer changed this vTPM's state"
+    };
+    Failure::new(
+        ErrorCode::StaleState,
+        format!(
+            "{what}: {how}. Put back the newest state, or — knowing that every change after generation {g} is lost — accept this one with `xl-vtpm vtpm accept-state {uuid} --yes` and start the vTPM again"
+        ),
+    )
 }
 
 fn into_failure(r: AdminReply) -> Failure {

@@ -62,8 +62,12 @@
 //! above, logging "migrating manager store" and "migrated". A format-1 store on a TPM that
 //! already holds this manager's counter is refused as a downgrade.
 //!
-//! Every write costs one NV increment (plus a read-back). A TPM's NV endures 100k+ writes and
-//! the store changes only on admin operations (provision, groups, vTPM create/delete).
+//! Every write costs one NV increment (plus a read-back). The store changes on admin operations
+//! (provision, groups, vTPM create/delete) and when vTPMs anchor new state generations
+//! ([`crate::anchor`]); those are group-committed, one write for every anchor queued while the
+//! previous write ran, so a vTPM writing NV continuously costs one increment per store write
+//! (a few ms), not per command. A TPM's NV counter endures 100k+ increments before it may
+//! throttle (`TPM_RC_NV_RATE`); NV-write-heavy guests wear the physical TPM accordingly.
 
 use std::path::{Path, PathBuf};
 

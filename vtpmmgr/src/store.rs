@@ -101,6 +101,26 @@ pub struct VtpmEntry {
     /// The EK certified for this vTPM (absent until its first EK certificate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ek: Option<EkBinding>,
+    /// The newest state the vTPM anchored (absent until its first `AnchorState`; stores
+    /// written before state anchors have none, and keep their MAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateAnchor>,
+}
+
+/// A vTPM's state anchor: the generation of its newest state write and that write's
+/// `vtpm_proto::sealed::anchor_digest`. The manager refuses a state whose generation is lower,
+/// or equal with another digest ([`crate::anchor`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StateAnchor {
+    /// State generation.
+    pub generation: u64,
+    /// Its digest, hex.
+    pub digest: String,
+    /// Set when an administrator accepted this (older) state: the newest generation of the
+    /// abandoned states. Generations above `generation` up to this one are refused; the vTPM's
+    /// next write skips above it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
 }
 
 /// Which NV counter covers the store, and which of its values this copy of the store is.
@@ -322,7 +342,7 @@ mod tests {
             version: STORE_VERSION,
             provision: None,
             groups: vec![],
-            vtpms: vec![VtpmEntry { uuid: Uuid::from_u128(7), group: Uuid::from_u128(1), created: 5, ek: None }],
+            vtpms: vec![VtpmEntry { uuid: Uuid::from_u128(7), group: Uuid::from_u128(1), created: 5, ek: None, state: None }],
             counter: Some(CounterRecord { nv_index: 0x0180_5600, value: 42 }),
         }
     }
@@ -365,9 +385,11 @@ mod tests {
         let k = keys(4);
         let bytes = encode(&sample(), &k);
         let text = String::from_utf8(bytes.clone()).unwrap();
-        assert!(!text.contains("\"ek\"") && !text.contains("\"ca\""), "{text}");
+        assert!(!text.contains("\"ek\"") && !text.contains("\"ca\"") && !text.contains("\"state\""), "{text}");
         let mut with = sample();
         with.vtpms[0].ek = Some(EkBinding { ek_sha256: "ab".into(), serial: "01".into(), issued: 9 });
+        assert_eq!(roundtrip(&encode(&with, &k), &k).unwrap(), with);
+        with.vtpms[0].state = Some(StateAnchor { generation: 3, digest: "cd".into(), fence: None });
         assert_eq!(roundtrip(&encode(&with, &k), &k).unwrap(), with);
         // Dropping the binding from the file is an edit the MAC catches.
         let mut v: serde_json::Value = serde_json::from_slice(&encode(&with, &k)).unwrap();

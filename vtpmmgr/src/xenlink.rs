@@ -57,6 +57,7 @@ use xen_platform::xenbus::{
 use xen_platform::xenstore::{WatchEvent, WatchEvents, Xenstore, XsClient};
 
 use crate::daemon::{Shared, lock};
+use crate::anchor::{self, Anchorer};
 use crate::deepquote::{self, Batcher};
 
 /// Where libxl puts the devices of `vtpm = ["backend=0,..."]`: the manager's backend root.
@@ -75,6 +76,7 @@ pub struct XenLink<X: Xenstore, T: Transport> {
     events: WatchEvents,
     mgr: Shared,
     batcher: Batcher,
+    anchorer: Anchorer,
     poke: Arc<Notify>,
     chunkers: HashMap<DeviceKey, ReplyChunker>,
     /// Devices whose current request is a deep quote at the batcher.
@@ -122,16 +124,25 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         let initial = backend.start().await?;
         initial.iter().for_each(log_event);
         info!(root, "Xen manager link watching");
+        let anchorer = Anchorer::spawn(mgr.clone());
         Ok(XenLink {
             backend,
             events,
             mgr,
             batcher,
+            anchorer,
             poke: Arc::new(Notify::new()),
             chunkers: HashMap::new(),
             deferred: HashSet::new(),
             ready: JoinSet::new(),
         })
+    }
+
+    /// Shares `anchorer` (the daemon's, so that anchors from the sockets and the Xen link share
+    /// store writes) instead of the link's own.
+    pub fn with_anchorer(mut self, anchorer: Anchorer) -> Self {
+        self.anchorer = anchorer;
+        self
     }
 
     /// A handle to make the link re-check refused devices now (e.g. after `VtpmAttachDomain`).
@@ -209,12 +220,21 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         let uuid = dev.uuid();
         let domid = u32::from(key.frontend.get());
         if let Some(cmd) = dev.connection().and_then(|c| peek_submit(c.page()))
-            && let Ok(req @ VtpmRequest::DeepQuote { .. }) = decode_request(&cmd)
+            && let Ok(req @ (VtpmRequest::DeepQuote { .. } | VtpmRequest::AnchorState { .. })) = decode_request(&cmd)
         {
-            match submit_deep_quote(&self.mgr, &self.batcher, uuid, domid, req) {
-                Ok(rx) => {
+            // Both wait for a batch (a physical quote, a store write): deferred, never blocking.
+            let queued = match req {
+                req @ VtpmRequest::AnchorState { .. } => self
+                    .anchorer
+                    .submit(uuid, anchor::Peer::Domain(domid), req)
+                    .map(|rx| Box::pin(anchor::reply_for(rx)) as std::pin::Pin<Box<dyn std::future::Future<Output = VtpmReply> + Send>>),
+                req => submit_deep_quote(&self.mgr, &self.batcher, uuid, domid, req)
+                    .map(|rx| Box::pin(deepquote::reply_for(rx)) as std::pin::Pin<Box<dyn std::future::Future<Output = VtpmReply> + Send>>),
+            };
+            match queued {
+                Ok(reply) => {
                     self.ready.spawn(async move {
-                        let reply = deepquote::reply_for(rx).await;
+                        let reply = reply.await;
                         (key, cmd, encode_reply(&reply))
                     });
                     self.deferred.insert(key);
@@ -294,7 +314,7 @@ fn answer(mgr: &Shared, uuid: Uuid, domid: u32, cmd: &[u8]) -> VtpmReply {
             lock(mgr).ek_cert_domain(uuid, domid, claimed, &ek_public, &tpm)
         }
         // Only reached when a deferred request was replaced under us: let the vTPM retry.
-        Ok(VtpmRequest::DeepQuote { .. }) => VtpmReply::Error(Failure::new(
+        Ok(VtpmRequest::DeepQuote { .. } | VtpmRequest::AnchorState { .. }) => VtpmReply::Error(Failure::new(
             ErrorCode::Busy,
             "the request changed while a deep quote was in progress; retry",
         )),

@@ -210,7 +210,7 @@ fn a_write_interrupted_after_the_increment_is_completed_at_start() {
         let mut c = s.counter.unwrap();
         c.value += 1;
         s.counter = Some(c);
-        s.vtpms.push(store::VtpmEntry { uuid: b, group: s.groups[0].uuid, created: 1, ek: None });
+        s.vtpms.push(store::VtpmEntry { uuid: b, group: s.groups[0].uuid, created: 1, ek: None, state: None });
         let bytes = store::encode(&s, &keys);
         std::fs::write(pending_path(&path), &bytes).unwrap();
         assert_eq!(hw.counter_increment(c.nv_index, keys.nv_auth()).unwrap(), c.value);
@@ -234,7 +234,7 @@ fn a_write_staged_before_the_increment_is_completed_at_start() {
         let (mut hw, keys, mut s) = as_manager(&tpm, &path);
         let c = s.counter.unwrap();
         s.counter = Some(store::CounterRecord { value: c.value + 1, ..c });
-        s.vtpms.push(store::VtpmEntry { uuid: b, group: s.groups[0].uuid, created: 1, ek: None });
+        s.vtpms.push(store::VtpmEntry { uuid: b, group: s.groups[0].uuid, created: 1, ek: None, state: None });
         std::fs::write(pending_path(&path), store::encode(&s, &keys)).unwrap();
         assert_eq!(hw.counter_probe(c.nv_index, keys.nv_auth()).unwrap(), CounterProbe::Value(c.value));
         c.value

@@ -413,3 +413,41 @@ async fn ek_certificates_over_the_link_only_for_the_attached_vtpm() {
     assert!(matches!(&r, VtpmReply::Error(f) if f.code == ErrorCode::NotAttached), "{r:?}");
     fe.close().await;
 }
+
+/// State anchors over the Xen link: deferred to the group-commit task like deep quotes, and the
+/// same rules as on the socket — an older generation (or the same one with other contents) is
+/// refused, naming both generations and the admin command.
+#[tokio::test(flavor = "current_thread")]
+async fn state_anchors_over_the_link() {
+    let w = World::start().await;
+    assert_eq!(w.admin(AdminRequest::VtpmAttachDomain { uuid: w.vtpm, domid: DOMID.into() }), AdminReply::Ok);
+    let mut fe = w.connect(Duration::from_secs(5)).await.unwrap();
+    let anchor = |uuid: Uuid, generation: u64, d: u8, opening: bool| VtpmRequest::AnchorState {
+        uuid,
+        generation,
+        digest: hex::encode([d; 32]),
+        opening,
+    };
+    let anchored = |g: u64| VtpmReply::StateAnchored { generation: g, continue_after: None };
+    assert_eq!(call(&mut fe, &anchor(w.vtpm, 5, 1, true)).await, anchored(5));
+    assert_eq!(call(&mut fe, &anchor(w.vtpm, 6, 2, false)).await, anchored(6));
+    // The same state again (a restart after a clean stop): answered, nothing written.
+    assert_eq!(call(&mut fe, &anchor(w.vtpm, 6, 2, true)).await, anchored(6));
+    for (g, d) in [(5, 1), (6, 3)] {
+        let r = call(&mut fe, &anchor(w.vtpm, g, d, true)).await;
+        let VtpmReply::Error(f) = &r else { panic!("generation {g} accepted: {r:?}") };
+        assert_eq!(f.code, ErrorCode::StaleState, "{r:?}");
+        assert!(f.message.contains(&format!("generation {g}")) && f.message.contains("generation 6"), "{}", f.message);
+        assert!(f.message.contains(&format!("xl-vtpm vtpm accept-state {} --yes", w.vtpm)), "{}", f.message);
+    }
+    // Another vTPM's UUID over this link: refused; a malformed digest: a bad request.
+    let r = call(&mut fe, &anchor(Uuid::new_v4(), 9, 1, false)).await;
+    assert!(matches!(&r, VtpmReply::Error(f) if f.code == ErrorCode::Refused), "{r:?}");
+    let bad = VtpmRequest::AnchorState { uuid: w.vtpm, generation: 9, digest: "zz".into(), opening: false };
+    assert!(matches!(call(&mut fe, &bad).await, VtpmReply::Error(f) if f.code == ErrorCode::BadRequest));
+    // The anchor is in the store: it survives the manager.
+    let AdminReply::Status(st) = w.admin(AdminRequest::Status) else { panic!("no status") };
+    let c = st.store_counter.expect("provisioned");
+    assert_eq!((c.anchor_requests, c.anchor_commits), (6, 2), "{c:?}");
+    fe.close().await;
+}

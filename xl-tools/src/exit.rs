@@ -38,7 +38,7 @@ impl CliError {
         let c = match code {
             ErrorCode::NotProvisioned => NOT_PROVISIONED,
             ErrorCode::NotFound => NOT_FOUND,
-            ErrorCode::Refused | ErrorCode::Exists | ErrorCode::AlreadyProvisioned => REFUSED,
+            ErrorCode::Refused | ErrorCode::Exists | ErrorCode::AlreadyProvisioned | ErrorCode::StaleState => REFUSED,
             ErrorCode::BadRequest => USAGE,
             _ => FAILURE,
         };

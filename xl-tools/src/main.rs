@@ -327,6 +327,15 @@ enum VtpmCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Accept the older state the manager refused at the vTPM's last start (a restored backup,
+    /// or a disk that lost writes): every change made after it is lost. Then start the vTPM.
+    AcceptState {
+        /// vTPM UUID.
+        uuid: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 const DEFAULT_VTPMDOM_KERNEL: &str = "/usr/lib/xvtpm/vtpmdom/vmlinuz";
@@ -742,6 +751,16 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("stopped vTPM {uuid}");
             } else {
                 println!("vTPM {uuid} was not running");
+            }
+        }
+        Cmd::Vtpm(VtpmCmd::AcceptState { uuid, yes }) => {
+            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            confirm(yes, &format!("Accept the older state of vTPM {uuid} that the manager refused: every change made after it is lost"))?;
+            admin.call(&AdminRequest::VtpmAcceptState { uuid })?;
+            if json {
+                print_json(&serde_json::json!({"uuid": uuid, "accepted": true}));
+            } else {
+                println!("accepted the refused state of vTPM {uuid}; start it with `xl-vtpm vtpm start {uuid}`");
             }
         }
         Cmd::Vtpm(VtpmCmd::Destroy { uuid, yes }) => {
