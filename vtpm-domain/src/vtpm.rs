@@ -6,7 +6,7 @@
 //! libtpms. A response is only sent once the state it implies is durable: if
 //! sealing or writing fails, the client gets `TPM_RC_FAILURE` instead.
 
-use tracing::{error, info};
+use tracing::info;
 use vtpm_engine::{Engine, TpmVersion};
 use vtpm_proto::tpm::{self, Family};
 
@@ -73,6 +73,9 @@ pub struct Vtpm {
     locality: u8,
     /// The permanent blob that is on disk, to skip writes that change nothing.
     last_saved: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// The engine's permanent state when its save failed: the engine is ahead of the disk, so
+    /// no command runs until this is written (see [`Vtpm::persist_if_dirty`]).
+    unsaved: Option<zeroize::Zeroizing<Vec<u8>>>,
 }
 
 impl Vtpm {
@@ -116,6 +119,7 @@ impl Vtpm {
             buffer_size: DEFAULT_BUFFER,
             locality: 0,
             last_saved: Some(zeroize::Zeroizing::new(state.permanent.to_vec())),
+            unsaved: None,
         };
         if vol.is_some() {
             let perm = state.permanent.clone();
@@ -183,13 +187,19 @@ impl Vtpm {
             guest_warn!(error = %e, "rejected malformed TPM command");
             return tpm::error_response(family, e.response_code(family)).to_vec();
         }
-        let Some(engine) = self.engine.as_mut() else {
+        let failure = || {
             let rc = match family {
                 Family::Tpm2 => tpm::TPM2_RC_FAILURE,
                 Family::Tpm12 => tpm::TPM12_FAIL,
             };
-            return tpm::error_response(family, rc).to_vec();
+            tpm::error_response(family, rc).to_vec()
         };
+        // A state the engine holds but the disk does not: write it first, or run nothing.
+        if let Err(e) = self.persist_if_dirty() {
+            guest_warn!(error = %e, "vTPM state still not saved; answering TPM_RC_FAILURE without running the command");
+            return failure();
+        }
+        let Some(engine) = self.engine.as_mut() else { return failure() };
         let mut rsp = engine.process(packet);
         if family == Family::Tpm2
             && let Some(patched) = vtpm_proto::deepquote_cmd::patch_getcap_response(packet, &rsp) {
@@ -198,21 +208,25 @@ impl Vtpm {
         match self.persist_if_dirty() {
             Ok(()) => rsp,
             Err(e) => {
-                error!(error = %e, "could not persist vTPM state; answering TPM_RC_FAILURE");
-                let rc = match family {
-                    Family::Tpm2 => tpm::TPM2_RC_FAILURE,
-                    Family::Tpm12 => tpm::TPM12_FAIL,
-                };
-                tpm::error_response(family, rc).to_vec()
+                guest_warn!(error = %e, "could not persist vTPM state; answering TPM_RC_FAILURE until a save succeeds");
+                failure()
             }
         }
     }
 
-    /// Writes the permanent state if libtpms changed it. A failed write is
-    /// retried on the next call (the dirty blob is kept).
+    /// Writes the permanent state if libtpms changed it, or if an earlier write failed.
+    ///
+    /// A failed write keeps the unsaved blob and the engine as they are; every later call
+    /// retries it, and [`Vtpm::execute`] runs no command until it is on disk. So a command
+    /// answered `TPM_RC_FAILURE` may still take effect once the disk recovers (as on a TPM
+    /// in failure mode), but no success answer ever shows state that is not durable. The
+    /// engine is not rolled back: libtpms' volatile state (PCRs, cached persistent data)
+    /// cannot be separated from the permanent state it was computed with.
     pub fn persist_if_dirty(&mut self) -> Result<(), StoreError> {
         let Some(engine) = self.engine.as_mut() else { return Ok(()) };
-        let Some(perm) = engine.take_dirty_permanent() else { return Ok(()) };
+        // A newer dirty blob supersedes an unsaved one (each is the whole permanent state).
+        let unsaved = self.unsaved.take();
+        let Some(perm) = engine.take_dirty_permanent().or(unsaved) else { return Ok(()) };
         if self.last_saved.as_deref().map(|v| &v[..]) == Some(&perm[..]) {
             return Ok(());
         }
@@ -222,8 +236,7 @@ impl Vtpm {
                 Ok(())
             }
             Err(e) => {
-                // Force a retry next time: forget what is on disk.
-                self.last_saved = None;
+                self.unsaved = Some(perm);
                 Err(e)
             }
         }
@@ -237,6 +250,7 @@ impl Vtpm {
         let vol = engine.volatile_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
         self.store.save(&perm, &vol)?;
         self.last_saved = Some(perm);
+        self.unsaved = None;
         Ok(())
     }
 
@@ -400,7 +414,7 @@ impl Manufacturing {
         let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
         store.save(&perm, &[])?;
         let _ = engine.take_dirty_permanent();
-        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm) };
+        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), unsaved: None };
         Ok((v, ek))
     }
 }
