@@ -77,6 +77,8 @@ pub struct Config {
     pub ek: EkChoice,
     /// Running as the init of the vTPM's own Xen domain ([`crate::init`]).
     pub as_init: bool,
+    /// Privilege drop and seccomp after setup ([`crate::sandbox`]; not applied as init).
+    pub sandbox: crate::sandbox::SandboxSpec,
 }
 
 /// Where the sealed state lives.

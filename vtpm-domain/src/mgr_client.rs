@@ -36,8 +36,9 @@ pub enum KeyError {
 
 /// A link to vtpmmgr.
 pub enum MgrLink {
-    /// The per-vTPM Unix socket (a new connection per request).
-    Socket(PathBuf),
+    /// The per-vTPM Unix socket (a new connection per request), and its directory once pinned
+    /// ([`MgrLink::pin_dir`]).
+    Socket(PathBuf, Option<crate::sandbox::PinnedDir>),
     /// tpmif to the manager's domain; one request at a time (`None` once closed).
     Xen(Box<tokio::sync::Mutex<Option<Frontend<XsClient, XenFrontendLink>>>>),
 }
@@ -46,7 +47,7 @@ impl MgrLink {
     /// Opens the link (for Xen: the frontend handshake with the manager's backend).
     pub async fn open(spec: &MgrSpec) -> Result<MgrLink, KeyError> {
         match spec {
-            MgrSpec::Socket(p) => Ok(MgrLink::Socket(p.clone())),
+            MgrSpec::Socket(p) => Ok(MgrLink::Socket(p.clone(), None)),
             MgrSpec::Xen(dir) => {
                 let io = |e: String| KeyError::Connect { what: format!("Xen link {dir}"), source: std::io::Error::other(e) };
                 let (xs, mut events) = XsClient::open().await.map_err(|e| io(format!("xenstore: {e}")))?;
@@ -63,7 +64,7 @@ impl MgrLink {
     pub async fn ask(&self, req: &VtpmRequest) -> std::io::Result<VtpmReply> {
         let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
         let reply = match self {
-            MgrLink::Socket(path) => {
+            MgrLink::Socket(path, _) => {
                 let mut s = tokio::net::UnixStream::connect(path).await?;
                 s.write_all(&frame).await?;
                 let mut len = [0u8; 4];
@@ -83,6 +84,17 @@ impl MgrLink {
         mgr::decode(body).map_err(|e| std::io::Error::other(e.to_string()))
     }
 
+    /// Opens the socket's directory now and connects through it from then on, so the
+    /// directories above it need not be reachable after the privilege drop.
+    pub fn pin_dir(&mut self) -> std::io::Result<()> {
+        if let MgrLink::Socket(path, pinned) = self {
+            let (dir, via) = crate::sandbox::PinnedDir::for_file(path)?;
+            *path = via;
+            *pinned = Some(dir);
+        }
+        Ok(())
+    }
+
     /// Closes the link the way Xen expects (the frontend goes Closing → Closed and releases
     /// its page), so the manager sees an orderly detach. A no-op for the socket.
     pub async fn close(&self) {
@@ -95,7 +107,7 @@ impl MgrLink {
 
     fn describe(&self) -> String {
         match self {
-            MgrLink::Socket(p) => p.display().to_string(),
+            MgrLink::Socket(p, _) => p.display().to_string(),
             MgrLink::Xen(_) => "Xen link".into(),
         }
     }
@@ -180,5 +192,5 @@ pub fn fetch_state_key_blocking(path: &std::path::Path, uuid: Uuid, wait: Durati
         .enable_all()
         .build()
         .map_err(|source| KeyError::Connect { what: "runtime".into(), source })?;
-    rt.block_on(fetch_state_key(&MgrLink::Socket(path.to_path_buf()), uuid, wait))
+    rt.block_on(fetch_state_key(&MgrLink::Socket(path.to_path_buf(), None), uuid, wait))
 }

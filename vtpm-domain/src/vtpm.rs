@@ -21,6 +21,11 @@ pub trait StateStore {
     fn save(&mut self, permanent: &[u8], volatile: &[u8]) -> Result<(), StoreError>;
     /// The generation of the last write.
     fn generation(&self) -> u64;
+    /// Opens what later writes need while the process is still privileged
+    /// ([`crate::sandbox`]); nothing by default.
+    fn pin_dir(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 impl StateStore for Store {
@@ -29,6 +34,9 @@ impl StateStore for Store {
     }
     fn generation(&self) -> u64 {
         Store::generation(self)
+    }
+    fn pin_dir(&mut self) -> Result<(), StoreError> {
+        Store::pin_dir(self)
     }
 }
 
@@ -133,6 +141,11 @@ impl Vtpm {
         }
         v.persist_if_dirty().map_err(VtpmError::Store)?;
         Ok(v)
+    }
+
+    /// Prepares the state store for the privilege drop ([`StateStore::pin_dir`]).
+    pub fn pin_store_dir(&mut self) -> Result<(), StoreError> {
+        self.store.pin_dir()
     }
 
     /// The TPM family.

@@ -29,6 +29,9 @@ struct Args {
     /// The vtpm-domain binary (default: next to xl-vtpm, then $PATH).
     #[arg(long, env = "XVTPM_VTPM_DOMAIN", global = true)]
     vtpm_domain: Option<PathBuf>,
+    /// Debugging only: run vTPM processes as root, without no-new-privileges or seccomp.
+    #[arg(long, env = "XVTPM_NO_SANDBOX", global = true)]
+    no_sandbox: bool,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -469,6 +472,7 @@ fn run(args: Args) -> Result<(), CliError> {
         state_dir: args.state_dir.clone(),
         run_dir: args.run_dir.clone(),
         vtpm_domain: vtpm_domain_path(args.vtpm_domain.clone()),
+        sandbox: !args.no_sandbox,
     };
     let domains = xl_tools::vtpmdom::Domains {
         local: &local,
