@@ -348,3 +348,31 @@ pub fn parse_uuid(arg: &str, what: &str) -> Result<Uuid, CliError> {
 pub fn not_found(uuid: &Uuid) -> CliError {
     CliError::new(NOT_FOUND, format!("no vTPM {uuid}; see `xl-vtpm vtpm list`"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Needs root (chown), as `make test` runs.
+    #[test]
+    fn vtpm_uids_are_stable_distinct_and_probe_past_collisions() {
+        let root = std::env::temp_dir().join(format!("xvtpm-uid-{}-{:?}", std::process::id(), std::time::Instant::now()));
+        let vtpms = root.join("vtpms");
+        // Two UUIDs that pick the same starting uid (same first four bytes).
+        let a: Uuid = "11223344-0000-4000-8000-000000000001".parse().unwrap();
+        let b: Uuid = "11223344-0000-4000-8000-000000000002".parse().unwrap();
+        let (da, db) = (vtpms.join(a.to_string()), vtpms.join(b.to_string()));
+        fs::create_dir_all(&da).unwrap();
+        fs::create_dir_all(&db).unwrap();
+        fs::write(da.join("state.xvts"), b"sealed").unwrap();
+        let ua = vtpm_uid(&vtpms, &da, &a).unwrap();
+        let ub = vtpm_uid(&vtpms, &db, &b).unwrap();
+        assert_eq!(ub, if ua + 1 == VTPM_UID_FIRST + VTPM_UID_COUNT { VTPM_UID_FIRST } else { ua + 1 }, "a collision takes the next free uid");
+        assert_eq!(vtpm_uid(&vtpms, &da, &a).unwrap(), ua, "a vTPM keeps its uid");
+        let (m, f) = (fs::metadata(&da).unwrap(), fs::metadata(da.join("state.xvts")).unwrap());
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (ua, VTPM_GID, 0o700));
+        assert_eq!((f.uid(), f.gid()), (ua, VTPM_GID));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
