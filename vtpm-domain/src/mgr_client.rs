@@ -36,9 +36,9 @@ pub enum KeyError {
 
 /// A link to vtpmmgr.
 pub enum MgrLink {
-    /// The per-vTPM Unix socket (a new connection per request), and its directory once pinned
-    /// ([`MgrLink::pin_dir`]).
-    Socket(PathBuf, Option<crate::sandbox::PinnedDir>),
+    /// The per-vTPM Unix socket (a new connection per request); once pinned
+    /// ([`MgrLink::pin_dir`]), its open directory and the socket's path through it.
+    Socket(PathBuf, Option<(crate::sandbox::PinnedDir, PathBuf)>),
     /// tpmif to the manager's domain; one request at a time (`None` once closed).
     Xen(Box<tokio::sync::Mutex<Option<Frontend<XsClient, XenFrontendLink>>>>),
 }
@@ -64,8 +64,8 @@ impl MgrLink {
     pub async fn ask(&self, req: &VtpmRequest) -> std::io::Result<VtpmReply> {
         let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
         let reply = match self {
-            MgrLink::Socket(path, _) => {
-                let mut s = tokio::net::UnixStream::connect(path).await?;
+            MgrLink::Socket(path, pinned) => {
+                let mut s = tokio::net::UnixStream::connect(pinned.as_ref().map_or(path, |(_, via)| via)).await?;
                 s.write_all(&frame).await?;
                 let mut len = [0u8; 4];
                 s.read_exact(&mut len).await?;
@@ -88,9 +88,7 @@ impl MgrLink {
     /// directories above it need not be reachable after the privilege drop.
     pub fn pin_dir(&mut self) -> std::io::Result<()> {
         if let MgrLink::Socket(path, pinned) = self {
-            let (dir, via) = crate::sandbox::PinnedDir::for_file(path)?;
-            *path = via;
-            *pinned = Some(dir);
+            *pinned = Some(crate::sandbox::PinnedDir::for_file(path)?);
         }
         Ok(())
     }
