@@ -164,7 +164,7 @@ pub fn allowed() -> Vec<i64> {
         SYS_brk, SYS_mmap, SYS_munmap, SYS_mremap, SYS_mprotect, SYS_madvise,
         // files: the sealed state (temp, write, fsync, rename, fsync dir; unlink on failure)
         SYS_openat, SYS_close, SYS_read, SYS_write, SYS_readv, SYS_writev, SYS_fstat, SYS_newfstatat,
-        SYS_statx, SYS_fsync, SYS_fdatasync, SYS_renameat, SYS_renameat2, SYS_unlinkat, SYS_fcntl,
+        SYS_statx, SYS_fsync, SYS_fdatasync, SYS_renameat2, SYS_unlinkat, SYS_fcntl,
         SYS_ioctl, SYS_lseek, SYS_getdents64, SYS_readlinkat,
         // sockets: accept, the manager link, SCM_RIGHTS (CMD_SET_DATAFD)
         SYS_accept4, SYS_connect, SYS_sendto, SYS_recvfrom, SYS_sendmsg, SYS_recvmsg, SYS_shutdown,
@@ -178,7 +178,7 @@ pub fn allowed() -> Vec<i64> {
         SYS_exit, SYS_exit_group, SYS_tgkill,
     ];
     #[cfg(target_arch = "x86_64")]
-    v.extend([SYS_open, SYS_stat, SYS_rename, SYS_unlink, SYS_poll, SYS_epoll_wait, SYS_readlink]);
+    v.extend([SYS_open, SYS_stat, SYS_rename, SYS_renameat, SYS_unlink, SYS_poll, SYS_epoll_wait, SYS_readlink]);
     v
 }
 

@@ -30,7 +30,8 @@ struct Args {
     #[arg(long, env = "XVTPM_VTPM_DOMAIN", global = true)]
     vtpm_domain: Option<PathBuf>,
     /// Debugging only: run vTPM processes as root, without no-new-privileges or seccomp.
-    #[arg(long, env = "XVTPM_NO_SANDBOX", global = true)]
+    #[arg(long, env = "XVTPM_NO_SANDBOX", global = true, action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::FalseyValueParser::new())]
     no_sandbox: bool,
     /// Machine-readable output.
     #[arg(long, global = true)]
