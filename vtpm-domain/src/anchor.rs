@@ -134,6 +134,10 @@ impl<S: StateStore + SkipGeneration> StateStore for Anchored<S> {
         self.anchor_save(generation, anchor_digest(self.family, generation, permanent, volatile))
     }
 
+    fn pin_dir(&mut self) -> Result<(), StoreError> {
+        // The anchor link shares its socket target with the vTPM's own link, which lib.rs pins.
+        self.inner.pin_dir()
+    }
     fn generation(&self) -> u64 {
         self.inner.generation()
     }

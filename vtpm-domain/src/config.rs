@@ -86,6 +86,8 @@ pub struct Config {
     pub as_init: bool,
     /// Keep serving after the controller on a `ctrl:PATH` socket hangs up.
     pub persist: bool,
+    /// Privilege drop and seccomp after setup ([`crate::sandbox`]; not applied as init).
+    pub sandbox: crate::sandbox::SandboxSpec,
 }
 
 /// Where the sealed state lives.

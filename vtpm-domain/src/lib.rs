@@ -20,6 +20,7 @@ pub mod init;
 pub mod mgr_client;
 pub mod peer;
 pub mod server;
+pub mod sandbox;
 pub mod store;
 pub mod vtpm;
 pub mod xen;
@@ -84,6 +85,15 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             Ok::<_, Fatal>((vtpm, ek, bound, blob_key))
         }
         .await;
+        // Setup done: from here on the process is unprivileged and reads client input.
+        let started = started.and_then(|(mut vtpm, ek, bound, blob_key)| {
+            if !cfg.sandbox.disabled {
+                vtpm.pin_store_dir().map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
+                link.pin_dir().context("opening the manager socket's directory").map_err(fatal(EXIT_MANAGER))?;
+            }
+            sandbox::enter(&cfg.sandbox).context("entering the sandbox (--no-sandbox turns it off for debugging)").map_err(fatal(1))?;
+            Ok((vtpm, ek, bound, blob_key))
+        });
         let (vtpm, ek, bound, blob_key) = match started {
             Ok(s) => s,
             Err(f) => {

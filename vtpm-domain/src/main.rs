@@ -63,9 +63,25 @@ struct Args {
     /// (`FILE.1`) each at most 1 MiB, instead of to stderr.
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// After setup, drop to this uid (with --gid; vtpm-domain must start as root).
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    /// After setup, drop to this gid (with --uid).
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
+    /// Debugging only: no privilege drop, no no-new-privileges, no seccomp filter.
+    #[arg(long, conflicts_with_all = ["uid", "gid"])]
+    no_sandbox: bool,
 }
 
 fn main() {
+    // Before anything holds a secret: no core dumps, not dumpable.
+    if let Err(e) = vtpm_domain::sandbox::harden() {
+        eprintln!("vtpm-domain: error: {e}");
+        if !init::is_pid1() {
+            std::process::exit(1);
+        }
+    }
     if std::env::args().nth(1).as_deref() == Some(init::POWEROFF_ARG) {
         std::process::exit(init::poweroff_helper());
     }
@@ -147,6 +163,7 @@ fn main() {
         ek: args.ek,
         as_init,
         persist: args.persist,
+        sandbox: vtpm_domain::sandbox::SandboxSpec { user: args.uid.zip(args.gid), disabled: args.no_sandbox || as_init },
     };
     let code = match vtpm_domain::run(cfg) {
         Ok(()) => 0,

@@ -37,8 +37,9 @@ pub enum KeyError {
 /// A link to vtpmmgr. Cheap to clone; every clone talks to the same manager link.
 #[derive(Clone)]
 pub enum MgrLink {
-    /// The per-vTPM Unix socket (a new connection per request).
-    Socket(PathBuf),
+    /// The per-vTPM Unix socket (a new connection per request). Clones share the target, so
+    /// pinning it ([`MgrLink::pin_dir`]) reaches every holder (the state store's anchor link too).
+    Socket(std::sync::Arc<SocketTarget>),
     /// tpmif to the manager's domain, driven by its own thread ([`XenWorker`]) so that it can
     /// be used from async code and — for state anchors, inside a state write — synchronously.
     Xen(XenWorker),
@@ -110,12 +111,31 @@ fn reply_of(frame: &[u8]) -> std::io::Result<VtpmReply> {
     mgr::decode(body).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
+/// Where the manager's per-vTPM socket is: its path, and once pinned the directory opened before
+/// the privilege drop and the socket's path through it (`/proc/self/fd/N/NAME`).
+#[derive(Debug)]
+pub struct SocketTarget {
+    path: PathBuf,
+    pinned: std::sync::OnceLock<(crate::sandbox::PinnedDir, PathBuf)>,
+}
+
+impl SocketTarget {
+    fn connect_path(&self) -> &std::path::Path {
+        self.pinned.get().map_or(&self.path, |(_, via)| via)
+    }
+}
+
 impl MgrLink {
+    /// A link over the per-vTPM Unix socket at `path`.
+    pub fn socket(path: &std::path::Path) -> MgrLink {
+        MgrLink::Socket(std::sync::Arc::new(SocketTarget { path: path.to_path_buf(), pinned: std::sync::OnceLock::new() }))
+    }
+
     /// Opens the link (for Xen: the frontend handshake with the manager's backend, on the
     /// link's own thread).
     pub async fn open(spec: &MgrSpec) -> Result<MgrLink, KeyError> {
         match spec {
-            MgrSpec::Socket(p) => Ok(MgrLink::Socket(p.clone())),
+            MgrSpec::Socket(p) => Ok(MgrLink::socket(p)),
             MgrSpec::Xen(dir) => {
                 let io = |e: String| KeyError::Connect { what: format!("Xen link {dir}"), source: std::io::Error::other(e) };
                 let (tx, jobs) = tokio::sync::mpsc::unbounded_channel();
@@ -138,8 +158,8 @@ impl MgrLink {
     pub async fn ask(&self, req: &VtpmRequest) -> std::io::Result<VtpmReply> {
         let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
         match self {
-            MgrLink::Socket(path) => {
-                let mut s = tokio::net::UnixStream::connect(path).await?;
+            MgrLink::Socket(t) => {
+                let mut s = tokio::net::UnixStream::connect(t.connect_path()).await?;
                 s.write_all(&frame).await?;
                 let mut len = [0u8; 4];
                 s.read_exact(&mut len).await?;
@@ -165,14 +185,14 @@ impl MgrLink {
         use std::io::{Read, Write};
         let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
         match self {
-            MgrLink::Socket(path) => {
+            MgrLink::Socket(t) => {
                 // A cached connection the manager closed (restart) fails the write or the read:
                 // then once more on a fresh one.
                 for attempt in 0..2 {
                     let s = match conn {
                         Some(s) => s,
                         None => {
-                            let s = std::os::unix::net::UnixStream::connect(path)?;
+                            let s = std::os::unix::net::UnixStream::connect(t.connect_path())?;
                             s.set_read_timeout(Some(timeout))?;
                             s.set_write_timeout(Some(timeout))?;
                             conn.insert(s)
@@ -212,6 +232,17 @@ impl MgrLink {
         }
     }
 
+    /// Opens the socket's directory now and connects through it from then on, so the
+    /// directories above it need not be reachable after the privilege drop.
+    pub fn pin_dir(&self) -> std::io::Result<()> {
+        if let MgrLink::Socket(t) = self
+            && t.pinned.get().is_none()
+        {
+            let _ = t.pinned.set(crate::sandbox::PinnedDir::for_file(&t.path)?);
+        }
+        Ok(())
+    }
+
     /// Closes the link the way Xen expects (the frontend goes Closing → Closed and releases
     /// its page), so the manager sees an orderly detach. A no-op for the socket.
     pub async fn close(&self) {
@@ -226,7 +257,7 @@ impl MgrLink {
     /// What the link is, for messages.
     pub fn describe(&self) -> String {
         match self {
-            MgrLink::Socket(p) => p.display().to_string(),
+            MgrLink::Socket(t) => t.path.display().to_string(),
             MgrLink::Xen(_) => "Xen link".into(),
         }
     }
@@ -311,5 +342,5 @@ pub fn fetch_state_key_blocking(path: &std::path::Path, uuid: Uuid, wait: Durati
         .enable_all()
         .build()
         .map_err(|source| KeyError::Connect { what: "runtime".into(), source })?;
-    rt.block_on(fetch_state_key(&MgrLink::Socket(path.to_path_buf()), uuid, wait))
+    rt.block_on(fetch_state_key(&MgrLink::socket(path), uuid, wait))
 }

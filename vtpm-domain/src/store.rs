@@ -86,6 +86,8 @@ pub struct Store {
     family: Family,
     key: Zeroizing<[u8; sealed::KEY_LEN]>,
     generation: u64,
+    /// Set by [`Store::pin_dir`]: the open directory and the state file's path through it.
+    via: Option<(crate::sandbox::PinnedDir, PathBuf)>,
 }
 
 impl Store {
@@ -99,7 +101,7 @@ impl Store {
             fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
         }
         xvtpm_fsutil::remove_stale_temps(path);
-        Ok(Store { path: path.to_path_buf(), uuid, family, key, generation: 0 })
+        Ok(Store { path: path.to_path_buf(), uuid, family, key, generation: 0, via: None })
     }
 
     /// Opens the existing state of a vTPM.
@@ -115,7 +117,7 @@ impl Store {
             return Err(StoreError::FamilyMismatch { path: path.to_path_buf(), found: state.family, wanted: family });
         }
         xvtpm_fsutil::remove_stale_temps(path);
-        let store = Store { path: path.to_path_buf(), uuid, family, key, generation: state.generation };
+        let store = Store { path: path.to_path_buf(), uuid, family, key, generation: state.generation, via: None };
         Ok((store, state))
     }
 
@@ -136,11 +138,20 @@ impl Store {
         &self.path
     }
 
+    /// Opens the state file's directory now and writes through it from then on, so the
+    /// directories above it need not be reachable after the privilege drop.
+    pub fn pin_dir(&mut self) -> Result<(), StoreError> {
+        let (dir, via) = crate::sandbox::PinnedDir::for_file(&self.path).map_err(io_err("opening the directory of", &self.path))?;
+        self.via = Some((dir, via));
+        Ok(())
+    }
+
     /// Seals and atomically writes a new state.
     pub fn save(&mut self, permanent: &[u8], volatile: &[u8]) -> Result<(), StoreError> {
         let generation = self.generation + 1;
         let blob = seal_generation(&self.key, &self.uuid, self.family, generation, permanent, volatile);
-        write_atomic(&self.path, &blob)?;
+        let target = self.via.as_ref().map_or(&self.path, |(_, p)| p);
+        xvtpm_fsutil::write_atomic(target, &blob, 0o600).map_err(io_err("writing", &self.path))?;
         self.generation = generation;
         Ok(())
     }

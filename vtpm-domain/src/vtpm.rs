@@ -9,7 +9,7 @@
 use vtpm_engine::{Engine, TpmVersion};
 use vtpm_proto::tpm::{self, Family};
 
-use crate::{guest_error, guest_info, guest_warn};
+use crate::{guest_info, guest_warn};
 use crate::blockstore::BlockStore;
 use crate::store::{Store, StoreError};
 
@@ -20,6 +20,11 @@ pub trait StateStore {
     fn save(&mut self, permanent: &[u8], volatile: &[u8]) -> Result<(), StoreError>;
     /// The generation of the last write.
     fn generation(&self) -> u64;
+    /// Opens what later writes need while the process is still privileged
+    /// ([`crate::sandbox`]); nothing by default.
+    fn pin_dir(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 impl StateStore for Store {
@@ -28,6 +33,9 @@ impl StateStore for Store {
     }
     fn generation(&self) -> u64 {
         Store::generation(self)
+    }
+    fn pin_dir(&mut self) -> Result<(), StoreError> {
+        Store::pin_dir(self)
     }
 }
 
@@ -77,6 +85,9 @@ pub struct Vtpm {
     pending_volatile: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// The state generation this process opened (before its own writes).
     opened_generation: u64,
+    /// The engine's permanent state when its save failed: the engine is ahead of the disk, so
+    /// no command runs until this is written (see [`Vtpm::persist_if_dirty`]).
+    unsaved: Option<zeroize::Zeroizing<Vec<u8>>>,
 }
 
 impl Vtpm {
@@ -123,6 +134,7 @@ impl Vtpm {
             last_saved: Some(zeroize::Zeroizing::new(state.permanent.to_vec())),
             pending_volatile: None,
             opened_generation,
+            unsaved: None,
         };
         if vol.is_some() {
             let perm = state.permanent.clone();
@@ -136,6 +148,11 @@ impl Vtpm {
         }
         v.persist_if_dirty().map_err(VtpmError::Store)?;
         Ok(v)
+    }
+
+    /// Prepares the state store for the privilege drop ([`StateStore::pin_dir`]).
+    pub fn pin_store_dir(&mut self) -> Result<(), StoreError> {
+        self.store.pin_dir()
     }
 
     /// The TPM family.
@@ -190,13 +207,19 @@ impl Vtpm {
             guest_warn!(error = %e, "rejected malformed TPM command");
             return tpm::error_response(family, e.response_code(family)).to_vec();
         }
-        let Some(engine) = self.engine.as_mut() else {
+        let failure = || {
             let rc = match family {
                 Family::Tpm2 => tpm::TPM2_RC_FAILURE,
                 Family::Tpm12 => tpm::TPM12_FAIL,
             };
-            return tpm::error_response(family, rc).to_vec();
+            tpm::error_response(family, rc).to_vec()
         };
+        // A state the engine holds but the disk does not: write it first, or run nothing.
+        if let Err(e) = self.persist_if_dirty() {
+            guest_warn!(error = %e, "vTPM state still not saved; answering TPM_RC_FAILURE without running the command");
+            return failure();
+        }
+        let Some(engine) = self.engine.as_mut() else { return failure() };
         let mut rsp = engine.process(packet);
         if family == Family::Tpm2
             && let Some(patched) = vtpm_proto::deepquote_cmd::patch_getcap_response(packet, &rsp) {
@@ -205,21 +228,25 @@ impl Vtpm {
         match self.persist_if_dirty() {
             Ok(()) => rsp,
             Err(e) => {
-                guest_error!(error = %e, "could not persist vTPM state; answering TPM_RC_FAILURE");
-                let rc = match family {
-                    Family::Tpm2 => tpm::TPM2_RC_FAILURE,
-                    Family::Tpm12 => tpm::TPM12_FAIL,
-                };
-                tpm::error_response(family, rc).to_vec()
+                guest_warn!(error = %e, "could not persist vTPM state; answering TPM_RC_FAILURE until a save succeeds");
+                failure()
             }
         }
     }
 
-    /// Writes the permanent state if libtpms changed it. A failed write is
-    /// retried on the next call (the dirty blob is kept).
+    /// Writes the permanent state if libtpms changed it, or if an earlier write failed.
+    ///
+    /// A failed write keeps the unsaved blob and the engine as they are; every later call
+    /// retries it, and [`Vtpm::execute`] runs no command until it is on disk. So a command
+    /// answered `TPM_RC_FAILURE` may still take effect once the disk recovers (as on a TPM
+    /// in failure mode), but no success answer ever shows state that is not durable. The
+    /// engine is not rolled back: libtpms' volatile state (PCRs, cached persistent data)
+    /// cannot be separated from the permanent state it was computed with.
     pub fn persist_if_dirty(&mut self) -> Result<(), StoreError> {
         let Some(engine) = self.engine.as_mut() else { return Ok(()) };
-        let Some(perm) = engine.take_dirty_permanent() else { return Ok(()) };
+        // A newer dirty blob supersedes an unsaved one (each is the whole permanent state).
+        let unsaved = self.unsaved.take();
+        let Some(perm) = engine.take_dirty_permanent().or(unsaved) else { return Ok(()) };
         if self.last_saved.as_deref().map(|v| &v[..]) == Some(&perm[..]) {
             return Ok(());
         }
@@ -229,8 +256,7 @@ impl Vtpm {
                 Ok(())
             }
             Err(e) => {
-                // Force a retry next time: forget what is on disk.
-                self.last_saved = None;
+                self.unsaved = Some(perm);
                 Err(e)
             }
         }
@@ -244,6 +270,7 @@ impl Vtpm {
         let vol = engine.volatile_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
         self.store.save(&perm, &vol)?;
         self.last_saved = Some(perm);
+        self.unsaved = None;
         Ok(())
     }
 
@@ -447,7 +474,7 @@ impl Manufacturing {
         let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
         store.save(&perm, &[])?;
         let _ = engine.take_dirty_permanent();
-        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, opened_generation: 0 };
+        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, opened_generation: 0, unsaved: None };
         Ok((v, ek))
     }
 }

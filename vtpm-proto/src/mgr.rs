@@ -35,6 +35,16 @@ pub const LIST_PAGE_BYTES: usize = MAX_FRAME / 2;
 /// Protocol version carried in [`VtpmRequest::Hello`].
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The group of every sandboxed vTPM process. The manager's per-vTPM sockets are
+/// `root:VTPM_GID` mode 0660, so vTPMs that dropped root can still connect (the manager then
+/// checks the peer's pid); no other unprivileged uid can.
+pub const VTPM_GID: u32 = 0x7A00_0000;
+/// The first uid `xl-vtpm` gives a vTPM (one per identity, recorded as the owner of its state
+/// directory). The range lies in the block systemd leaves unused (0x70000000–0x7FFDFFFF).
+pub const VTPM_UID_FIRST: u32 = VTPM_GID + 1;
+/// The number of vTPM uids.
+pub const VTPM_UID_COUNT: u32 = 0x0010_0000 - 1;
+
 /// Error while framing or parsing a message.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

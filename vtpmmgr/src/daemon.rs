@@ -135,7 +135,9 @@ impl VtpmSockets {
                 continue;
             }
             let path = crate::manager::vtpm_socket(&run_dir, &uuid);
-            match bind(&path, 0o600) {
+            // Sandboxed vTPMs run as their own uid in group VTPM_GID; identity is the peer's pid.
+            let group = |l: UnixListener| std::os::unix::fs::chown(&path, None, Some(vtpm_proto::mgr::VTPM_GID)).map(|()| l);
+            match bind(&path, 0o660).and_then(group) {
                 Ok(l) => {
                     let m = mgr.clone();
                     self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, m, self.batcher.clone(), self.anchorer.clone())));

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use vtpm_proto::mgr::{AdminReply, AdminRequest, VtpmInfo};
+use vtpm_proto::mgr::{AdminReply, AdminRequest, VTPM_GID, VTPM_UID_COUNT, VTPM_UID_FIRST, VtpmInfo};
 
 use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, NOT_FOUND, REFUSED};
@@ -44,6 +44,9 @@ pub struct Local {
     pub run_dir: PathBuf,
     /// The vtpm-domain binary.
     pub vtpm_domain: PathBuf,
+    /// Run each vTPM as its own uid with no-new-privileges and seccomp (see [`vtpm_uid`]);
+    /// `false` only for debugging (`--no-sandbox`).
+    pub sandbox: bool,
 }
 
 /// A running vTPM process.
@@ -350,6 +353,12 @@ impl Local {
         if let Some(uid) = access.consumer_uid {
             cmd.arg("--consumer-uid").arg(uid.to_string());
         }
+        if self.sandbox {
+            let uid = vtpm_uid(&self.state_dir.join("vtpms"), &dir, &uuid)?;
+            cmd.arg("--uid").arg(uid.to_string()).arg("--gid").arg(VTPM_GID.to_string());
+        } else {
+            cmd.arg("--no-sandbox");
+        }
         if let Some(o) = create {
             cmd.arg("--create");
             if o.tpm12 {
@@ -483,6 +492,43 @@ impl Local {
     }
 }
 
+/// The uid vTPM `uuid` runs as: the owner of its state directory `dir` if that is a vTPM uid
+/// (so it stays the same for the vTPM's life), otherwise the first uid unused by the other
+/// directories under `vtpms`, probing from a point the UUID picks. The directory (mode 0700)
+/// and its state file are then given to that uid and [`VTPM_GID`]: the vTPM replaces its
+/// state file by rename in that directory after it has dropped root.
+pub fn vtpm_uid(vtpms: &Path, dir: &Path, uuid: &Uuid) -> Result<u32, CliError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fail = |what: &str, p: &Path, e: std::io::Error| CliError::new(FAILURE, format!("{what} {}: {e}", p.display()));
+    let in_range = |u: u32| (VTPM_UID_FIRST..VTPM_UID_FIRST + VTPM_UID_COUNT).contains(&u);
+    let owner = fs::metadata(dir).map_err(|e| fail("reading", dir, e))?.uid();
+    let uid = if in_range(owner) {
+        owner
+    } else {
+        let used: std::collections::HashSet<u32> = fs::read_dir(vtpms)
+            .map_err(|e| fail("listing", vtpms, e))?
+            .flatten()
+            .filter(|e| e.path() != dir)
+            .filter_map(|e| e.metadata().ok().map(|m| m.uid()))
+            .filter(|&u| in_range(u))
+            .collect();
+        let b = uuid.as_bytes();
+        let start = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) % VTPM_UID_COUNT;
+        (0..VTPM_UID_COUNT)
+            .map(|i| VTPM_UID_FIRST + (start + i) % VTPM_UID_COUNT)
+            .find(|u| !used.contains(u))
+            .ok_or_else(|| CliError::new(FAILURE, format!("all {VTPM_UID_COUNT} vTPM uids are in use under {}", vtpms.display())))?
+    };
+    let give = |p: &Path| std::os::unix::fs::chown(p, Some(uid), Some(VTPM_GID)).map_err(|e| fail("giving to the vTPM's uid", p, e));
+    give(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| fail("setting the mode of", dir, e))?;
+    let state = dir.join("state.xvts");
+    if state.exists() {
+        give(&state)?;
+    }
+    Ok(uid)
+}
+
 /// The last `n` lines of a file, for error messages.
 pub fn tail(path: &Path, n: usize) -> String {
     let s = fs::read_to_string(path).unwrap_or_default();
@@ -529,4 +575,32 @@ pub fn parse_user(arg: &str) -> Result<u32, CliError> {
 /// Errors for a missing vTPM.
 pub fn not_found(uuid: &Uuid) -> CliError {
     CliError::new(NOT_FOUND, format!("no vTPM {uuid}; see `xl-vtpm vtpm list`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Needs root (chown), as `make test` runs.
+    #[test]
+    fn vtpm_uids_are_stable_distinct_and_probe_past_collisions() {
+        let root = std::env::temp_dir().join(format!("xvtpm-uid-{}-{:?}", std::process::id(), std::time::Instant::now()));
+        let vtpms = root.join("vtpms");
+        // Two UUIDs that pick the same starting uid (same first four bytes).
+        let a: Uuid = "11223344-0000-4000-8000-000000000001".parse().unwrap();
+        let b: Uuid = "11223344-0000-4000-8000-000000000002".parse().unwrap();
+        let (da, db) = (vtpms.join(a.to_string()), vtpms.join(b.to_string()));
+        fs::create_dir_all(&da).unwrap();
+        fs::create_dir_all(&db).unwrap();
+        fs::write(da.join("state.xvts"), b"sealed").unwrap();
+        let ua = vtpm_uid(&vtpms, &da, &a).unwrap();
+        let ub = vtpm_uid(&vtpms, &db, &b).unwrap();
+        assert_eq!(ub, if ua + 1 == VTPM_UID_FIRST + VTPM_UID_COUNT { VTPM_UID_FIRST } else { ua + 1 }, "a collision takes the next free uid");
+        assert_eq!(vtpm_uid(&vtpms, &da, &a).unwrap(), ua, "a vTPM keeps its uid");
+        let (m, f) = (fs::metadata(&da).unwrap(), fs::metadata(da.join("state.xvts")).unwrap());
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (ua, VTPM_GID, 0o700));
+        assert_eq!((f.uid(), f.gid()), (ua, VTPM_GID));
+        fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -29,6 +29,10 @@ struct Args {
     /// The vtpm-domain binary (default: next to xl-vtpm, then $PATH).
     #[arg(long, env = "XVTPM_VTPM_DOMAIN", global = true)]
     vtpm_domain: Option<PathBuf>,
+    /// Debugging only: run vTPM processes as root, without no-new-privileges or seccomp.
+    #[arg(long, env = "XVTPM_NO_SANDBOX", global = true, action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::FalseyValueParser::new())]
+    no_sandbox: bool,
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
@@ -504,6 +508,7 @@ fn run(args: Args) -> Result<(), CliError> {
         state_dir: args.state_dir.clone(),
         run_dir: args.run_dir.clone(),
         vtpm_domain: vtpm_domain_path(args.vtpm_domain.clone()),
+        sandbox: !args.no_sandbox,
     };
     let domains = xl_tools::vtpmdom::Domains {
         local: &local,
