@@ -132,8 +132,15 @@ fn rule(c: Vec<SeccompCondition>) -> io::Result<SeccompRule> {
 fn filters() -> io::Result<(seccompiler::BpfProgram, seccompiler::BpfProgram)> {
     use nix::libc;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed().iter().map(|&n| (n, vec![])).collect();
-    // Sockets: only AF_UNIX ones are made after setup (the manager link, tokio's signal pipe).
-    rules.insert(libc::SYS_socket, vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])?]);
+    // Sockets: only AF_UNIX ones are made after setup (the manager link, tokio's signal pipe),
+    // and NETLINK_SOCK_DIAG ones: a loopback TCP peer's uid is looked up that way (`peer`).
+    rules.insert(
+        libc::SYS_socket,
+        vec![
+            rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])?,
+            rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_NETLINK as u64)?, cond(2, SeccompCmpOp::Eq, libc::NETLINK_SOCK_DIAG as u64)?])?,
+        ],
+    );
     rules.insert(libc::SYS_socketpair, vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])?]);
     // Threads (tokio's blocking pool) but no new processes.
     let thread = libc::CLONE_THREAD as u64;
@@ -238,6 +245,10 @@ mod tests {
         };
         let s = in_sandboxed_child(unix);
         assert!(exited_0(s), "socket(AF_UNIX) must stay allowed: {s:?}");
+        // SAFETY: as above.
+        let sock_diag = || unsafe { i32::from(nix::libc::socket(nix::libc::AF_NETLINK, nix::libc::SOCK_DGRAM, nix::libc::NETLINK_SOCK_DIAG) < 0) };
+        let s = in_sandboxed_child(sock_diag);
+        assert!(exited_0(s), "socket(AF_NETLINK, NETLINK_SOCK_DIAG) must stay allowed (TCP peer uids): {s:?}");
         let s = in_sandboxed_child(clone3);
         assert!(exited_0(s), "clone3 must fail with ENOSYS (libc falls back to clone): {s:?}");
     }
