@@ -395,3 +395,23 @@ pub fn mgr_call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(pa
     s.read_exact(&mut body).unwrap();
     mgr::decode(&body).unwrap()
 }
+
+/// The real uid and gid of `pid`.
+pub fn ids(pid: u32) -> (u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u32 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in status"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+/// Sets the soft RLIMIT_NOFILE of `pid`. `prlimit` runs as the vTPM's own uid and gid (root
+/// would need CAP_SYS_RESOURCE for another uid's process, which a container may not grant);
+/// the hard limit stays, so the soft one can be raised back.
+pub fn set_nofile(pid: u32, n: u64) {
+    use std::os::unix::process::CommandExt;
+    let (uid, gid) = ids(pid);
+    let st = Command::new("prlimit").uid(uid).gid(gid).arg("--pid").arg(pid.to_string()).arg(format!("--nofile={n}:")).status().unwrap();
+    assert!(st.success(), "prlimit --pid {pid} --nofile={n}:");
+}

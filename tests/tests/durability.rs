@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use xvtpm_tests::{Stack, VtpmHandle, rc, read_response, wait_gone};
+use xvtpm_tests::{Stack, VtpmHandle, rc, read_response, set_nofile, wait_gone};
 
 const NV_INDEX: u32 = 0x0150_0031;
 const TPM_RC_FAILURE: u32 = 0x101;
@@ -172,26 +172,6 @@ fn lowest_free_fd(pid: u32) -> u64 {
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     (0..).find(|n| !used.contains(n)).unwrap()
-}
-
-/// The real uid and gid of `pid`.
-fn ids(pid: u32) -> (u32, u32) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u32 {
-        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in status"));
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
-    (field("Uid:"), field("Gid:"))
-}
-
-/// Sets the soft RLIMIT_NOFILE of `pid`. `prlimit` runs as the vTPM's own uid and gid (root
-/// would need CAP_SYS_RESOURCE for another uid's process, which a container may not grant);
-/// the hard limit stays, so the soft one can be raised back.
-fn set_nofile(pid: u32, n: u64) {
-    use std::os::unix::process::CommandExt;
-    let (uid, gid) = ids(pid);
-    let st = Command::new("prlimit").uid(uid).gid(gid).arg("--pid").arg(pid.to_string()).arg(format!("--nofile={n}:")).status().unwrap();
-    assert!(st.success(), "prlimit --pid {pid} --nofile={n}:");
 }
 
 #[test]

@@ -77,8 +77,7 @@ fn a_flood_of_idle_connections_on_few_descriptors_neither_spins_nor_floods_the_l
     let v = s.create_vtpm();
     let (pid, port) = (v.pid.unwrap(), v.port.unwrap());
     // The vTPM gets few descriptors, so the flood runs it out of them (EMFILE).
-    let st = Command::new("prlimit").args([&format!("--pid={pid}"), "--nofile=40:40"]).status().unwrap();
-    assert!(st.success(), "prlimit failed");
+    xvtpm_tests::set_nofile(pid, 40);
     assert_eq!(try_get_random(port), Some(0));
     let log_before = log_len(&s, &v.uuid);
 

@@ -181,11 +181,13 @@ pub fn allowed() -> Vec<i64> {
         SYS_sched_getaffinity, SYS_set_robust_list, SYS_rseq, SYS_clock_gettime, SYS_clock_nanosleep,
         SYS_nanosleep, SYS_gettimeofday, SYS_getrandom, SYS_rt_sigaction, SYS_rt_sigprocmask,
         SYS_rt_sigreturn, SYS_sigaltstack, SYS_restart_syscall, SYS_getpid, SYS_gettid,
+        // the capped log: stderr follows the current file after a rotation (dup2/dup3)
+        SYS_dup3,
         // leaving (a panic aborts through tgkill)
         SYS_exit, SYS_exit_group, SYS_tgkill,
     ];
     #[cfg(target_arch = "x86_64")]
-    v.extend([SYS_open, SYS_stat, SYS_rename, SYS_renameat, SYS_unlink, SYS_poll, SYS_epoll_wait, SYS_readlink]);
+    v.extend([SYS_open, SYS_stat, SYS_rename, SYS_renameat, SYS_unlink, SYS_poll, SYS_epoll_wait, SYS_readlink, SYS_dup2]);
     v
 }
 
