@@ -24,41 +24,16 @@ use crate::procs::{Procs, connect_retry};
 use crate::stats::{Summary, ms, summarize};
 use crate::tpm::Conn;
 use crate::{Args, Stack, loadavg};
+use vtpm_proto::tpm::nv_counter;
 
 const NV_INDEX: u32 = 0x0150_0040;
 
-fn pw_auth() -> [u8; 13] {
-    [0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0]
-}
-
-fn with_size(mut c: Vec<u8>) -> Vec<u8> {
-    let n = c.len() as u32;
-    c[2..6].copy_from_slice(&n.to_be_bytes());
-    c
-}
-
-/// TPM2_NV_DefineSpace of an 8-byte owner counter at [`NV_INDEX`].
 fn nv_define_counter() -> Vec<u8> {
-    let mut c = vec![0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x2a];
-    c.extend_from_slice(&0x4000_0001u32.to_be_bytes());
-    c.extend_from_slice(&pw_auth());
-    c.extend_from_slice(&[0, 0]);
-    c.extend_from_slice(&14u16.to_be_bytes());
-    c.extend_from_slice(&NV_INDEX.to_be_bytes());
-    c.extend_from_slice(&0x000bu16.to_be_bytes());
-    c.extend_from_slice(&0x0002_0012u32.to_be_bytes()); // OWNERWRITE | OWNERREAD | TPM_NT_COUNTER
-    c.extend_from_slice(&[0, 0]);
-    c.extend_from_slice(&8u16.to_be_bytes());
-    with_size(c)
+    nv_counter::define(NV_INDEX)
 }
 
-/// TPM2_NV_Increment of [`NV_INDEX`] with owner password authorisation.
 fn nv_increment() -> Vec<u8> {
-    let mut c = vec![0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x34];
-    c.extend_from_slice(&0x4000_0001u32.to_be_bytes());
-    c.extend_from_slice(&NV_INDEX.to_be_bytes());
-    c.extend_from_slice(&pw_auth());
-    with_size(c)
+    nv_counter::increment(NV_INDEX)
 }
 
 /// One cell's result.

@@ -14,53 +14,24 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use vtpm_proto::tpm::nv_counter;
 use xvtpm_tests::{Stack, VtpmHandle, rc, read_response, set_nofile, wait_gone};
 
 const NV_INDEX: u32 = 0x0150_0031;
-const TPM_RC_FAILURE: u32 = 0x101;
-
-fn pw_auth() -> [u8; 13] {
-    // authorizationSize 9: TPM_RS_PW, empty nonce, attributes 0, empty HMAC.
-    [0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0]
-}
-
-fn with_size(mut c: Vec<u8>) -> Vec<u8> {
-    let n = c.len() as u32;
-    c[2..6].copy_from_slice(&n.to_be_bytes());
-    c
-}
 
 fn nv_define_counter() -> Vec<u8> {
-    let mut c = vec![0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x2a];
-    c.extend_from_slice(&0x4000_0001u32.to_be_bytes()); // TPM_RH_OWNER
-    c.extend_from_slice(&pw_auth());
-    c.extend_from_slice(&[0, 0]); // auth: empty
-    c.extend_from_slice(&14u16.to_be_bytes()); // TPM2B_NV_PUBLIC size
-    c.extend_from_slice(&NV_INDEX.to_be_bytes());
-    c.extend_from_slice(&0x000bu16.to_be_bytes()); // SHA-256
-    c.extend_from_slice(&0x0002_0012u32.to_be_bytes()); // OWNERWRITE | OWNERREAD | TPM_NT_COUNTER
-    c.extend_from_slice(&[0, 0]); // authPolicy: empty
-    c.extend_from_slice(&8u16.to_be_bytes()); // dataSize
-    with_size(c)
+    nv_counter::define(NV_INDEX)
 }
 
 fn nv_increment() -> Vec<u8> {
-    let mut c = vec![0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x34];
-    c.extend_from_slice(&0x4000_0001u32.to_be_bytes());
-    c.extend_from_slice(&NV_INDEX.to_be_bytes());
-    c.extend_from_slice(&pw_auth());
-    with_size(c)
+    nv_counter::increment(NV_INDEX)
 }
 
 fn nv_read() -> Vec<u8> {
-    let mut c = vec![0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x4e];
-    c.extend_from_slice(&0x4000_0001u32.to_be_bytes());
-    c.extend_from_slice(&NV_INDEX.to_be_bytes());
-    c.extend_from_slice(&pw_auth());
-    c.extend_from_slice(&8u16.to_be_bytes());
-    c.extend_from_slice(&0u16.to_be_bytes());
-    with_size(c)
+    nv_counter::read(NV_INDEX)
 }
+
+const TPM_RC_FAILURE: u32 = 0x101;
 
 /// One data connection kept open (a new connection needs a file descriptor in the vTPM).
 struct Conn(TcpStream);

@@ -12,55 +12,25 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::Rng;
+use vtpm_proto::tpm::nv_counter;
 use xvtpm_tests::{Stack, raw_command, rc, read_public, try_read_response};
 
 const NV_INDEX: u32 = 0x0150_0020;
-const KILLS: usize = 200;
-
-fn pw_auth() -> [u8; 13] {
-    // authorizationSize 9: TPM_RS_PW, empty nonce, attributes 0, empty HMAC.
-    [0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0]
-}
-
-fn with_size(mut c: Vec<u8>) -> Vec<u8> {
-    let n = c.len() as u32;
-    c[2..6].copy_from_slice(&n.to_be_bytes());
-    c
-}
 
 fn nv_define_counter() -> Vec<u8> {
-    let mut c = vec![0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x2a];
-    c.extend_from_slice(&0x4000_0001u32.to_be_bytes()); // TPM_RH_OWNER
-    c.extend_from_slice(&pw_auth());
-    c.extend_from_slice(&[0, 0]); // auth: empty
-    c.extend_from_slice(&14u16.to_be_bytes()); // TPM2B_NV_PUBLIC size
-    c.extend_from_slice(&NV_INDEX.to_be_bytes());
-    c.extend_from_slice(&0x000bu16.to_be_bytes()); // SHA-256
-    c.extend_from_slice(&0x0002_0012u32.to_be_bytes()); // OWNERWRITE | OWNERREAD | TPM_NT_COUNTER
-    c.extend_from_slice(&[0, 0]); // authPolicy: empty
-    c.extend_from_slice(&8u16.to_be_bytes()); // dataSize
-    with_size(c)
+    nv_counter::define(NV_INDEX)
 }
 
 fn nv_increment() -> Vec<u8> {
-    let mut c = vec![0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x34];
-    c.extend_from_slice(&0x4000_0001u32.to_be_bytes());
-    c.extend_from_slice(&NV_INDEX.to_be_bytes());
-    c.extend_from_slice(&pw_auth());
-    with_size(c)
+    nv_counter::increment(NV_INDEX)
 }
 
+const KILLS: usize = 200;
+
 fn nv_read_counter(port: u16) -> u64 {
-    let mut c = vec![0x80, 0x02, 0, 0, 0, 0, 0, 0, 0x01, 0x4e];
-    c.extend_from_slice(&0x4000_0001u32.to_be_bytes());
-    c.extend_from_slice(&NV_INDEX.to_be_bytes());
-    c.extend_from_slice(&pw_auth());
-    c.extend_from_slice(&8u16.to_be_bytes());
-    c.extend_from_slice(&0u16.to_be_bytes());
-    let r = raw_command(port, &with_size(c));
+    let r = raw_command(port, &nv_counter::read(NV_INDEX));
     assert_eq!(rc(&r), 0, "NV_Read failed: {:#x}", rc(&r));
-    // header(10) parameterSize(4) TPM2B size(2) data(8)
-    u64::from_be_bytes(r[16..24].try_into().unwrap())
+    nv_counter::value(&r).expect("an NV_Read response carries the value")
 }
 
 #[test]
