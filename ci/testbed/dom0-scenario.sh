@@ -214,6 +214,12 @@ else
     elif [ -z "$VTPM_UUID" ] || [ -z "$VTPM_PID" ]; then err="no uuid/pid in the --json output"
     elif ! wait_until 30 grep -q 'tpmif backend watching' $VLOG; then err="no 'tpmif backend watching' in $VLOG within 30 s"
     elif vtpm_exited; then err="vtpm-domain (pid $VTPM_PID) is not running"
+    else
+      # least privilege in dom0-process mode too: its own uid, no-new-privileges, seccomp
+      _st=$(grep -E '^(Uid|NoNewPrivs|Seccomp):' /proc/$VTPM_PID/status | tr -s '\t ' ' ' | tr '\n' ' ')
+      if echo "$_st" | grep -qE '^Uid: 0 ' || ! echo "$_st" | grep -q 'NoNewPrivs: 1' || ! echo "$_st" | grep -q 'Seccomp: 2'; then
+        echo "CHECK dom0 vtpm-sandboxed FAIL $_st"; err="vtpm-domain is not sandboxed: $_st"
+      else echo "CHECK dom0 vtpm-sandboxed PASS $_st"; fi
     fi
     [ -f "$VLOG" ] && tail -n 5 "$VLOG" | sed 's/^/[vtpm.log] /'
     echo "PERF vtpm-create-s=$(s_between $t0 $(up))"

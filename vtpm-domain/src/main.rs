@@ -142,7 +142,6 @@ fn main() {
             }
         }
     }
-    let serves_xen = args.listen.iter().any(|l| matches!(l, vtpm_domain::config::Listen::Xen(_)));
     let cfg = Config {
         uuid: args.uuid,
         family: if args.tpm12 { Family::Tpm12 } else { Family::Tpm2 },
@@ -164,13 +163,8 @@ fn main() {
         ek: args.ek,
         as_init,
         persist: args.persist,
-        sandbox: vtpm_domain::sandbox::SandboxSpec { user: if serves_xen { None } else { args.uid.zip(args.gid) }, disabled: args.no_sandbox || as_init },
+        sandbox: vtpm_domain::sandbox::SandboxSpec { user: args.uid.zip(args.gid), disabled: args.no_sandbox || as_init },
     };
-    if serves_xen && args.uid.is_some() {
-        // xen-platform opens /dev/xen/evtchn (root-only) for each frontend connection, so a vTPM
-        // serving tpmif keeps its uid; seccomp, no-new-privileges and non-dumpable still apply.
-        tracing::info!("serving Xen tpmif: keeping the starting uid (the event-channel device is opened per connection); seccomp still applies");
-    }
     let code = match vtpm_domain::run(cfg) {
         Ok(()) => 0,
         Err(f) => {

@@ -390,13 +390,19 @@ const _: () = assert!(PAGE_SIZE == 4096, "tpmif pages are Xen's 4 KiB pages");
 /// connection, its fd registered with tokio. Must be used inside a tokio runtime.
 pub struct XenTransport {
     gnttab: Gnttab,
+    /// Event-channel handles not bound to a connection. One is opened with the grant device,
+    /// and a connection gives its handle back when it ends: a backend that drops its privileges
+    /// after `open` (the root-only `/dev/xen/evtchn` cannot be opened then) still serves one
+    /// connection after another (a guest's reboots).
+    spare: Arc<std::sync::Mutex<Vec<Evtchn>>>,
 }
 
 impl XenTransport {
-    /// Opens the grant device (event-channel handles are opened per connection).
+    /// Opens the grant device and one event-channel handle.
     pub fn open() -> io::Result<Self> {
         Ok(Self {
             gnttab: Gnttab::open()?,
+            spare: Arc::new(std::sync::Mutex::new(vec![Evtchn::open()?])),
         })
     }
 }
@@ -423,18 +429,23 @@ impl Transport for XenTransport {
             port,
             source,
         };
-        let evtchn = Evtchn::open().map_err(bind_err)?;
+        let spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let evtchn = match spare {
+            Some(e) => e,
+            None => Evtchn::open().map_err(bind_err)?,
+        };
         evtchn.set_nonblocking().map_err(bind_err)?;
         let local_port = evtchn.bind_interdomain(frontend, port).map_err(bind_err)?;
         // SAFETY: `Evtchn::as_raw_fd` returns the fd of the live handle, which stays open and
         // unchanged until the `Evtchn` is dropped; the `AsyncFd` owns the `Evtchn`, so it
-        // deregisters before the handle (and fd) is closed.
+        // deregisters before the handle (and fd) is closed or handed back.
         let evtchn = unsafe { AsyncFd::register(evtchn) }
             .map_err(|e| TransportError::Evtchn(io::Error::other(e.to_string())))?;
         Ok(XenConnection {
-            evtchn,
+            evtchn: Some(evtchn),
             local_port,
             page,
+            spare: Arc::clone(&self.spare),
         })
     }
 }
@@ -446,11 +457,13 @@ impl AsRawFd for Evtchn {
 }
 
 /// A mapped tpmif page plus its bound event channel. Drop unbinds the port, deregisters the fd
-/// from tokio, closes the handle, and unmaps the page (in that order).
+/// from tokio, hands the handle back to the transport, and unmaps the page (in that order).
 pub struct XenConnection {
-    evtchn: AsyncFd<Evtchn>,
+    /// `Some` until dropped.
+    evtchn: Option<AsyncFd<Evtchn>>,
     local_port: EvtchnPort,
     page: MappedPage,
+    spare: Arc<std::sync::Mutex<Vec<Evtchn>>>,
 }
 
 impl XenConnection {
@@ -462,11 +475,14 @@ impl XenConnection {
 
 impl Drop for XenConnection {
     fn drop(&mut self) {
-        if let Err(e) = self.evtchn.get_ref().unbind(self.local_port) {
-            tracing::warn!(error = %e, port = %self.local_port, "xenevtchn_unbind failed");
+        let Some(evtchn) = self.evtchn.take() else { return };
+        match evtchn.get_ref().unbind(self.local_port) {
+            // Unbound: the handle is clean for the next connection (deregistered first).
+            Ok(()) => self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(evtchn.into_inner()),
+            // Still bound: close it rather than hand a bound port to another connection.
+            Err(e) => tracing::warn!(error = %e, port = %self.local_port, "xenevtchn_unbind failed"),
         }
-        // Then the fields drop in order: the AsyncFd deregisters and closes the handle, and
-        // the page is unmapped.
+        // Then the page is unmapped.
     }
 }
 
@@ -478,14 +494,20 @@ impl Connection for XenConnection {
     }
 
     fn notify(&self) -> Result<(), TransportError> {
-        self.evtchn
+        self.evtchn()
             .get_ref()
             .notify(self.local_port)
             .map_err(TransportError::Evtchn)
     }
 
     async fn wait_event(&self) -> Result<(), TransportError> {
-        wait_pending(&self.evtchn).await
+        wait_pending(self.evtchn()).await
+    }
+}
+
+impl XenConnection {
+    fn evtchn(&self) -> &AsyncFd<Evtchn> {
+        self.evtchn.as_ref().expect("the event channel lives until drop")
     }
 }
 
