@@ -65,7 +65,7 @@ apt-cache show $names 2>/dev/null | awk '
 # shellcheck disable=SC2086
 apt-cache policy $names 2>/dev/null | awk '/^[^ ].*:$/{sub(/:$/,""); p=$1} /^  Candidate:/{print p, $2}' > "$CAND"
 record() { awk -v p="$1" -v v="$2" '$1==p && $2==v {print $3, $4; exit}' "$INDEX"; }   # PKG VER -> "arch sha256" | nothing
-candidate() { awk -v p="$1" '$1==p {print $2; exit}' "$CAND"; }
+candidate() { awk -v p="$1" '$1==p && $2!="(none)" {print $2; exit}' "$CAND"; }   # PKG -> version | nothing
 debname() { echo "${1}_${2//:/%3a}_${3}.deb"; }   # as apt-get download names it
 
 group_of() {
@@ -93,17 +93,18 @@ for l in "${LOCKS[@]}"; do
 done
 
 # ---- pass 2: re-resolve each drifted group as one consistent set ----
-kernel_members() {  # ABI -> the members the locks hold, renamed to ABI
-  local abi=$1 l p
+kernel_as() {  # PKG ABI -> the kernel-set member of ABI that stands in PKG's place (PKG itself if unversioned)
+  case $1 in
+    linux-image-6.1.0-*-amd64-unsigned) echo "linux-image-$2-amd64-unsigned" ;;
+    linux-headers-6.1.0-*-amd64) echo "linux-headers-$2-amd64" ;;
+    linux-headers-6.1.0-*-common) echo "linux-headers-$2-common" ;;
+    *) echo "$1" ;;
+  esac
+}
+kernel_members() {  # ABI -> the kernel-set members the locks hold, renamed to ABI
+  local l p
   for l in "${LOCKS[@]}"; do
-    while read -r p _; do
-      case $p in
-        linux-image-6.1.0-*-amd64-unsigned) echo "linux-image-$abi-amd64-unsigned" ;;
-        linux-headers-6.1.0-*-amd64) echo "linux-headers-$abi-amd64" ;;
-        linux-headers-6.1.0-*-common) echo "linux-headers-$abi-common" ;;
-        linux-kbuild-6.1|linux-source-6.1) echo "$p" ;;
-      esac
-    done < "$l"
+    while read -r p _; do [ "$(group_of "$p")" = kernel ] && kernel_as "$p" "$1"; done < "$l"
   done
 }
 NOTES=(); NEW_KABI=""
@@ -124,7 +125,7 @@ for g in "${!DRIFT[@]}"; do
       ok=""
       for img in $(grep -oE '^linux-image-6\.1\.0-[0-9]+-amd64-unsigned ' "$CAND" | sort -rV); do
         abi=${img#linux-image-}; abi=${abi%-amd64-unsigned}
-        v=$(candidate "$img"); [ -n "$v" ] && [ "$v" != "(none)" ] || continue
+        v=$(candidate "$img"); [ -n "$v" ] || continue
         # shellcheck disable=SC2046
         if resolve_set "$v" $(kernel_members "$abi" | sort -u); then ok="$abi $v"; NEW_KABI=$abi; break; fi
       done
@@ -138,7 +139,7 @@ for g in "${!DRIFT[@]}"; do
       NOTES+=("xen set -> $v (${DRIFT[$g]} is gone)") ;;
     pkg:*)
       p=${g#pkg:}; v=$(candidate "$p")
-      [ -n "$v" ] && [ "$v" != "(none)" ] && resolve_set "$v" "$p" || die "${DRIFT[$g]} is no longer published and $p has no candidate in the package index"
+      [ -n "$v" ] && resolve_set "$v" "$p" || die "${DRIFT[$g]} is no longer published and $p has no candidate in the package index"
       NOTES+=("$p -> $v (${DRIFT[$g]} is gone)") ;;
   esac
 done
@@ -153,14 +154,7 @@ for l in "${LOCKS[@]}"; do
       case $p in ''|\#*) continue ;; esac
       g=$(group_of "$p")
       if [ -n "${DRIFT[$g]:-}" ]; then
-        if [ "$g" = kernel ]; then    # the member of the new ABI that stands in this line's place
-          abi=$NEW_KABI
-          case $p in
-            linux-image-6.1.0-*-amd64-unsigned) p=linux-image-$abi-amd64-unsigned ;;
-            linux-headers-6.1.0-*-amd64) p=linux-headers-$abi-amd64 ;;
-            linux-headers-6.1.0-*-common) p=linux-headers-$abi-common ;;
-          esac
-        fi
+        [ "$g" = kernel ] && p=$(kernel_as "$p" "$NEW_KABI")
         echo "$p ${NEWLINE[$p]}"
       else
         echo "$line"
