@@ -40,11 +40,27 @@ trap cleanup EXIT
 
 step "1. swtpm as the physical TPM"
 mkdir -p "$WORK/hwtpm"
-PORT=$(( 20000 + RANDOM % 20000 ))
-swtpm socket --tpm2 --server type=tcp,port=$PORT,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((PORT+1)),bindaddr=127.0.0.1 \
-  --tpmstate dir="$WORK/hwtpm" --flags not-need-init,startup-clear --log file="$WORK/swtpm.log" &
-SWTPM_PID=$!
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+# swtpm takes a port pair (P, P+1). Another program may hold either or take it between our pick
+# and swtpm's bind: then swtpm exits, and we try another pair instead of failing the demo.
+alive() { [ -r "/proc/$1/stat" ] && ! grep -qs '^[0-9]* (.*) Z' "/proc/$1/stat"; }   # not a zombie
+for attempt in $(seq 20); do
+  PORT=$(( 20000 + RANDOM % 20000 ))
+  [ "$attempt" -eq 1 ] && [ -n "${XVTPM_DEMO_PORT:-}" ] && PORT=$XVTPM_DEMO_PORT
+  swtpm socket --tpm2 --server type=tcp,port=$PORT,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((PORT+1)),bindaddr=127.0.0.1 \
+    --tpmstate dir="$WORK/hwtpm" --flags not-need-init,startup-clear --log file="$WORK/swtpm.log" &
+  SWTPM_PID=$!
+  up=
+  for _ in $(seq 100); do
+    alive "$SWTPM_PID" || break          # a bind failed: swtpm is gone
+    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/$((PORT+1))) 2>/dev/null && { up=1; break; }
+    sleep 0.05
+  done
+  # both ports answer and swtpm still runs: they are its own (swtpm exits when either bind fails)
+  [ -n "$up" ] && sleep 0.1 && alive "$SWTPM_PID" && break
+  kill "$SWTPM_PID" 2>/dev/null || true; wait "$SWTPM_PID" 2>/dev/null || true; SWTPM_PID=
+  echo "   port pair $PORT/$((PORT+1)) busy, trying another ($attempt)"
+done
+[ -n "$SWTPM_PID" ] || fail "swtpm could not bind any of 20 port pairs (see $WORK/swtpm.log)"
 ok "swtpm pid $SWTPM_PID on port $PORT"
 
 step "2. vtpmmgr: refuses to serve until provisioned, then provision"
