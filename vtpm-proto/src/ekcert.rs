@@ -470,7 +470,7 @@ pub fn key_identifier(spki_der: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// (algorithm OID, subjectPublicKey bits) of an SPKI.
-fn split_spki(spki_der: &[u8]) -> Result<(ObjectIdentifier, &[u8])> {
+pub(crate) fn split_spki(spki_der: &[u8]) -> Result<(ObjectIdentifier, &[u8])> {
     let spki = seq_reader(spki_der, "SubjectPublicKeyInfo")?;
     let (mut r, _) = spki;
     let alg: AnyRef<'_> = r.decode().map_err(CertError::der("SPKI algorithm"))?;
@@ -751,7 +751,7 @@ impl Certificate {
         vk.verify(&self.tbs, &sig).map_err(|_| CertError::SignatureInvalid(what))
     }
 
-    fn check_validity(&self, now: u64, what: &'static str) -> Result<()> {
+    pub(crate) fn check_validity(&self, now: u64, what: &'static str) -> Result<()> {
         if now < self.not_before || now > self.not_after {
             return Err(CertError::Validity { what, now, not_before: self.not_before, not_after: self.not_after });
         }
@@ -850,7 +850,7 @@ const KNOWN: [ObjectIdentifier; 8] = [
     oid::CERTIFICATE_POLICIES,
 ];
 
-fn check_critical(c: &Certificate, what: &str) -> Result<()> {
+pub(crate) fn check_critical(c: &Certificate, what: &str) -> Result<()> {
     if let Some(e) = c.extensions.iter().find(|e| e.critical && !KNOWN.contains(&e.oid)) {
         return Err(CertError::Extension(format!("{what}: unknown critical extension {}", e.oid)));
     }

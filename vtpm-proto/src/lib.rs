@@ -17,5 +17,6 @@ pub mod merkle;
 pub mod evidence;
 pub mod verify;
 pub mod ekcert;
+pub mod credential;
 pub mod deepquote_cmd;
 pub mod tpm12_compat;
