@@ -123,6 +123,19 @@ impl Swtpm {
         s
     }
 
+    /// Starts a new swtpm whose state was first *manufactured* with
+    /// `swtpm_setup --tpm2 --create-ek-cert`: it holds EKs (RSA-2048 at `0x81010001`) and EK
+    /// certificates at the TCG NV indices (`0x01c00002` for the RSA EK), issued by `ca` — a
+    /// private swtpm local CA that plays the TPM vendor's CA in tests.
+    pub fn start_manufactured(ca: &LocalCa) -> Swtpm {
+        let state = tempdir();
+        let state_path = state.path().to_path_buf();
+        ca.manufacture(&state_path);
+        let mut s = Swtpm { child: None, pid: 0, port: 0, state: Some(state), state_path };
+        s.spawn_any_port();
+        s
+    }
+
     /// TCTI configuration string for tss-esapi / tpm2-tools: `swtpm:host=127.0.0.1,port=P`.
     /// May change after [`Swtpm::restart`].
     pub fn tcti(&self) -> String {
@@ -357,9 +370,108 @@ mod tests {
     }
 
     #[test]
+    fn manufactured_swtpm_has_an_rsa_ek_certificate_from_the_local_ca() {
+        let ca = LocalCa::new();
+        let t = Swtpm::start_manufactured(&ca);
+        let out = Command::new("tpm2_nvread")
+            .args(["0x1c00002", "-o"])
+            .arg(t.state_dir().join("ek.der"))
+            .env("TPM2TOOLS_TCTI", t.tcti())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let der = std::fs::read(t.state_dir().join("ek.der")).unwrap();
+        assert_eq!(der[0], 0x30, "a DER certificate");
+        assert!(ca.intermediate_cert().is_file());
+    }
+
+    #[test]
     fn two_instances_do_not_collide() {
         let a = Swtpm::start();
         let b = Swtpm::start();
         assert_ne!(a.port(), b.port());
+    }
+}
+
+/// A private swtpm local CA (`swtpm_localca`) in its own temporary directory: the stand-in for a
+/// TPM vendor's EK CA. Its root certificate exists after the first [`Swtpm::start_manufactured`]
+/// (swtpm_localca makes the root and an intermediate on first use).
+pub struct LocalCa {
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCa").field("dir", &self.dir.path()).finish()
+    }
+}
+
+impl Default for LocalCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LocalCa {
+    /// An empty CA directory with the swtpm_setup / swtpm_localca configuration files.
+    pub fn new() -> LocalCa {
+        let dir = tempdir();
+        let d = dir.path();
+        std::fs::create_dir(d.join("ca")).expect("mkdir ca");
+        let ca = d.join("ca");
+        std::fs::write(
+            d.join("swtpm-localca.conf"),
+            format!(
+                "statedir = {0}\nsigningkey = {0}/signkey.pem\nissuercert = {0}/issuercert.pem\ncertserial = {0}/certserial\n",
+                ca.display()
+            ),
+        )
+        .expect("write swtpm-localca.conf");
+        std::fs::write(d.join("swtpm-localca.options"), "--platform-manufacturer xvtpm-test\n--platform-version 2.1\n--platform-model swtpm\n")
+            .expect("write swtpm-localca.options");
+        std::fs::write(
+            d.join("swtpm_setup.conf"),
+            format!(
+                "create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {0}/swtpm-localca.conf\ncreate_certs_tool_options = {0}/swtpm-localca.options\nactive_pcr_banks = sha256\n",
+                d.display()
+            ),
+        )
+        .expect("write swtpm_setup.conf");
+        LocalCa { dir }
+    }
+
+    /// The root CA certificate (PEM): the trust anchor a verifier is given (`--ek-ca`).
+    pub fn root_cert(&self) -> PathBuf {
+        self.dir.path().join("ca/swtpm-localca-rootca-cert.pem")
+    }
+
+    /// The intermediate (issuing) CA certificate (PEM) between the root and EK certificates.
+    pub fn intermediate_cert(&self) -> PathBuf {
+        self.dir.path().join("ca/issuercert.pem")
+    }
+
+    /// Runs `swtpm_setup --tpm2 --create-ek-cert` on `state_dir`.
+    fn manufacture(&self, state_dir: &Path) {
+        let out = Command::new("swtpm_setup")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(state_dir)
+            .arg("--create-ek-cert")
+            .arg("--overwrite")
+            .arg("--config")
+            .arg(self.dir.path().join("swtpm_setup.conf"))
+            .arg("--logfile")
+            .arg(state_dir.join("swtpm_setup.log"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run swtpm_setup (is swtpm-tools installed?)");
+        assert!(
+            out.status.success(),
+            "swtpm_setup failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(state_dir.join("swtpm_setup.log")).unwrap_or_default()
+        );
+        assert!(self.root_cert().is_file(), "swtpm_localca made no root certificate");
     }
 }

@@ -26,6 +26,8 @@ pub struct Stack {
     mgr: Option<Child>,
     opts: Options,
     proxy: Option<testkit::delay::DelayProxy>,
+    /// The CA that issued the physical TPM's EK certificates (with [`Options::ek_cert`]).
+    pub ek_ca: Option<testkit::LocalCa>,
 }
 
 /// How to run the stack.
@@ -36,6 +38,9 @@ pub struct Options {
     pub tpm_delay: Option<Duration>,
     /// Extra arguments for `vtpmmgr serve`.
     pub mgr_args: Vec<String>,
+    /// Manufacture the physical TPM with EK certificates from a private local CA
+    /// ([`Stack::ek_ca`], standing in for the TPM vendor's CA).
+    pub ek_cert: bool,
 }
 
 /// A vTPM as `xl-vtpm vtpm show --json` reports it.
@@ -105,10 +110,14 @@ impl Stack {
 
     /// swtpm + an unprovisioned manager run with `opts`.
     pub fn start_unprovisioned_with(opts: Options) -> Stack {
-        let swtpm = Swtpm::start();
+        let ek_ca = opts.ek_cert.then(testkit::LocalCa::new);
+        let swtpm = match &ek_ca {
+            Some(ca) => Swtpm::start_manufactured(ca),
+            None => Swtpm::start(),
+        };
         let dir = testkit::tempdir();
         let proxy = opts.tpm_delay.map(|d| testkit::delay::DelayProxy::start(swtpm.port(), d));
-        let mut s = Stack { swtpm, dir, mgr: None, opts, proxy };
+        let mut s = Stack { swtpm, dir, mgr: None, opts, proxy, ek_ca };
         s.start_manager();
         s
     }

@@ -434,6 +434,32 @@ pub enum AdminRequest {
         /// vTPM UUID.
         uuid: Uuid,
     },
+    /// What a tenant needs to enroll this host: the physical TPM's EK certificate and every
+    /// group's AK public area (docs/enrollment.md).
+    Enrollment,
+    /// `TPM2_ActivateCredential` in the physical TPM with the group's AK and the TPM's RSA-2048
+    /// EK; answers the secret the credential carries ([`AdminReply::Activated`]). A tenant made
+    /// the credential with `TPM2_MakeCredential` for the AK's name and the EK from the EK
+    /// certificate: only a TPM holding both keys recovers the secret.
+    ActivateCredential {
+        /// Group UUID or name.
+        group: String,
+        /// Contents of `TPM2B_ID_OBJECT`, hex (at most 132 bytes).
+        credential_blob: String,
+        /// Contents of `TPM2B_ENCRYPTED_SECRET`, hex (at most 512 bytes).
+        encrypted_secret: String,
+    },
+}
+
+/// Enrollment material of a host (`xl-vtpm mgr enrollment`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentInfo {
+    /// The host's id: SHA-256 of its EK certificate (DER), hex.
+    pub host_id: String,
+    /// The physical TPM's RSA-2048 EK certificate (DER), hex.
+    pub ek_cert: String,
+    /// The groups and their AKs.
+    pub groups: Vec<GroupInfo>,
 }
 
 /// The manager's answer on the admin socket.
@@ -464,6 +490,13 @@ pub enum AdminReply {
         vtpms: Vec<VtpmInfo>,
         /// Pass as `after` for the next page; `None` on the last page.
         next: Option<Uuid>,
+    },
+    /// Enrollment material.
+    Enrollment(Box<EnrollmentInfo>),
+    /// The secret `TPM2_ActivateCredential` released.
+    Activated {
+        /// The secret, hex (redacted in `Debug`).
+        secret: SecretBytes,
     },
     /// Done, nothing to report.
     Ok,

@@ -642,6 +642,12 @@ impl HwTpm {
         &self.srk_name
     }
 
+    /// The ESAPI context and the loaded SRK, for the manager's other TPM modules
+    /// (`crate::akprov`); they must flush whatever they load.
+    pub(crate) fn context_and_srk(&mut self) -> (&mut Context, KeyHandle) {
+        (&mut self.ctx, self.srk)
+    }
+
     /// Is this a software TPM? True if the vendor strings contain "SW" (swtpm/libtpms report
     /// "SW   TPM", the Microsoft simulator "Microsoft" + "SW"…). The daemon should log
     /// "INSECURE: software TPM" when this is true.

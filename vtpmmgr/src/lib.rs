@@ -10,6 +10,7 @@
 //! provisioned, and refuses to start at all if its master secret does not
 //! unseal (the host's PCRs are not the approved ones).
 
+pub mod akprov;
 pub mod anchor;
 pub mod daemon;
 pub mod deepquote;

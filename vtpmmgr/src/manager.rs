@@ -699,6 +699,10 @@ impl Manager {
                 AdminReply::Ok
             }
             AdminRequest::VtpmAcceptState { uuid } => return self.accept_state(uuid),
+            AdminRequest::Enrollment => return self.enrollment(),
+            AdminRequest::ActivateCredential { group, credential_blob, encrypted_secret } => {
+                return self.activate_credential(&group, &credential_blob, &encrypted_secret);
+            }
             AdminRequest::VtpmDetach { uuid } => {
                 self.attached.remove(&uuid);
                 self.save_attachments();
@@ -709,6 +713,30 @@ impl Manager {
                 AdminReply::Ok
             }
         })
+    }
+
+    fn enrollment(&mut self) -> Result<AdminReply, AdminReply> {
+        let cert = crate::akprov::ek_certificate(&mut self.hw()).map_err(|e| fail(ErrorCode::Tpm, e.to_string()))?;
+        let host_id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&cert));
+        let groups = self.store.groups.iter().map(|g| self.group_info(g)).collect();
+        Ok(AdminReply::Enrollment(Box::new(vtpm_proto::mgr::EnrollmentInfo { host_id, ek_cert: hex::encode(cert), groups })))
+    }
+
+    fn activate_credential(&mut self, group: &str, blob: &str, secret: &str) -> Result<AdminReply, AdminReply> {
+        let g = self.store.group(group).cloned().ok_or_else(|| fail(ErrorCode::NotFound, format!("no group {group:?}; see `xl-vtpm mgr group list`")))?;
+        let bad = |what: &str| fail(ErrorCode::BadRequest, format!("{what} is not hex"));
+        let (cap_b, cap_s) = (2 * crate::akprov::MAX_CREDENTIAL_BLOB, 2 * crate::akprov::MAX_ENCRYPTED_SECRET);
+        if blob.len() > cap_b || secret.len() > cap_s {
+            return Err(fail(ErrorCode::BadRequest, format!("credential_blob (≤ {cap_b} hex digits) or encrypted_secret (≤ {cap_s}) too long")));
+        }
+        let blob = hex::decode(blob).map_err(|_| bad("credential_blob"))?;
+        let secret = hex::decode(secret).map_err(|_| bad("encrypted_secret"))?;
+        let out = crate::akprov::activate_credential(&mut self.hw(), &g.ak, &blob, &secret).map_err(|e| {
+            let code = if matches!(e, crate::hwtpm::HwTpmError::InvalidArgument(_)) { ErrorCode::BadRequest } else { ErrorCode::Tpm };
+            fail(code, format!("TPM2_ActivateCredential with the AK of group {:?}: {e}", g.name))
+        })?;
+        info!(group = %g.uuid, "credential activated for a verifier");
+        Ok(AdminReply::Activated { secret: vtpm_proto::mgr::SecretBytes(zeroize::Zeroizing::new(out)) })
     }
 
     fn provision(&mut self, pcrs: &[u8]) -> Result<AdminReply, AdminReply> {
