@@ -16,6 +16,9 @@ pub const NOT_PROVISIONED: i32 = 4;
 pub const NOT_FOUND: i32 = 5;
 /// Refused: needs confirmation (`--yes`), exists already, or not permitted.
 pub const REFUSED: i32 = 6;
+/// `xl-vtpm verify`: every check passed, but no host PCR policy was given, so the host's state
+/// was not checked. (7, evidence that did not verify, is `guest::NOT_VERIFIED`.)
+pub const HOST_UNCHECKED: i32 = 8;
 
 /// An error carrying its exit code.
 #[derive(Debug, thiserror::Error)]

@@ -4,10 +4,12 @@
 //! as local processes (vtpm-domain serving swtpm's protocol) — the mode used
 //! without Xen, by QEMU/KVM hosts and by the test suite; [`vtpmdom`] runs a vTPM
 //! as the only program of its own Xen domain; [`xenlife`] couples guests and vTPMs;
-//! [`ekcert`] exports a group's EK CA and verifies vTPM EK certificates.
+//! [`ekcert`] exports a group's EK CA and verifies vTPM EK certificates; [`attest`] is the
+//! tenant's side: enrollment (AK provenance by credential activation) and `verify`.
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod attest;
 pub mod ekcert;
 pub mod exit;
 pub mod guest;

@@ -14,7 +14,8 @@ use xl_tools::local::{self, Local, Row};
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 bad usage, 3 manager unreachable, \
 4 manager not provisioned, 5 no such vTPM or group, 6 refused (confirmation needed, exists, not permitted), \
-7 evidence or an EK certificate did not verify.";
+7 evidence, an EK certificate or an enrollment did not verify, \
+8 verify: evidence verified but the host state was not checked (no --host-pcrs-policy FILE).";
 
 /// Create, run and destroy vTPMs; administer vtpmmgr.
 #[derive(Parser, Debug)]
@@ -98,27 +99,12 @@ enum Cmd {
     /// Commands run inside a guest (or against any vTPM).
     #[command(subcommand)]
     Guest(GuestCmd),
-    /// Verify a deep-quote evidence bundle offline (exit 0 only if everything verified).
-    Verify {
-        /// The bundle file.
-        file: PathBuf,
-        /// The nonce you sent, hex.
-        #[arg(long)]
-        nonce: String,
-        /// The group's attestation key (TPMT_PUBLIC, raw or hex), obtained out of band
-        /// (`xl-vtpm mgr group ak <group> --out FILE`).
-        #[arg(long)]
-        ak: PathBuf,
-        /// A JSON file of required host PCR values: {"0": "hex", ...} (SHA-256).
-        #[arg(long, value_name = "FILE")]
-        host_pcrs_policy: Option<PathBuf>,
-        /// A JSON file of required vPCR values: {"hash_alg": "sha256", "pcrs": {"0": "hex"}}.
-        #[arg(long, value_name = "FILE")]
-        vpcrs_policy: Option<PathBuf>,
-        /// Required vTPM UUID.
-        #[arg(long)]
-        vtpm: Option<String>,
-    },
+    /// Verify a deep-quote evidence bundle offline under an enrolled AK (exit 0 only if every
+    /// check passed and the host PCR policy was checked; 8 without --host-pcrs-policy FILE).
+    Verify(xl_tools::attest::VerifyArgs),
+    /// Enroll a host: verify its EK certificate chain to the TPM vendor's root, prove each group
+    /// AK lives in that TPM by credential activation, pin the AKs in a trust store.
+    Enroll(xl_tools::attest::EnrollArgs),
     /// Verify a vTPM's EK certificate (read with `tpm2_nvread 0x1c00002` or `0x1c0000a`, DER or
     /// PEM) against its group's EK CA (`xl-vtpm mgr group ca-cert`); exit 0 only if it verified.
     VerifyEkcert {
@@ -219,6 +205,17 @@ enum MgrCmd {
     },
     /// Manager status.
     Status,
+    /// Write this host's enrollment material for tenants: the physical TPM's EK certificate,
+    /// every group's AK public area, the host id (docs/enrollment.md).
+    Enrollment {
+        /// Output file (JSON).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// FILE: an intermediate CA certificate of the EK chain to include (PEM or DER);
+        /// repeatable.
+        #[arg(long = "ek-intermediate", value_name = "FILE")]
+        ek_intermediate: Vec<PathBuf>,
+    },
     /// Groups (each has its own attestation key).
     #[command(subcommand)]
     Group(GroupCmd),
@@ -517,9 +514,8 @@ fn run(args: Args) -> Result<(), CliError> {
     };
     let cmd = match args.cmd {
         Cmd::Guest(g) => return run_guest(g, json),
-        Cmd::Verify { file, nonce, ak, host_pcrs_policy, vpcrs_policy, vtpm } => {
-            return run_verify(&file, &nonce, &ak, host_pcrs_policy.as_deref(), vpcrs_policy.as_deref(), vtpm.as_deref(), json);
-        }
+        Cmd::Verify(v) => return xl_tools::attest::run_verify(&v, json),
+        Cmd::Enroll(e) => return xl_tools::attest::run_enroll(&e, &args.run_dir, json),
         Cmd::VerifyEkcert { cert, ca, ek, certify, ak } => {
             let checks = xl_tools::ekcert::Checks { ek_public: ek.as_deref(), certify: certify.as_deref().zip(ak.as_deref()) };
             let info = xl_tools::ekcert::verify(&cert, &ca, &checks)?;
@@ -567,7 +563,7 @@ fn run(args: Args) -> Result<(), CliError> {
     }
     let mut admin = Admin::connect(&args.run_dir)?;
     match cmd {
-        Cmd::Guest(_) | Cmd::Verify { .. } | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
+        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
             unreachable!("handled above")
         }
         Cmd::Create { config, group } => {
@@ -642,6 +638,14 @@ fn run(args: Args) -> Result<(), CliError> {
             confirm(yes, &format!("Provision the manager, sealing its master secret to the current values of PCRs {pcrs:?}"))?;
             if let AdminReply::Status(s) = admin.call(&AdminRequest::Provision { pcrs })? {
                 print_status(&s, json);
+            }
+        }
+        Cmd::Mgr(MgrCmd::Enrollment { out, ek_intermediate }) => {
+            let m = xl_tools::attest::write_material(&mut admin, &out, &ek_intermediate)?;
+            if json {
+                print_json(&serde_json::json!({"host_id": m.host_id, "groups": m.groups.len(), "out": out}));
+            } else {
+                println!("wrote enrollment material of host {} ({} group(s)) to {}", m.host_id, m.groups.len(), out.display());
             }
         }
         Cmd::Mgr(MgrCmd::Status) => {
@@ -842,38 +846,6 @@ fn run_guest(cmd: GuestCmd, json: bool) -> Result<(), CliError> {
             Ok(())
         }
     }
-}
-
-fn run_verify(
-    file: &std::path::Path,
-    nonce: &str,
-    ak: &std::path::Path,
-    host_policy: Option<&std::path::Path>,
-    vpcr_policy: Option<&std::path::Path>,
-    vtpm: Option<&str>,
-    json: bool,
-) -> Result<(), CliError> {
-    let bytes = guest::read_capped(file, guest::MAX_EVIDENCE, "evidence")?;
-    let mut exp = vtpm_proto::verify::Expectations::new(guest::parse_hex(nonce, "--nonce")?, guest::read_bytes_or_hex(ak, "--ak")?);
-    exp.host_pcrs = host_policy.map(|p| guest::read_policy(p, "--host-pcrs-policy")).transpose()?;
-    exp.vpcrs = vpcr_policy.map(|p| guest::read_policy(p, "--vpcrs-policy")).transpose()?;
-    exp.vtpm_uuid = vtpm.map(|u| local::parse_uuid(u, "--vtpm")).transpose()?;
-    let v = guest::verify_bytes(&bytes, &exp)?;
-    if json {
-        print_json(&serde_json::json!({
-            "verified": true,
-            "vtpm": v.leaf.vtpm_uuid,
-            "group": v.leaf.group_uuid,
-            "leaf_index": v.leaf.position.leaf_index,
-            "tree_size": v.leaf.position.tree_size,
-            "root": hex::encode(v.root),
-            "vpcrs": v.leaf.vpcr_selection.pcrs.iter().zip(&v.leaf.vpcr_values).map(|(p, val)| (p.to_string(), hex::encode(val))).collect::<std::collections::BTreeMap<_, _>>(),
-            "host_pcr_values": v.host_pcrs.values.iter().map(hex::encode).collect::<Vec<_>>(),
-        }));
-    } else {
-        println!("verified: vTPM {} (group {}), leaf {} of {}, host PCRs and vPCRs as listed in the evidence", v.leaf.vtpm_uuid, v.leaf.group_uuid, v.leaf.position.leaf_index, v.leaf.position.tree_size);
-    }
-    Ok(())
 }
 
 /// Whether a vTPM argument names a domain-mode vTPM.
