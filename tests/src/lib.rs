@@ -424,3 +424,15 @@ pub fn set_nofile(pid: u32, n: u64) {
     let st = Command::new("prlimit").uid(uid).gid(gid).arg("--pid").arg(pid.to_string()).arg(format!("--nofile={n}:")).status().unwrap();
     assert!(st.success(), "prlimit --pid {pid} --nofile={n}:");
 }
+
+/// Writes a host PCR policy file for `xl-vtpm verify --host-pcrs-policy` (`{"0": "hex", …}`)
+/// holding exactly the host PCR values bundle `b` carries (SHA-256 bank).
+pub fn write_host_policy(path: &Path, b: &vtpm_proto::evidence::Bundle) {
+    let pcrs: Vec<u32> = b.host_pcrs.selection.iter().flat_map(|sel| sel.indices().collect::<Vec<_>>()).collect();
+    let m: serde_json::Map<String, serde_json::Value> = pcrs
+        .iter()
+        .zip(&b.host_pcrs.values)
+        .map(|(i, v)| (i.to_string(), serde_json::Value::String(v.iter().map(|x| format!("{x:02x}")).collect())))
+        .collect();
+    std::fs::write(path, serde_json::to_vec(&m).unwrap()).unwrap();
+}

@@ -84,18 +84,49 @@ fn evidence_is_bound_to_its_vtpm_and_nonce() {
     // The vPCR values in the evidence are the vTPM's own: PCR 16 reads zero on a fresh vTPM.
     assert_eq!(bundle.leaf.vpcr_values[2], vec![0u8; 32]);
 
-    // The CLI round trip: guest tool + offline verifier, exit codes 0 and 7.
+    // The CLI round trip: guest tool + offline verifier. The AK here is not enrolled (this
+    // swtpm has no EK certificate; tests/tests/enrollment.rs has the enrolled path), so the raw
+    // --ak needs --insecure-unenrolled-ak. Exit codes: 0 all checked, 7 a check failed, 8 no host
+    // policy, 2 usage.
     let d = s.dir.path();
     let out = s.xl(&["guest", "deep-quote", "--tcti", &a.tcti(), "--nonce", "c0ffee", "--vpcrs", "0-7", "--host-pcrs", "0-7", "--out", d.join("ev.bin").to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::write(d.join("ak.pub"), &ak).unwrap();
-    let ok = s.xl(&["verify", d.join("ev.bin").to_str().unwrap(), "--nonce", "c0ffee", "--ak", d.join("ak.pub").to_str().unwrap(), "--vtpm", &a.uuid.to_string()]);
+    let ev = d.join("ev.bin");
+    let ev = ev.to_str().unwrap();
+    let akp = d.join("ak.pub");
+    let akp = akp.to_str().unwrap();
+    let policy = d.join("host.json");
+    xvtpm_tests::write_host_policy(&policy, &Bundle::decode(&std::fs::read(ev).unwrap()).unwrap());
+    let policy = policy.to_str().unwrap();
+    let insecure = ["--ak", akp, "--insecure-unenrolled-ak"];
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", ev];
+        args.extend_from_slice(extra);
+        s.xl(&args)
+    };
+    let a_uuid = a.uuid.to_string();
+    let ok = verify(&[&["--nonce", "c0ffee", "--vtpm", &a_uuid, "--host-pcrs-policy", policy][..], &insecure].concat());
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
-    let replay = s.xl(&["verify", d.join("ev.bin").to_str().unwrap(), "--nonce", "c0ffef", "--ak", d.join("ak.pub").to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&ok.stderr).contains("not enrolled"), "the unenrolled AK is called out");
+    let unchecked = verify(&[&["--nonce", "c0ffee", "--vtpm", &a_uuid][..], &insecure].concat());
+    assert_eq!(unchecked.status.code(), Some(8), "{}", String::from_utf8_lossy(&unchecked.stderr));
+    assert!(String::from_utf8_lossy(&unchecked.stderr).contains("host state NOT checked"));
+    let replay = verify(&[&["--nonce", "c0ffef", "--vtpm", &a_uuid, "--host-pcrs-policy", policy][..], &insecure].concat());
     assert_eq!(replay.status.code(), Some(7));
     assert!(String::from_utf8_lossy(&replay.stderr).contains("nonce"));
-    let wrong = s.xl(&["verify", d.join("ev.bin").to_str().unwrap(), "--nonce", "c0ffee", "--ak", d.join("ak.pub").to_str().unwrap(), "--vtpm", &b.uuid.to_string()]);
+    let b_uuid = b.uuid.to_string();
+    let wrong = verify(&[&["--nonce", "c0ffee", "--vtpm", &b_uuid, "--host-pcrs-policy", policy][..], &insecure].concat());
     assert_eq!(wrong.status.code(), Some(7));
+    // A raw AK without the explicit opt-in is refused, and so is evidence without --vtpm.
+    let raw = verify(&["--nonce", "c0ffee", "--vtpm", &a_uuid, "--host-pcrs-policy", policy, "--ak", akp]);
+    assert_eq!(raw.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&raw.stderr).contains("--insecure-unenrolled-ak"), "{}", String::from_utf8_lossy(&raw.stderr));
+    let no_vtpm = verify(&[&["--nonce", "c0ffee", "--host-pcrs-policy", policy][..], &insecure].concat());
+    assert_eq!(no_vtpm.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_vtpm.stderr).contains("--vtpm"), "{}", String::from_utf8_lossy(&no_vtpm.stderr));
+    let any = verify(&[&["--nonce", "c0ffee", "--any-vtpm", "--host-pcrs-policy", policy][..], &insecure].concat());
+    assert_eq!(any.status.code(), Some(0), "{}", String::from_utf8_lossy(&any.stderr));
 }
 
 #[test]

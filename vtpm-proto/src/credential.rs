@@ -93,11 +93,15 @@ pub enum CredError {
 /// nameAlg SHA-256 and fixedTPM, fixedParent, sensitiveDataOrigin, restricted and sign set and
 /// decrypt clear.
 pub fn ak_name(ak_tpmt: &[u8]) -> Result<Vec<u8>, CredError> {
-    let ak = AkPublic::parse(ak_tpmt).map_err(|e| CredError::AkPublic(e.to_string()))?;
-    if ak.name_alg != TPM_ALG_SHA256 {
-        return Err(CredError::AkPublic(format!("nameAlg {:#06x} is not SHA-256", ak.name_alg)));
+    // type(2) ‖ nameAlg(2) ‖ objectAttributes(4): checked first, so the error names the bit.
+    let (Some(name_alg), Some(a)) = (ak_tpmt.get(2..4), ak_tpmt.get(4..8)) else {
+        return Err(CredError::AkPublic(format!("{} bytes is too short for a TPMT_PUBLIC", ak_tpmt.len())));
+    };
+    let name_alg = u16::from_be_bytes([name_alg[0], name_alg[1]]);
+    let a = u32::from_be_bytes([a[0], a[1], a[2], a[3]]);
+    if name_alg != TPM_ALG_SHA256 {
+        return Err(CredError::AkPublic(format!("nameAlg {name_alg:#06x} is not SHA-256")));
     }
-    let a = ak.object_attributes;
     let need = [
         (attr::FIXED_TPM, "fixedTPM"),
         (attr::FIXED_PARENT, "fixedParent"),
@@ -112,6 +116,7 @@ pub fn ak_name(ak_tpmt: &[u8]) -> Result<Vec<u8>, CredError> {
     if a & attr::DECRYPT != 0 {
         return Err(CredError::AkAttributes(format!("decrypt is set (objectAttributes {a:#010x})")));
     }
+    AkPublic::parse(ak_tpmt).map_err(|e| CredError::AkPublic(e.to_string()))?;
     Ok(ekcert::sha256_name(ak_tpmt))
 }
 
