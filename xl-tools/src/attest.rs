@@ -289,12 +289,22 @@ pub struct VerifyArgs {
 /// `xl-vtpm verify`. Exit 0 only if every check passed *and* a host policy was checked; 7 if a
 /// check failed; 8 if every check passed but no host policy was given.
 pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
+    // Every input is read (size-capped) and checked before the evidence is judged, so a bad
+    // option is a usage error (2) and never reported as evidence that did not verify (7).
     let bytes = guest::read_capped(&a.file, guest::MAX_EVIDENCE, "evidence")?;
-    let bundle = Bundle::decode(&bytes).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence does not decode: {e}")))?;
     let nonce = guest::parse_hex(&a.nonce, "--nonce")?;
-    let (ak_public, group, pinned) = match (&a.trust_store, &a.ak) {
-        (Some(dir), _) => {
-            let store = load_trust_store(dir)?;
+    let vtpm = a.vtpm.as_deref().map(|u| crate::local::parse_uuid(u, "--vtpm")).transpose()?;
+    let host_pcrs = a.host_pcrs_policy.as_deref().map(|p| guest::read_policy(p, "--host-pcrs-policy")).transpose()?;
+    let vpcrs = a.vpcrs_policy.as_deref().map(|p| guest::read_policy(p, "--vpcrs-policy")).transpose()?;
+    let store = a.trust_store.as_deref().map(load_trust_store).transpose()?;
+    let raw_ak = match (&a.ak, a.insecure_unenrolled_ak) {
+        (Some(ak), true) => Some(guest::read_bytes_or_hex(ak, "--ak")?),
+        _ => None,
+    };
+    let bundle = Bundle::decode(&bytes).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence does not decode: {e}")))?;
+    let (ak_public, group, pinned) = match (store, raw_ak, &a.ak) {
+        (Some(store), _, _) => {
+            let dir = a.trust_store.as_deref().expect("store read from it");
             let p = store.into_iter().find(|p| hex::decode(&p.ak_public).is_ok_and(|k| k == bundle.ak_public)).ok_or_else(|| {
                 CliError::new(
                     NOT_VERIFIED,
@@ -306,26 +316,26 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
             })?;
             (hex::decode(&p.ak_public).expect("checked"), Some(p.group), Some(p))
         }
-        (None, Some(ak)) if a.insecure_unenrolled_ak => {
+        (None, Some(ak), _) => {
             eprintln!("xl-vtpm: WARNING: --insecure-unenrolled-ak: the AK was not enrolled; nothing shows it lives in the host's TPM");
-            (guest::read_bytes_or_hex(ak, "--ak")?, None, None)
+            (ak, None, None)
         }
-        (None, Some(_)) => {
+        (None, None, Some(_)) => {
             return Err(CliError::new(
                 USAGE,
                 "--ak FILE refused: a raw AK proves nothing about the host's TPM (any software key can carry the restricted/fixedTPM bits); \
                  enroll the host (`xl-vtpm enroll`) and pass --trust-store DIR, or --insecure-unenrolled-ak for testing",
             ));
         }
-        (None, None) => {
+        (None, None, None) => {
             return Err(CliError::new(USAGE, "--trust-store DIR is required (the AKs `xl-vtpm enroll` pinned)"));
         }
     };
     let mut exp = vtpm_proto::verify::Expectations::new(nonce, ak_public);
     exp.group_uuid = group;
-    exp.host_pcrs = a.host_pcrs_policy.as_deref().map(|p| guest::read_policy(p, "--host-pcrs-policy")).transpose()?;
-    exp.vpcrs = a.vpcrs_policy.as_deref().map(|p| guest::read_policy(p, "--vpcrs-policy")).transpose()?;
-    exp.vtpm_uuid = a.vtpm.as_deref().map(|u| crate::local::parse_uuid(u, "--vtpm")).transpose()?;
+    exp.host_pcrs = host_pcrs;
+    exp.vpcrs = vpcrs;
+    exp.vtpm_uuid = vtpm;
     let v = vtpm_proto::verify::verify(&bundle, &exp).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: {e}")))?;
     let host_checked = exp.host_pcrs.is_some();
     if json {

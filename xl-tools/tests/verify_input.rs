@@ -14,7 +14,7 @@ fn verify_refuses_an_endless_evidence_file() {
     let ak = dir.path().join("ak");
     std::fs::write(&ak, [0u8; 8]).unwrap();
     let out = xl_vtpm()
-        .args(["verify", "/dev/zero", "--nonce", "00", "--ak"])
+        .args(["verify", "/dev/zero", "--nonce", "00", "--any-vtpm", "--insecure-unenrolled-ak", "--ak"])
         .arg(&ak)
         .output()
         .unwrap();
@@ -28,7 +28,8 @@ fn verify_refuses_an_endless_key_or_policy_file() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle");
     std::fs::write(&bundle, [0u8; 16]).unwrap();
-    for (flag, extra) in [("--ak", vec![]), ("--host-pcrs-policy", vec!["--ak", "/dev/null"])] {
+    let unenrolled = ["--any-vtpm", "--insecure-unenrolled-ak"];
+    for (flag, extra) in [("--ak", unenrolled.to_vec()), ("--host-pcrs-policy", [&unenrolled[..], &["--ak", "/dev/null"]].concat())] {
         let out = xl_vtpm()
             .arg("verify")
             .arg(&bundle)
