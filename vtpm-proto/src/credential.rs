@@ -37,7 +37,7 @@ use aes::cipher::{BlockEncrypt, KeyInit};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::ekcert::{self, CertError, Certificate, oid};
+use crate::ekcert::{self, oid, CertError, Certificate};
 use crate::verify::AkPublic;
 
 /// `TPM_ALG_SHA256`.
@@ -95,12 +95,17 @@ pub enum CredError {
 pub fn ak_name(ak_tpmt: &[u8]) -> Result<Vec<u8>, CredError> {
     // type(2) ‖ nameAlg(2) ‖ objectAttributes(4): checked first, so the error names the bit.
     let (Some(name_alg), Some(a)) = (ak_tpmt.get(2..4), ak_tpmt.get(4..8)) else {
-        return Err(CredError::AkPublic(format!("{} bytes is too short for a TPMT_PUBLIC", ak_tpmt.len())));
+        return Err(CredError::AkPublic(format!(
+            "{} bytes is too short for a TPMT_PUBLIC",
+            ak_tpmt.len()
+        )));
     };
     let name_alg = u16::from_be_bytes([name_alg[0], name_alg[1]]);
     let a = u32::from_be_bytes([a[0], a[1], a[2], a[3]]);
     if name_alg != TPM_ALG_SHA256 {
-        return Err(CredError::AkPublic(format!("nameAlg {name_alg:#06x} is not SHA-256")));
+        return Err(CredError::AkPublic(format!(
+            "nameAlg {name_alg:#06x} is not SHA-256"
+        )));
     }
     let need = [
         (attr::FIXED_TPM, "fixedTPM"),
@@ -109,12 +114,21 @@ pub fn ak_name(ak_tpmt: &[u8]) -> Result<Vec<u8>, CredError> {
         (attr::RESTRICTED, "restricted"),
         (attr::SIGN, "sign"),
     ];
-    let missing: Vec<&str> = need.iter().filter(|(b, _)| a & b == 0).map(|(_, n)| *n).collect();
+    let missing: Vec<&str> = need
+        .iter()
+        .filter(|(b, _)| a & b == 0)
+        .map(|(_, n)| *n)
+        .collect();
     if !missing.is_empty() {
-        return Err(CredError::AkAttributes(format!("{} not set (objectAttributes {a:#010x})", missing.join(", "))));
+        return Err(CredError::AkAttributes(format!(
+            "{} not set (objectAttributes {a:#010x})",
+            missing.join(", ")
+        )));
     }
     if a & attr::DECRYPT != 0 {
-        return Err(CredError::AkAttributes(format!("decrypt is set (objectAttributes {a:#010x})")));
+        return Err(CredError::AkAttributes(format!(
+            "decrypt is set (objectAttributes {a:#010x})"
+        )));
     }
     AkPublic::parse(ak_tpmt).map_err(|e| CredError::AkPublic(e.to_string()))?;
     Ok(ekcert::sha256_name(ak_tpmt))
@@ -123,7 +137,13 @@ pub fn ak_name(ak_tpmt: &[u8]) -> Result<Vec<u8>, CredError> {
 /// KDFa (TPM 2.0 Part 1 §11.4.10.2, SP 800-108 counter mode) with HMAC-SHA-256:
 /// `bits` (a multiple of 8) of `HMAC(key, [i]₃₂ ‖ label ‖ 0 ‖ context_u ‖ context_v ‖ [bits]₃₂)`.
 /// `label` is given without its terminating zero, which is added here.
-pub fn kdfa_sha256(key: &[u8], label: &[u8], context_u: &[u8], context_v: &[u8], bits: u32) -> Vec<u8> {
+pub fn kdfa_sha256(
+    key: &[u8],
+    label: &[u8],
+    context_u: &[u8],
+    context_v: &[u8],
+    bits: u32,
+) -> Vec<u8> {
     assert!(bits % 8 == 0 && bits > 0, "KDFa output must be whole bytes");
     let want = (bits / 8) as usize;
     let mut out = Vec::with_capacity(want + 32);
@@ -161,15 +181,25 @@ fn aes128_cfb_encrypt(key: &[u8; 16], data: &mut [u8]) {
 
 /// The credential blob (contents of `TPM2B_ID_OBJECT`) for a given `seed` (SHA-256 EK nameAlg,
 /// AES-128 EK symmetric): the deterministic half of MakeCredential.
-pub fn credential_blob_from_seed(seed: &[u8], ak_name: &[u8], secret: &[u8]) -> Result<Vec<u8>, CredError> {
+pub fn credential_blob_from_seed(
+    seed: &[u8],
+    ak_name: &[u8],
+    secret: &[u8],
+) -> Result<Vec<u8>, CredError> {
     if secret.is_empty() || secret.len() > MAX_SECRET {
-        return Err(CredError::Secret(format!("{} bytes; 1..={MAX_SECRET} allowed", secret.len())));
+        return Err(CredError::Secret(format!(
+            "{} bytes; 1..={MAX_SECRET} allowed",
+            secret.len()
+        )));
     }
     let sym_key = kdfa_sha256(seed, b"STORAGE", ak_name, &[], 128);
     let mut enc_identity = Vec::with_capacity(2 + secret.len());
     enc_identity.extend_from_slice(&(secret.len() as u16).to_be_bytes());
     enc_identity.extend_from_slice(secret);
-    aes128_cfb_encrypt(&sym_key.try_into().expect("KDFa gave 16 bytes"), &mut enc_identity);
+    aes128_cfb_encrypt(
+        &sym_key.try_into().expect("KDFa gave 16 bytes"),
+        &mut enc_identity,
+    );
     let hmac_key = kdfa_sha256(seed, b"INTEGRITY", &[], &[], 256);
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&hmac_key).expect("any key length");
     m.update(&enc_identity);
@@ -201,24 +231,36 @@ pub fn ek_rsa_key(spki_der: &[u8]) -> Result<rsa::RsaPublicKey, CredError> {
             "algorithm {alg}: only the RSA-2048 EK is supported (give the RSA EK certificate, NV index 0x01c00002)"
         )));
     }
-    let k = rsa::RsaPublicKey::from_public_key_der(spki_der).map_err(|e| CredError::EkKey(e.to_string()))?;
+    let k = rsa::RsaPublicKey::from_public_key_der(spki_der)
+        .map_err(|e| CredError::EkKey(e.to_string()))?;
     if k.size() != 256 || k.e() != &rsa::BigUint::from(65537u32) {
-        return Err(CredError::EkKey("not an RSA-2048 key with exponent 65537 (the TCG default EK)".into()));
+        return Err(CredError::EkKey(
+            "not an RSA-2048 key with exponent 65537 (the TCG default EK)".into(),
+        ));
     }
     Ok(k)
 }
 
 /// TPM2_MakeCredential for the TCG default RSA-2048 EK `ek`, the AK name `ak_name` and
 /// `secret`, with a fresh random seed.
-pub fn make_credential(ek: &rsa::RsaPublicKey, ak_name: &[u8], secret: &[u8]) -> Result<Credential, CredError> {
+pub fn make_credential(
+    ek: &rsa::RsaPublicKey,
+    ak_name: &[u8],
+    secret: &[u8],
+) -> Result<Credential, CredError> {
     use rand::RngCore as _;
     let mut rng = rand::rngs::OsRng;
     let mut seed = zeroize::Zeroizing::new([0u8; 32]);
     rng.fill_bytes(seed.as_mut());
     let blob = credential_blob_from_seed(seed.as_ref(), ak_name, secret)?;
     let padding = rsa::Oaep::new_with_label::<Sha256, _>("IDENTITY\0");
-    let encrypted_secret = ek.encrypt(&mut rng, padding, seed.as_ref()).map_err(|e| CredError::Crypto(e.to_string()))?;
-    Ok(Credential { blob, encrypted_secret })
+    let encrypted_secret = ek
+        .encrypt(&mut rng, padding, seed.as_ref())
+        .map_err(|e| CredError::Crypto(e.to_string()))?;
+    Ok(Credential {
+        blob,
+        encrypted_secret,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,38 +268,56 @@ pub fn make_credential(ek: &rsa::RsaPublicKey, ak_name: &[u8], secret: &[u8]) ->
 // ---------------------------------------------------------------------------------------------
 
 /// sha256WithRSAEncryption (RFC 4055).
-const SHA256_WITH_RSA: der::asn1::ObjectIdentifier = der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
+const SHA256_WITH_RSA: der::asn1::ObjectIdentifier =
+    der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
 
 /// Verifies `cert`'s signature with `issuer_spki`: ECDSA P-256/SHA-256 or RSA (2048..=4096 bits)
 /// PKCS #1 v1.5/SHA-256, the algorithms TPM vendors' CAs use.
-fn verify_cert_signature(cert: &Certificate, issuer_spki: &[u8], what: &'static str) -> Result<(), CertError> {
+fn verify_cert_signature(
+    cert: &Certificate,
+    issuer_spki: &[u8],
+    what: &'static str,
+) -> Result<(), CertError> {
     if cert.signature_algorithm == oid::ECDSA_WITH_SHA256 {
         return cert.verify_signature(issuer_spki, what);
     }
     if cert.signature_algorithm != SHA256_WITH_RSA {
-        return Err(CertError::Unsupported(format!("{what} signature algorithm {}", cert.signature_algorithm)));
+        return Err(CertError::Unsupported(format!(
+            "{what} signature algorithm {}",
+            cert.signature_algorithm
+        )));
     }
     use rsa::pkcs8::DecodePublicKey as _;
     use rsa::signature::Verifier as _;
     use rsa::traits::PublicKeyParts as _;
-    let k = rsa::RsaPublicKey::from_public_key_der(issuer_spki)
-        .map_err(|_| CertError::Unsupported(format!("{what} issuer key (RSA or ECDSA P-256 required)")))?;
+    let k = rsa::RsaPublicKey::from_public_key_der(issuer_spki).map_err(|_| {
+        CertError::Unsupported(format!("{what} issuer key (RSA or ECDSA P-256 required)"))
+    })?;
     if !(256..=512).contains(&k.size()) {
-        return Err(CertError::Unsupported(format!("{what} issuer RSA key of {} bits", k.size() * 8)));
+        return Err(CertError::Unsupported(format!(
+            "{what} issuer RSA key of {} bits",
+            k.size() * 8
+        )));
     }
     let vk = rsa::pkcs1v15::VerifyingKey::<Sha256>::new(k);
-    let sig = rsa::pkcs1v15::Signature::try_from(cert.signature.as_slice()).map_err(|_| CertError::SignatureInvalid(what))?;
-    vk.verify(&cert.tbs, &sig).map_err(|_| CertError::SignatureInvalid(what))
+    let sig = rsa::pkcs1v15::Signature::try_from(cert.signature.as_slice())
+        .map_err(|_| CertError::SignatureInvalid(what))?;
+    vk.verify(&cert.tbs, &sig)
+        .map_err(|_| CertError::SignatureInvalid(what))
 }
 
 /// Checks that `ca` may issue certificates at `now`: basicConstraints cA, keyUsage keyCertSign
 /// (if the extension is present), validity, no unknown critical extension.
 fn check_issuer(ca: &Certificate, now: u64, what: &'static str) -> Result<(), CertError> {
     if ca.is_ca()? != Some(true) {
-        return Err(CertError::NotACa(format!("{what}: basicConstraints cA is not TRUE")));
+        return Err(CertError::NotACa(format!(
+            "{what}: basicConstraints cA is not TRUE"
+        )));
     }
     if ca.key_usage(5)? == Some(false) {
-        return Err(CertError::NotACa(format!("{what}: keyUsage does not include keyCertSign")));
+        return Err(CertError::NotACa(format!(
+            "{what}: keyUsage does not include keyCertSign"
+        )));
     }
     ekcert::check_critical(ca, what)?;
     ca.check_validity(now, what)
@@ -281,27 +341,43 @@ pub struct EkChain {
 /// critical extension, within its validity. Each issuer is found by name and must verify the
 /// signature; intermediates must be CAs with keyCertSign within their validity. At most
 /// [`MAX_CHAIN`] intermediates.
-pub fn verify_ek_chain(leaf: &Certificate, intermediates: &[Certificate], roots: &[Certificate], now: u64) -> Result<EkChain, CredError> {
+pub fn verify_ek_chain(
+    leaf: &Certificate,
+    intermediates: &[Certificate],
+    roots: &[Certificate],
+    now: u64,
+) -> Result<EkChain, CredError> {
     let chain = |e: CertError| CredError::EkChain(e.to_string());
     if roots.is_empty() {
         return Err(CredError::EkChain("no trusted root (--ek-ca) given".into()));
     }
-    leaf.check_validity(now, "the EK certificate").map_err(chain)?;
+    leaf.check_validity(now, "the EK certificate")
+        .map_err(chain)?;
     if leaf.is_ca().map_err(chain)? == Some(true) {
-        return Err(CredError::EkChain("the EK certificate claims to be a CA".into()));
+        return Err(CredError::EkChain(
+            "the EK certificate claims to be a CA".into(),
+        ));
     }
     ekcert::check_critical(leaf, "EK certificate").map_err(chain)?;
     let (alg, _) = ekcert::split_spki(&leaf.spki).map_err(chain)?;
     if alg == oid::RSA_ENCRYPTION && leaf.key_usage(2).map_err(chain)? == Some(false) {
-        return Err(CredError::EkChain("the EK certificate's keyUsage lacks keyEncipherment".into()));
+        return Err(CredError::EkChain(
+            "the EK certificate's keyUsage lacks keyEncipherment".into(),
+        ));
     }
     let mut cur = leaf;
     for depth in 0..=MAX_CHAIN {
-        let what: &'static str = if depth == 0 { "EK certificate" } else { "intermediate certificate" };
+        let what: &'static str = if depth == 0 {
+            "EK certificate"
+        } else {
+            "intermediate certificate"
+        };
         // A trusted root that issued `cur`?
         let mut last_err = None;
         for r in roots.iter().filter(|r| r.subject == cur.issuer) {
-            match verify_cert_signature(cur, &r.spki, what).and_then(|_| check_issuer(r, now, "the root certificate")) {
+            match verify_cert_signature(cur, &r.spki, what)
+                .and_then(|_| check_issuer(r, now, "the root certificate"))
+            {
                 Ok(()) => {
                     return Ok(EkChain {
                         ek_spki: leaf.spki.clone(),
@@ -313,7 +389,11 @@ pub fn verify_ek_chain(leaf: &Certificate, intermediates: &[Certificate], roots:
             }
         }
         // Otherwise an intermediate that issued it.
-        let next = intermediates.iter().find(|i| i.subject == cur.issuer && !std::ptr::eq(*i, cur) && verify_cert_signature(cur, &i.spki, what).is_ok());
+        let next = intermediates.iter().find(|i| {
+            i.subject == cur.issuer
+                && !std::ptr::eq(*i, cur)
+                && verify_cert_signature(cur, &i.spki, what).is_ok()
+        });
         match next {
             Some(i) => {
                 check_issuer(i, now, "an intermediate certificate").map_err(chain)?;
@@ -329,7 +409,9 @@ pub fn verify_ek_chain(leaf: &Certificate, intermediates: &[Certificate], roots:
             }
         }
     }
-    Err(CredError::EkChain(format!("longer than {MAX_CHAIN} intermediates")))
+    Err(CredError::EkChain(format!(
+        "longer than {MAX_CHAIN} intermediates"
+    )))
 }
 
 #[cfg(test)]
@@ -370,8 +452,19 @@ mod tests {
 
     #[test]
     fn secret_size_is_capped() {
-        assert!(matches!(credential_blob_from_seed(&[1; 32], &[0; 34], &[]), Err(CredError::Secret(_))));
-        assert!(matches!(credential_blob_from_seed(&[1; 32], &[0; 34], &[0; 65]), Err(CredError::Secret(_))));
-        assert_eq!(credential_blob_from_seed(&[1; 32], &[0; 34], &[0; 32]).unwrap().len(), 2 + 32 + 2 + 32);
+        assert!(matches!(
+            credential_blob_from_seed(&[1; 32], &[0; 34], &[]),
+            Err(CredError::Secret(_))
+        ));
+        assert!(matches!(
+            credential_blob_from_seed(&[1; 32], &[0; 34], &[0; 65]),
+            Err(CredError::Secret(_))
+        ));
+        assert_eq!(
+            credential_blob_from_seed(&[1; 32], &[0; 34], &[0; 32])
+                .unwrap()
+                .len(),
+            2 + 32 + 2 + 32
+        );
     }
 }

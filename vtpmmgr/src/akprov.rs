@@ -13,15 +13,19 @@
 //! manager is guaranteed to hold; AK and EK are flushed before returning.
 
 use tss_esapi::{
-    abstraction::{AsymmetricAlgorithmSelection, ek},
+    abstraction::{ek, AsymmetricAlgorithmSelection},
     constants::SessionType,
     handles::{AuthHandle, KeyHandle, SessionHandle},
-    interface_types::{algorithm::HashingAlgorithm, key_bits::RsaKeyBits, session_handles::{AuthSession, PolicySession}},
+    interface_types::{
+        algorithm::HashingAlgorithm,
+        key_bits::RsaKeyBits,
+        session_handles::{AuthSession, PolicySession},
+    },
     structures::{EncryptedSecret, IdObject, Private, Public, SymmetricDefinition},
     traits::UnMarshall,
 };
 
-use crate::hwtpm::{AkRecord, HwTpm, HwTpmError, sha256_name};
+use crate::hwtpm::{sha256_name, AkRecord, HwTpm, HwTpmError};
 
 /// Largest credential blob accepted: `TPM2B_DIGEST(HMAC)` ‖ encrypted `TPM2B_DIGEST(secret)`.
 pub const MAX_CREDENTIAL_BLOB: usize = 2 + 64 + 2 + 64;
@@ -42,41 +46,80 @@ pub fn ek_certificate(hw: &mut HwTpm) -> Result<Vec<u8>> {
 /// `TPM2_ActivateCredential(activateHandle = ak, keyHandle = EK, credential_blob,
 /// encrypted_secret)`: the secret, if the credential was made for this AK's name and this TPM's
 /// EK.
-pub fn activate_credential(hw: &mut HwTpm, ak: &AkRecord, credential_blob: &[u8], encrypted_secret: &[u8]) -> Result<Vec<u8>> {
+pub fn activate_credential(
+    hw: &mut HwTpm,
+    ak: &AkRecord,
+    credential_blob: &[u8],
+    encrypted_secret: &[u8],
+) -> Result<Vec<u8>> {
     if credential_blob.is_empty() || credential_blob.len() > MAX_CREDENTIAL_BLOB {
-        return Err(HwTpmError::InvalidArgument(format!("credential blob of {} bytes (1..={MAX_CREDENTIAL_BLOB})", credential_blob.len())));
+        return Err(HwTpmError::InvalidArgument(format!(
+            "credential blob of {} bytes (1..={MAX_CREDENTIAL_BLOB})",
+            credential_blob.len()
+        )));
     }
     if encrypted_secret.is_empty() || encrypted_secret.len() > MAX_ENCRYPTED_SECRET {
-        return Err(HwTpmError::InvalidArgument(format!("encrypted secret of {} bytes (1..={MAX_ENCRYPTED_SECRET})", encrypted_secret.len())));
+        return Err(HwTpmError::InvalidArgument(format!(
+            "encrypted secret of {} bytes (1..={MAX_ENCRYPTED_SECRET})",
+            encrypted_secret.len()
+        )));
     }
     let blob = IdObject::try_from(credential_blob.to_vec()).map_err(op("credential blob"))?;
-    let secret = EncryptedSecret::try_from(encrypted_secret.to_vec()).map_err(op("encrypted secret"))?;
+    let secret =
+        EncryptedSecret::try_from(encrypted_secret.to_vec()).map_err(op("encrypted secret"))?;
     if sha256_name(&ak.public) != ak.name {
-        return Err(HwTpmError::InvalidRecord("AK name does not match its public area".into()));
+        return Err(HwTpmError::InvalidRecord(
+            "AK name does not match its public area".into(),
+        ));
     }
-    let public = Public::unmarshall(&ak.public).map_err(|e| HwTpmError::InvalidRecord(format!("AK public: {e}")))?;
-    let private = Private::try_from(ak.private.clone()).map_err(|e| HwTpmError::InvalidRecord(format!("AK private: {e}")))?;
+    let public = Public::unmarshall(&ak.public)
+        .map_err(|e| HwTpmError::InvalidRecord(format!("AK public: {e}")))?;
+    let private = Private::try_from(ak.private.clone())
+        .map_err(|e| HwTpmError::InvalidRecord(format!("AK private: {e}")))?;
     let (ctx, srk) = hw.context_and_srk();
     let ak_handle: KeyHandle = ctx
-        .execute_with_session(Some(AuthSession::Password), |ctx| ctx.load(srk, private, public))
+        .execute_with_session(Some(AuthSession::Password), |ctx| {
+            ctx.load(srk, private, public)
+        })
         .map_err(op("Load(AK)"))?;
     let res = (|| {
-        let ek_handle = ek::create_ek_object_2(ctx, AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048), None)
-            .map_err(op("CreatePrimary(EK, TCG default RSA-2048 template)"))?;
+        let ek_handle = ek::create_ek_object_2(
+            ctx,
+            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            None,
+        )
+        .map_err(op("CreatePrimary(EK, TCG default RSA-2048 template)"))?;
         let res = (|| {
             let session = ctx
-                .start_auth_session(None, None, None, SessionType::Policy, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)
+                .start_auth_session(
+                    None,
+                    None,
+                    None,
+                    SessionType::Policy,
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )
                 .map_err(op("StartAuthSession(policy, for the EK)"))?
-                .ok_or_else(|| HwTpmError::Unexpected("StartAuthSession returned no handle".into()))?;
+                .ok_or_else(|| {
+                    HwTpmError::Unexpected("StartAuthSession returned no handle".into())
+                })?;
             let res = (|| {
                 let policy = PolicySession::try_from(session).map_err(op("policy session"))?;
                 ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
-                    ctx.policy_secret(policy, AuthHandle::Endorsement, Default::default(), Default::default(), Default::default(), None)
+                    ctx.policy_secret(
+                        policy,
+                        AuthHandle::Endorsement,
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                        None,
+                    )
                 })
                 .map_err(op("PolicySecret(TPM_RH_ENDORSEMENT)"))?;
-                ctx.execute_with_sessions((Some(AuthSession::Password), Some(session), None), |ctx| {
-                    ctx.activate_credential(ak_handle, ek_handle, blob, secret)
-                })
+                ctx.execute_with_sessions(
+                    (Some(AuthSession::Password), Some(session), None),
+                    |ctx| ctx.activate_credential(ak_handle, ek_handle, blob, secret),
+                )
                 .map_err(op("ActivateCredential"))
             })();
             // An ActivateCredential that succeeded has consumed the policy session already.

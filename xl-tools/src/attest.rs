@@ -75,31 +75,60 @@ pub struct PinnedAk {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn read_cert(path: &Path, flag: &str) -> Result<Certificate, CliError> {
     let b = guest::read_capped(path, MAX_FILE, flag)?;
-    Certificate::from_pem_or_der(&b).map_err(|e| CliError::new(USAGE, format!("{flag} {}: not an X.509 certificate ({e})", path.display())))
+    Certificate::from_pem_or_der(&b).map_err(|e| {
+        CliError::new(
+            USAGE,
+            format!("{flag} {}: not an X.509 certificate ({e})", path.display()),
+        )
+    })
 }
 
 fn read_certs(paths: &[PathBuf], flag: &str) -> Result<Vec<Certificate>, CliError> {
     if paths.len() > MAX_CERTS {
-        return Err(CliError::new(USAGE, format!("{flag}: at most {MAX_CERTS} certificates")));
+        return Err(CliError::new(
+            USAGE,
+            format!("{flag}: at most {MAX_CERTS} certificates"),
+        ));
     }
     paths.iter().map(|p| read_cert(p, flag)).collect()
 }
 
 /// `xl-vtpm mgr enrollment --out FILE [--ek-intermediate FILE]…`: writes the enrollment material.
-pub fn write_material(admin: &mut Admin, out: &Path, intermediates: &[PathBuf]) -> Result<Material, CliError> {
+pub fn write_material(
+    admin: &mut Admin,
+    out: &Path,
+    intermediates: &[PathBuf],
+) -> Result<Material, CliError> {
     let AdminReply::Enrollment(info) = admin.call(&AdminRequest::Enrollment)? else {
         return Err(CliError::new(FAILURE, "unexpected reply to Enrollment"));
     };
-    let EnrollmentInfo { host_id, ek_cert, groups } = *info;
-    let ek_intermediates = read_certs(intermediates, "--ek-intermediate")?.into_iter().map(|c| hex::encode(c.der)).collect();
-    let m = Material { format: MATERIAL_FORMAT.into(), host_id, ek_cert, ek_intermediates, groups };
+    let EnrollmentInfo {
+        host_id,
+        ek_cert,
+        groups,
+    } = *info;
+    let ek_intermediates = read_certs(intermediates, "--ek-intermediate")?
+        .into_iter()
+        .map(|c| hex::encode(c.der))
+        .collect();
+    let m = Material {
+        format: MATERIAL_FORMAT.into(),
+        host_id,
+        ek_cert,
+        ek_intermediates,
+        groups,
+    };
     let json = serde_json::to_vec_pretty(&m).expect("serialisable");
-    std::fs::write(out, json).map_err(|e| CliError::new(FAILURE, format!("--out {}: {e}", out.display())))?;
+    std::fs::write(out, json)
+        .map_err(|e| CliError::new(FAILURE, format!("--out {}: {e}", out.display())))?;
     Ok(m)
 }
 
@@ -111,11 +140,21 @@ fn not_verified(check: &str, e: impl std::fmt::Display) -> CliError {
 /// in dom0 today; a network service later).
 pub trait Activator {
     /// Activates (credential blob, encrypted secret) with `group`'s AK; returns the secret.
-    fn activate(&mut self, group: &Uuid, blob: &[u8], encrypted_secret: &[u8]) -> Result<Vec<u8>, CliError>;
+    fn activate(
+        &mut self,
+        group: &Uuid,
+        blob: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Vec<u8>, CliError>;
 }
 
 impl Activator for Admin {
-    fn activate(&mut self, group: &Uuid, blob: &[u8], encrypted_secret: &[u8]) -> Result<Vec<u8>, CliError> {
+    fn activate(
+        &mut self,
+        group: &Uuid,
+        blob: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<Vec<u8>, CliError> {
         let req = AdminRequest::ActivateCredential {
             group: group.to_string(),
             credential_blob: hex::encode(blob),
@@ -123,8 +162,17 @@ impl Activator for Admin {
         };
         match self.call(&req) {
             Ok(AdminReply::Activated { secret }) => Ok(secret.0.to_vec()),
-            Ok(other) => Err(CliError::new(FAILURE, format!("unexpected reply to ActivateCredential: {other:?}"))),
-            Err(e) => Err(not_verified("credential activation", format!("the host's TPM did not activate the credential: {}", e.message))),
+            Ok(other) => Err(CliError::new(
+                FAILURE,
+                format!("unexpected reply to ActivateCredential: {other:?}"),
+            )),
+            Err(e) => Err(not_verified(
+                "credential activation",
+                format!(
+                    "the host's TPM did not activate the credential: {}",
+                    e.message
+                ),
+            )),
         }
     }
 }
@@ -147,34 +195,67 @@ pub struct EnrollInput<'a> {
 /// and pins the AKs that passed. Fails (exit 7, naming the check) on the first that does not.
 pub fn enroll(act: &mut dyn Activator, input: &EnrollInput<'_>) -> Result<Vec<PinnedAk>, CliError> {
     let raw = guest::read_capped(input.material, MAX_FILE, "--material")?;
-    let m: Material = serde_json::from_slice(&raw)
-        .map_err(|e| CliError::new(USAGE, format!("--material {}: not enrollment material ({e})", input.material.display())))?;
+    let m: Material = serde_json::from_slice(&raw).map_err(|e| {
+        CliError::new(
+            USAGE,
+            format!(
+                "--material {}: not enrollment material ({e})",
+                input.material.display()
+            ),
+        )
+    })?;
     if m.format != MATERIAL_FORMAT {
-        return Err(CliError::new(USAGE, format!("--material: format {:?}, expected {MATERIAL_FORMAT:?}", m.format)));
+        return Err(CliError::new(
+            USAGE,
+            format!(
+                "--material: format {:?}, expected {MATERIAL_FORMAT:?}",
+                m.format
+            ),
+        ));
     }
     if m.groups.len() > MAX_ENTRIES || m.ek_intermediates.len() > MAX_CERTS {
-        return Err(CliError::new(USAGE, "--material: too many groups or intermediates"));
+        return Err(CliError::new(
+            USAGE,
+            "--material: too many groups or intermediates",
+        ));
     }
     if input.ek_cas.is_empty() {
-        return Err(CliError::new(USAGE, "--ek-ca FILE is required: the TPM vendor's root certificate anchors the host's EK"));
+        return Err(CliError::new(
+            USAGE,
+            "--ek-ca FILE is required: the TPM vendor's root certificate anchors the host's EK",
+        ));
     }
     // 1. The EK certificate chains to a vendor root.
-    let leaf_der = hex::decode(&m.ek_cert).map_err(|_| CliError::new(USAGE, "--material: ek_cert is not hex"))?;
+    let leaf_der = hex::decode(&m.ek_cert)
+        .map_err(|_| CliError::new(USAGE, "--material: ek_cert is not hex"))?;
     let leaf = Certificate::parse(&leaf_der).map_err(|e| not_verified("EK certificate", e))?;
     let mut inter = read_certs(input.ek_intermediates, "--ek-intermediate")?;
     for h in &m.ek_intermediates {
-        let der = hex::decode(h).map_err(|_| CliError::new(USAGE, "--material: an ek_intermediates entry is not hex"))?;
-        inter.push(Certificate::parse(&der).map_err(|e| not_verified("intermediate certificate", e))?);
+        let der = hex::decode(h).map_err(|_| {
+            CliError::new(USAGE, "--material: an ek_intermediates entry is not hex")
+        })?;
+        inter.push(
+            Certificate::parse(&der).map_err(|e| not_verified("intermediate certificate", e))?,
+        );
     }
     let roots = read_certs(input.ek_cas, "--ek-ca")?;
-    let chain = credential::verify_ek_chain(&leaf, &inter, &roots, now()).map_err(|e| not_verified("EK certificate chain", e))?;
-    let ek = credential::ek_rsa_key(&chain.ek_spki).map_err(|e| not_verified("EK public key", e))?;
+    let chain = credential::verify_ek_chain(&leaf, &inter, &roots, now())
+        .map_err(|e| not_verified("EK certificate chain", e))?;
+    let ek =
+        credential::ek_rsa_key(&chain.ek_spki).map_err(|e| not_verified("EK public key", e))?;
     let host_id = chain.ek_cert_sha256.clone();
     let groups: Vec<&GroupInfo> = match input.group {
         Some(g) => {
-            let found: Vec<_> = m.groups.iter().filter(|x| x.name == g || x.uuid.to_string() == g).collect();
+            let found: Vec<_> = m
+                .groups
+                .iter()
+                .filter(|x| x.name == g || x.uuid.to_string() == g)
+                .collect();
             if found.is_empty() {
-                return Err(CliError::new(crate::exit::NOT_FOUND, format!("--group {g:?}: not in the enrollment material")));
+                return Err(CliError::new(
+                    crate::exit::NOT_FOUND,
+                    format!("--group {g:?}: not in the enrollment material"),
+                ));
             }
             found
         }
@@ -183,13 +264,21 @@ pub fn enroll(act: &mut dyn Activator, input: &EnrollInput<'_>) -> Result<Vec<Pi
     let mut pinned = vec![];
     for g in groups {
         // 2. The AK public area: its name, and the attributes of a TPM-made restricted key.
-        let ak = hex::decode(&g.ak_public).map_err(|_| CliError::new(USAGE, format!("--material: group {}: ak_public is not hex", g.name)))?;
-        let name = credential::ak_name(&ak).map_err(|e: CredError| not_verified(&format!("group {:?}", g.name), e))?;
+        let ak = hex::decode(&g.ak_public).map_err(|_| {
+            CliError::new(
+                USAGE,
+                format!("--material: group {}: ak_public is not hex", g.name),
+            )
+        })?;
+        let name = credential::ak_name(&ak)
+            .map_err(|e: CredError| not_verified(&format!("group {:?}", g.name), e))?;
         // 3. Credential activation in the host's TPM.
         let mut secret = zeroize::Zeroizing::new([0u8; 32]);
         rand_fill(secret.as_mut());
-        let cred = credential::make_credential(&ek, &name, secret.as_ref()).map_err(|e| not_verified("MakeCredential", e))?;
-        let answer = zeroize::Zeroizing::new(act.activate(&g.uuid, &cred.blob, &cred.encrypted_secret)?);
+        let cred = credential::make_credential(&ek, &name, secret.as_ref())
+            .map_err(|e| not_verified("MakeCredential", e))?;
+        let answer =
+            zeroize::Zeroizing::new(act.activate(&g.uuid, &cred.blob, &cred.encrypted_secret)?);
         if !ct_eq(answer.as_slice(), secret.as_ref()) {
             return Err(not_verified(
                 "credential activation",
@@ -206,10 +295,15 @@ pub fn enroll(act: &mut dyn Activator, input: &EnrollInput<'_>) -> Result<Vec<Pi
             enrolled_at: now(),
         };
         let dir = input.trust_store.join(&host_id);
-        std::fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("--trust-store {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CliError::new(FAILURE, format!("--trust-store {}: {e}", dir.display())))?;
         let file = dir.join(format!("{}.json", g.uuid));
-        xvtpm_fsutil::write_atomic(&file, &serde_json::to_vec_pretty(&p).expect("serialisable"), 0o644)
-            .map_err(|e| CliError::new(FAILURE, format!("--trust-store {}: {e}", file.display())))?;
+        xvtpm_fsutil::write_atomic(
+            &file,
+            &serde_json::to_vec_pretty(&p).expect("serialisable"),
+            0o644,
+        )
+        .map_err(|e| CliError::new(FAILURE, format!("--trust-store {}: {e}", file.display())))?;
         pinned.push(p);
     }
     Ok(pinned)
@@ -217,7 +311,9 @@ pub fn enroll(act: &mut dyn Activator, input: &EnrollInput<'_>) -> Result<Vec<Pi
 
 fn rand_fill(b: &mut [u8]) {
     use std::io::Read as _;
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(b)).expect("read /dev/urandom");
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(b))
+        .expect("read /dev/urandom");
 }
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -239,7 +335,8 @@ pub fn load_trust_store(dir: &Path) -> Result<Vec<PinnedAk>, CliError> {
                 continue;
             }
             let raw = guest::read_capped(&p, MAX_FILE, "--trust-store entry")?;
-            let e: PinnedAk = serde_json::from_slice(&raw).map_err(|e| bad(format!("{}: not a pinned AK ({e})", p.display())))?;
+            let e: PinnedAk = serde_json::from_slice(&raw)
+                .map_err(|e| bad(format!("{}: not a pinned AK ({e})", p.display())))?;
             if e.format != PINNED_FORMAT {
                 return Err(bad(format!("{}: format {:?}", p.display(), e.format)));
             }
@@ -293,15 +390,28 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
     // option is a usage error (2) and never reported as evidence that did not verify (7).
     let bytes = guest::read_capped(&a.file, guest::MAX_EVIDENCE, "evidence")?;
     let nonce = guest::parse_hex(&a.nonce, "--nonce")?;
-    let vtpm = a.vtpm.as_deref().map(|u| crate::local::parse_uuid(u, "--vtpm")).transpose()?;
-    let host_pcrs = a.host_pcrs_policy.as_deref().map(|p| guest::read_policy(p, "--host-pcrs-policy")).transpose()?;
-    let vpcrs = a.vpcrs_policy.as_deref().map(|p| guest::read_policy(p, "--vpcrs-policy")).transpose()?;
+    let vtpm = a
+        .vtpm
+        .as_deref()
+        .map(|u| crate::local::parse_uuid(u, "--vtpm"))
+        .transpose()?;
+    let host_pcrs = a
+        .host_pcrs_policy
+        .as_deref()
+        .map(|p| guest::read_policy(p, "--host-pcrs-policy"))
+        .transpose()?;
+    let vpcrs = a
+        .vpcrs_policy
+        .as_deref()
+        .map(|p| guest::read_policy(p, "--vpcrs-policy"))
+        .transpose()?;
     let store = a.trust_store.as_deref().map(load_trust_store).transpose()?;
     let raw_ak = match (&a.ak, a.insecure_unenrolled_ak) {
         (Some(ak), true) => Some(guest::read_bytes_or_hex(ak, "--ak")?),
         _ => None,
     };
-    let bundle = Bundle::decode(&bytes).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence does not decode: {e}")))?;
+    let bundle = Bundle::decode(&bytes)
+        .map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence does not decode: {e}")))?;
     let (ak_public, group, pinned) = match (store, raw_ak, &a.ak) {
         (Some(store), _, _) => {
             let dir = a.trust_store.as_deref().expect("store read from it");
@@ -314,7 +424,11 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
                     ),
                 )
             })?;
-            (hex::decode(&p.ak_public).expect("checked"), Some(p.group), Some(p))
+            (
+                hex::decode(&p.ak_public).expect("checked"),
+                Some(p.group),
+                Some(p),
+            )
         }
         (None, Some(ak), _) => {
             eprintln!("xl-vtpm: WARNING: --insecure-unenrolled-ak: the AK was not enrolled; nothing shows it lives in the host's TPM");
@@ -328,7 +442,10 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
             ));
         }
         (None, None, None) => {
-            return Err(CliError::new(USAGE, "--trust-store DIR is required (the AKs `xl-vtpm enroll` pinned)"));
+            return Err(CliError::new(
+                USAGE,
+                "--trust-store DIR is required (the AKs `xl-vtpm enroll` pinned)",
+            ));
         }
     };
     let mut exp = vtpm_proto::verify::Expectations::new(nonce, ak_public);
@@ -336,7 +453,8 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
     exp.host_pcrs = host_pcrs;
     exp.vpcrs = vpcrs;
     exp.vtpm_uuid = vtpm;
-    let v = vtpm_proto::verify::verify(&bundle, &exp).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: {e}")))?;
+    let v = vtpm_proto::verify::verify(&bundle, &exp)
+        .map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: {e}")))?;
     let host_checked = exp.host_pcrs.is_some();
     if json {
         println!(
@@ -415,10 +533,16 @@ pub fn run_enroll(a: &EnrollArgs, run_dir: &Path, json: bool) -> Result<(), CliE
     };
     let pinned = enroll(&mut admin, &input)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&pinned).expect("serialisable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&pinned).expect("serialisable")
+        );
     } else {
         for p in &pinned {
-            println!("enrolled: host {} group {} ({}): AK {} activated and pinned", p.host_id, p.group_name, p.group, p.ak_name);
+            println!(
+                "enrolled: host {} group {} ({}): AK {} activated and pinned",
+                p.host_id, p.group_name, p.group, p.ak_name
+            );
         }
     }
     Ok(())
