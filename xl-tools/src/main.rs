@@ -233,7 +233,8 @@ enum GroupCmd {
     },
     /// List groups.
     List,
-    /// Write a group's attestation key (TPMT_PUBLIC) for verifiers.
+    /// Write a group's attestation key (TPMT_PUBLIC). Tenants do not take it on trust: they
+    /// enroll the host (`mgr enrollment`, then `xl-vtpm enroll`).
     Ak {
         /// Name or UUID.
         group: String,
