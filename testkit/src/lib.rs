@@ -351,48 +351,6 @@ fn ctrl_ready(port: u16) -> bool {
     s.read_exact(&mut res).is_ok() && res == [0, 0, 0, 0]
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn start_stop_restart() {
-        let mut t = Swtpm::start();
-        assert!(t.tcti().starts_with("swtpm:host=127.0.0.1,port="));
-        assert!(t.state_dir().is_dir());
-        let pid = t.pid();
-        t.restart();
-        assert_ne!(pid, t.pid());
-        assert!(data_port_open(t.port()));
-        let dir = t.state_dir().to_path_buf();
-        drop(t);
-        assert!(!dir.exists(), "state dir removed on drop");
-    }
-
-    #[test]
-    fn manufactured_swtpm_has_an_rsa_ek_certificate_from_the_local_ca() {
-        let ca = LocalCa::new();
-        let t = Swtpm::start_manufactured(&ca);
-        let out = Command::new("tpm2_nvread")
-            .args(["0x1c00002", "-o"])
-            .arg(t.state_dir().join("ek.der"))
-            .env("TPM2TOOLS_TCTI", t.tcti())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let der = std::fs::read(t.state_dir().join("ek.der")).unwrap();
-        assert_eq!(der[0], 0x30, "a DER certificate");
-        assert!(ca.intermediate_cert().is_file());
-    }
-
-    #[test]
-    fn two_instances_do_not_collide() {
-        let a = Swtpm::start();
-        let b = Swtpm::start();
-        assert_ne!(a.port(), b.port());
-    }
-}
-
 /// A private swtpm local CA (`swtpm_localca`) in its own temporary directory: the stand-in for a
 /// TPM vendor's EK CA. Its root certificate exists after the first [`Swtpm::start_manufactured`]
 /// (swtpm_localca makes the root and an intermediate on first use).
@@ -473,5 +431,47 @@ impl LocalCa {
             std::fs::read_to_string(state_dir.join("swtpm_setup.log")).unwrap_or_default()
         );
         assert!(self.root_cert().is_file(), "swtpm_localca made no root certificate");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_stop_restart() {
+        let mut t = Swtpm::start();
+        assert!(t.tcti().starts_with("swtpm:host=127.0.0.1,port="));
+        assert!(t.state_dir().is_dir());
+        let pid = t.pid();
+        t.restart();
+        assert_ne!(pid, t.pid());
+        assert!(data_port_open(t.port()));
+        let dir = t.state_dir().to_path_buf();
+        drop(t);
+        assert!(!dir.exists(), "state dir removed on drop");
+    }
+
+    #[test]
+    fn manufactured_swtpm_has_an_rsa_ek_certificate_from_the_local_ca() {
+        let ca = LocalCa::new();
+        let t = Swtpm::start_manufactured(&ca);
+        let out = Command::new("tpm2_nvread")
+            .args(["0x1c00002", "-o"])
+            .arg(t.state_dir().join("ek.der"))
+            .env("TPM2TOOLS_TCTI", t.tcti())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let der = std::fs::read(t.state_dir().join("ek.der")).unwrap();
+        assert_eq!(der[0], 0x30, "a DER certificate");
+        assert!(ca.intermediate_cert().is_file());
+    }
+
+    #[test]
+    fn two_instances_do_not_collide() {
+        let a = Swtpm::start();
+        let b = Swtpm::start();
+        assert_ne!(a.port(), b.port());
     }
 }

@@ -245,8 +245,7 @@ fn tampering_proxy(upstream: PathBuf, listen: &Path) {
         for c in l.incoming() {
             let Ok(mut c) = c else { return };
             let mut up = UnixStream::connect(&upstream).unwrap();
-            loop {
-                let Some(req) = read_frame(&mut c) else { break };
+            while let Some(req) = read_frame(&mut c) {
                 up.write_all(&(req.len() as u32).to_be_bytes()).unwrap();
                 up.write_all(&req).unwrap();
                 let Some(rsp) = read_frame(&mut up) else {

@@ -144,7 +144,10 @@ pub fn kdfa_sha256(
     context_v: &[u8],
     bits: u32,
 ) -> Vec<u8> {
-    assert!(bits % 8 == 0 && bits > 0, "KDFa output must be whole bytes");
+    assert!(
+        bits.is_multiple_of(8) && bits > 0,
+        "KDFa output must be whole bytes"
+    );
     let want = (bits / 8) as usize;
     let mut out = Vec::with_capacity(want + 32);
     let mut i: u32 = 1;
