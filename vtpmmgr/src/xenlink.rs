@@ -43,7 +43,6 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
 use xvtpm_log::{guest_info, guest_warn};
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
@@ -123,7 +122,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         });
         let initial = backend.start().await?;
         initial.iter().for_each(log_event);
-        info!(root, "Xen manager link watching");
+        xvtpm_log::host_info!(root, "Xen manager link watching");
         let anchorer = Anchorer::spawn(mgr.clone());
         Ok(XenLink {
             backend,
@@ -170,7 +169,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             };
             match woke {
                 Woke::Xs(None) => {
-                    warn!("xenstore connection closed; the Xen manager link stops");
+                    xvtpm_log::host_warn!("xenstore connection closed; the Xen manager link stops");
                     return;
                 }
                 Woke::Xs(Some(ev)) => {
@@ -239,7 +238,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
                     });
                     self.deferred.insert(key);
                     self.backend.defer(key);
-                    debug!(device = %key, "deep quote queued");
+                    xvtpm_log::guest_debug!(device = %key, "deep quote queued");
                     return;
                 }
                 Err(reply) => {
