@@ -1270,7 +1270,7 @@ impl HwTpm {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The EK CA key (a group's vTPM EK certificates; ARCHITECTURE.md "Trust chain")
+// The EK CA key (a group's vTPM EK certificates; docs/trust-chain.md)
 // ---------------------------------------------------------------------------------------------
 
 /// A group's EK CA key, stored as blobs (the private part is encrypted under the SRK). It has an
