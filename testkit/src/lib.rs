@@ -32,6 +32,8 @@
 //! [`bin_path`] finds binaries of the workspace (`vtpm-domain`, `vtpmmgr`, `xl-vtpm`, …) next to
 //! the running test executable (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
 
+#![forbid(unsafe_code)]
+
 pub mod delay;
 
 use std::io::{Read, Write};

@@ -6,6 +6,8 @@
 //! panicking, the manager's log and every vTPM's log are printed first (the
 //! swtpm log is printed by [`testkit::Swtpm`]).
 
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,6 @@
 use std::io;
 use std::rc::Rc;
 
-use tracing::{info, warn};
 use uuid::Uuid;
 
 use xen_platform::tpmif::MAX_PACKET;
@@ -47,7 +46,7 @@ impl XenBackend {
         for ev in backend.start().await.map_err(|e| io_other("watching the backend directory", e))? {
             log_event(&ev);
         }
-        info!(root = %root, "tpmif backend watching");
+        xvtpm_log::host_info!(root = %root, "tpmif backend watching");
         Ok(XenBackend { backend, events })
     }
 
@@ -107,7 +106,7 @@ impl XenBackend {
                 }
                 Activity::GuestError(key, e) => guest_warn!(device = %key, error = %e, "guest event channel error"),
                 Activity::XenstoreClosed => {
-                    warn!("xenstore connection closed");
+                    xvtpm_log::host_warn!("xenstore connection closed");
                     return;
                 }
             }

@@ -620,7 +620,7 @@ impl HwTpm {
                 });
             }
         };
-        tracing::debug!(elapsed_ms = t.elapsed().as_millis() as u64, "SRK created");
+        xvtpm_log::host_debug!(elapsed_ms = t.elapsed().as_millis() as u64, "SRK created");
         Ok((
             HwTpm {
                 ctx,
@@ -739,13 +739,13 @@ impl HwTpm {
 
     fn flush_session(&mut self, s: AuthSession) {
         if let Err(e) = self.ctx.flush_context(SessionHandle::from(s).into()) {
-            tracing::warn!(error = %e, "failed to flush session");
+            xvtpm_log::guest_warn!(error = %e, "failed to flush session");
         }
     }
 
     fn flush_object(&mut self, h: ObjectHandle) {
         if let Err(e) = self.ctx.flush_context(h) {
-            tracing::warn!(error = %e, "failed to flush transient object");
+            xvtpm_log::guest_warn!(error = %e, "failed to flush transient object");
         }
     }
 
@@ -870,7 +870,7 @@ impl HwTpm {
             });
         self.flush_session(sess);
         let created = created?;
-        tracing::debug!(
+        xvtpm_log::host_debug!(
             elapsed_ms = t.elapsed().as_millis() as u64,
             "sealed object created"
         );
@@ -1246,7 +1246,7 @@ impl HwTpm {
                     h.update(v);
                 }
                 if info.pcr_digest().value() != &h.finalize()[..] {
-                    tracing::debug!("PCRs changed between Quote and PCR_Read; re-quoting");
+                    xvtpm_log::guest_debug!("PCRs changed between Quote and PCR_Read; re-quoting");
                     continue;
                 }
                 return Ok(QuoteOut {
@@ -1270,7 +1270,7 @@ impl HwTpm {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The EK CA key (a group's vTPM EK certificates; ARCHITECTURE.md "Trust chain")
+// The EK CA key (a group's vTPM EK certificates; docs/trust-chain.md)
 // ---------------------------------------------------------------------------------------------
 
 /// A group's EK CA key, stored as blobs (the private part is encrypted under the SRK). It has an
@@ -1612,7 +1612,7 @@ impl HwTpm {
     fn close_nv(&mut self, h: NvIndexHandle) {
         let mut obj: ObjectHandle = h.into();
         if let Err(e) = self.ctx.tr_close(&mut obj) {
-            tracing::warn!(error = %e, "failed to close an NV index handle");
+            xvtpm_log::guest_warn!(error = %e, "failed to close an NV index handle");
         }
     }
 

@@ -1,4 +1,5 @@
 //! `vtpmmgr`: the vTPM manager daemon. See the library docs.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 

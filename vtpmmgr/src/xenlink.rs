@@ -43,7 +43,6 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
 use xvtpm_log::{guest_info, guest_warn};
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
@@ -118,7 +117,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         });
         let initial = backend.start().await?;
         initial.iter().for_each(log_event);
-        info!(root, "Xen manager link watching");
+        xvtpm_log::host_info!(root, "Xen manager link watching");
         let anchorer = Anchorer::spawn(mgr.clone());
         Ok(XenLink {
             backend,
@@ -164,7 +163,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             };
             match woke {
                 Woke::Xs(None) => {
-                    warn!("xenstore connection closed; the Xen manager link stops");
+                    xvtpm_log::host_warn!("xenstore connection closed; the Xen manager link stops");
                     return;
                 }
                 Woke::Xs(Some(ev)) => {
@@ -238,7 +237,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
                         let reply = reply.await;
                         (ticket, encode_reply(&reply))
                     });
-                    debug!(device = %key, "deep quote queued");
+                    xvtpm_log::guest_debug!(device = %key, "deep quote queued");
                 }
                 // Refused or malformed: answer at once.
                 Err(reply) => self.finish(req.ticket, encode_reply(&reply)),

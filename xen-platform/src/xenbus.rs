@@ -691,7 +691,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             )
             .await?;
         self.xs.watch(&frontend_path).await?;
-        tracing::debug!(%key, %uuid, frontend = %frontend_path, "tpmif device in InitWait");
+        xvtpm_log::guest_debug!(%key, %uuid, frontend = %frontend_path, "tpmif device in InitWait");
         Ok(Attach::Device(TpmifDevice {
             key,
             backend_path,
@@ -966,7 +966,7 @@ async fn drive<X: Xenstore, T: Transport>(
                 dev.in_flight = None;
                 xs.write(&format!("{be}/ready"), "1").await?;
                 write_state(xs, dev, XenbusState::Connected).await?;
-                tracing::debug!(%key, "tpmif connected");
+                xvtpm_log::guest_debug!(%key, "tpmif connected");
                 events.push(BackendEvent::Connected { key });
             }
         }

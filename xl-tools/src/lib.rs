@@ -6,6 +6,7 @@
 //! as the only program of its own Xen domain; [`xenlife`] couples guests and vTPMs;
 //! [`ekcert`] exports a group's EK CA and verifies vTPM EK certificates.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod ekcert;

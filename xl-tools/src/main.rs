@@ -1,5 +1,7 @@
 //! `xl-vtpm`: the dom0 tool of xvtpm. See the crate docs and README.md.
 
+#![forbid(unsafe_code)]
+
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -30,7 +30,7 @@
 //! placeholders of a template *inside parsed string values*, so a substituted value can never
 //! break out of its quotes and inject a key.
 //!
-//! Why this matters for the vTPM (see ARCHITECTURE.md, "Placement on Xen"): xl gives a backend
+//! Why this matters for the vTPM (see docs/xen-placement.md): xl gives a backend
 //! 10 s to reach InitWait, so the vTPM domain must be created and ready *before* the
 //! guest config — with its `vtpm=["backend=<vtpm domain>,uuid=<vTPM uuid>"]` line resolved
 //! by us — is handed to xl.
