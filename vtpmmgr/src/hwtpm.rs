@@ -91,7 +91,11 @@ const QUOTE_RACE_RETRIES: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HwTpmError {
-    #[error("invalid TCTI configuration {tcti:?}: {source}")]
+    /// The TCTI cannot reach the TPM (checked before tss2 loads it): `reason` names the
+    /// cause and the fix ([`crate::tcti::precheck`]).
+    #[error("{reason}")]
+    TctiUnusable { tcti: String, reason: String },
+    #[error("tss2 cannot open the TCTI {tcti:?}: {source}")]
     Tcti {
         tcti: String,
         #[source]
@@ -594,6 +598,7 @@ impl HwTpm {
     }
 
     fn open_inner(tcti: &str, flush_leftovers: bool) -> Result<(Self, usize)> {
+        crate::tcti::precheck(tcti).map_err(|reason| HwTpmError::TctiUnusable { tcti: tcti.to_string(), reason })?;
         let conf = TctiNameConf::from_str(tcti).map_err(|source| HwTpmError::Tcti {
             tcti: tcti.to_string(),
             source,
