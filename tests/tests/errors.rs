@@ -24,6 +24,7 @@ fn mgr_with_tcti(tcti: &str) -> Output {
         .arg(dir.path().join("run"))
         .arg("serve")
         .env_remove("TSS2_LOG")
+        .env_remove("XVTPM_LOG")
         .stdin(Stdio::null())
         .output()
         .expect("run vtpmmgr")
@@ -59,6 +60,33 @@ fn physical_tpm_errors_name_the_cause_once_without_tss2_noise() {
         all.lines().filter(|l| l.contains("error")).count(),
         1,
         "one error line: {all}"
+    );
+
+    // Something listens, but it is no TPM: the checks pass and tss2 fails. Its own log lines
+    // (ERROR:tcti:…) stay silent unless TSS2_LOG asks for them.
+    let (data, ctrl) = loop {
+        let d = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = d.local_addr().unwrap().port();
+        if let Ok(c) = std::net::TcpListener::bind(("127.0.0.1", p + 1)) {
+            break (d, c);
+        }
+    };
+    let port = data.local_addr().unwrap().port();
+    for l in [data, ctrl] {
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                drop(c);
+            }
+        });
+    }
+    let out = mgr_with_tcti(&format!("swtpm:host=127.0.0.1,port={port}"));
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(!all.contains("ERROR:"), "tss2's own log is silenced: {all}");
+    assert_eq!(all.lines().count(), 1, "one line: {all}");
+    assert!(
+        all.contains("not a TPM"),
+        "says what the I/O error means: {all}"
     );
 
     let all = text(&mgr_with_tcti("device:/nonexistent/tpm9"));
@@ -113,7 +141,11 @@ fn bad_listeners_and_options_are_refused_before_a_vtpm_is_made() {
     let data_missing = format!("data:{}", missing.display());
     let tcp_busy = format!("tcp:127.0.0.1:{port}");
     let busy_addr = format!("127.0.0.1:{port}");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--uuid", "00000000-0000-0000-0000-000000000000"],
+            "nil UUID",
+        ),
         (&["--listen", "udp:1"], "udp:1"),
         (&["--listen", &data_missing], "no-such-dir"),
         (&["--listen", &tcp_busy], &busy_addr),

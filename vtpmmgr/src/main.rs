@@ -65,7 +65,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info,xenstore_rs=error".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info,xenstore_rs=error,tss_esapi=off".into()))
         .init();
     harden();
     let mut cfg = Config { tcti: args.tcti, state_dir: args.state_dir, run_dir: args.run_dir, batch: Default::default() };

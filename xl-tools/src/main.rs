@@ -595,6 +595,11 @@ fn run(args: Args) -> Result<(), CliError> {
     }
     // Checks that need no manager come first: a command that is going to fail refuses
     // before it creates anything.
+    if let Cmd::Vtpm(VtpmCmd::Create { uuid: Some(u), .. }) = &cmd
+        && local::parse_uuid(u, "--uuid")?.is_nil()
+    {
+        return Err(CliError::new(exit::USAGE, "--uuid 00000000-0000-0000-0000-000000000000: the nil UUID names no vTPM; leave --uuid out to get a new one"));
+    }
     match &cmd {
         Cmd::Vtpm(VtpmCmd::Create { tpm12: true, ek, .. }) if ek == "ecc" => {
             return Err(CliError::new(exit::USAGE, "--tpm12 with --ek ecc: a TPM 1.2 has an RSA-2048 endorsement key only; drop --ek ecc (or --tpm12)"));
