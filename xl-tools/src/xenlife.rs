@@ -56,6 +56,32 @@ pub fn xl_monitor_alive(cfg: &Path) -> bool {
     })
 }
 
+/// What `xl-vtpm create` did, or (`--dry-run`) would do.
+#[derive(Debug)]
+pub enum Created {
+    /// The guest and its vTPM run.
+    Done(Row),
+    /// Every check passed; nothing was created.
+    Plan(Plan),
+}
+
+/// What `xl-vtpm create --dry-run` would do.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    /// The guest's name.
+    pub guest_name: String,
+    /// The guest's UUID (from its config, the registry, or new).
+    pub guest_uuid: Uuid,
+    /// Its vTPM's UUID.
+    pub vtpm_uuid: Uuid,
+    /// Whether the manager already has that vTPM (it would be started, not manufactured).
+    pub vtpm_exists: bool,
+    /// Where the vTPM would run: "0" (a process in dom0) or its own domain's name.
+    pub vtpm_backend: String,
+    /// The group of a new vTPM (the default group if none).
+    pub group: Option<String>,
+}
+
 /// The xenstore directory where dom0-process vTPMs serve tpmif.
 pub const DOM0_BACKEND_ROOT: &str = "/local/domain/0/backend/vtpm";
 
@@ -168,24 +194,36 @@ impl Xen {
         self.xl(&["domid", name]).ok().and_then(|s| s.trim().parse().ok())
     }
 
-    /// `xl-vtpm create`.
-    pub fn create(&self, admin: &mut Admin, cfg_path: &Path, group: Option<String>) -> Result<Row, CliError> {
+    /// Whether this is a Xen host whose xenstore a guest's vTPM backend can reach, and whose
+    /// `xl` runs: checked before `xl-vtpm create` makes anything.
+    pub fn check_xen(&self) -> Result<(), CliError> {
+        let xenstore: Vec<PathBuf> = match std::env::var_os("XENSTORED_PATH") {
+            Some(p) => vec![PathBuf::from(p)],
+            None => vec![PathBuf::from("/run/xenstored/socket"), PathBuf::from("/dev/xen/xenbus")],
+        };
+        if !xenstore.iter().any(|p| p.exists()) {
+            let paths: Vec<String> = xenstore.iter().map(|p| p.display().to_string()).collect();
+            return Err(fail(
+                FAILURE,
+                format!(
+                    "Xen is not running on this host (no xenstore at {}): `xl-vtpm create` makes a Xen guest and runs in dom0 of a Xen host; \
+                     for a vTPM without Xen (QEMU/KVM, tpm2-tools) use `xl-vtpm vtpm create`",
+                    paths.join(" or ")
+                ),
+            ));
+        }
+        self.xl(&["info"]).map(|_| ())
+    }
+
+    /// `xl-vtpm create`: every check first (config, Xen present, registry binding, guest not
+    /// running), then the vTPM, then the guest. With `dry_run`, stops after the checks and
+    /// says what it would do; nothing is created (not even an empty registry).
+    pub fn create(&self, admin: &mut Admin, cfg_path: &Path, group: Option<String>, dry_run: bool) -> Result<Created, CliError> {
         let mut cfg = XlConfig::parse_file(cfg_path).map_err(|e| fail(USAGE, e.to_string()))?;
         let name = cfg
             .name()
             .map(str::to_string)
             .ok_or_else(|| fail(USAGE, format!("{}: `name` is missing; every guest needs a name", cfg_path.display())))?;
-        // Without `uuid=`, the name identifies the guest: a guest created before
-        // under this name keeps its UUID (and so its vTPM).
-        let guest_uuid = match cfg.uuid() {
-            Some(u) => u,
-            None => {
-                let known = self.registry()?.get_by_name(&name).map_err(reg_err)?.map(|r| r.guest_uuid);
-                let u = known.unwrap_or_else(Uuid::new_v4);
-                cfg.set("uuid", u.to_string()).map_err(|e| fail(USAGE, e.to_string()))?;
-                u
-            }
-        };
         let specs = cfg.vtpms();
         if specs.len() > 1 {
             return Err(fail(USAGE, format!("{}: vtpm= lists {} devices; a guest has one TPM", cfg_path.display(), specs.len())));
@@ -197,17 +235,57 @@ impl Xen {
                 return Err(fail(USAGE, format!("{}: vtpm= backend={d:?} is the guest itself; name the vTPM domain (e.g. backend=vtpm-{name})", cfg_path.display())));
             }
         }
-        let reg = &mut self.registry()?;
-        let bound = reg.get_by_guest(guest_uuid).map_err(reg_err)?;
+        self.check_xen()?;
+        let reg_file = self.local.state_dir.join("registry.sqlite");
+        let mut reg = if dry_run && !reg_file.exists() { None } else { Some(self.registry()?) };
+        // Without `uuid=`, the name identifies the guest: a guest created before
+        // under this name keeps its UUID (and so its vTPM).
+        let guest_uuid = match cfg.uuid() {
+            Some(u) => u,
+            None => {
+                let known = match &reg {
+                    Some(r) => r.get_by_name(&name).map_err(reg_err)?.map(|r| r.guest_uuid),
+                    None => None,
+                };
+                let u = known.unwrap_or_else(Uuid::new_v4);
+                cfg.set("uuid", u.to_string()).map_err(|e| fail(USAGE, e.to_string()))?;
+                u
+            }
+        };
+        let bound = match &reg {
+            Some(r) => r.get_by_guest(guest_uuid).map_err(reg_err)?,
+            None => None,
+        };
         let vtpm_uuid = match (specs.first().and_then(|s| s.uuid), &bound) {
             (Some(u), _) => u,
             (None, Some(row)) => row.vtpm_uuid,
             (None, None) => Uuid::new_v4(),
         };
-        reg.check_attach(vtpm_uuid, guest_uuid).map_err(reg_err)?;
+        if let Some(r) = &reg {
+            r.check_attach(vtpm_uuid, guest_uuid).map_err(reg_err)?;
+        }
         if let Some(domid) = self.domid_of(&name) {
             return Err(fail(REFUSED, format!("guest {name} is already running (domid {domid})")));
         }
+        if dry_run {
+            let vtpm_exists = match admin.call(&AdminRequest::VtpmShow { uuid: vtpm_uuid }) {
+                Ok(_) => true,
+                Err(e) if e.code == NOT_FOUND => false,
+                Err(e) => return Err(e),
+            };
+            return Ok(Created::Plan(Plan {
+                guest_name: name,
+                guest_uuid,
+                vtpm_uuid,
+                vtpm_exists,
+                vtpm_backend: match &placement {
+                    Placement::Dom0Process => "0".into(),
+                    Placement::Domain(d) => d.clone(),
+                },
+                group,
+            }));
+        }
+        let reg = reg.as_mut().expect("opened unless dry-run");
         let id = reg
             .begin_create(&NewPair {
                 guest_uuid,
@@ -223,7 +301,7 @@ impl Xen {
         let mut undo = Undo { new_row: bound.is_none(), id, identity_created: false, started: false, uuid: vtpm_uuid };
         let result = self.create_steps(admin, reg, &mut cfg, &name, vtpm_uuid, &placement, group, &mut undo);
         match result {
-            Ok(row) => Ok(row),
+            Ok(row) => Ok(Created::Done(row)),
             Err(e) => {
                 self.rollback(admin, reg, &undo);
                 Err(e)
