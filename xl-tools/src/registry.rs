@@ -1,14 +1,37 @@
 //! The registry: which guest owns which vTPM, and what state the pair is in.
 //!
 //! One row per guest ⇄ vTPM pair: guest UUID and name, vTPM UUID, the name of the vTPM
-//! domain, both domids while running, the manager group, creation time and a state
-//! (`creating → running → destroying → stopped`, and `stopped → creating` on the next start).
-//! It lives in an embedded SQLite file (default `/var/lib/xvtpm/registry.sqlite`) in WAL mode
-//! with `synchronous=FULL`, so a committed change survives a power cut and readers
-//! (`xl-vtpm list`, the `@releaseDomain` watcher) never block the writer. Every change is
-//! one `BEGIN IMMEDIATE` transaction, so concurrent `xl-vtpm` processes serialise instead of
-//! interleaving, and a process killed at any instant leaves the file either before or after
-//! the change — never half-way.
+//! domain, both domids while running, the manager group, creation time, the host it runs (or
+//! last ran) on and a state (`creating → running → destroying → stopped`, and `stopped →
+//! creating` on the next start, on any host).
+//!
+//! Two backends, one schema and one set of statements ([`Location`]):
+//!
+//! * **SQLite** (the default, one host): an embedded file (`/var/lib/xvtpm/registry.sqlite`)
+//!   in WAL mode with `synchronous=FULL`, so a committed change survives a power cut and
+//!   readers (`xl-vtpm list`, the `@releaseDomain` watcher) never block the writer. Every change
+//!   is one `BEGIN IMMEDIATE` transaction, so concurrent `xl-vtpm` processes serialise instead
+//!   of interleaving, and a process killed at any instant leaves the file either before or
+//!   after the change — never half-way.
+//! * **PostgreSQL** (a fleet of hosts sharing one registry, `--registry postgres://…`): every
+//!   change is one SERIALIZABLE transaction, committed before the call returns; when two
+//!   writers conflict PostgreSQL lets one commit and the other's transaction is run again
+//!   (it then sees the winner's row and answers precisely, e.g. which host holds the vTPM). A
+//!   connection that breaks during COMMIT is reported as such ([`RegistryError::CommitUnknown`]):
+//!   the change may or may not be recorded, and `check` tells which.
+//!
+//! Schema changes are versioned migrations applied on open, each in the transaction that
+//! records its version; a database from a newer xl-vtpm is refused ([`RegistryError::TooNew`]).
+//!
+//! # One host at a time
+//!
+//! A vTPM's state must never run in two places (the copies would diverge). A pair that is not
+//! `stopped` holds an **activation record** (`activations`, primary key the vTPM UUID, with a
+//! foreign key to the pair's `(vtpm_uuid, host)`): the database refuses a second activation,
+//! an activation on a host that is not the pair's, moving an active pair to another host and
+//! deleting an active pair. [`Registry::begin_create`] takes the activation in the same
+//! transaction that marks the pair `creating`; [`Registry::mark_stopped`] releases it. Another
+//! host's attempt fails with [`RegistryError::ActiveOnOtherHost`] naming the holder.
 //!
 //! # Why a registry at all
 //!
