@@ -123,7 +123,11 @@ fn run(mut c: Command, what: &str) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
     text
 }
 
@@ -135,7 +139,13 @@ fn template(bin: &Path) -> PathBuf {
     let version: String = version
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let uid = nix::unistd::geteuid();
     let root = std::env::temp_dir();
@@ -183,7 +193,10 @@ impl PgCluster {
             .arg(dir.path().join("data"))
             .output()
             .expect("run cp");
-        assert!(out.status.success(), "copy the PostgreSQL template: {out:?}");
+        assert!(
+            out.status.success(),
+            "copy the PostgreSQL template: {out:?}"
+        );
         give_to_server_user(dir.path());
         let c = PgCluster {
             dir: Some(dir),
@@ -244,7 +257,9 @@ impl PgCluster {
     /// Creates database `name` (owned by `postgres`).
     pub fn create_db(&self, name: &str) {
         let mut c = pg_cmd(&self.bin, "createdb");
-        c.arg("-h").arg(self.socket_dir()).args(["-U", "postgres", name]);
+        c.arg("-h")
+            .arg(self.socket_dir())
+            .args(["-U", "postgres", name]);
         run(c, "createdb");
     }
 
@@ -265,7 +280,14 @@ impl PgCluster {
             .arg(self.dir().join("data"))
             .arg("-l")
             .arg(self.log_path())
-            .args(["-w", "-t", &START_TIMEOUT_SECS.to_string(), "-o", &opts, "start"]);
+            .args([
+                "-w",
+                "-t",
+                &START_TIMEOUT_SECS.to_string(),
+                "-o",
+                &opts,
+                "start",
+            ]);
         let out = c.stdin(Stdio::null()).output().expect("run pg_ctl start");
         assert!(
             out.status.success(),
@@ -301,8 +323,11 @@ impl PgCluster {
     /// SIGKILL of the postmaster; its backends notice and exit; then a start (crash recovery).
     pub fn kill9_restart(&self) {
         let pid = self.postmaster_pid().expect("postmaster runs");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
-            .expect("kill postmaster");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill postmaster");
         // The orphaned backends keep the shared memory until they notice; the new postmaster
         // refuses to start while they hold it, so retry for a while.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -319,7 +344,10 @@ impl PgCluster {
                     .arg("-l")
                     .arg(self.log_path())
                     .args(["-w", "-t", "10", "-o", &opts, "start"]);
-                if c.stdin(Stdio::null()).output().is_ok_and(|o| o.status.success()) {
+                if c.stdin(Stdio::null())
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+                {
                     return;
                 }
             }
@@ -345,10 +373,19 @@ impl Drop for PgCluster {
         }
         if self.postmaster_pid().is_some() {
             let mut c = pg_cmd(&self.bin, "pg_ctl");
-            c.arg("-D")
-                .arg(self.dir().join("data"))
-                .args(["-w", "-t", "30", "-m", "immediate", "stop"]);
-            let _ = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+            c.arg("-D").arg(self.dir().join("data")).args([
+                "-w",
+                "-t",
+                "30",
+                "-m",
+                "immediate",
+                "stop",
+            ]);
+            let _ = c
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
         if keep || std::thread::panicking() {
             let dir = self.dir.take().expect("cluster directory").keep();

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use testkit::pg::PgCluster;
 use uuid::Uuid;
 use xl_tools::registry::{
-    CheckOptions, Drift, Location, NewPair, Registry, RegistryError, RepairAction, State, repair,
+    repair, CheckOptions, Drift, Location, NewPair, Registry, RegistryError, RepairAction, State,
 };
 
 const URL_ENV: &str = "XVTPM_REGISTRY_PG_TEST_URL";
@@ -194,10 +194,17 @@ fn two_hosts_race_to_start_the_same_vtpm() {
         retries += r.iter().sum::<u64>();
         wins[w] += 1;
         // The database agrees: the winner's host, its activation only.
-        let row = referees[0].get_by_guest(pair(guest).guest_uuid).unwrap().unwrap();
+        let row = referees[0]
+            .get_by_guest(pair(guest).guest_uuid)
+            .unwrap()
+            .unwrap();
         assert_eq!(row.state, State::Creating);
         assert_eq!(row.host, hosts[w].name, "round {round}");
-        assert_eq!(row.active_on.as_deref(), Some(hosts[w].name.as_str()), "round {round}");
+        assert_eq!(
+            row.active_on.as_deref(),
+            Some(hosts[w].name.as_str()),
+            "round {round}"
+        );
         // The winner stops it; the next round races for it again.
         let mut referee = open(&url, &hosts[w].name);
         referee.mark_stopped(row.id).unwrap();
@@ -209,7 +216,9 @@ fn two_hosts_race_to_start_the_same_vtpm() {
     }
     let rows = referees[0].list().unwrap();
     assert_eq!(rows.len() as u32, RACE_ROUNDS / 2);
-    assert!(rows.iter().all(|r| r.state == State::Stopped && r.active_on.is_none()));
+    assert!(rows
+        .iter()
+        .all(|r| r.state == State::Stopped && r.active_on.is_none()));
     eprintln!(
         "{RACE_ROUNDS} rounds in {:.1?}: one winner each (host-0 {}, host-1 {}); {contended} rounds \
          where the transactions collided and one was retried ({retries} retries in all)",
@@ -217,7 +226,10 @@ fn two_hosts_race_to_start_the_same_vtpm() {
         wins[0],
         wins[1]
     );
-    assert!(wins[0] > 0 && wins[1] > 0, "one host never won: the race is not a race");
+    assert!(
+        wins[0] > 0 && wins[1] > 0,
+        "one host never won: the race is not a race"
+    );
 }
 
 /// A creating host: creates pairs 0, 1, 2, … until the stop file exists, printing
@@ -296,16 +308,25 @@ fn database_restarts_during_creates() {
         }
     };
     successes_after(&mut lines, 30);
-    let restarts: [(&str, &dyn Fn(&PgCluster)); 3] = [
-        ("pg_ctl restart -m fast", &PgCluster::restart_fast),
-        ("pg_ctl stop -m immediate (crash) and start", &PgCluster::crash_restart),
-        ("kill -9 of the postmaster and start", &PgCluster::kill9_restart),
+    let restarts: [(&str, fn(&PgCluster)); 3] = [
+        ("pg_ctl restart -m fast", PgCluster::restart_fast),
+        (
+            "pg_ctl stop -m immediate (crash) and start",
+            PgCluster::crash_restart,
+        ),
+        (
+            "kill -9 of the postmaster and start",
+            PgCluster::kill9_restart,
+        ),
     ];
     for (what, restart) in restarts {
         let before = lines.len();
         restart(&pg);
         successes_after(&mut lines, 30);
-        let errors = lines[before..].iter().filter(|l| l.starts_with("err ")).count();
+        let errors = lines[before..]
+            .iter()
+            .filter(|l| l.starts_with("err "))
+            .count();
         eprintln!("{what}: {errors} creates failed while the database was away");
     }
     std::fs::write(&stop, b"").unwrap();
@@ -324,7 +345,8 @@ fn database_restarts_during_creates() {
             "ok" => {
                 oks += 1;
                 // Reported success is durable, through restarts and crashes.
-                let row = row.unwrap_or_else(|| panic!("create {i} answered ok but is not in the database"));
+                let row = row
+                    .unwrap_or_else(|| panic!("create {i} answered ok but is not in the database"));
                 assert_eq!(row.id.to_string(), w[2]);
             }
             "err" => {
@@ -336,7 +358,11 @@ fn database_restarts_during_creates() {
                 );
                 if row.is_some() {
                     // Only a commit whose answer was lost may have happened.
-                    assert!(w[2].contains("may or may not have been recorded"), "create {i} failed ({}) but its row exists", w[2]);
+                    assert!(
+                        w[2].contains("may or may not have been recorded"),
+                        "create {i} failed ({}) but its row exists",
+                        w[2]
+                    );
                     unknown_committed += 1;
                 }
             }
@@ -346,10 +372,17 @@ fn database_restarts_during_creates() {
     // Never a half row: each row is a whole create (state creating, this host's activation).
     for r in &rows {
         assert_eq!(r.state, State::Creating, "{r:?}");
-        assert_eq!((r.host.as_str(), r.active_on.as_deref()), ("host-a", Some("host-a")), "{r:?}");
+        assert_eq!(
+            (r.host.as_str(), r.active_on.as_deref()),
+            ("host-a", Some("host-a")),
+            "{r:?}"
+        );
     }
     assert_eq!(rows.len(), oks + unknown_committed);
-    assert!(errs > 0, "no create ever hit a restart: the test did not test anything");
+    assert!(
+        errs > 0,
+        "no create ever hit a restart: the test did not test anything"
+    );
     // check reports every interrupted create, and nothing else; repair resolves them.
     let opts = CheckOptions {
         now: i64::MAX / 2,
@@ -358,9 +391,21 @@ fn database_restarts_during_creates() {
     let mut reg = reg;
     let drift = reg.check_all_hosts(&[], None, opts).unwrap();
     assert_eq!(drift.len(), rows.len());
-    assert!(drift.iter().all(|d| matches!(d, Drift::StuckCreating { guest: None, vtpm: None, .. })), "{drift:?}");
+    assert!(
+        drift.iter().all(|d| matches!(
+            d,
+            Drift::StuckCreating {
+                guest: None,
+                vtpm: None,
+                ..
+            }
+        )),
+        "{drift:?}"
+    );
     let actions = repair(&drift, Some(&[]));
-    assert!(actions.iter().all(|a| matches!(a, RepairAction::DeleteRow { .. })));
+    assert!(actions
+        .iter()
+        .all(|a| matches!(a, RepairAction::DeleteRow { .. })));
     for a in &actions {
         assert!(reg.apply(a).unwrap());
     }
