@@ -28,6 +28,14 @@ struct Args {
     /// Persistent state directory of local vTPMs.
     #[arg(long, env = "XVTPM_STATE_DIR", default_value = "/var/lib/xvtpm", global = true)]
     state_dir: PathBuf,
+    /// The guest ⇄ vTPM registry: a SQLite file (PATH or sqlite:PATH; default
+    /// STATE_DIR/registry.sqlite) or a PostgreSQL database shared by hosts
+    /// (postgres://USER@HOST/DB, postgres://USER@%2Frun%2Fpostgresql/DB, or host=DIR dbname=DB).
+    #[arg(long, env = "XVTPM_REGISTRY", global = true, value_name = "LOCATION")]
+    registry: Option<String>,
+    /// This host's name in the registry (activation records, per-host checks; default: the hostname).
+    #[arg(long, env = "XVTPM_HOST", global = true, value_name = "NAME")]
+    host: Option<String>,
     /// The vtpm-domain binary (default: next to xl-vtpm, then $PATH).
     #[arg(long, env = "XVTPM_VTPM_DOMAIN", global = true)]
     vtpm_domain: Option<PathBuf>,
@@ -148,9 +156,12 @@ enum Cmd {
 enum RegistryCmd {
     /// Reconcile the registry with the running domains and report drift.
     Check {
-        /// Also repair what can be repaired.
+        /// Also repair what can be repaired (this host's pairs only).
         #[arg(long)]
         repair: bool,
+        /// Also report other hosts' pairs (interrupted operations, activation records).
+        #[arg(long)]
+        all_hosts: bool,
     },
     /// Forget a stopped guest ⇄ vTPM pair (the vTPM identity stays in the manager;
     /// delete it with `xl-vtpm mgr vtpm del`).
@@ -591,6 +602,8 @@ fn run(args: Args) -> Result<(), CliError> {
             ramdisk: std::env::var_os("XVTPM_VTPMDOM_RAMDISK").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_VTPMDOM_RAMDISK)),
             memory_mib: xl_tools::vtpmdom::DEFAULT_MEMORY_MIB,
         },
+        registry: args.registry.as_deref().map(xl_tools::registry::Location::parse).transpose().map_err(|e| CliError::new(exit::USAGE, e.to_string()))?,
+        host: args.host.clone().unwrap_or_else(xl_tools::registry::this_host),
     };
     if let Cmd::Reboot { name } = &cmd {
         return xen.reboot(name);
@@ -654,8 +667,8 @@ fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Cmd::Watch { poll_secs } => xen.watch(&args.run_dir, Duration::from_secs(poll_secs.max(1)))?,
-        Cmd::Registry(RegistryCmd::Check { repair }) => {
-            let report = xen.check(&mut admin, repair)?;
+        Cmd::Registry(RegistryCmd::Check { repair, all_hosts }) => {
+            let report = xen.check(&mut admin, repair, all_hosts)?;
             if json {
                 print_json(&report);
             } else if report.is_empty() {

@@ -95,6 +95,11 @@ pub struct Xen {
     pub losetup: PathBuf,
     /// How a new vTPM domain is made (kernel, ramdisk, memory).
     pub vtpmdom: VtpmDomDefaults,
+    /// The registry (`--registry`); `None`: the SQLite file `registry.sqlite` in the state
+    /// directory.
+    pub registry: Option<crate::registry::Location>,
+    /// This host's name in the registry (`--host`; activation records, per-host checks).
+    pub host: String,
 }
 
 /// Kernel, ramdisk and memory of vTPM domains that `xl-vtpm create` makes.
@@ -134,7 +139,8 @@ fn fail(code: i32, m: impl Into<String>) -> CliError {
 fn reg_err(e: crate::registry::RegistryError) -> CliError {
     use crate::registry::RegistryError as E;
     let code = match &e {
-        E::Sqlite(_) => FAILURE,
+        E::Sqlite(_) | E::Postgres(_) | E::CommitUnknown(_) | E::Connect { .. } | E::Io { .. } => FAILURE,
+        E::BadLocation { .. } | E::BadHost(_) => USAGE,
         _ => REFUSED,
     };
     fail(code, e.to_string())
@@ -166,8 +172,15 @@ impl Xen {
     }
 
     fn registry(&self) -> Result<Registry, CliError> {
-        std::fs::create_dir_all(&self.local.state_dir).map_err(|e| fail(FAILURE, format!("{}: {e}", self.local.state_dir.display())))?;
-        Registry::open(&self.local.state_dir.join("registry.sqlite")).map_err(reg_err)
+        crate::registry::check_host(&self.host).map_err(|e| fail(USAGE, e.to_string()))?;
+        let location = match &self.registry {
+            Some(l) => l.clone(),
+            None => {
+                std::fs::create_dir_all(&self.local.state_dir).map_err(|e| fail(FAILURE, format!("{}: {e}", self.local.state_dir.display())))?;
+                crate::registry::Location::Sqlite(self.local.state_dir.join("registry.sqlite"))
+            }
+        };
+        Registry::connect(&location, &self.host).map_err(reg_err)
     }
 
     fn xl(&self, args: &[&str]) -> Result<String, CliError> {
@@ -519,7 +532,9 @@ impl Xen {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let guest = observed.iter().find(|o| o.name == r.guest_name).map(|o| o.domid);
+                // Another host's pair: nothing observed here says anything about it.
+                let here = r.host == reg.host();
+                let guest = observed.iter().find(|o| here && o.name == r.guest_name).map(|o| o.domid);
                 let vtpm = self.local.runtime(&r.vtpm_uuid).map(|rt| rt.pid);
                 let vtpm_dom = self.domains().runtime(&r.vtpm_uuid).map(|rt| rt.domid);
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
@@ -535,7 +550,7 @@ impl Xen {
     /// synthetic `vtpm-<guest>` entry for every running dom0 vTPM process.
     fn observed_with_vtpms(&self, reg: &Registry) -> Result<Vec<ObservedDomain>, CliError> {
         let mut obs = self.observed()?;
-        for r in reg.list().map_err(reg_err)? {
+        for r in reg.list().map_err(reg_err)?.into_iter().filter(|r| r.host == reg.host()) {
             if self.local.runtime(&r.vtpm_uuid).is_some() {
                 obs.push(ObservedDomain { name: r.vtpm_domain.clone(), uuid: r.vtpm_uuid, domid: 0 });
             }
@@ -543,12 +558,19 @@ impl Xen {
         Ok(obs)
     }
 
-    /// `xl-vtpm registry check [--repair]`: reports drift (and repairs it).
-    pub fn check(&self, admin: &mut Admin, repair: bool) -> Result<Vec<String>, CliError> {
+    /// `xl-vtpm registry check [--repair] [--all-hosts]`: reports drift of this host's pairs
+    /// (and repairs it); with `all_hosts`, also what the registry shows of other hosts' pairs
+    /// (never repaired from here: only their host sees their domains).
+    pub fn check(&self, admin: &mut Admin, repair: bool, all_hosts: bool) -> Result<Vec<String>, CliError> {
         let reg = &mut self.registry()?;
         let obs = self.observed_with_vtpms(reg)?;
         let mgr: Vec<Uuid> = admin.list_vtpms()?.into_iter().map(|v| v.uuid).collect();
-        let drift = reg.check(&obs, Some(&mgr), Default::default()).map_err(reg_err)?;
+        let drift = if all_hosts {
+            reg.check_all_hosts(&obs, Some(&mgr), Default::default())
+        } else {
+            reg.check(&obs, Some(&mgr), Default::default())
+        }
+        .map_err(reg_err)?;
         let mut report: Vec<String> = drift.iter().map(|d| format!("drift: {d}")).collect();
         if repair {
             for action in crate::registry::repair(&drift, Some(&mgr)) {
@@ -581,7 +603,7 @@ impl Xen {
     pub fn reap_once(&self, admin: &mut Admin) -> Result<Vec<String>, CliError> {
         let reg = &mut self.registry()?;
         let mut done = vec![];
-        let running: Vec<Row> = reg.list().map_err(reg_err)?.into_iter().filter(|r| r.state == State::Running).collect();
+        let running: Vec<Row> = reg.list().map_err(reg_err)?.into_iter().filter(|r| r.state == State::Running && r.host == reg.host()).collect();
         if running.is_empty() {
             return Ok(done);
         }
@@ -652,7 +674,11 @@ impl Xen {
                 let _ = tokio::time::timeout(poll, events.next()).await;
                 // A fresh admin connection per pass: the manager may have restarted.
                 match Admin::connect(run_dir) {
-                    Ok(mut admin) => match self.reap_once(&mut admin) {
+                    // On its own thread: the PostgreSQL client runs its own runtime, which
+                    // cannot start inside this one.
+                    Ok(mut admin) => match std::thread::scope(|s| s.spawn(|| self.reap_once(&mut admin)).join())
+                        .unwrap_or_else(|_| Err(fail(FAILURE, "the registry pass panicked")))
+                    {
                         Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
                         Err(e) => eprintln!("xl-vtpm watch: {}", e.message),
                     },
