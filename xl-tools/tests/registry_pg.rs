@@ -308,7 +308,8 @@ fn database_restarts_during_creates() {
         }
     };
     successes_after(&mut lines, 30);
-    let restarts: [(&str, fn(&PgCluster)); 3] = [
+    type Restart = fn(&PgCluster);
+    let restarts: [(&str, Restart); 3] = [
         ("pg_ctl restart -m fast", PgCluster::restart_fast),
         (
             "pg_ctl stop -m immediate (crash) and start",
