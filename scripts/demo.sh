@@ -77,7 +77,7 @@ step "3. two vTPMs"
 t=$(date +%s%N); A=$($XL vtpm create --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["uuid"])'); ok "vTPM A $A created in $(ms $t) ms (EK included)"
 t=$(date +%s%N); B=$($XL vtpm create --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["uuid"])'); ok "vTPM B $B created in $(ms $t) ms"
 $XL vtpm list | sed 's/^/   /'
-tcti() { $XL vtpm show "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["tcti"])'; }
+tcti() { $XL vtpm show "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["tcti"])'; }
 
 exercise() { # $1 = name, $2 = uuid
   export TPM2TOOLS_TCTI; TPM2TOOLS_TCTI=$(tcti "$2")

@@ -23,6 +23,8 @@
 //! Results go to stdout (JSON) and into a dated section of BENCHMARKS.md.
 //! Timings are reported, never asserted.
 
+#![forbid(unsafe_code)]
+
 mod p2;
 mod p6;
 mod procs;
@@ -399,22 +401,16 @@ const TARGETS: [&str; 6] = [
 /// canned success response of the same length as the TPM's, one read + one write.
 /// Pins thread/process `pid` (0: the calling thread) to `cpus`.
 fn pin(pid: i32, cpus: &[usize]) {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it, and
-    // sched_setaffinity reads it for the given size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        for &c in cpus {
-            libc::CPU_SET(c, &mut set);
-        }
-        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        let _ = set.set(c);
     }
+    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(pid), &set);
 }
 
 /// Online CPUs (not `available_parallelism`, which follows our own affinity mask).
 fn online_cpus() -> usize {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let n = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN).ok().flatten().unwrap_or(1);
     usize::try_from(n).unwrap_or(1).max(1)
 }
 

@@ -21,8 +21,7 @@ use nix::unistd::Pid;
 /// Marks this process as a child subreaper (orphaned descendants are
 /// re-parented to us instead of to PID 1).
 pub fn become_subreaper() {
-    // SAFETY: plain prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let _ = nix::sys::prctl::set_child_subreaper(true);
 }
 
 /// The processes started by the harness.

@@ -6,6 +6,7 @@
 //! any point leaves either the old or the new contents (POSIX rename is
 //! atomic within a file system; the directory fsync makes the rename durable).
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

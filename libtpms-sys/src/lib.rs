@@ -11,6 +11,8 @@
 //! * `TPMLIB_GetState` may return a NULL pointer with length 0.
 #![allow(non_upper_case_globals, non_camel_case_types, non_snake_case)]
 #![allow(missing_docs, clippy::all, unsafe_op_in_unsafe_fn)]
+// FFI: the whole crate is bindgen's extern declarations (`unsafe` is denied workspace-wide).
+#![allow(unsafe_code)]
 
 include!(concat!(env!("OUT_DIR"), "/libtpms.rs"));
 

@@ -27,12 +27,21 @@
 //! The process is stopped by PID (SIGTERM, then SIGKILL after 2 s) on drop — never by name, so
 //! parallel tests and other swtpm instances on the machine are left alone.
 //!
+//! # One real PostgreSQL cluster per test
+//!
+//! [`pg::PgCluster::start`] runs a private PostgreSQL server (a copy of a once-per-machine
+//! `initdb` template) on a Unix socket in its own temporary directory, as the `postgres` user
+//! when the test runs as root; see the [`pg`] module.
+//!
 //! # Workspace binaries
 //!
 //! [`bin_path`] finds binaries of the workspace (`vtpm-domain`, `vtpmmgr`, `xl-vtpm`, …) next to
 //! the running test executable (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
 
+#![forbid(unsafe_code)]
+
 pub mod delay;
+pub mod pg;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -6,6 +6,8 @@
 //! panicking, the manager's log and every vTPM's log are printed first (the
 //! swtpm log is printed by [`testkit::Swtpm`]).
 
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -239,9 +241,8 @@ impl Stack {
         serde_json::from_slice(&out.stdout).expect("json output")
     }
 
-    /// The handle of `xl-vtpm vtpm create|start|show --json` output.
+    /// The handle of `xl-vtpm vtpm create|start|show --json` output (a vTPM object, docs/json.md).
     pub fn handle(v: &serde_json::Value) -> VtpmHandle {
-        let v = if v.is_array() { &v[0] } else { v };
         VtpmHandle {
             uuid: v["uuid"].as_str().unwrap().parse().unwrap(),
             pid: v["runtime"]["pid"].as_u64().map(|p| p as u32),

@@ -96,7 +96,7 @@ fn a_process_on_a_dead_vtpms_pid_is_not_that_vtpm() {
     assert!(outcome.starts_with("refused"), "process on recycled pid {pid}: {outcome}");
 
     // It is not reported as the vTPM's process, and does not block a start.
-    let shown = s.xl_json(&["vtpm", "show", &v.uuid.to_string()])[0].clone();
+    let shown = s.xl_json(&["vtpm", "show", &v.uuid.to_string()]);
     assert!(shown["attached_pid"].is_null(), "{shown}");
     assert_eq!(shown["state"], "stopped", "{shown}");
     let v2 = s.start_vtpm(&v.uuid);

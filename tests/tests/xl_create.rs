@@ -62,7 +62,9 @@ fn a_failed_create_rolls_back_everything() {
         .env("XVTPM_STATE_DIR", s.state_dir())
         .env("XVTPM_VTPM_DOMAIN", testkit::bin_path("vtpm-domain"))
         .env("XVTPM_XL", &fake_xl)
-        .env("XENSTORED_PATH", s.dir.path().join("no-xenstored"))
+        // xl-vtpm checks that xenstore is there before it makes anything: a file stands in for
+        // its socket, which the vTPM then cannot connect to.
+        .env("XENSTORED_PATH", write(&s, "xenstored-socket", ""))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -113,6 +115,7 @@ fn a_failed_vtpm_domain_create_rolls_back_everything() {
         .env("XVTPM_STATE_DIR", s.state_dir())
         .env("XVTPM_XL", &fake_xl)
         .env("XVTPM_LOSETUP", &fake_losetup)
+        .env("XENSTORED_PATH", write(&s, "xenstored-socket", ""))
         .env("XVTPM_VTPMDOM_KERNEL", &kernel)
         .env("XVTPM_VTPMDOM_RAMDISK", &ramdisk)
         .output()

@@ -286,7 +286,7 @@ impl BlockStore {
                 .iter()
                 .map(|(s, e)| format!("slot {s:?}: {e}"))
                 .collect();
-            tracing::error!(path = %path.display(), slots = %detail.join("; "), "no state slot opens");
+            xvtpm_log::host_error!(path = %path.display(), slots = %detail.join("; "), "no state slot opens");
             return Err(StoreError::Open {
                 path: path.to_path_buf(),
                 source,
@@ -296,9 +296,9 @@ impl BlockStore {
             .iter()
             .find(|(s, e)| *s == slot.other() && *e != SlotError::Checksum)
         {
-            tracing::warn!(path = %path.display(), slot = ?bad, error = %e, "the other state slot does not open");
+            xvtpm_log::host_warn!(path = %path.display(), slot = ?bad, error = %e, "the other state slot does not open");
         } else if let Some((bad, e)) = failures.first() {
-            tracing::debug!(path = %path.display(), slot = ?bad, error = %e, "the other state slot is empty or torn");
+            xvtpm_log::host_debug!(path = %path.display(), slot = ?bad, error = %e, "the other state slot is empty or torn");
         }
         if state.family != family {
             return Err(StoreError::FamilyMismatch {

@@ -176,10 +176,10 @@ pub async fn publish(path: &str, value: &str) {
         Ok((xs, _events)) => {
             use xen_platform::xenstore::Xenstore;
             if let Err(e) = xs.write(path, value).await {
-                tracing::warn!(path, error = %e, "cannot publish to xenstore");
+                xvtpm_log::host_warn!(path, error = %e, "cannot publish to xenstore");
             }
         }
-        Err(e) => tracing::warn!(path, error = %e, "cannot publish to xenstore"),
+        Err(e) => xvtpm_log::host_warn!(path, error = %e, "cannot publish to xenstore"),
     }
 }
 

@@ -28,7 +28,6 @@ pub mod xen;
 use std::rc::Rc;
 
 use anyhow::Context;
-use tracing::info;
 
 use crate::anchor::Anchored;
 use crate::blockstore::BlockStore;
@@ -137,7 +136,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            info!("signal received, shutting down");
+            xvtpm_log::host_info!("signal received, shutting down");
             sig.exit.notify_one();
         });
         server::serve(bound, shared.clone()).await;
@@ -187,10 +186,10 @@ async fn create_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &Mgr
             error: anyhow::Error::from(e).context("manufacturing the vTPM (no state was written)"),
         })?;
         m.install_ek_cert(&cert).map_err(|e| state(e.into()))?;
-        info!(nv_index = %format!("{:#010x}", ek_kind.cert_index()), bytes = cert.len(), "EK certificate stored");
+        xvtpm_log::host_info!(nv_index = %format!("{:#010x}", ek_kind.cert_index()), bytes = cert.len(), "EK certificate stored");
     }
     let made = m.finish().map_err(|e| state(e.into()))?;
-    info!(uuid = %cfg.uuid, "manufactured a new vTPM");
+    xvtpm_log::host_info!(uuid = %cfg.uuid, "manufactured a new vTPM");
     Ok(made)
 }
 
@@ -200,10 +199,10 @@ async fn certify_if_missing(v: &mut Vtpm, link: &MgrLink, cfg: &Config) {
     let Some((kind, ek, props)) = v.missing_ek_cert() else { return };
     match mgr_client::fetch_ek_cert(link, cfg.uuid, &ek, &tpm_info(&props)).await {
         Ok(cert) => match v.install_ek_cert(kind, &cert) {
-            Ok(()) => info!(nv_index = %format!("{:#010x}", kind.cert_index()), bytes = cert.len(), "EK certificate obtained and stored"),
-            Err(e) => tracing::warn!(error = %e, "could not store the EK certificate; the vTPM serves without one"),
+            Ok(()) => xvtpm_log::host_info!(nv_index = %format!("{:#010x}", kind.cert_index()), bytes = cert.len(), "EK certificate obtained and stored"),
+            Err(e) => xvtpm_log::host_warn!(error = %e, "could not store the EK certificate; the vTPM serves without one"),
         },
-        Err(e) => tracing::warn!(error = %e, "this vTPM has no EK certificate and the manager did not issue one; it serves without one"),
+        Err(e) => xvtpm_log::host_warn!(error = %e, "this vTPM has no EK certificate and the manager did not issue one; it serves without one"),
     }
 }
 
@@ -227,7 +226,7 @@ fn open_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &MgrLink) ->
         }
     };
     let ek = v.ek_public().unwrap_or_default();
-    info!(uuid = %cfg.uuid, generation = v.generation(), "resumed vTPM");
+    xvtpm_log::host_info!(uuid = %cfg.uuid, generation = v.generation(), "resumed vTPM");
     Ok((v, ek))
 }
 

@@ -1,4 +1,5 @@
 //! `vtpm-domain`: serve one vTPM. See the library docs for the design.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -24,7 +24,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio::time::timeout;
-use tracing::{debug, info, warn};
 use vtpm_proto::swtpm_ctrl::{self as ctrl, Request, cap, res};
 use vtpm_proto::tpm::{self, HEADER_LEN};
 
@@ -546,7 +545,7 @@ impl CtrlStream {
 pub async fn serve_ctrl(mut s: CtrlStream, shared: Rc<Shared>) {
     let served = serve_ctrl_requests(&mut s, &shared).await;
     if served == CtrlEnd::HungUp && matches!(s, CtrlStream::Unix(..)) && !shared.persist {
-        info!("the controller hung up the control channel; stopping (run with --persist to keep serving)");
+        xvtpm_log::host_info!("the controller hung up the control channel; stopping (run with --persist to keep serving)");
         shared.exit.notify_one();
     }
 }
@@ -659,7 +658,7 @@ fn result_of<E: std::fmt::Display>(r: Result<(), E>, what: &str) -> u32 {
 /// Answers one control request. Responses carry only `u.resp` of the
 /// command's union; a failure is a bare 4-byte result, as swtpm sends it.
 fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8>, bool) {
-    debug!(?req, "control request");
+    xvtpm_log::guest_debug!(?req, "control request");
     let mut v = shared.vtpm.borrow_mut();
     let ok = |r: u32| ctrl::response(r, &[]);
     // swtpm answers commands that need a running TPM with BAD_ORDINAL while stopped.
@@ -676,7 +675,7 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8
         }
         Request::Shutdown => {
             let r = result_of(v.stop(), "CMD_SHUTDOWN");
-            info!("shutdown requested on the control channel");
+            xvtpm_log::host_info!("shutdown requested on the control channel");
             (ok(r), true)
         }
         Request::Stop => (ok(result_of(v.stop(), "CMD_STOP")), false),
@@ -743,13 +742,13 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8
             };
             // The blob is stamped with the generation on disk: write what is pending first.
             if let Err(e) = v.persist_if_dirty() {
-                warn!(error = %e, "CMD_GET_STATEBLOB: could not persist the state first");
+                xvtpm_log::guest_warn!(error = %e, "CMD_GET_STATEBLOB: could not persist the state first");
                 return (ok(res::FAIL), false);
             }
             let plain = match v.export_blob(kind) {
                 Ok(p) => p,
                 Err(e) => {
-                    warn!(error = %e, "CMD_GET_STATEBLOB failed");
+                    xvtpm_log::guest_warn!(error = %e, "CMD_GET_STATEBLOB failed");
                     return (ok(res::FAIL), false);
                 }
             };
@@ -803,7 +802,7 @@ fn set_state_blob(req: Request, data: &[u8], shared: &Rc<Shared>) -> Vec<u8> {
             ok(res::SUCCESS)
         }
         Err(e) => {
-            warn!(error = %e, "CMD_SET_STATEBLOB failed");
+            xvtpm_log::guest_warn!(error = %e, "CMD_SET_STATEBLOB failed");
             ok(res::FAIL)
         }
     }

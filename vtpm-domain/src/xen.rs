@@ -7,13 +7,11 @@
 use std::io;
 use std::rc::Rc;
 
-use tracing::{info, warn};
 use uuid::Uuid;
-use std::collections::HashSet;
 
-use xen_platform::tpmif::{MAX_PACKET, peek_submit};
+use xen_platform::tpmif::MAX_PACKET;
 use xen_platform::xen::XenTransport;
-use xen_platform::xenbus::{Activity, Backend, BackendEvent, Connection, DeviceKey};
+use xen_platform::xenbus::{Activity, Backend, BackendEvent, Take, Ticket};
 use xen_platform::xenstore::{WatchEvents, Xenstore, XsClient};
 
 use crate::{guest_info, guest_warn};
@@ -48,7 +46,7 @@ impl XenBackend {
         for ev in backend.start().await.map_err(|e| io_other("watching the backend directory", e))? {
             log_event(&ev);
         }
-        info!(root = %root, "tpmif backend watching");
+        xvtpm_log::host_info!(root = %root, "tpmif backend watching");
         Ok(XenBackend { backend, events })
     }
 
@@ -59,78 +57,65 @@ impl XenBackend {
     /// from zero while keys and NV stay, as on a physical machine.
     ///
     /// A deep quote waits for the manager; the page stays in SUBMIT and the
-    /// device is answered when the evidence arrives, while other work (other
-    /// devices, xenstore) goes on.
+    /// device is answered (by its ticket) when the evidence arrives, while
+    /// other work (other devices, xenstore) goes on.
     pub async fn serve(mut self, shared: Rc<Shared>) {
         shared.vtpm.borrow_mut().set_buffer_size(MAX_PACKET as u32);
-        let mut ready: tokio::task::JoinSet<(DeviceKey, Vec<u8>, Vec<u8>)> = tokio::task::JoinSet::new();
-        let mut deferred: HashSet<DeviceKey> = HashSet::new();
+        // Requests answered later: each carries its ticket; a ticket from before a reconnect is
+        // dropped by the backend, which then looks at the page again.
+        let mut ready: tokio::task::JoinSet<(Ticket, Vec<u8>)> = tokio::task::JoinSet::new();
         loop {
             let activity = tokio::select! {
                 a = self.backend.next(&mut self.events) => a,
                 Some(done) = ready.join_next(), if !ready.is_empty() => {
-                    if let Ok((key, request, response)) = done {
-                        deferred.remove(&key);
-                        let still = self.backend.device(key).and_then(|d| d.connection()).and_then(|c| peek_submit(c.page()));
-                        if still.as_deref() == Some(&request[..]) {
-                            self.answer(key, &shared, Some(response));
-                        }
+                    if let Ok((ticket, response)) = done {
+                        self.complete(ticket, &response);
                     }
                     continue;
                 }
             };
             match activity {
-                Activity::Guest(key) => {
-                    if deferred.contains(&key) {
-                        self.backend.defer(key);
-                        continue;
+                Activity::Guest(key) => match self.backend.take(key) {
+                    Ok(Take::Request(req)) if is_deep_quote(&shared, &req.command) => {
+                        let s = shared.clone();
+                        ready.spawn_local(async move {
+                            let rsp = execute(&s, &req.command).await;
+                            (req.ticket, rsp)
+                        });
                     }
-                    let request = self.backend.device(key).and_then(|d| d.connection()).and_then(|c| peek_submit(c.page()));
-                    match request {
-                        Some(cmd) if is_deep_quote(&shared, &cmd) => {
-                            let s = shared.clone();
-                            ready.spawn_local(async move {
-                                let rsp = execute(&s, &cmd).await;
-                                (key, cmd, rsp)
-                            });
-                            deferred.insert(key);
-                            self.backend.defer(key);
-                        }
-                        _ => self.answer(key, &shared, None),
+                    Ok(Take::Request(req)) => {
+                        let response = {
+                            let mut v = shared.vtpm.borrow_mut();
+                            v.set_locality(req.locality.min(4));
+                            v.execute(&req.command)
+                        };
+                        self.complete(req.ticket, &response);
                     }
-                }
+                    Ok(Take::Stepped(_) | Take::InFlight) => {}
+                    Err(e) => guest_warn!(device = %key, error = %e, "tpmif service failed"),
+                },
                 Activity::Xenstore(events) => {
                     for ev in &events {
                         log_event(ev);
-                        if let BackendEvent::Connected { key } = ev {
-                            deferred.remove(key);
-                            if let Err(e) = shared.vtpm.borrow_mut().platform_reset() {
-                                guest_warn!(device = %key, error = %e, "TPM reset on guest connect failed");
-                            }
+                        if let BackendEvent::Connected { .. } = ev
+                            && let Err(e) = shared.vtpm.borrow_mut().platform_reset()
+                        {
+                            guest_warn!(event = ?ev, error = %e, "TPM reset on guest connect failed");
                         }
                     }
                 }
                 Activity::GuestError(key, e) => guest_warn!(device = %key, error = %e, "guest event channel error"),
                 Activity::XenstoreClosed => {
-                    warn!("xenstore connection closed");
+                    xvtpm_log::host_warn!("xenstore connection closed");
                     return;
                 }
             }
         }
     }
 
-    /// Runs one page step for `key`: with a precomputed response, or by
-    /// executing the request now.
-    fn answer(&mut self, key: DeviceKey, shared: &Shared, response: Option<Vec<u8>>) {
-        let mut handler = |cmd: &[u8], locality: u8| {
-            if let Some(r) = &response {
-                return r.clone();
-            }
-            let mut v = shared.vtpm.borrow_mut();
-            v.set_locality(locality.min(4));
-            v.execute(cmd)
-        };
-        if let Err(e) = self.backend.service(key, &mut handler) {
+    fn complete(&mut self, ticket: Ticket, response: &[u8]) {
+        let key = ticket.key();
+        if let Err(e) = self.backend.complete(ticket, response) {
             guest_warn!(device = %key, error = %e, "tpmif service failed");
         }
     }

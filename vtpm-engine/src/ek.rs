@@ -1,4 +1,5 @@
 //! Endorsement-key provisioning for a freshly manufactured TPM 2.0.
+#![forbid(unsafe_code)]
 
 use crate::tpm2::{
     self, CC_CREATE_PRIMARY, CC_EVICT_CONTROL, CC_FLUSH_CONTEXT, CC_GET_CAPABILITY,

@@ -2,6 +2,7 @@
 //!
 //! This is deliberately tiny: a [`Command`] builder that fills in the header size, the
 //! empty-password authorization session, and [`response_code`] for reading replies.
+#![forbid(unsafe_code)]
 
 /// `TPM_ST_NO_SESSIONS`.
 pub const ST_NO_SESSIONS: u16 = 0x8001;

@@ -11,6 +11,7 @@
 pub mod tpm;
 pub mod swtpm_ctrl;
 pub mod mgr;
+pub mod listen;
 pub mod sealed;
 pub mod stateblob;
 pub mod merkle;

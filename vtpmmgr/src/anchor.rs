@@ -144,7 +144,7 @@ async fn run(mgr: Shared, mut rx: mpsc::Receiver<Request>) {
         // The store write (file fsyncs, a TPM command) blocks: off the async threads. Requests
         // arriving meanwhile queue for the next batch.
         if let Err(e) = tokio::task::spawn_blocking(move || lock(&m).anchor_batch(batch)).await {
-            tracing::error!(error = %e, "state-anchor batch failed");
+            xvtpm_log::guest_error!(error = %e, "state-anchor batch failed");
         }
     }
 }

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
 use xvtpm_log::guest_warn;
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
@@ -54,7 +53,7 @@ async fn write_msg<T: serde::Serialize>(s: &mut UnixStream, msg: &T) -> std::io:
         Ok(f) => f,
         Err(e) => {
             // Never drop a reply silently: say why, in the log and to the peer.
-            error!(error = %e, "a reply does not fit in one manager frame");
+            xvtpm_log::guest_error!(error = %e, "a reply does not fit in one manager frame");
             let fail = Failure::new(ErrorCode::Internal, format!("the reply does not fit in one manager frame ({e}); list with paging (`VtpmListPage`)"));
             mgr::encode(&AdminReply::Error(fail)).map_err(|e| std::io::Error::other(e.to_string()))?
         }
@@ -64,6 +63,9 @@ async fn write_msg<T: serde::Serialize>(s: &mut UnixStream, msg: &T) -> std::io:
 
 /// Drops `uuid`'s attachment the moment its process exits: a pidfd taken now becomes readable
 /// when that process (and no later holder of its pid) ends.
+// tokio's `AsyncFd::register_with_interest` is `unsafe` (I/O safety of the registered fd): the
+// only `unsafe` of this crate, denied everywhere else.
+#[allow(unsafe_code)]
 fn watch_attachment(m: &Shared, uuid: Uuid, att: Attachment) {
     let fd = match rustix::process::Pid::from_raw(att.pid as i32).map(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())) {
         Some(Ok(fd)) => fd,
@@ -72,7 +74,7 @@ fn watch_attachment(m: &Shared, uuid: Uuid, att: Attachment) {
             return;
         }
         other => {
-            warn!(vtpm = %uuid, pid = att.pid, error = ?other.map(|r| r.err()), "cannot watch the attached process (pidfd_open); its exit is noticed at its next request");
+            xvtpm_log::host_warn!(vtpm = %uuid, pid = att.pid, error = ?other.map(|r| r.err()), "cannot watch the attached process (pidfd_open); its exit is noticed at its next request");
             return;
         }
     };
@@ -91,7 +93,7 @@ fn watch_attachment(m: &Shared, uuid: Uuid, att: Attachment) {
                 let _ = afd.readable().await;
             }
             Err(e) => {
-                warn!(vtpm = %uuid, pid = att.pid, error = %e, "cannot poll the attached process's pidfd; its exit is noticed at its next request");
+                xvtpm_log::host_warn!(vtpm = %uuid, pid = att.pid, error = %e, "cannot poll the attached process's pidfd; its exit is noticed at its next request");
                 return;
             }
         }
@@ -142,7 +144,7 @@ impl VtpmSockets {
                     let m = mgr.clone();
                     self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, m, self.batcher.clone(), self.anchorer.clone())));
                 }
-                Err(e) => error!(vtpm = %uuid, error = %e, path = %path.display(), "cannot bind the vTPM socket"),
+                Err(e) => xvtpm_log::host_error!(vtpm = %uuid, error = %e, path = %path.display(), "cannot bind the vTPM socket"),
             }
         }
     }
@@ -217,14 +219,14 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
             let link = crate::xenlink::XenLink::open(&root, shared.clone(), batcher.clone()).await?.with_anchorer(anchorer.clone());
             let poke = link.poker();
             tokio::spawn(link.run());
-            info!(root = %root, "Xen manager link serving vTPM domains");
+            xvtpm_log::host_info!(root = %root, "Xen manager link serving vTPM domains");
             Some(poke)
         }
         None => None,
     };
     let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), batcher, anchorer }));
     sockets.lock().await.reconcile(&shared);
-    info!(admin = %admin_path.display(), "vtpmmgr serving");
+    xvtpm_log::host_info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.
     println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id()}));
     let my_uid = nix::unistd::geteuid().as_raw();
@@ -279,8 +281,8 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = accept => {}
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = int.recv() => info!("SIGINT: stopping"),
+        _ = term.recv() => xvtpm_log::host_info!("SIGTERM: stopping"),
+        _ = int.recv() => xvtpm_log::host_info!("SIGINT: stopping"),
     }
     let _ = std::fs::remove_file(&admin_path);
     Ok(())

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::debug;
 use xvtpm_log::guest_warn;
 use uuid::Uuid;
 use vtpm_proto::evidence::{Bundle, HostPcrs, Leaf, LeafPosition, VpcrSelection};
@@ -241,7 +240,7 @@ async fn quote_part(mgr: &Shared, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>
             return;
         }
     };
-    debug!(batch = size, "deep quote batch signed");
+    xvtpm_log::guest_debug!(batch = size, "deep quote batch signed");
     for (i, (leaf, w)) in leaves.into_iter().zip(waiting).enumerate() {
         let bundle = Bundle {
             leaf,

@@ -89,15 +89,35 @@ const QUOTE_RACE_RETRIES: usize = 3;
 // Errors
 // ---------------------------------------------------------------------------------------------
 
+/// For a TCTI I/O error (response code `0x…000a`: the connection to the TPM failed or broke),
+/// what that means; tss2 itself says only "response code not recognized".
+fn io_hint(e: &tss_esapi::Error) -> &'static str {
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if let Some(hex) = text.strip_prefix("Response code value: 0x")
+            && u32::from_str_radix(hex.trim(), 16).is_ok_and(|rc| rc & 0xffff == 0x000a)
+        {
+            return " (an I/O error talking to the TPM: what answers at that address is not a TPM, or it closed the connection)";
+        }
+        cause = c.source();
+    }
+    ""
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HwTpmError {
-    #[error("invalid TCTI configuration {tcti:?}: {source}")]
+    /// The TCTI cannot reach the TPM (checked before tss2 loads it): `reason` names the
+    /// cause and the fix ([`crate::tcti::precheck`]).
+    #[error("{reason}")]
+    TctiUnusable { tcti: String, reason: String },
+    #[error("tss2 cannot open the TCTI {tcti:?}: {source}{}", io_hint(.source))]
     Tcti {
         tcti: String,
         #[source]
         source: tss_esapi::Error,
     },
-    #[error("TPM operation {op} failed: {source}")]
+    #[error("TPM operation {op} failed: {source}{}", io_hint(.source))]
     Tpm {
         op: &'static str,
         #[source]
@@ -594,6 +614,7 @@ impl HwTpm {
     }
 
     fn open_inner(tcti: &str, flush_leftovers: bool) -> Result<(Self, usize)> {
+        crate::tcti::precheck(tcti).map_err(|reason| HwTpmError::TctiUnusable { tcti: tcti.to_string(), reason })?;
         let conf = TctiNameConf::from_str(tcti).map_err(|source| HwTpmError::Tcti {
             tcti: tcti.to_string(),
             source,
@@ -620,7 +641,7 @@ impl HwTpm {
                 });
             }
         };
-        tracing::debug!(elapsed_ms = t.elapsed().as_millis() as u64, "SRK created");
+        xvtpm_log::host_debug!(elapsed_ms = t.elapsed().as_millis() as u64, "SRK created");
         Ok((
             HwTpm {
                 ctx,
@@ -745,13 +766,13 @@ impl HwTpm {
 
     fn flush_session(&mut self, s: AuthSession) {
         if let Err(e) = self.ctx.flush_context(SessionHandle::from(s).into()) {
-            tracing::warn!(error = %e, "failed to flush session");
+            xvtpm_log::guest_warn!(error = %e, "failed to flush session");
         }
     }
 
     fn flush_object(&mut self, h: ObjectHandle) {
         if let Err(e) = self.ctx.flush_context(h) {
-            tracing::warn!(error = %e, "failed to flush transient object");
+            xvtpm_log::guest_warn!(error = %e, "failed to flush transient object");
         }
     }
 
@@ -876,7 +897,7 @@ impl HwTpm {
             });
         self.flush_session(sess);
         let created = created?;
-        tracing::debug!(
+        xvtpm_log::host_debug!(
             elapsed_ms = t.elapsed().as_millis() as u64,
             "sealed object created"
         );
@@ -1252,7 +1273,7 @@ impl HwTpm {
                     h.update(v);
                 }
                 if info.pcr_digest().value() != &h.finalize()[..] {
-                    tracing::debug!("PCRs changed between Quote and PCR_Read; re-quoting");
+                    xvtpm_log::guest_debug!("PCRs changed between Quote and PCR_Read; re-quoting");
                     continue;
                 }
                 return Ok(QuoteOut {
@@ -1276,7 +1297,7 @@ impl HwTpm {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The EK CA key (a group's vTPM EK certificates; ARCHITECTURE.md "Trust chain")
+// The EK CA key (a group's vTPM EK certificates; docs/trust-chain.md)
 // ---------------------------------------------------------------------------------------------
 
 /// A group's EK CA key, stored as blobs (the private part is encrypted under the SRK). It has an
@@ -1618,7 +1639,7 @@ impl HwTpm {
     fn close_nv(&mut self, h: NvIndexHandle) {
         let mut obj: ObjectHandle = h.into();
         if let Err(e) = self.ctx.tr_close(&mut obj) {
-            tracing::warn!(error = %e, "failed to close an NV index handle");
+            xvtpm_log::guest_warn!(error = %e, "failed to close an NV index handle");
         }
     }
 

@@ -20,6 +20,7 @@ pub mod instance;
 pub mod manager;
 pub mod rollback;
 pub mod store;
+pub mod tcti;
 pub mod xenlink;
 
 /// `vtpmmgr reauthorize`: approve the current PCR values with the admin's

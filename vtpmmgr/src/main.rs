@@ -1,4 +1,5 @@
 //! `vtpmmgr`: the vTPM manager daemon. See the library docs.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
@@ -60,11 +61,12 @@ enum Cmd {
 }
 
 fn main() {
+    quiet_tss2();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info,xenstore_rs=error".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info,xenstore_rs=error,tss_esapi=off".into()))
         .init();
     harden();
     let mut cfg = Config { tcti: args.tcti, state_dir: args.state_dir, run_dir: args.run_dir, batch: Default::default() };
@@ -89,9 +91,40 @@ fn main() {
         Cmd::AcceptStore { yes: true } => vtpmmgr::accept_store(&cfg).map(|msg| eprintln!("vtpmmgr: {msg}")),
     };
     if let Err(e) = result {
-        eprintln!("vtpmmgr: error: {e:#}");
+        eprintln!("vtpmmgr: error: {}", report(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes on one line, each cause once: a cause whose text an outer message
+/// already quotes (thiserror's `{source}` in a message) is not repeated.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+/// tss2 logs its own view of every failure to stderr (`ERROR:tcti:…`) before the manager
+/// reports the cause; the manager's errors say it once. tss2 reads `TSS2_LOG` from the
+/// environment, so unless the user set it (to debug tss2), the process runs itself again with
+/// `TSS2_LOG=all+none` (same pid, same arguments). If that fails, it continues with the noise.
+fn quiet_tss2() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("TSS2_LOG").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).env("TSS2_LOG", "all+none").exec();
+    eprintln!("vtpmmgr: warning: cannot silence tss2's log (TSS2_LOG): {err}");
 }
 
 fn serve(cfg: Config, xen: Option<String>) -> anyhow::Result<()> {

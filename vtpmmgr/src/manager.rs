@@ -14,7 +14,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use hkdf::Hkdf;
 use sha2::{Digest as _, Sha256};
-use tracing::{info, warn};
 use xvtpm_log::{guest_info, guest_warn};
 use uuid::Uuid;
 use vtpm_proto::ekcert::{EkPublic, TpmInfo};
@@ -183,11 +182,11 @@ impl Manager {
         })?;
         let (mut hw, flushed) = HwTpm::open_owned(&cfg.tcti).map_err(|source| OpenError::Tpm { tcti: cfg.tcti.clone(), source })?;
         if flushed > 0 {
-            info!(tcti = %cfg.tcti, handles = flushed, "flushed the transient objects and sessions an earlier manager left in the TPM (no resource manager)");
+            xvtpm_log::host_info!(tcti = %cfg.tcti, handles = flushed, "flushed the transient objects and sessions an earlier manager left in the TPM (no resource manager)");
         }
         let software_tpm = hw.is_software_tpm();
         if software_tpm {
-            warn!("INSECURE: the physical TPM is a software TPM; use this only for tests");
+            xvtpm_log::host_warn!("INSECURE: the physical TPM is a software TPM; use this only for tests");
         }
         let opened = crate::rollback::open(
             &mut hw,
@@ -204,10 +203,10 @@ impl Manager {
         let (store, master, protected) = (opened.store, opened.master, opened.protected);
         if let Some(p) = &protected {
             let c = p.counter();
-            info!(store = %cfg.store_path().display(), nv_index = %format!("{:#010x}", c.nv_index), value = c.value, "store matches its rollback counter");
+            xvtpm_log::host_info!(store = %cfg.store_path().display(), nv_index = %format!("{:#010x}", c.nv_index), value = c.value, "store matches its rollback counter");
         }
         if master.is_none() {
-            warn!("manager is not provisioned; it serves no vTPM until `xl-vtpm mgr provision`");
+            xvtpm_log::host_warn!("manager is not provisioned; it serves no vTPM until `xl-vtpm mgr provision`");
         }
         let hw = std::sync::Arc::new(std::sync::Mutex::new(hw));
         let attached = load_attachments(&cfg.attachments_path());
@@ -344,7 +343,7 @@ impl Manager {
             x.ca = Some(ca.clone());
         }
         self.commit(next).map_err(into_failure)?;
-        info!(group = %group, name = %g.name, "EK CA created for the group");
+        xvtpm_log::host_info!(group = %group, name = %g.name, "EK CA created for the group");
         Ok(ca)
     }
 
@@ -430,7 +429,7 @@ impl Manager {
         if self.attached.get(&uuid) == Some(&att) {
             self.attached.remove(&uuid);
             self.save_attachments();
-            info!(vtpm = %uuid, pid = att.pid, "attached process exited; attachment dropped");
+            xvtpm_log::host_info!(vtpm = %uuid, pid = att.pid, "attached process exited; attachment dropped");
         }
     }
 
@@ -539,11 +538,11 @@ impl Manager {
         let tpm = match p.tpm_value(&mut self.hw()) {
             Ok(crate::hwtpm::CounterProbe::Value(v)) => Some(v),
             Ok(other) => {
-                warn!(nv_index = %format!("{:#010x}", c.nv_index), state = ?other, "store counter unreadable");
+                xvtpm_log::host_warn!(nv_index = %format!("{:#010x}", c.nv_index), state = ?other, "store counter unreadable");
                 None
             }
             Err(e) => {
-                warn!(nv_index = %format!("{:#010x}", c.nv_index), error = %e, "store counter unreadable");
+                xvtpm_log::host_warn!(nv_index = %format!("{:#010x}", c.nv_index), error = %e, "store counter unreadable");
                 None
             }
         };
@@ -598,7 +597,7 @@ impl Manager {
                 let mut next = self.store.clone();
                 next.groups.push(g.clone());
                 self.commit(next)?;
-                info!(group = %g.uuid, name = %g.name, "group added");
+                xvtpm_log::host_info!(group = %g.uuid, name = %g.name, "group added");
                 AdminReply::Group(self.group_info(&g))
             }
             AdminRequest::GroupCa { group } => {
@@ -634,7 +633,7 @@ impl Manager {
                 let mut next = self.store.clone();
                 next.vtpms.push(v.clone());
                 self.commit(next)?;
-                info!(vtpm = %uuid, group = %v.group, "vTPM identity created");
+                xvtpm_log::host_info!(vtpm = %uuid, group = %v.group, "vTPM identity created");
                 AdminReply::Vtpm(self.vtpm_info(&v))
             }
             AdminRequest::VtpmList => AdminReply::Vtpms { vtpms: self.store.vtpms.iter().map(|v| self.vtpm_info(v)).collect() },
@@ -656,7 +655,7 @@ impl Manager {
                 self.save_attachments();
                 self.attached_domains.remove(&uuid);
                 self.save_domain_attachments();
-                info!(vtpm = %uuid, "vTPM identity deleted");
+                xvtpm_log::host_info!(vtpm = %uuid, "vTPM identity deleted");
                 AdminReply::Ok
             }
             AdminRequest::VtpmAttach { uuid, pid } => {
@@ -673,7 +672,7 @@ impl Manager {
                     }
                 self.attached.insert(uuid, att);
                 self.save_attachments();
-                info!(vtpm = %uuid, pid, "process attached");
+                xvtpm_log::host_info!(vtpm = %uuid, pid, "process attached");
                 AdminReply::Ok
             }
             AdminRequest::VtpmAttachDomain { uuid, domid } => {
@@ -695,7 +694,7 @@ impl Manager {
                 }
                 self.attached_domains.insert(uuid, domid);
                 self.save_domain_attachments();
-                info!(vtpm = %uuid, domid, "domain attached");
+                xvtpm_log::host_info!(vtpm = %uuid, domid, "domain attached");
                 AdminReply::Ok
             }
             AdminRequest::VtpmAcceptState { uuid } => return self.accept_state(uuid),
@@ -708,7 +707,7 @@ impl Manager {
                 self.save_attachments();
                 if let Some(domid) = self.attached_domains.remove(&uuid) {
                     self.save_domain_attachments();
-                    info!(vtpm = %uuid, domid, "domain detached");
+                    xvtpm_log::host_info!(vtpm = %uuid, domid, "domain detached");
                 }
                 AdminReply::Ok
             }
@@ -735,7 +734,7 @@ impl Manager {
             let code = if matches!(e, crate::hwtpm::HwTpmError::InvalidArgument(_)) { ErrorCode::BadRequest } else { ErrorCode::Tpm };
             fail(code, format!("TPM2_ActivateCredential with the AK of group {:?}: {e}", g.name))
         })?;
-        info!(group = %g.uuid, "credential activated for a verifier");
+        xvtpm_log::host_info!(group = %g.uuid, "credential activated for a verifier");
         Ok(AdminReply::Activated { secret: vtpm_proto::mgr::SecretBytes(zeroize::Zeroizing::new(out)) })
     }
 
@@ -764,7 +763,7 @@ impl Manager {
         self.store = store;
         self.protected = Some(prot);
         self.master = Some(master);
-        info!(pcrs = ?pcrs, nv_index = %format!("{:#010x}", c.nv_index), counter = c.value, "manager provisioned");
+        xvtpm_log::host_info!(pcrs = ?pcrs, nv_index = %format!("{:#010x}", c.nv_index), counter = c.value, "manager provisioned");
         Ok(AdminReply::Status(self.status()))
     }
 }
@@ -778,7 +777,7 @@ fn load_attachments(path: &Path) -> HashMap<Uuid, Attachment> {
         .filter(|(_, a)| a.alive())
         .collect();
     if !kept.is_empty() {
-        info!(count = kept.len(), "re-attached running vTPM processes after restart");
+        xvtpm_log::host_info!(count = kept.len(), "re-attached running vTPM processes after restart");
     }
     kept
 }
@@ -792,7 +791,7 @@ fn load_domain_attachments(path: &Path, store: &crate::store::Store) -> HashMap<
         .filter(|(u, d)| store.vtpm(u).is_some() && (1..0x7FF0).contains(d))
         .collect();
     if !kept.is_empty() {
-        info!(count = kept.len(), "kept vTPM domain attachments after restart");
+        xvtpm_log::host_info!(count = kept.len(), "kept vTPM domain attachments after restart");
     }
     kept
 }
@@ -802,7 +801,7 @@ impl Manager {
         let list: Vec<(Uuid, u32)> = self.attached_domains.iter().map(|(u, d)| (*u, *d)).collect();
         let bytes = serde_json::to_vec(&list).expect("serialisable");
         if let Err(e) = xvtpm_fsutil::write_atomic(&self.cfg.domain_attachments_path(), &bytes, 0o600) {
-            warn!(error = %e, "could not record vTPM domain attachments; a manager restart will need them re-attached");
+            xvtpm_log::host_warn!(error = %e, "could not record vTPM domain attachments; a manager restart will need them re-attached");
         }
     }
 
@@ -810,7 +809,7 @@ impl Manager {
         let list: Vec<(Uuid, u32, u64)> = self.attached.iter().map(|(u, a)| (*u, a.pid, a.start)).collect();
         let bytes = serde_json::to_vec(&list).expect("serialisable");
         if let Err(e) = xvtpm_fsutil::write_atomic(&self.cfg.attachments_path(), &bytes, 0o600) {
-            warn!(error = %e, "could not record vTPM attachments; a manager restart will need them re-attached");
+            xvtpm_log::host_warn!(error = %e, "could not record vTPM attachments; a manager restart will need them re-attached");
         }
     }
 }
@@ -853,7 +852,7 @@ impl Manager {
             };
             if let Some(what) = refusal {
                 let anchored = current.as_ref().map(|a| a.generation).unwrap_or_default();
-                warn!(vtpm = %r.vtpm, presented = g, anchored, opening = r.opening, "refused an older vTPM state");
+                xvtpm_log::guest_warn!(vtpm = %r.vtpm, presented = g, anchored, opening = r.opening, "refused an older vTPM state");
                 let f = stale(r.vtpm, &what, g, r.opening);
                 self.refused_states.insert(r.vtpm, presented);
                 let _ = r.reply.send(VtpmReply::Error(f));
@@ -864,7 +863,7 @@ impl Manager {
                 Some(a) if g == a.generation => continue_after = a.fence,
                 _ => {
                     if current.is_none() || r.opening {
-                        info!(vtpm = %r.vtpm, generation = g, previous = ?current.as_ref().map(|a| a.generation), opening = r.opening, "anchoring vTPM state");
+                        xvtpm_log::guest_info!(vtpm = %r.vtpm, generation = g, previous = ?current.as_ref().map(|a| a.generation), opening = r.opening, "anchoring vTPM state");
                     }
                     let store = next.get_or_insert_with(|| self.store.clone());
                     if let Some(v) = store.vtpms.iter_mut().find(|v| v.uuid == r.vtpm) {
@@ -886,7 +885,7 @@ impl Manager {
             None => Ok(()),
         };
         if let Err(f) = &committed {
-            warn!(error = %f, "could not anchor vTPM states; their writes are not acknowledged");
+            xvtpm_log::guest_warn!(error = %f, "could not anchor vTPM states; their writes are not acknowledged");
         }
         for (vtpm, generation, continue_after, reply) in waiting {
             let answer = match &committed {
@@ -923,7 +922,7 @@ impl Manager {
         }
         self.commit(next)?;
         self.refused_states.remove(&uuid);
-        warn!(vtpm = %uuid, accepted = presented.generation, was = ?entry.state.map(|a| a.generation), fence = ?fence, "administrator accepted an older vTPM state");
+        xvtpm_log::host_warn!(vtpm = %uuid, accepted = presented.generation, was = ?entry.state.map(|a| a.generation), fence = ?fence, "administrator accepted an older vTPM state");
         Ok(AdminReply::Ok)
     }
 }

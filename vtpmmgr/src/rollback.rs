@@ -71,7 +71,6 @@
 
 use std::path::{Path, PathBuf};
 
-use tracing::{info, warn};
 
 use crate::hwtpm::{CounterProbe, HwTpm, HwTpmError, MasterSecret, ProvisionRecord, STORE_COUNTER_FIRST, STORE_COUNTER_SLOTS};
 use crate::store::{self, CounterRecord, STORE_VERSION, Store, StoreError, StoreKeys};
@@ -302,7 +301,7 @@ impl Protected {
         self.counter.value = k;
         // 3. publish
         if let Err(e) = publish(&self.path) {
-            warn!(error = %e, store = %self.path.display(), pending = %pending.display(),
+            xvtpm_log::guest_warn!(error = %e, store = %self.path.display(), pending = %pending.display(),
                 "store write {k} is committed (counter moved, change staged) but the store file could not be replaced; the next write or start completes it");
             self.unpublished = true;
         }
@@ -318,7 +317,7 @@ pub fn bind_new_counter(hw: &mut HwTpm, path: &Path, keys: StoreKeys, store: Sto
         .find(|h| !used.contains(h))
         .ok_or_else(|| HwTpmError::Unexpected(format!("all NV handles {STORE_COUNTER_FIRST:#010x}..+{STORE_COUNTER_SLOTS} are in use; remove unused ones (tpm2_getcap handles-nv-index)")))?;
     if !used.is_empty() {
-        warn!(in_use = ?used.iter().map(|h| format!("{h:#010x}")).collect::<Vec<_>>(), using = %format!("{h:#010x}"),
+        xvtpm_log::host_warn!(in_use = ?used.iter().map(|h| format!("{h:#010x}")).collect::<Vec<_>>(), using = %format!("{h:#010x}"),
             "NV handles of the store-counter range are in use (an earlier provisioning's counter, or another application's); skipping them");
     }
     hw.counter_define(h, keys.nv_auth())?;
@@ -371,17 +370,17 @@ fn roll_forward(hw: &mut HwTpm, path: &Path, keys: &StoreKeys, p: &Store, prev: 
     };
     let pending = pending_path(path);
     if now + 1 == c.value && prev.is_none_or(|s| s == now) {
-        warn!(pending = %pending.display(), value = c.value, "completing a store write that was staged when the manager stopped: incrementing the counter");
+        xvtpm_log::host_warn!(pending = %pending.display(), value = c.value, "completing a store write that was staged when the manager stopped: incrementing the counter");
         if hw.counter_increment(c.nv_index, keys.nv_auth())? != c.value {
             return Err(RollbackError::Pending(format!("{} records write {} but the counter {:#010x} did not reach it", pending.display(), c.value, c.nv_index)));
         }
     } else if now != c.value {
         return Ok(None);
     } else {
-        warn!(pending = %pending.display(), value = c.value, "completing a store write interrupted after its counter increment");
+        xvtpm_log::host_warn!(pending = %pending.display(), value = c.value, "completing a store write interrupted after its counter increment");
     }
     publish(path).map_err(io("replacing the store with", &pending))?;
-    info!(store = %path.display(), value = c.value, "store write completed");
+    xvtpm_log::host_info!(store = %path.display(), value = c.value, "store write completed");
     Ok(Some(c))
 }
 
@@ -402,7 +401,7 @@ pub fn open(
     let staged = match store::read(&pending) {
         Ok(p) => p,
         Err(e) => {
-            warn!(error = %e, "ignoring a pending store that does not parse");
+            xvtpm_log::host_warn!(error = %e, "ignoring a pending store that does not parse");
             None
         }
     };
@@ -410,7 +409,7 @@ pub fn open(
     let Some(rec) = rec else {
         if let Some(m) = main {
             // Format 1 wrote no store before provisioning, format 2 neither; keep whatever this is.
-            warn!(store = %path.display(), "manager store has no provisioning record");
+            xvtpm_log::host_warn!(store = %path.display(), "manager store has no provisioning record");
             return Ok(Opened { store: m.unprotected().unwrap_or_else(Store::empty), master: None, protected: None, note: None });
         }
         let _ = std::fs::remove_file(&pending);
@@ -422,7 +421,7 @@ pub fn open(
     let staged = staged.and_then(|p| match p.verify(&keys) {
         Ok(s) => Some(s),
         Err(e) => {
-            warn!(error = %e, "ignoring a pending store that does not verify");
+            xvtpm_log::host_warn!(error = %e, "ignoring a pending store that does not verify");
             None
         }
     });
@@ -468,7 +467,7 @@ pub fn open(
                 };
                 return Err(RollbackError::Downgrade { path: path.into(), nv_index: h, state });
             }
-            warn!(store = %path.display(), nv_index = %format!("{h:#010x}"), "accept-store: binding a format-1 store to this manager's existing counter");
+            xvtpm_log::host_warn!(store = %path.display(), nv_index = %format!("{h:#010x}"), "accept-store: binding a format-1 store to this manager's existing counter");
             let v = match probe {
                 CounterProbe::Value(v) => v,
                 _ => hw.counter_increment(h, keys.nv_auth())?,
@@ -477,9 +476,9 @@ pub fn open(
             let note = format!("accepted the format-1 store as write {} of counter {h:#010x}", prot.counter.value);
             return Ok(opened(store, prot, Some(&note)));
         }
-        info!(store = %path.display(), "migrating manager store from format 1: defining its rollback counter in the physical TPM and authenticating the store (HMAC-SHA256)");
+        xvtpm_log::host_info!(store = %path.display(), "migrating manager store from format 1: defining its rollback counter in the physical TPM and authenticating the store (HMAC-SHA256)");
         let (store, prot) = bind_new_counter(hw, path, keys, legacy)?;
-        info!(store = %path.display(), nv_index = %format!("{:#010x}", prot.counter.nv_index), value = prot.counter.value, "migrated manager store to format 2");
+        xvtpm_log::host_info!(store = %path.display(), nv_index = %format!("{:#010x}", prot.counter.nv_index), value = prot.counter.value, "migrated manager store to format 2");
         return Ok(opened(store, prot, Some("migrated the store from format 1")));
     }
 
@@ -496,7 +495,7 @@ pub fn open(
             if mode == Mode::Refuse {
                 return Err(RollbackError::Counter { path: path.into(), nv_index: c.nv_index, why });
             }
-            warn!(store = %path.display(), "accept-store: binding the store to a new counter ({why})");
+            xvtpm_log::host_warn!(store = %path.display(), "accept-store: binding the store to a new counter ({why})");
             let (store, prot) = bind_new_counter(hw, path, keys, store)?;
             let note = format!("bound the store to a new counter ({why}): it is now write {} of counter {:#010x}", prot.counter.value, prot.counter.nv_index);
             return Ok(opened(store, prot, Some(&note)));
@@ -510,14 +509,14 @@ pub fn open(
     }
     if c.value == n {
         if pending.exists() {
-            info!(pending = %pending.display(), "removing a pending store that was never committed");
+            xvtpm_log::host_info!(pending = %pending.display(), "removing a pending store that was never committed");
             let _ = std::fs::remove_file(&pending);
         }
         let prot = at_rest(&store, keys);
         return Ok(opened(store, prot, None));
     }
     if mode == Mode::Accept {
-        warn!(store = %path.display(), store_value = c.value, tpm_value = n, "accept-store: accepting a store that does not match the counter");
+        xvtpm_log::host_warn!(store = %path.display(), store_value = c.value, tpm_value = n, "accept-store: accepting a store that does not match the counter");
         let (store2, prot) = bind_existing(hw, path, keys, store, c.nv_index, n)?;
         let note = format!("accepted a store that recorded write {} while the counter was at {n}: it is now write {}", c.value, prot.counter.value);
         return Ok(opened(store2, prot, Some(&note)));

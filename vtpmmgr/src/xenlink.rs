@@ -27,33 +27,29 @@
 //!
 //! # Concurrency: deep quotes are answered when ready
 //!
-//! The xenbus handler is synchronous. State-key requests are answered inside it (a lock and an
-//! HKDF). A deep quote instead is *deferred*: the link peeks at the SUBMITted request (a private
-//! copy; the page is not touched), queues it with the shared [`Batcher`], and leaves the page in
-//! SUBMIT. When the batcher's reply arrives, the link runs the xenbus step, whose handler now
-//! returns the ready reply (if the page still carries the same request). So the link's task
-//! never blocks, other vTPM domains are served meanwhile, and deep quotes from many domains
-//! (and from the Unix sockets) share one physical quote — natural batching is preserved.
+//! The link takes each SUBMITted request off its page once (a private copy and a ticket, see
+//! `xen_platform::xenbus::Backend::take`). State-key requests are answered at once (a lock and
+//! an HKDF). A deep quote or a state anchor is queued with the shared [`Batcher`] / anchorer and
+//! the page left in SUBMIT; when the batch is done the reply is completed by its ticket (a
+//! ticket from before a reconnect is dropped, and the backend looks at the page again). So the
+//! link's task never blocks, other vTPM domains are served meanwhile, and deep quotes from many
+//! domains (and from the Unix sockets) share one physical quote — natural batching is preserved.
 //! Blocking the handler instead (`block_in_place` + `Handle::block_on`) would have serialised
 //! every Xen vTPM behind each physical quote and defeated the batching.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
 use xvtpm_log::{guest_info, guest_warn};
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
 use xen_platform::frontend::ReplyChunker;
-use xen_platform::tpmif::peek_submit;
 
 use xen_platform::xen::XenTransport;
-use xen_platform::xenbus::{
-    Backend, BackendEvent, Connection, DeviceKey, Transport, TransportError,
-};
+use xen_platform::xenbus::{Backend, BackendEvent, DeviceKey, Take, Ticket, Transport, TransportError};
 use xen_platform::xenstore::{WatchEvent, WatchEvents, Xenstore, XsClient};
 
 use crate::daemon::{Shared, lock};
@@ -66,8 +62,8 @@ pub const DEFAULT_ROOT: &str = "/local/domain/0/backend/vtpm";
 /// How often refused devices are re-checked without a poke.
 pub const RECHECK: Duration = Duration::from_secs(2);
 
-/// A deep quote waiting for the batcher: the device, the exact request bytes, the reply frame.
-type Ready = (DeviceKey, Vec<u8>, Vec<u8>);
+/// A deep quote or anchor that was waiting for its batch: its ticket and the reply frame.
+type Ready = (Ticket, Vec<u8>);
 
 /// The manager's tpmif backend. Build it with [`XenLink::open`] (real Xen) or
 /// [`XenLink::new`] (any xenstore/transport, e.g. the fakes), then [`run`](XenLink::run) it.
@@ -79,8 +75,6 @@ pub struct XenLink<X: Xenstore, T: Transport> {
     anchorer: Anchorer,
     poke: Arc<Notify>,
     chunkers: HashMap<DeviceKey, ReplyChunker>,
-    /// Devices whose current request is a deep quote at the batcher.
-    deferred: HashSet<DeviceKey>,
     ready: JoinSet<Ready>,
 }
 
@@ -123,7 +117,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         });
         let initial = backend.start().await?;
         initial.iter().for_each(log_event);
-        info!(root, "Xen manager link watching");
+        xvtpm_log::host_info!(root, "Xen manager link watching");
         let anchorer = Anchorer::spawn(mgr.clone());
         Ok(XenLink {
             backend,
@@ -133,7 +127,6 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             anchorer,
             poke: Arc::new(Notify::new()),
             chunkers: HashMap::new(),
-            deferred: HashSet::new(),
             ready: JoinSet::new(),
         })
     }
@@ -170,7 +163,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             };
             match woke {
                 Woke::Xs(None) => {
-                    warn!("xenstore connection closed; the Xen manager link stops");
+                    xvtpm_log::host_warn!("xenstore connection closed; the Xen manager link stops");
                     return;
                 }
                 Woke::Xs(Some(ev)) => {
@@ -181,7 +174,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
                 Woke::Guest(Err((key, e))) => {
                     guest_warn!(device = %key, error = %e, "vTPM domain event channel error")
                 }
-                Woke::Ready(Some(Ok((key, request, reply)))) => self.on_ready(key, request, reply),
+                Woke::Ready(Some(Ok((ticket, reply)))) => self.finish(ticket, reply),
                 Woke::Ready(Some(Err(e))) => guest_warn!(error = %e, "deep-quote waiter failed"),
                 Woke::Ready(None) => {}
                 Woke::Recheck(poked) => {
@@ -203,100 +196,83 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             | BackendEvent::Connected { key } = ev
             {
                 self.chunkers.remove(key);
-                self.deferred.remove(key);
             }
         }
     }
 
     fn on_guest(&mut self, key: DeviceKey) {
-        if self.deferred.contains(&key) {
-            // One request per interface: the deferred one is answered when the batcher is done.
-            self.backend.defer(key);
-            return;
-        }
-        let Some(dev) = self.backend.device(key) else {
+        let req = match self.backend.take(key) {
+            Ok(Take::Request(req)) => req,
+            // Handled in place, or one request per interface: the one in flight is answered
+            // when the batcher is done.
+            Ok(Take::Stepped(_) | Take::InFlight) => return,
+            Err(e) => {
+                guest_warn!(device = %key, error = %e, "notifying the vTPM domain failed");
+                return;
+            }
+        };
+        let Some(uuid) = self.backend.device(key).map(|d| d.uuid()) else {
             return;
         };
-        let uuid = dev.uuid();
         let domid = u32::from(key.frontend.get());
-        if let Some(cmd) = dev.connection().and_then(|c| peek_submit(c.page()))
-            && let Ok(req @ (VtpmRequest::DeepQuote { .. } | VtpmRequest::AnchorState { .. })) = decode_request(&cmd)
+        if !ReplyChunker::is_cont(&req.command)
+            && let Ok(r @ (VtpmRequest::DeepQuote { .. } | VtpmRequest::AnchorState { .. })) =
+                decode_request(&req.command)
         {
-            // Both wait for a batch (a physical quote, a store write): deferred, never blocking.
-            let queued = match req {
-                req @ VtpmRequest::AnchorState { .. } => self
+            // Both wait for a batch (a physical quote, a store write): answered later by ticket,
+            // never blocking.
+            type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = VtpmReply> + Send>>;
+            let queued = match r {
+                r @ VtpmRequest::AnchorState { .. } => self
                     .anchorer
-                    .submit(uuid, anchor::Peer::Domain(domid), req)
-                    .map(|rx| Box::pin(anchor::reply_for(rx)) as std::pin::Pin<Box<dyn std::future::Future<Output = VtpmReply> + Send>>),
-                req => submit_deep_quote(&self.mgr, &self.batcher, uuid, domid, req)
-                    .map(|rx| Box::pin(deepquote::reply_for(rx)) as std::pin::Pin<Box<dyn std::future::Future<Output = VtpmReply> + Send>>),
+                    .submit(uuid, anchor::Peer::Domain(domid), r)
+                    .map(|rx| Box::pin(anchor::reply_for(rx)) as Pending),
+                r => submit_deep_quote(&self.mgr, &self.batcher, uuid, domid, r)
+                    .map(|rx| Box::pin(deepquote::reply_for(rx)) as Pending),
             };
             match queued {
                 Ok(reply) => {
+                    let ticket = req.ticket;
                     self.ready.spawn(async move {
                         let reply = reply.await;
-                        (key, cmd, encode_reply(&reply))
+                        (ticket, encode_reply(&reply))
                     });
-                    self.deferred.insert(key);
-                    self.backend.defer(key);
-                    debug!(device = %key, "deep quote queued");
-                    return;
+                    xvtpm_log::guest_debug!(device = %key, "deep quote queued");
                 }
-                Err(reply) => {
-                    // Refused or malformed: answer at once.
-                    let frame = encode_reply(&reply);
-                    self.serve(key, uuid, domid, Some(frame));
-                    return;
-                }
+                // Refused or malformed: answer at once.
+                Err(reply) => self.finish(req.ticket, encode_reply(&reply)),
             }
-        }
-        self.serve(key, uuid, domid, None);
-    }
-
-    fn on_ready(&mut self, key: DeviceKey, request: Vec<u8>, reply: Vec<u8>) {
-        if !self.deferred.remove(&key) {
-            return; // the device went away meanwhile
-        }
-        let Some(dev) = self.backend.device(key) else {
             return;
-        };
-        let uuid = dev.uuid();
-        let domid = u32::from(key.frontend.get());
-        // Answer only the request we computed the reply for; anything else is answered afresh.
-        let still_same = dev
-            .connection()
-            .and_then(|c| peek_submit(c.page()))
-            .as_deref()
-            == Some(&request[..]);
-        if still_same {
-            self.serve(key, uuid, domid, Some(reply));
-        } else {
-            self.serve(key, uuid, domid, None);
         }
+        let chunker = self.chunkers.entry(key).or_default();
+        let page = if ReplyChunker::is_cont(&req.command) {
+            chunker.next_chunk().unwrap_or_else(|| {
+                encode_reply(&VtpmReply::Error(Failure::new(
+                    ErrorCode::BadRequest,
+                    "CONT without a pending reply",
+                )))
+            })
+        } else {
+            chunker.start(encode_reply(&answer(&self.mgr, uuid, domid, &req.command)))
+        };
+        self.complete(req.ticket, &page);
     }
 
-    /// Runs the xenbus step for `key`. With `ready`, a non-`CONT` request is answered with that
-    /// frame; otherwise requests are answered synchronously.
-    fn serve(&mut self, key: DeviceKey, uuid: Uuid, domid: u32, ready: Option<Vec<u8>>) {
-        let chunker = self.chunkers.entry(key).or_default();
-        let mgr = &self.mgr;
-        let mut ready = ready;
-        let mut handler = |cmd: &[u8], _locality: u8| -> Vec<u8> {
-            if ReplyChunker::is_cont(cmd) {
-                return chunker.next_chunk().unwrap_or_else(|| {
-                    encode_reply(&VtpmReply::Error(Failure::new(
-                        ErrorCode::BadRequest,
-                        "CONT without a pending reply",
-                    )))
-                });
-            }
-            let frame = match ready.take() {
-                Some(frame) => frame,
-                None => encode_reply(&answer(mgr, uuid, domid, cmd)),
-            };
-            chunker.start(frame)
-        };
-        if let Err(e) = self.backend.service(key, &mut handler) {
+    /// Answers a request with a whole reply frame (the first chunk of it; the vTPM domain
+    /// fetches the rest with `CONT`). A ticket from before a reconnect is dropped untouched,
+    /// and so is the chunker of the new connection.
+    fn finish(&mut self, ticket: Ticket, frame: Vec<u8>) {
+        if !self.backend.is_current(&ticket) {
+            let _ = self.backend.complete(ticket, &[]);
+            return;
+        }
+        let page = self.chunkers.entry(ticket.key()).or_default().start(frame);
+        self.complete(ticket, &page);
+    }
+
+    fn complete(&mut self, ticket: Ticket, page: &[u8]) {
+        let key = ticket.key();
+        if let Err(e) = self.backend.complete(ticket, page) {
             guest_warn!(device = %key, error = %e, "notifying the vTPM domain failed");
         }
     }
@@ -313,10 +289,10 @@ fn answer(mgr: &Shared, uuid: Uuid, domid: u32, cmd: &[u8]) -> VtpmReply {
         Ok(VtpmRequest::IssueEkCert { uuid: claimed, ek_public, tpm }) => {
             lock(mgr).ek_cert_domain(uuid, domid, claimed, &ek_public, &tpm)
         }
-        // Only reached when a deferred request was replaced under us: let the vTPM retry.
+        // Never reached: the link answers these by ticket when their batch is done.
         Ok(VtpmRequest::DeepQuote { .. } | VtpmRequest::AnchorState { .. }) => VtpmReply::Error(Failure::new(
-            ErrorCode::Busy,
-            "the request changed while a deep quote was in progress; retry",
+            ErrorCode::Internal,
+            "a batched request reached the synchronous path",
         )),
         Err(f) => VtpmReply::Error(f),
     }

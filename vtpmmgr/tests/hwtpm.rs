@@ -334,7 +334,8 @@ fn get_random_lengths() {
 #[test]
 fn bad_tcti_is_a_clear_error() {
     let e = HwTpm::open("swtpm:host=127.0.0.1,port=1").unwrap_err();
-    assert!(matches!(e, HwTpmError::Tcti { .. }), "{e:?}");
+    assert!(matches!(e, HwTpmError::TctiUnusable { .. }), "{e:?}");
+    assert_eq!(e.to_string(), "connection refused to 127.0.0.1:1: is swtpm running and listening there?");
 }
 
 /// The EK CA key: created in the TPM with an authorisation value, signs digests (ECDSA P-256,

@@ -317,7 +317,7 @@ impl<X: Xenstore + 'static, L: Connection + 'static> Frontend<X, L> {
         }
         xs.write(&format!("{dir}/state"), XenbusState::Connected.as_value())
             .await?;
-        tracing::debug!(frontend = %dir, backend = %be, "tpmif frontend connected");
+        xvtpm_log::host_debug!(frontend = %dir, backend = %be, "tpmif frontend connected");
         Ok(())
     }
 
@@ -465,7 +465,7 @@ impl<X: Xenstore + 'static, L: Connection + 'static> Drop for Frontend<X, L> {
                 let dir = self.dir.clone();
                 rt.spawn(async move { shutdown(&*xs, &dir, link).await });
             }
-            Err(_) => tracing::warn!(
+            Err(_) => xvtpm_log::host_warn!(
                 frontend = %self.dir,
                 "tpmif frontend dropped outside a tokio runtime: page released without closing the device"
             ),
@@ -591,11 +591,11 @@ async fn shutdown<L>(xs: &impl Xenstore, dir: &str, link: L) {
             None => xs.rm(&path).await,
         };
         if let Err(e) = r {
-            tracing::warn!(error = %e, "closing the tpmif frontend");
+            xvtpm_log::host_warn!(error = %e, "closing the tpmif frontend");
         }
     }
     drop(link);
-    tracing::debug!(frontend = %dir, "tpmif frontend closed");
+    xvtpm_log::host_debug!(frontend = %dir, "tpmif frontend closed");
 }
 
 #[cfg(test)]

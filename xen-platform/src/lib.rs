@@ -15,7 +15,10 @@
 //! - `fake` (feature `test-utils`): in-memory xenstore and transport.
 //!
 //! Nothing in this crate knows what the TPM commands mean: the vTPM engine plugs in as the
-//! handler closure of [`tpmif::backend_step`] / [`xenbus::Backend::service`].
+//! handler closure of [`tpmif::backend_step`] / [`xenbus::Backend::service`], or takes a request
+//! with [`xenbus::Backend::take`] (one copy out of guest memory, and a ticket) and answers it
+//! later with [`xenbus::Backend::complete`]; a ticket from before the frontend reconnected is
+//! dropped. Either way every SUBMIT of a live connection ends in FINISH.
 //!
 //! ```no_run
 //! # async fn run(mut engine: impl FnMut(&[u8]) -> Vec<u8>) -> Result<(), Box<dyn std::error::Error>> {

@@ -349,30 +349,77 @@ pub enum Completion {
 /// See the [module documentation](self) for the exact rules; in short, every SUBMIT ends in
 /// FINISH with `0 < length ≤ 4096 − data offset`, and nothing outside the header's `length` and
 /// `state` fields and the response bytes is ever written.
+///
+/// It is [`take_submit`] followed by [`finish_submit`]: a backend that answers later (a deep
+/// quote waiting for the manager) calls the two itself and gets the same guarantees.
 pub fn backend_step(
     page: &impl SharedPage,
     handler: &mut dyn FnMut(&[u8], u8) -> Vec<u8>,
 ) -> StepOutcome {
-    match step(page, handler) {
-        Ok(outcome) => outcome,
-        Err(fault) => StepOutcome::PageFault(fault),
+    match take_submit(page) {
+        Taken::Submitted(submitted) => {
+            let response = handler(&submitted.command, submitted.locality);
+            finish_submit(page, submitted.slot, &response)
+        }
+        Taken::Stepped(outcome) => outcome,
     }
 }
 
-fn step(
-    page: &impl SharedPage,
-    handler: &mut dyn FnMut(&[u8], u8) -> Vec<u8>,
-) -> Result<StepOutcome, OutOfBounds> {
+/// Where a taken request's answer goes: the packet offset and size limit fixed when the
+/// request was copied out, so that the answer is placed by the header we validated, not by
+/// whatever the guest wrote since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    offset: usize,
+    max: usize,
+    command_len: usize,
+}
+
+/// A SUBMIT copied out of the page (one header read, one payload copy), to be answered with
+/// [`finish_submit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// The command: a private copy, never a view of guest memory.
+    pub command: Vec<u8>,
+    /// The request's locality as the frontend wrote it (Linux: always 0).
+    pub locality: u8,
+    /// Where the answer goes.
+    pub slot: Slot,
+}
+
+/// What [`take_submit`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// A valid SUBMIT, copied out; the page is unchanged and stays in SUBMIT until
+    /// [`finish_submit`].
+    Submitted(Submitted),
+    /// Everything else, already handled in place: a rejected length (answered
+    /// `TPM_RC_COMMAND_SIZE`), a CANCEL while idle (acknowledged), IDLE/FINISH (nothing), an
+    /// unknown state byte, a page fault.
+    Stepped(StepOutcome),
+}
+
+/// The first half of [`backend_step`]: reads the header once and copies a valid SUBMIT out.
+pub fn take_submit(page: &impl SharedPage) -> Taken {
+    match take(page) {
+        Ok(taken) => taken,
+        Err(fault) => Taken::Stepped(StepOutcome::PageFault(fault)),
+    }
+}
+
+fn take(page: &impl SharedPage) -> Result<Taken, OutOfBounds> {
     let header = Header::read_from(page)?;
     let state = match PageState::try_from(header.state) {
         Ok(state) => state,
-        Err(raw) => return Ok(StepOutcome::UnknownState(raw)),
+        Err(raw) => return Ok(Taken::Stepped(StepOutcome::UnknownState(raw))),
     };
     match state {
-        PageState::Idle | PageState::Finish => Ok(StepOutcome::Nothing),
+        PageState::Idle | PageState::Finish => Ok(Taken::Stepped(StepOutcome::Nothing)),
         PageState::Cancel => {
             page.write_u8(OFFSET_STATE, PageState::Idle as u8)?;
-            Ok(StepOutcome::NotifyGuest(Completion::CancelAcknowledged))
+            Ok(Taken::Stepped(StepOutcome::NotifyGuest(
+                Completion::CancelAcknowledged,
+            )))
         }
         PageState::Submit => {
             let offset = header.data_offset();
@@ -381,26 +428,52 @@ fn step(
             let length = usize::try_from(header.length).unwrap_or(usize::MAX);
             if length == 0 || length > max {
                 finish(page, offset, &tpm_error_response(TPM_RC_COMMAND_SIZE))?;
-                return Ok(StepOutcome::NotifyGuest(Completion::CommandRejected {
-                    length: header.length,
-                }));
+                return Ok(Taken::Stepped(StepOutcome::NotifyGuest(
+                    Completion::CommandRejected {
+                        length: header.length,
+                    },
+                )));
             }
             // Bounded by `max` (≤ 4088) before allocating.
             let mut command = vec![0u8; length];
             page.read_bytes(offset, &mut command)?;
-            let response = handler(&command, header.locality);
-            if response.is_empty() || response.len() > max {
-                finish(page, offset, &tpm_error_response(TPM_RC_FAILURE))?;
-                return Ok(StepOutcome::NotifyGuest(Completion::ResponseRejected {
-                    response_len: response.len(),
-                }));
-            }
-            finish(page, offset, &response)?;
-            Ok(StepOutcome::NotifyGuest(Completion::Responded {
-                command_len: length,
-                response_len: response.len(),
+            Ok(Taken::Submitted(Submitted {
+                command,
+                locality: header.locality,
+                slot: Slot {
+                    offset,
+                    max,
+                    command_len: length,
+                },
             }))
         }
+    }
+}
+
+/// The second half of [`backend_step`]: writes `response` (or `TPM_RC_FAILURE` if it is empty
+/// or does not fit) and FINISH. Whatever state the guest wrote meanwhile (a CANCEL) is
+/// overwritten: every SUBMIT ends in FINISH.
+pub fn finish_submit(page: &impl SharedPage, slot: Slot, response: &[u8]) -> StepOutcome {
+    let Slot {
+        offset,
+        max,
+        command_len,
+    } = slot;
+    let done = if response.is_empty() || response.len() > max {
+        finish(page, offset, &tpm_error_response(TPM_RC_FAILURE)).map(|()| {
+            Completion::ResponseRejected {
+                response_len: response.len(),
+            }
+        })
+    } else {
+        finish(page, offset, response).map(|()| Completion::Responded {
+            command_len,
+            response_len: response.len(),
+        })
+    };
+    match done {
+        Ok(completion) => StepOutcome::NotifyGuest(completion),
+        Err(fault) => StepOutcome::PageFault(fault),
     }
 }
 
@@ -564,23 +637,6 @@ pub mod testing {
             }
         }
     }
-}
-
-/// The request of a page in SUBMIT, copied out (never borrowed), without
-/// changing the page: for a backend that answers later (see
-/// `xenbus::Backend::defer`). `None` if the page is not in a valid SUBMIT.
-pub fn peek_submit(page: &impl SharedPage) -> Option<Vec<u8>> {
-    let header = Header::read_from(page).ok()?;
-    if PageState::try_from(header.state) != Ok(PageState::Submit) {
-        return None;
-    }
-    let len = usize::try_from(header.length).ok()?;
-    if len == 0 || len > header.max_packet() {
-        return None;
-    }
-    let mut cmd = vec![0u8; len];
-    page.read_bytes(header.data_offset(), &mut cmd).ok()?;
-    Some(cmd)
 }
 
 #[cfg(test)]

@@ -283,7 +283,7 @@ impl Drop for MappedPage {
         let ret =
             unsafe { sys::xengnttab_unmap(self.gnttab.0.as_ptr(), self.ptr.as_ptr().cast(), 1) };
         if ret < 0 {
-            tracing::warn!(error = %last_error(), "xengnttab_unmap failed");
+            xvtpm_log::host_warn!(error = %last_error(), "xengnttab_unmap failed");
         }
     }
 }
@@ -379,7 +379,7 @@ impl Drop for SharedMem {
         let ret =
             unsafe { sys::xengntshr_unshare(self.gntshr.0.as_ptr(), self.ptr.as_ptr().cast(), 1) };
         if ret < 0 {
-            tracing::warn!(error = %last_error(), "xengntshr_unshare failed");
+            xvtpm_log::host_warn!(error = %last_error(), "xengntshr_unshare failed");
         }
     }
 }
@@ -480,7 +480,7 @@ impl Drop for XenConnection {
             // Unbound: the handle is clean for the next connection (deregistered first).
             Ok(()) => self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(evtchn.into_inner()),
             // Still bound: close it rather than hand a bound port to another connection.
-            Err(e) => tracing::warn!(error = %e, port = %self.local_port, "xenevtchn_unbind failed"),
+            Err(e) => xvtpm_log::host_warn!(error = %e, port = %self.local_port, "xenevtchn_unbind failed"),
         }
         // Then the page is unmapped.
     }
@@ -589,7 +589,7 @@ pub struct XenFrontendLink {
 impl Drop for XenFrontendLink {
     fn drop(&mut self) {
         if let Err(e) = self.evtchn.get_ref().unbind(self.port) {
-            tracing::warn!(error = %e, port = %self.port, "xenevtchn_unbind failed");
+            xvtpm_log::host_warn!(error = %e, port = %self.port, "xenevtchn_unbind failed");
         }
     }
 }

@@ -41,7 +41,7 @@ use std::task::Poll;
 use uuid::Uuid;
 
 use crate::ids::{DevId, DomId, EvtchnPort, GrantRef, ParseError, XenbusState};
-use crate::tpmif::{SharedPage, StepOutcome, backend_step};
+use crate::tpmif::{SharedPage, Slot, StepOutcome, Taken, finish_submit, take_submit};
 use crate::xenstore::{WatchEvent, WatchEvents, Xenstore, XsError};
 
 /// A failure of the grant-mapping / event-channel layer.
@@ -267,6 +267,11 @@ pub struct TpmifDevice<C> {
     seen_frontend: bool,
     /// A step is due without an event (right after connecting: a request may be waiting).
     kick: bool,
+    /// Counts taken requests; each [`Ticket`] carries its number.
+    taken: u64,
+    /// The number of the request of the current connection that was taken and is not completed
+    /// yet. A new connection clears it: tickets of earlier connections are stale.
+    in_flight: Option<u64>,
     /// The last error reported, to report each distinct failure once.
     last_error: Option<String>,
 }
@@ -317,6 +322,48 @@ pub enum Activity {
     GuestError(DeviceKey, TransportError),
     /// The xenstore connection is gone; the backend cannot continue.
     XenstoreClosed,
+}
+
+/// Names one taken request: the device, the connection it came from, and where its answer
+/// goes. Plain data (`Send`), so the answer can be computed anywhere; only
+/// [`Backend::complete`] writes it, and only to the connection it came from. Neither `Copy`
+/// nor `Clone`: a request is answered at most once.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ticket {
+    key: DeviceKey,
+    number: u64,
+    slot: Slot,
+}
+
+impl Ticket {
+    /// The device the request came from.
+    pub fn key(&self) -> DeviceKey {
+        self.key
+    }
+}
+
+/// A request taken off a device's page by [`Backend::take`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Answer it with [`Backend::complete`].
+    pub ticket: Ticket,
+    /// The command: a private copy.
+    pub command: Vec<u8>,
+    /// The request's locality as written by the frontend.
+    pub locality: u8,
+}
+
+/// What [`Backend::take`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Take {
+    /// A request to answer.
+    Request(Request),
+    /// Handled in place (see [`Taken::Stepped`](crate::tpmif::Taken::Stepped)); the frontend was
+    /// notified if the page changed.
+    Stepped(StepOutcome),
+    /// A request of this connection is still being answered; the signal is absorbed (the
+    /// device is looked at again when it completes).
+    InFlight,
 }
 
 /// An accept filter: `(verified frontend domain, backend uuid) -> serve it?`.
@@ -555,7 +602,16 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             return events;
         };
         let mut gone = false;
-        match drive(&self.xs, &mut self.transport, dev, self.driver_domain, &mut events, &mut gone).await {
+        match drive(
+            &self.xs,
+            &mut self.transport,
+            dev,
+            self.driver_domain,
+            &mut events,
+            &mut gone,
+        )
+        .await
+        {
             Ok(()) => dev.last_error = None,
             Err(error) => {
                 // Report a given failure once until something changes: the guest can trigger
@@ -635,7 +691,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             )
             .await?;
         self.xs.watch(&frontend_path).await?;
-        tracing::debug!(%key, %uuid, frontend = %frontend_path, "tpmif device in InitWait");
+        xvtpm_log::guest_debug!(%key, %uuid, frontend = %frontend_path, "tpmif device in InitWait");
         Ok(Attach::Device(TpmifDevice {
             key,
             backend_path,
@@ -645,6 +701,8 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             written: XenbusState::InitWait,
             seen_frontend: false,
             kick: false,
+            taken: 0,
+            in_flight: None,
             last_error: None,
         }))
     }
@@ -679,40 +737,104 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         .await
     }
 
-    /// Takes a due step of `key` without servicing it: the caller has seen the request (e.g.
-    /// through [`TpmifDevice::connection`]) and will answer it later with
-    /// [`service`](Self::service). Until then [`wait_guest`](Self::wait_guest) reports the
-    /// device only when the frontend signals again.
-    pub fn defer(&mut self, key: DeviceKey) {
-        if let Some(dev) = self.devices.get_mut(&key) {
-            dev.kick = false;
-        }
-    }
-
     /// Devices the accept filter refused (and that still exist), with their UUIDs.
     pub fn refused(&self) -> impl Iterator<Item = (DeviceKey, Uuid)> + '_ {
         self.refused.iter().map(|(k, u)| (*k, *u))
     }
 
-    /// Runs one [`backend_step`] on a connected device's page and notifies the frontend when
-    /// the step asks for it. `Ok(StepOutcome::Nothing)` if the device is not connected.
+    /// Takes `key`'s request off its page: one header read, one copy. A valid SUBMIT comes back
+    /// as a [`Request`] whose [`Ticket`] the caller later hands to [`complete`](Self::complete),
+    /// now or after other work; everything else (a bad length, a CANCEL while idle, nothing to
+    /// do) is handled in place and the frontend notified. While a request is in flight the
+    /// device's further signals are absorbed ([`Take::InFlight`]): one request per interface.
+    pub fn take(&mut self, key: DeviceKey) -> Result<Take, TransportError> {
+        let Some(dev) = self.devices.get_mut(&key) else {
+            return Ok(Take::Stepped(StepOutcome::Nothing));
+        };
+        dev.kick = false;
+        if dev.in_flight.is_some() {
+            return Ok(Take::InFlight);
+        }
+        let Some(conn) = dev.connection() else {
+            return Ok(Take::Stepped(StepOutcome::Nothing));
+        };
+        match take_submit(conn.page()) {
+            Taken::Submitted(s) => {
+                dev.taken += 1;
+                let ticket = Ticket {
+                    key,
+                    number: dev.taken,
+                    slot: s.slot,
+                };
+                dev.in_flight = Some(dev.taken);
+                Ok(Take::Request(Request {
+                    ticket,
+                    command: s.command,
+                    locality: s.locality,
+                }))
+            }
+            Taken::Stepped(outcome) => {
+                if outcome.notify_guest() {
+                    conn.notify()?;
+                }
+                Ok(Take::Stepped(outcome))
+            }
+        }
+    }
+
+    /// Whether `ticket` still names its device's current connection (the request is answered
+    /// if completed now). False after the frontend reconnected or the device went away.
+    pub fn is_current(&self, ticket: &Ticket) -> bool {
+        self.devices
+            .get(&ticket.key)
+            .is_some_and(|d| d.in_flight == Some(ticket.number) && d.connection().is_some())
+    }
+
+    /// Answers the request `ticket` names with `response` (FINISH, then notify). A stale
+    /// ticket — the frontend reconnected (a guest reboot), or the device is gone — is dropped:
+    /// `Ok(StepOutcome::Nothing)`, nothing written. Either way the device is looked at again,
+    /// so a request the guest wrote meanwhile is not left waiting for another signal.
+    pub fn complete(
+        &mut self,
+        ticket: Ticket,
+        response: &[u8],
+    ) -> Result<StepOutcome, TransportError> {
+        let current = self.is_current(&ticket);
+        let Some(dev) = self.devices.get_mut(&ticket.key) else {
+            return Ok(StepOutcome::Nothing);
+        };
+        dev.kick = true;
+        if !current {
+            return Ok(StepOutcome::Nothing);
+        }
+        dev.in_flight = None;
+        let Some(conn) = dev.connection() else {
+            return Ok(StepOutcome::Nothing);
+        };
+        let outcome = finish_submit(conn.page(), ticket.slot, response);
+        if outcome.notify_guest() {
+            conn.notify()?;
+        }
+        Ok(outcome)
+    }
+
+    /// Takes and completes `key`'s request at once, answering it with `handler` (the command
+    /// and its locality in, the response out). `Ok(StepOutcome::Nothing)` if the device is not
+    /// connected or has nothing to do, [`StepOutcome::Nothing`] too while a request taken with
+    /// [`take`](Self::take) is still in flight.
     pub fn service(
         &mut self,
         key: DeviceKey,
         handler: &mut dyn FnMut(&[u8], u8) -> Vec<u8>,
     ) -> Result<StepOutcome, TransportError> {
-        let Some(dev) = self.devices.get_mut(&key) else {
-            return Ok(StepOutcome::Nothing);
-        };
-        dev.kick = false;
-        let Some(conn) = dev.connection() else {
-            return Ok(StepOutcome::Nothing);
-        };
-        let outcome = backend_step(conn.page(), handler);
-        if outcome.notify_guest() {
-            conn.notify()?;
+        match self.take(key)? {
+            Take::Request(r) => {
+                let response = handler(&r.command, r.locality);
+                self.complete(r.ticket, &response)
+            }
+            Take::Stepped(outcome) => Ok(outcome),
+            Take::InFlight => Ok(StepOutcome::Nothing),
         }
-        Ok(outcome)
     }
 
     /// Waits for the next thing to do: a xenstore change (already applied) or a guest signal
@@ -841,9 +963,10 @@ async fn drive<X: Xenstore, T: Transport>(
                 let conn = connect(xs, transport, dev).await?;
                 dev.phase = Phase::Connected(conn);
                 dev.kick = true;
+                dev.in_flight = None;
                 xs.write(&format!("{be}/ready"), "1").await?;
                 write_state(xs, dev, XenbusState::Connected).await?;
-                tracing::debug!(%key, "tpmif connected");
+                xvtpm_log::guest_debug!(%key, "tpmif connected");
                 events.push(BackendEvent::Connected { key });
             }
         }

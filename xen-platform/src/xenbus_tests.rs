@@ -40,11 +40,17 @@ impl Harness {
     }
 
     async fn new_with(
-        configure: impl FnOnce(Backend<FakeXenstore, MemTransport>) -> Backend<FakeXenstore, MemTransport>,
+        configure: impl FnOnce(
+            Backend<FakeXenstore, MemTransport>,
+        ) -> Backend<FakeXenstore, MemTransport>,
     ) -> Self {
         let (xs, events) = FakeXenstore::new();
         let transport = MemTransport::new();
-        let mut backend = configure(Backend::new(xs.clone(), transport.clone(), format!("{ROOT}/")));
+        let mut backend = configure(Backend::new(
+            xs.clone(),
+            transport.clone(),
+            format!("{ROOT}/"),
+        ));
         let initial = backend.start().await.unwrap();
         assert!(initial.is_empty(), "{initial:?}");
         let mut h = Harness {
@@ -115,7 +121,9 @@ impl Harness {
     }
 
     async fn connected_with(
-        configure: impl FnOnce(Backend<FakeXenstore, MemTransport>) -> Backend<FakeXenstore, MemTransport>,
+        configure: impl FnOnce(
+            Backend<FakeXenstore, MemTransport>,
+        ) -> Backend<FakeXenstore, MemTransport>,
     ) -> (Self, Arc<MemPage>, Arc<FakeChannel>) {
         let mut h = Harness::new_with(configure).await;
         h.toolstack_add();
@@ -459,7 +467,10 @@ async fn a_driver_domain_backend_removes_its_directory_after_a_detach() {
     h.xs.set(&format!("{BE}/state"), "5");
     let ev = h.pump().await;
     assert!(
-        matches!(ev.as_slice(), [BackendEvent::Detached { .. }, BackendEvent::Gone { .. }]),
+        matches!(
+            ev.as_slice(),
+            [BackendEvent::Detached { .. }, BackendEvent::Gone { .. }]
+        ),
         "{ev:?}"
     );
     assert_eq!(h.be("state"), None, "the backend directory must be gone");
@@ -785,7 +796,13 @@ async fn a_backend_bound_to_one_vtpm_leaves_other_devices_untouched() {
     let other = Uuid::parse_str("0b6e9d3a-1111-4222-8333-944455556666").unwrap();
     let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT).only_uuid(other);
     backend.start().await.unwrap();
-    for (k, v) in [("frontend", FE), ("frontend-id", "5"), ("online", "1"), ("state", "1"), ("uuid", UUID)] {
+    for (k, v) in [
+        ("frontend", FE),
+        ("frontend-id", "5"),
+        ("online", "1"),
+        ("state", "1"),
+        ("uuid", UUID),
+    ] {
         xs.set(&format!("{BE}/{k}"), v);
     }
     xs.set(&format!("{FE}/state"), "1");
@@ -814,7 +831,13 @@ async fn accept_filter_refuses_once_and_is_re_evaluated_on_rescan() {
     let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT)
         .accept(move |domid, uuid| *consulted.lock().unwrap() == Some((domid, uuid)));
     backend.start().await.unwrap();
-    for (k, v) in [("frontend", FE), ("frontend-id", "5"), ("online", "1"), ("state", "1"), ("uuid", UUID)] {
+    for (k, v) in [
+        ("frontend", FE),
+        ("frontend-id", "5"),
+        ("online", "1"),
+        ("state", "1"),
+        ("uuid", UUID),
+    ] {
         xs.set(&format!("{BE}/{k}"), v);
     }
     xs.set(&format!("{FE}/state"), "1");
@@ -823,9 +846,14 @@ async fn accept_filter_refuses_once_and_is_re_evaluated_on_rescan() {
         seen.extend(backend.handle_watch_event(ev).await);
     }
     let uuid = Uuid::parse_str(UUID).unwrap();
-    let refused: Vec<_> = seen.iter().filter(|e| matches!(e, BackendEvent::Refused { .. })).collect();
+    let refused: Vec<_> = seen
+        .iter()
+        .filter(|e| matches!(e, BackendEvent::Refused { .. }))
+        .collect();
     assert_eq!(refused.len(), 1, "{seen:?}");
-    assert!(matches!(refused[0], BackendEvent::Refused { key: k, uuid: u } if *k == key() && *u == uuid));
+    assert!(
+        matches!(refused[0], BackendEvent::Refused { key: k, uuid: u } if *k == key() && *u == uuid)
+    );
     assert_eq!(seen.len(), 1, "nothing else happened: {seen:?}");
     assert_eq!(xs.get(&format!("{BE}/state")).as_deref(), Some("1"));
     assert_eq!(xs.get(&format!("{BE}/feature-protocol-v2")), None);
@@ -835,7 +863,10 @@ async fn accept_filter_refuses_once_and_is_re_evaluated_on_rescan() {
     // The filter now accepts (e.g. the domain was attached): a rescan picks the device up.
     *allowed.lock().unwrap() = Some((dom5(), uuid));
     let ev = backend.rescan().await;
-    assert!(ev.iter().any(|e| matches!(e, BackendEvent::Added { .. })), "{ev:?}");
+    assert!(
+        ev.iter().any(|e| matches!(e, BackendEvent::Added { .. })),
+        "{ev:?}"
+    );
     assert_eq!(xs.get(&format!("{BE}/state")).as_deref(), Some("2"));
     assert_eq!(backend.refused().count(), 0);
 }
@@ -844,7 +875,8 @@ async fn accept_filter_refuses_once_and_is_re_evaluated_on_rescan() {
 async fn accept_filter_sees_a_verified_frontend_id() {
     let (xs, mut events) = FakeXenstore::new();
     let transport = MemTransport::new();
-    let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT).accept(|_, _| panic!("filter consulted"));
+    let mut backend =
+        Backend::new(xs.clone(), transport.clone(), ROOT).accept(|_, _| panic!("filter consulted"));
     backend.start().await.unwrap();
     // frontend-id disagreeing with the path is an error before the filter runs.
     for (k, v) in [("frontend", FE), ("frontend-id", "6"), ("uuid", UUID)] {
@@ -854,5 +886,117 @@ async fn accept_filter_sees_a_verified_frontend_id() {
     while let Some(ev) = events.try_next() {
         seen.extend(backend.handle_watch_event(ev).await);
     }
-    assert!(seen.iter().any(|e| matches!(e, BackendEvent::Error { error: XenbusError::FrontendIdMismatch { .. }, .. })), "{seen:?}");
+    assert!(
+        seen.iter().any(|e| matches!(
+            e,
+            BackendEvent::Error {
+                error: XenbusError::FrontendIdMismatch { .. },
+                ..
+            }
+        )),
+        "{seen:?}"
+    );
+}
+
+const GET_RANDOM: [u8; 12] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8];
+
+/// Waits for the backend's next guest activity and takes it.
+async fn next_take(h: &mut Harness) -> Take {
+    loop {
+        let act = tokio::time::timeout(Duration::from_secs(5), h.backend.next(&mut h.events))
+            .await
+            .expect("backend never woke");
+        match act {
+            Activity::Guest(k) => match h.backend.take(k).unwrap() {
+                Take::Stepped(StepOutcome::Nothing) => continue,
+                other => return other,
+            },
+            Activity::Xenstore(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_while_a_taken_request_is_answered_later_still_gets_finish() {
+    // An answer that comes later (a deep quote waiting for the manager) and a guest that gives
+    // up meanwhile: its CANCEL must still end in FINISH. Before tickets, vtpm-domain's deferred
+    // path compared the page with the request it had copied, saw CANCEL instead, and wrote
+    // nothing: the page stayed in CANCEL and the guest's TPM hung.
+    let (mut h, page, chan) = Harness::connected().await;
+    submit(&page, &chan, &GET_RANDOM);
+    let Take::Request(r) = next_take(&mut h).await else {
+        panic!("no request")
+    };
+    assert_eq!(r.command, GET_RANDOM);
+    page.write_u8(OFFSET_STATE, PageState::Cancel as u8)
+        .unwrap();
+    chan.kick();
+    assert_eq!(next_take(&mut h).await, Take::InFlight);
+    let before = chan.notifications();
+    let out = h
+        .backend
+        .complete(r.ticket, &[0x80, 1, 0, 0, 0, 10, 0, 0, 0, 0])
+        .unwrap();
+    assert!(out.notify_guest(), "{out:?}");
+    assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
+    assert_eq!(read_response(&page), [0x80, 1, 0, 0, 0, 10, 0, 0, 0, 0]);
+    assert_eq!(chan.notifications(), before + 1);
+}
+
+#[tokio::test]
+async fn a_reconnect_makes_an_in_flight_ticket_stale_and_the_new_request_is_served() {
+    // A guest reboots while its request is being answered, and submits a new one on the new
+    // ring before the backend has seen the reconnect. The old answer must not reach the new
+    // ring, and the new request must be taken and answered without another signal.
+    let (mut h, page, chan) = Harness::connected().await;
+    submit(&page, &chan, &GET_RANDOM);
+    let Take::Request(old) = next_take(&mut h).await else {
+        panic!("no request")
+    };
+    h.xs.set(&format!("{FE}/state"), "1");
+    h.pump().await;
+    let (page2, chan2) = h.guest_publish(9, 18);
+    let second = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 4];
+    submit(&page2, &chan2, &second);
+    let Take::Request(new) = next_take(&mut h).await else {
+        panic!("the new request was not taken")
+    };
+    assert_eq!(new.command, second);
+    assert!(!h.backend.is_current(&old.ticket));
+    assert!(h.backend.is_current(&new.ticket));
+    assert_eq!(
+        h.backend
+            .complete(old.ticket, &[0x80, 1, 0, 0, 0, 10, 0, 0, 0, 1])
+            .unwrap(),
+        StepOutcome::Nothing
+    );
+    assert_eq!(
+        page2.read_u8(OFFSET_STATE).unwrap(),
+        PageState::Submit as u8,
+        "stale answer written"
+    );
+    let out = h
+        .backend
+        .complete(new.ticket, &[0x80, 1, 0, 0, 0, 10, 0, 0, 0, 0])
+        .unwrap();
+    assert!(out.notify_guest());
+    assert_eq!(read_response(&page2), [0x80, 1, 0, 0, 0, 10, 0, 0, 0, 0]);
+}
+
+#[tokio::test]
+async fn a_guest_that_rewrites_its_request_in_flight_gets_the_answer_to_what_was_copied() {
+    // Guest memory is copied, never borrowed: the answer is for the copy, and it is written.
+    let (mut h, page, chan) = Harness::connected().await;
+    submit(&page, &chan, &GET_RANDOM);
+    let Take::Request(r) = next_take(&mut h).await else {
+        panic!("no request")
+    };
+    page.write_bytes(DATA_OFFSET, &[0xff; 12]).unwrap();
+    let out = h
+        .backend
+        .complete(r.ticket, &[0x80, 1, 0, 0, 0, 10, 0, 0, 0, 0])
+        .unwrap();
+    assert!(out.notify_guest());
+    assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, VtpmInfo};
 
-use crate::exit::{CliError, NO_MANAGER};
+use crate::exit::{CliError, NO_MANAGER, REFUSED};
 
 /// A connection to the admin socket.
 pub struct Admin {
@@ -18,11 +18,23 @@ impl Admin {
     /// Connects to `<run_dir>/admin.sock`.
     pub fn connect(run_dir: &Path) -> Result<Admin, CliError> {
         let path: PathBuf = run_dir.join("admin.sock");
-        let stream = UnixStream::connect(&path).map_err(|e| {
-            CliError::new(
+        let stream = UnixStream::connect(&path).map_err(|e| match e.kind() {
+            // The manager may well be running: the admin socket is its owner's alone (mode 0600).
+            std::io::ErrorKind::PermissionDenied => {
+                use std::os::unix::fs::MetadataExt;
+                let owner = match std::fs::metadata(&path) {
+                    Ok(m) if m.uid() != 0 => format!("root or uid {} (the socket's owner)", m.uid()),
+                    _ => "root (the socket's owner)".to_string(),
+                };
+                CliError::new(
+                    REFUSED,
+                    format!("cannot use vtpmmgr's admin socket {}: permission denied; it serves {owner} only: run xl-vtpm as root (e.g. with sudo)", path.display()),
+                )
+            }
+            _ => CliError::new(
                 NO_MANAGER,
                 format!("cannot reach vtpmmgr at {}: {e} (start it with `vtpmmgr serve`, or pass --run-dir)", path.display()),
-            )
+            ),
         })?;
         // Provisioning can take a few seconds on a discrete TPM (RSA keys).
         stream.set_read_timeout(Some(Duration::from_secs(120))).ok();

@@ -7,6 +7,7 @@
 //! [`ekcert`] exports a group's EK CA and verifies vTPM EK certificates; [`attest`] is the
 //! tenant's side: enrollment (AK provenance by credential activation) and `verify`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod attest;

@@ -75,6 +75,23 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The swtpm TCTI string that reaches this process: its first TCP pair (at the address it
+    /// listens on), else its Unix data socket; `None` if it has neither (Xen, control only).
+    pub fn tcti(&self) -> Option<String> {
+        if let Some((data, _)) = self.tcp_ports.first() {
+            let ip = self
+                .listen
+                .iter()
+                .find_map(|l| l.parse::<vtpm_proto::listen::Listen>().ok().and_then(|l| match l {
+                    vtpm_proto::listen::Listen::TcpPair(a) => Some(a.ip()),
+                    _ => None,
+                }))
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+            return Some(format!("swtpm:host={ip},port={data}"));
+        }
+        self.socket.as_ref().map(|p| format!("swtpm:path={}", p.display()))
+    }
+
     /// Whether the recorded process still runs (the same instance, not a holder of its recycled pid).
     pub fn alive(&self) -> bool {
         match self.start_time {
@@ -110,9 +127,20 @@ pub struct CreateOpts {
     pub consumer_uid: Option<u32>,
 }
 
-/// One row of `vtpm list`.
+/// The `schema` of a vTPM object in `--json` output (docs/json.md).
+pub const VTPM_SCHEMA: &str = "xvtpm.vtpm/1";
+
+fn vtpm_schema() -> String {
+    VTPM_SCHEMA.into()
+}
+
+/// One vTPM: the object `vtpm create|start|show --json` print and `vtpm list --json` prints an
+/// array of (docs/json.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
+    /// [`VTPM_SCHEMA`].
+    #[serde(default = "vtpm_schema")]
+    pub schema: String,
     /// Manager's record.
     #[serde(flatten)]
     pub info: VtpmInfo,
@@ -122,7 +150,8 @@ pub struct Row {
     pub runtime: Option<Runtime>,
     /// The state file.
     pub state_file: PathBuf,
-    /// The swtpm TCTI string for tpm2-tools (`swtpm:path=…` or `swtpm:host=…,port=…`).
+    /// While it runs with a data channel: the swtpm TCTI string for tpm2-tools
+    /// (`swtpm:path=…` or `swtpm:host=<its address>,port=…`); otherwise `None`.
     pub tcti: Option<String>,
     /// Domain mode: the vTPM domain's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -470,12 +499,9 @@ impl Local {
 
     fn row(&self, info: VtpmInfo) -> Row {
         let runtime = self.runtime(&info.uuid);
-        let tcti = runtime.as_ref().and_then(|r| match (r.tcp_ports.first(), &r.socket) {
-            (Some((d, _)), _) => Some(format!("swtpm:host=127.0.0.1,port={d}")),
-            (None, Some(p)) => Some(format!("swtpm:path={}", p.display())),
-            (None, None) => None,
-        });
+        let tcti = runtime.as_ref().and_then(Runtime::tcti);
         Row {
+            schema: vtpm_schema(),
             state: match (&runtime, self.incomplete(&info.uuid)) {
                 (Some(_), _) => "running",
                 (None, true) => "incomplete",
@@ -541,20 +567,48 @@ pub fn parse_uuid(arg: &str, what: &str) -> Result<Uuid, CliError> {
     Uuid::parse_str(arg).map_err(|e| CliError::new(crate::exit::USAGE, format!("{what} {arg:?} is not a UUID ({e}); see `xl-vtpm vtpm list`")))
 }
 
-/// TCP listeners must be on loopback: the vTPM maps each connection to the local uid
-/// that made it, which a remote peer does not have. (vtpm-domain checks every spec.)
-fn check_listen(listen: &[String]) -> Result<(), CliError> {
+/// Checks every `--listen` spec before anything is created, so that a vTPM is never
+/// manufactured (identity, EK certificate, the physical TPM's counter) only for its process to
+/// fail to listen: the syntax (the forms vtpm-domain accepts; TCP on loopback only, since the
+/// vTPM maps each connection to the local uid that made it), that a Unix socket's directory
+/// exists, and that a fixed TCP port pair (data PORT, control PORT+1) is free now.
+pub fn check_listen(listen: &[String]) -> Result<(), CliError> {
+    use vtpm_proto::listen::Listen;
+    let usage = |m: String| CliError::new(crate::exit::USAGE, m);
     for l in listen {
-        if let Some(addr) = l.strip_prefix("tcp:") {
-            match addr.parse::<std::net::SocketAddr>() {
-                Ok(a) if a.ip().is_loopback() => {}
-                _ => {
-                    return Err(CliError::new(
-                        crate::exit::USAGE,
-                        format!("--listen {l:?}: TCP listeners must be on a loopback address (tcp:127.0.0.1:PORT or tcp:[::1]:PORT)"),
-                    ));
+        match l.parse::<Listen>().map_err(usage)? {
+            Listen::TcpPair(a) if a.port() != 0 => {
+                let ctrl = a.port().checked_add(1).ok_or_else(|| {
+                    usage(format!("--listen {l:?}: the control channel takes PORT+1; pick a port below 65535 (or 0 to pick a free pair)"))
+                })?;
+                for (port, what) in [(a.port(), "data"), (ctrl, "control")] {
+                    let addr = std::net::SocketAddr::new(a.ip(), port);
+                    if let Err(e) = std::net::TcpListener::bind(addr) {
+                        let why = match e.kind() {
+                            std::io::ErrorKind::AddrInUse => "is in use by another program".to_string(),
+                            std::io::ErrorKind::AddrNotAvailable => "is not an address of this host".to_string(),
+                            _ => format!("cannot be bound ({e})"),
+                        };
+                        return Err(usage(format!(
+                            "--listen {l:?}: {addr} (the {what} channel) {why}; pick another port, or port 0 to pick a free pair"
+                        )));
+                    }
                 }
             }
+            Listen::UnixData(p) | Listen::UnixCtrl(p) => {
+                let dir = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                if !dir.is_dir() {
+                    return Err(usage(format!("--listen {l:?}: directory {} does not exist; create it first", dir.display())));
+                }
+                // sun_path holds 107 bytes; QEMU's control socket is the data path + ".ctrl".
+                if p.as_os_str().len() > 107 {
+                    return Err(usage(format!("--listen {l:?}: {} is longer than a Unix socket path may be (107 bytes)", p.display())));
+                }
+            }
+            Listen::TcpPair(_) | Listen::Xen(_) => {}
         }
     }
     Ok(())

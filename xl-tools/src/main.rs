@@ -1,5 +1,7 @@
 //! `xl-vtpm`: the dom0 tool of xvtpm. See the crate docs and README.md.
 
+#![forbid(unsafe_code)]
+
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,6 +29,14 @@ struct Args {
     /// Persistent state directory of local vTPMs.
     #[arg(long, env = "XVTPM_STATE_DIR", default_value = "/var/lib/xvtpm", global = true)]
     state_dir: PathBuf,
+    /// The guest ⇄ vTPM registry: a SQLite file (PATH or sqlite:PATH; default
+    /// STATE_DIR/registry.sqlite) or a PostgreSQL database shared by hosts
+    /// (postgres://USER@HOST/DB, postgres://USER@%2Frun%2Fpostgresql/DB, or host=DIR dbname=DB).
+    #[arg(long, env = "XVTPM_REGISTRY", global = true, value_name = "LOCATION")]
+    registry: Option<String>,
+    /// This host's name in the registry (activation records, per-host checks; default: the hostname).
+    #[arg(long, env = "XVTPM_HOST", global = true, value_name = "NAME")]
+    host: Option<String>,
     /// The vtpm-domain binary (default: next to xl-vtpm, then $PATH).
     #[arg(long, env = "XVTPM_VTPM_DOMAIN", global = true)]
     vtpm_domain: Option<PathBuf>,
@@ -57,6 +67,9 @@ enum Cmd {
         /// Manager group for a new vTPM.
         #[arg(long)]
         group: Option<String>,
+        /// Check the config, the registry and Xen, say what would be done, and create nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Destroy a guest (like `xl destroy`), then stop its vTPM (its state is kept).
     Destroy {
@@ -129,9 +142,12 @@ enum Cmd {
 enum RegistryCmd {
     /// Reconcile the registry with the running domains and report drift.
     Check {
-        /// Also repair what can be repaired.
+        /// Also repair what can be repaired (this host's pairs only).
         #[arg(long)]
         repair: bool,
+        /// Also report other hosts' pairs (interrupted operations, activation records).
+        #[arg(long)]
+        all_hosts: bool,
     },
     /// Forget a stopped guest ⇄ vTPM pair (the vTPM identity stays in the manager;
     /// delete it with `xl-vtpm mgr vtpm del`).
@@ -413,9 +429,34 @@ fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
 }
 
+/// `schema` of the manager status object (docs/json.md).
+const STATUS_SCHEMA: &str = "xvtpm.mgr-status/1";
+/// `schema` of a group object (docs/json.md).
+const GROUP_SCHEMA: &str = "xvtpm.group/1";
+/// `schema` of a manager vTPM identity object (docs/json.md).
+const IDENTITY_SCHEMA: &str = "xvtpm.vtpm-identity/1";
+
+/// `v`'s JSON object with `"schema": schema` added.
+fn versioned<T: serde::Serialize>(schema: &str, v: &T) -> serde_json::Value {
+    let mut j = serde_json::to_value(v).expect("serialisable");
+    if let Some(o) = j.as_object_mut() {
+        o.insert("schema".into(), schema.into());
+    }
+    j
+}
+
+/// The status object: TPM handles as hex strings, as in the text output.
+fn status_json(s: &StatusInfo) -> serde_json::Value {
+    let mut j = versioned(STATUS_SCHEMA, s);
+    if let Some(c) = &s.store_counter {
+        j["store_counter"]["nv_index"] = format!("{:#010x}", c.nv_index).into();
+    }
+    j
+}
+
 fn print_status(s: &StatusInfo, json: bool) {
     if json {
-        return print_json(s);
+        return print_json(&status_json(s));
     }
     println!("provisioned:  {}", s.provisioned);
     println!("physical TPM: {}{}", s.tcti, if s.software_tpm { " (SOFTWARE TPM — insecure, tests only)" } else { "" });
@@ -435,7 +476,7 @@ fn print_status(s: &StatusInfo, json: bool) {
 
 fn print_groups(gs: &[GroupInfo], json: bool) {
     if json {
-        return print_json(&gs);
+        return print_json(&gs.iter().map(|g| versioned(GROUP_SCHEMA, g)).collect::<Vec<_>>());
     }
     println!("{:<36}  {:<16}  {:<9}  {:>5}", "UUID", "NAME", "AK", "VTPMS");
     for g in gs {
@@ -558,23 +599,49 @@ fn run(args: Args) -> Result<(), CliError> {
             ramdisk: std::env::var_os("XVTPM_VTPMDOM_RAMDISK").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_VTPMDOM_RAMDISK)),
             memory_mib: xl_tools::vtpmdom::DEFAULT_MEMORY_MIB,
         },
+        registry: args.registry.as_deref().map(xl_tools::registry::Location::parse).transpose().map_err(|e| CliError::new(exit::USAGE, e.to_string()))?,
+        host: args.host.clone().unwrap_or_else(xl_tools::registry::this_host),
     };
     if let Cmd::Reboot { name } = &cmd {
         return xen.reboot(name);
+    }
+    // Checks that need no manager come first: a command that is going to fail refuses
+    // before it creates anything.
+    if let Cmd::Vtpm(VtpmCmd::Create { uuid: Some(u), .. }) = &cmd
+        && local::parse_uuid(u, "--uuid")?.is_nil()
+    {
+        return Err(CliError::new(exit::USAGE, "--uuid 00000000-0000-0000-0000-000000000000: the nil UUID names no vTPM; leave --uuid out to get a new one"));
+    }
+    match &cmd {
+        Cmd::Vtpm(VtpmCmd::Create { tpm12: true, ek, .. }) if ek == "ecc" => {
+            return Err(CliError::new(exit::USAGE, "--tpm12 with --ek ecc: a TPM 1.2 has an RSA-2048 endorsement key only; drop --ek ecc (or --tpm12)"));
+        }
+        Cmd::Vtpm(VtpmCmd::Create { listen, dom: DomainArgs { domain: None, .. }, .. }) | Cmd::Vtpm(VtpmCmd::Start { listen, .. }) => {
+            local::check_listen(listen)?;
+        }
+        _ => {}
     }
     let mut admin = Admin::connect(&args.run_dir)?;
     match cmd {
         Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
             unreachable!("handled above")
         }
-        Cmd::Create { config, group } => {
-            let row = xen.create(&mut admin, &config, group)?;
-            if json {
-                print_json(&row);
-            } else {
-                println!("guest {} (domid {}) created with vTPM {}", row.guest_name, row.guest_domid.unwrap_or(0), row.vtpm_uuid);
+        Cmd::Create { config, group, dry_run } => match xen.create(&mut admin, &config, group, dry_run)? {
+            xenlife::Created::Done(row) if json => print_json(&row),
+            xenlife::Created::Done(row) => {
+                println!("guest {} (domid {}) created with vTPM {}", row.guest_name, row.guest_domid.unwrap_or(0), row.vtpm_uuid)
             }
-        }
+            xenlife::Created::Plan(p) if json => print_json(&serde_json::json!({"dry_run": true, "plan": p})),
+            xenlife::Created::Plan(p) => {
+                let placement = if p.vtpm_backend == "0" { "as a process in dom0".to_string() } else { format!("in its own domain {}", p.vtpm_backend) };
+                let vtpm = if p.vtpm_exists {
+                    format!("start the existing vTPM {} {placement}", p.vtpm_uuid)
+                } else {
+                    format!("create vTPM {} in group {} and start it {placement}", p.vtpm_uuid, p.group.as_deref().unwrap_or("default"))
+                };
+                println!("dry run, nothing created. xl-vtpm create would: {vtpm}; then create guest {} (uuid {}) with vtpm = [ \"backend={},uuid={}\" ]", p.guest_name, p.guest_uuid, p.vtpm_backend, p.vtpm_uuid);
+            }
+        },
         Cmd::Destroy { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Destroy)?,
         Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown)?,
         Cmd::List => {
@@ -597,8 +664,8 @@ fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Cmd::Watch { poll_secs } => xen.watch(&args.run_dir, Duration::from_secs(poll_secs.max(1)))?,
-        Cmd::Registry(RegistryCmd::Check { repair }) => {
-            let report = xen.check(&mut admin, repair)?;
+        Cmd::Registry(RegistryCmd::Check { repair, all_hosts }) => {
+            let report = xen.check(&mut admin, repair, all_hosts)?;
             if json {
                 print_json(&report);
             } else if report.is_empty() {
@@ -616,7 +683,7 @@ fn run(args: Args) -> Result<(), CliError> {
             {
                 let vtpms = admin.list_vtpms()?;
                 if json {
-                    print_json(&vtpms);
+                    print_json(&vtpms.iter().map(|v| versioned(IDENTITY_SCHEMA, v)).collect::<Vec<_>>());
                 } else {
                     println!("{:<36}  {:<36}  {:>7}", "UUID", "GROUP", "PID");
                     for v in vtpms {
@@ -656,7 +723,11 @@ fn run(args: Args) -> Result<(), CliError> {
         }
         Cmd::Mgr(MgrCmd::Group(GroupCmd::Add { name })) => {
             if let AdminReply::Group(g) = admin.call(&AdminRequest::GroupAdd { name })? {
-                print_groups(&[g], json);
+                if json {
+                    print_json(&versioned(GROUP_SCHEMA, &g));
+                } else {
+                    print_groups(&[g], false);
+                }
             }
         }
         Cmd::Mgr(MgrCmd::Group(GroupCmd::List)) => {
@@ -690,6 +761,12 @@ fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Cmd::Mgr(MgrCmd::Group(GroupCmd::Del { group, yes })) => {
+            // Ask to confirm only what can be done.
+            if let AdminReply::Groups { groups } = admin.call(&AdminRequest::GroupList)?
+                && !groups.iter().any(|g| g.name == group || g.uuid.to_string() == group)
+            {
+                return Err(CliError::new(exit::NOT_FOUND, format!("no such group {group:?}; see `xl-vtpm mgr group list`")));
+            }
             confirm(yes, &format!("Delete group {group:?} and its attestation key"))?;
             admin.call(&AdminRequest::GroupDel { group })?;
         }
@@ -702,7 +779,7 @@ fn run(args: Args) -> Result<(), CliError> {
             let opts = xl_tools::vtpmdom::DomainOpts { name, kernel, ramdisk, memory_mib: memory, disk, ready_wait: Duration::from_secs(wait) };
             let rt = domains.create(&mut admin, group, uuid, &opts, create_args)?;
             if json {
-                print_json(&rt);
+                print_json(&with_domains(&domains, vec![local.show(&mut admin, &rt.uuid)?]).remove(0));
             } else {
                 println!("created vTPM {} in domain {} (domid {})", rt.uuid, rt.name, rt.domid);
                 println!("guest config: vtpm = [ \"backend={},uuid={}\" ]", rt.name, rt.uuid);
@@ -723,15 +800,19 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Vtpm(VtpmCmd::List) => print_rows(&with_domains(&domains, local.list(&mut admin)?), json),
         Cmd::Vtpm(VtpmCmd::Show { uuid }) => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
-            let row = local.show(&mut admin, &uuid)?;
-            print_rows(&with_domains(&domains, vec![row]), json);
+            let row = with_domains(&domains, vec![local.show(&mut admin, &uuid)?]).remove(0);
+            if json {
+                print_json(&row);
+            } else {
+                print_rows(&[row], false);
+            }
         }
         Cmd::Vtpm(VtpmCmd::Start { uuid, listen: _, wait }) if is_domain(&domains, &uuid) => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
             local.show(&mut admin, &uuid)?;
             let rt = domains.start(&mut admin, &uuid, Duration::from_secs(wait))?;
             if json {
-                print_json(&rt);
+                print_json(&with_domains(&domains, vec![local.show(&mut admin, &rt.uuid)?]).remove(0));
             } else {
                 println!("started vTPM {} in domain {} (domid {})", rt.uuid, rt.name, rt.domid);
             }

@@ -56,6 +56,32 @@ pub fn xl_monitor_alive(cfg: &Path) -> bool {
     })
 }
 
+/// What `xl-vtpm create` did, or (`--dry-run`) would do.
+#[derive(Debug)]
+pub enum Created {
+    /// The guest and its vTPM run.
+    Done(Row),
+    /// Every check passed; nothing was created.
+    Plan(Plan),
+}
+
+/// What `xl-vtpm create --dry-run` would do.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    /// The guest's name.
+    pub guest_name: String,
+    /// The guest's UUID (from its config, the registry, or new).
+    pub guest_uuid: Uuid,
+    /// Its vTPM's UUID.
+    pub vtpm_uuid: Uuid,
+    /// Whether the manager already has that vTPM (it would be started, not manufactured).
+    pub vtpm_exists: bool,
+    /// Where the vTPM would run: "0" (a process in dom0) or its own domain's name.
+    pub vtpm_backend: String,
+    /// The group of a new vTPM (the default group if none).
+    pub group: Option<String>,
+}
+
 /// The xenstore directory where dom0-process vTPMs serve tpmif.
 pub const DOM0_BACKEND_ROOT: &str = "/local/domain/0/backend/vtpm";
 
@@ -69,6 +95,11 @@ pub struct Xen {
     pub losetup: PathBuf,
     /// How a new vTPM domain is made (kernel, ramdisk, memory).
     pub vtpmdom: VtpmDomDefaults,
+    /// The registry (`--registry`); `None`: the SQLite file `registry.sqlite` in the state
+    /// directory.
+    pub registry: Option<crate::registry::Location>,
+    /// This host's name in the registry (`--host`; activation records, per-host checks).
+    pub host: String,
 }
 
 /// Kernel, ramdisk and memory of vTPM domains that `xl-vtpm create` makes.
@@ -108,7 +139,8 @@ fn fail(code: i32, m: impl Into<String>) -> CliError {
 fn reg_err(e: crate::registry::RegistryError) -> CliError {
     use crate::registry::RegistryError as E;
     let code = match &e {
-        E::Sqlite(_) => FAILURE,
+        E::Sqlite(_) | E::Postgres(_) | E::CommitUnknown(_) | E::Connect { .. } | E::Io { .. } => FAILURE,
+        E::BadLocation { .. } | E::BadHost(_) => USAGE,
         _ => REFUSED,
     };
     fail(code, e.to_string())
@@ -140,8 +172,15 @@ impl Xen {
     }
 
     fn registry(&self) -> Result<Registry, CliError> {
-        std::fs::create_dir_all(&self.local.state_dir).map_err(|e| fail(FAILURE, format!("{}: {e}", self.local.state_dir.display())))?;
-        Registry::open(&self.local.state_dir.join("registry.sqlite")).map_err(reg_err)
+        crate::registry::check_host(&self.host).map_err(|e| fail(USAGE, e.to_string()))?;
+        let location = match &self.registry {
+            Some(l) => l.clone(),
+            None => {
+                std::fs::create_dir_all(&self.local.state_dir).map_err(|e| fail(FAILURE, format!("{}: {e}", self.local.state_dir.display())))?;
+                crate::registry::Location::Sqlite(self.local.state_dir.join("registry.sqlite"))
+            }
+        };
+        Registry::connect(&location, &self.host).map_err(reg_err)
     }
 
     fn xl(&self, args: &[&str]) -> Result<String, CliError> {
@@ -168,24 +207,36 @@ impl Xen {
         self.xl(&["domid", name]).ok().and_then(|s| s.trim().parse().ok())
     }
 
-    /// `xl-vtpm create`.
-    pub fn create(&self, admin: &mut Admin, cfg_path: &Path, group: Option<String>) -> Result<Row, CliError> {
+    /// Whether this is a Xen host whose xenstore a guest's vTPM backend can reach, and whose
+    /// `xl` runs: checked before `xl-vtpm create` makes anything.
+    pub fn check_xen(&self) -> Result<(), CliError> {
+        let xenstore: Vec<PathBuf> = match std::env::var_os("XENSTORED_PATH") {
+            Some(p) => vec![PathBuf::from(p)],
+            None => vec![PathBuf::from("/run/xenstored/socket"), PathBuf::from("/dev/xen/xenbus")],
+        };
+        if !xenstore.iter().any(|p| p.exists()) {
+            let paths: Vec<String> = xenstore.iter().map(|p| p.display().to_string()).collect();
+            return Err(fail(
+                FAILURE,
+                format!(
+                    "Xen is not running on this host (no xenstore at {}): `xl-vtpm create` makes a Xen guest and runs in dom0 of a Xen host; \
+                     for a vTPM without Xen (QEMU/KVM, tpm2-tools) use `xl-vtpm vtpm create`",
+                    paths.join(" or ")
+                ),
+            ));
+        }
+        self.xl(&["info"]).map(|_| ())
+    }
+
+    /// `xl-vtpm create`: every check first (config, Xen present, registry binding, guest not
+    /// running), then the vTPM, then the guest. With `dry_run`, stops after the checks and
+    /// says what it would do; nothing is created (not even an empty registry).
+    pub fn create(&self, admin: &mut Admin, cfg_path: &Path, group: Option<String>, dry_run: bool) -> Result<Created, CliError> {
         let mut cfg = XlConfig::parse_file(cfg_path).map_err(|e| fail(USAGE, e.to_string()))?;
         let name = cfg
             .name()
             .map(str::to_string)
             .ok_or_else(|| fail(USAGE, format!("{}: `name` is missing; every guest needs a name", cfg_path.display())))?;
-        // Without `uuid=`, the name identifies the guest: a guest created before
-        // under this name keeps its UUID (and so its vTPM).
-        let guest_uuid = match cfg.uuid() {
-            Some(u) => u,
-            None => {
-                let known = self.registry()?.get_by_name(&name).map_err(reg_err)?.map(|r| r.guest_uuid);
-                let u = known.unwrap_or_else(Uuid::new_v4);
-                cfg.set("uuid", u.to_string()).map_err(|e| fail(USAGE, e.to_string()))?;
-                u
-            }
-        };
         let specs = cfg.vtpms();
         if specs.len() > 1 {
             return Err(fail(USAGE, format!("{}: vtpm= lists {} devices; a guest has one TPM", cfg_path.display(), specs.len())));
@@ -197,17 +248,57 @@ impl Xen {
                 return Err(fail(USAGE, format!("{}: vtpm= backend={d:?} is the guest itself; name the vTPM domain (e.g. backend=vtpm-{name})", cfg_path.display())));
             }
         }
-        let reg = &mut self.registry()?;
-        let bound = reg.get_by_guest(guest_uuid).map_err(reg_err)?;
+        self.check_xen()?;
+        let reg_file = self.local.state_dir.join("registry.sqlite");
+        let mut reg = if dry_run && !reg_file.exists() { None } else { Some(self.registry()?) };
+        // Without `uuid=`, the name identifies the guest: a guest created before
+        // under this name keeps its UUID (and so its vTPM).
+        let guest_uuid = match cfg.uuid() {
+            Some(u) => u,
+            None => {
+                let known = match &reg {
+                    Some(r) => r.get_by_name(&name).map_err(reg_err)?.map(|r| r.guest_uuid),
+                    None => None,
+                };
+                let u = known.unwrap_or_else(Uuid::new_v4);
+                cfg.set("uuid", u.to_string()).map_err(|e| fail(USAGE, e.to_string()))?;
+                u
+            }
+        };
+        let bound = match &reg {
+            Some(r) => r.get_by_guest(guest_uuid).map_err(reg_err)?,
+            None => None,
+        };
         let vtpm_uuid = match (specs.first().and_then(|s| s.uuid), &bound) {
             (Some(u), _) => u,
             (None, Some(row)) => row.vtpm_uuid,
             (None, None) => Uuid::new_v4(),
         };
-        reg.check_attach(vtpm_uuid, guest_uuid).map_err(reg_err)?;
+        if let Some(r) = &reg {
+            r.check_attach(vtpm_uuid, guest_uuid).map_err(reg_err)?;
+        }
         if let Some(domid) = self.domid_of(&name) {
             return Err(fail(REFUSED, format!("guest {name} is already running (domid {domid})")));
         }
+        if dry_run {
+            let vtpm_exists = match admin.call(&AdminRequest::VtpmShow { uuid: vtpm_uuid }) {
+                Ok(_) => true,
+                Err(e) if e.code == NOT_FOUND => false,
+                Err(e) => return Err(e),
+            };
+            return Ok(Created::Plan(Plan {
+                guest_name: name,
+                guest_uuid,
+                vtpm_uuid,
+                vtpm_exists,
+                vtpm_backend: match &placement {
+                    Placement::Dom0Process => "0".into(),
+                    Placement::Domain(d) => d.clone(),
+                },
+                group,
+            }));
+        }
+        let reg = reg.as_mut().expect("opened unless dry-run");
         let id = reg
             .begin_create(&NewPair {
                 guest_uuid,
@@ -223,7 +314,7 @@ impl Xen {
         let mut undo = Undo { new_row: bound.is_none(), id, identity_created: false, started: false, uuid: vtpm_uuid };
         let result = self.create_steps(admin, reg, &mut cfg, &name, vtpm_uuid, &placement, group, &mut undo);
         match result {
-            Ok(row) => Ok(row),
+            Ok(row) => Ok(Created::Done(row)),
             Err(e) => {
                 self.rollback(admin, reg, &undo);
                 Err(e)
@@ -441,7 +532,9 @@ impl Xen {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let guest = observed.iter().find(|o| o.name == r.guest_name).map(|o| o.domid);
+                // Another host's pair: nothing observed here says anything about it.
+                let here = r.host == reg.host();
+                let guest = observed.iter().find(|o| here && o.name == r.guest_name).map(|o| o.domid);
                 let vtpm = self.local.runtime(&r.vtpm_uuid).map(|rt| rt.pid);
                 let vtpm_dom = self.domains().runtime(&r.vtpm_uuid).map(|rt| rt.domid);
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
@@ -457,7 +550,7 @@ impl Xen {
     /// synthetic `vtpm-<guest>` entry for every running dom0 vTPM process.
     fn observed_with_vtpms(&self, reg: &Registry) -> Result<Vec<ObservedDomain>, CliError> {
         let mut obs = self.observed()?;
-        for r in reg.list().map_err(reg_err)? {
+        for r in reg.list().map_err(reg_err)?.into_iter().filter(|r| r.host == reg.host()) {
             if self.local.runtime(&r.vtpm_uuid).is_some() {
                 obs.push(ObservedDomain { name: r.vtpm_domain.clone(), uuid: r.vtpm_uuid, domid: 0 });
             }
@@ -465,12 +558,19 @@ impl Xen {
         Ok(obs)
     }
 
-    /// `xl-vtpm registry check [--repair]`: reports drift (and repairs it).
-    pub fn check(&self, admin: &mut Admin, repair: bool) -> Result<Vec<String>, CliError> {
+    /// `xl-vtpm registry check [--repair] [--all-hosts]`: reports drift of this host's pairs
+    /// (and repairs it); with `all_hosts`, also what the registry shows of other hosts' pairs
+    /// (never repaired from here: only their host sees their domains).
+    pub fn check(&self, admin: &mut Admin, repair: bool, all_hosts: bool) -> Result<Vec<String>, CliError> {
         let reg = &mut self.registry()?;
         let obs = self.observed_with_vtpms(reg)?;
         let mgr: Vec<Uuid> = admin.list_vtpms()?.into_iter().map(|v| v.uuid).collect();
-        let drift = reg.check(&obs, Some(&mgr), Default::default()).map_err(reg_err)?;
+        let drift = if all_hosts {
+            reg.check_all_hosts(&obs, Some(&mgr), Default::default())
+        } else {
+            reg.check(&obs, Some(&mgr), Default::default())
+        }
+        .map_err(reg_err)?;
         let mut report: Vec<String> = drift.iter().map(|d| format!("drift: {d}")).collect();
         if repair {
             for action in crate::registry::repair(&drift, Some(&mgr)) {
@@ -503,7 +603,7 @@ impl Xen {
     pub fn reap_once(&self, admin: &mut Admin) -> Result<Vec<String>, CliError> {
         let reg = &mut self.registry()?;
         let mut done = vec![];
-        let running: Vec<Row> = reg.list().map_err(reg_err)?.into_iter().filter(|r| r.state == State::Running).collect();
+        let running: Vec<Row> = reg.list().map_err(reg_err)?.into_iter().filter(|r| r.state == State::Running && r.host == reg.host()).collect();
         if running.is_empty() {
             return Ok(done);
         }
@@ -574,7 +674,11 @@ impl Xen {
                 let _ = tokio::time::timeout(poll, events.next()).await;
                 // A fresh admin connection per pass: the manager may have restarted.
                 match Admin::connect(run_dir) {
-                    Ok(mut admin) => match self.reap_once(&mut admin) {
+                    // On its own thread: the PostgreSQL client runs its own runtime, which
+                    // cannot start inside this one.
+                    Ok(mut admin) => match std::thread::scope(|s| s.spawn(|| self.reap_once(&mut admin)).join())
+                        .unwrap_or_else(|_| Err(fail(FAILURE, "the registry pass panicked")))
+                    {
                         Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
                         Err(e) => eprintln!("xl-vtpm watch: {}", e.message),
                     },

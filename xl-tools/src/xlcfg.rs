@@ -30,7 +30,7 @@
 //! placeholders of a template *inside parsed string values*, so a substituted value can never
 //! break out of its quotes and inject a key.
 //!
-//! Why this matters for the vTPM (see ARCHITECTURE.md, "Placement on Xen"): xl gives a backend
+//! Why this matters for the vTPM (see docs/xen-placement.md): xl gives a backend
 //! 10 s to reach InitWait, so the vTPM domain must be created and ready *before* the
 //! guest config — with its `vtpm=["backend=<vtpm domain>,uuid=<vTPM uuid>"]` line resolved
 //! by us — is handed to xl.
@@ -720,6 +720,12 @@ pub enum VtpmSpecError {
          e.g. uuid=ac0a5b9e-cbe2-4c07-b43b-1d69e46fb839"
     )]
     BadUuid(String),
+    /// `uuid=00000000-0000-0000-0000-000000000000`: libxl reads the nil UUID as "none given".
+    #[error(
+        "`uuid={0}` is the nil UUID, which names no vTPM (libxl takes it as \"no UUID\"): \
+         give the vTPM's UUID (`xl-vtpm vtpm list`), or leave uuid= out to get a new vTPM"
+    )]
+    NilUuid(String),
     /// An item without `=`.
     #[error(
         "`{0}` is not KEY=VALUE: vtpm specs are comma-separated KEY=VALUE pairs (backend=…,uuid=…)"
@@ -757,7 +763,11 @@ impl std::str::FromStr for VtpmSpec {
                     if uuid.is_some() {
                         return Err(VtpmSpecError::DuplicateKey(k.into()));
                     }
-                    uuid = Some(parse_xl_uuid(v).map_err(|_| VtpmSpecError::BadUuid(v.into()))?);
+                    let u = parse_xl_uuid(v).map_err(|_| VtpmSpecError::BadUuid(v.into()))?;
+                    if u.is_nil() {
+                        return Err(VtpmSpecError::NilUuid(v.into()));
+                    }
+                    uuid = Some(u);
                 }
                 "devid" => {
                     return Err(VtpmSpecError::UnknownKey {

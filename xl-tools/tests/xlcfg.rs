@@ -482,3 +482,17 @@ fn parse_file_prefixes_the_path() {
     assert!(e.contains("cannot read"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The nil UUID names no vTPM (libxl reads it as "no UUID given"): refused, naming it.
+#[test]
+fn nil_vtpm_uuid_is_refused() {
+    let e = "backend=0,uuid=00000000-0000-0000-0000-000000000000"
+        .parse::<VtpmSpec>()
+        .expect_err("the nil UUID must be refused");
+    assert!(e.to_string().contains("nil UUID"), "{e}");
+    let cfg = "name = \"g\"\nvtpm = [ \"backend=0,uuid=00000000-0000-0000-0000-000000000000\" ]\n";
+    assert!(
+        XlConfig::parse(cfg).is_err(),
+        "a config with a nil vTPM UUID parses"
+    );
+}
