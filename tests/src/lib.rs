@@ -396,6 +396,20 @@ pub fn mgr_call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(pa
     mgr::decode(&body).unwrap()
 }
 
+/// [`mgr_call`] that reports a failure to connect or a connection the manager closed (e.g. a
+/// socket it is unbinding) as an error instead of panicking.
+pub fn try_mgr_call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(path: &Path, req: &Req) -> std::io::Result<Rep> {
+    use std::os::unix::net::UnixStream;
+    use vtpm_proto::mgr;
+    let mut s = UnixStream::connect(path)?;
+    s.write_all(&mgr::encode(req).map_err(std::io::Error::other)?)?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; mgr::frame_len(len).map_err(std::io::Error::other)?];
+    s.read_exact(&mut body)?;
+    mgr::decode(&body).map_err(std::io::Error::other)
+}
+
 /// The real uid and gid of `pid`.
 pub fn ids(pid: u32) -> (u32, u32) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
