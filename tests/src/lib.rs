@@ -113,6 +113,11 @@ impl Stack {
         s
     }
 
+    /// TPM commands the manager sent through the delay proxy so far (needs `tpm_delay`).
+    pub fn tpm_commands(&self) -> u64 {
+        self.proxy.as_ref().expect("a stack with tpm_delay").commands()
+    }
+
     /// The TCTI the manager uses (through the delay proxy, if any).
     pub fn mgr_tcti(&self) -> String {
         self.proxy.as_ref().map(|p| p.tcti()).unwrap_or_else(|| self.swtpm.tcti())
