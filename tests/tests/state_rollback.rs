@@ -262,3 +262,29 @@ fn an_anchor_survives_a_flushed_counter_session() {
     let log = s.mgr_log();
     assert!(log.contains("increment failed in the kept session"), "the flush did not reach the manager's session:\n{log}");
 }
+
+/// `vtpm create` makes two manager store writes (the identity, then its EK certificate's
+/// binding): the new vTPM's first state is not anchored, because nothing older exists. It is
+/// still protected: once the vTPM acknowledged a later write, that first state is refused.
+#[test]
+fn a_create_writes_the_store_twice_and_its_first_state_is_refused_later() {
+    let s = Stack::start();
+    let counter = |s: &Stack| status(s)["store_counter"]["tpm_value"].as_u64().unwrap();
+    let before = counter(&s);
+    let v = s.create_vtpm_with(&["--ek", "ecc", TCP_LISTEN[0], TCP_LISTEN[1]]);
+    assert_eq!(counter(&s) - before, 2, "store writes (counter increments) of one create");
+    let first = std::fs::read(&v.state_file).unwrap();
+    assert_eq!(generation(&v), 1);
+    assert_eq!(rc(&raw_command(v.port.unwrap(), &nv_define_counter())), 0);
+    s.stop_vtpm(&v.uuid);
+    std::fs::write(&v.state_file, &first).unwrap();
+    let out = s.xl(&["vtpm", "start", &v.uuid.to_string()]);
+    assert!(!out.status.success(), "the first state started after a later acknowledged write:\n{}", s.vtpm_log(&v.uuid));
+    assert!(s.mgr_log().contains("refused an older vTPM state"), "{}", s.mgr_log());
+
+    // A vTPM stopped before its second write starts from its first state (anchored then).
+    let w = s.create_vtpm_with(&["--ek", "ecc", TCP_LISTEN[0], TCP_LISTEN[1]]);
+    s.stop_vtpm(&w.uuid);
+    let h = s.start_vtpm(&w.uuid);
+    assert_eq!(rc(&raw_command(h.port.unwrap(), &nv_define_counter())), 0);
+}
