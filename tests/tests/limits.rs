@@ -130,7 +130,7 @@ fn list_100k_identities() {
     let mut s = Stack::start();
     s.stop_manager();
     let t = Instant::now();
-    add_identities(&s, N - 1);
+    add_identities(&s, N);
     eprintln!("writing {N} identities into the store: {:?}", t.elapsed());
     let t = Instant::now();
     start_manager_with_nofile(&mut s, 1024);
