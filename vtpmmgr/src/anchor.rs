@@ -41,8 +41,8 @@
 //! holds that lock for its store write (as an admin change does), so a state-key request or a
 //! deep quote's authorisation arriving meanwhile waits for that one write.
 //!
-//! An anchor write costs what any store write costs (stage with fsync, one physical
-//! `TPM2_NV_Increment`, rename with fsync) and wears the physical counter accordingly: under
+//! An anchor write costs what any store write costs (stage: file and directory fsync; one
+//! physical `TPM2_NV_Increment` in the manager's kept session; rename) and wears the physical counter accordingly: under
 //! continuous NV writes the counter moves once per batch, i.e. at most once per store-write time.
 
 use std::sync::Arc;
