@@ -128,6 +128,9 @@ struct Args {
     /// the same run, for the before/after comparison.
     #[arg(long)]
     p6_baseline: Option<PathBuf>,
+    /// P6: what the baseline build is, for the report.
+    #[arg(long, default_value = "a build without state anchors")]
+    p6_baseline_label: String,
     /// Benchmarks to run (comma separated: p1,p2,p3,p4,p6).
     #[arg(long, default_value = "p1,p2,p3,p4,p6", value_delimiter = ',')]
     only: Vec<String>,

@@ -182,7 +182,7 @@ pub fn report_p6(out: &mut String, r: &P6, args: &Args) {
         args.p6_runs,
         r.load,
         match &r.baseline {
-            Some(d) => format!(" **Baseline**: the binaries in `{}` (a build without state anchors), on their own swtpm and manager in the same run.", d.display()),
+            Some(d) => format!(" **Baseline**: the binaries in `{}` ({}), on their own swtpm and manager in the same run.", d.display(), args.p6_baseline_label),
             None => String::new(),
         }
     );

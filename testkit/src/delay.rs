@@ -9,21 +9,25 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A running proxy pair; stops accepting on drop.
 pub struct DelayProxy {
     port: u16,
     stop: Arc<AtomicBool>,
+    chunks: Arc<AtomicU64>,
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration, chunks: Option<Arc<AtomicU64>>) {
     let mut buf = [0u8; 8192];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if let Some(c) = &chunks {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
                 }
@@ -36,7 +40,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
-fn serve(l: TcpListener, target: u16, delay: Duration, stop: Arc<AtomicBool>) {
+fn serve(l: TcpListener, target: u16, delay: Duration, stop: Arc<AtomicBool>, chunks: Option<Arc<AtomicU64>>) {
     for c in l.incoming() {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -46,8 +50,9 @@ fn serve(l: TcpListener, target: u16, delay: Duration, stop: Arc<AtomicBool>) {
         client.set_nodelay(true).ok();
         server.set_nodelay(true).ok();
         let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
-        std::thread::spawn(move || pump(client, server, delay));
-        std::thread::spawn(move || pump(s2, c2, Duration::ZERO));
+        let chunks = chunks.clone();
+        std::thread::spawn(move || pump(client, server, delay, chunks));
+        std::thread::spawn(move || pump(s2, c2, Duration::ZERO, None));
     }
 }
 
@@ -60,10 +65,11 @@ impl DelayProxy {
             let Some(cp) = port.checked_add(1) else { continue };
             let Ok(c) = TcpListener::bind(("127.0.0.1", cp)) else { continue };
             let stop = Arc::new(AtomicBool::new(false));
-            let (s1, s2) = (stop.clone(), stop.clone());
-            std::thread::spawn(move || serve(d, target, delay, s1));
-            std::thread::spawn(move || serve(c, target + 1, delay, s2));
-            return DelayProxy { port, stop };
+            let chunks = Arc::new(AtomicU64::new(0));
+            let (s1, s2, n) = (stop.clone(), stop.clone(), chunks.clone());
+            std::thread::spawn(move || serve(d, target, delay, s1, Some(n)));
+            std::thread::spawn(move || serve(c, target + 1, delay, s2, None));
+            return DelayProxy { port, stop, chunks };
         }
         panic!("no free port pair for the delay proxy");
     }
@@ -71,6 +77,12 @@ impl DelayProxy {
     /// The proxy's data port (control is port + 1).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Client→TPM chunks forwarded on the data port so far: TPM commands, for a client that
+    /// writes each command at once (the swtpm TCTI does).
+    pub fn commands(&self) -> u64 {
+        self.chunks.load(Ordering::Relaxed)
     }
 
     /// TCTI string for the proxied TPM.

@@ -124,6 +124,11 @@ impl Stack {
         s
     }
 
+    /// TPM commands the manager sent through the delay proxy so far (needs `tpm_delay`).
+    pub fn tpm_commands(&self) -> u64 {
+        self.proxy.as_ref().expect("a stack with tpm_delay").commands()
+    }
+
     /// The TCTI the manager uses (through the delay proxy, if any).
     pub fn mgr_tcti(&self) -> String {
         self.proxy.as_ref().map(|p| p.tcti()).unwrap_or_else(|| self.swtpm.tcti())
@@ -404,6 +409,20 @@ pub fn mgr_call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(pa
     let mut body = vec![0u8; mgr::frame_len(len).unwrap()];
     s.read_exact(&mut body).unwrap();
     mgr::decode(&body).unwrap()
+}
+
+/// [`mgr_call`] that reports a failure to connect or a connection the manager closed (e.g. a
+/// socket it is unbinding) as an error instead of panicking.
+pub fn try_mgr_call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(path: &Path, req: &Req) -> std::io::Result<Rep> {
+    use std::os::unix::net::UnixStream;
+    use vtpm_proto::mgr;
+    let mut s = UnixStream::connect(path)?;
+    s.write_all(&mgr::encode(req).map_err(std::io::Error::other)?)?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; mgr::frame_len(len).map_err(std::io::Error::other)?];
+    s.read_exact(&mut body)?;
+    mgr::decode(&body).map_err(std::io::Error::other)
 }
 
 /// The real uid and gid of `pid`.

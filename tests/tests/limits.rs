@@ -8,11 +8,51 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
-use xvtpm_tests::Stack;
+use xvtpm_tests::{Stack, get_random, raw_command, rc};
 
-/// More identities than one 1 MiB frame of `VtpmList` held (about 5 000), within the
-/// descriptors a test host gives the manager (one listening socket per identity).
+/// More identities than one 1 MiB frame of `VtpmList` held (about 5 000), and more than the
+/// manager's descriptor limit in the test below (one listening socket per identity, as the
+/// manager once bound, would not fit).
 const MANY: u128 = 12_000;
+
+/// Adds `n` identities (UUIDs 1..=n) to a stopped manager's store through its own store writer
+/// (one counter increment), as many creates would, only faster.
+fn add_identities(s: &Stack, n: u128) {
+    use vtpmmgr::{hwtpm::HwTpm, rollback};
+    let path = s.state_dir().join("mgr").join("manager.json");
+    let mut hw = HwTpm::open(&s.swtpm.tcti()).unwrap();
+    let opened = rollback::open(&mut hw, &path, &mut |hw, rec| hw.unseal_master(rec), rollback::Mode::Refuse).unwrap();
+    let mut next = opened.store;
+    let group = next.groups[0].uuid;
+    for i in 1..=n {
+        let e = serde_json::json!({"uuid": Uuid::from_u128(i), "group": group, "created": 1});
+        next.vtpms.push(serde_json::from_value(e).unwrap());
+    }
+    opened.protected.unwrap().commit(&mut hw, next).unwrap();
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn sockets_in(s: &Stack) -> Vec<String> {
+    let dir = s.run_dir().join("vtpm");
+    let mut v: Vec<String> = std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn nv_define() -> Vec<u8> {
+    vtpm_proto::tpm::nv_counter::define(0x0150_0077)
+}
+
+/// The manager run with a descriptor limit far below the number of identities it holds.
+fn start_manager_with_nofile(s: &mut Stack, nofile: u64) {
+    s.start_manager();
+    let pid = s.mgr_pid().unwrap();
+    let st = std::process::Command::new("prlimit").arg("--pid").arg(pid.to_string()).arg(format!("--nofile={nofile}:{nofile}")).status().unwrap();
+    assert!(st.success());
+}
 
 #[test]
 fn a_host_lists_more_vtpms_than_one_frame_holds() {
@@ -20,23 +60,19 @@ fn a_host_lists_more_vtpms_than_one_frame_holds() {
     let v = s.create_vtpm();
     s.stop_vtpm(&v.uuid);
     s.stop_manager();
-    // Add the identities through the manager's own store writer (one counter increment), as
-    // many creates would, only faster.
-    {
-        use vtpmmgr::{hwtpm::HwTpm, rollback};
-        let path = s.state_dir().join("mgr").join("manager.json");
-        let mut hw = HwTpm::open(&s.swtpm.tcti()).unwrap();
-        let opened = rollback::open(&mut hw, &path, &mut |hw, rec| hw.unseal_master(rec), rollback::Mode::Refuse).unwrap();
-        let mut next = opened.store;
-        let group = next.groups[0].uuid;
-        for i in 1..=MANY {
-            let e = serde_json::json!({"uuid": Uuid::from_u128(i), "group": group, "created": 1});
-            next.vtpms.push(serde_json::from_value(e).unwrap());
-        }
-        opened.protected.unwrap().commit(&mut hw, next).unwrap();
-    }
+    add_identities(&s, MANY);
+    let t = Instant::now();
     s.start_manager();
+    eprintln!("manager start with {} identities: {:?}", MANY + 1, t.elapsed());
+    let pid = s.mgr_pid().unwrap();
+    let t = Instant::now();
     let list = s.xl_json(&["vtpm", "list"]);
+    eprintln!("xl-vtpm vtpm list of {} identities: {:?}", MANY + 1, t.elapsed());
+    // No vTPM runs: the manager binds no vTPM socket, whatever it holds (counted after a
+    // request was answered, so after the start's socket set-up).
+    let fds = open_fds(pid);
+    assert!(fds < 64, "the manager holds {fds} descriptors for {} identities, none running", MANY + 1);
+    assert!(sockets_in(&s).is_empty(), "{:?}", &sockets_in(&s)[..sockets_in(&s).len().min(5)]);
     let rows = list.as_array().unwrap();
     assert_eq!(rows.len() as u128, MANY + 1);
     let mut uuids: Vec<&str> = rows.iter().map(|r| r["uuid"].as_str().unwrap()).collect();
@@ -46,6 +82,73 @@ fn a_host_lists_more_vtpms_than_one_frame_holds() {
     assert!(uuids.contains(&v.uuid.to_string().as_str()));
     let mgr = s.xl_json(&["mgr", "vtpm", "list"]);
     assert_eq!(mgr.as_array().unwrap().len() as u128, MANY + 1);
+}
+
+/// A vTPM's socket exists exactly while a process is attached to it: bound on attach (a vTPM
+/// started under a descriptor limit far below the identities held still gets its key), kept
+/// across a manager restart while the vTPM runs, removed when the process exits.
+#[test]
+fn a_vtpm_socket_is_bound_only_while_its_process_runs() {
+    let mut s = Stack::start();
+    let a = s.create_vtpm();
+    let b = s.create_vtpm();
+    s.stop_vtpm(&b.uuid);
+    let sock = |u: &Uuid| format!("{u}.sock");
+    assert_eq!(sockets_in(&s), vec![sock(&a.uuid)], "only the running vTPM has a socket");
+    s.stop_manager();
+    // An earlier manager's socket for every identity is cleared at start.
+    std::fs::write(s.run_dir().join("vtpm").join(sock(&Uuid::from_u128(7))), b"").unwrap();
+    add_identities(&s, 2_000);
+    start_manager_with_nofile(&mut s, 256);
+    assert_eq!(s.xl_json(&["vtpm", "list"]).as_array().unwrap().len(), 2_002);
+    // A keeps running across the restart: its socket is bound again, the stale one is gone.
+    assert_eq!(sockets_in(&s), vec![sock(&a.uuid)]);
+    assert_eq!(rc(&raw_command(a.port.unwrap(), &nv_define())), 0, "an NV write (anchored through the socket) after the restart");
+    // Starting B binds its socket; it fetches its key and answers.
+    let b2 = s.start_vtpm(&b.uuid);
+    assert_eq!(rc(&raw_command(b2.port.unwrap(), &get_random(8))), 0);
+    let mut want = vec![sock(&a.uuid), sock(&b.uuid)];
+    want.sort();
+    assert_eq!(sockets_in(&s), want);
+    let fds = open_fds(s.mgr_pid().unwrap());
+    assert!(fds < 64, "the manager holds {fds} descriptors with 2 vTPMs running");
+    // B's process exits: its socket goes.
+    s.stop_vtpm(&b.uuid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sockets_in(&s).len() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(sockets_in(&s), vec![sock(&a.uuid)]);
+}
+
+/// How long a real listing of 100 000 identities takes (run once by hand:
+/// `cargo test -p xvtpm-tests --release --test limits -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn list_100k_identities() {
+    const N: u128 = 100_000;
+    let mut s = Stack::start();
+    s.stop_manager();
+    let t = Instant::now();
+    add_identities(&s, N);
+    eprintln!("writing {N} identities into the store: {:?}", t.elapsed());
+    let t = Instant::now();
+    start_manager_with_nofile(&mut s, 1024);
+    eprintln!("manager start with {N} identities: {:?}", t.elapsed());
+    let fds = open_fds(s.mgr_pid().unwrap());
+    let t = Instant::now();
+    let list = s.xl_json(&["vtpm", "list"]);
+    eprintln!("xl-vtpm vtpm list --json of {N} identities: {:?}", t.elapsed());
+    assert_eq!(list.as_array().unwrap().len() as u128, N);
+    let t = Instant::now();
+    let out = s.xl(&["vtpm", "list"]);
+    assert!(out.status.success());
+    eprintln!("xl-vtpm vtpm list (table) of {N} identities: {:?}, {} lines", t.elapsed(), String::from_utf8_lossy(&out.stdout).lines().count());
+    let t = Instant::now();
+    let v = s.create_vtpm();
+    eprintln!("xl-vtpm vtpm create with {N} identities held: {:?}", t.elapsed());
+    assert_eq!(rc(&raw_command(v.port.unwrap(), &get_random(8))), 0);
+    eprintln!("manager descriptors: {fds} before the create, {} after", open_fds(s.mgr_pid().unwrap()));
 }
 
 fn status_kb(pid: u32, field: &str) -> u64 {

@@ -11,7 +11,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, VtpmReply, VtpmRequest};
-use xvtpm_tests::{Stack, get_random, mgr_call, raw_command, rc};
+use xvtpm_tests::{Stack, get_random, raw_command, rc, try_mgr_call};
 
 /// Helper mode (run by the test below as a child process on a recycled pid): on a line from
 /// stdin, asks the vTPM socket named in the environment for that vTPM's state key, prints
@@ -23,11 +23,13 @@ fn squatter() {
     let mut stdin = std::io::stdin().lock();
     let mut line = String::new();
     stdin.read_line(&mut line).unwrap();
-    let reply: VtpmReply = mgr_call(std::path::Path::new(&sock), &VtpmRequest::GetStateKey { version: mgr::PROTOCOL_VERSION, uuid });
-    match reply {
-        VtpmReply::StateKey { .. } => println!("SQUAT:granted"),
-        VtpmReply::Error(f) => println!("SQUAT:refused {:?}: {}", f.code, f.message),
-        other => println!("SQUAT:other {other:?}"),
+    // The manager unbinds a vTPM's socket once its process is gone: nothing to connect to is a
+    // refusal too.
+    match try_mgr_call::<_, VtpmReply>(std::path::Path::new(&sock), &VtpmRequest::GetStateKey { version: mgr::PROTOCOL_VERSION, uuid }) {
+        Err(e) => println!("SQUAT:refused (no socket: {e})"),
+        Ok(VtpmReply::StateKey { .. }) => println!("SQUAT:granted"),
+        Ok(VtpmReply::Error(f)) => println!("SQUAT:refused {:?}: {}", f.code, f.message),
+        Ok(other) => println!("SQUAT:other {other:?}"),
     }
     std::io::stdout().flush().unwrap();
     line.clear();

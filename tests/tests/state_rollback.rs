@@ -211,3 +211,80 @@ fn kill_dash_nine_between_write_and_anchor() {
     increment(h.port.unwrap());
     assert_eq!(nv_read_counter(h.port.unwrap()), now + 1);
 }
+
+/// Anchoring a vTPM's NV write costs the physical TPM one command: the manager keeps the store
+/// counter's salted session open and does not read the counter back (before: NV_ReadPublic,
+/// StartAuthSession, NV_Increment, NV_Read and FlushContext for every store write).
+#[test]
+fn an_anchored_nv_write_costs_one_physical_tpm_command() {
+    const WRITES: u64 = 10;
+    // A proxy without delay, to count the manager's TPM commands.
+    let s = Stack::start_with(Options { tpm_delay: Some(Duration::ZERO), ..Default::default() });
+    let v = s.create_vtpm_with(&["--ek", "ecc", TCP_LISTEN[0], TCP_LISTEN[1]]);
+    let port = v.port.unwrap();
+    assert_eq!(rc(&raw_command(port, &nv_define_counter())), 0);
+    increment(port);
+    let before = s.tpm_commands();
+    for _ in 0..WRITES {
+        increment(port);
+    }
+    let commands = s.tpm_commands() - before;
+    assert_eq!(nv_read_counter(port), WRITES + 1);
+    let st = status(&s);
+    assert_eq!(st["store_counter"]["tpm_value"], st["store_counter"]["store_value"], "{st}");
+    assert_eq!(commands, WRITES, "{commands} physical TPM commands for {WRITES} anchored NV writes");
+    let log = s.mgr_log();
+    assert!(!log.contains("increment failed in the kept session"), "{log}");
+}
+
+/// The kept counter session is flushed behind the manager's back (by anyone with access to a
+/// TPM without a resource manager): the next anchor notices, finds the counter unmoved,
+/// increments it in a fresh session, and the write is acknowledged.
+#[test]
+fn an_anchor_survives_a_flushed_counter_session() {
+    let s = Stack::start();
+    let v = s.create_vtpm_with(&["--ek", "ecc", TCP_LISTEN[0], TCP_LISTEN[1]]);
+    let port = v.port.unwrap();
+    assert_eq!(rc(&raw_command(port, &nv_define_counter())), 0);
+    increment(port);
+    // (Reading the counter for the status closes the kept session: the next write opens one.)
+    let before = status(&s)["store_counter"]["tpm_value"].as_u64().unwrap();
+    increment(port);
+    let out = std::process::Command::new("tpm2_flushcontext").arg("--loaded-session").env("TPM2TOOLS_TCTI", s.swtpm.tcti()).output().unwrap();
+    assert!(out.status.success(), "tpm2_flushcontext: {}", String::from_utf8_lossy(&out.stderr));
+    increment(port);
+    increment(port);
+    assert_eq!(nv_read_counter(port), 4);
+    let st = status(&s);
+    assert_eq!(st["store_counter"]["tpm_value"], st["store_counter"]["store_value"], "{st}");
+    // All three writes were anchored (one store write each).
+    assert_eq!(st["store_counter"]["tpm_value"].as_u64().unwrap(), before + 3, "{st}");
+    let log = s.mgr_log();
+    assert!(log.contains("increment failed in the kept session"), "the flush did not reach the manager's session:\n{log}");
+}
+
+/// `vtpm create` makes two manager store writes (the identity, then its EK certificate's
+/// binding): the new vTPM's first state is not anchored, because nothing older exists. It is
+/// still protected: once the vTPM acknowledged a later write, that first state is refused.
+#[test]
+fn a_create_writes_the_store_twice_and_its_first_state_is_refused_later() {
+    let s = Stack::start();
+    let counter = |s: &Stack| status(s)["store_counter"]["tpm_value"].as_u64().unwrap();
+    let before = counter(&s);
+    let v = s.create_vtpm_with(&["--ek", "ecc", TCP_LISTEN[0], TCP_LISTEN[1]]);
+    assert_eq!(counter(&s) - before, 2, "store writes (counter increments) of one create");
+    let first = std::fs::read(&v.state_file).unwrap();
+    assert_eq!(generation(&v), 1);
+    assert_eq!(rc(&raw_command(v.port.unwrap(), &nv_define_counter())), 0);
+    s.stop_vtpm(&v.uuid);
+    std::fs::write(&v.state_file, &first).unwrap();
+    let out = s.xl(&["vtpm", "start", &v.uuid.to_string()]);
+    assert!(!out.status.success(), "the first state started after a later acknowledged write:\n{}", s.vtpm_log(&v.uuid));
+    assert!(s.mgr_log().contains("refused an older vTPM state"), "{}", s.mgr_log());
+
+    // A vTPM stopped before its second write starts from its first state (anchored then).
+    let w = s.create_vtpm_with(&["--ek", "ecc", TCP_LISTEN[0], TCP_LISTEN[1]]);
+    s.stop_vtpm(&w.uuid);
+    let h = s.start_vtpm(&w.uuid);
+    assert_eq!(rc(&raw_command(h.port.unwrap(), &nv_define_counter())), 0);
+}

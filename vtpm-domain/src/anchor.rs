@@ -64,12 +64,25 @@ pub struct Anchored<S> {
     family: Family,
     /// A written generation (and its digest) the manager has not anchored yet.
     unanchored: Option<(u64, [u8; 32])>,
+    /// The next write is a new vTPM's first state, which is not anchored (see [`Anchored::for_create`]).
+    first_of_new: bool,
 }
 
 impl<S: StateStore + SkipGeneration> Anchored<S> {
     /// Wraps `inner`, the state store of vTPM `uuid`, anchoring over `link`.
     pub fn new(inner: S, link: MgrLink, uuid: Uuid, family: Family) -> Self {
-        Anchored { inner, link, conn: None, uuid, family, unanchored: None }
+        Anchored { inner, link, conn: None, uuid, family, unanchored: None, first_of_new: false }
+    }
+
+    /// [`Anchored::new`] for a vTPM being manufactured (`--create`): its first state write is
+    /// not anchored, which saves the create one store write (one physical NV increment). No
+    /// older state of this vTPM exists to restore in its place, and the manager, holding no
+    /// anchor yet, takes whatever the vTPM presents next as the anchor: its next write (which
+    /// is anchored before it is acknowledged, as every later one) or, if it stops before
+    /// writing again, this first state when it starts. Every acknowledged write after the
+    /// first is anchored, so restoring this first state later is refused like any older one.
+    pub fn for_create(inner: S, link: MgrLink, uuid: Uuid, family: Family) -> Self {
+        Anchored { first_of_new: true, ..Anchored::new(inner, link, uuid, family) }
     }
 
     /// At start, before anything is written: presents the opened `state` of `path` to the
@@ -130,6 +143,9 @@ impl<S: StateStore + SkipGeneration> StateStore for Anchored<S> {
             self.anchor_save(g, d)?;
         }
         self.inner.save(permanent, volatile)?;
+        if std::mem::take(&mut self.first_of_new) {
+            return Ok(());
+        }
         let generation = self.inner.generation();
         self.anchor_save(generation, anchor_digest(self.family, generation, permanent, volatile))
     }

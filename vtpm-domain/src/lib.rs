@@ -169,14 +169,14 @@ async fn create_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &Mgr
         config::EkChoice::Rsa => vtpm_engine::EkKind::Rsa2048,
         config::EkChoice::Ecc => vtpm_engine::EkKind::EccP256,
     };
-    let anchored = |s| Anchored::new(s, link.clone(), cfg.uuid, cfg.family);
+    let anchored = |s| Anchored::for_create(s, link.clone(), cfg.uuid, cfg.family);
     let begun = match &cfg.state {
         StateSpec::File(p) => Store::create(p, cfg.uuid, cfg.family, key)
             .map_err(anyhow::Error::from)
             .and_then(|s| Ok(Vtpm::begin_manufacture(cfg.family, anchored(s), kind)?)),
         StateSpec::Block(p) => BlockStore::create(p, cfg.uuid, cfg.family, key)
             .map_err(anyhow::Error::from)
-            .and_then(|s| Ok(Vtpm::begin_manufacture(cfg.family, Anchored::new(s, link.clone(), cfg.uuid, cfg.family), kind)?)),
+            .and_then(|s| Ok(Vtpm::begin_manufacture(cfg.family, Anchored::for_create(s, link.clone(), cfg.uuid, cfg.family), kind)?)),
     };
     let mut m = begun.map_err(state)?;
     if let Some(ek_kind) = m.ek_kind() {

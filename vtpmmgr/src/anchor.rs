@@ -12,7 +12,11 @@
 //!   answers the command that caused the write only once the manager says it is anchored
 //!   (durably: store staged, counter incremented). It writes generation `g + 1` only once
 //!   generation `g` is anchored (it retries a failed anchor before its next write), so its state
-//!   on disk is never more than one write ahead of the anchor.
+//!   on disk is never more than one write ahead of the anchor. The one exception is a new
+//!   vTPM's first state (`vtpm-domain --create`): it has no predecessor to roll back to, so the
+//!   create does not anchor it, and the identity has no anchor until the vTPM's next write or
+//!   start (either anchors whatever it presents, which can only be that first state or a later
+//!   one).
 //! * **At start**, after opening its state and before writing anything, the vTPM presents the
 //!   state's generation (authenticated: read from the sealed header) and digest (`opening`).
 //!
@@ -37,8 +41,8 @@
 //! holds that lock for its store write (as an admin change does), so a state-key request or a
 //! deep quote's authorisation arriving meanwhile waits for that one write.
 //!
-//! An anchor write costs what any store write costs (stage with fsync, one physical
-//! `TPM2_NV_Increment`, rename with fsync) and wears the physical counter accordingly: under
+//! An anchor write costs what any store write costs (stage: file and directory fsync; one
+//! physical `TPM2_NV_Increment` in the manager's kept session; rename) and wears the physical counter accordingly: under
 //! continuous NV writes the counter moves once per batch, i.e. at most once per store-write time.
 
 use std::sync::Arc;

@@ -1,8 +1,14 @@
-//! The manager's sockets: the root-only admin socket and one socket per vTPM.
+//! The manager's sockets: the root-only admin socket and one socket per running vTPM.
 //!
 //! A vTPM's identity is the socket it connects to plus the process id the
 //! kernel reports for the peer (`SO_PEERCRED`), which must be the process
 //! xl-vtpm attached. Nothing the peer says about itself is trusted.
+//!
+//! A vTPM's socket is bound while a live process is attached to it (from `VtpmAttach`, or a
+//! restored attachment at start, until the process exits or the vTPM is deleted), never for
+//! identities at rest: the manager's descriptors grow with the running vTPMs, not with the
+//! identities it holds. A vTPM process that starts before its attachment retries until the
+//! socket appears.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -66,11 +72,12 @@ async fn write_msg<T: serde::Serialize>(s: &mut UnixStream, msg: &T) -> std::io:
 // tokio's `AsyncFd::register_with_interest` is `unsafe` (I/O safety of the registered fd): the
 // only `unsafe` of this crate, denied everywhere else.
 #[allow(unsafe_code)]
-fn watch_attachment(m: &Shared, uuid: Uuid, att: Attachment) {
+fn watch_attachment(m: &Shared, uuid: Uuid, att: Attachment, detached: &Arc<tokio::sync::Notify>) {
     let fd = match rustix::process::Pid::from_raw(att.pid as i32).map(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())) {
         Some(Ok(fd)) => fd,
         Some(Err(e)) if e == rustix::io::Errno::SRCH => {
             lock(m).detach_exited(uuid, att);
+            detached.notify_one();
             return;
         }
         other => {
@@ -82,9 +89,11 @@ fn watch_attachment(m: &Shared, uuid: Uuid, att: Attachment) {
     // another process, and the attachment is already dead.
     if !att.alive() {
         lock(m).detach_exited(uuid, att);
+        detached.notify_one();
         return;
     }
     let m = m.clone();
+    let detached = detached.clone();
     tokio::spawn(async move {
         // SAFETY: `fd` is an `OwnedFd` this task alone owns: it is open, it is closed only when
         // the `AsyncFd` (which owns it) drops, and its `as_raw_fd` never changes.
@@ -98,6 +107,8 @@ fn watch_attachment(m: &Shared, uuid: Uuid, att: Attachment) {
             }
         }
         lock(&m).detach_exited(uuid, att);
+        // Unbind its socket.
+        detached.notify_one();
     });
 }
 
@@ -111,7 +122,7 @@ fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// Keeps one listener per served vTPM in step with the store.
+/// Keeps one listener per running (attached) vTPM in step with the attachments and the store.
 struct VtpmSockets {
     tasks: HashMap<Uuid, JoinHandle<()>>,
     batcher: Batcher,
@@ -119,6 +130,19 @@ struct VtpmSockets {
 }
 
 impl VtpmSockets {
+    /// Removes the socket files in `<run-dir>/vtpm` that are not in `want` (an earlier manager's,
+    /// which may have bound one per identity).
+    fn remove_stale(run_dir: &Path, want: &[Uuid]) {
+        let Ok(rd) = std::fs::read_dir(run_dir.join("vtpm")) else { return };
+        let want: std::collections::HashSet<String> = want.iter().map(|u| format!("{u}.sock")).collect();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".sock") && !want.contains(&name) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
     fn reconcile(&mut self, mgr: &Shared) {
         let (want, run_dir) = {
             let m = lock(mgr);
@@ -208,9 +232,11 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
     let stats = mgr.stats();
     let shared: Shared = Arc::new(Mutex::new(mgr));
     let batcher = Batcher::spawn(shared.clone(), batch, stats);
+    // Wakes the socket reconciler when an attached process exits.
+    let detached = Arc::new(tokio::sync::Notify::new());
     let reloaded = lock(&shared).attachments();
     for (uuid, att) in reloaded {
-        watch_attachment(&shared, uuid, att);
+        watch_attachment(&shared, uuid, att, &detached);
     }
     let anchorer = Anchorer::spawn(shared.clone());
     // vTPMs in their own Xen domains reach the manager over tpmif (xenlink).
@@ -225,7 +251,21 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
         None => None,
     };
     let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), batcher, anchorer }));
-    sockets.lock().await.reconcile(&shared);
+    {
+        let mut socks = sockets.lock().await;
+        socks.reconcile(&shared);
+        let want: Vec<Uuid> = socks.tasks.keys().copied().collect();
+        VtpmSockets::remove_stale(&run_dir, &want);
+    }
+    {
+        let (socks, m, detached) = (sockets.clone(), shared.clone(), detached.clone());
+        tokio::spawn(async move {
+            loop {
+                detached.notified().await;
+                socks.lock().await.reconcile(&m);
+            }
+        });
+    }
     xvtpm_log::host_info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.
     println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id()}));
@@ -236,6 +276,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
             let m = shared.clone();
             let socks = sockets.clone();
             let poke = xen_poke.clone();
+            let detached = detached.clone();
             tokio::spawn(async move {
                 let uid = s.peer_cred().map(|c| c.uid()).ok();
                 if uid != Some(0) && uid != Some(my_uid) {
@@ -255,7 +296,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
                                 Ok(r) => {
                                     let att = attach.filter(|_| r == AdminReply::Ok).and_then(|u| Some((u, lock(&m).attachment(&u)?)));
                                     if let Some((u, a)) = att {
-                                        watch_attachment(&m, u, a);
+                                        watch_attachment(&m, u, a, &detached);
                                     }
                                     r
                                 }

@@ -236,12 +236,15 @@ impl Manager {
         self.master.is_some()
     }
 
-    /// UUIDs of all vTPMs that should have a socket.
+    /// UUIDs of the vTPMs whose socket should be bound now: those attached to a running
+    /// process. Only such a process may use the socket (`authorize`), so an identity without
+    /// one needs no socket, and a host with any number of identities holds one listening
+    /// descriptor per *running* vTPM.
     pub fn served_vtpms(&self) -> Vec<Uuid> {
         if !self.provisioned() {
             return vec![];
         }
-        self.store.vtpms.iter().map(|v| v.uuid).collect()
+        self.attached.iter().filter(|(u, a)| a.alive() && self.store.vtpm(u).is_some()).map(|(u, _)| *u).collect()
     }
 
     fn derive_key(&self, uuid: &Uuid) -> Option<Zeroizing<Vec<u8>>> {

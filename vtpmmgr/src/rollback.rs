@@ -16,7 +16,9 @@
 //! 1. **stage**: the new store, recording `n + 1` and MAC'd, is written to
 //!    `manager.json.pending` (temp file, fsync, rename, fsync dir);
 //! 2. **increment** the counter to `n + 1` — this is the commit point;
-//! 3. **publish**: rename `manager.json.pending` over `manager.json`, fsync the directory.
+//! 3. **publish**: rename `manager.json.pending` over `manager.json`. The rename is made durable
+//!    by the next write's staging (same directory) or, after a crash, completed by the start
+//!    (the crash window of step 2–3 below); a start that completes a write fsyncs it.
 //!
 //! A staged store is a write-ahead record: once it is durable the change is committed, and
 //! whoever comes next — the same manager's next write, or the next start — completes it.
@@ -62,7 +64,10 @@
 //! above, logging "migrating manager store" and "migrated". A format-1 store on a TPM that
 //! already holds this manager's counter is refused as a downgrade.
 //!
-//! Every write costs one NV increment (plus a read-back). The store changes on admin operations
+//! Every write costs two fsyncs (the staged file and its directory) and one
+//! `TPM2_NV_Increment` in a salted HMAC session the manager keeps open between writes
+//! ([`HwTpm::counter_bump`]; no read-back: the manager alone moves the counter, and a counter
+//! moved by anyone else makes the next start refuse the store). The store changes on admin operations
 //! (provision, groups, vTPM create/delete) and when vTPMs anchor new state generations
 //! ([`crate::anchor`]); those are group-committed, one write for every anchor queued while the
 //! previous write ran, so a vTPM writing NV continuously costs one increment per store write
@@ -281,27 +286,38 @@ impl Protected {
             return Err(io("staging the store in", &pending)(e));
         }
         // 2. increment (the commit point)
-        match hw.counter_increment(h, self.keys.nv_auth()) {
-            Ok(v) if v == k => {}
-            Ok(v) => {
-                let why = format!("the store counter {h:#010x} should be at {k} after its increment, but reads {v}; the change is staged in {}", pending.display());
-                self.blocked = Some(why.clone());
-                return Err(RollbackError::Blocked(why));
+        // One NV_Increment in the kept session; no read-back (see `HwTpm::counter_bump`).
+        if let Err(e) = hw.counter_bump(h, self.keys.nv_auth()) {
+            xvtpm_log::host_warn!(error = %e, nv_index = %format!("{h:#010x}"), "store counter increment failed in the kept session; reading the counter to see whether it moved");
+            // The answer may be lost although the increment happened, or the kept session may
+            // have gone stale (a TPM reset): look, and if the counter did not move, increment
+            // once more in a fresh session, reading the value back.
+            let retried = match hw.counter_probe(h, self.keys.nv_auth()) {
+                Ok(CounterProbe::Value(v)) if v == k => Ok(()),
+                Ok(CounterProbe::Value(v)) if v + 1 == k => match hw.counter_increment(h, self.keys.nv_auth()) {
+                    Ok(v) if v == k => Ok(()),
+                    Ok(v) => {
+                        let why = format!("the store counter {h:#010x} should be at {k} after its increment, but reads {v}; the change is staged in {}", pending.display());
+                        self.blocked = Some(why.clone());
+                        return Err(RollbackError::Blocked(why));
+                    }
+                    Err(e2) => Err(format!("{e}; again in a fresh session: {e2}")),
+                },
+                _ => Err(e.to_string()),
+            };
+            if let Err(cause) = retried {
+                let err = RollbackError::Staged { pending: pending.clone(), nv_index: h, cause };
+                self.blocked = Some(err.to_string());
+                return Err(err);
             }
-            // The answer may be lost although the increment happened: look.
-            Err(e) => match hw.counter_probe(h, self.keys.nv_auth()) {
-                Ok(CounterProbe::Value(v)) if v == k => {}
-                _ => {
-                    let err = RollbackError::Staged { pending: pending.clone(), nv_index: h, cause: e.to_string() };
-                    self.blocked = Some(err.to_string());
-                    return Err(err);
-                }
-            },
         }
         self.counter.value = k;
-        // 3. publish
-        if let Err(e) = publish(&self.path) {
-            xvtpm_log::guest_warn!(error = %e, store = %self.path.display(), pending = %pending.display(),
+        // 3. publish. The rename is not fsynced here: the write is already durable (staged,
+        // counter moved), and a rename lost in a crash leaves exactly the state a start
+        // completes (store `k - 1`, pending `k`, counter `k`). The next write's staging fsyncs
+        // this directory, which makes the rename durable before the counter moves again.
+        if let Err(e) = std::fs::rename(&pending, &self.path) {
+            xvtpm_log::host_warn!(error = %e, store = %self.path.display(), pending = %pending.display(),
                 "store write {k} is committed (counter moved, change staged) but the store file could not be replaced; the next write or start completes it");
             self.unpublished = true;
         }
