@@ -291,6 +291,10 @@ enum VtpmCmd {
         /// Recorded for `vtpm start`.
         #[arg(long)]
         consumer: Option<String>,
+        /// A name for stable endpoints: <run-dir>/NAME and NAME.ctrl link to its data and control
+        /// sockets (TCTI swtpm:path=<run-dir>/NAME); commands take it instead of the UUID.
+        #[arg(long)]
+        name: Option<String>,
         /// A TPM 1.2 instead of TPM 2.0.
         #[arg(long)]
         tpm12: bool,
@@ -688,7 +692,7 @@ fn run(args: Args) -> Result<(), CliError> {
             confirm(yes, &format!("Delete group {group:?} and its attestation key"))?;
             admin.call(&AdminRequest::GroupDel { group })?;
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen: _, consumer: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } }) => {
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen: _, consumer: _, name: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } }) => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let mut create_args = vec!["--ek".to_string(), ek];
             if tpm12 {
@@ -703,10 +707,10 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("guest config: vtpm = [ \"backend={},uuid={}\" ]", rt.name, rt.uuid);
             }
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, consumer, tpm12, ek, dom: _ }) => {
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, consumer, name, tpm12, ek, dom: _ }) => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let consumer_uid = consumer.as_deref().map(local::parse_user).transpose()?;
-            let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc", consumer_uid })?;
+            let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc", consumer_uid, name })?;
             let row = local.show(&mut admin, &rt.uuid)?;
             if json {
                 print_json(&row);
@@ -717,7 +721,7 @@ fn run(args: Args) -> Result<(), CliError> {
         }
         Cmd::Vtpm(VtpmCmd::List) => print_rows(&with_domains(&domains, local.list(&mut admin)?), json),
         Cmd::Vtpm(VtpmCmd::Show { uuid }) => {
-            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let uuid = local.resolve(&uuid)?;
             let row = local.show(&mut admin, &uuid)?;
             print_rows(&with_domains(&domains, vec![row]), json);
         }
@@ -732,7 +736,7 @@ fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Cmd::Vtpm(VtpmCmd::Start { uuid, listen, wait: _ }) => {
-            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let uuid = local.resolve(&uuid)?;
             let rt = local.start(&mut admin, &uuid, &listen)?;
             let row = local.show(&mut admin, &rt.uuid)?;
             if json {
@@ -743,7 +747,7 @@ fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Cmd::Vtpm(VtpmCmd::Stop { uuid }) => {
-            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let uuid = local.resolve(&uuid)?;
             let was = if domains.spec(&uuid)?.is_some() {
                 local.show(&mut admin, &uuid)?;
                 domains.stop(&mut admin, &uuid, xl_tools::vtpmdom::SHUTDOWN_GRACE)?
@@ -769,7 +773,7 @@ fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Cmd::Vtpm(VtpmCmd::Destroy { uuid, yes }) => {
-            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let uuid = local.resolve(&uuid)?;
             local.show(&mut admin, &uuid)?;
             confirm(yes, &format!("Destroy vTPM {uuid}: its keys, NV and EK are gone for good"))?;
             if domains.spec(&uuid)?.is_some() {
