@@ -227,6 +227,10 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
     info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.
     println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id()}));
+    // systemd (Type=notify): ready once the admin socket accepts and every vTPM socket is bound.
+    if let Err(e) = crate::sdnotify::notify("READY=1") {
+        warn!(error = %e, "cannot tell the service manager that vtpmmgr is ready");
+    }
     let my_uid = nix::unistd::geteuid().as_raw();
     let accept = async {
         loop {
@@ -282,6 +286,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
     }
+    let _ = crate::sdnotify::notify("STOPPING=1");
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
 }

@@ -18,6 +18,7 @@ pub mod hwtpm;
 pub mod instance;
 pub mod manager;
 pub mod rollback;
+pub mod sdnotify;
 pub mod store;
 pub mod xenlink;
 
