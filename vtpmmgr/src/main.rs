@@ -60,6 +60,7 @@ enum Cmd {
 }
 
 fn main() {
+    xvtpm_clidoc::intercept("vtpmmgr", <Args as clap::CommandFactory>::command);
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

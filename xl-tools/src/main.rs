@@ -378,6 +378,7 @@ struct DomainArgs {
 }
 
 fn main() {
+    xvtpm_clidoc::intercept("xl-vtpm", <Args as clap::CommandFactory>::command);
     let args = Args::parse();
     let json = args.json;
     match run(args) {
