@@ -18,7 +18,7 @@ const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 bad usage, 3 manager un
 
 /// Create, run and destroy vTPMs; administer vtpmmgr.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = EXIT_CODES)]
+#[command(name = "xl-vtpm", version, about, after_help = EXIT_CODES)]
 struct Args {
     /// vtpmmgr's runtime directory (admin socket).
     #[arg(long, env = "XVTPM_RUN_DIR", default_value = "/run/xvtpm", global = true)]
