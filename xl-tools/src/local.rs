@@ -683,19 +683,20 @@ fn check_listen(listen: &[String]) -> Result<(), CliError> {
 const RESERVED_NAMES: [&str; 3] = ["vtpm", "vtpms", "guests"];
 
 /// A vTPM name (`--name`): 1–64 of `[A-Za-z0-9_-]`, starting with a letter or digit, not one
-/// of the run directory's own entries. No dot: `<name>` and `<name>.ctrl` never meet the
+/// of the run directory's own entries, not a UUID (commands take either). No dot: `<name>` and `<name>.ctrl` never meet the
 /// manager's files (`admin.sock`, `vtpmmgr.lock`, …) or another name's links.
 pub fn check_name(name: &str) -> Result<(), CliError> {
     let ok = (1..=64).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        && !RESERVED_NAMES.contains(&name);
+        && !RESERVED_NAMES.contains(&name)
+        && Uuid::parse_str(name).is_err();
     if ok {
         Ok(())
     } else {
         Err(CliError::new(
             crate::exit::USAGE,
-            format!("--name {name:?}: 1 to 64 letters, digits, '_' or '-', starting with a letter or digit, and not one of {RESERVED_NAMES:?}"),
+            format!("--name {name:?}: 1 to 64 letters, digits, '_' or '-', starting with a letter or digit, not a UUID, and not one of {RESERVED_NAMES:?}"),
         ))
     }
 }
@@ -756,7 +757,7 @@ mod tests {
         for good in ["web1", "A_b-9", &"x".repeat(64)] {
             check_name(good).unwrap();
         }
-        for bad in ["", "vtpms", "vtpm", "guests", "admin.sock", "../x", "a/b", "-x", "_x", &"x".repeat(65), "é"] {
+        for bad in ["", "vtpms", "vtpm", "guests", "admin.sock", "../x", "a/b", "-x", "_x", &"x".repeat(65), "é", "11223344-0000-4000-8000-000000000001"] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
     }
