@@ -1,5 +1,5 @@
 //! A vTPM keeps its endpoints across `vtpm stop` / `vtpm start`: a TCP listener created
-//! with port 0 keeps the port it got at create, and a vTPM created with `--name NAME` is
+//! with port 0 keeps the port it got at create (picked below the ephemeral range), and a vTPM created with `--name NAME` is
 //! reachable at `<run-dir>/NAME` (data) and `<run-dir>/NAME.ctrl` (control) — symlinks to
 //! its sockets, the pair the tpm2-tss `swtpm:path=` TCTI and QEMU's `-chardev path=` use.
 //! Real manager, real vTPM processes, real tpm2-tools.
@@ -18,6 +18,13 @@ fn a_tcp_port_picked_at_create_is_kept_by_every_start() {
     let s = Stack::start();
     let v = s.create_vtpm_with(&["--listen", "tcp:127.0.0.1:0", "--name", "tcp-one"]);
     let port = v.port.expect("listens on TCP");
+    // Picked below the kernel's ephemeral range: no outgoing connection takes it while the vTPM is stopped.
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let ephemeral_low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        port + 1 < ephemeral_low,
+        "port {port} is in the ephemeral range ({range})"
+    );
     getrandom(&v.tcti());
     let show = s.xl_json(&["vtpm", "show", &v.uuid.to_string()]);
     assert_eq!(show[0]["name"], "tcp-one", "{show}");
@@ -38,6 +45,19 @@ fn a_tcp_port_picked_at_create_is_kept_by_every_start() {
     ]));
     assert_ne!(w.port, Some(port));
     s.stop_vtpm(&v.uuid);
+    assert_eq!(s.start_vtpm(&v.uuid).port, Some(port));
+
+    // Taken meanwhile: the start fails and names the port.
+    s.stop_vtpm(&v.uuid);
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let out = s.xl(&["vtpm", "start", "tcp-one"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(squatter);
     assert_eq!(s.start_vtpm(&v.uuid).port, Some(port));
 }
 

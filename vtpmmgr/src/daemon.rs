@@ -224,6 +224,10 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
     };
     let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), batcher, anchorer }));
     sockets.lock().await.reconcile(&shared);
+    // Before readiness: a SIGTERM right after it must stop the manager cleanly, not kill it.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.
     println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id()}));
@@ -278,9 +282,6 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
             });
         }
     };
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = accept => {}
         _ = term.recv() => info!("SIGTERM: stopping"),
