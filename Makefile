@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: deps build demo test lint bench testbed vtpmdom clippy fmt clean
+.PHONY: deps build demo test lint bench testbed vtpmdom deb clippy fmt clean
 
 deps:
 	scripts/install-deps.sh
@@ -29,6 +29,12 @@ bench: deps
 ## The QEMU-based Xen testbed (real Xen 4.17 + Debian kernel under TCG).
 testbed: build
 	XVTPM_PROFILE=$${XVTPM_PROFILE:-debug} ci/testbed/run.sh
+
+## The Debian package (binaries, systemd units, man pages, completions, /etc/xvtpm):
+## target/deb/xvtpm_<version>_<arch>.deb, from a release build (XVTPM_PROFILE=debug for the debug one).
+deb: deps
+	$(CARGO) build --workspace --locked $(if $(filter debug,$(XVTPM_PROFILE)),,--release)
+	scripts/build-deb.sh $(CARGO_TARGET_DIR)/$(if $(filter debug,$(XVTPM_PROFILE)),debug,release) $(CARGO_TARGET_DIR)/deb
 
 ## The boot image of a vTPM domain (kernel + initramfs with vtpm-domain as /init) for the
 ## running kernel (KVER=… for another installed one): target/vtpmdom/{vmlinuz,initrd}.

@@ -188,7 +188,25 @@ for b in xl xenstored xenconsoled xen-init-dom0 libxl-save-helper xenconsole xen
 done
 # glibc dlopen()s libgcc_s (pthread_cancel; xl aborts without it), tctildr dlopen()s the TCTI
 tpm2_tools "$D"
-for b in "${!PBIN[@]}"; do copy_bin "$D" "${PBIN[$b]}" /usr/bin/$b strip; done
+# The project's binaries arrive as a host does it: the Debian package (scripts/build-deb.sh,
+# `make deb`) unpacked into the root, its postinst's directories made as it makes them (dom0
+# has no dpkg or systemd; the units and man pages ride along unused). Their libraries come
+# from the pinned .debs like everything else's.
+DEB_NAME=none
+if [ ${#PBIN[@]} -eq 3 ]; then
+  rm -rf "$B/deb"
+  DEB=$(XVTPM_DEB_COMPRESSION=none "$TOP/scripts/build-deb.sh" "$TARGET/$PROFILE" "$B/deb") || die "scripts/build-deb.sh failed"
+  dpkg-deb -x "$DEB" "$D"
+  for b in "${!PBIN[@]}"; do
+    [ -x "$D/usr/bin/$b" ] || die "$DEB has no /usr/bin/$b"
+    copy_libs "$D" "$D/usr/bin/$b"
+  done
+  install -d -m 0700 "$D/var/lib/xvtpm"
+  DEB_NAME=$(basename "$DEB")
+  echo "build-images.sh: note: dom0 has $DEB_NAME unpacked ($(dpkg-deb -c "$DEB" | wc -l) entries)"
+else
+  for b in "${!PBIN[@]}"; do copy_bin "$D" "${PBIN[$b]}" /usr/bin/$b strip; done
+fi
 # loop + xen-blkback: a vTPM domain's disk (an image on a loop device, served by blkback)
 for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm loop xen-blkback; do
   copy_mod "$D" $m
@@ -222,6 +240,7 @@ cat > "$D/etc/xvtpm-testbed.env" <<ENV
 profile=$PROFILE
 vtpmdom_image=$VTPMDOM_KIND
 vtpmdom_mem=$VTPMDOM_MEM
+xvtpm_deb=$DEB_NAME
 guest_kernel=$GUEST_KERNEL
 kver=$KVER
 ENV

@@ -76,6 +76,7 @@ struct Args {
 }
 
 fn main() {
+    xvtpm_clidoc::intercept("vtpm-domain", <Args as clap::CommandFactory>::command);
     // Before anything holds a secret: no core dumps, not dumpable.
     if let Err(e) = vtpm_domain::sandbox::harden() {
         eprintln!("vtpm-domain: error: {e}");

@@ -223,10 +223,28 @@ fn bind_unix(p: &Path, access: Access) -> io::Result<UnixListener> {
 
 async fn bind_tcp_pair(addr: SocketAddr) -> io::Result<(TcpListener, TcpListener)> {
     if addr.port() != 0 {
-        let d = TcpListener::bind(addr).await?;
+        let named = |a: SocketAddr| move |e: io::Error| io::Error::new(e.kind(), format!("{a}: {e}"));
+        let d = TcpListener::bind(addr).await.map_err(named(addr))?;
         let mut c_addr = addr;
         c_addr.set_port(addr.port().checked_add(1).ok_or_else(|| io::Error::other("port 65535 leaves no control port"))?);
-        return Ok((d, TcpListener::bind(c_addr).await?));
+        return Ok((d, TcpListener::bind(c_addr).await.map_err(named(c_addr))?));
+    }
+    // Port 0: a free pair below the kernel's ephemeral range, so that the pair the vTPM gets can
+    // be recorded and bound again at its next start (xl-vtpm does so) without an outgoing
+    // connection having taken one of the ports meanwhile; the kernel's pick if there is no room.
+    if let Some((lo, hi)) = fixed_port_range() {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
+        for _ in 0..200 {
+            let mut d_addr = addr;
+            d_addr.set_port(rng.gen_range(lo..hi));
+            let Ok(d) = TcpListener::bind(d_addr).await else { continue };
+            let mut c_addr = addr;
+            c_addr.set_port(d_addr.port() + 1);
+            if let Ok(c) = TcpListener::bind(c_addr).await {
+                return Ok((d, c));
+            }
+        }
     }
     for _ in 0..200 {
         let d = TcpListener::bind(addr).await?;
@@ -239,6 +257,15 @@ async fn bind_tcp_pair(addr: SocketAddr) -> io::Result<(TcpListener, TcpListener
         }
     }
     Err(io::Error::new(io::ErrorKind::AddrInUse, "no free data/control port pair found"))
+}
+
+/// Where a port-0 TCP pair is picked: `[10000, ephemeral low - 1)` (data ports; control is the
+/// next one), or `None` if the kernel's ephemeral range starts too low to leave room.
+fn fixed_port_range() -> Option<(u16, u16)> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = range.split_whitespace().next()?.parse().ok()?;
+    const FIRST: u16 = 10_000;
+    (low > FIRST + 1000).then_some((FIRST, low - 1))
 }
 
 /// Serves until shutdown is requested.

@@ -266,9 +266,17 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
             }
         });
     }
+    // Before readiness: a SIGTERM right after it must stop the manager cleanly, not kill it.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     xvtpm_log::host_info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.
     println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id()}));
+    // systemd (Type=notify): ready once the admin socket accepts and every vTPM socket is bound.
+    if let Err(e) = crate::sdnotify::notify("READY=1") {
+        xvtpm_log::host_warn!(error = %e, "cannot tell the service manager that vtpmmgr is ready");
+    }
     let my_uid = nix::unistd::geteuid().as_raw();
     let accept = async {
         loop {
@@ -317,14 +325,12 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
             });
         }
     };
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = accept => {}
         _ = term.recv() => xvtpm_log::host_info!("SIGTERM: stopping"),
         _ = int.recv() => xvtpm_log::host_info!("SIGINT: stopping"),
     }
+    let _ = crate::sdnotify::notify("STOPPING=1");
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
 }

@@ -19,6 +19,7 @@ pub mod hwtpm;
 pub mod instance;
 pub mod manager;
 pub mod rollback;
+pub mod sdnotify;
 pub mod store;
 pub mod tcti;
 pub mod xenlink;

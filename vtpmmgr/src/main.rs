@@ -61,6 +61,7 @@ enum Cmd {
 }
 
 fn main() {
+    xvtpm_clidoc::intercept("vtpmmgr", <Args as clap::CommandFactory>::command);
     quiet_tss2();
     let args = Args::parse();
     tracing_subscriber::fmt()

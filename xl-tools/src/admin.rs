@@ -33,7 +33,7 @@ impl Admin {
             }
             _ => CliError::new(
                 NO_MANAGER,
-                format!("cannot reach vtpmmgr at {}: {e} (start it with `vtpmmgr serve`, or pass --run-dir)", path.display()),
+                format!("cannot reach vtpmmgr at {}: {e} (start it: `systemctl start xvtpm-mgr`, or `vtpmmgr serve`; or pass --run-dir)", path.display()),
             ),
         })?;
         // Provisioning can take a few seconds on a discrete TPM (RSA keys).

@@ -13,7 +13,15 @@
 //!   0600 and the vTPM accepts only root and the consumer (`SO_PEERCRED`);
 //! - `<state-dir>/vtpms/<uuid>/creating` — present from before the manager makes the identity
 //!   until the vTPM has written its first state;
-//! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports, sockets).
+//! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports, sockets);
+//! - `<run-dir>/<name>`, `<run-dir>/<name>.ctrl` — for a vTPM created with `--name`: symlinks
+//!   to its data and control sockets (the `swtpm:path=` TCTI's pair), made at create, put back
+//!   by every start (a reboot empties the run directory), kept while it is stopped (connecting
+//!   then fails as with the socket itself) and removed by destroy.
+//!
+//! The listeners and the name are recorded in `access.json` at create; a TCP listener given
+//! with port 0 is recorded with the port the vTPM got, so every start binds the same port
+//! (and fails, naming it, if something else took it meanwhile).
 //!
 //! Every step that can fail after the manager created an identity is rolled
 //! back, so a failed `create` leaves no identity, no state and no process. If the rollback
@@ -110,6 +118,9 @@ pub struct Access {
     /// The uid that uses the vTPM (e.g. QEMU's), besides root.
     #[serde(default)]
     pub consumer_uid: Option<u32>,
+    /// The name given at create (`--name`): stable endpoints `<run-dir>/<name>{,.ctrl}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Name of the data socket in a vTPM's socket directory; the control socket is
@@ -125,6 +136,8 @@ pub struct CreateOpts {
     pub ek_ecc: bool,
     /// The uid that may use the vTPM besides root.
     pub consumer_uid: Option<u32>,
+    /// A name for its stable endpoints (see the module docs); checked by [`check_name`].
+    pub name: Option<String>,
 }
 
 /// The `schema` of a vTPM object in `--json` output (docs/json.md).
@@ -146,6 +159,9 @@ pub struct Row {
     pub info: VtpmInfo,
     /// "running", "stopped", or "incomplete" (its creation was interrupted before its first state).
     pub state: String,
+    /// The name given at create, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Runtime record when running.
     pub runtime: Option<Runtime>,
     /// The state file.
@@ -267,6 +283,17 @@ impl Local {
     /// consumer are recorded and reused by [`Local::start`].
     pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], opts: &CreateOpts) -> Result<Runtime, CliError> {
         check_listen(listen)?;
+        if let Some(name) = &opts.name {
+            check_name(name)?;
+            if let Some(other) = self.named(name) {
+                return Err(CliError::new(REFUSED, format!("a vTPM named {name:?} exists ({other}); choose another name")));
+            }
+            for p in self.name_links(name) {
+                if fs::symlink_metadata(&p).is_ok_and(|m| !m.file_type().is_symlink()) {
+                    return Err(CliError::new(REFUSED, format!("--name {name:?}: {} exists and is not a vTPM's link; choose another name", p.display())));
+                }
+            }
+        }
         let uuid = uuid.unwrap_or_else(Uuid::new_v4);
         // The marker goes down before the identity exists, so no kill can leave an identity
         // without it. An existing directory is another vTPM's (the manager refuses below).
@@ -288,14 +315,20 @@ impl Local {
                 return Err(other.err().unwrap_or_else(|| CliError::new(FAILURE, "unexpected reply to VtpmCreate")));
             }
         };
-        let access = Access { listen: listen.to_vec(), consumer_uid: opts.consumer_uid };
-        match self.record_access(&uuid, &access).and_then(|()| self.spawn(admin, &info, &access, Some(opts))) {
+        let access = Access { listen: listen.to_vec(), consumer_uid: opts.consumer_uid, name: opts.name.clone() };
+        let started = self
+            .record_access(&uuid, &access)
+            .and_then(|()| self.spawn(admin, &info, &access, Some(opts)))
+            .and_then(|rt| self.settle(&uuid, &access, &rt).map(|()| rt));
+        match started {
             Ok(rt) => {
                 let _ = fs::remove_file(self.creating_marker(&uuid));
                 Ok(rt)
             }
             Err(e) => {
-                // Roll back: no identity, no state, no process.
+                // Roll back: no identity, no state, no process, no links.
+                let _ = self.stop(admin, &uuid, Duration::from_secs(5));
+                self.remove_name_links(opts.name.as_deref(), &uuid);
                 let _ = admin.call(&AdminRequest::VtpmDetach { uuid });
                 let _ = fs::remove_dir_all(self.socket_dir(&uuid));
                 match admin.call(&AdminRequest::VtpmDel { uuid }) {
@@ -337,14 +370,98 @@ impl Local {
                 ),
             ));
         }
-        let mut access = self.access(uuid);
+        let recorded = self.access(uuid);
+        let mut access = recorded.clone();
         if !listen.is_empty() {
             access.listen = listen.to_vec();
         }
         let rt = self.spawn(admin, &info, &access, None)?;
+        // A listener given for this run only is not recorded; the name's links follow this run's sockets.
+        let settled = if listen.is_empty() { self.settle(uuid, &recorded, &rt) } else { self.link_name(recorded.name.as_deref(), &rt) };
+        if let Err(e) = settled {
+            let _ = self.stop(admin, uuid, Duration::from_secs(5));
+            return Err(e);
+        }
         // Killed after its first state write: the creation did complete.
         let _ = fs::remove_file(self.creating_marker(uuid));
         Ok(rt)
+    }
+
+    /// After a start with the recorded listeners: records the ports a TCP listener with port 0
+    /// got (so the next start binds them again) and points the name's links at the sockets.
+    fn settle(&self, uuid: &Uuid, access: &Access, rt: &Runtime) -> Result<(), CliError> {
+        let pinned = pin_ports(&access.listen, &rt.tcp_ports);
+        if pinned != access.listen {
+            self.record_access(uuid, &Access { listen: pinned, ..access.clone() })?;
+        }
+        self.link_name(access.name.as_deref(), rt)
+    }
+
+    /// The vTPM whose recorded name is `name`.
+    pub fn named(&self, name: &str) -> Option<Uuid> {
+        fs::read_dir(self.state_dir.join("vtpms"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()))
+            .find(|u| self.access(u).name.as_deref() == Some(name))
+    }
+
+    /// A vTPM argument: its UUID, or the name it was created with.
+    pub fn resolve(&self, arg: &str) -> Result<Uuid, CliError> {
+        match Uuid::parse_str(arg) {
+            Ok(u) => Ok(u),
+            Err(_) if check_name(arg).is_ok() => {
+                self.named(arg).ok_or_else(|| CliError::new(NOT_FOUND, format!("no vTPM named {arg:?}; see `xl-vtpm vtpm list`")))
+            }
+            Err(_) => parse_uuid(arg, "vTPM"),
+        }
+    }
+
+    /// `<run-dir>/<name>` (data) and `<run-dir>/<name>.ctrl` (control).
+    fn name_links(&self, name: &str) -> [PathBuf; 2] {
+        [self.run_dir.join(name), self.run_dir.join(format!("{name}.ctrl"))]
+    }
+
+    /// Points `name`'s links at the data and control sockets `rt` listens on (atomically: a
+    /// new link renamed over the old one); removes a link whose kind of socket it lacks.
+    fn link_name(&self, name: Option<&str>, rt: &Runtime) -> Result<(), CliError> {
+        let Some(name) = name else { return Ok(()) };
+        let spec = |kind: &str| rt.listen.iter().find_map(|l| l.strip_prefix(kind)).map(PathBuf::from);
+        for (link, target) in self.name_links(name).into_iter().zip([spec("data:"), spec("ctrl:")]) {
+            let fail = |e: std::io::Error| CliError::new(FAILURE, format!("linking {} to the vTPM's socket: {e}", link.display()));
+            match fs::symlink_metadata(&link) {
+                Ok(m) if !m.file_type().is_symlink() => {
+                    return Err(CliError::new(FAILURE, format!("{} exists and is not a link to a vTPM socket; remove it", link.display())));
+                }
+                _ => {}
+            }
+            match target {
+                Some(t) => {
+                    let tmp = self.run_dir.join(format!(".{name}.link.tmp"));
+                    let _ = fs::remove_file(&tmp);
+                    std::os::unix::fs::symlink(&t, &tmp).map_err(fail)?;
+                    fs::rename(&tmp, &link).map_err(fail)?;
+                }
+                None => match fs::remove_file(&link) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+                    _ => {}
+                },
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `name`'s links (only links, and only into this vTPM's sockets or paths it listened on).
+    fn remove_name_links(&self, name: Option<&str>, uuid: &Uuid) {
+        let Some(name) = name else { return };
+        let listened: Vec<PathBuf> =
+            self.access(uuid).listen.iter().filter_map(|l| l.strip_prefix("data:").or_else(|| l.strip_prefix("ctrl:"))).map(PathBuf::from).collect();
+        let ours = |t: &Path| t.starts_with(self.socket_dir(uuid)) || listened.iter().any(|p| p == t);
+        for link in self.name_links(name) {
+            if fs::read_link(&link).is_ok_and(|t| ours(&t)) {
+                let _ = fs::remove_file(&link);
+            }
+        }
     }
 
     fn spawn(&self, admin: &mut Admin, info: &VtpmInfo, access: &Access, create: Option<&CreateOpts>) -> Result<Runtime, CliError> {
@@ -479,6 +596,7 @@ impl Local {
     pub fn destroy(&self, admin: &mut Admin, uuid: &Uuid) -> Result<(), CliError> {
         self.stop(admin, uuid, Duration::from_secs(5))?;
         admin.call(&AdminRequest::VtpmDel { uuid: *uuid })?;
+        self.remove_name_links(self.access(uuid).name.as_deref(), uuid);
         let dir = self.vtpm_dir(uuid);
         if dir.exists() {
             fs::remove_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("removing {}: {e}", dir.display())))?;
@@ -508,6 +626,7 @@ impl Local {
                 (None, false) => "stopped",
             }
             .into(),
+            name: self.access(&info.uuid).name,
             state_file: self.state_file(&info.uuid),
             runtime,
             tcti,
@@ -614,6 +733,47 @@ pub fn check_listen(listen: &[String]) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Names that are the run directory's own entries.
+const RESERVED_NAMES: [&str; 3] = ["vtpm", "vtpms", "guests"];
+
+/// A vTPM name (`--name`): 1–64 of `[A-Za-z0-9_-]`, starting with a letter or digit, not one
+/// of the run directory's own entries, not a UUID (commands take either). No dot: `<name>` and `<name>.ctrl` never meet the
+/// manager's files (`admin.sock`, `vtpmmgr.lock`, …) or another name's links.
+pub fn check_name(name: &str) -> Result<(), CliError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && !RESERVED_NAMES.contains(&name)
+        && Uuid::parse_str(name).is_err();
+    if ok {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            crate::exit::USAGE,
+            format!("--name {name:?}: 1 to 64 letters, digits, '_' or '-', starting with a letter or digit, not a UUID, and not one of {RESERVED_NAMES:?}"),
+        ))
+    }
+}
+
+/// `listen` with each TCP listener's port 0 replaced by the data port it got (`tcp_ports`,
+/// one pair per TCP listener in order).
+pub fn pin_ports(listen: &[String], tcp_ports: &[(u16, u16)]) -> Vec<String> {
+    let mut ports = tcp_ports.iter();
+    listen
+        .iter()
+        .map(|l| match l.strip_prefix("tcp:").and_then(|a| a.parse::<std::net::SocketAddr>().ok()) {
+            Some(mut a) => match ports.next() {
+                Some(&(data, _)) if a.port() == 0 => {
+                    a.set_port(data);
+                    format!("tcp:{a}")
+                }
+                _ => l.clone(),
+            },
+            None => l.clone(),
+        })
+        .collect()
+}
+
 /// A user name or numeric uid (`--consumer`).
 pub fn parse_user(arg: &str) -> Result<u32, CliError> {
     if let Ok(uid) = arg.parse::<u32>() {
@@ -635,6 +795,26 @@ pub fn not_found(uuid: &Uuid) -> CliError {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn port_zero_is_pinned_to_the_port_got_and_nothing_else_changes() {
+        let l = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            pin_ports(&l(&["data:/d", "tcp:127.0.0.1:0", "tcp:[::1]:0", "tcp:127.0.0.1:2321"]), &[(40000, 40001), (40002, 40003), (2321, 2322)]),
+            l(&["data:/d", "tcp:127.0.0.1:40000", "tcp:[::1]:40002", "tcp:127.0.0.1:2321"])
+        );
+        assert_eq!(pin_ports(&l(&["xen:backend/vtpm"]), &[]), l(&["xen:backend/vtpm"]));
+    }
+
+    #[test]
+    fn names_cannot_meet_the_run_directory_entries() {
+        for good in ["web1", "A_b-9", &"x".repeat(64)] {
+            check_name(good).unwrap();
+        }
+        for bad in ["", "vtpms", "vtpm", "guests", "admin.sock", "../x", "a/b", "-x", "_x", &"x".repeat(65), "é", "11223344-0000-4000-8000-000000000001"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     /// Needs root (chown), as `make test` runs.
     #[test]

@@ -21,7 +21,7 @@ const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 bad usage, 3 manager un
 
 /// Create, run and destroy vTPMs; administer vtpmmgr.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = EXIT_CODES)]
+#[command(name = "xl-vtpm", version, about, after_help = EXIT_CODES)]
 struct Args {
     /// vtpmmgr's runtime directory (admin socket).
     #[arg(long, env = "XVTPM_RUN_DIR", default_value = "/run/xvtpm", global = true)]
@@ -285,6 +285,7 @@ enum GroupCmd {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per run; its size does not matter
 enum VtpmCmd {
     /// Create a vTPM (identity, EK, sealed state) and start it.
     Create {
@@ -305,6 +306,10 @@ enum VtpmCmd {
         /// Recorded for `vtpm start`.
         #[arg(long)]
         consumer: Option<String>,
+        /// A name for stable endpoints: <run-dir>/NAME and NAME.ctrl link to its data and control
+        /// sockets (TCTI swtpm:path=<run-dir>/NAME); commands take it instead of the UUID.
+        #[arg(long)]
+        name: Option<String>,
         /// A TPM 1.2 instead of TPM 2.0.
         #[arg(long)]
         tpm12: bool,
@@ -388,6 +393,7 @@ struct DomainArgs {
 }
 
 fn main() {
+    xvtpm_clidoc::intercept("xl-vtpm", <Args as clap::CommandFactory>::command);
     let args = Args::parse();
     let json = args.json;
     match run(args) {
@@ -770,7 +776,7 @@ fn run(args: Args) -> Result<(), CliError> {
             confirm(yes, &format!("Delete group {group:?} and its attestation key"))?;
             admin.call(&AdminRequest::GroupDel { group })?;
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen: _, consumer: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } }) => {
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen: _, consumer: _, name: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } }) => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let mut create_args = vec!["--ek".to_string(), ek];
             if tpm12 {
@@ -785,10 +791,10 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("guest config: vtpm = [ \"backend={},uuid={}\" ]", rt.name, rt.uuid);
             }
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, consumer, tpm12, ek, dom: _ }) => {
+        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, consumer, name, tpm12, ek, dom: _ }) => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let consumer_uid = consumer.as_deref().map(local::parse_user).transpose()?;
-            let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc", consumer_uid })?;
+            let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc", consumer_uid, name })?;
             let row = local.show(&mut admin, &rt.uuid)?;
             if json {
                 print_json(&row);
@@ -799,7 +805,7 @@ fn run(args: Args) -> Result<(), CliError> {
         }
         Cmd::Vtpm(VtpmCmd::List) => print_rows(&with_domains(&domains, local.list(&mut admin)?), json),
         Cmd::Vtpm(VtpmCmd::Show { uuid }) => {
-            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let uuid = local.resolve(&uuid)?;
             let row = with_domains(&domains, vec![local.show(&mut admin, &uuid)?]).remove(0);
             if json {
                 print_json(&row);
@@ -818,7 +824,7 @@ fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Cmd::Vtpm(VtpmCmd::Start { uuid, listen, wait: _ }) => {
-            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let uuid = local.resolve(&uuid)?;
             let rt = local.start(&mut admin, &uuid, &listen)?;
             let row = local.show(&mut admin, &rt.uuid)?;
             if json {
@@ -829,7 +835,7 @@ fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Cmd::Vtpm(VtpmCmd::Stop { uuid }) => {
-            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let uuid = local.resolve(&uuid)?;
             let was = if domains.spec(&uuid)?.is_some() {
                 local.show(&mut admin, &uuid)?;
                 domains.stop(&mut admin, &uuid, xl_tools::vtpmdom::SHUTDOWN_GRACE)?
@@ -855,7 +861,7 @@ fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Cmd::Vtpm(VtpmCmd::Destroy { uuid, yes }) => {
-            let uuid = local::parse_uuid(&uuid, "UUID")?;
+            let uuid = local.resolve(&uuid)?;
             local.show(&mut admin, &uuid)?;
             confirm(yes, &format!("Destroy vTPM {uuid}: its keys, NV and EK are gone for good"))?;
             if domains.spec(&uuid)?.is_some() {
