@@ -18,7 +18,7 @@
 #      XVTPM_GUEST_KERNEL (elf|bzimage; elf = raw vmlinux, ~5x faster xl create under TCG),
 #      XVTPM_VTPMDOM_LOG (diagnosis: XVTPM_LOG filter inside the vTPM domain, e.g. debug; adds a
 #      busybox /init wrapper to its image),
-#      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 128 / 128; the vTPM domain's goes to
+#      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 160 / 128; the vTPM domain's goes to
 #      `xl-vtpm vtpm create --domain … --memory`)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -27,8 +27,9 @@ CI=$(dirname "$HERE"); TOP=$(dirname "$CI")
 R=$CACHE/root
 TARGET=${CARGO_TARGET_DIR:-$TOP/target}
 # 64 MiB cannot hold the Debian kernel (its image takes 58 MiB of guest memory: "segment kernel too large"); 96 MiB leaves ~49 MB MemTotal and the
-# guest initramfs (tpm2-tools + libcurl/gnutls/krb5 tail, 22 MB unpacked) OOMs while unpacking
-GUEST_MEM=${XVTPM_GUEST_MEM:-128}
+# guest initramfs (tpm2-tools + libcurl/gnutls/krb5 tail, 22 MB unpacked) OOMs while unpacking; 128 MiB did too once the
+# debug xl-vtpm in it reached 11.8 MB (34 MB unpacked): 160 MiB
+GUEST_MEM=${XVTPM_GUEST_MEM:-160}
 VTPMDOM_MEM=${XVTPM_VTPMDOM_MEM:-128}
 GUEST_KERNEL=${XVTPM_GUEST_KERNEL:-elf}
 die() { echo "build-images.sh: ERROR: $*" >&2; exit 1; }
