@@ -27,7 +27,7 @@ fn a_tcp_port_picked_at_create_is_kept_by_every_start() {
     );
     getrandom(&v.tcti());
     let show = s.xl_json(&["vtpm", "show", &v.uuid.to_string()]);
-    assert_eq!(show[0]["name"], "tcp-one", "{show}");
+    assert_eq!(show["name"], "tcp-one", "{show}");
     for _ in 0..2 {
         s.stop_vtpm(&v.uuid);
         let w = s.start_vtpm(&v.uuid);

@@ -1401,12 +1401,19 @@ impl Registry {
                             .isolation_level(postgres::IsolationLevel::Serializable)
                             .start()?;
                         let v = f(&mut Pg(&mut tx), &self.host)?;
-                        // A broken connection here leaves the outcome unknown: say so.
+                        // Only a refusal of the transaction itself (class 40: serialization
+                        // failure, deadlock; class 23: a constraint) means "not committed". Any
+                        // other failure of COMMIT leaves the outcome unknown — a broken connection,
+                        // or a server that commits and then reports FATAL 57P01 because its
+                        // postmaster died: say so.
                         tx.commit().map_err(|e| {
-                            if e.as_db_error().is_none() {
-                                RegistryError::CommitUnknown(e)
-                            } else {
+                            let refused = e
+                                .code()
+                                .is_some_and(|c| c.code().starts_with("40") || c.code().starts_with("23"));
+                            if refused {
                                 RegistryError::Postgres(e)
+                            } else {
+                                RegistryError::CommitUnknown(e)
                             }
                         })?;
                         Ok(v)
