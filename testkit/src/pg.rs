@@ -269,7 +269,9 @@ impl PgCluster {
         text.lines().next()?.trim().parse().ok()
     }
 
-    fn pg_ctl_start(&self) {
+    /// `pg_ctl start` with this cluster's options (Unix socket only, fsync on), waiting up to
+    /// `timeout_secs` for the server to accept connections.
+    fn pg_ctl_start_cmd(&self, timeout_secs: u32) -> Command {
         let opts = format!(
             "-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=on \
              -c synchronous_commit=on -c max_connections=50",
@@ -280,15 +282,16 @@ impl PgCluster {
             .arg(self.dir().join("data"))
             .arg("-l")
             .arg(self.log_path())
-            .args([
-                "-w",
-                "-t",
-                &START_TIMEOUT_SECS.to_string(),
-                "-o",
-                &opts,
-                "start",
-            ]);
-        let out = c.stdin(Stdio::null()).output().expect("run pg_ctl start");
+            .args(["-w", "-t", &timeout_secs.to_string(), "-o", &opts, "start"])
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn pg_ctl_start(&self) {
+        let out = self
+            .pg_ctl_start_cmd(START_TIMEOUT_SECS)
+            .output()
+            .expect("run pg_ctl start");
         assert!(
             out.status.success(),
             "pg_ctl start failed ({}): {}\n--- server log ---\n{}",
@@ -333,23 +336,13 @@ impl PgCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let pid_alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
-            if !pid_alive {
-                let opts = format!(
-                    "-c listen_addresses='' -c unix_socket_directories='{}' -c fsync=on",
-                    self.socket_dir().display()
-                );
-                let mut c = pg_cmd(&self.bin, "pg_ctl");
-                c.arg("-D")
-                    .arg(self.dir().join("data"))
-                    .arg("-l")
-                    .arg(self.log_path())
-                    .args(["-w", "-t", "10", "-o", &opts, "start"]);
-                if c.stdin(Stdio::null())
+            if !pid_alive
+                && self
+                    .pg_ctl_start_cmd(10)
                     .output()
                     .is_ok_and(|o| o.status.success())
-                {
-                    return;
-                }
+            {
+                return;
             }
             assert!(
                 Instant::now() < deadline,

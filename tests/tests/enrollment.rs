@@ -308,6 +308,60 @@ fn a_tampered_activation_answer_is_refused() {
 
 /// Runs tpm2-tools `args` against `tcti` in `dir`, then flushes transient objects (swtpm has no
 /// resource manager and only 3 object slots).
+/// Writes `cred` in tpm2-tools' credential file format (`cred<tag>.bin`: magic, version, then
+/// the blob and the encrypted secret as TPM2Bs) and runs `tpm2_activatecredential` with the AK
+/// and EK contexts in `dir`, under a fresh PolicySecret(endorsement) session; the secret lands
+/// in `out<tag>.bin`.
+fn activate_in_tpm(
+    dir: &Path,
+    tcti: &str,
+    cred: &vtpm_proto::credential::Credential,
+    tag: &str,
+) -> Output {
+    let mut f = vec![0xba, 0xdc, 0xc0, 0xde, 0, 0, 0, 1];
+    for part in [&cred.blob, &cred.encrypted_secret] {
+        f.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        f.extend_from_slice(part);
+    }
+    let (file, out, session) = (
+        format!("cred{tag}.bin"),
+        format!("out{tag}.bin"),
+        format!("s{tag}.ctx"),
+    );
+    std::fs::write(dir.join(&file), &f).unwrap();
+    let ok = |o: Output| assert!(o.status.success(), "{}", text(&o));
+    ok(tpm2_in(
+        dir,
+        tcti,
+        &["tpm2_startauthsession", "--policy-session", "-S", &session],
+    ));
+    ok(tpm2_in(
+        dir,
+        tcti,
+        &["tpm2_policysecret", "-S", &session, "-c", "e"],
+    ));
+    let policy = format!("session:{session}");
+    let result = tpm2_in(
+        dir,
+        tcti,
+        &[
+            "tpm2_activatecredential",
+            "-c",
+            "ak.ctx",
+            "-C",
+            "ek.ctx",
+            "-i",
+            &file,
+            "-o",
+            &out,
+            "-P",
+            &policy,
+        ],
+    );
+    let _ = tpm2_in(dir, tcti, &["tpm2_flushcontext", &session]);
+    result
+}
+
 fn tpm2_in(dir: &Path, tcti: &str, args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -403,79 +457,14 @@ fn tpm2_activatecredential_in_swtpm_releases_our_credential() {
 
     let secret = *b"0123456789abcdef0123456789abcdef";
     let cred = credential::make_credential(&ek, &name, &secret).unwrap();
-    let mut f = vec![0xba, 0xdc, 0xc0, 0xde, 0, 0, 0, 1];
-    for part in [&cred.blob, &cred.encrypted_secret] {
-        f.extend_from_slice(&(part.len() as u16).to_be_bytes());
-        f.extend_from_slice(part);
-    }
-    std::fs::write(d.join("cred.bin"), &f).unwrap();
-    ok(tpm2_in(
-        d,
-        &tcti,
-        &["tpm2_startauthsession", "--policy-session", "-S", "s.ctx"],
-    ));
-    ok(tpm2_in(
-        d,
-        &tcti,
-        &["tpm2_policysecret", "-S", "s.ctx", "-c", "e"],
-    ));
-    ok(tpm2_in(
-        d,
-        &tcti,
-        &[
-            "tpm2_activatecredential",
-            "-c",
-            "ak.ctx",
-            "-C",
-            "ek.ctx",
-            "-i",
-            "cred.bin",
-            "-o",
-            "out.bin",
-            "-P",
-            "session:s.ctx",
-        ],
-    ));
-    assert_eq!(std::fs::read(d.join("out.bin")).unwrap(), secret);
-    let _ = tpm2_in(d, &tcti, &["tpm2_flushcontext", "s.ctx"]);
+    ok(activate_in_tpm(d, &tcti, &cred, "1"));
+    assert_eq!(std::fs::read(d.join("out1.bin")).unwrap(), secret);
 
     // A credential made for another name is refused by the TPM (integrity check).
     let mut other = name.clone();
     other[10] ^= 1;
     let cred = credential::make_credential(&ek, &other, &secret).unwrap();
-    let mut f = vec![0xba, 0xdc, 0xc0, 0xde, 0, 0, 0, 1];
-    for part in [&cred.blob, &cred.encrypted_secret] {
-        f.extend_from_slice(&(part.len() as u16).to_be_bytes());
-        f.extend_from_slice(part);
-    }
-    std::fs::write(d.join("cred2.bin"), &f).unwrap();
-    ok(tpm2_in(
-        d,
-        &tcti,
-        &["tpm2_startauthsession", "--policy-session", "-S", "s2.ctx"],
-    ));
-    ok(tpm2_in(
-        d,
-        &tcti,
-        &["tpm2_policysecret", "-S", "s2.ctx", "-c", "e"],
-    ));
-    let out = tpm2_in(
-        d,
-        &tcti,
-        &[
-            "tpm2_activatecredential",
-            "-c",
-            "ak.ctx",
-            "-C",
-            "ek.ctx",
-            "-i",
-            "cred2.bin",
-            "-o",
-            "out2.bin",
-            "-P",
-            "session:s2.ctx",
-        ],
-    );
+    let out = activate_in_tpm(d, &tcti, &cred, "2");
     assert!(
         !out.status.success(),
         "a credential for another name must not activate"

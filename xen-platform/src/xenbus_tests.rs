@@ -917,6 +917,14 @@ async fn next_take(h: &mut Harness) -> Take {
     }
 }
 
+/// Waits for the next request and takes it (anything else taken first fails the test).
+async fn next_request(h: &mut Harness) -> Request {
+    match next_take(h).await {
+        Take::Request(r) => r,
+        other => panic!("expected a request, took {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_cancel_while_a_taken_request_is_answered_later_still_gets_finish() {
     // An answer that comes later (a deep quote waiting for the manager) and a guest that gives
@@ -925,9 +933,7 @@ async fn a_cancel_while_a_taken_request_is_answered_later_still_gets_finish() {
     // nothing: the page stayed in CANCEL and the guest's TPM hung.
     let (mut h, page, chan) = Harness::connected().await;
     submit(&page, &chan, &GET_RANDOM);
-    let Take::Request(r) = next_take(&mut h).await else {
-        panic!("no request")
-    };
+    let r = next_request(&mut h).await;
     assert_eq!(r.command, GET_RANDOM);
     page.write_u8(OFFSET_STATE, PageState::Cancel as u8)
         .unwrap();
@@ -951,17 +957,13 @@ async fn a_reconnect_makes_an_in_flight_ticket_stale_and_the_new_request_is_serv
     // ring, and the new request must be taken and answered without another signal.
     let (mut h, page, chan) = Harness::connected().await;
     submit(&page, &chan, &GET_RANDOM);
-    let Take::Request(old) = next_take(&mut h).await else {
-        panic!("no request")
-    };
+    let old = next_request(&mut h).await;
     h.xs.set(&format!("{FE}/state"), "1");
     h.pump().await;
     let (page2, chan2) = h.guest_publish(9, 18);
     let second = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 4];
     submit(&page2, &chan2, &second);
-    let Take::Request(new) = next_take(&mut h).await else {
-        panic!("the new request was not taken")
-    };
+    let new = next_request(&mut h).await;
     assert_eq!(new.command, second);
     assert!(!h.backend.is_current(&old.ticket));
     assert!(h.backend.is_current(&new.ticket));
@@ -989,9 +991,7 @@ async fn a_guest_that_rewrites_its_request_in_flight_gets_the_answer_to_what_was
     // Guest memory is copied, never borrowed: the answer is for the copy, and it is written.
     let (mut h, page, chan) = Harness::connected().await;
     submit(&page, &chan, &GET_RANDOM);
-    let Take::Request(r) = next_take(&mut h).await else {
-        panic!("no request")
-    };
+    let r = next_request(&mut h).await;
     page.write_bytes(DATA_OFFSET, &[0xff; 12]).unwrap();
     let out = h
         .backend
