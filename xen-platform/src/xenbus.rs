@@ -799,12 +799,11 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         ticket: Ticket,
         response: &[u8],
     ) -> Result<StepOutcome, TransportError> {
-        let current = self.is_current(&ticket);
         let Some(dev) = self.devices.get_mut(&ticket.key) else {
             return Ok(StepOutcome::Nothing);
         };
         dev.kick = true;
-        if !current {
+        if dev.in_flight != Some(ticket.number) {
             return Ok(StepOutcome::Nothing);
         }
         dev.in_flight = None;
