@@ -19,5 +19,6 @@ pub mod evidence;
 pub mod verify;
 pub mod ekcert;
 pub mod credential;
+pub mod transfer;
 pub mod deepquote_cmd;
 pub mod tpm12_compat;

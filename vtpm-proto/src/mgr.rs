@@ -449,6 +449,79 @@ pub enum AdminRequest {
         /// Contents of `TPM2B_ENCRYPTED_SECRET`, hex (at most 512 bytes).
         encrypted_secret: String,
     },
+    /// Moving a vTPM to another manager (docs/migration.md): the source checks the
+    /// destination's EK certificate (to `ek_roots`) and AK, and answers a
+    /// [`crate::transfer::Challenge`] for it.
+    TransferChallenge {
+        /// The vTPM to move.
+        uuid: Uuid,
+        /// The destination TPM's EK certificate (DER), hex.
+        ek_cert: String,
+        /// Intermediates (DER), hex.
+        #[serde(default)]
+        ek_intermediates: Vec<String>,
+        /// Trusted vendor roots (DER), hex.
+        ek_roots: Vec<String>,
+        /// The destination group's AK `TPMT_PUBLIC`, hex.
+        ak_public: String,
+        /// Host PCRs the destination must quote.
+        pcrs: Vec<u8>,
+    },
+    /// Destination: activates the challenge's credential and offers a transfer key.
+    TransferOffer {
+        /// The group the vTPM will join (UUID or name; `None` = the default group).
+        #[serde(default)]
+        group: Option<String>,
+        /// The source's challenge.
+        challenge: Box<crate::transfer::Challenge>,
+    },
+    /// Source: verifies the offer, marks the vTPM exporting (durably) and seals its identity
+    /// and `state` to the offer's transfer key.
+    TransferExport {
+        /// The vTPM.
+        uuid: Uuid,
+        /// The destination's offer.
+        offer: Box<crate::transfer::Offer>,
+        /// Trusted vendor roots (DER), hex.
+        ek_roots: Vec<String>,
+        /// `(PCR index, SHA-256 value hex)` pairs the destination must have.
+        host_policy: Vec<(u8, String)>,
+        /// The vTPM's sealed state file, hex.
+        state: String,
+        /// A name for the destination, shown when the retired vTPM is started here.
+        #[serde(default)]
+        destination: String,
+    },
+    /// Destination: imports a package (its TPM decrypts the package key).
+    TransferImport {
+        /// The package.
+        package: Box<crate::transfer::Package>,
+    },
+    /// Destination: the receipt of an imported vTPM again.
+    TransferReceipt {
+        /// The vTPM.
+        uuid: Uuid,
+    },
+    /// Destination: withdraws an offer that was not imported (its key is forgotten); answers a
+    /// cancellation receipt.
+    TransferCancel {
+        /// The offer.
+        offer_id: Uuid,
+    },
+    /// Source: retires an exporting vTPM on the destination's import receipt.
+    TransferCommit {
+        /// The vTPM.
+        uuid: Uuid,
+        /// The destination's receipt.
+        receipt: Box<crate::transfer::Receipt>,
+    },
+    /// Source: returns an exporting vTPM to service on the destination's cancellation receipt.
+    TransferAbort {
+        /// The vTPM.
+        uuid: Uuid,
+        /// The destination's receipt.
+        receipt: Box<crate::transfer::Receipt>,
+    },
 }
 
 /// Enrollment material of a host (`xl-vtpm mgr enrollment`).
@@ -498,6 +571,21 @@ pub enum AdminReply {
         /// The secret, hex (redacted in `Debug`).
         secret: SecretBytes,
     },
+    /// A transfer challenge.
+    TransferChallenge(Box<crate::transfer::Challenge>),
+    /// A transfer offer.
+    TransferOffer(Box<crate::transfer::Offer>),
+    /// A sealed transfer package.
+    TransferPackage(Box<crate::transfer::Package>),
+    /// A package was imported: its receipt, and the vTPM's sealed state file (hex) to install.
+    TransferImported {
+        /// The receipt for the source.
+        receipt: Box<crate::transfer::Receipt>,
+        /// The sealed state file, hex.
+        state: String,
+    },
+    /// A receipt.
+    TransferReceipt(Box<crate::transfer::Receipt>),
     /// Done, nothing to report.
     Ok,
     /// Refused or failed.

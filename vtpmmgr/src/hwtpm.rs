@@ -766,7 +766,7 @@ impl HwTpm {
     }
 
     /// Starts an SRK-salted session (AES-128-CFB parameter encryption, SHA-256).
-    fn start_salted_session(&mut self, ty: SessionType) -> Result<AuthSession> {
+    pub(crate) fn start_salted_session(&mut self, ty: SessionType) -> Result<AuthSession> {
         self.ctx
             .start_auth_session(
                 Some(self.srk),
@@ -780,13 +780,13 @@ impl HwTpm {
             .ok_or_else(|| HwTpmError::Unexpected("StartAuthSession returned no handle".into()))
     }
 
-    fn flush_session(&mut self, s: AuthSession) {
+    pub(crate) fn flush_session(&mut self, s: AuthSession) {
         if let Err(e) = self.ctx.flush_context(SessionHandle::from(s).into()) {
             xvtpm_log::guest_warn!(error = %e, "failed to flush session");
         }
     }
 
-    fn flush_object(&mut self, h: ObjectHandle) {
+    pub(crate) fn flush_object(&mut self, h: ObjectHandle) {
         if let Err(e) = self.ctx.flush_context(h) {
             xvtpm_log::guest_warn!(error = %e, "failed to flush transient object");
         }
@@ -1221,13 +1221,13 @@ impl HwTpm {
         })
     }
 
-    fn load_ak(&mut self, ak: &AkRecord) -> Result<KeyHandle> {
+    pub(crate) fn load_ak(&mut self, ak: &AkRecord) -> Result<KeyHandle> {
         self.load_under_srk("AK", "Load(AK)", &ak.public, &ak.private, &ak.name)
     }
 
     /// Loads a key blob created under the SRK (`what` names it in errors), after checking that
     /// the recorded name is the name of the recorded public area.
-    fn load_under_srk(
+    pub(crate) fn load_under_srk(
         &mut self,
         what: &str,
         op: &'static str,
@@ -1417,7 +1417,7 @@ impl HwTpm {
 
     /// An HMAC session salted with the SRK that stays open until flushed: the CA key's
     /// authorisation is proven by HMAC, never sent in the clear.
-    fn hmac_session(&mut self) -> Result<AuthSession> {
+    pub(crate) fn hmac_session(&mut self) -> Result<AuthSession> {
         let sess = self.start_salted_session(SessionType::Hmac)?;
         let (attrs, mask) = SessionAttributesBuilder::new()
             .with_continue_session(true)

@@ -27,6 +27,9 @@ use crate::hwtpm::{AkAlg, HwTpm, MasterSecret, PcrPolicySpec};
 use crate::rollback::{Protected, RollbackError};
 use crate::store::{EkBinding, Group, GroupCa, StateAnchor, Store, StoreKeys, VtpmEntry};
 
+#[path = "transfer.rs"]
+pub mod transfer;
+
 /// A physical quote to run outside the manager lock.
 pub struct QuoteJob {
     hw: std::sync::Arc<std::sync::Mutex<HwTpm>>,
@@ -248,6 +251,9 @@ impl Manager {
     }
 
     fn derive_key(&self, uuid: &Uuid) -> Option<Zeroizing<Vec<u8>>> {
+        if let Some(imported) = self.imported_state_key(uuid) {
+            return imported;
+        }
         let master = self.master.as_ref()?;
         let hk = Hkdf::<Sha256>::new(Some(b"xvtpm/state-key/v1"), &master[..]);
         let mut okm = Zeroizing::new(vec![0u8; 32]);
@@ -266,6 +272,9 @@ impl Manager {
         let Some(entry) = self.store.vtpm(&socket_uuid) else {
             return Err(Failure::new(ErrorCode::NotFound, format!("vTPM {socket_uuid} does not exist")));
         };
+        if let Some(why) = self.transfer_refusal(&socket_uuid) {
+            return Err(Failure::new(ErrorCode::Refused, why));
+        }
         // A dead attached process is no attachment: its successor may
         // ask before xl-vtpm has attached it, and should retry.
         let Some(expected) = self.attachment(&socket_uuid) else {
@@ -294,6 +303,9 @@ impl Manager {
         let Some(entry) = self.store.vtpm(&backend_uuid) else {
             return Err(Failure::new(ErrorCode::NotFound, format!("vTPM {backend_uuid} does not exist")));
         };
+        if let Some(why) = self.transfer_refusal(&backend_uuid) {
+            return Err(Failure::new(ErrorCode::Refused, why));
+        }
         let Some(expected) = self.attached_domains.get(&backend_uuid).copied() else {
             return Err(Failure::new(ErrorCode::NotAttached, format!("no domain is attached to vTPM {backend_uuid} yet (xl-vtpm attaches the vTPM domain after creating it)")));
         };
@@ -652,6 +664,7 @@ impl Manager {
                 }
                 let mut next = self.store.clone();
                 next.vtpms.retain(|v| v.uuid != uuid);
+                next.transfers.retain(|t| t.uuid != uuid);
                 self.commit(next)?;
                 self.refused_states.remove(&uuid);
                 self.attached.remove(&uuid);
@@ -663,6 +676,9 @@ impl Manager {
             }
             AdminRequest::VtpmAttach { uuid, pid } => {
                 self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                if let Some(why) = self.transfer_refusal(&uuid) {
+                    return Err(fail(ErrorCode::Refused, why));
+                }
                 // The instance is named now, while the caller (the vTPM's parent) keeps the
                 // child unreaped, so the pid cannot have been reused yet.
                 let Some(start) = xvtpm_fsutil::start_time(pid).filter(|_| xvtpm_fsutil::pid_alive(pid)) else {
@@ -680,6 +696,9 @@ impl Manager {
             }
             AdminRequest::VtpmAttachDomain { uuid, domid } => {
                 self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                if let Some(why) = self.transfer_refusal(&uuid) {
+                    return Err(fail(ErrorCode::Refused, why));
+                }
                 // DOMID_FIRST_RESERVED (0x7FF0) and above are never real domains; dom0 is
                 // the manager's own domain, never a vTPM domain.
                 if domid == 0 || domid >= 0x7FF0 {
@@ -701,6 +720,14 @@ impl Manager {
                 AdminReply::Ok
             }
             AdminRequest::VtpmAcceptState { uuid } => return self.accept_state(uuid),
+            req @ (AdminRequest::TransferChallenge { .. }
+            | AdminRequest::TransferOffer { .. }
+            | AdminRequest::TransferExport { .. }
+            | AdminRequest::TransferImport { .. }
+            | AdminRequest::TransferReceipt { .. }
+            | AdminRequest::TransferCancel { .. }
+            | AdminRequest::TransferCommit { .. }
+            | AdminRequest::TransferAbort { .. }) => return self.transfer_admin(req),
             AdminRequest::Enrollment => return self.enrollment(),
             AdminRequest::ActivateCredential { group, credential_blob, encrypted_secret } => {
                 return self.activate_credential(&group, &credential_blob, &encrypted_secret);

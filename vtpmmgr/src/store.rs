@@ -159,6 +159,13 @@ pub struct Store {
     /// The rollback counter (format 2; set by [`crate::rollback`] on every write).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counter: Option<CounterRecord>,
+    /// Transfers of vTPMs to and from other managers ([`crate::manager::transfer`]); absent from
+    /// the JSON while empty, so older stores keep their MAC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transfers: Vec<crate::manager::transfer::TransferRecord>,
+    /// Transfer offers this manager made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offers: Vec<crate::manager::transfer::OfferRecord>,
 }
 
 /// The file: the store plus its MAC.
@@ -344,6 +351,7 @@ mod tests {
             groups: vec![],
             vtpms: vec![VtpmEntry { uuid: Uuid::from_u128(7), group: Uuid::from_u128(1), created: 5, ek: None, state: None }],
             counter: Some(CounterRecord { nv_index: 0x0180_5600, value: 42 }),
+            ..Store::default()
         }
     }
 

@@ -359,6 +359,13 @@ enum VtpmCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Move a vTPM to another manager step by step, each step on its own host
+    /// (docs/migration.md).
+    #[command(subcommand)]
+    Transfer(xl_tools::transfer::TransferCmd),
+    /// Move a stopped vTPM to another manager whose admin socket and state directory are
+    /// reachable from here: every transfer step, then the source copy is retired.
+    Migrate(xl_tools::transfer::MigrateArgs),
 }
 
 const DEFAULT_VTPMDOM_KERNEL: &str = "/usr/lib/xvtpm/vtpmdom/vmlinuz";
@@ -848,6 +855,22 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("stopped vTPM {uuid}");
             } else {
                 println!("vTPM {uuid} was not running");
+            }
+        }
+        Cmd::Vtpm(VtpmCmd::Transfer(t)) => {
+            let v = xl_tools::transfer::run(t, &mut admin, &local)?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("{v}");
+            }
+        }
+        Cmd::Vtpm(VtpmCmd::Migrate(m)) => {
+            let done = xl_tools::transfer::run_migrate(m, &mut admin, &local)?;
+            if json {
+                print_json(&done);
+            } else {
+                println!("vTPM {} moved to host {} (transfer generation {}); start it there", done.uuid, done.dest_host, done.generation);
             }
         }
         Cmd::Vtpm(VtpmCmd::AcceptState { uuid, yes }) => {
