@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod attest;
 pub mod ekcert;
+pub mod eventlog;
 pub mod exit;
 pub mod guest;
 pub mod local;

@@ -118,6 +118,10 @@ enum Cmd {
     /// Enroll a host: verify its EK certificate chain to the TPM vendor's root, prove each group
     /// AK lives in that TPM by credential activation, pin the AKs in a trust store.
     Enroll(xl_tools::attest::EnrollArgs),
+    /// The host's measured-boot event log: export it (provider), show it, write a policy from a
+    /// known-good host (tenant); `verify --event-log` replays it against a deep quote.
+    #[command(subcommand)]
+    Eventlog(xl_tools::eventlog::EventlogCmd),
     /// Verify a vTPM's EK certificate (read with `tpm2_nvread 0x1c00002` or `0x1c0000a`, DER or
     /// PEM) against its group's EK CA (`xl-vtpm mgr group ca-cert`); exit 0 only if it verified.
     VerifyEkcert {
@@ -564,6 +568,7 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Guest(g) => return run_guest(g, json),
         Cmd::Verify(v) => return xl_tools::attest::run_verify(&v, json),
         Cmd::Enroll(e) => return xl_tools::attest::run_enroll(&e, &args.run_dir, json),
+        Cmd::Eventlog(c) => return xl_tools::eventlog::run(&c, json),
         Cmd::VerifyEkcert { cert, ca, ek, certify, ak } => {
             let checks = xl_tools::ekcert::Checks { ek_public: ek.as_deref(), certify: certify.as_deref().zip(ak.as_deref()) };
             let info = xl_tools::ekcert::verify(&cert, &ca, &checks)?;
@@ -629,7 +634,7 @@ fn run(args: Args) -> Result<(), CliError> {
     }
     let mut admin = Admin::connect(&args.run_dir)?;
     match cmd {
-        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
+        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::Eventlog(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
             unreachable!("handled above")
         }
         Cmd::Create { config, group, dry_run } => match xen.create(&mut admin, &config, group, dry_run)? {
