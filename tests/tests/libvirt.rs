@@ -300,8 +300,24 @@ fn vtpm_state(s: &Stack, uuid: &Uuid) -> Option<String> {
     }
 }
 
+/// `xl-vtpm libvirt sweep` where it belongs: in libvirtd's mount namespace (it reads libvirt's
+/// TPM state directories).
 fn sweep(s: &Stack, l: &Libvirtd) -> serde_json::Value {
-    s.xl_json(&["libvirt", "sweep", "--connect", &l.uri])
+    let out = Command::new("nsenter")
+        .arg("--mount")
+        .arg("--target")
+        .arg(l.child.id().to_string())
+        .arg("--")
+        .arg(testkit::bin_path("xl-vtpm"))
+        .args(["libvirt", "sweep", "--connect", &l.uri, "--json"])
+        .env("XVTPM_RUN_DIR", s.run_dir())
+        .env("XVTPM_STATE_DIR", s.state_dir())
+        .env("XVTPM_VTPM_DOMAIN", testkit::bin_path("vtpm-domain"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nsenter xl-vtpm");
+    assert!(out.status.success(), "xl-vtpm libvirt sweep failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
@@ -402,6 +418,14 @@ fn libvirt_persistent_state_keeps_the_vtpm_and_unsupported_settings_are_refused(
     // undefine keeps persistent state: the marker stays, the sweep keeps the vTPM.
     l.ok(&["undefine", name]);
     assert_eq!(vtpm_of(&l, &vm), Some(vtpm), "persistent_state='yes' lost the TPM state directory");
+    // A sweep that does not see libvirt's storage (here: outside libvirtd's mount namespace,
+    // where no /var/lib/libvirt/swtpm exists) must not take the missing directory for an
+    // undefine. (A host whose own libvirt made /var/lib/libvirt/swtpm cannot show this.)
+    if !Path::new("/var/lib/libvirt/swtpm").exists() {
+        let swept = s.xl_json(&["libvirt", "sweep", "--connect", &l.uri]);
+        assert_eq!(swept[0]["action"], "kept-unverified", "{swept}");
+        assert_eq!(vtpm_state(&s, &vtpm).as_deref(), Some("stopped"));
+    }
     let swept = sweep(&s, &l);
     assert_eq!(swept[0]["action"], "kept-state", "{swept}");
     assert_eq!(vtpm_state(&s, &vtpm).as_deref(), Some("stopped"));
@@ -428,6 +452,10 @@ fn libvirt_persistent_state_keeps_the_vtpm_and_unsupported_settings_are_refused(
     assert!(!o.status.success(), "a domain with <active_pcr_banks> started");
     let log = std::fs::read_to_string(l.host_path("/var/log/swtpm/libvirt/qemu/xvtpm-lv3-swtpm.log")).unwrap_or_default();
     assert!(log.contains("active_pcr_banks"), "the refusal is not in the swtpm log: {log}\nvirsh: {}", String::from_utf8_lossy(&o.stderr));
+    // libvirt removed the TPM directory of the failed start: the vTPM made for it is reported
+    // while the domain exists, and destroyed once it is undefined.
+    let swept = sweep(&s, &l);
+    assert!(swept.as_array().unwrap().iter().all(|x| x["action"] == "orphaned"), "{swept}");
     l.ok(&["undefine", "xvtpm-lv3"]);
     let swept = sweep(&s, &l);
     assert!(swept.as_array().unwrap().iter().all(|x| x["action"] == "destroyed"), "{swept}");

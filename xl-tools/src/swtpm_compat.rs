@@ -669,9 +669,21 @@ pub fn main(tool: Tool, local: &Local, args: &[String]) -> i32 {
         Tool::Ioctl => "usage: swtpm_ioctl --unix SOCK -s\nxvtpm's swtpm_ioctl entry point for libvirt: shuts the vTPM on SOCK down.",
     };
     let version = format!("xvtpm {name} entry point {} (swtpm {SWTPM_VERSION} command lines, for libvirt)", env!("CARGO_PKG_VERSION"));
+    // Where a refusal is written even when the command line itself is refused: libvirt
+    // points at these logs ("Check error log ...").
+    let log_of = |args: &[String]| -> Option<PathBuf> {
+        args.iter().enumerate().find_map(|(i, a)| match split_eq(a) {
+            ("--logfile", Some(v)) => Some(PathBuf::from(v)),
+            ("--logfile", None) => args.get(i + 1).map(PathBuf::from),
+            ("--log", v) => v.or(args.get(i + 1).map(String::as_str)).and_then(|v| {
+                v.split(',').find_map(|p| p.strip_prefix("file=")).map(PathBuf::from)
+            }),
+            _ => None,
+        })
+    };
     let result: Result<i32, (CliError, Option<PathBuf>)> = match tool {
         Tool::Setup => match parse_setup(args) {
-            Err(e) => Err((e, None)),
+            Err(e) => Err((e, log_of(args))),
             Ok(a) => match a.info {
                 Some("capabilities") => {
                     println!("{}", capabilities(tool));
@@ -697,7 +709,7 @@ pub fn main(tool: Tool, local: &Local, args: &[String]) -> i32 {
             },
         },
         Tool::Swtpm => match parse_socket(args) {
-            Err(e) => Err((e, None)),
+            Err(e) => Err((e, log_of(args))),
             Ok(a) => match a.info {
                 Some("capabilities") => {
                     println!("{}", capabilities(tool));
@@ -745,8 +757,11 @@ pub struct Swept {
     /// Its libvirt domain.
     pub vm_uuid: Uuid,
     /// `kept` (the domain is defined), `kept-state` (undefined, TPM state kept: `persistent_state='yes'`
-    /// or `--keep-tpm`), `destroyed`, or `running` (undefined and state gone, but its process runs:
-    /// left alone).
+    /// or `--keep-tpm`), `kept-unverified` (libvirt's swtpm storage directory itself is absent:
+    /// storage not mounted, or a sweep outside libvirtd's mount namespace), `destroyed`, or
+    /// `running` (undefined and state gone, but its process runs: left alone), or `orphaned`
+    /// (the domain is defined but its TPM directory no longer names this vTPM: left alone while
+    /// the domain exists; `xl-vtpm vtpm destroy` removes it).
     pub action: String,
 }
 
@@ -773,8 +788,15 @@ pub fn sweep(local: &Local, admin: &mut Admin, defined: &HashSet<Uuid>) -> Resul
             Ok(None) => false,
             Err(_) => true,
         };
+        // libvirt's swtpm storage directory (`/var/lib/libvirt/swtpm`) itself missing means we
+        // do not see libvirt's storage (not mounted, another mount namespace), not an undefine.
+        let storage_seen = b.tpm_state.parent().and_then(Path::parent).is_some_and(Path::is_dir);
         let action = if defined.contains(&b.vm_uuid) {
-            "kept"
+            // libvirt deletes a TPM directory it made when the start fails after swtpm_setup
+            // (e.g. `--reconfigure` refused): the domain's next start makes another vTPM.
+            if storage_seen && !still_marked { "orphaned" } else { "kept" }
+        } else if !storage_seen {
+            "kept-unverified"
         } else if still_marked {
             "kept-state"
         } else if local.runtime(&uuid).is_some() {
