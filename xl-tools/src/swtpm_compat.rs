@@ -508,9 +508,19 @@ pub fn setup(local: &Local, a: &SetupArgs) -> Result<String, CliError> {
 /// vTPM recorded at creation (a marker copied into another domain's directory is refused).
 pub fn vtpm_of(local: &Local, dir: &Path) -> Result<Uuid, CliError> {
     let uuid = marker(dir)?.ok_or_else(|| {
+        let swtpm_state = ["tpm2-00.permall", "tpm-00.permall"].iter().any(|f| dir.join(f).exists());
         CliError::new(
             FAILURE,
-            format!("no xvtpm vTPM for {} ({} missing): swtpm_setup makes it when libvirt starts the domain with an empty TPM state directory", dir.display(), MARKER),
+            if swtpm_state {
+                format!(
+                    "{} holds a plain swtpm's TPM state, not an xvtpm vTPM: xvtpm does not import swtpm state. Run this domain on \
+                     swtpm (without xvtpm's directory in libvirtd's PATH), or give it a new xvtpm vTPM with \
+                     `virsh undefine --keep-nvram --tpm` and define it again (its TPM contents are lost)",
+                    dir.display()
+                )
+            } else {
+                format!("no xvtpm vTPM for {} ({MARKER} missing): swtpm_setup makes it when libvirt starts the domain with an empty TPM state directory", dir.display())
+            },
         )
     })?;
     let b = binding(local, &uuid)?.ok_or_else(|| {
