@@ -48,6 +48,11 @@ fn have(cmd: &str) -> bool {
 
 impl Libvirtd {
     fn start(s: &Stack) -> Option<Libvirtd> {
+        Libvirtd::start_with(s, &testkit::bin_path("vtpm-domain"))
+    }
+
+    /// With `vtpm_domain` as the vTPM binary the entry points run.
+    fn start_with(s: &Stack, vtpm_domain: &Path) -> Option<Libvirtd> {
         for c in ["libvirtd", "virsh", "unshare", "qemu-system-x86_64"] {
             if !have(c) {
                 return skip(&format!("{c} is not installed"));
@@ -89,7 +94,7 @@ impl Libvirtd {
             .env("PATH", path)
             .env("XVTPM_RUN_DIR", s.run_dir())
             .env("XVTPM_STATE_DIR", s.state_dir())
-            .env("XVTPM_VTPM_DOMAIN", testkit::bin_path("vtpm-domain"))
+            .env("XVTPM_VTPM_DOMAIN", vtpm_domain)
             .env("XVTPM_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -401,7 +406,12 @@ fn libvirt_define_start_reset_save_restore_destroy_undefine() {
 #[test]
 fn libvirt_persistent_state_keeps_the_vtpm_and_unsupported_settings_are_refused() {
     let s = Stack::start();
-    let Some(l) = Libvirtd::start(&s) else { return };
+    // A vTPM that takes 2 s to come up (a loaded host): libvirt gives swtpm's socket 1 s to
+    // appear, so the entry point must make it before the vTPM opens its state.
+    let slow = s.dir.path().join("slow-vtpm-domain");
+    std::fs::write(&slow, format!("#!/bin/sh\nsleep 2\nexec {} \"$@\"\n", testkit::bin_path("vtpm-domain").display())).unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let Some(l) = Libvirtd::start_with(&s, &slow) else { return };
     let vm = Uuid::new_v4();
     let name = "xvtpm-lv2";
     let xml = domain_xml(name, &vm, "tpm-tis", " persistent_state='yes'/>");

@@ -542,6 +542,30 @@ pub fn vtpm_of(local: &Local, dir: &Path) -> Result<Uuid, CliError> {
     Ok(uuid)
 }
 
+/// Binds QEMU's control socket at `ctrl`: mode 0600, owned by `consumer` (QEMU's uid); a stale
+/// socket there (a killed predecessor's; libvirt also unlinks it) is replaced, anything else is not.
+fn bind_ctrl(ctrl: &Path, consumer: Option<u32>) -> Result<std::os::unix::net::UnixListener, CliError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let fail = |e: std::io::Error| CliError::new(FAILURE, format!("--ctrl path={}: {e}", ctrl.display()));
+    if let Ok(m) = fs::symlink_metadata(ctrl) {
+        if !m.file_type().is_socket() {
+            return Err(CliError::new(FAILURE, format!("--ctrl path={}: exists and is not a socket; remove it", ctrl.display())));
+        }
+        fs::remove_file(ctrl).map_err(fail)?;
+    }
+    if ctrl.as_os_str().len() > 107 {
+        return Err(CliError::new(USAGE, format!("--ctrl path={}: longer than a Unix socket path may be (107 bytes)", ctrl.display())));
+    }
+    let l = std::os::unix::net::UnixListener::bind(ctrl).map_err(fail)?;
+    let set = fs::set_permissions(ctrl, fs::Permissions::from_mode(0o600))
+        .and_then(|()| consumer.map_or(Ok(()), |u| std::os::unix::fs::chown(ctrl, Some(u), None)));
+    if let Err(e) = set {
+        let _ = fs::remove_file(ctrl);
+        return Err(fail(e));
+    }
+    Ok(l)
+}
+
 /// Marks every descriptor above stderr close-on-exec, so the vTPM process does not inherit
 /// libvirt's (the pidfile whose lock this process holds, pipes to libvirtd).
 fn cloexec_inherited() {
@@ -573,7 +597,16 @@ pub fn socket(local: &Local, a: &SocketArgs) -> Result<i32, CliError> {
     };
     cloexec_inherited();
     let mut admin = Admin::connect(&local.run_dir)?;
-    let rt = local.start_for_qemu(&mut admin, &uuid, ctrl, consumer)?;
+    // libvirt waits 1 s for the socket to appear (and starts QEMU then): bind it now, before
+    // the vTPM opens its state; QEMU's connection waits in the backlog until the vTPM serves.
+    let listener = bind_ctrl(ctrl, consumer)?;
+    let rt = match local.start_for_qemu(&mut admin, &uuid, ctrl, listener, consumer) {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = fs::remove_file(ctrl);
+            return Err(e);
+        }
+    };
     drop(admin);
     log_line(
         log,
