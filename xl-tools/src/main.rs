@@ -711,10 +711,16 @@ fn run(args: Args) -> Result<(), CliError> {
                     xl_tools::swtpm_compat::sweep(&local, &mut admin, &defined)
                 });
                 match pass {
-                    Ok(swept) if json => print_json(&swept),
                     Ok(swept) => {
-                        for s in &swept {
-                            println!("{} {} (libvirt domain {})", s.action, s.vtpm, s.vm_uuid);
+                        if json {
+                            print_json(&swept);
+                        } else {
+                            for s in &swept {
+                                println!("{} {} (libvirt domain {})", s.action, s.vtpm, s.vm_uuid);
+                            }
+                        }
+                        if watch.is_none() && swept.iter().any(|s| s.action.starts_with("failed")) {
+                            return Err(CliError::new(exit::FAILURE, "some vTPMs of undefined libvirt domains could not be destroyed (listed above)"));
                         }
                     }
                     Err(e) if watch.is_some() => eprintln!("xl-vtpm libvirt sweep: {}", e.message),

@@ -804,7 +804,7 @@ pub struct Swept {
     /// storage not mounted, or a sweep outside libvirtd's mount namespace), `destroyed`, or
     /// `running` (undefined and state gone, but its process runs: left alone), or `orphaned`
     /// (the domain is defined but its TPM directory no longer names this vTPM: left alone while
-    /// the domain exists; `xl-vtpm vtpm destroy` removes it).
+    /// the domain exists; `xl-vtpm vtpm destroy` removes it), or `failed: REASON`.
     pub action: String,
 }
 
@@ -845,8 +845,15 @@ pub fn sweep(local: &Local, admin: &mut Admin, defined: &HashSet<Uuid>) -> Resul
         } else if local.runtime(&uuid).is_some() {
             "running"
         } else {
-            local.destroy(admin, &uuid)?;
-            "destroyed"
+            // One vTPM that cannot be destroyed (e.g. its identity was deleted by hand) does not
+            // keep the others.
+            match local.destroy(admin, &uuid) {
+                Ok(()) => "destroyed",
+                Err(e) => {
+                    out.push(Swept { vtpm: uuid, vm_uuid: b.vm_uuid, action: format!("failed: {}", e.message) });
+                    continue;
+                }
+            }
         };
         out.push(Swept { vtpm: uuid, vm_uuid: b.vm_uuid, action: action.into() });
     }
