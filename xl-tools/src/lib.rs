@@ -20,4 +20,5 @@ pub mod vtpmdom;
 pub mod xenlife;
 pub mod libvirt_hook;
 pub mod registry;
+pub mod swtpm_compat;
 pub mod xlcfg;

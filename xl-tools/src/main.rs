@@ -109,6 +109,9 @@ enum Cmd {
         #[arg(num_args = 0.., allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// vTPMs of libvirt/QEMU domains (made by the swtpm entry points, docs/libvirt.md).
+    #[command(subcommand)]
+    Libvirt(LibvirtCmd),
     /// Commands run inside a guest (or against any vTPM).
     #[command(subcommand)]
     Guest(GuestCmd),
@@ -139,6 +142,20 @@ enum Cmd {
         /// The group's AK (TPMT_PUBLIC, raw or hex; `xl-vtpm mgr group ak`), for --certify.
         #[arg(long, requires = "certify")]
         ak: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LibvirtCmd {
+    /// Destroy the vTPMs of libvirt domains that are undefined and whose TPM state directory
+    /// libvirt removed (`virsh undefine` without `--keep-tpm` or `persistent_state='yes'`).
+    Sweep {
+        /// libvirt URI for virsh (default: virsh's, e.g. $LIBVIRT_DEFAULT_URI or qemu:///system).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+        /// Keep sweeping every SECS seconds.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
     },
 }
 
@@ -690,6 +707,37 @@ fn run(args: Args) -> Result<(), CliError> {
             xen.forget(&name)?;
         }
         Cmd::LibvirtHook { args: hook_args } => return run_libvirt_hook(&xen, &mut admin, &hook_args),
+        Cmd::Libvirt(LibvirtCmd::Sweep { connect, watch }) => {
+            let virsh = std::env::var_os("XVTPM_VIRSH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("virsh"));
+            loop {
+                let pass = xl_tools::swtpm_compat::defined_domains(&virsh, connect.as_deref()).and_then(|defined| {
+                    // A fresh connection per pass: a watcher outlives manager restarts.
+                    let mut admin = Admin::connect(&local.run_dir)?;
+                    xl_tools::swtpm_compat::sweep(&local, &mut admin, &defined)
+                });
+                match pass {
+                    Ok(swept) => {
+                        if json {
+                            print_json(&swept);
+                        } else {
+                            for s in &swept {
+                                println!("{} {} (libvirt domain {})", s.action, s.vtpm, s.vm_uuid);
+                            }
+                        }
+                        if watch.is_none() && swept.iter().any(|s| s.action.starts_with("failed")) {
+                            return Err(CliError::new(exit::FAILURE, "some vTPMs of undefined libvirt domains could not be destroyed (listed above)"));
+                        }
+                    }
+                    Err(e) if watch.is_some() => eprintln!("xl-vtpm libvirt sweep: {}", e.message),
+                    Err(e) => return Err(e),
+                }
+                let _ = std::io::stdout().flush();
+                match watch {
+                    Some(secs) => std::thread::sleep(Duration::from_secs(secs.max(1))),
+                    None => return Ok(()),
+                }
+            }
+        }
         Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::List)) => {
             {
                 let vtpms = admin.list_vtpms()?;
