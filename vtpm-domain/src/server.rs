@@ -184,11 +184,16 @@ pub struct Bound {
 
 /// Binds every listener. Must be called inside the runtime. Unix sockets are made
 /// mode 0600 and owned by the consumer (if any); every connection is checked against
-/// `access` when accepted.
-pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access) -> io::Result<Bound> {
+/// `access` when accepted. With `ctrl_from_stdin` the (one) `ctrl:PATH` listener is not bound
+/// here but taken from stdin, where the process that started us put it bound at PATH.
+pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access, ctrl_from_stdin: bool) -> io::Result<Bound> {
     let mut b = Bound { listeners: vec![], xen: vec![], access, tcp_ports: vec![] };
+    if ctrl_from_stdin && listen.iter().filter(|l| matches!(l, Listen::UnixCtrl(_))).count() != 1 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "--ctrl-listener-stdin needs exactly one --listen ctrl:PATH"));
+    }
     for l in listen {
         match l {
+            Listen::UnixCtrl(p) if ctrl_from_stdin => b.listeners.push((Listener::Unix(inherited_unix(p)?), Channel::Ctrl)),
             Listen::TcpPair(addr) => {
                 let (d, c) = bind_tcp_pair(*addr).await?;
                 b.tcp_ports.push((d.local_addr()?.port(), c.local_addr()?.port()));
@@ -201,6 +206,24 @@ pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access) -> io::Re
         }
     }
     Ok(b)
+}
+
+/// The listening Unix socket on stdin, which must be bound at `p`.
+fn inherited_unix(p: &Path) -> io::Result<UnixListener> {
+    use std::os::fd::AsFd;
+    let named = |m: String| io::Error::new(io::ErrorKind::InvalidInput, format!("--ctrl-listener-stdin: {m}"));
+    let fd = io::stdin().as_fd().try_clone_to_owned()?;
+    let l = std::os::unix::net::UnixListener::from(fd);
+    let addr = l.local_addr().map_err(|e| named(format!("stdin is not a Unix socket ({e})")))?;
+    if addr.as_pathname() != Some(p) {
+        return Err(named(format!("stdin is bound at {:?}, not at {}", addr.as_pathname(), p.display())));
+    }
+    // A connected stream has a local address too; only a listener has SO_ACCEPTCONN.
+    if !rustix::net::sockopt::socket_acceptconn(&l)? {
+        return Err(named("stdin is not a listening socket".into()));
+    }
+    l.set_nonblocking(true)?;
+    UnixListener::from_std(l)
 }
 
 fn bind_unix(p: &Path, access: Access) -> io::Result<UnixListener> {

@@ -1,6 +1,7 @@
 //! Wire formats of xvtpm: TPM command framing, the manager protocol, swtpm's
-//! control channel, sealed-state envelopes, deep-quote evidence and its verifier, and the
-//! X.509 EK certificates of vTPMs (`ekcert`).
+//! control channel, sealed-state envelopes, deep-quote evidence and its verifier, the
+//! host's measured-boot event log (`eventlog`), and the X.509 EK certificates of vTPMs
+//! (`ekcert`).
 //!
 //! This crate does no I/O and contains no `unsafe`: every byte it parses may
 //! come from a guest or a peer, so every parser is a checked constructor that
@@ -19,6 +20,7 @@ pub mod evidence;
 pub mod verify;
 pub mod ekcert;
 pub mod credential;
+pub mod eventlog;
 pub mod transfer;
 pub mod deepquote_cmd;
 pub mod tpm12_compat;

@@ -109,6 +109,9 @@ enum Cmd {
         #[arg(num_args = 0.., allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// vTPMs of libvirt/QEMU domains (made by the swtpm entry points, docs/libvirt.md).
+    #[command(subcommand)]
+    Libvirt(LibvirtCmd),
     /// Commands run inside a guest (or against any vTPM).
     #[command(subcommand)]
     Guest(GuestCmd),
@@ -118,6 +121,10 @@ enum Cmd {
     /// Enroll a host: verify its EK certificate chain to the TPM vendor's root, prove each group
     /// AK lives in that TPM by credential activation, pin the AKs in a trust store.
     Enroll(xl_tools::attest::EnrollArgs),
+    /// The host's measured-boot event log: export it (provider), show it, write a policy from a
+    /// known-good host (tenant); `verify --event-log` replays it against a deep quote.
+    #[command(subcommand)]
+    Eventlog(xl_tools::eventlog::EventlogCmd),
     /// Verify a vTPM's EK certificate (read with `tpm2_nvread 0x1c00002` or `0x1c0000a`, DER or
     /// PEM) against its group's EK CA (`xl-vtpm mgr group ca-cert`); exit 0 only if it verified.
     VerifyEkcert {
@@ -135,6 +142,20 @@ enum Cmd {
         /// The group's AK (TPMT_PUBLIC, raw or hex; `xl-vtpm mgr group ak`), for --certify.
         #[arg(long, requires = "certify")]
         ak: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LibvirtCmd {
+    /// Destroy the vTPMs of libvirt domains that are undefined and whose TPM state directory
+    /// libvirt removed (`virsh undefine` without `--keep-tpm` or `persistent_state='yes'`).
+    Sweep {
+        /// libvirt URI for virsh (default: virsh's, e.g. $LIBVIRT_DEFAULT_URI or qemu:///system).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+        /// Keep sweeping every SECS seconds.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
     },
 }
 
@@ -571,6 +592,7 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Guest(g) => return run_guest(g, json),
         Cmd::Verify(v) => return xl_tools::attest::run_verify(&v, json),
         Cmd::Enroll(e) => return xl_tools::attest::run_enroll(&e, &args.run_dir, json),
+        Cmd::Eventlog(c) => return xl_tools::eventlog::run(&c, json),
         Cmd::VerifyEkcert { cert, ca, ek, certify, ak } => {
             let checks = xl_tools::ekcert::Checks { ek_public: ek.as_deref(), certify: certify.as_deref().zip(ak.as_deref()) };
             let info = xl_tools::ekcert::verify(&cert, &ca, &checks)?;
@@ -636,7 +658,7 @@ fn run(args: Args) -> Result<(), CliError> {
     }
     let mut admin = Admin::connect(&args.run_dir)?;
     match cmd {
-        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
+        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::Eventlog(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
             unreachable!("handled above")
         }
         Cmd::Create { config, group, dry_run } => match xen.create(&mut admin, &config, group, dry_run)? {
@@ -692,6 +714,37 @@ fn run(args: Args) -> Result<(), CliError> {
             xen.forget(&name)?;
         }
         Cmd::LibvirtHook { args: hook_args } => return run_libvirt_hook(&xen, &mut admin, &hook_args),
+        Cmd::Libvirt(LibvirtCmd::Sweep { connect, watch }) => {
+            let virsh = std::env::var_os("XVTPM_VIRSH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("virsh"));
+            loop {
+                let pass = xl_tools::swtpm_compat::defined_domains(&virsh, connect.as_deref()).and_then(|defined| {
+                    // A fresh connection per pass: a watcher outlives manager restarts.
+                    let mut admin = Admin::connect(&local.run_dir)?;
+                    xl_tools::swtpm_compat::sweep(&local, &mut admin, &defined)
+                });
+                match pass {
+                    Ok(swept) => {
+                        if json {
+                            print_json(&swept);
+                        } else {
+                            for s in &swept {
+                                println!("{} {} (libvirt domain {})", s.action, s.vtpm, s.vm_uuid);
+                            }
+                        }
+                        if watch.is_none() && swept.iter().any(|s| s.action.starts_with("failed")) {
+                            return Err(CliError::new(exit::FAILURE, "some vTPMs of undefined libvirt domains could not be destroyed (listed above)"));
+                        }
+                    }
+                    Err(e) if watch.is_some() => eprintln!("xl-vtpm libvirt sweep: {}", e.message),
+                    Err(e) => return Err(e),
+                }
+                let _ = std::io::stdout().flush();
+                match watch {
+                    Some(secs) => std::thread::sleep(Duration::from_secs(secs.max(1))),
+                    None => return Ok(()),
+                }
+            }
+        }
         Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::List)) => {
             {
                 let vtpms = admin.list_vtpms()?;
