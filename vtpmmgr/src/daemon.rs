@@ -23,18 +23,9 @@ use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
 
 
-use crate::anchor::{self, Anchorer};
-use crate::deepquote::{self, Batcher};
+use crate::dispatch::{Dispatcher, Shared, lock};
 use crate::manager::{Attachment, Manager};
-
-/// The manager shared between socket tasks.
-pub type Shared = Arc<Mutex<Manager>>;
-
-/// Locks the manager, recovering from a poisoned lock.
-pub fn lock(m: &Shared) -> std::sync::MutexGuard<'_, Manager> {
-    // A panic while holding the lock must not take the whole manager down.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::peer::Peer;
 
 async fn read_frame(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
@@ -125,8 +116,7 @@ fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 /// Keeps one listener per running (attached) vTPM in step with the attachments and the store.
 struct VtpmSockets {
     tasks: HashMap<Uuid, JoinHandle<()>>,
-    batcher: Batcher,
-    anchorer: Anchorer,
+    dispatch: Dispatcher,
 }
 
 impl VtpmSockets {
@@ -165,8 +155,7 @@ impl VtpmSockets {
             let group = |l: UnixListener| std::os::unix::fs::chown(&path, None, Some(vtpm_proto::mgr::VTPM_GID)).map(|()| l);
             match bind(&path, 0o660).and_then(group) {
                 Ok(l) => {
-                    let m = mgr.clone();
-                    self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, m, self.batcher.clone(), self.anchorer.clone())));
+                    self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, self.dispatch.clone())));
                 }
                 Err(e) => xvtpm_log::host_error!(vtpm = %uuid, error = %e, path = %path.display(), "cannot bind the vTPM socket"),
             }
@@ -174,30 +163,16 @@ impl VtpmSockets {
     }
 }
 
-async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared, batcher: Batcher, anchorer: Anchorer) {
+async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, dispatch: Dispatcher) {
     loop {
         let Ok((mut s, _)) = l.accept().await else { continue };
-        let m = mgr.clone();
-        let b = batcher.clone();
-        let a = anchorer.clone();
+        let d = dispatch.clone();
         tokio::spawn(async move {
             let pid = s.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
+            let peer = Peer::process(uuid, pid);
             while let Ok(Some(body)) = read_frame(&mut s).await {
                 let reply = match mgr::decode::<VtpmRequest>(&body) {
-                    Ok(VtpmRequest::GetStateKey { version, uuid: claimed }) => lock(&m).state_key(uuid, pid, version, claimed),
-                    Ok(req @ VtpmRequest::DeepQuote { .. }) => deep_quote(&m, &b, uuid, pid, req).await,
-                    // Authorised inside the batch: queueing never waits for the manager lock.
-                    Ok(req @ VtpmRequest::AnchorState { .. }) => match a.submit(uuid, anchor::Peer::Socket(pid), req) {
-                        Ok(rx) => anchor::reply_for(rx).await,
-                        Err(reply) => reply,
-                    },
-                    Ok(VtpmRequest::IssueEkCert { uuid: claimed, ek_public, tpm }) => {
-                        // A TPM signature (and, the first time, a CA key): off the async threads.
-                        let m2 = m.clone();
-                        tokio::task::spawn_blocking(move || lock(&m2).ek_cert(uuid, pid, claimed, &ek_public, &tpm))
-                            .await
-                            .unwrap_or_else(|e| VtpmReply::Error(Failure::new(ErrorCode::Internal, e.to_string())))
-                    }
+                    Ok(req) => d.handle(peer, req).await,
                     Err(e) => VtpmReply::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
                 };
                 if write_msg(&mut s, &reply).await.is_err() {
@@ -208,41 +183,24 @@ async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared, batcher: Ba
     }
 }
 
-async fn deep_quote(m: &Shared, b: &Batcher, socket_uuid: Uuid, pid: Option<u32>, req: VtpmRequest) -> VtpmReply {
-    let VtpmRequest::DeepQuote { uuid, .. } = &req else {
-        return VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "not a deep-quote request"));
-    };
-    let group = match lock(m).authorize(socket_uuid, pid, *uuid) {
-        Ok(g) => g,
-        Err(f) => return VtpmReply::Error(f),
-    };
-    match deepquote::submit_request(b, socket_uuid, group, req) {
-        Ok(rx) => deepquote::reply_for(rx).await,
-        Err(reply) => reply,
-    }
-}
-
 /// Runs the manager until SIGTERM/SIGINT.
 pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()> {
     let admin_path = mgr.config().admin_socket();
     let run_dir = mgr.config().run_dir.clone();
     std::fs::create_dir_all(&run_dir)?;
     let admin = bind(&admin_path, 0o600)?;
-    let batch = mgr.config().batch;
-    let stats = mgr.stats();
     let shared: Shared = Arc::new(Mutex::new(mgr));
-    let batcher = Batcher::spawn(shared.clone(), batch, stats);
+    let dispatch = Dispatcher::new(shared.clone());
     // Wakes the socket reconciler when an attached process exits.
     let detached = Arc::new(tokio::sync::Notify::new());
     let reloaded = lock(&shared).attachments();
     for (uuid, att) in reloaded {
         watch_attachment(&shared, uuid, att, &detached);
     }
-    let anchorer = Anchorer::spawn(shared.clone());
     // vTPMs in their own Xen domains reach the manager over tpmif (xenlink).
     let xen_poke = match xen_root {
         Some(root) => {
-            let link = crate::xenlink::XenLink::open(&root, shared.clone(), batcher.clone()).await?.with_anchorer(anchorer.clone());
+            let link = crate::xenlink::XenLink::open(&root, dispatch.clone()).await?;
             let poke = link.poker();
             tokio::spawn(link.run());
             xvtpm_log::host_info!(root = %root, "Xen manager link serving vTPM domains");
@@ -250,7 +208,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
         }
         None => None,
     };
-    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), batcher, anchorer }));
+    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), dispatch }));
     {
         let mut socks = sockets.lock().await;
         socks.reconcile(&shared);

@@ -6,6 +6,7 @@ use uuid::Uuid;
 use vtpm_proto::mgr::{AdminReply, AdminRequest};
 use vtpmmgr::deepquote::BatchConfig;
 use vtpmmgr::manager::{Config, Manager};
+use vtpmmgr::peer::Peer;
 
 fn cfg(tpm: &Swtpm, dir: &std::path::Path) -> Config {
     Config { tcti: tpm.tcti(), state_dir: dir.join("state"), run_dir: dir.join("run"), batch: BatchConfig::default() }
@@ -34,8 +35,8 @@ fn domain_attachments_survive_a_restart_and_follow_detach_and_delete() {
         let mut m = Manager::open(cfg(&tpm, dir.path())).expect("reopen");
         assert_eq!(m.attached_domain(&a), Some(7));
         assert_eq!(m.attached_domain(&b), Some(8));
-        assert!(m.authorize_domain(a, 7, a).is_ok());
-        assert!(m.authorize_domain(a, 8, a).is_err(), "domain 8 is b's");
+        assert!(m.authorize(&Peer::Domain { vtpm: a, domid: 7 }, a).is_ok());
+        assert!(m.authorize(&Peer::Domain { vtpm: a, domid: 8 }, a).is_err(), "domain 8 is b's");
         ok(m.admin(AdminRequest::VtpmDetach { uuid: a }));
         ok(m.admin(AdminRequest::VtpmDel { uuid: b }));
     }
