@@ -15,34 +15,21 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use xvtpm_log::guest_warn;
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
+use vtpm_proto::mgr_io;
 
 
 use crate::dispatch::{Dispatcher, Shared, lock};
 use crate::manager::{Attachment, Manager};
 use crate::peer::Peer;
 
-async fn read_frame(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 4];
-    match s.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let n = mgr::frame_len(len).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    // The buffer grows with the bytes that actually arrive, never to the declared length
-    // up front: a thousand peers declaring 1 MiB and sending nothing cost next to nothing.
-    let mut body = Vec::with_capacity(n.min(4096));
-    (&mut *s).take(n as u64).read_to_end(&mut body).await?;
-    if body.len() != n {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(Some(body))
+async fn read_frame(s: &mut UnixStream) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, mgr_io::WireError> {
+    mgr_io::nonblocking::read_frame(s).await
 }
 
 async fn write_msg<T: serde::Serialize>(s: &mut UnixStream, msg: &T) -> std::io::Result<()> {

@@ -240,24 +240,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
 
 /// Parses one whole request frame (`u32` BE length ‖ JSON) from the page.
 fn decode_request(cmd: &[u8]) -> Result<VtpmRequest, Failure> {
-    let bad = |m: String| Failure::new(ErrorCode::BadRequest, m);
-    let prefix: [u8; 4] = cmd
-        .get(..4)
-        .and_then(|p| p.try_into().ok())
-        .ok_or_else(|| {
-            bad(format!(
-                "request of {} bytes has no length prefix",
-                cmd.len()
-            ))
-        })?;
-    let n = mgr::frame_len(prefix).map_err(|e| bad(e.to_string()))?;
-    if n != cmd.len() - 4 {
-        return Err(bad(format!(
-            "length prefix says {n} bytes, the page carries {}",
-            cmd.len() - 4
-        )));
-    }
-    mgr::decode(&cmd[4..]).map_err(|e| bad(e.to_string()))
+    vtpm_proto::mgr_io::decode_frame(cmd).map_err(|e| Failure::new(ErrorCode::BadRequest, vtpm_proto::mgr_io::report(&e)))
 }
 
 fn encode_reply(reply: &VtpmReply) -> Vec<u8> {

@@ -185,9 +185,7 @@ async fn call(fe: &mut Frontend<FakeXenstore, FakeFrontendLink>, req: &VtpmReque
         .transact(&mgr::encode(req).unwrap())
         .await
         .expect("transact");
-    let n = mgr::frame_len(reply[..4].try_into().unwrap()).unwrap();
-    assert_eq!(n, reply.len() - 4);
-    mgr::decode(&reply[4..]).expect("reply decodes")
+    vtpm_proto::mgr_io::decode_frame(&reply).expect("reply decodes")
 }
 
 fn get_key(uuid: Uuid) -> VtpmRequest {
