@@ -170,12 +170,32 @@ async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, dispatch: Dispatcher) {
     }
 }
 
+/// Why the manager could not serve (each cause is its `source`).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The run directory or the admin socket.
+    #[error("cannot bind the admin socket {}", path.display())]
+    Bind {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The Xen link (`--xen`).
+    #[error("cannot start the Xen manager link")]
+    Xen(#[source] crate::xenlink::OpenError),
+    /// Signal handlers.
+    #[error("cannot install the SIGTERM/SIGINT handlers")]
+    Signals(#[source] std::io::Error),
+}
+
 /// Runs the manager until SIGTERM/SIGINT.
-pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()> {
+pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeError> {
     let admin_path = mgr.config().admin_socket();
     let run_dir = mgr.config().run_dir.clone();
-    std::fs::create_dir_all(&run_dir)?;
-    let admin = bind(&admin_path, 0o600)?;
+    let bind_err = |source| ServeError::Bind { path: admin_path.clone(), source };
+    std::fs::create_dir_all(&run_dir).map_err(bind_err)?;
+    let admin = bind(&admin_path, 0o600).map_err(bind_err)?;
     let shared: Shared = Arc::new(Mutex::new(mgr));
     let dispatch = Dispatcher::new(shared.clone());
     // Wakes the socket reconciler when an attached process exits.
@@ -187,7 +207,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
     // vTPMs in their own Xen domains reach the manager over tpmif (xenlink).
     let xen_poke = match xen_root {
         Some(root) => {
-            let link = crate::xenlink::XenLink::open(&root, dispatch.clone()).await?;
+            let link = crate::xenlink::XenLink::open(&root, dispatch.clone()).await.map_err(ServeError::Xen)?;
             let poke = link.poker();
             tokio::spawn(link.run());
             xvtpm_log::host_info!(root = %root, "Xen manager link serving vTPM domains");
@@ -213,8 +233,8 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
     }
     // Before readiness: a SIGTERM right after it must stop the manager cleanly, not kill it.
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
     xvtpm_log::host_info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.
     println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id()}));

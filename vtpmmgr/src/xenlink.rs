@@ -63,6 +63,25 @@ pub const RECHECK: Duration = Duration::from_secs(2);
 /// A request answered by its task: its ticket and the reply frame.
 type Ready = (Ticket, Vec<u8>);
 
+/// Why the Xen link could not start (each cause is its `source`).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No xenstore connection.
+    #[error("cannot connect to xenstore")]
+    Xenstore(#[source] xen_platform::xenstore::XsError),
+    /// The grant or event-channel device did not open.
+    #[error("cannot open the Xen grant / event channel devices")]
+    Devices(#[source] std::io::Error),
+    /// The backend directory cannot be watched.
+    #[error("cannot watch {root}")]
+    Watch {
+        /// The backend directory.
+        root: String,
+        /// Cause.
+        source: xen_platform::xenbus::XenbusError,
+    },
+}
+
 /// The manager's tpmif backend. Build it with [`XenLink::open`] (real Xen) or
 /// [`XenLink::new`] (any xenstore/transport, e.g. the fakes), then [`run`](XenLink::run) it.
 pub struct XenLink<X: Xenstore, T: Transport> {
@@ -78,16 +97,12 @@ impl XenLink<XsClient, XenTransport> {
     /// Connects to xenstore and the grant/event-channel devices and starts watching `root`
     /// ([`DEFAULT_ROOT`] in dom0). Start it before any vTPM domain is created: libxl gives a
     /// backend only 10 s to reach InitWait.
-    pub async fn open(root: &str, dispatch: Dispatcher) -> std::io::Result<Self> {
-        let (xs, events) = XsClient::open()
-            .await
-            .map_err(|e| std::io::Error::other(format!("xenstore: {e}")))?;
-        let transport = XenTransport::open().map_err(|e| {
-            std::io::Error::new(e.kind(), format!("Xen grant / event channel devices: {e}"))
-        })?;
+    pub async fn open(root: &str, dispatch: Dispatcher) -> Result<Self, OpenError> {
+        let (xs, events) = XsClient::open().await.map_err(OpenError::Xenstore)?;
+        let transport = XenTransport::open().map_err(OpenError::Devices)?;
         Self::new(xs, events, transport, root, dispatch)
             .await
-            .map_err(|e| std::io::Error::other(format!("watching {root}: {e}")))
+            .map_err(|source| OpenError::Watch { root: root.to_string(), source })
     }
 }
 
