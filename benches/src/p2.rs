@@ -1119,7 +1119,7 @@ pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
                 "The queue held only a few requests whenever a quote started, although {top} requesters were waiting. This is what the manager's \
                  locking predicts: the batcher runs the physical quote (Load, Quote, PCR_Read, FlushContext = T_q) inside \
                  `spawn_blocking(lock(&m).quote_root(..))` (vtpmmgr/src/deepquote.rs), holding the one `std::sync::Mutex<Manager>` for the whole quote, \
-                 and every arriving request needs that same lock for `authorize` *before* it is queued (vtpmmgr/src/daemon.rs `deep_quote`), on one of the \
+                 and every arriving request needs that same lock for `authorize` *before* it is queued (vtpmmgr/src/dispatch.rs `deep_quote`), on one of the \
                  runtime's 2 worker threads. So requests arriving during a quote are not queued during it — two of them block both tokio workers (stalling \
                  every other connection, so the rest are not even read) — and when the quote ends they race the batcher, which starts the next quote with \
                  whatever reached the queue first. A request therefore waits several quotes instead of at most two."

@@ -16,6 +16,7 @@ pub mod anchor;
 pub mod blockstore;
 pub mod config;
 pub mod deepquote;
+pub mod dispatch;
 pub mod init;
 pub mod mgr_client;
 pub mod peer;
@@ -33,7 +34,7 @@ use crate::anchor::Anchored;
 use crate::blockstore::BlockStore;
 use crate::config::Config;
 use crate::mgr_client::MgrLink;
-use crate::server::Shared;
+use crate::dispatch::Shared;
 use crate::store::Store;
 use crate::vtpm::Vtpm;
 

@@ -15,7 +15,7 @@ use xen_platform::xenbus::{Activity, Backend, BackendEvent, Take, Ticket};
 use xen_platform::xenstore::{WatchEvents, Xenstore, XsClient};
 
 use crate::{guest_info, guest_warn};
-use crate::server::{Shared, execute, is_deep_quote};
+use crate::dispatch::{Shared, execute, is_deep_quote};
 
 /// A started tpmif backend.
 pub struct XenBackend {

@@ -3,7 +3,8 @@
 //! host's measured-boot event log (`eventlog`), and the X.509 EK certificates of vTPMs
 //! (`ekcert`).
 //!
-//! This crate does no I/O and contains no `unsafe`: every byte it parses may
+//! This crate opens nothing (only `mgr_io` reads and writes, on a stream its caller opened) and
+//! contains no `unsafe`: every byte it parses may
 //! come from a guest or a peer, so every parser is a checked constructor that
 //! returns an error carrying the offending numbers.
 #![forbid(unsafe_code)]
@@ -12,6 +13,7 @@
 pub mod tpm;
 pub mod swtpm_ctrl;
 pub mod mgr;
+pub mod mgr_io;
 pub mod listen;
 pub mod sealed;
 pub mod stateblob;

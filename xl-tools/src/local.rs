@@ -174,7 +174,24 @@ pub struct Row {
     pub domain_name: Option<String>,
     /// Domain mode: the running vTPM domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domain: Option<crate::vtpmdom::DomainRuntime>,
+    pub domain: Option<DomainRuntime>,
+}
+
+/// A running vTPM domain (`<run-dir>/vtpms/<uuid>.domain.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DomainRuntime {
+    /// vTPM UUID.
+    pub uuid: Uuid,
+    /// Domain name.
+    pub name: String,
+    /// Domain id.
+    pub domid: u32,
+    /// The block device given to the domain.
+    pub disk_device: PathBuf,
+    /// The loop device xl-vtpm attached (detached at stop).
+    pub loop_device: Option<PathBuf>,
+    /// The generated xl config.
+    pub config: PathBuf,
 }
 
 /// How long a new vTPM may take to answer "ready".
