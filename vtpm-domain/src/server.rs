@@ -185,7 +185,7 @@ pub struct Bound {
 /// Binds every listener. Must be called inside the runtime. Unix sockets are made
 /// mode 0600 and owned by the consumer (if any); every connection is checked against
 /// `access` when accepted.
-pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access) -> io::Result<Bound> {
+pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, family: tpm::Family, access: Access) -> io::Result<Bound> {
     let mut b = Bound { listeners: vec![], xen: vec![], access, tcp_ports: vec![] };
     for l in listen {
         match l {
@@ -197,7 +197,7 @@ pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access) -> io::Re
             }
             Listen::UnixData(p) => b.listeners.push((Listener::Unix(bind_unix(p, access)?), Channel::Data)),
             Listen::UnixCtrl(p) => b.listeners.push((Listener::Unix(bind_unix(p, access)?), Channel::Ctrl)),
-            Listen::Xen(root) => b.xen.push(crate::xen::XenBackend::open(root, uuid).await?),
+            Listen::Xen(root) => b.xen.push(crate::xen::XenBackend::open(root, uuid, family).await?),
         }
     }
     Ok(b)

@@ -207,13 +207,7 @@ impl Vtpm {
             guest_warn!(error = %e, "rejected malformed TPM command");
             return tpm::error_response(family, e.response_code(family)).to_vec();
         }
-        let failure = || {
-            let rc = match family {
-                Family::Tpm2 => tpm::TPM2_RC_FAILURE,
-                Family::Tpm12 => tpm::TPM12_FAIL,
-            };
-            tpm::error_response(family, rc).to_vec()
-        };
+        let failure = || tpm::error_response(family, family.failure_code()).to_vec();
         // A state the engine holds but the disk does not: write it first, or run nothing.
         if let Err(e) = self.persist_if_dirty() {
             guest_warn!(error = %e, "vTPM state still not saved; answering TPM_RC_FAILURE without running the command");

@@ -64,6 +64,26 @@ pub enum Family {
     Tpm12,
 }
 
+impl Family {
+    /// The response code for a command whose size is wrong or larger than the TPM takes:
+    /// `TPM_RC_COMMAND_SIZE` (TPM 2.0), `TPM_BAD_PARAM_SIZE` (TPM 1.2).
+    pub fn command_size_code(self) -> u32 {
+        match self {
+            Family::Tpm2 => TPM2_RC_COMMAND_SIZE,
+            Family::Tpm12 => TPM12_BAD_PARAM_SIZE,
+        }
+    }
+
+    /// The response code for a command the TPM could not run: `TPM_RC_FAILURE` (TPM 2.0),
+    /// `TPM_FAIL` (TPM 1.2).
+    pub fn failure_code(self) -> u32 {
+        match self {
+            Family::Tpm2 => TPM2_RC_FAILURE,
+            Family::Tpm12 => TPM12_FAIL,
+        }
+    }
+}
+
 /// A validated command header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommandHeader {
@@ -110,9 +130,8 @@ impl FramingError {
     pub fn response_code(&self, family: Family) -> u32 {
         match (self, family) {
             (FramingError::BadTag(_), Family::Tpm2) => TPM2_RC_BAD_TAG,
-            (_, Family::Tpm2) => TPM2_RC_COMMAND_SIZE,
             (FramingError::BadTag(_), Family::Tpm12) => TPM12_BADTAG,
-            (_, Family::Tpm12) => TPM12_BAD_PARAM_SIZE,
+            (_, family) => family.command_size_code(),
         }
     }
 }
