@@ -44,9 +44,9 @@ use procs::{Procs, connect_retry, free_port_pair};
 use stats::{Summary, median_f, ms, summarize, us};
 use tpm::Conn;
 use uuid::Uuid;
-use vtpm_engine::{Engine, TpmVersion, Zeroizing, tpm2};
+use vtpm_engine::{Engine, TpmVersion, Zeroizing};
 use vtpm_proto::mgr::{AdminReply, AdminRequest};
-use vtpm_proto::tpm::Family;
+use tpm_wire::Family;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -523,7 +523,7 @@ fn p1(args: &Args, stack: &Stack, procs: &mut Procs, split: bool) -> Result<P1> 
         pin(pid as i32, &[server_cpu]);
     }
     let mut engine = Engine::start(TpmVersion::Tpm2, None, None)?;
-    let rc = tpm::rc(&engine.process(&tpm2::startup(tpm2::SU_CLEAR)));
+    let rc = tpm::rc(&engine.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR)));
     if rc != 0 {
         bail!("in-process Startup: {rc:#x}");
     }
@@ -804,7 +804,7 @@ fn p3(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P3> {
         let mut e = timed(&mut r.manufacture, || {
             Engine::start(TpmVersion::Tpm2, None, None)
         })?;
-        let rsp = timed(&mut r.startup, || e.process(&tpm2::startup(tpm2::SU_CLEAR)));
+        let rsp = timed(&mut r.startup, || e.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR)));
         check(&rsp, "Startup")?;
         let rsp = timed(&mut r.ek_rsa, || {
             e.process(&tpm::create_primary_ek(&vtpm_engine::ek_rsa2048_template()))
@@ -812,7 +812,7 @@ fn p3(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P3> {
         check(&rsp, "CreatePrimary RSA")?;
         let h = tpm::object_handle(&rsp);
         let rsp = timed(&mut r.evict, || {
-            e.process(&tpm::evict_control(h, tpm2::EK_RSA_HANDLE))
+            e.process(&tpm::evict_control(h, vtpm_engine::EK_RSA_HANDLE))
         });
         check(&rsp, "EvictControl")?;
         check(&e.process(&tpm::flush(h)), "FlushContext")?;

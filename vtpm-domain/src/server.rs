@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 use vtpm_proto::swtpm_ctrl::{self as ctrl, Request, cap, res};
-use vtpm_proto::tpm::{self, HEADER_LEN};
+use tpm_wire::{self as tpm, HEADER_LEN};
 
 use crate::config::Listen;
 use crate::peer::Access;

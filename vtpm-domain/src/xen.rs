@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use xen_platform::tpmif::MAX_PACKET;
 use xen_platform::xen::XenTransport;
-use vtpm_proto::tpm::{self, Family};
+use tpm_wire::{self as tpm, Family};
 use xen_platform::tpmif::{Rejection, Rejections};
 use xen_platform::xenbus::{Activity, Backend, BackendEvent, Take, Ticket, Transport};
 use xen_platform::xenstore::{WatchEvents, Xenstore, XsClient};
@@ -156,7 +156,7 @@ fn log_event(ev: &BackendEvent) {
 mod tests {
     use std::sync::Arc;
 
-    use vtpm_proto::tpm::{self, Family};
+    use tpm_wire::{self as tpm, Family};
     use xen_platform::fake::{FakeChannel, FakeXenstore, MemTransport};
     use xen_platform::tpmif::{DATA_OFFSET, MemPage, OFFSET_LENGTH, OFFSET_STATE, PageState, Rejection, SharedPage};
     use xen_platform::xenbus::{DeviceKey, Take};

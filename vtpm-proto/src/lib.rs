@@ -1,4 +1,4 @@
-//! Wire formats of xvtpm: TPM command framing, the manager protocol, swtpm's
+//! Wire formats of xvtpm (TPM command framing is the `tpm-wire` crate): the manager protocol, swtpm's
 //! control channel, sealed-state envelopes, deep-quote evidence and its verifier, and the
 //! X.509 EK certificates of vTPMs (`ekcert`).
 //!
@@ -8,7 +8,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod tpm;
 pub mod swtpm_ctrl;
 pub mod mgr;
 pub mod listen;
