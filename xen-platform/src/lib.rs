@@ -10,8 +10,8 @@
 //!   that carries manager-protocol frames larger than a page (a vTPM domain → vtpmmgr in dom0).
 //! - [`xenstore`]: the xenstore trait, the coalescing watch queue, and [`xenstore::XsClient`]
 //!   (xenstore-rs 0.8.0).
-//! - [`xen`]: libxenevtchn / libxengnttab bindings (bindgen) and the production transport. The
-//!   only module with `unsafe`.
+//! - [`xen`]: the production transports, over `xen-sys`'s safe libxenevtchn / libxengnttab /
+//!   libxengntshr handles (bindgen and every `unsafe` live there; this crate forbids it).
 //! - `fake` (feature `test-utils`): in-memory xenstore and transport.
 //!
 //! Nothing in this crate knows what the TPM commands mean (a request the page layer rejects is
@@ -47,9 +47,7 @@
 //! ```
 
 #![deny(missing_docs)]
-#![deny(unsafe_code)]
-#![deny(unsafe_op_in_unsafe_fn)]
-#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+#![forbid(unsafe_code)]
 
 pub mod frontend;
 pub mod ids;
