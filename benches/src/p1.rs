@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use vtpm_engine::{Engine, TpmVersion, tpm2};
+use vtpm_engine::{Engine, TpmVersion};
 
 use crate::procs::{Procs, connect_retry};
 use crate::report::pass;
@@ -162,7 +162,7 @@ pub(crate) fn p1(args: &Args, stack: &Stack, procs: &mut Procs, split: bool) -> 
         pin(pid as i32, &[server_cpu]);
     }
     let mut engine = Engine::start(TpmVersion::Tpm2, None, None)?;
-    let rc = tpm::rc(&engine.process(&tpm2::startup(tpm2::SU_CLEAR)));
+    let rc = tpm::rc(&engine.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR)));
     if rc != 0 {
         bail!("in-process Startup: {rc:#x}");
     }

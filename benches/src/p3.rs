@@ -11,9 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use vtpm_engine::{Engine, TpmVersion, Zeroizing, tpm2};
+use vtpm_engine::{Engine, TpmVersion, Zeroizing};
 use vtpm_proto::mgr::{AdminReply, AdminRequest};
-use vtpm_proto::tpm::Family;
+use tpm_wire::Family;
 
 use crate::procs::{Procs, free_port_pair};
 use crate::report::{med, pass, row_ms};
@@ -235,7 +235,7 @@ pub(crate) fn p3(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P3> {
         let mut e = timed(&mut r.manufacture, || {
             Engine::start(TpmVersion::Tpm2, None, None)
         })?;
-        let rsp = timed(&mut r.startup, || e.process(&tpm2::startup(tpm2::SU_CLEAR)));
+        let rsp = timed(&mut r.startup, || e.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR)));
         check(&rsp, "Startup")?;
         let rsp = timed(&mut r.ek_rsa, || {
             e.process(&tpm::create_primary_ek(&vtpm_engine::ek_rsa2048_template()))
@@ -243,7 +243,7 @@ pub(crate) fn p3(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P3> {
         check(&rsp, "CreatePrimary RSA")?;
         let h = tpm::object_handle(&rsp);
         let rsp = timed(&mut r.evict, || {
-            e.process(&tpm::evict_control(h, tpm2::EK_RSA_HANDLE))
+            e.process(&tpm::evict_control(h, vtpm_engine::EK_RSA_HANDLE))
         });
         check(&rsp, "EvictControl")?;
         check(&e.process(&tpm::flush(h)), "FlushContext")?;

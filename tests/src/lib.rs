@@ -351,22 +351,10 @@ pub fn try_read_response(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
 
 /// The response code of a response.
 pub fn rc(rsp: &[u8]) -> u32 {
-    u32::from_be_bytes(rsp[6..10].try_into().unwrap())
+    tpm_wire::response_code(rsp).expect("a response has a 10-byte header")
 }
 
-/// TPM2_GetRandom(n).
-pub fn get_random(n: u16) -> Vec<u8> {
-    let mut c = vec![0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b];
-    c.extend_from_slice(&n.to_be_bytes());
-    c
-}
-
-/// TPM2_ReadPublic(handle).
-pub fn read_public(handle: u32) -> Vec<u8> {
-    let mut c = vec![0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x73];
-    c.extend_from_slice(&handle.to_be_bytes());
-    c
-}
+pub use tpm_wire::{tpm2_get_random as get_random, tpm2_read_public as read_public};
 
 /// Runs a tpm2-tools command against `tcti`, asserting success; returns stdout.
 pub fn tpm2(tcti: &str, args: &[&str]) -> String {

@@ -130,8 +130,7 @@ const CMD_STOP: [u8; 4] = [0, 0, 0, 0x0e];
 const SET_BUFFERSIZE_QUERY: [u8; 8] = [0, 0, 0, 0x11, 0, 0, 0, 0];
 const SET_BUFFERSIZE_4096: [u8; 8] = [0, 0, 0, 0x11, 0, 0, 0x10, 0];
 const CMD_INIT: [u8; 8] = [0, 0, 0, 0x02, 0, 0, 0, 0];
-const TPM2_STARTUP_CLEAR: [u8; 12] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0];
-const TPM_RC_INITIALIZE: u32 = 0x100;
+const TPM_RC_INITIALIZE: u32 = tpm_wire::TPM2_RC_INITIALIZE;
 
 /// QEMU's reset (tpm_tis_reset → startup_tpm): get_buffer_size, then
 /// set_buffer_size, each preceded by CMD_STOP, then CMD_INIT(flags 0).
@@ -180,7 +179,7 @@ fn replay_qemu_session(ctrl: &Path, gone: &mut dyn FnMut() -> bool) {
     assert_eq!(result(&est), 0);
     // sizeof(ptm_loc) = 4: the locality and 3 bytes of padding.
     assert_eq!(exchange(&mut c, "CMD_SET_LOCALITY(0) padded", &[0, 0, 0, 5, 0, 0, 0, 0], 4), [0, 0, 0, 0]);
-    data.write_all(&TPM2_STARTUP_CLEAR).unwrap();
+    data.write_all(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR)).unwrap();
     assert_eq!(rc(&read_response(&mut data)), 0, "firmware TPM2_Startup after start-up");
     data.write_all(&xvtpm_tests::get_random(8)).unwrap();
     assert_eq!(rc(&read_response(&mut data)), 0);
@@ -188,9 +187,9 @@ fn replay_qemu_session(ctrl: &Path, gone: &mut dyn FnMut() -> bool) {
     for round in 0..2 {
         qemu_reset(&mut c);
         // A TPM that was really power-cycled takes TPM2_Startup again.
-        data.write_all(&TPM2_STARTUP_CLEAR).unwrap();
+        data.write_all(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR)).unwrap();
         assert_eq!(rc(&read_response(&mut data)), 0, "TPM2_Startup after reset {round}");
-        data.write_all(&TPM2_STARTUP_CLEAR).unwrap();
+        data.write_all(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR)).unwrap();
         assert_eq!(rc(&read_response(&mut data)), TPM_RC_INITIALIZE, "second TPM2_Startup after reset {round}");
     }
 
@@ -418,7 +417,7 @@ fn assert_qemu_alive(q: &mut Qmp, child: &mut Child, dir: &Path, when: &str) {
 fn pcr(port: u16, index: u8) -> Option<[u8; 32]> {
     let mut sel = [0u8; 3];
     sel[usize::from(index / 8)] = 1 << (index % 8);
-    let cmd = [0x80, 0x01, 0, 0, 0, 20, 0, 0, 0x01, 0x7e, 0, 0, 0, 1, 0, 0x0b, 3, sel[0], sel[1], sel[2]];
+    let cmd = tpm_wire::tpm2_pcr_read_bitmap(tpm_wire::TPM2_ALG_SHA256, sel);
     let r = xvtpm_tests::raw_command(port, &cmd);
     // header, updateCounter, selection (4+2+1+3), count, TPM2B size, digest.
     (rc(&r) == 0 && r.len() == 62).then(|| r[30..62].try_into().unwrap())
@@ -426,10 +425,7 @@ fn pcr(port: u16, index: u8) -> Option<[u8; 32]> {
 
 /// TPM2_PCR_Extend(index, SHA-256 digest) with an empty password session.
 fn pcr_extend(port: u16, index: u8, digest: [u8; 32]) {
-    let mut c = vec![0x80, 0x02, 0, 0, 0, 65, 0, 0, 0x01, 0x82, 0, 0, 0, index];
-    c.extend_from_slice(&[0, 0, 0, 9, 0x40, 0, 0, 9, 0, 0, 0, 0, 0]);
-    c.extend_from_slice(&[0, 0, 0, 1, 0, 0x0b]);
-    c.extend_from_slice(&digest);
+    let c = tpm_wire::tpm2_pcr_extend(u32::from(index), &digest);
     assert_eq!(rc(&xvtpm_tests::raw_command(port, &c)), 0, "PCR_Extend");
 }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use uuid::Uuid;
-use vtpm_proto::tpm::Family;
+use tpm_wire::Family;
 
 /// Where the vTPM listens (shared with xl-vtpm, which checks listeners before it creates a vTPM).
 pub use vtpm_proto::listen::Listen;

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 
 use tokio::sync::Notify;
-use vtpm_proto::tpm;
+use tpm_wire as tpm;
 use xvtpm_log::guest_warn;
 
 use crate::vtpm::Vtpm;

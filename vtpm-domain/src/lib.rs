@@ -81,7 +81,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 certify_if_missing(&mut v, &link, &cfg).await;
                 (v, ek)
             };
-            let bound = server::bind(&cfg.listen, cfg.uuid, peer::Access { consumer_uid: cfg.consumer_uid }, cfg.ctrl_listener_stdin).await.context("binding listeners").map_err(fatal(1))?;
+            let bound = server::bind(&cfg.listen, cfg.uuid, cfg.family, peer::Access { consumer_uid: cfg.consumer_uid }, cfg.ctrl_listener_stdin).await.context("binding listeners").map_err(fatal(1))?;
             Ok::<_, Fatal>((vtpm, ek, bound, blob_key))
         }
         .await;

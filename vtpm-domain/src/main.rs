@@ -8,7 +8,7 @@ use clap::Parser;
 use uuid::Uuid;
 use vtpm_domain::init;
 use vtpm_domain::config::{Config, EkChoice, Listen, MgrSpec, StateSpec, Startup};
-use vtpm_proto::tpm::Family;
+use tpm_wire::Family;
 
 /// One vTPM: libtpms TPM 2.0 (or 1.2), state sealed under a key from vtpmmgr,
 /// served over swtpm's socket protocol.

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::time::timeout;
 use vtpm_proto::swtpm_ctrl::{self as ctrl, Request, cap, res};
-use vtpm_proto::tpm::{self, HEADER_LEN};
+use tpm_wire::{self as tpm, HEADER_LEN};
 
 use crate::config::Listen;
 use crate::dispatch::{Shared, execute};
@@ -125,7 +125,7 @@ pub struct Bound {
 /// mode 0600 and owned by the consumer (if any); every connection is checked against
 /// `access` when accepted. With `ctrl_from_stdin` the (one) `ctrl:PATH` listener is not bound
 /// here but taken from stdin, where the process that started us put it bound at PATH.
-pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access, ctrl_from_stdin: bool) -> io::Result<Bound> {
+pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, family: tpm::Family, access: Access, ctrl_from_stdin: bool) -> io::Result<Bound> {
     let mut b = Bound { listeners: vec![], xen: vec![], access, tcp_ports: vec![] };
     if ctrl_from_stdin && listen.iter().filter(|l| matches!(l, Listen::UnixCtrl(_))).count() != 1 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "--ctrl-listener-stdin needs exactly one --listen ctrl:PATH"));
@@ -141,7 +141,7 @@ pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access, ctrl_from
             }
             Listen::UnixData(p) => b.listeners.push((Listener::Unix(bind_unix(p, access)?), Channel::Data)),
             Listen::UnixCtrl(p) => b.listeners.push((Listener::Unix(bind_unix(p, access)?), Channel::Ctrl)),
-            Listen::Xen(root) => b.xen.push(crate::xen::XenBackend::open(root, uuid).await?),
+            Listen::Xen(root) => b.xen.push(crate::xen::XenBackend::open(root, uuid, family).await?),
         }
     }
     Ok(b)

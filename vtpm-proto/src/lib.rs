@@ -1,5 +1,5 @@
-//! Wire formats of xvtpm: TPM command framing, the manager protocol, swtpm's
-//! control channel, sealed-state envelopes, deep-quote evidence and its verifier, the
+//! Wire formats of xvtpm (TPM command framing is the `tpm-wire` crate): the manager protocol,
+//! swtpm's control channel, sealed-state envelopes, deep-quote evidence and its verifier, the
 //! host's measured-boot event log (`eventlog`), and the X.509 EK certificates of vTPMs
 //! (`ekcert`).
 //!
@@ -10,7 +10,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod tpm;
 pub mod swtpm_ctrl;
 pub mod mgr;
 pub mod mgr_io;

@@ -7,7 +7,8 @@
 //! `vtpm_proto::mgr`) ride in the shared page: SUBMIT carries a request frame, FINISH the reply;
 //! replies above one page (a deep-quote bundle) are chunked with `CONT` requests as documented
 //! byte for byte in `xen_platform::frontend`. Requests above one page (4088 bytes) never arrive
-//! (the frontend refuses them; the page layer answers a 10-byte TPM error).
+//! (the frontend refuses them); what the page layer rejects is answered with a manager-protocol
+//! error frame ([`rejections`]).
 //!
 //! # Identity
 //!
@@ -47,6 +48,7 @@ use xvtpm_log::{guest_info, guest_warn};
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
 use xen_platform::frontend::ReplyChunker;
 
+use xen_platform::tpmif::{MAX_PACKET, Rejection, Rejections};
 use xen_platform::xen::XenTransport;
 use xen_platform::xenbus::{Backend, BackendEvent, DeviceKey, Take, Ticket, Transport, TransportError};
 use xen_platform::xenstore::{WatchEvent, WatchEvents, Xenstore, XsClient};
@@ -117,7 +119,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         dispatch: Dispatcher,
     ) -> Result<Self, xen_platform::xenbus::XenbusError> {
         let m = dispatch.manager().clone();
-        let mut backend = Backend::new(xs, transport, root).accept(move |domid, uuid| {
+        let mut backend = Backend::new(xs, transport, root, rejections()).accept(move |domid, uuid| {
             // Quiet check first (the filter is re-run on every change); `authorize` covers
             // "known vTPM" and "provisioned".
             let m = lock(&m);
@@ -251,6 +253,23 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             guest_warn!(device = %key, error = %e, "notifying the vTPM domain failed");
         }
     }
+}
+
+/// The link's answers to what the tpmif page layer rejects: error frames of the manager protocol,
+/// which the vTPM domain's frontend returns like any other reply. A request of length 0 or above
+/// the page is `BadRequest` (a frontend following `xen_platform::frontend` never sends one); a
+/// reply chunk that does not fit is `Internal` (the chunker never makes one).
+pub fn rejections() -> Rejections {
+    Rejections::new(|why| {
+        encode_reply(&VtpmReply::Error(match why {
+            Rejection::CommandSize => Failure::new(
+                ErrorCode::BadRequest,
+                format!("a request must be 1 to {MAX_PACKET} bytes, one tpmif page"),
+            ),
+            Rejection::ResponseSize => Failure::new(ErrorCode::Internal, "the manager's reply chunk did not fit the page"),
+        }))
+    })
+    .expect("a short error frame fits any tpmif page")
 }
 
 /// Parses one whole request frame (`u32` BE length ‖ JSON) from the page.

@@ -526,3 +526,20 @@ async fn a_slow_ek_certificate_does_not_stall_the_link() {
     fe.close().await;
     fe_other.close().await;
 }
+
+/// What the page layer rejects on the manager link is answered in the manager protocol (an error
+/// frame the vTPM domain decodes like any reply), not with a TPM error packet.
+#[test]
+fn page_rejections_are_manager_error_frames() {
+    use xen_platform::tpmif::Rejection;
+    let answers = vtpmmgr::xenlink::rejections();
+    for (why, code) in [(Rejection::CommandSize, ErrorCode::BadRequest), (Rejection::ResponseSize, ErrorCode::Internal)] {
+        let frame = answers.answer(why);
+        let len = mgr::frame_len(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4, "{why:?}: one whole frame");
+        match mgr::decode::<VtpmReply>(&frame[4..]).unwrap() {
+            VtpmReply::Error(f) => assert_eq!(f.code, code, "{why:?}: {f}"),
+            other => panic!("{why:?}: {other:?}"),
+        }
+    }
+}
