@@ -15,6 +15,7 @@ pub mod mgr;
 pub mod mgr_io;
 pub mod listen;
 pub mod sealed;
+pub mod secret;
 pub mod stateblob;
 pub mod merkle;
 pub mod evidence;

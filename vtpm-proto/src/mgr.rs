@@ -21,6 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+#[cfg(test)]
 use zeroize::Zeroizing;
 
 /// Largest frame either side accepts. Deep-quote evidence bundles are the
@@ -82,30 +83,7 @@ pub fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, FrameEr
     Ok(serde_json::from_slice(payload)?)
 }
 
-/// Secret bytes on the wire: hex in JSON, redacted in `Debug`, zeroed on drop.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretBytes(pub Zeroizing<Vec<u8>>);
-
-impl std::fmt::Debug for SecretBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SecretBytes([redacted; {}])", self.0.len())
-    }
-}
-
-impl Serialize for SecretBytes {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let hex = Zeroizing::new(hex::encode(self.0.as_slice()));
-        s.serialize_str(&hex)
-    }
-}
-
-impl<'de> Deserialize<'de> for SecretBytes {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = Zeroizing::new(String::deserialize(d)?);
-        let v = hex::decode(s.as_str()).map_err(serde::de::Error::custom)?;
-        Ok(SecretBytes(Zeroizing::new(v)))
-    }
-}
+pub use crate::secret::SecretBytes;
 
 /// Machine-readable error class, so clients can map errors to exit codes
 /// without parsing prose.

@@ -32,7 +32,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::evidence::{EvidenceError, Reader, TPM_ALG_SHA256};
-use crate::mgr::SecretBytes;
+use crate::secret::SecretBytes;
 use crate::verify::{AkPublic, QuoteAttest, TpmSignature, TPM_GENERATED_VALUE};
 
 /// Version of every message in this module.
