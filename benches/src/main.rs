@@ -340,15 +340,7 @@ impl Stack {
 struct Admin(std::os::unix::net::UnixStream);
 
 fn admin_call(a: &mut Admin, req: &AdminRequest) -> Result<AdminReply> {
-    use std::io::{Read, Write};
-    let frame = vtpm_proto::mgr::encode(req).map_err(|e| anyhow!("encode: {e}"))?;
-    a.0.write_all(&frame)?;
-    let mut len = [0u8; 4];
-    a.0.read_exact(&mut len)?;
-    let n = vtpm_proto::mgr::frame_len(len).map_err(|e| anyhow!("frame: {e}"))?;
-    let mut body = vec![0u8; n];
-    a.0.read_exact(&mut body)?;
-    match vtpm_proto::mgr::decode::<AdminReply>(&body).map_err(|e| anyhow!("decode: {e}"))? {
+    match vtpm_proto::mgr_io::call::<_, _, AdminReply>(&mut a.0, req).map_err(|e| anyhow!("admin call {req:?}: {e}"))? {
         AdminReply::Error(f) => bail!("admin call {req:?} refused: {f:?}"),
         other => Ok(other),
     }

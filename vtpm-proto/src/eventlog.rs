@@ -271,19 +271,22 @@ impl EventLog {
         let mut pcrs: BTreeMap<u32, [u8; 32]> = BTreeMap::new();
         for e in self.measured() {
             let d = e.sha256.expect("measured events carry a SHA-256 digest");
-            let v = pcrs.entry(e.pcr).or_insert_with(|| {
-                let mut init = [0u8; 32];
-                if e.pcr == 0 {
-                    init[31] = self.startup_locality;
-                }
-                init
-            });
+            let v = pcrs.entry(e.pcr).or_insert_with(|| self.reset_value(e.pcr));
             let mut h = Sha256::new();
             h.update(*v);
             h.update(d);
             *v = h.finalize().into();
         }
         pcrs
+    }
+
+    /// A PCR's value before the first event: zero, but PCR 0 holds the startup locality.
+    pub fn reset_value(&self, pcr: u32) -> [u8; 32] {
+        let mut v = [0u8; 32];
+        if pcr == 0 {
+            v[31] = self.startup_locality;
+        }
+        v
     }
 
     /// The events that were extended (every event but the header and `EV_NO_ACTION`).
@@ -445,11 +448,7 @@ pub fn check(log: &EventLog, quoted: &BTreeMap<u32, Vec<u8>>, policy: &CheckedPo
     let mut out = BTreeMap::new();
     for &p in &policy.replay {
         let q = quoted.get(&p).ok_or(ReplayError::NotQuoted(p))?;
-        let mut reset = [0u8; 32];
-        if p == 0 {
-            reset[31] = log.startup_locality;
-        }
-        let v = replayed.get(&p).copied().unwrap_or(reset);
+        let v = replayed.get(&p).copied().unwrap_or_else(|| log.reset_value(p));
         if q.as_slice() != v {
             return Err(ReplayError::Mismatch { pcr: p, log: hex::encode(v), quoted: hex::encode(q) });
         }
