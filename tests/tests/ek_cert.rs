@@ -302,3 +302,60 @@ fn unprovisioned_manager_has_no_ca() {
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("xl-vtpm mgr provision"));
 }
+
+/// `VtpmReserve` (what `vtpm create` asks for a TPM 2.0 vTPM) keeps the identity in the
+/// manager's memory: it serves its attached process (state key, EK certificate) but is not
+/// listed, cannot anchor a state, and moves the physical rollback counter only when its EK is
+/// certified — once, for identity and EK binding together. Dropped or forgotten (a manager
+/// restart) before that, it leaves nothing behind.
+#[test]
+fn a_reserved_identity_is_written_once_with_its_ek_certificate() {
+    let mut s = Stack::start();
+    let a = s.create_vtpm();
+    let ek_a = ek_public(&a, 0x8101_0001);
+    let admin = s.run_dir().join("admin.sock");
+    let run_dir = s.run_dir();
+    let sock = |u: &Uuid| run_dir.join("vtpm").join(format!("{u}.sock"));
+    let status = |s: &Stack| s.xl_json(&["mgr", "status"]);
+    let counter = |s: &Stack| {
+        let st = status(s);
+        let c = &st["store_counter"];
+        assert_eq!(c["tpm_value"], c["store_value"], "{st}");
+        c["tpm_value"].as_u64().unwrap()
+    };
+    let listed = |s: &Stack, u: &Uuid| s.xl_json(&["vtpm", "list"]).as_array().unwrap().iter().any(|v| v["uuid"].as_str() == Some(u.to_string().as_str()));
+    let reserve = || match mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmReserve { group: None, uuid: None }) {
+        AdminReply::Vtpm(v) => v.uuid,
+        other => panic!("{other:?}"),
+    };
+
+    let before = counter(&s);
+    let c = reserve();
+    assert!(!listed(&s, &c), "a reserved identity is listed");
+    assert_eq!(mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmAttach { uuid: c, pid: std::process::id() }), AdminReply::Ok);
+    match mgr_call::<_, VtpmReply>(&sock(&c), &VtpmRequest::GetStateKey { version: vtpm_proto::mgr::PROTOCOL_VERSION, uuid: c }) {
+        VtpmReply::StateKey { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    let anchor = VtpmRequest::AnchorState { uuid: c, generation: 1, digest: "ab".repeat(32), opening: true };
+    refused(mgr_call(&sock(&c), &anchor), ErrorCode::NotFound, "reserved");
+    assert_eq!(counter(&s), before, "reserving wrote the store");
+    match mgr_call::<_, VtpmReply>(&sock(&c), &issue(c, &ek_a)) {
+        VtpmReply::EkCert { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(counter(&s), before + 1, "identity and EK binding: one store write");
+    assert!(listed(&s, &c), "the certified identity is not listed");
+
+    // Dropped before its certificate: no write at all.
+    let d = reserve();
+    assert_eq!(mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmDel { uuid: d }), AdminReply::Ok);
+    assert_eq!(counter(&s), before + 1);
+    // Forgotten by a restarted manager: it does not exist there.
+    let e = reserve();
+    s.stop_manager();
+    s.start_manager();
+    assert!(matches!(mgr_call::<_, AdminReply>(&admin, &AdminRequest::VtpmShow { uuid: e }), AdminReply::Error(f) if f.code == ErrorCode::NotFound));
+    assert!(listed(&s, &c), "the certified identity did not survive the restart");
+    assert_eq!(counter(&s), before + 1);
+}

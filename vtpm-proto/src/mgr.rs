@@ -364,6 +364,19 @@ pub enum AdminRequest {
         /// A chosen UUID (e.g. from an xl.cfg `vtpm=` line); `None` = random.
         uuid: Option<Uuid>,
     },
+    /// Reserves a vTPM identity for a TPM 2.0 vTPM manufactured right after (`vtpm-domain
+    /// --create`, attached like any vTPM process). The identity is held in the manager's
+    /// memory only: it becomes durable when the vTPM's EK is certified (`IssueEkCert`), in the
+    /// one store write that also records the EK, so a create increments the rollback counter
+    /// once. Until then it serves that process alone (state key, EK certificate; no state
+    /// anchor, transfer or listing), and a manager restart forgets it (the half-made vTPM then
+    /// fails its creation, having written nothing). The reply is the identity as it will be.
+    VtpmReserve {
+        /// Group UUID or name; `None` = the default group.
+        group: Option<String>,
+        /// A chosen UUID; `None` = random.
+        uuid: Option<Uuid>,
+    },
     /// Lists vTPM identities in one reply (fails beyond what one frame holds, a few thousand;
     /// use [`AdminRequest::VtpmListPage`]).
     VtpmList,

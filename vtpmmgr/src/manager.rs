@@ -148,7 +148,13 @@ pub struct Manager {
     /// `VtpmAcceptState` ([`crate::anchor`]).
     refused_states: HashMap<Uuid, StateAnchor>,
     anchor_stats: std::sync::Arc<crate::anchor::Stats>,
+    /// Identities reserved by `VtpmReserve`: in memory until their EK certificate's store
+    /// write makes them durable ([`Manager::issue_ek_cert`]).
+    reserved: HashMap<Uuid, VtpmEntry>,
 }
+
+/// At most this many identities reserved at once (each is a vTPM being manufactured now).
+const MAX_RESERVED: usize = 1024;
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -227,6 +233,7 @@ impl Manager {
             stats: Default::default(),
             refused_states: HashMap::new(),
             anchor_stats: Default::default(),
+            reserved: HashMap::new(),
         })
     }
 
@@ -248,7 +255,12 @@ impl Manager {
         if !self.provisioned() {
             return vec![];
         }
-        self.attached.iter().filter(|(u, a)| a.alive() && self.store.vtpm(u).is_some()).map(|(u, _)| *u).collect()
+        self.attached.iter().filter(|(u, a)| a.alive() && self.identity(u).is_some()).map(|(u, _)| *u).collect()
+    }
+
+    /// The identity `uuid`: durable in the store, or reserved for the vTPM being created.
+    fn identity(&self, uuid: &Uuid) -> Option<&VtpmEntry> {
+        self.store.vtpm(uuid).or_else(|| self.reserved.get(uuid))
     }
 
     fn derive_key(&self, uuid: &Uuid) -> Option<Zeroizing<Vec<u8>>> {
@@ -275,7 +287,7 @@ impl Manager {
             guest_warn!(vtpm = %vtpm, claimed = %claimed, peer = %peer, "refused a vTPM request: caller claimed another vTPM's UUID");
             return Err(Failure::new(ErrorCode::Refused, format!("this {link} serves vTPM {vtpm}, not {claimed}")));
         }
-        let Some(entry) = self.store.vtpm(&vtpm) else {
+        let Some(entry) = self.identity(&vtpm) else {
             return Err(Failure::new(ErrorCode::NotFound, format!("vTPM {vtpm} does not exist")));
         };
         if let Some(why) = self.transfer_refusal(&vtpm) {
@@ -366,7 +378,8 @@ impl Manager {
         })?;
         tpm.validate().map_err(|e| bad(e.to_string()))?;
         let ek_sha256 = hex::encode(Sha256::digest(ek.tpmt()));
-        let entry = self.store.vtpm(&vtpm).cloned().ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("vTPM {vtpm} does not exist")))?;
+        let entry = self.identity(&vtpm).cloned().ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("vTPM {vtpm} does not exist")))?;
+        let reserved = self.reserved.contains_key(&vtpm);
         if let Some(b) = &entry.ek
             && b.ek_sha256 != ek_sha256
         {
@@ -384,11 +397,20 @@ impl Manager {
         let master = self.master.as_ref().ok_or_else(|| Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned"))?;
         let (cert, serial) = crate::ekca::issue(&mut self.hw(), master, &g, &ca, &ek, tpm, now())?;
         if entry.ek.is_none() {
+            let binding = EkBinding { ek_sha256, serial: serial.clone(), issued: now() };
             let mut next = self.store.clone();
-            if let Some(v) = next.vtpms.iter_mut().find(|v| v.uuid == vtpm) {
-                v.ek = Some(EkBinding { ek_sha256, serial: serial.clone(), issued: now() });
+            if reserved {
+                // A reserved identity becomes durable in this write, with its EK binding: the
+                // create's one store write (one rollback-counter increment).
+                next.vtpms.push(VtpmEntry { ek: Some(binding), ..entry.clone() });
+            } else if let Some(v) = next.vtpms.iter_mut().find(|v| v.uuid == vtpm) {
+                v.ek = Some(binding);
             }
             self.commit(next).map_err(into_failure)?;
+            if reserved {
+                self.reserved.remove(&vtpm);
+                xvtpm_log::host_info!(vtpm = %vtpm, group = %entry.group, "vTPM identity created (with its EK certificate)");
+            }
         }
         guest_info!(vtpm = %vtpm, group = %group, serial = %serial, ek = %ek.ek_type(), "issued an EK certificate");
         Ok(cert)
@@ -423,6 +445,9 @@ impl Manager {
             self.attached.remove(&uuid);
             self.save_attachments();
             xvtpm_log::host_info!(vtpm = %uuid, pid = att.pid, "attached process exited; attachment dropped");
+            if self.reserved.remove(&uuid).is_some() {
+                xvtpm_log::host_info!(vtpm = %uuid, "its reserved identity was never certified; dropped");
+            }
         }
     }
 
@@ -586,7 +611,7 @@ impl Manager {
                 if g.name == DEFAULT_GROUP {
                     return Err(fail(ErrorCode::BadRequest, "the default group cannot be deleted"));
                 }
-                let members = self.store.vtpms.iter().filter(|v| v.group == g.uuid).count();
+                let members = self.store.vtpms.iter().chain(self.reserved.values()).filter(|v| v.group == g.uuid).count();
                 if members > 0 {
                     return Err(fail(ErrorCode::BadRequest, format!("group {:?} still has {members} vTPM(s); delete them first", g.name)));
                 }
@@ -601,7 +626,7 @@ impl Manager {
                     None => self.store.groups.first().ok_or_else(|| fail(ErrorCode::Internal, "no default group"))?,
                 };
                 let uuid = uuid.unwrap_or_else(Uuid::new_v4);
-                if self.store.vtpm(&uuid).is_some() {
+                if self.identity(&uuid).is_some() {
                     return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} exists already")));
                 }
                 let v = VtpmEntry { uuid, group: g.uuid, created: now(), ek: None, state: None };
@@ -611,6 +636,7 @@ impl Manager {
                 xvtpm_log::host_info!(vtpm = %uuid, group = %v.group, "vTPM identity created");
                 AdminReply::Vtpm(self.vtpm_info(&v))
             }
+            AdminRequest::VtpmReserve { group, uuid } => return self.reserve(group, uuid),
             AdminRequest::VtpmList => AdminReply::Vtpms { vtpms: self.store.vtpms.iter().map(|v| self.vtpm_info(v)).collect() },
             AdminRequest::VtpmListPage { after } => self.vtpm_page(after),
             AdminRequest::VtpmShow { uuid } => {
@@ -618,9 +644,16 @@ impl Manager {
                 AdminReply::Vtpm(self.vtpm_info(v))
             }
             AdminRequest::VtpmDel { uuid } => {
-                self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                self.identity(&uuid).ok_or_else(|| not_found(&uuid))?;
                 if let Some(a) = self.attachment(&uuid) {
                     return Err(fail(ErrorCode::BadRequest, format!("vTPM {uuid} is still served by process {}; stop it first (`xl-vtpm vtpm stop {uuid}`)", a.pid)));
+                }
+                if self.reserved.remove(&uuid).is_some() {
+                    // Never written: nothing to remove from the store.
+                    self.attached.remove(&uuid);
+                    self.save_attachments();
+                    xvtpm_log::host_info!(vtpm = %uuid, "reserved vTPM identity dropped");
+                    return Ok(AdminReply::Ok);
                 }
                 let mut next = self.store.clone();
                 next.vtpms.retain(|v| v.uuid != uuid);
@@ -635,7 +668,7 @@ impl Manager {
                 AdminReply::Ok
             }
             AdminRequest::VtpmAttach { uuid, pid } => {
-                self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                self.identity(&uuid).ok_or_else(|| not_found(&uuid))?;
                 if let Some(why) = self.transfer_refusal(&uuid) {
                     return Err(fail(ErrorCode::Refused, why));
                 }
@@ -702,6 +735,32 @@ impl Manager {
                 AdminReply::Ok
             }
         })
+    }
+
+    /// `VtpmReserve`: an identity for the vTPM manufactured next, durable with its EK
+    /// certificate (see [`AdminRequest::VtpmReserve`]).
+    fn reserve(&mut self, group: Option<String>, uuid: Option<Uuid>) -> Result<AdminReply, AdminReply> {
+        let g = match &group {
+            Some(k) => self.store.group(k).ok_or_else(|| fail(ErrorCode::NotFound, format!("--group {k:?}: no such group; see `xl-vtpm mgr group list`")))?,
+            None => self.store.groups.first().ok_or_else(|| fail(ErrorCode::Internal, "no default group"))?,
+        };
+        let group = g.uuid;
+        let uuid = uuid.unwrap_or_else(Uuid::new_v4);
+        if self.identity(&uuid).is_some() {
+            return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} exists already")));
+        }
+        if self.reserved.len() >= MAX_RESERVED {
+            // Reservations whose process is gone will never be certified.
+            let live: std::collections::HashSet<Uuid> = self.reserved.keys().filter(|u| self.attachment(u).is_some()).copied().collect();
+            self.reserved.retain(|u, _| live.contains(u));
+            if self.reserved.len() >= MAX_RESERVED {
+                return Err(fail(ErrorCode::Busy, format!("{MAX_RESERVED} vTPMs are being created at once; retry when some have finished")));
+            }
+        }
+        let v = VtpmEntry { uuid, group, created: now(), ek: None, state: None };
+        self.reserved.insert(uuid, v.clone());
+        xvtpm_log::host_info!(vtpm = %uuid, group = %group, "vTPM identity reserved (written with its EK certificate)");
+        Ok(AdminReply::Vtpm(self.vtpm_info(&v)))
     }
 
     fn enrollment(&mut self) -> Result<AdminReply, AdminReply> {
@@ -814,6 +873,12 @@ impl Manager {
         let mut waiting: Vec<(Uuid, u64, Option<u64>, tokio::sync::oneshot::Sender<VtpmReply>)> = Vec::new();
         for r in batch {
             if let Err(f) = self.authorize(&r.peer, r.claimed) {
+                let _ = r.reply.send(VtpmReply::Error(f));
+                continue;
+            }
+            if self.reserved.contains_key(&r.vtpm) {
+                // Nothing to anchor into until the identity is durable (its EK certificate).
+                let f = Failure::new(ErrorCode::NotFound, format!("vTPM {} is reserved, not yet created: its identity is written with its EK certificate, before its first state", r.vtpm));
                 let _ = r.reply.send(VtpmReply::Error(f));
                 continue;
             }

@@ -322,7 +322,10 @@ impl Local {
                 .and_then(|()| xvtpm_fsutil::write_atomic(&marker, b"creation started; the vTPM has not written its first state yet\n", 0o600))
                 .map_err(|e| CliError::new(FAILURE, format!("writing {}: {e}", marker.display())))?;
         }
-        let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid: Some(uuid) }) {
+        // A TPM 2.0 vTPM's identity is written with its EK certificate (one store write, one
+        // rollback-counter increment for the whole create); a TPM 1.2 has no EK certificate.
+        let req = if opts.tpm12 { AdminRequest::VtpmCreate { group, uuid: Some(uuid) } } else { AdminRequest::VtpmReserve { group, uuid: Some(uuid) } };
+        let info = match admin.call(&req) {
             Ok(AdminReply::Vtpm(v)) => v,
             other => {
                 // Without an answer the identity may exist: keep the marker for `vtpm destroy`.
@@ -350,6 +353,11 @@ impl Local {
                 let _ = fs::remove_dir_all(self.socket_dir(&uuid));
                 match admin.call(&AdminRequest::VtpmDel { uuid }) {
                     Ok(_) => {
+                        let _ = fs::remove_dir_all(&dir);
+                        Err(e)
+                    }
+                    // A reserved identity the manager forgot (it restarted): nothing to remove.
+                    Err(d) if d.code == crate::exit::NOT_FOUND && !opts.tpm12 => {
                         let _ = fs::remove_dir_all(&dir);
                         Err(e)
                     }
