@@ -237,6 +237,24 @@ fn an_anchored_nv_write_costs_one_physical_tpm_command() {
     assert!(!log.contains("increment failed in the kept session"), "{log}");
 }
 
+/// A vTPM create costs the physical TPM four commands once the manager has written its store
+/// since it started: the EK CA key's Load, Sign and FlushContext, and the one NV_Increment that
+/// makes identity and EK binding durable — the Sign in the store counter's kept session. Before:
+/// seven (an NV_Increment for the identity, then a StartAuthSession and its FlushContext for the
+/// signature, then a second NV_Increment for the EK binding).
+#[test]
+fn a_create_costs_four_physical_tpm_commands() {
+    let s = Stack::start_with(Options { tpm_delay: Some(Duration::ZERO), ..Default::default() });
+    // The first create opens the kept counter session (the start wrote nothing).
+    let _first = s.create_vtpm_with(&["--ek", "ecc", TCP_LISTEN[0], TCP_LISTEN[1]]);
+    let before = s.tpm_commands();
+    let _second = s.create_vtpm_with(&["--ek", "ecc", TCP_LISTEN[0], TCP_LISTEN[1]]);
+    let commands = s.tpm_commands() - before;
+    let st = status(&s);
+    assert_eq!(st["store_counter"]["tpm_value"], st["store_counter"]["store_value"], "{st}");
+    assert_eq!(commands, 4, "{commands} physical TPM commands for one create");
+}
+
 /// The kept counter session is flushed behind the manager's back (by anyone with access to a
 /// TPM without a resource manager): the next anchor notices, finds the counter unmoved,
 /// increments it in a fresh session, and the write is acknowledged.

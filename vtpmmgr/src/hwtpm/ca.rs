@@ -129,7 +129,14 @@ impl HwTpm {
         use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
         let handle = self.load_ca_key(key, auth)?;
         let res = (|| {
-            let sess = self.hmac_session()?;
+            // The store counter's kept session (SRK-salted HMAC, unbound: it authorises any
+            // entity with that entity's own value) saves a StartAuthSession and a FlushContext
+            // per certificate; without one, a session of its own.
+            let kept = self.counter_link.as_ref().map(|l| l.sess);
+            let sess = match kept {
+                Some(s) => s,
+                None => self.hmac_session()?,
+            };
             let d = Digest::try_from(digest.to_vec()).map_err(HwTpmError::tpm("digest"));
             // A non-restricted key signs any digest; the NULL ticket says "not hashed by the TPM".
             let ticket = tss_esapi::structures::HashcheckTicket::try_from(
@@ -149,7 +156,12 @@ impl HwTpm {
                     .map_err(HwTpmError::tpm("Sign(EK CA key)")),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             };
-            self.flush_session(sess);
+            match (kept, &out) {
+                (None, _) => self.flush_session(sess),
+                // A failure may have left the kept session unusable: the next user opens another.
+                (Some(_), Err(_)) => self.drop_counter_link(),
+                (Some(_), Ok(_)) => {}
+            }
             match out? {
                 Signature::EcDsa(es) => Ok((
                     left_pad32(es.signature_r().value())?,
