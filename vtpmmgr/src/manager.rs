@@ -379,7 +379,8 @@ impl Manager {
         tpm.validate().map_err(|e| bad(e.to_string()))?;
         let ek_sha256 = hex::encode(Sha256::digest(ek.tpmt()));
         let entry = self.identity(&vtpm).cloned().ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("vTPM {vtpm} does not exist")))?;
-        let reserved = self.reserved.contains_key(&vtpm);
+        // Reserved and not (since) in the store: this write creates it.
+        let reserved = self.store.vtpm(&vtpm).is_none() && self.reserved.contains_key(&vtpm);
         if let Some(b) = &entry.ek
             && b.ek_sha256 != ek_sha256
         {
@@ -876,7 +877,7 @@ impl Manager {
                 let _ = r.reply.send(VtpmReply::Error(f));
                 continue;
             }
-            if self.reserved.contains_key(&r.vtpm) {
+            if self.store.vtpm(&r.vtpm).is_none() {
                 // Nothing to anchor into until the identity is durable (its EK certificate).
                 let f = Failure::new(ErrorCode::NotFound, format!("vTPM {} is reserved, not yet created: its identity is written with its EK certificate, before its first state", r.vtpm));
                 let _ = r.reply.send(VtpmReply::Error(f));
