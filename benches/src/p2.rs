@@ -1117,7 +1117,7 @@ pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
             let _ = writeln!(
                 out,
                 "The queue held only a few requests whenever a quote started, although {top} requesters were waiting. This is what the manager's \
-                 locking predicts: the batcher runs the physical quote (Load, Quote, PCR_Read, FlushContext = T_q) inside \
+                 locking predicts: the batcher runs the physical quote (= T_q) inside \
                  `spawn_blocking(lock(&m).quote_root(..))` (vtpmmgr/src/deepquote.rs), holding the one `std::sync::Mutex<Manager>` for the whole quote, \
                  and every arriving request needs that same lock for `authorize` *before* it is queued (vtpmmgr/src/dispatch.rs `deep_quote`), on one of the \
                  runtime's 2 worker threads. So requests arriving during a quote are not queued during it — two of them block both tokio workers (stalling \
@@ -1127,8 +1127,10 @@ pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
         } else {
             let _ = writeln!(
                 out,
-                "Batches are large, as natural batching intends; what remains above 2 T_q is the lone quote that the first returning requester starts \
-                 (a lone request waits for nothing), which the other N − 1 must wait out, plus delivering {top} responses through {top} vtpm-domains on this machine."
+                "Batches are large, as natural batching intends: after a crowded batch the batcher gathers until as many requests are back as it \
+                 answered (at most T_q / 4, ≤ 50 ms). What remains above 2 T_q is a request that misses that gather (it waits out the quote in flight, \
+                 then its own), the cell's first quote (cold: Load and PCR_Read too) that the other N − 1 wait out, and delivering {top} responses \
+                 through {top} vtpm-domains on this machine."
             );
         }
     }

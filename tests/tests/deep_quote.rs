@@ -149,6 +149,25 @@ fn bad_deep_quote_commands_get_parameter_errors() {
     assert_eq!(rc(&raw_command(port, &xvtpm_tests::get_random(8))), 0);
 }
 
+/// Behind a slow TPM every TPM command of a round costs a delay: once warm, a round (here one
+/// request each) is exactly one TPM command, `TPM2_Quote`, counted by the proxy.
+#[test]
+fn a_warm_deep_quote_round_is_one_tpm_command() {
+    let s = Stack::start_with(Options { tpm_delay: Some(Duration::from_millis(1)), ..Default::default() });
+    let port = s.create_vtpm().port.unwrap();
+    assert_eq!(rc(&raw_command(port, &command(b"warm-up").encode())), 0);
+    let quotes = |s: &Stack| s.xl_json(&["mgr", "status"])["physical_quotes"].as_u64().unwrap();
+    let (q0, c0) = (quotes(&s), s.tpm_commands());
+    for i in 0..5u8 {
+        assert_eq!(rc(&raw_command(port, &command(&[i]).encode())), 0);
+    }
+    // The TPM commands first: a status call must not fall inside the counted window.
+    let c1 = s.tpm_commands();
+    let q1 = quotes(&s);
+    assert_eq!(q1 - q0, 5, "physical quotes for 5 sequential requests");
+    assert_eq!(c1 - c0, 5, "TPM commands for 5 rounds (one TPM2_Quote each)");
+}
+
 #[test]
 fn unbatched_mode_takes_one_physical_quote_per_request() {
     let s = Stack::start_with(Options { mgr_args: vec!["--no-batching".into()], ..Default::default() });

@@ -136,43 +136,72 @@ impl Batcher {
 /// Longest gathering pause after a crowded batch (see [`gather_window`]).
 pub const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// How long to let a crowd regroup before cutting the next batch. After a
-/// batch of many requests all its callers get their answers at once and most
-/// ask again within milliseconds; cutting the next batch at the first of
-/// them would sign a quote for one request and make the rest wait two quote
-/// times. So after a crowded batch the batcher waits 1/8 of the last quote's
-/// duration (at most [`MAX_GATHER`]); after a lone request, or when idle, it
-/// waits for nothing.
+/// How long at most to let a crowd regroup before cutting the next batch.
+/// After a batch of many requests all its callers get their answers at once
+/// and most ask again within milliseconds; cutting the next batch at the
+/// first of them would sign a quote for one request and make the rest wait
+/// two quote times. So after a crowded batch the batcher gathers for up to
+/// 1/4 of the last quote's duration (at most [`MAX_GATHER`]), and cuts the
+/// batch earlier as soon as as many requests have come back as the last batch
+/// answered (see `run`); after a lone request, or when idle, it waits for
+/// nothing.
 pub fn gather_window(last_batch: usize, last_quote: std::time::Duration) -> std::time::Duration {
-    if last_batch <= 1 { std::time::Duration::ZERO } else { (last_quote / 8).min(MAX_GATHER) }
+    if last_batch <= 1 { std::time::Duration::ZERO } else { (last_quote / 4).min(MAX_GATHER) }
+}
+
+/// Moves what is queued into `batch`, up to `max` requests.
+fn take_queued(rx: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
+        }
+    }
 }
 
 async fn run(quote: QuoteFn, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Receiver<Request>) {
     let max = cfg.max_batch.max(1);
-    let (mut last_batch, mut last_quote) = (0usize, std::time::Duration::ZERO);
+    // How many requests the next batch expects (those queued while the last quote ran, plus
+    // the last batch's callers asking again), and how long it waits for them at most.
+    let (mut expect, mut window) = (0usize, std::time::Duration::ZERO);
     while let Some(first) = rx.recv().await {
-        let pause = if max > 1 { gather_window(last_batch, last_quote) } else { std::time::Duration::ZERO };
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
+        let gather = std::time::Instant::now();
         let mut batch = vec![first];
-        while batch.len() < max {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+        take_queued(&mut rx, &mut batch, max);
+        if max > 1 && !window.is_zero() {
+            let deadline = tokio::time::Instant::now() + window;
+            while batch.len() < expect.min(max) {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(r)) => {
+                        batch.push(r);
+                        take_queued(&mut rx, &mut batch, max);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
+        let gathered = gather.elapsed();
         // One tree and one physical quote per (group, host PCR selection).
         let mut parts: BTreeMap<(Uuid, Vec<u8>), Vec<Request>> = BTreeMap::new();
         for r in batch {
             parts.entry((r.group, r.host_pcrs.clone())).or_default().push(r);
         }
-        last_batch = batch_len(&parts);
-        let started = std::time::Instant::now();
+        let size = batch_len(&parts);
+        let (n_parts, started) = (parts.len() as u32, std::time::Instant::now());
         for ((group, host_pcrs), reqs) in parts {
             quote_part(&quote, &stats, group, host_pcrs, reqs).await;
         }
-        last_quote = started.elapsed();
+        let round = started.elapsed();
+        xvtpm_log::guest_debug!(
+            batch = size,
+            quotes = n_parts,
+            gather_us = gathered.as_micros() as u64,
+            round_us = round.as_micros() as u64,
+            "deep quote round"
+        );
+        let last_quote = round / n_parts.max(1);
+        window = gather_window(size, last_quote);
+        expect = if window.is_zero() { 0 } else { rx.len() + size };
     }
 }
 
@@ -269,6 +298,7 @@ mod tests {
         assert_eq!(gather_window(0, Duration::from_millis(400)), Duration::ZERO);
         assert_eq!(gather_window(1, Duration::from_millis(400)), Duration::ZERO);
         assert_eq!(gather_window(16, Duration::from_millis(400)), MAX_GATHER);
-        assert_eq!(gather_window(16, Duration::from_millis(2)), Duration::from_micros(250));
+        assert_eq!(gather_window(16, Duration::from_millis(100)), Duration::from_millis(25));
+        assert_eq!(gather_window(16, Duration::from_millis(2)), Duration::from_micros(500));
     }
 }

@@ -312,6 +312,50 @@ fn quote_roundtrip(alg: AkAlg) {
     );
 }
 
+/// Quotes `pcrs` with `ak` through the counting proxy; checks the quote as a verifier would and
+/// that the values returned are the TPM's current ones. Returns the TPM commands the quote took.
+fn counted_quote(tpm: &mut HwTpm, proxy: &testkit::delay::DelayProxy, ak: &AkRecord, n: u8) -> u64 {
+    const PCRS: &[u8] = &[0, 7, 16];
+    let before = proxy.commands();
+    let q = tpm.quote(ak, &[n; 32], PCRS).expect("quote");
+    let commands = proxy.commands() - before;
+    assert_eq!(verify_quote(ak, &q, &[n; 32]), Ok(()));
+    assert_eq!(q.pcr_values, tpm.pcr_read(PCRS).unwrap(), "quote {n}: stale PCR values");
+    commands
+}
+
+/// A deep-quote round behind a slow TPM costs one delay per TPM command: once the AK is loaded
+/// and the PCRs are unchanged, a quote is the one `TPM2_Quote` (no `Load`, `FlushContext` or
+/// `PCR_Read`), and a changed PCR, another AK or another loaded object still give right quotes.
+#[test]
+fn a_warm_quote_is_one_tpm_command() {
+    let t = Swtpm::start();
+    let proxy = testkit::delay::DelayProxy::start(t.port(), std::time::Duration::ZERO);
+    let mut tpm = HwTpm::open(&proxy.tcti()).expect("open HwTpm through the counting proxy");
+    let ak = tpm.create_ak(AkAlg::EccP256).unwrap();
+    let ak2 = tpm.create_ak(AkAlg::EccP256).unwrap();
+
+    // First quote: Load(AK), Quote, PCR_Read.
+    assert_eq!(counted_quote(&mut tpm, &proxy, &ak, 1), 3);
+    for n in 2..6 {
+        assert_eq!(counted_quote(&mut tpm, &proxy, &ak, n), 1, "warm quote {n}");
+    }
+    // A changed PCR: the remembered values no longer hash to the quoted digest → PCR_Read.
+    tpm.pcr_extend(16, &[9; 32]).unwrap();
+    assert_eq!(counted_quote(&mut tpm, &proxy, &ak, 6), 2);
+    assert_eq!(counted_quote(&mut tpm, &proxy, &ak, 7), 1);
+    // Another group's AK: FlushContext(AK), Load(AK2), Quote; then it stays loaded.
+    assert_eq!(counted_quote(&mut tpm, &proxy, &ak2, 8), 3);
+    assert_eq!(counted_quote(&mut tpm, &proxy, &ak2, 9), 1);
+    // Any other object operation releases the kept AK first (swtpm has 3 object slots:
+    // SRK, kept AK and two new objects would not fit), and the next quote loads it again.
+    let _ak3 = tpm.create_ak(AkAlg::Rsa2048).unwrap();
+    assert_eq!(counted_quote(&mut tpm, &proxy, &ak2, 10), 2);
+    let admin = tpm.provision(&PcrPolicySpec::with_pcrs(&[23])).expect("provision with an AK kept");
+    assert_eq!(*tpm.unseal_master(&admin.0).expect("unseal with an AK kept"), *admin.2);
+    assert_eq!(counted_quote(&mut tpm, &proxy, &ak, 11), 2);
+}
+
 #[test]
 fn create_ak_and_quote_ecc() {
     quote_roundtrip(AkAlg::EccP256);

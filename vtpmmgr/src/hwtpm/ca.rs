@@ -73,6 +73,7 @@ impl HwTpm {
     /// Creates an EK CA key under the SRK with authorisation value `auth` (≤ 32 bytes), sent
     /// encrypted (SRK-salted session, `decrypt`).
     pub fn create_ca_key(&mut self, auth: &[u8]) -> Result<CaKeyRecord> {
+        self.release_kept_ak();
         let auth = Auth::try_from(auth.to_vec()).map_err(HwTpmError::tpm("CA key auth"))?;
         let template = ca_key_template()?;
         let sess = self.start_salted_session(SessionType::Hmac)?;

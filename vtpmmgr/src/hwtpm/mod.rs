@@ -275,6 +275,25 @@ pub struct HwTpm {
     /// The store counter's ESYS handle and salted HMAC session, kept open between store writes
     /// ([`HwTpm::counter_bump`]).
     counter_link: Option<CounterLink>,
+    /// The AK of the last quote, left loaded so that a deep-quote round is one TPM command
+    /// (`TPM2_Quote`) instead of `Load`, `Quote`, `FlushContext`. It holds one transient slot;
+    /// every other operation that loads or creates an object releases it first
+    /// ([`HwTpm::release_kept_ak`]).
+    kept_ak: Option<KeptAk>,
+    /// Host PCR values of recent quotes, by normalised selection (most recent last, at most
+    /// [`PCR_CACHE_ENTRIES`]). Used only when their SHA-256 equals the digest the TPM just
+    /// signed, so a quote needs no `TPM2_PCR_Read` while the PCRs stay unchanged.
+    pcr_cache: Vec<(Vec<u8>, Vec<Vec<u8>>)>,
+}
+
+/// How many host-PCR selections [`HwTpm::quote`] remembers values for.
+const PCR_CACHE_ENTRIES: usize = 16;
+
+/// A loaded AK: which record (name and private blob) and its ESYS handle.
+struct KeptAk {
+    name: Vec<u8>,
+    private: Vec<u8>,
+    handle: KeyHandle,
 }
 
 /// An open link to the store counter: its ESYS handle (authorisation value set) and one
@@ -302,6 +321,7 @@ impl Drop for HwTpm {
         // Context's own Drop would flush it too, but be explicit: without a resource manager a
         // leaked SRK costs one of the (typically 3) transient slots until TPM reset.
         self.drop_counter_link();
+        self.release_kept_ak();
         let _ = self.ctx.flush_context(self.srk.into());
     }
 }
@@ -389,6 +409,8 @@ impl HwTpm {
                 srk_name,
                 tcti: tcti.to_string(),
                 counter_link: None,
+                kept_ak: None,
+                pcr_cache: Vec::new(),
             },
             flushed,
         ))
@@ -407,6 +429,7 @@ impl HwTpm {
     /// The ESAPI context and the loaded SRK, for the manager's other TPM modules
     /// (`crate::akprov`); they must flush whatever they load.
     pub(crate) fn context_and_srk(&mut self) -> (&mut Context, KeyHandle) {
+        self.release_kept_ak();
         (&mut self.ctx, self.srk)
     }
 
@@ -511,6 +534,14 @@ impl HwTpm {
         }
     }
 
+    /// Flushes the AK that [`HwTpm::quote`] kept loaded, if any: called before anything else
+    /// loads or creates an object, so the kept AK never takes a slot another operation needs.
+    pub(crate) fn release_kept_ak(&mut self) {
+        if let Some(k) = self.kept_ak.take() {
+            self.flush_object(k.handle.into());
+        }
+    }
+
     pub(crate) fn flush_object(&mut self, h: ObjectHandle) {
         if let Err(e) = self.ctx.flush_context(h) {
             xvtpm_log::guest_warn!(error = %e, "failed to flush transient object");
@@ -527,6 +558,7 @@ impl HwTpm {
         private: &[u8],
         name: &[u8],
     ) -> Result<KeyHandle> {
+        self.release_kept_ak();
         let public_area = Public::unmarshall(public)
             .map_err(|e| HwTpmError::InvalidRecord(format!("{what} public: {e}")))?;
         let private = Private::try_from(private.to_vec())

@@ -144,6 +144,7 @@ impl HwTpm {
             .map_err(|e| HwTpmError::InvalidRecord(format!("policy_pubkey: {e}")))?;
         let sig = Signature::unmarshall(signature)
             .map_err(|e| HwTpmError::InvalidRecord(format!("policy_signature: {e}")))?;
+        self.release_kept_ak();
         let key = self
             .ctx
             .execute_without_session(|ctx| ctx.load_external_public(public, Hierarchy::Owner))

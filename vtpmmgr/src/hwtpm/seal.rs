@@ -45,6 +45,7 @@ impl HwTpm {
         spec: &PcrPolicySpec,
     ) -> Result<(ProvisionRecord, PolicySigningKey, MasterSecret)> {
         use p256::pkcs8::EncodePrivateKey;
+        self.release_kept_ak();
         let pcrs = normalize_pcrs(&spec.pcrs)?;
         if spec.policy_ref.len() > 32 {
             return Err(HwTpmError::InvalidArgument(
@@ -184,6 +185,7 @@ impl HwTpm {
     /// Unseals the master secret. Fails with [`HwTpmError::PolicyMismatch`] if the selected PCRs
     /// no longer have the approved values.
     pub fn unseal_master(&mut self, rec: &ProvisionRecord) -> Result<MasterSecret> {
+        self.release_kept_ak();
         Self::check_record(rec)?;
         self.check_srk(&rec.srk_name)?;
         let approved = Digest::try_from(rec.approved_policy.clone())
