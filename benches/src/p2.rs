@@ -7,7 +7,7 @@
 //! (closed loop), each request with a fresh random 32-byte nonce. A cell (TPM × mode × N) runs
 //! on a freshly started manager (same state, same swtpm) so its queue and counters start empty.
 //! Responses are kept and verified offline, after the timed section, with
-//! `vtpm_proto::verify::verify` against the group's AK, the nonce sent and the vTPM's UUID.
+//! `vtpm_attest::verify::verify` against the group's AK, the nonce sent and the vTPM's UUID.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -23,7 +23,7 @@ use uuid::Uuid;
 use vtpm_proto::deepquote_cmd::{self, DeepQuoteCommand};
 use vtpm_proto::evidence::{Bundle, TPM_ALG_SHA256};
 use vtpm_proto::mgr::AdminRequest;
-use vtpm_proto::verify::{Expectations, verify};
+use vtpm_attest::verify::{Expectations, verify};
 
 use crate::procs::{Procs, connect_retry};
 use crate::p3::log_time_of_day;
@@ -879,7 +879,7 @@ pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
          p50/p99 are computed over completed latencies plus censored ages — shown as “≥” where a censored request could move the value. \
          Unbatched throughput is bounded by 1 / physical-quote time whatever N is, so a time-boxed rate is the steady-state rate. \
          *Physical per deep* = Δ`physical_quotes` ÷ Δ`deep_quotes` from `xl-vtpm mgr status --json` read before the first request and after the drain. \
-         **Verification:** after each cell, offline, {} successful response with `vtpm_proto::verify::verify` (AK = the group's {} AK from \
+         **Verification:** after each cell, offline, {} successful response with `vtpm_attest::verify::verify` (AK = the group's {} AK from \
          `xl-vtpm mgr group list`, nonce sent, vTPM UUID); *tree size* is the leaf count of the Merkle tree the bundle was signed in. \
          The whole P2 took {:.0} s. Load average at start: {}.\n",
         r.vtpms,

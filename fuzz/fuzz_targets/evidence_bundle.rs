@@ -4,7 +4,7 @@
 #![no_main]
 use libfuzzer_sys::{Corpus, fuzz_target};
 use vtpm_proto::evidence::Bundle;
-use vtpm_proto::verify::{Expectations, verify};
+use vtpm_attest::verify::{Expectations, verify};
 
 fuzz_target!(|data: &[u8]| -> Corpus {
     if data.len() < 8 {

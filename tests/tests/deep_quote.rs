@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use vtpm_proto::deepquote_cmd::{self, DeepQuoteCommand};
 use vtpm_proto::evidence::{Bundle, TPM_ALG_SHA256};
-use vtpm_proto::verify::{Expectations, VerifyError, verify};
+use vtpm_attest::verify::{Expectations, VerifyError, verify};
 use xvtpm_tests::{Options, Stack, raw_command, rc};
 
 fn ak_of_default_group(s: &Stack) -> Vec<u8> {

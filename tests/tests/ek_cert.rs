@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use uuid::Uuid;
-use vtpm_proto::ekcert::{self, Certificate, TpmInfo};
+use vtpm_attest::ekcert;
+use vtpm_proto::ekcert::Certificate;
+use vtpm_proto::mgr::TpmInfo;
 use vtpm_proto::mgr::{AdminReply, AdminRequest, ErrorCode, VtpmReply, VtpmRequest};
 use xvtpm_tests::{Stack, VtpmHandle, mgr_call, raw_command, rc, read_public, tpm2};
 

@@ -311,7 +311,7 @@ fn a_tampered_activation_answer_is_refused() {
 fn activate_in_tpm(
     dir: &Path,
     tcti: &str,
-    cred: &vtpm_proto::credential::Credential,
+    cred: &vtpm_attest::credential::Credential,
     tag: &str,
 ) -> Output {
     let mut f = vec![0xba, 0xdc, 0xc0, 0xde, 0, 0, 0, 1];
@@ -377,7 +377,7 @@ fn tpm2_in(dir: &Path, tcti: &str, args: &[&str]) -> Output {
 /// the certificate and the AK name computed from the public area all agree with the TPM.
 #[test]
 fn tpm2_activatecredential_in_swtpm_releases_our_credential() {
-    use vtpm_proto::credential;
+    use vtpm_attest::credential;
     let ca = testkit::LocalCa::new();
     let t = testkit::Swtpm::start_manufactured(&ca);
     let tcti = t.tcti();

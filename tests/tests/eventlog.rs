@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use vtpm_proto::eventlog::{self, EV_NO_ACTION};
+use vtpm_attest::eventlog::{self, EV_NO_ACTION};
 use xvtpm_tests::{Options, Stack};
 
 fn p(path: &Path) -> &str {

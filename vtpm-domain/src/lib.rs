@@ -149,8 +149,8 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
 }
 
 /// The wire form of the engine's TPM properties.
-fn tpm_info(p: &vtpm_engine::TpmProperties) -> vtpm_proto::ekcert::TpmInfo {
-    vtpm_proto::ekcert::TpmInfo {
+fn tpm_info(p: &vtpm_engine::TpmProperties) -> vtpm_proto::mgr::TpmInfo {
+    vtpm_proto::mgr::TpmInfo {
         manufacturer: p.manufacturer,
         model: p.vendor.clone(),
         firmware_version: p.firmware_version_1,

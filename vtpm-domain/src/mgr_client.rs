@@ -304,7 +304,7 @@ pub enum EkCertError {
 /// Asks the manager to certify this vTPM's EK (`ek_public`: its `TPM2B_PUBLIC`). Returns the
 /// certificate (X.509, DER). One attempt: by now the manager has released the state key, so it
 /// knows and has authorised this vTPM.
-pub async fn fetch_ek_cert(link: &MgrLink, uuid: Uuid, ek_public: &[u8], tpm: &vtpm_proto::ekcert::TpmInfo) -> Result<Vec<u8>, EkCertError> {
+pub async fn fetch_ek_cert(link: &MgrLink, uuid: Uuid, ek_public: &[u8], tpm: &vtpm_proto::mgr::TpmInfo) -> Result<Vec<u8>, EkCertError> {
     let req = VtpmRequest::IssueEkCert { uuid, ek_public: hex::encode(ek_public), tpm: tpm.clone() };
     match link.ask(&req).await.map_err(|source| EkCertError::Connect { what: link.describe(), source })? {
         VtpmReply::EkCert { cert } => {

@@ -190,17 +190,19 @@ pub enum EvidenceError {
 
 /// Bounds-checked big-endian reader over untrusted bytes.
 #[derive(Debug)]
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
+    /// A reader at the start of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
         Reader { buf, pos: 0 }
     }
 
-    pub(crate) fn bytes(
+    /// Takes `n` bytes.
+    pub fn bytes(
         &mut self,
         n: usize,
         what: &'static str,
@@ -219,7 +221,8 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    pub(crate) fn array<const N: usize>(
+    /// Takes `N` bytes as an array.
+    pub fn array<const N: usize>(
         &mut self,
         what: &'static str,
     ) -> Result<[u8; N], EvidenceError> {
@@ -228,24 +231,29 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
 
-    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, EvidenceError> {
+    /// Takes a byte.
+    pub fn u8(&mut self, what: &'static str) -> Result<u8, EvidenceError> {
         Ok(self.array::<1>(what)?[0])
     }
 
-    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, EvidenceError> {
+    /// Takes a big-endian u16.
+    pub fn u16(&mut self, what: &'static str) -> Result<u16, EvidenceError> {
         Ok(u16::from_be_bytes(self.array(what)?))
     }
 
-    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, EvidenceError> {
+    /// Takes a big-endian u32.
+    pub fn u32(&mut self, what: &'static str) -> Result<u32, EvidenceError> {
         Ok(u32::from_be_bytes(self.array(what)?))
     }
 
-    pub(crate) fn u64(&mut self, what: &'static str) -> Result<u64, EvidenceError> {
+    /// Takes a big-endian u64.
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, EvidenceError> {
         Ok(u64::from_be_bytes(self.array(what)?))
     }
 
     /// A `u16`-length-prefixed field (a TPM2B), length checked against `max` first.
-    pub(crate) fn sized16(
+    /// Takes a u16-length-prefixed field of at most `max` bytes.
+    pub fn sized16(
         &mut self,
         what: &'static str,
         max: usize,
@@ -257,7 +265,8 @@ impl<'a> Reader<'a> {
         self.bytes(len, what)
     }
 
-    pub(crate) fn finish(&self, what: &'static str) -> Result<(), EvidenceError> {
+    /// Fails if bytes are left over.
+    pub fn finish(&self, what: &'static str) -> Result<(), EvidenceError> {
         match self.buf.len() - self.pos {
             0 => Ok(()),
             count => Err(EvidenceError::TrailingBytes { what, count }),

@@ -1,7 +1,7 @@
 //! Wire formats of xvtpm (TPM command framing is the `tpm-wire` crate): the manager protocol,
-//! swtpm's control channel, sealed-state envelopes, deep-quote evidence and its verifier, the
-//! host's measured-boot event log (`eventlog`), and the X.509 EK certificates of vTPMs
-//! (`ekcert`).
+//! swtpm's control channel, sealed-state envelopes, deep-quote evidence and the TPM structures
+//! it carries (`tpms`), and the X.509 EK certificates of vTPMs (`ekcert`). Checking evidence,
+//! certificates, credentials and event logs for a tenant is `vtpm-attest`'s.
 //!
 //! This crate opens nothing (only `mgr_io` reads and writes, on a stream its caller opened) and
 //! contains no `unsafe`: every byte it parses may
@@ -19,10 +19,8 @@ pub mod secret;
 pub mod stateblob;
 pub mod merkle;
 pub mod evidence;
-pub mod verify;
+pub mod tpms;
 pub mod ekcert;
-pub mod credential;
-pub mod eventlog;
 pub mod transfer;
 pub mod deepquote_cmd;
 pub mod tpm12_compat;

@@ -173,7 +173,7 @@ pub enum VtpmRequest {
         /// The EK's `TPM2B_PUBLIC`, hex; it must follow the TCG default template L-1 or L-2.
         ek_public: String,
         /// The vTPM's fixed TPM properties, for the certificate's TCG attributes.
-        tpm: crate::ekcert::TpmInfo,
+        tpm: TpmInfo,
     },
     /// Anchors a state generation of this vTPM in the manager's store (covered by the physical
     /// TPM's NV counter), so that an older state is refused when the vTPM starts. Sent once when
@@ -241,7 +241,7 @@ pub struct GroupCaInfo {
     /// The CA certificate (X.509, DER), hex.
     pub cert: String,
     /// The CA key certified by the group's AK.
-    pub certify: crate::ekcert::CaCertify,
+    pub certify: CaCertify,
 }
 
 /// A group: a set of vTPMs sharing one attestation key in the physical TPM.
@@ -583,6 +583,86 @@ pub enum AdminReply {
     Error(Failure),
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// EK certificates: what a vTPM tells the manager about itself, and the evidence a group's EK CA
+// carries (the certificates themselves are `crate::ekcert`)
+// ---------------------------------------------------------------------------------------------
+
+/// Format version of [`CaCertify`].
+pub const CA_CERTIFY_VERSION: u32 = 1;
+
+/// A [`TpmInfo`] field out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("TPM properties: {0}")]
+pub struct TpmInfoError(pub String);
+
+/// What a vTPM reports about itself (its fixed TPM properties), for the EK certificate's TCG
+/// attributes. The values describe the vTPM's TPM implementation; they are descriptive, not
+/// an identity (the identity is the vTPM UUID the manager authenticated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpmInfo {
+    /// `TPM_PT_MANUFACTURER` (libtpms: `0x49424D00`, "IBM").
+    pub manufacturer: u32,
+    /// `TPM_PT_VENDOR_STRING_1..4`, trimmed (libtpms: "SW   TPM").
+    pub model: String,
+    /// `TPM_PT_FIRMWARE_VERSION_1`.
+    pub firmware_version: u32,
+    /// `TPM_PT_FAMILY_INDICATOR` ("2.0").
+    pub family: String,
+    /// `TPM_PT_LEVEL`.
+    pub level: u32,
+    /// `TPM_PT_REVISION` (e.g. 164 for 1.64).
+    pub revision: u32,
+}
+
+impl TpmInfo {
+    /// Bounds every field: model 1–16 printable ASCII characters, family 1–4 of `[0-9.]`,
+    /// level and revision below 10000.
+    pub fn validate(&self) -> Result<(), TpmInfoError> {
+        let printable = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if self.model.is_empty() || self.model.len() > 16 || !printable(&self.model) {
+            return Err(TpmInfoError(format!("model {:?}: 1-16 printable ASCII characters", self.model)));
+        }
+        if self.family.is_empty() || self.family.len() > 4 || !self.family.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            return Err(TpmInfoError(format!("family {:?}: 1-4 characters of [0-9.]", self.family)));
+        }
+        if self.level >= 10_000 || self.revision >= 10_000 {
+            return Err(TpmInfoError(format!("level {} / revision {} out of range", self.level, self.revision)));
+        }
+        Ok(())
+    }
+
+    /// `tcg-at-tpmManufacturer`: `id:` and eight upper-case hex digits.
+    pub fn manufacturer_id(&self) -> String {
+        format!("id:{:08X}", self.manufacturer)
+    }
+
+    /// `tcg-at-tpmVersion`: `id:` and eight upper-case hex digits.
+    pub fn version_id(&self) -> String {
+        format!("id:{:08X}", self.firmware_version)
+    }
+}
+
+
+/// Evidence that a group's EK CA key lives in the physical TPM: `TPM2_Certify` of the CA key by
+/// the group's AK, with `qualifyingData = SHA-256(CA certificate DER)`. Byte fields are hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaCertify {
+    /// [`CA_CERTIFY_VERSION`].
+    pub version: u32,
+    /// The group.
+    pub group: Uuid,
+    /// The group AK's `TPMT_PUBLIC`.
+    pub ak_public: String,
+    /// The CA key's `TPMT_PUBLIC`.
+    pub ca_public: String,
+    /// `TPMS_ATTEST` of type `TPM_ST_ATTEST_CERTIFY`: exactly the bytes the AK signed.
+    pub attest: String,
+    /// `TPMT_SIGNATURE` by the AK over `attest`.
+    pub signature: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,7 +688,7 @@ mod tests {
 
     #[test]
     fn ek_cert_wire_form() {
-        let tpm = crate::ekcert::TpmInfo {
+        let tpm = TpmInfo {
             manufacturer: 0x4942_4D00,
             model: "SW   TPM".into(),
             firmware_version: 1,

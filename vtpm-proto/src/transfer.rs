@@ -33,7 +33,7 @@ use zeroize::Zeroizing;
 
 use crate::evidence::{EvidenceError, Reader, TPM_ALG_SHA256};
 use crate::secret::SecretBytes;
-use crate::verify::{AkPublic, QuoteAttest, TpmSignature, TPM_GENERATED_VALUE};
+use crate::tpms::{AkPublic, QuoteAttest, TpmSignature, TPM_GENERATED_VALUE};
 
 /// Version of every message in this module.
 pub const TRANSFER_VERSION: u32 = 1;

@@ -3,7 +3,7 @@
 //!
 //! A verifier that holds the host's EK certificate (chained to the TPM vendor's root) encrypts a
 //! secret to (EK, AK name) with `TPM2_MakeCredential` in software
-//! (`vtpm_proto::credential`). Only this TPM can release it, and only if the key loaded as
+//! (`vtpm_attest::credential`). Only this TPM can release it, and only if the key loaded as
 //! the activation object has that name: the manager loads the group AK under the SRK, re-creates
 //! the TCG default RSA-2048 EK in the endorsement hierarchy (same template + same endorsement
 //! seed ⇒ the certified key), satisfies the EK's policy `PolicySecret(TPM_RH_ENDORSEMENT)` and

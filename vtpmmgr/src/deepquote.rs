@@ -261,7 +261,7 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
             return;
         }
     };
-    let selection = match vtpm_proto::verify::QuoteAttest::parse(&q.attest) {
+    let selection = match vtpm_proto::tpms::QuoteAttest::parse(&q.attest) {
         Ok(a) => a.pcr_select,
         Err(e) => {
             for w in waiting {

@@ -12,14 +12,16 @@
 //! value is `HKDF-SHA256(master secret, salt "xvtpm/ek-ca-auth/v1", info group UUID)`, so only a
 //! manager that unsealed the master secret signs with it. Its self-signed certificate is bound to
 //! the key's hardware residency by `TPM2_Certify` of the key by the group AK with
-//! `qualifyingData = SHA-256(CA certificate)` ([`vtpm_proto::ekcert::verify_ca_certify`]).
+//! `qualifyingData = SHA-256(CA certificate)` ([`vtpm_attest::ekcert::verify_ca_certify`]).
 //!
 //! Every certificate made here is parsed and verified in software before it leaves the manager.
 
 use hkdf::Hkdf;
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
-use vtpm_proto::ekcert::{self, CaCertify, CaPublic, Certificate, EkPublic, TpmInfo};
+use vtpm_attest::ekcert::{check_ca, check_ek_matches, verify_ca_certify, verify_ek_cert};
+use vtpm_proto::ekcert::{self, CaPublic, Certificate, EkPublic};
+use vtpm_proto::mgr::{CA_CERTIFY_VERSION, CaCertify, TpmInfo};
 use vtpm_proto::mgr::{ErrorCode, Failure, GroupCaInfo};
 use zeroize::Zeroizing;
 
@@ -70,12 +72,12 @@ pub fn make_ca(hw: &mut HwTpm, master: &MasterSecret, group: &Group, now: u64) -
     let tbs = ekcert::ca_tbs(&serial(), &name, not_before, &spki).map_err(cert_err("encoding the CA certificate"))?;
     let cert = sign(hw, &key, &auth[..], &tbs)?;
     let parsed = Certificate::parse(&cert).map_err(cert_err("the new CA certificate"))?;
-    ekcert::check_ca(&parsed, now).map_err(cert_err("the new CA certificate"))?;
+    check_ca(&parsed, now).map_err(cert_err("the new CA certificate"))?;
     let (attest, signature) = hw
         .certify_ca(&key, &auth[..], &group.ak, &Sha256::digest(&cert))
         .map_err(tpm_err("certifying the EK CA key with the group AK"))?;
     let ca = GroupCa { key, cert, certify_attest: attest, certify_signature: signature };
-    ekcert::verify_ca_certify(&ca.cert, &certify(group, &ca), &group.ak.public)
+    verify_ca_certify(&ca.cert, &certify(group, &ca), &group.ak.public)
         .map_err(cert_err("the new CA certification"))?;
     Ok(ca)
 }
@@ -83,7 +85,7 @@ pub fn make_ca(hw: &mut HwTpm, master: &MasterSecret, group: &Group, now: u64) -
 /// The certification evidence of `group`'s CA, as a verifier reads it.
 pub fn certify(group: &Group, ca: &GroupCa) -> CaCertify {
     CaCertify {
-        version: ekcert::CA_CERTIFY_VERSION,
+        version: CA_CERTIFY_VERSION,
         group: group.uuid,
         ak_public: hex::encode(&group.ak.public),
         ca_public: hex::encode(&ca.key.public),
@@ -115,7 +117,7 @@ pub fn issue(
     let auth = ca_auth(master, &group.uuid);
     let cert = sign(hw, &ca.key, &auth[..], &tbs)?;
     let parsed = Certificate::parse(&cert).map_err(cert_err("the new EK certificate"))?;
-    ekcert::verify_ek_cert(&parsed, &ca_cert, now).map_err(cert_err("the new EK certificate"))?;
-    ekcert::check_ek_matches(&parsed, ek.tpmt()).map_err(cert_err("the new EK certificate"))?;
+    verify_ek_cert(&parsed, &ca_cert, now).map_err(cert_err("the new EK certificate"))?;
+    check_ek_matches(&parsed, ek.tpmt()).map_err(cert_err("the new EK certificate"))?;
     Ok((cert, hex::encode(serial)))
 }

@@ -16,9 +16,9 @@ use hkdf::Hkdf;
 use sha2::{Digest as _, Sha256};
 use xvtpm_log::{guest_info, guest_warn};
 use uuid::Uuid;
-use vtpm_proto::ekcert::{EkPublic, TpmInfo};
+use vtpm_proto::ekcert::EkPublic;
 use vtpm_proto::mgr::{
-    AdminReply, AdminRequest, ErrorCode, Failure, GroupInfo, SecretBytes, StatusInfo, StoreCounterInfo, VtpmInfo,
+    AdminReply, AdminRequest, ErrorCode, Failure, GroupInfo, SecretBytes, StatusInfo, StoreCounterInfo, TpmInfo, VtpmInfo,
     VtpmReply, PROTOCOL_VERSION,
 };
 use zeroize::Zeroizing;

@@ -296,7 +296,7 @@ impl Manager {
         let leaf = parse(ek_cert, "EK certificate")?;
         let inter = intermediates.iter().map(|h| parse(h, "EK intermediate")).collect::<Result<Vec<_>, _>>()?;
         let roots = roots.iter().map(|h| parse(h, "EK root")).collect::<Result<Vec<_>, _>>()?;
-        let chain = vtpm_proto::credential::verify_ek_chain(&leaf, &inter, &roots, now())
+        let chain = vtpm_attest::credential::verify_ek_chain(&leaf, &inter, &roots, now())
             .map_err(|e| refused(format!("transfer refused: the destination is not enrolled: {e}")))?;
         Ok((chain.ek_spki, hex::encode(Sha256::digest(&leaf_der))))
     }
@@ -318,14 +318,14 @@ impl Manager {
         }
         let (spki, host_id) = self.ek_chain(ek_cert, inter, roots)?;
         let ak = tp::unhex(ak_public, "ak_public", 1024).map_err(bad)?;
-        let ak_name = vtpm_proto::credential::ak_name(&ak).map_err(|e| refused(format!("transfer refused: the destination's {e}")))?;
-        let ek = vtpm_proto::credential::ek_rsa_key(&spki).map_err(|e| refused(format!("transfer refused: the destination's {e}")))?;
+        let ak_name = vtpm_attest::credential::ak_name(&ak).map_err(|e| refused(format!("transfer refused: the destination's {e}")))?;
+        let ek = vtpm_attest::credential::ek_rsa_key(&spki).map_err(|e| refused(format!("transfer refused: the destination's {e}")))?;
         let mut id = now().to_be_bytes().to_vec();
         let mut rnd = [0u8; 24];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut rnd);
         id.extend_from_slice(&rnd);
         let secret = challenge_secret(self.master_secret()?, &id, &uuid, &host_id, &ak_name);
-        let cred = vtpm_proto::credential::make_credential(&ek, &ak_name, &secret[..]).map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+        let cred = vtpm_attest::credential::make_credential(&ek, &ak_name, &secret[..]).map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
         Ok(AdminReply::TransferChallenge(Box::new(Challenge {
             version: TRANSFER_VERSION,
             vtpm: uuid,
@@ -414,11 +414,11 @@ impl Manager {
             return Err(refused("transfer refused: the offer's host id is not the SHA-256 of its EK certificate"));
         }
         let ak_bytes = tp::unhex(&o.ak_public, "ak_public", 1024).map_err(bad)?;
-        let ak_name = vtpm_proto::credential::ak_name(&ak_bytes).map_err(|e| refused(format!("transfer refused: the destination's {e}")))?;
+        let ak_name = vtpm_attest::credential::ak_name(&ak_bytes).map_err(|e| refused(format!("transfer refused: the destination's {e}")))?;
         let key_bytes = tp::unhex(&o.key_public, "key_public", 1024).map_err(bad)?;
         let key = tp::check_transfer_key(&key_bytes).map_err(bad)?;
         let binding = tp::offer_binding(&id, &o.offer_id, uuid, &o.group, &ak_name, &sha256_name(&key_bytes));
-        let ak = vtpm_proto::verify::AkPublic::parse(&ak_bytes).map_err(|e| refused(format!("transfer refused: the destination's AK: {e}")))?;
+        let ak = vtpm_proto::tpms::AkPublic::parse(&ak_bytes).map_err(|e| refused(format!("transfer refused: the destination's AK: {e}")))?;
         tp::verify_certify(&ak, &o.certify_attest, &o.certify_signature, &binding, &sha256_name(&key_bytes)).map_err(bad)?;
         if o.pcr_values.len() != o.pcrs.len() || o.pcrs.len() > 24 {
             return Err(fail(ErrorCode::BadRequest, "offer: one PCR value per quoted PCR"));

@@ -388,7 +388,9 @@ fn bad_tcti_is_a_clear_error() {
 #[test]
 fn ek_ca_key_signs_and_is_certified_by_the_ak() {
     use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
-    use vtpm_proto::ekcert::{self, CaCertify, CaPublic};
+    use vtpm_attest::ekcert;
+    use vtpm_proto::ekcert::{CaPublic, CertError};
+    use vtpm_proto::mgr::{CA_CERTIFY_VERSION, CaCertify};
     let t = Swtpm::start();
     let mut tpm = open(&t);
     let ak = tpm.create_ak(AkAlg::EccP256).unwrap();
@@ -406,7 +408,7 @@ fn ek_ca_key_signs_and_is_certified_by_the_ak() {
     let cert_der = b"0\x03\x02\x01\x00".to_vec();
     let (attest, signature) = timed("certify CA key", || tpm.certify_ca(&key, &auth, &ak, &Sha256::digest(&cert_der))).unwrap();
     let ev = CaCertify {
-        version: ekcert::CA_CERTIFY_VERSION,
+        version: CA_CERTIFY_VERSION,
         group: uuid::Uuid::nil(),
         ak_public: hex::encode(&ak.public),
         ca_public: hex::encode(&key.public),
@@ -416,13 +418,13 @@ fn ek_ca_key_signs_and_is_certified_by_the_ak() {
     // The fake certificate does not parse as X.509, so the last step (key equality) fails, but
     // every TPM-side check before it passed; a wrong AK or certificate fails earlier.
     match ekcert::verify_ca_certify(&cert_der, &ev, &ak.public) {
-        Err(ekcert::CertError::Der { .. } | ekcert::CertError::Malformed(_)) => {}
+        Err(CertError::Der { .. } | CertError::Malformed(_)) => {}
         other => panic!("{other:?}"),
     }
     let other_ak = tpm.create_ak(AkAlg::EccP256).unwrap();
-    assert_eq!(ekcert::verify_ca_certify(&cert_der, &ev, &other_ak.public), Err(ekcert::CertError::AkMismatch));
+    assert_eq!(ekcert::verify_ca_certify(&cert_der, &ev, &other_ak.public), Err(CertError::AkMismatch));
     match ekcert::verify_ca_certify(b"another certificate", &ev, &ak.public) {
-        Err(ekcert::CertError::Certify(m)) => assert!(m.contains("extraData"), "{m}"),
+        Err(CertError::Certify(m)) => assert!(m.contains("extraData"), "{m}"),
         other => panic!("{other:?}"),
     }
     // The certify evidence from a wrong authorisation value is never produced.

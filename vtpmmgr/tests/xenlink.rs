@@ -399,7 +399,9 @@ fn ecc_ek(seed: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn ek_certificates_over_the_link_only_for_the_attached_vtpm() {
-    use vtpm_proto::ekcert::{self, Certificate, TpmInfo};
+    use vtpm_attest::ekcert;
+    use vtpm_proto::ekcert::Certificate;
+    use vtpm_proto::mgr::TpmInfo;
     let w = World::start().await;
     assert_eq!(w.admin(AdminRequest::VtpmAttachDomain { uuid: w.vtpm, domid: DOMID.into() }), AdminReply::Ok);
     let mut fe = w.connect(Duration::from_secs(5)).await.unwrap();
@@ -488,7 +490,7 @@ impl Drop for Stopped {
 /// link's own task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_ek_certificate_does_not_stall_the_link() {
-    use vtpm_proto::ekcert::TpmInfo;
+    use vtpm_proto::mgr::TpmInfo;
     let w = World::start().await;
     assert_eq!(w.admin(AdminRequest::VtpmAttachDomain { uuid: w.vtpm, domid: DOMID.into() }), AdminReply::Ok);
     let other_dom = DOMID + 1;

@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use vtpm_proto::credential::{self, CredError};
+use vtpm_attest::credential::{self, CredError};
 use vtpm_proto::ekcert::Certificate;
 use vtpm_proto::evidence::Bundle;
 use vtpm_proto::mgr::{AdminReply, AdminRequest, EnrollmentInfo, GroupInfo};
@@ -464,12 +464,12 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
             ));
         }
     };
-    let mut exp = vtpm_proto::verify::Expectations::new(nonce, ak_public);
+    let mut exp = vtpm_attest::verify::Expectations::new(nonce, ak_public);
     exp.group_uuid = group;
     exp.host_pcrs = host_pcrs;
     exp.vpcrs = vpcrs;
     exp.vtpm_uuid = vtpm;
-    let v = vtpm_proto::verify::verify(&bundle, &exp)
+    let v = vtpm_attest::verify::verify(&bundle, &exp)
         .map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: {e}")))?;
     let replayed = event_log
         .as_ref()

@@ -1,10 +1,12 @@
 //! `xl-vtpm mgr group ca-cert` and `xl-vtpm verify-ekcert`: a group's EK CA for trust stores,
-//! and the offline check of a vTPM's EK certificate (see `vtpm_proto::ekcert`).
+//! and the offline check of a vTPM's EK certificate (see `vtpm_attest::ekcert`).
 
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use vtpm_proto::ekcert::{self, CaCertify, Certificate, EkCertInfo};
+use vtpm_attest::ekcert::{self, EkCertInfo};
+use vtpm_proto::ekcert::{CertError, Certificate};
+use vtpm_proto::mgr::CaCertify;
 use vtpm_proto::mgr::GroupCaInfo;
 
 use crate::exit::{CliError, FAILURE, USAGE};
@@ -25,7 +27,7 @@ pub fn write_ca(info: &GroupCaInfo, out: &Path, der: bool, certify: Option<&Path
     if der {
         write(out, &cert, "--out")?;
     } else {
-        let pem = ekcert::to_pem(&cert).map_err(|e| CliError::new(FAILURE, e.to_string()))?;
+        let pem = vtpm_proto::ekcert::to_pem(&cert).map_err(|e| CliError::new(FAILURE, e.to_string()))?;
         write(out, pem.as_bytes(), "--out")?;
     }
     if let Some(p) = certify {
@@ -43,7 +45,7 @@ pub struct Checks<'a> {
     pub certify: Option<(&'a Path, &'a Path)>,
 }
 
-fn not_verified(e: ekcert::CertError) -> CliError {
+fn not_verified(e: CertError) -> CliError {
     CliError::new(NOT_VERIFIED, format!("not verified: {e}"))
 }
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use vtpm_proto::eventlog::{self, EventLog, EventLogPolicy};
+use vtpm_attest::eventlog::{self, EventLog, EventLogPolicy};
 
 use crate::exit::{CliError, USAGE};
 use crate::guest::{self, NOT_VERIFIED};

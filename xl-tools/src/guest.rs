@@ -1,6 +1,6 @@
 //! Tenant-side commands: ask a vTPM for a deep quote through an ordinary TPM
 //! device (`/dev/tpm0`, `/dev/tpmrm0`) or an swtpm socket, and verify a
-//! bundle offline with [`vtpm_proto::verify`], trusting nothing in it.
+//! bundle offline with [`vtpm_attest::verify`], trusting nothing in it.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use vtpm_proto::deepquote_cmd::{self, DeepQuoteCommand};
 use vtpm_proto::evidence::{Bundle, TPM_ALG_SHA256};
-use vtpm_proto::verify::{Expectations, PcrPolicy, Verified};
+use vtpm_attest::verify::{Expectations, PcrPolicy, Verified};
 
 use crate::exit::{CliError, FAILURE, USAGE};
 
@@ -180,7 +180,7 @@ pub fn read_policy(path: &Path, flag: &str) -> Result<PcrPolicy, CliError> {
 /// Decodes and verifies a bundle.
 pub fn verify_bytes(bytes: &[u8], expected: &Expectations) -> Result<Verified, CliError> {
     let bundle = Bundle::decode(bytes).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence does not decode: {e}")))?;
-    vtpm_proto::verify::verify(&bundle, expected).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: {e}")))
+    vtpm_attest::verify::verify(&bundle, expected).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: {e}")))
 }
 
 #[cfg(test)]

@@ -37,8 +37,8 @@ use aes::cipher::{BlockEncrypt, KeyInit};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::ekcert::{self, oid, CertError, Certificate};
-use crate::verify::AkPublic;
+use vtpm_proto::ekcert::{self, oid, CertError, Certificate};
+use vtpm_proto::tpms::AkPublic;
 
 /// `TPM_ALG_SHA256`.
 const TPM_ALG_SHA256: u16 = 0x000B;

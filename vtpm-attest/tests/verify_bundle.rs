@@ -2,6 +2,8 @@
 //! AKs over hand-marshalled TPMS_ATTEST (real-TPM bundles are tested end to
 //! end in the manager's integration tests).
 
+// The signed-bundle fixtures are the format crate's (its evidence tests use them too).
+#[path = "../../vtpm-proto/tests/verify_fixtures/mod.rs"]
 mod verify_fixtures;
 
 use std::collections::BTreeMap;
@@ -9,9 +11,8 @@ use std::collections::BTreeMap;
 use verify_fixtures::*;
 use vtpm_proto::evidence::{Bundle, EvidenceError, PcrSelection, TPM_ALG_SHA1, TPM_ALG_SHA256};
 use vtpm_proto::merkle::{self, MerkleError};
-use vtpm_proto::verify::{
-    AkKey, AkPublic, Expectations, PcrPolicy, TpmSignature, VerifyError, verify,
-};
+use vtpm_attest::verify::{Expectations, PcrPolicy, TpmsError, VerifyError, verify};
+use vtpm_proto::tpms::{AkKey, AkPublic, TpmSignature};
 
 fn aks() -> [Ak; 2] {
     [Ak::ecc(), Ak::rsa()]
@@ -200,7 +201,7 @@ fn ak_must_be_the_expected_one() {
     b.ak_public = ecc.public.clone();
     assert_eq!(
         verify(&b, &exp(&ecc, 1)).unwrap_err(),
-        VerifyError::SignatureInvalid
+        VerifyError::Tpm(TpmsError::SignatureInvalid)
     );
 }
 
@@ -215,31 +216,31 @@ fn signature_and_attest_tampering() {
             b.attest[at] ^= 0x20;
             assert_eq!(
                 verify(&b, &e).unwrap_err(),
-                VerifyError::SignatureInvalid,
+                VerifyError::Tpm(TpmsError::SignatureInvalid),
                 "attest byte {at}"
             );
         }
         let mut b = good.clone();
         let last = b.signature.len() - 1;
         b.signature[last] ^= 1;
-        assert_eq!(verify(&b, &e).unwrap_err(), VerifyError::SignatureInvalid);
+        assert_eq!(verify(&b, &e).unwrap_err(), VerifyError::Tpm(TpmsError::SignatureInvalid));
         let mut b = good.clone();
         b.signature.push(0);
         assert!(matches!(
             verify(&b, &e),
-            Err(VerifyError::SignatureMalformed(
+            Err(VerifyError::Tpm(TpmsError::SignatureMalformed(
                 EvidenceError::TrailingBytes { .. }
-            ))
+            )))
         ));
         // Signature hash other than SHA-256.
         let mut b = good.clone();
         b.signature[2..4].copy_from_slice(&0x0004u16.to_be_bytes());
         assert!(matches!(
             verify(&b, &e),
-            Err(VerifyError::SignatureScheme {
+            Err(VerifyError::Tpm(TpmsError::SignatureScheme {
                 hash_alg: 0x0004,
                 ..
-            })
+            }))
         ));
         // Signature scheme of the other key type.
         let mut b = good.clone();
@@ -263,7 +264,7 @@ fn attest_content_checks_past_the_signature() {
     resign(&ak, &mut b);
     assert_eq!(
         verify(&b, &e).unwrap_err(),
-        VerifyError::AttestMagic { got: 0xff54_4348 }
+        VerifyError::Tpm(TpmsError::AttestMagic { got: 0xff54_4348 })
     );
 
     let mut b = good.clone();
@@ -271,7 +272,7 @@ fn attest_content_checks_past_the_signature() {
     resign(&ak, &mut b);
     assert_eq!(
         verify(&b, &e).unwrap_err(),
-        VerifyError::AttestType { got: 0x8017 }
+        VerifyError::Tpm(TpmsError::AttestType { got: 0x8017 })
     );
 
     let mut b = good.clone();
@@ -295,9 +296,9 @@ fn attest_content_checks_past_the_signature() {
     resign(&ak, &mut b);
     assert!(matches!(
         verify(&b, &e),
-        Err(VerifyError::AttestMalformed(
+        Err(VerifyError::Tpm(TpmsError::AttestMalformed(
             EvidenceError::TrailingBytes { .. }
-        ))
+        )))
     ));
 
     let mut b = good.clone();
@@ -305,9 +306,9 @@ fn attest_content_checks_past_the_signature() {
     resign(&ak, &mut b);
     assert!(matches!(
         verify(&b, &e),
-        Err(VerifyError::AttestMalformed(
+        Err(VerifyError::Tpm(TpmsError::AttestMalformed(
             EvidenceError::Truncated { .. }
-        ))
+        )))
     ));
 }
 
@@ -524,13 +525,13 @@ fn ak_public_parsing() {
         let public = ecc_public(&x, &y, attrs);
         assert_eq!(
             AkPublic::parse(&public).unwrap_err(),
-            VerifyError::AkAttributes { attributes: attrs }
+            TpmsError::AkAttributes { attributes: attrs }
         );
         let mut b = three(&ecc)[0].clone();
         b.ak_public = public.clone();
         assert_eq!(
             verify(&b, &Expectations::new(nonce(1), public)).unwrap_err(),
-            VerifyError::AkAttributes { attributes: attrs }
+            VerifyError::Tpm(TpmsError::AkAttributes { attributes: attrs })
         );
     }
     // Another curve.
@@ -538,7 +539,7 @@ fn ak_public_parsing() {
     p[16..18].copy_from_slice(&0x0004u16.to_be_bytes()); // curveID after type,nameAlg,attrs,authPolicy,sym,scheme,hash
     assert_eq!(
         AkPublic::parse(&p).unwrap_err(),
-        VerifyError::AkUnsupported {
+        TpmsError::AkUnsupported {
             what: "ECC curve",
             value: 4
         }
@@ -548,17 +549,17 @@ fn ak_public_parsing() {
     bad_y[31] ^= 1;
     assert!(matches!(
         AkPublic::parse(&ecc_public(&x, &bad_y, AK_ATTRIBUTES)),
-        Err(VerifyError::AkInvalidKey(_))
+        Err(TpmsError::AkInvalidKey(_))
     ));
     // RSA-1024 modulus.
     assert!(matches!(
         AkPublic::parse(&rsa_public(&[0xC5; 128], AK_ATTRIBUTES)),
-        Err(VerifyError::AkInvalidKey(_))
+        Err(TpmsError::AkInvalidKey(_))
     ));
     // Unknown type, truncation, trailing bytes.
     assert!(matches!(
         AkPublic::parse(&[0x00, 0x08, 0, 0x0B, 0, 5, 0, 0x72, 0, 0]),
-        Err(VerifyError::AkUnsupported {
+        Err(TpmsError::AkUnsupported {
             what: "TPMT_PUBLIC.type",
             ..
         })
@@ -567,7 +568,7 @@ fn ak_public_parsing() {
         assert!(
             matches!(
                 AkPublic::parse(&ecc.public[..cut]),
-                Err(VerifyError::AkMalformed(_))
+                Err(TpmsError::AkMalformed(_))
             ),
             "cut {cut}"
         );
@@ -576,7 +577,7 @@ fn ak_public_parsing() {
     p.push(0);
     assert!(matches!(
         AkPublic::parse(&p),
-        Err(VerifyError::AkMalformed(
+        Err(TpmsError::AkMalformed(
             EvidenceError::TrailingBytes { .. }
         ))
     ));
@@ -617,6 +618,6 @@ fn short_ecc_coordinates_and_scalars_are_left_padded() {
     sig.extend_from_slice(&[0x00, 0x01, 0x01]);
     assert!(matches!(
         TpmSignature::parse(&sig),
-        Err(VerifyError::SignatureMalformed(_))
+        Err(TpmsError::SignatureMalformed(_))
     ));
 }

@@ -1,4 +1,4 @@
-//! Cross-check of the software TPM2_MakeCredential (`vtpm_proto::credential`) against
+//! Cross-check of the software TPM2_MakeCredential (`vtpm_attest::credential`) against
 //! tpm2-tools' own software implementation (`tpm2_makecredential --tcti none`).
 //!
 //! The seed is random and OAEP-encrypted, so the two outputs never match byte for byte. The test
@@ -13,7 +13,7 @@ use std::process::Command;
 
 use rsa::pkcs8::EncodePublicKey as _;
 use sha2::Sha256;
-use vtpm_proto::credential::{credential_blob_from_seed, make_credential};
+use vtpm_attest::credential::{credential_blob_from_seed, make_credential};
 
 fn tpm2_makecredential(
     dir: &std::path::Path,

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use vtpm_proto::credential::{verify_ek_chain, CredError};
+use vtpm_attest::credential::{verify_ek_chain, CredError};
 use vtpm_proto::ekcert::Certificate;
 
 fn sh(dir: &Path, script: &str) {

@@ -1,34 +1,12 @@
-//! Deep-quote verifier: recomputes every hash of a [`Bundle`] and checks the
-//! physical TPM's signature, in pure Rust (rsa, p256, sha2).
-//!
-//! The TPM structures are parsed by hand here: TPMT_PUBLIC (RSA-2048 and
-//! ECC NIST P-256 restricted signing keys), TPMT_SIGNATURE (RSASSA-SHA256 and
-//! ECDSA-SHA256) and TPMS_ATTEST of type TPM_ST_ATTEST_QUOTE. Checks run in
-//! this order and each failure has its own [`VerifyError`] variant:
-//!
-//! 1. the bundle's AK public area equals the expected one, byte for byte;
-//! 2. the AK parses and is a restricted, fixedTPM signing key of a supported type;
-//! 3. the signature parses, its scheme fits the key, and it verifies over the
-//!    TPMS_ATTEST bytes (nothing inside the attest is believed before this);
-//! 4. TPMS_ATTEST parses: magic `TPM_GENERATED`, type `TPM_ST_ATTEST_QUOTE`;
-//! 5. the leaf is re-encoded from its fields, hashed, and walked up the
-//!    inclusion path; the root must equal `extraData` (32 bytes);
-//! 6. the quote's PCR selection equals the bundle's, and `pcrDigest` equals
-//!    SHA-256 of the bundle's host PCR values in selection order;
-//! 7. the leaf's nonce equals the expected nonce;
-//! 8. optional expectations: vTPM UUID, group UUID, flags, host-PCR policy,
-//!    vPCR policy.
-
-use std::collections::BTreeMap;
+//! The TPM structures an attestation carries, as the TPM produces them: the AK's TPMT_PUBLIC
+//! (RSA-2048 and ECC NIST P-256 restricted signing keys), TPMT_SIGNATURE (RSASSA-SHA256 and
+//! ECDSA-SHA256) and TPMS_ATTEST of type TPM_ST_ATTEST_QUOTE, parsed by hand, and the check of
+//! an AK's signature. The tenant's verifier (`vtpm_attest::verify`), the manager's batcher and
+//! the transfer checks ([`crate::transfer`]) all read them through here.
 
 use p256::ecdsa::signature::Verifier as _;
-use uuid::Uuid;
 
-use crate::evidence::{
-    Bundle, EvidenceError, HostPcrs, Leaf, PcrSelection, Reader, TPM_ALG_SHA256, digest_size,
-    pcr_digest_sha256, read_pcr_selection_list,
-};
-use crate::merkle::{self, Hash, MerkleError};
+use crate::evidence::{EvidenceError, PcrSelection, Reader, TPM_ALG_SHA256, read_pcr_selection_list};
 
 /// `TPM_GENERATED_VALUE`, the magic of every TPMS_ATTEST the TPM makes.
 pub const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
@@ -57,49 +35,6 @@ pub const TPMA_OBJECT_RESTRICTED: u32 = 1 << 16;
 pub const TPMA_OBJECT_DECRYPT: u32 = 1 << 17;
 /// TPMA_OBJECT `sign`.
 pub const TPMA_OBJECT_SIGN: u32 = 1 << 18;
-
-/// What the verifier requires of a bundle.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expectations {
-    /// The nonce the verifier sent (must equal the leaf's nonce).
-    pub nonce: Vec<u8>,
-    /// The manager AK's TPMT_PUBLIC, obtained out of band (must equal the bundle's).
-    pub ak_public: Vec<u8>,
-    /// Required host PCR values.
-    pub host_pcrs: Option<PcrPolicy>,
-    /// Required vPCR values.
-    pub vpcrs: Option<PcrPolicy>,
-    /// Required vTPM UUID.
-    pub vtpm_uuid: Option<Uuid>,
-    /// Required group UUID.
-    pub group_uuid: Option<Uuid>,
-    /// Required request flags.
-    pub flags: Option<u32>,
-}
-
-impl Expectations {
-    /// Expectations with only the nonce and the AK; everything optional is unset.
-    pub fn new(nonce: impl Into<Vec<u8>>, ak_public: impl Into<Vec<u8>>) -> Self {
-        Expectations {
-            nonce: nonce.into(),
-            ak_public: ak_public.into(),
-            host_pcrs: None,
-            vpcrs: None,
-            vtpm_uuid: None,
-            group_uuid: None,
-            flags: None,
-        }
-    }
-}
-
-/// Required PCR values in one bank: every listed PCR must be covered and equal.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PcrPolicy {
-    /// TPM_ALG_ID of the bank.
-    pub hash_alg: u16,
-    /// PCR index → required value.
-    pub values: BTreeMap<u32, Vec<u8>>,
-}
 
 /// The public key of the AK.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,33 +121,9 @@ pub enum TpmSignature {
     },
 }
 
-/// What a successful verification established.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verified {
-    /// The leaf (vTPM UUID, group, vPCRs, nonce, flags, position).
-    pub leaf: Leaf,
-    /// Its Merkle leaf hash.
-    pub leaf_hash: Hash,
-    /// The Merkle root the TPM signed.
-    pub root: Hash,
-    /// The AK.
-    pub ak: AkPublic,
-    /// The signed quote.
-    pub attest: QuoteAttest,
-    /// The host PCRs, now known to match `pcrDigest`.
-    pub host_pcrs: HostPcrs,
-}
-
-fn hexs(b: &[u8]) -> String {
-    hex::encode(b)
-}
-
-/// Why a bundle was rejected. Each check has its own variant.
+/// Why a TPM structure or an AK's signature was rejected. Each check has its own variant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum VerifyError {
-    /// The bundle's AK public area differs from the expected one.
-    #[error("AK public area differs from the expected AK")]
-    AkMismatch,
+pub enum TpmsError {
     /// The AK's TPMT_PUBLIC does not parse.
     #[error("AK TPMT_PUBLIC malformed: {0}")]
     AkMalformed(EvidenceError),
@@ -266,121 +177,6 @@ pub enum VerifyError {
         /// Type found.
         got: u16,
     },
-    /// The leaf's fields violate the leaf format.
-    #[error("leaf invalid: {0}")]
-    Leaf(EvidenceError),
-    /// The inclusion path does not fit the leaf's position.
-    #[error("inclusion proof invalid: {0}")]
-    Inclusion(MerkleError),
-    /// The quote's extraData is not 32 bytes long.
-    #[error("quote extraData is {got} bytes, a Merkle root is 32")]
-    ExtraDataLength {
-        /// Length found.
-        got: usize,
-    },
-    /// The root recomputed from leaf and path differs from the quote's extraData.
-    #[error("Merkle root {computed} recomputed from leaf and path differs from quoted extraData {quoted}", computed = hexs(.computed), quoted = hexs(.quoted))]
-    RootMismatch {
-        /// Root recomputed from the bundle.
-        computed: Hash,
-        /// Root in the signed quote.
-        quoted: Hash,
-    },
-    /// The quote's PCR selection differs from the bundle's host PCR selection.
-    #[error("quote PCR selection {quoted:?} differs from the bundle's {bundle:?}")]
-    HostPcrSelectionMismatch {
-        /// Selection in the signed quote.
-        quoted: Vec<PcrSelection>,
-        /// Selection in the bundle.
-        bundle: Vec<PcrSelection>,
-    },
-    /// The bundle's host PCR values do not fit its selection.
-    #[error("host PCR values invalid: {0}")]
-    HostPcrValues(EvidenceError),
-    /// SHA-256 of the host PCR values differs from the quote's pcrDigest.
-    #[error("SHA-256 of host PCR values {computed} differs from quoted pcrDigest {quoted}", computed = hexs(.computed), quoted = hexs(.quoted))]
-    PcrDigestMismatch {
-        /// Digest of the bundle's values.
-        computed: Hash,
-        /// `pcrDigest` in the signed quote.
-        quoted: Vec<u8>,
-    },
-    /// The leaf's nonce differs from the expected nonce.
-    #[error("nonce {got} differs from the expected {expected}", got = hexs(.got), expected = hexs(.expected))]
-    NonceMismatch {
-        /// Nonce expected.
-        expected: Vec<u8>,
-        /// Nonce in the leaf.
-        got: Vec<u8>,
-    },
-    /// The leaf is for another vTPM.
-    #[error("vTPM UUID {got} differs from the expected {expected}")]
-    VtpmUuidMismatch {
-        /// UUID expected.
-        expected: Uuid,
-        /// UUID in the leaf.
-        got: Uuid,
-    },
-    /// The leaf is for another group.
-    #[error("group UUID {got} differs from the expected {expected}")]
-    GroupUuidMismatch {
-        /// UUID expected.
-        expected: Uuid,
-        /// UUID in the leaf.
-        got: Uuid,
-    },
-    /// The leaf's flags differ from the expected flags.
-    #[error("flags {got:#010x} differ from the expected {expected:#010x}")]
-    FlagsMismatch {
-        /// Flags expected.
-        expected: u32,
-        /// Flags in the leaf.
-        got: u32,
-    },
-    /// A host PCR the policy names is not in the quote.
-    #[error("host PCR {index} of bank {hash_alg:#06x} required by policy is not quoted")]
-    HostPcrNotQuoted {
-        /// Bank.
-        hash_alg: u16,
-        /// PCR index.
-        index: u32,
-    },
-    /// A host PCR differs from the policy.
-    #[error("host PCR {index} of bank {hash_alg:#06x} is {got}, policy requires {expected}", got = hexs(.got), expected = hexs(.expected))]
-    HostPcrPolicy {
-        /// Bank.
-        hash_alg: u16,
-        /// PCR index.
-        index: u32,
-        /// Required value.
-        expected: Vec<u8>,
-        /// Quoted value.
-        got: Vec<u8>,
-    },
-    /// The vPCR policy names another bank than the leaf's.
-    #[error("vPCR policy is for bank {policy:#06x}, the leaf carries bank {leaf:#06x}")]
-    VpcrBank {
-        /// Bank of the policy.
-        policy: u16,
-        /// Bank of the leaf.
-        leaf: u16,
-    },
-    /// A vPCR the policy names is not in the leaf.
-    #[error("vPCR {index} required by policy is not in the leaf")]
-    VpcrNotSelected {
-        /// vPCR index.
-        index: u32,
-    },
-    /// A vPCR differs from the policy.
-    #[error("vPCR {index} is {got}, policy requires {expected}", got = hexs(.got), expected = hexs(.expected))]
-    VpcrPolicy {
-        /// vPCR index.
-        index: u32,
-        /// Required value.
-        expected: Vec<u8>,
-        /// Value in the leaf.
-        got: Vec<u8>,
-    },
 }
 
 /// Reads a TPMT_SYM_DEF_OBJECT and returns its algorithm.
@@ -397,8 +193,8 @@ impl AkPublic {
     /// Parses a TPMT_PUBLIC and accepts only a restricted, fixedTPM signing key
     /// that is RSA-2048 (RSASSA or NULL scheme) or ECC NIST P-256 (ECDSA or NULL
     /// scheme), with a SHA-256 scheme hash if a scheme is set.
-    pub fn parse(bytes: &[u8]) -> Result<AkPublic, VerifyError> {
-        use VerifyError::{AkMalformed as M, AkUnsupported};
+    pub fn parse(bytes: &[u8]) -> Result<AkPublic, TpmsError> {
+        use TpmsError::{AkMalformed as M, AkUnsupported};
         let mut r = Reader::new(bytes);
         let ty = r.u16("TPMT_PUBLIC.type").map_err(M)?;
         let name_alg = r.u16("TPMT_PUBLIC.nameAlg").map_err(M)?;
@@ -435,7 +231,7 @@ impl AkPublic {
                     });
                 }
                 if modulus.len() != 256 || modulus[0] & 0x80 == 0 {
-                    return Err(VerifyError::AkInvalidKey(
+                    return Err(TpmsError::AkInvalidKey(
                         "RSA-2048 modulus is not 2048 bits",
                     ));
                 }
@@ -475,10 +271,10 @@ impl AkPublic {
                         value: curve.into(),
                     });
                 }
-                let x = left_pad_32(x).ok_or(VerifyError::AkInvalidKey(
+                let x = left_pad_32(x).ok_or(TpmsError::AkInvalidKey(
                     "P-256 x coordinate longer than 32 bytes",
                 ))?;
-                let y = left_pad_32(y).ok_or(VerifyError::AkInvalidKey(
+                let y = left_pad_32(y).ok_or(TpmsError::AkInvalidKey(
                     "P-256 y coordinate longer than 32 bytes",
                 ))?;
                 (scheme_hash, AkKey::EccP256 { x, y })
@@ -500,7 +296,7 @@ impl AkPublic {
         }
         let need = TPMA_OBJECT_RESTRICTED | TPMA_OBJECT_SIGN | TPMA_OBJECT_FIXED_TPM;
         if object_attributes & need != need || object_attributes & TPMA_OBJECT_DECRYPT != 0 {
-            return Err(VerifyError::AkAttributes {
+            return Err(TpmsError::AkAttributes {
                 attributes: object_attributes,
             });
         }
@@ -531,33 +327,33 @@ impl AkPublic {
         }
     }
 
-    fn rsa_key(&self) -> Result<rsa::RsaPublicKey, VerifyError> {
+    fn rsa_key(&self) -> Result<rsa::RsaPublicKey, TpmsError> {
         match &self.key {
             AkKey::Rsa2048 { modulus, exponent } => rsa::RsaPublicKey::new(
                 rsa::BigUint::from_bytes_be(modulus),
                 rsa::BigUint::from(*exponent),
             )
             .map_err(|_| {
-                VerifyError::AkInvalidKey("RSA public key rejected (exponent or modulus)")
+                TpmsError::AkInvalidKey("RSA public key rejected (exponent or modulus)")
             }),
-            AkKey::EccP256 { .. } => Err(VerifyError::AkInvalidKey("not an RSA key")),
+            AkKey::EccP256 { .. } => Err(TpmsError::AkInvalidKey("not an RSA key")),
         }
     }
 
-    fn p256_key(&self) -> Result<p256::ecdsa::VerifyingKey, VerifyError> {
+    fn p256_key(&self) -> Result<p256::ecdsa::VerifyingKey, TpmsError> {
         match &self.key {
             AkKey::EccP256 { x, y } => {
                 let point = p256::EncodedPoint::from_affine_coordinates(x.into(), y.into(), false);
                 p256::ecdsa::VerifyingKey::from_encoded_point(&point)
-                    .map_err(|_| VerifyError::AkInvalidKey("point is not on P-256"))
+                    .map_err(|_| TpmsError::AkInvalidKey("point is not on P-256"))
             }
-            AkKey::Rsa2048 { .. } => Err(VerifyError::AkInvalidKey("not an ECC key")),
+            AkKey::Rsa2048 { .. } => Err(TpmsError::AkInvalidKey("not an ECC key")),
         }
     }
 
     /// Verifies `sig` over `message` (SHA-256 inside the scheme).
-    pub fn verify_signature(&self, message: &[u8], sig: &TpmSignature) -> Result<(), VerifyError> {
-        let scheme_err = |sig_alg: u16, hash_alg: u16| VerifyError::SignatureScheme {
+    pub fn verify_signature(&self, message: &[u8], sig: &TpmSignature) -> Result<(), TpmsError> {
+        let scheme_err = |sig_alg: u16, hash_alg: u16| TpmsError::SignatureScheme {
             key_alg: self.key_alg(),
             sig_alg,
             hash_alg,
@@ -568,13 +364,13 @@ impl AkPublic {
                     return Err(scheme_err(TPM_ALG_RSASSA, *hash_alg));
                 }
                 if sig.len() != 256 {
-                    return Err(VerifyError::SignatureInvalid);
+                    return Err(TpmsError::SignatureInvalid);
                 }
                 let vk = rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(self.rsa_key()?);
                 let s = rsa::pkcs1v15::Signature::try_from(sig.as_slice())
-                    .map_err(|_| VerifyError::SignatureInvalid)?;
+                    .map_err(|_| TpmsError::SignatureInvalid)?;
                 vk.verify(message, &s)
-                    .map_err(|_| VerifyError::SignatureInvalid)
+                    .map_err(|_| TpmsError::SignatureInvalid)
             }
             (AkKey::EccP256 { .. }, TpmSignature::Ecdsa { hash_alg, r, s }) => {
                 if *hash_alg != TPM_ALG_SHA256 {
@@ -582,9 +378,9 @@ impl AkPublic {
                 }
                 let vk = self.p256_key()?;
                 let s = p256::ecdsa::Signature::from_scalars(*r, *s)
-                    .map_err(|_| VerifyError::SignatureInvalid)?;
+                    .map_err(|_| TpmsError::SignatureInvalid)?;
                 vk.verify(message, &s)
-                    .map_err(|_| VerifyError::SignatureInvalid)
+                    .map_err(|_| TpmsError::SignatureInvalid)
             }
             (_, TpmSignature::RsaSsa { hash_alg, .. }) => {
                 Err(scheme_err(TPM_ALG_RSASSA, *hash_alg))
@@ -606,8 +402,8 @@ fn left_pad_32(b: &[u8]) -> Option<[u8; 32]> {
 impl TpmSignature {
     /// Parses a TPMT_SIGNATURE of scheme RSASSA or ECDSA (any hash; the hash is
     /// checked against the key in [`AkPublic::verify_signature`]).
-    pub fn parse(bytes: &[u8]) -> Result<TpmSignature, VerifyError> {
-        use VerifyError::SignatureMalformed as M;
+    pub fn parse(bytes: &[u8]) -> Result<TpmSignature, TpmsError> {
+        use TpmsError::SignatureMalformed as M;
         let mut r = Reader::new(bytes);
         let alg = r.u16("TPMT_SIGNATURE.sigAlg").map_err(M)?;
         let sig = match alg {
@@ -652,16 +448,16 @@ impl TpmSignature {
 impl QuoteAttest {
     /// Parses a TPMS_ATTEST and accepts only magic TPM_GENERATED and type
     /// TPM_ST_ATTEST_QUOTE; no trailing bytes.
-    pub fn parse(bytes: &[u8]) -> Result<QuoteAttest, VerifyError> {
-        use VerifyError::AttestMalformed as M;
+    pub fn parse(bytes: &[u8]) -> Result<QuoteAttest, TpmsError> {
+        use TpmsError::AttestMalformed as M;
         let mut r = Reader::new(bytes);
         let magic = r.u32("TPMS_ATTEST.magic").map_err(M)?;
         if magic != TPM_GENERATED_VALUE {
-            return Err(VerifyError::AttestMagic { got: magic });
+            return Err(TpmsError::AttestMagic { got: magic });
         }
         let ty = r.u16("TPMS_ATTEST.type").map_err(M)?;
         if ty != TPM_ST_ATTEST_QUOTE {
-            return Err(VerifyError::AttestType { got: ty });
+            return Err(TpmsError::AttestType { got: ty });
         }
         let qualified_signer = r
             .sized16("TPMS_ATTEST.qualifiedSigner", 68)
@@ -702,199 +498,4 @@ impl QuoteAttest {
             pcr_digest,
         })
     }
-}
-
-/// Checks that the host PCR values fit the selection (known banks, no bank
-/// twice, one value of the bank's digest size per selected PCR).
-fn check_host_values(host: &HostPcrs) -> Result<(), EvidenceError> {
-    let mut expected_sizes = Vec::new();
-    for (i, bank) in host.selection.iter().enumerate() {
-        let size = digest_size(bank.hash_alg).ok_or(EvidenceError::UnknownHashAlg {
-            what: "host PCR bank",
-            alg: bank.hash_alg,
-        })?;
-        if host.selection[..i]
-            .iter()
-            .any(|b| b.hash_alg == bank.hash_alg)
-        {
-            return Err(EvidenceError::InvalidValue {
-                what: "host PCR bank listed twice",
-                value: bank.hash_alg.into(),
-            });
-        }
-        expected_sizes.extend(bank.indices().map(|_| size));
-    }
-    if expected_sizes.len() != host.values.len() {
-        return Err(EvidenceError::CountMismatch {
-            what: "host PCR values",
-            expected: expected_sizes.len(),
-            got: host.values.len(),
-        });
-    }
-    for (position, (v, &size)) in host.values.iter().zip(&expected_sizes).enumerate() {
-        if v.len() != size {
-            return Err(EvidenceError::ValueLength {
-                what: "host PCR value",
-                position,
-                expected: size,
-                got: v.len(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The value of host PCR `index` in bank `hash_alg`, if quoted.
-fn host_value(host: &HostPcrs, hash_alg: u16, index: u32) -> Option<&[u8]> {
-    let mut pos = 0;
-    for bank in &host.selection {
-        for i in bank.indices() {
-            if bank.hash_alg == hash_alg && i == index {
-                return host.values.get(pos).map(Vec::as_slice);
-            }
-            pos += 1;
-        }
-    }
-    None
-}
-
-/// Verifies a deep-quote bundle against the verifier's expectations.
-pub fn verify(bundle: &Bundle, expected: &Expectations) -> Result<Verified, VerifyError> {
-    // 1–3: the AK is the one we trust, and it signed these attest bytes.
-    if bundle.ak_public != expected.ak_public {
-        return Err(VerifyError::AkMismatch);
-    }
-    let ak = AkPublic::parse(&bundle.ak_public)?;
-    let sig = TpmSignature::parse(&bundle.signature)?;
-    ak.verify_signature(&bundle.attest, &sig)?;
-
-    // 4: what was signed is a TPM-generated quote.
-    let attest = QuoteAttest::parse(&bundle.attest)?;
-
-    // 5: the leaf, recomputed from its fields, is under the signed root.
-    let leaf_hash = bundle.leaf.leaf_hash().map_err(VerifyError::Leaf)?;
-    let pos = bundle.leaf.position;
-    let root = merkle::root_from_inclusion(
-        &leaf_hash,
-        pos.leaf_index.into(),
-        pos.tree_size.into(),
-        &bundle.path,
-    )
-    .map_err(VerifyError::Inclusion)?;
-    let quoted: Hash =
-        attest
-            .extra_data
-            .as_slice()
-            .try_into()
-            .map_err(|_| VerifyError::ExtraDataLength {
-                got: attest.extra_data.len(),
-            })?;
-    if root != quoted {
-        return Err(VerifyError::RootMismatch {
-            computed: root,
-            quoted,
-        });
-    }
-
-    // 6: the host PCR values are the quoted ones.
-    if attest.pcr_select != bundle.host_pcrs.selection {
-        return Err(VerifyError::HostPcrSelectionMismatch {
-            quoted: attest.pcr_select.clone(),
-            bundle: bundle.host_pcrs.selection.clone(),
-        });
-    }
-    check_host_values(&bundle.host_pcrs).map_err(VerifyError::HostPcrValues)?;
-    let computed = pcr_digest_sha256(&bundle.host_pcrs.values);
-    if attest.pcr_digest != computed {
-        return Err(VerifyError::PcrDigestMismatch {
-            computed,
-            quoted: attest.pcr_digest.clone(),
-        });
-    }
-
-    // 7: freshness.
-    let leaf = &bundle.leaf;
-    if leaf.nonce != expected.nonce {
-        return Err(VerifyError::NonceMismatch {
-            expected: expected.nonce.clone(),
-            got: leaf.nonce.clone(),
-        });
-    }
-
-    // 8: identity and policies.
-    if let Some(want) = expected.vtpm_uuid
-        && want != leaf.vtpm_uuid
-    {
-        return Err(VerifyError::VtpmUuidMismatch {
-            expected: want,
-            got: leaf.vtpm_uuid,
-        });
-    }
-    if let Some(want) = expected.group_uuid
-        && want != leaf.group_uuid
-    {
-        return Err(VerifyError::GroupUuidMismatch {
-            expected: want,
-            got: leaf.group_uuid,
-        });
-    }
-    if let Some(want) = expected.flags
-        && want != leaf.flags
-    {
-        return Err(VerifyError::FlagsMismatch {
-            expected: want,
-            got: leaf.flags,
-        });
-    }
-    if let Some(policy) = &expected.host_pcrs {
-        for (&index, want) in &policy.values {
-            let got = host_value(&bundle.host_pcrs, policy.hash_alg, index).ok_or(
-                VerifyError::HostPcrNotQuoted {
-                    hash_alg: policy.hash_alg,
-                    index,
-                },
-            )?;
-            if got != want.as_slice() {
-                return Err(VerifyError::HostPcrPolicy {
-                    hash_alg: policy.hash_alg,
-                    index,
-                    expected: want.clone(),
-                    got: got.to_vec(),
-                });
-            }
-        }
-    }
-    if let Some(policy) = &expected.vpcrs {
-        let sel = &leaf.vpcr_selection;
-        if policy.hash_alg != sel.hash_alg && !policy.values.is_empty() {
-            return Err(VerifyError::VpcrBank {
-                policy: policy.hash_alg,
-                leaf: sel.hash_alg,
-            });
-        }
-        for (&index, want) in &policy.values {
-            let pos = sel
-                .pcrs
-                .iter()
-                .position(|&p| u32::from(p) == index)
-                .ok_or(VerifyError::VpcrNotSelected { index })?;
-            let got = &leaf.vpcr_values[pos];
-            if got != want {
-                return Err(VerifyError::VpcrPolicy {
-                    index,
-                    expected: want.clone(),
-                    got: got.clone(),
-                });
-            }
-        }
-    }
-
-    Ok(Verified {
-        leaf: leaf.clone(),
-        leaf_hash,
-        root,
-        ak,
-        attest,
-        host_pcrs: bundle.host_pcrs.clone(),
-    })
 }
