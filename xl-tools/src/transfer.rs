@@ -10,10 +10,10 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 use vtpm_proto::ekcert::Certificate;
 use vtpm_proto::mgr::{AdminReply, AdminRequest, EnrollmentInfo};
-use vtpm_proto::transfer::{Challenge, Offer, Package, Receipt, MAX_STATE};
+use vtpm_proto::transfer::{Challenge, Offer, Package, Receipt, IMPORT_PROTOCOL, MAX_STATE};
 
 use crate::admin::Admin;
-use crate::exit::{CliError, FAILURE, USAGE};
+use crate::exit::{CliError, FAILURE, REFUSED, USAGE};
 use crate::guest;
 use crate::local::Local;
 
@@ -125,24 +125,30 @@ pub fn export(src: &mut Admin, local: &Local, uuid: Uuid, offer: Offer, roots: &
     }
 }
 
-/// Destination: imports `package` and installs the vTPM's sealed state file; returns the receipt.
-pub fn import(dst: &mut Admin, local: &Local, package: Package) -> Result<Receipt, CliError> {
-    let uuid = package.vtpm;
-    let (receipt, state) = match dst.call(&AdminRequest::TransferImport { package: Box::new(package) })? {
-        AdminReply::TransferImported { receipt, state } => (*receipt, state),
-        other => return Err(CliError::new(FAILURE, format!("unexpected reply to TransferImport: {other:?}"))),
-    };
-    let bytes = hex::decode(&state).map_err(|_| CliError::new(FAILURE, "the manager's state is not hex"))?;
-    let dir = local.vtpm_dir(&uuid);
-    std::fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
-    let path = local.state_file(&uuid);
-    xvtpm_fsutil::write_atomic(&path, &bytes, 0o600).map_err(|e| {
-        CliError::new(
-            FAILURE,
-            format!("vTPM {uuid} was imported, but its state file {} could not be written ({e}); copy the source's state file there before starting it", path.display()),
-        )
-    })?;
-    Ok(receipt)
+/// Refuses a manager that does not write an imported vTPM's state file itself (an older
+/// release): checked before anything is exported or imported.
+pub fn require_protocol(admin: &mut Admin, role: &str) -> Result<(), CliError> {
+    match admin.call(&AdminRequest::Status)? {
+        AdminReply::Status(s) if s.transfer_protocol >= IMPORT_PROTOCOL => Ok(()),
+        AdminReply::Status(s) => Err(CliError::new(
+            REFUSED,
+            format!(
+                "the {role} manager (vtpmmgr {}) speaks transfer protocol {}, this xl-vtpm needs {IMPORT_PROTOCOL} (the destination writes the imported state file itself): upgrade that manager first",
+                s.version, s.transfer_protocol
+            ),
+        )),
+        other => Err(CliError::new(FAILURE, format!("unexpected reply to Status: {other:?}"))),
+    }
+}
+
+/// Destination: imports `package`; the manager writes the vTPM's state file durably before it
+/// answers. Returns the receipt.
+pub fn import(dst: &mut Admin, package: Package) -> Result<Receipt, CliError> {
+    require_protocol(dst, "destination")?;
+    match dst.call(&AdminRequest::TransferImport { package: Box::new(package), protocol: IMPORT_PROTOCOL })? {
+        AdminReply::TransferImported { receipt, .. } => Ok(*receipt),
+        other => Err(CliError::new(FAILURE, format!("unexpected reply to TransferImport: {other:?}"))),
+    }
 }
 
 /// Destination: the receipt of an imported vTPM again.
@@ -175,7 +181,13 @@ pub fn commit(src: &mut Admin, local: &Local, uuid: Uuid, receipt: Receipt) -> R
 
 /// Source: returns the vTPM to service on the destination's cancellation receipt.
 pub fn abort(src: &mut Admin, uuid: Uuid, receipt: Receipt) -> Result<(), CliError> {
-    src.call(&AdminRequest::TransferAbort { uuid, receipt: Box::new(receipt) })?;
+    src.call(&AdminRequest::TransferAbort { uuid, receipt: Some(Box::new(receipt)), lost_destination: None })?;
+    Ok(())
+}
+
+/// Source: returns the vTPM to service without the destination, declared lost (`host`: its id).
+pub fn force_abort(src: &mut Admin, uuid: Uuid, host: String) -> Result<(), CliError> {
+    src.call(&AdminRequest::TransferAbort { uuid, receipt: None, lost_destination: Some(host) })?;
     Ok(())
 }
 
@@ -194,13 +206,13 @@ pub struct Migrated {
     pub generation: u64,
 }
 
-/// `xl-vtpm vtpm migrate`: all steps, source = `src`/`src_local`, destination = `dst`/`dst_local`.
+/// `xl-vtpm vtpm migrate`: all steps, source = `src`/`src_local`, destination = `dst` (its
+/// manager writes the imported state file).
 #[allow(clippy::too_many_arguments)]
 pub fn migrate(
     src: &mut Admin,
     src_local: &Local,
     dst: &mut Admin,
-    dst_local: &Local,
     uuid: Uuid,
     group: Option<String>,
     roots: &[String],
@@ -208,6 +220,7 @@ pub fn migrate(
     policy: &BTreeMap<u8, String>,
     destination: String,
 ) -> Result<Migrated, CliError> {
+    require_protocol(dst, "destination")?;
     let m = material(dst)?;
     let g = match &group {
         Some(k) => m.groups.iter().find(|g| g.name == *k || g.uuid.to_string() == *k),
@@ -220,7 +233,7 @@ pub fn migrate(
     let offer_id = o.offer_id;
     let pkg = export(src, src_local, uuid, o, roots, policy, destination)?;
     let (export_id, generation, dest_host) = (pkg.export_id, pkg.generation, pkg.dest_host.clone());
-    let r = import(dst, dst_local, pkg)?;
+    let r = import(dst, pkg)?;
     commit(src, src_local, uuid, r)?;
     Ok(Migrated { uuid, dest_host, offer_id, export_id, generation })
 }
@@ -289,8 +302,8 @@ pub enum TransferCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Destination: import a package (this TPM decrypts it) and install the vTPM's state file;
-    /// write the receipt for the source.
+    /// Destination: import a package (this TPM decrypts it; the manager writes the vTPM's state
+    /// file durably before it answers); write the receipt for the source.
     Import {
         /// The package.
         package: PathBuf,
@@ -322,13 +335,22 @@ pub enum TransferCmd {
         #[arg(long)]
         receipt: PathBuf,
     },
-    /// Source: return an exporting vTPM to service on the destination's cancellation receipt.
+    /// Source: return an exporting vTPM to service on the destination's cancellation receipt
+    /// or, with --force, without it: only for a destination lost for good (its TPM can never
+    /// open the package — destroyed or cleared; docs/migration.md).
     Abort {
         /// vTPM UUID.
         uuid: String,
         /// The destination's cancellation receipt.
-        #[arg(long)]
-        receipt: PathBuf,
+        #[arg(long, required_unless_present = "force", conflicts_with = "force")]
+        receipt: Option<PathBuf>,
+        /// Abort without the destination's receipt (needs --destination-lost).
+        #[arg(long, requires = "destination_lost")]
+        force: bool,
+        /// The lost destination's host id (SHA-256 of its EK certificate; the refusal to start
+        /// the vTPM here names it).
+        #[arg(long, requires = "force")]
+        destination_lost: Option<String>,
     },
 }
 
@@ -340,9 +362,6 @@ pub struct MigrateArgs {
     /// The destination manager's runtime directory (its admin socket).
     #[arg(long)]
     pub to_run_dir: PathBuf,
-    /// The destination's state directory (where its vTPM state files live).
-    #[arg(long)]
-    pub to_state_dir: PathBuf,
     /// Group the vTPM joins on the destination (default: its default group).
     #[arg(long)]
     pub group: Option<String>,
@@ -398,7 +417,7 @@ pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local) -> Result<serde_j
         }
         TransferCmd::Import { package, out } => {
             let p: Package = read_json(&package, "PACKAGE")?;
-            let r = import(admin, local, p)?;
+            let r = import(admin, p)?;
             write_json(&out, &r)?;
             json!({"uuid": r.vtpm, "imported": true, "receipt": out})
         }
@@ -417,9 +436,13 @@ pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local) -> Result<serde_j
             commit(admin, local, uuid, read_json(&receipt, "--receipt")?)?;
             json!({"uuid": uuid, "committed": true})
         }
-        TransferCmd::Abort { uuid, receipt } => {
+        TransferCmd::Abort { uuid, receipt, force: _, destination_lost } => {
             let uuid = uuid_arg(&uuid, "UUID")?;
-            abort(admin, uuid, read_json(&receipt, "--receipt")?)?;
+            match (receipt, destination_lost) {
+                (Some(r), _) => abort(admin, uuid, read_json(&r, "--receipt")?)?,
+                (None, Some(host)) => force_abort(admin, uuid, host)?,
+                (None, None) => return Err(CliError::new(USAGE, "give --receipt FILE, or --force --destination-lost HOST_ID")),
+            }
             json!({"uuid": uuid, "aborted": true})
         }
     })
@@ -429,13 +452,11 @@ pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local) -> Result<serde_j
 pub fn run_migrate(a: MigrateArgs, admin: &mut Admin, local: &Local) -> Result<Migrated, CliError> {
     let uuid = uuid_arg(&a.uuid, "UUID")?;
     let mut dst = Admin::connect(&a.to_run_dir)?;
-    let dst_local = Local { state_dir: a.to_state_dir.clone(), run_dir: a.to_run_dir.clone(), ..local.clone() };
     let name = a.to_name.unwrap_or_else(|| a.to_run_dir.display().to_string());
     migrate(
         admin,
         local,
         &mut dst,
-        &dst_local,
         uuid,
         a.group,
         &read_certs(&a.ek_ca, "--ek-ca")?,
