@@ -16,6 +16,8 @@ use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, REFUSED, USAGE};
 use crate::guest;
 use crate::local::Local;
+use crate::registry::Registry;
+use crate::xenlife::{reg_err, Xen};
 
 /// Largest transfer message file read (a package carries up to [`MAX_STATE`] as hex).
 const MAX_MESSAGE: u64 = 4 * MAX_STATE as u64;
@@ -204,10 +206,36 @@ pub struct Migrated {
     pub export_id: Uuid,
     /// The new transfer generation.
     pub generation: u64,
+    /// The host the registry names now (`--to-host`), if the vTPM is registered.
+    pub registry_host: Option<String>,
+}
+
+/// The registry side of a move: the registry and the destination's name in it.
+pub struct RegistryMove<'a> {
+    /// The registry (shared by the hosts: `--registry postgres://…`).
+    pub registry: &'a mut Registry,
+    /// The destination's name in it (`--to-host`).
+    pub to_host: String,
+}
+
+/// Source: records the move in the registry (before the export marks the vTPM exporting);
+/// `false` if the vTPM has no pair there.
+pub fn registry_begin(r: &mut RegistryMove<'_>, uuid: Uuid, offer: Uuid) -> Result<bool, CliError> {
+    Ok(r.registry.begin_move(uuid, &r.to_host, offer).map_err(reg_err)?.is_some())
+}
+
+/// Source, after the manager retired its copy: the registry's commit point (the pair's host
+/// becomes the destination, in one transaction). Returns the host it names now.
+pub fn registry_commit(registry: &mut Registry, uuid: Uuid, offer: Uuid) -> Result<Option<String>, CliError> {
+    registry.finish_move(uuid, offer).map_err(|e| {
+        let e = reg_err(e);
+        CliError::new(e.code, format!("the transfer of vTPM {uuid} is committed, but the registry was not updated ({}); run `xl-vtpm vtpm transfer commit` again", e.message))
+    })
 }
 
 /// `xl-vtpm vtpm migrate`: all steps, source = `src`/`src_local`, destination = `dst` (its
-/// manager writes the imported state file).
+/// manager writes the imported state file). With `reg`, the move is recorded in the registry
+/// before the export and committed there after the source retired its copy.
 #[allow(clippy::too_many_arguments)]
 pub fn migrate(
     src: &mut Admin,
@@ -219,6 +247,7 @@ pub fn migrate(
     intermediates: Vec<String>,
     policy: &BTreeMap<u8, String>,
     destination: String,
+    mut reg: Option<RegistryMove<'_>>,
 ) -> Result<Migrated, CliError> {
     require_protocol(dst, "destination")?;
     let m = material(dst)?;
@@ -231,11 +260,36 @@ pub fn migrate(
     let ch = challenge(src, uuid, &d, roots, policy)?;
     let o = offer(dst, Some(g.uuid.to_string()), ch, intermediates)?;
     let offer_id = o.offer_id;
-    let pkg = export(src, src_local, uuid, o, roots, policy, destination)?;
+    let registered = match reg.as_mut() {
+        Some(r) => registry_begin(r, uuid, offer_id)?,
+        None => false,
+    };
+    let pkg = match export(src, src_local, uuid, o, roots, policy, destination) {
+        Ok(p) => p,
+        Err(e) => {
+            if registered && let Some(r) = reg.as_mut() {
+                abort_if_refused(&e, r.registry, uuid, offer_id);
+            }
+            return Err(e);
+        }
+    };
     let (export_id, generation, dest_host) = (pkg.export_id, pkg.generation, pkg.dest_host.clone());
     let r = import(dst, pkg)?;
     commit(src, src_local, uuid, r)?;
-    Ok(Migrated { uuid, dest_host, offer_id, export_id, generation })
+    let registry_host = match reg.as_mut() {
+        Some(r) if registered => registry_commit(r.registry, uuid, offer_id)?,
+        _ => None,
+    };
+    Ok(Migrated { uuid, dest_host, offer_id, export_id, generation, registry_host })
+}
+
+/// After a failed export: ends the registry's move if the source manager refused before it
+/// marked the vTPM exporting (a refusal names a check; only an internal failure or a lost
+/// connection can come after the mark — then the move stays open for `transfer abort`).
+fn abort_if_refused(e: &CliError, registry: &mut Registry, uuid: Uuid, offer: Uuid) {
+    if e.code != FAILURE && e.code != crate::exit::NO_MANAGER {
+        let _ = registry.abort_move(uuid, Some(offer));
+    }
 }
 
 /// `xl-vtpm vtpm transfer …`: one step of a transfer, each run on its own host.
@@ -298,6 +352,10 @@ pub enum TransferCmd {
         /// A name for the destination, shown when the vTPM is started here later.
         #[arg(long, default_value = "")]
         to_name: String,
+        /// The destination's name in the registry (its `--host`): the move is recorded there
+        /// before the export, and `transfer commit` makes it the vTPM's host.
+        #[arg(long)]
+        to_host: Option<String>,
         /// Where to write the package.
         #[arg(long)]
         out: PathBuf,
@@ -377,6 +435,10 @@ pub struct MigrateArgs {
     /// A name for the destination (default: its runtime directory).
     #[arg(long)]
     pub to_name: Option<String>,
+    /// The destination's name in the registry (its `--host`): the move is recorded before the
+    /// export and the registry names the destination from the commit on.
+    #[arg(long)]
+    pub to_host: Option<String>,
 }
 
 fn uuid_arg(s: &str, what: &str) -> Result<Uuid, CliError> {
@@ -384,7 +446,7 @@ fn uuid_arg(s: &str, what: &str) -> Result<Uuid, CliError> {
 }
 
 /// Runs one `transfer` step; returns a line (or JSON object) to print.
-pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local) -> Result<serde_json::Value, CliError> {
+pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local, xen: &Xen) -> Result<serde_json::Value, CliError> {
     use serde_json::json;
     Ok(match cmd {
         TransferCmd::Challenge { uuid, material, group, ek_ca, ek_intermediate, host_pcrs_policy, out } => {
@@ -408,12 +470,26 @@ pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local) -> Result<serde_j
             write_json(&out, &o)?;
             json!({"uuid": o.vtpm, "offer_id": o.offer_id, "offer": out})
         }
-        TransferCmd::Export { uuid, offer, ek_ca, host_pcrs_policy, to_name, out } => {
+        TransferCmd::Export { uuid, offer, ek_ca, host_pcrs_policy, to_name, to_host, out } => {
             let uuid = uuid_arg(&uuid, "UUID")?;
             let o: Offer = read_json(&offer, "--offer")?;
-            let p = export(admin, local, uuid, o, &read_certs(&ek_ca, "--ek-ca")?, &read_policy(&host_pcrs_policy)?, to_name)?;
+            let (roots, policy) = (read_certs(&ek_ca, "--ek-ca")?, read_policy(&host_pcrs_policy)?);
+            let offer_id = o.offer_id;
+            let mut registry = match &to_host {
+                Some(_) => xen.transfer_registry(true)?,
+                None => None,
+            };
+            let registered = match (registry.as_mut(), to_host) {
+                (Some(registry), Some(to_host)) => registry_begin(&mut RegistryMove { registry, to_host }, uuid, offer_id)?,
+                _ => false,
+            };
+            let p = export(admin, local, uuid, o, &roots, &policy, to_name).inspect_err(|e| {
+                if registered && let Some(r) = registry.as_mut() {
+                    abort_if_refused(e, r, uuid, offer_id);
+                }
+            })?;
             write_json(&out, &p)?;
-            json!({"uuid": uuid, "export_id": p.export_id, "generation": p.generation, "package": out})
+            json!({"uuid": uuid, "export_id": p.export_id, "generation": p.generation, "package": out, "registry_move": registered})
         }
         TransferCmd::Import { package, out } => {
             let p: Package = read_json(&package, "PACKAGE")?;
@@ -433,35 +509,56 @@ pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local) -> Result<serde_j
         }
         TransferCmd::Commit { uuid, receipt } => {
             let uuid = uuid_arg(&uuid, "UUID")?;
-            commit(admin, local, uuid, read_json(&receipt, "--receipt")?)?;
-            json!({"uuid": uuid, "committed": true})
+            let r: Receipt = read_json(&receipt, "--receipt")?;
+            let offer_id = r.offer_id;
+            commit(admin, local, uuid, r)?;
+            let registry_host = match xen.transfer_registry(false)? {
+                Some(mut registry) => registry_commit(&mut registry, uuid, offer_id)?,
+                None => None,
+            };
+            json!({"uuid": uuid, "committed": true, "registry_host": registry_host})
         }
         TransferCmd::Abort { uuid, receipt, force: _, destination_lost } => {
             let uuid = uuid_arg(&uuid, "UUID")?;
-            match (receipt, destination_lost) {
-                (Some(r), _) => abort(admin, uuid, read_json(&r, "--receipt")?)?,
-                (None, Some(host)) => force_abort(admin, uuid, host)?,
+            let done = match (receipt, destination_lost) {
+                (Some(r), _) => abort(admin, uuid, read_json(&r, "--receipt")?),
+                (None, Some(host)) => force_abort(admin, uuid, host),
                 (None, None) => return Err(CliError::new(USAGE, "give --receipt FILE, or --force --destination-lost HOST_ID")),
+            };
+            // A vTPM the source never marked exporting (its export was never made): the
+            // registry's move, if one was begun, ends all the same.
+            let never_exported = matches!(&done, Err(e) if e.code == crate::exit::NOT_FOUND && e.message.contains("is not being transferred"));
+            if !never_exported {
+                done?;
             }
-            json!({"uuid": uuid, "aborted": true})
+            let registry_move_ended = match xen.transfer_registry(false)? {
+                Some(mut registry) => registry.abort_move(uuid, None).map_err(|e| {
+                    let e = reg_err(e);
+                    CliError::new(e.code, format!("the transfer of vTPM {uuid} is aborted, but the registry's move was not ended ({}); run the abort again", e.message))
+                })?,
+                None => false,
+            };
+            json!({"uuid": uuid, "aborted": !never_exported, "registry_move_ended": registry_move_ended})
         }
     })
 }
 
 /// Runs `xl-vtpm vtpm migrate` with `admin`/`local` as the source.
-pub fn run_migrate(a: MigrateArgs, admin: &mut Admin, local: &Local) -> Result<Migrated, CliError> {
+pub fn run_migrate(a: MigrateArgs, admin: &mut Admin, local: &Local, xen: &Xen) -> Result<Migrated, CliError> {
     let uuid = uuid_arg(&a.uuid, "UUID")?;
+    let (roots, intermediates, policy) = (read_certs(&a.ek_ca, "--ek-ca")?, read_certs(&a.ek_intermediate, "--ek-intermediate")?, read_policy(&a.host_pcrs_policy)?);
+    if let Some(h) = &a.to_host {
+        crate::registry::check_host(h).map_err(|e| CliError::new(USAGE, format!("--to-host: {e}")))?;
+    }
+    let mut registry = match &a.to_host {
+        Some(_) => xen.transfer_registry(true)?,
+        None => None,
+    };
+    let reg = match (registry.as_mut(), a.to_host) {
+        (Some(registry), Some(to_host)) => Some(RegistryMove { registry, to_host }),
+        _ => None,
+    };
     let mut dst = Admin::connect(&a.to_run_dir)?;
     let name = a.to_name.unwrap_or_else(|| a.to_run_dir.display().to_string());
-    migrate(
-        admin,
-        local,
-        &mut dst,
-        uuid,
-        a.group,
-        &read_certs(&a.ek_ca, "--ek-ca")?,
-        read_certs(&a.ek_intermediate, "--ek-intermediate")?,
-        &read_policy(&a.host_pcrs_policy)?,
-        name,
-    )
+    migrate(admin, local, &mut dst, uuid, a.group, &roots, intermediates, &policy, name, reg)
 }
