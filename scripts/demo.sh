@@ -64,7 +64,7 @@ done
 ok "swtpm pid $SWTPM_PID on port $PORT"
 
 step "2. vtpmmgr: refuses to serve until provisioned, then provision"
-"$BIN/vtpmmgr" --tcti "swtpm:host=127.0.0.1,port=$PORT" --state-dir "$WORK/state/mgr" --run-dir "$XVTPM_RUN_DIR" serve \
+"$BIN/vtpmmgr" --tcti "swtpm:host=127.0.0.1,port=$PORT" --state-dir "$WORK/state/mgr" --vtpm-state-dir "$WORK/state" --run-dir "$XVTPM_RUN_DIR" serve \
   >/dev/null 2>"$WORK/vtpmmgr.log" &
 MGR_PID=$!
 for _ in $(seq 200); do [ -S "$XVTPM_RUN_DIR/admin.sock" ] && break; sleep 0.05; done

@@ -184,6 +184,8 @@ impl Stack {
             .arg(self.state_dir().join("mgr"))
             .arg("--run-dir")
             .arg(self.run_dir())
+            .arg("--vtpm-state-dir")
+            .arg(self.state_dir())
             .arg("serve")
             .args(&self.opts.mgr_args)
             .env("XVTPM_LOG", "info")
@@ -221,14 +223,18 @@ impl Stack {
 
     /// Runs `xl-vtpm` with this stack's directories.
     pub fn xl(&self, args: &[&str]) -> Output {
-        Command::new(bin_path("xl-vtpm"))
-            .args(args)
+        self.xl_command(args).output().expect("run xl-vtpm")
+    }
+
+    /// The `xl-vtpm` command with this stack's directories (to spawn, e.g. to kill it midway).
+    pub fn xl_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin_path("xl-vtpm"));
+        c.args(args)
             .env("XVTPM_RUN_DIR", self.run_dir())
             .env("XVTPM_STATE_DIR", self.state_dir())
             .env("XVTPM_VTPM_DOMAIN", bin_path("vtpm-domain"))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run xl-vtpm")
+            .stdin(Stdio::null());
+        c
     }
 
     /// Runs `xl-vtpm ... --json` and parses stdout, asserting success.

@@ -113,7 +113,7 @@ fn commit(a: &Stack, uuid: &Uuid, receipt: &Path) -> Output {
 fn migrate(from: &Stack, to: &Stack, uuid: &Uuid, policy: &Path) -> Output {
     let ca = to.ek_ca.as_ref().unwrap();
     from.xl(&[
-        "vtpm", "migrate", &uuid.to_string(), "--to-run-dir", p(&to.run_dir()), "--to-state-dir", p(&to.state_dir()), "--ek-ca", p(&ca.root_cert()),
+        "vtpm", "migrate", &uuid.to_string(), "--to-run-dir", p(&to.run_dir()), "--ek-ca", p(&ca.root_cert()),
         "--ek-intermediate", p(&ca.intermediate_cert()), "--host-pcrs-policy", p(policy), "--to-name", "host-b",
     ])
 }
@@ -154,7 +154,7 @@ fn a_vtpm_moves_with_its_ek_nv_and_keys_and_the_source_copy_is_retired() {
     b.stop_vtpm(&uuid);
     let a_ca = a.ek_ca.as_ref().unwrap();
     let back = b.xl(&[
-        "vtpm", "migrate", &uuid.to_string(), "--to-run-dir", p(&a.run_dir()), "--to-state-dir", p(&a.state_dir()), "--ek-ca", p(&a_ca.root_cert()),
+        "vtpm", "migrate", &uuid.to_string(), "--to-run-dir", p(&a.run_dir()), "--ek-ca", p(&a_ca.root_cert()),
         "--ek-intermediate", p(&a_ca.intermediate_cert()), "--host-pcrs-policy", p(&good),
     ]);
     ok(back);
@@ -325,6 +325,105 @@ fn killed_managers_leave_exactly_one_runnable_copy() {
     let v = start_tcp(&a, &uuid);
     holds(&v, &c);
     assert!(!b.xl(&["vtpm", "start", &uuid.to_string()]).status.success(), "B has no copy to run");
+}
+
+/// The destination manager writes the imported vTPM's state file itself (the CLI writes
+/// nothing for it), durably, before it answers: `kill -9` of the destination manager the
+/// moment the file appears — before its answer — fails the import for the CLI, and the restarted
+/// destination completes the move (receipt again if the store write was made, else the import
+/// again): the vTPM runs on B with its EK, NV and keys, and nowhere else.
+#[test]
+fn the_destination_writes_the_state_file_before_answering_and_a_kill_there_is_recoverable() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let a = host();
+    // A slow physical TPM on B (a discrete TPM's pace): its store write and receipt quote after
+    // the state file take many TPM commands, so the kill lands before the answer.
+    let mut b = Stack::start_with(Options { ek_cert: true, tpm_delay: Some(Duration::from_millis(30)), ..Default::default() });
+    let d = a.dir.path().to_path_buf();
+    let (good, _) = policies(&d);
+    let (uuid, c) = filled_vtpm(&a);
+    let of = offer(&a, &b, &uuid, &good, "w");
+    ok(export(&a, &b, &uuid, &of, &good, "w"));
+    let written = b.state_dir().join("vtpms").join(uuid.to_string()).join("state.xvts");
+    assert!(!written.exists());
+    let receipt = d.join("rw.json");
+    let pkg = package(&a, "w");
+    // An older xl-vtpm (no protocol field: it would install the state file itself) is refused
+    // before anything happens.
+    let old_cli = serde_json::json!({"op": "transfer-import", "package": serde_json::from_slice::<serde_json::Value>(&std::fs::read(&pkg).unwrap()).unwrap()});
+    let rep: serde_json::Value = xvtpm_tests::mgr_call(&b.run_dir().join("admin.sock"), &old_cli);
+    assert!(rep.to_string().contains("transfer protocol 2"), "{rep}");
+    assert!(!written.exists());
+    let cli = b.xl_command(&["vtpm", "transfer", "import", p(&pkg), "--out", p(&receipt)]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !written.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(written.exists(), "the destination never wrote the state file");
+    b.kill9_manager();
+    let out = cli.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the import was answered before the destination wrote the state file: {}", text(&out));
+    assert!(!receipt.exists());
+    // What is on disk is the whole state the source anchored, mode 0600.
+    let src_state = a.state_dir().join("vtpms").join(uuid.to_string()).join("state.xvts");
+    assert_eq!(std::fs::read(&written).unwrap(), std::fs::read(&src_state).unwrap());
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&written).unwrap().permissions().mode() & 0o777, 0o600);
+    cannot_start(&a, &uuid, "is being transferred");
+
+    b.start_manager();
+    if !b.xl(&["vtpm", "transfer", "receipt", &uuid.to_string(), "--out", p(&receipt)]).status.success() {
+        ok(import(&b, &pkg, &receipt));
+    }
+    ok(commit(&a, &uuid, &receipt));
+    cannot_start(&a, &uuid, "was transferred to host-b");
+    let v = start_tcp(&b, &uuid);
+    holds(&v, &c);
+}
+
+/// The destination is lost for good while the vTPM is exporting (its host and TPM destroyed:
+/// nothing can open the package any more, and no cancellation can be had): the source's
+/// administrator returns the vTPM to service with `transfer abort --force --destination-lost
+/// HOST_ID`, naming the destination the export was made for (another host id is refused, and
+/// so is an abort with neither receipt nor force). The vTPM runs on the source intact, and its
+/// next move (to a new host) carries a transfer generation past the abandoned package's.
+#[test]
+fn a_vtpm_exporting_to_a_lost_destination_is_returned_by_a_forced_abort() {
+    let a = host();
+    let b = host();
+    let d = a.dir.path().to_path_buf();
+    let (good, _) = policies(&d);
+    let (uuid, c) = filled_vtpm(&a);
+    let of = offer(&a, &b, &uuid, &good, "lost");
+    ok(export(&a, &b, &uuid, &of, &good, "lost"));
+    let lost_host = serde_json::from_slice::<serde_json::Value>(&std::fs::read(&of).unwrap()).unwrap()["host_id"].as_str().unwrap().to_string();
+    let abandoned: serde_json::Value = serde_json::from_slice(&std::fs::read(package(&a, "lost")).unwrap()).unwrap();
+    // B is destroyed: its manager, its TPM (the transfer key and its master secret with it).
+    drop(b);
+    cannot_start(&a, &uuid, &lost_host);
+
+    let u = uuid.to_string();
+    let o = a.xl(&["vtpm", "transfer", "abort", &u]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    refused(&a.xl(&["vtpm", "transfer", "abort", &u, "--force", "--destination-lost", &"ab".repeat(32)]), 6, "not to host");
+    cannot_start(&a, &uuid, "is being transferred");
+    ok(a.xl(&["vtpm", "transfer", "abort", &u, "--force", "--destination-lost", &lost_host]));
+    let v = start_tcp(&a, &uuid);
+    holds(&v, &c);
+    a.stop_vtpm(&uuid);
+
+    // The next move goes to a new host, at a generation past the abandoned package's.
+    let c2 = host();
+    let of = offer(&a, &c2, &uuid, &good, "next");
+    ok(export(&a, &c2, &uuid, &of, &good, "next"));
+    let next: serde_json::Value = serde_json::from_slice(&std::fs::read(package(&a, "next")).unwrap()).unwrap();
+    assert!(next["generation"].as_u64().unwrap() > abandoned["generation"].as_u64().unwrap(), "{next} {abandoned}");
+    let r = d.join("r-next.json");
+    ok(import(&c2, &package(&a, "next"), &r));
+    ok(commit(&a, &uuid, &r));
+    let v = start_tcp(&c2, &uuid);
+    holds(&v, &c);
 }
 
 /// A TPMT_PUBLIC for a *software* P-256 key that claims every attribute of a TPM-made AK.

@@ -304,6 +304,10 @@ pub struct StatusInfo {
     /// replies small.
     #[serde(default)]
     pub store_counter: Option<Box<StoreCounterInfo>>,
+    /// The transfer protocol this manager speaks ([`crate::transfer::IMPORT_PROTOCOL`]; 0 from
+    /// a manager that leaves the imported state file to the CLI).
+    #[serde(default)]
+    pub transfer_protocol: u32,
 }
 
 /// The monotonic counter in the physical TPM's NV that covers the manager's store: every
@@ -483,10 +487,15 @@ pub enum AdminRequest {
         #[serde(default)]
         destination: String,
     },
-    /// Destination: imports a package (its TPM decrypts the package key).
+    /// Destination: imports a package (its TPM decrypts the package key), writes the vTPM's
+    /// sealed state file under its own state directory (durably) and only then answers.
     TransferImport {
         /// The package.
         package: Box<crate::transfer::Package>,
+        /// The sender's [`crate::transfer::IMPORT_PROTOCOL`] (absent, 0, from an xl-vtpm that
+        /// installed the state file itself: refused).
+        #[serde(default)]
+        protocol: u32,
     },
     /// Destination: the receipt of an imported vTPM again.
     TransferReceipt {
@@ -506,12 +515,19 @@ pub enum AdminRequest {
         /// The destination's receipt.
         receipt: Box<crate::transfer::Receipt>,
     },
-    /// Source: returns an exporting vTPM to service on the destination's cancellation receipt.
+    /// Source: returns an exporting vTPM to service on the destination's cancellation receipt,
+    /// or — the destination lost for good — on the administrator's declaration naming the lost
+    /// destination's host id (docs/migration.md: only once its TPM can never open the package).
     TransferAbort {
         /// The vTPM.
         uuid: Uuid,
-        /// The destination's receipt.
-        receipt: Box<crate::transfer::Receipt>,
+        /// The destination's cancellation receipt.
+        #[serde(default)]
+        receipt: Option<Box<crate::transfer::Receipt>>,
+        /// Forced abort: the host id (SHA-256 of its EK certificate) of the destination the
+        /// administrator declares lost; it must be the one the export was made for.
+        #[serde(default)]
+        lost_destination: Option<String>,
     },
 }
 
@@ -568,12 +584,12 @@ pub enum AdminReply {
     TransferOffer(Box<crate::transfer::Offer>),
     /// A sealed transfer package.
     TransferPackage(Box<crate::transfer::Package>),
-    /// A package was imported: its receipt, and the vTPM's sealed state file (hex) to install.
+    /// A package was imported and the vTPM's state file written durably: its receipt.
     TransferImported {
         /// The receipt for the source.
         receipt: Box<crate::transfer::Receipt>,
-        /// The sealed state file, hex.
-        state: String,
+        /// Where the manager wrote the vTPM's sealed state file.
+        state_file: String,
     },
     /// A receipt.
     TransferReceipt(Box<crate::transfer::Receipt>),

@@ -37,6 +37,10 @@ use crate::tpms::{AkPublic, QuoteAttest, TpmSignature, TPM_GENERATED_VALUE};
 
 /// Version of every message in this module.
 pub const TRANSFER_VERSION: u32 = 1;
+/// The admin-socket transfer protocol: 2 = the destination manager writes the imported vTPM's
+/// state file itself before it answers the import (1, unnumbered, left it to the CLI). A
+/// manager refuses an import from an older CLI, and the CLI refuses to use an older manager.
+pub const IMPORT_PROTOCOL: u32 = 2;
 /// The OAEP label of the package key (with its terminating zero, as the TPM uses it).
 pub const OAEP_LABEL: &str = "XVTPM-TRANSFER\0";
 /// How long a challenge may be used for an export, seconds.

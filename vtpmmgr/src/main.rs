@@ -21,6 +21,10 @@ struct Args {
     /// Runtime directory for sockets.
     #[arg(long, default_value = "/run/xvtpm", global = true)]
     run_dir: PathBuf,
+    /// The vTPMs' state directory (xl-vtpm's `--state-dir`; default: --state-dir), where an
+    /// imported vTPM's state file is written (`DIR/vtpms/UUID/state.xvts`).
+    #[arg(long, global = true)]
+    vtpm_state_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -70,7 +74,8 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info,xenstore_rs=error,tss_esapi=off".into()))
         .init();
     harden();
-    let mut cfg = Config { tcti: args.tcti, state_dir: args.state_dir, run_dir: args.run_dir, batch: Default::default() };
+    let vtpm_state_dir = args.vtpm_state_dir.unwrap_or_else(|| args.state_dir.clone());
+    let mut cfg = Config { tcti: args.tcti, state_dir: args.state_dir, run_dir: args.run_dir, vtpm_state_dir, batch: Default::default() };
     // Every command writes the store or the TPM: one manager at a time per directory pair,
     // checked before anything is touched.
     let _lock = match vtpmmgr::instance::acquire(&cfg.state_dir, &cfg.run_dir) {

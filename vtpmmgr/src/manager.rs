@@ -57,6 +57,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Runtime directory (sockets).
     pub run_dir: PathBuf,
+    /// The vTPMs' state directory (`DIR/vtpms/UUID/state.xvts`, xl-vtpm's `--state-dir`): where
+    /// an imported vTPM's state file is written.
+    pub vtpm_state_dir: PathBuf,
     /// Deep-quote batching.
     pub batch: crate::deepquote::BatchConfig,
 }
@@ -569,6 +572,7 @@ impl Manager {
             physical_quotes: self.stats.physical_quotes.load(std::sync::atomic::Ordering::Relaxed),
             batching: self.cfg.batch.max_batch > 1,
             store_counter: self.store_counter(),
+            transfer_protocol: vtpm_proto::transfer::IMPORT_PROTOCOL,
         }
     }
 

@@ -273,11 +273,24 @@ impl Manager {
                 }
                 self.export(uuid, *offer, &ek_roots, &host_policy.into_iter().collect(), &state, destination)
             }
-            AdminRequest::TransferImport { package } => self.import(*package),
+            AdminRequest::TransferImport { package, protocol } => {
+                if protocol < tp::IMPORT_PROTOCOL {
+                    return Err(refused(format!(
+                        "import refused: this manager writes the imported vTPM's state file itself (transfer protocol {}), but the xl-vtpm that sent the import speaks protocol {protocol} and would install it again: use the xl-vtpm of this manager's release",
+                        tp::IMPORT_PROTOCOL
+                    )));
+                }
+                self.import(*package)
+            }
             AdminRequest::TransferReceipt { uuid } => self.receipt_again(uuid),
             AdminRequest::TransferCancel { offer_id } => self.cancel(offer_id),
             AdminRequest::TransferCommit { uuid, receipt } => self.commit_transfer(uuid, *receipt),
-            AdminRequest::TransferAbort { uuid, receipt } => self.abort_transfer(uuid, *receipt),
+            AdminRequest::TransferAbort { uuid, receipt: Some(receipt), lost_destination: None } => self.abort_transfer(uuid, *receipt),
+            AdminRequest::TransferAbort { uuid, receipt: None, lost_destination: Some(host) } => self.force_abort(uuid, &host),
+            AdminRequest::TransferAbort { .. } => Err(fail(
+                ErrorCode::BadRequest,
+                "an abort takes either the destination's cancellation receipt or, for a destination lost for good, its host id (not both, not neither)",
+            )),
             other => Err(fail(ErrorCode::Internal, format!("not a transfer request: {other:?}"))),
         }
     }
@@ -566,6 +579,11 @@ impl Manager {
         if generation != payload.anchor_generation || digest != payload.anchor_digest {
             return Err(refused("import refused: the package's state is not the state its source anchored"));
         }
+        // The state file first, durably: a kill after it and before the store write leaves the
+        // offer unused (the import can be made again, rewriting the same file); a kill after
+        // the store write leaves an imported vTPM whose state file is on disk.
+        let state_file = self.write_imported_state(&uuid, &state)?;
+        xvtpm_log::host_info!(vtpm = %uuid, path = %state_file.display(), "imported vTPM's state file written");
         let wrapped = wrap_key(self.master_secret()?, &uuid, &payload.state_key.0);
         let entry = VtpmEntry {
             uuid,
@@ -592,7 +610,28 @@ impl Manager {
         let receipt = self.make_receipt(ReceiptKind::Imported, uuid, offer.offer_id, Some(pkg.export_id), pkg.generation, entry.group).map_err(|e| {
             fail(e.code, format!("vTPM {uuid} was imported, but its receipt could not be made ({}); ask again with `xl-vtpm vtpm transfer-receipt {uuid}`", e.message))
         })?;
-        Ok(AdminReply::TransferImported { receipt: Box::new(receipt), state: payload.state })
+        Ok(AdminReply::TransferImported { receipt: Box::new(receipt), state_file: state_file.display().to_string() })
+    }
+
+    /// Writes an imported vTPM's sealed state file `VTPM_STATE_DIR/vtpms/UUID/state.xvts`
+    /// (directory 0700, file 0600, root's until `xl-vtpm vtpm start` gives them to the vTPM's
+    /// uid): a temporary file, fsynced, renamed over the target, the directory fsynced.
+    fn write_imported_state(&self, uuid: &Uuid, state: &[u8]) -> Result<std::path::PathBuf, AdminReply> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let vtpms = self.cfg.vtpm_state_dir.join("vtpms");
+        let dir = vtpms.join(uuid.to_string());
+        let failed = |what: &str, p: &std::path::Path, e: std::io::Error| {
+            fail(ErrorCode::Internal, format!("import not done: {what} {} failed ({e}); nothing was imported — fix it (the manager's --vtpm-state-dir) and import the package again", p.display()))
+        };
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&vtpms).map_err(|e| failed("creating", &vtpms, e))?;
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(failed("creating", &dir, e)),
+            _ => {}
+        }
+        let path = dir.join("state.xvts");
+        xvtpm_fsutil::remove_stale_temps(&path);
+        xvtpm_fsutil::write_atomic(&path, state, 0o600).map_err(|e| failed("writing", &path, e))?;
+        Ok(path)
     }
 
     fn make_receipt(&mut self, kind: ReceiptKind, vtpm: Uuid, offer_id: Uuid, export_id: Option<Uuid>, generation: u64, group: Uuid) -> Result<Receipt, Failure> {
@@ -669,6 +708,29 @@ impl Manager {
         }
         self.commit(next)?;
         xvtpm_log::host_info!(vtpm = %uuid, dest = %o.dest_host, generation = o.generation, "vTPM transfer committed; this copy is retired");
+        Ok(AdminReply::Ok)
+    }
+
+    /// Returns an exporting vTPM to service without the destination: the administrator declares
+    /// the destination `lost` (its host id, which must be the export's). The transfer generation
+    /// moves past the abandoned package's, so the next export of this vTPM is newer than it.
+    fn force_abort(&mut self, uuid: Uuid, lost: &str) -> Result<AdminReply, AdminReply> {
+        let (rec, o) = self.outgoing(&uuid)?;
+        if o.state == OutgoingState::Retired {
+            return Err(refused(format!("abort refused: the transfer of vTPM {uuid} was committed (the destination imported it)")));
+        }
+        if lost != o.dest_host {
+            return Err(refused(format!(
+                "forced abort refused: vTPM {uuid} is being exported to host {} (offer {}), not to host {lost}: name the destination that is lost",
+                o.dest_host, o.offer_id
+            )));
+        }
+        let mut next = self.store.clone();
+        if let Some(t) = next.transfers.iter_mut().find(|t| t.uuid == uuid) {
+            *t = TransferRecord { outgoing: None, generation: o.generation, ..rec };
+        }
+        self.commit(next)?;
+        xvtpm_log::host_warn!(vtpm = %uuid, offer = %o.offer_id, dest = %o.dest_host, generation = o.generation, "vTPM transfer aborted by force (destination declared lost); the vTPM runs here again");
         Ok(AdminReply::Ok)
     }
 

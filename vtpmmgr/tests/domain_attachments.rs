@@ -9,7 +9,7 @@ use vtpmmgr::manager::{Config, Manager};
 use vtpmmgr::peer::Peer;
 
 fn cfg(tpm: &Swtpm, dir: &std::path::Path) -> Config {
-    Config { tcti: tpm.tcti(), state_dir: dir.join("state"), run_dir: dir.join("run"), batch: BatchConfig::default() }
+    Config { tcti: tpm.tcti(), state_dir: dir.join("state"), run_dir: dir.join("run"), vtpm_state_dir: dir.join("state"), batch: BatchConfig::default() }
 }
 
 fn ok(r: AdminReply) {

@@ -15,7 +15,7 @@ use vtpmmgr::rollback::pending_path;
 use vtpmmgr::store::{self, Store, StoreKeys};
 
 fn cfg(tpm: &Swtpm, dir: &Path) -> Config {
-    Config { tcti: tpm.tcti(), state_dir: dir.join("state"), run_dir: dir.join("run"), batch: BatchConfig::default() }
+    Config { tcti: tpm.tcti(), state_dir: dir.join("state"), run_dir: dir.join("run"), vtpm_state_dir: dir.join("state"), batch: BatchConfig::default() }
 }
 
 fn open(tpm: &Swtpm, dir: &Path) -> Manager {

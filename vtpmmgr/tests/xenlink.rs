@@ -92,6 +92,7 @@ impl World {
             tcti: tpm.tcti(),
             state_dir: dir.path().join("state"),
             run_dir: dir.path().join("run"),
+            vtpm_state_dir: dir.path().join("state"),
             batch: BatchConfig::default(),
         };
         let mut m = Manager::open(cfg).expect("open manager");

@@ -620,7 +620,7 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::LibvirtHook { args: hook_args } => run_libvirt_hook(&xen, &mut admin, &hook_args),
         Cmd::Libvirt(l) => run_libvirt(l, &local, json),
         Cmd::Mgr(m) => run_mgr(m, admin, json),
-        Cmd::Vtpm(v) => run_vtpm(v, &local, domains, admin, json),
+        Cmd::Vtpm(v) => run_vtpm(v, &local, &xen, domains, admin, json),
     }
 }
 
@@ -774,7 +774,7 @@ fn check_vtpm_args(cmd: &VtpmCmd) -> Result<(), CliError> {
 }
 
 /// `xl-vtpm vtpm …`: local vTPMs, as processes or in their own domains.
-fn run_vtpm(cmd: VtpmCmd, local: &Local, domains: xl_tools::vtpmdom::Domains, mut admin: Admin, json: bool) -> Result<(), CliError> {
+fn run_vtpm(cmd: VtpmCmd, local: &Local, xen: &xenlife::Xen, domains: xl_tools::vtpmdom::Domains, mut admin: Admin, json: bool) -> Result<(), CliError> {
     match cmd {
         VtpmCmd::Create { group, uuid, listen: _, consumer: _, name: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } } => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
@@ -851,7 +851,7 @@ fn run_vtpm(cmd: VtpmCmd, local: &Local, domains: xl_tools::vtpmdom::Domains, mu
             }
         }
         VtpmCmd::Transfer(t) => {
-            let v = xl_tools::transfer::run(t, &mut admin, local)?;
+            let v = xl_tools::transfer::run(t, &mut admin, local, xen)?;
             if json {
                 print_json(&v);
             } else {
@@ -859,11 +859,12 @@ fn run_vtpm(cmd: VtpmCmd, local: &Local, domains: xl_tools::vtpmdom::Domains, mu
             }
         }
         VtpmCmd::Migrate(m) => {
-            let done = xl_tools::transfer::run_migrate(m, &mut admin, local)?;
+            let done = xl_tools::transfer::run_migrate(m, &mut admin, local, xen)?;
             if json {
                 print_json(&done);
             } else {
-                println!("vTPM {} moved to host {} (transfer generation {}); start it there", done.uuid, done.dest_host, done.generation);
+                let reg = done.registry_host.as_ref().map(|h| format!("; the registry names host {h}")).unwrap_or_default();
+                println!("vTPM {} moved to host {} (transfer generation {}){reg}; start it there", done.uuid, done.dest_host, done.generation);
             }
         }
         VtpmCmd::AcceptState { uuid, yes } => {

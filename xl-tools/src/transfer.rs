@@ -10,12 +10,14 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 use vtpm_proto::ekcert::Certificate;
 use vtpm_proto::mgr::{AdminReply, AdminRequest, EnrollmentInfo};
-use vtpm_proto::transfer::{Challenge, Offer, Package, Receipt, MAX_STATE};
+use vtpm_proto::transfer::{Challenge, Offer, Package, Receipt, IMPORT_PROTOCOL, MAX_STATE};
 
 use crate::admin::Admin;
-use crate::exit::{CliError, FAILURE, USAGE};
+use crate::exit::{CliError, FAILURE, REFUSED, USAGE};
 use crate::guest;
 use crate::local::Local;
+use crate::registry::Registry;
+use crate::xenlife::{reg_err, Xen};
 
 /// Largest transfer message file read (a package carries up to [`MAX_STATE`] as hex).
 const MAX_MESSAGE: u64 = 4 * MAX_STATE as u64;
@@ -125,24 +127,30 @@ pub fn export(src: &mut Admin, local: &Local, uuid: Uuid, offer: Offer, roots: &
     }
 }
 
-/// Destination: imports `package` and installs the vTPM's sealed state file; returns the receipt.
-pub fn import(dst: &mut Admin, local: &Local, package: Package) -> Result<Receipt, CliError> {
-    let uuid = package.vtpm;
-    let (receipt, state) = match dst.call(&AdminRequest::TransferImport { package: Box::new(package) })? {
-        AdminReply::TransferImported { receipt, state } => (*receipt, state),
-        other => return Err(CliError::new(FAILURE, format!("unexpected reply to TransferImport: {other:?}"))),
-    };
-    let bytes = hex::decode(&state).map_err(|_| CliError::new(FAILURE, "the manager's state is not hex"))?;
-    let dir = local.vtpm_dir(&uuid);
-    std::fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
-    let path = local.state_file(&uuid);
-    xvtpm_fsutil::write_atomic(&path, &bytes, 0o600).map_err(|e| {
-        CliError::new(
-            FAILURE,
-            format!("vTPM {uuid} was imported, but its state file {} could not be written ({e}); copy the source's state file there before starting it", path.display()),
-        )
-    })?;
-    Ok(receipt)
+/// Refuses a manager that does not write an imported vTPM's state file itself (an older
+/// release): checked before anything is exported or imported.
+pub fn require_protocol(admin: &mut Admin, role: &str) -> Result<(), CliError> {
+    match admin.call(&AdminRequest::Status)? {
+        AdminReply::Status(s) if s.transfer_protocol >= IMPORT_PROTOCOL => Ok(()),
+        AdminReply::Status(s) => Err(CliError::new(
+            REFUSED,
+            format!(
+                "the {role} manager (vtpmmgr {}) speaks transfer protocol {}, this xl-vtpm needs {IMPORT_PROTOCOL} (the destination writes the imported state file itself): upgrade that manager first",
+                s.version, s.transfer_protocol
+            ),
+        )),
+        other => Err(CliError::new(FAILURE, format!("unexpected reply to Status: {other:?}"))),
+    }
+}
+
+/// Destination: imports `package`; the manager writes the vTPM's state file durably before it
+/// answers. Returns the receipt.
+pub fn import(dst: &mut Admin, package: Package) -> Result<Receipt, CliError> {
+    require_protocol(dst, "destination")?;
+    match dst.call(&AdminRequest::TransferImport { package: Box::new(package), protocol: IMPORT_PROTOCOL })? {
+        AdminReply::TransferImported { receipt, .. } => Ok(*receipt),
+        other => Err(CliError::new(FAILURE, format!("unexpected reply to TransferImport: {other:?}"))),
+    }
 }
 
 /// Destination: the receipt of an imported vTPM again.
@@ -175,7 +183,13 @@ pub fn commit(src: &mut Admin, local: &Local, uuid: Uuid, receipt: Receipt) -> R
 
 /// Source: returns the vTPM to service on the destination's cancellation receipt.
 pub fn abort(src: &mut Admin, uuid: Uuid, receipt: Receipt) -> Result<(), CliError> {
-    src.call(&AdminRequest::TransferAbort { uuid, receipt: Box::new(receipt) })?;
+    src.call(&AdminRequest::TransferAbort { uuid, receipt: Some(Box::new(receipt)), lost_destination: None })?;
+    Ok(())
+}
+
+/// Source: returns the vTPM to service without the destination, declared lost (`host`: its id).
+pub fn force_abort(src: &mut Admin, uuid: Uuid, host: String) -> Result<(), CliError> {
+    src.call(&AdminRequest::TransferAbort { uuid, receipt: None, lost_destination: Some(host) })?;
     Ok(())
 }
 
@@ -192,22 +206,50 @@ pub struct Migrated {
     pub export_id: Uuid,
     /// The new transfer generation.
     pub generation: u64,
+    /// The host the registry names now (`--to-host`), if the vTPM is registered.
+    pub registry_host: Option<String>,
 }
 
-/// `xl-vtpm vtpm migrate`: all steps, source = `src`/`src_local`, destination = `dst`/`dst_local`.
+/// The registry side of a move: the registry and the destination's name in it.
+pub struct RegistryMove<'a> {
+    /// The registry (shared by the hosts: `--registry postgres://…`).
+    pub registry: &'a mut Registry,
+    /// The destination's name in it (`--to-host`).
+    pub to_host: String,
+}
+
+/// Source: records the move in the registry (before the export marks the vTPM exporting);
+/// `false` if the vTPM has no pair there.
+pub fn registry_begin(r: &mut RegistryMove<'_>, uuid: Uuid, offer: Uuid) -> Result<bool, CliError> {
+    Ok(r.registry.begin_move(uuid, &r.to_host, offer).map_err(reg_err)?.is_some())
+}
+
+/// Source, after the manager retired its copy: the registry's commit point (the pair's host
+/// becomes the destination, in one transaction). Returns the host it names now.
+pub fn registry_commit(registry: &mut Registry, uuid: Uuid, offer: Uuid) -> Result<Option<String>, CliError> {
+    registry.finish_move(uuid, offer).map_err(|e| {
+        let e = reg_err(e);
+        CliError::new(e.code, format!("the transfer of vTPM {uuid} is committed, but the registry was not updated ({}); run `xl-vtpm vtpm transfer commit` again", e.message))
+    })
+}
+
+/// `xl-vtpm vtpm migrate`: all steps, source = `src`/`src_local`, destination = `dst` (its
+/// manager writes the imported state file). With `reg`, the move is recorded in the registry
+/// before the export and committed there after the source retired its copy.
 #[allow(clippy::too_many_arguments)]
 pub fn migrate(
     src: &mut Admin,
     src_local: &Local,
     dst: &mut Admin,
-    dst_local: &Local,
     uuid: Uuid,
     group: Option<String>,
     roots: &[String],
     intermediates: Vec<String>,
     policy: &BTreeMap<u8, String>,
     destination: String,
+    mut reg: Option<RegistryMove<'_>>,
 ) -> Result<Migrated, CliError> {
+    require_protocol(dst, "destination")?;
     let m = material(dst)?;
     let g = match &group {
         Some(k) => m.groups.iter().find(|g| g.name == *k || g.uuid.to_string() == *k),
@@ -218,11 +260,36 @@ pub fn migrate(
     let ch = challenge(src, uuid, &d, roots, policy)?;
     let o = offer(dst, Some(g.uuid.to_string()), ch, intermediates)?;
     let offer_id = o.offer_id;
-    let pkg = export(src, src_local, uuid, o, roots, policy, destination)?;
+    let registered = match reg.as_mut() {
+        Some(r) => registry_begin(r, uuid, offer_id)?,
+        None => false,
+    };
+    let pkg = match export(src, src_local, uuid, o, roots, policy, destination) {
+        Ok(p) => p,
+        Err(e) => {
+            if registered && let Some(r) = reg.as_mut() {
+                abort_if_refused(&e, r.registry, uuid, offer_id);
+            }
+            return Err(e);
+        }
+    };
     let (export_id, generation, dest_host) = (pkg.export_id, pkg.generation, pkg.dest_host.clone());
-    let r = import(dst, dst_local, pkg)?;
+    let r = import(dst, pkg)?;
     commit(src, src_local, uuid, r)?;
-    Ok(Migrated { uuid, dest_host, offer_id, export_id, generation })
+    let registry_host = match reg.as_mut() {
+        Some(r) if registered => registry_commit(r.registry, uuid, offer_id)?,
+        _ => None,
+    };
+    Ok(Migrated { uuid, dest_host, offer_id, export_id, generation, registry_host })
+}
+
+/// After a failed export: ends the registry's move if the source manager refused before it
+/// marked the vTPM exporting (a refusal names a check; only an internal failure or a lost
+/// connection can come after the mark — then the move stays open for `transfer abort`).
+fn abort_if_refused(e: &CliError, registry: &mut Registry, uuid: Uuid, offer: Uuid) {
+    if e.code != FAILURE && e.code != crate::exit::NO_MANAGER {
+        let _ = registry.abort_move(uuid, Some(offer));
+    }
 }
 
 /// `xl-vtpm vtpm transfer …`: one step of a transfer, each run on its own host.
@@ -285,12 +352,16 @@ pub enum TransferCmd {
         /// A name for the destination, shown when the vTPM is started here later.
         #[arg(long, default_value = "")]
         to_name: String,
+        /// The destination's name in the registry (its `--host`): the move is recorded there
+        /// before the export, and `transfer commit` makes it the vTPM's host.
+        #[arg(long)]
+        to_host: Option<String>,
         /// Where to write the package.
         #[arg(long)]
         out: PathBuf,
     },
-    /// Destination: import a package (this TPM decrypts it) and install the vTPM's state file;
-    /// write the receipt for the source.
+    /// Destination: import a package (this TPM decrypts it; the manager writes the vTPM's state
+    /// file durably before it answers); write the receipt for the source.
     Import {
         /// The package.
         package: PathBuf,
@@ -322,13 +393,22 @@ pub enum TransferCmd {
         #[arg(long)]
         receipt: PathBuf,
     },
-    /// Source: return an exporting vTPM to service on the destination's cancellation receipt.
+    /// Source: return an exporting vTPM to service on the destination's cancellation receipt
+    /// or, with --force, without it: only for a destination lost for good (its TPM can never
+    /// open the package — destroyed or cleared; docs/migration.md).
     Abort {
         /// vTPM UUID.
         uuid: String,
         /// The destination's cancellation receipt.
-        #[arg(long)]
-        receipt: PathBuf,
+        #[arg(long, required_unless_present = "force", conflicts_with = "force")]
+        receipt: Option<PathBuf>,
+        /// Abort without the destination's receipt (needs --destination-lost).
+        #[arg(long, requires = "destination_lost")]
+        force: bool,
+        /// The lost destination's host id (SHA-256 of its EK certificate; the refusal to start
+        /// the vTPM here names it).
+        #[arg(long, requires = "force")]
+        destination_lost: Option<String>,
     },
 }
 
@@ -340,9 +420,6 @@ pub struct MigrateArgs {
     /// The destination manager's runtime directory (its admin socket).
     #[arg(long)]
     pub to_run_dir: PathBuf,
-    /// The destination's state directory (where its vTPM state files live).
-    #[arg(long)]
-    pub to_state_dir: PathBuf,
     /// Group the vTPM joins on the destination (default: its default group).
     #[arg(long)]
     pub group: Option<String>,
@@ -358,6 +435,10 @@ pub struct MigrateArgs {
     /// A name for the destination (default: its runtime directory).
     #[arg(long)]
     pub to_name: Option<String>,
+    /// The destination's name in the registry (its `--host`): the move is recorded before the
+    /// export and the registry names the destination from the commit on.
+    #[arg(long)]
+    pub to_host: Option<String>,
 }
 
 fn uuid_arg(s: &str, what: &str) -> Result<Uuid, CliError> {
@@ -365,7 +446,7 @@ fn uuid_arg(s: &str, what: &str) -> Result<Uuid, CliError> {
 }
 
 /// Runs one `transfer` step; returns a line (or JSON object) to print.
-pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local) -> Result<serde_json::Value, CliError> {
+pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local, xen: &Xen) -> Result<serde_json::Value, CliError> {
     use serde_json::json;
     Ok(match cmd {
         TransferCmd::Challenge { uuid, material, group, ek_ca, ek_intermediate, host_pcrs_policy, out } => {
@@ -389,16 +470,30 @@ pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local) -> Result<serde_j
             write_json(&out, &o)?;
             json!({"uuid": o.vtpm, "offer_id": o.offer_id, "offer": out})
         }
-        TransferCmd::Export { uuid, offer, ek_ca, host_pcrs_policy, to_name, out } => {
+        TransferCmd::Export { uuid, offer, ek_ca, host_pcrs_policy, to_name, to_host, out } => {
             let uuid = uuid_arg(&uuid, "UUID")?;
             let o: Offer = read_json(&offer, "--offer")?;
-            let p = export(admin, local, uuid, o, &read_certs(&ek_ca, "--ek-ca")?, &read_policy(&host_pcrs_policy)?, to_name)?;
+            let (roots, policy) = (read_certs(&ek_ca, "--ek-ca")?, read_policy(&host_pcrs_policy)?);
+            let offer_id = o.offer_id;
+            let mut registry = match &to_host {
+                Some(_) => xen.transfer_registry(true)?,
+                None => None,
+            };
+            let registered = match (registry.as_mut(), to_host) {
+                (Some(registry), Some(to_host)) => registry_begin(&mut RegistryMove { registry, to_host }, uuid, offer_id)?,
+                _ => false,
+            };
+            let p = export(admin, local, uuid, o, &roots, &policy, to_name).inspect_err(|e| {
+                if registered && let Some(r) = registry.as_mut() {
+                    abort_if_refused(e, r, uuid, offer_id);
+                }
+            })?;
             write_json(&out, &p)?;
-            json!({"uuid": uuid, "export_id": p.export_id, "generation": p.generation, "package": out})
+            json!({"uuid": uuid, "export_id": p.export_id, "generation": p.generation, "package": out, "registry_move": registered})
         }
         TransferCmd::Import { package, out } => {
             let p: Package = read_json(&package, "PACKAGE")?;
-            let r = import(admin, local, p)?;
+            let r = import(admin, p)?;
             write_json(&out, &r)?;
             json!({"uuid": r.vtpm, "imported": true, "receipt": out})
         }
@@ -414,33 +509,56 @@ pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local) -> Result<serde_j
         }
         TransferCmd::Commit { uuid, receipt } => {
             let uuid = uuid_arg(&uuid, "UUID")?;
-            commit(admin, local, uuid, read_json(&receipt, "--receipt")?)?;
-            json!({"uuid": uuid, "committed": true})
+            let r: Receipt = read_json(&receipt, "--receipt")?;
+            let offer_id = r.offer_id;
+            commit(admin, local, uuid, r)?;
+            let registry_host = match xen.transfer_registry(false)? {
+                Some(mut registry) => registry_commit(&mut registry, uuid, offer_id)?,
+                None => None,
+            };
+            json!({"uuid": uuid, "committed": true, "registry_host": registry_host})
         }
-        TransferCmd::Abort { uuid, receipt } => {
+        TransferCmd::Abort { uuid, receipt, force: _, destination_lost } => {
             let uuid = uuid_arg(&uuid, "UUID")?;
-            abort(admin, uuid, read_json(&receipt, "--receipt")?)?;
-            json!({"uuid": uuid, "aborted": true})
+            let done = match (receipt, destination_lost) {
+                (Some(r), _) => abort(admin, uuid, read_json(&r, "--receipt")?),
+                (None, Some(host)) => force_abort(admin, uuid, host),
+                (None, None) => return Err(CliError::new(USAGE, "give --receipt FILE, or --force --destination-lost HOST_ID")),
+            };
+            // A vTPM the source never marked exporting (its export was never made): the
+            // registry's move, if one was begun, ends all the same.
+            let never_exported = matches!(&done, Err(e) if e.code == crate::exit::NOT_FOUND && e.message.contains("is not being transferred"));
+            if !never_exported {
+                done?;
+            }
+            let registry_move_ended = match xen.transfer_registry(false)? {
+                Some(mut registry) => registry.abort_move(uuid, None).map_err(|e| {
+                    let e = reg_err(e);
+                    CliError::new(e.code, format!("the transfer of vTPM {uuid} is aborted, but the registry's move was not ended ({}); run the abort again", e.message))
+                })?,
+                None => false,
+            };
+            json!({"uuid": uuid, "aborted": !never_exported, "registry_move_ended": registry_move_ended})
         }
     })
 }
 
 /// Runs `xl-vtpm vtpm migrate` with `admin`/`local` as the source.
-pub fn run_migrate(a: MigrateArgs, admin: &mut Admin, local: &Local) -> Result<Migrated, CliError> {
+pub fn run_migrate(a: MigrateArgs, admin: &mut Admin, local: &Local, xen: &Xen) -> Result<Migrated, CliError> {
     let uuid = uuid_arg(&a.uuid, "UUID")?;
+    let (roots, intermediates, policy) = (read_certs(&a.ek_ca, "--ek-ca")?, read_certs(&a.ek_intermediate, "--ek-intermediate")?, read_policy(&a.host_pcrs_policy)?);
+    if let Some(h) = &a.to_host {
+        crate::registry::check_host(h).map_err(|e| CliError::new(USAGE, format!("--to-host: {e}")))?;
+    }
+    let mut registry = match &a.to_host {
+        Some(_) => xen.transfer_registry(true)?,
+        None => None,
+    };
+    let reg = match (registry.as_mut(), a.to_host) {
+        (Some(registry), Some(to_host)) => Some(RegistryMove { registry, to_host }),
+        _ => None,
+    };
     let mut dst = Admin::connect(&a.to_run_dir)?;
-    let dst_local = Local { state_dir: a.to_state_dir.clone(), run_dir: a.to_run_dir.clone(), ..local.clone() };
     let name = a.to_name.unwrap_or_else(|| a.to_run_dir.display().to_string());
-    migrate(
-        admin,
-        local,
-        &mut dst,
-        &dst_local,
-        uuid,
-        a.group,
-        &read_certs(&a.ek_ca, "--ek-ca")?,
-        read_certs(&a.ek_intermediate, "--ek-intermediate")?,
-        &read_policy(&a.host_pcrs_policy)?,
-        name,
-    )
+    migrate(admin, local, &mut dst, uuid, a.group, &roots, intermediates, &policy, name, reg)
 }

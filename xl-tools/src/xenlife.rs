@@ -136,7 +136,8 @@ fn fail(code: i32, m: impl Into<String>) -> CliError {
     CliError::new(code, m)
 }
 
-fn reg_err(e: crate::registry::RegistryError) -> CliError {
+/// A registry error as the CLI reports it.
+pub fn reg_err(e: crate::registry::RegistryError) -> CliError {
     use crate::registry::RegistryError as E;
     let code = match &e {
         E::Sqlite(_) | E::Postgres(_) | E::CommitUnknown(_) | E::Connect { .. } | E::Io { .. } => FAILURE,
@@ -169,6 +170,16 @@ impl Xen {
         } else {
             self.local.stop(admin, uuid, Duration::from_secs(5))
         }
+    }
+
+    /// The registry a transfer records its move in: the one given with `--registry`, or this
+    /// host's SQLite file if it exists or `create` (a move named with `--to-host`); `None`
+    /// otherwise (nothing to record).
+    pub fn transfer_registry(&self, create: bool) -> Result<Option<Registry>, CliError> {
+        if self.registry.is_none() && !create && !self.local.state_dir.join("registry.sqlite").exists() {
+            return Ok(None);
+        }
+        self.registry().map(Some)
     }
 
     fn registry(&self) -> Result<Registry, CliError> {

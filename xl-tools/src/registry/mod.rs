@@ -91,7 +91,7 @@ mod sql;
 mod tests;
 
 pub use location::{Location, check_host, this_host};
-pub use model::{NewPair, RegistryError, Row, State};
+pub use model::{Move, NewPair, RegistryError, Row, State};
 pub use reconcile::{CheckOptions, DEFAULT_STALE_AFTER, Drift, ObservedDomain, RepairAction, check, repair};
 pub use schema::SCHEMA_VERSION;
 
@@ -206,8 +206,44 @@ fn scalar(db: &mut dyn Sql, sql: &str, p: &[Val]) -> Result<Option<i64>, Registr
     })
 }
 
-/// Records `host`'s activation of `row`'s vTPM, or names the host that holds it.
+const MOVE_COLUMNS: &str = "m.vtpm_uuid, p.guest_name, m.from_host, m.to_host, m.offer_id, m.since";
+const MOVE_FROM: &str = "moves m JOIN pairs p ON p.vtpm_uuid = m.vtpm_uuid";
+
+fn move_from_vals(v: Vec<Val>) -> Result<Move, RegistryError> {
+    let corrupt = |what: String| RegistryError::Corrupt { id: 0, what: format!("move record: {what}") };
+    let text = |i: usize| match v.get(i) {
+        Some(Val::Text(s)) => Ok(s.clone()),
+        other => Err(corrupt(format!("column {i} is {other:?}"))),
+    };
+    let uuid = |i: usize| text(i).and_then(|s| Uuid::parse_str(&s).map_err(|_| corrupt(format!("`{s}` is not a UUID"))));
+    Ok(Move {
+        vtpm_uuid: uuid(0)?,
+        guest_name: text(1)?,
+        from_host: text(2)?,
+        to_host: text(3)?,
+        offer_id: uuid(4)?,
+        since: match v.get(5) {
+            Some(Val::Int(i)) => *i,
+            other => return Err(corrupt(format!("since is {other:?}"))),
+        },
+    })
+}
+
+fn open_move(db: &mut dyn Sql, vtpm: Uuid) -> Result<Option<Move>, RegistryError> {
+    let sql = format!("SELECT {MOVE_COLUMNS} FROM {MOVE_FROM} WHERE m.vtpm_uuid = $1");
+    db.rows(&sql, &[vtpm.into()])?.into_iter().next().map(move_from_vals).transpose()
+}
+
+fn moving(m: Move) -> RegistryError {
+    RegistryError::Moving { vtpm: m.vtpm_uuid, guest_name: m.guest_name, from: m.from_host, to: m.to_host, offer: m.offer_id }
+}
+
+/// Records `host`'s activation of `row`'s vTPM, or names the host that holds it (or the move
+/// in progress that keeps it from starting anywhere).
 fn activate(db: &mut dyn Sql, row: &Row, host: &str, now: i64) -> Result<(), RegistryError> {
+    if let Some(m) = open_move(db, row.vtpm_uuid)? {
+        return Err(moving(m));
+    }
     let n = db.exec(
         "INSERT INTO activations (vtpm_uuid, host, since) VALUES ($1, $2, $3) \
          ON CONFLICT (vtpm_uuid) DO NOTHING",
@@ -499,6 +535,9 @@ impl Registry {
     pub fn begin_create(&mut self, new: &NewPair) -> Result<i64, RegistryError> {
         self.write(|tx, host| {
             let now = unix_now();
+            if let Some(m) = open_move(tx, new.vtpm_uuid)? {
+                return Err(moving(m));
+            }
             if let Some(other) = query_one(tx, "p.vtpm_uuid = $1", &[new.vtpm_uuid.into()])?
                 && other.guest_uuid != new.guest_uuid
             {
@@ -652,6 +691,9 @@ impl Registry {
             |tx, row, host| {
                 let now = unix_now();
                 if row.state == State::Stopped {
+                    if let Some(m) = open_move(tx, row.vtpm_uuid)? {
+                        return Err(moving(m));
+                    }
                     tx.exec("UPDATE pairs SET host = $2 WHERE id = $1", &[id.into(), host.into()])?;
                     let row = Row { host: host.to_string(), ..row.clone() };
                     activate(tx, &row, host, now)?;
@@ -782,7 +824,79 @@ impl Registry {
                 State::Running | State::Stopped => {}
             }
         }
+        drift.extend(self.moves()?.into_iter().map(|m| Drift::MoveUnfinished { m }));
         Ok(drift)
+    }
+
+    /// Begins moving `vtpm` from this host to `to_host` (transfer offer `offer`), before the
+    /// source marks it exporting: from now on it is started nowhere (activations are refused)
+    /// until [`Self::finish_move`] or [`Self::abort_move`]. `Ok(None)`: the vTPM has no pair in
+    /// the registry (nothing to record). Refused while the pair is active anywhere, registered
+    /// on another host, or already moving under another offer; the same move again is a no-op.
+    pub fn begin_move(&mut self, vtpm: Uuid, to_host: &str, offer: Uuid) -> Result<Option<i64>, RegistryError> {
+        check_host(to_host).map_err(|e| RegistryError::BadHost(e.to_string()))?;
+        self.write(|tx, host| {
+            let Some(row) = query_one(tx, "p.vtpm_uuid = $1", &[vtpm.into()])? else { return Ok(None) };
+            if let Some(m) = open_move(tx, vtpm)? {
+                if m.offer_id == offer && m.to_host == to_host && m.from_host == host {
+                    return Ok(Some(row.id));
+                }
+                return Err(moving(m));
+            }
+            if let Some(h) = &row.active_on {
+                return Err(RegistryError::ActiveOnOtherHost { vtpm, guest_name: row.guest_name, holder: h.clone(), state: row.state });
+            }
+            if row.host != host {
+                return Err(RegistryError::NotOnThisHost { vtpm, guest_name: row.guest_name, host: row.host, this: host.to_string() });
+            }
+            if row.host == to_host {
+                return Err(RegistryError::BadHost(format!("the destination host {to_host} is the pair's host already")));
+            }
+            tx.exec(
+                "INSERT INTO moves (vtpm_uuid, from_host, to_host, offer_id, since) VALUES ($1, $2, $3, $4, $5)",
+                &[vtpm.into(), host.into(), to_host.into(), offer.into(), unix_now().into()],
+            )?;
+            Ok(Some(row.id))
+        })
+    }
+
+    /// The commit point of a move, once the source has retired its copy: in one transaction
+    /// the move record goes and the pair's host becomes the destination. `Ok(None)`: no move of
+    /// `vtpm` is open (finished already, or never recorded); otherwise the destination host.
+    /// Refused if the open move is for another offer.
+    pub fn finish_move(&mut self, vtpm: Uuid, offer: Uuid) -> Result<Option<String>, RegistryError> {
+        self.write(|tx, _| {
+            let Some(m) = open_move(tx, vtpm)? else { return Ok(None) };
+            if m.offer_id != offer {
+                return Err(moving(m));
+            }
+            tx.exec("DELETE FROM moves WHERE vtpm_uuid = $1", &[vtpm.into()])?;
+            let n = tx.exec("UPDATE pairs SET host = $2, updated_at = $3 WHERE vtpm_uuid = $1", &[vtpm.into(), (&m.to_host).into(), unix_now().into()])?;
+            if n != 1 {
+                return Err(RegistryError::Corrupt { id: 0, what: format!("the pair of moving vTPM {vtpm} is gone") });
+            }
+            Ok(Some(m.to_host))
+        })
+    }
+
+    /// Ends a move without it (the source aborted: the vTPM stays on the source host).
+    /// `offer`: only the move of that offer. Returns whether a move was open.
+    pub fn abort_move(&mut self, vtpm: Uuid, offer: Option<Uuid>) -> Result<bool, RegistryError> {
+        self.write(|tx, _| {
+            let Some(m) = open_move(tx, vtpm)? else { return Ok(false) };
+            if offer.is_some_and(|o| o != m.offer_id) {
+                return Err(moving(m));
+            }
+            Ok(tx.exec("DELETE FROM moves WHERE vtpm_uuid = $1", &[vtpm.into()])? == 1)
+        })
+    }
+
+    /// The moves in progress.
+    pub fn moves(&self) -> Result<Vec<Move>, RegistryError> {
+        self.read(|db| {
+            let sql = format!("SELECT {MOVE_COLUMNS} FROM {MOVE_FROM} ORDER BY m.vtpm_uuid");
+            db.rows(&sql, &[])?.into_iter().map(move_from_vals).collect()
+        })
     }
 
     /// Applies a record action of a repair. Returns `Ok(false)` for actions that are not

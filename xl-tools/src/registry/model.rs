@@ -181,6 +181,40 @@ pub enum RegistryError {
         /// The pair's state there.
         state: State,
     },
+    /// The vTPM is being moved to another host.
+    #[error(
+        "vTPM {vtpm} (guest {guest_name}) is being moved from host {from} to host {to} (offer \
+         {offer}): it is started nowhere until the move is committed (`xl-vtpm vtpm transfer \
+         commit` on {from}, which records {to}) or aborted (`xl-vtpm vtpm transfer abort` on \
+         {from})"
+    )]
+    Moving {
+        /// The vTPM.
+        vtpm: Uuid,
+        /// Its guest.
+        guest_name: String,
+        /// The source host.
+        from: String,
+        /// The destination host.
+        to: String,
+        /// The transfer's offer.
+        offer: Uuid,
+    },
+    /// A move of a vTPM from a host that does not hold it in the registry.
+    #[error(
+        "vTPM {vtpm} (guest {guest_name}) is registered on host {host}, not on {this}: move it \
+         from {host} (or give this host's registry name with --host)"
+    )]
+    NotOnThisHost {
+        /// The vTPM.
+        vtpm: Uuid,
+        /// Its guest.
+        guest_name: String,
+        /// The pair's host.
+        host: String,
+        /// This host.
+        this: String,
+    },
     /// No such row.
     #[error("no registry entry with id {0}")]
     NotFound(i64),
@@ -273,4 +307,21 @@ impl RegistryError {
             _ => false,
         }
     }
+}
+
+/// A move of a vTPM to another host that has begun and is neither committed nor aborted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Move {
+    /// The vTPM.
+    pub vtpm_uuid: Uuid,
+    /// Its guest's name.
+    pub guest_name: String,
+    /// The source host (the pair's host until the commit).
+    pub from_host: String,
+    /// The destination host.
+    pub to_host: String,
+    /// The transfer's offer id.
+    pub offer_id: Uuid,
+    /// When it began (Unix seconds).
+    pub since: i64,
 }

@@ -46,6 +46,13 @@ impl Default for CheckOptions {
 /// A difference between the registry and what runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Drift {
+    /// A move to another host was begun and neither committed nor aborted in the registry
+    /// (the transfer is running, or its `xl-vtpm` died between the managers' step and the
+    /// registry's).
+    MoveUnfinished {
+        /// The move.
+        m: super::Move,
+    },
     /// A create was interrupted (process killed or crashed between steps).
     StuckCreating {
         /// The row.
@@ -143,6 +150,14 @@ impl std::fmt::Display for Drift {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let d = |d: &Option<u32>| d.map_or("absent".to_string(), |d| format!("domid {d}"));
         match self {
+            Drift::MoveUnfinished { m } => write!(
+                f,
+                "vTPM {} (guest {}) is being moved from host {} to host {} (offer {}, since {}): the registry keeps it on {} and lets no host start it. \
+                 If {}'s manager retired it (`xl-vtpm vtpm start {}` there says \"was transferred\"), finish the move with `xl-vtpm vtpm transfer commit {} --receipt R` on {} \
+                 (R from `xl-vtpm vtpm transfer receipt {}` on {}); if it is still exporting, import and commit, or cancel on {} and `xl-vtpm vtpm transfer abort` on {}",
+                m.vtpm_uuid, m.guest_name, m.from_host, m.to_host, m.offer_id, m.since, m.from_host,
+                m.from_host, m.vtpm_uuid, m.vtpm_uuid, m.from_host, m.vtpm_uuid, m.to_host, m.to_host, m.from_host
+            ),
             Drift::StuckCreating { row, guest, vtpm } => write!(
                 f,
                 "{}: create was interrupted (guest {}, vTPM domain {} {})",
@@ -450,6 +465,9 @@ pub fn repair(drift: &[Drift], manager_vtpms: Option<&[Uuid]>) -> Vec<RepairActi
     for d in drift {
         match d {
             Drift::InProgress { .. } => {}
+            Drift::MoveUnfinished { m } => records.push(RepairAction::Manual {
+                message: format!("finish or abort the move of vTPM {} from {} to {} (see the report)", m.vtpm_uuid, m.from_host, m.to_host),
+            }),
             Drift::StuckCreating { row, guest: Some(g), vtpm: Some(v) } => {
                 records.push(RepairAction::MarkRunning { id: row.id, guest_domid: *g, vtpm_domid: *v })
             }

@@ -2,7 +2,7 @@
 //! applied in order on open.
 
 /// Schema version this code writes and reads.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// A schema change, in both dialects. Applied in order, each in the transaction that records
 /// its version, so a database is always at exactly one version.
@@ -22,6 +22,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         version: 2,
         sqlite: SQLITE_V2,
         postgres: PG_V2,
+    },
+    Migration {
+        version: 3,
+        sqlite: SQLITE_V3,
+        postgres: PG_V3,
     },
 ];
 
@@ -107,5 +112,33 @@ CREATE TABLE activations (
     host      TEXT   NOT NULL,
     since     BIGINT NOT NULL,
     FOREIGN KEY (vtpm_uuid, host) REFERENCES pairs (vtpm_uuid, host)
+);
+"#;
+
+/// Version 3: a move of a vTPM to another host in progress (`xl-vtpm vtpm migrate`/`transfer`
+/// with `--to-host`). One per vTPM (primary key); it names the pair's own host as the source
+/// (composite foreign key: the pair cannot change host while the move is open), and the
+/// commit deletes it and sets the pair's host to the destination in one transaction.
+const SQLITE_V3: &str = r#"
+CREATE TABLE moves (
+    vtpm_uuid TEXT    PRIMARY KEY,
+    from_host TEXT    NOT NULL,
+    to_host   TEXT    NOT NULL CHECK (length(to_host) BETWEEN 1 AND 255),
+    offer_id  TEXT    NOT NULL,
+    since     INTEGER NOT NULL,
+    CHECK (from_host <> to_host),
+    FOREIGN KEY (vtpm_uuid, from_host) REFERENCES pairs (vtpm_uuid, host)
+);
+"#;
+
+const PG_V3: &str = r#"
+CREATE TABLE moves (
+    vtpm_uuid TEXT   PRIMARY KEY,
+    from_host TEXT   NOT NULL,
+    to_host   TEXT   NOT NULL CHECK (length(to_host) BETWEEN 1 AND 255),
+    offer_id  TEXT   NOT NULL,
+    since     BIGINT NOT NULL,
+    CHECK (from_host <> to_host),
+    FOREIGN KEY (vtpm_uuid, from_host) REFERENCES pairs (vtpm_uuid, host)
 );
 "#;

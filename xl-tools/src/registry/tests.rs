@@ -59,6 +59,7 @@ on_both_backends!(
     the_database_enforces_activation_records,
     a_newer_schema_is_refused,
     migrations_are_applied_once,
+    a_move_flips_the_host_at_its_commit_and_blocks_starts_until_then,
 );
 
 fn pair(n: u8) -> NewPair {
@@ -341,10 +342,10 @@ fn a_version_1_sqlite_file_migrates() {
     r.mark_stopped(id).unwrap();
     r.begin_create(&pair(1)).unwrap();
     drop(r);
-    // What the first release reads: version 2 > 1, so it refuses the file.
+    // What the first release reads: the current version > 1, so it refuses the file.
     let c = Connection::open(&path).unwrap();
     let v: i64 = c.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(v, 2);
+    assert_eq!(v, SCHEMA_VERSION);
 }
 
 #[test]
@@ -395,4 +396,51 @@ fn postgres_key_value_unix_socket() {
     let e = Registry::connect(&Location::parse(&pg.url("nope")).unwrap(), "host-a").unwrap_err();
     assert!(matches!(e, RegistryError::Connect { .. }), "{e}");
     assert!(e.to_string().contains("does not exist") && e.to_string().contains("database nope"), "{e}");
+}
+
+/// A move: begun on the source (the pair stopped there), it blocks every host's start; its
+/// commit flips the pair's host in one transaction (the destination can then start it, the
+/// source cannot); an abort keeps it on the source. `check_all_hosts` reports an open move.
+fn a_move_flips_the_host_at_its_commit_and_blocks_starts_until_then(f: &Fixture) {
+    let mut a = f.open("host-a");
+    let mut b = f.open("host-b");
+    let p = pair(7);
+    let id = a.begin_create(&p).unwrap();
+    a.mark_running(id, 3, 4).unwrap();
+    // A running pair is not moved.
+    let offer = Uuid::from_u128(0xaa);
+    assert!(matches!(a.begin_move(p.vtpm_uuid, "host-b", offer), Err(RegistryError::ActiveOnOtherHost { .. })));
+    a.mark_stopped(id).unwrap();
+    // Only from the pair's host; a vTPM without a pair records nothing.
+    assert!(matches!(b.begin_move(p.vtpm_uuid, "host-c", offer), Err(RegistryError::NotOnThisHost { .. })));
+    assert_eq!(a.begin_move(Uuid::from_u128(0xdead), "host-b", offer).unwrap(), None);
+    assert_eq!(a.begin_move(p.vtpm_uuid, "host-b", offer).unwrap(), Some(id));
+    assert_eq!(a.begin_move(p.vtpm_uuid, "host-b", offer).unwrap(), Some(id), "the same move again is a no-op");
+    assert!(matches!(a.begin_move(p.vtpm_uuid, "host-c", Uuid::from_u128(0xbb)), Err(RegistryError::Moving { .. })));
+    // While it moves, no host starts it.
+    for r in [&mut a, &mut b] {
+        let e = r.begin_create(&p).unwrap_err();
+        assert!(matches!(e, RegistryError::Moving { .. }), "{e}");
+        assert!(e.to_string().contains("from host host-a to host host-b"), "{e}");
+    }
+    let drift = b.check_all_hosts(&[], None, CheckOptions::default()).unwrap();
+    assert!(drift.iter().any(|d| matches!(d, Drift::MoveUnfinished { m } if m.to_host == "host-b" && m.offer_id == offer)), "{drift:?}");
+    // The database itself keeps the pair on the source while the move is open.
+    assert!(a.execute_raw(&format!("UPDATE pairs SET host = 'host-b' WHERE id = {id}")).is_err());
+    // A commit of another offer is refused; the right one flips the host, once.
+    assert!(matches!(a.finish_move(p.vtpm_uuid, Uuid::from_u128(0xbb)), Err(RegistryError::Moving { .. })));
+    assert_eq!(a.finish_move(p.vtpm_uuid, offer).unwrap().as_deref(), Some("host-b"));
+    assert_eq!(a.finish_move(p.vtpm_uuid, offer).unwrap(), None);
+    assert_eq!(a.get(id).unwrap().unwrap().host, "host-b");
+    assert!(b.moves().unwrap().is_empty());
+    // B starts it; moving it back needs it stopped there, and an abort keeps it on B.
+    b.begin_create(&p).unwrap();
+    assert_eq!(b.get(id).unwrap().unwrap().active_on.as_deref(), Some("host-b"));
+    b.mark_stopped(id).unwrap();
+    let back = Uuid::from_u128(0xcc);
+    b.begin_move(p.vtpm_uuid, "host-a", back).unwrap();
+    assert!(b.abort_move(p.vtpm_uuid, Some(back)).unwrap());
+    assert!(!b.abort_move(p.vtpm_uuid, Some(back)).unwrap());
+    assert_eq!(b.get(id).unwrap().unwrap().host, "host-b");
+    assert!(a.begin_create(&p).is_ok(), "a stopped pair starts on any host once no move is open");
 }
