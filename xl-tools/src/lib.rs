@@ -21,5 +21,6 @@ pub mod xenlife;
 pub mod libvirt_hook;
 pub mod registry;
 pub mod swtpm_compat;
+pub mod tenant;
 pub mod transfer;
 pub mod xlcfg;

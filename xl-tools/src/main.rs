@@ -102,6 +102,9 @@ enum Cmd {
     /// The guest ⇄ vTPM registry.
     #[command(subcommand)]
     Registry(RegistryCmd),
+    /// Tenants of the attestation service (xvtpm-attestd) and the vTPMs each may ask about.
+    #[command(subcommand)]
+    Tenant(xl_tools::tenant::TenantCmd),
     /// libvirt `/etc/libvirt/hooks/libxl` mode: `xl-vtpm libvirt-hook <domain> <op> <subop> <extra>`,
     /// domain XML on stdin.
     LibvirtHook {
@@ -598,9 +601,11 @@ fn run(args: Args) -> Result<(), CliError> {
         other => other,
     };
     let xen = xen_for(&local, args.registry.as_deref(), args.host.clone())?;
-    if let Cmd::Reboot { name } = &cmd {
-        return xen.reboot(name);
-    }
+    let cmd = match cmd {
+        Cmd::Reboot { name } => return xen.reboot(&name),
+        Cmd::Tenant(t) => return xl_tools::tenant::run(t, &xen, json),
+        other => other,
+    };
     // Checks that need no manager come first: a command that is going to fail refuses
     // before it creates anything.
     if let Cmd::Vtpm(v) = &cmd {
@@ -608,7 +613,7 @@ fn run(args: Args) -> Result<(), CliError> {
     }
     let mut admin = Admin::connect(&args.run_dir)?;
     match cmd {
-        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::Eventlog(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
+        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::Eventlog(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } | Cmd::Tenant(_) => {
             unreachable!("handled above")
         }
         Cmd::Create { config, group, dry_run } => run_create(&xen, admin, config, group, dry_run, json),

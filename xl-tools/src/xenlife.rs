@@ -171,6 +171,11 @@ impl Xen {
         }
     }
 
+    /// The registry this toolstack uses (`--registry`, else the SQLite file in the state dir).
+    pub fn open_registry(&self) -> Result<Registry, CliError> {
+        self.registry()
+    }
+
     fn registry(&self) -> Result<Registry, CliError> {
         crate::registry::check_host(&self.host).map_err(|e| fail(USAGE, e.to_string()))?;
         let location = match &self.registry {
