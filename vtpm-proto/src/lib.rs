@@ -24,5 +24,6 @@ pub mod ekcert;
 pub mod credential;
 pub mod eventlog;
 pub mod transfer;
+pub mod attest_api;
 pub mod deepquote_cmd;
 pub mod tpm12_compat;

@@ -140,7 +140,7 @@ pub fn write_material(
     Ok(m)
 }
 
-fn not_verified(check: &str, e: impl std::fmt::Display) -> CliError {
+pub(crate) fn not_verified(check: &str, e: impl std::fmt::Display) -> CliError {
     CliError::new(NOT_VERIFIED, format!("enrollment refused: {check}: {e}"))
 }
 

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod attest;
+pub mod attest_client;
 pub mod ekcert;
 pub mod eventlog;
 pub mod exit;
