@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the xvtpm Debian package from built binaries:
 #   scripts/build-deb.sh BIN_DIR OUT_DIR      (e.g. target/release target/deb)
-# prints the .deb's path. Contents: vtpmmgr, vtpm-domain, xl-vtpm, xvtpm-swtpm in /usr/bin (the
+# prints the .deb's path. Contents: vtpmmgr, vtpm-domain, xl-vtpm, xvtpm-attestd, xvtpm-swtpm in /usr/bin (the
 # last also as swtpm, swtpm_setup, swtpm_ioctl in /usr/lib/xvtpm/libvirt, for libvirtd's PATH, with
 # the opt-in libvirtd drop-in in /usr/share/xvtpm/libvirt: docs/libvirt.md); the systemd
 # units (dist/systemd); /etc/xvtpm/xvtpm.env (a conffile); man pages and bash/zsh/fish
@@ -15,7 +15,7 @@ BIN=$(realpath "$1")
 mkdir -p "$2"
 OUT=$(realpath "$2")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BINS=(vtpmmgr vtpm-domain xl-vtpm)
+BINS=(vtpmmgr vtpm-domain xl-vtpm xvtpm-attestd)
 for b in "${BINS[@]}"; do
   [ -x "$BIN/$b" ] || { echo "build-deb: $BIN/$b missing: build the workspace first" >&2; exit 1; }
 done

@@ -426,8 +426,8 @@ fn e_ek_public(rsp: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// libtpms' TPM properties, as vtpm-domain reports them.
-fn libtpms_info() -> vtpm_proto::ekcert::TpmInfo {
-    vtpm_proto::ekcert::TpmInfo { manufacturer: 0x4942_4D00, model: "SW   TPM".into(), firmware_version: 0x2019_1023, family: "2.0".into(), level: 0, revision: 164 }
+fn libtpms_info() -> vtpm_proto::mgr::TpmInfo {
+    vtpm_proto::mgr::TpmInfo { manufacturer: 0x4942_4D00, model: "SW   TPM".into(), firmware_version: 0x2019_1023, family: "2.0".into(), level: 0, revision: 164 }
 }
 
 fn check(rsp: &[u8], what: &str) -> Result<()> {

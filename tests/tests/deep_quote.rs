@@ -180,3 +180,57 @@ fn unbatched_mode_takes_one_physical_quote_per_request() {
     assert_eq!(st["physical_quotes"], 3);
     assert_eq!(st["deep_quotes"], 3);
 }
+
+/// One request on a vTPM's host deep-quote socket; the raw response.
+fn host_quote(sock: &std::path::Path, packet: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(packet).unwrap();
+    xvtpm_tests::read_response(&mut s)
+}
+
+#[test]
+fn the_host_asks_for_a_deep_quote_without_the_guest() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let s = Stack::start();
+    let ak = ak_of_default_group(&s);
+    let a = s.create_vtpm();
+    let sock = s.run_dir().join("vtpms").join(format!("{}.quote", a.uuid));
+    let meta = std::fs::metadata(&sock).expect("the vTPM made its host-quote socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600), "root only");
+    // The guest extends vPCR 16; the host's quote carries the vTPM's own value of it.
+    xvtpm_tests::tpm2(&a.tcti(), &["tpm2_pcrextend", &format!("16:sha256={:064x}", 5)]);
+    let before = s.xl_json(&["mgr", "status"])["deep_quotes"].as_u64().unwrap();
+    let rsp = host_quote(&sock, &command(b"host-nonce").encode());
+    assert_eq!(rc(&rsp), 0, "host deep quote failed: {:#x}", rc(&rsp));
+    let bundle = Bundle::decode(&deepquote_cmd::parse_response(&rsp).unwrap()).unwrap();
+    let mut exp = Expectations::new(b"host-nonce".to_vec(), ak);
+    exp.vtpm_uuid = Some(a.uuid);
+    verify(&bundle, &exp).unwrap();
+    assert_ne!(bundle.leaf.vpcr_values[2], vec![0u8; 32], "vPCR 16 as the guest extended it");
+    // The manager counted it as one more deep quote: the same request a guest sends.
+    assert_eq!(s.xl_json(&["mgr", "status"])["deep_quotes"].as_u64().unwrap(), before + 1);
+    // Anything but the deep-quote command is refused and never reaches the engine:
+    // TPM2_Clear (platform hierarchy) would wipe the guest's keys.
+    let clear = tpm_wire::Command::new(tpm_wire::TPM2_ST_SESSIONS, 0x126).u32(0x4000_000C).finish();
+    assert_eq!(rc(&host_quote(&sock, &clear)), tpm_wire::TPM2_RC_COMMAND_CODE);
+    // A deep-quote header announcing 1 MiB is refused before anything is read past it.
+    let mut huge = command(b"n").encode();
+    huge[2..6].copy_from_slice(&(1u32 << 20).to_be_bytes());
+    assert_eq!(rc(&host_quote(&sock, &huge)), deepquote_cmd::rc::SIZE);
+    // A nonce longer than 64 bytes makes the command longer than any deep quote: refused.
+    assert_eq!(rc(&host_quote(&sock, &command(&[0u8; 65]).encode())), deepquote_cmd::rc::SIZE);
+    // A client that never finishes is closed; the vTPM goes on serving its guest.
+    {
+        use std::io::{Read, Write};
+        let mut slow = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        slow.write_all(&command(b"n").encode()[..12]).unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut b = [0u8; 16];
+        assert_eq!(slow.read(&mut b).unwrap(), 0, "closed without an answer");
+    }
+    assert_eq!(rc(&raw_command(a.port.unwrap(), &command(b"guest").encode())), 0);
+    assert!(s.vtpm_log(&a.uuid).contains("host-quote socket"), "{}", s.vtpm_log(&a.uuid));
+}

@@ -47,6 +47,8 @@ pub struct Config {
     /// The (single) `ctrl:PATH` listener is already bound at PATH by whoever started us and is
     /// our stdin (`--ctrl-listener-stdin`), so the socket existed before we did.
     pub ctrl_listener_stdin: bool,
+    /// The host's deep-quote socket ([`crate::hostquote`]), if any.
+    pub quote_socket: Option<PathBuf>,
     /// Privilege drop and seccomp after setup ([`crate::sandbox`]; not applied as init).
     pub sandbox: crate::sandbox::SandboxSpec,
 }

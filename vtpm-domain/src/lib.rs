@@ -17,6 +17,7 @@ pub mod blockstore;
 pub mod config;
 pub mod deepquote;
 pub mod dispatch;
+pub mod hostquote;
 pub mod init;
 pub mod mgr_client;
 pub mod peer;
@@ -81,8 +82,9 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 certify_if_missing(&mut v, &link, &cfg).await;
                 (v, ek)
             };
+            let quote = cfg.quote_socket.as_deref().map(hostquote::bind).transpose().context("binding the host-quote socket").map_err(fatal(1))?;
             let bound = server::bind(&cfg.listen, cfg.uuid, cfg.family, peer::Access { consumer_uid: cfg.consumer_uid }, cfg.ctrl_listener_stdin).await.context("binding listeners").map_err(fatal(1))?;
-            Ok::<_, Fatal>((vtpm, ek, bound, blob_key))
+            Ok::<_, Fatal>((vtpm, ek, (bound, quote), blob_key))
         }
         .await;
         // Setup done: from here on the process is unprivileged and reads client input.
@@ -94,7 +96,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             sandbox::enter(&cfg.sandbox).context("entering the sandbox (--no-sandbox turns it off for debugging)").map_err(fatal(1))?;
             Ok((vtpm, ek, bound, blob_key))
         });
-        let (vtpm, ek, bound, blob_key) = match started {
+        let (vtpm, ek, (bound, quote), blob_key) = match started {
             Ok(s) => s,
             Err(f) => {
                 // Leave the manager an orderly detach, not a page dropped mid-connection.
@@ -140,6 +142,9 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             xvtpm_log::host_info!("signal received, shutting down");
             sig.exit.notify_one();
         });
+        if let Some(q) = quote {
+            tokio::task::spawn_local(hostquote::serve(q, shared.clone()));
+        }
         server::serve(bound, shared.clone()).await;
         let stopped = shared.vtpm.borrow_mut().stop();
         shared.mgr.close().await;

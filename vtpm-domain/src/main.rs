@@ -61,6 +61,10 @@ struct Args {
     /// entry point binds it before starting the vTPM (docs/libvirt.md).
     #[arg(long)]
     ctrl_listener_stdin: bool,
+    /// Serve host-initiated deep quotes on this Unix socket (mode 0600, root only): one
+    /// deep-quote vendor command per connection, nothing else (xvtpm-attestd uses it).
+    #[arg(long)]
+    quote_socket: Option<PathBuf>,
     /// The uid that uses this vTPM (e.g. QEMU's); besides root, the only one whose
     /// connections are accepted. Unix sockets are made mode 0600 and owned by it.
     #[arg(long)]
@@ -171,6 +175,7 @@ fn main() {
         as_init,
         persist: args.persist,
         ctrl_listener_stdin: args.ctrl_listener_stdin,
+        quote_socket: if as_init { None } else { args.quote_socket },
         sandbox: vtpm_domain::sandbox::SandboxSpec { user: args.uid.zip(args.gid), disabled: args.no_sandbox || as_init },
     };
     let code = match vtpm_domain::run(cfg) {

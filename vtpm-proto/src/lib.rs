@@ -22,5 +22,6 @@ pub mod evidence;
 pub mod tpms;
 pub mod ekcert;
 pub mod transfer;
+pub mod attest_api;
 pub mod deepquote_cmd;
 pub mod tpm12_compat;

@@ -32,6 +32,8 @@ pub const MATERIAL_FORMAT: &str = "xvtpm-enrollment-v1";
 pub const PINNED_FORMAT: &str = "xvtpm-pinned-ak-v1";
 /// Largest enrollment material, trust-store entry or certificate file read.
 const MAX_FILE: u64 = 256 * 1024;
+/// Largest enrollment material [`enroll_material`] takes.
+pub const MAX_MATERIAL: u64 = MAX_FILE;
 /// Most groups in one enrollment material, and most pinned AKs loaded from a trust store.
 const MAX_ENTRIES: usize = 4096;
 /// Most `--ek-ca` / intermediate certificates.
@@ -101,12 +103,9 @@ fn read_certs(paths: &[PathBuf], flag: &str) -> Result<Vec<Certificate>, CliErro
     paths.iter().map(|p| read_cert(p, flag)).collect()
 }
 
-/// `xl-vtpm mgr enrollment --out FILE [--ek-intermediate FILE]…`: writes the enrollment material.
-pub fn write_material(
-    admin: &mut Admin,
-    out: &Path,
-    intermediates: &[PathBuf],
-) -> Result<Material, CliError> {
+/// The enrollment material of the host behind `admin` (what `xl-vtpm mgr enrollment` writes and
+/// the attestation service's `GET /v1/enrollment` answers), with extra intermediates.
+pub fn material(admin: &mut Admin, intermediates: &[PathBuf]) -> Result<Material, CliError> {
     let AdminReply::Enrollment(info) = admin.call(&AdminRequest::Enrollment)? else {
         return Err(CliError::new(FAILURE, "unexpected reply to Enrollment"));
     };
@@ -119,20 +118,29 @@ pub fn write_material(
         .into_iter()
         .map(|c| hex::encode(c.der))
         .collect();
-    let m = Material {
+    Ok(Material {
         format: MATERIAL_FORMAT.into(),
         host_id,
         ek_cert,
         ek_intermediates,
         groups,
-    };
+    })
+}
+
+/// `xl-vtpm mgr enrollment --out FILE [--ek-intermediate FILE]…`: writes the enrollment material.
+pub fn write_material(
+    admin: &mut Admin,
+    out: &Path,
+    intermediates: &[PathBuf],
+) -> Result<Material, CliError> {
+    let m = material(admin, intermediates)?;
     let json = serde_json::to_vec_pretty(&m).expect("serialisable");
     std::fs::write(out, json)
         .map_err(|e| CliError::new(FAILURE, format!("--out {}: {e}", out.display())))?;
     Ok(m)
 }
 
-fn not_verified(check: &str, e: impl std::fmt::Display) -> CliError {
+pub(crate) fn not_verified(check: &str, e: impl std::fmt::Display) -> CliError {
     CliError::new(NOT_VERIFIED, format!("enrollment refused: {check}: {e}"))
 }
 
@@ -195,7 +203,16 @@ pub struct EnrollInput<'a> {
 /// and pins the AKs that passed. Fails (exit 7, naming the check) on the first that does not.
 pub fn enroll(act: &mut dyn Activator, input: &EnrollInput<'_>) -> Result<Vec<PinnedAk>, CliError> {
     let raw = guest::read_capped(input.material, MAX_FILE, "--material")?;
-    let m: Material = serde_json::from_slice(&raw).map_err(|e| {
+    enroll_material(act, &raw, input)
+}
+
+/// [`enroll`] with the material's bytes already read (at most [`MAX_MATERIAL`]; `input.material`
+/// only names them in errors): `xl-vtpm attest` fetches them from the attestation service.
+pub fn enroll_material(act: &mut dyn Activator, raw: &[u8], input: &EnrollInput<'_>) -> Result<Vec<PinnedAk>, CliError> {
+    if raw.len() as u64 > MAX_FILE {
+        return Err(CliError::new(USAGE, format!("--material: more than {MAX_FILE} bytes")));
+    }
+    let m: Material = serde_json::from_slice(raw).map_err(|e| {
         CliError::new(
             USAGE,
             format!(

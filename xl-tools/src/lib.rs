@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod attest;
+pub mod attest_client;
 pub mod ekcert;
 pub mod eventlog;
 pub mod exit;
@@ -21,5 +22,6 @@ pub mod xenlife;
 pub mod libvirt_hook;
 pub mod registry;
 pub mod swtpm_compat;
+pub mod tenant;
 pub mod transfer;
 pub mod xlcfg;

@@ -14,6 +14,8 @@
 //! - `<state-dir>/vtpms/<uuid>/creating` — present from before the manager makes the identity
 //!   until the vTPM has written its first state;
 //! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports, sockets);
+//! - `<run-dir>/vtpms/<uuid>.quote` — its host deep-quote socket (root only, mode 0600), where
+//!   the attestation service asks for a deep quote without the guest;
 //! - `<run-dir>/<name>`, `<run-dir>/<name>.ctrl` — for a vTPM created with `--name`: symlinks
 //!   to its data and control sockets (the `swtpm:path=` TCTI's pair), made at create, put back
 //!   by every start (a reboot empties the run directory), kept while it is stopped (connecting
@@ -121,6 +123,13 @@ pub struct Access {
     /// The name given at create (`--name`): stable endpoints `<run-dir>/<name>{,.ctrl}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+/// A vTPM's host deep-quote socket under `run_dir` (`vtpm-domain --quote-socket`): root only,
+/// mode 0600, in `<run-dir>/vtpms`, which only root may write; xvtpm-attestd asks for deep
+/// quotes there.
+pub fn quote_socket(run_dir: &Path, uuid: &Uuid) -> PathBuf {
+    run_dir.join("vtpms").join(format!("{}.quote", uuid.hyphenated()))
 }
 
 /// Name of the data socket in a vTPM's socket directory; the control socket is
@@ -561,6 +570,7 @@ impl Local {
         cmd.arg("--state").arg(self.state_file(&uuid));
         cmd.arg("--mgr-socket").arg(&info.socket);
         cmd.arg("--log-file").arg(&log);
+        cmd.arg("--quote-socket").arg(quote_socket(&self.run_dir, &uuid));
         for l in &listen {
             cmd.arg("--listen").arg(l);
         }

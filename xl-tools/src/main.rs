@@ -102,6 +102,9 @@ enum Cmd {
     /// The guest ⇄ vTPM registry.
     #[command(subcommand)]
     Registry(RegistryCmd),
+    /// Tenants of the attestation service (xvtpm-attestd) and the vTPMs each may ask about.
+    #[command(subcommand)]
+    Tenant(xl_tools::tenant::TenantCmd),
     /// libvirt `/etc/libvirt/hooks/libxl` mode: `xl-vtpm libvirt-hook <domain> <op> <subop> <extra>`,
     /// domain XML on stdin.
     LibvirtHook {
@@ -118,6 +121,10 @@ enum Cmd {
     /// Verify a deep-quote evidence bundle offline under an enrolled AK (exit 0 only if every
     /// check passed and the host PCR policy was checked; 8 without --host-pcrs-policy FILE).
     Verify(xl_tools::attest::VerifyArgs),
+    /// Attest one of your vTPMs through the provider's attestation service (xvtpm-attestd):
+    /// enroll the host if it is not pinned yet, fetch its event log, get a deep quote with a
+    /// fresh nonce and verify it; exit codes as `verify`.
+    Attest(Box<xl_tools::attest_client::AttestArgs>),
     /// Enroll a host: verify its EK certificate chain to the TPM vendor's root, prove each group
     /// AK lives in that TPM by credential activation, pin the AKs in a trust store.
     Enroll(xl_tools::attest::EnrollArgs),
@@ -592,15 +599,18 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Guest(g) => return run_guest(g, json),
         Cmd::Verify(v) => return xl_tools::attest::run_verify(&v, json),
         Cmd::Enroll(e) => return xl_tools::attest::run_enroll(&e, &args.run_dir, json),
+        Cmd::Attest(a) => return xl_tools::attest_client::run(&a, json),
         Cmd::Eventlog(c) => return xl_tools::eventlog::run(&c, json),
         Cmd::VerifyEkcert { cert, ca, ek, certify, ak } => return run_verify_ekcert(cert, ca, ek, certify, ak, json),
         Cmd::Console { name } => return run_console(name),
         other => other,
     };
     let xen = xen_for(&local, args.registry.as_deref(), args.host.clone())?;
-    if let Cmd::Reboot { name } = &cmd {
-        return xen.reboot(name);
-    }
+    let cmd = match cmd {
+        Cmd::Reboot { name } => return xen.reboot(&name),
+        Cmd::Tenant(t) => return xl_tools::tenant::run(t, &xen, json),
+        other => other,
+    };
     // Checks that need no manager come first: a command that is going to fail refuses
     // before it creates anything.
     if let Cmd::Vtpm(v) = &cmd {
@@ -608,7 +618,7 @@ fn run(args: Args) -> Result<(), CliError> {
     }
     let mut admin = Admin::connect(&args.run_dir)?;
     match cmd {
-        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::Eventlog(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
+        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::Attest(_) | Cmd::Eventlog(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } | Cmd::Tenant(_) => {
             unreachable!("handled above")
         }
         Cmd::Create { config, group, dry_run } => run_create(&xen, admin, config, group, dry_run, json),

@@ -182,6 +182,11 @@ impl Xen {
         self.registry().map(Some)
     }
 
+    /// The registry this toolstack uses (`--registry`, else the SQLite file in the state dir).
+    pub fn open_registry(&self) -> Result<Registry, CliError> {
+        self.registry()
+    }
+
     fn registry(&self) -> Result<Registry, CliError> {
         crate::registry::check_host(&self.host).map_err(|e| fail(USAGE, e.to_string()))?;
         let location = match &self.registry {

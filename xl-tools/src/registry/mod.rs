@@ -72,7 +72,7 @@
 
 //! Layout: this file holds [`Registry`] (opening either backend, migrating, the transactions
 //! and every operation on pairs); `schema` has the migrations, `model` the row, state and
-//! error types, `location` parses `--registry`, `sql` puts both databases behind one
+//! error types, `tenants` the attestation service's tenants, `location` parses `--registry`, `sql` puts both databases behind one
 //! statement interface, and `reconcile` holds [`check`] and [`repair`].
 
 use std::cell::{Cell, RefCell};
@@ -87,6 +87,7 @@ mod model;
 mod reconcile;
 mod schema;
 mod sql;
+mod tenants;
 #[cfg(test)]
 mod tests;
 
@@ -94,6 +95,7 @@ pub use location::{Location, check_host, this_host};
 pub use model::{Move, NewPair, RegistryError, Row, State};
 pub use reconcile::{CheckOptions, DEFAULT_STALE_AFTER, Drift, ObservedDomain, RepairAction, check, repair};
 pub use schema::SCHEMA_VERSION;
+pub use tenants::{Tenant, check_tenant_name};
 
 use schema::MIGRATIONS;
 use location::redact;

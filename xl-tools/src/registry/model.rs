@@ -215,6 +215,28 @@ pub enum RegistryError {
         /// This host.
         this: String,
     },
+    /// A tenant of this name, or with this certificate key, is registered already.
+    #[error("tenant `{name}` is already registered with {what}; delete it first (`xl-vtpm tenant del {name}`) or choose another")]
+    TenantExists {
+        /// The tenant holding the name or key.
+        name: String,
+        /// Which: "this name" or "this certificate key".
+        what: &'static str,
+    },
+    /// No tenant of this name.
+    #[error("no tenant `{0}` (`xl-vtpm tenant list` shows them; `xl-vtpm tenant add` registers one)")]
+    NoSuchTenant(String),
+    /// The vTPM is bound to another tenant.
+    #[error("vTPM {vtpm} belongs to tenant `{tenant}`; a vTPM has at most one tenant (`xl-vtpm tenant unbind {vtpm}` first)")]
+    VtpmBoundToOtherTenant {
+        /// The vTPM.
+        vtpm: Uuid,
+        /// Its tenant.
+        tenant: String,
+    },
+    /// A tenant name that cannot be recorded.
+    #[error("tenant name `{0}`: use 1 to 64 characters of letters, digits, `.`, `-` and `_`")]
+    BadTenantName(String),
     /// No such row.
     #[error("no registry entry with id {0}")]
     NotFound(i64),

@@ -2,7 +2,7 @@
 //! applied in order on open.
 
 /// Schema version this code writes and reads.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// A schema change, in both dialects. Applied in order, each in the transaction that records
 /// its version, so a database is always at exactly one version.
@@ -27,6 +27,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         version: 3,
         sqlite: SQLITE_V3,
         postgres: PG_V3,
+    },
+    Migration {
+        version: 4,
+        sqlite: SQLITE_V4,
+        postgres: PG_V4,
     },
 ];
 
@@ -141,4 +146,36 @@ CREATE TABLE moves (
     CHECK (from_host <> to_host),
     FOREIGN KEY (vtpm_uuid, from_host) REFERENCES pairs (vtpm_uuid, host)
 );
+"#;
+
+/// Version 4: tenants of the attestation service (`xvtpm-attestd`), each known by the SHA-256
+/// of its client certificate's SubjectPublicKeyInfo (hex, unique), and which vTPMs each may ask
+/// about. A vTPM belongs to at most one tenant (primary key); deleting a tenant deletes its
+/// bindings. A binding names a vTPM UUID, not a pair: local-mode vTPMs have no pair.
+const SQLITE_V4: &str = r#"
+CREATE TABLE tenants (
+    name       TEXT    PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64),
+    key_sha256 TEXT    NOT NULL UNIQUE CHECK (length(key_sha256) = 64),
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE tenant_vtpms (
+    vtpm_uuid  TEXT    PRIMARY KEY,
+    tenant     TEXT    NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+    bound_at   INTEGER NOT NULL
+);
+CREATE INDEX tenant_vtpms_tenant ON tenant_vtpms (tenant);
+"#;
+
+const PG_V4: &str = r#"
+CREATE TABLE tenants (
+    name       TEXT   PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64),
+    key_sha256 TEXT   NOT NULL UNIQUE CHECK (length(key_sha256) = 64),
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE tenant_vtpms (
+    vtpm_uuid  TEXT   PRIMARY KEY,
+    tenant     TEXT   NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+    bound_at   BIGINT NOT NULL
+);
+CREATE INDEX tenant_vtpms_tenant ON tenant_vtpms (tenant);
 "#;

@@ -60,6 +60,7 @@ on_both_backends!(
     a_newer_schema_is_refused,
     migrations_are_applied_once,
     a_move_flips_the_host_at_its_commit_and_blocks_starts_until_then,
+    tenants_own_disjoint_vtpms,
 );
 
 fn pair(n: u8) -> NewPair {
@@ -346,6 +347,9 @@ fn a_version_1_sqlite_file_migrates() {
     let c = Connection::open(&path).unwrap();
     let v: i64 = c.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0)).unwrap();
     assert_eq!(v, SCHEMA_VERSION);
+    // The tenants table came with the migration.
+    let r = Registry::open(&path).unwrap();
+    assert_eq!(r.tenants().unwrap(), vec![]);
 }
 
 #[test]
@@ -443,4 +447,36 @@ fn a_move_flips_the_host_at_its_commit_and_blocks_starts_until_then(f: &Fixture)
     assert!(!b.abort_move(p.vtpm_uuid, Some(back)).unwrap());
     assert_eq!(b.get(id).unwrap().unwrap().host, "host-b");
     assert!(a.begin_create(&p).is_ok(), "a stopped pair starts on any host once no move is open");
+}
+
+fn tenants_own_disjoint_vtpms(f: &Fixture) {
+    let mut r = f.open("host-a");
+    let (ka, kb) = ("a".repeat(64), "b".repeat(64));
+    r.tenant_add("acme", &ka).unwrap();
+    r.tenant_add("globex", &kb).unwrap();
+    assert!(matches!(r.tenant_add("acme", &"c".repeat(64)), Err(RegistryError::TenantExists { what: "this name", .. })));
+    // One certificate key is one tenant: the service identifies tenants by it.
+    assert!(matches!(r.tenant_add("other", &ka), Err(RegistryError::TenantExists { ref name, what: "this certificate key" }) if name == "acme"));
+    assert!(matches!(r.tenant_add("bad name", &"c".repeat(64)), Err(RegistryError::BadTenantName(_))));
+    assert!(r.tenant_add("upper", &"A".repeat(64)).is_err());
+    let (v1, v2) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    r.tenant_bind("acme", v1).unwrap();
+    r.tenant_bind("acme", v1).unwrap();
+    r.tenant_bind("globex", v2).unwrap();
+    assert!(matches!(r.tenant_bind("globex", v1), Err(RegistryError::VtpmBoundToOtherTenant { ref tenant, .. }) if tenant == "acme"));
+    assert!(matches!(r.tenant_bind("nobody", v1), Err(RegistryError::NoSuchTenant(_))));
+    // A second host sees the same tenants (one database).
+    let b = f.open("host-b");
+    assert_eq!(b.tenant_by_key(&ka).unwrap().unwrap().vtpms, vec![v1]);
+    assert_eq!(b.tenant_by_key(&"d".repeat(64)).unwrap(), None);
+    assert_eq!(b.tenant_of(v2).unwrap().as_deref(), Some("globex"));
+    // The database itself refuses a second tenant for a vTPM.
+    assert!(r.execute_raw(&format!("INSERT INTO tenant_vtpms (vtpm_uuid, tenant, bound_at) VALUES ('{v1}', 'globex', 0)")).is_err());
+    assert_eq!(r.tenant_unbind(v1).unwrap().as_deref(), Some("acme"));
+    r.tenant_bind("globex", v1).unwrap();
+    assert_eq!(r.tenant_del("globex").unwrap(), vec![v1, v2]);
+    assert_eq!(r.tenant_of(v1).unwrap(), None);
+    assert!(matches!(r.tenant_del("globex"), Err(RegistryError::NoSuchTenant(_))));
+    let all = r.tenants().unwrap();
+    assert_eq!(all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["acme"]);
 }
