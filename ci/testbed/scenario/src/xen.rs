@@ -164,13 +164,26 @@ pub fn nonce(n: usize) -> String {
 }
 
 /// A JSON value as the shell's field scraper printed it: strings bare, null as `null`,
-/// missing as empty.
+/// missing as empty. The key is looked up at the top level first, then in nested objects
+/// (`vtpm create --domain --json` has the domid in `domain`).
 pub fn jf(v: &Value, key: &str) -> String {
-    match v.get(key) {
+    match find_key(v, key) {
         None => String::new(),
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) => "null".into(),
         Some(x) => x.to_string(),
+    }
+}
+
+/// The first value of `key` in `v`: the top level first, then depth-first.
+pub fn find_key<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    if let Some(x) = v.get(key) {
+        return Some(x);
+    }
+    match v {
+        Value::Object(m) => m.values().find_map(|x| find_key(x, key)),
+        Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
     }
 }
 
@@ -230,6 +243,13 @@ mod tests {
         assert_eq!(jf(row, "state"), "running");
         assert_eq!(jf(row, "nope"), "");
         assert!(find_obj(&v, "guest_name", "life-b").is_none());
+        // vtpm create --domain --json: the domid is in "domain", the uuid at the top
+        let c =
+            parse_json(r#"{"uuid":"u1","runtime":null,"domain":{"uuid":"u1","domid":8}}"#).unwrap();
+        assert_eq!(
+            (jf(&c, "uuid"), jf(&c, "domid"), jf(&c, "runtime")),
+            ("u1".into(), "8".into(), "null".into())
+        );
     }
 
     #[test]

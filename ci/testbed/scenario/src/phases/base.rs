@@ -321,7 +321,7 @@ fn mgr(r: &mut Runner, st: &mut St) {
             let obj = xen::parse_json(&s.stdout)
                 .filter(|v| v.is_object() && s.stdout.trim().starts_with('{'));
             st.provisioned = obj.as_ref().is_some_and(|v| {
-                super::vtpm::find_key(v, "provisioned") == Some(&serde_json::Value::Bool(true))
+                xen::find_key(v, "provisioned") == Some(&serde_json::Value::Bool(true))
             });
             if !p.ok() {
                 Some(format!("xl-vtpm mgr provision --yes exited {}", p.rc))

@@ -44,18 +44,6 @@ pub fn kib(pid: Option<u32>, key: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The first value of `key` anywhere in `v` (top level first).
-pub fn find_key<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
-    if let Some(x) = v.get(key) {
-        return Some(x);
-    }
-    match v {
-        serde_json::Value::Object(m) => m.values().find_map(|x| find_key(x, key)),
-        serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
-        _ => None,
-    }
-}
-
 fn create(cx: &Cx, st: &mut St) -> Outcome {
     let mut e = Errs::default();
     if !st.mgr_ready() {
@@ -76,13 +64,13 @@ fn create(cx: &Cx, st: &mut St) -> Outcome {
     let j = xen::parse_json(&o.stdout);
     let uuid = j
         .as_ref()
-        .and_then(|v| find_key(v, "uuid"))
+        .and_then(|v| xen::find_key(v, "uuid"))
         .and_then(|v| v.as_str())
         .unwrap_or("")
         .to_string();
     let pid = j
         .as_ref()
-        .and_then(|v| find_key(v, "pid"))
+        .and_then(|v| xen::find_key(v, "pid"))
         .and_then(|v| v.as_u64())
         .and_then(|p| u32::try_from(p).ok());
     st.vtpm_uuid = uuid.clone();
