@@ -26,7 +26,8 @@ use vtpm_proto::mgr::AdminRequest;
 use vtpm_proto::verify::{Expectations, verify};
 
 use crate::procs::{Procs, connect_retry};
-use crate::{Args, Stack, admin_call, loadavg, log_time_of_day};
+use crate::p3::log_time_of_day;
+use crate::{Args, Stack, admin_call, loadavg};
 
 /// The vPCRs and host PCRs every request selects (what a guest attesting its boot would ask).
 const VPCRS: [u8; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
@@ -519,7 +520,7 @@ fn verify_all(samples: &[Sample], vts: &[Vt], ak: &[u8], max: usize) -> Verified
     } else {
         samples.iter().collect()
     };
-    let threads = crate::online_cpus().max(1);
+    let threads = crate::p1::online_cpus().max(1);
     let chunk = picked.len().div_ceil(threads).max(1);
     let results: Vec<(usize, Vec<String>, Vec<u32>)> = std::thread::scope(|sc| {
         let hs: Vec<_> = picked
@@ -857,7 +858,7 @@ fn batch_sizes(c: &Cell) -> String {
 pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
     use std::fmt::Write as _;
     let ms = crate::stats::ms;
-    let pass = crate::pass;
+    let pass = crate::report::pass;
     let d = r.delay_ms;
     let _ = writeln!(
         out,
@@ -1118,7 +1119,7 @@ pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
                 "The queue held only a few requests whenever a quote started, although {top} requesters were waiting. This is what the manager's \
                  locking predicts: the batcher runs the physical quote (Load, Quote, PCR_Read, FlushContext = T_q) inside \
                  `spawn_blocking(lock(&m).quote_root(..))` (vtpmmgr/src/deepquote.rs), holding the one `std::sync::Mutex<Manager>` for the whole quote, \
-                 and every arriving request needs that same lock for `authorize` *before* it is queued (vtpmmgr/src/daemon.rs `deep_quote`), on one of the \
+                 and every arriving request needs that same lock for `authorize` *before* it is queued (vtpmmgr/src/dispatch.rs `deep_quote`), on one of the \
                  runtime's 2 worker threads. So requests arriving during a quote are not queued during it — two of them block both tokio workers (stalling \
                  every other connection, so the rest are not even read) — and when the quote ends they race the batcher, which starts the next quote with \
                  whatever reached the queue first. A request therefore waits several quotes instead of at most two."

@@ -24,7 +24,7 @@ use crate::procs::{Procs, connect_retry};
 use crate::stats::{Summary, ms, summarize};
 use crate::tpm::Conn;
 use crate::{Args, Stack, loadavg};
-use vtpm_proto::tpm::nv_counter;
+use tpm_wire::nv_counter;
 
 const NV_INDEX: u32 = 0x0150_0040;
 

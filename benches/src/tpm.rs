@@ -7,29 +7,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use vtpm_engine::tpm2::{self, Command, ST_NO_SESSIONS, ST_SESSIONS};
+use tpm_wire::{Command, TPM2_ST_NO_SESSIONS, TPM2_ST_SESSIONS};
 
 
-/// `TPM2_GetRandom(n)`.
-pub fn get_random(n: u16) -> Vec<u8> {
-    Command::new(ST_NO_SESSIONS, 0x17B).u16(n).finish()
-}
-
-/// `TPM2_PCR_Extend(pcr, sha256 = digest)` with an empty-password session.
-pub fn pcr_extend(pcr: u32, digest: &[u8; 32]) -> Vec<u8> {
-    Command::new(ST_SESSIONS, 0x182)
-        .u32(pcr)
-        .password_session()
-        .u32(1) // TPML_DIGEST_VALUES.count
-        .u16(0x000B) // TPM_ALG_SHA256
-        .bytes(digest)
-        .finish()
-}
+pub use tpm_wire::{tpm2_get_random as get_random, tpm2_pcr_extend as pcr_extend};
 
 /// `TPM2_CreatePrimary(TPM_RH_ENDORSEMENT, template)`.
 pub fn create_primary_ek(template: &[u8]) -> Vec<u8> {
-    Command::new(ST_SESSIONS, tpm2::CC_CREATE_PRIMARY)
-        .u32(tpm2::RH_ENDORSEMENT)
+    Command::new(TPM2_ST_SESSIONS, tpm_wire::TPM2_CC_CREATE_PRIMARY)
+        .u32(tpm_wire::TPM2_RH_ENDORSEMENT)
         .password_session()
         .tpm2b(&[0, 0, 0, 0])
         .tpm2b(template)
@@ -40,8 +26,8 @@ pub fn create_primary_ek(template: &[u8]) -> Vec<u8> {
 
 /// `TPM2_EvictControl(owner, handle → persistent)`.
 pub fn evict_control(handle: u32, persistent: u32) -> Vec<u8> {
-    Command::new(ST_SESSIONS, tpm2::CC_EVICT_CONTROL)
-        .u32(tpm2::RH_OWNER)
+    Command::new(TPM2_ST_SESSIONS, tpm_wire::TPM2_CC_EVICT_CONTROL)
+        .u32(tpm_wire::TPM2_RH_OWNER)
         .u32(handle)
         .password_session()
         .u32(persistent)
@@ -50,14 +36,14 @@ pub fn evict_control(handle: u32, persistent: u32) -> Vec<u8> {
 
 /// `TPM2_FlushContext(handle)`.
 pub fn flush(handle: u32) -> Vec<u8> {
-    Command::new(ST_NO_SESSIONS, tpm2::CC_FLUSH_CONTEXT)
+    Command::new(TPM2_ST_NO_SESSIONS, tpm_wire::TPM2_CC_FLUSH_CONTEXT)
         .u32(handle)
         .finish()
 }
 
 /// The response code of a response.
 pub fn rc(rsp: &[u8]) -> u32 {
-    tpm2::response_code(rsp).unwrap_or(u32::MAX)
+    tpm_wire::response_code(rsp).unwrap_or(u32::MAX)
 }
 
 /// The object handle of a CreatePrimary response.

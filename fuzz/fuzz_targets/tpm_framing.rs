@@ -2,7 +2,7 @@
 //! accepts has a header whose size equals the packet length.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use vtpm_proto::tpm::{Family, parse_command};
+use tpm_wire::{Family, parse_command};
 
 fuzz_target!(|data: &[u8]| {
     for family in [Family::Tpm2, Family::Tpm12] {

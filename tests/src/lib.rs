@@ -351,22 +351,10 @@ pub fn try_read_response(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
 
 /// The response code of a response.
 pub fn rc(rsp: &[u8]) -> u32 {
-    u32::from_be_bytes(rsp[6..10].try_into().unwrap())
+    tpm_wire::response_code(rsp).expect("a response has a 10-byte header")
 }
 
-/// TPM2_GetRandom(n).
-pub fn get_random(n: u16) -> Vec<u8> {
-    let mut c = vec![0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b];
-    c.extend_from_slice(&n.to_be_bytes());
-    c
-}
-
-/// TPM2_ReadPublic(handle).
-pub fn read_public(handle: u32) -> Vec<u8> {
-    let mut c = vec![0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x73];
-    c.extend_from_slice(&handle.to_be_bytes());
-    c
-}
+pub use tpm_wire::{tpm2_get_random as get_random, tpm2_read_public as read_public};
 
 /// Runs a tpm2-tools command against `tcti`, asserting success; returns stdout.
 pub fn tpm2(tcti: &str, args: &[&str]) -> String {
@@ -400,29 +388,14 @@ pub fn exists(p: &Path) -> bool {
 /// One manager-protocol request over a manager socket (a vTPM's own socket or the admin
 /// socket) and its decoded reply, as a raw client would speak it.
 pub fn mgr_call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(path: &Path, req: &Req) -> Rep {
-    use std::os::unix::net::UnixStream;
-    use vtpm_proto::mgr;
-    let mut s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-    s.write_all(&mgr::encode(req).unwrap()).unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut body = vec![0u8; mgr::frame_len(len).unwrap()];
-    s.read_exact(&mut body).unwrap();
-    mgr::decode(&body).unwrap()
+    try_mgr_call(path, req).unwrap_or_else(|e| panic!("manager call on {}: {e}", path.display()))
 }
 
 /// [`mgr_call`] that reports a failure to connect or a connection the manager closed (e.g. a
 /// socket it is unbinding) as an error instead of panicking.
 pub fn try_mgr_call<Req: serde::Serialize, Rep: for<'de> serde::Deserialize<'de>>(path: &Path, req: &Req) -> std::io::Result<Rep> {
-    use std::os::unix::net::UnixStream;
-    use vtpm_proto::mgr;
-    let mut s = UnixStream::connect(path)?;
-    s.write_all(&mgr::encode(req).map_err(std::io::Error::other)?)?;
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let mut body = vec![0u8; mgr::frame_len(len).map_err(std::io::Error::other)?];
-    s.read_exact(&mut body)?;
-    mgr::decode(&body).map_err(std::io::Error::other)
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    Ok(vtpm_proto::mgr_io::call(&mut s, req)?)
 }
 
 /// The real uid and gid of `pid`.

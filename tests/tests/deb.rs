@@ -96,6 +96,13 @@ fn the_package_carries_binaries_units_docs_and_config_and_installs_into_a_root()
             "-rw-r--r--",
         ),
         ("/usr/share/doc/xvtpm/copyright", "-rw-r--r--"),
+        ("/usr/bin/xvtpm-swtpm", "-rwxr-xr-x"),
+        ("/usr/lib/xvtpm/libvirt/swtpm", "lrwxrwxrwx"),
+        ("/usr/lib/xvtpm/libvirt/swtpm_setup", "lrwxrwxrwx"),
+        ("/usr/lib/xvtpm/libvirt/swtpm_ioctl", "lrwxrwxrwx"),
+        ("/usr/share/xvtpm/libvirt/libvirtd-xvtpm.conf", "-rw-r--r--"),
+        ("/lib/systemd/system/xvtpm-libvirt-sweep.path", "-rw-r--r--"),
+        ("/lib/systemd/system/xvtpm-libvirt-sweep.service", "-rw-r--r--"),
     ] {
         let line = entry(path).unwrap_or_else(|| panic!("{path} not in the package:\n{listing}"));
         assert!(

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use vtpm_proto::tpm::nv_counter;
+use tpm_wire::nv_counter;
 use xvtpm_tests::{Stack, VtpmHandle, rc, read_response, set_nofile, wait_gone};
 
 const NV_INDEX: u32 = 0x0150_0031;
@@ -31,7 +31,7 @@ fn nv_read() -> Vec<u8> {
     nv_counter::read(NV_INDEX)
 }
 
-const TPM_RC_FAILURE: u32 = 0x101;
+use tpm_wire::TPM2_RC_FAILURE as TPM_RC_FAILURE;
 
 /// One data connection kept open (a new connection needs a file descriptor in the vTPM).
 struct Conn(TcpStream);

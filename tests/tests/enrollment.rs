@@ -3,7 +3,7 @@
 //! activates credentials in it, and the tenant (`xl-vtpm enroll`, `xl-vtpm verify`) starts from
 //! nothing but that CA's root certificate and a host PCR policy.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -264,11 +264,7 @@ fn tampering_proxy(upstream: PathBuf, listen: &Path) {
 }
 
 fn read_frame(s: &mut UnixStream) -> Option<Vec<u8>> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let mut body = vec![0u8; mgr::frame_len(len).ok()?];
-    s.read_exact(&mut body).ok()?;
-    Some(body)
+    vtpm_proto::mgr_io::read_frame(s).ok().flatten().map(|b| b.to_vec())
 }
 
 #[test]

@@ -342,3 +342,26 @@ fn one_versioned_json_shape_per_object() {
         assert_eq!(keys(gg), keys(&g));
     }
 }
+
+/// `vtpmmgr serve --xen` where there is no xenstore: one error line, the link, then its cause.
+#[test]
+fn a_xen_link_that_cannot_start_names_its_cause_once() {
+    let tpm = testkit::Swtpm::start();
+    let dir = testkit::tempdir();
+    let out = Command::new(bin_path("vtpmmgr"))
+        .args(["--tcti", &tpm.tcti(), "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .args(["serve", "--xen", "/local/domain/0/backend/vtpm"])
+        .env_remove("XVTPM_LOG")
+        .env("XENSTORED_PATH", dir.path().join("no-xenstored"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vtpmmgr");
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    let errors: Vec<&str> = all.lines().filter(|l| l.starts_with("vtpmmgr: error:")).collect();
+    assert_eq!(errors.len(), 1, "{all}");
+    assert!(errors[0].starts_with("vtpmmgr: error: cannot start the Xen manager link: cannot connect to xenstore: "), "{all}");
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::Rng;
-use vtpm_proto::tpm::nv_counter;
+use tpm_wire::nv_counter;
 use xvtpm_tests::{Stack, raw_command, rc, read_public, try_read_response};
 
 const NV_INDEX: u32 = 0x0150_0020;

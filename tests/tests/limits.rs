@@ -43,7 +43,7 @@ fn sockets_in(s: &Stack) -> Vec<String> {
 }
 
 fn nv_define() -> Vec<u8> {
-    vtpm_proto::tpm::nv_counter::define(0x0150_0077)
+    tpm_wire::nv_counter::define(0x0150_0077)
 }
 
 /// The manager run with a descriptor limit far below the number of identities it holds.

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use xvtpm_tests::{Stack, get_random, raw_command, rc, read_response};
 
-const RC_COMMAND_SIZE: u32 = 0x142;
-const RC_BAD_TAG: u32 = 0x01E;
+use tpm_wire::{TPM2_RC_BAD_TAG as RC_BAD_TAG, TPM2_RC_COMMAND_SIZE as RC_COMMAND_SIZE};
 
 fn still_serves(port: u16) {
     let r = raw_command(port, &get_random(16));
@@ -55,7 +54,7 @@ fn malformed_commands_get_tpm_errors_and_the_vtpm_keeps_serving() {
     still_serves(port);
 
     let mut tag = get_random(8);
-    tag[0..2].copy_from_slice(&0x00C1u16.to_be_bytes());
+    tag[0..2].copy_from_slice(&tpm_wire::TPM12_TAG_RQU_COMMAND.to_be_bytes());
     assert_eq!(rc(&send_then_read(port, &tag)), RC_BAD_TAG, "bad tag");
     still_serves(port);
 
@@ -108,7 +107,7 @@ fn control_channel_speaks_swtpm_protocol() {
     assert_eq!(ctrl(cport, &0x0eu32.to_be_bytes(), 4), [0, 0, 0, 0]);
     assert_ne!(rc(&raw_command(data, &get_random(8))), 0);
     assert_eq!(ctrl(cport, &[0, 0, 0, 2, 0, 0, 0, 0], 4), [0, 0, 0, 0]);
-    let startup = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x44, 0, 0];
+    let startup = tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR);
     assert_eq!(rc(&raw_command(data, &startup)), 0);
     assert_eq!(rc(&raw_command(data, &get_random(8))), 0);
     // An unknown control command gets an error, the channel survives for new connections.
@@ -156,12 +155,12 @@ fn stock_xen_tpmfront_probe_commands_get_tpm12_answers() {
     let s = Stack::start();
     let v = s.create_vtpm();
     let port = v.port.unwrap();
-    let getcap = [0x00, 0xC1, 0, 0, 0, 22, 0, 0, 0, 0x65, 0, 0, 0, 5, 0, 0, 0, 4, 0, 0, 0x01, 0x15];
+    let getcap = tpm_wire::tpm12_get_capability_property(tpm_wire::TPM12_CAP_PROP_TIS_TIMEOUT);
     let r = raw_command(port, &getcap);
     assert_eq!(&r[..2], &[0x00, 0xC4]);
     assert_eq!(rc(&r), 0);
     assert_eq!(u32::from_be_bytes(r[14..18].try_into().unwrap()), 750_000);
-    let rnd = [0x00, 0xC1, 0, 0, 0, 14, 0, 0, 0, 0x46, 0, 0, 0, 32];
+    let rnd = tpm_wire::tpm12_get_random(32);
     let r = raw_command(port, &rnd);
     assert_eq!((rc(&r), r.len()), (0, 14 + 32));
     let r2 = raw_command(port, &rnd);

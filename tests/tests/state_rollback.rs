@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use vtpm_proto::tpm::nv_counter;
+use tpm_wire::nv_counter;
 use xvtpm_tests::{Options, Stack, TCP_LISTEN, VtpmHandle, raw_command, rc, try_read_response};
 
 const NV_INDEX: u32 = 0x0150_0030;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 use vtpm_proto::mgr::{ErrorCode, VtpmReply, VtpmRequest};
 use vtpm_proto::sealed::{State, anchor_digest};
-use vtpm_proto::tpm::Family;
+use tpm_wire::Family;
 
 use crate::mgr_client::MgrLink;
 use crate::store::StoreError;

@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use vtpm_proto::sealed::{self, OpenError, State};
-use vtpm_proto::tpm::Family;
+use tpm_wire::Family;
 use zeroize::Zeroizing;
 
 use crate::store::StoreError;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use uuid::Uuid;
-use vtpm_proto::tpm::Family;
+use tpm_wire::Family;
 
 /// Where the vTPM listens (shared with xl-vtpm, which checks listeners before it creates a vTPM).
 pub use vtpm_proto::listen::Listen;
@@ -44,6 +44,9 @@ pub struct Config {
     pub as_init: bool,
     /// Keep serving after the controller on a `ctrl:PATH` socket hangs up.
     pub persist: bool,
+    /// The (single) `ctrl:PATH` listener is already bound at PATH by whoever started us and is
+    /// our stdin (`--ctrl-listener-stdin`), so the socket existed before we did.
+    pub ctrl_listener_stdin: bool,
     /// Privilege drop and seccomp after setup ([`crate::sandbox`]; not applied as init).
     pub sandbox: crate::sandbox::SandboxSpec,
 }

@@ -7,17 +7,22 @@ use std::time::Duration;
 use vtpm_proto::deepquote_cmd::{DeepQuoteCommand, rc};
 use vtpm_proto::mgr::{ErrorCode, VtpmReply, VtpmRequest};
 
+use std::cell::RefCell;
+
+use uuid::Uuid;
+
 use crate::guest_warn;
-use crate::server::Shared;
+use crate::mgr_client::MgrLink;
+use crate::vtpm::Vtpm;
 
 /// How long the manager may take (a batch behind a slow discrete TPM).
 pub const MANAGER_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn request(shared: &Shared, packet: &[u8]) -> Result<VtpmRequest, u32> {
+fn request(vtpm: &RefCell<Vtpm>, uuid: Uuid, packet: &[u8]) -> Result<VtpmRequest, u32> {
     let cmd = DeepQuoteCommand::parse(packet)?;
-    let values = shared.vtpm.borrow_mut().read_pcrs(cmd.vpcr_alg, &cmd.vpcrs)?;
+    let values = vtpm.borrow_mut().read_pcrs(cmd.vpcr_alg, &cmd.vpcrs)?;
     Ok(VtpmRequest::DeepQuote {
-        uuid: shared.uuid,
+        uuid,
         nonce: hex(&cmd.nonce),
         vpcr_alg: cmd.vpcr_alg,
         vpcrs: cmd.vpcrs,
@@ -50,10 +55,11 @@ fn outcome(reply: Result<std::io::Result<VtpmReply>, tokio::time::error::Elapsed
     }
 }
 
-/// Runs a deep-quote command; `Ok(bundle)` or a TPM response code.
-pub async fn deep_quote(shared: &Shared, packet: &[u8]) -> Result<Vec<u8>, u32> {
-    let req = request(shared, packet)?;
-    outcome(tokio::time::timeout(MANAGER_TIMEOUT, shared.mgr.ask(&req)).await)
+/// Runs a deep-quote command for vTPM `uuid` (its vPCRs read from `vtpm`, never borrowed
+/// across the wait) over `mgr`; `Ok(bundle)` or a TPM response code.
+pub async fn deep_quote(vtpm: &RefCell<Vtpm>, uuid: Uuid, mgr: &MgrLink, packet: &[u8]) -> Result<Vec<u8>, u32> {
+    let req = request(vtpm, uuid, packet)?;
+    outcome(tokio::time::timeout(MANAGER_TIMEOUT, mgr.ask(&req)).await)
 }
 
 fn hex(b: &[u8]) -> String {

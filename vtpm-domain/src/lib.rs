@@ -16,6 +16,7 @@ pub mod anchor;
 pub mod blockstore;
 pub mod config;
 pub mod deepquote;
+pub mod dispatch;
 pub mod init;
 pub mod mgr_client;
 pub mod peer;
@@ -33,7 +34,7 @@ use crate::anchor::Anchored;
 use crate::blockstore::BlockStore;
 use crate::config::Config;
 use crate::mgr_client::MgrLink;
-use crate::server::Shared;
+use crate::dispatch::Shared;
 use crate::store::Store;
 use crate::vtpm::Vtpm;
 
@@ -80,7 +81,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 certify_if_missing(&mut v, &link, &cfg).await;
                 (v, ek)
             };
-            let bound = server::bind(&cfg.listen, cfg.uuid, peer::Access { consumer_uid: cfg.consumer_uid }).await.context("binding listeners").map_err(fatal(1))?;
+            let bound = server::bind(&cfg.listen, cfg.uuid, cfg.family, peer::Access { consumer_uid: cfg.consumer_uid }, cfg.ctrl_listener_stdin).await.context("binding listeners").map_err(fatal(1))?;
             Ok::<_, Fatal>((vtpm, ek, bound, blob_key))
         }
         .await;

@@ -8,7 +8,7 @@ use clap::Parser;
 use uuid::Uuid;
 use vtpm_domain::init;
 use vtpm_domain::config::{Config, EkChoice, Listen, MgrSpec, StateSpec, Startup};
-use vtpm_proto::tpm::Family;
+use tpm_wire::Family;
 
 /// One vTPM: libtpms TPM 2.0 (or 1.2), state sealed under a key from vtpmmgr,
 /// served over swtpm's socket protocol.
@@ -56,6 +56,11 @@ struct Args {
     /// swtpm TCTI opens one per request), never end it.
     #[arg(long)]
     persist: bool,
+    /// The one --listen ctrl:PATH socket is already bound at PATH (mode and owner set) and is
+    /// this process's stdin: libvirt waits only 1 s for swtpm's socket, so xl-vtpm's libvirt
+    /// entry point binds it before starting the vTPM (docs/libvirt.md).
+    #[arg(long)]
+    ctrl_listener_stdin: bool,
     /// The uid that uses this vTPM (e.g. QEMU's); besides root, the only one whose
     /// connections are accepted. Unix sockets are made mode 0600 and owned by it.
     #[arg(long)]
@@ -165,6 +170,7 @@ fn main() {
         ek: args.ek,
         as_init,
         persist: args.persist,
+        ctrl_listener_stdin: args.ctrl_listener_stdin,
         sandbox: vtpm_domain::sandbox::SandboxSpec { user: args.uid.zip(args.gid), disabled: args.no_sandbox || as_init },
     };
     let code = match vtpm_domain::run(cfg) {

@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
+use vtpm_proto::mgr_io;
 use xen_platform::frontend::{Frontend, FrontendConfig};
 use xen_platform::xen::XenFrontendTransport;
 use xen_platform::xenstore::XsClient;
@@ -107,8 +107,7 @@ async fn xen_worker(dir: String, mut jobs: tokio::sync::mpsc::UnboundedReceiver<
 }
 
 fn reply_of(frame: &[u8]) -> std::io::Result<VtpmReply> {
-    let body = frame.get(4..).ok_or_else(|| std::io::Error::other("short reply frame"))?;
-    mgr::decode(body).map_err(|e| std::io::Error::other(e.to_string()))
+    Ok(mgr_io::decode_frame(frame)?)
 }
 
 /// Where the manager's per-vTPM socket is: its path, and once pinned the directory opened before
@@ -156,19 +155,13 @@ impl MgrLink {
 
     /// One request and its reply.
     pub async fn ask(&self, req: &VtpmRequest) -> std::io::Result<VtpmReply> {
-        let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
         match self {
             MgrLink::Socket(t) => {
                 let mut s = tokio::net::UnixStream::connect(t.connect_path()).await?;
-                s.write_all(&frame).await?;
-                let mut len = [0u8; 4];
-                s.read_exact(&mut len).await?;
-                let n = mgr::frame_len(len).map_err(|e| std::io::Error::other(e.to_string()))?;
-                let mut body = Zeroizing::new(vec![0u8; n]);
-                s.read_exact(&mut body).await?;
-                mgr::decode(&body).map_err(|e| std::io::Error::other(e.to_string()))
+                Ok(mgr_io::nonblocking::call(&mut s, req).await?)
             }
             MgrLink::Xen(w) => {
+                let frame = mgr::encode(req).map_err(std::io::Error::other)?;
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 w.tx.send(XenJob::Ask(frame, ReplyTo::Async(tx))).map_err(|_| link_closed())?;
                 let reply = rx.await.map_err(|_| link_closed())??;
@@ -182,8 +175,6 @@ impl MgrLink {
     /// as a state write ([`crate::anchor`]); safe to call from within the runtime's thread,
     /// because the Xen link runs on its own thread.
     pub fn ask_blocking(&self, req: &VtpmRequest, conn: &mut Option<std::os::unix::net::UnixStream>, timeout: Duration) -> std::io::Result<VtpmReply> {
-        use std::io::{Read, Write};
-        let frame = mgr::encode(req).map_err(|e| std::io::Error::other(e.to_string()))?;
         match self {
             MgrLink::Socket(t) => {
                 // A cached connection the manager closed (restart) fails the write or the read:
@@ -198,15 +189,7 @@ impl MgrLink {
                             conn.insert(s)
                         }
                     };
-                    let exchange = (|| {
-                        s.write_all(&frame)?;
-                        let mut len = [0u8; 4];
-                        s.read_exact(&mut len)?;
-                        let n = mgr::frame_len(len).map_err(|e| std::io::Error::other(e.to_string()))?;
-                        let mut body = Zeroizing::new(vec![0u8; n]);
-                        s.read_exact(&mut body)?;
-                        mgr::decode::<VtpmReply>(&body).map_err(|e| std::io::Error::other(e.to_string()))
-                    })();
+                    let exchange = mgr_io::call::<_, _, VtpmReply>(s, req).map_err(std::io::Error::from);
                     match exchange {
                         Ok(r) => return Ok(r),
                         Err(e) => {
@@ -221,6 +204,7 @@ impl MgrLink {
                 unreachable!("the loop returns")
             }
             MgrLink::Xen(w) => {
+                let frame = mgr::encode(req).map_err(std::io::Error::other)?;
                 let (tx, rx) = std::sync::mpsc::channel();
                 w.tx.send(XenJob::Ask(frame, ReplyTo::Sync(tx))).map_err(|_| link_closed())?;
                 let reply = rx.recv_timeout(timeout).map_err(|e| match e {

@@ -11,7 +11,6 @@
 //! TPM error, the rest of what the peer sent is drained, and the connection
 //! keeps serving.
 
-use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -22,14 +21,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::Notify;
 use tokio::time::timeout;
 use vtpm_proto::swtpm_ctrl::{self as ctrl, Request, cap, res};
-use vtpm_proto::tpm::{self, HEADER_LEN};
+use tpm_wire::{self as tpm, HEADER_LEN};
 
 use crate::config::Listen;
+use crate::dispatch::{Shared, execute};
 use crate::peer::Access;
-use crate::vtpm::Vtpm;
 use xvtpm_log::{guest_info, guest_warn};
 
 /// How long the rest of a header may take after its first byte.
@@ -53,65 +51,6 @@ pub const CAPS: u32 = cap::INIT
     | cap::GET_CONFIG
     | cap::SET_DATAFD
     | cap::SET_BUFFERSIZE;
-
-/// Shared state of the server.
-pub struct Shared {
-    /// The vTPM.
-    pub vtpm: RefCell<Vtpm>,
-    /// Notified when the process should exit (CMD_SHUTDOWN, signals).
-    pub exit: Notify,
-    /// This vTPM's UUID.
-    pub uuid: uuid::Uuid,
-    /// The link to the manager (for deep quotes).
-    pub mgr: crate::mgr_client::MgrLink,
-    /// Keep serving when the controller on a Unix control socket hangs up
-    /// (`--persist`); otherwise the process ends then, like swtpm `--terminate`.
-    pub persist: bool,
-    /// The vTPM's state key: `CMD_GET/SET_STATEBLOB` blobs are sealed under it.
-    pub blob_key: zeroize::Zeroizing<[u8; 32]>,
-    /// The oldest state generation a `CMD_SET_STATEBLOB` blob may carry: the
-    /// generation this process opened, raised past every loaded blob at the
-    /// `CMD_INIT` that resumes it. An older blob (a replay) is refused.
-    pub import_floor: std::cell::Cell<u64>,
-    /// A blob was loaded since the last `CMD_INIT`.
-    pub imported: std::cell::Cell<bool>,
-}
-
-/// Whether `packet` is a well-framed deep-quote vendor command.
-pub fn is_deep_quote(shared: &Shared, packet: &[u8]) -> bool {
-    let v = shared.vtpm.borrow();
-    v.family() == tpm::Family::Tpm2
-        && tpm::parse_command(packet, v.family(), v.buffer_size() as usize).map(|h| h.code)
-            == Ok(vtpm_proto::deepquote_cmd::TPM2_CC_XVTPM_DEEP_QUOTE)
-}
-
-fn deep_quote_response(shared: &Shared, result: Result<Vec<u8>, u32>) -> Vec<u8> {
-    let (family, max) = {
-        let v = shared.vtpm.borrow();
-        (v.family(), v.buffer_size() as usize)
-    };
-    match result {
-        Ok(bundle) => {
-            let rsp = vtpm_proto::deepquote_cmd::response(&bundle);
-            if rsp.len() > max {
-                guest_warn!(len = rsp.len(), max, "deep-quote evidence exceeds the buffer; select fewer PCRs");
-                return tpm::error_response(family, vtpm_proto::deepquote_cmd::rc::SIZE).to_vec();
-            }
-            rsp
-        }
-        Err(rc) => tpm::error_response(family, rc).to_vec(),
-    }
-}
-
-/// Runs one command: a deep-quote vendor command goes to the manager
-/// (asynchronously: other clients keep being served meanwhile); everything
-/// else goes to the engine.
-pub async fn execute(shared: &Shared, packet: &[u8]) -> Vec<u8> {
-    if !is_deep_quote(shared, packet) {
-        return shared.vtpm.borrow_mut().execute(packet);
-    }
-    deep_quote_response(shared, crate::deepquote::deep_quote(shared, packet).await)
-}
 
 /// Most connections open at once per channel (data, control) of this vTPM; more
 /// are accepted and closed at once. QEMU uses one of each, a tpm2-tss client one
@@ -184,11 +123,16 @@ pub struct Bound {
 
 /// Binds every listener. Must be called inside the runtime. Unix sockets are made
 /// mode 0600 and owned by the consumer (if any); every connection is checked against
-/// `access` when accepted.
-pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access) -> io::Result<Bound> {
+/// `access` when accepted. With `ctrl_from_stdin` the (one) `ctrl:PATH` listener is not bound
+/// here but taken from stdin, where the process that started us put it bound at PATH.
+pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, family: tpm::Family, access: Access, ctrl_from_stdin: bool) -> io::Result<Bound> {
     let mut b = Bound { listeners: vec![], xen: vec![], access, tcp_ports: vec![] };
+    if ctrl_from_stdin && listen.iter().filter(|l| matches!(l, Listen::UnixCtrl(_))).count() != 1 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "--ctrl-listener-stdin needs exactly one --listen ctrl:PATH"));
+    }
     for l in listen {
         match l {
+            Listen::UnixCtrl(p) if ctrl_from_stdin => b.listeners.push((Listener::Unix(inherited_unix(p)?), Channel::Ctrl)),
             Listen::TcpPair(addr) => {
                 let (d, c) = bind_tcp_pair(*addr).await?;
                 b.tcp_ports.push((d.local_addr()?.port(), c.local_addr()?.port()));
@@ -197,10 +141,28 @@ pub async fn bind(listen: &[Listen], uuid: uuid::Uuid, access: Access) -> io::Re
             }
             Listen::UnixData(p) => b.listeners.push((Listener::Unix(bind_unix(p, access)?), Channel::Data)),
             Listen::UnixCtrl(p) => b.listeners.push((Listener::Unix(bind_unix(p, access)?), Channel::Ctrl)),
-            Listen::Xen(root) => b.xen.push(crate::xen::XenBackend::open(root, uuid).await?),
+            Listen::Xen(root) => b.xen.push(crate::xen::XenBackend::open(root, uuid, family).await?),
         }
     }
     Ok(b)
+}
+
+/// The listening Unix socket on stdin, which must be bound at `p`.
+fn inherited_unix(p: &Path) -> io::Result<UnixListener> {
+    use std::os::fd::AsFd;
+    let named = |m: String| io::Error::new(io::ErrorKind::InvalidInput, format!("--ctrl-listener-stdin: {m}"));
+    let fd = io::stdin().as_fd().try_clone_to_owned()?;
+    let l = std::os::unix::net::UnixListener::from(fd);
+    let addr = l.local_addr().map_err(|e| named(format!("stdin is not a Unix socket ({e})")))?;
+    if addr.as_pathname() != Some(p) {
+        return Err(named(format!("stdin is bound at {:?}, not at {}", addr.as_pathname(), p.display())));
+    }
+    // A connected stream has a local address too; only a listener has SO_ACCEPTCONN.
+    if !rustix::net::sockopt::socket_acceptconn(&l)? {
+        return Err(named("stdin is not a listening socket".into()));
+    }
+    l.set_nonblocking(true)?;
+    UnixListener::from_std(l)
 }
 
 fn bind_unix(p: &Path, access: Access) -> io::Result<UnixListener> {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use rand::RngCore;
 use uuid::Uuid;
 use vtpm_proto::sealed::{self, OpenError, State};
-use vtpm_proto::tpm::Family;
+use tpm_wire::Family;
 use zeroize::Zeroizing;
 
 /// Errors from the state store.

@@ -1,13 +1,13 @@
 //! The transport-independent core of one vTPM: framing checks, the engine,
 //! and persistence after every state-changing command.
 //!
-//! Every packet from a client passes [`vtpm_proto::tpm::parse_command`]
+//! Every packet from a client passes [`tpm_wire::parse_command`]
 //! first; a packet it rejects is answered with a TPM error and never reaches
 //! libtpms. A response is only sent once the state it implies is durable: if
 //! sealing or writing fails, the client gets `TPM_RC_FAILURE` instead.
 
 use vtpm_engine::{Engine, TpmVersion};
-use vtpm_proto::tpm::{self, Family};
+use tpm_wire::{self as tpm, Family};
 
 use crate::{guest_info, guest_warn};
 use crate::blockstore::BlockStore;
@@ -199,7 +199,7 @@ impl Vtpm {
     /// Never panics on client input; always returns a well-formed response.
     pub fn execute(&mut self, packet: &[u8]) -> Vec<u8> {
         let family = self.family;
-        if family == Family::Tpm2 && packet.get(..2) == Some(&[0x00, 0xC1])
+        if family == Family::Tpm2 && packet.get(..2) == Some(&tpm::TPM12_TAG_RQU_COMMAND.to_be_bytes())
             && let Some(rsp) = vtpm_proto::tpm12_compat::answer(packet, |n| self.tpm2_random(n)) {
                 return rsp;
             }
@@ -207,13 +207,7 @@ impl Vtpm {
             guest_warn!(error = %e, "rejected malformed TPM command");
             return tpm::error_response(family, e.response_code(family)).to_vec();
         }
-        let failure = || {
-            let rc = match family {
-                Family::Tpm2 => tpm::TPM2_RC_FAILURE,
-                Family::Tpm12 => tpm::TPM12_FAIL,
-            };
-            tpm::error_response(family, rc).to_vec()
-        };
+        let failure = || tpm::error_response(family, family.failure_code()).to_vec();
         // A state the engine holds but the disk does not: write it first, or run nothing.
         if let Err(e) = self.persist_if_dirty() {
             guest_warn!(error = %e, "vTPM state still not saved; answering TPM_RC_FAILURE without running the command");
@@ -387,9 +381,7 @@ impl Vtpm {
     /// `n` random bytes from the TPM 2.0 engine (TPM2_GetRandom).
     fn tpm2_random(&mut self, n: u16) -> Option<Vec<u8>> {
         let engine = self.engine.as_mut()?;
-        let mut cmd = vec![0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b];
-        cmd.extend_from_slice(&n.to_be_bytes());
-        let rsp = engine.process(&cmd);
+        let rsp = engine.process(&tpm::tpm2_get_random(n));
         if tpm::response_code(&rsp) != Some(0) {
             return None;
         }
@@ -405,8 +397,7 @@ impl Vtpm {
         let mut remaining: Vec<u8> = pcrs.to_vec();
         let mut values: std::collections::BTreeMap<u8, Vec<u8>> = Default::default();
         while !remaining.is_empty() {
-            let mut cmd = vec![0x80, 0x01, 0, 0, 0, 20, 0, 0, 0x01, 0x7E];
-            cmd.extend_from_slice(&vtpm_proto::deepquote_cmd::selection_bytes(alg, &remaining));
+            let cmd = tpm::tpm2_pcr_read(&vtpm_proto::deepquote_cmd::selection_bytes(alg, &remaining));
             let rsp = engine.process(&cmd);
             let rc = tpm::response_code(&rsp).unwrap_or(tpm::TPM2_RC_FAILURE);
             if rc != 0 {

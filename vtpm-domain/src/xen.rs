@@ -11,11 +11,13 @@ use uuid::Uuid;
 
 use xen_platform::tpmif::MAX_PACKET;
 use xen_platform::xen::XenTransport;
-use xen_platform::xenbus::{Activity, Backend, BackendEvent, Take, Ticket};
+use tpm_wire::{self as tpm, Family};
+use xen_platform::tpmif::{Rejection, Rejections};
+use xen_platform::xenbus::{Activity, Backend, BackendEvent, Take, Ticket, Transport};
 use xen_platform::xenstore::{WatchEvents, Xenstore, XsClient};
 
 use crate::{guest_info, guest_warn};
-use crate::server::{Shared, execute, is_deep_quote};
+use crate::dispatch::{Shared, execute, is_deep_quote};
 
 /// A started tpmif backend.
 pub struct XenBackend {
@@ -31,7 +33,7 @@ impl XenBackend {
     /// Connects to xenstore and the Xen devices and starts watching `root`
     /// (made absolute under our own domain if relative). Must run before the
     /// guest is created: libxl gives a backend only 10 s to reach InitWait.
-    pub async fn open(root: &str, uuid: Uuid) -> io::Result<XenBackend> {
+    pub async fn open(root: &str, uuid: Uuid, family: Family) -> io::Result<XenBackend> {
         let (xs, events) = XsClient::open().await.map_err(|e| io_other("xenstore", e))?;
         let root = if root.starts_with('/') {
             root.to_string()
@@ -42,7 +44,7 @@ impl XenBackend {
             format!("/local/domain/{}/{}", domid.get(), root.trim_end_matches('/'))
         };
         let transport = XenTransport::open().map_err(|e| io_other("Xen event channel / grant devices", e))?;
-        let mut backend = Backend::new(xs, transport, root.clone()).only_uuid(uuid);
+        let mut backend = tpmif_backend(xs, transport, root.clone(), uuid, family);
         for ev in backend.start().await.map_err(|e| io_other("watching the backend directory", e))? {
             log_event(&ev);
         }
@@ -121,10 +123,108 @@ impl XenBackend {
     }
 }
 
+/// The tpmif backend of the vTPM `uuid` of `family` under `root`: it serves only the device whose
+/// backend `uuid` key names this vTPM, and answers what the page layer rejects the way this
+/// vTPM answers a badly sized command or one it cannot run ([`rejections`]).
+pub fn tpmif_backend<X: Xenstore, T: Transport>(xs: X, transport: T, root: String, uuid: Uuid, family: Family) -> Backend<X, T> {
+    Backend::new(xs, transport, root, rejections(family)).only_uuid(uuid)
+}
+
+/// A vTPM's answers to requests the tpmif page layer rejects: 10-byte error responses of its
+/// own family — a request of length 0 or above the page gets `TPM_RC_COMMAND_SIZE` (TPM 2.0) or
+/// `TPM_BAD_PARAM_SIZE` (TPM 1.2), a response that does not fit `TPM_RC_FAILURE` / `TPM_FAIL`.
+pub fn rejections(family: Family) -> Rejections {
+    Rejections::new(|why| {
+        let rc = match why {
+            Rejection::CommandSize => family.command_size_code(),
+            Rejection::ResponseSize => family.failure_code(),
+        };
+        tpm::error_response(family, rc).to_vec()
+    })
+    .expect("a 10-byte error response fits any tpmif page")
+}
+
 fn log_event(ev: &BackendEvent) {
     match ev {
         BackendEvent::Error { .. } => guest_warn!(event = ?ev, "tpmif device error"),
         // Frontend state changes: a guest can flip them in a loop.
         other => guest_info!(event = ?other, "tpmif"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tpm_wire::{self as tpm, Family};
+    use xen_platform::fake::{FakeChannel, FakeXenstore, MemTransport};
+    use xen_platform::tpmif::{DATA_OFFSET, MemPage, OFFSET_LENGTH, OFFSET_STATE, PageState, Rejection, SharedPage};
+    use xen_platform::xenbus::{DeviceKey, Take};
+    use xen_platform::{DevId, DomId, EvtchnPort, GrantRef};
+
+    use super::tpmif_backend;
+
+    const ROOT: &str = "/local/domain/0/backend/vtpm";
+    const BE: &str = "/local/domain/0/backend/vtpm/5/0";
+    const FE: &str = "/local/domain/5/device/vtpm/0";
+    const UUID: &str = "e2b1a7d4-3c5f-4b8e-9a61-0c2d4e6f8a10";
+
+    /// A vTPM of `family` whose guest (domain 5) is connected: the toolstack's and the guest's
+    /// xenstore writes, applied until they settle.
+    async fn connected(family: Family) -> (xen_platform::xenbus::Backend<FakeXenstore, MemTransport>, Arc<MemPage>, Arc<FakeChannel>) {
+        let (xs, mut events) = FakeXenstore::new();
+        let transport = MemTransport::new();
+        let mut backend = tpmif_backend(xs.clone(), transport.clone(), ROOT.into(), UUID.parse().unwrap(), family);
+        backend.start().await.unwrap();
+        for (k, v) in [("frontend", FE), ("frontend-id", "5"), ("online", "1"), ("state", "1"), ("handle", "0"), ("uuid", UUID)] {
+            xs.set(&format!("{BE}/{k}"), v);
+        }
+        for (k, v) in [("backend", BE), ("backend-id", "0"), ("state", "1"), ("handle", "0")] {
+            xs.set(&format!("{FE}/{k}"), v);
+        }
+        let dom5 = DomId::new(5).unwrap();
+        let page = transport.grant_page(dom5, GrantRef::new(9));
+        let chan = transport.alloc_port(dom5, EvtchnPort::new(3).unwrap());
+        for (k, v) in [("ring-ref", "9"), ("event-channel", "3"), ("feature-protocol-v2", "1"), ("state", "3")] {
+            xs.set(&format!("{FE}/{k}"), v);
+        }
+        while let Some(ev) = events.try_next() {
+            backend.handle_watch_event(ev).await;
+        }
+        assert_eq!(xs.get(&format!("{BE}/state")).as_deref(), Some("4"), "the device connects");
+        (backend, page, chan)
+    }
+
+    /// The 10 bytes the guest finds after a SUBMIT with `length` above the page.
+    async fn answer_to_oversized_request(family: Family) -> Vec<u8> {
+        let (mut backend, page, chan) = connected(family).await;
+        page.write_u32_ne(OFFSET_LENGTH, 4089).unwrap();
+        page.write_u8(OFFSET_STATE, PageState::Submit as u8).unwrap();
+        chan.kick();
+        let key = DeviceKey { frontend: DomId::new(5).unwrap(), devid: DevId::new(0) };
+        assert!(matches!(backend.take(key).unwrap(), Take::Stepped(s) if s.notify_guest()));
+        assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
+        let len = page.read_u32_ne(OFFSET_LENGTH).unwrap() as usize;
+        let mut out = vec![0; len];
+        page.read_bytes(DATA_OFFSET, &mut out).unwrap();
+        out
+    }
+
+    /// A `--tpm12` vTPM answers a request the page layer rejects with a TPM 1.2 error
+    /// (`TPM_TAG_RSP_COMMAND`, `TPM_BAD_PARAM_SIZE`), as it answers any badly sized command; a
+    /// TPM 2.0 vTPM with `TPM_RC_COMMAND_SIZE`.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_rejected_request_is_answered_in_the_vtpms_own_family() {
+        assert_eq!(
+            answer_to_oversized_request(Family::Tpm12).await,
+            tpm::error_response(Family::Tpm12, tpm::TPM12_BAD_PARAM_SIZE)
+        );
+        assert_eq!(
+            answer_to_oversized_request(Family::Tpm2).await,
+            tpm::error_response(Family::Tpm2, tpm::TPM2_RC_COMMAND_SIZE)
+        );
+        // A response that does not fit the page: the family's failure code.
+        assert_eq!(super::rejections(Family::Tpm12).answer(Rejection::ResponseSize), tpm::error_response(Family::Tpm12, tpm::TPM12_FAIL));
+        assert_eq!(super::rejections(Family::Tpm2).answer(Rejection::ResponseSize), tpm::error_response(Family::Tpm2, tpm::TPM2_RC_FAILURE));
     }
 }

@@ -1,13 +1,17 @@
 //! Endorsement-key provisioning for a freshly manufactured TPM 2.0.
 #![forbid(unsafe_code)]
 
-use crate::tpm2::{
-    self, CC_CREATE_PRIMARY, CC_EVICT_CONTROL, CC_FLUSH_CONTEXT, CC_GET_CAPABILITY,
-    CC_NV_DEFINE_SPACE, CC_NV_READ, CC_NV_READ_PUBLIC, CC_NV_WRITE, CC_NV_WRITE_LOCK,
-    CC_READ_PUBLIC, Command, EK_RSA_HANDLE, RC_INITIALIZE, RC_SUCCESS, RH_ENDORSEMENT, RH_OWNER,
-    RH_PLATFORM, ST_NO_SESSIONS, ST_SESSIONS,
-};
 use crate::{Engine, EngineError, TpmVersion};
+use tpm_wire::{
+    Command,
+    TPM2_CC_CREATE_PRIMARY, TPM2_CC_EVICT_CONTROL, TPM2_CC_FLUSH_CONTEXT, TPM2_CC_GET_CAPABILITY,
+    TPM2_CC_NV_DEFINE_SPACE, TPM2_CC_NV_READ, TPM2_CC_NV_READ_PUBLIC, TPM2_CC_NV_WRITE,
+    TPM2_CC_NV_WRITE_LOCK, TPM2_CC_READ_PUBLIC, TPM2_RC_INITIALIZE, TPM2_RC_SUCCESS,
+    TPM2_RH_ENDORSEMENT, TPM2_RH_OWNER, TPM2_RH_PLATFORM, TPM2_ST_NO_SESSIONS, TPM2_ST_SESSIONS,
+};
+
+/// Persistent handle of the RSA-2048 EK (TCG EK Credential Profile).
+pub const EK_RSA_HANDLE: u32 = 0x8101_0001;
 
 /// authPolicy of the TCG default EK templates: `PolicySecret(TPM_RH_ENDORSEMENT)`.
 pub const EK_AUTH_POLICY: [u8; 32] = [
@@ -114,8 +118,8 @@ pub const MAX_EK_CERT_LEN: usize = 2048;
 const NV_CHUNK: usize = 512;
 
 fn check(resp: &[u8], command: &'static str) -> Result<(), EngineError> {
-    match tpm2::response_code(resp) {
-        Some(RC_SUCCESS) => Ok(()),
+    match tpm_wire::response_code(resp) {
+        Some(TPM2_RC_SUCCESS) => Ok(()),
         Some(rc) => Err(EngineError::Tpm { command, rc }),
         None => Err(EngineError::MalformedResponse(command)),
     }
@@ -146,9 +150,9 @@ pub fn provision_ek(engine: &mut Engine) -> Result<Vec<u8>, EngineError> {
 /// [`provision_ek`] for either kind of EK (see [`EkKind`]).
 pub fn provision_ek_kind(engine: &mut Engine, kind: EkKind) -> Result<Vec<u8>, EngineError> {
     require_tpm2(engine)?;
-    let resp = engine.process(&tpm2::startup(tpm2::SU_CLEAR));
-    match tpm2::response_code(&resp) {
-        Some(RC_SUCCESS | RC_INITIALIZE) => {}
+    let resp = engine.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR));
+    match tpm_wire::response_code(&resp) {
+        Some(TPM2_RC_SUCCESS | TPM2_RC_INITIALIZE) => {}
         Some(rc) => {
             return Err(EngineError::Tpm {
                 command: "Startup",
@@ -158,8 +162,8 @@ pub fn provision_ek_kind(engine: &mut Engine, kind: EkKind) -> Result<Vec<u8>, E
         None => return Err(EngineError::MalformedResponse("Startup")),
     }
 
-    let cmd = Command::new(ST_SESSIONS, CC_CREATE_PRIMARY)
-        .u32(RH_ENDORSEMENT)
+    let cmd = Command::new(TPM2_ST_SESSIONS, TPM2_CC_CREATE_PRIMARY)
+        .u32(TPM2_RH_ENDORSEMENT)
         .password_session()
         .tpm2b(&[0, 0, 0, 0]) // TPM2B_SENSITIVE_CREATE: empty userAuth, empty data
         .tpm2b(&kind.template())
@@ -169,13 +173,13 @@ pub fn provision_ek_kind(engine: &mut Engine, kind: EkKind) -> Result<Vec<u8>, E
     let resp = engine.process(&cmd);
     check(&resp, "CreatePrimary")?;
     // header(10) | objectHandle(4) | parameterSize(4) | outPublic (TPM2B_PUBLIC) | ...
-    let handle = tpm2::be_u32(&resp, 10).ok_or(EngineError::MalformedResponse("CreatePrimary"))?;
-    let public = tpm2::tpm2b_at(&resp, 18)
+    let handle = tpm_wire::be_u32(&resp, 10).ok_or(EngineError::MalformedResponse("CreatePrimary"))?;
+    let public = tpm_wire::tpm2b_at(&resp, 18)
         .ok_or(EngineError::MalformedResponse("CreatePrimary"))?
         .to_vec();
 
-    let cmd = Command::new(ST_SESSIONS, CC_EVICT_CONTROL)
-        .u32(RH_OWNER)
+    let cmd = Command::new(TPM2_ST_SESSIONS, TPM2_CC_EVICT_CONTROL)
+        .u32(TPM2_RH_OWNER)
         .u32(handle)
         .password_session()
         .u32(kind.handle())
@@ -183,7 +187,7 @@ pub fn provision_ek_kind(engine: &mut Engine, kind: EkKind) -> Result<Vec<u8>, E
     let evict = engine.process(&cmd);
 
     let flush = engine.process(
-        &Command::new(ST_NO_SESSIONS, CC_FLUSH_CONTEXT)
+        &Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_FLUSH_CONTEXT)
             .u32(handle)
             .finish(),
     );
@@ -198,13 +202,13 @@ pub fn provision_ek_kind(engine: &mut Engine, kind: EkKind) -> Result<Vec<u8>, E
 /// The TPM must have been started (`TPM2_Startup` done, or resumed from volatile state).
 pub fn read_ek_public(engine: &mut Engine) -> Result<Vec<u8>, EngineError> {
     require_tpm2(engine)?;
-    let read = |engine: &mut Engine, h: u32| engine.process(&Command::new(ST_NO_SESSIONS, CC_READ_PUBLIC).u32(h).finish());
+    let read = |engine: &mut Engine, h: u32| engine.process(&Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_READ_PUBLIC).u32(h).finish());
     let mut resp = read(engine, EK_RSA_HANDLE);
-    if tpm2::response_code(&resp) != Some(RC_SUCCESS) {
+    if tpm_wire::response_code(&resp) != Some(TPM2_RC_SUCCESS) {
         resp = read(engine, EK_ECC_HANDLE);
     }
     check(&resp, "ReadPublic")?;
-    Ok(tpm2::tpm2b_at(&resp, 10)
+    Ok(tpm_wire::tpm2b_at(&resp, 10)
         .ok_or(EngineError::MalformedResponse("ReadPublic"))?
         .to_vec())
 }
@@ -215,17 +219,17 @@ pub fn read_ek(engine: &mut Engine) -> Result<(EkKind, Vec<u8>), EngineError> {
     require_tpm2(engine)?;
     let mut last = None;
     for kind in [EkKind::Rsa2048, EkKind::EccP256] {
-        let resp = engine.process(&Command::new(ST_NO_SESSIONS, CC_READ_PUBLIC).u32(kind.handle()).finish());
-        match tpm2::response_code(&resp) {
-            Some(RC_SUCCESS) => {
-                let public = tpm2::tpm2b_at(&resp, 10).ok_or(EngineError::MalformedResponse("ReadPublic"))?;
+        let resp = engine.process(&Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_READ_PUBLIC).u32(kind.handle()).finish());
+        match tpm_wire::response_code(&resp) {
+            Some(TPM2_RC_SUCCESS) => {
+                let public = tpm_wire::tpm2b_at(&resp, 10).ok_or(EngineError::MalformedResponse("ReadPublic"))?;
                 return Ok((kind, public.to_vec()));
             }
             Some(rc) => last = Some(rc),
             None => return Err(EngineError::MalformedResponse("ReadPublic")),
         }
     }
-    Err(EngineError::Tpm { command: "ReadPublic", rc: last.unwrap_or(tpm2::RC_FAILURE) })
+    Err(EngineError::Tpm { command: "ReadPublic", rc: last.unwrap_or(tpm_wire::TPM2_RC_FAILURE) })
 }
 
 /// Is `rc` a format-1 `TPM_RC_HANDLE` (the handle names nothing)?
@@ -236,16 +240,16 @@ fn is_rc_handle(rc: u32) -> bool {
 /// The size of the NV index `index`, or `None` if it is not defined (`TPM2_NV_ReadPublic`).
 pub fn nv_size(engine: &mut Engine, index: u32) -> Result<Option<usize>, EngineError> {
     require_tpm2(engine)?;
-    let resp = engine.process(&Command::new(ST_NO_SESSIONS, CC_NV_READ_PUBLIC).u32(index).finish());
-    match tpm2::response_code(&resp) {
-        Some(RC_SUCCESS) => {}
+    let resp = engine.process(&Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_NV_READ_PUBLIC).u32(index).finish());
+    match tpm_wire::response_code(&resp) {
+        Some(TPM2_RC_SUCCESS) => {}
         Some(rc) if is_rc_handle(rc) => return Ok(None),
         Some(rc) => return Err(EngineError::Tpm { command: "NV_ReadPublic", rc }),
         None => return Err(EngineError::MalformedResponse("NV_ReadPublic")),
     }
     // TPM2B_NV_PUBLIC: size | nvIndex(4) nameAlg(2) attributes(4) authPolicy(TPM2B) dataSize(2)
-    let public = tpm2::tpm2b_at(&resp, 10).ok_or(EngineError::MalformedResponse("NV_ReadPublic"))?;
-    let policy = tpm2::tpm2b_at(public, 12).ok_or(EngineError::MalformedResponse("NV_ReadPublic"))?;
+    let public = tpm_wire::tpm2b_at(&resp, 10).ok_or(EngineError::MalformedResponse("NV_ReadPublic"))?;
+    let policy = tpm_wire::tpm2b_at(public, 12).ok_or(EngineError::MalformedResponse("NV_ReadPublic"))?;
     let at = 12 + policy.len();
     let size = public.get(at..at + 2).ok_or(EngineError::MalformedResponse("NV_ReadPublic"))?;
     Ok(Some(usize::from(u16::from_be_bytes([size[0], size[1]]))))
@@ -269,8 +273,8 @@ pub fn write_ek_cert(engine: &mut Engine, kind: EkKind, cert: &[u8]) -> Result<(
     public.extend_from_slice(&EK_CERT_NV_ATTRIBUTES.to_be_bytes());
     public.extend_from_slice(&0u16.to_be_bytes()); // authPolicy: empty
     public.extend_from_slice(&size.to_be_bytes());
-    let define = Command::new(ST_SESSIONS, CC_NV_DEFINE_SPACE)
-        .u32(RH_PLATFORM)
+    let define = Command::new(TPM2_ST_SESSIONS, TPM2_CC_NV_DEFINE_SPACE)
+        .u32(TPM2_RH_PLATFORM)
         .password_session()
         .tpm2b(&[]) // auth: empty
         .tpm2b(&public)
@@ -278,8 +282,8 @@ pub fn write_ek_cert(engine: &mut Engine, kind: EkKind, cert: &[u8]) -> Result<(
     check(&engine.process(&define), "NV_DefineSpace")?;
     for (i, chunk) in cert.chunks(NV_CHUNK).enumerate() {
         let offset = u16::try_from(i * NV_CHUNK).map_err(|_| EngineError::InvalidArgument("EK certificate too long"))?;
-        let write = Command::new(ST_SESSIONS, CC_NV_WRITE)
-            .u32(RH_PLATFORM)
+        let write = Command::new(TPM2_ST_SESSIONS, TPM2_CC_NV_WRITE)
+            .u32(TPM2_RH_PLATFORM)
             .u32(index)
             .password_session()
             .tpm2b(chunk)
@@ -287,7 +291,7 @@ pub fn write_ek_cert(engine: &mut Engine, kind: EkKind, cert: &[u8]) -> Result<(
             .finish();
         check(&engine.process(&write), "NV_Write")?;
     }
-    let lock = Command::new(ST_SESSIONS, CC_NV_WRITE_LOCK).u32(RH_PLATFORM).u32(index).password_session().finish();
+    let lock = Command::new(TPM2_ST_SESSIONS, TPM2_CC_NV_WRITE_LOCK).u32(TPM2_RH_PLATFORM).u32(index).password_session().finish();
     check(&engine.process(&lock), "NV_WriteLock")
 }
 
@@ -299,7 +303,7 @@ pub fn read_ek_cert(engine: &mut Engine, kind: EkKind) -> Result<Option<Vec<u8>>
     let mut out = Vec::with_capacity(size);
     while out.len() < size {
         let n = (size - out.len()).min(NV_CHUNK);
-        let read = Command::new(ST_SESSIONS, CC_NV_READ)
+        let read = Command::new(TPM2_ST_SESSIONS, TPM2_CC_NV_READ)
             .u32(index)
             .u32(index)
             .password_session()
@@ -309,7 +313,7 @@ pub fn read_ek_cert(engine: &mut Engine, kind: EkKind) -> Result<Option<Vec<u8>>
         let resp = engine.process(&read);
         check(&resp, "NV_Read")?;
         // header(10) | parameterSize(4) | TPM2B_MAX_NV_BUFFER | sessions
-        let data = tpm2::tpm2b_at(&resp, 14).ok_or(EngineError::MalformedResponse("NV_Read"))?;
+        let data = tpm_wire::tpm2b_at(&resp, 14).ok_or(EngineError::MalformedResponse("NV_Read"))?;
         if data.len() != 2 + n {
             return Err(EngineError::MalformedResponse("NV_Read"));
         }
@@ -341,16 +345,16 @@ pub fn tpm_properties(engine: &mut Engine) -> Result<TpmProperties, EngineError>
     require_tpm2(engine)?;
     const TPM_CAP_TPM_PROPERTIES: u32 = 6;
     const PT_FIXED: u32 = 0x100;
-    let cmd = Command::new(ST_NO_SESSIONS, CC_GET_CAPABILITY).u32(TPM_CAP_TPM_PROPERTIES).u32(PT_FIXED).u32(13).finish();
+    let cmd = Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_GET_CAPABILITY).u32(TPM_CAP_TPM_PROPERTIES).u32(PT_FIXED).u32(13).finish();
     let resp = engine.process(&cmd);
     check(&resp, "GetCapability")?;
     // header(10) | moreData(1) | capability(4) | count(4) | (property(4) value(4))*
     let bad = EngineError::MalformedResponse("GetCapability");
-    let count = tpm2::be_u32(&resp, 15).ok_or(bad.clone())? as usize;
+    let count = tpm_wire::be_u32(&resp, 15).ok_or(bad.clone())? as usize;
     let mut props = std::collections::BTreeMap::new();
     for i in 0..count.min(64) {
         let at = 19 + 8 * i;
-        let (Some(p), Some(v)) = (tpm2::be_u32(&resp, at), tpm2::be_u32(&resp, at + 4)) else { return Err(bad) };
+        let (Some(p), Some(v)) = (tpm_wire::be_u32(&resp, at), tpm_wire::be_u32(&resp, at + 4)) else { return Err(bad) };
         props.insert(p, v);
     }
     let get = |p: u32| props.get(&p).copied().ok_or(EngineError::MalformedResponse("GetCapability"));

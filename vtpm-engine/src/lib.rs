@@ -31,13 +31,14 @@
 //!
 //! [`provision_ek`] and [`read_ek_public`] create and read the TCG default RSA-2048 EK at
 //! persistent handle 0x81010001; [`write_ek_cert`] and [`read_ek_cert`] keep an EK certificate at
-//! its TCG NV index. [`tpm2`] holds the few marshalling helpers they need.
+//! its TCG NV index. The TPM wire vocabulary (headers, codes, command builders) is `tpm-wire`'s;
+//! this crate keeps what is specific to libtpms.
 //!
 //! ```no_run
-//! use vtpm_engine::{Engine, TpmVersion, provision_ek, tpm2};
+//! use vtpm_engine::{Engine, TpmVersion, provision_ek};
 //! let mut engine = Engine::start(TpmVersion::Tpm2, None, None)?;
 //! let _ek = provision_ek(&mut engine)?;            // Startup(CLEAR) + EK at 0x81010001
-//! let _resp = engine.process(&tpm2::shutdown(tpm2::SU_CLEAR));
+//! let _resp = engine.process(&tpm_wire::tpm2_shutdown(tpm_wire::TPM2_SU_CLEAR));
 //! let blob = engine.permanent_state()?;           // seal and store this
 //! drop(engine);
 //! let mut engine = Engine::start(TpmVersion::Tpm2, Some(&blob), None)?;
@@ -48,12 +49,11 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 // FFI: this module and `callbacks` call libtpms (`unsafe` is denied workspace-wide);
-// `ek` and `tpm2` are plain Rust and forbid it.
+// `ek` is plain Rust and forbids it.
 #![allow(unsafe_code)]
 
 mod callbacks;
 mod ek;
-pub mod tpm2;
 
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
@@ -67,12 +67,11 @@ pub use zeroize::Zeroizing;
 
 pub use ek::{
     EK_ATTRIBUTES, EK_AUTH_POLICY, EK_CERT_NV_ATTRIBUTES, EK_CERT_NV_ECC_P256, EK_CERT_NV_RSA2048, EK_ECC_HANDLE,
-    EkKind, MAX_EK_CERT_LEN, TpmProperties, ek_ecc_p256_template, ek_rsa2048_template, nv_size, provision_ek,
+    EK_RSA_HANDLE, EkKind, MAX_EK_CERT_LEN, TpmProperties, ek_ecc_p256_template, ek_rsa2048_template, nv_size, provision_ek,
     provision_ek_kind, read_ek, read_ek_cert, read_ek_public, tpm_properties, write_ek_cert,
 };
 
-/// Smallest well-formed TPM command or response: tag, size, code.
-const HEADER_LEN: usize = 10;
+use tpm_wire::HEADER_LEN;
 
 /// Set while an [`Engine`] is alive in this process.
 static RUNNING: AtomicBool = AtomicBool::new(false);
@@ -393,15 +392,11 @@ impl Engine {
 
     /// The engine's own error response: `TPM_RC_FAILURE` (TPM 2.0) or `TPM_FAIL` (TPM 1.2).
     pub fn error_response(&self) -> Vec<u8> {
-        let (tag, rc): (u16, u32) = match self.version {
-            TpmVersion::Tpm2 => (tpm2::ST_NO_SESSIONS, tpm2::RC_FAILURE),
-            TpmVersion::Tpm12 => (0x00C4, sys::TPM_FAIL),
+        let family = match self.version {
+            TpmVersion::Tpm2 => tpm_wire::Family::Tpm2,
+            TpmVersion::Tpm12 => tpm_wire::Family::Tpm12,
         };
-        let mut r = Vec::with_capacity(HEADER_LEN);
-        r.extend_from_slice(&tag.to_be_bytes());
-        r.extend_from_slice(&(HEADER_LEN as u32).to_be_bytes());
-        r.extend_from_slice(&rc.to_be_bytes());
-        r
+        tpm_wire::error_response(family, family.failure_code()).to_vec()
     }
 
     /// Runs one command and returns the response.
@@ -443,7 +438,7 @@ impl Engine {
         // SAFETY: non-NULL buffer of `resp_buf_size` bytes, of which libtpms wrote the
         // first `resp_size` (checked to be within the buffer above).
         let resp = unsafe { std::slice::from_raw_parts(self.resp_buf, resp_size as usize) };
-        if tpm2::be_u32(resp, 2) != Some(resp_size) {
+        if tpm_wire::be_u32(resp, 2) != Some(resp_size) {
             return self.error_response();
         }
         resp.to_vec()

@@ -9,7 +9,7 @@ fn expect_rejected(blob: &[u8], label: &str) {
         Err(other) => panic!("{label}: unexpected error {other:?}"),
         Ok(mut e) => {
             // Only acceptable if it really is the old TPM (e.g. a flip in padding).
-            let _ = e.process(&vtpm_engine::tpm2::startup(vtpm_engine::tpm2::SU_CLEAR));
+            let _ = e.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR));
             panic!(
                 "{label}: corrupted blob was accepted (EK readable: {:?})",
                 read_ek_public(&mut e).is_ok()
@@ -48,7 +48,7 @@ fn corrupted_permanent_state_is_an_error() {
             Err(EngineError::StateRejected { .. }) => rejected += 1,
             Err(other) => panic!("flip at {pos}: unexpected error {other:?}"),
             Ok(mut e) => {
-                let _ = e.process(&vtpm_engine::tpm2::startup(vtpm_engine::tpm2::SU_CLEAR));
+                let _ = e.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR));
                 match read_ek_public(&mut e) {
                     Ok(p) if p == ek => same += 1,
                     Ok(_) => other_ek += 1,

@@ -2,14 +2,14 @@
 //! byte for byte, cannot be rewritten or redefined, and survives a restart.
 use vtpm_engine::{
     EK_CERT_NV_ATTRIBUTES, EkKind, Engine, EngineError, TpmVersion, nv_size, provision_ek_kind, read_ek, read_ek_cert,
-    tpm_properties, tpm2, write_ek_cert,
+    tpm_properties, write_ek_cert,
 };
 
 /// TPM2_NV_ReadPublic → attributes.
 fn nv_attributes(e: &mut Engine, index: u32) -> u32 {
-    let cmd = tpm2::Command::new(tpm2::ST_NO_SESSIONS, tpm2::CC_NV_READ_PUBLIC).u32(index).finish();
+    let cmd = tpm_wire::Command::new(tpm_wire::TPM2_ST_NO_SESSIONS, tpm_wire::TPM2_CC_NV_READ_PUBLIC).u32(index).finish();
     let r = e.process(&cmd);
-    assert_eq!(tpm2::response_code(&r), Some(0));
+    assert_eq!(tpm_wire::response_code(&r), Some(0));
     u32::from_be_bytes(r[18..22].try_into().unwrap())
 }
 
@@ -34,14 +34,14 @@ fn ek_certificate_in_nv() {
         Err(EngineError::Tpm { command: "NV_DefineSpace", rc: 0x14C }) => {}
         other => panic!("{other:?}"),
     }
-    let w = tpm2::Command::new(tpm2::ST_SESSIONS, tpm2::CC_NV_WRITE)
-        .u32(tpm2::RH_PLATFORM)
+    let w = tpm_wire::Command::new(tpm_wire::TPM2_ST_SESSIONS, tpm_wire::TPM2_CC_NV_WRITE)
+        .u32(tpm_wire::TPM2_RH_PLATFORM)
         .u32(0x01C0_000A)
         .password_session()
         .tpm2b(b"x")
         .u16(0)
         .finish();
-    assert_eq!(tpm2::response_code(&e.process(&w)), Some(0x148), "TPM_RC_NV_LOCKED");
+    assert_eq!(tpm_wire::response_code(&e.process(&w)), Some(0x148), "TPM_RC_NV_LOCKED");
     assert!(write_ek_cert(&mut e, EkKind::Rsa2048, &[]).is_err());
     assert!(write_ek_cert(&mut e, EkKind::Rsa2048, &[0; 2049]).is_err());
 
@@ -53,6 +53,6 @@ fn ek_certificate_in_nv() {
     let perm = e.permanent_state().unwrap();
     drop(e);
     let mut e = Engine::start(TpmVersion::Tpm2, Some(&perm), None).unwrap();
-    assert_eq!(tpm2::response_code(&e.process(&tpm2::startup(tpm2::SU_CLEAR))), Some(0));
+    assert_eq!(tpm_wire::response_code(&e.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR))), Some(0));
     assert_eq!(read_ek_cert(&mut e, EkKind::EccP256).unwrap().as_deref(), Some(&cert[..]));
 }

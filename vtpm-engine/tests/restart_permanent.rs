@@ -1,7 +1,7 @@
 //! Provision an EK and an NV index, save permanent state, restart from it: same EK, NV kept.
 mod common;
 use common::*;
-use vtpm_engine::{Engine, TpmVersion, provision_ek, read_ek_public, tpm2};
+use vtpm_engine::{Engine, TpmVersion, provision_ek, read_ek_public};
 
 #[test]
 fn permanent_state_survives_restart() {
@@ -27,7 +27,7 @@ fn permanent_state_survives_restart() {
     let dirty = e
         .take_dirty_permanent()
         .expect("EvictControl/NV writes store permall");
-    ok(&mut e, &tpm2::shutdown(tpm2::SU_CLEAR));
+    ok(&mut e, &tpm_wire::tpm2_shutdown(tpm_wire::TPM2_SU_CLEAR));
     let snapshot = e.permanent_state().unwrap();
     drop(e);
 

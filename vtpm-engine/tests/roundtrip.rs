@@ -43,9 +43,7 @@ fn startup_random_extend_read() {
     let small = e.set_buffer_size(1);
     assert_eq!(small.size, small.min);
     assert_eq!(e.buffer_size(), small.min);
-    let mut big = vtpm_engine::tpm2::Command::new(0x8001, 0x17B)
-        .u16(8)
-        .finish();
+    let mut big = tpm_wire::tpm2_get_random(8);
     big.resize(small.min as usize + 1, 0);
     let n = big.len() as u32;
     big[2..6].copy_from_slice(&n.to_be_bytes());

@@ -2,35 +2,29 @@
 use vtpm_engine::{Engine, TpmVersion};
 
 fn rc12(resp: &[u8]) -> u32 {
-    u32::from_be_bytes(resp[6..10].try_into().unwrap())
+    tpm_wire::response_code(resp).unwrap()
 }
 
-const STARTUP_CLEAR: [u8; 12] = [0x00, 0xC1, 0, 0, 0, 0x0C, 0, 0, 0, 0x99, 0, 0x01];
-// TPM_GetCapability(TPM_CAP_VERSION_VAL, empty subCap)
-const GETCAP_VERSION: [u8; 18] = [
-    0x00, 0xC1, 0, 0, 0, 0x12, 0, 0, 0, 0x65, 0, 0, 0, 0x1A, 0, 0, 0, 0,
-];
-// TPM_GetRandom(16)
-const GET_RANDOM: [u8; 14] = [0x00, 0xC1, 0, 0, 0, 0x0E, 0, 0, 0, 0x46, 0, 0, 0, 0x10];
+/// TPM_GetCapability(TPM_CAP_VERSION_VAL, empty subCap).
+fn getcap_version() -> Vec<u8> {
+    tpm_wire::Command::new(tpm_wire::TPM12_TAG_RQU_COMMAND, tpm_wire::TPM12_ORD_GET_CAPABILITY).u32(0x1A).u32(0).finish()
+}
 
 #[test]
 fn tpm12_start_and_commands() {
     let mut e = Engine::start(TpmVersion::Tpm12, None, None).unwrap();
     assert_eq!(e.version(), TpmVersion::Tpm12);
-    assert_eq!(
-        e.error_response(),
-        [0x00, 0xC4, 0, 0, 0, 0x0A, 0, 0, 0, 0x09]
-    );
+    assert_eq!(e.error_response(), [0x00, 0xC4, 0, 0, 0, 0x0A, 0, 0, 0, 0x09]);
 
-    let r = e.process(&STARTUP_CLEAR);
+    let r = e.process(&tpm_wire::tpm12_startup_clear());
     assert_eq!(rc12(&r), 0, "TPM_Startup: {r:02x?}");
-    let r = e.process(&GETCAP_VERSION);
+    let r = e.process(&getcap_version());
     assert_eq!(rc12(&r), 0, "GetCapability: {r:02x?}");
     assert_eq!(&r[..2], &[0x00, 0xC4]);
     // TPM_CAP_VERSION_INFO: tag 0x0030, version 1.2
     assert_eq!(&r[14..18], &[0x00, 0x30, 0x01, 0x02]);
 
-    let r = e.process(&GET_RANDOM);
+    let r = e.process(&tpm_wire::tpm12_get_random(16));
     assert_eq!(rc12(&r), 0, "GetRandom: {r:02x?}");
     assert_eq!(u32::from_be_bytes(r[10..14].try_into().unwrap()), 16);
     assert_eq!(r.len(), 14 + 16);
@@ -44,8 +38,8 @@ fn tpm12_start_and_commands() {
     drop(e);
 
     let mut e = Engine::start(TpmVersion::Tpm12, Some(&perm), None).unwrap();
-    assert_eq!(rc12(&e.process(&STARTUP_CLEAR)), 0);
-    assert_eq!(rc12(&e.process(&GETCAP_VERSION)), 0);
+    assert_eq!(rc12(&e.process(&tpm_wire::tpm12_startup_clear())), 0);
+    assert_eq!(rc12(&e.process(&getcap_version())), 0);
     drop(e);
 
     // Corrupted 1.2 state is refused too.
@@ -54,6 +48,6 @@ fn tpm12_start_and_commands() {
 
     // And TPM 2.0 can be started afterwards in the same process.
     let mut e = Engine::start(TpmVersion::Tpm2, None, None).unwrap();
-    let r = e.process(&vtpm_engine::tpm2::startup(vtpm_engine::tpm2::SU_CLEAR));
+    let r = e.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR));
     assert_eq!(rc12(&r), 0);
 }

@@ -17,14 +17,13 @@
 //! therefore patches those two answers from libtpms ([`patch_getcap_response`]).
 
 use crate::evidence::PcrSelection;
+use tpm_wire::{TPM2_CC_GET_CAPABILITY, TPM2_ST_NO_SESSIONS};
 
 /// The vendor command code (TPM_CC with the V bit, index 0x100).
 pub const TPM2_CC_XVTPM_DEEP_QUOTE: u32 = 0x2000_0100;
 /// `TPMA_CC` of the command: commandIndex 0x0100, V (bit 29) set, no handles.
 pub const TPMA_CC_DEEP_QUOTE: u32 = 0x2000_0100;
 
-/// `TPM2_CC_GetCapability`.
-pub const TPM2_CC_GET_CAPABILITY: u32 = 0x17A;
 /// `TPM_CAP_COMMANDS`.
 pub const TPM_CAP_COMMANDS: u32 = 2;
 /// `TPM_CAP_TPM_PROPERTIES`.
@@ -140,16 +139,13 @@ impl<'a> Cur<'a> {
 impl DeepQuoteCommand {
     /// Encodes the full command packet.
     pub fn encode(&self) -> Vec<u8> {
-        let mut c = vec![0x80, 0x01, 0, 0, 0, 0];
-        c.extend_from_slice(&TPM2_CC_XVTPM_DEEP_QUOTE.to_be_bytes());
-        c.extend_from_slice(&(self.nonce.len() as u16).to_be_bytes());
-        c.extend_from_slice(&self.nonce);
-        c.extend_from_slice(&selection_bytes(self.vpcr_alg, &self.vpcrs));
-        c.extend_from_slice(&selection_bytes(crate::evidence::TPM_ALG_SHA256, &self.host_pcrs));
-        c.extend_from_slice(&self.flags.to_be_bytes());
-        let n = c.len() as u32;
-        c[2..6].copy_from_slice(&n.to_be_bytes());
-        c
+        tpm_wire::Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_XVTPM_DEEP_QUOTE)
+            .u16(self.nonce.len() as u16)
+            .bytes(&self.nonce)
+            .bytes(&selection_bytes(self.vpcr_alg, &self.vpcrs))
+            .bytes(&selection_bytes(crate::evidence::TPM_ALG_SHA256, &self.host_pcrs))
+            .u32(self.flags)
+            .finish()
     }
 
     /// Parses a command packet whose framing was already checked; returns
@@ -179,7 +175,8 @@ impl DeepQuoteCommand {
 
 /// The success response carrying `bundle`.
 pub fn response(bundle: &[u8]) -> Vec<u8> {
-    let mut r = vec![0x80, 0x01, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut r = TPM2_ST_NO_SESSIONS.to_be_bytes().to_vec();
+    r.extend_from_slice(&[0; 8]); // size (below), TPM_RC_SUCCESS
     r.extend_from_slice(&(bundle.len() as u32).to_be_bytes());
     r.extend_from_slice(bundle);
     let n = r.len() as u32;
@@ -189,7 +186,7 @@ pub fn response(bundle: &[u8]) -> Vec<u8> {
 
 /// Extracts the bundle from a response; `Err(rc)` for an error response.
 pub fn parse_response(rsp: &[u8]) -> Result<Vec<u8>, u32> {
-    let hdr = crate::tpm::peek_header(rsp).ok_or(rc::SIZE)?;
+    let hdr = tpm_wire::peek_header(rsp).ok_or(rc::SIZE)?;
     if hdr.code != 0 {
         return Err(hdr.code);
     }
@@ -207,8 +204,8 @@ pub fn parse_response(rsp: &[u8]) -> Result<Vec<u8>, u32> {
 /// `TPM_CAP_COMMANDS`) and counts it (in `TPM_PT_TOTAL_COMMANDS` and
 /// `TPM_PT_VENDOR_COMMANDS`). `None` = leave the response as it is.
 pub fn patch_getcap_response(cmd: &[u8], rsp: &[u8]) -> Option<Vec<u8>> {
-    let h = crate::tpm::peek_header(cmd)?;
-    if h.code != TPM2_CC_GET_CAPABILITY || cmd.len() != 22 || crate::tpm::response_code(rsp)? != 0 {
+    let h = tpm_wire::peek_header(cmd)?;
+    if h.code != TPM2_CC_GET_CAPABILITY || cmd.len() != 22 || tpm_wire::response_code(rsp)? != 0 {
         return None;
     }
     let mut c = Cur { b: cmd, at: 10 };
@@ -269,7 +266,7 @@ mod tests {
     fn round_trip() {
         let c = sample();
         let p = c.encode();
-        crate::tpm::parse_command(&p, crate::tpm::Family::Tpm2, 4096).unwrap();
+        tpm_wire::parse_command(&p, tpm_wire::Family::Tpm2, 4096).unwrap();
         assert_eq!(DeepQuoteCommand::parse(&p), Ok(c));
     }
 
@@ -296,7 +293,7 @@ mod tests {
     #[test]
     fn response_round_trip() {
         assert_eq!(parse_response(&response(b"bundle")), Ok(b"bundle".to_vec()));
-        assert_eq!(parse_response(&crate::tpm::error_response(crate::tpm::Family::Tpm2, rc::RETRY)), Err(rc::RETRY));
+        assert_eq!(parse_response(&tpm_wire::error_response(tpm_wire::Family::Tpm2, rc::RETRY)), Err(rc::RETRY));
     }
 
     fn getcap(cap: u32, prop: u32, count: u32) -> Vec<u8> {

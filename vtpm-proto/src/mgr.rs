@@ -21,6 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+#[cfg(test)]
 use zeroize::Zeroizing;
 
 /// Largest frame either side accepts. Deep-quote evidence bundles are the
@@ -82,30 +83,7 @@ pub fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, FrameEr
     Ok(serde_json::from_slice(payload)?)
 }
 
-/// Secret bytes on the wire: hex in JSON, redacted in `Debug`, zeroed on drop.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretBytes(pub Zeroizing<Vec<u8>>);
-
-impl std::fmt::Debug for SecretBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SecretBytes([redacted; {}])", self.0.len())
-    }
-}
-
-impl Serialize for SecretBytes {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let hex = Zeroizing::new(hex::encode(self.0.as_slice()));
-        s.serialize_str(&hex)
-    }
-}
-
-impl<'de> Deserialize<'de> for SecretBytes {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = Zeroizing::new(String::deserialize(d)?);
-        let v = hex::decode(s.as_str()).map_err(serde::de::Error::custom)?;
-        Ok(SecretBytes(Zeroizing::new(v)))
-    }
-}
+pub use crate::secret::SecretBytes;
 
 /// Machine-readable error class, so clients can map errors to exit codes
 /// without parsing prose.
@@ -449,6 +427,79 @@ pub enum AdminRequest {
         /// Contents of `TPM2B_ENCRYPTED_SECRET`, hex (at most 512 bytes).
         encrypted_secret: String,
     },
+    /// Moving a vTPM to another manager (docs/migration.md): the source checks the
+    /// destination's EK certificate (to `ek_roots`) and AK, and answers a
+    /// [`crate::transfer::Challenge`] for it.
+    TransferChallenge {
+        /// The vTPM to move.
+        uuid: Uuid,
+        /// The destination TPM's EK certificate (DER), hex.
+        ek_cert: String,
+        /// Intermediates (DER), hex.
+        #[serde(default)]
+        ek_intermediates: Vec<String>,
+        /// Trusted vendor roots (DER), hex.
+        ek_roots: Vec<String>,
+        /// The destination group's AK `TPMT_PUBLIC`, hex.
+        ak_public: String,
+        /// Host PCRs the destination must quote.
+        pcrs: Vec<u8>,
+    },
+    /// Destination: activates the challenge's credential and offers a transfer key.
+    TransferOffer {
+        /// The group the vTPM will join (UUID or name; `None` = the default group).
+        #[serde(default)]
+        group: Option<String>,
+        /// The source's challenge.
+        challenge: Box<crate::transfer::Challenge>,
+    },
+    /// Source: verifies the offer, marks the vTPM exporting (durably) and seals its identity
+    /// and `state` to the offer's transfer key.
+    TransferExport {
+        /// The vTPM.
+        uuid: Uuid,
+        /// The destination's offer.
+        offer: Box<crate::transfer::Offer>,
+        /// Trusted vendor roots (DER), hex.
+        ek_roots: Vec<String>,
+        /// `(PCR index, SHA-256 value hex)` pairs the destination must have.
+        host_policy: Vec<(u8, String)>,
+        /// The vTPM's sealed state file, hex.
+        state: String,
+        /// A name for the destination, shown when the retired vTPM is started here.
+        #[serde(default)]
+        destination: String,
+    },
+    /// Destination: imports a package (its TPM decrypts the package key).
+    TransferImport {
+        /// The package.
+        package: Box<crate::transfer::Package>,
+    },
+    /// Destination: the receipt of an imported vTPM again.
+    TransferReceipt {
+        /// The vTPM.
+        uuid: Uuid,
+    },
+    /// Destination: withdraws an offer that was not imported (its key is forgotten); answers a
+    /// cancellation receipt.
+    TransferCancel {
+        /// The offer.
+        offer_id: Uuid,
+    },
+    /// Source: retires an exporting vTPM on the destination's import receipt.
+    TransferCommit {
+        /// The vTPM.
+        uuid: Uuid,
+        /// The destination's receipt.
+        receipt: Box<crate::transfer::Receipt>,
+    },
+    /// Source: returns an exporting vTPM to service on the destination's cancellation receipt.
+    TransferAbort {
+        /// The vTPM.
+        uuid: Uuid,
+        /// The destination's receipt.
+        receipt: Box<crate::transfer::Receipt>,
+    },
 }
 
 /// Enrollment material of a host (`xl-vtpm mgr enrollment`).
@@ -498,6 +549,21 @@ pub enum AdminReply {
         /// The secret, hex (redacted in `Debug`).
         secret: SecretBytes,
     },
+    /// A transfer challenge.
+    TransferChallenge(Box<crate::transfer::Challenge>),
+    /// A transfer offer.
+    TransferOffer(Box<crate::transfer::Offer>),
+    /// A sealed transfer package.
+    TransferPackage(Box<crate::transfer::Package>),
+    /// A package was imported: its receipt, and the vTPM's sealed state file (hex) to install.
+    TransferImported {
+        /// The receipt for the source.
+        receipt: Box<crate::transfer::Receipt>,
+        /// The sealed state file, hex.
+        state: String,
+    },
+    /// A receipt.
+    TransferReceipt(Box<crate::transfer::Receipt>),
     /// Done, nothing to report.
     Ok,
     /// Refused or failed.

@@ -30,7 +30,7 @@ use aes_gcm::{Aes256Gcm, Key, Nonce};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::tpm::Family;
+use tpm_wire::Family;
 
 /// File magic.
 pub const MAGIC: &[u8; 4] = b"XVTS";

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::sealed::{KEY_LEN, MAX_BLOB, TAG_LEN};
-use crate::tpm::Family;
+use tpm_wire::Family;
 
 /// Blob magic.
 pub const MAGIC: &[u8; 4] = b"XVTB";

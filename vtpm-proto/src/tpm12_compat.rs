@@ -12,20 +12,12 @@
 //! gets the TPM 2.0 answer. TPM 2.0 software (tpm2-tools on /dev/tpm0) is
 //! unaffected: it never sends 1.2 tags.
 
-/// TPM 1.2 `TPM_TAG_RQU_COMMAND`.
-const TAG_RQU: u16 = 0x00C1;
-/// TPM 1.2 `TPM_TAG_RSP_COMMAND`.
-const TAG_RSP: u16 = 0x00C4;
-/// `TPM_ORD_GetCapability`.
-const ORD_GET_CAPABILITY: u32 = 0x65;
-/// `TPM_ORD_GetRandom`.
-const ORD_GET_RANDOM: u32 = 0x46;
-/// `TPM_CAP_PROPERTY`.
-const CAP_PROPERTY: u32 = 5;
-/// `TPM_CAP_PROP_TIS_TIMEOUT`.
-const PROP_TIS_TIMEOUT: u32 = 0x115;
-/// `TPM_CAP_PROP_DURATION`.
-const PROP_DURATION: u32 = 0x120;
+use tpm_wire::{
+    TPM12_CAP_PROP_DURATION as PROP_DURATION, TPM12_CAP_PROP_TIS_TIMEOUT as PROP_TIS_TIMEOUT,
+    TPM12_CAP_PROPERTY as CAP_PROPERTY, TPM12_ORD_GET_CAPABILITY as ORD_GET_CAPABILITY,
+    TPM12_ORD_GET_RANDOM as ORD_GET_RANDOM, TPM12_TAG_RQU_COMMAND as TAG_RQU,
+    TPM12_TAG_RSP_COMMAND as TAG_RSP,
+};
 
 /// TIS timeouts A/B/C/D in µs (as Xen's vTPM reports them).
 pub const TIS_TIMEOUTS_US: [u32; 4] = [750_000, 2_000_000, 750_000, 750_000];
@@ -52,7 +44,7 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
 /// Answers the 1.2 commands listed in the module docs; `None` for anything
 /// else. `random(n)` must return `n` random bytes (from the TPM 2.0 engine).
 pub fn answer(cmd: &[u8], random: impl FnOnce(u16) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
-    let h = crate::tpm::peek_header(cmd)?;
+    let h = tpm_wire::peek_header(cmd)?;
     if h.tag != TAG_RQU || h.size as usize != cmd.len() {
         return None;
     }
@@ -86,11 +78,7 @@ mod tests {
     use super::*;
 
     fn getcap(sub: u32) -> Vec<u8> {
-        let mut c = vec![0x00, 0xC1, 0, 0, 0, 22, 0, 0, 0, 0x65];
-        for v in [CAP_PROPERTY, 4, sub] {
-            c.extend_from_slice(&v.to_be_bytes());
-        }
-        c
+        tpm_wire::tpm12_get_capability_property(sub)
     }
 
     #[test]
@@ -108,7 +96,7 @@ mod tests {
 
     #[test]
     fn get_random_is_capped_and_sized() {
-        let cmd = [0x00, 0xC1, 0, 0, 0, 14, 0, 0, 0, 0x46, 0, 0, 0x10, 0];
+        let cmd = tpm_wire::tpm12_get_random(0x1000);
         let r = answer(&cmd, |n| Some(vec![0xAB; n as usize])).unwrap();
         assert_eq!(be32(&r, 10), Some(MAX_RANDOM));
         assert_eq!(r.len(), 14 + MAX_RANDOM as usize);
@@ -119,7 +107,7 @@ mod tests {
 
     #[test]
     fn other_and_malformed_commands_are_not_answered() {
-        assert_eq!(answer(&[0x80, 0x01, 0, 0, 0, 12, 0, 0, 1, 0x7b, 0, 8], |_| None), None);
+        assert_eq!(answer(&tpm_wire::tpm2_get_random(8), |_| None), None);
         let mut short = getcap(PROP_TIS_TIMEOUT);
         short.truncate(20);
         assert_eq!(answer(&short, |_| None), None);

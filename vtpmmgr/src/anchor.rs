@@ -52,27 +52,18 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 use vtpm_proto::mgr::{ErrorCode, Failure, VtpmReply, VtpmRequest};
 
-use crate::daemon::{Shared, lock};
+use crate::peer::Peer;
 
 /// Most anchor requests waiting; beyond it callers get `Busy` (and retry).
 pub const MAX_QUEUE: usize = 4096;
 /// Most anchor requests one store write covers.
 pub const MAX_BATCH: usize = 4096;
 
-/// Who asked, as the link established it (never as the caller claims).
-#[derive(Debug, Clone, Copy)]
-pub enum Peer {
-    /// A process on the vTPM's own socket (`SO_PEERCRED` pid).
-    Socket(Option<u32>),
-    /// A vTPM domain on the Xen link (the toolstack-written frontend domain).
-    Domain(u32),
-}
-
 /// One queued anchor request.
 pub struct Request {
-    /// The vTPM the link serves (the socket's or the backend directory's).
+    /// The vTPM the link serves (`peer.vtpm()`).
     pub vtpm: Uuid,
-    /// The peer.
+    /// The peer, as its link established it.
     pub peer: Peer,
     /// The UUID the caller claims (must equal `vtpm`).
     pub claimed: Uuid,
@@ -102,16 +93,18 @@ pub struct Anchorer {
 }
 
 impl Anchorer {
-    /// Starts the anchoring task for `mgr`.
-    pub fn spawn(mgr: Shared) -> Anchorer {
+    /// Starts the anchoring task. `decide` authorises and decides one batch, makes its store
+    /// write and answers every request in it (the manager's `anchor_batch`); it blocks, so it
+    /// runs off the async threads.
+    pub fn spawn(decide: Decide) -> Anchorer {
         let (tx, rx) = mpsc::channel(MAX_QUEUE);
-        tokio::spawn(run(mgr, rx));
+        tokio::spawn(run(decide, rx));
         Anchorer { tx }
     }
 
-    /// Queues an `AnchorState` that arrived from `peer` on the link of vTPM `vtpm`. Returns
-    /// the receiver of the answer, or the answer to send at once (malformed, queue full).
-    pub fn submit(&self, vtpm: Uuid, peer: Peer, req: VtpmRequest) -> Result<oneshot::Receiver<VtpmReply>, VtpmReply> {
+    /// Queues an `AnchorState` that arrived from `peer`. Returns the receiver of the answer, or
+    /// the answer to send at once (malformed, queue full).
+    pub fn submit(&self, peer: Peer, req: VtpmRequest) -> Result<oneshot::Receiver<VtpmReply>, VtpmReply> {
         let VtpmRequest::AnchorState { uuid, generation, digest, opening } = req else {
             return Err(VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "not a state-anchor request")));
         };
@@ -119,7 +112,7 @@ impl Anchorer {
             return Err(VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "state-anchor digest must be 64 hex digits (SHA-256)")));
         }
         let (tx, rx) = oneshot::channel();
-        let req = Request { vtpm, peer, claimed: uuid, generation, digest: digest.to_ascii_lowercase(), opening, reply: tx };
+        let req = Request { vtpm: peer.vtpm(), peer, claimed: uuid, generation, digest: digest.to_ascii_lowercase(), opening, reply: tx };
         self.tx.try_send(req).map_err(|e| {
             VtpmReply::Error(match e {
                 mpsc::error::TrySendError::Full(_) => Failure::new(ErrorCode::Busy, "state-anchor queue is full; retry shortly"),
@@ -135,7 +128,10 @@ pub async fn reply_for(rx: oneshot::Receiver<VtpmReply>) -> VtpmReply {
     rx.await.unwrap_or_else(|_| VtpmReply::Error(Failure::new(ErrorCode::Internal, "the state-anchor task dropped the request")))
 }
 
-async fn run(mgr: Shared, mut rx: mpsc::Receiver<Request>) {
+/// What decides a batch of anchor requests (see [`Anchorer::spawn`]).
+pub type Decide = Arc<dyn Fn(Vec<Request>) + Send + Sync>;
+
+async fn run(decide: Decide, mut rx: mpsc::Receiver<Request>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -144,10 +140,10 @@ async fn run(mgr: Shared, mut rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        let m = mgr.clone();
+        let d = decide.clone();
         // The store write (file fsyncs, a TPM command) blocks: off the async threads. Requests
         // arriving meanwhile queue for the next batch.
-        if let Err(e) = tokio::task::spawn_blocking(move || lock(&m).anchor_batch(batch)).await {
+        if let Err(e) = tokio::task::spawn_blocking(move || d(batch)).await {
             xvtpm_log::guest_error!(error = %e, "state-anchor batch failed");
         }
     }

@@ -15,43 +15,21 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
 use xvtpm_log::guest_warn;
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
+use vtpm_proto::mgr_io;
 
 
-use crate::anchor::{self, Anchorer};
-use crate::deepquote::{self, Batcher};
+use crate::dispatch::{Dispatcher, Shared, lock};
 use crate::manager::{Attachment, Manager};
+use crate::peer::Peer;
 
-/// The manager shared between socket tasks.
-pub type Shared = Arc<Mutex<Manager>>;
-
-/// Locks the manager, recovering from a poisoned lock.
-pub fn lock(m: &Shared) -> std::sync::MutexGuard<'_, Manager> {
-    // A panic while holding the lock must not take the whole manager down.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-async fn read_frame(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 4];
-    match s.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let n = mgr::frame_len(len).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    // The buffer grows with the bytes that actually arrive, never to the declared length
-    // up front: a thousand peers declaring 1 MiB and sending nothing cost next to nothing.
-    let mut body = Vec::with_capacity(n.min(4096));
-    (&mut *s).take(n as u64).read_to_end(&mut body).await?;
-    if body.len() != n {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(Some(body))
+async fn read_frame(s: &mut UnixStream) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, mgr_io::WireError> {
+    mgr_io::nonblocking::read_frame(s).await
 }
 
 async fn write_msg<T: serde::Serialize>(s: &mut UnixStream, msg: &T) -> std::io::Result<()> {
@@ -125,8 +103,7 @@ fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 /// Keeps one listener per running (attached) vTPM in step with the attachments and the store.
 struct VtpmSockets {
     tasks: HashMap<Uuid, JoinHandle<()>>,
-    batcher: Batcher,
-    anchorer: Anchorer,
+    dispatch: Dispatcher,
 }
 
 impl VtpmSockets {
@@ -165,8 +142,7 @@ impl VtpmSockets {
             let group = |l: UnixListener| std::os::unix::fs::chown(&path, None, Some(vtpm_proto::mgr::VTPM_GID)).map(|()| l);
             match bind(&path, 0o660).and_then(group) {
                 Ok(l) => {
-                    let m = mgr.clone();
-                    self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, m, self.batcher.clone(), self.anchorer.clone())));
+                    self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, self.dispatch.clone())));
                 }
                 Err(e) => xvtpm_log::host_error!(vtpm = %uuid, error = %e, path = %path.display(), "cannot bind the vTPM socket"),
             }
@@ -174,30 +150,16 @@ impl VtpmSockets {
     }
 }
 
-async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared, batcher: Batcher, anchorer: Anchorer) {
+async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, dispatch: Dispatcher) {
     loop {
         let Ok((mut s, _)) = l.accept().await else { continue };
-        let m = mgr.clone();
-        let b = batcher.clone();
-        let a = anchorer.clone();
+        let d = dispatch.clone();
         tokio::spawn(async move {
             let pid = s.peer_cred().ok().and_then(|c| c.pid()).and_then(|p| u32::try_from(p).ok());
+            let peer = Peer::process(uuid, pid);
             while let Ok(Some(body)) = read_frame(&mut s).await {
                 let reply = match mgr::decode::<VtpmRequest>(&body) {
-                    Ok(VtpmRequest::GetStateKey { version, uuid: claimed }) => lock(&m).state_key(uuid, pid, version, claimed),
-                    Ok(req @ VtpmRequest::DeepQuote { .. }) => deep_quote(&m, &b, uuid, pid, req).await,
-                    // Authorised inside the batch: queueing never waits for the manager lock.
-                    Ok(req @ VtpmRequest::AnchorState { .. }) => match a.submit(uuid, anchor::Peer::Socket(pid), req) {
-                        Ok(rx) => anchor::reply_for(rx).await,
-                        Err(reply) => reply,
-                    },
-                    Ok(VtpmRequest::IssueEkCert { uuid: claimed, ek_public, tpm }) => {
-                        // A TPM signature (and, the first time, a CA key): off the async threads.
-                        let m2 = m.clone();
-                        tokio::task::spawn_blocking(move || lock(&m2).ek_cert(uuid, pid, claimed, &ek_public, &tpm))
-                            .await
-                            .unwrap_or_else(|e| VtpmReply::Error(Failure::new(ErrorCode::Internal, e.to_string())))
-                    }
+                    Ok(req) => d.handle(peer, req).await,
                     Err(e) => VtpmReply::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
                 };
                 if write_msg(&mut s, &reply).await.is_err() {
@@ -208,41 +170,44 @@ async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, mgr: Shared, batcher: Ba
     }
 }
 
-async fn deep_quote(m: &Shared, b: &Batcher, socket_uuid: Uuid, pid: Option<u32>, req: VtpmRequest) -> VtpmReply {
-    let VtpmRequest::DeepQuote { uuid, .. } = &req else {
-        return VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "not a deep-quote request"));
-    };
-    let group = match lock(m).authorize(socket_uuid, pid, *uuid) {
-        Ok(g) => g,
-        Err(f) => return VtpmReply::Error(f),
-    };
-    match deepquote::submit_request(b, socket_uuid, group, req) {
-        Ok(rx) => deepquote::reply_for(rx).await,
-        Err(reply) => reply,
-    }
+/// Why the manager could not serve (each cause is its `source`).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The run directory or the admin socket.
+    #[error("cannot bind the admin socket {}", path.display())]
+    Bind {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The Xen link (`--xen`).
+    #[error("cannot start the Xen manager link")]
+    Xen(#[source] crate::xenlink::OpenError),
+    /// Signal handlers.
+    #[error("cannot install the SIGTERM/SIGINT handlers")]
+    Signals(#[source] std::io::Error),
 }
 
 /// Runs the manager until SIGTERM/SIGINT.
-pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()> {
+pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeError> {
     let admin_path = mgr.config().admin_socket();
     let run_dir = mgr.config().run_dir.clone();
-    std::fs::create_dir_all(&run_dir)?;
-    let admin = bind(&admin_path, 0o600)?;
-    let batch = mgr.config().batch;
-    let stats = mgr.stats();
+    let bind_err = |source| ServeError::Bind { path: admin_path.clone(), source };
+    std::fs::create_dir_all(&run_dir).map_err(bind_err)?;
+    let admin = bind(&admin_path, 0o600).map_err(bind_err)?;
     let shared: Shared = Arc::new(Mutex::new(mgr));
-    let batcher = Batcher::spawn(shared.clone(), batch, stats);
+    let dispatch = Dispatcher::new(shared.clone());
     // Wakes the socket reconciler when an attached process exits.
     let detached = Arc::new(tokio::sync::Notify::new());
     let reloaded = lock(&shared).attachments();
     for (uuid, att) in reloaded {
         watch_attachment(&shared, uuid, att, &detached);
     }
-    let anchorer = Anchorer::spawn(shared.clone());
     // vTPMs in their own Xen domains reach the manager over tpmif (xenlink).
     let xen_poke = match xen_root {
         Some(root) => {
-            let link = crate::xenlink::XenLink::open(&root, shared.clone(), batcher.clone()).await?.with_anchorer(anchorer.clone());
+            let link = crate::xenlink::XenLink::open(&root, dispatch.clone()).await.map_err(ServeError::Xen)?;
             let poke = link.poker();
             tokio::spawn(link.run());
             xvtpm_log::host_info!(root = %root, "Xen manager link serving vTPM domains");
@@ -250,7 +215,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
         }
         None => None,
     };
-    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), batcher, anchorer }));
+    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), dispatch }));
     {
         let mut socks = sockets.lock().await;
         socks.reconcile(&shared);
@@ -268,8 +233,8 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> std::io::Result<()
     }
     // Before readiness: a SIGTERM right after it must stop the manager cleanly, not kill it.
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
     xvtpm_log::host_info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.
     println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id()}));

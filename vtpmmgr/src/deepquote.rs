@@ -19,7 +19,12 @@ use vtpm_proto::evidence::{Bundle, HostPcrs, Leaf, LeafPosition, VpcrSelection};
 use vtpm_proto::merkle::Tree;
 use vtpm_proto::mgr::{ErrorCode, Failure, VtpmReply, VtpmRequest};
 
-use crate::daemon::Shared;
+use crate::hwtpm::QuoteOut;
+
+/// Signs one physical quote: `(group, qualifying data, host PCR indices)` → the quote and the
+/// group AK's `TPMT_PUBLIC`. It blocks (a TPM command), so the batcher calls it off the async
+/// threads. The manager provides it; the batcher knows nothing else of the manager.
+pub type QuoteFn = Arc<dyn Fn(Uuid, [u8; 32], Vec<u8>) -> Result<(QuoteOut, Vec<u8>), Failure> + Send + Sync>;
 
 /// Batching configuration.
 #[derive(Debug, Clone, Copy)]
@@ -112,10 +117,10 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the batcher task.
-    pub fn spawn(mgr: Shared, cfg: BatchConfig, stats: Arc<Stats>) -> Batcher {
+    /// Starts the batcher task; `quote` signs each batch's quotes.
+    pub fn spawn(quote: QuoteFn, cfg: BatchConfig, stats: Arc<Stats>) -> Batcher {
         let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
-        tokio::spawn(run(mgr, cfg, stats, rx));
+        tokio::spawn(run(quote, cfg, stats, rx));
         Batcher { tx }
     }
 
@@ -142,7 +147,7 @@ pub fn gather_window(last_batch: usize, last_quote: std::time::Duration) -> std:
     if last_batch <= 1 { std::time::Duration::ZERO } else { (last_quote / 8).min(MAX_GATHER) }
 }
 
-async fn run(mgr: Shared, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Receiver<Request>) {
+async fn run(quote: QuoteFn, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Receiver<Request>) {
     let max = cfg.max_batch.max(1);
     let (mut last_batch, mut last_quote) = (0usize, std::time::Duration::ZERO);
     while let Some(first) = rx.recv().await {
@@ -165,7 +170,7 @@ async fn run(mgr: Shared, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Rec
         last_batch = batch_len(&parts);
         let started = std::time::Instant::now();
         for ((group, host_pcrs), reqs) in parts {
-            quote_part(&mgr, &stats, group, host_pcrs, reqs).await;
+            quote_part(&quote, &stats, group, host_pcrs, reqs).await;
         }
         last_quote = started.elapsed();
     }
@@ -175,7 +180,7 @@ fn batch_len(parts: &BTreeMap<(Uuid, Vec<u8>), Vec<Request>>) -> usize {
     parts.values().map(Vec::len).sum()
 }
 
-async fn quote_part(mgr: &Shared, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>, reqs: Vec<Request>) {
+async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>, reqs: Vec<Request>) {
     let n = reqs.len() as u32;
     let mut leaves = Vec::with_capacity(reqs.len());
     let mut encoded = Vec::with_capacity(reqs.len());
@@ -208,12 +213,8 @@ async fn quote_part(mgr: &Shared, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>
     }
     let tree = Tree::from_leaves(&encoded);
     let root = tree.root();
-    let pcrs = host_pcrs.clone();
-    let job = crate::daemon::lock(mgr).quote_job(group);
-    let quoted = match job {
-        Ok(job) => tokio::task::spawn_blocking(move || crate::manager::quote_with(job, &root, &pcrs)).await,
-        Err(f) => Ok(Err(f)),
-    };
+    let quote = quote.clone();
+    let quoted = tokio::task::spawn_blocking(move || quote(group, root, host_pcrs)).await;
     stats.physical_quotes.fetch_add(1, Ordering::Relaxed);
     let (q, ak_public) = match quoted {
         Ok(Ok(x)) => x,

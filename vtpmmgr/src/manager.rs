@@ -24,8 +24,12 @@ use vtpm_proto::mgr::{
 use zeroize::Zeroizing;
 
 use crate::hwtpm::{AkAlg, HwTpm, MasterSecret, PcrPolicySpec};
+use crate::peer::Peer;
 use crate::rollback::{Protected, RollbackError};
 use crate::store::{EkBinding, Group, GroupCa, StateAnchor, Store, StoreKeys, VtpmEntry};
+
+#[path = "transfer.rs"]
+pub mod transfer;
 
 /// A physical quote to run outside the manager lock.
 pub struct QuoteJob {
@@ -248,6 +252,9 @@ impl Manager {
     }
 
     fn derive_key(&self, uuid: &Uuid) -> Option<Zeroizing<Vec<u8>>> {
+        if let Some(imported) = self.imported_state_key(uuid) {
+            return imported;
+        }
         let master = self.master.as_ref()?;
         let hk = Hkdf::<Sha256>::new(Some(b"xvtpm/state-key/v1"), &master[..]);
         let mut okm = Zeroizing::new(vec![0u8; 32]);
@@ -255,25 +262,46 @@ impl Manager {
         Some(okm)
     }
 
-    /// Decides whether the peer on vTPM `socket_uuid`'s own socket, process
-    /// `peer_pid`, which believes it is `claimed`, is that vTPM's process.
-    /// Returns the vTPM's group.
-    pub fn authorize(&self, socket_uuid: Uuid, peer_pid: Option<u32>, claimed: Uuid) -> Result<Uuid, Failure> {
-        if claimed != socket_uuid {
-            guest_warn!(socket = %socket_uuid, claimed = %claimed, pid = ?peer_pid, "refused a vTPM request: caller claimed another vTPM's UUID");
-            return Err(Failure::new(ErrorCode::Refused, format!("this socket serves vTPM {socket_uuid}, not {claimed}")));
+    /// Decides whether `peer` — which believes it is vTPM `claimed` — is the vTPM its link
+    /// serves: the process xl-vtpm attached to that vTPM (same pid and start time), or the
+    /// domain attached to it (`VtpmAttachDomain`). Returns the vTPM's group.
+    pub fn authorize(&self, peer: &Peer, claimed: Uuid) -> Result<Uuid, Failure> {
+        let vtpm = peer.vtpm();
+        let link = match peer {
+            Peer::Process { .. } => "socket",
+            Peer::Domain { .. } => "link",
+        };
+        if claimed != vtpm {
+            guest_warn!(vtpm = %vtpm, claimed = %claimed, peer = %peer, "refused a vTPM request: caller claimed another vTPM's UUID");
+            return Err(Failure::new(ErrorCode::Refused, format!("this {link} serves vTPM {vtpm}, not {claimed}")));
         }
-        let Some(entry) = self.store.vtpm(&socket_uuid) else {
-            return Err(Failure::new(ErrorCode::NotFound, format!("vTPM {socket_uuid} does not exist")));
+        let Some(entry) = self.store.vtpm(&vtpm) else {
+            return Err(Failure::new(ErrorCode::NotFound, format!("vTPM {vtpm} does not exist")));
         };
-        // A dead attached process is no attachment: its successor may
-        // ask before xl-vtpm has attached it, and should retry.
-        let Some(expected) = self.attachment(&socket_uuid) else {
-            return Err(Failure::new(ErrorCode::NotAttached, format!("no process is attached to vTPM {socket_uuid} yet (xl-vtpm attaches it after spawning)")));
-        };
-        if peer_pid != Some(expected.pid) {
-            guest_warn!(vtpm = %socket_uuid, pid = ?peer_pid, expected = expected.pid, "refused a vTPM request: caller is not the attached process");
-            return Err(Failure::new(ErrorCode::Refused, format!("process {peer_pid:?} is not the process attached to vTPM {socket_uuid}")));
+        if let Some(why) = self.transfer_refusal(&vtpm) {
+            return Err(Failure::new(ErrorCode::Refused, why));
+        }
+        match *peer {
+            Peer::Process { pid, start, .. } => {
+                // A dead attached process is no attachment: its successor may
+                // ask before xl-vtpm has attached it, and should retry.
+                let Some(expected) = self.attachment(&vtpm) else {
+                    return Err(Failure::new(ErrorCode::NotAttached, format!("no process is attached to vTPM {vtpm} yet (xl-vtpm attaches it after spawning)")));
+                };
+                if pid != Some(expected.pid) || start.is_some_and(|s| s != expected.start) {
+                    guest_warn!(vtpm = %vtpm, pid = ?pid, expected = expected.pid, "refused a vTPM request: caller is not the attached process");
+                    return Err(Failure::new(ErrorCode::Refused, format!("process {pid:?} is not the process attached to vTPM {vtpm}")));
+                }
+            }
+            Peer::Domain { domid, .. } => {
+                let Some(expected) = self.attached_domains.get(&vtpm).copied() else {
+                    return Err(Failure::new(ErrorCode::NotAttached, format!("no domain is attached to vTPM {vtpm} yet (xl-vtpm attaches the vTPM domain after creating it)")));
+                };
+                if domid != expected {
+                    guest_warn!(vtpm = %vtpm, domid, expected, "refused: frontend domain is not the domain attached to this vTPM");
+                    return Err(Failure::new(ErrorCode::Refused, format!("domain {domid} is not the domain attached to vTPM {vtpm}")));
+                }
+            }
         }
         if self.master.is_none() {
             return Err(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned"));
@@ -281,43 +309,16 @@ impl Manager {
         Ok(entry.group)
     }
 
-    /// The Xen counterpart of [`authorize`](Self::authorize): decides whether
-    /// the tpmif link whose backend directory (written by the toolstack in the
-    /// manager's own xenstore home; the vTPM domain cannot write it) names vTPM
-    /// `backend_uuid` and frontend domain `frontend_domid`, and whose peer
-    /// believes it is `claimed`, is that vTPM's domain. Returns the vTPM's group.
-    pub fn authorize_domain(&self, backend_uuid: Uuid, frontend_domid: u32, claimed: Uuid) -> Result<Uuid, Failure> {
-        if claimed != backend_uuid {
-            guest_warn!(backend_uuid = %backend_uuid, claimed = %claimed, domid = frontend_domid, "refused: vTPM domain claimed another vTPM's UUID");
-            return Err(Failure::new(ErrorCode::Refused, format!("this link serves vTPM {backend_uuid}, not {claimed}")));
-        }
-        let Some(entry) = self.store.vtpm(&backend_uuid) else {
-            return Err(Failure::new(ErrorCode::NotFound, format!("vTPM {backend_uuid} does not exist")));
-        };
-        let Some(expected) = self.attached_domains.get(&backend_uuid).copied() else {
-            return Err(Failure::new(ErrorCode::NotAttached, format!("no domain is attached to vTPM {backend_uuid} yet (xl-vtpm attaches the vTPM domain after creating it)")));
-        };
-        if frontend_domid != expected {
-            guest_warn!(vtpm = %backend_uuid, domid = frontend_domid, expected, "refused: frontend domain is not the domain attached to this vTPM");
-            return Err(Failure::new(ErrorCode::Refused, format!("domain {frontend_domid} is not the domain attached to vTPM {backend_uuid}")));
-        }
-        if self.master.is_none() {
-            return Err(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned"));
-        }
-        Ok(entry.group)
-    }
-
-    /// Answers a `GetStateKey` that arrived over the tpmif link of vTPM
-    /// `backend_uuid` (from the manager's backend directory) whose frontend is
-    /// domain `frontend_domid`.
-    pub fn state_key_domain(&self, backend_uuid: Uuid, frontend_domid: u32, version: u32, claimed: Uuid) -> VtpmReply {
+    /// Answers a `GetStateKey` from `peer`.
+    pub fn state_key(&self, peer: &Peer, version: u32, claimed: Uuid) -> VtpmReply {
         if version != PROTOCOL_VERSION {
             return VtpmReply::Error(Failure::new(ErrorCode::BadRequest, format!("protocol version {version} not supported (manager speaks {PROTOCOL_VERSION})")));
         }
-        match self.authorize_domain(backend_uuid, frontend_domid, claimed) {
-            Ok(group) => match self.derive_key(&backend_uuid) {
+        let vtpm = peer.vtpm();
+        match self.authorize(peer, claimed) {
+            Ok(group) => match self.derive_key(&vtpm) {
                 Some(key) => {
-                    guest_info!(vtpm = %backend_uuid, domid = frontend_domid, "released state key over tpmif");
+                    guest_info!(vtpm = %vtpm, peer = %peer, "released state key");
                     VtpmReply::StateKey { key: SecretBytes(key), group }
                 }
                 None => VtpmReply::Error(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned")),
@@ -393,28 +394,17 @@ impl Manager {
         Ok(cert)
     }
 
-    fn ek_cert_reply(&mut self, vtpm: Uuid, group: Result<Uuid, Failure>, ek_public: &str, tpm: &TpmInfo) -> VtpmReply {
-        match group.and_then(|g| self.issue_ek_cert(vtpm, g, ek_public, tpm)) {
+    /// Answers an `IssueEkCert` from `peer` (authorised exactly like a state-key request). A
+    /// TPM signature (and, the first time, a CA key): callers run it off the async threads.
+    pub fn ek_cert(&mut self, peer: &Peer, claimed: Uuid, ek_public: &str, tpm: &TpmInfo) -> VtpmReply {
+        let vtpm = peer.vtpm();
+        match self.authorize(peer, claimed).and_then(|g| self.issue_ek_cert(vtpm, g, ek_public, tpm)) {
             Ok(cert) => VtpmReply::EkCert { cert: hex::encode(cert) },
             Err(f) => {
                 guest_warn!(vtpm = %vtpm, code = ?f.code, error = %f.message, "EK certificate not issued");
                 VtpmReply::Error(f)
             }
         }
-    }
-
-    /// Answers an `IssueEkCert` that arrived on vTPM `socket_uuid`'s own socket from process
-    /// `peer_pid` (authorised exactly like a state-key request).
-    pub fn ek_cert(&mut self, socket_uuid: Uuid, peer_pid: Option<u32>, claimed: Uuid, ek_public: &str, tpm: &TpmInfo) -> VtpmReply {
-        let group = self.authorize(socket_uuid, peer_pid, claimed);
-        self.ek_cert_reply(socket_uuid, group, ek_public, tpm)
-    }
-
-    /// Answers an `IssueEkCert` that arrived over the tpmif link of vTPM `backend_uuid` whose
-    /// frontend is domain `frontend_domid`.
-    pub fn ek_cert_domain(&mut self, backend_uuid: Uuid, frontend_domid: u32, claimed: Uuid, ek_public: &str, tpm: &TpmInfo) -> VtpmReply {
-        let group = self.authorize_domain(backend_uuid, frontend_domid, claimed);
-        self.ek_cert_reply(backend_uuid, group, ek_public, tpm)
     }
 
     /// The live process instance attached to vTPM `uuid`, if any.
@@ -439,24 +429,6 @@ impl Manager {
     /// The domain attached to vTPM `uuid`, if any.
     pub fn attached_domain(&self, uuid: &Uuid) -> Option<u32> {
         self.attached_domains.get(uuid).copied()
-    }
-
-    /// Answers a `GetStateKey` that arrived on vTPM `socket_uuid`'s own
-    /// socket from process `peer_pid`.
-    pub fn state_key(&self, socket_uuid: Uuid, peer_pid: Option<u32>, version: u32, claimed: Uuid) -> VtpmReply {
-        if version != PROTOCOL_VERSION {
-            return VtpmReply::Error(Failure::new(ErrorCode::BadRequest, format!("protocol version {version} not supported (manager speaks {PROTOCOL_VERSION})")));
-        }
-        match self.authorize(socket_uuid, peer_pid, claimed) {
-            Ok(group) => match self.derive_key(&socket_uuid) {
-                Some(key) => {
-                    guest_info!(vtpm = %socket_uuid, pid = ?peer_pid, "released state key");
-                    VtpmReply::StateKey { key: SecretBytes(key), group }
-                }
-                None => VtpmReply::Error(Failure::new(ErrorCode::NotProvisioned, "the manager is not provisioned")),
-            },
-            Err(f) => VtpmReply::Error(f),
-        }
     }
 
     /// What a quote for `group` needs, taken under the manager lock: the
@@ -652,6 +624,7 @@ impl Manager {
                 }
                 let mut next = self.store.clone();
                 next.vtpms.retain(|v| v.uuid != uuid);
+                next.transfers.retain(|t| t.uuid != uuid);
                 self.commit(next)?;
                 self.refused_states.remove(&uuid);
                 self.attached.remove(&uuid);
@@ -663,6 +636,9 @@ impl Manager {
             }
             AdminRequest::VtpmAttach { uuid, pid } => {
                 self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                if let Some(why) = self.transfer_refusal(&uuid) {
+                    return Err(fail(ErrorCode::Refused, why));
+                }
                 // The instance is named now, while the caller (the vTPM's parent) keeps the
                 // child unreaped, so the pid cannot have been reused yet.
                 let Some(start) = xvtpm_fsutil::start_time(pid).filter(|_| xvtpm_fsutil::pid_alive(pid)) else {
@@ -680,6 +656,9 @@ impl Manager {
             }
             AdminRequest::VtpmAttachDomain { uuid, domid } => {
                 self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                if let Some(why) = self.transfer_refusal(&uuid) {
+                    return Err(fail(ErrorCode::Refused, why));
+                }
                 // DOMID_FIRST_RESERVED (0x7FF0) and above are never real domains; dom0 is
                 // the manager's own domain, never a vTPM domain.
                 if domid == 0 || domid >= 0x7FF0 {
@@ -701,6 +680,14 @@ impl Manager {
                 AdminReply::Ok
             }
             AdminRequest::VtpmAcceptState { uuid } => return self.accept_state(uuid),
+            req @ (AdminRequest::TransferChallenge { .. }
+            | AdminRequest::TransferOffer { .. }
+            | AdminRequest::TransferExport { .. }
+            | AdminRequest::TransferImport { .. }
+            | AdminRequest::TransferReceipt { .. }
+            | AdminRequest::TransferCancel { .. }
+            | AdminRequest::TransferCommit { .. }
+            | AdminRequest::TransferAbort { .. }) => return self.transfer_admin(req),
             AdminRequest::Enrollment => return self.enrollment(),
             AdminRequest::ActivateCredential { group, credential_blob, encrypted_secret } => {
                 return self.activate_credential(&group, &credential_blob, &encrypted_secret);
@@ -821,17 +808,12 @@ impl Manager {
     /// Decides a batch of state-anchor requests ([`crate::anchor`]) and makes one durable store
     /// write for every anchor it moves; answers each request (after that write, if it needed it).
     pub fn anchor_batch(&mut self, batch: Vec<crate::anchor::Request>) {
-        use crate::anchor::Peer;
         let n = batch.len();
         let mut next: Option<Store> = None;
         let mut changed: std::collections::HashSet<Uuid> = std::collections::HashSet::new();
         let mut waiting: Vec<(Uuid, u64, Option<u64>, tokio::sync::oneshot::Sender<VtpmReply>)> = Vec::new();
         for r in batch {
-            let auth = match r.peer {
-                Peer::Socket(pid) => self.authorize(r.vtpm, pid, r.claimed),
-                Peer::Domain(domid) => self.authorize_domain(r.vtpm, domid, r.claimed),
-            };
-            if let Err(f) = auth {
+            if let Err(f) = self.authorize(&r.peer, r.claimed) {
                 let _ = r.reply.send(VtpmReply::Error(f));
                 continue;
             }

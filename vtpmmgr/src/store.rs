@@ -159,6 +159,13 @@ pub struct Store {
     /// The rollback counter (format 2; set by [`crate::rollback`] on every write).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counter: Option<CounterRecord>,
+    /// Transfers of vTPMs to and from other managers ([`crate::manager::transfer`]); absent from
+    /// the JSON while empty, so older stores keep their MAC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transfers: Vec<TransferRecord>,
+    /// Transfer offers this manager made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offers: Vec<OfferRecord>,
 }
 
 /// The file: the store plus its MAC.
@@ -328,6 +335,107 @@ impl Store {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Transfer records (written by `manager::transfer`)
+// ---------------------------------------------------------------------------------------------
+
+/// A vTPM's transfer history on this manager.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TransferRecord {
+    /// The vTPM.
+    pub uuid: Uuid,
+    /// Transfer generation: how many times the identity moved (0 = never).
+    pub generation: u64,
+    /// The state key the vTPM brought (it cannot be derived here), wrapped under this
+    /// manager's master secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imported_key: Option<WrappedKey>,
+    /// Where it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportRecord>,
+    /// Where it is going or went: the vTPM does not run here while this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outgoing: Option<Outgoing>,
+}
+
+/// A state key wrapped under the master secret (AES-256-GCM, AAD = the vTPM UUID).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// Nonce, hex.
+    pub nonce: String,
+    /// Ciphertext and tag, hex.
+    pub ciphertext: String,
+}
+
+/// How an imported vTPM arrived.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImportRecord {
+    /// The offer it was sealed to.
+    pub offer_id: Uuid,
+    /// The export.
+    pub export_id: Uuid,
+    /// The source host's id.
+    pub from_host: String,
+    /// When (seconds since the epoch).
+    pub at: u64,
+}
+
+/// The state of an outgoing transfer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutgoingState {
+    /// A package may have left; the vTPM is not runnable here.
+    Exporting,
+    /// The destination confirmed the import; this copy is retired for good.
+    Retired,
+}
+
+/// An outgoing transfer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Exporting or retired.
+    pub state: OutgoingState,
+    /// The destination's offer.
+    pub offer_id: Uuid,
+    /// This export.
+    pub export_id: Uuid,
+    /// The package's transfer generation.
+    pub generation: u64,
+    /// The destination's host id.
+    pub dest_host: String,
+    /// The destination's name as the administrator gave it.
+    pub destination: String,
+    /// The destination group's AK (`TPMT_PUBLIC`, hex): receipts must verify under it.
+    pub dest_ak_public: String,
+    /// When the export started.
+    pub at: u64,
+}
+
+/// A transfer key this manager offered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OfferRecord {
+    /// The offer.
+    pub offer_id: Uuid,
+    /// The vTPM it is for.
+    pub vtpm: Uuid,
+    /// The group the vTPM will join.
+    pub group: Uuid,
+    /// The key (TPM-wrapped); `None` once withdrawn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyRecord>,
+    /// When it was made.
+    pub created: u64,
+}
+
+/// A TPM key as blobs (private part encrypted under the SRK).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// `TPMT_PUBLIC`, hex.
+    pub public: String,
+    /// `TPM2B_PRIVATE` contents, hex.
+    pub private: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +452,7 @@ mod tests {
             groups: vec![],
             vtpms: vec![VtpmEntry { uuid: Uuid::from_u128(7), group: Uuid::from_u128(1), created: 5, ek: None, state: None }],
             counter: Some(CounterRecord { nv_index: 0x0180_5600, value: 42 }),
+            ..Store::default()
         }
     }
 

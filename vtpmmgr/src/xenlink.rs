@@ -7,7 +7,8 @@
 //! `vtpm_proto::mgr`) ride in the shared page: SUBMIT carries a request frame, FINISH the reply;
 //! replies above one page (a deep-quote bundle) are chunked with `CONT` requests as documented
 //! byte for byte in `xen_platform::frontend`. Requests above one page (4088 bytes) never arrive
-//! (the frontend refuses them; the page layer answers a 10-byte TPM error).
+//! (the frontend refuses them); what the page layer rejects is answered with a manager-protocol
+//! error frame ([`rejections`]).
 //!
 //! # Identity
 //!
@@ -21,19 +22,19 @@
 //!   counterpart of the pid attachment). Refused devices are left untouched and logged once;
 //!   they are re-checked when their directory changes, when [`XenLink::poker`] is poked (do it
 //!   after every admin request) and every [`RECHECK`] while any device is refused.
-//! * Every request is authorised again with [`Manager::authorize_domain`](crate::manager::Manager::authorize_domain)
-//!   (a detach after connecting takes effect at the next request), and the UUID the vTPM claims
-//!   must equal the backend directory's.
+//! * Every request is authorised again as a [`Peer::Domain`] by [`crate::dispatch`] (a detach
+//!   after connecting takes effect at the next request), and the UUID the vTPM claims must equal
+//!   the backend directory's.
 //!
 //! # Concurrency: deep quotes are answered when ready
 //!
 //! The link takes each SUBMITted request off its page once (a private copy and a ticket, see
-//! `xen_platform::xenbus::Backend::take`). State-key requests are answered at once (a lock and
-//! an HKDF). A deep quote or a state anchor is queued with the shared [`Batcher`] / anchorer and
-//! the page left in SUBMIT; when the batch is done the reply is completed by its ticket (a
-//! ticket from before a reconnect is dropped, and the backend looks at the page again). So the
-//! link's task never blocks, other vTPM domains are served meanwhile, and deep quotes from many
-//! domains (and from the Unix sockets) share one physical quote — natural batching is preserved.
+//! `xen_platform::xenbus::Backend::take`) and hands it to the same [`Dispatcher`] the Unix
+//! sockets use, in a task of its own; the page stays in SUBMIT and the reply is completed by its
+//! ticket when that task is done (a ticket from before a reconnect is dropped, and the backend
+//! looks at the page again). So the link's task never blocks — not on a batch, not on an EK
+//! certificate's TPM signature — other vTPM domains are served meanwhile, and deep quotes from
+//! many domains (and from the Unix sockets) share one physical quote.
 //! Blocking the handler instead (`block_in_place` + `Handle::block_on`) would have serialised
 //! every Xen vTPM behind each physical quote and defeated the batching.
 
@@ -41,20 +42,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use xvtpm_log::{guest_info, guest_warn};
-use uuid::Uuid;
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
 use xen_platform::frontend::ReplyChunker;
 
+use xen_platform::tpmif::{MAX_PACKET, Rejection, Rejections};
 use xen_platform::xen::XenTransport;
 use xen_platform::xenbus::{Backend, BackendEvent, DeviceKey, Take, Ticket, Transport, TransportError};
 use xen_platform::xenstore::{WatchEvent, WatchEvents, Xenstore, XsClient};
 
-use crate::daemon::{Shared, lock};
-use crate::anchor::{self, Anchorer};
-use crate::deepquote::{self, Batcher};
+use crate::dispatch::{Dispatcher, lock};
+use crate::peer::Peer;
 
 /// Where libxl puts the devices of `vtpm = ["backend=0,..."]`: the manager's backend root.
 pub const DEFAULT_ROOT: &str = "/local/domain/0/backend/vtpm";
@@ -62,17 +62,34 @@ pub const DEFAULT_ROOT: &str = "/local/domain/0/backend/vtpm";
 /// How often refused devices are re-checked without a poke.
 pub const RECHECK: Duration = Duration::from_secs(2);
 
-/// A deep quote or anchor that was waiting for its batch: its ticket and the reply frame.
+/// A request answered by its task: its ticket and the reply frame.
 type Ready = (Ticket, Vec<u8>);
+
+/// Why the Xen link could not start (each cause is its `source`).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No xenstore connection.
+    #[error("cannot connect to xenstore")]
+    Xenstore(#[source] xen_platform::xenstore::XsError),
+    /// The grant or event-channel device did not open.
+    #[error("cannot open the Xen grant / event channel devices")]
+    Devices(#[source] std::io::Error),
+    /// The backend directory cannot be watched.
+    #[error("cannot watch {root}")]
+    Watch {
+        /// The backend directory.
+        root: String,
+        /// Cause.
+        source: xen_platform::xenbus::XenbusError,
+    },
+}
 
 /// The manager's tpmif backend. Build it with [`XenLink::open`] (real Xen) or
 /// [`XenLink::new`] (any xenstore/transport, e.g. the fakes), then [`run`](XenLink::run) it.
 pub struct XenLink<X: Xenstore, T: Transport> {
     backend: Backend<X, T>,
     events: WatchEvents,
-    mgr: Shared,
-    batcher: Batcher,
-    anchorer: Anchorer,
+    dispatch: Dispatcher,
     poke: Arc<Notify>,
     chunkers: HashMap<DeviceKey, ReplyChunker>,
     ready: JoinSet<Ready>,
@@ -82,16 +99,12 @@ impl XenLink<XsClient, XenTransport> {
     /// Connects to xenstore and the grant/event-channel devices and starts watching `root`
     /// ([`DEFAULT_ROOT`] in dom0). Start it before any vTPM domain is created: libxl gives a
     /// backend only 10 s to reach InitWait.
-    pub async fn open(root: &str, mgr: Shared, batcher: Batcher) -> std::io::Result<Self> {
-        let (xs, events) = XsClient::open()
+    pub async fn open(root: &str, dispatch: Dispatcher) -> Result<Self, OpenError> {
+        let (xs, events) = XsClient::open().await.map_err(OpenError::Xenstore)?;
+        let transport = XenTransport::open().map_err(OpenError::Devices)?;
+        Self::new(xs, events, transport, root, dispatch)
             .await
-            .map_err(|e| std::io::Error::other(format!("xenstore: {e}")))?;
-        let transport = XenTransport::open().map_err(|e| {
-            std::io::Error::new(e.kind(), format!("Xen grant / event channel devices: {e}"))
-        })?;
-        Self::new(xs, events, transport, root, mgr, batcher)
-            .await
-            .map_err(|e| std::io::Error::other(format!("watching {root}: {e}")))
+            .map_err(|source| OpenError::Watch { root: root.to_string(), source })
     }
 }
 
@@ -103,39 +116,27 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         events: WatchEvents,
         transport: T,
         root: &str,
-        mgr: Shared,
-        batcher: Batcher,
+        dispatch: Dispatcher,
     ) -> Result<Self, xen_platform::xenbus::XenbusError> {
-        let m = mgr.clone();
-        let mut backend = Backend::new(xs, transport, root).accept(move |domid, uuid| {
-            // Quiet check first (the filter is re-run on every change); `authorize_domain`
-            // covers "known vTPM" and "provisioned".
+        let m = dispatch.manager().clone();
+        let mut backend = Backend::new(xs, transport, root, rejections()).accept(move |domid, uuid| {
+            // Quiet check first (the filter is re-run on every change); `authorize` covers
+            // "known vTPM" and "provisioned".
             let m = lock(&m);
-            m.attached_domain(&uuid) == Some(u32::from(domid.get()))
-                && m.authorize_domain(uuid, u32::from(domid.get()), uuid)
-                    .is_ok()
+            let domid = u32::from(domid.get());
+            m.attached_domain(&uuid) == Some(domid) && m.authorize(&Peer::Domain { vtpm: uuid, domid }, uuid).is_ok()
         });
         let initial = backend.start().await?;
         initial.iter().for_each(log_event);
         xvtpm_log::host_info!(root, "Xen manager link watching");
-        let anchorer = Anchorer::spawn(mgr.clone());
         Ok(XenLink {
             backend,
             events,
-            mgr,
-            batcher,
-            anchorer,
+            dispatch,
             poke: Arc::new(Notify::new()),
             chunkers: HashMap::new(),
             ready: JoinSet::new(),
         })
-    }
-
-    /// Shares `anchorer` (the daemon's, so that anchors from the sockets and the Xen link share
-    /// store writes) instead of the link's own.
-    pub fn with_anchorer(mut self, anchorer: Anchorer) -> Self {
-        self.anchorer = anchorer;
-        self
     }
 
     /// A handle to make the link re-check refused devices now (e.g. after `VtpmAttachDomain`).
@@ -175,7 +176,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
                     guest_warn!(device = %key, error = %e, "vTPM domain event channel error")
                 }
                 Woke::Ready(Some(Ok((ticket, reply)))) => self.finish(ticket, reply),
-                Woke::Ready(Some(Err(e))) => guest_warn!(error = %e, "deep-quote waiter failed"),
+                Woke::Ready(Some(Err(e))) => guest_warn!(error = %e, "a request's task failed"),
                 Woke::Ready(None) => {}
                 Woke::Recheck(poked) => {
                     if poked || self.backend.refused().next().is_some() {
@@ -214,48 +215,24 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         let Some(uuid) = self.backend.device(key).map(|d| d.uuid()) else {
             return;
         };
-        let domid = u32::from(key.frontend.get());
-        if !ReplyChunker::is_cont(&req.command)
-            && let Ok(r @ (VtpmRequest::DeepQuote { .. } | VtpmRequest::AnchorState { .. })) =
-                decode_request(&req.command)
-        {
-            // Both wait for a batch (a physical quote, a store write): answered later by ticket,
-            // never blocking.
-            type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = VtpmReply> + Send>>;
-            let queued = match r {
-                r @ VtpmRequest::AnchorState { .. } => self
-                    .anchorer
-                    .submit(uuid, anchor::Peer::Domain(domid), r)
-                    .map(|rx| Box::pin(anchor::reply_for(rx)) as Pending),
-                r => submit_deep_quote(&self.mgr, &self.batcher, uuid, domid, r)
-                    .map(|rx| Box::pin(deepquote::reply_for(rx)) as Pending),
-            };
-            match queued {
-                Ok(reply) => {
-                    let ticket = req.ticket;
-                    self.ready.spawn(async move {
-                        let reply = reply.await;
-                        (ticket, encode_reply(&reply))
-                    });
-                    xvtpm_log::guest_debug!(device = %key, "deep quote queued");
-                }
-                // Refused or malformed: answer at once.
-                Err(reply) => self.finish(req.ticket, encode_reply(&reply)),
-            }
+        let peer = Peer::Domain { vtpm: uuid, domid: u32::from(key.frontend.get()) };
+        if ReplyChunker::is_cont(&req.command) {
+            let page = self.chunkers.entry(key).or_default().next_chunk().unwrap_or_else(|| {
+                encode_reply(&VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "CONT without a pending reply")))
+            });
+            self.complete(req.ticket, &page);
             return;
         }
-        let chunker = self.chunkers.entry(key).or_default();
-        let page = if ReplyChunker::is_cont(&req.command) {
-            chunker.next_chunk().unwrap_or_else(|| {
-                encode_reply(&VtpmReply::Error(Failure::new(
-                    ErrorCode::BadRequest,
-                    "CONT without a pending reply",
-                )))
-            })
-        } else {
-            chunker.start(encode_reply(&answer(&self.mgr, uuid, domid, &req.command)))
-        };
-        self.complete(req.ticket, &page);
+        match decode_request(&req.command) {
+            // Answered by ticket when its task is done (a batch, a TPM signature): never blocking.
+            Ok(r) => {
+                let (d, ticket) = (self.dispatch.clone(), req.ticket);
+                self.ready.spawn(async move { (ticket, encode_reply(&d.handle(peer, r).await)) });
+                xvtpm_log::guest_debug!(device = %key, "request queued");
+            }
+            // Malformed: answered at once.
+            Err(f) => self.finish(req.ticket, encode_reply(&VtpmReply::Error(f))),
+        }
     }
 
     /// Answers a request with a whole reply frame (the first chunk of it; the vTPM domain
@@ -278,46 +255,26 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
     }
 }
 
-/// A synchronous answer to one request frame from the vTPM of backend `uuid`, domain `domid`.
-fn answer(mgr: &Shared, uuid: Uuid, domid: u32, cmd: &[u8]) -> VtpmReply {
-    match decode_request(cmd) {
-        Ok(VtpmRequest::GetStateKey {
-            version,
-            uuid: claimed,
-        }) => lock(mgr).state_key_domain(uuid, domid, version, claimed),
-        // Once per vTPM (at manufacture): signed in the physical TPM while this task waits.
-        Ok(VtpmRequest::IssueEkCert { uuid: claimed, ek_public, tpm }) => {
-            lock(mgr).ek_cert_domain(uuid, domid, claimed, &ek_public, &tpm)
-        }
-        // Never reached: the link answers these by ticket when their batch is done.
-        Ok(VtpmRequest::DeepQuote { .. } | VtpmRequest::AnchorState { .. }) => VtpmReply::Error(Failure::new(
-            ErrorCode::Internal,
-            "a batched request reached the synchronous path",
-        )),
-        Err(f) => VtpmReply::Error(f),
-    }
+/// The link's answers to what the tpmif page layer rejects: error frames of the manager protocol,
+/// which the vTPM domain's frontend returns like any other reply. A request of length 0 or above
+/// the page is `BadRequest` (a frontend following `xen_platform::frontend` never sends one); a
+/// reply chunk that does not fit is `Internal` (the chunker never makes one).
+pub fn rejections() -> Rejections {
+    Rejections::new(|why| {
+        encode_reply(&VtpmReply::Error(match why {
+            Rejection::CommandSize => Failure::new(
+                ErrorCode::BadRequest,
+                format!("a request must be 1 to {MAX_PACKET} bytes, one tpmif page"),
+            ),
+            Rejection::ResponseSize => Failure::new(ErrorCode::Internal, "the manager's reply chunk did not fit the page"),
+        }))
+    })
+    .expect("a short error frame fits any tpmif page")
 }
 
 /// Parses one whole request frame (`u32` BE length ‖ JSON) from the page.
 fn decode_request(cmd: &[u8]) -> Result<VtpmRequest, Failure> {
-    let bad = |m: String| Failure::new(ErrorCode::BadRequest, m);
-    let prefix: [u8; 4] = cmd
-        .get(..4)
-        .and_then(|p| p.try_into().ok())
-        .ok_or_else(|| {
-            bad(format!(
-                "request of {} bytes has no length prefix",
-                cmd.len()
-            ))
-        })?;
-    let n = mgr::frame_len(prefix).map_err(|e| bad(e.to_string()))?;
-    if n != cmd.len() - 4 {
-        return Err(bad(format!(
-            "length prefix says {n} bytes, the page carries {}",
-            cmd.len() - 4
-        )));
-    }
-    mgr::decode(&cmd[4..]).map_err(|e| bad(e.to_string()))
+    vtpm_proto::mgr_io::decode_frame(cmd).map_err(|e| Failure::new(ErrorCode::BadRequest, vtpm_proto::mgr_io::report(&e)))
 }
 
 fn encode_reply(reply: &VtpmReply) -> Vec<u8> {
@@ -328,22 +285,6 @@ fn encode_reply(reply: &VtpmReply) -> Vec<u8> {
         )))
         .expect("a short error reply encodes")
     })
-}
-
-/// Authorises a deep quote from vTPM domain `domid` on the device whose
-/// backend `uuid` is `backend_uuid`, and queues it.
-fn submit_deep_quote(
-    mgr: &Shared,
-    batcher: &Batcher,
-    backend_uuid: Uuid,
-    domid: u32,
-    req: VtpmRequest,
-) -> Result<oneshot::Receiver<Result<Vec<u8>, Failure>>, VtpmReply> {
-    let VtpmRequest::DeepQuote { uuid, .. } = &req else {
-        return Err(VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "not a deep-quote request")));
-    };
-    let group = lock(mgr).authorize_domain(backend_uuid, domid, *uuid).map_err(VtpmReply::Error)?;
-    deepquote::submit_request(batcher, backend_uuid, group, req)
 }
 
 fn log_event(ev: &BackendEvent) {

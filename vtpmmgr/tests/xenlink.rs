@@ -8,9 +8,10 @@ use std::time::Duration;
 use testkit::Swtpm;
 use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, VtpmReply, VtpmRequest};
-use vtpmmgr::daemon::{Shared, lock};
-use vtpmmgr::deepquote::{BatchConfig, Batcher};
+use vtpmmgr::deepquote::BatchConfig;
+use vtpmmgr::dispatch::{Dispatcher, Shared, lock};
 use vtpmmgr::manager::{Config, Manager};
+use vtpmmgr::peer::Peer;
 use vtpmmgr::xenlink::XenLink;
 use xen_platform::DomId;
 use xen_platform::fake::{FakeFrontendLink, FakeFrontendTransport, FakeXenstore, MemTransport};
@@ -20,10 +21,13 @@ const ROOT: &str = "/local/domain/0/backend/vtpm";
 const DOMID: u16 = 7;
 
 fn be() -> String {
-    format!("{ROOT}/{DOMID}/0")
+    be_of(DOMID)
 }
-fn fe() -> String {
-    format!("/local/domain/{DOMID}/device/vtpm/0")
+fn be_of(domid: u16) -> String {
+    format!("{ROOT}/{domid}/0")
+}
+fn fe_of(domid: u16) -> String {
+    format!("/local/domain/{domid}/device/vtpm/0")
 }
 
 #[derive(Clone, Default)]
@@ -101,38 +105,19 @@ impl World {
             uuid: Some(vtpm),
         });
         assert!(matches!(created, AdminReply::Vtpm(_)), "{created:?}");
-        let stats = m.stats();
         let mgr: Shared = Arc::new(Mutex::new(m));
-        let batcher = Batcher::spawn(mgr.clone(), BatchConfig::default(), stats);
+        let dispatch = Dispatcher::new(mgr.clone());
 
         let (xs, _unused) = FakeXenstore::new();
         let (bxs, bev) = xs.client();
         let mem = MemTransport::new();
-        let link = XenLink::new(bxs, bev, mem.clone(), ROOT, mgr.clone(), batcher)
+        let link = XenLink::new(bxs, bev, mem.clone(), ROOT, dispatch)
             .await
             .unwrap();
         let poke = link.poker();
         tokio::spawn(link.run());
 
-        // What libxl writes for the vTPM domain's `vtpm = ["backend=0,uuid=<vtpm>"]`.
-        for (k, v) in [
-            ("frontend", fe()),
-            ("frontend-id", DOMID.to_string()),
-            ("online", "1".into()),
-            ("state", "1".into()),
-            ("handle", "0".into()),
-            ("uuid", vtpm.to_string()),
-        ] {
-            xs.set(&format!("{}/{k}", be()), &v);
-        }
-        for (k, v) in [
-            ("backend", be()),
-            ("backend-id", "0".into()),
-            ("state", "1".into()),
-            ("handle", "0".into()),
-        ] {
-            xs.set(&format!("{}/{k}", fe()), &v);
-        }
+        add_device(&xs, DOMID, vtpm);
         World {
             _tpm: tpm,
             _dir: dir,
@@ -154,14 +139,44 @@ impl World {
         &self,
         timeout: Duration,
     ) -> Result<Frontend<FakeXenstore, FakeFrontendLink>, FrontendError> {
+        self.connect_as(DOMID, timeout).await
+    }
+
+    async fn connect_as(
+        &self,
+        domid: u16,
+        timeout: Duration,
+    ) -> Result<Frontend<FakeXenstore, FakeFrontendLink>, FrontendError> {
         let (fxs, mut fev) = self.xs.client();
-        let mut t = FakeFrontendTransport::new(self.mem.clone(), DomId::new(DOMID).unwrap());
+        let mut t = FakeFrontendTransport::new(self.mem.clone(), DomId::new(domid).unwrap());
         let cfg = FrontendConfig {
             connect_timeout: timeout,
             request_timeout: Duration::from_secs(30),
             max_reply: mgr::MAX_FRAME,
         };
-        Frontend::connect(Arc::new(fxs), &mut fev, &mut t, &fe(), cfg).await
+        Frontend::connect(Arc::new(fxs), &mut fev, &mut t, &fe_of(domid), cfg).await
+    }
+}
+
+/// What libxl writes for vTPM domain `domid`'s `vtpm = ["backend=0,uuid=<vtpm>"]`.
+fn add_device(xs: &FakeXenstore, domid: u16, vtpm: Uuid) {
+    for (k, v) in [
+        ("frontend", fe_of(domid)),
+        ("frontend-id", domid.to_string()),
+        ("online", "1".into()),
+        ("state", "1".into()),
+        ("handle", "0".into()),
+        ("uuid", vtpm.to_string()),
+    ] {
+        xs.set(&format!("{}/{k}", be_of(domid)), &v);
+    }
+    for (k, v) in [
+        ("backend", be_of(domid)),
+        ("backend-id", "0".into()),
+        ("state", "1".into()),
+        ("handle", "0".into()),
+    ] {
+        xs.set(&format!("{}/{k}", fe_of(domid)), &v);
     }
 }
 
@@ -170,9 +185,7 @@ async fn call(fe: &mut Frontend<FakeXenstore, FakeFrontendLink>, req: &VtpmReque
         .transact(&mgr::encode(req).unwrap())
         .await
         .expect("transact");
-    let n = mgr::frame_len(reply[..4].try_into().unwrap()).unwrap();
-    assert_eq!(n, reply.len() - 4);
-    mgr::decode(&reply[4..]).expect("reply decodes")
+    vtpm_proto::mgr_io::decode_frame(&reply).expect("reply decodes")
 }
 
 fn get_key(uuid: Uuid) -> VtpmRequest {
@@ -256,7 +269,7 @@ async fn only_the_attached_domain_gets_the_key() {
     let VtpmReply::StateKey {
         key: via_socket,
         group: g2,
-    } = lock(&w.mgr).state_key(w.vtpm, Some(pid), mgr::PROTOCOL_VERSION, w.vtpm)
+    } = lock(&w.mgr).state_key(&Peer::process(w.vtpm, Some(pid)), mgr::PROTOCOL_VERSION, w.vtpm)
     else {
         panic!("socket path refused")
     };
@@ -450,4 +463,83 @@ async fn state_anchors_over_the_link() {
     let c = st.store_counter.expect("provisioned");
     assert_eq!((c.anchor_requests, c.anchor_commits), (6, 2), "{c:?}");
     fe.close().await;
+}
+
+/// Continues a stopped process when dropped (also when the test fails).
+struct Stopped(i32);
+
+impl Stopped {
+    fn stop(pid: u32) -> Stopped {
+        let pid = pid as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// An EK certificate is a signature in the physical TPM. While one is being issued for one vTPM
+/// domain — here the physical TPM (swtpm) is stopped, so the signature hangs — the link keeps
+/// serving the others: the request runs on the blocking pool, as on the Unix sockets, not on the
+/// link's own task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_ek_certificate_does_not_stall_the_link() {
+    use vtpm_proto::ekcert::TpmInfo;
+    let w = World::start().await;
+    assert_eq!(w.admin(AdminRequest::VtpmAttachDomain { uuid: w.vtpm, domid: DOMID.into() }), AdminReply::Ok);
+    let other_dom = DOMID + 1;
+    let other = Uuid::new_v4();
+    assert!(matches!(w.admin(AdminRequest::VtpmCreate { group: None, uuid: Some(other) }), AdminReply::Vtpm(_)));
+    assert_eq!(w.admin(AdminRequest::VtpmAttachDomain { uuid: other, domid: other_dom.into() }), AdminReply::Ok);
+    add_device(&w.xs, other_dom, other);
+    let mut fe = w.connect(Duration::from_secs(5)).await.unwrap();
+    let mut fe_other = w.connect_as(other_dom, Duration::from_secs(5)).await.unwrap();
+
+    let stopped = Stopped::stop(w._tpm.pid());
+    let tpm = TpmInfo { manufacturer: 0x4942_4D00, model: "SW   TPM".into(), firmware_version: 1, family: "2.0".into(), level: 0, revision: 164 };
+    let issue = VtpmRequest::IssueEkCert { uuid: w.vtpm, ek_public: hex::encode(ecc_ek(1)), tpm };
+    let slow = tokio::spawn(async move {
+        let r = call(&mut fe, &issue).await;
+        (fe, r)
+    });
+    // The issue is under way once it holds the manager (waiting for the stopped TPM).
+    while w.mgr.try_lock().is_ok() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The other domain is answered meanwhile (a malformed frame needs neither the manager nor
+    // the TPM: only the link's task). The bound only keeps a regression from hanging the test.
+    let garbage = [0, 0, 0, 3, b'{', b'x', b'}'];
+    let r = tokio::time::timeout(Duration::from_secs(20), fe_other.transact(&garbage))
+        .await
+        .expect("the link answered nothing while an EK certificate was being issued")
+        .unwrap();
+    assert!(matches!(mgr::decode::<VtpmReply>(&r[4..]).unwrap(), VtpmReply::Error(f) if f.code == ErrorCode::BadRequest));
+    assert!(w.mgr.try_lock().is_err(), "the EK certificate was issued before the TPM was continued");
+
+    drop(stopped);
+    let (fe, r) = slow.await.unwrap();
+    assert!(matches!(&r, VtpmReply::EkCert { .. }), "{r:?}");
+    fe.close().await;
+    fe_other.close().await;
+}
+
+/// What the page layer rejects on the manager link is answered in the manager protocol (an error
+/// frame the vTPM domain decodes like any reply), not with a TPM error packet.
+#[test]
+fn page_rejections_are_manager_error_frames() {
+    use xen_platform::tpmif::Rejection;
+    let answers = vtpmmgr::xenlink::rejections();
+    for (why, code) in [(Rejection::CommandSize, ErrorCode::BadRequest), (Rejection::ResponseSize, ErrorCode::Internal)] {
+        let frame = answers.answer(why);
+        let len = mgr::frame_len(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4, "{why:?}: one whole frame");
+        match mgr::decode::<VtpmReply>(&frame[4..]).unwrap() {
+            VtpmReply::Error(f) => assert_eq!(f.code, code, "{why:?}: {f}"),
+            other => panic!("{why:?}: {other:?}"),
+        }
+    }
 }

@@ -43,7 +43,7 @@
 //! * **Request**: one SUBMIT carrying the whole frame, `4 + len` bytes, at most **4088** bytes
 //!   in total. [`Frontend::transact`] refuses larger requests locally
 //!   ([`FrontendError::RequestTooLarge`]); nothing is sent. (A backend receiving a page length
-//!   above 4088 answers a 10-byte TPM error, see below.)
+//!   of 0 or above 4088 answers what its caller chose, see below.)
 //! * **Reply, first chunk**: the FINISH of that SUBMIT carries bytes `[0, min(T, 4088))` of the
 //!   reply frame `R` (`T = |R| = 4 + len`). The frontend reads `len` from the first four bytes
 //!   and checks it against [`FrontendConfig::max_reply`] before allocating.
@@ -56,9 +56,10 @@
 //! * Any non-`CONT` request discards a reply remainder the backend still holds (the frontend gave
 //!   up on it). A `CONT` with no remainder is answered with a complete error frame of the
 //!   manager protocol; a frontend following these rules never sends one.
-//! * If the backend's page layer rejects a request (length 0 or above 4088) it answers the
-//!   10-byte TPM 2.0 error `80 01 00 00 00 0A rc(4)`; as a frame prefix `0x8001000A` is out of
-//!   range, so the frontend recognises it and reports [`FrontendError::Rejected`].
+//! * If the backend's page layer rejects a request (length 0 or above 4088) or the backend's
+//!   reply chunk (empty or above 4088), it answers with the bytes its caller supplied
+//!   ([`crate::tpmif::Rejections`]); the manager answers a complete error frame of the manager
+//!   protocol, which the frontend returns like any other reply.
 //!
 //! # Where to use it
 //!
@@ -76,7 +77,7 @@ use tokio::time::Instant;
 use crate::ids::{DomId, EvtchnPort, GrantRef, ParseError, XenbusState};
 use crate::tpmif::{
     DATA_OFFSET, Header, MAX_PACKET, OFFSET_LENGTH, OFFSET_STATE, OutOfBounds, PageState,
-    SharedPage, TPM_ERROR_RESPONSE_LEN, TPM_ST_NO_SESSIONS,
+    SharedPage,
 };
 use crate::xenbus::{Connection, TransportError};
 use crate::xenstore::{WatchEvents, Xenstore, XsError};
@@ -202,12 +203,6 @@ pub enum FrontendError {
         len: usize,
         /// Limit.
         max: usize,
-    },
-    /// The backend's page layer rejected the request with this TPM response code.
-    #[error("backend rejected the request with TPM response code {rc:#x}")]
-    Rejected {
-        /// The response code.
-        rc: u32,
     },
     /// The backend wrote a page state a backend must not write (IDLE after SUBMIT, or garbage).
     #[error("backend wrote page state {0} in answer to SUBMIT")]
@@ -417,9 +412,6 @@ impl<X: Xenstore + 'static, L: Connection + 'static> Frontend<X, L> {
                     }
                     let mut out = vec![0u8; len];
                     page.read_bytes(DATA_OFFSET, &mut out)?;
-                    if let Some(rc) = page_layer_error(&out) {
-                        return Err(FrontendError::Rejected { rc });
-                    }
                     return Ok(out);
                 }
                 Ok(PageState::Submit | PageState::Cancel) => {}
@@ -534,16 +526,6 @@ impl ReplyChunker {
 }
 
 /// `80 01 00 00 00 0A rc`: the page layer's own error answer (never a valid frame prefix).
-fn page_layer_error(chunk: &[u8]) -> Option<u32> {
-    if chunk.len() != TPM_ERROR_RESPONSE_LEN {
-        return None;
-    }
-    let tag = u16::from_be_bytes([chunk[0], chunk[1]]);
-    let size = u32::from_be_bytes([chunk[2], chunk[3], chunk[4], chunk[5]]);
-    (tag == TPM_ST_NO_SESSIONS && size as usize == TPM_ERROR_RESPONSE_LEN)
-        .then(|| u32::from_be_bytes([chunk[6], chunk[7], chunk[8], chunk[9]]))
-}
-
 async fn wait_backend_connected(
     xs: &impl Xenstore,
     events: &mut WatchEvents,

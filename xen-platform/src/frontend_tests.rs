@@ -84,7 +84,7 @@ async fn start_backend(accept: Arc<AtomicBool>) -> Setup {
     let (bxs, mut events) = xs.client();
     let mem = MemTransport::new();
     let mut backend =
-        Backend::new(bxs, mem.clone(), ROOT).accept(move |_, _| accept.load(Ordering::SeqCst));
+        Backend::new(bxs, mem.clone(), ROOT, crate::tpmif::testing::rejections()).accept(move |_, _| accept.load(Ordering::SeqCst));
     backend.start().await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -379,15 +379,4 @@ fn chunker_boundaries() {
     assert!(ReplyChunker::is_cont(b"CONT") && !ReplyChunker::is_cont(b"CONTX"));
     // CONT is never a plausible frame prefix.
     assert!(u32::from_be_bytes(CONT) as usize > 1 << 20);
-}
-
-#[test]
-fn page_layer_errors_are_recognised() {
-    use crate::tpmif::{TPM_RC_COMMAND_SIZE, tpm_error_response};
-    assert_eq!(
-        page_layer_error(&tpm_error_response(TPM_RC_COMMAND_SIZE)),
-        Some(TPM_RC_COMMAND_SIZE)
-    );
-    assert_eq!(page_layer_error(&frame(b"ok")), None);
-    assert_eq!(page_layer_error(&frame(b"123456")), None);
 }

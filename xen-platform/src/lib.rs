@@ -10,11 +10,12 @@
 //!   that carries manager-protocol frames larger than a page (a vTPM domain → vtpmmgr in dom0).
 //! - [`xenstore`]: the xenstore trait, the coalescing watch queue, and [`xenstore::XsClient`]
 //!   (xenstore-rs 0.8.0).
-//! - [`xen`]: libxenevtchn / libxengnttab bindings (bindgen) and the production transport. The
-//!   only module with `unsafe`.
+//! - [`xen`]: the production transports, over `xen-sys`'s safe libxenevtchn / libxengnttab /
+//!   libxengntshr handles (bindgen and every `unsafe` live there; this crate forbids it).
 //! - `fake` (feature `test-utils`): in-memory xenstore and transport.
 //!
-//! Nothing in this crate knows what the TPM commands mean: the vTPM engine plugs in as the
+//! Nothing in this crate knows what the TPM commands mean (a request the page layer rejects is
+//! answered with bytes the caller supplies, [`tpmif::Rejections`]): the vTPM engine plugs in as the
 //! handler closure of [`tpmif::backend_step`] / [`xenbus::Backend::service`], or takes a request
 //! with [`xenbus::Backend::take`] (one copy out of guest memory, and a ticket) and answers it
 //! later with [`xenbus::Backend::complete`]; a ticket from before the frontend reconnected is
@@ -22,9 +23,15 @@
 //!
 //! ```no_run
 //! # async fn run(mut engine: impl FnMut(&[u8]) -> Vec<u8>) -> Result<(), Box<dyn std::error::Error>> {
-//! use xen_platform::{xen::XenTransport, xenbus::{Activity, Backend}, xenstore::XsClient};
+//! use xen_platform::{tpmif::{Rejection, Rejections}, xen::XenTransport};
+//! use xen_platform::{xenbus::{Activity, Backend}, xenstore::XsClient};
+//! // The caller's protocol answers what the page layer rejects (here: two fixed error packets).
+//! let rejections = Rejections::new(|why| match why {
+//!     Rejection::CommandSize => b"bad command size".to_vec(),
+//!     Rejection::ResponseSize => b"bad response size".to_vec(),
+//! })?;
 //! let (xs, mut events) = XsClient::open().await?;
-//! let mut backend = Backend::new(xs, XenTransport::open()?, "backend/vtpm");
+//! let mut backend = Backend::new(xs, XenTransport::open()?, "backend/vtpm", rejections);
 //! backend.start().await?;
 //! loop {
 //!     match backend.next(&mut events).await {
@@ -40,9 +47,7 @@
 //! ```
 
 #![deny(missing_docs)]
-#![deny(unsafe_code)]
-#![deny(unsafe_op_in_unsafe_fn)]
-#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+#![forbid(unsafe_code)]
 
 pub mod frontend;
 pub mod ids;

@@ -30,10 +30,15 @@
 //!
 //! When [`backend_step`] sees SUBMIT it always writes a response and FINISH, never silently drops
 //! the request (Mini-OS tpmback drops oversized responses and lets the guest time out):
-//! - `length == 0` or `length > 4096 - data offset`: a 10-byte `TPM_RC_COMMAND_SIZE` response,
+//! - `length == 0` or `length > 4096 - data offset`: the answer to [`Rejection::CommandSize`],
 //!   without reading the payload or calling the handler;
-//! - a handler response that is empty or does not fit: a 10-byte `TPM_RC_FAILURE` response;
+//! - a handler response that is empty or does not fit: the answer to
+//!   [`Rejection::ResponseSize`];
 //! - otherwise the handler's response.
+//!
+//! This layer does not know what the packets mean, so the answers to a rejection come from the
+//! caller ([`Rejections`]): a vTPM answers with an error response of its own TPM family, the
+//! manager's link with an error frame of the manager protocol.
 //!
 //! A CANCEL written while a command is being processed is ignored: the command still completes
 //! with FINISH (the same as Mini-OS; Linux then reads the result or, if it already gave up,
@@ -62,14 +67,70 @@ pub const OFFSET_PAD: usize = 6;
 /// Offset of the u8 `nr_extra_pages`.
 pub const OFFSET_NR_EXTRA_PAGES: usize = 7;
 
-/// `TPM_ST_NO_SESSIONS`, the tag of every error response we generate.
-pub const TPM_ST_NO_SESSIONS: u16 = 0x8001;
-/// `TPM_RC_COMMAND_SIZE`: the command length is 0 or does not fit the page.
-pub const TPM_RC_COMMAND_SIZE: u32 = 0x142;
-/// `TPM_RC_FAILURE`: the handler's response is empty or does not fit the page.
-pub const TPM_RC_FAILURE: u32 = 0x101;
-/// Length of a header-only TPM 2.0 response.
-pub const TPM_ERROR_RESPONSE_LEN: usize = 10;
+/// The smallest packet limit a page can have: the data offset at its largest
+/// (`nr_extra_pages` = 255). An answer to a [`Rejection`] is at most this long, so it fits
+/// wherever the guest put the data.
+pub const MIN_MAX_PACKET: usize = PAGE_SIZE - HEADER_SIZE - 4 * 255;
+
+/// Why the page layer answered a SUBMIT itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The request's `length` is 0 or larger than the page holds after the data offset: the
+    /// handler is not called.
+    CommandSize,
+    /// The handler's response is empty or larger than the page holds after the data offset.
+    ResponseSize,
+}
+
+impl Rejection {
+    /// Every rejection.
+    pub const ALL: [Rejection; 2] = [Rejection::CommandSize, Rejection::ResponseSize];
+}
+
+/// The caller's answer to each [`Rejection`]: bytes in the caller's protocol (this layer does
+/// not know what the packets mean). Checked once, at construction, so that writing one can
+/// never fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejections {
+    command_size: Box<[u8]>,
+    response_size: Box<[u8]>,
+}
+
+/// An answer given to [`Rejections::new`] that the page could not carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the answer to {why:?} is {len} bytes; it must be 1..={MIN_MAX_PACKET} to fit any page")]
+pub struct BadRejectionAnswer {
+    /// The rejection whose answer is unfit.
+    pub why: Rejection,
+    /// Its length.
+    pub len: usize,
+}
+
+impl Rejections {
+    /// Asks `answer` once for the bytes of each rejection; each must be 1 to
+    /// [`MIN_MAX_PACKET`] bytes long.
+    pub fn new(answer: impl Fn(Rejection) -> Vec<u8>) -> Result<Self, BadRejectionAnswer> {
+        let checked = |why: Rejection| {
+            let bytes = answer(why);
+            if bytes.is_empty() || bytes.len() > MIN_MAX_PACKET {
+                return Err(BadRejectionAnswer { why, len: bytes.len() });
+            }
+            Ok(bytes.into_boxed_slice())
+        };
+        Ok(Rejections {
+            command_size: checked(Rejection::CommandSize)?,
+            response_size: checked(Rejection::ResponseSize)?,
+        })
+    }
+
+    /// The answer to `why`.
+    pub fn answer(&self, why: Rejection) -> &[u8] {
+        match why {
+            Rejection::CommandSize => &self.command_size,
+            Rejection::ResponseSize => &self.response_size,
+        }
+    }
+}
 
 /// `enum tpmif_state` (Linux: `vtpm_shared_page_state`). Kept out of the page: the page holds a
 /// plain `u8` that the guest may set to anything, converted with [`TryFrom`].
@@ -283,15 +344,6 @@ impl Header {
     }
 }
 
-/// A header-only TPM 2.0 response (`tag 0x8001, size 10, rc`), big-endian.
-pub fn tpm_error_response(rc: u32) -> [u8; TPM_ERROR_RESPONSE_LEN] {
-    let mut r = [0u8; TPM_ERROR_RESPONSE_LEN];
-    r[0..2].copy_from_slice(&TPM_ST_NO_SESSIONS.to_be_bytes());
-    r[2..6].copy_from_slice(&(TPM_ERROR_RESPONSE_LEN as u32).to_be_bytes());
-    r[6..10].copy_from_slice(&rc.to_be_bytes());
-    r
-}
-
 /// What one [`backend_step`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use = "a NotifyGuest outcome must be followed by an event-channel notify"]
@@ -325,14 +377,14 @@ pub enum Completion {
         /// Bytes of response written.
         response_len: usize,
     },
-    /// SUBMIT with `length` 0 or too large: `TPM_RC_COMMAND_SIZE` written, handler not called;
-    /// state is FINISH.
+    /// SUBMIT with `length` 0 or too large: the answer to [`Rejection::CommandSize`] written,
+    /// handler not called; state is FINISH.
     CommandRejected {
         /// The offending `length` as read.
         length: u32,
     },
-    /// The handler's response was empty or larger than the page allows: `TPM_RC_FAILURE`
-    /// written; state is FINISH.
+    /// The handler's response was empty or larger than the page allows: the answer to
+    /// [`Rejection::ResponseSize`] written; state is FINISH.
     ResponseRejected {
         /// Length of the rejected response.
         response_len: usize,
@@ -354,12 +406,13 @@ pub enum Completion {
 /// quote waiting for the manager) calls the two itself and gets the same guarantees.
 pub fn backend_step(
     page: &impl SharedPage,
+    rejections: &Rejections,
     handler: &mut dyn FnMut(&[u8], u8) -> Vec<u8>,
 ) -> StepOutcome {
-    match take_submit(page) {
+    match take_submit(page, rejections) {
         Taken::Submitted(submitted) => {
             let response = handler(&submitted.command, submitted.locality);
-            finish_submit(page, submitted.slot, &response)
+            finish_submit(page, submitted.slot, &response, rejections)
         }
         Taken::Stepped(outcome) => outcome,
     }
@@ -394,20 +447,20 @@ pub enum Taken {
     /// [`finish_submit`].
     Submitted(Submitted),
     /// Everything else, already handled in place: a rejected length (answered
-    /// `TPM_RC_COMMAND_SIZE`), a CANCEL while idle (acknowledged), IDLE/FINISH (nothing), an
+    /// [`Rejection::CommandSize`]), a CANCEL while idle (acknowledged), IDLE/FINISH (nothing), an
     /// unknown state byte, a page fault.
     Stepped(StepOutcome),
 }
 
 /// The first half of [`backend_step`]: reads the header once and copies a valid SUBMIT out.
-pub fn take_submit(page: &impl SharedPage) -> Taken {
-    match take(page) {
+pub fn take_submit(page: &impl SharedPage, rejections: &Rejections) -> Taken {
+    match take(page, rejections) {
         Ok(taken) => taken,
         Err(fault) => Taken::Stepped(StepOutcome::PageFault(fault)),
     }
 }
 
-fn take(page: &impl SharedPage) -> Result<Taken, OutOfBounds> {
+fn take(page: &impl SharedPage, rejections: &Rejections) -> Result<Taken, OutOfBounds> {
     let header = Header::read_from(page)?;
     let state = match PageState::try_from(header.state) {
         Ok(state) => state,
@@ -427,7 +480,7 @@ fn take(page: &impl SharedPage) -> Result<Taken, OutOfBounds> {
             // u32 -> usize never truncates on the 32/64-bit hosts Xen runs on; saturate anyway.
             let length = usize::try_from(header.length).unwrap_or(usize::MAX);
             if length == 0 || length > max {
-                finish(page, offset, &tpm_error_response(TPM_RC_COMMAND_SIZE))?;
+                finish(page, offset, rejections.answer(Rejection::CommandSize))?;
                 return Ok(Taken::Stepped(StepOutcome::NotifyGuest(
                     Completion::CommandRejected {
                         length: header.length,
@@ -450,17 +503,22 @@ fn take(page: &impl SharedPage) -> Result<Taken, OutOfBounds> {
     }
 }
 
-/// The second half of [`backend_step`]: writes `response` (or `TPM_RC_FAILURE` if it is empty
-/// or does not fit) and FINISH. Whatever state the guest wrote meanwhile (a CANCEL) is
+/// The second half of [`backend_step`]: writes `response` (or the answer to
+/// [`Rejection::ResponseSize`] if it is empty or does not fit) and FINISH. Whatever state the guest wrote meanwhile (a CANCEL) is
 /// overwritten: every SUBMIT ends in FINISH.
-pub fn finish_submit(page: &impl SharedPage, slot: Slot, response: &[u8]) -> StepOutcome {
+pub fn finish_submit(
+    page: &impl SharedPage,
+    slot: Slot,
+    response: &[u8],
+    rejections: &Rejections,
+) -> StepOutcome {
     let Slot {
         offset,
         max,
         command_len,
     } = slot;
     let done = if response.is_empty() || response.len() > max {
-        finish(page, offset, &tpm_error_response(TPM_RC_FAILURE)).map(|()| {
+        finish(page, offset, rejections.answer(Rejection::ResponseSize)).map(|()| {
             Completion::ResponseRejected {
                 response_len: response.len(),
             }
@@ -546,6 +604,15 @@ pub mod testing {
         }
     }
 
+    /// Answers to rejections for tests: recognisable bytes of no protocol.
+    pub fn rejections() -> Rejections {
+        Rejections::new(|why| match why {
+            Rejection::CommandSize => b"rejected: command size".to_vec(),
+            Rejection::ResponseSize => b"rejected: response size".to_vec(),
+        })
+        .expect("short answers fit")
+    }
+
     /// Places `data[..4096]` into a page, runs one [`backend_step`] with a handler that returns
     /// a fixed response, and asserts the step's invariants (panics on violation). Input bytes
     /// past the page choose the response length (two bytes, big-endian, modulo 5000) so that
@@ -580,7 +647,8 @@ pub mod testing {
             assert_eq!(cmd, &before[offset..offset + cmd.len()]);
             response.clone()
         };
-        let outcome = backend_step(&page, &mut handler);
+        let rejections = rejections();
+        let outcome = backend_step(&page, &rejections, &mut handler);
         let after = page.to_vec();
 
         for (off, len) in page.writes() {
@@ -611,9 +679,9 @@ pub mod testing {
                 let valid_cmd = header.length > 0 && header.length as usize <= header.max_packet();
                 assert_eq!(calls.get(), usize::from(valid_cmd));
                 if !valid_cmd {
-                    assert_eq!(written, tpm_error_response(TPM_RC_COMMAND_SIZE));
+                    assert_eq!(written, rejections.answer(Rejection::CommandSize));
                 } else if response.is_empty() || response.len() > header.max_packet() {
-                    assert_eq!(written, tpm_error_response(TPM_RC_FAILURE));
+                    assert_eq!(written, rejections.answer(Rejection::ResponseSize));
                 } else {
                     assert_eq!(written, &response[..]);
                 }
@@ -641,8 +709,12 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::check_step_invariants;
+    use super::testing::{check_step_invariants, rejections};
     use super::*;
+
+    fn backend_step(page: &MemPage, handler: &mut dyn FnMut(&[u8], u8) -> Vec<u8>) -> StepOutcome {
+        super::backend_step(page, &rejections(), handler)
+    }
 
     fn submit(page: &MemPage, cmd: &[u8]) {
         page.write_bytes(DATA_OFFSET, cmd).unwrap();
@@ -661,15 +733,22 @@ mod tests {
     const GET_RANDOM: [u8; 12] = [0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8];
 
     #[test]
-    fn error_response_bytes() {
-        assert_eq!(
-            tpm_error_response(TPM_RC_COMMAND_SIZE),
-            [0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x42]
-        );
-        assert_eq!(
-            tpm_error_response(TPM_RC_FAILURE),
-            [0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x01]
-        );
+    fn rejection_answers_must_fit_any_page() {
+        for len in [0, MIN_MAX_PACKET + 1] {
+            assert_eq!(
+                Rejections::new(|why| if why == Rejection::ResponseSize { vec![1; len] } else { vec![2] }),
+                Err(BadRejectionAnswer { why: Rejection::ResponseSize, len })
+            );
+        }
+        let r = Rejections::new(|why| vec![why as u8 + 1; MIN_MAX_PACKET]).unwrap();
+        assert_eq!(r.answer(Rejection::CommandSize), vec![1; MIN_MAX_PACKET]);
+        assert_eq!(r.answer(Rejection::ResponseSize), vec![2; MIN_MAX_PACKET]);
+        // The longest answer still fits behind the largest data offset.
+        let page = MemPage::new();
+        page.write_u8(OFFSET_NR_EXTRA_PAGES, 255).unwrap();
+        page.write_u8(OFFSET_STATE, PageState::Submit as u8).unwrap();
+        assert!(super::backend_step(&page, &r, &mut |_, _| unreachable!()).notify_guest());
+        assert_eq!(page.read_u32_ne(OFFSET_LENGTH).unwrap() as usize, MIN_MAX_PACKET);
     }
 
     #[test]
@@ -716,7 +795,7 @@ mod tests {
     }
 
     #[test]
-    fn garbage_lengths_get_command_size_error_without_handler() {
+    fn garbage_lengths_get_the_command_size_answer_without_handler() {
         for length in [0u32, 4089, 4092, 0xffff_ffff] {
             let page = MemPage::new();
             page.write_u32_ne(OFFSET_LENGTH, length).unwrap();
@@ -730,7 +809,7 @@ mod tests {
                 StepOutcome::NotifyGuest(Completion::CommandRejected { length })
             );
             assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
-            assert_eq!(response(&page), tpm_error_response(TPM_RC_COMMAND_SIZE));
+            assert_eq!(response(&page), rejections().answer(Rejection::CommandSize));
         }
     }
 
@@ -754,7 +833,7 @@ mod tests {
     }
 
     #[test]
-    fn oversized_or_empty_response_becomes_failure() {
+    fn oversized_or_empty_response_gets_the_response_size_answer() {
         for len in [0usize, MAX_PACKET + 1, 100_000] {
             let page = MemPage::new();
             submit(&page, &GET_RANDOM);
@@ -763,12 +842,13 @@ mod tests {
                 out,
                 StepOutcome::NotifyGuest(Completion::ResponseRejected { response_len: len })
             );
-            assert_eq!(response(&page), tpm_error_response(TPM_RC_FAILURE));
+            assert_eq!(response(&page), rejections().answer(Rejection::ResponseSize));
             assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
             // The tail of the page is untouched.
             let snapshot = page.to_vec();
+            let written = GET_RANDOM.len().max(rejections().answer(Rejection::ResponseSize).len());
             assert!(
-                snapshot[DATA_OFFSET + GET_RANDOM.len()..]
+                snapshot[DATA_OFFSET + written..]
                     .iter()
                     .all(|&b| b == 0)
             );

@@ -41,7 +41,7 @@ use std::task::Poll;
 use uuid::Uuid;
 
 use crate::ids::{DevId, DomId, EvtchnPort, GrantRef, ParseError, XenbusState};
-use crate::tpmif::{SharedPage, Slot, StepOutcome, Taken, finish_submit, take_submit};
+use crate::tpmif::{Rejections, SharedPage, Slot, StepOutcome, Taken, finish_submit, take_submit};
 use crate::xenstore::{WatchEvent, WatchEvents, Xenstore, XsError};
 
 /// A failure of the grant-mapping / event-channel layer.
@@ -381,6 +381,8 @@ pub struct Backend<X, T: Transport> {
     refused: BTreeMap<DeviceKey, Uuid>,
     /// A backend outside dom0 removes its own device directory after a toolstack detach.
     driver_domain: bool,
+    /// The caller's answers to requests the page layer rejects.
+    rejections: Rejections,
 }
 
 /// What [`Backend::attach`] found.
@@ -399,8 +401,10 @@ fn shown(value: &str) -> String {
 
 impl<X: Xenstore, T: Transport> Backend<X, T> {
     /// A backend for the devices under `root` (e.g. `/local/domain/0/backend/vtpm`; a trailing
-    /// `/` is ignored). Nothing happens until [`start`](Self::start).
-    pub fn new(xs: X, transport: T, root: impl Into<String>) -> Self {
+    /// `/` is ignored) that answers a request the page layer rejects with `rejections` (bytes
+    /// of the caller's protocol: this crate knows no TPM). Nothing happens until
+    /// [`start`](Self::start).
+    pub fn new(xs: X, transport: T, root: impl Into<String>, rejections: Rejections) -> Self {
         let mut root = root.into();
         while root.len() > 1 && root.ends_with('/') {
             root.pop();
@@ -415,6 +419,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
             accept: None,
             refused: BTreeMap::new(),
             driver_domain,
+            rejections,
         }
     }
 
@@ -758,7 +763,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         let Some(conn) = dev.connection() else {
             return Ok(Take::Stepped(StepOutcome::Nothing));
         };
-        match take_submit(conn.page()) {
+        match take_submit(conn.page(), &self.rejections) {
             Taken::Submitted(s) => {
                 dev.taken += 1;
                 let ticket = Ticket {
@@ -810,7 +815,7 @@ impl<X: Xenstore, T: Transport> Backend<X, T> {
         let Some(conn) = dev.connection() else {
             return Ok(StepOutcome::Nothing);
         };
-        let outcome = finish_submit(conn.page(), ticket.slot, response);
+        let outcome = finish_submit(conn.page(), ticket.slot, response, &self.rejections);
         if outcome.notify_guest() {
             conn.notify()?;
         }

@@ -6,9 +6,9 @@ use std::time::Duration;
 use super::*;
 use crate::fake::{FakeChannel, FakeXenstore, MemTransport};
 use crate::ids::ParseErrorKind;
+use crate::tpmif::testing::rejections;
 use crate::tpmif::{
-    Completion, DATA_OFFSET, MemPage, OFFSET_LENGTH, OFFSET_STATE, PageState, TPM_RC_COMMAND_SIZE,
-    tpm_error_response,
+    Completion, DATA_OFFSET, MemPage, OFFSET_LENGTH, OFFSET_STATE, PageState, Rejection,
 };
 
 const ROOT: &str = "/local/domain/0/backend/vtpm";
@@ -50,6 +50,7 @@ impl Harness {
             xs.clone(),
             transport.clone(),
             format!("{ROOT}/"),
+            rejections(),
         ));
         let initial = backend.start().await.unwrap();
         assert!(initial.is_empty(), "{initial:?}");
@@ -279,7 +280,7 @@ async fn garbage_length_via_backend_still_finishes() {
         );
         assert_eq!(
             read_response(&page),
-            tpm_error_response(TPM_RC_COMMAND_SIZE)
+            rejections().answer(Rejection::CommandSize)
         );
         assert_eq!(chan.notifications(), 1);
     }
@@ -698,7 +699,7 @@ async fn devices_present_before_start_are_picked_up() {
         xs: xs.clone(),
         events: FakeXenstore::new().1,
         transport: transport.clone(),
-        backend: Backend::new(xs.clone(), transport.clone(), ROOT),
+        backend: Backend::new(xs.clone(), transport.clone(), ROOT, rejections()),
     };
     h0.toolstack_add();
     h0.guest_publish(8, 17);
@@ -794,7 +795,7 @@ async fn a_backend_bound_to_one_vtpm_leaves_other_devices_untouched() {
     let (xs, mut events) = FakeXenstore::new();
     let transport = MemTransport::new();
     let other = Uuid::parse_str("0b6e9d3a-1111-4222-8333-944455556666").unwrap();
-    let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT).only_uuid(other);
+    let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT, rejections()).only_uuid(other);
     backend.start().await.unwrap();
     for (k, v) in [
         ("frontend", FE),
@@ -828,7 +829,7 @@ async fn accept_filter_refuses_once_and_is_re_evaluated_on_rescan() {
     let transport = MemTransport::new();
     let allowed: Arc<Mutex<Option<(DomId, Uuid)>>> = Arc::new(Mutex::new(None));
     let consulted = allowed.clone();
-    let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT)
+    let mut backend = Backend::new(xs.clone(), transport.clone(), ROOT, rejections())
         .accept(move |domid, uuid| *consulted.lock().unwrap() == Some((domid, uuid)));
     backend.start().await.unwrap();
     for (k, v) in [
@@ -876,7 +877,7 @@ async fn accept_filter_sees_a_verified_frontend_id() {
     let (xs, mut events) = FakeXenstore::new();
     let transport = MemTransport::new();
     let mut backend =
-        Backend::new(xs.clone(), transport.clone(), ROOT).accept(|_, _| panic!("filter consulted"));
+        Backend::new(xs.clone(), transport.clone(), ROOT, rejections()).accept(|_, _| panic!("filter consulted"));
     backend.start().await.unwrap();
     // frontend-id disagreeing with the path is an error before the filter runs.
     for (k, v) in [("frontend", FE), ("frontend-id", "6"), ("uuid", UUID)] {

@@ -1,11 +1,11 @@
 //! Client of vtpmmgr's admin socket.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vtpm_proto::mgr::{self, AdminReply, AdminRequest, VtpmInfo};
+use vtpm_proto::mgr::{AdminReply, AdminRequest, VtpmInfo};
+use vtpm_proto::mgr_io::{self, WireError};
 
 use crate::exit::{CliError, NO_MANAGER, REFUSED};
 
@@ -63,15 +63,11 @@ impl Admin {
     /// Sends one request and returns the reply; a manager error becomes a
     /// [`CliError`] with the matching exit code.
     pub fn call(&mut self, req: &AdminRequest) -> Result<AdminReply, CliError> {
-        let io = |e: std::io::Error| CliError::new(NO_MANAGER, format!("admin socket: {e}"));
-        let frame = mgr::encode(req).map_err(|e| CliError::new(1, e.to_string()))?;
-        self.stream.write_all(&frame).map_err(io)?;
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).map_err(io)?;
-        let n = mgr::frame_len(len).map_err(|e| CliError::new(1, e.to_string()))?;
-        let mut body = vec![0u8; n];
-        self.stream.read_exact(&mut body).map_err(io)?;
-        match mgr::decode::<AdminReply>(&body).map_err(|e| CliError::new(1, e.to_string()))? {
+        let reply = mgr_io::call(&mut self.stream, req).map_err(|e| match e {
+            WireError::Frame(_) => CliError::new(1, mgr_io::report(&e)),
+            _ => CliError::new(NO_MANAGER, format!("admin socket: {}", mgr_io::report(&e))),
+        })?;
+        match reply {
             AdminReply::Error(f) => Err(CliError::from_manager(f.code, f.message)),
             other => Ok(other),
         }

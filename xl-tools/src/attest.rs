@@ -381,6 +381,15 @@ pub struct VerifyArgs {
     /// FILE: JSON of required vPCR values, {"hash_alg": "sha256", "pcrs": {"0": "hex"}}.
     #[arg(long, value_name = "FILE")]
     pub vpcrs_policy: Option<PathBuf>,
+    /// FILE: the host's measured-boot event log (`xl-vtpm eventlog export` on the host); it
+    /// must replay to the quoted host PCRs the policy names. Requires --event-log-policy.
+    #[arg(long, value_name = "FILE", requires = "event_log_policy")]
+    pub event_log: Option<PathBuf>,
+    /// FILE: an event-log policy (`xl-vtpm eventlog policy`, xvtpm-eventlog-policy-v1): which
+    /// host PCRs the log must replay to, their allowed values and allowed event digests. A
+    /// host policy like --host-pcrs-policy: with it, verify can exit 0.
+    #[arg(long, value_name = "FILE", requires = "event_log")]
+    pub event_log_policy: Option<PathBuf>,
 }
 
 /// `xl-vtpm verify`. Exit 0 only if every check passed *and* a host policy was checked; 7 if a
@@ -405,6 +414,13 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
         .as_deref()
         .map(|p| guest::read_policy(p, "--vpcrs-policy"))
         .transpose()?;
+    let event_log = match (&a.event_log, &a.event_log_policy) {
+        (Some(log), Some(policy)) => Some((
+            crate::eventlog::read_log(log, "--event-log")?,
+            crate::eventlog::read_policy(policy, "--event-log-policy")?,
+        )),
+        _ => None,
+    };
     let store = a.trust_store.as_deref().map(load_trust_store).transpose()?;
     let raw_ak = match (&a.ak, a.insecure_unenrolled_ak) {
         (Some(ak), true) => Some(guest::read_bytes_or_hex(ak, "--ak")?),
@@ -455,13 +471,21 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
     exp.vtpm_uuid = vtpm;
     let v = vtpm_proto::verify::verify(&bundle, &exp)
         .map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: {e}")))?;
-    let host_checked = exp.host_pcrs.is_some();
+    let replayed = event_log
+        .as_ref()
+        .map(|(log, policy)| crate::eventlog::check_against_quote(log, policy, &v.host_pcrs))
+        .transpose()?;
+    let host_checked = exp.host_pcrs.is_some() || replayed.is_some();
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "verified": true,
                 "host_state_checked": host_checked,
+                "event_log": replayed.as_ref().map(|r| serde_json::json!({
+                    "events": r.events,
+                    "pcrs": r.pcrs.iter().map(|(p, v)| (p.to_string(), hex::encode(v))).collect::<std::collections::BTreeMap<_, _>>(),
+                })),
                 "ak_enrolled": pinned.is_some(),
                 "host_id": pinned.as_ref().map(|p| p.host_id.clone()),
                 "vtpm": v.leaf.vtpm_uuid,
@@ -487,16 +511,23 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
                 None => "NOT enrolled (--insecure-unenrolled-ak)".into(),
             }
         );
+        if let Some(r) = &replayed {
+            println!(
+                "host event log: {} events replay to the quoted PCRs {:?}; the policy allows them",
+                r.events,
+                r.pcrs.keys().collect::<Vec<_>>()
+            );
+        }
     }
     if !host_checked {
         eprintln!(
-            "xl-vtpm: WARNING: host state NOT checked: no --host-pcrs-policy FILE was given, so nothing says the host runs \
-             software you trust; exit code {HOST_UNCHECKED}"
+            "xl-vtpm: WARNING: host state NOT checked: no --host-pcrs-policy FILE or --event-log-policy FILE was given, so nothing says the \
+             host runs software you trust; exit code {HOST_UNCHECKED}"
         );
         if json {
             std::process::exit(HOST_UNCHECKED);
         }
-        return Err(CliError::new(HOST_UNCHECKED, "the evidence verified, but the host's PCRs were not checked against a policy (--host-pcrs-policy FILE)"));
+        return Err(CliError::new(HOST_UNCHECKED, "the evidence verified, but the host's PCRs were not checked against a policy (--host-pcrs-policy FILE, or --event-log FILE --event-log-policy FILE)"));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod attest;
 pub mod ekcert;
+pub mod eventlog;
 pub mod exit;
 pub mod guest;
 pub mod local;
@@ -19,4 +20,6 @@ pub mod vtpmdom;
 pub mod xenlife;
 pub mod libvirt_hook;
 pub mod registry;
+pub mod swtpm_compat;
+pub mod transfer;
 pub mod xlcfg;

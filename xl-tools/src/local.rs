@@ -174,7 +174,24 @@ pub struct Row {
     pub domain_name: Option<String>,
     /// Domain mode: the running vTPM domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub domain: Option<crate::vtpmdom::DomainRuntime>,
+    pub domain: Option<DomainRuntime>,
+}
+
+/// A running vTPM domain (`<run-dir>/vtpms/<uuid>.domain.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DomainRuntime {
+    /// vTPM UUID.
+    pub uuid: Uuid,
+    /// Domain name.
+    pub name: String,
+    /// Domain id.
+    pub domid: u32,
+    /// The block device given to the domain.
+    pub disk_device: PathBuf,
+    /// The loop device xl-vtpm attached (detached at stop).
+    pub loop_device: Option<PathBuf>,
+    /// The generated xl config.
+    pub config: PathBuf,
 }
 
 /// How long a new vTPM may take to answer "ready".
@@ -318,7 +335,7 @@ impl Local {
         let access = Access { listen: listen.to_vec(), consumer_uid: opts.consumer_uid, name: opts.name.clone() };
         let started = self
             .record_access(&uuid, &access)
-            .and_then(|()| self.spawn(admin, &info, &access, Some(opts)))
+            .and_then(|()| self.spawn(admin, &info, &access, Some(opts), None))
             .and_then(|rt| self.settle(&uuid, &access, &rt).map(|()| rt));
         match started {
             Ok(rt) => {
@@ -375,7 +392,7 @@ impl Local {
         if !listen.is_empty() {
             access.listen = listen.to_vec();
         }
-        let rt = self.spawn(admin, &info, &access, None)?;
+        let rt = self.spawn(admin, &info, &access, None, None)?;
         // A listener given for this run only is not recorded; the name's links follow this run's sockets.
         let settled = if listen.is_empty() { self.settle(uuid, &recorded, &rt) } else { self.link_name(recorded.name.as_deref(), &rt) };
         if let Err(e) = settled {
@@ -385,6 +402,40 @@ impl Local {
         // Killed after its first state write: the creation did complete.
         let _ = fs::remove_file(self.creating_marker(uuid));
         Ok(rt)
+    }
+
+    /// Starts an existing vTPM for one QEMU instance the way libvirt runs swtpm: on QEMU's
+    /// control socket `ctrl` only (the data channel arrives through `CMD_SET_DATAFD`, and the
+    /// vTPM saves and exits when QEMU hangs up, as `swtpm --terminate` does), served to root and
+    /// `consumer` (QEMU's uid) for this run, and without a TPM2_Startup of its own: the
+    /// firmware sends it, and an incoming migration or `virsh restore` brings the TPM's running
+    /// state, which a Startup of the vTPM's own would make look older than its state file.
+    /// Nothing is recorded: the next plain `vtpm start` uses the listeners given at create.
+    ///
+    /// `listener` is the control socket, already bound at `ctrl` by the caller (libvirt gives
+    /// swtpm 1 s to make it appear); the vTPM gets it as its stdin (`--ctrl-listener-stdin`).
+    pub fn start_for_qemu(
+        &self,
+        admin: &mut Admin,
+        uuid: &Uuid,
+        ctrl: &Path,
+        listener: std::os::unix::net::UnixListener,
+        consumer: Option<u32>,
+    ) -> Result<Runtime, CliError> {
+        let info = self.find(admin, uuid)?;
+        if let Some(rt) = self.runtime(uuid) {
+            return Err(CliError::new(REFUSED, format!("vTPM {uuid} is already running as process {}; one vTPM serves one QEMU", rt.pid)));
+        }
+        let listen = vec![format!("ctrl:{}", ctrl.display())];
+        check_listen(&listen)?;
+        if self.incomplete(uuid) {
+            return Err(CliError::new(
+                FAILURE,
+                format!("vTPM {uuid} was never completely created (no state file); remove it with `xl-vtpm vtpm destroy {uuid}`"),
+            ));
+        }
+        let access = Access { listen, consumer_uid: consumer, name: None };
+        self.spawn(admin, &info, &access, None, Some(std::os::fd::OwnedFd::from(listener)))
     }
 
     /// After a start with the recorded listeners: records the ports a TCP listener with port 0
@@ -464,7 +515,16 @@ impl Local {
         }
     }
 
-    fn spawn(&self, admin: &mut Admin, info: &VtpmInfo, access: &Access, create: Option<&CreateOpts>) -> Result<Runtime, CliError> {
+    /// Starts the vTPM process. `qemu_ctrl`: the libvirt/QEMU layout of [`Local::start_for_qemu`]
+    /// (no Startup of its own, its bound control listener given as stdin).
+    fn spawn(
+        &self,
+        admin: &mut Admin,
+        info: &VtpmInfo,
+        access: &Access,
+        create: Option<&CreateOpts>,
+        qemu_ctrl: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Runtime, CliError> {
         let uuid = info.uuid;
         let dir = self.vtpm_dir(&uuid);
         fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
@@ -505,6 +565,13 @@ impl Local {
         } else {
             cmd.arg("--no-sandbox");
         }
+        let stdin = match qemu_ctrl {
+            Some(listener) => {
+                cmd.arg("--startup").arg("none").arg("--ctrl-listener-stdin");
+                Stdio::from(listener)
+            }
+            None => Stdio::null(),
+        };
         if let Some(o) = create {
             cmd.arg("--create");
             if o.tpm12 {
@@ -516,7 +583,7 @@ impl Local {
         }
         // Own process group: a Ctrl-C in the admin's terminal must not kill vTPMs.
         use std::os::unix::process::CommandExt;
-        cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log_file);
+        cmd.process_group(0).stdin(stdin).stdout(Stdio::piped()).stderr(log_file);
         let mut child = cmd.spawn().map_err(|e| {
             CliError::new(FAILURE, format!("cannot run {}: {e} (install vtpm-domain or pass --vtpm-domain PATH)", self.vtpm_domain.display()))
         })?;

@@ -109,6 +109,9 @@ enum Cmd {
         #[arg(num_args = 0.., allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// vTPMs of libvirt/QEMU domains (made by the swtpm entry points, docs/libvirt.md).
+    #[command(subcommand)]
+    Libvirt(LibvirtCmd),
     /// Commands run inside a guest (or against any vTPM).
     #[command(subcommand)]
     Guest(GuestCmd),
@@ -118,6 +121,10 @@ enum Cmd {
     /// Enroll a host: verify its EK certificate chain to the TPM vendor's root, prove each group
     /// AK lives in that TPM by credential activation, pin the AKs in a trust store.
     Enroll(xl_tools::attest::EnrollArgs),
+    /// The host's measured-boot event log: export it (provider), show it, write a policy from a
+    /// known-good host (tenant); `verify --event-log` replays it against a deep quote.
+    #[command(subcommand)]
+    Eventlog(xl_tools::eventlog::EventlogCmd),
     /// Verify a vTPM's EK certificate (read with `tpm2_nvread 0x1c00002` or `0x1c0000a`, DER or
     /// PEM) against its group's EK CA (`xl-vtpm mgr group ca-cert`); exit 0 only if it verified.
     VerifyEkcert {
@@ -135,6 +142,20 @@ enum Cmd {
         /// The group's AK (TPMT_PUBLIC, raw or hex; `xl-vtpm mgr group ak`), for --certify.
         #[arg(long, requires = "certify")]
         ak: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LibvirtCmd {
+    /// Destroy the vTPMs of libvirt domains that are undefined and whose TPM state directory
+    /// libvirt removed (`virsh undefine` without `--keep-tpm` or `persistent_state='yes'`).
+    Sweep {
+        /// libvirt URI for virsh (default: virsh's, e.g. $LIBVIRT_DEFAULT_URI or qemu:///system).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+        /// Keep sweeping every SECS seconds.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
     },
 }
 
@@ -359,6 +380,13 @@ enum VtpmCmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Move a vTPM to another manager step by step, each step on its own host
+    /// (docs/migration.md).
+    #[command(subcommand)]
+    Transfer(xl_tools::transfer::TransferCmd),
+    /// Move a stopped vTPM to another manager whose admin socket and state directory are
+    /// reachable from here: every transfer step, then the source copy is retired.
+    Migrate(xl_tools::transfer::MigrateArgs),
 }
 
 const DEFAULT_VTPMDOM_KERNEL: &str = "/usr/lib/xvtpm/vtpmdom/vmlinuz";
@@ -564,39 +592,41 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Guest(g) => return run_guest(g, json),
         Cmd::Verify(v) => return xl_tools::attest::run_verify(&v, json),
         Cmd::Enroll(e) => return xl_tools::attest::run_enroll(&e, &args.run_dir, json),
-        Cmd::VerifyEkcert { cert, ca, ek, certify, ak } => {
-            let checks = xl_tools::ekcert::Checks { ek_public: ek.as_deref(), certify: certify.as_deref().zip(ak.as_deref()) };
-            let info = xl_tools::ekcert::verify(&cert, &ca, &checks)?;
-            if json {
-                print_json(&serde_json::json!({
-                    "verified": true,
-                    "ek_type": info.ek_type.to_string(),
-                    "serial": info.serial,
-                    "tpm_manufacturer": info.manufacturer,
-                    "tpm_model": info.model,
-                    "tpm_version": info.version,
-                    "ek_checked": ek.is_some(),
-                    "ca_certify_checked": certify.is_some(),
-                }));
-            } else {
-                println!(
-                    "verified: {} EK certificate, serial {}, issued by the CA{}{}",
-                    info.ek_type,
-                    info.serial,
-                    if ek.is_some() { "; it certifies the given EK" } else { "" },
-                    if certify.is_some() { "; the CA key is certified by the given AK" } else { "" }
-                );
-            }
-            return Ok(());
-        }
-        Cmd::Console { name } => {
-            use std::os::unix::process::CommandExt;
-            let e = std::process::Command::new(xl_path()).arg("console").arg(&name).exec();
-            return Err(CliError::new(exit::FAILURE, format!("cannot run xl console: {e}")));
-        }
+        Cmd::Eventlog(c) => return xl_tools::eventlog::run(&c, json),
+        Cmd::VerifyEkcert { cert, ca, ek, certify, ak } => return run_verify_ekcert(cert, ca, ek, certify, ak, json),
+        Cmd::Console { name } => return run_console(name),
         other => other,
     };
-    let xen = xenlife::Xen {
+    let xen = xen_for(&local, args.registry.as_deref(), args.host.clone())?;
+    if let Cmd::Reboot { name } = &cmd {
+        return xen.reboot(name);
+    }
+    // Checks that need no manager come first: a command that is going to fail refuses
+    // before it creates anything.
+    if let Cmd::Vtpm(v) = &cmd {
+        check_vtpm_args(v)?;
+    }
+    let mut admin = Admin::connect(&args.run_dir)?;
+    match cmd {
+        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::Eventlog(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
+            unreachable!("handled above")
+        }
+        Cmd::Create { config, group, dry_run } => run_create(&xen, admin, config, group, dry_run, json),
+        Cmd::Destroy { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Destroy),
+        Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown),
+        Cmd::List => run_list(&xen, json),
+        Cmd::Watch { poll_secs } => xen.watch(&args.run_dir, Duration::from_secs(poll_secs.max(1))),
+        Cmd::Registry(r) => run_registry(r, &xen, admin, json),
+        Cmd::LibvirtHook { args: hook_args } => run_libvirt_hook(&xen, &mut admin, &hook_args),
+        Cmd::Libvirt(l) => run_libvirt(l, &local, json),
+        Cmd::Mgr(m) => run_mgr(m, admin, json),
+        Cmd::Vtpm(v) => run_vtpm(v, &local, domains, admin, json),
+    }
+}
+
+/// The Xen side: guests and their vTPMs, the registry.
+fn xen_for(local: &Local, registry: Option<&str>, host: Option<String>) -> Result<xenlife::Xen, CliError> {
+    Ok(xenlife::Xen {
         local: local.clone(),
         xl: xl_path(),
         losetup: losetup_path(),
@@ -605,87 +635,44 @@ fn run(args: Args) -> Result<(), CliError> {
             ramdisk: std::env::var_os("XVTPM_VTPMDOM_RAMDISK").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_VTPMDOM_RAMDISK)),
             memory_mib: xl_tools::vtpmdom::DEFAULT_MEMORY_MIB,
         },
-        registry: args.registry.as_deref().map(xl_tools::registry::Location::parse).transpose().map_err(|e| CliError::new(exit::USAGE, e.to_string()))?,
-        host: args.host.clone().unwrap_or_else(xl_tools::registry::this_host),
-    };
-    if let Cmd::Reboot { name } = &cmd {
-        return xen.reboot(name);
-    }
-    // Checks that need no manager come first: a command that is going to fail refuses
-    // before it creates anything.
-    if let Cmd::Vtpm(VtpmCmd::Create { uuid: Some(u), .. }) = &cmd
-        && local::parse_uuid(u, "--uuid")?.is_nil()
-    {
-        return Err(CliError::new(exit::USAGE, "--uuid 00000000-0000-0000-0000-000000000000: the nil UUID names no vTPM; leave --uuid out to get a new one"));
-    }
-    match &cmd {
-        Cmd::Vtpm(VtpmCmd::Create { tpm12: true, ek, .. }) if ek == "ecc" => {
-            return Err(CliError::new(exit::USAGE, "--tpm12 with --ek ecc: a TPM 1.2 has an RSA-2048 endorsement key only; drop --ek ecc (or --tpm12)"));
-        }
-        Cmd::Vtpm(VtpmCmd::Create { listen, dom: DomainArgs { domain: None, .. }, .. }) | Cmd::Vtpm(VtpmCmd::Start { listen, .. }) => {
-            local::check_listen(listen)?;
-        }
-        _ => {}
-    }
-    let mut admin = Admin::connect(&args.run_dir)?;
+        registry: registry.map(xl_tools::registry::Location::parse).transpose().map_err(|e| CliError::new(exit::USAGE, e.to_string()))?,
+        host: host.unwrap_or_else(xl_tools::registry::this_host),
+    })
+}
+
+/// `xl-vtpm mgr …`.
+fn run_mgr(cmd: MgrCmd, mut admin: Admin, json: bool) -> Result<(), CliError> {
     match cmd {
-        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } => {
-            unreachable!("handled above")
+        MgrCmd::Vtpm(v) => return run_mgr_vtpm(v, admin, json),
+        MgrCmd::Group(g) => return run_group(g, admin, json),
+        MgrCmd::Provision { pcrs, yes } => {
+            let pcrs = guest::parse_pcr_list(&pcrs, "--pcrs")?;
+            confirm(yes, &format!("Provision the manager, sealing its master secret to the current values of PCRs {pcrs:?}"))?;
+            if let AdminReply::Status(s) = admin.call(&AdminRequest::Provision { pcrs })? {
+                print_status(&s, json);
+            }
         }
-        Cmd::Create { config, group, dry_run } => match xen.create(&mut admin, &config, group, dry_run)? {
-            xenlife::Created::Done(row) if json => print_json(&row),
-            xenlife::Created::Done(row) => {
-                println!("guest {} (domid {}) created with vTPM {}", row.guest_name, row.guest_domid.unwrap_or(0), row.vtpm_uuid)
-            }
-            xenlife::Created::Plan(p) if json => print_json(&serde_json::json!({"dry_run": true, "plan": p})),
-            xenlife::Created::Plan(p) => {
-                let placement = if p.vtpm_backend == "0" { "as a process in dom0".to_string() } else { format!("in its own domain {}", p.vtpm_backend) };
-                let vtpm = if p.vtpm_exists {
-                    format!("start the existing vTPM {} {placement}", p.vtpm_uuid)
-                } else {
-                    format!("create vTPM {} in group {} and start it {placement}", p.vtpm_uuid, p.group.as_deref().unwrap_or("default"))
-                };
-                println!("dry run, nothing created. xl-vtpm create would: {vtpm}; then create guest {} (uuid {}) with vtpm = [ \"backend={},uuid={}\" ]", p.guest_name, p.guest_uuid, p.vtpm_backend, p.vtpm_uuid);
-            }
-        },
-        Cmd::Destroy { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Destroy)?,
-        Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown)?,
-        Cmd::List => {
-            let rows = xen.list()?;
+        MgrCmd::Enrollment { out, ek_intermediate } => {
+            let m = xl_tools::attest::write_material(&mut admin, &out, &ek_intermediate)?;
             if json {
-                print_json(&rows);
+                print_json(&serde_json::json!({"host_id": m.host_id, "groups": m.groups.len(), "out": out}));
             } else {
-                println!("{:<20}  {:>6}  {:<36}  {:<10}  {:>7}", "GUEST", "DOMID", "VTPM", "STATE", "VTPM-PID");
-                for r in &rows {
-                    let opt = |v: &serde_json::Value| v.as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
-                    println!(
-                        "{:<20}  {:>6}  {:<36}  {:<10}  {:>7}",
-                        r["guest_name"].as_str().unwrap_or("?"),
-                        opt(&r["guest_running_domid"]),
-                        r["vtpm_uuid"].as_str().unwrap_or("?"),
-                        r["state"].as_str().unwrap_or("?"),
-                        opt(&r["vtpm_pid"])
-                    );
-                }
+                println!("wrote enrollment material of host {} ({} group(s)) to {}", m.host_id, m.groups.len(), out.display());
             }
         }
-        Cmd::Watch { poll_secs } => xen.watch(&args.run_dir, Duration::from_secs(poll_secs.max(1)))?,
-        Cmd::Registry(RegistryCmd::Check { repair, all_hosts }) => {
-            let report = xen.check(&mut admin, repair, all_hosts)?;
-            if json {
-                print_json(&report);
-            } else if report.is_empty() {
-                println!("registry matches what runs");
-            } else {
-                report.iter().for_each(|l| println!("{l}"));
+        MgrCmd::Status => {
+            if let AdminReply::Status(s) = admin.call(&AdminRequest::Status)? {
+                print_status(&s, json);
             }
         }
-        Cmd::Registry(RegistryCmd::Remove { name, yes }) => {
-            confirm(yes, &format!("Forget guest {name}'s binding to its vTPM"))?;
-            xen.forget(&name)?;
-        }
-        Cmd::LibvirtHook { args: hook_args } => return run_libvirt_hook(&xen, &mut admin, &hook_args),
-        Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::List)) => {
+    }
+    Ok(())
+}
+
+/// `xl-vtpm mgr vtpm …`.
+fn run_mgr_vtpm(cmd: MgrVtpmCmd, mut admin: Admin, json: bool) -> Result<(), CliError> {
+    match cmd {
+        MgrVtpmCmd::List => {
             {
                 let vtpms = admin.list_vtpms()?;
                 if json {
@@ -698,36 +685,23 @@ fn run(args: Args) -> Result<(), CliError> {
                 }
             }
         }
-        Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::AttachDomain { uuid, domid })) => {
+        MgrVtpmCmd::AttachDomain { uuid, domid } => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
             admin.call(&AdminRequest::VtpmAttachDomain { uuid, domid })?;
         }
-        Cmd::Mgr(MgrCmd::Vtpm(MgrVtpmCmd::Del { uuid, yes })) => {
+        MgrVtpmCmd::Del { uuid, yes } => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
             confirm(yes, &format!("Delete vTPM identity {uuid} in the manager: its state can never be opened again"))?;
             admin.call(&AdminRequest::VtpmDel { uuid })?;
         }
-        Cmd::Mgr(MgrCmd::Provision { pcrs, yes }) => {
-            let pcrs = guest::parse_pcr_list(&pcrs, "--pcrs")?;
-            confirm(yes, &format!("Provision the manager, sealing its master secret to the current values of PCRs {pcrs:?}"))?;
-            if let AdminReply::Status(s) = admin.call(&AdminRequest::Provision { pcrs })? {
-                print_status(&s, json);
-            }
-        }
-        Cmd::Mgr(MgrCmd::Enrollment { out, ek_intermediate }) => {
-            let m = xl_tools::attest::write_material(&mut admin, &out, &ek_intermediate)?;
-            if json {
-                print_json(&serde_json::json!({"host_id": m.host_id, "groups": m.groups.len(), "out": out}));
-            } else {
-                println!("wrote enrollment material of host {} ({} group(s)) to {}", m.host_id, m.groups.len(), out.display());
-            }
-        }
-        Cmd::Mgr(MgrCmd::Status) => {
-            if let AdminReply::Status(s) = admin.call(&AdminRequest::Status)? {
-                print_status(&s, json);
-            }
-        }
-        Cmd::Mgr(MgrCmd::Group(GroupCmd::Add { name })) => {
+    }
+    Ok(())
+}
+
+/// `xl-vtpm mgr group …`.
+fn run_group(cmd: GroupCmd, mut admin: Admin, json: bool) -> Result<(), CliError> {
+    match cmd {
+        GroupCmd::Add { name } => {
             if let AdminReply::Group(g) = admin.call(&AdminRequest::GroupAdd { name })? {
                 if json {
                     print_json(&versioned(GROUP_SCHEMA, &g));
@@ -736,12 +710,12 @@ fn run(args: Args) -> Result<(), CliError> {
                 }
             }
         }
-        Cmd::Mgr(MgrCmd::Group(GroupCmd::List)) => {
+        GroupCmd::List => {
             if let AdminReply::Groups { groups } = admin.call(&AdminRequest::GroupList)? {
                 print_groups(&groups, json);
             }
         }
-        Cmd::Mgr(MgrCmd::Group(GroupCmd::Ak { group, out })) => {
+        GroupCmd::Ak { group, out } => {
             let AdminReply::Groups { groups } = admin.call(&AdminRequest::GroupList)? else {
                 return Err(CliError::new(exit::FAILURE, "unexpected reply"));
             };
@@ -755,7 +729,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 print_json(&serde_json::json!({"group": g.uuid, "ak_public": g.ak_public, "out": out}));
             }
         }
-        Cmd::Mgr(MgrCmd::Group(GroupCmd::CaCert { group, out, der, certify })) => {
+        GroupCmd::CaCert { group, out, der, certify } => {
             let AdminReply::GroupCa(info) = admin.call(&AdminRequest::GroupCa { group })? else {
                 return Err(CliError::new(exit::FAILURE, "unexpected reply"));
             };
@@ -766,7 +740,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("wrote the EK CA certificate of group {} ({}) to {}", info.name, info.group, out.display());
             }
         }
-        Cmd::Mgr(MgrCmd::Group(GroupCmd::Del { group, yes })) => {
+        GroupCmd::Del { group, yes } => {
             // Ask to confirm only what can be done.
             if let AdminReply::Groups { groups } = admin.call(&AdminRequest::GroupList)?
                 && !groups.iter().any(|g| g.name == group || g.uuid.to_string() == group)
@@ -776,7 +750,33 @@ fn run(args: Args) -> Result<(), CliError> {
             confirm(yes, &format!("Delete group {group:?} and its attestation key"))?;
             admin.call(&AdminRequest::GroupDel { group })?;
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen: _, consumer: _, name: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } }) => {
+    }
+    Ok(())
+}
+
+/// Checks of `xl-vtpm vtpm …` that need no manager (made before connecting to it).
+fn check_vtpm_args(cmd: &VtpmCmd) -> Result<(), CliError> {
+    if let VtpmCmd::Create { uuid: Some(u), .. } = cmd
+        && local::parse_uuid(u, "--uuid")?.is_nil()
+    {
+        return Err(CliError::new(exit::USAGE, "--uuid 00000000-0000-0000-0000-000000000000: the nil UUID names no vTPM; leave --uuid out to get a new one"));
+    }
+    match cmd {
+        VtpmCmd::Create { tpm12: true, ek, .. } if ek == "ecc" => {
+            return Err(CliError::new(exit::USAGE, "--tpm12 with --ek ecc: a TPM 1.2 has an RSA-2048 endorsement key only; drop --ek ecc (or --tpm12)"));
+        }
+        VtpmCmd::Create { listen, dom: DomainArgs { domain: None, .. }, .. } | VtpmCmd::Start { listen, .. } => {
+            local::check_listen(listen)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `xl-vtpm vtpm …`: local vTPMs, as processes or in their own domains.
+fn run_vtpm(cmd: VtpmCmd, local: &Local, domains: xl_tools::vtpmdom::Domains, mut admin: Admin, json: bool) -> Result<(), CliError> {
+    match cmd {
+        VtpmCmd::Create { group, uuid, listen: _, consumer: _, name: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } } => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let mut create_args = vec!["--ek".to_string(), ek];
             if tpm12 {
@@ -791,7 +791,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("guest config: vtpm = [ \"backend={},uuid={}\" ]", rt.name, rt.uuid);
             }
         }
-        Cmd::Vtpm(VtpmCmd::Create { group, uuid, listen, consumer, name, tpm12, ek, dom: _ }) => {
+        VtpmCmd::Create { group, uuid, listen, consumer, name, tpm12, ek, dom: _ } => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let consumer_uid = consumer.as_deref().map(local::parse_user).transpose()?;
             let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc", consumer_uid, name })?;
@@ -803,8 +803,8 @@ fn run(args: Args) -> Result<(), CliError> {
                 print_endpoints(&row);
             }
         }
-        Cmd::Vtpm(VtpmCmd::List) => print_rows(&with_domains(&domains, local.list(&mut admin)?), json),
-        Cmd::Vtpm(VtpmCmd::Show { uuid }) => {
+        VtpmCmd::List => print_rows(&with_domains(&domains, local.list(&mut admin)?), json),
+        VtpmCmd::Show { uuid } => {
             let uuid = local.resolve(&uuid)?;
             let row = with_domains(&domains, vec![local.show(&mut admin, &uuid)?]).remove(0);
             if json {
@@ -813,7 +813,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 print_rows(&[row], false);
             }
         }
-        Cmd::Vtpm(VtpmCmd::Start { uuid, listen: _, wait }) if is_domain(&domains, &uuid) => {
+        VtpmCmd::Start { uuid, listen: _, wait } if is_domain(&domains, &uuid) => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
             local.show(&mut admin, &uuid)?;
             let rt = domains.start(&mut admin, &uuid, Duration::from_secs(wait))?;
@@ -823,7 +823,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("started vTPM {} in domain {} (domid {})", rt.uuid, rt.name, rt.domid);
             }
         }
-        Cmd::Vtpm(VtpmCmd::Start { uuid, listen, wait: _ }) => {
+        VtpmCmd::Start { uuid, listen, wait: _ } => {
             let uuid = local.resolve(&uuid)?;
             let rt = local.start(&mut admin, &uuid, &listen)?;
             let row = local.show(&mut admin, &rt.uuid)?;
@@ -834,7 +834,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 print_endpoints(&row);
             }
         }
-        Cmd::Vtpm(VtpmCmd::Stop { uuid }) => {
+        VtpmCmd::Stop { uuid } => {
             let uuid = local.resolve(&uuid)?;
             let was = if domains.spec(&uuid)?.is_some() {
                 local.show(&mut admin, &uuid)?;
@@ -850,7 +850,23 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("vTPM {uuid} was not running");
             }
         }
-        Cmd::Vtpm(VtpmCmd::AcceptState { uuid, yes }) => {
+        VtpmCmd::Transfer(t) => {
+            let v = xl_tools::transfer::run(t, &mut admin, local)?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("{v}");
+            }
+        }
+        VtpmCmd::Migrate(m) => {
+            let done = xl_tools::transfer::run_migrate(m, &mut admin, local)?;
+            if json {
+                print_json(&done);
+            } else {
+                println!("vTPM {} moved to host {} (transfer generation {}); start it there", done.uuid, done.dest_host, done.generation);
+            }
+        }
+        VtpmCmd::AcceptState { uuid, yes } => {
             let uuid = local::parse_uuid(&uuid, "UUID")?;
             confirm(yes, &format!("Accept the older state of vTPM {uuid} that the manager refused: every change made after it is lost"))?;
             admin.call(&AdminRequest::VtpmAcceptState { uuid })?;
@@ -860,7 +876,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 println!("accepted the refused state of vTPM {uuid}; start it with `xl-vtpm vtpm start {uuid}`");
             }
         }
-        Cmd::Vtpm(VtpmCmd::Destroy { uuid, yes }) => {
+        VtpmCmd::Destroy { uuid, yes } => {
             let uuid = local.resolve(&uuid)?;
             local.show(&mut admin, &uuid)?;
             confirm(yes, &format!("Destroy vTPM {uuid}: its keys, NV and EK are gone for good"))?;
@@ -877,6 +893,142 @@ fn run(args: Args) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// `xl-vtpm create`: a guest and its vTPM together (or, with --dry-run, the plan).
+fn run_create(xen: &xenlife::Xen, mut admin: Admin, config: PathBuf, group: Option<String>, dry_run: bool, json: bool) -> Result<(), CliError> {
+    match xen.create(&mut admin, &config, group, dry_run)? {
+        xenlife::Created::Done(row) if json => print_json(&row),
+        xenlife::Created::Done(row) => {
+            println!("guest {} (domid {}) created with vTPM {}", row.guest_name, row.guest_domid.unwrap_or(0), row.vtpm_uuid)
+        }
+        xenlife::Created::Plan(p) if json => print_json(&serde_json::json!({"dry_run": true, "plan": p})),
+        xenlife::Created::Plan(p) => {
+            let placement = if p.vtpm_backend == "0" { "as a process in dom0".to_string() } else { format!("in its own domain {}", p.vtpm_backend) };
+            let vtpm = if p.vtpm_exists {
+                format!("start the existing vTPM {} {placement}", p.vtpm_uuid)
+            } else {
+                format!("create vTPM {} in group {} and start it {placement}", p.vtpm_uuid, p.group.as_deref().unwrap_or("default"))
+            };
+            println!("dry run, nothing created. xl-vtpm create would: {vtpm}; then create guest {} (uuid {}) with vtpm = [ \"backend={},uuid={}\" ]", p.guest_name, p.guest_uuid, p.vtpm_backend, p.vtpm_uuid);
+        }
+    }
+    Ok(())
+}
+
+/// `xl-vtpm list`: guests with their vTPMs.
+fn run_list(xen: &xenlife::Xen, json: bool) -> Result<(), CliError> {
+        let rows = xen.list()?;
+        if json {
+            print_json(&rows);
+        } else {
+            println!("{:<20}  {:>6}  {:<36}  {:<10}  {:>7}", "GUEST", "DOMID", "VTPM", "STATE", "VTPM-PID");
+            for r in &rows {
+                let opt = |v: &serde_json::Value| v.as_u64().map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<20}  {:>6}  {:<36}  {:<10}  {:>7}",
+                    r["guest_name"].as_str().unwrap_or("?"),
+                    opt(&r["guest_running_domid"]),
+                    r["vtpm_uuid"].as_str().unwrap_or("?"),
+                    r["state"].as_str().unwrap_or("?"),
+                    opt(&r["vtpm_pid"])
+                );
+            }
+        }
+    Ok(())
+}
+
+/// `xl-vtpm registry …`.
+fn run_registry(cmd: RegistryCmd, xen: &xenlife::Xen, mut admin: Admin, json: bool) -> Result<(), CliError> {
+    match cmd {
+        RegistryCmd::Check { repair, all_hosts } => {
+            let report = xen.check(&mut admin, repair, all_hosts)?;
+            if json {
+                print_json(&report);
+            } else if report.is_empty() {
+                println!("registry matches what runs");
+            } else {
+                report.iter().for_each(|l| println!("{l}"));
+            }
+        }
+        RegistryCmd::Remove { name, yes } => {
+            confirm(yes, &format!("Forget guest {name}'s binding to its vTPM"))?;
+            xen.forget(&name)?;
+        }
+    }
+    Ok(())
+}
+
+/// `xl-vtpm libvirt …`: vTPMs of libvirt/QEMU domains.
+fn run_libvirt(cmd: LibvirtCmd, local: &Local, json: bool) -> Result<(), CliError> {
+    match cmd {
+        LibvirtCmd::Sweep { connect, watch } => {
+            let virsh = std::env::var_os("XVTPM_VIRSH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("virsh"));
+            loop {
+                let pass = xl_tools::swtpm_compat::defined_domains(&virsh, connect.as_deref()).and_then(|defined| {
+                    // A fresh connection per pass: a watcher outlives manager restarts.
+                    let mut admin = Admin::connect(&local.run_dir)?;
+                    xl_tools::swtpm_compat::sweep(local, &mut admin, &defined)
+                });
+                match pass {
+                    Ok(swept) => {
+                        if json {
+                            print_json(&swept);
+                        } else {
+                            for s in &swept {
+                                println!("{} {} (libvirt domain {})", s.action, s.vtpm, s.vm_uuid);
+                            }
+                        }
+                        if watch.is_none() && swept.iter().any(|s| s.action.starts_with("failed")) {
+                            return Err(CliError::new(exit::FAILURE, "some vTPMs of undefined libvirt domains could not be destroyed (listed above)"));
+                        }
+                    }
+                    Err(e) if watch.is_some() => eprintln!("xl-vtpm libvirt sweep: {}", e.message),
+                    Err(e) => return Err(e),
+                }
+                let _ = std::io::stdout().flush();
+                match watch {
+                    Some(secs) => std::thread::sleep(Duration::from_secs(secs.max(1))),
+                    None => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// `xl-vtpm verify-ekcert`.
+fn run_verify_ekcert(cert: PathBuf, ca: PathBuf, ek: Option<PathBuf>, certify: Option<PathBuf>, ak: Option<PathBuf>, json: bool) -> Result<(), CliError> {
+    let checks = xl_tools::ekcert::Checks { ek_public: ek.as_deref(), certify: certify.as_deref().zip(ak.as_deref()) };
+    let info = xl_tools::ekcert::verify(&cert, &ca, &checks)?;
+    if json {
+        print_json(&serde_json::json!({
+            "verified": true,
+            "ek_type": info.ek_type.to_string(),
+            "serial": info.serial,
+            "tpm_manufacturer": info.manufacturer,
+            "tpm_model": info.model,
+            "tpm_version": info.version,
+            "ek_checked": ek.is_some(),
+            "ca_certify_checked": certify.is_some(),
+        }));
+    } else {
+        println!(
+            "verified: {} EK certificate, serial {}, issued by the CA{}{}",
+            info.ek_type,
+            info.serial,
+            if ek.is_some() { "; it certifies the given EK" } else { "" },
+            if certify.is_some() { "; the CA key is certified by the given AK" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// `xl-vtpm console`: becomes `xl console NAME`.
+fn run_console(name: String) -> Result<(), CliError> {
+    use std::os::unix::process::CommandExt;
+    let e = std::process::Command::new(xl_path()).arg("console").arg(&name).exec();
+    Err(CliError::new(exit::FAILURE, format!("cannot run xl console: {e}")))
+}
+
 
 
 fn xl_path() -> PathBuf {

@@ -34,7 +34,7 @@ use vtpm_proto::mgr::{AdminReply, AdminRequest, VtpmInfo};
 
 use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, NOT_FOUND, REFUSED, USAGE};
-use crate::local::Local;
+use crate::local::{DomainRuntime, Local};
 
 /// Size of a new disk image: two 1 MiB slots and room to spare.
 pub const DISK_IMAGE_SIZE: u64 = 4 << 20;
@@ -70,23 +70,6 @@ pub struct DomainSpec {
     pub disk: Disk,
     /// Extra vtpm-domain arguments used at manufacture (`--ek ecc`, `--tpm12`).
     pub create_args: Vec<String>,
-}
-
-/// A running vTPM domain (`<run-dir>/vtpms/<uuid>.domain.json`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct DomainRuntime {
-    /// vTPM UUID.
-    pub uuid: Uuid,
-    /// Domain name.
-    pub name: String,
-    /// Domain id.
-    pub domid: u32,
-    /// The block device given to the domain.
-    pub disk_device: PathBuf,
-    /// The loop device xl-vtpm attached (detached at stop).
-    pub loop_device: Option<PathBuf>,
-    /// The generated xl config.
-    pub config: PathBuf,
 }
 
 /// Options of `vtpm create --domain`.

@@ -1,6 +1,7 @@
 //! The phases, in the order they run, and the state they hand on.
 
 mod base;
+mod eventlog;
 mod life;
 mod lifedom;
 mod tail;

@@ -18,6 +18,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             "vtpm-create",
             "vtpm-guest",
             "deep-quote",
+            "host-eventlog",
             "vtpm-reboot",
             "vtpm-destroy",
         ] {
@@ -28,6 +29,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
     r.phase("vtpm-create", deadline(150), |cx| create(cx, st));
     r.phase("vtpm-guest", deadline(500), |cx| guest(cx, st));
     r.phase("deep-quote", deadline(260), |cx| deep_quote(cx, st));
+    r.phase("host-eventlog", deadline(200), |cx| {
+        super::eventlog::host_eventlog(cx, st)
+    });
     r.phase("vtpm-reboot", deadline(420), |cx| reboot(cx, st));
     r.phase("vtpm-destroy", deadline(200), |cx| destroy(cx, st));
 }

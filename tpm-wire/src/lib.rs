@@ -1,11 +1,15 @@
-//! TPM command and response framing (TPM 2.0 Part 1 §18 "Command/Response
-//! Structure", and the TPM 1.2 equivalent in TPM Main Part 3).
+//! The TPM wire vocabulary every xvtpm crate shares (TPM 2.0 Part 1 §18 "Command/Response
+//! Structure", Part 2 for the constants; TPM Main Part 2/3 for TPM 1.2).
 //!
-//! Both families share a 10-byte big-endian header: `tag: u16`,
-//! `size: u32` (whole packet, header included) and `code: u32` (command
-//! code or response code). Everything a vTPM receives goes through
-//! [`parse_command`] first; a packet it rejects is answered with
-//! [`error_response`] and never reaches the engine.
+//! Both families share a 10-byte big-endian header: `tag: u16`, `size: u32` (whole packet,
+//! header included) and `code: u32` (command code or response code). Everything a vTPM
+//! receives goes through [`parse_command`] first; a packet it rejects is answered with
+//! [`error_response`] and never reaches the engine. [`Command`] builds TPM 2.0 commands; the
+//! `tpm2_*` and `tpm12_*` functions are the whole commands the vTPM, the tests and the
+//! benchmarks send. No I/O, no `unsafe`, no dependency on another workspace crate; what is
+//! specific to libtpms stays in `vtpm-engine`.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 /// Length of the command/response header shared by TPM 1.2 and 2.0.
 pub const HEADER_LEN: usize = 10;
@@ -54,6 +58,64 @@ pub const TPM2_SU_CLEAR: u16 = 0x0000;
 /// TPM 2.0 `TPM_SU_STATE`.
 pub const TPM2_SU_STATE: u16 = 0x0001;
 
+/// TPM 2.0 `TPM_RC_NV_LOCKED`: the NV index is write-locked.
+pub const TPM2_RC_NV_LOCKED: u32 = 0x148;
+
+/// TPM 2.0 `TPM_RS_PW`: the password authorization session handle.
+pub const TPM2_RS_PW: u32 = 0x4000_0009;
+/// TPM 2.0 `TPM_RH_OWNER`.
+pub const TPM2_RH_OWNER: u32 = 0x4000_0001;
+/// TPM 2.0 `TPM_RH_ENDORSEMENT`.
+pub const TPM2_RH_ENDORSEMENT: u32 = 0x4000_000B;
+/// TPM 2.0 `TPM_RH_PLATFORM`.
+pub const TPM2_RH_PLATFORM: u32 = 0x4000_000C;
+/// TPM 2.0 `TPM_ALG_SHA256`.
+pub const TPM2_ALG_SHA256: u16 = 0x000B;
+
+/// TPM 2.0 command code `TPM_CC_EvictControl`.
+pub const TPM2_CC_EVICT_CONTROL: u32 = 0x120;
+/// TPM 2.0 command code `TPM_CC_NV_DefineSpace`.
+pub const TPM2_CC_NV_DEFINE_SPACE: u32 = 0x12A;
+/// TPM 2.0 command code `TPM_CC_CreatePrimary`.
+pub const TPM2_CC_CREATE_PRIMARY: u32 = 0x131;
+/// TPM 2.0 command code `TPM_CC_NV_Increment`.
+pub const TPM2_CC_NV_INCREMENT: u32 = 0x134;
+/// TPM 2.0 command code `TPM_CC_NV_Write`.
+pub const TPM2_CC_NV_WRITE: u32 = 0x137;
+/// TPM 2.0 command code `TPM_CC_NV_WriteLock`.
+pub const TPM2_CC_NV_WRITE_LOCK: u32 = 0x138;
+/// TPM 2.0 command code `TPM_CC_NV_Read`.
+pub const TPM2_CC_NV_READ: u32 = 0x14E;
+/// TPM 2.0 command code `TPM_CC_FlushContext`.
+pub const TPM2_CC_FLUSH_CONTEXT: u32 = 0x165;
+/// TPM 2.0 command code `TPM_CC_NV_ReadPublic`.
+pub const TPM2_CC_NV_READ_PUBLIC: u32 = 0x169;
+/// TPM 2.0 command code `TPM_CC_ReadPublic`.
+pub const TPM2_CC_READ_PUBLIC: u32 = 0x173;
+/// TPM 2.0 command code `TPM_CC_GetCapability`.
+pub const TPM2_CC_GET_CAPABILITY: u32 = 0x17A;
+/// TPM 2.0 command code `TPM_CC_GetRandom`.
+pub const TPM2_CC_GET_RANDOM: u32 = 0x17B;
+/// TPM 2.0 command code `TPM_CC_PCR_Read`.
+pub const TPM2_CC_PCR_READ: u32 = 0x17E;
+/// TPM 2.0 command code `TPM_CC_PCR_Extend`.
+pub const TPM2_CC_PCR_EXTEND: u32 = 0x182;
+
+/// TPM 1.2 ordinal `TPM_ORD_GetRandom`.
+pub const TPM12_ORD_GET_RANDOM: u32 = 0x46;
+/// TPM 1.2 ordinal `TPM_ORD_GetCapability`.
+pub const TPM12_ORD_GET_CAPABILITY: u32 = 0x65;
+/// TPM 1.2 ordinal `TPM_ORD_Startup`.
+pub const TPM12_ORD_STARTUP: u32 = 0x99;
+/// TPM 1.2 `TPM_ST_CLEAR` (the Startup type).
+pub const TPM12_ST_CLEAR: u16 = 0x0001;
+/// TPM 1.2 `TPM_CAP_PROPERTY`.
+pub const TPM12_CAP_PROPERTY: u32 = 5;
+/// TPM 1.2 `TPM_CAP_PROP_TIS_TIMEOUT`.
+pub const TPM12_CAP_PROP_TIS_TIMEOUT: u32 = 0x115;
+/// TPM 1.2 `TPM_CAP_PROP_DURATION`.
+pub const TPM12_CAP_PROP_DURATION: u32 = 0x120;
+
 /// The TPM family a vTPM runs. Chosen at creation and fixed for its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -62,6 +124,26 @@ pub enum Family {
     Tpm2,
     /// TPM 1.2, on request.
     Tpm12,
+}
+
+impl Family {
+    /// The response code for a command whose size is wrong or larger than the TPM takes:
+    /// `TPM_RC_COMMAND_SIZE` (TPM 2.0), `TPM_BAD_PARAM_SIZE` (TPM 1.2).
+    pub fn command_size_code(self) -> u32 {
+        match self {
+            Family::Tpm2 => TPM2_RC_COMMAND_SIZE,
+            Family::Tpm12 => TPM12_BAD_PARAM_SIZE,
+        }
+    }
+
+    /// The response code for a command the TPM could not run: `TPM_RC_FAILURE` (TPM 2.0),
+    /// `TPM_FAIL` (TPM 1.2).
+    pub fn failure_code(self) -> u32 {
+        match self {
+            Family::Tpm2 => TPM2_RC_FAILURE,
+            Family::Tpm12 => TPM12_FAIL,
+        }
+    }
 }
 
 /// A validated command header.
@@ -110,9 +192,8 @@ impl FramingError {
     pub fn response_code(&self, family: Family) -> u32 {
         match (self, family) {
             (FramingError::BadTag(_), Family::Tpm2) => TPM2_RC_BAD_TAG,
-            (_, Family::Tpm2) => TPM2_RC_COMMAND_SIZE,
             (FramingError::BadTag(_), Family::Tpm12) => TPM12_BADTAG,
-            (_, Family::Tpm12) => TPM12_BAD_PARAM_SIZE,
+            (_, family) => family.command_size_code(),
         }
     }
 }
@@ -175,22 +256,143 @@ pub fn response_code(resp: &[u8]) -> Option<u32> {
     peek_header(resp).map(|h| h.code)
 }
 
-/// `TPM2_Startup(su)`: the command a vTPM sends itself when it is started
-/// with the `startup-clear` behaviour (as swtpm's `--flags startup-clear`).
-pub fn tpm2_startup(su: u16) -> [u8; 12] {
-    let mut out = [0u8; 12];
-    out[0..2].copy_from_slice(&TPM2_ST_NO_SESSIONS.to_be_bytes());
-    out[2..6].copy_from_slice(&12u32.to_be_bytes());
-    out[6..10].copy_from_slice(&TPM2_CC_STARTUP.to_be_bytes());
-    out[10..12].copy_from_slice(&su.to_be_bytes());
-    out
+/// Big-endian `u32` at `at`, or `None` past the end.
+pub fn be_u32(buf: &[u8], at: usize) -> Option<u32> {
+    let b = buf.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The `TPM2B` (size prefix included) starting at `at`, or `None` if it runs past the end.
+pub fn tpm2b_at(buf: &[u8], at: usize) -> Option<&[u8]> {
+    let b = buf.get(at..at.checked_add(2)?)?;
+    let n = usize::from(u16::from_be_bytes([b[0], b[1]]));
+    buf.get(at..at + 2 + n)
+}
+
+/// Builder for one command; [`Command::finish`] patches the size field.
+#[derive(Debug, Clone)]
+pub struct Command {
+    buf: Vec<u8>,
+}
+
+impl Command {
+    /// Starts a command with `tag` ([`TPM2_ST_NO_SESSIONS`] / [`TPM2_ST_SESSIONS`], or a TPM 1.2
+    /// request tag) and command `code`.
+    pub fn new(tag: u16, code: u32) -> Self {
+        let mut buf = Vec::with_capacity(64);
+        buf.extend_from_slice(&tag.to_be_bytes());
+        buf.extend_from_slice(&0u32.to_be_bytes());
+        buf.extend_from_slice(&code.to_be_bytes());
+        Command { buf }
+    }
+
+    /// Appends one byte.
+    pub fn u8(mut self, v: u8) -> Self {
+        self.buf.push(v);
+        self
+    }
+
+    /// Appends a big-endian `u16`.
+    pub fn u16(mut self, v: u16) -> Self {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// Appends a big-endian `u32` (also used for handles).
+    pub fn u32(mut self, v: u32) -> Self {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// Appends raw bytes.
+    pub fn bytes(mut self, v: &[u8]) -> Self {
+        self.buf.extend_from_slice(v);
+        self
+    }
+
+    /// Appends a `TPM2B`: a big-endian `u16` length followed by the bytes.
+    ///
+    /// # Panics
+    /// If `v` is longer than 65535 bytes (a programming error).
+    pub fn tpm2b(self, v: &[u8]) -> Self {
+        let len = u16::try_from(v.len()).expect("TPM2B longer than 65535 bytes");
+        self.u16(len).bytes(v)
+    }
+
+    /// Appends an authorization area with one empty-password session ([`TPM2_RS_PW`]).
+    /// Call it after the handles and before the parameters.
+    pub fn password_session(self) -> Self {
+        self.u32(9).u32(TPM2_RS_PW).u16(0).u8(0).u16(0)
+    }
+
+    /// Patches the size field and returns the command bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
+        self.buf[2..6].copy_from_slice(&len.to_be_bytes());
+        self.buf
+    }
+}
+
+/// `TPM2_Startup(su)`: also the command a vTPM sends itself when it is started with the
+/// `startup-clear` behaviour (as swtpm's `--flags startup-clear`).
+pub fn tpm2_startup(su: u16) -> Vec<u8> {
+    Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_STARTUP).u16(su).finish()
 }
 
 /// `TPM2_Shutdown(su)`.
-pub fn tpm2_shutdown(su: u16) -> [u8; 12] {
-    let mut out = tpm2_startup(su);
-    out[6..10].copy_from_slice(&TPM2_CC_SHUTDOWN.to_be_bytes());
-    out
+pub fn tpm2_shutdown(su: u16) -> Vec<u8> {
+    Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_SHUTDOWN).u16(su).finish()
+}
+
+/// `TPM2_GetRandom(n)`.
+pub fn tpm2_get_random(n: u16) -> Vec<u8> {
+    Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_GET_RANDOM).u16(n).finish()
+}
+
+/// `TPM2_ReadPublic(handle)`.
+pub fn tpm2_read_public(handle: u32) -> Vec<u8> {
+    Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_READ_PUBLIC).u32(handle).finish()
+}
+
+/// `TPM2_PCR_Read` of a marshalled `TPML_PCR_SELECTION` (count, then per bank: hash
+/// algorithm, size of select, the bitmap).
+pub fn tpm2_pcr_read(selection: &[u8]) -> Vec<u8> {
+    Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_PCR_READ).bytes(selection).finish()
+}
+
+/// `TPM2_PCR_Read` of the PCRs set in the 3-byte bitmap `select` of bank `alg`.
+pub fn tpm2_pcr_read_bitmap(alg: u16, select: [u8; 3]) -> Vec<u8> {
+    Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_PCR_READ).u32(1).u16(alg).u8(3).bytes(&select).finish()
+}
+
+/// `TPM2_PCR_Extend(pcr, SHA-256 = digest)` with an empty-password session.
+pub fn tpm2_pcr_extend(pcr: u32, digest: &[u8; 32]) -> Vec<u8> {
+    Command::new(TPM2_ST_SESSIONS, TPM2_CC_PCR_EXTEND)
+        .u32(pcr)
+        .password_session()
+        .u32(1) // TPML_DIGEST_VALUES.count
+        .u16(TPM2_ALG_SHA256)
+        .bytes(digest)
+        .finish()
+}
+
+/// TPM 1.2 `TPM_Startup(TPM_ST_CLEAR)`.
+pub fn tpm12_startup_clear() -> Vec<u8> {
+    Command::new(TPM12_TAG_RQU_COMMAND, TPM12_ORD_STARTUP).u16(TPM12_ST_CLEAR).finish()
+}
+
+/// TPM 1.2 `TPM_GetRandom(n)`.
+pub fn tpm12_get_random(n: u32) -> Vec<u8> {
+    Command::new(TPM12_TAG_RQU_COMMAND, TPM12_ORD_GET_RANDOM).u32(n).finish()
+}
+
+/// TPM 1.2 `TPM_GetCapability(TPM_CAP_PROPERTY, prop)` (what Linux asks at probe).
+pub fn tpm12_get_capability_property(prop: u32) -> Vec<u8> {
+    Command::new(TPM12_TAG_RQU_COMMAND, TPM12_ORD_GET_CAPABILITY)
+        .u32(TPM12_CAP_PROPERTY)
+        .u32(4)
+        .u32(prop)
+        .finish()
 }
 
 #[cfg(test)]
@@ -266,6 +468,38 @@ mod tests {
     }
 
     #[test]
+    fn builders_make_the_tcg_bytes() {
+        assert_eq!(tpm2_startup(TPM2_SU_CLEAR), [0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0]);
+        assert_eq!(tpm2_get_random(16), GETRANDOM);
+        assert_eq!(tpm2_read_public(0x8101_0001), [0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x73, 0x81, 0x01, 0, 1]);
+        assert_eq!(
+            tpm2_pcr_read_bitmap(TPM2_ALG_SHA256, [1, 0, 0]),
+            [0x80, 0x01, 0, 0, 0, 20, 0, 0, 0x01, 0x7e, 0, 0, 0, 1, 0, 0x0b, 3, 1, 0, 0]
+        );
+        let extend = tpm2_pcr_extend(16, &[0xaa; 32]);
+        assert_eq!(hex::encode(&extend[..31]), "80020000004100000182000000100000000940000009000000000000000001");
+        assert_eq!(&extend[31..33], &[0, 0x0b]);
+        assert_eq!(extend.len(), 65);
+        assert_eq!(tpm12_startup_clear(), [0x00, 0xC1, 0, 0, 0, 0x0C, 0, 0, 0, 0x99, 0, 0x01]);
+        assert_eq!(tpm12_get_random(16), [0x00, 0xC1, 0, 0, 0, 0x0E, 0, 0, 0, 0x46, 0, 0, 0, 0x10]);
+        assert_eq!(
+            tpm12_get_capability_property(TPM12_CAP_PROP_TIS_TIMEOUT),
+            [0x00, 0xC1, 0, 0, 0, 22, 0, 0, 0, 0x65, 0, 0, 0, 5, 0, 0, 0, 4, 0, 0, 0x01, 0x15]
+        );
+    }
+
+    #[test]
+    fn parse_helpers() {
+        let r = [0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x01];
+        assert_eq!(response_code(&r), Some(TPM2_RC_FAILURE));
+        assert_eq!(response_code(&r[..9]), None);
+        assert_eq!(tpm2b_at(&[0, 2, 7, 8, 9], 0), Some(&[0, 2, 7, 8][..]));
+        assert_eq!(tpm2b_at(&[0, 4, 7, 8, 9], 0), None);
+        assert_eq!(be_u32(&r, 6), Some(0x101));
+        assert_eq!(be_u32(&r, 7), None);
+    }
+
+    #[test]
     fn startup_packet_parses() {
         let s = tpm2_startup(TPM2_SU_CLEAR);
         assert_eq!(parse_command(&s, Family::Tpm2, 4096).unwrap().code, TPM2_CC_STARTUP);
@@ -276,22 +510,11 @@ mod tests {
 /// TPM 2.0 commands on an 8-byte NV counter under the owner hierarchy with an empty
 /// password: what the tests and benchmarks send to make a vTPM change (and so write) its state.
 pub mod nv_counter {
-    const TPM_RH_OWNER: u32 = 0x4000_0001;
-    /// A password session (`TPM_RS_PW`) with an empty password: authorizationSize 9.
-    const PW_AUTH: [u8; 13] = [0, 0, 0, 9, 0x40, 0, 0, 0x09, 0, 0, 0, 0, 0];
+    use super::TPM2_RH_OWNER as TPM_RH_OWNER;
 
     fn command(cc: u32, handles: &[u32], params: &[u8]) -> Vec<u8> {
-        let mut c = super::TPM2_ST_SESSIONS.to_be_bytes().to_vec();
-        c.extend_from_slice(&[0; 4]);
-        c.extend_from_slice(&cc.to_be_bytes());
-        for h in handles {
-            c.extend_from_slice(&h.to_be_bytes());
-        }
-        c.extend_from_slice(&PW_AUTH);
-        c.extend_from_slice(params);
-        let n = c.len() as u32;
-        c[2..6].copy_from_slice(&n.to_be_bytes());
-        c
+        let c = handles.iter().fold(super::Command::new(super::TPM2_ST_SESSIONS, cc), |c, h| c.u32(*h));
+        c.password_session().bytes(params).finish()
     }
 
     /// TPM2_NV_DefineSpace of an 8-byte `TPM_NT_COUNTER` at `index` (owner read/write, no auth value).
@@ -303,17 +526,17 @@ pub mod nv_counter {
         p.extend_from_slice(&0x0002_0012u32.to_be_bytes()); // OWNERWRITE | OWNERREAD | TPM_NT_COUNTER
         p.extend_from_slice(&[0, 0]); // authPolicy: empty
         p.extend_from_slice(&8u16.to_be_bytes()); // dataSize
-        command(0x12a, &[TPM_RH_OWNER], &p)
+        command(super::TPM2_CC_NV_DEFINE_SPACE, &[TPM_RH_OWNER], &p)
     }
 
     /// TPM2_NV_Increment of the counter at `index`.
     pub fn increment(index: u32) -> Vec<u8> {
-        command(0x134, &[TPM_RH_OWNER, index], &[])
+        command(super::TPM2_CC_NV_INCREMENT, &[TPM_RH_OWNER, index], &[])
     }
 
     /// TPM2_NV_Read of the counter at `index` (8 bytes from offset 0).
     pub fn read(index: u32) -> Vec<u8> {
-        command(0x14e, &[TPM_RH_OWNER, index], &[0, 8, 0, 0])
+        command(super::TPM2_CC_NV_READ, &[TPM_RH_OWNER, index], &[0, 8, 0, 0])
     }
 
     /// The counter's value in a successful TPM2_NV_Read response.

@@ -1,0 +1,532 @@
+//! **P3**: time from "create a vTPM" to its first answered command, EK included — through
+//! `xl-vtpm` and step by step against the manager — vs `swtpm_setup --create-ek-cert` plus
+//! spawning swtpm, with an ECC P-256 EK variant measured in process; timestamps read from the
+//! processes' logs where a step has no other observable end.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use vtpm_engine::{Engine, TpmVersion, Zeroizing};
+use vtpm_proto::mgr::{AdminReply, AdminRequest};
+use tpm_wire::Family;
+
+use crate::procs::{Procs, free_port_pair};
+use crate::report::{med, pass, row_ms};
+use crate::stats::ms;
+use crate::tpm;
+use crate::{Args, Stack, admin_call, get_random_once, loadavg, swtpm_cmd};
+
+#[derive(Default)]
+pub(crate) struct P3 {
+    /// xl-vtpm vtpm create (CLI exit) and create → first GetRandom answered.
+    xl_cli: Vec<u64>,
+    /// `xl-vtpm vtpm show UUID --json`: the CLI's fixed cost (exec, admin connect, one request).
+    xl_show: Vec<u64>,
+    xl_total: Vec<u64>,
+    /// Direct steps (ns, per create): VtpmCreate, spawn(), VtpmAttach, spawn→ready line,
+    /// ready→first answer, total; and from the logs: spawn→key released, spawn→manufactured.
+    d_create: Vec<u64>,
+    d_spawn: Vec<u64>,
+    d_attach: Vec<u64>,
+    d_ready: Vec<u64>,
+    d_first: Vec<u64>,
+    d_total: Vec<u64>,
+    d_key_released: Vec<u64>,
+    d_manufactured: Vec<u64>,
+    /// In process.
+    exec: Vec<u64>,
+    key_fetch: Vec<u64>,
+    manufacture: Vec<u64>,
+    startup: Vec<u64>,
+    ek_rsa: Vec<u64>,
+    evict: Vec<u64>,
+    ek_ecc: Vec<u64>,
+    get_state: Vec<u64>,
+    seal: Vec<u64>,
+    write_fsync: Vec<u64>,
+    vtpm_manufacture: Vec<u64>,
+    state_len: usize,
+    /// swtpm.
+    sw_setup_cert: Vec<u64>,
+    sw_setup_ek: Vec<u64>,
+    sw_spawn_first: Vec<u64>,
+    sw_total_cert: Vec<u64>,
+    sw_total_ek: Vec<u64>,
+    load: String,
+}
+
+/// Seconds since midnight UTC of a tracing timestamp (`2026-11-24T06:06:32.123456Z ...`).
+pub(crate) fn log_time_of_day(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?;
+    let t = ts.split('T').nth(1)?.trim_end_matches('Z');
+    let mut it = t.split(':');
+    let h: f64 = it.next()?.parse().ok()?;
+    let m: f64 = it.next()?.parse().ok()?;
+    let s: f64 = it.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn now_time_of_day() -> f64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() % 86400) as f64 + f64::from(d.subsec_nanos()) / 1e9
+}
+
+fn find_log_time(path: &Path, needle: &str, also: &str) -> Option<f64> {
+    let s = fs::read_to_string(path).ok()?;
+    s.lines()
+        .filter(|l| l.contains(needle) && l.contains(also))
+        .find_map(log_time_of_day)
+}
+
+fn timed<T>(v: &mut Vec<u64>, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    v.push(t.elapsed().as_nanos() as u64);
+    r
+}
+
+pub(crate) fn p3(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P3> {
+    let mut r = P3 {
+        load: loadavg(),
+        ..Default::default()
+    };
+
+    // (a) xl-vtpm vtpm create, then the first GetRandom.
+    let mut pids = vec![];
+    for _ in 0..args.creates {
+        let t0 = Instant::now();
+        let (uuid, pid, port, _) = stack.create(procs)?;
+        r.xl_cli.push(t0.elapsed().as_nanos() as u64);
+        get_random_once(port)?;
+        r.xl_total.push(t0.elapsed().as_nanos() as u64);
+        pids.push(pid);
+        let u = uuid.to_string();
+        let out = timed(&mut r.xl_show, || stack.xl(&["vtpm", "show", &u, "--json"]))?;
+        if !out.status.success() {
+            bail!(
+                "xl-vtpm vtpm show failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    procs.stop_many(&pids, Duration::from_secs(3));
+    eprintln!("P3 xl-vtpm creates done (load {})", loadavg());
+
+    // (b) The same steps done directly, with timestamps between them.
+    let mut admin = stack.admin()?;
+    let mut pids = vec![];
+    for _ in 0..args.creates {
+        let t0 = Instant::now();
+        let info = match admin_call(
+            &mut admin,
+            &AdminRequest::VtpmCreate {
+                group: None,
+                uuid: None,
+            },
+        )? {
+            AdminReply::Vtpm(v) => v,
+            o => bail!("unexpected {o:?}"),
+        };
+        let t1 = Instant::now();
+        let dir = stack.state_dir.join("direct").join(info.uuid.to_string());
+        fs::create_dir_all(&dir)?;
+        let log = dir.join("vtpm.log");
+        let spawn_tod = now_time_of_day();
+        let (pid, stdout) = procs.spawn_piped(
+            Command::new(stack.bin.join("vtpm-domain"))
+                .arg("--uuid")
+                .arg(info.uuid.to_string())
+                .arg("--state")
+                .arg(dir.join("state.xvts"))
+                .arg("--mgr-socket")
+                .arg(&info.socket)
+                .arg("--create")
+                .arg("--listen")
+                .arg("tcp:127.0.0.1:0")
+                .env("XVTPM_LOG", "info")
+                .stdin(Stdio::null())
+                .stderr(fs::File::create(&log)?),
+        )?;
+        let t2 = Instant::now();
+        admin_call(
+            &mut admin,
+            &AdminRequest::VtpmAttach {
+                uuid: info.uuid,
+                pid,
+            },
+        )?;
+        let t3 = Instant::now();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let t4 = Instant::now();
+        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "vtpm-domain ready line {line:?}; log: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
+        let port = v["tcp_ports"][0][0]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no port in {v}"))? as u16;
+        get_random_once(port)?;
+        let t5 = Instant::now();
+        let d = |a: Instant, b: Instant| (b - a).as_nanos() as u64;
+        r.d_create.push(d(t0, t1));
+        r.d_spawn.push(d(t1, t2));
+        r.d_attach.push(d(t2, t3));
+        r.d_ready.push(d(t1, t4));
+        r.d_first.push(d(t4, t5));
+        r.d_total.push(d(t0, t5));
+        let uuid = info.uuid.to_string();
+        if let Some(t) = find_log_time(&stack.mgr_log, "released state key", &uuid) {
+            r.d_key_released
+                .push(((t - spawn_tod).max(0.0) * 1e9) as u64);
+        }
+        if let Some(t) = find_log_time(&log, "manufactured a new vTPM", &uuid) {
+            r.d_manufactured
+                .push(((t - spawn_tod).max(0.0) * 1e9) as u64);
+        }
+        pids.push(pid);
+    }
+    procs.stop_many(&pids, Duration::from_secs(3));
+    eprintln!("P3 direct creates done (load {})", loadavg());
+
+    // (c) In process: the pieces vtpm-domain does at --create.
+    let info = match admin_call(
+        &mut admin,
+        &AdminRequest::VtpmCreate {
+            group: None,
+            uuid: None,
+        },
+    )? {
+        AdminReply::Vtpm(v) => v,
+        o => bail!("unexpected {o:?}"),
+    };
+    admin_call(
+        &mut admin,
+        &AdminRequest::VtpmAttach {
+            uuid: info.uuid,
+            pid: std::process::id(),
+        },
+    )?;
+    let sock = PathBuf::from(&info.socket);
+    let seal_dir = args.work.join("p3-inproc");
+    fs::create_dir_all(&seal_dir)?;
+    for i in 0..args.creates {
+        timed(&mut r.exec, || {
+            Command::new(stack.bin.join("vtpm-domain"))
+                .arg("--version")
+                .output()
+        })?;
+        let key = timed(&mut r.key_fetch, || {
+            vtpm_domain::mgr_client::fetch_state_key_blocking(
+                &sock,
+                info.uuid,
+                Duration::from_secs(10),
+            )
+        })?;
+        let mut e = timed(&mut r.manufacture, || {
+            Engine::start(TpmVersion::Tpm2, None, None)
+        })?;
+        let rsp = timed(&mut r.startup, || e.process(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR)));
+        check(&rsp, "Startup")?;
+        let rsp = timed(&mut r.ek_rsa, || {
+            e.process(&tpm::create_primary_ek(&vtpm_engine::ek_rsa2048_template()))
+        });
+        check(&rsp, "CreatePrimary RSA")?;
+        let h = tpm::object_handle(&rsp);
+        let rsp = timed(&mut r.evict, || {
+            e.process(&tpm::evict_control(h, vtpm_engine::EK_RSA_HANDLE))
+        });
+        check(&rsp, "EvictControl")?;
+        check(&e.process(&tpm::flush(h)), "FlushContext")?;
+        let rsp = timed(&mut r.ek_ecc, || {
+            e.process(&tpm::create_primary_ek(&vtpm_engine::ek_ecc_p256_template()))
+        });
+        check(&rsp, "CreatePrimary ECC")?;
+        check(
+            &e.process(&tpm::flush(tpm::object_handle(&rsp))),
+            "FlushContext",
+        )?;
+        let perm = timed(&mut r.get_state, || e.permanent_state())?;
+        let state = vtpm_proto::sealed::State {
+            family: Family::Tpm2,
+            generation: 1,
+            permanent: Zeroizing::new(perm.to_vec()),
+            volatile: Zeroizing::new(vec![]),
+        };
+        let blob = timed(&mut r.seal, || {
+            vtpm_proto::sealed::seal(&key, &info.uuid, &state, &[7u8; 12])
+        });
+        r.state_len = blob.len();
+        let path = seal_dir.join(format!("s{i}.xvts"));
+        timed(&mut r.write_fsync, || {
+            xvtpm_fsutil::write_atomic(&path, &blob, 0o600)
+        })?;
+        drop(e);
+        // The whole of Vtpm::manufacture (engine, EK, seal, atomic write), as vtpm-domain runs it.
+        let store = vtpm_domain::store::Store::create(
+            &seal_dir.join(format!("m{i}.xvts")),
+            info.uuid,
+            Family::Tpm2,
+            key,
+        )?;
+        let v = timed(&mut r.vtpm_manufacture, || {
+            vtpm_domain::vtpm::Vtpm::manufacture(Family::Tpm2, store)
+        })?;
+        drop(v);
+    }
+    let _ = admin_call(&mut admin, &AdminRequest::VtpmDetach { uuid: info.uuid });
+    eprintln!("P3 in-process done (load {})", loadavg());
+
+    // (d) swtpm_setup + spawning swtpm until its first GetRandom answers.
+    let ca = args.work.join("swtpm-ca");
+    fs::create_dir_all(&ca)?;
+    let conf = ca.join("swtpm_setup.conf");
+    fs::write(
+        ca.join("localca.conf"),
+        format!(
+            "statedir = {d}\nsigningkey = {d}/signkey.pem\nissuercert = {d}/issuercert.pem\ncertserial = {d}/certserial\n",
+            d = ca.display()
+        ),
+    )?;
+    fs::write(
+        ca.join("localca.options"),
+        "--platform-manufacturer xvtpm-bench\n--platform-version 2.1\n--platform-model bench\n",
+    )?;
+    fs::write(
+        &conf,
+        format!(
+            "create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {d}/localca.conf\ncreate_certs_tool_options = {d}/localca.options\nactive_pcr_banks = sha256\n",
+            d = ca.display()
+        ),
+    )?;
+    let setup = |dir: &Path, ek_cert: bool| -> Result<()> {
+        fs::create_dir_all(dir)?;
+        let mut c = Command::new("swtpm_setup");
+        c.arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(dir)
+            .arg("--config")
+            .arg(&conf);
+        if ek_cert {
+            c.arg("--create-ek-cert");
+        } else {
+            c.arg("--createek");
+        }
+        let out = c.stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            bail!(
+                "swtpm_setup failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    setup(&args.work.join("swtpm-setup-warmup"), true)?; // creates the local CA (not timed)
+    for i in 0..args.setups {
+        for ek_cert in [true, false] {
+            let dir = args.work.join(format!("swtpm-setup-{i}-{ek_cert}"));
+            let t0 = Instant::now();
+            setup(&dir, ek_cert)?;
+            let t1 = Instant::now();
+            let (pid, port) = {
+                let port = free_port_pair()?;
+                (procs.spawn(&mut swtpm_cmd(port, &dir, None))?, port)
+            };
+            get_random_once(port)?;
+            let t2 = Instant::now();
+            procs.stop(pid, Duration::from_secs(3));
+            let d = |a: Instant, b: Instant| (b - a).as_nanos() as u64;
+            if ek_cert {
+                r.sw_setup_cert.push(d(t0, t1));
+                r.sw_total_cert.push(d(t0, t2));
+            } else {
+                r.sw_setup_ek.push(d(t0, t1));
+                r.sw_total_ek.push(d(t0, t2));
+            }
+            r.sw_spawn_first.push(d(t1, t2));
+        }
+    }
+    eprintln!("P3 swtpm done (load {})", loadavg());
+    Ok(r)
+}
+
+fn check(rsp: &[u8], what: &str) -> Result<()> {
+    match tpm::rc(rsp) {
+        0 => Ok(()),
+        rc => bail!("{what} returned {rc:#x}"),
+    }
+}
+
+pub(crate) fn report_p3(out: &mut String, r: &P3, args: &Args) {
+    let _ = writeln!(
+        out,
+        "### P3 — new vTPM to first answered command (EK included)\n"
+    );
+    let _ = writeln!(
+        out,
+        "{} creates per method; swtpm_setup {} runs per variant (after one untimed run that creates the local CA). \
+         State files on the work directory's file system, runtime directory as in the header. The RSA-2048 EK's prime search depends on the \
+         random endorsement seed, so its time varies several-fold from one new TPM to the next: medians of different series carry that noise. \
+         Load average at start: {}.\n",
+        args.creates, args.setups, r.load
+    );
+    let ours = med(&r.xl_total);
+    let sw = med(&r.sw_total_cert);
+    let sw_ek = med(&r.sw_total_ek);
+    let _ = writeln!(
+        out,
+        "| | ours (median ms) | swtpm baseline (median ms) | ratio | goal |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| `xl-vtpm vtpm create` → first GetRandom answered, vs `swtpm_setup --tpm2 --create-ek-cert` + spawn swtpm → first GetRandom | {} | {} | {:.3}× | ≤ 40 ms: {} |",
+        ms(ours),
+        ms(sw),
+        ours / sw,
+        pass(ours <= 40e6)
+    );
+    let _ = writeln!(
+        out,
+        "| same, vs `swtpm_setup --tpm2 --createek` (no certificates) + spawn swtpm | {} | {} | {:.3}× | |",
+        ms(ours),
+        ms(sw_ek),
+        ours / sw_ek
+    );
+    let _ = writeln!(
+        out,
+        "| direct steps (no xl-vtpm process): VtpmCreate → spawn vtpm-domain --create → attach → first GetRandom | {} | | | ≤ 40 ms: {} |",
+        ms(med(&r.d_total)),
+        pass(med(&r.d_total) <= 40e6)
+    );
+    let _ = writeln!(out, "\nDistributions (ms):\n");
+    let _ = writeln!(out, "| series | median | min | p90 | max |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    row_ms(out, "xl-vtpm vtpm create (CLI until exit)", &r.xl_cli);
+    row_ms(
+        out,
+        "xl-vtpm vtpm create → first GetRandom answered",
+        &r.xl_total,
+    );
+    row_ms(
+        out,
+        "for scale: `xl-vtpm vtpm show UUID --json` (the CLI's fixed cost: exec, admin connect, one request)",
+        &r.xl_show,
+    );
+    row_ms(
+        out,
+        "direct: manager VtpmCreate (admin socket, store fsync)",
+        &r.d_create,
+    );
+    row_ms(
+        out,
+        "direct: fork/exec returns (`Command::spawn`)",
+        &r.d_spawn,
+    );
+    row_ms(out, "direct: VtpmAttach (after spawn)", &r.d_attach);
+    row_ms(
+        out,
+        "direct: spawn start → manager logs \"released state key\" (fork/exec, runtime init, key fetch; log timestamps)",
+        &r.d_key_released,
+    );
+    row_ms(
+        out,
+        "direct: spawn start → vtpm-domain logs \"manufactured\" (+ manufacture, EK, seal, fsync; log timestamps)",
+        &r.d_manufactured,
+    );
+    row_ms(
+        out,
+        "direct: spawn start → ready line on stdout (+ tokio runtime, bind listeners)",
+        &r.d_ready,
+    );
+    row_ms(
+        out,
+        "direct: ready → first GetRandom answered (connect + command)",
+        &r.d_first,
+    );
+    row_ms(out, "direct: total", &r.d_total);
+    row_ms(
+        out,
+        "swtpm_setup --tpm2 --create-ek-cert (RSA-2048 + ECC P-384 EKs, 2 EK certs)",
+        &r.sw_setup_cert,
+    );
+    row_ms(
+        out,
+        "swtpm_setup --tpm2 --createek (RSA-2048 + ECC P-384 EKs, no certs)",
+        &r.sw_setup_ek,
+    );
+    row_ms(
+        out,
+        "swtpm spawn → first GetRandom answered",
+        &r.sw_spawn_first,
+    );
+    row_ms(out, "swtpm total with EK certs", &r.sw_total_cert);
+    row_ms(out, "swtpm total without certs", &r.sw_total_ek);
+    let _ = writeln!(
+        out,
+        "\nBreakdown of our time, each piece measured in process by the harness (ms, {} iterations, fresh TPM each):\n",
+        r.manufacture.len()
+    );
+    let _ = writeln!(out, "| piece | median | min | p90 | max |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    row_ms(
+        out,
+        "process spawn: `vtpm-domain --version` spawn → exit (exec, dynamic linking, clap)",
+        &r.exec,
+    );
+    row_ms(
+        out,
+        "key fetch from the manager (`mgr_client::fetch_state_key`, attached)",
+        &r.key_fetch,
+    );
+    row_ms(
+        out,
+        "libtpms manufacture (`Engine::start(Tpm2, None, None)`)",
+        &r.manufacture,
+    );
+    row_ms(out, "TPM2_Startup(CLEAR)", &r.startup);
+    row_ms(out, "EK CreatePrimary RSA-2048 (template L-1)", &r.ek_rsa);
+    row_ms(out, "EvictControl → 0x81010001", &r.evict);
+    row_ms(
+        out,
+        "*alternative:* EK CreatePrimary ECC NIST P-256 (template L-2)",
+        &r.ek_ecc,
+    );
+    row_ms(out, "TPMLIB_GetState(PERMANENT)", &r.get_state);
+    row_ms(
+        out,
+        &format!("seal (AES-256-GCM, {} B file)", r.state_len),
+        &r.seal,
+    );
+    row_ms(
+        out,
+        "atomic write: temp + fsync + rename + dir fsync",
+        &r.write_fsync,
+    );
+    row_ms(
+        out,
+        "all of `Vtpm::manufacture` (engine, RSA EK, seal, write)",
+        &r.vtpm_manufacture,
+    );
+    let rsa = med(&r.ek_rsa);
+    let ecc = med(&r.ek_ecc);
+    let _ = writeln!(
+        out,
+        "\nRSA-2048 EK CreatePrimary is {:.0}% of the median create-to-first-answer time; an ECC P-256 EK would take {} ms instead of {} ms \
+         (median), i.e. the create path would be about {} ms.\n",
+        100.0 * rsa / ours,
+        ms(ecc),
+        ms(rsa),
+        ms((ours - rsa + ecc).max(0.0))
+    );
+}
