@@ -27,7 +27,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         return;
     }
     r.phase("vtpm-create", deadline(150), |cx| create(cx, st));
-    r.phase("vtpm-guest", deadline(500), |cx| guest(cx, st));
+    r.phase("vtpm-guest", deadline(650), |cx| guest(cx, st));
     r.phase("deep-quote", deadline(260), |cx| deep_quote(cx, st));
     r.phase("host-eventlog", deadline(200), |cx| {
         super::eventlog::host_eventlog(cx, st)
@@ -187,8 +187,9 @@ fn guest(cx: &Cx, st: &mut St) -> Outcome {
             "xl vtpm-list",
             &Cmd::sh("xl vtpm-list guest-vtpm").run(cx).all(),
         );
-        if !cx.wait_until(240, || console("guest-vtpm").contains("GUEST-DONE")) {
-            e.add("no-GUEST-DONE-in-240s");
+        // 28-36 s on a quiet host; ~320 s at load 15 on 2 cores (tpm2-tools under TCG)
+        if !cx.wait_until(400, || console("guest-vtpm").contains("GUEST-DONE")) {
+            e.add("no-GUEST-DONE-in-400s");
         }
         let c = console("guest-vtpm");
         let miss = guest_checks(
