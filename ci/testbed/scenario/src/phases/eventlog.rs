@@ -244,3 +244,38 @@ pub fn host_eventlog(cx: &Cx, st: &mut St) -> Outcome {
         "{n}-event host log: verify with its policy -> 0; one event digest changed -> 7"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::mutate;
+
+    #[test]
+    fn mutates_the_one_event_of_pcr_0_to_7_whose_digest_is_unique() {
+        let sep = [0xaa; 32]; // a separator digest, in two events
+        let noact = [0xbb; 32];
+        let tag = [0xcc; 32];
+        let high = [0xdd; 32];
+        let mut log = vec![0u8; 8];
+        for d in [&noact, &sep, &sep, &high, &tag] {
+            log.extend_from_slice(d);
+            log.extend_from_slice(&[0; 4]);
+        }
+        let ev = |i: u32, pcr: u32, ty: &str, d: &[u8; 32]| serde_json::json!({"index": i, "pcr": pcr, "type": ty, "sha256": hex::encode(d)});
+        let events = serde_json::json!({"events": [
+            ev(0, 0, "EV_NO_ACTION", &noact),
+            ev(1, 0, "EV_SEPARATOR", &sep),
+            ev(2, 1, "EV_SEPARATOR", &sep),
+            ev(3, 8, "EV_IPL", &high),
+            ev(4, 1, "EV_EVENT_TAG", &tag),
+        ]});
+        let (out, what) = mutate(&log, &events).expect("an event to change");
+        let at = 8 + 4 * 36;
+        assert_eq!(out[at], 0xcd, "{what}");
+        let changed: Vec<usize> = (0..log.len()).filter(|&i| log[i] != out[i]).collect();
+        assert_eq!(changed, [at]);
+        assert!(what.contains("event 4 (PCR 1, EV_EVENT_TAG)"), "{what}");
+        // nothing unique in PCR 0-7: no mutation
+        let only = serde_json::json!({"events": [ev(1, 0, "EV_SEPARATOR", &sep), ev(3, 8, "EV_IPL", &high)]});
+        assert!(mutate(&log, &only).is_none());
+    }
+}
