@@ -223,6 +223,10 @@ install -D -m 0644 "${XVTPM_GUEST_KO:-$OUT/guest-linux/xen-tpmfront.ko}" "$D/gue
 install -D -m 0755 "$HERE/tpm2-guest-phase.sh" "$D/usr/lib/xvtpm/tpm2-guest-phase.sh"
 install -m 0755 "$HERE/dom0-init.sh" "$D/init"
 install -m 0755 "$HERE/dom0-scenario.sh" "$D/scenario.sh"
+# the scenario itself: the workspace binary xvtpm-testbed (ci/testbed/scenario), which /init starts
+if [ -x "$TARGET/$PROFILE/xvtpm-testbed" ]; then
+  copy_bin "$D" "$TARGET/$PROFILE/xvtpm-testbed" /usr/lib/xvtpm/testbed/xvtpm-testbed strip
+else echo "build-images.sh: note: $TARGET/$PROFILE/xvtpm-testbed not built; dom0 has no scenario to run"; fi
 cp "$IMG/domu.cpio.zst" "$D/guest/"
 case $GUEST_KERNEL in
   elf)     KIMG=/guest/vmlinux ;;   # raw vmlinux, appended uncompressed below

@@ -195,7 +195,7 @@ kib() { awk -v k="$1:" '$1==k{print $2}' /proc/$VTPM_PID/smaps_rollup 2>/dev/nul
 vtpm_exited() { [ ! -e /proc/$VTPM_PID/stat ] || sed 's/.*) //' /proc/$VTPM_PID/stat | grep -q '^Z'; }
 
 if [ "$VTPM_MODE" = 0 ]; then
-  for p in vtpm-create vtpm-guest deep-quote vtpm-reboot vtpm-destroy; do result $p SKIPPED "disabled (XVTPM_TESTBED_VTPM=0)"; done
+  for p in vtpm-create vtpm-guest deep-quote host-eventlog vtpm-reboot vtpm-destroy; do result $p SKIPPED "disabled (XVTPM_TESTBED_VTPM=0)"; done
 else
   ##### vtpm-create: identity in the manager + vtpm-domain process bound to backend/vtpm
   ph=vtpm-create; err=""
@@ -240,7 +240,7 @@ else
     echo "xl create guest-vtpm (boot 1): $(s_between $t0 $(up)) s"
     if [ -z "$err" ]; then
       xl vtpm-list guest-vtpm 2>&1
-      wait_until 240 console_has guest-vtpm 'GUEST-DONE' || err="$err no-GUEST-DONE-in-240s"
+      wait_until 400 console_has guest-vtpm 'GUEST-DONE' || err="$err no-GUEST-DONE-in-400s"
       guest_checks guest-vtpm 1 tpm0 startup getrandom pcr16-reset pcrextend createek createak quote checkquote persistent nv-write deep-quote
       [ -n "$gerr" ] && err="$err guest-checks-failed:$gerr"
       p5_vtpm p5-with-vtpm-ms
@@ -284,6 +284,56 @@ else
     [ $rc_bad = 7 ] || err="$err verify-with-wrong-nonce-exit-$rc_bad(want-7)"
   fi
   [ -z "$err" ] && result $ph PASS "xl-vtpm verify: right nonce -> 8 (verified, host unchecked), wrong nonce -> 7 ($(wc -c < /tmp/dq.bin) byte bundle)" || { result $ph FAIL "$err"; }
+
+  ##### host-eventlog: dom0's measured-boot event log (SeaBIOS measured the boot into QEMU's TPM)
+  # against the host PCRs of the guest's deep quote (docs/eventlog.md): export -> policy -> verify
+  # --event-log ... --event-log-policy ... exits 0; one event digest changed -> 7.
+  ph=host-eventlog; err=""
+  BBM=/sys/kernel/security/tpm0/binary_bios_measurements
+  grep -q ' /sys/kernel/security securityfs ' /proc/mounts || mount -t securityfs none /sys/kernel/security || err="mount-securityfs"
+  if [ -z "$err" ] && [ ! -f $BBM ]; then
+    ls -lR /sys/kernel/security 2>&1 | sed 's/^/[securityfs] /'
+    dmesg | grep -iE 'tpm|tcpa|event log' | tail -n 30 | sed 's/^/[dmesg] /'
+    T=/sys/firmware/acpi/tables/TPM2
+    why="ACPI TPM2 table $(wc -c < $T 2>/dev/null || echo missing) bytes, LAML/LASA: $(od -A d -t x1 -j 64 -N 12 $T 2>/dev/null | head -n1)"
+    echo "CHECK dom0 bios-measurements FAIL $why"
+    err="no $BBM ($why)"
+  elif [ -z "$err" ]; then
+    EL=/tmp/host-eventlog.bin; ELBAD=/tmp/host-eventlog-mutated.bin; ELP=/tmp/host-eventlog-policy.json
+    if ! timeout $(tmo 60) xl-vtpm eventlog export --out $EL > /tmp/eventlog-export.out 2>&1; then err="xl-vtpm eventlog export failed: $(tail -n 3 /tmp/eventlog-export.out)"
+    elif ! timeout $(tmo 60) xl-vtpm eventlog policy $EL --replay 0-7 --out $ELP > /tmp/eventlog-policy.out 2>&1; then err="xl-vtpm eventlog policy failed: $(tail -n 3 /tmp/eventlog-policy.out)"
+    elif [ ! -s /tmp/dq.bin ] || [ -z "$VTPM_UUID" ]; then err="no deep quote from the guest (vtpm-guest) to check the log against"
+    elif [ ! -s /tmp/ak.bin ] && ! timeout $(tmo 60) xl-vtpm mgr group ak default --out /tmp/ak.bin > /tmp/ak.out 2>&1; then err="xl-vtpm mgr group ak default failed: $(tail -n 3 /tmp/ak.out)"
+    else
+      cat /tmp/eventlog-export.out /tmp/eventlog-policy.out
+      timeout $(tmo 60) xl-vtpm verify /tmp/dq.bin --nonce $DQ_NONCE --ak /tmp/ak.bin --insecure-unenrolled-ak --vtpm $VTPM_UUID --event-log $EL --event-log-policy $ELP > /tmp/verify-eventlog.out 2>&1; rc_el=$?
+      sed 's/^/[verify event log] /' /tmp/verify-eventlog.out | tail -n 10
+      echo "CHECK dom0 eventlog-verify $([ $rc_el = 0 ] && echo PASS || echo FAIL) exit=$rc_el (want 0: the log replays to the quoted host PCRs 0-7 and the policy allows it)"
+      [ $rc_el = 0 ] || err="$err eventlog-verify"
+      # one event of PCR 0-7 (not EV_NO_ACTION) whose digest occurs once in the file: flip its first byte
+      timeout $(tmo 60) xl-vtpm --json eventlog show $EL 2>/dev/null | tr -d ' \n' | sed 's/},{/}\n{/g' > /tmp/eventlog-events
+      HEX=$(xxd -p $EL | tr -d '\n'); pos=""
+      ejf() { sed -n "s/.*\"$1\":\"\{0,1\}\([^\",}]*\).*/\1/p" | head -n1; }
+      while read -r ev; do
+        p=$(echo "$ev" | ejf pcr); t=$(echo "$ev" | ejf type); d=$(echo "$ev" | ejf sha256)
+        case "$t" in *NO_ACTION*) continue ;; esac
+        [ -n "$d" ] && [ "${#d}" = 64 ] && [ "$p" -le 7 ] 2>/dev/null || continue
+        pos=$(awk -v h="$HEX" -v d="$d" 'BEGIN{n=0; s=h; off=0; while ((i=index(s,d))>0) { if ((off+i)%2==1) { n++; at=off+i } off+=i; s=substr(h,off+1) } if (n==1) print at}')
+        [ -n "$pos" ] && { echo "mutated log: event PCR $p $t sha256 $d, first digest byte flipped"; break; }
+      done < /tmp/eventlog-events
+      if [ -z "$pos" ]; then echo "CHECK dom0 eventlog-mutated FAIL no event in PCR 0-7 with a unique digest"; err="$err eventlog-mutated"
+      else
+        b=$(echo "$HEX" | cut -c$pos-$((pos+1))); nb=$(printf '%02x' $(( 0x$b ^ 1 )))
+        echo "$HEX" | awk -v p=$pos -v nb=$nb '{print substr($0,1,p-1) nb substr($0,p+2)}' | xxd -r -p > $ELBAD
+        timeout $(tmo 60) xl-vtpm verify /tmp/dq.bin --nonce $DQ_NONCE --ak /tmp/ak.bin --insecure-unenrolled-ak --vtpm $VTPM_UUID --event-log $ELBAD --event-log-policy $ELP > /tmp/verify-eventlog-bad.out 2>&1; rc_elb=$?
+        sed 's/^/[verify mutated log] /' /tmp/verify-eventlog-bad.out | tail -n 10
+        ok=FAIL; [ $rc_elb = 7 ] && grep -q 'event log' /tmp/verify-eventlog-bad.out && ok=PASS
+        echo "CHECK dom0 eventlog-mutated $ok exit=$rc_elb (want 7, naming the host event log)"
+        [ $ok = PASS ] || err="$err eventlog-mutated"
+      fi
+    fi
+  fi
+  [ -z "$err" ] && result $ph PASS "$(sed -n 's/.*(\([0-9]*\) events.*/\1/p' /tmp/eventlog-export.out)-event host log: verify with its policy -> 0; one event digest changed -> 7" || { result $ph FAIL "$err"; }
 
   ##### vtpm-reboot: the same guest config again (new domain, same vTPM): state kept, PCRs reset
   ph=vtpm-reboot; err=""

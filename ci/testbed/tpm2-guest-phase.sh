@@ -2,7 +2,7 @@
 # The "tpm2-guest" phase: guests that load the PATCHED xen-tpmfront (guest/linux/0*.patch,
 # built by guest/linux/build-module.sh) instead of the stock one.  One script, two roles:
 #
-#  dom0:   tpm2-guest-phase.sh [KO]           (run by dom0-scenario.sh; exit 0 = PASS)
+#  dom0:   tpm2-guest-phase.sh [KO]           (run by the scenario's tpm2-guest phase; exit 0 = PASS)
 #    - needs a provisioned vtpmmgr (the mgr phases) and xl-vtpm; KO defaults to
 #      /guest/xen-tpmfront-tpm2.ko
 #    - builds the guest ramdisk at run time: /guest/domu.cpio.zst (padded to 4 bytes) + an

@@ -1,0 +1,779 @@
+//! Lifecycle of a guest whose vTPM is its own domain (xl-vtpm create/destroy, xl-vtpm watch).
+//! `xl-vtpm create life-d.cfg` with vtpm = [ "backend=vtpm-life-d" ] (life-a.cfg, i.e. xen-configs/guest.cfg,
+//! with only name and vtpm changed): xl-vtpm makes the vTPM domain vtpm-life-d on first use (new
+//! disk, new TPM), boots it from its disk later, and `xl-vtpm watch` shuts it down when the guest
+//! goes. One RESULT per step:
+//!   lifedom-create      watcher running (started again if the life-* phases' is gone); both domains
+//!                       in `xl list`; `xl-vtpm list --json`: running, vtpm_running_domid = the vTPM
+//!                       domain; a new 4 MiB disk, first boot with --create; guest writes 0x81000010 + NV
+//!   lifedom-xl-destroy  plain `xl destroy life-d`: the watcher shuts vtpm-life-d down (clean stop,
+//!                       gone within 15 s: PERF), its loop device is released, the pair stopped
+//!   lifedom-recreate    the same config again: same vTPM UUID, its domain booted from the kept disk
+//!                       (same image, no --create); 0x81000010 + NV kept, same EK
+//!   lifedom-destroy     `xl-vtpm destroy life-d`: guest and vTPM domain gone, loop released, pair
+//!                       stopped; `xl-vtpm registry check` clean (running, and after); watcher stopped
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use super::life::{
+    LCFG0, Life, life_list, life_row, life_state, registry_clean, row_line, tail_of, watch_start,
+};
+use super::{St, deadline, ms, secs1, up, wallt};
+use crate::cmd::{Cmd, show, show_tail};
+use crate::runner::{Cx, Errs, Outcome, Runner};
+use crate::xen::{self, console_from, jf, lines_of, vd_loop};
+
+const LDN: &str = "life-d";
+const LDV: &str = "vtpm-life-d";
+const LDCFG: &str = "/etc/xen/life-d.cfg";
+/// ms; below xl-vtpm's 20 s shutdown grace: a clean stop, not the xl destroy fallback
+const LD_GONE_LIMIT: i64 = 15000;
+
+#[derive(Default)]
+struct Ld {
+    uuid: String,
+    ek: String,
+    voff: usize,
+    vdomid: String,
+    ino: Option<u64>,
+    gone_ms: Option<i64>,
+}
+
+impl Ld {
+    fn vcon(&self) -> String {
+        console_from(LDV, self.voff)
+    }
+    fn img(&self) -> String {
+        format!("/var/lib/xvtpm/vtpms/{}/disk.img", self.uuid)
+    }
+    fn xlcfg(&self) -> String {
+        format!("/run/xvtpm/vtpms/{}.xl.cfg", self.uuid)
+    }
+    fn vtpmdom_lines(&self, n: usize) -> String {
+        let c = self.vcon();
+        let v: Vec<&str> = c.lines().filter(|l| l.starts_with("VTPMDOM-")).collect();
+        v[v.len().saturating_sub(n)..].join(" ")
+    }
+
+    /// What xl-vtpm and xl say about the pair, one line each; the pair's row.
+    fn domains(&self, cx: &Cx) -> serde_json::Value {
+        let l = Cmd::sh("xl list").run(cx).stdout;
+        let doms: Vec<String> = l
+            .lines()
+            .skip(1)
+            .map(|r| {
+                let f: Vec<&str> = r.split_whitespace().collect();
+                format!("{}({})", f.first().unwrap_or(&""), f.get(1).unwrap_or(&""))
+            })
+            .collect();
+        println!("xl list: {}", doms.join(" "));
+        let row = life_row(cx, LDN);
+        println!(
+            "xl-vtpm list --json {LDN}: state={} guest_running_domid={} vtpm_domain={} vtpm_domid={} vtpm_running_domid={} vtpm_pid={}",
+            jf(&row, "state"),
+            jf(&row, "guest_running_domid"),
+            jf(&row, "vtpm_domain"),
+            jf(&row, "vtpm_domid"),
+            jf(&row, "vtpm_running_domid"),
+            jf(&row, "vtpm_pid")
+        );
+        row
+    }
+
+    /// The pair runs: both domains, the registry row, the vTPM domain ready; sets vdomid.
+    fn running(&mut self, cx: &Cx, tag: &str, e: &mut Errs) {
+        let row = self.domains(cx);
+        let g = xen::domid(LDN).unwrap_or_default();
+        self.vdomid = xen::domid(LDV).unwrap_or_default();
+        let both = !g.is_empty() && !self.vdomid.is_empty();
+        e.check(
+            &format!("lifedom-xl-list-{tag}"),
+            both,
+            if both {
+                format!("{LDN} is domid {g}, {LDV} is domid {}", self.vdomid)
+            } else {
+                format!(
+                    "{LDN}: {}, {LDV}: {}",
+                    super::vtpm::none(&g),
+                    super::vtpm::none(&self.vdomid)
+                )
+            },
+        );
+        let ok = jf(&row, "state") == "running"
+            && jf(&row, "guest_running_domid") == g
+            && jf(&row, "vtpm_domain") == LDV
+            && !self.vdomid.is_empty()
+            && jf(&row, "vtpm_running_domid") == self.vdomid
+            && jf(&row, "vtpm_domid") == self.vdomid;
+        e.check(
+            &format!("lifedom-list-running-{tag}"),
+            ok,
+            if ok {
+                format!(
+                    "running, guest domid {g}, vtpm_domain {LDV}, vtpm_domid = vtpm_running_domid = {}",
+                    self.vdomid
+                )
+            } else {
+                row_line(&row)
+            },
+        );
+        let ready_key = format!(
+            "/local/domain/{}/data/xvtpm/ready",
+            if self.vdomid.is_empty() {
+                "x"
+            } else {
+                &self.vdomid
+            }
+        );
+        let rd = xen::xs_read(&ready_key).unwrap_or_default();
+        let con = self
+            .vcon()
+            .lines()
+            .any(|l| l.starts_with(&format!("VTPMDOM-READY uuid={}", self.uuid)));
+        let ok = !self.vdomid.is_empty() && rd == self.uuid && con;
+        e.check(
+            &format!("lifedom-vtpm-ready-{tag}"),
+            ok,
+            if ok {
+                format!(
+                    "data/xvtpm/ready = {}, VTPMDOM-READY on its console",
+                    self.uuid
+                )
+            } else {
+                format!("ready='{rd}'; console: {}", self.vtpmdom_lines(2))
+            },
+        );
+    }
+
+    /// After the guest went: vTPM domain gone (clean stop), loop released, pair stopped.
+    fn stopped(&mut self, cx: &Cx, tag: &str, t0: f64, e: &mut Errs) {
+        cx.wait_every(60, Duration::from_millis(100), || xen::domain_gone(LDV));
+        let tg = up();
+        if xen::domid(LDV).is_some() {
+            e.check(
+                &format!("lifedom-vtpmdom-gone-{tag}"),
+                false,
+                format!(
+                    "{LDV} still there {} s later: {}",
+                    secs1(t0, tg),
+                    Cmd::new(&["xl", "list", LDV]).run(cx).tail(1)
+                ),
+            );
+            self.gone_ms = None;
+        } else {
+            let g = ms(t0, tg);
+            self.gone_ms = Some(g);
+            e.check(
+                &format!("lifedom-vtpmdom-gone-{tag}"),
+                true,
+                format!("{LDV} (domid {}) gone {g} ms later", self.vdomid),
+            );
+        }
+        let clean = self
+            .vcon()
+            .lines()
+            .any(|l| l.starts_with("VTPMDOM-EXIT code=0"));
+        e.check(
+            &format!("lifedom-clean-stop-{tag}"),
+            clean,
+            if clean {
+                "VTPMDOM-EXIT code=0 on its console (xl shutdown -> clean stop)".to_string()
+            } else {
+                format!("no 'VTPMDOM-EXIT code=0': {}", self.vtpmdom_lines(2))
+            },
+        );
+        let u = self.uuid.clone();
+        let noloop = cx.wait_until(15, || vd_loop(&u).is_empty());
+        e.check(
+            &format!("lifedom-loop-released-{tag}"),
+            noloop,
+            if noloop {
+                format!("no loop device on {}", self.img())
+            } else {
+                vd_loop(&u).join(" ")
+            },
+        );
+        if cx.wait_until(15, || life_state(cx, LDN, "stopped")) {
+            let r = life_row(cx, LDN);
+            let ok =
+                jf(&r, "vtpm_running_domid") == "null" && jf(&r, "guest_running_domid") == "null";
+            e.check(
+                &format!("lifedom-pair-stopped-{tag}"),
+                ok,
+                if ok {
+                    "state stopped, guest_running_domid and vtpm_running_domid null".to_string()
+                } else {
+                    row_line(&r)
+                },
+            );
+        } else {
+            e.check(
+                &format!("lifedom-pair-stopped-{tag}"),
+                false,
+                row_line(&life_row(cx, LDN)),
+            );
+        }
+    }
+
+    /// The vTPM domain's console and xenstore, dom0's backends, xl's log, the watcher, the manager.
+    fn diag(&self, cx: &Cx, st: &St) {
+        show_tail(&format!("{LDV} console"), &self.vcon(), 30);
+        for n in [LDV, LDN] {
+            if let Some(i) = xen::domid(n) {
+                for l in super::vtpmdom::dom_xs(&i, &["data", "device", "control"])
+                    .iter()
+                    .take(40)
+                {
+                    println!("[{n} xenstore] {l}");
+                }
+            }
+        }
+        for l in xen::xs_ls("/local/domain/0/backend")
+            .iter()
+            .filter(|l| l.contains("/backend/vbd/") || l.contains("/backend/vtpm/"))
+            .take(40)
+        {
+            println!("[dom0 backend] {l}");
+        }
+        let runs: Vec<String> = fs::read_dir("/run/xvtpm/vtpms")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!("[run/xvtpm/vtpms] {}", runs.join(" "));
+        show_tail(
+            &format!("xl-{LDV}.log"),
+            &xen::read_text(&format!("/var/log/xen/xl-{LDV}.log")),
+            20,
+        );
+        show_tail(
+            "xen-hotplug.log",
+            &xen::read_text("/var/log/xen/xen-hotplug.log"),
+            10,
+        );
+        show_tail("watch.log", &xen::read_text(&st.wlog), 10);
+        show_tail("vtpmmgr", &xen::read_text(&st.mgr_log), 15);
+        life_list(cx);
+    }
+
+    fn show_vcon(&self, n: usize) {
+        let c = self.vcon();
+        let v: Vec<&str> = c
+            .lines()
+            .filter(|l| l.starts_with("VTPMDOM-") || l.contains("panic") || l.contains("Oops"))
+            .collect();
+        super::show_last(&format!("{LDV} console"), &v, n);
+    }
+}
+
+fn extra_of(cfg: &str) -> String {
+    xen::read_text(cfg)
+        .lines()
+        .find(|l| l.starts_with("extra = "))
+        .and_then(|l| l.split_once("-- ").map(|x| x.1.replace('"', "")))
+        .unwrap_or_default()
+}
+
+pub fn run(r: &mut Runner, st: &mut St) {
+    if st.lifedom_mode == "0" {
+        for p in [
+            "lifedom-create",
+            "lifedom-xl-destroy",
+            "lifedom-recreate",
+            "lifedom-destroy",
+        ] {
+            r.skip(p, "disabled (XVTPM_TESTBED_LIFEDOM=0)");
+        }
+        return;
+    }
+    let mut ld = Ld::default();
+    let mut a = Life::new(LDN, LDCFG);
+
+    r.phase("lifedom-create", deadline(560), |cx| {
+        create(cx, st, &mut ld, &mut a)
+    });
+
+    if ld.uuid.is_empty() || xen::domid(LDN).is_none() || st.watch.is_none() {
+        r.skip(
+            "lifedom-xl-destroy",
+            "no running life-d or no watcher (lifedom-create failed)",
+        );
+    } else if r.cx.past_deadline() {
+        r.skip("lifedom-xl-destroy", "scenario deadline reached");
+    } else {
+        r.phase("lifedom-xl-destroy", deadline(360), |cx| {
+            xl_destroy(cx, st, &mut ld)
+        });
+    }
+
+    if ld.uuid.is_empty() || ld.ek.is_empty() {
+        r.skip(
+            "lifedom-recreate",
+            "no vTPM or no first boot (lifedom-create failed)",
+        );
+    } else if r.cx.past_deadline() {
+        r.skip("lifedom-recreate", "scenario deadline reached");
+    } else {
+        r.phase("lifedom-recreate", deadline(560), |cx| {
+            recreate(cx, st, &mut ld, &mut a)
+        });
+    }
+
+    if ld.uuid.is_empty() {
+        r.skip("lifedom-destroy", "no vTPM (lifedom-create failed)");
+    } else if xen::domid(LDN).is_none() {
+        r.skip(
+            "lifedom-destroy",
+            "no running life-d (lifedom-recreate failed)",
+        );
+    } else {
+        r.phase("lifedom-destroy", deadline(450), |cx| {
+            destroy(cx, st, &mut ld)
+        });
+    }
+    // nothing of it may outlive the section (teardown checks that no domU is left)
+    let cx = &r.cx;
+    if xen::domid(LDN).is_some() || xen::domid(LDV).is_some() {
+        println!("lifedom: cleaning up (xl-vtpm destroy {LDN})");
+        println!(
+            "{}",
+            Cmd::new(&["xl-vtpm", "destroy", LDN])
+                .env("NO_COLOR", "1")
+                .secs(150)
+                .run(cx)
+                .tail(3)
+        );
+        for d in [LDN, LDV] {
+            if xen::domid(d).is_some() {
+                xen::xl_destroy(cx, d, 60);
+            }
+        }
+    }
+    if let Some(w) = st.watch.take() {
+        let _ = w.stop(cx, 10);
+    }
+    show_tail("watch.log", &xen::read_text(&st.wlog), 10);
+}
+
+fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
+    let mut e = Errs::default();
+    if !st.mgr_ready() {
+        return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
+    }
+    let rd = super::vtpmdom::RAMDISK;
+    if !Path::new("/usr/bin/xl-vtpm").exists()
+        || fs::metadata(rd).map(|m| m.len() == 0).unwrap_or(true)
+    {
+        return Outcome::fail(format!("xl-vtpm or the vTPM-domain image {rd} not built"));
+    }
+    if cx.past_deadline() {
+        return Outcome::fail("scenario deadline reached");
+    }
+    super::vtpmdom::load_block_modules(cx, &mut e);
+    if !e.is_empty() {
+        return Outcome::fail(e.joined());
+    }
+    let watching = st.watch.as_mut().is_some_and(|w| w.up());
+    if !watching {
+        // the life-* phases stopped theirs (or did not run): one for these phases, its own log
+        if st.life_mode == "0" && !st.vtpm_uuid.is_empty() && st.vtpm_exited() {
+            // no pair (see life-watch)
+            let o = Cmd::new(&["xl-vtpm", "mgr", "vtpm", "del", &st.vtpm_uuid, "--yes"])
+                .secs(30)
+                .run(cx);
+            show("mgr vtpm del", &o.all());
+        }
+        st.wlog = "/var/log/xvtpm/watch-d.log".into();
+        match watch_start(cx, &st.wlog) {
+            Ok(w) => {
+                println!(
+                    "xl-vtpm watch started for the lifedom phases (pid {}, {})",
+                    w.pid(),
+                    st.wlog
+                );
+                st.watch = Some(w);
+            }
+            Err(why) => return Outcome::fail(why),
+        }
+    }
+    let t: String = xen::read_text(LCFG0)
+        .lines()
+        .map(|l| {
+            if l.starts_with("name = ") {
+                format!("name = \"{LDN}\"\n")
+            } else if l.starts_with("vtpm = ") {
+                format!("vtpm = [ \"backend={LDV}\" ]\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let _ = fs::write(LDCFG, &t);
+    for l in t.lines().filter(|l| {
+        ["name", "uuid", "vtpm", "extra"]
+            .iter()
+            .any(|k| l.starts_with(k))
+    }) {
+        println!("[life-d.cfg] {l}");
+    }
+    ld.voff = lines_of(&xen::clog(LDV));
+    let t0 = up();
+    a.create(cx, LDCFG, "d-create");
+    let create_s = secs1(t0, up());
+    ld.uuid = a.uuid_now.clone();
+    if a.lrc != 0 {
+        e.add(format!(
+            "xl-vtpm create exited {}: {}",
+            a.lrc,
+            tail_of("/tmp/xl-life-d-create.out")
+        ));
+    } else if ld.uuid.is_empty() || ld.uuid == "null" {
+        ld.uuid.clear();
+        e.add(format!("no vtpm_uuid for {LDN} in xl-vtpm list --json"));
+    } else {
+        ld.running(cx, "create", &mut e);
+        let img = ld.img();
+        let meta = fs::metadata(&img).ok();
+        let lp = vd_loop(&ld.uuid);
+        let ok = meta.as_ref().is_some_and(|m| m.len() == 4194304) && !lp.is_empty();
+        e.check(
+            "lifedom-new-disk",
+            ok,
+            if ok {
+                format!("{img} (4 MiB, new) on {}", lp.join(" "))
+            } else {
+                format!(
+                    "{img}: {} bytes; loop: {}",
+                    meta.as_ref().map(|m| m.len()).unwrap_or(0),
+                    Cmd::sh("losetup -a").run(cx).all().replace('\n', " ")
+                )
+            },
+        );
+        ld.ino = meta.map(|m| m.ino());
+        let cfgt = xen::read_text(&ld.xlcfg());
+        let key = format!("--uuid {} ", ld.uuid);
+        let newtpm = cfgt
+            .lines()
+            .any(|l| l.find(&key).is_some_and(|i| l[i..].contains("--create")));
+        e.check(
+            "lifedom-new-tpm",
+            newtpm,
+            if newtpm {
+                format!("first boot manufactures: {}", extra_of(&ld.xlcfg()))
+            } else {
+                format!(
+                    "{}: {}",
+                    ld.xlcfg(),
+                    cfgt.lines().find(|l| l.starts_with("extra")).unwrap_or("")
+                )
+            },
+        );
+        ld.show_vcon(6);
+        let miss = a.guest(cx, "d-create", "fresh");
+        ld.ek = a.ek_now.clone();
+        if !miss.is_empty() {
+            e.add(format!("guest-checks-failed: {}", miss.join(" ")));
+        }
+    }
+    println!(
+        "PERF lifedom-create-s={create_s} (xl-vtpm create life-d.cfg: new vTPM identity, disk, vTPM domain boot + manufacture + ready, then xl create of the guest)"
+    );
+    if !e.is_empty() {
+        ld.diag(cx, st);
+    }
+    e.verdict(format!(
+        "{LDN} with vTPM {} in its own domain {LDV} (domid {}, made in this create, {create_s} s); 0x81000010 + NV written",
+        ld.uuid, ld.vdomid
+    ))
+}
+
+fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
+    let mut e = Errs::default();
+    ld.vdomid = xen::domid(LDV).unwrap_or_default();
+    let gd = xen::domid(LDN).unwrap_or_default();
+    println!("INFO lifedom timeline xl-destroy-start {}", wallt());
+    let t0 = up();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let vdomid = ld.vdomid.clone();
+    let o = std::thread::scope(|s| {
+        s.spawn(|| {
+            let t = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if t.elapsed() >= Duration::from_secs(3) {
+                    // still waiting: libxl waits (10 s) for the backend domain to remove its backend directory
+                    let p = format!("/local/domain/{vdomid}/backend/vtpm/{gd}");
+                    let l = Cmd::new(&["xenstore-ls", "-f", &p])
+                        .run_for(Duration::from_secs(10))
+                        .all();
+                    show(
+                        &format!(
+                            "xl destroy still running after {:.1} s: {LDV}'s backend",
+                            t.elapsed().as_secs_f64()
+                        ),
+                        &l,
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let o = Cmd::new(&["xl", "destroy", LDN])
+            .secs(60)
+            .save("/tmp/xl-life-d-xldestroy.out")
+            .run(cx);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        o
+    });
+    let t1 = up();
+    show("xl destroy", &o.all());
+    if !o.ok() {
+        e.add(format!("xl-destroy-rc={}", o.rc));
+    }
+    println!(
+        "PERF lifedom-xl-destroy-ms={} (plain xl destroy {LDN}, a guest whose vTPM backend is the domain {LDV})",
+        ms(t0, t1)
+    );
+    if o.all().contains(&format!(
+        "timed out while waiting for /local/domain/{}/backend/vtpm/{gd}/0 to be removed",
+        ld.vdomid
+    )) {
+        println!(
+            "INFO lifedom xl-destroy-backend-timeout yes: libxl waited for {LDV} (domid {}) to remove its backend directory backend/vtpm/{gd}/0 and gave up (LIBXL_DESTROY_TIMEOUT); a driver domain removes it itself",
+            ld.vdomid
+        );
+    }
+    ld.stopped(cx, "xl-destroy", t1, &mut e);
+    println!("INFO lifedom timeline vtpmdom-gone-seen {}", wallt());
+    if let Some(g) = ld.gone_ms {
+        println!(
+            "PERF lifedom-destroy-to-vtpmdom-gone-ms={g} (xl destroy {LDN} returned -> {LDV} gone from xl list, through the watcher's xl shutdown; xl destroy took {} ms)",
+            ms(t0, t1)
+        );
+        e.check(
+            "lifedom-gone-in-time",
+            g <= LD_GONE_LIMIT,
+            format!("{g} ms (limit {LD_GONE_LIMIT})"),
+        );
+    }
+    let said = format!("{LDN}: guest gone; vTPM {} stopped", ld.uuid);
+    let wl = xen::read_text(&st.wlog);
+    let line = wl
+        .lines()
+        .rfind(|l| l.contains(&format!("{LDN}: guest gone")))
+        .unwrap_or("")
+        .to_string();
+    e.check(
+        "lifedom-watcher-said",
+        wl.contains(&said),
+        if wl.contains(&said) {
+            line
+        } else {
+            format!("no '{said}' in {}", st.wlog)
+        },
+    );
+    show_tail("watch.log", &wl, 3);
+    let c = ld.vcon();
+    let v: Vec<&str> = c
+        .lines()
+        .filter(|l| l.starts_with("VTPMDOM-") || l.contains("signal") || l.contains("stopping"))
+        .collect();
+    super::show_last(&format!("{LDV} console"), &v, 4);
+    if !e.is_empty() {
+        ld.diag(cx, st);
+    }
+    let out = e.verdict(format!(
+        "xl destroy {LDN}: the watcher shut {LDV} (domid {}) down cleanly {} ms later; loop device released, pair stopped",
+        ld.vdomid,
+        ld.gone_ms.map(|g| g.to_string()).unwrap_or_default()
+    ));
+    // leave nothing running for the recreate (no verdict)
+    if xen::domid(LDV).is_some() {
+        println!("lifedom: {LDV} still running; xl-vtpm destroy {LDN}");
+        println!(
+            "{}",
+            Cmd::new(&["xl-vtpm", "destroy", LDN])
+                .env("NO_COLOR", "1")
+                .secs(150)
+                .run(cx)
+                .tail(3)
+        );
+    }
+    out
+}
+
+fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
+    let mut e = Errs::default();
+    let v0 = ld.vdomid.clone();
+    if xen::domid(LDN).is_some() {
+        xen::xl_destroy(cx, LDN, 60);
+    }
+    ld.voff = lines_of(&xen::clog(LDV));
+    let t0 = up();
+    a.create(cx, LDCFG, "d-recreate");
+    let recreate_s = secs1(t0, up());
+    if a.lrc != 0 {
+        e.add(format!(
+            "xl-vtpm create exited {}: {}",
+            a.lrc,
+            tail_of("/tmp/xl-life-d-recreate.out")
+        ));
+    } else {
+        let same = a.uuid_now == ld.uuid;
+        e.check(
+            "lifedom-same-vtpm",
+            same,
+            if same {
+                ld.uuid.clone()
+            } else {
+                format!(
+                    "now {}, first create {}",
+                    super::vtpm::none(&a.uuid_now),
+                    ld.uuid
+                )
+            },
+        );
+        ld.running(cx, "recreate", &mut e);
+        let newd = !ld.vdomid.is_empty() && ld.vdomid != v0;
+        e.check(
+            "lifedom-new-vtpm-domid",
+            newd,
+            if newd {
+                format!("{LDV} domid {v0} -> {}", ld.vdomid)
+            } else {
+                format!("domid {}, before {v0}", super::vtpm::none(&ld.vdomid))
+            },
+        );
+        let cfg = ld.xlcfg();
+        let ct = xen::read_text(&cfg);
+        let ino = fs::metadata(ld.img()).ok().map(|m| m.ino());
+        let ok = Path::new(&cfg).is_file()
+            && ct.contains("--state-block /dev/xvda")
+            && !ct.contains("--create")
+            && ino.is_some()
+            && ino == ld.ino;
+        e.check(
+            "lifedom-from-disk",
+            ok,
+            if ok {
+                format!(
+                    "booted from the kept disk (same image, inode {}, on {}), no --create: {}",
+                    ino.unwrap_or(0),
+                    vd_loop(&ld.uuid).join(" "),
+                    extra_of(&cfg)
+                )
+            } else {
+                format!(
+                    "{cfg}: {}; image inode {:?}, first {:?}",
+                    ct.lines().find(|l| l.starts_with("extra")).unwrap_or(""),
+                    ino,
+                    ld.ino
+                )
+            },
+        );
+        ld.show_vcon(6);
+        let miss = a.guest(cx, "d-recreate", "kept");
+        if !miss.is_empty() {
+            e.add(format!("guest-checks-failed: {}", miss.join(" ")));
+        }
+        let same_ek = !ld.ek.is_empty() && ld.ek == a.ek_now;
+        e.check(
+            "lifedom-ek-stable",
+            same_ek,
+            if same_ek {
+                format!(
+                    "EK sha256 {}... as at the first create",
+                    &ld.ek[..16.min(ld.ek.len())]
+                )
+            } else {
+                format!(
+                    "first={} now={}",
+                    super::vtpm::none(&ld.ek),
+                    super::vtpm::none(&a.ek_now)
+                )
+            },
+        );
+    }
+    println!(
+        "PERF lifedom-recreate-s={recreate_s} (xl-vtpm create life-d.cfg again: vTPM domain boot from its disk + ready, then xl create of the guest)"
+    );
+    if !e.is_empty() {
+        ld.diag(cx, st);
+    }
+    e.verdict(format!(
+        "same vTPM {}, {LDV} booted from its kept disk (domid {v0} -> {}); 0x81000010 + NV kept, same EK",
+        ld.uuid, ld.vdomid
+    ))
+}
+
+fn destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
+    let mut e = Errs::default();
+    let (ok, rc) = registry_clean(
+        cx,
+        "/tmp/lifedom-check1.out",
+        "registry check, life-d running",
+    );
+    e.check(
+        "lifedom-registry-running",
+        ok,
+        if ok {
+            format!("no drift with {LDN} + {LDV} running")
+        } else {
+            format!("rc={rc}")
+        },
+    );
+    ld.vdomid = xen::domid(LDV).unwrap_or_default();
+    let t0 = up();
+    let o = Cmd::new(&["xl-vtpm", "destroy", LDN])
+        .env("NO_COLOR", "1")
+        .secs(150)
+        .save("/tmp/xl-life-d-destroy.out")
+        .run(cx);
+    let t1 = up();
+    show_tail("xl-vtpm destroy", &o.all(), 10);
+    e.check(
+        "lifedom-destroy-exit",
+        o.ok(),
+        if o.ok() {
+            format!("xl-vtpm destroy {LDN}: exit 0 in {} s", secs1(t0, t1))
+        } else {
+            format!("exit {}", o.rc)
+        },
+    );
+    let gone = cx.wait_until(30, || xen::domain_gone(LDN));
+    e.check(
+        "lifedom-guest-gone",
+        gone,
+        if gone {
+            format!("{LDN} not in xl list")
+        } else {
+            Cmd::new(&["xl", "list", LDN]).run(cx).tail(1)
+        },
+    );
+    ld.stopped(cx, "destroy", t1, &mut e);
+    println!(
+        "PERF lifedom-destroy-s={} (xl-vtpm destroy: xl destroy of the guest, xl shutdown of the vTPM domain, clean stop, loop device released)",
+        secs1(t0, t1)
+    );
+    let (ok, rc) = registry_clean(cx, "/tmp/lifedom-check2.out", "registry check, end");
+    e.check(
+        "lifedom-registry-end",
+        ok,
+        if ok {
+            "no drift after xl-vtpm destroy".to_string()
+        } else {
+            format!("rc={rc}")
+        },
+    );
+    life_list(cx);
+    if !e.is_empty() {
+        ld.diag(cx, st);
+    }
+    e.verdict(format!(
+        "xl-vtpm destroy {LDN}: guest and {LDV} gone (clean stop), loop device released, pair stopped; registry check clean"
+    ))
+}

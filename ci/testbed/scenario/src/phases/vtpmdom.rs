@@ -1,0 +1,949 @@
+//! vTPM domain: the vTPM as the only program of its own Xen domain.
+//! `xl-vtpm vtpm create --domain` boots a PV domain whose /init is vtpm-domain
+//! (/usr/lib/xvtpm/vtpmdom/initrd, built by scripts/build-vtpmdom.sh; the guests' kernel). It keeps its
+//! sealed state on its own disk (/dev/xvda: a 4 MiB image on a dom0 loop device, blkback, our
+//! /etc/xen/scripts/block), reaches vtpmmgr (serve --xen) over a tpmif device whose backend is dom0,
+//! and serves its guest on its own backend/vtpm. One RESULT per step:
+//!   vtpmdom-create   domain running, data/xvtpm/ready = its UUID, VTPMDOM-READY on its console;
+//!                    PERF: create time, memory (xl list, and the domain's own meminfo/RSS line)
+//!   vtpmdom-guest    guest-vdom with vtpm = [ "backend=vtpmdom-a,uuid=U" ]: the vtpm-guest checks
+//!                    (stock xen-tpmfront), the deep quote verified in dom0 (right nonce 8, wrong 7); P5
+//!   vtpmdom-reboot   the guest again: 0x81000010 + NV kept, PCR 16 reset, same EK
+//!   vtpmdom-restart  `xl-vtpm vtpm stop` (clean stop: VTPMDOM-EXIT code=0, loop device released),
+//!                    `xl-vtpm vtpm start` (new domain, resumes from its disk: no --create); guest
+//!                    boot 3: 0x81000010 + NV kept, same EK -- the A/B store on a real xen-blkfront disk
+//!   vtpmdom-destroy  xl destroy of the (held) guest, the vTPM domain survives it; `xl-vtpm vtpm destroy
+//!                    --yes`: domain, manager identity, disk image and loop device gone
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{St, capture_dq, deadline, ek_hash, guest_checks, p5_vtpm, secs1, up, verify};
+use crate::cmd::{Cmd, Output, show, show_tail};
+use crate::runner::{Cx, Errs, Outcome, Runner};
+use crate::xen::{self, console, console_from, jf, lines_of, vd_loop};
+
+pub const VD: &str = "vtpmdom-a";
+const VDG: &str = "guest-vdom";
+const VDCFG: &str = "/etc/xen/guest-vdom.cfg";
+pub const RAMDISK: &str = "/usr/lib/xvtpm/vtpmdom/initrd";
+
+struct Vd {
+    uuid: String,
+    domid: String,
+    off: usize,
+    ek1: String,
+    ek_now: String,
+}
+
+fn vd_domid() -> Option<String> {
+    xen::domid(VD)
+}
+
+fn vd_ready(u: &str) -> bool {
+    vd_domid().is_some_and(|i| {
+        xen::xs_read(&format!("/local/domain/{i}/data/xvtpm/ready")).as_deref() == Some(u)
+    })
+}
+
+fn vd_row(cx: &Cx, u: &str) -> String {
+    Cmd::new(&["xl-vtpm", "vtpm", "show", u, "--json"])
+        .secs(30)
+        .split()
+        .run(cx)
+        .stdout
+        .split_whitespace()
+        .collect()
+}
+
+/// The console lines matching `f`, last `n`, prefixed.
+fn show_con(text: &str, prefix: &str, n: usize, f: impl Fn(&str) -> bool) {
+    let v: Vec<&str> = text.lines().filter(|l| f(l)).collect();
+    super::show_last(prefix, &v, n);
+}
+
+pub fn backends_of(domid: &str) -> Vec<String> {
+    xen::xs_ls("/local/domain/0/backend")
+        .into_iter()
+        .filter(|l| {
+            l.contains(&format!("/backend/vbd/{domid}/"))
+                || l.contains(&format!("/backend/vtpm/{domid}/"))
+        })
+        .collect()
+}
+
+fn dom0_backends() -> Vec<String> {
+    xen::xs_ls("/local/domain/0/backend")
+        .into_iter()
+        .filter(|l| l.contains("/backend/vbd/") || l.contains("/backend/vtpm/"))
+        .collect()
+}
+
+/// The domain's own xenstore (data, device, backend, control).
+pub fn dom_xs(domid: &str, keys: &[&str]) -> Vec<String> {
+    xen::xs_ls(&format!("/local/domain/{domid}"))
+        .into_iter()
+        .filter(|l| keys.iter().any(|k| l.contains(&format!("/{domid}/{k}/"))))
+        .collect()
+}
+
+fn print_lines(prefix: &str, v: &[String], n: usize) {
+    for l in v.iter().take(n) {
+        println!("[{prefix}] {l}");
+    }
+}
+
+impl Vd {
+    fn con(&self) -> String {
+        console_from(VD, self.off)
+    }
+    /// What the vTPM domain, xenstore, xl, the block script and the manager said.
+    fn diag(&self, st: &St) {
+        show_tail(&format!("{VD} console"), &self.con(), 40);
+        if let Some(i) = vd_domid() {
+            print_lines(
+                &format!("{VD} xenstore"),
+                &dom_xs(&i, &["data", "device", "backend"]),
+                60,
+            );
+        }
+        print_lines("dom0 backend", &dom0_backends(), 60);
+        show_tail(
+            &format!("xl-{VD}.log"),
+            &xen::read_text(&format!("/var/log/xen/xl-{VD}.log")),
+            25,
+        );
+        show_tail(
+            "xen-hotplug.log",
+            &xen::read_text("/var/log/xen/xen-hotplug.log"),
+            10,
+        );
+        show_tail("vtpmmgr", &xen::read_text(&st.mgr_log), 15);
+    }
+    /// A snapshot while xl-vtpm waits (it destroys a domain that does not become ready).
+    fn snap(&self, why: &str) {
+        let Some(i) = vd_domid() else {
+            println!("vtpmdom snapshot ({why}): no {VD} domain");
+            return;
+        };
+        let l = Cmd::new(&["xl", "list", &i])
+            .run_for(Duration::from_secs(20))
+            .stdout;
+        let st = l
+            .lines()
+            .nth(1)
+            .map(|r| {
+                let f: Vec<&str> = r.split_whitespace().collect();
+                format!(
+                    "state {}, cpu {} s",
+                    f.get(4).unwrap_or(&""),
+                    f.get(5).unwrap_or(&"")
+                )
+            })
+            .unwrap_or_default();
+        println!("vtpmdom snapshot ({why}): domid {i}, {st}");
+        print_lines(
+            &format!("{VD} xenstore"),
+            &dom_xs(&i, &["data", "device", "backend", "control"]),
+            60,
+        );
+        print_lines("dom0 backend", &backends_of(&i), 40);
+        show_tail(&format!("{VD} console"), &self.con(), 20);
+    }
+}
+
+/// `xl-vtpm ARGS` with a snapshot of the vTPM domain if it still waits after 40 s.
+fn xlvtpm_snap(cx: &Cx, vd: &Vd, args: &[&str], secs: u64, out: &str, err: Option<&str>) -> Output {
+    let mut argv = vec!["xl-vtpm"];
+    argv.extend_from_slice(args);
+    let c = Cmd::new(&argv).env("NO_COLOR", "1").secs(secs);
+    let c = match err {
+        Some(e) => c.save_split(out, e),
+        None => c.save(out),
+    };
+    let what = format!(
+        "xl-vtpm {out} {} still waiting after 40 s",
+        err.unwrap_or(out)
+    );
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let t = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if t.elapsed() >= Duration::from_secs(40) {
+                    vd.snap(&what);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let o = c.run(cx);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        o
+    })
+}
+
+pub fn run(r: &mut Runner, st: &mut St) {
+    if st.vtpmdom_mode == "0" {
+        for p in [
+            "vtpmdom-create",
+            "vtpmdom-guest",
+            "vtpmdom-reboot",
+            "vtpmdom-restart",
+            "vtpmdom-destroy",
+        ] {
+            r.skip(p, "disabled (XVTPM_TESTBED_VTPMDOM=0)");
+        }
+        return;
+    }
+    let mem = xen::read_text("/etc/xvtpm-testbed.env")
+        .lines()
+        .find_map(|l| l.strip_prefix("vtpmdom_mem=").map(str::to_string))
+        .unwrap_or_else(|| "128".into());
+    let mut vd = Vd {
+        uuid: String::new(),
+        domid: String::new(),
+        off: 0,
+        ek1: String::new(),
+        ek_now: String::new(),
+    };
+
+    r.phase("vtpmdom-create", deadline(300), |cx| {
+        create(cx, st, &mut vd, &mem)
+    });
+
+    if vd.domid.is_empty() {
+        r.skip("vtpmdom-guest", "no vTPM domain (vtpmdom-create failed)");
+    } else if r.cx.past_deadline() {
+        r.skip("vtpmdom-guest", "scenario deadline reached");
+    } else {
+        r.phase("vtpmdom-guest", deadline(620), |cx| guest1(cx, st, &mut vd));
+    }
+
+    if vd.domid.is_empty() || vd.ek1.is_empty() {
+        r.skip(
+            "vtpmdom-reboot",
+            "no vTPM domain or no first boot (vtpmdom-create/-guest failed)",
+        );
+    } else if r.cx.past_deadline() {
+        r.skip("vtpmdom-reboot", "scenario deadline reached");
+    } else {
+        r.phase("vtpmdom-reboot", deadline(450), |cx| {
+            let mut e = Errs::default();
+            boot(cx, &mut vd, 2, "", &REBOOT_CHECKS, &mut e);
+            ek_check(&vd, 2, &mut e);
+            if !cx.wait_until(60, || xen::domain_gone(VDG)) {
+                e.add("guest-did-not-power-off");
+                xen::xl_destroy(cx, VDG, 60);
+            }
+            if !vd_ready(&vd.uuid) {
+                e.add("vtpm-domain-not-ready-after-boot-2");
+            }
+            if !e.is_empty() {
+                vd.diag(st);
+            }
+            keep_log(2);
+            e.verdict(format!(
+                "boot 2: 0x81000010 + NV index kept, PCR16 reset, same EK (domain {VD}, domid {})",
+                vd.domid
+            ))
+        });
+    }
+
+    if vd.domid.is_empty() || vd.ek1.is_empty() {
+        r.skip("vtpmdom-restart", "no vTPM domain or no first boot");
+    } else if r.cx.past_deadline() {
+        r.skip("vtpmdom-restart", "scenario deadline reached");
+    } else {
+        r.phase("vtpmdom-restart", deadline(900), |cx| {
+            restart(cx, st, &mut vd)
+        });
+    }
+
+    if vd.uuid.is_empty() {
+        r.skip("vtpmdom-destroy", "no vTPM (vtpmdom-create failed)");
+    } else {
+        r.phase("vtpmdom-destroy", deadline(360), |cx| {
+            destroy(cx, st, &mut vd)
+        });
+    }
+    // nothing of it may outlive the section (teardown checks that no domU is left)
+    let cx = &r.cx;
+    if xen::domid(VDG).is_some() {
+        xen::xl_destroy(cx, VDG, 60);
+    }
+    if xen::domid(VD).is_some() && !vd.uuid.is_empty() {
+        println!("vtpmdom: cleaning up {VD}");
+        let o = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &vd.uuid, "--yes"])
+            .env("NO_COLOR", "1")
+            .secs(150)
+            .run(cx);
+        println!("{}", o.tail(3));
+    }
+    if xen::domid(VD).is_some() {
+        xen::xl_destroy(cx, VD, 60);
+    }
+    st.vdu = vd.uuid.clone();
+}
+
+pub fn load_block_modules(cx: &Cx, e: &mut Errs) {
+    for m in ["loop", "xen-blkback"] {
+        if !xen::modload(m) {
+            e.add(format!("insmod-{m}"));
+        }
+    }
+    if !cx.wait_until(10, || Path::new("/dev/loop-control").exists()) {
+        e.add("no-/dev/loop-control");
+    }
+}
+
+fn create(cx: &Cx, st: &mut St, vd: &mut Vd, mem: &str) -> Outcome {
+    let mut e = Errs::default();
+    if !st.mgr_ready() {
+        return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
+    }
+    if fs::metadata(RAMDISK).map(|m| m.len() == 0).unwrap_or(true) {
+        return Outcome::fail(format!(
+            "no vTPM-domain image {RAMDISK} (vtpm-domain not built at image build)"
+        ));
+    }
+    if cx.past_deadline() {
+        return Outcome::fail("scenario deadline reached");
+    }
+    load_block_modules(cx, &mut e);
+    if !e.is_empty() {
+        return Outcome::fail(e.joined());
+    }
+    vd.off = lines_of(&xen::clog(VD));
+    let t0 = up();
+    let o = xlvtpm_snap(
+        cx,
+        vd,
+        &[
+            "vtpm", "create", "--domain", VD, "--memory", mem, "--ek", "ecc", "--json",
+        ],
+        200,
+        "/tmp/vtpmdom-create.json",
+        Some("/tmp/vtpmdom-create.err"),
+    );
+    let create_s = secs1(t0, up());
+    println!(
+        "xl-vtpm vtpm create --domain {VD}: rc={} in {create_s} s",
+        o.rc
+    );
+    show_tail("vtpm create --domain", &o.all(), 40);
+    let j = xen::parse_json(&o.stdout).unwrap_or(serde_json::Value::Null);
+    vd.uuid = jf(&j, "uuid");
+    vd.domid = jf(&j, "domid");
+    if vd.domid == "null" {
+        vd.domid.clear();
+    }
+    if o.rc != 0 {
+        e.add(format!("xl-vtpm vtpm create --domain exited {}", o.rc));
+    } else if vd.uuid.is_empty() || vd.domid.is_empty() {
+        e.add("no uuid/domid in the --json output");
+    } else {
+        let cur = vd_domid();
+        e.check(
+            "vtpmdom-running",
+            cur.as_deref() == Some(vd.domid.as_str()),
+            if cur.as_deref() == Some(vd.domid.as_str()) {
+                format!("{VD} is domid {}", vd.domid)
+            } else {
+                format!(
+                    "xl domid {VD}: {}, json said {}",
+                    cur.unwrap_or_else(|| "none".into()),
+                    vd.domid
+                )
+            },
+        );
+        let rd = vd_ready(&vd.uuid);
+        e.check(
+            "vtpmdom-xs-ready",
+            rd,
+            if rd {
+                format!("/local/domain/{}/data/xvtpm/ready = {}", vd.domid, vd.uuid)
+            } else {
+                format!(
+                    "data/xvtpm/ready = '{}'",
+                    xen::xs_read(&format!("/local/domain/{}/data/xvtpm/ready", vd.domid))
+                        .unwrap_or_default()
+                )
+            },
+        );
+        let cr = vd
+            .con()
+            .lines()
+            .any(|l| l.starts_with(&format!("VTPMDOM-READY uuid={}", vd.uuid)));
+        e.check(
+            "vtpmdom-console-ready",
+            cr,
+            if cr {
+                "VTPMDOM-READY on its console".to_string()
+            } else {
+                format!("no 'VTPMDOM-READY uuid={}' on the console", vd.uuid)
+            },
+        );
+        let row = vd_row(cx, &vd.uuid);
+        let running = row.contains("\"state\":\"running\"");
+        e.check(
+            "vtpmdom-show-running",
+            running,
+            if running {
+                "xl-vtpm vtpm show: running".to_string()
+            } else {
+                format!("xl-vtpm vtpm show: {}", cut(&row, 300))
+            },
+        );
+        let img = format!("/var/lib/xvtpm/vtpms/{}/disk.img", vd.uuid);
+        let size = fs::metadata(&img).map(|m| m.len()).unwrap_or(0);
+        let lp = vd_loop(&vd.uuid);
+        let ok = size == 4194304 && !lp.is_empty();
+        e.check(
+            "vtpmdom-disk",
+            ok,
+            if ok {
+                format!("{img} (4 MiB) on {}", lp.join(" "))
+            } else {
+                format!(
+                    "{img}: {size} bytes; loop: {}",
+                    Cmd::sh("losetup -a").run(cx).all().replace('\n', " ")
+                )
+            },
+        );
+        show(
+            &format!("xl block-list {VD}"),
+            &Cmd::new(&["xl", "block-list", VD]).run(cx).all(),
+        );
+    }
+    show_con(&vd.con(), &format!("{VD} console"), 12, |l| {
+        l.starts_with("VTPMDOM-") || ["error", "panic", "Oops"].iter().any(|k| l.contains(k))
+    });
+    println!(
+        "PERF vtpmdom-create-s={create_s} (xl-vtpm vtpm create --domain: loop device, xl create -p, manager attach, vtpm-attach, unpause, boot + manufacture, ready)"
+    );
+    if !vd.domid.is_empty() {
+        let l = Cmd::new(&["xl", "list", VD]).run(cx).stdout;
+        let m = l
+            .lines()
+            .nth(1)
+            .and_then(|r| r.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_string();
+        println!("PERF vtpmdom-xl-mem-mib={m} (xl list; configured {mem} MiB)");
+        // vtpm-domain's own line when it serves (VTPMDOM-READY, or a separate VTPMDOM-MEM)
+        let c = vd.con();
+        let ml = c
+            .lines()
+            .find(|l| {
+                (l.starts_with("VTPMDOM-READY ") || l.starts_with("VTPMDOM-MEM "))
+                    && l.contains("mem_total_kib=")
+            })
+            .unwrap_or("");
+        let v = |k: &str| xen::token(ml, k).unwrap_or_default();
+        println!(
+            "PERF vtpmdom-mem-total-kib={} vtpmdom-mem-available-kib={} vtpmdom-rss-kib={} (inside the vTPM domain when ready: MemTotal, MemAvailable, vtpm-domain VmRSS)",
+            v("mem_total_kib"),
+            v("mem_available_kib"),
+            v("rss_kib")
+        );
+        if let Some(t) = c
+            .lines()
+            .find_map(|l| l.strip_prefix("VTPMDOM-INIT devices present after "))
+        {
+            let t = t.split_whitespace().next().unwrap_or("");
+            println!(
+                "INFO vtpmdom devices-present-after-ms={t} (modules loaded -> /dev/xen/* and /dev/xvda there)"
+            );
+        }
+    }
+    if !e.is_empty() {
+        vd.diag(st);
+    }
+    if e.is_empty() {
+        Outcome::pass(format!(
+            "vTPM {} in domain {VD} (domid {}), ready in {create_s} s; state on /dev/xvda",
+            vd.uuid, vd.domid
+        ))
+    } else {
+        // the next steps need a ready vTPM domain
+        if !vd_ready(&vd.uuid) {
+            vd.domid.clear();
+        }
+        Outcome::fail(e.joined())
+    }
+}
+
+pub fn cut(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+const REBOOT_CHECKS: [&str; 9] = [
+    "tpm0",
+    "startup",
+    "getrandom",
+    "pcr16-reset",
+    "pcrextend",
+    "createek",
+    "persistent-kept",
+    "persistent-usable",
+    "nv-kept",
+];
+
+/// One boot of guest-vdom; appends to `e`, sets ek_now. The console log is kept as
+/// guest-guest-vdom-bootN.log by `keep_log`.
+fn boot(cx: &Cx, vd: &mut Vd, n: u32, extra: &str, checks: &[&str], e: &mut Errs) {
+    vd.ek_now.clear();
+    let t = xen::read_text(&format!("{VDCFG}.in"))
+        .replace("@UUID@", &vd.uuid)
+        .replace("@BACKEND@", VD)
+        .replace("@EXTRA@", &format!("boot={n} {extra}"));
+    let _ = fs::write(VDCFG, &t);
+    if n == 1 {
+        for l in t
+            .lines()
+            .filter(|l| l.starts_with("name") || l.starts_with("vtpm") || l.starts_with("extra"))
+        {
+            println!("{l}");
+        }
+    }
+    let t0 = up();
+    let w0 = super::now_wall();
+    super::xl_create(cx, VDCFG, &format!("/tmp/xl-{VDG}{n}.out"), 120, e);
+    println!(
+        "xl create {VDG} (boot {n}): {} s, domid {}",
+        secs1(t0, up()),
+        xen::domid(VDG).unwrap_or_else(|| "none".into())
+    );
+    if xen::domid(VDG).is_some() {
+        show(
+            "xl vtpm-list",
+            &Cmd::new(&["xl", "vtpm-list", VDG]).run(cx).all(),
+        );
+        if !cx.wait_until(240, || console(VDG).contains("GUEST-DONE")) {
+            e.add("no-GUEST-DONE-in-240s");
+        }
+        let c = console(VDG);
+        let miss = guest_checks(&c, VDG, &format!("boot{n}"), checks);
+        if !miss.is_empty() {
+            e.add(format!("guest-checks-failed: {}", miss.join(" ")));
+        }
+        vd.ek_now = ek_hash(&c);
+        let k = if n == 1 {
+            "p5-vtpmdom-ms".to_string()
+        } else {
+            format!("p5-vtpmdom-boot{n}-ms")
+        };
+        p5_vtpm(&k, VDG, w0);
+    }
+    let c = console(VDG);
+    show_con(&c, VDG, 20, |l| {
+        !l.trim().is_empty()
+            && !l.contains("GUEST-DQ ")
+            && !l.contains("GUEST-CHECK")
+            && ["GUEST-", "panic", "Oops", "tpm", "TPM"]
+                .iter()
+                .any(|k| l.contains(k))
+    });
+}
+
+fn ek_check(vd: &Vd, n: u32, e: &mut Errs) {
+    if !vd.ek1.is_empty() && vd.ek1 == vd.ek_now {
+        crate::runner::check(
+            "dom0",
+            "vtpmdom-ek-stable",
+            true,
+            &format!(
+                "boot {n}: EK sha256 {}... as in boot 1",
+                &vd.ek1[..16.min(vd.ek1.len())]
+            ),
+        );
+    } else {
+        crate::runner::check(
+            "dom0",
+            "vtpmdom-ek-stable",
+            false,
+            &format!(
+                "boot {n}: boot1={} now={}",
+                super::vtpm::none(&vd.ek1),
+                super::vtpm::none(&vd.ek_now)
+            ),
+        );
+        e.add("ek-changed");
+    }
+}
+
+fn keep_log(n: u32) {
+    let _ = fs::rename(
+        xen::clog(VDG),
+        format!("/var/log/xen/console/guest-{VDG}-boot{n}.log"),
+    );
+}
+
+fn guest1(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
+    let mut e = Errs::default();
+    let nonce = xen::nonce(32);
+    boot(
+        cx,
+        vd,
+        1,
+        &format!("dq_nonce={nonce}"),
+        &[
+            "tpm0",
+            "startup",
+            "getrandom",
+            "pcr16-reset",
+            "pcrextend",
+            "createek",
+            "createak",
+            "quote",
+            "checkquote",
+            "persistent",
+            "nv-write",
+            "deep-quote",
+        ],
+        &mut e,
+    );
+    vd.ek1 = vd.ek_now.clone();
+    match capture_dq(VDG, "/tmp/vdq.bin") {
+        Ok(_) => match super::vtpm::group_ak(cx) {
+            Ok(()) => {
+                let u = vd.uuid.clone();
+                let rc_ok = verify(
+                    cx,
+                    "/tmp/vdq.bin",
+                    &nonce,
+                    &u,
+                    "verify right nonce",
+                    "/tmp/vdverify-ok.out",
+                    25,
+                );
+                let bad = xen::nonce(32);
+                let rc_bad = verify(
+                    cx,
+                    "/tmp/vdq.bin",
+                    &bad,
+                    &u,
+                    "verify wrong nonce",
+                    "/tmp/vdverify-bad.out",
+                    5,
+                );
+                e.check(
+                    "vtpmdom-verify-right-nonce",
+                    rc_ok == 8,
+                    format!("exit={rc_ok} (want 8: verified, host state not checked)"),
+                );
+                e.check(
+                    "vtpmdom-verify-wrong-nonce",
+                    rc_bad == 7,
+                    format!("exit={rc_bad} (want 7)"),
+                );
+            }
+            Err(t) => e.add(format!("no-group-ak({t})")),
+        },
+        Err(x) => e.add(x),
+    }
+    if !cx.wait_until(60, || xen::domain_gone(VDG)) {
+        e.add("guest-did-not-power-off");
+        xen::xl_destroy(cx, VDG, 60);
+    }
+    let rd = vd_ready(&vd.uuid);
+    e.check(
+        "vtpmdom-survives-guest",
+        rd,
+        if rd {
+            format!("{VD} still running and ready after the guest powered off")
+        } else {
+            format!(
+                "{VD}: domid {}",
+                vd_domid().unwrap_or_else(|| "none".into())
+            )
+        },
+    );
+    if !e.is_empty() {
+        vd.diag(st);
+    }
+    keep_log(1);
+    e.verdict(format!(
+        "boot 1: all guest checks on /dev/tpm0 served by domain {VD}; deep quote verified in dom0 (right nonce 8 = host unchecked, wrong 7)"
+    ))
+}
+
+fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
+    let mut e = Errs::default();
+    let d0 = vd.domid.clone();
+    let t0 = up();
+    // xl-vtpm stop: xl shutdown (run in the background), up to 20 s for the clean stop, then xl destroy
+    let u = vd.uuid.clone();
+    let o = xlvtpm_snap(
+        cx,
+        vd,
+        &["vtpm", "stop", &u],
+        150,
+        "/tmp/vtpmdom-stop.out",
+        None,
+    );
+    let stop_s = secs1(t0, up());
+    show_tail("vtpm stop", &o.all(), 10);
+    if !o.ok() {
+        e.add(format!("vtpm-stop-exit-{}", o.rc));
+    }
+    let gone = cx.wait_until(30, || xen::domain_gone(VD));
+    e.check(
+        "vtpmdom-stopped",
+        gone,
+        if gone {
+            format!("domain {VD} (domid {d0}) gone {stop_s} s after xl-vtpm vtpm stop")
+        } else {
+            format!(
+                "domain {VD} still there: {}",
+                Cmd::new(&["xl", "list", VD]).run(cx).tail(1)
+            )
+        },
+    );
+    let c = vd.con();
+    show_con(&c, &format!("{VD} console"), 5, |l| {
+        l.starts_with("VTPMDOM-EXIT")
+            || ["signal", "stopping", "shut"].iter().any(|k| l.contains(k))
+    });
+    let clean = c.lines().any(|l| l.starts_with("VTPMDOM-EXIT code=0"));
+    e.check(
+        "vtpmdom-clean-stop",
+        clean,
+        if clean {
+            "VTPMDOM-EXIT code=0 (xl shutdown -> SIGTERM -> clean stop)".to_string()
+        } else {
+            format!(
+                "no 'VTPMDOM-EXIT code=0' on the console: {}",
+                c.lines()
+                    .rfind(|l| l.starts_with("VTPMDOM-EXIT"))
+                    .unwrap_or("")
+            )
+        },
+    );
+    let lp = vd_loop(&vd.uuid);
+    e.check(
+        "vtpmdom-loop-released",
+        lp.is_empty(),
+        if lp.is_empty() {
+            "no loop device on the disk image".into()
+        } else {
+            lp.join(" ")
+        },
+    );
+    let row = vd_row(cx, &vd.uuid);
+    let stopped = row.contains("\"state\":\"stopped\"");
+    e.check(
+        "vtpmdom-show-stopped",
+        stopped,
+        if stopped {
+            "xl-vtpm vtpm show: stopped".to_string()
+        } else {
+            format!("xl-vtpm vtpm show: {}", cut(&row, 300))
+        },
+    );
+    println!(
+        "PERF vtpmdom-stop-s={stop_s} (xl-vtpm vtpm stop: xl shutdown, clean stop, domain gone, loop device released)"
+    );
+    vd.off = lines_of(&xen::clog(VD));
+    let t0 = up();
+    let o = xlvtpm_snap(
+        cx,
+        vd,
+        &["vtpm", "start", &u, "--json"],
+        200,
+        "/tmp/vtpmdom-start.json",
+        Some("/tmp/vtpmdom-start.err"),
+    );
+    let start_s = secs1(t0, up());
+    show_tail("vtpm start", &o.all(), 20);
+    vd.domid = xen::parse_json(&o.stdout)
+        .map(|j| jf(&j, "domid"))
+        .unwrap_or_default();
+    if vd.domid == "null" {
+        vd.domid.clear();
+    }
+    if o.rc != 0 {
+        e.add(format!("vtpm-start-exit-{}", o.rc));
+        vd.domid = vd_domid().unwrap_or_default();
+    } else {
+        let cur = vd_domid();
+        let ok =
+            !vd.domid.is_empty() && vd.domid != d0 && cur.as_deref() == Some(vd.domid.as_str());
+        e.check(
+            "vtpmdom-new-domain",
+            ok,
+            if ok {
+                format!("domid {d0} -> {}", vd.domid)
+            } else {
+                format!(
+                    "json domid {}, xl domid {}, before {d0}",
+                    super::vtpm::none(&vd.domid),
+                    cur.unwrap_or_else(|| "none".into())
+                )
+            },
+        );
+        let rd = vd_ready(&vd.uuid);
+        e.check(
+            "vtpmdom-xs-ready",
+            rd,
+            if rd {
+                format!("data/xvtpm/ready = {}", vd.uuid)
+            } else {
+                "not ready".into()
+            },
+        );
+        let cfg = format!("/run/xvtpm/vtpms/{}.xl.cfg", vd.uuid);
+        let ct = xen::read_text(&cfg);
+        let extra = ct
+            .lines()
+            .find(|l| l.starts_with("extra"))
+            .unwrap_or("")
+            .to_string();
+        let resumed = Path::new(&cfg).is_file()
+            && ct.contains("--state-block /dev/xvda")
+            && !ct.contains("--create");
+        e.check(
+            "vtpmdom-resumed",
+            resumed,
+            if resumed {
+                format!(
+                    "booted without --create: {}",
+                    extra
+                        .split_once("-- ")
+                        .map(|x| x.1)
+                        .unwrap_or("")
+                        .replace('"', "")
+                )
+            } else {
+                format!("{cfg}: {extra}")
+            },
+        );
+    }
+    show_con(&vd.con(), &format!("{VD} console, boot 2"), 8, |l| {
+        l.starts_with("VTPMDOM-") || l.contains("error") || l.contains("panic")
+    });
+    println!(
+        "PERF vtpmdom-start-s={start_s} (xl-vtpm vtpm start: boot from the disk, resume, ready)"
+    );
+    if vd_ready(&vd.uuid) {
+        boot(cx, vd, 3, "hold=1", &REBOOT_CHECKS, &mut e);
+        ek_check(vd, 3, &mut e);
+    } else {
+        e.add("no-ready-vtpm-domain-for-boot-3");
+    }
+    if !e.is_empty() {
+        vd.diag(st);
+    }
+    e.verdict(format!(
+        "vTPM domain stopped cleanly and booted again from its disk (domid {d0} -> {}); boot 3: 0x81000010 + NV kept, same EK",
+        vd.domid
+    ))
+}
+
+fn destroy(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
+    let mut e = Errs::default();
+    if xen::domid(VDG).is_some() {
+        let o = xen::xl_destroy(cx, VDG, 60);
+        if !o.ok() {
+            e.add(format!("xl-destroy-rc={}", o.rc));
+        }
+        if !cx.wait_until(30, || xen::domain_gone(VDG)) {
+            e.add("guest-still-there");
+        }
+        std::thread::sleep(crate::s(1));
+        let rd = vd_ready(&vd.uuid);
+        e.check(
+            "vtpmdom-survives-destroy",
+            rd,
+            if rd {
+                format!("{VD} still ready after xl destroy {VDG}")
+            } else {
+                format!(
+                    "{VD}: domid {}",
+                    vd_domid().unwrap_or_else(|| "none".into())
+                )
+            },
+        );
+    }
+    keep_log(3);
+    let d = vd_domid();
+    let t0 = up();
+    let u = vd.uuid.clone();
+    let o = xlvtpm_snap(
+        cx,
+        vd,
+        &["vtpm", "destroy", &u, "--yes"],
+        150,
+        "/tmp/vtpmdom-destroy.out",
+        None,
+    );
+    show_tail("vtpm destroy", &o.all(), 10);
+    if !o.ok() {
+        e.add(format!("vtpm-destroy-exit-{}", o.rc));
+    }
+    let gone = cx.wait_until(30, || xen::domain_gone(VD));
+    e.check(
+        "vtpmdom-domain-gone",
+        gone,
+        if gone {
+            format!(
+                "{VD} not in xl list {} s after xl-vtpm vtpm destroy",
+                secs1(t0, up())
+            )
+        } else {
+            Cmd::new(&["xl", "list", VD]).run(cx).tail(1)
+        },
+    );
+    println!("PERF vtpmdom-destroy-s={}", secs1(t0, up()));
+    let l = Cmd::sh("xl-vtpm mgr vtpm list")
+        .secs(30)
+        .save("/tmp/vtpmdom-mgr-list.out")
+        .run(cx);
+    let listed = l.all().to_lowercase().contains(&u.to_lowercase());
+    e.check(
+        "vtpmdom-identity-gone",
+        !listed,
+        if listed {
+            format!("the manager still lists {u}")
+        } else {
+            "not in xl-vtpm mgr vtpm list".into()
+        },
+    );
+    let dir = format!("/var/lib/xvtpm/vtpms/{u}");
+    let lp = vd_loop(&u);
+    let ok = !Path::new(&dir).exists() && lp.is_empty();
+    e.check(
+        "vtpmdom-disk-gone",
+        ok,
+        if ok {
+            format!("no {dir}, no loop device")
+        } else {
+            format!(
+                "{} {}",
+                Cmd::new(&["ls", "-l", &dir])
+                    .run(cx)
+                    .all()
+                    .replace('\n', " "),
+                lp.join(" ")
+            )
+        },
+    );
+    if let Some(d) = d {
+        let left: Vec<String> = backends_of(&d).into_iter().take(3).collect();
+        e.check(
+            "vtpmdom-backends-gone",
+            left.is_empty(),
+            if left.is_empty() {
+                format!("no dom0 vbd/vtpm backend of domid {d} left")
+            } else {
+                left.join(" ")
+            },
+        );
+    }
+    if !e.is_empty() {
+        vd.diag(st);
+    }
+    e.verdict("guest destroyed (vTPM domain survived); xl-vtpm vtpm destroy: domain, identity, disk and loop device gone")
+}

@@ -1,0 +1,413 @@
+//! Typed phases and the runner that enforces their deadlines.
+//!
+//! Every phase has a name and a deadline. Whatever blocks inside a phase goes through its
+//! [`Cx`]: commands ([`crate::cmd::Cmd::run`]) and polls ([`Cx::wait_until`]) get at most what is
+//! left of the phase (and of the whole scenario, `xvtpm_deadline` on dom0's command line); a
+//! command the phase deadline cuts short is killed (its whole process group) and the phase is
+//! reported FAIL naming the phase, the deadline and what was killed. The report is the contract
+//! `run.sh` reads:
+//!
+//! ```text
+//! RESULT <phase> PASS|FAIL|SKIPPED <reason>
+//! MARK <phase> up=<dom0 uptime>           (run.sh turns consecutive MARKs into PHASE durations)
+//! CHECK <where> <check> PASS|FAIL <detail>
+//! SUMMARY pass=N fail=N skipped=N[ failed: a b]
+//! ```
+
+use std::cell::{Cell, RefCell};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pass,
+    Fail,
+    Skipped,
+}
+
+impl Status {
+    pub fn word(self) -> &'static str {
+        match self {
+            Status::Pass => "PASS",
+            Status::Fail => "FAIL",
+            Status::Skipped => "SKIPPED",
+        }
+    }
+}
+
+/// What a phase says about itself.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: Status,
+    pub reason: String,
+}
+
+impl Outcome {
+    pub fn pass(r: impl Into<String>) -> Self {
+        Outcome {
+            status: Status::Pass,
+            reason: r.into(),
+        }
+    }
+    pub fn fail(r: impl Into<String>) -> Self {
+        Outcome {
+            status: Status::Fail,
+            reason: r.into(),
+        }
+    }
+    pub fn skipped(r: impl Into<String>) -> Self {
+        Outcome {
+            status: Status::Skipped,
+            reason: r.into(),
+        }
+    }
+}
+
+/// The failures a phase collects (the shell's `err="$err …"`), and its CHECK lines.
+#[derive(Debug, Default)]
+pub struct Errs(Vec<String>);
+
+impl Errs {
+    pub fn add(&mut self, s: impl Into<String>) {
+        self.0.push(s.into());
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn joined(&self) -> String {
+        self.0.join(" ")
+    }
+    /// `CHECK dom0 <name> PASS|FAIL <detail>`; a FAIL adds `name`.
+    pub fn check(&mut self, name: &str, ok: bool, detail: impl AsRef<str>) -> bool {
+        check("dom0", name, ok, detail.as_ref());
+        if !ok {
+            self.add(name);
+        }
+        ok
+    }
+    /// PASS with `reason` when nothing failed, else FAIL with the failures.
+    pub fn verdict(&self, reason: impl Into<String>) -> Outcome {
+        if self.is_empty() {
+            Outcome::pass(reason)
+        } else {
+            Outcome::fail(self.joined())
+        }
+    }
+}
+
+/// Prints a CHECK line.
+pub fn check(whr: &str, name: &str, ok: bool, detail: &str) {
+    println!(
+        "CHECK {whr} {name} {} {detail}",
+        if ok { "PASS" } else { "FAIL" }
+    );
+}
+
+/// dom0 uptime in seconds (the clock `xvtpm_deadline` and the MARKs are on).
+pub fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|t| t.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Xen wallclock (CLOCK_REALTIME; the guests read the same PV clock), seconds with µs.
+pub fn wall() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The context every phase runs in: its deadline and the scenario's.
+pub struct Cx {
+    scenario_end: Instant,
+    phase_end: Cell<Instant>,
+    overrun: RefCell<Option<String>>,
+}
+
+impl Cx {
+    /// `scenario_left`: time until the scenario deadline.
+    pub fn new(scenario_left: Duration) -> Self {
+        let now = Instant::now();
+        Cx {
+            scenario_end: now + scenario_left,
+            // outside a phase only the scenario deadline counts
+            phase_end: Cell::new(now + Duration::from_secs(10 * 365 * 86400)),
+            overrun: RefCell::new(None),
+        }
+    }
+
+    /// The scenario deadline has passed (later phases report SKIPPED).
+    pub fn past_deadline(&self) -> bool {
+        Instant::now() >= self.scenario_end
+    }
+
+    /// What a command or a wait that wants `want` gets, and whether the phase deadline (not the
+    /// scenario's) cut it. The scenario's cut leaves at least 1 s (the shell's `tmo`).
+    pub fn limit(&self, want: Duration) -> (Duration, bool) {
+        let now = Instant::now();
+        let scen = self
+            .scenario_end
+            .saturating_duration_since(now)
+            .max(Duration::from_secs(1));
+        let phase = self.phase_end.get().saturating_duration_since(now);
+        let w = want.min(scen);
+        if phase < w { (phase, true) } else { (w, false) }
+    }
+
+    /// Records that the phase deadline cut something short (the phase then FAILs).
+    pub fn note_overrun(&self, what: &str) {
+        let mut o = self.overrun.borrow_mut();
+        if o.is_none() {
+            *o = Some(what.to_string());
+        }
+    }
+
+    /// Polls `f` every 0.2 s for up to `secs` (cut to the deadlines); true once it holds.
+    pub fn wait_until(&self, secs: u64, f: impl FnMut() -> bool) -> bool {
+        self.wait_every(secs, Duration::from_millis(200), f)
+    }
+
+    pub fn wait_every(&self, secs: u64, every: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let (lim, cut) = self.limit(Duration::from_secs(secs));
+        let end = Instant::now() + lim;
+        loop {
+            if f() {
+                return true;
+            }
+            if Instant::now() >= end {
+                if cut {
+                    self.note_overrun(&format!("a wait of {secs} s"));
+                }
+                return false;
+            }
+            std::thread::sleep(every);
+        }
+    }
+}
+
+/// One phase's verdict as reported.
+#[derive(Debug, Clone)]
+pub struct PhaseResult {
+    pub name: String,
+    pub status: Status,
+    /// What the RESULT line said (the tests read it back).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub reason: String,
+}
+
+pub struct Runner {
+    pub cx: Cx,
+    pub results: Vec<PhaseResult>,
+}
+
+impl Runner {
+    pub fn new(scenario_left: Duration) -> Self {
+        Runner {
+            cx: Cx::new(scenario_left),
+            results: Vec::new(),
+        }
+    }
+
+    /// Runs phase `name` with `deadline`; prints its RESULT and MARK lines.
+    pub fn phase(
+        &mut self,
+        name: &str,
+        deadline: Duration,
+        f: impl FnOnce(&Cx) -> Outcome,
+    ) -> Status {
+        let t0 = Instant::now();
+        self.cx.phase_end.set(t0 + deadline);
+        *self.cx.overrun.borrow_mut() = None;
+        let got = catch_unwind(AssertUnwindSafe(|| f(&self.cx)));
+        let elapsed = t0.elapsed();
+        self.cx
+            .phase_end
+            .set(t0 + Duration::from_secs(10 * 365 * 86400));
+        let mut out = match got {
+            Ok(o) => o,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".into());
+                Outcome::fail(format!("the phase panicked: {msg}"))
+            }
+        };
+        // a phase over its deadline FAILs whatever it said (grace: the reporting after the last wait)
+        let over = self.cx.overrun.borrow_mut().take();
+        let late = elapsed > deadline + Duration::from_secs(2);
+        if over.is_some() || late {
+            let what = over.unwrap_or_else(|| format!("took {:.1} s", elapsed.as_secs_f64()));
+            out = Outcome::fail(format!(
+                "phase {name} overran its deadline of {} s ({what}); it said: {} {}",
+                deadline.as_secs(),
+                out.status.word(),
+                out.reason
+            ));
+        }
+        self.report(name, out)
+    }
+
+    /// A phase that does not run (disabled, or what it needs failed).
+    pub fn skip(&mut self, name: &str, why: &str) -> Status {
+        self.report(name, Outcome::skipped(why))
+    }
+
+    /// A verdict reached without running the phase's body (e.g. FAIL of a required phase).
+    pub fn verdict(&mut self, name: &str, out: Outcome) -> Status {
+        self.report(name, out)
+    }
+
+    fn report(&mut self, name: &str, out: Outcome) -> Status {
+        println!("RESULT {name} {} {}", out.status.word(), out.reason);
+        println!("MARK {name} up={:.2}", uptime());
+        self.results.push(PhaseResult {
+            name: name.into(),
+            status: out.status,
+            reason: out.reason,
+        });
+        out.status
+    }
+
+    pub fn count(&self, s: Status) -> usize {
+        self.results.iter().filter(|r| r.status == s).count()
+    }
+
+    pub fn failed(&self) -> Vec<String> {
+        self.results
+            .iter()
+            .filter(|r| r.status == Status::Fail)
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// `SUMMARY pass=N fail=N skipped=N[ failed: a b]`
+    pub fn summary(&self) -> String {
+        let f = self.failed();
+        let tail = if f.is_empty() {
+            String::new()
+        } else {
+            format!(" failed: {}", f.join(" "))
+        };
+        format!(
+            "SUMMARY pass={} fail={} skipped={}{tail}",
+            self.count(Status::Pass),
+            self.count(Status::Fail),
+            self.count(Status::Skipped)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmd::{Cmd, pid_up};
+
+    #[test]
+    fn a_phase_over_its_deadline_is_killed_and_fails_by_name() {
+        let mut r = Runner::new(Duration::from_secs(600));
+        let pidfile = tempfile::NamedTempFile::new().unwrap();
+        let pf = pidfile.path().to_str().unwrap().to_string();
+        let t0 = Instant::now();
+        let st = r.phase("slow-phase", Duration::from_secs(1), |cx| {
+            // a child that would run 30 s, with a grandchild in its process group
+            let o = Cmd::new(&["sh", "-c", &format!("sleep 30 & echo $! > {pf}; wait")])
+                .secs(60)
+                .run(cx);
+            Outcome::pass(format!("rc {}", o.rc))
+        });
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the phase was not cut at its deadline"
+        );
+        assert_eq!(st, Status::Fail);
+        let res = &r.results[0];
+        assert_eq!(res.name, "slow-phase");
+        assert!(
+            res.reason
+                .contains("phase slow-phase overran its deadline of 1 s"),
+            "{}",
+            res.reason
+        );
+        // the grandchild went with the group
+        let gc: u32 = std::fs::read_to_string(pidfile.path())
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            r.cx.wait_until(5, || !pid_up(Some(gc))),
+            "sleep {gc} survived the kill"
+        );
+        assert_eq!(
+            r.summary(),
+            "SUMMARY pass=0 fail=1 skipped=0 failed: slow-phase"
+        );
+    }
+
+    #[test]
+    fn a_wait_over_the_deadline_fails_the_phase() {
+        let mut r = Runner::new(Duration::from_secs(600));
+        let st = r.phase("waits", Duration::from_secs(1), |cx| {
+            let ok = cx.wait_until(30, || false);
+            Outcome::pass(format!("waited: {ok}"))
+        });
+        assert_eq!(st, Status::Fail);
+        assert!(
+            r.results[0].reason.contains("phase waits overran"),
+            "{}",
+            r.results[0].reason
+        );
+    }
+
+    #[test]
+    fn a_failing_check_fails_the_phase_and_the_others_keep_their_verdicts() {
+        let mut r = Runner::new(Duration::from_secs(600));
+        r.phase("good", Duration::from_secs(30), |cx| {
+            let o = Cmd::new(&["sh", "-c", "echo hello; exit 0"]).run(cx);
+            let mut e = Errs::default();
+            e.check("said-hello", o.ok() && o.stdout == "hello\n", &o.stdout);
+            e.verdict("said hello")
+        });
+        r.phase("bad", Duration::from_secs(30), |cx| {
+            let o = Cmd::new(&["sh", "-c", "exit 7"]).run(cx);
+            let mut e = Errs::default();
+            e.check("exit-0", o.ok(), format!("exit {}", o.rc));
+            e.verdict("exited 0")
+        });
+        r.phase("boom", Duration::from_secs(30), |_| panic!("oops"));
+        r.skip("later", "disabled");
+        let v: Vec<(&str, Status)> = r
+            .results
+            .iter()
+            .map(|p| (p.name.as_str(), p.status))
+            .collect();
+        assert_eq!(
+            v,
+            [
+                ("good", Status::Pass),
+                ("bad", Status::Fail),
+                ("boom", Status::Fail),
+                ("later", Status::Skipped)
+            ]
+        );
+        assert_eq!(r.results[1].reason, "exit-0");
+        assert!(r.results[2].reason.contains("panicked: oops"));
+        assert_eq!(
+            r.summary(),
+            "SUMMARY pass=1 fail=2 skipped=1 failed: bad boom"
+        );
+    }
+
+    #[test]
+    fn the_scenario_deadline_caps_but_does_not_fail_a_phase() {
+        let r = Runner::new(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(r.cx.past_deadline());
+        let (lim, cut) = r.cx.limit(Duration::from_secs(90));
+        assert_eq!((lim, cut), (Duration::from_secs(1), false));
+    }
+}
