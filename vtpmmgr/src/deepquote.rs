@@ -141,12 +141,12 @@ pub const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(50)
 /// and most ask again within milliseconds; cutting the next batch at the
 /// first of them would sign a quote for one request and make the rest wait
 /// two quote times. So after a crowded batch the batcher gathers for up to
-/// 1/4 of the last quote's duration (at most [`MAX_GATHER`]), and cuts the
+/// half the last quote's duration (at most [`MAX_GATHER`]), and cuts the
 /// batch earlier as soon as as many requests have come back as the last batch
 /// answered (see `run`); after a lone request, or when idle, it waits for
 /// nothing.
 pub fn gather_window(last_batch: usize, last_quote: std::time::Duration) -> std::time::Duration {
-    if last_batch <= 1 { std::time::Duration::ZERO } else { (last_quote / 4).min(MAX_GATHER) }
+    if last_batch <= 1 { std::time::Duration::ZERO } else { (last_quote / 2).min(MAX_GATHER) }
 }
 
 /// Moves what is queued into `batch`, up to `max` requests.
@@ -298,7 +298,8 @@ mod tests {
         assert_eq!(gather_window(0, Duration::from_millis(400)), Duration::ZERO);
         assert_eq!(gather_window(1, Duration::from_millis(400)), Duration::ZERO);
         assert_eq!(gather_window(16, Duration::from_millis(400)), MAX_GATHER);
-        assert_eq!(gather_window(16, Duration::from_millis(100)), Duration::from_millis(25));
-        assert_eq!(gather_window(16, Duration::from_millis(2)), Duration::from_micros(500));
+        assert_eq!(gather_window(16, Duration::from_millis(100)), MAX_GATHER);
+        assert_eq!(gather_window(16, Duration::from_millis(60)), Duration::from_millis(30));
+        assert_eq!(gather_window(16, Duration::from_millis(2)), Duration::from_millis(1));
     }
 }
