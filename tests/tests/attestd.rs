@@ -289,3 +289,46 @@ fn a_wrong_ek_chain_is_named_by_the_tenant_command() {
     assert!(text(&o).contains("EK certificate chain"), "{}", text(&o));
     assert!(!w.dir.join("store").exists() || std::fs::read_dir(w.dir.join("store")).unwrap().next().is_none(), "nothing pinned");
 }
+
+#[test]
+fn a_vtpms_host_quote_socket_goes_with_it_and_a_foreign_one_is_never_removed() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let s = Stack::start();
+    let a = s.create_vtpm();
+    let sock = s.run_dir().join("vtpms").join(format!("{}.quote", a.uuid));
+    let is_socket = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
+    assert!(is_socket(&sock));
+    // Stopped: the socket is gone (the service answers "not running", not a refused connect).
+    s.stop_vtpm(&a.uuid);
+    assert!(std::fs::symlink_metadata(&sock).is_err(), "vtpm stop leaves {} behind", sock.display());
+    // Started again: a new one; destroyed: gone.
+    s.start_vtpm(&a.uuid);
+    assert!(is_socket(&sock));
+    let o = s.xl(&["vtpm", "destroy", "--yes", &a.uuid.to_string()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::symlink_metadata(&sock).is_err(), "vtpm destroy leaves {} behind", sock.display());
+    // Another user's socket at a stopped vTPM's path is neither replaced at start nor removed
+    // at stop; a symlink there is not followed.
+    let b = s.create_vtpm();
+    let sock = s.run_dir().join("vtpms").join(format!("{}.quote", b.uuid));
+    s.stop_vtpm(&b.uuid);
+    let foreign = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::os::unix::fs::chown(&sock, Some(65534), Some(65534)).unwrap();
+    let o = s.xl(&["vtpm", "start", &b.uuid.to_string()]);
+    assert!(!o.status.success(), "started over another user's socket: {}", text(&o));
+    let all = format!("{}{}", text(&o), s.vtpm_log(&b.uuid));
+    assert!(all.contains("uid 65534") && all.contains("not removed"), "{all}");
+    s.xl(&["vtpm", "stop", &b.uuid.to_string()]);
+    assert_eq!(std::fs::symlink_metadata(&sock).unwrap().uid(), 65534, "the other user's socket is left alone");
+    drop(foreign);
+    std::fs::remove_file(&sock).unwrap();
+    let target = s.dir.path().join("elsewhere.sock");
+    let _target = std::os::unix::net::UnixListener::bind(&target).unwrap();
+    std::os::unix::fs::symlink(&target, &sock).unwrap();
+    s.xl(&["vtpm", "stop", &b.uuid.to_string()]);
+    assert!(std::fs::symlink_metadata(&sock).unwrap().file_type().is_symlink(), "a symlink is not removed");
+    assert!(is_socket(&target), "nor what it points to");
+    let o = s.xl(&["vtpm", "start", &b.uuid.to_string()]);
+    assert!(!o.status.success(), "started over a symlink: {}", text(&o));
+    assert!(is_socket(&target), "the symlink's target is untouched");
+}
