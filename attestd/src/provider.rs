@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 use vtpm_proto::attest_api::Activation;
 use vtpm_proto::deepquote_cmd::{self, DeepQuoteCommand};
+use vtpm_proto::mgr::{AdminReply, AdminRequest};
 use xl_tools::admin::Admin;
-use xl_tools::attest::Activator;
 use xl_tools::registry::{Registry, Tenant};
 
 /// An answer that is not a success: HTTP status and a message for the tenant.
@@ -72,8 +72,19 @@ impl Provider {
     /// TPM2_ActivateCredential with the group's AK (blocking); the secret.
     pub fn activate(&self, a: &Activation) -> Result<Vec<u8>, ApiError> {
         let mut admin = Admin::connect(&self.run_dir).map_err(|e| internal("the manager", e.message))?;
-        // The manager's refusal (wrong EK, wrong AK name, unknown group) is the tenant's answer.
-        admin.activate(&a.group, &a.credential_blob, &a.encrypted_secret).map_err(|e| ApiError::new(422, e.message))
+        let req = AdminRequest::ActivateCredential {
+            group: a.group.to_string(),
+            credential_blob: hex::encode(&a.credential_blob),
+            encrypted_secret: hex::encode(&a.encrypted_secret),
+        };
+        match admin.call(&req) {
+            Ok(AdminReply::Activated { secret }) => Ok(secret.0.to_vec()),
+            Ok(other) => Err(internal("the manager", format!("unexpected reply to ActivateCredential: {other:?}"))),
+            Err(e) if e.code == xl_tools::exit::NO_MANAGER => Err(internal("the manager", e.message)),
+            // The manager's refusal (wrong EK, wrong AK name, unknown group) is the tenant's
+            // answer, as the manager words it (the tenant's command names the check).
+            Err(e) => Err(ApiError::new(422, e.message)),
+        }
     }
 
     /// The host's event log (blocking).

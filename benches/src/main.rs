@@ -10,7 +10,8 @@
 //! * **P2** deep quotes per second and p50/p99 latency with N = 1, 16, 256
 //!   concurrent requesters (each its own vtpm-domain), batched vs unbatched, against the
 //!   physical swtpm directly and behind a 100 ms per-command delay (a discrete TPM); every
-//!   bundle verified offline (see `p2.rs`).
+//!   bundle verified offline (see `p2.rs`); plus one cell through the attestation service
+//!   (`xvtpm-attestd`, 1 000 mTLS tenants, `p2/service.rs`).
 //! * **P3** time from "create a vTPM" to its first answered command, EK
 //!   included, vs `swtpm_setup --create-ek-cert` + spawning swtpm; with a
 //!   breakdown of our time and an ECC P-256 EK variant measured in process.
@@ -122,6 +123,18 @@ struct Args {
     /// P2: verify at most this many responses per cell (evenly spaced sample); 0 = all.
     #[arg(long, default_value_t = 0)]
     p2_verify_max: usize,
+    /// P2: how requests reach the vTPMs: `direct` (each requester on its vTPM's data port, every
+    /// cell above) and/or `service` (one more cell behind the delay, batched, N = the largest
+    /// --p2-n: tenants over HTTPS/mTLS to `xvtpm-attestd`, which uses the vTPMs' host-quote sockets).
+    #[arg(long, default_value = "direct,service", value_delimiter = ',')]
+    p2_via: Vec<String>,
+    /// P2 service cell: tenants (each its own client certificate and connection); the N vTPMs
+    /// are bound one each to the first N.
+    #[arg(long, default_value_t = 1000)]
+    p2_service_tenants: usize,
+    /// P2 service cell: time box (s).
+    #[arg(long, default_value_t = 15.0)]
+    p2_service_secs: f64,
     /// P6: NV_Increment commands per run (sequential; split over the vTPMs when concurrent).
     #[arg(long, default_value_t = 400)]
     p6_n: usize,

@@ -8,6 +8,9 @@
 //! on a freshly started manager (same state, same swtpm) so its queue and counters start empty.
 //! Responses are kept and verified offline, after the timed section, with
 //! `vtpm_attest::verify::verify` against the group's AK, the nonce sent and the vTPM's UUID.
+//!
+//! `--p2-via service` adds one cell in which the same N vTPMs are asked through the
+//! attestation service by 1 000 mTLS tenants ([`service`]), behind the same delay proxy.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,14 +23,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use testkit::delay::DelayProxy;
 use uuid::Uuid;
+use vtpm_attest::verify::{Expectations, verify};
 use vtpm_proto::deepquote_cmd::{self, DeepQuoteCommand};
 use vtpm_proto::evidence::{Bundle, TPM_ALG_SHA256};
 use vtpm_proto::mgr::AdminRequest;
-use vtpm_attest::verify::{Expectations, verify};
 
-use crate::procs::{Procs, connect_retry};
 use crate::p3::log_time_of_day;
+use crate::procs::{Procs, connect_retry};
 use crate::{Args, Stack, admin_call, loadavg};
+
+mod service;
 
 /// The vPCRs and host PCRs every request selects (what a guest attesting its boot would ask).
 const VPCRS: [u8; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
@@ -41,7 +46,9 @@ pub struct Sample {
     /// ns since the cell's start; None: still outstanding when the cell was stopped.
     end: Option<u64>,
     nonce: [u8; 32],
+    /// The vendor command's response, or (`bundle`) the evidence bundle itself.
     rsp: Vec<u8>,
+    bundle: bool,
 }
 
 /// Offline verification outcome of one cell.
@@ -103,6 +110,8 @@ pub struct P2 {
     pub total_secs: f64,
     pub mgr_restart_ms: Vec<f64>,
     pub costs: Option<Costs>,
+    /// The cell through the attestation service (`--p2-via service`).
+    pub service: Option<(Cell, service::SvcStats)>,
 }
 
 /// In-process CPU cost of the per-request work around a physical quote, measured on a real
@@ -126,7 +135,9 @@ pub struct Costs {
 fn random32() -> [u8; 32] {
     use std::io::Read;
     let mut b = [0u8; 32];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).expect("/dev/urandom");
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("/dev/urandom");
     b
 }
 
@@ -312,6 +323,133 @@ fn batches_in_log(log: &Path) -> Vec<(f64, u64)> {
         .collect()
 }
 
+/// Restarts the manager on `tcti` (batched or not, deep-quote debug log to `log`) and
+/// re-attaches every vTPM, so a cell starts with an empty queue and fresh counters.
+fn fresh_manager(
+    stack: &mut Stack,
+    procs: &mut Procs,
+    vts: &[Vt],
+    tcti: &str,
+    batched: bool,
+    log: &Path,
+    restart_ms: &mut Vec<f64>,
+) -> Result<()> {
+    let extra: &[&str] = if batched { &[] } else { &["--no-batching"] };
+    let t = Instant::now();
+    stack.restart_mgr(procs, tcti, extra, log, "info,vtpmmgr::deepquote=debug")?;
+    let mut admin = stack.admin()?;
+    for v in vts {
+        admin_call(
+            &mut admin,
+            &AdminRequest::VtpmAttach {
+                uuid: v.uuid,
+                pid: v.pid,
+            },
+        )?;
+    }
+    drop(admin);
+    restart_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    Ok(())
+}
+
+/// The service cell: behind the delay proxy, batched, the first `n` vTPMs bound one each to
+/// the first `n` of `args.p2_service_tenants` tenants, all asking `xvtpm-attestd`.
+#[allow(clippy::too_many_arguments)]
+fn run_service_cell(
+    args: &Args,
+    stack: &mut Stack,
+    procs: &mut Procs,
+    vts: &[Vt],
+    ak: &[u8],
+    tcti: &str,
+    counter: &CountingProxy,
+    n: usize,
+    restart_ms: &mut Vec<f64>,
+) -> Result<(Cell, service::SvcStats)> {
+    let t_cell = Instant::now();
+    let mut st = service::SvcStats::default();
+    let tenants = args.p2_service_tenants.max(n);
+    let (svc, tn) = service::setup(args, stack, procs, &vts[..n], tenants, &mut st)?;
+    eprintln!(
+        "P2 service: {tenants} tenants, certificates {:.1} s, registered and bound {:.1} s (load {})",
+        st.certs_secs,
+        st.register_secs,
+        loadavg()
+    );
+    let load = loadavg();
+    let log = args
+        .work
+        .join(format!("p2-vtpmmgr-service-delay-batched-n{n}.log"));
+    fresh_manager(stack, procs, vts, tcti, true, &log, restart_ms)?;
+    let (dq0, pq0, _) = status(stack)?;
+    let c0 = counter.snapshot();
+    let window = Duration::from_secs_f64(args.p2_service_secs);
+    let (samples, censored, stop) = service::run(args, &svc, tn, &vts[..n], window, &mut st)?;
+    let (dq1, pq1, _) = status(stack)?;
+    let c1 = counter.snapshot();
+    procs.stop(svc.pid, Duration::from_secs(5));
+    let win_ns = window.as_nanos() as u64;
+    let mut cell = Cell {
+        delayed: true,
+        batched: true,
+        n,
+        window: win_ns,
+        done_in_window: 0,
+        lat: vec![],
+        lat_warm: vec![],
+        censored,
+        errors: BTreeMap::new(),
+        drain: (stop.as_nanos() as u64).saturating_sub(win_ns),
+        deep_quotes: dq1 - dq0,
+        physical_quotes: pq1 - pq0,
+        tpm_cmds: diff(&c0, &c1),
+        batches: batches_in_log(&log),
+        verified: Verified::default(),
+        load,
+        example: None,
+    };
+    let mut ok_samples = Vec::with_capacity(samples.len());
+    for (first, s) in samples {
+        let end = s.end.unwrap_or(s.start);
+        cell.lat.push(end - s.start);
+        if !first {
+            cell.lat_warm.push(end - s.start);
+        }
+        if end <= win_ns {
+            cell.done_in_window += 1;
+        }
+        ok_samples.push(s);
+    }
+    cell.verified = verify_all(&ok_samples, &vts[..n], ak, args.p2_verify_max);
+    st.cell_secs = t_cell.elapsed().as_secs_f64();
+    eprintln!(
+        "P2 service-delay-batched-n{n}: {} ok in {:.0} s window ({:.1}/s), {} censored, non-200 {:?}, 429s {}, polls {:?}, reconnects {}, \
+         {} deep / {} physical quotes ({} TPM2_Quote at the proxy), verified {}/{} in {:.1} s, service sockets mid-window {} (load {}){}",
+        cell.done_in_window,
+        window.as_secs_f64(),
+        cell.done_in_window as f64 / window.as_secs_f64(),
+        cell.censored.len(),
+        st.quote_statuses,
+        st.rate_limited,
+        st.polls,
+        st.reconnects,
+        cell.deep_quotes,
+        cell.physical_quotes,
+        cell.tpm_cmds.get(&0x158).copied().unwrap_or(0),
+        cell.verified.ok,
+        cell.verified.checked,
+        cell.verified.secs,
+        st.service_sockets,
+        loadavg(),
+        if st.net_errors.is_empty() {
+            String::new()
+        } else {
+            format!("; errors: {}", st.net_errors.join("; "))
+        }
+    );
+    Ok((cell, st))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_cell(
     args: &Args,
@@ -333,21 +471,7 @@ fn run_cell(
         if batched { "batched" } else { "unbatched" }
     );
     let log = args.work.join(format!("p2-vtpmmgr-{tag}.log"));
-    let extra: &[&str] = if batched { &[] } else { &["--no-batching"] };
-    let t = Instant::now();
-    stack.restart_mgr(procs, tcti, extra, &log, "info,vtpmmgr::deepquote=debug")?;
-    let mut admin = stack.admin()?;
-    for v in vts {
-        admin_call(
-            &mut admin,
-            &AdminRequest::VtpmAttach {
-                uuid: v.uuid,
-                pid: v.pid,
-            },
-        )?;
-    }
-    drop(admin);
-    restart_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    fresh_manager(stack, procs, vts, tcti, batched, &log, restart_ms)?;
     let (dq0, pq0, batching) = status(stack)?;
     if batching != batched {
         bail!("manager reports batching={batching}, wanted {batched}");
@@ -414,6 +538,7 @@ fn run_cell(
                             end: if late { None } else { Some(end) },
                             nonce,
                             rsp: r.unwrap_or_default(),
+                            bundle: false,
                         });
                         if late || out.last().is_some_and(|s| s.rsp.is_empty()) {
                             break;
@@ -539,8 +664,13 @@ fn verify_all(samples: &[Sample], vts: &[Vt], ak: &[u8], max: usize) -> Verified
                     let mut fails = vec![];
                     let mut sizes = vec![];
                     for s in part {
-                        let r = deepquote_cmd::parse_response(&s.rsp)
-                            .map_err(|rc| format!("response code {rc:#x}"))
+                        let raw = if s.bundle {
+                            Ok(s.rsp.clone())
+                        } else {
+                            deepquote_cmd::parse_response(&s.rsp)
+                                .map_err(|rc| format!("response code {rc:#x}"))
+                        };
+                        let r = raw
                             .and_then(|b| Bundle::decode(&b).map_err(|e| format!("decode: {e}")))
                             .and_then(|b| {
                                 let mut exp = Expectations::new(s.nonce.to_vec(), ak.to_vec());
@@ -619,6 +749,9 @@ pub fn p2(args: &Args, stack: &mut Stack, procs: &mut Procs) -> Result<P2> {
     let mut restart_ms = vec![];
     let has = |v: &[String], x: &str| v.iter().any(|s| s.eq_ignore_ascii_case(x));
     for delayed in [false, true] {
+        if !has(&args.p2_via, "direct") {
+            break;
+        }
         if !has(&args.p2_tpm, if delayed { "delay" } else { "direct" }) {
             continue;
         }
@@ -651,6 +784,21 @@ pub fn p2(args: &Args, stack: &mut Stack, procs: &mut Procs) -> Result<P2> {
             }
         }
     }
+    let service = if has(&args.p2_via, "service") {
+        Some(run_service_cell(
+            args,
+            stack,
+            procs,
+            &vts,
+            &ak,
+            &proxy.tcti(),
+            &counter,
+            max_n,
+            &mut restart_ms,
+        )?)
+    } else {
+        None
+    };
     // Leave a manager running on the direct TPM, as the other benchmarks expect.
     let log = stack.mgr_log.clone();
     stack.restart_mgr(procs, &direct, &[], &log, "info")?;
@@ -673,6 +821,7 @@ pub fn p2(args: &Args, stack: &mut Stack, procs: &mut Procs) -> Result<P2> {
         total_secs: t_all.elapsed().as_secs_f64(),
         mgr_restart_ms: restart_ms,
         costs,
+        service,
     })
 }
 
@@ -1203,5 +1352,163 @@ pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
             ))
             .collect::<Vec<_>>()
             .join("; ")
+    );
+    report_service(out, r, args);
+}
+
+/// The service subsection: the service cell beside the direct cell of the same N behind the
+/// same delay.
+fn report_service(out: &mut String, r: &P2, args: &Args) {
+    use std::fmt::Write as _;
+    let Some((sc, st)) = &r.service else { return };
+    let ms = crate::stats::ms;
+    let d = r.delay_ms;
+    // T_q as in the table above: the saturated unbatched delay cell's quote interval, else a
+    // lone request's latency.
+    let sat = r
+        .cells
+        .iter()
+        .filter(|c| c.delayed && !c.batched && c.n > 1)
+        .max_by_key(|c| c.batches.len())
+        .and_then(quote_interval);
+    let lone = find(r, true, true, 1)
+        .and_then(|c| quantile(&c.lat, &c.censored, 0.5))
+        .map(|q| q.0);
+    let (tq, tq_src) = match (sat, lone) {
+        (Some(t), _) => (
+            t,
+            "median interval between physical quotes of the saturated unbatched delay cell",
+        ),
+        (None, Some(t)) => (t, "p50 latency of a lone batched request behind the delay"),
+        (None, None) => (f64::NAN, "no unbatched or N = 1 delay cell in this run"),
+    };
+    let _ = writeln!(
+        out,
+        "\n#### P2 through the attestation service (`xvtpm-attestd`, {} mTLS tenants)\n",
+        st.tenants
+    );
+    let _ = writeln!(
+        out,
+        "**Method.** The same {n} vTPMs, the same physical swtpm behind the same {d} ms/command delay and counting proxy, a freshly started \
+         batched manager. A test CA made in the run (rcgen, ECDSA P-256) issues the service's certificate and one client certificate per tenant; \
+         {t} tenants are registered with `xl-vtpm tenant add` and vTPM *i* is bound to tenant *i* (`xl-vtpm tenant bind`; a vTPM has at most one \
+         tenant, so {n} tenants own one vTPM each and {idle} own none) — certificates {:.1} s, registration {:.1} s. One `xvtpm-attestd` \
+         (`{flags}`; `--max-connections` above the tenant count because every tenant keeps its connection open — with the default 512 the others \
+         would wait in the kernel's accept queue — and rate/burst at their defaults) serves them over TLS 1.3 on loopback. All tenants are tasks \
+         of one 2-worker tokio runtime in the bench process, each with its own `rustls::ClientConfig` (its certificate) and one HTTP/1.1 keep-alive \
+         connection, opened before the window (all {t} connected and identified by `GET /v1/vtpms`, then one more `GET /v1/vtpms` each just \
+         before the window, in {:.1} s; {} connections the service had closed meanwhile — idle longer than its request timeout while the others \
+         connected — were reopened then). During the {w:.0} s window a \
+         tenant with a vTPM loops `POST /v1/vtpms/{{uuid}}/deep-quote` (closed loop, fresh random 32-byte nonce, vPCRs 0–7, host PCRs 0–7); a \
+         tenant without one polls `GET /v1/vtpms` once a second. Halfway through the window the service held {} sockets open. A 429 or 503 is \
+         counted and the tenant waits its `Retry-After`; nothing is retried silently. After the window requests get up to {} s more \
+         (then censored). Every 200 answer is verified offline as the direct cells' are (`verify::verify`: AK signature, Merkle path, nonce, vTPM \
+         UUID). The whole cell (certificates, registration, connections, window, drain, verification) took {:.0} s; `--p2-via direct` leaves it out, `--p2-service-tenants` and \
+         `--p2-service-secs` size it. *Physical quotes* are the TPM2_Quote commands the counting proxy saw during the window and drain \
+         (the manager's `physical_quotes` in brackets). T_q = {} ms ({tq_src}).\n",
+        st.certs_secs,
+        st.register_secs,
+        st.connect_secs,
+        st.pre_reconnects,
+        st.service_sockets,
+        args.p2_drain_secs,
+        st.cell_secs,
+        ms(tq),
+        n = sc.n,
+        t = st.tenants,
+        idle = st.tenants - st.quoting,
+        flags = st.flags,
+        w = sc.window as f64 / 1e9,
+    );
+    let _ = writeln!(
+        out,
+        "| via | requesters | verified answers/s | p50 ms (T_q) | p99 ms (T_q) | physical quotes (manager) | answers per physical quote | censored | not answered 200 | 429s | verified | load at start |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let row = |out: &mut String, via: &str, who: String, c: &Cell, non200: String, r429: String| {
+        let q = |p| quantile(&c.lat, &c.censored, p);
+        let t = |p| {
+            q(p).map(|(v, _)| format!(" ({:.2})", v / tq))
+                .unwrap_or_default()
+        };
+        let quotes = c.tpm_cmds.get(&0x158).copied().unwrap_or(0);
+        let answered = c.lat.len();
+        let rate = c.verified.ok as f64 * (c.done_in_window as f64 / c.lat.len().max(1) as f64)
+            / (c.window as f64 / 1e9);
+        let _ = writeln!(
+            out,
+            "| {via} | {who} | {:.1} | {}{} | {}{} | {quotes} ({}) | {} | {} | {non200} | {r429} | {}/{}{}{} | {} |",
+            rate,
+            fmt_q(q(0.5)),
+            t(0.5),
+            fmt_q(q(0.99)),
+            t(0.99),
+            c.physical_quotes,
+            if quotes > 0 {
+                format!("{:.1}", answered as f64 / quotes as f64)
+            } else {
+                "—".into()
+            },
+            c.censored.len(),
+            c.verified.ok,
+            c.verified.checked,
+            if c.verified.sampled { " (sample)" } else { "" },
+            if c.verified.failures.is_empty() {
+                String::new()
+            } else {
+                format!(" — FAILED: {}", c.verified.failures.join("; "))
+            },
+            c.load
+        );
+    };
+    if let Some(dc) = find(r, true, true, sc.n) {
+        let errs = dc.errors.values().sum::<usize>();
+        row(
+            out,
+            "direct (data port)",
+            format!("{} vTPM connections", dc.n),
+            dc,
+            errs.to_string(),
+            "—".into(),
+        );
+    }
+    let non200: usize = st.quote_statuses.values().sum();
+    let non200 = if non200 == 0 {
+        "0".to_string()
+    } else {
+        st.quote_statuses
+            .iter()
+            .map(|(k, v)| format!("{v}× {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    row(
+        out,
+        "service (HTTPS/mTLS)",
+        format!("{} tenants ({} quoting)", st.tenants, st.quoting),
+        sc,
+        non200,
+        st.rate_limited.to_string(),
+    );
+    let polls: usize = st.polls.values().sum();
+    let _ = writeln!(
+        out,
+        "\n*Verified answers/s* = answers that arrived inside the window ÷ window, scaled by the verified fraction. *Answers per physical quote* = \
+         all answers (window + drain) ÷ TPM2_Quote commands. The {} tenants without a vTPM made {polls} `GET /v1/vtpms` polls ({}); \
+         429s waited {:.0} s in all; connections lost and reopened: {}{}. Batches signed (manager debug log): {}.\n",
+        st.tenants - st.quoting,
+        st.polls
+            .iter()
+            .map(|(k, v)| format!("{v}× {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        st.rate_wait_secs,
+        st.reconnects,
+        if st.net_errors.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", st.net_errors.join("; "))
+        },
+        batch_sizes(sc)
     );
 }

@@ -289,3 +289,95 @@ fn a_wrong_ek_chain_is_named_by_the_tenant_command() {
     assert!(text(&o).contains("EK certificate chain"), "{}", text(&o));
     assert!(!w.dir.join("store").exists() || std::fs::read_dir(w.dir.join("store")).unwrap().next().is_none(), "nothing pinned");
 }
+
+#[test]
+fn an_ek_certificate_of_another_tpm_fails_credential_activation_by_name() {
+    let mut w = world(&[]);
+    // A second TPM of the same vendor: its genuine EK certificate chains to the same root.
+    let ca = w.s.ek_ca.as_ref().unwrap();
+    let other = testkit::Swtpm::start_manufactured(ca);
+    let other_cert = w.dir.join("other-ek.der");
+    xvtpm_tests::tpm2(&other.tcti(), &["tpm2_nvread", "-C", "o", "-o", p(&other_cert), "0x01c00002"]);
+    let size = std::fs::metadata(&other_cert).unwrap().len().to_string();
+    // The provider's host TPM now carries that certificate in its EK certificate index (the
+    // manager is stopped while tpm2-tools use the TPM): the service's enrollment material
+    // names an EK that is not this TPM's.
+    w.s.stop_manager();
+    let hw = w.s.swtpm.tcti();
+    xvtpm_tests::tpm2(&hw, &["tpm2_nvundefine", "-C", "p", "0x01c00002"]);
+    xvtpm_tests::tpm2(&hw, &["tpm2_nvdefine", "0x01c00002", "-C", "p", "-s", &size, "-a", "ppwrite|ppread|ownerread|authread|no_da|platformcreate"]);
+    xvtpm_tests::tpm2(&hw, &["tpm2_nvwrite", "0x01c00002", "-C", "p", "-i", p(&other_cert)]);
+    w.s.start_manager();
+    let root = w.s.ek_ca.as_ref().unwrap().root_cert();
+    // The chain verifies (same vendor), so the tenant makes its credential for the other TPM's
+    // EK; the host's TPM cannot activate it: exit 7, naming the check; nothing pinned.
+    let o = w.attest(&w.alice, &root, "store", &w.a, &[]);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    assert!(text(&o).contains("credential activation") && text(&o).contains("did not activate"), "{}", text(&o));
+    assert!(!text(&o).contains("EK certificate chain"), "{}", text(&o));
+    assert_eq!(text(&o).matches("credential activation").count(), 1, "the check is named once: {}", text(&o));
+    assert!(!w.dir.join("store").exists() || std::fs::read_dir(w.dir.join("store")).unwrap().all(|e| std::fs::read_dir(e.unwrap().path()).unwrap().next().is_none()), "nothing pinned");
+    drop(other);
+}
+
+#[test]
+fn a_malformed_activation_is_400_and_one_the_tpm_refuses_is_422() {
+    let w = world(&[]);
+    let group = w.s.xl_json(&["mgr", "group", "list"])[0]["uuid"].as_str().unwrap().to_string();
+    // Not hex: refused by the service before the TPM sees it.
+    let bad = w.probe(Some(&w.alice), "post", &format!(r#"/v1/activate {{"group":"{group}","credential_blob":"zz","encrypted_secret":"00"}}"#));
+    assert!(bad.contains("STATUS 400") && bad.contains("credential_blob: not hex"), "{bad}");
+    // Well-formed, but no credential made for this TPM's EK: the TPM refuses it, 422 with the reason.
+    let blob = format!("0020{}0020{}", "11".repeat(32), "22".repeat(32));
+    let secret = "33".repeat(256);
+    let refused = w.probe(Some(&w.alice), "post", &format!(r#"/v1/activate {{"group":"{group}","credential_blob":"{blob}","encrypted_secret":"{secret}"}}"#));
+    assert!(refused.contains("STATUS 422"), "{refused}");
+    assert!(refused.contains("TPM2_ActivateCredential with the AK of group"), "the manager's reason: {refused}");
+    // An unknown group: 422 too, naming the group.
+    let unknown = uuid::Uuid::new_v4();
+    let u = w.probe(Some(&w.alice), "post", &format!(r#"/v1/activate {{"group":"{unknown}","credential_blob":"{blob}","encrypted_secret":"{secret}"}}"#));
+    assert!(u.contains("STATUS 422") && u.contains(&format!("no group \\\"{unknown}\\\"")), "{u}");
+}
+
+#[test]
+fn a_vtpms_host_quote_socket_goes_with_it_and_a_foreign_one_is_never_removed() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let s = Stack::start();
+    let a = s.create_vtpm();
+    let sock = s.run_dir().join("vtpms").join(format!("{}.quote", a.uuid));
+    let is_socket = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket());
+    assert!(is_socket(&sock));
+    // Stopped: the socket is gone (the service answers "not running", not a refused connect).
+    s.stop_vtpm(&a.uuid);
+    assert!(std::fs::symlink_metadata(&sock).is_err(), "vtpm stop leaves {} behind", sock.display());
+    // Started again: a new one; destroyed: gone.
+    s.start_vtpm(&a.uuid);
+    assert!(is_socket(&sock));
+    let o = s.xl(&["vtpm", "destroy", "--yes", &a.uuid.to_string()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::symlink_metadata(&sock).is_err(), "vtpm destroy leaves {} behind", sock.display());
+    // Another user's socket at a stopped vTPM's path is neither replaced at start nor removed
+    // at stop; a symlink there is not followed.
+    let b = s.create_vtpm();
+    let sock = s.run_dir().join("vtpms").join(format!("{}.quote", b.uuid));
+    s.stop_vtpm(&b.uuid);
+    let foreign = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::os::unix::fs::chown(&sock, Some(65534), Some(65534)).unwrap();
+    let o = s.xl(&["vtpm", "start", &b.uuid.to_string()]);
+    assert!(!o.status.success(), "started over another user's socket: {}", text(&o));
+    let all = format!("{}{}", text(&o), s.vtpm_log(&b.uuid));
+    assert!(all.contains("uid 65534") && all.contains("not removed"), "{all}");
+    s.xl(&["vtpm", "stop", &b.uuid.to_string()]);
+    assert_eq!(std::fs::symlink_metadata(&sock).unwrap().uid(), 65534, "the other user's socket is left alone");
+    drop(foreign);
+    std::fs::remove_file(&sock).unwrap();
+    let target = s.dir.path().join("elsewhere.sock");
+    let _target = std::os::unix::net::UnixListener::bind(&target).unwrap();
+    std::os::unix::fs::symlink(&target, &sock).unwrap();
+    s.xl(&["vtpm", "stop", &b.uuid.to_string()]);
+    assert!(std::fs::symlink_metadata(&sock).unwrap().file_type().is_symlink(), "a symlink is not removed");
+    assert!(is_socket(&target), "nor what it points to");
+    let o = s.xl(&["vtpm", "start", &b.uuid.to_string()]);
+    assert!(!o.status.success(), "started over a symlink: {}", text(&o));
+    assert!(is_socket(&target), "the symlink's target is untouched");
+}

@@ -50,13 +50,22 @@ impl Drop for Slot {
     }
 }
 
-/// Binds the socket at `p` (a stale socket from a killed predecessor is replaced), mode 0600.
+/// Binds the socket at `p`, mode 0600. A stale socket from a killed predecessor is replaced
+/// only if it is a socket owned by this process's user (root: the socket is bound before the
+/// sandbox); a symlink is never followed and anything else there is refused, not removed.
 pub fn bind(p: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
     let named = |e: io::Error| io::Error::new(e.kind(), format!("--quote-socket {}: {e}", p.display()));
     if let Ok(meta) = std::fs::symlink_metadata(p) {
         if !meta.file_type().is_socket() {
             return Err(named(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket; remove it or choose another path")));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(named(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("exists and is a socket of uid {}, not of uid {me}; it is not removed: remove it yourself if it is stale", meta.uid()),
+            )));
         }
         std::fs::remove_file(p).map_err(named)?;
     }

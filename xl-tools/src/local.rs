@@ -132,6 +132,15 @@ pub fn quote_socket(run_dir: &Path, uuid: &Uuid) -> PathBuf {
     run_dir.join("vtpms").join(format!("{}.quote", uuid.hyphenated()))
 }
 
+/// Removes a stopped vTPM's host deep-quote socket: only a socket owned by root (a symlink is
+/// not followed, and anything else at that path is left alone).
+pub fn remove_quote_socket(p: &Path) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket() && m.uid() == 0) {
+        let _ = fs::remove_file(p);
+    }
+}
+
 /// Name of the data socket in a vTPM's socket directory; the control socket is
 /// `tpm.sock.ctrl`, the pair the tpm2-tss `swtpm:path=` TCTI expects.
 pub const DATA_SOCKET: &str = "tpm.sock";
@@ -673,6 +682,7 @@ impl Local {
         };
         let _ = fs::remove_file(self.runtime_file(uuid));
         let _ = fs::remove_dir_all(self.socket_dir(uuid));
+        remove_quote_socket(&quote_socket(&self.run_dir, uuid));
         admin.call(&AdminRequest::VtpmDetach { uuid: *uuid })?;
         Ok(was)
     }
