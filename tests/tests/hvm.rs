@@ -292,8 +292,14 @@ fn emulated_tpm_configs_are_refused_before_anything_is_made() {
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         assert!(err.contains(needle), "{name}: error does not say {needle:?}: {err}");
     }
+    // A good one under --dry-run says what it would do, and makes nothing either.
+    let cfg = write(s.dir.path(), "ok.cfg", "name = \"g\"\ntype = \"hvm\"\nvtpm = [ \"model=tis\" ]\n", 0o644);
+    let out = xl_vtpm(&s, &xl, &["create", "--dry-run", cfg.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "dry run: {}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((plan["plan"]["emulated_tpm"].as_str(), plan["plan"]["vtpm_backend"].as_str()), (Some("tis"), Some("0")), "{plan}");
     let mgr = s.xl_json(&["mgr", "vtpm", "list"]);
-    assert_eq!(mgr.as_array().unwrap().len(), 0, "a refused config made a vTPM: {mgr}");
+    assert_eq!(mgr.as_array().unwrap().len(), 0, "a refused config or a dry run made a vTPM: {mgr}");
     let calls = std::fs::read_to_string(s.dir.path().join("xl-calls.log")).unwrap_or_default();
     assert!(!calls.contains("create"), "xl create ran for a refused config:\n{calls}");
 }
