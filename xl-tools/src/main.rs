@@ -60,7 +60,8 @@ enum Cmd {
     #[command(subcommand)]
     Vtpm(VtpmCmd),
     /// Create a Xen guest and its vTPM together from an ordinary xl.cfg (with or
-    /// without a vtpm= line); rolls back on any failure.
+    /// without a vtpm= line); rolls back on any failure. An HVM guest with
+    /// vtpm = [ "model=tis" ] gets a TIS TPM emulated by its device model (docs/hvm.md).
     Create {
         /// The guest's xl.cfg.
         config: PathBuf,
