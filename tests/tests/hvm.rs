@@ -240,6 +240,9 @@ fn hvm_guest_gets_a_tis_tpm_through_its_device_model() {
     q.execute("quit");
     let st = wait_exit(&mut qemu, Duration::from_secs(30));
     assert!(st.success(), "qemu exited with {st}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    // QEMU's CMD_SHUTDOWN was answered in step (QEMU reports any other result at exit).
+    let qlog = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!qlog.contains("tpm-emulator"), "QEMU complained about the TPM:\n{qlog}");
     let pid = v.pid.unwrap();
     let (mut qemu2, mut q2, _) = start_device_model(&s, &args, 2);
     assert_eq!(q2.execute("query-tpm")[0]["model"], "tpm-tis");
@@ -252,7 +255,12 @@ fn hvm_guest_gets_a_tis_tpm_through_its_device_model() {
     );
     assert_eq!(rc(&v.command(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR))), 0);
     assert_eq!(pcr16(&v), [0; 32], "PCR 16 survived the reboot");
-    assert!(s.vtpm_log(&v.uuid).contains("CMD_SHUTDOWN: TPM powered off"), "{}", s.vtpm_log(&v.uuid));
+    let vlog = s.vtpm_log(&v.uuid);
+    assert!(vlog.contains("CMD_SHUTDOWN: TPM powered off"), "{vlog}");
+    // Every control request of both device models was framed as QEMU sent it.
+    for odd in ["shorter than its command code", "wrong size", "unknown control command"] {
+        assert!(!vlog.contains(odd), "the vTPM logged {odd:?}:\n{vlog}");
+    }
 
     // A crashed device model (killed) does not end the vTPM either.
     qemu2.kill().unwrap();
