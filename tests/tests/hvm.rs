@@ -281,6 +281,19 @@ fn hvm_guest_gets_a_tis_tpm_through_its_device_model() {
     let v2 = Stack::handle(&s.xl_json(&["vtpm", "show", &uuid]));
     assert_ne!(v2.pid, Some(pid));
     assert_eq!(rc(&v2.command(&get_random)), 0);
+
+    // The guest's device model now runs as root: its vTPM serves another uid, which is refused
+    // (naming both) before the guest is made, and the vTPM is left as it was.
+    assert!(xl_vtpm(&s, &xl, &["destroy", "hvm1"]).status.success());
+    std::fs::remove_file(s.dir.path().join("xl-created.cfg")).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("device_model_user = \"nobody\"\n", "");
+    std::fs::write(&cfg, text).unwrap();
+    let out = xl_vtpm(&s, &xl, &["create", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("uid 65534") && err.contains("root only"), "{err}");
+    assert!(!s.dir.path().join("xl-created.cfg").exists(), "xl create ran");
+    assert_eq!(s.xl_json(&["vtpm", "show", &uuid])["state"], "stopped");
 }
 
 #[test]
