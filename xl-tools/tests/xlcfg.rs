@@ -524,3 +524,14 @@ fn emulated_tpm_model_specs() {
     let e = err("name = \"g\"\ntype = \"hvm\"\nvtpm = [ \"model=crb\" ]\n");
     assert!(e.to_string().contains("vtpm entry 0: `model=crb` is refused"), "{e}");
 }
+
+#[test]
+fn the_hvm_example_config_is_accepted() {
+    let c = XlConfig::parse(include_str!("../../xen-configs/hvm-guest.cfg")).unwrap();
+    assert_eq!(c.vtpms()[0].model, Some(TpmModel::Tis));
+    assert_eq!(xl_tools::hvm::check(&c, &|_| None), Ok(None));
+    let mut c = c;
+    xl_tools::hvm::apply(&mut c, std::path::Path::new("/run/xvtpm/vtpms/u/tpm.sock.ctrl"), TpmModel::Tis).unwrap();
+    assert_eq!(c.get_list("device_model_args_hvm").unwrap().len(), 6);
+    assert!(c.get("vtpm").is_none());
+}
