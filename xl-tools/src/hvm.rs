@@ -115,13 +115,19 @@ pub fn qemu_args(ctrl: &Path, model: TpmModel) -> Vec<String> {
     ]
 }
 
-/// Rewrites the config for xl: the `vtpm=` line goes (xl would make it a tpmif device), and
-/// [`qemu_args`] are appended to `device_model_args_hvm` after the user's own.
-pub fn apply(cfg: &mut XlConfig, ctrl: &Path, model: TpmModel) -> Result<(), String> {
+/// Whether QEMU's `-chardev socket,path=…` can name `ctrl` (checked before anything is made).
+pub fn check_socket_path(ctrl: &Path) -> Result<(), String> {
     if ctrl.to_str().is_none_or(|p| p.contains(',')) {
         // QEMU's option syntax would split the path at a comma.
         return Err(format!("{}: the vTPM's control socket path must be UTF-8 without commas (QEMU -chardev); use another --run-dir", ctrl.display()));
     }
+    Ok(())
+}
+
+/// Rewrites the config for xl: the `vtpm=` line goes (xl would make it a tpmif device), and
+/// [`qemu_args`] are appended to `device_model_args_hvm` after the user's own.
+pub fn apply(cfg: &mut XlConfig, ctrl: &Path, model: TpmModel) -> Result<(), String> {
+    check_socket_path(ctrl)?;
     let mut args: Vec<Value> = cfg.get_list("device_model_args_hvm").map(<[Value]>::to_vec).unwrap_or_default();
     args.extend(qemu_args(ctrl, model).into_iter().map(Value::Str));
     cfg.remove("vtpm");

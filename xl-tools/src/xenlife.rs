@@ -309,6 +309,9 @@ impl Xen {
         if let Some(r) = &reg {
             r.check_attach(vtpm_uuid, guest_uuid).map_err(reg_err)?;
         }
+        if emulated.is_some() {
+            crate::hvm::check_socket_path(&self.device_model_socket(&vtpm_uuid)).map_err(|e| fail(USAGE, e))?;
+        }
         if let Some(domid) = self.domid_of(&name) {
             return Err(fail(REFUSED, format!("guest {name} is already running (domid {domid})")));
         }
@@ -389,8 +392,7 @@ impl Xen {
         };
         match emulated {
             Some(e) => {
-                let ctrl = self.local.socket_dir(&vtpm_uuid).join(format!("{}.ctrl", crate::local::DATA_SOCKET));
-                crate::hvm::apply(cfg, &ctrl, e.model).map_err(|m| fail(FAILURE, m))?;
+                crate::hvm::apply(cfg, &self.device_model_socket(&vtpm_uuid), e.model).map_err(|m| fail(FAILURE, m))?;
             }
             None => cfg.set_vtpms(&[VtpmSpec { backend, uuid: Some(vtpm_uuid), model: None }]),
         }
@@ -443,6 +445,11 @@ impl Xen {
         }
     }
 
+    /// The control socket an HVM guest's device model connects to: vTPM `uuid`'s default one.
+    fn device_model_socket(&self, uuid: &Uuid) -> PathBuf {
+        self.local.socket_dir(uuid).join(format!("{}.ctrl", crate::local::DATA_SOCKET))
+    }
+
     /// Makes sure vTPM `uuid` exists in the manager and runs as a dom0 process on its default
     /// Unix sockets, served to root and `consumer` (the uid of the HVM guest's device model,
     /// `None`: root), for the device model to connect to. A vTPM made or running with other
@@ -475,9 +482,9 @@ impl Xen {
                     return Err(fail(
                         REFUSED,
                         format!(
-                            "vTPM {uuid} was made to be reached on {:?} by {}; the guest's device model (run as {}) needs the default sockets: \
+                            "vTPM {uuid} was made to be reached on {} by {}; the guest's device model (run as {}) needs its default sockets for that uid: \
                              set device_model_user to the vTPM's user, or give the guest another vTPM",
-                            access.listen,
+                            if access.listen.is_empty() { "its default sockets".to_string() } else { access.listen.join(", ") },
                             who(access.consumer_uid),
                             who(consumer)
                         ),
