@@ -21,8 +21,10 @@ pub struct Shared {
     pub uuid: uuid::Uuid,
     /// The link to the manager (for deep quotes).
     pub mgr: crate::mgr_client::MgrLink,
-    /// Keep serving when the controller on a Unix control socket hangs up
-    /// (`--persist`); otherwise the process ends then, like swtpm `--terminate`.
+    /// Keep serving when the controller on a Unix control socket hangs up or sends
+    /// `CMD_SHUTDOWN` (`--persist`, or a data socket beside the control socket: the TPM is
+    /// powered off and the next controller's `CMD_INIT` powers it on); otherwise the process
+    /// ends then, like swtpm `--terminate`.
     pub persist: bool,
     /// The vTPM's state key: `CMD_GET/SET_STATEBLOB` blobs are sealed under it.
     pub blob_key: zeroize::Zeroizing<[u8; 32]>,

@@ -49,11 +49,13 @@ struct Args {
     /// Seconds to keep retrying the manager while it has not attached us.
     #[arg(long, default_value_t = 10)]
     mgr_wait: u64,
-    /// Keep running when the controller (QEMU) on a ctrl:PATH control socket hangs up.
+    /// Keep running when the controller (QEMU) on a ctrl:PATH control socket hangs up or
+    /// sends CMD_SHUTDOWN (QEMU does at every exit, also when a Xen HVM guest reboots): the
+    /// TPM is powered off, its state saved, and the next QEMU's CMD_INIT powers it on.
     /// Without it the vTPM saves its state and exits then, as swtpm --terminate does
-    /// (how libvirt runs swtpm): a VM's quit or crash ends its vTPM. TCP control
-    /// connections, and a ctrl:PATH paired with a data:PATH socket (the tpm2-tss
-    /// swtpm TCTI opens one per request), never end it.
+    /// (how libvirt runs swtpm): a VM's quit or crash ends its vTPM. A ctrl:PATH paired
+    /// with a data:PATH socket (the tpm2-tss swtpm TCTI opens one per request) persists
+    /// too; TCP control connections end it only with CMD_SHUTDOWN.
     #[arg(long)]
     persist: bool,
     /// The one --listen ctrl:PATH socket is already bound at PATH (mode and owner set) and is

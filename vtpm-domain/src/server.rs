@@ -529,8 +529,8 @@ impl CtrlStream {
 /// wrote with it (QEMU's union padding), or the length its header announces.
 /// Every request gets exactly one response, so the stream stays in step
 /// whatever the command. When a controller on a Unix control socket (QEMU)
-/// hangs up, the process ends like swtpm `--terminate`, unless it was started
-/// with `--persist`.
+/// hangs up or sends `CMD_SHUTDOWN`, the process ends like swtpm `--terminate`,
+/// unless it persists (`--persist`, or a data socket beside the control socket).
 pub async fn serve_ctrl(mut s: CtrlStream, shared: Rc<Shared>) {
     let served = serve_ctrl_requests(&mut s, &shared).await;
     if served == CtrlEnd::HungUp && matches!(s, CtrlStream::Unix(..)) && !shared.persist {
@@ -661,6 +661,16 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8
                 shared.import_floor.set(v.generation());
             }
             (ok(result_of(v.init(), "CMD_INIT")), false)
+        }
+        // QEMU sends CMD_SHUTDOWN whenever it exits, also when a Xen HVM guest reboots (libxl
+        // ends the device model and starts a new one on the same control socket). A vTPM that
+        // outlives its controller (`--persist`, or xl-vtpm's layout with a data socket) powers
+        // the TPM off (state saved) and keeps serving: the next controller's CMD_INIT powers it
+        // on, as a platform reset does. Otherwise the process ends, as swtpm's does.
+        Request::Shutdown if shared.persist => {
+            let r = result_of(v.stop(), "CMD_SHUTDOWN");
+            guest_info!("CMD_SHUTDOWN: TPM powered off, state saved; serving the next controller");
+            (ok(r), false)
         }
         Request::Shutdown => {
             let r = result_of(v.stop(), "CMD_SHUTDOWN");

@@ -144,7 +144,7 @@ pub enum Request {
         /// `PTM_INIT_FLAG_*` bits.
         flags: u32,
     },
-    /// `CMD_SHUTDOWN`: stop the TPM and end the process.
+    /// `CMD_SHUTDOWN`: stop the TPM and end the process (a vTPM that outlives its controller only stops the TPM).
     Shutdown,
     /// `CMD_GET_TPMESTABLISHED`.
     GetTpmEstablished,

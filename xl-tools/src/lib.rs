@@ -3,7 +3,8 @@
 //! [`admin`] speaks to vtpmmgr's root-only admin socket; [`local`] runs vTPMs
 //! as local processes (vtpm-domain serving swtpm's protocol) — the mode used
 //! without Xen, by QEMU/KVM hosts and by the test suite; [`vtpmdom`] runs a vTPM
-//! as the only program of its own Xen domain; [`xenlife`] couples guests and vTPMs;
+//! as the only program of its own Xen domain; [`xenlife`] couples guests and vTPMs ([`hvm`]: an
+//! HVM guest's TPM emulated by its device model);
 //! [`ekcert`] exports a group's EK CA and verifies vTPM EK certificates; [`attest`] is the
 //! tenant's side: enrollment (AK provenance by credential activation) and `verify`.
 #![deny(missing_docs)]
@@ -16,6 +17,7 @@ pub mod ekcert;
 pub mod eventlog;
 pub mod exit;
 pub mod guest;
+pub mod hvm;
 pub mod local;
 pub mod vtpmdom;
 pub mod xenlife;

@@ -60,7 +60,8 @@ enum Cmd {
     #[command(subcommand)]
     Vtpm(VtpmCmd),
     /// Create a Xen guest and its vTPM together from an ordinary xl.cfg (with or
-    /// without a vtpm= line); rolls back on any failure.
+    /// without a vtpm= line); rolls back on any failure. An HVM guest with
+    /// vtpm = [ "model=tis" ] gets a TIS TPM emulated by its device model (docs/hvm.md).
     Create {
         /// The guest's xl.cfg.
         config: PathBuf,
@@ -920,7 +921,13 @@ fn run_create(xen: &xenlife::Xen, mut admin: Admin, config: PathBuf, group: Opti
             } else {
                 format!("create vTPM {} in group {} and start it {placement}", p.vtpm_uuid, p.group.as_deref().unwrap_or("default"))
             };
-            println!("dry run, nothing created. xl-vtpm create would: {vtpm}; then create guest {} (uuid {}) with vtpm = [ \"backend={},uuid={}\" ]", p.guest_name, p.guest_uuid, p.vtpm_backend, p.vtpm_uuid);
+            match p.emulated_tpm {
+                Some(model) => println!(
+                    "dry run, nothing created. xl-vtpm create would: {vtpm}; then create guest {} (uuid {}) with its device model emulating a {model} TPM on it (device_model_args_hvm)",
+                    p.guest_name, p.guest_uuid
+                ),
+                None => println!("dry run, nothing created. xl-vtpm create would: {vtpm}; then create guest {} (uuid {}) with vtpm = [ \"backend={},uuid={}\" ]", p.guest_name, p.guest_uuid, p.vtpm_backend, p.vtpm_uuid),
+            }
         }
     }
     Ok(())

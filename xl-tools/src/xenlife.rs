@@ -17,6 +17,11 @@
 //!   new TPM) and booted again from its disk later; its manager link is tpmif
 //!   to vtpmmgr in dom0. The registry records that domain and its domid.
 //!
+//! With `model=` in the `vtpm=` line (an HVM guest; [`crate::hvm`], docs/hvm.md) the guest gets
+//! no tpmif device: its device model emulates a TIS TPM served by the same kind of dom0
+//! `vtpm-domain` process, on its default Unix sockets, and the config handed to xl carries
+//! QEMU's arguments in `device_model_args_hvm` instead of the `vtpm=` line.
+//!
 //! `xl-vtpm watch` couples lifetimes: on every `@releaseDomain` it looks for
 //! running pairs whose guest is gone. While xl's monitor process for the
 //! guest still runs, xl is rebuilding it (a reboot) and the vTPM stays; once
@@ -80,6 +85,9 @@ pub struct Plan {
     pub vtpm_backend: String,
     /// The group of a new vTPM (the default group if none).
     pub group: Option<String>,
+    /// `model=`: the TPM the HVM guest's device model would emulate (absent: a tpmif device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emulated_tpm: Option<&'static str>,
 }
 
 /// The xenstore directory where dom0-process vTPMs serve tpmif.
@@ -258,6 +266,14 @@ impl Xen {
             return Err(fail(USAGE, format!("{}: vtpm= lists {} devices; a guest has one TPM", cfg_path.display(), specs.len())));
         }
         let placement = specs.first().map_or(Placement::Dom0Process, |s| Placement::of_backend(&s.backend));
+        // `model=`: the device model emulates the TPM; its uid is the vTPM's consumer.
+        let emulated = match specs.first().and_then(|s| s.model) {
+            Some(model) => {
+                let consumer = crate::hvm::check(&cfg, &crate::hvm::lookup_user).map_err(|e| fail(USAGE, format!("{}: {e}", cfg_path.display())))?;
+                Some(Emulated { model, consumer })
+            }
+            None => None,
+        };
         if let Placement::Domain(d) = &placement {
             crate::vtpmdom::check_name(d).map_err(|e| fail(USAGE, format!("{}: vtpm= backend={d:?}: {}", cfg_path.display(), e.message)))?;
             if *d == name {
@@ -293,6 +309,9 @@ impl Xen {
         if let Some(r) = &reg {
             r.check_attach(vtpm_uuid, guest_uuid).map_err(reg_err)?;
         }
+        if emulated.is_some() {
+            crate::hvm::check_socket_path(&self.device_model_socket(&vtpm_uuid)).map_err(|e| fail(USAGE, e))?;
+        }
         if let Some(domid) = self.domid_of(&name) {
             return Err(fail(REFUSED, format!("guest {name} is already running (domid {domid})")));
         }
@@ -312,6 +331,7 @@ impl Xen {
                     Placement::Domain(d) => d.clone(),
                 },
                 group,
+                emulated_tpm: emulated.as_ref().map(|e| e.model.as_str()),
             }));
         }
         let reg = reg.as_mut().expect("opened unless dry-run");
@@ -328,7 +348,7 @@ impl Xen {
             })
             .map_err(reg_err)?;
         let mut undo = Undo { new_row: bound.is_none(), id, identity_created: false, started: false, uuid: vtpm_uuid };
-        let result = self.create_steps(admin, reg, &mut cfg, &name, vtpm_uuid, &placement, group, &mut undo);
+        let result = self.create_steps(admin, reg, &mut cfg, &name, vtpm_uuid, &placement, emulated.as_ref(), group, &mut undo);
         match result {
             Ok(row) => Ok(Created::Done(row)),
             Err(e) => {
@@ -347,10 +367,16 @@ impl Xen {
         name: &str,
         vtpm_uuid: Uuid,
         placement: &Placement,
+        emulated: Option<&Emulated>,
         group: Option<String>,
         undo: &mut Undo,
     ) -> Result<Row, CliError> {
         let (identity_created, started, vtpm_domid) = match placement {
+            Placement::Dom0Process if emulated.is_some() => {
+                let consumer = emulated.and_then(|e| e.consumer);
+                let (c, s) = self.ensure_vtpm_for_device_model(admin, vtpm_uuid, group, consumer)?;
+                (c, s, 0)
+            }
             Placement::Dom0Process => {
                 let (c, s) = self.ensure_vtpm_process(admin, vtpm_uuid, group)?;
                 (c, s, 0)
@@ -364,7 +390,12 @@ impl Xen {
             Placement::Dom0Process => "0".to_string(),
             Placement::Domain(d) => d.clone(),
         };
-        cfg.set_vtpms(&[VtpmSpec { backend, uuid: Some(vtpm_uuid) }]);
+        match emulated {
+            Some(e) => {
+                crate::hvm::apply(cfg, &self.device_model_socket(&vtpm_uuid), e.model).map_err(|m| fail(FAILURE, m))?;
+            }
+            None => cfg.set_vtpms(&[VtpmSpec { backend, uuid: Some(vtpm_uuid), model: None }]),
+        }
         let dir = self.local.run_dir.join("guests");
         std::fs::create_dir_all(&dir).map_err(|e| fail(FAILURE, format!("{}: {e}", dir.display())))?;
         let path = dir.join(format!("{name}.cfg"));
@@ -409,6 +440,63 @@ impl Xen {
                 };
                 let rt = d.create(admin, group, Some(uuid), &opts, vec!["--ek".into(), "rsa".into()])?;
                 Ok((true, true, rt.domid))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The control socket an HVM guest's device model connects to: vTPM `uuid`'s default one.
+    fn device_model_socket(&self, uuid: &Uuid) -> PathBuf {
+        self.local.socket_dir(uuid).join(format!("{}.ctrl", crate::local::DATA_SOCKET))
+    }
+
+    /// Makes sure vTPM `uuid` exists in the manager and runs as a dom0 process on its default
+    /// Unix sockets, served to root and `consumer` (the uid of the HVM guest's device model,
+    /// `None`: root), for the device model to connect to. A vTPM made or running with other
+    /// listeners or for another uid is refused, naming them: it serves someone else.
+    /// Returns (identity created now, process started now).
+    pub fn ensure_vtpm_for_device_model(&self, admin: &mut Admin, uuid: Uuid, group: Option<String>, consumer: Option<u32>) -> Result<(bool, bool), CliError> {
+        let who = |c: Option<u32>| c.map_or("root only".to_string(), |u| format!("uid {u}"));
+        let data = self.local.socket_dir(&uuid).join(crate::local::DATA_SOCKET);
+        if let Some(rt) = self.local.runtime(&uuid) {
+            if rt.socket.as_deref() != Some(data.as_path()) || rt.consumer_uid != consumer {
+                return Err(fail(
+                    REFUSED,
+                    format!(
+                        "vTPM {uuid} already runs (process {}) on {:?} for {}, but the guest's device model needs it on {} for {}; \
+                         stop it (`xl-vtpm vtpm stop {uuid}`) and create the guest again",
+                        rt.pid,
+                        rt.listen,
+                        who(rt.consumer_uid),
+                        data.display(),
+                        who(consumer)
+                    ),
+                ));
+            }
+            return Ok((false, false));
+        }
+        match admin.call(&AdminRequest::VtpmShow { uuid }) {
+            Ok(_) => {
+                let access = self.local.access(&uuid);
+                if !access.listen.is_empty() || access.consumer_uid != consumer {
+                    return Err(fail(
+                        REFUSED,
+                        format!(
+                            "vTPM {uuid} was made to be reached on {} by {}; the guest's device model (run as {}) needs its default sockets for that uid: \
+                             set device_model_user to the vTPM's user, or give the guest another vTPM",
+                            if access.listen.is_empty() { "its default sockets".to_string() } else { access.listen.join(", ") },
+                            who(access.consumer_uid),
+                            who(consumer)
+                        ),
+                    ));
+                }
+                self.local.start(admin, &uuid, &[])?;
+                Ok((false, true))
+            }
+            Err(e) if e.code == NOT_FOUND => {
+                let opts = crate::local::CreateOpts { consumer_uid: consumer, ..Default::default() };
+                self.local.create(admin, group, Some(uuid), &[], &opts)?;
+                Ok((true, true))
             }
             Err(e) => Err(e),
         }
@@ -713,6 +801,13 @@ pub enum Stop {
     Destroy,
     /// `xl shutdown -w`.
     Shutdown,
+}
+
+/// `model=`: the TPM an HVM guest's device model emulates, and the uid it runs as.
+#[derive(Debug, Clone, Copy)]
+struct Emulated {
+    model: crate::xlcfg::TpmModel,
+    consumer: Option<u32>,
 }
 
 struct Undo {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use uuid::Uuid;
-use xl_tools::xlcfg::{ParseError, ParseErrorKind, Value, VtpmSpec, VtpmSpecError, XlConfig};
+use xl_tools::xlcfg::{ParseError, ParseErrorKind, TpmModel, Value, VtpmSpec, VtpmSpecError, XlConfig};
 
 const GUEST1: &str = include_str!("data/xlcfg/guest1.cfg");
 const TEMPLATE: &str = include_str!("data/xlcfg/vtpm-domain.cfg.in");
@@ -62,7 +62,8 @@ fn parses_a_realistic_guest_config() {
         c.vtpms(),
         vec![VtpmSpec {
             backend: "vtpm-guest1".into(),
-            uuid: Some(Uuid::parse_str("ac0a5b9e-cbe2-4c07-b43b-1d69e46fb839").unwrap())
+            uuid: Some(Uuid::parse_str("ac0a5b9e-cbe2-4c07-b43b-1d69e46fb839").unwrap()),
+            model: None,
         }]
     );
     let keys: Vec<&str> = c.keys().collect();
@@ -156,6 +157,7 @@ fn writes_the_guest_config_with_the_resolved_vtpm_line() {
     c.set_vtpms(&[VtpmSpec {
         backend: "vtpm-guest1".into(),
         uuid: Some(vtpm),
+        model: None,
     }]);
     let text = c.render();
     assert!(
@@ -495,4 +497,41 @@ fn nil_vtpm_uuid_is_refused() {
         XlConfig::parse(cfg).is_err(),
         "a config with a nil vTPM UUID parses"
     );
+}
+
+#[test]
+fn emulated_tpm_model_specs() {
+    let u = "ac0a5b9e-cbe2-4c07-b43b-1d69e46fb839";
+    // `model=` alone: an HVM guest's emulated TPM, served from dom0.
+    let s: VtpmSpec = "model=tis".parse().unwrap();
+    assert_eq!((s.backend.as_str(), s.uuid, s.model), ("0", None, Some(TpmModel::Tis)));
+    let s: VtpmSpec = format!("backend=0,uuid={u},model=tis").parse().unwrap();
+    assert_eq!(s.to_string(), format!("backend=0,uuid={u},model=tis"));
+    assert_eq!(s.to_string().parse::<VtpmSpec>().unwrap(), s);
+    assert!("backend=Domain-0, model=tis".parse::<VtpmSpec>().is_ok());
+    let bad = |spec: &str| spec.parse::<VtpmSpec>().unwrap_err();
+    // CRB: refused with the reason (hvmloader 4.17 has no TPM2 table for it).
+    let e = bad("model=crb");
+    assert_eq!(e, VtpmSpecError::CrbUnsupported);
+    assert!(e.to_string().contains("hvmloader") && e.to_string().contains("model=tis"), "{e}");
+    assert_eq!(bad("model=TIS"), VtpmSpecError::BadModel("TIS".into()));
+    assert_eq!(bad("model="), VtpmSpecError::BadModel("".into()));
+    assert_eq!(bad("model=tis,model=tis"), VtpmSpecError::DuplicateKey("model".into()));
+    assert_eq!(bad("backend=vtpm-g,model=tis"), VtpmSpecError::ModelNeedsDom0("vtpm-g".into()));
+    // Without model= nothing changed: backend= is still required.
+    assert_eq!(bad(&format!("uuid={u}")), VtpmSpecError::MissingBackend);
+    // In a file, the error points at the entry.
+    let e = err("name = \"g\"\ntype = \"hvm\"\nvtpm = [ \"model=crb\" ]\n");
+    assert!(e.to_string().contains("vtpm entry 0: `model=crb` is refused"), "{e}");
+}
+
+#[test]
+fn the_hvm_example_config_is_accepted() {
+    let c = XlConfig::parse(include_str!("../../xen-configs/hvm-guest.cfg")).unwrap();
+    assert_eq!(c.vtpms()[0].model, Some(TpmModel::Tis));
+    assert_eq!(xl_tools::hvm::check(&c, &|_| None), Ok(None));
+    let mut c = c;
+    xl_tools::hvm::apply(&mut c, std::path::Path::new("/run/xvtpm/vtpms/u/tpm.sock.ctrl"), TpmModel::Tis).unwrap();
+    assert_eq!(c.get_list("device_model_args_hvm").unwrap().len(), 6);
+    assert!(c.get("vtpm").is_none());
 }

@@ -48,7 +48,7 @@ use uuid::Uuid;
 mod parser;
 mod vtpm;
 
-pub use vtpm::{VtpmSpec, VtpmSpecError, parse_xl_uuid};
+pub use vtpm::{TpmModel, VtpmSpec, VtpmSpecError, parse_xl_uuid};
 
 use parser::Parser;
 use vtpm::validate_vtpm_value;

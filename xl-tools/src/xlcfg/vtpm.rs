@@ -15,12 +15,43 @@ use super::{ParseErrorKind, Value};
 /// random one on *every* create if it is missing, which is why xl-vtpm always writes it).
 /// There is no `devid=` (xl numbers devices by list position) and no `backendtype=` (unlike
 /// disks); both are refused with that explanation rather than passed to xl, which would exit.
+///
+/// One key is xl-vtpm's own and never reaches xl: `model=` asks for a TPM that an HVM guest's
+/// device model (QEMU) emulates instead of a tpmif device (docs/hvm.md). `xl-vtpm create`
+/// removes such a spec from the config it hands to xl and adds QEMU's arguments instead.
+/// With `model=`, `backend=` may be left out and can only be dom0 (where QEMU runs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VtpmSpec {
-    /// `backend=`: domain name or numeric domid.
+    /// `backend=`: domain name or numeric domid (`"0"` when only `model=` was given).
     pub backend: String,
     /// `uuid=`.
     pub uuid: Option<Uuid>,
+    /// `model=`: the TPM interface the guest's device model emulates (HVM guests only).
+    pub model: Option<TpmModel>,
+}
+
+/// The TPM interface an HVM guest's device model emulates (`model=` in a vtpm spec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TpmModel {
+    /// TPM Interface Specification at 0xFED40000 (QEMU `tpm-tis`); hvmloader describes it in
+    /// ACPI (TCPA table and a `PNP0C31` device), so SeaBIOS, OVMF and Linux find it.
+    Tis,
+}
+
+impl TpmModel {
+    /// The spelling in a vtpm spec (`model=tis`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TpmModel::Tis => "tis",
+        }
+    }
+
+    /// QEMU's device for this model (`-device tpm-tis`).
+    pub fn qemu_device(self) -> &'static str {
+        match self {
+            TpmModel::Tis => "tpm-tis",
+        }
+    }
 }
 
 /// What is wrong with a vtpm spec string; every variant names the key and the fix.
@@ -65,6 +96,22 @@ pub enum VtpmSpecError {
         "`{0}` is not KEY=VALUE: vtpm specs are comma-separated KEY=VALUE pairs (backend=…,uuid=…)"
     )]
     NotKeyValue(String),
+    /// `model=crb`: QEMU can emulate it, but Xen 4.17's hvmloader cannot describe it.
+    #[error(
+        "`model=crb` is refused: Xen 4.17's hvmloader builds ACPI tables only for a TIS TPM \
+         (TCPA and a PNP0C31 device, no TPM2 table), so the guest would never find a CRB TPM; \
+         use model=tis"
+    )]
+    CrbUnsupported,
+    /// `model=` with a value that names no TPM interface.
+    #[error("unknown TPM model `{0}`: use model=tis (the TPM an HVM guest's device model emulates)")]
+    BadModel(String),
+    /// `model=` with a backend other than dom0.
+    #[error(
+        "`model=` with `backend={0}`: an emulated TPM is served to the guest's device model \
+         (QEMU in dom0) by a vTPM process in dom0; leave backend= out (or write backend=0)"
+    )]
+    ModelNeedsDom0(String),
 }
 
 impl std::str::FromStr for VtpmSpec {
@@ -73,6 +120,7 @@ impl std::str::FromStr for VtpmSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut backend = None;
         let mut uuid = None;
+        let mut model = None;
         // xl splits with strtok(",") (so empty items vanish) and skips leading blanks.
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let Some((k, v)) = item.split_once('=') else {
@@ -103,6 +151,16 @@ impl std::str::FromStr for VtpmSpec {
                     }
                     uuid = Some(u);
                 }
+                "model" => {
+                    if model.is_some() {
+                        return Err(VtpmSpecError::DuplicateKey(k.into()));
+                    }
+                    model = Some(match v {
+                        "tis" => TpmModel::Tis,
+                        "crb" => return Err(VtpmSpecError::CrbUnsupported),
+                        other => return Err(VtpmSpecError::BadModel(other.into())),
+                    });
+                }
                 "devid" => {
                     return Err(VtpmSpecError::UnknownKey {
                         key: k.into(),
@@ -119,24 +177,38 @@ impl std::str::FromStr for VtpmSpec {
                 _ => {
                     return Err(VtpmSpecError::UnknownKey {
                         key: k.into(),
-                        hint: "xl accepts only `backend=` and `uuid=` in a vtpm spec",
+                        hint: "xl accepts only `backend=` and `uuid=` in a vtpm spec \
+                               (and xl-vtpm `model=tis` for an HVM guest's emulated TPM)",
                     });
                 }
             }
         }
+        let backend = match (backend, model) {
+            (Some(b), Some(_)) if !matches!(b.as_str(), "0" | "Domain-0") => {
+                return Err(VtpmSpecError::ModelNeedsDom0(b));
+            }
+            (Some(b), _) => b,
+            (None, Some(_)) => "0".to_owned(),
+            (None, None) => return Err(VtpmSpecError::MissingBackend),
+        };
         Ok(VtpmSpec {
-            backend: backend.ok_or(VtpmSpecError::MissingBackend)?,
+            backend,
             uuid,
+            model,
         })
     }
 }
 
 impl fmt::Display for VtpmSpec {
-    /// The spec string as xl reads it: `backend=X` or `backend=X,uuid=U`.
+    /// The spec string as xl reads it: `backend=X` or `backend=X,uuid=U` (and `,model=M`,
+    /// xl-vtpm's own key, which is never handed to xl).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "backend={}", self.backend)?;
         if let Some(u) = &self.uuid {
             write!(f, ",uuid={}", u.hyphenated())?;
+        }
+        if let Some(m) = self.model {
+            write!(f, ",model={}", m.as_str())?;
         }
         Ok(())
     }

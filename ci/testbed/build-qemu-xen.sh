@@ -1,0 +1,158 @@
+#!/bin/bash
+# Build Xen's device model (QEMU for xenfv, i386-softmmu) WITH TPM support from the pinned Debian
+# source of the testbed's own QEMU, into the testbed cache. No Debian or Ubuntu package has one
+# (docs/hvm.md, "The device model"): Debian's qemu-system-xen is configured with
+# --without-default-features and no --enable-tpm. This is that same configure line plus
+# --enable-tpm, minus the display/USB/9p features a headless testbed guest does not use (fewer
+# libraries to carry into dom0).
+#
+#   ci/testbed/build-qemu-xen.sh                 # fetch, verify, unpack, configure, build (~12 min on 2 cores)
+#   ci/testbed/build-qemu-xen.sh --configure-only  # everything up to and including configure
+#   ci/testbed/build-qemu-xen.sh --print-pins    # the pins of bookworm's current qemu source (to update PINS)
+#
+# Inputs, all in the cache key: the source package (.dsc, .orig.tar.xz, .debian.tar.xz, pinned
+# by SHA256 below; apt also checks them against the archive's signed Sources index), the
+# configure flags, the versions of the host's compiler and -dev packages, and this script.
+# Output: $XVTPM_CACHE/qemu-xen/<key>/xen-qemu-system-i386 (stripped) and build.info (inputs,
+# sha256 of the binary); a build whose key exists is not run again. Nothing is installed on
+# the host but the build dependencies (apt-get, unless XVTPM_NO_HOST_INSTALL=1).
+# Env: XVTPM_CACHE (cache-dir.sh), XVTPM_NICE (default 10), XVTPM_JOBS (default: nproc).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/cache-dir.sh"
+CACHE=$XVTPM_CACHE/qemu-xen
+NICE=${XVTPM_NICE:-10}
+JOBS=${XVTPM_JOBS:-$(nproc)}
+die() { echo "build-qemu-xen.sh: ERROR: $*" >&2; exit 1; }
+log() { echo "build-qemu-xen.sh: $*"; }
+
+# ---- pins: Debian 12's qemu, the source of the testbed host's qemu-system-xen 1:7.2+dfsg-7+deb12u18+b3
+SRC_VERSION=1:7.2+dfsg-7+deb12u18
+PINS="qemu_7.2+dfsg-7+deb12u18.dsc 6b6bd27b947ec89e40a1d6b26d9c9f3c698ca691da13163e0483f6061bbb20b3
+qemu_7.2+dfsg.orig.tar.xz 91aca71520040edc40b8d437aa3004dae614f58e286cf653ee8996c07af2962f
+qemu_7.2+dfsg-7+deb12u18.debian.tar.xz 28a1c86310ee53b6bf1854cffe6f6be6ed29a08db7d05759f8ac57b8d6a6cb2f"
+
+# ---- configure: debian/rules' configure-xen, with --enable-tpm, without the display/USB/9p features
+CONFIGURE=(
+  --prefix=/usr --sysconfdir=/etc --localstatedir=/var --libexecdir=/usr/lib/qemu
+  --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu
+  --with-pkgversion="Debian $SRC_VERSION +tpm"
+  --disable-install-blobs --disable-strip --with-git-submodules=ignore
+  --disable-docs --disable-tools --without-default-features
+  --enable-xen --target-list=i386-softmmu --enable-xen-pci-passthrough
+  --disable-tcg --disable-kvm --audio-drv-list=
+  --enable-tpm
+)
+HOST_PKGS=(build-essential pkg-config python3 meson ninja-build dpkg-dev libglib2.0-dev
+           libpixman-1-dev libfdt-dev libxen-dev zlib1g-dev)
+
+# A private apt configuration with bookworm's deb-src (the host's sources.list has no deb-src).
+APT=$CACHE/apt
+apt_private() {
+  mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial"
+  cat > "$APT/sources.list" <<EOF
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
+EOF
+  cat > "$APT/apt.conf" <<EOF
+Dir::Etc::sourcelist "$APT/sources.list";
+Dir::Etc::sourceparts "/nonexistent";
+Dir::State::Lists "$APT/lists";
+Dir::Cache "$APT/cache";
+EOF
+  if [ -z "$(find "$APT/lists" -maxdepth 1 -name '*Sources*' -mmin -360 -print -quit)" ]; then
+    APT_CONFIG=$APT/apt.conf apt-get update -qq >/dev/null || die "apt-get update of bookworm's deb-src index failed"
+  fi
+}
+
+MODE=build
+case ${1:-} in
+  --configure-only) MODE=configure ;;
+  --print-pins) MODE=pins ;;
+  "") ;;
+  *) die "unknown option $1 (usage: build-qemu-xen.sh [--configure-only|--print-pins])" ;;
+esac
+
+mkdir -p "$CACHE"
+if [ $MODE = pins ]; then
+  apt_private
+  APT_CONFIG=$APT/apt.conf apt-get source --print-uris qemu 2>/dev/null | awk -F"'" '/^'\''http/{print $0}' |
+    awk '{split($4, h, ":"); print $2, h[2]}'
+  exit 0
+fi
+
+# ---- host build dependencies ----
+missing=()
+for p in "${HOST_PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  [ "${XVTPM_NO_HOST_INSTALL:-0}" = 1 ] && die "missing host packages: ${missing[*]}"
+  log "installing host packages: ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } ||
+    die "could not install host packages: ${missing[*]}"
+fi
+
+# ---- the cache key: every input ----
+hostvers=$(dpkg-query -W -f='${Package} ${Version}\n' gcc-12 libglib2.0-dev libpixman-1-dev libfdt-dev libxen-dev zlib1g-dev meson ninja-build 2>/dev/null | sort)
+KEY=$(printf '%s\n' "$PINS" "${CONFIGURE[*]}" "$hostvers" "$(sha256sum < "$0")" | sha256sum | cut -c1-16)
+OUT=$CACHE/$KEY
+if [ $MODE = build ] && [ -x "$OUT/xen-qemu-system-i386" ] && [ -s "$OUT/build.info" ]; then
+  log "cached: $OUT/xen-qemu-system-i386 (key $KEY)"; exit 0
+fi
+
+# ---- fetch and verify the source ----
+SRC=$CACHE/src
+mkdir -p "$SRC"
+cd "$SRC"
+need_fetch=0
+while read -r f sum; do [ -f "$f" ] && [ "$(sha256sum < "$f" | cut -d' ' -f1)" = "$sum" ] || need_fetch=1; done <<< "$PINS"
+if [ $need_fetch = 1 ]; then
+  apt_private
+  log "fetching qemu=$SRC_VERSION (source)"
+  APT_CONFIG=$APT/apt.conf apt-get source --download-only -qq "qemu=$SRC_VERSION" >/dev/null ||
+    die "apt-get source qemu=$SRC_VERSION failed: the pinned version is gone from Debian; take the current one's pins from --print-pins and update SRC_VERSION and PINS"
+fi
+while read -r f sum; do
+  got=$(sha256sum < "$f" | cut -d' ' -f1)
+  [ "$got" = "$sum" ] || die "sha256 mismatch for $f: pinned $sum, file has $got (delete $SRC/$f to fetch it again)"
+done <<< "$PINS"
+log "source verified against the pins ($(wc -l <<< "$PINS") files)"
+
+# ---- unpack (dpkg-source applies Debian's patches; it checks the .dsc's checksums too) ----
+TREE=$CACHE/tree-$KEY
+rm -rf "$TREE"
+dpkg-source --no-check -x "$SRC/qemu_7.2+dfsg-7+deb12u18.dsc" "$TREE" >/dev/null || die "dpkg-source -x failed"
+rm -f "$CACHE"/qemu_*.orig.tar.* # dpkg-source copies the orig tarball beside the tree; src/ keeps it
+# dpkg-source --no-check skips only the signature (no Debian keyring for source signers here);
+# the files were checked above against the pins.
+
+# ---- configure ----
+mkdir -p "$TREE/b/xen"
+cd "$TREE/b/xen"
+log "configuring: ${CONFIGURE[*]}"
+nice -n "$NICE" ../../configure "${CONFIGURE[@]}" > "$CACHE/configure-$KEY.log" 2>&1 ||
+  { tail -n 30 "$CACHE/configure-$KEY.log" >&2; die "configure failed (log: $CACHE/configure-$KEY.log)"; }
+grep -E '^ *(TPM support|Xen support|xen ctrl version) ' "$CACHE/configure-$KEY.log" | sed 's/^ */build-qemu-xen.sh: configure: /'
+grep -qE '^ *TPM support *: *YES' "$CACHE/configure-$KEY.log" || die "configure did not enable TPM support (log: $CACHE/configure-$KEY.log)"
+if [ $MODE = configure ]; then
+  log "configured (key $KEY; log $CACHE/configure-$KEY.log); --configure-only: not building"
+  rm -rf "$TREE"
+  exit 0
+fi
+
+# ---- build, strip, install into the cache ----
+T0=$(date +%s)
+nice -n "$NICE" ninja -j "$JOBS" qemu-system-i386 > "$CACHE/build-$KEY.log" 2>&1 ||
+  { tail -n 30 "$CACHE/build-$KEY.log" >&2; die "build failed (log: $CACHE/build-$KEY.log)"; }
+mkdir -p "$OUT.tmp"
+strip -o "$OUT.tmp/xen-qemu-system-i386" qemu-system-i386
+"$OUT.tmp/xen-qemu-system-i386" -tpmdev help | grep -q emulator || die "the built device model has no -tpmdev emulator"
+{
+  echo "source qemu=$SRC_VERSION"; echo "$PINS"
+  echo "configure ${CONFIGURE[*]}"; echo "$hostvers"
+  echo "sha256 $(sha256sum < "$OUT.tmp/xen-qemu-system-i386" | cut -d' ' -f1)"
+  echo "built $(date -u +%FT%TZ) in $(( $(date +%s) - T0 )) s"
+} > "$OUT.tmp/build.info"
+rm -rf "$OUT"; mv "$OUT.tmp" "$OUT"
+rm -rf "$TREE"
+log "built $OUT/xen-qemu-system-i386 ($(( $(date +%s) - T0 )) s)"
