@@ -168,6 +168,24 @@ fn a_warm_deep_quote_round_is_one_tpm_command() {
     assert_eq!(c1 - c0, 5, "TPM commands for 5 rounds (one TPM2_Quote each)");
 }
 
+/// The first deep quote after a manager start is one TPM command too: the manager loads the
+/// default group's AK and reads the host PCRs before it serves, so the first round — which every
+/// request arriving meanwhile waits out — is not `Load`, `Quote` and `PCR_Read`.
+#[test]
+fn the_first_deep_quote_after_a_manager_start_is_one_tpm_command() {
+    let mut s = Stack::start_with(Options { tpm_delay: Some(Duration::from_millis(1)), ..Default::default() });
+    let v = s.create_vtpm();
+    s.stop_vtpm(&v.uuid);
+    s.stop_manager();
+    s.start_manager();
+    let port = s.start_vtpm(&v.uuid).port.unwrap();
+    let c0 = s.tpm_commands();
+    assert_eq!(rc(&raw_command(port, &command(b"first").encode())), 0);
+    let c1 = s.tpm_commands();
+    assert_eq!(c1 - c0, 1, "TPM commands for the first deep quote after a start (one TPM2_Quote)");
+    assert!(s.mgr_log().contains("deep-quote path warm"), "{}", s.mgr_log());
+}
+
 #[test]
 fn unbatched_mode_takes_one_physical_quote_per_request() {
     let s = Stack::start_with(Options { mgr_args: vec!["--no-batching".into()], ..Default::default() });

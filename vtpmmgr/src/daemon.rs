@@ -194,6 +194,8 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeEr
     let admin_path = mgr.config().admin_socket();
     let run_dir = mgr.config().run_dir.clone();
     let bind_err = |source| ServeError::Bind { path: admin_path.clone(), source };
+    // Before anyone can connect: the first deep quote finds the AK loaded.
+    mgr.warm_deep_quote();
     std::fs::create_dir_all(&run_dir).map_err(bind_err)?;
     let admin = bind(&admin_path, 0o600).map_err(bind_err)?;
     let shared: Shared = Arc::new(Mutex::new(mgr));

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use xvtpm_log::guest_warn;
@@ -113,7 +114,13 @@ pub async fn reply_for(rx: oneshot::Receiver<Result<Vec<u8>, Failure>>) -> VtpmR
 /// Handle to the batcher task.
 #[derive(Clone)]
 pub struct Batcher {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::Sender<Queued>,
+}
+
+/// A request with the time it was queued (for the batcher's timing summary).
+struct Queued {
+    req: Request,
+    at: Instant,
 }
 
 impl Batcher {
@@ -126,7 +133,7 @@ impl Batcher {
 
     /// Queues a request; `Busy` when the queue is full.
     pub fn submit(&self, req: Request) -> Result<(), Failure> {
-        self.tx.try_send(req).map_err(|e| match e {
+        self.tx.try_send(Queued { req, at: Instant::now() }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Failure::new(ErrorCode::Busy, "deep-quote queue is full; retry shortly"),
             mpsc::error::TrySendError::Closed(_) => Failure::new(ErrorCode::Internal, "deep-quote batcher stopped"),
         })
@@ -134,23 +141,27 @@ impl Batcher {
 }
 
 /// Longest gathering pause after a crowded batch (see [`gather_window`]).
-pub const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(50);
+pub const MAX_GATHER: Duration = Duration::from_millis(100);
 
 /// How long at most to let a crowd regroup before cutting the next batch.
 /// After a batch of many requests all its callers get their answers at once
-/// and most ask again within milliseconds; cutting the next batch at the
-/// first of them would sign a quote for one request and make the rest wait
-/// two quote times. So after a crowded batch the batcher gathers for up to
-/// half the last quote's duration (at most [`MAX_GATHER`]), and cuts the
-/// batch earlier as soon as as many requests have come back as the last batch
-/// answered (see `run`); after a lone request, or when idle, it waits for
+/// and most ask again, spread over the time their hosts need to come back;
+/// cutting the next batch before the last of them is back would sign a quote
+/// for part of the crowd and make the rest wait out that quote *and* their
+/// own, over two quote times, and split the crowd for good. So after a
+/// crowded batch the batcher gathers for up to three quarters of the last
+/// quote's duration (at most [`MAX_GATHER`]): a request that is there when
+/// the gathering starts is answered within that plus its own quote, under two
+/// quote times. It cuts the batch as soon as as many requests are back as the
+/// last batch answered (see `run`), so a closed-loop crowd pays only the time
+/// it takes to come back; after a lone request, or when idle, it waits for
 /// nothing.
-pub fn gather_window(last_batch: usize, last_quote: std::time::Duration) -> std::time::Duration {
-    if last_batch <= 1 { std::time::Duration::ZERO } else { (last_quote / 2).min(MAX_GATHER) }
+pub fn gather_window(last_batch: usize, last_quote: Duration) -> Duration {
+    if last_batch <= 1 { Duration::ZERO } else { (last_quote * 3 / 4).min(MAX_GATHER) }
 }
 
 /// Moves what is queued into `batch`, up to `max` requests.
-fn take_queued(rx: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, max: usize) {
+fn take_queued(rx: &mut mpsc::Receiver<Queued>, batch: &mut Vec<Queued>, max: usize) {
     while batch.len() < max {
         match rx.try_recv() {
             Ok(r) => batch.push(r),
@@ -159,13 +170,97 @@ fn take_queued(rx: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>, max: 
     }
 }
 
-async fn run(quote: QuoteFn, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Receiver<Request>) {
+/// Per-request timings of the rounds since the last summary line (debug log, at most one
+/// line per [`SUMMARY_EVERY`]): where a request's time in the manager goes — queued behind a
+/// quote in flight, gathering, building the tree, the quote, the answers.
+struct Summary {
+    since: Instant,
+    rounds: u64,
+    requests: u64,
+    batch_max: usize,
+    /// Requests that arrived while a quote was in flight (they waited it out).
+    behind_quote: u64,
+    gather: Duration,
+    gather_max: Duration,
+    /// Cut → physical quote sent (partition, leaves, Merkle tree), summed over parts.
+    build: Duration,
+    quote: Duration,
+    quotes: u64,
+    /// Quote returned → last answer of the part handed to its caller.
+    answer: Duration,
+    /// Queued → answer handed over, per request.
+    in_mgr: Duration,
+    in_mgr_max: Duration,
+    /// Requests whose time in the manager exceeded two of their round's quote times.
+    over_2q: u64,
+}
+
+/// How often at most the batcher logs its timing summary.
+const SUMMARY_EVERY: Duration = Duration::from_secs(2);
+
+impl Summary {
+    fn new() -> Summary {
+        Summary {
+            since: Instant::now(),
+            rounds: 0,
+            requests: 0,
+            batch_max: 0,
+            behind_quote: 0,
+            gather: Duration::ZERO,
+            gather_max: Duration::ZERO,
+            build: Duration::ZERO,
+            quote: Duration::ZERO,
+            quotes: 0,
+            answer: Duration::ZERO,
+            in_mgr: Duration::ZERO,
+            in_mgr_max: Duration::ZERO,
+            over_2q: 0,
+        }
+    }
+
+    fn log_if_due(&mut self) {
+        if self.since.elapsed() < SUMMARY_EVERY || self.rounds == 0 {
+            return;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let per = |d: Duration, n: u64| ms(d) / n.max(1) as f64;
+        xvtpm_log::guest_debug!(
+            rounds = self.rounds,
+            requests = self.requests,
+            batch_mean = format_args!("{:.1}", self.requests as f64 / self.rounds as f64),
+            batch_max = self.batch_max,
+            behind_quote = self.behind_quote,
+            gather_ms_mean = format_args!("{:.1}", per(self.gather, self.rounds)),
+            gather_ms_max = format_args!("{:.1}", ms(self.gather_max)),
+            build_ms_mean = format_args!("{:.2}", per(self.build, self.quotes)),
+            quote_ms_mean = format_args!("{:.1}", per(self.quote, self.quotes)),
+            answer_ms_mean = format_args!("{:.2}", per(self.answer, self.quotes)),
+            in_mgr_ms_mean = format_args!("{:.1}", per(self.in_mgr, self.requests)),
+            in_mgr_ms_max = format_args!("{:.1}", ms(self.in_mgr_max)),
+            over_2q = self.over_2q,
+            "deep quote timings"
+        );
+        *self = Summary::new();
+    }
+}
+
+/// When one part's quote ran and when its last answer was handed over.
+struct PartTimes {
+    sent: Instant,
+    signed: Instant,
+    answered: Instant,
+}
+
+async fn run(quote: QuoteFn, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::Receiver<Queued>) {
     let max = cfg.max_batch.max(1);
     // How many requests the next batch expects (those queued while the last quote ran, plus
     // the last batch's callers asking again), and how long it waits for them at most.
-    let (mut expect, mut window) = (0usize, std::time::Duration::ZERO);
+    let (mut expect, mut window) = (0usize, Duration::ZERO);
+    // When the last round ended: a request queued before it waited out a quote in flight.
+    let mut last_end = Instant::now();
+    let mut summary = Summary::new();
     while let Some(first) = rx.recv().await {
-        let gather = std::time::Instant::now();
+        let gather = Instant::now();
         let mut batch = vec![first];
         take_queued(&mut rx, &mut batch, max);
         if max > 1 && !window.is_zero() {
@@ -180,18 +275,42 @@ async fn run(quote: QuoteFn, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::
                 }
             }
         }
-        let gathered = gather.elapsed();
+        let cut = Instant::now();
+        let gathered = cut - gather;
         // One tree and one physical quote per (group, host PCR selection).
-        let mut parts: BTreeMap<(Uuid, Vec<u8>), Vec<Request>> = BTreeMap::new();
-        for r in batch {
-            parts.entry((r.group, r.host_pcrs.clone())).or_default().push(r);
+        let mut parts: BTreeMap<(Uuid, Vec<u8>), Vec<Queued>> = BTreeMap::new();
+        for q in batch {
+            summary.behind_quote += u64::from(q.at < last_end);
+            parts.entry((q.req.group, q.req.host_pcrs.clone())).or_default().push(q);
         }
         let size = batch_len(&parts);
-        let (n_parts, started) = (parts.len() as u32, std::time::Instant::now());
-        for ((group, host_pcrs), reqs) in parts {
-            quote_part(&quote, &stats, group, host_pcrs, reqs).await;
+        let (n_parts, started) = (parts.len() as u32, Instant::now());
+        let mut ready = cut;
+        for ((group, host_pcrs), queued) in parts {
+            let arrivals: Vec<Instant> = queued.iter().map(|q| q.at).collect();
+            let reqs = queued.into_iter().map(|q| q.req).collect();
+            if let Some(t) = quote_part(&quote, &stats, group, host_pcrs, reqs).await {
+                let q = t.signed - t.sent;
+                summary.build += t.sent.saturating_duration_since(ready);
+                summary.quote += q;
+                summary.quotes += 1;
+                summary.answer += t.answered - t.signed;
+                for at in arrivals {
+                    let d = t.answered.saturating_duration_since(at);
+                    summary.in_mgr += d;
+                    summary.in_mgr_max = summary.in_mgr_max.max(d);
+                    summary.over_2q += u64::from(d > 2 * q);
+                }
+                ready = t.answered;
+            }
         }
         let round = started.elapsed();
+        last_end = Instant::now();
+        summary.rounds += 1;
+        summary.requests += size as u64;
+        summary.batch_max = summary.batch_max.max(size);
+        summary.gather += gathered;
+        summary.gather_max = summary.gather_max.max(gathered);
         xvtpm_log::guest_debug!(
             batch = size,
             quotes = n_parts,
@@ -199,17 +318,20 @@ async fn run(quote: QuoteFn, cfg: BatchConfig, stats: Arc<Stats>, mut rx: mpsc::
             round_us = round.as_micros() as u64,
             "deep quote round"
         );
+        summary.log_if_due();
         let last_quote = round / n_parts.max(1);
         window = gather_window(size, last_quote);
         expect = if window.is_zero() { 0 } else { rx.len() + size };
     }
 }
 
-fn batch_len(parts: &BTreeMap<(Uuid, Vec<u8>), Vec<Request>>) -> usize {
+fn batch_len(parts: &BTreeMap<(Uuid, Vec<u8>), Vec<Queued>>) -> usize {
     parts.values().map(Vec::len).sum()
 }
 
-async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>, reqs: Vec<Request>) {
+/// Signs one part; its timings, or None when nothing was quoted (no valid request, or the
+/// quote failed: every caller has its error).
+async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<u8>, reqs: Vec<Request>) -> Option<PartTimes> {
     let n = reqs.len() as u32;
     let mut leaves = Vec::with_capacity(reqs.len());
     let mut encoded = Vec::with_capacity(reqs.len());
@@ -234,7 +356,7 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
     }
     let size = leaves.len() as u32;
     if size == 0 {
-        return;
+        return None;
     }
     for (i, leaf) in leaves.iter_mut().enumerate() {
         leaf.position = LeafPosition { leaf_index: i as u32, tree_size: size };
@@ -243,7 +365,9 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
     let tree = Tree::from_leaves(&encoded);
     let root = tree.root();
     let quote = quote.clone();
+    let sent = Instant::now();
     let quoted = tokio::task::spawn_blocking(move || quote(group, root, host_pcrs)).await;
+    let signed = Instant::now();
     stats.physical_quotes.fetch_add(1, Ordering::Relaxed);
     let (q, ak_public) = match quoted {
         Ok(Ok(x)) => x,
@@ -252,13 +376,13 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
             for w in waiting {
                 let _ = w.send(Err(f.clone()));
             }
-            return;
+            return None;
         }
         Err(e) => {
             for w in waiting {
                 let _ = w.send(Err(Failure::new(ErrorCode::Internal, e.to_string())));
             }
-            return;
+            return None;
         }
     };
     let selection = match vtpm_proto::tpms::QuoteAttest::parse(&q.attest) {
@@ -267,7 +391,7 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
             for w in waiting {
                 let _ = w.send(Err(Failure::new(ErrorCode::Tpm, format!("unparseable quote: {e}"))));
             }
-            return;
+            return None;
         }
     };
     xvtpm_log::guest_debug!(batch = size, "deep quote batch signed");
@@ -286,6 +410,7 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
         }
         let _ = w.send(out);
     }
+    Some(PartTimes { sent, signed, answered: Instant::now() })
 }
 
 #[cfg(test)]
@@ -294,12 +419,12 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn lone_requests_never_wait_and_crowds_wait_briefly() {
+    fn lone_requests_never_wait_and_crowds_wait_under_a_quote_time() {
         assert_eq!(gather_window(0, Duration::from_millis(400)), Duration::ZERO);
         assert_eq!(gather_window(1, Duration::from_millis(400)), Duration::ZERO);
         assert_eq!(gather_window(16, Duration::from_millis(400)), MAX_GATHER);
-        assert_eq!(gather_window(16, Duration::from_millis(100)), MAX_GATHER);
-        assert_eq!(gather_window(16, Duration::from_millis(60)), Duration::from_millis(30));
-        assert_eq!(gather_window(16, Duration::from_millis(2)), Duration::from_millis(1));
+        assert_eq!(gather_window(16, Duration::from_millis(120)), Duration::from_millis(90));
+        assert_eq!(gather_window(16, Duration::from_millis(100)), Duration::from_millis(75));
+        assert_eq!(gather_window(16, Duration::from_millis(2)), Duration::from_micros(1500));
     }
 }

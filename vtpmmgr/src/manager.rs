@@ -455,6 +455,21 @@ impl Manager {
         }
     }
 
+    /// Prepares the physical TPM for the first deep quote ([`HwTpm::warm_quote`] with the
+    /// default group's AK, or the first group's): called once at start, before the manager
+    /// serves, so the first round is one TPM command like every later one. A failure is
+    /// logged and costs only that: the first quote loads and reads what it needs.
+    pub fn warm_deep_quote(&self) {
+        let groups = &self.store.groups;
+        let Some(g) = groups.iter().find(|g| g.name == DEFAULT_GROUP).or(groups.first()) else {
+            return;
+        };
+        match self.hw().warm_quote(&g.ak) {
+            Ok(()) => xvtpm_log::host_info!(group = %g.uuid, "deep-quote path warm: AK loaded, host PCRs read"),
+            Err(e) => xvtpm_log::host_warn!(group = %g.uuid, error = %e, "could not prepare the first deep quote; it will load the AK itself"),
+        }
+    }
+
     /// The domain attached to vTPM `uuid`, if any.
     pub fn attached_domain(&self, uuid: &Uuid) -> Option<u32> {
         self.attached_domains.get(uuid).copied()

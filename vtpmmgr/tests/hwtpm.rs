@@ -356,6 +356,30 @@ fn a_warm_quote_is_one_tpm_command() {
     assert_eq!(counted_quote(&mut tpm, &proxy, &ak, 11), 2);
 }
 
+/// After `warm_quote` (what the manager does before it serves) even the first quote of a
+/// selection is the one `TPM2_Quote`: the AK is loaded and the values come from the bank read
+/// ahead; a PCR changed since then is read again, never served stale.
+#[test]
+fn a_warmed_first_quote_is_one_tpm_command() {
+    let t = Swtpm::start();
+    let proxy = testkit::delay::DelayProxy::start(t.port(), std::time::Duration::ZERO);
+    let mut tpm = HwTpm::open(&proxy.tcti()).expect("open HwTpm through the counting proxy");
+    let ak = tpm.create_ak(AkAlg::EccP256).unwrap();
+    let before = proxy.commands();
+    tpm.warm_quote(&ak).unwrap();
+    assert_eq!(proxy.commands() - before, 4, "warm-up: PCR_Read × 3 (24 PCRs), Load(AK)");
+    assert_eq!(counted_quote(&mut tpm, &proxy, &ak, 1), 1, "first quote after the warm-up");
+    // Another selection is served from the same bank.
+    let before = proxy.commands();
+    let q = tpm.quote(&ak, &[2; 32], &[3, 23]).unwrap();
+    assert_eq!(proxy.commands() - before, 1);
+    assert_eq!(verify_quote(&ak, &q, &[2; 32]), Ok(()));
+    assert_eq!(q.pcr_values, tpm.pcr_read(&[3, 23]).unwrap());
+    // A PCR extended after the warm-up: its value is read again (counted_quote checks it).
+    tpm.pcr_extend(16, &[7; 32]).unwrap();
+    assert_eq!(counted_quote(&mut tpm, &proxy, &ak, 3), 2);
+}
+
 #[test]
 fn create_ak_and_quote_ecc() {
     quote_roundtrip(AkAlg::EccP256);

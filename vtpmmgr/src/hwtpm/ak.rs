@@ -141,6 +141,19 @@ impl HwTpm {
         res
     }
 
+    /// Makes the next quote by `ak` one TPM command from the first: loads the AK and keeps it
+    /// (as a quote does), and reads the whole SHA-256 bank (PCRs 0–23) into the PCR values
+    /// that quotes reuse, so any selection's values come from it while they hash to what the
+    /// TPM signs. Without it the first quote after a start costs `Load`, `Quote` and
+    /// `PCR_Read`: three TPM commands that every request arriving meanwhile waits out too.
+    pub fn warm_quote(&mut self, ak: &AkRecord) -> Result<()> {
+        let bank: Vec<u8> = (0..=23).collect();
+        let values = self.pcr_read(&bank)?;
+        self.keep_ak(ak)?;
+        self.remember_pcr_values(&bank, &values);
+        Ok(())
+    }
+
     /// The loaded handle of `ak`, loading it (and flushing any other kept AK) when it is not
     /// the one kept. The flag says whether it was already loaded.
     fn keep_ak(&mut self, ak: &AkRecord) -> Result<(KeyHandle, bool)> {
@@ -203,10 +216,17 @@ impl HwTpm {
         ))
     }
 
-    /// Remembered values of the normalised selection `pcrs`, if they hash to `quoted`.
+    /// Remembered values of the normalised selection `pcrs` — remembered for that selection
+    /// or picked from a remembered superset of it (the bank [`HwTpm::warm_quote`] read) — if
+    /// they hash to `quoted`.
     fn cached_pcr_values(&self, pcrs: &[u8], quoted: &[u8]) -> Option<Vec<Vec<u8>>> {
-        let (_, v) = self.pcr_cache.iter().find(|(p, _)| p == pcrs)?;
-        (digest_of(v) == quoted).then(|| v.clone())
+        self.pcr_cache.iter().rev().find_map(|(p, v)| {
+            let picked = pcrs
+                .iter()
+                .map(|i| p.iter().position(|x| x == i).map(|k| v[k].clone()))
+                .collect::<Option<Vec<_>>>()?;
+            (digest_of(&picked) == quoted).then_some(picked)
+        })
     }
 
     fn remember_pcr_values(&mut self, pcrs: &[u8], values: &[Vec<u8>]) {
