@@ -181,7 +181,7 @@ fn main() {
     let code = match vtpm_domain::run(cfg) {
         Ok(()) => 0,
         Err(f) => {
-            eprintln!("vtpm-domain: error: {:#}", f.error);
+            eprintln!("vtpm-domain: error: {}", xvtpm_log::report(f.error.as_ref()));
             f.code
         }
     };

@@ -47,24 +47,6 @@ impl From<WireError> for std::io::Error {
     }
 }
 
-/// An error and its causes on one line, each said once (a cause whose text an outer message
-/// already contains is not repeated).
-pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = String::new();
-    let mut next = Some(e);
-    while let Some(cause) = next {
-        let s = cause.to_string();
-        if !s.is_empty() && !out.contains(&s) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&s);
-        }
-        next = cause.source();
-    }
-    out
-}
-
 /// Appends `chunk` to `body`, moving to a bigger buffer (the old one zeroed on drop) rather than
 /// letting the vector reallocate and leave a copy behind.
 fn append(body: &mut Zeroizing<Vec<u8>>, chunk: &[u8], want: usize) {
@@ -201,7 +183,8 @@ mod tests {
         assert_eq!(decode_frame::<AdminReply>(&reply).unwrap(), AdminReply::Ok);
         assert!(decode_frame::<AdminReply>(&reply[..reply.len() - 1]).is_err());
         let e = decode_frame::<AdminRequest>(&reply).unwrap_err();
-        assert!(report(&e).starts_with("unusable manager frame: malformed message: "), "{}", report(&e));
+        let line = xvtpm_log::report(&e);
+        assert!(line.starts_with("unusable manager frame: malformed message: "), "{line}");
         assert_eq!(std::io::Error::from(WireError::Closed).kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
