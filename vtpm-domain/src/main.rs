@@ -106,7 +106,7 @@ fn main() {
                 loaded.join(" ")
             ),
             Err(e) => {
-                eprintln!("vtpm-domain: error: init: {e}");
+                eprintln!("vtpm-domain: error: init: {}", xvtpm_log::report(&e));
                 init::power_off(1);
             }
         }
