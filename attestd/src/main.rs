@@ -66,7 +66,7 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     if let Err(e) = run(a) {
-        eprintln!("xvtpm-attestd: error: {e:#}");
+        eprintln!("xvtpm-attestd: error: {}", xvtpm_log::report(e.as_ref()));
         std::process::exit(1);
     }
 }

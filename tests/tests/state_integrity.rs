@@ -30,7 +30,11 @@ fn bad_state_files_are_refused_and_left_untouched() {
         std::fs::write(&a.state_file, &bytes).unwrap();
         start_fails(&s, &a.uuid, needle);
         assert_eq!(std::fs::read(&a.state_file).unwrap(), bytes, "{what}: the file was modified");
-        assert!(s.vtpm_log(&a.uuid).contains("cannot be opened"), "{what}: log lacks the reason");
+        let log = s.vtpm_log(&a.uuid);
+        assert!(log.contains("cannot be opened"), "{what}: log lacks the reason");
+        // The error line names the cause once (the message quotes it; it is not repeated).
+        let line = log.lines().rfind(|l| l.starts_with("vtpm-domain: error:")).unwrap_or_default();
+        assert_eq!(line.matches(needle).count(), 1, "{what}: the cause once: {line}");
     }
 
     std::fs::remove_file(&a.state_file).unwrap();

@@ -55,7 +55,7 @@ impl Drop for Slot {
 /// sandbox); a symlink is never followed and anything else there is refused, not removed.
 pub fn bind(p: &Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-    let named = |e: io::Error| io::Error::new(e.kind(), format!("--quote-socket {}: {e}", p.display()));
+    let named = |e: io::Error| crate::errctx::io_named(format_args!("--quote-socket {}", p.display()))(e);
     if let Ok(meta) = std::fs::symlink_metadata(p) {
         if !meta.file_type().is_socket() {
             return Err(named(io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket; remove it or choose another path")));

@@ -67,13 +67,41 @@ pub fn poweroff_helper() -> i32 {
     }
 }
 
+/// A step of the domain's init that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A system call or file operation failed.
+    #[error("{what}: {source}")]
+    Step {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The module list names a path, not a file beside it.
+    #[error("{}: {name:?}: a module file name, not a path", list.display())]
+    ModulePath {
+        /// The module list.
+        list: PathBuf,
+        /// The entry.
+        name: String,
+    },
+}
+
+/// `what` failed because of `e`.
+fn step(what: impl Into<String>) -> impl FnOnce(io::Error) -> InitError {
+    let what = what.into();
+    move |source| InitError::Step { what, source }
+}
+
 /// Mounts, loads modules, routes shutdown requests. Returns the loaded modules' names.
-pub fn setup() -> Result<Vec<String>, String> {
+pub fn setup() -> Result<Vec<String>, InitError> {
     for (src, target, fstype) in [("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs"), ("devtmpfs", "/dev", "devtmpfs")] {
-        std::fs::create_dir_all(target).map_err(|e| format!("creating {target}: {e}"))?;
+        std::fs::create_dir_all(target).map_err(step(format!("creating {target}")))?;
         match mount(Some(src), target, Some(fstype), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, None::<&str>) {
             Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
-            Err(e) => return Err(format!("mounting {fstype} on {target}: {e}")),
+            Err(e) => return Err(step(format!("mounting {fstype} on {target}"))(e.into())),
         }
     }
     attach_console();
@@ -81,8 +109,8 @@ pub fn setup() -> Result<Vec<String>, String> {
     // xl shutdown -> kernel runs poweroff_cmd; xl reboot -> SIGINT (instead of an unsynced restart).
     let me = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("/init"));
     let cmd = format!("{} {POWEROFF_ARG}", me.display());
-    std::fs::write("/proc/sys/kernel/poweroff_cmd", &cmd).map_err(|e| format!("setting poweroff_cmd: {e}"))?;
-    nix::sys::reboot::set_cad_enabled(false).map_err(|e| format!("disabling ctrl-alt-del: {e}"))?;
+    std::fs::write("/proc/sys/kernel/poweroff_cmd", &cmd).map_err(step("setting poweroff_cmd"))?;
+    nix::sys::reboot::set_cad_enabled(false).map_err(|e| step("disabling ctrl-alt-del")(e.into()))?;
     Ok(loaded)
 }
 
@@ -106,25 +134,25 @@ fn attach_console() {
 }
 
 /// Loads each module of the list in order. A missing list means no modules.
-pub fn load_modules(list: &Path) -> Result<Vec<String>, String> {
+pub fn load_modules(list: &Path) -> Result<Vec<String>, InitError> {
     let text = match std::fs::read_to_string(list) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(format!("reading {}: {e}", list.display())),
+        Err(e) => return Err(step(format!("reading {}", list.display()))(e)),
     };
     let dir = list.parent().unwrap_or(Path::new("/"));
     let mut loaded = vec![];
     for name in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         if name.contains('/') || name.starts_with('.') {
-            return Err(format!("{}: {name:?}: a module file name, not a path", list.display()));
+            return Err(InitError::ModulePath { list: list.to_path_buf(), name: name.to_string() });
         }
         let path = dir.join(name);
-        let file = File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let file = File::open(&path).map_err(step(format!("opening {}", path.display())))?;
         let params = CString::default();
         match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
             Ok(()) => loaded.push(name.trim_end_matches(".ko").to_string()),
             Err(nix::errno::Errno::EEXIST) => {}
-            Err(e) => return Err(format!("loading {}: {e}", path.display())),
+            Err(e) => return Err(step(format!("loading {}", path.display()))(e.into())),
         }
     }
     Ok(loaded)
@@ -205,12 +233,13 @@ mod tests {
         assert_eq!(load_modules(&dir.path().join("load-order")).unwrap(), Vec::<String>::new());
         for bad in ["../evil.ko", "/lib/x.ko", "sub/x.ko", ".hidden.ko"] {
             std::fs::write(dir.path().join("load-order"), format!("{bad}\n")).unwrap();
-            let e = load_modules(&dir.path().join("load-order")).unwrap_err();
+            let e = load_modules(&dir.path().join("load-order")).unwrap_err().to_string();
             assert!(e.contains("not a path"), "{bad}: {e}");
         }
         std::fs::write(dir.path().join("load-order"), "# comment\n\nmissing.ko\n").unwrap();
         let e = load_modules(&dir.path().join("load-order")).unwrap_err();
-        assert!(e.contains("missing.ko"), "{e}");
+        assert!(matches!(&e, InitError::Step { source, .. } if source.kind() == io::ErrorKind::NotFound), "the cause is kept: {e:?}");
+        assert!(e.to_string().contains("missing.ko"), "{e}");
     }
 
     #[test]

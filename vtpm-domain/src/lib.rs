@@ -17,6 +17,7 @@ pub mod blockstore;
 pub mod config;
 pub mod deepquote;
 pub mod dispatch;
+pub mod errctx;
 pub mod hostquote;
 pub mod init;
 pub mod mgr_client;

@@ -108,7 +108,7 @@ fn main() {
                 loaded.join(" ")
             ),
             Err(e) => {
-                eprintln!("vtpm-domain: error: init: {e}");
+                eprintln!("vtpm-domain: error: init: {}", xvtpm_log::report(&e));
                 init::power_off(1);
             }
         }
@@ -183,7 +183,7 @@ fn main() {
     let code = match vtpm_domain::run(cfg) {
         Ok(()) => 0,
         Err(f) => {
-            eprintln!("vtpm-domain: error: {:#}", f.error);
+            eprintln!("vtpm-domain: error: {}", xvtpm_log::report(f.error.as_ref()));
             f.code
         }
     };

@@ -2,6 +2,7 @@
 //! manager's per-vTPM Unix socket or, for a vTPM in its own Xen domain, over
 //! a tpmif link to the manager's domain (`xen_platform::frontend`).
 
+use crate::errctx::{io_named, io_other};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -68,13 +69,13 @@ fn link_closed() -> std::io::Error {
 }
 
 /// Runs the frontend on the worker thread until closed or every handle is dropped.
-async fn xen_worker(dir: String, mut jobs: tokio::sync::mpsc::UnboundedReceiver<XenJob>, ready: tokio::sync::oneshot::Sender<Result<(), String>>) {
+async fn xen_worker(dir: String, mut jobs: tokio::sync::mpsc::UnboundedReceiver<XenJob>, ready: tokio::sync::oneshot::Sender<std::io::Result<()>>) {
     let connected = async {
-        let (xs, mut events) = XsClient::open().await.map_err(|e| format!("xenstore: {e}"))?;
-        let mut transport = XenFrontendTransport::open().map_err(|e| format!("grant/event devices: {e}"))?;
+        let (xs, mut events) = XsClient::open().await.map_err(io_other("xenstore"))?;
+        let mut transport = XenFrontendTransport::open().map_err(io_named("grant/event devices"))?;
         Frontend::connect(std::sync::Arc::new(xs), &mut events, &mut transport, &dir, FrontendConfig::default())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(std::io::Error::other)
     }
     .await;
     let mut f = match connected {
@@ -90,7 +91,7 @@ async fn xen_worker(dir: String, mut jobs: tokio::sync::mpsc::UnboundedReceiver<
     while let Some(job) = jobs.recv().await {
         match job {
             XenJob::Ask(frame, to) => {
-                let r = f.transact(&frame).await.map(Zeroizing::new).map_err(|e| std::io::Error::other(e.to_string()));
+                let r = f.transact(&frame).await.map(Zeroizing::new).map_err(std::io::Error::other);
                 match to {
                     ReplyTo::Async(tx) => drop(tx.send(r)),
                     ReplyTo::Sync(tx) => drop(tx.send(r)),
@@ -136,7 +137,7 @@ impl MgrLink {
         match spec {
             MgrSpec::Socket(p) => Ok(MgrLink::socket(p)),
             MgrSpec::Xen(dir) => {
-                let io = |e: String| KeyError::Connect { what: format!("Xen link {dir}"), source: std::io::Error::other(e) };
+                let io = |source: std::io::Error| KeyError::Connect { what: format!("Xen link {dir}"), source };
                 let (tx, jobs) = tokio::sync::mpsc::unbounded_channel();
                 let (ready_tx, ready) = tokio::sync::oneshot::channel();
                 let d = dir.clone();
@@ -144,10 +145,10 @@ impl MgrLink {
                     .name("mgr-xen-link".into())
                     .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         Ok(rt) => rt.block_on(xen_worker(d, jobs, ready_tx)),
-                        Err(e) => drop(ready_tx.send(Err(format!("runtime: {e}")))),
+                        Err(e) => drop(ready_tx.send(Err(io_named("runtime")(e)))),
                     })
-                    .map_err(|e| io(format!("starting the link thread: {e}")))?;
-                ready.await.map_err(|_| io("the link thread stopped".into()))?.map_err(io)?;
+                    .map_err(|e| io(io_named("starting the link thread")(e)))?;
+                ready.await.map_err(|_| io(std::io::Error::other("the link thread stopped")))?.map_err(io)?;
                 Ok(MgrLink::Xen(XenWorker { tx }))
             }
         }

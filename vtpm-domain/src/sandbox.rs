@@ -22,6 +22,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::errctx::{Failed, io_named, io_other};
 use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
 
 /// Whom to run as, and whether to sandbox at all.
@@ -35,9 +36,9 @@ pub struct SandboxSpec {
 
 /// Makes the process non-dumpable with a core size limit of 0. Call first thing in `main`.
 pub fn harden() -> io::Result<()> {
-    nix::sys::prctl::set_dumpable(false).map_err(|e| io::Error::other(format!("prctl(PR_SET_DUMPABLE, 0): {e}")))?;
+    nix::sys::prctl::set_dumpable(false).map_err(io_other("prctl(PR_SET_DUMPABLE, 0)"))?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
-        .map_err(|e| io::Error::other(format!("setrlimit(RLIMIT_CORE, 0): {e}")))?;
+        .map_err(io_other("setrlimit(RLIMIT_CORE, 0)"))?;
     Ok(())
 }
 
@@ -56,7 +57,7 @@ impl PinnedDir {
             .read(true)
             .custom_flags(nix::libc::O_DIRECTORY)
             .open(dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("opening directory {}: {e}", dir.display())))?;
+            .map_err(io_named(format_args!("opening directory {}", dir.display())))?;
         Ok(PinnedDir { dir })
     }
 
@@ -93,7 +94,7 @@ fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
     }
     let err = |what: &str| {
         let what = what.to_string();
-        move |e: nix::Error| io::Error::other(format!("{what}: {e} (vtpm-domain must start as root to use --uid)"))
+        move |e: nix::Error| io::Error::other(Failed::new(what, e).with_fix("vtpm-domain must start as root to use --uid"))
     };
     setgroups(&[]).map_err(err("setgroups([])"))?;
     setgid(Gid::from_raw(gid)).map_err(err("setgid"))?;
@@ -109,21 +110,21 @@ fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
 pub fn install_filter() -> io::Result<()> {
     let (main, clone3) = filters()?;
     // clone3's filter first: once the main one is in, prctl and seccomp themselves are denied.
-    seccompiler::apply_filter_all_threads(&clone3).map_err(|e| io::Error::other(format!("installing the clone3 filter: {e}")))?;
-    seccompiler::apply_filter_all_threads(&main).map_err(|e| io::Error::other(format!("installing the seccomp filter: {e}")))?;
+    seccompiler::apply_filter_all_threads(&clone3).map_err(io_other("installing the clone3 filter"))?;
+    seccompiler::apply_filter_all_threads(&main).map_err(io_other("installing the seccomp filter"))?;
     Ok(())
 }
 
 fn arch() -> io::Result<seccompiler::TargetArch> {
-    std::env::consts::ARCH.try_into().map_err(|e| io::Error::other(format!("seccomp on {}: {e}", std::env::consts::ARCH)))
+    std::env::consts::ARCH.try_into().map_err(io_other(format_args!("seccomp on {}", std::env::consts::ARCH)))
 }
 
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> io::Result<SeccompCondition> {
-    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(|e| io::Error::other(e.to_string()))
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(io::Error::other)
 }
 
 fn rule(c: Vec<SeccompCondition>) -> io::Result<SeccompRule> {
-    SeccompRule::new(c).map_err(|e| io::Error::other(e.to_string()))
+    SeccompRule::new(c).map_err(io::Error::other)
 }
 
 /// The main filter (allow-list, kill the process otherwise) and a second one that makes
@@ -148,11 +149,11 @@ fn filters() -> io::Result<(seccompiler::BpfProgram, seccompiler::BpfProgram)> {
     rules.insert(libc::SYS_clone3, vec![]);
     let main = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, arch()?)
         .and_then(TryInto::try_into)
-        .map_err(|e| io::Error::other(format!("building the seccomp filter: {e}")))?;
+        .map_err(io_other("building the seccomp filter"))?;
     let only_clone3 = BTreeMap::from([(libc::SYS_clone3, vec![])]);
     let clone3 = SeccompFilter::new(only_clone3, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch()?)
         .and_then(TryInto::try_into)
-        .map_err(|e| io::Error::other(format!("building the clone3 filter: {e}")))?;
+        .map_err(io_other("building the clone3 filter"))?;
     Ok((main, clone3))
 }
 

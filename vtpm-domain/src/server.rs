@@ -175,7 +175,7 @@ fn bind_unix(p: &Path, access: Access) -> io::Result<UnixListener> {
         }
     }
     let l = UnixListener::bind(p)?;
-    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+    let named = |e: io::Error| crate::errctx::io_named(p.display())(e);
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(named)?;
     if let Some(uid) = access.consumer_uid.filter(|&u| u != rustix::process::geteuid().as_raw()) {
         std::os::unix::fs::chown(p, Some(uid), None).map_err(named)?;
@@ -185,11 +185,10 @@ fn bind_unix(p: &Path, access: Access) -> io::Result<UnixListener> {
 
 async fn bind_tcp_pair(addr: SocketAddr) -> io::Result<(TcpListener, TcpListener)> {
     if addr.port() != 0 {
-        let named = |a: SocketAddr| move |e: io::Error| io::Error::new(e.kind(), format!("{a}: {e}"));
-        let d = TcpListener::bind(addr).await.map_err(named(addr))?;
+        let d = TcpListener::bind(addr).await.map_err(crate::errctx::io_named(addr))?;
         let mut c_addr = addr;
         c_addr.set_port(addr.port().checked_add(1).ok_or_else(|| io::Error::other("port 65535 leaves no control port"))?);
-        return Ok((d, TcpListener::bind(c_addr).await.map_err(named(c_addr))?));
+        return Ok((d, TcpListener::bind(c_addr).await.map_err(crate::errctx::io_named(c_addr))?));
     }
     // Port 0: a free pair below the kernel's ephemeral range, so that the pair the vTPM gets can
     // be recorded and bound again at its next start (xl-vtpm does so) without an outgoing
@@ -247,15 +246,16 @@ pub async fn serve(bound: Bound, shared: Rc<Shared>) {
 }
 
 /// The uid behind a connection, or why there is none.
-fn peer_uid(c: &Conn) -> Result<u32, String> {
+fn peer_uid(c: &Conn) -> io::Result<u32> {
+    use crate::errctx::io_named;
     match c {
-        Conn::Unix(s) => s.peer_cred().map(|c| c.uid()).map_err(|e| format!("SO_PEERCRED: {e}")),
+        Conn::Unix(s) => s.peer_cred().map(|c| c.uid()).map_err(io_named("SO_PEERCRED")),
         Conn::Tcp(s) => {
-            let (ours, peer) = (s.local_addr().map_err(|e| e.to_string())?, s.peer_addr().map_err(|e| e.to_string())?);
+            let (ours, peer) = (s.local_addr()?, s.peer_addr()?);
             match crate::peer::tcp_peer_uid(ours, peer) {
                 Ok(Some(uid)) => Ok(uid),
-                Ok(None) => Err(format!("no live local socket for peer {peer}")),
-                Err(e) => Err(format!("looking up the owner of peer {peer}: {e}")),
+                Ok(None) => Err(io::Error::new(io::ErrorKind::NotFound, format!("no live local socket for peer {peer}"))),
+                Err(e) => Err(io_named(format_args!("looking up the owner of peer {peer}"))(e)),
             }
         }
     }

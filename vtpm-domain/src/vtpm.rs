@@ -63,9 +63,15 @@ pub fn engine_version(f: Family) -> TpmVersion {
 /// Errors starting or restarting the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum VtpmError {
-    /// The engine refused.
+    /// The vTPM cannot do what was asked in its current state.
     #[error("TPM engine: {0}")]
     Engine(String),
+    /// libtpms failed.
+    #[error("TPM engine: {0}")]
+    Libtpms(#[source] vtpm_engine::EngineError),
+    /// libtpms did not store the EK certificate.
+    #[error("TPM engine: storing the EK certificate: {0}")]
+    EkCert(#[source] vtpm_engine::EngineError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -107,9 +113,9 @@ impl Vtpm {
     /// [`Manufacturing::finish`] writes the first state, so a failure in between leaves no state.
     pub fn begin_manufacture(family: Family, store: impl StateStore + 'static, ek_kind: vtpm_engine::EkKind) -> Result<Manufacturing, VtpmError> {
         let store: Box<dyn StateStore> = Box::new(store);
-        let mut engine = Engine::start(engine_version(family), None, None).map_err(|e| VtpmError::Engine(e.to_string()))?;
+        let mut engine = Engine::start(engine_version(family), None, None).map_err(VtpmError::Libtpms)?;
         let ek = match family {
-            Family::Tpm2 => vtpm_engine::provision_ek_kind(&mut engine, ek_kind).map_err(|e| VtpmError::Engine(e.to_string()))?,
+            Family::Tpm2 => vtpm_engine::provision_ek_kind(&mut engine, ek_kind).map_err(VtpmError::Libtpms)?,
             Family::Tpm12 => Vec::new(),
         };
         let ek_kind = (family == Family::Tpm2).then_some(ek_kind);
@@ -124,7 +130,7 @@ impl Vtpm {
         let opened_generation = state.generation;
         let vol = (!state.volatile.is_empty()).then_some(&state.volatile[..]);
         let engine = Engine::start(engine_version(family), Some(&state.permanent), vol)
-            .map_err(|e| VtpmError::Engine(e.to_string()))?;
+            .map_err(VtpmError::Libtpms)?;
         let mut v = Vtpm {
             family,
             engine: Some(engine),
@@ -260,8 +266,8 @@ impl Vtpm {
     /// start resumes the running TPM (PCRs, loaded objects) once.
     pub fn store_volatile(&mut self) -> Result<(), VtpmError> {
         let Some(engine) = self.engine.as_mut() else { return Err(VtpmError::Engine("TPM is stopped".into())) };
-        let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
-        let vol = engine.volatile_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
+        let perm = engine.permanent_state().map_err(VtpmError::Libtpms)?;
+        let vol = engine.volatile_state().map_err(VtpmError::Libtpms)?;
         self.store.save(&perm, &vol)?;
         self.last_saved = Some(perm);
         self.unsaved = None;
@@ -272,7 +278,7 @@ impl Vtpm {
     pub fn stop(&mut self) -> Result<(), VtpmError> {
         self.persist_if_dirty()?;
         if let Some(mut e) = self.engine.take() {
-            let perm = e.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
+            let perm = e.permanent_state().map_err(VtpmError::Libtpms)?;
             if self.last_saved.as_deref().map(|v| &v[..]) != Some(&perm[..]) {
                 self.store.save(&perm, &[])?;
                 self.last_saved = Some(perm);
@@ -288,7 +294,7 @@ impl Vtpm {
         let perm = self.last_saved.clone().ok_or_else(|| VtpmError::Engine("no persisted state to initialise from".into()))?;
         let vol = self.pending_volatile.take();
         let mut engine = Engine::start(engine_version(self.family), Some(&perm), vol.as_deref().map(|v| &v[..]))
-            .map_err(|e| VtpmError::Engine(e.to_string()))?;
+            .map_err(VtpmError::Libtpms)?;
         engine.set_locality(self.locality);
         if self.buffer_size != DEFAULT_BUFFER {
             engine.set_buffer_size(self.buffer_size);
@@ -309,7 +315,7 @@ impl Vtpm {
             2 => engine.volatile_state(),
             _ => return Ok(zeroize::Zeroizing::new(Vec::new())),
         };
-        blob.map_err(|e| VtpmError::Engine(e.to_string()))
+        blob.map_err(VtpmError::Libtpms)
     }
 
     /// Loads an opened (authenticated) `CMD_SET_STATEBLOB` blob into the stopped TPM:
@@ -367,7 +373,7 @@ impl Vtpm {
     /// Writes an EK certificate at `kind`'s TCG index and persists the state.
     pub fn install_ek_cert(&mut self, kind: vtpm_engine::EkKind, der: &[u8]) -> Result<(), VtpmError> {
         let e = self.engine.as_mut().ok_or_else(|| VtpmError::Engine("TPM is stopped".into()))?;
-        vtpm_engine::write_ek_cert(e, kind, der).map_err(|e| VtpmError::Engine(format!("storing the EK certificate: {e}")))?;
+        vtpm_engine::write_ek_cert(e, kind, der).map_err(VtpmError::EkCert)?;
         self.persist_if_dirty()?;
         Ok(())
     }
@@ -450,19 +456,19 @@ impl Manufacturing {
 
     /// The TPM's fixed properties (manufacturer, vendor strings, versions).
     pub fn tpm_properties(&mut self) -> Result<vtpm_engine::TpmProperties, VtpmError> {
-        vtpm_engine::tpm_properties(&mut self.engine).map_err(|e| VtpmError::Engine(e.to_string()))
+        vtpm_engine::tpm_properties(&mut self.engine).map_err(VtpmError::Libtpms)
     }
 
     /// Writes the EK certificate (DER) at its TCG NV index, write-locked.
     pub fn install_ek_cert(&mut self, der: &[u8]) -> Result<(), VtpmError> {
         let kind = self.ek_kind.ok_or_else(|| VtpmError::Engine("a TPM 1.2 has no TPM 2.0 EK certificate index".into()))?;
-        vtpm_engine::write_ek_cert(&mut self.engine, kind, der).map_err(|e| VtpmError::Engine(format!("storing the EK certificate: {e}")))
+        vtpm_engine::write_ek_cert(&mut self.engine, kind, der).map_err(VtpmError::EkCert)
     }
 
     /// Writes the first state and returns the running vTPM and the EK public area.
     pub fn finish(self) -> Result<(Vtpm, Vec<u8>), VtpmError> {
         let Manufacturing { family, mut engine, mut store, ek, .. } = self;
-        let perm = engine.permanent_state().map_err(|e| VtpmError::Engine(e.to_string()))?;
+        let perm = engine.permanent_state().map_err(VtpmError::Libtpms)?;
         store.save(&perm, &[])?;
         let _ = engine.take_dirty_permanent();
         let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, opened_generation: 0, unsaved: None };

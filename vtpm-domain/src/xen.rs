@@ -25,8 +25,8 @@ pub struct XenBackend {
     events: WatchEvents,
 }
 
-fn io_other(what: &str, e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(format!("{what}: {e}"))
+fn io_other<E: std::error::Error + Send + Sync + 'static>(what: &str, e: E) -> io::Error {
+    crate::errctx::io_other(what)(e)
 }
 
 impl XenBackend {
@@ -39,7 +39,7 @@ impl XenBackend {
             root.to_string()
         } else {
             let domid = xs.read("domid").await.map_err(|e| io_other("reading our domid", e))?;
-            let domid = domid.ok_or_else(|| io_other("xenstore", "no `domid` key for this domain"))?;
+            let domid = domid.ok_or_else(|| io::Error::other("xenstore: no `domid` key for this domain"))?;
             let domid = xen_platform::DomId::parse("domid", domid.trim()).map_err(|e| io_other("our domid", e))?;
             format!("/local/domain/{}/{}", domid.get(), root.trim_end_matches('/'))
         };

@@ -880,60 +880,15 @@ impl CaPublic {
     }
 }
 
+// The EK-certificate fixtures are shared with the vtpm-attest crate's tests.
+#[cfg(test)]
+#[path = "../tests/ekcert_fixtures/mod.rs"]
+mod ekcert_fixtures;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use p256::ecdsa::SigningKey;
-    use p256::ecdsa::signature::hazmat::PrehashSigner as _;
-
-    fn ca_key() -> SigningKey {
-        SigningKey::from_slice(&[7u8; 32]).unwrap()
-    }
-
-    fn sign(k: &SigningKey, tbs: &Tbs) -> Vec<u8> {
-        let sig: p256::ecdsa::Signature = k.sign_prehash(&tbs.digest()).unwrap();
-        sig.to_der().as_bytes().to_vec()
-    }
-
-    fn ca_spki(k: &SigningKey) -> Vec<u8> {
-        use p256::pkcs8::EncodePublicKey as _;
-        k.verifying_key().to_public_key_der().unwrap().as_bytes().to_vec()
-    }
-
-    const NOW: u64 = 1_790_000_000;
-
-    fn make_ca(k: &SigningKey) -> Certificate {
-        let name = ca_name("default", &Uuid::from_u128(1)).unwrap();
-        let tbs = ca_tbs(&serial_from_random([9; 16]), &name, NOW, &ca_spki(k)).unwrap();
-        Certificate::parse(&assemble(&tbs, &sign(k, &tbs)).unwrap()).unwrap()
-    }
-
-    fn ecc_ek() -> Vec<u8> {
-        let sk = SigningKey::from_slice(&[3u8; 32]).unwrap();
-        let pt = sk.verifying_key().to_encoded_point(false);
-        let mut t = template_head(EkType::EccP256);
-        t.extend_from_slice(&32u16.to_be_bytes());
-        t.extend_from_slice(pt.x().unwrap());
-        t.extend_from_slice(&32u16.to_be_bytes());
-        t.extend_from_slice(pt.y().unwrap());
-        let mut b = (t.len() as u16).to_be_bytes().to_vec();
-        b.extend_from_slice(&t);
-        b
-    }
-
-    fn rsa_ek() -> Vec<u8> {
-        let mut t = template_head(EkType::Rsa2048);
-        t.extend_from_slice(&256u16.to_be_bytes());
-        // A modulus only has to be odd and 2048 bits for the public-key encoders.
-        let mut n = vec![0xC5u8; 256];
-        n[255] = 0x01;
-        t.extend_from_slice(&n);
-        t
-    }
-
-    fn info() -> TpmInfo {
-        TpmInfo { manufacturer: 0x4942_4D00, model: "SW   TPM".into(), firmware_version: 0x2019_1023, family: "2.0".into(), level: 0, revision: 164 }
-    }
+    use super::ekcert_fixtures::*;
 
     #[test]
     fn only_tcg_default_eks_are_accepted() {

@@ -10,6 +10,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+// Test fixtures shared with other crates' tests name this crate `vtpm_proto`.
+#[cfg(test)]
+extern crate self as vtpm_proto;
+
 pub mod swtpm_ctrl;
 pub mod mgr;
 pub mod mgr_io;

@@ -73,9 +73,9 @@ pub fn activate_credential(
         ));
     }
     let public = Public::unmarshall(&ak.public)
-        .map_err(|e| HwTpmError::InvalidRecord(format!("AK public: {e}")))?;
+        .map_err(HwTpmError::record("AK public"))?;
     let private = Private::try_from(ak.private.clone())
-        .map_err(|e| HwTpmError::InvalidRecord(format!("AK private: {e}")))?;
+        .map_err(HwTpmError::record("AK private"))?;
     let (ctx, srk) = hw.context_and_srk();
     let ak_handle: KeyHandle = ctx
         .execute_with_session(Some(AuthSession::Password), |ctx| {

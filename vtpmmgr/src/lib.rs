@@ -39,7 +39,7 @@ pub fn reauthorize(cfg: &manager::Config, policy_key: &std::path::Path) -> anyho
         &cfg.store_path(),
         &mut |hw, rec| {
             let rec = hw.reauthorize(rec, &key)?;
-            let master = hw.unseal_master(&rec).map_err(|e| hwtpm::HwTpmError::Unexpected(format!("the re-authorised policy still does not unseal: {e}")))?;
+            let master = hw.unseal_master(&rec).map_err(hwtpm::HwTpmError::unexpected("the re-authorised policy still does not unseal"))?;
             new = Some(rec);
             Ok(master)
         },

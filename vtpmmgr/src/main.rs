@@ -97,26 +97,9 @@ fn main() {
         Cmd::AcceptStore { yes: true } => vtpmmgr::accept_store(&cfg).map(|msg| eprintln!("vtpmmgr: {msg}")),
     };
     if let Err(e) = result {
-        eprintln!("vtpmmgr: error: {}", report(&e));
+        eprintln!("vtpmmgr: error: {}", xvtpm_log::report(e.as_ref()));
         std::process::exit(1);
     }
-}
-
-/// An error and its causes on one line, each cause once: a cause whose text an outer message
-/// already quotes (thiserror's `{source}` in a message) is not repeated.
-fn report(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if s.is_empty() || out.contains(&s) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&s);
-    }
-    out
 }
 
 /// tss2 logs its own view of every failure to stderr (`ERROR:tcti:…`) before the manager

@@ -274,7 +274,7 @@ pub fn rejections() -> Rejections {
 
 /// Parses one whole request frame (`u32` BE length ‖ JSON) from the page.
 fn decode_request(cmd: &[u8]) -> Result<VtpmRequest, Failure> {
-    vtpm_proto::mgr_io::decode_frame(cmd).map_err(|e| Failure::new(ErrorCode::BadRequest, vtpm_proto::mgr_io::report(&e)))
+    vtpm_proto::mgr_io::decode_frame(cmd).map_err(|e| Failure::new(ErrorCode::BadRequest, xvtpm_log::report(&e)))
 }
 
 fn encode_reply(reply: &VtpmReply) -> Vec<u8> {

@@ -64,8 +64,8 @@ impl Admin {
     /// [`CliError`] with the matching exit code.
     pub fn call(&mut self, req: &AdminRequest) -> Result<AdminReply, CliError> {
         let reply = mgr_io::call(&mut self.stream, req).map_err(|e| match e {
-            WireError::Frame(_) => CliError::new(1, mgr_io::report(&e)),
-            _ => CliError::new(NO_MANAGER, format!("admin socket: {}", mgr_io::report(&e))),
+            WireError::Frame(_) => CliError::new(1, xvtpm_log::report(&e)),
+            _ => CliError::new(NO_MANAGER, format!("admin socket: {}", xvtpm_log::report(&e))),
         })?;
         match reply {
             AdminReply::Error(f) => Err(CliError::from_manager(f.code, f.message)),

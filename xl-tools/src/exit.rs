@@ -51,6 +51,6 @@ impl CliError {
 
 impl From<anyhow::Error> for CliError {
     fn from(e: anyhow::Error) -> Self {
-        CliError::new(FAILURE, format!("{e:#}"))
+        CliError::new(FAILURE, xvtpm_log::report(e.as_ref()))
     }
 }

@@ -12,6 +12,9 @@
 //! - **A size-capped log file.** [`CappedLog`] keeps a log file and one predecessor
 //!   (`<file>.1`) each at most a given size, so a log never fills the file system
 //!   that also holds sealed state.
+//!
+//! And one way to print an error: [`report`] puts an error and its `source()` chain on one
+//! line with each cause once, for every binary's `error:` line.
 
 #![forbid(unsafe_code)]
 
@@ -231,9 +234,70 @@ impl Write for LogWriter {
     }
 }
 
+/// An error and its causes (`source()`, outermost first) on one line, joined by `": "`, each
+/// cause once: a cause whose text the line already holds (an outer message that quotes its
+/// source, as thiserror's `{source}` does, or a context repeating a library's message) or
+/// whose text is empty is skipped. Every binary prints its `error:` line with this, so a
+/// typed error can keep its cause as a `#[source]` and still read as one sentence.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !s.is_empty() && !out.contains(&s) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&s);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message that quotes its source (thiserror's `"…: {source}"`) above a plain one.
+    #[derive(Debug)]
+    struct Quoting(std::io::Error);
+    impl std::fmt::Display for Quoting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "state file /x cannot be opened: {}; it was left untouched", self.0)
+        }
+    }
+    impl std::error::Error for Quoting {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    /// A context above it.
+    #[derive(Debug)]
+    struct Context(&'static str, Box<dyn std::error::Error + 'static>);
+    impl std::fmt::Display for Context {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Context {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.1)
+        }
+    }
+
+    #[test]
+    fn report_names_each_cause_once() {
+        let io = || std::io::Error::other("bad magic");
+        let e = Context("opening the vTPM", Box::new(Quoting(io())));
+        assert_eq!(report(&e), "opening the vTPM: state file /x cannot be opened: bad magic; it was left untouched");
+        // A cause the message does not quote is still named, in order.
+        let e = Context("binding listeners", Box::new(Context("/run/x.sock", Box::new(io()))));
+        assert_eq!(report(&e), "binding listeners: /run/x.sock: bad magic");
+        // An empty message adds no separator.
+        let e = Context("", Box::new(io()));
+        assert_eq!(report(&e), "bad magic");
+    }
 
     #[test]
     fn bursts_then_suppresses_then_reports_the_count() {

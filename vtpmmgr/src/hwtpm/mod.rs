@@ -129,7 +129,7 @@ pub enum HwTpmError {
     },
     /// The TPM rejected the admin's signature over the approved policy.
     #[error("policy signature rejected by the TPM: {0}")]
-    PolicySignature(String),
+    PolicySignature(#[source] tss_esapi::Error),
     /// The SRK re-created now differs from the one used at provisioning.
     #[error(
         "storage root key differs from the one used at provisioning (different TPM, or TPM owner cleared)"
@@ -143,11 +143,49 @@ pub enum HwTpmError {
     InvalidArgument(String),
     #[error("unexpected TPM response: {0}")]
     Unexpected(String),
+    /// A record field does not parse: which one, and why.
+    #[error("invalid record: {what}: {source}")]
+    Record {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The policy signing key could not be used: for what, and why.
+    #[error("invalid policy signing key: {what}: {source}")]
+    PolicyKeyUse {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The TPM (or a check of what it returned) answered what it should not: where, and why.
+    #[error("unexpected TPM response: {what}: {source}")]
+    UnexpectedAt {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl HwTpmError {
     fn tpm(op: &'static str) -> impl FnOnce(tss_esapi::Error) -> HwTpmError {
         move |source| HwTpmError::Tpm { op, source }
+    }
+
+    /// The record field `what` does not parse.
+    pub(crate) fn record<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) -> impl FnOnce(E) -> HwTpmError {
+        let what = what.into();
+        move |e| HwTpmError::Record { what, source: Box::new(e) }
+    }
+
+    /// The TPM's answer at `what` is not what it should be.
+    pub(crate) fn unexpected<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>) -> impl FnOnce(E) -> HwTpmError {
+        let what = what.into();
+        move |e| HwTpmError::UnexpectedAt { what, source: Box::new(e) }
+    }
+
+    /// The policy signing key failed at `what`.
+    fn policy_key<E: std::error::Error + Send + Sync + 'static>(what: &'static str) -> impl FnOnce(E) -> HwTpmError {
+        move |e| HwTpmError::PolicyKeyUse { what, source: Box::new(e) }
     }
 }
 
@@ -341,7 +379,7 @@ fn flush_all(ctx: &mut Context) -> Result<usize> {
             if !want.contains(&((h >> 24) as u8)) {
                 continue;
             }
-            let th = TpmHandle::try_from(h).map_err(|e| HwTpmError::Unexpected(format!("handle {h:#010x}: {e}")))?;
+            let th = TpmHandle::try_from(h).map_err(HwTpmError::unexpected(format!("handle {h:#010x}")))?;
             let tr = ctx.tr_from_tpm_public(th).map_err(HwTpmError::tpm("TR_FromTPMPublic(leftover handle)"))?;
             ctx.flush_context(tr).map_err(HwTpmError::tpm("FlushContext(leftover handle)"))?;
             n += 1;
@@ -560,9 +598,9 @@ impl HwTpm {
     ) -> Result<KeyHandle> {
         self.release_kept_ak();
         let public_area = Public::unmarshall(public)
-            .map_err(|e| HwTpmError::InvalidRecord(format!("{what} public: {e}")))?;
+            .map_err(HwTpmError::record(format!("{what} public")))?;
         let private = Private::try_from(private.to_vec())
-            .map_err(|e| HwTpmError::InvalidRecord(format!("{what} private: {e}")))?;
+            .map_err(HwTpmError::record(format!("{what} private")))?;
         if sha256_name(public) != name {
             return Err(HwTpmError::InvalidRecord(format!(
                 "{what} name does not match its public area"
@@ -593,6 +631,21 @@ impl HwTpm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_and_unexpected_errors_keep_their_cause_and_name_it_once() {
+        use std::error::Error as _;
+        let e = tss_esapi::structures::Public::unmarshall(&[1, 2, 3]).map_err(HwTpmError::record("AK public")).unwrap_err();
+        let cause = e.source().expect("the parse error is kept as the source").to_string();
+        assert_eq!(e.to_string(), format!("invalid record: AK public: {cause}"));
+        // The printed line: the message, then only causes it does not already quote (tss2's own
+        // detail below its text), each once.
+        let line = xvtpm_log::report(&e);
+        assert!(line.starts_with(&e.to_string()), "{line}");
+        assert_eq!(line.matches(&cause).count(), 1, "the cause once: {line}");
+        let e = HwTpmError::unexpected("self-verify")(std::io::Error::other("bad signature"));
+        assert_eq!(xvtpm_log::report(&e), "unexpected TPM response: self-verify: bad signature");
+    }
 
     #[test]
     fn selection_marshalling() {

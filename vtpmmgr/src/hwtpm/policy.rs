@@ -141,9 +141,9 @@ impl HwTpm {
         signature: &[u8],
     ) -> Result<(Name, tss_esapi::structures::VerifiedTicket)> {
         let public = Public::unmarshall(policy_pub)
-            .map_err(|e| HwTpmError::InvalidRecord(format!("policy_pubkey: {e}")))?;
+            .map_err(HwTpmError::record("policy_pubkey"))?;
         let sig = Signature::unmarshall(signature)
-            .map_err(|e| HwTpmError::InvalidRecord(format!("policy_signature: {e}")))?;
+            .map_err(HwTpmError::record("policy_signature"))?;
         self.release_kept_ak();
         let key = self
             .ctx
@@ -158,7 +158,7 @@ impl HwTpm {
             let ticket = self
                 .ctx
                 .execute_without_session(|ctx| ctx.verify_signature(key, d, sig))
-                .map_err(|e| HwTpmError::PolicySignature(e.to_string()))?;
+                .map_err(HwTpmError::PolicySignature)?;
             Ok((name, ticket))
         })();
         self.flush_object(key.into());
@@ -177,7 +177,7 @@ impl HwTpm {
         let a = ahash(&approved, &rec.policy_ref);
         let sig: p256::ecdsa::Signature = sk
             .sign_prehash(&a)
-            .map_err(|e| HwTpmError::PolicyKey(format!("signing: {e}")))?;
+            .map_err(HwTpmError::policy_key("signing"))?;
         let (r, s) = sig.split_bytes();
         let tpm_sig = Signature::EcDsa(
             EccSignature::create(
@@ -234,7 +234,7 @@ impl HwTpm {
             let sig = p256::ecdsa::Signature::from_scalars(r, s)
                 .map_err(|e| HwTpmError::Unexpected(e.to_string()))?;
             vk.verify_prehash(&ahash(&new.approved_policy, &new.policy_ref), &sig)
-                .map_err(|e| HwTpmError::Unexpected(format!("self-verify: {e}")))?;
+                .map_err(HwTpmError::unexpected("self-verify"))?;
         }
         Ok(new)
     }

@@ -66,7 +66,7 @@ impl HwTpm {
         let vk = *sk.verifying_key();
         let sk_der = sk
             .to_pkcs8_der()
-            .map_err(|e| HwTpmError::PolicyKey(format!("PKCS#8 encoding: {e}")))?;
+            .map_err(HwTpmError::policy_key("PKCS#8 encoding"))?;
         let policy_key_der = Secret::new(sk_der.as_bytes().to_vec());
         let policy_pub = policy_key_public(&vk)?;
         let policy_pub_bytes = policy_pub
@@ -172,7 +172,7 @@ impl HwTpm {
             ));
         }
         let sealed = Public::unmarshall(&rec.sealed_public)
-            .map_err(|e| HwTpmError::InvalidRecord(format!("sealed_public: {e}")))?;
+            .map_err(HwTpmError::record("sealed_public"))?;
         let expected = policy_authorize_digest(&rec.policy_key_name, &rec.policy_ref);
         if sealed.auth_policy().value() != expected.as_slice() {
             return Err(HwTpmError::InvalidRecord(
@@ -189,13 +189,13 @@ impl HwTpm {
         Self::check_record(rec)?;
         self.check_srk(&rec.srk_name)?;
         let approved = Digest::try_from(rec.approved_policy.clone())
-            .map_err(|e| HwTpmError::InvalidRecord(format!("approved_policy: {e}")))?;
+            .map_err(HwTpmError::record("approved_policy"))?;
         let policy_ref = Nonce::try_from(rec.policy_ref.clone())
-            .map_err(|e| HwTpmError::InvalidRecord(format!("policy_ref: {e}")))?;
+            .map_err(HwTpmError::record("policy_ref"))?;
         let sealed_public = Public::unmarshall(&rec.sealed_public)
-            .map_err(|e| HwTpmError::InvalidRecord(format!("sealed_public: {e}")))?;
+            .map_err(HwTpmError::record("sealed_public"))?;
         let sealed_private = Private::try_from(rec.sealed_private.clone())
-            .map_err(|e| HwTpmError::InvalidRecord(format!("sealed_private: {e}")))?;
+            .map_err(HwTpmError::record("sealed_private"))?;
         let sel = pcr_selection(&rec.pcrs)?;
 
         // 1. Ticket for the admin's signature over (approvedPolicy, policyRef).
@@ -207,7 +207,7 @@ impl HwTpm {
         let sess = self.start_salted_session(SessionType::Policy)?;
         let res = (|| {
             let psess = PolicySession::try_from(sess)
-                .map_err(|e| HwTpmError::Unexpected(format!("policy session: {e}")))?;
+                .map_err(HwTpmError::unexpected("policy session"))?;
             self.ctx
                 .execute_without_session(|ctx| ctx.policy_pcr(psess, Digest::default(), sel))
                 .map_err(HwTpmError::tpm("PolicyPCR"))?;
