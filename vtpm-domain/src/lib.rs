@@ -82,11 +82,27 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 certify_if_missing(&mut v, &link, &cfg).await;
                 (v, ek)
             };
+            if cfg.manufacture_only {
+                return Ok(None);
+            }
             let quote = cfg.quote_socket.as_deref().map(hostquote::bind).transpose().context("binding the host-quote socket").map_err(fatal(1))?;
             let bound = server::bind(&cfg.listen, cfg.uuid, cfg.family, peer::Access { consumer_uid: cfg.consumer_uid }, cfg.ctrl_listener_stdin).await.context("binding listeners").map_err(fatal(1))?;
-            Ok::<_, Fatal>((vtpm, ek, (bound, quote), blob_key))
+            Ok::<_, Fatal>(Some((vtpm, ek, (bound, quote), blob_key)))
         }
         .await;
+        // Made ahead of demand: the state is written and the identity durable with its EK
+        // certificate; the process ends without a listener ever bound.
+        let started = match started {
+            Ok(None) => {
+                link.close().await;
+                println!("{}", serde_json::json!({ "manufactured": true, "uuid": cfg.uuid }));
+                use std::io::Write;
+                std::io::stdout().flush().ok();
+                return Ok(());
+            }
+            Ok(Some(s)) => Ok(s),
+            Err(f) => Err(f),
+        };
         // Setup done: from here on the process is unprivileged and reads client input.
         let started = started.and_then(|(mut vtpm, ek, bound, blob_key)| {
             if !cfg.sandbox.disabled {
