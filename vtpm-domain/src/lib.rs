@@ -83,6 +83,8 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 (v, ek)
             };
             if cfg.manufacture_only {
+                drop(vtpm);
+                anchor_first_state(&cfg, blob_key, &link).map_err(fatal(EXIT_STATE))?;
                 return Ok(None);
             }
             let quote = cfg.quote_socket.as_deref().map(hostquote::bind).transpose().context("binding the host-quote socket").map_err(fatal(1))?;
@@ -213,6 +215,18 @@ async fn create_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &Mgr
     let made = m.finish().map_err(|e| state(e.into()))?;
     xvtpm_log::host_info!(uuid = %cfg.uuid, "manufactured a new vTPM");
     Ok(made)
+}
+
+/// `--manufacture-only`: presents the first state just written to the manager, which anchors
+/// it now (one store write, at the fill) instead of at the vTPM's first start (on the claiming
+/// create's path). Nothing is resumed: the state stays as manufactured.
+fn anchor_first_state(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &MgrLink) -> anyhow::Result<()> {
+    let config::StateSpec::File(p) = &cfg.state else {
+        anyhow::bail!("--manufacture-only needs --state FILE");
+    };
+    let (store, state) = Store::open(p, cfg.uuid, cfg.family, key)?;
+    Anchored::new(store, link.clone(), cfg.uuid, cfg.family).present(p, &state)?;
+    Ok(())
 }
 
 /// A TPM 2.0 vTPM made before EK certificates (or whose certificate could not be stored) asks

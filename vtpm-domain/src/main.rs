@@ -36,7 +36,7 @@ struct Args {
     /// With --create: manufacture the TPM (EK, EK certificate, first sealed state), print
     /// `{"manufactured":true,…}` and exit without listening (a vTPM made ahead of demand for
     /// `xl-vtpm vtpm pool fill`; nobody can reach it until it is started).
-    #[arg(long, requires = "create", conflicts_with_all = ["listen", "ctrl_listener_stdin", "quote_socket"])]
+    #[arg(long, requires = "create", conflicts_with_all = ["listen", "ctrl_listener_stdin", "quote_socket", "state_block"])]
     manufacture_only: bool,
     /// Run a TPM 1.2 instead of TPM 2.0 (only at --create; later starts must match).
     #[arg(long)]

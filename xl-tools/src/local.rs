@@ -13,6 +13,7 @@
 //!   0600 and the vTPM accepts only root and the consumer (`SO_PEERCRED`);
 //! - `<state-dir>/vtpms/<uuid>/creating` — present from before the manager makes the identity
 //!   until the vTPM has written its first state;
+//! - `<state-dir>/pool/` — vTPMs made ahead of demand, which `vtpm create` claims ([`pool`]);
 //! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports, sockets);
 //! - `<run-dir>/vtpms/<uuid>.quote` — its host deep-quote socket (root only, mode 0600), where
 //!   the attestation service asks for a deep quote without the guest;

@@ -105,6 +105,11 @@ fn parse_owned(name: &str) -> Option<(Uuid, bool)> {
     Some((uuid, xvtpm_fsutil::instance_alive(pid, start)))
 }
 
+/// The ready entries in `dir` (files named by a UUID; not a write's temporary file).
+fn ready_in(dir: &Path) -> usize {
+    fs::read_dir(dir).map(|rd| rd.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<Uuid>().is_ok())).count()).unwrap_or(0)
+}
+
 fn io_fail(what: &Path, e: std::io::Error) -> CliError {
     CliError::new(FAILURE, format!("{}: {e}", what.display()))
 }
@@ -191,7 +196,7 @@ impl Local {
                 group: g,
                 group_name: groups.iter().find(|i| i.uuid == g).map(|i| i.name.clone()),
                 ek: ek_name(ecc).into(),
-                ready: fs::read_dir(d).map(|rd| rd.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<Uuid>().is_ok())).count()).unwrap_or(0),
+                ready: ready_in(&d),
             })
             .collect();
         ready.sort_by(|a, b| (a.group, &a.ek).cmp(&(b.group, &b.ek)));
@@ -212,7 +217,7 @@ impl Local {
     pub fn pool_fill(&self, admin: &mut Admin, group: Option<&str>, ecc: bool, count: Option<usize>, min: Option<usize>) -> Result<Vec<Uuid>, CliError> {
         let g = Self::pool_group(admin, group)?;
         self.pool_sweep(admin)?;
-        let have = fs::read_dir(self.ready_dir(&g.uuid, ecc)).map(|rd| rd.count()).unwrap_or(0);
+        let have = ready_in(&self.ready_dir(&g.uuid, ecc));
         let n = match (count, min) {
             (Some(c), None) => c,
             (None, Some(m)) => m.saturating_sub(have),
@@ -423,7 +428,7 @@ impl Local {
     /// `vtpm create` that claims a pooled vTPM when one of its group and EK kind is ready
     /// (and `opts.pool`, no `--uuid`, TPM 2.0), and manufactures one otherwise.
     pub fn create_or_claim(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], opts: &CreateOpts) -> Result<(Runtime, CreatePath), CliError> {
-        if !(opts.pool && uuid.is_none() && !opts.tpm12) {
+        if !(opts.pool && uuid.is_none() && !opts.tpm12 && self.pool_dir().exists()) {
             return self.create(admin, group, uuid, listen, opts).map(|rt| (rt, CreatePath::New));
         }
         // Everything `create` checks, before anything is claimed.
