@@ -39,6 +39,13 @@ fn create(s: &Stack, args: &[&str]) -> (VtpmHandle, String) {
     (Stack::handle(&v), v["created_from"].as_str().unwrap().to_string())
 }
 
+/// How often the manager logged a new anchor for `uuid` (a first state, or a state presented
+/// at start that it had not anchored).
+fn anchorings(s: &Stack, uuid: &Uuid) -> usize {
+    let u = uuid.to_string();
+    s.mgr_log().lines().filter(|l| l.contains("anchoring vTPM state") && l.contains(&u)).count()
+}
+
 /// The manager's identities.
 fn mgr_vtpms(s: &Stack) -> HashSet<Uuid> {
     s.xl_json(&["mgr", "vtpm", "list"]).as_array().unwrap().iter().map(|v| v["uuid"].as_str().unwrap().parse().unwrap()).collect()
@@ -86,6 +93,20 @@ fn a_claimed_vtpm_answers_with_its_ek_certificate_and_an_empty_pool_falls_back()
         assert!(!s.run_dir().join("vtpms").join(u.to_string()).exists(), "a pooled vTPM has a socket directory");
         assert!(!s.run_dir().join("vtpms").join(format!("{u}.json")).exists());
     }
+    // The fill anchored each one's first state: a claim's start presents it without a store write.
+    for u in &made {
+        assert_eq!(anchorings(&s, u), 1, "{}", s.mgr_log());
+    }
+    // `registry check` counts them and does not take them for drift (they belong to no guest by
+    // design); a stand-in for `xl` says no domain runs.
+    let fake_xl = s.dir.path().join("xl");
+    std::fs::write(&fake_xl, "#!/bin/sh\ncase \"$1\" in domid) exit 1;; list) echo 'Name ID Mem VCPUs State Time(s) UUID'; exit 0;; esac\nexit 0\n").unwrap();
+    std::fs::set_permissions(&fake_xl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let check = s.xl_command(&["registry", "check"]).env("XVTPM_XL", &fake_xl).output().unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{text}{}", String::from_utf8_lossy(&check.stderr));
+    assert!(text.contains("pool: 2 ready"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("drift:")), "{text}");
     // Only a claim takes a vTPM out of the pool: starting one by UUID is refused.
     let out = s.xl(&["vtpm", "start", &made[0].to_string()]);
     assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
@@ -97,6 +118,7 @@ fn a_claimed_vtpm_answers_with_its_ek_certificate_and_an_empty_pool_falls_back()
     assert_eq!((from_a.as_str(), from_b.as_str()), ("pool", "pool"));
     assert_eq!([a.uuid, b.uuid].into_iter().collect::<HashSet<_>>(), made.iter().copied().collect());
     for v in [&a, &b] {
+        assert_eq!(anchorings(&s, &v.uuid), 1, "the claim anchored the first state again: {}", s.mgr_log());
         let hex = tpm2(&v.tcti(), &["tpm2_getrandom", "--hex", "8"]);
         assert_eq!(hex.trim().len(), 16, "{hex}");
         check_ek_cert(&s, v, &dir);
