@@ -176,9 +176,9 @@ pub struct Row {
     /// "running", "stopped", "pooled" (made ahead of demand, never started: [`pool`]), or
     /// "incomplete" (its creation was interrupted before its first state).
     pub state: String,
-    /// `vtpm create` only: "pool" if it claimed a vTPM made ahead of demand, "new" if it
-    /// manufactured one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `vtpm create`: "pool" if it claimed a vTPM made ahead of demand, "new" if it
+    /// manufactured one; `null` in every other command's output (one shape per object).
+    #[serde(default)]
     pub created_from: Option<pool::CreatePath>,
     /// The name given at create, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
