@@ -550,7 +550,7 @@ pub(crate) fn report_p3(out: &mut String, r: &P3, args: &Args) {
         r.pool_total.len(),
         ms(crate::stats::summarize(&r.pool_total).p99)
     );
-    row_ms(out, "off the create's path: `xl-vtpm vtpm pool fill --count 1` (one vTPM made ahead: manufacture, RSA EK, EK certificate, store write)", &r.pool_fill_each);
+    row_ms(out, "off the create's path: `xl-vtpm vtpm pool fill --count 1` (one vTPM made ahead: manufacture, RSA EK, EK certificate, 2 store writes)", &r.pool_fill_each);
     row_ms(
         out,
         "for scale: `xl-vtpm vtpm show UUID --json` (the CLI's fixed cost: exec, admin connect, one request)",
