@@ -313,6 +313,22 @@ impl Stack {
     }
 
     /// As [`Stack::create`], with extra arguments (e.g. more `--listen`).
+    /// As [`Stack::create_with`], with how the create got its vTPM (`created_from`: "pool" or "new").
+    fn create_from(&self, procs: &mut Procs, extra: &[&str]) -> Result<(Uuid, u32, u16, String)> {
+        let mut a = vec!["vtpm", "create", "--json", "--listen", "tcp:127.0.0.1:0"];
+        a.extend_from_slice(extra);
+        let out = self.xl(&a)?;
+        if !out.status.success() {
+            bail!("xl-vtpm vtpm create failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let pid = v["runtime"]["pid"].as_u64().ok_or_else(|| anyhow!("no pid in {v}"))? as u32;
+        procs.adopt(pid);
+        let port = v["runtime"]["tcp_ports"][0][0].as_u64().ok_or_else(|| anyhow!("no port in {v}"))? as u16;
+        let uuid: Uuid = v["uuid"].as_str().ok_or_else(|| anyhow!("no uuid"))?.parse()?;
+        Ok((uuid, pid, port, v["created_from"].as_str().unwrap_or("").to_string()))
+    }
+
     fn create_with(&self, procs: &mut Procs, extra: &[&str]) -> Result<(Uuid, u32, u16, PathBuf)> {
         // Loopback TCP (the benchmarks' clients speak TCP), plus any extra listeners.
         let mut a = vec!["vtpm", "create", "--json", "--listen", "tcp:127.0.0.1:0"];

@@ -30,6 +30,9 @@ pub struct Config {
     pub mgr: MgrSpec,
     /// Manufacture a new TPM (the state file must not exist).
     pub create: bool,
+    /// With `create`: manufacture (EK, EK certificate, first sealed state), then exit without
+    /// binding a listener — a vTPM made ahead of demand for `xl-vtpm vtpm pool fill`.
+    pub manufacture_only: bool,
     /// Startup behaviour.
     pub startup: Startup,
     /// Listeners.

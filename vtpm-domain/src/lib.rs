@@ -83,11 +83,29 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 certify_if_missing(&mut v, &link, &cfg).await;
                 (v, ek)
             };
+            if cfg.manufacture_only {
+                drop(vtpm);
+                anchor_first_state(&cfg, blob_key, &link).map_err(fatal(EXIT_STATE))?;
+                return Ok(None);
+            }
             let quote = cfg.quote_socket.as_deref().map(hostquote::bind).transpose().context("binding the host-quote socket").map_err(fatal(1))?;
             let bound = server::bind(&cfg.listen, cfg.uuid, cfg.family, peer::Access { consumer_uid: cfg.consumer_uid }, cfg.ctrl_listener_stdin).await.context("binding listeners").map_err(fatal(1))?;
-            Ok::<_, Fatal>((vtpm, ek, (bound, quote), blob_key))
+            Ok::<_, Fatal>(Some((vtpm, ek, (bound, quote), blob_key)))
         }
         .await;
+        // Made ahead of demand: the state is written and the identity durable with its EK
+        // certificate; the process ends without a listener ever bound.
+        let started = match started {
+            Ok(None) => {
+                link.close().await;
+                println!("{}", serde_json::json!({ "manufactured": true, "uuid": cfg.uuid }));
+                use std::io::Write;
+                std::io::stdout().flush().ok();
+                return Ok(());
+            }
+            Ok(Some(s)) => Ok(s),
+            Err(f) => Err(f),
+        };
         // Setup done: from here on the process is unprivileged and reads client input.
         let started = started.and_then(|(mut vtpm, ek, bound, blob_key)| {
             if !cfg.sandbox.disabled {
@@ -198,6 +216,18 @@ async fn create_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &Mgr
     let made = m.finish().map_err(|e| state(e.into()))?;
     xvtpm_log::host_info!(uuid = %cfg.uuid, "manufactured a new vTPM");
     Ok(made)
+}
+
+/// `--manufacture-only`: presents the first state just written to the manager, which anchors
+/// it now (one store write, at the fill) instead of at the vTPM's first start (on the claiming
+/// create's path). Nothing is resumed: the state stays as manufactured.
+fn anchor_first_state(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &MgrLink) -> anyhow::Result<()> {
+    let config::StateSpec::File(p) = &cfg.state else {
+        anyhow::bail!("--manufacture-only needs --state FILE");
+    };
+    let (store, state) = Store::open(p, cfg.uuid, cfg.family, key)?;
+    Anchored::new(store, link.clone(), cfg.uuid, cfg.family).present(p, &state)?;
+    Ok(())
 }
 
 /// A TPM 2.0 vTPM made before EK certificates (or whose certificate could not be stored) asks

@@ -33,6 +33,11 @@ struct Args {
     /// Manufacture a new TPM; the state file must not exist yet.
     #[arg(long)]
     create: bool,
+    /// With --create: manufacture the TPM (EK, EK certificate, first sealed state), print
+    /// `{"manufactured":true,…}` and exit without listening (a vTPM made ahead of demand for
+    /// `xl-vtpm vtpm pool fill`; nobody can reach it until it is started).
+    #[arg(long, requires = "create", conflicts_with_all = ["listen", "ctrl_listener_stdin", "quote_socket", "state_block"])]
+    manufacture_only: bool,
     /// Run a TPM 1.2 instead of TPM 2.0 (only at --create; later starts must match).
     #[arg(long)]
     tpm12: bool,
@@ -41,7 +46,7 @@ struct Args {
     startup: Startup,
     /// Listener: tcp:HOST:PORT (data on PORT, control on PORT+1; port 0 picks),
     /// data:PATH or ctrl:PATH (Unix sockets). Repeatable.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "manufacture_only")]
     listen: Vec<Listen>,
     /// Endorsement key made at --create.
     #[arg(long, value_enum, default_value = "rsa")]
@@ -169,6 +174,7 @@ fn main() {
             (None, None) => unreachable!("clap requires one of --mgr-socket and --mgr-xen"),
         },
         create: args.create,
+        manufacture_only: args.manufacture_only,
         startup: args.startup,
         listen: args.listen,
         consumer_uid: args.consumer_uid,

@@ -13,6 +13,7 @@
 //!   0600 and the vTPM accepts only root and the consumer (`SO_PEERCRED`);
 //! - `<state-dir>/vtpms/<uuid>/creating` — present from before the manager makes the identity
 //!   until the vTPM has written its first state;
+//! - `<state-dir>/pool/` — vTPMs made ahead of demand, which `vtpm create` claims ([`pool`]);
 //! - `<run-dir>/vtpms/<uuid>.json` — the running process (pid, ports, sockets);
 //! - `<run-dir>/vtpms/<uuid>.quote` — its host deep-quote socket (root only, mode 0600), where
 //!   the attestation service asks for a deep quote without the guest;
@@ -44,6 +45,9 @@ use vtpm_proto::mgr::{AdminReply, AdminRequest, VTPM_GID, VTPM_UID_COUNT, VTPM_U
 
 use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, NOT_FOUND, REFUSED};
+
+#[path = "pool.rs"]
+pub mod pool;
 
 /// Paths and binaries of local mode.
 #[derive(Debug, Clone)]
@@ -156,6 +160,9 @@ pub struct CreateOpts {
     pub consumer_uid: Option<u32>,
     /// A name for its stable endpoints (see the module docs); checked by [`check_name`].
     pub name: Option<String>,
+    /// Claim a vTPM made ahead of demand when the pool has one ([`pool`]; `vtpm create`
+    /// without `--no-pool`). Only [`Local::create_or_claim`] looks at it.
+    pub pool: bool,
 }
 
 /// The `schema` of a vTPM object in `--json` output (docs/json.md).
@@ -175,8 +182,13 @@ pub struct Row {
     /// Manager's record.
     #[serde(flatten)]
     pub info: VtpmInfo,
-    /// "running", "stopped", or "incomplete" (its creation was interrupted before its first state).
+    /// "running", "stopped", "pooled" (made ahead of demand, never started: [`pool`]), or
+    /// "incomplete" (its creation was interrupted before its first state).
     pub state: String,
+    /// `vtpm create`: "pool" if it claimed a vTPM made ahead of demand, "new" if it
+    /// manufactured one; `null` in every other command's output (one shape per object).
+    #[serde(default)]
+    pub created_from: Option<pool::CreatePath>,
     /// The name given at create, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -311,12 +323,8 @@ impl Local {
         }
     }
 
-    /// Creates a vTPM identity in the manager and starts its process, which
-    /// manufactures the TPM (EK included) and writes its first sealed state.
-    ///
-    /// `listen` empty: the default Unix sockets (see the module docs). `listen` and the
-    /// consumer are recorded and reused by [`Local::start`].
-    pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], opts: &CreateOpts) -> Result<Runtime, CliError> {
+    /// What `create` checks before anything is made: the listeners and the name.
+    fn check_create(&self, listen: &[String], opts: &CreateOpts) -> Result<(), CliError> {
         check_listen(listen)?;
         if let Some(name) = &opts.name {
             check_name(name)?;
@@ -329,6 +337,16 @@ impl Local {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Creates a vTPM identity in the manager and starts its process, which
+    /// manufactures the TPM (EK included) and writes its first sealed state.
+    ///
+    /// `listen` empty: the default Unix sockets (see the module docs). `listen` and the
+    /// consumer are recorded and reused by [`Local::start`].
+    pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, listen: &[String], opts: &CreateOpts) -> Result<Runtime, CliError> {
+        self.check_create(listen, opts)?;
         let uuid = uuid.unwrap_or_else(Uuid::new_v4);
         // The marker goes down before the identity exists, so no kill can leave an identity
         // without it. An existing directory is another vTPM's (the manager refuses below).
@@ -403,6 +421,7 @@ impl Local {
         if let Some(rt) = self.runtime(uuid) {
             return Err(CliError::new(REFUSED, format!("vTPM {uuid} is already running as process {}", rt.pid)));
         }
+        self.refuse_pooled(uuid)?;
         check_listen(listen)?;
         if self.incomplete(uuid) {
             return Err(CliError::new(
@@ -452,6 +471,7 @@ impl Local {
         if let Some(rt) = self.runtime(uuid) {
             return Err(CliError::new(REFUSED, format!("vTPM {uuid} is already running as process {}; one vTPM serves one QEMU", rt.pid)));
         }
+        self.refuse_pooled(uuid)?;
         let listen = vec![format!("ctrl:{}", ctrl.display())];
         check_listen(&listen)?;
         if self.incomplete(uuid) {
@@ -689,6 +709,7 @@ impl Local {
 
     /// Stops a vTPM, deletes its identity and its state. Irreversible.
     pub fn destroy(&self, admin: &mut Admin, uuid: &Uuid) -> Result<(), CliError> {
+        self.unpool(uuid);
         self.stop(admin, uuid, Duration::from_secs(5))?;
         admin.call(&AdminRequest::VtpmDel { uuid: *uuid })?;
         self.remove_name_links(self.access(uuid).name.as_deref(), uuid);
@@ -718,9 +739,11 @@ impl Local {
             state: match (&runtime, self.incomplete(&info.uuid)) {
                 (Some(_), _) => "running",
                 (None, true) => "incomplete",
+                (None, false) if self.pooled(&info.uuid) => "pooled",
                 (None, false) => "stopped",
             }
             .into(),
+            created_from: None,
             name: self.access(&info.uuid).name,
             state_file: self.state_file(&info.uuid),
             runtime,

@@ -345,9 +345,17 @@ enum VtpmCmd {
         /// Endorsement key: rsa (RSA-2048 at 0x81010001, default) or ecc (P-256 at 0x81010002, faster).
         #[arg(long, default_value = "rsa", value_parser = ["rsa", "ecc"])]
         ek: String,
+        /// Manufacture a new vTPM even if the pool has one of this group and EK (`vtpm pool
+        /// fill`). Without it a create without --uuid claims a pooled vTPM when there is one
+        /// (its UUID, group and EK certificate were made ahead of demand).
+        #[arg(long)]
+        no_pool: bool,
         #[command(flatten)]
         dom: DomainArgs,
     },
+    /// vTPMs made ahead of demand, which `vtpm create` claims (docs/pool.md).
+    #[command(subcommand)]
+    Pool(PoolCmd),
     /// List vTPMs.
     List,
     /// Show one vTPM.
@@ -395,6 +403,38 @@ enum VtpmCmd {
     /// Move a stopped vTPM to another manager whose admin socket and state directory are
     /// reachable from here: every transfer step, then the source copy is retired.
     Migrate(xl_tools::transfer::MigrateArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum PoolCmd {
+    /// Make complete vTPMs ahead of demand (libtpms manufactured, EK and EK certificate made,
+    /// state sealed, identity durable); each becomes claimable only once complete. First
+    /// destroys what a killed fill or claim left.
+    Fill {
+        /// Group name or UUID (default group if omitted).
+        #[arg(long)]
+        group: Option<String>,
+        /// Make this many more.
+        #[arg(long, required_unless_present = "min", conflicts_with = "min")]
+        count: Option<usize>,
+        /// Make as many as it takes to have this many ready (for a timer that keeps the pool topped up).
+        #[arg(long)]
+        min: Option<usize>,
+        /// Endorsement key of the vTPMs made: rsa (default) or ecc.
+        #[arg(long, default_value = "rsa", value_parser = ["rsa", "ecc"])]
+        ek: String,
+    },
+    /// Ready vTPMs per group and EK, fills and claims under way, and what killed ones left.
+    Status,
+    /// Destroy every ready vTPM (of --group, if given) and what killed fills or claims left.
+    Drain {
+        /// Only this group's.
+        #[arg(long)]
+        group: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 const DEFAULT_VTPMDOM_KERNEL: &str = "/usr/lib/xvtpm/vtpmdom/vmlinuz";
@@ -787,7 +827,7 @@ fn check_vtpm_args(cmd: &VtpmCmd) -> Result<(), CliError> {
 /// `xl-vtpm vtpm …`: local vTPMs, as processes or in their own domains.
 fn run_vtpm(cmd: VtpmCmd, local: &Local, xen: &xenlife::Xen, domains: xl_tools::vtpmdom::Domains, mut admin: Admin, json: bool) -> Result<(), CliError> {
     match cmd {
-        VtpmCmd::Create { group, uuid, listen: _, consumer: _, name: _, tpm12, ek, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } } => {
+        VtpmCmd::Create { group, uuid, listen: _, consumer: _, name: _, tpm12, ek, no_pool: _, dom: DomainArgs { domain: Some(name), kernel, ramdisk, memory, disk, wait } } => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let mut create_args = vec!["--ek".to_string(), ek];
             if tpm12 {
@@ -802,18 +842,24 @@ fn run_vtpm(cmd: VtpmCmd, local: &Local, xen: &xenlife::Xen, domains: xl_tools::
                 println!("guest config: vtpm = [ \"backend={},uuid={}\" ]", rt.name, rt.uuid);
             }
         }
-        VtpmCmd::Create { group, uuid, listen, consumer, name, tpm12, ek, dom: _ } => {
+        VtpmCmd::Create { group, uuid, listen, consumer, name, tpm12, ek, no_pool, dom: _ } => {
             let uuid = uuid.map(|u| local::parse_uuid(&u, "--uuid")).transpose()?;
             let consumer_uid = consumer.as_deref().map(local::parse_user).transpose()?;
-            let rt = local.create(&mut admin, group, uuid, &listen, &local::CreateOpts { tpm12, ek_ecc: ek == "ecc", consumer_uid, name })?;
-            let row = local.show(&mut admin, &rt.uuid)?;
+            let opts = local::CreateOpts { tpm12, ek_ecc: ek == "ecc", consumer_uid, name, pool: !no_pool };
+            let (rt, from) = local.create_or_claim(&mut admin, group, uuid, &listen, &opts)?;
+            let mut row = local.show(&mut admin, &rt.uuid)?;
+            row.created_from = Some(from);
             if json {
                 print_json(&row);
             } else {
-                println!("created vTPM {} (pid {})", rt.uuid, rt.pid);
+                match from {
+                    local::pool::CreatePath::Pool => println!("created vTPM {} (pid {}) from the pool (made ahead of demand)", rt.uuid, rt.pid),
+                    local::pool::CreatePath::New => println!("created vTPM {} (pid {})", rt.uuid, rt.pid),
+                }
                 print_endpoints(&row);
             }
         }
+        VtpmCmd::Pool(p) => run_pool(p, local, admin, json)?,
         VtpmCmd::List => print_rows(&with_domains(&domains, local.list(&mut admin)?), json),
         VtpmCmd::Show { uuid } => {
             let uuid = local.resolve(&uuid)?;
@@ -953,6 +999,50 @@ fn run_list(xen: &xenlife::Xen, json: bool) -> Result<(), CliError> {
             }
         }
     Ok(())
+}
+
+/// `xl-vtpm vtpm pool …`.
+fn run_pool(cmd: PoolCmd, local: &Local, mut admin: Admin, json: bool) -> Result<(), CliError> {
+    match cmd {
+        PoolCmd::Fill { group, count, min, ek } => {
+            let made = local.pool_fill(&mut admin, group.as_deref(), ek == "ecc", count, min)?;
+            let status = local.pool_status(&mut admin)?;
+            if json {
+                print_json(&serde_json::json!({ "made": made, "status": status }));
+            } else {
+                println!("made {} vTPM(s) for the pool", made.len());
+                print_pool(&status);
+            }
+        }
+        PoolCmd::Status => {
+            let status = local.pool_status(&mut admin)?;
+            if json {
+                print_json(&status);
+            } else {
+                print_pool(&status);
+            }
+        }
+        PoolCmd::Drain { group, yes } => {
+            confirm(yes, "Destroy the pool's unclaimed vTPMs")?;
+            let n = local.pool_drain(&mut admin, group.as_deref())?;
+            if json {
+                print_json(&serde_json::json!({ "destroyed": n }));
+            } else {
+                println!("destroyed {n} pooled vTPM(s)");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_pool(s: &local::pool::PoolStatus) {
+    for c in &s.ready {
+        println!("group {} ({}), EK {}: {} ready", c.group_name.as_deref().unwrap_or("?"), c.group, c.ek, c.ready);
+    }
+    if s.ready.is_empty() {
+        println!("no ready vTPMs");
+    }
+    println!("being made: {}, being claimed: {}, left by a killed fill or claim: {}", s.making, s.claiming, s.abandoned);
 }
 
 /// `xl-vtpm registry …`.

@@ -675,7 +675,18 @@ impl Xen {
             reg.check(&obs, Some(&mgr), Default::default())
         }
         .map_err(reg_err)?;
+        // A pooled vTPM belongs to no guest by design: it waits for a `vtpm create` to claim it.
+        let drift: Vec<_> = drift.into_iter().filter(|d| !matches!(d, crate::registry::Drift::UnregisteredManagerVtpm { vtpm } if self.local.pooled(vtpm))).collect();
         let mut report: Vec<String> = drift.iter().map(|d| format!("drift: {d}")).collect();
+        if let Ok(p) = self.local.pool_status(admin) {
+            let ready: usize = p.ready.iter().map(|c| c.ready).sum();
+            if ready + p.making + p.claiming + p.abandoned > 0 {
+                report.push(format!(
+                    "pool: {ready} ready vTPM(s) (not drift: claimed by `vtpm create`), {} being made, {} being claimed, {} left by a killed fill or claim (`xl-vtpm vtpm pool drain` removes them)",
+                    p.making, p.claiming, p.abandoned
+                ));
+            }
+        }
         if repair {
             for action in crate::registry::repair(&drift, Some(&mgr)) {
                 use crate::registry::RepairAction as A;
