@@ -357,8 +357,7 @@ impl Registry {
     fn init_sqlite(conn: Connection, wal: bool, host: &str) -> Result<Registry, RegistryError> {
         conn.busy_timeout(Duration::from_secs(10))?;
         if wal {
-            let mode: String =
-                conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+            let mode = switch_to_wal(&conn)?;
             if !mode.eq_ignore_ascii_case("wal") {
                 return Err(RegistryError::Corrupt {
                     id: 0,
@@ -940,6 +939,26 @@ fn reconnect(client: &mut Box<postgres::Client>, config: &postgres::Config, what
 }
 
 /// The migration steps after `version_table` says where the database is.
+/// `PRAGMA journal_mode=WAL`, retried while another connection holds the file: two processes
+/// switching a fresh file at once each hold a shared lock and want an exclusive one, and SQLite
+/// answers that deadlock with an immediate `SQLITE_BUSY` instead of calling the busy handler.
+/// Retried for as long as the busy timeout would have waited.
+fn switch_to_wal(conn: &Connection) -> Result<String, RegistryError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 fn migrate_in(db: &mut dyn Sql, version_table: &str, host: &str) -> Result<(), RegistryError> {
     let current = scalar(db, &format!("SELECT max(version) FROM {version_table}"), &[])?.unwrap_or(0);
     if current > SCHEMA_VERSION {

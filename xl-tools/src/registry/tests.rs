@@ -277,6 +277,23 @@ fn migrations_are_applied_once(f: &Fixture) {
             s.spawn(move || f.open(&format!("host-{i}")));
         }
     });
+    if matches!(f.location, Location::Sqlite(_)) {
+        // Fresh SQLite files opened by 8 connections at once, many times: every open succeeds
+        // (switching a fresh file to WAL used to fail at once with "database is locked").
+        for round in 0..30 {
+            let dir = testkit::tempdir();
+            let loc = Location::parse(dir.path().join("fresh.sqlite").to_str().unwrap()).unwrap();
+            std::thread::scope(|s| {
+                for i in 0..8 {
+                    let loc = &loc;
+                    s.spawn(move || {
+                        Registry::connect(loc, &format!("host-{i}"))
+                            .unwrap_or_else(|e| panic!("round {round}, opener {i}: {e}"))
+                    });
+                }
+            });
+        }
+    }
     let r = f.open("host-a");
     assert_eq!(r.schema_version().unwrap(), SCHEMA_VERSION);
     let table = if r.is_postgres() { "schema_migrations" } else { "schema_version" };
