@@ -39,18 +39,44 @@ fn openssl(cx: &Cx, args: &[&str]) -> Result<(), String> {
     if o.ok() {
         Ok(())
     } else {
-        Err(format!("openssl {}: exit {}: {}", args.first().unwrap_or(&""), o.rc, o.tail1(3)))
+        Err(format!(
+            "openssl {}: exit {}: {}",
+            args.first().unwrap_or(&""),
+            o.rc,
+            o.tail1(3)
+        ))
     }
 }
 
 /// A self-signed P-256 CA: `<P>/NAME.pem`, `NAME.key`.
 fn ca(cx: &Cx, name: &str, cn: &str) -> Result<(), String> {
-    let (key, pem, subj) = (f(&format!("{name}.key")), f(&format!("{name}.pem")), format!("/CN={cn}"));
+    let (key, pem, subj) = (
+        f(&format!("{name}.key")),
+        f(&format!("{name}.pem")),
+        format!("/CN={cn}"),
+    );
     openssl(
         cx,
         &[
-            "req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &key, "-out",
-            &pem, "-days", "2", "-subj", &subj, "-addext", "basicConstraints=critical,CA:TRUE", "-addext",
+            "req",
+            "-x509",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-subj",
+            &subj,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
             "keyUsage=critical,keyCertSign,cRLSign",
         ],
     )
@@ -58,12 +84,35 @@ fn ca(cx: &Cx, name: &str, cn: &str) -> Result<(), String> {
 
 /// A P-256 leaf issued by the CA `issuer`, with the extensions `ext` (one per line).
 fn leaf(cx: &Cx, name: &str, issuer: &str, cn: &str, ext: &str) -> Result<(), String> {
-    let (key, csr, pem, extf) = (f(&format!("{name}.key")), f(&format!("{name}.csr")), f(&format!("{name}.pem")), f(&format!("{name}.ext")));
-    fs::write(&extf, format!("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n{ext}\n")).map_err(|e| format!("{extf}: {e}"))?;
+    let (key, csr, pem, extf) = (
+        f(&format!("{name}.key")),
+        f(&format!("{name}.csr")),
+        f(&format!("{name}.pem")),
+        f(&format!("{name}.ext")),
+    );
+    fs::write(
+        &extf,
+        format!("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n{ext}\n"),
+    )
+    .map_err(|e| format!("{extf}: {e}"))?;
     let subj = format!("/CN={cn}");
     openssl(
         cx,
-        &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subj],
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &subj,
+        ],
     )?;
     let mut serial = [0u8; 8];
     fs::File::open("/dev/urandom")
@@ -73,7 +122,24 @@ fn leaf(cx: &Cx, name: &str, issuer: &str, cn: &str, ext: &str) -> Result<(), St
     let (ca_pem, ca_key) = (f(&format!("{issuer}.pem")), f(&format!("{issuer}.key")));
     openssl(
         cx,
-        &["x509", "-req", "-in", &csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-set_serial", &serial, "-days", "2", "-extfile", &extf, "-out", &pem],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-set_serial",
+            &serial,
+            "-days",
+            "2",
+            "-extfile",
+            &extf,
+            "-out",
+            &pem,
+        ],
     )
 }
 
@@ -83,8 +149,20 @@ fn pki(cx: &Cx) -> Result<(), String> {
     ca(cx, "service-ca", "testbed provider service CA")?;
     ca(cx, "tenant-ca", "testbed provider tenant CA")?;
     ca(cx, "other-vendor", "not the host TPM's vendor")?;
-    leaf(cx, "server", "service-ca", "xvtpm-attestd", "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost")?;
-    leaf(cx, "alice", "tenant-ca", "alice", "extendedKeyUsage=clientAuth")?;
+    leaf(
+        cx,
+        "server",
+        "service-ca",
+        "xvtpm-attestd",
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost",
+    )?;
+    leaf(
+        cx,
+        "alice",
+        "tenant-ca",
+        "alice",
+        "extendedKeyUsage=clientAuth",
+    )?;
     leaf(cx, "bob", "tenant-ca", "bob", "extendedKeyUsage=clientAuth")
 }
 
@@ -101,7 +179,16 @@ impl Service {
         let se = fs::File::create(ATT_LOG).map_err(|e| format!("{ATT_LOG}: {e}"))?;
         let (cert, key, tca) = (f("server.pem"), f("server.key"), f("tenant-ca.pem"));
         let mut child = Command::new("xvtpm-attestd")
-            .args(["--listen", "127.0.0.1:0", "--cert", &cert, "--key", &key, "--tenant-ca", &tca])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "--tenant-ca",
+                &tca,
+            ])
             .args(["--ek-intermediate", VENDOR_INTERMEDIATE])
             .env("XVTPM_LOG", "info")
             .stdin(Stdio::null())
@@ -109,11 +196,22 @@ impl Service {
             .stderr(se)
             .spawn()
             .map_err(|e| format!("xvtpm-attestd: cannot start: {e}"))?;
-        cx.wait_until(30, || xen::read_text(&out).contains("\"ready\":true") || !matches!(child.try_wait(), Ok(None)));
-        let port = xen::parse_json(&xen::read_text(&out))
-            .and_then(|v| v.get("listen")?.as_str()?.rsplit_once(':')?.1.parse::<u16>().ok());
-        let svc = Service { child, port: port.unwrap_or(0) };
-        let mut svc = svc;
+        cx.wait_until(30, || {
+            xen::read_text(&out).contains("\"ready\":true") || !matches!(child.try_wait(), Ok(None))
+        });
+        let port = xen::parse_json(&xen::read_text(&out)).and_then(|v| {
+            v.get("listen")?
+                .as_str()?
+                .rsplit_once(':')?
+                .1
+                .parse::<u16>()
+                .ok()
+        });
+        // dropped on the error path below: stopped
+        let mut svc = Service {
+            child,
+            port: port.unwrap_or(0),
+        };
         if port.is_none() || !matches!(svc.child.try_wait(), Ok(None)) {
             return Err(format!(
                 "xvtpm-attestd not ready within 30 s: {} {}",
@@ -121,7 +219,12 @@ impl Service {
                 crate::cmd::tail_lines(&xen::read_text(ATT_LOG), 5).replace('\n', " ")
             ));
         }
-        println!("xvtpm-attestd ready on 127.0.0.1:{} (pid {}): {}", svc.port, svc.child.id(), xen::read_text(&out).trim());
+        println!(
+            "xvtpm-attestd ready on 127.0.0.1:{} (pid {}): {}",
+            svc.port,
+            svc.child.id(),
+            xen::read_text(&out).trim()
+        );
         Ok(svc)
     }
 
@@ -147,16 +250,54 @@ impl Drop for Service {
     }
 }
 
-/// `xl-vtpm --json attest` as the tenant with certificate CERT: (exit code, output).
-fn attest(cx: &Cx, svc: &Service, tag: &str, cert: &str, store: &str, root: &str, vtpm: &str, extra: &[&str]) -> (i32, String) {
+/// A tenant as `xl-vtpm attest` sees it: its certificate (`<P>/CERT.pem` + `.key`), its trust
+/// store (`<P>/STORE`) and the vendor root it trusts.
+struct Who<'a> {
+    cert: &'a str,
+    store: &'a str,
+    root: &'a str,
+}
+
+/// `xl-vtpm --json attest` as `who` through `svc`: (exit code, output), kept in `<P>/TAG.out`.
+fn attest(
+    cx: &Cx,
+    svc: &Service,
+    tag: &str,
+    who: &Who,
+    vtpm: &str,
+    extra: &[&str],
+) -> (i32, String) {
     let url = format!("https://127.0.0.1:{}", svc.port);
-    let (c, k, sca, st) = (f(&format!("{cert}.pem")), f(&format!("{cert}.key")), f("service-ca.pem"), f(store));
+    let (c, k, sca, st) = (
+        f(&format!("{}.pem", who.cert)),
+        f(&format!("{}.key", who.cert)),
+        f("service-ca.pem"),
+        f(who.store),
+    );
     let mut argv = vec![
-        "xl-vtpm", "--json", "attest", "--service", &url, "--cert", &c, "--key", &k, "--service-ca", &sca, "--ek-ca", root, "--trust-store", &st,
-        "--vtpm", vtpm,
+        "xl-vtpm",
+        "--json",
+        "attest",
+        "--service",
+        &url,
+        "--cert",
+        &c,
+        "--key",
+        &k,
+        "--service-ca",
+        &sca,
+        "--ek-ca",
+        who.root,
+        "--trust-store",
+        &st,
+        "--vtpm",
+        vtpm,
     ];
     argv.extend_from_slice(extra);
-    let o = Cmd::new(&argv).secs(120).save(&f(&format!("{tag}.out"))).run(cx);
+    let o = Cmd::new(&argv)
+        .secs(120)
+        .save(&f(&format!("{tag}.out")))
+        .run(cx);
     show_tail(&format!("attest {tag}"), &o.all(), 60);
     (o.rc, o.all())
 }
@@ -177,7 +318,11 @@ fn attest_service_checks(cx: &Cx, st: &mut St) -> Outcome {
     if st.vtpm_uuid.is_empty() || st.vtpm_exited() {
         return Outcome::fail("no running vTPM (vtpm-create)");
     }
-    if fs::metadata(super::eventlog::POLICY).map(|m| m.len()).unwrap_or(0) == 0 {
+    if fs::metadata(super::eventlog::POLICY)
+        .map(|m| m.len())
+        .unwrap_or(0)
+        == 0
+    {
         return Outcome::fail("no host event log policy (host-eventlog)");
     }
     if !Path::new("/usr/bin/xvtpm-attestd").is_file() || !Path::new("/usr/bin/openssl").is_file() {
@@ -204,10 +349,18 @@ fn attest_service_checks(cx: &Cx, st: &mut St) -> Outcome {
         argv.extend_from_slice(&t);
         let o = Cmd::new(&argv).secs(30).run(cx);
         if !o.ok() {
-            return Outcome::fail(format!("xl-vtpm {}: exit {}: {}", t.join(" "), o.rc, o.tail1(2)));
+            return Outcome::fail(format!(
+                "xl-vtpm {}: exit {}: {}",
+                t.join(" "),
+                o.rc,
+                o.tail1(2)
+            ));
         }
     }
-    show("tenant list", &Cmd::sh("xl-vtpm tenant list").secs(30).run(cx).all());
+    show(
+        "tenant list",
+        &Cmd::sh("xl-vtpm tenant list").secs(30).run(cx).all(),
+    );
     let mut svc = match Service::start(cx) {
         Ok(s) => s,
         Err(m) => return Outcome::fail(m),
@@ -218,7 +371,18 @@ fn attest_service_checks(cx: &Cx, st: &mut St) -> Outcome {
         return Outcome::fail(format!("{policy}: {m}"));
     }
     let save = f("alice-evidence");
-    let (rc, out) = attest(cx, &svc, "alice", "alice", "alice-store", VENDOR_ROOT, &uuid, &["--event-log-policy", &policy, "--save", &save]);
+    let (rc, out) = attest(
+        cx,
+        &svc,
+        "alice",
+        &Who {
+            cert: "alice",
+            store: "alice-store",
+            root: VENDOR_ROOT,
+        },
+        &uuid,
+        &["--event-log-policy", &policy, "--save", &save],
+    );
     let j = squeeze(&out);
     let ok = rc == 0
         && out.contains("enrolled host")
@@ -235,22 +399,44 @@ fn attest_service_checks(cx: &Cx, st: &mut St) -> Outcome {
     // 2. bob (registered, owns no vTPM) asks for alice's vTPM and for one that does not exist: the
     // same 403 (exit 6). He gets a copy of alice's trust store (the host's public AKs), so both
     // answers start past enrollment and differ in nothing but the UUID asked for.
-    let copied = Cmd::new(&["cp", "-a", &f("alice-store"), &f("bob-store")]).secs(20).run(cx);
+    let copied = Cmd::new(&["cp", "-a", &f("alice-store"), &f("bob-store")])
+        .secs(20)
+        .run(cx);
     if !copied.ok() {
         e.add("copy-trust-store");
     }
-    let (rc_bob, out_bob) = attest(cx, &svc, "bob", "bob", "bob-store", VENDOR_ROOT, &uuid, &[]);
-    let (rc_miss, out_miss) = attest(cx, &svc, "bob-missing", "bob", "bob-store", VENDOR_ROOT, NOSUCH, &[]);
+    let bob_who = Who {
+        cert: "bob",
+        store: "bob-store",
+        root: VENDOR_ROOT,
+    };
+    let (rc_bob, out_bob) = attest(cx, &svc, "bob", &bob_who, &uuid, &[]);
+    let (rc_miss, out_miss) = attest(cx, &svc, "bob-missing", &bob_who, NOSUCH, &[]);
     let same = out_bob.replace(&uuid, "UUID") == out_miss.replace(NOSUCH, "UUID");
     e.check(
         "attest-other-tenant",
         rc_bob == 6 && rc_miss == 6 && out_bob.contains("HTTP 403") && same,
-        format!("exit={rc_bob}, nonexistent vTPM exit={rc_miss} (want 6 and 6, the same 403 answer)"),
+        format!(
+            "exit={rc_bob}, nonexistent vTPM exit={rc_miss} (want 6 and 6, the same 403 answer)"
+        ),
     );
     // 3. alice with a wrong vendor root and an empty trust store: exit 7 naming the EK chain, nothing pinned
     let other = f("other-vendor.pem");
-    let (rc_w, out_w) = attest(cx, &svc, "wrong-root", "alice", "wrong-root-store", &other, &uuid, &["--event-log-policy", &policy]);
-    let pinned = fs::read_dir(f("wrong-root-store")).map(|mut d| d.next().is_some()).unwrap_or(false);
+    let (rc_w, out_w) = attest(
+        cx,
+        &svc,
+        "wrong-root",
+        &Who {
+            cert: "alice",
+            store: "wrong-root-store",
+            root: &other,
+        },
+        &uuid,
+        &["--event-log-policy", &policy],
+    );
+    let pinned = fs::read_dir(f("wrong-root-store"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
     e.check(
         "attest-wrong-vendor-root",
         rc_w == 7 && out_w.contains("EK certificate chain") && !pinned,
