@@ -348,11 +348,10 @@ else
     ossl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $P/$1.key -out $P/$1.pem -days 2 \
       -subj "/CN=$2" -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
   }
-  att_leaf() {  # NAME CA CN EXTENSIONS: a P-256 leaf issued by CA
-    printf '%b\n' "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n$4" > $P/$1.ext
-    ossl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $P/$1.key -out $P/$1.csr -subj "/CN=$3" &&
-      ossl x509 -req -in $P/$1.csr -CA $P/$2.pem -CAkey $P/$2.key -set_serial 0x$(head -c 8 /dev/urandom | xxd -p) \
-        -days 2 -extfile $P/$1.ext -out $P/$1.pem
+  att_leaf() {  # NAME CA CN EXT [EXT]: a P-256 leaf issued by CA (one openssl run)
+    ossl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $P/$1.key -out $P/$1.pem -days 2 \
+      -CA $P/$2.pem -CAkey $P/$2.key -set_serial 0x$(head -c 8 /dev/urandom | xxd -p) -subj "/CN=$3" \
+      -addext basicConstraints=critical,CA:FALSE -addext keyUsage=critical,digitalSignature -addext "$4" ${5:+-addext "$5"}
   }
   att_ready() { grep -q '"ready":true' $P/attestd.out || ! kill -0 $ATT_PID; }
   # att_run TAG CERT STORE EK-CA VTPM [ARGS...]: xl-vtpm attest as a tenant; rc in $arc, output in $P/TAG.out
@@ -371,15 +370,16 @@ else
     rm -rf $P; mkdir -p $P
     att_ca service-ca "testbed provider service CA" && att_ca tenant-ca "testbed provider tenant CA" &&
       att_ca other-vendor "not the host TPM's vendor" &&
-      att_leaf server service-ca "xvtpm-attestd" 'extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost' &&
+      att_leaf server service-ca xvtpm-attestd extendedKeyUsage=serverAuth subjectAltName=IP:127.0.0.1,DNS:localhost &&
       att_leaf alice tenant-ca alice extendedKeyUsage=clientAuth && att_leaf bob tenant-ca bob extendedKeyUsage=clientAuth ||
       err="openssl: $(tail -n 3 $P/openssl.log)"
   fi
   if [ -z "$err" ]; then
     for t in "tenant add alice --cert $P/alice.pem" "tenant bind alice $VTPM_UUID" "tenant add bob --cert $P/bob.pem"; do
-      timeout $(tmo 30) xl-vtpm $t > $P/tenant.out 2>&1 || { err="xl-vtpm $t: exit $?: $(tail -n 2 $P/tenant.out)"; break; }
+      timeout $(tmo 30) xl-vtpm $t > $P/tenant.out 2>&1; trc=$?
+      sed 's/^/[xl-vtpm tenant] /' $P/tenant.out
+      [ $trc = 0 ] || { err="xl-vtpm $t: exit $trc: $(tail -n 2 $P/tenant.out)"; break; }
     done
-    timeout $(tmo 30) xl-vtpm tenant list 2>&1 | sed 's/^/[tenant list] /'
   fi
   if [ -z "$err" ]; then
     XVTPM_LOG=info xvtpm-attestd --listen 127.0.0.1:0 --cert $P/server.pem --key $P/server.key --tenant-ca $P/tenant-ca.pem \
