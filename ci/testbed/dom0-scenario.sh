@@ -394,11 +394,10 @@ else
     # 1. alice, from nothing but the vendor root and her event-log policy: enroll, quote, verify -> 0
     cp $ELP $P/alice-host-policy.json
     att_run alice alice alice-store /etc/xvtpm-testbed/vendor-root.pem $VTPM_UUID --event-log-policy $P/alice-host-policy.json --save $P/alice-evidence
-    ok=FAIL
-    [ $arc = 0 ] && grep -q 'enrolled host .* through the service' $P/alice.out &&
-      tr -d ' \n' < $P/alice.out | grep -q '"verified":true' && tr -d ' \n' < $P/alice.out | grep -q '"host_state_checked":true' &&
-      tr -d ' \n' < $P/alice.out | grep -q "\"event_log\":{\"events\":[1-9]" &&
-      tr -d ' \n' < $P/alice.out | grep -q "\"vtpm\":\"$VTPM_UUID\"" && ok=PASS
+    # one read of the answer, matched in the shell (every extra process costs seconds on a loaded host)
+    J=$(tr -d ' \n' < $P/alice.out); ok=FAIL
+    case "$J" in *enrolledhost*throughtheservice*) case "$J" in *'"verified":true'*) case "$J" in *'"host_state_checked":true'*)
+      case "$J" in *'"event_log":{"events":'[1-9]*) case "$J" in *"\"vtpm\":\"$VTPM_UUID\""*) [ $arc = 0 ] && ok=PASS ;; esac ;; esac ;; esac ;; esac ;; esac
     echo "CHECK dom0 attest-tenant $ok exit=$arc (want 0: host enrolled through the service from the vendor root, event log replayed under the policy, deep quote of $VTPM_UUID verified)"
     [ $ok = PASS ] || err="$err attest-tenant-exit-$arc"
     # 2. bob (registered, owns no vTPM) asks for alice's vTPM and for one that does not exist: the
