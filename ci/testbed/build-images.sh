@@ -198,7 +198,7 @@ if [ ${#PBIN[@]} -eq 3 ]; then
   rm -rf "$B/deb"
   DEB=$(XVTPM_DEB_COMPRESSION=none "$TOP/scripts/build-deb.sh" "$TARGET/$PROFILE" "$B/deb") || die "scripts/build-deb.sh failed"
   dpkg-deb -x "$DEB" "$D"
-  for b in "${!PBIN[@]}"; do
+  for b in "${!PBIN[@]}" xvtpm-attestd; do
     [ -x "$D/usr/bin/$b" ] || die "$DEB has no /usr/bin/$b"
     copy_libs "$D" "$D/usr/bin/$b"
   done
@@ -208,6 +208,27 @@ if [ ${#PBIN[@]} -eq 3 ]; then
 else
   for b in "${!PBIN[@]}"; do copy_bin "$D" "${PBIN[$b]}" /usr/bin/$b strip; done
 fi
+# attest-service phase: openssl makes the service's and the tenants' certificates in dom0
+copy_bin "$D" "$R/usr/bin/openssl" /usr/bin/openssl
+install -D -m 0644 "$R/etc/ssl/openssl.cnf" "$D/etc/ssl/openssl.cnf"
+# The host's physical TPM as it leaves the factory: swtpm_setup manufactures its state (RSA and
+# ECC EKs, their certificates in NV) with a private swtpm_localca that plays the TPM vendor;
+# run.sh starts every run's swtpm from a copy of it. dom0 gets only the vendor's public
+# certificates: the root (what a tenant trusts) and the issuing intermediate (what the provider
+# serves beside the EK certificate).
+V=$IMG/vendor; rm -rf "$V"; mkdir -p "$V/ca" "$V/tpm-state"
+printf 'statedir = %s\nsigningkey = %s\nissuercert = %s\ncertserial = %s\n' \
+  "$V/ca" "$V/ca/signkey.pem" "$V/ca/issuercert.pem" "$V/ca/certserial" > "$V/localca.conf"
+printf -- '--platform-manufacturer xvtpm-testbed\n--platform-version 2.1\n--platform-model swtpm\n' > "$V/localca.options"
+printf 'create_certs_tool = %s\ncreate_certs_tool_config = %s\ncreate_certs_tool_options = %s\n' \
+  "$(command -v swtpm_localca || echo /usr/bin/swtpm_localca)" "$V/localca.conf" "$V/localca.options" > "$V/swtpm_setup.conf"
+# --pcr-banks -: every bank stays allocated, as in an unmanufactured swtpm (SeaBIOS measures into all)
+swtpm_setup --tpm2 --tpmstate "$V/tpm-state" --create-ek-cert --pcr-banks - --config "$V/swtpm_setup.conf" \
+  --logfile "$V/swtpm_setup.log" > "$V/swtpm_setup.out" 2>&1 || die "swtpm_setup (the host TPM's manufacture) failed: $(tail -n 5 "$V/swtpm_setup.out" "$V/swtpm_setup.log")"
+[ -s "$V/ca/swtpm-localca-rootca-cert.pem" ] && [ -s "$V/ca/issuercert.pem" ] || die "swtpm_localca made no vendor root/intermediate in $V/ca"
+install -D -m 0644 "$V/ca/swtpm-localca-rootca-cert.pem" "$D/etc/xvtpm-testbed/vendor-root.pem"
+install -D -m 0644 "$V/ca/issuercert.pem" "$D/etc/xvtpm-testbed/vendor-intermediate.pem"
+echo "build-images.sh: note: host TPM manufactured in $V/tpm-state (EK certificates by the vendor CA $V/ca)"
 # loop + xen-blkback: a vTPM domain's disk (an image on a loop device, served by blkback)
 for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm loop xen-blkback; do
   copy_mod "$D" $m

@@ -13,6 +13,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=0755 tmpfs /run
+# loopback: the attest-service phase serves xvtpm-attestd on 127.0.0.1
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 exec </dev/console >/dev/console 2>&1
 echo "MARK dom0-init up=$(cut -d' ' -f1 /proc/uptime)"
 S=/usr/lib/xvtpm/testbed/xvtpm-testbed

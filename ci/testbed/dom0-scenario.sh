@@ -195,7 +195,7 @@ kib() { awk -v k="$1:" '$1==k{print $2}' /proc/$VTPM_PID/smaps_rollup 2>/dev/nul
 vtpm_exited() { [ ! -e /proc/$VTPM_PID/stat ] || sed 's/.*) //' /proc/$VTPM_PID/stat | grep -q '^Z'; }
 
 if [ "$VTPM_MODE" = 0 ]; then
-  for p in vtpm-create vtpm-guest deep-quote host-eventlog vtpm-reboot vtpm-destroy; do result $p SKIPPED "disabled (XVTPM_TESTBED_VTPM=0)"; done
+  for p in vtpm-create vtpm-guest deep-quote host-eventlog attest-service vtpm-reboot vtpm-destroy; do result $p SKIPPED "disabled (XVTPM_TESTBED_VTPM=0)"; done
 else
   ##### vtpm-create: identity in the manager + vtpm-domain process bound to backend/vtpm
   ph=vtpm-create; err=""
@@ -260,8 +260,8 @@ else
   [ -z "$err" ] && result $ph PASS "boot 1: all guest checks passed on /dev/tpm0 (TPM 2.0 behind stock xen-tpmfront)" || { result $ph FAIL "$err"; }
 
   ##### deep-quote: verify the bundle in dom0 with the group AK
-  # The testbed's host TPM has no EK certificate from a vendor CA, so the AK cannot be enrolled
-  # (`xl-vtpm enroll`, docs/enrollment.md): verify takes the raw AK with --insecure-unenrolled-ak.
+  # Here the AK is not enrolled (`xl-vtpm enroll`, docs/enrollment.md; attest-service enrolls it
+  # through the service from the vendor root): verify takes the raw AK with --insecure-unenrolled-ak.
   # No host PCR policy is given either, so a bundle that verifies exits 8 (host state not
   # checked), never 0; a bundle that does not verify exits 7.
   ph=deep-quote; err=""
@@ -334,6 +334,97 @@ else
     fi
   fi
   [ -z "$err" ] && result $ph PASS "$(sed -n 's/.*(\([0-9]*\) events.*/\1/p' /tmp/eventlog-export.out)-event host log: verify with its policy -> 0; one event digest changed -> 7" || { result $ph FAIL "$err"; }
+
+  ##### attest-service: the tenant's end-to-end attestation through the provider's service
+  # xvtpm-attestd on 127.0.0.1 (port 0: the kernel picks a free one, the service prints it) with a
+  # service certificate and a tenant CA made here (openssl); tenant alice registered and bound to
+  # the vTPM of vtpm-guest; alice's `xl-vtpm attest` starts from nothing but the vendor root (the
+  # CA that certified the host TPM's EK, build-images.sh) and the event-log policy of host-eventlog:
+  # exit 0 with the verified deep quote. Tenant bob asking for alice's vTPM: exit 6 (403), the
+  # same answer as for a vTPM that does not exist; a wrong vendor root: exit 7 naming the EK chain.
+  ph=attest-service; err=""; ATT_PID=""; P=/tmp/attest; ATT_LOG=/var/log/xvtpm/attestd.log
+  ossl() { OPENSSL_CONF=/etc/ssl/openssl.cnf timeout $(tmo 30) openssl "$@" >> $P/openssl.log 2>&1; }
+  att_ca() {  # NAME CN: a self-signed P-256 CA
+    ossl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $P/$1.key -out $P/$1.pem -days 2 \
+      -subj "/CN=$2" -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+  }
+  att_leaf() {  # NAME CA CN EXT [EXT]: a P-256 leaf issued by CA (one openssl run)
+    ossl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $P/$1.key -out $P/$1.pem -days 2 \
+      -CA $P/$2.pem -CAkey $P/$2.key -set_serial 0x$(head -c 8 /dev/urandom | xxd -p) -subj "/CN=$3" \
+      -addext basicConstraints=critical,CA:FALSE -addext keyUsage=critical,digitalSignature -addext "$4" ${5:+-addext "$5"}
+  }
+  att_ready() { grep -q '"ready":true' $P/attestd.out || ! kill -0 $ATT_PID; }
+  # att_run TAG CERT STORE EK-CA VTPM [ARGS...]: xl-vtpm attest as a tenant; rc in $arc, output in $P/TAG.out
+  att_run() {
+    _t=$1; _c=$2; _s=$3; _r=$4; _v=$5; shift 5
+    timeout $(tmo 120) xl-vtpm --json attest --service https://127.0.0.1:$ATT_PORT --cert $P/$_c.pem --key $P/$_c.key \
+      --service-ca $P/service-ca.pem --ek-ca $_r --trust-store $P/$_s --vtpm $_v "$@" > $P/$_t.out 2>&1; arc=$?
+    sed "s/^/[attest $_t] /" $P/$_t.out | tail -n 60
+  }
+  t0=$(up)
+  if [ -z "$VTPM_UUID" ] || vtpm_exited; then err="no running vTPM (vtpm-create)"
+  elif [ ! -s "$ELP" ] || [ ! -f $BBM ]; then err="no host event log policy (host-eventlog)"
+  elif [ ! -x /usr/bin/xvtpm-attestd ] || [ ! -x /usr/bin/openssl ]; then err="xvtpm-attestd or openssl missing from dom0's image"
+  elif [ ! -s /etc/xvtpm-testbed/vendor-root.pem ]; then err="no vendor root (build-images.sh manufactures the host TPM)"
+  else
+    rm -rf $P; mkdir -p $P
+    att_ca service-ca "testbed provider service CA" && att_ca tenant-ca "testbed provider tenant CA" &&
+      att_ca other-vendor "not the host TPM's vendor" &&
+      att_leaf server service-ca xvtpm-attestd extendedKeyUsage=serverAuth subjectAltName=IP:127.0.0.1,DNS:localhost &&
+      att_leaf alice tenant-ca alice extendedKeyUsage=clientAuth && att_leaf bob tenant-ca bob extendedKeyUsage=clientAuth ||
+      err="openssl: $(tail -n 3 $P/openssl.log)"
+  fi
+  if [ -z "$err" ]; then
+    for t in "tenant add alice --cert $P/alice.pem" "tenant bind alice $VTPM_UUID" "tenant add bob --cert $P/bob.pem"; do
+      timeout $(tmo 30) xl-vtpm $t > $P/tenant.out 2>&1; trc=$?
+      sed 's/^/[xl-vtpm tenant] /' $P/tenant.out
+      [ $trc = 0 ] || { err="xl-vtpm $t: exit $trc: $(tail -n 2 $P/tenant.out)"; break; }
+    done
+  fi
+  if [ -z "$err" ]; then
+    XVTPM_LOG=info xvtpm-attestd --listen 127.0.0.1:0 --cert $P/server.pem --key $P/server.key --tenant-ca $P/tenant-ca.pem \
+      --ek-intermediate /etc/xvtpm-testbed/vendor-intermediate.pem > $P/attestd.out 2> $ATT_LOG &
+    ATT_PID=$!
+    wait_until 30 att_ready
+    ATT_PORT=$(sed -n 's/.*"listen":"[^"]*:\([0-9][0-9]*\)".*/\1/p' $P/attestd.out | head -n1)
+    if [ -z "$ATT_PORT" ] || ! kill -0 $ATT_PID 2>/dev/null; then err="xvtpm-attestd not ready: $(cat $P/attestd.out; tail -n 5 $ATT_LOG)"
+    else echo "xvtpm-attestd ready on 127.0.0.1:$ATT_PORT (pid $ATT_PID): $(cat $P/attestd.out)"; fi
+  fi
+  if [ -z "$err" ]; then
+    # 1. alice, from nothing but the vendor root and her event-log policy: enroll, quote, verify -> 0
+    cp $ELP $P/alice-host-policy.json
+    att_run alice alice alice-store /etc/xvtpm-testbed/vendor-root.pem $VTPM_UUID --event-log-policy $P/alice-host-policy.json --save $P/alice-evidence
+    # one read of the answer, matched in the shell (every extra process costs seconds on a loaded host)
+    J=$(tr -d ' \n' < $P/alice.out); ok=FAIL
+    case "$J" in *enrolledhost*throughtheservice*) case "$J" in *'"verified":true'*) case "$J" in *'"host_state_checked":true'*)
+      case "$J" in *'"event_log":{"events":'[1-9]*) case "$J" in *"\"vtpm\":\"$VTPM_UUID\""*) [ $arc = 0 ] && ok=PASS ;; esac ;; esac ;; esac ;; esac ;; esac
+    echo "CHECK dom0 attest-tenant $ok exit=$arc (want 0: host enrolled through the service from the vendor root, event log replayed under the policy, deep quote of $VTPM_UUID verified)"
+    [ $ok = PASS ] || err="$err attest-tenant-exit-$arc"
+    # 2. bob (registered, owns no vTPM) asks for alice's vTPM and for one that does not exist: the
+    # same 403 (exit 6). He gets a copy of alice's trust store (the host's public AKs), so both
+    # answers start past enrollment and differ in nothing but the UUID asked for.
+    cp -a $P/alice-store $P/bob-store
+    NOSUCH=00000000-0000-4000-8000-0000000000aa
+    att_run bob bob bob-store /etc/xvtpm-testbed/vendor-root.pem $VTPM_UUID; rc_bob=$arc
+    att_run bob-missing bob bob-store /etc/xvtpm-testbed/vendor-root.pem $NOSUCH; rc_miss=$arc
+    ok=FAIL
+    [ $rc_bob = 6 ] && [ $rc_miss = 6 ] && grep -q 'HTTP 403' $P/bob.out &&
+      [ "$(sed "s/$VTPM_UUID/UUID/g" $P/bob.out)" = "$(sed "s/$NOSUCH/UUID/g" $P/bob-missing.out)" ] && ok=PASS
+    echo "CHECK dom0 attest-other-tenant $ok exit=$rc_bob, nonexistent vTPM exit=$rc_miss (want 6 and 6, the same 403 answer)"
+    [ $ok = PASS ] || err="$err attest-other-tenant-exit-$rc_bob"
+    # 3. alice with a wrong vendor root and an empty trust store: exit 7 naming the EK chain, nothing pinned
+    att_run wrong-root alice wrong-root-store $P/other-vendor.pem $VTPM_UUID --event-log-policy $P/alice-host-policy.json
+    ok=FAIL
+    [ $arc = 7 ] && grep -q 'EK certificate chain' $P/wrong-root.out && [ -z "$(ls -A $P/wrong-root-store 2>/dev/null)" ] && ok=PASS
+    echo "CHECK dom0 attest-wrong-vendor-root $ok exit=$arc (want 7 naming the EK certificate chain; nothing pinned)"
+    [ $ok = PASS ] || err="$err attest-wrong-vendor-root-exit-$arc"
+  fi
+  if [ -n "$ATT_PID" ]; then
+    kill $ATT_PID 2>/dev/null; wait_until 10 sh -c "! kill -0 $ATT_PID" || { err="$err attestd-did-not-exit"; kill -9 $ATT_PID; }
+    tail -n 5 $ATT_LOG | sed 's/^/[attestd] /'
+  fi
+  echo "PERF attest-service-s=$(s_between $t0 $(up))"
+  [ -z "$err" ] && result $ph PASS "xvtpm-attestd (mutual TLS): tenant attest from the vendor root + event-log policy -> 0; another tenant's vTPM -> 6 (403, same as a missing one); wrong vendor root -> 7 (EK certificate chain)" || { result $ph FAIL "$err"; }
 
   ##### vtpm-reboot: the same guest config again (new domain, same vTPM): state kept, PCRs reset
   ph=vtpm-reboot; err=""
@@ -1296,6 +1387,7 @@ for f in $(ls /var/log/xen/console/guest-life-*.log 2>/dev/null) $(ls /var/log/x
   [ -f "$f" ] && _b=$(basename $f .log); dump_log "console-${_b#guest-}" "$f" $n
 done
 dump_log vtpmmgr /var/log/xvtpm/vtpmmgr.log $n
+dump_log attestd /var/log/xvtpm/attestd.log 100
 dump_log vtpmmgr-2 /var/log/xvtpm/vtpmmgr-2.log $n
 dump_log xen-hotplug /var/log/xen/xen-hotplug.log 100
 dump_log xl-$VD /var/log/xen/xl-$VD.log 100

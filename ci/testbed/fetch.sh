@@ -32,6 +32,7 @@ declare -A HOST_TOOLS=(
   [qemu-system-x86_64]=qemu-system-x86 [swtpm]=swtpm [cpio]=cpio [xz]=xz-utils
   [perl]=perl [gzip]=gzip [sha256sum]=coreutils [dpkg-deb]=dpkg [apt-get]=apt
   [timeout]=coreutils [zstd]=zstd [strip]=binutils [strings]=binutils
+  [swtpm_setup]=swtpm-tools [certtool]=gnutls-bin
 )
 missing=()
 for c in "${!HOST_TOOLS[@]}"; do command -v "$c" >/dev/null 2>&1 || missing+=("${HOST_TOOLS[$c]}"); done
@@ -64,6 +65,8 @@ PKGS=(
   libnghttp2-14 libp11-kit0 libpsl5 librtmp1 libsasl2-2 libssh2-1 libtasn1-6 libunistring2
   # the project's binaries: vtpm-domain links libtpms
   libtpms0
+  # dom0: the attest-service phase makes its service and tenant certificates with openssl
+  openssl
 )
 
 mkdir -p "$CACHE/debs" "$CACHE/img"

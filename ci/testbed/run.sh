@@ -102,7 +102,10 @@ for f in "$CACHE/img/xen" "$DOM0_K" "$OUT/img/dom0.img"; do [ -s "$f" ] || fail 
 for c in qemu-system-x86_64 swtpm perl; do command -v $c >/dev/null || fail "$c not installed (fetch.sh installs it)"; done
 
 # ---- 2. swtpm = the host's physical TPM ----
+# its state as manufactured by build-images.sh (EKs + EK certificates from the testbed's vendor CA)
 TPMDIR=$L/tpm; mkdir -p "$TPMDIR"
+[ -s "$OUT/img/vendor/tpm-state/tpm2-00.permall" ] || fail "missing $OUT/img/vendor/tpm-state (build-images.sh manufactures the host TPM)"
+cp -a "$OUT/img/vendor/tpm-state/." "$TPMDIR/"
 swtpm socket --tpm2 --tpmstate dir="$TPMDIR" \
   --ctrl type=unixio,path="$TPMDIR/swtpm-sock" \
   --flags "${XVTPM_TESTBED_STARTUP:-startup-clear}" \

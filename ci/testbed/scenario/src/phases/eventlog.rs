@@ -15,7 +15,8 @@ const SECFS: &str = "/sys/kernel/security";
 const BBM: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
 const LOG: &str = "/tmp/host-eventlog.bin";
 const BAD_LOG: &str = "/tmp/host-eventlog-mutated.bin";
-const POLICY: &str = "/tmp/host-eventlog-policy.json";
+/// The event-log policy written here; attest-service gives it to the tenant.
+pub const POLICY: &str = "/tmp/host-eventlog-policy.json";
 
 fn secfs_mounted() -> bool {
     xen::read_text("/proc/mounts")

@@ -1,5 +1,6 @@
 //! The phases, in the order they run, and the state they hand on.
 
+mod attest;
 mod base;
 mod eventlog;
 mod life;

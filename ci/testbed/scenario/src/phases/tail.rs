@@ -88,6 +88,7 @@ pub fn dump_logs(st: &St, failed: bool) {
         );
     }
     dump_log("vtpmmgr", "/var/log/xvtpm/vtpmmgr.log", n);
+    dump_log("attestd", "/var/log/xvtpm/attestd.log", 100);
     dump_log("vtpmmgr-2", "/var/log/xvtpm/vtpmmgr-2.log", n);
     dump_log("xen-hotplug", "/var/log/xen/xen-hotplug.log", 100);
     dump_log("xl-vtpmdom-a", "/var/log/xen/xl-vtpmdom-a.log", 100);

@@ -19,6 +19,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             "vtpm-guest",
             "deep-quote",
             "host-eventlog",
+            "attest-service",
             "vtpm-reboot",
             "vtpm-destroy",
         ] {
@@ -31,6 +32,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
     r.phase("deep-quote", deadline(260), |cx| deep_quote(cx, st));
     r.phase("host-eventlog", deadline(200), |cx| {
         super::eventlog::host_eventlog(cx, st)
+    });
+    r.phase("attest-service", deadline(150), |cx| {
+        super::attest::attest_service(cx, st)
     });
     r.phase("vtpm-reboot", deadline(420), |cx| reboot(cx, st));
     r.phase("vtpm-destroy", deadline(200), |cx| destroy(cx, st));
@@ -250,8 +254,8 @@ pub fn group_ak(cx: &Cx) -> Result<(), String> {
     if o.ok() { Ok(()) } else { Err(o.tail1(3)) }
 }
 
-// The testbed's host TPM has no EK certificate from a vendor CA, so the AK cannot be enrolled
-// (`xl-vtpm enroll`, docs/enrollment.md): verify takes the raw AK with --insecure-unenrolled-ak.
+// Here the AK is not enrolled (`xl-vtpm enroll`, docs/enrollment.md; attest-service enrolls it
+// through the service from the vendor root): verify takes the raw AK with --insecure-unenrolled-ak.
 // No host PCR policy is given either, so a bundle that verifies exits 8 (host state not
 // checked), never 0; a bundle that does not verify exits 7.
 fn deep_quote(cx: &Cx, st: &mut St) -> Outcome {
