@@ -113,12 +113,94 @@ fn exe_private_dirty(pid: u32) -> Result<u64> {
     Ok(total)
 }
 
+/// The PSS / Private_Dirty (KiB) of one process split by what its mappings hold.
+const PARTS: [&str; 10] = [
+    "executable (text, rodata)",
+    "executable (relro, data, bss: relocated at load)",
+    "[heap]",
+    "anonymous (mmap'd heap, thread stacks)",
+    "[stack]",
+    "libtpms (swtpm: and libswtpm_libtpms)",
+    "libcrypto",
+    "libc, ld.so",
+    "other shared libraries",
+    "other",
+];
+
+/// Which of [`PARTS`] a mapping of `exe` with this name and permissions belongs to.
+fn part_of(exe: &str, name: Option<&str>, perms: &str) -> usize {
+    let file = name.map(|n| n.rsplit('/').next().unwrap_or(n));
+    match (name, file) {
+        // Read-only mappings with dirty pages (relro) are moved to part 1 by `breakdown`.
+        (Some(n), _) if n == exe => usize::from(perms.starts_with("rw")),
+        (Some("[heap]"), _) => 2,
+        (None, _) => 3,
+        (Some("[stack]"), _) => 4,
+        (_, Some(f)) if f.starts_with("libtpms") || f.starts_with("libswtpm") => 5,
+        (_, Some(f)) if f.starts_with("libcrypto") => 6,
+        (_, Some(f)) if f.starts_with("libc.so") || f.starts_with("ld-linux") => 7,
+        (_, Some(f)) if f.contains(".so") => 8,
+        _ => 9,
+    }
+}
+
+/// Per-part (PSS, Private_Dirty) in KiB of one process, from `/proc/PID/smaps`. The executable's
+/// read-only mappings that hold private dirty pages (relro after relocation) count as part 1.
+fn breakdown(pid: u32) -> Result<[(u64, u64); PARTS.len()]> {
+    let exe = fs::read_link(format!("/proc/{pid}/exe"))?.to_string_lossy().into_owned();
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut out = [(0u64, 0u64); PARTS.len()];
+    let (mut part, mut pss, mut dirty, mut ours) = (9usize, 0u64, 0u64, false);
+    let flush = |part: usize, pss: u64, dirty: u64, ours: bool, out: &mut [(u64, u64); PARTS.len()]| {
+        // An executable mapping that is not writable but holds dirty pages is relro.
+        let p = if ours && part == 0 && dirty > 0 { 1 } else { part };
+        out[p].0 += pss;
+        out[p].1 += dirty;
+    };
+    for l in smaps.lines() {
+        let mut it = l.split_whitespace();
+        let first = it.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            flush(part, pss, dirty, ours, &mut out);
+            let perms = it.next().unwrap_or("");
+            let name = it.nth(3);
+            part = part_of(&exe, name, perms);
+            ours = name == Some(exe.as_str());
+            (pss, dirty) = (0, 0);
+        } else {
+            let v = || it.clone().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            match first {
+                "Pss:" => pss = v(),
+                "Private_Dirty:" => dirty = v(),
+                _ => {}
+            }
+        }
+    }
+    flush(part, pss, dirty, ours, &mut out);
+    Ok(out)
+}
+
+/// [`breakdown`] averaged over `pids`.
+fn breakdown_avg(pids: &[u32]) -> Result<[(f64, f64); PARTS.len()]> {
+    let mut sum = [(0u64, 0u64); PARTS.len()];
+    for &p in pids {
+        for (s, b) in sum.iter_mut().zip(breakdown(p)?) {
+            s.0 += b.0;
+            s.1 += b.1;
+        }
+    }
+    let n = pids.len().max(1) as f64;
+    Ok(sum.map(|(a, b)| (a as f64 / n, b as f64 / n)))
+}
+
 pub(crate) struct P4 {
     /// Private_Dirty (KiB) of the mappings of the program's own executable, first process.
     ours_exe_dirty: u64,
     swtpm_exe_dirty: u64,
     ours: MemSet,
     swtpm: MemSet,
+    ours_parts: [(f64, f64); PARTS.len()],
+    swtpm_parts: [(f64, f64); PARTS.len()],
     create_all_ns: u64,
     load: String,
 }
@@ -139,6 +221,7 @@ pub(crate) fn p4(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P4> {
     }
     std::thread::sleep(Duration::from_millis(300));
     let ours = mem_of(&pids)?;
+    let ours_parts = breakdown_avg(&pids)?;
     let ours_exe_dirty = exe_private_dirty(pids[0]).unwrap_or(0);
     procs.stop_many(&pids, Duration::from_secs(5));
     eprintln!("P4 vtpm-domain done (load {})", loadavg());
@@ -151,6 +234,7 @@ pub(crate) fn p4(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P4> {
     }
     std::thread::sleep(Duration::from_millis(300));
     let swtpm = mem_of(&pids)?;
+    let swtpm_parts = breakdown_avg(&pids)?;
     let swtpm_exe_dirty = exe_private_dirty(pids[0]).unwrap_or(0);
     procs.stop_many(&pids, Duration::from_secs(5));
     eprintln!("P4 swtpm done (load {})", loadavg());
@@ -159,6 +243,8 @@ pub(crate) fn p4(args: &Args, stack: &Stack, procs: &mut Procs) -> Result<P4> {
         swtpm_exe_dirty,
         ours,
         swtpm,
+        ours_parts,
+        swtpm_parts,
         create_all_ns,
         load,
     })
@@ -219,6 +305,18 @@ pub(crate) fn report_p4(out: &mut String, r: &P4) {
         r.ours.total_pss as f64 / 1024.0,
         r.swtpm.total_pss as f64 / 1024.0
     );
+    let _ = writeln!(
+        out,
+        "Where the PSS is, per process (KiB, averages, from `/proc/PID/smaps`; the executable's read-only \
+         mappings with dirty pages — relro after relocation — count as relocated):\n"
+    );
+    let _ = writeln!(out, "| part | vtpm-domain PSS | swtpm PSS | vtpm-domain Private_Dirty | swtpm Private_Dirty |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for (i, name) in PARTS.iter().enumerate() {
+        let (o, s) = (r.ours_parts[i], r.swtpm_parts[i]);
+        let _ = writeln!(out, "| {name} | {:.0} | {:.0} | {:.0} | {:.0} |", o.0, s.0, o.1, s.1);
+    }
+    let _ = writeln!(out);
     let _ = writeln!(
         out,
         "Private_Dirty in the mappings of the executable itself (first process): vtpm-domain {} KiB, swtpm {} KiB. For a PIE executable this is \

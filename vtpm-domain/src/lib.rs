@@ -43,6 +43,18 @@ use crate::vtpm::Vtpm;
 /// Rate-limited logging for lines a guest or a local peer can trigger (see `xvtpm-log`).
 pub use xvtpm_log::{guest_error, guest_info, guest_warn};
 
+/// The log filter for `XVTPM_LOG` (`LEVEL` and `TARGET=LEVEL` directives, comma separated);
+/// unset, empty or unparsable means `info,xenstore_rs=error`.
+///
+/// A `Targets` filter rather than tracing-subscriber's `EnvFilter`: EnvFilter links a regex
+/// engine whose Unicode tables (about 70 KiB of pointers) the dynamic loader relocates into
+/// private pages of every vTPM process at start (BENCHMARKS.md, P4).
+pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::filter::Targets {
+    const DEFAULT: &str = "info,xenstore_rs=error";
+    spec.filter(|s| !s.trim().is_empty()).and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| DEFAULT.parse().expect("the default log filter parses"))
+}
+
 /// Exit code: the state could not be opened or created (never regenerated).
 pub const EXIT_STATE: i32 = 3;
 /// Exit code: the manager refused or could not be reached.
@@ -67,7 +79,9 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
         .context("building the runtime")
         .map_err(fatal(1))?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    // Boxed: the whole vTPM's future is large, and block_on would otherwise move it through
+    // several stack frames, leaving that many copies' worth of main-thread stack resident.
+    local.block_on(&rt, Box::pin(async move {
         let link = MgrLink::open(&cfg.mgr).await.map_err(anyhow::Error::from).map_err(fatal(EXIT_MANAGER))?;
         let started = async {
             let key = mgr_client::fetch_state_key(&link, cfg.uuid, cfg.mgr_wait)
@@ -169,7 +183,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
         shared.mgr.close().await;
         stopped.map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
         Ok(())
-    })
+    }))
 }
 
 /// The wire form of the engine's TPM properties.
@@ -270,3 +284,32 @@ fn open_vtpm(cfg: &Config, key: zeroize::Zeroizing<[u8; 32]>, link: &MgrLink) ->
 fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[cfg(test)]
+mod log_filter_tests {
+    use tracing::Level;
+    use tracing::level_filters::LevelFilter;
+
+    use super::log_filter;
+
+    #[test]
+    fn default_is_info_with_xenstore_quiet() {
+        for spec in [None, Some("not a filter=="), Some("")] {
+            let f = log_filter(spec);
+            assert!(f.would_enable("vtpm_domain::server", &Level::INFO), "{spec:?}");
+            assert!(!f.would_enable("vtpm_domain::server", &Level::DEBUG), "{spec:?}");
+            assert!(!f.would_enable("xenstore_rs::wire", &Level::WARN), "{spec:?}");
+            assert!(f.would_enable("xenstore_rs::wire", &Level::ERROR), "{spec:?}");
+        }
+    }
+
+    #[test]
+    fn directives_select_levels_per_target() {
+        let f = log_filter(Some("warn,vtpm_domain::server=trace"));
+        assert!(f.would_enable("vtpm_domain::server", &Level::TRACE));
+        assert!(!f.would_enable("vtpm_domain::store", &Level::INFO));
+        assert!(f.would_enable("vtpm_domain::store", &Level::WARN));
+        assert_eq!(log_filter(Some("debug")).default_level(), Some(LevelFilter::DEBUG));
+    }
+}
+

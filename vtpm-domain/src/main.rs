@@ -138,14 +138,16 @@ fn main() {
         },
         None => None,
     };
+    // `Targets` (LEVEL and TARGET=LEVEL directives), not `EnvFilter`: see [`vtpm_domain::log_filter`].
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = vtpm_domain::log_filter(std::env::var("XVTPM_LOG").ok().as_deref());
     let logs = tracing_subscriber::fmt()
         .with_ansi(capped.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("XVTPM_LOG").unwrap_or_else(|_| "info,xenstore_rs=error".into()),
-        );
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE);
     match capped {
-        Some(l) => logs.with_writer(move || l.writer()).init(),
-        None => logs.with_writer(std::io::stderr).init(),
+        Some(l) => logs.with_writer(move || l.writer()).finish().with(filter).init(),
+        None => logs.with_writer(std::io::stderr).finish().with(filter).init(),
     }
     if as_init {
         let mut need: Vec<&Path> = init::XEN_DEVICES.iter().map(Path::new).collect();
