@@ -64,7 +64,10 @@ impl Qmp {
 
     /// Runs `cmd` with `args`; its `return` value (an `error` answer fails the test).
     pub fn execute_with(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
-        writeln!(self.w, "{}", serde_json::json!({ "execute": cmd, "arguments": args })).unwrap();
+        if let Err(e) = writeln!(self.w, "{}", serde_json::json!({ "execute": cmd, "arguments": args })) {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            panic!("QMP {cmd}: cannot send ({e}): qemu died?\n{log}");
+        }
         loop {
             let v = self.line();
             if let Some(r) = v.get("return") {
