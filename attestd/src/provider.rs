@@ -64,14 +64,14 @@ impl Provider {
 
     /// The enrollment material, JSON (blocking).
     pub fn material(&self) -> Result<Vec<u8>, ApiError> {
-        let mut admin = Admin::connect(&self.run_dir).map_err(|e| internal("the manager", e.message))?;
-        let m = xl_tools::attest::material(&mut admin, &self.ek_intermediates).map_err(|e| internal("enrollment material", e.message))?;
+        let mut admin = Admin::connect(&self.run_dir).map_err(|e| internal("the manager", e.text()))?;
+        let m = xl_tools::attest::material(&mut admin, &self.ek_intermediates).map_err(|e| internal("enrollment material", e.text()))?;
         Ok(serde_json::to_vec(&m).expect("serialisable"))
     }
 
     /// TPM2_ActivateCredential with the group's AK (blocking); the secret.
     pub fn activate(&self, a: &Activation) -> Result<Vec<u8>, ApiError> {
-        let mut admin = Admin::connect(&self.run_dir).map_err(|e| internal("the manager", e.message))?;
+        let mut admin = Admin::connect(&self.run_dir).map_err(|e| internal("the manager", e.text()))?;
         let req = AdminRequest::ActivateCredential {
             group: a.group.to_string(),
             credential_blob: hex::encode(&a.credential_blob),
@@ -80,10 +80,10 @@ impl Provider {
         match admin.call(&req) {
             Ok(AdminReply::Activated { secret }) => Ok(secret.0.to_vec()),
             Ok(other) => Err(internal("the manager", format!("unexpected reply to ActivateCredential: {other:?}"))),
-            Err(e) if e.code == xl_tools::exit::NO_MANAGER => Err(internal("the manager", e.message)),
+            Err(e) if e.code == xl_tools::exit::NO_MANAGER => Err(internal("the manager", e.text())),
             // The manager's refusal (wrong EK, wrong AK name, unknown group) is the tenant's
             // answer, as the manager words it (the tenant's command names the check).
-            Err(e) => Err(ApiError::new(422, e.message)),
+            Err(e) => Err(ApiError::new(422, e.text())),
         }
     }
 

@@ -64,6 +64,19 @@ pub struct Verified {
     pub sampled: bool,
 }
 
+/// The "verified" column of a report table: `ok/checked`, ` (sample)` when only a sample was
+/// checked, and the first failures.
+fn verified_cell(v: &Verified) -> String {
+    let mut s = format!("{}/{}", v.ok, v.checked);
+    if v.sampled {
+        s.push_str(" (sample)");
+    }
+    if !v.failures.is_empty() {
+        s.push_str(&format!(" — FAILED: {}", v.failures.join("; ")));
+    }
+    s
+}
+
 /// One cell of the P2 table.
 pub struct Cell {
     pub delayed: bool,
@@ -1086,7 +1099,7 @@ pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.1} | {} | {} | {} | {} / {} | {} | {} | {} | {:.1}, {} | {}/{}{}{} | {} |",
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} / {} | {} | {} | {} | {:.1}, {} | {} | {} |",
             if c.delayed {
                 format!("swtpm + {d} ms/command")
             } else {
@@ -1109,14 +1122,7 @@ pub fn report_p2(out: &mut String, r: &P2, args: &Args) {
             },
             mean_ts,
             ts.iter().max().copied().unwrap_or(0),
-            c.verified.ok,
-            c.verified.checked,
-            if c.verified.sampled { " (sample)" } else { "" },
-            if c.verified.failures.is_empty() {
-                String::new()
-            } else {
-                format!(" — FAILED: {}", c.verified.failures.join("; "))
-            },
+            verified_cell(&c.verified),
             c.load
         );
     }
@@ -1437,7 +1443,7 @@ fn report_service(out: &mut String, r: &P2, args: &Args) {
             / (c.window as f64 / 1e9);
         let _ = writeln!(
             out,
-            "| {via} | {who} | {:.1} | {}{} | {}{} | {quotes} ({}) | {} | {} | {non200} | {r429} | {}/{}{}{} | {} |",
+            "| {via} | {who} | {:.1} | {}{} | {}{} | {quotes} ({}) | {} | {} | {non200} | {r429} | {} | {} |",
             rate,
             fmt_q(q(0.5)),
             t(0.5),
@@ -1450,14 +1456,7 @@ fn report_service(out: &mut String, r: &P2, args: &Args) {
                 "—".into()
             },
             c.censored.len(),
-            c.verified.ok,
-            c.verified.checked,
-            if c.verified.sampled { " (sample)" } else { "" },
-            if c.verified.failures.is_empty() {
-                String::new()
-            } else {
-                format!(" — FAILED: {}", c.verified.failures.join("; "))
-            },
+            verified_cell(&c.verified),
             c.load
         );
     };

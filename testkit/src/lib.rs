@@ -42,6 +42,7 @@
 
 pub mod delay;
 pub mod pg;
+pub mod qmp;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -8,14 +8,13 @@
 //! one quit is the device model of the rebooted guest (a platform reset). The same path under
 //! Xen needs a device model built with TPM support and runs in the testbed (docs/hvm.md).
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
+use testkit::qmp::Qmp;
 use xl_tools::xlcfg::XlConfig;
 use xvtpm_tests::{Stack, VtpmHandle, rc};
 
@@ -68,52 +67,6 @@ fn dm_args(s: &Stack) -> Vec<String> {
         .collect()
 }
 
-/// QEMU's machine protocol.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path, qemu: &mut Child, log: &Path) -> Qmp {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let s = loop {
-            if let Ok(s) = UnixStream::connect(path) {
-                break s;
-            }
-            if let Some(st) = qemu.try_wait().unwrap() {
-                panic!("qemu exited at start ({st}):\n{}", std::fs::read_to_string(log).unwrap_or_default());
-            }
-            assert!(Instant::now() < deadline, "no QMP socket from qemu in 60 s");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s };
-        let greeting = q.line();
-        assert!(greeting.get("QMP").is_some(), "{greeting}");
-        q.execute("qmp_capabilities");
-        q
-    }
-
-    fn line(&mut self) -> serde_json::Value {
-        let mut l = String::new();
-        let n = self.r.read_line(&mut l).expect("QMP read");
-        assert!(n > 0, "QMP connection lost: qemu died?");
-        serde_json::from_str(&l).expect("QMP json")
-    }
-
-    fn execute(&mut self, cmd: &str) -> serde_json::Value {
-        writeln!(self.w, "{}", serde_json::json!({ "execute": cmd })).unwrap();
-        loop {
-            let v = self.line();
-            if let Some(r) = v.get("return") {
-                return r.clone();
-            }
-            assert!(v.get("error").is_none(), "QMP {cmd}: {v}");
-        }
-    }
-}
-
 /// QEMU (TCG, stopped with `-S`, no guest) with the device model arguments `args`, run as
 /// the device model's user. Returns it with its QMP connection once it is up.
 fn start_device_model(s: &Stack, args: &[String], n: u32) -> (Child, Qmp, PathBuf) {
@@ -140,7 +93,7 @@ fn start_device_model(s: &Stack, args: &[String], n: u32) -> (Child, Qmp, PathBu
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("spawn qemu");
-    let q = Qmp::connect(&qmp, &mut child, &log);
+    let q = Qmp::connect(&qmp, &mut child, &log, Duration::from_secs(60));
     (child, q, log)
 }
 

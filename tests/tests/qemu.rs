@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use testkit::qmp::Qmp;
 use xvtpm_tests::{Stack, VtpmHandle, rc, read_response, wait_gone};
 
 /// A vTPM listening on a Unix control socket (for QEMU) and on TCP (to look
@@ -297,60 +298,6 @@ fn restart_vtpm_with(s: &Stack, v: &VtpmHandle, ctrl: &Path, flags: &[&str]) -> 
 
 // ---- the real QEMU ----
 
-/// QEMU's machine protocol over a Unix socket.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-    log: PathBuf,
-}
-
-impl Qmp {
-    fn connect(path: &Path, qemu: &mut Child, log: PathBuf) -> Qmp {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let s = loop {
-            if let Ok(s) = UnixStream::connect(path) {
-                break s;
-            }
-            if let Some(st) = qemu.try_wait().unwrap() {
-                panic!("qemu exited at start ({st})");
-            }
-            assert!(Instant::now() < deadline, "no QMP socket from qemu in 30 s");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s, log };
-        let greeting = q.line();
-        assert!(greeting.get("QMP").is_some(), "{greeting}");
-        q.execute("qmp_capabilities");
-        q
-    }
-
-    fn line(&mut self) -> serde_json::Value {
-        let mut l = String::new();
-        let read = self.r.read_line(&mut l);
-        if !matches!(read, Ok(n) if n > 0) {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            panic!("QMP connection lost ({read:?}): qemu died?\n{log}");
-        }
-        serde_json::from_str(&l).expect("QMP json")
-    }
-
-    fn execute(&mut self, cmd: &str) -> serde_json::Value {
-        self.execute_with(cmd, serde_json::json!({}))
-    }
-
-    fn execute_with(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
-        writeln!(self.w, "{}", serde_json::json!({ "execute": cmd, "arguments": args })).unwrap();
-        loop {
-            let v = self.line();
-            if let Some(r) = v.get("return") {
-                return r.clone();
-            }
-            assert!(v.get("error").is_none(), "QMP {cmd}: {v}");
-        }
-    }
-}
-
 fn qemu_binary() -> &'static str {
     let found = Command::new("sh").args(["-c", "command -v qemu-system-x86_64"]).output().map(|o| o.status.success());
     assert!(
@@ -364,7 +311,7 @@ fn qemu_binary() -> &'static str {
 /// Starts QEMU (TCG, q35, SeaBIOS, no disk) with a tpm-tis on the control socket `ctrl`.
 fn start_qemu(dir: &Path, ctrl: &Path) -> (Child, Qmp) {
     let mut child = spawn_qemu(dir, ctrl, &[]);
-    let q = Qmp::connect(&dir.join("qmp.sock"), &mut child, dir.join("qemu.log"));
+    let q = Qmp::connect(&dir.join("qmp.sock"), &mut child, &dir.join("qemu.log"), Duration::from_secs(30));
     (child, q)
 }
 
@@ -507,7 +454,7 @@ fn incoming(s: &Stack, v: &VtpmHandle, ctrl: &Path, file: &Path, dir: &Path) -> 
             return (pid, port, Err(st));
         }
         if matches!(query_status(&dir.join("qmp.sock")).as_deref(), Some(st) if st != "inmigrate") {
-            let q = Qmp::connect(&dir.join("qmp.sock"), &mut qemu, dir.join("qemu.log"));
+            let q = Qmp::connect(&dir.join("qmp.sock"), &mut qemu, &dir.join("qemu.log"), Duration::from_secs(30));
             return (pid, port, Ok((qemu, q)));
         }
         assert!(Instant::now() < deadline, "incoming migration did not finish in 60 s:\n{}", qemu_log(dir));
@@ -727,7 +674,7 @@ fn real_qemu_migrates_to_another_manager_with_the_vtpm_sealed_to_its_tpm() {
     let swtpm_downtime = migrate_to_file(&mut q, &sw_dir.path().join("vm.migration"), &qdir);
     // Only the figure matters here; the baseline QEMU may already be gone (seen once with swtpm
     // 0.7 after the migration completed), which this test does not judge.
-    let _ = writeln!(q.w, "{}", serde_json::json!({ "execute": "quit" }));
+    q.send("quit");
     let st = wait_exit(&mut qemu, Duration::from_secs(30));
     if !st.success() {
         eprintln!("baseline QEMU on plain swtpm exited with {st} after the migration:\n{}", qemu_log(&qdir));

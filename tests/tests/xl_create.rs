@@ -145,4 +145,12 @@ fn a_vtpm_domain_backend_must_be_a_domain_name() {
         assert_eq!(out.status.code(), Some(2), "{file}: {err}");
         assert!(err.contains(key), "{file}: error does not say {key:?}: {err}");
     }
+    // A backend xl's config syntax takes but xl would not take as a domain name: the error
+    // names the key and the value once, not the value again under another flag's name.
+    let out = s.xl(&["create", &write(&s, "colon.cfg", "name = \"g\"\nvtpm = [ \"backend=vtpm:g\" ]\n")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("vtpm:g").count(), 1, "the value is named once: {err}");
+    assert!(err.contains("vtpm= backend") && err.contains("is not a domain name"), "{err}");
+    assert!(!err.contains("--domain"), "names a flag this command has not got: {err}");
 }

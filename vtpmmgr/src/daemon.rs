@@ -23,6 +23,8 @@ use uuid::Uuid;
 use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
 use vtpm_proto::mgr_io;
 
+use crate::failure::FromError as _;
+
 
 use crate::dispatch::{Dispatcher, Shared, lock};
 use crate::manager::{Attachment, Manager};
@@ -38,8 +40,8 @@ async fn write_msg<T: serde::Serialize>(s: &mut UnixStream, msg: &T) -> std::io:
         Err(e) => {
             // Never drop a reply silently: say why, in the log and to the peer.
             xvtpm_log::guest_error!(error = %e, "a reply does not fit in one manager frame");
-            let fail = Failure::new(ErrorCode::Internal, format!("the reply does not fit in one manager frame ({e}); list with paging (`VtpmListPage`)"));
-            mgr::encode(&AdminReply::Error(fail)).map_err(|e| std::io::Error::other(e.to_string()))?
+            let fail = Failure::from_error_fix(ErrorCode::Internal, "the reply does not fit in one manager frame", &e, "list with paging (`VtpmListPage`)");
+            mgr::encode(&AdminReply::Error(fail)).map_err(std::io::Error::other)?
         }
     };
     s.write_all(&f).await
@@ -160,7 +162,7 @@ async fn serve_vtpm_socket(l: UnixListener, uuid: Uuid, dispatch: Dispatcher) {
             while let Ok(Some(body)) = read_frame(&mut s).await {
                 let reply = match mgr::decode::<VtpmRequest>(&body) {
                     Ok(req) => d.handle(peer, req).await,
-                    Err(e) => VtpmReply::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
+                    Err(e) => VtpmReply::Error(Failure::from_error(ErrorCode::BadRequest, "", &e)),
                 };
                 if write_msg(&mut s, &reply).await.is_err() {
                     break;
@@ -275,10 +277,10 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeEr
                                     }
                                     r
                                 }
-                                Err(e) => AdminReply::Error(Failure::new(ErrorCode::Internal, e.to_string())),
+                                Err(e) => AdminReply::Error(Failure::from_error(ErrorCode::Internal, "", &e)),
                             }
                         }
-                        Err(e) => AdminReply::Error(Failure::new(ErrorCode::BadRequest, e.to_string())),
+                        Err(e) => AdminReply::Error(Failure::from_error(ErrorCode::BadRequest, "", &e)),
                     };
                     socks.lock().await.reconcile(&m);
                     if let Some(p) = &poke {

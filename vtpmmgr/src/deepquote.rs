@@ -20,6 +20,8 @@ use vtpm_proto::evidence::{Bundle, HostPcrs, Leaf, LeafPosition, VpcrSelection};
 use vtpm_proto::merkle::Tree;
 use vtpm_proto::mgr::{ErrorCode, Failure, VtpmReply, VtpmRequest};
 
+use crate::failure::FromError as _;
+
 use crate::hwtpm::QuoteOut;
 
 /// Signs one physical quote: `(group, qualifying data, host PCR indices)` → the quote and the
@@ -348,7 +350,7 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
             position: LeafPosition { leaf_index: 0, tree_size: n },
         };
         if let Err(e) = leaf.validate() {
-            let _ = r.reply.send(Err(Failure::new(ErrorCode::BadRequest, format!("deep-quote request: {e}"))));
+            let _ = r.reply.send(Err(Failure::from_error(ErrorCode::BadRequest, "deep-quote request", &e)));
             continue;
         }
         leaves.push(leaf);
@@ -380,7 +382,7 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
         }
         Err(e) => {
             for w in waiting {
-                let _ = w.send(Err(Failure::new(ErrorCode::Internal, e.to_string())));
+                let _ = w.send(Err(Failure::from_error(ErrorCode::Internal, "", &e)));
             }
             return None;
         }
@@ -389,7 +391,7 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
         Ok(a) => a.pcr_select,
         Err(e) => {
             for w in waiting {
-                let _ = w.send(Err(Failure::new(ErrorCode::Tpm, format!("unparseable quote: {e}"))));
+                let _ = w.send(Err(Failure::from_error(ErrorCode::Tpm, "unparseable quote", &e)));
             }
             return None;
         }
@@ -404,7 +406,7 @@ async fn quote_part(quote: &QuoteFn, stats: &Stats, group: Uuid, host_pcrs: Vec<
             ak_public: ak_public.clone(),
             host_pcrs: HostPcrs { selection: selection.clone(), values: q.pcr_values.clone() },
         };
-        let out = bundle.encode().map_err(|e| Failure::new(ErrorCode::Internal, format!("encoding bundle: {e}")));
+        let out = bundle.encode().map_err(|e| Failure::from_error(ErrorCode::Internal, "encoding bundle", &e));
         if out.is_ok() {
             stats.answered.fetch_add(1, Ordering::Relaxed);
         }

@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use vtpm_proto::mgr::{ErrorCode, Failure, VtpmReply, VtpmRequest};
 
+use crate::failure::FromError as _;
+
 use crate::anchor::{self, Anchorer};
 use crate::deepquote::{self, Batcher};
 use crate::manager::{self, Manager};
@@ -73,7 +75,7 @@ impl Dispatcher {
                 let m = self.mgr.clone();
                 tokio::task::spawn_blocking(move || lock(&m).ek_cert(&peer, claimed, &ek_public, &tpm))
                     .await
-                    .unwrap_or_else(|e| VtpmReply::Error(Failure::new(ErrorCode::Internal, format!("issuing the EK certificate: {e}"))))
+                    .unwrap_or_else(|e| VtpmReply::Error(Failure::from_error(ErrorCode::Internal, "issuing the EK certificate", &e)))
             }
         }
     }

@@ -23,6 +23,8 @@ use vtpm_attest::ekcert::{check_ca, check_ek_matches, verify_ca_certify, verify_
 use vtpm_proto::ekcert::{self, CaPublic, Certificate, EkPublic};
 use vtpm_proto::mgr::{CA_CERTIFY_VERSION, CaCertify, TpmInfo};
 use vtpm_proto::mgr::{ErrorCode, Failure, GroupCaInfo};
+
+use crate::failure::FromError as _;
 use zeroize::Zeroizing;
 
 use crate::hwtpm::{HwTpm, HwTpmError, MasterSecret};
@@ -41,11 +43,11 @@ pub fn ca_auth(master: &MasterSecret, group: &Uuid) -> Zeroizing<[u8; 32]> {
 }
 
 fn tpm_err(what: &str) -> impl FnOnce(HwTpmError) -> Failure + '_ {
-    move |e| Failure::new(ErrorCode::Tpm, format!("{what}: {e}"))
+    move |e| Failure::from_error(ErrorCode::Tpm, what, &e)
 }
 
 fn cert_err(what: &str) -> impl FnOnce(ekcert::CertError) -> Failure + '_ {
-    move |e| Failure::new(ErrorCode::Internal, format!("{what}: {e}"))
+    move |e| Failure::from_error(ErrorCode::Internal, what, &e)
 }
 
 fn serial() -> [u8; 16] {
@@ -113,7 +115,7 @@ pub fn issue(
     let ca_cert = Certificate::parse(&ca.cert).map_err(cert_err("the group's CA certificate"))?;
     let serial = serial();
     let tbs = ekcert::ek_tbs(&serial, &ca_cert, now.saturating_sub(BACKDATE_SECS), ek, tpm)
-        .map_err(|e| Failure::new(ErrorCode::BadRequest, format!("encoding the EK certificate: {e}")))?;
+        .map_err(|e| Failure::from_error(ErrorCode::BadRequest, "encoding the EK certificate", &e))?;
     let auth = ca_auth(master, &group.uuid);
     let cert = sign(hw, &ca.key, &auth[..], &tbs)?;
     let parsed = Certificate::parse(&cert).map_err(cert_err("the new EK certificate"))?;

@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod deepquote;
 pub mod dispatch;
 pub mod ekca;
+pub mod failure;
 pub mod hwtpm;
 pub mod instance;
 pub mod manager;

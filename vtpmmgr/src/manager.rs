@@ -23,6 +23,7 @@ use vtpm_proto::mgr::{
 };
 use zeroize::Zeroizing;
 
+use crate::failure::FromError;
 use crate::hwtpm::{AkAlg, HwTpm, MasterSecret, PcrPolicySpec};
 use crate::peer::Peer;
 use crate::rollback::{Protected, RollbackError};
@@ -41,7 +42,7 @@ pub struct QuoteJob {
 /// the TPM lock). Returns the quote and the AK's TPMT_PUBLIC.
 pub fn quote_with(job: QuoteJob, root: &[u8; 32], pcrs: &[u8]) -> Result<(crate::hwtpm::QuoteOut, Vec<u8>), Failure> {
     let mut hw = job.hw.lock().unwrap_or_else(|p| p.into_inner());
-    let q = hw.quote(&job.ak, root, pcrs).map_err(|e| Failure::new(ErrorCode::Tpm, format!("TPM2_Quote: {e}")))?;
+    let q = hw.quote(&job.ak, root, pcrs).map_err(|e| Failure::from_error(ErrorCode::Tpm, "TPM2_Quote", &e))?;
     Ok((q, job.ak.public))
 }
 
@@ -165,6 +166,11 @@ fn now() -> u64 {
 
 fn fail(code: ErrorCode, msg: impl Into<String>) -> AdminReply {
     AdminReply::Error(Failure::new(code, msg))
+}
+
+/// `fail` for an internal error: `context: cause: …`, each cause once ([`FromError`]).
+pub(crate) fn fail_because(code: ErrorCode, context: &str, e: &(dyn std::error::Error + 'static)) -> AdminReply {
+    AdminReply::Error(Failure::from_error(code, context, e))
 }
 
 /// The one process instance attached to a vTPM: its pid and its start time, taken at attach.
@@ -377,9 +383,9 @@ impl Manager {
         }
         let bytes = hex::decode(ek_public).map_err(|_| bad("ek_public is not hex".into()))?;
         let ek = EkPublic::parse(&bytes).map_err(|e| {
-            bad(format!("{e}; only a TCG default EK (template L-1 RSA-2048 or L-2 ECC P-256, as `vtpm-domain --create` makes it) is certified"))
+            Failure::from_error_fix(ErrorCode::BadRequest, "", &e, "only a TCG default EK (template L-1 RSA-2048 or L-2 ECC P-256, as `vtpm-domain --create` makes it) is certified")
         })?;
-        tpm.validate().map_err(|e| bad(e.to_string()))?;
+        tpm.validate().map_err(|e| Failure::from_error(ErrorCode::BadRequest, "", &e))?;
         let ek_sha256 = hex::encode(Sha256::digest(ek.tpmt()));
         let entry = self.identity(&vtpm).cloned().ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("vTPM {vtpm} does not exist")))?;
         // Reserved and not (since) in the store: this write creates it.
@@ -546,7 +552,7 @@ impl Manager {
             RollbackError::Tpm(_) | RollbackError::Staged { .. } => ErrorCode::Tpm,
             _ => ErrorCode::Internal,
         };
-        self.store = prot.commit(&mut hw, next).map_err(|e| fail(code(&e), format!("writing the manager store: {e}")))?;
+        self.store = prot.commit(&mut hw, next).map_err(|e| fail_because(code(&e), "writing the manager store", &e))?;
         Ok(())
     }
 
@@ -610,7 +616,7 @@ impl Manager {
                 if self.store.group(&name).is_some() {
                     return Err(fail(ErrorCode::Exists, format!("group {name:?} exists already; pick another name")));
                 }
-                let ak = self.hw().create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the group's AK: {e}")))?;
+                let ak = self.hw().create_ak(AkAlg::EccP256).map_err(|e| fail_because(ErrorCode::Tpm, "creating the group's AK", &e))?;
                 let mut g = Group { uuid: Uuid::new_v4(), name, ak, ca: None };
                 let master = self.master.as_ref().ok_or_else(|| fail(ErrorCode::NotProvisioned, "the manager is not provisioned"))?;
                 g.ca = Some(crate::ekca::make_ca(&mut self.hw(), master, &g, now()).map_err(AdminReply::Error)?);
@@ -784,7 +790,7 @@ impl Manager {
     }
 
     fn enrollment(&mut self) -> Result<AdminReply, AdminReply> {
-        let cert = crate::akprov::ek_certificate(&mut self.hw()).map_err(|e| fail(ErrorCode::Tpm, e.to_string()))?;
+        let cert = crate::akprov::ek_certificate(&mut self.hw()).map_err(|e| fail_because(ErrorCode::Tpm, "", &e))?;
         let host_id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&cert));
         let groups = self.store.groups.iter().map(|g| self.group_info(g)).collect();
         Ok(AdminReply::Enrollment(Box::new(vtpm_proto::mgr::EnrollmentInfo { host_id, ek_cert: hex::encode(cert), groups })))
@@ -801,7 +807,7 @@ impl Manager {
         let secret = hex::decode(secret).map_err(|_| bad("encrypted_secret"))?;
         let out = crate::akprov::activate_credential(&mut self.hw(), &g.ak, &blob, &secret).map_err(|e| {
             let code = if matches!(e, crate::hwtpm::HwTpmError::InvalidArgument(_)) { ErrorCode::BadRequest } else { ErrorCode::Tpm };
-            fail(code, format!("TPM2_ActivateCredential with the AK of group {:?}: {e}", g.name))
+            fail_because(code, &format!("TPM2_ActivateCredential with the AK of group {:?}", g.name), &e)
         })?;
         xvtpm_log::host_info!(group = %g.uuid, "credential activated for a verifier");
         Ok(AdminReply::Activated { secret: vtpm_proto::mgr::SecretBytes(zeroize::Zeroizing::new(out)) })
@@ -815,19 +821,19 @@ impl Manager {
             return Err(fail(ErrorCode::BadRequest, "--pcrs: PCR indices must be 0..=23"));
         }
         let spec = PcrPolicySpec::with_pcrs(pcrs);
-        let (rec, policy_key, master) = self.hw().provision(&spec).map_err(|e| fail(ErrorCode::Tpm, format!("provisioning: {e}")))?;
-        let ak = self.hw().create_ak(AkAlg::EccP256).map_err(|e| fail(ErrorCode::Tpm, format!("creating the default AK: {e}")))?;
+        let (rec, policy_key, master) = self.hw().provision(&spec).map_err(|e| fail_because(ErrorCode::Tpm, "provisioning", &e))?;
+        let ak = self.hw().create_ak(AkAlg::EccP256).map_err(|e| fail_because(ErrorCode::Tpm, "creating the default AK", &e))?;
         // The admin's policy-signing key: needed only to authorise new PCR
         // values after a host upgrade. Root-only; admins should move it offline.
         let key_path = self.cfg.policy_key_path();
         xvtpm_fsutil::write_atomic(&key_path, &policy_key[..], 0o600)
-            .map_err(|e| fail(ErrorCode::Internal, format!("writing {}: {e}", key_path.display())))?;
+            .map_err(|e| fail_because(ErrorCode::Internal, &format!("writing {}", key_path.display()), &e))?;
         let mut group = Group { uuid: Uuid::new_v4(), name: DEFAULT_GROUP.into(), ak, ca: None };
         group.ca = Some(crate::ekca::make_ca(&mut self.hw(), &master, &group, now()).map_err(AdminReply::Error)?);
         let first = Store { provision: Some(rec), groups: vec![group], ..Store::empty() };
         let path = self.cfg.store_path();
         let (store, prot) = crate::rollback::bind_new_counter(&mut self.hw(), &path, StoreKeys::derive(&master), first)
-            .map_err(|e| fail(ErrorCode::Tpm, format!("provisioning: writing the store under its rollback counter: {e}")))?;
+            .map_err(|e| fail_because(ErrorCode::Tpm, "provisioning: writing the store under its rollback counter", &e))?;
         let c = prot.counter();
         self.store = store;
         self.protected = Some(prot);

@@ -34,10 +34,12 @@ use tss_esapi::{
 };
 use uuid::Uuid;
 use vtpm_proto::mgr::{AdminReply, AdminRequest, ErrorCode, Failure, SecretBytes};
+
 use vtpm_proto::transfer::{self as tp, Challenge, Offer, Package, Payload, Receipt, ReceiptKind, TransferError, TRANSFER_VERSION};
 use zeroize::Zeroizing;
 
-use super::{fail, not_found, now, Manager};
+use super::{fail, fail_because, not_found, now, Manager};
+use crate::failure::FromError as _;
 use crate::hwtpm::{sha256_name, AkRecord, HwTpm, HwTpmError, MasterSecret};
 use crate::store::{EkBinding, ImportRecord, KeyRecord, OfferRecord, Outgoing, OutgoingState, StateAnchor, TransferRecord, VtpmEntry, WrappedKey};
 
@@ -90,13 +92,13 @@ fn refused(msg: impl Into<String>) -> AdminReply {
 
 fn bad(e: TransferError) -> AdminReply {
     match e {
-        TransferError::Malformed { .. } => fail(ErrorCode::BadRequest, e.to_string()),
-        e => refused(format!("transfer refused: {e}")),
+        TransferError::Malformed { .. } => fail_because(ErrorCode::BadRequest, "", &e),
+        e => fail_because(ErrorCode::Refused, "transfer refused", &e),
     }
 }
 
 fn tpm_err(what: &str) -> impl FnOnce(HwTpmError) -> AdminReply + '_ {
-    move |e| fail(ErrorCode::Tpm, format!("{what}: {e}"))
+    move |e| fail_because(ErrorCode::Tpm, what, &e)
 }
 
 fn op(op: &'static str) -> impl FnOnce(tss_esapi::Error) -> HwTpmError {
@@ -303,14 +305,14 @@ impl Manager {
         }
         let parse = |h: &str, what: &'static str| -> Result<Certificate, AdminReply> {
             let der = tp::unhex(h, what, tp::MAX_CERT).map_err(bad)?;
-            Certificate::from_pem_or_der(&der).map_err(|e| fail(ErrorCode::BadRequest, format!("{what}: {e}")))
+            Certificate::from_pem_or_der(&der).map_err(|e| fail_because(ErrorCode::BadRequest, what, &e))
         };
         let leaf_der = tp::unhex(ek_cert, "EK certificate", tp::MAX_CERT).map_err(bad)?;
         let leaf = parse(ek_cert, "EK certificate")?;
         let inter = intermediates.iter().map(|h| parse(h, "EK intermediate")).collect::<Result<Vec<_>, _>>()?;
         let roots = roots.iter().map(|h| parse(h, "EK root")).collect::<Result<Vec<_>, _>>()?;
         let chain = vtpm_attest::credential::verify_ek_chain(&leaf, &inter, &roots, now())
-            .map_err(|e| refused(format!("transfer refused: the destination is not enrolled: {e}")))?;
+            .map_err(|e| fail_because(ErrorCode::Refused, "transfer refused: the destination is not enrolled", &e))?;
         Ok((chain.ek_spki, hex::encode(Sha256::digest(&leaf_der))))
     }
 
@@ -331,14 +333,14 @@ impl Manager {
         }
         let (spki, host_id) = self.ek_chain(ek_cert, inter, roots)?;
         let ak = tp::unhex(ak_public, "ak_public", 1024).map_err(bad)?;
-        let ak_name = vtpm_attest::credential::ak_name(&ak).map_err(|e| refused(format!("transfer refused: the destination's {e}")))?;
-        let ek = vtpm_attest::credential::ek_rsa_key(&spki).map_err(|e| refused(format!("transfer refused: the destination's {e}")))?;
+        let ak_name = vtpm_attest::credential::ak_name(&ak).map_err(|e| fail_because(ErrorCode::Refused, "transfer refused: the destination", &e))?;
+        let ek = vtpm_attest::credential::ek_rsa_key(&spki).map_err(|e| fail_because(ErrorCode::Refused, "transfer refused: the destination", &e))?;
         let mut id = now().to_be_bytes().to_vec();
         let mut rnd = [0u8; 24];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut rnd);
         id.extend_from_slice(&rnd);
         let secret = challenge_secret(self.master_secret()?, &id, &uuid, &host_id, &ak_name);
-        let cred = vtpm_attest::credential::make_credential(&ek, &ak_name, &secret[..]).map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+        let cred = vtpm_attest::credential::make_credential(&ek, &ak_name, &secret[..]).map_err(|e| fail_because(ErrorCode::Internal, "", &e))?;
         Ok(AdminReply::TransferChallenge(Box::new(Challenge {
             version: TRANSFER_VERSION,
             vtpm: uuid,
@@ -372,7 +374,7 @@ impl Manager {
         let enc = tp::unhex(&ch.encrypted_secret, "encrypted_secret", crate::akprov::MAX_ENCRYPTED_SECRET).map_err(bad)?;
         let secret = Zeroizing::new(
             crate::akprov::activate_credential(&mut self.hw(), &g.ak, &blob, &enc)
-                .map_err(|e| refused(format!("credential activation with the AK of group {:?} failed: {e} (the challenge was made for another AK or another TPM's EK)", g.name)))?,
+                .map_err(|e| AdminReply::Error(Failure::from_error_fix(ErrorCode::Refused, &format!("credential activation with the AK of group {:?} failed", g.name), &e, "the challenge was made for another AK or another TPM's EK")))?,
         );
         let offer_id = Uuid::new_v4();
         let auth = key_auth(self.master_secret()?, &offer_id);
@@ -427,11 +429,11 @@ impl Manager {
             return Err(refused("transfer refused: the offer's host id is not the SHA-256 of its EK certificate"));
         }
         let ak_bytes = tp::unhex(&o.ak_public, "ak_public", 1024).map_err(bad)?;
-        let ak_name = vtpm_attest::credential::ak_name(&ak_bytes).map_err(|e| refused(format!("transfer refused: the destination's {e}")))?;
+        let ak_name = vtpm_attest::credential::ak_name(&ak_bytes).map_err(|e| fail_because(ErrorCode::Refused, "transfer refused: the destination", &e))?;
         let key_bytes = tp::unhex(&o.key_public, "key_public", 1024).map_err(bad)?;
         let key = tp::check_transfer_key(&key_bytes).map_err(bad)?;
         let binding = tp::offer_binding(&id, &o.offer_id, uuid, &o.group, &ak_name, &sha256_name(&key_bytes));
-        let ak = vtpm_proto::tpms::AkPublic::parse(&ak_bytes).map_err(|e| refused(format!("transfer refused: the destination's AK: {e}")))?;
+        let ak = vtpm_proto::tpms::AkPublic::parse(&ak_bytes).map_err(|e| fail_because(ErrorCode::Refused, "transfer refused: the destination's AK", &e))?;
         tp::verify_certify(&ak, &o.certify_attest, &o.certify_signature, &binding, &sha256_name(&key_bytes)).map_err(bad)?;
         if o.pcr_values.len() != o.pcrs.len() || o.pcrs.len() > 24 {
             return Err(fail(ErrorCode::BadRequest, "offer: one PCR value per quoted PCR"));
@@ -447,10 +449,10 @@ impl Manager {
     }
 
     /// Opens a sealed state file of `uuid` with `key`; returns (generation, anchor digest).
-    fn state_anchor(uuid: &Uuid, key: &[u8], state: &[u8]) -> Result<(u64, String), String> {
-        let key: [u8; 32] = key.try_into().map_err(|_| "state key is not 32 bytes".to_string())?;
-        let (family, _, generation) = vtpm_proto::sealed::peek(state).map_err(|e| e.to_string())?;
-        let s = vtpm_proto::sealed::open(&key, uuid, state).map_err(|e| e.to_string())?;
+    fn state_anchor(uuid: &Uuid, key: &[u8], state: &[u8]) -> Result<(u64, String), Box<dyn std::error::Error + Send + Sync>> {
+        let key: [u8; 32] = key.try_into().map_err(|_| "state key is not 32 bytes")?;
+        let (family, _, generation) = vtpm_proto::sealed::peek(state)?;
+        let s = vtpm_proto::sealed::open(&key, uuid, state)?;
         Ok((generation, hex::encode(vtpm_proto::sealed::anchor_digest(family, generation, &s.permanent, &s.volatile))))
     }
 
@@ -475,7 +477,7 @@ impl Manager {
         let state_bytes = tp::unhex(state, "state", tp::MAX_STATE).map_err(bad)?;
         let sk = self.derive_key(&uuid).ok_or_else(|| fail(ErrorCode::NotProvisioned, "the manager is not provisioned"))?;
         let (generation, digest) = Self::state_anchor(&uuid, &sk, &state_bytes)
-            .map_err(|e| fail(ErrorCode::BadRequest, format!("the state file given for vTPM {uuid} does not open under its key: {e}")))?;
+            .map_err(|e| fail_because(ErrorCode::BadRequest, &format!("the state file given for vTPM {uuid} does not open under its key"), &*e))?;
         if let Some(a) = &entry.state
             && (a.generation != generation || a.digest != digest)
         {
@@ -526,7 +528,7 @@ impl Manager {
             ciphertext: String::new(),
         }
         .seal(&key, &payload)
-        .map_err(|e| fail(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| fail_because(ErrorCode::Internal, "", &e))?;
         Ok(AdminReply::TransferPackage(Box::new(pkg)))
     }
 
@@ -572,10 +574,10 @@ impl Manager {
         let enc = pkg.encrypted_key().map_err(bad)?;
         let auth = key_auth(self.master_secret()?, &offer.offer_id);
         let pk = decrypt(&mut self.hw(), &key, &auth[..], &enc)
-            .map_err(|e| refused(format!("import refused: the package key does not decrypt with the offer's transfer key (tampered, or sealed for another offer): {e}")))?;
-        let payload = pkg.open(&pk).map_err(|e| refused(format!("import refused: {e}")))?;
+            .map_err(|e| fail_because(ErrorCode::Refused, "import refused: the package key does not decrypt with the offer's transfer key (tampered, or sealed for another offer)", &e))?;
+        let payload = pkg.open(&pk).map_err(|e| fail_because(ErrorCode::Refused, "import refused", &e))?;
         let state = tp::unhex(&payload.state, "state", tp::MAX_STATE).map_err(bad)?;
-        let (generation, digest) = Self::state_anchor(&uuid, &payload.state_key.0, &state).map_err(|e| refused(format!("import refused: the package's state does not open under its state key: {e}")))?;
+        let (generation, digest) = Self::state_anchor(&uuid, &payload.state_key.0, &state).map_err(|e| fail_because(ErrorCode::Refused, "import refused: the package's state does not open under its state key", &*e))?;
         if generation != payload.anchor_generation || digest != payload.anchor_digest {
             return Err(refused("import refused: the package's state is not the state its source anchored"));
         }
@@ -621,7 +623,12 @@ impl Manager {
         let vtpms = self.cfg.vtpm_state_dir.join("vtpms");
         let dir = vtpms.join(uuid.to_string());
         let failed = |what: &str, p: &std::path::Path, e: std::io::Error| {
-            fail(ErrorCode::Internal, format!("import not done: {what} {} failed ({e}); nothing was imported — fix it (the manager's --vtpm-state-dir) and import the package again", p.display()))
+            AdminReply::Error(Failure::from_error_fix(
+                ErrorCode::Internal,
+                &format!("import not done: {what} {} failed", p.display()),
+                &e,
+                "nothing was imported — fix it (the manager's --vtpm-state-dir) and import the package again",
+            ))
         };
         std::fs::DirBuilder::new().recursive(true).mode(0o755).create(&vtpms).map_err(|e| failed("creating", &vtpms, e))?;
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
@@ -637,7 +644,7 @@ impl Manager {
     fn make_receipt(&mut self, kind: ReceiptKind, vtpm: Uuid, offer_id: Uuid, export_id: Option<Uuid>, generation: u64, group: Uuid) -> Result<Receipt, Failure> {
         let g = self.store.groups.iter().find(|g| g.uuid == group).cloned().ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("group {group} does not exist")))?;
         let stmt = tp::receipt_statement(kind, &vtpm, &offer_id, export_id.as_ref(), generation);
-        let q = self.hw().quote(&g.ak, &stmt, &[0]).map_err(|e| Failure::new(ErrorCode::Tpm, format!("TPM2_Quote: {e}")))?;
+        let q = self.hw().quote(&g.ak, &stmt, &[0]).map_err(|e| Failure::from_error(ErrorCode::Tpm, "TPM2_Quote", &e))?;
         Ok(Receipt { version: TRANSFER_VERSION, kind, vtpm, offer_id, export_id, generation, attest: hex::encode(q.attest), signature: hex::encode(q.signature) })
     }
 
@@ -696,7 +703,7 @@ impl Manager {
         let ak = hex::decode(&o.dest_ak_public).map_err(|_| fail(ErrorCode::Internal, "stored AK is not hex"))?;
         receipt
             .verify(&ak, ReceiptKind::Imported, &uuid, &o.offer_id, Some((&o.export_id, o.generation)))
-            .map_err(|e| refused(format!("commit refused: {e}")))?;
+            .map_err(|e| fail_because(ErrorCode::Refused, "commit refused", &e))?;
         let mut next = self.store.clone();
         if let Some(t) = next.transfers.iter_mut().find(|t| t.uuid == uuid) {
             *t = TransferRecord {
@@ -742,7 +749,14 @@ impl Manager {
         let ak = hex::decode(&o.dest_ak_public).map_err(|_| fail(ErrorCode::Internal, "stored AK is not hex"))?;
         receipt
             .verify(&ak, ReceiptKind::Cancelled, &uuid, &o.offer_id, None)
-            .map_err(|e| refused(format!("abort refused: {e} (only the destination's cancellation of this offer returns the vTPM to service: `xl-vtpm vtpm transfer-cancel {}` on the destination)", o.offer_id)))?;
+            .map_err(|e| {
+                AdminReply::Error(Failure::from_error_fix(
+                    ErrorCode::Refused,
+                    "abort refused",
+                    &e,
+                    &format!("only the destination's cancellation of this offer returns the vTPM to service: `xl-vtpm vtpm transfer-cancel {}` on the destination", o.offer_id),
+                ))
+            })?;
         let mut next = self.store.clone();
         if let Some(t) = next.transfers.iter_mut().find(|t| t.uuid == uuid) {
             *t = TransferRecord { outgoing: None, ..rec };

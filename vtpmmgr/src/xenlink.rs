@@ -46,6 +46,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use xvtpm_log::{guest_info, guest_warn};
 use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
+
+use crate::failure::FromError as _;
 use xen_platform::frontend::ReplyChunker;
 
 use xen_platform::tpmif::{MAX_PACKET, Rejection, Rejections};
@@ -274,15 +276,12 @@ pub fn rejections() -> Rejections {
 
 /// Parses one whole request frame (`u32` BE length ‖ JSON) from the page.
 fn decode_request(cmd: &[u8]) -> Result<VtpmRequest, Failure> {
-    vtpm_proto::mgr_io::decode_frame(cmd).map_err(|e| Failure::new(ErrorCode::BadRequest, xvtpm_log::report(&e)))
+    vtpm_proto::mgr_io::decode_frame(cmd).map_err(|e| Failure::from_error(ErrorCode::BadRequest, "", &e))
 }
 
 fn encode_reply(reply: &VtpmReply) -> Vec<u8> {
     mgr::encode(reply).unwrap_or_else(|e| {
-        mgr::encode(&VtpmReply::Error(Failure::new(
-            ErrorCode::Internal,
-            format!("encoding the reply: {e}"),
-        )))
+        mgr::encode(&VtpmReply::Error(Failure::from_error(ErrorCode::Internal, "encoding the reply", &e)))
         .expect("a short error reply encodes")
     })
 }

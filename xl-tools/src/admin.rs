@@ -31,10 +31,8 @@ impl Admin {
                     format!("cannot use vtpmmgr's admin socket {}: permission denied; it serves {owner} only: run xl-vtpm as root (e.g. with sudo)", path.display()),
                 )
             }
-            _ => CliError::new(
-                NO_MANAGER,
-                format!("cannot reach vtpmmgr at {}: {e} (start it: `systemctl start xvtpm-mgr`, or `vtpmmgr serve`; or pass --run-dir)", path.display()),
-            ),
+            _ => CliError::caused(NO_MANAGER, format!("cannot reach vtpmmgr at {}", path.display()), e)
+                .fix("start it: `systemctl start xvtpm-mgr`, or `vtpmmgr serve`; or pass --run-dir"),
         })?;
         // Provisioning can take a few seconds on a discrete TPM (RSA keys).
         stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
@@ -64,8 +62,8 @@ impl Admin {
     /// [`CliError`] with the matching exit code.
     pub fn call(&mut self, req: &AdminRequest) -> Result<AdminReply, CliError> {
         let reply = mgr_io::call(&mut self.stream, req).map_err(|e| match e {
-            WireError::Frame(_) => CliError::new(1, xvtpm_log::report(&e)),
-            _ => CliError::new(NO_MANAGER, format!("admin socket: {}", xvtpm_log::report(&e))),
+            WireError::Frame(_) => CliError::caused(1, "", e),
+            _ => CliError::caused(NO_MANAGER, "admin socket", e),
         })?;
         match reply {
             AdminReply::Error(f) => Err(CliError::from_manager(f.code, f.message)),

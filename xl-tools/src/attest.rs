@@ -23,7 +23,7 @@ use vtpm_proto::evidence::Bundle;
 use vtpm_proto::mgr::{AdminReply, AdminRequest, EnrollmentInfo, GroupInfo};
 
 use crate::admin::Admin;
-use crate::exit::{CliError, FAILURE, HOST_UNCHECKED, USAGE};
+use crate::exit::{Cause, CliError, FAILURE, HOST_UNCHECKED, USAGE};
 use crate::guest::{self, NOT_VERIFIED};
 
 /// Format tag of enrollment material files.
@@ -86,10 +86,7 @@ fn now() -> u64 {
 fn read_cert(path: &Path, flag: &str) -> Result<Certificate, CliError> {
     let b = guest::read_capped(path, MAX_FILE, flag)?;
     Certificate::from_pem_or_der(&b).map_err(|e| {
-        CliError::new(
-            USAGE,
-            format!("{flag} {}: not an X.509 certificate ({e})", path.display()),
-        )
+        CliError::caused(USAGE, format!("{flag} {}: not an X.509 certificate", path.display()), e)
     })
 }
 
@@ -136,12 +133,12 @@ pub fn write_material(
     let m = material(admin, intermediates)?;
     let json = serde_json::to_vec_pretty(&m).expect("serialisable");
     std::fs::write(out, json)
-        .map_err(|e| CliError::new(FAILURE, format!("--out {}: {e}", out.display())))?;
+        .map_err(|e| CliError::caused(FAILURE, format!("--out {}", out.display()), e))?;
     Ok(m)
 }
 
-pub(crate) fn not_verified(check: &str, e: impl std::fmt::Display) -> CliError {
-    CliError::new(NOT_VERIFIED, format!("enrollment refused: {check}: {e}"))
+pub(crate) fn not_verified(check: &str, e: impl Into<Cause>) -> CliError {
+    CliError::caused(NOT_VERIFIED, format!("enrollment refused: {check}"), e)
 }
 
 /// What [`enroll`] needs from the host: `TPM2_ActivateCredential` for a group (the admin socket
@@ -176,10 +173,7 @@ impl Activator for Admin {
             )),
             Err(e) => Err(not_verified(
                 "credential activation",
-                format!(
-                    "the host's TPM did not activate the credential: {}",
-                    e.message
-                ),
+                CliError::caused(e.code, "the host's TPM did not activate the credential", e),
             )),
         }
     }
@@ -213,13 +207,7 @@ pub fn enroll_material(act: &mut dyn Activator, raw: &[u8], input: &EnrollInput<
         return Err(CliError::new(USAGE, format!("--material: more than {MAX_FILE} bytes")));
     }
     let m: Material = serde_json::from_slice(raw).map_err(|e| {
-        CliError::new(
-            USAGE,
-            format!(
-                "--material {}: not enrollment material ({e})",
-                input.material.display()
-            ),
-        )
+        CliError::caused(USAGE, format!("--material {}: not enrollment material", input.material.display()), e)
     })?;
     if m.format != MATERIAL_FORMAT {
         return Err(CliError::new(
@@ -313,14 +301,14 @@ pub fn enroll_material(act: &mut dyn Activator, raw: &[u8], input: &EnrollInput<
         };
         let dir = input.trust_store.join(&host_id);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| CliError::new(FAILURE, format!("--trust-store {}: {e}", dir.display())))?;
+            .map_err(|e| CliError::caused(FAILURE, format!("--trust-store {}", dir.display()), e))?;
         let file = dir.join(format!("{}.json", g.uuid));
         xvtpm_fsutil::write_atomic(
             &file,
             &serde_json::to_vec_pretty(&p).expect("serialisable"),
             0o644,
         )
-        .map_err(|e| CliError::new(FAILURE, format!("--trust-store {}: {e}", file.display())))?;
+        .map_err(|e| CliError::caused(FAILURE, format!("--trust-store {}", file.display()), e))?;
         pinned.push(p);
     }
     Ok(pinned)
@@ -339,27 +327,27 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Every pinned AK in `dir` (`<dir>/<host id>/<group>.json`).
 pub fn load_trust_store(dir: &Path) -> Result<Vec<PinnedAk>, CliError> {
-    let bad = |e: String| CliError::new(USAGE, format!("--trust-store {}: {e}", dir.display()));
+    let bad = |e: Cause| CliError::caused(USAGE, format!("--trust-store {}", dir.display()), e);
     let mut out = vec![];
-    for host in std::fs::read_dir(dir).map_err(|e| bad(e.to_string()))? {
-        let host = host.map_err(|e| bad(e.to_string()))?;
+    for host in std::fs::read_dir(dir).map_err(|e| bad(e.into()))? {
+        let host = host.map_err(|e| bad(e.into()))?;
         if !host.path().is_dir() {
             continue;
         }
-        for f in std::fs::read_dir(host.path()).map_err(|e| bad(e.to_string()))? {
-            let p = f.map_err(|e| bad(e.to_string()))?.path();
+        for f in std::fs::read_dir(host.path()).map_err(|e| bad(e.into()))? {
+            let p = f.map_err(|e| bad(e.into()))?.path();
             if p.extension().is_none_or(|x| x != "json") {
                 continue;
             }
             let raw = guest::read_capped(&p, MAX_FILE, "--trust-store entry")?;
             let e: PinnedAk = serde_json::from_slice(&raw)
-                .map_err(|e| bad(format!("{}: not a pinned AK ({e})", p.display())))?;
+                .map_err(|e| bad(CliError::caused(USAGE, format!("{}: not a pinned AK", p.display()), e).into()))?;
             if e.format != PINNED_FORMAT {
-                return Err(bad(format!("{}: format {:?}", p.display(), e.format)));
+                return Err(bad(format!("{}: format {:?}", p.display(), e.format).into()));
             }
             out.push(e);
             if out.len() > MAX_ENTRIES {
-                return Err(bad(format!("more than {MAX_ENTRIES} pinned AKs")));
+                return Err(bad(format!("more than {MAX_ENTRIES} pinned AKs").into()));
             }
         }
     }
@@ -444,7 +432,7 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
         _ => None,
     };
     let bundle = Bundle::decode(&bytes)
-        .map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence does not decode: {e}")))?;
+        .map_err(|e| CliError::caused(NOT_VERIFIED, "evidence does not decode", e))?;
     let (ak_public, group, pinned) = match (store, raw_ak, &a.ak) {
         (Some(store), _, _) => {
             let dir = a.trust_store.as_deref().expect("store read from it");
@@ -487,7 +475,7 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
     exp.vpcrs = vpcrs;
     exp.vtpm_uuid = vtpm;
     let v = vtpm_attest::verify::verify(&bundle, &exp)
-        .map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: {e}")))?;
+        .map_err(|e| CliError::caused(NOT_VERIFIED, "evidence did not verify", e))?;
     let replayed = event_log
         .as_ref()
         .map(|(log, policy)| crate::eventlog::check_against_quote(log, policy, &v.host_pcrs))

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use vtpm_proto::attest_api as api;
 
 use crate::attest::{Activator, EnrollInput, VerifyArgs};
-use crate::exit::{CliError, FAILURE, USAGE};
+use crate::exit::{Cause, CliError, FAILURE, USAGE};
 
 /// How long one call to the service may take (a deep quote waits for a Merkle round).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -99,32 +99,32 @@ impl Client {
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
             .and_then(|i| i.collect::<Result<_, _>>())
-            .map_err(|e| usage(format!("--cert {}: {e}", cert.display())))?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| usage(format!("--key {}: {e}", key.display())))?;
+            .map_err(|e| CliError::caused(USAGE, format!("--cert {}", cert.display()), e))?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| CliError::caused(USAGE, format!("--key {}", key.display()), e))?;
         let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(service_ca).map_err(|e| usage(format!("--service-ca {}: {e}", service_ca.display())))? {
-            let c = c.map_err(|e| usage(format!("--service-ca {}: {e}", service_ca.display())))?;
-            roots.add(c).map_err(|e| usage(format!("--service-ca {}: {e}", service_ca.display())))?;
+        for c in CertificateDer::pem_file_iter(service_ca).map_err(|e| CliError::caused(USAGE, format!("--service-ca {}", service_ca.display()), e))? {
+            let c = c.map_err(|e| CliError::caused(USAGE, format!("--service-ca {}", service_ca.display()), e))?;
+            roots.add(c).map_err(|e| CliError::caused(USAGE, format!("--service-ca {}", service_ca.display()), e))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| usage(format!("TLS: {e}")))?
+            .map_err(|e| CliError::caused(USAGE, "TLS", e))?
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)
-            .map_err(|e| usage(format!("--cert/--key: {e}")))?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::new(FAILURE, format!("runtime: {e}")))?;
+            .map_err(|e| CliError::caused(USAGE, "--cert/--key", e))?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::caused(FAILURE, "runtime", e))?;
         Ok(Client { host, port, tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)), rt })
     }
 
     /// One request; the status and the body (at most [`MAX_ANSWER`] bytes).
     pub fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Bytes), CliError> {
-        let net = |e: String| CliError::new(FAILURE, format!("attestation service {}:{}: {e}", self.host, self.port));
+        let net = |e: Cause| CliError::caused(FAILURE, format!("attestation service {}:{}", self.host, self.port), e);
         let run = async {
-            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| net(e.to_string()))?;
-            let name = ServerName::try_from(self.host.clone()).map_err(|e| usage(format!("--service host: {e}")))?;
-            let tls = self.tls.connect(name, tcp).await.map_err(|e| net(format!("TLS: {e}")))?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| net(e.to_string()))?;
+            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| net(e.into()))?;
+            let name = ServerName::try_from(self.host.clone()).map_err(|e| CliError::caused(USAGE, "--service host", e))?;
+            let tls = self.tls.connect(name, tcp).await.map_err(|e| net(CliError::caused(FAILURE, "TLS", e).into()))?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.map_err(|e| net(e.into()))?;
             let driver = tokio::spawn(conn);
             let req = hyper::Request::builder()
                 .method(method)
@@ -132,10 +132,10 @@ impl Client {
                 .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
                 .header(hyper::header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .map_err(|e| net(e.to_string()))?;
-            let rsp = send.send_request(req).await.map_err(|e| net(e.to_string()))?;
+                .map_err(|e| net(e.into()))?;
+            let rsp = send.send_request(req).await.map_err(|e| net(e.into()))?;
             let status = rsp.status().as_u16();
-            let b = Limited::new(rsp.into_body(), MAX_ANSWER).collect().await.map_err(|e| net(format!("reading the answer: {e}")))?.to_bytes();
+            let b = Limited::new(rsp.into_body(), MAX_ANSWER).collect().await.map_err(|e| net(CliError::caused(FAILURE, "reading the answer", e).into()))?.to_bytes();
             driver.abort();
             Ok::<_, CliError>((status, b))
         };
@@ -162,19 +162,19 @@ impl Activator for Client {
     fn activate(&mut self, group: &Uuid, blob: &[u8], encrypted_secret: &[u8]) -> Result<Vec<u8>, CliError> {
         let req = api::ActivateRequest { group: *group, credential_blob: hex::encode(blob), encrypted_secret: hex::encode(encrypted_secret) };
         let (status, b) = self.call("POST", api::PATH_ACTIVATE, Some(serde_json::to_vec(&req).expect("serialisable")))?;
-        let failed = |why: String| crate::attest::not_verified("credential activation", format!("the host's TPM did not activate the credential: {why}"));
+        let failed = |why: Cause| crate::attest::not_verified("credential activation", CliError::caused(FAILURE, "the host's TPM did not activate the credential", why));
         if status != 200 {
             let msg = serde_json::from_slice::<api::ErrorBody>(&b).map(|e| e.error).unwrap_or_else(|_| format!("HTTP {status}"));
-            return Err(failed(msg));
+            return Err(failed(msg.into()));
         }
-        let r: api::ActivateResponse = serde_json::from_slice(&b).map_err(|e| failed(format!("malformed answer ({e})")))?;
+        let r: api::ActivateResponse = serde_json::from_slice(&b).map_err(|e| failed(CliError::caused(FAILURE, "malformed answer", e).into()))?;
         hex::decode(&r.secret).map_err(|_| failed("the secret is not hex".into()))
     }
 }
 
 fn write(dir: &Path, name: &str, b: &[u8]) -> Result<PathBuf, CliError> {
     let p = dir.join(name);
-    std::fs::write(&p, b).map_err(|e| CliError::new(FAILURE, format!("{}: {e}", p.display())))?;
+    std::fs::write(&p, b).map_err(|e| CliError::caused(FAILURE, p.display().to_string(), e))?;
     Ok(p)
 }
 
@@ -194,11 +194,11 @@ pub fn run(a: &AttestArgs, json: bool) -> Result<(), CliError> {
     let tmp;
     let dir = match &a.save {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|e| CliError::new(FAILURE, format!("--save {}: {e}", d.display())))?;
+            std::fs::create_dir_all(d).map_err(|e| CliError::caused(FAILURE, format!("--save {}", d.display()), e))?;
             d.clone()
         }
         None => {
-            tmp = tempfile::tempdir().map_err(|e| CliError::new(FAILURE, format!("temporary directory: {e}")))?;
+            tmp = tempfile::tempdir().map_err(|e| CliError::caused(FAILURE, "temporary directory", e))?;
             tmp.path().to_path_buf()
         }
     };
@@ -231,7 +231,7 @@ pub fn run(a: &AttestArgs, json: bool) -> Result<(), CliError> {
     rand_fill(&mut nonce);
     let req = api::QuoteRequest { nonce: hex::encode(nonce), vpcrs, host_pcrs };
     let b = client.ok("POST", &api::quote_path(&vtpm), Some(serde_json::to_vec(&req).expect("serialisable")))?;
-    let r: api::QuoteResponse = serde_json::from_slice(&b).map_err(|e| CliError::new(crate::guest::NOT_VERIFIED, format!("the service's answer is not a deep quote ({e})")))?;
+    let r: api::QuoteResponse = serde_json::from_slice(&b).map_err(|e| CliError::caused(crate::guest::NOT_VERIFIED, "the service's answer is not a deep quote", e))?;
     let bundle = hex::decode(&r.bundle).map_err(|_| CliError::new(crate::guest::NOT_VERIFIED, "the service's evidence is not hex"))?;
     let evidence = write(&dir, "evidence.bin", &bundle)?;
     write(&dir, "nonce.hex", hex::encode(nonce).as_bytes())?;

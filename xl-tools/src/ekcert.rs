@@ -13,11 +13,11 @@ use crate::exit::{CliError, FAILURE, USAGE};
 use crate::guest::{NOT_VERIFIED, read_bytes_or_hex};
 
 fn read(path: &Path, flag: &str) -> Result<Vec<u8>, CliError> {
-    std::fs::read(path).map_err(|e| CliError::new(USAGE, format!("{flag} {}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| CliError::caused(USAGE, format!("{flag} {}", path.display()), e))
 }
 
 fn write(path: &Path, bytes: &[u8], flag: &str) -> Result<(), CliError> {
-    std::fs::write(path, bytes).map_err(|e| CliError::new(FAILURE, format!("{flag} {}: {e}", path.display())))
+    std::fs::write(path, bytes).map_err(|e| CliError::caused(FAILURE, format!("{flag} {}", path.display()), e))
 }
 
 /// Writes the CA certificate (PEM, or DER with `der`) to `out` and, with `certify`, the
@@ -27,7 +27,7 @@ pub fn write_ca(info: &GroupCaInfo, out: &Path, der: bool, certify: Option<&Path
     if der {
         write(out, &cert, "--out")?;
     } else {
-        let pem = vtpm_proto::ekcert::to_pem(&cert).map_err(|e| CliError::new(FAILURE, e.to_string()))?;
+        let pem = vtpm_proto::ekcert::to_pem(&cert).map_err(|e| CliError::caused(FAILURE, "", e))?;
         write(out, pem.as_bytes(), "--out")?;
     }
     if let Some(p) = certify {
@@ -46,7 +46,7 @@ pub struct Checks<'a> {
 }
 
 fn not_verified(e: CertError) -> CliError {
-    CliError::new(NOT_VERIFIED, format!("not verified: {e}"))
+    CliError::caused(NOT_VERIFIED, "not verified", e)
 }
 
 /// Verifies the EK certificate at `cert` against the CA certificate at `ca` (PEM or DER each),
@@ -54,16 +54,16 @@ fn not_verified(e: CertError) -> CliError {
 pub fn verify(cert: &Path, ca: &Path, checks: &Checks<'_>) -> Result<EkCertInfo, CliError> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let ca_bytes = read(ca, "--ca")?;
-    let ca_cert = Certificate::from_pem_or_der(&ca_bytes).map_err(|e| CliError::new(USAGE, format!("--ca {}: {e}", ca.display())))?;
+    let ca_cert = Certificate::from_pem_or_der(&ca_bytes).map_err(|e| CliError::caused(USAGE, format!("--ca {}", ca.display()), e))?;
     let ek_cert = Certificate::from_pem_or_der(&read(cert, "certificate")?)
-        .map_err(|e| CliError::new(NOT_VERIFIED, format!("{}: not an X.509 certificate: {e}", cert.display())))?;
+        .map_err(|e| CliError::caused(NOT_VERIFIED, format!("{}: not an X.509 certificate", cert.display()), e))?;
     let info = ekcert::verify_ek_cert(&ek_cert, &ca_cert, now).map_err(not_verified)?;
     if let Some(p) = checks.ek_public {
         ekcert::check_ek_matches(&ek_cert, &read_bytes_or_hex(p, "--ek")?).map_err(not_verified)?;
     }
     if let Some((ev_path, ak_path)) = checks.certify {
         let ev: CaCertify = serde_json::from_slice(&read(ev_path, "--certify")?)
-            .map_err(|e| CliError::new(USAGE, format!("--certify {}: not CA certification evidence ({e})", ev_path.display())))?;
+            .map_err(|e| CliError::caused(USAGE, format!("--certify {}: not CA certification evidence", ev_path.display()), e))?;
         let ak = read_bytes_or_hex(ak_path, "--ak")?;
         ekcert::verify_ca_certify(&ca_cert.der, &ev, &ak).map_err(not_verified)?;
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use vtpm_attest::eventlog::{self, EventLog, EventLogPolicy};
 
-use crate::exit::{CliError, USAGE};
+use crate::exit::{Cause, CliError, USAGE};
 use crate::guest::{self, NOT_VERIFIED};
 
 /// Where Linux exposes the firmware's log of the first TPM (securityfs).
@@ -48,15 +48,15 @@ pub enum EventlogCmd {
 /// Reads and parses a log named on the command line (size-capped before reading).
 pub fn read_log(path: &Path, flag: &str) -> Result<EventLog, CliError> {
     let bytes = guest::read_capped(path, eventlog::MAX_LOG as u64, flag)?;
-    EventLog::parse(&bytes).map_err(|e| CliError::new(USAGE, format!("{flag} {}: {e}", path.display())))
+    EventLog::parse(&bytes).map_err(|e| CliError::caused(USAGE, format!("{flag} {}", path.display()), e))
 }
 
 /// Reads a policy file and checks its shape.
 pub fn read_policy(path: &Path, flag: &str) -> Result<eventlog::CheckedPolicy, CliError> {
-    let bad = |why: String| CliError::new(USAGE, format!("{flag} {}: {why}", path.display()));
+    let bad = |why: Cause| CliError::caused(USAGE, format!("{flag} {}", path.display()), why);
     let p: EventLogPolicy = serde_json::from_slice(&guest::read_capped(path, guest::MAX_SMALL_INPUT, flag)?)
-        .map_err(|e| bad(format!("not an event-log policy ({e})")))?;
-    p.check().map_err(|e| bad(e.to_string()))
+        .map_err(|e| bad(CliError::caused(USAGE, "not an event-log policy", e).into()))?;
+    p.check().map_err(|e| bad(e.into()))
 }
 
 /// Runs an `eventlog` subcommand.
@@ -76,8 +76,8 @@ pub fn run(cmd: &EventlogCmd, json: bool) -> Result<(), CliError> {
                     e
                 }
             })?;
-            let log = EventLog::parse(&bytes).map_err(|e| CliError::new(USAGE, format!("--source {}: {e}", source.display())))?;
-            xvtpm_fsutil::write_atomic(out, &bytes, 0o644).map_err(|e| CliError::new(1, format!("cannot write {}: {e}", out.display())))?;
+            let log = EventLog::parse(&bytes).map_err(|e| CliError::caused(USAGE, format!("--source {}", source.display()), e))?;
+            xvtpm_fsutil::write_atomic(out, &bytes, 0o644).map_err(|e| CliError::caused(1, format!("cannot write {}", out.display()), e))?;
             if json {
                 println!("{}", serde_json::json!({"out": out, "events": log.events.len(), "bytes": bytes.len()}));
             } else {
@@ -120,7 +120,7 @@ pub fn run(cmd: &EventlogCmd, json: bool) -> Result<(), CliError> {
             let replay: Vec<u32> = guest::parse_pcr_list(replay, "--replay")?.into_iter().map(u32::from).collect();
             let policy = EventLogPolicy::from_log(&log, &replay);
             let text = serde_json::to_string_pretty(&policy).expect("serialisable") + "\n";
-            xvtpm_fsutil::write_atomic(out, text.as_bytes(), 0o644).map_err(|e| CliError::new(1, format!("cannot write {}: {e}", out.display())))?;
+            xvtpm_fsutil::write_atomic(out, text.as_bytes(), 0o644).map_err(|e| CliError::caused(1, format!("cannot write {}", out.display()), e))?;
             if !json {
                 println!(
                     "wrote an event-log policy for PCRs {replay:?} ({} event digests) to {}",
@@ -155,5 +155,5 @@ pub fn check_against_quote(
     host: &vtpm_proto::evidence::HostPcrs,
 ) -> Result<eventlog::Replayed, CliError> {
     eventlog::check(log, &quoted_sha256(host), policy)
-        .map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: host event log: {e}")))
+        .map_err(|e| CliError::caused(NOT_VERIFIED, "evidence did not verify: host event log", e))
 }

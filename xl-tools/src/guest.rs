@@ -11,7 +11,7 @@ use vtpm_proto::deepquote_cmd::{self, DeepQuoteCommand};
 use vtpm_proto::evidence::{Bundle, TPM_ALG_SHA256};
 use vtpm_attest::verify::{Expectations, PcrPolicy, Verified};
 
-use crate::exit::{CliError, FAILURE, USAGE};
+use crate::exit::{Cause, CliError, FAILURE, USAGE};
 
 /// Exit code: the evidence did not verify.
 pub const NOT_VERIFIED: i32 = 7;
@@ -51,7 +51,7 @@ impl Target {
 
     /// Sends one command and returns the response.
     pub fn transact(&self, cmd: &[u8]) -> Result<Vec<u8>, CliError> {
-        let io = |e: std::io::Error| CliError::new(FAILURE, format!("TPM I/O ({self:?}): {e}"));
+        let io = |e: std::io::Error| CliError::caused(FAILURE, format!("TPM I/O ({self:?})"), e);
         match self {
             Target::Swtpm(host, port) => {
                 let mut s = std::net::TcpStream::connect((host.as_str(), *port)).map_err(io)?;
@@ -103,7 +103,7 @@ pub fn parse_pcr_list(s: &str, flag: &str) -> Result<Vec<u8>, CliError> {
 
 /// Parses a hex argument, naming `flag`.
 pub fn parse_hex(s: &str, flag: &str) -> Result<Vec<u8>, CliError> {
-    hex::decode(s.trim()).map_err(|e| CliError::new(USAGE, format!("{flag}: not hex ({e})")))
+    hex::decode(s.trim()).map_err(|e| CliError::caused(USAGE, format!("{flag}: not hex"), e))
 }
 
 /// Sends the deep-quote vendor command and returns the bundle bytes.
@@ -131,12 +131,12 @@ pub const MAX_SMALL_INPUT: u64 = 64 << 10;
 /// input (or a device such as /dev/zero) is refused before it is read into memory.
 pub fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>, CliError> {
     use std::io::Read;
-    let bad = |why: String| CliError::new(USAGE, format!("{what} {}: {why}", path.display()));
-    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let bad = |why: Cause| CliError::caused(USAGE, format!("{what} {}", path.display()), why);
+    let f = std::fs::File::open(path).map_err(|e| bad(e.into()))?;
     let mut buf = Vec::new();
-    f.take(cap + 1).read_to_end(&mut buf).map_err(|e| bad(e.to_string()))?;
+    f.take(cap + 1).read_to_end(&mut buf).map_err(|e| bad(e.into()))?;
     if buf.len() as u64 > cap {
-        return Err(bad(format!("larger than {cap} bytes; this is not the file you meant")));
+        return Err(bad(format!("larger than {cap} bytes; this is not the file you meant").into()));
     }
     Ok(buf)
 }
@@ -155,14 +155,14 @@ pub fn read_bytes_or_hex(path: &Path, flag: &str) -> Result<Vec<u8>, CliError> {
 /// Reads a PCR policy file: `{"hash_alg": "sha256", "pcrs": {"0": "hex", ...}}`
 /// or just `{"0": "hex", ...}` (SHA-256).
 pub fn read_policy(path: &Path, flag: &str) -> Result<PcrPolicy, CliError> {
-    let bad = |why: String| CliError::new(USAGE, format!("{flag} {}: {why}", path.display()));
-    let v: serde_json::Value = serde_json::from_slice(&read_capped(path, MAX_SMALL_INPUT, flag)?).map_err(|e| bad(format!("not JSON ({e})")))?;
+    let bad = |why: Cause| CliError::caused(USAGE, format!("{flag} {}", path.display()), why);
+    let v: serde_json::Value = serde_json::from_slice(&read_capped(path, MAX_SMALL_INPUT, flag)?).map_err(|e| bad(CliError::caused(USAGE, "not JSON", e).into()))?;
     let hash_alg = match v.get("hash_alg").and_then(|x| x.as_str()).unwrap_or("sha256") {
         "sha1" => 0x0004,
         "sha256" => TPM_ALG_SHA256,
         "sha384" => 0x000C,
         "sha512" => 0x000D,
-        other => return Err(bad(format!("hash_alg {other:?}: use sha1, sha256, sha384 or sha512"))),
+        other => return Err(bad(format!("hash_alg {other:?}: use sha1, sha256, sha384 or sha512").into())),
     };
     let map = v.get("pcrs").unwrap_or(&v).as_object().ok_or_else(|| bad("expected an object of PCR index → hex value".into()))?;
     let mut values = BTreeMap::new();
@@ -170,17 +170,17 @@ pub fn read_policy(path: &Path, flag: &str) -> Result<PcrPolicy, CliError> {
         if k == "hash_alg" {
             continue;
         }
-        let idx: u32 = k.parse().ok().filter(|i| *i < 24).ok_or_else(|| bad(format!("key {k:?} is not a PCR index 0..=23")))?;
-        let hexs = val.as_str().ok_or_else(|| bad(format!("PCR {k}: value must be a hex string")))?;
-        values.insert(idx, hex::decode(hexs).map_err(|e| bad(format!("PCR {k}: not hex ({e})")))?);
+        let idx: u32 = k.parse().ok().filter(|i| *i < 24).ok_or_else(|| bad(format!("key {k:?} is not a PCR index 0..=23").into()))?;
+        let hexs = val.as_str().ok_or_else(|| bad(format!("PCR {k}: value must be a hex string").into()))?;
+        values.insert(idx, hex::decode(hexs).map_err(|e| bad(CliError::caused(USAGE, format!("PCR {k}: not hex"), e).into()))?);
     }
     Ok(PcrPolicy { hash_alg, values })
 }
 
 /// Decodes and verifies a bundle.
 pub fn verify_bytes(bytes: &[u8], expected: &Expectations) -> Result<Verified, CliError> {
-    let bundle = Bundle::decode(bytes).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence does not decode: {e}")))?;
-    vtpm_attest::verify::verify(&bundle, expected).map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: {e}")))
+    let bundle = Bundle::decode(bytes).map_err(|e| CliError::caused(NOT_VERIFIED, "evidence does not decode", e))?;
+    vtpm_attest::verify::verify(&bundle, expected).map_err(|e| CliError::caused(NOT_VERIFIED, "evidence did not verify", e))
 }
 
 #[cfg(test)]
@@ -195,7 +195,7 @@ mod tests {
         assert_eq!(Target::parse("/dev/tpmrm0").unwrap(), Target::Device("/dev/tpmrm0".into()));
         for bad in ["mssim:port=1", "swtpm:host=x", "swtpm:port=99999", "swtpm:bogus=1"] {
             let e = Target::parse(bad).unwrap_err();
-            assert!(e.message.contains("--tcti"), "{}", e.message);
+            assert!(e.text().contains("--tcti"), "{}", e.text());
         }
     }
 
@@ -203,7 +203,7 @@ mod tests {
     fn pcr_lists() {
         assert_eq!(parse_pcr_list("0-3,16", "--vpcrs").unwrap(), vec![0, 1, 2, 3, 16]);
         for bad in ["", "24", "x", "5-2"] {
-            assert!(parse_pcr_list(bad, "--vpcrs").unwrap_err().message.contains("--vpcrs"));
+            assert!(parse_pcr_list(bad, "--vpcrs").unwrap_err().text().contains("--vpcrs"));
         }
     }
 

@@ -126,12 +126,12 @@ pub fn check_socket_path(ctrl: &Path) -> Result<(), String> {
 
 /// Rewrites the config for xl: the `vtpm=` line goes (xl would make it a tpmif device), and
 /// [`qemu_args`] are appended to `device_model_args_hvm` after the user's own.
-pub fn apply(cfg: &mut XlConfig, ctrl: &Path, model: TpmModel) -> Result<(), String> {
+pub fn apply(cfg: &mut XlConfig, ctrl: &Path, model: TpmModel) -> Result<(), crate::exit::Cause> {
     check_socket_path(ctrl)?;
     let mut args: Vec<Value> = cfg.get_list("device_model_args_hvm").map(<[Value]>::to_vec).unwrap_or_default();
     args.extend(qemu_args(ctrl, model).into_iter().map(Value::Str));
     cfg.remove("vtpm");
-    cfg.set("device_model_args_hvm", Value::List(args)).map_err(|e| e.to_string())
+    Ok(cfg.set("device_model_args_hvm", Value::List(args))?)
 }
 
 #[cfg(test)]
@@ -216,6 +216,6 @@ mod tests {
         apply(&mut c, Path::new("/r/c"), TpmModel::Tis).unwrap();
         assert_eq!(c.get_list("device_model_args_hvm").unwrap().len(), 6);
         let e = apply(&mut c, Path::new("/r,x/c"), TpmModel::Tis).unwrap_err();
-        assert!(e.contains("commas"), "{e}");
+        assert!(e.to_string().contains("commas"), "{e}");
     }
 }

@@ -268,7 +268,7 @@ impl Local {
     /// consumer (or root), in a parent only root can write.
     fn prepare_socket_dir(&self, uuid: &Uuid, consumer: Option<u32>) -> Result<PathBuf, CliError> {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-        let fail = |what: &Path, e: std::io::Error| CliError::new(FAILURE, format!("{}: {e}", what.display()));
+        let fail = |what: &Path, e: std::io::Error| CliError::caused(FAILURE, what.display().to_string(), e);
         let vtpms = self.run_dir.join("vtpms");
         fs::DirBuilder::new().recursive(true).mode(0o755).create(&vtpms).map_err(|e| fail(&vtpms, e))?;
         let me = nix::unistd::geteuid().as_raw();
@@ -356,7 +356,7 @@ impl Local {
             let marker = self.creating_marker(&uuid);
             fs::create_dir_all(&dir)
                 .and_then(|()| xvtpm_fsutil::write_atomic(&marker, b"creation started; the vTPM has not written its first state yet\n", 0o600))
-                .map_err(|e| CliError::new(FAILURE, format!("writing {}: {e}", marker.display())))?;
+                .map_err(|e| CliError::caused(FAILURE, format!("writing {}", marker.display()), e))?;
         }
         // A TPM 2.0 vTPM's identity is written with its EK certificate (one store write, one
         // rollback-counter increment for the whole create); a TPM 1.2 has no EK certificate.
@@ -399,7 +399,7 @@ impl Local {
                     }
                     Err(d) => Err(CliError::new(
                         e.code,
-                        format!("{}\nThe half-made identity could not be removed ({}); remove it with `xl-vtpm vtpm destroy {uuid}`", e.message, d.message),
+                        format!("{}\nThe half-made identity could not be removed ({}); remove it with `xl-vtpm vtpm destroy {uuid}`", e.text(), d.text()),
                     )),
                 }
             }
@@ -408,10 +408,10 @@ impl Local {
 
     fn record_access(&self, uuid: &Uuid, access: &Access) -> Result<(), CliError> {
         let dir = self.vtpm_dir(uuid);
-        fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
+        fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, format!("creating {}", dir.display()), e))?;
         let bytes = serde_json::to_vec_pretty(access).expect("serialisable");
         xvtpm_fsutil::write_atomic(&self.access_file(uuid), &bytes, 0o600)
-            .map_err(|e| CliError::new(FAILURE, format!("writing {}: {e}", self.access_file(uuid).display())))
+            .map_err(|e| CliError::caused(FAILURE, format!("writing {}", self.access_file(uuid).display()), e))
     }
 
     /// Starts the process of an existing vTPM, reachable as recorded at create
@@ -525,7 +525,7 @@ impl Local {
         let Some(name) = name else { return Ok(()) };
         let spec = |kind: &str| rt.listen.iter().find_map(|l| l.strip_prefix(kind)).map(PathBuf::from);
         for (link, target) in self.name_links(name).into_iter().zip([spec("data:"), spec("ctrl:")]) {
-            let fail = |e: std::io::Error| CliError::new(FAILURE, format!("linking {} to the vTPM's socket: {e}", link.display()));
+            let fail = |e: std::io::Error| CliError::caused(FAILURE, format!("linking {} to the vTPM's socket", link.display()), e);
             match fs::symlink_metadata(&link) {
                 Ok(m) if !m.file_type().is_symlink() => {
                     return Err(CliError::new(FAILURE, format!("{} exists and is not a link to a vTPM socket; remove it", link.display())));
@@ -573,8 +573,8 @@ impl Local {
     ) -> Result<Runtime, CliError> {
         let uuid = info.uuid;
         let dir = self.vtpm_dir(&uuid);
-        fs::create_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("creating {}: {e}", dir.display())))?;
-        fs::create_dir_all(self.run_dir.join("vtpms")).map_err(|e| CliError::new(FAILURE, format!("creating run dir: {e}")))?;
+        fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, format!("creating {}", dir.display()), e))?;
+        fs::create_dir_all(self.run_dir.join("vtpms")).map_err(|e| CliError::caused(FAILURE, "creating run dir", e))?;
         let (listen, socket) = if access.listen.is_empty() {
             let data = self.prepare_socket_dir(&uuid, access.consumer_uid)?.join(DATA_SOCKET);
             let ctrl = format!("{}.ctrl", data.display());
@@ -591,7 +591,7 @@ impl Local {
             .append(true)
             .mode(0o600)
             .open(&log)
-            .map_err(|e| CliError::new(FAILURE, format!("opening {}: {e}", log.display())))?;
+            .map_err(|e| CliError::caused(FAILURE, format!("opening {}", log.display()), e))?;
         // A log made by an older xl-vtpm may be wider.
         let _ = log_file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600));
         let mut cmd = Command::new(&self.vtpm_domain);
@@ -632,7 +632,7 @@ impl Local {
         use std::os::unix::process::CommandExt;
         cmd.process_group(0).stdin(stdin).stdout(Stdio::piped()).stderr(log_file);
         let mut child = cmd.spawn().map_err(|e| {
-            CliError::new(FAILURE, format!("cannot run {}: {e} (install vtpm-domain or pass --vtpm-domain PATH)", self.vtpm_domain.display()))
+            CliError::caused(FAILURE, format!("cannot run {}", self.vtpm_domain.display()), e).fix("install vtpm-domain or pass --vtpm-domain PATH")
         })?;
         let pid = child.id();
         let kill = |child: &mut std::process::Child| {
@@ -673,7 +673,7 @@ impl Local {
         let rt = Runtime { uuid, pid, tcp_ports, listen, log, socket, consumer_uid: access.consumer_uid, start_time: xvtpm_fsutil::start_time(pid) };
         let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
         xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o600)
-            .map_err(|e| CliError::new(FAILURE, format!("writing runtime record: {e}")))?;
+            .map_err(|e| CliError::caused(FAILURE, "writing runtime record", e))?;
         // The child keeps running after we exit; reap nothing.
         std::mem::forget(child);
         Ok(rt)
@@ -715,7 +715,7 @@ impl Local {
         self.remove_name_links(self.access(uuid).name.as_deref(), uuid);
         let dir = self.vtpm_dir(uuid);
         if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|e| CliError::new(FAILURE, format!("removing {}: {e}", dir.display())))?;
+            fs::remove_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, format!("removing {}", dir.display()), e))?;
         }
         Ok(())
     }
@@ -762,7 +762,7 @@ impl Local {
 /// state file by rename in that directory after it has dropped root.
 pub fn vtpm_uid(vtpms: &Path, dir: &Path, uuid: &Uuid) -> Result<u32, CliError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let fail = |what: &str, p: &Path, e: std::io::Error| CliError::new(FAILURE, format!("{what} {}: {e}", p.display()));
+    let fail = |what: &str, p: &Path, e: std::io::Error| CliError::caused(FAILURE, format!("{what} {}", p.display()), e);
     let in_range = |u: u32| (VTPM_UID_FIRST..VTPM_UID_FIRST + VTPM_UID_COUNT).contains(&u);
     let owner = fs::metadata(dir).map_err(|e| fail("reading", dir, e))?.uid();
     let uid = if in_range(owner) {
@@ -801,7 +801,7 @@ pub fn tail(path: &Path, n: usize) -> String {
 
 /// Parses a UUID argument, naming the argument on error.
 pub fn parse_uuid(arg: &str, what: &str) -> Result<Uuid, CliError> {
-    Uuid::parse_str(arg).map_err(|e| CliError::new(crate::exit::USAGE, format!("{what} {arg:?} is not a UUID ({e}); see `xl-vtpm vtpm list`")))
+    Uuid::parse_str(arg).map_err(|e| CliError::caused(crate::exit::USAGE, format!("{what} {arg:?} is not a UUID"), e).fix("see `xl-vtpm vtpm list`"))
 }
 
 /// Checks every `--listen` spec before anything is created, so that a vTPM is never
@@ -821,14 +821,13 @@ pub fn check_listen(listen: &[String]) -> Result<(), CliError> {
                 for (port, what) in [(a.port(), "data"), (ctrl, "control")] {
                     let addr = std::net::SocketAddr::new(a.ip(), port);
                     if let Err(e) = std::net::TcpListener::bind(addr) {
-                        let why = match e.kind() {
-                            std::io::ErrorKind::AddrInUse => "is in use by another program".to_string(),
-                            std::io::ErrorKind::AddrNotAvailable => "is not an address of this host".to_string(),
-                            _ => format!("cannot be bound ({e})"),
-                        };
-                        return Err(usage(format!(
-                            "--listen {l:?}: {addr} (the {what} channel) {why}; pick another port, or port 0 to pick a free pair"
-                        )));
+                        let at = format!("--listen {l:?}: {addr} (the {what} channel)");
+                        let fix = "pick another port, or port 0 to pick a free pair";
+                        return Err(match e.kind() {
+                            std::io::ErrorKind::AddrInUse => usage(format!("{at} is in use by another program; {fix}")),
+                            std::io::ErrorKind::AddrNotAvailable => usage(format!("{at} is not an address of this host; {fix}")),
+                            _ => CliError::caused(crate::exit::USAGE, format!("{at} cannot be bound"), e).fix(fix),
+                        });
                     }
                 }
             }
@@ -900,7 +899,7 @@ pub fn parse_user(arg: &str) -> Result<u32, CliError> {
     match nix::unistd::User::from_name(arg) {
         Ok(Some(u)) => Ok(u.uid.as_raw()),
         Ok(None) => Err(CliError::new(crate::exit::USAGE, format!("--consumer {arg:?}: no such user (give a user name or a numeric uid)"))),
-        Err(e) => Err(CliError::new(FAILURE, format!("--consumer {arg:?}: looking up the user: {e}"))),
+        Err(e) => Err(CliError::caused(FAILURE, format!("--consumer {arg:?}: looking up the user"), e)),
     }
 }
 

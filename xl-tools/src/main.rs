@@ -476,13 +476,13 @@ fn main() {
         Ok(()) => {}
         Err(e) => {
             if json {
-                let mut v = serde_json::json!({"error": e.message, "exit_code": e.code});
+                let mut v = serde_json::json!({"error": e.text(), "exit_code": e.code});
                 if e.code == guest::NOT_VERIFIED {
                     v["verified"] = false.into();
                 }
                 println!("{v}");
             } else {
-                eprintln!("xl-vtpm: error: {}", e.message);
+                eprintln!("xl-vtpm: error: {}", e.text());
             }
             std::process::exit(e.code);
         }
@@ -686,7 +686,7 @@ fn xen_for(local: &Local, registry: Option<&str>, host: Option<String>) -> Resul
             ramdisk: std::env::var_os("XVTPM_VTPMDOM_RAMDISK").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_VTPMDOM_RAMDISK)),
             memory_mib: xl_tools::vtpmdom::DEFAULT_MEMORY_MIB,
         },
-        registry: registry.map(xl_tools::registry::Location::parse).transpose().map_err(|e| CliError::new(exit::USAGE, e.to_string()))?,
+        registry: registry.map(xl_tools::registry::Location::parse).transpose().map_err(|e| CliError::caused(exit::USAGE, "", e))?,
         host: host.unwrap_or_else(xl_tools::registry::this_host),
     })
 }
@@ -775,7 +775,7 @@ fn run_group(cmd: GroupCmd, mut admin: Admin, json: bool) -> Result<(), CliError
                 .find(|g| g.name == group || g.uuid.to_string() == group)
                 .ok_or_else(|| CliError::new(exit::NOT_FOUND, format!("no group {group:?}; see `xl-vtpm mgr group list`")))?;
             let bytes = guest::parse_hex(&g.ak_public, "ak_public")?;
-            std::fs::write(&out, &bytes).map_err(|e| CliError::new(exit::FAILURE, format!("--out {}: {e}", out.display())))?;
+            std::fs::write(&out, &bytes).map_err(|e| CliError::caused(exit::FAILURE, format!("--out {}", out.display()), e))?;
             if json {
                 print_json(&serde_json::json!({"group": g.uuid, "ak_public": g.ak_public, "out": out}));
             }
@@ -1090,7 +1090,7 @@ fn run_libvirt(cmd: LibvirtCmd, local: &Local, json: bool) -> Result<(), CliErro
                             return Err(CliError::new(exit::FAILURE, "some vTPMs of undefined libvirt domains could not be destroyed (listed above)"));
                         }
                     }
-                    Err(e) if watch.is_some() => eprintln!("xl-vtpm libvirt sweep: {}", e.message),
+                    Err(e) if watch.is_some() => eprintln!("xl-vtpm libvirt sweep: {}", e.text()),
                     Err(e) => return Err(e),
                 }
                 let _ = std::io::stdout().flush();
@@ -1134,7 +1134,7 @@ fn run_verify_ekcert(cert: PathBuf, ca: PathBuf, ek: Option<PathBuf>, certify: O
 fn run_console(name: String) -> Result<(), CliError> {
     use std::os::unix::process::CommandExt;
     let e = std::process::Command::new(xl_path()).arg("console").arg(&name).exec();
-    Err(CliError::new(exit::FAILURE, format!("cannot run xl console: {e}")))
+    Err(CliError::caused(exit::FAILURE, "cannot run xl console", e))
 }
 
 
@@ -1148,17 +1148,17 @@ fn xl_path() -> PathBuf {
 fn run_libvirt_hook(xen: &xenlife::Xen, admin: &mut Admin, args: &[String]) -> Result<(), CliError> {
     use std::io::Read;
     use xl_tools::libvirt_hook as hook;
-    let inv = hook::Invocation::from_args(args).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let inv = hook::Invocation::from_args(args).map_err(|e| CliError::caused(exit::USAGE, "", e))?;
     let mut xml = String::new();
-    std::io::stdin().read_to_string(&mut xml).map_err(|e| CliError::new(exit::USAGE, format!("reading the domain XML from stdin: {e}")))?;
+    std::io::stdin().read_to_string(&mut xml).map_err(|e| CliError::caused(exit::USAGE, "reading the domain XML from stdin", e))?;
     let decision = match hook::decide(&inv, &xml) {
         Ok(d) => d,
-        Err(e) => return Err(CliError::new(hook::exit_code_for_error(Some(&inv.operation)), e.to_string())),
+        Err(e) => return Err(CliError::caused(hook::exit_code_for_error(Some(&inv.operation)), "", e)),
     };
     let mut ok = true;
     for a in &decision.actions {
         if let Err(e) = xen.run_hook_action(admin, a) {
-            eprintln!("xl-vtpm libvirt-hook: {}", e.message);
+            eprintln!("xl-vtpm libvirt-hook: {}", e.text());
             ok = false;
             break;
         }
@@ -1185,7 +1185,7 @@ fn run_guest(cmd: GuestCmd, json: bool) -> Result<(), CliError> {
             };
             let target = guest::Target::parse(&tcti)?;
             let bundle = guest::deep_quote(&target, &cmd)?;
-            std::fs::write(&out, &bundle).map_err(|e| CliError::new(exit::FAILURE, format!("--out {}: {e}", out.display())))?;
+            std::fs::write(&out, &bundle).map_err(|e| CliError::caused(exit::FAILURE, format!("--out {}", out.display()), e))?;
             if json {
                 print_json(&serde_json::json!({"out": out, "bytes": bundle.len()}));
             } else {

@@ -111,7 +111,7 @@ fn ready_in(dir: &Path) -> usize {
 }
 
 fn io_fail(what: &Path, e: std::io::Error) -> CliError {
-    CliError::new(FAILURE, format!("{}: {e}", what.display()))
+    CliError::caused(FAILURE, what.display().to_string(), e)
 }
 
 fn fsync_dir(d: &Path) -> Result<(), CliError> {
@@ -253,7 +253,7 @@ impl Local {
             match admin.call(&AdminRequest::VtpmDel { uuid }) {
                 Ok(_) => {}
                 Err(d) if d.code == NOT_FOUND => {}
-                Err(d) => return CliError::new(e.code, format!("{}\nvTPM {uuid} could not be removed yet ({}); the next `xl-vtpm vtpm pool fill` or `pool drain` removes it", e.message, d.message)),
+                Err(d) => return CliError::new(e.code, format!("{}\nvTPM {uuid} could not be removed yet ({}); the next `xl-vtpm vtpm pool fill` or `pool drain` removes it", e.text(), d.text())),
             }
             let _ = fs::remove_dir_all(self.vtpm_dir(&uuid));
             let _ = fs::remove_file(&making);
@@ -303,7 +303,7 @@ impl Local {
         cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log_file);
         let mut child = cmd
             .spawn()
-            .map_err(|e| CliError::new(FAILURE, format!("cannot run {}: {e} (install vtpm-domain or pass --vtpm-domain PATH)", self.vtpm_domain.display())))?;
+            .map_err(|e| CliError::caused(FAILURE, format!("cannot run {}", self.vtpm_domain.display()), e).fix("install vtpm-domain or pass --vtpm-domain PATH"))?;
         let kill = |child: &mut std::process::Child| {
             let _ = child.kill();
             let _ = child.wait();
@@ -385,7 +385,7 @@ impl Local {
         match admin.call(&AdminRequest::VtpmDel { uuid: *uuid }) {
             Ok(_) => {}
             Err(e) if e.code == NOT_FOUND => {}
-            Err(e) => return Err(CliError::new(e.code, format!("removing the half-made pool vTPM {uuid}: {}", e.message))),
+            Err(e) => return Err(CliError::caused(e.code, format!("removing the half-made pool vTPM {uuid}"), e)),
         }
         let dir = self.vtpm_dir(uuid);
         if dir.exists() {
@@ -460,7 +460,7 @@ impl Local {
                     }
                     Err(d) => Err(CliError::new(
                         e.code,
-                        format!("{}\nThe claimed vTPM could not be removed ({}); `xl-vtpm vtpm pool drain` removes it", e.message, d.message),
+                        format!("{}\nThe claimed vTPM could not be removed ({}); `xl-vtpm vtpm pool drain` removes it", e.text(), d.text()),
                     )),
                 }
             }

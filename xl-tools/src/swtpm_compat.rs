@@ -110,13 +110,13 @@ fn read_json<T: for<'de> Deserialize<'de>>(p: &Path) -> Result<Option<T>, CliErr
     let f = match fs::File::open(p) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(CliError::new(FAILURE, format!("reading {}: {e}", p.display()))),
+        Err(e) => return Err(CliError::caused(FAILURE, format!("reading {}", p.display()), e)),
     };
     let mut buf = Vec::new();
-    f.take(MAX_RECORD).read_to_end(&mut buf).map_err(|e| CliError::new(FAILURE, format!("reading {}: {e}", p.display())))?;
+    f.take(MAX_RECORD).read_to_end(&mut buf).map_err(|e| CliError::caused(FAILURE, format!("reading {}", p.display()), e))?;
     serde_json::from_slice(&buf)
         .map(Some)
-        .map_err(|e| CliError::new(FAILURE, format!("{} is not an xvtpm record ({e}); remove it only if no vTPM belongs to it", p.display())))
+        .map_err(|e| CliError::caused(FAILURE, format!("{} is not an xvtpm record", p.display()), e).fix("remove it only if no vTPM belongs to it"))
 }
 
 /// The vTPM named by the marker in libvirt's TPM state directory `dir`, if any.
@@ -252,7 +252,7 @@ pub fn parse_setup(args: &[String]) -> Result<SetupArgs, CliError> {
             "--vmid" => {
                 let v = o.value(opt)?;
                 let (name, id) = v.rsplit_once(':').ok_or_else(|| usage(format!("--vmid {v:?}: expected NAME:UUID, as libvirt passes it")))?;
-                let id = Uuid::parse_str(id).map_err(|e| usage(format!("--vmid {v:?}: {id:?} is not a UUID ({e})")))?;
+                let id = Uuid::parse_str(id).map_err(|e| CliError::caused(USAGE, format!("--vmid {v:?}: {id:?} is not a UUID"), e))?;
                 a.vmid = Some((name.to_string(), id));
             }
             "--logfile" => a.logfile = Some(PathBuf::from(o.value(opt)?)),
@@ -483,18 +483,18 @@ pub fn setup(local: &Local, a: &SetupArgs) -> Result<String, CliError> {
         let binding = Binding { schema: BINDING_SCHEMA.into(), vm_uuid, vm_name: name.clone(), tpm_state: dir.to_path_buf() };
         let b = local.vtpm_dir(&uuid).join(BINDING);
         xvtpm_fsutil::write_atomic(&b, &serde_json::to_vec_pretty(&binding).expect("serialisable"), 0o600)
-            .map_err(|e| CliError::new(FAILURE, format!("writing {}: {e}", b.display())))?;
+            .map_err(|e| CliError::caused(FAILURE, format!("writing {}", b.display()), e))?;
         let m = dir.join(MARKER);
         let marker = Marker { schema: MARKER_SCHEMA.into(), vtpm: uuid };
         xvtpm_fsutil::write_atomic(&m, &serde_json::to_vec_pretty(&marker).expect("serialisable"), 0o600)
-            .map_err(|e| CliError::new(FAILURE, format!("writing {}: {e}", m.display())))
+            .map_err(|e| CliError::caused(FAILURE, format!("writing {}", m.display()), e))
     })();
     if let Err(e) = recorded {
         // No marker, no vTPM: the next start runs swtpm_setup again.
         let _ = fs::remove_file(dir.join(MARKER));
         return Err(match local.destroy(&mut admin, &uuid) {
             Ok(()) => e,
-            Err(d) => CliError::new(e.code, format!("{}\nvTPM {uuid} could not be removed ({}); remove it with `xl-vtpm vtpm destroy {uuid}`", e.message, d.message)),
+            Err(d) => CliError::new(e.code, format!("{}\nvTPM {uuid} could not be removed ({}); remove it with `xl-vtpm vtpm destroy {uuid}`", e.text(), d.text())),
         });
     }
     Ok(format!(
@@ -546,7 +546,7 @@ pub fn vtpm_of(local: &Local, dir: &Path) -> Result<Uuid, CliError> {
 /// socket there (a killed predecessor's; libvirt also unlinks it) is replaced, anything else is not.
 fn bind_ctrl(ctrl: &Path, consumer: Option<u32>) -> Result<std::os::unix::net::UnixListener, CliError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let fail = |e: std::io::Error| CliError::new(FAILURE, format!("--ctrl path={}: {e}", ctrl.display()));
+    let fail = |e: std::io::Error| CliError::caused(FAILURE, format!("--ctrl path={}", ctrl.display()), e);
     if let Ok(m) = fs::symlink_metadata(ctrl) {
         if !m.file_type().is_socket() {
             return Err(CliError::new(FAILURE, format!("--ctrl path={}: exists and is not a socket; remove it", ctrl.display())));
@@ -592,7 +592,7 @@ pub fn socket(local: &Local, a: &SocketArgs) -> Result<i32, CliError> {
     let consumer = {
         use std::os::unix::fs::MetadataExt;
         let parent = ctrl.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let m = fs::metadata(parent).map_err(|e| CliError::new(FAILURE, format!("{}: {e}", parent.display())))?;
+        let m = fs::metadata(parent).map_err(|e| CliError::caused(FAILURE, parent.display().to_string(), e))?;
         (m.uid() != 0).then_some(m.uid())
     };
     cloexec_inherited();
@@ -620,7 +620,7 @@ pub fn socket(local: &Local, a: &SocketArgs) -> Result<i32, CliError> {
     );
     if let Some(p) = &a.pidfile {
         xvtpm_fsutil::write_atomic(p, format!("{}\n", std::process::id()).as_bytes(), 0o600)
-            .map_err(|e| CliError::new(FAILURE, format!("--pid file={}: {e}", p.display())))?;
+            .map_err(|e| CliError::caused(FAILURE, format!("--pid file={}", p.display()), e))?;
     }
     let code = wait_vtpm(rt.pid);
     let ended = match code {
@@ -685,11 +685,11 @@ fn wait_vtpm(pid: u32) -> Result<i32, &'static str> {
 
 /// `swtpm_ioctl --unix SOCK -s`: CMD_SHUTDOWN; Ok if the TPM answered success.
 pub fn ioctl_shutdown(sock: &Path) -> Result<(), CliError> {
-    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(|e| CliError::new(FAILURE, format!("Could not connect to {}: {e}", sock.display())))?;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(|e| CliError::caused(FAILURE, format!("Could not connect to {}", sock.display()), e))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    s.write_all(&[0, 0, 0, 3]).map_err(|e| CliError::new(FAILURE, format!("{}: {e}", sock.display())))?;
+    s.write_all(&[0, 0, 0, 3]).map_err(|e| CliError::caused(FAILURE, sock.display().to_string(), e))?;
     let mut r = [0u8; 4];
-    s.read_exact(&mut r).map_err(|e| CliError::new(FAILURE, format!("{}: no answer to CMD_SHUTDOWN: {e}", sock.display())))?;
+    s.read_exact(&mut r).map_err(|e| CliError::caused(FAILURE, format!("{}: no answer to CMD_SHUTDOWN", sock.display()), e))?;
     match u32::from_be_bytes(r) {
         0 => Ok(()),
         rc => Err(CliError::new(FAILURE, format!("TPM result from PTM_SHUTDOWN: 0x{rc:x}"))),
@@ -785,8 +785,8 @@ pub fn main(tool: Tool, local: &Local, args: &[String]) -> i32 {
     match result {
         Ok(c) => c,
         Err((e, log)) => {
-            log_line(log.as_deref(), &format!("error: {}", e.message));
-            eprintln!("{name} (xvtpm): error: {}", e.message);
+            log_line(log.as_deref(), &format!("error: {}", e.text()));
+            eprintln!("{name} (xvtpm): error: {}", e.text());
             e.code
         }
     }
@@ -819,7 +819,7 @@ pub fn sweep(local: &Local, admin: &mut Admin, defined: &HashSet<Uuid>) -> Resul
     let rd = match fs::read_dir(local.state_dir.join("vtpms")) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(CliError::new(FAILURE, format!("listing {}: {e}", local.state_dir.join("vtpms").display()))),
+        Err(e) => return Err(CliError::caused(FAILURE, format!("listing {}", local.state_dir.join("vtpms").display()), e)),
     };
     for e in rd.flatten() {
         let Some(uuid) = e.file_name().to_str().and_then(|n| Uuid::parse_str(n).ok()) else { continue };
@@ -850,7 +850,7 @@ pub fn sweep(local: &Local, admin: &mut Admin, defined: &HashSet<Uuid>) -> Resul
             match local.destroy(admin, &uuid) {
                 Ok(()) => "destroyed",
                 Err(e) => {
-                    out.push(Swept { vtpm: uuid, vm_uuid: b.vm_uuid, action: format!("failed: {}", e.message) });
+                    out.push(Swept { vtpm: uuid, vm_uuid: b.vm_uuid, action: format!("failed: {}", e.text()) });
                     continue;
                 }
             }
@@ -871,7 +871,7 @@ pub fn defined_domains(virsh: &Path, uri: Option<&str>) -> Result<HashSet<Uuid>,
         .args(["-q", "list", "--all", "--uuid"])
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| CliError::new(FAILURE, format!("running {}: {e} (install libvirt-clients)", virsh.display())))?;
+        .map_err(|e| CliError::caused(FAILURE, format!("running {}", virsh.display()), e).fix("install libvirt-clients"))?;
     if !out.status.success() {
         return Err(CliError::new(
             FAILURE,
@@ -882,7 +882,7 @@ pub fn defined_domains(virsh: &Path, uri: Option<&str>) -> Result<HashSet<Uuid>,
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .map(|l| Uuid::parse_str(l).map_err(|e| CliError::new(FAILURE, format!("virsh listed {l:?}, not a UUID ({e}); nothing was removed"))))
+        .map(|l| Uuid::parse_str(l).map_err(|e| CliError::caused(FAILURE, format!("virsh listed {l:?}, not a UUID"), e).fix("nothing was removed")))
         .collect()
 }
 

@@ -55,8 +55,8 @@ pub fn spki_fingerprint(spki_der: &[u8]) -> String {
 }
 
 /// The tenant key fingerprint of a certificate (PEM or DER).
-pub fn key_fingerprint(cert: &[u8]) -> Result<String, String> {
-    let c = vtpm_proto::ekcert::Certificate::from_pem_or_der(cert).map_err(|e| e.to_string())?;
+pub fn key_fingerprint(cert: &[u8]) -> Result<String, vtpm_proto::ekcert::CertError> {
+    let c = vtpm_proto::ekcert::Certificate::from_pem_or_der(cert)?;
     Ok(spki_fingerprint(&c.spki))
 }
 
@@ -67,7 +67,7 @@ fn reg_err(e: RegistryError) -> CliError {
         RegistryError::TenantExists { .. } | RegistryError::VtpmBoundToOtherTenant { .. } => crate::exit::REFUSED,
         _ => FAILURE,
     };
-    CliError::new(code, e.to_string())
+    CliError::caused(code, "", e)
 }
 
 /// A vTPM UUID, or the vTPM of the registered guest of that name.
@@ -88,7 +88,7 @@ pub fn run(cmd: TenantCmd, xen: &Xen, json: bool) -> Result<(), CliError> {
         TenantCmd::Add { name, cert } => {
             crate::registry::check_tenant_name(&name).map_err(reg_err)?;
             let bytes = crate::guest::read_capped(&cert, MAX_CERT_FILE, "--cert")?;
-            let fp = key_fingerprint(&bytes).map_err(|e| CliError::new(USAGE, format!("--cert {}: {e}", cert.display())))?;
+            let fp = key_fingerprint(&bytes).map_err(|e| CliError::caused(USAGE, format!("--cert {}", cert.display()), e))?;
             reg.tenant_add(&name, &fp).map_err(reg_err)?;
             if json {
                 println!("{}", serde_json::json!({"version": 1, "name": name, "key_sha256": fp}));

@@ -25,13 +25,13 @@ const MAX_MESSAGE: u64 = 4 * MAX_STATE as u64;
 /// Reads a transfer message (JSON) from `path`.
 pub fn read_json<T: DeserializeOwned>(path: &Path, flag: &str) -> Result<T, CliError> {
     let b = guest::read_capped(path, MAX_MESSAGE, flag)?;
-    serde_json::from_slice(&b).map_err(|e| CliError::new(USAGE, format!("{flag} {}: not a transfer message of this kind ({e})", path.display())))
+    serde_json::from_slice(&b).map_err(|e| CliError::caused(USAGE, format!("{flag} {}: not a transfer message of this kind", path.display()), e))
 }
 
 /// Writes a transfer message (JSON, mode 0600, atomically).
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), CliError> {
     let b = serde_json::to_vec_pretty(v).expect("serialisable");
-    xvtpm_fsutil::write_atomic(path, &b, 0o600).map_err(|e| CliError::new(FAILURE, format!("writing {}: {e}", path.display())))
+    xvtpm_fsutil::write_atomic(path, &b, 0o600).map_err(|e| CliError::caused(FAILURE, format!("writing {}", path.display()), e))
 }
 
 /// Certificates (PEM or DER) as hex DER.
@@ -43,7 +43,7 @@ pub fn read_certs(paths: &[PathBuf], flag: &str) -> Result<Vec<String>, CliError
         .iter()
         .map(|p| {
             let b = guest::read_capped(p, 64 * 1024, flag)?;
-            let c = Certificate::from_pem_or_der(&b).map_err(|e| CliError::new(USAGE, format!("{flag} {}: not an X.509 certificate ({e})", p.display())))?;
+            let c = Certificate::from_pem_or_der(&b).map_err(|e| CliError::caused(USAGE, format!("{flag} {}: not an X.509 certificate", p.display()), e))?;
             Ok(hex::encode(c.der))
         })
         .collect()
@@ -175,7 +175,7 @@ pub fn commit(src: &mut Admin, local: &Local, uuid: Uuid, receipt: Receipt) -> R
     let path = local.state_file(&uuid);
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(CliError::new(FAILURE, format!("the transfer is committed, but {} could not be removed: {e}", path.display())))
+            Err(CliError::caused(FAILURE, format!("the transfer is committed, but {} could not be removed", path.display()), e))
         }
         _ => Ok(()),
     }
@@ -229,7 +229,7 @@ pub fn registry_begin(r: &mut RegistryMove<'_>, uuid: Uuid, offer: Uuid) -> Resu
 pub fn registry_commit(registry: &mut Registry, uuid: Uuid, offer: Uuid) -> Result<Option<String>, CliError> {
     registry.finish_move(uuid, offer).map_err(|e| {
         let e = reg_err(e);
-        CliError::new(e.code, format!("the transfer of vTPM {uuid} is committed, but the registry was not updated ({}); run `xl-vtpm vtpm transfer commit` again", e.message))
+        CliError::new(e.code, format!("the transfer of vTPM {uuid} is committed, but the registry was not updated ({}); run `xl-vtpm vtpm transfer commit` again", e.text()))
     })
 }
 
@@ -527,14 +527,14 @@ pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local, xen: &Xen) -> Res
             };
             // A vTPM the source never marked exporting (its export was never made): the
             // registry's move, if one was begun, ends all the same.
-            let never_exported = matches!(&done, Err(e) if e.code == crate::exit::NOT_FOUND && e.message.contains("is not being transferred"));
+            let never_exported = matches!(&done, Err(e) if e.code == crate::exit::NOT_FOUND && e.message().contains("is not being transferred"));
             if !never_exported {
                 done?;
             }
             let registry_move_ended = match xen.transfer_registry(false)? {
                 Some(mut registry) => registry.abort_move(uuid, None).map_err(|e| {
                     let e = reg_err(e);
-                    CliError::new(e.code, format!("the transfer of vTPM {uuid} is aborted, but the registry's move was not ended ({}); run the abort again", e.message))
+                    CliError::new(e.code, format!("the transfer of vTPM {uuid} is aborted, but the registry's move was not ended ({}); run the abort again", e.text()))
                 })?,
                 None => false,
             };
@@ -548,7 +548,7 @@ pub fn run_migrate(a: MigrateArgs, admin: &mut Admin, local: &Local, xen: &Xen) 
     let uuid = uuid_arg(&a.uuid, "UUID")?;
     let (roots, intermediates, policy) = (read_certs(&a.ek_ca, "--ek-ca")?, read_certs(&a.ek_intermediate, "--ek-intermediate")?, read_policy(&a.host_pcrs_policy)?);
     if let Some(h) = &a.to_host {
-        crate::registry::check_host(h).map_err(|e| CliError::new(USAGE, format!("--to-host: {e}")))?;
+        crate::registry::check_host(h).map_err(|e| CliError::caused(USAGE, "--to-host", e))?;
     }
     let mut registry = match &a.to_host {
         Some(_) => xen.transfer_registry(true)?,

@@ -103,8 +103,13 @@ fn fail(code: i32, m: impl Into<String>) -> CliError {
     CliError::new(code, m)
 }
 
+/// A name xl would not take as a Xen domain name; the caller names where it was given.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a domain name: use letters, digits, '-', '_' or '.' (not all digits, at most 64)")]
+pub struct BadDomainName(pub String);
+
 /// Checks a Xen domain name as xl would take it (and as it goes into a config file).
-pub fn check_name(name: &str) -> Result<(), CliError> {
+pub fn check_name(name: &str) -> Result<(), BadDomainName> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -112,7 +117,7 @@ pub fn check_name(name: &str) -> Result<(), CliError> {
     if ok {
         Ok(())
     } else {
-        Err(fail(USAGE, format!("--domain {name:?}: a domain name of letters, digits, '-', '_' or '.' (not all digits, at most 64)")))
+        Err(BadDomainName(name.to_string()))
     }
 }
 
@@ -186,9 +191,9 @@ impl Domains<'_> {
         match fs::read(self.spec_file(uuid)) {
             Ok(b) => serde_json::from_slice(&b)
                 .map(Some)
-                .map_err(|e| fail(FAILURE, format!("{}: {e}", self.spec_file(uuid).display()))),
+                .map_err(|e| CliError::caused(FAILURE, self.spec_file(uuid).display().to_string(), e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(fail(FAILURE, format!("{}: {e}", self.spec_file(uuid).display()))),
+            Err(e) => Err(CliError::caused(FAILURE, self.spec_file(uuid).display().to_string(), e)),
         }
     }
 
@@ -213,7 +218,7 @@ impl Domains<'_> {
     /// Creates a vTPM identity and boots its domain, which manufactures the TPM on a fresh
     /// disk. On failure nothing is left: no domain, identity, disk or loop device.
     pub fn create(&self, admin: &mut Admin, group: Option<String>, uuid: Option<Uuid>, opts: &DomainOpts, create_args: Vec<String>) -> Result<DomainRuntime, CliError> {
-        check_name(&opts.name)?;
+        check_name(&opts.name).map_err(|e| CliError::caused(USAGE, "--domain", e))?;
         for (what, p) in [("--kernel", &opts.kernel), ("--ramdisk", &opts.ramdisk)] {
             if !p.is_file() {
                 return Err(fail(USAGE, format!("{what} {}: no such file (the vTPM domain's {})", p.display(), &what[2..])));
@@ -245,7 +250,7 @@ impl Domains<'_> {
     fn create_inner(&self, admin: &mut Admin, info: &VtpmInfo, opts: &DomainOpts, create_args: Vec<String>) -> Result<DomainRuntime, CliError> {
         let uuid = info.uuid;
         let dir = self.local.vtpm_dir(&uuid);
-        fs::create_dir_all(&dir).map_err(|e| fail(FAILURE, format!("creating {}: {e}", dir.display())))?;
+        fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, format!("creating {}", dir.display()), e))?;
         let disk = match &opts.disk {
             Some(d) => Disk::Device(d.clone()),
             None => {
@@ -256,8 +261,8 @@ impl Domains<'_> {
                     .create_new(true)
                     .mode(0o600)
                     .open(&img)
-                    .map_err(|e| fail(FAILURE, format!("creating {}: {e}", img.display())))?;
-                f.set_len(DISK_IMAGE_SIZE).and_then(|()| f.sync_all()).map_err(|e| fail(FAILURE, format!("sizing {}: {e}", img.display())))?;
+                    .map_err(|e| CliError::caused(FAILURE, format!("creating {}", img.display()), e))?;
+                f.set_len(DISK_IMAGE_SIZE).and_then(|()| f.sync_all()).map_err(|e| CliError::caused(FAILURE, format!("sizing {}", img.display()), e))?;
                 Disk::Image(img)
             }
         };
@@ -271,7 +276,7 @@ impl Domains<'_> {
         };
         let bytes = serde_json::to_vec_pretty(&spec).expect("serialisable");
         xvtpm_fsutil::write_atomic(&self.spec_file(&uuid), &bytes, 0o600)
-            .map_err(|e| fail(FAILURE, format!("writing {}: {e}", self.spec_file(&uuid).display())))?;
+            .map_err(|e| CliError::caused(FAILURE, format!("writing {}", self.spec_file(&uuid).display()), e))?;
         self.boot(admin, uuid, &spec, true, opts.ready_wait)
     }
 
@@ -288,7 +293,7 @@ impl Domains<'_> {
     }
 
     fn boot(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration) -> Result<DomainRuntime, CliError> {
-        fs::create_dir_all(self.local.run_dir.join("vtpms")).map_err(|e| fail(FAILURE, format!("creating the run dir: {e}")))?;
+        fs::create_dir_all(self.local.run_dir.join("vtpms")).map_err(|e| CliError::caused(FAILURE, "creating the run dir", e))?;
         let mut undo = Undo::default();
         let result = self.boot_steps(admin, uuid, spec, create, ready_wait, &mut undo);
         if result.is_err() {
@@ -323,7 +328,7 @@ impl Domains<'_> {
         };
         let cfg = self.config_file(&uuid);
         let text = render_config(&uuid, spec, &disk_device, create)?;
-        xvtpm_fsutil::write_atomic(&cfg, text.as_bytes(), 0o600).map_err(|e| fail(FAILURE, format!("writing {}: {e}", cfg.display())))?;
+        xvtpm_fsutil::write_atomic(&cfg, text.as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, format!("writing {}", cfg.display()), e))?;
         let cfg_s = quote(&cfg)?;
         self.xl(&["create", "-p", &cfg_s])?;
         let domid = self.domid(&spec.name).ok_or_else(|| fail(FAILURE, format!("xl create -p {cfg_s} succeeded but domain {} has no domid", spec.name)))?;
@@ -339,12 +344,12 @@ impl Domains<'_> {
             let console = format!("/var/log/xen/console/guest-{}.log", spec.name);
             let tail = crate::local::tail(Path::new(&console), 15);
             let hint = if tail.is_empty() { format!("see `xl console {}`", spec.name) } else { format!("last lines of {console}:\n{tail}") };
-            fail(FAILURE, format!("vTPM domain {} (domid {domid}) did not become ready: {m}; {hint}", spec.name))
+            CliError::caused(FAILURE, format!("vTPM domain {} (domid {domid}) did not become ready", spec.name), m).fix(hint)
         })?;
         let rt = DomainRuntime { uuid, name: spec.name.clone(), domid, disk_device, loop_device, config: cfg };
         let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
         xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o600)
-            .map_err(|e| fail(FAILURE, format!("writing the runtime record: {e}")))?;
+            .map_err(|e| CliError::caused(FAILURE, "writing the runtime record", e))?;
         Ok(rt)
     }
 
@@ -432,7 +437,7 @@ fn run_tool(bin: &Path, args: &[&str], hint: &str) -> Result<String, CliError> {
     let out = Command::new(bin)
         .args(args)
         .output()
-        .map_err(|e| fail(FAILURE, format!("cannot run {} ({e}); {hint}", bin.display())))?;
+        .map_err(|e| CliError::caused(FAILURE, format!("cannot run {}", bin.display()), e).fix(hint))?;
     if !out.status.success() {
         return Err(fail(
             FAILURE,
@@ -444,11 +449,11 @@ fn run_tool(bin: &Path, args: &[&str], hint: &str) -> Result<String, CliError> {
 
 /// Waits until domain `domid` publishes `data/xvtpm/ready` = `uuid`; fails early if it
 /// publishes an exit code or disappears.
-fn wait_ready(domid: u32, uuid: &Uuid, limit: Duration) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+fn wait_ready(domid: u32, uuid: &Uuid, limit: Duration) -> Result<(), crate::exit::Cause> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         use xen_platform::xenstore::Xenstore;
-        let (xs, mut events) = xen_platform::xenstore::XsClient::open().await.map_err(|e| format!("xenstore: {e}"))?;
+        let (xs, mut events) = xen_platform::xenstore::XsClient::open().await?;
         let home = format!("/local/domain/{domid}");
         let ready = format!("{home}/data/xvtpm/ready");
         let exit = format!("{home}/data/xvtpm/exit");
@@ -460,17 +465,17 @@ fn wait_ready(domid: u32, uuid: &Uuid, limit: Duration) -> Result<(), String> {
         loop {
             if let Ok(Some(v)) = xs.read(&ready).await {
                 let v = v.trim().to_string();
-                return if v == uuid.to_string() { Ok(()) } else { Err(format!("it says it serves vTPM {v:?}, not {uuid}")) };
+                return if v == uuid.to_string() { Ok(()) } else { Err(format!("it says it serves vTPM {v:?}, not {uuid}").into()) };
             }
             if let Ok(Some(code)) = xs.read(&exit).await {
-                return Err(format!("vtpm-domain exited with code {}", code.trim()));
+                return Err(format!("vtpm-domain exited with code {}", code.trim()).into());
             }
             if xs.read(&format!("{home}/domid")).await.ok().flatten().is_none() {
                 return Err("the domain is gone".into());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("no data/xvtpm/ready within {} s", limit.as_secs()));
+                return Err(format!("no data/xvtpm/ready within {} s", limit.as_secs()).into());
             }
             let _ = tokio::time::timeout(left.min(Duration::from_millis(500)), events.next()).await;
         }
@@ -514,9 +519,9 @@ mod tests {
         let e = render_config(&u, &s, Path::new("/dev/loop0"), false).unwrap_err();
         assert_eq!(e.code, USAGE);
         let e = render_config(&u, &spec(), Path::new("/dev/loop0,access=ro"), false).unwrap_err();
-        assert!(e.message.contains("must not contain"), "{}", e.message);
+        assert!(e.text().contains("must not contain"), "{}", e.text());
         for bad in ["", "123", "a b", "a\"b", "a/b", &"x".repeat(65)] {
-            assert_eq!(check_name(bad).unwrap_err().code, USAGE, "{bad:?}");
+            assert!(check_name(bad).is_err(), "{bad:?}");
         }
         for good in ["vtpm-a", "vtpm_guest.1", "v1"] {
             check_name(good).unwrap();

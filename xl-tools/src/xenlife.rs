@@ -152,7 +152,7 @@ pub fn reg_err(e: crate::registry::RegistryError) -> CliError {
         E::BadLocation { .. } | E::BadHost(_) => USAGE,
         _ => REFUSED,
     };
-    fail(code, e.to_string())
+    CliError::caused(code, "", e)
 }
 
 /// The vTPM "domain" name recorded for a guest in dom0-process mode.
@@ -196,11 +196,11 @@ impl Xen {
     }
 
     fn registry(&self) -> Result<Registry, CliError> {
-        crate::registry::check_host(&self.host).map_err(|e| fail(USAGE, e.to_string()))?;
+        crate::registry::check_host(&self.host).map_err(|e| CliError::caused(USAGE, "", e))?;
         let location = match &self.registry {
             Some(l) => l.clone(),
             None => {
-                std::fs::create_dir_all(&self.local.state_dir).map_err(|e| fail(FAILURE, format!("{}: {e}", self.local.state_dir.display())))?;
+                std::fs::create_dir_all(&self.local.state_dir).map_err(|e| CliError::caused(FAILURE, self.local.state_dir.display().to_string(), e))?;
                 crate::registry::Location::Sqlite(self.local.state_dir.join("registry.sqlite"))
             }
         };
@@ -211,7 +211,7 @@ impl Xen {
         let out = Command::new(&self.xl)
             .args(args)
             .output()
-            .map_err(|e| fail(FAILURE, format!("cannot run {} ({e}); is this dom0 with the Xen tools installed?", self.xl.display())))?;
+            .map_err(|e| CliError::caused(FAILURE, format!("cannot run {}", self.xl.display()), e).fix("is this dom0 with the Xen tools installed?"))?;
         if !out.status.success() {
             return Err(fail(
                 FAILURE,
@@ -256,7 +256,7 @@ impl Xen {
     /// running), then the vTPM, then the guest. With `dry_run`, stops after the checks and
     /// says what it would do; nothing is created (not even an empty registry).
     pub fn create(&self, admin: &mut Admin, cfg_path: &Path, group: Option<String>, dry_run: bool) -> Result<Created, CliError> {
-        let mut cfg = XlConfig::parse_file(cfg_path).map_err(|e| fail(USAGE, e.to_string()))?;
+        let mut cfg = XlConfig::parse_file(cfg_path).map_err(|e| CliError::caused(USAGE, "", e))?;
         let name = cfg
             .name()
             .map(str::to_string)
@@ -269,13 +269,13 @@ impl Xen {
         // `model=`: the device model emulates the TPM; its uid is the vTPM's consumer.
         let emulated = match specs.first().and_then(|s| s.model) {
             Some(model) => {
-                let consumer = crate::hvm::check(&cfg, &crate::hvm::lookup_user).map_err(|e| fail(USAGE, format!("{}: {e}", cfg_path.display())))?;
+                let consumer = crate::hvm::check(&cfg, &crate::hvm::lookup_user).map_err(|e| CliError::caused(USAGE, cfg_path.display().to_string(), e))?;
                 Some(Emulated { model, consumer })
             }
             None => None,
         };
         if let Placement::Domain(d) = &placement {
-            crate::vtpmdom::check_name(d).map_err(|e| fail(USAGE, format!("{}: vtpm= backend={d:?}: {}", cfg_path.display(), e.message)))?;
+            crate::vtpmdom::check_name(d).map_err(|e| CliError::caused(USAGE, format!("{}: vtpm= backend", cfg_path.display()), e))?;
             if *d == name {
                 return Err(fail(USAGE, format!("{}: vtpm= backend={d:?} is the guest itself; name the vTPM domain (e.g. backend=vtpm-{name})", cfg_path.display())));
             }
@@ -293,7 +293,7 @@ impl Xen {
                     None => None,
                 };
                 let u = known.unwrap_or_else(Uuid::new_v4);
-                cfg.set("uuid", u.to_string()).map_err(|e| fail(USAGE, e.to_string()))?;
+                cfg.set("uuid", u.to_string()).map_err(|e| CliError::caused(USAGE, "", e))?;
                 u
             }
         };
@@ -392,14 +392,14 @@ impl Xen {
         };
         match emulated {
             Some(e) => {
-                crate::hvm::apply(cfg, &self.device_model_socket(&vtpm_uuid), e.model).map_err(|m| fail(FAILURE, m))?;
+                crate::hvm::apply(cfg, &self.device_model_socket(&vtpm_uuid), e.model).map_err(|m| CliError::caused(FAILURE, "", m))?;
             }
             None => cfg.set_vtpms(&[VtpmSpec { backend, uuid: Some(vtpm_uuid), model: None }]),
         }
         let dir = self.local.run_dir.join("guests");
-        std::fs::create_dir_all(&dir).map_err(|e| fail(FAILURE, format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, dir.display().to_string(), e))?;
         let path = dir.join(format!("{name}.cfg"));
-        xvtpm_fsutil::write_atomic(&path, cfg.render().as_bytes(), 0o600).map_err(|e| fail(FAILURE, format!("{}: {e}", path.display())))?;
+        xvtpm_fsutil::write_atomic(&path, cfg.render().as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, path.display().to_string(), e))?;
         self.xl(&["create", path.to_str().unwrap_or_default()])?;
         let domid = self.domid_of(name).ok_or_else(|| fail(FAILURE, format!("xl create succeeded but guest {name} has no domid")))?;
         reg.mark_running(undo.id, domid, vtpm_domid).map_err(reg_err)?;
@@ -779,11 +779,11 @@ impl Xen {
     /// `xl-vtpm watch`: runs [`Self::reap_once`] on every `@releaseDomain`
     /// (and every `poll` as a safety net) until killed.
     pub fn watch(&self, run_dir: &Path, poll: Duration) -> Result<(), CliError> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| fail(FAILURE, e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| CliError::caused(FAILURE, "", e))?;
         rt.block_on(async {
             use xen_platform::xenstore::Xenstore;
-            let (xs, mut events) = xen_platform::xenstore::XsClient::open().await.map_err(|e| fail(FAILURE, format!("xenstore: {e}")))?;
-            xs.watch("@releaseDomain").await.map_err(|e| fail(FAILURE, format!("watching @releaseDomain: {e}")))?;
+            let (xs, mut events) = xen_platform::xenstore::XsClient::open().await.map_err(|e| CliError::caused(FAILURE, "", e))?;
+            xs.watch("@releaseDomain").await.map_err(|e| CliError::caused(FAILURE, "watching @releaseDomain", e))?;
             println!("{}", serde_json::json!({"watching": "@releaseDomain"}));
             loop {
                 let _ = tokio::time::timeout(poll, events.next()).await;
@@ -795,9 +795,9 @@ impl Xen {
                         .unwrap_or_else(|_| Err(fail(FAILURE, "the registry pass panicked")))
                     {
                         Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-                        Err(e) => eprintln!("xl-vtpm watch: {}", e.message),
+                        Err(e) => eprintln!("xl-vtpm watch: {}", e.text()),
                     },
-                    Err(e) if e.code == crate::exit::NO_MANAGER => eprintln!("xl-vtpm watch: {}", e.message),
+                    Err(e) if e.code == crate::exit::NO_MANAGER => eprintln!("xl-vtpm watch: {}", e.text()),
                     Err(e) => return Err(e),
                 }
             }
