@@ -7,7 +7,7 @@
 #                             image real hosts use): /init = vtpm-domain + its libs, xen-evtchn,
 #                             xen-gntdev, xen-gntalloc, xen-blkfront + /lib/modules/load-order
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
-#                             Xen/TPM/block modules, /scenario.sh, /etc/xen/scripts/block
+#                             Xen/TPM/block modules, the scenario (xvtpm-testbed), /etc/xen/scripts/block
 #                             (xen-block-hotplug.sh), the guest kernel + the two images above
 #                             (the vTPM-domain image as /usr/lib/xvtpm/vtpmdom/initrd)
 # Every shared library comes from $XVTPM_CACHE/root (the pinned .debs); a library that
@@ -243,7 +243,6 @@ install -D -m 0755 "$HERE/xen-block-hotplug.sh" "$D/etc/xen/scripts/block"
 install -D -m 0644 "${XVTPM_GUEST_KO:-$OUT/guest-linux/xen-tpmfront.ko}" "$D/guest/xen-tpmfront-tpm2.ko"
 install -D -m 0755 "$HERE/tpm2-guest-phase.sh" "$D/usr/lib/xvtpm/tpm2-guest-phase.sh"
 install -m 0755 "$HERE/dom0-init.sh" "$D/init"
-install -m 0755 "$HERE/dom0-scenario.sh" "$D/scenario.sh"
 # the scenario itself: the workspace binary xvtpm-testbed (ci/testbed/scenario), which /init starts
 if [ -x "$TARGET/$PROFILE/xvtpm-testbed" ]; then
   copy_bin "$D" "$TARGET/$PROFILE/xvtpm-testbed" /usr/lib/xvtpm/testbed/xvtpm-testbed strip

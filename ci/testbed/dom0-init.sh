@@ -1,7 +1,6 @@
 #!/bin/sh
 # dom0 /init: mount the basics, run the scenario, power the machine off.
-# The scenario is /usr/lib/xvtpm/testbed/xvtpm-testbed (ci/testbed/scenario); xvtpm_scenario=sh on
-# the kernel command line (XVTPM_TESTBED_SCENARIO=sh) runs the old shell one, /scenario.sh.
+# The scenario is /usr/lib/xvtpm/testbed/xvtpm-testbed (ci/testbed/scenario).
 export PATH=/usr/lib/xen-4.17/bin:/bin:/sbin:/usr/bin:/usr/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 # what the scenario's programs need: tpm2-tools on the physical TPM, xenstored's state, the vTPM
@@ -18,8 +17,7 @@ ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 exec </dev/console >/dev/console 2>&1
 echo "MARK dom0-init up=$(cut -d' ' -f1 /proc/uptime)"
 S=/usr/lib/xvtpm/testbed/xvtpm-testbed
-case " $(cat /proc/cmdline) " in *" xvtpm_scenario=sh "*) S="sh /scenario.sh" ;; esac
-if [ "$S" = "sh /scenario.sh" ] || [ -x "$S" ]; then $S; rc=$?
+if [ -x "$S" ]; then $S; rc=$?
 else echo "dom0-init: $S missing (cargo build --workspace before the image build)"; rc=1; fi
 [ $rc = 0 ] && res=PASS || res=FAIL
 echo "MARK TESTBED-DONE up=$(cut -d' ' -f1 /proc/uptime) result=$res"

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Boot Xen 4.17 + dom0 in QEMU (TCG) with swtpm as the physical TPM and run the
-# dom0 scenario (dom0-scenario.sh).  Prints "PHASE <name> <seconds>" lines and
+# dom0 scenario (xvtpm-testbed, ci/testbed/scenario).  Prints "PHASE <name> <seconds>" lines and
 # the scenario's RESULT, CHECK and PERF lines; exits 0 only if the scenario passed.
 #
 #   ci/testbed/run.sh            # fetch (verify debs.lock) + build images + boot + scenario
@@ -12,7 +12,6 @@
 #   XVTPM_TESTBED_VTPMDOM  1|0: vTPM-domain phases (the vTPM as its own unikernel-style domain) (1)
 #   XVTPM_TESTBED_LIFEDOM  1|0: lifecycle of a guest whose vTPM is its own domain (xl-vtpm create with
 #                          vtpm=["backend=NAME"], xl-vtpm watch) (1)
-#   XVTPM_TESTBED_SCENARIO rust|sh: the dom0 scenario (the xvtpm-testbed binary, or the old dom0-scenario.sh) (rust)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
@@ -119,7 +118,7 @@ XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=$DOM
 # scenario switches ride on the dom0 command line (multiboot module: ',' must be ',,')
 # rootfstype=ramfs: the ~190 MB initramfs would overflow a rootfs tmpfs (capped at half of dom0's RAM:
 # "Initramfs unpacking failed: write error")
-DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_scenario=${XVTPM_TESTBED_SCENARIO:-rust} ${XVTPM_TESTBED_DOM0_EXTRA:-}"
+DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} ${XVTPM_TESTBED_DOM0_EXTRA:-}"
 REM=$(remaining); [ "$REM" -gt 10 ] || fail "budget exhausted before boot"
 # dom0's waits all give up by this dom0 uptime, leaving time to dump the logs and power off
 # (dom0 uptime lags the host clock by the Xen boot, so this is conservative)

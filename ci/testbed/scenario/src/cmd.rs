@@ -45,6 +45,10 @@ impl Output {
     pub fn tail1(&self, n: usize) -> String {
         tail_lines(&self.all(), n).replace('\n', " ")
     }
+    /// `WHAT exited RC: <last 3 lines>` (a failed step's reason).
+    pub fn failed(&self, what: &str) -> String {
+        format!("{what} exited {}: {}", self.rc, self.tail1(3))
+    }
 }
 
 pub fn tail_lines(s: &str, n: usize) -> String {
@@ -127,6 +131,32 @@ impl Cmd {
             ));
         }
         out
+    }
+
+    /// Runs it under the context's deadlines; if it still runs after `after`, `watch` is called
+    /// once, beside it, with the time it has run (a snapshot of what it waits for).
+    pub fn run_watched(
+        self,
+        cx: &Cx,
+        after: Duration,
+        watch: impl FnOnce(Duration) + Send,
+    ) -> Output {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let t = Instant::now();
+                while !done.load(Ordering::Relaxed) {
+                    if t.elapsed() >= after {
+                        watch(t.elapsed());
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            let o = self.run(cx);
+            done.store(true, Ordering::Relaxed);
+            o
+        })
     }
 
     /// Runs it with exactly `limit` (no context: unit tests, the launcher).
@@ -239,6 +269,23 @@ pub fn signal(pid: u32, sig: Signal) {
     }
 }
 
+/// Stops a child we started: SIGTERM, up to `secs` (cut to the deadlines) to exit, then SIGKILL;
+/// false if it needed the SIGKILL.
+pub fn stop_child(cx: &Cx, child: &mut std::process::Child, secs: u64) -> bool {
+    signal(child.id(), Signal::SIGTERM);
+    let ok = cx.wait_until(secs, || !matches!(child.try_wait(), Ok(None)));
+    if !ok {
+        kill_child(child);
+    }
+    ok
+}
+
+/// SIGKILL to a child we started, and reaps it.
+pub fn kill_child(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// The process exists and is not a zombie.
 pub fn pid_up(pid: Option<u32>) -> bool {
     let Some(pid) = pid else { return false };
@@ -251,7 +298,7 @@ pub fn pid_up(pid: Option<u32>) -> bool {
     }
 }
 
-/// `prefix` in front of every line of `text`, printed (the shell's `sed 's/^/[x] /'`).
+/// `prefix` in front of every line of `text`, printed: `[prefix] line`.
 pub fn show(prefix: &str, text: &str) {
     for l in text.lines() {
         println!("[{prefix}] {l}");
@@ -261,4 +308,55 @@ pub fn show(prefix: &str, text: &str) {
 /// The same for the last `n` lines.
 pub fn show_tail(prefix: &str, text: &str, n: usize) {
     show(prefix, &tail_lines(text, n));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runner::Runner;
+
+    #[test]
+    fn the_watch_sees_a_command_that_is_still_running_and_not_one_that_ended() {
+        let r = Runner::new(Duration::from_secs(600));
+        let seen = std::sync::Mutex::new(None);
+        let o = Cmd::new(&["sh", "-c", "sleep 1; echo done"])
+            .secs(30)
+            .run_watched(&r.cx, Duration::from_millis(200), |t| {
+                *seen.lock().unwrap() = Some(t);
+            });
+        assert_eq!((o.rc, o.stdout.as_str()), (0, "done\n"));
+        assert!(
+            seen.lock()
+                .unwrap()
+                .is_some_and(|t| t >= Duration::from_millis(200))
+        );
+        let quick = std::sync::atomic::AtomicBool::new(false);
+        let o = Cmd::new(&["true"]).run_watched(&r.cx, Duration::from_secs(20), |_| {
+            quick.store(true, Ordering::Relaxed);
+        });
+        assert!(o.ok() && !quick.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn stop_child_ends_a_child_that_ignores_sigterm() {
+        let r = Runner::new(Duration::from_secs(600));
+        let mut polite = Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(stop_child(&r.cx, &mut polite, 10));
+        let mut deaf = Command::new("sh")
+            .args([
+                "-c",
+                "trap '' TERM; echo ready; while :; do sleep 0.1; done",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(deaf.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(!stop_child(&r.cx, &mut deaf, 1));
+        assert!(!pid_up(Some(deaf.id())));
+    }
 }

@@ -63,7 +63,7 @@ impl Outcome {
     }
 }
 
-/// The failures a phase collects (the shell's `err="$err …"`), and its CHECK lines.
+/// The failures a phase collects (its FAIL reason, joined by spaces), and its CHECK lines.
 #[derive(Debug, Default)]
 pub struct Errs(Vec<String>);
 
@@ -79,9 +79,20 @@ impl Errs {
     }
     /// `CHECK dom0 <name> PASS|FAIL <detail>`; a FAIL adds `name`.
     pub fn check(&mut self, name: &str, ok: bool, detail: impl AsRef<str>) -> bool {
+        self.check_or(name, ok, detail, name)
+    }
+    /// `CHECK dom0 <name> PASS|FAIL <detail>`; a FAIL adds `token` (a failure named apart from
+    /// its CHECK line).
+    pub fn check_or(
+        &mut self,
+        name: &str,
+        ok: bool,
+        detail: impl AsRef<str>,
+        token: impl Into<String>,
+    ) -> bool {
         check("dom0", name, ok, detail.as_ref());
         if !ok {
-            self.add(name);
+            self.add(token);
         }
         ok
     }
@@ -144,7 +155,7 @@ impl Cx {
     }
 
     /// What a command or a wait that wants `want` gets, and whether the phase deadline (not the
-    /// scenario's) cut it. The scenario's cut leaves at least 1 s (the shell's `tmo`).
+    /// scenario's) cut it. The scenario's cut leaves at least 1 s (a command still gets to say why).
     pub fn limit(&self, want: Duration) -> (Duration, bool) {
         let now = Instant::now();
         let scen = self
@@ -254,6 +265,31 @@ impl Runner {
     /// A phase that does not run (disabled, or what it needs failed).
     pub fn skip(&mut self, name: &str, why: &str) -> Status {
         self.report(name, Outcome::skipped(why))
+    }
+
+    /// Every phase of a disabled section, SKIPPED with `why`.
+    pub fn skip_all(&mut self, names: &[&str], why: &str) {
+        for n in names {
+            self.skip(n, why);
+        }
+    }
+
+    /// Phase `name` unless something it needs is missing (`blocked`: SKIPPED with that reason)
+    /// or the scenario deadline has passed (SKIPPED: "scenario deadline reached").
+    pub fn phase_if(
+        &mut self,
+        name: &str,
+        blocked: Option<&str>,
+        deadline: Duration,
+        f: impl FnOnce(&Cx) -> Outcome,
+    ) -> Status {
+        if let Some(why) = blocked {
+            self.skip(name, why)
+        } else if self.cx.past_deadline() {
+            self.skip(name, "scenario deadline reached")
+        } else {
+            self.phase(name, deadline, f)
+        }
     }
 
     /// A verdict reached without running the phase's body (e.g. FAIL of a required phase).
@@ -400,6 +436,59 @@ mod tests {
             r.summary(),
             "SUMMARY pass=1 fail=2 skipped=1 failed: bad boom"
         );
+    }
+
+    #[test]
+    fn a_blocked_or_late_phase_is_skipped_without_running() {
+        let mut r = Runner::new(Duration::from_secs(600));
+        let mut ran = Vec::new();
+        r.phase_if(
+            "needs-a",
+            Some("no a (a failed)"),
+            Duration::from_secs(5),
+            |_| {
+                ran.push("needs-a");
+                Outcome::pass("ran")
+            },
+        );
+        r.phase_if("free", None, Duration::from_secs(5), |_| {
+            ran.push("free");
+            Outcome::pass("ran")
+        });
+        r.skip_all(&["off-1", "off-2"], "disabled");
+        let mut late = Runner::new(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        late.phase_if("late", None, Duration::from_secs(5), |_| {
+            ran.push("late");
+            Outcome::pass("ran")
+        });
+        assert_eq!(ran, ["free"]);
+        let v: Vec<(&str, Status, &str)> = r
+            .results
+            .iter()
+            .chain(late.results.iter())
+            .map(|p| (p.name.as_str(), p.status, p.reason.as_str()))
+            .collect();
+        assert_eq!(
+            v,
+            [
+                ("needs-a", Status::Skipped, "no a (a failed)"),
+                ("free", Status::Pass, "ran"),
+                ("off-1", Status::Skipped, "disabled"),
+                ("off-2", Status::Skipped, "disabled"),
+                ("late", Status::Skipped, "scenario deadline reached"),
+            ]
+        );
+    }
+
+    #[test]
+    fn check_or_names_the_failure_apart_from_the_check() {
+        let mut e = Errs::default();
+        assert!(e.check_or("ek-stable", true, "same", "ek-changed"));
+        assert!(e.is_empty());
+        assert!(!e.check_or("ek-stable", false, "other", "ek-changed"));
+        assert!(!e.check("vtpm-stop", false, "alive"));
+        assert_eq!(e.joined(), "ek-changed vtpm-stop");
     }
 
     #[test]

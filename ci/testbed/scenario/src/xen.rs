@@ -5,7 +5,7 @@ use std::fs;
 use serde_json::Value;
 
 use crate::cmd::Cmd;
-use crate::runner::Cx;
+use crate::runner::{Cx, Errs};
 
 /// `NAME=value` from dom0's kernel command line (the last one wins).
 pub fn cmdline_arg(name: &str) -> Option<String> {
@@ -37,6 +37,50 @@ pub fn domain_gone(name: &str) -> bool {
 /// `xl destroy NAME` (capped by the phase).
 pub fn xl_destroy(cx: &Cx, name: &str, secs: u64) -> crate::cmd::Output {
     Cmd::new(&["xl", "destroy", name]).secs(secs).run(cx)
+}
+
+/// `xl destroy NAME` if it runs (cleanup; no verdict).
+pub fn destroy_if_running(cx: &Cx, name: &str) {
+    if domid(name).is_some() {
+        xl_destroy(cx, name, 60);
+    }
+}
+
+/// A guest that powers itself off at the end: gone within 60 s, else `guest-did-not-power-off`
+/// and `xl destroy`.
+pub fn poweroff_or_destroy(cx: &Cx, name: &str, e: &mut Errs) {
+    if !cx.wait_until(60, || domain_gone(name)) {
+        e.add("guest-did-not-power-off");
+        xl_destroy(cx, name, 60);
+    }
+}
+
+/// CHECK `check`: domain NAME gone within 30 s (`gone`: the detail then; else its `xl list` row).
+pub fn gone_check(cx: &Cx, e: &mut Errs, check: &str, name: &str, gone: impl FnOnce() -> String) {
+    let ok = cx.wait_until(30, || domain_gone(name));
+    e.check(
+        check,
+        ok,
+        if ok {
+            gone()
+        } else {
+            format!(
+                "{name} still there: {}",
+                Cmd::new(&["xl", "list", name]).run(cx).tail(1)
+            )
+        },
+    );
+}
+
+/// `xl destroy NAME` and the domain gone within 30 s (`xl-destroy-rc=N`, `guest-still-there`).
+pub fn destroy_and_wait(cx: &Cx, name: &str, e: &mut Errs) {
+    let o = xl_destroy(cx, name, 60);
+    if !o.ok() {
+        e.add(format!("xl-destroy-rc={}", o.rc));
+    }
+    if !cx.wait_until(30, || domain_gone(name)) {
+        e.add("guest-still-there");
+    }
 }
 
 pub fn xs_read(path: &str) -> Option<String> {
@@ -87,7 +131,7 @@ pub fn read_text(path: &str) -> String {
     String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).replace('\r', "")
 }
 
-/// A line of `text` that contains `a` and, after it, `b` (the shell's `grep -E 'a.*b'`).
+/// A line of `text` that contains `a` and, after it, `b` (`grep -E 'a.*b'`).
 pub fn has_seq(text: &str, a: &str, b: &str) -> bool {
     text.lines()
         .any(|l| l.find(a).is_some_and(|i| l[i + a.len()..].contains(b)))
@@ -117,6 +161,38 @@ pub fn show_console(name: &str, n: usize, filter: impl Fn(&str) -> bool) {
     for l in &lines[lines.len().saturating_sub(n)..] {
         println!("[{name}] {l}");
     }
+}
+
+/// `src` (a domain config) with every line that starts with one of the prefixes replaced by
+/// its line.
+pub fn cfg_from(src: &str, set: &[(&str, String)]) -> String {
+    src.lines()
+        .map(|l| match set.iter().find(|(p, _)| l.starts_with(p)) {
+            Some((_, new)) => format!("{new}\n"),
+            None => format!("{l}\n"),
+        })
+        .collect()
+}
+
+/// The lines of a config that start with one of `keys`, printed as `[prefix] line`.
+pub fn show_cfg(prefix: &str, text: &str, keys: &[&str]) {
+    for l in text
+        .lines()
+        .filter(|l| keys.iter().any(|k| l.starts_with(k)))
+    {
+        println!("[{prefix}] {l}");
+    }
+}
+
+/// The names in a directory (empty when it cannot be read).
+pub fn dir_names(dir: &str) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Loads a module and its dependencies (build-time `.deps` order).
@@ -163,7 +239,7 @@ pub fn nonce(n: usize) -> String {
     hex::encode(b)
 }
 
-/// A JSON value as the shell's field scraper printed it: strings bare, null as `null`,
+/// A JSON value as the CHECK lines print it: strings bare, null as `null`,
 /// missing as empty. The key is looked up at the top level first, then in nested objects
 /// (`vtpm create --domain --json` has the domid in `domain`).
 pub fn jf(v: &Value, key: &str) -> String {
@@ -235,7 +311,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_fields_as_the_shell_read_them() {
+    fn json_fields_as_the_checks_print_them() {
         let v = parse_json("note\n[{\"guest_name\":\"life-a\",\"vtpm_pid\":null,\"guest_domid\":7,\"state\":\"running\"}]\n").unwrap();
         let row = find_obj(&v, "guest_name", "life-a").unwrap();
         assert_eq!(jf(row, "vtpm_pid"), "null");
@@ -249,6 +325,23 @@ mod tests {
         assert_eq!(
             (jf(&c, "uuid"), jf(&c, "domid"), jf(&c, "runtime")),
             ("u1".into(), "8".into(), "null".into())
+        );
+    }
+
+    #[test]
+    fn a_config_from_another_replaces_whole_lines_by_prefix() {
+        let src =
+            "name = \"life-a\"\n# uuid = \"x\"\nvtpm = [ \"backend=0\" ]\nextra = \"role=life\"\n";
+        let t = cfg_from(
+            src,
+            &[
+                ("name = ", "name = \"life-b\"".into()),
+                ("vtpm = ", "vtpm = [ \"backend=0,uuid=U\" ]".into()),
+            ],
+        );
+        assert_eq!(
+            t,
+            "name = \"life-b\"\n# uuid = \"x\"\nvtpm = [ \"backend=0,uuid=U\" ]\nextra = \"role=life\"\n"
         );
     }
 

@@ -11,10 +11,8 @@ use std::fs;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use nix::sys::signal::Signal;
-
 use super::St;
-use crate::cmd::{Cmd, show, show_tail};
+use crate::cmd::{Cmd, kill_child, show, show_tail, stop_child};
 use crate::runner::{Cx, Errs, Outcome};
 use crate::xen;
 
@@ -39,59 +37,13 @@ fn openssl(cx: &Cx, args: &[&str]) -> Result<(), String> {
     if o.ok() {
         Ok(())
     } else {
-        Err(format!(
-            "openssl {}: exit {}: {}",
-            args.first().unwrap_or(&""),
-            o.rc,
-            o.tail1(3)
-        ))
+        Err(o.failed(&format!("openssl {}", args.first().unwrap_or(&""))))
     }
 }
 
-/// A self-signed P-256 CA: `<P>/NAME.pem`, `NAME.key`.
-fn ca(cx: &Cx, name: &str, cn: &str) -> Result<(), String> {
-    let (key, pem, subj) = (
-        f(&format!("{name}.key")),
-        f(&format!("{name}.pem")),
-        format!("/CN={cn}"),
-    );
-    openssl(
-        cx,
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &subj,
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    )
-}
-
-/// A P-256 leaf issued by the CA `issuer` (one openssl run), with the extensions `ext`.
-fn leaf(cx: &Cx, name: &str, issuer: &str, cn: &str, ext: &[&str]) -> Result<(), String> {
-    let (key, pem) = (f(&format!("{name}.key")), f(&format!("{name}.pem")));
-    let (ca_pem, ca_key) = (f(&format!("{issuer}.pem")), f(&format!("{issuer}.key")));
-    let mut serial = [0u8; 8];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut u| std::io::Read::read_exact(&mut u, &mut serial))
-        .map_err(|e| format!("/dev/urandom: {e}"))?;
-    let serial = format!("0x{}", hex::encode(serial));
-    let subj = format!("/CN={cn}");
+/// A new P-256 key in `key` and its certificate in `pem`, valid 2 days, subject `subj`; `extra`:
+/// the issuer (`-CA`, `-CAkey`, `-set_serial`; none: self-signed) and the extensions.
+fn ec_cert(cx: &Cx, key: &str, pem: &str, subj: &str, extra: &[&str]) -> Result<(), String> {
     let mut args = vec![
         "req",
         "-x509",
@@ -102,28 +54,64 @@ fn leaf(cx: &Cx, name: &str, issuer: &str, cn: &str, ext: &[&str]) -> Result<(),
         "ec_paramgen_curve:P-256",
         "-nodes",
         "-keyout",
-        &key,
+        key,
         "-out",
-        &pem,
+        pem,
         "-days",
         "2",
+        "-subj",
+        subj,
+    ];
+    args.extend_from_slice(extra);
+    openssl(cx, &args)
+}
+
+/// A self-signed P-256 CA: `<P>/NAME.pem`, `NAME.key`.
+fn ca(cx: &Cx, name: &str, cn: &str) -> Result<(), String> {
+    ec_cert(
+        cx,
+        &f(&format!("{name}.key")),
+        &f(&format!("{name}.pem")),
+        &format!("/CN={cn}"),
+        &[
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    )
+}
+
+/// A P-256 leaf issued by the CA `issuer` (one openssl run), with the extensions `ext`.
+fn leaf(cx: &Cx, name: &str, issuer: &str, cn: &str, ext: &[&str]) -> Result<(), String> {
+    let (ca_pem, ca_key) = (f(&format!("{issuer}.pem")), f(&format!("{issuer}.key")));
+    let mut serial = [0u8; 8];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut u| std::io::Read::read_exact(&mut u, &mut serial))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    let serial = format!("0x{}", hex::encode(serial));
+    let mut extra = vec![
         "-CA",
         &ca_pem,
         "-CAkey",
         &ca_key,
         "-set_serial",
         &serial,
-        "-subj",
-        &subj,
         "-addext",
         "basicConstraints=critical,CA:FALSE",
         "-addext",
         "keyUsage=critical,digitalSignature",
     ];
     for x in ext {
-        args.extend_from_slice(&["-addext", x]);
+        extra.extend_from_slice(&["-addext", x]);
     }
-    openssl(cx, &args)
+    ec_cert(
+        cx,
+        &f(&format!("{name}.key")),
+        &f(&format!("{name}.pem")),
+        &format!("/CN={cn}"),
+        &extra,
+    )
 }
 
 /// The phase's PKI: the provider's service CA + server certificate (127.0.0.1), its tenant CA +
@@ -222,22 +210,14 @@ impl Service {
 
     /// SIGTERM and up to 10 s; false if it needed a SIGKILL.
     fn stop(&mut self, cx: &Cx) -> bool {
-        crate::cmd::signal(self.child.id(), Signal::SIGTERM);
-        let child = &mut self.child;
-        let ok = cx.wait_until(10, || !matches!(child.try_wait(), Ok(None)));
-        if !ok {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        ok
+        stop_child(cx, &mut self.child, 10)
     }
 }
 
 impl Drop for Service {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            kill_child(&mut self.child);
         }
     }
 }

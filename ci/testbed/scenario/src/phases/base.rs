@@ -248,13 +248,7 @@ pub fn stop_mgr(cx: &crate::runner::Cx, st: &mut St) -> bool {
     let Some(mut c) = st.mgr.take() else {
         return true;
     };
-    crate::cmd::signal(c.id(), nix::sys::signal::Signal::SIGTERM);
-    let ok = cx.wait_until(20, || matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
-    if !ok {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    ok
+    crate::cmd::stop_child(cx, &mut c, 20)
 }
 
 fn mgr(r: &mut Runner, st: &mut St) {
@@ -292,8 +286,7 @@ fn mgr(r: &mut Runner, st: &mut St) {
             show_tail("vtpmmgr", &xen::read_text(&st.mgr_log), 30);
             let alive = if st.mgr_up() { "yes" } else { "no" };
             if let Some(mut c) = st.mgr.take() {
-                let _ = c.kill();
-                let _ = c.wait();
+                crate::cmd::kill_child(&mut c);
             }
             Outcome::fail(format!(
                 "vtpmmgr serve not ready within 120 s (alive: {alive})"
@@ -359,10 +352,7 @@ fn guest(cx: &crate::runner::Cx) -> Outcome {
         if !has_seq(&console("guest1"), "GUEST-DONE role=plain ", "result=ok") {
             e.add("guest-result");
         }
-        if !cx.wait_until(60, || xen::domain_gone("guest1")) {
-            e.add("guest-did-not-power-off");
-            xen::xl_destroy(cx, "guest1", 60);
-        }
+        xen::poweroff_or_destroy(cx, "guest1", &mut e);
     }
     let interesting = |l: &str| {
         ["GUEST-", "Kernel panic", "Oops", "segfault"]

@@ -107,27 +107,30 @@ fn mutate(log: &[u8], events: &serde_json::Value) -> Option<(Vec<u8>, String)> {
 }
 
 fn verify_with(cx: &Cx, st: &St, log: &str, save: &str, tag: &str) -> (i32, String) {
-    let o = Cmd::new(&[
-        "xl-vtpm",
-        "verify",
+    let o = super::verify(
+        cx,
         "/tmp/dq.bin",
-        "--nonce",
         &st.dq_nonce,
-        "--ak",
-        "/tmp/ak.bin",
-        "--insecure-unenrolled-ak",
-        "--vtpm",
         &st.vtpm_uuid,
-        "--event-log",
-        log,
-        "--event-log-policy",
-        POLICY,
-    ])
-    .secs(60)
-    .save(save)
-    .run(cx);
-    show_tail(tag, &o.all(), 10);
+        tag,
+        save,
+        10,
+        &["--event-log", log, "--event-log-policy", POLICY],
+    );
     (o.rc, o.all())
+}
+
+/// `xl-vtpm ARGS` (its output in `save`, the last 5 lines shown as `[tag]`); Err: why it failed.
+fn step(cx: &Cx, args: &[&str], save: &str, tag: &str) -> Result<(), String> {
+    let mut argv = vec!["xl-vtpm"];
+    argv.extend_from_slice(args);
+    let o = Cmd::new(&argv).secs(60).save(save).run(cx);
+    show_tail(tag, &o.all(), 5);
+    if o.ok() {
+        Ok(())
+    } else {
+        Err(o.failed(&format!("xl-vtpm {}", args[..2].join(" "))))
+    }
 }
 
 pub fn host_eventlog(cx: &Cx, st: &mut St) -> Outcome {
@@ -145,28 +148,20 @@ pub fn host_eventlog(cx: &Cx, st: &mut St) -> Outcome {
         check("dom0", "bios-measurements", false, &why);
         return Outcome::fail(format!("no {BBM} ({why})"));
     }
-    let ex = Cmd::new(&["xl-vtpm", "eventlog", "export", "--out", LOG])
-        .secs(60)
-        .save("/tmp/eventlog-export.out")
-        .run(cx);
-    show_tail("eventlog export", &ex.all(), 5);
-    if !ex.ok() {
-        return Outcome::fail(format!(
-            "xl-vtpm eventlog export exited {}: {}",
-            ex.rc,
-            ex.tail1(3)
-        ));
+    if let Err(why) = step(
+        cx,
+        &["eventlog", "export", "--out", LOG],
+        "/tmp/eventlog-export.out",
+        "eventlog export",
+    ) {
+        return Outcome::fail(why);
     }
     let sh = Cmd::new(&["xl-vtpm", "--json", "eventlog", "show", LOG])
         .secs(60)
         .save_split("/tmp/eventlog-show.json", "/tmp/eventlog-show.err")
         .run(cx);
     let Some(events) = xen::parse_json(&sh.stdout) else {
-        return Outcome::fail(format!(
-            "xl-vtpm --json eventlog show exited {}: {}",
-            sh.rc,
-            sh.tail1(3)
-        ));
+        return Outcome::fail(sh.failed("xl-vtpm --json eventlog show"));
     };
     let n = events
         .get("events")
@@ -183,19 +178,15 @@ pub fn host_eventlog(cx: &Cx, st: &mut St) -> Outcome {
             .map(|v| v.to_string())
             .unwrap_or_default()
     );
-    let p = Cmd::new(&[
-        "xl-vtpm", "eventlog", "policy", LOG, "--replay", "0-7", "--out", POLICY,
-    ])
-    .secs(60)
-    .save("/tmp/eventlog-policy.out")
-    .run(cx);
-    show_tail("eventlog policy", &p.all(), 5);
-    if !p.ok() {
-        return Outcome::fail(format!(
-            "xl-vtpm eventlog policy exited {}: {}",
-            p.rc,
-            p.tail1(3)
-        ));
+    if let Err(why) = step(
+        cx,
+        &[
+            "eventlog", "policy", LOG, "--replay", "0-7", "--out", POLICY,
+        ],
+        "/tmp/eventlog-policy.out",
+        "eventlog policy",
+    ) {
+        return Outcome::fail(why);
     }
     if fs::metadata("/tmp/dq.bin").map(|m| m.len()).unwrap_or(0) == 0
         || st.vtpm_uuid.is_empty()

@@ -24,8 +24,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{St, deadline, ek_hash, guest_checks, ms, secs1, up, wallt};
-use crate::cmd::{Cmd, pid_up, show, show_tail};
+use super::{
+    St, deadline, drop_standalone_vtpm, ek_hash, ek_stable, guest_checks, ms, none, secs1, up,
+    wallt,
+};
+use crate::cmd::{Cmd, Output, kill_child, pid_up, show, show_tail, stop_child};
 use crate::runner::{Cx, Errs, Outcome, Runner, check, wall};
 use crate::xen::{self, console_from, find_obj, jf, lines_of};
 
@@ -45,15 +48,7 @@ impl Watch {
     }
     /// SIGTERM, `secs` to exit, then SIGKILL; false if it needed the SIGKILL.
     pub fn stop(mut self, cx: &Cx, secs: u64) -> bool {
-        crate::cmd::signal(self.pid(), nix::sys::signal::Signal::SIGTERM);
-        let ok = cx.wait_until(secs, || {
-            matches!(self.child.try_wait(), Ok(Some(_)) | Err(_))
-        });
-        if !ok {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        ok
+        stop_child(cx, &mut self.child, secs)
     }
 }
 
@@ -237,10 +232,7 @@ impl Life {
             .trim()
             .to_string();
         if got != state {
-            miss.push(format!(
-                "vtpm-state-{}(want-{state})",
-                super::vtpm::none(&got)
-            ));
+            miss.push(format!("vtpm-state-{}(want-{state})", none(&got)));
         }
         self.ek_now = ek_hash(&c);
         for l in c.lines() {
@@ -261,26 +253,14 @@ impl Life {
     }
 
     fn ek_check(&self, tag: &str, e: &mut Errs) {
-        if !self.ek.is_empty() && self.ek == self.ek_now {
-            check(
-                "dom0",
-                "life-ek-stable",
-                true,
-                &format!("{tag}: EK sha256 {}...", &self.ek[..16.min(self.ek.len())]),
-            );
-        } else {
-            check(
-                "dom0",
-                "life-ek-stable",
-                false,
-                &format!(
-                    "{tag}: first={} now={}",
-                    super::vtpm::none(&self.ek),
-                    super::vtpm::none(&self.ek_now)
-                ),
-            );
-            e.add("ek-changed");
-        }
+        ek_stable(
+            e,
+            "life-ek-stable",
+            "ek-changed",
+            tag,
+            &self.ek,
+            &self.ek_now,
+        );
     }
 }
 
@@ -297,14 +277,35 @@ fn life_stop_a(cx: &Cx, lpid: Option<u32>) {
             .secs(60)
             .run(cx);
         show("xl-vtpm destroy (cleanup)", &o.all());
-        if a_running() {
-            xen::xl_destroy(cx, "life-a", 60);
-        }
+        xen::destroy_if_running(cx, "life-a");
     }
-    if pid_up(lpid) {
-        println!("life: killing leftover vTPM pid {}", lpid.unwrap_or(0));
-        crate::cmd::signal(lpid.unwrap_or(0), nix::sys::signal::Signal::SIGTERM);
+    term_leftover(lpid);
+}
+
+/// SIGTERM to the vTPM process `lpid` if it still runs (cleanup; no verdict).
+fn term_leftover(lpid: Option<u32>) {
+    if let Some(p) = lpid.filter(|_| pid_up(lpid)) {
+        println!("life: stopping leftover vTPM pid {p}");
+        crate::cmd::signal(p, nix::sys::signal::Signal::SIGTERM);
     }
+}
+
+/// `xl-vtpm destroy life-a` (its output in `save`), and the guest gone within 30 s
+/// (`xl-vtpm-destroy-exit-N`, `guest-still-there`).
+fn destroy_a(cx: &Cx, save: &str, e: &mut Errs) -> Output {
+    let o = Cmd::sh("xl-vtpm destroy life-a")
+        .env("NO_COLOR", "1")
+        .secs(60)
+        .save(save)
+        .run(cx);
+    show_tail("xl-vtpm destroy", &o.all(), 10);
+    if !o.ok() {
+        e.add(format!("xl-vtpm-destroy-exit-{}", o.rc));
+    }
+    if !cx.wait_until(30, || xen::domain_gone("life-a")) {
+        e.add("guest-still-there");
+    }
+    o
 }
 
 /// A command to the held guest life-a (xenstore data/xvtpm-cmd); its GUEST-CMD line.
@@ -340,18 +341,19 @@ pub fn run(r: &mut Runner, st: &mut St) {
         } else {
             "needs XVTPM_TESTBED_VTPM=dom0"
         };
-        for p in [
-            "life-watch",
-            "life-create",
-            "life-xl-destroy",
-            "life-recreate",
-            "life-reboot",
-            "life-refuse-b",
-            "life-mgr-restart",
-            "life-registry",
-        ] {
-            r.skip(p, why);
-        }
+        r.skip_all(
+            &[
+                "life-watch",
+                "life-create",
+                "life-xl-destroy",
+                "life-recreate",
+                "life-reboot",
+                "life-refuse-b",
+                "life-mgr-restart",
+                "life-registry",
+            ],
+            why,
+        );
         return;
     }
     let mut a = Life::new("life-a", LCFG0);
@@ -367,14 +369,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         if !Path::new(LCFG0).is_file() {
             return Outcome::fail(format!("{LCFG0} missing (build-images.sh)"));
         }
-        // the earlier phases' standalone vTPM (stopped by vtpm-destroy) is no pair: drop its
-        // identity so that `registry check` at the end speaks about the lifecycle pairs only
-        if !st.vtpm_uuid.is_empty() && st.vtpm_exited() {
-            let o = Cmd::new(&["xl-vtpm", "mgr", "vtpm", "del", &st.vtpm_uuid, "--yes"])
-                .secs(30)
-                .run(cx);
-            show("mgr vtpm del", &o.all());
-        }
+        drop_standalone_vtpm(cx, st);
         for l in xen::read_text(LCFG0).lines() {
             let t = l.trim_start();
             if !t.is_empty() && !t.starts_with('#') {
@@ -452,12 +447,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
     }
 
     // life-xl-destroy
-    if st.luuid.is_empty() || !a_running() {
-        r.skip("life-xl-destroy", "no running life-a (life-create failed)");
-    } else if r.cx.past_deadline() {
-        r.skip("life-xl-destroy", "scenario deadline reached");
-    } else {
-        r.phase("life-xl-destroy", deadline(150), |cx| {
+    let blocked =
+        (st.luuid.is_empty() || !a_running()).then_some("no running life-a (life-create failed)");
+    r.phase_if("life-xl-destroy", blocked, deadline(150), |cx| {
             let mut e = Errs::default();
             let d = xen::domid("life-a").unwrap_or_default();
             println!("INFO life timeline xl-destroy-start {}", wallt());
@@ -473,13 +465,12 @@ pub fn run(r: &mut Runner, st: &mut St) {
             println!("INFO life timeline vtpm-gone {}", wallt());
             let mut gone_ms = 0;
             if pid_up(lpid) {
-                check(
-                    "dom0",
+                e.check_or(
                     "life-vtpm-gone",
                     false,
-                    &format!("vTPM pid {} still alive {} s after xl destroy returned", lpid.unwrap_or(0), secs1(t1, t2)),
+                    format!("vTPM pid {} still alive {} s after xl destroy returned", lpid.unwrap_or(0), secs1(t1, t2)),
+                    "vtpm-process-still-running-after-10s",
                 );
-                e.add("vtpm-process-still-running-after-10s");
             } else {
                 gone_ms = ms(t1, t2);
                 println!(
@@ -488,142 +479,115 @@ pub fn run(r: &mut Runner, st: &mut St) {
                     ms(t0, t2),
                     ms(t0, t1)
                 );
-                let ok = gone_ms <= 2000;
-                check("dom0", "life-vtpm-gone", ok, &format!("{gone_ms} ms after xl destroy (limit 2000)"));
-                if !ok {
-                    e.add(format!("vtpm-gone-after-{gone_ms}ms(limit-2000)"));
-                }
+                e.check_or(
+                    "life-vtpm-gone",
+                    gone_ms <= 2000,
+                    format!("{gone_ms} ms after xl destroy (limit 2000)"),
+                    format!("vtpm-gone-after-{gone_ms}ms(limit-2000)"),
+                );
             }
             if cx.wait_until(10, || life_state(cx, "life-a", "stopped")) {
                 let row = life_row(cx, "life-a");
                 let p = jf(&row, "vtpm_pid");
-                check("dom0", "life-list-stopped", p == "null", &if p == "null" {
+                e.check_or("life-list-stopped", p == "null", if p == "null" {
                     "state stopped, vtpm_pid null".to_string()
                 } else {
                     format!("vtpm_pid {p}")
-                });
-                if p != "null" {
-                    e.add("list-vtpm-pid");
-                }
+                }, "list-vtpm-pid");
             } else {
-                check("dom0", "life-list-stopped", false, &row_line(&life_row(cx, "life-a")));
-                e.add("list-not-stopped");
+                e.check_or("life-list-stopped", false, row_line(&life_row(cx, "life-a")), "list-not-stopped");
             }
             life_list(cx);
             show_tail("watch.log", &xen::read_text(&st.wlog), 3);
             show_tail("vtpm-life-a.log", &xen::read_text(&st.lvlog), 4);
-            if pid_up(lpid) {
-                println!("life: killing leftover vTPM pid {}", lpid.unwrap_or(0));
-                crate::cmd::signal(lpid.unwrap_or(0), nix::sys::signal::Signal::SIGTERM);
-            }
+            term_leftover(lpid);
             e.verdict(format!("xl destroy (domid {d}): vTPM process gone {gone_ms} ms later (watcher), pair stopped"))
         });
-    }
 
     // life-recreate
-    if st.luuid.is_empty() {
-        r.skip("life-recreate", "no vTPM (life-create failed)");
-    } else if r.cx.past_deadline() {
-        r.skip("life-recreate", "scenario deadline reached");
-    } else {
-        r.phase("life-recreate", deadline(900), |cx| {
-            let mut e = Errs::default();
-            life_stop_a(cx, st.lpid);
-            let cfg = a.cfg.clone();
-            a.create(cx, &cfg, "recreate");
-            if a.lrc != 0 {
-                e.add(format!(
-                    "xl-vtpm create of the unchanged {LCFG0} exited {}: {}",
-                    a.lrc,
-                    tail_of("/tmp/xl-life-recreate.out")
-                ));
-                // go on with the guest's recorded uuid, so the later steps still say something
-                if !a.guest_uuid.is_empty() {
-                    let ucfg = "/etc/xen/life-a-uuid.cfg";
-                    let t: String = xen::read_text(LCFG0)
-                        .lines()
-                        .map(|l| {
-                            if l.starts_with("# uuid = ") {
-                                format!("uuid = \"{}\"\n", a.guest_uuid)
-                            } else {
-                                format!("{l}\n")
-                            }
-                        })
-                        .collect();
-                    let _ = fs::write(ucfg, t);
-                    a.cfg = ucfg.into();
-                    println!(
-                        "life-recreate: retrying with {ucfg} (uuid = {}); the later steps use it",
-                        a.guest_uuid
-                    );
-                    a.create(cx, ucfg, "recreate-uuid");
-                    if a.lrc != 0 {
-                        e.add(format!("; with uuid = {} too (rc {})", a.guest_uuid, a.lrc));
-                    }
+    let no_vtpm = st
+        .luuid
+        .is_empty()
+        .then_some("no vTPM (life-create failed)");
+    r.phase_if("life-recreate", no_vtpm, deadline(900), |cx| {
+        let mut e = Errs::default();
+        life_stop_a(cx, st.lpid);
+        let cfg = a.cfg.clone();
+        a.create(cx, &cfg, "recreate");
+        if a.lrc != 0 {
+            e.add(format!(
+                "xl-vtpm create of the unchanged {LCFG0} exited {}: {}",
+                a.lrc,
+                tail_of("/tmp/xl-life-recreate.out")
+            ));
+            // go on with the guest's recorded uuid, so the later steps still say something
+            if !a.guest_uuid.is_empty() {
+                let ucfg = "/etc/xen/life-a-uuid.cfg";
+                let t = xen::cfg_from(
+                    &xen::read_text(LCFG0),
+                    &[("# uuid = ", format!("uuid = \"{}\"", a.guest_uuid))],
+                );
+                let _ = fs::write(ucfg, t);
+                a.cfg = ucfg.into();
+                println!(
+                    "life-recreate: retrying with {ucfg} (uuid = {}); the later steps use it",
+                    a.guest_uuid
+                );
+                a.create(cx, ucfg, "recreate-uuid");
+                if a.lrc != 0 {
+                    e.add(format!("; with uuid = {} too (rc {})", a.guest_uuid, a.lrc));
                 }
             }
-            if a.lrc == 0 {
-                if a.uuid_now == st.luuid {
-                    check("dom0", "life-same-vtpm", true, &st.luuid);
+        }
+        if a.lrc == 0 {
+            let same = a.uuid_now == st.luuid;
+            e.check_or(
+                "life-same-vtpm",
+                same,
+                if same {
+                    st.luuid.clone()
                 } else {
-                    check(
-                        "dom0",
-                        "life-same-vtpm",
-                        false,
-                        &format!(
-                            "now {}, first create {}",
-                            super::vtpm::none(&a.uuid_now),
-                            st.luuid
-                        ),
-                    );
-                    e.add("other-vtpm-uuid");
-                }
-                if !pid_up(a.pid_now) {
-                    e.add("no-live-vtpm-pid");
-                }
-                st.lpid = a.pid_now;
-                let miss = a.guest(cx, "recreate", "kept");
-                if !miss.is_empty() {
-                    e.add(format!("guest checks failed: {}", miss.join(" ")));
-                }
-                a.ek_check("recreate", &mut e);
+                    format!("now {}, first create {}", none(&a.uuid_now), st.luuid)
+                },
+                "other-vtpm-uuid",
+            );
+            if !pid_up(a.pid_now) {
+                e.add("no-live-vtpm-pid");
             }
-            e.verdict(format!(
-                "same vTPM {} (new pid {}), 0x81000010 + NV kept, same EK",
-                st.luuid,
-                st.lpid.unwrap_or(0)
-            ))
-        });
-    }
+            st.lpid = a.pid_now;
+            let miss = a.guest(cx, "recreate", "kept");
+            if !miss.is_empty() {
+                e.add(format!("guest checks failed: {}", miss.join(" ")));
+            }
+            a.ek_check("recreate", &mut e);
+        }
+        e.verdict(format!(
+            "same vTPM {} (new pid {}), 0x81000010 + NV kept, same EK",
+            st.luuid,
+            st.lpid.unwrap_or(0)
+        ))
+    });
 
     // life-reboot
-    if !a_running() {
-        r.skip("life-reboot", "no running life-a (life-recreate failed)");
-    } else if r.cx.past_deadline() {
-        r.skip("life-reboot", "scenario deadline reached");
-    } else {
-        r.phase("life-reboot", deadline(1100), |cx| reboot(cx, st, &mut a));
-    }
+    let blocked = (!a_running()).then_some("no running life-a (life-recreate failed)");
+    r.phase_if("life-reboot", blocked, deadline(1100), |cx| {
+        reboot(cx, st, &mut a)
+    });
 
     // life-refuse-b
-    if st.luuid.is_empty() {
-        r.skip("life-refuse-b", "no vTPM (life-create failed)");
-    } else if r.cx.past_deadline() {
-        r.skip("life-refuse-b", "scenario deadline reached");
-    } else {
-        r.phase("life-refuse-b", deadline(280), |cx| refuse_b(cx, st));
-    }
+    let no_vtpm = st
+        .luuid
+        .is_empty()
+        .then_some("no vTPM (life-create failed)");
+    r.phase_if("life-refuse-b", no_vtpm, deadline(280), |cx| {
+        refuse_b(cx, st)
+    });
 
     // life-mgr-restart
-    if st.luuid.is_empty() || st.mgr.is_none() {
-        r.skip("life-mgr-restart", "no vTPM or no manager");
-    } else if r.cx.past_deadline() {
-        r.skip("life-mgr-restart", "scenario deadline reached");
-    } else {
-        r.phase("life-mgr-restart", deadline(900), |cx| {
-            mgr_restart(cx, st, &mut a)
-        });
-    }
+    let blocked = (st.luuid.is_empty() || st.mgr.is_none()).then_some("no vTPM or no manager");
+    r.phase_if("life-mgr-restart", blocked, deadline(900), |cx| {
+        mgr_restart(cx, st, &mut a)
+    });
 
     // life-registry
     if st.watch.is_none() {
@@ -639,17 +603,11 @@ pub fn run(r: &mut Runner, st: &mut St) {
     // nothing of the lifecycle may outlive it (teardown then checks there is no domU left)
     let cx = &r.cx;
     for d in ["life-a", "life-b"] {
-        if xen::domid(d).is_some() {
-            xen::xl_destroy(cx, d, 60);
-        }
+        xen::destroy_if_running(cx, d);
     }
-    if pid_up(st.lpid) {
-        println!("life: stopping leftover vTPM pid {}", st.lpid.unwrap_or(0));
-        crate::cmd::signal(st.lpid.unwrap_or(0), nix::sys::signal::Signal::SIGTERM);
-    }
+    term_leftover(st.lpid);
     if let Some(mut w) = st.watch.take() {
-        let _ = w.child.kill();
-        let _ = w.child.wait();
+        kill_child(&mut w.child);
     }
 }
 
@@ -681,25 +639,21 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
             "life-a rebooted: domid {d0} -> {d1} after {} s",
             secs1(t0, up())
         );
-        if pid_up(st.lpid) {
-            check(
-                "dom0",
-                "life-vtpm-kept",
-                true,
-                &format!("vTPM pid {} alive after the reboot", st.lpid.unwrap_or(0)),
-            );
-        } else {
-            check(
-                "dom0",
-                "life-vtpm-kept",
-                false,
-                &format!(
-                    "vTPM pid {} is gone (the watcher stopped it?)",
-                    st.lpid.unwrap_or(0)
-                ),
-            );
-            e.add("vtpm-process-stopped");
-        }
+        let kept = pid_up(st.lpid);
+        e.check_or(
+            "life-vtpm-kept",
+            kept,
+            format!(
+                "vTPM pid {} {}",
+                st.lpid.unwrap_or(0),
+                if kept {
+                    "alive after the reboot"
+                } else {
+                    "is gone (the watcher stopped it?)"
+                }
+            ),
+            "vtpm-process-stopped",
+        );
         show_tail("watch.log", &xen::read_text(&st.wlog), 4);
         let vl = xen::read_text(&st.lvlog);
         let v: Vec<&str> = vl
@@ -720,34 +674,28 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
             a.ek_check("reboot", &mut e);
             let rp = jf(&life_row(cx, "life-a"), "vtpm_pid");
             if parse_pid(&rp) != st.lpid {
-                check(
-                    "dom0",
+                e.check_or(
                     "life-vtpm-kept",
                     false,
-                    &format!("registry vtpm_pid {rp}, want {}", st.lpid.unwrap_or(0)),
+                    format!("registry vtpm_pid {rp}, want {}", st.lpid.unwrap_or(0)),
+                    "registry-vtpm-pid",
                 );
-                e.add("registry-vtpm-pid");
             }
             let d1c = d1.clone();
-            if cx.wait_until(15, || jf(&life_row(cx, "life-a"), "guest_domid") == d1c) {
-                check(
-                    "dom0",
-                    "life-registry-domid",
-                    true,
-                    &format!("guest_domid {d1}"),
-                );
-            } else {
-                check(
-                    "dom0",
-                    "life-registry-domid",
-                    false,
-                    &format!(
+            let follows = cx.wait_until(15, || jf(&life_row(cx, "life-a"), "guest_domid") == d1c);
+            e.check_or(
+                "life-registry-domid",
+                follows,
+                if follows {
+                    format!("guest_domid {d1}")
+                } else {
+                    format!(
                         "registry guest_domid {}, running {d1}",
                         jf(&life_row(cx, "life-a"), "guest_domid")
-                    ),
-                );
-                e.add("registry-domid");
-            }
+                    )
+                },
+                "registry-domid",
+            );
         } else {
             std::thread::sleep(crate::s(5));
             println!(
@@ -802,25 +750,18 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
 
 fn refuse_b(cx: &Cx, st: &mut St) -> Outcome {
     let mut e = Errs::default();
-    let t: String = xen::read_text(LCFG0)
-        .lines()
-        .map(|l| {
-            if l.starts_with("name = ") {
-                "name = \"life-b\"\n".to_string()
-            } else if l.starts_with("vtpm = ") {
-                format!("vtpm = [ \"backend=0,uuid={}\" ]\n", st.luuid)
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
+    let t = xen::cfg_from(
+        &xen::read_text(LCFG0),
+        &[
+            ("name = ", "name = \"life-b\"".into()),
+            (
+                "vtpm = ",
+                format!("vtpm = [ \"backend=0,uuid={}\" ]", st.luuid),
+            ),
+        ],
+    );
     let _ = fs::write("/etc/xen/life-b.cfg", &t);
-    for l in t
-        .lines()
-        .filter(|l| l.starts_with("name") || l.starts_with("vtpm") || l.starts_with("uuid"))
-    {
-        println!("[life-b.cfg] {l}");
-    }
+    xen::show_cfg("life-b.cfg", &t, &["name", "vtpm", "uuid"]);
     let lpid = st.lpid;
     let a_state = || {
         format!(
@@ -845,63 +786,53 @@ fn refuse_b(cx: &Cx, st: &mut St) -> Outcome {
         .secs(30)
         .save("/tmp/life-list-after.json")
         .run(cx);
-    check(
-        "dom0",
+    e.check_or(
         "life-b-refused",
         o.rc == 6,
-        &if o.rc == 6 {
+        if o.rc == 6 {
             "exit 6 (refused)".into()
         } else {
             format!("exit {} (want 6)", o.rc)
         },
+        format!("exit-{}", o.rc),
     );
-    if o.rc != 6 {
-        e.add(format!("exit-{}", o.rc));
-    }
     let names = o.all().contains("life-a");
-    check(
-        "dom0",
+    e.check_or(
         "life-b-names-owner",
         names,
         if names { "the error names life-a" } else { "" },
+        "error-does-not-name-life-a",
     );
-    if !names {
-        e.add("error-does-not-name-life-a");
-    }
     if xen::domid("life-b").is_some() {
         e.add("life-b-domain-exists");
         xen::xl_destroy(cx, "life-b", 60);
     }
-    if before.all() == after.all() && after.all().contains("life-a") {
-        check(
-            "dom0",
-            "life-b-nothing-left",
-            true,
-            "no life-b domain, xl-vtpm list --json unchanged",
-        );
-    } else {
-        check(
-            "dom0",
-            "life-b-nothing-left",
-            false,
-            "xl-vtpm list changed:",
-        );
+    let unchanged = before.all() == after.all() && after.all().contains("life-a");
+    e.check_or(
+        "life-b-nothing-left",
+        unchanged,
+        if unchanged {
+            "no life-b domain, xl-vtpm list --json unchanged"
+        } else {
+            "xl-vtpm list changed:"
+        },
+        "xl-vtpm-list-changed",
+    );
+    if !unchanged {
         show("before", &crate::cmd::tail_lines(&before.all(), 10));
         show("after", &crate::cmd::tail_lines(&after.all(), 10));
-        e.add("xl-vtpm-list-changed");
     }
     let after_a = a_state();
-    if before_a == after_a {
-        check("dom0", "life-a-untouched", true, &after_a);
-    } else {
-        check(
-            "dom0",
-            "life-a-untouched",
-            false,
-            &format!("before: {before_a}; after: {after_a}"),
-        );
-        e.add("life-a-changed");
-    }
+    e.check_or(
+        "life-a-untouched",
+        before_a == after_a,
+        if before_a == after_a {
+            after_a.clone()
+        } else {
+            format!("before: {before_a}; after: {after_a}")
+        },
+        "life-a-changed",
+    );
     e.verdict(format!(
         "xl-vtpm create life-b refused (exit 6, names life-a); nothing created; life-a: {after_a}"
     ))
@@ -948,23 +879,12 @@ fn mgr_restart(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
                 life_cmd(cx, a.off, 2, &format!("deepquote:{}", xen::nonce(16)), 60)
             );
             let t0 = up();
-            let o = Cmd::sh("xl-vtpm destroy life-a")
-                .env("NO_COLOR", "1")
-                .secs(60)
-                .save("/tmp/xl-life-destroy2.out")
-                .run(cx);
-            show_tail("xl-vtpm destroy", &o.all(), 10);
+            let o = destroy_a(cx, "/tmp/xl-life-destroy2.out", &mut e);
             println!(
                 "xl-vtpm destroy life-a: rc={} in {} s",
                 o.rc,
                 secs1(t0, up())
             );
-            if !o.ok() {
-                e.add(format!("xl-vtpm-destroy-exit-{}", o.rc));
-            }
-            if !cx.wait_until(30, || xen::domain_gone("life-a")) {
-                e.add("guest-still-there");
-            }
             let lpid = st.lpid;
             if !cx.wait_until(10, || !pid_up(lpid)) {
                 e.add(format!("vtpm-pid-{}-still-alive", lpid.unwrap_or(0)));
@@ -1013,8 +933,7 @@ fn mgr_restart(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
         );
         e.add("vtpmmgr-not-ready-after-restart");
         if let Some(mut c) = st.mgr.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            kill_child(&mut c);
         }
     }
     life_list(cx);
@@ -1049,18 +968,7 @@ fn registry(cx: &Cx, st: &mut St) -> Outcome {
             e.add(format!("drift-with-life-a-running(rc={rc})"));
         }
         let t0 = up();
-        let o = Cmd::sh("xl-vtpm destroy life-a")
-            .env("NO_COLOR", "1")
-            .secs(60)
-            .save("/tmp/xl-life-destroy3.out")
-            .run(cx);
-        show_tail("xl-vtpm destroy", &o.all(), 10);
-        if !o.ok() {
-            e.add(format!("xl-vtpm-destroy-exit-{}", o.rc));
-        }
-        if !cx.wait_until(30, || xen::domain_gone("life-a")) {
-            e.add("guest-still-there");
-        }
+        let o = destroy_a(cx, "/tmp/xl-life-destroy3.out", &mut e);
         if pid_up(st.lpid) {
             e.add(format!(
                 "vtpm-pid-{}-alive-after-xl-vtpm-destroy",

@@ -21,8 +21,11 @@ use std::time::Duration;
 use super::life::{
     LCFG0, Life, life_list, life_row, life_state, registry_clean, row_line, tail_of, watch_start,
 };
-use super::{St, deadline, ms, secs1, up, wallt};
-use crate::cmd::{Cmd, show, show_tail};
+use super::vtpmdom::{
+    disk_check, dom_xs, dom0_backends, domain_logs, extra_line, extra_of, resumes_from_disk,
+};
+use super::{St, deadline, drop_standalone_vtpm, ek_stable, ms, none, secs1, up, wallt};
+use crate::cmd::{Cmd, Output, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner};
 use crate::xen::{self, console_from, jf, lines_of, vd_loop};
 
@@ -48,6 +51,17 @@ impl Ld {
     }
     fn img(&self) -> String {
         format!("/var/lib/xvtpm/vtpms/{}/disk.img", self.uuid)
+    }
+    /// `xl-vtpm destroy life-d`: the guest and its vTPM domain (cleanup when `save` is none).
+    fn xlvtpm_destroy(&self, cx: &Cx, save: Option<&str>) -> Output {
+        let c = Cmd::new(&["xl-vtpm", "destroy", LDN])
+            .env("NO_COLOR", "1")
+            .secs(150);
+        match save {
+            Some(p) => c.save(p),
+            None => c,
+        }
+        .run(cx)
     }
     fn xlcfg(&self) -> String {
         format!("/run/xvtpm/vtpms/{}.xl.cfg", self.uuid)
@@ -95,11 +109,7 @@ impl Ld {
             if both {
                 format!("{LDN} is domid {g}, {LDV} is domid {}", self.vdomid)
             } else {
-                format!(
-                    "{LDN}: {}, {LDV}: {}",
-                    super::vtpm::none(&g),
-                    super::vtpm::none(&self.vdomid)
-                )
+                format!("{LDN}: {}, {LDV}: {}", none(&g), none(&self.vdomid))
             },
         );
         let ok = jf(&row, "state") == "running"
@@ -223,41 +233,20 @@ impl Ld {
         show_tail(&format!("{LDV} console"), &self.vcon(), 30);
         for n in [LDV, LDN] {
             if let Some(i) = xen::domid(n) {
-                for l in super::vtpmdom::dom_xs(&i, &["data", "device", "control"])
-                    .iter()
-                    .take(40)
-                {
+                for l in dom_xs(&i, &["data", "device", "control"]).iter().take(40) {
                     println!("[{n} xenstore] {l}");
                 }
             }
         }
-        for l in xen::xs_ls("/local/domain/0/backend")
-            .iter()
-            .filter(|l| l.contains("/backend/vbd/") || l.contains("/backend/vtpm/"))
-            .take(40)
-        {
+        for l in dom0_backends().iter().take(40) {
             println!("[dom0 backend] {l}");
         }
-        let runs: Vec<String> = fs::read_dir("/run/xvtpm/vtpms")
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        println!("[run/xvtpm/vtpms] {}", runs.join(" "));
-        show_tail(
-            &format!("xl-{LDV}.log"),
-            &xen::read_text(&format!("/var/log/xen/xl-{LDV}.log")),
-            20,
-        );
-        show_tail(
-            "xen-hotplug.log",
-            &xen::read_text("/var/log/xen/xen-hotplug.log"),
-            10,
+        println!(
+            "[run/xvtpm/vtpms] {}",
+            xen::dir_names("/run/xvtpm/vtpms").join(" ")
         );
         show_tail("watch.log", &xen::read_text(&st.wlog), 10);
-        show_tail("vtpmmgr", &xen::read_text(&st.mgr_log), 15);
+        domain_logs(LDV, 20, st);
         life_list(cx);
     }
 
@@ -271,24 +260,17 @@ impl Ld {
     }
 }
 
-fn extra_of(cfg: &str) -> String {
-    xen::read_text(cfg)
-        .lines()
-        .find(|l| l.starts_with("extra = "))
-        .and_then(|l| l.split_once("-- ").map(|x| x.1.replace('"', "")))
-        .unwrap_or_default()
-}
-
 pub fn run(r: &mut Runner, st: &mut St) {
     if st.lifedom_mode == "0" {
-        for p in [
-            "lifedom-create",
-            "lifedom-xl-destroy",
-            "lifedom-recreate",
-            "lifedom-destroy",
-        ] {
-            r.skip(p, "disabled (XVTPM_TESTBED_LIFEDOM=0)");
-        }
+        r.skip_all(
+            &[
+                "lifedom-create",
+                "lifedom-xl-destroy",
+                "lifedom-recreate",
+                "lifedom-destroy",
+            ],
+            "disabled (XVTPM_TESTBED_LIFEDOM=0)",
+        );
         return;
     }
     let mut ld = Ld::default();
@@ -298,31 +280,17 @@ pub fn run(r: &mut Runner, st: &mut St) {
         create(cx, st, &mut ld, &mut a)
     });
 
-    if ld.uuid.is_empty() || xen::domid(LDN).is_none() || st.watch.is_none() {
-        r.skip(
-            "lifedom-xl-destroy",
-            "no running life-d or no watcher (lifedom-create failed)",
-        );
-    } else if r.cx.past_deadline() {
-        r.skip("lifedom-xl-destroy", "scenario deadline reached");
-    } else {
-        r.phase("lifedom-xl-destroy", deadline(360), |cx| {
-            xl_destroy(cx, st, &mut ld)
-        });
-    }
+    let blocked = (ld.uuid.is_empty() || xen::domid(LDN).is_none() || st.watch.is_none())
+        .then_some("no running life-d or no watcher (lifedom-create failed)");
+    r.phase_if("lifedom-xl-destroy", blocked, deadline(360), |cx| {
+        xl_destroy(cx, st, &mut ld)
+    });
 
-    if ld.uuid.is_empty() || ld.ek.is_empty() {
-        r.skip(
-            "lifedom-recreate",
-            "no vTPM or no first boot (lifedom-create failed)",
-        );
-    } else if r.cx.past_deadline() {
-        r.skip("lifedom-recreate", "scenario deadline reached");
-    } else {
-        r.phase("lifedom-recreate", deadline(560), |cx| {
-            recreate(cx, st, &mut ld, &mut a)
-        });
-    }
+    let blocked = (ld.uuid.is_empty() || ld.ek.is_empty())
+        .then_some("no vTPM or no first boot (lifedom-create failed)");
+    r.phase_if("lifedom-recreate", blocked, deadline(560), |cx| {
+        recreate(cx, st, &mut ld, &mut a)
+    });
 
     if ld.uuid.is_empty() {
         r.skip("lifedom-destroy", "no vTPM (lifedom-create failed)");
@@ -340,18 +308,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
     let cx = &r.cx;
     if xen::domid(LDN).is_some() || xen::domid(LDV).is_some() {
         println!("lifedom: cleaning up (xl-vtpm destroy {LDN})");
-        println!(
-            "{}",
-            Cmd::new(&["xl-vtpm", "destroy", LDN])
-                .env("NO_COLOR", "1")
-                .secs(150)
-                .run(cx)
-                .tail(3)
-        );
+        println!("{}", ld.xlvtpm_destroy(cx, None).tail(3));
         for d in [LDN, LDV] {
-            if xen::domid(d).is_some() {
-                xen::xl_destroy(cx, d, 60);
-            }
+            xen::destroy_if_running(cx, d);
         }
     }
     if let Some(w) = st.watch.take() {
@@ -381,12 +340,8 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
     let watching = st.watch.as_mut().is_some_and(|w| w.up());
     if !watching {
         // the life-* phases stopped theirs (or did not run): one for these phases, its own log
-        if st.life_mode == "0" && !st.vtpm_uuid.is_empty() && st.vtpm_exited() {
-            // no pair (see life-watch)
-            let o = Cmd::new(&["xl-vtpm", "mgr", "vtpm", "del", &st.vtpm_uuid, "--yes"])
-                .secs(30)
-                .run(cx);
-            show("mgr vtpm del", &o.all());
+        if st.life_mode == "0" {
+            drop_standalone_vtpm(cx, st);
         }
         st.wlog = "/var/log/xvtpm/watch-d.log".into();
         match watch_start(cx, &st.wlog) {
@@ -401,26 +356,15 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
             Err(why) => return Outcome::fail(why),
         }
     }
-    let t: String = xen::read_text(LCFG0)
-        .lines()
-        .map(|l| {
-            if l.starts_with("name = ") {
-                format!("name = \"{LDN}\"\n")
-            } else if l.starts_with("vtpm = ") {
-                format!("vtpm = [ \"backend={LDV}\" ]\n")
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
+    let t = xen::cfg_from(
+        &xen::read_text(LCFG0),
+        &[
+            ("name = ", format!("name = \"{LDN}\"")),
+            ("vtpm = ", format!("vtpm = [ \"backend={LDV}\" ]")),
+        ],
+    );
     let _ = fs::write(LDCFG, &t);
-    for l in t.lines().filter(|l| {
-        ["name", "uuid", "vtpm", "extra"]
-            .iter()
-            .any(|k| l.starts_with(k))
-    }) {
-        println!("[life-d.cfg] {l}");
-    }
+    xen::show_cfg("life-d.cfg", &t, &["name", "uuid", "vtpm", "extra"]);
     ld.voff = lines_of(&xen::clog(LDV));
     let t0 = up();
     a.create(cx, LDCFG, "d-create");
@@ -437,24 +381,7 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
         e.add(format!("no vtpm_uuid for {LDN} in xl-vtpm list --json"));
     } else {
         ld.running(cx, "create", &mut e);
-        let img = ld.img();
-        let meta = fs::metadata(&img).ok();
-        let lp = vd_loop(&ld.uuid);
-        let ok = meta.as_ref().is_some_and(|m| m.len() == 4194304) && !lp.is_empty();
-        e.check(
-            "lifedom-new-disk",
-            ok,
-            if ok {
-                format!("{img} (4 MiB, new) on {}", lp.join(" "))
-            } else {
-                format!(
-                    "{img}: {} bytes; loop: {}",
-                    meta.as_ref().map(|m| m.len()).unwrap_or(0),
-                    Cmd::sh("losetup -a").run(cx).all().replace('\n', " ")
-                )
-            },
-        );
-        ld.ino = meta.map(|m| m.ino());
+        ld.ino = disk_check(cx, &mut e, "lifedom-new-disk", &ld.uuid).map(|m| m.ino());
         let cfgt = xen::read_text(&ld.xlcfg());
         let key = format!("--uuid {} ", ld.uuid);
         let newtpm = cfgt
@@ -466,11 +393,7 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
             if newtpm {
                 format!("first boot manufactures: {}", extra_of(&ld.xlcfg()))
             } else {
-                format!(
-                    "{}: {}",
-                    ld.xlcfg(),
-                    cfgt.lines().find(|l| l.starts_with("extra")).unwrap_or("")
-                )
+                format!("{}: {}", ld.xlcfg(), extra_line(&ld.xlcfg()))
             },
         );
         ld.show_vcon(6);
@@ -498,37 +421,24 @@ fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
     let gd = xen::domid(LDN).unwrap_or_default();
     println!("INFO lifedom timeline xl-destroy-start {}", wallt());
     let t0 = up();
-    let done = std::sync::atomic::AtomicBool::new(false);
     let vdomid = ld.vdomid.clone();
-    let o = std::thread::scope(|s| {
-        s.spawn(|| {
-            let t = std::time::Instant::now();
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if t.elapsed() >= Duration::from_secs(3) {
-                    // still waiting: libxl waits (10 s) for the backend domain to remove its backend directory
-                    let p = format!("/local/domain/{vdomid}/backend/vtpm/{gd}");
-                    let l = Cmd::new(&["xenstore-ls", "-f", &p])
-                        .run_for(Duration::from_secs(10))
-                        .all();
-                    show(
-                        &format!(
-                            "xl destroy still running after {:.1} s: {LDV}'s backend",
-                            t.elapsed().as_secs_f64()
-                        ),
-                        &l,
-                    );
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+    let o = Cmd::new(&["xl", "destroy", LDN])
+        .secs(60)
+        .save("/tmp/xl-life-d-xldestroy.out")
+        .run_watched(cx, Duration::from_secs(3), |ran| {
+            // still waiting: libxl waits (10 s) for the backend domain to remove its backend directory
+            let p = format!("/local/domain/{vdomid}/backend/vtpm/{gd}");
+            let l = Cmd::new(&["xenstore-ls", "-f", &p])
+                .run_for(Duration::from_secs(10))
+                .all();
+            show(
+                &format!(
+                    "xl destroy still running after {:.1} s: {LDV}'s backend",
+                    ran.as_secs_f64()
+                ),
+                &l,
+            );
         });
-        let o = Cmd::new(&["xl", "destroy", LDN])
-            .secs(60)
-            .save("/tmp/xl-life-d-xldestroy.out")
-            .run(cx);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        o
-    });
     let t1 = up();
     show("xl destroy", &o.all());
     if !o.ok() {
@@ -594,14 +504,7 @@ fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
     // leave nothing running for the recreate (no verdict)
     if xen::domid(LDV).is_some() {
         println!("lifedom: {LDV} still running; xl-vtpm destroy {LDN}");
-        println!(
-            "{}",
-            Cmd::new(&["xl-vtpm", "destroy", LDN])
-                .env("NO_COLOR", "1")
-                .secs(150)
-                .run(cx)
-                .tail(3)
-        );
+        println!("{}", ld.xlvtpm_destroy(cx, None).tail(3));
     }
     out
 }
@@ -609,9 +512,7 @@ fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
 fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
     let mut e = Errs::default();
     let v0 = ld.vdomid.clone();
-    if xen::domid(LDN).is_some() {
-        xen::xl_destroy(cx, LDN, 60);
-    }
+    xen::destroy_if_running(cx, LDN);
     ld.voff = lines_of(&xen::clog(LDV));
     let t0 = up();
     a.create(cx, LDCFG, "d-recreate");
@@ -630,11 +531,7 @@ fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
             if same {
                 ld.uuid.clone()
             } else {
-                format!(
-                    "now {}, first create {}",
-                    super::vtpm::none(&a.uuid_now),
-                    ld.uuid
-                )
+                format!("now {}, first create {}", none(&a.uuid_now), ld.uuid)
             },
         );
         ld.running(cx, "recreate", &mut e);
@@ -645,17 +542,12 @@ fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
             if newd {
                 format!("{LDV} domid {v0} -> {}", ld.vdomid)
             } else {
-                format!("domid {}, before {v0}", super::vtpm::none(&ld.vdomid))
+                format!("domid {}, before {v0}", none(&ld.vdomid))
             },
         );
         let cfg = ld.xlcfg();
-        let ct = xen::read_text(&cfg);
         let ino = fs::metadata(ld.img()).ok().map(|m| m.ino());
-        let ok = Path::new(&cfg).is_file()
-            && ct.contains("--state-block /dev/xvda")
-            && !ct.contains("--create")
-            && ino.is_some()
-            && ino == ld.ino;
+        let ok = resumes_from_disk(&cfg) && ino.is_some() && ino == ld.ino;
         e.check(
             "lifedom-from-disk",
             ok,
@@ -669,7 +561,7 @@ fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
             } else {
                 format!(
                     "{cfg}: {}; image inode {:?}, first {:?}",
-                    ct.lines().find(|l| l.starts_with("extra")).unwrap_or(""),
+                    extra_line(&cfg),
                     ino,
                     ld.ino
                 )
@@ -680,22 +572,13 @@ fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
         if !miss.is_empty() {
             e.add(format!("guest-checks-failed: {}", miss.join(" ")));
         }
-        let same_ek = !ld.ek.is_empty() && ld.ek == a.ek_now;
-        e.check(
+        ek_stable(
+            &mut e,
             "lifedom-ek-stable",
-            same_ek,
-            if same_ek {
-                format!(
-                    "EK sha256 {}... as at the first create",
-                    &ld.ek[..16.min(ld.ek.len())]
-                )
-            } else {
-                format!(
-                    "first={} now={}",
-                    super::vtpm::none(&ld.ek),
-                    super::vtpm::none(&a.ek_now)
-                )
-            },
+            "lifedom-ek-stable",
+            "recreate",
+            &ld.ek,
+            &a.ek_now,
         );
     }
     println!(
@@ -728,11 +611,7 @@ fn destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
     );
     ld.vdomid = xen::domid(LDV).unwrap_or_default();
     let t0 = up();
-    let o = Cmd::new(&["xl-vtpm", "destroy", LDN])
-        .env("NO_COLOR", "1")
-        .secs(150)
-        .save("/tmp/xl-life-d-destroy.out")
-        .run(cx);
+    let o = ld.xlvtpm_destroy(cx, Some("/tmp/xl-life-d-destroy.out"));
     let t1 = up();
     show_tail("xl-vtpm destroy", &o.all(), 10);
     e.check(
@@ -744,16 +623,9 @@ fn destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
             format!("exit {}", o.rc)
         },
     );
-    let gone = cx.wait_until(30, || xen::domain_gone(LDN));
-    e.check(
-        "lifedom-guest-gone",
-        gone,
-        if gone {
-            format!("{LDN} not in xl list")
-        } else {
-            Cmd::new(&["xl", "list", LDN]).run(cx).tail(1)
-        },
-    );
+    xen::gone_check(cx, &mut e, "lifedom-guest-gone", LDN, || {
+        format!("{LDN} not in xl list")
+    });
     ld.stopped(cx, "destroy", t1, &mut e);
     println!(
         "PERF lifedom-destroy-s={} (xl-vtpm destroy: xl destroy of the guest, xl shutdown of the vTPM domain, clean stop, loop device released)",

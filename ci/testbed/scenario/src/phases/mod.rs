@@ -11,8 +11,8 @@ mod vtpmdom;
 
 use std::process::Child;
 
-use crate::cmd::{Cmd, show};
-use crate::runner::{Errs, Runner, uptime, wall};
+use crate::cmd::{Cmd, Output, show};
+use crate::runner::{Cx, Errs, Runner, uptime, wall};
 use crate::s;
 use crate::xen::{self, after_prefix, console, token};
 
@@ -230,17 +230,20 @@ pub fn capture_dq(name: &str, out: &str) -> Result<usize, String> {
     Ok(bytes.len())
 }
 
-/// `xl-vtpm verify BUNDLE --nonce N --ak AK --insecure-unenrolled-ak --vtpm U`: exit code.
+/// `xl-vtpm verify BUNDLE --nonce N --ak AK --insecure-unenrolled-ak --vtpm U [EXTRA…]`; its last
+/// `n` lines shown as `[tag]`.
+#[allow(clippy::too_many_arguments)]
 pub fn verify(
-    cx: &crate::runner::Cx,
+    cx: &Cx,
     bundle: &str,
     nonce: &str,
     uuid: &str,
     tag: &str,
     save: &str,
     n: usize,
-) -> i32 {
-    let o = Cmd::new(&[
+    extra: &[&str],
+) -> Output {
+    let mut argv = vec![
         "xl-vtpm",
         "verify",
         bundle,
@@ -251,16 +254,177 @@ pub fn verify(
         "--insecure-unenrolled-ak",
         "--vtpm",
         uuid,
-    ])
-    .secs(60)
-    .save(save)
-    .run(cx);
+    ];
+    argv.extend_from_slice(extra);
+    let o = Cmd::new(&argv).secs(60).save(save).run(cx);
     crate::cmd::show_tail(tag, &o.all(), n);
-    o.rc
+    o
+}
+
+/// `xl-vtpm verify` of BUNDLE with the guest's nonce and with a fresh wrong one: their exit codes
+/// (want 8: verified, host state not checked; and 7), their output in `SAVE-ok.out`/`SAVE-bad.out`.
+pub fn verify_nonces(cx: &Cx, bundle: &str, nonce: &str, uuid: &str, save: &str) -> (i32, i32) {
+    let ok = verify(
+        cx,
+        bundle,
+        nonce,
+        uuid,
+        "verify right nonce",
+        &format!("{save}-ok.out"),
+        25,
+        &[],
+    );
+    let bad = verify(
+        cx,
+        bundle,
+        &xen::nonce(32),
+        uuid,
+        "verify wrong nonce",
+        &format!("{save}-bad.out"),
+        10,
+        &[],
+    );
+    (ok.rc, bad.rc)
+}
+
+/// What a guest with a vTPM checks on its first boot (domu-init.sh role=vtpm boot=1).
+pub const BOOT1_CHECKS: [&str; 12] = [
+    "tpm0",
+    "startup",
+    "getrandom",
+    "pcr16-reset",
+    "pcrextend",
+    "createek",
+    "createak",
+    "quote",
+    "checkquote",
+    "persistent",
+    "nv-write",
+    "deep-quote",
+];
+
+/// What it checks on a later boot of the same vTPM: 0x81000010 and the NV index kept, PCR 16 reset.
+pub const REBOOT_CHECKS: [&str; 9] = [
+    "tpm0",
+    "startup",
+    "getrandom",
+    "pcr16-reset",
+    "pcrextend",
+    "createek",
+    "persistent-kept",
+    "persistent-usable",
+    "nv-kept",
+];
+
+/// One boot of a guest with a vTPM (domu-init.sh role=vtpm, `boot=N` on its command line).
+pub struct GuestBoot<'a> {
+    pub name: &'a str,
+    /// The config, written from `CFG.in` with every (`@KEY@`, value) of `subst` substituted.
+    pub cfg: &'a str,
+    pub subst: Vec<(&'a str, &'a str)>,
+    pub n: u32,
+    pub checks: &'a [&'a str],
+    /// Seconds to wait for the guest's GUEST-DONE.
+    pub wait: u64,
+    /// The PERF key of its P5 (xl create -> first TPM answer).
+    pub p5: &'a str,
+    /// How many of its console lines to show at the end.
+    pub show: usize,
+}
+
+/// What a boot left: `xl create` succeeded; the guest's EK hash (empty when it said none).
+pub struct Booted {
+    pub created: bool,
+    pub ek: String,
+}
+
+impl GuestBoot<'_> {
+    /// Writes the config and `xl create`s it; once created, waits for GUEST-DONE and echoes the
+    /// guest's checks (`no-GUEST-DONE-in-Ns`, `guest-checks-failed: …` into `e`), its P5.
+    pub fn run(&self, cx: &Cx, e: &mut Errs) -> Booted {
+        let mut t = xen::read_text(&format!("{}.in", self.cfg));
+        for (k, v) in &self.subst {
+            t = t.replace(k, v);
+        }
+        let _ = std::fs::write(self.cfg, &t);
+        xen::show_cfg(self.cfg, &t, &["name", "vtpm", "extra"]);
+        let (t0, w0) = (up(), now_wall());
+        let out = format!("/tmp/xl-{}{}.out", self.name, self.n);
+        let created = xl_create(cx, self.cfg, &out, 120, e);
+        println!(
+            "xl create {} (boot {}): {} s, domid {}",
+            self.name,
+            self.n,
+            secs1(t0, up()),
+            xen::domid(self.name).unwrap_or_else(|| "none".into())
+        );
+        let mut ek = String::new();
+        if created {
+            show(
+                "xl vtpm-list",
+                &Cmd::new(&["xl", "vtpm-list", self.name]).run(cx).all(),
+            );
+            if !cx.wait_until(self.wait, || console(self.name).contains("GUEST-DONE")) {
+                e.add(format!("no-GUEST-DONE-in-{}s", self.wait));
+            }
+            let c = console(self.name);
+            let miss = guest_checks(&c, self.name, &format!("boot{}", self.n), self.checks);
+            if !miss.is_empty() {
+                e.add(format!("guest-checks-failed: {}", miss.join(" ")));
+            }
+            ek = ek_hash(&c);
+            p5_vtpm(self.p5, self.name, w0);
+        }
+        // its interesting lines (not the bundle hex, not the CHECK lines echoed above)
+        let c = console(self.name);
+        let v: Vec<&str> = c
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| !l.contains("GUEST-DQ ") && !l.contains("GUEST-CHECK"))
+            .filter(|l| {
+                ["GUEST-", "panic", "Oops", "tpm", "TPM"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .collect();
+        show_last(self.name, &v, self.show);
+        Booted { created, ek }
+    }
+}
+
+/// CHECK `name`: the guest's EK hash `now` is the one it had at first (`first`, not empty);
+/// `at` says which boot. A FAIL adds `token`.
+pub fn ek_stable(e: &mut Errs, name: &str, token: &str, at: &str, first: &str, now: &str) {
+    let ok = !first.is_empty() && first == now;
+    let detail = if ok {
+        format!(
+            "{at}: EK sha256 {}... as at first",
+            &first[..16.min(first.len())]
+        )
+    } else {
+        format!("{at}: first={} now={}", none(first), none(now))
+    };
+    e.check_or(name, ok, detail, token);
+}
+
+/// `s`, or `none` when it is empty.
+pub fn none(s: &str) -> &str {
+    if s.is_empty() { "none" } else { s }
+}
+
+/// The standalone vTPM of the vtpm-* phases, stopped by vtpm-destroy, is no lifecycle pair: its
+/// identity is dropped so that `xl-vtpm registry check` speaks about the pairs only.
+pub fn drop_standalone_vtpm(cx: &Cx, st: &St) {
+    if !st.vtpm_uuid.is_empty() && st.vtpm_exited() {
+        let o = Cmd::new(&["xl-vtpm", "mgr", "vtpm", "del", &st.vtpm_uuid, "--yes"])
+            .secs(30)
+            .run(cx);
+        show("mgr vtpm del", &o.all());
+    }
 }
 
 /// `xl create CFG` under the phase; appends `xl-create-rc=N` to `e` on failure.
-pub fn xl_create(cx: &crate::runner::Cx, cfg: &str, save: &str, secs: u64, e: &mut Errs) -> bool {
+pub fn xl_create(cx: &Cx, cfg: &str, save: &str, secs: u64, e: &mut Errs) -> bool {
     let o = Cmd::new(&["xl", "create", cfg])
         .secs(secs)
         .save(save)
@@ -272,7 +436,7 @@ pub fn xl_create(cx: &crate::runner::Cx, cfg: &str, save: &str, secs: u64, e: &m
     o.ok()
 }
 
-/// The dom0 uptime now (for durations printed like the shell's).
+/// The dom0 uptime now (durations on the console: `secs1(t0, up())`).
 pub fn up() -> f64 {
     uptime()
 }

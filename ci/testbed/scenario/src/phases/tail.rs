@@ -68,13 +68,7 @@ pub fn dump_logs(st: &St, failed: bool) {
     if !st.vlog.is_empty() {
         dump_log("vtpm", &st.vlog, n);
     }
-    let mut cons: Vec<String> = std::fs::read_dir("/var/log/xen/console")
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut cons = xen::dir_names("/var/log/xen/console");
     cons.retain(|f| f.starts_with("guest-") && f.ends_with(".log"));
     cons.sort();
     let (life, other): (Vec<String>, Vec<String>) =
@@ -93,13 +87,7 @@ pub fn dump_logs(st: &St, failed: bool) {
     dump_log("xen-hotplug", "/var/log/xen/xen-hotplug.log", 100);
     dump_log("xl-vtpmdom-a", "/var/log/xen/xl-vtpmdom-a.log", 100);
     dump_log("xl-vtpm-life-d", "/var/log/xen/xl-vtpm-life-d.log", 100);
-    let mut outs: Vec<String> = std::fs::read_dir("/tmp")
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut outs = xen::dir_names("/tmp");
     outs.retain(|f| f.starts_with("xl-") && f.ends_with(".out"));
     outs.sort();
     outs.push("vtpm-create.err".into());

@@ -4,27 +4,31 @@
 use std::fs;
 use std::path::Path;
 
-use super::{St, capture_dq, deadline, ek_hash, guest_checks, p5_vtpm, secs1, up, verify};
+use super::{
+    BOOT1_CHECKS, GuestBoot, REBOOT_CHECKS, St, capture_dq, deadline, ek_stable, secs1, up, verify,
+    verify_nonces,
+};
 use crate::cmd::{Cmd, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner, check};
-use crate::xen::{self, console};
+use crate::xen;
 
 const GCFG: &str = "/etc/xen/guest-vtpm.cfg";
 const OTHER: &str = "00000000-0000-4000-8000-000000000001";
 
 pub fn run(r: &mut Runner, st: &mut St) {
     if st.vtpm_mode == "0" {
-        for p in [
-            "vtpm-create",
-            "vtpm-guest",
-            "deep-quote",
-            "host-eventlog",
-            "attest-service",
-            "vtpm-reboot",
-            "vtpm-destroy",
-        ] {
-            r.skip(p, "disabled (XVTPM_TESTBED_VTPM=0)");
-        }
+        r.skip_all(
+            &[
+                "vtpm-create",
+                "vtpm-guest",
+                "deep-quote",
+                "host-eventlog",
+                "attest-service",
+                "vtpm-reboot",
+                "vtpm-destroy",
+            ],
+            "disabled (XVTPM_TESTBED_VTPM=0)",
+        );
         return;
     }
     r.phase("vtpm-create", deadline(150), |cx| create(cx, st));
@@ -143,35 +147,26 @@ fn create(cx: &Cx, st: &mut St) -> Outcome {
     }
 }
 
-fn write_gcfg(uuid: &str, extra: &str) -> bool {
-    let t = xen::read_text("/etc/xen/guest-vtpm.cfg.in")
-        .replace("@UUID@", uuid)
-        .replace("@EXTRA@", extra);
-    fs::write(GCFG, t).is_ok()
-}
-
-fn cfg_lines(path: &str, keys: &[&str]) {
-    for l in xen::read_text(path).lines() {
-        if keys.iter().any(|k| l.starts_with(k)) {
-            println!("{l}");
-        }
+/// Boot N of guest-vtpm on the vTPM `uuid` (`extra` on its kernel command line).
+fn boot<'a>(uuid: &'a str, extra: &'a str, n: u32) -> GuestBoot<'a> {
+    GuestBoot {
+        name: "guest-vtpm",
+        cfg: GCFG,
+        subst: vec![("@UUID@", uuid), ("@EXTRA@", extra)],
+        n,
+        checks: if n == 1 {
+            &BOOT1_CHECKS
+        } else {
+            &REBOOT_CHECKS
+        },
+        wait: if n == 1 { 400 } else { 180 },
+        p5: if n == 1 {
+            "p5-with-vtpm-ms"
+        } else {
+            "p5-with-vtpm-reboot-ms"
+        },
+        show: if n == 1 { 30 } else { 20 },
     }
-}
-
-/// The guest console's interesting lines (not the bundle hex, not the CHECK lines).
-fn show_guest(name: &str, n: usize) {
-    let c = console(name);
-    let v: Vec<&str> = c
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .filter(|l| !l.contains("GUEST-DQ ") && !l.contains("GUEST-CHECK"))
-        .filter(|l| {
-            ["GUEST-", "panic", "Oops", "tpm", "TPM"]
-                .iter()
-                .any(|k| l.contains(k))
-        })
-        .collect();
-    super::show_last(name, &v, n);
 }
 
 fn guest(cx: &Cx, st: &mut St) -> Outcome {
@@ -180,58 +175,20 @@ fn guest(cx: &Cx, st: &mut St) -> Outcome {
         return Outcome::fail("no vTPM (vtpm-create failed)");
     }
     st.dq_nonce = xen::nonce(32);
-    write_gcfg(&st.vtpm_uuid, &format!("boot=1 dq_nonce={}", st.dq_nonce));
-    cfg_lines(GCFG, &["name", "vtpm", "extra"]);
-    let t0 = up();
-    let w0 = super::now_wall();
-    let created = super::xl_create(cx, GCFG, "/tmp/xl-guest-vtpm1.out", 120, &mut e);
-    println!("xl create guest-vtpm (boot 1): {} s", secs1(t0, up()));
-    if created {
-        show(
-            "xl vtpm-list",
-            &Cmd::sh("xl vtpm-list guest-vtpm").run(cx).all(),
-        );
-        // 28-36 s on a quiet host; ~320 s at load 15 on 2 cores (tpm2-tools under TCG)
-        if !cx.wait_until(400, || console("guest-vtpm").contains("GUEST-DONE")) {
-            e.add("no-GUEST-DONE-in-400s");
-        }
-        let c = console("guest-vtpm");
-        let miss = guest_checks(
-            &c,
-            "guest-vtpm",
-            "boot1",
-            &[
-                "tpm0",
-                "startup",
-                "getrandom",
-                "pcr16-reset",
-                "pcrextend",
-                "createek",
-                "createak",
-                "quote",
-                "checkquote",
-                "persistent",
-                "nv-write",
-                "deep-quote",
-            ],
-        );
-        if !miss.is_empty() {
-            e.add(format!("guest-checks-failed: {}", miss.join(" ")));
-        }
-        p5_vtpm("p5-with-vtpm-ms", "guest-vtpm", w0);
-        st.ek1 = ek_hash(&c);
+    let extra = format!("boot=1 dq_nonce={}", st.dq_nonce);
+    let uuid = st.vtpm_uuid.clone();
+    // 28-36 s to GUEST-DONE on a quiet host; ~320 s at load 15 on 2 cores (tpm2-tools under TCG)
+    let b = boot(&uuid, &extra, 1).run(cx, &mut e);
+    if b.created {
+        st.ek1 = b.ek;
         if let Err(x) = capture_dq("guest-vtpm", "/tmp/dq.bin") {
             e.add(x);
         }
-        if !cx.wait_until(60, || xen::domain_gone("guest-vtpm")) {
-            e.add("guest-did-not-power-off");
-            xen::xl_destroy(cx, "guest-vtpm", 60);
-        }
+        xen::poweroff_or_destroy(cx, "guest-vtpm", &mut e);
         if st.vtpm_exited() {
             e.add("vtpm-domain-died");
         }
     }
-    show_guest("guest-vtpm", 30);
     let _ = fs::rename(
         xen::clog("guest-vtpm"),
         "/var/log/xen/console/guest-guest-vtpm-boot1.log",
@@ -268,25 +225,7 @@ fn deep_quote(cx: &Cx, st: &mut St) -> Outcome {
         return Outcome::fail(format!("xl-vtpm mgr group ak default failed: {t}"));
     }
     let u = st.vtpm_uuid.clone();
-    let rc_ok = verify(
-        cx,
-        "/tmp/dq.bin",
-        &st.dq_nonce,
-        &u,
-        "verify right nonce",
-        "/tmp/verify-ok.out",
-        25,
-    );
-    let bad = xen::nonce(32);
-    let rc_bad = verify(
-        cx,
-        "/tmp/dq.bin",
-        &bad,
-        &u,
-        "verify wrong nonce",
-        "/tmp/verify-bad.out",
-        10,
-    );
+    let (rc_ok, rc_bad) = verify_nonces(cx, "/tmp/dq.bin", &st.dq_nonce, &u, "/tmp/verify");
     let rc_uuid = verify(
         cx,
         "/tmp/dq.bin",
@@ -295,36 +234,27 @@ fn deep_quote(cx: &Cx, st: &mut St) -> Outcome {
         "verify other vTPM",
         "/tmp/verify-uuid.out",
         5,
-    );
-    check(
-        "dom0",
+        &[],
+    )
+    .rc;
+    e.check_or(
         "verify-other-vtpm",
         rc_uuid == 7,
-        &format!("exit={rc_uuid} (want 7: bundle is bound to {u})"),
+        format!("exit={rc_uuid} (want 7: bundle is bound to {u})"),
+        format!("verify-with-other-vtpm-uuid-exit-{rc_uuid}(want-7)"),
     );
-    if rc_uuid != 7 {
-        e.add(format!(
-            "verify-with-other-vtpm-uuid-exit-{rc_uuid}(want-7)"
-        ));
-    }
-    check(
-        "dom0",
+    e.check_or(
         "verify-right-nonce",
         rc_ok == 8,
-        &format!("exit={rc_ok} (want 8: verified, host state not checked)"),
+        format!("exit={rc_ok} (want 8: verified, host state not checked)"),
+        format!("verify-with-right-nonce-exit-{rc_ok}(want-8)"),
     );
-    check(
-        "dom0",
+    e.check_or(
         "verify-wrong-nonce",
         rc_bad == 7,
-        &format!("exit={rc_bad} (want 7)"),
+        format!("exit={rc_bad} (want 7)"),
+        format!("verify-with-wrong-nonce-exit-{rc_bad}(want-7)"),
     );
-    if rc_ok != 8 {
-        e.add(format!("verify-with-right-nonce-exit-{rc_ok}(want-8)"));
-    }
-    if rc_bad != 7 {
-        e.add(format!("verify-with-wrong-nonce-exit-{rc_bad}(want-7)"));
-    }
     e.verdict(format!(
         "xl-vtpm verify: right nonce -> 8 (verified, host unchecked), wrong nonce -> 7 ({size} byte bundle)"
     ))
@@ -341,63 +271,11 @@ fn reboot(cx: &Cx, st: &mut St) -> Outcome {
             st.vtpm_pid.unwrap_or(0)
         ));
     }
-    if !xen::domain_gone("guest-vtpm") {
-        xen::xl_destroy(cx, "guest-vtpm", 60);
-    }
-    write_gcfg(&st.vtpm_uuid, "boot=2 hold=1");
-    let t0 = up();
-    let w0 = super::now_wall();
-    let created = super::xl_create(cx, GCFG, "/tmp/xl-guest-vtpm2.out", 120, &mut e);
-    println!(
-        "xl create guest-vtpm (boot 2): {} s, domid {}",
-        secs1(t0, up()),
-        xen::domid("guest-vtpm").unwrap_or_else(|| "none".into())
-    );
-    if created {
-        if !cx.wait_until(180, || console("guest-vtpm").contains("GUEST-DONE")) {
-            e.add("no-GUEST-DONE-in-180s");
-        }
-        let c = console("guest-vtpm");
-        let miss = guest_checks(
-            &c,
-            "guest-vtpm",
-            "boot2",
-            &[
-                "tpm0",
-                "startup",
-                "getrandom",
-                "pcr16-reset",
-                "pcrextend",
-                "createek",
-                "persistent-kept",
-                "persistent-usable",
-                "nv-kept",
-            ],
-        );
-        if !miss.is_empty() {
-            e.add(format!("guest-checks-failed: {}", miss.join(" ")));
-        }
-        let ek2 = ek_hash(&c);
-        if !st.ek1.is_empty() && st.ek1 == ek2 {
-            check(
-                "dom0",
-                "ek-stable",
-                true,
-                &format!(
-                    "EK sha256 {}... in both boots",
-                    &st.ek1[..16.min(st.ek1.len())]
-                ),
-            );
-        } else {
-            check(
-                "dom0",
-                "ek-stable",
-                false,
-                &format!("boot1={} boot2={}", none(&st.ek1), none(&ek2)),
-            );
-            e.add("ek-changed");
-        }
-        p5_vtpm("p5-with-vtpm-reboot-ms", "guest-vtpm", w0);
+    xen::destroy_if_running(cx, "guest-vtpm");
+    let uuid = st.vtpm_uuid.clone();
+    let b = boot(&uuid, "boot=2 hold=1", 2).run(cx, &mut e);
+    if b.created {
+        ek_stable(&mut e, "ek-stable", "ek-changed", "boot 2", &st.ek1, &b.ek);
         println!(
             "PERF vtpm-pss-kib={} vtpm-rss-kib={} (vtpm-domain pid {} serving a connected guest)",
             kib(st.vtpm_pid, "Pss"),
@@ -405,22 +283,7 @@ fn reboot(cx: &Cx, st: &mut St) -> Outcome {
             st.vtpm_pid.unwrap_or(0)
         );
     }
-    let c = console("guest-vtpm");
-    let v: Vec<&str> = c
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.contains("GUEST-CHECK"))
-        .filter(|l| {
-            ["GUEST-", "panic", "Oops", "tpm", "TPM"]
-                .iter()
-                .any(|k| l.contains(k))
-        })
-        .collect();
-    super::show_last("guest-vtpm", &v, 20);
     e.verdict("boot 2: 0x81000010 persistent key + NV index kept, PCR16 reset, same EK")
-}
-
-pub fn none(s: &str) -> &str {
-    if s.is_empty() { "none" } else { s }
 }
 
 fn destroy(cx: &Cx, st: &mut St) -> Outcome {
@@ -429,13 +292,7 @@ fn destroy(cx: &Cx, st: &mut St) -> Outcome {
         return Outcome::fail("no vTPM");
     }
     if let Some(domid) = xen::domid("guest-vtpm") {
-        let o = xen::xl_destroy(cx, "guest-vtpm", 60);
-        if !o.ok() {
-            e.add(format!("xl-destroy-rc={}", o.rc));
-        }
-        if !cx.wait_until(30, || xen::domain_gone("guest-vtpm")) {
-            e.add("guest-still-there");
-        }
+        xen::destroy_and_wait(cx, "guest-vtpm", &mut e);
         std::thread::sleep(crate::s(2));
         let be: Vec<String> = xen::xs_ls("/local/domain/0/backend/vtpm")
             .into_iter()
@@ -445,19 +302,16 @@ fn destroy(cx: &Cx, st: &mut St) -> Outcome {
         println!("backend after xl destroy: {}", &be[..be.len().min(300)]);
     }
     let alive = !st.vtpm_exited();
-    check(
-        "dom0",
+    e.check_or(
         "vtpm-survives-destroy",
         alive,
-        &if alive {
+        if alive {
             format!("pid {} still running", st.vtpm_pid.unwrap_or(0))
         } else {
             String::new()
         },
+        "vtpm-domain-exited-on-guest-destroy",
     );
-    if !alive {
-        e.add("vtpm-domain-exited-on-guest-destroy");
-    }
     let t0 = up();
     let o = Cmd::new(&["xl-vtpm", "vtpm", "stop", &st.vtpm_uuid])
         .secs(30)
@@ -476,13 +330,12 @@ fn destroy(cx: &Cx, st: &mut St) -> Outcome {
             &format!("pid {} gone after {} s", pid.unwrap_or(0), secs1(t0, up())),
         );
     } else {
-        check(
-            "dom0",
+        e.check_or(
             "vtpm-stop",
             false,
-            &format!("pid {} still alive", pid.unwrap_or(0)),
+            format!("pid {} still alive", pid.unwrap_or(0)),
+            "vtpm-domain-still-running",
         );
-        e.add("vtpm-domain-still-running");
         if let Some(p) = pid {
             crate::cmd::signal(p, nix::sys::signal::Signal::SIGKILL);
         }

@@ -19,10 +19,13 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use super::{St, capture_dq, deadline, ek_hash, guest_checks, p5_vtpm, secs1, up, verify};
+use super::{
+    BOOT1_CHECKS, GuestBoot, REBOOT_CHECKS, St, capture_dq, deadline, ek_stable, none, secs1, up,
+    verify_nonces,
+};
 use crate::cmd::{Cmd, Output, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner};
-use crate::xen::{self, console, console_from, jf, lines_of, vd_loop};
+use crate::xen::{self, console_from, jf, lines_of, vd_loop};
 
 pub const VD: &str = "vtpmdom-a";
 const VDG: &str = "guest-vdom";
@@ -34,7 +37,6 @@ struct Vd {
     domid: String,
     off: usize,
     ek1: String,
-    ek_now: String,
 }
 
 fn vd_domid() -> Option<String> {
@@ -47,14 +49,103 @@ fn vd_ready(u: &str) -> bool {
     })
 }
 
-fn vd_row(cx: &Cx, u: &str) -> String {
-    Cmd::new(&["xl-vtpm", "vtpm", "show", u, "--json"])
+/// CHECK `name`: the vTPM domain is still there and ready (after what happened to its guest).
+fn still_ready(e: &mut Errs, name: &str, u: &str, how: &str) {
+    let rd = vd_ready(u);
+    e.check(
+        name,
+        rd,
+        if rd {
+            format!("{VD} {how}")
+        } else {
+            format!(
+                "{VD}: domid {}",
+                vd_domid().unwrap_or_else(|| "none".into())
+            )
+        },
+    );
+}
+
+/// CHECK `name`: `xl-vtpm vtpm show U --json` says the vTPM is in `state`.
+fn show_state(cx: &Cx, e: &mut Errs, name: &str, u: &str, state: &str) {
+    let row: String = Cmd::new(&["xl-vtpm", "vtpm", "show", u, "--json"])
         .secs(30)
         .split()
         .run(cx)
         .stdout
         .split_whitespace()
-        .collect()
+        .collect();
+    let ok = row.contains(&format!("\"state\":\"{state}\""));
+    e.check(
+        name,
+        ok,
+        if ok {
+            format!("xl-vtpm vtpm show: {state}")
+        } else {
+            format!("xl-vtpm vtpm show: {}", cut(&row, 300))
+        },
+    );
+}
+
+/// CHECK `name`: the vTPM's disk image is the new 4 MiB one, on a loop device; its metadata.
+pub fn disk_check(cx: &Cx, e: &mut Errs, name: &str, u: &str) -> Option<fs::Metadata> {
+    let img = format!("/var/lib/xvtpm/vtpms/{u}/disk.img");
+    let meta = fs::metadata(&img).ok();
+    let size = meta.as_ref().map_or(0, |m| m.len());
+    let lp = vd_loop(u);
+    let ok = size == 4194304 && !lp.is_empty();
+    e.check(
+        name,
+        ok,
+        if ok {
+            format!("{img} (4 MiB) on {}", lp.join(" "))
+        } else {
+            format!(
+                "{img}: {size} bytes; loop: {}",
+                Cmd::sh("losetup -a").run(cx).all().replace('\n', " ")
+            )
+        },
+    );
+    meta
+}
+
+/// The vTPM domain's xl config (written by xl-vtpm) boots it from its disk, not as a new TPM.
+pub fn resumes_from_disk(cfg: &str) -> bool {
+    let ct = xen::read_text(cfg);
+    Path::new(cfg).is_file() && ct.contains("--state-block /dev/xvda") && !ct.contains("--create")
+}
+
+/// The vTPM domain's arguments in its xl config (what follows `-- ` on the `extra = ` line).
+pub fn extra_of(cfg: &str) -> String {
+    xen::read_text(cfg)
+        .lines()
+        .find(|l| l.starts_with("extra = "))
+        .and_then(|l| l.split_once("-- ").map(|x| x.1.replace('"', "")))
+        .unwrap_or_default()
+}
+
+/// The `extra` line of the vTPM domain's xl config (a failed check's detail).
+pub fn extra_line(cfg: &str) -> String {
+    xen::read_text(cfg)
+        .lines()
+        .find(|l| l.starts_with("extra"))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// What xl, the block script and the manager said about the vTPM domain NAME.
+pub fn domain_logs(name: &str, xl_lines: usize, st: &St) {
+    show_tail(
+        &format!("xl-{name}.log"),
+        &xen::read_text(&format!("/var/log/xen/xl-{name}.log")),
+        xl_lines,
+    );
+    show_tail(
+        "xen-hotplug.log",
+        &xen::read_text("/var/log/xen/xen-hotplug.log"),
+        10,
+    );
+    show_tail("vtpmmgr", &xen::read_text(&st.mgr_log), 15);
 }
 
 /// The console lines matching `f`, last `n`, prefixed.
@@ -73,7 +164,7 @@ pub fn backends_of(domid: &str) -> Vec<String> {
         .collect()
 }
 
-fn dom0_backends() -> Vec<String> {
+pub fn dom0_backends() -> Vec<String> {
     xen::xs_ls("/local/domain/0/backend")
         .into_iter()
         .filter(|l| l.contains("/backend/vbd/") || l.contains("/backend/vtpm/"))
@@ -109,17 +200,7 @@ impl Vd {
             );
         }
         print_lines("dom0 backend", &dom0_backends(), 60);
-        show_tail(
-            &format!("xl-{VD}.log"),
-            &xen::read_text(&format!("/var/log/xen/xl-{VD}.log")),
-            25,
-        );
-        show_tail(
-            "xen-hotplug.log",
-            &xen::read_text("/var/log/xen/xen-hotplug.log"),
-            10,
-        );
-        show_tail("vtpmmgr", &xen::read_text(&st.mgr_log), 15);
+        domain_logs(VD, 25, st);
     }
     /// A snapshot while xl-vtpm waits (it destroys a domain that does not become ready).
     fn snap(&self, why: &str) {
@@ -166,35 +247,21 @@ fn xlvtpm_snap(cx: &Cx, vd: &Vd, args: &[&str], secs: u64, out: &str, err: Optio
         "xl-vtpm {out} {} still waiting after 40 s",
         err.unwrap_or(out)
     );
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let t = std::time::Instant::now();
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if t.elapsed() >= Duration::from_secs(40) {
-                    vd.snap(&what);
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        let o = c.run(cx);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        o
-    })
+    c.run_watched(cx, Duration::from_secs(40), |_| vd.snap(&what))
 }
 
 pub fn run(r: &mut Runner, st: &mut St) {
     if st.vtpmdom_mode == "0" {
-        for p in [
-            "vtpmdom-create",
-            "vtpmdom-guest",
-            "vtpmdom-reboot",
-            "vtpmdom-restart",
-            "vtpmdom-destroy",
-        ] {
-            r.skip(p, "disabled (XVTPM_TESTBED_VTPMDOM=0)");
-        }
+        r.skip_all(
+            &[
+                "vtpmdom-create",
+                "vtpmdom-guest",
+                "vtpmdom-reboot",
+                "vtpmdom-restart",
+                "vtpmdom-destroy",
+            ],
+            "disabled (XVTPM_TESTBED_VTPMDOM=0)",
+        );
         return;
     }
     let mem = xen::read_text("/etc/xvtpm-testbed.env")
@@ -206,37 +273,29 @@ pub fn run(r: &mut Runner, st: &mut St) {
         domid: String::new(),
         off: 0,
         ek1: String::new(),
-        ek_now: String::new(),
     };
 
     r.phase("vtpmdom-create", deadline(300), |cx| {
         create(cx, st, &mut vd, &mem)
     });
 
-    if vd.domid.is_empty() {
-        r.skip("vtpmdom-guest", "no vTPM domain (vtpmdom-create failed)");
-    } else if r.cx.past_deadline() {
-        r.skip("vtpmdom-guest", "scenario deadline reached");
-    } else {
-        r.phase("vtpmdom-guest", deadline(620), |cx| guest1(cx, st, &mut vd));
-    }
+    let no_domain = vd.domid.is_empty();
+    r.phase_if(
+        "vtpmdom-guest",
+        no_domain.then_some("no vTPM domain (vtpmdom-create failed)"),
+        deadline(620),
+        |cx| guest1(cx, st, &mut vd),
+    );
 
-    if vd.domid.is_empty() || vd.ek1.is_empty() {
-        r.skip(
-            "vtpmdom-reboot",
-            "no vTPM domain or no first boot (vtpmdom-create/-guest failed)",
-        );
-    } else if r.cx.past_deadline() {
-        r.skip("vtpmdom-reboot", "scenario deadline reached");
-    } else {
-        r.phase("vtpmdom-reboot", deadline(450), |cx| {
+    let no_boot = vd.domid.is_empty() || vd.ek1.is_empty();
+    r.phase_if(
+        "vtpmdom-reboot",
+        no_boot.then_some("no vTPM domain or no first boot (vtpmdom-create/-guest failed)"),
+        deadline(450),
+        |cx| {
             let mut e = Errs::default();
-            boot(cx, &mut vd, 2, "", &REBOOT_CHECKS, &mut e);
-            ek_check(&vd, 2, &mut e);
-            if !cx.wait_until(60, || xen::domain_gone(VDG)) {
-                e.add("guest-did-not-power-off");
-                xen::xl_destroy(cx, VDG, 60);
-            }
+            boot(cx, &mut vd, 2, "", &mut e);
+            xen::poweroff_or_destroy(cx, VDG, &mut e);
             if !vd_ready(&vd.uuid) {
                 e.add("vtpm-domain-not-ready-after-boot-2");
             }
@@ -248,18 +307,16 @@ pub fn run(r: &mut Runner, st: &mut St) {
                 "boot 2: 0x81000010 + NV index kept, PCR16 reset, same EK (domain {VD}, domid {})",
                 vd.domid
             ))
-        });
-    }
+        },
+    );
 
-    if vd.domid.is_empty() || vd.ek1.is_empty() {
-        r.skip("vtpmdom-restart", "no vTPM domain or no first boot");
-    } else if r.cx.past_deadline() {
-        r.skip("vtpmdom-restart", "scenario deadline reached");
-    } else {
-        r.phase("vtpmdom-restart", deadline(900), |cx| {
-            restart(cx, st, &mut vd)
-        });
-    }
+    let no_boot = vd.domid.is_empty() || vd.ek1.is_empty();
+    r.phase_if(
+        "vtpmdom-restart",
+        no_boot.then_some("no vTPM domain or no first boot"),
+        deadline(900),
+        |cx| restart(cx, st, &mut vd),
+    );
 
     if vd.uuid.is_empty() {
         r.skip("vtpmdom-destroy", "no vTPM (vtpmdom-create failed)");
@@ -270,9 +327,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
     }
     // nothing of it may outlive the section (teardown checks that no domU is left)
     let cx = &r.cx;
-    if xen::domid(VDG).is_some() {
-        xen::xl_destroy(cx, VDG, 60);
-    }
+    xen::destroy_if_running(cx, VDG);
     if xen::domid(VD).is_some() && !vd.uuid.is_empty() {
         println!("vtpmdom: cleaning up {VD}");
         let o = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &vd.uuid, "--yes"])
@@ -281,9 +336,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             .run(cx);
         println!("{}", o.tail(3));
     }
-    if xen::domid(VD).is_some() {
-        xen::xl_destroy(cx, VD, 60);
-    }
+    xen::destroy_if_running(cx, VD);
     st.vdu = vd.uuid.clone();
 }
 
@@ -385,33 +438,8 @@ fn create(cx: &Cx, st: &mut St, vd: &mut Vd, mem: &str) -> Outcome {
                 format!("no 'VTPMDOM-READY uuid={}' on the console", vd.uuid)
             },
         );
-        let row = vd_row(cx, &vd.uuid);
-        let running = row.contains("\"state\":\"running\"");
-        e.check(
-            "vtpmdom-show-running",
-            running,
-            if running {
-                "xl-vtpm vtpm show: running".to_string()
-            } else {
-                format!("xl-vtpm vtpm show: {}", cut(&row, 300))
-            },
-        );
-        let img = format!("/var/lib/xvtpm/vtpms/{}/disk.img", vd.uuid);
-        let size = fs::metadata(&img).map(|m| m.len()).unwrap_or(0);
-        let lp = vd_loop(&vd.uuid);
-        let ok = size == 4194304 && !lp.is_empty();
-        e.check(
-            "vtpmdom-disk",
-            ok,
-            if ok {
-                format!("{img} (4 MiB) on {}", lp.join(" "))
-            } else {
-                format!(
-                    "{img}: {size} bytes; loop: {}",
-                    Cmd::sh("losetup -a").run(cx).all().replace('\n', " ")
-                )
-            },
-        );
+        show_state(cx, &mut e, "vtpmdom-show-running", &vd.uuid, "running");
+        disk_check(cx, &mut e, "vtpmdom-disk", &vd.uuid);
         show(
             &format!("xl block-list {VD}"),
             &Cmd::new(&["xl", "block-list", VD]).run(cx).all(),
@@ -479,98 +507,42 @@ pub fn cut(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
-const REBOOT_CHECKS: [&str; 9] = [
-    "tpm0",
-    "startup",
-    "getrandom",
-    "pcr16-reset",
-    "pcrextend",
-    "createek",
-    "persistent-kept",
-    "persistent-usable",
-    "nv-kept",
-];
-
-/// One boot of guest-vdom; appends to `e`, sets ek_now. The console log is kept as
-/// guest-guest-vdom-bootN.log by `keep_log`.
-fn boot(cx: &Cx, vd: &mut Vd, n: u32, extra: &str, checks: &[&str], e: &mut Errs) {
-    vd.ek_now.clear();
-    let t = xen::read_text(&format!("{VDCFG}.in"))
-        .replace("@UUID@", &vd.uuid)
-        .replace("@BACKEND@", VD)
-        .replace("@EXTRA@", &format!("boot={n} {extra}"));
-    let _ = fs::write(VDCFG, &t);
-    if n == 1 {
-        for l in t
-            .lines()
-            .filter(|l| l.starts_with("name") || l.starts_with("vtpm") || l.starts_with("extra"))
-        {
-            println!("{l}");
-        }
-    }
-    let t0 = up();
-    let w0 = super::now_wall();
-    super::xl_create(cx, VDCFG, &format!("/tmp/xl-{VDG}{n}.out"), 120, e);
-    println!(
-        "xl create {VDG} (boot {n}): {} s, domid {}",
-        secs1(t0, up()),
-        xen::domid(VDG).unwrap_or_else(|| "none".into())
-    );
-    if xen::domid(VDG).is_some() {
-        show(
-            "xl vtpm-list",
-            &Cmd::new(&["xl", "vtpm-list", VDG]).run(cx).all(),
-        );
-        if !cx.wait_until(240, || console(VDG).contains("GUEST-DONE")) {
-            e.add("no-GUEST-DONE-in-240s");
-        }
-        let c = console(VDG);
-        let miss = guest_checks(&c, VDG, &format!("boot{n}"), checks);
-        if !miss.is_empty() {
-            e.add(format!("guest-checks-failed: {}", miss.join(" ")));
-        }
-        vd.ek_now = ek_hash(&c);
-        let k = if n == 1 {
-            "p5-vtpmdom-ms".to_string()
-        } else {
-            format!("p5-vtpmdom-boot{n}-ms")
-        };
-        p5_vtpm(&k, VDG, w0);
-    }
-    let c = console(VDG);
-    show_con(&c, VDG, 20, |l| {
-        !l.trim().is_empty()
-            && !l.contains("GUEST-DQ ")
-            && !l.contains("GUEST-CHECK")
-            && ["GUEST-", "panic", "Oops", "tpm", "TPM"]
-                .iter()
-                .any(|k| l.contains(k))
-    });
-}
-
-fn ek_check(vd: &Vd, n: u32, e: &mut Errs) {
-    if !vd.ek1.is_empty() && vd.ek1 == vd.ek_now {
-        crate::runner::check(
-            "dom0",
-            "vtpmdom-ek-stable",
-            true,
-            &format!(
-                "boot {n}: EK sha256 {}... as in boot 1",
-                &vd.ek1[..16.min(vd.ek1.len())]
-            ),
-        );
+/// Boot N of guest-vdom, its vTPM served by the vTPM domain (`extra` on its kernel command line);
+/// appends to `e`. Boot 1 records the EK, a later boot checks it is the same. The console log is
+/// kept as guest-guest-vdom-bootN.log by `keep_log`.
+fn boot(cx: &Cx, vd: &mut Vd, n: u32, extra: &str, e: &mut Errs) {
+    let extra = format!("boot={n} {extra}");
+    let p5 = if n == 1 {
+        "p5-vtpmdom-ms".to_string()
     } else {
-        crate::runner::check(
-            "dom0",
+        format!("p5-vtpmdom-boot{n}-ms")
+    };
+    let b = GuestBoot {
+        name: VDG,
+        cfg: VDCFG,
+        subst: vec![("@UUID@", &vd.uuid), ("@BACKEND@", VD), ("@EXTRA@", &extra)],
+        n,
+        checks: if n == 1 {
+            &BOOT1_CHECKS
+        } else {
+            &REBOOT_CHECKS
+        },
+        wait: 240,
+        p5: &p5,
+        show: 20,
+    }
+    .run(cx, e);
+    if n == 1 {
+        vd.ek1 = b.ek;
+    } else {
+        ek_stable(
+            e,
             "vtpmdom-ek-stable",
-            false,
-            &format!(
-                "boot {n}: boot1={} now={}",
-                super::vtpm::none(&vd.ek1),
-                super::vtpm::none(&vd.ek_now)
-            ),
+            "ek-changed",
+            &format!("boot {n}"),
+            &vd.ek1,
+            &b.ek,
         );
-        e.add("ek-changed");
     }
 }
 
@@ -584,51 +556,12 @@ fn keep_log(n: u32) {
 fn guest1(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
     let mut e = Errs::default();
     let nonce = xen::nonce(32);
-    boot(
-        cx,
-        vd,
-        1,
-        &format!("dq_nonce={nonce}"),
-        &[
-            "tpm0",
-            "startup",
-            "getrandom",
-            "pcr16-reset",
-            "pcrextend",
-            "createek",
-            "createak",
-            "quote",
-            "checkquote",
-            "persistent",
-            "nv-write",
-            "deep-quote",
-        ],
-        &mut e,
-    );
-    vd.ek1 = vd.ek_now.clone();
+    boot(cx, vd, 1, &format!("dq_nonce={nonce}"), &mut e);
     match capture_dq(VDG, "/tmp/vdq.bin") {
         Ok(_) => match super::vtpm::group_ak(cx) {
             Ok(()) => {
-                let u = vd.uuid.clone();
-                let rc_ok = verify(
-                    cx,
-                    "/tmp/vdq.bin",
-                    &nonce,
-                    &u,
-                    "verify right nonce",
-                    "/tmp/vdverify-ok.out",
-                    25,
-                );
-                let bad = xen::nonce(32);
-                let rc_bad = verify(
-                    cx,
-                    "/tmp/vdq.bin",
-                    &bad,
-                    &u,
-                    "verify wrong nonce",
-                    "/tmp/vdverify-bad.out",
-                    5,
-                );
+                let (rc_ok, rc_bad) =
+                    verify_nonces(cx, "/tmp/vdq.bin", &nonce, &vd.uuid, "/tmp/vdverify");
                 e.check(
                     "vtpmdom-verify-right-nonce",
                     rc_ok == 8,
@@ -644,22 +577,12 @@ fn guest1(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
         },
         Err(x) => e.add(x),
     }
-    if !cx.wait_until(60, || xen::domain_gone(VDG)) {
-        e.add("guest-did-not-power-off");
-        xen::xl_destroy(cx, VDG, 60);
-    }
-    let rd = vd_ready(&vd.uuid);
-    e.check(
+    xen::poweroff_or_destroy(cx, VDG, &mut e);
+    still_ready(
+        &mut e,
         "vtpmdom-survives-guest",
-        rd,
-        if rd {
-            format!("{VD} still running and ready after the guest powered off")
-        } else {
-            format!(
-                "{VD}: domid {}",
-                vd_domid().unwrap_or_else(|| "none".into())
-            )
-        },
+        &vd.uuid,
+        "still running and ready after the guest powered off",
     );
     if !e.is_empty() {
         vd.diag(st);
@@ -689,19 +612,9 @@ fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
     if !o.ok() {
         e.add(format!("vtpm-stop-exit-{}", o.rc));
     }
-    let gone = cx.wait_until(30, || xen::domain_gone(VD));
-    e.check(
-        "vtpmdom-stopped",
-        gone,
-        if gone {
-            format!("domain {VD} (domid {d0}) gone {stop_s} s after xl-vtpm vtpm stop")
-        } else {
-            format!(
-                "domain {VD} still there: {}",
-                Cmd::new(&["xl", "list", VD]).run(cx).tail(1)
-            )
-        },
-    );
+    xen::gone_check(cx, &mut e, "vtpmdom-stopped", VD, || {
+        format!("domain {VD} (domid {d0}) gone {stop_s} s after xl-vtpm vtpm stop")
+    });
     let c = vd.con();
     show_con(&c, &format!("{VD} console"), 5, |l| {
         l.starts_with("VTPMDOM-EXIT")
@@ -732,17 +645,7 @@ fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
             lp.join(" ")
         },
     );
-    let row = vd_row(cx, &vd.uuid);
-    let stopped = row.contains("\"state\":\"stopped\"");
-    e.check(
-        "vtpmdom-show-stopped",
-        stopped,
-        if stopped {
-            "xl-vtpm vtpm show: stopped".to_string()
-        } else {
-            format!("xl-vtpm vtpm show: {}", cut(&row, 300))
-        },
-    );
+    show_state(cx, &mut e, "vtpmdom-show-stopped", &vd.uuid, "stopped");
     println!(
         "PERF vtpmdom-stop-s={stop_s} (xl-vtpm vtpm stop: xl shutdown, clean stop, domain gone, loop device released)"
     );
@@ -779,7 +682,7 @@ fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
             } else {
                 format!(
                     "json domid {}, xl domid {}, before {d0}",
-                    super::vtpm::none(&vd.domid),
+                    none(&vd.domid),
                     cur.unwrap_or_else(|| "none".into())
                 )
             },
@@ -795,29 +698,14 @@ fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
             },
         );
         let cfg = format!("/run/xvtpm/vtpms/{}.xl.cfg", vd.uuid);
-        let ct = xen::read_text(&cfg);
-        let extra = ct
-            .lines()
-            .find(|l| l.starts_with("extra"))
-            .unwrap_or("")
-            .to_string();
-        let resumed = Path::new(&cfg).is_file()
-            && ct.contains("--state-block /dev/xvda")
-            && !ct.contains("--create");
+        let resumed = resumes_from_disk(&cfg);
         e.check(
             "vtpmdom-resumed",
             resumed,
             if resumed {
-                format!(
-                    "booted without --create: {}",
-                    extra
-                        .split_once("-- ")
-                        .map(|x| x.1)
-                        .unwrap_or("")
-                        .replace('"', "")
-                )
+                format!("booted without --create: {}", extra_of(&cfg))
             } else {
-                format!("{cfg}: {extra}")
+                format!("{cfg}: {}", extra_line(&cfg))
             },
         );
     }
@@ -828,8 +716,7 @@ fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
         "PERF vtpmdom-start-s={start_s} (xl-vtpm vtpm start: boot from the disk, resume, ready)"
     );
     if vd_ready(&vd.uuid) {
-        boot(cx, vd, 3, "hold=1", &REBOOT_CHECKS, &mut e);
-        ek_check(vd, 3, &mut e);
+        boot(cx, vd, 3, "hold=1", &mut e);
     } else {
         e.add("no-ready-vtpm-domain-for-boot-3");
     }
@@ -845,26 +732,13 @@ fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
 fn destroy(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
     let mut e = Errs::default();
     if xen::domid(VDG).is_some() {
-        let o = xen::xl_destroy(cx, VDG, 60);
-        if !o.ok() {
-            e.add(format!("xl-destroy-rc={}", o.rc));
-        }
-        if !cx.wait_until(30, || xen::domain_gone(VDG)) {
-            e.add("guest-still-there");
-        }
+        xen::destroy_and_wait(cx, VDG, &mut e);
         std::thread::sleep(crate::s(1));
-        let rd = vd_ready(&vd.uuid);
-        e.check(
+        still_ready(
+            &mut e,
             "vtpmdom-survives-destroy",
-            rd,
-            if rd {
-                format!("{VD} still ready after xl destroy {VDG}")
-            } else {
-                format!(
-                    "{VD}: domid {}",
-                    vd_domid().unwrap_or_else(|| "none".into())
-                )
-            },
+            &vd.uuid,
+            &format!("still ready after xl destroy {VDG}"),
         );
     }
     keep_log(3);
@@ -883,19 +757,12 @@ fn destroy(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
     if !o.ok() {
         e.add(format!("vtpm-destroy-exit-{}", o.rc));
     }
-    let gone = cx.wait_until(30, || xen::domain_gone(VD));
-    e.check(
-        "vtpmdom-domain-gone",
-        gone,
-        if gone {
-            format!(
-                "{VD} not in xl list {} s after xl-vtpm vtpm destroy",
-                secs1(t0, up())
-            )
-        } else {
-            Cmd::new(&["xl", "list", VD]).run(cx).tail(1)
-        },
-    );
+    xen::gone_check(cx, &mut e, "vtpmdom-domain-gone", VD, || {
+        format!(
+            "{VD} not in xl list {} s after xl-vtpm vtpm destroy",
+            secs1(t0, up())
+        )
+    });
     println!("PERF vtpmdom-destroy-s={}", secs1(t0, up()));
     let l = Cmd::sh("xl-vtpm mgr vtpm list")
         .secs(30)
