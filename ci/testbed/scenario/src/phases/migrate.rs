@@ -150,6 +150,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
     // migrate-plain: P6 without a vTPM
     r.phase("migrate-plain", deadline(420), |cx| {
         let mut e = Errs::default();
+        let info = Cmd::sh("xl info").secs(30).run(cx).all();
+        show("xl info", &info.lines().filter(|l| l.starts_with("free_memory") || l.starts_with("total_memory")).collect::<Vec<_>>().join("\n"));
+        show("xl list", &Cmd::sh("xl list").secs(30).run(cx).all());
         if let Err(w) = write_cfg(PCFG, "mig-p", "role=plain hold=1 tick=1", false) {
             return Outcome::fail(w);
         }
