@@ -149,7 +149,11 @@ impl Xen {
                 .map_err(|e| fail(FAILURE, format!("cannot run {} ({e})", self.xl.display())))?;
             xl_ms = t.elapsed().as_millis() as u64;
             let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            let tail: Vec<&str> = text.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
+            // xl's first errors name the cause (e.g. `xc: error: Failed to enable logdirty: 95,…`:
+            // this Xen cannot track a PV guest's dirty pages, and `xl migrate` is always live);
+            // its last lines say where it stopped.
+            let mut tail: Vec<&str> = text.lines().filter(|l| l.contains("error")).take(2).collect();
+            tail.extend(text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev());
             let after = self.xl_domid(name);
             match after {
                 Some(d) if d == old => {
