@@ -12,6 +12,12 @@
 #               command line on every boot): startup, getrandom, PCR 16 reset, hash of the
 #               manufactured EK; then if 0x81000010 is absent (a fresh vTPM) it creates 0x81000010
 #               + the NV index ("GUEST-LIFE state=fresh"), else checks they are there ("state=kept")
+#   role=mig    the migration guest (xl-vtpm create, hold=1): startup, EK hash, persistent key
+#               0x81000010, NV index, PCR 16 extended once (GUEST-PCR16 <hex>); its command
+#               "N:migcheck:NONCE" (after a move) prints EK hash, persistent key, NV, PCR 16 and a
+#               fresh ECC AK quote over PCR 16 checked with tpm2_checkquote
+#   tick=1      print "GUEST-TICK <uptime>" every 0.1 s in the background (the largest gap is the
+#               downtime a migration causes, as the guest sees it)
 #   hold=1      do not power off at the end (dom0 xl destroys the guest); role=life then
 #               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX"),
 #               answering "GUEST-CMD N <cmd> PASS|FAIL ..." on the console
@@ -28,6 +34,9 @@ exec </dev/console >/dev/console 2>&1
 wall() { adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf "%d.%06d", s, u}'; }
 up() { cut -d' ' -f1 /proc/uptime; }
 role=${role:-plain}; boot=${boot:-1}
+if [ "${tick:-0}" = 1 ]; then
+  ( while :; do read u _ < /proc/uptime; echo "GUEST-TICK $u"; sleep 0.1; done ) &
+fi
 echo "GUEST-UP role=$role boot=$boot wall=$(wall) up=$(up) kernel=$(uname -r) domid=$(xenstore-read domid 2>/dev/null) memavail=$(awk '/MemAvailable/{print $2}' /proc/meminfo)kB"
 res=ok
 check() {  # name PASS|FAIL detail...
@@ -53,7 +62,7 @@ plain)
     echo "GUEST-TPMFRONT loaded up=$(up)"
   else res=fail; echo "GUEST-TPMFRONT insmod failed"; fi
   ;;
-vtpm|life)
+vtpm|life|mig)
   export TPM2TOOLS_TCTI=device:/dev/tpm0
   echo "GUEST-VTPM frontend: $(xenstore-ls device/vtpm 2>&1 | tr '\n' ' ')"
   for m in $(cat /lib/modules/xen-tpmfront.deps 2>/dev/null || echo xen-tpmfront); do
@@ -79,7 +88,22 @@ vtpm|life)
     check getrandom PASS "$out"
   else check getrandom FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
 
-  if [ "$role" = life ]; then
+  if [ "$role" = mig ]; then
+    cd /tmp
+    if t tpm2_readpublic -c 0x81010001 -o ek.pub || t tpm2_readpublic -c 0x81010002 -o ek.pub; then
+      echo "GUEST-EKHASH $(sha256sum ek.pub | cut -c1-64)"; check ek PASS "readpublic of the manufactured EK"
+    else check ek FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    if t tpm2_createprimary -C o -G ecc -c prim.ctx && t tpm2_evictcontrol -C o -c prim.ctx $PERSIST; then check persistent PASS "evictcontrol -> $PERSIST"
+    else check persistent FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    flush
+    printf '%s' "$NV_DATA" > nv.dat
+    if t tpm2_nvdefine $NV_IDX -C o -s 32 -a "ownerread|ownerwrite" && t tpm2_nvwrite $NV_IDX -C o -i nv.dat &&
+       t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out && cmp -s nv.dat nv.out; then check nv-write PASS "$NV_IDX = '$NV_DATA'"
+    else check nv-write FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    if t tpm2_pcrextend 16:sha256=$PCR_D && [ "$(pcr16)" = "$PCR_AFTER" ]; then check pcrextend PASS "PCR16=$PCR_AFTER"
+    else check pcrextend FAIL "rc=$rc PCR16=$(pcr16)"; fi
+    echo "GUEST-PCR16 $(pcr16)"
+  elif [ "$role" = life ]; then
     # the lifecycle guest: the same kernel command line on every boot; a fresh vTPM or one that
     # kept its state (0x81000010 tells). Few tools: each run costs seconds under TCG.
     t tpm2_getcap handles-persistent
@@ -183,7 +207,7 @@ vtpm|life)
 esac
 echo "GUEST-DONE role=$role boot=$boot result=$res up=$(up)"
 sync
-if [ "${hold:-0}" = 1 ] && [ "$role" = life ]; then
+if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ]; }; then
   # dom0 writes /local/domain/<domid>/data/xvtpm-cmd = "N:cmd[:arg]"; each new N runs once
   echo "GUEST-HOLD serving data/xvtpm-cmd"
   last=""
@@ -197,6 +221,25 @@ if [ "${hold:-0}" = 1 ] && [ "$role" = life ]; then
         deepquote) if TT=120 t xl-vtpm guest deep-quote --tcti device:/dev/tpm0 --nonce "$a" --vpcrs 0-7 --host-pcrs 0-7 --out /tmp/dq-cmd.bin; then
                      echo "GUEST-CMD $n deepquote PASS $(wc -c < /tmp/dq-cmd.bin) bytes"
                    else echo "GUEST-CMD $n deepquote FAIL rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi ;;
+        migcheck)  # after a move: the same vTPM (EK, key, NV), PCR 16 as it is, a fresh quote
+          cd /tmp; mc=PASS; d=""
+          if t tpm2_readpublic -c 0x81010001 -o ek2.pub || t tpm2_readpublic -c 0x81010002 -o ek2.pub; then d="$d ek=$(sha256sum ek2.pub | cut -c1-64)"
+          else mc=FAIL; d="$d ek=FAIL(rc=$rc)"; fi
+          t tpm2_getcap handles-persistent
+          if echo "$out" | grep -qi "$PERSIST" && t tpm2_readpublic -c $PERSIST; then d="$d persistent=kept"; else mc=FAIL; d="$d persistent=MISSING"; fi
+          if t tpm2_nvread $NV_IDX -C o -s 32 -o nvm.out && [ "$(cat nvm.out)" = "$NV_DATA" ]; then d="$d nv=kept"; else mc=FAIL; d="$d nv=FAIL"; fi
+          d="$d pcr16=$(pcr16)"
+          flush -l
+          t tpm2_createek -c mek.ctx -G ecc -u mek.pub; flush
+          if [ $rc = 0 ] && t tpm2_createak -C mek.ctx -c mak.ctx -G ecc -g sha256 -s ecdsa -u mak.pub -n mak.name; then
+            flush -l
+            if t tpm2_quote -c mak.ctx -l sha256:16 -q "$a" -m mq.msg -s mq.sig -o mq.pcrs -g sha256 &&
+               t tpm2_checkquote -u mak.pub -m mq.msg -s mq.sig -f mq.pcrs -g sha256 -q "$a"; then
+              if t tpm2_checkquote -u mak.pub -m mq.msg -s mq.sig -f mq.pcrs -g sha256 -q "00$a"; then mc=FAIL; d="$d quote=WRONG-NONCE-VERIFIED"
+              else d="$d quote=verified"; fi
+            else mc=FAIL; d="$d quote=FAIL(rc=$rc $(echo "$out" | tail -n 1))"; fi
+          else mc=FAIL; d="$d ak=FAIL(rc=$rc $(echo "$out" | tail -n 1))"; fi
+          echo "GUEST-CMD $n migcheck $mc$d" ;;
         *) echo "GUEST-CMD $n $cmd FAIL unknown command" ;;
       esac
       flush

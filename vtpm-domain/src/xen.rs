@@ -13,7 +13,7 @@ use xen_platform::tpmif::MAX_PACKET;
 use xen_platform::xen::XenTransport;
 use tpm_wire::{self as tpm, Family};
 use xen_platform::tpmif::{Rejection, Rejections};
-use xen_platform::xenbus::{Activity, Backend, BackendEvent, Take, Ticket, Transport};
+use xen_platform::xenbus::{Activity, Backend, BackendEvent, DeviceKey, Take, Ticket, Transport, take_resume_marker};
 use xen_platform::xenstore::{WatchEvents, Xenstore, XsClient};
 
 use crate::{guest_info, guest_warn};
@@ -56,7 +56,9 @@ impl XenBackend {
     ///
     /// Every new frontend connection is a platform reset of the guest (boot,
     /// reboot, kexec): the TPM is power-cycled and started, so PCRs start
-    /// from zero while keys and NV stay, as on a physical machine.
+    /// from zero while keys and NV stay, as on a physical machine. The one
+    /// exception is a connection the toolstack marked as a resume after a
+    /// migration ([`RESUME_MARKER`](xen_platform::xenbus::RESUME_MARKER), taken once).
     ///
     /// A deep quote waits for the manager; the page stays in SUBMIT and the
     /// device is answered (by its ticket) when the evidence arrives, while
@@ -99,10 +101,8 @@ impl XenBackend {
                 Activity::Xenstore(events) => {
                     for ev in &events {
                         log_event(ev);
-                        if let BackendEvent::Connected { .. } = ev
-                            && let Err(e) = shared.vtpm.borrow_mut().platform_reset()
-                        {
-                            guest_warn!(event = ?ev, error = %e, "TPM reset on guest connect failed");
+                        if let BackendEvent::Connected { key } = ev {
+                            on_connected(&self.backend, *key, &shared.vtpm).await;
                         }
                     }
                 }
@@ -121,6 +121,30 @@ impl XenBackend {
             guest_warn!(device = %key, error = %e, "tpmif service failed");
         }
     }
+}
+
+/// A frontend connected device `key`. A boot (the TPM is power-cycled and started: PCRs from
+/// zero, keys and NV kept) unless the toolstack marked this connection as the resume of a
+/// migrated guest ([`RESUME_MARKER`](xen_platform::xenbus::RESUME_MARKER) in the device's backend
+/// directory, `xl-vtpm migrate`): then the TPM keeps running as it is — PCRs and all — as across
+/// a suspend. Returns whether it was a resume.
+pub async fn on_connected<X: Xenstore, T: Transport>(backend: &Backend<X, T>, key: DeviceKey, vtpm: &std::cell::RefCell<crate::vtpm::Vtpm>) -> bool {
+    let marker = match backend.device(key).map(|d| d.backend_path().to_string()) {
+        Some(path) => take_resume_marker(backend.xenstore(), &path).await,
+        None => Ok(None),
+    };
+    match marker {
+        Ok(Some(from)) => {
+            xvtpm_log::host_info!(device = %key, from_domain = %from, "tpmif: the guest resumed after a migration; TPM state kept (no reset)");
+            return true;
+        }
+        Ok(None) => {}
+        Err(e) => guest_warn!(device = %key, error = %e, "tpmif: cannot take the resume marker; the connection is a boot (TPM reset)"),
+    }
+    if let Err(e) = vtpm.borrow_mut().platform_reset() {
+        guest_warn!(device = %key, error = %e, "TPM reset on guest connect failed");
+    }
+    false
 }
 
 /// The tpmif backend of the vTPM `uuid` of `family` under `root`: it serves only the device whose
@@ -226,5 +250,47 @@ mod tests {
         // A response that does not fit the page: the family's failure code.
         assert_eq!(super::rejections(Family::Tpm12).answer(Rejection::ResponseSize), tpm::error_response(Family::Tpm12, tpm::TPM12_FAIL));
         assert_eq!(super::rejections(Family::Tpm2).answer(Rejection::ResponseSize), tpm::error_response(Family::Tpm2, tpm::TPM2_RC_FAILURE));
+    }
+
+    struct NullStore;
+    impl crate::vtpm::StateStore for NullStore {
+        fn save(&mut self, _: &[u8], _: &[u8]) -> Result<(), crate::store::StoreError> {
+            Ok(())
+        }
+        fn generation(&self) -> u64 {
+            0
+        }
+    }
+
+    fn pcr16(v: &std::cell::RefCell<crate::vtpm::Vtpm>) -> Vec<u8> {
+        let rsp = v.borrow_mut().execute(&tpm::tpm2_pcr_read_bitmap(tpm::TPM2_ALG_SHA256, [0, 0, 1]));
+        assert_eq!(tpm::response_code(&rsp), Some(tpm::TPM2_RC_SUCCESS));
+        rsp[rsp.len() - 32..].to_vec()
+    }
+
+    /// A connection the toolstack marked as the resume of a migrated guest keeps the TPM as it
+    /// is (PCR 16 keeps its extended value) and takes the marker; the next connection of the
+    /// same device (a kexec, a reboot) is a boot again and resets PCR 16. Before the marker,
+    /// every connection reset the TPM, and a migrated guest lost its PCRs.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_resume_marked_connection_keeps_the_pcrs_and_the_next_one_resets_them() {
+        use xen_platform::xenbus::RESUME_MARKER;
+        let (backend, _page, _chan) = connected(Family::Tpm2).await;
+        let (vtpm, _ek) = crate::vtpm::Vtpm::manufacture_with(Family::Tpm2, NullStore, vtpm_engine::EkKind::EccP256).unwrap();
+        let vtpm = std::cell::RefCell::new(vtpm);
+        vtpm.borrow_mut().platform_reset().unwrap();
+        let key = DeviceKey { frontend: DomId::new(5).unwrap(), devid: DevId::new(0) };
+        let rsp = vtpm.borrow_mut().execute(&tpm::tpm2_pcr_extend(16, &[0xaa; 32]));
+        assert_eq!(tpm::response_code(&rsp), Some(tpm::TPM2_RC_SUCCESS));
+        let extended = pcr16(&vtpm);
+        assert_ne!(extended, vec![0; 32]);
+
+        backend.xenstore().set(&format!("{BE}/{RESUME_MARKER}"), "3");
+        assert!(super::on_connected(&backend, key, &vtpm).await, "a marked connection is a resume");
+        assert_eq!(pcr16(&vtpm), extended, "PCR 16 kept across the resume");
+        assert_eq!(backend.xenstore().get(&format!("{BE}/{RESUME_MARKER}")), None, "the marker is taken");
+
+        assert!(!super::on_connected(&backend, key, &vtpm).await, "the next connection is a boot");
+        assert_eq!(pcr16(&vtpm), vec![0; 32], "PCR 16 reset by the boot");
     }
 }

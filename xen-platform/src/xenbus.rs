@@ -1025,6 +1025,25 @@ async fn connect<X: Xenstore, T: Transport>(
     Ok(transport.connect(dev.key.frontend, ring_ref, port)?)
 }
 
+/// The key a toolstack writes into a device's backend directory (`<root>/<fe>/<devid>/`) before
+/// the guest's frontend connects, when that connection resumes a guest that was running on
+/// another domain (a migration: `xl-vtpm migrate`) instead of booting one. Its value names the
+/// domain the guest came from (for the log). Only the backend domain and the toolstack can write
+/// a backend directory; the guest cannot, so it cannot keep its PCRs across a reboot with it.
+pub const RESUME_MARKER: &str = "xvtpm-resume";
+
+/// Takes [`RESUME_MARKER`] from the backend directory `backend_path`: `Some(value)` if it was
+/// there and is now removed, `None` if it was absent or could not be removed. Removing it first
+/// makes it count for one connection only: a later reconnect of the same device (a kexec) is a
+/// boot again. A marker that cannot be removed is not honoured (the caller power-cycles, the safe
+/// side: PCRs lost, never kept across a boot).
+pub async fn take_resume_marker<X: Xenstore>(xs: &X, backend_path: &str) -> Result<Option<String>, XsError> {
+    let path = format!("{backend_path}/{RESUME_MARKER}");
+    let Some(v) = xs.read(&path).await? else { return Ok(None) };
+    xs.rm(&path).await?;
+    Ok(Some(v.trim().to_string()))
+}
+
 #[cfg(test)]
 #[path = "xenbus_tests.rs"]
 mod tests;

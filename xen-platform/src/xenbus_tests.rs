@@ -1001,3 +1001,15 @@ async fn a_guest_that_rewrites_its_request_in_flight_gets_the_answer_to_what_was
     assert!(out.notify_guest());
     assert_eq!(page.read_u8(OFFSET_STATE).unwrap(), PageState::Finish as u8);
 }
+
+/// The resume marker counts once: taken (and removed) by the first connection, absent for the
+/// next one; no marker, no resume.
+#[tokio::test]
+async fn the_resume_marker_is_taken_once() {
+    let (xs, _events) = FakeXenstore::new();
+    assert_eq!(take_resume_marker(&xs, BE).await.unwrap(), None);
+    xs.set(&format!("{BE}/{RESUME_MARKER}"), "7\n");
+    assert_eq!(take_resume_marker(&xs, BE).await.unwrap().as_deref(), Some("7"));
+    assert_eq!(xs.get(&format!("{BE}/{RESUME_MARKER}")), None, "removed when taken");
+    assert_eq!(take_resume_marker(&xs, BE).await.unwrap(), None, "a second connection is a boot");
+}

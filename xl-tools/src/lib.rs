@@ -17,6 +17,7 @@ pub mod ekcert;
 pub mod eventlog;
 pub mod exit;
 pub mod guest;
+pub mod guestmig;
 pub mod hvm;
 pub mod local;
 pub mod vtpmdom;

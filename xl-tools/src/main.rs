@@ -87,6 +87,23 @@ enum Cmd {
         /// Guest name.
         name: String,
     },
+    /// Move a running PV guest to a new domain on this host with `xl migrate`, its dom0-process
+    /// vTPM serving the new domain before the guest reconnects; the guest keeps its EK, keys, NV
+    /// and PCRs (docs/migration.md, "Moving the guest with its vTPM").
+    Migrate {
+        /// Guest name.
+        name: String,
+        /// Destination: localhost (this host; the vTPM stays with this manager).
+        host: Option<String>,
+        /// xl's transport (`xl migrate -s CMD`). Default for localhost: the receiver runs
+        /// directly, no ssh.
+        #[arg(long, value_name = "CMD")]
+        ssh: Option<String>,
+        /// Only the steps after `xl migrate` (the incoming domain exists, paused): after an
+        /// `xl-vtpm migrate` that was cut short.
+        #[arg(long, conflicts_with_all = ["host", "ssh"])]
+        finish: bool,
+    },
     /// Guests with their vTPMs (registry and what runs now).
     List,
     /// Attach to a guest's console (`xl console`).
@@ -666,6 +683,26 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Destroy { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Destroy),
         Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown),
         Cmd::List => run_list(&xen, json),
+        Cmd::Migrate { name, host, ssh, finish } => {
+            let m = xen.migrate_guest(&mut admin, &name, host.as_deref(), ssh.as_deref(), finish)?;
+            if json {
+                print_json(&m);
+            } else {
+                println!(
+                    "{}: domain {} -> {}; vTPM {} (process {}{}) serves it{}; xl migrate {} ms, {} ms in all",
+                    m.guest_name,
+                    m.from_domid,
+                    m.to_domid,
+                    m.vtpm_uuid,
+                    m.vtpm_pid,
+                    if m.vtpm_restarted { ", started again: its PCRs were reset" } else { ", kept running: state kept" },
+                    m.reconnect_ms.map_or(", its frontend not reconnected yet".to_string(), |r| format!(", reconnected {r} ms after the unpause")),
+                    m.xl_migrate_ms,
+                    m.total_ms
+                );
+            }
+            Ok(())
+        }
         Cmd::Watch { poll_secs } => xen.watch(&args.run_dir, Duration::from_secs(poll_secs.max(1))),
         Cmd::Registry(r) => run_registry(r, &xen, admin, json),
         Cmd::LibvirtHook { args: hook_args } => run_libvirt_hook(&xen, &mut admin, &hook_args),

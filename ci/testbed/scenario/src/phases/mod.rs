@@ -5,6 +5,7 @@ mod base;
 mod eventlog;
 mod life;
 mod lifedom;
+mod migrate;
 mod tail;
 mod vtpm;
 mod vtpmdom;
@@ -115,6 +116,7 @@ pub fn run_all() -> i32 {
     life::run(&mut r, &mut st);
     vtpmdom::run(&mut r, &mut st);
     lifedom::run(&mut r, &mut st);
+    migrate::run(&mut r, &mut st);
     tail::run(&mut r, &mut st);
     let nfail = r.count(crate::runner::Status::Fail);
     tail::dump_logs(&st, nfail > 0);

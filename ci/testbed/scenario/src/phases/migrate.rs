@@ -1,0 +1,365 @@
+//! Moving a running PV guest with its vTPM: `xl-vtpm migrate GUEST localhost` (switch
+//! `xvtpm_migrate=1|0`, default 0: the testbed's Xen refuses log-dirty mode for PV guests —
+//! `xc: error: Failed to enable logdirty: 95,22,0` — and `xl migrate` is always live, so no move
+//! can run there; ci/testbed/README.md). One RESULT per step:
+//!   migrate-plain    P6 baseline: a guest without a vTPM (`role=plain hold=1 tick=1`), moved twice with
+//!                    plain `xl migrate -s "" mig-p "xl migrate-receive"`; the largest gap between the
+//!                    guest's 0.1 s ticks is the downtime it saw (`PERF p6-novtpm-…`)
+//!   migrate          `xl-vtpm create` of mig-a (dom0-process vTPM, `role=mig hold=1 tick=1`): the guest
+//!                    makes 0x81000010, NV 0x01500016, extends PCR 16 and reads its EK; `xl-vtpm migrate
+//!                    mig-a localhost` (new domid, same vTPM process, the source's device gone, registry
+//!                    domid follows); in the guest: same EK, key and NV, PCR 16 unchanged, a fresh AK quote
+//!                    verified; a second move for P6 (`PERF p6-vtpm-…`)
+//!   migrate-recover  failure points with real processes: `xl migrate` failing before the guest moved
+//!                    (`--ssh false`): the guest stays where it was with the same vTPM process; `xl
+//!                    migrate -p` run alone (an `xl-vtpm migrate` cut short after it) and the vTPM process
+//!                    killed -9 meanwhile: `xl-vtpm migrate mig-a --finish` starts the vTPM again from its
+//!                    state and resumes the guest (EK, key, NV kept; PCR 16 reset, as after a power loss);
+//!                    `xl-vtpm destroy`: the domain and the vTPM process are gone
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::life::life_row;
+use super::{St, deadline, ek_hash};
+use crate::cmd::{Cmd, pid_up, show, show_tail};
+use crate::runner::{Cx, Errs, Outcome, Runner};
+use crate::xen::{self, after_prefix, jf};
+
+const MCFG: &str = "/etc/xen/mig-a.cfg";
+const PCFG: &str = "/etc/xen/mig-p.cfg";
+const PCR_AFTER: &str = "39DE0A6FECF21D432302A5D79315BC42DFF73C4BE042FB5276E3C5B4758BCA02";
+const PCR_ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Both console logs of a migrated guest: xenconsoled names a log after the domain's name when
+/// it first sees it, and an incoming domain is `NAME--incoming` until xl renames it.
+fn cons(name: &str) -> String {
+    let mut c = xen::console(name);
+    c.push_str(&xen::console(&format!("{name}--incoming")));
+    c
+}
+
+/// The guest's ticks (uptime, s) from both logs, sorted.
+fn ticks(name: &str) -> Vec<f64> {
+    let mut v: Vec<f64> = cons(name)
+        .lines()
+        .filter_map(|l| l.strip_prefix("GUEST-TICK ")?.trim().parse().ok())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v.dedup();
+    v
+}
+
+/// The largest gap between ticks after `from` and how many ticks follow it.
+fn max_gap(t: &[f64], from: f64) -> Option<(f64, usize)> {
+    let t: Vec<f64> = t.iter().copied().filter(|x| *x >= from).collect();
+    let mut best: Option<(f64, usize)> = None;
+    for i in 1..t.len() {
+        let g = t[i] - t[i - 1];
+        if best.is_none_or(|(b, _)| g > b) {
+            best = Some((g, t.len() - i));
+        }
+    }
+    best
+}
+
+/// Waits until the largest tick gap after `from` has ≥ 5 ticks after it (the guest runs again);
+/// the gap in ms.
+fn downtime(cx: &Cx, name: &str, from: f64) -> Option<i64> {
+    cx.wait_every(90, Duration::from_millis(500), || {
+        max_gap(&ticks(name), from).is_some_and(|(_, after)| after >= 5)
+    });
+    max_gap(&ticks(name), from)
+        .filter(|(_, after)| *after >= 5)
+        .map(|(g, _)| (g * 1000.0) as i64)
+}
+
+fn last_tick(name: &str) -> f64 {
+    ticks(name).last().copied().unwrap_or(0.0)
+}
+
+/// A config for `name` from life-a.cfg (the lifecycle guest: kernel, memory, `vtpm = [ "backend=0" ]`)
+/// with `extra`, without its vTPM line when `vtpm` is false.
+fn write_cfg(path: &str, name: &str, extra: &str, vtpm: bool) -> Result<(), String> {
+    let src = xen::read_text(super::life::LCFG0);
+    let mut out = String::new();
+    for l in src.lines() {
+        let t = l.trim_start();
+        let l = if t.starts_with("name ") || t.starts_with("name=") {
+            format!("name = \"{name}\"")
+        } else if t.starts_with("extra ") || t.starts_with("extra=") {
+            format!("extra = \"console=hvc0 rootfstype=ramfs quiet {extra}\"")
+        } else if t.starts_with("vtpm ") && !vtpm {
+            continue;
+        } else {
+            l.to_string()
+        };
+        out.push_str(&l);
+        out.push('\n');
+    }
+    if !out.contains(&format!("name = \"{name}\"")) || !out.contains(extra) {
+        return Err(format!("{path}: name/extra not substituted from {}", super::life::LCFG0));
+    }
+    std::fs::write(path, out).map_err(|e| format!("{path}: {e}"))
+}
+
+/// A command to the held guest NAME (xenstore data/xvtpm-cmd of its current domain); its
+/// GUEST-CMD line.
+fn guest_cmd(cx: &Cx, name: &str, n: u32, cmd: &str, secs: u64) -> String {
+    let Some(d) = xen::domid(name) else {
+        return format!("no {name} domain");
+    };
+    if !xen::xs_write(&format!("/local/domain/{d}/data/xvtpm-cmd"), &format!("{n}:{cmd}")) {
+        return "xenstore-write failed".into();
+    }
+    let key = format!("GUEST-CMD {n} ");
+    cx.wait_every(secs, Duration::from_secs(1), || cons(name).lines().any(|l| l.starts_with(&key)));
+    cons(name)
+        .lines()
+        .find(|l| l.starts_with(&key))
+        .map_or_else(|| format!("no answer within {secs} s"), str::to_string)
+}
+
+/// `xl-vtpm migrate …` with `--json`: (exit code, the JSON answer, all output).
+fn xl_vtpm_migrate(cx: &Cx, args: &[&str], save: &str) -> (i32, Value, String) {
+    let mut argv = vec!["xl-vtpm", "--json", "migrate"];
+    argv.extend_from_slice(args);
+    let o = Cmd::new(&argv).env("NO_COLOR", "1").secs(240).save_split(save, &format!("{save}.err")).run(cx);
+    let v = xen::parse_json(&o.stdout).unwrap_or(Value::Null);
+    (o.rc, v, o.all())
+}
+
+fn vtpm_pid(cx: &Cx, name: &str) -> Option<u32> {
+    jf(&life_row(cx, name), "vtpm_pid").parse().ok()
+}
+
+/// The migcheck answer's `key=value`.
+fn field(line: &str, key: &str) -> String {
+    xen::token(line, key).unwrap_or_default()
+}
+
+pub fn run(r: &mut Runner, st: &mut St) {
+    let mode = xen::cmdline_arg("xvtpm_migrate").unwrap_or_else(|| "0".into());
+    if mode == "0" || st.vtpm_mode != "dom0" {
+        let why = if mode == "0" { "disabled (XVTPM_TESTBED_MIGRATE=0)" } else { "needs XVTPM_TESTBED_VTPM=dom0" };
+        for p in ["migrate-plain", "migrate", "migrate-recover"] {
+            r.skip(p, why);
+        }
+        return;
+    }
+
+    // migrate-plain: P6 without a vTPM
+    r.phase("migrate-plain", deadline(420), |cx| {
+        let mut e = Errs::default();
+        let info = Cmd::sh("xl info").secs(30).run(cx).all();
+        show("xl info", &info.lines().filter(|l| l.starts_with("free_memory") || l.starts_with("total_memory")).collect::<Vec<_>>().join("\n"));
+        show("xl list", &Cmd::sh("xl list").secs(30).run(cx).all());
+        if let Err(w) = write_cfg(PCFG, "mig-p", "role=plain hold=1 tick=1", false) {
+            return Outcome::fail(w);
+        }
+        if !super::xl_create(cx, PCFG, "/tmp/xl-mig-p.out", 180, &mut e) {
+            return e.verdict("");
+        }
+        if !cx.wait_every(120, Duration::from_secs(1), || cons("mig-p").contains("GUEST-HOLD")) {
+            show_tail("mig-p console", &cons("mig-p"), 10);
+            e.add("no-GUEST-HOLD");
+        }
+        let mut downs = Vec::new();
+        for round in 1..=2 {
+            if !e.is_empty() || r_past(cx) {
+                break;
+            }
+            let old = xen::domid("mig-p").unwrap_or_default();
+            let from = last_tick("mig-p");
+            let o = Cmd::new(&["xl", "migrate", "-s", "", "mig-p", "xl migrate-receive"])
+                .secs(240)
+                .save(&format!("/tmp/xl-mig-p-{round}.out"))
+                .run(cx);
+            let new = xen::domid("mig-p").unwrap_or_default();
+            if !e.check("migrate-plain-xl", o.ok() && !new.is_empty() && new != old, format!("round {round}: xl migrate rc={} in {} ms, domid {old} -> {new}", o.rc, o.elapsed.as_millis())) {
+                show_tail("xl migrate", &o.all(), 15);
+                break;
+            }
+            match downtime(cx, "mig-p", from) {
+                Some(ms) => {
+                    println!("PERF p6-novtpm-downtime-ms-r{round}={ms} (largest gap between the guest's 0.1 s ticks; xl migrate {} ms)", o.elapsed.as_millis());
+                    downs.push(ms);
+                }
+                None => {
+                    e.add(format!("no-ticks-after-round-{round}"));
+                    show_tail("mig-p console", &cons("mig-p"), 10);
+                }
+            }
+        }
+        xen::xl_destroy(cx, "mig-p", 60);
+        e.verdict(format!("a PV guest without a vTPM moved twice on localhost; downtime seen by the guest {downs:?} ms"))
+    });
+
+    // migrate: the guest with its vTPM
+    let mut ek = String::new();
+    let mut pcr = String::new();
+    let mut ok = false;
+    r.phase("migrate", deadline(900), |cx| {
+        let mut e = Errs::default();
+        if !st.mgr_ready() {
+            return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
+        }
+        if let Err(w) = write_cfg(MCFG, "mig-a", "role=mig hold=1 tick=1", true) {
+            return Outcome::fail(w);
+        }
+        let o = Cmd::new(&["xl-vtpm", "create", MCFG]).env("NO_COLOR", "1").secs(180).save("/tmp/xl-mig-a-create.out").run(cx);
+        if !o.ok() {
+            show_tail("xl-vtpm create mig-a", &o.all(), 20);
+            return Outcome::fail(format!("xl-vtpm create rc={}", o.rc));
+        }
+        let pid0 = vtpm_pid(cx, "mig-a");
+        if !cx.wait_every(300, Duration::from_secs(1), || cons("mig-a").contains("GUEST-HOLD")) {
+            e.add("no-GUEST-HOLD");
+        }
+        let c = cons("mig-a");
+        let miss = super::guest_checks(&c, "mig-a", "boot", &["tpm0", "startup", "getrandom", "ek", "persistent", "nv-write", "pcrextend"]);
+        for m in &miss {
+            e.add(m.clone());
+        }
+        ek = ek_hash(&c);
+        pcr = after_prefix(&c, "GUEST-PCR16 ").unwrap_or_default().trim().to_string();
+        if !e.is_empty() {
+            show_tail("mig-a console", &c, 20);
+            return e.verdict("");
+        }
+        let old = xen::domid("mig-a").unwrap_or_default();
+        let mut downs = Vec::new();
+        for round in 1..=2 {
+            if round == 2 && r_past(cx) {
+                break;
+            }
+            let from = last_tick("mig-a");
+            let (rc, v, all) = xl_vtpm_migrate(cx, &["mig-a", "localhost"], &format!("/tmp/xl-mig-a-{round}.out"));
+            show("xl-vtpm migrate", &all);
+            let before = if round == 1 { old.clone() } else { jf(&v, "from_domid") };
+            let new = xen::domid("mig-a").unwrap_or_default();
+            let same_pid = pid0.is_some() && jf(&v, "vtpm_pid").parse::<u32>().ok() == pid0 && pid_up(pid0);
+            if !e.check(
+                "migrate-xl-vtpm",
+                rc == 0 && !new.is_empty() && new != before && jf(&v, "to_domid") == new && same_pid && jf(&v, "vtpm_restarted") == "false",
+                format!("round {round}: rc={rc} domid {before} -> {new}, vTPM process {:?} -> {} (kept running), xl migrate {} ms, total {} ms, reconnect {} ms", pid0, jf(&v, "vtpm_pid"), jf(&v, "xl_migrate_ms"), jf(&v, "total_ms"), jf(&v, "reconnect_ms")),
+            ) {
+                break;
+            }
+            if round == 1 {
+                let src_dev = xen::xs_ls(&format!("/local/domain/0/backend/vtpm/{before}"));
+                e.check("migrate-source-released", src_dev.is_empty(), format!("backend/vtpm/{before}: {} keys left", src_dev.len()));
+                let row = life_row(cx, "mig-a");
+                e.check("migrate-registry", jf(&row, "guest_domid") == new && jf(&row, "state") == "running", format!("registry: domid {} state {}", jf(&row, "guest_domid"), jf(&row, "state")));
+                let marker = xen::xs_read(&format!("/local/domain/0/backend/vtpm/{new}/0/xvtpm-resume"));
+                e.check("migrate-marker-taken", marker.is_none(), format!("resume marker after the reconnect: {marker:?}"));
+            }
+            match downtime(cx, "mig-a", from) {
+                Some(ms) => {
+                    println!(
+                        "PERF p6-vtpm-downtime-ms-r{round}={ms} (largest gap between the guest's 0.1 s ticks; xl migrate {} ms, xl-vtpm migrate {} ms, tpmif reconnected {} ms after the unpause)",
+                        jf(&v, "xl_migrate_ms"),
+                        jf(&v, "total_ms"),
+                        jf(&v, "reconnect_ms")
+                    );
+                    downs.push(ms);
+                }
+                None => e.add(format!("no-ticks-after-round-{round}")),
+            }
+            if round == 1 {
+                let nonce = xen::nonce(16);
+                let a = guest_cmd(cx, "mig-a", 1, &format!("migcheck:{nonce}"), 240);
+                println!("[mig-a] {a}");
+                e.check("migrate-guest-ek", !ek.is_empty() && field(&a, "ek") == ek, format!("EK sha256 before {} after {}", ek, field(&a, "ek")));
+                e.check("migrate-guest-persistent", field(&a, "persistent") == "kept", "0x81000010 still there and readable");
+                e.check("migrate-guest-nv", field(&a, "nv") == "kept", "NV 0x01500016 contents kept");
+                e.check("migrate-guest-pcr16", pcr == PCR_AFTER && field(&a, "pcr16") == pcr, format!("PCR 16 before {pcr} after {} (kept, as across a suspend)", field(&a, "pcr16")));
+                e.check("migrate-guest-quote", field(&a, "quote") == "verified", "a fresh ECC AK quote over PCR 16 verified (tpm2_checkquote; a wrong nonce is rejected)");
+            }
+        }
+        if !e.is_empty() {
+            show_tail("mig-a console (GUEST lines)", &cons("mig-a").lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
+        } else {
+            ok = true;
+        }
+        e.verdict(format!("mig-a moved with its vTPM (process kept, EK/key/NV/PCR 16 kept, quote verified); downtime seen by the guest {downs:?} ms"))
+    });
+
+    // migrate-recover: failure points, then destroy
+    r.phase("migrate-recover", deadline(600), |cx| {
+        let mut e = Errs::default();
+        if !ok || xen::domid("mig-a").is_none() {
+            if xen::domid("mig-a").is_some() {
+                let _ = Cmd::new(&["xl-vtpm", "destroy", "mig-a"]).secs(60).run(cx);
+            }
+            return Outcome::fail("needs the migrate phase");
+        }
+        // 1. xl migrate fails before the guest moved
+        let d0 = xen::domid("mig-a").unwrap_or_default();
+        let p0 = vtpm_pid(cx, "mig-a");
+        let (rc, _, all) = xl_vtpm_migrate(cx, &["mig-a", "localhost", "--ssh", "false"], "/tmp/xl-mig-a-fail.out");
+        show("xl-vtpm migrate --ssh false", &all);
+        e.check(
+            "migrate-fail-before",
+            rc == 1 && all.contains("before the guest moved") && xen::domid("mig-a").as_deref() == Some(d0.as_str()) && vtpm_pid(cx, "mig-a") == p0 && pid_up(p0),
+            format!("rc={rc}; the guest stays domain {d0}, vTPM process {p0:?} unchanged"),
+        );
+        let a = guest_cmd(cx, "mig-a", 2, "getrandom", 120);
+        e.check("migrate-fail-before-tpm", a.contains("getrandom PASS"), &a);
+        // 2. xl-vtpm cut short after xl migrate -p; the vTPM process killed meanwhile
+        let o = Cmd::new(&["xl", "migrate", "-p", "-s", "", "mig-a", "xl migrate-receive -p"]).secs(240).save("/tmp/xl-mig-a-cut.out").run(cx);
+        let d1 = xen::domid("mig-a").unwrap_or_default();
+        let paused = Cmd::new(&["xl", "list", "mig-a"]).split().secs(30).run(cx).stdout;
+        e.check("migrate-cut-paused", o.ok() && d1 != d0 && !d1.is_empty(), format!("xl migrate -p rc={}: domid {d0} -> {d1}: {}", o.rc, paused.lines().nth(1).unwrap_or("")));
+        if let Some(p) = p0 {
+            crate::cmd::signal(p, nix::sys::signal::Signal::SIGKILL);
+            cx.wait_until(10, || !pid_up(p0));
+        }
+        let (rc, v, all) = xl_vtpm_migrate(cx, &["mig-a", "--finish"], "/tmp/xl-mig-a-finish.out");
+        show("xl-vtpm migrate --finish", &all);
+        let p1 = vtpm_pid(cx, "mig-a");
+        e.check(
+            "migrate-finish",
+            rc == 0 && jf(&v, "to_domid") == d1 && jf(&v, "vtpm_restarted") == "true" && p1.is_some() && p1 != p0,
+            format!("rc={rc}: guest domain {d1} resumed, vTPM started again as process {p1:?} (was {p0:?}, killed -9)"),
+        );
+        let nonce = xen::nonce(16);
+        let a = guest_cmd(cx, "mig-a", 3, &format!("migcheck:{nonce}"), 240);
+        println!("[mig-a] {a}");
+        e.check("migrate-recover-ek", !ek.is_empty() && field(&a, "ek") == ek, format!("EK before {ek} after {}", field(&a, "ek")));
+        e.check("migrate-recover-persistent-nv", field(&a, "persistent") == "kept" && field(&a, "nv") == "kept", "0x81000010 and NV kept across the killed vTPM");
+        e.check("migrate-recover-pcr16-reset", field(&a, "pcr16") == PCR_ZERO, format!("PCR 16 {} (reset: the killed process's volatile state is gone)", field(&a, "pcr16")));
+        e.check("migrate-recover-quote", field(&a, "quote") == "verified", "fresh quote verified");
+        // 3. destroy: domain and vTPM process gone
+        let o = Cmd::new(&["xl-vtpm", "destroy", "mig-a"]).env("NO_COLOR", "1").secs(90).run(cx);
+        let gone = cx.wait_until(20, || !pid_up(p1));
+        e.check("migrate-destroy", o.ok() && xen::domid("mig-a").is_none() && gone, format!("xl-vtpm destroy rc={}; domain gone, vTPM process {p1:?} gone", o.rc));
+        if xen::domid("mig-a").is_some() {
+            xen::xl_destroy(cx, "mig-a", 60);
+        }
+        if !e.is_empty() {
+            show_tail("mig-a console (GUEST lines)", &cons("mig-a").lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
+        }
+        e.verdict("xl migrate failing before the move leaves the guest and vTPM in place; a cut-short move with the vTPM killed -9 finishes with --finish (EK, key, NV kept; PCR 16 reset); destroy stops the vTPM")
+    });
+}
+
+/// The scenario deadline is near (skip optional rounds).
+fn r_past(cx: &Cx) -> bool {
+    cx.limit(Duration::from_secs(200)).1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_gap;
+
+    #[test]
+    fn the_largest_tick_gap_after_a_start() {
+        let t = [1.0, 1.1, 1.2, 4.2, 4.3, 4.4, 4.5, 4.6, 4.7];
+        let (g, after) = max_gap(&t, 1.1).unwrap();
+        assert!((g - 3.0).abs() < 1e-9);
+        assert_eq!(after, 6);
+        assert!(max_gap(&t, 9.0).is_none());
+    }
+}

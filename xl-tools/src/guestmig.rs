@@ -1,0 +1,294 @@
+//! `xl-vtpm migrate GUEST localhost`: moves a running PV guest to a new domain with `xl migrate`,
+//! its dom0-process vTPM serving the new domain before the guest's frontend reconnects there.
+//!
+//! The vTPM process keeps running through the move: it watches dom0's whole tpmif backend
+//! directory and serves every device that names its vTPM, so it serves the incoming domain's
+//! device as soon as libxl writes it (before the domain can run), and forgets the source's
+//! when xl destroys the source. `xl migrate -p` leaves the incoming domain paused; this module
+//! then checks that the vTPM serves its device (InitWait), writes the resume marker into that
+//! device's backend directory ([`xen_platform::xenbus::RESUME_MARKER`]: the connection resumes
+//! the guest, the TPM is not power-cycled, so PCRs and everything else stay as after a
+//! suspend), unpauses it and records the new domid in the registry.
+//!
+//! Failure points (docs/migration.md, "Moving the guest with its vTPM"):
+//! - `xl migrate` fails before the guest moved: xl resumes the guest where it was (same domid);
+//!   nothing of the vTPM changed (no marker was written). Reported as a failure.
+//! - it fails after the incoming domain exists (paused) or `xl-vtpm` is killed before the unpause:
+//!   `xl-vtpm migrate GUEST --finish` does the steps after `xl migrate`.
+//! - the vTPM process died: it is started again from its durable state before the unpause
+//!   (EK, keys, NV kept; PCRs reset as after a power loss, and no marker is written).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::admin::Admin;
+use crate::exit::{CliError, FAILURE, REFUSED, USAGE};
+use crate::registry::State;
+use crate::xenlife::{DOM0_BACKEND_ROOT, Xen, reg_err};
+
+/// How long the incoming domain's tpmif device may take to reach InitWait after `xl migrate`.
+pub const BACKEND_WAIT: Duration = Duration::from_secs(20);
+/// How long the resumed guest's frontend may take to connect again (reported, not required).
+pub const RECONNECT_WAIT: Duration = Duration::from_secs(60);
+
+/// What `xl-vtpm migrate` did.
+#[derive(Debug, serde::Serialize)]
+pub struct GuestMigrated {
+    /// The guest.
+    pub guest_name: String,
+    /// Its domain before the move.
+    pub from_domid: u32,
+    /// Its domain now.
+    pub to_domid: u32,
+    /// Its vTPM.
+    pub vtpm_uuid: Uuid,
+    /// The vTPM process serving it now.
+    pub vtpm_pid: u32,
+    /// The vTPM process had to be started again (its PCRs were reset).
+    pub vtpm_restarted: bool,
+    /// `xl migrate` wall time (ms; 0 with `--finish`).
+    pub xl_migrate_ms: u64,
+    /// From the unpause until the guest's TPM frontend was connected again (ms), if it was
+    /// within [`RECONNECT_WAIT`].
+    pub reconnect_ms: Option<u64>,
+    /// The whole command (ms).
+    pub total_ms: u64,
+}
+
+fn fail(code: i32, m: impl Into<String>) -> CliError {
+    CliError::new(code, m)
+}
+
+/// Whether HOST names this host (a local migration: the vTPM stays with this manager).
+pub fn is_local(host: &str) -> bool {
+    matches!(host, "localhost" | "127.0.0.1" | "::1") || host == crate::registry::this_host()
+}
+
+/// `xl migrate` arguments: `-p` (the incoming domain stays paused until its vTPM is ready).
+/// Without `ssh`, a local move runs the receiver directly (`-s ""`, no sshd needed).
+pub fn xl_migrate_args(name: &str, host: &str, ssh: Option<&str>) -> Vec<String> {
+    let mut a: Vec<String> = vec!["migrate".into(), "-p".into()];
+    match ssh {
+        Some(s) => {
+            a.extend(["-s".into(), s.to_string(), name.to_string(), host.to_string()]);
+        }
+        None => {
+            a.extend(["-s".into(), String::new(), name.to_string(), "xl migrate-receive -p".into()]);
+        }
+    }
+    a
+}
+
+impl Xen {
+    fn xl_domid(&self, name: &str) -> Option<u32> {
+        let out = Command::new(&self.xl).args(["domid", name]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
+    /// `xl-vtpm migrate NAME HOST [--ssh CMD]`, or with `finish` the steps after `xl migrate`.
+    pub fn migrate_guest(&self, admin: &mut Admin, name: &str, host: Option<&str>, ssh: Option<&str>, finish: bool) -> Result<GuestMigrated, CliError> {
+        let t0 = Instant::now();
+        if !finish {
+            let host = host.ok_or_else(|| fail(USAGE, "xl-vtpm migrate: name the destination HOST (localhost), or give --finish"))?;
+            if !is_local(host) {
+                return Err(fail(
+                    USAGE,
+                    format!(
+                        "xl-vtpm migrate {name} {host}: only a move on this host (localhost) is supported; to another host, move the \
+                         vTPM's identity with `xl-vtpm vtpm migrate` (docs/migration.md)"
+                    ),
+                ));
+            }
+        }
+        let reg = &mut self.open_registry()?;
+        let row = reg
+            .get_by_name(name)
+            .map_err(reg_err)?
+            .ok_or_else(|| fail(crate::exit::NOT_FOUND, format!("no guest {name:?} in the registry; see `xl-vtpm list`")))?;
+        if row.state != State::Running {
+            return Err(fail(REFUSED, format!("guest {name} is not running (registry state {:?})", row.state)));
+        }
+        let uuid = row.vtpm_uuid;
+        let rt = self.local.runtime(&uuid);
+        if rt.is_none() && row.vtpm_domain != crate::xenlife::vtpm_domain_name(name) {
+            return Err(fail(
+                REFUSED,
+                format!("guest {name}'s vTPM runs in its own domain {:?}; only a dom0-process vTPM (backend=0) moves with `xl-vtpm migrate`", row.vtpm_domain),
+            ));
+        }
+        if let Some(rt) = &rt
+            && !rt.listen.iter().any(|l| l.starts_with("xen:"))
+        {
+            return Err(fail(REFUSED, format!("guest {name}'s vTPM (process {}) serves {:?}, not tpmif: an HVM guest's emulated TPM does not move with `xl-vtpm migrate`", rt.pid, rt.listen)));
+        }
+        let old = row.guest_domid.ok_or_else(|| fail(FAILURE, format!("the registry has no domid for guest {name}")))?;
+        let mut xl_ms = 0;
+        if !finish {
+            let now = self.xl_domid(name);
+            if now != Some(old) {
+                return Err(fail(
+                    REFUSED,
+                    format!(
+                        "guest {name} is {} but the registry says domain {old}; if an earlier `xl-vtpm migrate` was cut short, run `xl-vtpm migrate {name} --finish`",
+                        now.map_or("not running".to_string(), |d| format!("domain {d}"))
+                    ),
+                ));
+            }
+            // The vTPM must serve the incoming domain's device as soon as libxl writes it.
+            self.ensure_vtpm_process(admin, uuid, None)?;
+            let args = xl_migrate_args(name, host.unwrap_or("localhost"), ssh);
+            let t = Instant::now();
+            let out = Command::new(&self.xl)
+                .args(&args)
+                .output()
+                .map_err(|e| fail(FAILURE, format!("cannot run {} ({e})", self.xl.display())))?;
+            xl_ms = t.elapsed().as_millis() as u64;
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            // xl's first errors name the cause (e.g. `xc: error: Failed to enable logdirty: 95,…`:
+            // this Xen cannot track a PV guest's dirty pages, and `xl migrate` is always live);
+            // its last lines say where it stopped.
+            let mut tail: Vec<&str> = text.lines().filter(|l| l.contains("error")).take(2).collect();
+            tail.extend(text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev());
+            let after = self.xl_domid(name);
+            match after {
+                Some(d) if d == old => {
+                    return Err(fail(
+                        FAILURE,
+                        format!(
+                            "xl migrate failed before the guest moved (exit {}): {name} runs on as domain {old} with its vTPM; nothing changed. xl said: {}",
+                            out.status.code().unwrap_or(-1),
+                            tail.join(" | ")
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    return Err(fail(
+                        FAILURE,
+                        format!(
+                            "xl migrate ended (exit {}) with no domain named {name}: check `xl list` for {name}--incoming / {name}--migratedaway and resume at most one \
+                             (its vTPM keeps running and serves either); then `xl-vtpm migrate {name} --finish`. xl said: {}",
+                            out.status.code().unwrap_or(-1),
+                            tail.join(" | ")
+                        ),
+                    ));
+                }
+            }
+        }
+        let new = self.xl_domid(name).ok_or_else(|| fail(FAILURE, format!("guest {name} has no domain; nothing to finish")))?;
+        if finish && new == old {
+            return Err(fail(REFUSED, format!("guest {name} is still domain {old}, as the registry says: there is no move to finish")));
+        }
+        // The vTPM process: still the one that served the source (state in memory), or started
+        // again from its durable state (PCRs reset, so no resume marker).
+        let (_, restarted) = self.ensure_vtpm_process(admin, uuid, None)?;
+        let pid = self.local.runtime(&uuid).map(|r| r.pid).ok_or_else(|| fail(FAILURE, format!("vTPM {uuid} does not run")))?;
+        let dev = wait_backend(new, &uuid, BACKEND_WAIT).map_err(|e| {
+            fail(FAILURE, format!("guest {name} (domain {new}, paused): its vTPM does not serve the incoming domain's device: {e}; the guest stays paused"))
+        })?;
+        if !restarted {
+            xs_write(&format!("{dev}/{}", xen_platform::xenbus::RESUME_MARKER), &old.to_string())
+                .map_err(|e| fail(FAILURE, format!("guest {name} (domain {new}, paused): writing the resume marker: {e}; the guest stays paused, run `xl-vtpm migrate {name} --finish`")))?;
+        }
+        self.xl_run(&["unpause", &new.to_string()])?;
+        let t_unpause = Instant::now();
+        reg.mark_running(row.id, new, 0).map_err(reg_err)?;
+        let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t_unpause.elapsed().as_millis() as u64);
+        Ok(GuestMigrated {
+            guest_name: name.to_string(),
+            from_domid: old,
+            to_domid: new,
+            vtpm_uuid: uuid,
+            vtpm_pid: pid,
+            vtpm_restarted: restarted,
+            xl_migrate_ms: xl_ms,
+            reconnect_ms,
+            total_ms: t0.elapsed().as_millis() as u64,
+        })
+    }
+
+    fn xl_run(&self, args: &[&str]) -> Result<(), CliError> {
+        let out = Command::new(&self.xl).args(args).output().map_err(|e| fail(FAILURE, format!("cannot run {} ({e})", self.xl.display())))?;
+        if !out.status.success() {
+            return Err(fail(FAILURE, format!("xl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        Ok(())
+    }
+}
+
+fn with_xs<T>(f: impl AsyncFnOnce(&xen_platform::xenstore::XsClient) -> Result<T, String>) -> Result<T, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let (xs, _events) = xen_platform::xenstore::XsClient::open().await.map_err(|e| format!("xenstore: {e}"))?;
+        f(&xs).await
+    })
+}
+
+fn xs_write(path: &str, value: &str) -> Result<(), String> {
+    use xen_platform::xenstore::Xenstore;
+    with_xs(async |xs| xs.write(path, value).await.map_err(|e| e.to_string()))
+}
+
+/// Waits until a device of domain `domid` under dom0's tpmif backend root names vTPM `uuid`
+/// and its backend is in InitWait (2) or later; returns its backend directory.
+fn wait_backend(domid: u32, uuid: &Uuid, limit: Duration) -> Result<String, String> {
+    use xen_platform::xenstore::Xenstore;
+    let dir = format!("{DOM0_BACKEND_ROOT}/{domid}");
+    with_xs(async |xs| {
+        let deadline = Instant::now() + limit;
+        let mut seen = String::from("no device");
+        loop {
+            for devid in xs.directory(&dir).await.map_err(|e| e.to_string())?.unwrap_or_default() {
+                let p = format!("{dir}/{devid}");
+                let u = xs.read(&format!("{p}/uuid")).await.ok().flatten().unwrap_or_default();
+                if u.trim() != uuid.to_string() {
+                    continue;
+                }
+                let st = xs.read(&format!("{p}/state")).await.ok().flatten().unwrap_or_default();
+                if st.trim().parse::<u32>().is_ok_and(|s| (2..=4).contains(&s)) {
+                    return Ok(p);
+                }
+                seen = format!("{p} in state {:?}", st.trim());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("{seen} within {} s", limit.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// Whether the backend `dev` reaches Connected (4) within `limit`.
+fn wait_connected(dev: &str, limit: Duration) -> bool {
+    use xen_platform::xenstore::Xenstore;
+    with_xs(async |xs| {
+        let deadline = Instant::now() + limit;
+        loop {
+            if xs.read(&format!("{dev}/state")).await.ok().flatten().is_some_and(|s| s.trim() == "4") {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_moves_run_the_receiver_directly_and_keep_the_domain_paused() {
+        assert_eq!(xl_migrate_args("g", "localhost", None), ["migrate", "-p", "-s", "", "g", "xl migrate-receive -p"]);
+        assert_eq!(xl_migrate_args("g", "localhost", Some("false")), ["migrate", "-p", "-s", "false", "g", "localhost"]);
+        assert!(is_local("localhost") && is_local("127.0.0.1") && !is_local("host-b.example"));
+    }
+}
