@@ -69,8 +69,44 @@ pub const TPM2_RH_OWNER: u32 = 0x4000_0001;
 pub const TPM2_RH_ENDORSEMENT: u32 = 0x4000_000B;
 /// TPM 2.0 `TPM_RH_PLATFORM`.
 pub const TPM2_RH_PLATFORM: u32 = 0x4000_000C;
+/// TPM 2.0 `TPM_ALG_RSA`.
+pub const TPM2_ALG_RSA: u16 = 0x0001;
+/// TPM 2.0 `TPM_ALG_SHA1`.
+pub const TPM2_ALG_SHA1: u16 = 0x0004;
 /// TPM 2.0 `TPM_ALG_SHA256`.
 pub const TPM2_ALG_SHA256: u16 = 0x000B;
+/// TPM 2.0 `TPM_ALG_SHA384`.
+pub const TPM2_ALG_SHA384: u16 = 0x000C;
+/// TPM 2.0 `TPM_ALG_SHA512`.
+pub const TPM2_ALG_SHA512: u16 = 0x000D;
+/// TPM 2.0 `TPM_ALG_NULL`.
+pub const TPM2_ALG_NULL: u16 = 0x0010;
+/// TPM 2.0 `TPM_ALG_RSASSA` (PKCS#1 v1.5).
+pub const TPM2_ALG_RSASSA: u16 = 0x0014;
+/// TPM 2.0 `TPM_ALG_OAEP`.
+pub const TPM2_ALG_OAEP: u16 = 0x0017;
+/// TPM 2.0 `TPM_ALG_ECDSA`.
+pub const TPM2_ALG_ECDSA: u16 = 0x0018;
+/// TPM 2.0 `TPM_ALG_ECC`.
+pub const TPM2_ALG_ECC: u16 = 0x0023;
+
+/// TPM 2.0 `TPM_GENERATED_VALUE`, the magic of every `TPMS_ATTEST` the TPM makes.
+pub const TPM2_GENERATED_VALUE: u32 = 0xff54_4347;
+/// TPM 2.0 `TPM_ST_ATTEST_CERTIFY`.
+pub const TPM2_ST_ATTEST_CERTIFY: u16 = 0x8017;
+/// TPM 2.0 `TPM_ST_ATTEST_QUOTE`.
+pub const TPM2_ST_ATTEST_QUOTE: u16 = 0x8018;
+
+/// TPM 2.0 `TPM_CAP_COMMANDS`.
+pub const TPM2_CAP_COMMANDS: u32 = 2;
+/// TPM 2.0 `TPM_CAP_TPM_PROPERTIES`.
+pub const TPM2_CAP_TPM_PROPERTIES: u32 = 6;
+/// TPM 2.0 `PT_FIXED`, the first fixed TPM property.
+pub const TPM2_PT_FIXED: u32 = 0x100;
+/// TPM 2.0 `TPM_PT_TOTAL_COMMANDS`.
+pub const TPM2_PT_TOTAL_COMMANDS: u32 = 0x129;
+/// TPM 2.0 `TPM_PT_VENDOR_COMMANDS`.
+pub const TPM2_PT_VENDOR_COMMANDS: u32 = 0x12B;
 
 /// TPM 2.0 command code `TPM_CC_EvictControl`.
 pub const TPM2_CC_EVICT_CONTROL: u32 = 0x120;

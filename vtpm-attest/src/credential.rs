@@ -40,8 +40,7 @@ use sha2::{Digest, Sha256};
 use vtpm_proto::ekcert::{self, oid, CertError, Certificate};
 use vtpm_proto::tpms::AkPublic;
 
-/// `TPM_ALG_SHA256`.
-const TPM_ALG_SHA256: u16 = 0x000B;
+use vtpm_proto::evidence::TPM_ALG_SHA256;
 /// Largest secret a credential carries (`sizeof(TPMU_HA)`).
 pub const MAX_SECRET: usize = 64;
 /// Most certificates between an EK certificate and a root that [`verify_ek_chain`] follows.

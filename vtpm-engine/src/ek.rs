@@ -343,9 +343,7 @@ pub struct TpmProperties {
 /// Reads [`TpmProperties`].
 pub fn tpm_properties(engine: &mut Engine) -> Result<TpmProperties, EngineError> {
     require_tpm2(engine)?;
-    const TPM_CAP_TPM_PROPERTIES: u32 = 6;
-    const PT_FIXED: u32 = 0x100;
-    let cmd = Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_GET_CAPABILITY).u32(TPM_CAP_TPM_PROPERTIES).u32(PT_FIXED).u32(13).finish();
+    let cmd = Command::new(TPM2_ST_NO_SESSIONS, TPM2_CC_GET_CAPABILITY).u32(tpm_wire::TPM2_CAP_TPM_PROPERTIES).u32(tpm_wire::TPM2_PT_FIXED).u32(13).finish();
     let resp = engine.process(&cmd);
     check(&resp, "GetCapability")?;
     // header(10) | moreData(1) | capability(4) | count(4) | (property(4) value(4))*

@@ -24,14 +24,10 @@ pub const TPM2_CC_XVTPM_DEEP_QUOTE: u32 = 0x2000_0100;
 /// `TPMA_CC` of the command: commandIndex 0x0100, V (bit 29) set, no handles.
 pub const TPMA_CC_DEEP_QUOTE: u32 = 0x2000_0100;
 
-/// `TPM_CAP_COMMANDS`.
-pub const TPM_CAP_COMMANDS: u32 = 2;
-/// `TPM_CAP_TPM_PROPERTIES`.
-pub const TPM_CAP_TPM_PROPERTIES: u32 = 6;
-/// `TPM_PT_TOTAL_COMMANDS`.
-pub const TPM_PT_TOTAL_COMMANDS: u32 = 0x129;
-/// `TPM_PT_VENDOR_COMMANDS`.
-pub const TPM_PT_VENDOR_COMMANDS: u32 = 0x12B;
+pub use tpm_wire::{
+    TPM2_CAP_COMMANDS as TPM_CAP_COMMANDS, TPM2_CAP_TPM_PROPERTIES as TPM_CAP_TPM_PROPERTIES,
+    TPM2_PT_TOTAL_COMMANDS as TPM_PT_TOTAL_COMMANDS, TPM2_PT_VENDOR_COMMANDS as TPM_PT_VENDOR_COMMANDS,
+};
 
 /// Parameter error codes (TPM_RC_VALUE/SIZE with the parameter number), so
 /// a guest learns which field is wrong.

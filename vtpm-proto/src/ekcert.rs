@@ -86,8 +86,7 @@ pub mod oid {
 pub const EK_CERT_NV_RSA2048: u32 = 0x01C0_0002;
 /// NV index of the ECC NIST P-256 EK certificate.
 pub const EK_CERT_NV_ECC_P256: u32 = 0x01C0_000A;
-/// `TPM_ST_ATTEST_CERTIFY`.
-pub const TPM_ST_ATTEST_CERTIFY: u16 = 0x8017;
+pub use tpm_wire::TPM2_ST_ATTEST_CERTIFY as TPM_ST_ATTEST_CERTIFY;
 /// Largest certificate accepted anywhere (an EK certificate is about 800 bytes; the TCG index
 /// size limit of most TPMs is 2048).
 pub const MAX_CERT_LEN: usize = 2048;

@@ -62,14 +62,10 @@ pub const MAX_PCR_SELECT: usize = 4;
 /// Cap on the number of host PCR values in a bundle.
 pub const MAX_HOST_PCR_VALUES: usize = MAX_PCR_BANKS * MAX_PCR_SELECT * 8;
 
-/// TPM_ALG_SHA1.
-pub const TPM_ALG_SHA1: u16 = 0x0004;
-/// TPM_ALG_SHA256.
-pub const TPM_ALG_SHA256: u16 = 0x000B;
-/// TPM_ALG_SHA384.
-pub const TPM_ALG_SHA384: u16 = 0x000C;
-/// TPM_ALG_SHA512.
-pub const TPM_ALG_SHA512: u16 = 0x000D;
+pub use tpm_wire::{
+    TPM2_ALG_SHA1 as TPM_ALG_SHA1, TPM2_ALG_SHA256 as TPM_ALG_SHA256, TPM2_ALG_SHA384 as TPM_ALG_SHA384,
+    TPM2_ALG_SHA512 as TPM_ALG_SHA512,
+};
 
 /// Digest size of a PCR bank's hash algorithm, if it is one this crate knows.
 pub fn digest_size(alg: u16) -> Option<usize> {

@@ -8,20 +8,10 @@ use p256::ecdsa::signature::Verifier as _;
 
 use crate::evidence::{EvidenceError, PcrSelection, Reader, TPM_ALG_SHA256, read_pcr_selection_list};
 
-/// `TPM_GENERATED_VALUE`, the magic of every TPMS_ATTEST the TPM makes.
-pub const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
-/// `TPM_ST_ATTEST_QUOTE`.
-pub const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
-/// `TPM_ALG_RSA`.
-pub const TPM_ALG_RSA: u16 = 0x0001;
-/// `TPM_ALG_ECC`.
-pub const TPM_ALG_ECC: u16 = 0x0023;
-/// `TPM_ALG_NULL`.
-pub const TPM_ALG_NULL: u16 = 0x0010;
-/// `TPM_ALG_RSASSA` (PKCS#1 v1.5).
-pub const TPM_ALG_RSASSA: u16 = 0x0014;
-/// `TPM_ALG_ECDSA`.
-pub const TPM_ALG_ECDSA: u16 = 0x0018;
+pub use tpm_wire::{
+    TPM2_ALG_ECC as TPM_ALG_ECC, TPM2_ALG_ECDSA as TPM_ALG_ECDSA, TPM2_ALG_NULL as TPM_ALG_NULL, TPM2_ALG_RSA as TPM_ALG_RSA,
+    TPM2_ALG_RSASSA as TPM_ALG_RSASSA, TPM2_GENERATED_VALUE as TPM_GENERATED_VALUE, TPM2_ST_ATTEST_QUOTE as TPM_ST_ATTEST_QUOTE,
+};
 /// `TPM_ALG_ECDAA` (parsed, not accepted).
 pub const TPM_ALG_ECDAA: u16 = 0x001A;
 /// `TPM_ECC_NIST_P256`.

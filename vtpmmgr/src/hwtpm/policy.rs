@@ -25,8 +25,7 @@ use super::{HwTpm, HwTpmError, ProvisionRecord, Result, left_pad32};
 const TPM_CC_POLICY_PCR: u32 = 0x0000_017F;
 /// `TPM_CC_PolicyAuthorize`.
 const TPM_CC_POLICY_AUTHORIZE: u32 = 0x0000_016A;
-/// `TPM_ALG_SHA256`.
-const TPM_ALG_SHA256: u16 = 0x000B;
+use vtpm_proto::evidence::TPM_ALG_SHA256;
 
 /// Marshalled TPML_PCR_SELECTION for one sha256 bank with sizeofSelect = 3.
 pub fn marshal_pcr_selection(pcrs: &[u8]) -> Vec<u8> {
