@@ -51,7 +51,7 @@ pub const MAX_STATE: usize = 256 * 1024;
 pub const MAX_CERT: usize = 4096;
 /// Most intermediates an offer may carry.
 pub const MAX_INTERMEDIATES: usize = 4;
-pub use crate::ekcert::TPM_ST_ATTEST_CERTIFY;
+pub use tpm_wire::TPM2_ST_ATTEST_CERTIFY as TPM_ST_ATTEST_CERTIFY;
 use tpm_wire::{TPM2_ALG_NULL as TPM_ALG_NULL, TPM2_ALG_OAEP as TPM_ALG_OAEP, TPM2_ALG_RSA as TPM_ALG_RSA};
 
 /// Why a transfer message was refused. Each variant names the check.
