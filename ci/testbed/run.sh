@@ -15,14 +15,14 @@
 #   XVTPM_TESTBED_HVM      1|0: hvm-tis phase: an HVM guest (SeaBIOS, Linux) whose TPM is emulated by the
 #                          TPM-enabled device model (build-qemu-xen.sh: built once, cached; the build
 #                          runs before the budget clock starts, limited by XVTPM_QEMU_BUILD_TIMEOUT,
-#                          default 3600 s) and served by a vtpm-domain process (xl-vtpm create) (1)
+#                          default 3600 s) and served by a vtpm-domain process (xl-vtpm create) (0)
 #   XVTPM_TESTBED_SCENARIO rust|sh: the dom0 scenario (the xvtpm-testbed binary, or the old dom0-scenario.sh) (rust)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
-#   XVTPM_TESTBED_CPU      QEMU -cpu (max,-smap,-xsave: its NPT gives Xen HAP, which HVM guests need, as
-#                          Debian's Xen has no shadow paging; ~20% faster than qemu64 for the PV phases too.
-#                          Plain "max" crashes dom0 (SMAP). qemu64 still works for XVTPM_TESTBED_HVM=0)
+#   XVTPM_TESTBED_CPU      QEMU -cpu (with the hvm-tis phase: max,-smap,-xsave, whose NPT gives Xen HAP, which
+#                          HVM guests need as Debian's Xen has no shadow paging; measured ~20% faster for the
+#                          PV phases too. XVTPM_TESTBED_HVM=0: qemu64. Plain "max" crashes dom0 (SMAP))
 #   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1024 / 512M
 #   XVTPM_TESTBED_STARTUP  swtpm --flags value (startup-clear)
 #   XVTPM_TESTBED_NICE     nice level for QEMU (0: at nice 10 QEMU got almost no CPU beside other work and
@@ -41,13 +41,14 @@ BUDGET=${XVTPM_TESTBED_BUDGET:-900}
 ACCEL=${XVTPM_TESTBED_ACCEL:-tcg}
 SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-1024}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-512M}
 NICE=${XVTPM_TESTBED_NICE:-0}
+HVM=${XVTPM_TESTBED_HVM:-0}
 case $ACCEL in
-  tcg) CPU=${XVTPM_TESTBED_CPU:-max,-smap,-xsave}; ACCEL_ARGS=(-accel tcg,thread=multi) ;;
+  tcg) DEFCPU=qemu64; [ "$HVM" != 0 ] && DEFCPU=max,-smap,-xsave
+       CPU=${XVTPM_TESTBED_CPU:-$DEFCPU}; ACCEL_ARGS=(-accel tcg,thread=multi) ;;
   kvm) CPU=${XVTPM_TESTBED_CPU:-host}; ACCEL_ARGS=(-accel kvm) ;;
   *) echo "run.sh: XVTPM_TESTBED_ACCEL must be tcg or kvm" >&2; exit 2 ;;
 esac
 
-HVM=${XVTPM_TESTBED_HVM:-1}
 T_START=$(date +%s.%N)
 now() { awk -v a="$T_START" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
 remaining() { awk -v a="$T_START" -v b="$(date +%s.%N)" -v B="$BUDGET" 'BEGIN{r=B-(b-a); printf "%d", (r<0?0:r)}'; }
