@@ -270,7 +270,10 @@ cp "$IMG/domu.cpio.zst" "$D/guest/"
 HVM_DM=none
 if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
   [ -x "$XVTPM_QEMU_XEN" ] || die "XVTPM_QEMU_XEN=$XVTPM_QEMU_XEN is no executable (ci/testbed/build-qemu-xen.sh builds it)"
-  HVM_DM_PATH=/usr/lib/xvtpm/qemu-xen/xen-qemu-system-i386
+  # /usr/libexec as Debian installs its device model: QEMU finds its firmware directory relative
+  # to its binary (bindir /usr/bin → ../share/qemu); under /usr/lib/xvtpm/qemu-xen it looked in
+  # /usr/lib/xvtpm/share/qemu, found no linuxboot_dma.bin and SeaBIOS had nothing to boot
+  HVM_DM_PATH=/usr/libexec/xen-qemu-system-i386-tpm
   copy_bin "$D" "$XVTPM_QEMU_XEN" "$HVM_DM_PATH"
   [ -f "$D/usr/lib/xen-4.17/boot/hvmloader" ] || install -D -m 0644 "$R/usr/lib/xen-4.17/boot/hvmloader" "$D/usr/lib/xen-4.17/boot/hvmloader"
   install -D -m 0644 "$R/usr/share/seabios/bios-256k.bin" "$D/usr/share/seabios/bios-256k.bin"

@@ -23,7 +23,7 @@
 #   XVTPM_TESTBED_CPU      QEMU -cpu (with the hvm-tis phase: max,-smap,-xsave, whose NPT gives Xen HAP, which
 #                          HVM guests need as Debian's Xen has no shadow paging; measured ~20% faster for the
 #                          PV phases too. XVTPM_TESTBED_HVM=0: qemu64. Plain "max" crashes dom0 (SMAP))
-#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1024 / 512M
+#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1024 / 512M (with XVTPM_TESTBED_HVM=1: 2 / 1536 / 768M)
 #   XVTPM_TESTBED_STARTUP  swtpm --flags value (startup-clear)
 #   XVTPM_TESTBED_NICE     nice level for QEMU (0: at nice 10 QEMU got almost no CPU beside other work and
 #                          a loaded run overran the budget; 10 keeps a developer's desktop responsive)
@@ -39,9 +39,12 @@ OUT=${XVTPM_OUT:-$CI/out}
 . "$HERE/cache-dir.sh"; CACHE=$XVTPM_CACHE
 BUDGET=${XVTPM_TESTBED_BUDGET:-900}
 ACCEL=${XVTPM_TESTBED_ACCEL:-tcg}
-SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-1024}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-512M}
-NICE=${XVTPM_TESTBED_NICE:-0}
 HVM=${XVTPM_TESTBED_HVM:-0}
+# hvm-tis adds ~34 MB to dom0's ramfs (device model + libraries, bzImage, HVM initramfs): at 512M dom0
+# panicked unpacking it ("System is deadlocked on memory"); the HVM guest takes 256 MiB beside the others
+DEFMEM=1024; DEFDOM0=512M; [ "$HVM" != 0 ] && { DEFMEM=1536; DEFDOM0=768M; }
+SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-$DEFMEM}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-$DEFDOM0}
+NICE=${XVTPM_TESTBED_NICE:-0}
 case $ACCEL in
   tcg) DEFCPU=qemu64; [ "$HVM" != 0 ] && DEFCPU=max,-smap,-xsave
        CPU=${XVTPM_TESTBED_CPU:-$DEFCPU}; ACCEL_ARGS=(-accel tcg,thread=multi) ;;

@@ -130,6 +130,29 @@ fn boot_perf(key: &str, c: &str, w0: f64) {
     );
 }
 
+/// The command lines (arguments joined by spaces) of the running device models (`-xen-domid`),
+/// from /proc: busybox `ps` cuts long command lines.
+fn device_models() -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "-xen-domid") {
+            out.push_str(&format!(
+                "{} {}\n",
+                e.file_name().to_string_lossy(),
+                args.join(" ")
+            ));
+        }
+    }
+    out
+}
+
 /// Lines of `text` that name a control-channel disagreement.
 fn ctrl_errors(text: &str) -> Vec<String> {
     text.lines()
@@ -217,7 +240,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
                 tail_of("/tmp/xl-hvm-create.out")
             ));
         }
-        let dmline = Cmd::sh("ps -o pid,args | grep -F -- '-xen-domid' | grep -v grep").split().secs(10).run(cx).stdout;
+        let dmline = device_models();
         e.check(
             "hvm-dm-tpm-args",
             dmline.contains(&dm) && dmline.contains("tpm-tis,tpmdev=xvtpm-tpm") && dmline.contains(&uuid),
@@ -291,7 +314,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
                 secs1(t2, up())
             ),
         );
-        let dm_left = Cmd::sh("ps -o pid,args | grep -F -- '-xen-domid' | grep -v grep").split().secs(10).run(cx).stdout;
+        let dm_left = device_models();
         e.check("hvm-dm-gone", dm_left.trim().is_empty(), format!("device models left: {}", dm_left.trim()));
         if !e.is_empty() {
             show_tail("qemu-dm", &dmlog, 20);
