@@ -6,6 +6,9 @@
 #   $OUT/img/vtpmdom.cpio.zst vTPM domain, unikernel-style (scripts/build-vtpmdom.sh --root, the
 #                             image real hosts use): /init = vtpm-domain + its libs, xen-evtchn,
 #                             xen-gntdev, xen-gntalloc, xen-blkfront + /lib/modules/load-order
+#   $OUT/img/hvm.cpio.zst     HVM guest (hvm-tis phase; only with XVTPM_QEMU_XEN): busybox, tpm2-tools
+#                             + libs, the guest /init (role=hvm); no xen-tpmfront, no xl-vtpm (every
+#                             MB costs the HVM guest ~4 s of fw_cfg loading under TCG)
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
 #                             Xen/TPM/block modules, the scenario (xvtpm-testbed), /etc/xen/scripts/block
 #                             (xen-block-hotplug.sh), the guest kernel + the two images above
@@ -14,6 +17,8 @@
 # resolves only on the host is an error (XVTPM_ALLOW_HOST_LIBS=1 to allow it).
 #
 # Env: XVTPM_CACHE (cache-dir.sh), XVTPM_OUT (ci/out), CARGO_TARGET_DIR (target),
+#      XVTPM_QEMU_XEN (the TPM-enabled device model from build-qemu-xen.sh; empty: dom0 gets no
+#      HVM pieces and the hvm-tis phase is SKIPPED),
 #      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer vtpm-domain),
 #      XVTPM_GUEST_KERNEL (elf|bzimage; elf = raw vmlinux, ~5x faster xl create under TCG),
 #      XVTPM_VTPMDOM_LOG (diagnosis: XVTPM_LOG filter inside the vTPM domain, e.g. debug; adds a
@@ -151,6 +156,15 @@ copy_mod "$D" xen-tpmfront
 install -m 0755 "$HERE/domu-init.sh" "$D/init"
 mkcpio "$D" "$IMG/domu.cpio.zst" zstd
 
+### HVM guest (hvm-tis): the same /init, tpm2-tools, no PV TPM driver ###
+if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
+  D=$B/hvm
+  busybox_tree "$D"
+  tpm2_tools "$D"
+  install -m 0755 "$HERE/domu-init.sh" "$D/init"
+  mkcpio "$D" "$IMG/hvm.cpio.zst" zstd
+fi
+
 ### vTPM domain (unikernel-style) ###
 # The project's own image builder (what `make vtpmdom` runs on a real host), fed the pinned
 # Debian root: /init = vtpm-domain (PID 1: mounts, finit_module()s /lib/modules/load-order,
@@ -248,6 +262,48 @@ if [ -x "$TARGET/$PROFILE/xvtpm-testbed" ]; then
   copy_bin "$D" "$TARGET/$PROFILE/xvtpm-testbed" /usr/lib/xvtpm/testbed/xvtpm-testbed strip
 else echo "build-images.sh: note: $TARGET/$PROFILE/xvtpm-testbed not built; dom0 has no scenario to run"; fi
 cp "$IMG/domu.cpio.zst" "$D/guest/"
+# hvm-tis: the TPM-enabled device model (build-qemu-xen.sh) and its libraries, hvmloader (in the
+# Xen tree already), SeaBIOS where libxl looks for it, the option ROMs QEMU's Xen direct kernel
+# boot asserts (pc.c xen_load_linux), the bzImage (QEMU's -kernel wants it, not the raw ELF), the
+# HVM initramfs and its config: xen-configs/hvm-guest.cfg with the testbed's settings substituted
+HVM_DM=none
+if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
+  [ -x "$XVTPM_QEMU_XEN" ] || die "XVTPM_QEMU_XEN=$XVTPM_QEMU_XEN is no executable (ci/testbed/build-qemu-xen.sh builds it)"
+  # /usr/libexec as Debian installs its device model: QEMU finds its firmware directory relative
+  # to its binary (bindir /usr/bin → ../share/qemu); under /usr/lib/xvtpm/qemu-xen it looked in
+  # /usr/lib/xvtpm/share/qemu, found no linuxboot_dma.bin and SeaBIOS had nothing to boot
+  HVM_DM_PATH=/usr/libexec/xen-qemu-system-i386-tpm
+  copy_bin "$D" "$XVTPM_QEMU_XEN" "$HVM_DM_PATH"
+  [ -f "$D/usr/lib/xen-4.17/boot/hvmloader" ] || install -D -m 0644 "$R/usr/lib/xen-4.17/boot/hvmloader" "$D/usr/lib/xen-4.17/boot/hvmloader"
+  install -D -m 0644 "$R/usr/share/seabios/bios-256k.bin" "$D/usr/share/seabios/bios-256k.bin"
+  for f in linuxboot.bin linuxboot_dma.bin pvh.bin multiboot.bin multiboot_dma.bin; do
+    install -D -m 0644 "$R/usr/share/qemu/$f" "$D/usr/share/qemu/$f"
+  done
+  cp -a "$R/usr/share/qemu/keymaps" "$D/usr/share/qemu/"
+  [ -f "$D/guest/vmlinuz" ] || cp "$CACHE/img/vmlinuz" "$D/guest/vmlinuz"
+  cp "$IMG/hvm.cpio.zst" "$D/guest/"
+  HCFG_SRC=$TOP/xen-configs/hvm-guest.cfg
+  [ -f "$HCFG_SRC" ] || die "$HCFG_SRC missing"
+  { sed -e 's|^name = .*|name = "hvm-tis"|' -e 's|^memory = .*|memory = 256|' -e 's|^vcpus = .*|vcpus = 1|' \
+        -e '/^disk = /d' -e "s|^device_model_override = .*|device_model_override = \"$HVM_DM_PATH\"|" "$HCFG_SRC"
+    cat <<HCFG
+# testbed (build-images.sh): direct kernel boot, consoles, and what TCG under Xen needs
+kernel = "/guest/vmlinuz"
+ramdisk = "/guest/hvm.cpio.zst"
+extra = "console=hvc0 rootfstype=ramfs quiet role=hvm hold=1"
+serial = "file:/var/log/xen/hvm-tis.serial"
+vga = "none"
+nographic = 1
+tsc_mode = "native"
+HCFG
+  } > "$D/etc/xen/hvm-tis.cfg"
+  for k in 'name = "hvm-tis"' 'type = "hvm"' 'bios = "seabios"' 'vtpm = [ "model=tis" ]' "device_model_override = \"$HVM_DM_PATH\"" 'on_reboot = "restart"'; do
+    grep -qF "$k" "$D/etc/xen/hvm-tis.cfg" || die "hvm-tis.cfg: no '$k' after substituting $HCFG_SRC"
+  done
+  grep -q '^disk' "$D/etc/xen/hvm-tis.cfg" && die "hvm-tis.cfg: the disk line of $HCFG_SRC was not dropped"
+  HVM_DM=$HVM_DM_PATH
+  echo "build-images.sh: note: hvm-tis: device model $XVTPM_QEMU_XEN ($(stat -c %s "$XVTPM_QEMU_XEN") bytes), hvm.cpio.zst $(stat -c %s "$IMG/hvm.cpio.zst") bytes"
+fi
 case $GUEST_KERNEL in
   elf)     KIMG=/guest/vmlinux ;;   # raw vmlinux, appended uncompressed below
   bzimage) KIMG=/guest/vmlinuz; cp "$CACHE/img/vmlinuz" "$D/guest/vmlinuz" ;;
@@ -268,6 +324,7 @@ vtpmdom_mem=$VTPMDOM_MEM
 xvtpm_deb=$DEB_NAME
 guest_kernel=$GUEST_KERNEL
 kver=$KVER
+hvm_dm=$HVM_DM
 ENV
 # rootfstype=ramfs: the initramfs goes into ramfs, not a tmpfs capped at half the RAM
 # (the guest tree is ~37 MB; a 128 MiB guest has ~90 MB MemTotal)

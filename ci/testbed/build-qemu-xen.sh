@@ -20,7 +20,9 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/cache-dir.sh"
+. "$HERE/apt-source.sh"
 CACHE=$XVTPM_CACHE/qemu-xen
+APT=$CACHE/apt
 NICE=${XVTPM_NICE:-10}
 JOBS=${XVTPM_JOBS:-$(nproc)}
 die() { echo "build-qemu-xen.sh: ERROR: $*" >&2; exit 1; }
@@ -46,25 +48,6 @@ CONFIGURE=(
 HOST_PKGS=(build-essential pkg-config python3 meson ninja-build dpkg-dev libglib2.0-dev
            libpixman-1-dev libfdt-dev libxen-dev zlib1g-dev)
 
-# A private apt configuration with bookworm's deb-src (the host's sources.list has no deb-src).
-APT=$CACHE/apt
-apt_private() {
-  mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial"
-  cat > "$APT/sources.list" <<EOF
-deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
-deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
-EOF
-  cat > "$APT/apt.conf" <<EOF
-Dir::Etc::sourcelist "$APT/sources.list";
-Dir::Etc::sourceparts "/nonexistent";
-Dir::State::Lists "$APT/lists";
-Dir::Cache "$APT/cache";
-EOF
-  if [ -z "$(find "$APT/lists" -maxdepth 1 -name '*Sources*' -mmin -360 -print -quit)" ]; then
-    APT_CONFIG=$APT/apt.conf apt-get update -qq >/dev/null || die "apt-get update of bookworm's deb-src index failed"
-  fi
-}
-
 MODE=build
 case ${1:-} in
   --configure-only) MODE=configure ;;
@@ -75,11 +58,12 @@ esac
 
 mkdir -p "$CACHE"
 if [ $MODE = pins ]; then
-  apt_private
-  APT_CONFIG=$APT/apt.conf apt-get source --print-uris qemu 2>/dev/null | awk -F"'" '/^'\''http/{print $0}' |
-    awk '{split($4, h, ":"); print $2, h[2]}'
+  apt_source_print_pins "$APT" qemu || die "cannot list the current qemu source (see above)"
   exit 0
 fi
+# one build at a time per cache (a second caller waits, then finds the first one's result)
+exec 8> "$CACHE/.build.lock"
+flock -n 8 || { log "another build-qemu-xen.sh holds $CACHE/.build.lock; waiting for it"; flock 8; }
 
 # ---- host build dependencies ----
 missing=()
@@ -93,66 +77,69 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # ---- the cache key: every input ----
+# TREEKEY: what the compiled objects depend on (source pins, configure flags, host compiler and
+# -dev packages); KEY adds this script and apt-source.sh, so editing either re-runs the recipe, but
+# reuses a kept build tree of the same TREEKEY (ninja then has nothing to compile).
 hostvers=$(dpkg-query -W -f='${Package} ${Version}\n' gcc-12 libglib2.0-dev libpixman-1-dev libfdt-dev libxen-dev zlib1g-dev meson ninja-build 2>/dev/null | sort)
-KEY=$(printf '%s\n' "$PINS" "${CONFIGURE[*]}" "$hostvers" "$(sha256sum < "$0")" | sha256sum | cut -c1-16)
+TREEKEY=$(printf '%s\n' "$SRC_VERSION" "$PINS" "${CONFIGURE[*]}" "$hostvers" | sha256sum | cut -c1-16)
+KEY=$(printf '%s\n' "$TREEKEY" "$(sha256sum < "$0")" "$(sha256sum < "$HERE/apt-source.sh")" | sha256sum | cut -c1-16)
 OUT=$CACHE/$KEY
 if [ $MODE = build ] && [ -x "$OUT/xen-qemu-system-i386" ] && [ -s "$OUT/build.info" ]; then
-  log "cached: $OUT/xen-qemu-system-i386 (key $KEY)"; exit 0
+  log "cached: $OUT/xen-qemu-system-i386 (key $KEY; $(sed -n 's/^built //p' "$OUT/build.info"))"
+  log "binary: $OUT/xen-qemu-system-i386"; exit 0
 fi
 
-# ---- fetch and verify the source ----
+# ---- fetch and verify the source (ci/testbed/apt-source.sh) ----
 SRC=$CACHE/src
-mkdir -p "$SRC"
-cd "$SRC"
-need_fetch=0
-while read -r f sum; do [ -f "$f" ] && [ "$(sha256sum < "$f" | cut -d' ' -f1)" = "$sum" ] || need_fetch=1; done <<< "$PINS"
-if [ $need_fetch = 1 ]; then
-  apt_private
-  log "fetching qemu=$SRC_VERSION (source)"
-  APT_CONFIG=$APT/apt.conf apt-get source --download-only -qq "qemu=$SRC_VERSION" >/dev/null ||
-    die "apt-get source qemu=$SRC_VERSION failed: the pinned version is gone from Debian; take the current one's pins from --print-pins and update SRC_VERSION and PINS"
-fi
-while read -r f sum; do
-  got=$(sha256sum < "$f" | cut -d' ' -f1)
-  [ "$got" = "$sum" ] || die "sha256 mismatch for $f: pinned $sum, file has $got (delete $SRC/$f to fetch it again)"
-done <<< "$PINS"
+apt_source_fetch "$APT" "$SRC" qemu "$SRC_VERSION" "$PINS" || die "the pinned qemu source is not available (see above)"
 log "source verified against the pins ($(wc -l <<< "$PINS") files)"
 
 # ---- unpack (dpkg-source applies Debian's patches; it checks the .dsc's checksums too) ----
-TREE=$CACHE/tree-$KEY
-rm -rf "$TREE"
-dpkg-source --no-check -x "$SRC/qemu_7.2+dfsg-7+deb12u18.dsc" "$TREE" >/dev/null || die "dpkg-source -x failed"
-rm -f "$CACHE"/qemu_*.orig.tar.* # dpkg-source copies the orig tarball beside the tree; src/ keeps it
 # dpkg-source --no-check skips only the signature (no Debian keyring for source signers here);
-# the files were checked above against the pins.
-
-# ---- configure ----
-mkdir -p "$TREE/b/xen"
-cd "$TREE/b/xen"
-log "configuring: ${CONFIGURE[*]}"
-nice -n "$NICE" ../../configure "${CONFIGURE[@]}" > "$CACHE/configure-$KEY.log" 2>&1 ||
-  { tail -n 30 "$CACHE/configure-$KEY.log" >&2; die "configure failed (log: $CACHE/configure-$KEY.log)"; }
-grep -E '^ *(TPM support|Xen support|xen ctrl version) ' "$CACHE/configure-$KEY.log" | sed 's/^ */build-qemu-xen.sh: configure: /'
-grep -qE '^ *TPM support *: *YES' "$CACHE/configure-$KEY.log" || die "configure did not enable TPM support (log: $CACHE/configure-$KEY.log)"
-if [ $MODE = configure ]; then
-  log "configured (key $KEY; log $CACHE/configure-$KEY.log); --configure-only: not building"
+# the files were checked above against the pins.  A tree configured from the same TREEKEY (kept
+# by XVTPM_QEMU_KEEP_TREE=1, or left by an interrupted build) is reused: ninja resumes.
+TREE=$CACHE/tree-$TREEKEY
+if [ ! -f "$TREE/b/xen/.configured" ] || [ $MODE = configure ]; then
   rm -rf "$TREE"
-  exit 0
+  dpkg-source --no-check -x "$SRC/qemu_${SRC_VERSION#*:}.dsc" "$TREE" >/dev/null || die "dpkg-source -x failed"
+  rm -f "$CACHE"/qemu_*.orig.tar.* # dpkg-source copies the orig tarball beside the tree; src/ keeps it
+  # ---- configure ----
+  mkdir -p "$TREE/b/xen"
+  cd "$TREE/b/xen"
+  log "configuring: ${CONFIGURE[*]}"
+  nice -n "$NICE" ../../configure "${CONFIGURE[@]}" > "$CACHE/configure-$TREEKEY.log" 2>&1 ||
+    { tail -n 30 "$CACHE/configure-$TREEKEY.log" >&2; die "configure failed (log: $CACHE/configure-$TREEKEY.log)"; }
+  grep -E '^ *(TPM support|Xen support|xen ctrl version) ' "$CACHE/configure-$TREEKEY.log" | sed 's/^ */build-qemu-xen.sh: configure: /'
+  grep -qE '^ *TPM support *: *YES' "$CACHE/configure-$TREEKEY.log" || die "configure did not enable TPM support (log: $CACHE/configure-$TREEKEY.log)"
+  touch .configured
+  if [ $MODE = configure ]; then
+    log "configured (key $TREEKEY; log $CACHE/configure-$TREEKEY.log); --configure-only: not building"
+    rm -rf "$TREE"
+    exit 0
+  fi
+else
+  log "reusing the configured build tree $TREE"
 fi
+cd "$TREE/b/xen"
 
 # ---- build, strip, install into the cache ----
-T0=$(date +%s)
-nice -n "$NICE" ninja -j "$JOBS" qemu-system-i386 > "$CACHE/build-$KEY.log" 2>&1 ||
-  { tail -n 30 "$CACHE/build-$KEY.log" >&2; die "build failed (log: $CACHE/build-$KEY.log)"; }
+T0=$(date +%s); LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+log "building qemu-system-i386 with $JOBS jobs at nice $NICE (load average $LOAD0; ~1400 ninja steps)"
+nice -n "$NICE" ninja -j "$JOBS" qemu-system-i386 > "$CACHE/build-$TREEKEY.log" 2>&1 ||
+  { tail -n 30 "$CACHE/build-$TREEKEY.log" >&2; die "build failed (log: $CACHE/build-$TREEKEY.log)"; }
+LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 mkdir -p "$OUT.tmp"
 strip -o "$OUT.tmp/xen-qemu-system-i386" qemu-system-i386
-"$OUT.tmp/xen-qemu-system-i386" -tpmdev help | grep -q emulator || die "the built device model has no -tpmdev emulator"
+# (QEMU prints the list on stderr)
+tpmdevs=$("$OUT.tmp/xen-qemu-system-i386" -tpmdev help 2>&1 || true)
+grep -q 'emulator' <<< "$tpmdevs" || die "the built device model has no -tpmdev emulator: $tpmdevs"
 {
   echo "source qemu=$SRC_VERSION"; echo "$PINS"
   echo "configure ${CONFIGURE[*]}"; echo "$hostvers"
   echo "sha256 $(sha256sum < "$OUT.tmp/xen-qemu-system-i386" | cut -d' ' -f1)"
-  echo "built $(date -u +%FT%TZ) in $(( $(date +%s) - T0 )) s"
+  echo "built $(date -u +%FT%TZ) in $(( $(date +%s) - T0 )) s, $JOBS jobs, nice $NICE, load average before $LOAD0, after $LOAD1"
 } > "$OUT.tmp/build.info"
 rm -rf "$OUT"; mv "$OUT.tmp" "$OUT"
-rm -rf "$TREE"
-log "built $OUT/xen-qemu-system-i386 ($(( $(date +%s) - T0 )) s)"
+[ "${XVTPM_QEMU_KEEP_TREE:-0}" = 1 ] || rm -rf "$TREE"
+log "built $OUT/xen-qemu-system-i386 ($(( $(date +%s) - T0 )) s; load average before $LOAD0, after $LOAD1)"
+log "binary: $OUT/xen-qemu-system-i386"

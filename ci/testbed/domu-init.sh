@@ -18,6 +18,12 @@
 #               fresh ECC AK quote over PCR 16 checked with tpm2_checkquote
 #   tick=1      print "GUEST-TICK <uptime>" every 0.1 s in the background (the largest gap is the
 #               downtime a migration causes, as the guest sees it)
+#   role=hvm    the HVM guest of the hvm-tis phase: its TPM is the device model's tpm-tis, found
+#               through ACPI (hvmloader's PNP0C31), not xen-tpmfront; tpm2-tools through the kernel's
+#               resource manager (/dev/tpmrm0). A fresh vTPM (NV index absent, "GUEST-HVM state=fresh"):
+#               startup, getrandom, pcrread, PCR 16 extend, EK + AK, quote + checkquote, the NV
+#               index, the EK certificate if the vTPM has one; after a reboot ("state=kept"): the
+#               NV index kept, PCR 16 reset, the same EK
 #   hold=1      do not power off at the end (dom0 xl destroys the guest); role=life then
 #               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX"),
 #               answering "GUEST-CMD N <cmd> PASS|FAIL ..." on the console
@@ -57,6 +63,74 @@ PERSIST=0x81000010
 pcr16() { t tpm2_pcrread sha256:16 && echo "$out" | sed -n 's/^ *16 *: *0x//p'; }
 
 case $role in
+hvm)
+  export TPM2TOOLS_TCTI=device:/dev/tpmrm0
+  end=$(( $(cut -d. -f1 /proc/uptime) + ${tpm_wait:-90} ))
+  while [ ! -c /dev/tpmrm0 ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.1; done
+  if [ ! -c /dev/tpmrm0 ]; then
+    check tpm0 FAIL "no /dev/tpmrm0 after ${tpm_wait:-90} s; ACPI TPM devices: $(ls -d /sys/bus/acpi/devices/PNP0C31* /sys/bus/acpi/devices/MSFT0101* 2>/dev/null | tr '\n' ' ')"
+    dmesg | grep -iE 'tpm|acpi.*(tcpa|tpm)' | tail -n 20 | sed 's/^/GUEST-DMESG /'
+    echo "GUEST-DONE role=$role result=fail up=$(up)"
+    sync; [ "${hold:-0}" = 1 ] && exec sleep 100000; poweroff -f
+  fi
+  dev=$(readlink -f /sys/class/tpm/tpm0/device 2>/dev/null)
+  ver=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)
+  acpi=no; [ -e /sys/bus/acpi/devices/PNP0C31:00 ] && acpi=yes
+  forced=no; grep -q 'tpm_tis.force' /proc/cmdline && forced=yes
+  echo "GUEST-DMESG $(dmesg | grep -m1 -E 'tpm_tis.*TPM')"
+  if [ "$ver" = 2 ] && [ $acpi = yes ] && [ $forced = no ]; then
+    check tpm0 PASS "TPM $ver.0 at ${dev##*/} via ACPI PNP0C31 (no tpm_tis.force) up=$(up)"
+  else check tpm0 FAIL "version=$ver acpi-PNP0C31=$acpi tpm_tis.force=$forced device=$dev"; fi
+  # the kernel sent TPM2_Startup (SeaBIOS skips the TPM under Xen): "already initialized" is fine
+  if t tpm2_startup -c; then check startup PASS "rc=0"
+  elif echo "$out" | grep -qiE 'TPM_RC_INITIALIZE|0x100|already'; then check startup PASS "already started"
+  else check startup FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+  if t tpm2_getrandom --hex 16 && echo "$out" | grep -qE '^[0-9a-f]{32}$'; then
+    echo "GUEST-P5 first-tpm-answer wall=$(wall) up=$(up)"
+    check getrandom PASS "$out"
+  else check getrandom FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+  cd /tmp
+  if t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out; then st=kept; else st=fresh; fi
+  echo "GUEST-HVM state=$st"
+  if t tpm2_pcrread sha256:0,7,16; then check pcrread PASS "$(echo "$out" | tr -s ' \n' ' ')"
+  else check pcrread FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+  v0=$(pcr16)
+  [ "$v0" = "$PCR_ZERO" ] && check pcr16-reset PASS "PCR16=0 (state=$st)" || check pcr16-reset FAIL "PCR16=${v0:-<read failed>} (state=$st: a new platform must reset the vTPM's PCRs)"
+  if t tpm2_createek -c ek.ctx -G ecc -u ek.pub; then
+    echo "GUEST-EKHASH $(sha256sum ek.pub | cut -c1-64)"; check createek PASS "ecc"
+  else check createek FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+  if [ $st = fresh ]; then
+    if t tpm2_pcrextend 16:sha256=$PCR_D && [ "$(pcr16)" = "$PCR_AFTER" ]; then check pcrextend PASS "PCR16=$PCR_AFTER"
+    else check pcrextend FAIL "rc=$rc PCR16=$(pcr16)"; fi
+    if t tpm2_createak -C ek.ctx -c ak.ctx -G ecc -g sha256 -s ecdsa -u ak.pub -n ak.name; then check createak PASS "ecc/ecdsa restricted signing key"
+    else check createak FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    q=$(timeout 5 head -c 16 /dev/urandom | xxd -p)
+    if t tpm2_quote -c ak.ctx -l sha256:0,7,16 -q $q -m q.msg -s q.sig -o q.pcrs -g sha256; then check quote PASS "PCRs sha256:0,7,16"
+    else check quote FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    if t tpm2_checkquote -u ak.pub -m q.msg -s q.sig -f q.pcrs -g sha256 -q $q; then
+      if t tpm2_checkquote -u ak.pub -m q.msg -s q.sig -f q.pcrs -g sha256 -q 00$q; then check checkquote FAIL "a wrong nonce verified too"
+      else check checkquote PASS "signature + nonce verified; a wrong nonce is rejected"; fi
+    else check checkquote FAIL "rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi
+    printf '%s' "$NV_DATA" > nv.dat
+    if t tpm2_nvdefine $NV_IDX -C o -s 32 -a "ownerread|ownerwrite" && t tpm2_nvwrite $NV_IDX -C o -i nv.dat &&
+       t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out; then
+      cmp -s nv.dat nv.out && check nv-write PASS "$NV_IDX = '$NV_DATA'" || check nv-write FAIL "read back '$(cat nv.out)'"
+    else check nv-write FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    # the EK certificate, if the vTPM was given one (RSA 0x01c00002, ECC 0x01c0000a): DER, readable
+    t tpm2_getcap handles-nv-index; idx=""
+    for i in 0x1c00002 0x1c0000a; do echo "$out" | grep -qi "$i\$" && idx="$idx $i"; done
+    if [ -z "$idx" ]; then echo "GUEST-INFO ekcert none (no EK certificate index in NV: $(echo "$out" | tr -s ' \n' ' '))"
+    else
+      for i in $idx; do
+        if t tpm2_nvread $i -C o -o ekcert.der && [ "$(head -c 1 ekcert.der | xxd -p)" = 30 ]; then
+          check ekcert PASS "$i: $(wc -c < ekcert.der) bytes of DER, sha256 $(sha256sum ekcert.der | cut -c1-16)..."
+        else check ekcert FAIL "$i: rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ') first byte $(head -c 1 ekcert.der 2>/dev/null | xxd -p)"; fi
+      done
+    fi
+  else
+    [ "$(cat nv.out)" = "$NV_DATA" ] && check nv-kept PASS "$NV_IDX = '$NV_DATA' after the reboot" || check nv-kept FAIL "read '$(cat nv.out)'"
+  fi
+  ;;
 plain)
   if insmod /lib/modules/xen-tpmfront.ko && [ -d /sys/bus/xen/drivers/vtpm ]; then
     echo "GUEST-TPMFRONT loaded up=$(up)"

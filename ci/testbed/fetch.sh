@@ -67,6 +67,10 @@ PKGS=(
   libtpms0
   # dom0: the attest-service phase makes its service and tenant certificates with openssl
   openssl
+  # the hvm-tis phase: the TPM-enabled device model's libraries (build-qemu-xen.sh builds it against
+  # these versions' -dev packages), SeaBIOS (libxl's bios-256k.bin) and QEMU's option ROMs (direct
+  # kernel boot: linuxboot_dma.bin)
+  libglib2.0-0 libpixman-1-0 libfdt1 libpcre2-8-0 seabios qemu-system-data
 )
 
 mkdir -p "$CACHE/debs" "$CACHE/img"

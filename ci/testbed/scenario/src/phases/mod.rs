@@ -3,6 +3,7 @@
 mod attest;
 mod base;
 mod eventlog;
+mod hvm;
 mod life;
 mod lifedom;
 mod migrate;
@@ -25,6 +26,7 @@ pub struct St {
     pub life_mode: String,
     pub vtpmdom_mode: String,
     pub lifedom_mode: String,
+    pub hvm_mode: String,
     /// `vtpmmgr serve --xen` (the one running now) and its log.
     pub mgr: Option<Child>,
     pub mgr_log: String,
@@ -44,6 +46,8 @@ pub struct St {
     pub lvlog: String,
     // vTPM domain (vtpmdom-*)
     pub vdu: String,
+    // hvm-tis: the HVM guest's vTPM log
+    pub hvlog: String,
 }
 
 impl St {
@@ -73,6 +77,7 @@ pub fn run_all() -> i32 {
         life_mode: xen::cmdline_arg("xvtpm_life").unwrap_or_else(|| "1".into()),
         vtpmdom_mode: xen::cmdline_arg("xvtpm_vtpmdom").unwrap_or_else(|| "1".into()),
         lifedom_mode: xen::cmdline_arg("xvtpm_lifedom").unwrap_or_else(|| "1".into()),
+        hvm_mode: xen::cmdline_arg("xvtpm_hvm").unwrap_or_else(|| "1".into()),
         mgr_log: "/dev/null".into(),
         wlog: "/var/log/xvtpm/watch.log".into(),
         ..Default::default()
@@ -117,6 +122,7 @@ pub fn run_all() -> i32 {
     vtpmdom::run(&mut r, &mut st);
     lifedom::run(&mut r, &mut st);
     migrate::run(&mut r, &mut st);
+    hvm::run(&mut r, &mut st);
     tail::run(&mut r, &mut st);
     let nfail = r.count(crate::runner::Status::Fail);
     tail::dump_logs(&st, nfail > 0);

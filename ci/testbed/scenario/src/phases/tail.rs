@@ -81,6 +81,11 @@ pub fn dump_logs(st: &St, failed: bool) {
             n,
         );
     }
+    if !st.hvlog.is_empty() {
+        dump_log("vtpm-hvm-tis", &st.hvlog, n);
+    }
+    dump_log("qemu-dm-hvm-tis", super::hvm::DM_LOG, 200);
+    dump_log("hvm-tis-serial", super::hvm::SERIAL, 100);
     dump_log("vtpmmgr", "/var/log/xvtpm/vtpmmgr.log", n);
     dump_log("attestd", "/var/log/xvtpm/attestd.log", 100);
     dump_log("vtpmmgr-2", "/var/log/xvtpm/vtpmmgr-2.log", n);

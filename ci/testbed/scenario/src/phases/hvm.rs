@@ -1,0 +1,329 @@
+//! hvm-tis: an HVM guest whose TPM is emulated by its device model and served by a vtpm-domain
+//! process (docs/hvm.md). `xl-vtpm create /etc/xen/hvm-tis.cfg` (xen-configs/hvm-guest.cfg with the
+//! testbed's settings: SeaBIOS, direct kernel boot of the Debian bzImage, `tsc_mode = "native"`,
+//! `device_model_override` = the TPM-enabled device model from ci/testbed/build-qemu-xen.sh,
+//! `vtpm = [ "model=tis" ]`) starts the vTPM and libxl's QEMU with `-device tpm-tis`. The guest
+//! (domu-init.sh role=hvm) finds the TPM 2.0 through ACPI, runs startup, getrandom, pcrread, EK +
+//! AK, quote + checkquote, writes an NV index and reads the EK certificate if there is one. Then
+//! `xl-vtpm reboot` (a platform reset: the device model ends and a new one connects to the same
+//! vTPM process): NV kept, PCR 16 reset, same EK. The vTPM's log and the device model's must show
+//! no control-channel error. `xl-vtpm destroy` takes the domain and the vTPM process down.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::life::{life_row, row_line, tail_of};
+use super::{St, deadline, ek_hash, guest_checks, ms, now_wall, secs1, up, wall_up};
+use crate::cmd::{Cmd, pid_up, show, show_tail};
+use crate::runner::{Cx, Errs, Outcome, Runner};
+use crate::xen::{self, console_from, jf, lines_of};
+
+pub const NAME: &str = "hvm-tis";
+pub const CFG: &str = "/etc/xen/hvm-tis.cfg";
+pub const DM_LOG: &str = "/var/log/xen/qemu-dm-hvm-tis.log";
+pub const SERIAL: &str = "/var/log/xen/hvm-tis.serial";
+
+/// Lines of the vTPM's or the device model's log that mean the two disagree about the
+/// swtpm control protocol (what QEMU's tpm_emulator and the vTPM log when they do).
+const CTRL_ERRORS: &[&str] = &[
+    "control request shorter than its command code",
+    "TPM result for",
+    "tpm-emulator:",
+];
+
+fn dm_path() -> String {
+    xen::read_text("/etc/xvtpm-testbed.env")
+        .lines()
+        .find_map(|l| l.strip_prefix("hvm_dm="))
+        .unwrap_or("none")
+        .trim()
+        .to_string()
+}
+
+/// Waits for this boot's GUEST-DONE (console after line `off`); echoes the checks. Returns the
+/// failures and the console text of this boot.
+fn guest_boot(cx: &Cx, off: usize, tag: &str, state: &str, secs: u64) -> (Vec<String>, String) {
+    let mut miss = Vec::new();
+    if !cx.wait_every(secs, Duration::from_secs(1), || {
+        console_from(NAME, off)
+            .lines()
+            .any(|l| l.starts_with("GUEST-DONE"))
+    }) {
+        miss.push("no-GUEST-DONE".to_string());
+    }
+    let c = console_from(NAME, off);
+    let want: &[&str] = if state == "fresh" {
+        &[
+            "tpm0",
+            "startup",
+            "getrandom",
+            "pcrread",
+            "pcr16-reset",
+            "createek",
+            "pcrextend",
+            "createak",
+            "quote",
+            "checkquote",
+            "nv-write",
+        ]
+    } else {
+        &[
+            "tpm0",
+            "startup",
+            "getrandom",
+            "pcrread",
+            "pcr16-reset",
+            "createek",
+            "nv-kept",
+        ]
+    };
+    miss.extend(guest_checks(&c, NAME, tag, want));
+    // an EK certificate the guest found must have read back as DER
+    if c.lines().any(|l| l.starts_with("GUEST-CHECK ekcert FAIL")) {
+        miss.push("ekcert".into());
+    }
+    let got = xen::after_prefix(&c, "GUEST-HVM state=")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    if got != state {
+        miss.push(format!("vtpm-state-{got}(want-{state})"));
+    }
+    for l in c.lines() {
+        if [
+            "GUEST-UP",
+            "GUEST-HVM",
+            "GUEST-DONE",
+            "GUEST-DMESG",
+            "GUEST-INFO",
+        ]
+        .iter()
+        .any(|k| l.starts_with(k))
+            || l.contains("panic")
+            || l.contains("Oops")
+        {
+            println!("[{NAME} {tag}] {l}");
+        }
+    }
+    if !miss.is_empty() {
+        show_tail(&format!("{NAME} {tag} console"), &c, 20);
+    }
+    (miss, c)
+}
+
+/// PERF: `xl-vtpm create`/`reboot` (wall clock `w0`) -> the guest's /init and its first TPM answer.
+fn boot_perf(key: &str, c: &str, w0: f64) {
+    let (Some(i), Some(a)) = (
+        wall_up(c, "GUEST-UP "),
+        wall_up(c, "GUEST-P5 first-tpm-answer "),
+    ) else {
+        println!("PERF {key}=n/a (no GUEST-UP/GUEST-P5 marker)");
+        return;
+    };
+    println!(
+        "PERF {key}={} (ms: -> guest /init; of it: to the kernel's start {} ms (domain + device model + hvmloader + SeaBIOS + \
+         fw_cfg loading of kernel and initrd), kernel to /init {} ms; /init -> first answered TPM command {} ms)",
+        ms(w0, i.0),
+        ms(w0, i.0 - i.1),
+        ms(0.0, i.1),
+        ms(i.1, a.1)
+    );
+}
+
+/// The command lines (arguments joined by spaces) of the running device models (`-xen-domid`),
+/// from /proc: busybox `ps` cuts long command lines.
+fn device_models() -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "-xen-domid") {
+            out.push_str(&format!(
+                "{} {}\n",
+                e.file_name().to_string_lossy(),
+                args.join(" ")
+            ));
+        }
+    }
+    out
+}
+
+/// Lines of `text` that name a control-channel disagreement.
+fn ctrl_errors(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| CTRL_ERRORS.iter().any(|k| l.contains(k)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Leaves no hvm-tis domain and no live vTPM process (after a failed step).
+fn cleanup(cx: &Cx, pid: Option<u32>) {
+    if xen::domid(NAME).is_some() || pid_up(pid) {
+        let o = Cmd::new(&["xl-vtpm", "destroy", NAME])
+            .env("NO_COLOR", "1")
+            .secs(60)
+            .run(cx);
+        show("xl-vtpm destroy (cleanup)", &o.all());
+        if xen::domid(NAME).is_some() {
+            xen::xl_destroy(cx, NAME, 60);
+        }
+    }
+    if pid_up(pid) {
+        println!("hvm: killing leftover vTPM pid {}", pid.unwrap_or(0));
+        crate::cmd::signal(pid.unwrap_or(0), nix::sys::signal::Signal::SIGTERM);
+    }
+}
+
+pub fn run(r: &mut Runner, st: &mut St) {
+    if st.hvm_mode == "0" {
+        r.skip("hvm-tis", "disabled (XVTPM_TESTBED_HVM=0)");
+        return;
+    }
+    r.phase("hvm-tis", deadline(900), |cx| {
+        let dm = dm_path();
+        if dm == "none" || !Path::new(&dm).is_file() {
+            return Outcome::fail(format!(
+                "no TPM-enabled device model in dom0 (hvm_dm={dm}; run.sh builds it with build-qemu-xen.sh unless XVTPM_TESTBED_HVM=0)"
+            ));
+        }
+        if !st.mgr_ready() {
+            return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
+        }
+        let caps = Cmd::sh("xl info").split().secs(30).run(cx).stdout;
+        let caps = caps.lines().find(|l| l.starts_with("virt_caps")).unwrap_or("").to_string();
+        println!("hvm: {caps}");
+        if !(caps.contains("hvm") && caps.contains("hap")) {
+            return Outcome::fail(format!(
+                "Xen offers no HVM with HAP ({caps}): Debian's Xen has no shadow paging; the outer QEMU needs -cpu max,-smap,-xsave (run.sh's default XVTPM_TESTBED_CPU)"
+            ));
+        }
+        for l in xen::read_text(CFG).lines() {
+            let t = l.trim_start();
+            if !t.is_empty() && !t.starts_with('#') {
+                println!("[hvm-tis.cfg] {l}");
+            }
+        }
+        let mut e = Errs::default();
+
+        // ---- create: vTPM process + libxl's device model with tpm-tis ----
+        let off = lines_of(&xen::clog(NAME));
+        let w0 = now_wall();
+        let t0 = up();
+        // the vTPM inherits the level: its control requests are logged one by one
+        let o = Cmd::new(&["xl-vtpm", "create", CFG])
+            .env("NO_COLOR", "1")
+            .env("XVTPM_LOG", "info,vtpm_domain::server=debug")
+            .secs(150)
+            .save("/tmp/xl-hvm-create.out")
+            .run(cx);
+        println!("xl-vtpm create {CFG}: rc={} in {} s", o.rc, secs1(t0, up()));
+        show_tail("xl-vtpm create hvm", &o.all(), 20);
+        let row = life_row(cx, NAME);
+        let uuid = jf(&row, "vtpm_uuid");
+        let pid: Option<u32> = jf(&row, "vtpm_pid").parse().ok();
+        let d1 = xen::domid(NAME).unwrap_or_default();
+        st.hvlog = format!("/var/lib/xvtpm/vtpms/{uuid}/vtpm.log");
+        println!("registry: {}", row_line(&row));
+        if !o.ok() || d1.is_empty() || !pid_up(pid) {
+            show_tail("qemu-dm", &xen::read_text(DM_LOG), 20);
+            cleanup(cx, pid);
+            return Outcome::fail(format!(
+                "xl-vtpm create exited {} (domain {}, vTPM pid {}): {}",
+                o.rc,
+                if d1.is_empty() { "none" } else { &d1 },
+                pid.map_or("none".into(), |p| p.to_string()),
+                tail_of("/tmp/xl-hvm-create.out")
+            ));
+        }
+        let dmline = device_models();
+        e.check(
+            "hvm-dm-tpm-args",
+            dmline.contains(&dm) && dmline.contains("tpm-tis,tpmdev=xvtpm-tpm") && dmline.contains(&uuid),
+            format!("device model: {}", dmline.trim()),
+        );
+
+        // ---- boot 1: a fresh vTPM ----
+        let (miss, c1) = guest_boot(cx, off, "boot1", "fresh", 420);
+        boot_perf("hvm-tis-boot1-ms", &c1, w0);
+        e.check("hvm-guest-boot1", miss.is_empty(), if miss.is_empty() { "all checks PASS".into() } else { miss.join(" ") });
+        let ek1 = ek_hash(&c1);
+
+        // ---- reboot: a platform reset, the same vTPM process ----
+        if miss.iter().any(|m| m == "no-GUEST-DONE") || cx.past_deadline() {
+            e.add("reboot-skipped");
+        } else {
+            let off2 = lines_of(&xen::clog(NAME));
+            let w1 = now_wall();
+            let o = Cmd::new(&["xl-vtpm", "reboot", NAME]).env("NO_COLOR", "1").secs(60).run(cx);
+            show("xl-vtpm reboot", &o.all());
+            if !o.ok() {
+                e.add(format!("xl-vtpm-reboot-rc={}", o.rc));
+            }
+            let (miss2, c2) = guest_boot(cx, off2, "boot2", "kept", 420);
+            boot_perf("hvm-tis-boot2-ms", &c2, w1);
+            e.check("hvm-guest-boot2", miss2.is_empty(), if miss2.is_empty() { "all checks PASS".into() } else { miss2.join(" ") });
+            let d2 = xen::domid(NAME).unwrap_or_default();
+            let row2 = life_row(cx, NAME);
+            let pid2: Option<u32> = jf(&row2, "vtpm_pid").parse().ok();
+            e.check(
+                "hvm-reboot-same-vtpm",
+                pid2 == pid && pid_up(pid) && !d2.is_empty() && d2 != d1,
+                format!("domid {d1} -> {d2}, vTPM pid {:?} -> {:?} (same process, new domain)", pid, pid2),
+            );
+            let ek2 = ek_hash(&c2);
+            e.check("hvm-ek-stable", !ek1.is_empty() && ek1 == ek2, format!("EK sha256 boot1 {ek1} boot2 {ek2}"));
+        }
+
+        // ---- the control channel: no disagreement in either log ----
+        let dmlog = xen::read_text(DM_LOG);
+        let vlog = xen::read_text(&st.hvlog);
+        let mut bad = ctrl_errors(&dmlog);
+        bad.extend(ctrl_errors(&vlog));
+        for l in dmlog.lines().filter(|l| l.to_ascii_lowercase().contains("tpm")) {
+            println!("[qemu-dm-hvm-tis] {l}");
+        }
+        e.check(
+            "hvm-ctrl-clean",
+            bad.is_empty(),
+            if bad.is_empty() {
+                "no control-channel error in the device model's log or the vTPM's".to_string()
+            } else {
+                bad.join(" | ")
+            },
+        );
+
+        // ---- destroy: domain and vTPM process gone ----
+        let t2 = up();
+        let o = Cmd::new(&["xl-vtpm", "destroy", NAME]).env("NO_COLOR", "1").secs(90).run(cx);
+        show("xl-vtpm destroy", &o.all());
+        let gone = cx.wait_every(30, Duration::from_millis(100), || !pid_up(pid));
+        e.check(
+            "hvm-destroy",
+            o.ok() && gone && xen::domain_gone(NAME),
+            format!(
+                "rc={}; domain {}; vTPM pid {} {} ({} s)",
+                o.rc,
+                if xen::domain_gone(NAME) { "gone" } else { "still there" },
+                pid.unwrap_or(0),
+                if gone { "gone" } else { "still running" },
+                secs1(t2, up())
+            ),
+        );
+        let dm_left = device_models();
+        e.check("hvm-dm-gone", dm_left.trim().is_empty(), format!("device models left: {}", dm_left.trim()));
+        if !e.is_empty() {
+            show_tail("qemu-dm", &dmlog, 20);
+            show_tail("vtpm.log", &vlog, 20);
+            cleanup(cx, pid);
+        }
+        e.verdict(format!(
+            "HVM guest (SeaBIOS, tsc_mode native) with tpm-tis from {dm}: TPM 2.0 via ACPI, quote verified, NV kept across xl-vtpm reboot with PCRs reset; vTPM {uuid} pid {} gone after xl-vtpm destroy",
+            pid.unwrap_or(0)
+        ))
+    });
+}
