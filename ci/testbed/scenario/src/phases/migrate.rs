@@ -29,7 +29,7 @@ use crate::xen::{self, after_prefix, jf};
 
 const MCFG: &str = "/etc/xen/mig-a.cfg";
 const PCFG: &str = "/etc/xen/mig-p.cfg";
-const PSAVE: &str = "/var/tmp/mig-p.xlsave";
+const PSAVE: &str = "/tmp/mig-p.xlsave";
 const PCR_AFTER: &str = "39DE0A6FECF21D432302A5D79315BC42DFF73C4BE042FB5276E3C5B4758BCA02";
 const PCR_ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
