@@ -297,6 +297,10 @@ if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ]; }; then
                    else echo "GUEST-CMD $n deepquote FAIL rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi ;;
         migcheck)  # after a move: the same vTPM (EK, key, NV), PCR 16 as it is, a fresh quote
           cd /tmp; mc=PASS; d=""
+          # xen-tpmfront removes its chip and probes it again on resume: wait for a /dev/tpmN
+          i=0; while [ $i -lt 300 ] && ! ls /dev/tpm[0-9]* >/dev/null 2>&1; do sleep 0.1; i=$((i+1)); done
+          dev=$(ls /dev/tpm[0-9]* 2>/dev/null | head -n 1); export TPM2TOOLS_TCTI=device:${dev:-/dev/tpm0}
+          d=" dev=${dev:-none}/$((i/10))s"
           if t tpm2_readpublic -c 0x81010001 -o ek2.pub || t tpm2_readpublic -c 0x81010002 -o ek2.pub; then d="$d ek=$(sha256sum ek2.pub | cut -c1-64)"
           else mc=FAIL; d="$d ek=FAIL(rc=$rc)"; fi
           t tpm2_getcap handles-persistent
@@ -313,6 +317,7 @@ if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ]; }; then
               else d="$d quote=verified"; fi
             else mc=FAIL; d="$d quote=FAIL(rc=$rc $(echo "$out" | tail -n 1))"; fi
           else mc=FAIL; d="$d ak=FAIL(rc=$rc $(echo "$out" | tail -n 1))"; fi
+          [ $mc = PASS ] || d="$d dmesg: $(dmesg | grep -i -e tpm -e xenbus | tail -n 6 | tr '\n' ';')"
           echo "GUEST-CMD $n migcheck $mc$d" ;;
         *) echo "GUEST-CMD $n $cmd FAIL unknown command" ;;
       esac

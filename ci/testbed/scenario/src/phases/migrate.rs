@@ -311,6 +311,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         }
         if !e.is_empty() {
             show_tail("mig-a console (GUEST lines)", &cons("mig-a").lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
+            show_tail("mig-a vtpm.log", &xen::read_text(&format!("/var/lib/xvtpm/vtpms/{}/vtpm.log", jf(&life_row(cx, "mig-a"), "vtpm_uuid"))), 25);
         } else {
             ok = true;
         }
