@@ -1,20 +1,20 @@
-//! Moving a running PV guest with its vTPM: `xl-vtpm migrate GUEST localhost` (switch
-//! `xvtpm_migrate=1|0`, default 0: the testbed's Xen refuses log-dirty mode for PV guests —
-//! `xc: error: Failed to enable logdirty: 95,22,0` — and `xl migrate` is always live, so no move
-//! can run there; ci/testbed/README.md). One RESULT per step:
+//! Moving a running PV guest with its vTPM: `xl-vtpm migrate GUEST localhost --non-live` (switch
+//! `xvtpm_migrate=1|0`, default 1). Non-live: the testbed's Xen refuses log-dirty mode for PV
+//! guests — `xc: error: Failed to enable logdirty: 95,22,0` — and `xl migrate` is always live;
+//! `xl save` + `xl restore` need no log-dirty mode (ci/testbed/README.md). One RESULT per step:
 //!   migrate-plain    P6 baseline: a guest without a vTPM (`role=plain hold=1 tick=1`), moved twice with
-//!                    plain `xl migrate -s "" mig-p "xl migrate-receive"`; the largest gap between the
+//!                    plain `xl save mig-p FILE` + `xl restore FILE`; the largest gap between the
 //!                    guest's 0.1 s ticks is the downtime it saw (`PERF p6-novtpm-…`)
 //!   migrate          `xl-vtpm create` of mig-a (dom0-process vTPM, `role=mig hold=1 tick=1`): the guest
 //!                    makes 0x81000010, NV 0x01500016, extends PCR 16 and reads its EK; `xl-vtpm migrate
-//!                    mig-a localhost` (new domid, same vTPM process, the source's device gone, registry
+//!                    mig-a localhost --non-live` (new domid, save file removed, same vTPM process, the source's device gone, registry
 //!                    domid follows); in the guest: same EK, key and NV, PCR 16 unchanged, a fresh AK quote
 //!                    verified; a second move for P6 (`PERF p6-vtpm-…`)
 //!   migrate-recover  failure points with real processes: `xl migrate` failing before the guest moved
 //!                    (`--ssh false`): the guest stays where it was with the same vTPM process; `xl
-//!                    migrate -p` run alone (an `xl-vtpm migrate` cut short after it) and the vTPM process
-//!                    killed -9 meanwhile: `xl-vtpm migrate mig-a --finish` starts the vTPM again from its
-//!                    state and resumes the guest (EK, key, NV kept; PCR 16 reset, as after a power loss);
+//!                    save` into xl-vtpm's save file run alone (a non-live move cut short after it) and
+//!                    the vTPM process killed -9 meanwhile: `xl-vtpm migrate mig-a --finish` restores the
+//!                    file, starts the vTPM again from its state and resumes the guest (EK, key, NV kept; PCR 16 reset, as after a power loss);
 //!                    `xl-vtpm destroy`: the domain and the vTPM process are gone
 
 use std::time::Duration;
@@ -151,7 +151,7 @@ fn field(line: &str, key: &str) -> String {
 }
 
 pub fn run(r: &mut Runner, st: &mut St) {
-    let mode = xen::cmdline_arg("xvtpm_migrate").unwrap_or_else(|| "0".into());
+    let mode = xen::cmdline_arg("xvtpm_migrate").unwrap_or_else(|| "1".into());
     if mode == "0" || st.vtpm_mode != "dom0" {
         let why = if mode == "0" { "disabled (XVTPM_TESTBED_MIGRATE=0)" } else { "needs XVTPM_TESTBED_VTPM=dom0" };
         for p in ["migrate-plain", "migrate", "migrate-recover"] {
