@@ -14,7 +14,7 @@
 #                          vtpm=["backend=NAME"], xl-vtpm watch) (1)
 #   XVTPM_TESTBED_MIGRATE  1|0: moving a running guest with its vTPM (xl-vtpm migrate GUEST localhost
 #                          --non-live: xl save + xl restore, as this Xen refuses log-dirty mode for PV guests)
-#                          and P6, the downtime with and without a vTPM (1; ~115 s; the Rust scenario only)
+#                          and P6, the downtime with and without a vTPM (1; 100-140 s; the Rust scenario only)
 #   XVTPM_TESTBED_HVM      1|0: hvm-tis phase: an HVM guest (SeaBIOS, Linux) whose TPM is emulated by the
 #                          TPM-enabled device model (build-qemu-xen.sh: built once, cached; the build
 #                          runs before the budget clock starts, limited by XVTPM_QEMU_BUILD_TIMEOUT,
