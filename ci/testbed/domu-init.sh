@@ -289,6 +289,11 @@ if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ]; }; then
     c=$(xenstore-read data/xvtpm-cmd 2>/dev/null)
     if [ -n "$c" ] && [ "$c" != "$last" ]; then
       last=$c; n=${c%%:*}; r=${c#*:}; cmd=${r%%:*}; a=${r#*:}
+      if [ "$role" = mig ]; then
+        # after a move xen-tpmfront has removed its chip and probed it again: a new /dev/tpmN
+        i=0; while [ $i -lt 300 ] && ! ls /dev/tpm[0-9]* >/dev/null 2>&1; do sleep 0.1; i=$((i+1)); done
+        dev=$(ls /dev/tpm[0-9]* 2>/dev/null | head -n 1); export TPM2TOOLS_TCTI=device:${dev:-/dev/tpm0}
+      fi
       case $cmd in
         getrandom) t tpm2_getrandom --hex 16 && echo "$out" | grep -qE '^[0-9a-f]{32}$' &&
                      echo "GUEST-CMD $n getrandom PASS $out" || echo "GUEST-CMD $n getrandom FAIL rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')" ;;
@@ -296,7 +301,7 @@ if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ]; }; then
                      echo "GUEST-CMD $n deepquote PASS $(wc -c < /tmp/dq-cmd.bin) bytes"
                    else echo "GUEST-CMD $n deepquote FAIL rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi ;;
         migcheck)  # after a move: the same vTPM (EK, key, NV), PCR 16 as it is, a fresh quote
-          cd /tmp; mc=PASS; d=""
+          cd /tmp; mc=PASS; d=" dev=${dev:-none}/$((i/10))s"
           if t tpm2_readpublic -c 0x81010001 -o ek2.pub || t tpm2_readpublic -c 0x81010002 -o ek2.pub; then d="$d ek=$(sha256sum ek2.pub | cut -c1-64)"
           else mc=FAIL; d="$d ek=FAIL(rc=$rc)"; fi
           t tpm2_getcap handles-persistent
@@ -313,6 +318,7 @@ if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ]; }; then
               else d="$d quote=verified"; fi
             else mc=FAIL; d="$d quote=FAIL(rc=$rc $(echo "$out" | tail -n 1))"; fi
           else mc=FAIL; d="$d ak=FAIL(rc=$rc $(echo "$out" | tail -n 1))"; fi
+          [ $mc = PASS ] || d="$d dmesg: $(dmesg | grep -i -e tpm -e xenbus | tail -n 6 | tr '\n' ';')"
           echo "GUEST-CMD $n migcheck $mc$d" ;;
         *) echo "GUEST-CMD $n $cmd FAIL unknown command" ;;
       esac

@@ -12,9 +12,9 @@
 #   XVTPM_TESTBED_VTPMDOM  1|0: vTPM-domain phases (the vTPM as its own unikernel-style domain) (1)
 #   XVTPM_TESTBED_LIFEDOM  1|0: lifecycle of a guest whose vTPM is its own domain (xl-vtpm create with
 #                          vtpm=["backend=NAME"], xl-vtpm watch) (1)
-#   XVTPM_TESTBED_MIGRATE  1|0: moving a running guest with its vTPM (xl-vtpm migrate GUEST localhost) and P6,
-#                          the downtime with and without a vTPM (0: this Xen refuses log-dirty mode for PV
-#                          guests, so the always-live xl migrate fails; see README; the Rust scenario only)
+#   XVTPM_TESTBED_MIGRATE  1|0: moving a running guest with its vTPM (xl-vtpm migrate GUEST localhost
+#                          --non-live: xl save + xl restore, as this Xen refuses log-dirty mode for PV guests)
+#                          and P6, the downtime with and without a vTPM (1; 100-140 s; the Rust scenario only)
 #   XVTPM_TESTBED_HVM      1|0: hvm-tis phase: an HVM guest (SeaBIOS, Linux) whose TPM is emulated by the
 #                          TPM-enabled device model (build-qemu-xen.sh: built once, cached; the build
 #                          runs before the budget clock starts, limited by XVTPM_QEMU_BUILD_TIMEOUT,
@@ -25,7 +25,7 @@
 #   XVTPM_TESTBED_CPU      QEMU -cpu (with the hvm-tis phase: max,-smap,-xsave, whose NPT gives Xen HAP, which
 #                          HVM guests need as Debian's Xen has no shadow paging; measured ~20% faster for the
 #                          PV phases too. XVTPM_TESTBED_HVM=0: qemu64. Plain "max" crashes dom0 (SMAP))
-#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1024 / 512M (with XVTPM_TESTBED_HVM=1: 2 / 1536 / 768M)
+#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1536 / 768M (with XVTPM_TESTBED_HVM=0 and _MIGRATE=0: 2 / 1024 / 512M)
 #   XVTPM_TESTBED_STARTUP  swtpm --flags value (startup-clear)
 #   XVTPM_TESTBED_NICE     nice level for QEMU (0: at nice 10 QEMU got almost no CPU beside other work and
 #                          a loaded run overran the budget; 10 keeps a developer's desktop responsive)
@@ -44,7 +44,10 @@ ACCEL=${XVTPM_TESTBED_ACCEL:-tcg}
 HVM=${XVTPM_TESTBED_HVM:-0}
 # hvm-tis adds ~34 MB to dom0's ramfs (device model + libraries, bzImage, HVM initramfs): at 512M dom0
 # panicked unpacking it ("System is deadlocked on memory"); the HVM guest takes 256 MiB beside the others
-DEFMEM=1024; DEFDOM0=512M; [ "$HVM" != 0 ] && { DEFMEM=1536; DEFDOM0=768M; }
+# the migration phases' `xl save` writes a 160 MiB guest into dom0's ramfs: at 512M dom0 the OOM killer
+# took vtpmmgr, xl-vtpm and libxl-save-helper
+MIGRATE=${XVTPM_TESTBED_MIGRATE:-1}
+DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
 SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-$DEFMEM}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-$DEFDOM0}
 NICE=${XVTPM_TESTBED_NICE:-0}
 case $ACCEL in
@@ -146,7 +149,7 @@ XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=$DOM
 # scenario switches ride on the dom0 command line (multiboot module: ',' must be ',,')
 # rootfstype=ramfs: the ~190 MB initramfs would overflow a rootfs tmpfs (capped at half of dom0's RAM:
 # "Initramfs unpacking failed: write error")
-DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=${XVTPM_TESTBED_MIGRATE:-0} xvtpm_hvm=$HVM ${XVTPM_TESTBED_DOM0_EXTRA:-}"
+DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=$MIGRATE xvtpm_hvm=$HVM ${XVTPM_TESTBED_DOM0_EXTRA:-}"
 REM=$(remaining); [ "$REM" -gt 10 ] || fail "budget exhausted before boot"
 # dom0's waits all give up by this dom0 uptime, leaving time to dump the logs and power off
 # (dom0 uptime lags the host clock by the Xen boot, so this is conservative)

@@ -17,7 +17,18 @@
 //!   `xl-vtpm migrate GUEST --finish` does the steps after `xl migrate`.
 //! - the vTPM process died: it is started again from its durable state before the unpause
 //!   (EK, keys, NV kept; PCRs reset as after a power loss, and no marker is written).
+//!
+//! `--non-live` moves the guest without log-dirty mode (a Xen that refuses it for PV guests):
+//! `xl save GUEST FILE` (the guest is suspended, its memory written, the source destroyed), then
+//! `xl restore -p FILE` (a new domain, paused) and the same steps as above. FILE is
+//! [`save_file`]: 0600 in a 0700 directory of the state directory (guest memory; no vTPM secret
+//! is in it). `xl save` failing leaves the guest where it was (xl resumes it; the file is
+//! removed); `xl restore` failing keeps the file and names it: `--finish` restores it. The file
+//! is removed only once the new domain runs.
 
+use std::io::ErrorKind;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -48,8 +59,14 @@ pub struct GuestMigrated {
     pub vtpm_pid: u32,
     /// The vTPM process had to be started again (its PCRs were reset).
     pub vtpm_restarted: bool,
-    /// `xl migrate` wall time (ms; 0 with `--finish`).
+    /// `xl migrate` wall time (ms; 0 with `--finish` or `--non-live`).
     pub xl_migrate_ms: u64,
+    /// The move was non-live (`xl save` + `xl restore`).
+    pub non_live: bool,
+    /// `xl save` wall time (ms; 0 unless `--non-live`).
+    pub xl_save_ms: u64,
+    /// `xl restore -p` wall time (ms; 0 unless this command restored the guest).
+    pub xl_restore_ms: u64,
     /// From the unpause until the guest's TPM frontend was connected again (ms), if it was
     /// within [`RECONNECT_WAIT`].
     pub reconnect_ms: Option<u64>,
@@ -81,7 +98,113 @@ pub fn xl_migrate_args(name: &str, host: &str, ssh: Option<&str>) -> Vec<String>
     a
 }
 
+/// Where a non-live move keeps the saved guest of vTPM `uuid`: `STATE/migrate-save/UUID.xlsave`.
+pub fn save_file(state_dir: &Path, uuid: &Uuid) -> PathBuf {
+    state_dir.join("migrate-save").join(format!("{uuid}.xlsave"))
+}
+
+/// `xl save NAME FILE`: the guest is suspended, written to FILE and its domain destroyed (not
+/// `-p`/`-c`, which keep the source: the restored domain needs its name and its memory).
+pub fn xl_save_args(name: &str, file: &Path) -> Vec<String> {
+    vec!["save".into(), name.into(), file.display().to_string()]
+}
+
+/// `xl restore -p FILE`: the new domain stays paused until its vTPM is ready.
+pub fn xl_restore_args(file: &Path) -> Vec<String> {
+    vec!["restore".into(), "-p".into(), file.display().to_string()]
+}
+
+/// Makes `file`'s directory (0700, a real directory, not a link) and `file` itself, empty and
+/// 0600 (xl keeps an existing file's mode). Refuses when `file` exists: an earlier move's.
+pub fn prepare_save_file(file: &Path) -> Result<(), String> {
+    let dir = file.parent().ok_or_else(|| format!("{}: no directory", file.display()))?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    }
+    let md = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !md.is_dir() {
+        return Err(format!("{} is not a directory; remove it", dir.display()));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file).map(drop).map_err(|e| {
+        if e.kind() == ErrorKind::AlreadyExists {
+            format!("{} exists: a saved guest of an earlier `xl-vtpm migrate --non-live`", file.display())
+        } else {
+            format!("{}: {e}", file.display())
+        }
+    })
+}
+
+/// The refusal when `xl restore` failed: the saved guest is kept and the retry named.
+pub fn restore_failed(name: &str, file: &Path, why: &str) -> CliError {
+    fail(
+        FAILURE,
+        format!(
+            "xl restore -p {} failed: {why}; guest {name} is not running; its saved memory is kept in {} (root-only): fix the cause, then \
+             `xl-vtpm migrate {name} --finish` restores it and gives it its vTPM",
+            file.display(),
+            file.display()
+        ),
+    )
+}
+
+/// xl's first error lines and its last lines (where it stopped).
+fn xl_said(out: &std::process::Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let mut tail: Vec<&str> = text.lines().filter(|l| l.contains("error")).take(2).collect();
+    tail.extend(text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev());
+    tail.join(" | ")
+}
+
 impl Xen {
+    /// `xl restore -p FILE`; its wall time (ms).
+    fn restore_saved(&self, name: &str, file: &Path) -> Result<u64, CliError> {
+        let t = Instant::now();
+        let out = Command::new(&self.xl)
+            .args(xl_restore_args(file))
+            .output()
+            .map_err(|e| restore_failed(name, file, &format!("cannot run {} ({e})", self.xl.display())))?;
+        if !out.status.success() || self.xl_domid(name).is_none() {
+            return Err(restore_failed(name, file, &format!("exit {}; xl said: {}", out.status.code().unwrap_or(-1), xl_said(&out))));
+        }
+        Ok(t.elapsed().as_millis() as u64)
+    }
+
+    /// `xl save NAME FILE` of the guest that runs as domain `old`; its wall time (ms).
+    fn save_guest(&self, name: &str, old: u32, file: &Path) -> Result<u64, CliError> {
+        if let Err(e) = prepare_save_file(file) {
+            return Err(fail(
+                REFUSED,
+                format!("xl-vtpm migrate {name} --non-live: {e}; guest {name} runs as domain {old}, so it is stale: remove it, then run this again"),
+            ));
+        }
+        let t = Instant::now();
+        let out = Command::new(&self.xl).args(xl_save_args(name, file)).output();
+        let ms = t.elapsed().as_millis() as u64;
+        let after = self.xl_domid(name);
+        let (ok, said) = match &out {
+            Ok(o) => (o.status.success(), format!("exit {}; xl said: {}", o.status.code().unwrap_or(-1), xl_said(o))),
+            Err(e) => (false, format!("cannot run {} ({e})", self.xl.display())),
+        };
+        match (ok, after) {
+            (true, None) => Ok(ms),
+            (_, Some(d)) if d == old => {
+                let _ = std::fs::remove_file(file);
+                Err(fail(FAILURE, format!("xl save failed before the guest moved ({said}): {name} runs on as domain {old} with its vTPM; nothing changed")))
+            }
+            _ => Err(fail(
+                FAILURE,
+                format!(
+                    "xl save of {name} ended ({said}) with {}: its saved memory, if complete, is in {}; check `xl list`, then `xl-vtpm migrate {name} --finish`",
+                    after.map_or("no domain".to_string(), |d| format!("domain {d}")),
+                    file.display()
+                ),
+            )),
+        }
+    }
+
     fn xl_domid(&self, name: &str) -> Option<u32> {
         let out = Command::new(&self.xl).args(["domid", name]).output().ok()?;
         if !out.status.success() {
@@ -90,8 +213,9 @@ impl Xen {
         String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     }
 
-    /// `xl-vtpm migrate NAME HOST [--ssh CMD]`, or with `finish` the steps after `xl migrate`.
-    pub fn migrate_guest(&self, admin: &mut Admin, name: &str, host: Option<&str>, ssh: Option<&str>, finish: bool) -> Result<GuestMigrated, CliError> {
+    /// `xl-vtpm migrate NAME HOST [--ssh CMD | --non-live]`, or with `finish` the steps after
+    /// `xl migrate` (or `xl save`: a kept save file is restored first).
+    pub fn migrate_guest(&self, admin: &mut Admin, name: &str, host: Option<&str>, ssh: Option<&str>, finish: bool, non_live: bool) -> Result<GuestMigrated, CliError> {
         let t0 = Instant::now();
         if !finish {
             let host = host.ok_or_else(|| fail(USAGE, "xl-vtpm migrate: name the destination HOST (localhost), or give --finish"))?;
@@ -128,6 +252,8 @@ impl Xen {
         }
         let old = row.guest_domid.ok_or_else(|| fail(FAILURE, format!("the registry has no domid for guest {name}")))?;
         let mut xl_ms = 0;
+        let (mut save_ms, mut restore_ms) = (0, 0);
+        let file = save_file(&self.local.state_dir, &uuid);
         if !finish {
             let now = self.xl_domid(name);
             if now != Some(old) {
@@ -139,6 +265,19 @@ impl Xen {
                     ),
                 ));
             }
+        }
+        let mut restarted_before = false;
+        if non_live && !finish {
+            // The vTPM must serve the restored domain's device as soon as libxl writes it.
+            self.ensure_vtpm_process(admin, uuid, None)?;
+            save_ms = self.save_guest(name, old, &file)?;
+            restore_ms = self.restore_saved(name, &file)?;
+        } else if finish && self.xl_domid(name).is_none() && file.exists() {
+            // The vTPM must run before libxl writes the restored domain's device.
+            restarted_before = self.ensure_vtpm_process(admin, uuid, None)?.1;
+            restore_ms = self.restore_saved(name, &file)?;
+        }
+        if !finish && !non_live {
             // The vTPM must serve the incoming domain's device as soon as libxl writes it.
             self.ensure_vtpm_process(admin, uuid, None)?;
             let args = xl_migrate_args(name, host.unwrap_or("localhost"), ssh);
@@ -148,12 +287,10 @@ impl Xen {
                 .output()
                 .map_err(|e| fail(FAILURE, format!("cannot run {} ({e})", self.xl.display())))?;
             xl_ms = t.elapsed().as_millis() as u64;
-            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             // xl's first errors name the cause (e.g. `xc: error: Failed to enable logdirty: 95,…`:
-            // this Xen cannot track a PV guest's dirty pages, and `xl migrate` is always live);
-            // its last lines say where it stopped.
-            let mut tail: Vec<&str> = text.lines().filter(|l| l.contains("error")).take(2).collect();
-            tail.extend(text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev());
+            // this Xen cannot track a PV guest's dirty pages, and `xl migrate` is always live:
+            // `--non-live`); its last lines say where it stopped.
+            let said = xl_said(&out);
             let after = self.xl_domid(name);
             match after {
                 Some(d) if d == old => {
@@ -162,7 +299,7 @@ impl Xen {
                         format!(
                             "xl migrate failed before the guest moved (exit {}): {name} runs on as domain {old} with its vTPM; nothing changed. xl said: {}",
                             out.status.code().unwrap_or(-1),
-                            tail.join(" | ")
+                            said
                         ),
                     ));
                 }
@@ -174,19 +311,20 @@ impl Xen {
                             "xl migrate ended (exit {}) with no domain named {name}: check `xl list` for {name}--incoming / {name}--migratedaway and resume at most one \
                              (its vTPM keeps running and serves either); then `xl-vtpm migrate {name} --finish`. xl said: {}",
                             out.status.code().unwrap_or(-1),
-                            tail.join(" | ")
+                            said
                         ),
                     ));
                 }
             }
         }
         let new = self.xl_domid(name).ok_or_else(|| fail(FAILURE, format!("guest {name} has no domain; nothing to finish")))?;
-        if finish && new == old {
+        if finish && new == old && restore_ms == 0 {
             return Err(fail(REFUSED, format!("guest {name} is still domain {old}, as the registry says: there is no move to finish")));
         }
         // The vTPM process: still the one that served the source (state in memory), or started
         // again from its durable state (PCRs reset, so no resume marker).
         let (_, restarted) = self.ensure_vtpm_process(admin, uuid, None)?;
+        let restarted = restarted || restarted_before;
         let pid = self.local.runtime(&uuid).map(|r| r.pid).ok_or_else(|| fail(FAILURE, format!("vTPM {uuid} does not run")))?;
         let dev = wait_backend(new, &uuid, BACKEND_WAIT).map_err(|e| {
             fail(FAILURE, format!("guest {name} (domain {new}, paused): its vTPM does not serve the incoming domain's device: {e}; the guest stays paused"))
@@ -197,6 +335,12 @@ impl Xen {
         }
         self.xl_run(&["unpause", &new.to_string()])?;
         let t_unpause = Instant::now();
+        // The guest runs as its new domain: its saved memory is no longer needed.
+        if let Err(e) = std::fs::remove_file(&file)
+            && e.kind() != ErrorKind::NotFound
+        {
+            xvtpm_log::host_warn!("guest {name} runs as domain {new}; removing its saved memory {}: {e}; remove it by hand", file.display());
+        }
         reg.mark_running(row.id, new, 0).map_err(reg_err)?;
         let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t_unpause.elapsed().as_millis() as u64);
         Ok(GuestMigrated {
@@ -207,6 +351,9 @@ impl Xen {
             vtpm_pid: pid,
             vtpm_restarted: restarted,
             xl_migrate_ms: xl_ms,
+            non_live: non_live || restore_ms > 0,
+            xl_save_ms: save_ms,
+            xl_restore_ms: restore_ms,
             reconnect_ms,
             total_ms: t0.elapsed().as_millis() as u64,
         })
@@ -290,5 +437,44 @@ mod tests {
         assert_eq!(xl_migrate_args("g", "localhost", None), ["migrate", "-p", "-s", "", "g", "xl migrate-receive -p"]);
         assert_eq!(xl_migrate_args("g", "localhost", Some("false")), ["migrate", "-p", "-s", "false", "g", "localhost"]);
         assert!(is_local("localhost") && is_local("127.0.0.1") && !is_local("host-b.example"));
+    }
+
+    #[test]
+    fn a_non_live_move_saves_destroying_the_source_and_restores_paused() {
+        let f = save_file(Path::new("/var/lib/xvtpm"), &Uuid::nil());
+        assert_eq!(f, Path::new("/var/lib/xvtpm/migrate-save/00000000-0000-0000-0000-000000000000.xlsave"));
+        assert_eq!(xl_save_args("g", &f), ["save", "g", f.to_str().unwrap()]);
+        assert_eq!(xl_restore_args(&f), ["restore", "-p", f.to_str().unwrap()]);
+    }
+
+    #[test]
+    fn the_save_file_is_root_only_and_never_overwritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = save_file(tmp.path(), &Uuid::nil());
+        prepare_save_file(&f).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(f.parent().unwrap()), 0o700);
+        assert_eq!(mode(&f), 0o600);
+        // an earlier move's saved guest is kept, not truncated
+        std::fs::write(&f, b"saved guest").unwrap();
+        let e = prepare_save_file(&f).unwrap_err();
+        assert!(e.contains("exists") && e.contains("earlier"), "{e}");
+        assert_eq!(std::fs::read(&f).unwrap(), b"saved guest");
+        // a directory loosened since is made root-only again
+        std::fs::set_permissions(f.parent().unwrap(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_file(&f).unwrap();
+        prepare_save_file(&f).unwrap();
+        assert_eq!(mode(f.parent().unwrap()), 0o700);
+        // a link in the directory's place is refused
+        let t2 = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(tmp.path(), t2.path().join("migrate-save")).unwrap();
+        assert!(prepare_save_file(&save_file(t2.path(), &Uuid::nil())).unwrap_err().contains("not a directory"));
+    }
+
+    #[test]
+    fn a_failed_restore_names_the_kept_file_and_the_retry() {
+        let f = save_file(Path::new("/var/lib/xvtpm"), &Uuid::nil());
+        let e = restore_failed("g", &f, "exit 1").to_string();
+        assert!(e.contains(f.to_str().unwrap()) && e.contains("xl-vtpm migrate g --finish") && e.contains("kept"), "{e}");
     }
 }

@@ -103,6 +103,10 @@ enum Cmd {
         /// `xl-vtpm migrate` that was cut short.
         #[arg(long, conflicts_with_all = ["host", "ssh"])]
         finish: bool,
+        /// Move without log-dirty mode (a Xen that refuses it for PV guests): `xl save` to a
+        /// root-only file, `xl restore -p`; the guest is stopped for the whole copy.
+        #[arg(long, conflicts_with = "ssh")]
+        non_live: bool,
     },
     /// Guests with their vTPMs (registry and what runs now).
     List,
@@ -683,13 +687,13 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Destroy { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Destroy),
         Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown),
         Cmd::List => run_list(&xen, json),
-        Cmd::Migrate { name, host, ssh, finish } => {
-            let m = xen.migrate_guest(&mut admin, &name, host.as_deref(), ssh.as_deref(), finish)?;
+        Cmd::Migrate { name, host, ssh, finish, non_live } => {
+            let m = xen.migrate_guest(&mut admin, &name, host.as_deref(), ssh.as_deref(), finish, non_live)?;
             if json {
                 print_json(&m);
             } else {
                 println!(
-                    "{}: domain {} -> {}; vTPM {} (process {}{}) serves it{}; xl migrate {} ms, {} ms in all",
+                    "{}: domain {} -> {}; vTPM {} (process {}{}) serves it{}; {}, {} ms in all",
                     m.guest_name,
                     m.from_domid,
                     m.to_domid,
@@ -697,7 +701,7 @@ fn run(args: Args) -> Result<(), CliError> {
                     m.vtpm_pid,
                     if m.vtpm_restarted { ", started again: its PCRs were reset" } else { ", kept running: state kept" },
                     m.reconnect_ms.map_or(", its frontend not reconnected yet".to_string(), |r| format!(", reconnected {r} ms after the unpause")),
-                    m.xl_migrate_ms,
+                    if m.non_live { format!("xl save {} ms, xl restore {} ms", m.xl_save_ms, m.xl_restore_ms) } else { format!("xl migrate {} ms", m.xl_migrate_ms) },
                     m.total_ms
                 );
             }

@@ -1,20 +1,20 @@
-//! Moving a running PV guest with its vTPM: `xl-vtpm migrate GUEST localhost` (switch
-//! `xvtpm_migrate=1|0`, default 0: the testbed's Xen refuses log-dirty mode for PV guests —
-//! `xc: error: Failed to enable logdirty: 95,22,0` — and `xl migrate` is always live, so no move
-//! can run there; ci/testbed/README.md). One RESULT per step:
+//! Moving a running PV guest with its vTPM: `xl-vtpm migrate GUEST localhost --non-live` (switch
+//! `xvtpm_migrate=1|0`, default 1). Non-live: the testbed's Xen refuses log-dirty mode for PV
+//! guests — `xc: error: Failed to enable logdirty: 95,22,0` — and `xl migrate` is always live;
+//! `xl save` + `xl restore` need no log-dirty mode (ci/testbed/README.md). One RESULT per step:
 //!   migrate-plain    P6 baseline: a guest without a vTPM (`role=plain hold=1 tick=1`), moved twice with
-//!                    plain `xl migrate -s "" mig-p "xl migrate-receive"`; the largest gap between the
+//!                    plain `xl save mig-p FILE` + `xl restore FILE`; the largest gap between the
 //!                    guest's 0.1 s ticks is the downtime it saw (`PERF p6-novtpm-…`)
 //!   migrate          `xl-vtpm create` of mig-a (dom0-process vTPM, `role=mig hold=1 tick=1`): the guest
 //!                    makes 0x81000010, NV 0x01500016, extends PCR 16 and reads its EK; `xl-vtpm migrate
-//!                    mig-a localhost` (new domid, same vTPM process, the source's device gone, registry
+//!                    mig-a localhost --non-live` (new domid, save file removed, same vTPM process, the source's device gone, registry
 //!                    domid follows); in the guest: same EK, key and NV, PCR 16 unchanged, a fresh AK quote
 //!                    verified; a second move for P6 (`PERF p6-vtpm-…`)
 //!   migrate-recover  failure points with real processes: `xl migrate` failing before the guest moved
 //!                    (`--ssh false`): the guest stays where it was with the same vTPM process; `xl
-//!                    migrate -p` run alone (an `xl-vtpm migrate` cut short after it) and the vTPM process
-//!                    killed -9 meanwhile: `xl-vtpm migrate mig-a --finish` starts the vTPM again from its
-//!                    state and resumes the guest (EK, key, NV kept; PCR 16 reset, as after a power loss);
+//!                    save` into xl-vtpm's save file run alone (a non-live move cut short after it) and
+//!                    the vTPM process killed -9 meanwhile: `xl-vtpm migrate mig-a --finish` restores the
+//!                    file, starts the vTPM again from its state and resumes the guest (EK, key, NV kept; PCR 16 reset, as after a power loss);
 //!                    `xl-vtpm destroy`: the domain and the vTPM process are gone
 
 use std::time::Duration;
@@ -29,6 +29,7 @@ use crate::xen::{self, after_prefix, jf};
 
 const MCFG: &str = "/etc/xen/mig-a.cfg";
 const PCFG: &str = "/etc/xen/mig-p.cfg";
+const PSAVE: &str = "/tmp/mig-p.xlsave";
 const PCR_AFTER: &str = "39DE0A6FECF21D432302A5D79315BC42DFF73C4BE042FB5276E3C5B4758BCA02";
 const PCR_ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -130,6 +131,16 @@ fn xl_vtpm_migrate(cx: &Cx, args: &[&str], save: &str) -> (i32, Value, String) {
     (o.rc, v, o.all())
 }
 
+/// The save file of a non-live move of guest `name` (xl-vtpm's state directory, by vTPM UUID).
+fn save_path(cx: &Cx, name: &str) -> String {
+    format!("/var/lib/xvtpm/migrate-save/{}.xlsave", jf(&life_row(cx, name), "vtpm_uuid"))
+}
+
+/// A save file of guest `name` is left behind.
+fn save_left(cx: &Cx, name: &str) -> bool {
+    std::path::Path::new(&save_path(cx, name)).exists()
+}
+
 fn vtpm_pid(cx: &Cx, name: &str) -> Option<u32> {
     jf(&life_row(cx, name), "vtpm_pid").parse().ok()
 }
@@ -140,7 +151,7 @@ fn field(line: &str, key: &str) -> String {
 }
 
 pub fn run(r: &mut Runner, st: &mut St) {
-    let mode = xen::cmdline_arg("xvtpm_migrate").unwrap_or_else(|| "0".into());
+    let mode = xen::cmdline_arg("xvtpm_migrate").unwrap_or_else(|| "1".into());
     if mode == "0" || st.vtpm_mode != "dom0" {
         let why = if mode == "0" { "disabled (XVTPM_TESTBED_MIGRATE=0)" } else { "needs XVTPM_TESTBED_VTPM=dom0" };
         for p in ["migrate-plain", "migrate", "migrate-recover"] {
@@ -172,18 +183,29 @@ pub fn run(r: &mut Runner, st: &mut St) {
             }
             let old = xen::domid("mig-p").unwrap_or_default();
             let from = last_tick("mig-p");
-            let o = Cmd::new(&["xl", "migrate", "-s", "", "mig-p", "xl migrate-receive"])
-                .secs(240)
-                .save(&format!("/tmp/xl-mig-p-{round}.out"))
-                .run(cx);
+            // non-live: this Xen refuses log-dirty mode for PV guests, so `xl migrate` cannot run
+            let _ = std::fs::remove_file(PSAVE);
+            let o = Cmd::new(&["xl", "save", "mig-p", PSAVE]).secs(240).save(&format!("/tmp/xl-mig-p-save-{round}.out")).run(cx);
+            let gone = xen::domid("mig-p").is_none();
+            let o2 = Cmd::new(&["xl", "restore", PSAVE]).secs(240).save(&format!("/tmp/xl-mig-p-restore-{round}.out")).run(cx);
+            let _ = std::fs::remove_file(PSAVE);
             let new = xen::domid("mig-p").unwrap_or_default();
-            if !e.check("migrate-plain-xl", o.ok() && !new.is_empty() && new != old, format!("round {round}: xl migrate rc={} in {} ms, domid {old} -> {new}", o.rc, o.elapsed.as_millis())) {
-                show_tail("xl migrate", &o.all(), 15);
+            if !e.check(
+                "migrate-plain-xl",
+                o.ok() && gone && o2.ok() && !new.is_empty() && new != old,
+                format!("round {round}: xl save rc={} in {} ms, xl restore rc={} in {} ms, domid {old} -> {new}", o.rc, o.elapsed.as_millis(), o2.rc, o2.elapsed.as_millis()),
+            ) {
+                show_tail("xl save", &o.all(), 15);
+                show_tail("xl restore", &o2.all(), 15);
                 break;
             }
             match downtime(cx, "mig-p", from) {
                 Some(ms) => {
-                    println!("PERF p6-novtpm-downtime-ms-r{round}={ms} (largest gap between the guest's 0.1 s ticks; xl migrate {} ms)", o.elapsed.as_millis());
+                    println!(
+                        "PERF p6-novtpm-downtime-ms-r{round}={ms} (largest gap between the guest's 0.1 s ticks; non-live: xl save {} ms, xl restore {} ms)",
+                        o.elapsed.as_millis(),
+                        o2.elapsed.as_millis()
+                    );
                     downs.push(ms);
                 }
                 None => {
@@ -193,7 +215,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             }
         }
         xen::xl_destroy(cx, "mig-p", 60);
-        e.verdict(format!("a PV guest without a vTPM moved twice on localhost; downtime seen by the guest {downs:?} ms"))
+        e.verdict(format!("a PV guest without a vTPM moved twice on localhost (xl save + xl restore); downtime seen by the guest {downs:?} ms"))
     });
 
     // migrate: the guest with its vTPM
@@ -235,15 +257,23 @@ pub fn run(r: &mut Runner, st: &mut St) {
                 break;
             }
             let from = last_tick("mig-a");
-            let (rc, v, all) = xl_vtpm_migrate(cx, &["mig-a", "localhost"], &format!("/tmp/xl-mig-a-{round}.out"));
+            let (rc, v, all) = xl_vtpm_migrate(cx, &["mig-a", "localhost", "--non-live"], &format!("/tmp/xl-mig-a-{round}.out"));
             show("xl-vtpm migrate", &all);
             let before = if round == 1 { old.clone() } else { jf(&v, "from_domid") };
             let new = xen::domid("mig-a").unwrap_or_default();
             let same_pid = pid0.is_some() && jf(&v, "vtpm_pid").parse::<u32>().ok() == pid0 && pid_up(pid0);
             if !e.check(
                 "migrate-xl-vtpm",
-                rc == 0 && !new.is_empty() && new != before && jf(&v, "to_domid") == new && same_pid && jf(&v, "vtpm_restarted") == "false",
-                format!("round {round}: rc={rc} domid {before} -> {new}, vTPM process {:?} -> {} (kept running), xl migrate {} ms, total {} ms, reconnect {} ms", pid0, jf(&v, "vtpm_pid"), jf(&v, "xl_migrate_ms"), jf(&v, "total_ms"), jf(&v, "reconnect_ms")),
+                rc == 0 && !new.is_empty() && new != before && jf(&v, "to_domid") == new && same_pid && jf(&v, "vtpm_restarted") == "false" && !save_left(cx, "mig-a"),
+                format!(
+                    "round {round}: rc={rc} domid {before} -> {new}, vTPM process {:?} -> {} (kept running), xl save {} ms, xl restore {} ms, total {} ms, reconnect {} ms, save file removed",
+                    pid0,
+                    jf(&v, "vtpm_pid"),
+                    jf(&v, "xl_save_ms"),
+                    jf(&v, "xl_restore_ms"),
+                    jf(&v, "total_ms"),
+                    jf(&v, "reconnect_ms")
+                ),
             ) {
                 break;
             }
@@ -258,8 +288,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
             match downtime(cx, "mig-a", from) {
                 Some(ms) => {
                     println!(
-                        "PERF p6-vtpm-downtime-ms-r{round}={ms} (largest gap between the guest's 0.1 s ticks; xl migrate {} ms, xl-vtpm migrate {} ms, tpmif reconnected {} ms after the unpause)",
-                        jf(&v, "xl_migrate_ms"),
+                        "PERF p6-vtpm-downtime-ms-r{round}={ms} (largest gap between the guest's 0.1 s ticks; non-live: xl save {} ms, xl restore {} ms, xl-vtpm migrate {} ms, tpmif reconnected {} ms after the unpause)",
+                        jf(&v, "xl_save_ms"),
+                        jf(&v, "xl_restore_ms"),
                         jf(&v, "total_ms"),
                         jf(&v, "reconnect_ms")
                     );
@@ -280,6 +311,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         }
         if !e.is_empty() {
             show_tail("mig-a console (GUEST lines)", &cons("mig-a").lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
+            show_tail("mig-a vtpm.log", &xen::read_text(&format!("/var/lib/xvtpm/vtpms/{}/vtpm.log", jf(&life_row(cx, "mig-a"), "vtpm_uuid"))), 25);
         } else {
             ok = true;
         }
@@ -307,11 +339,11 @@ pub fn run(r: &mut Runner, st: &mut St) {
         );
         let a = guest_cmd(cx, "mig-a", 2, "getrandom", 120);
         e.check("migrate-fail-before-tpm", a.contains("getrandom PASS"), &a);
-        // 2. xl-vtpm cut short after xl migrate -p; the vTPM process killed meanwhile
-        let o = Cmd::new(&["xl", "migrate", "-p", "-s", "", "mig-a", "xl migrate-receive -p"]).secs(240).save("/tmp/xl-mig-a-cut.out").run(cx);
-        let d1 = xen::domid("mig-a").unwrap_or_default();
-        let paused = Cmd::new(&["xl", "list", "mig-a"]).split().secs(30).run(cx).stdout;
-        e.check("migrate-cut-paused", o.ok() && d1 != d0 && !d1.is_empty(), format!("xl migrate -p rc={}: domid {d0} -> {d1}: {}", o.rc, paused.lines().nth(1).unwrap_or("")));
+        // 2. a non-live xl-vtpm migrate cut short after `xl save` (its restore not run); the vTPM
+        // process killed meanwhile: --finish restores the kept save file
+        let file = save_path(cx, "mig-a");
+        let o = Cmd::new(&["xl", "save", "mig-a", &file]).secs(240).save("/tmp/xl-mig-a-cut.out").run(cx);
+        e.check("migrate-cut-saved", o.ok() && xen::domid("mig-a").is_none(), format!("xl save mig-a {file} rc={}: domain {d0} gone, the guest only in the save file", o.rc));
         if let Some(p) = p0 {
             crate::cmd::signal(p, nix::sys::signal::Signal::SIGKILL);
             cx.wait_until(10, || !pid_up(p0));
@@ -319,10 +351,11 @@ pub fn run(r: &mut Runner, st: &mut St) {
         let (rc, v, all) = xl_vtpm_migrate(cx, &["mig-a", "--finish"], "/tmp/xl-mig-a-finish.out");
         show("xl-vtpm migrate --finish", &all);
         let p1 = vtpm_pid(cx, "mig-a");
+        let d1 = xen::domid("mig-a").unwrap_or_default();
         e.check(
             "migrate-finish",
-            rc == 0 && jf(&v, "to_domid") == d1 && jf(&v, "vtpm_restarted") == "true" && p1.is_some() && p1 != p0,
-            format!("rc={rc}: guest domain {d1} resumed, vTPM started again as process {p1:?} (was {p0:?}, killed -9)"),
+            rc == 0 && !d1.is_empty() && jf(&v, "to_domid") == d1 && jf(&v, "non_live") == "true" && jf(&v, "vtpm_restarted") == "true" && p1.is_some() && p1 != p0 && !save_left(cx, "mig-a"),
+            format!("rc={rc}: the save file restored as domain {d1} (xl restore {} ms) and resumed, vTPM started again as process {p1:?} (was {p0:?}, killed -9), save file removed", jf(&v, "xl_restore_ms")),
         );
         let nonce = xen::nonce(16);
         let a = guest_cmd(cx, "mig-a", 3, &format!("migcheck:{nonce}"), 240);
@@ -341,7 +374,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         if !e.is_empty() {
             show_tail("mig-a console (GUEST lines)", &cons("mig-a").lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
         }
-        e.verdict("xl migrate failing before the move leaves the guest and vTPM in place; a cut-short move with the vTPM killed -9 finishes with --finish (EK, key, NV kept; PCR 16 reset); destroy stops the vTPM")
+        e.verdict("xl migrate failing before the move leaves the guest and vTPM in place; a non-live move cut short after xl save, with the vTPM killed -9, finishes with --finish (restored from the kept file) (EK, key, NV kept; PCR 16 reset); destroy stops the vTPM")
     });
 }
 
