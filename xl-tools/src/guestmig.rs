@@ -28,7 +28,7 @@
 
 use std::io::ErrorKind;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -98,10 +98,7 @@ pub fn xl_migrate_args(name: &str, host: &str, ssh: Option<&str>) -> Vec<String>
     a
 }
 
-/// Where a non-live move keeps the saved guest of vTPM `uuid`: `STATE/migrate-save/UUID.xlsave`.
-pub fn save_file(state_dir: &Path, uuid: &Uuid) -> PathBuf {
-    state_dir.join("migrate-save").join(format!("{uuid}.xlsave"))
-}
+pub use crate::xenlife::save_file;
 
 /// `xl save NAME FILE`: the guest is suspended, written to FILE and its domain destroyed (not
 /// `-p`/`-c`, which keep the source: the restored domain needs its name and its memory).

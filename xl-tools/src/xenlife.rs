@@ -48,17 +48,70 @@ pub const MONITOR_SETTLE: Duration = Duration::from_millis(200);
 /// Longest wait for a rebooting guest whose xl monitor is still running.
 pub const REBOOT_MAX: Duration = Duration::from_secs(60);
 
-/// Whether an `xl create <cfg>` monitor process for `cfg` is alive.
-pub fn xl_monitor_alive(cfg: &Path) -> bool {
+/// Where xl's monitor processes write their log: `xl` daemonizes each monitor with its stdout
+/// and stderr on `XEN_LOG_DIR/xl-<domain name>.log`.
+pub const XEN_LOG_DIR: &str = "/var/log/xen";
+
+/// Whether an xl monitor process for guest `name` is alive: the `xl create <cfg>` that made it,
+/// or the monitor that took it over after a move — `xl restore` (its name) or `xl
+/// migrate-receive` (`<name>--incoming`, the name it received the guest under). Those are found
+/// by the log file xl gives every monitor (see [`XEN_LOG_DIR`]), as their command lines do not
+/// name the guest.
+pub fn xl_monitor_alive(name: &str, cfg: &Path) -> bool {
+    xl_monitor_alive_in(name, cfg, Path::new(XEN_LOG_DIR))
+}
+
+/// [`xl_monitor_alive`] with the log directory given (tests).
+pub fn xl_monitor_alive_in(name: &str, cfg: &Path, log_dir: &Path) -> bool {
     let Ok(rd) = std::fs::read_dir("/proc") else { return false };
     let want = cfg.as_os_str().as_encoded_bytes();
+    let logs = [log_dir.join(format!("xl-{name}.log")), log_dir.join(format!("xl-{name}{INCOMING}.log"))];
     rd.flatten().any(|e| {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { return false };
         let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { return false };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
-        let is_xl = args.first().is_some_and(|a| a.ends_with(b"xl"));
-        is_xl && args.iter().any(|a| *a == b"create") && args.last() == Some(&want) && xvtpm_fsutil::pid_alive(pid)
+        if !args.first().is_some_and(|a| a.ends_with(b"xl")) {
+            return false;
+        }
+        let creates = args.iter().any(|a| *a == b"create") && args.last() == Some(&want);
+        // A monitor's stdout and stderr are its log (an xl command run by hand writes to a terminal).
+        let monitors = || [1, 2].iter().any(|fd| std::fs::read_link(e.path().join(format!("fd/{fd}"))).is_ok_and(|t| logs.contains(&t)));
+        (creates || monitors()) && xvtpm_fsutil::pid_alive(pid)
     })
+}
+
+/// Where a non-live move (`xl-vtpm migrate --non-live`) keeps the saved guest of vTPM `uuid`
+/// between `xl save` and `xl restore`: `STATE/migrate-save/UUID.xlsave`.
+pub fn save_file(state_dir: &Path, uuid: &Uuid) -> PathBuf {
+    state_dir.join("migrate-save").join(format!("{uuid}.xlsave"))
+}
+
+/// The suffix `xl migrate-receive` gives a guest it receives until the move completes.
+pub const INCOMING: &str = "--incoming";
+/// The suffix `xl migrate` gives the sending guest once the receiver has it, until it is destroyed.
+pub const MIGRATED_AWAY: &str = "--migratedaway";
+
+/// What the watcher sees of a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// A domain of its name runs, with this domid.
+    Present(u32),
+    /// The guest is being moved on this host: a domain carries it under xl's move names
+    /// (`NAME--incoming`, `NAME--migratedaway`), or its memory is in `xl-vtpm migrate`'s save
+    /// file between `xl save` and `xl restore`. Its vTPM must keep running.
+    Moving,
+    /// No domain is, or carries, the guest.
+    Absent,
+}
+
+/// Looks guest `name` up in the domains running now (`present`: name → domid); `saved`: whether
+/// its `xl-vtpm migrate --non-live` save file exists.
+pub fn seen(name: &str, present: &BTreeMap<String, u32>, saved: bool) -> Seen {
+    if let Some(&d) = present.get(name) {
+        return Seen::Present(d);
+    }
+    let carried = [INCOMING, MIGRATED_AWAY].iter().any(|sfx| present.contains_key(&format!("{name}{sfx}")));
+    if carried || saved { Seen::Moving } else { Seen::Absent }
 }
 
 /// What `xl-vtpm create` did, or (`--dry-run`) would do.
@@ -725,12 +778,18 @@ impl Xen {
         let obs = self.observed()?;
         let present: BTreeMap<String, u32> = obs.iter().map(|o| (o.name.clone(), o.domid)).collect();
         for r in running {
-            if let Some(&domid) = present.get(&r.guest_name) {
-                if Some(domid) != r.guest_domid {
-                    reg.mark_running(r.id, domid, r.vtpm_domid.unwrap_or(0)).map_err(reg_err)?;
-                    done.push(format!("{}: rebooted as domid {domid}; vTPM kept", r.guest_name));
+            let saved = save_file(&self.local.state_dir, &r.vtpm_uuid).exists();
+            match seen(&r.guest_name, &present, saved) {
+                Seen::Present(domid) => {
+                    if Some(domid) != r.guest_domid {
+                        reg.mark_running(r.id, domid, r.vtpm_domid.unwrap_or(0)).map_err(reg_err)?;
+                        done.push(format!("{}: rebooted as domid {domid}; vTPM kept", r.guest_name));
+                    }
+                    continue;
                 }
-                continue;
+                // `xl-vtpm migrate` records the new domain once the move is done.
+                Seen::Moving => continue,
+                Seen::Absent => {}
             }
             let back = self.await_reboot(&r.guest_name);
             match back {
@@ -764,7 +823,7 @@ impl Xen {
             if let Some(d) = self.domid_of(name) {
                 return Some(d);
             }
-            let monitor = xl_monitor_alive(&cfg);
+            let monitor = xl_monitor_alive(name, &cfg);
             let waited = start.elapsed();
             if !monitor && waited >= MONITOR_SETTLE {
                 return None;
@@ -846,6 +905,61 @@ pub fn parse_xl_list(text: &str) -> Vec<ObservedDomain> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process that looks like an xl monitor: argv[0] `xl`, the given arguments, stdout on `log`.
+    fn fake_monitor(args: &[&str], log: &Path) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let out = std::fs::File::create(log).unwrap();
+        std::process::Command::new("/bin/sh")
+            .arg0("xl")
+            .arg("-c")
+            .arg("read x")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(out)
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_restored_or_received_guest_s_monitor_is_found_by_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("g1.cfg");
+        // `xl restore -p FILE` names neither the guest nor its config, nor does `xl migrate-receive`.
+        let mut restored = fake_monitor(&["restore", "-p", "/var/lib/xvtpm/migrate-save/x.xlsave"], &dir.path().join("xl-g1.log"));
+        let mut received = fake_monitor(&["migrate-receive"], &dir.path().join("xl-g2--incoming.log"));
+        let mut other = fake_monitor(&["restore", "-p", "/tmp/y"], &dir.path().join("xl-g3x.log"));
+        let found = |n: &str| xl_monitor_alive_in(n, &cfg, dir.path());
+        let seen = (found("g1"), found("g2"), found("g3"));
+        for c in [&mut restored, &mut received, &mut other] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        assert_eq!(seen, (true, true, false));
+        assert!(!found("g1"), "a dead monitor is not alive");
+    }
+
+    #[test]
+    fn a_created_guest_s_monitor_is_found_by_its_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("g1.cfg");
+        let mut c = fake_monitor(&["create", cfg.to_str().unwrap()], &dir.path().join("unrelated.log"));
+        let alive = xl_monitor_alive_in("g1", &cfg, dir.path());
+        c.kill().unwrap();
+        c.wait().unwrap();
+        assert!(alive);
+    }
+
+    #[test]
+    fn a_guest_in_a_move_is_not_gone() {
+        let present: BTreeMap<String, u32> = [("g1".to_string(), 3), ("g2--incoming".to_string(), 7), ("g3--migratedaway".to_string(), 4)].into();
+        assert_eq!(seen("g1", &present, false), Seen::Present(3));
+        assert_eq!(seen("g2", &present, false), Seen::Moving, "xl migrate-receive holds it");
+        assert_eq!(seen("g3", &present, false), Seen::Moving, "the sender after the receiver took it");
+        assert_eq!(seen("g4", &present, true), Seen::Moving, "between xl save and xl restore");
+        assert_eq!(seen("g4", &present, false), Seen::Absent);
+        assert_eq!(seen("g", &present, false), Seen::Absent, "no prefix matches");
+    }
 
     #[test]
     fn xl_list_verbose() {

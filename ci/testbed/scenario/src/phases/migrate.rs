@@ -5,7 +5,8 @@
 //!   migrate-plain    P6 baseline: a guest without a vTPM (`role=plain hold=1 tick=1`), moved twice with
 //!                    plain `xl save mig-p FILE` + `xl restore FILE`; the largest gap between the
 //!                    guest's 0.1 s ticks is the downtime it saw (`PERF p6-novtpm-…`)
-//!   migrate          `xl-vtpm create` of mig-a (dom0-process vTPM, `role=mig hold=1 tick=1`): the guest
+//!   migrate          `xl-vtpm create` of mig-a (dom0-process vTPM, `role=mig hold=1 tick=1`), `xl-vtpm watch`
+//!                    running from here to the end of migrate-recover (a guest in a move is not gone): the guest
 //!                    makes 0x81000010, NV 0x01500016, extends PCR 16 and reads its EK; `xl-vtpm migrate
 //!                    mig-a localhost --non-live` (new domid, save file removed, same vTPM process, the source's device gone, registry
 //!                    domid follows); in the guest: same EK, key and NV, PCR 16 unchanged, a fresh AK quote
@@ -15,13 +16,15 @@
 //!                    save` into xl-vtpm's save file run alone (a non-live move cut short after it) and
 //!                    the vTPM process killed -9 meanwhile: `xl-vtpm migrate mig-a --finish` restores the
 //!                    file, starts the vTPM again from its state and resumes the guest (EK, key, NV kept; PCR 16 reset, as after a power loss);
+//!                    `xl reboot` of the restored guest (its monitor is now `xl restore`): the watcher keeps the
+//!                    vTPM process and records the new domid;
 //!                    `xl-vtpm destroy`: the domain and the vTPM process are gone
 
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::life::life_row;
+use super::life::{Watch, life_row, watch_start};
 use super::{St, deadline, ek_hash};
 use crate::cmd::{Cmd, pid_up, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner};
@@ -30,6 +33,7 @@ use crate::xen::{self, after_prefix, jf};
 const MCFG: &str = "/etc/xen/mig-a.cfg";
 const PCFG: &str = "/etc/xen/mig-p.cfg";
 const PSAVE: &str = "/tmp/mig-p.xlsave";
+const WLOG: &str = "/tmp/watch-mig.log";
 const PCR_AFTER: &str = "39DE0A6FECF21D432302A5D79315BC42DFF73C4BE042FB5276E3C5B4758BCA02";
 const PCR_ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -222,6 +226,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
     let mut ek = String::new();
     let mut pcr = String::new();
     let mut ok = false;
+    // `xl-vtpm watch` runs through both phases: a guest in a move, or a restored guest's reboot,
+    // must not look gone to it.
+    let mut watch: Option<Watch> = None;
     r.phase("migrate", deadline(900), |cx| {
         let mut e = Errs::default();
         if !st.mgr_ready() {
@@ -236,6 +243,10 @@ pub fn run(r: &mut Runner, st: &mut St) {
             return Outcome::fail(format!("xl-vtpm create rc={}", o.rc));
         }
         let pid0 = vtpm_pid(cx, "mig-a");
+        match watch_start(cx, WLOG) {
+            Ok(w) => watch = Some(w),
+            Err(w) => e.add(format!("watcher: {w}")),
+        }
         if !cx.wait_every(300, Duration::from_secs(1), || cons("mig-a").contains("GUEST-HOLD")) {
             e.add("no-GUEST-HOLD");
         }
@@ -322,6 +333,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
     r.phase("migrate-recover", deadline(600), |cx| {
         let mut e = Errs::default();
         if !ok || xen::domid("mig-a").is_none() {
+            if let Some(w) = watch.take() {
+                let _ = w.stop(cx, 5);
+            }
             if xen::domid("mig-a").is_some() {
                 let _ = Cmd::new(&["xl-vtpm", "destroy", "mig-a"]).secs(60).run(cx);
             }
@@ -364,7 +378,20 @@ pub fn run(r: &mut Runner, st: &mut St) {
         e.check("migrate-recover-persistent-nv", field(&a, "persistent") == "kept" && field(&a, "nv") == "kept", "0x81000010 and NV kept across the killed vTPM");
         e.check("migrate-recover-pcr16-reset", field(&a, "pcr16") == PCR_ZERO, format!("PCR 16 {} (reset: the killed process's volatile state is gone)", field(&a, "pcr16")));
         e.check("migrate-recover-quote", field(&a, "quote") == "verified", "fresh quote verified");
-        // 3. destroy: domain and vTPM process gone
+        // 3. the restored guest reboots (its xl monitor is now `xl restore`, whose command line
+        // names neither the guest nor its config): the watcher keeps its vTPM
+        let before = xen::domid("mig-a").unwrap_or_default();
+        let o = Cmd::new(&["xl", "reboot", "mig-a"]).secs(60).run(cx);
+        let back = cx.wait_every(180, Duration::from_secs(1), || xen::domid("mig-a").is_some_and(|d| d != before));
+        let d2 = xen::domid("mig-a").unwrap_or_default();
+        let connected = cx.wait_every(240, Duration::from_secs(1), || xen::xs_read(&format!("/local/domain/0/backend/vtpm/{d2}/0/state")).as_deref() == Some("4"));
+        let said = xen::read_text(WLOG).lines().any(|l| l.contains(&format!("mig-a: rebooted as domid {d2}; vTPM kept")));
+        e.check(
+            "migrate-reboot-after-restore",
+            o.ok() && back && connected && said && pid_up(p1) && vtpm_pid(cx, "mig-a") == p1,
+            format!("xl reboot rc={}: domain {before} -> {d2}, tpmif connected: {connected}, watcher said rebooted: {said}, vTPM process {p1:?} kept: {}", o.rc, pid_up(p1)),
+        );
+        // 4. destroy: domain and vTPM process gone
         let o = Cmd::new(&["xl-vtpm", "destroy", "mig-a"]).env("NO_COLOR", "1").secs(90).run(cx);
         let gone = cx.wait_until(20, || !pid_up(p1));
         e.check("migrate-destroy", o.ok() && xen::domid("mig-a").is_none() && gone, format!("xl-vtpm destroy rc={}; domain gone, vTPM process {p1:?} gone", o.rc));
@@ -374,8 +401,16 @@ pub fn run(r: &mut Runner, st: &mut St) {
         if !e.is_empty() {
             show_tail("mig-a console (GUEST lines)", &cons("mig-a").lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
         }
-        e.verdict("xl migrate failing before the move leaves the guest and vTPM in place; a non-live move cut short after xl save, with the vTPM killed -9, finishes with --finish (restored from the kept file) (EK, key, NV kept; PCR 16 reset); destroy stops the vTPM")
+        if let Some(w) = watch.take() {
+            let _ = w.stop(cx, 5);
+        }
+        show_tail("watch log", &xen::read_text(WLOG), 12);
+        e.verdict("xl migrate failing before the move leaves the guest and vTPM in place; a non-live move cut short after xl save, with the vTPM killed -9, finishes with --finish (restored from the kept file) (EK, key, NV kept; PCR 16 reset); the restored guest reboots with its vTPM kept by the watcher; destroy stops the vTPM")
     });
+    if let Some(mut w) = watch.take() {
+        let _ = w.child.kill();
+        let _ = w.child.wait();
+    }
 }
 
 /// The scenario deadline is near (skip optional rounds).
