@@ -383,10 +383,13 @@ fn a_create_killed_after_its_claim_leaves_its_vtpm_to_nobody() {
     assert_eq!((st["abandoned"].as_u64(), st["claiming"].as_u64()), (Some(0), Some(0)), "{st}");
     assert!(!mgr_vtpms(&s).contains(&made[0]), "the killed claim's identity survived the next fill");
     assert!(!vtpm_dirs(&s).contains(&made[0]), "the killed claim's state survived the next fill");
-    let left = Command::new("pgrep").args(["-f", &format!("--uuid {u}")]).output().unwrap();
-    assert!(!left.status.success(), "the killed claim's vTPM process still runs");
+    let left = Command::new("pgrep").args(["-f", "--", &format!("--uuid {u}")]).output().unwrap();
+    assert_eq!(left.status.code(), Some(1), "the killed claim's vTPM process still runs (or pgrep failed): {}", String::from_utf8_lossy(&left.stderr));
     let (v, from) = create(&s, &[]);
     assert_eq!((v.uuid, from.as_str()), (again[0], "pool"));
+    // The same search finds a running vTPM's process.
+    let running = Command::new("pgrep").args(["-f", "--", &format!("--uuid {}", v.uuid)]).output().unwrap();
+    assert_eq!(running.status.code(), Some(0), "{}", String::from_utf8_lossy(&running.stderr));
     check_ek_cert(&s, &v, &dir);
     assert_ne!(ek_pem(&v, &dir), ek_pem(&other, &dir));
 }
