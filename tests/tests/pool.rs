@@ -195,6 +195,23 @@ fn wait_reserved(s: &Stack, n: usize) {
     }
 }
 
+/// Every file a vTPM's directory holds besides its log, markers and access record is sealed
+/// state (`XVTS`, or still empty): no plaintext TPM state on disk.
+fn assert_sealed_only(s: &Stack, u: &Uuid) {
+    let d = s.state_dir().join("vtpms").join(u.to_string());
+    let mut sealed = 0;
+    for e in std::fs::read_dir(&d).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ["vtpm.log", "creating", "access.json"].contains(&name.as_str()) {
+            continue;
+        }
+        let b = std::fs::read(e.path()).unwrap();
+        assert!(b.is_empty() || b.starts_with(b"XVTS"), "{name} in {} is not sealed state ({} bytes)", d.display(), b.len());
+        sealed += usize::from(!b.is_empty());
+    }
+    assert!(sealed <= 2, "{sealed} state files in {}", d.display());
+}
+
 #[test]
 fn a_fill_killed_with_sigkill_leaves_nothing_claimable() {
     // A slow physical TPM (50 ms per command) keeps each vTPM's EK certificate well behind its
@@ -223,6 +240,9 @@ fn a_fill_killed_with_sigkill_leaves_nothing_claimable() {
         .map(|e| e.file_name().to_str().unwrap().split('.').next().unwrap().parse().unwrap())
         .collect();
     assert_eq!(half_made.len(), 1);
+    if s.state_dir().join("vtpms").join(half_made[0].to_string()).exists() {
+        assert_sealed_only(&s, &half_made[0]);
+    }
 
     // Creates claim only complete vTPMs: the half-made one never.
     let mut claimed = vec![];
@@ -375,6 +395,7 @@ fn a_create_killed_after_its_claim_leaves_its_vtpm_to_nobody() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(6), "a killed claim's vTPM was started: {err}");
     assert!(err.contains("killed before it answered"), "{err}");
+    assert_sealed_only(&s, &made[0]);
     let (other, from) = create(&s, &[]);
     assert_eq!((from.as_str(), other.uuid == made[0]), ("new", false));
     // The next fill destroys it (process, identity, state) and makes a new one, claimable once.
