@@ -195,6 +195,23 @@ fn wait_reserved(s: &Stack, n: usize) {
     }
 }
 
+/// Every file a vTPM's directory holds besides its log, markers and access record is sealed
+/// state (`XVTS`, or still empty): no plaintext TPM state on disk.
+fn assert_sealed_only(s: &Stack, u: &Uuid) {
+    let d = s.state_dir().join("vtpms").join(u.to_string());
+    let mut sealed = 0;
+    for e in std::fs::read_dir(&d).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ["vtpm.log", "creating", "access.json"].contains(&name.as_str()) {
+            continue;
+        }
+        let b = std::fs::read(e.path()).unwrap();
+        assert!(b.is_empty() || b.starts_with(b"XVTS"), "{name} in {} is not sealed state ({} bytes)", d.display(), b.len());
+        sealed += usize::from(!b.is_empty());
+    }
+    assert!(sealed <= 2, "{sealed} state files in {}", d.display());
+}
+
 #[test]
 fn a_fill_killed_with_sigkill_leaves_nothing_claimable() {
     // A slow physical TPM (50 ms per command) keeps each vTPM's EK certificate well behind its
@@ -223,6 +240,9 @@ fn a_fill_killed_with_sigkill_leaves_nothing_claimable() {
         .map(|e| e.file_name().to_str().unwrap().split('.').next().unwrap().parse().unwrap())
         .collect();
     assert_eq!(half_made.len(), 1);
+    if s.state_dir().join("vtpms").join(half_made[0].to_string()).exists() {
+        assert_sealed_only(&s, &half_made[0]);
+    }
 
     // Creates claim only complete vTPMs: the half-made one never.
     let mut claimed = vec![];
@@ -273,4 +293,155 @@ fn a_vtpm_killed_while_it_is_made_for_the_pool_leaves_nothing() {
     assert!(vtpm_dirs(&s).is_empty(), "{:?}", vtpm_dirs(&s));
     // And the next create manufactures.
     assert_eq!(create(&s, &[]).1, "new");
+}
+
+/// The EK public key (PEM) of a running vTPM.
+fn ek_pem(v: &VtpmHandle, dir: &Path) -> String {
+    let p = dir.join(format!("{}-ekpub.pem", v.uuid));
+    tpm2(&v.tcti(), &["tpm2_readpublic", "-c", "0x81010001", "-f", "pem", "-o", p.to_str().unwrap()]);
+    std::fs::read_to_string(&p).unwrap()
+}
+
+/// The pids of this stack's background refills (`vtpm pool fill --background`).
+fn fillers(s: &Stack) -> Vec<u32> {
+    let o = Command::new("pgrep").args(["-f", &format!("{}.* --background", s.state_dir().display())]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// Waits until the pool holds `n` ready vTPMs and no refill runs; returns the niceness of
+/// every refill process seen meanwhile.
+fn wait_topped_up(s: &Stack, n: u64) -> Vec<i64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut nice = vec![];
+    loop {
+        let running = fillers(s);
+        for p in &running {
+            // Field 19 of /proc/PID/stat (after the parenthesised command name) is the niceness.
+            if let Some(v) = std::fs::read_to_string(format!("/proc/{p}/stat")).ok().and_then(|st| st.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(16).and_then(|f| f.parse().ok()))) {
+                nice.push(v);
+            }
+        }
+        if running.is_empty() && ready(s) == n {
+            return nice;
+        }
+        assert!(Instant::now() < deadline, "the pool never reached {n} ready: {}; fill.log: {}", s.xl_json(&["vtpm", "pool", "status"]), std::fs::read_to_string(s.state_dir().join("pool/fill.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_pool_size_is_kept_by_a_background_refill_and_0_turns_it_off() {
+    let s = Stack::start();
+    let dir = s.dir.path().join("t");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Setting a size fills the pool in the background at once.
+    let st = s.xl_json(&["vtpm", "pool", "size", "2"]);
+    assert_eq!(st["ready"][0]["size"].as_u64(), Some(2), "{st}");
+    let mut nice = wait_topped_up(&s, 2);
+    // Each create claims a ready vTPM and leaves a refill behind it, at the lowest CPU priority;
+    // every vTPM made has its own EK, certified for it.
+    let mut eks = HashSet::new();
+    let mut uuids = HashSet::new();
+    for round in 0..3 {
+        let (v, from) = create(&s, &[]);
+        assert_eq!(from, "pool", "round {round}");
+        check_ek_cert(&s, &v, &dir);
+        assert!(uuids.insert(v.uuid), "round {round}: {} claimed twice", v.uuid);
+        assert!(eks.insert(ek_pem(&v, &dir)), "round {round}: two vTPMs with one EK");
+        nice.extend(wait_topped_up(&s, 2));
+    }
+    assert!(!nice.is_empty() && nice.iter().all(|&n| n == 19), "refills ran at niceness {nice:?}, not 19");
+    assert_eq!(s.xl_json(&["vtpm", "pool", "status"])["abandoned"].as_u64(), Some(0));
+    // The pooled ones left have EKs of their own too.
+    let rest: Vec<_> = (0..2).map(|_| create(&s, &["--no-pool"])).collect();
+    assert!(rest.iter().all(|(_, f)| f == "new"));
+    assert_eq!(ready(&s), 2);
+
+    // Size 0: no refill; the ready vTPMs are still claimed, then creates manufacture.
+    s.xl_json(&["vtpm", "pool", "size", "0"]);
+    for (i, want) in ["pool", "pool", "new"].into_iter().enumerate() {
+        let (v, from) = create(&s, &[]);
+        assert_eq!(from, want, "create {i}");
+        // A refill would have been started before the create exited.
+        assert!(fillers(&s).is_empty(), "a refill runs with the pool size 0");
+        assert!(eks.insert(ek_pem(&v, &dir)), "two vTPMs with one EK");
+    }
+    assert_eq!(ready(&s), 0);
+    assert!(s.xl(&["vtpm", "pool", "size", "1025"]).status.code() == Some(2), "a pool larger than 1024 accepted");
+}
+
+#[test]
+fn a_create_killed_after_its_claim_leaves_its_vtpm_to_nobody() {
+    // A slow physical TPM (50 ms per command) keeps the claimed vTPM's start (its Startup's
+    // anchored state write) well after the claim's rename.
+    let s = Stack::start_with(Options { tpm_delay: Some(Duration::from_millis(50)), ..Default::default() });
+    let dir = s.dir.path().join("t");
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = fill(&s, &["--count", "1"]);
+    let u = made[0].to_string();
+    let mut creator = s.xl_command(&["vtpm", "create", "--listen", "tcp:127.0.0.1:0", "--json"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let claimed = s.state_dir().join("pool/claimed");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(&claimed).is_ok_and(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&u))) {
+        assert!(Instant::now() < deadline, "the create never claimed {u}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    creator.kill().unwrap(); // SIGKILL, between the claim and its answer
+    creator.wait().unwrap();
+    let st = s.xl_json(&["vtpm", "pool", "status"]);
+    assert_eq!((ready(&s), st["abandoned"].as_u64()), (0, Some(1)), "{st}");
+    // Nobody was given it, and nobody can take it now: not a start by UUID, not another create.
+    let out = s.xl(&["vtpm", "start", &u]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "a killed claim's vTPM was started: {err}");
+    assert!(err.contains("killed before it answered"), "{err}");
+    assert_sealed_only(&s, &made[0]);
+    let (other, from) = create(&s, &[]);
+    assert_eq!((from.as_str(), other.uuid == made[0]), ("new", false));
+    // The next fill destroys it (process, identity, state) and makes a new one, claimable once.
+    let again = fill(&s, &["--count", "1"]);
+    let st = s.xl_json(&["vtpm", "pool", "status"]);
+    assert_eq!((st["abandoned"].as_u64(), st["claiming"].as_u64()), (Some(0), Some(0)), "{st}");
+    assert!(!mgr_vtpms(&s).contains(&made[0]), "the killed claim's identity survived the next fill");
+    assert!(!vtpm_dirs(&s).contains(&made[0]), "the killed claim's state survived the next fill");
+    let left = Command::new("pgrep").args(["-f", "--", &format!("--uuid {u}")]).output().unwrap();
+    assert_eq!(left.status.code(), Some(1), "the killed claim's vTPM process still runs (or pgrep failed): {}", String::from_utf8_lossy(&left.stderr));
+    let (v, from) = create(&s, &[]);
+    assert_eq!((v.uuid, from.as_str()), (again[0], "pool"));
+    // The same search finds a running vTPM's process.
+    let running = Command::new("pgrep").args(["-f", "--", &format!("--uuid {}", v.uuid)]).output().unwrap();
+    assert_eq!(running.status.code(), Some(0), "{}", String::from_utf8_lossy(&running.stderr));
+    check_ek_cert(&s, &v, &dir);
+    assert_ne!(ek_pem(&v, &dir), ek_pem(&other, &dir));
+}
+
+#[test]
+fn a_pool_entry_naming_a_claimed_vtpm_is_never_served_again() {
+    let s = Stack::start();
+    let dir = s.dir.path().join("t");
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = fill(&s, &["--count", "1"]);
+    let ready_dir = std::fs::read_dir(s.state_dir().join("pool")).unwrap().flatten().map(|e| e.path()).find(|p| p.to_string_lossy().ends_with("-rsa")).unwrap();
+    let entry = ready_dir.join(made[0].to_string());
+    assert!(entry.exists());
+    let (a, from) = create(&s, &[]);
+    assert_eq!((a.uuid, from.as_str()), (made[0], "pool"));
+    let a_ek = ek_pem(&a, &dir);
+    // The entry comes back (a pool directory restored from a backup taken before the claim):
+    // the running vTPM is not handed out again, nor disturbed.
+    std::fs::write(&entry, b"").unwrap();
+    let (b, from) = create(&s, &[]);
+    assert_eq!(from, "new");
+    assert_ne!(b.uuid, a.uuid, "one vTPM handed to two consumers");
+    assert!(!entry.exists(), "the stale entry is still claimable");
+    assert_eq!(tpm2(&a.tcti(), &["tpm2_getrandom", "--hex", "4"]).trim().len(), 8);
+    check_ek_cert(&s, &a, &dir);
+    assert_ne!(ek_pem(&b, &dir), a_ek);
+    // Stopped, the same: its access record says it was claimed.
+    s.stop_vtpm(&a.uuid);
+    std::fs::write(&entry, b"").unwrap();
+    let (c, from) = create(&s, &[]);
+    assert_eq!((from.as_str(), c.uuid == a.uuid), ("new", false));
+    let a2 = s.start_vtpm(&a.uuid);
+    assert_eq!(ek_pem(&a2, &dir), a_ek);
 }

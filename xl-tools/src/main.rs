@@ -436,12 +436,29 @@ enum PoolCmd {
         #[arg(long)]
         group: Option<String>,
         /// Make this many more.
-        #[arg(long, required_unless_present = "min", conflicts_with = "min")]
+        #[arg(long, required_unless_present_any = ["min", "background"], conflicts_with = "min")]
         count: Option<usize>,
         /// Make as many as it takes to have this many ready (for a timer that keeps the pool topped up).
         #[arg(long)]
         min: Option<usize>,
         /// Endorsement key of the vTPMs made: rsa (default) or ecc.
+        #[arg(long, default_value = "rsa", value_parser = ["rsa", "ecc"])]
+        ek: String,
+        /// The refill `vtpm create` and `pool size` start: nice 19, one at a time, up to the
+        /// pool size set with `vtpm pool size`.
+        #[arg(long, hide = true, conflicts_with_all = ["count", "min"])]
+        background: bool,
+    },
+    /// Keep N ready vTPMs of a group and EK kind: after each `vtpm create` of them a background
+    /// fill at the lowest CPU priority tops the pool up to N. 0 (the default) turns the
+    /// automatic refill off; ready vTPMs stay until claimed or drained.
+    Size {
+        /// Ready vTPMs to keep (0 to 1024).
+        size: usize,
+        /// Group name or UUID (default group if omitted).
+        #[arg(long)]
+        group: Option<String>,
+        /// Endorsement key of the vTPMs: rsa (default) or ecc.
         #[arg(long, default_value = "rsa", value_parser = ["rsa", "ecc"])]
         ek: String,
     },
@@ -1045,13 +1062,30 @@ fn run_list(xen: &xenlife::Xen, json: bool) -> Result<(), CliError> {
 /// `xl-vtpm vtpm pool …`.
 fn run_pool(cmd: PoolCmd, local: &Local, mut admin: Admin, json: bool) -> Result<(), CliError> {
     match cmd {
-        PoolCmd::Fill { group, count, min, ek } => {
-            let made = local.pool_fill(&mut admin, group.as_deref(), ek == "ecc", count, min)?;
+        PoolCmd::Fill { group, count, min, ek, background } => {
+            let made = if background {
+                local.pool_fill_background(&mut admin, group.as_deref(), ek == "ecc")?
+            } else {
+                local.pool_fill(&mut admin, group.as_deref(), ek == "ecc", count, min)?
+            };
             let status = local.pool_status(&mut admin)?;
             if json {
                 print_json(&serde_json::json!({ "made": made, "status": status }));
             } else {
                 println!("made {} vTPM(s) for the pool", made.len());
+                print_pool(&status);
+            }
+        }
+        PoolCmd::Size { size, group, ek } => {
+            let g = local.pool_set_size(&mut admin, group.as_deref(), ek == "ecc", size)?;
+            let status = local.pool_status(&mut admin)?;
+            if json {
+                print_json(&status);
+            } else {
+                match size {
+                    0 => println!("group {}, EK {ek}: no automatic refill", g.name),
+                    n => println!("group {}, EK {ek}: {n} ready vTPMs kept, refilled in the background", g.name),
+                }
                 print_pool(&status);
             }
         }
@@ -1078,7 +1112,8 @@ fn run_pool(cmd: PoolCmd, local: &Local, mut admin: Admin, json: bool) -> Result
 
 fn print_pool(s: &local::pool::PoolStatus) {
     for c in &s.ready {
-        println!("group {} ({}), EK {}: {} ready", c.group_name.as_deref().unwrap_or("?"), c.group, c.ek, c.ready);
+        let size = if c.size > 0 { format!(" of {} kept", c.size) } else { String::new() };
+        println!("group {} ({}), EK {}: {} ready{size}", c.group_name.as_deref().unwrap_or("?"), c.group, c.ek, c.ready);
     }
     if s.ready.is_empty() {
         println!("no ready vTPMs");

@@ -19,6 +19,10 @@
 //!   written before the manager reserves the identity, removed after the ready entry exists.
 //! - `claimed/<uuid>.<pid>.<start>` — a claim in progress (the claimer's pid and start time):
 //!   the ready entry renamed here, removed once the claimed vTPM runs.
+//! - `size/<group-uuid>-<rsa|ecc>` — the pool size the administrator set (`vtpm pool size N`,
+//!   a decimal number; absent = 0 = no automatic refill). After each create of that group and
+//!   EK, and after `pool size`, a background `vtpm pool fill --background` (nice 19, one at a
+//!   time under `fill.lock`) tops the pool up to it; its errors go to `fill.log`.
 //!
 //! **A claim is one `rename(2)`** of the ready entry into `claimed/`, on one file system: of
 //! two concurrent claimers exactly one succeeds, the other gets `ENOENT` and tries the next
@@ -42,6 +46,12 @@ use vtpm_proto::mgr::{AdminReply, AdminRequest, GroupInfo, VTPM_GID, VtpmInfo};
 use super::{Access, CreateOpts, Local, READY_TIMEOUT, Runtime, tail, vtpm_uid};
 use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, NOT_FOUND, REFUSED, USAGE};
+
+/// The largest pool size per group and EK kind (`vtpm pool size`).
+pub const MAX_POOL_SIZE: usize = 1024;
+
+/// `<state-dir>/pool/fill.log` is started afresh beyond this size.
+const FILL_LOG_MAX: u64 = 1 << 20;
 
 /// The `schema` of `vtpm pool status --json` (docs/json.md).
 pub const POOL_SCHEMA: &str = "xvtpm.pool/1";
@@ -68,6 +78,9 @@ pub struct PoolCount {
     pub ek: String,
     /// Ready, unclaimed vTPMs.
     pub ready: usize,
+    /// The pool size set with `vtpm pool size` (0: no automatic refill).
+    #[serde(default)]
+    pub size: usize,
 }
 
 /// `vtpm pool status`.
@@ -167,6 +180,12 @@ impl Local {
         self.ready_dirs().iter().any(|(_, _, d)| d.join(&name).exists()) || self.owned_entries("making").iter().any(|(_, u, _)| u == uuid)
     }
 
+    /// Whether `uuid` has a claim file: a create is starting it now (`Some(true)`), or a create
+    /// that claimed it was killed before it answered (`Some(false)`; the next sweep destroys it).
+    fn claiming(&self, uuid: &Uuid) -> Option<bool> {
+        self.owned_entries("claimed").into_iter().find(|(_, u, _)| u == uuid).map(|(_, _, alive)| alive)
+    }
+
     /// The group named `group` (name or UUID; the default group if `None`).
     fn pool_group(admin: &mut Admin, group: Option<&str>) -> Result<GroupInfo, CliError> {
         let groups = match admin.call(&AdminRequest::GroupList)? {
@@ -197,8 +216,14 @@ impl Local {
                 group_name: groups.iter().find(|i| i.uuid == g).map(|i| i.name.clone()),
                 ek: ek_name(ecc).into(),
                 ready: ready_in(&d),
+                size: self.pool_size(&g, ecc),
             })
             .collect();
+        for (g, ecc, n) in self.sizes() {
+            if !ready.iter().any(|c| c.group == g && c.ek == ek_name(ecc)) {
+                ready.push(PoolCount { group: g, group_name: groups.iter().find(|i| i.uuid == g).map(|i| i.name.clone()), ek: ek_name(ecc).into(), ready: 0, size: n });
+            }
+        }
         ready.sort_by(|a, b| (a.group, &a.ek).cmp(&(b.group, &b.ek)));
         let making = self.owned_entries("making");
         let claimed = self.owned_entries("claimed");
@@ -396,8 +421,7 @@ impl Local {
 
     /// Takes one ready vTPM of `group` and EK kind out of the pool: the `rename(2)` that makes
     /// it this process's, made durable. `None` if the pool has none.
-    fn pool_claim(&self, admin: &mut Admin, group: Option<&str>, ecc: bool) -> Result<Option<(VtpmInfo, PathBuf)>, CliError> {
-        let g = Self::pool_group(admin, group)?;
+    fn pool_claim(&self, admin: &mut Admin, g: &GroupInfo, ecc: bool) -> Result<Option<(VtpmInfo, PathBuf)>, CliError> {
         let ready = self.ready_dir(&g.uuid, ecc);
         let Ok(rd) = fs::read_dir(&ready) else { return Ok(None) };
         let claimed_dir = self.pool_dir().join("claimed");
@@ -420,6 +444,16 @@ impl Local {
             if info.group != g.uuid {
                 return Err(CliError::new(FAILURE, format!("pool entry {} names vTPM {uuid} of group {}, not {}; run `xl-vtpm vtpm pool drain`", e.path().display(), info.group, g.uuid)));
             }
+            // A pooled vTPM was never given to anyone: it has no access record (written at its
+            // claim) and no process. An entry naming a vTPM that has either (a pool directory
+            // restored from a backup, a copied file) would hand one vTPM — one EK — to a second
+            // consumer: the entry is dropped, the vTPM left alone, and the next entry tried.
+            if self.access_file(&uuid).exists() || info.attached_pid.is_some() || self.runtime(&uuid).is_some() {
+                let _ = fs::remove_file(&claim);
+                let _ = fsync_dir(&claimed_dir);
+                xvtpm_log::host_warn!(vtpm = %uuid, entry = %e.path().display(), "dropped a pool entry naming a vTPM that was already claimed or runs; the vTPM is left as it is");
+                continue;
+            }
             return Ok(Some((info, claim)));
         }
         Ok(None)
@@ -433,10 +467,16 @@ impl Local {
         }
         // Everything `create` checks, before anything is claimed.
         self.check_create(listen, opts)?;
-        match self.pool_claim(admin, group.as_deref(), opts.ek_ecc)? {
+        let g = Self::pool_group(admin, group.as_deref())?;
+        let made = match self.pool_claim(admin, &g, opts.ek_ecc)? {
             Some((info, claim)) => self.start_claimed(admin, &info, &claim, listen, opts).map(|rt| (rt, CreatePath::Pool)),
             None => self.create(admin, group, None, listen, opts).map(|rt| (rt, CreatePath::New)),
+        }?;
+        // The create is done; the refill is not its business (best effort, off its path).
+        if let Err(e) = self.pool_refill_in_background(&g.uuid, opts.ek_ecc) {
+            xvtpm_log::host_warn!(group = %g.uuid, "the pool was not refilled in the background: {}", e.text());
         }
+        Ok(made)
     }
 
     fn start_claimed(&self, admin: &mut Admin, info: &VtpmInfo, claim: &Path, listen: &[String], opts: &CreateOpts) -> Result<Runtime, CliError> {
@@ -505,6 +545,18 @@ impl Local {
 
     /// Refuses to start a pooled vTPM: only a claim (`vtpm create`) takes it out of the pool.
     pub(super) fn refuse_pooled(&self, uuid: &Uuid) -> Result<(), CliError> {
+        // A claimed vTPM is the claiming create's alone: started by anyone else, it would serve
+        // someone the create never answered to, and a dead claim's sweep would destroy it in use.
+        match self.claiming(uuid) {
+            Some(true) => return Err(CliError::new(REFUSED, format!("vTPM {uuid} is being claimed from the pool by a running `xl-vtpm vtpm create`"))),
+            Some(false) => {
+                return Err(CliError::new(
+                    REFUSED,
+                    format!("vTPM {uuid} was claimed from the pool by a `vtpm create` that was killed before it answered; nobody was given it. `xl-vtpm vtpm pool fill` or `pool drain` destroys it"),
+                ));
+            }
+            None => {}
+        }
         if self.pooled(uuid) {
             return Err(CliError::new(
                 REFUSED,
@@ -512,5 +564,107 @@ impl Local {
             ));
         }
         Ok(())
+    }
+
+    /// `<state-dir>/pool/size/<group>-<ek>`.
+    fn size_file(&self, group: &Uuid, ecc: bool) -> PathBuf {
+        self.pool_dir().join("size").join(format!("{group}-{}", ek_name(ecc)))
+    }
+
+    /// The pool size set for `group` and EK kind (0 if none).
+    pub fn pool_size(&self, group: &Uuid, ecc: bool) -> usize {
+        // A hostile or torn file reads as 0 (no refill), never as a huge number.
+        let mut buf = [0u8; 16];
+        let n = fs::File::open(self.size_file(group, ecc)).and_then(|mut f| std::io::Read::read(&mut f, &mut buf)).unwrap_or(0);
+        std::str::from_utf8(&buf[..n]).ok().and_then(|t| t.trim().parse::<usize>().ok()).filter(|&n| n <= MAX_POOL_SIZE).unwrap_or(0)
+    }
+
+    /// Every pool size set: (group, ecc, size).
+    fn sizes(&self) -> Vec<(Uuid, bool, usize)> {
+        let Ok(rd) = fs::read_dir(self.pool_dir().join("size")) else { return vec![] };
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let (g, ek) = name.rsplit_once('-')?;
+                let ecc = match ek {
+                    "rsa" => false,
+                    "ecc" => true,
+                    _ => return None,
+                };
+                let g: Uuid = g.parse().ok()?;
+                Some((g, ecc, self.pool_size(&g, ecc)))
+            })
+            .collect()
+    }
+
+    /// `vtpm pool size N`: keeps `n` ready vTPMs of `group` and EK kind, refilled in the
+    /// background after each create (0: no automatic refill, the pool only shrinks). Starts a
+    /// background fill at once. Returns the group.
+    pub fn pool_set_size(&self, admin: &mut Admin, group: Option<&str>, ecc: bool, n: usize) -> Result<GroupInfo, CliError> {
+        if n > MAX_POOL_SIZE {
+            return Err(CliError::new(USAGE, format!("a pool of {n} is too large (at most {MAX_POOL_SIZE} per group and EK)")));
+        }
+        let g = Self::pool_group(admin, group)?;
+        let f = self.size_file(&g.uuid, ecc);
+        if n == 0 {
+            match fs::remove_file(&f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_fail(&f, e)),
+                _ => {}
+            }
+        } else {
+            mkdir(f.parent().expect("has a parent"))?;
+            xvtpm_fsutil::write_atomic(&f, format!("{n}\n").as_bytes(), 0o600).map_err(|e| io_fail(&f, e))?;
+            self.pool_refill_in_background(&g.uuid, ecc)?;
+        }
+        Ok(g)
+    }
+
+    /// Starts `xl-vtpm vtpm pool fill --background` for `group` and EK kind if a pool size is
+    /// set and the pool is below it: detached (own process group, no stdin/stdout, stderr to
+    /// `<state-dir>/pool/fill.log`), not waited for. Returns its pid, if one was started.
+    pub fn pool_refill_in_background(&self, group: &Uuid, ecc: bool) -> Result<Option<u32>, CliError> {
+        let size = self.pool_size(group, ecc);
+        if size == 0 || ready_in(&self.ready_dir(group, ecc)) >= size {
+            return Ok(None);
+        }
+        let exe = std::env::current_exe().map_err(|e| CliError::caused(FAILURE, "finding xl-vtpm's own executable", e))?;
+        let log = self.pool_dir().join("fill.log");
+        use std::os::unix::fs::OpenOptionsExt;
+        // Kept small: a long-failing refill must not fill the disk.
+        let too_big = fs::metadata(&log).is_ok_and(|m| m.len() > FILL_LOG_MAX);
+        let log_file = fs::OpenOptions::new().create(true).append(!too_big).write(true).truncate(too_big).mode(0o600).open(&log).map_err(|e| io_fail(&log, e))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("--state-dir").arg(&self.state_dir).arg("--run-dir").arg(&self.run_dir).arg("--vtpm-domain").arg(&self.vtpm_domain);
+        if !self.sandbox {
+            cmd.arg("--no-sandbox");
+        }
+        cmd.args(["vtpm", "pool", "fill", "--background", "--group", &group.to_string(), "--ek", ek_name(ecc)]);
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file);
+        let child = cmd.spawn().map_err(|e| CliError::caused(FAILURE, "starting the background pool fill", e))?;
+        // Not waited for: it outlives this process (and is reaped by init).
+        Ok(Some(child.id()))
+    }
+
+    /// `vtpm pool fill --background`: at the lowest CPU priority, one at a time (an exclusive
+    /// `flock` on `<state-dir>/pool/fill.lock`; later ones wait their turn), makes vTPMs of
+    /// `group` and EK kind until the pool holds its set size, counting again after each one (a
+    /// claim meanwhile is refilled too). Returns the UUIDs made.
+    pub fn pool_fill_background(&self, admin: &mut Admin, group: Option<&str>, ecc: bool) -> Result<Vec<Uuid>, CliError> {
+        // Niceness is inherited: the vtpm-domain making each vTPM (the RSA prime search) runs
+        // at nice 19 too, behind every running vTPM and create.
+        let _ = rustix::process::setpriority_process(None, 19);
+        let g = Self::pool_group(admin, group)?;
+        mkdir(&self.pool_dir())?;
+        let path = self.pool_dir().join("fill.lock");
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).map_err(|e| io_fail(&path, e))?;
+        let _held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| io_fail(&path, e.into()))?;
+        self.pool_sweep(admin)?;
+        let mut made = vec![];
+        while made.len() < MAX_POOL_SIZE && ready_in(&self.ready_dir(&g.uuid, ecc)) < self.pool_size(&g.uuid, ecc) {
+            made.push(self.pool_make_one(admin, &g, ecc)?);
+        }
+        Ok(made)
     }
 }
