@@ -783,7 +783,8 @@ impl Xen {
                 Seen::Present(domid) => {
                     if Some(domid) != r.guest_domid {
                         reg.mark_running(r.id, domid, r.vtpm_domid.unwrap_or(0)).map_err(reg_err)?;
-                        done.push(format!("{}: rebooted as domid {domid}; vTPM kept", r.guest_name));
+                        let how = if saved { "restored by a move" } else { "rebooted" };
+                        done.push(format!("{}: {how} as domid {domid}; vTPM kept", r.guest_name));
                     }
                     continue;
                 }
