@@ -911,7 +911,7 @@ mod tests {
     fn fake_monitor(args: &[&str], log: &Path) -> std::process::Child {
         use std::os::unix::process::CommandExt;
         let out = std::fs::File::create(log).unwrap();
-        std::process::Command::new("/bin/sh")
+        let child = std::process::Command::new("/bin/sh")
             .arg0("xl")
             .arg("-c")
             .arg("read x")
@@ -919,7 +919,17 @@ mod tests {
             .stdin(std::process::Stdio::piped())
             .stdout(out)
             .spawn()
-            .unwrap()
+            .unwrap();
+        // `spawn` returns once the child has begun its exec, which can be before the kernel has
+        // set up its new argument area: until then /proc/PID/cmdline reads empty. A real monitor
+        // lives for the guest's life; the test waits as long as that window lasts.
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read(&cmdline).is_ok_and(|c| c.starts_with(b"xl\0")) {
+            assert!(std::time::Instant::now() < deadline, "the fake monitor never showed its arguments");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        child
     }
 
     #[test]
