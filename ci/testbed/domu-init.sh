@@ -152,6 +152,16 @@ vtpm|life|mig)
   fi
   check tpm0 PASS "/dev/tpm0 up=$(up) tpmrm0=$([ -c /dev/tpmrm0 ] && echo yes || echo no) version=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)"
 
+  if [ "$role" = vtpm ] && [ "$boot" = 1 ]; then
+    # IMA (built into Debian's kernel) starts at late_initcall, before /init can load xen-tpmfront
+    # (a module): it must run in TPM-bypass and never extend the vTPM's PCR 10.
+    ima=$(dmesg | grep -m1 -oE 'ima: .*TPM.*' | tr -d '\r')
+    p10=$(t tpm2_pcrread sha256:10 && echo "$out" | sed -n 's/^ *10 *: *0x//p')
+    if echo "$ima" | grep -q 'No TPM chip found, activating TPM-bypass' && [ "$p10" = "$PCR_ZERO" ]; then
+      check ima-bypass PASS "'$ima'; the vTPM's PCR 10 is zero"
+    else check ima-bypass FAIL "IMA said '${ima:-nothing about a TPM}', the vTPM's PCR 10 is ${p10:-<read failed>} (expected TPM-bypass and zero)"; fi
+  fi
+
   # TPM2_Startup(CLEAR): "already initialized" (TPM_RC_INITIALIZE, 0x100) is fine
   if t tpm2_startup -c; then check startup PASS "rc=0"
   elif echo "$out" | grep -qiE 'TPM_RC_INITIALIZE|0x100|already'; then check startup PASS "already started"

@@ -296,8 +296,9 @@ pub fn verify_nonces(cx: &Cx, bundle: &str, nonce: &str, uuid: &str, save: &str)
 }
 
 /// What a guest with a vTPM checks on its first boot (domu-init.sh role=vtpm boot=1).
-pub const BOOT1_CHECKS: [&str; 12] = [
+pub const BOOT1_CHECKS: [&str; 13] = [
     "tpm0",
+    "ima-bypass",
     "startup",
     "getrandom",
     "pcr16-reset",
