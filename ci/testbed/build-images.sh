@@ -20,6 +20,7 @@
 # resolves only on the host is an error (XVTPM_ALLOW_HOST_LIBS=1 to allow it).
 #
 # Env: XVTPM_CACHE (cache-dir.sh), XVTPM_OUT (ci/out), CARGO_TARGET_DIR (target),
+#      XVTPM_TESTBED_MGRDOM (1: build the manager domain's image mgrdom.cpio.zst into dom0),
 #      XVTPM_QEMU_XEN (the TPM-enabled device model from build-qemu-xen.sh; empty: dom0 gets no
 #      HVM pieces and the hvm-tis phase is SKIPPED),
 #      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer vtpm-domain),
@@ -163,13 +164,16 @@ mkcpio "$D" "$IMG/domu.cpio.zst" zstd
 # vtpmmgr in its own PV domain that owns the physical TPM (iomem = TIS MMIO): busybox, tpm2-tools,
 # vtpmmgr + xl-vtpm (its admin CLI, inside the domain for now), xen-blkfront + ext4 for the state
 # disk. tpm_tis is built into Debian's kernel: the domain gets tpm_tis.force=1 on its command line.
+# Only with XVTPM_TESTBED_MGRDOM=1 (run.sh then gives dom0 768M): its 19 MB in dom0's ramfs made a
+# 512M dom0 panic while unpacking its initramfs ("System is deadlocked on memory").
 rm -f "$IMG/mgrdom.cpio.zst"
-if [ -n "${PBIN[vtpmmgr]:-}" ] && [ -n "${PBIN[xl-vtpm]:-}" ]; then
+if [ "${XVTPM_TESTBED_MGRDOM:-0}" = 1 ] && [ -n "${PBIN[vtpmmgr]:-}" ] && [ -n "${PBIN[xl-vtpm]:-}" ]; then
   D=$B/mgrdom
   busybox_tree "$D"
   tpm2_tools "$D"
   copy_mod "$D" tpm_tis
   copy_mod "$D" xen-blkfront
+  copy_mod "$D" crc32c_generic   # ext4 will not mount without a crc32c driver
   copy_mod "$D" ext4
   copy_bin "$D" "${PBIN[vtpmmgr]}" /usr/bin/vtpmmgr strip-all
   copy_bin "$D" "${PBIN[xl-vtpm]}" /usr/bin/xl-vtpm strip-all

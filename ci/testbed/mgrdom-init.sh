@@ -67,7 +67,10 @@ done
 # boot=0: the TPM reads only (the control without iomem, the PVH probe)
 [ "$boot" = 0 ] && finish
 # the state disk: xen-blkfront + the ext2 filesystem dom0 made on the image
+# ext4 (which mounts the ext2 image) needs crc32c; without it: "EXT4-fs (xvda): Cannot load crc32c
+# driver." and no mount (the state was lost on power-off)
 load xen-blkfront
+load crc32c_generic
 load ext4
 end=$(( $(cut -d. -f1 /proc/uptime) + 30 ))
 while [ ! -b /dev/xvda ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.2; done
@@ -77,6 +80,10 @@ else
   check state-disk FAIL "xvda: $([ -b /dev/xvda ] && echo present || echo absent); $(cat /tmp/mount.err | tr '\n' ' '); dmesg: $(dmesg | grep -iE 'xvda|blkfront|ext[24]' | tail -n 4 | tr '\n' '|')"
 fi
 chmod 0700 /var/lib/xvtpm
+if [ "$boot" = 2 ]; then
+  [ -s /var/lib/xvtpm/manager.json ] && check state-kept PASS "manager.json ($(wc -c < /var/lib/xvtpm/manager.json) bytes) on the disk from boot 1" ||
+    check state-kept FAIL "no manager.json on /dev/xvda"
+fi
 XVTPM_LOG=info vtpmmgr --tcti device:/dev/tpmrm0 --state-dir /var/lib/xvtpm --run-dir /run/xvtpm serve > /tmp/vtpmmgr.log 2>&1 &
 MGR_PID=$!
 end=$(( $(cut -d. -f1 /proc/uptime) + 120 ))
@@ -101,6 +108,7 @@ else
 fi
 if timeout 60 xl-vtpm mgr group ak default --out /tmp/ak >/dev/null 2>&1; then
   echo "MGRDOM-AK sha256=$(sha256sum < /tmp/ak | cut -d' ' -f1)"
+  check group-ak PASS "xl-vtpm mgr group ak default: $(wc -c < /tmp/ak) bytes"
 else
   check group-ak FAIL "xl-vtpm mgr group ak default failed"
 fi
