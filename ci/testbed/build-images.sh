@@ -273,6 +273,8 @@ echo "build-images.sh: note: host TPM manufactured in $V/tpm-state (EK certifica
 for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm loop xen-blkback; do
   copy_mod "$D" $m
 done
+# mgrdom: dom0 copies its provisioned manager store onto the manager domain's ext2 state image
+[ -s "$IMG/mgrdom.cpio.zst" ] && { copy_mod "$D" crc32c_generic; copy_mod "$D" ext4; }
 mkdir -p "$D/etc/xen" "$D/guest" "$D/var/lib/xen" "$D/var/log/xen" "$D/var/lib/xvtpm"
 cp "$R/etc/xen/xl.conf" "$D/etc/xen/"
 # libxl runs /etc/xen/scripts/block for phy disks (run_hotplug_scripts is on by default)

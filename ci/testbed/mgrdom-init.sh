@@ -8,6 +8,8 @@
 # Kernel command line (unknown name=value words reach init as environment variables):
 #   boot=1   provision the manager (xl-vtpm mgr provision) on a fresh disk
 #   boot=0   the TPM reads only (no disk, no vtpmmgr)
+#   carried=1  (with boot=1) dom0's provisioned manager store was copied onto the disk: no provisioning,
+#            the domain's manager must find it and serve that provisioning
 #   boot=2   the same disk again after a power-off: vtpmmgr must find its state (no provisioning)
 # Output (console): MGRDOM-UP, MGRDOM-TPM <dev> <version>, MGRDOM-PCR <alg> <idx> <hex>,
 # MGRDOM-EKCERT <index> sha256=<hex> bytes=<n>, MGRDOM-CHECK <name> PASS|FAIL <detail>,
@@ -80,8 +82,8 @@ else
   check state-disk FAIL "xvda: $([ -b /dev/xvda ] && echo present || echo absent); $(cat /tmp/mount.err | tr '\n' ' '); dmesg: $(dmesg | grep -iE 'xvda|blkfront|ext[24]' | tail -n 4 | tr '\n' '|')"
 fi
 chmod 0700 /var/lib/xvtpm
-if [ "$boot" = 2 ]; then
-  [ -s /var/lib/xvtpm/manager.json ] && check state-kept PASS "manager.json ($(wc -c < /var/lib/xvtpm/manager.json) bytes) on the disk from boot 1" ||
+if [ "$boot" = 2 ] || [ "${carried:-0}" = 1 ]; then
+  [ -s /var/lib/xvtpm/manager.json ] && check state-kept PASS "manager.json ($(wc -c < /var/lib/xvtpm/manager.json) bytes) on the disk (boot $boot, carried=${carried:-0})" ||
     check state-kept FAIL "no manager.json on /dev/xvda"
 fi
 XVTPM_LOG=info vtpmmgr --tcti device:/dev/tpmrm0 --state-dir /var/lib/xvtpm --run-dir /run/xvtpm serve > /tmp/vtpmmgr.log 2>&1 &
@@ -95,7 +97,7 @@ else
   sed 's/^/MGRDOM-LOG /' /tmp/vtpmmgr.log | tail -n 20
   finish
 fi
-if [ "$boot" = 1 ]; then
+if [ "$boot" = 1 ] && [ "${carried:-0}" != 1 ]; then
   out=$(timeout 180 xl-vtpm mgr provision --yes 2>&1); rc=$?
   [ $rc = 0 ] && check provision PASS "xl-vtpm mgr provision --yes" || check provision FAIL "rc=$rc $(echo "$out" | tail -n 5 | tr '\n' ' ')"
 fi

@@ -36,6 +36,16 @@ const BOOT1: [&str; 7] = [
     "mgr-stop",
     "group-ak",
 ];
+/// Boot 1 with dom0's store carried over: no provisioning, the store found on the disk.
+const BOOT1_CARRIED: [&str; 7] = [
+    "pcrread",
+    "state-disk",
+    "state-kept",
+    "mgr-ready",
+    "provisioned",
+    "mgr-stop",
+    "group-ak",
+];
 const BOOT2: [&str; 6] = [
     "state-disk",
     "state-kept",
@@ -57,6 +67,21 @@ struct Md {
     ekcerts: Vec<String>,
     lo: String,
     ak: String,
+    /// dom0's manager was provisioned (the mgr phases ran): its store goes onto the domain's disk
+    /// and the domain must serve that provisioning (the same group AK as dom0's manager had)
+    carried: bool,
+    dom0_ak: String,
+}
+
+/// The files of vtpmmgr's own store in its state directory (not the vTPMs' or the registry's).
+const STORE: [&str; 2] = ["manager.json", "policy-signing.key"];
+
+fn sha256_file(p: &str) -> String {
+    use sha2::Digest;
+    match fs::read(p) {
+        Ok(b) if !b.is_empty() => hex::encode(sha2::Sha256::digest(&b)),
+        _ => String::new(),
+    }
 }
 
 /// PCR index -> hex (upper case) from `tpm2_pcrread` output, or from `MGRDOM-PCR sha256 I HEX`.
@@ -99,8 +124,7 @@ fn bound() -> Vec<(String, String)> {
             if ["bind", "unbind", "uevent", "module", "new_id", "remove_id"].contains(&n.as_str()) {
                 continue;
             }
-            if fs::symlink_metadata(format!("{d}/{n}")).is_ok_and(|m| m.file_type().is_symlink())
-            {
+            if fs::symlink_metadata(format!("{d}/{n}")).is_ok_and(|m| m.file_type().is_symlink()) {
                 v.push((d.to_string(), n));
             }
         }
@@ -118,7 +142,7 @@ fn dom0_pcrs(cx: &Cx, tcti: &str) -> (Vec<(u32, String)>, String) {
 
 /// The kernel line for the manager domain: Debian's kernel has tpm_tis built in; a PV domain
 /// has no ACPI, so it is forced onto the TIS base, without interrupts.
-fn cfg(name: &str, typ: &str, iomem: bool, disk: Option<&str>, boot: u32) -> String {
+fn cfg(name: &str, typ: &str, iomem: bool, disk: Option<&str>, boot: &str) -> String {
     let env = xen::read_text("/etc/xvtpm-testbed.env");
     let kernel = if env.contains("guest_kernel=bzimage") {
         "/guest/vmlinuz"
@@ -235,7 +259,10 @@ pub fn run(r: &mut Runner, st: &mut St) {
         return;
     }
     if !std::path::Path::new(RAMDISK).exists() {
-        r.skip_all(&ALL, "no /guest/mgrdom.cpio.zst (vtpmmgr or xl-vtpm not built)");
+        r.skip_all(
+            &ALL,
+            "no /guest/mgrdom.cpio.zst (vtpmmgr or xl-vtpm not built)",
+        );
         return;
     }
     let mut md = Md::default();
@@ -244,6 +271,25 @@ pub fn run(r: &mut Runner, st: &mut St) {
         let mut e = Errs::default();
         if st.mgr_up() {
             e.add("dom0-vtpmmgr-still-running");
+        }
+        // dom0's manager was provisioned (the mgr phases ran, teardown stopped it): its store moves
+        // to the manager domain; its group AK is what the domain must serve then
+        if std::path::Path::new("/var/lib/xvtpm/manager.json").exists() {
+            md.carried = true;
+            let ok = super::base::start_mgr(st, "/var/log/xvtpm/vtpmmgr-3.log")
+                && super::base::mgr_wait_ready(cx, st);
+            let o = Cmd::new(&["xl-vtpm", "mgr", "group", "ak", "default", "--out", "/tmp/mgrdom-dom0-ak"])
+                .secs(60)
+                .run(cx);
+            if !super::base::stop_mgr(cx, st) {
+                e.add("dom0-vtpmmgr-did-not-exit");
+            }
+            md.dom0_ak = if ok && o.ok() { sha256_file("/tmp/mgrdom-dom0-ak") } else { String::new() };
+            e.check(
+                "mgrdom-dom0-store",
+                !md.dom0_ak.is_empty(),
+                format!("dom0's manager is provisioned: its store moves to the domain; group AK sha256 {}", super::none(&md.dom0_ak)),
+            );
         }
         let (p, raw) = dom0_pcrs(cx, "device:/dev/tpmrm0");
         md.pcrs = p;
@@ -316,7 +362,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         if !caps.contains("hap") {
             // evidence: a PVH domain cannot be built here (Xen 4.17 in Debian has no shadow paging)
             let mut pe = Errs::default();
-            let ok = create(cx, PVH, &cfg(PVH, "pvh", true, None, 0), &mut pe);
+            let ok = create(cx, PVH, &cfg(PVH, "pvh", true, None, "0"), &mut pe);
             let o = xen::read_text(&format!("/tmp/xl-{PVH}.out"));
             let why = o
                 .lines()
@@ -326,7 +372,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             println!("INFO mgrdom pvh-without-hap created={ok} {why}");
             xen::destroy_if_running(cx, PVH);
         }
-        if !create(cx, CTL, &cfg(CTL, "pv", false, None, 0), &mut e) {
+        if !create(cx, CTL, &cfg(CTL, "pv", false, None, "0"), &mut e) {
             return e.verdict("");
         }
         // the kernel faults in tpm_tis (the domain crashes: on_crash = destroy) or /init finds no TPM
@@ -339,18 +385,30 @@ pub fn run(r: &mut Runner, st: &mut St) {
         for l in c
             .lines()
             .filter(|l| {
-                ["page fault", "Oops", "Kernel panic", "RIP:", "tpm_", "MGRDOM-"]
-                    .iter()
-                    .any(|k| l.contains(k))
+                [
+                    "page fault",
+                    "Oops",
+                    "Kernel panic",
+                    "RIP:",
+                    "tpm_",
+                    "MGRDOM-",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
             })
             .take(14)
         {
             println!("[{CTL}] {l}");
         }
         let fault = c.lines().find(|l| {
-            ["unable to handle page fault", "Oops", "Kernel panic", "MGRDOM-CHECK tpm FAIL"]
-                .iter()
-                .any(|k| l.contains(k))
+            [
+                "unable to handle page fault",
+                "Oops",
+                "Kernel panic",
+                "MGRDOM-CHECK tpm FAIL",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
         });
         let reached = c.contains("MGRDOM-TPM ");
         e.check(
@@ -395,14 +453,41 @@ pub fn run(r: &mut Runner, st: &mut St) {
             return e.verdict("");
         }
         disk_ok = true;
-        if !create(cx, NAME, &cfg(NAME, "pv", true, Some(&md.lo), 1), &mut e) {
+        if md.carried {
+            let mnt = "/run/mgrdom-state";
+            let _ = fs::create_dir_all(mnt);
+            xen::modload("crc32c_generic");
+            xen::modload("ext4");
+            let files: Vec<String> = STORE.iter().map(|f| format!("/var/lib/xvtpm/{f}")).collect();
+            let o = Cmd::new(&[
+                "sh",
+                "-c",
+                &format!(
+                    "mount -t ext4 {lo} {mnt} && cp -p {files} {mnt}/ && chmod 0600 {mnt}/* && ls -l {mnt}; rc=$?; umount {mnt}; exit $rc",
+                    lo = md.lo,
+                    files = files.join(" ")
+                ),
+            ])
+            .secs(60)
+            .run(cx);
+            show("store to the disk", &o.all());
+            if !e.check(
+                "mgrdom-store-carried",
+                o.ok(),
+                format!("dom0's {} copied onto {IMG}: rc {}", STORE.join(" + "), o.rc),
+            ) {
+                return e.verdict("");
+            }
+        }
+        if !create(cx, NAME, &cfg(NAME, "pv", true, Some(&md.lo), if md.carried { "1 carried=1" } else { "1" }), &mut e) {
             return e.verdict("");
         }
         show(
             "xl list",
             &Cmd::new(&["xl", "list", NAME]).run(cx).all(),
         );
-        let c = boot_checks(cx, &mut e, NAME, "boot1", &BOOT1, 480);
+        let want: &[&str] = if md.carried { &BOOT1_CARRIED } else { &BOOT1 };
+        let c = boot_checks(cx, &mut e, NAME, "boot1", want, 480);
         let tpm = after_prefix(&c, "MGRDOM-TPM ").unwrap_or_default();
         e.check(
             "mgrdom-pv-tpm",
@@ -413,6 +498,13 @@ pub fn run(r: &mut Runner, st: &mut St) {
         md.ak = after_prefix(&c, "MGRDOM-AK ")
             .and_then(|l| token(&l, "sha256"))
             .unwrap_or_default();
+        if md.carried {
+            e.check(
+                "mgrdom-pv-dom0-ak",
+                !md.ak.is_empty() && md.ak == md.dom0_ak,
+                format!("group AK sha256: dom0's manager {} the domain's {}", super::none(&md.dom0_ak), super::none(&md.ak)),
+            );
+        }
         e.verdict(format!(
             "PV + iomem fed40,5: the domain's tpm_tis drives the physical TPM (same PCRs, same EK certificate), vtpmmgr provisioned there, state on {}",
             md.lo
@@ -427,7 +519,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
     };
     r.phase_if("mgrdom-restart", blocked2, deadline(600), |cx| {
         let mut e = Errs::default();
-        if !create(cx, NAME, &cfg(NAME, "pv", true, Some(&md.lo), 2), &mut e) {
+        if !create(cx, NAME, &cfg(NAME, "pv", true, Some(&md.lo), "2"), &mut e) {
             return e.verdict("");
         }
         let c = boot_checks(cx, &mut e, NAME, "boot2", &BOOT2, 480);
@@ -453,7 +545,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             );
         }
         let mut e = Errs::default();
-        if !create(cx, PVH, &cfg(PVH, "pvh", true, None, 0), &mut e) {
+        if !create(cx, PVH, &cfg(PVH, "pvh", true, None, "0"), &mut e) {
             return e.verdict("");
         }
         let c = boot_checks(cx, &mut e, PVH, "pvh", &["pcrread"], 300);
@@ -496,7 +588,10 @@ pub fn run(r: &mut Runner, st: &mut St) {
             if !e.check(
                 "mgrdom-dom0-pcrs-again",
                 ok,
-                format!("{} PCRs via /dev/{rm}, as before the passthrough: {ok}", p.len()),
+                format!(
+                    "{} PCRs via /dev/{rm}, as before the passthrough: {ok}",
+                    p.len()
+                ),
             ) {
                 show("pcrread", &raw);
             }
@@ -505,9 +600,15 @@ pub fn run(r: &mut Runner, st: &mut St) {
         e.check(
             "mgrdom-domains-gone",
             l.lines().skip(1).count() == 1,
-            l.lines().skip(1).map(|r| r.split_whitespace().next().unwrap_or("")).collect::<Vec<_>>().join(" "),
+            l.lines()
+                .skip(1)
+                .map(|r| r.split_whitespace().next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join(" "),
         );
-        e.verdict(format!("dom0's tpm_tis has the TPM again (/dev/{rm}), same PCRs"))
+        e.verdict(format!(
+            "dom0's tpm_tis has the TPM again (/dev/{rm}), same PCRs"
+        ))
     });
 }
 
