@@ -10,7 +10,8 @@
 //!                   certificates as dom0 read, vtpmmgr provisioned there, state on the disk
 //!   mgrdom-restart  the domain again from the same disk: vtpmmgr finds its state (provisioned
 //!                   without provisioning), the same group AK
-//!   mgrdom-pvh      (only with HAP) the domain as PVH: its tpm_tis reads the same PCRs
+//!   mgrdom-pvh      (only with HAP) the domain as PVH (tsc_mode native under TCG): its tpm_tis reads
+//!                   the same PCRs and EK certificate
 //!   mgrdom-rebind   the domains gone, the loop device released; dom0's tpm_tis binds the device
 //!                   again and reads the same PCRs
 
@@ -511,7 +512,12 @@ pub fn run(r: &mut Runner, st: &mut St) {
             );
         }
         e.verdict(format!(
-            "PV + iomem fed40,5: the domain's tpm_tis drives the physical TPM (same PCRs, same EK certificate), vtpmmgr provisioned there, state on {}",
+            "PV + iomem fed40,5: the domain's tpm_tis drives the physical TPM (same PCRs, same EK certificate), vtpmmgr {} there, state on {}",
+            if md.carried {
+                "serving dom0's provisioning (its store moved onto the disk)"
+            } else {
+                "provisioned"
+            },
             md.lo
         ))
     });
