@@ -9,14 +9,18 @@
 #   $OUT/img/hvm.cpio.zst     HVM guest (hvm-tis phase; only with XVTPM_QEMU_XEN): busybox, tpm2-tools
 #                             + libs, the guest /init (role=hvm); no xen-tpmfront, no xl-vtpm (every
 #                             MB costs the HVM guest ~4 s of fw_cfg loading under TCG)
+#   $OUT/img/mgrdom.cpio.zst  manager domain (mgrdom phase): busybox, tpm2-tools, vtpmmgr, xl-vtpm,
+#                             xen-blkfront + ext4, mgrdom-init.sh as /init
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
 #                             Xen/TPM/block modules, the scenario (xvtpm-testbed), /etc/xen/scripts/block
 #                             (xen-block-hotplug.sh), the guest kernel + the two images above
-#                             (the vTPM-domain image as /usr/lib/xvtpm/vtpmdom/initrd)
+#                             (the vTPM-domain image as /usr/lib/xvtpm/vtpmdom/initrd; the manager
+#                             domain's as /guest/mgrdom.cpio.zst)
 # Every shared library comes from $XVTPM_CACHE/root (the pinned .debs); a library that
 # resolves only on the host is an error (XVTPM_ALLOW_HOST_LIBS=1 to allow it).
 #
 # Env: XVTPM_CACHE (cache-dir.sh), XVTPM_OUT (ci/out), CARGO_TARGET_DIR (target),
+#      XVTPM_TESTBED_MGRDOM (1: build the manager domain's image mgrdom.cpio.zst into dom0),
 #      XVTPM_QEMU_XEN (the TPM-enabled device model from build-qemu-xen.sh; empty: dom0 gets no
 #      HVM pieces and the hvm-tis phase is SKIPPED),
 #      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer vtpm-domain),
@@ -156,6 +160,28 @@ copy_mod "$D" xen-tpmfront
 install -m 0755 "$HERE/domu-init.sh" "$D/init"
 mkcpio "$D" "$IMG/domu.cpio.zst" zstd
 
+### manager domain (mgrdom phase, XVTPM_TESTBED_MGRDOM=1; docs/manager-domain.md) ###
+# vtpmmgr in its own PV domain that owns the physical TPM (iomem = TIS MMIO): busybox, tpm2-tools,
+# vtpmmgr + xl-vtpm (its admin CLI, inside the domain for now), xen-blkfront + ext4 for the state
+# disk. tpm_tis is built into Debian's kernel: the domain gets tpm_tis.force=1 on its command line.
+# Only with XVTPM_TESTBED_MGRDOM=1 (run.sh then gives dom0 768M): its 19 MB in dom0's ramfs made a
+# 512M dom0 panic while unpacking its initramfs ("System is deadlocked on memory").
+rm -f "$IMG/mgrdom.cpio.zst"
+if [ "${XVTPM_TESTBED_MGRDOM:-0}" = 1 ] && [ -n "${PBIN[vtpmmgr]:-}" ] && [ -n "${PBIN[xl-vtpm]:-}" ]; then
+  D=$B/mgrdom
+  busybox_tree "$D"
+  tpm2_tools "$D"
+  copy_mod "$D" tpm_tis
+  copy_mod "$D" xen-blkfront
+  copy_mod "$D" crc32c_generic   # ext4 will not mount without a crc32c driver
+  copy_mod "$D" ext4
+  copy_bin "$D" "${PBIN[vtpmmgr]}" /usr/bin/vtpmmgr strip-all
+  copy_bin "$D" "${PBIN[xl-vtpm]}" /usr/bin/xl-vtpm strip-all
+  install -m 0755 "$HERE/mgrdom-init.sh" "$D/init"
+  mkcpio "$D" "$IMG/mgrdom.cpio.zst" zstd
+  echo "build-images.sh: note: mgrdom.cpio.zst $(stat -c %s "$IMG/mgrdom.cpio.zst") bytes ($(du -sm "$D" | cut -f1) MB unpacked)"
+fi
+
 ### HVM guest (hvm-tis): the same /init, tpm2-tools, no PV TPM driver ###
 if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
   D=$B/hvm
@@ -247,6 +273,8 @@ echo "build-images.sh: note: host TPM manufactured in $V/tpm-state (EK certifica
 for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm loop xen-blkback; do
   copy_mod "$D" $m
 done
+# mgrdom: dom0 copies its provisioned manager store onto the manager domain's ext2 state image
+[ -s "$IMG/mgrdom.cpio.zst" ] && { copy_mod "$D" crc32c_generic; copy_mod "$D" ext4; }
 mkdir -p "$D/etc/xen" "$D/guest" "$D/var/lib/xen" "$D/var/log/xen" "$D/var/lib/xvtpm"
 cp "$R/etc/xen/xl.conf" "$D/etc/xen/"
 # libxl runs /etc/xen/scripts/block for phy disks (run_hotplug_scripts is on by default)
@@ -262,6 +290,7 @@ if [ -x "$TARGET/$PROFILE/xvtpm-testbed" ]; then
   copy_bin "$D" "$TARGET/$PROFILE/xvtpm-testbed" /usr/lib/xvtpm/testbed/xvtpm-testbed strip
 else echo "build-images.sh: note: $TARGET/$PROFILE/xvtpm-testbed not built; dom0 has no scenario to run"; fi
 cp "$IMG/domu.cpio.zst" "$D/guest/"
+[ -s "$IMG/mgrdom.cpio.zst" ] && cp "$IMG/mgrdom.cpio.zst" "$D/guest/"
 # hvm-tis: the TPM-enabled device model (build-qemu-xen.sh) and its libraries, hvmloader (in the
 # Xen tree already), SeaBIOS where libxl looks for it, the option ROMs QEMU's Xen direct kernel
 # boot asserts (pc.c xen_load_linux), the bzImage (QEMU's -kernel wants it, not the raw ELF), the

@@ -19,13 +19,16 @@
 #                          TPM-enabled device model (build-qemu-xen.sh: built once, cached; the build
 #                          runs before the budget clock starts, limited by XVTPM_QEMU_BUILD_TIMEOUT,
 #                          default 3600 s) and served by a vtpm-domain process (xl-vtpm create) (0)
+#   XVTPM_TESTBED_MGRDOM   1|0: mgrdom-* phases, run last: vtpmmgr in its own PV domain that owns the physical
+#                          TPM (xl iomem = [ "fed40,5" ], dom0's tpm_tis unbound, then bound again), its state
+#                          on a file-backed xvd disk across a domain restart (0; docs/manager-domain.md)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
 #   XVTPM_TESTBED_CPU      QEMU -cpu (with the hvm-tis phase: max,-smap,-xsave, whose NPT gives Xen HAP, which
 #                          HVM guests need as Debian's Xen has no shadow paging; measured ~20% faster for the
 #                          PV phases too. XVTPM_TESTBED_HVM=0: qemu64. Plain "max" crashes dom0 (SMAP))
-#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1536 / 768M (with XVTPM_TESTBED_HVM=0 and _MIGRATE=0: 2 / 1024 / 512M)
+#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1536 / 768M (with XVTPM_TESTBED_HVM=0, _MIGRATE=0 and _MGRDOM=0: 2 / 1024 / 512M)
 #   XVTPM_TESTBED_STARTUP  swtpm --flags value (startup-clear)
 #   XVTPM_TESTBED_NICE     nice level for QEMU (0: at nice 10 QEMU got almost no CPU beside other work and
 #                          a loaded run overran the budget; 10 keeps a developer's desktop responsive)
@@ -47,7 +50,9 @@ HVM=${XVTPM_TESTBED_HVM:-0}
 # the migration phases' `xl save` writes a 160 MiB guest into dom0's ramfs: at 512M dom0 the OOM killer
 # took vtpmmgr, xl-vtpm and libxl-save-helper
 MIGRATE=${XVTPM_TESTBED_MIGRATE:-1}
-DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
+# the mgrdom phases' image (19 MB) made a 512M dom0 panic unpacking its initramfs too
+export XVTPM_TESTBED_MGRDOM=${XVTPM_TESTBED_MGRDOM:-0}
+DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ] || [ "$XVTPM_TESTBED_MGRDOM" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
 SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-$DEFMEM}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-$DEFDOM0}
 NICE=${XVTPM_TESTBED_NICE:-0}
 case $ACCEL in
@@ -149,7 +154,7 @@ XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=$DOM
 # scenario switches ride on the dom0 command line (multiboot module: ',' must be ',,')
 # rootfstype=ramfs: the ~190 MB initramfs would overflow a rootfs tmpfs (capped at half of dom0's RAM:
 # "Initramfs unpacking failed: write error")
-DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=$MIGRATE xvtpm_hvm=$HVM ${XVTPM_TESTBED_DOM0_EXTRA:-}"
+DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=$MIGRATE xvtpm_hvm=$HVM xvtpm_mgrdom=$XVTPM_TESTBED_MGRDOM ${XVTPM_TESTBED_DOM0_EXTRA:-}"
 REM=$(remaining); [ "$REM" -gt 10 ] || fail "budget exhausted before boot"
 # dom0's waits all give up by this dom0 uptime, leaving time to dump the logs and power off
 # (dom0 uptime lags the host clock by the Xen boot, so this is conservative)

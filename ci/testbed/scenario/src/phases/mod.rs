@@ -6,6 +6,7 @@ mod eventlog;
 mod hvm;
 mod life;
 mod lifedom;
+mod mgrdom;
 mod migrate;
 mod tail;
 mod vtpm;
@@ -27,6 +28,7 @@ pub struct St {
     pub vtpmdom_mode: String,
     pub lifedom_mode: String,
     pub hvm_mode: String,
+    pub mgrdom_mode: String,
     /// `vtpmmgr serve --xen` (the one running now) and its log.
     pub mgr: Option<Child>,
     pub mgr_log: String,
@@ -78,6 +80,7 @@ pub fn run_all() -> i32 {
         vtpmdom_mode: xen::cmdline_arg("xvtpm_vtpmdom").unwrap_or_else(|| "1".into()),
         lifedom_mode: xen::cmdline_arg("xvtpm_lifedom").unwrap_or_else(|| "1".into()),
         hvm_mode: xen::cmdline_arg("xvtpm_hvm").unwrap_or_else(|| "1".into()),
+        mgrdom_mode: xen::cmdline_arg("xvtpm_mgrdom").unwrap_or_else(|| "0".into()),
         mgr_log: "/dev/null".into(),
         wlog: "/var/log/xvtpm/watch.log".into(),
         ..Default::default()
@@ -124,6 +127,8 @@ pub fn run_all() -> i32 {
     migrate::run(&mut r, &mut st);
     hvm::run(&mut r, &mut st);
     tail::run(&mut r, &mut st);
+    // last: it takes the physical TPM away from dom0 (after teardown stopped dom0's vtpmmgr)
+    mgrdom::run(&mut r, &mut st);
     let nfail = r.count(crate::runner::Status::Fail);
     tail::dump_logs(&st, nfail > 0);
     println!("{}", r.summary());
