@@ -102,11 +102,12 @@ skeleton() {  # tree
   mknod -m 600 "$T/dev/console" c 5 1
   mknod -m 666 "$T/dev/null" c 1 3
 }
-busybox_tree() {  # tree
+busybox_tree() {  # tree [noxenstore]
   local T=$1 a
   skeleton "$T"; mkdir -p "$T"/{bin,sbin,usr/bin,usr/sbin}
   install -m 0755 "$R/bin/busybox" "$T/bin/busybox"
   for a in $("$R/bin/busybox" --list); do [ -e "$T/bin/$a" ] || ln -s busybox "$T/bin/$a"; done
+  [ "${2:-}" = noxenstore ] && return 0
   copy_bin "$T" "$R/usr/bin/xenstore" /usr/bin/xenstore
   for a in read write ls list rm exists watch chmod; do ln -s xenstore "$T/usr/bin/xenstore-$a"; done
 }
@@ -116,10 +117,11 @@ tpm2_tools() {  # tree
   for l in "$R"/usr/bin/tpm2_*; do ln -sf tpm2 "$T/usr/bin/$(basename "$l")"; done
   copy_dlopened "$T" libtss2-tcti-device.so.0 libgcc_s.so.1
 }
-mkcpio() {  # tree out [gzip|zstd]
+mkcpio() {  # tree out [gzip|zstd|zstd19]
   # guest ramdisks use zstd: libxenguest gunzips a gzip ramdisk before loading it,
   # and 21 MB unpacked does not fit next to the kernel in a 96 MiB PV guest
-  local comp="gzip -6 -n"; [ "${3:-gzip}" = zstd ] && comp="zstd -q -10 -T0 -c"
+  local comp="gzip -6 -n"
+  case ${3:-gzip} in zstd) comp="zstd -q -10 -T0 -c" ;; zstd19) comp="zstd -q -19 -T0 -c" ;; esac
   (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0 | $comp) > "$2"
 }
 
@@ -156,13 +158,16 @@ copy_mod "$D" xen-tpmfront
 install -m 0755 "$HERE/domu-init.sh" "$D/init"
 mkcpio "$D" "$IMG/domu.cpio.zst" zstd
 
-### HVM guest (hvm-tis): the same /init, tpm2-tools, no PV TPM driver ###
+### HVM guest (hvm-tis): the same /init, only what role=hvm runs ###
+# busybox and tpm2-tools: no PV TPM driver, no xenstore client, no xl-vtpm. The device model
+# loads it by fw_cfg DMA (qemu-patches/0001) and the guest kernel unpacks it under nested TCG,
+# so it is compressed hard (zstd -19: once per image build, ~10 s)
 if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
   D=$B/hvm
-  busybox_tree "$D"
+  busybox_tree "$D" noxenstore
   tpm2_tools "$D"
   install -m 0755 "$HERE/domu-init.sh" "$D/init"
-  mkcpio "$D" "$IMG/hvm.cpio.zst" zstd
+  mkcpio "$D" "$IMG/hvm.cpio.zst" zstd19
 fi
 
 ### vTPM domain (unikernel-style) ###
@@ -301,6 +306,11 @@ HCFG
     grep -qF "$k" "$D/etc/xen/hvm-tis.cfg" || die "hvm-tis.cfg: no '$k' after substituting $HCFG_SRC"
   done
   grep -q '^disk' "$D/etc/xen/hvm-tis.cfg" && die "hvm-tis.cfg: the disk line of $HCFG_SRC was not dropped"
+  # the same guest without a vTPM (the P5 baseline of the hvm-tis phase): plain xl create
+  sed -e 's|^name = .*|name = "hvm-notpm"|' -e '/^vtpm = /d' -e 's|^serial = .*|serial = "file:/var/log/xen/hvm-notpm.serial"|' \
+      -e 's|^extra = "\(.*\)"|extra = "\1 tpm=0"|' "$D/etc/xen/hvm-tis.cfg" > "$D/etc/xen/hvm-notpm.cfg"
+  grep -q '^vtpm' "$D/etc/xen/hvm-notpm.cfg" && die "hvm-notpm.cfg: the vtpm line was not dropped"
+  grep -q '^extra = ".* tpm=0"$' "$D/etc/xen/hvm-notpm.cfg" || die "hvm-notpm.cfg: no tpm=0 on the guest's command line"
   HVM_DM=$HVM_DM_PATH
   echo "build-images.sh: note: hvm-tis: device model $XVTPM_QEMU_XEN ($(stat -c %s "$XVTPM_QEMU_XEN") bytes), hvm.cpio.zst $(stat -c %s "$IMG/hvm.cpio.zst") bytes"
 fi

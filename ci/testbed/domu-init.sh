@@ -22,12 +22,13 @@
 #               through ACPI (hvmloader's PNP0C31), not xen-tpmfront; tpm2-tools through the kernel's
 #               resource manager (/dev/tpmrm0). A fresh vTPM (NV index absent, "GUEST-HVM state=fresh"):
 #               startup, getrandom, pcrread, PCR 16 extend, EK + AK, quote + checkquote, the NV
-#               index, the EK certificate if the vTPM has one; after a reboot ("state=kept"): the
+#               index, the EK certificate (NV 0x01c00002); after a reboot ("state=kept"): the
 #               NV index kept, PCR 16 reset, the same EK
+#     tpm=0     the same HVM guest without a vTPM (the P5 baseline): checks that it sees no TPM
 #   hold=1      do not power off at the end (dom0 xl destroys the guest); role=life then
 #               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX"),
 #               answering "GUEST-CMD N <cmd> PASS|FAIL ..." on the console
-#   tpm_wait=S  how long to wait for /dev/tpm0 (90)
+#   tpm_wait=S  how long to wait for the TPM's device node (wait_tpm; 90)
 # Every check prints "GUEST-CHECK <name> PASS|FAIL <detail>"; the last line is
 # "GUEST-DONE role=<role> result=ok|fail".  Timing markers carry wall=<Xen wallclock,
 # s.us> (busybox date has no %N; adjtimex reads the same PV clock dom0 sees) and up=.
@@ -61,13 +62,26 @@ PCR_ZERO=0000000000000000000000000000000000000000000000000000000000000000
 NV_IDX=0x01500016; NV_DATA='xvtpm-testbed-nv-0123456789abcde'   # 32 bytes
 PERSIST=0x81000010
 pcr16() { t tpm2_pcrread sha256:16 && echo "$out" | sed -n 's/^ *16 *: *0x//p'; }
+# wait_tpm DEV: waits up to tpm_wait s for the character device DEV (a TPM driver probes in the
+# background: tpm_tis after ACPI, xen-tpmfront after xenbus); true once it is there
+wait_tpm() {
+  _end=$(( $(cut -d. -f1 /proc/uptime) + ${tpm_wait:-90} ))
+  while [ ! -c "$1" ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $_end ]; do sleep 0.1; done
+  [ -c "$1" ]
+}
 
 case $role in
 hvm)
+  if [ "${tpm:-1}" = 0 ]; then
+    # the P5 baseline: no vTPM, so hvmloader found no TIS and wrote no TPM into ACPI (tpm_tis is
+    # built into Debian's kernel: its probe ran before /init)
+    tpms=$(ls /dev/tpm* /sys/bus/acpi/devices/PNP0C31* /sys/bus/acpi/devices/MSFT0101* 2>/dev/null | tr '\n' ' ')
+    [ -z "$tpms" ] && check no-tpm PASS "no TPM device and no ACPI TPM" || check no-tpm FAIL "found: $tpms"
+    echo "GUEST-DONE role=$role tpm=0 result=$res up=$(up)"
+    sync; [ "${hold:-0}" = 1 ] && exec sleep 100000; poweroff -f
+  fi
   export TPM2TOOLS_TCTI=device:/dev/tpmrm0
-  end=$(( $(cut -d. -f1 /proc/uptime) + ${tpm_wait:-90} ))
-  while [ ! -c /dev/tpmrm0 ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.1; done
-  if [ ! -c /dev/tpmrm0 ]; then
+  if ! wait_tpm /dev/tpmrm0; then
     check tpm0 FAIL "no /dev/tpmrm0 after ${tpm_wait:-90} s; ACPI TPM devices: $(ls -d /sys/bus/acpi/devices/PNP0C31* /sys/bus/acpi/devices/MSFT0101* 2>/dev/null | tr '\n' ' ')"
     dmesg | grep -iE 'tpm|acpi.*(tcpa|tpm)' | tail -n 20 | sed 's/^/GUEST-DMESG /'
     echo "GUEST-DONE role=$role result=fail up=$(up)"
@@ -116,11 +130,15 @@ hvm)
        t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out; then
       cmp -s nv.dat nv.out && check nv-write PASS "$NV_IDX = '$NV_DATA'" || check nv-write FAIL "read back '$(cat nv.out)'"
     else check nv-write FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
-    # the EK certificate, if the vTPM was given one (RSA 0x01c00002, ECC 0x01c0000a): DER, readable
+    # the EK certificate xl-vtpm's vTPM is made with (RSA 0x01c00002; ECC 0x01c0000a if there is
+    # one too): DER, readable without a password
     t tpm2_getcap handles-nv-index; idx=""
     for i in 0x1c00002 0x1c0000a; do echo "$out" | grep -qi "$i\$" && idx="$idx $i"; done
-    if [ -z "$idx" ]; then echo "GUEST-INFO ekcert none (no EK certificate index in NV: $(echo "$out" | tr -s ' \n' ' '))"
-    else
+    case "$idx" in
+    *0x1c00002*) ;;
+    *) check ekcert FAIL "no RSA EK certificate index 0x01c00002 in NV: $(echo "$out" | tr -s ' \n' ' ')" ;;
+    esac
+    if [ -n "$idx" ]; then
       for i in $idx; do
         if t tpm2_nvread $i -C o -o ekcert.der && [ "$(head -c 1 ekcert.der | xxd -p)" = 30 ]; then
           check ekcert PASS "$i: $(wc -c < ekcert.der) bytes of DER, sha256 $(sha256sum ekcert.der | cut -c1-16)..."
@@ -142,9 +160,7 @@ vtpm|life|mig)
   for m in $(cat /lib/modules/xen-tpmfront.deps 2>/dev/null || echo xen-tpmfront); do
     grep -q "^$(echo $m | tr - _) " /proc/modules || insmod /lib/modules/$m.ko || echo "GUEST-TPMFRONT insmod $m failed"
   done &
-  end=$(( $(cut -d. -f1 /proc/uptime) + ${tpm_wait:-90} ))
-  while [ ! -c /dev/tpm0 ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.1; done
-  if [ ! -c /dev/tpm0 ]; then
+  if ! wait_tpm /dev/tpm0; then
     check tpm0 FAIL "no /dev/tpm0 after ${tpm_wait:-90} s; frontend state=$(xenstore-read device/vtpm/0/state 2>&1)"
     dmesg | grep -iE 'tpm|vtpm|xen' | tail -n 20 | sed 's/^/GUEST-DMESG /'
     echo "GUEST-DONE role=$role boot=$boot result=fail up=$(up)"
