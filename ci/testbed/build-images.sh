@@ -7,8 +7,8 @@
 #                             image real hosts use): /init = vtpm-domain + its libs, xen-evtchn,
 #                             xen-gntdev, xen-gntalloc, xen-blkfront + /lib/modules/load-order
 #   $OUT/img/hvm.cpio.zst     HVM guest (hvm-tis phase; only with XVTPM_QEMU_XEN): busybox, tpm2-tools
-#                             + libs, the guest /init (role=hvm); no xen-tpmfront, no xl-vtpm (every
-#                             MB costs the HVM guest ~4 s of fw_cfg loading under TCG)
+#                             + libs with libcurl-gnutls replaced by hvm-libcurl-stub.c, the guest /init
+#                             (role=hvm); no xen-tpmfront, no xenstore, no xl-vtpm; zstd -19
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
 #                             Xen/TPM/block modules, the scenario (xvtpm-testbed), /etc/xen/scripts/block
 #                             (xen-block-hotplug.sh), the guest kernel + the two images above
@@ -59,7 +59,7 @@ copy_libs() {  # tree elf
     [ "$arrow" = "=>" ] || continue
     [ "$path" = "not" ] && die "$elf needs $name, which no package in debs.lock provides (add it to fetch.sh)"
     case $path in
-      "$R"/*) ;;
+      "$R"/*|"$B/hvm-curl"/*) ;;   # the pinned debs; the HVM guest's libcurl stub (below)
       *) [ "${XVTPM_ALLOW_HOST_LIBS:-0}" = 1 ] || die "$elf needs $name, found only on the host ($path): add its package to fetch.sh"
          echo "build-images.sh: WARNING: $name taken from the host" >&2 ;;
     esac
@@ -159,13 +159,24 @@ install -m 0755 "$HERE/domu-init.sh" "$D/init"
 mkcpio "$D" "$IMG/domu.cpio.zst" zstd
 
 ### HVM guest (hvm-tis): the same /init, only what role=hvm runs ###
-# busybox and tpm2-tools: no PV TPM driver, no xenstore client, no xl-vtpm. The device model
-# loads it by fw_cfg DMA (qemu-patches/0001) and the guest kernel unpacks it under nested TCG,
-# so it is compressed hard (zstd -19: once per image build, ~10 s)
+# busybox and tpm2-tools: no PV TPM driver, no xenstore client, no xl-vtpm, and libcurl-gnutls
+# replaced by hvm-libcurl-stub.c (tpm2 needs curl only for tpm2_getekcertificate's download; the
+# real one brings 28 libraries, 11 of the 19 MB). The device model loads the image by fw_cfg DMA
+# (qemu-patches/0001) and the guest kernel unpacks it under nested TCG at every boot, so it is
+# also compressed hard (zstd -19, once per image build)
 if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
   D=$B/hvm
   busybox_tree "$D" noxenstore
+  rm -rf "$B/hvm-curl"; mkdir -p "$B/hvm-curl"
+  command -v "${CC:-cc}" >/dev/null || die "no C compiler (${CC:-cc}) for the HVM guest's libcurl stub: install build-essential (build-qemu-xen.sh does) or set CC"
+  "${CC:-cc}" -O2 -shared -fPIC -nostdlib -Wall -Wextra -Werror -Wl,-soname,libcurl-gnutls.so.4 \
+    -Wl,--version-script="$HERE/hvm-libcurl-stub.map" -o "$B/hvm-curl/libcurl-gnutls.so.4" "$HERE/hvm-libcurl-stub.c" ||
+    die "could not build the HVM guest's libcurl stub ($HERE/hvm-libcurl-stub.c)"
+  install -D -m 0755 "$B/hvm-curl/libcurl-gnutls.so.4" "$D/lib/x86_64-linux-gnu/libcurl-gnutls.so.4"
+  LIBPATH_ALL=$LIBPATH; LIBPATH=$B/hvm-curl:$LIBPATH
   tpm2_tools "$D"
+  LIBPATH=$LIBPATH_ALL
+  [ -e "$D/lib/x86_64-linux-gnu/libgnutls.so.30" ] && die "the HVM guest got libgnutls: tpm2 did not resolve libcurl-gnutls to the stub"
   install -m 0755 "$HERE/domu-init.sh" "$D/init"
   mkcpio "$D" "$IMG/hvm.cpio.zst" zstd19
 fi
@@ -292,13 +303,15 @@ if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
   { sed -e 's|^name = .*|name = "hvm-tis"|' -e 's|^memory = .*|memory = 256|' -e 's|^vcpus = .*|vcpus = 1|' \
         -e '/^disk = /d' -e "s|^device_model_override = .*|device_model_override = \"$HVM_DM_PATH\"|" "$HCFG_SRC"
     cat <<HCFG
-# testbed (build-images.sh): direct kernel boot, consoles, and what TCG under Xen needs
+# testbed (build-images.sh): direct kernel boot, consoles, and what TCG under Xen needs. No
+# nographic = 1: libxl would pass -nographic, QEMU then tells SeaBIOS (fw_cfg NOGRAPHIC) to make
+# the serial port its screen (sercon), and clearing that screen cost the guest 243 s of port
+# I/O, each an ioreq into the TCG-emulated dom0 (measured 2026-12-04)
 kernel = "/guest/vmlinuz"
 ramdisk = "/guest/hvm.cpio.zst"
 extra = "console=hvc0 rootfstype=ramfs quiet role=hvm hold=1"
 serial = "file:/var/log/xen/hvm-tis.serial"
 vga = "none"
-nographic = 1
 tsc_mode = "native"
 HCFG
   } > "$D/etc/xen/hvm-tis.cfg"
