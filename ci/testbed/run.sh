@@ -19,11 +19,11 @@
 #                          TPM-enabled device model (build-qemu-xen.sh: built once, cached; the build
 #                          runs before the budget clock starts, limited by XVTPM_QEMU_BUILD_TIMEOUT,
 #                          default 3600 s) and served by a vtpm-domain process (xl-vtpm create); the same
-#                          guest without a vTPM for P5's baseline (1; XVTPM_TESTBED_HVM=0 skips the build too)
+#                          guest without a vTPM for P5's baseline (0: not yet proven whole, see docs/hvm.md)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
-#   XVTPM_TESTBED_CPU      QEMU -cpu (with the hvm-tis phase, the default: max,-smap,-xsave, whose NPT gives Xen
+#   XVTPM_TESTBED_CPU      QEMU -cpu (with the hvm-tis phase: max,-smap,-xsave, whose NPT gives Xen
 #                          HAP, which HVM guests need as Debian's Xen has no shadow paging; measured ~20% faster
 #                          for the PV phases too. XVTPM_TESTBED_HVM=0: qemu64. Plain "max" crashes dom0 (SMAP))
 #   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1536 / 768M (with XVTPM_TESTBED_HVM=0 and _MIGRATE=0: 2 / 1024 / 512M)
@@ -42,7 +42,9 @@ OUT=${XVTPM_OUT:-$CI/out}
 . "$HERE/cache-dir.sh"; CACHE=$XVTPM_CACHE
 BUDGET=${XVTPM_TESTBED_BUDGET:-1500}
 ACCEL=${XVTPM_TESTBED_ACCEL:-tcg}
-HVM=${XVTPM_TESTBED_HVM:-1}
+# hvm-tis stays off by default until a run on a CI-like host passes it whole within the budget
+# (docs/hvm.md, "Measured in the Xen testbed")
+HVM=${XVTPM_TESTBED_HVM:-0}
 # hvm-tis adds ~34 MB to dom0's ramfs (device model + libraries, bzImage, HVM initramfs): at 512M dom0
 # panicked unpacking it ("System is deadlocked on memory"); the HVM guest takes 256 MiB beside the others
 # the migration phases' `xl save` writes a 160 MiB guest into dom0's ramfs: at 512M dom0 the OOM killer
