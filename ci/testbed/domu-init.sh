@@ -62,6 +62,12 @@ PCR_ZERO=0000000000000000000000000000000000000000000000000000000000000000
 NV_IDX=0x01500016; NV_DATA='xvtpm-testbed-nv-0123456789abcde'   # 32 bytes
 PERSIST=0x81000010
 pcr16() { t tpm2_pcrread sha256:16 && echo "$out" | sed -n 's/^ *16 *: *0x//p'; }
+# where the HVM guest's kernel spent its boot under nested TCG: the 6 longest gaps between
+# consecutive dmesg lines, each with the line that ended it
+hvm_boot_gaps() {
+  dmesg | awk -F'] ' '/^\[ *[0-9]/ { t = substr($1, 2) + 0; if (NR > 1) printf "%.2f %.2f %s\n", t - p, t, substr($0, index($0, "] ") + 2, 70); p = t }' |
+    sort -rn | head -n 6 | while read -r d t l; do echo "GUEST-INFO boot-gap ${d}s before ${t}: $l"; done
+}
 # wait_tpm DEV: waits up to tpm_wait s for the character device DEV (a TPM driver probes in the
 # background: tpm_tis after ACPI, xen-tpmfront after xenbus); true once it is there
 wait_tpm() {
@@ -77,6 +83,7 @@ hvm)
     # built into Debian's kernel: its probe ran before /init)
     tpms=$(ls /dev/tpm* /sys/bus/acpi/devices/PNP0C31* /sys/bus/acpi/devices/MSFT0101* 2>/dev/null | tr '\n' ' ')
     [ -z "$tpms" ] && check no-tpm PASS "no TPM device and no ACPI TPM" || check no-tpm FAIL "found: $tpms"
+    hvm_boot_gaps
     echo "GUEST-DONE role=$role tpm=0 result=$res up=$(up)"
     sync; [ "${hold:-0}" = 1 ] && exec sleep 100000; poweroff -f
   fi
@@ -156,6 +163,7 @@ hvm)
   else
     [ "$(cat nv.out)" = "$NV_DATA" ] && check nv-kept PASS "$NV_IDX = '$NV_DATA' after the reboot" || check nv-kept FAIL "read '$(cat nv.out)'"
   fi
+  hvm_boot_gaps
   ;;
 plain)
   if insmod /lib/modules/xen-tpmfront.ko && [ -d /sys/bus/xen/drivers/vtpm ]; then

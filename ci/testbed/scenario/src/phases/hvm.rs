@@ -204,6 +204,9 @@ fn baseline(cx: &Cx, e: &mut Errs) {
         ),
         None => println!("PERF p5-hvm-without-vtpm-ms=n/a (no GUEST-UP marker)"),
     }
+    for l in c.lines().filter(|l| l.starts_with("GUEST-INFO")) {
+        println!("[{NOTPM}] {l}");
+    }
     let miss = guest_checks(&c, NOTPM, "notpm", &["no-tpm"]);
     e.check(
         "hvm-notpm-guest",
