@@ -106,7 +106,9 @@ hvm)
   ver=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)
   acpi=no; [ -e /sys/bus/acpi/devices/PNP0C31:00 ] && acpi=yes
   forced=no; grep -q 'tpm_tis.force' /proc/cmdline && forced=yes
-  echo "GUEST-DMESG $(dmesg | grep -m1 -E 'tpm_tis.*TPM')"
+  # every TPM line of the kernel (IRQ or polling, timeouts) and the TPM's interrupt count, if any
+  dmesg | grep -iE 'tpm' | tail -n 12 | sed 's/^/GUEST-DMESG /'
+  echo "GUEST-INFO tpm-irq $(grep -i tpm /proc/interrupts | tr -s ' ' || echo 'none (polling)')"
   if [ "$ver" = 2 ] && [ $acpi = yes ] && [ $forced = no ]; then
     check tpm0 PASS "TPM $ver.0 at ${dev##*/} via ACPI PNP0C31 (no tpm_tis.force) up=$(up)"
   else check tpm0 FAIL "version=$ver acpi-PNP0C31=$acpi tpm_tis.force=$forced device=$dev"; fi
