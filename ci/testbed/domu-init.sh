@@ -108,7 +108,8 @@ hvm)
   forced=no; grep -q 'tpm_tis.force' /proc/cmdline && forced=yes
   # every TPM line of the kernel (IRQ or polling, timeouts) and the TPM's interrupt count, if any
   dmesg | grep -iE 'tpm' | tail -n 12 | sed 's/^/GUEST-DMESG /'
-  echo "GUEST-INFO tpm-irq $(grep -i tpm /proc/interrupts | tr -s ' ' || echo 'none (polling)')"
+  irq=$(grep -i tpm /proc/interrupts | tr -s ' ')
+  echo "GUEST-INFO tpm-irq ${irq:-none (polling)}"
   if [ "$ver" = 2 ] && [ $acpi = yes ] && [ $forced = no ]; then
     check tpm0 PASS "TPM $ver.0 at ${dev##*/} via ACPI PNP0C31 (no tpm_tis.force) up=$(up)"
   else check tpm0 FAIL "version=$ver acpi-PNP0C31=$acpi tpm_tis.force=$forced device=$dev"; fi
