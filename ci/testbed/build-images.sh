@@ -7,8 +7,8 @@
 #                             image real hosts use): /init = vtpm-domain + its libs, xen-evtchn,
 #                             xen-gntdev, xen-gntalloc, xen-blkfront + /lib/modules/load-order
 #   $OUT/img/hvm.cpio.zst     HVM guest (hvm-tis phase; only with XVTPM_QEMU_XEN): busybox, tpm2-tools
-#                             + libs, the guest /init (role=hvm); no xen-tpmfront, no xl-vtpm (every
-#                             MB costs the HVM guest ~4 s of fw_cfg loading under TCG)
+#                             + libs with libcurl-gnutls replaced by hvm-libcurl-stub.c, the guest /init
+#                             (role=hvm); no xen-tpmfront, no xenstore, no xl-vtpm; zstd -19
 #   $OUT/img/mgrdom.cpio.zst  manager domain (mgrdom phase): busybox, tpm2-tools, vtpmmgr, xl-vtpm,
 #                             xen-blkfront + ext4, mgrdom-init.sh as /init
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
@@ -63,7 +63,7 @@ copy_libs() {  # tree elf
     [ "$arrow" = "=>" ] || continue
     [ "$path" = "not" ] && die "$elf needs $name, which no package in debs.lock provides (add it to fetch.sh)"
     case $path in
-      "$R"/*) ;;
+      "$R"/*|"$B/hvm-curl"/*) ;;   # the pinned debs; the HVM guest's libcurl stub (below)
       *) [ "${XVTPM_ALLOW_HOST_LIBS:-0}" = 1 ] || die "$elf needs $name, found only on the host ($path): add its package to fetch.sh"
          echo "build-images.sh: WARNING: $name taken from the host" >&2 ;;
     esac
@@ -106,11 +106,12 @@ skeleton() {  # tree
   mknod -m 600 "$T/dev/console" c 5 1
   mknod -m 666 "$T/dev/null" c 1 3
 }
-busybox_tree() {  # tree
+busybox_tree() {  # tree [noxenstore]
   local T=$1 a
   skeleton "$T"; mkdir -p "$T"/{bin,sbin,usr/bin,usr/sbin}
   install -m 0755 "$R/bin/busybox" "$T/bin/busybox"
   for a in $("$R/bin/busybox" --list); do [ -e "$T/bin/$a" ] || ln -s busybox "$T/bin/$a"; done
+  [ "${2:-}" = noxenstore ] && return 0
   copy_bin "$T" "$R/usr/bin/xenstore" /usr/bin/xenstore
   for a in read write ls list rm exists watch chmod; do ln -s xenstore "$T/usr/bin/xenstore-$a"; done
 }
@@ -120,10 +121,11 @@ tpm2_tools() {  # tree
   for l in "$R"/usr/bin/tpm2_*; do ln -sf tpm2 "$T/usr/bin/$(basename "$l")"; done
   copy_dlopened "$T" libtss2-tcti-device.so.0 libgcc_s.so.1
 }
-mkcpio() {  # tree out [gzip|zstd]
+mkcpio() {  # tree out [gzip|zstd|zstd19]
   # guest ramdisks use zstd: libxenguest gunzips a gzip ramdisk before loading it,
   # and 21 MB unpacked does not fit next to the kernel in a 96 MiB PV guest
-  local comp="gzip -6 -n"; [ "${3:-gzip}" = zstd ] && comp="zstd -q -10 -T0 -c"
+  local comp="gzip -6 -n"
+  case ${3:-gzip} in zstd) comp="zstd -q -10 -T0 -c" ;; zstd19) comp="zstd -q -19 -T0 -c" ;; esac
   (cd "$1" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0 | $comp) > "$2"
 }
 
@@ -182,13 +184,27 @@ if [ "${XVTPM_TESTBED_MGRDOM:-0}" = 1 ] && [ -n "${PBIN[vtpmmgr]:-}" ] && [ -n "
   echo "build-images.sh: note: mgrdom.cpio.zst $(stat -c %s "$IMG/mgrdom.cpio.zst") bytes ($(du -sm "$D" | cut -f1) MB unpacked)"
 fi
 
-### HVM guest (hvm-tis): the same /init, tpm2-tools, no PV TPM driver ###
+### HVM guest (hvm-tis): the same /init, only what role=hvm runs ###
+# busybox and tpm2-tools: no PV TPM driver, no xenstore client, no xl-vtpm, and libcurl-gnutls
+# replaced by hvm-libcurl-stub.c (tpm2 needs curl only for tpm2_getekcertificate's download; the
+# real one brings 28 libraries, 11 of the 19 MB). The device model loads the image by fw_cfg DMA
+# (qemu-patches/0001) and the guest kernel unpacks it under nested TCG at every boot, so it is
+# also compressed hard (zstd -19, once per image build)
 if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
   D=$B/hvm
-  busybox_tree "$D"
+  busybox_tree "$D" noxenstore
+  rm -rf "$B/hvm-curl"; mkdir -p "$B/hvm-curl"
+  command -v "${CC:-cc}" >/dev/null || die "no C compiler (${CC:-cc}) for the HVM guest's libcurl stub: install build-essential (build-qemu-xen.sh does) or set CC"
+  "${CC:-cc}" -O2 -shared -fPIC -nostdlib -Wall -Wextra -Werror -Wl,-soname,libcurl-gnutls.so.4 \
+    -Wl,--version-script="$HERE/hvm-libcurl-stub.map" -o "$B/hvm-curl/libcurl-gnutls.so.4" "$HERE/hvm-libcurl-stub.c" ||
+    die "could not build the HVM guest's libcurl stub ($HERE/hvm-libcurl-stub.c)"
+  install -D -m 0755 "$B/hvm-curl/libcurl-gnutls.so.4" "$D/lib/x86_64-linux-gnu/libcurl-gnutls.so.4"
+  LIBPATH_ALL=$LIBPATH; LIBPATH=$B/hvm-curl:$LIBPATH
   tpm2_tools "$D"
+  LIBPATH=$LIBPATH_ALL
+  [ -e "$D/lib/x86_64-linux-gnu/libgnutls.so.30" ] && die "the HVM guest got libgnutls: tpm2 did not resolve libcurl-gnutls to the stub"
   install -m 0755 "$HERE/domu-init.sh" "$D/init"
-  mkcpio "$D" "$IMG/hvm.cpio.zst" zstd
+  mkcpio "$D" "$IMG/hvm.cpio.zst" zstd19
 fi
 
 ### vTPM domain (unikernel-style) ###
@@ -316,13 +332,18 @@ if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
   { sed -e 's|^name = .*|name = "hvm-tis"|' -e 's|^memory = .*|memory = 256|' -e 's|^vcpus = .*|vcpus = 1|' \
         -e '/^disk = /d' -e "s|^device_model_override = .*|device_model_override = \"$HVM_DM_PATH\"|" "$HCFG_SRC"
     cat <<HCFG
-# testbed (build-images.sh): direct kernel boot, consoles, and what TCG under Xen needs
+# testbed (build-images.sh): direct kernel boot, consoles, and what TCG under Xen needs.
+# tpm_tis.interrupts=0: TPM2_Create/CreatePrimary each took ~290 s, the kernel's whole wait for
+# them (TPM_LONG_LONG, 300 s), as if it waited for an interrupt that never came instead of
+# seeing the status; polling is the hypothesis under test (not yet run; docs/hvm.md). No
+# nographic = 1: libxl would pass -nographic, QEMU then tells SeaBIOS (fw_cfg NOGRAPHIC) to make
+# the serial port its screen (sercon), and clearing that screen cost the guest 243 s of port
+# I/O, each an ioreq into the TCG-emulated dom0 (measured 2026-12-04)
 kernel = "/guest/vmlinuz"
 ramdisk = "/guest/hvm.cpio.zst"
-extra = "console=hvc0 rootfstype=ramfs quiet role=hvm hold=1"
+extra = "console=hvc0 rootfstype=ramfs quiet role=hvm hold=1 tpm_tis.interrupts=0"
 serial = "file:/var/log/xen/hvm-tis.serial"
 vga = "none"
-nographic = 1
 tsc_mode = "native"
 HCFG
   } > "$D/etc/xen/hvm-tis.cfg"
@@ -330,6 +351,11 @@ HCFG
     grep -qF "$k" "$D/etc/xen/hvm-tis.cfg" || die "hvm-tis.cfg: no '$k' after substituting $HCFG_SRC"
   done
   grep -q '^disk' "$D/etc/xen/hvm-tis.cfg" && die "hvm-tis.cfg: the disk line of $HCFG_SRC was not dropped"
+  # the same guest without a vTPM (the P5 baseline of the hvm-tis phase): plain xl create
+  sed -e 's|^name = .*|name = "hvm-notpm"|' -e '/^vtpm = /d' -e 's|^serial = .*|serial = "file:/var/log/xen/hvm-notpm.serial"|' \
+      -e 's|^extra = "\(.*\)"|extra = "\1 tpm=0"|' "$D/etc/xen/hvm-tis.cfg" > "$D/etc/xen/hvm-notpm.cfg"
+  grep -q '^vtpm' "$D/etc/xen/hvm-notpm.cfg" && die "hvm-notpm.cfg: the vtpm line was not dropped"
+  grep -q '^extra = ".* tpm=0"$' "$D/etc/xen/hvm-notpm.cfg" || die "hvm-notpm.cfg: no tpm=0 on the guest's command line"
   HVM_DM=$HVM_DM_PATH
   echo "build-images.sh: note: hvm-tis: device model $XVTPM_QEMU_XEN ($(stat -c %s "$XVTPM_QEMU_XEN") bytes), hvm.cpio.zst $(stat -c %s "$IMG/hvm.cpio.zst") bytes"
 fi

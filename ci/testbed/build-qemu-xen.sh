@@ -4,7 +4,9 @@
 # (docs/hvm.md, "The device model"): Debian's qemu-system-xen is configured with
 # --without-default-features and no --enable-tpm. This is that same configure line plus
 # --enable-tpm, minus the display/USB/9p features a headless testbed guest does not use (fewer
-# libraries to carry into dom0).
+# libraries to carry into dom0). The patches in ci/testbed/qemu-patches/ (*.patch, in name order;
+# each says what it fixes and why) are applied on top of Debian's: 0001 makes the xenfv machine's
+# direct kernel boot load the kernel and initrd by fw_cfg DMA (docs/hvm.md).
 #
 #   ci/testbed/build-qemu-xen.sh                 # fetch, verify, unpack, configure, build (~12 min on 2 cores)
 #   ci/testbed/build-qemu-xen.sh --configure-only  # everything up to and including configure
@@ -12,7 +14,7 @@
 #
 # Inputs, all in the cache key: the source package (.dsc, .orig.tar.xz, .debian.tar.xz, pinned
 # by SHA256 below; apt also checks them against the archive's signed Sources index), the
-# configure flags, the versions of the host's compiler and -dev packages, and this script.
+# patches, the configure flags, the versions of the host's compiler and -dev packages, and this script.
 # Output: $XVTPM_CACHE/qemu-xen/<key>/xen-qemu-system-i386 (stripped) and build.info (inputs,
 # sha256 of the binary); a build whose key exists is not run again. Nothing is installed on
 # the host but the build dependencies (apt-get, unless XVTPM_NO_HOST_INSTALL=1).
@@ -27,6 +29,8 @@ NICE=${XVTPM_NICE:-10}
 JOBS=${XVTPM_JOBS:-$(nproc)}
 die() { echo "build-qemu-xen.sh: ERROR: $*" >&2; exit 1; }
 log() { echo "build-qemu-xen.sh: $*"; }
+PATCHES=("$HERE"/qemu-patches/*.patch)
+[ -f "${PATCHES[0]}" ] || die "no patches in $HERE/qemu-patches/ (a partial checkout?)"
 
 # ---- pins: Debian 12's qemu, the source of the testbed host's qemu-system-xen 1:7.2+dfsg-7+deb12u18+b3
 SRC_VERSION=1:7.2+dfsg-7+deb12u18
@@ -77,11 +81,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # ---- the cache key: every input ----
-# TREEKEY: what the compiled objects depend on (source pins, configure flags, host compiler and
-# -dev packages); KEY adds this script and apt-source.sh, so editing either re-runs the recipe, but
+# TREEKEY: what the compiled objects depend on (source pins, patches, configure flags, host
+# compiler and -dev packages); KEY adds this script and apt-source.sh, so editing either re-runs the recipe, but
 # reuses a kept build tree of the same TREEKEY (ninja then has nothing to compile).
 hostvers=$(dpkg-query -W -f='${Package} ${Version}\n' gcc-12 libglib2.0-dev libpixman-1-dev libfdt-dev libxen-dev zlib1g-dev meson ninja-build 2>/dev/null | sort)
-TREEKEY=$(printf '%s\n' "$SRC_VERSION" "$PINS" "${CONFIGURE[*]}" "$hostvers" | sha256sum | cut -c1-16)
+patchsums=$(cd "$HERE/qemu-patches" && sha256sum -- *.patch)
+TREEKEY=$(printf '%s\n' "$SRC_VERSION" "$PINS" "$patchsums" "${CONFIGURE[*]}" "$hostvers" | sha256sum | cut -c1-16)
 KEY=$(printf '%s\n' "$TREEKEY" "$(sha256sum < "$0")" "$(sha256sum < "$HERE/apt-source.sh")" | sha256sum | cut -c1-16)
 OUT=$CACHE/$KEY
 if [ $MODE = build ] && [ -x "$OUT/xen-qemu-system-i386" ] && [ -s "$OUT/build.info" ]; then
@@ -103,6 +108,11 @@ if [ ! -f "$TREE/b/xen/.configured" ] || [ $MODE = configure ]; then
   rm -rf "$TREE"
   dpkg-source --no-check -x "$SRC/qemu_${SRC_VERSION#*:}.dsc" "$TREE" >/dev/null || die "dpkg-source -x failed"
   rm -f "$CACHE"/qemu_*.orig.tar.* # dpkg-source copies the orig tarball beside the tree; src/ keeps it
+  for p in "${PATCHES[@]}"; do
+    patch -d "$TREE" -p1 --forward --batch --no-backup-if-mismatch -s < "$p" ||
+      die "$(basename "$p") does not apply to qemu $SRC_VERSION (update it with the pins)"
+    log "applied $(basename "$p")"
+  done
   # ---- configure ----
   mkdir -p "$TREE/b/xen"
   cd "$TREE/b/xen"
@@ -135,6 +145,7 @@ tpmdevs=$("$OUT.tmp/xen-qemu-system-i386" -tpmdev help 2>&1 || true)
 grep -q 'emulator' <<< "$tpmdevs" || die "the built device model has no -tpmdev emulator: $tpmdevs"
 {
   echo "source qemu=$SRC_VERSION"; echo "$PINS"
+  echo "patches"; echo "$patchsums"
   echo "configure ${CONFIGURE[*]}"; echo "$hostvers"
   echo "sha256 $(sha256sum < "$OUT.tmp/xen-qemu-system-i386" | cut -d' ' -f1)"
   echo "built $(date -u +%FT%TZ) in $(( $(date +%s) - T0 )) s, $JOBS jobs, nice $NICE, load average before $LOAD0, after $LOAD1"

@@ -154,6 +154,11 @@ impl Cx {
         Instant::now() >= self.scenario_end
     }
 
+    /// Time until the scenario deadline (a phase derives its waits from it).
+    pub fn scenario_left(&self) -> Duration {
+        self.scenario_end.saturating_duration_since(Instant::now())
+    }
+
     /// What a command or a wait that wants `want` gets, and whether the phase deadline (not the
     /// scenario's) cut it. The scenario's cut leaves at least 1 s (a command still gets to say why).
     pub fn limit(&self, want: Duration) -> (Duration, bool) {

@@ -4,10 +4,16 @@
 //! `device_model_override` = the TPM-enabled device model from ci/testbed/build-qemu-xen.sh,
 //! `vtpm = [ "model=tis" ]`) starts the vTPM and libxl's QEMU with `-device tpm-tis`. The guest
 //! (domu-init.sh role=hvm) finds the TPM 2.0 through ACPI, runs startup, getrandom, pcrread, EK +
-//! AK, quote + checkquote, writes an NV index and reads the EK certificate if there is one. Then
+//! AK, quote + checkquote, writes an NV index and reads the EK certificate (NV 0x01c00002). Then
 //! `xl-vtpm reboot` (a platform reset: the device model ends and a new one connects to the same
 //! vTPM process): NV kept, PCR 16 reset, same EK. The vTPM's log and the device model's must show
-//! no control-channel error. `xl-vtpm destroy` takes the domain and the vTPM process down.
+//! no control-channel error. `xl-vtpm destroy` takes the domain and the vTPM process down. Last,
+//! the same guest without a vTPM (`/etc/xen/hvm-notpm.cfg`, plain `xl create`): it sees no TPM,
+//! and its create -> /init is P5's baseline for the HVM guest.
+//!
+//! The waits come from the budget: each gets what is left of the scenario minus what the steps
+//! after it need (`left_for`), so a slow host uses its whole budget and a fast one never waits
+//! on a fixed timeout.
 
 use std::path::Path;
 use std::time::Duration;
@@ -22,6 +28,28 @@ pub const NAME: &str = "hvm-tis";
 pub const CFG: &str = "/etc/xen/hvm-tis.cfg";
 pub const DM_LOG: &str = "/var/log/xen/qemu-dm-hvm-tis.log";
 pub const SERIAL: &str = "/var/log/xen/hvm-tis.serial";
+/// The same guest without a vTPM (build-images.sh writes it from hvm-tis.cfg).
+pub const NOTPM: &str = "hvm-notpm";
+pub const NOTPM_CFG: &str = "/etc/xen/hvm-notpm.cfg";
+
+/// What the phases after this one (tpm2-guest, teardown and the log dump) need of the scenario's
+/// time, in s; this phase's waits leave it to them.
+const AFTER_PHASE: u64 = 150;
+/// `xl-vtpm destroy` of the guest and the checks after it (measured 17 s), with a margin.
+const DESTROY: u64 = 45;
+/// The baseline guest without a vTPM: xl create -> /init -> GUEST-DONE, xl destroy (measured
+/// ~20 s to /init on an idle host), with a margin.
+const BASELINE: u64 = 90;
+/// The least a boot's wait gets, even when the budget says less (it then fails, naming itself).
+const MIN_WAIT: u64 = 60;
+
+/// A wait that leaves `reserve` s of the scenario to what follows it.
+fn left_for(cx: &Cx, reserve: u64) -> u64 {
+    cx.scenario_left()
+        .as_secs()
+        .saturating_sub(reserve)
+        .max(MIN_WAIT)
+}
 
 /// Lines of the vTPM's or the device model's log that mean the two disagree about the
 /// swtpm control protocol (what QEMU's tpm_emulator and the vTPM log when they do).
@@ -44,10 +72,17 @@ fn dm_path() -> String {
 /// failures and the console text of this boot.
 fn guest_boot(cx: &Cx, off: usize, tag: &str, state: &str, secs: u64) -> (Vec<String>, String) {
     let mut miss = Vec::new();
+    // the guest's markers as they come (with dom0's uptime): where a slow boot spends its time
+    let mut seen = 0;
     if !cx.wait_every(secs, Duration::from_secs(1), || {
-        console_from(NAME, off)
-            .lines()
-            .any(|l| l.starts_with("GUEST-DONE"))
+        let c = console_from(NAME, off);
+        for l in c.lines().skip(seen) {
+            seen += 1;
+            if l.starts_with("GUEST-") {
+                println!("[{NAME} {tag} live up={:.1}] {l}", up());
+            }
+        }
+        c.lines().any(|l| l.starts_with("GUEST-DONE"))
     }) {
         miss.push("no-GUEST-DONE".to_string());
     }
@@ -65,6 +100,7 @@ fn guest_boot(cx: &Cx, off: usize, tag: &str, state: &str, secs: u64) -> (Vec<St
             "quote",
             "checkquote",
             "nv-write",
+            "ekcert",
         ]
     } else {
         &[
@@ -130,6 +166,81 @@ fn boot_perf(key: &str, c: &str, w0: f64) {
     );
 }
 
+/// P5 for the HVM guest: `xl-vtpm create`/`reboot` (wall clock `w0`) -> the first answered TPM
+/// command in the guest.
+fn p5_hvm(key: &str, c: &str, w0: f64) {
+    match wall_up(c, "GUEST-P5 first-tpm-answer ") {
+        Some(a) => println!(
+            "PERF {key}={} (xl-vtpm -> first answered tpm2_getrandom in the HVM guest)",
+            ms(w0, a.0)
+        ),
+        None => println!("PERF {key}=n/a (no GUEST-P5 marker)"),
+    }
+}
+
+/// The hvm-tis guest without a vTPM (plain `xl create` of hvm-notpm.cfg): it boots, finds no TPM
+/// (no TIS for hvmloader to describe), and its create -> /init is P5's HVM baseline.
+fn baseline(cx: &Cx, e: &mut Errs) {
+    let off = lines_of(&xen::clog(NOTPM));
+    let wait = left_for(cx, AFTER_PHASE + 20);
+    println!("hvm: the same guest without a vTPM ({NOTPM_CFG}); waiting up to {wait} s");
+    let w0 = now_wall();
+    let t0 = up();
+    if !super::xl_create(cx, NOTPM_CFG, "/tmp/xl-hvm-notpm.out", 150, e) {
+        return;
+    }
+    let done = cx.wait_every(wait, Duration::from_millis(500), || {
+        console_from(NOTPM, off)
+            .lines()
+            .any(|l| l.starts_with("GUEST-DONE"))
+    });
+    let c = console_from(NOTPM, off);
+    match wall_up(&c, "GUEST-UP ") {
+        Some(i) => println!(
+            "PERF p5-hvm-without-vtpm-ms={} (xl create -> guest /init, no vTPM: to the kernel's start {} ms, kernel to /init {} ms)",
+            ms(w0, i.0),
+            ms(w0, i.0 - i.1),
+            ms(0.0, i.1)
+        ),
+        None => println!("PERF p5-hvm-without-vtpm-ms=n/a (no GUEST-UP marker)"),
+    }
+    for l in c.lines().filter(|l| l.starts_with("GUEST-INFO")) {
+        println!("[{NOTPM}] {l}");
+    }
+    let miss = guest_checks(&c, NOTPM, "notpm", &["no-tpm"]);
+    e.check(
+        "hvm-notpm-guest",
+        done && miss.is_empty(),
+        if done {
+            format!(
+                "no TPM in the guest; checks missing: {}",
+                if miss.is_empty() {
+                    "none".into()
+                } else {
+                    miss.join(" ")
+                }
+            )
+        } else {
+            format!("no GUEST-DONE within {wait} s")
+        },
+    );
+    if !(done && miss.is_empty()) {
+        show_tail(&format!("{NOTPM} console"), &c, 20);
+    }
+    xen::xl_destroy(cx, NOTPM, 60);
+    let gone = cx.wait_until(30, || {
+        xen::domain_gone(NOTPM) && device_models().trim().is_empty()
+    });
+    e.check(
+        "hvm-notpm-destroy",
+        gone,
+        format!(
+            "xl destroy {NOTPM}: domain and device model gone ({} s after create)",
+            secs1(t0, up())
+        ),
+    );
+}
+
 /// The command lines (arguments joined by spaces) of the running device models (`-xen-domid`),
 /// from /proc: busybox `ps` cuts long command lines.
 fn device_models() -> String {
@@ -184,7 +295,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
         r.skip("hvm-tis", "disabled (XVTPM_TESTBED_HVM=0)");
         return;
     }
-    r.phase("hvm-tis", deadline(900), |cx| {
+    // the phase may use what the scenario has left (its waits leave the later phases theirs)
+    let phase_secs = r.cx.scenario_left().as_secs().max(MIN_WAIT);
+    r.phase("hvm-tis", deadline(phase_secs), |cx| {
         let dm = dm_path();
         if dm == "none" || !Path::new(&dm).is_file() {
             return Outcome::fail(format!(
@@ -248,13 +361,17 @@ pub fn run(r: &mut Runner, st: &mut St) {
         );
 
         // ---- boot 1: a fresh vTPM ----
-        let (miss, c1) = guest_boot(cx, off, "boot1", "fresh", 420);
+        let wait1 = left_for(cx, AFTER_PHASE + BASELINE + DESTROY + MIN_WAIT);
+        println!("hvm: waiting up to {wait1} s for boot 1 (scenario left {} s)", cx.scenario_left().as_secs());
+        let (miss, c1) = guest_boot(cx, off, "boot1", "fresh", wait1);
         boot_perf("hvm-tis-boot1-ms", &c1, w0);
+        p5_hvm("p5-hvm-with-vtpm-ms", &c1, w0);
         e.check("hvm-guest-boot1", miss.is_empty(), if miss.is_empty() { "all checks PASS".into() } else { miss.join(" ") });
         let ek1 = ek_hash(&c1);
 
         // ---- reboot: a platform reset, the same vTPM process ----
-        if miss.iter().any(|m| m == "no-GUEST-DONE") || cx.past_deadline() {
+        // a guest without its TPM (or without an end) has nothing to show across a reboot
+        if miss.iter().any(|m| m == "no-GUEST-DONE" || m == "tpm0") || cx.past_deadline() {
             e.add("reboot-skipped");
         } else {
             let off2 = lines_of(&xen::clog(NAME));
@@ -264,8 +381,11 @@ pub fn run(r: &mut Runner, st: &mut St) {
             if !o.ok() {
                 e.add(format!("xl-vtpm-reboot-rc={}", o.rc));
             }
-            let (miss2, c2) = guest_boot(cx, off2, "boot2", "kept", 420);
+            let wait2 = left_for(cx, AFTER_PHASE + BASELINE + DESTROY);
+            println!("hvm: waiting up to {wait2} s for boot 2 (scenario left {} s)", cx.scenario_left().as_secs());
+            let (miss2, c2) = guest_boot(cx, off2, "boot2", "kept", wait2);
             boot_perf("hvm-tis-boot2-ms", &c2, w1);
+            p5_hvm("p5-hvm-with-vtpm-reboot-ms", &c2, w1);
             e.check("hvm-guest-boot2", miss2.is_empty(), if miss2.is_empty() { "all checks PASS".into() } else { miss2.join(" ") });
             let d2 = xen::domid(NAME).unwrap_or_default();
             let row2 = life_row(cx, NAME);
@@ -321,8 +441,11 @@ pub fn run(r: &mut Runner, st: &mut St) {
             show_tail("vtpm.log", &vlog, 20);
             cleanup(cx, pid);
         }
+
+        // ---- the same guest without a vTPM: P5's baseline ----
+        baseline(cx, &mut e);
         e.verdict(format!(
-            "HVM guest (SeaBIOS, tsc_mode native) with tpm-tis from {dm}: TPM 2.0 via ACPI, quote verified, NV kept across xl-vtpm reboot with PCRs reset; vTPM {uuid} pid {} gone after xl-vtpm destroy",
+            "HVM guest (SeaBIOS, tsc_mode native) with tpm-tis from {dm}: TPM 2.0 via ACPI, quote verified, EK certificate read, NV kept across xl-vtpm reboot with PCRs reset; vTPM {uuid} pid {} gone after xl-vtpm destroy; without a vTPM no TPM",
             pid.unwrap_or(0)
         ))
     });
