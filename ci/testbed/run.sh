@@ -19,6 +19,9 @@
 #                          TPM-enabled device model (build-qemu-xen.sh: built once, cached; the build
 #                          runs before the budget clock starts, limited by XVTPM_QEMU_BUILD_TIMEOUT,
 #                          default 3600 s) and served by a vtpm-domain process (xl-vtpm create) (0)
+#   XVTPM_TESTBED_LIBVIRT  1|0: a guest's life through Debian's libvirtd with the libxl driver and virsh, the way
+#                          Nova drives Xen: define/start (the hook attaches the vTPM), libvirtd restart, reboot,
+#                          save/restore, the refused migrate, destroy/undefine (1; dom0 +47 MB; docs/libvirt.md)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
@@ -47,7 +50,9 @@ HVM=${XVTPM_TESTBED_HVM:-0}
 # the migration phases' `xl save` writes a 160 MiB guest into dom0's ramfs: at 512M dom0 the OOM killer
 # took vtpmmgr, xl-vtpm and libxl-save-helper
 MIGRATE=${XVTPM_TESTBED_MIGRATE:-1}
-DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
+# the libvirt-* phases: libvirtd + libraries add ~47 MB to dom0's ramfs and `virsh save` writes the guest there
+LIBVIRT=${XVTPM_TESTBED_LIBVIRT:-1}; export XVTPM_TESTBED_LIBVIRT=$LIBVIRT
+DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ] || [ "$LIBVIRT" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
 SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-$DEFMEM}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-$DEFDOM0}
 NICE=${XVTPM_TESTBED_NICE:-0}
 case $ACCEL in
@@ -149,7 +154,7 @@ XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=$DOM
 # scenario switches ride on the dom0 command line (multiboot module: ',' must be ',,')
 # rootfstype=ramfs: the ~190 MB initramfs would overflow a rootfs tmpfs (capped at half of dom0's RAM:
 # "Initramfs unpacking failed: write error")
-DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=$MIGRATE xvtpm_hvm=$HVM ${XVTPM_TESTBED_DOM0_EXTRA:-}"
+DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=$MIGRATE xvtpm_libvirt=$LIBVIRT xvtpm_hvm=$HVM ${XVTPM_TESTBED_DOM0_EXTRA:-}"
 REM=$(remaining); [ "$REM" -gt 10 ] || fail "budget exhausted before boot"
 # dom0's waits all give up by this dom0 uptime, leaving time to dump the logs and power off
 # (dom0 uptime lags the host clock by the Xen boot, so this is conservative)

@@ -4,6 +4,7 @@ mod attest;
 mod base;
 mod eventlog;
 mod hvm;
+mod libvirt;
 mod life;
 mod lifedom;
 mod migrate;
@@ -122,6 +123,7 @@ pub fn run_all() -> i32 {
     vtpmdom::run(&mut r, &mut st);
     lifedom::run(&mut r, &mut st);
     migrate::run(&mut r, &mut st);
+    libvirt::run(&mut r, &mut st);
     hvm::run(&mut r, &mut st);
     tail::run(&mut r, &mut st);
     let nfail = r.count(crate::runner::Status::Fail);
