@@ -140,6 +140,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
     let mut d: Option<Child> = None;
     let (mut ek, mut uuid, mut pid) = (String::new(), String::new(), None::<u32>);
     let mut up = false;
+    let mut defined = false;
 
     r.phase("libvirt-start", deadline(420), |cx| {
         let mut e = Errs::default();
@@ -161,6 +162,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             e.add("virsh-define");
             return e.verdict("");
         }
+        defined = true;
         let h0 = hook_count();
         let off = xen::console(NAME).len();
         let o = virsh(cx, &["start", NAME], 240, "/tmp/virsh-start.out");
@@ -290,7 +292,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         e.verdict("libvirt refuses a migration to the same host before anything moves; guest and vTPM untouched (one host cannot prove a move)")
     });
 
-    r.phase_if("libvirt-destroy", d.is_none().then_some("libvirtd is not running"), deadline(180), |cx| {
+    r.phase_if("libvirt-destroy", (!defined).then_some("libvirt-start defined no domain"), deadline(180), |cx| {
         let mut e = Errs::default();
         if xen::domid(NAME).is_some() {
             let h0 = hook_count();
