@@ -238,6 +238,13 @@ if [ "${XVTPM_TESTBED_LIBVIRT:-1}" != 0 ]; then
   copy_bin "$D" "$R/usr/bin/virsh" /usr/bin/virsh
   copy_bin "$D" "$R$LVD" "$LVD"
   mkdir -p "$D/usr/share/libvirt"; cp -a "$R/usr/share/libvirt/cpu_map" "$D/usr/share/libvirt/"
+  # the TCG CPU matches no model of the map: a featureless host-decode model (see the file)
+  install -m 0644 "$HERE/libvirt/x86_xvtpm-testbed.xml" "$D/usr/share/libvirt/cpu_map/"
+  sed -i "s|^\( *\)<include filename='x86_kvm64.xml'/>|&\n\1<include filename='x86_xvtpm-testbed.xml'/>|" "$D/usr/share/libvirt/cpu_map/index.xml"
+  grep -q "x86_xvtpm-testbed.xml" "$D/usr/share/libvirt/cpu_map/index.xml" || die "cpu_map/index.xml: no x86_kvm64.xml line to add the testbed's model after"
+  # libvirtd looks up root's user and group records (dom0 has none otherwise)
+  [ -e "$D/etc/passwd" ] || echo 'root:x:0:0:root:/root:/bin/sh' > "$D/etc/passwd"
+  [ -e "$D/etc/group" ] || echo 'root:x:0:' > "$D/etc/group"
   install -D -m 0644 "$HERE/libvirt/libvirtd.conf" "$D/etc/libvirt/libvirtd.conf"
   install -D -m 0644 "$HERE/libvirt/libxl.conf" "$D/etc/libvirt/libxl.conf"
   install -D -m 0755 "$HERE/libvirt/hook-libxl" "$D/etc/libvirt/hooks/libxl"
