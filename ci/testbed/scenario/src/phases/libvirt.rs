@@ -164,7 +164,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         }
         defined = true;
         let h0 = hook_count();
-        let off = xen::console(NAME).len();
+        let off = xen::lines_of(&xen::clog(NAME));
         let o = virsh(cx, &["start", NAME], 240, "/tmp/virsh-start.out");
         let hooks = hooks_since(h0);
         show("hooks", &hooks.join("\n"));
@@ -224,7 +224,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         let mut e = Errs::default();
         let dom0 = xen::domid(NAME).unwrap_or_default();
         let h0 = hook_count();
-        let off = xen::console(NAME).len();
+        let off = xen::lines_of(&xen::clog(NAME));
         let o = virsh(cx, &["reboot", NAME], 60, "/tmp/virsh-reboot.out");
         e.check("libvirt-virsh-reboot", o.ok(), format!("rc={}", o.rc));
         let ek2 = boot_checks(cx, &mut e, off, "boot2", &BOOT2, "kept");
@@ -255,7 +255,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         let gone = xen::domid(NAME).is_none();
         let stopped = cx.wait_until(20, || !pid_up(pid));
         e.check("libvirt-save-vtpm-stopped", o.ok() && gone && stopped, format!("virsh save rc={} in {} ms; domain gone={gone}; vTPM pid {pid:?} ended={stopped}", o.rc, o.elapsed.as_millis()));
-        let off = xen::console(NAME).len();
+        let off = xen::lines_of(&xen::clog(NAME));
         let o2 = virsh(cx, &["restore", SAVE], 240, "/tmp/virsh-restore.out");
         let _ = fs::remove_file(SAVE);
         let hooks = hooks_since(h0);
