@@ -115,6 +115,23 @@ fn boot_checks(cx: &Cx, e: &mut Errs, off: usize, tag: &str, want: &[&str], stat
     ek_hash(&c)
 }
 
+/// dom0's memory now (`/proc/meminfo`), and libvirtd's RSS: an INFO line.
+fn dom0_mem(what: &str, d: Option<&Child>) {
+    let mi = xen::read_text("/proc/meminfo");
+    let kb = |k: &str| {
+        mi.lines()
+            .find(|l| l.starts_with(&format!("{k}:")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    let rss = d
+        .map(|c| xen::read_text(&format!("/proc/{}/status", c.id())))
+        .and_then(|t| t.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string()))
+        .unwrap_or_else(|| "-".into());
+    println!("INFO libvirt dom0-mem {what}: MemTotal={} kB MemAvailable={} kB MemFree={} kB libvirtd-rss={rss} kB", kb("MemTotal"), kb("MemAvailable"), kb("MemFree"));
+}
+
 fn vtpm_pid(row: &serde_json::Value) -> Option<u32> {
     jf(row, "vtpm_pid").parse().ok()
 }
@@ -176,6 +193,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         }
         show("xl vtpm-list", &Cmd::new(&["xl", "vtpm-list", NAME]).secs(30).run(cx).all());
         ek = boot_checks(cx, &mut e, off, "boot1", &BOOT1, "fresh");
+        dom0_mem("guest running", d.as_ref());
         let row = life_row(cx, NAME);
         show("registry", &row.to_string());
         uuid = jf(&row, "vtpm_uuid");
@@ -255,6 +273,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         let gone = xen::domid(NAME).is_none();
         let stopped = cx.wait_until(20, || !pid_up(pid));
         e.check("libvirt-save-vtpm-stopped", o.ok() && gone && stopped, format!("virsh save rc={} in {} ms; domain gone={gone}; vTPM pid {pid:?} ended={stopped}", o.rc, o.elapsed.as_millis()));
+        dom0_mem("the save image in dom0's ramfs", d.as_ref());
         let off = xen::lines_of(&xen::clog(NAME));
         let o2 = virsh(cx, &["restore", SAVE], 240, "/tmp/virsh-restore.out");
         let _ = fs::remove_file(SAVE);
