@@ -25,7 +25,9 @@
 #               index, the EK certificate if the vTPM has one; after a reboot ("state=kept"): the
 #               NV index kept, PCR 16 reset, the same EK
 #   hold=1      do not power off at the end (dom0 xl destroys the guest); role=life then
-#               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX"),
+#               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX",
+#               "N:extend" (PCR 16 once), "N:migcheck:NONCE"; extend and migcheck use the /dev/tpmN
+#               that exists now: a resumed guest's xen-tpmfront registers its chip anew),
 #               answering "GUEST-CMD N <cmd> PASS|FAIL ..." on the console
 #   tpm_wait=S  how long to wait for /dev/tpm0 (90)
 # Every check prints "GUEST-CHECK <name> PASS|FAIL <detail>"; the last line is
