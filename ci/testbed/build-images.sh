@@ -267,6 +267,32 @@ fi
 # attest-service phase: openssl makes the service's and the tenants' certificates in dom0
 copy_bin "$D" "$R/usr/bin/openssl" /usr/bin/openssl
 install -D -m 0644 "$R/etc/ssl/openssl.cnf" "$D/etc/ssl/openssl.cnf"
+# libvirt-* phases: Debian's libvirtd with the libxl driver only (no QEMU, network or storage
+# driver: libvirtd loads the drivers it finds), virsh, the CPU map libxl's capabilities decode the
+# host CPU with, and the hook (/etc/libvirt/hooks/libxl -> `xl-vtpm libvirt-hook`). dom0 has no
+# systemd, dbus or polkit: the config allows root on the unix socket without polkit. ~47 MB of
+# ramfs (libicu alone is 30 MB). XVTPM_TESTBED_LIBVIRT=0 leaves it all out.
+LIBVIRT=none
+if [ "${XVTPM_TESTBED_LIBVIRT:-1}" != 0 ]; then
+  LVD=/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_libxl.so
+  [ -f "$R$LVD" ] || die "$R$LVD missing: libvirt-daemon-driver-xen is not in debs.lock"
+  copy_bin "$D" "$R/usr/sbin/libvirtd" /usr/sbin/libvirtd
+  copy_bin "$D" "$R/usr/bin/virsh" /usr/bin/virsh
+  copy_bin "$D" "$R$LVD" "$LVD"
+  mkdir -p "$D/usr/share/libvirt"; cp -a "$R/usr/share/libvirt/cpu_map" "$D/usr/share/libvirt/"
+  # the TCG CPU matches no model of the map: a featureless host-decode model (see the file)
+  install -m 0644 "$HERE/libvirt/x86_xvtpm-testbed.xml" "$D/usr/share/libvirt/cpu_map/"
+  sed -i "s|^\( *\)<include filename='x86_kvm64.xml'/>|&\n\1<include filename='x86_xvtpm-testbed.xml'/>|" "$D/usr/share/libvirt/cpu_map/index.xml"
+  grep -q "x86_xvtpm-testbed.xml" "$D/usr/share/libvirt/cpu_map/index.xml" || die "cpu_map/index.xml: no x86_kvm64.xml line to add the testbed's model after"
+  # libvirtd looks up root's user and group records (dom0 has none otherwise)
+  [ -e "$D/etc/passwd" ] || echo 'root:x:0:0:root:/root:/bin/sh' > "$D/etc/passwd"
+  [ -e "$D/etc/group" ] || echo 'root:x:0:' > "$D/etc/group"
+  install -D -m 0644 "$HERE/libvirt/libvirtd.conf" "$D/etc/libvirt/libvirtd.conf"
+  install -D -m 0644 "$HERE/libvirt/libxl.conf" "$D/etc/libvirt/libxl.conf"
+  install -D -m 0755 "$HERE/libvirt/hook-libxl" "$D/etc/libvirt/hooks/libxl"
+  mkdir -p "$D/var/lib/libvirt/libxl" "$D/var/log/libvirt/libxl" "$D/var/cache/libvirt" "$D/etc/libvirt/libxl"
+  LIBVIRT=$(dpkg-deb -f "$(ls "$CACHE"/debs/libvirt-daemon_*.deb | head -n1)" Version 2>/dev/null || echo unknown)
+fi
 # The host's physical TPM as it leaves the factory: swtpm_setup manufactures its state (RSA and
 # ECC EKs, their certificates in NV) with a private swtpm_localca that plays the TPM vendor;
 # run.sh starts every run's swtpm from a copy of it. dom0 gets only the vendor's public
@@ -364,6 +390,7 @@ case $GUEST_KERNEL in
   bzimage) KIMG=/guest/vmlinuz; cp "$CACHE/img/vmlinuz" "$D/guest/vmlinuz" ;;
   *) die "XVTPM_GUEST_KERNEL must be elf or bzimage" ;;
 esac
+[ "$LIBVIRT" = none ] || { mkdir -p "$D/etc/libvirt-testbed"; sed "s|@KERNEL@|$KIMG|" "$HERE/libvirt/lv-a.xml.in" > "$D/etc/libvirt-testbed/lv-a.xml"; }
 # the vTPM domain's boot files where xl-vtpm looks by default (/usr/lib/xvtpm/vtpmdom/{vmlinuz,initrd});
 # its kernel is the guests' kernel
 VTPMDOM_KIND=none
@@ -380,6 +407,7 @@ xvtpm_deb=$DEB_NAME
 guest_kernel=$GUEST_KERNEL
 kver=$KVER
 hvm_dm=$HVM_DM
+libvirt=$LIBVIRT
 ENV
 # rootfstype=ramfs: the initramfs goes into ramfs, not a tmpfs capped at half the RAM
 # (the guest tree is ~37 MB; a 128 MiB guest has ~90 MB MemTotal)

@@ -26,7 +26,9 @@
 #               NV index kept, PCR 16 reset, the same EK
 #     tpm=0     the same HVM guest without a vTPM (the P5 baseline): checks that it sees no TPM
 #   hold=1      do not power off at the end (dom0 xl destroys the guest); role=life then
-#               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX"),
+#               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX",
+#               "N:extend" (PCR 16 once), "N:migcheck:NONCE"; extend and migcheck use the /dev/tpmN
+#               that exists now: a resumed guest's xen-tpmfront registers its chip anew),
 #               answering "GUEST-CMD N <cmd> PASS|FAIL ..." on the console
 #   tpm_wait=S  how long to wait for the TPM's device node (wait_tpm; 90)
 # Every check prints "GUEST-CHECK <name> PASS|FAIL <detail>"; the last line is
@@ -334,8 +336,9 @@ if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ]; }; then
     c=$(xenstore-read data/xvtpm-cmd 2>/dev/null)
     if [ -n "$c" ] && [ "$c" != "$last" ]; then
       last=$c; n=${c%%:*}; r=${c#*:}; cmd=${r%%:*}; a=${r#*:}
-      if [ "$role" = mig ]; then
-        # after a move xen-tpmfront has removed its chip and probed it again: a new /dev/tpmN
+      if [ "$role" = mig ] || [ "$cmd" = migcheck ] || [ "$cmd" = extend ]; then
+        # after a move (or a libvirt save/restore: the device is hot-plugged anew) xen-tpmfront has
+        # removed its chip and probed it again: a new /dev/tpmN
         i=0; while [ $i -lt 300 ] && ! ls /dev/tpm[0-9]* >/dev/null 2>&1; do sleep 0.1; i=$((i+1)); done
         dev=$(ls /dev/tpm[0-9]* 2>/dev/null | head -n 1); export TPM2TOOLS_TCTI=device:${dev:-/dev/tpm0}
       fi
@@ -345,6 +348,9 @@ if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ]; }; then
         deepquote) if TT=120 t xl-vtpm guest deep-quote --tcti device:/dev/tpm0 --nonce "$a" --vpcrs 0-7 --host-pcrs 0-7 --out /tmp/dq-cmd.bin; then
                      echo "GUEST-CMD $n deepquote PASS $(wc -c < /tmp/dq-cmd.bin) bytes"
                    else echo "GUEST-CMD $n deepquote FAIL rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi ;;
+        extend)    # PCR 16 extended once (the libvirt-save phase: is it reset after the restore?)
+                   t tpm2_pcrextend 16:sha256=$PCR_D && [ "$(pcr16)" = "$PCR_AFTER" ] &&
+                     echo "GUEST-CMD $n extend PASS pcr16=$PCR_AFTER" || echo "GUEST-CMD $n extend FAIL rc=$rc pcr16=$(pcr16)" ;;
         migcheck)  # after a move: the same vTPM (EK, key, NV), PCR 16 as it is, a fresh quote
           cd /tmp; mc=PASS; d=" dev=${dev:-none}/$((i/10))s"
           if t tpm2_readpublic -c 0x81010001 -o ek2.pub || t tpm2_readpublic -c 0x81010002 -o ek2.pub; then d="$d ek=$(sha256sum ek2.pub | cut -c1-64)"

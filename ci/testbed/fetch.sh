@@ -71,6 +71,10 @@ PKGS=(
   # these versions' -dev packages), SeaBIOS (libxl's bios-256k.bin) and QEMU's option ROMs (direct
   # kernel boot: linuxboot_dma.bin)
   libglib2.0-0 libpixman-1-0 libfdt1 libpcre2-8-0 seabios qemu-system-data
+  # the libvirt-* phases: Debian's libvirtd with the libxl driver, virsh, and their libraries
+  libvirt-daemon libvirt-daemon-driver-xen libvirt-clients libvirt0
+  libacl1 libapparmor1 libaudit1 libblkid1 libcap-ng0 libicu72 libmount1 libnl-3-200 libnuma1
+  libreadline8 libselinux1 libssh-4 libstdc++6 libtirpc3 libxml2
 )
 
 mkdir -p "$CACHE/debs" "$CACHE/img"

@@ -196,3 +196,56 @@ fn metadata_in_other_namespaces_and_domid_minus_one() {
         .join("\n");
     assert!(parse_domain_xml(&only_nova).unwrap().vtpm.is_none());
 }
+
+/// The domain XML Debian 12's libvirtd 9.0 (libxl driver) passed to the hook in the testbed
+/// (`ci/testbed/scenario` phases `libvirt-*`, 2026-12-04): one file per invocation, named
+/// `NNN-<operation>-<sub-operation>.xml` in the order libvirt ran them (define, start, libvirtd
+/// restart, reboot, save/restore, destroy of the guest `lv-a`).
+#[test]
+fn recorded_libxl_xml() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/libvirt/libxl-9.0");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "xml"))
+        .collect();
+    files.sort();
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    let mut uuid = None;
+    for p in &files {
+        let stem = p.file_stem().unwrap().to_str().unwrap();
+        let mut parts = stem.splitn(3, '-');
+        let (_, op, sub) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let xml = std::fs::read_to_string(p).unwrap();
+        let at = p.file_name().unwrap().to_string_lossy().to_string();
+        let info = parse_domain_xml(&xml).unwrap_or_else(|e| panic!("{at}: {e}"));
+        assert_eq!(info.name, "lv-a", "{at}");
+        assert_eq!(*uuid.get_or_insert(info.uuid), info.uuid, "{at}: the guest's UUID changed");
+        let req = info.vtpm.as_ref().unwrap_or_else(|| panic!("{at}: the <xvtpm:vtpm/> metadata was lost"));
+        assert_eq!((req.uuid, req.source, req.version), (None, RequestSource::Metadata, TpmVersion::V2), "{at}");
+        let inv = Invocation::from_args(["lv-a", op, sub, "-"]).unwrap();
+        let d = decide(&inv, &xml).unwrap_or_else(|e| panic!("{at}: {e}"));
+        let kinds: Vec<&str> = d.actions.iter().map(kind).collect();
+        let want: &[&str] = match op {
+            "prepare" => &["ensure"],
+            "started" => &["attach"],
+            "release" => &["stop"],
+            "reconnect" => &["verify"],
+            "start" | "stopped" => &[],
+            other => panic!("{at}: libvirt ran an operation this test does not know: {other}"),
+        };
+        assert_eq!(kinds, want, "{at}");
+        match (op, &d.actions[..]) {
+            // libvirt's XML of a running domain names its domid: the attach needs no lookup
+            ("started", [Action::AttachVtpm { guest_domid, .. }]) => {
+                assert!(guest_domid.is_some_and(|n| n > 0), "{at}: {guest_domid:?}")
+            }
+            ("prepare", _) => assert_eq!(info.domid, None, "{at}: no domain exists at prepare"),
+            _ => {}
+        }
+        *seen.entry(format!("{op} {sub}")).or_default() += 1;
+    }
+    for op in ["prepare begin", "start begin", "started begin", "stopped end", "release end", "reconnect begin"] {
+        assert!(seen.contains_key(op), "no recorded `{op}` in {}: {seen:?}", dir.display());
+    }
+}

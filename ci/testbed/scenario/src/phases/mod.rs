@@ -4,6 +4,7 @@ mod attest;
 mod base;
 mod eventlog;
 mod hvm;
+mod libvirt;
 mod life;
 mod lifedom;
 mod mgrdom;
@@ -125,6 +126,7 @@ pub fn run_all() -> i32 {
     vtpmdom::run(&mut r, &mut st);
     lifedom::run(&mut r, &mut st);
     migrate::run(&mut r, &mut st);
+    libvirt::run(&mut r, &mut st);
     hvm::run(&mut r, &mut st);
     tail::run(&mut r, &mut st);
     // last: it takes the physical TPM away from dom0 (after teardown stopped dom0's vtpmmgr)

@@ -86,6 +86,15 @@ pub fn dump_logs(st: &St, failed: bool) {
     }
     dump_log("qemu-dm-hvm-tis", super::hvm::DM_LOG, 200);
     dump_log("hvm-tis-serial", super::hvm::SERIAL, 100);
+    dump_log("libvirtd", "/var/log/libvirt/libvirtd.log", 200);
+    dump_log("libvirtd-out", "/var/log/libvirt/libvirtd.out", 100);
+    dump_log("libvirt-hook", super::libvirt::HOOK_LOG, 200);
+    // every hook invocation's domain XML (what libvirt's libxl driver passes on stdin)
+    let mut xmls = xen::dir_names(super::libvirt::HOOK_XML_DIR);
+    xmls.sort();
+    for f in xmls {
+        dump_log(&format!("libvirt-hook-{}", f.trim_end_matches(".xml")), &format!("{}/{f}", super::libvirt::HOOK_XML_DIR), 400);
+    }
     dump_log("vtpmmgr", "/var/log/xvtpm/vtpmmgr.log", n);
     dump_log("attestd", "/var/log/xvtpm/attestd.log", 100);
     dump_log("vtpmmgr-2", "/var/log/xvtpm/vtpmmgr-2.log", n);
