@@ -19,7 +19,7 @@
 #                          TPM-enabled device model (build-qemu-xen.sh: built once, cached; the build
 #                          runs before the budget clock starts, limited by XVTPM_QEMU_BUILD_TIMEOUT,
 #                          default 3600 s) and served by a vtpm-domain process (xl-vtpm create); the same
-#                          guest without a vTPM for P5's baseline (0: not yet proven whole, see docs/hvm.md)
+#                          guest without a vTPM for P5's baseline (1; docs/hvm.md)
 #   XVTPM_TESTBED_MGRDOM   1|0: mgrdom-* phases, run last: vtpmmgr in its own PV domain that owns the physical
 #                          TPM (xl iomem = [ "fed40,5" ], dom0's tpm_tis unbound, then bound again), its state
 #                          on a file-backed xvd disk across a domain restart (0; docs/manager-domain.md)
@@ -50,7 +50,7 @@ BUDGET=${XVTPM_TESTBED_BUDGET:-2400}
 ACCEL=${XVTPM_TESTBED_ACCEL:-tcg}
 # hvm-tis stays off by default until a run on a CI-like host passes it whole within the budget
 # (docs/hvm.md, "Measured in the Xen testbed")
-HVM=${XVTPM_TESTBED_HVM:-0}
+HVM=${XVTPM_TESTBED_HVM:-1}
 # hvm-tis adds ~34 MB to dom0's ramfs (device model + libraries, bzImage, HVM initramfs): at 512M dom0
 # panicked unpacking it ("System is deadlocked on memory"); the HVM guest takes 256 MiB beside the others
 # the migration phases' `xl save` writes a 160 MiB guest into dom0's ramfs: at 512M dom0 the OOM killer
