@@ -63,7 +63,9 @@ PCR_AFTER=39DE0A6FECF21D432302A5D79315BC42DFF73C4BE042FB5276E3C5B4758BCA02
 PCR_ZERO=0000000000000000000000000000000000000000000000000000000000000000
 NV_IDX=0x01500016; NV_DATA='xvtpm-testbed-nv-0123456789abcde'   # 32 bytes
 PERSIST=0x81000010
-pcr16() { t tpm2_pcrread sha256:16 && echo "$out" | sed -n 's/^ *16 *: *0x//p'; }
+# PCR N's sha256 value (upper-case hex, as tpm2_pcrread prints it), empty if the read failed
+pcr() { t tpm2_pcrread sha256:$1 && echo "$out" | sed -n "s/^ *$1 *: *0x//p"; }
+pcr16() { pcr 16; }
 # where the HVM guest's kernel spent its boot under nested TCG: the 6 longest gaps between
 # consecutive dmesg lines, each with the line that ended it
 hvm_boot_gaps() {
@@ -193,7 +195,7 @@ vtpm|life|mig)
     # IMA (built into Debian's kernel) starts at late_initcall, before /init can load xen-tpmfront
     # (a module): it must run in TPM-bypass and never extend the vTPM's PCR 10.
     ima=$(dmesg | grep -m1 -oE 'ima: .*TPM.*' | tr -d '\r')
-    p10=$(t tpm2_pcrread sha256:10 && echo "$out" | sed -n 's/^ *10 *: *0x//p')
+    p10=$(pcr 10)
     if echo "$ima" | grep -q 'No TPM chip found, activating TPM-bypass' && [ "$p10" = "$PCR_ZERO" ]; then
       check ima-bypass PASS "'$ima'; the vTPM's PCR 10 is zero"
     else check ima-bypass FAIL "IMA said '${ima:-nothing about a TPM}', the vTPM's PCR 10 is ${p10:-<read failed>} (expected TPM-bypass and zero)"; fi
