@@ -68,19 +68,16 @@ fn our_replay_agrees_with_tpm2_eventlog() {
     assert_eq!(ours, tpm2_eventlog_replay(&log));
 }
 
-#[test]
-fn event_log_replays_to_the_deep_quote_and_the_policy_decides() {
+/// A host whose "firmware" measured `boot(vmlinuz-6.1)` into its physical TPM before the
+/// manager sealed to PCRs 0-7, enrolled by a tenant: (stack, known-good host log, its policy,
+/// the trust store).
+fn measured_enrolled_host() -> (Stack, std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let mut s = Stack::start_unprovisioned_with(Options { ek_cert: true, ..Default::default() });
     let d = s.dir.path().to_path_buf();
     // Firmware measures into the physical TPM before the manager seals to PCRs 0-7.
     s.stop_manager();
     let events = boot(b"vmlinuz-6.1");
-    for (pcr, ty, data) in &events {
-        if *ty != EV_NO_ACTION {
-            let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data));
-            xvtpm_tests::tpm2(&s.swtpm.tcti(), &["tpm2_pcrextend", &format!("{pcr}:sha256={digest}")]);
-        }
-    }
+    extend(&s.swtpm.tcti(), &events);
     s.start_manager();
     let out = s.xl(&["mgr", "provision", "--yes", "--pcrs", "0-7"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -100,7 +97,23 @@ fn event_log_replays_to_the_deep_quote_and_the_policy_decides() {
     let store = d.join("trust");
     let out = s.xl(&["enroll", "--material", p(&material), "--ek-ca", p(&ca.root_cert()), "--trust-store", p(&store)]);
     assert!(out.status.success(), "{}", text(&out));
+    (s, good, policy, store)
+}
 
+/// Extends a TPM's SHA-256 PCRs with the measured (not `EV_NO_ACTION`) events, as firmware does.
+fn extend(tcti: &str, events: &[(u32, u32, Vec<u8>)]) {
+    for (pcr, ty, data) in events {
+        if *ty != EV_NO_ACTION {
+            let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(data));
+            xvtpm_tests::tpm2(tcti, &["tpm2_pcrextend", &format!("{pcr}:sha256={digest}")]);
+        }
+    }
+}
+
+#[test]
+fn event_log_replays_to_the_deep_quote_and_the_policy_decides() {
+    let (s, good, policy, store) = measured_enrolled_host();
+    let d = s.dir.path().to_path_buf();
     let v = s.create_vtpm();
     let quote = |host_pcrs: &str, out: &Path| {
         let o = s.xl(&[
@@ -158,4 +171,96 @@ fn event_log_replays_to_the_deep_quote_and_the_policy_decides() {
     assert!(text(&o).contains("not a crypto-agile TCG event log"), "{}", text(&o));
     let o = verify(&ev, Path::new("/dev/zero"), &policy);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}
+
+/// What a guest's UEFI firmware measures into its vTPM (PCR, event type, data).
+fn guest_boot(loader: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
+    let mut e = vec![
+        (0, EV_NO_ACTION, b"Spec ID Event03 follows the header".to_vec()),
+        (0, 0x8, b"EDK II".to_vec()),                  // EV_S_CRTM_VERSION
+        (0, 0x8000_0008, b"OVMF firmware volume".to_vec()), // EV_EFI_PLATFORM_FIRMWARE_BLOB
+        (1, 0x8000_0001, b"BootOrder".to_vec()),       // EV_EFI_VARIABLE_DRIVER_CONFIG
+        (4, 0x8000_0003, loader.to_vec()),             // EV_EFI_BOOT_SERVICES_APPLICATION
+        (7, 0x8000_0001, b"SecureBoot=0".to_vec()),
+    ];
+    for pcr in 0..8 {
+        e.push((pcr, 0x4, vec![0; 4])); // EV_SEPARATOR
+    }
+    e
+}
+
+/// An HVM/UEFI guest's firmware measures its boot into the guest's vTPM (real libtpms) and hands
+/// the guest a TCG log; the tenant replays that log to the vPCRs of a deep quote, beside the
+/// host's log replayed to the host PCRs of the same quote, and a policy decides on both.
+#[test]
+fn guest_event_log_replays_to_the_deep_quote_s_vpcrs() {
+    let (s, host_log, host_policy, store) = measured_enrolled_host();
+    let d = s.dir.path().to_path_buf();
+    let v = s.create_vtpm();
+    let events = guest_boot(b"grubx64.efi");
+    extend(&v.tcti(), &events);
+    let guest_log = d.join("guest-log.bin");
+    std::fs::write(&guest_log, eventlog::build_sha256(&events)).unwrap();
+    let guest_policy = d.join("guest-policy.json");
+    let o = s.xl(&["eventlog", "policy", p(&guest_log), "--replay", "0-7", "--out", p(&guest_policy)]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let quote = |vpcrs: &str, out: &Path| {
+        let o = s.xl(&[
+            "guest", "deep-quote", "--tcti", &v.tcti(), "--nonce", "c0ffee", "--vpcrs", vpcrs, "--host-pcrs", "0-7", "--out", p(out),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    let ev = d.join("ev.bin");
+    quote("0-7", &ev);
+    let uuid = v.uuid.to_string();
+    let verify = |ev: &Path, log: &Path, policy: &Path, host: bool| {
+        let mut args = vec![
+            "verify", p(ev), "--nonce", "c0ffee", "--vtpm", &uuid, "--trust-store", p(&store), "--guest-event-log", p(log),
+            "--guest-event-log-policy", p(policy),
+        ];
+        if host {
+            args.extend(["--event-log", p(&host_log), "--event-log-policy", p(&host_policy)]);
+        }
+        s.xl(&args)
+    };
+
+    // Host and guest logs both replay and are allowed: exit 0, each named.
+    let ok = verify(&ev, &guest_log, &guest_policy, true);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    assert!(text(&ok).contains("guest event log: 13 events replay to the quoted vPCRs [0, 1, 2, 3, 4, 5, 6, 7]"), "{}", text(&ok));
+    assert!(text(&ok).contains("host event log: 12 events replay"), "{}", text(&ok));
+
+    // A guest log alone checks the guest, not the host: verified, but exit 8.
+    let o = verify(&ev, &guest_log, &guest_policy, false);
+    assert_eq!(o.status.code(), Some(8), "{}", text(&o));
+    assert!(text(&o).contains("guest event log: 13 events replay"), "{}", text(&o));
+
+    // A log claiming another boot loader does not replay to what the vTPM measured.
+    let lying = d.join("lying.bin");
+    std::fs::write(&lying, eventlog::build_sha256(&guest_boot(b"evil.efi"))).unwrap();
+    let o = verify(&ev, &lying, &guest_policy, true);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    assert!(
+        text(&o).contains("guest event log (vPCRs): the event log does not replay to quoted PCR 4"),
+        "{}",
+        text(&o)
+    );
+
+    // The host's log is not the guest's: replayed to the vPCRs it fails.
+    let o = verify(&ev, &host_log, &host_policy, true);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    assert!(text(&o).contains("guest event log (vPCRs): the event log does not replay"), "{}", text(&o));
+
+    // A deep quote that carries only vPCR 0 proves nothing about vPCRs 1-7.
+    let partial = d.join("partial.bin");
+    quote("0", &partial);
+    let o = verify(&partial, &guest_log, &guest_policy, true);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    assert!(text(&o).contains("PCR 1 is not in the quote's SHA-256 selection"), "{}", text(&o));
+
+    // The policy alone, or the log alone, is a usage error before anything is judged.
+    let o = s.xl(&["verify", p(&ev), "--nonce", "c0ffee", "--vtpm", &uuid, "--trust-store", p(&store), "--guest-event-log", p(&guest_log)]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--guest-event-log-policy"), "{}", text(&o));
 }

@@ -395,6 +395,16 @@ pub struct VerifyArgs {
     /// host policy like --host-pcrs-policy: with it, verify can exit 0.
     #[arg(long, value_name = "FILE", requires = "event_log")]
     pub event_log_policy: Option<PathBuf>,
+    /// FILE: the guest firmware's measured-boot event log (in the guest:
+    /// /sys/kernel/security/tpm0/binary_bios_measurements); it must replay to the vPCRs the
+    /// deep quote carries (`guest deep-quote --vpcrs 0-7`). Requires --guest-event-log-policy.
+    #[arg(long, value_name = "FILE", requires = "guest_event_log_policy")]
+    pub guest_event_log: Option<PathBuf>,
+    /// FILE: an event-log policy (`xl-vtpm eventlog policy`) for the guest's log: which vPCRs
+    /// it must replay to, their allowed values and allowed event digests. It checks the
+    /// guest, not the host.
+    #[arg(long, value_name = "FILE", requires = "guest_event_log")]
+    pub guest_event_log_policy: Option<PathBuf>,
 }
 
 /// `xl-vtpm verify`. Exit 0 only if every check passed *and* a host policy was checked; 7 if a
@@ -423,6 +433,13 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
         (Some(log), Some(policy)) => Some((
             crate::eventlog::read_log(log, "--event-log")?,
             crate::eventlog::read_policy(policy, "--event-log-policy")?,
+        )),
+        _ => None,
+    };
+    let guest_log = match (&a.guest_event_log, &a.guest_event_log_policy) {
+        (Some(log), Some(policy)) => Some((
+            crate::eventlog::read_log(log, "--guest-event-log")?,
+            crate::eventlog::read_policy(policy, "--guest-event-log-policy")?,
         )),
         _ => None,
     };
@@ -480,6 +497,10 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
         .as_ref()
         .map(|(log, policy)| crate::eventlog::check_against_quote(log, policy, &v.host_pcrs))
         .transpose()?;
+    let guest_replayed = guest_log
+        .as_ref()
+        .map(|(log, policy)| crate::eventlog::check_guest_against_quote(log, policy, &v.leaf))
+        .transpose()?;
     let host_checked = exp.host_pcrs.is_some() || replayed.is_some();
     if json {
         println!(
@@ -490,6 +511,10 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
                 "event_log": replayed.as_ref().map(|r| serde_json::json!({
                     "events": r.events,
                     "pcrs": r.pcrs.iter().map(|(p, v)| (p.to_string(), hex::encode(v))).collect::<std::collections::BTreeMap<_, _>>(),
+                })),
+                "guest_event_log": guest_replayed.as_ref().map(|r| serde_json::json!({
+                    "events": r.events,
+                    "vpcrs": r.pcrs.iter().map(|(p, v)| (p.to_string(), hex::encode(v))).collect::<std::collections::BTreeMap<_, _>>(),
                 })),
                 "ak_enrolled": pinned.is_some(),
                 "host_id": pinned.as_ref().map(|p| p.host_id.clone()),
@@ -519,6 +544,13 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
         if let Some(r) = &replayed {
             println!(
                 "host event log: {} events replay to the quoted PCRs {:?}; the policy allows them",
+                r.events,
+                r.pcrs.keys().collect::<Vec<_>>()
+            );
+        }
+        if let Some(r) = &guest_replayed {
+            println!(
+                "guest event log: {} events replay to the quoted vPCRs {:?}; the policy allows them",
                 r.events,
                 r.pcrs.keys().collect::<Vec<_>>()
             );

@@ -248,6 +248,10 @@ pub fn run(a: &AttestArgs, json: bool) -> Result<(), CliError> {
         vpcrs_policy: a.vpcrs_policy.clone(),
         event_log,
         event_log_policy: a.event_log_policy.clone(),
+        // The guest's own log lives in the guest, not with the service: verify it with
+        // `xl-vtpm verify --guest-event-log` on the evidence this command keeps.
+        guest_event_log: None,
+        guest_event_log_policy: None,
     };
     crate::attest::run_verify(&v, json)
 }

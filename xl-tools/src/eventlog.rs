@@ -148,6 +148,26 @@ pub fn quoted_sha256(host: &vtpm_proto::evidence::HostPcrs) -> BTreeMap<u32, Vec
     out
 }
 
+/// The SHA-256 vPCR values a verified deep quote's leaf carries, by index (none for another bank).
+pub fn quoted_vpcrs(leaf: &vtpm_proto::evidence::Leaf) -> BTreeMap<u32, Vec<u8>> {
+    if leaf.vpcr_selection.hash_alg != eventlog::ALG_SHA256 {
+        return BTreeMap::new();
+    }
+    leaf.vpcr_selection.pcrs.iter().map(|&p| u32::from(p)).zip(leaf.vpcr_values.iter().cloned()).collect()
+}
+
+/// `verify`'s guest event-log step: the guest firmware's log (read in the guest from
+/// `/sys/kernel/security/tpm0/binary_bios_measurements`) replays to the vPCRs the deep quote
+/// carries and satisfies the policy.
+pub fn check_guest_against_quote(
+    log: &EventLog,
+    policy: &eventlog::CheckedPolicy,
+    leaf: &vtpm_proto::evidence::Leaf,
+) -> Result<eventlog::Replayed, CliError> {
+    eventlog::check(log, &quoted_vpcrs(leaf), policy)
+        .map_err(|e| CliError::caused(NOT_VERIFIED, "evidence did not verify: guest event log (vPCRs)", e))
+}
+
 /// `verify`'s event-log step: the log replays to the quoted host PCRs and satisfies the policy.
 pub fn check_against_quote(
     log: &EventLog,
