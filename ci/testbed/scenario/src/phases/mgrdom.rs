@@ -18,7 +18,7 @@
 use std::fs;
 
 use super::{St, deadline, secs1, up};
-use crate::cmd::{Cmd, show, show_tail};
+use crate::cmd::{Cmd, show};
 use crate::runner::{Cx, Errs, Outcome, Runner};
 use crate::xen::{self, after_prefix, console, token};
 
@@ -176,16 +176,9 @@ fn create(cx: &Cx, name: &str, text: &str, e: &mut Errs) -> bool {
     xen::show_cfg(name, text, &["type", "iomem", "disk", "extra"]);
     let _ = fs::remove_file(xen::clog(name));
     let t0 = up();
-    let o = Cmd::new(&["xl", "create", &path])
-        .secs(120)
-        .save(&format!("/tmp/xl-{name}.out"))
-        .run(cx);
-    println!("xl create {name}: rc {} in {} s", o.rc, secs1(t0, up()));
-    if !o.ok() {
-        show_tail("xl create", &o.all(), 15);
-        e.add(format!("xl-create-{name}-rc={}", o.rc));
-    }
-    o.ok()
+    let ok = super::xl_create_named(cx, Some(name), &path, &format!("/tmp/xl-{name}.out"), 120, e);
+    println!("xl create {name}: {} in {} s", if ok { "ok" } else { "FAILED" }, secs1(t0, up()));
+    ok
 }
 
 /// Waits for MGRDOM-DONE; echoes the domain's checks as CHECK lines; each of `want` must PASS.
@@ -310,12 +303,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             let f = format!("/tmp/ekcert-{idx}.der");
             let o = Cmd::new(&["tpm2_nvread", idx, "-o", &f]).secs(60).run(cx);
             if o.ok() {
-                let b = fs::read(&f).unwrap_or_default();
-                use sha2::Digest;
-                md.ekcerts.push(format!(
-                    "{idx} sha256={}",
-                    hex::encode(sha2::Sha256::digest(&b))
-                ));
+                md.ekcerts.push(format!("{idx} sha256={}", super::none(&sha256_file(&f))));
             }
         }
         md.ekcerts.sort();

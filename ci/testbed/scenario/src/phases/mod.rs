@@ -441,12 +441,21 @@ pub fn drop_standalone_vtpm(cx: &Cx, st: &St) {
 
 /// `xl create CFG` under the phase; appends `xl-create-rc=N` to `e` on failure.
 pub fn xl_create(cx: &Cx, cfg: &str, save: &str, secs: u64, e: &mut Errs) -> bool {
+    xl_create_named(cx, None, cfg, save, secs, e)
+}
+
+/// `xl create CFG`; a failure is recorded as `xl-create[-NAME]-rc=N` (NAME tells apart the
+/// domains of a phase that creates several) with the command's last lines.
+pub fn xl_create_named(cx: &Cx, name: Option<&str>, cfg: &str, save: &str, secs: u64, e: &mut Errs) -> bool {
     let o = Cmd::new(&["xl", "create", cfg])
         .secs(secs)
         .save(save)
         .run(cx);
     if !o.ok() {
-        e.add(format!("xl-create-rc={}", o.rc));
+        e.add(match name {
+            Some(n) => format!("xl-create-{n}-rc={}", o.rc),
+            None => format!("xl-create-rc={}", o.rc),
+        });
         show("xl create", &o.tail(20));
     }
     o.ok()
