@@ -249,13 +249,59 @@ fn hvm_guest_gets_a_tis_tpm_through_its_device_model() {
     assert_eq!(s.xl_json(&["vtpm", "show", &uuid])["state"], "stopped");
 }
 
+/// `model=crb`: QEMU's tpm-crb on the vTPM, and the ACPI tables that describe it to the guest
+/// handed to libxl in `acpi_firmware` (hvmloader has none for CRB; the testbed's `hvm-crb`
+/// phase proves a guest finds it through them).
+#[test]
+fn hvm_guest_gets_a_crb_tpm_and_its_acpi_tables() {
+    let s = Stack::start();
+    for d in [s.dir.path().to_path_buf(), s.run_dir()] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let xl = fake_xl(&s);
+    let cfg = write(
+        s.dir.path(),
+        "hvm2.cfg",
+        "name = \"hvm2\"\ntype = \"hvm\"\nmemory = 256\ndevice_model_user = \"nobody\"\nvtpm = [ \"model=crb\" ]\n",
+        0o644,
+    );
+    let out = xl_vtpm(&s, &xl, &["create", cfg.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "xl-vtpm create: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = Stack::handle(&s.xl_json(&["vtpm", "show", row["vtpm_uuid"].as_str().unwrap()]));
+    let args = dm_args(&s);
+    assert_eq!(args.last().map(String::as_str), Some("tpm-crb,tpmdev=xvtpm-tpm"), "{args:?}");
+    let text = std::fs::read_to_string(s.dir.path().join("xl-created.cfg")).unwrap();
+    let created = XlConfig::parse(&text).unwrap();
+    let acpi = PathBuf::from(created.get_str("acpi_firmware").unwrap_or_else(|| panic!("no acpi_firmware:\n{text}")));
+    assert_eq!(acpi, s.run_dir().join("guests/hvm2.acpi"));
+    let meta = std::fs::metadata(&acpi).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600), "root's, as the config beside it");
+    assert_eq!(std::fs::read(&acpi).unwrap(), xl_tools::hvm_acpi::crb_tables());
+
+    // A real QEMU with those arguments has the CRB TPM on our vTPM and power-cycles it.
+    let get_random = tpm_wire::tpm2_get_random(8);
+    assert_eq!(rc(&v.command(&get_random)), 0);
+    let (mut qemu, mut q, log) = start_device_model(&s, &args, 1);
+    let tpms = q.execute("query-tpm");
+    assert_eq!((tpms[0]["model"].as_str(), tpms[0]["options"]["type"].as_str()), (Some("tpm-crb"), Some("emulator")), "{tpms}");
+    until_rc(&v, &get_random, tpm_wire::TPM2_RC_INITIALIZE, "the device model's CMD_INIT");
+    assert_eq!(rc(&v.command(&tpm_wire::tpm2_startup(tpm_wire::TPM2_SU_CLEAR))), 0);
+    q.execute("quit");
+    let st = wait_exit(&mut qemu, Duration::from_secs(30));
+    assert!(st.success(), "qemu exited with {st}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let qlog = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!qlog.contains("tpm-emulator"), "QEMU complained about the TPM:\n{qlog}");
+}
+
 #[test]
 fn emulated_tpm_configs_are_refused_before_anything_is_made() {
     let s = Stack::start();
     let xl = fake_xl(&s);
     for (name, text, needle) in [
         ("pv.cfg", "name = \"g\"\ntype = \"pv\"\nvtpm = [ \"model=tis\" ]\n", "type = \"pv\""),
-        ("crb.cfg", "name = \"g\"\ntype = \"hvm\"\nvtpm = [ \"model=crb\" ]\n", "hvmloader"),
+        ("crb.cfg", "name = \"g\"\ntype = \"hvm\"\nacpi = 0\nvtpm = [ \"model=crb\" ]\n", "acpi = 0"),
+        ("crb2.cfg", "name = \"g\"\ntype = \"hvm\"\nacpi_firmware = \"/nonexistent/tables.bin\"\nvtpm = [ \"model=crb\" ]\n", "/nonexistent/tables.bin"),
         ("dom.cfg", "name = \"g\"\ntype = \"hvm\"\nvtpm = [ \"backend=vtpm-g,model=tis\" ]\n", "backend=vtpm-g"),
         ("user.cfg", "name = \"g\"\ntype = \"hvm\"\ndevice_model_user = \"no-such-qemu-user\"\nvtpm = [ \"model=tis\" ]\n", "no-such-qemu-user"),
         ("two.cfg", "name = \"g\"\ntype = \"hvm\"\ndevice_model_args_hvm = [ \"-tpmdev\", \"passthrough,id=t\" ]\nvtpm = [ \"model=tis\" ]\n", "already gives"),

@@ -124,14 +124,61 @@ pub fn check_socket_path(ctrl: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Rewrites the config for xl: the `vtpm=` line goes (xl would make it a tpmif device), and
-/// [`qemu_args`] are appended to `device_model_args_hvm` after the user's own.
-pub fn apply(cfg: &mut XlConfig, ctrl: &Path, model: TpmModel) -> Result<(), crate::exit::Cause> {
+/// The largest `acpi_firmware` file of the user's that is read (hvmloader's own limit on extra
+/// tables is far below it).
+pub const MAX_ACPI_FIRMWARE: u64 = 1 << 20;
+
+/// The `acpi_firmware` contents the guest needs for `model` (checked before anything is made):
+/// none for TIS, which hvmloader describes itself; for CRB the tables of
+/// [`crate::hvm_acpi::crb_tables`], after the user's own `acpi_firmware` tables if the config
+/// names a file (each table is self-describing, so hvmloader takes them all).
+pub fn acpi_firmware(cfg: &XlConfig, model: TpmModel) -> Result<Option<Vec<u8>>, String> {
+    if model != TpmModel::Crb {
+        return Ok(None);
+    }
+    if cfg.get_int("acpi") == Some(0) {
+        return Err("vtpm= model=crb: acpi = 0 gives the guest no ACPI, and a CRB TPM is found only through ACPI (a TPM2 \
+                    table and an MSFT0101 device); remove acpi = 0"
+            .into());
+    }
+    let mut out = Vec::new();
+    if let Some(v) = cfg.get("acpi_firmware") {
+        let path = v.as_str().ok_or_else(|| format!("acpi_firmware must be a file name in quotes, not {v}"))?;
+        let f = std::fs::File::open(path).map_err(|e| format!("acpi_firmware = {path:?}: {e}"))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_ACPI_FIRMWARE + 1), &mut bytes)
+            .map_err(|e| format!("acpi_firmware = {path:?}: {e}"))?;
+        if bytes.len() as u64 > MAX_ACPI_FIRMWARE {
+            return Err(format!("acpi_firmware = {path:?} is larger than {MAX_ACPI_FIRMWARE} bytes; it cannot be a set of ACPI tables"));
+        }
+        let sigs = crate::hvm_acpi::table_signatures(&bytes).map_err(|e| format!("acpi_firmware = {path:?}: {e}"))?;
+        if sigs.contains(b"TPM2") {
+            return Err(format!(
+                "acpi_firmware = {path:?} already has a TPM2 table, and model=crb adds the vTPM's: a guest has one TPM; \
+                 remove that table or drop model="
+            ));
+        }
+        out = bytes;
+    }
+    out.extend(crate::hvm_acpi::crb_tables());
+    Ok(Some(out))
+}
+
+/// Rewrites the config for xl: the `vtpm=` line goes (xl would make it a tpmif device),
+/// [`qemu_args`] are appended to `device_model_args_hvm` after the user's own, and
+/// `acpi_firmware` names `acpi_file` if the model needs tables ([`acpi_firmware`], written there
+/// by the caller).
+pub fn apply(cfg: &mut XlConfig, ctrl: &Path, model: TpmModel, acpi_file: Option<&Path>) -> Result<(), crate::exit::Cause> {
     check_socket_path(ctrl)?;
     let mut args: Vec<Value> = cfg.get_list("device_model_args_hvm").map(<[Value]>::to_vec).unwrap_or_default();
     args.extend(qemu_args(ctrl, model).into_iter().map(Value::Str));
     cfg.remove("vtpm");
-    Ok(cfg.set("device_model_args_hvm", Value::List(args))?)
+    cfg.set("device_model_args_hvm", Value::List(args))?;
+    if let Some(f) = acpi_file {
+        let f = f.to_str().ok_or_else(|| format!("{}: not UTF-8, which xl.cfg cannot name", f.display()))?;
+        cfg.set("acpi_firmware", Value::Str(f.into()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -193,7 +240,7 @@ mod tests {
     #[test]
     fn apply_appends_to_the_users_arguments_and_drops_the_vtpm_line() {
         let mut c = cfg("name = \"g\"\ntype = \"hvm\"\nvtpm = [ \"model=tis\" ]\ndevice_model_args_hvm = [ \"-no-hpet\" ]\n");
-        apply(&mut c, Path::new("/run/xvtpm/vtpms/u/tpm.sock.ctrl"), TpmModel::Tis).unwrap();
+        apply(&mut c, Path::new("/run/xvtpm/vtpms/u/tpm.sock.ctrl"), TpmModel::Tis, None).unwrap();
         assert!(c.get("vtpm").is_none());
         let args: Vec<&str> = c.get_list("device_model_args_hvm").unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert_eq!(
@@ -213,9 +260,40 @@ mod tests {
         assert_eq!(back.get("device_model_args_hvm"), c.get("device_model_args_hvm"));
         // Without arguments of the user's own, ours alone.
         let mut c = cfg("type = \"hvm\"\nvtpm = [ \"model=tis\" ]\n");
-        apply(&mut c, Path::new("/r/c"), TpmModel::Tis).unwrap();
+        apply(&mut c, Path::new("/r/c"), TpmModel::Tis, None).unwrap();
         assert_eq!(c.get_list("device_model_args_hvm").unwrap().len(), 6);
-        let e = apply(&mut c, Path::new("/r,x/c"), TpmModel::Tis).unwrap_err();
+        let e = apply(&mut c, Path::new("/r,x/c"), TpmModel::Tis, None).unwrap_err();
         assert!(e.to_string().contains("commas"), "{e}");
+        assert!(c.get("acpi_firmware").is_none());
+    }
+
+    #[test]
+    fn a_crb_tpm_gets_its_acpi_tables_after_the_users_own() {
+        // TIS: hvmloader describes it, nothing to add.
+        assert_eq!(acpi_firmware(&cfg("type = \"hvm\"\n"), TpmModel::Tis), Ok(None));
+        let ours = crate::hvm_acpi::crb_tables();
+        assert_eq!(acpi_firmware(&cfg("type = \"hvm\"\n"), TpmModel::Crb), Ok(Some(ours.clone())));
+        let d = testkit::tempdir();
+        // The user's own tables come first, unchanged.
+        let mine = d.path().join("mine.bin");
+        std::fs::write(&mine, crate::hvm_acpi::ssdt()).unwrap();
+        let c = cfg(&format!("type = \"hvm\"\nacpi_firmware = \"{}\"\n", mine.display()));
+        let mut want = crate::hvm_acpi::ssdt();
+        want.extend(&ours);
+        assert_eq!(acpi_firmware(&c, TpmModel::Crb), Ok(Some(want)));
+        // Refused: a second TPM2 table, a file that is not ACPI tables, a missing file, no ACPI.
+        std::fs::write(&mine, crate::hvm_acpi::tpm2_table()).unwrap();
+        assert!(acpi_firmware(&c, TpmModel::Crb).unwrap_err().contains("already has a TPM2 table"));
+        std::fs::write(&mine, b"not tables").unwrap();
+        assert!(acpi_firmware(&c, TpmModel::Crb).unwrap_err().contains("not an ACPI table"));
+        std::fs::remove_file(&mine).unwrap();
+        assert!(acpi_firmware(&c, TpmModel::Crb).unwrap_err().contains("mine.bin"));
+        let e = acpi_firmware(&cfg("type = \"hvm\"\nacpi = 0\n"), TpmModel::Crb).unwrap_err();
+        assert!(e.contains("acpi = 0"), "{e}");
+        // apply names the file and puts tpm-crb on the device model.
+        let mut c = cfg("type = \"hvm\"\nvtpm = [ \"model=crb\" ]\n");
+        apply(&mut c, Path::new("/r/c"), TpmModel::Crb, Some(Path::new("/run/xvtpm/guests/g.acpi"))).unwrap();
+        assert_eq!(c.get_str("acpi_firmware"), Some("/run/xvtpm/guests/g.acpi"));
+        assert_eq!(c.get_list("device_model_args_hvm").unwrap().last().unwrap().as_str(), Some("tpm-crb,tpmdev=xvtpm-tpm"));
     }
 }

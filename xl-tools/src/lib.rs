@@ -19,6 +19,7 @@ pub mod exit;
 pub mod guest;
 pub mod guestmig;
 pub mod hvm;
+pub mod hvm_acpi;
 pub mod local;
 pub mod vtpmdom;
 pub mod xenlife;

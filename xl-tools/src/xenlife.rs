@@ -323,7 +323,8 @@ impl Xen {
         let emulated = match specs.first().and_then(|s| s.model) {
             Some(model) => {
                 let consumer = crate::hvm::check(&cfg, &crate::hvm::lookup_user).map_err(|e| CliError::caused(USAGE, cfg_path.display().to_string(), e))?;
-                Some(Emulated { model, consumer })
+                let acpi = crate::hvm::acpi_firmware(&cfg, model).map_err(|e| CliError::caused(USAGE, cfg_path.display().to_string(), e))?;
+                Some(Emulated { model, consumer, acpi })
             }
             None => None,
         };
@@ -443,14 +444,24 @@ impl Xen {
             Placement::Dom0Process => "0".to_string(),
             Placement::Domain(d) => d.clone(),
         };
+        let dir = self.local.run_dir.join("guests");
+        std::fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, dir.display().to_string(), e))?;
         match emulated {
             Some(e) => {
-                crate::hvm::apply(cfg, &self.device_model_socket(&vtpm_uuid), e.model).map_err(|m| CliError::caused(FAILURE, "", m))?;
+                // The guest's ACPI tables for its TPM (CRB): libxl reads the file at each build
+                // of the domain, a reboot's included, so it stays beside the guest's config.
+                let acpi_file = match &e.acpi {
+                    Some(tables) => {
+                        let f = dir.join(format!("{name}.acpi"));
+                        xvtpm_fsutil::write_atomic(&f, tables, 0o600).map_err(|err| CliError::caused(FAILURE, f.display().to_string(), err))?;
+                        Some(f)
+                    }
+                    None => None,
+                };
+                crate::hvm::apply(cfg, &self.device_model_socket(&vtpm_uuid), e.model, acpi_file.as_deref()).map_err(|m| CliError::caused(FAILURE, "", m))?;
             }
             None => cfg.set_vtpms(&[VtpmSpec { backend, uuid: Some(vtpm_uuid), model: None }]),
         }
-        let dir = self.local.run_dir.join("guests");
-        std::fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, dir.display().to_string(), e))?;
         let path = dir.join(format!("{name}.cfg"));
         xvtpm_fsutil::write_atomic(&path, cfg.render().as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, path.display().to_string(), e))?;
         self.xl(&["create", path.to_str().unwrap_or_default()])?;
@@ -874,11 +885,13 @@ pub enum Stop {
     Shutdown,
 }
 
-/// `model=`: the TPM an HVM guest's device model emulates, and the uid it runs as.
-#[derive(Debug, Clone, Copy)]
+/// `model=`: the TPM an HVM guest's device model emulates, the uid it runs as, and the
+/// `acpi_firmware` tables the guest needs to find it (CRB).
+#[derive(Debug, Clone)]
 struct Emulated {
     model: crate::xlcfg::TpmModel,
     consumer: Option<u32>,
+    acpi: Option<Vec<u8>>,
 }
 
 struct Undo {

@@ -510,10 +510,10 @@ fn emulated_tpm_model_specs() {
     assert_eq!(s.to_string().parse::<VtpmSpec>().unwrap(), s);
     assert!("backend=Domain-0, model=tis".parse::<VtpmSpec>().is_ok());
     let bad = |spec: &str| spec.parse::<VtpmSpec>().unwrap_err();
-    // CRB: refused with the reason (hvmloader 4.17 has no TPM2 table for it).
-    let e = bad("model=crb");
-    assert_eq!(e, VtpmSpecError::CrbUnsupported);
-    assert!(e.to_string().contains("hvmloader") && e.to_string().contains("model=tis"), "{e}");
+    // CRB: QEMU's tpm-crb, described to the guest by xl-vtpm's own ACPI tables.
+    let s: VtpmSpec = "model=crb".parse().unwrap();
+    assert_eq!((s.model, s.model.unwrap().qemu_device()), (Some(TpmModel::Crb), "tpm-crb"));
+    assert_eq!(s.to_string().parse::<VtpmSpec>().unwrap(), s);
     assert_eq!(bad("model=TIS"), VtpmSpecError::BadModel("TIS".into()));
     assert_eq!(bad("model="), VtpmSpecError::BadModel("".into()));
     assert_eq!(bad("model=tis,model=tis"), VtpmSpecError::DuplicateKey("model".into()));
@@ -521,8 +521,8 @@ fn emulated_tpm_model_specs() {
     // Without model= nothing changed: backend= is still required.
     assert_eq!(bad(&format!("uuid={u}")), VtpmSpecError::MissingBackend);
     // In a file, the error points at the entry.
-    let e = err("name = \"g\"\ntype = \"hvm\"\nvtpm = [ \"model=crb\" ]\n");
-    assert!(e.to_string().contains("vtpm entry 0: `model=crb` is refused"), "{e}");
+    let e = err("name = \"g\"\ntype = \"hvm\"\nvtpm = [ \"model=ctb\" ]\n");
+    assert!(e.to_string().contains("vtpm entry 0: unknown TPM model `ctb`"), "{e}");
 }
 
 #[test]
@@ -531,7 +531,7 @@ fn the_hvm_example_config_is_accepted() {
     assert_eq!(c.vtpms()[0].model, Some(TpmModel::Tis));
     assert_eq!(xl_tools::hvm::check(&c, &|_| None), Ok(None));
     let mut c = c;
-    xl_tools::hvm::apply(&mut c, std::path::Path::new("/run/xvtpm/vtpms/u/tpm.sock.ctrl"), TpmModel::Tis).unwrap();
+    xl_tools::hvm::apply(&mut c, std::path::Path::new("/run/xvtpm/vtpms/u/tpm.sock.ctrl"), TpmModel::Tis, None).unwrap();
     assert_eq!(c.get_list("device_model_args_hvm").unwrap().len(), 6);
     assert!(c.get("vtpm").is_none());
 }

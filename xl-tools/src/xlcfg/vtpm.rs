@@ -36,6 +36,10 @@ pub enum TpmModel {
     /// TPM Interface Specification at 0xFED40000 (QEMU `tpm-tis`); hvmloader describes it in
     /// ACPI (TCPA table and a `PNP0C31` device), so SeaBIOS, OVMF and Linux find it.
     Tis,
+    /// Command Response Buffer at 0xFED40000 (QEMU `tpm-crb`), the interface Windows prefers;
+    /// hvmloader 4.17 cannot describe it, so `xl-vtpm create` hands it a `TPM2` table and a
+    /// `MSFT0101` device through `acpi_firmware` (`crate::hvm_acpi`).
+    Crb,
 }
 
 impl TpmModel {
@@ -43,6 +47,7 @@ impl TpmModel {
     pub fn as_str(self) -> &'static str {
         match self {
             TpmModel::Tis => "tis",
+            TpmModel::Crb => "crb",
         }
     }
 
@@ -50,6 +55,7 @@ impl TpmModel {
     pub fn qemu_device(self) -> &'static str {
         match self {
             TpmModel::Tis => "tpm-tis",
+            TpmModel::Crb => "tpm-crb",
         }
     }
 }
@@ -96,15 +102,8 @@ pub enum VtpmSpecError {
         "`{0}` is not KEY=VALUE: vtpm specs are comma-separated KEY=VALUE pairs (backend=…,uuid=…)"
     )]
     NotKeyValue(String),
-    /// `model=crb`: QEMU can emulate it, but Xen 4.17's hvmloader cannot describe it.
-    #[error(
-        "`model=crb` is refused: Xen 4.17's hvmloader builds ACPI tables only for a TIS TPM \
-         (TCPA and a PNP0C31 device, no TPM2 table), so the guest would never find a CRB TPM; \
-         use model=tis"
-    )]
-    CrbUnsupported,
     /// `model=` with a value that names no TPM interface.
-    #[error("unknown TPM model `{0}`: use model=tis (the TPM an HVM guest's device model emulates)")]
+    #[error("unknown TPM model `{0}`: use model=tis or model=crb (the TPM interface an HVM guest's device model emulates)")]
     BadModel(String),
     /// `model=` with a backend other than dom0.
     #[error(
@@ -157,7 +156,7 @@ impl std::str::FromStr for VtpmSpec {
                     }
                     model = Some(match v {
                         "tis" => TpmModel::Tis,
-                        "crb" => return Err(VtpmSpecError::CrbUnsupported),
+                        "crb" => TpmModel::Crb,
                         other => return Err(VtpmSpecError::BadModel(other.into())),
                     });
                 }
