@@ -382,6 +382,10 @@ HCFG
       -e 's|^extra = "\(.*\)"|extra = "\1 tpm=0"|' "$D/etc/xen/hvm-tis.cfg" > "$D/etc/xen/hvm-notpm.cfg"
   grep -q '^vtpm' "$D/etc/xen/hvm-notpm.cfg" && die "hvm-notpm.cfg: the vtpm line was not dropped"
   grep -q '^extra = ".* tpm=0"$' "$D/etc/xen/hvm-notpm.cfg" || die "hvm-notpm.cfg: no tpm=0 on the guest's command line"
+  # the hvm-crb phase's guest: the same, with QEMU's tpm-crb (xl-vtpm adds its ACPI tables)
+  sed -e 's|^name = .*|name = "hvm-crb"|' -e 's|^vtpm = .*|vtpm = [ "model=crb" ]|' \
+      -e 's|^serial = .*|serial = "file:/var/log/xen/hvm-crb.serial"|' "$D/etc/xen/hvm-tis.cfg" > "$D/etc/xen/hvm-crb.cfg"
+  grep -qF 'vtpm = [ "model=crb" ]' "$D/etc/xen/hvm-crb.cfg" || die "hvm-crb.cfg: no model=crb vtpm line"
   HVM_DM=$HVM_DM_PATH
   echo "build-images.sh: note: hvm-tis: device model $XVTPM_QEMU_XEN ($(stat -c %s "$XVTPM_QEMU_XEN") bytes), hvm.cpio.zst $(stat -c %s "$IMG/hvm.cpio.zst") bytes"
 fi

@@ -18,8 +18,9 @@
 #               fresh ECC AK quote over PCR 16 checked with tpm2_checkquote
 #   tick=1      print "GUEST-TICK <uptime>" every 0.1 s in the background (the largest gap is the
 #               downtime a migration causes, as the guest sees it)
-#   role=hvm    the HVM guest of the hvm-tis phase: its TPM is the device model's tpm-tis, found
-#               through ACPI (hvmloader's PNP0C31), not xen-tpmfront; tpm2-tools through the kernel's
+#   role=hvm    the HVM guest of the hvm-tis and hvm-crb phases: its TPM is the device model's
+#               tpm-tis or tpm-crb, found through ACPI (hvmloader's PNP0C31; for CRB the TPM2 table
+#               and MSFT0101 device xl-vtpm passes in acpi_firmware), not xen-tpmfront; tpm2-tools through the kernel's
 #               resource manager (/dev/tpmrm0). A fresh vTPM (NV index absent, "GUEST-HVM state=fresh"):
 #               startup, getrandom, pcrread, PCR 16 extend, EK + AK, quote + checkquote, the NV
 #               index, the EK certificate (NV 0x01c00002); after a reboot ("state=kept"): the
@@ -108,15 +109,20 @@ hvm)
   fi
   dev=$(readlink -f /sys/class/tpm/tpm0/device 2>/dev/null)
   ver=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)
-  acpi=no; [ -e /sys/bus/acpi/devices/PNP0C31:00 ] && acpi=yes
+  # tpm-tis: hvmloader's PNP0C31 device; tpm-crb: the MSFT0101 device and TPM2 table xl-vtpm
+  # passes in acpi_firmware (tpm_crb is built into Debian's kernel too)
+  acpi=no
+  for h in PNP0C31 MSFT0101; do [ -e /sys/bus/acpi/devices/$h:00 ] && acpi=$h; done
+  drv=$(basename "$(readlink -f /sys/class/tpm/tpm0/device/driver 2>/dev/null)")
+  tpm2tbl=no; [ -e /sys/firmware/acpi/tables/TPM2 ] && tpm2tbl=yes
   forced=no; grep -q 'tpm_tis.force' /proc/cmdline && forced=yes
   # every TPM line of the kernel (IRQ or polling, timeouts) and the TPM's interrupt count, if any
   dmesg | grep -iE 'tpm' | tail -n 12 | sed 's/^/GUEST-DMESG /'
   irq=$(grep -i tpm /proc/interrupts | tr -s ' ')
   echo "GUEST-INFO tpm-irq ${irq:-none (polling)}"
-  if [ "$ver" = 2 ] && [ $acpi = yes ] && [ $forced = no ]; then
-    check tpm0 PASS "TPM $ver.0 at ${dev##*/} via ACPI PNP0C31 (no tpm_tis.force) up=$(up)"
-  else check tpm0 FAIL "version=$ver acpi-PNP0C31=$acpi tpm_tis.force=$forced device=$dev"; fi
+  if [ "$ver" = 2 ] && [ $acpi != no ] && [ $forced = no ]; then
+    check tpm0 PASS "TPM $ver.0 at ${dev##*/} (driver $drv) via ACPI $acpi, TPM2 table $tpm2tbl (no tpm_tis.force) up=$(up)"
+  else check tpm0 FAIL "version=$ver acpi-device=$acpi driver=$drv TPM2-table=$tpm2tbl tpm_tis.force=$forced device=$dev"; fi
   # the kernel sent TPM2_Startup (SeaBIOS skips the TPM under Xen): "already initialized" is fine
   if t tpm2_startup -c; then check startup PASS "rc=0"
   elif echo "$out" | grep -qiE 'TPM_RC_INITIALIZE|0x100|already'; then check startup PASS "already started"

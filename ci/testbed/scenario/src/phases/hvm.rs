@@ -28,6 +28,11 @@ pub const NAME: &str = "hvm-tis";
 pub const CFG: &str = "/etc/xen/hvm-tis.cfg";
 pub const DM_LOG: &str = "/var/log/xen/qemu-dm-hvm-tis.log";
 pub const SERIAL: &str = "/var/log/xen/hvm-tis.serial";
+/// The same guest with QEMU's tpm-crb (`vtpm = [ "model=crb" ]`; build-images.sh writes it from
+/// hvm-tis.cfg).
+pub const CRB: &str = "hvm-crb";
+pub const CRB_CFG: &str = "/etc/xen/hvm-crb.cfg";
+pub const CRB_DM_LOG: &str = "/var/log/xen/qemu-dm-hvm-crb.log";
 /// The same guest without a vTPM (build-images.sh writes it from hvm-tis.cfg).
 pub const NOTPM: &str = "hvm-notpm";
 pub const NOTPM_CFG: &str = "/etc/xen/hvm-notpm.cfg";
@@ -35,6 +40,11 @@ pub const NOTPM_CFG: &str = "/etc/xen/hvm-notpm.cfg";
 /// What the phases after this one (tpm2-guest, teardown and the log dump) need of the scenario's
 /// time, in s; this phase's waits leave it to them.
 const AFTER_PHASE: u64 = 150;
+/// What the hvm-crb phase after hvm-tis needs (one boot of the same guest, ~60 s on an idle
+/// host, and its destroy), with a margin; hvm-tis's waits leave it this.
+const CRB_PHASE: u64 = 180;
+/// What hvm-tis's waits leave to what follows it.
+const AFTER_TIS: u64 = AFTER_PHASE + CRB_PHASE;
 /// `xl-vtpm destroy` of the guest and the checks after it (measured 17 s), with a margin.
 const DESTROY: u64 = 45;
 /// The baseline guest without a vTPM: xl create -> /init -> GUEST-DONE, xl destroy (measured
@@ -70,23 +80,23 @@ fn dm_path() -> String {
 
 /// Waits for this boot's GUEST-DONE (console after line `off`); echoes the checks. Returns the
 /// failures and the console text of this boot.
-fn guest_boot(cx: &Cx, off: usize, tag: &str, state: &str, secs: u64) -> (Vec<String>, String) {
+fn guest_boot(cx: &Cx, name: &str, off: usize, tag: &str, state: &str, secs: u64) -> (Vec<String>, String) {
     let mut miss = Vec::new();
     // the guest's markers as they come (with dom0's uptime): where a slow boot spends its time
     let mut seen = 0;
     if !cx.wait_every(secs, Duration::from_secs(1), || {
-        let c = console_from(NAME, off);
+        let c = console_from(name, off);
         for l in c.lines().skip(seen) {
             seen += 1;
             if l.starts_with("GUEST-") {
-                println!("[{NAME} {tag} live up={:.1}] {l}", up());
+                println!("[{name} {tag} live up={:.1}] {l}", up());
             }
         }
         c.lines().any(|l| l.starts_with("GUEST-DONE"))
     }) {
         miss.push("no-GUEST-DONE".to_string());
     }
-    let c = console_from(NAME, off);
+    let c = console_from(name, off);
     let want: &[&str] = if state == "fresh" {
         &[
             "tpm0",
@@ -113,7 +123,7 @@ fn guest_boot(cx: &Cx, off: usize, tag: &str, state: &str, secs: u64) -> (Vec<St
             "nv-kept",
         ]
     };
-    miss.extend(guest_checks(&c, NAME, tag, want));
+    miss.extend(guest_checks(&c, name, tag, want));
     // an EK certificate the guest found must have read back as DER
     if c.lines().any(|l| l.starts_with("GUEST-CHECK ekcert FAIL")) {
         miss.push("ekcert".into());
@@ -138,11 +148,11 @@ fn guest_boot(cx: &Cx, off: usize, tag: &str, state: &str, secs: u64) -> (Vec<St
             || l.contains("panic")
             || l.contains("Oops")
         {
-            println!("[{NAME} {tag}] {l}");
+            println!("[{name} {tag}] {l}");
         }
     }
     if !miss.is_empty() {
-        show_tail(&format!("{NAME} {tag} console"), &c, 20);
+        show_tail(&format!("{name} {tag} console"), &c, 20);
     }
     (miss, c)
 }
@@ -182,7 +192,7 @@ fn p5_hvm(key: &str, c: &str, w0: f64) {
 /// (no TIS for hvmloader to describe), and its create -> /init is P5's HVM baseline.
 fn baseline(cx: &Cx, e: &mut Errs) {
     let off = lines_of(&xen::clog(NOTPM));
-    let wait = left_for(cx, AFTER_PHASE + 20);
+    let wait = left_for(cx, AFTER_TIS + 20);
     println!("hvm: the same guest without a vTPM ({NOTPM_CFG}); waiting up to {wait} s");
     let w0 = now_wall();
     let t0 = up();
@@ -272,16 +282,16 @@ fn ctrl_errors(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Leaves no hvm-tis domain and no live vTPM process (after a failed step).
-fn cleanup(cx: &Cx, pid: Option<u32>) {
-    if xen::domid(NAME).is_some() || pid_up(pid) {
-        let o = Cmd::new(&["xl-vtpm", "destroy", NAME])
+/// Leaves no domain `name` and no live vTPM process `pid` (after a failed step).
+fn cleanup(cx: &Cx, name: &str, pid: Option<u32>) {
+    if xen::domid(name).is_some() || pid_up(pid) {
+        let o = Cmd::new(&["xl-vtpm", "destroy", name])
             .env("NO_COLOR", "1")
             .secs(60)
             .run(cx);
         show("xl-vtpm destroy (cleanup)", &o.all());
-        if xen::domid(NAME).is_some() {
-            xen::xl_destroy(cx, NAME, 60);
+        if xen::domid(name).is_some() {
+            xen::xl_destroy(cx, name, 60);
         }
     }
     if pid_up(pid) {
@@ -290,9 +300,110 @@ fn cleanup(cx: &Cx, pid: Option<u32>) {
     }
 }
 
+/// The `up=` stamp of check `name` in a boot's console.
+fn check_up(c: &str, name: &str) -> Option<f64> {
+    let l = c.lines().find(|l| l.starts_with(&format!("GUEST-CHECK {name} ")))?;
+    l.rsplit_once("[up=")?.1.trim_end_matches(']').trim().parse().ok()
+}
+
+/// PERF: how long the guest's key creations took through this TPM interface (each check's
+/// `up=` stamp minus the one before it): TIS moves a command a byte per register access, each an
+/// ioreq to the device model; CRB a buffer.
+fn key_times(key: &str, c: &str) {
+    let d = |a: &str, b: &str| match (check_up(c, a), check_up(c, b)) {
+        (Some(a), Some(b)) => format!("{:.1}", b - a),
+        _ => "n/a".into(),
+    };
+    println!(
+        "PERF {key}-createek-s={} PERF {key}-createak-s={} (tpm2_createek ECC, tpm2_createak ECC, in the guest)",
+        d("pcr16-reset", "createek"),
+        d("pcrextend", "createak")
+    );
+}
+
+/// hvm-crb: the hvm-tis guest with QEMU's tpm-crb. hvmloader has no tables for a CRB TPM;
+/// `xl-vtpm create` passes a TPM2 table and an MSFT0101 device in `acpi_firmware`, and the
+/// guest must find the TPM through them (tpm_crb, no force) and pass boot 1's checks.
+fn crb(cx: &Cx, st: &mut St, dm: &str) -> Outcome {
+    if dm == "none" || !Path::new(dm).is_file() {
+        return Outcome::fail(format!("no TPM-enabled device model in dom0 (hvm_dm={dm})"));
+    }
+    if !st.mgr_ready() {
+        return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
+    }
+    let mut e = Errs::default();
+    let off = lines_of(&xen::clog(CRB));
+    let w0 = now_wall();
+    let t0 = up();
+    let o = Cmd::new(&["xl-vtpm", "create", CRB_CFG])
+        .env("NO_COLOR", "1")
+        .env("XVTPM_LOG", "info,vtpm_domain::server=debug")
+        .secs(150)
+        .save("/tmp/xl-hvm-crb-create.out")
+        .run(cx);
+    println!("xl-vtpm create {CRB_CFG}: rc={} in {} s", o.rc, secs1(t0, up()));
+    show_tail("xl-vtpm create hvm-crb", &o.all(), 20);
+    let row = life_row(cx, CRB);
+    let uuid = jf(&row, "vtpm_uuid");
+    let pid: Option<u32> = jf(&row, "vtpm_pid").parse().ok();
+    let vlog_path = format!("/var/lib/xvtpm/vtpms/{uuid}/vtpm.log");
+    if !o.ok() || xen::domid(CRB).is_none() || !pid_up(pid) {
+        show_tail("qemu-dm", &xen::read_text(CRB_DM_LOG), 20);
+        cleanup(cx, CRB, pid);
+        return Outcome::fail(format!("xl-vtpm create exited {}: {}", o.rc, tail_of("/tmp/xl-hvm-crb-create.out")));
+    }
+    let dmline = device_models();
+    e.check(
+        "hvm-crb-dm-args",
+        dmline.contains("tpm-crb,tpmdev=xvtpm-tpm") && dmline.contains(&uuid),
+        format!("device model: {}", dmline.trim()),
+    );
+    let wait = left_for(cx, AFTER_PHASE + DESTROY);
+    println!("hvm-crb: waiting up to {wait} s for the boot (scenario left {} s)", cx.scenario_left().as_secs());
+    let (mut miss, c) = guest_boot(cx, CRB, off, "boot1", "fresh", wait);
+    let tpm0 = c.lines().find(|l| l.starts_with("GUEST-CHECK tpm0 ")).unwrap_or_default();
+    if !(tpm0.contains("driver tpm_crb") && tpm0.contains("via ACPI MSFT0101") && tpm0.contains("TPM2 table yes")) {
+        miss.push("crb-via-acpi".into());
+    }
+    boot_perf("hvm-crb-boot1-ms", &c, w0);
+    p5_hvm("p5-hvm-crb-with-vtpm-ms", &c, w0);
+    key_times("hvm-crb", &c);
+    e.check(
+        "hvm-crb-guest",
+        miss.is_empty(),
+        if miss.is_empty() { format!("all checks PASS; {}", tpm0.trim()) } else { miss.join(" ") },
+    );
+    let dmlog = xen::read_text(CRB_DM_LOG);
+    let vlog = xen::read_text(&vlog_path);
+    let mut bad = ctrl_errors(&dmlog);
+    bad.extend(ctrl_errors(&vlog));
+    e.check(
+        "hvm-crb-ctrl-clean",
+        bad.is_empty(),
+        if bad.is_empty() { "no control-channel error in either log".to_string() } else { bad.join(" | ") },
+    );
+    let o = Cmd::new(&["xl-vtpm", "destroy", CRB]).env("NO_COLOR", "1").secs(90).run(cx);
+    show("xl-vtpm destroy", &o.all());
+    let gone = cx.wait_every(30, Duration::from_millis(100), || !pid_up(pid));
+    e.check(
+        "hvm-crb-destroy",
+        o.ok() && gone && xen::domain_gone(CRB) && device_models().trim().is_empty(),
+        format!("rc={}; domain {}; vTPM pid {} {}", o.rc, if xen::domain_gone(CRB) { "gone" } else { "still there" }, pid.unwrap_or(0), if gone { "gone" } else { "still running" }),
+    );
+    if !e.is_empty() {
+        show_tail("qemu-dm hvm-crb", &dmlog, 20);
+        show_tail("vtpm.log hvm-crb", &vlog, 20);
+        cleanup(cx, CRB, pid);
+    }
+    e.verdict(format!(
+        "HVM guest with tpm-crb: TPM 2.0 found through xl-vtpm's TPM2 table and MSFT0101 device (tpm_crb, no force), quote verified, NV, EK certificate; vTPM {uuid} gone after xl-vtpm destroy"
+    ))
+}
+
 pub fn run(r: &mut Runner, st: &mut St) {
     if st.hvm_mode == "0" {
         r.skip("hvm-tis", "disabled (XVTPM_TESTBED_HVM=0)");
+        r.skip("hvm-crb", "disabled (XVTPM_TESTBED_HVM=0)");
         return;
     }
     // the phase may use what the scenario has left (its waits leave the later phases theirs)
@@ -344,7 +455,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         println!("registry: {}", row_line(&row));
         if !o.ok() || d1.is_empty() || !pid_up(pid) {
             show_tail("qemu-dm", &xen::read_text(DM_LOG), 20);
-            cleanup(cx, pid);
+            cleanup(cx, NAME, pid);
             return Outcome::fail(format!(
                 "xl-vtpm create exited {} (domain {}, vTPM pid {}): {}",
                 o.rc,
@@ -361,10 +472,11 @@ pub fn run(r: &mut Runner, st: &mut St) {
         );
 
         // ---- boot 1: a fresh vTPM ----
-        let wait1 = left_for(cx, AFTER_PHASE + BASELINE + DESTROY + MIN_WAIT);
+        let wait1 = left_for(cx, AFTER_TIS + BASELINE + DESTROY + MIN_WAIT);
         println!("hvm: waiting up to {wait1} s for boot 1 (scenario left {} s)", cx.scenario_left().as_secs());
-        let (miss, c1) = guest_boot(cx, off, "boot1", "fresh", wait1);
+        let (miss, c1) = guest_boot(cx, NAME, off, "boot1", "fresh", wait1);
         boot_perf("hvm-tis-boot1-ms", &c1, w0);
+        key_times("hvm-tis", &c1);
         p5_hvm("p5-hvm-with-vtpm-ms", &c1, w0);
         e.check("hvm-guest-boot1", miss.is_empty(), if miss.is_empty() { "all checks PASS".into() } else { miss.join(" ") });
         let ek1 = ek_hash(&c1);
@@ -381,9 +493,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
             if !o.ok() {
                 e.add(format!("xl-vtpm-reboot-rc={}", o.rc));
             }
-            let wait2 = left_for(cx, AFTER_PHASE + BASELINE + DESTROY);
+            let wait2 = left_for(cx, AFTER_TIS + BASELINE + DESTROY);
             println!("hvm: waiting up to {wait2} s for boot 2 (scenario left {} s)", cx.scenario_left().as_secs());
-            let (miss2, c2) = guest_boot(cx, off2, "boot2", "kept", wait2);
+            let (miss2, c2) = guest_boot(cx, NAME, off2, "boot2", "kept", wait2);
             boot_perf("hvm-tis-boot2-ms", &c2, w1);
             p5_hvm("p5-hvm-with-vtpm-reboot-ms", &c2, w1);
             e.check("hvm-guest-boot2", miss2.is_empty(), if miss2.is_empty() { "all checks PASS".into() } else { miss2.join(" ") });
@@ -439,7 +551,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         if !e.is_empty() {
             show_tail("qemu-dm", &dmlog, 20);
             show_tail("vtpm.log", &vlog, 20);
-            cleanup(cx, pid);
+            cleanup(cx, NAME, pid);
         }
 
         // ---- the same guest without a vTPM: P5's baseline ----
@@ -449,4 +561,6 @@ pub fn run(r: &mut Runner, st: &mut St) {
             pid.unwrap_or(0)
         ))
     });
+    let secs = r.cx.scenario_left().as_secs().max(MIN_WAIT);
+    r.phase("hvm-crb", deadline(secs), |cx| crb(cx, st, &dm_path()));
 }
