@@ -15,7 +15,7 @@
 #   XVTPM_TESTBED_MIGRATE  1|0: moving a running guest with its vTPM (xl-vtpm migrate GUEST localhost
 #                          --non-live: xl save + xl restore, as this Xen refuses log-dirty mode for PV guests)
 #                          and P6, the downtime with and without a vTPM (1; 100-140 s; the Rust scenario only)
-#   XVTPM_TESTBED_HVM      1|0: hvm-tis phase: an HVM guest (SeaBIOS, Linux) whose TPM is emulated by the
+#   XVTPM_TESTBED_HVM      1|crb|0: hvm-tis and hvm-crb phases (crb: hvm-crb alone): an HVM guest (SeaBIOS, Linux) whose TPM is emulated by the
 #                          TPM-enabled device model (build-qemu-xen.sh: built once, cached; the build
 #                          runs before the budget clock starts, limited by XVTPM_QEMU_BUILD_TIMEOUT,
 #                          default 3600 s) and served by a vtpm-domain process (xl-vtpm create); the same
