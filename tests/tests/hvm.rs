@@ -130,15 +130,20 @@ fn pcr16(v: &VtpmHandle) -> [u8; 32] {
     r[30..62].try_into().unwrap()
 }
 
-#[test]
-fn hvm_guest_gets_a_tis_tpm_through_its_device_model() {
+/// A stack whose socket directories the device model's user can reach (the fixture's are root's
+/// and 0700; the vTPM's own directory is made for that user by xl-vtpm), and a stand-in `xl`.
+fn stack_for_device_model() -> (Stack, PathBuf) {
     let s = Stack::start();
-    // The device model's user must reach the socket directory: the fixture's directories are
-    // root's and 0700 (the vTPM's own directory is made for that user by xl-vtpm).
     for d in [s.dir.path().to_path_buf(), s.run_dir()] {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
     }
     let xl = fake_xl(&s);
+    (s, xl)
+}
+
+#[test]
+fn hvm_guest_gets_a_tis_tpm_through_its_device_model() {
+    let (s, xl) = stack_for_device_model();
     let cfg = write(
         s.dir.path(),
         "hvm1.cfg",
@@ -254,11 +259,7 @@ fn hvm_guest_gets_a_tis_tpm_through_its_device_model() {
 /// phase proves a guest finds it through them).
 #[test]
 fn hvm_guest_gets_a_crb_tpm_and_its_acpi_tables() {
-    let s = Stack::start();
-    for d in [s.dir.path().to_path_buf(), s.run_dir()] {
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
-    }
-    let xl = fake_xl(&s);
+    let (s, xl) = stack_for_device_model();
     let cfg = write(
         s.dir.path(),
         "hvm2.cfg",
