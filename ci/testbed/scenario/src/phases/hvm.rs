@@ -300,6 +300,25 @@ fn cleanup(cx: &Cx, name: &str, pid: Option<u32>) {
     }
 }
 
+/// `xl-vtpm create CFG` of guest `name` (output saved to `save`), the vTPM's control requests
+/// logged one by one (the level is inherited); returns its output, the guest's registry row, the
+/// vTPM's UUID and process id.
+fn create(cx: &Cx, name: &str, cfg: &str, save: &str) -> (crate::cmd::Output, serde_json::Value, String, Option<u32>) {
+    let t0 = up();
+    let o = Cmd::new(&["xl-vtpm", "create", cfg])
+        .env("NO_COLOR", "1")
+        .env("XVTPM_LOG", "info,vtpm_domain::server=debug")
+        .secs(150)
+        .save(save)
+        .run(cx);
+    println!("xl-vtpm create {cfg}: rc={} in {} s", o.rc, secs1(t0, up()));
+    show_tail(&format!("xl-vtpm create {name}"), &o.all(), 20);
+    let row = life_row(cx, name);
+    let uuid = jf(&row, "vtpm_uuid");
+    let pid: Option<u32> = jf(&row, "vtpm_pid").parse().ok();
+    (o, row, uuid, pid)
+}
+
 /// The `up=` stamp of check `name` in a boot's console.
 fn check_up(c: &str, name: &str) -> Option<f64> {
     let l = c.lines().find(|l| l.starts_with(&format!("GUEST-CHECK {name} ")))?;
@@ -334,18 +353,7 @@ fn crb(cx: &Cx, st: &mut St, dm: &str) -> Outcome {
     let mut e = Errs::default();
     let off = lines_of(&xen::clog(CRB));
     let w0 = now_wall();
-    let t0 = up();
-    let o = Cmd::new(&["xl-vtpm", "create", CRB_CFG])
-        .env("NO_COLOR", "1")
-        .env("XVTPM_LOG", "info,vtpm_domain::server=debug")
-        .secs(150)
-        .save("/tmp/xl-hvm-crb-create.out")
-        .run(cx);
-    println!("xl-vtpm create {CRB_CFG}: rc={} in {} s", o.rc, secs1(t0, up()));
-    show_tail("xl-vtpm create hvm-crb", &o.all(), 20);
-    let row = life_row(cx, CRB);
-    let uuid = jf(&row, "vtpm_uuid");
-    let pid: Option<u32> = jf(&row, "vtpm_pid").parse().ok();
+    let (o, _, uuid, pid) = create(cx, CRB, CRB_CFG, "/tmp/xl-hvm-crb-create.out");
     let vlog_path = format!("/var/lib/xvtpm/vtpms/{uuid}/vtpm.log");
     if !o.ok() || xen::domid(CRB).is_none() || !pid_up(pid) {
         show_tail("qemu-dm", &xen::read_text(CRB_DM_LOG), 20);
@@ -444,19 +452,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         // ---- create: vTPM process + libxl's device model with tpm-tis ----
         let off = lines_of(&xen::clog(NAME));
         let w0 = now_wall();
-        let t0 = up();
-        // the vTPM inherits the level: its control requests are logged one by one
-        let o = Cmd::new(&["xl-vtpm", "create", CFG])
-            .env("NO_COLOR", "1")
-            .env("XVTPM_LOG", "info,vtpm_domain::server=debug")
-            .secs(150)
-            .save("/tmp/xl-hvm-create.out")
-            .run(cx);
-        println!("xl-vtpm create {CFG}: rc={} in {} s", o.rc, secs1(t0, up()));
-        show_tail("xl-vtpm create hvm", &o.all(), 20);
-        let row = life_row(cx, NAME);
-        let uuid = jf(&row, "vtpm_uuid");
-        let pid: Option<u32> = jf(&row, "vtpm_pid").parse().ok();
+        let (o, row, uuid, pid) = create(cx, NAME, CFG, "/tmp/xl-hvm-create.out");
         let d1 = xen::domid(NAME).unwrap_or_default();
         st.hvlog = format!("/var/lib/xvtpm/vtpms/{uuid}/vtpm.log");
         println!("registry: {}", row_line(&row));
