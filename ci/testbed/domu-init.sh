@@ -67,6 +67,24 @@ PERSIST=0x81000010
 # PCR N's sha256 value (upper-case hex, as tpm2_pcrread prints it), empty if the read failed
 pcr() { t tpm2_pcrread sha256:$1 && echo "$out" | sed -n "s/^ *$1 *: *0x//p"; }
 pcr16() { pcr 16; }
+# ima_replay FILE: "N VALUE": the number of entries of an IMA binary_runtime_measurements log and
+# the sha256-bank PCR 10 value (lower-case hex) it replays to; fails on a malformed log. Each
+# entry: PCR (u32), SHA-1 template digest (20), name length (u32), name, template data length
+# (u32), template data; the kernel extends a non-SHA-1 bank with that bank's hash of the
+# template data. u32s in the host's byte order.
+u32() { dd if="$1" bs=1 skip="$2" count=4 2>/dev/null | od -An -tu4 | tr -d ' \n'; }
+ima_replay() {
+  _f=$1; _size=$(wc -c < "$_f"); _off=0; ima_n=0
+  _v=0000000000000000000000000000000000000000000000000000000000000000
+  while [ "$_off" -lt "$_size" ]; do
+    _nl=$(u32 "$_f" $((_off + 24))); _dl=$(u32 "$_f" $((_off + 28 + _nl)))
+    { [ -n "$_nl" ] && [ -n "$_dl" ] && [ "$_nl" -le 255 ] && [ $((_off + 32 + _nl + _dl)) -le "$_size" ]; } || return 1
+    _d=$(dd if="$_f" bs=1 skip=$((_off + 32 + _nl)) count="$_dl" 2>/dev/null | sha256sum | cut -c1-64)
+    _v=$(printf '%s%s' "$_v" "$_d" | xxd -r -p | sha256sum | cut -c1-64)
+    _off=$((_off + 32 + _nl + _dl)); ima_n=$((ima_n + 1))
+  done
+  echo "$ima_n $_v"
+}
 # where the HVM guest's kernel spent its boot under nested TCG: the 6 longest gaps between
 # consecutive dmesg lines, each with the line that ended it
 hvm_boot_gaps() {
@@ -177,6 +195,18 @@ hvm)
   else
     [ "$(cat nv.out)" = "$NV_DATA" ] && check nv-kept PASS "$NV_IDX = '$NV_DATA' after the reboot" || check nv-kept FAIL "read '$(cat nv.out)'"
   fi
+  # IMA (Debian's kernel: CONFIG_IMA=y, tpm_tis and tpm_crb built in): the TPM driver probes at
+  # device initcall, before IMA's late initcall, so IMA finds the vTPM and extends its PCR 10; the
+  # log must replay to it (after a reboot too: the platform reset cleared PCR 10, IMA starts over)
+  mount -t securityfs none /sys/kernel/security 2>/dev/null
+  ima=$(dmesg | grep -m1 -oE 'ima: .*TPM.*' | tr -d '\r')
+  L=/sys/kernel/security/ima/binary_runtime_measurements
+  if [ -n "$ima" ]; then check ima-replay FAIL "IMA said '$ima' (the kernel's TPM probe had not succeeded when IMA started)"
+  elif ! cp $L /tmp/ima.bin 2>/dev/null; then check ima-replay FAIL "no $L"
+  elif rep=$(ima_replay /tmp/ima.bin) && ima_n=${rep%% *} && r=${rep#* } && p10=$(pcr 10) && [ "$ima_n" -ge 1 ] &&
+       [ "$r" = "$(echo "$p10" | tr A-F a-f)" ]; then
+    check ima-replay PASS "$ima_n IMA entries ($(cut -d' ' -f5 /sys/kernel/security/ima/ascii_runtime_measurements | head -n 3 | tr '\n' ' ')) replay to the vTPM's PCR 10 (sha256) = $r"
+  else check ima-replay FAIL "the log (${rep:-malformed}) does not replay to the vTPM's PCR 10 ${p10:-<read failed>}"; fi
   hvm_boot_gaps
   ;;
 plain)
