@@ -264,3 +264,69 @@ fn guest_event_log_replays_to_the_deep_quote_s_vpcrs() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("--guest-event-log-policy"), "{}", text(&o));
 }
+
+/// A guest's IMA log (Linux `binary_runtime_measurements`, `ima-ng`) replays to vPCR 10 of a
+/// deep quote: the "kernel" extends a real vTPM's PCR 10 as Linux does for a SHA-256 bank.
+#[test]
+fn guest_ima_log_replays_to_the_deep_quote_s_vpcr_10() {
+    use vtpm_attest::ima::{ImaLog, build_ima_ng};
+    let (s, host_log, host_policy, store) = measured_enrolled_host();
+    let d = s.dir.path().to_path_buf();
+    let v = s.create_vtpm();
+    let files = [("boot_aggregate", [0x11; 32]), ("/init", [0x22; 32]), ("/usr/bin/tpm2", [0x33; 32])];
+    let log = build_ima_ng(&files);
+    for e in ImaLog::parse(&log).unwrap().entries {
+        xvtpm_tests::tpm2(&v.tcti(), &["tpm2_pcrextend", &format!("10:sha256={}", hex::encode(e.sha256))]);
+    }
+    let ima = d.join("ima.bin");
+    std::fs::write(&ima, &log).unwrap();
+    let quote = |vpcrs: &str, out: &Path| {
+        let o = s.xl(&["guest", "deep-quote", "--tcti", &v.tcti(), "--nonce", "c0ffee", "--vpcrs", vpcrs, "--host-pcrs", "0-7", "--out", p(out)]);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    let ev = d.join("ev.bin");
+    quote("10", &ev);
+    let uuid = v.uuid.to_string();
+    let verify = |ev: &Path, ima: &Path| {
+        s.xl(&[
+            "verify", p(ev), "--nonce", "c0ffee", "--vtpm", &uuid, "--trust-store", p(&store), "--event-log", p(&host_log),
+            "--event-log-policy", p(&host_policy), "--guest-ima-log", p(ima),
+        ])
+    };
+    let ok = verify(&ev, &ima);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    assert!(text(&ok).contains("guest IMA log: 3 entries replay to the quoted vPCRs [10]"), "{}", text(&ok));
+
+    // The log of another run (a file the guest did not execute) does not replay.
+    let other = d.join("other.bin");
+    std::fs::write(&other, build_ima_ng(&[files[0], files[1], ("/tmp/evil", [0x44; 32])])).unwrap();
+    let o = verify(&ev, &other);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    assert!(text(&o).contains("guest IMA log: the IMA log (3 entries) does not replay to quoted PCR 10"), "{}", text(&o));
+    // Leaving out the last entry does not replay either (the log is a chain).
+    let short = d.join("short.bin");
+    std::fs::write(&short, build_ima_ng(&files[..2])).unwrap();
+    assert_eq!(verify(&ev, &short).status.code(), Some(7));
+
+    // A deep quote without vPCR 10 proves nothing about the log.
+    let no10 = d.join("no10.bin");
+    quote("0", &no10);
+    let o = verify(&no10, &ima);
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    assert!(text(&o).contains("PCR 10 is not in the quote's SHA-256 vPCRs"), "{}", text(&o));
+
+    // Malformed input is a usage error before anything is judged: a truncated log, an edited
+    // entry (its SHA-1 template digest no longer matches), garbage.
+    let bad = d.join("bad.bin");
+    std::fs::write(&bad, &log[..log.len() - 3]).unwrap();
+    let o = verify(&ev, &bad);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not an IMA binary_runtime_measurements log: entry 2"), "{}", text(&o));
+    let mut edited = log.clone();
+    let at = edited.len() - 20;
+    edited[at] ^= 1;
+    std::fs::write(&bad, &edited).unwrap();
+    let o = verify(&ev, &bad);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("entry 2 (/usr/bin/tpm2): its template digest is not SHA-1"), "{}", text(&o));
+}

@@ -405,6 +405,11 @@ pub struct VerifyArgs {
     /// guest, not the host.
     #[arg(long, value_name = "FILE", requires = "guest_event_log")]
     pub guest_event_log_policy: Option<PathBuf>,
+    /// FILE: the guest's IMA log (in the guest:
+    /// /sys/kernel/security/ima/binary_runtime_measurements); it must replay to the vPCRs the
+    /// deep quote carries (`guest deep-quote --vpcrs 10`). Judging the files it lists is yours.
+    #[arg(long, value_name = "FILE")]
+    pub guest_ima_log: Option<PathBuf>,
 }
 
 /// `xl-vtpm verify`. Exit 0 only if every check passed *and* a host policy was checked; 7 if a
@@ -443,6 +448,7 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
         )),
         _ => None,
     };
+    let ima = a.guest_ima_log.as_deref().map(|p| crate::eventlog::read_ima_log(p, "--guest-ima-log")).transpose()?;
     let store = a.trust_store.as_deref().map(load_trust_store).transpose()?;
     let raw_ak = match (&a.ak, a.insecure_unenrolled_ak) {
         (Some(ak), true) => Some(guest::read_bytes_or_hex(ak, "--ak")?),
@@ -501,6 +507,7 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
         .as_ref()
         .map(|(log, policy)| crate::eventlog::check_guest_against_quote(log, policy, &v.leaf))
         .transpose()?;
+    let ima_replayed = ima.as_ref().map(|l| crate::eventlog::check_ima_against_quote(l, &v.leaf)).transpose()?;
     let host_checked = exp.host_pcrs.is_some() || replayed.is_some();
     if json {
         println!(
@@ -515,6 +522,10 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
                 "guest_event_log": guest_replayed.as_ref().map(|r| serde_json::json!({
                     "events": r.events,
                     "vpcrs": r.pcrs.iter().map(|(p, v)| (p.to_string(), hex::encode(v))).collect::<std::collections::BTreeMap<_, _>>(),
+                })),
+                "guest_ima_log": ima.as_ref().zip(ima_replayed.as_ref()).map(|(l, r)| serde_json::json!({
+                    "entries": l.entries.len(),
+                    "vpcrs": r.iter().map(|(p, v)| (p.to_string(), hex::encode(v))).collect::<std::collections::BTreeMap<_, _>>(),
                 })),
                 "ak_enrolled": pinned.is_some(),
                 "host_id": pinned.as_ref().map(|p| p.host_id.clone()),
@@ -546,6 +557,13 @@ pub fn run_verify(a: &VerifyArgs, json: bool) -> Result<(), CliError> {
                 "host event log: {} events replay to the quoted PCRs {:?}; the policy allows them",
                 r.events,
                 r.pcrs.keys().collect::<Vec<_>>()
+            );
+        }
+        if let (Some(l), Some(r)) = (&ima, &ima_replayed) {
+            println!(
+                "guest IMA log: {} entries replay to the quoted vPCRs {:?}",
+                l.entries.len(),
+                r.keys().collect::<Vec<_>>()
             );
         }
         if let Some(r) = &guest_replayed {

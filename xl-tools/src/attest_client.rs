@@ -252,6 +252,7 @@ pub fn run(a: &AttestArgs, json: bool) -> Result<(), CliError> {
         // `xl-vtpm verify --guest-event-log` on the evidence this command keeps.
         guest_event_log: None,
         guest_event_log_policy: None,
+        guest_ima_log: None,
     };
     crate::attest::run_verify(&v, json)
 }

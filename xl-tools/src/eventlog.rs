@@ -51,6 +51,12 @@ pub fn read_log(path: &Path, flag: &str) -> Result<EventLog, CliError> {
     EventLog::parse(&bytes).map_err(|e| CliError::caused(USAGE, format!("{flag} {}", path.display()), e))
 }
 
+/// Reads and parses a guest's IMA log (`binary_runtime_measurements`), size-capped.
+pub fn read_ima_log(path: &Path, flag: &str) -> Result<vtpm_attest::ima::ImaLog, CliError> {
+    let bytes = guest::read_capped(path, vtpm_attest::ima::MAX_LOG as u64, flag)?;
+    vtpm_attest::ima::ImaLog::parse(&bytes).map_err(|e| CliError::caused(USAGE, format!("{flag} {}", path.display()), e))
+}
+
 /// Reads a policy file and checks its shape.
 pub fn read_policy(path: &Path, flag: &str) -> Result<eventlog::CheckedPolicy, CliError> {
     let bad = |why: Cause| CliError::caused(USAGE, format!("{flag} {}", path.display()), why);
@@ -166,6 +172,12 @@ pub fn check_guest_against_quote(
 ) -> Result<eventlog::Replayed, CliError> {
     eventlog::check(log, &quoted_vpcrs(leaf), policy)
         .map_err(|e| CliError::caused(NOT_VERIFIED, "evidence did not verify: guest event log (vPCRs)", e))
+}
+
+/// `verify`'s IMA step: the guest's IMA log replays to the vPCRs the deep quote carries.
+pub fn check_ima_against_quote(log: &vtpm_attest::ima::ImaLog, leaf: &vtpm_proto::evidence::Leaf) -> Result<BTreeMap<u32, [u8; 32]>, CliError> {
+    log.check(&quoted_vpcrs(leaf))
+        .map_err(|e| CliError::new(NOT_VERIFIED, format!("evidence did not verify: guest IMA log: {e}")))
 }
 
 /// `verify`'s event-log step: the log replays to the quoted host PCRs and satisfies the policy.
