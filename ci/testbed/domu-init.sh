@@ -115,11 +115,13 @@ hvm)
   # Xen); on a slow host the vTPM's first Startup can outlast the kernel's wait ("Operation Timed
   # out", probe error -62), after which the TPM is started but has no driver: probe it once more
   # (tpm_tis binds the PNP0C31 device on the pnp bus; tpm_crb the MSFT0101 device on the acpi bus)
-  if [ ! -c /dev/tpmrm0 ] && p=$(dmesg | grep -oE 'tpm_(tis|crb): probe of [^ ]* failed with error -62' | head -n 1) && [ -n "$p" ]; then
-    drv=${p%%:*}; d=$(echo "$p" | cut -d' ' -f4); bus=pnp; [ "$drv" = tpm_crb ] && bus=acpi
-    echo "GUEST-INFO $drv probe of $d timed out before /init ($(dmesg | grep -m1 -o 'tpm tpm0: Operation Timed out')); probing again"
-    echo "$d" > /sys/bus/$bus/drivers/$drv/bind 2>/dev/null || echo "GUEST-INFO re-probe of $d: bind failed"
-  fi
+  # On a heavily loaded host a re-probe can time out too (seen at load 6-8): up to 5 tries, 10 s apart
+  tries=0
+  while [ ! -c /dev/tpmrm0 ] && [ $tries -lt 5 ] && p=$(dmesg | grep -oE 'tpm_(tis|crb): probe of [^ ]* failed with error -62' | head -n 1) && [ -n "$p" ]; do
+    tries=$((tries + 1)); drv=${p%%:*}; d=$(echo "$p" | cut -d' ' -f4); bus=pnp; [ "$drv" = tpm_crb ] && bus=acpi
+    echo "GUEST-INFO $drv probe of $d timed out ($(dmesg | grep -m1 -o 'tpm tpm0: Operation Timed out')); probing again (try $tries)"
+    echo "$d" > /sys/bus/$bus/drivers/$drv/bind 2>/dev/null || { echo "GUEST-INFO re-probe $tries of $d: bind failed"; sleep 10; }
+  done
   if ! wait_tpm /dev/tpmrm0; then
     check tpm0 FAIL "no /dev/tpmrm0 after ${tpm_wait:-90} s; ACPI TPM devices: $(ls -d /sys/bus/acpi/devices/PNP0C31* /sys/bus/acpi/devices/MSFT0101* 2>/dev/null | tr '\n' ' ')"
     dmesg | grep -iE 'tpm|acpi.*(tcpa|tpm)' | tail -n 20 | sed 's/^/GUEST-DMESG /'
