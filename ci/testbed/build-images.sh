@@ -435,6 +435,7 @@ profile=$PROFILE
 vtpmdom_image=$VTPMDOM_KIND
 vtpmdom_mem=$VTPMDOM_MEM
 vtpmdom_kernel=$VTPMDOM_KERNEL
+vtpmdom_probe=${XVTPM_TESTBED_VTPMDOM_PROBE:-}
 xvtpm_deb=$DEB_NAME
 guest_kernel=$GUEST_KERNEL
 kver=$KVER

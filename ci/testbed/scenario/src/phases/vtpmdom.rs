@@ -373,6 +373,16 @@ pub fn run(r: &mut Runner, st: &mut St) {
         deadline(300),
         |cx| debian(cx, st),
     );
+    // diagnosis (XVTPM_TESTBED_VTPMDOM_PROBE="24 16"): the default image at smaller memory, INFO only
+    let probe = xen::read_text("/etc/xvtpm-testbed.env")
+        .lines()
+        .find_map(|l| l.strip_prefix("vtpmdom_probe=").map(str::to_string))
+        .unwrap_or_default();
+    if !probe.trim().is_empty() && st.mgr_ready() {
+        for m in probe.split_whitespace() {
+            probe_mem(&r.cx, m);
+        }
+    }
     // nothing of it may outlive the section (teardown checks that no domU is left)
     let cx = &r.cx;
     xen::destroy_if_running(cx, VDD);
@@ -461,6 +471,45 @@ fn debian(cx: &Cx, st: &mut St) -> Outcome {
     e.verdict(format!(
         "vTPM domain on Debian's kernel with modules at {mem} MiB: ready in {create_s} s, destroyed"
     ))
+}
+
+/// A vTPM domain of the default image at `mem` MiB: ready or not, its figures (INFO, no verdict).
+fn probe_mem(cx: &Cx, mem: &str) {
+    let name = format!("vtpmdom-p{mem}");
+    let off = lines_of(&xen::clog(&name));
+    let t0 = up();
+    let o = Cmd::new(&[
+        "xl-vtpm", "vtpm", "create", "--domain", &name, "--memory", mem, "--ek", "ecc", "--wait", "90", "--json",
+    ])
+    .env("NO_COLOR", "1")
+    .secs(150)
+    .save_split(&format!("/tmp/{name}.json"), &format!("/tmp/{name}.err"))
+    .run(cx);
+    let con = console_from(&name, off);
+    let u = xen::parse_json(&o.stdout).map(|j| jf(&j, "uuid")).unwrap_or_default();
+    println!(
+        "INFO vtpmdom probe {mem} MiB: xl-vtpm exit {} after {} s, ready={}",
+        o.rc,
+        secs1(t0, up()),
+        con.lines().any(|l| l.starts_with("VTPMDOM-READY"))
+    );
+    ready_perf(&format!("vtpmdom-probe{mem}"), &con);
+    show_con(&con, &format!("{name} console"), 12, |l| {
+        l.starts_with("VTPMDOM-") || ["error", "panic", "Kernel", "Out of memory", "oom", "Initramfs"].iter().any(|k| l.contains(k))
+    });
+    if o.rc != 0 {
+        show_tail(&format!("{name} xl-vtpm"), &o.all(), 8);
+    }
+    let id = if u.is_empty() {
+        // a failed create leaves the identity: find it by the domain name
+        xen::read_text(&format!("/tmp/{name}.err")).split_whitespace().find(|w| w.len() == 36 && w.matches('-').count() == 4).unwrap_or("").to_string()
+    } else {
+        u
+    };
+    if !id.is_empty() {
+        let _ = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &id, "--yes"]).env("NO_COLOR", "1").secs(120).run(cx);
+    }
+    xen::destroy_if_running(cx, &name);
 }
 
 pub fn load_block_modules(cx: &Cx, e: &mut Errs) {
