@@ -97,7 +97,10 @@ if [ "$(cat "$SRC/.sha256" 2>/dev/null)" != "$SRCSUM" ]; then
 fi
 
 # ---- configure: allnoconfig + the fragment; every =y of the fragment must have survived ----
-B=$CACHE/build-$KEY; rm -rf "$B"; mkdir -p "$B"
+# the build tree: new for each key, or with XVTPM_VTPMDOM_KERNEL_KEEP_TREE=1 one per source version,
+# kept and reused (Kbuild then recompiles only what a changed option or compiler flag touches)
+if [ "${XVTPM_VTPMDOM_KERNEL_KEEP_TREE:-0}" = 1 ]; then B=$CACHE/build-$SRCVER; else B=$CACHE/build-$KEY; rm -rf "$B"; fi
+mkdir -p "$B"
 MK=(make -C "$SRC" O="$B" CC=gcc-12 HOSTCC=gcc-12 KBUILD_BUILD_USER=xvtpm KBUILD_BUILD_HOST=xvtpm
     KBUILD_BUILD_TIMESTAMP="Debian $SRCVER")
 nice -n "$NICE" "${MK[@]}" -s allnoconfig KCONFIG_ALLCONFIG="$FRAG" > "$B/config.log" 2>&1 ||
