@@ -8,10 +8,12 @@
 #
 #   ci/testbed/build-vtpmdom-kernel.sh            # build once per input set, reuse otherwise
 #
+# The patches in ci/testbed/vtpmdom-kernel-patches/ (*.patch, in name order; each says why) are
+# applied to it: 0001 page-aligns the image's sections (a PV guest has no use for the 2 MiB ones).
 # Inputs, all in the cache key: the linux-source-6.1 .deb (version + SHA256 from
 # guest/linux/debs.lock, re-resolved by ci/testbed/debs-resolve.sh when Debian has replaced that
 # version, as for the guest module: run.sh passes the locks as used in XVTPM_LOCK_OUT; alone,
-# this script resolves them itself), the config fragment, the compiler's version, and this script.
+# this script resolves them itself), the patches, the config fragment, the compiler's version, and this script.
 # Output: $XVTPM_CACHE/vtpmdom-kernel/<key>/vmlinux (the raw ELF kernel, symbols stripped: what
 # xl loads fastest), vmlinuz (the bzImage, the same kernel compressed), config (the full .config)
 # and build.info; the last line printed is "build-vtpmdom-kernel.sh: kernel: <dir>".
@@ -26,11 +28,13 @@ TOP=$(cd "$HERE/../.." && pwd)
 . "$HERE/cache-dir.sh"
 CACHE=$XVTPM_CACHE/vtpmdom-kernel
 FRAG=$HERE/vtpmdom-kernel.config
+PATCHES=("$HERE"/vtpmdom-kernel-patches/*.patch)
 NICE=${XVTPM_NICE:-10}
 JOBS=${XVTPM_JOBS:-$(nproc)}
 die() { echo "build-vtpmdom-kernel.sh: ERROR: $*" >&2; exit 1; }
 log() { echo "build-vtpmdom-kernel.sh: $*"; }
 [ -f "$FRAG" ] || die "$FRAG missing (a partial checkout?)"
+[ -f "${PATCHES[0]}" ] || die "no patches in $HERE/vtpmdom-kernel-patches/ (a partial checkout?)"
 
 # ---- host build dependencies ----
 HOST_PKGS=(gcc-12 make flex bison bc libelf-dev xz-utils)
@@ -61,7 +65,8 @@ read -r _ SRCVER SRCARCH SRCSUM SRCFILE < <(grep '^linux-source-6.1 ' "$LOCK_OUT
 
 # ---- the cache key: every input ----
 CC_VERSION=$(gcc-12 --version | head -n1)
-KEY=$(printf '%s\n' "linux-source-6.1 $SRCVER $SRCARCH $SRCSUM" "$(sha256sum < "$FRAG")" "$CC_VERSION" "$(sha256sum < "$0")" |
+patchsums=$(cd "$HERE/vtpmdom-kernel-patches" && sha256sum -- *.patch)
+KEY=$(printf '%s\n' "linux-source-6.1 $SRCVER $SRCARCH $SRCSUM" "$patchsums" "$(sha256sum < "$FRAG")" "$CC_VERSION" "$(sha256sum < "$0")" |
       sha256sum | cut -c1-16)
 OUT=$CACHE/$KEY
 if [ -s "$OUT/vmlinux" ] && [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/build.info" ]; then
@@ -86,13 +91,19 @@ got=$(sha256sum < "$DEB" | cut -d' ' -f1)
 # ---- unpack (source tree kept per source version with XVTPM_VTPMDOM_KERNEL_KEEP_TREE=1) ----
 T0=$(date +%s); LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 SRC=$CACHE/src-$SRCVER
-if [ "$(cat "$SRC/.sha256" 2>/dev/null)" != "$SRCSUM" ]; then
+SRCSTAMP=$(printf '%s\n' "$SRCSUM" "$patchsums" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$SRC/.sha256" 2>/dev/null)" != "$SRCSTAMP" ]; then
   rm -rf "$CACHE"/src-* "$CACHE"/build-*; mkdir -p "$SRC"
   dpkg-deb --fsys-tarfile "$DEB" | tar -xO ./usr/src/linux-source-6.1.tar.xz | nice -n "$NICE" xz -dc |
     tar -x -C "$SRC" --strip-components=1 || die "cannot unpack linux-source-6.1.tar.xz from $DEB"
   upstream=$(awk '/^VERSION =/{v=$3} /^PATCHLEVEL =/{p=$3} /^SUBLEVEL =/{s=$3} END{print v"."p"."s}' "$SRC/Makefile")
   [ "$upstream" = "${SRCVER%-*}" ] || die "linux-source-6.1 $SRCVER is Linux $upstream, expected ${SRCVER%-*}"
-  echo "$SRCSUM" > "$SRC/.sha256"
+  for p in "${PATCHES[@]}"; do
+    patch -d "$SRC" -p1 --forward --batch --no-backup-if-mismatch -s < "$p" ||
+      die "$(basename "$p") does not apply to Linux $upstream ($SRCVER)"
+    log "applied $(basename "$p")"
+  done
+  echo "$SRCSTAMP" > "$SRC/.sha256"
   log "unpacked Linux $upstream ($(( $(date +%s) - T0 )) s)"
 fi
 
@@ -124,6 +135,7 @@ cp "$B/.config" "$OUT.tmp/config"
 {
   echo "source linux-source-6.1 $SRCVER $SRCARCH sha256 $SRCSUM"
   echo "config $(sha256sum < "$FRAG" | cut -d' ' -f1) ($FRAG)"
+  echo "patches"; echo "$patchsums"
   echo "compiler $CC_VERSION"
   echo "vmlinux $(stat -c %s "$OUT.tmp/vmlinux") bytes sha256 $(sha256sum < "$OUT.tmp/vmlinux" | cut -d' ' -f1)"
   echo "vmlinuz $(stat -c %s "$OUT.tmp/vmlinuz") bytes sha256 $(sha256sum < "$OUT.tmp/vmlinuz" | cut -d' ' -f1)"
