@@ -23,12 +23,15 @@
 #      XVTPM_TESTBED_MGRDOM (1: build the manager domain's image mgrdom.cpio.zst into dom0),
 #      XVTPM_QEMU_XEN (the TPM-enabled device model from build-qemu-xen.sh; empty: dom0 gets no
 #      HVM pieces and the hvm-tis phase is SKIPPED),
-#      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer vtpm-domain),
+#      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer xl-vtpm),
+#      XVTPM_VTPMDOM_KERNEL_DIR (build-vtpmdom-kernel.sh's output: the vTPM domain's own kernel, with
+#      XVTPM_VTPMDOM_BIN, default target/release/vtpm-domain; empty: Debian's kernel and modules),
+#      XVTPM_TESTBED_VTPMDOM_PROBE (MiB values the scenario boots the default vTPM domain at, INFO only),
 #      XVTPM_GUEST_KERNEL (elf|bzimage; elf = raw vmlinux, ~5x faster xl create under TCG),
 #      XVTPM_VTPMDOM_LOG (diagnosis: XVTPM_LOG filter inside the vTPM domain, e.g. debug; adds a
 #      busybox /init wrapper to its image),
-#      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 160 / 128; the vTPM domain's goes to
-#      `xl-vtpm vtpm create --domain … --memory`)
+#      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 160 / unset; the vTPM domain's replaces the image's
+#      memory-mib, 32 with the own kernel, 128 with Debian's, which xl-vtpm reads)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI=$(dirname "$HERE"); TOP=$(dirname "$CI")
