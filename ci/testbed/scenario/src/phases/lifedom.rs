@@ -411,7 +411,9 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
         .lines()
         .find_map(|l| l.strip_prefix("memory = ").map(str::to_string))
         .unwrap_or_default();
-    println!("PERF lifedom-vtpmdom-mem-mib={mem} (the memory xl-vtpm create chose for {LDV}: its generated config)");
+    println!(
+        "PERF lifedom-vtpmdom-mem-mib={mem} (the memory xl-vtpm create chose for {LDV}: its generated config)"
+    );
     super::vtpmdom::ready_perf("lifedom", &ld.vcon());
     if !e.is_empty() {
         ld.diag(cx, st);

@@ -62,7 +62,11 @@ pub fn ready_perf(key: &str, con: &str) {
 
 /// PERF line: the sizes of a vTPM domain's initramfs (compressed, as loaded) and kernel file.
 pub fn image_perf(key: &str, ramdisk: &str, kernel: &str) {
-    let size = |p: &str| fs::metadata(p).map(|m| m.len().to_string()).unwrap_or_else(|_| "?".into());
+    let size = |p: &str| {
+        fs::metadata(p)
+            .map(|m| m.len().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
     println!(
         "PERF {key}-initrd-bytes={} {key}-kernel-bytes={} ({ramdisk}, {kernel})",
         size(ramdisk),
@@ -408,17 +412,38 @@ fn debian(cx: &Cx, st: &mut St) -> Outcome {
         return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
     }
     let (kernel, ramdisk) = (format!("{DEB_DIR}/vmlinuz"), format!("{DEB_DIR}/initrd"));
-    let mem = xen::read_text(&format!("{DEB_DIR}/memory-mib")).trim().to_string();
-    let mem = if mem.is_empty() { "128".to_string() } else { mem };
+    let mem = xen::read_text(&format!("{DEB_DIR}/memory-mib"))
+        .trim()
+        .to_string();
+    let mem = if mem.is_empty() {
+        "128".to_string()
+    } else {
+        mem
+    };
     let off = lines_of(&xen::clog(VDD));
     let t0 = up();
     let o = Cmd::new(&[
-        "xl-vtpm", "vtpm", "create", "--domain", VDD, "--kernel", &kernel, "--ramdisk", &ramdisk,
-        "--memory", &mem, "--ek", "ecc", "--json",
+        "xl-vtpm",
+        "vtpm",
+        "create",
+        "--domain",
+        VDD,
+        "--kernel",
+        &kernel,
+        "--ramdisk",
+        &ramdisk,
+        "--memory",
+        &mem,
+        "--ek",
+        "ecc",
+        "--json",
     ])
     .env("NO_COLOR", "1")
     .secs(200)
-    .save_split("/tmp/vtpmdom-deb-create.json", "/tmp/vtpmdom-deb-create.err")
+    .save_split(
+        "/tmp/vtpmdom-deb-create.json",
+        "/tmp/vtpmdom-deb-create.err",
+    )
     .run(cx);
     let create_s = secs1(t0, up());
     show_tail("vtpm create --domain (Debian kernel)", &o.all(), 20);
@@ -426,10 +451,14 @@ fn debian(cx: &Cx, st: &mut St) -> Outcome {
     let (u, d) = (jf(&j, "uuid"), jf(&j, "domid"));
     let con = console_from(VDD, off);
     if o.rc != 0 || u.is_empty() {
-        e.add(format!("xl-vtpm vtpm create --domain {VDD} exited {}", o.rc));
+        e.add(format!(
+            "xl-vtpm vtpm create --domain {VDD} exited {}",
+            o.rc
+        ));
     } else {
         let rd = xen::domid(VDD).is_some_and(|i| {
-            xen::xs_read(&format!("/local/domain/{i}/data/xvtpm/ready")).as_deref() == Some(u.as_str())
+            xen::xs_read(&format!("/local/domain/{i}/data/xvtpm/ready")).as_deref()
+                == Some(u.as_str())
         });
         e.check(
             "vtpmdom-debian-ready",
@@ -440,28 +469,45 @@ fn debian(cx: &Cx, st: &mut St) -> Outcome {
                 format!("{VDD}: not ready (domid {})", none(&d))
             },
         );
-        let cr = con.lines().any(|l| l.starts_with(&format!("VTPMDOM-READY uuid={u}")));
+        let cr = con
+            .lines()
+            .any(|l| l.starts_with(&format!("VTPMDOM-READY uuid={u}")));
         e.check(
             "vtpmdom-debian-console-ready",
             cr,
-            if cr { "VTPMDOM-READY on its console".to_string() } else { format!("no 'VTPMDOM-READY uuid={u}' on its console") },
+            if cr {
+                "VTPMDOM-READY on its console".to_string()
+            } else {
+                format!("no 'VTPMDOM-READY uuid={u}' on its console")
+            },
         );
-        let mods = con.lines().find(|l| l.starts_with("VTPMDOM-INIT vtpm-domain")).unwrap_or("");
+        let mods = con
+            .lines()
+            .find(|l| l.starts_with("VTPMDOM-INIT vtpm-domain"))
+            .unwrap_or("");
         println!("INFO vtpmdom-debian init: {mods}");
     }
-    println!("PERF vtpmdom-debian-create-s={create_s} (the same steps as vtpmdom-create-s, Debian kernel, {mem} MiB)");
+    println!(
+        "PERF vtpmdom-debian-create-s={create_s} (the same steps as vtpmdom-create-s, Debian kernel, {mem} MiB)"
+    );
     println!("PERF vtpmdom-debian-mem-mib={mem}");
     ready_perf("vtpmdom-debian", &con);
     image_perf("vtpmdom-debian", &ramdisk, "/guest/vmlinux");
     if !u.is_empty() {
         let t1 = up();
-        let o = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &u, "--yes"]).env("NO_COLOR", "1").secs(150).run(cx);
+        let o = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &u, "--yes"])
+            .env("NO_COLOR", "1")
+            .secs(150)
+            .run(cx);
         if !o.ok() {
             e.add(format!("vtpm-destroy-exit-{}", o.rc));
             show_tail("vtpm destroy", &o.all(), 10);
         }
         xen::gone_check(cx, &mut e, "vtpmdom-debian-gone", VDD, || {
-            format!("{VDD} not in xl list {} s after xl-vtpm vtpm destroy", secs1(t1, up()))
+            format!(
+                "{VDD} not in xl list {} s after xl-vtpm vtpm destroy",
+                secs1(t1, up())
+            )
         });
     }
     if !e.is_empty() {
@@ -479,14 +525,17 @@ fn probe_mem(cx: &Cx, mem: &str) {
     let off = lines_of(&xen::clog(&name));
     let t0 = up();
     let o = Cmd::new(&[
-        "xl-vtpm", "vtpm", "create", "--domain", &name, "--memory", mem, "--ek", "ecc", "--wait", "90", "--json",
+        "xl-vtpm", "vtpm", "create", "--domain", &name, "--memory", mem, "--ek", "ecc", "--wait",
+        "90", "--json",
     ])
     .env("NO_COLOR", "1")
     .secs(150)
     .save_split(&format!("/tmp/{name}.json"), &format!("/tmp/{name}.err"))
     .run(cx);
     let con = console_from(&name, off);
-    let u = xen::parse_json(&o.stdout).map(|j| jf(&j, "uuid")).unwrap_or_default();
+    let u = xen::parse_json(&o.stdout)
+        .map(|j| jf(&j, "uuid"))
+        .unwrap_or_default();
     println!(
         "INFO vtpmdom probe {mem} MiB: xl-vtpm exit {} after {} s, ready={}",
         o.rc,
@@ -495,19 +544,36 @@ fn probe_mem(cx: &Cx, mem: &str) {
     );
     ready_perf(&format!("vtpmdom-probe{mem}"), &con);
     show_con(&con, &format!("{name} console"), 12, |l| {
-        l.starts_with("VTPMDOM-") || ["error", "panic", "Kernel", "Out of memory", "oom", "Initramfs"].iter().any(|k| l.contains(k))
+        l.starts_with("VTPMDOM-")
+            || [
+                "error",
+                "panic",
+                "Kernel",
+                "Out of memory",
+                "oom",
+                "Initramfs",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
     });
     if o.rc != 0 {
         show_tail(&format!("{name} xl-vtpm"), &o.all(), 8);
     }
     let id = if u.is_empty() {
         // a failed create leaves the identity: find it by the domain name
-        xen::read_text(&format!("/tmp/{name}.err")).split_whitespace().find(|w| w.len() == 36 && w.matches('-').count() == 4).unwrap_or("").to_string()
+        xen::read_text(&format!("/tmp/{name}.err"))
+            .split_whitespace()
+            .find(|w| w.len() == 36 && w.matches('-').count() == 4)
+            .unwrap_or("")
+            .to_string()
     } else {
         u
     };
     if !id.is_empty() {
-        let _ = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &id, "--yes"]).env("NO_COLOR", "1").secs(120).run(cx);
+        let _ = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &id, "--yes"])
+            .env("NO_COLOR", "1")
+            .secs(120)
+            .run(cx);
     }
     xen::destroy_if_running(cx, &name);
 }
