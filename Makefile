@@ -44,7 +44,7 @@ vtpmdom: deps
 
 ## The same with the project's own small kernel instead (Linux 6.1 from Debian 12's linux-source-6.1,
 ## ci/testbed/vtpmdom-kernel.config; built once by ci/testbed/build-vtpmdom-kernel.sh into its cache,
-## a few minutes on 2 cores): target/vtpmdom/{vmlinuz,initrd,memory-mib}, a domain of 32 MiB.
+## a few minutes on 2 cores): target/vtpmdom/{vmlinuz,initrd,memory-mib}, a domain of 40 MiB.
 vtpmdom-small: deps
 	$(CARGO) build --release -p vtpm-domain --locked
 	set -o pipefail; ci/testbed/build-vtpmdom-kernel.sh | tee $(CARGO_TARGET_DIR)/vtpmdom-kernel.log

@@ -8,7 +8,7 @@
 #   OUT/memory-mib  the domain memory this kernel + image need (MiB): xl-vtpm's default
 # Two kernels:
 #   --kernel FILE   the project's own kernel (ci/testbed/build-vtpmdom-kernel.sh, `make
-#                   vtpmdom-kernel`): every driver built in, no modules; 32 MiB
+#                   vtpmdom-kernel`): every driver built in, no modules; 40 MiB
 #   (default)       a distribution kernel, KVER's, with its modules; 128 MiB
 # `xl-vtpm vtpm create --domain NAME` (and `xl-vtpm create` with vtpm=["backend=NAME"]) boot it;
 # install the three files into /usr/lib/xvtpm/vtpmdom/ or point XVTPM_VTPMDOM_KERNEL /
@@ -22,7 +22,7 @@
 #   --root         take kernel, modules and libraries from this unpacked root instead of /
 #                  (the testbed uses its pinned Debian packages); libraries are resolved by
 #                  that root's own ld.so, and one found only outside it is an error
-#   --memory       what to write into OUT/memory-mib (default: 32 with --kernel, else 128)
+#   --memory       what to write into OUT/memory-mib (default: 40 with --kernel, else 128)
 #   --out          output directory (default: target/vtpmdom)
 set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,7 +46,7 @@ fi
 [ -n "$BIN" ] && [ -x "$BIN" ] || die "no vtpm-domain binary (build it, or pass --vtpm-domain)"
 if [ -n "$KFILE" ]; then
   [ -f "$KFILE" ] || die "$KFILE: no such kernel (ci/testbed/build-vtpmdom-kernel.sh builds it)"
-  KIMG=$KFILE; MEM=${MEM:-32}
+  KIMG=$KFILE; MEM=${MEM:-40}
 else
   KDIR=$ROOT/lib/modules/$KVER
   [ -d "$KDIR" ] || die "$KDIR: no modules for kernel $KVER (pass --kver, or --root)"
@@ -113,9 +113,9 @@ else
 fi
 
 mkdir -p "$OUT"
-# a 1 MiB window: the kernel allocates the whole window while it unpacks the initramfs (8 MiB
+# a 128 KiB window: the kernel allocates the whole window while it unpacks the initramfs (8 MiB
 # at -19's default), next to the compressed image and the files it writes
-comp="zstd -q -19 --zstd=wlog=20 -T0 -c"; command -v zstd >/dev/null || comp="gzip -9 -n"
+comp="zstd -q -19 --zstd=wlog=17 -T0 -c"; command -v zstd >/dev/null || comp="gzip -9 -n"
 (cd "$T" && find . ! -name .ldd -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet --owner=0:0 | $comp) > "$OUT/initrd.tmp"
 mv "$OUT/initrd.tmp" "$OUT/initrd"
 cp "$KIMG" "$OUT/vmlinuz"

@@ -31,7 +31,7 @@
 #      XVTPM_VTPMDOM_LOG (diagnosis: XVTPM_LOG filter inside the vTPM domain, e.g. debug; adds a
 #      busybox /init wrapper to its image),
 #      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 160 / unset; the vTPM domain's replaces the image's
-#      memory-mib, 32 with the own kernel, 128 with Debian's, which xl-vtpm reads)
+#      memory-mib, 40 with the own kernel, 128 with Debian's, which xl-vtpm reads)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI=$(dirname "$HERE"); TOP=$(dirname "$CI")
@@ -215,7 +215,7 @@ fi
 # Debian root: /init = vtpm-domain (PID 1: mounts, finit_module()s /lib/modules/load-order if
 # any, waits for /dev/xen/* and its disk), its libraries; no shell, no device nodes.
 #  - with the project's own kernel (XVTPM_VTPMDOM_KERNEL_DIR from build-vtpmdom-kernel.sh; run.sh's
-#    default): every driver built in, the release vtpm-domain (XVTPM_VTPMDOM_BIN), 32 MiB. It is
+#    default): every driver built in, the release vtpm-domain (XVTPM_VTPMDOM_BIN), 40 MiB. It is
 #    xl-vtpm's default in dom0 (/usr/lib/xvtpm/vtpmdom/); the Debian kernel's image goes beside it
 #    (/usr/lib/xvtpm/vtpmdom-debian/) for the vtpmdom-debian phase, the 128 MiB comparison;
 #  - without (XVTPM_TESTBED_VTPMDOM_KERNEL=debian): the Debian kernel with xen-evtchn, xen-gntdev,
