@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
     --memory) MEM=$2; shift 2 ;;
     --root) ROOT=$(cd "$2" && pwd); shift 2 ;;
     --out) OUT=$2; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
