@@ -5,7 +5,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 
-.PHONY: deps build demo test lint bench testbed vtpmdom deb clippy fmt clean
+.PHONY: deps build demo test lint bench testbed vtpmdom vtpmdom-small deb clippy fmt clean
 
 deps:
 	scripts/install-deps.sh
@@ -37,10 +37,19 @@ deb: deps
 	scripts/build-deb.sh $(CARGO_TARGET_DIR)/$(if $(filter debug,$(XVTPM_PROFILE)),debug,release) $(CARGO_TARGET_DIR)/deb
 
 ## The boot image of a vTPM domain (kernel + initramfs with vtpm-domain as /init) for the
-## running kernel (KVER=… for another installed one): target/vtpmdom/{vmlinuz,initrd}.
+## running kernel (KVER=… for another installed one): target/vtpmdom/{vmlinuz,initrd,memory-mib} (128 MiB).
 vtpmdom: deps
 	$(CARGO) build --release -p vtpm-domain --locked
 	scripts/build-vtpmdom.sh --vtpm-domain $(CARGO_TARGET_DIR)/release/vtpm-domain $${KVER:+--kver $$KVER}
+
+## The same with the project's own small kernel instead (Linux 6.1 from Debian 12's linux-source-6.1,
+## ci/testbed/vtpmdom-kernel.config; built once by ci/testbed/build-vtpmdom-kernel.sh into its cache,
+## a few minutes on 2 cores): target/vtpmdom/{vmlinuz,initrd,memory-mib}, a domain of 40 MiB.
+vtpmdom-small: deps
+	$(CARGO) build --release -p vtpm-domain --locked
+	set -o pipefail; ci/testbed/build-vtpmdom-kernel.sh | tee $(CARGO_TARGET_DIR)/vtpmdom-kernel.log
+	scripts/build-vtpmdom.sh --vtpm-domain $(CARGO_TARGET_DIR)/release/vtpm-domain \
+	  --kernel "$$(sed -n 's/^build-vtpmdom-kernel.sh: kernel: //p' $(CARGO_TARGET_DIR)/vtpmdom-kernel.log | tail -n 1)/vmlinux"
 
 ## The workspace lints as errors: no `unsafe` outside FFI modules, a SAFETY comment on every
 ## `unsafe` block, no raw log macro in the daemons (peer paths use xvtpm-log's rate limit).

@@ -23,12 +23,15 @@
 #      XVTPM_TESTBED_MGRDOM (1: build the manager domain's image mgrdom.cpio.zst into dom0),
 #      XVTPM_QEMU_XEN (the TPM-enabled device model from build-qemu-xen.sh; empty: dom0 gets no
 #      HVM pieces and the hvm-tis phase is SKIPPED),
-#      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer vtpm-domain),
+#      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer xl-vtpm),
+#      XVTPM_VTPMDOM_KERNEL_DIR (build-vtpmdom-kernel.sh's output: the vTPM domain's own kernel, with
+#      XVTPM_VTPMDOM_BIN, default target/release/vtpm-domain; empty: Debian's kernel and modules),
+#      XVTPM_TESTBED_VTPMDOM_PROBE (MiB values the scenario boots the default vTPM domain at, INFO only),
 #      XVTPM_GUEST_KERNEL (elf|bzimage; elf = raw vmlinux, ~5x faster xl create under TCG),
 #      XVTPM_VTPMDOM_LOG (diagnosis: XVTPM_LOG filter inside the vTPM domain, e.g. debug; adds a
 #      busybox /init wrapper to its image),
-#      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 160 / 128; the vTPM domain's goes to
-#      `xl-vtpm vtpm create --domain … --memory`)
+#      XVTPM_GUEST_MEM / XVTPM_VTPMDOM_MEM (MiB, 160 / unset; the vTPM domain's replaces the image's
+#      memory-mib, 40 with the own kernel, 128 with Debian's, which xl-vtpm reads)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CI=$(dirname "$HERE"); TOP=$(dirname "$CI")
@@ -39,7 +42,7 @@ TARGET=${CARGO_TARGET_DIR:-$TOP/target}
 # guest initramfs (tpm2-tools + libcurl/gnutls/krb5 tail, 22 MB unpacked) OOMs while unpacking; 128 MiB did too once the
 # debug xl-vtpm in it reached 11.8 MB (34 MB unpacked): 160 MiB
 GUEST_MEM=${XVTPM_GUEST_MEM:-160}
-VTPMDOM_MEM=${XVTPM_VTPMDOM_MEM:-128}
+VTPMDOM_MEM=${XVTPM_VTPMDOM_MEM:-}
 GUEST_KERNEL=${XVTPM_GUEST_KERNEL:-elf}
 die() { echo "build-images.sh: ERROR: $*" >&2; exit 1; }
 
@@ -131,9 +134,9 @@ mkcpio() {  # tree out [gzip|zstd|zstd19]
 
 # ---- project binaries ----
 PROFILE=${XVTPM_PROFILE:-auto}
-if [ "$PROFILE" = auto ]; then   # the profile whose vtpm-domain was built last (stale release builds lose)
-  PROFILE=debug
-  if [ -x "$TARGET/release/vtpm-domain" ] && { [ ! -x "$TARGET/debug/vtpm-domain" ] || [ "$TARGET/release/vtpm-domain" -nt "$TARGET/debug/vtpm-domain" ]; }; then
+if [ "$PROFILE" = auto ]; then   # the profile whose xl-vtpm was built last (stale release builds lose; not
+  PROFILE=debug                   # vtpm-domain: run.sh builds the release one alone for the vTPM domain)
+  if [ -x "$TARGET/release/xl-vtpm" ] && { [ ! -x "$TARGET/debug/xl-vtpm" ] || [ "$TARGET/release/xl-vtpm" -nt "$TARGET/debug/xl-vtpm" ]; }; then
     PROFILE=release
   fi
 fi
@@ -209,15 +212,31 @@ fi
 
 ### vTPM domain (unikernel-style) ###
 # The project's own image builder (what `make vtpmdom` runs on a real host), fed the pinned
-# Debian root: /init = vtpm-domain (PID 1: mounts, finit_module()s /lib/modules/load-order,
-# waits for /dev/xen/* and its disk), its libraries, xen-evtchn, xen-gntdev, xen-gntalloc and
-# xen-blkfront with their dependencies. No shell, no device nodes.
-rm -rf "$B/vtpmdom" "$IMG/vtpmdom.cpio.zst"
+# Debian root: /init = vtpm-domain (PID 1: mounts, finit_module()s /lib/modules/load-order if
+# any, waits for /dev/xen/* and its disk), its libraries; no shell, no device nodes.
+#  - with the project's own kernel (XVTPM_VTPMDOM_KERNEL_DIR from build-vtpmdom-kernel.sh; run.sh's
+#    default): every driver built in, the release vtpm-domain (XVTPM_VTPMDOM_BIN), 40 MiB. It is
+#    xl-vtpm's default in dom0 (/usr/lib/xvtpm/vtpmdom/); the Debian kernel's image goes beside it
+#    (/usr/lib/xvtpm/vtpmdom-debian/) for the vtpmdom-debian phase, the 128 MiB comparison;
+#  - without (XVTPM_TESTBED_VTPMDOM_KERNEL=debian): the Debian kernel with xen-evtchn, xen-gntdev,
+#    xen-gntalloc and xen-blkfront as modules, the profile's vtpm-domain, 128 MiB, as the default.
+rm -rf "$B/vtpmdom" "$B/vtpmdom-debian" "$IMG/vtpmdom.cpio.zst" "$IMG/vtpmdom-debian.cpio.zst"
+VTPMDOM_KDIR=${XVTPM_VTPMDOM_KERNEL_DIR:-}
 if [ -n "${PBIN[vtpm-domain]:-}" ]; then
-  "$TOP/scripts/build-vtpmdom.sh" --vtpm-domain "${PBIN[vtpm-domain]}" --root "$R" --kver "$KVER" --out "$B/vtpmdom" ||
-    die "scripts/build-vtpmdom.sh failed"
+  "$TOP/scripts/build-vtpmdom.sh" --vtpm-domain "${PBIN[vtpm-domain]}" --root "$R" --kver "$KVER" --out "$B/vtpmdom-debian" ||
+    die "scripts/build-vtpmdom.sh (Debian kernel) failed"
+  rm -f "$B/vtpmdom-debian/vmlinuz"   # the same Debian kernel as the guests': dom0 has it as $KIMG
+  if [ -n "$VTPMDOM_KDIR" ]; then
+    [ -s "$VTPMDOM_KDIR/vmlinux" ] || die "XVTPM_VTPMDOM_KERNEL_DIR=$VTPMDOM_KDIR has no vmlinux (ci/testbed/build-vtpmdom-kernel.sh builds it)"
+    VBIN=${XVTPM_VTPMDOM_BIN:-$TARGET/release/vtpm-domain}
+    [ -x "$VBIN" ] || die "$VBIN not built: the small vTPM domain takes the release vtpm-domain (cargo build --release -p vtpm-domain; run.sh does)"
+    "$TOP/scripts/build-vtpmdom.sh" --vtpm-domain "$VBIN" --root "$R" --kernel "$VTPMDOM_KDIR/vmlinux" --out "$B/vtpmdom" ||
+      die "scripts/build-vtpmdom.sh (own kernel) failed"
+    mv "$B/vtpmdom-debian/initrd" "$IMG/vtpmdom-debian.cpio.zst"
+  else
+    mv "$B/vtpmdom-debian" "$B/vtpmdom"
+  fi
   mv "$B/vtpmdom/initrd" "$IMG/vtpmdom.cpio.zst"
-  rm -f "$B/vtpmdom/vmlinuz"   # the same Debian kernel as the guests': dom0 has it as $KIMG
   if [ -n "${XVTPM_VTPMDOM_LOG:-}" ]; then
     # diagnosis only: /init becomes a busybox script that sets XVTPM_LOG (the domain's kernel
     # command line is xl-vtpm's), raises the console loglevel (stack traces of hung tasks, reported
@@ -233,10 +252,11 @@ if [ -n "${PBIN[vtpm-domain]:-}" ]; then
     mkcpio "$W" "$IMG/vtpmdom.cpio.zst" zstd
     echo "vtpmdom.cpio.zst: XVTPM_LOG=$XVTPM_VTPMDOM_LOG wrapper around vtpm-domain (XVTPM_VTPMDOM_LOG)"
   fi
-  echo "vtpmdom.cpio.zst: $(zstd -dc "$IMG/vtpmdom.cpio.zst" | cpio -t --quiet | grep -vE '^\.?$' | tr '\n' ' ')"
-  echo "vtpmdom load-order: $(zstd -dc "$IMG/vtpmdom.cpio.zst" | cpio -i --quiet --to-stdout "*/load-order" | tr '\n' ' ')"
+  for i in vtpmdom vtpmdom-debian; do
+    [ -s "$IMG/$i.cpio.zst" ] || continue
+    echo "build-images.sh: note: $i.cpio.zst $(stat -c %s "$IMG/$i.cpio.zst") bytes ($(zstd -dc "$IMG/$i.cpio.zst" | wc -c) unpacked): $(zstd -dc "$IMG/$i.cpio.zst" | cpio -t --quiet | grep -vE '^\.?$' | tr '\n' ' ')"
+  done
 fi
-
 ### dom0 ###
 D=$B/dom0
 busybox_tree "$D"
@@ -395,18 +415,34 @@ case $GUEST_KERNEL in
   *) die "XVTPM_GUEST_KERNEL must be elf or bzimage" ;;
 esac
 [ "$LIBVIRT" = none ] || { mkdir -p "$D/etc/libvirt-testbed"; sed "s|@KERNEL@|$KIMG|" "$HERE/libvirt/lv-a.xml.in" > "$D/etc/libvirt-testbed/lv-a.xml"; }
-# the vTPM domain's boot files where xl-vtpm looks by default (/usr/lib/xvtpm/vtpmdom/{vmlinuz,initrd});
-# its kernel is the guests' kernel
-VTPMDOM_KIND=none
+# the vTPM domain's boot files where xl-vtpm looks by default (/usr/lib/xvtpm/vtpmdom/{vmlinuz,initrd,
+# memory-mib}): the own kernel's (its raw ELF) or, with XVTPM_TESTBED_VTPMDOM_KERNEL=debian, the guests'
+# kernel; the Debian kernel's image for the 128 MiB comparison in /usr/lib/xvtpm/vtpmdom-debian/
+VTPMDOM_KIND=none; VTPMDOM_KERNEL=none
 if [ -s "$IMG/vtpmdom.cpio.zst" ]; then
   install -D -m 0644 "$IMG/vtpmdom.cpio.zst" "$D/usr/lib/xvtpm/vtpmdom/initrd"
-  ln -sfn "$KIMG" "$D/usr/lib/xvtpm/vtpmdom/vmlinuz"
+  if [ -n "$VTPMDOM_KDIR" ]; then
+    install -m 0644 "$VTPMDOM_KDIR/vmlinux" "$D/usr/lib/xvtpm/vtpmdom/vmlinuz"
+    VTPMDOM_KERNEL=own
+    install -D -m 0644 "$IMG/vtpmdom-debian.cpio.zst" "$D/usr/lib/xvtpm/vtpmdom-debian/initrd"
+    ln -sfn "$KIMG" "$D/usr/lib/xvtpm/vtpmdom-debian/vmlinuz"
+    install -m 0644 "$B/vtpmdom-debian/memory-mib" "$D/usr/lib/xvtpm/vtpmdom-debian/memory-mib"
+  else
+    ln -sfn "$KIMG" "$D/usr/lib/xvtpm/vtpmdom/vmlinuz"
+    VTPMDOM_KERNEL=debian
+  fi
+  # XVTPM_VTPMDOM_MEM overrides what the image builder recommends
+  [ -n "${XVTPM_VTPMDOM_MEM:-}" ] && echo "$XVTPM_VTPMDOM_MEM" > "$B/vtpmdom/memory-mib"
+  install -m 0644 "$B/vtpmdom/memory-mib" "$D/usr/lib/xvtpm/vtpmdom/memory-mib"
+  VTPMDOM_MEM=$(cat "$B/vtpmdom/memory-mib")
   VTPMDOM_KIND=vtpm-domain
 fi
 cat > "$D/etc/xvtpm-testbed.env" <<ENV
 profile=$PROFILE
 vtpmdom_image=$VTPMDOM_KIND
 vtpmdom_mem=$VTPMDOM_MEM
+vtpmdom_kernel=$VTPMDOM_KERNEL
+vtpmdom_probe=${XVTPM_TESTBED_VTPMDOM_PROBE:-}
 xvtpm_deb=$DEB_NAME
 guest_kernel=$GUEST_KERNEL
 kver=$KVER

@@ -179,7 +179,8 @@ pub fn wait_for(paths: &[&Path], limit: Duration) -> Result<Duration, String> {
 }
 
 /// `key=value` pairs for the console's memory line: the domain's total and available memory
-/// and this process's resident set, in KiB.
+/// and this process's resident set, in KiB, and the kernel's uptime in ms (for the domain's
+/// init, the time from its kernel's start to now: boot-to-ready when printed at readiness).
 pub fn memory_report() -> String {
     let field = |text: &str, key: &str| -> Option<u64> {
         text.lines()
@@ -189,11 +190,16 @@ pub fn memory_report() -> String {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let show = |v: Option<u64>| v.map_or("?".to_string(), |n| n.to_string());
+    let uptime_ms = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split_whitespace().next().and_then(|s| s.parse::<f64>().ok()))
+        .map(|s| (s * 1000.0).round() as u64);
     format!(
-        "mem_total_kib={} mem_available_kib={} rss_kib={}",
+        "mem_total_kib={} mem_available_kib={} rss_kib={} uptime_ms={}",
         show(field(&meminfo, "MemTotal:")),
         show(field(&meminfo, "MemAvailable:")),
-        show(field(&status, "VmRSS:"))
+        show(field(&status, "VmRSS:")),
+        show(uptime_ms)
     )
 }
 

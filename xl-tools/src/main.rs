@@ -495,9 +495,11 @@ struct DomainArgs {
     /// The vTPM domain's initramfs (/init = vtpm-domain).
     #[arg(long, env = "XVTPM_VTPMDOM_RAMDISK", default_value = DEFAULT_VTPMDOM_RAMDISK)]
     ramdisk: PathBuf,
-    /// The vTPM domain's memory in MiB.
-    #[arg(long, default_value_t = xl_tools::vtpmdom::DEFAULT_MEMORY_MIB, requires = "domain")]
-    memory: u32,
+    /// The vTPM domain's memory in MiB [default: XVTPM_VTPMDOM_MEMORY, else the number in the
+    /// file memory-mib beside the ramdisk (scripts/build-vtpmdom.sh writes it: 40 with the
+    /// project's own kernel), else 128]
+    #[arg(long, requires = "domain")]
+    memory: Option<u32>,
     /// A block device for the vTPM's state (default: a 4 MiB image file on a loop device).
     #[arg(long, requires = "domain")]
     disk: Option<PathBuf>,
@@ -742,7 +744,7 @@ fn xen_for(local: &Local, registry: Option<&str>, host: Option<String>) -> Resul
         vtpmdom: xenlife::VtpmDomDefaults {
             kernel: std::env::var_os("XVTPM_VTPMDOM_KERNEL").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_VTPMDOM_KERNEL)),
             ramdisk: std::env::var_os("XVTPM_VTPMDOM_RAMDISK").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_VTPMDOM_RAMDISK)),
-            memory_mib: xl_tools::vtpmdom::DEFAULT_MEMORY_MIB,
+            memory_mib: std::env::var("XVTPM_VTPMDOM_MEMORY").ok(),
         },
         registry: registry.map(xl_tools::registry::Location::parse).transpose().map_err(|e| CliError::caused(exit::USAGE, "", e))?,
         host: host.unwrap_or_else(xl_tools::registry::this_host),
@@ -891,7 +893,11 @@ fn run_vtpm(cmd: VtpmCmd, local: &Local, xen: &xenlife::Xen, domains: xl_tools::
             if tpm12 {
                 create_args.push("--tpm12".into());
             }
-            let opts = xl_tools::vtpmdom::DomainOpts { name, kernel, ramdisk, memory_mib: memory, disk, ready_wait: Duration::from_secs(wait) };
+            let memory_mib = match memory {
+                Some(m) => m,
+                None => xl_tools::vtpmdom::default_memory_mib(std::env::var("XVTPM_VTPMDOM_MEMORY").ok().as_deref(), &ramdisk)?,
+            };
+            let opts = xl_tools::vtpmdom::DomainOpts { name, kernel, ramdisk, memory_mib, disk, ready_wait: Duration::from_secs(wait) };
             let rt = domains.create(&mut admin, group, uuid, &opts, create_args)?;
             if json {
                 print_json(&with_domains(&domains, vec![local.show(&mut admin, &rt.uuid)?]).remove(0));

@@ -38,8 +38,48 @@ use crate::local::{DomainRuntime, Local};
 
 /// Size of a new disk image: two 1 MiB slots and room to spare.
 pub const DISK_IMAGE_SIZE: u64 = 4 << 20;
-/// Default memory of a vTPM domain (MiB). The Debian kernel needs about this much.
+/// Memory of a vTPM domain (MiB) when neither `--memory`, `XVTPM_VTPMDOM_MEMORY` nor a
+/// [`MEMORY_FILE`] beside the ramdisk says otherwise: what a distribution kernel (Debian's
+/// 6.1, with its modules) needs.
 pub const DEFAULT_MEMORY_MIB: u32 = 128;
+/// The file beside a vTPM domain's ramdisk that says how much memory that image and its kernel
+/// need, in MiB (`scripts/build-vtpmdom.sh` writes it: 40 with the project's own kernel,
+/// `ci/testbed/build-vtpmdom-kernel.sh`; 128 with a distribution kernel).
+pub const MEMORY_FILE: &str = "memory-mib";
+/// Bounds of a vTPM domain's memory (MiB): below 8 no kernel boots; a vTPM needs nothing near
+/// the upper one.
+pub const MEMORY_RANGE: std::ops::RangeInclusive<u32> = 8..=4096;
+
+/// Parses a memory size in MiB from `what` (named in the error).
+fn parse_memory(text: &str, what: &str) -> Result<u32, CliError> {
+    let t = text.trim();
+    match t.parse::<u32>() {
+        Ok(m) if MEMORY_RANGE.contains(&m) => Ok(m),
+        _ => Err(fail(
+            USAGE,
+            format!(
+                "{what}: {t:?} is not a vTPM domain's memory in MiB ({}..={}); fix or remove it",
+                MEMORY_RANGE.start(),
+                MEMORY_RANGE.end()
+            ),
+        )),
+    }
+}
+
+/// The memory of a new vTPM domain booting `ramdisk`, when `--memory` was not given:
+/// `XVTPM_VTPMDOM_MEMORY` (`env`), else the [`MEMORY_FILE`] beside the ramdisk, else
+/// [`DEFAULT_MEMORY_MIB`].
+pub fn default_memory_mib(env: Option<&str>, ramdisk: &Path) -> Result<u32, CliError> {
+    if let Some(v) = env {
+        return parse_memory(v, "XVTPM_VTPMDOM_MEMORY");
+    }
+    let file = ramdisk.with_file_name(MEMORY_FILE);
+    match fs::read_to_string(&file) {
+        Ok(t) => parse_memory(&t, &file.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DEFAULT_MEMORY_MIB),
+        Err(e) => Err(fail(FAILURE, format!("reading {}: {e}", file.display()))),
+    }
+}
 /// How long a vTPM domain may take from unpause to ready.
 pub const DEFAULT_READY_WAIT: Duration = Duration::from_secs(120);
 /// How long `stop` waits for a clean shutdown before `xl destroy`.
@@ -485,6 +525,23 @@ fn wait_ready(domid: u32, uuid: &Uuid, limit: Duration) -> Result<(), crate::exi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_default_env_then_file_beside_the_ramdisk_then_128() {
+        let dir = tempfile::tempdir().unwrap();
+        let rd = dir.path().join("initrd");
+        assert_eq!(default_memory_mib(None, &rd).unwrap(), DEFAULT_MEMORY_MIB, "no file: the distribution kernel's");
+        fs::write(dir.path().join(MEMORY_FILE), "32\n").unwrap();
+        assert_eq!(default_memory_mib(None, &rd).unwrap(), 32, "the image's own number");
+        assert_eq!(default_memory_mib(Some("48"), &rd).unwrap(), 48, "the environment wins");
+        for bad in ["", "x", "0", "7", "4097", "-1", "32 MiB"] {
+            let e = default_memory_mib(Some(bad), &rd).unwrap_err();
+            assert!(e.text().contains("XVTPM_VTPMDOM_MEMORY") && e.code == USAGE, "{bad:?}: {}", e.text());
+        }
+        fs::write(dir.path().join(MEMORY_FILE), "lots").unwrap();
+        let e = default_memory_mib(None, &rd).unwrap_err();
+        assert!(e.text().contains(MEMORY_FILE) && e.text().contains("lots"), "{}", e.text());
+    }
 
     fn spec() -> DomainSpec {
         DomainSpec {

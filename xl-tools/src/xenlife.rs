@@ -170,8 +170,9 @@ pub struct VtpmDomDefaults {
     pub kernel: PathBuf,
     /// Initramfs with vtpm-domain as /init.
     pub ramdisk: PathBuf,
-    /// Memory (MiB).
-    pub memory_mib: u32,
+    /// Memory (MiB) from `XVTPM_VTPMDOM_MEMORY`; `None`: what the image says
+    /// ([`crate::vtpmdom::default_memory_mib`]).
+    pub memory_mib: Option<String>,
 }
 
 /// Where a guest's vTPM runs, from its `vtpm=` line.
@@ -498,7 +499,7 @@ impl Xen {
                     name: name.to_string(),
                     kernel: self.vtpmdom.kernel.clone(),
                     ramdisk: self.vtpmdom.ramdisk.clone(),
-                    memory_mib: self.vtpmdom.memory_mib,
+                    memory_mib: crate::vtpmdom::default_memory_mib(self.vtpmdom.memory_mib.as_deref(), &self.vtpmdom.ramdisk)?,
                     disk: None,
                     ready_wait: wait,
                 };

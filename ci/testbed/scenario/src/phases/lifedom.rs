@@ -406,6 +406,15 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
     println!(
         "PERF lifedom-create-s={create_s} (xl-vtpm create life-d.cfg: new vTPM identity, disk, vTPM domain boot + manufacture + ready, then xl create of the guest)"
     );
+    // xl-vtpm's own choice of memory (no --memory: memory-mib beside the default ramdisk)
+    let mem = xen::read_text(&ld.xlcfg())
+        .lines()
+        .find_map(|l| l.strip_prefix("memory = ").map(str::to_string))
+        .unwrap_or_default();
+    println!(
+        "PERF lifedom-vtpmdom-mem-mib={mem} (the memory xl-vtpm create chose for {LDV}: its generated config)"
+    );
+    super::vtpmdom::ready_perf("lifedom", &ld.vcon());
     if !e.is_empty() {
         ld.diag(cx, st);
     }

@@ -31,6 +31,48 @@ pub const VD: &str = "vtpmdom-a";
 const VDG: &str = "guest-vdom";
 const VDCFG: &str = "/etc/xen/guest-vdom.cfg";
 pub const RAMDISK: &str = "/usr/lib/xvtpm/vtpmdom/initrd";
+pub const KERNEL: &str = "/usr/lib/xvtpm/vtpmdom/vmlinuz";
+/// The Debian kernel's vTPM-domain image, beside the own kernel's default one (build-images.sh).
+const DEB_DIR: &str = "/usr/lib/xvtpm/vtpmdom-debian";
+/// The vtpmdom-debian phase's domain.
+const VDD: &str = "vtpmdom-deb";
+
+/// PERF lines from the vTPM domain's `VTPMDOM-READY` line in `con`: MemTotal, MemAvailable,
+/// vtpm-domain's RSS, and its kernel's uptime at readiness (boot to ready, inside the domain).
+pub fn ready_perf(key: &str, con: &str) {
+    let ml = con
+        .lines()
+        .find(|l| {
+            (l.starts_with("VTPMDOM-READY ") || l.starts_with("VTPMDOM-MEM "))
+                && l.contains("mem_total_kib=")
+        })
+        .unwrap_or("");
+    let v = |k: &str| xen::token(ml, k).unwrap_or_default();
+    println!(
+        "PERF {key}-mem-total-kib={} {key}-mem-available-kib={} {key}-rss-kib={} (inside the vTPM domain when ready: MemTotal, MemAvailable, vtpm-domain VmRSS)",
+        v("mem_total_kib"),
+        v("mem_available_kib"),
+        v("rss_kib")
+    );
+    println!(
+        "PERF {key}-boot-to-ready-ms={} (the vTPM domain's kernel uptime when it was ready: kernel boot, initramfs, init, manager link, ready)",
+        v("uptime_ms")
+    );
+}
+
+/// PERF line: the sizes of a vTPM domain's initramfs (compressed, as loaded) and kernel file.
+pub fn image_perf(key: &str, ramdisk: &str, kernel: &str) {
+    let size = |p: &str| {
+        fs::metadata(p)
+            .map(|m| m.len().to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    println!(
+        "PERF {key}-initrd-bytes={} {key}-kernel-bytes={} ({ramdisk}, {kernel})",
+        size(ramdisk),
+        size(kernel)
+    );
+}
 
 struct Vd {
     uuid: String,
@@ -259,6 +301,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
                 "vtpmdom-reboot",
                 "vtpmdom-restart",
                 "vtpmdom-destroy",
+                "vtpmdom-debian",
             ],
             "disabled (XVTPM_TESTBED_VTPMDOM=0)",
         );
@@ -325,8 +368,28 @@ pub fn run(r: &mut Runner, st: &mut St) {
             destroy(cx, st, &mut vd)
         });
     }
+    let deb_missing = !Path::new(&format!("{DEB_DIR}/initrd")).is_file();
+    r.phase_if(
+        "vtpmdom-debian",
+        deb_missing.then_some(
+            "no second image: the vTPM domains boot Debian's kernel already (XVTPM_TESTBED_VTPMDOM_KERNEL=debian)",
+        ),
+        deadline(300),
+        |cx| debian(cx, st),
+    );
+    // diagnosis (XVTPM_TESTBED_VTPMDOM_PROBE="24 16"): the default image at smaller memory, INFO only
+    let probe = xen::read_text("/etc/xvtpm-testbed.env")
+        .lines()
+        .find_map(|l| l.strip_prefix("vtpmdom_probe=").map(str::to_string))
+        .unwrap_or_default();
+    if !probe.trim().is_empty() && st.mgr_ready() {
+        for m in probe.split_whitespace() {
+            probe_mem(&r.cx, m);
+        }
+    }
     // nothing of it may outlive the section (teardown checks that no domU is left)
     let cx = &r.cx;
+    xen::destroy_if_running(cx, VDD);
     xen::destroy_if_running(cx, VDG);
     if xen::domid(VD).is_some() && !vd.uuid.is_empty() {
         println!("vtpmdom: cleaning up {VD}");
@@ -338,6 +401,181 @@ pub fn run(r: &mut Runner, st: &mut St) {
     }
     xen::destroy_if_running(cx, VD);
     st.vdu = vd.uuid.clone();
+}
+
+/// vtpmdom-debian: a vTPM domain on Debian's kernel (with its modules) at its memory (128 MiB),
+/// beside the default domains on the project's own kernel: it boots and becomes ready, its
+/// memory and boot figures, and `xl-vtpm vtpm destroy` takes it down again.
+fn debian(cx: &Cx, st: &mut St) -> Outcome {
+    let mut e = Errs::default();
+    if !st.mgr_ready() {
+        return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
+    }
+    let (kernel, ramdisk) = (format!("{DEB_DIR}/vmlinuz"), format!("{DEB_DIR}/initrd"));
+    let mem = xen::read_text(&format!("{DEB_DIR}/memory-mib"))
+        .trim()
+        .to_string();
+    let mem = if mem.is_empty() {
+        "128".to_string()
+    } else {
+        mem
+    };
+    let off = lines_of(&xen::clog(VDD));
+    let t0 = up();
+    let o = Cmd::new(&[
+        "xl-vtpm",
+        "vtpm",
+        "create",
+        "--domain",
+        VDD,
+        "--kernel",
+        &kernel,
+        "--ramdisk",
+        &ramdisk,
+        "--memory",
+        &mem,
+        "--ek",
+        "ecc",
+        "--json",
+    ])
+    .env("NO_COLOR", "1")
+    .secs(200)
+    .save_split(
+        "/tmp/vtpmdom-deb-create.json",
+        "/tmp/vtpmdom-deb-create.err",
+    )
+    .run(cx);
+    let create_s = secs1(t0, up());
+    show_tail("vtpm create --domain (Debian kernel)", &o.all(), 20);
+    let j = xen::parse_json(&o.stdout).unwrap_or(serde_json::Value::Null);
+    let (u, d) = (jf(&j, "uuid"), jf(&j, "domid"));
+    let con = console_from(VDD, off);
+    if o.rc != 0 || u.is_empty() {
+        e.add(format!(
+            "xl-vtpm vtpm create --domain {VDD} exited {}",
+            o.rc
+        ));
+    } else {
+        let rd = xen::domid(VDD).is_some_and(|i| {
+            xen::xs_read(&format!("/local/domain/{i}/data/xvtpm/ready")).as_deref()
+                == Some(u.as_str())
+        });
+        e.check(
+            "vtpmdom-debian-ready",
+            rd,
+            if rd {
+                format!("{VDD} (domid {d}, {mem} MiB, Debian kernel) ready")
+            } else {
+                format!("{VDD}: not ready (domid {})", none(&d))
+            },
+        );
+        let cr = con
+            .lines()
+            .any(|l| l.starts_with(&format!("VTPMDOM-READY uuid={u}")));
+        e.check(
+            "vtpmdom-debian-console-ready",
+            cr,
+            if cr {
+                "VTPMDOM-READY on its console".to_string()
+            } else {
+                format!("no 'VTPMDOM-READY uuid={u}' on its console")
+            },
+        );
+        let mods = con
+            .lines()
+            .find(|l| l.starts_with("VTPMDOM-INIT vtpm-domain"))
+            .unwrap_or("");
+        println!("INFO vtpmdom-debian init: {mods}");
+    }
+    println!(
+        "PERF vtpmdom-debian-create-s={create_s} (the same steps as vtpmdom-create-s, Debian kernel, {mem} MiB)"
+    );
+    println!("PERF vtpmdom-debian-mem-mib={mem}");
+    ready_perf("vtpmdom-debian", &con);
+    image_perf("vtpmdom-debian", &ramdisk, "/guest/vmlinux");
+    if !u.is_empty() {
+        let t1 = up();
+        let o = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &u, "--yes"])
+            .env("NO_COLOR", "1")
+            .secs(150)
+            .run(cx);
+        if !o.ok() {
+            e.add(format!("vtpm-destroy-exit-{}", o.rc));
+            show_tail("vtpm destroy", &o.all(), 10);
+        }
+        xen::gone_check(cx, &mut e, "vtpmdom-debian-gone", VDD, || {
+            format!(
+                "{VDD} not in xl list {} s after xl-vtpm vtpm destroy",
+                secs1(t1, up())
+            )
+        });
+    }
+    if !e.is_empty() {
+        show_tail(&format!("{VDD} console"), &con, 40);
+        domain_logs(VDD, 25, st);
+    }
+    e.verdict(format!(
+        "vTPM domain on Debian's kernel with modules at {mem} MiB: ready in {create_s} s, destroyed"
+    ))
+}
+
+/// A vTPM domain of the default image at `mem` MiB: ready or not, its figures (INFO, no verdict).
+fn probe_mem(cx: &Cx, mem: &str) {
+    let name = format!("vtpmdom-p{mem}");
+    let off = lines_of(&xen::clog(&name));
+    let t0 = up();
+    let o = Cmd::new(&[
+        "xl-vtpm", "vtpm", "create", "--domain", &name, "--memory", mem, "--ek", "ecc", "--wait",
+        "90", "--json",
+    ])
+    .env("NO_COLOR", "1")
+    .secs(150)
+    .save_split(&format!("/tmp/{name}.json"), &format!("/tmp/{name}.err"))
+    .run(cx);
+    let con = console_from(&name, off);
+    let u = xen::parse_json(&o.stdout)
+        .map(|j| jf(&j, "uuid"))
+        .unwrap_or_default();
+    println!(
+        "INFO vtpmdom probe {mem} MiB: xl-vtpm exit {} after {} s, ready={}",
+        o.rc,
+        secs1(t0, up()),
+        con.lines().any(|l| l.starts_with("VTPMDOM-READY"))
+    );
+    ready_perf(&format!("vtpmdom-probe{mem}"), &con);
+    show_con(&con, &format!("{name} console"), 12, |l| {
+        l.starts_with("VTPMDOM-")
+            || [
+                "error",
+                "panic",
+                "Kernel",
+                "Out of memory",
+                "oom",
+                "Initramfs",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+    });
+    if o.rc != 0 {
+        show_tail(&format!("{name} xl-vtpm"), &o.all(), 8);
+    }
+    let id = if u.is_empty() {
+        // a failed create leaves the identity: find it by the domain name
+        xen::read_text(&format!("/tmp/{name}.err"))
+            .split_whitespace()
+            .find(|w| w.len() == 36 && w.matches('-').count() == 4)
+            .unwrap_or("")
+            .to_string()
+    } else {
+        u
+    };
+    if !id.is_empty() {
+        let _ = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &id, "--yes"])
+            .env("NO_COLOR", "1")
+            .secs(120)
+            .run(cx);
+    }
+    xen::destroy_if_running(cx, &name);
 }
 
 pub fn load_block_modules(cx: &Cx, e: &mut Errs) {
@@ -462,20 +700,8 @@ fn create(cx: &Cx, st: &mut St, vd: &mut Vd, mem: &str) -> Outcome {
         println!("PERF vtpmdom-xl-mem-mib={m} (xl list; configured {mem} MiB)");
         // vtpm-domain's own line when it serves (VTPMDOM-READY, or a separate VTPMDOM-MEM)
         let c = vd.con();
-        let ml = c
-            .lines()
-            .find(|l| {
-                (l.starts_with("VTPMDOM-READY ") || l.starts_with("VTPMDOM-MEM "))
-                    && l.contains("mem_total_kib=")
-            })
-            .unwrap_or("");
-        let v = |k: &str| xen::token(ml, k).unwrap_or_default();
-        println!(
-            "PERF vtpmdom-mem-total-kib={} vtpmdom-mem-available-kib={} vtpmdom-rss-kib={} (inside the vTPM domain when ready: MemTotal, MemAvailable, vtpm-domain VmRSS)",
-            v("mem_total_kib"),
-            v("mem_available_kib"),
-            v("rss_kib")
-        );
+        ready_perf("vtpmdom", &c);
+        image_perf("vtpmdom", RAMDISK, KERNEL);
         if let Some(t) = c
             .lines()
             .find_map(|l| l.strip_prefix("VTPMDOM-INIT devices present after "))
@@ -715,6 +941,7 @@ fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
     println!(
         "PERF vtpmdom-start-s={start_s} (xl-vtpm vtpm start: boot from the disk, resume, ready)"
     );
+    ready_perf("vtpmdom-start", &vd.con());
     if vd_ready(&vd.uuid) {
         boot(cx, vd, 3, "hold=1", &mut e);
     } else {
