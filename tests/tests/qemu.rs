@@ -309,6 +309,16 @@ fn qemu_binary() -> &'static str {
 }
 
 /// Starts QEMU (TCG, q35, SeaBIOS, no disk) with a tpm-tis on the control socket `ctrl`.
+/// The real-QEMU tests run one at a time. Run in parallel in this test process (2 cores), a
+/// QEMU 7.2 (Debian 12) was seen to end by itself right after a completed migration, outgoing or
+/// incoming, in about 1 of 8 runs of this file (its QMP socket gone when the test sent `quit`;
+/// nothing in its log); one at a time, 20 runs of 20 passed. The cause was not found; the plain
+/// swtpm baseline below had shown the same once. Each test holds this for its whole run.
+fn one_qemu_test() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn start_qemu(dir: &Path, ctrl: &Path) -> (Child, Qmp) {
     let mut child = spawn_qemu(dir, ctrl, &[]);
     let q = Qmp::connect(&dir.join("qmp.sock"), &mut child, &dir.join("qemu.log"), Duration::from_secs(30));
@@ -387,6 +397,7 @@ fn until(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn real_qemu_survives_resets_and_quit_ends_the_vtpm() {
+    let _one_qemu_test = one_qemu_test();
     let s = Stack::start();
     let (v, ctrl) = vtpm_for_qemu(&s);
     let port = v.port.unwrap();
@@ -421,6 +432,7 @@ fn real_qemu_survives_resets_and_quit_ends_the_vtpm() {
 
 #[test]
 fn real_qemu_on_plain_swtpm_for_comparison() {
+    let _one_qemu_test = one_qemu_test();
     let mut sw = PlainSwtpm::start();
     let dir = testkit::tempdir();
     let (mut qemu, mut q) = start_qemu(dir.path(), &sw.ctrl.clone());
@@ -486,6 +498,7 @@ fn query_status(qmp: &Path) -> Option<String> {
 
 #[test]
 fn real_qemu_migration_keeps_tpm_state_and_refuses_tampered_or_replayed_blobs() {
+    let _one_qemu_test = one_qemu_test();
     let s = Stack::start();
     let (v, ctrl) = vtpm_for_qemu(&s);
     let port = v.port.unwrap();
@@ -572,6 +585,7 @@ fn migrate_to_file(q: &mut Qmp, file: &Path, dir: &Path) -> u64 {
 /// and with plain swtpm (same QEMU, same run) is printed, not asserted.
 #[test]
 fn real_qemu_migrates_to_another_manager_with_the_vtpm_sealed_to_its_tpm() {
+    let _one_qemu_test = one_qemu_test();
     let (a, b) = (enrolled_host(), enrolled_host());
     let (v, ctrl) = vtpm_for_qemu(&a);
     let port = v.port.unwrap();
