@@ -144,13 +144,7 @@ pub fn acpi_firmware(cfg: &XlConfig, model: TpmModel) -> Result<Option<Vec<u8>>,
     let mut out = Vec::new();
     if let Some(v) = cfg.get("acpi_firmware") {
         let path = v.as_str().ok_or_else(|| format!("acpi_firmware must be a file name in quotes, not {v}"))?;
-        let f = std::fs::File::open(path).map_err(|e| format!("acpi_firmware = {path:?}: {e}"))?;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_ACPI_FIRMWARE + 1), &mut bytes)
-            .map_err(|e| format!("acpi_firmware = {path:?}: {e}"))?;
-        if bytes.len() as u64 > MAX_ACPI_FIRMWARE {
-            return Err(format!("acpi_firmware = {path:?} is larger than {MAX_ACPI_FIRMWARE} bytes; it cannot be a set of ACPI tables"));
-        }
+        let bytes = crate::guest::read_capped(Path::new(path), MAX_ACPI_FIRMWARE, "acpi_firmware =").map_err(|e| e.text())?;
         let sigs = crate::hvm_acpi::table_signatures(&bytes).map_err(|e| format!("acpi_firmware = {path:?}: {e}"))?;
         if sigs.contains(b"TPM2") {
             return Err(format!(

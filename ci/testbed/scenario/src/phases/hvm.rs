@@ -328,7 +328,7 @@ fn create(cx: &Cx, name: &str, cfg: &str, save: &str) -> (crate::cmd::Output, se
 
 /// The `up=` stamp of check `name` in a boot's console.
 fn check_up(c: &str, name: &str) -> Option<f64> {
-    let l = c.lines().find(|l| l.starts_with(&format!("GUEST-CHECK {name} ")))?;
+    let l = xen::after_prefix(c, &format!("GUEST-CHECK {name} "))?;
     l.rsplit_once("[up=")?.1.trim_end_matches(']').trim().parse().ok()
 }
 
@@ -376,7 +376,7 @@ fn crb(cx: &Cx, st: &mut St, dm: &str) -> Outcome {
     let wait = left_for(cx, AFTER_PHASE + DESTROY);
     println!("hvm-crb: waiting up to {wait} s for the boot (scenario left {} s)", cx.scenario_left().as_secs());
     let (mut miss, c) = guest_boot(cx, CRB, off, "boot1", "fresh", wait);
-    let tpm0 = c.lines().find(|l| l.starts_with("GUEST-CHECK tpm0 ")).unwrap_or_default();
+    let tpm0 = xen::after_prefix(&c, "GUEST-CHECK tpm0 ").unwrap_or_default();
     if !(tpm0.contains("driver tpm_crb") && tpm0.contains("via ACPI MSFT0101") && tpm0.contains("TPM2 table yes")) {
         miss.push("crb-via-acpi".into());
     }
@@ -386,7 +386,7 @@ fn crb(cx: &Cx, st: &mut St, dm: &str) -> Outcome {
     e.check(
         "hvm-crb-guest",
         miss.is_empty(),
-        if miss.is_empty() { format!("all checks PASS; {}", tpm0.trim()) } else { miss.join(" ") },
+        if miss.is_empty() { format!("all checks PASS; tpm0 {}", tpm0.trim()) } else { miss.join(" ") },
     );
     let dmlog = xen::read_text(CRB_DM_LOG);
     let vlog = xen::read_text(&vlog_path);
