@@ -22,6 +22,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/cache-dir.sh"
+. "$HERE/host-packages.sh"
 . "$HERE/apt-source.sh"
 CACHE=$XVTPM_CACHE/qemu-xen
 APT=$CACHE/apt
@@ -72,13 +73,7 @@ flock -n 8 || { log "another build-qemu-xen.sh holds $CACHE/.build.lock; waiting
 # ---- host build dependencies ----
 missing=()
 for p in "${HOST_PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  [ "${XVTPM_NO_HOST_INSTALL:-0}" = 1 ] && die "missing host packages: ${missing[*]}"
-  log "installing host packages: ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } ||
-    die "could not install host packages: ${missing[*]}"
-fi
+install_host_packages "${missing[@]}"
 
 # ---- the cache key: every input ----
 # TREEKEY: what the compiled objects depend on (source pins, patches, configure flags, host

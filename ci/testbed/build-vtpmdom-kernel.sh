@@ -26,6 +26,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd)
 . "$HERE/cache-dir.sh"
+. "$HERE/host-packages.sh"
 CACHE=$XVTPM_CACHE/vtpmdom-kernel
 FRAG=$HERE/vtpmdom-kernel.config
 PATCHES=("$HERE"/vtpmdom-kernel-patches/*.patch)
@@ -40,13 +41,7 @@ log() { echo "build-vtpmdom-kernel.sh: $*"; }
 HOST_PKGS=(gcc-12 make flex bison bc libelf-dev xz-utils)
 missing=()
 for p in "${HOST_PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  [ "${XVTPM_NO_HOST_INSTALL:-0}" = 1 ] && die "missing host packages: ${missing[*]}"
-  log "installing host packages: ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } ||
-    die "could not install host packages: ${missing[*]}"
-fi
+install_host_packages "${missing[@]}"
 
 mkdir -p "$CACHE"
 # one build at a time per cache (a second caller waits, then finds the first one's result)

@@ -31,6 +31,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 TOP=$(cd "$HERE/../.." && pwd); CI=$TOP/ci
 . "$CI/testbed/cache-dir.sh"; CACHE=$XVTPM_CACHE/guest-linux
+. "$CI/testbed/host-packages.sh"
 OUTDIR=${XVTPM_GUEST_MODULE_OUT:-${XVTPM_OUT:-$CI/out}/guest-linux}
 REPO_TB_LOCK=$CI/testbed/debs.lock
 REPO_LOCK=$HERE/debs.lock
@@ -46,13 +47,7 @@ declare -A HOST_TOOLS=([gcc-12]=gcc-12 [make]=make [patch]=patch [xz]=xz-utils [
 missing=()
 for c in "${!HOST_TOOLS[@]}"; do command -v "$c" >/dev/null 2>&1 || missing+=("${HOST_TOOLS[$c]}"); done
 [ -e /usr/lib/x86_64-linux-gnu/libelf.so.1 ] || missing+=(libelf1)
-if [ ${#missing[@]} -gt 0 ]; then
-  [ "${XVTPM_NO_HOST_INSTALL:-0}" = 1 ] && die "missing host packages: ${missing[*]}"
-  log "installing host packages: ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } ||
-    die "could not install host packages: ${missing[*]}"
-fi
+install_host_packages "${missing[@]}"
 
 # ---- which kernel: the one the testbed boots (the locks as used today, drift re-resolved) ----
 if [ "${1:-}" = --update-lock ]; then
