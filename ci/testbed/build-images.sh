@@ -9,6 +9,8 @@
 #   $OUT/img/hvm.cpio.zst     HVM guest (hvm-tis phase; only with XVTPM_QEMU_XEN): busybox, tpm2-tools
 #                             + libs with libcurl-gnutls replaced by hvm-libcurl-stub.c, the guest /init
 #                             (role=hvm); no xen-tpmfront, no xenstore, no xl-vtpm; zstd -19
+#   $OUT/img/hvm-ovmf.cpio.zst  the hvm-ovmf guest (only with XVTPM_OVMF_XEN): the HVM image plus
+#                             xl-vtpm (`xl-vtpm guest deep-quote`); zstd -10
 #   $OUT/img/mgrdom.cpio.zst  manager domain (mgrdom phase): busybox, tpm2-tools, vtpmmgr, xl-vtpm,
 #                             xen-blkfront + ext4, mgrdom-init.sh as /init
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
@@ -22,7 +24,8 @@
 # Env: XVTPM_CACHE (cache-dir.sh), XVTPM_OUT (ci/out), CARGO_TARGET_DIR (target),
 #      XVTPM_TESTBED_MGRDOM (1: build the manager domain's image mgrdom.cpio.zst into dom0),
 #      XVTPM_QEMU_XEN (the TPM-enabled device model from build-qemu-xen.sh; empty: dom0 gets no
-#      HVM pieces and the hvm-tis phase is SKIPPED),
+#      HVM pieces and the hvm-tis phase is SKIPPED), XVTPM_OVMF_XEN (OvmfXen with TPM 2.0 from
+#      build-ovmf-xen.sh, with XVTPM_QEMU_XEN; empty: no hvm-ovmf guest),
 #      XVTPM_PROFILE (auto|debug|release; auto = the one with the newer xl-vtpm),
 #      XVTPM_VTPMDOM_KERNEL_DIR (build-vtpmdom-kernel.sh's output: the vTPM domain's own kernel, with
 #      XVTPM_VTPMDOM_BIN, default target/release/vtpm-domain; empty: Debian's kernel and modules),
@@ -208,6 +211,14 @@ if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
   [ -e "$D/lib/x86_64-linux-gnu/libgnutls.so.30" ] && die "the HVM guest got libgnutls: tpm2 did not resolve libcurl-gnutls to the stub"
   install -m 0755 "$HERE/domu-init.sh" "$D/init"
   mkcpio "$D" "$IMG/hvm.cpio.zst" zstd19
+  # the hvm-ovmf guest: the same plus xl-vtpm for `xl-vtpm guest deep-quote` over /dev/tpmrm0
+  # (its own image, so the other HVM guests' boot figures stay comparable; zstd -10: the
+  # stripped xl-vtpm is most of it and -19 would cost every image build ~half a minute)
+  if [ -n "${XVTPM_OVMF_XEN:-}" ]; then
+    [ -n "${PBIN[xl-vtpm]:-}" ] || die "the hvm-ovmf guest needs xl-vtpm (cargo build)"
+    copy_bin "$D" "${PBIN[xl-vtpm]}" /usr/bin/xl-vtpm strip-all
+    mkcpio "$D" "$IMG/hvm-ovmf.cpio.zst" zstd
+  fi
 fi
 
 ### vTPM domain (unikernel-style) ###
@@ -357,7 +368,7 @@ cp "$IMG/domu.cpio.zst" "$D/guest/"
 # Xen tree already), SeaBIOS where libxl looks for it, the option ROMs QEMU's Xen direct kernel
 # boot asserts (pc.c xen_load_linux), the bzImage (QEMU's -kernel wants it, not the raw ELF), the
 # HVM initramfs and its config: xen-configs/hvm-guest.cfg with the testbed's settings substituted
-HVM_DM=none
+HVM_DM=none; HVM_OVMF=none
 if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
   [ -x "$XVTPM_QEMU_XEN" ] || die "XVTPM_QEMU_XEN=$XVTPM_QEMU_XEN is no executable (ci/testbed/build-qemu-xen.sh builds it)"
   # /usr/libexec as Debian installs its device model: QEMU finds its firmware directory relative
@@ -406,6 +417,24 @@ HCFG
   sed -e 's|^name = .*|name = "hvm-crb"|' -e 's|^vtpm = .*|vtpm = [ "model=crb" ]|' \
       -e 's|^serial = .*|serial = "file:/var/log/xen/hvm-crb.serial"|' "$D/etc/xen/hvm-tis.cfg" > "$D/etc/xen/hvm-crb.cfg"
   grep -qF 'vtpm = [ "model=crb" ]' "$D/etc/xen/hvm-crb.cfg" || die "hvm-crb.cfg: no model=crb vtpm line"
+  # the hvm-ovmf phase's guest: the hvm-crb guest booted by OVMF for Xen with the TPM 2.0 modules
+  # (build-ovmf-xen.sh), named by bios_path_override: UEFI + TPM2 table + CRB, Windows 11's shape;
+  # fw=ovmf makes /init check the firmware's event log
+  if [ -n "${XVTPM_OVMF_XEN:-}" ]; then
+    [ -s "$XVTPM_OVMF_XEN" ] || die "XVTPM_OVMF_XEN=$XVTPM_OVMF_XEN is no file (ci/testbed/build-ovmf-xen.sh builds it)"
+    HVM_OVMF=/usr/lib/xvtpm/ovmf/OVMF-xen-tpm.fd
+    install -D -m 0644 "$XVTPM_OVMF_XEN" "$D$HVM_OVMF"
+    cp "$IMG/hvm-ovmf.cpio.zst" "$D/guest/"
+    { sed -e 's|^name = .*|name = "hvm-ovmf"|' -e 's|^bios = .*|bios = "ovmf"|' \
+          -e 's|^ramdisk = .*|ramdisk = "/guest/hvm-ovmf.cpio.zst"|' \
+          -e 's|^serial = .*|serial = "file:/var/log/xen/hvm-ovmf.serial"|' \
+          -e 's|^extra = "\(.*\)"|extra = "\1 fw=ovmf"|' "$D/etc/xen/hvm-crb.cfg"
+      echo "bios_path_override = \"$HVM_OVMF\""; } > "$D/etc/xen/hvm-ovmf.cfg"
+    for k in 'name = "hvm-ovmf"' 'bios = "ovmf"' 'ramdisk = "/guest/hvm-ovmf.cpio.zst"' "bios_path_override = \"$HVM_OVMF\"" 'vtpm = [ "model=crb" ]' ' fw=ovmf"'; do
+      grep -qF "$k" "$D/etc/xen/hvm-ovmf.cfg" || die "hvm-ovmf.cfg: no '$k' after substituting hvm-crb.cfg"
+    done
+    echo "build-images.sh: note: hvm-ovmf: OVMF $XVTPM_OVMF_XEN ($(stat -c %s "$XVTPM_OVMF_XEN") bytes)"
+  fi
   HVM_DM=$HVM_DM_PATH
   echo "build-images.sh: note: hvm-tis: device model $XVTPM_QEMU_XEN ($(stat -c %s "$XVTPM_QEMU_XEN") bytes), hvm.cpio.zst $(stat -c %s "$IMG/hvm.cpio.zst") bytes"
 fi
@@ -447,6 +476,7 @@ xvtpm_deb=$DEB_NAME
 guest_kernel=$GUEST_KERNEL
 kver=$KVER
 hvm_dm=$HVM_DM
+hvm_ovmf=$HVM_OVMF
 libvirt=$LIBVIRT
 ENV
 # rootfstype=ramfs: the initramfs goes into ramfs, not a tmpfs capped at half the RAM

@@ -1,22 +1,26 @@
 #!/bin/bash
 # Build Xen's device model (QEMU for xenfv, i386-softmmu) WITH TPM support from the pinned Debian
-# source of the testbed's own QEMU, into the testbed cache. No Debian or Ubuntu package has one
+# source of the testbed's own QEMU, into the testbed cache, and from the same tree the testbed's
+# outer QEMU (x86_64-softmmu, TCG), which carries patch 0002 (a nested guest's CR8 write aborted
+# Debian's 7.2 under TCG, which kept OVMF guests out of the testbed). No Debian or Ubuntu package has one
 # (docs/hvm.md, "The device model"): Debian's qemu-system-xen is configured with
 # --without-default-features and no --enable-tpm. This is that same configure line plus
 # --enable-tpm, minus the display/USB/9p features a headless testbed guest does not use (fewer
 # libraries to carry into dom0). The patches in ci/testbed/qemu-patches/ (*.patch, in name order;
 # each says what it fixes and why) are applied on top of Debian's: 0001 makes the xenfv machine's
-# direct kernel boot load the kernel and initrd by fw_cfg DMA (docs/hvm.md).
+# direct kernel boot load the kernel and initrd by fw_cfg DMA (docs/hvm.md); 0002 takes QEMU's big
+# lock for the interrupt a nested guest's CR8 write raises under TCG (docs/hvm.md, OVMF). TCG is
+# compiled into both binaries (one configure); the device model runs with Xen's accelerator only.
 #
-#   ci/testbed/build-qemu-xen.sh                 # fetch, verify, unpack, configure, build (~12 min on 2 cores)
+#   ci/testbed/build-qemu-xen.sh                 # fetch, verify, unpack, configure, build (both binaries)
 #   ci/testbed/build-qemu-xen.sh --configure-only  # everything up to and including configure
 #   ci/testbed/build-qemu-xen.sh --print-pins    # the pins of bookworm's current qemu source (to update PINS)
 #
 # Inputs, all in the cache key: the source package (.dsc, .orig.tar.xz, .debian.tar.xz, pinned
 # by SHA256 below; apt also checks them against the archive's signed Sources index), the
 # patches, the configure flags, the versions of the host's compiler and -dev packages, and this script.
-# Output: $XVTPM_CACHE/qemu-xen/<key>/xen-qemu-system-i386 (stripped) and build.info (inputs,
-# sha256 of the binary); a build whose key exists is not run again. Nothing is installed on
+# Output: $XVTPM_CACHE/qemu-xen/<key>/xen-qemu-system-i386 and qemu-system-x86_64 (stripped) and
+# build.info (inputs, sha256 of the binaries); a build whose key exists is not run again. Nothing is installed on
 # the host but the build dependencies (apt-get, unless XVTPM_NO_HOST_INSTALL=1).
 # Env: XVTPM_CACHE (cache-dir.sh), XVTPM_NICE (default 10), XVTPM_JOBS (default: nproc).
 set -euo pipefail
@@ -46,8 +50,8 @@ CONFIGURE=(
   --with-pkgversion="Debian $SRC_VERSION +tpm"
   --disable-install-blobs --disable-strip --with-git-submodules=ignore
   --disable-docs --disable-tools --without-default-features
-  --enable-xen --target-list=i386-softmmu --enable-xen-pci-passthrough
-  --disable-tcg --disable-kvm --audio-drv-list=
+  --enable-xen --target-list=i386-softmmu,x86_64-softmmu --enable-xen-pci-passthrough
+  --enable-tcg --enable-kvm --audio-drv-list=
   --enable-tpm
 )
 HOST_PKGS=(build-essential pkg-config python3 meson ninja-build dpkg-dev libglib2.0-dev
@@ -84,9 +88,9 @@ patchsums=$(cd "$HERE/qemu-patches" && sha256sum -- *.patch)
 TREEKEY=$(printf '%s\n' "$SRC_VERSION" "$PINS" "$patchsums" "${CONFIGURE[*]}" "$hostvers" | sha256sum | cut -c1-16)
 KEY=$(printf '%s\n' "$TREEKEY" "$(sha256sum < "$0")" "$(sha256sum < "$HERE/apt-source.sh")" | sha256sum | cut -c1-16)
 OUT=$CACHE/$KEY
-if [ $MODE = build ] && [ -x "$OUT/xen-qemu-system-i386" ] && [ -s "$OUT/build.info" ]; then
+if [ $MODE = build ] && [ -x "$OUT/xen-qemu-system-i386" ] && [ -x "$OUT/qemu-system-x86_64" ] && [ -s "$OUT/build.info" ]; then
   log "cached: $OUT/xen-qemu-system-i386 (key $KEY; $(sed -n 's/^built //p' "$OUT/build.info"))"
-  log "binary: $OUT/xen-qemu-system-i386"; exit 0
+  log "binary: $OUT/xen-qemu-system-i386"; log "outer: $OUT/qemu-system-x86_64"; exit 0
 fi
 
 # ---- fetch and verify the source (ci/testbed/apt-source.sh) ----
@@ -129,23 +133,30 @@ cd "$TREE/b/xen"
 
 # ---- build, strip, install into the cache ----
 T0=$(date +%s); LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
-log "building qemu-system-i386 with $JOBS jobs at nice $NICE (load average $LOAD0; ~1400 ninja steps)"
-nice -n "$NICE" ninja -j "$JOBS" qemu-system-i386 > "$CACHE/build-$TREEKEY.log" 2>&1 ||
+log "building qemu-system-i386 and qemu-system-x86_64 with $JOBS jobs at nice $NICE (load average $LOAD0)"
+nice -n "$NICE" ninja -j "$JOBS" qemu-system-i386 qemu-system-x86_64 > "$CACHE/build-$TREEKEY.log" 2>&1 ||
   { tail -n 30 "$CACHE/build-$TREEKEY.log" >&2; die "build failed (log: $CACHE/build-$TREEKEY.log)"; }
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 mkdir -p "$OUT.tmp"
 strip -o "$OUT.tmp/xen-qemu-system-i386" qemu-system-i386
-# (QEMU prints the list on stderr)
-tpmdevs=$("$OUT.tmp/xen-qemu-system-i386" -tpmdev help 2>&1 || true)
-grep -q 'emulator' <<< "$tpmdevs" || die "the built device model has no -tpmdev emulator: $tpmdevs"
+strip -o "$OUT.tmp/qemu-system-x86_64" qemu-system-x86_64
+# (QEMU prints the lists on stderr)
+for b in xen-qemu-system-i386 qemu-system-x86_64; do
+  tpmdevs=$("$OUT.tmp/$b" -tpmdev help 2>&1 || true)
+  grep -q 'emulator' <<< "$tpmdevs" || die "the built $b has no -tpmdev emulator: $tpmdevs"
+done
+accels=$("$OUT.tmp/qemu-system-x86_64" -accel help 2>&1 || true)
+grep -qx 'tcg' <<< "$accels" || die "the built qemu-system-x86_64 has no TCG: $accels"
 {
   echo "source qemu=$SRC_VERSION"; echo "$PINS"
   echo "patches"; echo "$patchsums"
   echo "configure ${CONFIGURE[*]}"; echo "$hostvers"
-  echo "sha256 $(sha256sum < "$OUT.tmp/xen-qemu-system-i386" | cut -d' ' -f1)"
+  echo "sha256 $(sha256sum < "$OUT.tmp/xen-qemu-system-i386" | cut -d' ' -f1) xen-qemu-system-i386"
+  echo "sha256 $(sha256sum < "$OUT.tmp/qemu-system-x86_64" | cut -d' ' -f1) qemu-system-x86_64"
   echo "built $(date -u +%FT%TZ) in $(( $(date +%s) - T0 )) s, $JOBS jobs, nice $NICE, load average before $LOAD0, after $LOAD1"
 } > "$OUT.tmp/build.info"
 rm -rf "$OUT"; mv "$OUT.tmp" "$OUT"
 [ "${XVTPM_QEMU_KEEP_TREE:-0}" = 1 ] || rm -rf "$TREE"
 log "built $OUT/xen-qemu-system-i386 ($(( $(date +%s) - T0 )) s; load average before $LOAD0, after $LOAD1)"
 log "binary: $OUT/xen-qemu-system-i386"
+log "outer: $OUT/qemu-system-x86_64"

@@ -26,6 +26,9 @@
 #               index, the EK certificate (NV 0x01c00002); after a reboot ("state=kept"): the
 #               NV index kept, PCR 16 reset, the same EK
 #     tpm=0     the same HVM guest without a vTPM (the P5 baseline): checks that it sees no TPM
+#     fw=ovmf   the hvm-ovmf phase's guest (OVMF for Xen, tpm-crb): also the firmware's TCG2 event
+#               log, replayed by tpm2_eventlog to the vTPM's PCRs 0-7 on every boot (GUEST-EVLOG*;
+#               as hex on the first), and the quote covers PCRs 0-7
 #   hold=1      do not power off at the end (dom0 xl destroys the guest); role=life then
 #               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX",
 #               "N:extend" (PCR 16 once), "N:migcheck:NONCE"; extend and migcheck use the /dev/tpmN
@@ -90,6 +93,45 @@ ima_replay() {
 hvm_boot_gaps() {
   dmesg | awk -F'] ' '/^\[ *[0-9]/ { t = substr($1, 2) + 0; if (NR > 1) printf "%.2f %.2f %s\n", t - p, t, substr($0, index($0, "] ") + 2, 70); p = t }' |
     sort -rn | head -n 6 | while read -r d t l; do echo "GUEST-INFO boot-gap ${d}s before ${t}: $l"; done
+}
+# hvm_eventlog: the OVMF guest (fw=ovmf): the firmware's TCG2 event log as the kernel kept it
+# (securityfs), replayed by tpm2_eventlog and compared with the vTPM's PCRs 0-7; printed as hex
+# (GUEST-EVLOG-HEX, first boot only) for dom0 to replay it with xl-vtpm and keep it
+hvm_eventlog() {
+  mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
+  el=/sys/kernel/security/tpm0/binary_bios_measurements
+  if ! cat $el > /tmp/evlog.bin 2>/dev/null || [ ! -s /tmp/evlog.bin ]; then
+    check eventlog FAIL "no event log at $el (EFI: $([ -d /sys/firmware/efi ] && echo yes || echo no))"; return
+  fi
+  # (not $n: check() sets it)
+  elen=$(wc -c < /tmp/evlog.bin); sum=$(sha256sum /tmp/evlog.bin | cut -c1-64)
+  echo "GUEST-EVLOG bytes=$elen sha256=$sum"
+  if tr -c 'A-Za-z0-9 ' '\n' < /tmp/evlog.bin | grep -q 'Spec ID Event03'; then
+    check eventlog PASS "$elen bytes, crypto agile (Spec ID Event03), sha256 $sum"
+  else check eventlog FAIL "$elen bytes without a Spec ID Event03 header"; fi
+  # the vTPM's PCRs 0-7 and the log's replay, both as "N=HEX" (upper case)
+  t tpm2_pcrread sha256:0,1,2,3,4,5,6,7
+  pcrs=$(echo "$out" | sed -n 's/^ *\([0-7]\) *: *0x\([0-9A-Fa-f]*\).*/\1=\2/p' | tr 'a-f' 'A-F' | sort | tr '\n' ' ')
+  t tpm2_eventlog /tmp/evlog.bin
+  rep=$(echo "$out" | awk '/^pcrs:/ { p = 1; next } p && /^  sha256:/ { s = 1; next } p && /^  [a-z0-9_]+:/ { s = 0 }
+    s && /^ +[0-9]+ *: *0x/ { gsub(/ /, ""); split($0, a, ":"); if (a[1] + 0 < 8) print a[1] "=" toupper(substr(a[2], 3)) }' | sort | tr '\n' ' ')
+  echo "GUEST-EVLOG-PCRS $pcrs"
+  if [ -n "$rep" ] && [ "$rep" = "$pcrs" ] && [ "$(echo "$pcrs" | wc -w)" = 8 ] && ! echo "$pcrs" | grep -q "0=$PCR_ZERO"; then
+    check eventlog-replay PASS "tpm2_eventlog's replay of the log = the vTPM's PCRs 0-7 (PCR 0 measured)"
+  else check eventlog-replay FAIL "replay '${rep:-<none: rc=$rc $(echo "$out" | tail -n 1)>}' vs pcrread '$pcrs'"; fi
+  [ "$st" = fresh ] && xxd -p /tmp/evlog.bin | sed 's/^/GUEST-EVLOG-HEX /'
+}
+# deep_quote: `xl-vtpm guest deep-quote` over /dev/tpm0 (no resource manager: the kernel's would
+# refuse a vendor command the TPM does not list) with dq_nonce from the kernel command line, vPCRs
+# and host PCRs 0-7; printed as hex between GUEST-DQ-BEGIN/GUEST-DQ-END for dom0 to verify
+deep_quote() {
+  [ -n "${dq_nonce:-}" ] || { check deep-quote FAIL "no dq_nonce= on the kernel command line"; return; }
+  if TT=120 t xl-vtpm guest deep-quote --tcti device:/dev/tpm0 --nonce "$dq_nonce" --vpcrs 0-7 --host-pcrs 0-7 --out dq.bin; then
+    echo "GUEST-DQ-BEGIN bytes=$(wc -c < dq.bin)"
+    xxd -p -c 32 dq.bin | sed 's/^/GUEST-DQ /'
+    echo "GUEST-DQ-END sha256=$(sha256sum dq.bin | cut -c1-64)"
+    check deep-quote PASS "$(wc -c < dq.bin) bytes; $out"
+  else check deep-quote FAIL "rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi
 }
 # wait_tpm DEV: waits up to tpm_wait s for the character device DEV (a TPM driver probes in the
 # background: tpm_tis after ACPI, xen-tpmfront after xenbus); true once it is there
@@ -157,6 +199,8 @@ hvm)
   echo "GUEST-HVM state=$st"
   if t tpm2_pcrread sha256:0,7,16; then check pcrread PASS "$(echo "$out" | tr -s ' \n' ' ')"
   else check pcrread FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+  qpcrs=0,7,16
+  [ "${fw:-seabios}" = ovmf ] && { hvm_eventlog; qpcrs=0,1,2,3,4,5,6,7,16; }
   v0=$(pcr16)
   [ "$v0" = "$PCR_ZERO" ] && check pcr16-reset PASS "PCR16=0 (state=$st)" || check pcr16-reset FAIL "PCR16=${v0:-<read failed>} (state=$st: a new platform must reset the vTPM's PCRs)"
   if t tpm2_createek -c ek.ctx -G ecc -u ek.pub; then
@@ -168,12 +212,14 @@ hvm)
     if t tpm2_createak -C ek.ctx -c ak.ctx -G ecc -g sha256 -s ecdsa -u ak.pub -n ak.name; then check createak PASS "ecc/ecdsa restricted signing key"
     else check createak FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
     q=$(timeout 5 head -c 16 /dev/urandom | xxd -p)
-    if t tpm2_quote -c ak.ctx -l sha256:0,7,16 -q $q -m q.msg -s q.sig -o q.pcrs -g sha256; then check quote PASS "PCRs sha256:0,7,16"
+    if t tpm2_quote -c ak.ctx -l sha256:$qpcrs -q $q -m q.msg -s q.sig -o q.pcrs -g sha256; then check quote PASS "PCRs sha256:$qpcrs"
     else check quote FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
     if t tpm2_checkquote -u ak.pub -m q.msg -s q.sig -f q.pcrs -g sha256 -q $q; then
       if t tpm2_checkquote -u ak.pub -m q.msg -s q.sig -f q.pcrs -g sha256 -q 00$q; then check checkquote FAIL "a wrong nonce verified too"
       else check checkquote PASS "signature + nonce verified; a wrong nonce is rejected"; fi
     else check checkquote FAIL "rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi
+    # OVMF: a deep quote over the vPCRs 0-7 the firmware measured (dom0 verifies it with the event log)
+    [ "${fw:-seabios}" = ovmf ] && deep_quote
     printf '%s' "$NV_DATA" > nv.dat
     if t tpm2_nvdefine $NV_IDX -C o -s 32 -a "ownerread|ownerwrite" && t tpm2_nvwrite $NV_IDX -C o -i nv.dat &&
        t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out; then
@@ -345,15 +391,8 @@ vtpm|life|mig)
     else check nv-write FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
     flush
 
-    if [ -n "${dq_nonce:-}" ]; then
-      if TT=120 t xl-vtpm guest deep-quote --tcti device:/dev/tpm0 --nonce "$dq_nonce" --vpcrs 0-7 --host-pcrs 0-7 --out dq.bin; then
-        echo "GUEST-DQ-BEGIN bytes=$(wc -c < dq.bin)"
-        xxd -p -c 32 dq.bin | sed 's/^/GUEST-DQ /'
-        echo "GUEST-DQ-END sha256=$(sha256sum dq.bin | cut -c1-64)"
-        check deep-quote PASS "$(wc -c < dq.bin) bytes; $out"
-      else check deep-quote FAIL "rc=$rc $(echo "$out" | tail -n 3 | tr '\n' ' ')"; fi
-      flush
-    else check deep-quote FAIL "no dq_nonce= on the kernel command line"; fi
+    deep_quote
+    flush
   else
     t tpm2_getcap handles-persistent
     echo "$out" | grep -qi "$PERSIST" && check persistent-kept PASS "$PERSIST still present" || check persistent-kept FAIL "handles-persistent: $(echo "$out" | tr '\n' ' ')"

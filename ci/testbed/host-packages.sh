@@ -1,4 +1,4 @@
-# Sourced by the build scripts (build-qemu-xen.sh, build-vtpmdom-kernel.sh,
+# Sourced by the build scripts (build-qemu-xen.sh, build-ovmf-xen.sh, build-vtpmdom-kernel.sh,
 # guest/linux/build-module.sh), which define die() and log().
 # install_host_packages PKG...: installs the Debian packages given (the caller's missing ones) with
 # apt-get, updating the package lists once if the first try fails; XVTPM_NO_HOST_INSTALL=1 refuses

@@ -21,11 +21,17 @@
 #   XVTPM_TESTBED_MIGRATE  1|0: moving a running guest with its vTPM (xl-vtpm migrate GUEST localhost
 #                          --non-live: xl save + xl restore, as this Xen refuses log-dirty mode for PV guests)
 #                          and P6, the downtime with and without a vTPM (1; 100-140 s; the Rust scenario only)
-#   XVTPM_TESTBED_HVM      1|crb|0: hvm-tis and hvm-crb phases (crb: hvm-crb alone): an HVM guest (SeaBIOS, Linux) whose TPM is emulated by the
-#                          TPM-enabled device model (build-qemu-xen.sh: built once, cached; the build
-#                          runs before the budget clock starts, limited by XVTPM_QEMU_BUILD_TIMEOUT,
-#                          default 3600 s) and served by a vtpm-domain process (xl-vtpm create); the same
-#                          guest without a vTPM for P5's baseline (1; docs/hvm.md)
+#   XVTPM_TESTBED_HVM      1|crb|ovmf|0: hvm-tis, hvm-crb and hvm-ovmf phases (crb, ovmf: that phase alone): an HVM
+#                          guest (Linux) whose TPM is emulated by the TPM-enabled device model (build-qemu-xen.sh:
+#                          built once, cached; the build runs before the budget clock starts, limited by
+#                          XVTPM_QEMU_BUILD_TIMEOUT, default 3600 s) and served by a vtpm-domain process (xl-vtpm
+#                          create): SeaBIOS with tpm-tis and with tpm-crb, and OVMF for Xen with the TPM 2.0
+#                          modules (build-ovmf-xen.sh, built and cached the same way, XVTPM_OVMF_BUILD_TIMEOUT)
+#                          with tpm-crb, whose measured boot's event log is replayed in the guest and in dom0
+#                          (kept as hvm-ovmf-eventlog.bin in the run's directory); the same guest without a
+#                          vTPM for P5's baseline (1; docs/hvm.md). With it the outer QEMU is the one
+#                          build-qemu-xen.sh builds from Debian's 7.2 source with qemu-patches/0002 (Debian's
+#                          own aborts when OVMF writes CR8 in the nested guest); XVTPM_TESTBED_QEMU names another
 #   XVTPM_TESTBED_MGRDOM   1|0: mgrdom-* phases, run last: vtpmmgr in its own PV domain that owns the physical
 #                          TPM (xl iomem = [ "fed40,5" ], dom0's tpm_tis unbound, then bound again), its state
 #                          on a file-backed xvd disk across a domain restart (0; docs/manager-domain.md)
@@ -54,8 +60,7 @@ OUT=${XVTPM_OUT:-$CI/out}
 . "$HERE/cache-dir.sh"; CACHE=$XVTPM_CACHE
 BUDGET=${XVTPM_TESTBED_BUDGET:-2400}
 ACCEL=${XVTPM_TESTBED_ACCEL:-tcg}
-# hvm-tis stays off by default until a run on a CI-like host passes it whole within the budget
-# (docs/hvm.md, "Measured in the Xen testbed")
+# the HVM phases (hvm-tis, hvm-crb, hvm-ovmf; docs/hvm.md, "Measured in the Xen testbed")
 HVM=${XVTPM_TESTBED_HVM:-1}
 # hvm-tis adds ~34 MB to dom0's ramfs (device model + libraries, bzImage, HVM initramfs): at 512M dom0
 # panicked unpacking it ("System is deadlocked on memory"); the HVM guest takes 256 MiB beside the others
@@ -150,6 +155,31 @@ if [ "$VTPMDOM_KERNEL" = own ] && [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
 fi
 export XVTPM_VTPMDOM_KERNEL_DIR=$VTPMDOM_KDIR
 
+# the outer QEMU: with the HVM phases the one built above (qemu-patches/0002: Debian's 7.2 aborts
+# under TCG when a nested guest such as OVMF writes CR8 with a virtual interrupt pending)
+OUTER_QEMU=${XVTPM_TESTBED_QEMU:-}
+if [ -z "$OUTER_QEMU" ]; then
+  OUTER_QEMU=qemu-system-x86_64
+  if [ -n "$QEMU_XEN" ]; then
+    OUTER_QEMU=$(sed -n 's/^build-qemu-xen.sh: outer: //p' "$L/build-qemu-xen.log" | tail -n 1)
+    [ -x "$OUTER_QEMU" ] || fail "build-qemu-xen.sh named no outer QEMU"
+  fi
+fi
+
+# ---- 0c. OVMF for Xen with TPM 2.0 (hvm-ovmf): built once per input set, outside the budget ----
+OVMF_XEN=""
+if { [ "$HVM" = 1 ] || [ "$HVM" = ovmf ]; } && [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
+  t=$(date +%s.%N)
+  timeout "${XVTPM_OVMF_BUILD_TIMEOUT:-3600}" "$HERE/build-ovmf-xen.sh" > "$L/build-ovmf-xen.log" 2>&1 ||
+    { tail -n 30 "$L/build-ovmf-xen.log"; fail "build-ovmf-xen.sh (OVMF for Xen with TPM 2.0; XVTPM_TESTBED_HVM=0 skips it)"; }
+  OVMF_XEN=$(sed -n 's/^build-ovmf-xen.sh: image: //p' "$L/build-ovmf-xen.log" | tail -n 1)
+  [ -s "$OVMF_XEN" ] || fail "build-ovmf-xen.sh named no image"
+  phase ovmf-xen-build "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
+  grep -E '^build-ovmf-xen.sh: (cached|built|image)' "$L/build-ovmf-xen.log"
+  T_START=$(date +%s.%N)   # the budget is the testbed's, not the one-off build's
+fi
+export XVTPM_OVMF_XEN=$OVMF_XEN
+
 # ---- 1. inputs: pinned debs + images ----
 if [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
   t=$(date +%s.%N)
@@ -169,7 +199,7 @@ if [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
 fi
 case ${XVTPM_TESTBED_DOM0_KERNEL:-elf} in elf) DOM0_K=$CACHE/img/vmlinux ;; *) DOM0_K=$CACHE/img/vmlinuz ;; esac
 for f in "$CACHE/img/xen" "$DOM0_K" "$OUT/img/dom0.img"; do [ -s "$f" ] || fail "missing $f"; done
-for c in qemu-system-x86_64 swtpm perl; do command -v $c >/dev/null || fail "$c not installed (fetch.sh installs it)"; done
+for c in "$OUTER_QEMU" swtpm perl; do command -v "$c" >/dev/null || fail "$c not installed (fetch.sh installs it)"; done
 
 # ---- 2. swtpm = the host's physical TPM ----
 # its state as manufactured by build-images.sh (EKs + EK certificates from the testbed's vendor CA)
@@ -194,7 +224,7 @@ REM=$(remaining); [ "$REM" -gt 10 ] || fail "budget exhausted before boot"
 # dom0's waits all give up by this dom0 uptime, leaving time to dump the logs and power off
 # (dom0 uptime lags the host clock by the Xen boot, so this is conservative)
 DOM0_ARGS="$DOM0_ARGS xvtpm_deadline=$(( REM > 90 ? REM - 45 : REM / 2 ))"
-QEMU=(nice -n "$NICE" qemu-system-x86_64 "${ACCEL_ARGS[@]}" -cpu "$CPU" -smp "$SMP" -m "$MEM"
+QEMU=(nice -n "$NICE" "$OUTER_QEMU" "${ACCEL_ARGS[@]}" -cpu "$CPU" -smp "$SMP" -m "$MEM"
       -display none -monitor none -serial stdio -no-reboot
       -kernel "$CACHE/img/xen" -append "$XEN_ARGS"
       -initrd "$DOM0_K ${DOM0_ARGS//,/,,},$OUT/img/dom0.img"
@@ -206,7 +236,7 @@ timeout -k 5 "$REM" "${QEMU[@]}" < /dev/null 2> "$L/qemu.stderr" \
   > >(perl -MTime::HiRes=time -e '$|=1; while(<STDIN>){ s/\r//g; printf "[%8.3f] %s", time-$ENV{T0}, $_ }' > "$L/serial.log") &
 QEMU_PID=$!
 touch "$L/serial.log"
-echo "run.sh: QEMU pid $QEMU_PID (cpu $CPU, smp $SMP, mem $MEM, dom0 $DOM0_MEM, budget left ${REM}s); serial: $L/serial.log"
+echo "run.sh: QEMU pid $QEMU_PID ($OUTER_QEMU; cpu $CPU, smp $SMP, mem $MEM, dom0 $DOM0_MEM, budget left ${REM}s); serial: $L/serial.log"
 
 # ---- 4. watch the serial log ----
 status=""; done_at=""; last_marks=0
@@ -241,6 +271,11 @@ awk -v d="$L/dom0" '
   / LOGDUMP-BEGIN / { sub(/.* LOGDUMP-BEGIN /, ""); f = d "/" $1 ".log"; printf "" > f; next }
   / LOGDUMP-END /   { if (f) close(f); f = ""; next }
   f != ""           { sub(/^\[ *[0-9.]+\] \| ?/, ""); print >> f }' "$L/serial.log"
+# hvm-ovmf: the guest's TCG2 event log, dumped as hex, kept raw (xl-vtpm eventlog show FILE reads it)
+if [ -s "$L/dom0/hvm-ovmf-eventlog-hex.log" ]; then
+  perl -ne 'print pack("H*", $1) if /^([0-9a-f]+)$/' "$L/dom0/hvm-ovmf-eventlog-hex.log" > "$L/hvm-ovmf-eventlog.bin" &&
+    echo "run.sh: hvm-ovmf event log: $L/hvm-ovmf-eventlog.bin ($(stat -c %s "$L/hvm-ovmf-eventlog.bin") bytes, sha256 $(sha256sum < "$L/hvm-ovmf-eventlog.bin" | cut -c1-64))"
+fi
 
 # ---- 5. marks -> phase durations (host clock, from QEMU start) ----
 grep -E '^\[ *[0-9.]+\] MARK ' "$L/serial.log" | sed -E 's/^\[ *([0-9.]+)\] MARK ([^ ]+).*/\1 \2/' > "$L/marks.txt"

@@ -11,6 +11,15 @@
 //! the same guest without a vTPM (`/etc/xen/hvm-notpm.cfg`, plain `xl create`): it sees no TPM,
 //! and its create -> /init is P5's baseline for the HVM guest.
 //!
+//! hvm-crb: the same guest with `vtpm = [ "model=crb" ]` (QEMU's tpm-crb; `xl-vtpm create` passes a
+//! TPM2 table and an MSFT0101 device in `acpi_firmware`), first boot's checks. hvm-ovmf: that guest
+//! booted by OVMF for Xen with the TPM 2.0 modules (ci/testbed/build-ovmf-xen.sh, named by
+//! `bios_path_override`): UEFI + TPM2 table + CRB, Windows 11's shape. The firmware measures the
+//! boot; the guest (fw=ovmf) replays its TCG2 event log with tpm2_eventlog to the vTPM's PCRs 0-7
+//! on each boot and prints it as hex on the first; dom0 replays the copy again with `xl-vtpm
+//! eventlog show` (run.sh keeps it as hvm-ovmf-eventlog.bin); then `xl-vtpm reboot` and destroy as
+//! for hvm-tis.
+//!
 //! The waits come from the budget: each gets what is left of the scenario minus what the steps
 //! after it need (`left_for`), so a slow host uses its whole budget and a fast one never waits
 //! on a fixed timeout.
@@ -28,11 +37,36 @@ pub const NAME: &str = "hvm-tis";
 pub const CFG: &str = "/etc/xen/hvm-tis.cfg";
 pub const DM_LOG: &str = "/var/log/xen/qemu-dm-hvm-tis.log";
 pub const SERIAL: &str = "/var/log/xen/hvm-tis.serial";
-/// The same guest with QEMU's tpm-crb (`vtpm = [ "model=crb" ]`; build-images.sh writes it from
-/// hvm-tis.cfg).
-pub const CRB: &str = "hvm-crb";
-pub const CRB_CFG: &str = "/etc/xen/hvm-crb.cfg";
-pub const CRB_DM_LOG: &str = "/var/log/xen/qemu-dm-hvm-crb.log";
+/// A guest whose TPM is QEMU's tpm-crb, found through the ACPI tables `xl-vtpm create` adds.
+pub struct Crb {
+    pub name: &'static str,
+    pub cfg: &'static str,
+    pub dm_log: &'static str,
+    pub serial: &'static str,
+    /// booted by OVMF: the event log checks, and a reboot
+    pub ovmf: bool,
+}
+/// The hvm-tis guest with QEMU's tpm-crb (`vtpm = [ "model=crb" ]`; build-images.sh writes it
+/// from hvm-tis.cfg).
+pub const CRB: Crb = Crb {
+    name: "hvm-crb",
+    cfg: "/etc/xen/hvm-crb.cfg",
+    dm_log: "/var/log/xen/qemu-dm-hvm-crb.log",
+    serial: "/var/log/xen/hvm-crb.serial",
+    ovmf: false,
+};
+/// The hvm-crb guest booted by OVMF for Xen with TPM 2.0 (build-images.sh writes it from
+/// hvm-crb.cfg when run.sh built the firmware).
+pub const OVMF: Crb = Crb {
+    name: "hvm-ovmf",
+    cfg: "/etc/xen/hvm-ovmf.cfg",
+    dm_log: "/var/log/xen/qemu-dm-hvm-ovmf.log",
+    serial: "/var/log/xen/hvm-ovmf.serial",
+    ovmf: true,
+};
+/// dom0's copies of the OVMF guest's event log (raw, and the hex the log dump carries out)
+pub const EVLOG_BIN: &str = "/tmp/hvm-ovmf-eventlog.bin";
+pub const EVLOG_HEX: &str = "/tmp/hvm-ovmf-eventlog.hex";
 /// The same guest without a vTPM (build-images.sh writes it from hvm-tis.cfg).
 pub const NOTPM: &str = "hvm-notpm";
 pub const NOTPM_CFG: &str = "/etc/xen/hvm-notpm.cfg";
@@ -43,8 +77,11 @@ const AFTER_PHASE: u64 = 150;
 /// What the hvm-crb phase after hvm-tis needs (one boot of the same guest, ~60 s on an idle
 /// host, and its destroy), with a margin; hvm-tis's waits leave it this.
 const CRB_PHASE: u64 = 180;
+/// What the hvm-ovmf phase needs (two boots of the guest through OVMF, ~70 s each on an idle
+/// host, its destroy), with a margin; hvm-tis's and hvm-crb's waits leave it this.
+const OVMF_PHASE: u64 = 300;
 /// What hvm-tis's waits leave to what follows it.
-const AFTER_TIS: u64 = AFTER_PHASE + CRB_PHASE;
+const AFTER_TIS: u64 = AFTER_PHASE + CRB_PHASE + OVMF_PHASE;
 /// `xl-vtpm destroy` of the guest and the checks after it (measured 17 s), with a margin.
 const DESTROY: u64 = 45;
 /// The baseline guest without a vTPM: xl create -> /init -> GUEST-DONE, xl destroy (measured
@@ -80,7 +117,7 @@ fn dm_path() -> String {
 
 /// Waits for this boot's GUEST-DONE (console after line `off`); echoes the checks. Returns the
 /// failures and the console text of this boot.
-fn guest_boot(cx: &Cx, name: &str, off: usize, tag: &str, state: &str, secs: u64) -> (Vec<String>, String) {
+fn guest_boot(cx: &Cx, name: &str, off: usize, tag: &str, state: &str, secs: u64, ovmf: bool) -> (Vec<String>, String) {
     let mut miss = Vec::new();
     // the guest's markers as they come (with dom0's uptime): where a slow boot spends its time
     let mut seen = 0;
@@ -88,7 +125,8 @@ fn guest_boot(cx: &Cx, name: &str, off: usize, tag: &str, state: &str, secs: u64
         let c = console_from(name, off);
         for l in c.lines().skip(seen) {
             seen += 1;
-            if l.starts_with("GUEST-") {
+            // (not the event log's and the deep quote's hex)
+            if l.starts_with("GUEST-") && !l.starts_with("GUEST-EVLOG-HEX") && !l.starts_with("GUEST-DQ ") {
                 println!("[{name} {tag} live up={:.1}] {l}", up());
             }
         }
@@ -127,6 +165,12 @@ fn guest_boot(cx: &Cx, name: &str, off: usize, tag: &str, state: &str, secs: u64
     // 10 — unless the kernel's own probe timed out and domu-init.sh probed again after IMA had
     // gone to TPM-bypass (a loaded host; the GUEST-INFO line says so)
     let mut want = want.to_vec();
+    if ovmf {
+        want.extend(["eventlog", "eventlog-replay"]);
+        if state == "fresh" {
+            want.push("deep-quote");
+        }
+    }
     if !c.contains("probing again") {
         want.push("ima-replay");
     }
@@ -149,6 +193,8 @@ fn guest_boot(cx: &Cx, name: &str, off: usize, tag: &str, state: &str, secs: u64
             "GUEST-DONE",
             "GUEST-DMESG",
             "GUEST-INFO",
+            "GUEST-EVLOG ",
+            "GUEST-EVLOG-PCRS",
         ]
         .iter()
         .any(|k| l.starts_with(k))
@@ -347,85 +393,299 @@ fn key_times(key: &str, c: &str) {
     );
 }
 
-/// hvm-crb: the hvm-tis guest with QEMU's tpm-crb. hvmloader has no tables for a CRB TPM;
-/// `xl-vtpm create` passes a TPM2 table and an MSFT0101 device in `acpi_firmware`, and the
-/// guest must find the TPM through them (tpm_crb, no force) and pass boot 1's checks.
-fn crb(cx: &Cx, st: &mut St, dm: &str) -> Outcome {
+/// `N=HEX` words after `prefix` (the guest's GUEST-EVLOG-PCRS line) as PCR -> lower-case hex.
+fn pcr_words(text: &str, prefix: &str) -> std::collections::BTreeMap<u32, String> {
+    xen::after_prefix(text, prefix)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|w| {
+            let (n, v) = w.split_once('=')?;
+            Some((n.parse().ok()?, v.to_ascii_lowercase()))
+        })
+        .collect()
+}
+
+/// dom0's side of the measured boot: the event log the guest printed (GUEST-EVLOG-HEX) is
+/// decoded, must have the size and SHA-256 the guest reported, and `xl-vtpm eventlog show`
+/// (xvtpm's own parser and replay) must give the PCRs 0-7 the guest read from the vTPM. The
+/// log stays in EVLOG_BIN and, as hex, in EVLOG_HEX for the log dump.
+fn eventlog_dom0(cx: &Cx, c1: &str, e: &mut Errs) {
+    let hex_text: String = c1
+        .lines()
+        .filter_map(|l| l.strip_prefix("GUEST-EVLOG-HEX "))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let raw = hex::decode(hex_text.replace('\n', "")).unwrap_or_default();
+    let want = xen::after_prefix(c1, "GUEST-EVLOG ").unwrap_or_default();
+    let got = {
+        use sha2::Digest;
+        format!("bytes={} sha256={}", raw.len(), hex::encode(sha2::Sha256::digest(&raw)))
+    };
+    let _ = std::fs::write(EVLOG_BIN, &raw);
+    let _ = std::fs::write(EVLOG_HEX, format!("{hex_text}\n"));
+    let intact = !raw.is_empty() && want.trim() == got;
+    e.check(
+        "hvm-ovmf-eventlog-copied",
+        intact,
+        format!("the guest's event log in dom0 ({EVLOG_BIN}): {got}; the guest said {}", want.trim()),
+    );
+    if !intact {
+        return;
+    }
+    let o = Cmd::new(&["xl-vtpm", "--json", "eventlog", "show", EVLOG_BIN])
+        .env("NO_COLOR", "1")
+        .secs(30)
+        .run(cx);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
+    let guest = pcr_words(c1, "GUEST-EVLOG-PCRS ");
+    let mut diff = Vec::new();
+    for p in 0..8u32 {
+        let replayed = v["replayed_sha256"][p.to_string()].as_str().unwrap_or("<none>").to_string();
+        let read = guest.get(&p).cloned().unwrap_or_else(|| "<none>".into());
+        if replayed != read {
+            diff.push(format!("PCR {p}: log {replayed} vTPM {read}"));
+        }
+    }
+    let events = v["events"].as_array().map_or(0, Vec::len);
+    e.check(
+        "hvm-ovmf-eventlog-dom0-replay",
+        o.ok() && events > 0 && diff.is_empty(),
+        if o.ok() && diff.is_empty() {
+            format!("xl-vtpm eventlog show: {events} events replay to the vTPM's PCRs 0-7 as the guest read them")
+        } else {
+            let all = o.all();
+            let tail: Vec<&str> = all.lines().rev().take(5).collect();
+            format!("rc={} {} {}", o.rc, diff.join("; "), tail.into_iter().rev().collect::<Vec<_>>().join(" | "))
+        },
+    );
+}
+
+/// The tenant's check of the OVMF guest: its deep quote (vPCRs 0-7 and host PCRs 0-7, from the
+/// console as GUEST-DQ hex) verified by `xl-vtpm verify` with the guest's event log against a
+/// policy made from that log (`xl-vtpm eventlog policy`, as a tenant would from a reference
+/// boot): exit 8 (verified; no host PCR policy given, so host state not checked). The same log
+/// with the last event's SHA-256 digest altered must be refused (exit 7).
+fn deep_quote_verify(cx: &Cx, name: &str, nonce: &str, uuid: &str, e: &mut Errs) {
+    const DQ: &str = "/tmp/hvm-ovmf-dq.bin";
+    const POLICY: &str = "/tmp/hvm-ovmf-eventlog-policy.json";
+    const TAMPERED: &str = "/tmp/hvm-ovmf-eventlog-tampered.bin";
+    if let Err(m) = super::capture_dq(name, DQ) {
+        e.add(format!("{name}-{m}"));
+        return;
+    }
+    if let Err(m) = super::vtpm::group_ak(cx) {
+        e.add(format!("{name}-group-ak({m})"));
+        return;
+    }
+    let o = Cmd::new(&["xl-vtpm", "eventlog", "policy", EVLOG_BIN, "--replay", "0-7", "--out", POLICY])
+        .env("NO_COLOR", "1")
+        .secs(30)
+        .run(cx);
+    show("xl-vtpm eventlog policy", &o.all());
+    if !o.ok() {
+        e.add(format!("{name}-eventlog-policy-rc={}", o.rc));
+        return;
+    }
+    let with_log = |log: &str, tag: &str, save: &str| {
+        super::verify(cx, DQ, nonce, uuid, tag, save, 12, &["--guest-event-log", log, "--guest-event-log-policy", POLICY]).rc
+    };
+    let rc_ok = with_log(EVLOG_BIN, "verify hvm-ovmf + event log", "/tmp/hvm-ovmf-verify-ok.out");
+    // the last event's digest altered: the log no longer replays to the quoted vPCRs
+    let o = Cmd::new(&["xl-vtpm", "--json", "eventlog", "show", EVLOG_BIN]).secs(30).run(cx);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap_or_default();
+    let last = v["events"]
+        .as_array()
+        .and_then(|a| a.iter().rev().find_map(|ev| ev["sha256"].as_str()))
+        .and_then(|h| hex::decode(h).ok())
+        .unwrap_or_default();
+    let mut raw = std::fs::read(EVLOG_BIN).unwrap_or_default();
+    let at = if last.len() == 32 { raw.windows(32).rposition(|w| w == last.as_slice()) } else { None };
+    let rc_bad = match at {
+        Some(i) => {
+            raw[i] ^= 0x01;
+            let _ = std::fs::write(TAMPERED, &raw);
+            with_log(TAMPERED, "verify hvm-ovmf + altered event log", "/tmp/hvm-ovmf-verify-bad.out")
+        }
+        None => -1,
+    };
+    e.check(
+        &format!("{name}-deep-quote-verify"),
+        rc_ok == 8 && rc_bad == 7,
+        format!(
+            "xl-vtpm verify of the guest's deep quote with its event log and policy: exit {rc_ok} (want 8: verified, host unchecked); with the last event's digest altered: exit {rc_bad} (want 7)"
+        ),
+    );
+}
+
+/// hvm-crb and hvm-ovmf: the hvm-tis guest with QEMU's tpm-crb. hvmloader has no tables for a CRB
+/// TPM; `xl-vtpm create` passes a TPM2 table and an MSFT0101 device in `acpi_firmware`, and the
+/// guest must find the TPM through them (tpm_crb, no force) and pass boot 1's checks. Booted by
+/// OVMF (`g.ovmf`): the event log replays in the guest and in dom0, and after `xl-vtpm reboot`
+/// the same vTPM serves the new domain with NV and EK kept, PCRs reset and measured again.
+fn crb(cx: &Cx, st: &mut St, dm: &str, g: &Crb, after: u64) -> Outcome {
+    let name = g.name;
     if dm == "none" || !Path::new(dm).is_file() {
         return Outcome::fail(format!("no TPM-enabled device model in dom0 (hvm_dm={dm})"));
+    }
+    if g.ovmf {
+        let fd = xen::read_text("/etc/xvtpm-testbed.env")
+            .lines()
+            .find_map(|l| l.strip_prefix("hvm_ovmf="))
+            .unwrap_or("none")
+            .trim()
+            .to_string();
+        if fd == "none" || !Path::new(&fd).is_file() {
+            return Outcome::fail(format!(
+                "no OVMF for Xen in dom0 (hvm_ovmf={fd}): run.sh builds it with build-ovmf-xen.sh unless XVTPM_TESTBED_HVM=0 or crb"
+            ));
+        }
     }
     if !st.mgr_ready() {
         return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
     }
     let mut e = Errs::default();
-    let off = lines_of(&xen::clog(CRB));
+    let off = lines_of(&xen::clog(name));
     let w0 = now_wall();
-    let (o, _, uuid, pid) = create(cx, CRB, CRB_CFG, "/tmp/xl-hvm-crb-create.out");
+    let save = format!("/tmp/xl-{name}-create.out");
+    // OVMF: the deep quote's nonce rides on the guest's command line (a copy of the config)
+    let nonce = xen::nonce(32);
+    let cfg = if g.ovmf {
+        let path = format!("/tmp/{name}.cfg");
+        let text: String = xen::read_text(g.cfg)
+            .lines()
+            .map(|l| match l.strip_prefix("extra = \"").and_then(|x| x.strip_suffix('"')) {
+                Some(x) => format!("extra = \"{x} dq_nonce={nonce}\"\n"),
+                None => format!("{l}\n"),
+            })
+            .collect();
+        if !text.contains("dq_nonce=") || std::fs::write(&path, text).is_err() {
+            return Outcome::fail(format!("cannot write {path} with dq_nonce from {}", g.cfg));
+        }
+        path
+    } else {
+        g.cfg.to_string()
+    };
+    let (o, _, uuid, pid) = create(cx, name, &cfg, &save);
     let vlog_path = format!("/var/lib/xvtpm/vtpms/{uuid}/vtpm.log");
-    if !o.ok() || xen::domid(CRB).is_none() || !pid_up(pid) {
-        show_tail("qemu-dm", &xen::read_text(CRB_DM_LOG), 20);
-        cleanup(cx, CRB, pid);
-        return Outcome::fail(format!("xl-vtpm create exited {}: {}", o.rc, tail_of("/tmp/xl-hvm-crb-create.out")));
+    if g.ovmf {
+        st.ovlog = vlog_path.clone();
+    }
+    let d1 = xen::domid(name).unwrap_or_default();
+    if !o.ok() || d1.is_empty() || !pid_up(pid) {
+        show_tail("qemu-dm", &xen::read_text(g.dm_log), 20);
+        cleanup(cx, name, pid);
+        return Outcome::fail(format!("xl-vtpm create exited {}: {}", o.rc, tail_of(&save)));
     }
     let dmline = device_models();
     e.check(
-        "hvm-crb-dm-args",
+        &format!("{name}-dm-args"),
         dmline.contains("tpm-crb,tpmdev=xvtpm-tpm") && dmline.contains(&uuid),
         format!("device model: {}", dmline.trim()),
     );
-    let wait = left_for(cx, AFTER_PHASE + DESTROY);
-    println!("hvm-crb: waiting up to {wait} s for the boot (scenario left {} s)", cx.scenario_left().as_secs());
-    let (mut miss, c) = guest_boot(cx, CRB, off, "boot1", "fresh", wait);
+    // OVMF: boot 1, the reboot and boot 2 share what is left before the later phases
+    let reserve = after + DESTROY + if g.ovmf { MIN_WAIT } else { 0 };
+    let wait = left_for(cx, reserve);
+    println!("{name}: waiting up to {wait} s for the boot (scenario left {} s)", cx.scenario_left().as_secs());
+    let (mut miss, c) = guest_boot(cx, name, off, "boot1", "fresh", wait, g.ovmf);
     let tpm0 = xen::after_prefix(&c, "GUEST-CHECK tpm0 ").unwrap_or_default();
     if !(tpm0.contains("driver tpm_crb") && tpm0.contains("via ACPI MSFT0101") && tpm0.contains("TPM2 table yes")) {
         miss.push("crb-via-acpi".into());
     }
-    boot_perf("hvm-crb-boot1-ms", &c, w0);
-    p5_hvm("p5-hvm-crb-with-vtpm-ms", &c, w0);
-    key_times("hvm-crb", &c);
+    boot_perf(&format!("{name}-boot1-ms"), &c, w0);
+    p5_hvm(&format!("p5-{name}-with-vtpm-ms"), &c, w0);
+    key_times(name, &c);
     e.check(
-        "hvm-crb-guest",
+        &format!("{name}-guest"),
         miss.is_empty(),
         if miss.is_empty() { format!("all checks PASS; tpm0 {}", tpm0.trim()) } else { miss.join(" ") },
     );
-    let dmlog = xen::read_text(CRB_DM_LOG);
+    if g.ovmf {
+        eventlog_dom0(cx, &c, &mut e);
+        deep_quote_verify(cx, name, &nonce, &uuid, &mut e);
+        if miss.iter().any(|m| m == "no-GUEST-DONE" || m == "tpm0") || cx.past_deadline() {
+            e.add("reboot-skipped");
+        } else {
+            let ek1 = ek_hash(&c);
+            let off2 = lines_of(&xen::clog(name));
+            let w1 = now_wall();
+            let o = Cmd::new(&["xl-vtpm", "reboot", name]).env("NO_COLOR", "1").secs(60).run(cx);
+            show("xl-vtpm reboot", &o.all());
+            if !o.ok() {
+                e.add(format!("xl-vtpm-reboot-rc={}", o.rc));
+            }
+            let wait2 = left_for(cx, after + DESTROY);
+            println!("{name}: waiting up to {wait2} s for boot 2 (scenario left {} s)", cx.scenario_left().as_secs());
+            let (miss2, c2) = guest_boot(cx, name, off2, "boot2", "kept", wait2, true);
+            boot_perf(&format!("{name}-boot2-ms"), &c2, w1);
+            p5_hvm(&format!("p5-{name}-with-vtpm-reboot-ms"), &c2, w1);
+            e.check(&format!("{name}-guest-boot2"), miss2.is_empty(), if miss2.is_empty() { "all checks PASS".into() } else { miss2.join(" ") });
+            let d2 = xen::domid(name).unwrap_or_default();
+            let pid2: Option<u32> = jf(&life_row(cx, name), "vtpm_pid").parse().ok();
+            e.check(
+                &format!("{name}-reboot-same-vtpm"),
+                pid2 == pid && pid_up(pid) && !d2.is_empty() && d2 != d1,
+                format!("domid {d1} -> {d2}, vTPM pid {pid:?} -> {pid2:?} (same process, new domain)"),
+            );
+            let ek2 = ek_hash(&c2);
+            e.check(&format!("{name}-ek-stable"), !ek1.is_empty() && ek1 == ek2, format!("EK sha256 boot1 {ek1} boot2 {ek2}"));
+            // the firmware measured the same boot again into the reset PCRs
+            let (p1, p2) = (pcr_words(&c, "GUEST-EVLOG-PCRS "), pcr_words(&c2, "GUEST-EVLOG-PCRS "));
+            e.check(
+                &format!("{name}-pcrs-remeasured"),
+                p1.len() == 8 && p1 == p2,
+                format!("PCRs 0-7 boot1 {p1:?} boot2 {p2:?} (the same firmware and kernel measure the same values after the reset)"),
+            );
+        }
+    }
+    let dmlog = xen::read_text(g.dm_log);
     let vlog = xen::read_text(&vlog_path);
     let mut bad = ctrl_errors(&dmlog);
     bad.extend(ctrl_errors(&vlog));
     e.check(
-        "hvm-crb-ctrl-clean",
+        &format!("{name}-ctrl-clean"),
         bad.is_empty(),
         if bad.is_empty() { "no control-channel error in either log".to_string() } else { bad.join(" | ") },
     );
-    let o = Cmd::new(&["xl-vtpm", "destroy", CRB]).env("NO_COLOR", "1").secs(90).run(cx);
+    let o = Cmd::new(&["xl-vtpm", "destroy", name]).env("NO_COLOR", "1").secs(90).run(cx);
     show("xl-vtpm destroy", &o.all());
     let gone = cx.wait_every(30, Duration::from_millis(100), || !pid_up(pid));
     e.check(
-        "hvm-crb-destroy",
-        o.ok() && gone && xen::domain_gone(CRB) && device_models().trim().is_empty(),
-        format!("rc={}; domain {}; vTPM pid {} {}", o.rc, if xen::domain_gone(CRB) { "gone" } else { "still there" }, pid.unwrap_or(0), if gone { "gone" } else { "still running" }),
+        &format!("{name}-destroy"),
+        o.ok() && gone && xen::domain_gone(name) && device_models().trim().is_empty(),
+        format!("rc={}; domain {}; vTPM pid {} {}", o.rc, if xen::domain_gone(name) { "gone" } else { "still there" }, pid.unwrap_or(0), if gone { "gone" } else { "still running" }),
     );
     if !e.is_empty() {
-        show_tail("qemu-dm hvm-crb", &dmlog, 20);
-        show_tail("vtpm.log hvm-crb", &vlog, 20);
-        cleanup(cx, CRB, pid);
+        show_tail(&format!("qemu-dm {name}"), &dmlog, 20);
+        show_tail(&format!("vtpm.log {name}"), &vlog, 20);
+        cleanup(cx, name, pid);
     }
-    e.verdict(format!(
-        "HVM guest with tpm-crb: TPM 2.0 found through xl-vtpm's TPM2 table and MSFT0101 device (tpm_crb, no force), quote verified, NV, EK certificate; vTPM {uuid} gone after xl-vtpm destroy"
-    ))
+    e.verdict(if g.ovmf {
+        format!(
+            "HVM guest booted by OVMF for Xen with tpm-crb: TPM 2.0 through the TPM2 table and MSFT0101 device (tpm_crb, no force), the firmware's event log replays to PCRs 0-7 in the guest and in dom0, quote over PCRs 0-7 verified, NV and EK kept across xl-vtpm reboot with PCRs measured anew; vTPM {uuid} gone after xl-vtpm destroy"
+        )
+    } else {
+        format!(
+            "HVM guest with tpm-crb: TPM 2.0 found through xl-vtpm's TPM2 table and MSFT0101 device (tpm_crb, no force), quote verified, NV, EK certificate; vTPM {uuid} gone after xl-vtpm destroy"
+        )
+    })
 }
 
 pub fn run(r: &mut Runner, st: &mut St) {
     if st.hvm_mode == "0" {
-        r.skip("hvm-tis", "disabled (XVTPM_TESTBED_HVM=0)");
-        r.skip("hvm-crb", "disabled (XVTPM_TESTBED_HVM=0)");
+        for p in [NAME, CRB.name, OVMF.name] {
+            r.skip(p, "disabled (XVTPM_TESTBED_HVM=0)");
+        }
         return;
     }
-    // XVTPM_TESTBED_HVM=crb: the hvm-crb phase alone (a quicker run while working on it)
-    if st.hvm_mode == "crb" {
-        r.skip("hvm-tis", "XVTPM_TESTBED_HVM=crb: the hvm-crb phase only");
+    // XVTPM_TESTBED_HVM=crb or ovmf: that phase alone (a quicker run while working on it)
+    if st.hvm_mode == "crb" || st.hvm_mode == "ovmf" {
+        let g = if st.hvm_mode == "crb" { &CRB } else { &OVMF };
+        for p in [NAME, CRB.name, OVMF.name].into_iter().filter(|p| *p != g.name) {
+            r.skip(p, &format!("XVTPM_TESTBED_HVM={}: the {} phase only", st.hvm_mode, g.name));
+        }
         let secs = r.cx.scenario_left().as_secs().max(MIN_WAIT);
-        r.phase("hvm-crb", deadline(secs), |cx| crb(cx, st, &dm_path()));
+        r.phase(g.name, deadline(secs), |cx| crb(cx, st, &dm_path(), g, AFTER_PHASE));
         return;
     }
     // the phase may use what the scenario has left (its waits leave the later phases theirs)
@@ -484,7 +744,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         // ---- boot 1: a fresh vTPM ----
         let wait1 = left_for(cx, AFTER_TIS + BASELINE + DESTROY + MIN_WAIT);
         println!("hvm: waiting up to {wait1} s for boot 1 (scenario left {} s)", cx.scenario_left().as_secs());
-        let (miss, c1) = guest_boot(cx, NAME, off, "boot1", "fresh", wait1);
+        let (miss, c1) = guest_boot(cx, NAME, off, "boot1", "fresh", wait1, false);
         boot_perf("hvm-tis-boot1-ms", &c1, w0);
         key_times("hvm-tis", &c1);
         p5_hvm("p5-hvm-with-vtpm-ms", &c1, w0);
@@ -505,7 +765,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             }
             let wait2 = left_for(cx, AFTER_TIS + BASELINE + DESTROY);
             println!("hvm: waiting up to {wait2} s for boot 2 (scenario left {} s)", cx.scenario_left().as_secs());
-            let (miss2, c2) = guest_boot(cx, NAME, off2, "boot2", "kept", wait2);
+            let (miss2, c2) = guest_boot(cx, NAME, off2, "boot2", "kept", wait2, false);
             boot_perf("hvm-tis-boot2-ms", &c2, w1);
             p5_hvm("p5-hvm-with-vtpm-reboot-ms", &c2, w1);
             e.check("hvm-guest-boot2", miss2.is_empty(), if miss2.is_empty() { "all checks PASS".into() } else { miss2.join(" ") });
@@ -572,5 +832,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         ))
     });
     let secs = r.cx.scenario_left().as_secs().max(MIN_WAIT);
-    r.phase("hvm-crb", deadline(secs), |cx| crb(cx, st, &dm_path()));
+    r.phase(CRB.name, deadline(secs), |cx| crb(cx, st, &dm_path(), &CRB, AFTER_PHASE + OVMF_PHASE));
+    let secs = r.cx.scenario_left().as_secs().max(MIN_WAIT);
+    r.phase(OVMF.name, deadline(secs), |cx| crb(cx, st, &dm_path(), &OVMF, AFTER_PHASE));
 }

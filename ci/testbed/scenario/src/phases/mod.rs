@@ -51,6 +51,8 @@ pub struct St {
     pub vdu: String,
     // hvm-tis: the HVM guest's vTPM log
     pub hvlog: String,
+    // hvm-ovmf: the OVMF guest's vTPM log
+    pub ovlog: String,
 }
 
 impl St {

@@ -86,6 +86,14 @@ pub fn dump_logs(st: &St, failed: bool) {
     }
     dump_log("qemu-dm-hvm-tis", super::hvm::DM_LOG, 200);
     dump_log("hvm-tis-serial", super::hvm::SERIAL, 100);
+    dump_log("qemu-dm-hvm-crb", super::hvm::CRB.dm_log, 100);
+    if !st.ovlog.is_empty() {
+        dump_log("vtpm-hvm-ovmf", &st.ovlog, n);
+    }
+    dump_log("qemu-dm-hvm-ovmf", super::hvm::OVMF.dm_log, 200);
+    dump_log("hvm-ovmf-serial", super::hvm::OVMF.serial, 100);
+    // the OVMF guest's TCG2 event log as hex (run.sh writes it back as hvm-ovmf-eventlog.bin)
+    dump_log("hvm-ovmf-eventlog-hex", super::hvm::EVLOG_HEX, 4000);
     dump_log("libvirtd", "/var/log/libvirt/libvirtd.log", 200);
     dump_log("libvirtd-out", "/var/log/libvirt/libvirtd.out", 100);
     dump_log("libvirt-hook", super::libvirt::HOOK_LOG, 200);
