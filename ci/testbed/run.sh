@@ -157,12 +157,15 @@ export XVTPM_VTPMDOM_KERNEL_DIR=$VTPMDOM_KDIR
 
 # the outer QEMU: with the HVM phases the one built above (qemu-patches/0002: Debian's 7.2 aborts
 # under TCG when a nested guest such as OVMF writes CR8 with a virtual interrupt pending)
-OUTER_QEMU=${XVTPM_TESTBED_QEMU:-}
+OUTER_QEMU=${XVTPM_TESTBED_QEMU:-}; OUTER_ARGS=()
 if [ -z "$OUTER_QEMU" ]; then
   OUTER_QEMU=qemu-system-x86_64
   if [ -n "$QEMU_XEN" ]; then
     OUTER_QEMU=$(sed -n 's/^build-qemu-xen.sh: outer: //p' "$L/build-qemu-xen.log" | tail -n 1)
     [ -x "$OUTER_QEMU" ] || fail "build-qemu-xen.sh named no outer QEMU"
+    # it looks for firmware relative to itself (../share/qemu): name the host's directories
+    # (SeaBIOS, the multiboot option ROM, iPXE: the qemu-system-x86 package's dependencies)
+    OUTER_ARGS=(-L /usr/share/qemu -L /usr/share/seabios -L /usr/lib/ipxe/qemu)
   fi
 fi
 
@@ -224,7 +227,7 @@ REM=$(remaining); [ "$REM" -gt 10 ] || fail "budget exhausted before boot"
 # dom0's waits all give up by this dom0 uptime, leaving time to dump the logs and power off
 # (dom0 uptime lags the host clock by the Xen boot, so this is conservative)
 DOM0_ARGS="$DOM0_ARGS xvtpm_deadline=$(( REM > 90 ? REM - 45 : REM / 2 ))"
-QEMU=(nice -n "$NICE" "$OUTER_QEMU" "${ACCEL_ARGS[@]}" -cpu "$CPU" -smp "$SMP" -m "$MEM"
+QEMU=(nice -n "$NICE" "$OUTER_QEMU" "${OUTER_ARGS[@]}" "${ACCEL_ARGS[@]}" -cpu "$CPU" -smp "$SMP" -m "$MEM"
       -display none -monitor none -serial stdio -no-reboot
       -kernel "$CACHE/img/xen" -append "$XEN_ARGS"
       -initrd "$DOM0_K ${DOM0_ARGS//,/,,},$OUT/img/dom0.img"

@@ -220,7 +220,7 @@ fn boot_perf(key: &str, c: &str, w0: f64) {
         return;
     };
     println!(
-        "PERF {key}={} (ms: -> guest /init; of it: to the kernel's start {} ms (domain + device model + hvmloader + SeaBIOS + \
+        "PERF {key}={} (ms: -> guest /init; of it: to the kernel's start {} ms (domain + device model + hvmloader + firmware (SeaBIOS or OVMF) + \
          fw_cfg loading of kernel and initrd), kernel to /init {} ms; /init -> first answered TPM command {} ms)",
         ms(w0, i.0),
         ms(w0, i.0 - i.1),
