@@ -120,17 +120,27 @@ fail() {  # reason
   exit 1
 }
 
-# ---- 0. the TPM-enabled Xen device model (hvm-tis): built once per input set, outside the budget ----
+# prebuild PHASE SCRIPT LIMIT WHAT KEY: a build the run needs, done once per input set and cached
+# (ci/testbed/SCRIPT), before the budget clock starts (T_START is reset after it), limited to LIMIT
+# s; its log is $L/SCRIPT.log minus .sh. BUILT = what the script named on its "SCRIPT: KEY: PATH"
+# line. A failure fails the run, naming WHAT (which says how to skip the build).
+prebuild() {
+  local log=$L/${2%.sh}.log t
+  t=$(date +%s.%N)
+  timeout "$3" "$HERE/$2" > "$log" 2>&1 || { tail -n 30 "$log"; fail "$2 ($4)"; }
+  BUILT=$(sed -n "s/^$2: $5: //p" "$log" | tail -n 1)
+  [ -n "$BUILT" ] && [ -e "$BUILT" ] || fail "$2 named no $5"
+  grep -E "^$2: (cached|built|$5)" "$log"
+  phase "$1" "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
+  T_START=$(date +%s.%N)   # the budget is the testbed's, not the one-off build's
+}
+
+# ---- 0. the TPM-enabled Xen device model (the HVM phases) and the outer QEMU ----
 QEMU_XEN=""
 if [ "$HVM" != 0 ] && [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
-  t=$(date +%s.%N)
-  timeout "${XVTPM_QEMU_BUILD_TIMEOUT:-3600}" "$HERE/build-qemu-xen.sh" > "$L/build-qemu-xen.log" 2>&1 ||
-    { tail -n 30 "$L/build-qemu-xen.log"; fail "build-qemu-xen.sh (the TPM-enabled device model; XVTPM_TESTBED_HVM=0 skips it)"; }
-  QEMU_XEN=$(sed -n 's/^build-qemu-xen.sh: binary: //p' "$L/build-qemu-xen.log" | tail -n 1)
-  [ -x "$QEMU_XEN" ] || fail "build-qemu-xen.sh named no binary"
-  phase qemu-xen-build "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
-  grep -E '^build-qemu-xen.sh: (cached|built|binary)' "$L/build-qemu-xen.log"
-  T_START=$(date +%s.%N)   # the budget is the testbed's, not the one-off build's
+  prebuild qemu-xen-build build-qemu-xen.sh "${XVTPM_QEMU_BUILD_TIMEOUT:-3600}" \
+    "the TPM-enabled device model; XVTPM_TESTBED_HVM=0 skips it" binary
+  QEMU_XEN=$BUILT
 fi
 export XVTPM_QEMU_XEN=$QEMU_XEN
 
@@ -140,18 +150,17 @@ case $VTPMDOM_KERNEL in own|debian) ;; *) echo "run.sh: XVTPM_TESTBED_VTPMDOM_KE
 { [ "${XVTPM_TESTBED_VTPMDOM:-1}" = 0 ] && [ "${XVTPM_TESTBED_LIFEDOM:-1}" = 0 ]; } && VTPMDOM_KERNEL=debian
 VTPMDOM_KDIR=""
 if [ "$VTPMDOM_KERNEL" = own ] && [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
-  t=$(date +%s.%N)
-  timeout "${XVTPM_VTPMDOM_KERNEL_BUILD_TIMEOUT:-1800}" "$HERE/build-vtpmdom-kernel.sh" > "$L/build-vtpmdom-kernel.log" 2>&1 ||
-    { tail -n 30 "$L/build-vtpmdom-kernel.log"; fail "build-vtpmdom-kernel.sh (the vTPM domain's kernel; XVTPM_TESTBED_VTPMDOM_KERNEL=debian skips it)"; }
-  VTPMDOM_KDIR=$(sed -n 's/^build-vtpmdom-kernel.sh: kernel: //p' "$L/build-vtpmdom-kernel.log" | tail -n 1)
+  prebuild vtpmdom-kernel-build build-vtpmdom-kernel.sh "${XVTPM_VTPMDOM_KERNEL_BUILD_TIMEOUT:-1800}" \
+    "the vTPM domain's kernel; XVTPM_TESTBED_VTPMDOM_KERNEL=debian skips it" kernel
+  VTPMDOM_KDIR=$BUILT
   [ -s "$VTPMDOM_KDIR/vmlinux" ] || fail "build-vtpmdom-kernel.sh named no kernel"
-  grep -E '^build-vtpmdom-kernel.sh: (cached|built|kernel)' "$L/build-vtpmdom-kernel.log"
   # the small domain carries the release vtpm-domain (a debug one is 2.5x its size, all of it in the
   # domain's memory); cargo rebuilds only what changed
+  t=$(date +%s.%N)
   ( cd "$HERE/../.." && nice -n "${XVTPM_NICE:-10}" cargo build --release -p vtpm-domain --locked ) > "$L/build-vtpm-domain-release.log" 2>&1 ||
     { tail -n 30 "$L/build-vtpm-domain-release.log"; fail "cargo build --release -p vtpm-domain (for the vTPM domain's image)"; }
-  phase vtpmdom-kernel-build "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
-  T_START=$(date +%s.%N)   # the budget is the testbed's, not the one-off builds'
+  phase vtpm-domain-release-build "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
+  T_START=$(date +%s.%N)
 fi
 export XVTPM_VTPMDOM_KERNEL_DIR=$VTPMDOM_KDIR
 
@@ -172,14 +181,9 @@ fi
 # ---- 0c. OVMF for Xen with TPM 2.0 (hvm-ovmf): built once per input set, outside the budget ----
 OVMF_XEN=""
 if { [ "$HVM" = 1 ] || [ "$HVM" = ovmf ]; } && [ "${XVTPM_TESTBED_NOBUILD:-0}" != 1 ]; then
-  t=$(date +%s.%N)
-  timeout "${XVTPM_OVMF_BUILD_TIMEOUT:-3600}" "$HERE/build-ovmf-xen.sh" > "$L/build-ovmf-xen.log" 2>&1 ||
-    { tail -n 30 "$L/build-ovmf-xen.log"; fail "build-ovmf-xen.sh (OVMF for Xen with TPM 2.0; XVTPM_TESTBED_HVM=0 skips it)"; }
-  OVMF_XEN=$(sed -n 's/^build-ovmf-xen.sh: image: //p' "$L/build-ovmf-xen.log" | tail -n 1)
-  [ -s "$OVMF_XEN" ] || fail "build-ovmf-xen.sh named no image"
-  phase ovmf-xen-build "$(awk -v a=$t -v b=$(date +%s.%N) 'BEGIN{printf "%.1f", b-a}')"
-  grep -E '^build-ovmf-xen.sh: (cached|built|image)' "$L/build-ovmf-xen.log"
-  T_START=$(date +%s.%N)   # the budget is the testbed's, not the one-off build's
+  prebuild ovmf-xen-build build-ovmf-xen.sh "${XVTPM_OVMF_BUILD_TIMEOUT:-3600}" \
+    "OVMF for Xen with TPM 2.0; XVTPM_TESTBED_HVM=0 or crb skips it" image
+  OVMF_XEN=$BUILT
 fi
 export XVTPM_OVMF_XEN=$OVMF_XEN
 

@@ -518,6 +518,60 @@ fn deep_quote_verify(cx: &Cx, name: &str, nonce: &str, uuid: &str, e: &mut Errs)
     );
 }
 
+/// A reboot step: the guest, its check-name prefix, its PERF keys, and whether OVMF boots it.
+struct Reboot<'a> {
+    name: &'a str,
+    tag: &'a str,
+    boot_key: &'a str,
+    p5_key: &'a str,
+    ovmf: bool,
+}
+
+/// What boot 1 left: its missing checks, console, domid and vTPM process.
+struct Boot1<'a> {
+    miss: &'a [String],
+    console: &'a str,
+    domid: &'a str,
+    pid: Option<u32>,
+}
+
+/// `xl-vtpm reboot` (a platform reset) after boot 1: boot 2's checks ("kept" state) in the same
+/// vTPM process under a new domid, with the same EK; its waits leave `reserve` s to what follows.
+/// Returns boot 2's console, or None when boot 1 left nothing to show across a reboot (no TPM or
+/// no end) or the phase is out of time.
+fn reboot(cx: &Cx, g: &Reboot, b1: &Boot1, reserve: u64, e: &mut Errs) -> Option<String> {
+    let name = g.name;
+    if b1.miss.iter().any(|m| m == "no-GUEST-DONE" || m == "tpm0") || cx.past_deadline() {
+        e.add("reboot-skipped");
+        return None;
+    }
+    let off2 = lines_of(&xen::clog(name));
+    let w1 = now_wall();
+    let o = Cmd::new(&["xl-vtpm", "reboot", name]).env("NO_COLOR", "1").secs(60).run(cx);
+    show("xl-vtpm reboot", &o.all());
+    if !o.ok() {
+        e.add(format!("xl-vtpm-reboot-rc={}", o.rc));
+    }
+    let wait2 = left_for(cx, reserve);
+    println!("{name}: waiting up to {wait2} s for boot 2 (scenario left {} s)", cx.scenario_left().as_secs());
+    let (miss2, c2) = guest_boot(cx, name, off2, "boot2", "kept", wait2, g.ovmf);
+    boot_perf(g.boot_key, &c2, w1);
+    p5_hvm(g.p5_key, &c2, w1);
+    let tag = g.tag;
+    e.check(&format!("{tag}-guest-boot2"), miss2.is_empty(), if miss2.is_empty() { "all checks PASS".into() } else { miss2.join(" ") });
+    let d2 = xen::domid(name).unwrap_or_default();
+    let pid2: Option<u32> = jf(&life_row(cx, name), "vtpm_pid").parse().ok();
+    let (d1, pid) = (b1.domid, b1.pid);
+    e.check(
+        &format!("{tag}-reboot-same-vtpm"),
+        pid2 == pid && pid_up(pid) && !d2.is_empty() && d2 != d1,
+        format!("domid {d1} -> {d2}, vTPM pid {pid:?} -> {pid2:?} (same process, new domain)"),
+    );
+    let (ek1, ek2) = (ek_hash(b1.console), ek_hash(&c2));
+    e.check(&format!("{tag}-ek-stable"), !ek1.is_empty() && ek1 == ek2, format!("EK sha256 boot1 {ek1} boot2 {ek2}"));
+    Some(c2)
+}
+
 /// hvm-crb and hvm-ovmf: the hvm-tis guest with QEMU's tpm-crb. hvmloader has no tables for a CRB
 /// TPM; `xl-vtpm create` passes a TPM2 table and an MSFT0101 device in `acpi_firmware`, and the
 /// guest must find the TPM through them (tpm_crb, no force) and pass boot 1's checks. Booted by
@@ -603,32 +657,10 @@ fn crb(cx: &Cx, st: &mut St, dm: &str, g: &Crb, after: u64) -> Outcome {
     if g.ovmf {
         eventlog_dom0(cx, &c, &mut e);
         deep_quote_verify(cx, name, &nonce, &uuid, &mut e);
-        if miss.iter().any(|m| m == "no-GUEST-DONE" || m == "tpm0") || cx.past_deadline() {
-            e.add("reboot-skipped");
-        } else {
-            let ek1 = ek_hash(&c);
-            let off2 = lines_of(&xen::clog(name));
-            let w1 = now_wall();
-            let o = Cmd::new(&["xl-vtpm", "reboot", name]).env("NO_COLOR", "1").secs(60).run(cx);
-            show("xl-vtpm reboot", &o.all());
-            if !o.ok() {
-                e.add(format!("xl-vtpm-reboot-rc={}", o.rc));
-            }
-            let wait2 = left_for(cx, after + DESTROY);
-            println!("{name}: waiting up to {wait2} s for boot 2 (scenario left {} s)", cx.scenario_left().as_secs());
-            let (miss2, c2) = guest_boot(cx, name, off2, "boot2", "kept", wait2, true);
-            boot_perf(&format!("{name}-boot2-ms"), &c2, w1);
-            p5_hvm(&format!("p5-{name}-with-vtpm-reboot-ms"), &c2, w1);
-            e.check(&format!("{name}-guest-boot2"), miss2.is_empty(), if miss2.is_empty() { "all checks PASS".into() } else { miss2.join(" ") });
-            let d2 = xen::domid(name).unwrap_or_default();
-            let pid2: Option<u32> = jf(&life_row(cx, name), "vtpm_pid").parse().ok();
-            e.check(
-                &format!("{name}-reboot-same-vtpm"),
-                pid2 == pid && pid_up(pid) && !d2.is_empty() && d2 != d1,
-                format!("domid {d1} -> {d2}, vTPM pid {pid:?} -> {pid2:?} (same process, new domain)"),
-            );
-            let ek2 = ek_hash(&c2);
-            e.check(&format!("{name}-ek-stable"), !ek1.is_empty() && ek1 == ek2, format!("EK sha256 boot1 {ek1} boot2 {ek2}"));
+        let b1 = Boot1 { miss: &miss, console: &c, domid: &d1, pid };
+        let (boot_key, p5_key) = (format!("{name}-boot2-ms"), format!("p5-{name}-with-vtpm-reboot-ms"));
+        let rb = Reboot { name, tag: name, boot_key: &boot_key, p5_key: &p5_key, ovmf: true };
+        if let Some(c2) = reboot(cx, &rb, &b1, after + DESTROY, &mut e) {
             // the firmware measured the same boot again into the reset PCRs
             let (p1, p2) = (pcr_words(&c, "GUEST-EVLOG-PCRS "), pcr_words(&c2, "GUEST-EVLOG-PCRS "));
             e.check(
@@ -749,37 +781,11 @@ pub fn run(r: &mut Runner, st: &mut St) {
         key_times("hvm-tis", &c1);
         p5_hvm("p5-hvm-with-vtpm-ms", &c1, w0);
         e.check("hvm-guest-boot1", miss.is_empty(), if miss.is_empty() { "all checks PASS".into() } else { miss.join(" ") });
-        let ek1 = ek_hash(&c1);
 
         // ---- reboot: a platform reset, the same vTPM process ----
-        // a guest without its TPM (or without an end) has nothing to show across a reboot
-        if miss.iter().any(|m| m == "no-GUEST-DONE" || m == "tpm0") || cx.past_deadline() {
-            e.add("reboot-skipped");
-        } else {
-            let off2 = lines_of(&xen::clog(NAME));
-            let w1 = now_wall();
-            let o = Cmd::new(&["xl-vtpm", "reboot", NAME]).env("NO_COLOR", "1").secs(60).run(cx);
-            show("xl-vtpm reboot", &o.all());
-            if !o.ok() {
-                e.add(format!("xl-vtpm-reboot-rc={}", o.rc));
-            }
-            let wait2 = left_for(cx, AFTER_TIS + BASELINE + DESTROY);
-            println!("hvm: waiting up to {wait2} s for boot 2 (scenario left {} s)", cx.scenario_left().as_secs());
-            let (miss2, c2) = guest_boot(cx, NAME, off2, "boot2", "kept", wait2, false);
-            boot_perf("hvm-tis-boot2-ms", &c2, w1);
-            p5_hvm("p5-hvm-with-vtpm-reboot-ms", &c2, w1);
-            e.check("hvm-guest-boot2", miss2.is_empty(), if miss2.is_empty() { "all checks PASS".into() } else { miss2.join(" ") });
-            let d2 = xen::domid(NAME).unwrap_or_default();
-            let row2 = life_row(cx, NAME);
-            let pid2: Option<u32> = jf(&row2, "vtpm_pid").parse().ok();
-            e.check(
-                "hvm-reboot-same-vtpm",
-                pid2 == pid && pid_up(pid) && !d2.is_empty() && d2 != d1,
-                format!("domid {d1} -> {d2}, vTPM pid {:?} -> {:?} (same process, new domain)", pid, pid2),
-            );
-            let ek2 = ek_hash(&c2);
-            e.check("hvm-ek-stable", !ek1.is_empty() && ek1 == ek2, format!("EK sha256 boot1 {ek1} boot2 {ek2}"));
-        }
+        let b1 = Boot1 { miss: &miss, console: &c1, domid: &d1, pid };
+        let tis = Reboot { name: NAME, tag: "hvm", boot_key: "hvm-tis-boot2-ms", p5_key: "p5-hvm-with-vtpm-reboot-ms", ovmf: false };
+        reboot(cx, &tis, &b1, AFTER_TIS + BASELINE + DESTROY, &mut e);
 
         // ---- the control channel: no disagreement in either log ----
         let dmlog = xen::read_text(DM_LOG);
