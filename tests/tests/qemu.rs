@@ -12,7 +12,9 @@
 //!   migrated through a file to a second QEMU on a second process of the same
 //!   vTPM, keeping its PCRs, while a tampered or replayed stream is refused; and migrated to a
 //!   QEMU on the vTPM moved to a second manager (docs/migration.md), with the downtime QEMU
-//!   reports printed beside plain swtpm's.
+//!   reports printed beside plain swtpm's; and two QEMUs at once on one vTPM process, as a Xen
+//!   HVM guest's localhost migration has them: the source's quit after the destination's load
+//!   leaves the TPM running with its PCRs.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
@@ -559,6 +561,62 @@ fn real_qemu_migration_keeps_tpm_state_and_refuses_tampered_or_replayed_blobs() 
     assert!(!st.success());
     assert!(wait_gone(pid, Duration::from_secs(10)));
     assert!(s.vtpm_log(&v.uuid).contains("older than this vTPM's state"), "{}", s.vtpm_log(&v.uuid));
+}
+
+/// A Xen HVM guest's localhost migration, as libxl orders it: the source device model saves the
+/// TPM's state and stays up; the destination's starts on the same control socket of the same
+/// vTPM process (xl-vtpm's layout: control + data sockets, so the vTPM outlives a controller) and
+/// loads it; then the source's ends, sending CMD_SHUTDOWN. That must not power the TPM off under
+/// the moved guest. The last device model's shutdown still does.
+#[test]
+fn a_device_model_s_shutdown_leaves_the_tpm_to_the_other_one_connected() {
+    let _one_qemu_test = one_qemu_test();
+    let s = Stack::start();
+    let ctrl = s.dir.path().join("vtpm.ctrl");
+    let data = s.dir.path().join("vtpm.data");
+    let (lc, ld) = (format!("ctrl:{}", ctrl.display()), format!("data:{}", data.display()));
+    let j = s.xl_json(&["vtpm", "create", "--ek", "ecc", "--listen", &lc, "--listen", &ld, "--listen", "tcp:127.0.0.1:0"]);
+    assert_eq!(j["state"], "running");
+    let uuid: uuid::Uuid = j["uuid"].as_str().unwrap().parse().unwrap();
+    let pid = j["runtime"]["pid"].as_u64().unwrap() as u32;
+    let port = j["runtime"]["tcp_ports"][0][0].as_u64().unwrap() as u16;
+
+    let a_dir = s.dir.path().join("source");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let (mut a, mut qa) = start_qemu(&a_dir, &ctrl);
+    let zero = [0u8; 32];
+    until("SeaBIOS to measure into PCR 0", || pcr(port, 0).is_some_and(|p| p != zero));
+    pcr_extend(port, 9, [0x5a; 32]);
+    let mark = pcr(port, 9).unwrap();
+
+    // the source: paused, its state out (Xen: xen-save-devices-state), still running
+    qa.execute("stop");
+    let file = s.dir.path().join("vm.migration");
+    migrate_to_file(&mut qa, &file, &a_dir);
+
+    // the destination: a second device model on the same control socket loads it
+    let b_dir = s.dir.path().join("destination");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let from = format!("exec:cat {}", file.display());
+    let mut b = spawn_qemu(&b_dir, &ctrl, &["-incoming", &from]);
+    until("the destination to load the state", || {
+        assert!(b.try_wait().unwrap().is_none(), "the destination QEMU ended:\n{}\n{}", qemu_log(&b_dir), s.vtpm_log(&uuid));
+        matches!(query_status(&b_dir.join("qmp.sock")).as_deref(), Some(st) if st != "inmigrate")
+    });
+    let mut qb = Qmp::connect(&b_dir.join("qmp.sock"), &mut b, &b_dir.join("qemu.log"), Duration::from_secs(30));
+    assert_eq!(pcr(port, 9), Some(mark), "PCR 9 after the destination's load");
+
+    // the source ends after the move: its CMD_SHUTDOWN leaves the TPM running for the destination
+    qa.execute("quit");
+    assert!(wait_exit(&mut a, Duration::from_secs(30)).success(), "{}", qemu_log(&a_dir));
+    assert_eq!(pcr(port, 9), Some(mark), "the source's shutdown powered the TPM off under the moved guest:\n{}", s.vtpm_log(&uuid));
+    assert!(s.vtpm_log(&uuid).contains("another is connected"), "{}", s.vtpm_log(&uuid));
+
+    // the last device model's shutdown powers it off (the process stays for the next one)
+    qb.execute("quit");
+    assert!(wait_exit(&mut b, Duration::from_secs(30)).success(), "{}", qemu_log(&b_dir));
+    until("the TPM to be powered off", || pcr(port, 9).is_none());
+    assert!(!wait_gone(pid, Duration::from_millis(500)), "the vTPM process ended with its last device model");
 }
 
 /// A manager on its own swtpm manufactured with an EK certificate: a second "host".

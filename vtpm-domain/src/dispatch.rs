@@ -34,6 +34,10 @@ pub struct Shared {
     pub import_floor: std::cell::Cell<u64>,
     /// A blob was loaded since the last `CMD_INIT`.
     pub imported: std::cell::Cell<bool>,
+    /// Control connections open now that gave a data channel (`CMD_SET_DATAFD`): device
+    /// models. Two at once is a Xen HVM guest's localhost migration (the destination's device
+    /// model loads the state while the source's still runs).
+    pub device_models: std::cell::Cell<usize>,
 }
 
 /// Whether `packet` is a well-framed deep-quote vendor command.

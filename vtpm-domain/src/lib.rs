@@ -166,6 +166,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             blob_key,
             import_floor,
             imported: std::cell::Cell::new(false),
+            device_models: std::cell::Cell::new(0),
         });
         let sig = shared.clone();
         tokio::task::spawn_local(async move {

@@ -547,7 +547,25 @@ enum CtrlEnd {
     Shutdown,
 }
 
+/// This control connection is a device model's (it gave a data channel): counted in
+/// [`Shared::device_models`] while it is open.
+struct DeviceModel(Rc<Shared>);
+
+impl DeviceModel {
+    fn new(shared: &Rc<Shared>) -> DeviceModel {
+        shared.device_models.set(shared.device_models.get() + 1);
+        DeviceModel(shared.clone())
+    }
+}
+
+impl Drop for DeviceModel {
+    fn drop(&mut self) {
+        self.0.device_models.set(self.0.device_models.get().saturating_sub(1));
+    }
+}
+
 async fn serve_ctrl_requests(s: &mut CtrlStream, shared: &Rc<Shared>) -> CtrlEnd {
+    let mut device_model: Option<DeviceModel> = None;
     loop {
         let mut code = [0u8; 4];
         let first = match s.read(&mut code).await {
@@ -622,7 +640,13 @@ async fn serve_ctrl_requests(s: &mut CtrlStream, shared: &Rc<Shared>) -> CtrlEnd
                 }
             }
         };
-        let (reply, exit) = handle_ctrl(req, s, shared);
+        let gives_data = matches!(req, Request::SetDataFd);
+        // another device model than this one is connected
+        let other_device_model = device_model.is_some() && shared.device_models.get() >= 2;
+        let (reply, exit) = handle_ctrl(req, s, shared, other_device_model);
+        if gives_data && device_model.is_none() && reply == ctrl::response(res::SUCCESS, &[]) {
+            device_model = Some(DeviceModel::new(shared));
+        }
         if s.write_all(&reply).await.is_err() {
             return CtrlEnd::HungUp;
         }
@@ -646,7 +670,7 @@ fn result_of<E: std::fmt::Display>(r: Result<(), E>, what: &str) -> u32 {
 
 /// Answers one control request. Responses carry only `u.resp` of the
 /// command's union; a failure is a bare 4-byte result, as swtpm sends it.
-fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8>, bool) {
+fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>, other_device_model: bool) -> (Vec<u8>, bool) {
     xvtpm_log::guest_debug!(?req, "control request");
     let mut v = shared.vtpm.borrow_mut();
     let ok = |r: u32| ctrl::response(r, &[]);
@@ -667,6 +691,14 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>) -> (Vec<u8
         // outlives its controller (`--persist`, or xl-vtpm's layout with a data socket) powers
         // the TPM off (state saved) and keeps serving: the next controller's CMD_INIT powers it
         // on, as a platform reset does. Otherwise the process ends, as swtpm's does.
+        // Two device models at once: a Xen HVM guest's localhost migration. The destination's
+        // loaded the state blobs and runs the TPM for the moved guest; the source's, ending
+        // after the move, must not power it off under it (nor, after a failed move, the
+        // destination's under the source that resumes).
+        Request::Shutdown if shared.persist && other_device_model => {
+            guest_info!("CMD_SHUTDOWN from a device model while another is connected (a migration's other end): the TPM keeps running");
+            (ok(res::SUCCESS), false)
+        }
         Request::Shutdown if shared.persist => {
             let r = result_of(v.stop(), "CMD_SHUTDOWN");
             guest_info!("CMD_SHUTDOWN: TPM powered off, state saved; serving the next controller");
