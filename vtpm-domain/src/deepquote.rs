@@ -35,9 +35,11 @@ fn request(vtpm: &RefCell<Vtpm>, uuid: Uuid, packet: &[u8]) -> Result<VtpmReques
 fn outcome(reply: Result<std::io::Result<VtpmReply>, tokio::time::error::Elapsed>) -> Result<Vec<u8>, u32> {
     let reply = match reply {
         Ok(Ok(r)) => r,
+        // The manager's socket refused or dropped the request: it is down or restarting (a
+        // killed manager comes back and serves again), so the caller may retry, as for Busy.
         Ok(Err(e)) => {
             guest_warn!(error = %e, "deep quote: manager unreachable");
-            return Err(rc::NO_RESULT);
+            return Err(rc::RETRY);
         }
         Err(_) => {
             guest_warn!("deep quote: manager timed out");

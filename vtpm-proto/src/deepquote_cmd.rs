@@ -40,9 +40,9 @@ pub mod rc {
     pub const HOST_PCRS: u32 = 0x084 | 0x040 | (3 << 8);
     /// Missing or trailing bytes.
     pub const SIZE: u32 = 0x095;
-    /// The manager could not produce evidence (unreachable, refused).
+    /// The manager could not produce evidence (it refused, or its reply made no sense).
     pub const NO_RESULT: u32 = 0x154;
-    /// The manager is busy: retry.
+    /// The manager is busy, or unreachable for now (down or restarting): retry.
     pub const RETRY: u32 = 0x922;
 }
 

@@ -111,7 +111,7 @@ pub fn deep_quote(target: &Target, cmd: &DeepQuoteCommand) -> Result<Vec<u8>, Cl
     let rsp = target.transact(&cmd.encode())?;
     deepquote_cmd::parse_response(&rsp).map_err(|rc| {
         let hint = match rc {
-            deepquote_cmd::rc::RETRY => " (the manager is busy: retry)",
+            deepquote_cmd::rc::RETRY => " (the manager is busy or restarting: retry)",
             deepquote_cmd::rc::NO_RESULT => " (the vTPM could not get evidence from its manager)",
             deepquote_cmd::rc::NONCE => " (--nonce is longer than 64 bytes)",
             deepquote_cmd::rc::VPCRS => " (bad --vpcrs)",
