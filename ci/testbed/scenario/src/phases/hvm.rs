@@ -327,6 +327,18 @@ fn device_models() -> String {
     out
 }
 
+/// The running device models' command lines once one holds `what`, waiting up to 15 s: in a CI
+/// run the device model of a guest whose `xl create` had returned (and which then booted with
+/// its TPM) was once not yet found by its command line in /proc.
+fn device_model_with(cx: &Cx, what: &str) -> String {
+    let mut line = String::new();
+    cx.wait_every(15, Duration::from_millis(200), || {
+        line = device_models();
+        line.contains(what)
+    });
+    line
+}
+
 /// Lines of `text` that name a control-channel disagreement.
 fn ctrl_errors(text: &str) -> Vec<String> {
     text.lines()
@@ -631,7 +643,7 @@ fn crb(cx: &Cx, st: &mut St, dm: &str, g: &Crb, after: u64) -> Outcome {
         cleanup(cx, name, pid);
         return Outcome::fail(format!("xl-vtpm create exited {}: {}", o.rc, tail_of(&save)));
     }
-    let dmline = device_models();
+    let dmline = device_model_with(cx, "tpm-crb,tpmdev=xvtpm-tpm");
     e.check(
         &format!("{name}-dm-args"),
         dmline.contains("tpm-crb,tpmdev=xvtpm-tpm") && dmline.contains(&uuid),
@@ -766,7 +778,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
                 tail_of("/tmp/xl-hvm-create.out")
             ));
         }
-        let dmline = device_models();
+        let dmline = device_model_with(cx, "tpm-tis,tpmdev=xvtpm-tpm");
         e.check(
             "hvm-dm-tpm-args",
             dmline.contains(&dm) && dmline.contains("tpm-tis,tpmdev=xvtpm-tpm") && dmline.contains(&uuid),
