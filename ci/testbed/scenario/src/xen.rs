@@ -131,6 +131,15 @@ pub fn read_text(path: &str) -> String {
     String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).replace('\r', "")
 }
 
+/// The value of `key` in `/etc/xvtpm-testbed.env` (build-images.sh writes it: one `key=value`
+/// per line), trimmed; None if the key is absent.
+pub fn testbed_env(key: &str) -> Option<String> {
+    let prefix = format!("{key}=");
+    read_text("/etc/xvtpm-testbed.env")
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()).map(|v| v.trim().to_string()))
+}
+
 /// A line of `text` that contains `a` and, after it, `b` (`grep -E 'a.*b'`).
 pub fn has_seq(text: &str, a: &str, b: &str) -> bool {
     text.lines()

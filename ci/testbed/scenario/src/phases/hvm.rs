@@ -107,12 +107,7 @@ const CTRL_ERRORS: &[&str] = &[
 ];
 
 fn dm_path() -> String {
-    xen::read_text("/etc/xvtpm-testbed.env")
-        .lines()
-        .find_map(|l| l.strip_prefix("hvm_dm="))
-        .unwrap_or("none")
-        .trim()
-        .to_string()
+    xen::testbed_env("hvm_dm").unwrap_or_else(|| "none".into())
 }
 
 /// Waits for this boot's GUEST-DONE (console after line `off`); echoes the checks. Returns the
@@ -595,12 +590,7 @@ fn crb(cx: &Cx, st: &mut St, dm: &str, g: &Crb, after: u64) -> Outcome {
         return Outcome::fail(format!("no TPM-enabled device model in dom0 (hvm_dm={dm})"));
     }
     if g.ovmf {
-        let fd = xen::read_text("/etc/xvtpm-testbed.env")
-            .lines()
-            .find_map(|l| l.strip_prefix("hvm_ovmf="))
-            .unwrap_or("none")
-            .trim()
-            .to_string();
+        let fd = xen::testbed_env("hvm_ovmf").unwrap_or_else(|| "none".into());
         if fd == "none" || !Path::new(&fd).is_file() {
             return Outcome::fail(format!(
                 "no OVMF for Xen in dom0 (hvm_ovmf={fd}): run.sh builds it with build-ovmf-xen.sh unless XVTPM_TESTBED_HVM=0 or crb"

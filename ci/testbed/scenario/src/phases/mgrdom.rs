@@ -144,8 +144,7 @@ fn dom0_pcrs(cx: &Cx, tcti: &str) -> (Vec<(u32, String)>, String) {
 /// The kernel line for the manager domain: Debian's kernel has tpm_tis built in; a PV domain
 /// has no ACPI, so it is forced onto the TIS base, without interrupts.
 fn cfg(name: &str, typ: &str, iomem: bool, disk: Option<&str>, boot: &str) -> String {
-    let env = xen::read_text("/etc/xvtpm-testbed.env");
-    let kernel = if env.contains("guest_kernel=bzimage") {
+    let kernel = if xen::testbed_env("guest_kernel").as_deref() == Some("bzimage") {
         "/guest/vmlinuz"
     } else {
         "/guest/vmlinux"

@@ -307,10 +307,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         );
         return;
     }
-    let mem = xen::read_text("/etc/xvtpm-testbed.env")
-        .lines()
-        .find_map(|l| l.strip_prefix("vtpmdom_mem=").map(str::to_string))
-        .unwrap_or_else(|| "128".into());
+    let mem = xen::testbed_env("vtpmdom_mem").unwrap_or_else(|| "128".into());
     let mut vd = Vd {
         uuid: String::new(),
         domid: String::new(),
@@ -378,10 +375,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         |cx| debian(cx, st),
     );
     // diagnosis (XVTPM_TESTBED_VTPMDOM_PROBE="24 16"): the default image at smaller memory, INFO only
-    let probe = xen::read_text("/etc/xvtpm-testbed.env")
-        .lines()
-        .find_map(|l| l.strip_prefix("vtpmdom_probe=").map(str::to_string))
-        .unwrap_or_default();
+    let probe = xen::testbed_env("vtpmdom_probe").unwrap_or_default();
     if !probe.trim().is_empty() && st.mgr_ready() {
         for m in probe.split_whitespace() {
             probe_mem(&r.cx, m);
