@@ -895,7 +895,7 @@ fn run_vtpm(cmd: VtpmCmd, local: &Local, xen: &xenlife::Xen, domains: xl_tools::
             }
             let memory_mib = match memory {
                 Some(m) => m,
-                None => xl_tools::vtpmdom::default_memory_mib(std::env::var("XVTPM_VTPMDOM_MEMORY").ok().as_deref(), &ramdisk)?,
+                None => xl_tools::vtpmdom::default_memory_mib(xen.vtpmdom.memory_mib.as_deref(), &ramdisk)?,
             };
             let opts = xl_tools::vtpmdom::DomainOpts { name, kernel, ramdisk, memory_mib, disk, ready_wait: Duration::from_secs(wait) };
             let rt = domains.create(&mut admin, group, uuid, &opts, create_args)?;
