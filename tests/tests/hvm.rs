@@ -30,7 +30,7 @@ fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
 }
 
 /// A stand-in for `xl`: `create CFG` keeps a copy of CFG (the config libxl would get) and makes
-/// the guest exist as domid 7 until `destroy`.
+/// the guest exist as domid 7 until `destroy`; `migrate` fails before the guest moved.
 fn fake_xl(s: &Stack) -> PathBuf {
     let d = s.dir.path();
     let script = format!(
@@ -38,6 +38,7 @@ fn fake_xl(s: &Stack) -> PathBuf {
          create) cp \"$2\" {d}/xl-created.cfg; touch {d}/guest-made;;\n\
          domid) [ -e {d}/guest-made ] && {{ echo 7; exit 0; }}; exit 1;;\n\
          destroy) rm -f {d}/guest-made;;\n\
+         migrate) echo 'migration sender: the receiver failed' >&2; exit 1;;\n\
          list) echo 'Name ID Mem VCPUs State Time(s) UUID';;\n\
          esac\nexit 0\n",
         d = d.display()
@@ -323,4 +324,56 @@ fn emulated_tpm_configs_are_refused_before_anything_is_made() {
     assert_eq!(mgr.as_array().unwrap().len(), 0, "a refused config or a dry run made a vTPM: {mgr}");
     let calls = std::fs::read_to_string(s.dir.path().join("xl-calls.log")).unwrap_or_default();
     assert!(!calls.contains("create"), "xl create ran for a refused config:\n{calls}");
+}
+
+/// `xl-vtpm migrate` of an HVM guest (its TPM moves in the device model's stream, docs/hvm.md;
+/// the move itself runs in the testbed's `hvm-migrate` phase): a move that fails before the guest
+/// moved says nothing changed, and checks that the guest's TPM still answers (it names a TPM left
+/// off); a guest whose vTPM does not run is refused before anything moves, and its vTPM is not
+/// started anew (the device model would not reconnect to it).
+#[test]
+fn an_hvm_guest_s_move_checks_its_tpm_and_never_restarts_a_gone_vtpm() {
+    let (s, xl) = stack_for_device_model();
+    let cfg = write(s.dir.path(), "hvmm.cfg", "name = \"hvmm\"\ntype = \"hvm\"\ndevice_model_user = \"nobody\"\nvtpm = [ \"model=crb\" ]\n", 0o644);
+    let out = xl_vtpm(&s, &xl, &["create", cfg.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "xl-vtpm create: {}", String::from_utf8_lossy(&out.stderr));
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let uuid = row["vtpm_uuid"].as_str().unwrap().to_string();
+    let v = Stack::handle(&s.xl_json(&["vtpm", "show", &uuid]));
+    let data = v.socket.clone().unwrap();
+
+    // xl migrate fails before the move; the TPM runs: nothing changed
+    let out = xl_vtpm(&s, &xl, &["migrate", "hvmm", "localhost"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("failed before the guest moved") && err.contains("nothing changed") && !err.contains("does not answer"), "{err}");
+    assert!(xl_tools::guestmig::tpm_answers(&data).is_ok());
+
+    // the TPM left off (a device model's CMD_STOP): the same failure names it
+    let ctrl = PathBuf::from(format!("{}.ctrl", data.display()));
+    let mut c = std::os::unix::net::UnixStream::connect(&ctrl).unwrap();
+    std::io::Write::write_all(&mut c, &[0, 0, 0, 0x0e]).unwrap();
+    let mut r = [0u8; 4];
+    std::io::Read::read_exact(&mut c, &mut r).unwrap();
+    assert_eq!(r, [0; 4], "CMD_STOP");
+    let e = xl_tools::guestmig::tpm_answers(&data).unwrap_err();
+    assert!(e.contains("0x101"), "{e}");
+    let out = xl_vtpm(&s, &xl, &["migrate", "hvmm", "localhost"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("its TPM does not answer") && err.contains("xl-vtpm reboot hvmm"), "{err}");
+    drop(c);
+
+    // the vTPM gone: refused before xl migrate runs, and not started again
+    let calls = || std::fs::read_to_string(s.dir.path().join("xl-calls.log")).unwrap_or_default().lines().filter(|l| l.starts_with("xl migrate ")).count();
+    let before = calls();
+    assert_eq!(before, 2);
+    assert!(s.xl_command(&["vtpm", "stop", &uuid]).output().unwrap().status.success());
+    assert!(xvtpm_tests::wait_gone(v.pid.unwrap(), Duration::from_secs(10)));
+    let out = xl_vtpm(&s, &xl, &["migrate", "hvmm", "localhost"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("does not run") && err.contains("nothing moved") && err.contains(&format!("xl-vtpm vtpm start {uuid}")), "{err}");
+    assert_eq!(calls(), before, "xl migrate ran for a guest whose vTPM is gone");
+    assert_eq!(s.xl_json(&["vtpm", "show", &uuid])["state"], "stopped", "the vTPM was started again");
 }

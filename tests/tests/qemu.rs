@@ -619,6 +619,62 @@ fn a_device_model_s_shutdown_leaves_the_tpm_to_the_other_one_connected() {
     assert!(!wait_gone(pid, Duration::from_millis(500)), "the vTPM process ended with its last device model");
 }
 
+/// A failed move: the source device model has saved the TPM's state and is paused; the
+/// destination's starts on the same control socket, stops the TPM at its machine reset (QEMU
+/// waits for the incoming state: `-incoming defer`) and dies before it loads anything (Xen: the
+/// receiving side failed; libxl kills its device model). The source resumes: its TPM must run on
+/// with everything it had (PCR 9's mark), not stay powered off under it.
+#[test]
+fn a_destination_that_dies_before_its_load_hands_the_tpm_back_to_the_source() {
+    let _one_qemu_test = one_qemu_test();
+    let s = Stack::start();
+    let ctrl = s.dir.path().join("vtpm.ctrl");
+    let data = s.dir.path().join("vtpm.data");
+    let (lc, ld) = (format!("ctrl:{}", ctrl.display()), format!("data:{}", data.display()));
+    let j = s.xl_json(&["vtpm", "create", "--ek", "ecc", "--listen", &lc, "--listen", &ld, "--listen", "tcp:127.0.0.1:0"]);
+    let uuid: uuid::Uuid = j["uuid"].as_str().unwrap().parse().unwrap();
+    let port = j["runtime"]["tcp_ports"][0][0].as_u64().unwrap() as u16;
+
+    let a_dir = s.dir.path().join("source");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let (mut a, mut qa) = start_qemu(&a_dir, &ctrl);
+    let zero = [0u8; 32];
+    until("SeaBIOS to measure into PCR 0", || pcr(port, 0).is_some_and(|p| p != zero));
+    pcr_extend(port, 9, [0xa5; 32]);
+    let mark = pcr(port, 9).unwrap();
+    qa.execute("stop");
+    migrate_to_file(&mut qa, &s.dir.path().join("vm.migration"), &a_dir);
+
+    // the destination: up, waiting for its state, the TPM stopped by its reset
+    let b_dir = s.dir.path().join("destination");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let mut b = spawn_qemu(&b_dir, &ctrl, &["-incoming", "defer"]);
+    until("the destination to wait for its state", || {
+        assert!(b.try_wait().unwrap().is_none(), "the destination QEMU ended:\n{}", qemu_log(&b_dir));
+        query_status(&b_dir.join("qmp.sock")).as_deref() == Some("inmigrate")
+    });
+    assert_eq!(pcr(port, 9), None, "the destination's reset did not stop the TPM (the premise of this test)");
+
+    // it dies: the TPM runs again for the source, with its state
+    b.kill().unwrap();
+    b.wait().unwrap();
+    let mut back = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while back.is_none() && Instant::now() < deadline {
+        back = pcr(port, 9);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(back, Some(mark), "the TPM stayed off (or lost PCR 9) after the destination died:\n{}", s.vtpm_log(&uuid));
+    qa.execute("cont");
+    assert_qemu_alive(&mut qa, &mut a, &a_dir, "after the failed move");
+    pcr_extend(port, 9, [0x5a; 32]);
+    assert_ne!(pcr(port, 9), Some(mark));
+    assert!(s.vtpm_log(&uuid).contains("ended before it loaded"), "{}", s.vtpm_log(&uuid));
+    qa.execute("quit");
+    assert!(wait_exit(&mut a, Duration::from_secs(30)).success(), "{}", qemu_log(&a_dir));
+    until("the TPM to be powered off", || pcr(port, 9).is_none());
+}
+
 /// A manager on its own swtpm manufactured with an EK certificate: a second "host".
 fn enrolled_host() -> Stack {
     Stack::start_with(xvtpm_tests::Options { ek_cert: true, ..Default::default() })

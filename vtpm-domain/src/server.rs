@@ -560,7 +560,33 @@ impl DeviceModel {
 
 impl Drop for DeviceModel {
     fn drop(&mut self) {
-        self.0.device_models.set(self.0.device_models.get().saturating_sub(1));
+        let left = self.0.device_models.get().saturating_sub(1);
+        self.0.device_models.set(left);
+        if left > 0 {
+            hand_back(&self.0);
+        }
+    }
+}
+
+/// A device model ended while another is still connected: a Xen HVM guest's migration whose
+/// other end is gone. If the ended one was a destination that stopped the TPM (its machine
+/// reset does, before it loads the incoming state) and never started it again, the source
+/// resumes its guest: the TPM runs again where it stopped, not powered off under it.
+fn hand_back(shared: &Shared) {
+    let Ok(mut v) = shared.vtpm.try_borrow_mut() else { return };
+    if v.running() {
+        return;
+    }
+    match v.resume_stopped() {
+        Ok(true) => {
+            if shared.imported.replace(false) {
+                // As at CMD_INIT: the loaded generation is the floor from now on.
+                shared.import_floor.set(v.generation());
+            }
+            guest_info!("a device model ended before it loaded the state or started the TPM (a failed move): the TPM runs on where it stopped, for the other one");
+        }
+        Ok(false) => guest_info!("a device model ended with the TPM stopped and no state to resume: it stays off until the next CMD_INIT"),
+        Err(e) => guest_warn!(error = %e, "resuming the TPM after a device model ended failed; it stays off until the next CMD_INIT"),
     }
 }
 

@@ -89,6 +89,12 @@ pub struct Vtpm {
     /// Volatile state loaded by `CMD_SET_STATEBLOB` (an incoming migration),
     /// resumed by the next [`Vtpm::init`].
     pending_volatile: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// The running engine's volatile state (PCRs, loaded objects, sessions) at the last
+    /// control-channel stop, kept in memory only: [`Vtpm::resume_stopped`] hands it back when
+    /// a migration's destination stopped the TPM and ended before it loaded its state, so the
+    /// source's guest resumes with its TPM as it was. A power cycle or a loaded permanent blob
+    /// drops it.
+    stopped_volatile: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// The state generation this process opened (before its own writes).
     opened_generation: u64,
     /// The engine's permanent state when its save failed: the engine is ahead of the disk, so
@@ -139,6 +145,7 @@ impl Vtpm {
             locality: 0,
             last_saved: Some(zeroize::Zeroizing::new(state.permanent.to_vec())),
             pending_volatile: None,
+            stopped_volatile: None,
             opened_generation,
             unsaved: None,
         };
@@ -274,10 +281,23 @@ impl Vtpm {
         Ok(())
     }
 
-    /// Stops the engine (`CMD_STOP`) after persisting.
+    /// Stops the engine (`CMD_STOP`, `CMD_SHUTDOWN`) after persisting. Its volatile state is
+    /// kept in memory for [`Vtpm::resume_stopped`].
     pub fn stop(&mut self) -> Result<(), VtpmError> {
+        self.power_off(true)
+    }
+
+    fn power_off(&mut self, keep_volatile: bool) -> Result<(), VtpmError> {
         self.persist_if_dirty()?;
         if let Some(mut e) = self.engine.take() {
+            self.stopped_volatile = None;
+            if keep_volatile {
+                // Without it a failed move's source would find its TPM reset; the stop stands.
+                match e.volatile_state() {
+                    Ok(vol) => self.stopped_volatile = Some(vol),
+                    Err(err) => xvtpm_log::host_warn!(error = %err, "the stopped TPM's volatile state could not be kept"),
+                }
+            }
             let perm = e.permanent_state().map_err(VtpmError::Libtpms)?;
             if self.last_saved.as_deref().map(|v| &v[..]) != Some(&perm[..]) {
                 self.store.save(&perm, &[])?;
@@ -287,10 +307,32 @@ impl Vtpm {
         Ok(())
     }
 
+    /// Starts a stopped engine again where it stopped, as if the stop had not happened: from
+    /// the volatile state a loaded blob carries (a move's destination that loaded the state
+    /// and ended before its `CMD_INIT`), or else from the one kept at the last stop. Returns
+    /// whether it started; `false` if it runs, or if there is no state to resume (nothing was
+    /// kept, or a permanent blob was loaded without its volatile one): then it stays off until
+    /// the next `CMD_INIT`.
+    pub fn resume_stopped(&mut self) -> Result<bool, VtpmError> {
+        if self.engine.is_some() {
+            return Ok(false);
+        }
+        let Some(vol) = self.pending_volatile.take().or_else(|| self.stopped_volatile.take()) else { return Ok(false) };
+        let perm = self.last_saved.clone().ok_or_else(|| VtpmError::Engine("no persisted state to resume from".into()))?;
+        let mut engine = Engine::start(engine_version(self.family), Some(&perm), Some(&vol)).map_err(VtpmError::Libtpms)?;
+        engine.set_locality(self.locality);
+        if self.buffer_size != DEFAULT_BUFFER {
+            engine.set_buffer_size(self.buffer_size);
+        }
+        self.engine = Some(engine);
+        Ok(true)
+    }
+
     /// Power-cycles the engine (`CMD_INIT`): restart from the persisted
     /// permanent state, as a TPM reset.
     pub fn init(&mut self) -> Result<(), VtpmError> {
-        self.stop()?;
+        self.power_off(false)?;
+        self.stopped_volatile = None;
         let perm = self.last_saved.clone().ok_or_else(|| VtpmError::Engine("no persisted state to initialise from".into()))?;
         let vol = self.pending_volatile.take();
         let mut engine = Engine::start(engine_version(self.family), Some(&perm), vol.as_deref().map(|v| &v[..]))
@@ -329,6 +371,8 @@ impl Vtpm {
             1 => {
                 self.store.save(&blob, &[])?;
                 self.last_saved = Some(blob);
+                // The kept volatile state belongs to the permanent state this one replaced.
+                self.stopped_volatile = None;
             }
             2 => self.pending_volatile = Some(blob),
             _ if blob.is_empty() => {}
@@ -471,7 +515,7 @@ impl Manufacturing {
         let perm = engine.permanent_state().map_err(VtpmError::Libtpms)?;
         store.save(&perm, &[])?;
         let _ = engine.take_dirty_permanent();
-        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, opened_generation: 0, unsaved: None };
+        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, stopped_volatile: None, opened_generation: 0, unsaved: None };
         Ok((v, ek))
     }
 }

@@ -18,6 +18,16 @@
 //! - the vTPM process died: it is started again from its durable state before the unpause
 //!   (EK, keys, NV kept; PCRs reset as after a power loss, and no marker is written).
 //!
+//! An HVM guest whose TPM its device model emulates (`vtpm = [ "model=tis|crb" ]`, docs/hvm.md)
+//! moves the same way, without tpmif steps: libxl starts the destination's device model on the
+//! same control socket of the same vTPM process while the source's still runs; it loads the
+//! TPM's state blobs from the stream (sealed to this vTPM, refused if replayed) and starts the
+//! TPM with them. The vTPM keeps the TPM running when the source's device model then ends, and
+//! hands it back to the source if the destination's ends first (a failed move). Before the
+//! unpause this module waits for the source's device model to end and checks that the TPM
+//! answers; a vTPM that is not running is never started anew for a moving HVM guest (its
+//! device model would not reconnect): the move is refused before anything moves.
+//!
 //! `--non-live` moves the guest without log-dirty mode (a Xen that refuses it for PV guests):
 //! `xl save GUEST FILE` (the guest is suspended, its memory written, the source destroyed), then
 //! `xl restore -p FILE` (a new domain, paused) and the same steps as above. FILE is
@@ -43,6 +53,9 @@ use crate::xenlife::{DOM0_BACKEND_ROOT, Xen, reg_err};
 pub const BACKEND_WAIT: Duration = Duration::from_secs(20);
 /// How long the resumed guest's frontend may take to connect again (reported, not required).
 pub const RECONNECT_WAIT: Duration = Duration::from_secs(60);
+/// How long an HVM guest's source device model may take to end after the move (xl destroyed
+/// its domain); reported, not required: its shutdown leaves the TPM to the destination's.
+pub const DEVICE_MODEL_WAIT: Duration = Duration::from_secs(30);
 
 /// What `xl-vtpm migrate` did.
 #[derive(Debug, serde::Serialize)]
@@ -72,6 +85,12 @@ pub struct GuestMigrated {
     pub reconnect_ms: Option<u64>,
     /// The whole command (ms).
     pub total_ms: u64,
+    /// The guest is HVM: its device model emulates the TPM (no tpmif frontend to reconnect).
+    pub hvm: bool,
+    /// HVM: from the end of the move until the source's device model had ended (ms), if it did
+    /// within [`DEVICE_MODEL_WAIT`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_device_model_ended_ms: Option<u64>,
 }
 
 fn fail(code: i32, m: impl Into<String>) -> CliError {
@@ -242,12 +261,22 @@ impl Xen {
                 format!("guest {name}'s vTPM runs in its own domain {:?}; only a dom0-process vTPM (backend=0) moves with `xl-vtpm migrate`", row.vtpm_domain),
             ));
         }
-        if let Some(rt) = &rt
-            && !rt.listen.iter().any(|l| l.starts_with("xen:"))
-        {
-            return Err(fail(REFUSED, format!("guest {name}'s vTPM (process {}) serves {:?}, not tpmif: an HVM guest's emulated TPM does not move with `xl-vtpm migrate`", rt.pid, rt.listen)));
-        }
+        // A vTPM served to a device model (an HVM guest's emulated TPM), not over tpmif.
+        let listen = rt.as_ref().map_or_else(|| self.local.access(&uuid).listen, |rt| rt.listen.clone());
+        let hvm = !listen.iter().any(|l| l.starts_with("xen:"));
         let old = row.guest_domid.ok_or_else(|| fail(FAILURE, format!("the registry has no domid for guest {name}")))?;
+        if hvm && rt.is_none() {
+            return Err(fail(
+                REFUSED,
+                format!(
+                    "guest {name}'s vTPM {uuid} (its device model's TPM) does not run, so the guest has no TPM state to move and its device model \
+                     would not reconnect; nothing moved: restart the vTPM (`xl-vtpm vtpm start {uuid}`) and reboot the guest (`xl-vtpm reboot {name}`), then move it"
+                ),
+            ));
+        }
+        // HVM: the device model that serves the guest before the move (it ends after it).
+        // (Its start time too: a pid reused after it ended is not it.)
+        let source_dm = if hvm && !finish { device_model_pid(old).and_then(|p| Some((p, xvtpm_fsutil::start_time(p)?))) } else { None };
         let mut xl_ms = 0;
         let (mut save_ms, mut restore_ms) = (0, 0);
         let file = save_file(&self.local.state_dir, &uuid);
@@ -266,17 +295,23 @@ impl Xen {
         let mut restarted_before = false;
         if non_live && !finish {
             // The vTPM must serve the restored domain's device as soon as libxl writes it.
-            self.ensure_vtpm_process(admin, uuid, None)?;
+            if !hvm {
+                self.ensure_vtpm_process(admin, uuid, None)?;
+            }
             save_ms = self.save_guest(name, old, &file)?;
             restore_ms = self.restore_saved(name, &file)?;
         } else if finish && self.xl_domid(name).is_none() && file.exists() {
             // The vTPM must run before libxl writes the restored domain's device.
-            restarted_before = self.ensure_vtpm_process(admin, uuid, None)?.1;
+            if !hvm {
+                restarted_before = self.ensure_vtpm_process(admin, uuid, None)?.1;
+            }
             restore_ms = self.restore_saved(name, &file)?;
         }
         if !finish && !non_live {
             // The vTPM must serve the incoming domain's device as soon as libxl writes it.
-            self.ensure_vtpm_process(admin, uuid, None)?;
+            if !hvm {
+                self.ensure_vtpm_process(admin, uuid, None)?;
+            }
             let args = xl_migrate_args(name, host.unwrap_or("localhost"), ssh);
             let t = Instant::now();
             let out = Command::new(&self.xl)
@@ -291,10 +326,15 @@ impl Xen {
             let after = self.xl_domid(name);
             match after {
                 Some(d) if d == old => {
+                    // HVM: a destination device model that stopped the TPM and died handed it back.
+                    let tpm = match self.hvm_tpm_answers(hvm, &uuid) {
+                        Ok(()) => String::new(),
+                        Err(e) => format!(" BUT its TPM does not answer ({e}): reboot the guest (`xl-vtpm reboot {name}`) to reset it."),
+                    };
                     return Err(fail(
                         FAILURE,
                         format!(
-                            "xl migrate failed before the guest moved (exit {}): {name} runs on as domain {old} with its vTPM; nothing changed. xl said: {}",
+                            "xl migrate failed before the guest moved (exit {}): {name} runs on as domain {old} with its vTPM; nothing changed.{tpm} xl said: {}",
                             out.status.code().unwrap_or(-1),
                             said
                         ),
@@ -317,6 +357,9 @@ impl Xen {
         let new = self.xl_domid(name).ok_or_else(|| fail(FAILURE, format!("guest {name} has no domain; nothing to finish")))?;
         if finish && new == old && restore_ms == 0 {
             return Err(fail(REFUSED, format!("guest {name} is still domain {old}, as the registry says: there is no move to finish")));
+        }
+        if hvm {
+            return self.finish_hvm_move(reg, &row, source_dm, Moved { old, new, t0, xl_ms, save_ms, restore_ms, non_live: non_live || restore_ms > 0 }, &file);
         }
         // The vTPM process: still the one that served the source (state in memory), or started
         // again from its durable state (PCRs reset, so no resume marker).
@@ -353,6 +396,78 @@ impl Xen {
             xl_restore_ms: restore_ms,
             reconnect_ms,
             total_ms: t0.elapsed().as_millis() as u64,
+            hvm: false,
+            source_device_model_ended_ms: None,
+        })
+    }
+
+    /// An HVM guest's TPM answers after a move (or a failed one): a command on its vTPM's data
+    /// socket (`Ok` for a tpmif vTPM, which is checked through its device instead).
+    fn hvm_tpm_answers(&self, hvm: bool, uuid: &Uuid) -> Result<(), String> {
+        if !hvm {
+            return Ok(());
+        }
+        let rt = self.local.runtime(uuid).ok_or_else(|| format!("vTPM {uuid} does not run"))?;
+        let sock = rt.socket.ok_or_else(|| format!("vTPM {uuid} (process {}) has no data socket", rt.pid))?;
+        tpm_answers(&sock)
+    }
+
+    /// The steps after an HVM guest moved (paused as domain `m.new`): its source device model
+    /// ends, its TPM answers (the destination's device model started it with the moved state),
+    /// then the unpause and the registry.
+    fn finish_hvm_move(&self, reg: &mut crate::registry::Registry, row: &crate::registry::Row, source_dm: Option<(u32, u64)>, m: Moved, file: &Path) -> Result<GuestMigrated, CliError> {
+        let (name, uuid, new) = (&row.guest_name, row.vtpm_uuid, m.new);
+        let t = Instant::now();
+        let mut source_ended = None;
+        if let Some((pid, start)) = source_dm {
+            while t.elapsed() < DEVICE_MODEL_WAIT {
+                if !xvtpm_fsutil::instance_alive(pid, start) {
+                    source_ended = Some(t.elapsed().as_millis() as u64);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if source_ended.is_none() {
+                xvtpm_log::host_warn!(
+                    "guest {name}: the source's device model (process {pid}) still runs {} s after the move; its end will leave the TPM to the new one",
+                    DEVICE_MODEL_WAIT.as_secs()
+                );
+            }
+        }
+        let pid = self.local.runtime(&uuid).map(|r| r.pid).ok_or_else(|| {
+            fail(FAILURE, format!("guest {name} (domain {new}, paused): its vTPM {uuid} no longer runs, so its device model has no TPM; the guest stays paused: destroy it (`xl-vtpm destroy {name}`) and create it again"))
+        })?;
+        self.hvm_tpm_answers(true, &uuid).map_err(|e| {
+            fail(
+                FAILURE,
+                format!(
+                    "guest {name} (domain {new}, paused): its TPM does not answer after the move ({e}); the guest stays paused. Its device model's log (/var/log/xen/qemu-dm-{name}.log) \
+                     says why; `xl unpause {new}` resumes it as it is"
+                ),
+            )
+        })?;
+        self.xl_run(&["unpause", &new.to_string()])?;
+        if let Err(e) = std::fs::remove_file(file)
+            && e.kind() != ErrorKind::NotFound
+        {
+            xvtpm_log::host_warn!("guest {name} runs as domain {new}; removing its saved memory {}: {e}; remove it by hand", file.display());
+        }
+        reg.mark_running(row.id, new, 0).map_err(reg_err)?;
+        Ok(GuestMigrated {
+            guest_name: name.clone(),
+            from_domid: m.old,
+            to_domid: new,
+            vtpm_uuid: uuid,
+            vtpm_pid: pid,
+            vtpm_restarted: false,
+            xl_migrate_ms: m.xl_ms,
+            non_live: m.non_live,
+            xl_save_ms: m.save_ms,
+            xl_restore_ms: m.restore_ms,
+            reconnect_ms: None,
+            total_ms: m.t0.elapsed().as_millis() as u64,
+            hvm: true,
+            source_device_model_ended_ms: source_ended,
         })
     }
 
@@ -362,6 +477,45 @@ impl Xen {
             return Err(fail(FAILURE, format!("xl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
         }
         Ok(())
+    }
+}
+
+/// What the move did before its last steps.
+struct Moved {
+    old: u32,
+    new: u32,
+    t0: Instant,
+    xl_ms: u64,
+    save_ms: u64,
+    restore_ms: u64,
+    non_live: bool,
+}
+
+/// The process of domain `domid`'s device model (libxl's `/local/domain/<domid>/image/device-model-pid`).
+fn device_model_pid(domid: u32) -> Option<u32> {
+    use xen_platform::xenstore::Xenstore;
+    with_xs(async |xs| xs.read(&format!("/local/domain/{domid}/image/device-model-pid")).await.map_err(|e| e.to_string()))
+        .ok()
+        .flatten()
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// How long the TPM may take to answer a probe.
+const PROBE_WAIT: Duration = Duration::from_secs(20);
+
+/// Sends TPM2_GetRandom(8) on the vTPM's data socket `sock` (swtpm's data channel: raw
+/// commands); `Ok` if the TPM answered success. It reads nothing of the guest's state.
+pub fn tpm_answers(sock: &Path) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(|e| format!("{}: {e}", sock.display()))?;
+    s.set_read_timeout(Some(PROBE_WAIT)).map_err(|e| e.to_string())?;
+    s.write_all(&tpm_wire::tpm2_get_random(8)).map_err(|e| format!("{}: {e}", sock.display()))?;
+    let mut head = [0u8; 10];
+    s.read_exact(&mut head).map_err(|e| format!("{}: no answer within {} s ({e})", sock.display(), PROBE_WAIT.as_secs()))?;
+    match tpm_wire::response_code(&head) {
+        Some(0) => Ok(()),
+        Some(rc) => Err(format!("TPM2_GetRandom answered {rc:#x}{}", if rc == 0x101 { " (TPM_RC_FAILURE: the TPM is off)" } else { "" })),
+        None => Err("a malformed answer".into()),
     }
 }
 

@@ -719,7 +719,13 @@ fn run(args: Args) -> Result<(), CliError> {
                     m.vtpm_uuid,
                     m.vtpm_pid,
                     if m.vtpm_restarted { ", started again: its PCRs were reset" } else { ", kept running: state kept" },
-                    m.reconnect_ms.map_or(", its frontend not reconnected yet".to_string(), |r| format!(", reconnected {r} ms after the unpause")),
+                    if m.hvm {
+                        m.source_device_model_ended_ms.map_or(", through the new device model (the old one had not ended yet)".to_string(), |d| {
+                            format!(", through the new device model (the old one ended {d} ms after the move)")
+                        })
+                    } else {
+                        m.reconnect_ms.map_or(", its frontend not reconnected yet".to_string(), |r| format!(", reconnected {r} ms after the unpause"))
+                    },
                     if m.non_live { format!("xl save {} ms, xl restore {} ms", m.xl_save_ms, m.xl_restore_ms) } else { format!("xl migrate {} ms", m.xl_migrate_ms) },
                     m.total_ms
                 );
