@@ -219,6 +219,11 @@ if [ -n "${XVTPM_QEMU_XEN:-}" ]; then
     copy_bin "$D" "${PBIN[xl-vtpm]}" /usr/bin/xl-vtpm strip-all
     mkcpio "$D" "$IMG/hvm-ovmf.cpio.zst" zstd
   fi
+  # the hvm-migrate guest: the same plus the xenstore client (dom0 sends it its checks after each
+  # move through data/xvtpm-cmd, as to the PV migration guest); zstd -10
+  copy_bin "$D" "$R/usr/bin/xenstore" /usr/bin/xenstore
+  for a in read write; do ln -sf xenstore "$D/usr/bin/xenstore-$a"; done
+  mkcpio "$D" "$IMG/hvm-mig.cpio.zst" zstd
 fi
 
 ### vTPM domain (unikernel-style) ###
@@ -435,6 +440,15 @@ HCFG
     done
     echo "build-images.sh: note: hvm-ovmf: OVMF $XVTPM_OVMF_XEN ($(stat -c %s "$XVTPM_OVMF_XEN") bytes)"
   fi
+  # the hvm-migrate phase's guest: the hvm-crb guest with the xenstore client, held for dom0's
+  # checks (mig=1) and printing a tick every 0.1 s (the largest gap is the move's downtime)
+  cp "$IMG/hvm-mig.cpio.zst" "$D/guest/"
+  sed -e 's|^name = .*|name = "hvm-mig"|' -e 's|^ramdisk = .*|ramdisk = "/guest/hvm-mig.cpio.zst"|' \
+      -e 's|^serial = .*|serial = "file:/var/log/xen/hvm-mig.serial"|' \
+      -e 's|^extra = "\(.*\)"|extra = "\1 mig=1 tick=1"|' "$D/etc/xen/hvm-crb.cfg" > "$D/etc/xen/hvm-mig.cfg"
+  for k in 'name = "hvm-mig"' 'ramdisk = "/guest/hvm-mig.cpio.zst"' 'vtpm = [ "model=crb" ]' ' mig=1 tick=1"'; do
+    grep -qF "$k" "$D/etc/xen/hvm-mig.cfg" || die "hvm-mig.cfg: no '$k' after substituting hvm-crb.cfg"
+  done
   HVM_DM=$HVM_DM_PATH
   echo "build-images.sh: note: hvm-tis: device model $XVTPM_QEMU_XEN ($(stat -c %s "$XVTPM_QEMU_XEN") bytes), hvm.cpio.zst $(stat -c %s "$IMG/hvm.cpio.zst") bytes"
 fi

@@ -29,6 +29,9 @@
 #     fw=ovmf   the hvm-ovmf phase's guest (OVMF for Xen, tpm-crb): also the firmware's TCG2 event
 #               log, replayed by tpm2_eventlog to the vTPM's PCRs 0-7 on every boot (GUEST-EVLOG*;
 #               as hex on the first), and the quote covers PCRs 0-7
+#     mig=1     the hvm-migrate phase's guest (tpm-crb, with the xenstore client): also the
+#               persistent key 0x81000010 and the manufactured EK's hash (GUEST-MIGEK); with hold=1
+#               it then serves dom0's commands as role=mig does (migcheck after each move)
 #   hold=1      do not power off at the end (dom0 xl destroys the guest); role=life then
 #               serves commands from xenstore data/xvtpm-cmd ("N:getrandom", "N:deepquote:HEX",
 #               "N:extend" (PCR 16 once), "N:migcheck:NONCE"; extend and migcheck use the /dev/tpmN
@@ -225,6 +228,16 @@ hvm)
        t tpm2_nvread $NV_IDX -C o -s 32 -o nv.out; then
       cmp -s nv.dat nv.out && check nv-write PASS "$NV_IDX = '$NV_DATA'" || check nv-write FAIL "read back '$(cat nv.out)'"
     else check nv-write FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+    if [ "${mig:-0}" = 1 ]; then
+      # the hvm-migrate guest: what a move must keep (dom0's migcheck compares): the manufactured
+      # EK, a persistent key, the NV index above, PCR 16 as extended above
+      if t tpm2_readpublic -c 0x81010001 -o mek.pub || t tpm2_readpublic -c 0x81010002 -o mek.pub; then
+        echo "GUEST-MIGEK $(sha256sum mek.pub | cut -c1-64)"; check ek PASS "readpublic of the manufactured EK"
+      else check ek FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+      if t tpm2_createprimary -C o -G ecc -c prim.ctx && t tpm2_evictcontrol -C o -c prim.ctx $PERSIST; then check persistent PASS "evictcontrol -> $PERSIST"
+      else check persistent FAIL "rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
+      echo "GUEST-PCR16 $(pcr16)"
+    fi
     # the EK certificate xl-vtpm's vTPM is made with (RSA 0x01c00002; ECC 0x01c0000a if there is
     # one too): DER, readable without a password
     t tpm2_getcap handles-nv-index; idx=""
@@ -408,7 +421,7 @@ vtpm|life|mig)
 esac
 echo "GUEST-DONE role=$role boot=$boot result=$res up=$(up)"
 sync
-if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ]; }; then
+if [ "${hold:-0}" = 1 ] && { [ "$role" = life ] || [ "$role" = mig ] || [ "${mig:-0}" = 1 ]; }; then
   # dom0 writes /local/domain/<domid>/data/xvtpm-cmd = "N:cmd[:arg]"; each new N runs once
   echo "GUEST-HOLD serving data/xvtpm-cmd"
   last=""

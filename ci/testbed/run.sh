@@ -21,7 +21,7 @@
 #   XVTPM_TESTBED_MIGRATE  1|0: moving a running guest with its vTPM (xl-vtpm migrate GUEST localhost
 #                          --non-live: xl save + xl restore, as this Xen refuses log-dirty mode for PV guests)
 #                          and P6, the downtime with and without a vTPM (1; 100-140 s; the Rust scenario only)
-#   XVTPM_TESTBED_HVM      1|crb|ovmf|0: hvm-tis, hvm-crb and hvm-ovmf phases (crb, ovmf: that phase alone): an HVM
+#   XVTPM_TESTBED_HVM      1|crb|ovmf|mig|0: hvm-tis, hvm-crb, hvm-ovmf and hvm-migrate phases (crb, ovmf, mig: that phase alone): an HVM
 #                          guest (Linux) whose TPM is emulated by the TPM-enabled device model (build-qemu-xen.sh:
 #                          built once, cached; the build runs before the budget clock starts, limited by
 #                          XVTPM_QEMU_BUILD_TIMEOUT, default 3600 s) and served by a vtpm-domain process (xl-vtpm

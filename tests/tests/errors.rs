@@ -141,11 +141,14 @@ fn bad_listeners_and_options_are_refused_before_a_vtpm_is_made() {
     let data_missing = format!("data:{}", missing.display());
     let tcp_busy = format!("tcp:127.0.0.1:{port}");
     let busy_addr = format!("127.0.0.1:{port}");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--uuid", "00000000-0000-0000-0000-000000000000"],
             "nil UUID",
         ),
+        // a vTPM domain's memory outside 8..=4096 MiB, refused before the manager makes anything
+        (&["--domain", "vtpm-x", "--memory", "4"], "--memory 4"),
+        (&["--domain", "vtpm-x", "--memory", "1000000"], "8..=4096"),
         (&["--listen", "udp:1"], "udp:1"),
         (&["--listen", &data_missing], "no-such-dir"),
         (&["--listen", &tcp_busy], &busy_addr),

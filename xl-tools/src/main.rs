@@ -879,6 +879,13 @@ fn check_vtpm_args(cmd: &VtpmCmd) -> Result<(), CliError> {
         return Err(CliError::new(exit::USAGE, "--uuid 00000000-0000-0000-0000-000000000000: the nil UUID names no vTPM; leave --uuid out to get a new one"));
     }
     match cmd {
+        VtpmCmd::Create { dom: DomainArgs { domain: Some(_), memory: Some(m), .. }, .. } if !xl_tools::vtpmdom::MEMORY_RANGE.contains(m) => {
+            let r = xl_tools::vtpmdom::MEMORY_RANGE;
+            return Err(CliError::new(
+                exit::USAGE,
+                format!("--memory {m}: a vTPM domain's memory is {}..={} MiB (40 fits the project's own kernel); give a size in that range", r.start(), r.end()),
+            ));
+        }
         VtpmCmd::Create { tpm12: true, ek, .. } if ek == "ecc" => {
             return Err(CliError::new(exit::USAGE, "--tpm12 with --ek ecc: a TPM 1.2 has an RSA-2048 endorsement key only; drop --ek ecc (or --tpm12)"));
         }

@@ -71,9 +71,9 @@ pub const EVLOG_HEX: &str = "/tmp/hvm-ovmf-eventlog.hex";
 pub const NOTPM: &str = "hvm-notpm";
 pub const NOTPM_CFG: &str = "/etc/xen/hvm-notpm.cfg";
 
-/// What the phases after this one (tpm2-guest, teardown and the log dump) need of the scenario's
-/// time, in s; this phase's waits leave it to them.
-const AFTER_PHASE: u64 = 150;
+/// What the phases after this one (hvm-migrate, tpm2-guest, teardown and the log dump) need of
+/// the scenario's time, in s; this phase's waits leave it to them.
+const AFTER_PHASE: u64 = 150 + super::hvmmig::PHASE;
 /// What the hvm-crb phase after hvm-tis needs (one boot of the same guest, ~60 s on an idle
 /// host, and its destroy), with a margin; hvm-tis's waits leave it this.
 const CRB_PHASE: u64 = 180;
@@ -91,7 +91,7 @@ const BASELINE: u64 = 90;
 const MIN_WAIT: u64 = 60;
 
 /// A wait that leaves `reserve` s of the scenario to what follows it.
-fn left_for(cx: &Cx, reserve: u64) -> u64 {
+pub(super) fn left_for(cx: &Cx, reserve: u64) -> u64 {
     cx.scenario_left()
         .as_secs()
         .saturating_sub(reserve)
@@ -106,7 +106,7 @@ const CTRL_ERRORS: &[&str] = &[
     "tpm-emulator:",
 ];
 
-fn dm_path() -> String {
+pub(super) fn dm_path() -> String {
     xen::testbed_env("hvm_dm").unwrap_or_else(|| "none".into())
 }
 
@@ -301,7 +301,7 @@ fn baseline(cx: &Cx, e: &mut Errs) {
 
 /// The command lines (arguments joined by spaces) of the running device models (`-xen-domid`),
 /// from /proc: busybox `ps` cuts long command lines.
-fn device_models() -> String {
+pub(super) fn device_models() -> String {
     let mut out = String::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
@@ -335,7 +335,7 @@ fn device_model_with(cx: &Cx, what: &str) -> String {
 }
 
 /// Lines of `text` that name a control-channel disagreement.
-fn ctrl_errors(text: &str) -> Vec<String> {
+pub(super) fn ctrl_errors(text: &str) -> Vec<String> {
     text.lines()
         .filter(|l| CTRL_ERRORS.iter().any(|k| l.contains(k)))
         .map(str::to_string)
@@ -343,7 +343,7 @@ fn ctrl_errors(text: &str) -> Vec<String> {
 }
 
 /// Leaves no domain `name` and no live vTPM process `pid` (after a failed step).
-fn cleanup(cx: &Cx, name: &str, pid: Option<u32>) {
+pub(super) fn cleanup(cx: &Cx, name: &str, pid: Option<u32>) {
     if xen::domid(name).is_some() || pid_up(pid) {
         let o = Cmd::new(&["xl-vtpm", "destroy", name])
             .env("NO_COLOR", "1")
@@ -363,7 +363,7 @@ fn cleanup(cx: &Cx, name: &str, pid: Option<u32>) {
 /// `xl-vtpm create CFG` of guest `name` (output saved to `save`), the vTPM's control requests
 /// logged one by one (the level is inherited); returns its output, the guest's registry row, the
 /// vTPM's UUID and process id.
-fn create(cx: &Cx, name: &str, cfg: &str, save: &str) -> (crate::cmd::Output, serde_json::Value, String, Option<u32>) {
+pub(super) fn create(cx: &Cx, name: &str, cfg: &str, save: &str) -> (crate::cmd::Output, serde_json::Value, String, Option<u32>) {
     let t0 = up();
     let o = Cmd::new(&["xl-vtpm", "create", cfg])
         .env("NO_COLOR", "1")
@@ -707,15 +707,23 @@ fn crb(cx: &Cx, st: &mut St, dm: &str, g: &Crb, after: u64) -> Outcome {
 
 pub fn run(r: &mut Runner, st: &mut St) {
     if st.hvm_mode == "0" {
-        for p in [NAME, CRB.name, OVMF.name] {
+        for p in [NAME, CRB.name, OVMF.name].into_iter().chain(super::hvmmig::PHASES) {
             r.skip(p, "disabled (XVTPM_TESTBED_HVM=0)");
         }
+        return;
+    }
+    // XVTPM_TESTBED_HVM=mig: the hvm-migrate phases alone
+    if st.hvm_mode == "mig" {
+        for p in [NAME, CRB.name, OVMF.name] {
+            r.skip(p, "XVTPM_TESTBED_HVM=mig: the hvm-migrate phases only");
+        }
+        super::hvmmig::run(r, st);
         return;
     }
     // XVTPM_TESTBED_HVM=crb or ovmf: that phase alone (a quicker run while working on it)
     if st.hvm_mode == "crb" || st.hvm_mode == "ovmf" {
         let g = if st.hvm_mode == "crb" { &CRB } else { &OVMF };
-        for p in [NAME, CRB.name, OVMF.name].into_iter().filter(|p| *p != g.name) {
+        for p in [NAME, CRB.name, OVMF.name].into_iter().chain(super::hvmmig::PHASES).filter(|p| *p != g.name) {
             r.skip(p, &format!("XVTPM_TESTBED_HVM={}: the {} phase only", st.hvm_mode, g.name));
         }
         let secs = r.cx.scenario_left().as_secs().max(MIN_WAIT);
@@ -843,4 +851,5 @@ pub fn run(r: &mut Runner, st: &mut St) {
     r.phase(CRB.name, deadline(secs), |cx| crb(cx, st, &dm_path(), &CRB, AFTER_PHASE + OVMF_PHASE));
     let secs = r.cx.scenario_left().as_secs().max(MIN_WAIT);
     r.phase(OVMF.name, deadline(secs), |cx| crb(cx, st, &dm_path(), &OVMF, AFTER_PHASE));
+    super::hvmmig::run(r, st);
 }

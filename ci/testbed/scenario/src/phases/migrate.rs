@@ -39,14 +39,14 @@ const PCR_ZERO: &str = "00000000000000000000000000000000000000000000000000000000
 
 /// Both console logs of a migrated guest: xenconsoled names a log after the domain's name when
 /// it first sees it, and an incoming domain is `NAME--incoming` until xl renames it.
-fn cons(name: &str) -> String {
+pub(super) fn cons(name: &str) -> String {
     let mut c = xen::console(name);
     c.push_str(&xen::console(&format!("{name}--incoming")));
     c
 }
 
 /// The guest's ticks (uptime, s) from both logs, sorted.
-fn ticks(name: &str) -> Vec<f64> {
+pub(super) fn ticks(name: &str) -> Vec<f64> {
     let mut v: Vec<f64> = cons(name)
         .lines()
         .filter_map(|l| l.strip_prefix("GUEST-TICK ")?.trim().parse().ok())
@@ -71,7 +71,7 @@ fn max_gap(t: &[f64], from: f64) -> Option<(f64, usize)> {
 
 /// Waits until the largest tick gap after `from` has ≥ 5 ticks after it (the guest runs again);
 /// the gap in ms.
-fn downtime(cx: &Cx, name: &str, from: f64) -> Option<i64> {
+pub(super) fn downtime(cx: &Cx, name: &str, from: f64) -> Option<i64> {
     cx.wait_every(90, Duration::from_millis(500), || {
         max_gap(&ticks(name), from).is_some_and(|(_, after)| after >= 5)
     });
@@ -80,7 +80,7 @@ fn downtime(cx: &Cx, name: &str, from: f64) -> Option<i64> {
         .map(|(g, _)| (g * 1000.0) as i64)
 }
 
-fn last_tick(name: &str) -> f64 {
+pub(super) fn last_tick(name: &str) -> f64 {
     ticks(name).last().copied().unwrap_or(0.0)
 }
 
@@ -111,7 +111,7 @@ fn write_cfg(path: &str, name: &str, extra: &str, vtpm: bool) -> Result<(), Stri
 
 /// A command to the held guest NAME (xenstore data/xvtpm-cmd of its current domain); its
 /// GUEST-CMD line.
-fn guest_cmd(cx: &Cx, name: &str, n: u32, cmd: &str, secs: u64) -> String {
+pub(super) fn guest_cmd(cx: &Cx, name: &str, n: u32, cmd: &str, secs: u64) -> String {
     let Some(d) = xen::domid(name) else {
         return format!("no {name} domain");
     };
@@ -127,7 +127,7 @@ fn guest_cmd(cx: &Cx, name: &str, n: u32, cmd: &str, secs: u64) -> String {
 }
 
 /// `xl-vtpm migrate …` with `--json`: (exit code, the JSON answer, all output).
-fn xl_vtpm_migrate(cx: &Cx, args: &[&str], save: &str) -> (i32, Value, String) {
+pub(super) fn xl_vtpm_migrate(cx: &Cx, args: &[&str], save: &str) -> (i32, Value, String) {
     let mut argv = vec!["xl-vtpm", "--json", "migrate"];
     argv.extend_from_slice(args);
     let o = Cmd::new(&argv).env("NO_COLOR", "1").secs(240).save_split(save, &format!("{save}.err")).run(cx);
@@ -145,12 +145,12 @@ fn save_left(cx: &Cx, name: &str) -> bool {
     std::path::Path::new(&save_path(cx, name)).exists()
 }
 
-fn vtpm_pid(cx: &Cx, name: &str) -> Option<u32> {
+pub(super) fn vtpm_pid(cx: &Cx, name: &str) -> Option<u32> {
     jf(&life_row(cx, name), "vtpm_pid").parse().ok()
 }
 
 /// The migcheck answer's `key=value`.
-fn field(line: &str, key: &str) -> String {
+pub(super) fn field(line: &str, key: &str) -> String {
     xen::token(line, key).unwrap_or_default()
 }
 

@@ -4,6 +4,7 @@ mod attest;
 mod base;
 mod eventlog;
 mod hvm;
+mod hvmmig;
 mod libvirt;
 mod life;
 mod lifedom;
