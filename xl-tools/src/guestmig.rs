@@ -261,10 +261,15 @@ impl Xen {
                 format!("guest {name}'s vTPM runs in its own domain {:?}; only a dom0-process vTPM (backend=0) moves with `xl-vtpm migrate`", row.vtpm_domain),
             ));
         }
-        // A vTPM served to a device model (an HVM guest's emulated TPM), not over tpmif.
-        let listen = rt.as_ref().map_or_else(|| self.local.access(&uuid).listen, |rt| rt.listen.clone());
-        let hvm = !listen.iter().any(|l| l.starts_with("xen:"));
         let old = row.guest_domid.ok_or_else(|| fail(FAILURE, format!("the registry has no domid for guest {name}")))?;
+        // A vTPM served to a device model (an HVM guest's emulated TPM), not over tpmif: what the
+        // running process listens on; if it is gone, whether the guest has a tpmif device (else
+        // what the vTPM was made to listen on).
+        let tpmif = |l: &[String]| l.iter().any(|l| l.starts_with("xen:"));
+        let hvm = match &rt {
+            Some(rt) => !tpmif(&rt.listen),
+            None => !tpmif_device(old).unwrap_or_else(|| tpmif(&self.local.access(&uuid).listen)),
+        };
         if hvm && rt.is_none() {
             return Err(fail(
                 REFUSED,
@@ -489,6 +494,15 @@ struct Moved {
     save_ms: u64,
     restore_ms: u64,
     non_live: bool,
+}
+
+/// Whether domain `domid` has a tpmif device under dom0's backend root; `None` if xenstore
+/// cannot say.
+fn tpmif_device(domid: u32) -> Option<bool> {
+    use xen_platform::xenstore::Xenstore;
+    with_xs(async |xs| xs.directory(&format!("{DOM0_BACKEND_ROOT}/{domid}")).await.map_err(|e| e.to_string()))
+        .ok()
+        .map(|d| d.is_some_and(|d| !d.is_empty()))
 }
 
 /// The process of domain `domid`'s device model (libxl's `/local/domain/<domid>/image/device-model-pid`).
