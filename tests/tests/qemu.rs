@@ -563,6 +563,45 @@ fn real_qemu_migration_keeps_tpm_state_and_refuses_tampered_or_replayed_blobs() 
     assert!(s.vtpm_log(&v.uuid).contains("older than this vTPM's state"), "{}", s.vtpm_log(&v.uuid));
 }
 
+/// A migration's source side: a vTPM on xl-vtpm's layout (control + data sockets, so it outlives
+/// a device model, and TCP for the test's own commands) and a QEMU on it that measured, got PCR 9
+/// extended with `mark`, was paused and saved its state to `file` (Xen: xen-save-devices-state),
+/// still running.
+struct Source {
+    ctrl: PathBuf,
+    uuid: uuid::Uuid,
+    pid: u32,
+    port: u16,
+    qemu: Child,
+    qmp: Qmp,
+    dir: PathBuf,
+    file: PathBuf,
+    /// PCR 9 after the extend
+    mark: [u8; 32],
+}
+
+fn migrated_source(s: &Stack, mark: u8) -> Source {
+    let ctrl = s.dir.path().join("vtpm.ctrl");
+    let data = s.dir.path().join("vtpm.data");
+    let (lc, ld) = (format!("ctrl:{}", ctrl.display()), format!("data:{}", data.display()));
+    let j = s.xl_json(&["vtpm", "create", "--ek", "ecc", "--listen", &lc, "--listen", &ld, "--listen", "tcp:127.0.0.1:0"]);
+    assert_eq!(j["state"], "running");
+    let uuid: uuid::Uuid = j["uuid"].as_str().unwrap().parse().unwrap();
+    let pid = j["runtime"]["pid"].as_u64().unwrap() as u32;
+    let port = j["runtime"]["tcp_ports"][0][0].as_u64().unwrap() as u16;
+    let dir = s.dir.path().join("source");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (qemu, mut qmp) = start_qemu(&dir, &ctrl);
+    let zero = [0u8; 32];
+    until("SeaBIOS to measure into PCR 0", || pcr(port, 0).is_some_and(|p| p != zero));
+    pcr_extend(port, 9, [mark; 32]);
+    let mark = pcr(port, 9).unwrap();
+    qmp.execute("stop");
+    let file = s.dir.path().join("vm.migration");
+    migrate_to_file(&mut qmp, &file, &dir);
+    Source { ctrl, uuid, pid, port, qemu, qmp, dir, file, mark }
+}
+
 /// A Xen HVM guest's localhost migration, as libxl orders it: the source device model saves the
 /// TPM's state and stays up; the destination's starts on the same control socket of the same
 /// vTPM process (xl-vtpm's layout: control + data sockets, so the vTPM outlives a controller) and
@@ -572,27 +611,7 @@ fn real_qemu_migration_keeps_tpm_state_and_refuses_tampered_or_replayed_blobs() 
 fn a_device_model_s_shutdown_leaves_the_tpm_to_the_other_one_connected() {
     let _one_qemu_test = one_qemu_test();
     let s = Stack::start();
-    let ctrl = s.dir.path().join("vtpm.ctrl");
-    let data = s.dir.path().join("vtpm.data");
-    let (lc, ld) = (format!("ctrl:{}", ctrl.display()), format!("data:{}", data.display()));
-    let j = s.xl_json(&["vtpm", "create", "--ek", "ecc", "--listen", &lc, "--listen", &ld, "--listen", "tcp:127.0.0.1:0"]);
-    assert_eq!(j["state"], "running");
-    let uuid: uuid::Uuid = j["uuid"].as_str().unwrap().parse().unwrap();
-    let pid = j["runtime"]["pid"].as_u64().unwrap() as u32;
-    let port = j["runtime"]["tcp_ports"][0][0].as_u64().unwrap() as u16;
-
-    let a_dir = s.dir.path().join("source");
-    std::fs::create_dir_all(&a_dir).unwrap();
-    let (mut a, mut qa) = start_qemu(&a_dir, &ctrl);
-    let zero = [0u8; 32];
-    until("SeaBIOS to measure into PCR 0", || pcr(port, 0).is_some_and(|p| p != zero));
-    pcr_extend(port, 9, [0x5a; 32]);
-    let mark = pcr(port, 9).unwrap();
-
-    // the source: paused, its state out (Xen: xen-save-devices-state), still running
-    qa.execute("stop");
-    let file = s.dir.path().join("vm.migration");
-    migrate_to_file(&mut qa, &file, &a_dir);
+    let Source { ctrl, uuid, pid, port, qemu: mut a, qmp: mut qa, dir: a_dir, file, mark } = migrated_source(&s, 0x5a);
 
     // the destination: a second device model on the same control socket loads it
     let b_dir = s.dir.path().join("destination");
@@ -628,22 +647,7 @@ fn a_device_model_s_shutdown_leaves_the_tpm_to_the_other_one_connected() {
 fn a_destination_that_dies_before_its_load_hands_the_tpm_back_to_the_source() {
     let _one_qemu_test = one_qemu_test();
     let s = Stack::start();
-    let ctrl = s.dir.path().join("vtpm.ctrl");
-    let data = s.dir.path().join("vtpm.data");
-    let (lc, ld) = (format!("ctrl:{}", ctrl.display()), format!("data:{}", data.display()));
-    let j = s.xl_json(&["vtpm", "create", "--ek", "ecc", "--listen", &lc, "--listen", &ld, "--listen", "tcp:127.0.0.1:0"]);
-    let uuid: uuid::Uuid = j["uuid"].as_str().unwrap().parse().unwrap();
-    let port = j["runtime"]["tcp_ports"][0][0].as_u64().unwrap() as u16;
-
-    let a_dir = s.dir.path().join("source");
-    std::fs::create_dir_all(&a_dir).unwrap();
-    let (mut a, mut qa) = start_qemu(&a_dir, &ctrl);
-    let zero = [0u8; 32];
-    until("SeaBIOS to measure into PCR 0", || pcr(port, 0).is_some_and(|p| p != zero));
-    pcr_extend(port, 9, [0xa5; 32]);
-    let mark = pcr(port, 9).unwrap();
-    qa.execute("stop");
-    migrate_to_file(&mut qa, &s.dir.path().join("vm.migration"), &a_dir);
+    let Source { ctrl, uuid, port, qemu: mut a, qmp: mut qa, dir: a_dir, mark, .. } = migrated_source(&s, 0xa5);
 
     // the destination: up, waiting for its state, the TPM stopped by its reset
     let b_dir = s.dir.path().join("destination");

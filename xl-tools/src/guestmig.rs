@@ -528,7 +528,7 @@ pub fn tpm_answers(sock: &Path) -> Result<(), String> {
     s.read_exact(&mut head).map_err(|e| format!("{}: no answer within {} s ({e})", sock.display(), PROBE_WAIT.as_secs()))?;
     match tpm_wire::response_code(&head) {
         Some(0) => Ok(()),
-        Some(rc) => Err(format!("TPM2_GetRandom answered {rc:#x}{}", if rc == 0x101 { " (TPM_RC_FAILURE: the TPM is off)" } else { "" })),
+        Some(rc) => Err(format!("TPM2_GetRandom answered {rc:#x}{}", if rc == 0x101 { " (TPM_RC_FAILURE: the TPM is off, or cannot save its state)" } else { "" })),
         None => Err("a malformed answer".into()),
     }
 }
