@@ -8,7 +8,7 @@
 #   OUT/memory-mib  the domain memory this kernel + image need (MiB): xl-vtpm's default
 # Two kernels:
 #   --kernel FILE   the project's own kernel (ci/testbed/build-vtpmdom-kernel.sh, `make
-#                   vtpmdom-kernel`): every driver built in, no modules; 40 MiB
+#                   vtpmdom-kernel`): every driver built in, no modules; 32 MiB
 #   (default)       a distribution kernel, KVER's, with its modules; 128 MiB
 # `xl-vtpm vtpm create --domain NAME` (and `xl-vtpm create` with vtpm=["backend=NAME"]) boot it;
 # install the three files into /usr/lib/xvtpm/vtpmdom/ or point XVTPM_VTPMDOM_KERNEL /
@@ -46,7 +46,7 @@ fi
 [ -n "$BIN" ] && [ -x "$BIN" ] || die "no vtpm-domain binary (build it, or pass --vtpm-domain)"
 if [ -n "$KFILE" ]; then
   [ -f "$KFILE" ] || die "$KFILE: no such kernel (ci/testbed/build-vtpmdom-kernel.sh builds it)"
-  KIMG=$KFILE; MEM=${MEM:-40}
+  KIMG=$KFILE; MEM=${MEM:-32}
 else
   KDIR=$ROOT/lib/modules/$KVER
   [ -d "$KDIR" ] || die "$KDIR: no modules for kernel $KVER (pass --kver, or --root)"

@@ -231,7 +231,7 @@ fi
 # Debian root: /init = vtpm-domain (PID 1: mounts, finit_module()s /lib/modules/load-order if
 # any, waits for /dev/xen/* and its disk), its libraries; no shell, no device nodes.
 #  - with the project's own kernel (XVTPM_VTPMDOM_KERNEL_DIR from build-vtpmdom-kernel.sh; run.sh's
-#    default): every driver built in, the release vtpm-domain (XVTPM_VTPMDOM_BIN), 40 MiB. It is
+#    default): every driver built in, the release vtpm-domain (XVTPM_VTPMDOM_BIN), 32 MiB. It is
 #    xl-vtpm's default in dom0 (/usr/lib/xvtpm/vtpmdom/); the Debian kernel's image goes beside it
 #    (/usr/lib/xvtpm/vtpmdom-debian/) for the vtpmdom-debian phase, the 128 MiB comparison;
 #  - without (XVTPM_TESTBED_VTPMDOM_KERNEL=debian): the Debian kernel with xen-evtchn, xen-gntdev,

@@ -3,7 +3,7 @@
 # the testbed's Debian kernel, same version), configured by ci/testbed/vtpmdom-kernel.config
 # (allnoconfig + that fragment: a Xen PV guest with xenbus, event channels, gntdev, gntalloc,
 # xen-blkfront, the hvc console and a zstd initramfs; no modules, no network but AF_UNIX). A
-# vTPM domain runs with 40 MiB on it (32 mostly) instead of 128 MiB on Debian's kernel (ci/testbed/README.md,
+# vTPM domain runs with 32 MiB on it instead of 128 MiB on Debian's kernel (ci/testbed/README.md,
 # docs/xen-placement.md).
 #
 #   ci/testbed/build-vtpmdom-kernel.sh            # build once per input set, reuse otherwise

@@ -15,7 +15,7 @@
 #   XVTPM_TESTBED_VTPMDOM_KERNEL  own|debian: the vTPM domains' kernel (own). own: the project's kernel
 #                          (build-vtpmdom-kernel.sh: built once per input set, cached; like the device model it
 #                          and the release vtpm-domain it carries are built before the budget clock starts,
-#                          limit XVTPM_VTPMDOM_KERNEL_BUILD_TIMEOUT, default 1800 s), 40 MiB; the vtpmdom-debian
+#                          limit XVTPM_VTPMDOM_KERNEL_BUILD_TIMEOUT, default 1800 s), 32 MiB; the vtpmdom-debian
 #                          phase still boots the Debian kernel's domain at 128 MiB beside it. debian: Debian's
 #                          kernel with modules, 128 MiB, for every vTPM domain (the layout before the own kernel)
 #   XVTPM_TESTBED_MIGRATE  1|0: moving a running guest with its vTPM (xl-vtpm migrate GUEST localhost

@@ -496,7 +496,7 @@ struct DomainArgs {
     #[arg(long, env = "XVTPM_VTPMDOM_RAMDISK", default_value = DEFAULT_VTPMDOM_RAMDISK)]
     ramdisk: PathBuf,
     /// The vTPM domain's memory in MiB [default: XVTPM_VTPMDOM_MEMORY, else the number in the
-    /// file memory-mib beside the ramdisk (scripts/build-vtpmdom.sh writes it: 40 with the
+    /// file memory-mib beside the ramdisk (scripts/build-vtpmdom.sh writes it: 32 with the
     /// project's own kernel), else 128]
     #[arg(long, requires = "domain")]
     memory: Option<u32>,

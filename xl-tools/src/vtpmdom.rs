@@ -43,7 +43,7 @@ pub const DISK_IMAGE_SIZE: u64 = 4 << 20;
 /// 6.1, with its modules) needs.
 pub const DEFAULT_MEMORY_MIB: u32 = 128;
 /// The file beside a vTPM domain's ramdisk that says how much memory that image and its kernel
-/// need, in MiB (`scripts/build-vtpmdom.sh` writes it: 40 with the project's own kernel,
+/// need, in MiB (`scripts/build-vtpmdom.sh` writes it: 32 with the project's own kernel,
 /// `ci/testbed/build-vtpmdom-kernel.sh`; 128 with a distribution kernel).
 pub const MEMORY_FILE: &str = "memory-mib";
 /// Bounds of a vTPM domain's memory (MiB): below 8 no kernel boots; a vTPM needs nothing near
