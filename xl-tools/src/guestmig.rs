@@ -262,14 +262,7 @@ impl Xen {
             ));
         }
         let old = row.guest_domid.ok_or_else(|| fail(FAILURE, format!("the registry has no domid for guest {name}")))?;
-        // A vTPM served to a device model (an HVM guest's emulated TPM), not over tpmif: what the
-        // running process listens on; if it is gone, whether the guest has a tpmif device (else
-        // what the vTPM was made to listen on).
-        let tpmif = |l: &[String]| l.iter().any(|l| l.starts_with("xen:"));
-        let hvm = match &rt {
-            Some(rt) => !tpmif(&rt.listen),
-            None => !tpmif_device(old).unwrap_or_else(|| tpmif(&self.local.access(&uuid).listen)),
-        };
+        let hvm = serves_device_model(rt.as_ref().map(|rt| &rt.listen[..]), &self.local.access(&uuid).listen, || tpmif_device(old));
         if hvm && rt.is_none() {
             return Err(fail(
                 REFUSED,
@@ -496,6 +489,19 @@ struct Moved {
     non_live: bool,
 }
 
+/// Whether a guest's vTPM serves its device model (an HVM guest's emulated TPM), not tpmif: what
+/// the running process listens on (`running`); if it is gone, what it was made to listen on
+/// (`made`: tpmif says `xen:…`) or, failing that, a tpmif device of the guest's domain (`tpmif`:
+/// `None` if xenstore cannot say). A PV guest cut short after `xl save` has neither a process nor
+/// a domain any more; its vTPM's record still names tpmif.
+pub fn serves_device_model(running: Option<&[String]>, made: &[String], tpmif: impl FnOnce() -> Option<bool>) -> bool {
+    let xen = |l: &[String]| l.iter().any(|l| l.starts_with("xen:"));
+    match running {
+        Some(l) => !xen(l),
+        None => !xen(made) && tpmif() != Some(true),
+    }
+}
+
 /// Whether domain `domid` has a tpmif device under dom0's backend root; `None` if xenstore
 /// cannot say.
 fn tpmif_device(domid: u32) -> Option<bool> {
@@ -596,6 +602,22 @@ fn wait_connected(dev: &str, limit: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_is_hvm_only_when_its_vtpm_serves_no_tpmif() {
+        let pv = vec!["xen:backend/vtpm".to_string()];
+        let dm: Vec<String> = vec![];
+        let never = || -> Option<bool> { panic!("xenstore asked although the process says") };
+        assert!(!serves_device_model(Some(&pv), &pv, never));
+        assert!(serves_device_model(Some(&dm), &dm, never));
+        // the vTPM process is gone: a PV guest saved away (no domain, no device) is still PV
+        assert!(!serves_device_model(None, &pv, || Some(false)));
+        assert!(!serves_device_model(None, &pv, || None));
+        // no record of its listeners: a tpmif device decides
+        assert!(!serves_device_model(None, &dm, || Some(true)));
+        assert!(serves_device_model(None, &dm, || Some(false)));
+        assert!(serves_device_model(None, &dm, || None));
+    }
 
     #[test]
     fn local_moves_run_the_receiver_directly_and_keep_the_domain_paused() {
