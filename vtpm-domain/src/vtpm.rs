@@ -318,14 +318,21 @@ impl Vtpm {
             return Ok(false);
         }
         let Some(vol) = self.pending_volatile.take().or_else(|| self.stopped_volatile.take()) else { return Ok(false) };
-        let perm = self.last_saved.clone().ok_or_else(|| VtpmError::Engine("no persisted state to resume from".into()))?;
-        let mut engine = Engine::start(engine_version(self.family), Some(&perm), Some(&vol)).map_err(VtpmError::Libtpms)?;
+        self.start_engine(Some(&vol), "no persisted state to resume from")?;
+        Ok(true)
+    }
+
+    /// Starts the engine from the persisted permanent state and `vol`, with this vTPM's
+    /// locality and buffer size (`missing`: the error without a persisted state).
+    fn start_engine(&mut self, vol: Option<&[u8]>, missing: &str) -> Result<(), VtpmError> {
+        let perm = self.last_saved.clone().ok_or_else(|| VtpmError::Engine(missing.into()))?;
+        let mut engine = Engine::start(engine_version(self.family), Some(&perm), vol).map_err(VtpmError::Libtpms)?;
         engine.set_locality(self.locality);
         if self.buffer_size != DEFAULT_BUFFER {
             engine.set_buffer_size(self.buffer_size);
         }
         self.engine = Some(engine);
-        Ok(true)
+        Ok(())
     }
 
     /// Power-cycles the engine (`CMD_INIT`): restart from the persisted
@@ -333,15 +340,8 @@ impl Vtpm {
     pub fn init(&mut self) -> Result<(), VtpmError> {
         self.power_off(false)?;
         self.stopped_volatile = None;
-        let perm = self.last_saved.clone().ok_or_else(|| VtpmError::Engine("no persisted state to initialise from".into()))?;
         let vol = self.pending_volatile.take();
-        let mut engine = Engine::start(engine_version(self.family), Some(&perm), vol.as_deref().map(|v| &v[..]))
-            .map_err(VtpmError::Libtpms)?;
-        engine.set_locality(self.locality);
-        if self.buffer_size != DEFAULT_BUFFER {
-            engine.set_buffer_size(self.buffer_size);
-        }
-        self.engine = Some(engine);
+        self.start_engine(vol.as_deref().map(|v| &v[..]), "no persisted state to initialise from")?;
         // CMD_INIT: a client can power-cycle in a loop.
         guest_info!("TPM initialised (power cycle)");
         Ok(())

@@ -56,17 +56,7 @@ impl Target {
             Target::Swtpm(host, port) => {
                 let mut s = std::net::TcpStream::connect((host.as_str(), *port)).map_err(io)?;
                 s.set_read_timeout(Some(Duration::from_secs(120))).map_err(io)?;
-                s.write_all(cmd).map_err(io)?;
-                let mut hdr = [0u8; 10];
-                s.read_exact(&mut hdr).map_err(io)?;
-                let n = u32::from_be_bytes(hdr[2..6].try_into().expect("4 bytes")) as usize;
-                if !(10..=65536).contains(&n) {
-                    return Err(CliError::new(FAILURE, format!("TPM answered with an impossible size {n}")));
-                }
-                let mut rsp = hdr.to_vec();
-                rsp.resize(n, 0);
-                s.read_exact(&mut rsp[10..]).map_err(io)?;
-                Ok(rsp)
+                exchange(&mut s, cmd, &format!("{self:?}"))
             }
             Target::Device(path) => {
                 let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
@@ -78,6 +68,24 @@ impl Target {
             }
         }
     }
+}
+
+/// One command over a stream transport (swtpm's data channel: TCP or a Unix socket): writes
+/// `cmd`, reads the response its header announces (10 bytes to 64 KiB). `what` names the
+/// transport in an I/O error.
+pub fn exchange<S: Read + Write>(s: &mut S, cmd: &[u8], what: &str) -> Result<Vec<u8>, CliError> {
+    let io = |e: std::io::Error| CliError::caused(FAILURE, format!("TPM I/O ({what})"), e);
+    s.write_all(cmd).map_err(io)?;
+    let mut hdr = [0u8; 10];
+    s.read_exact(&mut hdr).map_err(io)?;
+    let n = u32::from_be_bytes(hdr[2..6].try_into().expect("4 bytes")) as usize;
+    if !(10..=65536).contains(&n) {
+        return Err(CliError::new(FAILURE, format!("TPM answered with an impossible size {n}")));
+    }
+    let mut rsp = hdr.to_vec();
+    rsp.resize(n, 0);
+    s.read_exact(&mut rsp[10..]).map_err(io)?;
+    Ok(rsp)
 }
 
 /// Parses "0,2,4,7" or "0-7,16" into PCR indices (0..=23), naming `flag` on error.

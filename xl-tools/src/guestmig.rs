@@ -325,7 +325,7 @@ impl Xen {
             match after {
                 Some(d) if d == old => {
                     // HVM: a destination device model that stopped the TPM and died handed it back.
-                    let tpm = match self.hvm_tpm_answers(hvm, &uuid) {
+                    let tpm = match if hvm { self.hvm_tpm_answers(&uuid) } else { Ok(()) } {
                         Ok(()) => String::new(),
                         Err(e) => format!(" BUT its TPM does not answer ({e}): reboot the guest (`xl-vtpm reboot {name}`) to reset it."),
                     };
@@ -400,11 +400,8 @@ impl Xen {
     }
 
     /// An HVM guest's TPM answers after a move (or a failed one): a command on its vTPM's data
-    /// socket (`Ok` for a tpmif vTPM, which is checked through its device instead).
-    fn hvm_tpm_answers(&self, hvm: bool, uuid: &Uuid) -> Result<(), String> {
-        if !hvm {
-            return Ok(());
-        }
+    /// socket (a tpmif vTPM is checked through its device instead).
+    fn hvm_tpm_answers(&self, uuid: &Uuid) -> Result<(), String> {
         let rt = self.local.runtime(uuid).ok_or_else(|| format!("vTPM {uuid} does not run"))?;
         let sock = rt.socket.ok_or_else(|| format!("vTPM {uuid} (process {}) has no data socket", rt.pid))?;
         tpm_answers(&sock)
@@ -435,7 +432,7 @@ impl Xen {
         let pid = self.local.runtime(&uuid).map(|r| r.pid).ok_or_else(|| {
             fail(FAILURE, format!("guest {name} (domain {new}, paused): its vTPM {uuid} no longer runs, so its device model has no TPM; the guest stays paused: destroy it (`xl-vtpm destroy {name}`) and create it again"))
         })?;
-        self.hvm_tpm_answers(true, &uuid).map_err(|e| {
+        self.hvm_tpm_answers(&uuid).map_err(|e| {
             fail(
                 FAILURE,
                 format!(
@@ -526,13 +523,11 @@ const PROBE_WAIT: Duration = Duration::from_secs(20);
 /// Sends TPM2_GetRandom(8) on the vTPM's data socket `sock` (swtpm's data channel: raw
 /// commands); `Ok` if the TPM answered success. It reads nothing of the guest's state.
 pub fn tpm_answers(sock: &Path) -> Result<(), String> {
-    use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(|e| format!("{}: {e}", sock.display()))?;
     s.set_read_timeout(Some(PROBE_WAIT)).map_err(|e| e.to_string())?;
-    s.write_all(&tpm_wire::tpm2_get_random(8)).map_err(|e| format!("{}: {e}", sock.display()))?;
-    let mut head = [0u8; 10];
-    s.read_exact(&mut head).map_err(|e| format!("{}: no answer within {} s ({e})", sock.display(), PROBE_WAIT.as_secs()))?;
-    match tpm_wire::response_code(&head) {
+    let what = format!("{}, answer within {} s", sock.display(), PROBE_WAIT.as_secs());
+    let rsp = crate::guest::exchange(&mut s, &tpm_wire::tpm2_get_random(8), &what).map_err(|e| e.text())?;
+    match tpm_wire::response_code(&rsp) {
         Some(0) => Ok(()),
         Some(rc) => Err(format!("TPM2_GetRandom answered {rc:#x}{}", if rc == 0x101 { " (TPM_RC_FAILURE: the TPM is off, or cannot save its state)" } else { "" })),
         None => Err("a malformed answer".into()),

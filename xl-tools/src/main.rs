@@ -883,7 +883,7 @@ fn check_vtpm_args(cmd: &VtpmCmd) -> Result<(), CliError> {
             let r = xl_tools::vtpmdom::MEMORY_RANGE;
             return Err(CliError::new(
                 exit::USAGE,
-                format!("--memory {m}: a vTPM domain's memory is {}..={} MiB (40 fits the project's own kernel); give a size in that range", r.start(), r.end()),
+                format!("--memory {m}: a vTPM domain's memory is {}..={} MiB (32 fits the project's own kernel); give a size in that range", r.start(), r.end()),
             ));
         }
         VtpmCmd::Create { tpm12: true, ek, .. } if ek == "ecc" => {
