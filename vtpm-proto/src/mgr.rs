@@ -308,6 +308,10 @@ pub struct StatusInfo {
     /// a manager that leaves the imported state file to the CLI).
     #[serde(default)]
     pub transfer_protocol: u32,
+    /// The Xen domain the manager runs in when that is not dom0 (the manager domain): vTPM
+    /// domains attach their manager link to `backend=<this>`. `None` in dom0 or without Xen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xen_domain: Option<u32>,
 }
 
 /// The monotonic counter in the physical TPM's NV that covers the manager's store: every

@@ -189,13 +189,94 @@ pub enum ServeError {
     /// Signal handlers.
     #[error("cannot install the SIGTERM/SIGINT handlers")]
     Signals(#[source] std::io::Error),
+    /// xenstore has no `domid` for this domain.
+    #[error("xenstore has no `domid` key for this domain; is this a Xen domain with xenstore access?")]
+    NoDomid,
+    /// `--admin-xen` in dom0: dom0's admin CLI uses the admin socket directly.
+    #[error("--admin-xen serves dom0's admin CLI from a manager in its own domain; in dom0 the admin socket serves it: drop --admin-xen")]
+    AdminLinkInDom0,
 }
 
-/// Runs the manager until SIGTERM/SIGINT.
-pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeError> {
+/// Answers admin requests, from the root-only socket and from the Xen admin link alike: the
+/// manager's answer, then the vTPM sockets and the Xen link brought in step with it.
+#[derive(Clone)]
+pub(crate) struct AdminService {
+    shared: Shared,
+    sockets: Arc<tokio::sync::Mutex<VtpmSockets>>,
+    xen_poke: Option<Arc<tokio::sync::Notify>>,
+    detached: Arc<tokio::sync::Notify>,
+}
+
+impl AdminService {
+    /// A service of its own (vTPM sockets bound for attached processes, no Xen vTPM link to
+    /// poke), for a link served without [`serve`].
+    pub(crate) fn standalone(dispatch: Dispatcher) -> AdminService {
+        let shared = dispatch.manager().clone();
+        let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), dispatch }));
+        AdminService { shared, sockets, xen_poke: None, detached: Arc::new(tokio::sync::Notify::new()) }
+    }
+
+    /// One request (or the reason it did not decode) and its reply.
+    pub(crate) async fn handle(&self, req: Result<AdminRequest, Failure>) -> AdminReply {
+        let m = &self.shared;
+        let reply = match req {
+            Ok(req) => {
+                let m2 = m.clone();
+                let attach = match &req {
+                    AdminRequest::VtpmAttach { uuid, .. } => Some(*uuid),
+                    _ => None,
+                };
+                match tokio::task::spawn_blocking(move || lock(&m2).admin(req)).await {
+                    Ok(r) => {
+                        let att = attach.filter(|_| r == AdminReply::Ok).and_then(|u| Some((u, lock(m).attachment(&u)?)));
+                        if let Some((u, a)) = att {
+                            watch_attachment(m, u, a, &self.detached);
+                        }
+                        r
+                    }
+                    Err(e) => AdminReply::Error(Failure::from_error(ErrorCode::Internal, "", &e)),
+                }
+            }
+            Err(f) => AdminReply::Error(f),
+        };
+        self.sockets.lock().await.reconcile(m);
+        if let Some(p) = &self.xen_poke {
+            // Attachments may have changed: re-check refused vTPM domains now.
+            p.notify_one();
+        }
+        reply
+    }
+}
+
+/// This domain's id, from xenstore (`0` in dom0).
+async fn own_domid() -> Result<u32, ServeError> {
+    use xen_platform::xenstore::{Xenstore as _, XsClient};
+    let (xs, _events) = XsClient::open().await.map_err(|e| ServeError::Xen(crate::xenlink::OpenError::Xenstore(e)))?;
+    let v = xs.read("domid").await.map_err(|e| ServeError::Xen(crate::xenlink::OpenError::Xenstore(e)))?;
+    v.as_deref()
+        .map(str::trim)
+        .and_then(|v| v.parse::<u32>().ok())
+        .ok_or(ServeError::NoDomid)
+}
+
+/// Runs the manager until SIGTERM/SIGINT. `xen_root`: serve vTPM domains over tpmif there (a
+/// relative root is under this domain's own xenstore directory); `admin_xen`: also serve the
+/// admin link from dom0 ([`crate::xenlink::admin_root`]), for a manager in its own domain.
+pub async fn serve(mut mgr: Manager, xen_root: Option<String>, admin_xen: bool) -> Result<(), ServeError> {
     let admin_path = mgr.config().admin_socket();
     let run_dir = mgr.config().run_dir.clone();
     let bind_err = |source| ServeError::Bind { path: admin_path.clone(), source };
+    let domid = match (&xen_root, admin_xen) {
+        (None, false) => None,
+        (Some(r), false) if r.starts_with('/') => None,
+        _ => Some(own_domid().await?),
+    };
+    if admin_xen && domid == Some(0) {
+        return Err(ServeError::AdminLinkInDom0);
+    }
+    if let Some(d) = domid.filter(|d| *d != 0) {
+        mgr.set_xen_domain(d);
+    }
     // Before anyone can connect: the first deep quote finds the AK loaded.
     mgr.warm_deep_quote();
     std::fs::create_dir_all(&run_dir).map_err(bind_err)?;
@@ -211,6 +292,10 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeEr
     // vTPMs in their own Xen domains reach the manager over tpmif (xenlink).
     let xen_poke = match xen_root {
         Some(root) => {
+            let root = match domid {
+                Some(d) if !root.starts_with('/') => format!("/local/domain/{d}/{}", root.trim_end_matches('/')),
+                _ => root,
+            };
             let link = crate::xenlink::XenLink::open(&root, dispatch.clone()).await.map_err(ServeError::Xen)?;
             let poke = link.poker();
             tokio::spawn(link.run());
@@ -219,7 +304,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeEr
         }
         None => None,
     };
-    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), dispatch }));
+    let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), dispatch: dispatch.clone() }));
     {
         let mut socks = sockets.lock().await;
         socks.reconcile(&shared);
@@ -235,13 +320,20 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeEr
             }
         });
     }
+    let service = AdminService { shared: shared.clone(), sockets, xen_poke, detached };
+    if let Some(d) = domid.filter(|_| admin_xen) {
+        let root = crate::xenlink::admin_root(d);
+        let link = crate::xenlink::XenLink::open_admin(&root, dispatch, service.clone()).await.map_err(ServeError::Xen)?;
+        tokio::spawn(link.run());
+        xvtpm_log::host_info!(root = %root, "Xen admin link serving dom0");
+    }
     // Before readiness: a SIGTERM right after it must stop the manager cleanly, not kill it.
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
     xvtpm_log::host_info!(admin = %admin_path.display(), "vtpmmgr serving");
     // Readiness marker for supervisors and tests.
-    println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id()}));
+    println!("{}", serde_json::json!({"ready": true, "admin_socket": admin_path, "pid": std::process::id(), "xen_domain": domid}));
     // systemd (Type=notify): ready once the admin socket accepts and every vTPM socket is bound.
     if let Err(e) = crate::sdnotify::notify("READY=1") {
         xvtpm_log::host_warn!(error = %e, "cannot tell the service manager that vtpmmgr is ready");
@@ -250,10 +342,7 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeEr
     let accept = async {
         loop {
             let Ok((mut s, _)) = admin.accept().await else { continue };
-            let m = shared.clone();
-            let socks = sockets.clone();
-            let poke = xen_poke.clone();
-            let detached = detached.clone();
+            let service = service.clone();
             tokio::spawn(async move {
                 let uid = s.peer_cred().map(|c| c.uid()).ok();
                 if uid != Some(0) && uid != Some(my_uid) {
@@ -262,31 +351,8 @@ pub async fn serve(mgr: Manager, xen_root: Option<String>) -> Result<(), ServeEr
                     return;
                 }
                 while let Ok(Some(body)) = read_frame(&mut s).await {
-                    let reply = match mgr::decode::<AdminRequest>(&body) {
-                        Ok(req) => {
-                            let m2 = m.clone();
-                            let attach = match &req {
-                                AdminRequest::VtpmAttach { uuid, .. } => Some(*uuid),
-                                _ => None,
-                            };
-                            match tokio::task::spawn_blocking(move || lock(&m2).admin(req)).await {
-                                Ok(r) => {
-                                    let att = attach.filter(|_| r == AdminReply::Ok).and_then(|u| Some((u, lock(&m).attachment(&u)?)));
-                                    if let Some((u, a)) = att {
-                                        watch_attachment(&m, u, a, &detached);
-                                    }
-                                    r
-                                }
-                                Err(e) => AdminReply::Error(Failure::from_error(ErrorCode::Internal, "", &e)),
-                            }
-                        }
-                        Err(e) => AdminReply::Error(Failure::from_error(ErrorCode::BadRequest, "", &e)),
-                    };
-                    socks.lock().await.reconcile(&m);
-                    if let Some(p) = &poke {
-                        // Attachments may have changed: re-check refused vTPM domains now.
-                        p.notify_one();
-                    }
+                    let req = mgr::decode::<AdminRequest>(&body).map_err(|e| Failure::from_error(ErrorCode::BadRequest, "", &e));
+                    let reply = service.handle(req).await;
                     if write_msg(&mut s, &reply).await.is_err() {
                         break;
                     }

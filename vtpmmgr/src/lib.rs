@@ -12,6 +12,7 @@
 
 pub mod akprov;
 pub mod anchor;
+pub mod bridge;
 pub mod daemon;
 pub mod deepquote;
 pub mod dispatch;

@@ -44,8 +44,21 @@ enum Cmd {
         queue_max: usize,
         /// Also serve vTPMs running in their own Xen domains over tpmif
         /// (backend directory; vTPM domains must be attached with VtpmAttachDomain).
-        #[arg(long, num_args = 0..=1, default_missing_value = "/local/domain/0/backend/vtpm")]
+        /// A relative directory is under this domain's own (`backend/vtpm`: dom0's
+        /// `/local/domain/0/backend/vtpm`, or the manager domain's).
+        #[arg(long, num_args = 0..=1, default_missing_value = "backend/vtpm")]
         xen: Option<String>,
+        /// In the manager's own domain: also serve dom0's admin CLI over a Xen link (dom0 runs
+        /// `vtpmmgr bridge --domain THIS-DOMAIN`).
+        #[arg(long)]
+        admin_xen: bool,
+    },
+    /// In dom0, with the manager in its own domain: bind the admin socket here and carry every
+    /// admin request to that manager over its Xen admin link (`serve --admin-xen` there).
+    Bridge {
+        /// The manager domain: its name (followed when it is restarted) or its domain id.
+        #[arg(long)]
+        domain: String,
     },
     /// After an intended host upgrade: authorise the current PCR values with the
     /// admin's policy-signing key so the master secret unseals again.
@@ -86,10 +99,11 @@ fn main() {
         }
     };
     let result = match args.cmd {
-        Cmd::Serve { batch_max, no_batching, queue_max, xen } => {
+        Cmd::Serve { batch_max, no_batching, queue_max, xen, admin_xen } => {
             cfg.batch = BatchConfig { max_batch: if no_batching { 1 } else { batch_max.max(1) }, max_queue: queue_max.max(1) };
-            serve(cfg, xen)
+            serve(cfg, xen, admin_xen)
         }
+        Cmd::Bridge { domain } => bridge(&cfg, &domain),
         Cmd::Reauthorize { policy_key } => vtpmmgr::reauthorize(&cfg, &policy_key),
         Cmd::AcceptStore { yes: false } => Err(anyhow::anyhow!(
             "accept-store discards every change made after this copy of the store was written (deleted vTPMs and groups may come back); re-run with --yes to accept it"
@@ -116,10 +130,16 @@ fn quiet_tss2() {
     eprintln!("vtpmmgr: warning: cannot silence tss2's log (TSS2_LOG): {err}");
 }
 
-fn serve(cfg: Config, xen: Option<String>) -> anyhow::Result<()> {
+fn serve(cfg: Config, xen: Option<String>, admin_xen: bool) -> anyhow::Result<()> {
     let mgr = Manager::open(cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(vtpmmgr::daemon::serve(mgr, xen))?;
+    rt.block_on(vtpmmgr::daemon::serve(mgr, xen, admin_xen))?;
+    Ok(())
+}
+
+fn bridge(cfg: &Config, domain: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(vtpmmgr::bridge::run(vtpmmgr::bridge::Target::parse(domain), &cfg.admin_socket()))?;
     Ok(())
 }
 

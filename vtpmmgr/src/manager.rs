@@ -155,6 +155,8 @@ pub struct Manager {
     /// Identities reserved by `VtpmReserve`: in memory until their EK certificate's store
     /// write makes them durable ([`Manager::issue_ek_cert`]).
     reserved: HashMap<Uuid, VtpmEntry>,
+    /// The Xen domain this manager runs in, when it is not dom0 ([`Manager::set_xen_domain`]).
+    xen_domain: Option<u32>,
 }
 
 /// At most this many identities reserved at once (each is a vTPM being manufactured now).
@@ -243,6 +245,7 @@ impl Manager {
             refused_states: HashMap::new(),
             anchor_stats: Default::default(),
             reserved: HashMap::new(),
+            xen_domain: None,
         })
     }
 
@@ -594,7 +597,14 @@ impl Manager {
             batching: self.cfg.batch.max_batch > 1,
             store_counter: self.store_counter(),
             transfer_protocol: vtpm_proto::transfer::IMPORT_PROTOCOL,
+            xen_domain: self.xen_domain,
         }
+    }
+
+    /// Records that the manager runs in Xen domain `domid` (not dom0): `Status` reports it, so
+    /// the toolstack attaches vTPM domains' manager links to that backend.
+    pub fn set_xen_domain(&mut self, domid: u32) {
+        self.xen_domain = Some(domid);
     }
 
     /// Answers an admin request (the caller has checked the peer is root).

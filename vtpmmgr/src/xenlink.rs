@@ -45,7 +45,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use xvtpm_log::{guest_info, guest_warn};
-use vtpm_proto::mgr::{self, ErrorCode, Failure, VtpmReply, VtpmRequest};
+use vtpm_proto::mgr::{self, AdminReply, AdminRequest, ErrorCode, Failure, VtpmReply, VtpmRequest};
 
 use crate::failure::FromError as _;
 use xen_platform::frontend::ReplyChunker;
@@ -55,6 +55,7 @@ use xen_platform::xen::XenTransport;
 use xen_platform::xenbus::{Backend, BackendEvent, DeviceKey, Take, Ticket, Transport, TransportError};
 use xen_platform::xenstore::{WatchEvent, WatchEvents, Xenstore, XsClient};
 
+use crate::daemon::AdminService;
 use crate::dispatch::{Dispatcher, lock};
 use crate::peer::Peer;
 
@@ -95,6 +96,20 @@ pub struct XenLink<X: Xenstore, T: Transport> {
     poke: Arc<Notify>,
     chunkers: HashMap<DeviceKey, ReplyChunker>,
     ready: JoinSet<Ready>,
+    /// `Some` on the admin link ([`XenLink::open_admin`]): requests are admin requests.
+    admin: Option<AdminService>,
+}
+
+/// Where the admin link of a manager in domain `domid` lives: under the domain's own `data`
+/// directory, which only that domain and dom0 can write (libxl makes it the domain's), so a
+/// device there was made by dom0 (`vtpmmgr bridge`); its frontend must be domain 0 as well.
+pub fn admin_root(domid: u32) -> String {
+    format!("/local/domain/{domid}/data/xvtpm-admin/backend")
+}
+
+/// The frontend directory `vtpmmgr bridge` makes for the admin link of domain `domid`.
+pub fn admin_frontend(domid: u32) -> String {
+    format!("/local/domain/{domid}/data/xvtpm-admin/frontend")
 }
 
 impl XenLink<XsClient, XenTransport> {
@@ -105,6 +120,17 @@ impl XenLink<XsClient, XenTransport> {
         let (xs, events) = XsClient::open().await.map_err(OpenError::Xenstore)?;
         let transport = XenTransport::open().map_err(OpenError::Devices)?;
         Self::new(xs, events, transport, root, dispatch)
+            .await
+            .map_err(|source| OpenError::Watch { root: root.to_string(), source })
+    }
+
+    /// The admin link of a manager in its own domain: serves the device `vtpmmgr bridge` in
+    /// dom0 makes under `root` ([`admin_root`]), and only one whose frontend is domain 0.
+    pub(crate) async fn open_admin(root: &str, dispatch: Dispatcher, service: AdminService) -> Result<Self, OpenError> {
+        let (xs, events) = XsClient::open().await.map_err(OpenError::Xenstore)?;
+        let transport = XenTransport::open().map_err(OpenError::Devices)?;
+        let backend = Backend::new(xs, transport, root, admin_rejections()).accept(|domid, _| domid.get() == 0);
+        Self::started(backend, events, dispatch, Some(service), root)
             .await
             .map_err(|source| OpenError::Watch { root: root.to_string(), source })
     }
@@ -121,16 +147,40 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         dispatch: Dispatcher,
     ) -> Result<Self, xen_platform::xenbus::XenbusError> {
         let m = dispatch.manager().clone();
-        let mut backend = Backend::new(xs, transport, root, rejections()).accept(move |domid, uuid| {
+        let backend = Backend::new(xs, transport, root, rejections()).accept(move |domid, uuid| {
             // Quiet check first (the filter is re-run on every change); `authorize` covers
             // "known vTPM" and "provisioned".
             let m = lock(&m);
             let domid = u32::from(domid.get());
             m.attached_domain(&uuid) == Some(domid) && m.authorize(&Peer::Domain { vtpm: uuid, domid }, uuid).is_ok()
         });
+        Self::started(backend, events, dispatch, None, root).await
+    }
+
+    /// The admin link over any xenstore/transport (e.g. the fakes): devices under `root` whose
+    /// frontend is domain 0 carry admin requests, answered as on the admin socket.
+    pub async fn new_admin(
+        xs: X,
+        events: WatchEvents,
+        transport: T,
+        root: &str,
+        dispatch: Dispatcher,
+    ) -> Result<Self, xen_platform::xenbus::XenbusError> {
+        let service = AdminService::standalone(dispatch.clone());
+        let backend = Backend::new(xs, transport, root, admin_rejections()).accept(|domid, _| domid.get() == 0);
+        Self::started(backend, events, dispatch, Some(service), root).await
+    }
+
+    async fn started(
+        mut backend: Backend<X, T>,
+        events: WatchEvents,
+        dispatch: Dispatcher,
+        admin: Option<AdminService>,
+        root: &str,
+    ) -> Result<Self, xen_platform::xenbus::XenbusError> {
         let initial = backend.start().await?;
         initial.iter().for_each(log_event);
-        xvtpm_log::host_info!(root, "Xen manager link watching");
+        xvtpm_log::host_info!(root, admin = admin.is_some(), "Xen manager link watching");
         Ok(XenLink {
             backend,
             events,
@@ -138,6 +188,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             poke: Arc::new(Notify::new()),
             chunkers: HashMap::new(),
             ready: JoinSet::new(),
+            admin,
         })
     }
 
@@ -217,6 +268,19 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         let Some(uuid) = self.backend.device(key).map(|d| d.uuid()) else {
             return;
         };
+        if let Some(service) = &self.admin {
+            if ReplyChunker::is_cont(&req.command) {
+                let page = self.chunkers.entry(key).or_default().next_chunk().unwrap_or_else(|| {
+                    encode_admin(&AdminReply::Error(Failure::new(ErrorCode::BadRequest, "CONT without a pending reply")))
+                });
+                self.complete(req.ticket, &page);
+                return;
+            }
+            let request = vtpm_proto::mgr_io::decode_frame::<AdminRequest>(&req.command).map_err(|e| Failure::from_error(ErrorCode::BadRequest, "", &e));
+            let (service, ticket) = (service.clone(), req.ticket);
+            self.ready.spawn(async move { (ticket, encode_admin(&service.handle(request).await)) });
+            return;
+        }
         let peer = Peer::Domain { vtpm: uuid, domid: u32::from(key.frontend.get()) };
         if ReplyChunker::is_cont(&req.command) {
             let page = self.chunkers.entry(key).or_default().next_chunk().unwrap_or_else(|| {
@@ -272,6 +336,27 @@ pub fn rejections() -> Rejections {
         }))
     })
     .expect("a short error frame fits any tpmif page")
+}
+
+/// [`rejections`] for the admin link: the same causes as admin error replies.
+fn admin_rejections() -> Rejections {
+    Rejections::new(|why| {
+        encode_admin(&AdminReply::Error(match why {
+            Rejection::CommandSize => Failure::new(
+                ErrorCode::BadRequest,
+                format!("an admin request over the Xen link must be 1 to {MAX_PACKET} bytes, one tpmif page"),
+            ),
+            Rejection::ResponseSize => Failure::new(ErrorCode::Internal, "the manager's reply chunk did not fit the page"),
+        }))
+    })
+    .expect("a short error frame fits any tpmif page")
+}
+
+fn encode_admin(reply: &AdminReply) -> Vec<u8> {
+    mgr::encode(reply).unwrap_or_else(|e| {
+        let fail = Failure::from_error_fix(ErrorCode::Internal, "the reply does not fit in one manager frame", &e, "list with paging (`VtpmListPage`)");
+        mgr::encode(&AdminReply::Error(fail)).expect("a short error reply encodes")
+    })
 }
 
 /// Parses one whole request frame (`u32` BE length ‖ JSON) from the page.

@@ -546,3 +546,79 @@ fn page_rejections_are_manager_error_frames() {
         }
     }
 }
+
+/// The admin link of a manager in its own domain (`serve --admin-xen`), with the device
+/// `vtpmmgr bridge` writes for it: dom0 gets admin answers, a reply larger than the page comes
+/// in chunks, a malformed request gets an admin error, and a device whose frontend is another
+/// domain is never served.
+#[tokio::test(flavor = "current_thread")]
+async fn the_admin_link_serves_dom0_only() {
+    const MGR_DOMAIN: u32 = 3;
+    let tpm = Swtpm::start();
+    let dir = testkit::tempdir();
+    let cfg = Config {
+        tcti: tpm.tcti(),
+        state_dir: dir.path().join("state"),
+        run_dir: dir.path().join("run"),
+        vtpm_state_dir: dir.path().join("state"),
+        batch: BatchConfig::default(),
+    };
+    let mut m = Manager::open(cfg).expect("open manager");
+    assert!(matches!(m.admin(AdminRequest::Provision { pcrs: vec![16] }), AdminReply::Status(_)));
+    let mgr: Shared = Arc::new(Mutex::new(m));
+    let (xs, _unused) = FakeXenstore::new();
+    let (bxs, bev) = xs.client();
+    let mem = MemTransport::new();
+    let root = vtpmmgr::xenlink::admin_root(MGR_DOMAIN);
+    let link = XenLink::new_admin(bxs, bev, mem.clone(), &root, Dispatcher::new(mgr.clone())).await.unwrap();
+    tokio::spawn(link.run());
+    let cfg = |timeout| FrontendConfig { connect_timeout: timeout, request_timeout: Duration::from_secs(30), max_reply: mgr::MAX_FRAME };
+
+    // The bridge's device, frontend dom0.
+    let fe_dir = vtpmmgr::bridge::make_device(&xs, MGR_DOMAIN).await.unwrap();
+    let (fxs, mut fev) = xs.client();
+    let mut t = FakeFrontendTransport::new(mem.clone(), DomId::new(0).unwrap());
+    let mut fe = Frontend::connect(Arc::new(fxs), &mut fev, &mut t, &fe_dir, cfg(Duration::from_secs(10))).await.expect("dom0's admin link connects");
+    let ask = |req: AdminRequest| mgr::encode(&req).unwrap();
+    let reply = fe.transact(&ask(AdminRequest::Status)).await.unwrap();
+    match vtpm_proto::mgr_io::decode_frame::<AdminReply>(&reply).unwrap() {
+        AdminReply::Status(s) => assert!(s.provisioned, "{s:?}"),
+        other => panic!("status over the admin link: {other:?}"),
+    }
+    // Enough identities that the list does not fit one page.
+    for _ in 0..24 {
+        let r = fe.transact(&ask(AdminRequest::VtpmCreate { group: None, uuid: None })).await.unwrap();
+        assert!(matches!(vtpm_proto::mgr_io::decode_frame::<AdminReply>(&r).unwrap(), AdminReply::Vtpm(_)));
+    }
+    let reply = fe.transact(&ask(AdminRequest::VtpmList)).await.unwrap();
+    assert!(reply.len() > 4096, "the list is {} bytes: not a chunked reply", reply.len());
+    match vtpm_proto::mgr_io::decode_frame::<AdminReply>(&reply).unwrap() {
+        AdminReply::Vtpms { vtpms } => assert_eq!(vtpms.len(), 24),
+        other => panic!("list over the admin link: {other:?}"),
+    }
+    assert_eq!(lock(&mgr).admin(AdminRequest::VtpmList), vtpm_proto::mgr_io::decode_frame::<AdminReply>(&reply).unwrap());
+    let mut bad = 7u32.to_be_bytes().to_vec();
+    bad.extend_from_slice(b"{\"op\":1");
+    match vtpm_proto::mgr_io::decode_frame::<AdminReply>(&fe.transact(&bad).await.unwrap()).unwrap() {
+        AdminReply::Error(f) => assert_eq!(f.code, ErrorCode::BadRequest, "{f:?}"),
+        other => panic!("a malformed admin request: {other:?}"),
+    }
+
+    // The same device from domain 5 (which could not write there on Xen): never served.
+    let be5 = format!("{root}/5/0");
+    let fe5 = "/local/domain/5/device/xvtpm-admin/0";
+    for (k, v) in [("frontend-id", "5"), ("uuid", &Uuid::new_v4().to_string()), ("online", "1"), ("state", "1"), ("frontend", fe5)] {
+        xs.set(&format!("{be5}/{k}"), v);
+    }
+    for (k, v) in [("backend", be5.as_str()), ("backend-id", "3"), ("state", "1")] {
+        xs.set(&format!("{fe5}/{k}"), v);
+    }
+    let (gxs, mut gev) = xs.client();
+    let mut t5 = FakeFrontendTransport::new(mem.clone(), DomId::new(5).unwrap());
+    let refused = Frontend::connect(Arc::new(gxs), &mut gev, &mut t5, fe5, cfg(Duration::from_secs(3))).await;
+    assert!(matches!(refused, Err(FrontendError::Timeout { .. })), "domain 5's admin device: {:?}", refused.err());
+    assert_ne!(xs.get(&format!("{be5}/state")).as_deref(), Some("2"), "the backend answered domain 5's device");
+    // dom0's link still works.
+    let reply = fe.transact(&ask(AdminRequest::Status)).await.unwrap();
+    assert!(matches!(vtpm_proto::mgr_io::decode_frame::<AdminReply>(&reply).unwrap(), AdminReply::Status(_)));
+}

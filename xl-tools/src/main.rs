@@ -570,6 +570,7 @@ fn versioned<T: serde::Serialize>(schema: &str, v: &T) -> serde_json::Value {
 /// The status object: TPM handles as hex strings, as in the text output.
 fn status_json(s: &StatusInfo) -> serde_json::Value {
     let mut j = versioned(STATUS_SCHEMA, s);
+    j["xen_domain"] = s.xen_domain.into();
     if let Some(c) = &s.store_counter {
         j["store_counter"]["nv_index"] = format!("{:#010x}", c.nv_index).into();
     }
@@ -585,6 +586,9 @@ fn print_status(s: &StatusInfo, json: bool) {
     println!("sealed PCRs:  {:?} (sha256)", s.sealed_pcrs);
     println!("groups:       {}", s.groups);
     println!("vTPMs:        {}", s.vtpms);
+    if let Some(d) = s.xen_domain {
+        println!("runs in:      Xen domain {d} (the manager domain; vTPM domains attach to backend={d})");
+    }
     if let Some(c) = &s.store_counter {
         let tpm = match c.tpm_value {
             Some(v) if v == c.store_value => "matches the TPM".to_string(),

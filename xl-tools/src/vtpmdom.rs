@@ -14,9 +14,10 @@
 //! 2. `xl create -p` of a generated config (`<run-dir>/vtpms/<uuid>.xl.cfg`);
 //! 3. the manager learns the domain: `VtpmAttachDomain` (it takes the tpmif device only from
 //!    an attached domain, and it reads the caller's identity from its own backend directory);
-//! 4. `xl vtpm-attach <domid> backend=0 uuid=<uuid>` — only now, because libxl waits just
-//!    10 s for the backend (the manager) to reach InitWait, and the manager refuses devices of
-//!    unattached domains;
+//! 4. `xl vtpm-attach <domid> backend=<manager> uuid=<uuid>` — only now, because libxl waits
+//!    just 10 s for the backend (the manager) to reach InitWait, and the manager refuses devices
+//!    of unattached domains. `<manager>` is 0, or the manager domain its status names
+//!    (`xen_domain`, docs/manager-domain.md);
 //! 5. `xl unpause`, then wait until the domain publishes `data/xvtpm/ready` = its UUID.
 //!
 //! The domain's description (kernel, ramdisk, memory, disk) is kept in
@@ -388,7 +389,12 @@ impl Domains<'_> {
         admin.call(&AdminRequest::VtpmDetach { uuid })?;
         admin.call(&AdminRequest::VtpmAttachDomain { uuid, domid })?;
         undo.attached = true;
-        self.xl(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={uuid}")])?;
+        // The manager link's backend is the manager: dom0's process, or its own domain.
+        let manager = match admin.call(&AdminRequest::Status)? {
+            AdminReply::Status(s) => s.xen_domain.unwrap_or(0),
+            other => return Err(fail(FAILURE, format!("the manager answered its status with {other:?}"))),
+        };
+        self.xl(&["vtpm-attach", &domid.to_string(), &format!("backend={manager}"), &format!("uuid={uuid}")])?;
         self.xl(&["unpause", &domid.to_string()])?;
         wait_ready(domid, &uuid, ready_wait).map_err(|m| {
             let console = format!("/var/log/xen/console/guest-{}.log", spec.name);
