@@ -12,7 +12,8 @@
 #   $OUT/img/hvm-ovmf.cpio.zst  the hvm-ovmf guest (only with XVTPM_OVMF_XEN): the HVM image plus
 #                             xl-vtpm (`xl-vtpm guest deep-quote`); zstd -10
 #   $OUT/img/mgrdom.cpio.zst  manager domain (mgrdom phase): busybox, tpm2-tools, vtpmmgr, xl-vtpm,
-#                             xen-blkfront + ext4, mgrdom-init.sh as /init
+#                             xen-blkfront + ext4, xen-evtchn + xen-gntdev + xen-gntalloc (boot=serve:
+#                             its tpmif backend and admin link), mgrdom-init.sh as /init
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
 #                             Xen/TPM/block modules, the scenario (xvtpm-testbed), /etc/xen/scripts/block
 #                             (xen-block-hotplug.sh), the guest kernel + the two images above
@@ -170,8 +171,11 @@ mkcpio "$D" "$IMG/domu.cpio.zst" zstd
 
 ### manager domain (mgrdom phase, XVTPM_TESTBED_MGRDOM=1; docs/manager-domain.md) ###
 # vtpmmgr in its own PV domain that owns the physical TPM (iomem = TIS MMIO): busybox, tpm2-tools,
-# vtpmmgr + xl-vtpm (its admin CLI, inside the domain for now), xen-blkfront + ext4 for the state
-# disk. tpm_tis is built into Debian's kernel: the domain gets tpm_tis.force=1 on its command line.
+# vtpmmgr + xl-vtpm (its admin CLI inside the domain; dom0's reaches it through `vtpmmgr bridge`
+# in the mgrdom-serve phase), xen-blkfront + ext4 for the state disk, and the Xen device modules
+# vtpmmgr's links need when the domain serves (boot=serve: `serve --xen --admin-xen`; as the vTPM
+# domain on Debian's kernel: event channels, grant mapping, grant sharing; /dev/xen/xenbus is built
+# in). tpm_tis is built into Debian's kernel: the domain gets tpm_tis.force=1 on its command line.
 # Only with XVTPM_TESTBED_MGRDOM=1 (run.sh then gives dom0 768M): its 19 MB in dom0's ramfs made a
 # 512M dom0 panic while unpacking its initramfs ("System is deadlocked on memory").
 rm -f "$IMG/mgrdom.cpio.zst"
@@ -183,6 +187,7 @@ if [ "${XVTPM_TESTBED_MGRDOM:-0}" = 1 ] && [ -n "${PBIN[vtpmmgr]:-}" ] && [ -n "
   copy_mod "$D" xen-blkfront
   copy_mod "$D" crc32c_generic   # ext4 will not mount without a crc32c driver
   copy_mod "$D" ext4
+  for m in xen-evtchn xen-gntdev xen-gntalloc; do copy_mod "$D" $m; done
   copy_bin "$D" "${PBIN[vtpmmgr]}" /usr/bin/vtpmmgr strip-all
   copy_bin "$D" "${PBIN[xl-vtpm]}" /usr/bin/xl-vtpm strip-all
   install -m 0755 "$HERE/mgrdom-init.sh" "$D/init"

@@ -7,7 +7,7 @@
 #               persistent key 0x81000010, NV index 0x01500016, deep quote (dq_nonce=HEX)
 #               printed as hex between GUEST-DQ-BEGIN/GUEST-DQ-END
 #     boot=2    the same vTPM after a guest reboot: 0x81000010 and the NV contents are
-#               still there, PCR 16 is reset, same EK
+#               still there, PCR 16 is reset, same EK; with dq_nonce=HEX the deep quote again
 #   role=life   the lifecycle guest (xl-vtpm create of xen-configs/guest.cfg; the same kernel
 #               command line on every boot): startup, getrandom, PCR 16 reset, hash of the
 #               manufactured EK; then if 0x81000010 is absent (a fresh vTPM) it creates 0x81000010
@@ -415,6 +415,9 @@ vtpm|life|mig)
       [ "$(cat nv.out)" = "$NV_DATA" ] && check nv-kept PASS "$NV_IDX = '$NV_DATA'" || check nv-kept FAIL "read '$(cat nv.out)'"
     else check nv-kept FAIL "nvread rc=$rc $(echo "$out" | tail -n 2 | tr '\n' ' ')"; fi
     flush
+    # a later boot with dq_nonce= (mgrdom-serve, after the manager domain's restart): the deep
+    # quote again, signed by the manager that unsealed this vTPM's key anew
+    if [ -n "${dq_nonce:-}" ]; then deep_quote; flush; fi
   fi
   fi  # role=vtpm
   ;;

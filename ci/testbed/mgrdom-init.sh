@@ -11,10 +11,19 @@
 #   carried=1  (with boot=1) dom0's provisioned manager store was copied onto the disk: no provisioning,
 #            the domain's manager must find it and serve that provisioning
 #   boot=2   the same disk again after a power-off: vtpmmgr must find its state (no provisioning)
+#   boot=serve  the provisioned disk again (mgrdom-serve phase), and the domain SERVES: the Xen
+#            device modules (xen-evtchn, xen-gntdev, xen-gntalloc), `vtpmmgr serve --xen --admin-xen`
+#            (vTPM domains' manager links on its own backend/vtpm, dom0's admin link, `vtpmmgr
+#            bridge`, under its data/xvtpm-admin), MGRDOM-SERVING once ready, then it serves until
+#            dom0 asks it to stop with `xl shutdown`: the kernel runs poweroff_cmd, set to
+#            /sbin/mgrdom-stop, which only leaves /run/mgrdom-stop for this loop to see (PID 1 is
+#            this script: no signal needed); then vtpmmgr gets SIGTERM, the disk is unmounted and
+#            the domain powers off. The manager's log streams to the console as MGRDOM-LOG lines.
 # Output (console): MGRDOM-UP, MGRDOM-TPM <dev> <version>, MGRDOM-PCR <alg> <idx> <hex>,
 # MGRDOM-EKCERT <index> sha256=<hex> bytes=<n>, MGRDOM-CHECK <name> PASS|FAIL <detail>,
-# MGRDOM-STATUS <json>, MGRDOM-AK sha256=<hex>, last MGRDOM-DONE boot=N result=ok|fail; then
-# it unmounts the disk and powers off.
+# MGRDOM-STATUS <json>, MGRDOM-AK sha256=<hex>, (boot=serve) MGRDOM-SERVING pid=<vtpmmgr> domid=<self>
+# and MGRDOM-STOP-REQUEST, last MGRDOM-DONE boot=N result=ok|fail; then it unmounts the disk and
+# powers off.
 export PATH=/bin:/usr/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -24,7 +33,8 @@ mkdir -p /run/xvtpm /var/lib/xvtpm
 exec </dev/console >/dev/console 2>&1
 up() { cut -d' ' -f1 /proc/uptime; }
 boot=${boot:-1}; res=ok
-echo "MGRDOM-UP boot=$boot up=$(up) kernel=$(uname -r) domid=$(xenstore-read domid 2>/dev/null) memavail=$(awk '/MemAvailable/{print $2}' /proc/meminfo)kB iomem=$(grep -i 'fed40000' /proc/iomem | tr -s ' ' | tr '\n' ';')"
+domid=$(xenstore-read domid 2>/dev/null)
+echo "MGRDOM-UP boot=$boot up=$(up) kernel=$(uname -r) domid=$domid memavail=$(awk '/MemAvailable/{print $2}' /proc/meminfo)kB iomem=$(grep -i 'fed40000' /proc/iomem | tr -s ' ' | tr '\n' ';')"
 check() {  # name PASS|FAIL detail...
   n=$1; s=$2; shift 2
   echo "MGRDOM-CHECK $n $s $* [up=$(up)]"
@@ -32,6 +42,7 @@ check() {  # name PASS|FAIL detail...
 }
 finish() {
   [ -n "${MGR_PID:-}" ] && kill "$MGR_PID" 2>/dev/null && sleep 1
+  [ -n "${TAIL_PID:-}" ] && { sleep 1; kill "$TAIL_PID" 2>/dev/null; }
   sync
   grep -q ' /var/lib/xvtpm ' /proc/mounts && { umount /var/lib/xvtpm || echo "MGRDOM-INFO umount failed: $(grep xvtpm /proc/mounts)"; }
   echo "MGRDOM-DONE boot=$boot result=$res up=$(up)"
@@ -49,6 +60,13 @@ load() {  # module [params]
   done
 }
 load tpm_tis force=1 interrupts=0
+# boot=serve: `xl shutdown` from dom0 makes the kernel run poweroff_cmd (orderly_poweroff); ours
+# only leaves a mark for the serving loop below, which stops vtpmmgr cleanly first
+if [ "$boot" = serve ]; then
+  printf '#!/bin/sh\n: > /run/mgrdom-stop\n' > /sbin/mgrdom-stop
+  chmod 0755 /sbin/mgrdom-stop
+  echo /sbin/mgrdom-stop > /proc/sys/kernel/poweroff_cmd
+fi
 end=$(( $(cut -d. -f1 /proc/uptime) + 30 ))
 while [ ! -c /dev/tpmrm0 ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.2; done
 if [ ! -c /dev/tpmrm0 ]; then
@@ -82,19 +100,37 @@ else
   check state-disk FAIL "xvda: $([ -b /dev/xvda ] && echo present || echo absent); $(cat /tmp/mount.err | tr '\n' ' '); dmesg: $(dmesg | grep -iE 'xvda|blkfront|ext[24]' | tail -n 4 | tr '\n' '|')"
 fi
 chmod 0700 /var/lib/xvtpm
-if [ "$boot" = 2 ] || [ "${carried:-0}" = 1 ]; then
+# boot=serve: the Xen devices vtpmmgr's links need (tpmif backend: event channels + mapping the
+# frontend's grants; the admin link likewise), as the vTPM domain on Debian's kernel loads them;
+# /dev/xen/xenbus is built in (xenstore-read above used it)
+if [ "$boot" = serve ]; then
+  for m in xen-evtchn xen-gntdev xen-gntalloc; do load $m; done
+  end=$(( $(cut -d. -f1 /proc/uptime) + 30 ))
+  xdevs() { for d in xenbus evtchn gntdev gntalloc; do [ -c /dev/xen/$d ] || return 1; done; }
+  while ! xdevs && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.2; done
+  if xdevs; then check xen-devices PASS "/dev/xen: $(ls /dev/xen | tr '\n' ' ')"
+  else check xen-devices FAIL "/dev/xen: $(ls /dev/xen 2>&1 | tr '\n' ' '); modules: $(grep -E '^xen_' /proc/modules | cut -d' ' -f1 | tr '\n' ' ')"; fi
+fi
+if [ "$boot" = 2 ] || [ "$boot" = serve ] || [ "${carried:-0}" = 1 ]; then
   [ -s /var/lib/xvtpm/manager.json ] && check state-kept PASS "manager.json ($(wc -c < /var/lib/xvtpm/manager.json) bytes) on the disk (boot $boot, carried=${carried:-0})" ||
     check state-kept FAIL "no manager.json on /dev/xvda"
 fi
-XVTPM_LOG=info vtpmmgr --tcti device:/dev/tpmrm0 --state-dir /var/lib/xvtpm --run-dir /run/xvtpm serve > /tmp/vtpmmgr.log 2>&1 &
+serve_args=""; [ "$boot" = serve ] && serve_args="--xen --admin-xen"
+# shellcheck disable=SC2086  # two flags or none
+XVTPM_LOG=info vtpmmgr --tcti device:/dev/tpmrm0 --state-dir /var/lib/xvtpm --run-dir /run/xvtpm serve $serve_args > /tmp/vtpmmgr.log 2>&1 &
 MGR_PID=$!
+if [ "$boot" = serve ]; then
+  # the serving manager's log, live on the console (dom0 keeps it in the domain's console log)
+  tail -n +1 -f /tmp/vtpmmgr.log | sed 's/^/MGRDOM-LOG /' &
+  TAIL_PID=$!
+fi
 end=$(( $(cut -d. -f1 /proc/uptime) + 120 ))
 while ! grep -q '"ready":true' /tmp/vtpmmgr.log && kill -0 $MGR_PID 2>/dev/null && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.3; done
 if grep -q '"ready":true' /tmp/vtpmmgr.log; then
-  check mgr-ready PASS "vtpmmgr serve ready on device:/dev/tpmrm0 (pid $MGR_PID)"
+  check mgr-ready PASS "vtpmmgr serve $serve_args ready on device:/dev/tpmrm0 (pid $MGR_PID)"
 else
-  check mgr-ready FAIL "vtpmmgr not ready (alive: $(kill -0 $MGR_PID 2>/dev/null && echo yes || echo no))"
-  sed 's/^/MGRDOM-LOG /' /tmp/vtpmmgr.log | tail -n 20
+  check mgr-ready FAIL "vtpmmgr serve $serve_args not ready (alive: $(kill -0 $MGR_PID 2>/dev/null && echo yes || echo no))"
+  [ "$boot" = serve ] || sed 's/^/MGRDOM-LOG /' /tmp/vtpmmgr.log | tail -n 20
   finish
 fi
 if [ "$boot" = 1 ] && [ "${carried:-0}" != 1 ]; then
@@ -108,13 +144,24 @@ if [ $rc = 0 ] && echo "$st" | tr -d ' \n' | grep -q '"provisioned":true'; then
 else
   check provisioned FAIL "rc=$rc $(echo "$st" | tr '\n' ' ' | cut -c1-300)"
 fi
-if timeout 60 xl-vtpm mgr group ak default --out /tmp/ak >/dev/null 2>&1; then
+if [ "$boot" = serve ]; then
+  # dom0 now asks the manager through `vtpmmgr bridge`; this loop waits for `xl shutdown`
+  echo "MGRDOM-SERVING pid=$MGR_PID domid=$domid up=$(up) memavail=$(awk '/MemAvailable/{print $2}' /proc/meminfo)kB"
+  while [ ! -e /run/mgrdom-stop ] && kill -0 $MGR_PID 2>/dev/null; do sleep 1; done
+  if [ -e /run/mgrdom-stop ]; then
+    echo "MGRDOM-STOP-REQUEST up=$(up) memavail=$(awk '/MemAvailable/{print $2}' /proc/meminfo)kB"
+  else
+    wait $MGR_PID; rc=$?
+    check mgr-alive FAIL "vtpmmgr exited by itself while serving (rc=$rc)"
+    MGR_PID=""; finish
+  fi
+elif timeout 60 xl-vtpm mgr group ak default --out /tmp/ak >/dev/null 2>&1; then
   echo "MGRDOM-AK sha256=$(sha256sum < /tmp/ak | cut -d' ' -f1)"
   check group-ak PASS "xl-vtpm mgr group ak default: $(wc -c < /tmp/ak) bytes"
 else
   check group-ak FAIL "xl-vtpm mgr group ak default failed"
 fi
-sed 's/^/MGRDOM-LOG /' /tmp/vtpmmgr.log | tail -n 8
+[ "$boot" = serve ] || sed 's/^/MGRDOM-LOG /' /tmp/vtpmmgr.log | tail -n 8
 kill $MGR_PID; i=0
 while kill -0 $MGR_PID 2>/dev/null && [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done
 kill -0 $MGR_PID 2>/dev/null && check mgr-stop FAIL "vtpmmgr still running 10 s after SIGTERM" || check mgr-stop PASS "vtpmmgr exited on SIGTERM"

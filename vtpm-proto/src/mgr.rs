@@ -551,7 +551,7 @@ pub struct EnrollmentInfo {
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum AdminReply {
     /// Status.
-    Status(StatusInfo),
+    Status(Box<StatusInfo>),
     /// One group.
     Group(GroupInfo),
     /// All groups.

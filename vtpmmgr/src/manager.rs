@@ -619,7 +619,7 @@ impl Manager {
             return Err(fail(ErrorCode::NotProvisioned, "the manager is not provisioned: run `xl-vtpm mgr provision` first"));
         }
         Ok(match req {
-            AdminRequest::Status => AdminReply::Status(self.status()),
+            AdminRequest::Status => AdminReply::Status(Box::new(self.status())),
             AdminRequest::Provision { pcrs } => return self.provision(&pcrs),
             AdminRequest::GroupAdd { name } => {
                 validate_name(&name)?;
@@ -849,7 +849,7 @@ impl Manager {
         self.protected = Some(prot);
         self.master = Some(master);
         xvtpm_log::host_info!(pcrs = ?pcrs, nv_index = %format!("{:#010x}", c.nv_index), counter = c.value, "manager provisioned");
-        Ok(AdminReply::Status(self.status()))
+        Ok(AdminReply::Status(Box::new(self.status())))
     }
 }
 

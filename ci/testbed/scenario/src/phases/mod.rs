@@ -261,6 +261,22 @@ pub fn verify(
     n: usize,
     extra: &[&str],
 ) -> Output {
+    verify_ak(cx, bundle, nonce, uuid, "/tmp/ak.bin", tag, save, n, extra)
+}
+
+/// [`verify`] with the group AK in the file `ak` (a manager other than dom0's: mgrdom-serve).
+#[allow(clippy::too_many_arguments)]
+pub fn verify_ak(
+    cx: &Cx,
+    bundle: &str,
+    nonce: &str,
+    uuid: &str,
+    ak: &str,
+    tag: &str,
+    save: &str,
+    n: usize,
+    extra: &[&str],
+) -> Output {
     let mut argv = vec![
         "xl-vtpm",
         "verify",
@@ -268,7 +284,7 @@ pub fn verify(
         "--nonce",
         nonce,
         "--ak",
-        "/tmp/ak.bin",
+        ak,
         "--insecure-unenrolled-ak",
         "--vtpm",
         uuid,
@@ -282,21 +298,28 @@ pub fn verify(
 /// `xl-vtpm verify` of BUNDLE with the guest's nonce and with a fresh wrong one: their exit codes
 /// (want 8: verified, host state not checked; and 7), their output in `SAVE-ok.out`/`SAVE-bad.out`.
 pub fn verify_nonces(cx: &Cx, bundle: &str, nonce: &str, uuid: &str, save: &str) -> (i32, i32) {
-    let ok = verify(
+    verify_nonces_ak(cx, bundle, nonce, uuid, "/tmp/ak.bin", save)
+}
+
+/// [`verify_nonces`] with the group AK in the file `ak`.
+pub fn verify_nonces_ak(cx: &Cx, bundle: &str, nonce: &str, uuid: &str, ak: &str, save: &str) -> (i32, i32) {
+    let ok = verify_ak(
         cx,
         bundle,
         nonce,
         uuid,
+        ak,
         "verify right nonce",
         &format!("{save}-ok.out"),
         25,
         &[],
     );
-    let bad = verify(
+    let bad = verify_ak(
         cx,
         bundle,
         &xen::nonce(32),
         uuid,
+        ak,
         "verify wrong nonce",
         &format!("{save}-bad.out"),
         10,
