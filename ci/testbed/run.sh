@@ -34,7 +34,9 @@
 #                          own aborts when OVMF writes CR8 in the nested guest); XVTPM_TESTBED_QEMU names another
 #   XVTPM_TESTBED_MGRDOM   1|0: mgrdom-* phases, run last: vtpmmgr in its own PV domain that owns the physical
 #                          TPM (xl iomem = [ "fed40,5" ], dom0's tpm_tis unbound, then bound again), its state
-#                          on a file-backed xvd disk across a domain restart (0; docs/manager-domain.md)
+#                          on a file-backed xvd disk across a domain restart; mgrdom-serve: the domain serves a
+#                          vTPM domain + guest and dom0's admin CLI (`vtpmmgr bridge`), across its restart
+#                          (0; docs/manager-domain.md)
 #   XVTPM_TESTBED_LIBVIRT  1|0: a guest's life through Debian's libvirtd with the libxl driver and virsh, the way
 #                          Nova drives Xen: define/start (the hook attaches the vTPM), libvirtd restart, reboot,
 #                          save/restore, the refused migrate, destroy/undefine (1; dom0 +47 MB; docs/libvirt.md)

@@ -10,17 +10,29 @@
 //!                   certificates as dom0 read, vtpmmgr provisioned there, state on the disk
 //!   mgrdom-restart  the domain again from the same disk: vtpmmgr finds its state (provisioned
 //!                   without provisioning), the same group AK
+//!   mgrdom-serve    the domain SERVES (boot=serve: `vtpmmgr serve --xen --admin-xen`), dom0 still
+//!                   without a TPM: `vtpmmgr bridge --domain mgrdom` in dom0 carries the admin CLI
+//!                   to it (status: xen_domain = its domid, the same group AK); a vTPM domain whose
+//!                   manager link's backend is the manager domain serves a guest (tpm2-tools
+//!                   checks, NV index, persistent key, deep quote verified in dom0); then vTPM
+//!                   domain and manager domain stopped cleanly, the manager domain started again
+//!                   (new domid, the bridge follows it), the vTPM domain booted from its disk (its
+//!                   key unsealed by the new manager domain): same EK, key and NV kept, a deep
+//!                   quote verified again; everything stopped and released
 //!   mgrdom-pvh      (only with HAP) the domain as PVH (tsc_mode native under TCG): its tpm_tis reads
 //!                   the same PCRs and EK certificate
 //!   mgrdom-rebind   the domains gone, the loop device released; dom0's tpm_tis binds the device
 //!                   again and reads the same PCRs
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
 
-use super::{St, deadline, secs1, up};
-use crate::cmd::{Cmd, show};
+use super::vtpmdom;
+use super::{BOOT1_CHECKS, GuestBoot, REBOOT_CHECKS, St, capture_dq, deadline, ek_stable, none, secs1, up, verify_nonces_ak};
+use crate::cmd::{Cmd, Output, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner};
-use crate::xen::{self, after_prefix, console, token};
+use crate::xen::{self, after_prefix, console, console_from, jf, lines_of, token};
 
 const NAME: &str = "mgrdom";
 const CTL: &str = "mgrdom-ctl";
@@ -55,6 +67,24 @@ const BOOT2: [&str; 6] = [
     "mgr-stop",
     "group-ak",
 ];
+/// What the domain's /init must report as PASS before it serves (boot=serve), and when it stops.
+const SERVE: [&str; 6] = [
+    "pcrread",
+    "state-disk",
+    "xen-devices",
+    "state-kept",
+    "mgr-ready",
+    "provisioned",
+];
+const SERVE_STOP: [&str; 1] = ["mgr-stop"];
+/// mgrdom-serve: the vTPM domain the manager domain serves, its guest (the vtpmdom phases' guest
+/// image and checks; its config from guest-vdom.cfg.in with only the name changed).
+const SRV_VD: &str = "vtpmdom-m";
+const SRV_G: &str = "guest-mgrdom";
+const SRV_GCFG: &str = "/etc/xen/guest-mgrdom.cfg";
+/// dom0's `vtpmmgr bridge` (the run directory is dom0's manager's: xl-vtpm's default)
+const BRIDGE_LOG: &str = "/var/log/xvtpm/vtpmmgr-bridge.log";
+const RUN_DIR: &str = "/run/xvtpm";
 const DRIVERS: [&str; 2] = [
     "/sys/bus/platform/drivers/tpm_tis",
     "/sys/bus/pnp/drivers/tpm_tis",
@@ -72,6 +102,24 @@ struct Md {
     /// and the domain must serve that provisioning (the same group AK as dom0's manager had)
     carried: bool,
     dom0_ak: String,
+    /// mgrdom-serve: dom0's `vtpmmgr bridge`
+    bridge: Option<Child>,
+    srv: Sv,
+}
+
+/// What mgrdom-serve carries from step to step (and leaves for mgrdom-rebind's cleanup).
+#[derive(Default)]
+struct Sv {
+    /// the manager domain's domid now, and how many times it was started
+    domid: String,
+    boots: u32,
+    /// every domid it served as
+    domids: Vec<String>,
+    /// the vTPM (domain) it serves
+    uuid: String,
+    vdomid: String,
+    voff: usize,
+    ek1: String,
 }
 
 /// The files of vtpmmgr's own store in its state directory (not the vTPMs' or the registry's).
@@ -188,21 +236,7 @@ fn boot_checks(cx: &Cx, e: &mut Errs, name: &str, tag: &str, want: &[&str], wait
     }
     let c = console(name);
     println!("{name} ({tag}): MGRDOM-DONE after {} s", secs1(t0, up()));
-    for l in c.lines() {
-        if let Some(r) = l.strip_prefix("MGRDOM-CHECK ") {
-            println!("CHECK {name}/{tag} {r}");
-        } else if l.starts_with("MGRDOM-") && !l.starts_with("MGRDOM-PCR ") {
-            println!("[{name}] {l}");
-        }
-    }
-    let miss: Vec<&str> = want
-        .iter()
-        .copied()
-        .filter(|w| {
-            !c.lines()
-                .any(|l| l.starts_with(&format!("MGRDOM-CHECK {w} PASS")))
-        })
-        .collect();
+    let miss = echo_checks(name, tag, &c, want, true);
     if !miss.is_empty() {
         e.add(format!("{tag}-checks-failed: {}", miss.join(" ")));
     }
@@ -211,6 +245,29 @@ fn boot_checks(cx: &Cx, e: &mut Errs, name: &str, tag: &str, want: &[&str], wait
         xen::xl_destroy(cx, name, 60);
     }
     c
+}
+
+/// Echoes the domain's MGRDOM-CHECK lines in `c` as `CHECK NAME/TAG …` and its other MGRDOM-
+/// lines (not the PCR values; the manager's log lines only with `logs`); returns those of `want`
+/// that did not PASS.
+fn echo_checks<'a>(name: &str, tag: &str, c: &str, want: &[&'a str], logs: bool) -> Vec<&'a str> {
+    for l in c.lines() {
+        if let Some(r) = l.strip_prefix("MGRDOM-CHECK ") {
+            println!("CHECK {name}/{tag} {r}");
+        } else if l.starts_with("MGRDOM-")
+            && !l.starts_with("MGRDOM-PCR ")
+            && (logs || !l.starts_with("MGRDOM-LOG "))
+        {
+            println!("[{name}] {l}");
+        }
+    }
+    want.iter()
+        .copied()
+        .filter(|w| {
+            !c.lines()
+                .any(|l| l.starts_with(&format!("MGRDOM-CHECK {w} PASS")))
+        })
+        .collect()
 }
 
 /// The domain's PCRs and EK certificate hashes against dom0's.
@@ -244,11 +301,12 @@ fn compare(e: &mut Errs, md: &Md, c: &str, tag: &str) {
 }
 
 pub fn run(r: &mut Runner, st: &mut St) {
-    const ALL: [&str; 6] = [
+    const ALL: [&str; 7] = [
         "mgrdom-unbind",
         "mgrdom-control",
         "mgrdom-pv",
         "mgrdom-restart",
+        "mgrdom-serve",
         "mgrdom-pvh",
         "mgrdom-rebind",
     ];
@@ -532,6 +590,20 @@ pub fn run(r: &mut Runner, st: &mut St) {
         );
         e.verdict("a new manager domain from the same disk: vtpmmgr found its state (provisioned without provisioning), the same group AK")
     });
+    // the manager domain serving: dom0's admin CLI through the bridge, a vTPM domain and its guest
+    // through the manager domain, across a restart of the manager domain
+    r.phase_if("mgrdom-serve", blocked2, deadline(1500), |cx| {
+        let mut e = Errs::default();
+        serve(cx, &mut md, &mut e);
+        serve_cleanup(cx, &mut md, &mut e);
+        if !e.is_empty() {
+            serve_diag(&md);
+        }
+        e.verdict(format!(
+            "dom0 without a TPM; the manager domain served (domids {}): dom0's admin CLI through vtpmmgr bridge, vTPM domain {SRV_VD} and its guest (TPM checks, NV, persistent key, deep quote verified); after the manager domain's restart the vTPM booted from its disk (key unsealed by the new manager domain): same EK, key and NV kept, deep quote verified again",
+            md.srv.domids.join(" -> ")
+        ))
+    });
     r.phase_if("mgrdom-pvh", blocked, deadline(400), |cx| {
         let info = Cmd::sh("xl info").split().run(cx).stdout;
         if !info
@@ -552,6 +624,8 @@ pub fn run(r: &mut Runner, st: &mut St) {
     });
     r.phase_if("mgrdom-rebind", blocked, deadline(200), |cx| {
         let mut e = Errs::default();
+        // what a cut-short mgrdom-serve left: the bridge, the guest, the vTPM domain, its disk's loop device
+        serve_leftovers(cx, &mut md);
         for n in [NAME, CTL, PVH] {
             xen::destroy_if_running(cx, n);
         }
@@ -610,9 +684,649 @@ pub fn run(r: &mut Runner, st: &mut St) {
     });
 }
 
+// ---- mgrdom-serve ----
+
+/// `xl create` of the manager domain with `boot=serve` on the state disk; waits for its
+/// MGRDOM-SERVING line. CHECK `mgrdom-serveN-serving`; the domid in `md.srv.domid`.
+fn serve_up(cx: &Cx, e: &mut Errs, md: &mut Md) -> bool {
+    md.srv.boots += 1;
+    let n = md.srv.boots;
+    let tag = format!("serve{n}");
+    md.srv.domid.clear();
+    let t0 = up();
+    if !create(cx, NAME, &cfg(NAME, "pv", true, Some(&md.lo), "serve"), e) {
+        return false;
+    }
+    cx.wait_every(300, crate::s(1), || {
+        let c = console(NAME);
+        c.contains("MGRDOM-SERVING") || c.contains("MGRDOM-DONE") || xen::domain_gone(NAME)
+    });
+    let c = console(NAME);
+    let miss = echo_checks(NAME, &tag, &c, &SERVE, false);
+    let line = after_prefix(&c, "MGRDOM-SERVING ").unwrap_or_default();
+    let dom = xen::domid(NAME).unwrap_or_default();
+    let said = token(&line, "domid").unwrap_or_default();
+    let ok = !line.is_empty() && miss.is_empty() && !dom.is_empty() && said == dom;
+    e.check(
+        &format!("mgrdom-{tag}-serving"),
+        ok,
+        if ok {
+            format!(
+                "domid {dom}: vtpmmgr serve --xen --admin-xen (pid {}) serving {} s after xl create",
+                none(&token(&line, "pid").unwrap_or_default()),
+                secs1(t0, up())
+            )
+        } else {
+            format!(
+                "MGRDOM-SERVING: '{line}'; not PASS: {}; domid: xl {} / the domain's own {}",
+                miss.join(" "),
+                none(&dom),
+                none(&said)
+            )
+        },
+    );
+    println!("PERF mgrdom-serve-boot{n}-s={} (xl create -> MGRDOM-SERVING: boot, TPM, disk, Xen devices, vtpmmgr ready)", secs1(t0, up()));
+    if ok {
+        md.srv.domids.push(dom.clone());
+        md.srv.domid = dom;
+    } else {
+        mgr_log(NAME, 30);
+        xen::destroy_if_running(cx, NAME);
+    }
+    ok
+}
+
+/// The manager's own log lines (MGRDOM-LOG, streamed by the domain's /init), the last `n`.
+fn mgr_log(name: &str, n: usize) {
+    let c = console(name);
+    let v: Vec<&str> = c.lines().filter(|l| l.starts_with("MGRDOM-LOG ")).collect();
+    super::show_last(&format!("{name} vtpmmgr"), &v, n);
+}
+
+/// `xl shutdown` of the serving manager domain: its /init stops vtpmmgr (SIGTERM), unmounts the
+/// disk, powers off. CHECK `mgrdom-serveN-clean-stop`; `xl destroy` if it does not go.
+fn serve_down(cx: &Cx, e: &mut Errs, md: &mut Md) -> bool {
+    let tag = format!("serve{}", md.srv.boots);
+    let off = lines_of(&xen::clog(NAME));
+    let t0 = up();
+    let o = Cmd::new(&["xl", "shutdown", NAME]).secs(90).run(cx);
+    let gone = cx.wait_every(120, crate::s(1), || xen::domain_gone(NAME));
+    let stop_s = secs1(t0, up());
+    let c = console_from(NAME, off);
+    let miss = echo_checks(NAME, &tag, &c, &SERVE_STOP, false);
+    mgr_log(NAME, 12);
+    let asked = c.contains("MGRDOM-STOP-REQUEST");
+    let done = after_prefix(&c, "MGRDOM-DONE ").unwrap_or_default();
+    let ok = o.ok() && gone && asked && miss.is_empty() && !done.is_empty();
+    e.check(
+        &format!("mgrdom-{tag}-clean-stop"),
+        ok,
+        format!(
+            "xl shutdown rc {}; stop request seen: {asked}; vtpmmgr stopped on SIGTERM: {}; MGRDOM-DONE {}; domain gone after {stop_s} s: {gone}",
+            o.rc,
+            miss.is_empty(),
+            none(&done)
+        ),
+    );
+    println!("PERF mgrdom-serve-stop{}-s={stop_s} (xl shutdown -> the manager domain gone)", md.srv.boots);
+    if !gone {
+        xen::xl_destroy(cx, NAME, 60);
+    }
+    md.srv.domid.clear();
+    ok
+}
+
+fn bridge_start(md: &mut Md) -> Result<(), String> {
+    let f = fs::File::create(BRIDGE_LOG).map_err(|x| format!("{BRIDGE_LOG}: {x}"))?;
+    let f2 = f.try_clone().map_err(|x| format!("{BRIDGE_LOG}: {x}"))?;
+    let c = Command::new("vtpmmgr")
+        .args(["--run-dir", RUN_DIR, "bridge", "--domain", NAME])
+        .env("XVTPM_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(f)
+        .stderr(f2)
+        .spawn()
+        .map_err(|x| format!("vtpmmgr bridge: cannot start: {x}"))?;
+    println!("vtpmmgr --run-dir {RUN_DIR} bridge --domain {NAME}: pid {} (log {BRIDGE_LOG})", c.id());
+    md.bridge = Some(c);
+    Ok(())
+}
+
+fn bridge_up(md: &mut Md) -> bool {
+    md.bridge
+        .as_mut()
+        .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+}
+
+/// `xl-vtpm mgr status --json` (through the bridge): provisioned, its `xen_domain` (as printed;
+/// empty when absent), the command's output.
+fn mgr_status(cx: &Cx, save: &str) -> (bool, String, Output) {
+    let o = Cmd::new(&["xl-vtpm", "mgr", "status", "--json"])
+        .env("NO_COLOR", "1")
+        .secs(60)
+        .save_split(save, &format!("{save}.err"))
+        .run(cx);
+    let j = xen::parse_json(&o.stdout).filter(serde_json::Value::is_object);
+    let prov = j.as_ref().is_some_and(|v| {
+        xen::find_key(v, "provisioned") == Some(&serde_json::Value::Bool(true))
+    });
+    let xd = j.as_ref().map(|v| jf(v, "xen_domain")).unwrap_or_default();
+    (o.ok() && prov, xd, o)
+}
+
+/// `xl-vtpm mgr group ak default --out OUT` (through the bridge): the AK file's sha256, or empty.
+fn group_ak_to(cx: &Cx, out: &str) -> String {
+    let _ = fs::remove_file(out);
+    let o = Cmd::new(&["xl-vtpm", "mgr", "group", "ak", "default", "--out", out])
+        .env("NO_COLOR", "1")
+        .secs(60)
+        .run(cx);
+    if o.ok() {
+        sha256_file(out)
+    } else {
+        show_tail("xl-vtpm mgr group ak", &o.all(), 10);
+        String::new()
+    }
+}
+
+/// `(key, value)` of `xenstore-ls -f` lines (`/path = "value"`).
+fn xs_pairs(lines: &[String]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(" = ")?;
+            Some((k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        })
+        .collect()
+}
+
+/// The manager links of vTPM domain `vdomid` (its device/vtpm/N): (backend-id, the backend's state).
+fn mgr_links(vdomid: &str) -> Vec<(String, String)> {
+    let kv = xs_pairs(&xen::xs_ls(&format!("/local/domain/{vdomid}/device/vtpm")));
+    links_of(&kv, |b| xen::xs_read(&format!("{b}/state")).unwrap_or_default())
+}
+
+fn links_of(kv: &[(String, String)], state: impl Fn(&str) -> String) -> Vec<(String, String)> {
+    kv.iter()
+        .filter_map(|(k, b)| {
+            let dev = k.strip_suffix("/backend")?;
+            let id = kv
+                .iter()
+                .find(|(k2, _)| *k2 == format!("{dev}/backend-id"))
+                .map(|x| x.1.clone())
+                .unwrap_or_default();
+            Some((id, state(b)))
+        })
+        .collect()
+}
+
+/// CHECK `name`: the vTPM domain's manager link is served by the manager domain (backend-id = its
+/// domid, Connected), and dom0 serves no vtpm device of it.
+fn link_check(e: &mut Errs, name: &str, md: &Md) {
+    let links = mgr_links(&md.srv.vdomid);
+    let in_dom0: Vec<String> = xen::xs_ls("/local/domain/0/backend/vtpm")
+        .into_iter()
+        .filter(|l| l.contains(&format!("/backend/vtpm/{}/", md.srv.vdomid)))
+        .take(2)
+        .collect();
+    let ok = !links.is_empty()
+        && links.iter().all(|(id, st)| *id == md.srv.domid && st == "4")
+        && in_dom0.is_empty();
+    e.check(
+        name,
+        ok,
+        format!(
+            "{SRV_VD} (domid {}) manager link(s) (backend-id, backend state): {links:?}; the manager domain is domid {}; dom0 vtpm backends of it: {in_dom0:?}",
+            md.srv.vdomid, md.srv.domid
+        ),
+    );
+}
+
+fn vd_ready(md: &Md) -> bool {
+    !md.srv.vdomid.is_empty()
+        && xen::xs_read(&format!("/local/domain/{}/data/xvtpm/ready", md.srv.vdomid)).as_deref()
+            == Some(md.srv.uuid.as_str())
+}
+
+/// `xl-vtpm vtpm create --domain` (new) or `vtpm start` (from its disk): the domain ready and its
+/// manager link on the manager domain.
+fn vtpm_up(cx: &Cx, e: &mut Errs, md: &mut Md, mem: &str) -> bool {
+    let first = md.srv.uuid.is_empty();
+    let what = if first { "create" } else { "start" };
+    md.srv.voff = lines_of(&xen::clog(SRV_VD));
+    let u = md.srv.uuid.clone();
+    let argv: Vec<&str> = if first {
+        vec!["xl-vtpm", "vtpm", "create", "--domain", SRV_VD, "--memory", mem, "--ek", "ecc", "--json"]
+    } else {
+        vec!["xl-vtpm", "vtpm", "start", &u, "--json"]
+    };
+    let t0 = up();
+    let o = Cmd::new(&argv)
+        .env("NO_COLOR", "1")
+        .secs(200)
+        .save_split(&format!("/tmp/mgrdom-vtpm-{what}.json"), &format!("/tmp/mgrdom-vtpm-{what}.err"))
+        .run(cx);
+    let took = secs1(t0, up());
+    show_tail(&format!("xl-vtpm vtpm {what}"), &o.all(), 20);
+    let j = xen::parse_json(&o.stdout).unwrap_or(serde_json::Value::Null);
+    if first {
+        md.srv.uuid = jf(&j, "uuid");
+    }
+    let before = md.srv.vdomid.clone();
+    md.srv.vdomid = xen::domid(SRV_VD).unwrap_or_default();
+    let said = jf(&j, "domid");
+    let ready = o.ok() && vd_ready(md) && said == md.srv.vdomid && md.srv.vdomid != before;
+    e.check(
+        &format!("mgrdom-serve-vtpm-{what}"),
+        ready,
+        format!(
+            "xl-vtpm vtpm {what}{}: rc {} in {took} s; vTPM {} in {SRV_VD}, domid {} (json {}, before {}); data/xvtpm/ready: {}",
+            if first { format!(" --domain {SRV_VD} --memory {mem}") } else { String::new() },
+            o.rc,
+            none(&md.srv.uuid),
+            none(&md.srv.vdomid),
+            none(&said),
+            none(&before),
+            vd_ready(md)
+        ),
+    );
+    println!("PERF mgrdom-serve-vtpm-{what}-s={took} (xl-vtpm vtpm {what}: the vTPM domain ready, its manager link on the manager domain)");
+    let con = console_from(SRV_VD, md.srv.voff);
+    let v: Vec<&str> = con.lines().filter(|l| l.starts_with("VTPMDOM-")).collect();
+    super::show_last(&format!("{SRV_VD} console"), &v, 6);
+    if !first {
+        let xcfg = format!("{RUN_DIR}/vtpms/{}.xl.cfg", md.srv.uuid);
+        let resumed = vtpmdom::resumes_from_disk(&xcfg);
+        e.check(
+            "mgrdom-serve-vtpm-resumed",
+            resumed,
+            if resumed {
+                format!("booted from its disk, no --create: {}", vtpmdom::extra_of(&xcfg))
+            } else {
+                format!("{xcfg}: {}", vtpmdom::extra_line(&xcfg))
+            },
+        );
+    }
+    if md.srv.vdomid.is_empty() {
+        return false;
+    }
+    link_check(e, &format!("mgrdom-serve-vtpm-link{}", md.srv.boots), md);
+    ready
+}
+
+/// `xl-vtpm vtpm stop` (its state kept on its disk): gone, a clean stop, its loop device released.
+fn vtpm_stop(cx: &Cx, e: &mut Errs, md: &mut Md) -> bool {
+    let t0 = up();
+    let o = Cmd::new(&["xl-vtpm", "vtpm", "stop", &md.srv.uuid])
+        .env("NO_COLOR", "1")
+        .secs(150)
+        .save("/tmp/mgrdom-vtpm-stop.out")
+        .run(cx);
+    show_tail("xl-vtpm vtpm stop", &o.all(), 10);
+    let gone = cx.wait_until(30, || xen::domain_gone(SRV_VD));
+    let c = console_from(SRV_VD, md.srv.voff);
+    let clean = c.lines().any(|l| l.starts_with("VTPMDOM-EXIT code=0"));
+    let lp = xen::vd_loop(&md.srv.uuid);
+    let ok = o.ok() && gone && clean && lp.is_empty();
+    e.check(
+        "mgrdom-serve-vtpm-stop",
+        ok,
+        format!(
+            "xl-vtpm vtpm stop rc {} in {} s: domain gone {gone}, VTPMDOM-EXIT code=0 {clean}, loop devices left {lp:?}",
+            o.rc,
+            secs1(t0, up())
+        ),
+    );
+    ok
+}
+
+/// Boot N of the guest (domu-init.sh role=vtpm) with a deep-quote nonce; its checks (boot 1: the
+/// first boot's, later: state kept + the deep quote again), the deep quote verified in dom0 with
+/// the group AK in `ak` (right nonce 8, wrong 7); powered off, its console kept.
+fn guest_boot(cx: &Cx, e: &mut Errs, md: &Md, n: u32, ak: &str) -> super::Booted {
+    let nonce = xen::nonce(32);
+    let extra = format!("boot={n} dq_nonce={nonce}");
+    let checks: Vec<&str> = if n == 1 {
+        BOOT1_CHECKS.to_vec()
+    } else {
+        REBOOT_CHECKS.iter().copied().chain(["deep-quote"]).collect()
+    };
+    let p5 = format!("p5-mgrdom-serve-boot{n}-ms");
+    let b = GuestBoot {
+        name: SRV_G,
+        cfg: SRV_GCFG,
+        subst: vec![("@UUID@", &md.srv.uuid), ("@BACKEND@", SRV_VD), ("@EXTRA@", &extra)],
+        n,
+        checks: &checks,
+        wait: 300,
+        p5: &p5,
+        show: 20,
+    }
+    .run(cx, e);
+    if b.created {
+        let bundle = format!("/tmp/mgrdom-dq{n}.bin");
+        match capture_dq(SRV_G, &bundle) {
+            Ok(_) => {
+                let (rc_ok, rc_bad) =
+                    verify_nonces_ak(cx, &bundle, &nonce, &md.srv.uuid, ak, &format!("/tmp/mgrdom-verify{n}"));
+                e.check(
+                    &format!("mgrdom-serve-verify{n}-right-nonce"),
+                    rc_ok == 8,
+                    format!("exit={rc_ok} (want 8: verified with the manager domain's group AK, host state not checked)"),
+                );
+                e.check(
+                    &format!("mgrdom-serve-verify{n}-wrong-nonce"),
+                    rc_bad == 7,
+                    format!("exit={rc_bad} (want 7)"),
+                );
+            }
+            Err(x) => e.add(format!("boot{n}-{x}")),
+        }
+        xen::poweroff_or_destroy(cx, SRV_G, e);
+    }
+    let _ = fs::rename(
+        xen::clog(SRV_G),
+        format!("/var/log/xen/console/guest-{SRV_G}-boot{n}.log"),
+    );
+    b
+}
+
+/// The phase's steps; each failure is in `e`, and a step that the next ones need ends it early
+/// (serve_cleanup runs after it in any case).
+fn serve(cx: &Cx, md: &mut Md, e: &mut Errs) {
+    let devs = tpm_devs();
+    let cls = xen::dir_names("/sys/class/tpm");
+    if !e.check(
+        "mgrdom-serve-dom0-no-tpm",
+        devs.is_empty() && cls.is_empty(),
+        format!("dom0 /dev/tpm*: {devs:?}; /sys/class/tpm: {cls:?}"),
+    ) {
+        return;
+    }
+    for p in ["/usr/bin/vtpmmgr", "/usr/bin/xl-vtpm", vtpmdom::RAMDISK, "/etc/xen/guest-vdom.cfg.in"] {
+        if fs::metadata(p).map(|m| m.len() == 0).unwrap_or(true) {
+            e.add(format!("no {p} in dom0 (not built at image build)"));
+        }
+    }
+    if !e.is_empty() {
+        return;
+    }
+    // the guest: the vtpmdom phases' config template under its own name
+    let t = xen::cfg_from(
+        &xen::read_text("/etc/xen/guest-vdom.cfg.in"),
+        &[("name = ", format!("name = \"{SRV_G}\""))],
+    );
+    if let Err(x) = fs::write(format!("{SRV_GCFG}.in"), t) {
+        e.add(format!("{SRV_GCFG}.in: {x}"));
+        return;
+    }
+    for n in [SRV_G, SRV_VD, NAME] {
+        xen::destroy_if_running(cx, n);
+    }
+    vtpmdom::load_block_modules(cx, e);
+    if !serve_up(cx, e, md) {
+        return;
+    }
+    compare(e, md, &console(NAME), "mgrdom-serve");
+    show(&format!("dom0 {RUN_DIR} before the bridge"), &Cmd::new(&["ls", "-la", RUN_DIR]).run(cx).all());
+    let t0 = up();
+    if let Err(x) = bridge_start(md) {
+        e.add(x);
+        return;
+    }
+    cx.wait_until(120, || {
+        xen::read_text(BRIDGE_LOG).contains("\"ready\":true") || !bridge_up(md)
+    });
+    let ready = xen::read_text(BRIDGE_LOG).contains("\"ready\":true") && bridge_up(md);
+    let mode = fs::metadata(format!("{RUN_DIR}/admin.sock"))
+        .map(|m| format!("{:o}", m.permissions().mode() & 0o7777))
+        .unwrap_or_else(|_| "none".into());
+    e.check(
+        "mgrdom-serve-bridge-ready",
+        ready && mode == "600",
+        format!(
+            "vtpmmgr bridge --domain {NAME}: ready {ready} after {} s; {RUN_DIR}/admin.sock mode {mode}",
+            secs1(t0, up())
+        ),
+    );
+    println!("PERF mgrdom-serve-bridge-ready-s={}", secs1(t0, up()));
+    show_tail("vtpmmgr bridge", &xen::read_text(BRIDGE_LOG), if ready { 5 } else { 30 });
+    if !ready {
+        return;
+    }
+    let (prov, xd, o) = mgr_status(cx, "/tmp/mgrdom-serve-status.json");
+    show_tail("xl-vtpm mgr status --json (through the bridge)", &o.all(), 30);
+    e.check(
+        "mgrdom-serve-status",
+        prov && xd == md.srv.domid,
+        format!(
+            "dom0's xl-vtpm mgr status --json: rc {}, provisioned {prov}, xen_domain {} (the manager domain: {})",
+            o.rc,
+            none(&xd),
+            md.srv.domid
+        ),
+    );
+    let ak = group_ak_to(cx, "/tmp/mgrdom-serve-ak1.bin");
+    e.check(
+        "mgrdom-serve-same-ak",
+        !ak.is_empty() && ak == md.ak,
+        format!(
+            "dom0's xl-vtpm mgr group ak default (through the bridge) sha256 {}; the domain's own at boot 1 {}",
+            none(&ak),
+            md.ak
+        ),
+    );
+    if !prov {
+        return;
+    }
+    let mem = xen::testbed_env("vtpmdom_mem").unwrap_or_else(|| "128".into());
+    if !vtpm_up(cx, e, md, &mem) {
+        return;
+    }
+    let b1 = guest_boot(cx, e, md, 1, "/tmp/mgrdom-serve-ak1.bin");
+    md.srv.ek1 = b1.ek;
+    if !b1.created || md.srv.ek1.is_empty() {
+        return;
+    }
+    // the restart: vTPM domain stopped (state on its disk), the manager domain stopped and started
+    if !vtpm_stop(cx, e, md) {
+        return;
+    }
+    let d1 = md.srv.domid.clone();
+    if !serve_down(cx, e, md) {
+        return;
+    }
+    e.check(
+        "mgrdom-serve-bridge-survives",
+        bridge_up(md),
+        format!("vtpmmgr bridge still running with its manager domain (was domid {d1}) gone"),
+    );
+    let t1 = up();
+    let (_, _, o) = mgr_status(cx, "/tmp/mgrdom-serve-status-down.json");
+    println!(
+        "INFO mgrdom-serve status-while-down: xl-vtpm mgr status rc {} after {} s: {}",
+        o.rc,
+        secs1(t1, up()),
+        o.tail1(2)
+    );
+    let _ = fs::rename(
+        xen::clog(NAME),
+        format!("/var/log/xen/console/guest-{NAME}-serve1.log"),
+    );
+    if !serve_up(cx, e, md) {
+        return;
+    }
+    e.check(
+        "mgrdom-serve-new-domain",
+        md.srv.domid != d1,
+        format!("the manager domain: domid {d1} -> {}", md.srv.domid),
+    );
+    // the bridge follows the name: the next request reaches the new domain
+    let t2 = up();
+    let mut last = String::new();
+    let want = md.srv.domid.clone();
+    let back = cx.wait_every(180, crate::s(3), || {
+        let (p, xd, o) = mgr_status(cx, "/tmp/mgrdom-serve-status2.json");
+        last = format!("rc {} provisioned {p} xen_domain {} {}", o.rc, none(&xd), o.tail1(2));
+        p && xd == want
+    });
+    e.check(
+        "mgrdom-serve-bridge-reconnect",
+        back,
+        format!(
+            "dom0's xl-vtpm mgr status after the restart ({} s): {last}",
+            secs1(t2, up())
+        ),
+    );
+    println!("PERF mgrdom-serve-reconnect-s={} (MGRDOM-SERVING of the new domain -> dom0's status answered by it)", secs1(t2, up()));
+    if !back {
+        show_tail("vtpmmgr bridge", &xen::read_text(BRIDGE_LOG), 30);
+        return;
+    }
+    let ak2 = group_ak_to(cx, "/tmp/mgrdom-serve-ak2.bin");
+    e.check(
+        "mgrdom-serve-restart-same-ak",
+        !ak2.is_empty() && ak2 == md.ak,
+        format!("group AK sha256 after the restart {}; before {}", none(&ak2), md.ak),
+    );
+    if !vtpm_up(cx, e, md, &mem) {
+        return;
+    }
+    let b2 = guest_boot(cx, e, md, 2, "/tmp/mgrdom-serve-ak2.bin");
+    if b2.created {
+        ek_stable(
+            e,
+            "mgrdom-serve-ek-stable",
+            "ek-changed",
+            "after the manager domain's restart",
+            &md.srv.ek1,
+            &b2.ek,
+        );
+    }
+}
+
+/// Guest, vTPM (`xl-vtpm vtpm destroy`, through the manager domain), bridge and manager domain
+/// stopped; what fails is in `e`, what is left mgrdom-rebind's serve_leftovers takes.
+fn serve_cleanup(cx: &Cx, md: &mut Md, e: &mut Errs) {
+    xen::destroy_if_running(cx, SRV_G);
+    if !md.srv.uuid.is_empty() {
+        let t0 = up();
+        let o = Cmd::new(&["xl-vtpm", "vtpm", "destroy", &md.srv.uuid, "--yes"])
+            .env("NO_COLOR", "1")
+            .secs(150)
+            .save("/tmp/mgrdom-vtpm-destroy.out")
+            .run(cx);
+        let gone = cx.wait_until(30, || xen::domain_gone(SRV_VD));
+        let lp = xen::vd_loop(&md.srv.uuid);
+        let ok = o.ok() && gone && lp.is_empty();
+        if !e.check(
+            "mgrdom-serve-vtpm-destroy",
+            ok,
+            format!(
+                "xl-vtpm vtpm destroy --yes rc {} in {} s: domain gone {gone}, loop devices left {lp:?}",
+                o.rc,
+                secs1(t0, up())
+            ),
+        ) {
+            show_tail("xl-vtpm vtpm destroy", &o.all(), 10);
+        } else {
+            md.srv.uuid.clear();
+        }
+    }
+    if let Some(mut c) = md.bridge.take() {
+        let ok = crate::cmd::stop_child(cx, &mut c, 20);
+        e.check(
+            "mgrdom-serve-bridge-stop",
+            ok,
+            if ok { "vtpmmgr bridge exited on SIGTERM" } else { "vtpmmgr bridge needed SIGKILL" },
+        );
+        let sock = std::path::Path::new(&format!("{RUN_DIR}/admin.sock")).exists();
+        println!("INFO mgrdom-serve bridge gone; {RUN_DIR}/admin.sock left: {sock}");
+    }
+    if xen::domid(NAME).is_some() {
+        if md.srv.domid.is_empty() {
+            // it never served: nothing to stop cleanly
+            xen::destroy_if_running(cx, NAME);
+        } else {
+            serve_down(cx, e, md);
+        }
+    }
+}
+
+/// What a cut-short mgrdom-serve left (no verdict): the bridge, the guest, the vTPM domain, the
+/// loop device of its disk.
+fn serve_leftovers(cx: &Cx, md: &mut Md) {
+    if let Some(mut c) = md.bridge.take() {
+        crate::cmd::stop_child(cx, &mut c, 10);
+    }
+    for n in [SRV_G, SRV_VD] {
+        xen::destroy_if_running(cx, n);
+    }
+    for l in xen::vd_loop(&md.srv.uuid) {
+        let _ = Cmd::new(&["losetup", "-d", &l]).secs(30).run(cx);
+    }
+}
+
+/// On a failure: the vTPM domain's console and xenstore, the manager domain's backends and admin
+/// link in xenstore, its manager's log, the bridge's log, xl's and the block script's logs.
+fn serve_diag(md: &Md) {
+    show_tail(&format!("{SRV_VD} console"), &console_from(SRV_VD, md.srv.voff), 30);
+    if !md.srv.vdomid.is_empty() {
+        for l in vtpmdom::dom_xs(&md.srv.vdomid, &["data", "device", "backend"]).iter().take(50) {
+            println!("[{SRV_VD} xenstore] {l}");
+        }
+    }
+    if let Some(d) = xen::domid(NAME) {
+        for l in xen::xs_ls(&format!("/local/domain/{d}"))
+            .iter()
+            .filter(|l| l.contains("/backend/") || l.contains("/data/"))
+            .take(60)
+        {
+            println!("[{NAME} xenstore] {l}");
+        }
+    }
+    mgr_log(NAME, 40);
+    show_tail("vtpmmgr bridge", &xen::read_text(BRIDGE_LOG), 40);
+    show_tail(
+        &format!("xl-{SRV_VD}.log"),
+        &xen::read_text(&format!("/var/log/xen/xl-{SRV_VD}.log")),
+        25,
+    );
+    show_tail("xen-hotplug.log", &xen::read_text("/var/log/xen/xen-hotplug.log"), 10);
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_pcrs;
+    use super::{echo_checks, links_of, parse_pcrs, xs_pairs};
+
+    #[test]
+    fn manager_links_from_xenstore_ls() {
+        let ls: Vec<String> = [
+            "/local/domain/7/device/vtpm/0/backend = \"/local/domain/3/backend/vtpm/7/0\"",
+            "/local/domain/7/device/vtpm/0/backend-id = \"3\"",
+            "/local/domain/7/device/vtpm/0/state = \"4\"",
+            "not a pair",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let kv = xs_pairs(&ls);
+        assert_eq!(kv.len(), 3);
+        let links = links_of(&kv, |b| {
+            assert_eq!(b, "/local/domain/3/backend/vtpm/7/0");
+            "4".into()
+        });
+        assert_eq!(links, vec![("3".to_string(), "4".to_string())]);
+        // backend-id is not taken for the backend path
+        assert!(links_of(&kv[1..], |_| String::new()).is_empty());
+    }
+
+    #[test]
+    fn serve_checks_missing() {
+        let c = "MGRDOM-CHECK mgr-ready PASS x [up=1]\nMGRDOM-CHECK provisioned FAIL y\nMGRDOM-LOG z\n";
+        assert_eq!(echo_checks("m", "t", c, &["mgr-ready", "provisioned", "xen-devices"], false), vec!["provisioned", "xen-devices"]);
+    }
 
     #[test]
     fn pcrs_from_both_sides_compare() {

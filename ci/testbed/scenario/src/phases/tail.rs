@@ -106,6 +106,9 @@ pub fn dump_logs(st: &St, failed: bool) {
     dump_log("vtpmmgr", "/var/log/xvtpm/vtpmmgr.log", n);
     dump_log("attestd", "/var/log/xvtpm/attestd.log", 100);
     dump_log("vtpmmgr-2", "/var/log/xvtpm/vtpmmgr-2.log", n);
+    // mgrdom-serve: dom0's admin socket for the manager domain (its manager's own log is on the
+    // domain's console, MGRDOM-LOG lines)
+    dump_log("vtpmmgr-bridge", "/var/log/xvtpm/vtpmmgr-bridge.log", n);
     dump_log("xen-hotplug", "/var/log/xen/xen-hotplug.log", 100);
     dump_log("xl-vtpmdom-a", "/var/log/xen/xl-vtpmdom-a.log", 100);
     dump_log("xl-vtpm-life-d", "/var/log/xen/xl-vtpm-life-d.log", 100);
