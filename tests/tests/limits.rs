@@ -8,7 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
-use xvtpm_tests::{Stack, get_random, raw_command, rc};
+use vtpm_proto::mgr::{AdminReply, AdminRequest};
+use xvtpm_tests::{Stack, get_random, mgr_call, raw_command, rc};
 
 /// More identities than one 1 MiB frame of `VtpmList` held (about 5 000), and more than the
 /// manager's descriptor limit in the test below (one listening socket per identity, as the
@@ -220,4 +221,29 @@ fn files_are_root_only_and_the_manager_dumps_no_core() {
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.mgr_pid().unwrap())).unwrap();
     let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
     assert_eq!(core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(), ["0", "0"], "{core}");
+}
+
+/// The relayed-process requests of a manager in its own domain (`vtpmmgr bridge`'s, over the
+/// Xen admin link) are refused on the admin socket: a dom0 manager names its vTPM processes by
+/// `SO_PEERCRED` itself, and nothing on its admin socket may claim to be one.
+#[test]
+fn the_admin_socket_refuses_relayed_process_requests() {
+    let s = Stack::start();
+    let v = s.create_vtpm();
+    let pid = v.pid.expect("the vTPM process");
+    let start = xvtpm_fsutil::start_time(pid).expect("its start time");
+    let admin = s.run_dir().join("admin.sock");
+    let get_key = vtpm_proto::mgr::VtpmRequest::GetStateKey { version: vtpm_proto::mgr::PROTOCOL_VERSION, uuid: v.uuid };
+    for req in [
+        AdminRequest::VtpmRelay { uuid: v.uuid, pid, start, request: Box::new(get_key) },
+        AdminRequest::VtpmAttachRelayed { uuid: v.uuid, pid, start },
+        AdminRequest::VtpmRelayedExited { uuid: v.uuid, pid, start },
+    ] {
+        match mgr_call::<_, AdminReply>(&admin, &req) {
+            AdminReply::Error(f) => assert_eq!(f.code, vtpm_proto::mgr::ErrorCode::Refused, "{req:?}: {f:?}"),
+            other => panic!("{req:?} on the admin socket: {other:?}"),
+        }
+    }
+    // The vTPM's own attachment is untouched: it still answers.
+    assert_eq!(rc(&raw_command(v.port.unwrap(), &get_random(8))), 0, "{}", s.mgr_log());
 }

@@ -426,6 +426,41 @@ pub enum AdminRequest {
         /// vTPM UUID.
         uuid: Uuid,
     },
+    /// Over the Xen admin link only (a manager in its own domain): `vtpmmgr bridge` in dom0
+    /// attaches dom0's process `pid`, started at `start` (clock ticks since dom0's boot, read by
+    /// the bridge in dom0), to a vTPM, as [`AdminRequest::VtpmAttach`] does for a process on
+    /// the manager's own host. The bridge watches the process; the manager cannot.
+    VtpmAttachRelayed {
+        /// vTPM UUID.
+        uuid: Uuid,
+        /// dom0's process id.
+        pid: u32,
+        /// Its start time in dom0.
+        start: u64,
+    },
+    /// Over the Xen admin link only: the relayed process `pid` (`start`) of the vTPM exited, as
+    /// the bridge saw it; its attachment is dropped if it is still that process's.
+    VtpmRelayedExited {
+        /// vTPM UUID.
+        uuid: Uuid,
+        /// dom0's process id.
+        pid: u32,
+        /// Its start time in dom0.
+        start: u64,
+    },
+    /// Over the Xen admin link only: a vTPM request from dom0's process `pid` (`start`), as the
+    /// bridge's per-vTPM socket for `uuid` saw it (`SO_PEERCRED`); authorised exactly as a
+    /// request on the manager's own per-vTPM socket. Answered with [`AdminReply::Relayed`].
+    VtpmRelay {
+        /// The vTPM whose socket the process connected to.
+        uuid: Uuid,
+        /// dom0's process id.
+        pid: u32,
+        /// Its start time in dom0.
+        start: u64,
+        /// The request.
+        request: Box<VtpmRequest>,
+    },
     /// Accepts the state the vTPM last presented and the manager refused as older than its
     /// anchor (`xl-vtpm vtpm accept-state UUID --yes`): the anchor is set to that state, and
     /// every change made after it is lost. The vTPM must be stopped.
@@ -597,6 +632,11 @@ pub enum AdminReply {
     },
     /// A receipt.
     TransferReceipt(Box<crate::transfer::Receipt>),
+    /// The manager's answer to a relayed vTPM request ([`AdminRequest::VtpmRelay`]).
+    Relayed {
+        /// The reply for the vTPM process.
+        reply: Box<VtpmReply>,
+    },
     /// Done, nothing to report.
     Ok,
     /// Refused or failed.

@@ -205,6 +205,10 @@ pub(crate) struct AdminService {
     sockets: Arc<tokio::sync::Mutex<VtpmSockets>>,
     xen_poke: Option<Arc<tokio::sync::Notify>>,
     detached: Arc<tokio::sync::Notify>,
+    dispatch: Dispatcher,
+    /// Whether this is the Xen admin link, the only way in for `vtpmmgr bridge`'s relayed
+    /// dom0 processes ([`AdminRequest::VtpmRelay`] and its attachments).
+    relay: bool,
 }
 
 impl AdminService {
@@ -212,14 +216,35 @@ impl AdminService {
     /// poke), for a link served without [`serve`].
     pub(crate) fn standalone(dispatch: Dispatcher) -> AdminService {
         let shared = dispatch.manager().clone();
-        let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), dispatch }));
-        AdminService { shared, sockets, xen_poke: None, detached: Arc::new(tokio::sync::Notify::new()) }
+        let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), dispatch: dispatch.clone() }));
+        AdminService { shared, sockets, xen_poke: None, detached: Arc::new(tokio::sync::Notify::new()), dispatch, relay: true }
+    }
+
+    /// The same service for the Xen admin link (relayed dom0 processes admitted).
+    pub(crate) fn for_link(&self) -> AdminService {
+        AdminService { relay: true, ..self.clone() }
+    }
+
+    /// A relayed dom0 process's vTPM request, authorised as on a per-vTPM socket, and only for
+    /// a vTPM whose attachment the bridge made.
+    async fn relay(&self, uuid: Uuid, pid: u32, start: u64, request: VtpmRequest) -> AdminReply {
+        let relayed = lock(&self.shared).attachment(&uuid).is_some_and(|a| a.relayed);
+        let reply = if relayed {
+            self.dispatch.handle(Peer::Process { vtpm: uuid, pid: Some(pid), start: Some(start) }, request).await
+        } else {
+            VtpmReply::Error(Failure::new(ErrorCode::NotAttached, format!("no dom0 process is attached to vTPM {uuid} through the bridge (xl-vtpm attaches it after spawning)")))
+        };
+        AdminReply::Relayed { reply: Box::new(reply) }
     }
 
     /// One request (or the reason it did not decode) and its reply.
     pub(crate) async fn handle(&self, req: Result<AdminRequest, Failure>) -> AdminReply {
         let m = &self.shared;
         let reply = match req {
+            Ok(AdminRequest::VtpmAttachRelayed { .. } | AdminRequest::VtpmRelayedExited { .. } | AdminRequest::VtpmRelay { .. }) if !self.relay => {
+                AdminReply::Error(Failure::new(ErrorCode::Refused, "relayed dom0 processes reach a manager in its own domain through `vtpmmgr bridge` over the Xen admin link only"))
+            }
+            Ok(AdminRequest::VtpmRelay { uuid, pid, start, request }) => return self.relay(uuid, pid, start, *request).await,
             Ok(req) => {
                 let m2 = m.clone();
                 let attach = match &req {
@@ -320,10 +345,10 @@ pub async fn serve(mut mgr: Manager, xen_root: Option<String>, admin_xen: bool) 
             }
         });
     }
-    let service = AdminService { shared: shared.clone(), sockets, xen_poke, detached };
+    let service = AdminService { shared: shared.clone(), sockets, xen_poke, detached, dispatch: dispatch.clone(), relay: false };
     if let Some(d) = domid.filter(|_| admin_xen) {
         let root = crate::xenlink::admin_root(d);
-        let link = crate::xenlink::XenLink::open_admin(&root, dispatch, service.clone()).await.map_err(ServeError::Xen)?;
+        let link = crate::xenlink::XenLink::open_admin(&root, dispatch, service.for_link()).await.map_err(ServeError::Xen)?;
         tokio::spawn(link.run());
         xvtpm_log::host_info!(root = %root, "Xen admin link serving dom0");
     }

@@ -139,7 +139,7 @@ fn serve(cfg: Config, xen: Option<String>, admin_xen: bool) -> anyhow::Result<()
 
 fn bridge(cfg: &Config, domain: &str) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(vtpmmgr::bridge::run(vtpmmgr::bridge::Target::parse(domain), &cfg.admin_socket()))?;
+    rt.block_on(vtpmmgr::bridge::run(vtpmmgr::bridge::Target::parse(domain), &cfg.run_dir))?;
     Ok(())
 }
 

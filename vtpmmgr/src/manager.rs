@@ -183,12 +183,17 @@ pub struct Attachment {
     pub pid: u32,
     /// Start time (clock ticks since boot, [`xvtpm_fsutil::start_time`]).
     pub start: u64,
+    /// A process in dom0 attached through `vtpmmgr bridge` (a manager in its own domain): its
+    /// pid means nothing here; the bridge watches it and reports its exit
+    /// ([`AdminRequest::VtpmRelayedExited`]). Kept in memory only: after a restart of this
+    /// manager the bridge attaches its live processes again.
+    pub relayed: bool,
 }
 
 impl Attachment {
-    /// Whether this process instance still runs.
+    /// Whether this process instance still runs (a relayed one: until the bridge says not).
     pub fn alive(&self) -> bool {
-        xvtpm_fsutil::instance_alive(self.pid, self.start)
+        self.relayed || xvtpm_fsutil::instance_alive(self.pid, self.start)
     }
 }
 
@@ -267,7 +272,8 @@ impl Manager {
         if !self.provisioned() {
             return vec![];
         }
-        self.attached.iter().filter(|(u, a)| a.alive() && self.identity(u).is_some()).map(|(u, _)| *u).collect()
+        // Relayed processes (dom0's, through the bridge) have their socket in dom0.
+        self.attached.iter().filter(|(u, a)| !a.relayed && a.alive() && self.identity(u).is_some()).map(|(u, _)| *u).collect()
     }
 
     /// The identity `uuid`: durable in the store, or reserved for the vTPM being created.
@@ -450,6 +456,21 @@ impl Manager {
     /// Every process attachment (live or not yet noticed dead).
     pub fn attachments(&self) -> Vec<(Uuid, Attachment)> {
         self.attached.iter().map(|(u, a)| (*u, *a)).collect()
+    }
+
+    /// Binds `att` to `uuid` unless another live process holds it.
+    fn attach_process(&mut self, uuid: Uuid, att: Attachment) -> Result<AdminReply, AdminReply> {
+        if let Some(old) = self.attachment(&uuid)
+            && old != att
+        {
+            return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} is already served by process {}; stop it first", old.pid)));
+        }
+        self.attached.insert(uuid, att);
+        if !att.relayed {
+            self.save_attachments();
+        }
+        xvtpm_log::host_info!(vtpm = %uuid, pid = att.pid, relayed = att.relayed, "process attached");
+        Ok(AdminReply::Ok)
     }
 
     /// Drops the attachment of `uuid` if it is still `att` (its process exited).
@@ -713,15 +734,21 @@ impl Manager {
                 let Some(start) = xvtpm_fsutil::start_time(pid).filter(|_| xvtpm_fsutil::pid_alive(pid)) else {
                     return Err(fail(ErrorCode::BadRequest, format!("process {pid} is not running; attach a vTPM's process while it runs")));
                 };
-                let att = Attachment { pid, start };
-                if let Some(old) = self.attachment(&uuid)
-                    && old != att {
-                        return Err(fail(ErrorCode::Exists, format!("vTPM {uuid} is already served by process {}; stop it first", old.pid)));
-                    }
-                self.attached.insert(uuid, att);
-                self.save_attachments();
-                xvtpm_log::host_info!(vtpm = %uuid, pid, "process attached");
+                self.attach_process(uuid, Attachment { pid, start, relayed: false })?
+            }
+            AdminRequest::VtpmAttachRelayed { uuid, pid, start } => {
+                self.identity(&uuid).ok_or_else(|| not_found(&uuid))?;
+                if let Some(why) = self.transfer_refusal(&uuid) {
+                    return Err(fail(ErrorCode::Refused, why));
+                }
+                self.attach_process(uuid, Attachment { pid, start, relayed: true })?
+            }
+            AdminRequest::VtpmRelayedExited { uuid, pid, start } => {
+                self.detach_exited(uuid, Attachment { pid, start, relayed: true });
                 AdminReply::Ok
+            }
+            AdminRequest::VtpmRelay { .. } => {
+                return Err(fail(ErrorCode::BadRequest, "a relayed vTPM request is answered by the manager's admin link, not here"));
             }
             AdminRequest::VtpmAttachDomain { uuid, domid } => {
                 self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
@@ -858,7 +885,7 @@ fn load_attachments(path: &Path) -> HashMap<Uuid, Attachment> {
     let saved: Vec<(Uuid, u32, u64)> = serde_json::from_slice(&bytes).unwrap_or_default();
     let kept: HashMap<Uuid, Attachment> = saved
         .into_iter()
-        .map(|(u, pid, start)| (u, Attachment { pid, start }))
+        .map(|(u, pid, start)| (u, Attachment { pid, start, relayed: false }))
         .filter(|(_, a)| a.alive())
         .collect();
     if !kept.is_empty() {
@@ -891,7 +918,7 @@ impl Manager {
     }
 
     fn save_attachments(&self) {
-        let list: Vec<(Uuid, u32, u64)> = self.attached.iter().map(|(u, a)| (*u, a.pid, a.start)).collect();
+        let list: Vec<(Uuid, u32, u64)> = self.attached.iter().filter(|(_, a)| !a.relayed).map(|(u, a)| (*u, a.pid, a.start)).collect();
         let bytes = serde_json::to_vec(&list).expect("serialisable");
         if let Err(e) = xvtpm_fsutil::write_atomic(&self.cfg.attachments_path(), &bytes, 0o600) {
             xvtpm_log::host_warn!(error = %e, "could not record vTPM attachments; a manager restart will need them re-attached");

@@ -575,7 +575,7 @@ async fn the_admin_link_serves_dom0_only() {
     let cfg = |timeout| FrontendConfig { connect_timeout: timeout, request_timeout: Duration::from_secs(30), max_reply: mgr::MAX_FRAME };
 
     // The bridge's device, frontend dom0.
-    let fe_dir = vtpmmgr::bridge::make_device(&xs, MGR_DOMAIN).await.unwrap();
+    let fe_dir = vtpmmgr::bridge::make_device(&xs, MGR_DOMAIN, 0).await.unwrap();
     let (fxs, mut fev) = xs.client();
     let mut t = FakeFrontendTransport::new(mem.clone(), DomId::new(0).unwrap());
     let mut fe = Frontend::connect(Arc::new(fxs), &mut fev, &mut t, &fe_dir, cfg(Duration::from_secs(10))).await.expect("dom0's admin link connects");
@@ -621,4 +621,38 @@ async fn the_admin_link_serves_dom0_only() {
     // dom0's link still works.
     let reply = fe.transact(&ask(AdminRequest::Status)).await.unwrap();
     assert!(matches!(vtpm_proto::mgr_io::decode_frame::<AdminReply>(&reply).unwrap(), AdminReply::Status(_)));
+
+    // dom0's vTPM processes, relayed by the bridge: only the attached process (as the bridge
+    // names it: pid and start time in dom0) gets the key, until the bridge reports its exit.
+    let AdminReply::Vtpms { vtpms } = lock(&mgr).admin(AdminRequest::VtpmList) else { panic!("list") };
+    let (v, other) = (vtpms[0].uuid, vtpms[1].uuid);
+    let relay = |pid: u32, start: u64, uuid: Uuid| ask(AdminRequest::VtpmRelay { uuid: v, pid, start, request: Box::new(get_key(uuid)) });
+    let relayed = |frame: Vec<u8>| match vtpm_proto::mgr_io::decode_frame::<AdminReply>(&frame).unwrap() {
+        AdminReply::Relayed { reply } => *reply,
+        other => panic!("a relayed request: {other:?}"),
+    };
+    // A pid no process here has: the manager cannot (and must not) look it up.
+    let (pid, start) = (4_000_000, 12345);
+    match relayed(fe.transact(&relay(pid, start, v)).await.unwrap()) {
+        VtpmReply::Error(f) => assert_eq!(f.code, ErrorCode::NotAttached, "{f:?}"),
+        other => panic!("before the attachment: {other:?}"),
+    }
+    let r = fe.transact(&ask(AdminRequest::VtpmAttachRelayed { uuid: v, pid, start })).await.unwrap();
+    assert_eq!(vtpm_proto::mgr_io::decode_frame::<AdminReply>(&r).unwrap(), AdminReply::Ok);
+    assert!(matches!(relayed(fe.transact(&relay(pid, start, v)).await.unwrap()), VtpmReply::StateKey { .. }), "the attached process gets the key");
+    for (p, st, u, code) in [(pid + 1, start, v, ErrorCode::Refused), (pid, start + 1, v, ErrorCode::Refused), (pid, start, other, ErrorCode::Refused)] {
+        match relayed(fe.transact(&relay(p, st, u)).await.unwrap()) {
+            VtpmReply::Error(f) => assert_eq!(f.code, code, "pid {p} start {st} claiming {u}: {f:?}"),
+            r => panic!("pid {p} start {st} claiming {u} got {r:?}"),
+        }
+    }
+    // Not persisted as a local process's attachment (its pid means nothing to this manager).
+    let saved = std::fs::read_to_string(dir.path().join("run/attachments.json")).unwrap_or_default();
+    assert!(!saved.contains(&v.to_string()), "{saved}");
+    let r = fe.transact(&ask(AdminRequest::VtpmRelayedExited { uuid: v, pid, start })).await.unwrap();
+    assert_eq!(vtpm_proto::mgr_io::decode_frame::<AdminReply>(&r).unwrap(), AdminReply::Ok);
+    match relayed(fe.transact(&relay(pid, start, v)).await.unwrap()) {
+        VtpmReply::Error(f) => assert_eq!(f.code, ErrorCode::NotAttached, "{f:?}"),
+        other => panic!("after the exit: {other:?}"),
+    }
 }

@@ -446,6 +446,16 @@ impl<X: Xenstore + 'static, L: Connection + 'static> Frontend<X, L> {
     }
 }
 
+impl<X: Xenstore + 'static, L: Connection + 'static> Frontend<X, L> {
+    /// Releases the page and the channel without touching xenstore: for a backend domain that
+    /// is gone, whose directories (the frontend's among them, when it lived there) went with it.
+    /// Writing the frontend's state then would only make those keys again under a dead domain.
+    pub fn abandon(mut self) {
+        drop(self.link.take());
+        xvtpm_log::host_debug!(frontend = %self.dir, "tpmif frontend abandoned (its backend domain is gone)");
+    }
+}
+
 impl<X: Xenstore + 'static, L: Connection + 'static> Drop for Frontend<X, L> {
     fn drop(&mut self) {
         let Some(link) = self.link.take() else {
