@@ -91,6 +91,10 @@ pub struct GuestMigrated {
     /// within [`DEVICE_MODEL_WAIT`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_device_model_ended_ms: Option<u64>,
+    /// The vTPM domain serving the guest, when its vTPM runs in its own domain (then
+    /// `vtpm_pid` is 0): the same domain before and after the move.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vtpm_domain: Option<String>,
 }
 
 fn fail(code: i32, m: impl Into<String>) -> CliError {
@@ -255,14 +259,20 @@ impl Xen {
         }
         let uuid = row.vtpm_uuid;
         let rt = self.local.runtime(&uuid);
-        if rt.is_none() && row.vtpm_domain != crate::xenlife::vtpm_domain_name(name) {
+        // The vTPM in its own domain: that domain stays where it is and serves the moved guest's
+        // device, as a dom0 process would.
+        let vdom = if rt.is_none() { self.domains().runtime(&uuid) } else { None };
+        if rt.is_none() && vdom.is_none() && row.vtpm_domain != crate::xenlife::vtpm_domain_name(name) {
             return Err(fail(
                 REFUSED,
-                format!("guest {name}'s vTPM runs in its own domain {:?}; only a dom0-process vTPM (backend=0) moves with `xl-vtpm migrate`", row.vtpm_domain),
+                format!(
+                    "guest {name}'s vTPM {uuid} runs in its own domain {:?}, which is not running; nothing moved: start it (`xl-vtpm vtpm start {uuid}`), then move the guest",
+                    row.vtpm_domain
+                ),
             ));
         }
         let old = row.guest_domid.ok_or_else(|| fail(FAILURE, format!("the registry has no domid for guest {name}")))?;
-        let hvm = serves_device_model(rt.as_ref().map(|rt| &rt.listen[..]), &self.local.access(&uuid).listen, || tpmif_device(old));
+        let hvm = vdom.is_none() && serves_device_model(rt.as_ref().map(|rt| &rt.listen[..]), &self.local.access(&uuid).listen, || tpmif_device(old));
         if hvm && rt.is_none() {
             return Err(fail(
                 REFUSED,
@@ -293,21 +303,21 @@ impl Xen {
         let mut restarted_before = false;
         if non_live && !finish {
             // The vTPM must serve the restored domain's device as soon as libxl writes it.
-            if !hvm {
+            if !hvm && vdom.is_none() {
                 self.ensure_vtpm_process(admin, uuid, None)?;
             }
             save_ms = self.save_guest(name, old, &file)?;
             restore_ms = self.restore_saved(name, &file)?;
         } else if finish && self.xl_domid(name).is_none() && file.exists() {
             // The vTPM must run before libxl writes the restored domain's device.
-            if !hvm {
+            if !hvm && vdom.is_none() {
                 restarted_before = self.ensure_vtpm_process(admin, uuid, None)?.1;
             }
             restore_ms = self.restore_saved(name, &file)?;
         }
         if !finish && !non_live {
             // The vTPM must serve the incoming domain's device as soon as libxl writes it.
-            if !hvm {
+            if !hvm && vdom.is_none() {
                 self.ensure_vtpm_process(admin, uuid, None)?;
             }
             let args = xl_migrate_args(name, host.unwrap_or("localhost"), ssh);
@@ -360,11 +370,29 @@ impl Xen {
             return self.finish_hvm_move(reg, &row, source_dm, Moved { old, new, t0, xl_ms, save_ms, restore_ms, non_live: non_live || restore_ms > 0 }, &file);
         }
         // The vTPM process: still the one that served the source (state in memory), or started
-        // again from its durable state (PCRs reset, so no resume marker).
-        let (_, restarted) = self.ensure_vtpm_process(admin, uuid, None)?;
-        let restarted = restarted || restarted_before;
-        let pid = self.local.runtime(&uuid).map(|r| r.pid).ok_or_else(|| fail(FAILURE, format!("vTPM {uuid} does not run")))?;
-        let dev = wait_backend(new, &uuid, BACKEND_WAIT).map_err(|e| {
+        // again from its durable state (PCRs reset, so no resume marker). A vTPM domain must be
+        // the one that served the source: one started anew would have lost the PCRs (and
+        // `xl-vtpm vtpm start` is the admin's call).
+        let (pid, restarted, root, vtpm_domid) = match &vdom {
+            Some(d) => {
+                if self.domains().runtime(&uuid).map(|now| now.domid) != Some(d.domid) {
+                    return Err(fail(
+                        FAILURE,
+                        format!(
+                            "guest {name} (domain {new}, paused): its vTPM domain {} (domain {}) ended during the move; the guest stays paused: start the vTPM (`xl-vtpm vtpm start {uuid}`), then `xl-vtpm migrate {name} --finish`",
+                            d.name, d.domid
+                        ),
+                    ));
+                }
+                (0, false, format!("/local/domain/{}/backend/vtpm", d.domid), d.domid)
+            }
+            None => {
+                let (_, restarted) = self.ensure_vtpm_process(admin, uuid, None)?;
+                let pid = self.local.runtime(&uuid).map(|r| r.pid).ok_or_else(|| fail(FAILURE, format!("vTPM {uuid} does not run")))?;
+                (pid, restarted || restarted_before, DOM0_BACKEND_ROOT.to_string(), 0)
+            }
+        };
+        let dev = wait_backend(&root, new, &uuid, BACKEND_WAIT).map_err(|e| {
             fail(FAILURE, format!("guest {name} (domain {new}, paused): its vTPM does not serve the incoming domain's device: {e}; the guest stays paused"))
         })?;
         if !restarted {
@@ -379,7 +407,7 @@ impl Xen {
         {
             xvtpm_log::host_warn!("guest {name} runs as domain {new}; removing its saved memory {}: {e}; remove it by hand", file.display());
         }
-        reg.mark_running(row.id, new, 0).map_err(reg_err)?;
+        reg.mark_running(row.id, new, vtpm_domid).map_err(reg_err)?;
         let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t_unpause.elapsed().as_millis() as u64);
         Ok(GuestMigrated {
             guest_name: name.to_string(),
@@ -396,6 +424,7 @@ impl Xen {
             total_ms: t0.elapsed().as_millis() as u64,
             hvm: false,
             source_device_model_ended_ms: None,
+            vtpm_domain: vdom.map(|d| d.name),
         })
     }
 
@@ -463,6 +492,7 @@ impl Xen {
             total_ms: m.t0.elapsed().as_millis() as u64,
             hvm: true,
             source_device_model_ended_ms: source_ended,
+            vtpm_domain: None,
         })
     }
 
@@ -549,9 +579,9 @@ fn xs_write(path: &str, value: &str) -> Result<(), String> {
 
 /// Waits until a device of domain `domid` under dom0's tpmif backend root names vTPM `uuid`
 /// and its backend is in InitWait (2) or later; returns its backend directory.
-fn wait_backend(domid: u32, uuid: &Uuid, limit: Duration) -> Result<String, String> {
+fn wait_backend(root: &str, domid: u32, uuid: &Uuid, limit: Duration) -> Result<String, String> {
     use xen_platform::xenstore::Xenstore;
-    let dir = format!("{DOM0_BACKEND_ROOT}/{domid}");
+    let dir = format!("{root}/{domid}");
     with_xs(async |xs| {
         let deadline = Instant::now() + limit;
         let mut seen = String::from("no device");

@@ -716,12 +716,12 @@ fn run(args: Args) -> Result<(), CliError> {
                 print_json(&m);
             } else {
                 println!(
-                    "{}: domain {} -> {}; vTPM {} (process {}{}) serves it{}; {}, {} ms in all",
+                    "{}: domain {} -> {}; vTPM {} ({}{}) serves it{}; {}, {} ms in all",
                     m.guest_name,
                     m.from_domid,
                     m.to_domid,
                     m.vtpm_uuid,
-                    m.vtpm_pid,
+                    m.vtpm_domain.as_ref().map_or(format!("process {}", m.vtpm_pid), |d| format!("its domain {d}")),
                     if m.vtpm_restarted { ", started again: its PCRs were reset" } else { ", kept running: state kept" },
                     if m.hvm {
                         m.source_device_model_ended_ms.map_or(", through the new device model (the old one had not ended yet)".to_string(), |d| {

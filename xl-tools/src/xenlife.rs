@@ -215,7 +215,7 @@ pub fn vtpm_domain_name(guest: &str) -> String {
 }
 
 impl Xen {
-    fn domains(&self) -> crate::vtpmdom::Domains<'_> {
+    pub(crate) fn domains(&self) -> crate::vtpmdom::Domains<'_> {
         crate::vtpmdom::Domains { local: &self.local, xl: self.xl.clone(), losetup: self.losetup.clone() }
     }
 
