@@ -212,17 +212,15 @@ pub(crate) struct AdminService {
 }
 
 impl AdminService {
-    /// A service of its own (vTPM sockets bound for attached processes, no Xen vTPM link to
-    /// poke), for a link served without [`serve`].
-    pub(crate) fn standalone(dispatch: Dispatcher) -> AdminService {
+    fn standalone(dispatch: Dispatcher) -> AdminService {
         let shared = dispatch.manager().clone();
         let sockets = Arc::new(tokio::sync::Mutex::new(VtpmSockets { tasks: HashMap::new(), dispatch: dispatch.clone() }));
         AdminService { shared, sockets, xen_poke: None, detached: Arc::new(tokio::sync::Notify::new()), dispatch, relay: true }
     }
 
     /// The same service for the Xen admin link (relayed dom0 processes admitted).
-    pub(crate) fn for_link(&self) -> AdminService {
-        AdminService { relay: true, ..self.clone() }
+    fn for_link(&self) -> Arc<dyn crate::xenlink::AdminHandler> {
+        Arc::new(AdminService { relay: true, ..self.clone() })
     }
 
     /// A relayed dom0 process's vTPM request, authorised as on a per-vTPM socket, and only for
@@ -271,6 +269,18 @@ impl AdminService {
         }
         reply
     }
+}
+
+impl crate::xenlink::AdminHandler for AdminService {
+    fn handle(&self, req: Result<AdminRequest, Failure>) -> std::pin::Pin<Box<dyn std::future::Future<Output = AdminReply> + Send + '_>> {
+        Box::pin(AdminService::handle(self, req))
+    }
+}
+
+/// An admin service of its own (vTPM sockets bound for attached processes, no Xen vTPM link to
+/// poke, relayed processes admitted), for an admin link served without [`serve`] (tests).
+pub fn standalone_admin(dispatch: Dispatcher) -> Arc<dyn crate::xenlink::AdminHandler> {
+    Arc::new(AdminService::standalone(dispatch))
 }
 
 /// This domain's id, from xenstore (`0` in dom0).

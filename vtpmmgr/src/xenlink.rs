@@ -55,7 +55,6 @@ use xen_platform::xen::XenTransport;
 use xen_platform::xenbus::{Backend, BackendEvent, DeviceKey, Take, Ticket, Transport, TransportError};
 use xen_platform::xenstore::{WatchEvent, WatchEvents, Xenstore, XsClient};
 
-use crate::daemon::AdminService;
 use crate::dispatch::{Dispatcher, lock};
 use crate::peer::Peer;
 
@@ -97,7 +96,14 @@ pub struct XenLink<X: Xenstore, T: Transport> {
     chunkers: HashMap<DeviceKey, ReplyChunker>,
     ready: JoinSet<Ready>,
     /// `Some` on the admin link ([`XenLink::open_admin`]): requests are admin requests.
-    admin: Option<AdminService>,
+    admin: Option<Arc<dyn AdminHandler>>,
+}
+
+/// Answers the admin link's requests: the daemon's admin service, the same that answers the
+/// admin socket (with relayed dom0 processes admitted, as only the link carries them).
+pub trait AdminHandler: Send + Sync + 'static {
+    /// One request (or why it did not decode) and its reply.
+    fn handle(&self, req: Result<AdminRequest, Failure>) -> std::pin::Pin<Box<dyn std::future::Future<Output = AdminReply> + Send + '_>>;
 }
 
 /// Where the admin link of a manager in domain `domid` lives: under the domain's own `data`
@@ -126,7 +132,7 @@ impl XenLink<XsClient, XenTransport> {
 
     /// The admin link of a manager in its own domain: serves the device `vtpmmgr bridge` in
     /// dom0 makes under `root` ([`admin_root`]), and only one whose frontend is domain 0.
-    pub(crate) async fn open_admin(root: &str, dispatch: Dispatcher, service: AdminService) -> Result<Self, OpenError> {
+    pub async fn open_admin(root: &str, dispatch: Dispatcher, service: Arc<dyn AdminHandler>) -> Result<Self, OpenError> {
         let (xs, events) = XsClient::open().await.map_err(OpenError::Xenstore)?;
         let transport = XenTransport::open().map_err(OpenError::Devices)?;
         let backend = Backend::new(xs, transport, root, admin_rejections()).accept(|domid, _| domid.get() == 0);
@@ -158,15 +164,15 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
     }
 
     /// The admin link over any xenstore/transport (e.g. the fakes): devices under `root` whose
-    /// frontend is domain 0 carry admin requests, answered as on the admin socket.
+    /// frontend is domain 0 carry admin requests, answered by `service`.
     pub async fn new_admin(
         xs: X,
         events: WatchEvents,
         transport: T,
         root: &str,
         dispatch: Dispatcher,
+        service: Arc<dyn AdminHandler>,
     ) -> Result<Self, xen_platform::xenbus::XenbusError> {
-        let service = AdminService::standalone(dispatch.clone());
         let backend = Backend::new(xs, transport, root, admin_rejections()).accept(|domid, _| domid.get() == 0);
         Self::started(backend, events, dispatch, Some(service), root).await
     }
@@ -175,7 +181,7 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         mut backend: Backend<X, T>,
         events: WatchEvents,
         dispatch: Dispatcher,
-        admin: Option<AdminService>,
+        admin: Option<Arc<dyn AdminHandler>>,
         root: &str,
     ) -> Result<Self, xen_platform::xenbus::XenbusError> {
         let initial = backend.start().await?;
@@ -278,7 +284,10 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             }
             let request = vtpm_proto::mgr_io::decode_frame::<AdminRequest>(&req.command).map_err(|e| Failure::from_error(ErrorCode::BadRequest, "", &e));
             let (service, ticket) = (service.clone(), req.ticket);
-            self.ready.spawn(async move { (ticket, encode_admin(&service.handle(request).await)) });
+            self.ready.spawn(async move {
+                let reply = service.handle(request).await;
+                (ticket, encode_admin(&reply))
+            });
             return;
         }
         let peer = Peer::Domain { vtpm: uuid, domid: u32::from(key.frontend.get()) };

@@ -570,7 +570,9 @@ async fn the_admin_link_serves_dom0_only() {
     let (bxs, bev) = xs.client();
     let mem = MemTransport::new();
     let root = vtpmmgr::xenlink::admin_root(MGR_DOMAIN);
-    let link = XenLink::new_admin(bxs, bev, mem.clone(), &root, Dispatcher::new(mgr.clone())).await.unwrap();
+    let dispatch = Dispatcher::new(mgr.clone());
+    let service = vtpmmgr::daemon::standalone_admin(dispatch.clone());
+    let link = XenLink::new_admin(bxs, bev, mem.clone(), &root, dispatch, service).await.unwrap();
     tokio::spawn(link.run());
     let cfg = |timeout| FrontendConfig { connect_timeout: timeout, request_timeout: Duration::from_secs(30), max_reply: mgr::MAX_FRAME };
 
