@@ -36,7 +36,7 @@
 #                          TPM (xl iomem = [ "fed40,5" ], dom0's tpm_tis unbound, then bound again), its state
 #                          on a file-backed xvd disk across a domain restart; mgrdom-serve: the domain serves a
 #                          vTPM domain + guest and dom0's admin CLI (`vtpmmgr bridge`), across its restart
-#                          (0; docs/manager-domain.md)
+#                          (1; docs/manager-domain.md)
 #   XVTPM_TESTBED_LIBVIRT  1|0: a guest's life through Debian's libvirtd with the libxl driver and virsh, the way
 #                          Nova drives Xen: define/start (the hook attaches the vTPM), libvirtd restart, reboot,
 #                          save/restore, the refused migrate, destroy/undefine (1; dom0 +47 MB; docs/libvirt.md)
@@ -70,7 +70,7 @@ HVM=${XVTPM_TESTBED_HVM:-1}
 # took vtpmmgr, xl-vtpm and libxl-save-helper
 MIGRATE=${XVTPM_TESTBED_MIGRATE:-1}
 # the mgrdom phases' image (19 MB) made a 512M dom0 panic unpacking its initramfs too
-export XVTPM_TESTBED_MGRDOM=${XVTPM_TESTBED_MGRDOM:-0}
+export XVTPM_TESTBED_MGRDOM=${XVTPM_TESTBED_MGRDOM:-1}
 # the libvirt-* phases: libvirtd + libraries add ~47 MB to dom0's ramfs and `virsh save` writes the guest there
 LIBVIRT=${XVTPM_TESTBED_LIBVIRT:-1}; export XVTPM_TESTBED_LIBVIRT=$LIBVIRT
 DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ] || [ "$LIBVIRT" != 0 ] || [ "$XVTPM_TESTBED_MGRDOM" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
