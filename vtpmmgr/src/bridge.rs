@@ -393,6 +393,11 @@ impl Bridge {
                 let Some(start) = xvtpm_fsutil::start_time(pid).filter(|_| xvtpm_fsutil::pid_alive(pid)) else {
                     return encode_error(Failure::new(ErrorCode::BadRequest, format!("process {pid} is not running; attach a vTPM's process while it runs")));
                 };
+                // One live process per vTPM, decided here (the manager cannot see dom0's).
+                let held = locked(&self.relayed).get(&uuid).copied();
+                if let Some(old) = held.filter(|o| *o != Relayed { pid, start } && xvtpm_fsutil::instance_alive(o.pid, o.start)) {
+                    return encode_error(Failure::new(ErrorCode::Exists, format!("vTPM {uuid} is already served by process {}; stop it first", old.pid)));
+                }
                 let reply = self.ask(&AdminRequest::VtpmAttachRelayed { uuid, pid, start }).await;
                 if reply == AdminReply::Ok {
                     self.attached(uuid, Relayed { pid, start });

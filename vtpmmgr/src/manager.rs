@@ -741,6 +741,13 @@ impl Manager {
                 if let Some(why) = self.transfer_refusal(&uuid) {
                     return Err(fail(ErrorCode::Refused, why));
                 }
+                // The bridge is the authority on dom0's processes: it refuses a second live
+                // process itself, so an older relayed attachment here is one whose exit did not
+                // reach this manager (the link was down): replaced.
+                if let Some(old) = self.attached.get(&uuid).copied().filter(|a| a.relayed) {
+                    xvtpm_log::host_info!(vtpm = %uuid, old_pid = old.pid, pid, "relayed attachment replaced (the bridge's earlier process is gone)");
+                    self.attached.remove(&uuid);
+                }
                 self.attach_process(uuid, Attachment { pid, start, relayed: true })?
             }
             AdminRequest::VtpmRelayedExited { uuid, pid, start } => {

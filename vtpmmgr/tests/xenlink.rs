@@ -657,4 +657,12 @@ async fn the_admin_link_serves_dom0_only() {
         VtpmReply::Error(f) => assert_eq!(f.code, ErrorCode::NotAttached, "{f:?}"),
         other => panic!("after the exit: {other:?}"),
     }
+    // An exit the manager never heard of (the link was down): the bridge's next attachment of
+    // that vTPM replaces the stale one (the bridge refuses a second live process itself).
+    let r = fe.transact(&ask(AdminRequest::VtpmAttachRelayed { uuid: v, pid, start })).await.unwrap();
+    assert_eq!(vtpm_proto::mgr_io::decode_frame::<AdminReply>(&r).unwrap(), AdminReply::Ok);
+    let r = fe.transact(&ask(AdminRequest::VtpmAttachRelayed { uuid: v, pid: pid + 7, start: start + 7 })).await.unwrap();
+    assert_eq!(vtpm_proto::mgr_io::decode_frame::<AdminReply>(&r).unwrap(), AdminReply::Ok);
+    assert!(matches!(relayed(fe.transact(&relay(pid + 7, start + 7, v)).await.unwrap()), VtpmReply::StateKey { .. }));
+    assert!(matches!(relayed(fe.transact(&relay(pid, start, v)).await.unwrap()), VtpmReply::Error(f) if f.code == ErrorCode::Refused));
 }
