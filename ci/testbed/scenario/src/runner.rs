@@ -13,6 +13,13 @@
 //! CHECK <where> <check> PASS|FAIL <detail>
 //! SUMMARY pass=N fail=N skipped=N[ failed: a b]
 //! ```
+//!
+//! A phase set that runs a second time under other conditions (the vTPM-domain phases with the
+//! manager in its own domain, `mgrdom-serve`) runs with a pass suffix ([`Runner::set_suffix`],
+//! e.g. `@mgrdom`): it is appended to every phase name the runner reports (`RESULT
+//! vtpmdom-create@mgrdom …`, `MARK vtpmdom-create@mgrdom …`) and to the `<where>` of every CHECK
+//! line ([`check`], e.g. `CHECK dom0@mgrdom …`), so the two passes' lines stay apart. Names stay
+//! one word (run.sh reads `MARK ([^ ]+)`).
 
 use std::cell::{Cell, RefCell};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -106,10 +113,21 @@ impl Errs {
     }
 }
 
-/// Prints a CHECK line.
+thread_local! {
+    /// The pass suffix ([`Runner::set_suffix`]); the scenario runs its phases on one thread.
+    static SUFFIX: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// The current pass suffix (`""` in the first pass, e.g. `@mgrdom` in a second one).
+pub fn suffix() -> String {
+    SUFFIX.with(|s| s.borrow().clone())
+}
+
+/// Prints a CHECK line (`<where>` with the pass suffix).
 pub fn check(whr: &str, name: &str, ok: bool, detail: &str) {
     println!(
-        "CHECK {whr} {name} {} {detail}",
+        "CHECK {whr}{} {name} {} {detail}",
+        suffix(),
         if ok { "PASS" } else { "FAIL" }
     );
 }
@@ -226,6 +244,16 @@ impl Runner {
         }
     }
 
+    /// From now on every phase name reported gets `suffix` appended, and every CHECK line's
+    /// `<where>` too (`""`: none). It must not contain blanks: run.sh reads names as one word.
+    pub fn set_suffix(&mut self, suffix: &str) {
+        assert!(
+            !suffix.contains(char::is_whitespace),
+            "a pass suffix is part of a phase name: no blanks ({suffix:?})"
+        );
+        SUFFIX.with(|s| *s.borrow_mut() = suffix.to_string());
+    }
+
     /// Runs phase `name` with `deadline`; prints its RESULT and MARK lines.
     pub fn phase(
         &mut self,
@@ -233,6 +261,7 @@ impl Runner {
         deadline: Duration,
         f: impl FnOnce(&Cx) -> Outcome,
     ) -> Status {
+        let full = format!("{name}{}", suffix());
         let t0 = Instant::now();
         self.cx.phase_end.set(t0 + deadline);
         *self.cx.overrun.borrow_mut() = None;
@@ -258,7 +287,7 @@ impl Runner {
         if over.is_some() || late {
             let what = over.unwrap_or_else(|| format!("took {:.1} s", elapsed.as_secs_f64()));
             out = Outcome::fail(format!(
-                "phase {name} overran its deadline of {} s ({what}); it said: {} {}",
+                "phase {full} overran its deadline of {} s ({what}); it said: {} {}",
                 deadline.as_secs(),
                 out.status.word(),
                 out.reason
@@ -303,10 +332,11 @@ impl Runner {
     }
 
     fn report(&mut self, name: &str, out: Outcome) -> Status {
+        let name = format!("{name}{}", suffix());
         println!("RESULT {name} {} {}", out.status.word(), out.reason);
         println!("MARK {name} up={:.2}", uptime());
         self.results.push(PhaseResult {
-            name: name.into(),
+            name,
             status: out.status,
             reason: out.reason,
         });
@@ -484,6 +514,58 @@ mod tests {
                 ("late", Status::Skipped, "scenario deadline reached"),
             ]
         );
+    }
+
+    #[test]
+    fn a_second_pass_reports_its_phases_under_suffixed_names() {
+        let mut r = Runner::new(Duration::from_secs(600));
+        r.phase("create", Duration::from_secs(5), |_| Outcome::pass("first"));
+        r.set_suffix("@mgrdom");
+        assert_eq!(suffix(), "@mgrdom");
+        r.phase("create", Duration::from_secs(5), |_| Outcome::pass("second"));
+        r.skip_all(&["later"], "disabled");
+        r.phase_if("blocked", Some("no manager"), Duration::from_secs(5), |_| {
+            Outcome::pass("ran")
+        });
+        r.phase("slow", Duration::from_secs(1), |cx| {
+            cx.wait_until(30, || false);
+            Outcome::pass("waited")
+        });
+        r.set_suffix("");
+        r.phase("after", Duration::from_secs(5), |_| Outcome::pass("third"));
+        let v: Vec<(&str, Status)> = r
+            .results
+            .iter()
+            .map(|p| (p.name.as_str(), p.status))
+            .collect();
+        assert_eq!(
+            v,
+            [
+                ("create", Status::Pass),
+                ("create@mgrdom", Status::Pass),
+                ("later@mgrdom", Status::Skipped),
+                ("blocked@mgrdom", Status::Skipped),
+                ("slow@mgrdom", Status::Fail),
+                ("after", Status::Pass),
+            ]
+        );
+        assert!(
+            r.results[4]
+                .reason
+                .contains("phase slow@mgrdom overran its deadline"),
+            "{}",
+            r.results[4].reason
+        );
+        assert_eq!(
+            r.summary(),
+            "SUMMARY pass=3 fail=1 skipped=2 failed: slow@mgrdom"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "no blanks")]
+    fn a_pass_suffix_with_a_blank_is_refused() {
+        Runner::new(Duration::from_secs(1)).set_suffix("@mgr dom");
     }
 
     #[test]

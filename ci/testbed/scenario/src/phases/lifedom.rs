@@ -12,6 +12,10 @@
 //!                       (same image, no --create); 0x81000010 + NV kept, same EK
 //!   lifedom-destroy     `xl-vtpm destroy life-d`: guest and vTPM domain gone, loop released, pair
 //!                       stopped; `xl-vtpm registry check` clean (running, and after); watcher stopped
+//! With XVTPM_TESTBED_MGRDOM=1 the set runs a second time after `mgrdom-serve`, as
+//! `lifedom-*@mgrdom`, with the manager in its own domain (dom0's admin CLI through `vtpmmgr
+//! bridge`), on a new pair life-m / vtpm-life-m (watcher log watch-m.log): the same checks, plus
+//! `lifedom-mgr-link-{create,recreate}` (the vTPM domain's manager link is on the manager domain).
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -29,14 +33,47 @@ use crate::cmd::{Cmd, Output, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner};
 use crate::xen::{self, console_from, jf, lines_of, vd_loop};
 
-const LDN: &str = "life-d";
-const LDV: &str = "vtpm-life-d";
-const LDCFG: &str = "/etc/xen/life-d.cfg";
+/// The pair's names. The second pass (the manager in its own domain) makes a new pair, life-m:
+/// the first pass's life-d stays in the registry, stopped, with its vTPM identity and disk, and
+/// `xl-vtpm create life-d.cfg` would boot that vTPM again instead of making one.
+#[derive(Clone, Copy)]
+struct Names {
+    /// the guest, its vTPM domain, its config
+    g: &'static str,
+    v: &'static str,
+    cfg: &'static str,
+    /// in the names of /tmp files (`/tmp/xl-life-<t>-create.out`, …)
+    t: &'static str,
+    /// the watcher's log when these phases start their own
+    wlog: &'static str,
+}
+
+const FIRST: Names = Names {
+    g: "life-d",
+    v: "vtpm-life-d",
+    cfg: "/etc/xen/life-d.cfg",
+    t: "d",
+    wlog: "/var/log/xvtpm/watch-d.log",
+};
+const SECOND: Names = Names {
+    g: "life-m",
+    v: "vtpm-life-m",
+    cfg: "/etc/xen/life-m.cfg",
+    t: "m",
+    wlog: "/var/log/xvtpm/watch-m.log",
+};
+
+impl Default for Names {
+    fn default() -> Self {
+        FIRST
+    }
+}
 /// ms; below xl-vtpm's 20 s shutdown grace: a clean stop, not the xl destroy fallback
 const LD_GONE_LIMIT: i64 = 15000;
 
 #[derive(Default)]
 struct Ld {
+    n: Names,
     uuid: String,
     ek: String,
     voff: usize,
@@ -47,14 +84,16 @@ struct Ld {
 
 impl Ld {
     fn vcon(&self) -> String {
-        console_from(LDV, self.voff)
+        let Names { v: ldv, .. } = self.n;
+        console_from(ldv, self.voff)
     }
     fn img(&self) -> String {
         format!("/var/lib/xvtpm/vtpms/{}/disk.img", self.uuid)
     }
-    /// `xl-vtpm destroy life-d`: the guest and its vTPM domain (cleanup when `save` is none).
+    /// `xl-vtpm destroy <guest>`: the guest and its vTPM domain (cleanup when `save` is none).
     fn xlvtpm_destroy(&self, cx: &Cx, save: Option<&str>) -> Output {
-        let c = Cmd::new(&["xl-vtpm", "destroy", LDN])
+        let Names { g: ldn, .. } = self.n;
+        let c = Cmd::new(&["xl-vtpm", "destroy", ldn])
             .env("NO_COLOR", "1")
             .secs(150);
         match save {
@@ -74,6 +113,7 @@ impl Ld {
 
     /// What xl-vtpm and xl say about the pair, one line each; the pair's row.
     fn domains(&self, cx: &Cx) -> serde_json::Value {
+        let Names { g: ldn, .. } = self.n;
         let l = Cmd::sh("xl list").run(cx).stdout;
         let doms: Vec<String> = l
             .lines()
@@ -84,9 +124,9 @@ impl Ld {
             })
             .collect();
         println!("xl list: {}", doms.join(" "));
-        let row = life_row(cx, LDN);
+        let row = life_row(cx, ldn);
         println!(
-            "xl-vtpm list --json {LDN}: state={} guest_running_domid={} vtpm_domain={} vtpm_domid={} vtpm_running_domid={} vtpm_pid={}",
+            "xl-vtpm list --json {ldn}: state={} guest_running_domid={} vtpm_domain={} vtpm_domid={} vtpm_running_domid={} vtpm_pid={}",
             jf(&row, "state"),
             jf(&row, "guest_running_domid"),
             jf(&row, "vtpm_domain"),
@@ -99,22 +139,23 @@ impl Ld {
 
     /// The pair runs: both domains, the registry row, the vTPM domain ready; sets vdomid.
     fn running(&mut self, cx: &Cx, tag: &str, e: &mut Errs) {
+        let Names { g: ldn, v: ldv, .. } = self.n;
         let row = self.domains(cx);
-        let g = xen::domid(LDN).unwrap_or_default();
-        self.vdomid = xen::domid(LDV).unwrap_or_default();
+        let g = xen::domid(ldn).unwrap_or_default();
+        self.vdomid = xen::domid(ldv).unwrap_or_default();
         let both = !g.is_empty() && !self.vdomid.is_empty();
         e.check(
             &format!("lifedom-xl-list-{tag}"),
             both,
             if both {
-                format!("{LDN} is domid {g}, {LDV} is domid {}", self.vdomid)
+                format!("{ldn} is domid {g}, {ldv} is domid {}", self.vdomid)
             } else {
-                format!("{LDN}: {}, {LDV}: {}", none(&g), none(&self.vdomid))
+                format!("{ldn}: {}, {ldv}: {}", none(&g), none(&self.vdomid))
             },
         );
         let ok = jf(&row, "state") == "running"
             && jf(&row, "guest_running_domid") == g
-            && jf(&row, "vtpm_domain") == LDV
+            && jf(&row, "vtpm_domain") == ldv
             && !self.vdomid.is_empty()
             && jf(&row, "vtpm_running_domid") == self.vdomid
             && jf(&row, "vtpm_domid") == self.vdomid;
@@ -123,7 +164,7 @@ impl Ld {
             ok,
             if ok {
                 format!(
-                    "running, guest domid {g}, vtpm_domain {LDV}, vtpm_domid = vtpm_running_domid = {}",
+                    "running, guest domid {g}, vtpm_domain {ldv}, vtpm_domid = vtpm_running_domid = {}",
                     self.vdomid
                 )
             } else {
@@ -160,16 +201,17 @@ impl Ld {
 
     /// After the guest went: vTPM domain gone (clean stop), loop released, pair stopped.
     fn stopped(&mut self, cx: &Cx, tag: &str, t0: f64, e: &mut Errs) {
-        cx.wait_every(60, Duration::from_millis(100), || xen::domain_gone(LDV));
+        let Names { g: ldn, v: ldv, .. } = self.n;
+        cx.wait_every(60, Duration::from_millis(100), || xen::domain_gone(ldv));
         let tg = up();
-        if xen::domid(LDV).is_some() {
+        if xen::domid(ldv).is_some() {
             e.check(
                 &format!("lifedom-vtpmdom-gone-{tag}"),
                 false,
                 format!(
-                    "{LDV} still there {} s later: {}",
+                    "{ldv} still there {} s later: {}",
                     secs1(t0, tg),
-                    Cmd::new(&["xl", "list", LDV]).run(cx).tail(1)
+                    Cmd::new(&["xl", "list", ldv]).run(cx).tail(1)
                 ),
             );
             self.gone_ms = None;
@@ -179,7 +221,7 @@ impl Ld {
             e.check(
                 &format!("lifedom-vtpmdom-gone-{tag}"),
                 true,
-                format!("{LDV} (domid {}) gone {g} ms later", self.vdomid),
+                format!("{ldv} (domid {}) gone {g} ms later", self.vdomid),
             );
         }
         let clean = self
@@ -206,8 +248,8 @@ impl Ld {
                 vd_loop(&u).join(" ")
             },
         );
-        if cx.wait_until(15, || life_state(cx, LDN, "stopped")) {
-            let r = life_row(cx, LDN);
+        if cx.wait_until(15, || life_state(cx, ldn, "stopped")) {
+            let r = life_row(cx, ldn);
             let ok =
                 jf(&r, "vtpm_running_domid") == "null" && jf(&r, "guest_running_domid") == "null";
             e.check(
@@ -223,15 +265,16 @@ impl Ld {
             e.check(
                 &format!("lifedom-pair-stopped-{tag}"),
                 false,
-                row_line(&life_row(cx, LDN)),
+                row_line(&life_row(cx, ldn)),
             );
         }
     }
 
     /// The vTPM domain's console and xenstore, dom0's backends, xl's log, the watcher, the manager.
     fn diag(&self, cx: &Cx, st: &St) {
-        show_tail(&format!("{LDV} console"), &self.vcon(), 30);
-        for n in [LDV, LDN] {
+        let Names { g: ldn, v: ldv, .. } = self.n;
+        show_tail(&format!("{ldv} console"), &self.vcon(), 30);
+        for n in [ldv, ldn] {
             if let Some(i) = xen::domid(n) {
                 for l in dom_xs(&i, &["data", "device", "control"]).iter().take(40) {
                     println!("[{n} xenstore] {l}");
@@ -241,47 +284,56 @@ impl Ld {
         for l in dom0_backends().iter().take(40) {
             println!("[dom0 backend] {l}");
         }
+        super::show_mgr_backends(st, 40);
         println!(
             "[run/xvtpm/vtpms] {}",
             xen::dir_names("/run/xvtpm/vtpms").join(" ")
         );
         show_tail("watch.log", &xen::read_text(&st.wlog), 10);
-        domain_logs(LDV, 20, st);
+        domain_logs(ldv, 20, st);
         life_list(cx);
     }
 
     fn show_vcon(&self, n: usize) {
+        let Names { v: ldv, .. } = self.n;
         let c = self.vcon();
         let v: Vec<&str> = c
             .lines()
             .filter(|l| l.starts_with("VTPMDOM-") || l.contains("panic") || l.contains("Oops"))
             .collect();
-        super::show_last(&format!("{LDV} console"), &v, n);
+        super::show_last(&format!("{ldv} console"), &v, n);
     }
 }
 
+/// The phases of this set, in order (mgrdom.rs skips them by name when their second pass cannot run).
+pub const PHASES: [&str; 4] = [
+    "lifedom-create",
+    "lifedom-xl-destroy",
+    "lifedom-recreate",
+    "lifedom-destroy",
+];
+
 pub fn run(r: &mut Runner, st: &mut St) {
     if st.lifedom_mode == "0" {
-        r.skip_all(
-            &[
-                "lifedom-create",
-                "lifedom-xl-destroy",
-                "lifedom-recreate",
-                "lifedom-destroy",
-            ],
-            "disabled (XVTPM_TESTBED_LIFEDOM=0)",
-        );
+        r.skip_all(&PHASES, "disabled (XVTPM_TESTBED_LIFEDOM=0)");
         return;
     }
-    let mut ld = Ld::default();
-    let mut a = Life::new(LDN, LDCFG);
+    // the second pass (the manager in its own domain) makes a pair of its own
+    let n = if st.mgr_dom.is_some() { SECOND } else { FIRST };
+    let Names { g: ldn, v: ldv, cfg: ldcfg, .. } = n;
+    let mut ld = Ld {
+        n,
+        ..Ld::default()
+    };
+    let mut a = Life::new(ldn, ldcfg);
 
     r.phase("lifedom-create", deadline(560), |cx| {
         create(cx, st, &mut ld, &mut a)
     });
 
-    let blocked = (ld.uuid.is_empty() || xen::domid(LDN).is_none() || st.watch.is_none())
-        .then_some("no running life-d or no watcher (lifedom-create failed)");
+    let why = format!("no running {ldn} or no watcher (lifedom-create failed)");
+    let blocked = (ld.uuid.is_empty() || xen::domid(ldn).is_none() || st.watch.is_none())
+        .then_some(why.as_str());
     r.phase_if("lifedom-xl-destroy", blocked, deadline(360), |cx| {
         xl_destroy(cx, st, &mut ld)
     });
@@ -294,10 +346,10 @@ pub fn run(r: &mut Runner, st: &mut St) {
 
     if ld.uuid.is_empty() {
         r.skip("lifedom-destroy", "no vTPM (lifedom-create failed)");
-    } else if xen::domid(LDN).is_none() {
+    } else if xen::domid(ldn).is_none() {
         r.skip(
             "lifedom-destroy",
-            "no running life-d (lifedom-recreate failed)",
+            &format!("no running {ldn} (lifedom-recreate failed)"),
         );
     } else {
         r.phase("lifedom-destroy", deadline(450), |cx| {
@@ -306,10 +358,10 @@ pub fn run(r: &mut Runner, st: &mut St) {
     }
     // nothing of it may outlive the section (teardown checks that no domU is left)
     let cx = &r.cx;
-    if xen::domid(LDN).is_some() || xen::domid(LDV).is_some() {
-        println!("lifedom: cleaning up (xl-vtpm destroy {LDN})");
+    if xen::domid(ldn).is_some() || xen::domid(ldv).is_some() {
+        println!("lifedom: cleaning up (xl-vtpm destroy {ldn})");
         println!("{}", ld.xlvtpm_destroy(cx, None).tail(3));
-        for d in [LDN, LDV] {
+        for d in [ldn, ldv] {
             xen::destroy_if_running(cx, d);
         }
     }
@@ -320,6 +372,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
 }
 
 fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
+    let Names { g: ldn, v: ldv, cfg: ldcfg, .. } = ld.n;
     let mut e = Errs::default();
     if !st.mgr_ready() {
         return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
@@ -340,10 +393,12 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
     let watching = st.watch.as_mut().is_some_and(|w| w.up());
     if !watching {
         // the life-* phases stopped theirs (or did not run): one for these phases, its own log
-        if st.life_mode == "0" {
+        if st.mgr_dom.is_some() {
+            super::drop_unregistered_vtpms(cx, "lifedom second pass");
+        } else if st.life_mode == "0" {
             drop_standalone_vtpm(cx, st);
         }
-        st.wlog = "/var/log/xvtpm/watch-d.log".into();
+        st.wlog = ld.n.wlog.into();
         match watch_start(cx, &st.wlog) {
             Ok(w) => {
                 println!(
@@ -359,28 +414,30 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
     let t = xen::cfg_from(
         &xen::read_text(LCFG0),
         &[
-            ("name = ", format!("name = \"{LDN}\"")),
-            ("vtpm = ", format!("vtpm = [ \"backend={LDV}\" ]")),
+            ("name = ", format!("name = \"{ldn}\"")),
+            ("vtpm = ", format!("vtpm = [ \"backend={ldv}\" ]")),
         ],
     );
-    let _ = fs::write(LDCFG, &t);
-    xen::show_cfg("life-d.cfg", &t, &["name", "uuid", "vtpm", "extra"]);
-    ld.voff = lines_of(&xen::clog(LDV));
+    let _ = fs::write(ldcfg, &t);
+    xen::show_cfg(&format!("{ldn}.cfg"), &t, &["name", "uuid", "vtpm", "extra"]);
+    ld.voff = lines_of(&xen::clog(ldv));
     let t0 = up();
-    a.create(cx, LDCFG, "d-create");
+    let tag = format!("{}-create", ld.n.t);
+    a.create(cx, ldcfg, &tag);
     let create_s = secs1(t0, up());
     ld.uuid = a.uuid_now.clone();
     if a.lrc != 0 {
         e.add(format!(
             "xl-vtpm create exited {}: {}",
             a.lrc,
-            tail_of("/tmp/xl-life-d-create.out")
+            tail_of(&format!("/tmp/xl-life-{tag}.out"))
         ));
     } else if ld.uuid.is_empty() || ld.uuid == "null" {
         ld.uuid.clear();
-        e.add(format!("no vtpm_uuid for {LDN} in xl-vtpm list --json"));
+        e.add(format!("no vtpm_uuid for {ldn} in xl-vtpm list --json"));
     } else {
         ld.running(cx, "create", &mut e);
+        super::mgr_link_if_mgrdom(&mut e, st, "lifedom-mgr-link-create", ldv, &ld.vdomid);
         ld.ino = disk_check(cx, &mut e, "lifedom-new-disk", &ld.uuid).map(|m| m.ino());
         let cfgt = xen::read_text(&ld.xlcfg());
         let key = format!("--uuid {} ", ld.uuid);
@@ -397,14 +454,14 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
             },
         );
         ld.show_vcon(6);
-        let miss = a.guest(cx, "d-create", "fresh");
+        let miss = a.guest(cx, &tag, "fresh");
         ld.ek = a.ek_now.clone();
         if !miss.is_empty() {
             e.add(format!("guest-checks-failed: {}", miss.join(" ")));
         }
     }
     println!(
-        "PERF lifedom-create-s={create_s} (xl-vtpm create life-d.cfg: new vTPM identity, disk, vTPM domain boot + manufacture + ready, then xl create of the guest)"
+        "PERF lifedom-create-s={create_s} (xl-vtpm create {ldn}.cfg: new vTPM identity, disk, vTPM domain boot + manufacture + ready, then xl create of the guest)"
     );
     // xl-vtpm's own choice of memory (no --memory: memory-mib beside the default ramdisk)
     let mem = xen::read_text(&ld.xlcfg())
@@ -412,28 +469,31 @@ fn create(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
         .find_map(|l| l.strip_prefix("memory = ").map(str::to_string))
         .unwrap_or_default();
     println!(
-        "PERF lifedom-vtpmdom-mem-mib={mem} (the memory xl-vtpm create chose for {LDV}: its generated config)"
+        "PERF lifedom-vtpmdom-mem-mib={mem} (the memory xl-vtpm create chose for {ldv}: its generated config)"
     );
     super::vtpmdom::ready_perf("lifedom", &ld.vcon());
     if !e.is_empty() {
         ld.diag(cx, st);
     }
     e.verdict(format!(
-        "{LDN} with vTPM {} in its own domain {LDV} (domid {}, made in this create, {create_s} s); 0x81000010 + NV written",
-        ld.uuid, ld.vdomid
+        "{ldn} with vTPM {} in its own domain {ldv} (domid {}, made in this create, {create_s} s); 0x81000010 + NV written{}",
+        ld.uuid,
+        ld.vdomid,
+        super::mgr_said(st)
     ))
 }
 
 fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
+    let Names { g: ldn, v: ldv, .. } = ld.n;
     let mut e = Errs::default();
-    ld.vdomid = xen::domid(LDV).unwrap_or_default();
-    let gd = xen::domid(LDN).unwrap_or_default();
+    ld.vdomid = xen::domid(ldv).unwrap_or_default();
+    let gd = xen::domid(ldn).unwrap_or_default();
     println!("INFO lifedom timeline xl-destroy-start {}", wallt());
     let t0 = up();
     let vdomid = ld.vdomid.clone();
-    let o = Cmd::new(&["xl", "destroy", LDN])
+    let o = Cmd::new(&["xl", "destroy", ldn])
         .secs(60)
-        .save("/tmp/xl-life-d-xldestroy.out")
+        .save(&format!("/tmp/xl-life-{}-xldestroy.out", ld.n.t))
         .run_watched(cx, Duration::from_secs(3), |ran| {
             // still waiting: libxl waits (10 s) for the backend domain to remove its backend directory
             let p = format!("/local/domain/{vdomid}/backend/vtpm/{gd}");
@@ -442,7 +502,7 @@ fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
                 .all();
             show(
                 &format!(
-                    "xl destroy still running after {:.1} s: {LDV}'s backend",
+                    "xl destroy still running after {:.1} s: {ldv}'s backend",
                     ran.as_secs_f64()
                 ),
                 &l,
@@ -454,7 +514,7 @@ fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
         e.add(format!("xl-destroy-rc={}", o.rc));
     }
     println!(
-        "PERF lifedom-xl-destroy-ms={} (plain xl destroy {LDN}, a guest whose vTPM backend is the domain {LDV})",
+        "PERF lifedom-xl-destroy-ms={} (plain xl destroy {ldn}, a guest whose vTPM backend is the domain {ldv})",
         ms(t0, t1)
     );
     if o.all().contains(&format!(
@@ -462,7 +522,7 @@ fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
         ld.vdomid
     )) {
         println!(
-            "INFO lifedom xl-destroy-backend-timeout yes: libxl waited for {LDV} (domid {}) to remove its backend directory backend/vtpm/{gd}/0 and gave up (LIBXL_DESTROY_TIMEOUT); a driver domain removes it itself",
+            "INFO lifedom xl-destroy-backend-timeout yes: libxl waited for {ldv} (domid {}) to remove its backend directory backend/vtpm/{gd}/0 and gave up (LIBXL_DESTROY_TIMEOUT); a driver domain removes it itself",
             ld.vdomid
         );
     }
@@ -470,7 +530,7 @@ fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
     println!("INFO lifedom timeline vtpmdom-gone-seen {}", wallt());
     if let Some(g) = ld.gone_ms {
         println!(
-            "PERF lifedom-destroy-to-vtpmdom-gone-ms={g} (xl destroy {LDN} returned -> {LDV} gone from xl list, through the watcher's xl shutdown; xl destroy took {} ms)",
+            "PERF lifedom-destroy-to-vtpmdom-gone-ms={g} (xl destroy {ldn} returned -> {ldv} gone from xl list, through the watcher's xl shutdown; xl destroy took {} ms)",
             ms(t0, t1)
         );
         e.check(
@@ -479,11 +539,11 @@ fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
             format!("{g} ms (limit {LD_GONE_LIMIT})"),
         );
     }
-    let said = format!("{LDN}: guest gone; vTPM {} stopped", ld.uuid);
+    let said = format!("{ldn}: guest gone; vTPM {} stopped", ld.uuid);
     let wl = xen::read_text(&st.wlog);
     let line = wl
         .lines()
-        .rfind(|l| l.contains(&format!("{LDN}: guest gone")))
+        .rfind(|l| l.contains(&format!("{ldn}: guest gone")))
         .unwrap_or("")
         .to_string();
     e.check(
@@ -501,36 +561,38 @@ fn xl_destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
         .lines()
         .filter(|l| l.starts_with("VTPMDOM-") || l.contains("signal") || l.contains("stopping"))
         .collect();
-    super::show_last(&format!("{LDV} console"), &v, 4);
+    super::show_last(&format!("{ldv} console"), &v, 4);
     if !e.is_empty() {
         ld.diag(cx, st);
     }
     let out = e.verdict(format!(
-        "xl destroy {LDN}: the watcher shut {LDV} (domid {}) down cleanly {} ms later; loop device released, pair stopped",
+        "xl destroy {ldn}: the watcher shut {ldv} (domid {}) down cleanly {} ms later; loop device released, pair stopped",
         ld.vdomid,
         ld.gone_ms.map(|g| g.to_string()).unwrap_or_default()
     ));
     // leave nothing running for the recreate (no verdict)
-    if xen::domid(LDV).is_some() {
-        println!("lifedom: {LDV} still running; xl-vtpm destroy {LDN}");
+    if xen::domid(ldv).is_some() {
+        println!("lifedom: {ldv} still running; xl-vtpm destroy {ldn}");
         println!("{}", ld.xlvtpm_destroy(cx, None).tail(3));
     }
     out
 }
 
 fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
+    let Names { g: ldn, v: ldv, cfg: ldcfg, .. } = ld.n;
     let mut e = Errs::default();
     let v0 = ld.vdomid.clone();
-    xen::destroy_if_running(cx, LDN);
-    ld.voff = lines_of(&xen::clog(LDV));
+    xen::destroy_if_running(cx, ldn);
+    ld.voff = lines_of(&xen::clog(ldv));
     let t0 = up();
-    a.create(cx, LDCFG, "d-recreate");
+    let tag = format!("{}-recreate", ld.n.t);
+    a.create(cx, ldcfg, &tag);
     let recreate_s = secs1(t0, up());
     if a.lrc != 0 {
         e.add(format!(
             "xl-vtpm create exited {}: {}",
             a.lrc,
-            tail_of("/tmp/xl-life-d-recreate.out")
+            tail_of(&format!("/tmp/xl-life-{tag}.out"))
         ));
     } else {
         let same = a.uuid_now == ld.uuid;
@@ -544,12 +606,13 @@ fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
             },
         );
         ld.running(cx, "recreate", &mut e);
+        super::mgr_link_if_mgrdom(&mut e, st, "lifedom-mgr-link-recreate", ldv, &ld.vdomid);
         let newd = !ld.vdomid.is_empty() && ld.vdomid != v0;
         e.check(
             "lifedom-new-vtpm-domid",
             newd,
             if newd {
-                format!("{LDV} domid {v0} -> {}", ld.vdomid)
+                format!("{ldv} domid {v0} -> {}", ld.vdomid)
             } else {
                 format!("domid {}, before {v0}", none(&ld.vdomid))
             },
@@ -577,7 +640,7 @@ fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
             },
         );
         ld.show_vcon(6);
-        let miss = a.guest(cx, "d-recreate", "kept");
+        let miss = a.guest(cx, &tag, "kept");
         if !miss.is_empty() {
             e.add(format!("guest-checks-failed: {}", miss.join(" ")));
         }
@@ -591,56 +654,63 @@ fn recreate(cx: &Cx, st: &mut St, ld: &mut Ld, a: &mut Life) -> Outcome {
         );
     }
     println!(
-        "PERF lifedom-recreate-s={recreate_s} (xl-vtpm create life-d.cfg again: vTPM domain boot from its disk + ready, then xl create of the guest)"
+        "PERF lifedom-recreate-s={recreate_s} (xl-vtpm create {ldn}.cfg again: vTPM domain boot from its disk + ready, then xl create of the guest)"
     );
     if !e.is_empty() {
         ld.diag(cx, st);
     }
     e.verdict(format!(
-        "same vTPM {}, {LDV} booted from its kept disk (domid {v0} -> {}); 0x81000010 + NV kept, same EK",
-        ld.uuid, ld.vdomid
+        "same vTPM {}, {ldv} booted from its kept disk (domid {v0} -> {}); 0x81000010 + NV kept, same EK{}",
+        ld.uuid,
+        ld.vdomid,
+        super::mgr_said(st)
     ))
 }
 
 fn destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
+    let Names { g: ldn, v: ldv, .. } = ld.n;
     let mut e = Errs::default();
     let (ok, rc) = registry_clean(
         cx,
-        "/tmp/lifedom-check1.out",
-        "registry check, life-d running",
+        &format!("/tmp/lifedom-{}-check1.out", ld.n.t),
+        &format!("registry check, {ldn} running"),
     );
     e.check(
         "lifedom-registry-running",
         ok,
         if ok {
-            format!("no drift with {LDN} + {LDV} running")
+            format!("no drift with {ldn} + {ldv} running")
         } else {
             format!("rc={rc}")
         },
     );
-    ld.vdomid = xen::domid(LDV).unwrap_or_default();
+    ld.vdomid = xen::domid(ldv).unwrap_or_default();
     let t0 = up();
-    let o = ld.xlvtpm_destroy(cx, Some("/tmp/xl-life-d-destroy.out"));
+    let o = ld.xlvtpm_destroy(cx, Some(&format!("/tmp/xl-life-{}-destroy.out", ld.n.t)));
     let t1 = up();
     show_tail("xl-vtpm destroy", &o.all(), 10);
     e.check(
         "lifedom-destroy-exit",
         o.ok(),
         if o.ok() {
-            format!("xl-vtpm destroy {LDN}: exit 0 in {} s", secs1(t0, t1))
+            format!("xl-vtpm destroy {ldn}: exit 0 in {} s", secs1(t0, t1))
         } else {
             format!("exit {}", o.rc)
         },
     );
-    xen::gone_check(cx, &mut e, "lifedom-guest-gone", LDN, || {
-        format!("{LDN} not in xl list")
+    xen::gone_check(cx, &mut e, "lifedom-guest-gone", ldn, || {
+        format!("{ldn} not in xl list")
     });
     ld.stopped(cx, "destroy", t1, &mut e);
     println!(
         "PERF lifedom-destroy-s={} (xl-vtpm destroy: xl destroy of the guest, xl shutdown of the vTPM domain, clean stop, loop device released)",
         secs1(t0, t1)
     );
-    let (ok, rc) = registry_clean(cx, "/tmp/lifedom-check2.out", "registry check, end");
+    let (ok, rc) = registry_clean(
+        cx,
+        &format!("/tmp/lifedom-{}-check2.out", ld.n.t),
+        "registry check, end",
+    );
     e.check(
         "lifedom-registry-end",
         ok,
@@ -655,6 +725,6 @@ fn destroy(cx: &Cx, st: &mut St, ld: &mut Ld) -> Outcome {
         ld.diag(cx, st);
     }
     e.verdict(format!(
-        "xl-vtpm destroy {LDN}: guest and {LDV} gone (clean stop), loop device released, pair stopped; registry check clean"
+        "xl-vtpm destroy {ldn}: guest and {ldv} gone (clean stop), loop device released, pair stopped; registry check clean"
     ))
 }

@@ -18,7 +18,16 @@
 //!                   domain and manager domain stopped cleanly, the manager domain started again
 //!                   (new domid, the bridge follows it), the vTPM domain booted from its disk (its
 //!                   key unsealed by the new manager domain): same EK, key and NV kept, a deep
-//!                   quote verified again; everything stopped and released
+//!                   quote verified again; its vTPM destroyed. The manager domain and the bridge
+//!                   stay for:
+//!   (second pass)   the vtpmdom-* and lifedom-* phases again, as `vtpmdom-create@mgrdom` …
+//!                   (`Runner::set_suffix`), with `st.mgr_dom` set: every vTPM domain's manager
+//!                   link on the manager domain, dom0's admin CLI through the bridge, the same
+//!                   checks (those about where the manager is say so); SKIPPED with the reason if
+//!                   mgrdom-serve left no serving manager domain or they would not fit in memory
+//!   mgrdom-serve-stop  the manager domain is still the one the second pass began with, no domain
+//!                   of the pass is left; the bridge stops on SIGTERM, the manager domain shuts
+//!                   down cleanly
 //!   mgrdom-pvh      (only with HAP) the domain as PVH (tsc_mode native under TCG): its tpm_tis reads
 //!                   the same PCRs and EK certificate
 //!   mgrdom-rebind   the domains gone, the loop device released; dom0's tpm_tis binds the device
@@ -28,8 +37,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 
-use super::vtpmdom;
-use super::{BOOT1_CHECKS, GuestBoot, REBOOT_CHECKS, St, capture_dq, deadline, ek_stable, none, secs1, up, verify_nonces_ak};
+use super::{lifedom, vtpmdom};
+use super::{BOOT1_CHECKS, GuestBoot, MgrDom, REBOOT_CHECKS, St, capture_dq, deadline, ek_stable, none, secs1, up, verify_nonces_ak};
 use crate::cmd::{Cmd, Output, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner};
 use crate::xen::{self, after_prefix, console, console_from, jf, lines_of, token};
@@ -85,6 +94,8 @@ const SRV_GCFG: &str = "/etc/xen/guest-mgrdom.cfg";
 /// dom0's `vtpmmgr bridge` (the run directory is dom0's manager's: xl-vtpm's default)
 const BRIDGE_LOG: &str = "/var/log/xvtpm/vtpmmgr-bridge.log";
 const RUN_DIR: &str = "/run/xvtpm";
+/// The suffix of the second pass's phase names (`vtpmdom-create@mgrdom`) and CHECK places.
+pub const PASS: &str = "@mgrdom";
 const DRIVERS: [&str; 2] = [
     "/sys/bus/platform/drivers/tpm_tis",
     "/sys/bus/pnp/drivers/tpm_tis",
@@ -301,12 +312,14 @@ fn compare(e: &mut Errs, md: &Md, c: &str, tag: &str) {
 }
 
 pub fn run(r: &mut Runner, st: &mut St) {
-    const ALL: [&str; 7] = [
+    const ALL: [&str; 8] = [
         "mgrdom-unbind",
         "mgrdom-control",
         "mgrdom-pv",
         "mgrdom-restart",
         "mgrdom-serve",
+        // (the second pass: vtpmdom-*@mgrdom, lifedom-*@mgrdom)
+        "mgrdom-serve-stop",
         "mgrdom-pvh",
         "mgrdom-rebind",
     ];
@@ -315,10 +328,10 @@ pub fn run(r: &mut Runner, st: &mut St) {
         return;
     }
     if !std::path::Path::new(RAMDISK).exists() {
-        r.skip_all(
-            &ALL,
-            "no /guest/mgrdom.cpio.zst (vtpmmgr or xl-vtpm not built)",
-        );
+        let why = "no /guest/mgrdom.cpio.zst (vtpmmgr or xl-vtpm not built)";
+        r.skip_all(&ALL[..5], why);
+        skip_second(r, st, why);
+        r.skip_all(&ALL[5..], why);
         return;
     }
     let mut md = Md::default();
@@ -591,17 +604,60 @@ pub fn run(r: &mut Runner, st: &mut St) {
         e.verdict("a new manager domain from the same disk: vtpmmgr found its state (provisioned without provisioning), the same group AK")
     });
     // the manager domain serving: dom0's admin CLI through the bridge, a vTPM domain and its guest
-    // through the manager domain, across a restart of the manager domain
+    // through the manager domain, across a restart of the manager domain; the manager domain and
+    // the bridge are left running for the second pass and mgrdom-serve-stop
     r.phase_if("mgrdom-serve", blocked2, deadline(1500), |cx| {
         let mut e = Errs::default();
         serve(cx, &mut md, &mut e);
-        serve_cleanup(cx, &mut md, &mut e);
+        serve_vtpm_cleanup(cx, &mut md, &mut e);
         if !e.is_empty() {
             serve_diag(&md);
         }
         e.verdict(format!(
             "dom0 without a TPM; the manager domain served (domids {}): dom0's admin CLI through vtpmmgr bridge, vTPM domain {SRV_VD} and its guest (TPM checks, NV, persistent key, deep quote verified); after the manager domain's restart the vTPM booted from its disk (key unsealed by the new manager domain): same EK, key and NV kept, deep quote verified again",
             md.srv.domids.join(" -> ")
+        ))
+    });
+    // the second pass: the vTPM-domain phase sets again, the manager in its own domain
+    let kept = second_pass(r, st, &mut md);
+    let nothing = (md.bridge.is_none() && xen::domain_gone(NAME))
+        .then_some("mgrdom-serve left no manager domain and no bridge running");
+    r.phase_if("mgrdom-serve-stop", nothing, deadline(400), |cx| {
+        let mut e = Errs::default();
+        if let Some(d) = &kept {
+            let now = xen::domid(NAME).unwrap_or_default();
+            e.check(
+                "mgrdom-serve-kept",
+                now == *d,
+                format!(
+                    "the manager domain served the whole second pass as one domain: domid {d} at its start, {} now",
+                    none(&now)
+                ),
+            );
+            let l = Cmd::sh("xl list").split().run(cx).stdout;
+            let left: Vec<&str> = l
+                .lines()
+                .skip(1)
+                .filter_map(|r| r.split_whitespace().next())
+                .filter(|n| !["Domain-0", NAME].contains(n))
+                .collect();
+            e.check(
+                "mgrdom-second-pass-clean",
+                left.is_empty(),
+                format!("domains left by the second pass beside Domain-0 and {NAME}: {left:?}"),
+            );
+        }
+        serve_stop(cx, &mut md, &mut e);
+        if !e.is_empty() {
+            serve_diag(&md);
+        }
+        e.verdict(format!(
+            "dom0's vtpmmgr bridge stopped on SIGTERM, the manager domain shut down cleanly (vtpmmgr SIGTERM, disk unmounted){}",
+            if kept.is_some() {
+                ", after it served the second pass (vtpmdom-*@mgrdom, lifedom-*@mgrdom) as one domain"
+            } else {
+                ""
+            }
         ))
     });
     r.phase_if("mgrdom-pvh", blocked, deadline(400), |cx| {
@@ -682,6 +738,129 @@ pub fn run(r: &mut Runner, st: &mut St) {
             "dom0's tpm_tis has the TPM again (/dev/{rm}), same PCRs"
         ))
     });
+}
+
+// ---- the second pass ----
+
+/// The second pass of the vTPM-domain phase sets, `vtpmdom-*@mgrdom` and `lifedom-*@mgrdom`,
+/// with the manager domain that mgrdom-serve left serving (and dom0's bridge to it): the same
+/// phases, `st.mgr_dom` telling them where the manager is. A set that cannot run (no serving
+/// manager domain, or its domains do not fit in Xen's free memory beside it) is SKIPPED with the
+/// reason. Returns the manager domain's domid if the pass ran.
+fn second_pass(r: &mut Runner, st: &mut St, md: &mut Md) -> Option<String> {
+    let ready = second_pass_ready(&r.cx, st, md);
+    r.set_suffix(PASS);
+    let kept = match ready {
+        Ok((domid, free)) => {
+            println!(
+                "INFO mgrdom second-pass: the vTPM-domain phases again (names {PASS}), the manager in domain {NAME} (domid {domid}), dom0's admin CLI through vtpmmgr bridge; Xen free memory {free} MiB beside it"
+            );
+            let saved = st.provisioned;
+            // mgrdom-serve and second_pass_ready checked it through the bridge
+            st.provisioned = true;
+            st.mgr_dom = Some(MgrDom {
+                name: NAME.into(),
+                domid: domid.clone(),
+            });
+            let fits = |what: &str, need: u64| {
+                (free < need).then(|| {
+                    format!(
+                        "does not fit beside the manager domain: Xen has {free} MiB free, {what} need {need} MiB"
+                    )
+                })
+            };
+            let (vneed, lneed) = (
+                vtpmdom_mem() + cfg_mem("/etc/xen/guest-vdom.cfg.in"),
+                vtpmdom_mem() + cfg_mem(super::life::LCFG0),
+            );
+            match fits("a vTPM domain and its guest (vtpmdom)", vneed) {
+                Some(why) if st.vtpmdom_mode != "0" => r.skip_all(&vtpmdom::PHASES, &why),
+                _ => vtpmdom::run(r, st),
+            }
+            match fits("a vTPM domain and its guest (lifedom)", lneed) {
+                Some(why) if st.lifedom_mode != "0" => r.skip_all(&lifedom::PHASES, &why),
+                _ => lifedom::run(r, st),
+            }
+            st.mgr_dom = None;
+            st.provisioned = saved;
+            Some(domid)
+        }
+        Err(why) => {
+            skip_second(r, st, &why);
+            None
+        }
+    };
+    r.set_suffix("");
+    kept
+}
+
+/// Every phase of the second pass SKIPPED (`why`; a set that is off says so instead).
+fn skip_second(r: &mut Runner, st: &St, why: &str) {
+    let saved = crate::runner::suffix();
+    r.set_suffix(PASS);
+    let why = format!("no second pass with the manager domain: {why}");
+    for (mode, names, off) in [
+        (&st.vtpmdom_mode, &vtpmdom::PHASES[..], "disabled (XVTPM_TESTBED_VTPMDOM=0)"),
+        (&st.lifedom_mode, &lifedom::PHASES[..], "disabled (XVTPM_TESTBED_LIFEDOM=0)"),
+    ] {
+        r.skip_all(names, if mode == "0" { off } else { &why });
+    }
+    r.set_suffix(&saved);
+}
+
+/// The manager domain serves and dom0's bridge reaches it: (its domid, Xen's free memory in
+/// MiB), or why not.
+fn second_pass_ready(cx: &Cx, st: &St, md: &mut Md) -> Result<(String, u64), String> {
+    if st.vtpmdom_mode == "0" && st.lifedom_mode == "0" {
+        return Err("both sets are off".into());
+    }
+    if cx.past_deadline() {
+        return Err("scenario deadline reached".into());
+    }
+    let domid = md.srv.domid.clone();
+    let now = xen::domid(NAME).unwrap_or_default();
+    if domid.is_empty() || now != domid {
+        return Err(format!(
+            "mgrdom-serve left no serving manager domain (serving as {}, {NAME} is domid {})",
+            none(&domid),
+            none(&now)
+        ));
+    }
+    if !bridge_up(md) {
+        return Err("dom0's vtpmmgr bridge is not running".into());
+    }
+    let (prov, xd, o) = mgr_status(cx, "/tmp/mgrdom-pass2-status.json");
+    if !prov || xd != domid {
+        return Err(format!(
+            "dom0's xl-vtpm mgr status --json through the bridge: rc {}, provisioned {prov}, xen_domain {} (the manager domain is {domid}): {}",
+            o.rc,
+            none(&xd),
+            o.tail1(2)
+        ));
+    }
+    let info = Cmd::sh("xl info").split().secs(60).run(cx).stdout;
+    let free = info
+        .lines()
+        .find_map(|l| l.strip_prefix("free_memory"))
+        .and_then(|v| v.trim_start().trim_start_matches(':').trim().parse().ok())
+        .unwrap_or(0);
+    Ok((domid, free))
+}
+
+/// The vTPM domains' memory (MiB): what the image's memory-mib says (the testbed's env).
+fn vtpmdom_mem() -> u64 {
+    xen::testbed_env("vtpmdom_mem")
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(128)
+}
+
+/// `memory = N` of an xl config (MiB; 0 if none).
+fn cfg_mem(path: &str) -> u64 {
+    xen::read_text(path)
+        .lines()
+        .find_map(|l| l.strip_prefix("memory = "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 // ---- mgrdom-serve ----
@@ -830,57 +1009,10 @@ fn group_ak_to(cx: &Cx, out: &str) -> String {
     }
 }
 
-/// `(key, value)` of `xenstore-ls -f` lines (`/path = "value"`).
-fn xs_pairs(lines: &[String]) -> Vec<(String, String)> {
-    lines
-        .iter()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(" = ")?;
-            Some((k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-        })
-        .collect()
-}
-
-/// The manager links of vTPM domain `vdomid` (its device/vtpm/N): (backend-id, the backend's state).
-fn mgr_links(vdomid: &str) -> Vec<(String, String)> {
-    let kv = xs_pairs(&xen::xs_ls(&format!("/local/domain/{vdomid}/device/vtpm")));
-    links_of(&kv, |b| xen::xs_read(&format!("{b}/state")).unwrap_or_default())
-}
-
-fn links_of(kv: &[(String, String)], state: impl Fn(&str) -> String) -> Vec<(String, String)> {
-    kv.iter()
-        .filter_map(|(k, b)| {
-            let dev = k.strip_suffix("/backend")?;
-            let id = kv
-                .iter()
-                .find(|(k2, _)| *k2 == format!("{dev}/backend-id"))
-                .map(|x| x.1.clone())
-                .unwrap_or_default();
-            Some((id, state(b)))
-        })
-        .collect()
-}
-
 /// CHECK `name`: the vTPM domain's manager link is served by the manager domain (backend-id = its
 /// domid, Connected), and dom0 serves no vtpm device of it.
 fn link_check(e: &mut Errs, name: &str, md: &Md) {
-    let links = mgr_links(&md.srv.vdomid);
-    let in_dom0: Vec<String> = xen::xs_ls("/local/domain/0/backend/vtpm")
-        .into_iter()
-        .filter(|l| l.contains(&format!("/backend/vtpm/{}/", md.srv.vdomid)))
-        .take(2)
-        .collect();
-    let ok = !links.is_empty()
-        && links.iter().all(|(id, st)| *id == md.srv.domid && st == "4")
-        && in_dom0.is_empty();
-    e.check(
-        name,
-        ok,
-        format!(
-            "{SRV_VD} (domid {}) manager link(s) (backend-id, backend state): {links:?}; the manager domain is domid {}; dom0 vtpm backends of it: {in_dom0:?}",
-            md.srv.vdomid, md.srv.domid
-        ),
-    );
+    super::mgr_link_check(e, name, SRV_VD, &md.srv.vdomid, &md.srv.domid);
 }
 
 fn vd_ready(md: &Md) -> bool {
@@ -1206,9 +1338,10 @@ fn serve(cx: &Cx, md: &mut Md, e: &mut Errs) {
     }
 }
 
-/// Guest, vTPM (`xl-vtpm vtpm destroy`, through the manager domain), bridge and manager domain
-/// stopped; what fails is in `e`, what is left mgrdom-rebind's serve_leftovers takes.
-fn serve_cleanup(cx: &Cx, md: &mut Md, e: &mut Errs) {
+/// Guest and vTPM (`xl-vtpm vtpm destroy`, through the manager domain) gone; what fails is in
+/// `e`, what is left mgrdom-rebind's serve_leftovers takes. Bridge and manager domain stay (the
+/// second pass, then mgrdom-serve-stop).
+fn serve_vtpm_cleanup(cx: &Cx, md: &mut Md, e: &mut Errs) {
     xen::destroy_if_running(cx, SRV_G);
     if !md.srv.uuid.is_empty() {
         let t0 = up();
@@ -1234,6 +1367,10 @@ fn serve_cleanup(cx: &Cx, md: &mut Md, e: &mut Errs) {
             md.srv.uuid.clear();
         }
     }
+}
+
+/// The bridge and the manager domain stopped (mgrdom-serve-stop); what fails is in `e`.
+fn serve_stop(cx: &Cx, md: &mut Md, e: &mut Errs) {
     if let Some(mut c) = md.bridge.take() {
         let ok = crate::cmd::stop_child(cx, &mut c, 20);
         e.check(
@@ -1298,7 +1435,9 @@ fn serve_diag(md: &Md) {
 
 #[cfg(test)]
 mod tests {
-    use super::{echo_checks, links_of, parse_pcrs, xs_pairs};
+    use super::echo_checks;
+    use super::parse_pcrs;
+    use crate::phases::{links_of, xs_pairs};
 
     #[test]
     fn manager_links_from_xenstore_ls() {
@@ -1320,6 +1459,23 @@ mod tests {
         assert_eq!(links, vec![("3".to_string(), "4".to_string())]);
         // backend-id is not taken for the backend path
         assert!(links_of(&kv[1..], |_| String::new()).is_empty());
+    }
+
+    #[test]
+    fn unregistered_vtpms_from_a_registry_check() {
+        let out = "drift: manager vTPM 94d092d5-0579-456a-844b-11b3aa551e3f belongs to no registered guest\n\
+                   drift: registry pair life-x: its vTPM 9f3f9cf4-a387-49ec-b376-de2b81520867 is missing in the manager\n\
+                   drift: manager vTPM 9f3f9cf4-a387-49ec-b376-de2b81520867 belongs to no registered guest\n\
+                   hint: manager vTPM 9f3f9cf4-a387-49ec-b376-de2b81520867 belongs to no registered guest; if it is not needed, …\n\
+                   registry matches what runs\n";
+        assert_eq!(
+            crate::phases::unregistered_vtpms(out),
+            [
+                "94d092d5-0579-456a-844b-11b3aa551e3f",
+                "9f3f9cf4-a387-49ec-b376-de2b81520867"
+            ]
+        );
+        assert!(crate::phases::unregistered_vtpms("registry matches what runs").is_empty());
     }
 
     #[test]

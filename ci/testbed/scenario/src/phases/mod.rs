@@ -54,6 +54,17 @@ pub struct St {
     pub hvlog: String,
     // hvm-ovmf: the OVMF guest's vTPM log
     pub ovlog: String,
+    /// The second pass of the vTPM-domain phases (`vtpmdom-*@mgrdom`, `lifedom-*@mgrdom`, run
+    /// by mgrdom.rs after `mgrdom-serve`): the manager runs in this domain, dom0's admin CLI
+    /// reaches it through `vtpmmgr bridge`. None: dom0's vtpmmgr process (the first pass).
+    pub mgr_dom: Option<MgrDom>,
+}
+
+/// The manager domain serving the second pass of the vTPM-domain phases.
+pub struct MgrDom {
+    /// its name (`xl domid NAME`) and its domid when the pass began (it must not change)
+    pub name: String,
+    pub domid: String,
 }
 
 impl St {
@@ -67,10 +78,36 @@ impl St {
             None => false,
         }
     }
-    /// vtpmmgr runs and was provisioned (what the vTPM phases need).
+    /// vtpmmgr runs and was provisioned (what the vTPM phases need): dom0's process, or (second
+    /// pass) the manager domain, whose provisioning mgrdom.rs checked through the bridge.
     pub fn mgr_ready(&mut self) -> bool {
-        self.mgr.is_some() && self.provisioned
+        (self.mgr.is_some() || self.mgr_dom.is_some()) && self.provisioned
     }
+    /// The manager domain's domid in the second pass; None in the first (dom0's manager).
+    pub fn mgr_domid(&self) -> Option<&str> {
+        self.mgr_dom.as_ref().map(|m| m.domid.as_str())
+    }
+    /// Where the manager runs, for a check's text.
+    pub fn mgr_where(&self) -> String {
+        match &self.mgr_dom {
+            Some(m) => format!("the manager domain {} (domid {})", m.name, m.domid),
+            None => "dom0's vtpmmgr".into(),
+        }
+    }
+    /// The manager's last `n` log lines, shown with the prefix `vtpmmgr`: dom0's manager's log
+    /// file, or in the second pass the manager domain's (its /init streams it onto its console
+    /// as `MGRDOM-LOG` lines, mgrdom-init.sh).
+    pub fn show_mgr_log(&self, n: usize) {
+        match &self.mgr_dom {
+            Some(m) => {
+                let c = console(&m.name);
+                let v: Vec<&str> = c.lines().filter(|l| l.starts_with("MGRDOM-LOG ")).collect();
+                show_last(&format!("vtpmmgr in {} (console, MGRDOM-LOG)", m.name), &v, n);
+            }
+            None => crate::cmd::show_tail("vtpmmgr", &xen::read_text(&self.mgr_log), n),
+        }
+    }
+
     pub fn vtpm_exited(&self) -> bool {
         !crate::cmd::pid_up(self.vtpm_pid)
     }
@@ -162,9 +199,10 @@ pub fn secs1(a: f64, b: f64) -> String {
 /// Echoes NAME's GUEST-CHECK lines as `CHECK NAME/TAG …`; each of `want` must have passed and
 /// the guest must have said `GUEST-DONE … result=ok`. Returns the missing ones.
 pub fn guest_checks(text: &str, name: &str, tag: &str, want: &[&str]) -> Vec<String> {
+    let sfx = crate::runner::suffix();
     for l in text.lines() {
         if let Some(rest) = l.strip_prefix("GUEST-CHECK ") {
-            println!("CHECK {name}/{tag} {rest}");
+            println!("CHECK {name}/{tag}{sfx} {rest}");
         }
     }
     let mut miss: Vec<String> = want
@@ -465,6 +503,54 @@ pub fn drop_standalone_vtpm(cx: &Cx, st: &St) {
     }
 }
 
+/// The manager vTPM identities `xl-vtpm registry check`'s text `out` names as belonging to no
+/// registered guest (`drift: manager vTPM U belongs to no registered guest`).
+pub fn unregistered_vtpms(out: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.contains("belongs to no registered guest"))
+        .filter_map(|l| l.split("manager vTPM ").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .filter(|u| u.len() == 36 && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        .fold(Vec::new(), |mut v, u| {
+            if !v.iter().any(|x| x == u) {
+                v.push(u.to_string());
+            }
+            v
+        })
+}
+
+/// The second pass's counterpart of [`drop_standalone_vtpm`]: the manager domain serves the
+/// store dom0's manager had at the end of the first pass, with the standalone vTPMs of the phases
+/// that ran between the passes (`tpm2-guest`'s guest-tpm2 and guest-tpm12, and with every section
+/// on the others'): no lifecycle pairs, so their identities are dropped (`xl-vtpm mgr vtpm del`,
+/// through the bridge, each an INFO line) before the pass, as the first pass began without them,
+/// and `xl-vtpm registry check` speaks about the pairs only. A running one is left alone (the
+/// registry check then reports it).
+pub fn drop_unregistered_vtpms(cx: &Cx, why: &str) {
+    let o = Cmd::sh("xl-vtpm registry check").secs(60).run(cx);
+    for u in unregistered_vtpms(&o.all()) {
+        let row: String = Cmd::new(&["xl-vtpm", "vtpm", "show", &u, "--json"])
+            .secs(30)
+            .split()
+            .run(cx)
+            .stdout
+            .split_whitespace()
+            .collect();
+        if row.contains("\"state\":\"running\"") {
+            println!("INFO {why}: manager vTPM {u} belongs to no registered guest but runs: kept");
+            continue;
+        }
+        let d = Cmd::new(&["xl-vtpm", "mgr", "vtpm", "del", &u, "--yes"])
+            .env("NO_COLOR", "1")
+            .secs(30)
+            .run(cx);
+        println!(
+            "INFO {why}: dropped manager vTPM {u} (belongs to no registered guest: a standalone vTPM of an earlier phase, stopped): xl-vtpm mgr vtpm del rc {}",
+            d.rc
+        );
+    }
+}
+
 /// `xl create CFG` under the phase; appends `xl-create-rc=N` to `e` on failure.
 pub fn xl_create(cx: &Cx, cfg: &str, save: &str, secs: u64, e: &mut Errs) -> bool {
     xl_create_named(cx, None, cfg, save, secs, e)
@@ -494,6 +580,123 @@ pub fn up() -> f64 {
 
 pub fn now_wall() -> f64 {
     wall()
+}
+
+/// `(key, value)` of `xenstore-ls -f` lines (`/path = "value"`).
+pub fn xs_pairs(lines: &[String]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(" = ")?;
+            Some((k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        })
+        .collect()
+}
+
+/// The manager links of vTPM domain `vdomid` (its device/vtpm/N): (backend-id, the backend's state).
+pub fn mgr_links(vdomid: &str) -> Vec<(String, String)> {
+    let kv = xs_pairs(&xen::xs_ls(&format!("/local/domain/{vdomid}/device/vtpm")));
+    links_of(&kv, |b| xen::xs_read(&format!("{b}/state")).unwrap_or_default())
+}
+
+pub fn links_of(kv: &[(String, String)], state: impl Fn(&str) -> String) -> Vec<(String, String)> {
+    kv.iter()
+        .filter_map(|(k, b)| {
+            let dev = k.strip_suffix("/backend")?;
+            let id = kv
+                .iter()
+                .find(|(k2, _)| *k2 == format!("{dev}/backend-id"))
+                .map(|x| x.1.clone())
+                .unwrap_or_default();
+            Some((id, state(b)))
+        })
+        .collect()
+}
+
+/// CHECK `name`: the manager link(s) of vTPM domain `vdomid` (`label`) are served by the manager
+/// domain `mgr` (backend-id = its domid, the backend Connected), and dom0 serves no vtpm device
+/// of it.
+pub fn mgr_link_check(e: &mut Errs, name: &str, label: &str, vdomid: &str, mgr: &str) -> bool {
+    let links = mgr_links(vdomid);
+    let in_dom0: Vec<String> = xen::xs_ls("/local/domain/0/backend/vtpm")
+        .into_iter()
+        .filter(|l| l.contains(&format!("/backend/vtpm/{vdomid}/")))
+        .take(2)
+        .collect();
+    let ok = !vdomid.is_empty()
+        && !links.is_empty()
+        && links.iter().all(|(id, st)| id == mgr && st == "4")
+        && in_dom0.is_empty();
+    e.check(
+        name,
+        ok,
+        format!(
+            "{label} (domid {}) manager link(s) (backend-id, backend state): {links:?}; the manager domain is domid {mgr}; dom0 vtpm backends of it: {in_dom0:?}",
+            none(vdomid)
+        ),
+    )
+}
+
+/// In the second pass (the manager in its own domain) CHECK `name`: vTPM domain `vdomid`'s
+/// manager link is on the manager domain ([`mgr_link_check`]). In the first pass nothing (its
+/// link is on dom0's manager; the first pass is not changed by the second).
+pub fn mgr_link_if_mgrdom(e: &mut Errs, st: &St, name: &str, label: &str, vdomid: &str) {
+    if let Some(m) = st.mgr_domid() {
+        mgr_link_check(e, name, label, vdomid, m);
+    }
+}
+
+/// The backends of domain `domid` that are still there: dom0's vbd and vtpm backends, and in
+/// the second pass the manager domain's vtpm backend (its manager link).
+pub fn backends_left(st: &St, domid: &str) -> Vec<String> {
+    let mut v: Vec<String> = xen::xs_ls("/local/domain/0/backend")
+        .into_iter()
+        .filter(|l| {
+            l.contains(&format!("/backend/vbd/{domid}/"))
+                || l.contains(&format!("/backend/vtpm/{domid}/"))
+        })
+        .collect();
+    if let Some(m) = st.mgr_domid() {
+        v.extend(
+            xen::xs_ls(&format!("/local/domain/{m}/backend/vtpm"))
+                .into_iter()
+                .filter(|l| l.contains(&format!("/backend/vtpm/{domid}/"))),
+        );
+    }
+    v
+}
+
+/// `; manager: …` for a verdict of the second pass (empty in the first).
+pub fn mgr_said(st: &St) -> String {
+    if st.mgr_dom.is_some() {
+        format!(
+            "; manager: {} (admin CLI through vtpmmgr bridge, manager link on it)",
+            st.mgr_where()
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// In the second pass: the manager domain's vtpm backends (the vTPM domains' manager links), the
+/// first `n` lines (diagnosis).
+pub fn show_mgr_backends(st: &St, n: usize) {
+    if let Some(m) = &st.mgr_dom {
+        for l in xen::xs_ls(&format!("/local/domain/{}/backend/vtpm", m.domid))
+            .iter()
+            .take(n)
+        {
+            println!("[{} backend] {l}", m.name);
+        }
+    }
+}
+
+/// What a backends-gone check says it verified.
+pub fn backends_where(st: &St) -> String {
+    match st.mgr_domid() {
+        Some(m) => format!("no dom0 vbd/vtpm backend and no vtpm backend in the manager domain (domid {m})"),
+        None => "no dom0 vbd/vtpm backend".into(),
+    }
 }
 
 /// `EPOCH.us (HH:MM:SS UTC)`: the Xen wallclock, comparable with vtpm.log.

@@ -62,6 +62,8 @@ pub fn dump_logs(st: &St, failed: bool) {
     // the lifecycle's logs first (the budget may cut the dump short)
     dump_log("watch", "/var/log/xvtpm/watch.log", n);
     dump_log("watch-d", "/var/log/xvtpm/watch-d.log", n);
+    // the lifedom phases' second pass (the manager in its own domain, XVTPM_TESTBED_MGRDOM=1)
+    dump_log("watch-m", "/var/log/xvtpm/watch-m.log", n);
     if !st.luuid.is_empty() {
         dump_log("vtpm-life-a", &st.lvlog, n);
     }
@@ -112,6 +114,7 @@ pub fn dump_logs(st: &St, failed: bool) {
     dump_log("xen-hotplug", "/var/log/xen/xen-hotplug.log", 100);
     dump_log("xl-vtpmdom-a", "/var/log/xen/xl-vtpmdom-a.log", 100);
     dump_log("xl-vtpm-life-d", "/var/log/xen/xl-vtpm-life-d.log", 100);
+    dump_log("xl-vtpm-life-m", "/var/log/xen/xl-vtpm-life-m.log", 100);
     let mut outs = xen::dir_names("/tmp");
     outs.retain(|f| f.starts_with("xl-") && f.ends_with(".out"));
     outs.sort();

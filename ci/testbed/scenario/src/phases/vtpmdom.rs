@@ -14,6 +14,13 @@
 //!                    boot 3: 0x81000010 + NV kept, same EK -- the A/B store on a real xen-blkfront disk
 //!   vtpmdom-destroy  xl destroy of the (held) guest, the vTPM domain survives it; `xl-vtpm vtpm destroy
 //!                    --yes`: domain, manager identity, disk image and loop device gone
+//!   vtpmdom-debian   a vTPM domain on Debian's kernel with its modules (128 MiB): ready, destroyed
+//! With XVTPM_TESTBED_MGRDOM=1 the set runs a second time after `mgrdom-serve`, as
+//! `vtpmdom-*@mgrdom`, with the manager in its own domain (`st.mgr_dom`; dom0 reaches it through
+//! `vtpmmgr bridge`): the same checks, and where a check is about where the manager is it says so
+//! (`vtpmdom-mgr-link*`: the manager link's backend is the manager domain; the deep quote is
+//! verified with the group AK the manager domain gives; backends gone in dom0 and in the manager
+//! domain; the manager's log from the manager domain's console).
 
 use std::fs;
 use std::path::Path;
@@ -21,7 +28,7 @@ use std::time::Duration;
 
 use super::{
     BOOT1_CHECKS, GuestBoot, REBOOT_CHECKS, St, capture_dq, deadline, ek_stable, none, secs1, up,
-    verify_nonces,
+    verify_nonces_ak,
 };
 use crate::cmd::{Cmd, Output, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner};
@@ -175,7 +182,8 @@ pub fn extra_line(cfg: &str) -> String {
         .to_string()
 }
 
-/// What xl, the block script and the manager said about the vTPM domain NAME.
+/// What xl, the block script and the manager (dom0's, or the manager domain's) said about the
+/// vTPM domain NAME.
 pub fn domain_logs(name: &str, xl_lines: usize, st: &St) {
     show_tail(
         &format!("xl-{name}.log"),
@@ -187,7 +195,7 @@ pub fn domain_logs(name: &str, xl_lines: usize, st: &St) {
         &xen::read_text("/var/log/xen/xen-hotplug.log"),
         10,
     );
-    show_tail("vtpmmgr", &xen::read_text(&st.mgr_log), 15);
+    st.show_mgr_log(15);
 }
 
 /// The console lines matching `f`, last `n`, prefixed.
@@ -242,6 +250,7 @@ impl Vd {
             );
         }
         print_lines("dom0 backend", &dom0_backends(), 60);
+        super::show_mgr_backends(st, 40);
         domain_logs(VD, 25, st);
     }
     /// A snapshot while xl-vtpm waits (it destroys a domain that does not become ready).
@@ -292,19 +301,19 @@ fn xlvtpm_snap(cx: &Cx, vd: &Vd, args: &[&str], secs: u64, out: &str, err: Optio
     c.run_watched(cx, Duration::from_secs(40), |_| vd.snap(&what))
 }
 
+/// The phases of this set, in order (mgrdom.rs skips them by name when their second pass cannot run).
+pub const PHASES: [&str; 6] = [
+    "vtpmdom-create",
+    "vtpmdom-guest",
+    "vtpmdom-reboot",
+    "vtpmdom-restart",
+    "vtpmdom-destroy",
+    "vtpmdom-debian",
+];
+
 pub fn run(r: &mut Runner, st: &mut St) {
     if st.vtpmdom_mode == "0" {
-        r.skip_all(
-            &[
-                "vtpmdom-create",
-                "vtpmdom-guest",
-                "vtpmdom-reboot",
-                "vtpmdom-restart",
-                "vtpmdom-destroy",
-                "vtpmdom-debian",
-            ],
-            "disabled (XVTPM_TESTBED_VTPMDOM=0)",
-        );
+        r.skip_all(&PHASES, "disabled (XVTPM_TESTBED_VTPMDOM=0)");
         return;
     }
     let mem = xen::testbed_env("vtpmdom_mem").unwrap_or_else(|| "128".into());
@@ -475,6 +484,9 @@ fn debian(cx: &Cx, st: &mut St) -> Outcome {
                 format!("no 'VTPMDOM-READY uuid={u}' on its console")
             },
         );
+        if rd && let Some(i) = xen::domid(VDD) {
+            super::mgr_link_if_mgrdom(&mut e, st, "vtpmdom-debian-mgr-link", VDD, &i);
+        }
         let mods = con
             .lines()
             .find(|l| l.starts_with("VTPMDOM-INIT vtpm-domain"))
@@ -671,6 +683,7 @@ fn create(cx: &Cx, st: &mut St, vd: &mut Vd, mem: &str) -> Outcome {
             },
         );
         show_state(cx, &mut e, "vtpmdom-show-running", &vd.uuid, "running");
+        super::mgr_link_if_mgrdom(&mut e, st, "vtpmdom-mgr-link", VD, &vd.domid);
         disk_check(cx, &mut e, "vtpmdom-disk", &vd.uuid);
         show(
             &format!("xl block-list {VD}"),
@@ -711,8 +724,10 @@ fn create(cx: &Cx, st: &mut St, vd: &mut Vd, mem: &str) -> Outcome {
     }
     if e.is_empty() {
         Outcome::pass(format!(
-            "vTPM {} in domain {VD} (domid {}), ready in {create_s} s; state on /dev/xvda",
-            vd.uuid, vd.domid
+            "vTPM {} in domain {VD} (domid {}), ready in {create_s} s; state on /dev/xvda{}",
+            vd.uuid,
+            vd.domid,
+            super::mgr_said(st)
         ))
     } else {
         // the next steps need a ready vTPM domain
@@ -766,10 +781,14 @@ fn boot(cx: &Cx, vd: &mut Vd, n: u32, extra: &str, e: &mut Errs) {
     }
 }
 
+/// Keeps boot N's console (a second pass's under its suffix: guest-guest-vdom-bootN@mgrdom.log).
 fn keep_log(n: u32) {
     let _ = fs::rename(
         xen::clog(VDG),
-        format!("/var/log/xen/console/guest-{VDG}-boot{n}.log"),
+        format!(
+            "/var/log/xen/console/guest-{VDG}-boot{n}{}.log",
+            crate::runner::suffix()
+        ),
     );
 }
 
@@ -778,14 +797,21 @@ fn guest1(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
     let nonce = xen::nonce(32);
     boot(cx, vd, 1, &format!("dq_nonce={nonce}"), &mut e);
     match capture_dq(VDG, "/tmp/vdq.bin") {
-        Ok(_) => match super::vtpm::group_ak(cx) {
-            Ok(()) => {
+        Ok(_) => match group_ak(cx, st) {
+            Ok(ak) => {
                 let (rc_ok, rc_bad) =
-                    verify_nonces(cx, "/tmp/vdq.bin", &nonce, &vd.uuid, "/tmp/vdverify");
+                    verify_nonces_ak(cx, "/tmp/vdq.bin", &nonce, &vd.uuid, &ak, "/tmp/vdverify");
                 e.check(
                     "vtpmdom-verify-right-nonce",
                     rc_ok == 8,
-                    format!("exit={rc_ok} (want 8: verified, host state not checked)"),
+                    format!(
+                        "exit={rc_ok} (want 8: verified, host state not checked){}",
+                        if st.mgr_dom.is_some() {
+                            format!("; with the group AK of {} ({ak}, fetched through the bridge)", st.mgr_where())
+                        } else {
+                            String::new()
+                        }
+                    ),
                 );
                 e.check(
                     "vtpmdom-verify-wrong-nonce",
@@ -809,9 +835,32 @@ fn guest1(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
     }
     keep_log(1);
     e.verdict(format!(
-        "boot 1: all guest checks on /dev/tpm0 served by domain {VD}; deep quote verified in dom0 (right nonce 8 = host unchecked, wrong 7)"
+        "boot 1: all guest checks on /dev/tpm0 served by domain {VD}; deep quote verified in dom0 (right nonce 8 = host unchecked, wrong 7){}",
+        super::mgr_said(st)
     ))
 }
+
+/// The group AK the deep quotes are verified with, in a file: dom0's manager's (`/tmp/ak.bin`,
+/// as the other phases use it), or in the second pass the manager domain's, fetched anew through
+/// the bridge (`/tmp/ak-mgrdom.bin`).
+fn group_ak(cx: &Cx, st: &St) -> Result<String, String> {
+    if st.mgr_dom.is_none() {
+        return super::vtpm::group_ak(cx).map(|()| "/tmp/ak.bin".to_string());
+    }
+    let ak = "/tmp/ak-mgrdom.bin";
+    let _ = fs::remove_file(ak);
+    let o = Cmd::new(&["xl-vtpm", "mgr", "group", "ak", "default", "--out", ak])
+        .env("NO_COLOR", "1")
+        .secs(60)
+        .save("/tmp/ak-mgrdom.out")
+        .run(cx);
+    if o.ok() && fs::metadata(ak).is_ok_and(|m| m.len() > 0) {
+        Ok(ak.into())
+    } else {
+        Err(o.tail1(3))
+    }
+}
+
 
 fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
     let mut e = Errs::default();
@@ -917,6 +966,7 @@ fn restart(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
                 "not ready".into()
             },
         );
+        super::mgr_link_if_mgrdom(&mut e, st, "vtpmdom-mgr-link-restart", VD, &vd.domid);
         let cfg = format!("/run/xvtpm/vtpms/{}.xl.cfg", vd.uuid);
         let resumed = resumes_from_disk(&cfg);
         e.check(
@@ -1019,12 +1069,12 @@ fn destroy(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
         },
     );
     if let Some(d) = d {
-        let left: Vec<String> = backends_of(&d).into_iter().take(3).collect();
+        let left: Vec<String> = super::backends_left(st, &d).into_iter().take(3).collect();
         e.check(
             "vtpmdom-backends-gone",
             left.is_empty(),
             if left.is_empty() {
-                format!("no dom0 vbd/vtpm backend of domid {d} left")
+                format!("{} of domid {d} left", super::backends_where(st))
             } else {
                 left.join(" ")
             },
