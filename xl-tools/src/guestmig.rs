@@ -262,7 +262,10 @@ impl Xen {
         // The vTPM in its own domain: that domain stays where it is and serves the moved guest's
         // device, as a dom0 process would.
         let vdom = if rt.is_none() { self.domains().runtime(&uuid) } else { None };
-        if rt.is_none() && vdom.is_none() && row.vtpm_domain != crate::xenlife::vtpm_domain_name(name) {
+        // A vTPM domain that is not running: the registry names it (a running pair's vTPM domid
+        // is not 0), or the pair names a domain other than the dom0-process default.
+        let in_domain = row.vtpm_domid.is_some_and(|d| d != 0) || row.vtpm_domain != crate::xenlife::vtpm_domain_name(name);
+        if rt.is_none() && vdom.is_none() && in_domain {
             return Err(fail(
                 REFUSED,
                 format!(
