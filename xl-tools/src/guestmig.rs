@@ -264,7 +264,9 @@ impl Xen {
         let vdom = if rt.is_none() { self.domains().runtime(&uuid) } else { None };
         // A vTPM domain that is not running: the registry names it (a running pair's vTPM domid
         // is not 0), or the pair names a domain other than the dom0-process default.
-        let in_domain = row.vtpm_domid.is_some_and(|d| d != 0) || row.vtpm_domain != crate::xenlife::vtpm_domain_name(name);
+        let in_domain = row.vtpm_domid.is_some_and(|d| d != 0)
+            || row.vtpm_domain != crate::xenlife::vtpm_domain_name(name)
+            || matches!(self.domains().spec(&uuid), Ok(Some(_)));
         if rt.is_none() && vdom.is_none() && in_domain {
             return Err(fail(
                 REFUSED,

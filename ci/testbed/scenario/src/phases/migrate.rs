@@ -19,13 +19,23 @@
 //!                    `xl reboot` of the restored guest (its monitor is now `xl restore`): the watcher keeps the
 //!                    vTPM process and records the new domid;
 //!                    `xl-vtpm destroy`: the domain and the vTPM process are gone
+//!   migrate-vtpmdom  the vTPM in its own domain (needs the manager and the vTPM-domain image, no dom0
+//!                    vTPM process): `xl-vtpm create` of mig-d (`vtpm = [ "backend=vtpm-mig-d" ]`, the
+//!                    mig-a guest otherwise; vtpm-mig-d at the memory xl-vtpm picks, 32 MiB with the own
+//!                    kernel); `xl-vtpm migrate mig-d localhost --non-live` twice: JSON (`vtpm_domain`,
+//!                    `vtpm_pid` 0, `non_live`, `reconnect_ms`), the vTPM domain the same domid and ready,
+//!                    the source domain and its device in the vTPM domain's backend gone, save file
+//!                    removed, registry (new guest domid, same vTPM domid), the marker taken and the vTPM
+//!                    domain saying it resumed; in the guest EK, key, NV and PCR 16 kept, quote verified;
+//!                    P6 (`PERF p6-vtpmdom-…`); refused (exit 6, nothing moved, the reason named) with the
+//!                    vTPM domain stopped (`xl-vtpm vtpm stop`); `vtpm start` again, `xl-vtpm destroy`
 
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::life::{Watch, life_row, watch_start};
-use super::{St, deadline, ek_hash};
+use super::{St, deadline, ek_hash, none};
 use crate::cmd::{Cmd, pid_up, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner};
 use crate::xen::{self, after_prefix, jf};
@@ -85,8 +95,9 @@ pub(super) fn last_tick(name: &str) -> f64 {
 }
 
 /// A config for `name` from life-a.cfg (the lifecycle guest: kernel, memory, `vtpm = [ "backend=0" ]`)
-/// with `extra`, without its vTPM line when `vtpm` is false.
-fn write_cfg(path: &str, name: &str, extra: &str, vtpm: bool) -> Result<(), String> {
+/// with `extra`; its vTPM line names `backend` (`0`: a dom0 process; a name: that vTPM domain),
+/// or is left out when `backend` is None.
+fn write_cfg(path: &str, name: &str, extra: &str, backend: Option<&str>) -> Result<(), String> {
     let src = xen::read_text(super::life::LCFG0);
     let mut out = String::new();
     for l in src.lines() {
@@ -95,15 +106,19 @@ fn write_cfg(path: &str, name: &str, extra: &str, vtpm: bool) -> Result<(), Stri
             format!("name = \"{name}\"")
         } else if t.starts_with("extra ") || t.starts_with("extra=") {
             format!("extra = \"console=hvc0 rootfstype=ramfs quiet {extra}\"")
-        } else if t.starts_with("vtpm ") && !vtpm {
-            continue;
+        } else if t.starts_with("vtpm ") || t.starts_with("vtpm=") {
+            match backend {
+                Some(b) => format!("vtpm = [ \"backend={b}\" ]"),
+                None => continue,
+            }
         } else {
             l.to_string()
         };
         out.push_str(&l);
         out.push('\n');
     }
-    if !out.contains(&format!("name = \"{name}\"")) || !out.contains(extra) {
+    let want_vtpm = backend.is_none_or(|b| out.contains(&format!("backend={b}\"")));
+    if !out.contains(&format!("name = \"{name}\"")) || !out.contains(extra) || !want_vtpm {
         return Err(format!("{path}: name/extra not substituted from {}", super::life::LCFG0));
     }
     std::fs::write(path, out).map_err(|e| format!("{path}: {e}"))
@@ -155,6 +170,18 @@ pub(super) fn field(line: &str, key: &str) -> String {
 }
 
 pub fn run(r: &mut Runner, st: &mut St) {
+    run_dom0(r, st);
+    // the vTPM in its own domain: needs the manager and the vTPM-domain image, no dom0 vTPM process
+    let mode = xen::cmdline_arg("xvtpm_migrate").unwrap_or_else(|| "1".into());
+    if mode == "0" {
+        r.skip("migrate-vtpmdom", "disabled (XVTPM_TESTBED_MIGRATE=0)");
+        return;
+    }
+    r.phase("migrate-vtpmdom", deadline(900), |cx| vtpmdom_move(cx, st));
+}
+
+/// The phases of a guest whose vTPM is a dom0 process (`migrate-plain`, `migrate`, `migrate-recover`).
+fn run_dom0(r: &mut Runner, st: &mut St) {
     let mode = xen::cmdline_arg("xvtpm_migrate").unwrap_or_else(|| "1".into());
     if mode == "0" || st.vtpm_mode != "dom0" {
         let why = if mode == "0" { "disabled (XVTPM_TESTBED_MIGRATE=0)" } else { "needs XVTPM_TESTBED_VTPM=dom0" };
@@ -170,7 +197,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         let info = Cmd::sh("xl info").secs(30).run(cx).all();
         show("xl info", &info.lines().filter(|l| l.starts_with("free_memory") || l.starts_with("total_memory")).collect::<Vec<_>>().join("\n"));
         show("xl list", &Cmd::sh("xl list").secs(30).run(cx).all());
-        if let Err(w) = write_cfg(PCFG, "mig-p", "role=plain hold=1 tick=1", false) {
+        if let Err(w) = write_cfg(PCFG, "mig-p", "role=plain hold=1 tick=1", None) {
             return Outcome::fail(w);
         }
         if !super::xl_create(cx, PCFG, "/tmp/xl-mig-p.out", 180, &mut e) {
@@ -234,7 +261,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         if !st.mgr_ready() {
             return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
         }
-        if let Err(w) = write_cfg(MCFG, "mig-a", "role=mig hold=1 tick=1", true) {
+        if let Err(w) = write_cfg(MCFG, "mig-a", "role=mig hold=1 tick=1", Some("0")) {
             return Outcome::fail(w);
         }
         let o = Cmd::new(&["xl-vtpm", "create", MCFG]).env("NO_COLOR", "1").secs(180).save("/tmp/xl-mig-a-create.out").run(cx);
@@ -410,6 +437,288 @@ pub fn run(r: &mut Runner, st: &mut St) {
     if let Some(mut w) = watch.take() {
         let _ = w.child.kill();
         let _ = w.child.wait();
+    }
+}
+
+/// The guest of `migrate-vtpmdom`, its vTPM domain (lifedom's `vtpm-GUEST` scheme) and its config.
+const DG: &str = "mig-d";
+const DV: &str = "vtpm-mig-d";
+const DCFG: &str = "/etc/xen/mig-d.cfg";
+
+/// No domain has id `domid` any more (`xl domname` fails).
+fn domid_gone(cx: &Cx, domid: &str) -> bool {
+    !domid.is_empty() && !Cmd::new(&["xl", "domname", domid]).secs(30).run(cx).ok()
+}
+
+/// The vTPM domain `v`'s tpmif backend directory of guest domain `g`.
+fn vbackend(v: &str, g: &str) -> String {
+    format!("/local/domain/{v}/backend/vtpm/{g}")
+}
+
+/// `reconnect_ms` (or another number) is in the answer.
+fn has_ms(v: &Value, key: &str) -> bool {
+    jf(v, key).parse::<u64>().is_ok()
+}
+
+/// What helps when `migrate-vtpmdom` fails: the guest's GUEST lines, the vTPM domain's console,
+/// its backend directory, the domains and the registry.
+fn vtpmdom_diag(cx: &Cx) {
+    show_tail(&format!("{DG} console (GUEST lines)"), &cons(DG).lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
+    show_tail(&format!("{DV} console"), &xen::console(DV), 30);
+    if let Some(v) = xen::domid(DV) {
+        for l in xen::xs_ls(&format!("/local/domain/{v}/backend/vtpm")).iter().take(40) {
+            println!("[{DV} backend] {l}");
+        }
+    }
+    show("xl list", &Cmd::sh("xl list").secs(30).run(cx).all());
+    super::life::life_list(cx);
+}
+
+/// `migrate-vtpmdom`: a PV guest whose vTPM runs in its own domain, moved with `xl-vtpm migrate
+/// --non-live` twice (the vTPM domain stays and gets the resume marker on its own backend
+/// directory); the move refused with that domain stopped; `xl-vtpm destroy`.
+fn vtpmdom_move(cx: &Cx, st: &mut St) -> Outcome {
+    let mut e = Errs::default();
+    if !st.mgr_ready() {
+        return Outcome::fail("needs a provisioned vtpmmgr (mgr phases)");
+    }
+    let rd = super::vtpmdom::RAMDISK;
+    if std::fs::metadata(rd).map(|m| m.len() == 0).unwrap_or(true) {
+        return Outcome::fail(format!("the vTPM-domain image {rd} not built"));
+    }
+    if xen::domid(DG).is_some() || xen::domid(DV).is_some() {
+        return Outcome::fail(format!("{DG} or {DV} runs already (an earlier phase's leftover)"));
+    }
+    // the vTPM domain's state disk: a loop device and blkback (vtpmdom.rs loads them too)
+    super::vtpmdom::load_block_modules(cx, &mut e);
+    if !e.is_empty() {
+        return Outcome::fail(e.joined());
+    }
+    if let Err(w) = write_cfg(DCFG, DG, "role=mig hold=1 tick=1", Some(DV)) {
+        return Outcome::fail(w);
+    }
+    xen::show_cfg(&format!("{DG}.cfg"), &xen::read_text(DCFG), &["name", "memory", "vtpm", "extra"]);
+    let t0 = std::time::Instant::now();
+    let o = Cmd::new(&["xl-vtpm", "create", DCFG]).env("NO_COLOR", "1").secs(300).save("/tmp/xl-mig-d-create.out").run(cx);
+    println!("PERF migrate-vtpmdom-create-s={:.1} (xl-vtpm create {DG}.cfg: a new vTPM identity and disk, {DV} booted and manufactured, then the guest)", t0.elapsed().as_secs_f64());
+    if !o.ok() {
+        show_tail("xl-vtpm create mig-d", &o.all(), 20);
+        vtpmdom_diag(cx);
+        vtpmdom_cleanup(cx, "");
+        return Outcome::fail(format!("xl-vtpm create rc={}", o.rc));
+    }
+    let row = life_row(cx, DG);
+    let uuid = jf(&row, "vtpm_uuid");
+    let vd0 = xen::domid(DV).unwrap_or_default();
+    let g0 = xen::domid(DG).unwrap_or_default();
+    let mem = xen::read_text(&format!("/run/xvtpm/vtpms/{uuid}.xl.cfg")).lines().find_map(|l| l.strip_prefix("memory = ").map(str::to_string)).unwrap_or_default();
+    e.check(
+        "migrate-vtpmdom-created",
+        jf(&row, "state") == "running" && jf(&row, "vtpm_domain") == DV && !vd0.is_empty() && jf(&row, "vtpm_domid") == vd0 && !g0.is_empty() && jf(&row, "guest_domid") == g0 && !uuid.is_empty() && uuid != "null",
+        format!("{DG} domid {g0}, its vTPM {uuid} in {DV} domid {vd0} ({mem} MiB); registry: {}", super::life::row_line(&row)),
+    );
+    if !cx.wait_every(300, Duration::from_secs(1), || cons(DG).contains("GUEST-HOLD")) {
+        e.add("no-GUEST-HOLD");
+    }
+    let c = cons(DG);
+    for m in super::guest_checks(&c, DG, "boot", &["tpm0", "startup", "getrandom", "ek", "persistent", "nv-write", "pcrextend"]) {
+        e.add(m);
+    }
+    let ek = ek_hash(&c);
+    let pcr = after_prefix(&c, "GUEST-PCR16 ").unwrap_or_default().trim().to_string();
+    if !e.is_empty() {
+        vtpmdom_diag(cx);
+        vtpmdom_cleanup(cx, &uuid);
+        return e.verdict("");
+    }
+    let mut downs = Vec::new();
+    for round in 1..=2 {
+        if round == 2 && r_past(cx) {
+            break;
+        }
+        let before = xen::domid(DG).unwrap_or_default();
+        let from = last_tick(DG);
+        let (rc, v, all) = xl_vtpm_migrate(cx, &[DG, "localhost", "--non-live"], &format!("/tmp/xl-mig-d-{round}.out"));
+        show("xl-vtpm migrate", &all);
+        let new = xen::domid(DG).unwrap_or_default();
+        let ok = rc == 0
+            && !new.is_empty()
+            && new != before
+            && jf(&v, "from_domid") == before
+            && jf(&v, "to_domid") == new
+            && jf(&v, "non_live") == "true"
+            && jf(&v, "vtpm_domain") == DV
+            && jf(&v, "vtpm_pid") == "0"
+            && jf(&v, "vtpm_restarted") == "false"
+            && has_ms(&v, "reconnect_ms");
+        if !e.check(
+            "migrate-vtpmdom-xl-vtpm",
+            ok,
+            format!(
+                "round {round}: rc={rc} domid {before} -> {new} (from_domid {}, to_domid {}), non_live {}, vtpm_domain {}, vtpm_pid {}, vtpm_restarted {}; xl save {} ms, xl restore {} ms, total {} ms, reconnect {} ms",
+                jf(&v, "from_domid"),
+                jf(&v, "to_domid"),
+                jf(&v, "non_live"),
+                jf(&v, "vtpm_domain"),
+                jf(&v, "vtpm_pid"),
+                jf(&v, "vtpm_restarted"),
+                jf(&v, "xl_save_ms"),
+                jf(&v, "xl_restore_ms"),
+                jf(&v, "total_ms"),
+                jf(&v, "reconnect_ms")
+            ),
+        ) {
+            break;
+        }
+        let vd = xen::domid(DV).unwrap_or_default();
+        let ready = xen::xs_read(&format!("/local/domain/{vd0}/data/xvtpm/ready")).unwrap_or_default();
+        let exited = xen::console(DV).lines().any(|l| l.starts_with("VTPMDOM-EXIT"));
+        e.check(
+            "migrate-vtpmdom-same-vtpm-domain",
+            vd == vd0 && ready == uuid && !exited,
+            format!("round {round}: {DV} domid {vd0} -> {} (data/xvtpm/ready = '{ready}', VTPMDOM-EXIT on its console: {exited})", none(&vd)),
+        );
+        let gone = cx.wait_until(30, || domid_gone(cx, &before));
+        e.check(
+            "migrate-vtpmdom-source-gone",
+            gone && !save_left(cx, DG),
+            format!("round {round}: the source domain {before} gone: {gone}; save file {} removed: {}", save_path(cx, DG), !save_left(cx, DG)),
+        );
+        if round == 1 {
+            // a driver domain removes its own backend directory of a domain that is gone
+            let released = cx.wait_until(30, || xen::xs_ls(&vbackend(&vd0, &before)).is_empty());
+            e.check("migrate-vtpmdom-source-released", released, format!("{}: {} keys left", vbackend(&vd0, &before), xen::xs_ls(&vbackend(&vd0, &before)).len()));
+            let r = life_row(cx, DG);
+            e.check(
+                "migrate-vtpmdom-registry",
+                jf(&r, "state") == "running" && jf(&r, "guest_domid") == new && jf(&r, "vtpm_domid") == vd0 && jf(&r, "vtpm_domain") == DV,
+                format!("registry: state {} guest_domid {} (new {new}), vtpm_domain {} vtpm_domid {} (unchanged {vd0})", jf(&r, "state"), jf(&r, "guest_domid"), jf(&r, "vtpm_domain"), jf(&r, "vtpm_domid")),
+            );
+            let keys = xen::xs_ls(&vbackend(&vd0, &new));
+            let marker: Vec<&String> = keys.iter().filter(|l| l.contains("/xvtpm-resume")).collect();
+            let connected = keys.iter().any(|l| l.ends_with("/state = \"4\"")) || cx.wait_until(30, || xen::xs_ls(&vbackend(&vd0, &new)).iter().any(|l| l.ends_with("/state = \"4\"")));
+            e.check(
+                "migrate-vtpmdom-marker-taken",
+                marker.is_empty() && connected,
+                format!("{}: connected (state 4): {connected}; resume marker after the reconnect: {marker:?}", vbackend(&vd0, &new)),
+            );
+        }
+        // the vTPM domain's own word that it took the marker (its log on its console)
+        let said = |l: &str| l.contains("resumed after a migration") && l.contains(&format!("device=vtpm {new}/")) && l.contains(&format!("from_domain={before}"));
+        let resumed = cx.wait_until(15, || xen::console(DV).lines().any(said));
+        let line = xen::console(DV).lines().find(|l| said(l)).unwrap_or_default().to_string();
+        e.check(
+            "migrate-vtpmdom-resumed",
+            resumed,
+            if resumed { format!("round {round}: {DV}: {line}") } else { format!("round {round}: no 'resumed after a migration' for device vtpm {new}/… from_domain={before} on {DV}'s console") },
+        );
+        match downtime(cx, DG, from) {
+            Some(ms) => {
+                println!(
+                    "PERF p6-vtpmdom-downtime-ms-r{round}={ms} (largest gap between the guest's 0.1 s ticks; its vTPM in the domain {DV}; non-live: xl save {} ms, xl restore {} ms, xl-vtpm migrate {} ms, tpmif reconnected {} ms after the unpause)",
+                    jf(&v, "xl_save_ms"),
+                    jf(&v, "xl_restore_ms"),
+                    jf(&v, "total_ms"),
+                    jf(&v, "reconnect_ms")
+                );
+                downs.push(ms);
+            }
+            None => e.add(format!("no-ticks-after-round-{round}")),
+        }
+        if round == 1 {
+            let nonce = xen::nonce(16);
+            let a = guest_cmd(cx, DG, 1, &format!("migcheck:{nonce}"), 240);
+            println!("[{DG}] {a}");
+            e.check("migrate-vtpmdom-guest-ek", !ek.is_empty() && field(&a, "ek") == ek, format!("EK sha256 before {ek} after {}", field(&a, "ek")));
+            e.check("migrate-vtpmdom-guest-persistent", field(&a, "persistent") == "kept", "0x81000010 still there and readable");
+            e.check("migrate-vtpmdom-guest-nv", field(&a, "nv") == "kept", "NV 0x01500016 contents kept");
+            e.check(
+                "migrate-vtpmdom-guest-pcr16",
+                pcr == PCR_AFTER && field(&a, "pcr16") == pcr,
+                format!("PCR 16 before {pcr} after {} (kept: the vTPM domain took the resume marker, no power cycle)", field(&a, "pcr16")),
+            );
+            e.check("migrate-vtpmdom-guest-quote", field(&a, "quote") == "verified", "a fresh ECC AK quote over PCR 16 verified (tpm2_checkquote; a wrong nonce is rejected)");
+        }
+    }
+    // refused: the vTPM domain stopped (`xl-vtpm vtpm stop`), the guest runs on without its TPM
+    if e.is_empty() && !r_past(cx) {
+        let gd = xen::domid(DG).unwrap_or_default();
+        let o = Cmd::new(&["xl-vtpm", "vtpm", "stop", &uuid]).env("NO_COLOR", "1").secs(90).save("/tmp/xl-mig-d-vstop.out").run(cx);
+        let stopped = o.ok() && cx.wait_until(60, || xen::domain_gone(DV));
+        if !stopped {
+            show_tail("xl-vtpm vtpm stop", &o.all(), 10);
+        }
+        let (rc, _, all) = xl_vtpm_migrate(cx, &[DG, "localhost", "--non-live"], "/tmp/xl-mig-d-refused.out");
+        show("xl-vtpm migrate (vTPM domain stopped)", &all);
+        let still = xen::domid(DG).unwrap_or_default();
+        let r = life_row(cx, DG);
+        e.check(
+            "migrate-vtpmdom-refused",
+            stopped && rc == 6 && still == gd && !save_left(cx, DG) && jf(&r, "guest_domid") == gd,
+            format!("{DV} stopped (xl-vtpm vtpm stop rc={}): {stopped}; xl-vtpm migrate rc={rc} (want 6, nothing moved); {DG} domid {gd} -> {}, save file left: {}, registry guest_domid {}", o.rc, none(&still), save_left(cx, DG), jf(&r, "guest_domid")),
+        );
+        // the reason given must be the stopped vTPM domain (docs/migration.md: "A vTPM domain
+        // that is not running is refused before anything moves (exit 6 …)"), not another one
+        let err = jf(&xen::parse_json(&all).unwrap_or(Value::Null), "error");
+        let err = if err.is_empty() { all.trim().to_string() } else { err };
+        e.check(
+            "migrate-vtpmdom-refused-reason",
+            err.contains("runs in its own domain") && err.contains(DV) && err.contains("not running") && !err.contains("device model"),
+            format!("xl-vtpm said: {err}"),
+        );
+        // whatever a move that was not refused started in dom0 for this vTPM
+        if let Ok(p) = jf(&r, "vtpm_pid").parse::<u32>()
+            && p > 0
+            && pid_up(Some(p))
+        {
+            println!("migrate-vtpmdom: a dom0 vTPM process {p} runs for {uuid}; stopping it");
+            let _ = Cmd::new(&["xl-vtpm", "vtpm", "stop", &uuid]).secs(60).run(cx);
+            crate::cmd::signal(p, nix::sys::signal::Signal::SIGTERM);
+        }
+        // the vTPM domain again (from its disk), so that destroy ends a running pair
+        let o = Cmd::new(&["xl-vtpm", "vtpm", "start", &uuid]).env("NO_COLOR", "1").secs(180).save("/tmp/xl-mig-d-vstart.out").run(cx);
+        println!("INFO migrate-vtpmdom vtpm-start rc={} {DV} domid {} (booted again from its disk for the destroy)", o.rc, none(&xen::domid(DV).unwrap_or_default()));
+    }
+    // destroy: the guest and its vTPM domain gone, the loop device released
+    let vd = xen::domid(DV).unwrap_or_default();
+    let o = Cmd::new(&["xl-vtpm", "destroy", DG]).env("NO_COLOR", "1").secs(150).save("/tmp/xl-mig-d-destroy.out").run(cx);
+    let g_gone = cx.wait_until(30, || xen::domain_gone(DG));
+    let v_gone = cx.wait_until(60, || xen::domain_gone(DV));
+    let noloop = cx.wait_until(15, || xen::vd_loop(&uuid).is_empty());
+    let stopped = cx.wait_until(15, || jf(&life_row(cx, DG), "state") == "stopped");
+    if !o.ok() {
+        show_tail("xl-vtpm destroy", &o.all(), 10);
+    }
+    e.check(
+        "migrate-vtpmdom-destroy",
+        o.ok() && g_gone && v_gone && noloop && stopped,
+        format!(
+            "xl-vtpm destroy {DG} rc={}: guest gone {g_gone}, {DV} (domid {}) gone {v_gone}, loop device released {noloop} ({}), registry state stopped {stopped}",
+            o.rc,
+            none(&vd),
+            xen::vd_loop(&uuid).join(" ")
+        ),
+    );
+    if !e.is_empty() {
+        vtpmdom_diag(cx);
+    }
+    vtpmdom_cleanup(cx, &uuid);
+    e.verdict(format!(
+        "{DG} moved twice with its vTPM in its own domain {DV} (domid {vd0} kept, resume marker on its backend: EK/key/NV/PCR 16 kept, quote verified); refused with {DV} stopped; destroyed; downtime seen by the guest {downs:?} ms"
+    ))
+}
+
+/// Nothing of `migrate-vtpmdom` may outlive it (teardown checks that no domU is left).
+fn vtpmdom_cleanup(cx: &Cx, uuid: &str) {
+    if xen::domid(DG).is_some() || xen::domid(DV).is_some() {
+        println!("migrate-vtpmdom: cleaning up (xl-vtpm destroy {DG})");
+        let _ = Cmd::new(&["xl-vtpm", "destroy", DG]).secs(150).run(cx);
+        for d in [DG, DV] {
+            xen::destroy_if_running(cx, d);
+        }
+    }
+    if !uuid.is_empty() {
+        let _ = std::fs::remove_file(format!("/var/lib/xvtpm/migrate-save/{uuid}.xlsave"));
     }
 }
 
