@@ -33,6 +33,43 @@ use crate::runner::{Cx, Errs, Outcome, Runner, check, wall};
 use crate::xen::{self, console_from, find_obj, jf, lines_of};
 
 pub const LCFG0: &str = "/etc/xen/life-a.cfg";
+/// The second pass (the manager in its own domain, `life-*@mgrdom`) makes a new pair: the first
+/// pass's life-a stays in the registry, stopped, with its vTPM identity and state, and
+/// `xl-vtpm create life-a.cfg` would find that vTPM (state kept) instead of a fresh one.
+const LCFG_M: &str = "/etc/xen/life-r.cfg";
+
+fn second() -> bool {
+    !crate::runner::suffix().is_empty()
+}
+/// The pair's guest: life-a, or life-r in the second pass.
+fn la() -> &'static str {
+    if second() { "life-r" } else { "life-a" }
+}
+/// The guest that must be refused: life-b, or life-rb in the second pass.
+fn lb() -> &'static str {
+    if second() { "life-rb" } else { "life-b" }
+}
+/// The pair's config: LCFG0, or in the second pass LCFG0 with only the name changed.
+fn lcfg() -> String {
+    if !second() {
+        return LCFG0.into();
+    }
+    let t = xen::cfg_from(&xen::read_text(LCFG0), &[("name = ", format!("name = \"{}\"", la()))]);
+    let _ = fs::write(LCFG_M, t);
+    LCFG_M.into()
+}
+
+/// The phases of this set, in order (mgrdom.rs skips them by name when their second pass cannot run).
+pub const PHASES: [&str; 8] = [
+    "life-watch",
+    "life-create",
+    "life-xl-destroy",
+    "life-recreate",
+    "life-reboot",
+    "life-refuse-b",
+    "life-mgr-restart",
+    "life-registry",
+];
 
 /// `xl-vtpm watch` in the background; its lines go to the log with the Xen wallclock in front.
 pub struct Watch {
@@ -125,7 +162,7 @@ pub fn life_state(cx: &Cx, name: &str, want: &str) -> bool {
 }
 
 fn a_running() -> bool {
-    xen::domid("life-a").is_some()
+    xen::domid(la()).is_some()
 }
 
 fn parse_pid(s: &str) -> Option<u32> {
@@ -266,18 +303,19 @@ impl Life {
 
 /// Leaves no life-a domain and no running pair (after a failed step).
 fn life_stop_a(cx: &Cx, lpid: Option<u32>) {
-    if a_running() || !life_state(cx, "life-a", "stopped") {
+    if a_running() || !life_state(cx, la(), "stopped") {
         println!(
-            "life: cleaning up life-a (domain: {}, pair: {})",
-            xen::domid("life-a").unwrap_or_else(|| "none".into()),
-            jf(&life_row(cx, "life-a"), "state")
+            "life: cleaning up {} (domain: {}, pair: {})",
+            la(),
+            xen::domid(la()).unwrap_or_else(|| "none".into()),
+            jf(&life_row(cx, la()), "state")
         );
-        let o = Cmd::sh("xl-vtpm destroy life-a")
+        let o = Cmd::new(&["xl-vtpm", "destroy", la()])
             .env("NO_COLOR", "1")
             .secs(60)
             .run(cx);
         show("xl-vtpm destroy (cleanup)", &o.all());
-        xen::destroy_if_running(cx, "life-a");
+        xen::destroy_if_running(cx, la());
     }
     term_leftover(lpid);
 }
@@ -293,7 +331,7 @@ fn term_leftover(lpid: Option<u32>) {
 /// `xl-vtpm destroy life-a` (its output in `save`), and the guest gone within 30 s
 /// (`xl-vtpm-destroy-exit-N`, `guest-still-there`).
 fn destroy_a(cx: &Cx, save: &str, e: &mut Errs) -> Output {
-    let o = Cmd::sh("xl-vtpm destroy life-a")
+    let o = Cmd::new(&["xl-vtpm", "destroy", la()])
         .env("NO_COLOR", "1")
         .secs(60)
         .save(save)
@@ -302,7 +340,7 @@ fn destroy_a(cx: &Cx, save: &str, e: &mut Errs) -> Output {
     if !o.ok() {
         e.add(format!("xl-vtpm-destroy-exit-{}", o.rc));
     }
-    if !cx.wait_until(30, || xen::domain_gone("life-a")) {
+    if !cx.wait_until(30, || xen::domain_gone(la())) {
         e.add("guest-still-there");
     }
     o
@@ -310,8 +348,8 @@ fn destroy_a(cx: &Cx, save: &str, e: &mut Errs) -> Output {
 
 /// A command to the held guest life-a (xenstore data/xvtpm-cmd); its GUEST-CMD line.
 fn life_cmd(cx: &Cx, off: usize, n: u32, cmd: &str, secs: u64) -> String {
-    let Some(d) = xen::domid("life-a") else {
-        return "no life-a domain".into();
+    let Some(d) = xen::domid(la()) else {
+        return format!("no {} domain", la());
     };
     if !xen::xs_write(
         &format!("/local/domain/{d}/data/xvtpm-cmd"),
@@ -321,13 +359,13 @@ fn life_cmd(cx: &Cx, off: usize, n: u32, cmd: &str, secs: u64) -> String {
     }
     let key = format!("GUEST-CMD {n} ");
     if !cx.wait_every(secs, Duration::from_secs(1), || {
-        console_from("life-a", off)
+        console_from(la(), off)
             .lines()
             .any(|l| l.starts_with(&key))
     }) {
         return format!("no answer within {secs} s");
     }
-    console_from("life-a", off)
+    console_from(la(), off)
         .lines()
         .find(|l| l.starts_with(&key))
         .unwrap_or("")
@@ -341,22 +379,15 @@ pub fn run(r: &mut Runner, st: &mut St) {
         } else {
             "needs XVTPM_TESTBED_VTPM=dom0"
         };
-        r.skip_all(
-            &[
-                "life-watch",
-                "life-create",
-                "life-xl-destroy",
-                "life-recreate",
-                "life-reboot",
-                "life-refuse-b",
-                "life-mgr-restart",
-                "life-registry",
-            ],
-            why,
-        );
+        r.skip_all(&PHASES, why);
         return;
     }
-    let mut a = Life::new("life-a", LCFG0);
+    let acfg = lcfg();
+    let mut a = Life::new(la(), &acfg);
+    if second() {
+        // its own watcher log (the first pass's watch.log and lifedom's watch-m.log stay)
+        st.wlog = "/var/log/xvtpm/watch-r.log".into();
+    }
 
     // life-watch
     r.phase("life-watch", deadline(90), |cx| {
@@ -369,11 +400,18 @@ pub fn run(r: &mut Runner, st: &mut St) {
         if !Path::new(LCFG0).is_file() {
             return Outcome::fail(format!("{LCFG0} missing (build-images.sh)"));
         }
-        drop_standalone_vtpm(cx, st);
-        for l in xen::read_text(LCFG0).lines() {
+        if st.mgr_dom.is_some() {
+            // the second pass: the standalone vTPMs of earlier phases (vtpm-*@mgrdom's, and those
+            // between the passes) are dropped, as the first pass drops vtpm-*'s, so that the
+            // registry checks speak about the pairs only
+            super::drop_unregistered_vtpms(cx, "life second pass");
+        } else {
+            drop_standalone_vtpm(cx, st);
+        }
+        for l in xen::read_text(&acfg).lines() {
             let t = l.trim_start();
             if !t.is_empty() && !t.starts_with('#') {
-                println!("[life-a.cfg] {l}");
+                println!("[{}] {l}", acfg.trim_start_matches("/etc/xen/"));
             }
         }
         match watch_start(cx, &st.wlog) {
@@ -395,6 +433,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
             a.create(cx, &cfg, "create1");
             st.luuid = a.uuid_now.clone();
             st.lpid = a.pid_now;
+            st.lpids.extend(a.pid_now);
             a.guest_uuid = jf(&a.row, "guest_uuid");
             st.lvlog = format!("/var/lib/xvtpm/vtpms/{}/vtpm.log", st.luuid);
             let why = if a.lrc != 0 {
@@ -425,21 +464,34 @@ pub fn run(r: &mut Runner, st: &mut St) {
                     "life-list-running",
                     true,
                     &format!(
-                        "life-a domid {}, vTPM {} pid {}",
+                        "{} domid {}, vTPM {} pid {}",
+                        la(),
                         jf(&a.row, "guest_running_domid"),
                         st.luuid,
                         st.lpid.unwrap_or(0)
                     ),
                 );
-                let miss = a.guest(cx, "create1", "fresh");
+                // second pass: the vTPM process's socket is bound by dom0's bridge
+                let mut re = Errs::default();
+                super::relayed_check(&mut re, st, "life-relayed", &st.luuid, st.lpid);
+                let mut miss = a.guest(cx, "create1", "fresh");
                 a.ek = a.ek_now.clone();
+                if !re.is_empty() {
+                    miss.push(re.joined());
+                }
                 (!miss.is_empty()).then(|| format!("guest checks failed: {}", miss.join(" ")))
             };
             match why {
                 None => Outcome::pass(format!(
-                    "life-a with vTPM {} (pid {}, allocated by xl-vtpm); 0x81000010 + NV written",
+                    "{} with vTPM {} (pid {}, allocated by xl-vtpm); 0x81000010 + NV written{}",
+                    la(),
                     st.luuid,
-                    st.lpid.unwrap_or(0)
+                    st.lpid.unwrap_or(0),
+                    if st.mgr_dom.is_some() {
+                        format!("; its requests relayed by dom0's vtpmmgr bridge to {}", st.mgr_where())
+                    } else {
+                        String::new()
+                    }
                 )),
                 Some(w) => Outcome::fail(w),
             }
@@ -451,10 +503,10 @@ pub fn run(r: &mut Runner, st: &mut St) {
         (st.luuid.is_empty() || !a_running()).then_some("no running life-a (life-create failed)");
     r.phase_if("life-xl-destroy", blocked, deadline(150), |cx| {
             let mut e = Errs::default();
-            let d = xen::domid("life-a").unwrap_or_default();
+            let d = xen::domid(la()).unwrap_or_default();
             println!("INFO life timeline xl-destroy-start {}", wallt());
             let t0 = up();
-            let o = xen::xl_destroy(cx, "life-a", 60);
+            let o = xen::xl_destroy(cx, la(), 60);
             if !o.ok() {
                 e.add(format!("xl-destroy-rc={}", o.rc));
             }
@@ -484,8 +536,8 @@ pub fn run(r: &mut Runner, st: &mut St) {
                 // 3–4.6 s where a quiet one takes well under 1 s.
                 e.check("life-vtpm-gone", true, format!("{gone_ms} ms after xl destroy"));
             }
-            if cx.wait_until(10, || life_state(cx, "life-a", "stopped")) {
-                let row = life_row(cx, "life-a");
+            if cx.wait_until(10, || life_state(cx, la(), "stopped")) {
+                let row = life_row(cx, la());
                 let p = jf(&row, "vtpm_pid");
                 e.check_or("life-list-stopped", p == "null", if p == "null" {
                     "state stopped, vtpm_pid null".to_string()
@@ -493,11 +545,11 @@ pub fn run(r: &mut Runner, st: &mut St) {
                     format!("vtpm_pid {p}")
                 }, "list-vtpm-pid");
             } else {
-                e.check_or("life-list-stopped", false, row_line(&life_row(cx, "life-a")), "list-not-stopped");
+                e.check_or("life-list-stopped", false, row_line(&life_row(cx, la())), "list-not-stopped");
             }
             life_list(cx);
             show_tail("watch.log", &xen::read_text(&st.wlog), 3);
-            show_tail("vtpm-life-a.log", &xen::read_text(&st.lvlog), 4);
+            show_tail(&format!("vtpm-{}.log", la()), &xen::read_text(&st.lvlog), 4);
             term_leftover(lpid);
             e.verdict(format!("xl destroy (domid {d}): vTPM process gone {gone_ms} ms later (watcher), pair stopped"))
         });
@@ -520,9 +572,9 @@ pub fn run(r: &mut Runner, st: &mut St) {
             ));
             // go on with the guest's recorded uuid, so the later steps still say something
             if !a.guest_uuid.is_empty() {
-                let ucfg = "/etc/xen/life-a-uuid.cfg";
+                let ucfg = if second() { "/etc/xen/life-r-uuid.cfg" } else { "/etc/xen/life-a-uuid.cfg" };
                 let t = xen::cfg_from(
-                    &xen::read_text(LCFG0),
+                    &xen::read_text(&a.cfg),
                     &[("# uuid = ", format!("uuid = \"{}\"", a.guest_uuid))],
                 );
                 let _ = fs::write(ucfg, t);
@@ -553,6 +605,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
                 e.add("no-live-vtpm-pid");
             }
             st.lpid = a.pid_now;
+            st.lpids.extend(a.pid_now);
             let miss = a.guest(cx, "recreate", "kept");
             if !miss.is_empty() {
                 e.add(format!("guest checks failed: {}", miss.join(" ")));
@@ -581,16 +634,20 @@ pub fn run(r: &mut Runner, st: &mut St) {
         refuse_b(cx, st)
     });
 
-    // life-mgr-restart
-    let blocked = (st.luuid.is_empty() || st.mgr.is_none()).then_some("no vTPM or no manager");
+    // life-mgr-restart (the second pass restarts the manager domain instead of dom0's vtpmmgr)
+    let blocked = (st.luuid.is_empty() || !mgr_alive(st)).then_some("no vTPM or no manager");
     r.phase_if("life-mgr-restart", blocked, deadline(900), |cx| {
-        mgr_restart(cx, st, &mut a)
+        if st.mgr_dom.is_some() {
+            mgr_restart_dom(cx, st, &mut a)
+        } else {
+            mgr_restart(cx, st, &mut a)
+        }
     });
 
     // life-registry
     if st.watch.is_none() {
         r.skip("life-registry", "life-watch failed");
-    } else if st.mgr.is_none() {
+    } else if !mgr_alive(st) {
         r.verdict(
             "life-registry",
             Outcome::fail("no manager for xl-vtpm (see life-mgr-restart)"),
@@ -600,7 +657,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
     }
     // nothing of the lifecycle may outlive it (teardown then checks there is no domU left)
     let cx = &r.cx;
-    for d in ["life-a", "life-b"] {
+    for d in [la(), lb()] {
         xen::destroy_if_running(cx, d);
     }
     term_leftover(st.lpid);
@@ -616,12 +673,12 @@ pub fn tail_of(path: &str) -> String {
 
 fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
     let mut e = Errs::default();
-    let d0 = xen::domid("life-a").unwrap_or_default();
+    let d0 = xen::domid(la()).unwrap_or_default();
     let mut d1 = String::new();
-    a.off = lines_of(&xen::clog("life-a"));
+    a.off = lines_of(&xen::clog(la()));
     println!("INFO life timeline xl-vtpm-reboot {}", wallt());
     let t0 = up();
-    let o = Cmd::sh("xl-vtpm reboot life-a")
+    let o = Cmd::new(&["xl-vtpm", "reboot", la()])
         .secs(60)
         .save("/tmp/xl-life-reboot.out")
         .run(cx);
@@ -629,12 +686,13 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
         e.add(format!("xl-vtpm-reboot-rc={}", o.rc));
     }
     show_tail("xl-vtpm reboot", &o.all(), 5);
-    let rebooted = || xen::domid("life-a").is_some_and(|n| n != d0);
+    let rebooted = || xen::domid(la()).is_some_and(|n| n != d0);
     if cx.wait_until(120, rebooted) {
-        d1 = xen::domid("life-a").unwrap_or_default();
+        d1 = xen::domid(la()).unwrap_or_default();
         println!("INFO life timeline new-domid-{d1}-seen {}", wallt());
         println!(
-            "life-a rebooted: domid {d0} -> {d1} after {} s",
+            "{} rebooted: domid {d0} -> {d1} after {} s",
+            la(),
             secs1(t0, up())
         );
         let kept = pid_up(st.lpid);
@@ -663,14 +721,14 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
                     || l.contains("shutting")
             })
             .collect();
-        super::show_last("vtpm-life-a.log", &v, 8);
+        super::show_last(&format!("vtpm-{}.log", la()), &v, 8);
         if e.is_empty() {
             let miss = a.guest(cx, "reboot", "kept");
             if !miss.is_empty() {
                 e.add(format!("guest checks failed: {}", miss.join(" ")));
             }
             a.ek_check("reboot", &mut e);
-            let rp = jf(&life_row(cx, "life-a"), "vtpm_pid");
+            let rp = jf(&life_row(cx, la()), "vtpm_pid");
             if parse_pid(&rp) != st.lpid {
                 e.check_or(
                     "life-vtpm-kept",
@@ -680,7 +738,7 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
                 );
             }
             let d1c = d1.clone();
-            let follows = cx.wait_until(15, || jf(&life_row(cx, "life-a"), "guest_domid") == d1c);
+            let follows = cx.wait_until(15, || jf(&life_row(cx, la()), "guest_domid") == d1c);
             e.check_or(
                 "life-registry-domid",
                 follows,
@@ -689,7 +747,7 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
                 } else {
                     format!(
                         "registry guest_domid {}, running {d1}",
-                        jf(&life_row(cx, "life-a"), "guest_domid")
+                        jf(&life_row(cx, la()), "guest_domid")
                     )
                 },
                 "registry-domid",
@@ -698,9 +756,9 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
             std::thread::sleep(crate::s(5));
             println!(
                 "life-a 5 s later: domid {}",
-                xen::domid("life-a").unwrap_or_else(|| "none".into())
+                xen::domid(la()).unwrap_or_else(|| "none".into())
             );
-            let c = console_from("life-a", a.off);
+            let c = console_from(la(), a.off);
             let v: Vec<&str> = c
                 .lines()
                 .filter(|l| {
@@ -712,7 +770,7 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
             super::show_last("life-a reboot console", &v, 10);
             show_tail(
                 "xl-life-a.log",
-                &xen::read_text("/var/log/xen/xl-life-a.log"),
+                &xen::read_text(&format!("/var/log/xen/xl-{}.log", la())),
                 25,
             );
         }
@@ -728,6 +786,7 @@ fn reboot(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
         a.create(cx, &cfg, "reboot-recover");
         if a.lrc == 0 {
             st.lpid = a.pid_now;
+            st.lpids.extend(a.pid_now);
             let miss = a.guest(cx, "reboot-recover", "kept");
             println!(
                 "INFO life recovered: vTPM pid {}, guest checks: {}",
@@ -751,20 +810,21 @@ fn refuse_b(cx: &Cx, st: &mut St) -> Outcome {
     let t = xen::cfg_from(
         &xen::read_text(LCFG0),
         &[
-            ("name = ", "name = \"life-b\"".into()),
+            ("name = ", format!("name = \"{}\"", lb())),
             (
                 "vtpm = ",
                 format!("vtpm = [ \"backend=0,uuid={}\" ]", st.luuid),
             ),
         ],
     );
-    let _ = fs::write("/etc/xen/life-b.cfg", &t);
-    xen::show_cfg("life-b.cfg", &t, &["name", "vtpm", "uuid"]);
+    let bcfg = format!("/etc/xen/{}.cfg", lb());
+    let _ = fs::write(&bcfg, &t);
+    xen::show_cfg(&format!("{}.cfg", lb()), &t, &["name", "vtpm", "uuid"]);
     let lpid = st.lpid;
     let a_state = || {
         format!(
             "domain {}, vTPM pid {} {}",
-            xen::domid("life-a").unwrap_or_else(|| "none".into()),
+            xen::domid(la()).unwrap_or_else(|| "none".into()),
             lpid.unwrap_or(0),
             if pid_up(lpid) { "up" } else { "down" }
         )
@@ -774,7 +834,7 @@ fn refuse_b(cx: &Cx, st: &mut St) -> Outcome {
         .secs(30)
         .save("/tmp/life-list-before.json")
         .run(cx);
-    let o = Cmd::sh("xl-vtpm create /etc/xen/life-b.cfg")
+    let o = Cmd::new(&["xl-vtpm", "create", &bcfg])
         .env("NO_COLOR", "1")
         .secs(120)
         .save("/tmp/xl-life-b.out")
@@ -794,18 +854,18 @@ fn refuse_b(cx: &Cx, st: &mut St) -> Outcome {
         },
         format!("exit-{}", o.rc),
     );
-    let names = o.all().contains("life-a");
+    let names = o.all().contains(la());
     e.check_or(
         "life-b-names-owner",
         names,
         if names { "the error names life-a" } else { "" },
         "error-does-not-name-life-a",
     );
-    if xen::domid("life-b").is_some() {
+    if xen::domid(lb()).is_some() {
         e.add("life-b-domain-exists");
-        xen::xl_destroy(cx, "life-b", 60);
+        xen::xl_destroy(cx, lb(), 60);
     }
-    let unchanged = before.all() == after.all() && after.all().contains("life-a");
+    let unchanged = before.all() == after.all() && after.all().contains(la());
     e.check_or(
         "life-b-nothing-left",
         unchanged,
@@ -832,7 +892,10 @@ fn refuse_b(cx: &Cx, st: &mut St) -> Outcome {
         "life-a-changed",
     );
     e.verdict(format!(
-        "xl-vtpm create life-b refused (exit 6, names life-a); nothing created; life-a: {after_a}"
+        "xl-vtpm create {} refused (exit 6, names {}); nothing created; {}: {after_a}",
+        lb(),
+        la(),
+        la()
     ))
 }
 
@@ -888,10 +951,10 @@ fn mgr_restart(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
                 e.add(format!("vtpm-pid-{}-still-alive", lpid.unwrap_or(0)));
                 crate::cmd::signal(lpid.unwrap_or(0), nix::sys::signal::Signal::SIGKILL);
             }
-            if !cx.wait_until(10, || life_state(cx, "life-a", "stopped")) {
+            if !cx.wait_until(10, || life_state(cx, la(), "stopped")) {
                 e.add(format!(
                     "pair-not-stopped({})",
-                    jf(&life_row(cx, "life-a"), "state")
+                    jf(&life_row(cx, la()), "state")
                 ));
             }
         }
@@ -917,6 +980,7 @@ fn mgr_restart(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
                 a.pid_now.unwrap_or(0)
             );
             st.lpid = a.pid_now;
+            st.lpids.extend(a.pid_now);
             let miss = a.guest(cx, "mgr-restart", "kept");
             if !miss.is_empty() {
                 e.add(format!("guest checks failed: {}", miss.join(" ")));
@@ -939,6 +1003,134 @@ fn mgr_restart(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
         "vtpmmgr restarted; A's vTPM restarted on it (pid {}): getrandom, 0x81000010 + NV kept, same EK",
         st.lpid.unwrap_or(0)
     ))
+}
+
+/// life-mgr-restart in the second pass: the manager runs in its own domain and the pair's vTPM is
+/// a dom0 process whose requests dom0's bridge relays. The MANAGER DOMAIN is restarted (`xl
+/// shutdown`, a new domain from its disk with boot=serve; mgrdom::restart_in_pass) and the bridge
+/// follows it; the vTPM process must keep running (same pid, its relayed socket still the
+/// bridge's) and still serve its guest, including what needs the new manager: a deep quote from
+/// the guest (the bridge attaches the vTPM again on the manager's "not attached", once), and then
+/// a reboot of the guest through `xl-vtpm reboot` with 0x81000010 + NV kept and the same EK.
+fn mgr_restart_dom(cx: &Cx, st: &mut St, a: &mut Life) -> Outcome {
+    let mut e = Errs::default();
+    if !(a_running() && pid_up(st.lpid)) {
+        println!(
+            "{} is not running with its vTPM (an earlier step failed): created again before the manager domain's restart",
+            la()
+        );
+        life_stop_a(cx, st.lpid);
+        let cfg = a.cfg.clone();
+        a.create(cx, &cfg, "mgr-restart-pre");
+        if a.lrc != 0 || !pid_up(a.pid_now) {
+            return Outcome::fail(format!(
+                "{} could not be started before the restart: xl-vtpm create rc {}",
+                la(),
+                a.lrc
+            ));
+        }
+        st.lpid = a.pid_now;
+        st.lpids.extend(a.pid_now);
+        let miss = a.guest(cx, "mgr-restart-pre", "kept");
+        if !miss.is_empty() {
+            e.add(format!("guest checks before the restart failed: {}", miss.join(" ")));
+        }
+    }
+    let pid = st.lpid;
+    let uuid = st.luuid.clone();
+    let gdom = xen::domid(la()).unwrap_or_default();
+    let boff = lines_of(super::BRIDGE_LOG);
+    println!("INFO life timeline mgrdom-restart-start {}", wallt());
+    let Some((d1, d2)) = super::mgrdom::restart_in_pass(cx, &mut e, st) else {
+        st.show_mgr_log(20);
+        e.add("manager-domain-restart-failed");
+        return e.verdict("");
+    };
+    println!("INFO life timeline mgrdom-restarted {}", wallt());
+    // the vTPM process ran on through the restart: same pid, same guest domain, its socket the bridge's
+    let rp = parse_pid(&jf(&life_row(cx, la()), "vtpm_pid"));
+    let kept = pid_up(pid) && rp == pid;
+    e.check(
+        "life-vtpm-kept-mgrdom-restart",
+        kept,
+        format!(
+            "vTPM {uuid} process pid {} alive {} across the manager domain's restart (domid {d1} -> {d2}); registry vtpm_pid {}",
+            pid.unwrap_or(0),
+            pid_up(pid),
+            rp.map(|p| p.to_string()).unwrap_or_else(|| "none".into())
+        ),
+    );
+    let gnow = xen::domid(la()).unwrap_or_default();
+    e.check(
+        "life-guest-kept-mgrdom-restart",
+        !gdom.is_empty() && gnow == gdom,
+        format!("{} domid {} before the restart, {} after", la(), none(&gdom), none(&gnow)),
+    );
+    super::relayed_check(&mut e, st, "life-relayed-after-mgrdom-restart", &uuid, pid);
+    // the guest's vTPM answers, and what needs the (new) manager works: a deep quote
+    let g = life_cmd(cx, a.off, 1, "getrandom", 60);
+    e.check(
+        "life-getrandom-after-mgrdom-restart",
+        g.contains("getrandom PASS"),
+        format!("the guest's tpm2_getrandom after the restart: {}", none(&g)),
+    );
+    let dq = life_cmd(cx, a.off, 2, &format!("deepquote:{}", xen::nonce(16)), 180);
+    e.check(
+        "life-deepquote-after-mgrdom-restart",
+        dq.contains("deepquote PASS"),
+        format!(
+            "the guest's deep quote (signed by the new manager domain {d2}, relayed by the bridge): {}",
+            none(&dq)
+        ),
+    );
+    let bl = xen::read_text(super::BRIDGE_LOG);
+    let after: Vec<&str> = bl.lines().skip(boff).collect();
+    let re = after
+        .iter()
+        .any(|l| l.contains("lost a relayed attachment") && l.contains(&uuid));
+    e.check(
+        "life-bridge-reattached",
+        re,
+        format!(
+            "dom0's bridge attached vTPM {uuid} again to the new manager domain on its \"not attached\" (its log after the restart: 'the manager lost a relayed attachment (restarted?); attaching again'): {re}"
+        ),
+    );
+    super::show_last("vtpmmgr bridge (after the restart)", &after, 12);
+    // a reboot of the guest on the same vTPM process: state kept (0x81000010 + NV), same EK
+    let rb = reboot(cx, st, a);
+    e.check(
+        "life-reboot-after-mgrdom-restart",
+        rb.status == crate::runner::Status::Pass,
+        format!(
+            "xl-vtpm reboot {} after the manager domain's restart: {} {}",
+            la(),
+            rb.status.word(),
+            rb.reason
+        ),
+    );
+    e.check(
+        "life-vtpm-kept-after-reboot",
+        st.lpid == pid && pid_up(pid),
+        format!(
+            "vTPM pid {} before the restart, {} after the restart and the reboot",
+            pid.unwrap_or(0),
+            st.lpid.unwrap_or(0)
+        ),
+    );
+    if !e.is_empty() {
+        st.show_mgr_log(20);
+    }
+    life_list(cx);
+    e.verdict(format!(
+        "the manager domain restarted (domid {d1} -> {d2}, dom0's bridge followed it); the dom0 vTPM process (pid {}) kept running, its requests relayed by the bridge: getrandom and a deep quote from the guest after the restart (the bridge attached the vTPM again to the new manager domain), then a guest reboot with 0x81000010 + NV kept, same EK",
+        pid.unwrap_or(0)
+    ))
+}
+
+/// A manager serves: dom0's vtpmmgr, or (second pass) the manager domain (empty domid: its
+/// restart failed).
+fn mgr_alive(st: &St) -> bool {
+    st.mgr.is_some() || st.mgr_dom.as_ref().is_some_and(|m| !m.domid.is_empty())
 }
 
 fn yn(b: bool) -> &'static str {
@@ -973,8 +1165,25 @@ fn registry(cx: &Cx, st: &mut St) -> Outcome {
                 st.lpid.unwrap_or(0)
             ));
         }
-        if !life_state(cx, "life-a", "stopped") {
+        if !life_state(cx, la(), "stopped") {
             e.add("pair-not-stopped");
+        }
+        if st.mgr_dom.is_some() {
+            // second pass: the bridge unbound the vTPM's relayed socket and dropped its attachment
+            let sock = super::vtpm_sock(&st.luuid);
+            let u = st.luuid.clone();
+            let rel = || xen::read_text(&format!("{}/relayed.json", super::RUN_DIR));
+            let gone = cx.wait_until(15, || !Path::new(&sock).exists() && !rel().contains(&u));
+            e.check(
+                "life-relayed-gone",
+                gone,
+                format!(
+                    "after xl-vtpm destroy: {sock} exists {}; relayed.json names the vTPM {} ({})",
+                    Path::new(&sock).exists(),
+                    rel().contains(&u),
+                    rel().trim()
+                ),
+            );
         }
         println!(
             "xl-vtpm destroy life-a: rc={}, guest and vTPM gone after {} s",
@@ -997,6 +1206,14 @@ fn registry(cx: &Cx, st: &mut St) -> Outcome {
     }
     show_tail("watch.log", &xen::read_text(&st.wlog), 20);
     e.verdict(
-        "registry check: no drift (life-a running, and after xl-vtpm destroy); watcher stopped",
+        format!(
+            "registry check: no drift ({} running, and after xl-vtpm destroy); watcher stopped{}",
+            la(),
+            if st.mgr_dom.is_some() {
+                "; the bridge unbound the vTPM's relayed socket and dropped the attachment"
+            } else {
+                ""
+            }
+        ),
     )
 }

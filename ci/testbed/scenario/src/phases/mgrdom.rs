@@ -20,14 +20,17 @@
 //!                   key unsealed by the new manager domain): same EK, key and NV kept, a deep
 //!                   quote verified again; its vTPM destroyed. The manager domain and the bridge
 //!                   stay for:
-//!   (second pass)   the vtpmdom-* and lifedom-* phases again, as `vtpmdom-create@mgrdom` …
-//!                   (`Runner::set_suffix`), with `st.mgr_dom` set: every vTPM domain's manager
-//!                   link on the manager domain, dom0's admin CLI through the bridge, the same
-//!                   checks (those about where the manager is say so); SKIPPED with the reason if
-//!                   mgrdom-serve left no serving manager domain or they would not fit in memory
-//!   mgrdom-serve-stop  the manager domain is still the one the second pass began with, no domain
-//!                   of the pass is left; the bridge stops on SIGTERM, the manager domain shuts
-//!                   down cleanly
+//!   (second pass)   the vtpmdom-*, lifedom-*, then vtpm-* and life-* phases again, as
+//!                   `vtpmdom-create@mgrdom` … (`Runner::set_suffix`), with `st.mgr_dom` set: every
+//!                   vTPM domain's manager link on the manager domain, dom0's admin CLI through the
+//!                   bridge, dom0-process vTPMs relayed by the bridge (their sockets its own), the
+//!                   same checks (those about where the manager is say so); life-mgr-restart@mgrdom
+//!                   restarts the MANAGER DOMAIN (restart_in_pass) and proves the dom0 vTPM process
+//!                   ran on; SKIPPED with the reason if mgrdom-serve left no serving manager domain
+//!                   or they would not fit in memory
+//!   mgrdom-serve-stop  the manager domain is the one the second pass left, no domain, dom0 vTPM
+//!                   process or relayed socket of the pass is left; the bridge stops on SIGTERM,
+//!                   the manager domain shuts down cleanly
 //!   mgrdom-pvh      (only with HAP) the domain as PVH (tsc_mode native under TCG): its tpm_tis reads
 //!                   the same PCRs and EK certificate
 //!   mgrdom-rebind   the domains gone, the loop device released; dom0's tpm_tis binds the device
@@ -37,7 +40,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 
-use super::{lifedom, vtpmdom};
+use super::{life, lifedom, vtpm, vtpmdom};
 use super::{BOOT1_CHECKS, GuestBoot, MgrDom, REBOOT_CHECKS, St, capture_dq, deadline, ek_stable, none, secs1, up, verify_nonces_ak};
 use crate::cmd::{Cmd, Output, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner};
@@ -91,9 +94,8 @@ const SERVE_STOP: [&str; 1] = ["mgr-stop"];
 const SRV_VD: &str = "vtpmdom-m";
 const SRV_G: &str = "guest-mgrdom";
 const SRV_GCFG: &str = "/etc/xen/guest-mgrdom.cfg";
-/// dom0's `vtpmmgr bridge` (the run directory is dom0's manager's: xl-vtpm's default)
-const BRIDGE_LOG: &str = "/var/log/xvtpm/vtpmmgr-bridge.log";
-const RUN_DIR: &str = "/run/xvtpm";
+// dom0's `vtpmmgr bridge` (the run directory is dom0's manager's: xl-vtpm's default)
+use super::{BRIDGE_LOG, RUN_DIR};
 /// The suffix of the second pass's phase names (`vtpmdom-create@mgrdom`) and CHECK places.
 pub const PASS: &str = "@mgrdom";
 const DRIVERS: [&str; 2] = [
@@ -324,7 +326,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
         "mgrdom-rebind",
     ];
     if st.mgrdom_mode != "1" {
-        r.skip_all(&ALL, "disabled (XVTPM_TESTBED_MGRDOM=0, the default)");
+        r.skip_all(&ALL, "disabled (XVTPM_TESTBED_MGRDOM=0)");
         return;
     }
     if !std::path::Path::new(RAMDISK).exists() {
@@ -618,19 +620,26 @@ pub fn run(r: &mut Runner, st: &mut St) {
             md.srv.domids.join(" -> ")
         ))
     });
-    // the second pass: the vTPM-domain phase sets again, the manager in its own domain
+    // the second pass: the vTPM phase sets again, the manager in its own domain
     let kept = second_pass(r, st, &mut md);
     let nothing = (md.bridge.is_none() && xen::domain_gone(NAME))
         .then_some("mgrdom-serve left no manager domain and no bridge running");
     r.phase_if("mgrdom-serve-stop", nothing, deadline(400), |cx| {
         let mut e = Errs::default();
-        if let Some(d) = &kept {
+        if let Some(p) = &kept {
             let now = xen::domid(NAME).unwrap_or_default();
+            let d = p.domids.last().cloned().unwrap_or_default();
             e.check(
                 "mgrdom-serve-kept",
-                now == *d,
+                now == d && now == md.srv.domid,
                 format!(
-                    "the manager domain served the whole second pass as one domain: domid {d} at its start, {} now",
+                    "the manager domain is the one the second pass left: domid {} at its start{}, {} now",
+                    p.domids.first().map(String::as_str).unwrap_or("none"),
+                    if p.domids.len() > 1 {
+                        format!(", restarted by life-mgr-restart{PASS} (domids {})", p.domids.join(" -> "))
+                    } else {
+                        " (no restart in the pass: one domain throughout)".to_string()
+                    },
                     none(&now)
                 ),
             );
@@ -646,6 +655,22 @@ pub fn run(r: &mut Runner, st: &mut St) {
                 left.is_empty(),
                 format!("domains left by the second pass beside Domain-0 and {NAME}: {left:?}"),
             );
+            // the dom0-process vTPMs of the pass (vtpm-*@mgrdom, life-*@mgrdom): their processes
+            // gone, no relayed socket left, the bridge relays nothing any more
+            let alive: Vec<u32> = p.pids.iter().copied().filter(|x| crate::cmd::pid_up(Some(*x))).collect();
+            let socks = super::vtpm_socks_left();
+            let rel = xen::read_text(&format!("{RUN_DIR}/relayed.json"));
+            let listed: Vec<&String> = p.uuids.iter().filter(|u| rel.contains(u.as_str())).collect();
+            e.check(
+                "mgrdom-second-pass-relayed-clean",
+                alive.is_empty() && socks.is_empty() && listed.is_empty(),
+                format!(
+                    "dom0 vTPM processes of the pass {:?} still running: {alive:?}; sockets left in {RUN_DIR}/vtpm: {socks:?}; vTPMs of the pass {:?} still in the bridge's relayed.json: {listed:?} ({})",
+                    p.pids,
+                    p.uuids,
+                    rel.trim()
+                ),
+            );
         }
         serve_stop(cx, &mut md, &mut e);
         if !e.is_empty() {
@@ -653,10 +678,13 @@ pub fn run(r: &mut Runner, st: &mut St) {
         }
         e.verdict(format!(
             "dom0's vtpmmgr bridge stopped on SIGTERM, the manager domain shut down cleanly (vtpmmgr SIGTERM, disk unmounted){}",
-            if kept.is_some() {
-                ", after it served the second pass (vtpmdom-*@mgrdom, lifedom-*@mgrdom) as one domain"
-            } else {
-                ""
+            match &kept {
+                Some(p) if p.domids.len() > 1 => format!(
+                    ", after it served the second pass (vtpmdom-*, lifedom-*, vtpm-*, life-* @mgrdom; restarted once by life-mgr-restart{PASS}: domids {})",
+                    p.domids.join(" -> ")
+                ),
+                Some(_) => ", after it served the second pass (vtpmdom-*, lifedom-*, vtpm-*, life-* @mgrdom) as one domain".to_string(),
+                None => String::new(),
             }
         ))
     });
@@ -742,18 +770,28 @@ pub fn run(r: &mut Runner, st: &mut St) {
 
 // ---- the second pass ----
 
-/// The second pass of the vTPM-domain phase sets, `vtpmdom-*@mgrdom` and `lifedom-*@mgrdom`,
-/// with the manager domain that mgrdom-serve left serving (and dom0's bridge to it): the same
-/// phases, `st.mgr_dom` telling them where the manager is. A set that cannot run (no serving
-/// manager domain, or its domains do not fit in Xen's free memory beside it) is SKIPPED with the
-/// reason. Returns the manager domain's domid if the pass ran.
-fn second_pass(r: &mut Runner, st: &mut St, md: &mut Md) -> Option<String> {
+/// What the second pass leaves for mgrdom-serve-stop's checks.
+struct Pass {
+    /// the manager domain's domids in the pass (more than one after life-mgr-restart@mgrdom)
+    domids: Vec<String>,
+    /// the dom0-process vTPMs of the pass (vtpm-*@mgrdom, life-*@mgrdom): processes, UUIDs
+    pids: Vec<u32>,
+    uuids: Vec<String>,
+}
+
+/// The second pass of the vTPM phase sets with the manager domain that mgrdom-serve left
+/// serving (and dom0's bridge to it): `vtpmdom-*@mgrdom` and `lifedom-*@mgrdom` (vTPM domains),
+/// then `vtpm-*@mgrdom` and `life-*@mgrdom` (vTPMs as dom0 processes, relayed by the bridge;
+/// life-mgr-restart@mgrdom restarts the manager domain, so these run last). The same phases,
+/// `st.mgr_dom` telling them where the manager is. A set that cannot run (no serving manager
+/// domain, or its domains do not fit in Xen's free memory beside it) is SKIPPED with the reason.
+fn second_pass(r: &mut Runner, st: &mut St, md: &mut Md) -> Option<Pass> {
     let ready = second_pass_ready(&r.cx, st, md);
     r.set_suffix(PASS);
     let kept = match ready {
         Ok((domid, free)) => {
             println!(
-                "INFO mgrdom second-pass: the vTPM-domain phases again (names {PASS}), the manager in domain {NAME} (domid {domid}), dom0's admin CLI through vtpmmgr bridge; Xen free memory {free} MiB beside it"
+                "INFO mgrdom second-pass: the vTPM phases again (names {PASS}), the manager in domain {NAME} (domid {domid}), dom0's admin CLI and dom0-process vTPMs through vtpmmgr bridge; Xen free memory {free} MiB beside it"
             );
             let saved = st.provisioned;
             // mgrdom-serve and second_pass_ready checked it through the bridge
@@ -761,6 +799,10 @@ fn second_pass(r: &mut Runner, st: &mut St, md: &mut Md) -> Option<String> {
             st.mgr_dom = Some(MgrDom {
                 name: NAME.into(),
                 domid: domid.clone(),
+                lo: md.lo.clone(),
+                boots: md.srv.boots,
+                restarts: Vec::new(),
+                bridge_pid: md.bridge.as_ref().map(Child::id),
             });
             let fits = |what: &str, need: u64| {
                 (free < need).then(|| {
@@ -781,9 +823,55 @@ fn second_pass(r: &mut Runner, st: &mut St, md: &mut Md) -> Option<String> {
                 Some(why) if st.lifedom_mode != "0" => r.skip_all(&lifedom::PHASES, &why),
                 _ => lifedom::run(r, st),
             }
-            st.mgr_dom = None;
+            // the dom0-process vTPMs: only their guests take Xen memory
+            let mut pids = Vec::new();
+            let mut uuids = Vec::new();
+            let first = (st.vlog.clone(), st.lvlog.clone(), st.luuid.clone());
+            match fits("the guest of a dom0-process vTPM (vtpm)", cfg_mem("/etc/xen/guest-vtpm.cfg.in")) {
+                Some(why) if st.vtpm_mode != "0" => r.skip_all(&vtpm::PHASES, &why),
+                _ => {
+                    st.vtpm_uuid.clear();
+                    st.vtpm_pid = None;
+                    vtpm::run(r, st);
+                    pids.extend(st.vtpm_pid);
+                    if !st.vtpm_uuid.is_empty() {
+                        uuids.push(st.vtpm_uuid.clone());
+                    }
+                }
+            }
+            match fits("the guest of a dom0-process vTPM (life)", cfg_mem(super::life::LCFG0)) {
+                Some(why) if st.life_mode != "0" && st.vtpm_mode == "dom0" => r.skip_all(&life::PHASES, &why),
+                _ => {
+                    st.luuid.clear();
+                    st.lpid = None;
+                    st.lpids.clear();
+                    life::run(r, st);
+                    pids.extend(st.lpids.iter().copied());
+                    if !st.luuid.is_empty() {
+                        uuids.push(st.luuid.clone());
+                    }
+                }
+            }
+            pids.sort_unstable();
+            pids.dedup();
+            // the logs dump_logs shows stay the first pass's; the second pass's are dumped apart
+            for (n, l) in [("vtpm-mgrdom", &st.vlog), ("vtpm-life-r", &st.lvlog)] {
+                if !l.is_empty() && *l != first.0 && *l != first.1 {
+                    st.pass2_logs.push((n.to_string(), l.clone()));
+                }
+            }
+            (st.vlog, st.lvlog, st.luuid) = first;
+            let m = st.mgr_dom.take();
             st.provisioned = saved;
-            Some(domid)
+            let mut domids = vec![domid];
+            if let Some(m) = m {
+                // the manager domain as the pass left it (life-mgr-restart@mgrdom restarts it)
+                md.srv.domid = m.domid.clone();
+                md.srv.boots = m.boots;
+                md.srv.domids.extend(m.restarts.iter().cloned());
+                domids.extend(m.restarts);
+            }
+            Some(Pass { domids, pids, uuids })
         }
         Err(why) => {
             skip_second(r, st, &why);
@@ -799,11 +887,14 @@ fn skip_second(r: &mut Runner, st: &St, why: &str) {
     let saved = crate::runner::suffix();
     r.set_suffix(PASS);
     let why = format!("no second pass with the manager domain: {why}");
-    for (mode, names, off) in [
-        (&st.vtpmdom_mode, &vtpmdom::PHASES[..], "disabled (XVTPM_TESTBED_VTPMDOM=0)"),
-        (&st.lifedom_mode, &lifedom::PHASES[..], "disabled (XVTPM_TESTBED_LIFEDOM=0)"),
+    let life_on = st.life_mode != "0" && st.vtpm_mode == "dom0";
+    for (on, names, off) in [
+        (st.vtpmdom_mode != "0", &vtpmdom::PHASES[..], "disabled (XVTPM_TESTBED_VTPMDOM=0)"),
+        (st.lifedom_mode != "0", &lifedom::PHASES[..], "disabled (XVTPM_TESTBED_LIFEDOM=0)"),
+        (st.vtpm_mode != "0", &vtpm::PHASES[..], "disabled (XVTPM_TESTBED_VTPM=0)"),
+        (life_on, &life::PHASES[..], "disabled (XVTPM_TESTBED_LIFE=0, or XVTPM_TESTBED_VTPM not dom0)"),
     ] {
-        r.skip_all(names, if mode == "0" { off } else { &why });
+        r.skip_all(names, if on { &why } else { off });
     }
     r.set_suffix(&saved);
 }
@@ -811,9 +902,10 @@ fn skip_second(r: &mut Runner, st: &St, why: &str) {
 /// The manager domain serves and dom0's bridge reaches it: (its domid, Xen's free memory in
 /// MiB), or why not.
 fn second_pass_ready(cx: &Cx, st: &St, md: &mut Md) -> Result<(String, u64), String> {
-    if st.vtpmdom_mode == "0" && st.lifedom_mode == "0" {
-        return Err("both sets are off".into());
+    if st.vtpmdom_mode == "0" && st.lifedom_mode == "0" && st.vtpm_mode == "0" {
+        return Err("every set of the pass is off".into());
     }
+
     if cx.past_deadline() {
         return Err("scenario deadline reached".into());
     }
@@ -861,6 +953,76 @@ fn cfg_mem(path: &str) -> u64 {
         .find_map(|l| l.strip_prefix("memory = "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+// ---- a restart of the manager domain inside the second pass (life-mgr-restart@mgrdom) ----
+
+/// Restarts the manager domain of the second pass as mgrdom-serve does: `xl shutdown` (its /init
+/// stops vtpmmgr on SIGTERM, unmounts the disk, powers off: CHECK `mgrdom-serveN-clean-stop`),
+/// then a new domain from the same disk with `boot=serve` (CHECK `mgrdom-serveN+1-serving`); then
+/// waits until dom0's bridge (the same process) follows it: `xl-vtpm mgr status --json` names the
+/// new domid as `xen_domain` (CHECK `mgrdom-restart-bridge-follows`). `st.mgr_dom` then names the
+/// new domain. Returns (old domid, new domid) when the new domain serves and the bridge follows.
+pub fn restart_in_pass(cx: &Cx, e: &mut Errs, st: &mut St) -> Option<(String, String)> {
+    let m = st.mgr_dom.as_mut()?;
+    let mut md = Md {
+        lo: m.lo.clone(),
+        ..Default::default()
+    };
+    md.srv.domid = m.domid.clone();
+    md.srv.boots = m.boots;
+    let d1 = m.domid.clone();
+    let t0 = up();
+    let down = serve_down(cx, e, &mut md);
+    let _ = fs::rename(
+        xen::clog(NAME),
+        format!("/var/log/xen/console/guest-{NAME}-serve{}.log", md.srv.boots),
+    );
+    println!(
+        "INFO life-mgr-restart{PASS}: the manager domain (domid {d1}) stopped {} after {} s",
+        if down { "cleanly" } else { "NOT cleanly (destroyed)" },
+        secs1(t0, up())
+    );
+    let served = serve_up(cx, e, &mut md);
+    m.boots = md.srv.boots;
+    m.domid = md.srv.domid.clone();
+    if !served {
+        return None;
+    }
+    let d2 = md.srv.domid.clone();
+    m.restarts.push(d2.clone());
+    let bp = m.bridge_pid;
+    e.check(
+        "mgrdom-restart-new-domain",
+        d2 != d1,
+        format!("the manager domain: domid {d1} -> {d2}"),
+    );
+    let t1 = up();
+    let mut last = String::new();
+    let back = cx.wait_every(180, crate::s(3), || {
+        let (p, xd, o) = mgr_status(cx, "/tmp/mgrdom-pass-status.json");
+        last = format!("rc {} provisioned {p} xen_domain {} {}", o.rc, none(&xd), o.tail1(2));
+        p && xd == d2
+    });
+    let same_bridge = crate::cmd::pid_up(bp);
+    e.check(
+        "mgrdom-restart-bridge-follows",
+        back && same_bridge,
+        format!(
+            "dom0's vtpmmgr bridge (pid {}, running: {same_bridge}) follows the new manager domain: xl-vtpm mgr status --json after {} s: {last}",
+            bp.unwrap_or(0),
+            secs1(t1, up())
+        ),
+    );
+    println!(
+        "PERF life-mgr-restart-mgrdom-s={} (xl shutdown of the manager domain -> a new one serving -> dom0's status answered by it)",
+        secs1(t0, up())
+    );
+    if !back {
+        show_tail("vtpmmgr bridge", &xen::read_text(BRIDGE_LOG), 30);
+        return None;
+    }
+    Some((d1, d2))
 }
 
 // ---- mgrdom-serve ----
@@ -1476,6 +1638,22 @@ mod tests {
             ]
         );
         assert!(crate::phases::unregistered_vtpms("registry matches what runs").is_empty());
+    }
+
+    #[test]
+    fn relayed_sockets_and_attachments() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+                     0000000000000000: 00000002 00000000 00010000 0001 01 4711 /run/xvtpm/vtpm/u1.sock\n\
+                     0000000000000000: 00000003 00000000 00000000 0001 03 4712 /run/xvtpm/vtpm/u1.sock\n\
+                     0000000000000000: 00000002 00000000 00010000 0001 01 99 /run/xvtpm/admin.sock\n";
+        assert_eq!(crate::phases::unix_inode_in(table, "/run/xvtpm/vtpm/u1.sock").as_deref(), Some("4711"));
+        assert_eq!(crate::phases::unix_inode_in(table, "/run/xvtpm/vtpm/u2.sock"), None);
+        let j = r#"[["94d092d5-0579-456a-844b-11b3aa551e3f",{"pid":812,"start":4242}]]"#;
+        assert!(crate::phases::relayed_has(j, "94d092d5-0579-456a-844b-11b3aa551e3f", Some(812)));
+        assert!(!crate::phases::relayed_has(j, "94d092d5-0579-456a-844b-11b3aa551e3f", Some(813)));
+        assert!(!crate::phases::relayed_has(j, "94d092d5-0579-456a-844b-11b3aa551e3f", None));
+        assert!(!crate::phases::relayed_has("[]", "x", Some(1)));
+        assert!(!crate::phases::relayed_has("", "x", Some(1)));
     }
 
     #[test]

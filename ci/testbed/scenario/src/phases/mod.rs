@@ -48,6 +48,10 @@ pub struct St {
     pub luuid: String,
     pub lpid: Option<u32>,
     pub lvlog: String,
+    /// every vTPM process of the life-* phases (the second pass checks they are all gone)
+    pub lpids: Vec<u32>,
+    /// the second pass's dom0 vTPM logs (dump name, path); st.vlog/lvlog keep the first pass's
+    pub pass2_logs: Vec<(String, String)>,
     // vTPM domain (vtpmdom-*)
     pub vdu: String,
     // hvm-tis: the HVM guest's vTPM log
@@ -60,11 +64,19 @@ pub struct St {
     pub mgr_dom: Option<MgrDom>,
 }
 
-/// The manager domain serving the second pass of the vTPM-domain phases.
+/// The manager domain serving the second pass.
 pub struct MgrDom {
-    /// its name (`xl domid NAME`) and its domid when the pass began (it must not change)
+    /// its name (`xl domid NAME`) and its domid now: the one the pass began with, changed only
+    /// by `life-mgr-restart@mgrdom`, which restarts the manager domain (mgrdom::restart_in_pass)
     pub name: String,
     pub domid: String,
+    /// its state disk's loop device and how many times it was started (for a restart)
+    pub lo: String,
+    pub boots: u32,
+    /// the domids it had after restarts in the pass
+    pub restarts: Vec<String>,
+    /// dom0's `vtpmmgr bridge` (its pid: it binds the relayed vTPMs' sockets)
+    pub bridge_pid: Option<u32>,
 }
 
 impl St {
@@ -111,6 +123,90 @@ impl St {
     pub fn vtpm_exited(&self) -> bool {
         !crate::cmd::pid_up(self.vtpm_pid)
     }
+}
+
+/// dom0's `vtpmmgr bridge` log and run directory (the second pass reads them).
+pub const BRIDGE_LOG: &str = "/var/log/xvtpm/vtpmmgr-bridge.log";
+pub const RUN_DIR: &str = "/run/xvtpm";
+
+/// The per-vTPM socket of a dom0-process vTPM.
+pub fn vtpm_sock(uuid: &str) -> String {
+    format!("{RUN_DIR}/vtpm/{uuid}.sock")
+}
+
+/// The sockets left in `/run/xvtpm/vtpm` (names).
+pub fn vtpm_socks_left() -> Vec<String> {
+    let mut v: Vec<String> = xen::dir_names(&format!("{RUN_DIR}/vtpm"))
+        .into_iter()
+        .filter(|n| n.ends_with(".sock"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The inode of the listening unix socket bound at `path` (/proc/net/unix), if any.
+pub fn unix_inode(path: &str) -> Option<String> {
+    unix_inode_in(&xen::read_text("/proc/net/unix"), path)
+}
+
+pub fn unix_inode_in(table: &str, path: &str) -> Option<String> {
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 = listening
+        (f.len() >= 8 && f[7] == path && f[3] == "00010000").then(|| f[6].to_string())
+    })
+}
+
+/// Process `pid` holds the socket with inode `ino` (a `socket:[ino]` fd).
+pub fn holds_socket(pid: u32, ino: &str) -> bool {
+    let want = format!("socket:[{ino}]");
+    xen::dir_names(&format!("/proc/{pid}/fd"))
+        .iter()
+        .any(|fd| {
+            std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .is_ok_and(|t| t.to_string_lossy() == want)
+        })
+}
+
+/// In the second pass: CHECK `name`: the dom0-process vTPM `uuid` (process `pid`) is relayed by
+/// dom0's bridge: its socket `/run/xvtpm/vtpm/<uuid>.sock` is a listening socket, mode 0660,
+/// group VTPM_GID, held by the bridge process (not by a manager in dom0: there is none), and the
+/// bridge's `relayed.json` names the vTPM with that pid.
+pub fn relayed_check(e: &mut Errs, st: &St, name: &str, uuid: &str, pid: Option<u32>) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Some(m) = &st.mgr_dom else { return true };
+    let path = vtpm_sock(uuid);
+    let meta = std::fs::metadata(&path).ok();
+    let sock = meta.as_ref().is_some_and(|m| m.file_type().is_socket());
+    let mode = meta.as_ref().map(|m| format!("{:o}", m.mode() & 0o7777)).unwrap_or_else(|| "none".into());
+    let gid = meta.as_ref().map(|m| m.gid()).unwrap_or(0);
+    let ino = unix_inode(&path).unwrap_or_default();
+    let bp = m.bridge_pid.unwrap_or(0);
+    let held = !ino.is_empty() && bp != 0 && holds_socket(bp, &ino);
+    let rel = xen::read_text(&format!("{RUN_DIR}/relayed.json"));
+    let listed = relayed_has(&rel, uuid, pid);
+    let ok = sock && mode == "660" && gid == 0x7A00_0000 && held && listed && st.mgr.is_none();
+    e.check(
+        name,
+        ok,
+        format!(
+            "vTPM {uuid} (pid {}) relayed by dom0's vtpmmgr bridge (pid {bp}) to {}: {path} socket {sock}, mode {mode}, gid {gid:#x} (want 0660, VTPM_GID 0x7a000000), listening inode {} held by the bridge {held}; relayed.json names it with that pid {listed}; no vtpmmgr serve in dom0 {}",
+            pid.unwrap_or(0),
+            st.mgr_where(),
+            none(&ino),
+            st.mgr.is_none()
+        ),
+    )
+}
+
+/// `relayed.json` (`[[uuid, {"pid": P, "start": S}], …]`) names `uuid` with `pid`.
+pub fn relayed_has(json: &str, uuid: &str, pid: Option<u32>) -> bool {
+    let Some(v) = xen::parse_json(json) else { return false };
+    let Some(a) = v.as_array() else { return false };
+    a.iter().any(|row| {
+        row.get(0).and_then(|u| u.as_str()) == Some(uuid)
+            && pid.is_some_and(|p| row.get(1).and_then(|r| r.get("pid")).and_then(|x| x.as_u64()) == Some(u64::from(p)))
+    })
 }
 
 pub fn run_all() -> i32 {
@@ -333,13 +429,9 @@ pub fn verify_ak(
     o
 }
 
-/// `xl-vtpm verify` of BUNDLE with the guest's nonce and with a fresh wrong one: their exit codes
-/// (want 8: verified, host state not checked; and 7), their output in `SAVE-ok.out`/`SAVE-bad.out`.
-pub fn verify_nonces(cx: &Cx, bundle: &str, nonce: &str, uuid: &str, save: &str) -> (i32, i32) {
-    verify_nonces_ak(cx, bundle, nonce, uuid, "/tmp/ak.bin", save)
-}
-
-/// [`verify_nonces`] with the group AK in the file `ak`.
+/// `xl-vtpm verify` of BUNDLE with the guest's nonce and with a fresh wrong one, with the group AK
+/// in the file `ak`: their exit codes (want 8: verified, host state not checked; and 7), their
+/// output in `SAVE-ok.out`/`SAVE-bad.out`.
 pub fn verify_nonces_ak(cx: &Cx, bundle: &str, nonce: &str, uuid: &str, ak: &str, save: &str) -> (i32, i32) {
     let ok = verify_ak(
         cx,

@@ -64,11 +64,16 @@ pub fn dump_logs(st: &St, failed: bool) {
     dump_log("watch-d", "/var/log/xvtpm/watch-d.log", n);
     // the lifedom phases' second pass (the manager in its own domain, XVTPM_TESTBED_MGRDOM=1)
     dump_log("watch-m", "/var/log/xvtpm/watch-m.log", n);
+    // the life phases' second pass (dom0-process vTPMs relayed by the bridge)
+    dump_log("watch-r", "/var/log/xvtpm/watch-r.log", n);
     if !st.luuid.is_empty() {
         dump_log("vtpm-life-a", &st.lvlog, n);
     }
     if !st.vlog.is_empty() {
         dump_log("vtpm", &st.vlog, n);
+    }
+    for (name, l) in &st.pass2_logs {
+        dump_log(name, l, n);
     }
     let mut cons = xen::dir_names("/var/log/xen/console");
     cons.retain(|f| f.starts_with("guest-") && f.ends_with(".log"));

@@ -1,12 +1,18 @@
 //! vtpm-create, vtpm-guest, deep-quote, vtpm-reboot, vtpm-destroy: vtpm-domain as a dom0
 //! process serving tpmif; guest boot, reboot, destroy.
+//! With XVTPM_TESTBED_MGRDOM=1 the set runs a second time after `mgrdom-serve`, as `vtpm-*@mgrdom`
+//! (mgrdom.rs, `st.mgr_dom` set): the manager runs in its own domain and dom0's `vtpmmgr bridge`
+//! relays the vTPM process's requests. The same checks; added there: `vtpm-relayed` (the vTPM's
+//! socket bound by the bridge, relayed.json), `vtpm-relayed-gone` (socket and attachment gone after
+//! `xl-vtpm vtpm stop`); the deep quote is verified with the group AK fetched through the bridge.
+//! host-eventlog and attest-service are SKIPPED there: they need dom0's own TPM event log.
 
 use std::fs;
 use std::path::Path;
 
 use super::{
-    BOOT1_CHECKS, GuestBoot, REBOOT_CHECKS, St, capture_dq, deadline, ek_stable, secs1, up, verify,
-    verify_nonces,
+    BOOT1_CHECKS, GuestBoot, REBOOT_CHECKS, St, capture_dq, deadline, ek_stable, secs1, up,
+    verify_ak, verify_nonces_ak,
 };
 use crate::cmd::{Cmd, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome, Runner, check};
@@ -15,31 +21,43 @@ use crate::xen;
 const GCFG: &str = "/etc/xen/guest-vtpm.cfg";
 const OTHER: &str = "00000000-0000-4000-8000-000000000001";
 
+/// The phases of this set, in order (mgrdom.rs skips them by name when their second pass cannot run).
+pub const PHASES: [&str; 7] = [
+    "vtpm-create",
+    "vtpm-guest",
+    "deep-quote",
+    "host-eventlog",
+    "attest-service",
+    "vtpm-reboot",
+    "vtpm-destroy",
+];
+
 pub fn run(r: &mut Runner, st: &mut St) {
     if st.vtpm_mode == "0" {
-        r.skip_all(
-            &[
-                "vtpm-create",
-                "vtpm-guest",
-                "deep-quote",
-                "host-eventlog",
-                "attest-service",
-                "vtpm-reboot",
-                "vtpm-destroy",
-            ],
-            "disabled (XVTPM_TESTBED_VTPM=0)",
-        );
+        r.skip_all(&PHASES, "disabled (XVTPM_TESTBED_VTPM=0)");
         return;
     }
     r.phase("vtpm-create", deadline(150), |cx| create(cx, st));
     r.phase("vtpm-guest", deadline(650), |cx| guest(cx, st));
     r.phase("deep-quote", deadline(260), |cx| deep_quote(cx, st));
-    r.phase("host-eventlog", deadline(200), |cx| {
-        super::eventlog::host_eventlog(cx, st)
-    });
-    r.phase("attest-service", deadline(150), |cx| {
-        super::attest::attest_service(cx, st)
-    });
+    if st.mgr_dom.is_some() {
+        // dom0's TPM is unbound (mgrdom-unbind): no /sys/kernel/security/tpm0 event log in dom0
+        r.skip(
+            "host-eventlog",
+            "needs dom0's own TPM: its measured-boot event log is /sys/kernel/security/tpm0, gone since mgrdom-unbind unbound dom0's tpm_tis (the manager domain owns the TPM); the first pass checked it",
+        );
+        r.skip(
+            "attest-service",
+            "needs host-eventlog's event-log policy of this pass (host-eventlog@mgrdom is SKIPPED: dom0 has no TPM event log with the TPM in the manager domain); the first pass checked it",
+        );
+    } else {
+        r.phase("host-eventlog", deadline(200), |cx| {
+            super::eventlog::host_eventlog(cx, st)
+        });
+        r.phase("attest-service", deadline(150), |cx| {
+            super::attest::attest_service(cx, st)
+        });
+    }
     r.phase("vtpm-reboot", deadline(420), |cx| reboot(cx, st));
     r.phase("vtpm-destroy", deadline(200), |cx| destroy(cx, st));
 }
@@ -124,6 +142,11 @@ fn create(cx: &Cx, st: &mut St) -> Outcome {
         if !ok {
             e.add(format!("vtpm-domain is not sandboxed: {stl}"));
         }
+        // second pass: the manager is in its own domain; the vTPM's socket is the bridge's
+        if st.mgr_dom.is_some() {
+            let _ = cx.wait_until(10, || Path::new(&super::vtpm_sock(&uuid)).exists());
+            super::relayed_check(&mut e, st, "vtpm-relayed", &uuid, pid);
+        }
     }
     if Path::new(&st.vlog).is_file() {
         show_tail("vtpm.log", &xen::read_text(&st.vlog), 5);
@@ -138,8 +161,9 @@ fn create(cx: &Cx, st: &mut St) -> Outcome {
     }
     if e.is_empty() {
         Outcome::pass(format!(
-            "vTPM {uuid}, vtpm-domain pid {}, tpmif backend watching /local/domain/0/backend/vtpm",
-            pid.unwrap_or(0)
+            "vTPM {uuid}, vtpm-domain pid {}, tpmif backend watching /local/domain/0/backend/vtpm{}",
+            pid.unwrap_or(0),
+            relayed_said(st)
         ))
     } else {
         st.vtpm_uuid.clear();
@@ -174,6 +198,9 @@ fn guest(cx: &Cx, st: &mut St) -> Outcome {
     if st.vtpm_uuid.is_empty() {
         return Outcome::fail("no vTPM (vtpm-create failed)");
     }
+    // a console left by an earlier boot of guest-vtpm (the first pass's boot 2, held until
+    // vtpm-destroy) is kept apart: its GUEST-DONE must not count for this boot
+    keep_console("guest-vtpm-boot2-earlier");
     st.dq_nonce = xen::nonce(32);
     let extra = format!("boot=1 dq_nonce={}", st.dq_nonce);
     let uuid = st.vtpm_uuid.clone();
@@ -191,9 +218,37 @@ fn guest(cx: &Cx, st: &mut St) -> Outcome {
     }
     let _ = fs::rename(
         xen::clog("guest-vtpm"),
-        "/var/log/xen/console/guest-guest-vtpm-boot1.log",
+        format!(
+            "/var/log/xen/console/guest-guest-vtpm-boot1{}.log",
+            crate::runner::suffix()
+        ),
     );
-    e.verdict("boot 1: all guest checks passed on /dev/tpm0 (TPM 2.0 behind stock xen-tpmfront)")
+    e.verdict(format!(
+        "boot 1: all guest checks passed on /dev/tpm0 (TPM 2.0 behind stock xen-tpmfront){}",
+        relayed_said(st)
+    ))
+}
+
+/// Moves guest-vtpm's console log (if any) to `guest-TAG.log` (a second pass's with its suffix).
+fn keep_console(tag: &str) {
+    let c = xen::clog("guest-vtpm");
+    if Path::new(&c).exists() {
+        let to = format!("/var/log/xen/console/guest-{tag}{}.log", crate::runner::suffix());
+        println!("guest-vtpm: an earlier console log kept as {to}");
+        let _ = fs::rename(&c, to);
+    }
+}
+
+/// `; manager: … (relayed by dom0's vtpmmgr bridge)` for a verdict of the second pass.
+fn relayed_said(st: &St) -> String {
+    if st.mgr_dom.is_some() {
+        format!(
+            "; manager: {}, the vTPM process's requests relayed by dom0's vtpmmgr bridge",
+            st.mgr_where()
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// The group AK into /tmp/ak.bin (once).
@@ -221,16 +276,20 @@ fn deep_quote(cx: &Cx, st: &mut St) -> Outcome {
     if size == 0 {
         return Outcome::fail("no bundle from the guest");
     }
-    if let Err(t) = group_ak(cx) {
-        return Outcome::fail(format!("xl-vtpm mgr group ak default failed: {t}"));
-    }
+    // the group AK: dom0's manager's (/tmp/ak.bin), or in the second pass the manager
+    // domain's, fetched anew through the bridge (/tmp/ak-mgrdom.bin)
+    let ak = match super::vtpmdom::group_ak(cx, st) {
+        Ok(a) => a,
+        Err(t) => return Outcome::fail(format!("xl-vtpm mgr group ak default failed: {t}")),
+    };
     let u = st.vtpm_uuid.clone();
-    let (rc_ok, rc_bad) = verify_nonces(cx, "/tmp/dq.bin", &st.dq_nonce, &u, "/tmp/verify");
-    let rc_uuid = verify(
+    let (rc_ok, rc_bad) = verify_nonces_ak(cx, "/tmp/dq.bin", &st.dq_nonce, &u, &ak, "/tmp/verify");
+    let rc_uuid = verify_ak(
         cx,
         "/tmp/dq.bin",
         &st.dq_nonce,
         OTHER,
+        &ak,
         "verify other vTPM",
         "/tmp/verify-uuid.out",
         5,
@@ -246,7 +305,14 @@ fn deep_quote(cx: &Cx, st: &mut St) -> Outcome {
     e.check_or(
         "verify-right-nonce",
         rc_ok == 8,
-        format!("exit={rc_ok} (want 8: verified, host state not checked)"),
+        format!(
+            "exit={rc_ok} (want 8: verified, host state not checked){}",
+            if st.mgr_dom.is_some() {
+                format!("; with the group AK of {} ({ak}, fetched through the bridge)", st.mgr_where())
+            } else {
+                String::new()
+            }
+        ),
         format!("verify-with-right-nonce-exit-{rc_ok}(want-8)"),
     );
     e.check_or(
@@ -256,7 +322,8 @@ fn deep_quote(cx: &Cx, st: &mut St) -> Outcome {
         format!("verify-with-wrong-nonce-exit-{rc_bad}(want-7)"),
     );
     e.verdict(format!(
-        "xl-vtpm verify: right nonce -> 8 (verified, host unchecked), wrong nonce -> 7 ({size} byte bundle)"
+        "xl-vtpm verify: right nonce -> 8 (verified, host unchecked), wrong nonce -> 7 ({size} byte bundle){}",
+        relayed_said(st)
     ))
 }
 
@@ -283,7 +350,10 @@ fn reboot(cx: &Cx, st: &mut St) -> Outcome {
             st.vtpm_pid.unwrap_or(0)
         );
     }
-    e.verdict("boot 2: 0x81000010 persistent key + NV index kept, PCR16 reset, same EK")
+    e.verdict(format!(
+        "boot 2: 0x81000010 persistent key + NV index kept, PCR16 reset, same EK{}",
+        relayed_said(st)
+    ))
 }
 
 fn destroy(cx: &Cx, st: &mut St) -> Outcome {
@@ -293,6 +363,7 @@ fn destroy(cx: &Cx, st: &mut St) -> Outcome {
     }
     if let Some(domid) = xen::domid("guest-vtpm") {
         xen::destroy_and_wait(cx, "guest-vtpm", &mut e);
+        keep_console("guest-vtpm-boot2");
         std::thread::sleep(crate::s(2));
         let be: Vec<String> = xen::xs_ls("/local/domain/0/backend/vtpm")
             .into_iter()
@@ -340,10 +411,36 @@ fn destroy(cx: &Cx, st: &mut St) -> Outcome {
             crate::cmd::signal(p, nix::sys::signal::Signal::SIGKILL);
         }
     }
+    if st.mgr_dom.is_some() {
+        // the bridge unbinds the vTPM's socket on VtpmDetach or when it sees the process exit
+        // (a 1 s poll) and drops it from relayed.json
+        let sock = super::vtpm_sock(&st.vtpm_uuid);
+        let u = st.vtpm_uuid.clone();
+        let rel = || xen::read_text(&format!("{}/relayed.json", super::RUN_DIR));
+        let gone = cx.wait_until(15, || !Path::new(&sock).exists() && !rel().contains(&u));
+        e.check(
+            "vtpm-relayed-gone",
+            gone,
+            format!(
+                "after xl-vtpm vtpm stop: {sock} exists {}; relayed.json names the vTPM {} ({})",
+                Path::new(&sock).exists(),
+                rel().contains(&u),
+                rel().trim()
+            ),
+        );
+        show_tail("vtpmmgr bridge", &xen::read_text(super::BRIDGE_LOG), 6);
+    }
     show(
         "vtpm list",
         &Cmd::sh("xl-vtpm vtpm list").secs(30).run(cx).all(),
     );
     show_tail("vtpm.log", &xen::read_text(&st.vlog), 8);
-    e.verdict("guest destroyed, vtpm-domain survived it; xl-vtpm vtpm stop ended the process")
+    e.verdict(format!(
+        "guest destroyed, vtpm-domain survived it; xl-vtpm vtpm stop ended the process{}",
+        if st.mgr_dom.is_some() {
+            "; the bridge unbound its relayed socket and dropped the attachment"
+        } else {
+            ""
+        }
+    ))
 }

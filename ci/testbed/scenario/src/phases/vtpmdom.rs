@@ -843,7 +843,7 @@ fn guest1(cx: &Cx, st: &mut St, vd: &mut Vd) -> Outcome {
 /// The group AK the deep quotes are verified with, in a file: dom0's manager's (`/tmp/ak.bin`,
 /// as the other phases use it), or in the second pass the manager domain's, fetched anew through
 /// the bridge (`/tmp/ak-mgrdom.bin`).
-fn group_ak(cx: &Cx, st: &St) -> Result<String, String> {
+pub fn group_ak(cx: &Cx, st: &St) -> Result<String, String> {
     if st.mgr_dom.is_none() {
         return super::vtpm::group_ak(cx).map(|()| "/tmp/ak.bin".to_string());
     }
