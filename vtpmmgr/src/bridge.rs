@@ -139,12 +139,16 @@ fn base(domid: u32) -> String {
     format!("/local/domain/{domid}/data/xvtpm-admin")
 }
 
+/// Device `devid`'s frontend and backend directories of the admin link to domain `domid`.
+fn device_dirs(domid: u32, devid: u32) -> (String, String) {
+    (format!("{}/{devid}", admin_frontend(domid)), format!("{}/0/{devid}", admin_root(domid)))
+}
+
 /// Writes device `devid` of the admin link to the manager in domain `domid` (whatever an earlier
 /// bridge left at that device removed first) and returns its frontend directory, for
 /// `xen_platform::frontend::Frontend::connect`.
 pub async fn make_device<X: Xenstore>(xs: &X, domid: u32, devid: u32) -> Result<String, xen_platform::xenstore::XsError> {
-    let fe = format!("{}/{devid}", admin_frontend(domid));
-    let be = format!("{}/0/{devid}", admin_root(domid));
+    let (fe, be) = device_dirs(domid, devid);
     xs.rm(&fe).await?;
     xs.rm(&be).await?;
     for (k, v) in [("backend", be.as_str()), ("backend-id", &domid.to_string()), ("state", XenbusState::Initialising.as_value())] {
@@ -207,8 +211,9 @@ impl Link {
                 Ok(())
             }
             Err(source) => {
+                let (fe, be) = device_dirs(domid, self.devid);
                 let _ = self.xs.rm(&fe).await;
-                let _ = self.xs.rm(&format!("{}/0/{}", admin_root(domid), self.devid)).await;
+                let _ = self.xs.rm(&be).await;
                 Err(BridgeError::Link { domid, source })
             }
         }
@@ -220,8 +225,9 @@ impl Link {
         let home = format!("/local/domain/{}", old.domid);
         if matches!(self.xs.read(&format!("{home}/name")).await, Ok(Some(_))) {
             old.frontend.close().await;
-            let _ = self.xs.rm(&format!("{}/{}", admin_frontend(old.domid), self.devid)).await;
-            let _ = self.xs.rm(&format!("{}/0/{}", admin_root(old.domid), self.devid)).await;
+            let (fe, be) = device_dirs(old.domid, self.devid);
+            let _ = self.xs.rm(&fe).await;
+            let _ = self.xs.rm(&be).await;
         } else {
             old.frontend.abandon();
         }
@@ -231,11 +237,17 @@ impl Link {
     async fn still_linked(&self) -> bool {
         let Some(l) = &self.link else { return false };
         let xs = &*self.xs;
-        let be_state = xs.read(&format!("{}/0/{}/state", admin_root(l.domid), self.devid)).await.ok().flatten();
+        let be_state = xs.read(&format!("{}/state", device_dirs(l.domid, self.devid).1)).await.ok().flatten();
         if be_state.as_deref() != Some(XenbusState::Connected.as_value()) {
             return false;
         }
-        matches!(resolve(xs, &self.target).await, Ok(Some(d)) if d == l.domid)
+        // The linked domain's own name, one read on every request (names are unique in xl; a
+        // restarted domain has a new domid, and the old one's directory is gone).
+        let name = xs.read(&format!("/local/domain/{}/name", l.domid)).await.ok().flatten();
+        match &self.target {
+            Target::Name(n) => name.as_deref() == Some(n.as_str()),
+            Target::Id(d) => *d == l.domid && name.is_some(),
+        }
     }
 
     /// A link to the target domain, made again if the domain or its manager changed.
@@ -344,19 +356,7 @@ impl Bridge {
         locked(&self.relayed).insert(uuid, r);
         self.save();
         let path = crate::manager::vtpm_socket(&self.run_dir, &uuid);
-        let group = |l: std::os::unix::net::UnixListener| std::os::unix::fs::chown(&path, None, Some(mgr::VTPM_GID)).map(|()| l);
-        let bound = (|| {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let _ = std::fs::remove_file(&path);
-            let l = std::os::unix::net::UnixListener::bind(&path)?;
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
-            l.set_nonblocking(true)?;
-            group(l)
-        })()
-        .and_then(UnixListener::from_std);
-        match bound {
+        match crate::daemon::bind_vtpm_socket(&path) {
             Ok(l) => {
                 let task = tokio::spawn(serve_vtpm(self.clone(), l, uuid));
                 if let Some(old) = locked(&self.sockets).insert(uuid, task) {

@@ -102,6 +102,14 @@ fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
+/// A vTPM's socket at `path`: sandboxed vTPMs run as their own uid in group `VTPM_GID`, so
+/// `root:VTPM_GID` mode 0660; the identity is the peer's pid. (`vtpmmgr bridge` binds the same.)
+pub(crate) fn bind_vtpm_socket(path: &Path) -> std::io::Result<UnixListener> {
+    let l = bind(path, 0o660)?;
+    std::os::unix::fs::chown(path, None, Some(vtpm_proto::mgr::VTPM_GID))?;
+    Ok(l)
+}
+
 /// Keeps one listener per running (attached) vTPM in step with the attachments and the store.
 struct VtpmSockets {
     tasks: HashMap<Uuid, JoinHandle<()>>,
@@ -140,9 +148,7 @@ impl VtpmSockets {
                 continue;
             }
             let path = crate::manager::vtpm_socket(&run_dir, &uuid);
-            // Sandboxed vTPMs run as their own uid in group VTPM_GID; identity is the peer's pid.
-            let group = |l: UnixListener| std::os::unix::fs::chown(&path, None, Some(vtpm_proto::mgr::VTPM_GID)).map(|()| l);
-            match bind(&path, 0o660).and_then(group) {
+            match bind_vtpm_socket(&path) {
                 Ok(l) => {
                     self.tasks.insert(uuid, tokio::spawn(serve_vtpm_socket(l, uuid, self.dispatch.clone())));
                 }

@@ -135,8 +135,7 @@ impl XenLink<XsClient, XenTransport> {
     pub async fn open_admin(root: &str, dispatch: Dispatcher, service: Arc<dyn AdminHandler>) -> Result<Self, OpenError> {
         let (xs, events) = XsClient::open().await.map_err(OpenError::Xenstore)?;
         let transport = XenTransport::open().map_err(OpenError::Devices)?;
-        let backend = Backend::new(xs, transport, root, admin_rejections()).accept(|domid, _| domid.get() == 0);
-        Self::started(backend, events, dispatch, Some(service), root)
+        Self::new_admin(xs, events, transport, root, dispatch, service)
             .await
             .map_err(|source| OpenError::Watch { root: root.to_string(), source })
     }
@@ -274,14 +273,18 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
         let Some(uuid) = self.backend.device(key).map(|d| d.uuid()) else {
             return;
         };
+        if ReplyChunker::is_cont(&req.command) {
+            let page = self.chunkers.entry(key).or_default().next_chunk().unwrap_or_else(|| {
+                let no_reply = Failure::new(ErrorCode::BadRequest, "CONT without a pending reply");
+                match self.admin {
+                    Some(_) => encode_admin(&AdminReply::Error(no_reply)),
+                    None => encode_reply(&VtpmReply::Error(no_reply)),
+                }
+            });
+            self.complete(req.ticket, &page);
+            return;
+        }
         if let Some(service) = &self.admin {
-            if ReplyChunker::is_cont(&req.command) {
-                let page = self.chunkers.entry(key).or_default().next_chunk().unwrap_or_else(|| {
-                    encode_admin(&AdminReply::Error(Failure::new(ErrorCode::BadRequest, "CONT without a pending reply")))
-                });
-                self.complete(req.ticket, &page);
-                return;
-            }
             let request = vtpm_proto::mgr_io::decode_frame::<AdminRequest>(&req.command).map_err(|e| Failure::from_error(ErrorCode::BadRequest, "", &e));
             let (service, ticket) = (service.clone(), req.ticket);
             self.ready.spawn(async move {
@@ -291,13 +294,6 @@ impl<X: Xenstore, T: Transport> XenLink<X, T> {
             return;
         }
         let peer = Peer::Domain { vtpm: uuid, domid: u32::from(key.frontend.get()) };
-        if ReplyChunker::is_cont(&req.command) {
-            let page = self.chunkers.entry(key).or_default().next_chunk().unwrap_or_else(|| {
-                encode_reply(&VtpmReply::Error(Failure::new(ErrorCode::BadRequest, "CONT without a pending reply")))
-            });
-            self.complete(req.ticket, &page);
-            return;
-        }
         match decode_request(&req.command) {
             // Answered by ticket when its task is done (a batch, a TPM signature): never blocking.
             Ok(r) => {
