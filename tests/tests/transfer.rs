@@ -163,6 +163,50 @@ fn a_vtpm_moves_with_its_ek_nv_and_keys_and_the_source_copy_is_retired() {
     cannot_start(&b, &uuid, "was transferred to");
 }
 
+/// PCR 16 of a running vTPM (SHA-256 bank), as tpm2_pcrread prints it.
+fn pcr16(v: &VtpmHandle) -> String {
+    tpm2(&v.tcti(), &["tpm2_pcrread", "sha256:16"])
+}
+
+/// A vTPM stopped with `--suspend` keeps its running TPM through a move: the destination's
+/// first start resumes its PCRs (a guest moving with its vTPM keeps them, as across a
+/// suspend), and only that start: the next one is a boot. Without `--suspend` a move resets
+/// them (the control).
+#[test]
+fn a_suspended_vtpm_moves_with_its_pcrs_and_resumes_them_once() {
+    let (a, b) = (host(), host());
+    let (good, _) = policies(a.dir.path());
+    let v = a.create_vtpm();
+    let c = fill(&a, &v);
+    let zero = pcr16(&v);
+    tpm2(&v.tcti(), &["tpm2_pcrextend", &format!("16:sha256={}", "ab".repeat(32))]);
+    let extended = pcr16(&v);
+    assert_ne!(extended, zero);
+    let out = ok(a.xl(&["vtpm", "stop", &v.uuid.to_string(), "--suspend"]));
+    assert!(text(&out).contains("suspended vTPM"), "{}", text(&out));
+    // Suspending a vTPM that does not run is refused.
+    refused(&a.xl(&["vtpm", "stop", &v.uuid.to_string(), "--suspend"]), 6, "there is no running TPM to suspend");
+    ok(migrate(&a, &b, &v.uuid, &good));
+
+    let w = start_tcp(&b, &v.uuid);
+    holds(&w, &c);
+    assert_eq!(pcr16(&w), extended, "the moved vTPM resumes with the PCRs it was suspended with");
+    // The control: a plain stop and a move back reset them.
+    b.stop_vtpm(&v.uuid);
+    let w = start_tcp(&b, &v.uuid);
+    assert_eq!(pcr16(&w), zero, "the volatile state is resumed once: the next start is a boot");
+    tpm2(&w.tcti(), &["tpm2_pcrextend", &format!("16:sha256={}", "cd".repeat(32))]);
+    b.stop_vtpm(&v.uuid);
+    let a_ca = a.ek_ca.as_ref().unwrap();
+    ok(b.xl(&[
+        "vtpm", "migrate", &v.uuid.to_string(), "--to-run-dir", p(&a.run_dir()), "--ek-ca", p(&a_ca.root_cert()),
+        "--ek-intermediate", p(&a_ca.intermediate_cert()), "--host-pcrs-policy", p(&good),
+    ]));
+    let x = start_tcp(&a, &v.uuid);
+    holds(&x, &c);
+    assert_eq!(pcr16(&x), zero, "stopped without --suspend, the move resets the PCRs");
+}
+
 #[test]
 fn refusals_name_their_check() {
     let (a, b) = (host(), host());

@@ -38,6 +38,10 @@ pub struct Shared {
     /// models. Two at once is a Xen HVM guest's localhost migration (the destination's device
     /// model loads the state while the source's still runs).
     pub device_models: std::cell::Cell<usize>,
+    /// SIGUSR1 asked for a suspend: the process ends with the running TPM's volatile state
+    /// (PCRs, loaded objects, sessions) saved into its state file beside the permanent state,
+    /// so the next start (here, or on another host after a transfer) resumes it once.
+    pub suspend: std::cell::Cell<bool>,
 }
 
 /// Whether `packet` is a well-framed deep-quote vendor command.

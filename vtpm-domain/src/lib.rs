@@ -70,7 +70,8 @@ pub struct Fatal {
 }
 
 /// Runs one vTPM until it is shut down. On success returns after a clean
-/// shutdown (control channel `CMD_SHUTDOWN`, SIGTERM or SIGINT).
+/// shutdown (control channel `CMD_SHUTDOWN`, SIGTERM or SIGINT; SIGUSR1 suspends: the
+/// running TPM's volatile state is saved for the next start).
 pub fn run(cfg: Config) -> Result<(), Fatal> {
     let fatal = |code: i32| move |error: anyhow::Error| Fatal { code, error };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -167,20 +168,37 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             import_floor,
             imported: std::cell::Cell::new(false),
             device_models: std::cell::Cell::new(0),
+            suspend: std::cell::Cell::new(false),
         });
         let sig = shared.clone();
         tokio::task::spawn_local(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else { return };
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            xvtpm_log::host_info!("signal received, shutting down");
+            let (Ok(mut term), Ok(mut int), Ok(mut usr1)) =
+                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::user_defined1()))
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => xvtpm_log::host_info!("signal received, shutting down"),
+                _ = int.recv() => xvtpm_log::host_info!("signal received, shutting down"),
+                _ = usr1.recv() => {
+                    xvtpm_log::host_info!("SIGUSR1: suspending (the TPM's volatile state is saved for the next start)");
+                    sig.suspend.set(true);
+                }
+            }
             sig.exit.notify_one();
         });
         if let Some(q) = quote {
             tokio::task::spawn_local(hostquote::serve(q, shared.clone()));
         }
         server::serve(bound, shared.clone()).await;
-        let stopped = shared.vtpm.borrow_mut().stop();
+        // A suspend keeps the running TPM for the next start (a guest moving to another host:
+        // its PCRs travel in the state file); a TPM the controller already stopped has nothing
+        // running to keep and is stopped as usual.
+        let stopped = {
+            let mut v = shared.vtpm.borrow_mut();
+            if shared.suspend.get() && v.running() { v.store_volatile() } else { v.stop() }
+        };
         shared.mgr.close().await;
         stopped.map_err(anyhow::Error::from).map_err(fatal(EXIT_STATE))?;
         Ok(())

@@ -683,28 +683,63 @@ impl Local {
     /// Returns whether a process was running.
     pub fn stop(&self, admin: &mut Admin, uuid: &Uuid, grace: Duration) -> Result<bool, CliError> {
         self.find(admin, uuid)?;
-        let was = match self.runtime(uuid) {
-            Some(rt) => {
-                use nix::sys::signal::{Signal, kill};
-                use nix::unistd::Pid;
-                let pid = Pid::from_raw(rt.pid as i32);
-                let _ = kill(pid, Signal::SIGTERM);
-                let deadline = Instant::now() + grace;
-                while rt.alive() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                if rt.alive() {
-                    let _ = kill(pid, Signal::SIGKILL);
-                }
-                true
-            }
-            None => false,
-        };
+        let was = self.runtime(uuid).map(|rt| self.signal_and_wait(&rt, nix::sys::signal::Signal::SIGTERM, grace)).is_some();
+        self.stopped(admin, uuid)?;
+        Ok(was)
+    }
+
+    /// Suspends a running vTPM: its process saves the running TPM's volatile state (PCRs,
+    /// loaded objects, sessions) into its state file and ends (SIGUSR1), so the next start —
+    /// here, or on the host its identity moves to — resumes the TPM as it was, once. A process
+    /// that does not end within `grace`, or ends without writing its state file, is killed
+    /// and reported: its permanent state is on disk as always, its volatile state is lost.
+    pub fn suspend(&self, admin: &mut Admin, uuid: &Uuid, grace: Duration) -> Result<(), CliError> {
+        self.find(admin, uuid)?;
+        let rt = self.runtime(uuid).ok_or_else(|| CliError::new(REFUSED, format!("vTPM {uuid} does not run: there is no running TPM to suspend")))?;
+        let stamp = |p: &Path| fs::metadata(p).ok().map(|m| (m.len(), m.modified().ok()));
+        let file = self.state_file(uuid);
+        let before = stamp(&file);
+        let ended = self.signal_and_wait(&rt, nix::sys::signal::Signal::SIGUSR1, grace);
+        let written = stamp(&file) != before;
+        self.stopped(admin, uuid)?;
+        match (ended, written) {
+            (true, true) => Ok(()),
+            (false, _) => Err(CliError::new(
+                FAILURE,
+                format!("vTPM {uuid} (process {}) did not suspend within {} s and was killed: its PCRs are lost, its permanent state is on disk", rt.pid, grace.as_secs()),
+            )),
+            (true, false) => Err(CliError::new(
+                FAILURE,
+                format!("vTPM {uuid} (process {}) ended without saving its running state to {} (see its log): its PCRs are lost, its permanent state is on disk", rt.pid, file.display()),
+            )),
+        }
+    }
+
+    /// Sends `sig` to the vTPM's process and waits up to `grace` for it to end; SIGKILL after
+    /// that. Returns whether it ended by itself.
+    fn signal_and_wait(&self, rt: &Runtime, sig: nix::sys::signal::Signal, grace: Duration) -> bool {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let pid = Pid::from_raw(rt.pid as i32);
+        let _ = kill(pid, sig);
+        let deadline = Instant::now() + grace;
+        while rt.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if rt.alive() {
+            let _ = kill(pid, Signal::SIGKILL);
+            return false;
+        }
+        true
+    }
+
+    /// Forgets a stopped vTPM's runtime: its record, sockets and attachment.
+    fn stopped(&self, admin: &mut Admin, uuid: &Uuid) -> Result<(), CliError> {
         let _ = fs::remove_file(self.runtime_file(uuid));
         let _ = fs::remove_dir_all(self.socket_dir(uuid));
         remove_quote_socket(&quote_socket(&self.run_dir, uuid));
         admin.call(&AdminRequest::VtpmDetach { uuid: *uuid })?;
-        Ok(was)
+        Ok(())
     }
 
     /// Stops a vTPM, deletes its identity and its state. Irreversible.

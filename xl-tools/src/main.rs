@@ -399,6 +399,11 @@ enum VtpmCmd {
     Stop {
         /// vTPM UUID.
         uuid: String,
+        /// Keep the running TPM: its volatile state (PCRs, loaded objects, sessions) is saved
+        /// into its state file, and the next start (here, or on the host its identity is
+        /// transferred to) resumes it once. A dom0-process vTPM only.
+        #[arg(long)]
+        suspend: bool,
     },
     /// Stop a vTPM and delete its identity and state. Irreversible.
     Destroy {
@@ -972,16 +977,24 @@ fn run_vtpm(cmd: VtpmCmd, local: &Local, xen: &xenlife::Xen, domains: xl_tools::
                 print_endpoints(&row);
             }
         }
-        VtpmCmd::Stop { uuid } => {
+        VtpmCmd::Stop { uuid, suspend } => {
             let uuid = local.resolve(&uuid)?;
-            let was = if domains.spec(&uuid)?.is_some() {
+            let was = if suspend {
+                if domains.spec(&uuid)?.is_some() {
+                    return Err(CliError::new(exit::USAGE, format!("vTPM {uuid} runs in its own domain: --suspend is for a dom0-process vTPM")));
+                }
+                local.suspend(&mut admin, &uuid, Duration::from_secs(10))?;
+                true
+            } else if domains.spec(&uuid)?.is_some() {
                 local.show(&mut admin, &uuid)?;
                 domains.stop(&mut admin, &uuid, xl_tools::vtpmdom::SHUTDOWN_GRACE)?
             } else {
                 local.stop(&mut admin, &uuid, Duration::from_secs(5))?
             };
             if json {
-                print_json(&serde_json::json!({"uuid": uuid, "was_running": was}));
+                print_json(&serde_json::json!({"uuid": uuid, "was_running": was, "suspended": suspend}));
+            } else if suspend {
+                println!("suspended vTPM {uuid}: its next start resumes the TPM as it was");
             } else if was {
                 println!("stopped vTPM {uuid}");
             } else {
