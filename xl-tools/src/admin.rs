@@ -9,9 +9,14 @@ use vtpm_proto::mgr_io::{self, WireError};
 
 use crate::exit::{CliError, NO_MANAGER, REFUSED};
 
-/// A connection to the admin socket.
+/// A byte stream an admin conversation runs over.
+pub trait Duplex: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> Duplex for T {}
+
+/// A connection to the admin socket (or, for a move to another host, to the destination's
+/// manager through `xl-vtpm migrate-receive` there: [`Admin::over`]).
 pub struct Admin {
-    stream: UnixStream,
+    stream: Box<dyn Duplex>,
 }
 
 impl Admin {
@@ -36,7 +41,36 @@ impl Admin {
         })?;
         // Provisioning can take a few seconds on a discrete TPM (RSA keys).
         stream.set_read_timeout(Some(Duration::from_secs(120))).ok();
-        Ok(Admin { stream })
+        Ok(Admin { stream: Box::new(stream) })
+    }
+
+    /// An admin conversation over any stream (the receiver of a move to another host relays
+    /// the destination's part of it to the manager there).
+    pub fn over(stream: Box<dyn Duplex>) -> Admin {
+        Admin { stream }
+    }
+
+    /// Sends one message of another protocol on the same stream and reads its reply.
+    pub fn exchange<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(&mut self, req: &Req) -> Result<Rep, CliError> {
+        mgr_io::call(&mut self.stream, req).map_err(|e| CliError::caused(NO_MANAGER, "the destination's receiver", e))
+    }
+
+    /// Sends one admin request and returns the reply as it came, an error reply included (a relay).
+    pub fn forward(&mut self, req: &AdminRequest) -> Result<AdminReply, CliError> {
+        mgr_io::call(&mut self.stream, req).map_err(|e| CliError::caused(NO_MANAGER, "admin socket", e))
+    }
+
+    /// Reads one message of another protocol (the answer to bulk data sent with [`Admin::raw`]).
+    pub fn receive<Rep: serde::de::DeserializeOwned>(&mut self) -> Result<Rep, CliError> {
+        let body = mgr_io::read_frame(&mut self.stream)
+            .map_err(|e| CliError::caused(NO_MANAGER, "the destination's receiver", e))?
+            .ok_or_else(|| CliError::new(NO_MANAGER, "the destination's receiver ended without an answer"))?;
+        vtpm_proto::mgr::decode(&body).map_err(|e| CliError::caused(NO_MANAGER, "the destination's receiver", e))
+    }
+
+    /// The raw stream (bulk data after a message that announced it).
+    pub fn raw(&mut self) -> &mut dyn std::io::Write {
+        &mut self.stream
     }
 
     /// Every vTPM identity, page by page (a host may have far more than one frame holds).

@@ -97,7 +97,7 @@ pub struct GuestMigrated {
     pub vtpm_domain: Option<String>,
 }
 
-fn fail(code: i32, m: impl Into<String>) -> CliError {
+pub(crate) fn fail(code: i32, m: impl Into<String>) -> CliError {
     CliError::new(code, m)
 }
 
@@ -171,7 +171,7 @@ pub fn restore_failed(name: &str, file: &Path, why: &str) -> CliError {
 }
 
 /// xl's first error lines and its last lines (where it stopped).
-fn xl_said(out: &std::process::Output) -> String {
+pub(crate) fn xl_said(out: &std::process::Output) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let mut tail: Vec<&str> = text.lines().filter(|l| l.contains("error")).take(2).collect();
     tail.extend(text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev());
@@ -180,7 +180,7 @@ fn xl_said(out: &std::process::Output) -> String {
 
 impl Xen {
     /// `xl restore -p FILE`; its wall time (ms).
-    fn restore_saved(&self, name: &str, file: &Path) -> Result<u64, CliError> {
+    pub(crate) fn restore_saved(&self, name: &str, file: &Path) -> Result<u64, CliError> {
         let t = Instant::now();
         let out = Command::new(&self.xl)
             .args(xl_restore_args(file))
@@ -193,7 +193,7 @@ impl Xen {
     }
 
     /// `xl save NAME FILE` of the guest that runs as domain `old`; its wall time (ms).
-    fn save_guest(&self, name: &str, old: u32, file: &Path) -> Result<u64, CliError> {
+    pub(crate) fn save_guest(&self, name: &str, old: u32, file: &Path) -> Result<u64, CliError> {
         if let Err(e) = prepare_save_file(file) {
             return Err(fail(
                 REFUSED,
@@ -225,7 +225,7 @@ impl Xen {
         }
     }
 
-    fn xl_domid(&self, name: &str) -> Option<u32> {
+    pub(crate) fn xl_domid(&self, name: &str) -> Option<u32> {
         let out = Command::new(&self.xl).args(["domid", name]).output().ok()?;
         if !out.status.success() {
             return None;
@@ -501,7 +501,7 @@ impl Xen {
         })
     }
 
-    fn xl_run(&self, args: &[&str]) -> Result<(), CliError> {
+    pub(crate) fn xl_run(&self, args: &[&str]) -> Result<(), CliError> {
         let out = Command::new(&self.xl).args(args).output().map_err(|e| fail(FAILURE, format!("cannot run {} ({e})", self.xl.display())))?;
         if !out.status.success() {
             return Err(fail(FAILURE, format!("xl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
@@ -536,7 +536,7 @@ pub fn serves_device_model(running: Option<&[String]>, made: &[String], tpmif: i
 
 /// Whether domain `domid` has a tpmif device under dom0's backend root; `None` if xenstore
 /// cannot say.
-fn tpmif_device(domid: u32) -> Option<bool> {
+pub(crate) fn tpmif_device(domid: u32) -> Option<bool> {
     use xen_platform::xenstore::Xenstore;
     with_xs(async |xs| xs.directory(&format!("{DOM0_BACKEND_ROOT}/{domid}")).await.map_err(|e| e.to_string()))
         .ok()
@@ -577,14 +577,14 @@ fn with_xs<T>(f: impl AsyncFnOnce(&xen_platform::xenstore::XsClient) -> Result<T
     })
 }
 
-fn xs_write(path: &str, value: &str) -> Result<(), String> {
+pub(crate) fn xs_write(path: &str, value: &str) -> Result<(), String> {
     use xen_platform::xenstore::Xenstore;
     with_xs(async |xs| xs.write(path, value).await.map_err(|e| e.to_string()))
 }
 
 /// Waits until a device of domain `domid` under dom0's tpmif backend root names vTPM `uuid`
 /// and its backend is in InitWait (2) or later; returns its backend directory.
-fn wait_backend(root: &str, domid: u32, uuid: &Uuid, limit: Duration) -> Result<String, String> {
+pub(crate) fn wait_backend(root: &str, domid: u32, uuid: &Uuid, limit: Duration) -> Result<String, String> {
     use xen_platform::xenstore::Xenstore;
     let dir = format!("{root}/{domid}");
     with_xs(async |xs| {
@@ -612,7 +612,7 @@ fn wait_backend(root: &str, domid: u32, uuid: &Uuid, limit: Duration) -> Result<
 }
 
 /// Whether the backend `dev` reaches Connected (4) within `limit`.
-fn wait_connected(dev: &str, limit: Duration) -> bool {
+pub(crate) fn wait_connected(dev: &str, limit: Duration) -> bool {
     use xen_platform::xenstore::Xenstore;
     with_xs(async |xs| {
         let deadline = Instant::now() + limit;

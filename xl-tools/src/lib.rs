@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod attest;
 pub mod attest_client;
+pub mod crosshost;
 pub mod ekcert;
 pub mod eventlog;
 pub mod exit;

@@ -87,27 +87,49 @@ enum Cmd {
         /// Guest name.
         name: String,
     },
-    /// Move a running PV guest to a new domain on this host with `xl migrate`, its dom0-process
-    /// vTPM serving the new domain before the guest reconnects; the guest keeps its EK, keys, NV
-    /// and PCRs (docs/migration.md, "Moving the guest with its vTPM").
+    /// Move a running guest with its vTPM: to a new domain on this host (`localhost`), or to
+    /// another host with its vTPM's identity sealed to that host's TPM; the guest keeps its EK,
+    /// keys, NV and PCRs (docs/migration.md, "Moving the guest with its vTPM", "To another host").
     Migrate {
         /// Guest name.
         name: String,
-        /// Destination: localhost (this host; the vTPM stays with this manager).
+        /// Destination: localhost (this host; the vTPM stays with this manager), or another
+        /// host, reached with `--ssh` (its manager is checked with --ek-ca and
+        /// --host-pcrs-policy before anything moves).
         host: Option<String>,
-        /// xl's transport (`xl migrate -s CMD`). Default for localhost: the receiver runs
-        /// directly, no ssh.
+        /// The transport (`xl migrate -s CMD`; to another host also the receiver's: `CMD HOST
+        /// RECEIVER`). Default: `ssh`; for localhost the receiver runs directly, no ssh.
         #[arg(long, value_name = "CMD")]
         ssh: Option<String>,
         /// Only the steps after `xl migrate` (the incoming domain exists, paused): after an
-        /// `xl-vtpm migrate` that was cut short.
+        /// `xl-vtpm migrate` to localhost that was cut short.
         #[arg(long, conflicts_with_all = ["host", "ssh"])]
         finish: bool,
         /// Move without log-dirty mode (a Xen that refuses it for PV guests): `xl save` to a
-        /// root-only file, `xl restore -p`; the guest is stopped for the whole copy.
-        #[arg(long, conflicts_with = "ssh")]
+        /// root-only file, `xl restore -p` (on the other host: the file is sent to its
+        /// receiver); the guest is stopped for the whole copy.
+        #[arg(long)]
         non_live: bool,
+        /// To another host: the command the transport runs there.
+        #[arg(long, value_name = "CMD", default_value = "xl-vtpm migrate-receive")]
+        receiver: String,
+        /// To another host: trusted TPM vendor root certificate (repeatable).
+        #[arg(long = "ek-ca")]
+        ek_ca: Vec<PathBuf>,
+        /// To another host: an intermediate certificate of its EK certificate (repeatable).
+        #[arg(long)]
+        ek_intermediate: Vec<PathBuf>,
+        /// To another host: the SHA-256 host PCR values it must have (`xl-vtpm verify`'s format).
+        #[arg(long)]
+        host_pcrs_policy: Option<PathBuf>,
+        /// To another host: the group the vTPM joins there (default: its default group).
+        #[arg(long)]
+        group: Option<String>,
     },
+    /// The destination's end of `xl-vtpm migrate GUEST HOST` (the source runs it through its
+    /// transport; it speaks on stdin/stdout). Not for interactive use.
+    #[command(hide = true)]
+    MigrateReceive,
     /// Guests with their vTPMs (registry and what runs now).
     List,
     /// Attach to a guest's console (`xl console`).
@@ -698,6 +720,7 @@ fn run(args: Args) -> Result<(), CliError> {
     let xen = xen_for(&local, args.registry.as_deref(), args.host.clone())?;
     let cmd = match cmd {
         Cmd::Reboot { name } => return xen.reboot(&name),
+        Cmd::MigrateReceive => return xl_tools::crosshost::receive(&xen),
         Cmd::Tenant(t) => return xl_tools::tenant::run(t, &xen, json),
         other => other,
     };
@@ -715,7 +738,44 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Destroy { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Destroy),
         Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown),
         Cmd::List => run_list(&xen, json),
-        Cmd::Migrate { name, host, ssh, finish, non_live } => {
+        Cmd::MigrateReceive => unreachable!("handled above"),
+        Cmd::Migrate { name, host, ssh, finish, non_live, receiver, ek_ca, ek_intermediate, host_pcrs_policy, group } => {
+            if let Some(h) = host.as_deref().filter(|h| !xl_tools::guestmig::is_local(h)) {
+                let policy = host_pcrs_policy.ok_or_else(|| CliError::new(exit::USAGE, format!("xl-vtpm migrate {name} {h}: to another host, give --host-pcrs-policy FILE (the host PCRs it must have)")))?;
+                if ek_ca.is_empty() {
+                    return Err(CliError::new(exit::USAGE, format!("xl-vtpm migrate {name} {h}: to another host, give --ek-ca PEM (the TPM vendor roots its EK certificate must chain to)")));
+                }
+                let checks = xl_tools::crosshost::Checks {
+                    roots: xl_tools::transfer::read_certs(&ek_ca, "--ek-ca")?,
+                    intermediates: xl_tools::transfer::read_certs(&ek_intermediate, "--ek-intermediate")?,
+                    policy: xl_tools::transfer::read_policy(&policy)?,
+                    group,
+                };
+                let (m, x) = xen.migrate_guest_to(&mut admin, &name, h, ssh.as_deref(), &receiver, non_live, &checks)?;
+                if json {
+                    let mut v = serde_json::to_value(&m).map_err(|e| CliError::caused(1, "", e))?;
+                    if let (Some(o), Ok(serde_json::Value::Object(x))) = (v.as_object_mut(), serde_json::to_value(&x)) {
+                        o.extend(x);
+                    }
+                    print_json(&v);
+                } else {
+                    println!(
+                        "{}: moved to {} (domain {} there) with vTPM {}{}; identity moved in {} ms (prepared in {} ms while it ran), {} ms in all",
+                        m.guest_name,
+                        x.to_host,
+                        m.to_domid,
+                        m.vtpm_uuid,
+                        if x.tpm_kept { ", TPM kept (PCRs as they were)" } else { ", TPM restarted (PCRs reset)" },
+                        x.transfer_ms,
+                        x.prepare_ms,
+                        m.total_ms
+                    );
+                }
+                return Ok(());
+            }
+            if non_live && ssh.is_some() {
+                return Err(CliError::new(exit::USAGE, "--ssh: a --non-live move on this host runs no transport"));
+            }
             let m = xen.migrate_guest(&mut admin, &name, host.as_deref(), ssh.as_deref(), finish, non_live)?;
             if json {
                 print_json(&m);

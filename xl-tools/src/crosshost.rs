@@ -1,0 +1,654 @@
+//! `xl-vtpm migrate GUEST HOST` to another host, and `xl-vtpm migrate-receive`, its other end.
+//!
+//! The guest moves with xl (`xl migrate`, or `xl save` + `xl restore` with `--non-live`) and
+//! its vTPM's identity with the transfer (docs/migration.md): the destination's manager proves
+//! its TPM and host state before anything moves, the state key leaves this host only sealed to a
+//! key in the destination's TPM, and exactly one copy is ever live. The vTPM process here is
+//! *suspended* once the guest has left (`SIGUSR1`: the running TPM's volatile state — PCRs,
+//! loaded objects, sessions — is saved into its state file), so the state file that travels
+//! carries the running TPM and the destination's vTPM resumes it, as a real platform resumes
+//! its TPM after a suspend.
+//!
+//! Like `xl migrate`, this runs the receiver on the destination through a transport:
+//! `sh -c "<ssh> <HOST> <receiver>"` (default `ssh HOST xl-vtpm migrate-receive`), and speaks to
+//! it over its stdin/stdout in the manager's framing (4-byte length, JSON). The receiver relays
+//! the destination manager's part of the transfer (only those requests) to its own manager, and
+//! does the Xen steps there: it restores a `--non-live` guest, starts the vTPM from the
+//! imported state, attaches the device to the incoming domain (paused), writes the resume
+//! marker, unpauses it and records it in the registry. The incoming domain is made without its
+//! vTPM device (`xl migrate -C`, `xl restore CONFIG`), which is attached once the vTPM runs
+//! there: the vTPM cannot serve on the destination before it stops here, and the guest's
+//! memory moves first.
+//!
+//! Steps, each failure point's state and its recovery: docs/migration.md, "To another host".
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vtpm_proto::mgr::{AdminReply, AdminRequest, Failure};
+
+use crate::admin::Admin;
+use crate::exit::{CliError, FAILURE, NO_MANAGER, NOT_FOUND, REFUSED, USAGE};
+use crate::guestmig::{BACKEND_WAIT, GuestMigrated, RECONNECT_WAIT, fail, wait_backend, wait_connected, xl_said, xs_write};
+use crate::registry::State;
+use crate::xenlife::{DOM0_BACKEND_ROOT, Xen, reg_err, save_file};
+
+/// The receiver protocol's version; `migrate-receive` refuses another.
+pub const RECEIVE_PROTOCOL: u32 = 1;
+/// The largest saved guest a receiver accepts (the disk's free space is checked too).
+pub const MAX_SAVE: u64 = 1 << 40;
+/// How long the suspended vTPM process may take to save its state and end.
+pub const SUSPEND_GRACE: Duration = Duration::from_secs(10);
+
+/// A receiver's own requests (the destination manager's transfer requests travel as they are).
+/// Fields: `guest` the guest's name, `vtpm` its vTPM, `from_domid` its domain on the source.
+#[allow(missing_docs)]
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RecvRequest {
+    /// The protocol; answered with the destination's registry host name.
+    RecvHello { protocol: u32 },
+    /// A guest will arrive: its xl config (as created here, vTPM included). The receiver checks
+    /// no domain has the name there and that its registry has the pair.
+    RecvIncoming { guest: String, vtpm: Uuid, config: String },
+    /// `--non-live`: `size` bytes of `xl save` output follow the `RecvOk`; then `xl restore -p`.
+    RecvRestore { guest: String, vtpm: Uuid, size: u64 },
+    /// The vTPM's identity is there: start it, attach it to the guest's domain, resume the guest.
+    RecvResume { guest: String, vtpm: Uuid, from_domid: u32, keep_tpm: bool },
+    /// The move ended before the guest left: forget what `RecvIncoming` wrote.
+    RecvAbandon { guest: String, vtpm: Uuid },
+}
+
+/// A receiver's answers to [`RecvRequest`]: `RecvHello` names the destination's registry
+/// host, `RecvRestored`/`RecvResumed` the guest's new domain there.
+#[allow(missing_docs)]
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RecvReply {
+    RecvHello { protocol: u32, host: String },
+    RecvOk,
+    RecvRestored { domid: u32, restore_ms: u64 },
+    RecvResumed { domid: u32, vtpm_pid: u32, reconnect_ms: Option<u64> },
+    RecvError { code: i32, message: String },
+}
+
+/// The destination manager's requests a receiver relays: a move's destination side, nothing else.
+fn relayed(req: &AdminRequest) -> bool {
+    matches!(
+        req,
+        AdminRequest::Status
+            | AdminRequest::Enrollment
+            | AdminRequest::TransferOffer { .. }
+            | AdminRequest::TransferImport { .. }
+            | AdminRequest::TransferReceipt { .. }
+            | AdminRequest::TransferCancel { .. }
+    )
+}
+
+/// The trust anchors and policy the destination is checked against.
+pub struct Checks {
+    /// TPM vendor roots (`--ek-ca`), PEM or hex DER as [`crate::transfer::read_certs`] gives.
+    pub roots: Vec<String>,
+    /// Intermediates of the destination's EK certificate.
+    pub intermediates: Vec<String>,
+    /// The host PCRs the destination must have.
+    pub policy: BTreeMap<u8, String>,
+    /// The group the vTPM joins there.
+    pub group: Option<String>,
+}
+
+/// A host name as a transport argument: no shell metacharacters.
+fn check_host(host: &str) -> Result<(), CliError> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with('-')
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || "._-:@[]".contains(c));
+    if ok { Ok(()) } else { Err(fail(USAGE, format!("{host:?} is not a host name (letters, digits, . _ - : @ [ ])"))) }
+}
+
+/// A guest name as xl takes it.
+fn check_guest(name: &str) -> Result<(), CliError> {
+    let ok = !name.is_empty() && name.len() <= 64 && !name.starts_with('-') && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok { Ok(()) } else { Err(fail(USAGE, format!("{name:?} is not a guest name this receiver accepts"))) }
+}
+
+/// The receiver process and the conversation with it.
+struct Remote {
+    child: Child,
+    /// `None` once closed (its stdin closed: the receiver ends).
+    link: Option<Admin>,
+}
+
+/// The receiver's stdin and stdout as one stream.
+struct Pipes {
+    r: std::process::ChildStdout,
+    w: std::process::ChildStdin,
+}
+
+impl Read for Pipes {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.r.read(b)
+    }
+}
+
+impl Write for Pipes {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.w.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+impl Remote {
+    fn spawn(ssh: &str, host: &str, receiver: &str) -> Result<Remote, CliError> {
+        let line = format!("{ssh} {host} {receiver}");
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", &line])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| CliError::caused(FAILURE, format!("cannot run the receiver ({line})"), e))?;
+        let (r, w) = (child.stdout.take().expect("piped"), child.stdin.take().expect("piped"));
+        Ok(Remote { child, link: Some(Admin::over(Box::new(Pipes { r, w }))) })
+    }
+
+    fn ask(&mut self, req: &RecvRequest) -> Result<RecvReply, CliError> {
+        match self.link().exchange(req)? {
+            RecvReply::RecvError { code, message } => Err(fail(code, format!("the destination: {message}"))),
+            r => Ok(r),
+        }
+    }
+
+    fn link(&mut self) -> &mut Admin {
+        self.link.as_mut().expect("the receiver link is open until the Remote is dropped")
+    }
+
+    fn ok(&mut self, req: &RecvRequest) -> Result<(), CliError> {
+        match self.ask(req)? {
+            RecvReply::RecvOk => Ok(()),
+            other => Err(fail(FAILURE, format!("unexpected answer from the receiver: {other:?}"))),
+        }
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        // Closing its stdin ends the receiver; give it a moment, then end the transport.
+        self.link = None;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the cross-host move adds to [`GuestMigrated`].
+#[derive(Debug, Serialize)]
+pub struct CrossHost {
+    /// The destination's name in the registry.
+    pub to_host: String,
+    /// The transfer's offer.
+    pub offer_id: Uuid,
+    /// Challenge and offer, made while the guest still ran (ms).
+    pub prepare_ms: u64,
+    /// From the guest leaving this host until the identity was committed (suspend, export,
+    /// import, commit; ms).
+    pub transfer_ms: u64,
+    /// The running TPM travelled (the suspend saved it): PCRs kept.
+    pub tpm_kept: bool,
+    /// `--non-live`: bytes of guest memory sent.
+    pub saved_bytes: u64,
+}
+
+impl Xen {
+    /// `xl-vtpm migrate NAME HOST` for a HOST that is not this one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn migrate_guest_to(
+        &self,
+        admin: &mut Admin,
+        name: &str,
+        host: &str,
+        ssh: Option<&str>,
+        receiver: &str,
+        non_live: bool,
+        checks: &Checks,
+    ) -> Result<(GuestMigrated, CrossHost), CliError> {
+        let t0 = Instant::now();
+        check_host(host)?;
+        let mut reg = self.open_registry()?;
+        let row = reg
+            .get_by_name(name)
+            .map_err(reg_err)?
+            .ok_or_else(|| fail(NOT_FOUND, format!("no guest {name:?} in the registry; see `xl-vtpm list`")))?;
+        if row.state != State::Running {
+            return Err(fail(REFUSED, format!("guest {name} is not running (registry state {:?})", row.state)));
+        }
+        let uuid = row.vtpm_uuid;
+        let old = row.guest_domid.ok_or_else(|| fail(FAILURE, format!("the registry has no domid for guest {name}")))?;
+        if self.xl_domid(name) != Some(old) {
+            return Err(fail(REFUSED, format!("guest {name} is not domain {old}, as the registry says; see `xl list`")));
+        }
+        if self.local.runtime(&uuid).is_none() {
+            let where_ = if self.domains().runtime(&uuid).is_some() || row.vtpm_domid.is_some_and(|d| d != 0) { "runs in its own domain" } else { "does not run" };
+            return Err(fail(
+                REFUSED,
+                format!("guest {name}'s vTPM {uuid} {where_}; to another host only a guest whose vTPM is a dom0 process moves (`vtpm = [ \"backend=0\" ]`); nothing moved"),
+            ));
+        }
+        if crate::guestmig::tpmif_device(old) != Some(true) {
+            return Err(fail(
+                REFUSED,
+                format!("guest {name} has no tpmif vTPM device (an HVM guest's TPM is its device model's): to another host only PV/PVH guests with a tpmif vTPM move; nothing moved"),
+            ));
+        }
+        let cfg_path = self.local.run_dir.join("guests").join(format!("{name}.cfg"));
+        let config = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| CliError::caused(FAILURE, format!("guest {name}'s config {} (written by `xl-vtpm create`)", cfg_path.display()), e))?;
+        let mut plain = crate::xlcfg::XlConfig::parse(&config).map_err(|e| CliError::caused(FAILURE, cfg_path.display().to_string(), e))?;
+        plain.set_vtpms(&[]);
+
+        // The destination: its receiver, its name, its manager; then the identity's first
+        // steps while the guest still runs (the RSA key generation of the offer takes seconds
+        // on a discrete TPM).
+        let mut rx = Remote::spawn(ssh.unwrap_or("ssh"), host, receiver)?;
+        let to_host = match rx.ask(&RecvRequest::RecvHello { protocol: RECEIVE_PROTOCOL })? {
+            RecvReply::RecvHello { protocol, host } if protocol == RECEIVE_PROTOCOL => host,
+            other => return Err(fail(FAILURE, format!("the receiver on {host} answered {other:?}; it must be xl-vtpm migrate-receive of this release"))),
+        };
+        if to_host == self.host {
+            return Err(fail(USAGE, format!("{host} is this host ({to_host} in the registry): move on this host with `xl-vtpm migrate {name} localhost`")));
+        }
+        rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone() })?;
+        let tp = Instant::now();
+        crate::transfer::require_protocol(rx.link(), "destination")?;
+        let m = crate::transfer::material(rx.link())?;
+        let g = match &checks.group {
+            Some(k) => m.groups.iter().find(|g| g.name == *k || g.uuid.to_string() == *k),
+            None => m.groups.first(),
+        }
+        .ok_or_else(|| fail(NOT_FOUND, format!("the destination has no group {:?}", checks.group.as_deref().unwrap_or("default"))))?;
+        let d = crate::transfer::Destination { ek_cert: &m.ek_cert, ek_intermediates: checks.intermediates.clone(), ak_public: &g.ak_public };
+        let ch = crate::transfer::challenge(admin, uuid, &d, &checks.roots, &checks.policy)?;
+        let offer = crate::transfer::offer(rx.link(), Some(g.uuid.to_string()), ch, checks.intermediates.clone())?;
+        let offer_id = offer.offer_id;
+        let prepare_ms = tp.elapsed().as_millis() as u64;
+        let abandon = |rx: &mut Remote, e: CliError| -> CliError {
+            let _ = crate::transfer::cancel(rx.link(), offer_id);
+            let _ = rx.ok(&RecvRequest::RecvAbandon { guest: name.into(), vtpm: uuid });
+            e
+        };
+
+        // The guest leaves.
+        let (mut xl_ms, mut save_ms, mut restore_ms, mut saved_bytes) = (0, 0, 0, 0);
+        let file = save_file(&self.local.state_dir, &uuid);
+        if non_live {
+            save_ms = match self.save_guest(name, old, &file) {
+                Ok(ms) => ms,
+                Err(e) => return Err(abandon(&mut rx, e)),
+            };
+            match send_saved(&mut rx, name, uuid, &file) {
+                Ok((_, ms, n)) => {
+                    restore_ms = ms;
+                    saved_bytes = n;
+                }
+                Err(e) => {
+                    // The guest is only in FILE, its vTPM untouched here: restore it here.
+                    let back = self.migrate_guest(admin, name, None, None, true, false);
+                    let e = abandon(&mut rx, e);
+                    return Err(match back {
+                        Ok(_) => fail(e.code, format!("{}; guest {name} was restored on this host with its vTPM (PCRs kept); nothing moved", e.text())),
+                        Err(b) => fail(e.code, format!("{}; restoring guest {name} here failed too: {}", e.text(), b.text())),
+                    });
+                }
+            }
+        } else {
+            let plain_path = self.local.run_dir.join("guests").join(format!("{name}.migrate.cfg"));
+            xvtpm_fsutil::write_atomic(&plain_path, plain.render().as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, plain_path.display().to_string(), e))?;
+            let mut args: Vec<String> = vec!["migrate".into(), "-p".into(), "-C".into(), plain_path.display().to_string()];
+            if let Some(s) = ssh {
+                args.extend(["-s".into(), s.into()]);
+            }
+            args.extend([name.into(), host.into()]);
+            let t = Instant::now();
+            let out = Command::new(&self.xl).args(&args).output().map_err(|e| fail(FAILURE, format!("cannot run {} ({e})", self.xl.display())));
+            let _ = std::fs::remove_file(&plain_path);
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => return Err(abandon(&mut rx, e)),
+            };
+            xl_ms = t.elapsed().as_millis() as u64;
+            if self.xl_domid(name).is_some() {
+                let e = fail(
+                    FAILURE,
+                    format!(
+                        "xl migrate did not move {name} (exit {}): check `xl list` here and on {host}; xl said: {}",
+                        out.status.code().unwrap_or(-1),
+                        xl_said(&out)
+                    ),
+                );
+                return Err(abandon(&mut rx, e));
+            }
+        }
+
+        // The guest has left: its vTPM here has answered its last command.
+        let tt = Instant::now();
+        let moved_paused = |what: &str| {
+            format!(
+                "guest {name} is paused on {host} (registry host {to_host}) without its TPM: {what}; its memory has moved, nothing of it runs here"
+            )
+        };
+        let tpm_kept = match self.local.suspend(admin, &uuid, SUSPEND_GRACE) {
+            Ok(()) => true,
+            Err(e) => {
+                xvtpm_log::host_warn!("vTPM {uuid}: {}; the move goes on: the guest's TPM restarts from its permanent state (PCRs reset)", e.text());
+                false
+            }
+        };
+        reg.mark_stopped(row.id).map_err(|e| {
+            fail(
+                FAILURE,
+                moved_paused(&format!(
+                    "the registry refused to release the pair here ({}); vTPM {uuid} is stopped here with its state: fix the registry, then move the identity with `xl-vtpm vtpm migrate {uuid}`",
+                    reg_err(e).text()
+                )),
+            )
+        })?;
+        let mut rm = crate::transfer::RegistryMove { registry: &mut reg, to_host: to_host.clone() };
+        let registered = crate::transfer::registry_begin(&mut rm, uuid, offer_id)?;
+        let identity = |e: CliError| {
+            fail(
+                e.code,
+                moved_paused(&format!(
+                    "moving vTPM {uuid}'s identity failed: {}. Finish it by hand (docs/migration.md, \"To another host\"): `xl-vtpm vtpm transfer …` or `vtpm migrate`, then on {host} \
+                     `xl-vtpm vtpm start {uuid}`, `xl vtpm-attach {name} backend=0 uuid={uuid}`, `xl unpause {name}`",
+                    e.text()
+                )),
+            )
+        };
+        let pkg = crate::transfer::export(admin, &self.local, uuid, offer, &checks.roots, &checks.policy, to_host.clone()).map_err(identity)?;
+        let receipt = crate::transfer::import(rx.link(), pkg).map_err(identity)?;
+        crate::transfer::commit(admin, &self.local, uuid, receipt).map_err(identity)?;
+        if registered {
+            crate::transfer::registry_commit(&mut reg, uuid, offer_id).map_err(identity)?;
+        }
+        let transfer_ms = tt.elapsed().as_millis() as u64;
+        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(&cfg_path);
+
+        let (new, pid, reconnect_ms) = match rx.ask(&RecvRequest::RecvResume { guest: name.into(), vtpm: uuid, from_domid: old, keep_tpm: tpm_kept })? {
+            RecvReply::RecvResumed { domid, vtpm_pid, reconnect_ms } => (domid, vtpm_pid, reconnect_ms),
+            other => return Err(fail(FAILURE, moved_paused(&format!("the receiver answered {other:?}")))),
+        };
+        let moved = GuestMigrated {
+            guest_name: name.into(),
+            from_domid: old,
+            to_domid: new,
+            vtpm_uuid: uuid,
+            vtpm_pid: pid,
+            vtpm_restarted: !tpm_kept,
+            xl_migrate_ms: xl_ms,
+            non_live,
+            xl_save_ms: save_ms,
+            xl_restore_ms: restore_ms,
+            reconnect_ms,
+            total_ms: t0.elapsed().as_millis() as u64,
+            hvm: false,
+            source_device_model_ended_ms: None,
+            vtpm_domain: None,
+        };
+        Ok((moved, CrossHost { to_host, offer_id, prepare_ms, transfer_ms, tpm_kept, saved_bytes }))
+    }
+}
+
+/// `--non-live`: sends the saved guest to the receiver, which restores it paused. Returns the
+/// new domid, `xl restore`'s time and the bytes sent.
+fn send_saved(rx: &mut Remote, guest: &str, vtpm: Uuid, file: &Path) -> Result<(u32, u64, u64), CliError> {
+    let mut f = std::fs::File::open(file).map_err(|e| CliError::caused(FAILURE, file.display().to_string(), e))?;
+    let size = f.metadata().map_err(|e| CliError::caused(FAILURE, file.display().to_string(), e))?.len();
+    rx.ok(&RecvRequest::RecvRestore { guest: guest.into(), vtpm, size })?;
+    let sent = std::io::copy(&mut (&mut f).take(size), rx.link().raw()).map_err(|e| CliError::caused(NO_MANAGER, "sending the saved guest to the receiver", e))?;
+    rx.link().raw().flush().map_err(|e| CliError::caused(NO_MANAGER, "sending the saved guest to the receiver", e))?;
+    if sent != size {
+        return Err(fail(FAILURE, format!("{} shrank while it was sent ({sent} of {size} bytes)", file.display())));
+    }
+    match rx.link().receive::<RecvReply>()? {
+        RecvReply::RecvRestored { domid, restore_ms } => Ok((domid, restore_ms, size)),
+        RecvReply::RecvError { code, message } => Err(fail(code, format!("the destination: {message}"))),
+        other => Err(fail(FAILURE, format!("unexpected answer from the receiver: {other:?}"))),
+    }
+}
+
+/// `xl-vtpm migrate-receive`: the destination's end of a move (run by the source through its
+/// transport, e.g. `ssh HOST xl-vtpm migrate-receive`). Serves one move on stdin/stdout and ends
+/// when the source closes it. Nothing but answers goes to stdout: what it and the programs it
+/// runs print goes to stderr (the transport carries it back to the source's terminal).
+pub fn receive(xen: &Xen) -> Result<(), CliError> {
+    use std::os::fd::AsFd;
+    let out = std::io::stdout().as_fd().try_clone_to_owned().map_err(|e| CliError::caused(FAILURE, "stdout", e))?;
+    nix::unistd::dup2(2, 1).map_err(|e| CliError::caused(FAILURE, "stdout", std::io::Error::from(e)))?;
+    let mut out = std::fs::File::from(out);
+    let mut input = std::io::stdin().lock();
+    let mut admin: Option<Admin> = None;
+    let mut rx = Receiver { xen, incoming: None };
+    loop {
+        let Some(body) = vtpm_proto::mgr_io::read_frame(&mut input).map_err(|e| CliError::caused(FAILURE, "the source's request", e))? else {
+            rx.abandon();
+            return Ok(());
+        };
+        let wrote = if let Ok(req) = vtpm_proto::mgr::decode::<RecvRequest>(&body) {
+            let reply = rx.handle(req, &mut input).unwrap_or_else(|e| RecvReply::RecvError { code: e.code, message: e.text() });
+            vtpm_proto::mgr_io::write_msg(&mut out, &reply)
+        } else {
+            let reply = match vtpm_proto::mgr::decode::<AdminRequest>(&body) {
+                Ok(req) if relayed(&req) => {
+                    let a = match admin.as_mut() {
+                        Some(a) => Ok(a),
+                        None => Admin::connect(&xen.local.run_dir).map(|a| admin.insert(a)),
+                    };
+                    a.and_then(|a| a.forward(&req)).unwrap_or_else(|e| error_reply(e.code, e.text()))
+                }
+                Ok(_) => error_reply(REFUSED, "a move's receiver relays only the destination's transfer requests".into()),
+                Err(e) => error_reply(USAGE, format!("a malformed request: {e}")),
+            };
+            vtpm_proto::mgr_io::write_msg(&mut out, &reply)
+        };
+        wrote.and_then(|()| out.flush().map_err(vtpm_proto::mgr_io::WireError::Io)).map_err(|e| CliError::caused(FAILURE, "answering the source", e))?;
+    }
+}
+
+/// A relayed request's failure on the receiver's side, as the manager would word it.
+fn error_reply(code: i32, message: String) -> AdminReply {
+    use vtpm_proto::mgr::ErrorCode;
+    let code = match code {
+        NOT_FOUND => ErrorCode::NotFound,
+        REFUSED => ErrorCode::Refused,
+        USAGE => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    AdminReply::Error(Failure { code, message })
+}
+
+/// A guest announced by `RecvIncoming` and not yet resumed.
+struct Incoming {
+    guest: String,
+    vtpm: Uuid,
+    /// Its config without the vTPM device (the incoming domain's).
+    plain: std::path::PathBuf,
+    /// Its config as created (kept for this host's `xl-vtpm` once it runs here).
+    full: std::path::PathBuf,
+    /// A domain was made here for it.
+    arrived: bool,
+}
+
+struct Receiver<'a> {
+    xen: &'a Xen,
+    incoming: Option<Incoming>,
+}
+
+impl Receiver<'_> {
+    fn expect(&self, guest: &str, vtpm: Uuid) -> Result<&Incoming, CliError> {
+        match &self.incoming {
+            Some(i) if i.guest == guest && i.vtpm == vtpm => Ok(i),
+            _ => Err(fail(USAGE, format!("no move of guest {guest} with vTPM {vtpm} was announced (RecvIncoming)"))),
+        }
+    }
+
+    /// Forgets an announced guest that never arrived.
+    fn abandon(&mut self) {
+        if let Some(i) = self.incoming.take()
+            && !i.arrived
+        {
+            let _ = std::fs::remove_file(&i.plain);
+            let _ = std::fs::remove_file(&i.full);
+            let _ = std::fs::remove_file(save_file(&self.xen.local.state_dir, &i.vtpm));
+        }
+    }
+
+    fn handle(&mut self, req: RecvRequest, input: &mut impl Read) -> Result<RecvReply, CliError> {
+        let xen = self.xen;
+        match req {
+            RecvRequest::RecvHello { protocol } => {
+                if protocol != RECEIVE_PROTOCOL {
+                    return Err(fail(REFUSED, format!("this xl-vtpm speaks receive protocol {RECEIVE_PROTOCOL}, the source {protocol}: run the same release on both hosts")));
+                }
+                crate::registry::check_host(&xen.host).map_err(|e| CliError::caused(USAGE, "--host", e))?;
+                Ok(RecvReply::RecvHello { protocol, host: xen.host.clone() })
+            }
+            RecvRequest::RecvIncoming { guest, vtpm, config } => {
+                check_guest(&guest)?;
+                if self.incoming.is_some() {
+                    return Err(fail(REFUSED, "a receiver takes one guest"));
+                }
+                if let Some(d) = xen.xl_domid(&guest) {
+                    return Err(fail(REFUSED, format!("a domain named {guest} runs here already (domain {d}); nothing moved")));
+                }
+                let reg = &mut xen.open_registry()?;
+                match reg.get_by_name(&guest).map_err(reg_err)? {
+                    Some(r) if r.vtpm_uuid == vtpm => {}
+                    Some(r) => return Err(fail(REFUSED, format!("this host's registry binds guest {guest} to vTPM {}, not {vtpm}; nothing moved", r.vtpm_uuid))),
+                    None => {
+                        return Err(fail(
+                            REFUSED,
+                            format!("this host's registry has no guest {guest}: hosts that move guests between them share one registry (`--registry postgres://…`); nothing moved"),
+                        ));
+                    }
+                }
+                let mut plain = crate::xlcfg::XlConfig::parse(&config).map_err(|e| CliError::caused(USAGE, "the guest's config", e))?;
+                if plain.name() != Some(guest.as_str()) {
+                    return Err(fail(USAGE, format!("the config sent names another guest than {guest}")));
+                }
+                plain.set_vtpms(&[]);
+                let dir = xen.local.run_dir.join("guests");
+                std::fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, dir.display().to_string(), e))?;
+                let full = dir.join(format!("{guest}.cfg"));
+                let plain_path = dir.join(format!("{guest}.incoming.cfg"));
+                xvtpm_fsutil::write_atomic(&plain_path, plain.render().as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, plain_path.display().to_string(), e))?;
+                xvtpm_fsutil::write_atomic(&full, config.as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, full.display().to_string(), e))?;
+                self.incoming = Some(Incoming { guest, vtpm, plain: plain_path, full, arrived: false });
+                Ok(RecvReply::RecvOk)
+            }
+            RecvRequest::RecvRestore { guest, vtpm, size } => {
+                let plain = self.expect(&guest, vtpm)?.plain.clone();
+                let file = save_file(&xen.local.state_dir, &vtpm);
+                if size > MAX_SAVE {
+                    return Err(fail(REFUSED, format!("a saved guest of {size} bytes is over this receiver's limit of {MAX_SAVE}")));
+                }
+                crate::guestmig::prepare_save_file(&file).map_err(|e| fail(REFUSED, format!("{e}; nothing moved")))?;
+                let free = nix::sys::statvfs::statvfs(&file).map(|v| v.blocks_available().saturating_mul(v.fragment_size())).unwrap_or(u64::MAX);
+                if free < size {
+                    let _ = std::fs::remove_file(&file);
+                    return Err(fail(REFUSED, format!("{} has {free} bytes free, the saved guest needs {size}; nothing moved", file.display())));
+                }
+                // From here the source sends `size` bytes; answer only once they are read.
+                receive_saved(input, &file, size)?;
+                let t = Instant::now();
+                let out = Command::new(&xen.xl)
+                    .args(["restore", "-p", &plain.display().to_string(), &file.display().to_string()])
+                    .stdout(Stdio::null())
+                    .output()
+                    .map_err(|e| fail(FAILURE, format!("cannot run {} ({e})", xen.xl.display())))?;
+                let ms = t.elapsed().as_millis() as u64;
+                let Some(domid) = xen.xl_domid(&guest).filter(|_| out.status.success()) else {
+                    let _ = std::fs::remove_file(&file);
+                    return Err(fail(FAILURE, format!("xl restore of {guest} failed (exit {}): {}; nothing of it runs here", out.status.code().unwrap_or(-1), xl_said(&out))));
+                };
+                let _ = std::fs::remove_file(&file);
+                if let Some(i) = self.incoming.as_mut() {
+                    i.arrived = true;
+                }
+                Ok(RecvReply::RecvRestored { domid, restore_ms: ms })
+            }
+            RecvRequest::RecvResume { guest, vtpm, from_domid, keep_tpm } => {
+                let plain = self.expect(&guest, vtpm)?.plain.clone();
+                if let Some(i) = self.incoming.as_mut() {
+                    i.arrived = true;
+                }
+                let domid = xen.xl_domid(&guest).ok_or_else(|| fail(FAILURE, format!("no domain {guest} arrived here")))?;
+                let mut admin = Admin::connect(&xen.local.run_dir)?;
+                let paused = |what: String| fail(FAILURE, format!("guest {guest} is paused here as domain {domid}: {what}"));
+                xen.ensure_vtpm_process(&mut admin, vtpm, None).map_err(|e| paused(format!("starting its vTPM {vtpm}: {}", e.text())))?;
+                let pid = xen.local.runtime(&vtpm).map(|r| r.pid).unwrap_or(0);
+                xen.xl_run(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={vtpm}")]).map_err(|e| paused(e.text()))?;
+                let dev = wait_backend(DOM0_BACKEND_ROOT, domid, &vtpm, BACKEND_WAIT).map_err(|e| paused(format!("its vTPM does not serve its device: {e}")))?;
+                if keep_tpm {
+                    xs_write(&format!("{dev}/{}", xen_platform::xenbus::RESUME_MARKER), &from_domid.to_string())
+                        .map_err(|e| paused(format!("writing the resume marker: {e}")))?;
+                }
+                xen.xl_run(&["unpause", &domid.to_string()]).map_err(|e| paused(e.text()))?;
+                let t = Instant::now();
+                let _ = std::fs::remove_file(&plain);
+                let reg = &mut xen.open_registry()?;
+                let row = reg.get_by_name(&guest).map_err(reg_err)?.ok_or_else(|| fail(FAILURE, format!("guest {guest} runs here as domain {domid}, but the registry lost its pair")))?;
+                reg.mark_running(row.id, domid, 0).map_err(|e| {
+                    fail(FAILURE, format!("guest {guest} runs here as domain {domid} with its vTPM, but the registry was not updated: {}; run `xl-vtpm registry check`", reg_err(e).text()))
+                })?;
+                let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t.elapsed().as_millis() as u64);
+                self.incoming = None;
+                Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms })
+            }
+            RecvRequest::RecvAbandon { guest, vtpm } => {
+                self.expect(&guest, vtpm)?;
+                self.abandon();
+                Ok(RecvReply::RecvOk)
+            }
+        }
+    }
+}
+
+/// Reads exactly `size` bytes from `input` into `file` (made empty and 0600 already) and syncs
+/// it. A write failure still reads the rest, so the conversation stays in step.
+fn receive_saved(input: &mut impl Read, file: &Path, size: u64) -> Result<(), CliError> {
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(file).map_err(|e| CliError::caused(FAILURE, file.display().to_string(), e))?;
+    let mut left = size;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut failed: Option<std::io::Error> = None;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = input.read(&mut buf[..want]).map_err(|e| CliError::caused(FAILURE, "reading the saved guest", e))?;
+        if n == 0 {
+            let _ = std::fs::remove_file(file);
+            return Err(fail(FAILURE, format!("the source ended after {} of {size} bytes of the saved guest; nothing moved", size - left)));
+        }
+        if failed.is_none()
+            && let Err(e) = f.write_all(&buf[..n])
+        {
+            failed = Some(e);
+        }
+        left -= n as u64;
+    }
+    if let Some(e) = failed.or_else(|| f.sync_all().err()) {
+        let _ = std::fs::remove_file(file);
+        return Err(CliError::caused(FAILURE, format!("writing the saved guest to {}; nothing moved", file.display()), e));
+    }
+    Ok(())
+}
