@@ -327,7 +327,9 @@ impl Xen {
                 Err(e) => return Err(abandon(&mut rx, e)),
             };
             xl_ms = t.elapsed().as_millis() as u64;
-            if self.xl_domid(name).is_some() {
+            // (The guest's name may exist again at once when HOST is this very Xen, as in the
+            // testbed; the source domain is what must be gone.)
+            if self.xl_domid(name) == Some(old) {
                 let e = fail(
                     FAILURE,
                     format!(
