@@ -15,6 +15,7 @@
 #                             xen-blkfront + ext4, xen-evtchn + xen-gntdev + xen-gntalloc (boot=serve:
 #                             its tpmif backend and admin link), mgrdom-init.sh as /init
 #   $OUT/img/dom0.img         dom0: busybox, Xen toolstack, tpm2-tools, vtpmmgr/vtpm-domain/xl-vtpm,
+#                             swtpm + the swtpm TCTI and host B's manufactured TPM (xhost-* phases),
 #                             Xen/TPM/block modules, the scenario (xvtpm-testbed), /etc/xen/scripts/block
 #                             (xen-block-hotplug.sh), the guest kernel + the two images above
 #                             (the vTPM-domain image as /usr/lib/xvtpm/vtpmdom/initrd; the manager
@@ -286,6 +287,21 @@ for b in xl xenstored xenconsoled xen-init-dom0 libxl-save-helper xenconsole xen
 done
 # glibc dlopen()s libgcc_s (pthread_cancel; xl aborts without it), tctildr dlopen()s the TCTI
 tpm2_tools "$D"
+# xhost-* phases: host B's "physical TPM" is a swtpm in dom0 (`swtpm socket` only), reached by its
+# vtpmmgr and tpm2-tools through the swtpm TCTI. swtpm's RUNPATH names .../x86_64-linux-gnu/swtpm
+# (libswtpm_libtpms.so.0), which ld.so would resolve on the host: the cache's copy comes first
+LIBPATH_ALL=$LIBPATH; LIBPATH=$R/usr/lib/x86_64-linux-gnu/swtpm:$LIBPATH
+copy_bin "$D" "$R/usr/bin/swtpm" /usr/bin/swtpm
+LIBPATH=$LIBPATH_ALL
+mkdir -p "$D/usr/lib/x86_64-linux-gnu/swtpm"
+ln -sfn /lib/x86_64-linux-gnu/libswtpm_libtpms.so.0 "$D/usr/lib/x86_64-linux-gnu/swtpm/libswtpm_libtpms.so.0"
+copy_dlopened "$D" libtss2-tcti-swtpm.so.0
+# stands in for ssh on one machine (migrate-xhost: `xl-vtpm migrate GUEST host-b --ssh THIS`, which
+# runs `sh -c "THIS HOST RECEIVER…"`): drops the host, runs the rest as ssh's remote shell would
+install -d "$D/etc/xvtpm-testbed"
+printf '%s\n' '#!/bin/sh' '# ssh HOST CMD... on one machine: the host is dropped, CMD... runs with sh -c (words joined by' \
+  '# blanks, as ssh joins them for the remote shell); stdin and stdout are the caller'"'"'s' 'shift' 'exec sh -c "$*"' > "$D/etc/xvtpm-testbed/ssh-local"
+chmod 0755 "$D/etc/xvtpm-testbed/ssh-local"
 # The project's binaries arrive as a host does it: the Debian package (scripts/build-deb.sh,
 # `make deb`) unpacked into the root, its postinst's directories made as it makes them (dom0
 # has no dpkg or systemd; the units and man pages ride along unused). Their libraries come
@@ -349,9 +365,17 @@ printf 'create_certs_tool = %s\ncreate_certs_tool_config = %s\ncreate_certs_tool
 swtpm_setup --tpm2 --tpmstate "$V/tpm-state" --create-ek-cert --pcr-banks - --config "$V/swtpm_setup.conf" \
   --logfile "$V/swtpm_setup.log" > "$V/swtpm_setup.out" 2>&1 || die "swtpm_setup (the host TPM's manufacture) failed: $(tail -n 5 "$V/swtpm_setup.out" "$V/swtpm_setup.log")"
 [ -s "$V/ca/swtpm-localca-rootca-cert.pem" ] && [ -s "$V/ca/issuercert.pem" ] || die "swtpm_localca made no vendor root/intermediate in $V/ca"
+# host B's TPM (xhost-* phases: a second host simulated in dom0, its swtpm inside dom0), from the
+# same factory: the same vendor CA, so its EK certificate chains to the same root
+mkdir -p "$V/tpm-state-b"
+swtpm_setup --tpm2 --tpmstate "$V/tpm-state-b" --create-ek-cert --pcr-banks - --config "$V/swtpm_setup.conf" \
+  --logfile "$V/swtpm_setup-b.log" > "$V/swtpm_setup-b.out" 2>&1 || die "swtpm_setup (host B's TPM) failed: $(tail -n 5 "$V/swtpm_setup-b.out" "$V/swtpm_setup-b.log")"
+[ -s "$V/tpm-state-b/tpm2-00.permall" ] || die "swtpm_setup left no $V/tpm-state-b/tpm2-00.permall"
+mkdir -p "$D/var/lib/xvtpm-testbed"; rm -rf "$D/var/lib/xvtpm-testbed/tpm-b"
+cp -a "$V/tpm-state-b" "$D/var/lib/xvtpm-testbed/tpm-b"
 install -D -m 0644 "$V/ca/swtpm-localca-rootca-cert.pem" "$D/etc/xvtpm-testbed/vendor-root.pem"
 install -D -m 0644 "$V/ca/issuercert.pem" "$D/etc/xvtpm-testbed/vendor-intermediate.pem"
-echo "build-images.sh: note: host TPM manufactured in $V/tpm-state (EK certificates by the vendor CA $V/ca)"
+echo "build-images.sh: note: host TPM manufactured in $V/tpm-state, host B's in $V/tpm-state-b (dom0: /var/lib/xvtpm-testbed/tpm-b; EK certificates by the vendor CA $V/ca)"
 # loop + xen-blkback: a vTPM domain's disk (an image on a loop device, served by blkback)
 for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm loop xen-blkback; do
   copy_mod "$D" $m

@@ -75,6 +75,9 @@ PKGS=(
   libvirt-daemon libvirt-daemon-driver-xen libvirt-clients libvirt0
   libacl1 libapparmor1 libaudit1 libblkid1 libcap-ng0 libicu72 libmount1 libnl-3-200 libnuma1
   libreadline8 libselinux1 libssh-4 libstdc++6 libtirpc3 libxml2
+  # the xhost-* phases: host B's "physical TPM" is a swtpm inside dom0 (`swtpm socket`), reached by
+  # its manager and tpm2-tools through the swtpm TCTI (tctildr dlopen()s it)
+  swtpm swtpm-libs libseccomp2 libtss2-tcti-swtpm0
 )
 
 mkdir -p "$CACHE/debs" "$CACHE/img"

@@ -40,13 +40,17 @@
 #   XVTPM_TESTBED_LIBVIRT  1|0: a guest's life through Debian's libvirtd with the libxl driver and virsh, the way
 #                          Nova drives Xen: define/start (the hook attaches the vTPM), libvirtd restart, reboot,
 #                          save/restore, the refused migrate, destroy/undefine (1; dom0 +47 MB; docs/libvirt.md)
+#   XVTPM_TESTBED_XHOST    1|0: xhost-setup and migrate-xhost: a second host "host-b" simulated in dom0 (a swtpm in
+#                          dom0 as its TPM, manufactured by the same vendor CA; a second vtpmmgr on /run/xvtpm-b and
+#                          /var/lib/xvtpm-b; host A's registry): a stopped vTPM moved to it with `xl-vtpm vtpm migrate`,
+#                          a running guest moved to it and back with the cross-host `xl-vtpm migrate` (1)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
 #   XVTPM_TESTBED_CPU      QEMU -cpu (with the hvm-tis phase: max,-smap,-xsave, whose NPT gives Xen
 #                          HAP, which HVM guests need as Debian's Xen has no shadow paging; measured ~20% faster
 #                          for the PV phases too. XVTPM_TESTBED_HVM=0: qemu64. Plain "max" crashes dom0 (SMAP))
-#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1536 / 768M (with XVTPM_TESTBED_HVM=0, _MIGRATE=0 and _MGRDOM=0: 2 / 1024 / 512M)
+#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1536 / 768M (with XVTPM_TESTBED_HVM=0, _MIGRATE=0, _LIBVIRT=0, _MGRDOM=0 and _XHOST=0: 2 / 1024 / 512M)
 #   XVTPM_TESTBED_STARTUP  swtpm --flags value (startup-clear)
 #   XVTPM_TESTBED_NICE     nice level for QEMU (0: at nice 10 QEMU got almost no CPU beside other work and
 #                          a loaded run overran the budget; 10 keeps a developer's desktop responsive)
@@ -73,7 +77,9 @@ MIGRATE=${XVTPM_TESTBED_MIGRATE:-1}
 export XVTPM_TESTBED_MGRDOM=${XVTPM_TESTBED_MGRDOM:-1}
 # the libvirt-* phases: libvirtd + libraries add ~47 MB to dom0's ramfs and `virsh save` writes the guest there
 LIBVIRT=${XVTPM_TESTBED_LIBVIRT:-1}; export XVTPM_TESTBED_LIBVIRT=$LIBVIRT
-DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ] || [ "$LIBVIRT" != 0 ] || [ "$XVTPM_TESTBED_MGRDOM" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
+# the xhost-* phases: migrate-xhost's non-live move writes the guest into dom0's ramfs, as the migration phases do
+XHOST=${XVTPM_TESTBED_XHOST:-1}
+DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ] || [ "$LIBVIRT" != 0 ] || [ "$XVTPM_TESTBED_MGRDOM" != 0 ] || [ "$XHOST" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
 SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-$DEFMEM}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-$DEFDOM0}
 NICE=${XVTPM_TESTBED_NICE:-0}
 case $ACCEL in
@@ -228,7 +234,7 @@ XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=$DOM
 # scenario switches ride on the dom0 command line (multiboot module: ',' must be ',,')
 # rootfstype=ramfs: the ~190 MB initramfs would overflow a rootfs tmpfs (capped at half of dom0's RAM:
 # "Initramfs unpacking failed: write error")
-DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=$MIGRATE xvtpm_libvirt=$LIBVIRT xvtpm_hvm=$HVM xvtpm_mgrdom=$XVTPM_TESTBED_MGRDOM ${XVTPM_TESTBED_DOM0_EXTRA:-}"
+DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=$MIGRATE xvtpm_libvirt=$LIBVIRT xvtpm_hvm=$HVM xvtpm_mgrdom=$XVTPM_TESTBED_MGRDOM xvtpm_xhost=$XHOST ${XVTPM_TESTBED_DOM0_EXTRA:-}"
 REM=$(remaining); [ "$REM" -gt 10 ] || fail "budget exhausted before boot"
 # dom0's waits all give up by this dom0 uptime, leaving time to dump the logs and power off
 # (dom0 uptime lags the host clock by the Xen boot, so this is conservative)

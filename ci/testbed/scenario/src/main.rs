@@ -4,7 +4,7 @@
 //!
 //! Switches come from dom0's kernel command line (run.sh sets them):
 //! `xvtpm_mgr=auto|1|0`, `xvtpm_vtpm=dom0|0`, `xvtpm_life=1|0`, `xvtpm_vtpmdom=1|0`,
-//! `xvtpm_lifedom=1|0`, `xvtpm_migrate=1|0`, `xvtpm_libvirt=1|0`, `xvtpm_hvm=1|0`, `xvtpm_mgrdom=1|0`, `xvtpm_deadline=S` (dom0 uptime by which every wait gives up).
+//! `xvtpm_lifedom=1|0`, `xvtpm_migrate=1|0`, `xvtpm_libvirt=1|0`, `xvtpm_hvm=1|0`, `xvtpm_mgrdom=1|0`, `xvtpm_xhost=1|0`, `xvtpm_deadline=S` (dom0 uptime by which every wait gives up).
 //! The environment (PATH, LD_LIBRARY_PATH, TPM2TOOLS_TCTI, XENSTORED_ROOTDIR, the vTPM domain's
 //! boot files) comes from the launcher, `dom0-init.sh`.
 #![forbid(unsafe_code)]

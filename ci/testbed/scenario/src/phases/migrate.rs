@@ -44,7 +44,7 @@ const MCFG: &str = "/etc/xen/mig-a.cfg";
 const PCFG: &str = "/etc/xen/mig-p.cfg";
 const PSAVE: &str = "/tmp/mig-p.xlsave";
 const WLOG: &str = "/tmp/watch-mig.log";
-const PCR_AFTER: &str = "39DE0A6FECF21D432302A5D79315BC42DFF73C4BE042FB5276E3C5B4758BCA02";
+pub(super) const PCR_AFTER: &str = "39DE0A6FECF21D432302A5D79315BC42DFF73C4BE042FB5276E3C5B4758BCA02";
 const PCR_ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Both console logs of a migrated guest: xenconsoled names a log after the domain's name when
@@ -97,7 +97,7 @@ pub(super) fn last_tick(name: &str) -> f64 {
 /// A config for `name` from life-a.cfg (the lifecycle guest: kernel, memory, `vtpm = [ "backend=0" ]`)
 /// with `extra`; its vTPM line names `backend` (`0`: a dom0 process; a name: that vTPM domain),
 /// or is left out when `backend` is None.
-fn write_cfg(path: &str, name: &str, extra: &str, backend: Option<&str>) -> Result<(), String> {
+pub(super) fn write_cfg(path: &str, name: &str, extra: &str, backend: Option<&str>) -> Result<(), String> {
     let src = xen::read_text(super::life::LCFG0);
     let mut out = String::new();
     for l in src.lines() {

@@ -13,6 +13,7 @@ mod migrate;
 mod tail;
 mod vtpm;
 mod vtpmdom;
+mod xhost;
 
 use std::process::Child;
 
@@ -262,6 +263,8 @@ pub fn run_all() -> i32 {
     vtpmdom::run(&mut r, &mut st);
     lifedom::run(&mut r, &mut st);
     migrate::run(&mut r, &mut st);
+    // a second host simulated in dom0 (host-b): cross-host moves; stopped again before libvirt
+    xhost::run(&mut r, &mut st);
     libvirt::run(&mut r, &mut st);
     hvm::run(&mut r, &mut st);
     tail::run(&mut r, &mut st);

@@ -113,6 +113,9 @@ pub fn dump_logs(st: &St, failed: bool) {
     dump_log("vtpmmgr", "/var/log/xvtpm/vtpmmgr.log", n);
     dump_log("attestd", "/var/log/xvtpm/attestd.log", 100);
     dump_log("vtpmmgr-2", "/var/log/xvtpm/vtpmmgr-2.log", n);
+    // xhost-*: host B's manager and its swtpm (the simulated second host)
+    dump_log("vtpmmgr-b", super::xhost::MGR_LOG, n);
+    dump_log("swtpm-b", super::xhost::SWTPM_LOG, 100);
     // mgrdom-serve: dom0's admin socket for the manager domain (its manager's own log is on the
     // domain's console, MGRDOM-LOG lines)
     dump_log("vtpmmgr-bridge", "/var/log/xvtpm/vtpmmgr-bridge.log", n);
