@@ -95,15 +95,17 @@ enum Cmd {
         name: String,
         /// Destination: localhost (this host; the vTPM stays with this manager), or another
         /// host, reached with `--ssh` (its manager is checked with --ek-ca and
-        /// --host-pcrs-policy before anything moves).
-        host: Option<String>,
+        /// --host-pcrs-policy before anything moves). (Not `host`: that id is the global
+        /// `--host`, this host's name in the registry.)
+        #[arg(value_name = "HOST")]
+        destination: Option<String>,
         /// The transport (`xl migrate -s CMD`; to another host also the receiver's: `CMD HOST
         /// RECEIVER`). Default: `ssh`; for localhost the receiver runs directly, no ssh.
         #[arg(long, value_name = "CMD")]
         ssh: Option<String>,
         /// Only the steps after `xl migrate` (the incoming domain exists, paused): after an
         /// `xl-vtpm migrate` to localhost that was cut short.
-        #[arg(long, conflicts_with_all = ["host", "ssh"])]
+        #[arg(long, conflicts_with_all = ["destination", "ssh"])]
         finish: bool,
         /// Move without log-dirty mode (a Xen that refuses it for PV guests): `xl save` to a
         /// root-only file, `xl restore -p` (on the other host: the file is sent to its
@@ -739,7 +741,7 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown),
         Cmd::List => run_list(&xen, json),
         Cmd::MigrateReceive => unreachable!("handled above"),
-        Cmd::Migrate { name, host, ssh, finish, non_live, receiver, ek_ca, ek_intermediate, host_pcrs_policy, group } => {
+        Cmd::Migrate { name, destination: host, ssh, finish, non_live, receiver, ek_ca, ek_intermediate, host_pcrs_policy, group } => {
             if let Some(h) = host.as_deref().filter(|h| !xl_tools::guestmig::is_local(h)) {
                 let policy = host_pcrs_policy.ok_or_else(|| CliError::new(exit::USAGE, format!("xl-vtpm migrate {name} {h}: to another host, give --host-pcrs-policy FILE (the host PCRs it must have)")))?;
                 if ek_ca.is_empty() {
@@ -1371,4 +1373,23 @@ fn run_guest(cmd: GuestCmd, json: bool) -> Result<(), CliError> {
 /// Whether a vTPM argument names a domain-mode vTPM.
 fn is_domain(domains: &xl_tools::vtpmdom::Domains, uuid: &str) -> bool {
     local::parse_uuid(uuid, "UUID").ok().and_then(|u| domains.spec(&u).ok().flatten()).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `migrate`'s destination is its own argument: it once shared the id `host` with the
+    /// global `--host` (this host's registry name), and clap gave the destination's value to both.
+    #[test]
+    fn the_migrate_destination_does_not_overwrite_this_hosts_name() {
+        let a = Args::try_parse_from(["xl-vtpm", "--host", "host-a", "migrate", "g1", "host-b"]).unwrap();
+        assert_eq!(a.host.as_deref(), Some("host-a"));
+        match a.cmd {
+            Cmd::Migrate { destination, .. } => assert_eq!(destination.as_deref(), Some("host-b")),
+            other => panic!("{other:?}"),
+        }
+        let a = Args::try_parse_from(["xl-vtpm", "migrate", "g1", "localhost"]).unwrap();
+        assert_eq!(a.host, None, "a destination is not this host's name");
+    }
 }
