@@ -111,8 +111,8 @@ fn the_receiver_relays_only_a_destinations_requests_and_refuses_unknown_guests()
     // A guest is checked before anything is written: its name, this host's registry.
     let vtpm = Uuid::new_v4();
     let config = "name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid=".to_string() + &vtpm.to_string() + "\" ]\n";
-    refused(rx.recv(RecvRequest::RecvIncoming { guest: "../g1".into(), vtpm, config: config.clone() }), 2, "is not a guest name");
-    refused(rx.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone() }), 6, "this host's registry has no guest g1");
+    refused(rx.recv(RecvRequest::RecvIncoming { guest: "../g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3 }), 2, "is not a guest name");
+    refused(rx.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3 }), 6, "this host's registry has no guest g1");
     assert!(!b.run_dir().join("guests").join("g1.cfg").exists(), "nothing written for a refused guest");
     // Steps of a move that was never announced.
     refused(rx.recv(RecvRequest::RecvRestore { guest: "g1".into(), vtpm, size: 1 << 20 }), 2, "was announced");

@@ -54,13 +54,22 @@ pub enum RecvRequest {
     RecvHello { protocol: u32 },
     /// A guest will arrive: its xl config (as created here, vTPM included). The receiver checks
     /// no domain has the name there and that its registry has the pair.
-    RecvIncoming { guest: String, vtpm: Uuid, config: String },
+    /// `source_boot`: the source dom0's boot id; equal to the receiver's, the two ends share
+    /// one Xen (two managers on one host, as the testbed runs them) and the guest's domain there
+    /// is the source's own, `from_domid`, which the move takes away.
+    RecvIncoming { guest: String, vtpm: Uuid, config: String, source_boot: String, from_domid: u32 },
     /// `--non-live`: `size` bytes of `xl save` output follow the `RecvOk`; then `xl restore -p`.
     RecvRestore { guest: String, vtpm: Uuid, size: u64 },
     /// The vTPM's identity is there: start it, attach it to the guest's domain, resume the guest.
     RecvResume { guest: String, vtpm: Uuid, from_domid: u32, keep_tpm: bool },
     /// The move ended before the guest left: forget what `RecvIncoming` wrote.
     RecvAbandon { guest: String, vtpm: Uuid },
+}
+
+/// This dom0's boot id (`/proc/sys/kernel/random/boot_id`): two ends with the same one run on
+/// one Xen.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// A receiver's answers to [`RecvRequest`]: `RecvHello` names the destination's registry
@@ -268,7 +277,7 @@ impl Xen {
         if to_host == self.host {
             return Err(fail(USAGE, format!("{host} is this host ({to_host} in the registry): move on this host with `xl-vtpm migrate {name} localhost`")));
         }
-        rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone() })?;
+        rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone(), source_boot: boot_id(), from_domid: old })?;
         let tp = Instant::now();
         crate::transfer::require_protocol(rx.link(), "destination")?;
         let m = crate::transfer::material(rx.link())?;
@@ -526,12 +535,14 @@ impl Receiver<'_> {
                 crate::registry::check_host(&xen.host).map_err(|e| CliError::caused(USAGE, "--host", e))?;
                 Ok(RecvReply::RecvHello { protocol, host: xen.host.clone() })
             }
-            RecvRequest::RecvIncoming { guest, vtpm, config } => {
+            RecvRequest::RecvIncoming { guest, vtpm, config, source_boot, from_domid } => {
                 check_guest(&guest)?;
                 if self.incoming.is_some() {
                     return Err(fail(REFUSED, "a receiver takes one guest"));
                 }
-                if let Some(d) = xen.xl_domid(&guest) {
+                if let Some(d) = xen.xl_domid(&guest)
+                    && !(d == from_domid && !source_boot.is_empty() && source_boot == boot_id())
+                {
                     return Err(fail(REFUSED, format!("a domain named {guest} runs here already (domain {d}); nothing moved")));
                 }
                 let reg = &mut xen.open_registry()?;
