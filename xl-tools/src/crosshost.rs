@@ -315,7 +315,7 @@ impl Xen {
                     let back = self.migrate_guest(admin, name, None, None, true, false);
                     let e = abandon(&mut rx, e);
                     return Err(match back {
-                        Ok(_) => fail(e.code, format!("{}; guest {name} was restored on this host with its vTPM (PCRs kept); nothing moved", e.text())),
+                        Ok(_) => fail(e.code, format!("{}; guest {name} was restored on this host with its vTPM (PCRs kept)", e.text())),
                         Err(b) => fail(e.code, format!("{}; restoring guest {name} here failed too: {}", e.text(), b.text())),
                     });
                 }
@@ -577,7 +577,11 @@ impl Receiver<'_> {
                     return Err(fail(REFUSED, format!("a saved guest of {size} bytes is over this receiver's limit of {MAX_SAVE}")));
                 }
                 crate::guestmig::prepare_save_file(&file).map_err(|e| fail(REFUSED, format!("{e}; nothing moved")))?;
-                let free = nix::sys::statvfs::statvfs(&file).map(|v| v.blocks_available().saturating_mul(v.fragment_size())).unwrap_or(u64::MAX);
+                // A filesystem that keeps no count (ramfs: no blocks at all) cannot be checked.
+                let free = nix::sys::statvfs::statvfs(&file)
+                    .ok()
+                    .filter(|v| v.blocks() > 0)
+                    .map_or(u64::MAX, |v| v.blocks_available().saturating_mul(v.fragment_size()));
                 if free < size {
                     let _ = std::fs::remove_file(&file);
                     return Err(fail(REFUSED, format!("{} has {free} bytes free, the saved guest needs {size}; nothing moved", file.display())));
