@@ -457,7 +457,7 @@ pub fn receive(xen: &Xen) -> Result<(), CliError> {
             return Ok(());
         };
         let wrote = if let Ok(req) = vtpm_proto::mgr::decode::<RecvRequest>(&body) {
-            let reply = rx.handle(req, &mut input).unwrap_or_else(|e| RecvReply::RecvError { code: e.code, message: e.text() });
+            let reply = rx.handle(req, &mut input, &mut out).unwrap_or_else(|e| RecvReply::RecvError { code: e.code, message: e.text() });
             vtpm_proto::mgr_io::write_msg(&mut out, &reply)
         } else {
             let reply = match vtpm_proto::mgr::decode::<AdminRequest>(&body) {
@@ -525,7 +525,9 @@ impl Receiver<'_> {
         }
     }
 
-    fn handle(&mut self, req: RecvRequest, input: &mut impl Read) -> Result<RecvReply, CliError> {
+    /// Answers `req`; `RecvRestore` also answers `RecvOk` on `out` before it reads the bytes
+    /// that follow it.
+    fn handle(&mut self, req: RecvRequest, input: &mut impl Read, out: &mut impl Write) -> Result<RecvReply, CliError> {
         let xen = self.xen;
         match req {
             RecvRequest::RecvHello { protocol } => {
@@ -586,8 +588,7 @@ impl Receiver<'_> {
                     let _ = std::fs::remove_file(&file);
                     return Err(fail(REFUSED, format!("{} has {free} bytes free, the saved guest needs {size}; nothing moved", file.display())));
                 }
-                // From here the source sends `size` bytes; answer only once they are read.
-                receive_saved(input, &file, size)?;
+                receive_saved(input, out, &file, size)?;
                 let t = Instant::now();
                 let out = Command::new(&xen.xl)
                     .args(["restore", "-p", &plain.display().to_string(), &file.display().to_string()])
@@ -642,9 +643,13 @@ impl Receiver<'_> {
     }
 }
 
-/// Reads exactly `size` bytes from `input` into `file` (made empty and 0600 already) and syncs
-/// it. A write failure still reads the rest, so the conversation stays in step.
-fn receive_saved(input: &mut impl Read, file: &Path, size: u64) -> Result<(), CliError> {
+/// Tells the source to send (`RecvOk` on `out`: it waits for that), then reads exactly `size`
+/// bytes from `input` into `file` (made empty and 0600 already) and syncs it. A write failure
+/// still reads the rest, so the conversation stays in step.
+fn receive_saved(input: &mut impl Read, out: &mut impl Write, file: &Path, size: u64) -> Result<(), CliError> {
+    vtpm_proto::mgr_io::write_msg(out, &RecvReply::RecvOk)
+        .and_then(|()| out.flush().map_err(vtpm_proto::mgr_io::WireError::Io))
+        .map_err(|e| CliError::caused(FAILURE, "answering the source", e))?;
     let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(file).map_err(|e| CliError::caused(FAILURE, file.display().to_string(), e))?;
     let mut left = size;
     let mut buf = vec![0u8; 1 << 20];
@@ -668,4 +673,63 @@ fn receive_saved(input: &mut impl Read, file: &Path, size: u64) -> Result<(), Cl
         return Err(CliError::caused(FAILURE, format!("writing the saved guest to {}; nothing moved", file.display()), e));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// The source's side of the stream: it sends the saved guest only after the receiver said
+    /// so (a receiver that waits for the bytes before answering deadlocks the move).
+    struct Source {
+        told: Rc<RefCell<Vec<u8>>>,
+        data: std::io::Cursor<Vec<u8>>,
+    }
+
+    impl Read for Source {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            let told = self.told.borrow();
+            let frame = vtpm_proto::mgr_io::read_frame(&mut &told[..]).expect("a frame").expect("the receiver answered before reading");
+            assert!(matches!(vtpm_proto::mgr::decode::<RecvReply>(&frame).unwrap(), RecvReply::RecvOk));
+            self.data.read(b)
+        }
+    }
+
+    struct Shared(Rc<RefCell<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.borrow_mut().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_receiver_asks_for_the_saved_guest_before_it_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("g.xlsave");
+        std::fs::write(&file, b"").unwrap();
+        let told = Rc::new(RefCell::new(Vec::new()));
+        let body: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        let mut src = Source { told: told.clone(), data: std::io::Cursor::new(body.clone()) };
+        receive_saved(&mut src, &mut Shared(told), &file, body.len() as u64).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), body);
+    }
+
+    #[test]
+    fn a_source_that_ends_early_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("g.xlsave");
+        std::fs::write(&file, b"").unwrap();
+        let told = Rc::new(RefCell::new(Vec::new()));
+        let mut src = Source { told: told.clone(), data: std::io::Cursor::new(vec![7u8; 1000]) };
+        let e = receive_saved(&mut src, &mut Shared(told), &file, 5000).unwrap_err();
+        assert!(e.text().contains("after 1000 of 5000 bytes"), "{}", e.text());
+        assert!(!file.exists());
+    }
 }
