@@ -207,6 +207,35 @@ fn a_suspended_vtpm_moves_with_its_pcrs_and_resumes_them_once() {
     assert_eq!(pcr16(&x), zero, "stopped without --suspend, the move resets the PCRs");
 }
 
+/// `TransferVerify` makes the export's checks of an offer and nothing else: a guest moving to
+/// another host is refused while it still runs (`xl-vtpm migrate GUEST HOST`), and the vTPM is
+/// neither marked exporting nor stopped by it.
+#[test]
+fn an_offer_is_verified_before_anything_moves() {
+    let (a, b) = (host(), host());
+    let (good, bad) = policies(a.dir.path());
+    let v = a.create_vtpm();
+    let of = offer(&a, &b, &v.uuid, &good, "verify");
+    let o: vtpm_proto::transfer::Offer = serde_json::from_slice(&std::fs::read(&of).unwrap()).unwrap();
+    let roots = xl_tools::transfer::read_certs(&[b.ek_ca.as_ref().unwrap().root_cert()], "--ek-ca").unwrap();
+    let mut admin = xl_tools::admin::Admin::connect(&a.run_dir()).unwrap();
+    let policy = |p: &Path| xl_tools::transfer::read_policy(p).unwrap();
+    // The running vTPM may be checked against; the destination's PCRs miss the bad policy.
+    xl_tools::transfer::verify(&mut admin, v.uuid, &o, &roots, &policy(&good)).unwrap();
+    let e = xl_tools::transfer::verify(&mut admin, v.uuid, &o, &roots, &policy(&bad)).unwrap_err();
+    assert_eq!(e.code, 6, "{}", e.text());
+    assert!(e.text().contains("destination host PCRs: host PCR 0 is"), "{}", e.text());
+    // Another vendor's roots: the EK chain.
+    let other = xl_tools::transfer::read_certs(&[a.ek_ca.as_ref().unwrap().root_cert()], "--ek-ca").unwrap();
+    let e = xl_tools::transfer::verify(&mut admin, v.uuid, &o, &other, &policy(&good)).unwrap_err();
+    assert!(e.text().contains("EK certificate"), "{}", e.text());
+    // Nothing was marked: the vTPM still serves, and after a stop it starts again here.
+    tpm2(&v.tcti(), &["tpm2_getrandom", "8"]);
+    a.stop_vtpm(&v.uuid);
+    let w = start_tcp(&a, &v.uuid);
+    tpm2(&w.tcti(), &["tpm2_getrandom", "8"]);
+}
+
 #[test]
 fn refusals_name_their_check() {
     let (a, b) = (host(), host());

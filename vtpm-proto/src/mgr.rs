@@ -509,6 +509,20 @@ pub enum AdminRequest {
         /// The source's challenge.
         challenge: Box<crate::transfer::Challenge>,
     },
+    /// Source: every check `TransferExport` makes of the offer (the destination's EK chain,
+    /// AK, transfer key and its certification, quote, host PCRs against `host_policy`,
+    /// credential activation), nothing else: no mark, nothing sealed. A guest moving to another
+    /// host is checked so before it leaves. Answered `Ok`.
+    TransferVerify {
+        /// The vTPM.
+        uuid: Uuid,
+        /// The destination's offer.
+        offer: Box<crate::transfer::Offer>,
+        /// Trusted vendor roots (DER), hex.
+        ek_roots: Vec<String>,
+        /// `(PCR index, SHA-256 value hex)` pairs the destination must have.
+        host_policy: Vec<(u8, String)>,
+    },
     /// Source: verifies the offer, marks the vTPM exporting (durably) and seals its identity
     /// and `state` to the offer's transfer key.
     TransferExport {

@@ -785,6 +785,7 @@ impl Manager {
             AdminRequest::VtpmAcceptState { uuid } => return self.accept_state(uuid),
             req @ (AdminRequest::TransferChallenge { .. }
             | AdminRequest::TransferOffer { .. }
+            | AdminRequest::TransferVerify { .. }
             | AdminRequest::TransferExport { .. }
             | AdminRequest::TransferImport { .. }
             | AdminRequest::TransferReceipt { .. }

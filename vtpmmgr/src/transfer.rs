@@ -269,6 +269,14 @@ impl Manager {
                 self.challenge(uuid, &ek_cert, &ek_intermediates, &ek_roots, &ak_public, pcrs)
             }
             AdminRequest::TransferOffer { group, challenge } => self.offer(group, *challenge),
+            AdminRequest::TransferVerify { uuid, offer, ek_roots, host_policy } => {
+                if host_policy.len() > 24 {
+                    return Err(fail(ErrorCode::BadRequest, "host_policy: at most 24 PCRs"));
+                }
+                self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
+                self.verify_offer(&uuid, &offer, &ek_roots, &host_policy.into_iter().collect())?;
+                Ok(AdminReply::Ok)
+            }
             AdminRequest::TransferExport { uuid, offer, ek_roots, host_policy, state, destination } => {
                 if host_policy.len() > 24 {
                     return Err(fail(ErrorCode::BadRequest, "host_policy: at most 24 PCRs"));

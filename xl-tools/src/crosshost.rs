@@ -279,23 +279,20 @@ impl Xen {
         }
         rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone(), source_boot: boot_id(), from_domid: old })?;
         let tp = Instant::now();
-        crate::transfer::require_protocol(rx.link(), "destination")?;
-        let m = crate::transfer::material(rx.link())?;
-        let g = match &checks.group {
-            Some(k) => m.groups.iter().find(|g| g.name == *k || g.uuid.to_string() == *k),
-            None => m.groups.first(),
-        }
-        .ok_or_else(|| fail(NOT_FOUND, format!("the destination has no group {:?}", checks.group.as_deref().unwrap_or("default"))))?;
-        let d = crate::transfer::Destination { ek_cert: &m.ek_cert, ek_intermediates: checks.intermediates.clone(), ak_public: &g.ak_public };
-        let ch = crate::transfer::challenge(admin, uuid, &d, &checks.roots, &checks.policy)?;
-        let offer = crate::transfer::offer(rx.link(), Some(g.uuid.to_string()), ch, checks.intermediates.clone())?;
+        let offer = crate::transfer::prepare(admin, rx.link(), uuid, checks.group.as_deref(), &checks.roots, checks.intermediates.clone(), &checks.policy)?;
         let offer_id = offer.offer_id;
-        let prepare_ms = tp.elapsed().as_millis() as u64;
         let abandon = |rx: &mut Remote, e: CliError| -> CliError {
             let _ = crate::transfer::cancel(rx.link(), offer_id);
             let _ = rx.ok(&RecvRequest::RecvAbandon { guest: name.into(), vtpm: uuid });
             e
         };
+        // Every check the export will make, now: a destination whose PCRs miss the policy (or
+        // whose offer fails any other check) is refused while the guest still runs here.
+        if let Err(e) = crate::transfer::verify(admin, uuid, &offer, &checks.roots, &checks.policy) {
+            let e = fail(e.code, format!("{}; nothing moved", e.text()));
+            return Err(abandon(&mut rx, e));
+        }
+        let prepare_ms = tp.elapsed().as_millis() as u64;
 
         // The guest leaves.
         let (mut xl_ms, mut save_ms, mut restore_ms, mut saved_bytes) = (0, 0, 0, 0);

@@ -127,6 +127,17 @@ pub fn export(src: &mut Admin, local: &Local, uuid: Uuid, offer: Offer, roots: &
     }
 }
 
+/// Source: every check of `offer` that the export makes, and nothing else (the vTPM may run).
+pub fn verify(src: &mut Admin, uuid: Uuid, offer: &Offer, roots: &[String], policy: &BTreeMap<u8, String>) -> Result<(), CliError> {
+    let req = AdminRequest::TransferVerify {
+        uuid,
+        offer: Box::new(offer.clone()),
+        ek_roots: roots.to_vec(),
+        host_policy: policy.iter().map(|(k, v)| (*k, v.clone())).collect(),
+    };
+    src.call(&req).map(drop)
+}
+
 /// Refuses a manager that does not write an imported vTPM's state file itself (an older
 /// release): checked before anything is exported or imported.
 pub fn require_protocol(admin: &mut Admin, role: &str) -> Result<(), CliError> {
@@ -233,6 +244,30 @@ pub fn registry_commit(registry: &mut Registry, uuid: Uuid, offer: Uuid) -> Resu
     })
 }
 
+/// The steps before the export, which need neither the vTPM stopped nor anything moved: the
+/// destination's protocol and enrollment material (its group `group`, else its default), the
+/// source's challenge, the destination's offer.
+pub fn prepare(
+    src: &mut Admin,
+    dst: &mut Admin,
+    uuid: Uuid,
+    group: Option<&str>,
+    roots: &[String],
+    intermediates: Vec<String>,
+    policy: &BTreeMap<u8, String>,
+) -> Result<Offer, CliError> {
+    require_protocol(dst, "destination")?;
+    let m = material(dst)?;
+    let g = match group {
+        Some(k) => m.groups.iter().find(|g| g.name == k || g.uuid.to_string() == k),
+        None => m.groups.first(),
+    }
+    .ok_or_else(|| CliError::new(crate::exit::NOT_FOUND, format!("the destination has no group {:?}", group.unwrap_or("default"))))?;
+    let d = Destination { ek_cert: &m.ek_cert, ek_intermediates: intermediates.clone(), ak_public: &g.ak_public };
+    let ch = challenge(src, uuid, &d, roots, policy)?;
+    offer(dst, Some(g.uuid.to_string()), ch, intermediates)
+}
+
 /// `xl-vtpm vtpm migrate`: all steps, source = `src`/`src_local`, destination = `dst` (its
 /// manager writes the imported state file). With `reg`, the move is recorded in the registry
 /// before the export and committed there after the source retired its copy.
@@ -249,16 +284,7 @@ pub fn migrate(
     destination: String,
     mut reg: Option<RegistryMove<'_>>,
 ) -> Result<Migrated, CliError> {
-    require_protocol(dst, "destination")?;
-    let m = material(dst)?;
-    let g = match &group {
-        Some(k) => m.groups.iter().find(|g| g.name == *k || g.uuid.to_string() == *k),
-        None => m.groups.first(),
-    }
-    .ok_or_else(|| CliError::new(crate::exit::NOT_FOUND, format!("the destination has no group {:?}", group.as_deref().unwrap_or("default"))))?;
-    let d = Destination { ek_cert: &m.ek_cert, ek_intermediates: intermediates.clone(), ak_public: &g.ak_public };
-    let ch = challenge(src, uuid, &d, roots, policy)?;
-    let o = offer(dst, Some(g.uuid.to_string()), ch, intermediates)?;
+    let o = prepare(src, dst, uuid, group.as_deref(), roots, intermediates, policy)?;
     let offer_id = o.offer_id;
     let registered = match reg.as_mut() {
         Some(r) => registry_begin(r, uuid, offer_id)?,
