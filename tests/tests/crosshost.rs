@@ -20,9 +20,14 @@ struct Receiver {
 
 impl Receiver {
     fn start(s: &Stack) -> Receiver {
+        Receiver::start_with(s, &[])
+    }
+
+    fn start_with(s: &Stack, env: &[(&str, &str)]) -> Receiver {
         let child = s
             .xl_command(&["migrate-receive"])
             .env("XVTPM_HOST", "host-b")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -135,4 +140,68 @@ fn an_oversized_frame_ends_the_receiver_without_answering() {
     assert!(!status.success());
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     assert!(err.contains("the source's request"), "{err}");
+}
+
+/// The saved guest of a `--non-live` move streams to the receiver after its `RecvOk`; limits
+/// are refused before a byte is read; a restore that fails, or a source that ends mid-stream,
+/// leaves no file behind, and a conversation that ends before the guest arrived leaves no
+/// config. (This machine has no Xen: `xl` is a path that does not exist, so the restore fails.)
+#[test]
+fn a_saved_guest_streams_to_the_receiver_and_a_failed_move_leaves_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Stack::start_with(Options::default());
+    let vtpm = Uuid::new_v4();
+    {
+        let mut reg = xl_tools::registry::Registry::connect(&xl_tools::registry::Location::Sqlite(b.state_dir().join("registry.sqlite")), "host-b").unwrap();
+        reg.begin_create(&xl_tools::registry::NewPair {
+            guest_uuid: Uuid::new_v4(),
+            guest_name: "g1".into(),
+            vtpm_uuid: vtpm,
+            vtpm_domain: "vtpm-g1".into(),
+            group: None,
+        })
+        .unwrap();
+    }
+    let mut rx = Receiver::start_with(&b, &[("XVTPM_XL", "/nonexistent/xl")]);
+    let config = format!("name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid={vtpm}\" ]\n");
+    let incoming = |source_boot: &str| RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: source_boot.into(), from_domid: 3 };
+    // Another guest's config is refused.
+    let other = RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.replace("\"g1\"", "\"g2\""), source_boot: String::new(), from_domid: 3 };
+    refused(rx.recv(other), 2, "names another guest");
+    assert!(matches!(rx.recv(incoming("")), RecvReply::RecvOk));
+    let guests = b.run_dir().join("guests");
+    for f in ["g1.cfg", "g1.incoming.cfg"] {
+        let m = std::fs::metadata(guests.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    let plain = std::fs::read_to_string(guests.join("g1.incoming.cfg")).unwrap();
+    assert!(!plain.contains("vtpm"), "the incoming domain is made without its vTPM device: {plain}");
+    refused(rx.recv(incoming("")), 6, "a receiver takes one guest");
+
+    // Over the limit: refused before anything is read.
+    refused(rx.recv(RecvRequest::RecvRestore { guest: "g1".into(), vtpm, size: xl_tools::crosshost::MAX_SAVE + 1 }), 6, "over this receiver's limit");
+    // 4 MiB streamed; the restore fails (no Xen here) and the file goes.
+    let save = b.state_dir().join("migrate-save").join(format!("{vtpm}.xlsave"));
+    let size = 4 << 20;
+    assert!(matches!(rx.recv(RecvRequest::RecvRestore { guest: "g1".into(), vtpm, size }), RecvReply::RecvOk));
+    let w = rx.child.stdin.as_mut().unwrap();
+    w.write_all(&vec![0x5a; size as usize]).unwrap();
+    w.flush().unwrap();
+    refused(rx.answer(), 1, "/nonexistent/xl");
+    assert!(!save.exists(), "a failed restore leaves no saved guest behind");
+
+    // A source that ends mid-stream: the receiver ends, and removes the partial file and the
+    // configs of a guest that never arrived.
+    assert!(matches!(rx.recv(RecvRequest::RecvRestore { guest: "g1".into(), vtpm, size }), RecvReply::RecvOk));
+    let w = rx.child.stdin.as_mut().unwrap();
+    w.write_all(&vec![0x5a; 100_000]).unwrap();
+    let (status, rest, err) = rx.finish();
+    assert!(status.success(), "{status}: {err}");
+    // Its answer (to no one) is the refusal; then the end of the conversation.
+    let frame = mgr_io::read_frame(&mut &rest[..]).unwrap().expect("an answer");
+    refused(vtpm_proto::mgr::decode(&frame).unwrap(), 1, "after 100000 of 4194304 bytes");
+    assert!(!save.exists(), "the partial file is removed");
+    for f in ["g1.cfg", "g1.incoming.cfg"] {
+        assert!(!guests.join(f).exists(), "{f} left behind");
+    }
 }

@@ -591,7 +591,10 @@ impl Receiver<'_> {
                     .args(["restore", "-p", &plain.display().to_string(), &file.display().to_string()])
                     .stdout(Stdio::null())
                     .output()
-                    .map_err(|e| fail(FAILURE, format!("cannot run {} ({e})", xen.xl.display())))?;
+                    .map_err(|e| {
+                        let _ = std::fs::remove_file(&file);
+                        fail(FAILURE, format!("cannot run {} ({e}); nothing of {guest} runs here", xen.xl.display()))
+                    })?;
                 let ms = t.elapsed().as_millis() as u64;
                 let Some(domid) = xen.xl_domid(&guest).filter(|_| out.status.success()) else {
                     let _ = std::fs::remove_file(&file);
