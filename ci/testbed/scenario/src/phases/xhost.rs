@@ -21,7 +21,13 @@
 //!                  migrate GUEST host-b --non-live --ssh /etc/xvtpm-testbed/ssh-local --receiver
 //!                  "env XVTPM_…=B xl-vtpm migrate-receive" …`: `xl-vtpm create` of mig-x
 //!                  (dom0-process vTPM, `role=mig hold=1 tick=1`), in the guest NV, 0x81000010, PCR
-//!                  16 extended, EK read; after each move the guest's EK, key, NV and PCR 16 kept and
+//!                  16 extended, EK read; first a refused move: the same command with a policy
+//!                  whose PCR 0 is wrong (11…11) exits 6 naming the destination host PCRs and
+//!                  nothing moved (the source's manager verifies the offer before the guest leaves,
+//!                  `TransferVerify`), and the guest is still the same domain on A with the same
+//!                  vTPM process, PCR 16 and a TPM that quotes, the registry names A, B holds no
+//!                  identity of it nor its incoming config, and B's log shows its offer withdrawn;
+//!                  then the moves: after each the guest's EK, key, NV and PCR 16 kept and
 //!                  a fresh AK quote verified, the registry names the host, the holding host's vTPM
 //!                  runs, the other refuses to start it naming the holder; P6
 //!                  (`PERF p6-xhost-downtime-ms-rN`). Until `xl-vtpm migrate` takes `--receiver`
@@ -35,7 +41,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::migrate::{PCR_AFTER, cons, downtime, field, guest_cmd, last_tick, write_cfg};
+use super::migrate::{PCR_AFTER, cons, downtime, field, guest_cmd, last_tick, ticks, write_cfg};
 use super::{St, deadline, ek_hash, none};
 use crate::cmd::{Cmd, Output, pid_up, show, show_tail, stop_child};
 use crate::runner::{Cx, Errs, Outcome, Runner};
@@ -60,6 +66,8 @@ pub const MGR_LOG: &str = "/var/log/xvtpm/vtpmmgr-b.log";
 /// The destinations' SHA-256 PCRs 0–7 (`{"0": "hex", …}`, `xl-vtpm verify`'s policy format).
 pub const B_POLICY: &str = "/etc/xvtpm-testbed/host-b-pcrs.json";
 pub const A_POLICY: &str = "/etc/xvtpm-testbed/host-a-pcrs.json";
+/// B's policy with a PCR 0 host B does not have (`migrate-xhost`'s refusal round).
+const B_POLICY_WRONG: &str = "/etc/xvtpm-testbed/host-b-pcrs-wrong.json";
 /// Stands in for ssh on one machine: drops its first argument (the host), runs the rest with
 /// `sh -c` (build-images.sh writes it).
 pub const SSH_LOCAL: &str = "/etc/xvtpm-testbed/ssh-local";
@@ -423,10 +431,134 @@ fn row(cx: &Cx, env: &[(&str, &str)], name: &str) -> Value {
 
 /// `xl-vtpm vtpm list --json` under `env` names `uuid` running.
 fn vtpm_running(cx: &Cx, env: &[(&str, &str)], uuid: &str) -> bool {
+    vtpm_row(cx, env, uuid).ok().flatten().is_some_and(|r| jf(&r, "state") == "running")
+}
+
+/// `uuid`'s row in `xl-vtpm vtpm list --json` under `env` (the identities its manager holds):
+/// None when it is not listed; Err when the list could not be read.
+fn vtpm_row(cx: &Cx, env: &[(&str, &str)], uuid: &str) -> Result<Option<Value>, String> {
     let o = on(env, &["xl-vtpm", "--json", "vtpm", "list"]).secs(60).split().run(cx);
-    xen::parse_json(&o.stdout)
-        .and_then(|v| v.as_array().cloned())
-        .is_some_and(|rows| rows.iter().any(|r| jf(r, "uuid") == uuid && jf(r, "state") == "running"))
+    match xen::parse_json(&o.stdout).and_then(|v| v.as_array().cloned()) {
+        Some(rows) if o.ok() => Ok(rows.into_iter().find(|r| jf(r, "uuid") == uuid)),
+        _ => Err(format!("xl-vtpm vtpm list rc={}: {}", o.rc, o.tail1(2))),
+    }
+}
+
+/// The running vTPM process of a listed row (`runtime.pid`).
+fn row_pid(r: &Value) -> Option<u32> {
+    r.get("runtime")?.get("pid")?.as_u64().and_then(|p| u32::try_from(p).ok())
+}
+
+/// The largest gap (ms) between the guest's ticks after `from`.
+fn max_gap_ms(name: &str, from: f64) -> Option<i64> {
+    let t: Vec<f64> = ticks(name).into_iter().filter(|x| *x >= from).collect();
+    t.windows(2).map(|w| ((w[1] - w[0]) * 1000.0) as i64).max()
+}
+
+/// A host policy file (`{"0": "hex", …}`) with PCR 0's value replaced by `11…11`.
+pub fn wrong_pcr0(policy: &str) -> Option<String> {
+    let mut v: Value = serde_json::from_str(policy).ok()?;
+    let m = v.as_object_mut()?;
+    m.get("0")?;
+    m.insert("0".into(), Value::String("11".repeat(32)));
+    Some(v.to_string())
+}
+
+/// `(offer made, offer withdrawn)` lines of host B's manager log that name vTPM `uuid`: each as
+/// its offer id.
+fn b_offers(uuid: &str) -> (Vec<String>, Vec<String>) {
+    let log = xen::read_text(MGR_LOG);
+    let pick = |what: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains(&format!("vtpm={uuid}")))
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("offer=")).map(str::to_string))
+            .collect()
+    };
+    (pick("transfer offer made"), pick("transfer offer withdrawn"))
+}
+
+/// The refusal round, before the guest's first move: `xl-vtpm migrate mig-x host-b …` with a
+/// policy whose PCR 0 host B does not have must exit 6 naming the destination's PCRs, with
+/// nothing moved — the guest the same domain on A, its vTPM process the same and serving (PCR 16
+/// as it was, a fresh quote), the registry naming host A, host B holding no identity of it and no
+/// incoming config, its offer withdrawn. Returns false when the guest is no longer on A as it
+/// was (the moves that follow would speak about something else).
+fn refused_round(cx: &Cx, e: &mut Errs, uuid: &str, ek: &str, pcr: &str) -> bool {
+    let (a, b) = (a_env(), b_env());
+    let t0 = std::time::Instant::now();
+    let bad = match wrong_pcr0(&xen::read_text(B_POLICY)) {
+        Some(p) if std::fs::write(B_POLICY_WRONG, &p).is_ok() => p,
+        _ => {
+            e.add(format!("cannot write {B_POLICY_WRONG} from {B_POLICY}"));
+            return false;
+        }
+    };
+    println!("INFO migrate-xhost refusal round: {B_POLICY_WRONG} = {bad}");
+    let before = xen::domid(XG).unwrap_or_default();
+    let pid_before = vtpm_row(cx, &a, uuid).ok().flatten().as_ref().and_then(row_pid);
+    let from = last_tick(XG);
+    let h = Hop { round: 0, from: &a, from_name: A_HOST, to: &b, to_name: B_HOST, policy: B_POLICY_WRONG };
+    let receiver = format!("{} xl-vtpm migrate-receive", env_words(h.to));
+    let argv = h.argv(&receiver);
+    println!("migrate-xhost refusal round: {} (source env: {})", argv.join(" "), env_words(h.from));
+    let tm = std::time::Instant::now();
+    let o = on(h.from, &argv.iter().map(String::as_str).collect::<Vec<_>>()).secs(360).save_split("/tmp/xl-mig-x-refused.out", "/tmp/xl-mig-x-refused.out.err").run(cx);
+    let took = tm.elapsed().as_millis();
+    show("xl-vtpm migrate (cross-host, wrong PCR policy)", &o.all());
+    let all = o.all();
+    e.check(
+        "migrate-xhost-refused-policy-exit",
+        o.rc == 6 && all.contains("destination host PCRs") && all.contains("nothing moved") && !all.contains("panicked"),
+        format!("xl-vtpm migrate {XG} {B_HOST} --host-pcrs-policy {B_POLICY_WRONG} (PCR 0 = 11…11): rc={} in {took} ms (want 6, naming the destination host PCRs and nothing moved): {}", o.rc, o.tail1(2)),
+    );
+    let now = xen::domid(XG).unwrap_or_default();
+    let same = !before.is_empty() && now == before;
+    e.check("migrate-xhost-refused-policy-domid", same, format!("xl domid {XG} before {} after {} (the same domain on host A)", none(&before), none(&now)));
+    let ra = vtpm_row(cx, &a, uuid);
+    let pid_after = ra.as_ref().ok().and_then(|r| r.as_ref()).and_then(row_pid);
+    e.check(
+        "migrate-xhost-refused-policy-vtpm",
+        pid_before.is_some() && pid_after == pid_before && pid_up(pid_after) && ra.as_ref().ok().and_then(|r| r.as_ref()).is_some_and(|r| jf(r, "state") == "running"),
+        format!("host A's xl-vtpm vtpm list: {uuid} vtpm-domain pid before {pid_before:?} after {pid_after:?}, alive {}, state {}", pid_up(pid_after), ra.as_ref().map_or_else(|w| w.clone(), |r| r.as_ref().map_or("(not listed)".into(), |r| jf(r, "state")))),
+    );
+    let gap = max_gap_ms(XG, from);
+    println!("INFO migrate-xhost refusal round: largest gap between the guest's ticks during it: {} ms (it was never paused)", gap.map_or("none".into(), |g| g.to_string()));
+    if !same {
+        return false;
+    }
+    let a1 = guest_cmd(cx, XG, 9, &format!("migcheck:{}", xen::nonce(16)), 240);
+    println!("[{XG}] {a1}");
+    e.check("migrate-xhost-refused-policy-pcr16", field(&a1, "pcr16") == pcr, format!("in the guest after the refusal: PCR 16 before {pcr} after {} (unchanged)", none(&field(&a1, "pcr16"))));
+    e.check(
+        "migrate-xhost-refused-policy-tpm",
+        !ek.is_empty() && field(&a1, "ek") == ek && field(&a1, "persistent") == "kept" && field(&a1, "nv") == "kept" && field(&a1, "quote") == "verified",
+        format!("the guest's TPM answers: EK {} ({}), 0x81000010 {}, NV {}, a fresh AK quote {}", none(&field(&a1, "ek")), if field(&a1, "ek") == ek { "the same" } else { "NOT the same" }, none(&field(&a1, "persistent")), none(&field(&a1, "nv")), none(&field(&a1, "quote"))),
+    );
+    let (ra, rb) = (row(cx, &a, XG), row(cx, &b, XG));
+    e.check(
+        "migrate-xhost-refused-policy-registry",
+        jf(&ra, "host") == A_HOST && jf(&rb, "host") == A_HOST && jf(&ra, "state") == "running" && jf(&ra, "guest_domid") == before,
+        format!("xl-vtpm list under A's env names host {}, under B's {} (state {}, guest domid {})", none(&jf(&ra, "host")), none(&jf(&rb, "host")), jf(&ra, "state"), jf(&ra, "guest_domid")),
+    );
+    let lb = vtpm_row(cx, &b, uuid);
+    e.check(
+        "migrate-xhost-refused-policy-b-no-identity",
+        matches!(lb, Ok(None)),
+        format!("B's xl-vtpm vtpm list names {uuid}: {}", match &lb { Ok(None) => "no".to_string(), Ok(Some(r)) => format!("YES (state {})", jf(r, "state")), Err(w) => w.clone() }),
+    );
+    let left: Vec<String> = [format!("{B_RUN}/guests/{XG}.cfg"), format!("{B_RUN}/guests/{XG}.incoming.cfg"), format!("{B_STATE}/migrate-save/{uuid}.xlsave"), format!("{A_STATE}/migrate-save/{uuid}.xlsave")]
+        .into_iter()
+        .filter(|f| std::path::Path::new(f).exists())
+        .collect();
+    e.check("migrate-xhost-refused-policy-no-leftover", left.is_empty(), format!("left behind of the announced move (B's guests/{XG}.cfg, {XG}.incoming.cfg, either host's save file): {left:?}"));
+    let (made, gone) = b_offers(uuid);
+    e.check(
+        "migrate-xhost-refused-policy-offer-cancelled",
+        made.len() == 1 && gone == made,
+        format!("{MGR_LOG}: offers made for {uuid} {made:?}, withdrawn {gone:?}"),
+    );
+    println!("PERF migrate-xhost-refusal-round-ms={} (the refused move {took} ms, then the checks)", t0.elapsed().as_millis());
+    true
 }
 
 /// One cross-host move of the guest: `xl-vtpm --json migrate mig-x TO --non-live --ssh
@@ -486,6 +618,13 @@ fn guest_move(cx: &Cx) -> Outcome {
     let pcr = after_prefix(&c, "GUEST-PCR16 ").unwrap_or_default().trim().to_string();
     e.check("migrate-xhost-pcr16-extended", pcr == PCR_AFTER, format!("PCR 16 before the move {}", none(&pcr)));
     if !e.is_empty() {
+        show_tail("mig-x console (GUEST lines)", &cons(XG).lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
+        cleanup(cx, &uuid);
+        return e.verdict("");
+    }
+    // first a move that must be refused before the guest leaves (host B's PCRs miss the policy)
+    let on_a = refused_round(cx, &mut e, &uuid, &ek, &pcr);
+    if !on_a || !e.is_empty() {
         show_tail("mig-x console (GUEST lines)", &cons(XG).lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
         cleanup(cx, &uuid);
         return e.verdict("");
@@ -607,7 +746,18 @@ fn cleanup(cx: &Cx, uuid: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::pcr_policy;
+    use super::{pcr_policy, wrong_pcr0};
+
+    #[test]
+    fn the_wrong_policy_differs_in_pcr0_only() {
+        let z = "0".repeat(64);
+        let p = format!(r#"{{"0":"{z}","1":"{}"}}"#, "ab".repeat(32));
+        let w: serde_json::Value = serde_json::from_str(&wrong_pcr0(&p).unwrap()).unwrap();
+        assert_eq!(w["0"], "11".repeat(32));
+        assert_eq!(w["1"], "ab".repeat(32));
+        assert!(wrong_pcr0(r#"{"1":"00"}"#).is_none());
+        assert!(wrong_pcr0("").is_none());
+    }
 
     #[test]
     fn pcrread_output_becomes_the_policy() {
