@@ -205,3 +205,65 @@ fn a_saved_guest_streams_to_the_receiver_and_a_failed_move_leaves_nothing() {
         assert!(!guests.join(f).exists(), "{f} left behind");
     }
 }
+
+/// The identity step of `xl-vtpm migrate GUEST HOST`, run again by `--finish` after a move cut
+/// short: between two real managers on two swtpms and one registry, it completes from wherever
+/// the earlier run stopped (after the export; after the import, its receipt lost) and is a
+/// no-op once done — the vTPM runs on exactly one host, the registry names it.
+#[test]
+fn the_identity_step_completes_from_where_a_move_stopped() {
+    use xl_tools::registry::{Location, NewPair, Registry};
+    let (a, b) = (Stack::start_with(Options { ek_cert: true, ..Default::default() }), Stack::start_with(Options { ek_cert: true, ..Default::default() }));
+    let db = Location::Sqlite(a.dir.path().join("fleet.sqlite"));
+    let policy_file = a.dir.path().join("policy.json");
+    std::fs::write(&policy_file, format!("{{\"0\": \"{0}\", \"7\": \"{0}\"}}", "00".repeat(32))).unwrap();
+    let ca = b.ek_ca.as_ref().unwrap();
+    let checks = xl_tools::crosshost::Checks {
+        roots: xl_tools::transfer::read_certs(&[ca.root_cert()], "--ek-ca").unwrap(),
+        intermediates: xl_tools::transfer::read_certs(&[ca.intermediate_cert()], "--ek-intermediate").unwrap(),
+        policy: xl_tools::transfer::read_policy(&policy_file).unwrap(),
+        group: None,
+    };
+    let local = xl_tools::local::Local { state_dir: a.state_dir(), run_dir: a.run_dir(), vtpm_domain: std::path::PathBuf::new(), sandbox: true };
+    let mut src = xl_tools::admin::Admin::connect(&a.run_dir()).unwrap();
+    let mut dst = xl_tools::admin::Admin::connect(&b.run_dir()).unwrap();
+    let mut reg = Registry::connect(&db, "host-a").unwrap();
+
+    for (i, stop_after) in ["export", "import", "done"].into_iter().enumerate() {
+        let guest = format!("g{i}");
+        let v = a.create_vtpm();
+        xvtpm_tests::tpm2(&v.tcti(), &["tpm2_getrandom", "8"]);
+        let id = reg.begin_create(&NewPair { guest_uuid: Uuid::new_v4(), guest_name: guest.clone(), vtpm_uuid: v.uuid, vtpm_domain: format!("vtpm-{guest}"), group: None }).unwrap();
+        reg.mark_running(id, 7, 0).unwrap();
+        a.stop_vtpm(&v.uuid);
+        let offer = xl_tools::transfer::prepare(&mut src, &mut dst, v.uuid, None, &checks.roots, checks.intermediates.clone(), &checks.policy).unwrap();
+        // The run that was cut short.
+        match stop_after {
+            "export" => {
+                reg.mark_stopped(id).unwrap();
+                reg.begin_move(v.uuid, "host-b", offer.offer_id).unwrap();
+                xl_tools::transfer::export(&mut src, &local, v.uuid, offer.clone(), &checks.roots, &checks.policy, "host-b".into()).unwrap();
+            }
+            "import" => {
+                reg.mark_stopped(id).unwrap();
+                reg.begin_move(v.uuid, "host-b", offer.offer_id).unwrap();
+                let pkg = xl_tools::transfer::export(&mut src, &local, v.uuid, offer.clone(), &checks.roots, &checks.policy, "host-b".into()).unwrap();
+                xl_tools::transfer::import(&mut dst, pkg).unwrap();
+            }
+            _ => {
+                xl_tools::crosshost::move_identity(&mut src, &local, &mut dst, &mut reg, &guest, "host-b", v.uuid, offer.clone(), &checks).unwrap();
+            }
+        }
+        // The finish (and, for the last, a second one).
+        let used = xl_tools::crosshost::move_identity(&mut src, &local, &mut dst, &mut reg, &guest, "host-b", v.uuid, offer.clone(), &checks)
+            .unwrap_or_else(|e| panic!("cut after {stop_after}: {}", e.text()));
+        assert_eq!(used.offer_id, offer.offer_id);
+        let row = reg.get_by_name(&guest).unwrap().unwrap();
+        assert_eq!(row.host, "host-b", "cut after {stop_after}: the registry names the destination");
+        let o = a.xl(&["vtpm", "start", &v.uuid.to_string(), "--listen", "tcp:127.0.0.1:0"]);
+        assert_eq!(o.status.code(), Some(6), "cut after {stop_after}: the source refuses it");
+        let w = Stack::handle(&b.xl_json(&["vtpm", "start", &v.uuid.to_string(), "--listen", "tcp:127.0.0.1:0"]));
+        xvtpm_tests::tpm2(&w.tcti(), &["tpm2_getrandom", "8"]);
+        b.stop_vtpm(&v.uuid);
+    }
+}

@@ -36,7 +36,7 @@ use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, NO_MANAGER, NOT_FOUND, REFUSED, USAGE};
 use crate::guestmig::{BACKEND_WAIT, GuestMigrated, RECONNECT_WAIT, fail, wait_backend, wait_connected, xl_said, xs_write};
 use crate::registry::State;
-use crate::xenlife::{DOM0_BACKEND_ROOT, Xen, reg_err, save_file};
+use crate::xenlife::{DOM0_BACKEND_ROOT, INCOMING, Xen, reg_err, save_file};
 
 /// The receiver protocol's version; `migrate-receive` refuses another.
 pub const RECEIVE_PROTOCOL: u32 = 1;
@@ -64,6 +64,9 @@ pub enum RecvRequest {
     RecvResume { guest: String, vtpm: Uuid, from_domid: u32, keep_tpm: bool },
     /// The move ended before the guest left: forget what `RecvIncoming` wrote.
     RecvAbandon { guest: String, vtpm: Uuid },
+    /// `--finish` of a move cut short: is the guest here (paused, as it arrived, or resumed)?
+    /// If so the receiver takes it as arrived, for `RecvResume`.
+    RecvAdopt { guest: String, vtpm: Uuid },
 }
 
 /// This dom0's boot id (`/proc/sys/kernel/random/boot_id`): two ends with the same one run on
@@ -81,6 +84,8 @@ pub enum RecvReply {
     RecvOk,
     RecvRestored { domid: u32, restore_ms: u64 },
     RecvResumed { domid: u32, vtpm_pid: u32, reconnect_ms: Option<u64> },
+    /// The guest's domain there, if it arrived.
+    RecvAdopted { domid: Option<u32> },
     RecvError { code: i32, message: String },
 }
 
@@ -219,6 +224,44 @@ pub struct CrossHost {
     pub saved_bytes: u64,
 }
 
+/// What the source keeps of a move to another host until the guest resumed there, so that a
+/// move cut short can be finished (`xl-vtpm migrate GUEST HOST --finish`):
+/// `<state-dir>/migrate-save/<vTPM>.move.json`, 0600, beside the saved guest of a `--non-live`
+/// move (which is kept until the resume too).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MoveRecord {
+    guest: String,
+    host: String,
+    to_host: String,
+    vtpm: Uuid,
+    from_domid: u32,
+    non_live: bool,
+    offer: vtpm_proto::transfer::Offer,
+}
+
+/// The move record of vTPM `uuid`'s guest.
+pub fn move_record(state_dir: &Path, uuid: &Uuid) -> std::path::PathBuf {
+    state_dir.join("migrate-save").join(format!("{uuid}.move.json"))
+}
+
+fn write_record(state_dir: &Path, rec: &MoveRecord) -> Result<(), CliError> {
+    let path = move_record(state_dir, &rec.vtpm);
+    let dir = path.parent().expect("a parent");
+    std::fs::DirBuilder::new().recursive(true).create(dir).map_err(|e| CliError::caused(FAILURE, dir.display().to_string(), e))?;
+    let body = serde_json::to_vec_pretty(rec).map_err(|e| CliError::caused(FAILURE, "the move record", e))?;
+    xvtpm_fsutil::write_atomic(&path, &body, 0o600).map_err(|e| CliError::caused(FAILURE, path.display().to_string(), e))
+}
+
+/// What [`Xen::complete_move`] reports.
+struct Completed {
+    domid: u32,
+    pid: u32,
+    reconnect_ms: Option<u64>,
+    transfer_ms: u64,
+    tpm_kept: bool,
+    offer_id: Uuid,
+}
+
 impl Xen {
     /// `xl-vtpm migrate NAME HOST` for a HOST that is not this one.
     #[allow(clippy::too_many_arguments)]
@@ -293,6 +336,15 @@ impl Xen {
             return Err(abandon(&mut rx, e));
         }
         let prepare_ms = tp.elapsed().as_millis() as u64;
+        let rec = MoveRecord { guest: name.into(), host: host.into(), to_host: to_host.clone(), vtpm: uuid, from_domid: old, non_live, offer: offer.clone() };
+        if let Err(e) = write_record(&self.local.state_dir, &rec) {
+            return Err(abandon(&mut rx, e));
+        }
+        let record = move_record(&self.local.state_dir, &uuid);
+        let abandon = |rx: &mut Remote, e: CliError| -> CliError {
+            let _ = std::fs::remove_file(&record);
+            abandon(rx, e)
+        };
 
         // The guest leaves.
         let (mut xl_ms, mut save_ms, mut restore_ms, mut saved_bytes) = (0, 0, 0, 0);
@@ -308,9 +360,12 @@ impl Xen {
                     saved_bytes = n;
                 }
                 Err(e) => {
-                    // The guest is only in FILE, its vTPM untouched here: restore it here.
-                    let back = self.migrate_guest(admin, name, None, None, true, false);
+                    // The guest is only in FILE, its vTPM untouched here: restore it here (a
+                    // receiver that restored it destroys its copy when the conversation ends,
+                    // the vTPM's identity being here).
                     let e = abandon(&mut rx, e);
+                    drop(rx);
+                    let back = self.migrate_guest(admin, name, None, None, true, false);
                     return Err(match back {
                         Ok(_) => fail(e.code, format!("{}; guest {name} was restored on this host with its vTPM (PCRs kept)", e.text())),
                         Err(b) => fail(e.code, format!("{}; restoring guest {name} here failed too: {}", e.text(), b.text())),
@@ -349,54 +404,9 @@ impl Xen {
         }
 
         // The guest has left: its vTPM here has answered its last command.
-        let tt = Instant::now();
-        let moved_paused = |what: &str| {
-            format!(
-                "guest {name} is paused on {host} (registry host {to_host}) without its TPM: {what}; its memory has moved, nothing of it runs here"
-            )
-        };
-        let tpm_kept = match self.local.suspend(admin, &uuid, SUSPEND_GRACE) {
-            Ok(()) => true,
-            Err(e) => {
-                xvtpm_log::host_warn!("vTPM {uuid}: {}; the move goes on: the guest's TPM restarts from its permanent state (PCRs reset)", e.text());
-                false
-            }
-        };
-        reg.mark_stopped(row.id).map_err(|e| {
-            fail(
-                FAILURE,
-                moved_paused(&format!(
-                    "the registry refused to release the pair here ({}); vTPM {uuid} is stopped here with its state: fix the registry, then move the identity with `xl-vtpm vtpm migrate {uuid}`",
-                    reg_err(e).text()
-                )),
-            )
-        })?;
-        let mut rm = crate::transfer::RegistryMove { registry: &mut reg, to_host: to_host.clone() };
-        let registered = crate::transfer::registry_begin(&mut rm, uuid, offer_id)?;
-        let identity = |e: CliError| {
-            fail(
-                e.code,
-                moved_paused(&format!(
-                    "moving vTPM {uuid}'s identity failed: {}. Finish it by hand (docs/migration.md, \"To another host\"): `xl-vtpm vtpm transfer …` or `vtpm migrate`, then on {host} \
-                     `xl-vtpm vtpm start {uuid}`, `xl vtpm-attach {name} backend=0 uuid={uuid}`, `xl unpause {name}`",
-                    e.text()
-                )),
-            )
-        };
-        let pkg = crate::transfer::export(admin, &self.local, uuid, offer, &checks.roots, &checks.policy, to_host.clone()).map_err(identity)?;
-        let receipt = crate::transfer::import(rx.link(), pkg).map_err(identity)?;
-        crate::transfer::commit(admin, &self.local, uuid, receipt).map_err(identity)?;
-        if registered {
-            crate::transfer::registry_commit(&mut reg, uuid, offer_id).map_err(identity)?;
-        }
-        let transfer_ms = tt.elapsed().as_millis() as u64;
-        let _ = std::fs::remove_file(&file);
+        let done = self.complete_move(admin, &mut rx, &mut reg, rec, checks)?;
         let _ = std::fs::remove_file(&cfg_path);
-
-        let (new, pid, reconnect_ms) = match rx.ask(&RecvRequest::RecvResume { guest: name.into(), vtpm: uuid, from_domid: old, keep_tpm: tpm_kept })? {
-            RecvReply::RecvResumed { domid, vtpm_pid, reconnect_ms } => (domid, vtpm_pid, reconnect_ms),
-            other => return Err(fail(FAILURE, moved_paused(&format!("the receiver answered {other:?}")))),
-        };
+        let (new, pid, reconnect_ms, transfer_ms, tpm_kept, offer_id) = (done.domid, done.pid, done.reconnect_ms, done.transfer_ms, done.tpm_kept, done.offer_id);
         let moved = GuestMigrated {
             guest_name: name.into(),
             from_domid: old,
@@ -416,6 +426,187 @@ impl Xen {
         };
         Ok((moved, CrossHost { to_host, offer_id, prepare_ms, transfer_ms, tpm_kept, saved_bytes }))
     }
+}
+
+impl Xen {
+    /// The steps after the guest left (or, with `--finish`, from wherever a move cut short
+    /// stopped): the vTPM here suspended, its identity moved (each step again only if it was not
+    /// done: an export for the same offer is made again, an import done already gives its
+    /// receipt, a commit is idempotent; an offer whose challenge expired is withdrawn and a new
+    /// one made), the registry's move, and the resume there. The move record and the saved guest
+    /// are removed once the guest runs there.
+    fn complete_move(&self, admin: &mut Admin, rx: &mut Remote, reg: &mut crate::registry::Registry, mut rec: MoveRecord, checks: &Checks) -> Result<Completed, CliError> {
+        let (name, host, to_host, uuid) = (rec.guest.clone(), rec.host.clone(), rec.to_host.clone(), rec.vtpm);
+        let tt = Instant::now();
+        let moved_paused = |what: &str| {
+            format!(
+                "guest {name} is paused on {host} (registry host {to_host}) without its TPM: {what}; its memory has moved. Once the cause is fixed, \
+                 `xl-vtpm migrate {name} {host} --finish` (with the same checks) completes the move"
+            )
+        };
+        let tpm_kept = match self.local.runtime(&uuid) {
+            None => true,
+            Some(_) => match self.local.suspend(admin, &uuid, SUSPEND_GRACE) {
+                Ok(()) => true,
+                Err(e) => {
+                    xvtpm_log::host_warn!("vTPM {uuid}: {}; the move goes on: the guest's TPM restarts from its permanent state (PCRs reset)", e.text());
+                    false
+                }
+            },
+        };
+        let identity = |e: CliError| fail(e.code, moved_paused(&format!("moving vTPM {uuid}'s identity: {}", e.text())));
+        let offer = move_identity(admin, &self.local, rx.link(), reg, &name, &to_host, uuid, rec.offer.clone(), checks).map_err(identity)?;
+        if offer.offer_id != rec.offer.offer_id {
+            rec.offer = offer;
+            write_record(&self.local.state_dir, &rec).map_err(identity)?;
+        }
+        let transfer_ms = tt.elapsed().as_millis() as u64;
+        let (domid, pid, reconnect_ms) = match rx.ask(&RecvRequest::RecvResume { guest: name.clone(), vtpm: uuid, from_domid: rec.from_domid, keep_tpm: tpm_kept }) {
+            Ok(RecvReply::RecvResumed { domid, vtpm_pid, reconnect_ms }) => (domid, vtpm_pid, reconnect_ms),
+            Ok(other) => return Err(fail(FAILURE, moved_paused(&format!("the receiver answered {other:?}")))),
+            Err(e) => return Err(fail(e.code, moved_paused(&e.text()))),
+        };
+        let _ = std::fs::remove_file(save_file(&self.local.state_dir, &uuid));
+        let _ = std::fs::remove_file(move_record(&self.local.state_dir, &uuid));
+        Ok(Completed { domid, pid, reconnect_ms, transfer_ms, tpm_kept, offer_id: rec.offer.offer_id })
+    }
+
+    /// `xl-vtpm migrate NAME HOST --finish`: completes a move to another host that was cut short
+    /// (its move record is here). The guest arrived there: the steps after it left, from where
+    /// they stopped. It did not (a `--non-live` move cut before its restore there): the offer is
+    /// withdrawn and the guest restored here from its saved memory, its vTPM untouched.
+    pub fn finish_move_to(&self, admin: &mut Admin, name: &str, host: &str, ssh: Option<&str>, receiver: &str, checks: &Checks) -> Result<(GuestMigrated, CrossHost), CliError> {
+        let t0 = Instant::now();
+        check_host(host)?;
+        let mut reg = self.open_registry()?;
+        let row = reg
+            .get_by_name(name)
+            .map_err(reg_err)?
+            .ok_or_else(|| fail(NOT_FOUND, format!("no guest {name:?} in the registry; see `xl-vtpm list`")))?;
+        let path = move_record(&self.local.state_dir, &row.vtpm_uuid);
+        let rec: MoveRecord = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| CliError::caused(FAILURE, path.display().to_string(), e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(fail(REFUSED, format!("no move of guest {name} to another host was cut short here ({} does not exist)", path.display())));
+            }
+            Err(e) => return Err(CliError::caused(FAILURE, path.display().to_string(), e)),
+        };
+        if rec.guest != name || rec.host != host {
+            return Err(fail(USAGE, format!("the move cut short here took guest {} to {}: finish it with `xl-vtpm migrate {} {} --finish`", rec.guest, rec.host, rec.guest, rec.host)));
+        }
+        let mut rx = Remote::spawn(ssh.unwrap_or("ssh"), host, receiver)?;
+        match rx.ask(&RecvRequest::RecvHello { protocol: RECEIVE_PROTOCOL })? {
+            RecvReply::RecvHello { host: h, .. } if h == rec.to_host => {}
+            other => return Err(fail(FAILURE, format!("the receiver on {host} answered {other:?}, not the host {} the move went to", rec.to_host))),
+        }
+        let arrived = match rx.ask(&RecvRequest::RecvAdopt { guest: name.into(), vtpm: rec.vtpm })? {
+            RecvReply::RecvAdopted { domid } => domid,
+            other => return Err(fail(FAILURE, format!("unexpected answer from the receiver: {other:?}"))),
+        };
+        let file = save_file(&self.local.state_dir, &rec.vtpm);
+        let Some(_) = arrived else {
+            // It never arrived there: withdraw the offer; the guest is here (it never left) or in
+            // its saved memory.
+            let offer_id = rec.offer.offer_id;
+            if let Ok(c) = crate::transfer::cancel(rx.link(), offer_id) {
+                let _ = crate::transfer::abort(admin, rec.vtpm, c);
+            }
+            let _ = reg.abort_move(rec.vtpm, Some(offer_id));
+            drop(rx);
+            let _ = std::fs::remove_file(&path);
+            if self.xl_domid(name) == Some(rec.from_domid) {
+                return Err(fail(REFUSED, format!("guest {name} never left: it runs here as domain {}; the offer was withdrawn, nothing moved", rec.from_domid)));
+            }
+            if !file.exists() {
+                return Err(fail(FAILURE, format!("guest {name} is neither on {host} nor here, and no saved memory of it is here ({}): check `xl list` on both", file.display())));
+            }
+            let back = self.migrate_guest(admin, name, None, None, true, false)?;
+            return Err(fail(
+                FAILURE,
+                format!("guest {name} never arrived on {host}: it was restored here from its saved memory as domain {}, with its vTPM; nothing moved", back.to_domid),
+            ));
+        };
+        let done = self.complete_move(admin, &mut rx, &mut reg, rec.clone(), checks)?;
+        let _ = std::fs::remove_file(self.local.run_dir.join("guests").join(format!("{name}.cfg")));
+        let moved = GuestMigrated {
+            guest_name: name.into(),
+            from_domid: rec.from_domid,
+            to_domid: done.domid,
+            vtpm_uuid: rec.vtpm,
+            vtpm_pid: done.pid,
+            vtpm_restarted: !done.tpm_kept,
+            xl_migrate_ms: 0,
+            non_live: rec.non_live,
+            xl_save_ms: 0,
+            xl_restore_ms: 0,
+            reconnect_ms: done.reconnect_ms,
+            total_ms: t0.elapsed().as_millis() as u64,
+            hvm: false,
+            source_device_model_ended_ms: None,
+            vtpm_domain: None,
+        };
+        Ok((moved, CrossHost { to_host: rec.to_host, offer_id: done.offer_id, prepare_ms: 0, transfer_ms: done.transfer_ms, tpm_kept: done.tpm_kept, saved_bytes: 0 }))
+    }
+}
+
+/// Moves the identity of stopped vTPM `uuid` (guest `guest`'s) to the destination `dst` with
+/// `offer`, from wherever an earlier run stopped, and records the move in `reg`: the pair is
+/// released here and the move opened (unless the registry names `to_host` already), the
+/// export made (again: for the same offer the manager makes it again), imported (or, imported
+/// already, its receipt asked for), committed (idempotent), and the registry's commit point. An
+/// export refused because the vTPM was committed already skips to the registry; one refused
+/// because the offer's challenge expired (a `--finish` long after) withdraws that offer, returns
+/// the vTPM here and makes a new one, once. Returns the offer used.
+#[allow(clippy::too_many_arguments)]
+pub fn move_identity(
+    src: &mut Admin,
+    local: &crate::local::Local,
+    dst: &mut Admin,
+    reg: &mut crate::registry::Registry,
+    guest: &str,
+    to_host: &str,
+    uuid: Uuid,
+    mut offer: vtpm_proto::transfer::Offer,
+    checks: &Checks,
+) -> Result<vtpm_proto::transfer::Offer, CliError> {
+    if let Some(row) = reg.get_by_name(guest).map_err(reg_err)?
+        && row.host != to_host
+    {
+        if row.state != State::Stopped {
+            reg.mark_stopped(row.id).map_err(reg_err)?;
+        }
+        reg.begin_move(uuid, to_host, offer.offer_id).map_err(reg_err)?;
+    }
+    let mut renewed = false;
+    let receipt = loop {
+        // Committed by an earlier run (the commit removed the state file here): the destination's
+        // receipt shows it, and the commit again is a no-op.
+        if !local.state_file(&uuid).exists() {
+            break Some(crate::transfer::receipt(dst, uuid)?);
+        }
+        match crate::transfer::export(src, local, uuid, offer.clone(), &checks.roots, &checks.policy, to_host.to_string()) {
+            Ok(pkg) => match crate::transfer::import(dst, pkg) {
+                Ok(r) => break Some(r),
+                Err(e) if e.text().contains("already imported") => break Some(crate::transfer::receipt(dst, uuid)?),
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.text().contains("was transferred to") => break None,
+            Err(e) if e.text().contains("not from the last") && !renewed => {
+                renewed = true;
+                let cancelled = crate::transfer::cancel(dst, offer.offer_id)?;
+                let _ = crate::transfer::abort(src, uuid, cancelled);
+                let _ = reg.abort_move(uuid, Some(offer.offer_id));
+                offer = crate::transfer::prepare(src, dst, uuid, checks.group.as_deref(), &checks.roots, checks.intermediates.clone(), &checks.policy)?;
+                reg.begin_move(uuid, to_host, offer.offer_id).map_err(reg_err)?;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if let Some(r) = receipt {
+        crate::transfer::commit(src, local, uuid, r)?;
+    }
+    crate::transfer::registry_commit(reg, uuid, offer.offer_id)?;
+    Ok(offer)
 }
 
 /// `--non-live`: sends the saved guest to the receiver, which restores it paused. Returns the
@@ -496,6 +687,10 @@ struct Incoming {
     full: std::path::PathBuf,
     /// A domain was made here for it.
     arrived: bool,
+    /// The domain this receiver restored (`--non-live`), while it is not resumed: the source
+    /// still holds the guest's saved memory, so if the conversation ends before the vTPM's
+    /// identity arrived here this copy is destroyed (the source restores its own).
+    restored: Option<u32>,
 }
 
 struct Receiver<'a> {
@@ -511,15 +706,34 @@ impl Receiver<'_> {
         }
     }
 
-    /// Forgets an announced guest that never arrived.
+    /// The end of a conversation (or `RecvAbandon`): forgets an announced guest that never
+    /// arrived, and destroys a copy this receiver restored but was never told to resume while
+    /// the vTPM's identity is not here — the source keeps the guest's saved memory until the
+    /// resume, and restores it there.
     fn abandon(&mut self) {
-        if let Some(i) = self.incoming.take()
-            && !i.arrived
-        {
-            let _ = std::fs::remove_file(&i.plain);
-            let _ = std::fs::remove_file(&i.full);
-            let _ = std::fs::remove_file(save_file(&self.xen.local.state_dir, &i.vtpm));
+        let Some(i) = self.incoming.take() else { return };
+        if let Some(domid) = i.restored {
+            let identity_here = Admin::connect(&self.xen.local.run_dir).and_then(|mut a| a.call(&AdminRequest::VtpmShow { uuid: i.vtpm })).is_ok();
+            if identity_here {
+                xvtpm_log::host_warn!(
+                    "guest {} (domain {domid}) stays paused here as {}{INCOMING}: its vTPM's identity arrived; the source's `xl-vtpm migrate {} HOST --finish` resumes it",
+                    i.guest, i.guest, i.guest
+                );
+                return;
+            }
+            let out = Command::new(&self.xen.xl).args(["destroy", &domid.to_string()]).output();
+            xvtpm_log::host_info!("the move of guest {} ended before its resume: its copy here (domain {domid}) destroyed ({:?}); the source keeps it", i.guest, out.map(|o| o.status.code()));
+        } else if i.arrived {
+            return;
         }
+        let _ = std::fs::remove_file(&i.plain);
+        let _ = std::fs::remove_file(&i.full);
+        let _ = std::fs::remove_file(save_file(&self.xen.local.state_dir, &i.vtpm));
+    }
+
+    /// The domain of a guest that arrived here: as restored (`GUEST--incoming`) or resumed.
+    fn arrived_domid(&self, guest: &str) -> Option<(u32, bool)> {
+        self.xen.xl_domid(&format!("{guest}{INCOMING}")).map(|d| (d, true)).or_else(|| self.xen.xl_domid(guest).map(|d| (d, false)))
     }
 
     /// Answers `req`; `RecvRestore` also answers `RecvOk` on `out` before it reads the bytes
@@ -560,13 +774,16 @@ impl Receiver<'_> {
                     return Err(fail(USAGE, format!("the config sent names another guest than {guest}")));
                 }
                 plain.set_vtpms(&[]);
+                // Restored as `GUEST--incoming` (as `xl migrate-receive` names its incoming
+                // domain), renamed only at the resume.
+                plain.set("name", format!("{guest}{INCOMING}")).map_err(|e| CliError::caused(USAGE, "the guest's config", e))?;
                 let dir = xen.local.run_dir.join("guests");
                 std::fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, dir.display().to_string(), e))?;
                 let full = dir.join(format!("{guest}.cfg"));
                 let plain_path = dir.join(format!("{guest}.incoming.cfg"));
                 xvtpm_fsutil::write_atomic(&plain_path, plain.render().as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, plain_path.display().to_string(), e))?;
                 xvtpm_fsutil::write_atomic(&full, config.as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, full.display().to_string(), e))?;
-                self.incoming = Some(Incoming { guest, vtpm, plain: plain_path, full, arrived: false });
+                self.incoming = Some(Incoming { guest, vtpm, plain: plain_path, full, arrived: false, restored: None });
                 Ok(RecvReply::RecvOk)
             }
             RecvRequest::RecvRestore { guest, vtpm, size } => {
@@ -596,13 +813,18 @@ impl Receiver<'_> {
                         fail(FAILURE, format!("cannot run {} ({e}); nothing of {guest} runs here", xen.xl.display()))
                     })?;
                 let ms = t.elapsed().as_millis() as u64;
-                let Some(domid) = xen.xl_domid(&guest).filter(|_| out.status.success()) else {
+                let incoming = format!("{guest}{INCOMING}");
+                let Some(domid) = xen.xl_domid(&incoming).filter(|_| out.status.success()) else {
                     let _ = std::fs::remove_file(&file);
+                    if let Some(d) = xen.xl_domid(&incoming) {
+                        let _ = Command::new(&xen.xl).args(["destroy", &d.to_string()]).output();
+                    }
                     return Err(fail(FAILURE, format!("xl restore of {guest} failed (exit {}): {}; nothing of it runs here", out.status.code().unwrap_or(-1), xl_said(&out))));
                 };
                 let _ = std::fs::remove_file(&file);
                 if let Some(i) = self.incoming.as_mut() {
                     i.arrived = true;
+                    i.restored = Some(domid);
                 }
                 Ok(RecvReply::RecvRestored { domid, restore_ms: ms })
             }
@@ -611,16 +833,23 @@ impl Receiver<'_> {
                 if let Some(i) = self.incoming.as_mut() {
                     i.arrived = true;
                 }
-                let domid = xen.xl_domid(&guest).ok_or_else(|| fail(FAILURE, format!("no domain {guest} arrived here")))?;
+                let (domid, incoming) = self.arrived_domid(&guest).ok_or_else(|| fail(FAILURE, format!("no domain {guest} arrived here")))?;
                 let mut admin = Admin::connect(&xen.local.run_dir)?;
                 let paused = |what: String| fail(FAILURE, format!("guest {guest} is paused here as domain {domid}: {what}"));
                 xen.ensure_vtpm_process(&mut admin, vtpm, None).map_err(|e| paused(format!("starting its vTPM {vtpm}: {}", e.text())))?;
                 let pid = xen.local.runtime(&vtpm).map(|r| r.pid).unwrap_or(0);
-                xen.xl_run(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={vtpm}")]).map_err(|e| paused(e.text()))?;
+                // Each step is skipped when an earlier receiver did it (a `--finish`).
+                if wait_backend(DOM0_BACKEND_ROOT, domid, &vtpm, Duration::ZERO).is_err() {
+                    xen.xl_run(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={vtpm}")]).map_err(|e| paused(e.text()))?;
+                }
                 let dev = wait_backend(DOM0_BACKEND_ROOT, domid, &vtpm, BACKEND_WAIT).map_err(|e| paused(format!("its vTPM does not serve its device: {e}")))?;
-                if keep_tpm {
+                let connected = wait_connected(&dev, Duration::ZERO);
+                if keep_tpm && !connected {
                     xs_write(&format!("{dev}/{}", xen_platform::xenbus::RESUME_MARKER), &from_domid.to_string())
                         .map_err(|e| paused(format!("writing the resume marker: {e}")))?;
+                }
+                if incoming {
+                    xen.xl_run(&["rename", &domid.to_string(), &guest]).map_err(|e| paused(e.text()))?;
                 }
                 xen.xl_run(&["unpause", &domid.to_string()]).map_err(|e| paused(e.text()))?;
                 let t = Instant::now();
@@ -633,6 +862,28 @@ impl Receiver<'_> {
                 let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t.elapsed().as_millis() as u64);
                 self.incoming = None;
                 Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms })
+            }
+            RecvRequest::RecvAdopt { guest, vtpm } => {
+                check_guest(&guest)?;
+                if self.incoming.is_some() {
+                    return Err(fail(REFUSED, "a receiver takes one guest"));
+                }
+                let reg = &mut xen.open_registry()?;
+                match reg.get_by_name(&guest).map_err(reg_err)? {
+                    Some(r) if r.vtpm_uuid == vtpm => {}
+                    _ => return Err(fail(REFUSED, format!("this host's registry does not bind guest {guest} to vTPM {vtpm}"))),
+                }
+                let dir = xen.local.run_dir.join("guests");
+                let found = self.arrived_domid(&guest);
+                self.incoming = found.map(|_| Incoming {
+                    guest: guest.clone(),
+                    vtpm,
+                    plain: dir.join(format!("{guest}.incoming.cfg")),
+                    full: dir.join(format!("{guest}.cfg")),
+                    arrived: true,
+                    restored: None,
+                });
+                Ok(RecvReply::RecvAdopted { domid: found.map(|(d, _)| d) })
             }
             RecvRequest::RecvAbandon { guest, vtpm } => {
                 self.expect(&guest, vtpm)?;

@@ -258,6 +258,15 @@ impl Xen {
             return Err(fail(REFUSED, format!("guest {name} is not running (registry state {:?})", row.state)));
         }
         let uuid = row.vtpm_uuid;
+        // A move to another host cut short is finished there, not by restoring here (its
+        // guest may be paused on the other host).
+        if let Ok(b) = std::fs::read(crate::crosshost::move_record(&self.local.state_dir, &uuid)) {
+            let to = serde_json::from_slice::<serde_json::Value>(&b).ok().and_then(|v| v["host"].as_str().map(str::to_string)).unwrap_or_else(|| "HOST".into());
+            return Err(fail(
+                REFUSED,
+                format!("guest {name} was moving to {to} when that move was cut short: finish it with `xl-vtpm migrate {name} {to} --finish` (with the move's --ssh, --receiver and checks)"),
+            ));
+        }
         let rt = self.local.runtime(&uuid);
         // The vTPM in its own domain: that domain stays where it is and serves the moved guest's
         // device, as a dom0 process would.

@@ -103,9 +103,10 @@ enum Cmd {
         /// RECEIVER`). Default: `ssh`; for localhost the receiver runs directly, no ssh.
         #[arg(long, value_name = "CMD")]
         ssh: Option<String>,
-        /// Only the steps after `xl migrate` (the incoming domain exists, paused): after an
-        /// `xl-vtpm migrate` to localhost that was cut short.
-        #[arg(long, conflicts_with_all = ["destination", "ssh"])]
+        /// Complete an `xl-vtpm migrate` that was cut short: on this host (no HOST), the steps
+        /// after `xl migrate` (the incoming domain exists, paused); to another host (HOST, with
+        /// the move's --ssh, --receiver and checks), the steps from where it stopped.
+        #[arg(long)]
         finish: bool,
         /// Move without log-dirty mode (a Xen that refuses it for PV guests): `xl save` to a
         /// root-only file, `xl restore -p` (on the other host: the file is sent to its
@@ -753,7 +754,11 @@ fn run(args: Args) -> Result<(), CliError> {
                     policy: xl_tools::transfer::read_policy(&policy)?,
                     group,
                 };
-                let (m, x) = xen.migrate_guest_to(&mut admin, &name, h, ssh.as_deref(), &receiver, non_live, &checks)?;
+                let (m, x) = if finish {
+                    xen.finish_move_to(&mut admin, &name, h, ssh.as_deref(), &receiver, &checks)?
+                } else {
+                    xen.migrate_guest_to(&mut admin, &name, h, ssh.as_deref(), &receiver, non_live, &checks)?
+                };
                 if json {
                     let mut v = serde_json::to_value(&m).map_err(|e| CliError::caused(1, "", e))?;
                     if let (Some(o), Ok(serde_json::Value::Object(x))) = (v.as_object_mut(), serde_json::to_value(&x)) {
@@ -775,8 +780,11 @@ fn run(args: Args) -> Result<(), CliError> {
                 }
                 return Ok(());
             }
-            if non_live && ssh.is_some() {
-                return Err(CliError::new(exit::USAGE, "--ssh: a --non-live move on this host runs no transport"));
+            if (non_live || finish) && ssh.is_some() {
+                return Err(CliError::new(exit::USAGE, "--ssh: a --non-live move or a --finish on this host runs no transport"));
+            }
+            if finish && host.is_some() {
+                return Err(CliError::new(exit::USAGE, "--finish on this host takes no HOST (localhost): `xl-vtpm migrate GUEST --finish`"));
             }
             let m = xen.migrate_guest(&mut admin, &name, host.as_deref(), ssh.as_deref(), finish, non_live)?;
             if json {
