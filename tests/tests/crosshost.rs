@@ -267,3 +267,35 @@ fn the_identity_step_completes_from_where_a_move_stopped() {
         b.stop_vtpm(&v.uuid);
     }
 }
+
+/// One receiver per guest at a time: a `--finish`'s receiver waits until the receiver of the
+/// cut-off move has ended (and cleaned up) before it looks for the guest.
+#[test]
+fn a_second_receiver_of_a_guest_waits_for_the_first() {
+    let b = Stack::start_with(Options::default());
+    let vtpm = Uuid::new_v4();
+    {
+        let mut reg = xl_tools::registry::Registry::connect(&xl_tools::registry::Location::Sqlite(b.state_dir().join("registry.sqlite")), "host-b").unwrap();
+        reg.begin_create(&xl_tools::registry::NewPair { guest_uuid: Uuid::new_v4(), guest_name: "g1".into(), vtpm_uuid: vtpm, vtpm_domain: "vtpm-g1".into(), group: None }).unwrap();
+    }
+    let env = [("XVTPM_XL", "/nonexistent/xl")];
+    let mut first = Receiver::start_with(&b, &env);
+    let config = format!("name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid={vtpm}\" ]\n");
+    assert!(matches!(first.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config, source_boot: String::new(), from_domid: 3 }), RecvReply::RecvOk));
+    let mut second = Receiver::start_with(&b, &env);
+    second.send(&RecvRequest::RecvAdopt { guest: "g1".into(), vtpm });
+    let waiter = std::thread::spawn(move || {
+        let r: RecvReply = second.answer();
+        (std::time::Instant::now(), r, second)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let ended = std::time::Instant::now();
+    let (status, _, err) = first.finish();
+    assert!(status.success(), "{err}");
+    let (answered, reply, second) = waiter.join().unwrap();
+    assert!(answered > ended, "the second receiver answered while the first still served the guest");
+    assert!(matches!(reply, RecvReply::RecvAdopted { domid: None }), "{reply:?}");
+    assert!(!b.run_dir().join("guests").join("g1.cfg").exists(), "the first receiver cleaned up before the second looked");
+    let (status, _, err) = second.finish();
+    assert!(status.success(), "{err}");
+}

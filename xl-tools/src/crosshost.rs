@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -638,7 +639,7 @@ pub fn receive(xen: &Xen) -> Result<(), CliError> {
     let mut out = std::fs::File::from(out);
     let mut input = std::io::stdin().lock();
     let mut admin: Option<Admin> = None;
-    let mut rx = Receiver { xen, incoming: None };
+    let mut rx = Receiver { xen, incoming: None, lock: None };
     loop {
         let Some(body) = vtpm_proto::mgr_io::read_frame(&mut input).map_err(|e| CliError::caused(FAILURE, "the source's request", e))? else {
             rx.abandon();
@@ -696,7 +697,13 @@ struct Incoming {
 struct Receiver<'a> {
     xen: &'a Xen,
     incoming: Option<Incoming>,
+    /// The guest's move lock here (guest, lock), held while this receiver serves its move.
+    lock: Option<(String, nix::fcntl::Flock<std::fs::File>)>,
 }
+
+/// How long a receiver waits for another receiver of the same guest (one whose source was cut
+/// off and that is still cleaning up) to end.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 impl Receiver<'_> {
     fn expect(&self, guest: &str, vtpm: Uuid) -> Result<&Incoming, CliError> {
@@ -731,6 +738,37 @@ impl Receiver<'_> {
         let _ = std::fs::remove_file(save_file(&self.xen.local.state_dir, &i.vtpm));
     }
 
+    /// Takes guest `guest`'s move lock here (`<run-dir>/guests/<guest>.move.lock`): one receiver
+    /// per guest at a time, so a `--finish` never adopts a copy that the receiver of the cut-off
+    /// move is still deciding about.
+    fn lock(&mut self, guest: &str) -> Result<(), CliError> {
+        use nix::fcntl::{Flock, FlockArg};
+        if self.lock.as_ref().is_some_and(|(g, _)| g == guest) {
+            return Ok(());
+        }
+        let dir = self.xen.local.run_dir.join("guests");
+        std::fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, dir.display().to_string(), e))?;
+        let path = dir.join(format!("{guest}.move.lock"));
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| CliError::caused(FAILURE, path.display().to_string(), e))?;
+            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => {
+                    self.lock = Some((guest.to_string(), l));
+                    return Ok(());
+                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) => return Err(fail(REFUSED, format!("another move of guest {guest} is being served here ({} is locked)", path.display()))),
+            }
+        }
+    }
+
     /// The domain of a guest that arrived here: as restored (`GUEST--incoming`) or resumed.
     fn arrived_domid(&self, guest: &str) -> Option<(u32, bool)> {
         self.xen.xl_domid(&format!("{guest}{INCOMING}")).map(|d| (d, true)).or_else(|| self.xen.xl_domid(guest).map(|d| (d, false)))
@@ -753,6 +791,7 @@ impl Receiver<'_> {
                 if self.incoming.is_some() {
                     return Err(fail(REFUSED, "a receiver takes one guest"));
                 }
+                self.lock(&guest)?;
                 if let Some(d) = xen.xl_domid(&guest)
                     && !(d == from_domid && !source_boot.is_empty() && source_boot == boot_id())
                 {
@@ -868,6 +907,7 @@ impl Receiver<'_> {
                 if self.incoming.is_some() {
                     return Err(fail(REFUSED, "a receiver takes one guest"));
                 }
+                self.lock(&guest)?;
                 let reg = &mut xen.open_registry()?;
                 match reg.get_by_name(&guest).map_err(reg_err)? {
                     Some(r) if r.vtpm_uuid == vtpm => {}
