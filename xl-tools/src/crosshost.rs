@@ -37,7 +37,7 @@ use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, NO_MANAGER, NOT_FOUND, REFUSED, USAGE};
 use crate::guestmig::{BACKEND_WAIT, GuestMigrated, RECONNECT_WAIT, fail, wait_backend, wait_connected, xl_said, xs_write};
 use crate::registry::State;
-use crate::xenlife::{DOM0_BACKEND_ROOT, INCOMING, Xen, reg_err, save_file};
+use crate::xenlife::{DOM0_BACKEND_ROOT, INCOMING, Xen, move_record, reg_err, save_file};
 
 /// The receiver protocol's version; `migrate-receive` refuses another.
 pub const RECEIVE_PROTOCOL: u32 = 1;
@@ -240,10 +240,6 @@ struct MoveRecord {
     offer: vtpm_proto::transfer::Offer,
 }
 
-/// The move record of vTPM `uuid`'s guest.
-pub fn move_record(state_dir: &Path, uuid: &Uuid) -> std::path::PathBuf {
-    state_dir.join("migrate-save").join(format!("{uuid}.move.json"))
-}
 
 fn write_record(state_dir: &Path, rec: &MoveRecord) -> Result<(), CliError> {
     let path = move_record(state_dir, &rec.vtpm);

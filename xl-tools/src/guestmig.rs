@@ -260,7 +260,7 @@ impl Xen {
         let uuid = row.vtpm_uuid;
         // A move to another host cut short is finished there, not by restoring here (its
         // guest may be paused on the other host).
-        if let Ok(b) = std::fs::read(crate::crosshost::move_record(&self.local.state_dir, &uuid)) {
+        if let Ok(b) = std::fs::read(crate::xenlife::move_record(&self.local.state_dir, &uuid)) {
             let to = serde_json::from_slice::<serde_json::Value>(&b).ok().and_then(|v| v["host"].as_str().map(str::to_string)).unwrap_or_else(|| "HOST".into());
             return Err(fail(
                 REFUSED,

@@ -86,6 +86,12 @@ pub fn save_file(state_dir: &Path, uuid: &Uuid) -> PathBuf {
     state_dir.join("migrate-save").join(format!("{uuid}.xlsave"))
 }
 
+/// What the source of a move to another host keeps until the guest resumed there (the offer,
+/// the destination; `crosshost`), beside the saved guest.
+pub fn move_record(state_dir: &Path, uuid: &Uuid) -> PathBuf {
+    state_dir.join("migrate-save").join(format!("{uuid}.move.json"))
+}
+
 /// The suffix `xl migrate-receive` gives a guest it receives until the move completes.
 pub const INCOMING: &str = "--incoming";
 /// The suffix `xl migrate` gives the sending guest once the receiver has it, until it is destroyed.
