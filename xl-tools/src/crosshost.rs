@@ -637,9 +637,16 @@ pub fn receive(xen: &Xen) -> Result<(), CliError> {
     let mut admin: Option<Admin> = None;
     let mut rx = Receiver { xen, incoming: None, lock: None };
     loop {
-        let Some(body) = vtpm_proto::mgr_io::read_frame(&mut input).map_err(|e| CliError::caused(FAILURE, "the source's request", e))? else {
-            rx.abandon();
-            return Ok(());
+        let body = match vtpm_proto::mgr_io::read_frame(&mut input) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                rx.abandon();
+                return Ok(());
+            }
+            Err(e) => {
+                rx.abandon();
+                return Err(CliError::caused(FAILURE, "the source's request", e));
+            }
         };
         let wrote = if let Ok(req) = vtpm_proto::mgr::decode::<RecvRequest>(&body) {
             let reply = rx.handle(req, &mut input, &mut out).unwrap_or_else(|e| RecvReply::RecvError { code: e.code, message: e.text() });
@@ -658,7 +665,12 @@ pub fn receive(xen: &Xen) -> Result<(), CliError> {
             };
             vtpm_proto::mgr_io::write_msg(&mut out, &reply)
         };
-        wrote.and_then(|()| out.flush().map_err(vtpm_proto::mgr_io::WireError::Io)).map_err(|e| CliError::caused(FAILURE, "answering the source", e))?;
+        if let Err(e) = wrote.and_then(|()| out.flush().map_err(vtpm_proto::mgr_io::WireError::Io)) {
+            // The source is gone (killed, or the transport cut) before it heard the answer: the
+            // move ends here as at the end of its input.
+            rx.abandon();
+            return Err(CliError::caused(FAILURE, "answering the source", e));
+        }
     }
 }
 
