@@ -446,7 +446,7 @@ impl Xen {
             Some(_) => match self.local.suspend(admin, &uuid, SUSPEND_GRACE) {
                 Ok(()) => true,
                 Err(e) => {
-                    xvtpm_log::host_warn!("vTPM {uuid}: {}; the move goes on: the guest's TPM restarts from its permanent state (PCRs reset)", e.text());
+                    eprintln!("xl-vtpm: warning: vTPM {uuid}: {}; the move goes on: the guest's TPM restarts from its permanent state (PCRs reset)", e.text());
                     false
                 }
             },
@@ -635,7 +635,7 @@ pub fn receive(xen: &Xen) -> Result<(), CliError> {
     let mut out = std::fs::File::from(out);
     let mut input = std::io::stdin().lock();
     let mut admin: Option<Admin> = None;
-    let mut rx = Receiver { xen, incoming: None, lock: None };
+    let mut rx = Receiver { xen, incoming: None, lock: None, imported: false };
     loop {
         let body = match vtpm_proto::mgr_io::read_frame(&mut input) {
             Ok(Some(b)) => b,
@@ -658,7 +658,11 @@ pub fn receive(xen: &Xen) -> Result<(), CliError> {
                         Some(a) => Ok(a),
                         None => Admin::connect(&xen.local.run_dir).map(|a| admin.insert(a)),
                     };
-                    a.and_then(|a| a.forward(&req)).unwrap_or_else(|e| error_reply(e.code, e.text()))
+                    let reply = a.and_then(|a| a.forward(&req)).unwrap_or_else(|e| error_reply(e.code, e.text()));
+                    if matches!((&req, &reply), (AdminRequest::TransferImport { .. }, AdminReply::TransferImported { .. })) {
+                        rx.imported = true;
+                    }
+                    reply
                 }
                 Ok(_) => error_reply(REFUSED, "a move's receiver relays only the destination's transfer requests".into()),
                 Err(e) => error_reply(USAGE, format!("a malformed request: {e}")),
@@ -707,6 +711,9 @@ struct Receiver<'a> {
     incoming: Option<Incoming>,
     /// The guest's move lock here (guest, lock), held while this receiver serves its move.
     lock: Option<(String, nix::fcntl::Flock<std::fs::File>)>,
+    /// This conversation's import succeeded: the vTPM's identity for this move is here. (A
+    /// copy of the identity retired here by an earlier move is not it.)
+    imported: bool,
 }
 
 /// How long a receiver waits for another receiver of the same guest (one whose source was cut
@@ -728,16 +735,19 @@ impl Receiver<'_> {
     fn abandon(&mut self) {
         let Some(i) = self.incoming.take() else { return };
         if let Some(domid) = i.restored {
-            let identity_here = Admin::connect(&self.xen.local.run_dir).and_then(|mut a| a.call(&AdminRequest::VtpmShow { uuid: i.vtpm })).is_ok();
-            if identity_here {
-                xvtpm_log::host_warn!(
-                    "guest {} (domain {domid}) stays paused here as {}{INCOMING}: its vTPM's identity arrived; the source's `xl-vtpm migrate {} HOST --finish` resumes it",
+            if self.imported {
+                eprintln!(
+                    "xl-vtpm migrate-receive: guest {} (domain {domid}) stays paused here as {}{INCOMING}: its vTPM's identity arrived; the source's `xl-vtpm migrate {} HOST --finish` resumes it",
                     i.guest, i.guest, i.guest
                 );
                 return;
             }
-            let out = Command::new(&self.xen.xl).args(["destroy", &domid.to_string()]).output();
-            xvtpm_log::host_info!("the move of guest {} ended before its resume: its copy here (domain {domid}) destroyed ({:?}); the source keeps it", i.guest, out.map(|o| o.status.code()));
+            let destroyed = Command::new(&self.xen.xl).args(["destroy", &domid.to_string()]).output().is_ok_and(|o| o.status.success());
+            eprintln!(
+                "xl-vtpm migrate-receive: the move of guest {} ended before its vTPM's identity arrived: its copy here (domain {domid}) {}; the source keeps the guest",
+                i.guest,
+                if destroyed { "destroyed" } else { "could NOT be destroyed: destroy it (`xl destroy`)" }
+            );
         } else if i.arrived {
             return;
         }

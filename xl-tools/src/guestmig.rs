@@ -419,7 +419,7 @@ impl Xen {
         if let Err(e) = std::fs::remove_file(&file)
             && e.kind() != ErrorKind::NotFound
         {
-            xvtpm_log::host_warn!("guest {name} runs as domain {new}; removing its saved memory {}: {e}; remove it by hand", file.display());
+            eprintln!("xl-vtpm: warning: guest {name} runs as domain {new}; removing its saved memory {}: {e}; remove it by hand", file.display());
         }
         reg.mark_running(row.id, new, vtpm_domid).map_err(reg_err)?;
         let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t_unpause.elapsed().as_millis() as u64);
@@ -466,8 +466,8 @@ impl Xen {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if source_ended.is_none() {
-                xvtpm_log::host_warn!(
-                    "guest {name}: the source's device model (process {pid}) still runs {} s after the move; its end will leave the TPM to the new one",
+                eprintln!(
+                    "xl-vtpm: warning: guest {name}: the source's device model (process {pid}) still runs {} s after the move; its end will leave the TPM to the new one",
                     DEVICE_MODEL_WAIT.as_secs()
                 );
             }
@@ -488,7 +488,7 @@ impl Xen {
         if let Err(e) = std::fs::remove_file(file)
             && e.kind() != ErrorKind::NotFound
         {
-            xvtpm_log::host_warn!("guest {name} runs as domain {new}; removing its saved memory {}: {e}; remove it by hand", file.display());
+            eprintln!("xl-vtpm: warning: guest {name} runs as domain {new}; removing its saved memory {}: {e}; remove it by hand", file.display());
         }
         reg.mark_running(row.id, new, 0).map_err(reg_err)?;
         Ok(GuestMigrated {
