@@ -188,12 +188,16 @@ fn a_suspended_vtpm_moves_with_its_pcrs_and_resumes_them_once() {
     refused(&a.xl(&["vtpm", "stop", &v.uuid.to_string(), "--suspend"]), 6, "there is no running TPM to suspend");
     ok(migrate(&a, &b, &v.uuid, &good));
 
-    let w = start_tcp(&b, &v.uuid);
+    let started = b.xl_json(&["vtpm", "start", &v.uuid.to_string(), "--listen", "tcp:127.0.0.1:0"]);
+    assert_eq!(started["runtime"]["resumed"], true, "the runtime says the TPM runs as suspended: {started}");
+    let w = Stack::handle(&started);
     holds(&w, &c);
     assert_eq!(pcr16(&w), extended, "the moved vTPM resumes with the PCRs it was suspended with");
     // The control: a plain stop and a move back reset them.
     b.stop_vtpm(&v.uuid);
-    let w = start_tcp(&b, &v.uuid);
+    let started = b.xl_json(&["vtpm", "start", &v.uuid.to_string(), "--listen", "tcp:127.0.0.1:0"]);
+    assert!(started["runtime"].get("resumed").is_none(), "a boot is not a resume: {started}");
+    let w = Stack::handle(&started);
     assert_eq!(pcr16(&w), zero, "the volatile state is resumed once: the next start is a boot");
     tpm2(&w.tcti(), &["tpm2_pcrextend", &format!("16:sha256={}", "cd".repeat(32))]);
     b.stop_vtpm(&v.uuid);

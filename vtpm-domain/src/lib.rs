@@ -144,6 +144,8 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             "pid": std::process::id(),
             "tcp_ports": bound.tcp_ports,
             "ek_public": hex_encode(&ek),
+            // The TPM runs as it was suspended (PCRs kept), not powered on anew.
+            "resumed": vtpm.resumed(),
         });
         println!("{ready}");
         use std::io::Write;

@@ -97,6 +97,8 @@ pub struct Vtpm {
     stopped_volatile: Option<zeroize::Zeroizing<Vec<u8>>>,
     /// The state generation this process opened (before its own writes).
     opened_generation: u64,
+    /// This process started the TPM from a saved volatile state (a suspend's): it runs as it was.
+    resumed: bool,
     /// The engine's permanent state when its save failed: the engine is ahead of the disk, so
     /// no command runs until this is written (see [`Vtpm::persist_if_dirty`]).
     unsaved: Option<zeroize::Zeroizing<Vec<u8>>>,
@@ -148,6 +150,7 @@ impl Vtpm {
             stopped_volatile: None,
             opened_generation,
             unsaved: None,
+            resumed: vol.is_some(),
         };
         if vol.is_some() {
             let perm = state.permanent.clone();
@@ -476,6 +479,12 @@ impl Vtpm {
     pub fn opened_generation(&self) -> u64 {
         self.opened_generation
     }
+
+    /// Whether this process started the TPM from a saved volatile state (a suspend's), so it
+    /// runs as it was, PCRs included, rather than powered on anew.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
 }
 
 /// A TPM being manufactured ([`Vtpm::begin_manufacture`]): it has its EK, nothing is on disk.
@@ -515,7 +524,7 @@ impl Manufacturing {
         let perm = engine.permanent_state().map_err(VtpmError::Libtpms)?;
         store.save(&perm, &[])?;
         let _ = engine.take_dirty_permanent();
-        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, stopped_volatile: None, opened_generation: 0, unsaved: None };
+        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, stopped_volatile: None, opened_generation: 0, unsaved: None, resumed: false };
         Ok((v, ek))
     }
 }

@@ -84,7 +84,9 @@ pub enum RecvReply {
     RecvHello { protocol: u32, host: String },
     RecvOk,
     RecvRestored { domid: u32, restore_ms: u64 },
-    RecvResumed { domid: u32, vtpm_pid: u32, reconnect_ms: Option<u64> },
+    /// `tpm_kept`: the vTPM there started from the state the suspend saved (the resume
+    /// marker was written: the guest's TPM runs as it was).
+    RecvResumed { domid: u32, vtpm_pid: u32, reconnect_ms: Option<u64>, tpm_kept: bool },
     /// The guest's domain there, if it arrived.
     RecvAdopted { domid: Option<u32> },
     RecvError { code: i32, message: String },
@@ -458,8 +460,8 @@ impl Xen {
             write_record(&self.local.state_dir, &rec).map_err(identity)?;
         }
         let transfer_ms = tt.elapsed().as_millis() as u64;
-        let (domid, pid, reconnect_ms) = match rx.ask(&RecvRequest::RecvResume { guest: name.clone(), vtpm: uuid, from_domid: rec.from_domid, keep_tpm: tpm_kept }) {
-            Ok(RecvReply::RecvResumed { domid, vtpm_pid, reconnect_ms }) => (domid, vtpm_pid, reconnect_ms),
+        let (domid, pid, reconnect_ms, tpm_kept) = match rx.ask(&RecvRequest::RecvResume { guest: name.clone(), vtpm: uuid, from_domid: rec.from_domid, keep_tpm: tpm_kept }) {
+            Ok(RecvReply::RecvResumed { domid, vtpm_pid, reconnect_ms, tpm_kept }) => (domid, vtpm_pid, reconnect_ms, tpm_kept),
             Ok(other) => return Err(fail(FAILURE, moved_paused(&format!("the receiver answered {other:?}")))),
             Err(e) => return Err(fail(e.code, moved_paused(&e.text()))),
         };
@@ -894,14 +896,18 @@ impl Receiver<'_> {
                 let mut admin = Admin::connect(&xen.local.run_dir)?;
                 let paused = |what: String| fail(FAILURE, format!("guest {guest} is paused here as domain {domid}: {what}"));
                 xen.ensure_vtpm_process(&mut admin, vtpm, None).map_err(|e| paused(format!("starting its vTPM {vtpm}: {}", e.text())))?;
-                let pid = xen.local.runtime(&vtpm).map(|r| r.pid).unwrap_or(0);
+                let rt = xen.local.runtime(&vtpm);
+                let pid = rt.as_ref().map_or(0, |r| r.pid);
+                // The TPM runs as it was suspended only if this vTPM started from the saved state;
+                // otherwise the connection is a boot (PCRs reset), whatever the source hoped.
+                let kept = keep_tpm && rt.as_ref().is_some_and(|r| r.resumed);
                 // Each step is skipped when an earlier receiver did it (a `--finish`).
                 if wait_backend(DOM0_BACKEND_ROOT, domid, &vtpm, Duration::ZERO).is_err() {
                     xen.xl_run(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={vtpm}")]).map_err(|e| paused(e.text()))?;
                 }
                 let dev = wait_backend(DOM0_BACKEND_ROOT, domid, &vtpm, BACKEND_WAIT).map_err(|e| paused(format!("its vTPM does not serve its device: {e}")))?;
                 let connected = wait_connected(&dev, Duration::ZERO);
-                if keep_tpm && !connected {
+                if kept && !connected {
                     xs_write(&format!("{dev}/{}", xen_platform::xenbus::RESUME_MARKER), &from_domid.to_string())
                         .map_err(|e| paused(format!("writing the resume marker: {e}")))?;
                 }
@@ -918,7 +924,7 @@ impl Receiver<'_> {
                 })?;
                 let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t.elapsed().as_millis() as u64);
                 self.incoming = None;
-                Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms })
+                Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms, tpm_kept: kept })
             }
             RecvRequest::RecvAdopt { guest, vtpm } => {
                 check_guest(&guest)?;

@@ -402,8 +402,10 @@ impl Xen {
             }
             None => {
                 let (_, restarted) = self.ensure_vtpm_process(admin, uuid, None)?;
-                let pid = self.local.runtime(&uuid).map(|r| r.pid).ok_or_else(|| fail(FAILURE, format!("vTPM {uuid} does not run")))?;
-                (pid, restarted || restarted_before, DOM0_BACKEND_ROOT.to_string(), 0)
+                let rt = self.local.runtime(&uuid).ok_or_else(|| fail(FAILURE, format!("vTPM {uuid} does not run")))?;
+                // Started again from a suspend's saved state (a move to another host cut short
+                // after the suspend), the TPM runs as it was: the connection resumes it.
+                (rt.pid, (restarted || restarted_before) && !rt.resumed, DOM0_BACKEND_ROOT.to_string(), 0)
             }
         };
         let dev = wait_backend(&root, new, &uuid, BACKEND_WAIT).map_err(|e| {

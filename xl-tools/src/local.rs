@@ -86,6 +86,10 @@ pub struct Runtime {
     /// process this record is about, so a later process on a recycled pid is not taken for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<u64>,
+    /// The process started its TPM from a saved volatile state (`vtpm stop --suspend`): the
+    /// TPM runs as it was suspended, PCRs included.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
 }
 
 impl Runtime {
@@ -670,7 +674,8 @@ impl Local {
         };
         let tcp_ports: Vec<(u16, u16)> = serde_json::from_value(ready["tcp_ports"].clone()).unwrap_or_default();
         // The child is not reaped yet, so its pid still names it.
-        let rt = Runtime { uuid, pid, tcp_ports, listen, log, socket, consumer_uid: access.consumer_uid, start_time: xvtpm_fsutil::start_time(pid) };
+        let resumed = ready["resumed"] == true;
+        let rt = Runtime { uuid, pid, tcp_ports, listen, log, socket, consumer_uid: access.consumer_uid, start_time: xvtpm_fsutil::start_time(pid), resumed };
         let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
         xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o600)
             .map_err(|e| CliError::caused(FAILURE, "writing runtime record", e))?;
