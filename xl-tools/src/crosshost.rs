@@ -511,6 +511,12 @@ impl Xen {
                 let _ = crate::transfer::abort(admin, rec.vtpm, c);
             }
             let _ = reg.abort_move(rec.vtpm, Some(offer_id));
+            // The move released the pair here (after the suspend): it runs here again.
+            if let Some(r) = reg.get_by_name(name).map_err(reg_err)?
+                && r.state == State::Stopped
+            {
+                reg.mark_running(r.id, rec.from_domid, 0).map_err(reg_err)?;
+            }
             drop(rx);
             let _ = std::fs::remove_file(&path);
             if self.xl_domid(name) == Some(rec.from_domid) {

@@ -853,9 +853,10 @@ fn arrive_round(cx: &Cx, e: &mut Errs, uuid: &str, ek: &str, pcr: &str, tag: &st
         seen = cx.wait_every(360, Duration::from_millis(2), || !pid_up(pid_before) || !up(&mut src));
     }
     let restoring = std::path::Path::new(&b_save).exists();
+    // (read before the kill: the receiver may destroy its copy within milliseconds of it)
+    let state = xl_state(&incoming);
     let exited = kill_source(&mut src);
     let at = t0.elapsed().as_millis();
-    let state = xl_state(&incoming);
     e.check(
         &format!("{pre}-arrived"),
         seen && exited.is_none() && state.as_deref().is_some_and(|s| s.contains('p')),
@@ -905,12 +906,19 @@ fn arrive_round(cx: &Cx, e: &mut Errs, uuid: &str, ek: &str, pcr: &str, tag: &st
     if !d.is_empty() {
         tpm_checks(cx, e, &pre, n, ek, pcr, "after the --finish restored it on A");
     }
+    // B holds no live copy: none at all, or the copy retired there by an earlier move (its
+    // start refused, naming host-a), never one that runs or starts.
     let lb = vtpm_row(cx, &b, uuid);
-    e.check(
-        &format!("{pre}-b-no-identity"),
-        matches!(lb, Ok(None)),
-        format!("B's xl-vtpm vtpm list names {uuid}: {}", match &lb { Ok(None) => "no".to_string(), Ok(Some(r)) => format!("YES (state {})", jf(r, "state")), Err(w) => w.clone() }),
-    );
+    let (live, why) = match &lb {
+        Ok(None) => (false, "not listed".to_string()),
+        Ok(Some(r)) if jf(r, "state") == "running" => (true, "listed RUNNING".to_string()),
+        Ok(Some(_)) => {
+            let r = on(&b, &["xl-vtpm", "vtpm", "start", uuid]).secs(60).run(cx);
+            (r.ok() || !r.all().contains(A_HOST), format!("listed (a copy retired by an earlier move); its start rc={} (want a refusal naming {A_HOST}): {}", r.rc, r.tail1(2)))
+        }
+        Err(w) => (true, w.clone()),
+    };
+    e.check(&format!("{pre}-b-no-identity"), !live, format!("B's xl-vtpm vtpm list and start for {uuid}: {why}"));
     let left = leftovers(uuid);
     e.check(&format!("{pre}-no-leftover"), left.is_empty(), format!("move record, save files, B's incoming config left: {left:?}"));
     let r1 = t0.elapsed().as_millis();
