@@ -102,9 +102,13 @@ flock -n 9 || { echo "run.sh: another testbed run holds $CACHE/.run.lock; waitin
 export XVTPM_LOCK_OUT=$L
 
 SWTPM_PID=""; QEMU_PID=""
+# Whether pid $1 is still our child $2 (its comm): bash reaps a background child as soon as it
+# ends, so its pid may already name another process (pid_max is 32768 here, and a parallel
+# `cargo test` forks thousands) — a bare `kill $pid` could hit, say, another test's QEMU.
+ours() { [ -n "$1" ] && [ "$(cat /proc/$1/comm 2>/dev/null)" = "$2" ] && grep -q "^PPid:[[:space:]]*$$\$" /proc/$1/status 2>/dev/null; }
 cleanup() {
-  [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null
-  [ -n "$SWTPM_PID" ] && kill "$SWTPM_PID" 2>/dev/null
+  ours "$QEMU_PID" timeout && kill "$QEMU_PID" 2>/dev/null
+  ours "$SWTPM_PID" swtpm && kill "$SWTPM_PID" 2>/dev/null
   true
 }
 trap cleanup EXIT
@@ -226,7 +230,7 @@ swtpm socket --tpm2 --tpmstate dir="$TPMDIR" \
   --flags "${XVTPM_TESTBED_STARTUP:-startup-clear}" \
   --log file="$L/swtpm.log",level=1 > "$L/swtpm.stdout" 2>&1 &
 SWTPM_PID=$!
-for i in $(seq 100); do [ -S "$TPMDIR/swtpm-sock" ] && break; kill -0 $SWTPM_PID 2>/dev/null || break; sleep 0.1; done
+for i in $(seq 100); do [ -S "$TPMDIR/swtpm-sock" ] && break; ours "$SWTPM_PID" swtpm || break; sleep 0.1; done
 [ -S "$TPMDIR/swtpm-sock" ] || fail "swtpm did not create its socket within 10 s"
 
 # ---- 3. QEMU: Xen (multiboot) + dom0 kernel + dom0 initramfs ----
@@ -259,7 +263,7 @@ PROGRESS='^\[ *[0-9.]+\] (MARK|RESULT|CHECK|PERF|INFO) '
 # Xen or dom0 dying (guest consoles are echoed with a "[name] " prefix and do not match)
 CRASH='^\[ *[0-9.]+\] (\(XEN\) .*(Hardware Dom0 crashed|Panic on CPU)|(\[ *[0-9.]+\] )?(Kernel panic|Initramfs unpacking failed))|KVM internal error'
 while :; do
-  if ! kill -0 $QEMU_PID 2>/dev/null; then break; fi
+  if ! ours "$QEMU_PID" timeout; then break; fi
   if [ -z "$done_at" ]; then
     if grep -q 'MARK TESTBED-DONE' "$L/serial.log"; then done_at=$(date +%s)
     elif grep -qE "$CRASH" "$L/serial.log" "$L/qemu.stderr"; then status="crash: $(grep -m1 -hE "$CRASH" "$L/serial.log" "$L/qemu.stderr")"; sleep 3; break
@@ -273,11 +277,11 @@ while :; do
   fi
   sleep 0.5
 done
-if kill -0 $QEMU_PID 2>/dev/null; then kill $QEMU_PID; sleep 1; fi
+if ours "$QEMU_PID" timeout; then kill $QEMU_PID; sleep 1; fi
 wait $QEMU_PID; qrc=$?
 QEMU_PID=""
 T_END=$(date +%s.%N)
-kill $SWTPM_PID 2>/dev/null; wait $SWTPM_PID 2>/dev/null; SWTPM_PID=""
+ours "$SWTPM_PID" swtpm && kill $SWTPM_PID 2>/dev/null; wait $SWTPM_PID 2>/dev/null; SWTPM_PID=""
 sleep 0.2
 grep -E "$PROGRESS" "$L/serial.log" | tail -n +$((last_marks+1)) | sed 's/^/  /'
 # the scenario's log dumps (vtpm.log, guest consoles, vtpmmgr.log) -> $L/dom0/<name>.log
