@@ -174,6 +174,16 @@ impl Remote {
         Ok(Remote { child, link: Some(Admin::over(Box::new(Pipes { r, w }))) })
     }
 
+    /// The receiver on `host` through the transport (`ssh`, default `ssh`), its protocol checked;
+    /// with the destination's registry host name.
+    fn open(ssh: Option<&str>, host: &str, receiver: &str) -> Result<(Remote, String), CliError> {
+        let mut rx = Remote::spawn(ssh.unwrap_or("ssh"), host, receiver)?;
+        match rx.ask(&RecvRequest::RecvHello { protocol: RECEIVE_PROTOCOL })? {
+            RecvReply::RecvHello { protocol, host: there } if protocol == RECEIVE_PROTOCOL => Ok((rx, there)),
+            other => Err(fail(FAILURE, format!("the receiver on {host} answered {other:?}; it must be xl-vtpm migrate-receive of this release"))),
+        }
+    }
+
     fn ask(&mut self, req: &RecvRequest) -> Result<RecvReply, CliError> {
         match self.link().exchange(req)? {
             RecvReply::RecvError { code, message } => Err(fail(code, format!("the destination: {message}"))),
@@ -277,10 +287,7 @@ impl Xen {
         let t0 = Instant::now();
         check_host(host)?;
         let mut reg = self.open_registry()?;
-        let row = reg
-            .get_by_name(name)
-            .map_err(reg_err)?
-            .ok_or_else(|| fail(NOT_FOUND, format!("no guest {name:?} in the registry; see `xl-vtpm list`")))?;
+        let row = self.row_by_name(&reg, name)?;
         if row.state != State::Running {
             return Err(fail(REFUSED, format!("guest {name} is not running (registry state {:?})", row.state)));
         }
@@ -311,11 +318,7 @@ impl Xen {
         // The destination: its receiver, its name, its manager; then the identity's first
         // steps while the guest still runs (the RSA key generation of the offer takes seconds
         // on a discrete TPM).
-        let mut rx = Remote::spawn(ssh.unwrap_or("ssh"), host, receiver)?;
-        let to_host = match rx.ask(&RecvRequest::RecvHello { protocol: RECEIVE_PROTOCOL })? {
-            RecvReply::RecvHello { protocol, host } if protocol == RECEIVE_PROTOCOL => host,
-            other => return Err(fail(FAILURE, format!("the receiver on {host} answered {other:?}; it must be xl-vtpm migrate-receive of this release"))),
-        };
+        let (mut rx, to_host) = Remote::open(ssh, host, receiver)?;
         if to_host == self.host {
             return Err(fail(USAGE, format!("{host} is this host ({to_host} in the registry): move on this host with `xl-vtpm migrate {name} localhost`")));
         }
@@ -478,10 +481,7 @@ impl Xen {
         let t0 = Instant::now();
         check_host(host)?;
         let mut reg = self.open_registry()?;
-        let row = reg
-            .get_by_name(name)
-            .map_err(reg_err)?
-            .ok_or_else(|| fail(NOT_FOUND, format!("no guest {name:?} in the registry; see `xl-vtpm list`")))?;
+        let row = self.row_by_name(&reg, name)?;
         let path = move_record(&self.local.state_dir, &row.vtpm_uuid);
         let rec: MoveRecord = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| CliError::caused(FAILURE, path.display().to_string(), e))?,
@@ -493,10 +493,9 @@ impl Xen {
         if rec.guest != name || rec.host != host {
             return Err(fail(USAGE, format!("the move cut short here took guest {} to {}: finish it with `xl-vtpm migrate {} {} --finish`", rec.guest, rec.host, rec.guest, rec.host)));
         }
-        let mut rx = Remote::spawn(ssh.unwrap_or("ssh"), host, receiver)?;
-        match rx.ask(&RecvRequest::RecvHello { protocol: RECEIVE_PROTOCOL })? {
-            RecvReply::RecvHello { host: h, .. } if h == rec.to_host => {}
-            other => return Err(fail(FAILURE, format!("the receiver on {host} answered {other:?}, not the host {} the move went to", rec.to_host))),
+        let (mut rx, there) = Remote::open(ssh, host, receiver)?;
+        if there != rec.to_host {
+            return Err(fail(FAILURE, format!("the receiver on {host} is registry host {there}, not the host {} the move went to", rec.to_host)));
         }
         let arrived = match rx.ask(&RecvRequest::RecvAdopt { guest: name.into(), vtpm: rec.vtpm })? {
             RecvReply::RecvAdopted { domid } => domid,

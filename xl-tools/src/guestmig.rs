@@ -250,10 +250,7 @@ impl Xen {
             }
         }
         let reg = &mut self.open_registry()?;
-        let row = reg
-            .get_by_name(name)
-            .map_err(reg_err)?
-            .ok_or_else(|| fail(crate::exit::NOT_FOUND, format!("no guest {name:?} in the registry; see `xl-vtpm list`")))?;
+        let row = self.row_by_name(reg, name)?;
         if row.state != State::Running {
             return Err(fail(REFUSED, format!("guest {name} is not running (registry state {:?})", row.state)));
         }

@@ -661,7 +661,8 @@ impl Xen {
         }
     }
 
-    fn row_by_name(&self, reg: &Registry, name: &str) -> Result<Row, CliError> {
+    /// The registry's pair of guest `name`, or the refusal naming `xl-vtpm list`.
+    pub(crate) fn row_by_name(&self, reg: &Registry, name: &str) -> Result<Row, CliError> {
         reg.get_by_name(name)
             .map_err(reg_err)?
             .ok_or_else(|| fail(NOT_FOUND, format!("no guest {name:?} in the registry; see `xl-vtpm list`")))
