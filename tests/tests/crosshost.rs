@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::process::{Child, Stdio};
 
 use uuid::Uuid;
-use vtpm_proto::mgr::{AdminReply, AdminRequest, ErrorCode, MAX_FRAME};
+use vtpm_proto::mgr::{AdminReply, AdminRequest, ErrorCode, MAX_FRAME, Refusal};
 use vtpm_proto::mgr_io;
 use xl_tools::crosshost::{RECEIVE_PROTOCOL, RecvReply, RecvRequest};
 use xvtpm_tests::{Options, Stack};
@@ -248,7 +248,10 @@ fn the_identity_step_completes_from_where_a_move_stopped() {
                 reg.mark_stopped(id).unwrap();
                 reg.begin_move(v.uuid, "host-b", offer.offer_id).unwrap();
                 let pkg = xl_tools::transfer::export(&mut src, &local, v.uuid, offer.clone(), &checks.roots, &checks.policy, "host-b".into()).unwrap();
-                xl_tools::transfer::import(&mut dst, pkg).unwrap();
+                xl_tools::transfer::import(&mut dst, pkg.clone()).unwrap();
+                // What the finish reads from the destination's refusal: its class, not its prose.
+                let again = xl_tools::transfer::import(&mut dst, pkg).unwrap_err();
+                assert_eq!(again.refusal(), Some(Refusal::AlreadyImported), "{}", again.text());
             }
             _ => {
                 xl_tools::crosshost::move_identity(&mut src, &local, &mut dst, &mut reg, &guest, "host-b", v.uuid, offer.clone(), &checks).unwrap();
@@ -265,6 +268,16 @@ fn the_identity_step_completes_from_where_a_move_stopped() {
         let w = Stack::handle(&b.xl_json(&["vtpm", "start", &v.uuid.to_string(), "--listen", "tcp:127.0.0.1:0"]));
         xvtpm_tests::tpm2(&w.tcti(), &["tpm2_getrandom", "8"]);
         b.stop_vtpm(&v.uuid);
+        if stop_after == "done" {
+            // A commit whose removal of the state file here was lost: the source's manager
+            // refuses the export as retired, and the finish goes on to the registry.
+            std::fs::write(local.state_file(&v.uuid), b"left behind").unwrap();
+            let e = xl_tools::transfer::export(&mut src, &local, v.uuid, offer.clone(), &checks.roots, &checks.policy, "host-b".into()).unwrap_err();
+            assert_eq!(e.refusal(), Some(Refusal::Retired), "{}", e.text());
+            xl_tools::crosshost::move_identity(&mut src, &local, &mut dst, &mut reg, &guest, "host-b", v.uuid, offer.clone(), &checks)
+                .unwrap_or_else(|e| panic!("finish after a lost removal: {}", e.text()));
+            assert_eq!(reg.get_by_name(&guest).unwrap().unwrap().host, "host-b");
+        }
     }
 }
 

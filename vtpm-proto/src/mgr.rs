@@ -115,6 +115,24 @@ pub enum ErrorCode {
     StaleState,
 }
 
+/// Which state of a vTPM's transfer a refusal reports, for a client that carries a move on from
+/// where it stopped (`xl-vtpm migrate … --finish`) instead of reading the prose. A finer class
+/// than [`ErrorCode`], present only on these refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    /// The vTPM is being exported: it runs nowhere until the transfer is committed or aborted.
+    Exporting,
+    /// The vTPM is not being transferred from here: no export was made (or it ended).
+    NotExported,
+    /// This copy of the vTPM was transferred to another host and is retired here.
+    Retired,
+    /// This package was imported here already; its receipt can be asked for again.
+    AlreadyImported,
+    /// The offer answers a challenge older than its lifetime: a new challenge is needed.
+    ChallengeExpired,
+}
+
 /// An error answer: a class and a sentence that names the fix.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
@@ -123,12 +141,27 @@ pub struct Failure {
     pub code: ErrorCode,
     /// Human-readable explanation naming the field and the fix.
     pub message: String,
+    /// The transfer state a refusal reports, if it is one of [`Refusal`]'s (absent on the wire
+    /// otherwise; a value this release does not know reads as absent).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "known_refusal")]
+    pub refusal: Option<Refusal>,
+}
+
+/// A refusal class from a newer peer is no reason to drop its answer: it reads as none.
+fn known_refusal<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Refusal>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(v.and_then(|v| serde_json::from_value(v).ok()))
 }
 
 impl Failure {
     /// Builds a failure.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Failure { code, message: message.into() }
+        Failure { code, message: message.into(), refusal: None }
+    }
+
+    /// A refusal of class `code` that reports transfer state `why`.
+    pub fn transfer(code: ErrorCode, why: Refusal, message: impl Into<String>) -> Self {
+        Failure { code, message: message.into(), refusal: Some(why) }
     }
 }
 
@@ -797,6 +830,22 @@ mod tests {
         assert!(String::from_utf8(encode(&f).unwrap()[4..].to_vec()).unwrap().contains(r#""code":"stale-state""#));
         let admin = AdminRequest::VtpmAcceptState { uuid: Uuid::nil() };
         assert_eq!(String::from_utf8(encode(&admin).unwrap()[4..].to_vec()).unwrap(), r#"{"op":"vtpm-accept-state","uuid":"00000000-0000-0000-0000-000000000000"}"#);
+    }
+
+    #[test]
+    fn a_refusal_class_is_optional_on_the_wire() {
+        // Without one the answer is what an older peer sends and reads.
+        let plain = serde_json::to_value(Failure::new(ErrorCode::Refused, "no")).unwrap();
+        assert_eq!(plain, serde_json::json!({"code": "refused", "message": "no"}));
+        let f: Failure = serde_json::from_value(plain).unwrap();
+        assert_eq!(f.refusal, None);
+        let t = Failure::transfer(ErrorCode::Exists, Refusal::AlreadyImported, "again");
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["refusal"], "already-imported");
+        assert_eq!(serde_json::from_value::<Failure>(v).unwrap(), t);
+        // A class a newer peer knows and this release does not: the answer still reads.
+        let newer: Failure = serde_json::from_value(serde_json::json!({"code": "refused", "message": "m", "refusal": "moved-to-the-moon"})).unwrap();
+        assert_eq!((newer.code, newer.refusal), (ErrorCode::Refused, None));
     }
 
     #[test]

@@ -309,7 +309,7 @@ impl Manager {
             return Err(Failure::new(ErrorCode::NotFound, format!("vTPM {vtpm} does not exist")));
         };
         if let Some(why) = self.transfer_refusal(&vtpm) {
-            return Err(Failure::new(ErrorCode::Refused, why));
+            return Err(why);
         }
         match *peer {
             Peer::Process { pid, start, .. } => {
@@ -727,7 +727,7 @@ impl Manager {
             AdminRequest::VtpmAttach { uuid, pid } => {
                 self.identity(&uuid).ok_or_else(|| not_found(&uuid))?;
                 if let Some(why) = self.transfer_refusal(&uuid) {
-                    return Err(fail(ErrorCode::Refused, why));
+                    return Err(AdminReply::Error(why));
                 }
                 // The instance is named now, while the caller (the vTPM's parent) keeps the
                 // child unreaped, so the pid cannot have been reused yet.
@@ -739,7 +739,7 @@ impl Manager {
             AdminRequest::VtpmAttachRelayed { uuid, pid, start } => {
                 self.identity(&uuid).ok_or_else(|| not_found(&uuid))?;
                 if let Some(why) = self.transfer_refusal(&uuid) {
-                    return Err(fail(ErrorCode::Refused, why));
+                    return Err(AdminReply::Error(why));
                 }
                 // The bridge is the authority on dom0's processes: it refuses a second live
                 // process itself, so an older relayed attachment here is one whose exit did not
@@ -760,7 +760,7 @@ impl Manager {
             AdminRequest::VtpmAttachDomain { uuid, domid } => {
                 self.store.vtpm(&uuid).ok_or_else(|| not_found(&uuid))?;
                 if let Some(why) = self.transfer_refusal(&uuid) {
-                    return Err(fail(ErrorCode::Refused, why));
+                    return Err(AdminReply::Error(why));
                 }
                 // DOMID_FIRST_RESERVED (0x7FF0) and above are never real domains; dom0 is
                 // the manager's own domain, never a vTPM domain.

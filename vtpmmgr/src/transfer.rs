@@ -33,7 +33,7 @@ use tss_esapi::{
     traits::Marshall,
 };
 use uuid::Uuid;
-use vtpm_proto::mgr::{AdminReply, AdminRequest, ErrorCode, Failure, SecretBytes};
+use vtpm_proto::mgr::{AdminReply, AdminRequest, ErrorCode, Failure, Refusal, SecretBytes};
 
 use vtpm_proto::transfer::{self as tp, Challenge, Offer, Package, Payload, Receipt, ReceiptKind, TransferError, TRANSFER_VERSION};
 use zeroize::Zeroizing;
@@ -232,19 +232,20 @@ impl Manager {
         self.store.transfers.iter().find(|t| t.uuid == *uuid)
     }
 
-    /// Why vTPM `uuid` may not run here (it is being exported, or was moved away), if so.
-    pub(super) fn transfer_refusal(&self, uuid: &Uuid) -> Option<String> {
+    /// Why vTPM `uuid` may not run here (it is being exported, or was moved away), if so: a
+    /// refusal of class [`ErrorCode::Refused`] that names the transfer state.
+    pub(super) fn transfer_refusal(&self, uuid: &Uuid) -> Option<Failure> {
         let o = self.transfer_record(uuid)?.outgoing.as_ref()?;
         let to = if o.destination.is_empty() { String::new() } else { format!("{} ", o.destination) };
         Some(match o.state {
-            OutgoingState::Exporting => format!(
+            OutgoingState::Exporting => Failure::transfer(ErrorCode::Refused, Refusal::Exporting, format!(
                 "vTPM {uuid} is being transferred to {to}(host {}, offer {}): it does not run here until the transfer is committed (`xl-vtpm vtpm transfer-commit`) or aborted on the destination's cancellation (`xl-vtpm vtpm transfer-abort`)",
                 o.dest_host, o.offer_id
-            ),
-            OutgoingState::Retired => format!(
+            )),
+            OutgoingState::Retired => Failure::transfer(ErrorCode::Refused, Refusal::Retired, format!(
                 "vTPM {uuid} was transferred to {to}(host {}) at transfer generation {}; this copy is retired — start it on that host",
                 o.dest_host, o.generation
-            ),
+            )),
         })
     }
 
@@ -327,7 +328,7 @@ impl Manager {
     fn runnable_here(&self, uuid: &Uuid) -> Result<VtpmEntry, AdminReply> {
         let entry = self.store.vtpm(uuid).cloned().ok_or_else(|| not_found(uuid))?;
         if let Some(why) = self.transfer_refusal(uuid) {
-            return Err(refused(why));
+            return Err(AdminReply::Error(why));
         }
         Ok(entry)
     }
@@ -430,7 +431,11 @@ impl Manager {
         let issued = id.get(..8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0);
         let t = now();
         if id.len() != 32 || issued > t + 60 || t.saturating_sub(issued) > tp::CHALLENGE_LIFETIME {
-            return Err(refused(format!("transfer refused: the offer answers a challenge that is not from the last {} s; start again with a new challenge", tp::CHALLENGE_LIFETIME)));
+            return Err(AdminReply::Error(Failure::transfer(
+                ErrorCode::Refused,
+                Refusal::ChallengeExpired,
+                format!("transfer refused: the offer answers a challenge that is not from the last {} s; start again with a new challenge", tp::CHALLENGE_LIFETIME),
+            )));
         }
         let (_, host_id) = self.ek_chain(&o.ek_cert, &o.ek_intermediates, roots)?;
         if host_id != o.host_id {
@@ -470,7 +475,7 @@ impl Manager {
         let export_id = match &rec.outgoing {
             None => Uuid::new_v4(),
             Some(o) if o.state == OutgoingState::Exporting && o.offer_id == offer.offer_id => o.export_id,
-            Some(_) => return Err(refused(self.transfer_refusal(&uuid).unwrap_or_default())),
+            Some(_) => return Err(self.transfer_refusal(&uuid).map_or_else(|| refused(""), AdminReply::Error)),
         };
         if let Some(a) = self.attachment(&uuid) {
             return Err(refused(format!("vTPM {uuid} is running (process {}); stop it first (`xl-vtpm vtpm stop {uuid}`) — after a QEMU migration, once the source QEMU has stopped", a.pid)));
@@ -557,10 +562,11 @@ impl Manager {
         let retired_here = rec.as_ref().and_then(|r| r.outgoing.as_ref()).is_some_and(|o| o.state == OutgoingState::Retired);
         if self.store.vtpm(&uuid).is_some() && !retired_here {
             if rec.as_ref().and_then(|r| r.import.as_ref()).is_some_and(|i| i.export_id == pkg.export_id) {
-                return Err(fail(
+                return Err(AdminReply::Error(Failure::transfer(
                     ErrorCode::Exists,
+                    Refusal::AlreadyImported,
                     format!("import refused: vTPM {uuid} was already imported from this package; its receipt: `xl-vtpm vtpm transfer-receipt {uuid}`"),
-                ));
+                )));
             }
             return Err(fail(ErrorCode::Exists, format!("import refused: vTPM {uuid} exists on this manager already")));
         }
@@ -699,7 +705,7 @@ impl Manager {
         let rec = self.transfer_record(uuid).cloned();
         match rec.as_ref().and_then(|r| r.outgoing.clone()) {
             Some(o) => Ok((rec.expect("has outgoing"), o)),
-            None => Err(fail(ErrorCode::NotFound, format!("vTPM {uuid} is not being transferred"))),
+            None => Err(AdminReply::Error(Failure::transfer(ErrorCode::NotFound, Refusal::NotExported, format!("vTPM {uuid} is not being transferred")))),
         }
     }
 

@@ -100,7 +100,7 @@ impl Admin {
             _ => CliError::caused(NO_MANAGER, "admin socket", e),
         })?;
         match reply {
-            AdminReply::Error(f) => Err(CliError::from_manager(f.code, f.message)),
+            AdminReply::Error(f) => Err(CliError::from_manager(f)),
             other => Ok(other),
         }
     }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use vtpm_proto::mgr::{AdminReply, AdminRequest, Failure};
+use vtpm_proto::mgr::{AdminReply, AdminRequest, Failure, Refusal};
 
 use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, NO_MANAGER, NOT_FOUND, REFUSED, USAGE};
@@ -591,11 +591,11 @@ pub fn move_identity(
         match crate::transfer::export(src, local, uuid, offer.clone(), &checks.roots, &checks.policy, to_host.to_string()) {
             Ok(pkg) => match crate::transfer::import(dst, pkg) {
                 Ok(r) => break Some(r),
-                Err(e) if e.text().contains("already imported") => break Some(crate::transfer::receipt(dst, uuid)?),
+                Err(e) if e.refusal() == Some(Refusal::AlreadyImported) => break Some(crate::transfer::receipt(dst, uuid)?),
                 Err(e) => return Err(e),
             },
-            Err(e) if e.text().contains("was transferred to") => break None,
-            Err(e) if e.text().contains("not from the last") && !renewed => {
+            Err(e) if e.refusal() == Some(Refusal::Retired) => break None,
+            Err(e) if e.refusal() == Some(Refusal::ChallengeExpired) && !renewed => {
                 renewed = true;
                 let cancelled = crate::transfer::cancel(dst, offer.offer_id)?;
                 let _ = crate::transfer::abort(src, uuid, cancelled);
@@ -694,7 +694,7 @@ fn error_reply(code: i32, message: String) -> AdminReply {
         USAGE => ErrorCode::BadRequest,
         _ => ErrorCode::Internal,
     };
-    AdminReply::Error(Failure { code, message })
+    AdminReply::Error(Failure::new(code, message))
 }
 
 /// A guest announced by `RecvIncoming` and not yet resumed.

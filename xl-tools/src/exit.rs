@@ -1,6 +1,6 @@
 //! Exit codes of `xl-vtpm` (documented in `xl-vtpm --help` and README.md).
 
-use vtpm_proto::mgr::ErrorCode;
+use vtpm_proto::mgr::{ErrorCode, Failure, Refusal};
 
 /// Success.
 pub const OK: i32 = 0;
@@ -38,17 +38,19 @@ pub struct CliError {
     source: Option<Cause>,
     /// What to do about it, printed once after the causes.
     fix: Option<String>,
+    /// The transfer state a manager's refusal reported (what a move carries on from).
+    refusal: Option<Refusal>,
 }
 
 impl CliError {
     /// Builds an error.
     pub fn new(code: i32, message: impl Into<String>) -> Self {
-        CliError { code, message: message.into(), source: None, fix: None }
+        CliError { code, message: message.into(), source: None, fix: None, refusal: None }
     }
 
     /// Builds an error `message` caused by `cause` (a typed error, or a text where no type exists).
     pub fn caused(code: i32, message: impl Into<String>, cause: impl Into<Cause>) -> Self {
-        CliError { code, message: message.into(), source: Some(cause.into()), fix: None }
+        CliError { code, message: message.into(), source: Some(cause.into()), fix: None, refusal: None }
     }
 
     /// Names the fix, printed after the causes.
@@ -78,8 +80,14 @@ impl CliError {
         t
     }
 
-    /// Maps a manager error class to an exit code.
-    pub fn from_manager(code: ErrorCode, message: String) -> Self {
+    /// The transfer state a manager's refusal reported, if it did.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusal
+    }
+
+    /// A manager's error answer: its class mapped to an exit code, its transfer state kept.
+    pub fn from_manager(f: Failure) -> Self {
+        let Failure { code, message, refusal } = f;
         let c = match code {
             ErrorCode::NotProvisioned => NOT_PROVISIONED,
             ErrorCode::NotFound => NOT_FOUND,
@@ -87,7 +95,7 @@ impl CliError {
             ErrorCode::BadRequest => USAGE,
             _ => FAILURE,
         };
-        CliError::new(c, message)
+        CliError { refusal, ..CliError::new(c, message) }
     }
 }
 

@@ -553,7 +553,7 @@ pub fn run(cmd: TransferCmd, admin: &mut Admin, local: &Local, xen: &Xen) -> Res
             };
             // A vTPM the source never marked exporting (its export was never made): the
             // registry's move, if one was begun, ends all the same.
-            let never_exported = matches!(&done, Err(e) if e.code == crate::exit::NOT_FOUND && e.message().contains("is not being transferred"));
+            let never_exported = matches!(&done, Err(e) if e.refusal() == Some(vtpm_proto::mgr::Refusal::NotExported));
             if !never_exported {
                 done?;
             }
