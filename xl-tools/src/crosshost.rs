@@ -271,6 +271,40 @@ struct Completed {
     offer_id: Uuid,
 }
 
+/// How the guest left this host: `xl migrate`'s time, or `xl save`'s and the receiver's
+/// `xl restore`'s (all 0 for a `--finish`, which did neither).
+#[derive(Default)]
+struct Left {
+    xl_ms: u64,
+    save_ms: u64,
+    restore_ms: u64,
+    saved_bytes: u64,
+}
+
+impl Completed {
+    /// The report of move `rec`, completed.
+    fn report(&self, rec: &MoveRecord, left: &Left, prepare_ms: u64, t0: Instant) -> (GuestMigrated, CrossHost) {
+        let moved = GuestMigrated {
+            guest_name: rec.guest.clone(),
+            from_domid: rec.from_domid,
+            to_domid: self.domid,
+            vtpm_uuid: rec.vtpm,
+            vtpm_pid: self.pid,
+            vtpm_restarted: !self.tpm_kept,
+            xl_migrate_ms: left.xl_ms,
+            non_live: rec.non_live,
+            xl_save_ms: left.save_ms,
+            xl_restore_ms: left.restore_ms,
+            reconnect_ms: self.reconnect_ms,
+            total_ms: t0.elapsed().as_millis() as u64,
+            hvm: false,
+            source_device_model_ended_ms: None,
+            vtpm_domain: None,
+        };
+        (moved, CrossHost { to_host: rec.to_host.clone(), offer_id: self.offer_id, prepare_ms, transfer_ms: self.transfer_ms, tpm_kept: self.tpm_kept, saved_bytes: left.saved_bytes })
+    }
+}
+
 impl Xen {
     /// `xl-vtpm migrate NAME HOST` for a HOST that is not this one.
     #[allow(clippy::too_many_arguments)]
@@ -349,17 +383,17 @@ impl Xen {
         };
 
         // The guest leaves.
-        let (mut xl_ms, mut save_ms, mut restore_ms, mut saved_bytes) = (0, 0, 0, 0);
+        let mut left = Left::default();
         let file = save_file(&self.local.state_dir, &uuid);
         if non_live {
-            save_ms = match self.save_guest(name, old, &file) {
+            left.save_ms = match self.save_guest(name, old, &file) {
                 Ok(ms) => ms,
                 Err(e) => return Err(abandon(&mut rx, e)),
             };
             match send_saved(&mut rx, name, uuid, &file) {
                 Ok((_, ms, n)) => {
-                    restore_ms = ms;
-                    saved_bytes = n;
+                    left.restore_ms = ms;
+                    left.saved_bytes = n;
                 }
                 Err(e) => {
                     // The guest is only in FILE, its vTPM untouched here: restore it here (a
@@ -389,7 +423,7 @@ impl Xen {
                 Ok(o) => o,
                 Err(e) => return Err(abandon(&mut rx, e)),
             };
-            xl_ms = t.elapsed().as_millis() as u64;
+            left.xl_ms = t.elapsed().as_millis() as u64;
             // (The guest's name may exist again at once when HOST is this very Xen, as in the
             // testbed; the source domain is what must be gone.)
             if self.xl_domid(name) == Some(old) {
@@ -406,27 +440,9 @@ impl Xen {
         }
 
         // The guest has left: its vTPM here has answered its last command.
-        let done = self.complete_move(admin, &mut rx, &mut reg, rec, checks)?;
+        let done = self.complete_move(admin, &mut rx, &mut reg, rec.clone(), checks)?;
         let _ = std::fs::remove_file(&cfg_path);
-        let (new, pid, reconnect_ms, transfer_ms, tpm_kept, offer_id) = (done.domid, done.pid, done.reconnect_ms, done.transfer_ms, done.tpm_kept, done.offer_id);
-        let moved = GuestMigrated {
-            guest_name: name.into(),
-            from_domid: old,
-            to_domid: new,
-            vtpm_uuid: uuid,
-            vtpm_pid: pid,
-            vtpm_restarted: !tpm_kept,
-            xl_migrate_ms: xl_ms,
-            non_live,
-            xl_save_ms: save_ms,
-            xl_restore_ms: restore_ms,
-            reconnect_ms,
-            total_ms: t0.elapsed().as_millis() as u64,
-            hvm: false,
-            source_device_model_ended_ms: None,
-            vtpm_domain: None,
-        };
-        Ok((moved, CrossHost { to_host, offer_id, prepare_ms, transfer_ms, tpm_kept, saved_bytes }))
+        Ok(done.report(&rec, &left, prepare_ms, t0))
     }
 }
 
@@ -532,24 +548,7 @@ impl Xen {
         };
         let done = self.complete_move(admin, &mut rx, &mut reg, rec.clone(), checks)?;
         let _ = std::fs::remove_file(self.local.run_dir.join("guests").join(format!("{name}.cfg")));
-        let moved = GuestMigrated {
-            guest_name: name.into(),
-            from_domid: rec.from_domid,
-            to_domid: done.domid,
-            vtpm_uuid: rec.vtpm,
-            vtpm_pid: done.pid,
-            vtpm_restarted: !done.tpm_kept,
-            xl_migrate_ms: 0,
-            non_live: rec.non_live,
-            xl_save_ms: 0,
-            xl_restore_ms: 0,
-            reconnect_ms: done.reconnect_ms,
-            total_ms: t0.elapsed().as_millis() as u64,
-            hvm: false,
-            source_device_model_ended_ms: None,
-            vtpm_domain: None,
-        };
-        Ok((moved, CrossHost { to_host: rec.to_host, offer_id: done.offer_id, prepare_ms: 0, transfer_ms: done.transfer_ms, tpm_kept: done.tpm_kept, saved_bytes: 0 }))
+        Ok(done.report(&rec, &Left::default(), 0, t0))
     }
 }
 
