@@ -116,8 +116,8 @@ fn the_receiver_relays_only_a_destinations_requests_and_refuses_unknown_guests()
     // A guest is checked before anything is written: its name, this host's registry.
     let vtpm = Uuid::new_v4();
     let config = "name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid=".to_string() + &vtpm.to_string() + "\" ]\n";
-    refused(rx.recv(RecvRequest::RecvIncoming { guest: "../g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3 }), 2, "is not a guest name");
-    refused(rx.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3 }), 6, "this host's registry has no guest g1");
+    refused(rx.recv(RecvRequest::RecvIncoming { guest: "../g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3, hvm: None }), 2, "is not a guest name");
+    refused(rx.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3, hvm: None }), 6, "this host's registry has no guest g1");
     assert!(!b.run_dir().join("guests").join("g1.cfg").exists(), "nothing written for a refused guest");
     // Steps of a move that was never announced.
     refused(rx.recv(RecvRequest::RecvRestore { guest: "g1".into(), vtpm, size: 1 << 20 }), 2, "was announced");
@@ -164,9 +164,9 @@ fn a_saved_guest_streams_to_the_receiver_and_a_failed_move_leaves_nothing() {
     }
     let mut rx = Receiver::start_with(&b, &[("XVTPM_XL", "/nonexistent/xl")]);
     let config = format!("name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid={vtpm}\" ]\n");
-    let incoming = |source_boot: &str| RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: source_boot.into(), from_domid: 3 };
+    let incoming = |source_boot: &str| RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: source_boot.into(), from_domid: 3, hvm: None };
     // Another guest's config is refused.
-    let other = RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.replace("\"g1\"", "\"g2\""), source_boot: String::new(), from_domid: 3 };
+    let other = RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.replace("\"g1\"", "\"g2\""), source_boot: String::new(), from_domid: 3, hvm: None };
     refused(rx.recv(other), 2, "names another guest");
     assert!(matches!(rx.recv(incoming("")), RecvReply::RecvOk));
     let guests = b.run_dir().join("guests");
@@ -202,6 +202,53 @@ fn a_saved_guest_streams_to_the_receiver_and_a_failed_move_leaves_nothing() {
     refused(vtpm_proto::mgr::decode(&frame).unwrap(), 1, "after 100000 of 4194304 bytes");
     assert!(!save.exists(), "the partial file is removed");
     for f in ["g1.cfg", "g1.incoming.cfg"] {
+        assert!(!guests.join(f).exists(), "{f} left behind");
+    }
+}
+
+/// An HVM guest (its device model emulates the TPM): the receiver gives the device model its
+/// own socket of the vTPM and the guest's ACPI tables, keeps the saved guest without restoring it
+/// (the device model would load the TPM's state before the vTPM's identity is here), and
+/// removes it when the move ends before the identity arrived.
+#[test]
+fn an_hvm_guest_is_staged_until_its_vtpm_is_here() {
+    let b = Stack::start_with(Options::default());
+    let vtpm = Uuid::new_v4();
+    {
+        let mut reg = xl_tools::registry::Registry::connect(&xl_tools::registry::Location::Sqlite(b.state_dir().join("registry.sqlite")), "host-b").unwrap();
+        reg.begin_create(&xl_tools::registry::NewPair { guest_uuid: Uuid::new_v4(), guest_name: "h1".into(), vtpm_uuid: vtpm, vtpm_domain: "vtpm-h1".into(), group: None })
+            .unwrap();
+    }
+    let mut rx = Receiver::start_with(&b, &[("XVTPM_XL", "/nonexistent/xl")]);
+    let config = "name = \"h1\"\ntype = \"hvm\"\nmemory = 256\ndevice_model_args_hvm = [ \"-no-hpet\" ]\n".to_string();
+    let tables = hex::encode(b"TPM2 tables of the source");
+    let hvm = |model: &str| Some(xl_tools::crosshost::HvmTpm { model: model.into(), acpi: Some(tables.clone()) });
+    let incoming = |config: &str, model: &str| RecvRequest::RecvIncoming { guest: "h1".into(), vtpm, config: config.into(), source_boot: String::new(), from_domid: 3, hvm: hvm(model) };
+    refused(rx.recv(incoming(&config, "tpm-9000")), 2, "does not know");
+    refused(rx.recv(incoming(&config.replace("\"hvm\"", "\"pvh\""), "crb")), 6, "cannot have its TPM here");
+    assert!(matches!(rx.recv(incoming(&config, "crb")), RecvReply::RecvOk));
+    let guests = b.run_dir().join("guests");
+    let ctrl = b.run_dir().join("vtpms").join(vtpm.to_string()).join("tpm.sock.ctrl");
+    for (f, name) in [("h1.cfg", "\"h1\""), ("h1.incoming.cfg", "\"h1--incoming\"")] {
+        let c = std::fs::read_to_string(guests.join(f)).unwrap();
+        assert!(c.contains(&format!("path={}", ctrl.display())) && c.contains("tpm-crb,tpmdev=xvtpm-tpm") && c.contains("-no-hpet"), "{f}: {c}");
+        assert!(c.contains(&format!("acpi_firmware = \"{}\"", guests.join("h1.acpi").display())) && c.contains(name), "{f}: {c}");
+    }
+    assert_eq!(std::fs::read(guests.join("h1.acpi")).unwrap(), b"TPM2 tables of the source");
+    // The saved guest is kept, not restored (xl is not even run).
+    let save = b.state_dir().join("migrate-save").join(format!("{vtpm}.xlsave"));
+    let size = 1 << 20;
+    assert!(matches!(rx.recv(RecvRequest::RecvRestore { guest: "h1".into(), vtpm, size }), RecvReply::RecvOk));
+    let w = rx.child.stdin.as_mut().unwrap();
+    w.write_all(&vec![0x5a; size as usize]).unwrap();
+    w.flush().unwrap();
+    assert!(matches!(rx.answer::<RecvReply>(), RecvReply::RecvStaged));
+    assert_eq!(std::fs::metadata(&save).unwrap().len(), size);
+    // The move ends before the identity arrived: the source keeps the guest; nothing stays here.
+    let (status, _, err) = rx.finish();
+    assert!(status.success(), "{status}: {err}");
+    assert!(!save.exists(), "the staged guest is removed");
+    for f in ["h1.cfg", "h1.incoming.cfg", "h1.acpi"] {
         assert!(!guests.join(f).exists(), "{f} left behind");
     }
 }
@@ -294,7 +341,7 @@ fn a_second_receiver_of_a_guest_waits_for_the_first() {
     let env = [("XVTPM_XL", "/nonexistent/xl")];
     let mut first = Receiver::start_with(&b, &env);
     let config = format!("name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid={vtpm}\" ]\n");
-    assert!(matches!(first.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config, source_boot: String::new(), from_domid: 3 }), RecvReply::RecvOk));
+    assert!(matches!(first.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config, source_boot: String::new(), from_domid: 3, hvm: None }), RecvReply::RecvOk));
     let mut second = Receiver::start_with(&b, &env);
     second.send(&RecvRequest::RecvAdopt { guest: "g1".into(), vtpm });
     let waiter = std::thread::spawn(move || {
@@ -307,7 +354,7 @@ fn a_second_receiver_of_a_guest_waits_for_the_first() {
     assert!(status.success(), "{err}");
     let (answered, reply, second) = waiter.join().unwrap();
     assert!(answered > ended, "the second receiver answered while the first still served the guest");
-    assert!(matches!(reply, RecvReply::RecvAdopted { domid: None }), "{reply:?}");
+    assert!(matches!(reply, RecvReply::RecvAdopted { domid: None, staged: false }), "{reply:?}");
     assert!(!b.run_dir().join("guests").join("g1.cfg").exists(), "the first receiver cleaned up before the second looked");
     let (status, _, err) = second.finish();
     assert!(status.success(), "{err}");

@@ -40,7 +40,7 @@ use crate::registry::State;
 use crate::xenlife::{DOM0_BACKEND_ROOT, INCOMING, Xen, move_record, reg_err, save_file};
 
 /// The receiver protocol's version; `migrate-receive` refuses another.
-pub const RECEIVE_PROTOCOL: u32 = 1;
+pub const RECEIVE_PROTOCOL: u32 = 2;
 /// The largest saved guest a receiver accepts (the disk's free space is checked too).
 pub const MAX_SAVE: u64 = 1 << 40;
 /// How long the suspended vTPM process may take to save its state and end.
@@ -58,10 +58,15 @@ pub enum RecvRequest {
     /// `source_boot`: the source dom0's boot id; equal to the receiver's, the two ends share
     /// one Xen (two managers on one host, as the testbed runs them) and the guest's domain there
     /// is the source's own, `from_domid`, which the move takes away.
-    RecvIncoming { guest: String, vtpm: Uuid, config: String, source_boot: String, from_domid: u32 },
-    /// `--non-live`: `size` bytes of `xl save` output follow the `RecvOk`; then `xl restore -p`.
+    /// `hvm`: an HVM guest whose device model emulates its TPM; `config` has no TPM then (the
+    /// receiver gives the device model its own vTPM socket).
+    RecvIncoming { guest: String, vtpm: Uuid, config: String, source_boot: String, from_domid: u32, hvm: Option<HvmTpm> },
+    /// `--non-live`: `size` bytes of `xl save` output follow the `RecvOk`; then `xl restore -p`
+    /// (answered `RecvRestored`) — for an HVM guest only once its vTPM runs there (the device
+    /// model loads the TPM's state as it starts): the file is kept (answered `RecvStaged`).
     RecvRestore { guest: String, vtpm: Uuid, size: u64 },
-    /// The vTPM's identity is there: start it, attach it to the guest's domain, resume the guest.
+    /// The vTPM's identity is there: start it, attach it to the guest's domain (HVM: restore
+    /// the staged guest, its device model on the vTPM), resume the guest.
     RecvResume { guest: String, vtpm: Uuid, from_domid: u32, keep_tpm: bool },
     /// The move ended before the guest left: forget what `RecvIncoming` wrote.
     RecvAbandon { guest: String, vtpm: Uuid },
@@ -84,12 +89,24 @@ pub enum RecvReply {
     RecvHello { protocol: u32, host: String },
     RecvOk,
     RecvRestored { domid: u32, restore_ms: u64 },
+    /// HVM: the saved guest is there, kept until the resume.
+    RecvStaged,
     /// `tpm_kept`: the vTPM there started from the state the suspend saved (the resume
-    /// marker was written: the guest's TPM runs as it was).
-    RecvResumed { domid: u32, vtpm_pid: u32, reconnect_ms: Option<u64>, tpm_kept: bool },
-    /// The guest's domain there, if it arrived.
-    RecvAdopted { domid: Option<u32> },
+    /// marker was written: the guest's TPM runs as it was), or (HVM) the device model loaded
+    /// the TPM's state from the saved guest. `restore_ms`: HVM, the `xl restore` of the resume.
+    RecvResumed { domid: u32, vtpm_pid: u32, reconnect_ms: Option<u64>, tpm_kept: bool, restore_ms: u64 },
+    /// The guest's domain there, if it arrived; `staged`: its saved memory is there (HVM).
+    RecvAdopted { domid: Option<u32>, staged: bool },
     RecvError { code: i32, message: String },
+}
+
+/// An HVM guest's emulated TPM, as the receiver gives it to the device model there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HvmTpm {
+    /// `tis` or `crb`.
+    pub model: String,
+    /// The `acpi_firmware` tables the guest was created with (hex; CRB's).
+    pub acpi: Option<String>,
 }
 
 /// The destination manager's requests a receiver relays: a move's destination side, nothing else.
@@ -250,6 +267,9 @@ struct MoveRecord {
     from_domid: u32,
     non_live: bool,
     offer: vtpm_proto::transfer::Offer,
+    /// An HVM guest: its vTPM is stopped, not suspended (the TPM's state is in the saved guest).
+    #[serde(default)]
+    hvm: bool,
 }
 
 
@@ -269,6 +289,8 @@ struct Completed {
     transfer_ms: u64,
     tpm_kept: bool,
     offer_id: Uuid,
+    /// HVM: the `xl restore` there (at the resume).
+    restore_ms: u64,
 }
 
 /// How the guest left this host: `xl migrate`'s time, or `xl save`'s and the receiver's
@@ -294,10 +316,10 @@ impl Completed {
             xl_migrate_ms: left.xl_ms,
             non_live: rec.non_live,
             xl_save_ms: left.save_ms,
-            xl_restore_ms: left.restore_ms,
+            xl_restore_ms: left.restore_ms.max(self.restore_ms),
             reconnect_ms: self.reconnect_ms,
             total_ms: t0.elapsed().as_millis() as u64,
-            hvm: false,
+            hvm: rec.hvm,
             source_device_model_ended_ms: None,
             vtpm_domain: None,
         };
@@ -330,24 +352,49 @@ impl Xen {
         if self.xl_domid(name) != Some(old) {
             return Err(fail(REFUSED, format!("guest {name} is not domain {old}, as the registry says; see `xl list`")));
         }
-        if self.local.runtime(&uuid).is_none() {
+        let Some(rt) = self.local.runtime(&uuid) else {
             let where_ = if self.domains().runtime(&uuid).is_some() || row.vtpm_domid.is_some_and(|d| d != 0) { "runs in its own domain" } else { "does not run" };
             return Err(fail(
                 REFUSED,
-                format!("guest {name}'s vTPM {uuid} {where_}; to another host only a guest whose vTPM is a dom0 process moves (`vtpm = [ \"backend=0\" ]`); nothing moved"),
+                format!("guest {name}'s vTPM {uuid} {where_}; to another host only a guest whose vTPM is a dom0 process moves (`vtpm = [ \"backend=0\" ]`, or an HVM guest's `model=`); nothing moved"),
             ));
+        };
+        // An HVM guest's vTPM serves its device model; a PV/PVH guest's, its tpmif device.
+        let hvm = crate::guestmig::serves_device_model(Some(&rt.listen), &[], || None);
+        if !hvm && crate::guestmig::tpmif_device(old) != Some(true) {
+            return Err(fail(REFUSED, format!("guest {name} has no tpmif vTPM device, and its vTPM {uuid} serves no device model; nothing moved")));
         }
-        if crate::guestmig::tpmif_device(old) != Some(true) {
+        if hvm && !non_live {
             return Err(fail(
                 REFUSED,
-                format!("guest {name} has no tpmif vTPM device (an HVM guest's TPM is its device model's): to another host only PV/PVH guests with a tpmif vTPM move; nothing moved"),
+                format!(
+                    "guest {name} is an HVM guest: its device model loads the TPM's state as it starts, before a live move could hand the vTPM's identity \
+                     to {host}; move it with --non-live; nothing moved"
+                ),
             ));
         }
         let cfg_path = self.local.run_dir.join("guests").join(format!("{name}.cfg"));
-        let config = std::fs::read_to_string(&cfg_path)
+        let mut config = std::fs::read_to_string(&cfg_path)
             .map_err(|e| CliError::caused(FAILURE, format!("guest {name}'s config {} (written by `xl-vtpm create`)", cfg_path.display()), e))?;
         let mut plain = crate::xlcfg::XlConfig::parse(&config).map_err(|e| CliError::caused(FAILURE, cfg_path.display().to_string(), e))?;
         plain.set_vtpms(&[]);
+        // HVM: the config goes without this host's vTPM socket and ACPI file; the tables go along.
+        let hvm_tpm = if hvm {
+            let acpi_file = self.local.run_dir.join("guests").join(format!("{name}.acpi"));
+            let model = crate::hvm::strip(&mut plain, &self.device_model_socket(&uuid), &acpi_file)
+                .map_err(|e| CliError::caused(FAILURE, cfg_path.display().to_string(), e))?
+                .ok_or_else(|| fail(FAILURE, format!("{}: no TPM arguments for vTPM {uuid}'s socket in device_model_args_hvm", cfg_path.display())))?;
+            let acpi = match model {
+                crate::xlcfg::TpmModel::Crb => Some(hex::encode(
+                    crate::guest::read_capped(&acpi_file, crate::hvm::MAX_ACPI_FIRMWARE + 4096, "the guest's ACPI tables")?,
+                )),
+                crate::xlcfg::TpmModel::Tis => None,
+            };
+            config = plain.render();
+            Some(HvmTpm { model: model.as_str().into(), acpi })
+        } else {
+            None
+        };
 
         // The destination: its receiver, its name, its manager; then the identity's first
         // steps while the guest still runs (the RSA key generation of the offer takes seconds
@@ -356,7 +403,7 @@ impl Xen {
         if to_host == self.host {
             return Err(fail(USAGE, format!("{host} is this host ({to_host} in the registry): move on this host with `xl-vtpm migrate {name} localhost`")));
         }
-        rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone(), source_boot: boot_id(), from_domid: old })?;
+        rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone(), source_boot: boot_id(), from_domid: old, hvm: hvm_tpm })?;
         let tp = Instant::now();
         let offer = crate::transfer::prepare(admin, rx.link(), uuid, checks.group.as_deref(), &checks.roots, checks.intermediates.clone(), &checks.policy)?;
         let offer_id = offer.offer_id;
@@ -372,7 +419,7 @@ impl Xen {
             return Err(abandon(&mut rx, e));
         }
         let prepare_ms = tp.elapsed().as_millis() as u64;
-        let rec = MoveRecord { guest: name.into(), host: host.into(), to_host: to_host.clone(), vtpm: uuid, from_domid: old, non_live, offer: offer.clone() };
+        let rec = MoveRecord { guest: name.into(), host: host.into(), to_host: to_host.clone(), vtpm: uuid, from_domid: old, non_live, offer: offer.clone(), hvm };
         if let Err(e) = write_record(&self.local.state_dir, &rec) {
             return Err(abandon(&mut rx, e));
         }
@@ -386,10 +433,18 @@ impl Xen {
         let mut left = Left::default();
         let file = save_file(&self.local.state_dir, &uuid);
         if non_live {
+            // HVM: the device model that saves the TPM's state (the vTPM stops once it ended).
+            let source_dm = if hvm { crate::guestmig::device_model_pid(old).and_then(|p| Some((p, xvtpm_fsutil::start_time(p)?))) } else { None };
             left.save_ms = match self.save_guest(name, old, &file) {
                 Ok(ms) => ms,
                 Err(e) => return Err(abandon(&mut rx, e)),
             };
+            if let Some((pid, start)) = source_dm {
+                let t = Instant::now();
+                while xvtpm_fsutil::instance_alive(pid, start) && t.elapsed() < crate::guestmig::DEVICE_MODEL_WAIT {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
             match send_saved(&mut rx, name, uuid, &file) {
                 Ok((_, ms, n)) => {
                     left.restore_ms = ms;
@@ -441,7 +496,7 @@ impl Xen {
 
         // The guest has left: its vTPM here has answered its last command.
         let done = self.complete_move(admin, &mut rx, &mut reg, rec.clone(), checks)?;
-        let _ = std::fs::remove_file(&cfg_path);
+        self.forget_guest_files(name);
         Ok(done.report(&rec, &left, prepare_ms, t0))
     }
 }
@@ -456,14 +511,22 @@ impl Xen {
     fn complete_move(&self, admin: &mut Admin, rx: &mut Remote, reg: &mut crate::registry::Registry, mut rec: MoveRecord, checks: &Checks) -> Result<Completed, CliError> {
         let (name, host, to_host, uuid) = (rec.guest.clone(), rec.host.clone(), rec.to_host.clone(), rec.vtpm);
         let tt = Instant::now();
+        let hvm = rec.hvm;
         let moved_paused = |what: &str| {
+            let where_ = if hvm { "has left: its saved memory is kept" } else { "is paused" };
             format!(
-                "guest {name} is paused on {host} (registry host {to_host}) without its TPM: {what}; its memory has moved. Once the cause is fixed, \
+                "guest {name} {where_} on {host} (registry host {to_host}) without its TPM: {what}; its memory has moved. Once the cause is fixed, \
                  `xl-vtpm migrate {name} {host} --finish` (with the same checks) completes the move"
             )
         };
         let tpm_kept = match self.local.runtime(&uuid) {
             None => true,
+            // HVM: the TPM's state left in the saved guest (the device model fetched it; its
+            // CMD_SHUTDOWN powered the TPM off): the process ends, writing nothing more.
+            Some(_) if rec.hvm => {
+                self.local.stop(admin, &uuid, SUSPEND_GRACE).map_err(|e| fail(e.code, moved_paused(&format!("stopping vTPM {uuid} here: {}", e.text()))))?;
+                true
+            }
             Some(_) => match self.local.suspend(admin, &uuid, SUSPEND_GRACE) {
                 Ok(()) => true,
                 Err(e) => {
@@ -479,14 +542,22 @@ impl Xen {
             write_record(&self.local.state_dir, &rec).map_err(identity)?;
         }
         let transfer_ms = tt.elapsed().as_millis() as u64;
-        let (domid, pid, reconnect_ms, tpm_kept) = match rx.ask(&RecvRequest::RecvResume { guest: name.clone(), vtpm: uuid, from_domid: rec.from_domid, keep_tpm: tpm_kept }) {
-            Ok(RecvReply::RecvResumed { domid, vtpm_pid, reconnect_ms, tpm_kept }) => (domid, vtpm_pid, reconnect_ms, tpm_kept),
+        let (domid, pid, reconnect_ms, tpm_kept, restore_ms) = match rx.ask(&RecvRequest::RecvResume { guest: name.clone(), vtpm: uuid, from_domid: rec.from_domid, keep_tpm: tpm_kept }) {
+            Ok(RecvReply::RecvResumed { domid, vtpm_pid, reconnect_ms, tpm_kept, restore_ms }) => (domid, vtpm_pid, reconnect_ms, tpm_kept, restore_ms),
             Ok(other) => return Err(fail(FAILURE, moved_paused(&format!("the receiver answered {other:?}")))),
             Err(e) => return Err(fail(e.code, moved_paused(&e.text()))),
         };
         let _ = std::fs::remove_file(save_file(&self.local.state_dir, &uuid));
         let _ = std::fs::remove_file(move_record(&self.local.state_dir, &uuid));
-        Ok(Completed { domid, pid, reconnect_ms, transfer_ms, tpm_kept, offer_id: rec.offer.offer_id })
+        Ok(Completed { domid, pid, reconnect_ms, transfer_ms, tpm_kept, offer_id: rec.offer.offer_id, restore_ms })
+    }
+
+    /// The guest runs on the other host: its config here (and an HVM guest's ACPI tables) go.
+    fn forget_guest_files(&self, name: &str) {
+        let dir = self.local.run_dir.join("guests");
+        for f in [format!("{name}.cfg"), format!("{name}.acpi")] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
     }
 
     /// `xl-vtpm migrate NAME HOST --finish`: completes a move to another host that was cut short
@@ -514,11 +585,11 @@ impl Xen {
             return Err(fail(FAILURE, format!("the receiver on {host} is registry host {there}, not the host {} the move went to", rec.to_host)));
         }
         let arrived = match rx.ask(&RecvRequest::RecvAdopt { guest: name.into(), vtpm: rec.vtpm })? {
-            RecvReply::RecvAdopted { domid } => domid,
+            RecvReply::RecvAdopted { domid, staged } => domid.is_some() || staged,
             other => return Err(fail(FAILURE, format!("unexpected answer from the receiver: {other:?}"))),
         };
         let file = save_file(&self.local.state_dir, &rec.vtpm);
-        let Some(_) = arrived else {
+        if !arrived {
             // It never arrived there: withdraw the offer; the guest is here (it never left) or in
             // its saved memory.
             let offer_id = rec.offer.offer_id;
@@ -540,14 +611,25 @@ impl Xen {
             if !file.exists() {
                 return Err(fail(FAILURE, format!("guest {name} is neither on {host} nor here, and no saved memory of it is here ({}): check `xl list` on both", file.display())));
             }
+            if rec.hvm && self.local.runtime(&rec.vtpm).is_none() {
+                // Its device model loads the TPM's state from the saved guest: the vTPM (stopped
+                // by the move) serves it again first.
+                let cfg_path = self.local.run_dir.join("guests").join(format!("{name}.cfg"));
+                let cfg = std::fs::read_to_string(&cfg_path)
+                    .ok()
+                    .and_then(|c| crate::xlcfg::XlConfig::parse(&c).ok())
+                    .ok_or_else(|| fail(FAILURE, format!("guest {name}'s config {} is unreadable; its vTPM cannot be started for it", cfg_path.display())))?;
+                let consumer = crate::hvm::dm_uid(&cfg, &crate::hvm::lookup_user).map_err(|e| fail(USAGE, format!("{}: {e}", cfg_path.display())))?;
+                self.ensure_vtpm_for_device_model(admin, rec.vtpm, None, consumer)?;
+            }
             let back = self.migrate_guest(admin, name, None, None, true, false)?;
             return Err(fail(
                 FAILURE,
                 format!("guest {name} never arrived on {host}: it was restored here from its saved memory as domain {}, with its vTPM; nothing moved", back.to_domid),
             ));
-        };
+        }
         let done = self.complete_move(admin, &mut rx, &mut reg, rec.clone(), checks)?;
-        let _ = std::fs::remove_file(self.local.run_dir.join("guests").join(format!("{name}.cfg")));
+        self.forget_guest_files(name);
         Ok(done.report(&rec, &Left::default(), 0, t0))
     }
 }
@@ -625,6 +707,7 @@ fn send_saved(rx: &mut Remote, guest: &str, vtpm: Uuid, file: &Path) -> Result<(
     }
     match rx.link().receive::<RecvReply>()? {
         RecvReply::RecvRestored { domid, restore_ms } => Ok((domid, restore_ms, size)),
+        RecvReply::RecvStaged => Ok((0, 0, size)),
         RecvReply::RecvError { code, message } => Err(fail(code, format!("the destination: {message}"))),
         other => Err(fail(FAILURE, format!("unexpected answer from the receiver: {other:?}"))),
     }
@@ -710,6 +793,8 @@ struct Incoming {
     /// still holds the guest's saved memory, so if the conversation ends before the vTPM's
     /// identity arrived here this copy is destroyed (the source restores its own).
     restored: Option<u32>,
+    /// An HVM guest (its device model emulates the TPM): restored only at the resume.
+    hvm: bool,
 }
 
 struct Receiver<'a> {
@@ -740,6 +825,20 @@ impl Receiver<'_> {
     /// resume, and restores it there.
     fn abandon(&mut self) {
         let Some(i) = self.incoming.take() else { return };
+        // HVM: once the identity is here the guest is only here — in its saved memory, or in
+        // a domain whose device model loaded the TPM's state (after which that saved memory's
+        // state is a replay the vTPM refuses): nothing of it is destroyed.
+        if i.hvm && i.arrived && (self.imported || self.xen.local.state_file(&i.vtpm).exists()) {
+            let at = match i.restored {
+                Some(d) => format!("paused as domain {d}"),
+                None => format!("as its saved memory {}", save_file(&self.xen.local.state_dir, &i.vtpm).display()),
+            };
+            eprintln!(
+                "xl-vtpm migrate-receive: guest {} stays here {at}: its vTPM's identity arrived; the source's `xl-vtpm migrate {} HOST --finish` resumes it",
+                i.guest, i.guest
+            );
+            return;
+        }
         if let Some(domid) = i.restored {
             if self.imported {
                 eprintln!(
@@ -754,12 +853,15 @@ impl Receiver<'_> {
                 i.guest,
                 if destroyed { "destroyed" } else { "could NOT be destroyed: destroy it (`xl destroy`)" }
             );
-        } else if i.arrived {
+        } else if i.arrived && !i.hvm {
             return;
         }
         let _ = std::fs::remove_file(&i.plain);
         let _ = std::fs::remove_file(&i.full);
         let _ = std::fs::remove_file(save_file(&self.xen.local.state_dir, &i.vtpm));
+        if i.hvm {
+            let _ = std::fs::remove_file(self.xen.local.run_dir.join("guests").join(format!("{}.acpi", i.guest)));
+        }
     }
 
     /// Takes guest `guest`'s move lock here (`<run-dir>/guests/<guest>.move.lock`): one receiver
@@ -798,6 +900,70 @@ impl Receiver<'_> {
         self.xen.xl_domid(&format!("{guest}{INCOMING}")).map(|d| (d, true)).or_else(|| self.xen.xl_domid(guest).map(|d| (d, false)))
     }
 
+    /// `RecvResume` of an HVM guest: its vTPM (imported here) starts on its default sockets for
+    /// the device model, `xl restore -p` makes the domain from the staged saved guest (the device
+    /// model loads the TPM's state blobs, sealed to the vTPM, as it starts), the TPM is checked
+    /// to answer, and the guest is renamed, unpaused and recorded. A domain restored by an
+    /// earlier receiver (a `--finish`) is taken as it is. A failed restore keeps the saved guest
+    /// here for the next `--finish`.
+    fn resume_hvm(&mut self, guest: &str, vtpm: Uuid, plain: &Path) -> Result<RecvReply, CliError> {
+        let xen = self.xen;
+        let file = save_file(&xen.local.state_dir, &vtpm);
+        let cfg_text = std::fs::read_to_string(plain).map_err(|e| CliError::caused(FAILURE, plain.display().to_string(), e))?;
+        let cfg = crate::xlcfg::XlConfig::parse(&cfg_text).map_err(|e| CliError::caused(FAILURE, plain.display().to_string(), e))?;
+        let consumer = crate::hvm::dm_uid(&cfg, &crate::hvm::lookup_user).map_err(|e| fail(REFUSED, format!("{}: {e}", plain.display())))?;
+        let mut admin = Admin::connect(&xen.local.run_dir)?;
+        xen.local.record_arrived_access(&vtpm, consumer)?;
+        let kept = |what: String| fail(FAILURE, format!("guest {guest} is not restored here: {what}; its saved memory is kept in {} for `xl-vtpm migrate {guest} HOST --finish` on the source", file.display()));
+        xen.ensure_vtpm_for_device_model(&mut admin, vtpm, None, consumer).map_err(|e| kept(format!("starting its vTPM {vtpm}: {}", e.text())))?;
+        let mut restore_ms = 0;
+        let (domid, incoming) = match self.arrived_domid(guest) {
+            Some(d) => d,
+            None => {
+                if !file.exists() {
+                    return Err(fail(FAILURE, format!("no saved guest {guest} is here ({}): the source's `--finish` restores it there", file.display())));
+                }
+                let t = Instant::now();
+                let out = Command::new(&xen.xl)
+                    .args(["restore", "-p", &plain.display().to_string(), &file.display().to_string()])
+                    .stdout(Stdio::null())
+                    .output()
+                    .map_err(|e| kept(format!("cannot run {} ({e})", xen.xl.display())))?;
+                restore_ms = t.elapsed().as_millis() as u64;
+                let incoming = format!("{guest}{INCOMING}");
+                match xen.xl_domid(&incoming).filter(|_| out.status.success()) {
+                    Some(d) => (d, true),
+                    None => {
+                        if let Some(d) = xen.xl_domid(&incoming) {
+                            let _ = Command::new(&xen.xl).args(["destroy", &d.to_string()]).output();
+                        }
+                        return Err(kept(format!("xl restore failed (exit {}): {}", out.status.code().unwrap_or(-1), xl_said(&out))));
+                    }
+                }
+            }
+        };
+        if let Some(i) = self.incoming.as_mut() {
+            i.restored = Some(domid);
+        }
+        let paused = |what: String| fail(FAILURE, format!("guest {guest} is paused here as domain {domid}: {what}"));
+        let rt = xen.local.runtime(&vtpm).ok_or_else(|| paused(format!("its vTPM {vtpm} no longer runs")))?;
+        let sock = rt.socket.clone().ok_or_else(|| paused(format!("its vTPM {vtpm} has no data socket")))?;
+        crate::guestmig::tpm_answers(&sock).map_err(|e| paused(format!("its TPM does not answer: {e}")))?;
+        if incoming {
+            xen.xl_run(&["rename", &domid.to_string(), guest]).map_err(|e| paused(e.text()))?;
+        }
+        xen.xl_run(&["unpause", &domid.to_string()]).map_err(|e| paused(e.text()))?;
+        let _ = std::fs::remove_file(plain);
+        let _ = std::fs::remove_file(&file);
+        let reg = &mut xen.open_registry()?;
+        let row = reg.get_by_name(guest).map_err(reg_err)?.ok_or_else(|| fail(FAILURE, format!("guest {guest} runs here as domain {domid}, but the registry lost its pair")))?;
+        reg.mark_running(row.id, domid, 0).map_err(|e| {
+            fail(FAILURE, format!("guest {guest} runs here as domain {domid} with its vTPM, but the registry was not updated: {}; run `xl-vtpm registry check`", reg_err(e).text()))
+        })?;
+        self.incoming = None;
+        Ok(RecvReply::RecvResumed { domid, vtpm_pid: rt.pid, reconnect_ms: None, tpm_kept: true, restore_ms })
+    }
+
     /// Answers `req`; `RecvRestore` also answers `RecvOk` on `out` before it reads the bytes
     /// that follow it.
     fn handle(&mut self, req: RecvRequest, input: &mut impl Read, out: &mut impl Write) -> Result<RecvReply, CliError> {
@@ -810,7 +976,7 @@ impl Receiver<'_> {
                 crate::registry::check_host(&xen.host).map_err(|e| CliError::caused(USAGE, "--host", e))?;
                 Ok(RecvReply::RecvHello { protocol, host: xen.host.clone() })
             }
-            RecvRequest::RecvIncoming { guest, vtpm, config, source_boot, from_domid } => {
+            RecvRequest::RecvIncoming { guest, vtpm, config, source_boot, from_domid, hvm } => {
                 check_guest(&guest)?;
                 if self.incoming.is_some() {
                     return Err(fail(REFUSED, "a receiver takes one guest"));
@@ -837,20 +1003,46 @@ impl Receiver<'_> {
                     return Err(fail(USAGE, format!("the config sent names another guest than {guest}")));
                 }
                 plain.set_vtpms(&[]);
+                let dir = xen.local.run_dir.join("guests");
+                std::fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, dir.display().to_string(), e))?;
+                let mut full = plain.clone();
+                // HVM: its device model gets this host's socket of the vTPM (and the guest its
+                // ACPI tables for it), as `xl-vtpm create` gives them; checked as at create.
+                if let Some(h) = &hvm {
+                    let model = match h.model.as_str() {
+                        "tis" => crate::xlcfg::TpmModel::Tis,
+                        "crb" => crate::xlcfg::TpmModel::Crb,
+                        m => return Err(fail(USAGE, format!("an emulated TPM model {m:?} this receiver does not know"))),
+                    };
+                    let ctrl = xen.device_model_socket(&vtpm);
+                    crate::hvm::check_socket_path(&ctrl).map_err(|e| fail(REFUSED, format!("{e}; nothing moved")))?;
+                    crate::hvm::check(&plain, &crate::hvm::lookup_user).map_err(|e| fail(REFUSED, format!("guest {guest} cannot have its TPM here: {e}; nothing moved")))?;
+                    let acpi_file = match &h.acpi {
+                        Some(tables) => {
+                            let bytes = hex::decode(tables).map_err(|e| fail(USAGE, format!("the guest's ACPI tables: {e}")))?;
+                            let f = dir.join(format!("{guest}.acpi"));
+                            xvtpm_fsutil::write_atomic(&f, &bytes, 0o600).map_err(|e| CliError::caused(FAILURE, f.display().to_string(), e))?;
+                            Some(f)
+                        }
+                        None => None,
+                    };
+                    for c in [&mut plain, &mut full] {
+                        crate::hvm::apply(c, &ctrl, model, acpi_file.as_deref()).map_err(|e| CliError::caused(FAILURE, "the guest's config", e))?;
+                    }
+                }
                 // Restored as `GUEST--incoming` (as `xl migrate-receive` names its incoming
                 // domain), renamed only at the resume.
                 plain.set("name", format!("{guest}{INCOMING}")).map_err(|e| CliError::caused(USAGE, "the guest's config", e))?;
-                let dir = xen.local.run_dir.join("guests");
-                std::fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, dir.display().to_string(), e))?;
-                let full = dir.join(format!("{guest}.cfg"));
+                let full_path = dir.join(format!("{guest}.cfg"));
                 let plain_path = dir.join(format!("{guest}.incoming.cfg"));
                 xvtpm_fsutil::write_atomic(&plain_path, plain.render().as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, plain_path.display().to_string(), e))?;
-                xvtpm_fsutil::write_atomic(&full, config.as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, full.display().to_string(), e))?;
-                self.incoming = Some(Incoming { guest, vtpm, plain: plain_path, full, arrived: false, restored: None });
+                let full_text = if hvm.is_some() { full.render() } else { config };
+                xvtpm_fsutil::write_atomic(&full_path, full_text.as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, full_path.display().to_string(), e))?;
+                self.incoming = Some(Incoming { guest, vtpm, plain: plain_path, full: full_path, arrived: false, restored: None, hvm: hvm.is_some() });
                 Ok(RecvReply::RecvOk)
             }
             RecvRequest::RecvRestore { guest, vtpm, size } => {
-                let plain = self.expect(&guest, vtpm)?.plain.clone();
+                let (plain, hvm) = self.expect(&guest, vtpm).map(|i| (i.plain.clone(), i.hvm))?;
                 let file = save_file(&xen.local.state_dir, &vtpm);
                 if size > MAX_SAVE {
                     return Err(fail(REFUSED, format!("a saved guest of {size} bytes is over this receiver's limit of {MAX_SAVE}")));
@@ -866,6 +1058,12 @@ impl Receiver<'_> {
                     return Err(fail(REFUSED, format!("{} has {free} bytes free, the saved guest needs {size}; nothing moved", file.display())));
                 }
                 receive_saved(input, out, &file, size)?;
+                if hvm {
+                    if let Some(i) = self.incoming.as_mut() {
+                        i.arrived = true;
+                    }
+                    return Ok(RecvReply::RecvStaged);
+                }
                 let t = Instant::now();
                 let out = Command::new(&xen.xl)
                     .args(["restore", "-p", &plain.display().to_string(), &file.display().to_string()])
@@ -892,9 +1090,12 @@ impl Receiver<'_> {
                 Ok(RecvReply::RecvRestored { domid, restore_ms: ms })
             }
             RecvRequest::RecvResume { guest, vtpm, from_domid, keep_tpm } => {
-                let plain = self.expect(&guest, vtpm)?.plain.clone();
+                let (plain, hvm) = self.expect(&guest, vtpm).map(|i| (i.plain.clone(), i.hvm))?;
                 if let Some(i) = self.incoming.as_mut() {
                     i.arrived = true;
+                }
+                if hvm {
+                    return self.resume_hvm(&guest, vtpm, &plain);
                 }
                 let (domid, incoming) = self.arrived_domid(&guest).ok_or_else(|| fail(FAILURE, format!("no domain {guest} arrived here")))?;
                 let mut admin = Admin::connect(&xen.local.run_dir)?;
@@ -928,7 +1129,7 @@ impl Receiver<'_> {
                 })?;
                 let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t.elapsed().as_millis() as u64);
                 self.incoming = None;
-                Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms, tpm_kept: kept })
+                Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms, tpm_kept: kept, restore_ms: 0 })
             }
             RecvRequest::RecvAdopt { guest, vtpm } => {
                 check_guest(&guest)?;
@@ -943,15 +1144,15 @@ impl Receiver<'_> {
                 }
                 let dir = xen.local.run_dir.join("guests");
                 let found = self.arrived_domid(&guest);
-                self.incoming = found.map(|_| Incoming {
-                    guest: guest.clone(),
-                    vtpm,
-                    plain: dir.join(format!("{guest}.incoming.cfg")),
-                    full: dir.join(format!("{guest}.cfg")),
-                    arrived: true,
-                    restored: None,
+                let plain = dir.join(format!("{guest}.incoming.cfg"));
+                // An HVM guest whose saved memory is here, not yet restored (its vTPM's identity
+                // arrived, or is on its way).
+                let hvm = std::fs::read_to_string(&plain).ok().and_then(|c| crate::xlcfg::XlConfig::parse(&c).ok()).is_some_and(|c| {
+                    crate::hvm::strip(&mut c.clone(), &xen.device_model_socket(&vtpm), Path::new("")).ok().flatten().is_some()
                 });
-                Ok(RecvReply::RecvAdopted { domid: found.map(|(d, _)| d) })
+                let staged = hvm && found.is_none() && save_file(&xen.local.state_dir, &vtpm).exists();
+                self.incoming = (found.is_some() || staged).then(|| Incoming { guest: guest.clone(), vtpm, plain, full: dir.join(format!("{guest}.cfg")), arrived: true, restored: None, hvm });
+                Ok(RecvReply::RecvAdopted { domid: found.map(|(d, _)| d), staged })
             }
             RecvRequest::RecvAbandon { guest, vtpm } => {
                 self.expect(&guest, vtpm)?;

@@ -552,7 +552,7 @@ pub(crate) fn tpmif_device(domid: u32) -> Option<bool> {
 }
 
 /// The process of domain `domid`'s device model (libxl's `/local/domain/<domid>/image/device-model-pid`).
-fn device_model_pid(domid: u32) -> Option<u32> {
+pub(crate) fn device_model_pid(domid: u32) -> Option<u32> {
     use xen_platform::xenstore::Xenstore;
     with_xs(async |xs| xs.read(&format!("/local/domain/{domid}/image/device-model-pid")).await.map_err(|e| e.to_string()))
         .ok()

@@ -175,6 +175,27 @@ pub fn apply(cfg: &mut XlConfig, ctrl: &Path, model: TpmModel, acpi_file: Option
     Ok(())
 }
 
+/// The TPM [`apply`] gave the device model, taken out of `cfg` again (a guest moving to another
+/// host, whose vTPM serves on other sockets there): the [`qemu_args`] for control socket `ctrl`
+/// at the end of `device_model_args_hvm`, and `acpi_firmware` if it names `acpi_file`. Returns
+/// the model, or `None` (and `cfg` as it was) if `cfg` has no such TPM.
+pub fn strip(cfg: &mut XlConfig, ctrl: &Path, acpi_file: &Path) -> Result<Option<TpmModel>, crate::exit::Cause> {
+    let args: Vec<String> = cfg.get_list("device_model_args_hvm").unwrap_or_default().iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    let Some(model) = [TpmModel::Tis, TpmModel::Crb].into_iter().find(|m| args.ends_with(&qemu_args(ctrl, *m))) else {
+        return Ok(None);
+    };
+    let kept = args.len() - qemu_args(ctrl, model).len();
+    if kept == 0 {
+        cfg.remove("device_model_args_hvm");
+    } else {
+        cfg.set("device_model_args_hvm", Value::List(args[..kept].iter().cloned().map(Value::Str).collect()))?;
+    }
+    if cfg.get_str("acpi_firmware").is_some_and(|f| Path::new(f) == acpi_file) {
+        cfg.remove("acpi_firmware");
+    }
+    Ok(Some(model))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +210,30 @@ mod tests {
 
     fn cfg(text: &str) -> XlConfig {
         XlConfig::parse(text).unwrap()
+    }
+
+    #[test]
+    fn strip_takes_out_what_apply_put_in() {
+        let (ctrl, acpi) = (Path::new("/run/a/tpm.sock.ctrl"), Path::new("/run/a/guests/g.acpi"));
+        for model in [TpmModel::Tis, TpmModel::Crb] {
+            let orig = "type = \"hvm\"\nname = \"g\"\ndevice_model_args_hvm = [ \"-no-hpet\" ]\nvtpm = [ \"model=tis\" ]\n";
+            let mut c = cfg(orig);
+            apply(&mut c, ctrl, model, (model == TpmModel::Crb).then_some(acpi)).unwrap();
+            let mut moved = c.clone();
+            assert_eq!(strip(&mut moved, Path::new("/run/b/tpm.sock.ctrl"), acpi).unwrap(), None, "another host's socket: not this TPM");
+            assert_eq!(strip(&mut moved, ctrl, acpi).unwrap(), Some(model));
+            assert_eq!(moved.get_list("device_model_args_hvm").map(|l| l.len()), Some(1), "the user's own argument stays");
+            assert_eq!(moved.get_str("acpi_firmware"), None);
+            // Applied again for the other host: its socket, nothing twice.
+            let other = Path::new("/run/b/tpm.sock.ctrl");
+            apply(&mut moved, other, model, None).unwrap();
+            assert_eq!(strip(&mut moved, other, acpi).unwrap(), Some(model));
+            assert_eq!(strip(&mut moved, other, acpi).unwrap(), None);
+        }
+        let mut alone = cfg("type = \"hvm\"\nvtpm = [ \"model=tis\" ]\n");
+        apply(&mut alone, ctrl, TpmModel::Tis, None).unwrap();
+        assert_eq!(strip(&mut alone, ctrl, acpi).unwrap(), Some(TpmModel::Tis));
+        assert!(alone.get("device_model_args_hvm").is_none());
     }
 
     #[test]

@@ -410,6 +410,15 @@ impl Local {
         }
     }
 
+    /// A vTPM that arrived from another host (its access record stayed there): records that its
+    /// default sockets serve `consumer` besides root, unless this host has a record already.
+    pub fn record_arrived_access(&self, uuid: &Uuid, consumer: Option<u32>) -> Result<(), CliError> {
+        if self.access_file(uuid).exists() {
+            return Ok(());
+        }
+        self.record_access(uuid, &Access { consumer_uid: consumer, ..Default::default() })
+    }
+
     fn record_access(&self, uuid: &Uuid, access: &Access) -> Result<(), CliError> {
         let dir = self.vtpm_dir(uuid);
         fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, format!("creating {}", dir.display()), e))?;

@@ -517,7 +517,7 @@ impl Xen {
     }
 
     /// The control socket an HVM guest's device model connects to: vTPM `uuid`'s default one.
-    fn device_model_socket(&self, uuid: &Uuid) -> PathBuf {
+    pub(crate) fn device_model_socket(&self, uuid: &Uuid) -> PathBuf {
         self.local.socket_dir(uuid).join(format!("{}.ctrl", crate::local::DATA_SOCKET))
     }
 

@@ -52,7 +52,7 @@ fn rounds() -> u32 {
 const NONLIVE_MARGIN_MIB: u64 = 200;
 
 /// dom0's MemAvailable (MiB).
-fn mem_available_mib() -> u64 {
+pub(super) fn mem_available_mib() -> u64 {
     xen::read_text("/proc/meminfo")
         .lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))
@@ -74,7 +74,7 @@ fn dm_pid(domid: &str) -> Option<u32> {
 }
 
 /// The device models running for domain `domid` (by their command line).
-fn dms_of(domid: &str) -> usize {
+pub(super) fn dms_of(domid: &str) -> usize {
     let arg = format!("-xen-domid {domid} ");
     device_models().lines().filter(|l| l.contains(&arg)).count()
 }

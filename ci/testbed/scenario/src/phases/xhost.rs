@@ -75,8 +75,8 @@ const B_POLICY_WRONG: &str = "/etc/xvtpm-testbed/host-b-pcrs-wrong.json";
 /// Stands in for ssh on one machine: drops its first argument (the host), runs the rest with
 /// `sh -c` (build-images.sh writes it).
 pub const SSH_LOCAL: &str = "/etc/xvtpm-testbed/ssh-local";
-const VENDOR_ROOT: &str = "/etc/xvtpm-testbed/vendor-root.pem";
-const VENDOR_INT: &str = "/etc/xvtpm-testbed/vendor-intermediate.pem";
+pub(super) const VENDOR_ROOT: &str = "/etc/xvtpm-testbed/vendor-root.pem";
+pub(super) const VENDOR_INT: &str = "/etc/xvtpm-testbed/vendor-intermediate.pem";
 
 const XG: &str = "mig-x";
 const XCFG: &str = "/etc/xen/mig-x.cfg";
@@ -92,7 +92,7 @@ pub fn b_env() -> [(&'static str, &'static str); 4] {
 }
 
 /// `env K=V … ` of an environment, for a receiver's command line.
-fn env_words(env: &[(&str, &str)]) -> String {
+pub(super) fn env_words(env: &[(&str, &str)]) -> String {
     let mut s = String::from("env");
     for (k, v) in env {
         s.push_str(&format!(" {k}={v}"));
@@ -101,7 +101,7 @@ fn env_words(env: &[(&str, &str)]) -> String {
 }
 
 /// A command run under a host's environment (`NO_COLOR=1`).
-fn on(env: &[(&str, &str)], argv: &[&str]) -> Cmd {
+pub(super) fn on(env: &[(&str, &str)], argv: &[&str]) -> Cmd {
     let mut c = Cmd::new(argv).env("NO_COLOR", "1");
     for (k, v) in env {
         c = c.env(k, v);
@@ -120,7 +120,7 @@ pub struct HostB {
 pub fn run(r: &mut Runner, st: &mut St) {
     let mode = xen::cmdline_arg("xvtpm_xhost").unwrap_or_else(|| "1".into());
     if mode == "0" {
-        r.skip_all(&["xhost-setup", "migrate-xhost"], "disabled (XVTPM_TESTBED_XHOST=0)");
+        r.skip_all(&["xhost-setup", "migrate-xhost", "migrate-xhost-hvm"], "disabled (XVTPM_TESTBED_XHOST=0)");
         return;
     }
     let mut hb: Option<HostB> = None;
@@ -128,6 +128,12 @@ pub fn run(r: &mut Runner, st: &mut St) {
     r.phase_if("xhost-setup", blocked, deadline(600), |cx| setup(cx, &mut hb));
     let blocked = if hb.is_none() { Some("needs host B (xhost-setup did not leave it serving)") } else { None };
     r.phase_if("migrate-xhost", blocked, deadline(1200), guest_move);
+    if st.hvm_mode == "1" || st.hvm_mode == "mig" {
+        let blocked = if hb.is_none() { Some("needs host B (xhost-setup did not leave it serving)") } else { None };
+        r.phase_if("migrate-xhost-hvm", blocked, deadline(900), super::xhosthvm::hvm_move);
+    } else {
+        r.skip("migrate-xhost-hvm", &format!("XVTPM_TESTBED_HVM={}: no HVM guest's device model here", st.hvm_mode));
+    }
     if let Some(h) = hb.take() {
         stop_b(&r.cx, h);
     }
@@ -184,7 +190,7 @@ fn write_policy(cx: &Cx, tcti: &str, out: &str, e: &mut Errs, check: &str, what:
 }
 
 /// The JSON answer of a command (stdout), or Null.
-fn json(o: &Output) -> Value {
+pub(super) fn json(o: &Output) -> Value {
     xen::parse_json(&o.stdout).unwrap_or(Value::Null)
 }
 
@@ -426,7 +432,7 @@ fn stop_b(cx: &Cx, mut h: HostB) {
 }
 
 /// The registry row of guest `name` as `xl-vtpm list --json` under `env` shows it.
-fn row(cx: &Cx, env: &[(&str, &str)], name: &str) -> Value {
+pub(super) fn row(cx: &Cx, env: &[(&str, &str)], name: &str) -> Value {
     let o = on(env, &["xl-vtpm", "--json", "list"]).secs(60).split().run(cx);
     xen::parse_json(&o.stdout)
         .and_then(|v| v.as_array().and_then(|a| a.iter().find(|r| jf(r, "guest_name") == name).cloned()))
@@ -434,7 +440,7 @@ fn row(cx: &Cx, env: &[(&str, &str)], name: &str) -> Value {
 }
 
 /// `xl-vtpm vtpm list --json` under `env` names `uuid` running.
-fn vtpm_running(cx: &Cx, env: &[(&str, &str)], uuid: &str) -> bool {
+pub(super) fn vtpm_running(cx: &Cx, env: &[(&str, &str)], uuid: &str) -> bool {
     vtpm_row(cx, env, uuid).ok().flatten().is_some_and(|r| jf(&r, "state") == "running")
 }
 

@@ -1,0 +1,228 @@
+//! migrate-xhost-hvm: an HVM guest, whose device model emulates its TPM, moved to the testbed's
+//! second host and back with `xl-vtpm migrate GUEST HOST --non-live` (run between migrate-xhost
+//! and the end of host B, with the HVM phases on: `XVTPM_TESTBED_HVM=1` or `mig`). The guest is
+//! hvm-mig's (SeaBIOS, QEMU's tpm-crb, the xenstore client: `mig=1 tick=1`) as `hvm-x` with
+//! 192 MiB: its saved memory is twice in dom0's ramfs during a move (the source's copy, kept
+//! until the guest runs there, and the one the receiver keeps until its vTPM runs there).
+//! Checks, one RESULT:
+//!   - `xl-vtpm create` on host A, the boot's checks (PCR 16 extended, NV, 0x81000010, EK, quote);
+//!   - a live move is refused before anything moves (exit 6 naming --non-live): the guest the
+//!     same domain with the same vTPM process, its TPM answering;
+//!   - A → B and B → A non-live: JSON `hvm` true, a new domain with one device model, in the
+//!     guest the same EK, key and NV, PCR 16 as it was (the TPM's state travelled sealed in the
+//!     saved guest and loaded into the vTPM process the receiver started from the moved
+//!     identity), a fresh quote verified; the registry names the holder, whose vTPM runs; the
+//!     other host refuses to start it naming the holder; P6 (`PERF p6-xhost-hvm-downtime-ms-rN`);
+//!   - `xl-vtpm destroy` on the holder, the pair and both identities removed.
+
+use std::time::Duration;
+
+use super::hvmmig::{dms_of, mem_available_mib};
+use super::migrate::{cons, downtime, field, guest_cmd, last_tick};
+use super::xhost::{A_HOST, A_POLICY, B_HOST, B_POLICY, SSH_LOCAL, VENDOR_INT, VENDOR_ROOT, a_env, b_env, env_words, json, on, row, vtpm_running};
+use super::{guest_checks, none};
+use crate::cmd::{pid_up, show, show_tail};
+use crate::runner::{Cx, Errs, Outcome};
+use crate::xen::{self, after_prefix, jf};
+
+const NAME: &str = "hvm-x";
+const CFG: &str = "/etc/xen/hvm-x.cfg";
+const SRC: &str = "/etc/xen/hvm-mig.cfg";
+const MEMORY_MIB: u64 = 192;
+/// dom0 needs, besides the two copies of the guest's memory: the restored domain's device
+/// model and xl, with a margin.
+const MARGIN_MIB: u64 = 200;
+
+/// hvm-mig.cfg as `hvm-x` with MEMORY_MIB.
+fn write_cfg() -> Result<(), String> {
+    let mut out = String::new();
+    for l in xen::read_text(SRC).lines() {
+        let t = l.trim_start();
+        let l = if t.starts_with("name ") || t.starts_with("name=") {
+            format!("name = \"{NAME}\"")
+        } else if t.starts_with("serial ") || t.starts_with("serial=") {
+            format!("serial = \"file:/var/log/xen/{NAME}.serial\"")
+        } else if t.starts_with("memory ") || t.starts_with("memory=") {
+            format!("memory = {MEMORY_MIB}")
+        } else {
+            l.to_string()
+        };
+        out.push_str(&l);
+        out.push('\n');
+    }
+    if !out.contains(&format!("name = \"{NAME}\"")) || !out.contains(&format!("memory = {MEMORY_MIB}")) || !out.contains("model=crb") {
+        return Err(format!("{CFG}: name/memory not substituted in {SRC}, or no model=crb vTPM there"));
+    }
+    std::fs::write(CFG, out).map_err(|e| format!("{CFG}: {e}"))
+}
+
+fn console_lines() -> String {
+    cons(NAME).lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n")
+}
+
+pub(super) fn hvm_move(cx: &Cx) -> Outcome {
+    let mut e = Errs::default();
+    let (a, b) = (a_env(), b_env());
+    if xen::domid(NAME).is_some() {
+        return Outcome::fail(format!("{NAME} runs already (an earlier run's leftover)"));
+    }
+    let dm = super::hvm::dm_path();
+    if dm == "none" || !std::path::Path::new(&dm).is_file() {
+        return Outcome::fail(format!("no TPM-enabled device model in dom0 (hvm_dm={dm})"));
+    }
+    if let Err(w) = write_cfg() {
+        return Outcome::fail(w);
+    }
+    let (avail, need) = (mem_available_mib(), 2 * MEMORY_MIB + MARGIN_MIB);
+    if avail < need {
+        return Outcome::fail(format!("dom0 MemAvailable {avail} MiB < {need} MiB: two copies of the guest's memory do not fit in dom0's ramfs (raise XVTPM_TESTBED_DOM0_MEM)"));
+    }
+    let o = on(&a, &["xl-vtpm", "create", CFG]).secs(180).save("/tmp/xl-hvm-x-create.out").run(cx);
+    if !o.ok() {
+        show_tail("xl-vtpm create hvm-x", &o.all(), 20);
+        cleanup(cx, "");
+        return Outcome::fail(format!("xl-vtpm create {CFG} (host A) rc={}", o.rc));
+    }
+    let r0 = row(cx, &a, NAME);
+    let uuid = jf(&r0, "vtpm_uuid");
+    let pid0 = jf(&r0, "vtpm_pid").parse::<u32>().ok();
+    if !cx.wait_every(300, Duration::from_secs(1), || cons(NAME).contains("GUEST-HOLD")) {
+        e.add("no-GUEST-HOLD");
+    }
+    let c = cons(NAME);
+    for m in guest_checks(&c, NAME, "boot", &["tpm0", "startup", "getrandom", "pcrextend", "nv-write", "ek", "persistent", "quote", "checkquote"]) {
+        e.add(m);
+    }
+    let ek = after_prefix(&c, "GUEST-MIGEK ").unwrap_or_default().trim().to_string();
+    let pcr = after_prefix(&c, "GUEST-PCR16 ").unwrap_or_default().trim().to_string();
+    e.check("xhost-hvm-boot", !ek.is_empty() && !pcr.is_empty() && pcr != "0".repeat(64), format!("{NAME} on host A: vTPM {} (pid {}), EK sha256 {}, PCR 16 {}", none(&uuid), none(&jf(&r0, "vtpm_pid")), none(&ek), none(&pcr)));
+    if !e.is_empty() {
+        show_tail("hvm-x console (GUEST lines)", &console_lines(), 25);
+        cleanup(cx, &uuid);
+        return e.verdict("");
+    }
+
+    // live: refused before anything moves (its device model would load the TPM's state before
+    // the vTPM's identity could be there)
+    let d0 = xen::domid(NAME).unwrap_or_default();
+    let receiver = format!("{} xl-vtpm migrate-receive", env_words(&b));
+    let live = on(&a, &["xl-vtpm", "migrate", NAME, B_HOST, "--ssh", SSH_LOCAL, "--receiver", &receiver, "--ek-ca", VENDOR_ROOT, "--ek-intermediate", VENDOR_INT, "--host-pcrs-policy", B_POLICY])
+        .secs(120)
+        .run(cx);
+    let a1 = guest_cmd(cx, NAME, 1, "getrandom", 120);
+    e.check(
+        "xhost-hvm-live-refused",
+        live.rc == 6 && live.all().contains("--non-live") && xen::domid(NAME).as_deref() == Some(d0.as_str()) && pid_up(pid0) && a1.contains("getrandom PASS"),
+        format!("a live move rc={} (want 6 naming --non-live): {}; the guest stays domain {d0}, vTPM process {pid0:?} up: {}; {a1}", live.rc, live.tail1(2), pid_up(pid0)),
+    );
+
+    let hops = [(1u32, &a, A_HOST, &b, B_HOST, B_POLICY), (2, &b, B_HOST, &a, A_HOST, A_POLICY)];
+    let mut downs = Vec::new();
+    for (round, from, from_name, to, to_name, policy) in hops {
+        if !e.is_empty() {
+            break;
+        }
+        let receiver = format!("{} xl-vtpm migrate-receive", env_words(to));
+        let argv = [
+            "xl-vtpm", "--json", "migrate", NAME, to_name, "--non-live", "--ssh", SSH_LOCAL, "--receiver", &receiver, "--ek-ca", VENDOR_ROOT, "--ek-intermediate", VENDOR_INT, "--host-pcrs-policy", policy,
+        ];
+        println!("migrate-xhost-hvm round {round}: {} (source env: {})", argv.join(" "), env_words(from));
+        let before = xen::domid(NAME).unwrap_or_default();
+        let ticks_from = last_tick(NAME);
+        let save = format!("/tmp/xl-hvm-x-{round}.out");
+        let o = on(from, &argv).secs(420).save_split(&save, &format!("{save}.err")).run(cx);
+        let v = json(&o);
+        show("xl-vtpm migrate (HVM, cross-host)", &o.all());
+        let new = xen::domid(NAME).unwrap_or_default();
+        let t = format!("round {round} ({from_name} → {to_name})");
+        if !e.check(
+            "xhost-hvm-xl-vtpm",
+            o.ok() && !new.is_empty() && new != before && jf(&v, "hvm") == "true" && jf(&v, "tpm_kept") == "true" && dms_of(&new) == 1 && dms_of(&before) == 0,
+            format!(
+                "{t}: rc={}{} domid {before} -> {}, device models of the new domain {}, of the old {}; xl save {} ms, {} bytes sent, xl restore there {} ms, identity {} ms, total {} ms",
+                o.rc,
+                if o.timed_out { " (killed at its limit)" } else { "" },
+                none(&new),
+                dms_of(&new),
+                dms_of(&before),
+                jf(&v, "xl_save_ms"),
+                jf(&v, "saved_bytes"),
+                jf(&v, "xl_restore_ms"),
+                jf(&v, "transfer_ms"),
+                jf(&v, "total_ms")
+            ),
+        ) {
+            show_tail("xl-vtpm migrate stderr", &o.stderr, 15);
+            break;
+        }
+        match downtime(cx, NAME, ticks_from) {
+            Some(ms) => {
+                println!(
+                    "PERF p6-xhost-hvm-downtime-ms-r{round}={ms} (largest gap between the HVM guest's 0.1 s ticks; {from_name} → {to_name} in one dom0, non-live; xl save {} ms, xl restore {} ms, xl-vtpm migrate {} ms)",
+                    jf(&v, "xl_save_ms"),
+                    jf(&v, "xl_restore_ms"),
+                    jf(&v, "total_ms")
+                );
+                downs.push(ms);
+            }
+            None => e.add(format!("no-ticks-after-round-{round}")),
+        }
+        let g = guest_cmd(cx, NAME, round + 1, &format!("migcheck:{}", xen::nonce(16)), 240);
+        println!("[{NAME}] {g}");
+        e.check("xhost-hvm-guest-ek", field(&g, "ek") == ek, format!("{t}: EK sha256 before {ek} after {}", field(&g, "ek")));
+        e.check("xhost-hvm-guest-persistent", field(&g, "persistent") == "kept", format!("{t}: 0x81000010 still there and readable"));
+        e.check("xhost-hvm-guest-nv", field(&g, "nv") == "kept", format!("{t}: NV 0x01500016 contents kept"));
+        e.check("xhost-hvm-guest-pcr16", field(&g, "pcr16") == pcr, format!("{t}: PCR 16 before {pcr} after {} (the TPM's state travelled in the saved guest)", field(&g, "pcr16")));
+        e.check("xhost-hvm-guest-quote", field(&g, "quote") == "verified", format!("{t}: a fresh ECC AK quote over PCR 16 verified"));
+        let (ra, rb) = (row(cx, &a, NAME), row(cx, &b, NAME));
+        e.check(
+            "xhost-hvm-registry",
+            jf(&ra, "host") == to_name && jf(&rb, "host") == to_name && jf(&ra, "state") == "running" && jf(&ra, "guest_domid") == new,
+            format!("{t}: the registry names host {} (under B's env {}), state {}, guest domid {}", none(&jf(&ra, "host")), none(&jf(&rb, "host")), jf(&ra, "state"), jf(&ra, "guest_domid")),
+        );
+        let runs = vtpm_running(cx, to, &uuid);
+        e.check("xhost-hvm-vtpm-runs", runs, format!("{t}: {to_name}'s xl-vtpm vtpm list names {uuid} running: {runs}"));
+        let o = on(from, &["xl-vtpm", "vtpm", "start", &uuid]).secs(60).run(cx);
+        e.check("xhost-hvm-refused", !o.ok() && o.all().contains(to_name), format!("{t}: {from_name}'s xl-vtpm vtpm start rc={} (want a refusal naming {to_name}): {}", o.rc, o.tail1(2)));
+    }
+    if !e.is_empty() {
+        show_tail("hvm-x console (GUEST lines)", &console_lines(), 25);
+        show_tail("qemu-dm hvm-x", &xen::read_text(&format!("/var/log/xen/qemu-dm-{NAME}.log")), 15);
+        show_tail("qemu-dm hvm-x--incoming", &xen::read_text(&format!("/var/log/xen/qemu-dm-{NAME}--incoming.log")), 15);
+    }
+    cleanup(cx, &uuid);
+    e.verdict(format!(
+        "HVM guest {NAME} (tpm-crb, device model's TPM) moved to {B_HOST} and back non-live with its vTPM (EK/key/NV/PCR 16 kept, quote verified, the registry names the holder, the other host refuses; a live move refused first); downtime seen by the guest {downs:?} ms"
+    ))
+}
+
+/// Destroys the guest wherever it runs, its pair and both identities.
+fn cleanup(cx: &Cx, uuid: &str) {
+    let (a, b) = (a_env(), b_env());
+    for env in [&a, &b] {
+        if xen::domid(NAME).is_some() || xen::domid(&format!("{NAME}--incoming")).is_some() {
+            let o = on(env, &["xl-vtpm", "destroy", NAME]).secs(120).run(cx);
+            println!("INFO migrate-xhost-hvm cleanup: xl-vtpm destroy {NAME} under {} rc={}", env_words(env), o.rc);
+        }
+    }
+    xen::destroy_if_running(cx, NAME);
+    xen::destroy_if_running(cx, &format!("{NAME}--incoming"));
+    for env in [&a, &b] {
+        if !uuid.is_empty() && vtpm_running(cx, env, uuid) {
+            let _ = on(env, &["xl-vtpm", "vtpm", "stop", uuid]).secs(60).run(cx);
+        }
+    }
+    let rr = on(&a, &["xl-vtpm", "registry", "remove", NAME, "--yes"]).secs(60).run(cx);
+    let mut dels = Vec::new();
+    if !uuid.is_empty() && rr.ok() {
+        for env in [&a, &b] {
+            dels.push(on(env, &["xl-vtpm", "mgr", "vtpm", "del", uuid, "--yes"]).secs(60).run(cx).rc);
+        }
+    }
+    for dir in ["/var/lib/xvtpm/migrate-save", "/var/lib/xvtpm-b/migrate-save"] {
+        if !uuid.is_empty() {
+            let _ = std::fs::remove_file(format!("{dir}/{uuid}.xlsave"));
+        }
+    }
+    println!("INFO migrate-xhost-hvm cleanup: registry remove {NAME} rc={}; vTPM {} identity deleted on A, B: rc {dels:?}", rr.rc, none(uuid));
+}
