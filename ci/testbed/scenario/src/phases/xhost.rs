@@ -54,7 +54,7 @@ use crate::xen::{self, after_prefix, find_key, jf};
 pub const A_HOST: &str = "host-a";
 pub const B_HOST: &str = "host-b";
 const A_RUN: &str = "/run/xvtpm";
-const A_STATE: &str = "/var/lib/xvtpm";
+pub(super) const A_STATE: &str = "/var/lib/xvtpm";
 pub const B_RUN: &str = "/run/xvtpm-b";
 pub const B_STATE: &str = "/var/lib/xvtpm-b";
 /// The registry both hosts share: host A's, xl-vtpm's default `STATE_DIR/registry.sqlite` under
@@ -733,7 +733,7 @@ fn guest_move(cx: &Cx) -> Outcome {
 
 /// The processes (pids) whose command line runs `xl-vtpm migrate-receive` (a receiver, or the
 /// transport's shells around it).
-fn receivers() -> Vec<u32> {
+pub(super) fn receivers() -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
     let me = std::process::id();
     rd.filter_map(|d| d.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -743,7 +743,7 @@ fn receivers() -> Vec<u32> {
 }
 
 /// `xl list NAME`'s state column (`--p---` while paused), if the domain exists.
-fn xl_state(name: &str) -> Option<String> {
+pub(super) fn xl_state(name: &str) -> Option<String> {
     let o = Cmd::new(&["xl", "list", name]).split().run_for(Duration::from_secs(30));
     if !o.ok() {
         return None;
@@ -752,7 +752,7 @@ fn xl_state(name: &str) -> Option<String> {
 }
 
 /// Lines of host B's manager log containing `what` and naming vTPM `uuid`.
-fn b_log_count(what: &str, uuid: &str) -> usize {
+pub(super) fn b_log_count(what: &str, uuid: &str) -> usize {
     xen::read_text(MGR_LOG).lines().filter(|l| l.contains(what) && l.contains(&format!("vtpm={uuid}"))).count()
 }
 
@@ -789,7 +789,7 @@ fn start_move(tag: &str) -> Result<(Child, String), String> {
 }
 
 /// `kill -9` of the source; whether it still ran (None) or had exited (its code) before.
-fn kill_source(c: &mut Child) -> Option<i32> {
+pub(super) fn kill_source(c: &mut Child) -> Option<i32> {
     let before = match c.try_wait() {
         Ok(Some(s)) => Some(s.code().unwrap_or(-1)),
         _ => None,

@@ -13,15 +13,26 @@
 //!     saved guest and loaded into the vTPM process the receiver started from the moved
 //!     identity), a fresh quote verified; the registry names the holder, whose vTPM runs; the
 //!     other host refuses to start it naming the holder; P6 (`PERF p6-xhost-hvm-downtime-ms-rN`);
+//!   - two moves A → B cut by `kill -9` of the source, each completed by `--finish`: (k1) once
+//!     B holds the whole saved guest, before the vTPM's identity moved — the receiver removes
+//!     what it kept, `--finish` exits 1 ("never arrived", the guest restored on A from its saved
+//!     memory, its vTPM started again if the move had stopped it); (k2) once B's manager imported
+//!     the identity — the receiver keeps the saved guest, `--finish` exits 0 with the guest
+//!     restored and resumed on B; after each the guest's EK, key, NV, PCR 16 and a fresh quote,
+//!     the registry and no file left behind;
 //!   - `xl-vtpm destroy` on the holder, the pair and both identities removed.
 
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use super::hvmmig::{dms_of, mem_available_mib};
 use super::migrate::{cons, downtime, field, guest_cmd, last_tick};
-use super::xhost::{A_HOST, A_POLICY, B_HOST, B_POLICY, SSH_LOCAL, VENDOR_INT, VENDOR_ROOT, a_env, b_env, env_words, json, on, row, vtpm_running};
+use super::xhost::{
+    A_HOST, A_POLICY, A_STATE, B_HOST, B_POLICY, B_RUN, B_STATE, SSH_LOCAL, VENDOR_INT, VENDOR_ROOT, a_env, b_env, b_log_count, env_words, json, kill_source, on, receivers, row,
+    vtpm_running,
+};
 use super::{guest_checks, none};
-use crate::cmd::{pid_up, show, show_tail};
+use crate::cmd::{Output, pid_up, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome};
 use crate::xen::{self, after_prefix, jf};
 
@@ -185,6 +196,10 @@ pub(super) fn hvm_move(cx: &Cx) -> Outcome {
         let o = on(from, &["xl-vtpm", "vtpm", "start", &uuid]).secs(60).run(cx);
         e.check("xhost-hvm-refused", !o.ok() && o.all().contains(to_name), format!("{t}: {from_name}'s xl-vtpm vtpm start rc={} (want a refusal naming {to_name}): {}", o.rc, o.tail1(2)));
     }
+    let mut killed = String::new();
+    if e.is_empty() {
+        killed = kill_rounds(cx, &mut e, &uuid, &ek, &pcr);
+    }
     if !e.is_empty() {
         show_tail("hvm-x console (GUEST lines)", &console_lines(), 25);
         show_tail("qemu-dm hvm-x", &xen::read_text(&format!("/var/log/xen/qemu-dm-{NAME}.log")), 15);
@@ -192,8 +207,152 @@ pub(super) fn hvm_move(cx: &Cx) -> Outcome {
     }
     cleanup(cx, &uuid);
     e.verdict(format!(
-        "HVM guest {NAME} (tpm-crb, device model's TPM) moved to {B_HOST} and back non-live with its vTPM (EK/key/NV/PCR 16 kept, quote verified, the registry names the holder, the other host refuses; a live move refused first); downtime seen by the guest {downs:?} ms"
+        "HVM guest {NAME} (tpm-crb, device model's TPM) moved to {B_HOST} and back non-live with its vTPM (EK/key/NV/PCR 16 kept, quote verified, the registry names the holder, the other host refuses; a live move refused first); downtime seen by the guest {downs:?} ms; {killed}"
     ))
+}
+
+/// The move A → B's argv (`--finish`: the completion of one cut short).
+fn move_argv(receiver: &str, finish: bool) -> Vec<String> {
+    let mut v: Vec<String> = ["xl-vtpm", "--json", "migrate", NAME, B_HOST, "--non-live", "--ssh", SSH_LOCAL, "--receiver", receiver, "--ek-ca", VENDOR_ROOT, "--ek-intermediate", VENDOR_INT, "--host-pcrs-policy", B_POLICY]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if finish {
+        v.retain(|a| a != "--non-live");
+        v.push("--finish".into());
+    }
+    v
+}
+
+/// The move A → B started in the background; its stderr (the receiver's too) in the returned file.
+fn start_move(tag: &str) -> Result<(Child, String), String> {
+    let argv = move_argv(&format!("{} xl-vtpm migrate-receive", env_words(&b_env())), false);
+    println!("migrate-xhost-hvm kill round {tag}: {} &", argv.join(" "));
+    let out = format!("/tmp/xl-hvm-x-kill{tag}.out");
+    let err = format!("{out}.err");
+    let f = std::fs::File::create(&out).map_err(|e| format!("{out}: {e}"))?;
+    let f2 = std::fs::File::create(&err).map_err(|e| format!("{err}: {e}"))?;
+    let mut c = Command::new(&argv[0]);
+    c.args(&argv[1..]).env("NO_COLOR", "1").env("XVTPM_LOG", "info").stdin(Stdio::null()).stdout(f).stderr(f2);
+    for (k, v) in a_env() {
+        c.env(k, v);
+    }
+    c.spawn().map(|ch| (ch, err)).map_err(|e| format!("xl-vtpm migrate: cannot start: {e}"))
+}
+
+fn finish(cx: &Cx, tag: &str) -> Output {
+    let argv = move_argv(&format!("{} xl-vtpm migrate-receive", env_words(&b_env())), true);
+    println!("migrate-xhost-hvm kill round {tag}: {}", argv.join(" "));
+    let out = format!("/tmp/xl-hvm-x-finish{tag}.out");
+    let o = on(&a_env(), &argv.iter().map(String::as_str).collect::<Vec<_>>()).env("XVTPM_LOG", "info").secs(420).save_split(&out, &format!("{out}.err")).run(cx);
+    show("xl-vtpm migrate --finish (HVM)", &o.all());
+    o
+}
+
+fn file_len(path: &str) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// What a cut move may not leave once finished: the move record, either saved guest, B's configs.
+fn leftovers(uuid: &str) -> Vec<String> {
+    [
+        format!("{A_STATE}/migrate-save/{uuid}.move.json"),
+        format!("{A_STATE}/migrate-save/{uuid}.xlsave"),
+        format!("{B_STATE}/migrate-save/{uuid}.xlsave"),
+        format!("{B_RUN}/guests/{NAME}.incoming.cfg"),
+    ]
+    .into_iter()
+    .filter(|f| std::path::Path::new(f).exists())
+    .collect()
+}
+
+/// The guest's TPM after a finished round (CHECK `<pre>-tpm`).
+fn tpm_checks(cx: &Cx, e: &mut Errs, pre: &str, n: u32, ek: &str, pcr: &str, t: &str) {
+    let g = guest_cmd(cx, NAME, n, &format!("migcheck:{}", xen::nonce(16)), 240);
+    println!("[{NAME}] {g}");
+    e.check(
+        &format!("{pre}-tpm"),
+        field(&g, "ek") == ek && field(&g, "persistent") == "kept" && field(&g, "nv") == "kept" && field(&g, "pcr16") == pcr && field(&g, "quote") == "verified",
+        format!(
+            "{t}: EK {}, 0x81000010 {}, NV {}, PCR 16 {} (before {pcr}), a fresh AK quote {}",
+            if field(&g, "ek") == ek { "the same" } else { "NOT the same" },
+            none(&field(&g, "persistent")),
+            none(&field(&g, "nv")),
+            none(&field(&g, "pcr16")),
+            none(&field(&g, "quote"))
+        ),
+    );
+}
+
+/// The two kill rounds (the guest on A before them); a summary for the phase's reason.
+fn kill_rounds(cx: &Cx, e: &mut Errs, uuid: &str, ek: &str, pcr: &str) -> String {
+    let (a, b) = (a_env(), b_env());
+    let mut sum = Vec::new();
+    let (a_save, b_save) = (format!("{A_STATE}/migrate-save/{uuid}.xlsave"), format!("{B_STATE}/migrate-save/{uuid}.xlsave"));
+    for (tag, after_import, n) in [("1", false, 11u32), ("2", true, 12)] {
+        let pre = format!("xhost-hvm-kill{tag}");
+        let t0 = Instant::now();
+        let imported0 = b_log_count("vTPM imported", uuid) + b_log_count("imported vTPM's state file written", uuid);
+        let (mut src, err) = match start_move(tag) {
+            Ok(x) => x,
+            Err(w) => {
+                e.add(w);
+                break;
+            }
+        };
+        let up = |c: &mut Child| matches!(c.try_wait(), Ok(None));
+        let seen = if after_import {
+            cx.wait_every(420, Duration::from_millis(10), || b_log_count("vTPM imported", uuid) + b_log_count("imported vTPM's state file written", uuid) > imported0 || !up(&mut src))
+        } else {
+            // B holds the whole saved guest (the source's file as long): the identity is next
+            cx.wait_every(420, Duration::from_millis(5), || (file_len(&b_save) > 0 && file_len(&b_save) == file_len(&a_save)) || !up(&mut src))
+        };
+        let exited = kill_source(&mut src);
+        let when = if after_import { "B's manager imported the identity" } else { "B held the whole saved guest, before the identity moved" };
+        e.check(
+            &format!("{pre}-cut"),
+            seen && exited.is_none(),
+            format!("source killed -9 {} ms after its start, once {when} (seen {seen}); it {}", t0.elapsed().as_millis(), exited.map_or("still ran".to_string(), |c| format!("HAD EXITED rc={c} before the kill"))),
+        );
+        let ended = cx.wait_every(60, Duration::from_millis(200), || receivers().is_empty());
+        let b_kept = std::path::Path::new(&b_save).exists();
+        e.check(
+            &format!("{pre}-receiver"),
+            ended && b_kept == after_import && xen::domid(NAME).is_none() && xen::domid(&format!("{NAME}--incoming")).is_none(),
+            format!(
+                "the receiver ended: {ended}; B's saved guest kept: {b_kept} (want {after_import}: {}); no domain {NAME} anywhere",
+                if after_import { "the identity is there" } else { "the identity is still on A" }
+            ),
+        );
+        show_tail(&format!("HVM kill round {tag}: source + receiver stderr"), &xen::read_text(&err), 12);
+        let o = finish(cx, tag);
+        let all = o.all();
+        let d = xen::domid(NAME).unwrap_or_default();
+        let (ra, rb) = (row(cx, &a, NAME), row(cx, &b, NAME));
+        let (want_rc, holder) = if after_import { (0, B_HOST) } else { (1, A_HOST) };
+        e.check(
+            &format!("{pre}-finish"),
+            o.rc == want_rc && (after_import || (all.contains("never arrived") && all.contains("restored here"))),
+            format!("xl-vtpm migrate {NAME} {B_HOST} --finish rc={} in {} ms (want {want_rc}): {}", o.rc, o.elapsed.as_millis(), o.tail1(2)),
+        );
+        let holder_env = if after_import { &b } else { &a };
+        e.check(
+            &format!("{pre}-holder"),
+            !d.is_empty() && jf(&ra, "host") == holder && jf(&rb, "host") == holder && jf(&ra, "state") == "running" && jf(&ra, "guest_domid") == d && vtpm_running(cx, holder_env, uuid),
+            format!("domain {NAME} {}; the registry names host {} (state {}, domid {}), want {holder} whose vTPM runs", none(&d), none(&jf(&ra, "host")), jf(&ra, "state"), jf(&ra, "guest_domid")),
+        );
+        if !d.is_empty() {
+            tpm_checks(cx, e, &pre, n, ek, pcr, &format!("after the --finish ({holder})"));
+        }
+        let left = leftovers(uuid);
+        e.check(&format!("{pre}-no-leftover"), left.is_empty(), format!("move record, saved guests, B's incoming config left: {left:?}"));
+        println!("PERF {pre}-round-ms={}", t0.elapsed().as_millis());
+        sum.push(format!("kill round {tag} ({when}): --finish rc {} in {} ms", o.rc, o.elapsed.as_millis()));
+        if !e.is_empty() {
+            break;
+        }
+    }
+    sum.join("; ")
 }
 
 /// Destroys the guest wherever it runs, its pair and both identities.
