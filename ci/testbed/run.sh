@@ -50,7 +50,7 @@
 #   XVTPM_TESTBED_CPU      QEMU -cpu (with the hvm-tis phase: max,-smap,-xsave, whose NPT gives Xen
 #                          HAP, which HVM guests need as Debian's Xen has no shadow paging; measured ~20% faster
 #                          for the PV phases too. XVTPM_TESTBED_HVM=0: qemu64. Plain "max" crashes dom0 (SMAP))
-#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1536 / 768M (2048 / 1024M with _XHOST=1; with XVTPM_TESTBED_HVM=0, _MIGRATE=0, _LIBVIRT=0, _MGRDOM=0 and _XHOST=0: 2 / 1024 / 512M)
+#   XVTPM_TESTBED_SMP / _MEM / _DOM0_MEM   2 / 1536 / 768M (2048 / 1024M with _XHOST=1, 2560 / 1280M with _XHOST=1 and the HVM phases; with XVTPM_TESTBED_HVM=0, _MIGRATE=0, _LIBVIRT=0, _MGRDOM=0 and _XHOST=0: 2 / 1024 / 512M)
 #   XVTPM_TESTBED_STARTUP  swtpm --flags value (startup-clear)
 #   XVTPM_TESTBED_NICE     nice level for QEMU (0: at nice 10 QEMU got almost no CPU beside other work and
 #                          a loaded run overran the budget; 10 keeps a developer's desktop responsive)
@@ -82,8 +82,10 @@ XHOST=${XVTPM_TESTBED_XHOST:-1}
 DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ] || [ "$LIBVIRT" != 0 ] || [ "$XVTPM_TESTBED_MGRDOM" != 0 ] || [ "$XHOST" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
 # migrate-xhost holds a 160 MiB guest's saved memory twice in dom0's ramfs (the source's file and
 # the receiver's copy): after every other phase's leftovers 768M ran out (the OOM killer took
-# xl-vtpm and vtpmmgr in the CI run of 05:14)
+# xl-vtpm and vtpmmgr in the CI run of 05:14); with the HVM phases migrate-xhost-hvm holds a
+# 192 MiB HVM guest's twice, and hvm-migrate's --non-live round a 256 MiB one beside libvirtd
 [ "$XHOST" != 0 ] && { DEFMEM=2048; DEFDOM0=1024M; }
+[ "$XHOST" != 0 ] && [ "$HVM" != 0 ] && { DEFMEM=2560; DEFDOM0=1280M; }
 SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-$DEFMEM}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-$DEFDOM0}
 NICE=${XVTPM_TESTBED_NICE:-0}
 case $ACCEL in
@@ -132,6 +134,8 @@ fail() {  # reason
     [ -s "$f" ] || continue
     echo "===== last 100 lines of $f ====="; tail -n 100 "$f"
   done
+  # what failed, last (a CI log is often read from its end): the failing checks and results
+  [ -n "${FAIL_DETAIL:-}" ] && { echo "===== what failed ====="; echo "$FAIL_DETAIL"; }
   echo "TESTBED FAIL ($*) logs: $L"
   exit 1
 }
@@ -322,6 +326,10 @@ budget_report
 # ---- 6. verdict ----
 [ -n "$status" ] && fail "$status"
 grep -q 'MARK TESTBED-DONE' "$L/serial.log" || fail "no TESTBED-DONE within the budget (${BUDGET}s; qemu rc=$qrc)"
-grep -q 'MARK TESTBED-DONE.*result=PASS' "$L/serial.log" || { cat "$L/results.txt"; fail "scenario failed: $(grep SUMMARY "$L/results.txt")"; }
+if ! grep -q 'MARK TESTBED-DONE.*result=PASS' "$L/serial.log"; then
+  cat "$L/results.txt"
+  FAIL_DETAIL=$(grep -E '^(CHECK [^ ]+ [^ ]+|RESULT [^ ]+) FAIL' "$L/results.txt" | cut -c1-400 | tail -n 12)
+  fail "scenario failed: $(grep SUMMARY "$L/results.txt")"
+fi
 cat "$L/results.txt"
 echo "TESTBED PASS (qemu rc=$qrc, total $(now) s) logs: $L"

@@ -85,6 +85,7 @@ pub(super) fn hvm_move(cx: &Cx) -> Outcome {
         return Outcome::fail(w);
     }
     let (avail, need) = (mem_available_mib(), 2 * MEMORY_MIB + MARGIN_MIB);
+    println!("INFO migrate-xhost-hvm: dom0 MemAvailable {avail} MiB (the moves need {need})");
     if avail < need {
         return Outcome::fail(format!("dom0 MemAvailable {avail} MiB < {need} MiB: two copies of the guest's memory do not fit in dom0's ramfs (raise XVTPM_TESTBED_DOM0_MEM)"));
     }
