@@ -88,8 +88,9 @@ enum Cmd {
         name: String,
     },
     /// Move a running guest with its vTPM: to a new domain on this host (`localhost`), or to
-    /// another host with its vTPM's identity sealed to that host's TPM; the guest keeps its EK,
-    /// keys, NV and PCRs (docs/migration.md, "Moving the guest with its vTPM", "To another host").
+    /// another host with its vTPM's identity sealed to that host's TPM (an HVM guest whose device
+    /// model emulates its TPM: with --non-live); the guest keeps its EK, keys, NV and PCRs
+    /// (docs/migration.md, "Moving the guest with its vTPM", "To another host").
     Migrate {
         /// Guest name.
         name: String,
