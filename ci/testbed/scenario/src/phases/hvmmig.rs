@@ -160,6 +160,22 @@ fn plain(cx: &Cx) -> Outcome {
     e.verdict(format!("an HVM guest without a vTPM moved live {} times on localhost (xl migrate -p, unpaused once the source's device model ended); downtime seen by the guest {downs:?} ms", downs.len()))
 }
 
+/// The first boot of a guest of the hvm-mig image (`mig=1`), waited for up to `wait` s: its
+/// checks (PCR 16 extended, NV written, 0x81000010 made, EK read, a quote checked) into `e`;
+/// returns the EK's SHA-256 and PCR 16 it printed for the checks after a move.
+pub(super) fn boot_checks(cx: &Cx, e: &mut Errs, name: &str, wait: u64) -> (String, String) {
+    if !cx.wait_every(wait, Duration::from_secs(1), || cons(name).contains("GUEST-HOLD")) {
+        e.add("no-GUEST-HOLD");
+    }
+    let c = cons(name);
+    for m in guest_checks(&c, name, "boot", &["tpm0", "startup", "getrandom", "pcrextend", "nv-write", "ek", "persistent", "quote", "checkquote"]) {
+        e.add(m);
+    }
+    let ek = after_prefix(&c, "GUEST-MIGEK ").unwrap_or_default().trim().to_string();
+    let pcr = after_prefix(&c, "GUEST-PCR16 ").unwrap_or_default().trim().to_string();
+    (ek, pcr)
+}
+
 /// The guest with its vTPM: boot, two moves with checks, a failed move, destroy.
 fn with_vtpm(cx: &Cx, st: &mut St) -> Outcome {
     let dm = dm_path();
@@ -179,18 +195,9 @@ fn with_vtpm(cx: &Cx, st: &mut St) -> Outcome {
         cleanup(cx, NAME, pid);
         return Outcome::fail(format!("xl-vtpm create exited {}", o.rc));
     }
-    let wait = left_for(cx, AFTER + 120).min(300);
-    if !cx.wait_every(wait, Duration::from_secs(1), || cons(NAME).contains("GUEST-HOLD")) {
-        e.add("no-GUEST-HOLD");
-    }
-    let c = cons(NAME);
-    for m in guest_checks(&c, NAME, "boot", &["tpm0", "startup", "getrandom", "pcrextend", "nv-write", "ek", "persistent", "quote", "checkquote"]) {
-        e.add(m);
-    }
-    let ek = after_prefix(&c, "GUEST-MIGEK ").unwrap_or_default().trim().to_string();
-    let pcr = after_prefix(&c, "GUEST-PCR16 ").unwrap_or_default().trim().to_string();
+    let (ek, pcr) = boot_checks(cx, &mut e, NAME, left_for(cx, AFTER + 120).min(300));
     if !e.is_empty() {
-        show_tail("hvm-mig console (GUEST lines)", &c.lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
+        show_tail("hvm-mig console (GUEST lines)", &cons(NAME).lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
         cleanup(cx, NAME, pid);
         return e.verdict("");
     }

@@ -756,13 +756,14 @@ pub(super) fn b_log_count(what: &str, uuid: &str) -> usize {
     xen::read_text(MGR_LOG).lines().filter(|l| l.contains(what) && l.contains(&format!("vtpm={uuid}"))).count()
 }
 
-/// What a killed move left, as one line: its source's and receivers' ends and the files.
-fn leftovers(uuid: &str) -> Vec<String> {
+/// What a killed move of guest `guest` may not leave once finished: the move record, either
+/// saved guest, B's incoming config.
+pub(super) fn leftovers(uuid: &str, guest: &str) -> Vec<String> {
     [
         format!("{A_STATE}/migrate-save/{uuid}.move.json"),
         format!("{A_STATE}/migrate-save/{uuid}.xlsave"),
         format!("{B_STATE}/migrate-save/{uuid}.xlsave"),
-        format!("{B_RUN}/guests/{XG}.incoming.cfg"),
+        format!("{B_RUN}/guests/{guest}.incoming.cfg"),
     ]
     .into_iter()
     .filter(|f| std::path::Path::new(f).exists())
@@ -774,11 +775,15 @@ fn leftovers(uuid: &str) -> Vec<String> {
 fn start_move(tag: &str) -> Result<(Child, String), String> {
     let h = Hop { round: 0, from: &[], from_name: A_HOST, to: &[], to_name: B_HOST, policy: B_POLICY };
     let receiver = format!("{} xl-vtpm migrate-receive", env_words(&b_env()));
-    let argv = h.argv(&receiver);
-    println!("migrate-xhost kill round {tag}: {} & (source env: {})", argv.join(" "), env_words(&a_env()));
-    let out = format!("/tmp/xl-mig-x-kill{tag}.out");
+    spawn_move(&h.argv(&receiver), &format!("/tmp/xl-mig-x-kill{tag}.out"), &format!("migrate-xhost kill round {tag}"))
+}
+
+/// Runs `argv` (a move from A) in the background under A's environment with `XVTPM_LOG=info`,
+/// stdout in `out`, stderr (the receiver's too) in `out.err`, whose name it returns.
+pub(super) fn spawn_move(argv: &[String], out: &str, what: &str) -> Result<(Child, String), String> {
+    println!("{what}: {} & (source env: {})", argv.join(" "), env_words(&a_env()));
     let err = format!("{out}.err");
-    let f = std::fs::File::create(&out).map_err(|e| format!("{out}: {e}"))?;
+    let f = std::fs::File::create(out).map_err(|e| format!("{out}: {e}"))?;
     let f2 = std::fs::File::create(&err).map_err(|e| format!("{err}: {e}"))?;
     let mut c = Command::new(&argv[0]);
     c.args(&argv[1..]).env("NO_COLOR", "1").env("XVTPM_LOG", "info").stdin(Stdio::null()).stdout(f).stderr(f2);
@@ -925,7 +930,7 @@ fn arrive_round(cx: &Cx, e: &mut Errs, uuid: &str, ek: &str, pcr: &str, tag: &st
         Err(w) => (true, w.clone()),
     };
     e.check(&format!("{pre}-b-no-identity"), !live, format!("B's xl-vtpm vtpm list and start for {uuid}: {why}"));
-    let left = leftovers(uuid);
+    let left = leftovers(uuid, XG);
     e.check(&format!("{pre}-no-leftover"), left.is_empty(), format!("move record, save files, B's incoming config left: {left:?}"));
     let r1 = t0.elapsed().as_millis();
     println!("PERF {pre}-round-ms={r1}");
@@ -1046,7 +1051,7 @@ fn kill_rounds(cx: &Cx, e: &mut Errs, uuid: &str, ek: &str, pcr: &str) -> String
         }
         let r = on(&a, &["xl-vtpm", "vtpm", "start", uuid]).secs(60).run(cx);
         e.check("migrate-xhost-kill2-a-refuses", !r.ok() && r.all().contains(B_HOST), format!("A's xl-vtpm vtpm start rc={} (want a refusal naming {B_HOST}): {}", r.rc, r.tail1(2)));
-        let left = leftovers(uuid);
+        let left = leftovers(uuid, XG);
         e.check("migrate-xhost-kill2-no-leftover", left.is_empty(), format!("move record, save files, B's incoming config left: {left:?}"));
         let r2 = t0.elapsed().as_millis();
         println!("PERF migrate-xhost-kill2-round-ms={r2}");

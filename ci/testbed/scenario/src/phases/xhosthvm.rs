@@ -22,19 +22,19 @@
 //!     the registry and no file left behind;
 //!   - `xl-vtpm destroy` on the holder, the pair and both identities removed.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use super::hvmmig::{dms_of, mem_available_mib};
 use super::migrate::{cons, downtime, field, guest_cmd, last_tick};
 use super::xhost::{
-    A_HOST, A_POLICY, A_STATE, B_HOST, B_POLICY, B_RUN, B_STATE, SSH_LOCAL, VENDOR_INT, VENDOR_ROOT, a_env, b_env, b_log_count, env_words, json, kill_source, on, receivers, row,
-    vtpm_running,
+    A_HOST, A_POLICY, A_STATE, B_HOST, B_POLICY, B_STATE, SSH_LOCAL, VENDOR_INT, VENDOR_ROOT, a_env, b_env, b_log_count, env_words, json, kill_source, leftovers, on, receivers, row,
+    spawn_move, vtpm_running,
 };
-use super::{guest_checks, none};
+use super::none;
 use crate::cmd::{Output, pid_up, show, show_tail};
 use crate::runner::{Cx, Errs, Outcome};
-use crate::xen::{self, after_prefix, jf};
+use crate::xen::{self, jf};
 
 const NAME: &str = "hvm-x";
 const CFG: &str = "/etc/xen/hvm-x.cfg";
@@ -98,15 +98,7 @@ pub(super) fn hvm_move(cx: &Cx) -> Outcome {
     let r0 = row(cx, &a, NAME);
     let uuid = jf(&r0, "vtpm_uuid");
     let pid0 = jf(&r0, "vtpm_pid").parse::<u32>().ok();
-    if !cx.wait_every(300, Duration::from_secs(1), || cons(NAME).contains("GUEST-HOLD")) {
-        e.add("no-GUEST-HOLD");
-    }
-    let c = cons(NAME);
-    for m in guest_checks(&c, NAME, "boot", &["tpm0", "startup", "getrandom", "pcrextend", "nv-write", "ek", "persistent", "quote", "checkquote"]) {
-        e.add(m);
-    }
-    let ek = after_prefix(&c, "GUEST-MIGEK ").unwrap_or_default().trim().to_string();
-    let pcr = after_prefix(&c, "GUEST-PCR16 ").unwrap_or_default().trim().to_string();
+    let (ek, pcr) = super::hvmmig::boot_checks(cx, &mut e, NAME, 300);
     e.check("xhost-hvm-boot", !ek.is_empty() && !pcr.is_empty() && pcr != "0".repeat(64), format!("{NAME} on host A: vTPM {} (pid {}), EK sha256 {}, PCR 16 {}", none(&uuid), none(&jf(&r0, "vtpm_pid")), none(&ek), none(&pcr)));
     if !e.is_empty() {
         show_tail("hvm-x console (GUEST lines)", &console_lines(), 25);
@@ -225,20 +217,10 @@ fn move_argv(receiver: &str, finish: bool) -> Vec<String> {
     v
 }
 
-/// The move A → B started in the background; its stderr (the receiver's too) in the returned file.
+/// The move A → B started in the background.
 fn start_move(tag: &str) -> Result<(Child, String), String> {
     let argv = move_argv(&format!("{} xl-vtpm migrate-receive", env_words(&b_env())), false);
-    println!("migrate-xhost-hvm kill round {tag}: {} &", argv.join(" "));
-    let out = format!("/tmp/xl-hvm-x-kill{tag}.out");
-    let err = format!("{out}.err");
-    let f = std::fs::File::create(&out).map_err(|e| format!("{out}: {e}"))?;
-    let f2 = std::fs::File::create(&err).map_err(|e| format!("{err}: {e}"))?;
-    let mut c = Command::new(&argv[0]);
-    c.args(&argv[1..]).env("NO_COLOR", "1").env("XVTPM_LOG", "info").stdin(Stdio::null()).stdout(f).stderr(f2);
-    for (k, v) in a_env() {
-        c.env(k, v);
-    }
-    c.spawn().map(|ch| (ch, err)).map_err(|e| format!("xl-vtpm migrate: cannot start: {e}"))
+    spawn_move(&argv, &format!("/tmp/xl-hvm-x-kill{tag}.out"), &format!("migrate-xhost-hvm kill round {tag}"))
 }
 
 fn finish(cx: &Cx, tag: &str) -> Output {
@@ -252,19 +234,6 @@ fn finish(cx: &Cx, tag: &str) -> Output {
 
 fn file_len(path: &str) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
-}
-
-/// What a cut move may not leave once finished: the move record, either saved guest, B's configs.
-fn leftovers(uuid: &str) -> Vec<String> {
-    [
-        format!("{A_STATE}/migrate-save/{uuid}.move.json"),
-        format!("{A_STATE}/migrate-save/{uuid}.xlsave"),
-        format!("{B_STATE}/migrate-save/{uuid}.xlsave"),
-        format!("{B_RUN}/guests/{NAME}.incoming.cfg"),
-    ]
-    .into_iter()
-    .filter(|f| std::path::Path::new(f).exists())
-    .collect()
 }
 
 /// The guest's TPM after a finished round (CHECK `<pre>-tpm`).
@@ -345,7 +314,7 @@ fn kill_rounds(cx: &Cx, e: &mut Errs, uuid: &str, ek: &str, pcr: &str) -> String
         if !d.is_empty() {
             tpm_checks(cx, e, &pre, n, ek, pcr, &format!("after the --finish ({holder})"));
         }
-        let left = leftovers(uuid);
+        let left = leftovers(uuid, NAME);
         e.check(&format!("{pre}-no-leftover"), left.is_empty(), format!("move record, saved guests, B's incoming config left: {left:?}"));
         println!("PERF {pre}-round-ms={}", t0.elapsed().as_millis());
         sum.push(format!("kill round {tag} ({when}): --finish rc {} in {} ms", o.rc, o.elapsed.as_millis()));
