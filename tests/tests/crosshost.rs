@@ -50,6 +50,15 @@ impl Receiver {
         self.answer()
     }
 
+    /// `RecvRestore` of `size` bytes, answered `RecvOk`, then the bytes (the answer to them is
+    /// the caller's to read).
+    fn stream_saved(&mut self, guest: &str, vtpm: Uuid, size: u64) {
+        assert!(matches!(self.recv(RecvRequest::RecvRestore { guest: guest.into(), vtpm, size }), RecvReply::RecvOk));
+        let w = self.child.stdin.as_mut().unwrap();
+        w.write_all(&vec![0x5a; size as usize]).unwrap();
+        w.flush().unwrap();
+    }
+
     fn admin(&mut self, req: AdminRequest) -> AdminReply {
         self.send(&req);
         self.answer()
@@ -64,6 +73,15 @@ impl Receiver {
         self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
         (self.child.wait().unwrap(), rest, err)
     }
+}
+
+/// A guest `guest` bound to a new vTPM in `b`'s registry (the pair a move's receiver expects);
+/// returns the vTPM.
+fn pair_in(b: &Stack, guest: &str) -> Uuid {
+    let vtpm = Uuid::new_v4();
+    let mut reg = xl_tools::registry::Registry::connect(&xl_tools::registry::Location::Sqlite(b.state_dir().join("registry.sqlite")), "host-b").unwrap();
+    reg.begin_create(&xl_tools::registry::NewPair { guest_uuid: Uuid::new_v4(), guest_name: guest.into(), vtpm_uuid: vtpm, vtpm_domain: format!("vtpm-{guest}"), group: None }).unwrap();
+    vtpm
 }
 
 fn refused(r: RecvReply, code: i32, what: &str) {
@@ -150,18 +168,7 @@ fn an_oversized_frame_ends_the_receiver_without_answering() {
 fn a_saved_guest_streams_to_the_receiver_and_a_failed_move_leaves_nothing() {
     use std::os::unix::fs::PermissionsExt;
     let b = Stack::start_with(Options::default());
-    let vtpm = Uuid::new_v4();
-    {
-        let mut reg = xl_tools::registry::Registry::connect(&xl_tools::registry::Location::Sqlite(b.state_dir().join("registry.sqlite")), "host-b").unwrap();
-        reg.begin_create(&xl_tools::registry::NewPair {
-            guest_uuid: Uuid::new_v4(),
-            guest_name: "g1".into(),
-            vtpm_uuid: vtpm,
-            vtpm_domain: "vtpm-g1".into(),
-            group: None,
-        })
-        .unwrap();
-    }
+    let vtpm = pair_in(&b, "g1");
     let mut rx = Receiver::start_with(&b, &[("XVTPM_XL", "/nonexistent/xl")]);
     let config = format!("name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid={vtpm}\" ]\n");
     let incoming = |source_boot: &str| RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: source_boot.into(), from_domid: 3, hvm: None };
@@ -183,10 +190,7 @@ fn a_saved_guest_streams_to_the_receiver_and_a_failed_move_leaves_nothing() {
     // 4 MiB streamed; the restore fails (no Xen here) and the file goes.
     let save = b.state_dir().join("migrate-save").join(format!("{vtpm}.xlsave"));
     let size = 4 << 20;
-    assert!(matches!(rx.recv(RecvRequest::RecvRestore { guest: "g1".into(), vtpm, size }), RecvReply::RecvOk));
-    let w = rx.child.stdin.as_mut().unwrap();
-    w.write_all(&vec![0x5a; size as usize]).unwrap();
-    w.flush().unwrap();
+    rx.stream_saved("g1", vtpm, size);
     refused(rx.answer(), 1, "/nonexistent/xl");
     assert!(!save.exists(), "a failed restore leaves no saved guest behind");
 
@@ -213,12 +217,7 @@ fn a_saved_guest_streams_to_the_receiver_and_a_failed_move_leaves_nothing() {
 #[test]
 fn an_hvm_guest_is_staged_until_its_vtpm_is_here() {
     let b = Stack::start_with(Options::default());
-    let vtpm = Uuid::new_v4();
-    {
-        let mut reg = xl_tools::registry::Registry::connect(&xl_tools::registry::Location::Sqlite(b.state_dir().join("registry.sqlite")), "host-b").unwrap();
-        reg.begin_create(&xl_tools::registry::NewPair { guest_uuid: Uuid::new_v4(), guest_name: "h1".into(), vtpm_uuid: vtpm, vtpm_domain: "vtpm-h1".into(), group: None })
-            .unwrap();
-    }
+    let vtpm = pair_in(&b, "h1");
     let mut rx = Receiver::start_with(&b, &[("XVTPM_XL", "/nonexistent/xl")]);
     let config = "name = \"h1\"\ntype = \"hvm\"\nmemory = 256\ndevice_model_args_hvm = [ \"-no-hpet\" ]\n".to_string();
     let tables = hex::encode(b"TPM2 tables of the source");
@@ -238,10 +237,7 @@ fn an_hvm_guest_is_staged_until_its_vtpm_is_here() {
     // The saved guest is kept, not restored (xl is not even run).
     let save = b.state_dir().join("migrate-save").join(format!("{vtpm}.xlsave"));
     let size = 1 << 20;
-    assert!(matches!(rx.recv(RecvRequest::RecvRestore { guest: "h1".into(), vtpm, size }), RecvReply::RecvOk));
-    let w = rx.child.stdin.as_mut().unwrap();
-    w.write_all(&vec![0x5a; size as usize]).unwrap();
-    w.flush().unwrap();
+    rx.stream_saved("h1", vtpm, size);
     assert!(matches!(rx.answer::<RecvReply>(), RecvReply::RecvStaged));
     assert_eq!(std::fs::metadata(&save).unwrap().len(), size);
     // The move ends before the identity arrived: the source keeps the guest; nothing stays here.
@@ -333,11 +329,7 @@ fn the_identity_step_completes_from_where_a_move_stopped() {
 #[test]
 fn a_second_receiver_of_a_guest_waits_for_the_first() {
     let b = Stack::start_with(Options::default());
-    let vtpm = Uuid::new_v4();
-    {
-        let mut reg = xl_tools::registry::Registry::connect(&xl_tools::registry::Location::Sqlite(b.state_dir().join("registry.sqlite")), "host-b").unwrap();
-        reg.begin_create(&xl_tools::registry::NewPair { guest_uuid: Uuid::new_v4(), guest_name: "g1".into(), vtpm_uuid: vtpm, vtpm_domain: "vtpm-g1".into(), group: None }).unwrap();
-    }
+    let vtpm = pair_in(&b, "g1");
     let env = [("XVTPM_XL", "/nonexistent/xl")];
     let mut first = Receiver::start_with(&b, &env);
     let config = format!("name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid={vtpm}\" ]\n");
