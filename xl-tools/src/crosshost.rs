@@ -434,16 +434,13 @@ impl Xen {
         let file = save_file(&self.local.state_dir, &uuid);
         if non_live {
             // HVM: the device model that saves the TPM's state (the vTPM stops once it ended).
-            let source_dm = if hvm { crate::guestmig::device_model_pid(old).and_then(|p| Some((p, xvtpm_fsutil::start_time(p)?))) } else { None };
+            let source_dm = if hvm { crate::guestmig::device_model(old) } else { None };
             left.save_ms = match self.save_guest(name, old, &file) {
                 Ok(ms) => ms,
                 Err(e) => return Err(abandon(&mut rx, e)),
             };
-            if let Some((pid, start)) = source_dm {
-                let t = Instant::now();
-                while xvtpm_fsutil::instance_alive(pid, start) && t.elapsed() < crate::guestmig::DEVICE_MODEL_WAIT {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+            if let Some(dm) = source_dm {
+                crate::guestmig::wait_device_model_end(dm);
             }
             match send_saved(&mut rx, name, uuid, &file) {
                 Ok((_, ms, n)) => {
@@ -552,6 +549,17 @@ impl Xen {
         Ok(Completed { domid, pid, reconnect_ms, transfer_ms, tpm_kept, offer_id: rec.offer.offer_id, restore_ms })
     }
 
+    /// Starts vTPM `vtpm` (unless it runs) on its default sockets for the device model of the HVM
+    /// guest configured in `cfg_path` (its uid as `xl-vtpm create` resolves it; recorded as the
+    /// vTPM's consumer on this host if no access record is here, as for a vTPM that arrived).
+    fn serve_device_model_of(&self, admin: &mut Admin, vtpm: Uuid, cfg_path: &Path) -> Result<(), CliError> {
+        let text = std::fs::read_to_string(cfg_path).map_err(|e| CliError::caused(FAILURE, format!("the guest's config {}", cfg_path.display()), e))?;
+        let cfg = crate::xlcfg::XlConfig::parse(&text).map_err(|e| CliError::caused(FAILURE, cfg_path.display().to_string(), e))?;
+        let consumer = crate::hvm::dm_uid(&cfg, &crate::hvm::lookup_user).map_err(|e| fail(REFUSED, format!("{}: {e}", cfg_path.display())))?;
+        self.local.record_arrived_access(&vtpm, consumer)?;
+        self.ensure_vtpm_for_device_model(admin, vtpm, None, consumer).map(drop)
+    }
+
     /// The guest runs on the other host: its config here (and an HVM guest's ACPI tables) go.
     fn forget_guest_files(&self, name: &str) {
         let dir = self.local.run_dir.join("guests");
@@ -614,13 +622,7 @@ impl Xen {
             if rec.hvm && self.local.runtime(&rec.vtpm).is_none() {
                 // Its device model loads the TPM's state from the saved guest: the vTPM (stopped
                 // by the move) serves it again first.
-                let cfg_path = self.local.run_dir.join("guests").join(format!("{name}.cfg"));
-                let cfg = std::fs::read_to_string(&cfg_path)
-                    .ok()
-                    .and_then(|c| crate::xlcfg::XlConfig::parse(&c).ok())
-                    .ok_or_else(|| fail(FAILURE, format!("guest {name}'s config {} is unreadable; its vTPM cannot be started for it", cfg_path.display())))?;
-                let consumer = crate::hvm::dm_uid(&cfg, &crate::hvm::lookup_user).map_err(|e| fail(USAGE, format!("{}: {e}", cfg_path.display())))?;
-                self.ensure_vtpm_for_device_model(admin, rec.vtpm, None, consumer)?;
+                self.serve_device_model_of(admin, rec.vtpm, &self.local.run_dir.join("guests").join(format!("{name}.cfg")))?;
             }
             let back = self.migrate_guest(admin, name, None, None, true, false)?;
             return Err(fail(
@@ -909,13 +911,9 @@ impl Receiver<'_> {
     fn resume_hvm(&mut self, guest: &str, vtpm: Uuid, plain: &Path) -> Result<RecvReply, CliError> {
         let xen = self.xen;
         let file = save_file(&xen.local.state_dir, &vtpm);
-        let cfg_text = std::fs::read_to_string(plain).map_err(|e| CliError::caused(FAILURE, plain.display().to_string(), e))?;
-        let cfg = crate::xlcfg::XlConfig::parse(&cfg_text).map_err(|e| CliError::caused(FAILURE, plain.display().to_string(), e))?;
-        let consumer = crate::hvm::dm_uid(&cfg, &crate::hvm::lookup_user).map_err(|e| fail(REFUSED, format!("{}: {e}", plain.display())))?;
         let mut admin = Admin::connect(&xen.local.run_dir)?;
-        xen.local.record_arrived_access(&vtpm, consumer)?;
-        let kept = |what: String| fail(FAILURE, format!("guest {guest} is not restored here: {what}; its saved memory is kept in {} for `xl-vtpm migrate {guest} HOST --finish` on the source", file.display()));
-        xen.ensure_vtpm_for_device_model(&mut admin, vtpm, None, consumer).map_err(|e| kept(format!("starting its vTPM {vtpm}: {}", e.text())))?;
+        let kept = |code: i32, what: String| fail(code, format!("guest {guest} is not restored here: {what}; its saved memory is kept in {} for `xl-vtpm migrate {guest} HOST --finish` on the source", file.display()));
+        xen.serve_device_model_of(&mut admin, vtpm, plain).map_err(|e| kept(e.code, format!("starting its vTPM {vtpm}: {}", e.text())))?;
         let mut restore_ms = 0;
         let (domid, incoming) = match self.arrived_domid(guest) {
             Some(d) => d,
@@ -928,7 +926,7 @@ impl Receiver<'_> {
                     .args(["restore", "-p", &plain.display().to_string(), &file.display().to_string()])
                     .stdout(Stdio::null())
                     .output()
-                    .map_err(|e| kept(format!("cannot run {} ({e})", xen.xl.display())))?;
+                    .map_err(|e| kept(FAILURE, format!("cannot run {} ({e})", xen.xl.display())))?;
                 restore_ms = t.elapsed().as_millis() as u64;
                 let incoming = format!("{guest}{INCOMING}");
                 match xen.xl_domid(&incoming).filter(|_| out.status.success()) {
@@ -937,7 +935,7 @@ impl Receiver<'_> {
                         if let Some(d) = xen.xl_domid(&incoming) {
                             let _ = Command::new(&xen.xl).args(["destroy", &d.to_string()]).output();
                         }
-                        return Err(kept(format!("xl restore failed (exit {}): {}", out.status.code().unwrap_or(-1), xl_said(&out))));
+                        return Err(kept(FAILURE, format!("xl restore failed (exit {}): {}", out.status.code().unwrap_or(-1), xl_said(&out))));
                     }
                 }
             }

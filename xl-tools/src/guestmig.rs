@@ -295,7 +295,7 @@ impl Xen {
         }
         // HVM: the device model that serves the guest before the move (it ends after it).
         // (Its start time too: a pid reused after it ended is not it.)
-        let source_dm = if hvm && !finish { device_model_pid(old).and_then(|p| Some((p, xvtpm_fsutil::start_time(p)?))) } else { None };
+        let source_dm = if hvm && !finish { device_model(old) } else { None };
         let mut xl_ms = 0;
         let (mut save_ms, mut restore_ms) = (0, 0);
         let file = save_file(&self.local.state_dir, &uuid);
@@ -454,16 +454,9 @@ impl Xen {
     /// then the unpause and the registry.
     fn finish_hvm_move(&self, reg: &mut crate::registry::Registry, row: &crate::registry::Row, source_dm: Option<(u32, u64)>, m: Moved, file: &Path) -> Result<GuestMigrated, CliError> {
         let (name, uuid, new) = (&row.guest_name, row.vtpm_uuid, m.new);
-        let t = Instant::now();
         let mut source_ended = None;
-        if let Some((pid, start)) = source_dm {
-            while t.elapsed() < DEVICE_MODEL_WAIT {
-                if !xvtpm_fsutil::instance_alive(pid, start) {
-                    source_ended = Some(t.elapsed().as_millis() as u64);
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        if let Some(dm @ (pid, _)) = source_dm {
+            source_ended = wait_device_model_end(dm);
             if source_ended.is_none() {
                 eprintln!(
                     "xl-vtpm: warning: guest {name}: the source's device model (process {pid}) still runs {} s after the move; its end will leave the TPM to the new one",
@@ -551,8 +544,27 @@ pub(crate) fn tpmif_device(domid: u32) -> Option<bool> {
         .map(|d| d.is_some_and(|d| !d.is_empty()))
 }
 
+/// Domain `domid`'s device model as a process instance: its pid and start time (a pid reused
+/// after it ended is not it).
+pub(crate) fn device_model(domid: u32) -> Option<(u32, u64)> {
+    device_model_pid(domid).and_then(|p| Some((p, xvtpm_fsutil::start_time(p)?)))
+}
+
+/// Waits up to [`DEVICE_MODEL_WAIT`] for device model instance `dm` (from [`device_model`]) to
+/// end: how long it took (ms), or `None` if it still runs.
+pub(crate) fn wait_device_model_end((pid, start): (u32, u64)) -> Option<u64> {
+    let t = Instant::now();
+    while t.elapsed() < DEVICE_MODEL_WAIT {
+        if !xvtpm_fsutil::instance_alive(pid, start) {
+            return Some(t.elapsed().as_millis() as u64);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 /// The process of domain `domid`'s device model (libxl's `/local/domain/<domid>/image/device-model-pid`).
-pub(crate) fn device_model_pid(domid: u32) -> Option<u32> {
+fn device_model_pid(domid: u32) -> Option<u32> {
     use xen_platform::xenstore::Xenstore;
     with_xs(async |xs| xs.read(&format!("/local/domain/{domid}/image/device-model-pid")).await.map_err(|e| e.to_string()))
         .ok()
