@@ -80,14 +80,15 @@ fn max_gap(t: &[f64], from: f64) -> Option<(f64, usize)> {
 }
 
 /// Waits until the largest tick gap after `from` has ≥ 5 ticks after it (the guest runs again);
-/// the gap in ms.
+/// the gap in ms, from the same read of the consoles that met the condition (a log rewritten
+/// after it, as xenconsoled may when a domain is renamed, does not undo it).
 pub(super) fn downtime(cx: &Cx, name: &str, from: f64) -> Option<i64> {
+    let mut seen = None;
     cx.wait_every(90, Duration::from_millis(500), || {
-        max_gap(&ticks(name), from).is_some_and(|(_, after)| after >= 5)
+        seen = max_gap(&ticks(name), from).filter(|(_, after)| *after >= 5);
+        seen.is_some()
     });
-    max_gap(&ticks(name), from)
-        .filter(|(_, after)| *after >= 5)
-        .map(|(g, _)| (g * 1000.0) as i64)
+    seen.map(|(g, _)| (g * 1000.0) as i64)
 }
 
 pub(super) fn last_tick(name: &str) -> f64 {
