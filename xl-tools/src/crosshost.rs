@@ -1145,9 +1145,7 @@ impl Receiver<'_> {
                 let plain = dir.join(format!("{guest}.incoming.cfg"));
                 // An HVM guest whose saved memory is here, not yet restored (its vTPM's identity
                 // arrived, or is on its way).
-                let hvm = std::fs::read_to_string(&plain).ok().and_then(|c| crate::xlcfg::XlConfig::parse(&c).ok()).is_some_and(|c| {
-                    crate::hvm::strip(&mut c.clone(), &xen.device_model_socket(&vtpm), Path::new("")).ok().flatten().is_some()
-                });
+                let hvm = std::fs::read_to_string(&plain).ok().and_then(|c| crate::xlcfg::XlConfig::parse(&c).ok()).is_some_and(|c| crate::hvm::serves(&c, &xen.device_model_socket(&vtpm)).is_some());
                 let staged = hvm && found.is_none() && save_file(&xen.local.state_dir, &vtpm).exists();
                 self.incoming = (found.is_some() || staged).then(|| Incoming { guest: guest.clone(), vtpm, plain, full: dir.join(format!("{guest}.cfg")), arrived: true, restored: None, hvm });
                 Ok(RecvReply::RecvAdopted { domid: found.map(|(d, _)| d), staged })

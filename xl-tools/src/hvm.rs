@@ -175,15 +175,22 @@ pub fn apply(cfg: &mut XlConfig, ctrl: &Path, model: TpmModel, acpi_file: Option
     Ok(())
 }
 
+/// The TPM model of `cfg`'s device model if [`apply`] gave it the vTPM on control socket `ctrl`
+/// (the [`qemu_args`] at the end of `device_model_args_hvm`), else `None`.
+pub fn serves(cfg: &XlConfig, ctrl: &Path) -> Option<TpmModel> {
+    let args: Vec<String> = cfg.get_list("device_model_args_hvm").unwrap_or_default().iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    [TpmModel::Tis, TpmModel::Crb].into_iter().find(|m| args.ends_with(&qemu_args(ctrl, *m)))
+}
+
 /// The TPM [`apply`] gave the device model, taken out of `cfg` again (a guest moving to another
 /// host, whose vTPM serves on other sockets there): the [`qemu_args`] for control socket `ctrl`
 /// at the end of `device_model_args_hvm`, and `acpi_firmware` if it names `acpi_file`. Returns
 /// the model, or `None` (and `cfg` as it was) if `cfg` has no such TPM.
 pub fn strip(cfg: &mut XlConfig, ctrl: &Path, acpi_file: &Path) -> Result<Option<TpmModel>, crate::exit::Cause> {
-    let args: Vec<String> = cfg.get_list("device_model_args_hvm").unwrap_or_default().iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
-    let Some(model) = [TpmModel::Tis, TpmModel::Crb].into_iter().find(|m| args.ends_with(&qemu_args(ctrl, *m))) else {
+    let Some(model) = serves(cfg, ctrl) else {
         return Ok(None);
     };
+    let args: Vec<String> = cfg.get_list("device_model_args_hvm").unwrap_or_default().iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
     let kept = args.len() - qemu_args(ctrl, model).len();
     if kept == 0 {
         cfg.remove("device_model_args_hvm");
