@@ -377,3 +377,45 @@ fn an_hvm_guest_s_move_checks_its_tpm_and_never_restarts_a_gone_vtpm() {
     assert_eq!(calls(), before, "xl migrate ran for a guest whose vTPM is gone");
     assert_eq!(s.xl_json(&["vtpm", "show", &uuid])["state"], "stopped", "the vTPM was started again");
 }
+
+/// A guest that reboots while `xl save` writes it (xl's on_reboot makes it anew as another
+/// domain; seen in the testbed's CI runs as an HVM guest with new domid and reset PCRs after a
+/// move): the move says so and that nothing moved, removes the partial save (restoring it would
+/// make a second guest) and never runs `xl restore`.
+#[test]
+fn a_guest_that_reboots_during_its_save_is_not_restored_from_it() {
+    let (s, _) = stack_for_device_model();
+    let d = s.dir.path();
+    // `xl save` writes part of the guest, then the guest is domain 8, not 7: it rebooted
+    let xl = write(
+        d,
+        "xl",
+        &format!(
+            "#!/bin/sh\necho \"xl $*\" >> {d}/xl-calls.log\ncase \"$1\" in\n\
+             create) echo 7 > {d}/domid;;\n\
+             domid) [ -s {d}/domid ] && {{ cat {d}/domid; exit 0; }}; exit 1;;\n\
+             save) head -c 4096 /dev/zero > \"$3\"; echo 8 > {d}/domid; echo 'libxl: error: guest did not suspend' >&2; exit 1;;\n\
+             list) echo 'Name ID Mem VCPUs State Time(s) UUID';;\n\
+             esac\nexit 0\n",
+            d = d.display()
+        ),
+        0o755,
+    );
+    let cfg = write(d, "hvmr.cfg", "name = \"hvmr\"\ntype = \"hvm\"\ndevice_model_user = \"nobody\"\nvtpm = [ \"model=crb\" ]\n", 0o644);
+    let out = xl_vtpm(&s, &xl, &["create", cfg.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "xl-vtpm create: {}", String::from_utf8_lossy(&out.stderr));
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let uuid = row["vtpm_uuid"].as_str().unwrap().to_string();
+    let save = s.state_dir().join("migrate-save").join(format!("{uuid}.xlsave"));
+
+    let out = xl_vtpm(&s, &xl, &["migrate", "hvmr", "localhost", "--non-live"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("restarted during xl save") && err.contains("domain 7 ended") && err.contains("now domain 8") && err.contains("nothing moved"), "{err}");
+    assert!(!save.exists(), "the partial save of a guest that rebooted was kept: {}", save.display());
+    let calls = std::fs::read_to_string(d.join("xl-calls.log")).unwrap_or_default();
+    assert!(calls.contains("xl save hvmr") && !calls.contains("xl restore"), "{calls}");
+    // and the vTPM still serves the guest that runs
+    let v = Stack::handle(&s.xl_json(&["vtpm", "show", &uuid]));
+    assert!(xl_tools::guestmig::tpm_answers(&v.socket.unwrap()).is_ok());
+}

@@ -214,6 +214,19 @@ impl Xen {
                 let _ = std::fs::remove_file(file);
                 Err(fail(FAILURE, format!("xl save failed before the guest moved ({said}): {name} runs on as domain {old} with its vTPM; nothing changed")))
             }
+            // Another domain of that name: the guest rebooted during the save (xl's on_reboot
+            // made it anew). What the file holds is no guest any more: restoring it would make a
+            // second one.
+            (false, Some(d)) => {
+                let _ = std::fs::remove_file(file);
+                Err(fail(
+                    FAILURE,
+                    format!(
+                        "guest {name} restarted during xl save (domain {old} ended, {name} is now domain {d}: a reboot, as its on_reboot says; {said}); nothing moved, \
+                         the partial save was removed; it runs as domain {d} (its vTPM's PCRs reset, as at any reboot): see its console and `xl dmesg` for why it rebooted"
+                    ),
+                ))
+            }
             _ => Err(fail(
                 FAILURE,
                 format!(
