@@ -319,7 +319,7 @@ qemu_wall=$(awk -v a=$T0 -v b=$T_END 'BEGIN{printf "%.1f", b-a}')
 grep -q "MARK TESTBED-DONE" "$L/serial.log" && phase poweroff "$(awk -v a=$prev -v b=$qemu_wall 'BEGIN{printf "%.1f", b-a}')"
 phase qemu-total "$qemu_wall"
 phase total "$(now)"
-grep -E '^\[ *[0-9.]+\] (RESULT|SUMMARY|CHECK|PERF|INFO) ' "$L/serial.log" | sed -E 's/^\[ *[0-9.]+\] //' > "$L/results.txt"
+grep -E '^\[ *[0-9.]+\] (RESULT|SUMMARY|CHECK|PERF|INFO|WHY) ' "$L/serial.log" | sed -E 's/^\[ *[0-9.]+\] //' > "$L/results.txt"
 grep '^PERF ' "$L/results.txt" > "$L/perf.txt"
 budget_report
 
@@ -328,7 +328,18 @@ budget_report
 grep -q 'MARK TESTBED-DONE' "$L/serial.log" || fail "no TESTBED-DONE within the budget (${BUDGET}s; qemu rc=$qrc)"
 if ! grep -q 'MARK TESTBED-DONE.*result=PASS' "$L/serial.log"; then
   cat "$L/results.txt"
-  FAIL_DETAIL=$(grep -E '^(CHECK [^ ]+ [^ ]+|RESULT [^ ]+) FAIL' "$L/results.txt" | cut -c1-400 | tail -n 12)
+  # per failed phase its RESULT, its first two failing CHECKs (the later ones mostly follow from
+  # them) and what it saw of the cause (WHY); the earliest failed phase last; then what Xen said of
+  # a guest's crash or reboot (a guest restarted by on_reboot has a new domid, and every check after
+  # it fails for reasons of its own); at most ~4 KB, as a CI record may be only the log's tail
+  FAIL_DETAIL=$( {
+    awk '/^CHECK [^ ]+ [^ ]+ FAIL/ { if (nc < 2) c[nc++] = substr($0, 1, 300); next }
+         /^WHY / { if (nw < 6) w[nw++] = substr($0, 1, 640); next }
+         /^RESULT [^ ]+ FAIL/ { b = substr($0, 1, 240); for (i = 0; i < nc; i++) b = b "\n" c[i]; for (i = 0; i < nw; i++) b = b "\n" w[i]; out = b (out == "" ? "" : "\n" out) }
+         /^RESULT / { nc = 0; nw = 0 }
+         END { if (out != "") print out }' "$L/results.txt"
+    grep -E '\(XEN\).*([Tt]riple fault|[Cc]rash|shutdown|reboot)' "$L/serial.log" | grep -v 'Command line' | cut -c1-200 | tail -n 4
+  } | tail -c 4000)
   fail "scenario failed: $(grep SUMMARY "$L/results.txt")"
 fi
 cat "$L/results.txt"

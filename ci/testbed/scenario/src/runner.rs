@@ -132,6 +132,17 @@ pub fn check(whr: &str, name: &str, ok: bool, detail: &str) {
     );
 }
 
+/// Prints a WHY line: what a failing phase saw of its cause (`text`'s last `n` non-empty lines,
+/// joined by ` | `, at most 600 characters from their end). run.sh ends a failed run with them
+/// (a CI record is often the log's last few kilobytes, and the CHECK lines say what failed, not
+/// why).
+pub fn why(what: &str, text: &str, n: usize) {
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let joined = lines[lines.len().saturating_sub(n)..].join(" | ");
+    let cut = joined.char_indices().rev().nth(599).map_or(0, |(i, _)| i);
+    println!("WHY dom0{} {what}: {}", suffix(), &joined[cut..]);
+}
+
 /// dom0 uptime in seconds (the clock `xvtpm_deadline` and the MARKs are on).
 pub fn uptime() -> f64 {
     std::fs::read_to_string("/proc/uptime")

@@ -33,7 +33,7 @@ use super::xhost::{
 };
 use super::none;
 use crate::cmd::{Output, pid_up, show, show_tail};
-use crate::runner::{Cx, Errs, Outcome};
+use crate::runner::{Cx, Errs, Outcome, why};
 use crate::xen::{self, jf};
 
 const NAME: &str = "hvm-x";
@@ -319,6 +319,9 @@ fn kill_rounds(cx: &Cx, e: &mut Errs, uuid: &str, ek: &str, pcr: &str) -> String
         println!("PERF {pre}-round-ms={}", t0.elapsed().as_millis());
         sum.push(format!("kill round {tag} ({when}): --finish rc {} in {} ms", o.rc, o.elapsed.as_millis()));
         if !e.is_empty() {
+            why(&format!("{pre}: the source and receiver said"), &xen::read_text(&err), 4);
+            why(&format!("{pre}: --finish said"), &all, 2);
+            why(&format!("{pre}: xl's log of {NAME} said"), &xen::read_text(&format!("/var/log/xen/xl-{NAME}.log")), 3);
             break;
         }
     }
