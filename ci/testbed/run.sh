@@ -112,6 +112,19 @@ SWTPM_PID=""; QEMU_PID=""
 # ends, so its pid may already name another process (pid_max is 32768 here, and a parallel
 # `cargo test` forks thousands) — a bare `kill $pid` could hit, say, another test's QEMU.
 ours() { [ -n "$1" ] && [ "$(cat /proc/$1/comm 2>/dev/null)" = "$2" ] && grep -q "^PPid:[[:space:]]*$$\$" /proc/$1/status 2>/dev/null; }
+# Waits until background child $1 has become program $2 (bash forks, then execs: until then its
+# comm is bash's, and `ours` says no); fails the run if it ended first or took over 10 s. Without
+# it a watch loop that asks `ours` at once may take a QEMU not yet exec'd for one that ended (a
+# run at 10:57 on 2026-12-05 stopped its QEMU 1 s after starting it that way).
+started() {
+  local i
+  for i in $(seq 200); do
+    ours "$1" "$2" && return 0
+    kill -0 "$1" 2>/dev/null || return 1
+    sleep 0.05
+  done
+  return 1
+}
 cleanup() {
   ours "$QEMU_PID" timeout && kill "$QEMU_PID" 2>/dev/null
   ours "$SWTPM_PID" swtpm && kill "$SWTPM_PID" 2>/dev/null
@@ -238,6 +251,7 @@ swtpm socket --tpm2 --tpmstate dir="$TPMDIR" \
   --flags "${XVTPM_TESTBED_STARTUP:-startup-clear}" \
   --log file="$L/swtpm.log",level=1 > "$L/swtpm.stdout" 2>&1 &
 SWTPM_PID=$!
+started "$SWTPM_PID" swtpm || fail "swtpm did not start (see $L/swtpm.log)"
 for i in $(seq 100); do [ -S "$TPMDIR/swtpm-sock" ] && break; ours "$SWTPM_PID" swtpm || break; sleep 0.1; done
 [ -S "$TPMDIR/swtpm-sock" ] || fail "swtpm did not create its socket within 10 s"
 
@@ -263,6 +277,7 @@ timeout -k 5 "$REM" "${QEMU[@]}" < /dev/null 2> "$L/qemu.stderr" \
   > >(perl -MTime::HiRes=time -e '$|=1; while(<STDIN>){ s/\r//g; printf "[%8.3f] %s", time-$ENV{T0}, $_ }' > "$L/serial.log") &
 QEMU_PID=$!
 touch "$L/serial.log"
+started "$QEMU_PID" timeout || fail "QEMU's timeout wrapper did not start"
 echo "run.sh: QEMU pid $QEMU_PID ($OUTER_QEMU; cpu $CPU, smp $SMP, mem $MEM, dom0 $DOM0_MEM, budget left ${REM}s); serial: $L/serial.log"
 
 # ---- 4. watch the serial log ----
