@@ -478,6 +478,12 @@ impl Xen {
             left.xl_ms = t.elapsed().as_millis() as u64;
             // (The guest's name may exist again at once when HOST is this very Xen, as in the
             // testbed; the source domain is what must be gone.)
+            // (A domain of that name here that runs is the guest made anew by its on_reboot: it
+            // rebooted during the migration, and nothing moved.)
+            if let Some(d) = self.xl_domid(name).filter(|&d| d != old && self.domain_paused(d) == Some(false)) {
+                let e = self.rebooted(name, old, d, &format!("during xl migrate to {host} (exit {}; xl said: {})", out.status.code().unwrap_or(-1), xl_said(&out)));
+                return Err(abandon(&mut rx, e));
+            }
             if self.xl_domid(name) == Some(old) {
                 let e = fail(
                     FAILURE,

@@ -170,6 +170,17 @@ pub fn restore_failed(name: &str, file: &Path, why: &str) -> CliError {
     )
 }
 
+/// The State column of `xl list` (`r-----`, `-b----`, `--p---`, …) for domain `domid`.
+pub fn xl_list_state(text: &str, domid: u32) -> Option<String> {
+    text.lines().skip(1).find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        if cols.get(1)?.parse::<u32>().ok()? != domid {
+            return None;
+        }
+        cols.get(4).map(|s| s.to_string())
+    })
+}
+
 /// xl's first error lines and its last lines (where it stopped).
 pub(crate) fn xl_said(out: &std::process::Output) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -219,13 +230,7 @@ impl Xen {
             // second one.
             (false, Some(d)) => {
                 let _ = std::fs::remove_file(file);
-                Err(fail(
-                    FAILURE,
-                    format!(
-                        "guest {name} restarted during xl save (domain {old} ended, {name} is now domain {d}: a reboot, as its on_reboot says; {said}); nothing moved, \
-                         the partial save was removed; it runs as domain {d} (its vTPM's PCRs reset, as at any reboot): see its console and `xl dmesg` for why it rebooted"
-                    ),
-                ))
+                Err(self.rebooted(name, old, d, &format!("during xl save ({said}); the partial save was removed")))
             }
             _ => Err(fail(
                 FAILURE,
@@ -236,6 +241,35 @@ impl Xen {
                 ),
             )),
         }
+    }
+
+    /// Guest `name` (domain `old`) rebooted during a move (`how`) and runs as domain `new`: the
+    /// registry follows it (as for any reboot), and the error says that nothing moved.
+    pub(crate) fn rebooted(&self, name: &str, old: u32, new: u32, how: &str) -> CliError {
+        let reg = self.open_registry().and_then(|mut reg| {
+            let row = self.row_by_name(&reg, name)?;
+            reg.mark_running(row.id, new, row.vtpm_domid.unwrap_or(0)).map_err(reg_err)
+        });
+        let reg = match reg {
+            Ok(()) => format!("the registry now names domain {new}"),
+            Err(e) => format!("the registry still names domain {old} ({}): `xl-vtpm registry check` shows it", e.text()),
+        };
+        fail(
+            FAILURE,
+            format!(
+                "guest {name} restarted {how}: domain {old} ended and {name} is now domain {new}, a reboot made by its on_reboot, not a move; nothing moved. \
+                 It runs as domain {new} with its vTPM (the TPM reset, as at any reboot); {reg}. Its console and `xl dmesg` say why it rebooted"
+            ),
+        )
+    }
+
+    /// Whether domain `domid` is paused (`xl list`'s state `--p---`); `None` if xl cannot say.
+    pub(crate) fn domain_paused(&self, domid: u32) -> Option<bool> {
+        let out = Command::new(&self.xl).arg("list").output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        xl_list_state(&String::from_utf8_lossy(&out.stdout), domid).map(|s| s.as_bytes().get(2) == Some(&b'p'))
     }
 
     pub(crate) fn xl_domid(&self, name: &str) -> Option<u32> {
@@ -371,6 +405,11 @@ impl Xen {
                             said
                         ),
                     ));
+                }
+                // `xl migrate -p` leaves the domain it made paused: one of that name that runs is
+                // the guest made anew by its on_reboot (it rebooted during the migration).
+                Some(d) if self.domain_paused(d) == Some(false) => {
+                    return Err(self.rebooted(name, old, d, &format!("during the migration (xl migrate exit {}; xl said: {said})", out.status.code().unwrap_or(-1))));
                 }
                 Some(_) => {}
                 None => {
@@ -665,6 +704,18 @@ pub(crate) fn wait_connected(dev: &str, limit: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xl_list_gives_each_domain_s_state() {
+        let t = "Name                                        ID   Mem VCPUs\tState\tTime(s)\n\
+Domain-0                                     0  1280     2     r-----      99.1\n\
+g--incoming                                 13   256     1     --p---       0.0\n\
+g                                           14   256     1     -b----       1.2\n";
+        assert_eq!(xl_list_state(t, 13).as_deref(), Some("--p---"));
+        assert_eq!(xl_list_state(t, 14).as_deref(), Some("-b----"));
+        assert_eq!(xl_list_state(t, 1), None);
+        assert_eq!(xl_list_state("", 0), None);
+    }
 
     #[test]
     fn a_guest_is_hvm_only_when_its_vtpm_serves_no_tpmif() {
