@@ -256,7 +256,10 @@ for i in $(seq 100); do [ -S "$TPMDIR/swtpm-sock" ] && break; ours "$SWTPM_PID" 
 [ -S "$TPMDIR/swtpm-sock" ] || fail "swtpm did not create its socket within 10 s"
 
 # ---- 3. QEMU: Xen (multiboot) + dom0 kernel + dom0 initramfs ----
-XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all dom0_mem=$DOM0_MEM,max:$DOM0_MEM noreboot ${XVTPM_TESTBED_XEN_EXTRA:-}"
+# conring_size: the scenario reads Xen's "Triple fault" lines back with `xl dmesg` after a failed
+# phase (runner.rs: such a phase runs once more); the default 16 KiB ring holds a few HVM boots'
+# firmware lines only
+XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all conring_size=2m dom0_mem=$DOM0_MEM,max:$DOM0_MEM noreboot ${XVTPM_TESTBED_XEN_EXTRA:-}"
 # scenario switches ride on the dom0 command line (multiboot module: ',' must be ',,')
 # rootfstype=ramfs: the ~190 MB initramfs would overflow a rootfs tmpfs (capped at half of dom0's RAM:
 # "Initramfs unpacking failed: write error")

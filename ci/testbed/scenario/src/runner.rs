@@ -245,6 +245,8 @@ pub struct PhaseResult {
 pub struct Runner {
     pub cx: Cx,
     pub results: Vec<PhaseResult>,
+    /// Xen's triple-fault lines so far ([`crate::xen::triple_faults`]; the tests give their own).
+    pub faults: Box<dyn FnMut() -> Vec<String>>,
 }
 
 impl Runner {
@@ -252,6 +254,7 @@ impl Runner {
         Runner {
             cx: Cx::new(scenario_left),
             results: Vec::new(),
+            faults: Box::new(crate::xen::triple_faults),
         }
     }
 
@@ -266,12 +269,51 @@ impl Runner {
     }
 
     /// Runs phase `name` with `deadline`; prints its RESULT and MARK lines.
+    ///
+    /// A phase that FAILs while Xen reset a guest for a triple fault (`xl dmesg`: `dNvM Triple
+    /// fault - invoking HVM shutdown action 1`) runs once more, and the second verdict is the
+    /// phase's (its reason names the first). Under the testbed's nested TCG an HVM guest that is
+    /// saved or migrated now and then triple-faults (seen in hvm-migrate and migrate-xhost-hvm:
+    /// the guest being saved, or the one just restored, reset and booted anew), a fault of the
+    /// emulated CPU that no part of the product can cause or prevent (the vTPM never touches a
+    /// guest's memory); xl-vtpm's part is to say that the guest rebooted and nothing moved.
     pub fn phase(
         &mut self,
         name: &str,
         deadline: Duration,
-        f: impl FnOnce(&Cx) -> Outcome,
+        mut f: impl FnMut(&Cx) -> Outcome,
     ) -> Status {
+        let before = (self.faults)();
+        let first = self.attempt(name, deadline, &mut f);
+        if first.status != Status::Fail {
+            return self.report(name, first);
+        }
+        let new: Vec<String> = (self.faults)().into_iter().filter(|l| !before.contains(l)).collect();
+        if new.is_empty() || self.cx.past_deadline() {
+            return self.report(name, first);
+        }
+        let said: String = first.reason.chars().take(300).collect();
+        println!(
+            "INFO {name}{}: FAILED while Xen reset a guest for a triple fault ({}): the phase runs once more; it said: {said}",
+            suffix(),
+            new.join(" | ")
+        );
+        let mut second = self.attempt(name, deadline, &mut f);
+        second.reason = format!(
+            "{} (second attempt: the first FAILED while Xen reset a guest for a triple fault: {})",
+            second.reason,
+            new.join(" | ")
+        );
+        self.report(name, second)
+    }
+
+    /// One run of phase `name`'s body (a panic and an overrun deadline are FAILs).
+    fn attempt(
+        &mut self,
+        name: &str,
+        deadline: Duration,
+        f: &mut impl FnMut(&Cx) -> Outcome,
+    ) -> Outcome {
         let full = format!("{name}{}", suffix());
         let t0 = Instant::now();
         self.cx.phase_end.set(t0 + deadline);
@@ -304,7 +346,7 @@ impl Runner {
                 out.reason
             ));
         }
-        self.report(name, out)
+        out
     }
 
     /// A phase that does not run (disabled, or what it needs failed).
@@ -326,7 +368,7 @@ impl Runner {
         name: &str,
         blocked: Option<&str>,
         deadline: Duration,
-        f: impl FnOnce(&Cx) -> Outcome,
+        f: impl FnMut(&Cx) -> Outcome,
     ) -> Status {
         if let Some(why) = blocked {
             self.skip(name, why)
@@ -387,6 +429,44 @@ impl Runner {
 mod tests {
     use super::*;
     use crate::cmd::{Cmd, pid_up};
+
+    #[test]
+    fn a_phase_that_fails_with_a_guest_s_triple_fault_runs_once_more() {
+        let mut r = Runner::new(Duration::from_secs(600));
+        // Xen's ring: one fault more at every look (d1, then d1 d2, …)
+        let looks = std::rc::Rc::new(Cell::new(0u32));
+        let l = looks.clone();
+        r.faults = Box::new(move || {
+            l.set(l.get() + 1);
+            (1..=l.get()).map(|d| format!("(XEN) d{d}v0 Triple fault - invoking HVM shutdown action 1")).collect()
+        });
+        let mut runs = 0;
+        let st = r.phase("hvm-phase", Duration::from_secs(60), |_| {
+            runs += 1;
+            if runs == 1 { Outcome::fail("guest-gone") } else { Outcome::pass("moved") }
+        });
+        assert_eq!((st, runs), (Status::Pass, 2));
+        let res = &r.results[0];
+        assert!(res.reason.starts_with("moved (second attempt") && res.reason.contains("d2v0 Triple fault") && !res.reason.contains("d1v0"), "{}", res.reason);
+        // run once more only: the second verdict stands
+        let mut runs = 0;
+        let st = r.phase("hvm-phase-2", Duration::from_secs(60), |_| {
+            runs += 1;
+            Outcome::fail("still broken")
+        });
+        assert_eq!((st, runs), (Status::Fail, 2));
+        assert!(r.results[1].reason.starts_with("still broken (second attempt"), "{}", r.results[1].reason);
+        // no new fault: a FAIL is not run again, a PASS never is
+        r.faults = Box::new(|| vec!["(XEN) d2v0 Triple fault - invoking HVM shutdown action 1".to_string()]);
+        let mut runs = 0;
+        let st = r.phase("pv-phase", Duration::from_secs(60), |_| {
+            runs += 1;
+            Outcome::fail("broken")
+        });
+        assert_eq!((st, runs), (Status::Fail, 1));
+        assert_eq!(r.results.len(), 3, "one RESULT per phase");
+        assert_eq!(looks.get(), 4);
+    }
 
     #[test]
     fn a_phase_over_its_deadline_is_killed_and_fails_by_name() {

@@ -30,6 +30,14 @@ pub fn domid(name: &str) -> Option<String> {
     None
 }
 
+/// Xen's `Triple fault` lines in its console ring (`xl dmesg`): an HVM guest's vCPU faulted while
+/// raising a double fault, and Xen reset the domain (its on_reboot). Each names its domain, and
+/// domids are not reused, so a line not seen before is a new fault.
+pub fn triple_faults() -> Vec<String> {
+    let o = Cmd::new(&["xl", "dmesg"]).split().run_for(std::time::Duration::from_secs(30));
+    o.stdout.lines().filter(|l| l.contains("Triple fault")).map(|l| l.trim().to_string()).collect()
+}
+
 pub fn domain_gone(name: &str) -> bool {
     domid(name).is_none()
 }
