@@ -192,13 +192,13 @@ fn with_vtpm(cx: &Cx, st: &mut St) -> Outcome {
     let (o, _, uuid, pid) = create(cx, NAME, CFG, "/tmp/xl-hvm-mig-create.out");
     let vlog_path = format!("/var/lib/xvtpm/vtpms/{uuid}/vtpm.log");
     if !o.ok() || xen::domid(NAME).is_none() || !pid_up(pid) {
-        cleanup(cx, NAME, pid);
+        forget(cx, &uuid, pid);
         return Outcome::fail(format!("xl-vtpm create exited {}", o.rc));
     }
     let (ek, pcr) = boot_checks(cx, &mut e, NAME, left_for(cx, AFTER + 120).min(300));
     if !e.is_empty() {
         show_tail("hvm-mig console (GUEST lines)", &cons(NAME).lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n"), 25);
-        cleanup(cx, NAME, pid);
+        forget(cx, &uuid, pid);
         return e.verdict("");
     }
     let mut downs = Vec::new();
@@ -325,7 +325,7 @@ fn with_vtpm(cx: &Cx, st: &mut St) -> Outcome {
         show_tail("hvm-mig console (GUEST lines)", &guest_lines, 25);
         show_tail("hvm-mig vtpm.log", &vlog, 25);
         show_tail("qemu-dm hvm-mig", &xen::read_text(&format!("/var/log/xen/qemu-dm-{NAME}.log")), 20);
-        cleanup(cx, NAME, pid);
+        forget(cx, &uuid, pid);
     }
     // a failed --non-live move keeps the guest's memory in dom0's ramfs for --finish: not past this phase
     let save = format!("/var/lib/xvtpm/migrate-save/{uuid}.xlsave");
@@ -341,6 +341,16 @@ fn with_vtpm(cx: &Cx, st: &mut St) -> Outcome {
 
 /// The phases' names (for skips).
 pub const PHASES: [&str; 2] = ["hvm-migrate-plain", "hvm-migrate"];
+
+/// After a failure: the guest and its vTPM gone, and its binding and identity too, so that the
+/// phase run once more (runner.rs, after a guest's triple fault) starts from a fresh vTPM as the
+/// first run did (`xl-vtpm create` of a bound name would reuse the vTPM, its NV and key made).
+fn forget(cx: &Cx, uuid: &str, pid: Option<u32>) {
+    cleanup(cx, NAME, pid);
+    let rr = Cmd::new(&["xl-vtpm", "registry", "remove", NAME, "--yes"]).secs(60).run(cx);
+    let del = if uuid.is_empty() || !rr.ok() { None } else { Some(Cmd::new(&["xl-vtpm", "mgr", "vtpm", "del", uuid, "--yes"]).secs(60).run(cx).rc) };
+    println!("INFO hvm-migrate cleanup: registry remove {NAME} rc={}; vTPM {uuid} identity deleted: rc {del:?}", rr.rc);
+}
 
 pub fn run(r: &mut Runner, st: &mut St) {
     let secs = r.cx.scenario_left().as_secs().max(120);
