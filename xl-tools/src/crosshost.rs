@@ -480,11 +480,12 @@ impl Xen {
             // testbed; the source domain is what must be gone.)
             // (A domain of that name here that runs is the guest made anew by its on_reboot: it
             // rebooted during the migration, and nothing moved.)
-            if let Some(d) = self.xl_domid(name).filter(|&d| d != old && self.domain_paused(d) == Some(false)) {
+            let now = self.xl_domid(name);
+            if let Some(d) = now.filter(|&d| d != old && self.domain_paused(d) == Some(false)) {
                 let e = self.rebooted(name, old, d, &format!("during xl migrate to {host} (exit {}; xl said: {})", out.status.code().unwrap_or(-1), xl_said(&out)));
                 return Err(abandon(&mut rx, e));
             }
-            if self.xl_domid(name) == Some(old) {
+            if now == Some(old) {
                 let e = fail(
                     FAILURE,
                     format!(

@@ -178,7 +178,16 @@ pub fn apply(cfg: &mut XlConfig, ctrl: &Path, model: TpmModel, acpi_file: Option
 /// The TPM model of `cfg`'s device model if [`apply`] gave it the vTPM on control socket `ctrl`
 /// (the [`qemu_args`] at the end of `device_model_args_hvm`), else `None`.
 pub fn serves(cfg: &XlConfig, ctrl: &Path) -> Option<TpmModel> {
-    let args: Vec<String> = cfg.get_list("device_model_args_hvm").unwrap_or_default().iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    model_at_end(&dm_args(cfg), ctrl)
+}
+
+/// `device_model_args_hvm`'s strings.
+fn dm_args(cfg: &XlConfig) -> Vec<String> {
+    cfg.get_list("device_model_args_hvm").unwrap_or_default().iter().filter_map(|v| v.as_str().map(str::to_string)).collect()
+}
+
+/// The model whose [`qemu_args`] for `ctrl` end `args`.
+fn model_at_end(args: &[String], ctrl: &Path) -> Option<TpmModel> {
     [TpmModel::Tis, TpmModel::Crb].into_iter().find(|m| args.ends_with(&qemu_args(ctrl, *m)))
 }
 
@@ -187,10 +196,10 @@ pub fn serves(cfg: &XlConfig, ctrl: &Path) -> Option<TpmModel> {
 /// at the end of `device_model_args_hvm`, and `acpi_firmware` if it names `acpi_file`. Returns
 /// the model, or `None` (and `cfg` as it was) if `cfg` has no such TPM.
 pub fn strip(cfg: &mut XlConfig, ctrl: &Path, acpi_file: &Path) -> Result<Option<TpmModel>, crate::exit::Cause> {
-    let Some(model) = serves(cfg, ctrl) else {
+    let args = dm_args(cfg);
+    let Some(model) = model_at_end(&args, ctrl) else {
         return Ok(None);
     };
-    let args: Vec<String> = cfg.get_list("device_model_args_hvm").unwrap_or_default().iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
     let kept = args.len() - qemu_args(ctrl, model).len();
     if kept == 0 {
         cfg.remove("device_model_args_hvm");
