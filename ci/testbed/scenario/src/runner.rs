@@ -292,18 +292,10 @@ impl Runner {
         if new.is_empty() || self.cx.past_deadline() {
             return self.report(name, first);
         }
-        let said: String = first.reason.chars().take(300).collect();
-        println!(
-            "INFO {name}{}: FAILED while Xen reset a guest for a triple fault ({}): the phase runs once more; it said: {said}",
-            suffix(),
-            new.join(" | ")
-        );
+        let (said, faults): (String, String) = (first.reason.chars().take(300).collect(), new.join(" | "));
+        println!("INFO {name}{}: FAILED while Xen reset a guest for a triple fault ({faults}): the phase runs once more; it said: {said}", suffix());
         let mut second = self.attempt(name, deadline, &mut f);
-        second.reason = format!(
-            "{} (second attempt: the first FAILED while Xen reset a guest for a triple fault: {})",
-            second.reason,
-            new.join(" | ")
-        );
+        second.reason = format!("{} (second attempt: the first FAILED while Xen reset a guest for a triple fault: {faults})", second.reason);
         self.report(name, second)
     }
 

@@ -318,13 +318,14 @@ fn with_vtpm(cx: &Cx, st: &mut St) -> Outcome {
     );
     if !e.is_empty() {
         let guest_lines = cons(NAME).lines().filter(|l| !l.starts_with("GUEST-TICK")).collect::<Vec<_>>().join("\n");
+        let dm_log = xen::read_text(&format!("/var/log/xen/qemu-dm-{NAME}.log"));
         why("hvm-migrate: the guest's console said", &guest_lines, 3);
         why("hvm-migrate: its vTPM's log said", &vlog, 3);
-        why("hvm-migrate: its device model's log said", &xen::read_text(&format!("/var/log/xen/qemu-dm-{NAME}.log")), 3);
+        why("hvm-migrate: its device model's log said", &dm_log, 3);
         why("hvm-migrate: xl's log of the guest said", &xen::read_text(&format!("/var/log/xen/xl-{NAME}.log")), 3);
         show_tail("hvm-mig console (GUEST lines)", &guest_lines, 25);
         show_tail("hvm-mig vtpm.log", &vlog, 25);
-        show_tail("qemu-dm hvm-mig", &xen::read_text(&format!("/var/log/xen/qemu-dm-{NAME}.log")), 20);
+        show_tail("qemu-dm hvm-mig", &dm_log, 20);
         forget(cx, &uuid, pid);
     }
     // a failed --non-live move keeps the guest's memory in dom0's ramfs for --finish: not past this phase
