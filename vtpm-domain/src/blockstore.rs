@@ -2,18 +2,10 @@
 //! A and B, written alternately.
 //!
 //! A vTPM running as the only program of its own Xen domain has a disk (`/dev/xvda`) but no
-//! filesystem, so the rename-based atomic replace of [`crate::store`] is unavailable. Instead:
-//!
-//! ```text
-//! offset 0            : slot A  (SLOT_SIZE bytes reserved)
-//! offset SLOT_SIZE    : slot B  (SLOT_SIZE bytes reserved)
-//!
-//! slot record (starting at the slot's offset; the rest of the slot is ignored):
-//!   0        generation   u64 big-endian
-//!   8        len          u32 big-endian   (≤ SLOT_SIZE − 44)
-//!   12       sealed blob  len bytes        (vtpm_proto::sealed: AES-256-GCM, header as AAD)
-//!   12+len   SHA-256      32 bytes over bytes [0, 12+len) of the record
-//! ```
+//! filesystem, so the rename-based atomic replace of [`crate::store`] is unavailable. Instead, two
+//! slots at fixed offsets, each holding a generation, a sealed blob and a checksum — the layout
+//! and record format are [`vtpm_proto::slots`]'s (dom0's tools read and write them too, when a
+//! vTPM moves to another host):
 //!
 //! * **save** writes generation `g + 1` into the slot that does *not* hold the current state
 //!   (the older one), then `fsync`s the device. Only then is the save reported done, so "a
@@ -44,26 +36,17 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use vtpm_proto::sealed::{self, OpenError, State};
+use vtpm_proto::slots::{self, RecordError};
 use tpm_wire::Family;
 use zeroize::Zeroizing;
 
 use crate::store::StoreError;
 
-/// Bytes reserved per slot (1 MiB; libtpms' sealed state is ~20 KiB).
-pub const SLOT_SIZE: u64 = 1 << 20;
-/// Record header: generation (8) + length (4).
-pub const RECORD_HEADER: usize = 12;
-/// Trailing SHA-256.
-pub const CHECKSUM_LEN: usize = 32;
-/// Largest sealed blob a slot holds.
-pub const MAX_SEALED: usize = SLOT_SIZE as usize - RECORD_HEADER - CHECKSUM_LEN;
+pub use vtpm_proto::slots::{CHECKSUM_LEN, DEVICE_SIZE, MAX_SEALED, RECORD_HEADER, SLOT_SIZE, encode_record};
 /// Bytes at the start of each slot that must be zero for [`BlockStore::create`].
 pub const CREATE_CHECK: usize = 4096;
-/// Smallest device: two slots.
-pub const DEVICE_SIZE: u64 = 2 * SLOT_SIZE;
 
 /// Which slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,17 +94,6 @@ pub enum SlotError {
         /// Authenticated, inside the blob.
         sealed: u64,
     },
-}
-
-/// Builds a slot record for `blob` at `generation`.
-pub fn encode_record(generation: u64, blob: &[u8]) -> Vec<u8> {
-    let mut rec = Vec::with_capacity(RECORD_HEADER + blob.len() + CHECKSUM_LEN);
-    rec.extend_from_slice(&generation.to_be_bytes());
-    rec.extend_from_slice(&(blob.len() as u32).to_be_bytes());
-    rec.extend_from_slice(blob);
-    let sum = Sha256::digest(&rec);
-    rec.extend_from_slice(&sum);
-    rec
 }
 
 /// The sealed state of one vTPM on a block device or file (see the [module docs](self)).
@@ -184,24 +156,10 @@ fn open_device(path: &Path, create_file: bool) -> Result<File, StoreError> {
 
 /// Reads a slot's record: `(generation, blob)` if its length and checksum verify.
 fn read_record(file: &File, slot: Slot) -> io::Result<Result<(u64, Vec<u8>), SlotError>> {
-    let mut hdr = [0u8; RECORD_HEADER];
-    file.read_exact_at(&mut hdr, slot.offset())?;
-    let generation = u64::from_be_bytes(hdr[0..8].try_into().expect("8 bytes"));
-    let len = u32::from_be_bytes(hdr[8..12].try_into().expect("4 bytes"));
-    if len as usize > MAX_SEALED {
-        return Ok(Err(SlotError::BadLength(len)));
-    }
-    let mut rest = vec![0u8; len as usize + CHECKSUM_LEN];
-    file.read_exact_at(&mut rest, slot.offset() + RECORD_HEADER as u64)?;
-    let (blob, sum) = rest.split_at(len as usize);
-    let mut h = Sha256::new();
-    h.update(hdr);
-    h.update(blob);
-    if h.finalize()[..] != *sum {
-        return Ok(Err(SlotError::Checksum));
-    }
-    rest.truncate(len as usize);
-    Ok(Ok((generation, rest)))
+    Ok(slots::read_record(file, slot.offset())?.map_err(|e| match e {
+        RecordError::BadLength(n) => SlotError::BadLength(n),
+        RecordError::Checksum => SlotError::Checksum,
+    }))
 }
 
 impl BlockStore {

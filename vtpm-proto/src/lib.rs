@@ -29,3 +29,4 @@ pub mod transfer;
 pub mod attest_api;
 pub mod deepquote_cmd;
 pub mod tpm12_compat;
+pub mod slots;
