@@ -134,8 +134,8 @@ fn the_receiver_relays_only_a_destinations_requests_and_refuses_unknown_guests()
     // A guest is checked before anything is written: its name, this host's registry.
     let vtpm = Uuid::new_v4();
     let config = "name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid=".to_string() + &vtpm.to_string() + "\" ]\n";
-    refused(rx.recv(RecvRequest::RecvIncoming { guest: "../g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3, hvm: None }), 2, "is not a guest name");
-    refused(rx.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3, hvm: None }), 6, "this host's registry has no guest g1");
+    refused(rx.recv(RecvRequest::RecvIncoming { guest: "../g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3, hvm: None, vtpm_domain: None }), 2, "is not a guest name");
+    refused(rx.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: String::new(), from_domid: 3, hvm: None, vtpm_domain: None }), 6, "this host's registry has no guest g1");
     assert!(!b.run_dir().join("guests").join("g1.cfg").exists(), "nothing written for a refused guest");
     // Steps of a move that was never announced.
     refused(rx.recv(RecvRequest::RecvRestore { guest: "g1".into(), vtpm, size: 1 << 20 }), 2, "was announced");
@@ -171,9 +171,9 @@ fn a_saved_guest_streams_to_the_receiver_and_a_failed_move_leaves_nothing() {
     let vtpm = pair_in(&b, "g1");
     let mut rx = Receiver::start_with(&b, &[("XVTPM_XL", "/nonexistent/xl")]);
     let config = format!("name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid={vtpm}\" ]\n");
-    let incoming = |source_boot: &str| RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: source_boot.into(), from_domid: 3, hvm: None };
+    let incoming = |source_boot: &str| RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.clone(), source_boot: source_boot.into(), from_domid: 3, hvm: None, vtpm_domain: None };
     // Another guest's config is refused.
-    let other = RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.replace("\"g1\"", "\"g2\""), source_boot: String::new(), from_domid: 3, hvm: None };
+    let other = RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config: config.replace("\"g1\"", "\"g2\""), source_boot: String::new(), from_domid: 3, hvm: None, vtpm_domain: None };
     refused(rx.recv(other), 2, "names another guest");
     assert!(matches!(rx.recv(incoming("")), RecvReply::RecvOk));
     let guests = b.run_dir().join("guests");
@@ -222,7 +222,7 @@ fn an_hvm_guest_is_staged_until_its_vtpm_is_here() {
     let config = "name = \"h1\"\ntype = \"hvm\"\nmemory = 256\ndevice_model_args_hvm = [ \"-no-hpet\" ]\n".to_string();
     let tables = hex::encode(b"TPM2 tables of the source");
     let hvm = |model: &str| Some(xl_tools::crosshost::HvmTpm { model: model.into(), acpi: Some(tables.clone()) });
-    let incoming = |config: &str, model: &str| RecvRequest::RecvIncoming { guest: "h1".into(), vtpm, config: config.into(), source_boot: String::new(), from_domid: 3, hvm: hvm(model) };
+    let incoming = |config: &str, model: &str| RecvRequest::RecvIncoming { guest: "h1".into(), vtpm, config: config.into(), source_boot: String::new(), from_domid: 3, hvm: hvm(model), vtpm_domain: None };
     refused(rx.recv(incoming(&config, "tpm-9000")), 2, "does not know");
     refused(rx.recv(incoming(&config.replace("\"hvm\"", "\"pvh\""), "crb")), 6, "cannot have its TPM here");
     assert!(matches!(rx.recv(incoming(&config, "crb")), RecvReply::RecvOk));
@@ -333,9 +333,9 @@ fn a_second_receiver_of_a_guest_waits_for_the_first() {
     let env = [("XVTPM_XL", "/nonexistent/xl")];
     let mut first = Receiver::start_with(&b, &env);
     let config = format!("name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=0,uuid={vtpm}\" ]\n");
-    assert!(matches!(first.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config, source_boot: String::new(), from_domid: 3, hvm: None }), RecvReply::RecvOk));
+    assert!(matches!(first.recv(RecvRequest::RecvIncoming { guest: "g1".into(), vtpm, config, source_boot: String::new(), from_domid: 3, hvm: None, vtpm_domain: None }), RecvReply::RecvOk));
     let mut second = Receiver::start_with(&b, &env);
-    second.send(&RecvRequest::RecvAdopt { guest: "g1".into(), vtpm });
+    second.send(&RecvRequest::RecvAdopt { guest: "g1".into(), vtpm, vtpm_domain: None });
     let waiter = std::thread::spawn(move || {
         let r: RecvReply = second.answer();
         (std::time::Instant::now(), r, second)
@@ -350,4 +350,43 @@ fn a_second_receiver_of_a_guest_waits_for_the_first() {
     assert!(!b.run_dir().join("guests").join("g1.cfg").exists(), "the first receiver cleaned up before the second looked");
     let (status, _, err) = second.finish();
     assert!(status.success(), "{err}");
+}
+
+/// A guest whose vTPM runs in its own domain: the receiver will make that domain from this
+/// host's kernel and ramdisk, so a host without them, a bad domain name, or an HVM guest (whose
+/// TPM is its device model's) is refused before anything is written; with them the guest is
+/// announced as any other. (No Xen here: the domain itself is made in the testbed.)
+#[test]
+fn the_receiver_checks_it_can_make_the_guest_s_vtpm_domain_before_anything_moves() {
+    use xl_tools::crosshost::{HvmTpm, VtpmDomainMove};
+    let b = Stack::start_with(Options::default());
+    let vtpm = pair_in(&b, "g1");
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, ramdisk) = (dir.path().join("vmlinuz"), dir.path().join("initrd.cpio"));
+    let env = [("XVTPM_XL", "/nonexistent/xl"), ("XVTPM_VTPMDOM_KERNEL", kernel.to_str().unwrap()), ("XVTPM_VTPMDOM_RAMDISK", ramdisk.to_str().unwrap())];
+    let config = format!("name = \"g1\"\nkernel = \"/boot/vmlinuz\"\nmemory = 128\nvtpm = [ \"backend=vtpm-g1,uuid={vtpm}\" ]\n");
+    let incoming = |name: &str, hvm: Option<HvmTpm>| RecvRequest::RecvIncoming {
+        guest: "g1".into(),
+        vtpm,
+        config: config.clone(),
+        source_boot: String::new(),
+        from_domid: 3,
+        hvm,
+        vtpm_domain: Some(VtpmDomainMove { name: name.into() }),
+    };
+    let cfg = b.run_dir().join("guests").join("g1.cfg");
+    let mut rx = Receiver::start_with(&b, &env);
+    refused(rx.recv(incoming("vtpm-g1", None)), 6, &format!("this host has no vTPM domain kernel ({}", kernel.display()));
+    std::fs::write(&kernel, b"k").unwrap();
+    refused(rx.recv(incoming("vtpm-g1", None)), 6, "no vTPM domain ramdisk");
+    std::fs::write(&ramdisk, b"r").unwrap();
+    refused(rx.recv(incoming("../vtpm", None)), 2, "is not a domain name");
+    refused(rx.recv(incoming("vtpm-g1", Some(HvmTpm { model: "tis".into(), acpi: None }))), 2, "has no vTPM domain");
+    assert!(!cfg.exists(), "nothing written for a refused guest");
+    assert!(matches!(rx.recv(incoming("vtpm-g1", None)), RecvReply::RecvOk));
+    let full = std::fs::read_to_string(&cfg).unwrap();
+    assert!(full.contains("backend=vtpm-g1"), "the guest's config here names its vTPM domain: {full}");
+    let (status, _, err) = rx.finish();
+    assert!(status.success(), "{status}: {err}");
+    assert!(!cfg.exists(), "a guest that never arrived leaves no config");
 }

@@ -91,7 +91,7 @@ pub fn records(file: &File) -> io::Result<Vec<(u64, Vec<u8>)>> {
             out.push(r);
         }
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|r| std::cmp::Reverse(r.0));
     Ok(out)
 }
 

@@ -40,7 +40,7 @@ use crate::registry::State;
 use crate::xenlife::{DOM0_BACKEND_ROOT, INCOMING, Xen, move_record, reg_err, save_file};
 
 /// The receiver protocol's version; `migrate-receive` refuses another.
-pub const RECEIVE_PROTOCOL: u32 = 2;
+pub const RECEIVE_PROTOCOL: u32 = 3;
 /// The largest saved guest a receiver accepts (the disk's free space is checked too).
 pub const MAX_SAVE: u64 = 1 << 40;
 /// How long the suspended vTPM process may take to save its state and end.
@@ -60,7 +60,9 @@ pub enum RecvRequest {
     /// is the source's own, `from_domid`, which the move takes away.
     /// `hvm`: an HVM guest whose device model emulates its TPM; `config` has no TPM then (the
     /// receiver gives the device model its own vTPM socket).
-    RecvIncoming { guest: String, vtpm: Uuid, config: String, source_boot: String, from_domid: u32, hvm: Option<HvmTpm> },
+    /// `vtpm_domain`: the vTPM runs in its own domain (the config's `vtpm = [ "backend=NAME" ]`);
+    /// the receiver makes it a vTPM domain of that name there, on a new disk.
+    RecvIncoming { guest: String, vtpm: Uuid, config: String, source_boot: String, from_domid: u32, hvm: Option<HvmTpm>, vtpm_domain: Option<VtpmDomainMove> },
     /// `--non-live`: `size` bytes of `xl save` output follow the `RecvOk`; then `xl restore -p`
     /// (answered `RecvRestored`) — for an HVM guest only once its vTPM runs there (the device
     /// model loads the TPM's state as it starts): the file is kept (answered `RecvStaged`).
@@ -71,8 +73,9 @@ pub enum RecvRequest {
     /// The move ended before the guest left: forget what `RecvIncoming` wrote.
     RecvAbandon { guest: String, vtpm: Uuid },
     /// `--finish` of a move cut short: is the guest here (paused, as it arrived, or resumed)?
-    /// If so the receiver takes it as arrived, for `RecvResume`.
-    RecvAdopt { guest: String, vtpm: Uuid },
+    /// If so the receiver takes it as arrived, for `RecvResume`. `vtpm_domain` as in
+    /// `RecvIncoming`.
+    RecvAdopt { guest: String, vtpm: Uuid, vtpm_domain: Option<VtpmDomainMove> },
 }
 
 /// This dom0's boot id (`/proc/sys/kernel/random/boot_id`): two ends with the same one run on
@@ -94,7 +97,8 @@ pub enum RecvReply {
     /// `tpm_kept`: the vTPM there started from the state the suspend saved (the resume
     /// marker was written: the guest's TPM runs as it was), or (HVM) the device model loaded
     /// the TPM's state from the saved guest. `restore_ms`: HVM, the `xl restore` of the resume.
-    RecvResumed { domid: u32, vtpm_pid: u32, reconnect_ms: Option<u64>, tpm_kept: bool, restore_ms: u64 },
+    /// `vtpm_domain`: the vTPM domain there, when the vTPM runs in its own domain.
+    RecvResumed { domid: u32, vtpm_pid: u32, reconnect_ms: Option<u64>, tpm_kept: bool, restore_ms: u64, vtpm_domain: Option<(String, u32)> },
     /// The guest's domain there, if it arrived; `staged`: its saved memory is there (HVM).
     RecvAdopted { domid: Option<u32>, staged: bool },
     RecvError { code: i32, message: String },
@@ -107,6 +111,15 @@ pub struct HvmTpm {
     pub model: String,
     /// The `acpi_firmware` tables the guest was created with (hex; CRB's).
     pub acpi: Option<String>,
+}
+
+/// A vTPM that runs in its own domain, as the receiver makes that domain there: its name (the
+/// guest's config names it as its vTPM's backend), nothing else: kernel, ramdisk and memory are
+/// the destination's own (`XVTPM_VTPMDOM_KERNEL`, `XVTPM_VTPMDOM_RAMDISK`, `XVTPM_VTPMDOM_MEMORY`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VtpmDomainMove {
+    /// The vTPM domain's name.
+    pub name: String,
 }
 
 /// The destination manager's requests a receiver relays: a move's destination side, nothing else.
@@ -270,6 +283,10 @@ struct MoveRecord {
     /// An HVM guest: its vTPM is stopped, not suspended (the TPM's state is in the saved guest).
     #[serde(default)]
     hvm: bool,
+    /// The vTPM runs in its own domain, of this name: it is shut down, and its disk's newest
+    /// state leaves.
+    #[serde(default)]
+    vtpm_domain: Option<String>,
 }
 
 
@@ -291,6 +308,8 @@ struct Completed {
     offer_id: Uuid,
     /// HVM: the `xl restore` there (at the resume).
     restore_ms: u64,
+    /// The vTPM domain there (name, domid).
+    vtpm_domain: Option<(String, u32)>,
 }
 
 /// How the guest left this host: `xl migrate`'s time, or `xl save`'s and the receiver's
@@ -321,7 +340,7 @@ impl Completed {
             total_ms: t0.elapsed().as_millis() as u64,
             hvm: rec.hvm,
             source_device_model_ended_ms: None,
-            vtpm_domain: None,
+            vtpm_domain: self.vtpm_domain.as_ref().map(|(n, _)| n.clone()),
         };
         (moved, CrossHost { to_host: rec.to_host.clone(), offer_id: self.offer_id, prepare_ms, transfer_ms: self.transfer_ms, tpm_kept: self.tpm_kept, saved_bytes: left.saved_bytes })
     }
@@ -352,16 +371,22 @@ impl Xen {
         if self.xl_domid(name) != Some(old) {
             return Err(fail(REFUSED, format!("guest {name} is not domain {old}, as the registry says; see `xl list`")));
         }
-        let Some(rt) = self.local.runtime(&uuid) else {
-            let where_ = if self.domains().runtime(&uuid).is_some() || row.vtpm_domid.is_some_and(|d| d != 0) { "runs in its own domain" } else { "does not run" };
-            return Err(fail(
-                REFUSED,
-                format!("guest {name}'s vTPM {uuid} {where_}; to another host only a guest whose vTPM is a dom0 process moves (`vtpm = [ \"backend=0\" ]`, or an HVM guest's `model=`); nothing moved"),
-            ));
+        // Its vTPM: a dom0 process, or its own domain (then it serves a tpmif device).
+        let rt = self.local.runtime(&uuid);
+        let vdom = match &rt {
+            Some(_) => None,
+            None => match (self.domains().runtime(&uuid), self.domains().spec(&uuid)?) {
+                (Some(d), Some(spec)) => Some((VtpmDomainMove { name: spec.name }, d.domid)),
+                _ => return Err(fail(REFUSED, format!("guest {name}'s vTPM {uuid} does not run: start it (`xl-vtpm vtpm start {uuid}`); nothing moved"))),
+            },
         };
         // An HVM guest's vTPM serves its device model; a PV/PVH guest's, its tpmif device.
-        let hvm = crate::guestmig::serves_device_model(Some(&rt.listen), &[], || None);
-        if !hvm && crate::guestmig::tpmif_device(old) != Some(true) {
+        let hvm = rt.as_ref().is_some_and(|rt| crate::guestmig::serves_device_model(Some(&rt.listen), &[], || None));
+        let device = match &vdom {
+            Some((_, vd)) => crate::guestmig::wait_backend(&format!("/local/domain/{vd}/backend/vtpm"), old, &uuid, Duration::ZERO).is_ok(),
+            None => crate::guestmig::tpmif_device(old) == Some(true),
+        };
+        if !hvm && !device {
             return Err(fail(REFUSED, format!("guest {name} has no tpmif vTPM device, and its vTPM {uuid} serves no device model; nothing moved")));
         }
         if hvm && !non_live {
@@ -403,7 +428,9 @@ impl Xen {
         if to_host == self.host {
             return Err(fail(USAGE, format!("{host} is this host ({to_host} in the registry): move on this host with `xl-vtpm migrate {name} localhost`")));
         }
-        rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone(), source_boot: boot_id(), from_domid: old, hvm: hvm_tpm })?;
+        let vtpm_domain = vdom.map(|(v, _)| v);
+        rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone(), source_boot: boot_id(), from_domid: old, hvm: hvm_tpm, vtpm_domain: vtpm_domain.clone() })?;
+        let vtpm_domain = vtpm_domain.map(|v| v.name);
         let tp = Instant::now();
         let offer = crate::transfer::prepare(admin, rx.link(), uuid, checks.group.as_deref(), &checks.roots, checks.intermediates.clone(), &checks.policy)?;
         let offer_id = offer.offer_id;
@@ -419,7 +446,7 @@ impl Xen {
             return Err(abandon(&mut rx, e));
         }
         let prepare_ms = tp.elapsed().as_millis() as u64;
-        let rec = MoveRecord { guest: name.into(), host: host.into(), to_host: to_host.clone(), vtpm: uuid, from_domid: old, non_live, offer: offer.clone(), hvm };
+        let rec = MoveRecord { guest: name.into(), host: host.into(), to_host: to_host.clone(), vtpm: uuid, from_domid: old, non_live, offer: offer.clone(), hvm, vtpm_domain };
         if let Err(e) = write_record(&self.local.state_dir, &rec) {
             return Err(abandon(&mut rx, e));
         }
@@ -523,7 +550,21 @@ impl Xen {
                  `xl-vtpm migrate {name} {host} --finish` (with the same checks) completes the move"
             )
         };
+        let domains = self.domains();
         let tpm_kept = match self.local.runtime(&uuid) {
+            // A vTPM domain shuts down (its state is on its disk at every answer; a domain has
+            // no suspend): the guest's TPM restarts there from its permanent state, PCRs reset.
+            None if rec.vtpm_domain.is_some() => {
+                if domains.runtime(&uuid).is_some() {
+                    domains.stop(admin, &uuid, crate::vtpmdom::SHUTDOWN_GRACE).map_err(|e| fail(e.code, moved_paused(&format!("stopping vTPM domain of {uuid} here: {}", e.text()))))?;
+                }
+                // Its disk's newest state is what leaves (once it was committed there, a
+                // `--finish` finds no description here and skips this).
+                if domains.spec(&uuid)?.is_some() && !self.local.state_file(&uuid).exists() {
+                    domains.export_state(&uuid).map_err(|e| fail(e.code, moved_paused(&e.text())))?;
+                }
+                false
+            }
             None => true,
             // HVM: the TPM's state left in the saved guest (the device model fetched it; its
             // CMD_SHUTDOWN powered the TPM off): the process ends, writing nothing more.
@@ -540,20 +581,25 @@ impl Xen {
             },
         };
         let identity = |e: CliError| fail(e.code, moved_paused(&format!("moving vTPM {uuid}'s identity: {}", e.text())));
+        // (Committed before, a vTPM domain's description is here still only if `--finish` got
+        // here: its extracted state is refused as retired, and the move goes on.)
         let offer = move_identity(admin, &self.local, rx.link(), reg, &name, &to_host, uuid, rec.offer.clone(), checks).map_err(identity)?;
+        if rec.vtpm_domain.is_some() {
+            domains.forget_moved(&uuid).map_err(|e| fail(e.code, format!("vTPM {uuid}'s identity moved to {to_host}, but {}", e.text())))?;
+        }
         if offer.offer_id != rec.offer.offer_id {
             rec.offer = offer;
             write_record(&self.local.state_dir, &rec).map_err(identity)?;
         }
         let transfer_ms = tt.elapsed().as_millis() as u64;
-        let (domid, pid, reconnect_ms, tpm_kept, restore_ms) = match rx.ask(&RecvRequest::RecvResume { guest: name.clone(), vtpm: uuid, from_domid: rec.from_domid, keep_tpm: tpm_kept }) {
-            Ok(RecvReply::RecvResumed { domid, vtpm_pid, reconnect_ms, tpm_kept, restore_ms }) => (domid, vtpm_pid, reconnect_ms, tpm_kept, restore_ms),
+        let (domid, pid, reconnect_ms, tpm_kept, restore_ms, vtpm_domain) = match rx.ask(&RecvRequest::RecvResume { guest: name.clone(), vtpm: uuid, from_domid: rec.from_domid, keep_tpm: tpm_kept }) {
+            Ok(RecvReply::RecvResumed { domid, vtpm_pid, reconnect_ms, tpm_kept, restore_ms, vtpm_domain }) => (domid, vtpm_pid, reconnect_ms, tpm_kept, restore_ms, vtpm_domain),
             Ok(other) => return Err(fail(FAILURE, moved_paused(&format!("the receiver answered {other:?}")))),
             Err(e) => return Err(fail(e.code, moved_paused(&e.text()))),
         };
         let _ = std::fs::remove_file(save_file(&self.local.state_dir, &uuid));
         let _ = std::fs::remove_file(move_record(&self.local.state_dir, &uuid));
-        Ok(Completed { domid, pid, reconnect_ms, transfer_ms, tpm_kept, offer_id: rec.offer.offer_id, restore_ms })
+        Ok(Completed { domid, pid, reconnect_ms, transfer_ms, tpm_kept, offer_id: rec.offer.offer_id, restore_ms, vtpm_domain })
     }
 
     /// Starts vTPM `vtpm` (unless it runs) on its default sockets for the device model of the HVM
@@ -599,7 +645,7 @@ impl Xen {
         if there != rec.to_host {
             return Err(fail(FAILURE, format!("the receiver on {host} is registry host {there}, not the host {} the move went to", rec.to_host)));
         }
-        let arrived = match rx.ask(&RecvRequest::RecvAdopt { guest: name.into(), vtpm: rec.vtpm })? {
+        let arrived = match rx.ask(&RecvRequest::RecvAdopt { guest: name.into(), vtpm: rec.vtpm, vtpm_domain: rec.vtpm_domain.clone().map(|name| VtpmDomainMove { name }) })? {
             RecvReply::RecvAdopted { domid, staged } => domid.is_some() || staged,
             other => return Err(fail(FAILURE, format!("unexpected answer from the receiver: {other:?}"))),
         };
@@ -625,6 +671,12 @@ impl Xen {
             }
             if !file.exists() {
                 return Err(fail(FAILURE, format!("guest {name} is neither on {host} nor here, and no saved memory of it is here ({}): check `xl list` on both", file.display())));
+            }
+            if rec.vtpm_domain.is_some() && self.domains().runtime(&rec.vtpm).is_none() {
+                // The move shut its vTPM domain down: it boots again from its disk (the state
+                // extracted for the export goes: the disk is where it lives).
+                let _ = std::fs::remove_file(self.local.state_file(&rec.vtpm));
+                self.domains().start(admin, &rec.vtpm, crate::vtpmdom::DEFAULT_READY_WAIT)?;
             }
             if rec.hvm && self.local.runtime(&rec.vtpm).is_none() {
                 // Its device model loads the TPM's state from the saved guest: the vTPM (stopped
@@ -804,6 +856,8 @@ struct Incoming {
     restored: Option<u32>,
     /// An HVM guest (its device model emulates the TPM): restored only at the resume.
     hvm: bool,
+    /// Its vTPM runs in its own domain, made here at the resume.
+    vtpm_domain: Option<VtpmDomainMove>,
 }
 
 struct Receiver<'a> {
@@ -966,7 +1020,7 @@ impl Receiver<'_> {
             fail(FAILURE, format!("guest {guest} runs here as domain {domid} with its vTPM, but the registry was not updated: {}; run `xl-vtpm registry check`", reg_err(e).text()))
         })?;
         self.incoming = None;
-        Ok(RecvReply::RecvResumed { domid, vtpm_pid: rt.pid, reconnect_ms: None, tpm_kept: true, restore_ms })
+        Ok(RecvReply::RecvResumed { domid, vtpm_pid: rt.pid, reconnect_ms: None, tpm_kept: true, restore_ms, vtpm_domain: None })
     }
 
     /// Answers `req`; `RecvRestore` also answers `RecvOk` on `out` before it reads the bytes
@@ -981,7 +1035,7 @@ impl Receiver<'_> {
                 crate::registry::check_host(&xen.host).map_err(|e| CliError::caused(USAGE, "--host", e))?;
                 Ok(RecvReply::RecvHello { protocol, host: xen.host.clone() })
             }
-            RecvRequest::RecvIncoming { guest, vtpm, config, source_boot, from_domid, hvm } => {
+            RecvRequest::RecvIncoming { guest, vtpm, config, source_boot, from_domid, hvm, vtpm_domain } => {
                 check_guest(&guest)?;
                 if self.incoming.is_some() {
                     return Err(fail(REFUSED, "a receiver takes one guest"));
@@ -1006,6 +1060,24 @@ impl Receiver<'_> {
                 let mut plain = crate::xlcfg::XlConfig::parse(&config).map_err(|e| CliError::caused(USAGE, "the guest's config", e))?;
                 if plain.name() != Some(guest.as_str()) {
                     return Err(fail(USAGE, format!("the config sent names another guest than {guest}")));
+                }
+                // A vTPM in its own domain: that domain is made here, from this host's kernel
+                // and ramdisk, once the identity arrived; its name must be free (but for the
+                // source's own domain, when both ends share one Xen: the move shuts it down).
+                if let Some(v) = &vtpm_domain {
+                    crate::vtpmdom::check_name(&v.name).map_err(|e| CliError::caused(USAGE, "the vTPM domain's name", e))?;
+                    if hvm.is_some() {
+                        return Err(fail(USAGE, "an HVM guest's TPM is its device model's: it has no vTPM domain"));
+                    }
+                    for (what, p) in [("kernel", &xen.vtpmdom.kernel), ("ramdisk", &xen.vtpmdom.ramdisk)] {
+                        if !p.is_file() {
+                            return Err(fail(REFUSED, format!("this host has no vTPM domain {what} ({}: XVTPM_VTPMDOM_{}); nothing moved", p.display(), what.to_uppercase())));
+                        }
+                    }
+                    let one_xen = !source_boot.is_empty() && source_boot == boot_id();
+                    if !one_xen && xen.xl_domid(&v.name).is_some() {
+                        return Err(fail(REFUSED, format!("a domain named {} (the guest's vTPM domain) runs here already; nothing moved", v.name)));
+                    }
                 }
                 plain.set_vtpms(&[]);
                 let dir = xen.local.run_dir.join("guests");
@@ -1043,7 +1115,7 @@ impl Receiver<'_> {
                 xvtpm_fsutil::write_atomic(&plain_path, plain.render().as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, plain_path.display().to_string(), e))?;
                 let full_text = if hvm.is_some() { full.render() } else { config };
                 xvtpm_fsutil::write_atomic(&full_path, full_text.as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, full_path.display().to_string(), e))?;
-                self.incoming = Some(Incoming { guest, vtpm, plain: plain_path, full: full_path, arrived: false, restored: None, hvm: hvm.is_some() });
+                self.incoming = Some(Incoming { guest, vtpm, plain: plain_path, full: full_path, arrived: false, restored: None, hvm: hvm.is_some(), vtpm_domain });
                 Ok(RecvReply::RecvOk)
             }
             RecvRequest::RecvRestore { guest, vtpm, size } => {
@@ -1095,7 +1167,7 @@ impl Receiver<'_> {
                 Ok(RecvReply::RecvRestored { domid, restore_ms: ms })
             }
             RecvRequest::RecvResume { guest, vtpm, from_domid, keep_tpm } => {
-                let (plain, hvm) = self.expect(&guest, vtpm).map(|i| (i.plain.clone(), i.hvm))?;
+                let (plain, hvm, vdom) = self.expect(&guest, vtpm).map(|i| (i.plain.clone(), i.hvm, i.vtpm_domain.clone()))?;
                 if let Some(i) = self.incoming.as_mut() {
                     i.arrived = true;
                 }
@@ -1105,17 +1177,40 @@ impl Receiver<'_> {
                 let (domid, incoming) = self.arrived_domid(&guest).ok_or_else(|| fail(FAILURE, format!("no domain {guest} arrived here")))?;
                 let mut admin = Admin::connect(&xen.local.run_dir)?;
                 let paused = |what: String| fail(FAILURE, format!("guest {guest} is paused here as domain {domid}: {what}"));
-                xen.ensure_vtpm_process(&mut admin, vtpm, None).map_err(|e| paused(format!("starting its vTPM {vtpm}: {}", e.text())))?;
-                let rt = xen.local.runtime(&vtpm);
-                let pid = rt.as_ref().map_or(0, |r| r.pid);
-                // The TPM runs as it was suspended only if this vTPM started from the saved state;
-                // otherwise the connection is a boot (PCRs reset), whatever the source hoped.
-                let kept = keep_tpm && rt.as_ref().is_some_and(|r| r.resumed);
-                // Each step is skipped when an earlier receiver did it (a `--finish`).
-                if wait_backend(DOM0_BACKEND_ROOT, domid, &vtpm, Duration::ZERO).is_err() {
-                    xen.xl_run(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={vtpm}")]).map_err(|e| paused(e.text()))?;
+                // Its vTPM: a dom0 process started from the imported state file, or a vTPM
+                // domain booted from a new disk holding it (each step skipped when an earlier
+                // receiver did it: a `--finish`).
+                let (pid, kept, backend, root, vtpm_domain) = match &vdom {
+                    None => {
+                        xen.ensure_vtpm_process(&mut admin, vtpm, None).map_err(|e| paused(format!("starting its vTPM {vtpm}: {}", e.text())))?;
+                        let rt = xen.local.runtime(&vtpm);
+                        // The TPM runs as it was suspended only if this vTPM started from the
+                        // saved state; otherwise the connection is a boot (PCRs reset), whatever
+                        // the source hoped.
+                        let kept = keep_tpm && rt.as_ref().is_some_and(|r| r.resumed);
+                        (rt.as_ref().map_or(0, |r| r.pid), kept, 0, DOM0_BACKEND_ROOT.to_string(), None)
+                    }
+                    Some(v) => {
+                        let domains = xen.domains();
+                        let rt = match domains.runtime(&vtpm) {
+                            Some(rt) => rt,
+                            None => {
+                                let memory = crate::vtpmdom::default_memory_mib(xen.vtpmdom.memory_mib.as_deref(), &xen.vtpmdom.ramdisk).map_err(|e| paused(e.text()))?;
+                                domains
+                                    .adopt_imported(&vtpm, &v.name, &xen.vtpmdom.kernel, &xen.vtpmdom.ramdisk, memory)
+                                    .map_err(|e| paused(format!("making its vTPM domain: {}", e.text())))?;
+                                domains
+                                    .start(&mut admin, &vtpm, crate::vtpmdom::DEFAULT_READY_WAIT)
+                                    .map_err(|e| paused(format!("starting its vTPM domain {}: {}", v.name, e.text())))?
+                            }
+                        };
+                        (0, false, rt.domid, format!("/local/domain/{}/backend/vtpm", rt.domid), Some((rt.name, rt.domid)))
+                    }
+                };
+                if wait_backend(&root, domid, &vtpm, Duration::ZERO).is_err() {
+                    xen.xl_run(&["vtpm-attach", &domid.to_string(), &format!("backend={backend}"), &format!("uuid={vtpm}")]).map_err(|e| paused(e.text()))?;
                 }
-                let dev = wait_backend(DOM0_BACKEND_ROOT, domid, &vtpm, BACKEND_WAIT).map_err(|e| paused(format!("its vTPM does not serve its device: {e}")))?;
+                let dev = wait_backend(&root, domid, &vtpm, BACKEND_WAIT).map_err(|e| paused(format!("its vTPM does not serve its device: {e}")))?;
                 let connected = wait_connected(&dev, Duration::ZERO);
                 if kept && !connected {
                     xs_write(&format!("{dev}/{}", xen_platform::xenbus::RESUME_MARKER), &from_domid.to_string())
@@ -1129,14 +1224,14 @@ impl Receiver<'_> {
                 let _ = std::fs::remove_file(&plain);
                 let reg = &mut xen.open_registry()?;
                 let row = reg.get_by_name(&guest).map_err(reg_err)?.ok_or_else(|| fail(FAILURE, format!("guest {guest} runs here as domain {domid}, but the registry lost its pair")))?;
-                reg.mark_running(row.id, domid, 0).map_err(|e| {
+                reg.mark_running(row.id, domid, backend).map_err(|e| {
                     fail(FAILURE, format!("guest {guest} runs here as domain {domid} with its vTPM, but the registry was not updated: {}; run `xl-vtpm registry check`", reg_err(e).text()))
                 })?;
                 let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t.elapsed().as_millis() as u64);
                 self.incoming = None;
-                Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms, tpm_kept: kept, restore_ms: 0 })
+                Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms, tpm_kept: kept, restore_ms: 0, vtpm_domain })
             }
-            RecvRequest::RecvAdopt { guest, vtpm } => {
+            RecvRequest::RecvAdopt { guest, vtpm, vtpm_domain } => {
                 check_guest(&guest)?;
                 if self.incoming.is_some() {
                     return Err(fail(REFUSED, "a receiver takes one guest"));
@@ -1154,7 +1249,7 @@ impl Receiver<'_> {
                 // arrived, or is on its way).
                 let hvm = std::fs::read_to_string(&plain).ok().and_then(|c| crate::xlcfg::XlConfig::parse(&c).ok()).is_some_and(|c| crate::hvm::serves(&c, &xen.device_model_socket(&vtpm)).is_some());
                 let staged = hvm && found.is_none() && save_file(&xen.local.state_dir, &vtpm).exists();
-                self.incoming = (found.is_some() || staged).then(|| Incoming { guest: guest.clone(), vtpm, plain, full: dir.join(format!("{guest}.cfg")), arrived: true, restored: None, hvm });
+                self.incoming = (found.is_some() || staged).then(|| Incoming { guest: guest.clone(), vtpm, plain, full: dir.join(format!("{guest}.cfg")), arrived: true, restored: None, hvm, vtpm_domain });
                 Ok(RecvReply::RecvAdopted { domid: found.map(|(d, _)| d), staged })
             }
             RecvRequest::RecvAbandon { guest, vtpm } => {

@@ -433,6 +433,95 @@ impl Domains<'_> {
         run_tool(&self.losetup, &["-d", &quote(dev)?], "").map(drop)
     }
 
+    /// A stopped vTPM domain leaving for another host: copies the newest whole record of its
+    /// disk into the vTPM's state file (`<state-dir>/vtpms/<uuid>/state.xvts`, 0600), from which
+    /// the export reads as for a dom0-process vTPM. The manager opens it and checks it is the
+    /// state it anchored before anything leaves. Refused while the domain runs (it may still
+    /// write a slot).
+    pub fn export_state(&self, uuid: &Uuid) -> Result<PathBuf, CliError> {
+        let spec = self.spec(uuid)?.ok_or_else(|| fail(NOT_FOUND, format!("vTPM {uuid} has no domain")))?;
+        if let Some(rt) = self.runtime(uuid) {
+            return Err(fail(REFUSED, format!("vTPM {uuid} runs as domain {} ({}): stop it first", rt.name, rt.domid)));
+        }
+        let disk = match &spec.disk {
+            Disk::Image(p) | Disk::Device(p) => p,
+        };
+        let f = fs::File::open(disk).map_err(|e| CliError::caused(FAILURE, format!("vTPM {uuid}'s disk {}", disk.display()), e))?;
+        let records = vtpm_proto::slots::records(&f).map_err(|e| CliError::caused(FAILURE, format!("reading vTPM {uuid}'s disk {}", disk.display()), e))?;
+        let (_, blob) = records.into_iter().next().ok_or_else(|| {
+            fail(FAILURE, format!("vTPM {uuid}'s disk {} holds no whole state record (both slots empty or damaged); nothing moved", disk.display()))
+        })?;
+        let path = self.local.state_file(uuid);
+        xvtpm_fsutil::write_atomic(&path, &blob, 0o600).map_err(|e| CliError::caused(FAILURE, format!("writing {}", path.display()), e))?;
+        Ok(path)
+    }
+
+    /// A vTPM whose identity arrived from another host becomes a vTPM domain here: a new disk
+    /// image whose slot A holds the imported state (its generation as sealed), and its
+    /// description (`name`, this host's kernel and ramdisk, `memory_mib`). The imported state file
+    /// is removed once both are durable, so the state lives in one place. Done already (a
+    /// `--finish`): nothing is rewritten.
+    pub fn adopt_imported(&self, uuid: &Uuid, name: &str, kernel: &Path, ramdisk: &Path, memory_mib: u32) -> Result<(), CliError> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        check_name(name).map_err(|e| CliError::caused(USAGE, "the vTPM domain's name", e))?;
+        let state_file = self.local.state_file(uuid);
+        if self.spec(uuid)?.is_some() {
+            let _ = fs::remove_file(&state_file);
+            return Ok(());
+        }
+        let blob = crate::guest::read_capped(&state_file, vtpm_proto::slots::MAX_SEALED as u64, "the imported state file")?;
+        let (_, of, generation) = vtpm_proto::sealed::peek(&blob).map_err(|e| CliError::caused(FAILURE, format!("{}: not a sealed vTPM state", state_file.display()), e))?;
+        if of != *uuid {
+            return Err(fail(FAILURE, format!("{} is vTPM {of}'s state, not {uuid}'s", state_file.display())));
+        }
+        let dir = self.local.vtpm_dir(uuid);
+        let img = dir.join("disk.img");
+        let tmp = dir.join("disk.img.new");
+        let _ = fs::remove_file(&tmp);
+        let write = || -> std::io::Result<()> {
+            let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.set_len(DISK_IMAGE_SIZE)?;
+            f.write_all_at(&vtpm_proto::slots::encode_record(generation, &blob), vtpm_proto::slots::OFFSETS[0])?;
+            f.sync_all()?;
+            fs::rename(&tmp, &img)?;
+            fs::File::open(&dir)?.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            CliError::caused(FAILURE, format!("writing vTPM {uuid}'s new disk {}", img.display()), e)
+        })?;
+        let spec = DomainSpec {
+            name: name.to_string(),
+            kernel: fs::canonicalize(kernel).unwrap_or_else(|_| kernel.to_path_buf()),
+            ramdisk: fs::canonicalize(ramdisk).unwrap_or_else(|_| ramdisk.to_path_buf()),
+            memory_mib,
+            disk: Disk::Image(img),
+            create_args: Vec::new(),
+        };
+        let bytes = serde_json::to_vec_pretty(&spec).expect("serialisable");
+        xvtpm_fsutil::write_atomic(&self.spec_file(uuid), &bytes, 0o600)
+            .map_err(|e| CliError::caused(FAILURE, format!("writing {}", self.spec_file(uuid).display()), e))?;
+        let _ = fs::remove_file(&state_file);
+        Ok(())
+    }
+
+    /// After the identity of a stopped vTPM domain was committed to another host: its
+    /// description and disk image here go (the state on them is retired: the manager no longer
+    /// releases its key). A block device given with `--disk` is left as it is, for its admin.
+    pub fn forget_moved(&self, uuid: &Uuid) -> Result<(), CliError> {
+        if let Some(spec) = self.spec(uuid)? {
+            if let Disk::Image(img) = &spec.disk
+                && let Err(e) = fs::remove_file(img)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(CliError::caused(FAILURE, format!("removing {}", img.display()), e));
+            }
+            fs::remove_file(self.spec_file(uuid)).map_err(|e| CliError::caused(FAILURE, format!("removing {}", self.spec_file(uuid).display()), e))?;
+        }
+        let _ = fs::remove_file(self.local.state_file(uuid));
+        Ok(())
+    }
+
     /// Shuts a vTPM domain down (clean stop, `xl destroy` after `grace`), detaches its loop
     /// device and its manager attachment. Returns whether it was running.
     pub fn stop(&self, admin: &mut Admin, uuid: &Uuid, grace: Duration) -> Result<bool, CliError> {
@@ -608,5 +697,76 @@ mod tests {
         let s = spec();
         let back: DomainSpec = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    /// A sealed state of vTPM `id` at `generation` (the tools never open it; the manager does).
+    fn sealed_state(id: Uuid, generation: u64, perm: &[u8]) -> Vec<u8> {
+        let st = vtpm_proto::sealed::State {
+            family: tpm_wire::Family::Tpm2,
+            generation,
+            permanent: zeroize::Zeroizing::new(perm.to_vec()),
+            volatile: zeroize::Zeroizing::new(Vec::new()),
+        };
+        vtpm_proto::sealed::seal(&[7; 32], &id, &st, &[1; 12])
+    }
+
+    #[test]
+    fn a_moving_vtpm_domain_s_newest_state_leaves_and_arrives_on_a_new_disk() {
+        use std::os::unix::fs::{FileExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let local = Local { state_dir: dir.path().join("a"), run_dir: dir.path().join("run-a"), vtpm_domain: "vtpm-domain".into(), sandbox: false };
+        let d = Domains { local: &local, xl: "/nonexistent/xl".into(), losetup: "/nonexistent/losetup".into() };
+        let id = Uuid::new_v4();
+        fs::create_dir_all(local.vtpm_dir(&id)).unwrap();
+        // The source's disk: generation 4 in slot A, 5 in slot B.
+        let img = local.vtpm_dir(&id).join("disk.img");
+        let f = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&img).unwrap();
+        f.set_len(DISK_IMAGE_SIZE).unwrap();
+        f.write_all_at(&vtpm_proto::slots::encode_record(4, &sealed_state(id, 4, b"four")), vtpm_proto::slots::OFFSETS[0]).unwrap();
+        f.write_all_at(&vtpm_proto::slots::encode_record(5, &sealed_state(id, 5, b"five")), vtpm_proto::slots::OFFSETS[1]).unwrap();
+        let mut s = spec();
+        s.disk = Disk::Image(img.clone());
+        fs::write(d.spec_file(&id), serde_json::to_vec(&s).unwrap()).unwrap();
+
+        let out = d.export_state(&id).unwrap();
+        assert_eq!(out, local.state_file(&id));
+        assert_eq!(fs::read(&out).unwrap(), sealed_state(id, 5, b"five"), "the newest slot's blob, as it is");
+        assert_eq!(fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+        // Slot B torn: slot A's older state is what a whole record holds.
+        f.write_all_at(&[0xee; 8], vtpm_proto::slots::OFFSETS[1] + 20).unwrap();
+        assert_eq!(fs::read(d.export_state(&id).unwrap()).unwrap(), sealed_state(id, 4, b"four"));
+        // Both damaged: refused, naming the disk.
+        f.write_all_at(&[0xee; 8], vtpm_proto::slots::OFFSETS[0] + 20).unwrap();
+        let e = d.export_state(&id).unwrap_err().text();
+        assert!(e.contains("no whole state record") && e.contains("disk.img"), "{e}");
+
+        // The destination: the imported state file becomes slot A of a new disk image.
+        let local_b = Local { state_dir: dir.path().join("b"), run_dir: dir.path().join("run-b"), vtpm_domain: "vtpm-domain".into(), sandbox: false };
+        let b = Domains { local: &local_b, xl: "/nonexistent/xl".into(), losetup: "/nonexistent/losetup".into() };
+        fs::create_dir_all(local_b.vtpm_dir(&id)).unwrap();
+        fs::write(local_b.state_file(&id), sealed_state(id, 5, b"five")).unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        b.adopt_imported(&id, "vtpm-g", &kernel, &dir.path().join("initrd"), 32).unwrap();
+        assert!(!local_b.state_file(&id).exists(), "the state lives on the disk only");
+        let got = b.spec(&id).unwrap().unwrap();
+        let Disk::Image(new_img) = &got.disk else { panic!("{got:?}") };
+        assert_eq!((got.name.as_str(), got.memory_mib, got.create_args.len()), ("vtpm-g", 32, 0));
+        assert_eq!(fs::metadata(new_img).unwrap().len(), DISK_IMAGE_SIZE);
+        assert_eq!(fs::metadata(new_img).unwrap().permissions().mode() & 0o777, 0o600);
+        let recs = vtpm_proto::slots::records(&fs::File::open(new_img).unwrap()).unwrap();
+        assert_eq!(recs, vec![(5, sealed_state(id, 5, b"five"))], "generation as sealed, slot B empty");
+        // Again (a `--finish`): nothing rewritten.
+        b.adopt_imported(&id, "vtpm-g", &kernel, &dir.path().join("initrd"), 32).unwrap();
+        // Another vTPM's state is refused.
+        let other = Uuid::new_v4();
+        fs::create_dir_all(local_b.vtpm_dir(&other)).unwrap();
+        fs::write(local_b.state_file(&other), sealed_state(id, 5, b"five")).unwrap();
+        let e = b.adopt_imported(&other, "vtpm-h", &kernel, &dir.path().join("initrd"), 32).unwrap_err().text();
+        assert!(e.contains(&format!("is vTPM {id}'s state, not {other}'s")), "{e}");
+        assert!(b.spec(&other).unwrap().is_none());
+
+        // The source forgets what moved: its image and description.
+        d.forget_moved(&id).unwrap();
+        assert!(!img.exists() && d.spec(&id).unwrap().is_none() && !local.state_file(&id).exists());
     }
 }
