@@ -40,6 +40,14 @@ pub const DEVICE_WAIT: Duration = Duration::from_secs(30);
 pub const XS_READY: &str = "data/xvtpm/ready";
 /// Where the exit code is published.
 pub const XS_EXIT: &str = "data/xvtpm/exit";
+/// Published with readiness: `1` when the TPM started from a suspend's saved volatile state (it
+/// runs as it was, PCRs included), `0` when it was powered on anew.
+pub const XS_RESUMED: &str = "data/xvtpm/resumed";
+/// Written by the toolstack (dom0) before it shuts the domain down: `1` makes that shutdown a
+/// suspend — the running TPM's volatile state is saved with its permanent state for the next
+/// start (a guest moving to another host keeps its PCRs). A domain has no signal dom0 can send
+/// its init but the poweroff request, so the request's meaning is read from here.
+pub const XS_SUSPEND: &str = "data/xvtpm/suspend";
 
 /// Whether this process is the domain's init.
 pub fn is_pid1() -> bool {
@@ -215,6 +223,14 @@ pub async fn publish(path: &str, value: &str) {
         }
         Err(e) => xvtpm_log::host_warn!(path, error = %e, "cannot publish to xenstore"),
     }
+}
+
+/// Reads `path` (relative to the domain's xenstore home); `None` if it is absent or xenstore
+/// cannot be reached.
+pub async fn read(path: &str) -> Option<String> {
+    use xen_platform::xenstore::Xenstore;
+    let (xs, _events) = xen_platform::xenstore::XsClient::open().await.ok()?;
+    xs.read(path).await.ok().flatten()
 }
 
 /// Ends the domain: flushes the disks and powers off. Never returns.

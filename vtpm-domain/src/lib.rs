@@ -153,6 +153,8 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
         if cfg.as_init {
             println!("VTPMDOM-READY uuid={} {}", cfg.uuid, init::memory_report());
             std::io::stdout().flush().ok();
+            // (before readiness: whoever sees ready reads it)
+            init::publish(init::XS_RESUMED, if vtpm.resumed() { "1" } else { "0" }).await;
             init::publish(init::XS_READY, &cfg.uuid.to_string()).await;
         }
         let import_floor = std::cell::Cell::new(vtpm.opened_generation());
@@ -173,6 +175,7 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             suspend: std::cell::Cell::new(false),
         });
         let sig = shared.clone();
+        let as_init = cfg.as_init;
         tokio::task::spawn_local(async move {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut term), Ok(mut int), Ok(mut usr1)) =
@@ -181,7 +184,16 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
                 return;
             };
             tokio::select! {
-                _ = term.recv() => xvtpm_log::host_info!("signal received, shutting down"),
+                // In its own domain the toolstack's poweroff request arrives as SIGTERM; what
+                // dom0 wrote beside it says whether it is a suspend.
+                _ = term.recv() => {
+                    if as_init && init::read(init::XS_SUSPEND).await.as_deref().map(str::trim) == Some("1") {
+                        xvtpm_log::host_info!("shutdown requested as a suspend (data/xvtpm/suspend): the TPM's volatile state is saved for the next start");
+                        sig.suspend.set(true);
+                    } else {
+                        xvtpm_log::host_info!("signal received, shutting down");
+                    }
+                }
                 _ = int.recv() => xvtpm_log::host_info!("signal received, shutting down"),
                 _ = usr1.recv() => {
                     xvtpm_log::host_info!("SIGUSR1: suspending (the TPM's volatile state is saved for the next start)");

@@ -552,18 +552,21 @@ impl Xen {
         };
         let domains = self.domains();
         let tpm_kept = match self.local.runtime(&uuid) {
-            // A vTPM domain shuts down (its state is on its disk at every answer; a domain has
-            // no suspend): the guest's TPM restarts there from its permanent state, PCRs reset.
+            // A vTPM domain is suspended: its shutdown saves the running TPM's volatile state on
+            // its disk, beside the permanent state (a `--finish` finds it ended already).
             None if rec.vtpm_domain.is_some() => {
-                if domains.runtime(&uuid).is_some() {
-                    domains.stop(admin, &uuid, crate::vtpmdom::SHUTDOWN_GRACE).map_err(|e| fail(e.code, moved_paused(&format!("stopping vTPM domain of {uuid} here: {}", e.text()))))?;
-                }
+                let asked = match domains.runtime(&uuid) {
+                    Some(_) => domains
+                        .suspend(admin, &uuid, crate::vtpmdom::SHUTDOWN_GRACE)
+                        .map_err(|e| fail(e.code, moved_paused(&format!("suspending vTPM {uuid}'s domain here: {}", e.text()))))?,
+                    None => true,
+                };
                 // Its disk's newest state is what leaves (once it was committed there, a
                 // `--finish` finds no description here and skips this).
                 if domains.spec(&uuid)?.is_some() && !self.local.state_file(&uuid).exists() {
                     domains.export_state(&uuid).map_err(|e| fail(e.code, moved_paused(&e.text())))?;
                 }
-                false
+                asked
             }
             None => true,
             // HVM: the TPM's state left in the saved guest (the device model fetched it; its
@@ -1204,7 +1207,9 @@ impl Receiver<'_> {
                                     .map_err(|e| paused(format!("starting its vTPM domain {}: {}", v.name, e.text())))?
                             }
                         };
-                        (0, false, rt.domid, format!("/local/domain/{}/backend/vtpm", rt.domid), Some((rt.name, rt.domid)))
+                        // As for a process: the TPM runs as it was only if the domain started
+                        // from the suspend's saved state.
+                        (0, keep_tpm && rt.resumed, rt.domid, format!("/local/domain/{}/backend/vtpm", rt.domid), Some((rt.name, rt.domid)))
                     }
                 };
                 if wait_backend(&root, domid, &vtpm, Duration::ZERO).is_err() {

@@ -226,6 +226,9 @@ pub struct DomainRuntime {
     pub loop_device: Option<PathBuf>,
     /// The generated xl config.
     pub config: PathBuf,
+    /// The TPM started from a suspend's saved volatile state (it runs as it was).
+    #[serde(default)]
+    pub resumed: bool,
 }
 
 /// How long a new vTPM may take to answer "ready".

@@ -396,13 +396,13 @@ impl Domains<'_> {
         };
         self.xl(&["vtpm-attach", &domid.to_string(), &format!("backend={manager}"), &format!("uuid={uuid}")])?;
         self.xl(&["unpause", &domid.to_string()])?;
-        wait_ready(domid, &uuid, ready_wait).map_err(|m| {
+        let resumed = wait_ready(domid, &uuid, ready_wait).map_err(|m| {
             let console = format!("/var/log/xen/console/guest-{}.log", spec.name);
             let tail = crate::local::tail(Path::new(&console), 15);
             let hint = if tail.is_empty() { format!("see `xl console {}`", spec.name) } else { format!("last lines of {console}:\n{tail}") };
             CliError::caused(FAILURE, format!("vTPM domain {} (domid {domid}) did not become ready", spec.name), m).fix(hint)
         })?;
-        let rt = DomainRuntime { uuid, name: spec.name.clone(), domid, disk_device, loop_device, config: cfg };
+        let rt = DomainRuntime { uuid, name: spec.name.clone(), domid, disk_device, loop_device, config: cfg, resumed };
         let bytes = serde_json::to_vec_pretty(&rt).expect("serialisable");
         xvtpm_fsutil::write_atomic(&self.runtime_file(&uuid), &bytes, 0o600)
             .map_err(|e| CliError::caused(FAILURE, "writing the runtime record", e))?;
@@ -522,6 +522,27 @@ impl Domains<'_> {
         Ok(())
     }
 
+    /// A vTPM domain leaving with its guest for another host: its shutdown is a suspend (dom0
+    /// writes `data/xvtpm/suspend` = 1 into its xenstore home first, which it reads when the
+    /// poweroff request reaches it), so the running TPM's volatile state is saved on its disk
+    /// for the next start; then as [`stop`](Self::stop). Returns whether the suspend was asked
+    /// for (a domain that ends without saving it starts again powered on anew: its `resumed`
+    /// says so).
+    pub fn suspend(&self, admin: &mut Admin, uuid: &Uuid, grace: Duration) -> Result<bool, CliError> {
+        let asked = match self.runtime(uuid) {
+            Some(rt) => match crate::guestmig::xs_write(&format!("/local/domain/{}/data/xvtpm/suspend", rt.domid), "1") {
+                Ok(()) => true,
+                Err(e) => {
+                    eprintln!("xl-vtpm: warning: vTPM domain {} ({}): cannot ask for a suspend ({e}); it shuts down, its TPM restarts powered on anew", rt.name, rt.domid);
+                    false
+                }
+            },
+            None => false,
+        };
+        self.stop(admin, uuid, grace)?;
+        Ok(asked)
+    }
+
     /// Shuts a vTPM domain down (clean stop, `xl destroy` after `grace`), detaches its loop
     /// device and its manager attachment. Returns whether it was running.
     pub fn stop(&self, admin: &mut Admin, uuid: &Uuid, grace: Duration) -> Result<bool, CliError> {
@@ -594,7 +615,9 @@ fn run_tool(bin: &Path, args: &[&str], hint: &str) -> Result<String, CliError> {
 
 /// Waits until domain `domid` publishes `data/xvtpm/ready` = `uuid`; fails early if it
 /// publishes an exit code or disappears.
-fn wait_ready(domid: u32, uuid: &Uuid, limit: Duration) -> Result<(), crate::exit::Cause> {
+/// Waits until the domain says it serves `uuid`; returns whether its TPM started from a
+/// suspend's saved state (`data/xvtpm/resumed`).
+fn wait_ready(domid: u32, uuid: &Uuid, limit: Duration) -> Result<bool, crate::exit::Cause> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         use xen_platform::xenstore::Xenstore;
@@ -610,7 +633,10 @@ fn wait_ready(domid: u32, uuid: &Uuid, limit: Duration) -> Result<(), crate::exi
         loop {
             if let Ok(Some(v)) = xs.read(&ready).await {
                 let v = v.trim().to_string();
-                return if v == uuid.to_string() { Ok(()) } else { Err(format!("it says it serves vTPM {v:?}, not {uuid}").into()) };
+                if v != uuid.to_string() {
+                    return Err(format!("it says it serves vTPM {v:?}, not {uuid}").into());
+                }
+                return Ok(xs.read(&format!("{home}/data/xvtpm/resumed")).await.ok().flatten().is_some_and(|r| r.trim() == "1"));
             }
             if let Ok(Some(code)) = xs.read(&exit).await {
                 return Err(format!("vtpm-domain exited with code {}", code.trim()).into());

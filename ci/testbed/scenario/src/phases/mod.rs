@@ -14,6 +14,7 @@ mod tail;
 mod vtpm;
 mod vtpmdom;
 mod xhost;
+mod xhostdom;
 mod xhosthvm;
 
 use std::process::Child;

@@ -8,7 +8,7 @@
 //! dom0's own manager (`/run/xvtpm`, `/var/lib/xvtpm`); in these phases its xl-vtpm runs with
 //! `XVTPM_HOST=host-a`. One RESULT per step:
 //!   xhost-setup    host B's swtpm answers on both ports, its SHA-256 PCRs 0–7 read into the
-//!                  policy file B's destination checks use, `vtpmmgr serve` on it, `xl-vtpm mgr
+//!                  policy file B's destination checks use, `vtpmmgr serve --xen` on it, `xl-vtpm mgr
 //!                  provision` (B's default group), `mgr status` (its own TCTI), `mgr enrollment` of
 //!                  A and B (different host ids and EK certificates); then a fresh vTPM made on A
 //!                  and stopped moves to B with `xl-vtpm vtpm migrate UUID --to-run-dir
@@ -36,7 +36,8 @@
 //!                  A — and once B imported the identity (2) — the copy stays paused, `--finish`
 //!                  completes the move. Until `xl-vtpm migrate` takes `--receiver` (cross-host,
 //!                  being written) it FAILs at that command with the reason.
-//! After both (or when they cannot run) host B's vTPM processes, manager and swtpm are stopped, so
+//!   migrate-xhost-dom  the same with the guest's vTPM in its own domain (xhostdom.rs).
+//! After them (or when they cannot run) host B's vTPM processes, manager and swtpm are stopped, so
 //! that teardown and the manager-domain phases find dom0 as before.
 
 use std::net::{SocketAddr, TcpStream};
@@ -120,7 +121,7 @@ pub struct HostB {
 pub fn run(r: &mut Runner, st: &mut St) {
     let mode = xen::cmdline_arg("xvtpm_xhost").unwrap_or_else(|| "1".into());
     if mode == "0" {
-        r.skip_all(&["xhost-setup", "migrate-xhost", "migrate-xhost-hvm"], "disabled (XVTPM_TESTBED_XHOST=0)");
+        r.skip_all(&["xhost-setup", "migrate-xhost", "migrate-xhost-dom", "migrate-xhost-hvm"], "disabled (XVTPM_TESTBED_XHOST=0)");
         return;
     }
     let mut hb: Option<HostB> = None;
@@ -128,6 +129,8 @@ pub fn run(r: &mut Runner, st: &mut St) {
     r.phase_if("xhost-setup", blocked, deadline(600), |cx| setup(cx, &mut hb));
     let blocked = if hb.is_none() { Some("needs host B (xhost-setup did not leave it serving)") } else { None };
     r.phase_if("migrate-xhost", blocked, deadline(1200), guest_move);
+    let blocked = if hb.is_none() { Some("needs host B (xhost-setup did not leave it serving)") } else { None };
+    r.phase_if("migrate-xhost-dom", blocked, deadline(900), super::xhostdom::dom_move);
     if st.hvm_mode == "1" || st.hvm_mode == "mig" {
         let blocked = if hb.is_none() { Some("needs host B (xhost-setup did not leave it serving)") } else { None };
         r.phase_if("migrate-xhost-hvm", blocked, deadline(900), super::xhosthvm::hvm_move);
@@ -278,7 +281,9 @@ fn setup(cx: &Cx, hb: &mut Option<HostB>) -> Outcome {
     // host A's too (a move back to A is checked against them); A's manager shares tpmrm0
     write_policy(cx, "device:/dev/tpmrm0", A_POLICY, &mut e, "xhost-a-pcrs", "host A's PCRs 0–7 (the policy of a move back to A)");
     // 3. its manager
-    let mgr = spawn(&["vtpmmgr", "--tcti", &tcti, "--state-dir", B_STATE, "--run-dir", B_RUN, "serve"], MGR_LOG);
+    // (`--xen`: B's vTPM domains reach it over dom0's tpmif backend directory, which A's manager
+    // serves too; each takes only the devices of the vTPM domains attached to it.)
+    let mgr = spawn(&["vtpmmgr", "--tcti", &tcti, "--state-dir", B_STATE, "--run-dir", B_RUN, "serve", "--xen"], MGR_LOG);
     let mut mgr = match mgr {
         Ok(c) => c,
         Err(w) => {
@@ -288,7 +293,7 @@ fn setup(cx: &Cx, hb: &mut Option<HostB>) -> Outcome {
     };
     cx.wait_until(120, || xen::read_text(MGR_LOG).contains("\"ready\":true") || !up(&mut mgr));
     let serving = xen::read_text(MGR_LOG).contains("\"ready\":true") && up(&mut mgr);
-    if !e.check("xhost-b-serve", serving, format!("vtpmmgr --tcti {tcti} --state-dir {B_STATE} --run-dir {B_RUN} serve (pid {}): ready {serving}", mgr.id())) {
+    if !e.check("xhost-b-serve", serving, format!("vtpmmgr --tcti {tcti} --state-dir {B_STATE} --run-dir {B_RUN} serve --xen (pid {}): ready {serving}", mgr.id())) {
         show_tail("vtpmmgr-b", &xen::read_text(MGR_LOG), 30);
         crate::cmd::kill_child(&mut mgr);
         crate::cmd::kill_child(&mut swtpm);
