@@ -129,9 +129,16 @@ pub fn xl_save_args(name: &str, file: &Path) -> Vec<String> {
     vec!["save".into(), name.into(), file.display().to_string()]
 }
 
-/// `xl restore -p FILE`: the new domain stays paused until its vTPM is ready.
-pub fn xl_restore_args(file: &Path) -> Vec<String> {
-    vec!["restore".into(), "-p".into(), file.display().to_string()]
+/// `xl restore -p [CFG] FILE`: the new domain stays paused until its vTPM is ready. With CFG
+/// (the guest's config as `xl-vtpm create` wrote it) instead of the one saved in FILE: a vTPM
+/// domain named in it is looked up anew, so a vTPM domain booted again since the save (another
+/// domid) serves the restored guest; the saved config names the old domid, and libxl fails to
+/// add the device.
+pub fn xl_restore_args(file: &Path, cfg: Option<&Path>) -> Vec<String> {
+    let mut a: Vec<String> = vec!["restore".into(), "-p".into()];
+    a.extend(cfg.map(|c| c.display().to_string()));
+    a.push(file.display().to_string());
+    a
 }
 
 /// Makes `file`'s directory (0700, a real directory, not a link) and `file` itself, empty and
@@ -190,11 +197,14 @@ pub(crate) fn xl_said(out: &std::process::Output) -> String {
 }
 
 impl Xen {
-    /// `xl restore -p FILE`; its wall time (ms).
-    pub(crate) fn restore_saved(&self, name: &str, file: &Path) -> Result<u64, CliError> {
+    /// `xl restore -p [CFG] FILE` ([`xl_restore_args`]; CFG when the vTPM runs in its own
+    /// domain); its wall time (ms).
+    pub(crate) fn restore_saved(&self, name: &str, file: &Path, vtpm_domain: bool) -> Result<u64, CliError> {
+        let cfg = self.local.run_dir.join("guests").join(format!("{name}.cfg"));
+        let cfg = (vtpm_domain && cfg.is_file()).then_some(cfg);
         let t = Instant::now();
         let out = Command::new(&self.xl)
-            .args(xl_restore_args(file))
+            .args(xl_restore_args(file, cfg.as_deref()))
             .output()
             .map_err(|e| restore_failed(name, file, &format!("cannot run {} ({e})", self.xl.display())))?;
         if !out.status.success() || self.xl_domid(name).is_none() {
@@ -365,13 +375,13 @@ impl Xen {
                 self.ensure_vtpm_process(admin, uuid, None)?;
             }
             save_ms = self.save_guest(name, old, &file)?;
-            restore_ms = self.restore_saved(name, &file)?;
+            restore_ms = self.restore_saved(name, &file, vdom.is_some())?;
         } else if finish && self.xl_domid(name).is_none() && file.exists() {
             // The vTPM must run before libxl writes the restored domain's device.
             if !hvm && vdom.is_none() {
                 restarted_before = self.ensure_vtpm_process(admin, uuid, None)?.1;
             }
-            restore_ms = self.restore_saved(name, &file)?;
+            restore_ms = self.restore_saved(name, &file, vdom.is_some())?;
         }
         if !finish && !non_live {
             // The vTPM must serve the incoming domain's device as soon as libxl writes it.
@@ -745,7 +755,9 @@ g                                           14   256     1     -b----       1.2\
         let f = save_file(Path::new("/var/lib/xvtpm"), &Uuid::nil());
         assert_eq!(f, Path::new("/var/lib/xvtpm/migrate-save/00000000-0000-0000-0000-000000000000.xlsave"));
         assert_eq!(xl_save_args("g", &f), ["save", "g", f.to_str().unwrap()]);
-        assert_eq!(xl_restore_args(&f), ["restore", "-p", f.to_str().unwrap()]);
+        assert_eq!(xl_restore_args(&f, None), ["restore", "-p", f.to_str().unwrap()]);
+        let cfg = Path::new("/run/xvtpm/guests/g.cfg");
+        assert_eq!(xl_restore_args(&f, Some(cfg)), ["restore", "-p", "/run/xvtpm/guests/g.cfg", f.to_str().unwrap()], "the guest's config names its vTPM domain anew");
     }
 
     #[test]
