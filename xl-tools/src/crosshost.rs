@@ -283,7 +283,7 @@ struct MoveRecord {
     /// An HVM guest: its vTPM is stopped, not suspended (the TPM's state is in the saved guest).
     #[serde(default)]
     hvm: bool,
-    /// The vTPM runs in its own domain, of this name: it is shut down, and its disk's newest
+    /// The vTPM runs in its own domain, of this name: it is suspended, and its disk's newest
     /// state leaves.
     #[serde(default)]
     vtpm_domain: Option<String>,
