@@ -353,9 +353,10 @@ fn a_second_receiver_of_a_guest_waits_for_the_first() {
 }
 
 /// A guest whose vTPM runs in its own domain: the receiver will make that domain from this
-/// host's kernel and ramdisk, so a host without them, a bad domain name, or an HVM guest (whose
-/// TPM is its device model's) is refused before anything is written; with them the guest is
-/// announced as any other. (No Xen here: the domain itself is made in the testbed.)
+/// host's kernel and ramdisk and attach it to this host's manager, so a host without them, a bad
+/// domain name, an HVM guest (whose TPM is its device model's), or a manager that serves no vTPM
+/// domains (no `--xen`: this machine has no Xen) is refused before anything is written. (The
+/// move itself is the testbed's `migrate-xhost-dom`.)
 #[test]
 fn the_receiver_checks_it_can_make_the_guest_s_vtpm_domain_before_anything_moves() {
     use xl_tools::crosshost::{HvmTpm, VtpmDomainMove};
@@ -382,11 +383,8 @@ fn the_receiver_checks_it_can_make_the_guest_s_vtpm_domain_before_anything_moves
     std::fs::write(&ramdisk, b"r").unwrap();
     refused(rx.recv(incoming("../vtpm", None)), 2, "is not a domain name");
     refused(rx.recv(incoming("vtpm-g1", Some(HvmTpm { model: "tis".into(), acpi: None }))), 2, "has no vTPM domain");
+    refused(rx.recv(incoming("vtpm-g1", None)), 6, "run it with `vtpmmgr serve --xen`; nothing moved");
     assert!(!cfg.exists(), "nothing written for a refused guest");
-    assert!(matches!(rx.recv(incoming("vtpm-g1", None)), RecvReply::RecvOk));
-    let full = std::fs::read_to_string(&cfg).unwrap();
-    assert!(full.contains("backend=vtpm-g1"), "the guest's config here names its vTPM domain: {full}");
     let (status, _, err) = rx.finish();
     assert!(status.success(), "{status}: {err}");
-    assert!(!cfg.exists(), "a guest that never arrived leaves no config");
 }

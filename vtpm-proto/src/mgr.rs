@@ -345,6 +345,10 @@ pub struct StatusInfo {
     /// domains attach their manager link to `backend=<this>`. `None` in dom0 or without Xen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xen_domain: Option<u32>,
+    /// Whether the manager serves vTPM domains over its Xen link (`vtpmmgr serve --xen`):
+    /// without it a vTPM domain's manager link finds no backend. `false` from an older manager.
+    #[serde(default)]
+    pub xen_link: bool,
 }
 
 /// The monotonic counter in the physical TPM's NV that covers the manager's store: every

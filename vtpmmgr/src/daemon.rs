@@ -318,6 +318,10 @@ pub async fn serve(mut mgr: Manager, xen_root: Option<String>, admin_xen: bool) 
     if let Some(d) = domid.filter(|d| *d != 0) {
         mgr.set_xen_domain(d);
     }
+    if xen_root.is_some() {
+        // (A link that fails to open ends `serve` below: Status never says so wrongly.)
+        mgr.set_xen_link();
+    }
     // Before anyone can connect: the first deep quote finds the AK loaded.
     mgr.warm_deep_quote();
     std::fs::create_dir_all(&run_dir).map_err(bind_err)?;

@@ -157,6 +157,8 @@ pub struct Manager {
     reserved: HashMap<Uuid, VtpmEntry>,
     /// The Xen domain this manager runs in, when it is not dom0 ([`Manager::set_xen_domain`]).
     xen_domain: Option<u32>,
+    /// It serves vTPM domains over its Xen link ([`Manager::set_xen_link`]).
+    xen_link: bool,
 }
 
 /// At most this many identities reserved at once (each is a vTPM being manufactured now).
@@ -251,6 +253,7 @@ impl Manager {
             anchor_stats: Default::default(),
             reserved: HashMap::new(),
             xen_domain: None,
+            xen_link: false,
         })
     }
 
@@ -619,7 +622,14 @@ impl Manager {
             store_counter: self.store_counter(),
             transfer_protocol: vtpm_proto::transfer::IMPORT_PROTOCOL,
             xen_domain: self.xen_domain,
+            xen_link: self.xen_link,
         }
+    }
+
+    /// Records that the manager serves vTPM domains over its Xen link (`serve --xen`): `Status`
+    /// reports it, so the toolstack refuses to boot a vTPM domain that no backend would serve.
+    pub fn set_xen_link(&mut self) {
+        self.xen_link = true;
     }
 
     /// Records that the manager runs in Xen domain `domid` (not dom0): `Status` reports it, so

@@ -1081,6 +1081,7 @@ impl Receiver<'_> {
                     if !one_xen && xen.xl_domid(&v.name).is_some() {
                         return Err(fail(REFUSED, format!("a domain named {} (the guest's vTPM domain) runs here already; nothing moved", v.name)));
                     }
+                    crate::vtpmdom::serving_manager(&mut Admin::connect(&xen.local.run_dir)?).map_err(|e| fail(e.code, format!("{}; nothing moved", e.text())))?;
                 }
                 plain.set_vtpms(&[]);
                 let dir = xen.local.run_dir.join("guests");

@@ -285,11 +285,12 @@ impl Domains<'_> {
         if self.domid(&opts.name).is_some() {
             return Err(fail(REFUSED, format!("a domain named {:?} exists already; choose another --domain name", opts.name)));
         }
+        let manager = serving_manager(admin)?;
         let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid })? {
             AdminReply::Vtpm(v) => v,
             other => return Err(fail(FAILURE, format!("unexpected reply {other:?}"))),
         };
-        let result = self.create_inner(admin, &info, opts, create_args);
+        let result = self.create_inner(admin, &info, opts, create_args, manager);
         if result.is_err() {
             let _ = admin.call(&AdminRequest::VtpmDetach { uuid: info.uuid });
             let _ = admin.call(&AdminRequest::VtpmDel { uuid: info.uuid });
@@ -298,7 +299,7 @@ impl Domains<'_> {
         result
     }
 
-    fn create_inner(&self, admin: &mut Admin, info: &VtpmInfo, opts: &DomainOpts, create_args: Vec<String>) -> Result<DomainRuntime, CliError> {
+    fn create_inner(&self, admin: &mut Admin, info: &VtpmInfo, opts: &DomainOpts, create_args: Vec<String>, manager: u32) -> Result<DomainRuntime, CliError> {
         let uuid = info.uuid;
         let dir = self.local.vtpm_dir(&uuid);
         fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, format!("creating {}", dir.display()), e))?;
@@ -328,7 +329,7 @@ impl Domains<'_> {
         let bytes = serde_json::to_vec_pretty(&spec).expect("serialisable");
         xvtpm_fsutil::write_atomic(&self.spec_file(&uuid), &bytes, 0o600)
             .map_err(|e| CliError::caused(FAILURE, format!("writing {}", self.spec_file(&uuid).display()), e))?;
-        self.boot(admin, uuid, &spec, true, opts.ready_wait)
+        self.boot(admin, uuid, &spec, true, opts.ready_wait, manager)
     }
 
     /// Boots the domain of an existing, stopped vTPM from its disk.
@@ -340,13 +341,15 @@ impl Domains<'_> {
         if self.domid(&spec.name).is_some() {
             return Err(fail(REFUSED, format!("a domain named {:?} exists but is not this vTPM's; remove it first", spec.name)));
         }
-        self.boot(admin, *uuid, &spec, false, ready_wait)
+        let manager = serving_manager(admin)?;
+        self.boot(admin, *uuid, &spec, false, ready_wait, manager)
     }
 
-    fn boot(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration) -> Result<DomainRuntime, CliError> {
+    /// Boots the domain; `manager`: the domain of the manager that serves its manager link.
+    fn boot(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration, manager: u32) -> Result<DomainRuntime, CliError> {
         fs::create_dir_all(self.local.run_dir.join("vtpms")).map_err(|e| CliError::caused(FAILURE, "creating the run dir", e))?;
         let mut undo = Undo::default();
-        let result = self.boot_steps(admin, uuid, spec, create, ready_wait, &mut undo);
+        let result = self.boot_steps(admin, uuid, spec, create, ready_wait, manager, &mut undo);
         if result.is_err() {
             if let Some(domid) = undo.domid {
                 let _ = self.xl(&["destroy", &domid.to_string()]);
@@ -362,7 +365,8 @@ impl Domains<'_> {
         result
     }
 
-    fn boot_steps(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration, undo: &mut Undo) -> Result<DomainRuntime, CliError> {
+    #[allow(clippy::too_many_arguments)]
+    fn boot_steps(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration, manager: u32, undo: &mut Undo) -> Result<DomainRuntime, CliError> {
         let (disk_device, loop_device) = match &spec.disk {
             Disk::Device(d) => (d.clone(), None),
             Disk::Image(img) => {
@@ -389,11 +393,6 @@ impl Domains<'_> {
         admin.call(&AdminRequest::VtpmDetach { uuid })?;
         admin.call(&AdminRequest::VtpmAttachDomain { uuid, domid })?;
         undo.attached = true;
-        // The manager link's backend is the manager: dom0's process, or its own domain.
-        let manager = match admin.call(&AdminRequest::Status)? {
-            AdminReply::Status(s) => s.xen_domain.unwrap_or(0),
-            other => return Err(fail(FAILURE, format!("the manager answered its status with {other:?}"))),
-        };
         self.xl(&["vtpm-attach", &domid.to_string(), &format!("backend={manager}"), &format!("uuid={uuid}")])?;
         self.xl(&["unpause", &domid.to_string()])?;
         let resumed = wait_ready(domid, &uuid, ready_wait).map_err(|m| {
@@ -597,6 +596,22 @@ struct Undo {
     loop_device: Option<PathBuf>,
     domid: Option<u32>,
     attached: bool,
+}
+
+/// The domain of the manager that serves vTPM domains' manager links (0: dom0's process; its
+/// own domain, `xen_domain`, docs/manager-domain.md). Refused when it does not serve them.
+pub fn serving_manager(admin: &mut Admin) -> Result<u32, CliError> {
+    match admin.call(&AdminRequest::Status)? {
+        AdminReply::Status(s) if s.xen_link => Ok(s.xen_domain.unwrap_or(0)),
+        AdminReply::Status(s) => Err(fail(
+            REFUSED,
+            format!(
+                "the manager (vtpmmgr {}) does not serve vTPM domains: its Xen link is off, so a vTPM domain's manager link would find no backend; run it with `vtpmmgr serve --xen`",
+                s.version
+            ),
+        )),
+        other => Err(fail(FAILURE, format!("the manager answered its status with {other:?}"))),
+    }
 }
 
 fn run_tool(bin: &Path, args: &[&str], hint: &str) -> Result<String, CliError> {
