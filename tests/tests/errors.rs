@@ -169,25 +169,6 @@ fn bad_listeners_and_options_are_refused_before_a_vtpm_is_made() {
     drop(busy);
 }
 
-/// A vTPM domain needs a manager that serves vTPM domains over its Xen link (`serve --xen`);
-/// without it (this machine's manager: no Xen) `vtpm create --domain` is refused before the
-/// manager makes an identity, with the fix named. Before, the identity was made, the domain
-/// created, and libxl gave up after 10 s waiting for a backend.
-#[test]
-fn a_vtpm_domain_is_refused_when_the_manager_serves_no_vtpm_domains() {
-    let s = Stack::start();
-    let before = store_counter(&s);
-    let kernel = write(&s, "vmlinuz", "k", 0o644);
-    let ramdisk = write(&s, "initrd", "r", 0o644);
-    let out = s.xl(&["vtpm", "create", "--domain", "vtpm-x", "--kernel", &kernel, "--ramdisk", &ramdisk, "--memory", "32"]);
-    let all = text(&out);
-    assert_eq!(out.status.code(), Some(6), "refused: {all}");
-    assert!(all.contains("does not serve vTPM domains") && all.contains("vtpmmgr serve --xen"), "{all}");
-    assert_nothing_created(&s, before, "vtpm create --domain without the manager's Xen link");
-    let st = s.xl_json(&["mgr", "status"]);
-    assert_eq!(st["xen_link"], serde_json::Value::Bool(false), "Status says the manager serves no Xen link: {st}");
-}
-
 fn write(s: &Stack, name: &str, body: &str, mode: u32) -> String {
     let p = s.dir.path().join(name);
     std::fs::write(&p, body).unwrap();

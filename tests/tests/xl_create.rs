@@ -123,6 +123,9 @@ fn a_failed_vtpm_domain_create_rolls_back_everything() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "create succeeded without Xen");
     assert!(err.contains("vtpm-attach") && err.contains("InitWait"), "{err}");
+    // This machine's manager serves no Xen link (its Status says so): the error names the fix.
+    assert_eq!(s.xl_json(&["mgr", "status"])["xen_link"], serde_json::Value::Bool(false));
+    assert!(err.contains("run it with `vtpmmgr serve --xen`"), "{err}");
     let calls = std::fs::read_to_string(&log).unwrap();
     let at = |needle: &str| calls.find(needle).unwrap_or_else(|| panic!("no {needle:?} in:\n{calls}"));
     assert!(at("losetup /dev/loop7 ") < at("xl create -p "), "{calls}");

@@ -47,6 +47,7 @@ use uuid::Uuid;
 use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, REFUSED, USAGE};
 use crate::registry::State;
+pub(crate) use crate::xs::{with_xs, xs_write};
 use crate::xenlife::{DOM0_BACKEND_ROOT, Xen, reg_err};
 
 /// How long the incoming domain's tpmif device may take to reach InitWait after `xl migrate`.
@@ -651,18 +652,6 @@ pub fn tpm_answers(sock: &Path) -> Result<(), String> {
     }
 }
 
-fn with_xs<T>(f: impl AsyncFnOnce(&xen_platform::xenstore::XsClient) -> Result<T, String>) -> Result<T, String> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let (xs, _events) = xen_platform::xenstore::XsClient::open().await.map_err(|e| format!("xenstore: {e}"))?;
-        f(&xs).await
-    })
-}
-
-pub(crate) fn xs_write(path: &str, value: &str) -> Result<(), String> {
-    use xen_platform::xenstore::Xenstore;
-    with_xs(async |xs| xs.write(path, value).await.map_err(|e| e.to_string()))
-}
 
 /// Waits until a device of domain `domid` under dom0's tpmif backend root names vTPM `uuid`
 /// and its backend is in InitWait (2) or later; returns its backend directory.

@@ -30,3 +30,4 @@ pub mod swtpm_compat;
 pub mod tenant;
 pub mod transfer;
 pub mod xlcfg;
+mod xs;

@@ -285,12 +285,11 @@ impl Domains<'_> {
         if self.domid(&opts.name).is_some() {
             return Err(fail(REFUSED, format!("a domain named {:?} exists already; choose another --domain name", opts.name)));
         }
-        let manager = serving_manager(admin)?;
         let info = match admin.call(&AdminRequest::VtpmCreate { group, uuid })? {
             AdminReply::Vtpm(v) => v,
             other => return Err(fail(FAILURE, format!("unexpected reply {other:?}"))),
         };
-        let result = self.create_inner(admin, &info, opts, create_args, manager);
+        let result = self.create_inner(admin, &info, opts, create_args);
         if result.is_err() {
             let _ = admin.call(&AdminRequest::VtpmDetach { uuid: info.uuid });
             let _ = admin.call(&AdminRequest::VtpmDel { uuid: info.uuid });
@@ -299,7 +298,7 @@ impl Domains<'_> {
         result
     }
 
-    fn create_inner(&self, admin: &mut Admin, info: &VtpmInfo, opts: &DomainOpts, create_args: Vec<String>, manager: u32) -> Result<DomainRuntime, CliError> {
+    fn create_inner(&self, admin: &mut Admin, info: &VtpmInfo, opts: &DomainOpts, create_args: Vec<String>) -> Result<DomainRuntime, CliError> {
         let uuid = info.uuid;
         let dir = self.local.vtpm_dir(&uuid);
         fs::create_dir_all(&dir).map_err(|e| CliError::caused(FAILURE, format!("creating {}", dir.display()), e))?;
@@ -329,7 +328,7 @@ impl Domains<'_> {
         let bytes = serde_json::to_vec_pretty(&spec).expect("serialisable");
         xvtpm_fsutil::write_atomic(&self.spec_file(&uuid), &bytes, 0o600)
             .map_err(|e| CliError::caused(FAILURE, format!("writing {}", self.spec_file(&uuid).display()), e))?;
-        self.boot(admin, uuid, &spec, true, opts.ready_wait, manager)
+        self.boot(admin, uuid, &spec, true, opts.ready_wait)
     }
 
     /// Boots the domain of an existing, stopped vTPM from its disk.
@@ -341,15 +340,13 @@ impl Domains<'_> {
         if self.domid(&spec.name).is_some() {
             return Err(fail(REFUSED, format!("a domain named {:?} exists but is not this vTPM's; remove it first", spec.name)));
         }
-        let manager = serving_manager(admin)?;
-        self.boot(admin, *uuid, &spec, false, ready_wait, manager)
+        self.boot(admin, *uuid, &spec, false, ready_wait)
     }
 
-    /// Boots the domain; `manager`: the domain of the manager that serves its manager link.
-    fn boot(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration, manager: u32) -> Result<DomainRuntime, CliError> {
+    fn boot(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration) -> Result<DomainRuntime, CliError> {
         fs::create_dir_all(self.local.run_dir.join("vtpms")).map_err(|e| CliError::caused(FAILURE, "creating the run dir", e))?;
         let mut undo = Undo::default();
-        let result = self.boot_steps(admin, uuid, spec, create, ready_wait, manager, &mut undo);
+        let result = self.boot_steps(admin, uuid, spec, create, ready_wait, &mut undo);
         if result.is_err() {
             if let Some(domid) = undo.domid {
                 let _ = self.xl(&["destroy", &domid.to_string()]);
@@ -365,8 +362,7 @@ impl Domains<'_> {
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn boot_steps(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration, manager: u32, undo: &mut Undo) -> Result<DomainRuntime, CliError> {
+    fn boot_steps(&self, admin: &mut Admin, uuid: Uuid, spec: &DomainSpec, create: bool, ready_wait: Duration, undo: &mut Undo) -> Result<DomainRuntime, CliError> {
         let (disk_device, loop_device) = match &spec.disk {
             Disk::Device(d) => (d.clone(), None),
             Disk::Image(img) => {
@@ -393,7 +389,11 @@ impl Domains<'_> {
         admin.call(&AdminRequest::VtpmDetach { uuid })?;
         admin.call(&AdminRequest::VtpmAttachDomain { uuid, domid })?;
         undo.attached = true;
-        self.xl(&["vtpm-attach", &domid.to_string(), &format!("backend={manager}"), &format!("uuid={uuid}")])?;
+        // The manager link's backend is the manager: dom0's process, or its own domain.
+        let (manager, serves) = manager_link(admin)?;
+        self.xl(&["vtpm-attach", &domid.to_string(), &format!("backend={manager}"), &format!("uuid={uuid}")]).map_err(|e| {
+            if serves { e } else { e.fix("the manager serves no vTPM domains (its Xen link is off): run it with `vtpmmgr serve --xen`") }
+        })?;
         self.xl(&["unpause", &domid.to_string()])?;
         let resumed = wait_ready(domid, &uuid, ready_wait).map_err(|m| {
             let console = format!("/var/log/xen/console/guest-{}.log", spec.name);
@@ -529,7 +529,7 @@ impl Domains<'_> {
     /// says so).
     pub fn suspend(&self, admin: &mut Admin, uuid: &Uuid, grace: Duration) -> Result<bool, CliError> {
         let asked = match self.runtime(uuid) {
-            Some(rt) => match crate::guestmig::xs_write(&format!("/local/domain/{}/data/xvtpm/suspend", rt.domid), "1") {
+            Some(rt) => match crate::xs::xs_write(&format!("/local/domain/{}/data/xvtpm/suspend", rt.domid), "1") {
                 Ok(()) => true,
                 Err(e) => {
                     eprintln!("xl-vtpm: warning: vTPM domain {} ({}): cannot ask for a suspend ({e}); it shuts down, its TPM restarts powered on anew", rt.name, rt.domid);
@@ -598,19 +598,24 @@ struct Undo {
     attached: bool,
 }
 
-/// The domain of the manager that serves vTPM domains' manager links (0: dom0's process; its
-/// own domain, `xen_domain`, docs/manager-domain.md). Refused when it does not serve them.
-pub fn serving_manager(admin: &mut Admin) -> Result<u32, CliError> {
+/// The domain of the manager (0: dom0's process; its own domain, `xen_domain`,
+/// docs/manager-domain.md) and whether it serves vTPM domains' manager links (`serve --xen`).
+fn manager_link(admin: &mut Admin) -> Result<(u32, bool), CliError> {
     match admin.call(&AdminRequest::Status)? {
-        AdminReply::Status(s) if s.xen_link => Ok(s.xen_domain.unwrap_or(0)),
-        AdminReply::Status(s) => Err(fail(
-            REFUSED,
-            format!(
-                "the manager (vtpmmgr {}) does not serve vTPM domains: its Xen link is off, so a vTPM domain's manager link would find no backend; run it with `vtpmmgr serve --xen`",
-                s.version
-            ),
-        )),
+        AdminReply::Status(s) => Ok((s.xen_domain.unwrap_or(0), s.xen_link)),
         other => Err(fail(FAILURE, format!("the manager answered its status with {other:?}"))),
+    }
+}
+
+/// The domain of the manager that serves vTPM domains' manager links; refused (exit 6) when it
+/// does not serve them.
+pub fn serving_manager(admin: &mut Admin) -> Result<u32, CliError> {
+    match manager_link(admin)? {
+        (d, true) => Ok(d),
+        (_, false) => Err(fail(
+            REFUSED,
+            "the manager does not serve vTPM domains: its Xen link is off, so a vTPM domain's manager link would find no backend; run it with `vtpmmgr serve --xen`",
+        )),
     }
 }
 
