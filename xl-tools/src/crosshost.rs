@@ -35,7 +35,8 @@ use vtpm_proto::mgr::{AdminReply, AdminRequest, Failure, Refusal};
 
 use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, NO_MANAGER, NOT_FOUND, REFUSED, USAGE};
-use crate::guestmig::{BACKEND_WAIT, GuestMigrated, RECONNECT_WAIT, fail, wait_backend, wait_connected, xl_said, xs_write};
+use crate::guestmig::{BACKEND_WAIT, GuestMigrated, RECONNECT_WAIT, fail, wait_backend, wait_connected, xl_said};
+use crate::xs::xs_write;
 use crate::registry::State;
 use crate::xenlife::{DOM0_BACKEND_ROOT, INCOMING, Xen, move_record, reg_err, save_file};
 

@@ -47,7 +47,7 @@ use uuid::Uuid;
 use crate::admin::Admin;
 use crate::exit::{CliError, FAILURE, REFUSED, USAGE};
 use crate::registry::State;
-pub(crate) use crate::xs::{with_xs, xs_write};
+use crate::xs::{with_xs, xs_write};
 use crate::xenlife::{DOM0_BACKEND_ROOT, Xen, reg_err};
 
 /// How long the incoming domain's tpmif device may take to reach InitWait after `xl migrate`.
@@ -651,7 +651,6 @@ pub fn tpm_answers(sock: &Path) -> Result<(), String> {
         None => Err("a malformed answer".into()),
     }
 }
-
 
 /// Waits until a device of domain `domid` under dom0's tpmif backend root names vTPM `uuid`
 /// and its backend is in InitWait (2) or later; returns its backend directory.

@@ -113,6 +113,15 @@ pub struct DomainSpec {
     pub create_args: Vec<String>,
 }
 
+impl DomainSpec {
+    /// A description whose kernel and ramdisk are kept as absolute paths (as given if they do
+    /// not resolve).
+    pub fn new(name: &str, kernel: &Path, ramdisk: &Path, memory_mib: u32, disk: Disk, create_args: Vec<String>) -> DomainSpec {
+        let canonical = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        DomainSpec { name: name.to_string(), kernel: canonical(kernel), ramdisk: canonical(ramdisk), memory_mib, disk, create_args }
+    }
+}
+
 /// Options of `vtpm create --domain`.
 #[derive(Debug, Clone)]
 pub struct DomainOpts {
@@ -237,6 +246,12 @@ impl Domains<'_> {
         self.local.run_dir.join("vtpms").join(format!("{uuid}.xl.cfg"))
     }
 
+    /// Writes the description of a domain-mode vTPM (`domain.json`, 0600).
+    fn write_spec(&self, uuid: &Uuid, spec: &DomainSpec) -> Result<(), CliError> {
+        let bytes = serde_json::to_vec_pretty(spec).expect("serialisable");
+        xvtpm_fsutil::write_atomic(&self.spec_file(uuid), &bytes, 0o600).map_err(|e| CliError::caused(FAILURE, format!("writing {}", self.spec_file(uuid).display()), e))
+    }
+
     /// The description of a domain-mode vTPM (`None`: not domain mode).
     pub fn spec(&self, uuid: &Uuid) -> Result<Option<DomainSpec>, CliError> {
         match fs::read(self.spec_file(uuid)) {
@@ -317,17 +332,8 @@ impl Domains<'_> {
                 Disk::Image(img)
             }
         };
-        let spec = DomainSpec {
-            name: opts.name.clone(),
-            kernel: fs::canonicalize(&opts.kernel).unwrap_or_else(|_| opts.kernel.clone()),
-            ramdisk: fs::canonicalize(&opts.ramdisk).unwrap_or_else(|_| opts.ramdisk.clone()),
-            memory_mib: opts.memory_mib,
-            disk,
-            create_args,
-        };
-        let bytes = serde_json::to_vec_pretty(&spec).expect("serialisable");
-        xvtpm_fsutil::write_atomic(&self.spec_file(&uuid), &bytes, 0o600)
-            .map_err(|e| CliError::caused(FAILURE, format!("writing {}", self.spec_file(&uuid).display()), e))?;
+        let spec = DomainSpec::new(&opts.name, &opts.kernel, &opts.ramdisk, opts.memory_mib, disk, create_args);
+        self.write_spec(&uuid, &spec)?;
         self.boot(admin, uuid, &spec, true, opts.ready_wait)
     }
 
@@ -461,7 +467,6 @@ impl Domains<'_> {
     /// is removed once both are durable, so the state lives in one place. Done already (a
     /// `--finish`): nothing is rewritten.
     pub fn adopt_imported(&self, uuid: &Uuid, name: &str, kernel: &Path, ramdisk: &Path, memory_mib: u32) -> Result<(), CliError> {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
         check_name(name).map_err(|e| CliError::caused(USAGE, "the vTPM domain's name", e))?;
         let state_file = self.local.state_file(uuid);
         if self.spec(uuid)?.is_some() {
@@ -473,33 +478,14 @@ impl Domains<'_> {
         if of != *uuid {
             return Err(fail(FAILURE, format!("{} is vTPM {of}'s state, not {uuid}'s", state_file.display())));
         }
-        let dir = self.local.vtpm_dir(uuid);
-        let img = dir.join("disk.img");
-        let tmp = dir.join("disk.img.new");
-        let _ = fs::remove_file(&tmp);
-        let write = || -> std::io::Result<()> {
-            let f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-            f.set_len(DISK_IMAGE_SIZE)?;
-            f.write_all_at(&vtpm_proto::slots::encode_record(generation, &blob), vtpm_proto::slots::OFFSETS[0])?;
-            f.sync_all()?;
-            fs::rename(&tmp, &img)?;
-            fs::File::open(&dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            CliError::caused(FAILURE, format!("writing vTPM {uuid}'s new disk {}", img.display()), e)
-        })?;
-        let spec = DomainSpec {
-            name: name.to_string(),
-            kernel: fs::canonicalize(kernel).unwrap_or_else(|_| kernel.to_path_buf()),
-            ramdisk: fs::canonicalize(ramdisk).unwrap_or_else(|_| ramdisk.to_path_buf()),
-            memory_mib,
-            disk: Disk::Image(img),
-            create_args: Vec::new(),
-        };
-        let bytes = serde_json::to_vec_pretty(&spec).expect("serialisable");
-        xvtpm_fsutil::write_atomic(&self.spec_file(uuid), &bytes, 0o600)
-            .map_err(|e| CliError::caused(FAILURE, format!("writing {}", self.spec_file(uuid).display()), e))?;
+        // The whole image, slot A holding the state and the rest zero, written as any file is.
+        let img = self.local.vtpm_dir(uuid).join("disk.img");
+        let mut image = vec![0u8; DISK_IMAGE_SIZE as usize];
+        let record = vtpm_proto::slots::encode_record(generation, &blob);
+        image[..record.len()].copy_from_slice(&record);
+        xvtpm_fsutil::remove_stale_temps(&img);
+        xvtpm_fsutil::write_atomic(&img, &image, 0o600).map_err(|e| CliError::caused(FAILURE, format!("writing vTPM {uuid}'s new disk {}", img.display()), e))?;
+        self.write_spec(uuid, &DomainSpec::new(name, kernel, ramdisk, memory_mib, Disk::Image(img), Vec::new()))?;
         let _ = fs::remove_file(&state_file);
         Ok(())
     }
@@ -634,9 +620,8 @@ fn run_tool(bin: &Path, args: &[&str], hint: &str) -> Result<String, CliError> {
 }
 
 /// Waits until domain `domid` publishes `data/xvtpm/ready` = `uuid`; fails early if it
-/// publishes an exit code or disappears.
-/// Waits until the domain says it serves `uuid`; returns whether its TPM started from a
-/// suspend's saved state (`data/xvtpm/resumed`).
+/// publishes an exit code or disappears. Returns whether its TPM started from a suspend's saved
+/// state (`data/xvtpm/resumed`).
 fn wait_ready(domid: u32, uuid: &Uuid, limit: Duration) -> Result<bool, crate::exit::Cause> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {

@@ -127,12 +127,11 @@ pub fn run(r: &mut Runner, st: &mut St) {
     let mut hb: Option<HostB> = None;
     let blocked = if st.mgr_ready() { None } else { Some("needs host A: a provisioned vtpmmgr (mgr phases)") };
     r.phase_if("xhost-setup", blocked, deadline(600), |cx| setup(cx, &mut hb));
+    // (only setup makes or drops host B)
     let blocked = if hb.is_none() { Some("needs host B (xhost-setup did not leave it serving)") } else { None };
     r.phase_if("migrate-xhost", blocked, deadline(1200), guest_move);
-    let blocked = if hb.is_none() { Some("needs host B (xhost-setup did not leave it serving)") } else { None };
     r.phase_if("migrate-xhost-dom", blocked, deadline(900), super::xhostdom::dom_move);
     if st.hvm_mode == "1" || st.hvm_mode == "mig" {
-        let blocked = if hb.is_none() { Some("needs host B (xhost-setup did not leave it serving)") } else { None };
         r.phase_if("migrate-xhost-hvm", blocked, deadline(900), super::xhosthvm::hvm_move);
     } else {
         r.skip("migrate-xhost-hvm", &format!("XVTPM_TESTBED_HVM={}: no HVM guest's device model here", st.hvm_mode));

@@ -99,16 +99,13 @@ pub fn dom_move(cx: &Cx) -> Outcome {
     let hops = [(1, &a, A_HOST, A_STATE, &b, B_HOST, B_STATE, B_POLICY), (2, &b, B_HOST, B_STATE, &a, A_HOST, A_STATE, A_POLICY)];
     let mut downs = Vec::new();
     for (round, from, from_name, from_state, to, to_name, to_state, policy) in hops {
-        let receiver = format!("{} xl-vtpm migrate-receive", env_words(to));
-        let argv = [
-            "xl-vtpm", "--json", "migrate", NAME, to_name, "--non-live", "--ssh", SSH_LOCAL, "--receiver", &receiver, "--ek-ca", VENDOR_ROOT, "--ek-intermediate", VENDOR_INT, "--host-pcrs-policy", policy,
-        ];
+        let argv = move_argv(to, to_name, policy);
         println!("migrate-xhost-dom round {round}: {} (source env: {})", argv.join(" "), env_words(from));
         let before = xen::domid(NAME).unwrap_or_default();
         let vbefore = xen::domid(VDOM).unwrap_or_default();
         let tick = last_tick(NAME);
         let save = format!("/tmp/xl-mig-xd-{round}.out");
-        let o = on(from, &argv).secs(420).save_split(&save, &format!("{save}.err")).run(cx);
+        let o = on(from, &argv.iter().map(String::as_str).collect::<Vec<_>>()).secs(420).save_split(&save, &format!("{save}.err")).run(cx);
         let v = json(&o);
         show("xl-vtpm migrate (cross-host, vTPM domain)", &o.all());
         let new = xen::domid(NAME).unwrap_or_default();
@@ -194,6 +191,16 @@ pub fn dom_move(cx: &Cx) -> Outcome {
     ))
 }
 
+/// `xl-vtpm --json migrate mig-xd TO --non-live` through the local transport to the receiver
+/// under `to`'s environment, checked against `policy`.
+fn move_argv(to: &[(&str, &str)], to_name: &str, policy: &str) -> Vec<String> {
+    let receiver = format!("{} xl-vtpm migrate-receive", env_words(to));
+    ["xl-vtpm", "--json", "migrate", NAME, to_name, "--non-live", "--ssh", SSH_LOCAL, "--receiver", &receiver, "--ek-ca", VENDOR_ROOT, "--ek-intermediate", VENDOR_INT, "--host-pcrs-policy", policy]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// One move A → B cut by `kill -9` of the source and completed by `--finish` (see the module
 /// docs): before the identity moved (`identity_there` false: once A's vTPM domain ended), or
 /// after B's manager wrote the imported state. Returns a summary.
@@ -201,13 +208,7 @@ fn kill_round(cx: &Cx, e: &mut Errs, uuid: &str, ek: &str, pcr: &str, tag: &str,
     let (a, b) = (a_env(), b_env());
     let pre = format!("migrate-xhost-dom-kill{tag}");
     let incoming = format!("{NAME}--incoming");
-    let receiver = format!("{} xl-vtpm migrate-receive", env_words(&b));
-    let argv: Vec<String> = [
-        "xl-vtpm", "--json", "migrate", NAME, B_HOST, "--non-live", "--ssh", SSH_LOCAL, "--receiver", &receiver, "--ek-ca", VENDOR_ROOT, "--ek-intermediate", VENDOR_INT, "--host-pcrs-policy", B_POLICY,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let argv = move_argv(&b, B_HOST, B_POLICY);
     let t0 = Instant::now();
     let vdom_before = xen::domid(VDOM).unwrap_or_default();
     let n0 = b_log_count("imported vTPM's state file written", uuid);
