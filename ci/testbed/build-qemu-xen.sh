@@ -6,7 +6,9 @@
 # (docs/hvm.md, "The device model"): Debian's qemu-system-xen is configured with
 # --without-default-features and no --enable-tpm. This is that same configure line plus
 # --enable-tpm, minus the display/USB/9p features a headless testbed guest does not use (fewer
-# libraries to carry into dom0). The patches in ci/testbed/qemu-patches/ (*.patch, in name order;
+# libraries to carry into dom0), plus --enable-slirp: the outer QEMU's user-mode network reaches the
+# fleet registry (a PostgreSQL server on the machine running the testbed) from both Xen hosts of
+# the xhost2 phases. The patches in ci/testbed/qemu-patches/ (*.patch, in name order;
 # each says what it fixes and why) are applied on top of Debian's: 0001 makes the xenfv machine's
 # direct kernel boot load the kernel and initrd by fw_cfg DMA (docs/hvm.md); 0002 takes QEMU's big
 # lock for the interrupt a nested guest's CR8 write raises under TCG (docs/hvm.md, OVMF). TCG is
@@ -53,9 +55,10 @@ CONFIGURE=(
   --enable-xen --target-list=i386-softmmu,x86_64-softmmu --enable-xen-pci-passthrough
   --enable-tcg --enable-kvm --audio-drv-list=
   --enable-tpm
+  --enable-slirp
 )
 HOST_PKGS=(build-essential pkg-config python3 meson ninja-build dpkg-dev libglib2.0-dev
-           libpixman-1-dev libfdt-dev libxen-dev zlib1g-dev)
+           libpixman-1-dev libfdt-dev libxen-dev zlib1g-dev libslirp-dev)
 
 MODE=build
 case ${1:-} in
@@ -83,7 +86,7 @@ install_host_packages "${missing[@]}"
 # TREEKEY: what the compiled objects depend on (source pins, patches, configure flags, host
 # compiler and -dev packages); KEY adds this script and apt-source.sh, so editing either re-runs the recipe, but
 # reuses a kept build tree of the same TREEKEY (ninja then has nothing to compile).
-hostvers=$(dpkg-query -W -f='${Package} ${Version}\n' gcc-12 libglib2.0-dev libpixman-1-dev libfdt-dev libxen-dev zlib1g-dev meson ninja-build 2>/dev/null | sort)
+hostvers=$(dpkg-query -W -f='${Package} ${Version}\n' gcc-12 libglib2.0-dev libpixman-1-dev libfdt-dev libxen-dev zlib1g-dev libslirp-dev meson ninja-build 2>/dev/null | sort)
 patchsums=$(cd "$HERE/qemu-patches" && sha256sum -- *.patch)
 TREEKEY=$(printf '%s\n' "$SRC_VERSION" "$PINS" "$patchsums" "${CONFIGURE[*]}" "$hostvers" | sha256sum | cut -c1-16)
 KEY=$(printf '%s\n' "$TREEKEY" "$(sha256sum < "$0")" "$(sha256sum < "$HERE/apt-source.sh")" | sha256sum | cut -c1-16)

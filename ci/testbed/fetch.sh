@@ -32,10 +32,12 @@ declare -A HOST_TOOLS=(
   [qemu-system-x86_64]=qemu-system-x86 [swtpm]=swtpm [cpio]=cpio [xz]=xz-utils
   [perl]=perl [gzip]=gzip [sha256sum]=coreutils [dpkg-deb]=dpkg [apt-get]=apt
   [timeout]=coreutils [zstd]=zstd [strip]=binutils [strings]=binutils
-  [swtpm_setup]=swtpm-tools [certtool]=gnutls-bin
+  [swtpm_setup]=swtpm-tools [certtool]=gnutls-bin [socat]=socat
 )
 missing=()
 for c in "${!HOST_TOOLS[@]}"; do command -v "$c" >/dev/null 2>&1 || missing+=("${HOST_TOOLS[$c]}"); done
+# the two-host phases' fleet registry: a private PostgreSQL cluster run.sh starts (not on PATH)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' > /dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   [ "${XVTPM_NO_HOST_INSTALL:-0}" = 1 ] && die "missing host packages: ${missing[*]}"
   echo "fetch.sh: installing host packages: ${missing[*]}"
@@ -70,7 +72,7 @@ PKGS=(
   # the hvm-tis phase: the TPM-enabled device model's libraries (build-qemu-xen.sh builds it against
   # these versions' -dev packages), SeaBIOS (libxl's bios-256k.bin) and QEMU's option ROMs (direct
   # kernel boot: linuxboot_dma.bin)
-  libglib2.0-0 libpixman-1-0 libfdt1 libpcre2-8-0 seabios qemu-system-data
+  libglib2.0-0 libpixman-1-0 libfdt1 libpcre2-8-0 libslirp0 seabios qemu-system-data
   # the libvirt-* phases: Debian's libvirtd with the libxl driver, virsh, and their libraries
   libvirt-daemon libvirt-daemon-driver-xen libvirt-clients libvirt0
   libacl1 libapparmor1 libaudit1 libblkid1 libcap-ng0 libicu72 libmount1 libnl-3-200 libnuma1

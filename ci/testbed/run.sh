@@ -44,6 +44,11 @@
 #                          dom0 as its TPM, manufactured by the same vendor CA; a second vtpmmgr on /run/xvtpm-b and
 #                          /var/lib/xvtpm-b; host A's registry): a stopped vTPM moved to it with `xl-vtpm vtpm migrate`,
 #                          a running guest moved to it and back with the cross-host `xl-vtpm migrate` (1)
+#   XVTPM_TESTBED_TWOHOST  1|0: twohost-setup and migrate-2host: a second real Xen host (a second QEMU, booted when
+#                          dom0 asks for it, its own swtpm, `xvtpm_role=hostb`), joined to host A by a private link
+#                          (-netdev stream over a Unix socket); both reach the fleet registry, a private PostgreSQL
+#                          cluster on this machine, through QEMU's user network (guestfwd to its Unix socket); a
+#                          guest with its vTPM moved A -> B -> A with xl-vtpm migrate (0)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
@@ -79,6 +84,8 @@ export XVTPM_TESTBED_MGRDOM=${XVTPM_TESTBED_MGRDOM:-1}
 LIBVIRT=${XVTPM_TESTBED_LIBVIRT:-1}; export XVTPM_TESTBED_LIBVIRT=$LIBVIRT
 # the xhost-* phases: migrate-xhost's non-live move writes the guest into dom0's ramfs, as the migration phases do
 XHOST=${XVTPM_TESTBED_XHOST:-1}
+# the two-host phases: host B's QEMU (1536 MiB, dom0 768M: it receives one 160 MiB guest's saved memory)
+TWOHOST=${XVTPM_TESTBED_TWOHOST:-0}
 DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ] || [ "$LIBVIRT" != 0 ] || [ "$XVTPM_TESTBED_MGRDOM" != 0 ] || [ "$XHOST" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
 # migrate-xhost holds a 160 MiB guest's saved memory twice in dom0's ramfs (the source's file and
 # the receiver's copy): after every other phase's leftovers 768M ran out (the OOM killer took
@@ -86,6 +93,7 @@ DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ] || [ "$LIBVI
 # 192 MiB HVM guest's twice, and hvm-migrate's --non-live round a 256 MiB one beside libvirtd
 [ "$XHOST" != 0 ] && { DEFMEM=2048; DEFDOM0=1024M; }
 [ "$XHOST" != 0 ] && [ "$HVM" != 0 ] && { DEFMEM=2560; DEFDOM0=1280M; }
+[ "$TWOHOST" = 1 ] && [ "$DEFMEM" -lt 1536 ] && { DEFMEM=1536; DEFDOM0=768M; }
 SMP=${XVTPM_TESTBED_SMP:-2}; MEM=${XVTPM_TESTBED_MEM:-$DEFMEM}; DOM0_MEM=${XVTPM_TESTBED_DOM0_MEM:-$DEFDOM0}
 NICE=${XVTPM_TESTBED_NICE:-0}
 case $ACCEL in
@@ -107,7 +115,7 @@ mkdir -p "$CACHE"; exec 9> "$CACHE/.run.lock"
 flock -n 9 || { echo "run.sh: another testbed run holds $CACHE/.run.lock; waiting for it"; flock 9; }
 export XVTPM_LOCK_OUT=$L
 
-SWTPM_PID=""; QEMU_PID=""
+SWTPM_PID=""; QEMU_PID=""; SWTPM_B_PID=""; QEMU_B_PID=""; PG_DIR=""; PG_AS=()
 # Whether pid $1 is still our child $2 (its comm): bash reaps a background child as soon as it
 # ends, so its pid may already name another process (pid_max is 32768 here, and a parallel
 # `cargo test` forks thousands) — a bare `kill $pid` could hit, say, another test's QEMU.
@@ -128,7 +136,43 @@ started() {
 cleanup() {
   ours "$QEMU_PID" timeout && kill "$QEMU_PID" 2>/dev/null
   ours "$SWTPM_PID" swtpm && kill "$SWTPM_PID" 2>/dev/null
+  ours "$QEMU_B_PID" timeout && kill "$QEMU_B_PID" 2>/dev/null
+  ours "$SWTPM_B_PID" swtpm && kill "$SWTPM_B_PID" 2>/dev/null
+  pg_stop
   true
+}
+# The two-host phases' fleet registry: a private PostgreSQL cluster (as the postgres user when run
+# as root: PostgreSQL refuses root) listening on a Unix socket only, in a directory of its own
+pg_start() {
+  local bin
+  bin=$(compgen -G '/usr/lib/postgresql/*/bin' | sort -V | tail -n 1)
+  [ -x "$bin/initdb" ] || fail "PostgreSQL is not installed (fetch.sh installs postgresql; the two-host phases need it)"
+  command -v socat > /dev/null || fail "socat is not installed (fetch.sh installs it)"
+  PG_BIN=$bin
+  PG_DIR=$(mktemp -d /tmp/xvtpm-testbed-pg.XXXXXX) || fail "mktemp for the registry's cluster"
+  chmod 0755 "$PG_DIR"
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$PG_DIR" || fail "chown postgres $PG_DIR"; PG_AS=(runuser -u postgres --); fi
+  "${PG_AS[@]}" "$bin/initdb" -D "$PG_DIR/data" -U xvtpm --auth=trust -E UTF8 > "$L/pg-initdb.log" 2>&1 ||
+    { tail -n 20 "$L/pg-initdb.log"; fail "initdb of the fleet registry's cluster"; }
+  "${PG_AS[@]}" "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 -o "-k $PG_DIR -c listen_addresses=''" start > "$L/pg-start.log" 2>&1 ||
+    { cat "$PG_DIR/postgres.log" 2>/dev/null | tail -n 20; fail "the fleet registry's PostgreSQL did not start"; }
+  "${PG_AS[@]}" "$bin/createdb" -h "$PG_DIR" -U xvtpm xvtpm > "$L/pg-createdb.log" 2>&1 || { cat "$L/pg-createdb.log"; fail "createdb xvtpm"; }
+  echo "run.sh: fleet registry: PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on $PG_DIR/.s.PGSQL.5432 (database xvtpm); the hosts reach it at 10.0.2.100:5432"
+}
+pg_stop() {
+  [ -n "$PG_DIR" ] || return 0
+  "${PG_AS[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate stop > /dev/null 2>&1
+  cp "$PG_DIR/postgres.log" "$L/postgres.log" 2>/dev/null
+  rm -rf "$PG_DIR"; PG_DIR=""
+}
+# A host's NICs (the two-host phases): $1 = 1 (host A) or 2 (B). The user network's only way out is
+# the registry (restrict=on; guestfwd runs socat per connection); the link: A listens, B connects
+net_args() {
+  local srv=on; [ "$1" = 2 ] && srv=off
+  NET=(-netdev "user,id=reg,restrict=on,guestfwd=tcp:10.0.2.100:5432-cmd:socat STDIO UNIX-CONNECT:$PG_DIR/.s.PGSQL.5432"
+       -device "e1000,netdev=reg,mac=52:54:00:0a:00:0$1"
+       -netdev "stream,id=link,server=$srv,addr.type=unix,addr.path=$L/link.sock"
+       -device "e1000,netdev=link,mac=52:54:00:0b:00:0$1")
 }
 trap cleanup EXIT
 trap 'echo "run.sh: interrupted"; exit 130' INT TERM
@@ -143,7 +187,7 @@ budget_report() {  # the slowest phases and what was left of the budget (also on
 fail() {  # reason
   budget_report
   echo "run.sh: FAIL: $*"
-  for f in "$L/serial.log" "$L/swtpm.log" "$L/qemu.stderr" "$L/build.log" "$L"/dom0/*.log; do
+  for f in "$L/serial.log" "$L/swtpm.log" "$L/qemu.stderr" "$L/build.log" "$L"/dom0/*.log "$L/serial-b.log" "$L/qemu-b.stderr" "$L/postgres.log"; do
     [ -s "$f" ] || continue
     echo "===== last 100 lines of $f ====="; tail -n 100 "$f"
   done
@@ -263,7 +307,7 @@ XEN_ARGS="console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all conring_size=
 # scenario switches ride on the dom0 command line (multiboot module: ',' must be ',,')
 # rootfstype=ramfs: the ~190 MB initramfs would overflow a rootfs tmpfs (capped at half of dom0's RAM:
 # "Initramfs unpacking failed: write error")
-DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=$MIGRATE xvtpm_libvirt=$LIBVIRT xvtpm_hvm=$HVM xvtpm_mgrdom=$XVTPM_TESTBED_MGRDOM xvtpm_xhost=$XHOST ${XVTPM_TESTBED_DOM0_EXTRA:-}"
+DOM0_ARGS="console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_twohost=$TWOHOST xvtpm_mgr=${XVTPM_TESTBED_MGR:-auto} xvtpm_vtpm=${XVTPM_TESTBED_VTPM:-dom0} xvtpm_life=${XVTPM_TESTBED_LIFE:-1} xvtpm_vtpmdom=${XVTPM_TESTBED_VTPMDOM:-1} xvtpm_lifedom=${XVTPM_TESTBED_LIFEDOM:-1} xvtpm_migrate=$MIGRATE xvtpm_libvirt=$LIBVIRT xvtpm_hvm=$HVM xvtpm_mgrdom=$XVTPM_TESTBED_MGRDOM xvtpm_xhost=$XHOST ${XVTPM_TESTBED_DOM0_EXTRA:-}"
 REM=$(remaining); [ "$REM" -gt 10 ] || fail "budget exhausted before boot"
 # dom0's waits all give up by this dom0 uptime, leaving time to dump the logs and power off
 # (dom0 uptime lags the host clock by the Xen boot, so this is conservative)
@@ -274,6 +318,7 @@ QEMU=(nice -n "$NICE" "$OUTER_QEMU" "${OUTER_ARGS[@]}" "${ACCEL_ARGS[@]}" -cpu "
       -initrd "$DOM0_K ${DOM0_ARGS//,/,,},$OUT/img/dom0.img"
       -chardev socket,id=chrtpm,path="$TPMDIR/swtpm-sock"
       -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0)
+if [ "$TWOHOST" = 1 ]; then pg_start; net_args 1; QEMU+=("${NET[@]}"); fi
 printf '%q ' "${QEMU[@]}" > "$L/qemu-cmdline.txt"; echo >> "$L/qemu-cmdline.txt"
 export T0=$(date +%s.%N)
 timeout -k 5 "$REM" "${QEMU[@]}" < /dev/null 2> "$L/qemu.stderr" \
@@ -283,8 +328,33 @@ touch "$L/serial.log"
 started "$QEMU_PID" timeout || fail "QEMU's timeout wrapper did not start"
 echo "run.sh: QEMU pid $QEMU_PID ($OUTER_QEMU; cpu $CPU, smp $SMP, mem $MEM, dom0 $DOM0_MEM, budget left ${REM}s); serial: $L/serial.log"
 
+# ---- 3b. host B (the two-host phases): booted when dom0 asks (HOSTB-BOOT on its console) ----
+start_hostb() {
+  local d=$L/tpm-b rem
+  mkdir -p "$d"; cp -a "$OUT/img/vendor/tpm-state-b/." "$d/" || { echo "run.sh: no $OUT/img/vendor/tpm-state-b (build-images.sh)"; return 1; }
+  swtpm socket --tpm2 --tpmstate dir="$d" --ctrl type=unixio,path="$d/swtpm-sock" \
+    --flags "${XVTPM_TESTBED_STARTUP:-startup-clear}" --log file="$L/swtpm-b.log",level=1 > "$L/swtpm-b.stdout" 2>&1 &
+  SWTPM_B_PID=$!
+  started "$SWTPM_B_PID" swtpm || { echo "run.sh: host B's swtpm did not start"; return 1; }
+  for i in $(seq 100); do [ -S "$d/swtpm-sock" ] && break; sleep 0.1; done
+  rem=$(remaining)
+  net_args 2
+  QEMU_B=(nice -n "$NICE" "$OUTER_QEMU" "${OUTER_ARGS[@]}" "${ACCEL_ARGS[@]}" -cpu "$CPU" -smp "$SMP" -m 1536
+      -display none -monitor none -serial stdio -no-reboot
+      -kernel "$CACHE/img/xen" -append "${XEN_ARGS//dom0_mem=$DOM0_MEM,max:$DOM0_MEM/dom0_mem=768M,max:768M}"
+      -initrd "$DOM0_K console=hvc0 earlyprintk=xen rootfstype=ramfs xvtpm_role=hostb xvtpm_deadline=$(( rem > 120 ? rem - 60 : rem / 2 )),$OUT/img/dom0.img"
+      -chardev socket,id=chrtpm,path="$d/swtpm-sock" -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0
+      "${NET[@]}")
+  printf '%q ' "${QEMU_B[@]}" > "$L/qemu-b-cmdline.txt"; echo >> "$L/qemu-b-cmdline.txt"
+  timeout -k 5 "$rem" "${QEMU_B[@]}" < /dev/null 2> "$L/qemu-b.stderr" \
+    > >(perl -MTime::HiRes=time -e '$|=1; while(<STDIN>){ s/\r//g; printf "[%8.3f] %s", time-$ENV{T0}, $_ }' > "$L/serial-b.log") &
+  QEMU_B_PID=$!
+  started "$QEMU_B_PID" timeout || { echo "run.sh: host B's QEMU did not start"; return 1; }
+  echo "run.sh: host B: QEMU pid $QEMU_B_PID (mem 1536, dom0 768M); serial: $L/serial-b.log"
+}
+
 # ---- 4. watch the serial log ----
-status=""; done_at=""; last_marks=0
+status=""; done_at=""; last_marks=0; b_asked=""; last_b=0
 PROGRESS='^\[ *[0-9.]+\] (MARK|RESULT|CHECK|PERF|INFO) '
 # Xen or dom0 dying (guest consoles are echoed with a "[name] " prefix and do not match)
 CRASH='^\[ *[0-9.]+\] (\(XEN\) .*(Hardware Dom0 crashed|Panic on CPU)|(\[ *[0-9.]+\] )?(Kernel panic|Initramfs unpacking failed))|KVM internal error'
@@ -293,6 +363,13 @@ while :; do
   if [ -z "$done_at" ]; then
     if grep -q 'MARK TESTBED-DONE' "$L/serial.log"; then done_at=$(date +%s)
     elif grep -qE "$CRASH" "$L/serial.log" "$L/qemu.stderr"; then status="crash: $(grep -m1 -hE "$CRASH" "$L/serial.log" "$L/qemu.stderr")"; sleep 3; break
+    fi
+    if [ "$TWOHOST" = 1 ] && [ -z "$b_asked" ] && grep -qE '^\[ *[0-9.]+\] HOSTB-BOOT' "$L/serial.log"; then
+      b_asked=1; start_hostb || echo "run.sh: host B could not be started; the two-host phases will say so"
+    fi
+    if [ -s "$L/serial-b.log" ]; then
+      n=$(grep -c -E "$PROGRESS" "$L/serial-b.log")
+      if [ "$n" != "$last_b" ]; then grep -E "$PROGRESS" "$L/serial-b.log" | tail -n +$((last_b+1)) | sed 's/^/  host-b: /'; last_b=$n; fi
     fi
     n=$(grep -c -E "$PROGRESS" "$L/serial.log")
     if [ "$n" != "$last_marks" ]; then   # live progress
@@ -308,6 +385,18 @@ wait $QEMU_PID; qrc=$?
 QEMU_PID=""
 T_END=$(date +%s.%N)
 ours "$SWTPM_PID" swtpm && kill $SWTPM_PID 2>/dev/null; wait $SWTPM_PID 2>/dev/null; SWTPM_PID=""
+if [ -n "$QEMU_B_PID" ]; then   # host B powers off once A said done; give it a minute to dump its logs
+  for i in $(seq 120); do ours "$QEMU_B_PID" timeout || break; sleep 0.5; done
+  ours "$QEMU_B_PID" timeout && { echo "run.sh: host B still running after host A ended; stopping it"; kill "$QEMU_B_PID"; sleep 1; }
+  wait "$QEMU_B_PID" 2>/dev/null; QEMU_B_PID=""
+  ours "$SWTPM_B_PID" swtpm && kill "$SWTPM_B_PID" 2>/dev/null; wait "$SWTPM_B_PID" 2>/dev/null; SWTPM_B_PID=""
+  mkdir -p "$L/dom0-b"
+  awk -v d="$L/dom0-b" '
+    / LOGDUMP-BEGIN / { sub(/.* LOGDUMP-BEGIN /, ""); f = d "/" $1 ".log"; printf "" > f; next }
+    / LOGDUMP-END /   { if (f) close(f); f = ""; next }
+    f != ""           { sub(/^\[ *[0-9.]+\] \| ?/, ""); print >> f }' "$L/serial-b.log"
+fi
+pg_stop
 sleep 0.2
 grep -E "$PROGRESS" "$L/serial.log" | tail -n +$((last_marks+1)) | sed 's/^/  /'
 # the scenario's log dumps (vtpm.log, guest consoles, vtpmmgr.log) -> $L/dom0/<name>.log
@@ -338,13 +427,16 @@ grep -q "MARK TESTBED-DONE" "$L/serial.log" && phase poweroff "$(awk -v a=$prev 
 phase qemu-total "$qemu_wall"
 phase total "$(now)"
 grep -E '^\[ *[0-9.]+\] (RESULT|SUMMARY|CHECK|PERF|INFO|WHY) ' "$L/serial.log" | sed -E 's/^\[ *[0-9.]+\] //' > "$L/results.txt"
+# host B's own phases (its dom0's set-up), after A's
+[ -s "$L/serial-b.log" ] && grep -E '^\[ *[0-9.]+\] (RESULT|SUMMARY) ' "$L/serial-b.log" | sed -E 's/^\[ *[0-9.]+\] /host-b: /' >> "$L/results.txt"
 grep '^PERF ' "$L/results.txt" > "$L/perf.txt"
 budget_report
 
 # ---- 6. verdict ----
 [ -n "$status" ] && fail "$status"
 grep -q 'MARK TESTBED-DONE' "$L/serial.log" || fail "no TESTBED-DONE within the budget (${BUDGET}s; qemu rc=$qrc)"
-if ! grep -q 'MARK TESTBED-DONE.*result=PASS' "$L/serial.log"; then
+B_FAIL=$( [ -s "$L/serial-b.log" ] && grep -E '^\[ *[0-9.]+\] RESULT [^ ]+ FAIL' "$L/serial-b.log" | head -n 3)
+if ! grep -q 'MARK TESTBED-DONE.*result=PASS' "$L/serial.log" || [ -n "$B_FAIL" ]; then
   cat "$L/results.txt"
   # per failed phase its RESULT, its first two failing CHECKs (the later ones mostly follow from
   # them) and what it saw of the cause (WHY); the earliest failed phase last; then what Xen said of

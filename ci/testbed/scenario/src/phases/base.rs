@@ -16,7 +16,7 @@ pub fn run(r: &mut Runner, st: &mut St) {
     r.phase("guest", deadline(500), guest);
 }
 
-fn dom0_up(cx: &crate::runner::Cx) -> Outcome {
+pub(super) fn dom0_up(cx: &crate::runner::Cx) -> Outcome {
     let mut e = Errs::default();
     for m in [
         "xen-privcmd",

@@ -11,6 +11,7 @@ mod lifedom;
 mod mgrdom;
 mod migrate;
 mod tail;
+pub mod twohost;
 mod vtpm;
 mod vtpmdom;
 mod xhost;
@@ -212,6 +213,13 @@ pub fn relayed_has(json: &str, uuid: &str, pid: Option<u32>) -> bool {
     })
 }
 
+/// The directories dom0's programs expect (both hosts).
+pub fn make_dirs() {
+    for d in ["/run/xen", "/run/xenstored", "/var/lib/xen", "/var/log/xen/console", "/var/lock", "/var/log/xvtpm", "/var/lib/xvtpm", "/run/xvtpm"] {
+        let _ = std::fs::create_dir_all(d);
+    }
+}
+
 pub fn run_all() -> i32 {
     let mut st = St {
         mgr_mode: xen::cmdline_arg("xvtpm_mgr").unwrap_or_else(|| "auto".into()),
@@ -246,18 +254,7 @@ pub fn run_all() -> i32 {
         st.vtpm_mode,
         st.vtpmdom_mode
     );
-    for d in [
-        "/run/xen",
-        "/run/xenstored",
-        "/var/lib/xen",
-        "/var/log/xen/console",
-        "/var/lock",
-        "/var/log/xvtpm",
-        "/var/lib/xvtpm",
-        "/run/xvtpm",
-    ] {
-        let _ = std::fs::create_dir_all(d);
-    }
+    make_dirs();
     let mut r = Runner::new(std::time::Duration::from_secs_f64(left));
     base::run(&mut r, &mut st);
     vtpm::run(&mut r, &mut st);
@@ -265,8 +262,11 @@ pub fn run_all() -> i32 {
     vtpmdom::run(&mut r, &mut st);
     lifedom::run(&mut r, &mut st);
     migrate::run(&mut r, &mut st);
+    // two real Xen hosts: host B boots beside the simulated one's phases
+    twohost::boot_b();
     // a second host simulated in dom0 (host-b): cross-host moves; stopped again before libvirt
     xhost::run(&mut r, &mut st);
+    twohost::run(&mut r, &mut st);
     libvirt::run(&mut r, &mut st);
     hvm::run(&mut r, &mut st);
     tail::run(&mut r, &mut st);

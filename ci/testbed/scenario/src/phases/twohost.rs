@@ -1,0 +1,384 @@
+//! Two real Xen hosts (switch `xvtpm_twohost=1|0`): run.sh boots a second QEMU — Xen 4.17 and
+//! the same dom0 image, its own swtpm as physical TPM — when host A's scenario asks for it
+//! (`HOSTB-BOOT` on A's console). Each dom0 has two e1000 NICs: the hosts' private link
+//! (10.9.0.1 host-a, 10.9.0.2 host-b; QEMU `-netdev stream` over a Unix socket) and QEMU's
+//! user-mode network, whose only way out is the fleet registry: a PostgreSQL server on the
+//! machine running the testbed (run.sh starts a private cluster), reached at 10.0.2.100:5432
+//! (`guestfwd` to its Unix socket). Both hosts' xl-vtpm use it (`XVTPM_REGISTRY`), as a fleet
+//! does. Commands cross the link through `xvtpm-testbed ssh`/`sshd` (remote.rs), the stand-in for
+//! ssh. Host B's dom0 runs `hostb_main` instead of the phases: Xen's daemons, its manager on its
+//! own TPM (`vtpmmgr serve --xen`, `xl-vtpm mgr provision`), the sshd; then it waits for A's
+//! `done`, dumps its logs on its console (run.sh keeps them under `dom0-b/`) and powers off.
+//!
+//!   twohost-setup   A's link and sshd; host B answers over the link; both registries are the
+//!                   one PostgreSQL; each host's SHA-256 PCRs 0–7 read into the policy the other
+//!                   checks a move against (B's read on B).
+//!   migrate-2host   a PV guest with a dom0-process vTPM (`xl-vtpm create`, `role=mig hold=1
+//!                   tick=1`: NV, 0x81000010, PCR 16 extended) moved A → B (`xl-vtpm migrate
+//!                   mig-2 host-b --non-live --ssh "xvtpm-testbed ssh"`, run on A) and back
+//!                   (the same command run on B): after each the guest runs on the destination
+//!                   only, with the same EK, key, NV and PCR 16 and a fresh AK quote verified,
+//!                   the registry names the holder, the holder's vTPM runs and the other host
+//!                   refuses to start it; P6 (`PERF p6-2host-downtime-ms-rN`) from the guest's
+//!                   ticks on both hosts' consoles.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::migrate::{PCR_AFTER, field, write_cfg};
+use super::xhost::{VENDOR_INT, VENDOR_ROOT, json, on, pcr_policy};
+use super::{St, deadline, ek_hash, none};
+use crate::cmd::{Cmd, Output, show, show_tail};
+use crate::runner::{Cx, Errs, Outcome, Runner};
+use crate::xen::{self, after_prefix, jf};
+
+/// The fleet registry, as both hosts reach it.
+pub const REGISTRY: &str = "postgres://xvtpm@10.0.2.100:5432/xvtpm";
+const HOSTS: [(&str, &str); 2] = [("host-a", "10.9.0.1"), ("host-b", "10.9.0.2")];
+/// The scenario binary (both roles, and the ssh stand-in).
+const ME: &str = "/usr/lib/xvtpm/testbed/xvtpm-testbed";
+const SSHD_LOG: &str = "/var/log/xvtpm/sshd.log";
+/// Host B ends when this exists (A's `done`).
+const DONE: &str = "/run/xvtpm-testbed-hostb.done";
+const POL_A: &str = "/etc/xvtpm-testbed/2host-a-pcrs.json";
+const POL_B: &str = "/etc/xvtpm-testbed/2host-b-pcrs.json";
+const G: &str = "mig-2";
+const GCFG: &str = "/etc/xen/mig-2.cfg";
+
+/// A host's xl-vtpm environment: its name and the fleet registry.
+fn env(host: &str) -> [(&'static str, &str); 2] {
+    [("XVTPM_HOST", host), ("XVTPM_REGISTRY", REGISTRY)]
+}
+
+fn ssh_cmd() -> String {
+    format!("{ME} ssh")
+}
+
+/// `LINE` run on `host` through the link (`sh -c` there, under its sshd's environment).
+fn rsh(cx: &Cx, host: &str, line: &str, secs: u64) -> Output {
+    Cmd::new(&[ME, "ssh", host, line]).secs(secs).split().run(cx)
+}
+
+/// The dom0 side of the two NICs (by their MAC addresses, run.sh's): addresses, `/etc/hosts`,
+/// the hostname; then the registry must answer.
+fn net_up(cx: &Cx, me: usize) -> Outcome {
+    let _ = xen::modload("e1000");
+    let mac = |kind: u8| format!("52:54:00:0{kind:x}:00:0{}", me + 1);
+    let find = |m: &str| {
+        xen::dir_names("/sys/class/net").into_iter().find(|n| xen::read_text(&format!("/sys/class/net/{n}/address")).trim() == m)
+    };
+    let (mut user, mut link) = (None, None);
+    cx.wait_until(30, || {
+        user = find(&mac(0xa));
+        link = find(&mac(0xb));
+        user.is_some() && link.is_some()
+    });
+    let (Some(user), Some(link)) = (user, link) else {
+        show("ip link", &Cmd::sh("ip link").run(cx).all());
+        return Outcome::fail(format!("dom0 has no NICs with MACs {} (user) and {} (link) after loading e1000", mac(0xa), mac(0xb)));
+    };
+    let (host, ip) = HOSTS[me];
+    let hosts: String = HOSTS.iter().map(|(h, a)| format!("{a} {h}\n")).collect();
+    let _ = std::fs::write("/etc/hosts", format!("127.0.0.1 localhost\n{hosts}"));
+    let _ = std::fs::write("/proc/sys/kernel/hostname", host);
+    let script = format!(
+        "ip link set lo up; ip link set {user} up && ip addr add 10.0.2.15/24 dev {user} && ip link set {link} up && ip addr add {ip}/24 dev {link}"
+    );
+    let o = Cmd::new(&["sh", "-c", &script]).secs(30).run(cx);
+    if !o.ok() {
+        return Outcome::fail(o.failed(&script));
+    }
+    let reg = std::net::SocketAddr::from(([10, 0, 2, 100], 5432));
+    let mut ok = false;
+    cx.wait_until(30, || {
+        ok = std::net::TcpStream::connect_timeout(&reg, Duration::from_secs(2)).is_ok();
+        ok
+    });
+    if !ok {
+        return Outcome::fail("the fleet registry 10.0.2.100:5432 does not answer (run.sh's PostgreSQL, QEMU's guestfwd)");
+    }
+    Outcome::pass(format!("{host}: {link} {ip}/24 (the hosts' link), {user} 10.0.2.15/24 (QEMU user network: the registry at 10.0.2.100:5432 answers)"))
+}
+
+/// The sshd of this host on the link, under its xl-vtpm environment.
+fn spawn_sshd(me: usize) -> Result<std::process::Child, String> {
+    let (host, ip) = HOSTS[me];
+    let f = std::fs::File::create(SSHD_LOG).map_err(|e| format!("{SSHD_LOG}: {e}"))?;
+    let f2 = f.try_clone().map_err(|e| e.to_string())?;
+    std::process::Command::new(ME)
+        .args(["sshd", ip, &format!("XVTPM_HOST={host}"), &format!("XVTPM_REGISTRY={REGISTRY}")])
+        .stdin(std::process::Stdio::null())
+        .stdout(f)
+        .stderr(f2)
+        .spawn()
+        .map_err(|e| format!("{ME} sshd: {e}"))
+}
+
+/// Host B's dom0: Xen's daemons, its manager, the sshd; serves until A says done.
+pub fn hostb_main() -> i32 {
+    super::make_dirs();
+    let dl: f64 = xen::cmdline_arg("xvtpm_deadline").and_then(|d| d.parse().ok()).unwrap_or(100000.0);
+    let mut r = Runner::new(Duration::from_secs_f64((dl - super::up()).max(0.0)));
+    let mut st = St::default();
+    r.phase("hostb-dom0-up", deadline(180), super::base::dom0_up);
+    r.phase("hostb-net", deadline(120), |cx| net_up(cx, 1));
+    let mut sshd = None;
+    r.phase("hostb-serve", deadline(400), |cx| {
+        if !super::base::start_mgr(&mut st, "/var/log/xvtpm/vtpmmgr.log") || !super::base::mgr_wait_ready(cx, &mut st) {
+            show_tail("vtpmmgr", &xen::read_text("/var/log/xvtpm/vtpmmgr.log"), 20);
+            return Outcome::fail("vtpmmgr serve --xen on host B's TPM did not become ready");
+        }
+        let p = on(&env("host-b"), &["xl-vtpm", "mgr", "provision", "--yes"]).secs(180).save("/tmp/xl-hostb-provision.out").run(cx);
+        if !p.ok() {
+            return Outcome::fail(p.failed("xl-vtpm mgr provision --yes"));
+        }
+        match spawn_sshd(1) {
+            Ok(c) => sshd = Some(c),
+            Err(w) => return Outcome::fail(w),
+        }
+        Outcome::pass("vtpmmgr serve --xen on /dev/tpmrm0, provisioned; sshd on 10.9.0.2")
+    });
+    println!("HOSTB-READY");
+    r.cx.wait_every(100000, Duration::from_secs(1), || std::path::Path::new(DONE).exists());
+    println!("INFO host B: {}", if std::path::Path::new(DONE).exists() { "host A said done" } else { "deadline reached before host A said done" });
+    if let Some(mut c) = sshd {
+        crate::cmd::kill_child(&mut c);
+    }
+    xen::dump_log("sshd", SSHD_LOG, 200);
+    let nfail = r.count(crate::runner::Status::Fail);
+    super::tail::dump_logs(&st, nfail > 0);
+    println!("{}", r.summary());
+    if nfail == 0 { 0 } else { 1 }
+}
+
+/// Asks run.sh for host B (once; it boots while A's other phases run).
+pub fn boot_b() {
+    if xen::cmdline_arg("xvtpm_twohost").as_deref() == Some("1") {
+        println!("HOSTB-BOOT");
+    }
+}
+
+pub fn run(r: &mut Runner, st: &mut St) {
+    if xen::cmdline_arg("xvtpm_twohost").as_deref() != Some("1") {
+        r.skip_all(&["twohost-setup", "migrate-2host"], "disabled (XVTPM_TESTBED_TWOHOST=0)");
+        return;
+    }
+    let mut sshd = None;
+    let blocked = if st.mgr_ready() { None } else { Some("needs host A: a provisioned vtpmmgr (mgr phases)") };
+    let ok = r.phase_if("twohost-setup", blocked, deadline(600), |cx| setup(cx, &mut sshd)) == crate::runner::Status::Pass;
+    r.phase_if("migrate-2host", (!ok).then_some("needs both hosts (twohost-setup)"), deadline(900), guest_move);
+    let o = rsh(&r.cx, "host-b", &format!("touch {DONE}"), 30);
+    println!("HOSTB-DONE rc={}", o.rc);
+    if let Some(mut c) = sshd {
+        crate::cmd::kill_child(&mut c);
+    }
+}
+
+fn setup(cx: &Cx, sshd: &mut Option<std::process::Child>) -> Outcome {
+    let mut e = Errs::default();
+    let n = net_up(cx, 0);
+    if n.status != crate::runner::Status::Pass {
+        return n;
+    }
+    match spawn_sshd(0) {
+        Ok(c) => *sshd = Some(c),
+        Err(w) => return Outcome::fail(w),
+    }
+    let t0 = std::time::Instant::now();
+    let mut last = None;
+    cx.wait_every(600, Duration::from_secs(3), || {
+        let o = rsh(cx, "host-b", "xl-vtpm --json mgr status", 60);
+        let up = o.ok();
+        last = Some(o);
+        up
+    });
+    let st = last.unwrap_or_else(|| rsh(cx, "host-b", "xl-vtpm --json mgr status", 60));
+    let sv = json(&st);
+    if !e.check(
+        "twohost-b-serves",
+        st.ok() && jf(&sv, "provisioned") == "true",
+        format!("host B over the link: xl-vtpm mgr status rc={} after {} s: provisioned {}, xen_link {}", st.rc, t0.elapsed().as_secs(), jf(&sv, "provisioned"), jf(&sv, "xen_link")),
+    ) {
+        show_tail("host B", &st.all(), 10);
+        return e.verdict("");
+    }
+    let la = on(&env("host-a"), &["xl-vtpm", "--json", "list"]).secs(60).split().run(cx);
+    let lb = rsh(cx, "host-b", "xl-vtpm --json list", 60);
+    e.check("twohost-registry", la.ok() && lb.ok(), format!("xl-vtpm list on A rc={}, on B rc={} (registry {REGISTRY}): {}", la.rc, lb.rc, la.tail1(1)));
+    // each host's PCRs, read on that host, are the policy a move to it is checked against
+    let pa = Cmd::new(&["tpm2_pcrread", "-T", "device:/dev/tpmrm0", "sha256:0,1,2,3,4,5,6,7"]).secs(60).run(cx);
+    let pb = rsh(cx, "host-b", "tpm2_pcrread -T device:/dev/tpmrm0 sha256:0,1,2,3,4,5,6,7", 60);
+    let (pola, polb) = (pcr_policy(&pa.stdout), pcr_policy(&pb.stdout));
+    let wrote = match (&pola, &polb) {
+        (Some(a), Some(b)) => {
+            std::fs::write(POL_B, b).is_ok() && rsh(cx, "host-b", &format!("printf '%s' '{a}' > {POL_A}"), 30).ok()
+        }
+        _ => false,
+    };
+    e.check(
+        "twohost-policies",
+        wrote,
+        format!("PCRs 0–7 read on each host: A rc={} ({}), B rc={} ({}); B's kept on A as {POL_B}, A's on B as {POL_A}", pa.rc, pola.is_some(), pb.rc, polb.is_some()),
+    );
+    e.verdict("host B (its own Xen, dom0 and TPM) serves over the hosts' link; both hosts' xl-vtpm use the one PostgreSQL registry; each host's PCR policy is on the other")
+}
+
+/// The guest's ticks from A's console and B's (read over the link), sorted.
+fn ticks(cx: &Cx) -> Vec<f64> {
+    let b = rsh(cx, "host-b", &format!("cat /var/log/xen/console/guest-{G}.log /var/log/xen/console/guest-{G}--incoming.log 2>/dev/null; true"), 30).stdout;
+    let mut all = super::migrate::cons(G);
+    all.push_str(&b);
+    let mut v: Vec<f64> = all.lines().filter_map(|l| l.strip_prefix("GUEST-TICK ")?.trim().parse().ok()).collect();
+    v.sort_by(f64::total_cmp);
+    v.dedup();
+    v
+}
+
+/// The largest tick gap after `from` once ≥ 5 ticks follow it (the guest runs again), in ms.
+fn downtime(cx: &Cx, from: f64) -> Option<i64> {
+    let mut seen = None;
+    cx.wait_every(120, Duration::from_secs(1), || {
+        let t: Vec<f64> = ticks(cx).into_iter().filter(|x| *x >= from).collect();
+        seen = (1..t.len()).map(|i| (t[i] - t[i - 1], t.len() - i)).max_by(|a, b| a.0.total_cmp(&b.0)).filter(|(_, after)| *after >= 5);
+        seen.is_some()
+    });
+    seen.map(|(g, _)| (g * 1000.0) as i64)
+}
+
+/// `migcheck` in the guest on `host`: its answer line.
+fn migcheck(cx: &Cx, host: &str, n: u32) -> String {
+    let cmd = format!("{n}:migcheck:{}", xen::nonce(16));
+    let key = format!("GUEST-CMD {n} ");
+    let cons = |cx: &Cx| {
+        if host == "host-a" {
+            super::migrate::cons(G)
+        } else {
+            rsh(cx, host, &format!("cat /var/log/xen/console/guest-{G}.log /var/log/xen/console/guest-{G}--incoming.log 2>/dev/null; true"), 30).stdout
+        }
+    };
+    let w = rsh(cx, host, &format!("xenstore-write /local/domain/$(xl domid {G})/data/xvtpm-cmd '{cmd}'"), 30);
+    if !w.ok() {
+        return format!("xenstore-write on {host} failed: {}", w.tail1(2));
+    }
+    let mut line = None;
+    cx.wait_every(240, Duration::from_secs(2), || {
+        line = cons(cx).lines().find(|l| l.starts_with(&key)).map(str::to_string);
+        line.is_some()
+    });
+    line.unwrap_or_else(|| format!("no answer on {host} within 240 s"))
+}
+
+/// The guest's registry row as `host`'s xl-vtpm lists it.
+fn row(cx: &Cx, host: &str) -> Value {
+    let o = rsh(cx, host, "xl-vtpm --json list", 60);
+    xen::parse_json(&o.stdout)
+        .and_then(|v| v.as_array().and_then(|a| a.iter().find(|r| jf(r, "guest_name") == G).cloned()))
+        .unwrap_or(Value::Null)
+}
+
+fn guest_move(cx: &Cx) -> Outcome {
+    let mut e = Errs::default();
+    if xen::domid(G).is_some() {
+        return Outcome::fail(format!("{G} runs already (an earlier run's leftover)"));
+    }
+    if let Err(w) = write_cfg(GCFG, G, "role=mig hold=1 tick=1", Some("0")) {
+        return Outcome::fail(w);
+    }
+    let o = on(&env("host-a"), &["xl-vtpm", "create", GCFG]).secs(180).save("/tmp/xl-mig-2-create.out").run(cx);
+    if !o.ok() {
+        show_tail("xl-vtpm create mig-2", &o.all(), 20);
+        cleanup(cx, "");
+        return Outcome::fail(o.failed(&format!("xl-vtpm create {GCFG} (host A, registry {REGISTRY})")));
+    }
+    let uuid = jf(&row(cx, "host-a"), "vtpm_uuid");
+    if !cx.wait_every(300, Duration::from_secs(1), || super::migrate::cons(G).contains("GUEST-HOLD")) {
+        e.add("no-GUEST-HOLD");
+    }
+    let c = super::migrate::cons(G);
+    for m in super::guest_checks(&c, G, "boot", &["tpm0", "startup", "getrandom", "ek", "persistent", "nv-write", "pcrextend"]) {
+        e.add(m);
+    }
+    let ek = ek_hash(&c);
+    let pcr = after_prefix(&c, "GUEST-PCR16 ").unwrap_or_default().trim().to_string();
+    e.check("migrate-2host-pcr16-extended", pcr == PCR_AFTER, format!("{G} on host A (vTPM {}): PCR 16 before the moves {}", none(&uuid), none(&pcr)));
+    if !e.is_empty() {
+        cleanup(cx, &uuid);
+        return e.verdict("");
+    }
+    let ssh = ssh_cmd();
+    let mut downs = Vec::new();
+    for (n, from, to, pol) in [(1u32, "host-a", "host-b", POL_B), (2, "host-b", "host-a", POL_A)] {
+        let line = format!(
+            "xl-vtpm --json migrate {G} {to} --non-live --ssh '{ssh}' --receiver 'xl-vtpm migrate-receive' --ek-ca {VENDOR_ROOT} --ek-intermediate {VENDOR_INT} --host-pcrs-policy {pol}"
+        );
+        let t = format!("round {n} ({from} → {to}, run on {from})");
+        println!("migrate-2host {t}: {line}");
+        let t0 = ticks(cx).last().copied().unwrap_or(0.0);
+        let o = rsh(cx, from, &line, 420);
+        let v = json(&o);
+        show("xl-vtpm migrate (two hosts)", &o.all());
+        let on_to = rsh(cx, to, &format!("xl domid {G}"), 30).ok();
+        let on_from = rsh(cx, from, &format!("xl domid {G}"), 30).ok();
+        if !e.check(
+            "migrate-2host-xl-vtpm",
+            o.ok() && on_to && !on_from && jf(&v, "tpm_kept") == "true",
+            format!("{t}: rc={} tpm_kept {}; the guest runs on {to}: {on_to}, on {from}: {on_from}; {}", o.rc, jf(&v, "tpm_kept"), if v.is_null() { o.tail1(3) } else { v.to_string() }),
+        ) {
+            break;
+        }
+        match downtime(cx, t0) {
+            Some(ms) => {
+                println!(
+                    "PERF p6-2host-downtime-ms-r{n}={ms} (largest gap between the guest's 0.1 s ticks; {from} → {to}, two Xen hosts, non-live; xl save {} ms, xl restore {} ms, xl-vtpm migrate {} ms, saved {} bytes)",
+                    jf(&v, "xl_save_ms"),
+                    jf(&v, "xl_restore_ms"),
+                    jf(&v, "total_ms"),
+                    jf(&v, "saved_bytes")
+                );
+                downs.push(ms);
+            }
+            None => e.add(format!("no-ticks-after-round-{n}")),
+        }
+        let a1 = migcheck(cx, to, n);
+        println!("[{G}@{to}] {a1}");
+        e.check("migrate-2host-guest-tpm", field(&a1, "ek") == ek && field(&a1, "persistent") == "kept" && field(&a1, "nv") == "kept", format!("{t}: EK {} (before {ek}), 0x81000010 {}, NV {}", none(&field(&a1, "ek")), none(&field(&a1, "persistent")), none(&field(&a1, "nv"))));
+        e.check("migrate-2host-guest-pcr16", field(&a1, "pcr16") == pcr, format!("{t}: PCR 16 {} (before {pcr})", none(&field(&a1, "pcr16"))));
+        e.check("migrate-2host-guest-quote", field(&a1, "quote") == "verified", format!("{t}: a fresh ECC AK quote over PCR 16: {}", none(&field(&a1, "quote"))));
+        let (ra, rb) = (row(cx, "host-a"), row(cx, "host-b"));
+        e.check(
+            "migrate-2host-registry",
+            jf(&ra, "host") == to && jf(&rb, "host") == to && jf(&ra, "state") == "running",
+            format!("{t}: the one registry, listed on A names host {}, on B {} (state {}, guest domid {})", none(&jf(&ra, "host")), none(&jf(&rb, "host")), jf(&ra, "state"), jf(&ra, "guest_domid")),
+        );
+        let vl = rsh(cx, to, "xl-vtpm --json vtpm list", 60);
+        let runs = xen::parse_json(&vl.stdout).and_then(|v| v.as_array().cloned()).is_some_and(|r| r.iter().any(|r| jf(r, "uuid") == uuid && jf(r, "state") == "running"));
+        e.check("migrate-2host-vtpm-runs", runs, format!("{t}: {to}'s xl-vtpm vtpm list names {uuid} running: {runs}"));
+        let s = rsh(cx, from, &format!("xl-vtpm vtpm start {uuid}"), 60);
+        e.check("migrate-2host-refused", !s.ok() && s.all().contains(to), format!("{t}: {from}'s xl-vtpm vtpm start rc={} (want a refusal naming {to}): {}", s.rc, s.tail1(2)));
+        if !e.is_empty() {
+            break;
+        }
+    }
+    cleanup(cx, &uuid);
+    e.verdict(format!("{G} moved host-a → host-b → host-a between two Xen hosts with its vTPM (EK/key/NV/PCR 16 kept, quote verified, the one registry names the holder, the other host refuses); downtime seen by the guest {downs:?} ms"))
+}
+
+fn cleanup(cx: &Cx, uuid: &str) {
+    for h in ["host-a", "host-b"] {
+        if rsh(cx, h, &format!("xl domid {G}"), 30).ok() {
+            let o = rsh(cx, h, &format!("xl-vtpm destroy {G}"), 120);
+            println!("INFO migrate-2host cleanup: xl-vtpm destroy {G} on {h} rc={}", o.rc);
+        }
+    }
+    xen::destroy_if_running(cx, G);
+    let rr = on(&env("host-a"), &["xl-vtpm", "registry", "remove", G, "--yes"]).secs(60).run(cx);
+    let mut dels = Vec::new();
+    if !uuid.is_empty() {
+        for h in ["host-a", "host-b"] {
+            let _ = rsh(cx, h, &format!("xl-vtpm vtpm stop {uuid}"), 60);
+            dels.push(rsh(cx, h, &format!("xl-vtpm mgr vtpm del {uuid} --yes"), 60).rc);
+        }
+    }
+    println!("INFO migrate-2host cleanup: registry remove {G} rc={}; vTPM {} identity deleted on A, B: rc {dels:?}", rr.rc, none(uuid));
+}
