@@ -377,8 +377,8 @@ install -D -m 0644 "$V/ca/swtpm-localca-rootca-cert.pem" "$D/etc/xvtpm-testbed/v
 install -D -m 0644 "$V/ca/issuercert.pem" "$D/etc/xvtpm-testbed/vendor-intermediate.pem"
 echo "build-images.sh: note: host TPM manufactured in $V/tpm-state, host B's in $V/tpm-state-b (dom0: /var/lib/xvtpm-testbed/tpm-b; EK certificates by the vendor CA $V/ca)"
 # loop + xen-blkback: a vTPM domain's disk (an image on a loop device, served by blkback)
-# e1000: the two-host phases' NICs (the hosts' link, QEMU's user network to the fleet registry)
-for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm loop xen-blkback e1000; do
+# virtio_pci + virtio_net: the two-host phases' NICs (the hosts' link, QEMU's user network to the fleet registry)
+for m in xen-privcmd xenfs xen-evtchn xen-gntdev xen-gntalloc xen-tpmfront tpm_vtpm_proxy tpm_tis tpm loop xen-blkback virtio_pci virtio_net; do
   copy_mod "$D" $m
 done
 # mgrdom: dom0 copies its provisioned manager store onto the manager domain's ext2 state image

@@ -170,9 +170,9 @@ pg_stop() {
 net_args() {
   local srv=on; [ "$1" = 2 ] && srv=off
   NET=(-netdev "user,id=reg,restrict=on,guestfwd=tcp:10.0.2.100:5432-cmd:socat STDIO UNIX-CONNECT:$PG_DIR/.s.PGSQL.5432"
-       -device "e1000,netdev=reg,mac=52:54:00:0a:00:0$1"
+       -device "virtio-net-pci,netdev=reg,mac=52:54:00:0a:00:0$1"
        -netdev "stream,id=link,server=$srv,addr.type=unix,addr.path=$L/link.sock"
-       -device "e1000,netdev=link,mac=52:54:00:0b:00:0$1")
+       -device "virtio-net-pci,netdev=link,mac=52:54:00:0b:00:0$1")
 }
 trap cleanup EXIT
 trap 'echo "run.sh: interrupted"; exit 130' INT TERM

@@ -1,6 +1,6 @@
 //! Two real Xen hosts (switch `xvtpm_twohost=1|0`): run.sh boots a second QEMU — Xen 4.17 and
 //! the same dom0 image, its own swtpm as physical TPM — when host A's scenario asks for it
-//! (`HOSTB-BOOT` on A's console). Each dom0 has two e1000 NICs: the hosts' private link
+//! (`HOSTB-BOOT` on A's console). Each dom0 has two virtio-net NICs: the hosts' private link
 //! (10.9.0.1 host-a, 10.9.0.2 host-b; QEMU `-netdev stream` over a Unix socket) and QEMU's
 //! user-mode network, whose only way out is the fleet registry: a PostgreSQL server on the
 //! machine running the testbed (run.sh starts a private cluster), reached at 10.0.2.100:5432
@@ -21,6 +21,13 @@
 //!                   the registry names the holder, the holder's vTPM runs and the other host
 //!                   refuses to start it; P6 (`PERF p6-2host-downtime-ms-rN`) from the guest's
 //!                   ticks on both hosts' consoles.
+//!   libvirt-2host   libvirtd (libxl driver) on both hosts, listening on the link (`--listen`,
+//!                   TCP without auth: the link joins two test VMs; host B with its own
+//!                   `host_uuid`): a guest without a vTPM started with `virsh` on A and moved with
+//!                   `virsh migrate lv-m xen+tcp://host-b/system` (non-live: this Xen has no PV
+//!                   log-dirty) runs on B, not on A; a guest with a vTPM (the hook's metadata) is
+//!                   refused by B's hook (`migrate begin` exits 1: the state is sealed to A's TPM)
+//!                   and still runs on A with the same domid and vTPM process.
 
 use std::time::Duration;
 
@@ -63,7 +70,9 @@ fn rsh(cx: &Cx, host: &str, line: &str, secs: u64) -> Output {
 /// The dom0 side of the two NICs (by their MAC addresses, run.sh's): addresses, `/etc/hosts`,
 /// the hostname; then the registry must answer.
 fn net_up(cx: &Cx, me: usize) -> Outcome {
-    let _ = xen::modload("e1000");
+    for m in ["virtio_pci", "virtio_net"] {
+        let _ = xen::modload(m);
+    }
     let mac = |kind: u8| format!("52:54:00:0{kind:x}:00:0{}", me + 1);
     let find = |m: &str| {
         xen::dir_names("/sys/class/net").into_iter().find(|n| xen::read_text(&format!("/sys/class/net/{n}/address")).trim() == m)
@@ -76,7 +85,7 @@ fn net_up(cx: &Cx, me: usize) -> Outcome {
     });
     let (Some(user), Some(link)) = (user, link) else {
         show("ip link", &Cmd::sh("ip link").run(cx).all());
-        return Outcome::fail(format!("dom0 has no NICs with MACs {} (user) and {} (link) after loading e1000", mac(0xa), mac(0xb)));
+        return Outcome::fail(format!("dom0 has no NICs with MACs {} (user) and {} (link) after loading virtio_net", mac(0xa), mac(0xb)));
     };
     let (host, ip) = HOSTS[me];
     let hosts: String = HOSTS.iter().map(|(h, a)| format!("{a} {h}\n")).collect();
@@ -161,13 +170,18 @@ pub fn boot_b() {
 
 pub fn run(r: &mut Runner, st: &mut St) {
     if xen::cmdline_arg("xvtpm_twohost").as_deref() != Some("1") {
-        r.skip_all(&["twohost-setup", "migrate-2host"], "disabled (XVTPM_TESTBED_TWOHOST=0)");
+        r.skip_all(&["twohost-setup", "migrate-2host", "libvirt-2host"], "disabled (XVTPM_TESTBED_TWOHOST=0)");
         return;
     }
     let mut sshd = None;
     let blocked = if st.mgr_ready() { None } else { Some("needs host A: a provisioned vtpmmgr (mgr phases)") };
     let ok = r.phase_if("twohost-setup", blocked, deadline(600), |cx| setup(cx, &mut sshd)) == crate::runner::Status::Pass;
     r.phase_if("migrate-2host", (!ok).then_some("needs both hosts (twohost-setup)"), deadline(900), guest_move);
+    if xen::cmdline_arg("xvtpm_libvirt").as_deref() == Some("0") {
+        r.skip("libvirt-2host", "XVTPM_TESTBED_LIBVIRT=0: no libvirtd in dom0");
+    } else {
+        r.phase_if("libvirt-2host", (!ok).then_some("needs both hosts (twohost-setup)"), deadline(600), libvirt_move);
+    }
     let o = rsh(&r.cx, "host-b", &format!("touch {DONE}"), 30);
     println!("HOSTB-DONE rc={}", o.rc);
     if let Some(mut c) = sshd {
@@ -381,4 +395,115 @@ fn cleanup(cx: &Cx, uuid: &str) {
         }
     }
     println!("INFO migrate-2host cleanup: registry remove {G} rc={}; vTPM {} identity deleted on A, B: rc {dels:?}", rr.rc, none(uuid));
+}
+
+const LV_CONF: &str = "/etc/libvirt/libvirtd-2host.conf";
+const LV_OUT: &str = "/var/log/libvirt/libvirtd-2host.out";
+
+/// libvirtd of host `me` listening on the link (its own `host_uuid` on B: libvirt refuses a
+/// migration between two hosts of one UUID), outside the fleet registry's environment: its
+/// hook keeps dom0's default registry, as the libvirt phases' does.
+fn libvirtd_line(me: usize) -> String {
+    let (_, ip) = HOSTS[me];
+    let uuid = if me == 0 { "5b0f7a52-3c1e-4d8a-9f61-2e7d4c9a8b13" } else { "6c1f8b63-4d2f-4e9b-8a72-3f8e5dab9c24" };
+    format!(
+        "grep -v '^host_uuid' /etc/libvirt/libvirtd.conf > {LV_CONF} && printf '%s\n' 'host_uuid = \"{uuid}\"' 'listen_tcp = 1' 'listen_tls = 0' 'auth_tcp = \"none\"' 'listen_addr = \"{ip}\"' >> {LV_CONF} && \
+         (env -u XVTPM_REGISTRY -u XVTPM_HOST setsid libvirtd -f {LV_CONF} --listen > {LV_OUT} 2>&1 < /dev/null &) && i=0; while [ $i -lt 90 ]; do virsh -c xen:///system version > /dev/null 2>&1 && exit 0; i=$((i+1)); sleep 1; done; tail -n 20 {LV_OUT}; exit 1"
+    )
+}
+
+/// A libvirt guest from the libvirt phases' XML: `name`, with or without the vTPM metadata.
+fn lv_xml(name: &str, vtpm: bool) -> Result<String, String> {
+    let src = xen::read_text("/etc/libvirt-testbed/lv-a.xml");
+    if !src.contains("<name>lv-a</name>") {
+        return Err("/etc/libvirt-testbed/lv-a.xml missing (build-images.sh, XVTPM_TESTBED_LIBVIRT=1)".into());
+    }
+    let mut x = src.replace("<name>lv-a</name>", &format!("<name>{name}</name>"));
+    if !vtpm {
+        x = x.lines().filter(|l| !l.contains("xvtpm:vtpm") && !l.contains("metadata>")).collect::<Vec<_>>().join("\n");
+        x = x.replace("role=life hold=1", "role=plain hold=1 mig=1 tick=1");
+    }
+    let path = format!("/etc/libvirt-testbed/{name}.xml");
+    std::fs::write(&path, x).map_err(|e| format!("{path}: {e}"))?;
+    Ok(path)
+}
+
+fn virsh_on(cx: &Cx, host: &str, args: &str, secs: u64) -> Output {
+    rsh(cx, host, &format!("virsh -c xen:///system {args}"), secs)
+}
+
+fn libvirt_move(cx: &Cx) -> Outcome {
+    let mut e = Errs::default();
+    for (i, (h, _)) in HOSTS.iter().enumerate() {
+        let o = rsh(cx, h, &libvirtd_line(i), 150);
+        if !e.check("libvirt-2host-libvirtd", o.ok(), format!("{h}: libvirtd --listen on the link rc={}: {}", o.rc, o.tail1(2))) {
+            libvirt_cleanup(cx);
+            return e.verdict("");
+        }
+    }
+    // 1. a guest without a vTPM moves
+    let (plain, vt) = match (lv_xml("lv-m", false), lv_xml("lv-v", true)) {
+        (Ok(p), Ok(v)) => (p, v),
+        (Err(w), _) | (_, Err(w)) => {
+            libvirt_cleanup(cx);
+            return Outcome::fail(w);
+        }
+    };
+    let s = virsh_on(cx, "host-a", &format!("create {plain}"), 120);
+    e.check("libvirt-2host-start", s.ok(), format!("host-a: virsh create lv-m (no vTPM) rc={}: {}", s.rc, s.tail1(2)));
+    if !cx.wait_every(240, Duration::from_secs(1), || xen::console("lv-m").contains("GUEST-TICK")) {
+        e.add("lv-m-no-ticks");
+    }
+    let t0 = std::time::Instant::now();
+    let m = virsh_on(cx, "host-a", "migrate lv-m xen+tcp://host-b/system", 300);
+    let ms = t0.elapsed().as_millis();
+    let on_b = virsh_on(cx, "host-b", "domstate lv-m", 30);
+    let on_a = virsh_on(cx, "host-a", "domstate lv-m", 30);
+    let bticks = || rsh(cx, "host-b", "cat /var/log/xen/console/guest-lv-m.log 2>/dev/null; true", 30).stdout.lines().filter(|l| l.starts_with("GUEST-TICK ")).count();
+    let mut nb = 0;
+    cx.wait_every(60, Duration::from_secs(2), || {
+        nb = bticks();
+        nb >= 5
+    });
+    e.check(
+        "libvirt-2host-migrate",
+        m.ok() && on_b.stdout.trim() == "running" && !on_a.stdout.contains("running") && nb >= 5,
+        format!("virsh migrate lv-m xen+tcp://host-b/system (run on host-a) rc={} in {ms} ms: {}; on host-b: {}; on host-a: {} {}; ticks on host-b's console: {nb}", m.rc, m.tail1(2), on_b.stdout.trim(), on_a.stdout.trim(), on_a.stderr.trim()),
+    );
+    println!("PERF libvirt-2host-migrate-ms={ms} (virsh migrate of a 160 MiB PV guest without a vTPM, non-live, host-a → host-b)");
+    // 2. a guest with a vTPM: refused by the destination's hook, still running here
+    let s = virsh_on(cx, "host-a", &format!("create {vt}"), 120);
+    let up = s.ok() && cx.wait_every(240, Duration::from_secs(1), || xen::console("lv-v").contains("GUEST-HOLD"));
+    let before = (xen::domid("lv-v"), lv_vtpm_pid(cx));
+    e.check("libvirt-2host-vtpm-guest", up && before.0.is_some() && before.1.is_some(), format!("host-a: virsh create lv-v (with the vTPM metadata) rc={}: domid {:?}, vTPM process {:?}", s.rc, before.0, before.1));
+    let m = virsh_on(cx, "host-a", "migrate lv-v xen+tcp://host-b/system", 300);
+    let after = (xen::domid("lv-v"), lv_vtpm_pid(cx));
+    let on_b = virsh_on(cx, "host-b", "domstate lv-v", 30);
+    e.check(
+        "libvirt-2host-vtpm-refused",
+        !m.ok() && m.all().contains("hook") && after == before && !on_b.ok(),
+        format!("virsh migrate lv-v xen+tcp://host-b/system rc={} (want a refusal by host-b's hook): {}; on host-a domid {:?} vTPM {:?} (before {:?} {:?}); on host-b: {}", m.rc, m.tail1(2), after.0, after.1, before.0, before.1, on_b.tail1(1)),
+    );
+    libvirt_cleanup(cx);
+    e.verdict(format!("virsh migrate moved a guest without a vTPM to the second Xen host in {ms} ms; a guest with a vTPM was refused by the destination's hook and kept running here with its vTPM"))
+}
+
+/// lv-v's vTPM process as host A's registry (the hook's: dom0's default) lists it.
+fn lv_vtpm_pid(cx: &Cx) -> Option<u32> {
+    jf(&super::xhost::row(cx, &[], "lv-v"), "vtpm_pid").parse().ok()
+}
+
+fn libvirt_cleanup(cx: &Cx) {
+    for h in ["host-a", "host-b"] {
+        for g in ["lv-m", "lv-v"] {
+            let _ = virsh_on(cx, h, &format!("destroy {g}"), 60);
+        }
+        let _ = rsh(cx, h, "pkill -f libvirtd-2host.conf; sleep 1; true", 30);
+    }
+    // lv-v's vTPM: its pair and identity, so the later phases start from the same registry
+    let row = super::xhost::row(cx, &[], "lv-v");
+    let uuid = jf(&row, "vtpm_uuid");
+    let rr = Cmd::new(&["xl-vtpm", "registry", "remove", "lv-v", "--yes"]).secs(60).run(cx);
+    let del = if uuid.is_empty() { -1 } else { Cmd::new(&["xl-vtpm", "mgr", "vtpm", "del", &uuid, "--yes"]).secs(60).run(cx).rc };
+    println!("INFO libvirt-2host cleanup: registry remove lv-v rc={}, vTPM {} identity del rc={del}", rr.rc, none(&uuid));
 }
