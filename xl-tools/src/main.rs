@@ -725,6 +725,7 @@ fn run(args: Args) -> Result<(), CliError> {
     let cmd = match cmd {
         Cmd::Reboot { name } => return xen.reboot(&name),
         Cmd::MigrateReceive => return xl_tools::crosshost::receive(&xen),
+        Cmd::LibvirtHook { args: hook_args } => return run_libvirt_hook(&xen, &args.run_dir, &hook_args),
         Cmd::Tenant(t) => return xl_tools::tenant::run(t, &xen, json),
         other => other,
     };
@@ -735,7 +736,7 @@ fn run(args: Args) -> Result<(), CliError> {
     }
     let mut admin = Admin::connect(&args.run_dir)?;
     match cmd {
-        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::Attest(_) | Cmd::Eventlog(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } | Cmd::Tenant(_) => {
+        Cmd::Guest(_) | Cmd::Verify(_) | Cmd::Enroll(_) | Cmd::Attest(_) | Cmd::Eventlog(_) | Cmd::VerifyEkcert { .. } | Cmd::Console { .. } | Cmd::Reboot { .. } | Cmd::Tenant(_) | Cmd::LibvirtHook { .. } => {
             unreachable!("handled above")
         }
         Cmd::Create { config, group, dry_run } => run_create(&xen, admin, config, group, dry_run, json),
@@ -814,7 +815,6 @@ fn run(args: Args) -> Result<(), CliError> {
         }
         Cmd::Watch { poll_secs } => xen.watch(&args.run_dir, Duration::from_secs(poll_secs.max(1))),
         Cmd::Registry(r) => run_registry(r, &xen, admin, json),
-        Cmd::LibvirtHook { args: hook_args } => run_libvirt_hook(&xen, &mut admin, &hook_args),
         Cmd::Libvirt(l) => run_libvirt(l, &local, json),
         Cmd::Mgr(m) => run_mgr(m, admin, json),
         Cmd::Vtpm(v) => run_vtpm(v, &local, &xen, domains, admin, json),
@@ -1327,8 +1327,10 @@ fn xl_path() -> PathBuf {
 }
 
 /// libvirt hook mode: decide from argv + the domain XML, then act. Exit codes
-/// follow libvirt's rules (non-zero from prepare aborts the guest's start).
-fn run_libvirt_hook(xen: &xenlife::Xen, admin: &mut Admin, args: &[String]) -> Result<(), CliError> {
+/// follow libvirt's rules (non-zero from prepare aborts the guest's start). The manager is
+/// reached only by an action that needs it: a guest without a vTPM starts, stops and migrates
+/// whether vtpmmgr runs or not.
+fn run_libvirt_hook(xen: &xenlife::Xen, run_dir: &std::path::Path, args: &[String]) -> Result<(), CliError> {
     use std::io::Read;
     use xl_tools::libvirt_hook as hook;
     let inv = hook::Invocation::from_args(args).map_err(|e| CliError::caused(exit::USAGE, "", e))?;
@@ -1339,8 +1341,19 @@ fn run_libvirt_hook(xen: &xenlife::Xen, admin: &mut Admin, args: &[String]) -> R
         Err(e) => return Err(CliError::caused(hook::exit_code_for_error(Some(&inv.operation)), "", e)),
     };
     let mut ok = true;
+    let mut admin: Option<Admin> = None;
     for a in &decision.actions {
-        if let Err(e) = xen.run_hook_action(admin, a) {
+        if a.needs_manager() && admin.is_none() {
+            match Admin::connect(run_dir) {
+                Ok(m) => admin = Some(m),
+                Err(e) => {
+                    eprintln!("xl-vtpm libvirt-hook: {}", e.text());
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if let Err(e) = xen.run_hook_action(admin.as_mut(), a) {
             eprintln!("xl-vtpm libvirt-hook: {}", e.text());
             ok = false;
             break;

@@ -595,8 +595,10 @@ impl Xen {
     }
 
     /// Executes a libvirt hook decision (`xl-vtpm libvirt-hook`).
-    pub fn run_hook_action(&self, admin: &mut Admin, action: &crate::libvirt_hook::Action) -> Result<(), CliError> {
+    /// `admin`: the manager, for the actions that need it ([`crate::libvirt_hook::Action::needs_manager`]).
+    pub fn run_hook_action(&self, admin: Option<&mut Admin>, action: &crate::libvirt_hook::Action) -> Result<(), CliError> {
         use crate::libvirt_hook::Action as A;
+        let no_mgr = || fail(FAILURE, "vtpmmgr is needed for this hook action and was not reached".to_string());
         let reg = &mut self.registry()?;
         match action {
             A::EnsureVtpmRunning { guest_name, guest_uuid, request } => {
@@ -615,7 +617,7 @@ impl Xen {
                         })
                         .map_err(reg_err)?,
                 };
-                self.ensure_vtpm_process(admin, vtpm, request.group.clone())?;
+                self.ensure_vtpm_process(admin.ok_or_else(no_mgr)?, vtpm, request.group.clone())?;
                 reg.set_domids(id, None, Some(0)).map_err(reg_err)
             }
             A::AttachVtpm { guest_name, guest_uuid, guest_domid } => {
@@ -629,7 +631,7 @@ impl Xen {
                 if matches!(row.state, State::Running | State::Creating) {
                     reg.begin_destroy(row.id).map_err(reg_err)?;
                 }
-                self.stop_vtpm(admin, &row.vtpm_uuid)?;
+                self.stop_vtpm(admin.ok_or_else(no_mgr)?, &row.vtpm_uuid)?;
                 if reg.get(row.id).map_err(reg_err)?.is_some_and(|r| r.state == State::Destroying) {
                     reg.mark_stopped(row.id).map_err(reg_err)?;
                 }
@@ -644,7 +646,17 @@ impl Xen {
                     _ => Ok(()),
                 }
             }
-            other => Err(fail(REFUSED, format!("{other:?}"))),
+            A::CheckIncoming { guest_name } => match reg.get_by_name(guest_name).map_err(reg_err)? {
+                None => Ok(()),
+                Some(r) => Err(fail(
+                    REFUSED,
+                    format!(
+                        "incoming migration of guest {guest_name} refused: the registry binds it to vTPM {} (host {}, {:?}), whose state is sealed to that host's TPM and cannot follow a libvirt migration; shut the guest down and start it here",
+                        r.vtpm_uuid, r.host, r.state
+                    ),
+                )),
+            },
+            A::RefuseMigration { guest_name, reason } => Err(fail(REFUSED, format!("incoming migration of guest {guest_name} refused: {reason}"))),
         }
     }
 

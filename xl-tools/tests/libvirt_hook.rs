@@ -22,6 +22,7 @@ fn kind(a: &Action) -> &'static str {
         Action::StopVtpm { .. } => "stop",
         Action::Verify { .. } => "verify",
         Action::RefuseMigration { .. } => "refuse",
+        Action::CheckIncoming { .. } => "check-incoming",
     }
 }
 
@@ -248,4 +249,64 @@ fn recorded_libxl_xml() {
     for op in ["prepare begin", "start begin", "started begin", "stopped end", "release end", "reconnect begin"] {
         assert!(seen.contains_key(op), "no recorded `{op}` in {}: {seen:?}", dir.display());
     }
+}
+
+/// libvirt 9.0's libxl driver runs `migrate begin` with an empty stdin (seen on two real Xen
+/// hosts in the testbed). Failing closed on the missing XML refused every incoming migration;
+/// the guest is judged by its name instead: against the registry, by the binary itself.
+#[test]
+fn an_incoming_migration_without_xml_is_judged_by_the_guest_s_name() {
+    let inv = Invocation::from_args(["lv-m", "migrate", "begin", "-"]).unwrap();
+    let d = decide(&inv, "").unwrap();
+    assert_eq!(d.actions.iter().map(kind).collect::<Vec<_>>(), ["check-incoming"]);
+    assert!(matches!(&d.actions[0], Action::CheckIncoming { guest_name } if guest_name == "lv-m"));
+    assert_eq!(d.exit_code(false), 1, "a failed check refuses the migration");
+    // the other operations still need their XML
+    let prep = Invocation::from_args(["lv-m", "prepare", "begin", "-"]).unwrap();
+    assert!(matches!(decide(&prep, "").unwrap_err(), HookError::BadXml(_)));
+
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry.sqlite");
+    let mut reg = xl_tools::registry::Registry::open(&registry).unwrap();
+    let vtpm = Uuid::new_v4();
+    reg.begin_create(&xl_tools::registry::NewPair {
+        guest_uuid: Uuid::new_v4(),
+        guest_name: "lv-v".into(),
+        vtpm_uuid: vtpm,
+        vtpm_domain: "vtpm-lv-v".into(),
+        group: None,
+    })
+    .unwrap();
+    drop(reg);
+    let hook = |guest: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_xl-vtpm"))
+            .args(["--registry", &registry.display().to_string(), "--state-dir", &dir.path().display().to_string()])
+            .args(["--run-dir", &dir.path().join("run").display().to_string(), "libvirt-hook", guest, "migrate", "begin", "-"])
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (rc, out, err) = hook("lv-m");
+    assert_eq!(rc, Some(0), "a guest the registry does not know migrates in: {err}");
+    assert!(out.is_empty(), "no XML on stdout (libvirt would take it for a replacement definition): {out}");
+    let (rc, _, err) = hook("lv-v");
+    assert_eq!(rc, Some(1), "{err}");
+    assert!(err.contains("lv-v") && err.contains(&vtpm.to_string()) && err.contains("cannot follow a libvirt migration"), "{err}");
+    assert_eq!(err.matches("refused").count(), 1, "one cause, said once: {err}");
+
+    // No manager runs here (no admin socket under --run-dir): a guest without a vTPM still
+    // starts (before, every hook call connected first and exited 3).
+    let plain = format!("<domain type='xen'><name>lv-m</name><uuid>{}</uuid></domain>", Uuid::new_v4());
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_xl-vtpm"))
+        .args(["--registry", &registry.display().to_string(), "--run-dir", &dir.path().join("run").display().to_string()])
+        .args(["libvirt-hook", "lv-m", "prepare", "begin", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), plain.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
