@@ -24,7 +24,7 @@
 //!   libvirt-2host   libvirtd (libxl driver) on both hosts, listening on the link (`--listen`,
 //!                   TCP without auth: the link joins two test VMs; host B with its own
 //!                   `host_uuid`): a guest without a vTPM started with `virsh` on A and moved with
-//!                   `virsh migrate lv-m xen+tcp://host-b/system` (non-live: this Xen has no PV
+//!                   `virsh migrate --p2p lv-m xen+tcp://host-b/system` (non-live: this Xen has no PV
 //!                   log-dirty) runs on B, not on A; a guest with a vTPM (the hook's metadata) is
 //!                   refused by B's hook (`migrate begin` exits 1: the state is sealed to A's TPM)
 //!                   and still runs on A with the same domid and vTPM process.
@@ -92,7 +92,7 @@ fn net_up(cx: &Cx, me: usize) -> Outcome {
     let _ = std::fs::write("/etc/hosts", format!("127.0.0.1 localhost\n{hosts}"));
     let _ = std::fs::write("/proc/sys/kernel/hostname", host);
     let script = format!(
-        "ip link set lo up; ip link set {user} up && ip addr add 10.0.2.15/24 dev {user} && ip link set {link} up && ip addr add {ip}/24 dev {link}"
+        "ip link set lo up; ip link set {link} mtu 9000 || true; ip link set {user} up && ip addr add 10.0.2.15/24 dev {user} && ip link set {link} up && ip addr add {ip}/24 dev {link}"
     );
     let o = Cmd::new(&["sh", "-c", &script]).secs(30).run(cx);
     if !o.ok() {
@@ -107,7 +107,8 @@ fn net_up(cx: &Cx, me: usize) -> Outcome {
     if !ok {
         return Outcome::fail("the fleet registry 10.0.2.100:5432 does not answer (run.sh's PostgreSQL, QEMU's guestfwd)");
     }
-    Outcome::pass(format!("{host}: {link} {ip}/24 (the hosts' link), {user} 10.0.2.15/24 (QEMU user network: the registry at 10.0.2.100:5432 answers)"))
+    let mtu = xen::read_text(&format!("/sys/class/net/{link}/mtu")).trim().to_string();
+    Outcome::pass(format!("{host}: {link} {ip}/24 (the hosts' link, MTU {mtu}), {user} 10.0.2.15/24 (QEMU user network: the registry at 10.0.2.100:5432 answers)"))
 }
 
 /// The sshd of this host on the link, under its xl-vtpm environment.
@@ -465,7 +466,7 @@ fn libvirt_move(cx: &Cx) -> Outcome {
     }
     let from = ticks(cx, "lv-m").last().copied().unwrap_or(0.0);
     let t0 = std::time::Instant::now();
-    let m = virsh_on(cx, "host-a", "migrate lv-m xen+tcp://host-b/system", 300);
+    let m = virsh_on(cx, "host-a", "migrate --p2p lv-m xen+tcp://host-b/system", 300);
     let ms = t0.elapsed().as_millis();
     let on_b = virsh_on(cx, "host-b", "domstate lv-m", 30);
     let on_a = virsh_on(cx, "host-a", "domstate lv-m", 30);
@@ -473,7 +474,7 @@ fn libvirt_move(cx: &Cx) -> Outcome {
     e.check(
         "libvirt-2host-migrate",
         m.ok() && on_b.stdout.trim() == "running" && !on_a.stdout.contains("running") && gap.is_some(),
-        format!("virsh migrate lv-m xen+tcp://host-b/system (run on host-a) rc={} in {ms} ms: {}; on host-b: {}; on host-a: {} {}; the guest ticks on host-b after a gap of {gap:?} ms", m.rc, m.tail1(2), on_b.stdout.trim(), on_a.stdout.trim(), on_a.stderr.trim()),
+        format!("virsh migrate --p2p lv-m xen+tcp://host-b/system (run on host-a) rc={} in {ms} ms: {}; on host-b: {}; on host-a: {} {}; the guest ticks on host-b after a gap of {gap:?} ms", m.rc, m.tail1(2), on_b.stdout.trim(), on_a.stdout.trim(), on_a.stderr.trim()),
     );
     if let Some(g) = gap {
         println!("PERF p6-2host-libvirt-downtime-ms={g} (largest gap between the ticks of a 160 MiB PV guest without a vTPM moved host-a → host-b by virsh migrate, non-live; virsh migrate took {ms} ms)");
@@ -483,15 +484,16 @@ fn libvirt_move(cx: &Cx) -> Outcome {
     let up = s.ok() && cx.wait_every(240, Duration::from_secs(1), || xen::console("lv-v").contains("GUEST-HOLD"));
     let before = (xen::domid("lv-v"), lv_vtpm_pid(cx));
     e.check("libvirt-2host-vtpm-guest", up && before.0.is_some() && before.1.is_some(), format!("host-a: virsh create lv-v (with the vTPM metadata) rc={}: domid {:?}, vTPM process {:?}", s.rc, before.0, before.1));
-    let m = virsh_on(cx, "host-a", "migrate lv-v xen+tcp://host-b/system", 300);
+    let m = virsh_on(cx, "host-a", "migrate --p2p lv-v xen+tcp://host-b/system", 300);
     let after = (xen::domid("lv-v"), lv_vtpm_pid(cx));
+    let state_a = virsh_on(cx, "host-a", "domstate lv-v", 30).stdout.trim().to_string();
     let hook_said = rsh(cx, "host-b", "grep -h 'refused' /var/log/xvtpm/libvirt-hook.log | tail -n 1", 30).stdout;
     let on_b = virsh_on(cx, "host-b", "domstate lv-v", 30);
     e.check(
         "libvirt-2host-vtpm-refused",
-        !m.ok() && m.all().contains("hook") && hook_said.contains("cannot follow a libvirt migration") && after == before && !on_b.ok(),
+        !m.ok() && m.all().contains("hook") && hook_said.contains("cannot follow a libvirt migration") && after == before && state_a == "running" && !on_b.ok(),
         format!(
-            "virsh migrate lv-v xen+tcp://host-b/system rc={} (want a refusal by host-b's hook): {}; host-b's hook said: {}; on host-a domid {:?} vTPM {:?} (before {:?} {:?}); on host-b: {}",
+            "virsh migrate --p2p lv-v xen+tcp://host-b/system rc={} (want a refusal by host-b's hook): {}; host-b's hook said: {}; on host-a libvirt says {state_a}, domid {:?} vTPM {:?} (before {:?} {:?}); on host-b: {}",
             m.rc,
             m.tail1(2),
             hook_said.trim(),
@@ -516,7 +518,17 @@ fn libvirt_cleanup(cx: &Cx) {
         for g in ["lv-m", "lv-v"] {
             let _ = virsh_on(cx, h, &format!("destroy {g}"), 60);
         }
-        let _ = rsh(cx, h, &format!("pkill -f libvirtd-2host.conf; sleep 1; rm -f {HOOK_ENV}; true"), 30);
+        // (the libvirt phases start their own libvirtd next: this one must be gone, its pid file too)
+        let _ = rsh(cx, h, &format!("killall libvirtd; i=0; while pidof libvirtd > /dev/null && [ $i -lt 20 ]; do sleep 1; i=$((i+1)); done; killall -9 libvirtd; rm -f {HOOK_ENV} /run/libvirtd.pid; true"), 60);
+    }
+    // a guest libvirt could not destroy: xl-vtpm's destroy stops it and its vTPM
+    for h in ["host-a", "host-b"] {
+        for g in ["lv-m", "lv-v"] {
+            if rsh(cx, h, &format!("xl domid {g}"), 30).ok() {
+                let o = rsh(cx, h, &format!("xl-vtpm destroy {g} || xl destroy {g}"), 120);
+                println!("INFO libvirt-2host cleanup: {g} still ran on {h}; destroyed rc={}", o.rc);
+            }
+        }
     }
     // lv-v's vTPM: its pair and identity, so the later phases start from the same registry
     let uuid = jf(&row_of(cx, "host-a", "lv-v"), "vtpm_uuid");
