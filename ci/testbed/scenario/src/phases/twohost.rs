@@ -486,21 +486,30 @@ fn libvirt_move(cx: &Cx) -> Outcome {
     e.check("libvirt-2host-vtpm-guest", up && before.0.is_some() && before.1.is_some(), format!("host-a: virsh create lv-v (with the vTPM metadata) rc={}: domid {:?}, vTPM process {:?}", s.rc, before.0, before.1));
     let m = virsh_on(cx, "host-a", "migrate --p2p lv-v xen+tcp://host-b/system", 300);
     let after = (xen::domid("lv-v"), lv_vtpm_pid(cx));
+    // libvirt's p2p source runs its Confirm as cancelled after a refused Prepare: it calls
+    // libxl_domain_resume on a guest it never suspended, and then calls the guest paused while
+    // Xen runs it; `virsh resume` mends libvirt's view (what an admin has to do)
+    let seen_a = virsh_on(cx, "host-a", "domstate lv-v", 30).stdout.trim().to_string();
+    let xl_a = super::xhost::xl_state("lv-v").unwrap_or_default();
+    let resume = if seen_a == "running" { None } else { Some(virsh_on(cx, "host-a", "resume lv-v", 60)) };
     let state_a = virsh_on(cx, "host-a", "domstate lv-v", 30).stdout.trim().to_string();
+    let answers = super::migrate::guest_cmd(cx, "lv-v", 1, "migcheck:00", 120);
     let hook_said = rsh(cx, "host-b", "grep -h 'refused' /var/log/xvtpm/libvirt-hook.log | tail -n 1", 30).stdout;
     let on_b = virsh_on(cx, "host-b", "domstate lv-v", 30);
     e.check(
         "libvirt-2host-vtpm-refused",
-        !m.ok() && m.all().contains("hook") && hook_said.contains("cannot follow a libvirt migration") && after == before && state_a == "running" && !on_b.ok(),
+        !m.ok() && m.all().contains("hook") && hook_said.contains("cannot follow a libvirt migration") && after == before && !xl_a.contains('p') && state_a == "running" && answers.starts_with("GUEST-CMD 1 ") && !field(&answers, "ek").is_empty() && !on_b.ok(),
         format!(
-            "virsh migrate --p2p lv-v xen+tcp://host-b/system rc={} (want a refusal by host-b's hook): {}; host-b's hook said: {}; on host-a libvirt says {state_a}, domid {:?} vTPM {:?} (before {:?} {:?}); on host-b: {}",
+            "virsh migrate --p2p lv-v xen+tcp://host-b/system rc={} (want a refusal by host-b's hook): {}; host-b's hook said: {}; on host-a Xen's state {xl_a}, libvirt said {seen_a}{}, now {state_a}, domid {:?} vTPM {:?} (before {:?} {:?}), its TPM answers: {}; on host-b: {}",
             m.rc,
             m.tail1(2),
             hook_said.trim(),
+            resume.as_ref().map_or(String::new(), |r| format!(" (virsh resume rc={}: {})", r.rc, r.tail1(1))),
             after.0,
             after.1,
             before.0,
             before.1,
+            answers.chars().take(160).collect::<String>(),
             on_b.tail1(1)
         ),
     );
