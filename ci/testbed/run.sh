@@ -6,7 +6,7 @@
 #   ci/testbed/run.sh            # fetch (verify debs.lock) + build images + boot + scenario
 #
 # Env:
-#   XVTPM_TESTBED_BUDGET   whole-run budget in seconds (2400, as .ci/run: a full default run took 1533 s at load 4-5)
+#   XVTPM_TESTBED_BUDGET   whole-run budget in seconds (2400; .ci/run gives 2700: a full default run took 1774 s before the two-host phases)
 #   XVTPM_TESTBED_VTPM     dom0|0: vTPM phases with vtpm-domain as a dom0 process serving tpmif (dom0)
 #   XVTPM_TESTBED_LIFE     1|0: lifecycle phases after the vTPM phases (xl-vtpm create/watch) (1)
 #   XVTPM_TESTBED_VTPMDOM  1|0: vTPM-domain phases (the vTPM as its own unikernel-style domain) (1)
@@ -48,7 +48,8 @@
 #                          dom0 asks for it, its own swtpm, `xvtpm_role=hostb`), joined to host A by a private link
 #                          (-netdev stream over a Unix socket); both reach the fleet registry, a private PostgreSQL
 #                          cluster on this machine, through QEMU's user network (guestfwd to its Unix socket); a
-#                          guest with its vTPM moved A -> B -> A with xl-vtpm migrate (0)
+#                          guest with its vTPM moved A -> B -> A with xl-vtpm migrate; with the libvirt phases, virsh
+#                          migrate between the two hosts (1)
 #   XVTPM_TESTBED_MGR      auto|1|0: xl-vtpm mgr phase; auto = SKIPPED when the CLI fails (auto)
 #   XVTPM_TESTBED_NOBUILD  1: skip fetch.sh/build-images.sh (use the existing images)
 #   XVTPM_TESTBED_ACCEL    tcg|kvm (tcg; kvm only on hosts with real VMX/SVM, see README)
@@ -85,7 +86,7 @@ LIBVIRT=${XVTPM_TESTBED_LIBVIRT:-1}; export XVTPM_TESTBED_LIBVIRT=$LIBVIRT
 # the xhost-* phases: migrate-xhost's non-live move writes the guest into dom0's ramfs, as the migration phases do
 XHOST=${XVTPM_TESTBED_XHOST:-1}
 # the two-host phases: host B's QEMU (1536 MiB, dom0 768M: it receives one 160 MiB guest's saved memory)
-TWOHOST=${XVTPM_TESTBED_TWOHOST:-0}
+TWOHOST=${XVTPM_TESTBED_TWOHOST:-1}
 DEFMEM=1024; DEFDOM0=512M; { [ "$HVM" != 0 ] || [ "$MIGRATE" != 0 ] || [ "$LIBVIRT" != 0 ] || [ "$XVTPM_TESTBED_MGRDOM" != 0 ] || [ "$XHOST" != 0 ]; } && { DEFMEM=1536; DEFDOM0=768M; }
 # migrate-xhost holds a 160 MiB guest's saved memory twice in dom0's ramfs (the source's file and
 # the receiver's copy): after every other phase's leftovers 768M ran out (the OOM killer took

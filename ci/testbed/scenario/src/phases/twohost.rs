@@ -487,11 +487,19 @@ fn libvirt_move(cx: &Cx) -> Outcome {
     let m = virsh_on(cx, "host-a", "migrate --p2p lv-v xen+tcp://host-b/system", 300);
     let after = (xen::domid("lv-v"), lv_vtpm_pid(cx));
     // libvirt's p2p source runs its Confirm as cancelled after a refused Prepare: it calls
-    // libxl_domain_resume on a guest it never suspended, and then calls the guest paused while
-    // Xen runs it; `virsh resume` mends libvirt's view (what an admin has to do)
+    // libxl_domain_resume on a guest it never suspended, then calls the guest paused while Xen
+    // runs it, and `virsh resume` fails (libxl unpauses no running domain). A restart of
+    // libvirtd takes the state from Xen again (its reconnect).
     let seen_a = virsh_on(cx, "host-a", "domstate lv-v", 30).stdout.trim().to_string();
     let xl_a = super::xhost::xl_state("lv-v").unwrap_or_default();
-    let resume = if seen_a == "running" { None } else { Some(virsh_on(cx, "host-a", "resume lv-v", 60)) };
+    let resume = if seen_a == "running" {
+        None
+    } else {
+        let r = virsh_on(cx, "host-a", "resume lv-v", 60);
+        let _ = rsh(cx, "host-a", "killall libvirtd; i=0; while pidof libvirtd > /dev/null && [ $i -lt 20 ]; do sleep 1; i=$((i+1)); done; killall -9 libvirtd; rm -f /run/libvirtd.pid; true", 60);
+        let l = rsh(cx, "host-a", &libvirtd_line(0), 150);
+        Some((r, l))
+    };
     let state_a = virsh_on(cx, "host-a", "domstate lv-v", 30).stdout.trim().to_string();
     let answers = super::migrate::guest_cmd(cx, "lv-v", 1, "migcheck:00", 120);
     let hook_said = rsh(cx, "host-b", "grep -h 'refused' /var/log/xvtpm/libvirt-hook.log | tail -n 1", 30).stdout;
@@ -504,7 +512,7 @@ fn libvirt_move(cx: &Cx) -> Outcome {
             m.rc,
             m.tail1(2),
             hook_said.trim(),
-            resume.as_ref().map_or(String::new(), |r| format!(" (virsh resume rc={}: {})", r.rc, r.tail1(1))),
+            resume.as_ref().map_or(String::new(), |(r, l)| format!(" (virsh resume rc={}: {}; libvirtd restarted rc={})", r.rc, r.tail1(1), l.rc)),
             after.0,
             after.1,
             before.0,
