@@ -170,3 +170,65 @@ fn no_file_descriptors_fails_commands_until_they_return() {
     drop(c);
     assert_eq!(counter_after_kill9(&s, &v), shown + 1, "the acknowledged counter must survive kill -9");
 }
+
+/// A vTPM domain's state arriving with its guest on a host whose disk is full: the receiver
+/// writes the imported state as slot A of a new 4 MiB disk image, then the domain's description,
+/// and removes the imported state file only once both are durable. A full disk at either write
+/// fails the step, naming the file; the imported state stays whole where it was, no image or
+/// temporary file is left half-written, and the same step completes once there is space (what
+/// `xl-vtpm migrate --finish` does).
+#[test]
+fn a_full_disk_at_a_moved_vtpm_domain_s_new_disk_keeps_the_imported_state() {
+    use xl_tools::vtpmdom::{DISK_IMAGE_SIZE, Domains};
+    use xl_tools::local::Local;
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    // room for the imported state file (one page) and the image: nothing left for the description
+    let fs = Tmpfs::mount(&state_dir, &format!("{}", DISK_IMAGE_SIZE + 4096));
+    let local = Local { state_dir: state_dir.clone(), run_dir: dir.path().join("run"), vtpm_domain: "vtpm-domain".into(), sandbox: false };
+    let d = Domains { local: &local, xl: "/nonexistent/xl".into(), losetup: "/nonexistent/losetup".into() };
+    let id = uuid::Uuid::new_v4();
+    std::fs::create_dir_all(local.vtpm_dir(&id)).unwrap();
+    let st = vtpm_proto::sealed::State {
+        family: tpm_wire::Family::Tpm2,
+        generation: 9,
+        permanent: zeroize::Zeroizing::new(b"nine".to_vec()),
+        volatile: zeroize::Zeroizing::new(Vec::new()),
+    };
+    let blob = vtpm_proto::sealed::seal(&[7; 32], &id, &st, &[1; 12]);
+    std::fs::write(local.state_file(&id), &blob).unwrap();
+    let (kernel, ramdisk) = (dir.path().join("vmlinuz"), dir.path().join("initrd"));
+    let left = || {
+        let mut v: Vec<String> = std::fs::read_dir(local.vtpm_dir(&id)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    let state_name = local.state_file(&id).file_name().unwrap().to_string_lossy().into_owned();
+
+    // 1. The image itself does not fit: a filler takes the room.
+    let filler = state_dir.join("filler");
+    std::fs::write(&filler, vec![0u8; 64 * 1024]).unwrap();
+    let e = d.adopt_imported(&id, "vtpm-g", &kernel, &ramdisk, 32).unwrap_err().text();
+    assert!(e.contains("disk.img") && e.contains("No space left"), "{e}");
+    assert_eq!(std::fs::read(local.state_file(&id)).unwrap(), blob, "the imported state is kept whole");
+    assert_eq!(left(), vec![state_name.clone()], "no image or temporary file left");
+    assert!(d.spec(&id).unwrap().is_none());
+
+    // 2. The image fits, its description does not.
+    std::fs::remove_file(&filler).unwrap();
+    let e = d.adopt_imported(&id, "vtpm-g", &kernel, &ramdisk, 32).unwrap_err().text();
+    assert!(e.contains("No space left"), "{e}");
+    assert_eq!(std::fs::read(local.state_file(&id)).unwrap(), blob, "still kept: the step did not complete");
+    assert!(d.spec(&id).unwrap().is_none(), "no description of a domain whose step failed");
+
+    // 3. Space again: the same step completes, the state now on the disk only.
+    let st = Command::new("mount").args(["-o", "remount,size=16M"]).arg(&state_dir).status().unwrap();
+    assert!(st.success());
+    d.adopt_imported(&id, "vtpm-g", &kernel, &ramdisk, 32).unwrap();
+    assert!(!local.state_file(&id).exists());
+    let spec = d.spec(&id).unwrap().expect("described");
+    let xl_tools::vtpmdom::Disk::Image(img) = &spec.disk else { panic!("{spec:?}") };
+    let recs = vtpm_proto::slots::records(&std::fs::File::open(img).unwrap()).unwrap();
+    assert_eq!(recs, vec![(9, blob)], "slot A holds the state as sealed");
+    drop(fs);
+}
