@@ -21,13 +21,20 @@
 //!                   the registry names the holder, the holder's vTPM runs and the other host
 //!                   refuses to start it; P6 (`PERF p6-2host-downtime-ms-rN`) from the guest's
 //!                   ticks on both hosts' consoles.
+//!   migrate-2host-dom  the same with the guest's vTPM in its own domain (`vtpm = [
+//!                   "backend=vtpm-mig-2d" ]`): after each move a new vTPM domain of that name runs
+//!                   on the destination and none on the source.
 //!   libvirt-2host   libvirtd (libxl driver) on both hosts, listening on the link (`--listen`,
 //!                   TCP without auth: the link joins two test VMs; host B with its own
-//!                   `host_uuid`): a guest without a vTPM started with `virsh` on A and moved with
-//!                   `virsh migrate --p2p lv-m xen+tcp://host-b/system` (non-live: this Xen has no PV
-//!                   log-dirty) runs on B, not on A; a guest with a vTPM (the hook's metadata) is
-//!                   refused by B's hook (`migrate begin` exits 1: the state is sealed to A's TPM)
-//!                   and still runs on A with the same domid and vTPM process.
+//!                   `host_uuid`), both hooks on the fleet registry (`/etc/xvtpm-testbed/hook.env`:
+//!                   libvirt clears a hook's environment): a guest without a vTPM started with
+//!                   `virsh` on A and moved with `virsh migrate --p2p lv-m xen+tcp://host-b/system`
+//!                   (non-live: this Xen has no PV log-dirty) runs on B, not on A, and ticks on
+//!                   (P6 of a move without a vTPM); a guest with a vTPM (the hook's metadata) is
+//!                   refused by B's hook (`migrate begin`, which libvirt 9.0 sends no XML: the
+//!                   guest's name is bound to a vTPM in the registry), still runs on A with the
+//!                   same domid and vTPM process and its TPM answers; libvirt's view of it, which
+//!                   its cancelled p2p migration leaves `paused`, is mended by a libvirtd restart.
 
 use std::time::Duration;
 
@@ -50,8 +57,16 @@ const SSHD_LOG: &str = "/var/log/xvtpm/sshd.log";
 const DONE: &str = "/run/xvtpm-testbed-hostb.done";
 const POL_A: &str = "/etc/xvtpm-testbed/2host-a-pcrs.json";
 const POL_B: &str = "/etc/xvtpm-testbed/2host-b-pcrs.json";
-const G: &str = "mig-2";
-const GCFG: &str = "/etc/xen/mig-2.cfg";
+/// A guest moved between the hosts: its name and config, its vTPM's placement (`None`: a dom0
+/// process; a name: its own domain of that name), the key of its checks and figures.
+struct Mv {
+    g: &'static str,
+    cfg: &'static str,
+    vdom: Option<&'static str>,
+    key: &'static str,
+}
+const PV: Mv = Mv { g: "mig-2", cfg: "/etc/xen/mig-2.cfg", vdom: None, key: "2host" };
+const DOM: Mv = Mv { g: "mig-2d", cfg: "/etc/xen/mig-2d.cfg", vdom: Some("vtpm-mig-2d"), key: "2host-dom" };
 
 /// A host's xl-vtpm environment: its name and the fleet registry.
 fn env(host: &str) -> [(&'static str, &str); 2] {
@@ -139,6 +154,12 @@ pub fn hostb_main() -> i32 {
             show_tail("vtpmmgr", &xen::read_text("/var/log/xvtpm/vtpmmgr.log"), 20);
             return Outcome::fail("vtpmmgr serve --xen on host B's TPM did not become ready");
         }
+        // a vTPM domain that arrives gets its disk through a loop device and blkback
+        let mut e = Errs::default();
+        super::vtpmdom::load_block_modules(cx, &mut e);
+        if !e.is_empty() {
+            return Outcome::fail(format!("host B's block modules: {}", e.joined()));
+        }
         let p = on(&env("host-b"), &["xl-vtpm", "mgr", "provision", "--yes"]).secs(180).save("/tmp/xl-hostb-provision.out").run(cx);
         if !p.ok() {
             return Outcome::fail(p.failed("xl-vtpm mgr provision --yes"));
@@ -171,13 +192,14 @@ pub fn boot_b() {
 
 pub fn run(r: &mut Runner, st: &mut St) {
     if xen::cmdline_arg("xvtpm_twohost").as_deref() != Some("1") {
-        r.skip_all(&["twohost-setup", "migrate-2host", "libvirt-2host"], "disabled (XVTPM_TESTBED_TWOHOST=0)");
+        r.skip_all(&["twohost-setup", "migrate-2host", "migrate-2host-dom", "libvirt-2host"], "disabled (XVTPM_TESTBED_TWOHOST=0)");
         return;
     }
     let mut sshd = None;
     let blocked = if st.mgr_ready() { None } else { Some("needs host A: a provisioned vtpmmgr (mgr phases)") };
     let ok = r.phase_if("twohost-setup", blocked, deadline(600), |cx| setup(cx, &mut sshd)) == crate::runner::Status::Pass;
-    r.phase_if("migrate-2host", (!ok).then_some("needs both hosts (twohost-setup)"), deadline(900), guest_move);
+    r.phase_if("migrate-2host", (!ok).then_some("needs both hosts (twohost-setup)"), deadline(900), |cx| guest_move(cx, &PV));
+    r.phase_if("migrate-2host-dom", (!ok).then_some("needs both hosts (twohost-setup)"), deadline(900), |cx| guest_move(cx, &DOM));
     if xen::cmdline_arg("xvtpm_libvirt").as_deref() == Some("0") {
         r.skip("libvirt-2host", "XVTPM_TESTBED_LIBVIRT=0: no libvirtd in dom0");
     } else {
@@ -261,18 +283,18 @@ fn downtime(cx: &Cx, g: &str, from: f64) -> Option<i64> {
     seen.map(|(g, _)| (g * 1000.0) as i64)
 }
 
-/// `migcheck` in the guest on `host`: its answer line.
-fn migcheck(cx: &Cx, host: &str, n: u32) -> String {
+/// `migcheck` in guest `g` on `host`: its answer line.
+fn migcheck(cx: &Cx, g: &str, host: &str, n: u32) -> String {
     let cmd = format!("{n}:migcheck:{}", xen::nonce(16));
     let key = format!("GUEST-CMD {n} ");
     let cons = |cx: &Cx| {
         if host == "host-a" {
-            super::migrate::cons(G)
+            super::migrate::cons(g)
         } else {
-            rsh(cx, host, &format!("cat /var/log/xen/console/guest-{G}.log /var/log/xen/console/guest-{G}--incoming.log 2>/dev/null; true"), 30).stdout
+            rsh(cx, host, &format!("cat /var/log/xen/console/guest-{g}.log /var/log/xen/console/guest-{g}--incoming.log 2>/dev/null; true"), 30).stdout
         }
     };
-    let w = rsh(cx, host, &format!("xenstore-write /local/domain/$(xl domid {G})/data/xvtpm-cmd '{cmd}'"), 30);
+    let w = rsh(cx, host, &format!("xenstore-write /local/domain/$(xl domid {g})/data/xvtpm-cmd '{cmd}'"), 30);
     if !w.ok() {
         return format!("xenstore-write on {host} failed: {}", w.tail1(2));
     }
@@ -284,11 +306,6 @@ fn migcheck(cx: &Cx, host: &str, n: u32) -> String {
     line.unwrap_or_else(|| format!("no answer on {host} within 240 s"))
 }
 
-/// The guest's registry row as `host`'s xl-vtpm lists it.
-fn row(cx: &Cx, host: &str) -> Value {
-    row_of(cx, host, G)
-}
-
 /// Guest `g`'s registry row as `host`'s xl-vtpm lists it.
 fn row_of(cx: &Cx, host: &str, g: &str) -> Value {
     let o = rsh(cx, host, "xl-vtpm --json list", 60);
@@ -297,60 +314,77 @@ fn row_of(cx: &Cx, host: &str, g: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn guest_move(cx: &Cx) -> Outcome {
+fn guest_move(cx: &Cx, m: &Mv) -> Outcome {
     let mut e = Errs::default();
-    if xen::domid(G).is_some() {
-        return Outcome::fail(format!("{G} runs already (an earlier run's leftover)"));
+    let (g, key) = (m.g, m.key);
+    if xen::domid(g).is_some() || m.vdom.is_some_and(|v| xen::domid(v).is_some()) {
+        return Outcome::fail(format!("{g} or its vTPM domain runs already (an earlier run's leftover)"));
     }
-    if let Err(w) = write_cfg(GCFG, G, "role=mig hold=1 tick=1", Some("0")) {
+    if m.vdom.is_some() {
+        super::vtpmdom::load_block_modules(cx, &mut e);
+        if !e.is_empty() {
+            return Outcome::fail(e.joined());
+        }
+    }
+    if let Err(w) = write_cfg(m.cfg, g, "role=mig hold=1 tick=1", Some(m.vdom.unwrap_or("0"))) {
         return Outcome::fail(w);
     }
-    let o = on(&env("host-a"), &["xl-vtpm", "create", GCFG]).secs(180).save("/tmp/xl-mig-2-create.out").run(cx);
+    let o = on(&env("host-a"), &["xl-vtpm", "create", m.cfg]).secs(300).save(&format!("/tmp/xl-{g}-create.out")).run(cx);
     if !o.ok() {
-        show_tail("xl-vtpm create mig-2", &o.all(), 20);
-        cleanup(cx, "");
-        return Outcome::fail(o.failed(&format!("xl-vtpm create {GCFG} (host A, registry {REGISTRY})")));
+        show_tail(&format!("xl-vtpm create {g}"), &o.all(), 20);
+        cleanup(cx, m, "");
+        return Outcome::fail(o.failed(&format!("xl-vtpm create {} (host A, registry {REGISTRY})", m.cfg)));
     }
-    let uuid = jf(&row(cx, "host-a"), "vtpm_uuid");
-    if !cx.wait_every(300, Duration::from_secs(1), || super::migrate::cons(G).contains("GUEST-HOLD")) {
+    let uuid = jf(&row_of(cx, "host-a", g), "vtpm_uuid");
+    if !cx.wait_every(300, Duration::from_secs(1), || super::migrate::cons(g).contains("GUEST-HOLD")) {
         e.add("no-GUEST-HOLD");
     }
-    let c = super::migrate::cons(G);
-    for m in super::guest_checks(&c, G, "boot", &["tpm0", "startup", "getrandom", "ek", "persistent", "nv-write", "pcrextend"]) {
-        e.add(m);
+    let c = super::migrate::cons(g);
+    for w in super::guest_checks(&c, g, "boot", &["tpm0", "startup", "getrandom", "ek", "persistent", "nv-write", "pcrextend"]) {
+        e.add(w);
     }
     let ek = ek_hash(&c);
     let pcr = after_prefix(&c, "GUEST-PCR16 ").unwrap_or_default().trim().to_string();
-    e.check("migrate-2host-pcr16-extended", pcr == PCR_AFTER, format!("{G} on host A (vTPM {}): PCR 16 before the moves {}", none(&uuid), none(&pcr)));
+    e.check(&format!("migrate-{key}-pcr16-extended"), pcr == PCR_AFTER, format!("{g} on host A (vTPM {}): PCR 16 before the moves {}", none(&uuid), none(&pcr)));
     if !e.is_empty() {
-        cleanup(cx, &uuid);
+        cleanup(cx, m, &uuid);
         return e.verdict("");
     }
     let ssh = ssh_cmd();
     let mut downs = Vec::new();
     for (n, from, to, pol) in [(1u32, "host-a", "host-b", POL_B), (2, "host-b", "host-a", POL_A)] {
         let line = format!(
-            "xl-vtpm --json migrate {G} {to} --non-live --ssh '{ssh}' --receiver 'xl-vtpm migrate-receive' --ek-ca {VENDOR_ROOT} --ek-intermediate {VENDOR_INT} --host-pcrs-policy {pol}"
+            "xl-vtpm --json migrate {g} {to} --non-live --ssh '{ssh}' --receiver 'xl-vtpm migrate-receive' --ek-ca {VENDOR_ROOT} --ek-intermediate {VENDOR_INT} --host-pcrs-policy {pol}"
         );
         let t = format!("round {n} ({from} → {to}, run on {from})");
-        println!("migrate-2host {t}: {line}");
-        let t0 = ticks(cx, G).last().copied().unwrap_or(0.0);
+        println!("migrate-{key} {t}: {line}");
+        let t0 = ticks(cx, g).last().copied().unwrap_or(0.0);
         let o = rsh(cx, from, &line, 420);
         let v = json(&o);
         show("xl-vtpm migrate (two hosts)", &o.all());
-        let on_to = rsh(cx, to, &format!("xl domid {G}"), 30).ok();
-        let on_from = rsh(cx, from, &format!("xl domid {G}"), 30).ok();
+        let on_to = rsh(cx, to, &format!("xl domid {g}"), 30).ok();
+        let on_from = rsh(cx, from, &format!("xl domid {g}"), 30).ok();
+        // its vTPM domain: made anew there, gone here
+        let vd = m.vdom.map(|vn| (rsh(cx, to, &format!("xl domid {vn}"), 30).ok(), rsh(cx, from, &format!("xl domid {vn}"), 30).ok(), jf(&v, "vtpm_domain")));
+        let vd_ok = vd.as_ref().is_none_or(|(there, here, named)| *there && !*here && named.contains(m.vdom.unwrap_or_default()));
         if !e.check(
-            "migrate-2host-xl-vtpm",
-            o.ok() && on_to && !on_from && jf(&v, "tpm_kept") == "true",
-            format!("{t}: rc={} tpm_kept {}; the guest runs on {to}: {on_to}, on {from}: {on_from}; {}", o.rc, jf(&v, "tpm_kept"), if v.is_null() { o.tail1(3) } else { v.to_string() }),
+            &format!("migrate-{key}-xl-vtpm"),
+            o.ok() && on_to && !on_from && jf(&v, "tpm_kept") == "true" && vd_ok,
+            format!(
+                "{t}: rc={} tpm_kept {}; the guest runs on {to}: {on_to}, on {from}: {on_from}{}; {}",
+                o.rc,
+                jf(&v, "tpm_kept"),
+                vd.as_ref().map_or(String::new(), |(there, here, named)| format!("; its vTPM domain runs on {to}: {there}, on {from}: {here} (JSON vtpm_domain {named})")),
+                if v.is_null() { o.tail1(3) } else { v.to_string() }
+            ),
         ) {
             break;
         }
-        match downtime(cx, G, t0) {
+        match downtime(cx, g, t0) {
             Some(ms) => {
                 println!(
-                    "PERF p6-2host-downtime-ms-r{n}={ms} (largest gap between the guest's 0.1 s ticks; {from} → {to}, two Xen hosts, non-live; xl save {} ms, xl restore {} ms, xl-vtpm migrate {} ms, saved {} bytes)",
+                    "PERF p6-{key}-downtime-ms-r{n}={ms} (largest gap between the guest's 0.1 s ticks; {from} → {to}, two Xen hosts, non-live{}; xl save {} ms, xl restore {} ms, xl-vtpm migrate {} ms, saved {} bytes)",
+                    if m.vdom.is_some() { ", its vTPM in its own domain" } else { "" },
                     jf(&v, "xl_save_ms"),
                     jf(&v, "xl_restore_ms"),
                     jf(&v, "total_ms"),
@@ -360,39 +394,42 @@ fn guest_move(cx: &Cx) -> Outcome {
             }
             None => e.add(format!("no-ticks-after-round-{n}")),
         }
-        let a1 = migcheck(cx, to, n);
-        println!("[{G}@{to}] {a1}");
-        e.check("migrate-2host-guest-tpm", field(&a1, "ek") == ek && field(&a1, "persistent") == "kept" && field(&a1, "nv") == "kept", format!("{t}: EK {} (before {ek}), 0x81000010 {}, NV {}", none(&field(&a1, "ek")), none(&field(&a1, "persistent")), none(&field(&a1, "nv"))));
-        e.check("migrate-2host-guest-pcr16", field(&a1, "pcr16") == pcr, format!("{t}: PCR 16 {} (before {pcr})", none(&field(&a1, "pcr16"))));
-        e.check("migrate-2host-guest-quote", field(&a1, "quote") == "verified", format!("{t}: a fresh ECC AK quote over PCR 16: {}", none(&field(&a1, "quote"))));
-        let (ra, rb) = (row(cx, "host-a"), row(cx, "host-b"));
+        let a1 = migcheck(cx, g, to, n);
+        println!("[{g}@{to}] {a1}");
+        e.check(&format!("migrate-{key}-guest-tpm"), field(&a1, "ek") == ek && field(&a1, "persistent") == "kept" && field(&a1, "nv") == "kept", format!("{t}: EK {} (before {ek}), 0x81000010 {}, NV {}", none(&field(&a1, "ek")), none(&field(&a1, "persistent")), none(&field(&a1, "nv"))));
+        e.check(&format!("migrate-{key}-guest-pcr16"), field(&a1, "pcr16") == pcr, format!("{t}: PCR 16 {} (before {pcr})", none(&field(&a1, "pcr16"))));
+        e.check(&format!("migrate-{key}-guest-quote"), field(&a1, "quote") == "verified", format!("{t}: a fresh ECC AK quote over PCR 16: {}", none(&field(&a1, "quote"))));
+        let (ra, rb) = (row_of(cx, "host-a", g), row_of(cx, "host-b", g));
         e.check(
-            "migrate-2host-registry",
+            &format!("migrate-{key}-registry"),
             jf(&ra, "host") == to && jf(&rb, "host") == to && jf(&ra, "state") == "running",
             format!("{t}: the one registry, listed on A names host {}, on B {} (state {}, guest domid {})", none(&jf(&ra, "host")), none(&jf(&rb, "host")), jf(&ra, "state"), jf(&ra, "guest_domid")),
         );
         let vl = rsh(cx, to, "xl-vtpm --json vtpm list", 60);
         let runs = xen::parse_json(&vl.stdout).and_then(|v| v.as_array().cloned()).is_some_and(|r| r.iter().any(|r| jf(r, "uuid") == uuid && jf(r, "state") == "running"));
-        e.check("migrate-2host-vtpm-runs", runs, format!("{t}: {to}'s xl-vtpm vtpm list names {uuid} running: {runs}"));
+        e.check(&format!("migrate-{key}-vtpm-runs"), runs, format!("{t}: {to}'s xl-vtpm vtpm list names {uuid} running: {runs}"));
         let s = rsh(cx, from, &format!("xl-vtpm vtpm start {uuid}"), 60);
-        e.check("migrate-2host-refused", !s.ok() && s.all().contains(to), format!("{t}: {from}'s xl-vtpm vtpm start rc={} (want a refusal naming {to}): {}", s.rc, s.tail1(2)));
+        e.check(&format!("migrate-{key}-refused"), !s.ok() && s.all().contains(to), format!("{t}: {from}'s xl-vtpm vtpm start rc={} (want a refusal naming {to}): {}", s.rc, s.tail1(2)));
         if !e.is_empty() {
             break;
         }
     }
-    cleanup(cx, &uuid);
-    e.verdict(format!("{G} moved host-a → host-b → host-a between two Xen hosts with its vTPM (EK/key/NV/PCR 16 kept, quote verified, the one registry names the holder, the other host refuses); downtime seen by the guest {downs:?} ms"))
+    cleanup(cx, m, &uuid);
+    e.verdict(format!("{g} moved host-a → host-b → host-a between two Xen hosts with its vTPM{} (EK/key/NV/PCR 16 kept, quote verified, the one registry names the holder, the other host refuses); downtime seen by the guest {downs:?} ms", if m.vdom.is_some() { " in its own domain" } else { "" }))
 }
 
-fn cleanup(cx: &Cx, uuid: &str) {
+fn cleanup(cx: &Cx, m: &Mv, uuid: &str) {
+    let (g, key) = (m.g, m.key);
     for h in ["host-a", "host-b"] {
-        if rsh(cx, h, &format!("xl domid {G}"), 30).ok() {
-            let o = rsh(cx, h, &format!("xl-vtpm destroy {G}"), 120);
-            println!("INFO migrate-2host cleanup: xl-vtpm destroy {G} on {h} rc={}", o.rc);
+        if rsh(cx, h, &format!("xl domid {g}"), 30).ok() || m.vdom.is_some_and(|v| rsh(cx, h, &format!("xl domid {v}"), 30).ok()) {
+            let o = rsh(cx, h, &format!("xl-vtpm destroy {g}"), 150);
+            println!("INFO migrate-{key} cleanup: xl-vtpm destroy {g} on {h} rc={}", o.rc);
+        }
+        for d in std::iter::once(g).chain(m.vdom) {
+            let _ = rsh(cx, h, &format!("xl domid {d} > /dev/null 2>&1 && xl destroy {d}; true"), 60);
         }
     }
-    xen::destroy_if_running(cx, G);
-    let rr = on(&env("host-a"), &["xl-vtpm", "registry", "remove", G, "--yes"]).secs(60).run(cx);
+    let rr = on(&env("host-a"), &["xl-vtpm", "registry", "remove", g, "--yes"]).secs(60).run(cx);
     let mut dels = Vec::new();
     if !uuid.is_empty() {
         for h in ["host-a", "host-b"] {
@@ -400,7 +437,7 @@ fn cleanup(cx: &Cx, uuid: &str) {
             dels.push(rsh(cx, h, &format!("xl-vtpm mgr vtpm del {uuid} --yes"), 60).rc);
         }
     }
-    println!("INFO migrate-2host cleanup: registry remove {G} rc={}; vTPM {} identity deleted on A, B: rc {dels:?}", rr.rc, none(uuid));
+    println!("INFO migrate-{key} cleanup: registry remove {g} rc={}; vTPM {} identity deleted on A, B: rc {dels:?}", rr.rc, none(uuid));
 }
 
 /// The testbed hook's environment (libvirt clears the hook's): the fleet registry, while this
