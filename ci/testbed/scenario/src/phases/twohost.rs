@@ -443,6 +443,8 @@ fn cleanup(cx: &Cx, m: &Mv, uuid: &str) {
 /// The testbed hook's environment (libvirt clears the hook's): the fleet registry, while this
 /// phase runs.
 const HOOK_ENV: &str = "/etc/xvtpm-testbed/hook.env";
+/// Stops a host's libvirtd and waits for it (busybox has `killall`, no `pkill`); its pid file goes.
+const STOP_LIBVIRTD: &str = "killall libvirtd; i=0; while pidof libvirtd > /dev/null && [ $i -lt 20 ]; do sleep 1; i=$((i+1)); done; killall -9 libvirtd; rm -f /run/libvirtd.pid; true";
 const LV_CONF: &str = "/etc/libvirt/libvirtd-2host.conf";
 const LV_OUT: &str = "/var/log/libvirt/libvirtd-2host.out";
 
@@ -533,7 +535,7 @@ fn libvirt_move(cx: &Cx) -> Outcome {
         None
     } else {
         let r = virsh_on(cx, "host-a", "resume lv-v", 60);
-        let _ = rsh(cx, "host-a", "killall libvirtd; i=0; while pidof libvirtd > /dev/null && [ $i -lt 20 ]; do sleep 1; i=$((i+1)); done; killall -9 libvirtd; rm -f /run/libvirtd.pid; true", 60);
+        let _ = rsh(cx, "host-a", STOP_LIBVIRTD, 60);
         let l = rsh(cx, "host-a", &libvirtd_line(0), 150);
         Some((r, l))
     };
@@ -573,7 +575,7 @@ fn libvirt_cleanup(cx: &Cx) {
             let _ = virsh_on(cx, h, &format!("destroy {g}"), 60);
         }
         // (the libvirt phases start their own libvirtd next: this one must be gone, its pid file too)
-        let _ = rsh(cx, h, &format!("killall libvirtd; i=0; while pidof libvirtd > /dev/null && [ $i -lt 20 ]; do sleep 1; i=$((i+1)); done; killall -9 libvirtd; rm -f {HOOK_ENV} /run/libvirtd.pid; true"), 60);
+        let _ = rsh(cx, h, &format!("{STOP_LIBVIRTD}; rm -f {HOOK_ENV}"), 60);
     }
     // a guest libvirt could not destroy: xl-vtpm's destroy stops it and its vTPM
     for h in ["host-a", "host-b"] {
