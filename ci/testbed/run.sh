@@ -6,7 +6,7 @@
 #   ci/testbed/run.sh            # fetch (verify debs.lock) + build images + boot + scenario
 #
 # Env:
-#   XVTPM_TESTBED_BUDGET   whole-run budget in seconds (2400; .ci/run gives 2700: a full default run took 1774 s before the two-host phases)
+#   XVTPM_TESTBED_BUDGET   whole-run budget in seconds (2400; .ci/run gives 2700: a full default run took 1902 s with the two-host phases)
 #   XVTPM_TESTBED_VTPM     dom0|0: vTPM phases with vtpm-domain as a dom0 process serving tpmif (dom0)
 #   XVTPM_TESTBED_LIFE     1|0: lifecycle phases after the vTPM phases (xl-vtpm create/watch) (1)
 #   XVTPM_TESTBED_VTPMDOM  1|0: vTPM-domain phases (the vTPM as its own unikernel-style domain) (1)
