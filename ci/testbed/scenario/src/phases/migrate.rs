@@ -57,7 +57,12 @@ pub(super) fn cons(name: &str) -> String {
 
 /// The guest's ticks (uptime, s) from both logs, sorted.
 pub(super) fn ticks(name: &str) -> Vec<f64> {
-    let mut v: Vec<f64> = cons(name)
+    tick_values(&cons(name))
+}
+
+/// The `GUEST-TICK` values (uptime, s) in console text, sorted, each once.
+pub(super) fn tick_values(text: &str) -> Vec<f64> {
+    let mut v: Vec<f64> = text
         .lines()
         .filter_map(|l| l.strip_prefix("GUEST-TICK ")?.trim().parse().ok())
         .collect();
@@ -67,7 +72,7 @@ pub(super) fn ticks(name: &str) -> Vec<f64> {
 }
 
 /// The largest gap between ticks after `from` and how many ticks follow it.
-fn max_gap(t: &[f64], from: f64) -> Option<(f64, usize)> {
+pub(super) fn max_gap(t: &[f64], from: f64) -> Option<(f64, usize)> {
     let t: Vec<f64> = t.iter().copied().filter(|x| *x >= from).collect();
     let mut best: Option<(f64, usize)> = None;
     for i in 1..t.len() {

@@ -261,23 +261,24 @@ fn setup(cx: &Cx, sshd: &mut Option<std::process::Child>) -> Outcome {
     e.verdict("host B (its own Xen, dom0 and TPM) serves over the hosts' link; both hosts' xl-vtpm use the one PostgreSQL registry; each host's PCR policy is on the other")
 }
 
+/// Guest `g`'s console on `host` (both logs, as [`super::migrate::cons`] reads them on A).
+fn cons_on(cx: &Cx, host: &str, g: &str) -> String {
+    if host == "host-a" {
+        return super::migrate::cons(g);
+    }
+    rsh(cx, host, &format!("cat /var/log/xen/console/guest-{g}.log /var/log/xen/console/guest-{g}--incoming.log 2>/dev/null; true"), 30).stdout
+}
+
 /// Guest `g`'s ticks from A's console and B's (read over the link), sorted.
 fn ticks(cx: &Cx, g: &str) -> Vec<f64> {
-    let b = rsh(cx, "host-b", &format!("cat /var/log/xen/console/guest-{g}.log /var/log/xen/console/guest-{g}--incoming.log 2>/dev/null; true"), 30).stdout;
-    let mut all = super::migrate::cons(g);
-    all.push_str(&b);
-    let mut v: Vec<f64> = all.lines().filter_map(|l| l.strip_prefix("GUEST-TICK ")?.trim().parse().ok()).collect();
-    v.sort_by(f64::total_cmp);
-    v.dedup();
-    v
+    super::migrate::tick_values(&(cons_on(cx, "host-a", g) + &cons_on(cx, "host-b", g)))
 }
 
 /// Guest `g`'s largest tick gap after `from` once ≥ 5 ticks follow it (it runs again), in ms.
 fn downtime(cx: &Cx, g: &str, from: f64) -> Option<i64> {
     let mut seen = None;
     cx.wait_every(120, Duration::from_secs(1), || {
-        let t: Vec<f64> = ticks(cx, g).into_iter().filter(|x| *x >= from).collect();
-        seen = (1..t.len()).map(|i| (t[i] - t[i - 1], t.len() - i)).max_by(|a, b| a.0.total_cmp(&b.0)).filter(|(_, after)| *after >= 5);
+        seen = super::migrate::max_gap(&ticks(cx, g), from).filter(|(_, after)| *after >= 5);
         seen.is_some()
     });
     seen.map(|(g, _)| (g * 1000.0) as i64)
@@ -287,20 +288,13 @@ fn downtime(cx: &Cx, g: &str, from: f64) -> Option<i64> {
 fn migcheck(cx: &Cx, g: &str, host: &str, n: u32) -> String {
     let cmd = format!("{n}:migcheck:{}", xen::nonce(16));
     let key = format!("GUEST-CMD {n} ");
-    let cons = |cx: &Cx| {
-        if host == "host-a" {
-            super::migrate::cons(g)
-        } else {
-            rsh(cx, host, &format!("cat /var/log/xen/console/guest-{g}.log /var/log/xen/console/guest-{g}--incoming.log 2>/dev/null; true"), 30).stdout
-        }
-    };
     let w = rsh(cx, host, &format!("xenstore-write /local/domain/$(xl domid {g})/data/xvtpm-cmd '{cmd}'"), 30);
     if !w.ok() {
         return format!("xenstore-write on {host} failed: {}", w.tail1(2));
     }
     let mut line = None;
     cx.wait_every(240, Duration::from_secs(2), || {
-        line = cons(cx).lines().find(|l| l.starts_with(&key)).map(str::to_string);
+        line = cons_on(cx, host, g).lines().find(|l| l.starts_with(&key)).map(str::to_string);
         line.is_some()
     });
     line.unwrap_or_else(|| format!("no answer on {host} within 240 s"))
