@@ -41,7 +41,7 @@ use crate::registry::State;
 use crate::xenlife::{DOM0_BACKEND_ROOT, INCOMING, Xen, move_record, reg_err, save_file};
 
 /// The receiver protocol's version; `migrate-receive` refuses another.
-pub const RECEIVE_PROTOCOL: u32 = 3;
+pub const RECEIVE_PROTOCOL: u32 = 4;
 /// The largest saved guest a receiver accepts (the disk's free space is checked too).
 pub const MAX_SAVE: u64 = 1 << 40;
 /// How long the suspended vTPM process may take to save its state and end.
@@ -73,6 +73,11 @@ pub enum RecvRequest {
     RecvResume { guest: String, vtpm: Uuid, from_domid: u32, keep_tpm: bool },
     /// The move ended before the guest left: forget what `RecvIncoming` wrote.
     RecvAbandon { guest: String, vtpm: Uuid },
+    /// A guest that libvirt moved here (`virsh migrate`): it is domain `domid` there, paused
+    /// until libvirt's Finish unpauses it; its vTPM follows (docs/libvirt.md). The receiver
+    /// checks the domain and the registry's pair; `RecvResume` then starts the vTPM and attaches
+    /// it, and leaves the unpause to libvirt.
+    RecvArrived { guest: String, vtpm: Uuid, domid: u32, source_boot: String },
     /// `--finish` of a move cut short: is the guest here (paused, as it arrived, or resumed)?
     /// If so the receiver takes it as arrived, for `RecvResume`. `vtpm_domain` as in
     /// `RecvIncoming`.
@@ -699,6 +704,63 @@ impl Xen {
     }
 }
 
+impl Xen {
+    /// `xl-vtpm libvirt-handoff NAME HOST --domid D`: the source's part of a libvirt migration
+    /// that takes the guest's vTPM along (crate::libvirt_migrate), run by the destination's
+    /// `started` hook through the transport. libvirt moved the guest: it is suspended here (its
+    /// domain not yet destroyed) and paused on HOST as domain `dest_domid`. The steps are
+    /// `xl-vtpm migrate`'s after the guest left, against this host's own `checks`: HOST's
+    /// receiver is told of the arrived domain, HOST's manager proves its TPM and PCRs, the vTPM
+    /// here is suspended, its identity sealed to HOST's TPM and committed there, and the vTPM
+    /// started there and attached to the paused domain (libvirt's Finish unpauses it). Refused
+    /// while the guest still runs here, or when its vTPM is not a dom0 process serving tpmif
+    /// (the only placement the libvirt hook makes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handoff_to(&self, admin: &mut Admin, name: &str, host: &str, dest_domid: u32, ssh: &str, receiver: &str, checks: &Checks) -> Result<(GuestMigrated, CrossHost), CliError> {
+        let t0 = Instant::now();
+        check_host(host)?;
+        check_guest(name)?;
+        let mut reg = self.open_registry()?;
+        let row = self.row_by_name(&reg, name)?;
+        if row.state != State::Running || row.active_on.as_deref() != Some(self.host.as_str()) {
+            return Err(fail(REFUSED, format!("guest {name}'s vTPM is not running on this host (registry state {:?} on {}); nothing moved", row.state, row.active_on.as_deref().unwrap_or(&row.host))));
+        }
+        let uuid = row.vtpm_uuid;
+        let old = row.guest_domid.ok_or_else(|| fail(FAILURE, format!("the registry has no domid for guest {name}")))?;
+        // The guest must have left: libvirt suspended its domain here (xl's state `s`).
+        let state = Command::new(&self.xl).arg("list").output().ok().and_then(|o| crate::guestmig::xl_list_state(&String::from_utf8_lossy(&o.stdout), old));
+        match state.as_deref() {
+            Some(s) if s.contains('s') => {}
+            Some(s) => return Err(fail(REFUSED, format!("guest {name} (domain {old}) is still here, state {s}: its vTPM follows only a guest that libvirt suspended here; nothing moved"))),
+            None => return Err(fail(REFUSED, format!("guest {name}'s domain {old} is not here: libvirt destroyed it, or it never was; nothing moved (`xl-vtpm list`)"))),
+        }
+        if self.local.runtime(&uuid).is_none() || crate::guestmig::tpmif_device(old) != Some(true) {
+            return Err(fail(REFUSED, format!("guest {name}'s vTPM {uuid} is not a dom0 process serving its tpmif device here; nothing moved")));
+        }
+        let (mut rx, to_host) = Remote::open(Some(ssh), host, receiver)?;
+        if to_host == self.host {
+            return Err(fail(USAGE, format!("{host} is this host ({to_host} in the registry)")));
+        }
+        rx.ok(&RecvRequest::RecvArrived { guest: name.into(), vtpm: uuid, domid: dest_domid, source_boot: boot_id() })?;
+        let tp = Instant::now();
+        let offer = crate::transfer::prepare(admin, rx.link(), uuid, checks.group.as_deref(), &checks.roots, checks.intermediates.clone(), &checks.policy)?;
+        let withdraw = |rx: &mut Remote, e: CliError| -> CliError {
+            let _ = crate::transfer::cancel(rx.link(), offer.offer_id);
+            fail(e.code, format!("{}; nothing moved", e.text()))
+        };
+        if let Err(e) = crate::transfer::verify(admin, uuid, &offer, &checks.roots, &checks.policy) {
+            return Err(withdraw(&mut rx, e));
+        }
+        let prepare_ms = tp.elapsed().as_millis() as u64;
+        let rec = MoveRecord { guest: name.into(), host: host.into(), to_host, vtpm: uuid, from_domid: old, non_live: false, offer: offer.clone(), hvm: false, vtpm_domain: None };
+        if let Err(e) = write_record(&self.local.state_dir, &rec) {
+            return Err(withdraw(&mut rx, e));
+        }
+        let done = self.complete_move(admin, &mut rx, &mut reg, rec.clone(), checks)?;
+        Ok(done.report(&rec, &Left::default(), prepare_ms, t0))
+    }
+}
+
 /// Moves the identity of stopped vTPM `uuid` (guest `guest`'s) to the destination `dst` with
 /// `offer`, from wherever an earlier run stopped, and records the move in `reg`: the pair is
 /// released here and the move opened (unless the registry names `to_host` already), the
@@ -862,6 +924,8 @@ struct Incoming {
     hvm: bool,
     /// Its vTPM runs in its own domain, made here at the resume.
     vtpm_domain: Option<VtpmDomainMove>,
+    /// libvirt moved it here as this domain (`RecvArrived`): libvirt unpauses it.
+    libvirt: Option<u32>,
 }
 
 struct Receiver<'a> {
@@ -1120,7 +1184,7 @@ impl Receiver<'_> {
                 xvtpm_fsutil::write_atomic(&plain_path, plain.render().as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, plain_path.display().to_string(), e))?;
                 let full_text = if hvm.is_some() { full.render() } else { config };
                 xvtpm_fsutil::write_atomic(&full_path, full_text.as_bytes(), 0o600).map_err(|e| CliError::caused(FAILURE, full_path.display().to_string(), e))?;
-                self.incoming = Some(Incoming { guest, vtpm, plain: plain_path, full: full_path, arrived: false, restored: None, hvm: hvm.is_some(), vtpm_domain });
+                self.incoming = Some(Incoming { guest, vtpm, plain: plain_path, full: full_path, arrived: false, restored: None, hvm: hvm.is_some(), vtpm_domain, libvirt: None });
                 Ok(RecvReply::RecvOk)
             }
             RecvRequest::RecvRestore { guest, vtpm, size } => {
@@ -1172,7 +1236,7 @@ impl Receiver<'_> {
                 Ok(RecvReply::RecvRestored { domid, restore_ms: ms })
             }
             RecvRequest::RecvResume { guest, vtpm, from_domid, keep_tpm } => {
-                let (plain, hvm, vdom) = self.expect(&guest, vtpm).map(|i| (i.plain.clone(), i.hvm, i.vtpm_domain.clone()))?;
+                let (plain, hvm, vdom, libvirt) = self.expect(&guest, vtpm).map(|i| (i.plain.clone(), i.hvm, i.vtpm_domain.clone(), i.libvirt))?;
                 if let Some(i) = self.incoming.as_mut() {
                     i.arrived = true;
                 }
@@ -1180,6 +1244,9 @@ impl Receiver<'_> {
                     return self.resume_hvm(&guest, vtpm, &plain);
                 }
                 let (domid, incoming) = self.arrived_domid(&guest).ok_or_else(|| fail(FAILURE, format!("no domain {guest} arrived here")))?;
+                if libvirt.is_some_and(|d| d != domid) {
+                    return Err(fail(REFUSED, format!("guest {guest} is domain {domid} here, not the domain {} libvirt announced", libvirt.unwrap_or_default())));
+                }
                 let mut admin = Admin::connect(&xen.local.run_dir)?;
                 let paused = |what: String| fail(FAILURE, format!("guest {guest} is paused here as domain {domid}: {what}"));
                 // Its vTPM: a dom0 process started from the imported state file, or a vTPM
@@ -1223,10 +1290,13 @@ impl Receiver<'_> {
                     xs_write(&format!("{dev}/{}", xen_platform::xenbus::RESUME_MARKER), &from_domid.to_string())
                         .map_err(|e| paused(format!("writing the resume marker: {e}")))?;
                 }
-                if incoming {
-                    xen.xl_run(&["rename", &domid.to_string(), &guest]).map_err(|e| paused(e.text()))?;
+                // libvirt's Finish unpauses its guest (an unpause now would make its own fail).
+                if libvirt.is_none() {
+                    if incoming {
+                        xen.xl_run(&["rename", &domid.to_string(), &guest]).map_err(|e| paused(e.text()))?;
+                    }
+                    xen.xl_run(&["unpause", &domid.to_string()]).map_err(|e| paused(e.text()))?;
                 }
-                xen.xl_run(&["unpause", &domid.to_string()]).map_err(|e| paused(e.text()))?;
                 let t = Instant::now();
                 let _ = std::fs::remove_file(&plain);
                 let reg = &mut xen.open_registry()?;
@@ -1234,7 +1304,10 @@ impl Receiver<'_> {
                 reg.mark_running(row.id, domid, backend).map_err(|e| {
                     fail(FAILURE, format!("guest {guest} runs here as domain {domid} with its vTPM, but the registry was not updated: {}; run `xl-vtpm registry check`", reg_err(e).text()))
                 })?;
-                let reconnect_ms = wait_connected(&dev, RECONNECT_WAIT).then(|| t.elapsed().as_millis() as u64);
+                let reconnect_ms = match libvirt {
+                    None => wait_connected(&dev, RECONNECT_WAIT).then(|| t.elapsed().as_millis() as u64),
+                    Some(_) => None,
+                };
                 self.incoming = None;
                 Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms, tpm_kept: kept, restore_ms: 0, vtpm_domain })
             }
@@ -1256,8 +1329,39 @@ impl Receiver<'_> {
                 // arrived, or is on its way).
                 let hvm = std::fs::read_to_string(&plain).ok().and_then(|c| crate::xlcfg::XlConfig::parse(&c).ok()).is_some_and(|c| crate::hvm::serves(&c, &xen.device_model_socket(&vtpm)).is_some());
                 let staged = hvm && found.is_none() && save_file(&xen.local.state_dir, &vtpm).exists();
-                self.incoming = (found.is_some() || staged).then(|| Incoming { guest: guest.clone(), vtpm, plain, full: dir.join(format!("{guest}.cfg")), arrived: true, restored: None, hvm, vtpm_domain });
+                self.incoming = (found.is_some() || staged).then(|| Incoming { guest: guest.clone(), vtpm, plain, full: dir.join(format!("{guest}.cfg")), arrived: true, restored: None, hvm, vtpm_domain, libvirt: None });
                 Ok(RecvReply::RecvAdopted { domid: found.map(|(d, _)| d), staged })
+            }
+            RecvRequest::RecvArrived { guest, vtpm, domid, source_boot } => {
+                check_guest(&guest)?;
+                if self.incoming.is_some() {
+                    return Err(fail(REFUSED, "a receiver takes one guest"));
+                }
+                if !source_boot.is_empty() && source_boot == boot_id() {
+                    return Err(fail(REFUSED, "libvirt moves guests between hosts: the source runs on this very Xen"));
+                }
+                self.lock(&guest)?;
+                let reg = &mut xen.open_registry()?;
+                match reg.get_by_name(&guest).map_err(reg_err)? {
+                    Some(r) if r.vtpm_uuid == vtpm => {}
+                    _ => return Err(fail(REFUSED, format!("this host's registry does not bind guest {guest} to vTPM {vtpm}: hosts that move guests between them share one registry; nothing moved"))),
+                }
+                if xen.xl_domid(&guest) != Some(domid) || xen.domain_paused(domid) != Some(true) {
+                    return Err(fail(REFUSED, format!("guest {guest} is not the paused domain {domid} here that libvirt's incoming migration makes; nothing moved")));
+                }
+                let dir = xen.local.run_dir.join("guests");
+                self.incoming = Some(Incoming {
+                    guest: guest.clone(),
+                    vtpm,
+                    plain: dir.join(format!("{guest}.incoming.cfg")),
+                    full: dir.join(format!("{guest}.cfg")),
+                    arrived: true,
+                    restored: None,
+                    hvm: false,
+                    vtpm_domain: None,
+                    libvirt: Some(domid),
+                });
+                Ok(RecvReply::RecvOk)
             }
             RecvRequest::RecvAbandon { guest, vtpm } => {
                 self.expect(&guest, vtpm)?;

@@ -25,6 +25,7 @@ pub mod local;
 pub mod vtpmdom;
 pub mod xenlife;
 pub mod libvirt_hook;
+pub mod libvirt_migrate;
 pub mod registry;
 pub mod swtpm_compat;
 pub mod tenant;

@@ -543,13 +543,6 @@ impl Decision {
     }
 }
 
-impl Action {
-    /// Whether the action talks to vtpmmgr (the others read the registry or run `xl`).
-    pub fn needs_manager(&self) -> bool {
-        matches!(self, Action::EnsureVtpmRunning { .. } | Action::StopVtpm { .. })
-    }
-}
-
 /// Exit code for a [`HookError`] (bad arguments or XML) during `operation`: fail closed where
 /// that is safe (`prepare`, `started`, `migrate`: the guest does not run without its TPM),
 /// exit 0 where a failure would harm running guests (`reconnect`) or is ignored anyway.

@@ -134,6 +134,20 @@ enum Cmd {
     /// transport; it speaks on stdin/stdout). Not for interactive use.
     #[command(hide = true)]
     MigrateReceive,
+    /// The source's part of a libvirt migration that takes the guest's vTPM along: run by the
+    /// destination's libvirt hook through the transport, with this host's own checks from
+    /// /etc/xvtpm/libvirt-migrate.json (docs/libvirt.md). Not for interactive use.
+    #[command(hide = true)]
+    LibvirtHandoff {
+        /// Guest name (libvirt suspended it here).
+        name: String,
+        /// The destination's registry host name, reached with the configuration's transport.
+        #[arg(value_name = "HOST")]
+        destination: String,
+        /// The guest's domain there (paused until libvirt's Finish).
+        #[arg(long)]
+        domid: u32,
+    },
     /// Guests with their vTPMs (registry and what runs now).
     List,
     /// Attach to a guest's console (`xl console`).
@@ -725,7 +739,7 @@ fn run(args: Args) -> Result<(), CliError> {
     let cmd = match cmd {
         Cmd::Reboot { name } => return xen.reboot(&name),
         Cmd::MigrateReceive => return xl_tools::crosshost::receive(&xen),
-        Cmd::LibvirtHook { args: hook_args } => return run_libvirt_hook(&xen, &args.run_dir, &hook_args),
+        Cmd::LibvirtHook { args: hook_args } => return run_libvirt_hook(&xen, &hook_args),
         Cmd::Tenant(t) => return xl_tools::tenant::run(t, &xen, json),
         other => other,
     };
@@ -744,6 +758,20 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown),
         Cmd::List => run_list(&xen, json),
         Cmd::MigrateReceive => unreachable!("handled above"),
+        Cmd::LibvirtHandoff { name, destination, domid } => {
+            let path = xl_tools::libvirt_migrate::MigrateConfig::path();
+            let cfg = xl_tools::libvirt_migrate::MigrateConfig::load()?.ok_or_else(|| {
+                CliError::new(exit::REFUSED, format!("this host lets no vTPM leave with a libvirt migration: {} does not exist (docs/libvirt.md); nothing moved", path.display()))
+            })?;
+            let checks = cfg.checks()?;
+            let (m, x) = xen.handoff_to(&mut admin, &name, &destination, domid, &cfg.ssh, &cfg.receiver, &checks)?;
+            let mut v = serde_json::to_value(&m).map_err(|e| CliError::caused(1, "", e))?;
+            if let (Some(o), Ok(serde_json::Value::Object(x))) = (v.as_object_mut(), serde_json::to_value(&x)) {
+                o.extend(x);
+            }
+            print_json(&v);
+            Ok(())
+        }
         Cmd::Migrate { name, destination: host, ssh, finish, non_live, receiver, ek_ca, ek_intermediate, host_pcrs_policy, group } => {
             if let Some(h) = host.as_deref().filter(|h| !xl_tools::guestmig::is_local(h)) {
                 let policy = host_pcrs_policy.ok_or_else(|| CliError::new(exit::USAGE, format!("xl-vtpm migrate {name} {h}: to another host, give --host-pcrs-policy FILE (the host PCRs it must have)")))?;
@@ -1330,7 +1358,7 @@ fn xl_path() -> PathBuf {
 /// follow libvirt's rules (non-zero from prepare aborts the guest's start). The manager is
 /// reached only by an action that needs it: a guest without a vTPM starts, stops and migrates
 /// whether vtpmmgr runs or not.
-fn run_libvirt_hook(xen: &xenlife::Xen, run_dir: &std::path::Path, args: &[String]) -> Result<(), CliError> {
+fn run_libvirt_hook(xen: &xenlife::Xen, args: &[String]) -> Result<(), CliError> {
     use std::io::Read;
     use xl_tools::libvirt_hook as hook;
     let inv = hook::Invocation::from_args(args).map_err(|e| CliError::caused(exit::USAGE, "", e))?;
@@ -1343,17 +1371,7 @@ fn run_libvirt_hook(xen: &xenlife::Xen, run_dir: &std::path::Path, args: &[Strin
     let mut ok = true;
     let mut admin: Option<Admin> = None;
     for a in &decision.actions {
-        if a.needs_manager() && admin.is_none() {
-            match Admin::connect(run_dir) {
-                Ok(m) => admin = Some(m),
-                Err(e) => {
-                    eprintln!("xl-vtpm libvirt-hook: {}", e.text());
-                    ok = false;
-                    break;
-                }
-            }
-        }
-        if let Err(e) = xen.run_hook_action(admin.as_mut(), a) {
+        if let Err(e) = xen.run_hook_action(&mut admin, a) {
             eprintln!("xl-vtpm libvirt-hook: {}", e.text());
             ok = false;
             break;

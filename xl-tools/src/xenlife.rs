@@ -594,15 +594,33 @@ impl Xen {
         }
     }
 
-    /// Executes a libvirt hook decision (`xl-vtpm libvirt-hook`).
-    /// `admin`: the manager, for the actions that need it ([`crate::libvirt_hook::Action::needs_manager`]).
-    pub fn run_hook_action(&self, admin: Option<&mut Admin>, action: &crate::libvirt_hook::Action) -> Result<(), CliError> {
+    /// Executes a libvirt hook decision (`xl-vtpm libvirt-hook`). `admin`: the manager,
+    /// connected here when an action first needs it (a guest without a vTPM, or one arriving
+    /// with its vTPM, needs none).
+    pub fn run_hook_action(&self, admin: &mut Option<Admin>, action: &crate::libvirt_hook::Action) -> Result<(), CliError> {
         use crate::libvirt_hook::Action as A;
-        let no_mgr = || fail(FAILURE, "vtpmmgr is needed for this hook action and was not reached".to_string());
+        use crate::libvirt_migrate::{Incoming, MigrateConfig};
+        let run_dir = self.local.run_dir.clone();
+        let mgr = |slot: &mut Option<Admin>| -> Result<(), CliError> {
+            if slot.is_none() {
+                *slot = Some(Admin::connect(&run_dir)?);
+            }
+            Ok(())
+        };
         let reg = &mut self.registry()?;
         match action {
             A::EnsureVtpmRunning { guest_name, guest_uuid, request } => {
                 let bound = reg.get_by_guest(*guest_uuid).map_err(reg_err)?;
+                // An incoming migration that takes its vTPM along: the vTPM arrives at
+                // `started` (a vTPM made here would be a new identity).
+                if let Some(mut m) = Incoming::find(&run_dir, guest_name)
+                    && bound.as_ref().is_some_and(|r| r.vtpm_uuid == m.vtpm)
+                {
+                    m.prepared = true;
+                    return m.save(&run_dir);
+                }
+                mgr(admin)?;
+                let admin = admin.as_mut().expect("connected");
                 let vtpm = request.uuid.or(bound.as_ref().map(|r| r.vtpm_uuid)).unwrap_or_else(Uuid::new_v4);
                 reg.check_attach(vtpm, *guest_uuid).map_err(reg_err)?;
                 let id = match bound {
@@ -617,21 +635,32 @@ impl Xen {
                         })
                         .map_err(reg_err)?,
                 };
-                self.ensure_vtpm_process(admin.ok_or_else(no_mgr)?, vtpm, request.group.clone())?;
+                self.ensure_vtpm_process(admin, vtpm, request.group.clone())?;
                 reg.set_domids(id, None, Some(0)).map_err(reg_err)
             }
             A::AttachVtpm { guest_name, guest_uuid, guest_domid } => {
                 let row = reg.get_by_guest(*guest_uuid).map_err(reg_err)?.ok_or_else(|| fail(NOT_FOUND, format!("guest {guest_name} has no vTPM pair; the prepare hook did not run")))?;
                 let domid = guest_domid.or_else(|| self.domid_of(guest_name)).ok_or_else(|| fail(FAILURE, format!("guest {guest_name} has no domid")))?;
+                if let Some(m) = Incoming::find(&run_dir, guest_name).filter(|m| m.prepared && m.vtpm == row.vtpm_uuid) {
+                    return self.pull_vtpm(&m, domid);
+                }
                 self.xl(&["vtpm-attach", &domid.to_string(), "backend=0", &format!("uuid={}", row.vtpm_uuid)])?;
                 reg.mark_running(row.id, domid, 0).map_err(reg_err)
             }
-            A::StopVtpm { guest_uuid, .. } => {
+            A::StopVtpm { guest_name, guest_uuid } => {
+                // An incoming migration that ended here (failed, or its vTPM arrived): its note goes.
+                Incoming::remove(&run_dir, guest_name);
                 let Some(row) = reg.get_by_guest(*guest_uuid).map_err(reg_err)? else { return Ok(()) };
+                // Held by another host: the guest moved there with its vTPM (this is the source
+                // after a libvirt migration), or never came here (a failed incoming one).
+                if row.active_on.as_deref().is_some_and(|h| h != self.host) || (row.active_on.is_none() && row.host != self.host) {
+                    return Ok(());
+                }
                 if matches!(row.state, State::Running | State::Creating) {
                     reg.begin_destroy(row.id).map_err(reg_err)?;
                 }
-                self.stop_vtpm(admin.ok_or_else(no_mgr)?, &row.vtpm_uuid)?;
+                mgr(admin)?;
+                self.stop_vtpm(admin.as_mut().expect("connected"), &row.vtpm_uuid)?;
                 if reg.get(row.id).map_err(reg_err)?.is_some_and(|r| r.state == State::Destroying) {
                     reg.mark_stopped(row.id).map_err(reg_err)?;
                 }
@@ -648,16 +677,67 @@ impl Xen {
             }
             A::CheckIncoming { guest_name } => match reg.get_by_name(guest_name).map_err(reg_err)? {
                 None => Ok(()),
-                Some(r) => Err(fail(
-                    REFUSED,
-                    format!(
-                        "incoming migration of guest {guest_name} refused: the registry binds it to vTPM {} (host {}, {:?}), whose state is sealed to that host's TPM and cannot follow a libvirt migration; shut the guest down and start it here",
-                        r.vtpm_uuid, r.host, r.state
-                    ),
-                )),
+                Some(r) => {
+                    let held = r.active_on.clone().filter(|h| *h != self.host && r.state == State::Running);
+                    let config = MigrateConfig::load()?;
+                    match (held, config) {
+                        (Some(from), Some(_)) => Incoming::new(guest_name, r.vtpm_uuid, &from).save(&run_dir),
+                        (held, config) => {
+                            let how = match (held, config) {
+                                (Some(_), None) => format!(
+                                    "; to let vTPMs follow libvirt migrations, write {} on the hosts (docs/libvirt.md)",
+                                    MigrateConfig::path().display()
+                                ),
+                                _ => String::new(),
+                            };
+                            Err(fail(
+                                REFUSED,
+                                format!(
+                                    "incoming migration of guest {guest_name} refused: the registry binds it to vTPM {} (host {}, {:?}), whose state is sealed to that host's TPM and cannot follow a libvirt migration{how}; shut the guest down and start it here",
+                                    r.vtpm_uuid,
+                                    r.active_on.as_deref().unwrap_or(&r.host),
+                                    r.state
+                                ),
+                            ))
+                        }
+                    }
+                }
             },
             A::RefuseMigration { guest_name, reason } => Err(fail(REFUSED, format!("incoming migration of guest {guest_name} refused: {reason}"))),
         }
+    }
+
+    /// The destination's `started` of a libvirt migration that takes the vTPM along: runs the
+    /// source's handoff (`m.from_host`) through the transport, which moves the identity here,
+    /// starts the vTPM and attaches it to the paused domain `domid`. Its report goes to stderr
+    /// (libvirt's log): stdout is libvirt's.
+    fn pull_vtpm(&self, m: &crate::libvirt_migrate::Incoming, domid: u32) -> Result<(), CliError> {
+        let cfg = crate::libvirt_migrate::MigrateConfig::load()?
+            .ok_or_else(|| fail(REFUSED, format!("guest {} arrives with its vTPM, but {} is gone", m.guest, crate::libvirt_migrate::MigrateConfig::path().display())))?;
+        let line = cfg.handoff_line(&m.from_host, &m.guest, &self.host, domid)?;
+        let t = std::time::Instant::now();
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", &line])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| CliError::caused(FAILURE, format!("cannot run the handoff ({line})"), e))?;
+        crate::libvirt_migrate::Incoming::remove(&self.local.run_dir, &m.guest);
+        if !out.status.success() {
+            return Err(fail(
+                FAILURE,
+                format!(
+                    "guest {} cannot take its vTPM {} from host {} (`{line}` exit {}): libvirt cancels the migration, and the guest resumes there",
+                    m.guest,
+                    m.vtpm,
+                    m.from_host,
+                    out.status.code().unwrap_or(-1)
+                ),
+            ));
+        }
+        eprintln!("xl-vtpm libvirt-hook: guest {} (domain {domid}) took its vTPM {} from host {} in {} ms: {}", m.guest, m.vtpm, m.from_host, t.elapsed().as_millis(), String::from_utf8_lossy(&out.stdout).trim());
+        Ok(())
     }
 
     fn rollback(&self, admin: &mut Admin, reg: &mut Registry, undo: &Undo) {

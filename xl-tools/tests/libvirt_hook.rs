@@ -310,3 +310,89 @@ fn an_incoming_migration_without_xml_is_judged_by_the_guest_s_name() {
     let out = c.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Runs `xl-vtpm --host HOST libvirt-hook ARGS` on the registry `reg` with `xml` on stdin and
+/// the libvirt migration configuration `config` (a path that may not exist). No manager runs
+/// (no admin socket under the run directory): every action that reached one would fail.
+fn hook_on(dir: &std::path::Path, host: &str, config: &std::path::Path, args: &[&str], xml: &str) -> (Option<i32>, String) {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_xl-vtpm"))
+        .args(["--registry", &dir.join("registry.sqlite").display().to_string(), "--state-dir", &dir.display().to_string()])
+        .args(["--run-dir", &dir.join("run").display().to_string(), "--host", host, "libvirt-hook"])
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("XVTPM_LIBVIRT_MIGRATE", config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), xml.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(out.stdout.is_empty(), "nothing on stdout (libvirt reads it): {}", String::from_utf8_lossy(&out.stdout));
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A libvirt migration that takes the vTPM along, as the hooks on both hosts see it: the
+/// destination lets the guest in only with the migration configuration, makes no vTPM of its
+/// own at `prepare`, pulls the identity at `started` through the configured handoff (refused
+/// here: the handoff fails, so the hook fails and libvirt cancels), and neither host's
+/// `release` touches a pair another host holds.
+#[test]
+fn a_libvirt_migration_brings_the_vtpm_along_through_the_hooks() {
+    use xl_tools::registry::{Location, NewPair, Registry, State};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (guest, vtpm) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut a = Registry::connect(&Location::Sqlite(d.join("registry.sqlite")), "host-a").unwrap();
+    let id = a.begin_create(&NewPair { guest_uuid: guest, guest_name: "lv-v".into(), vtpm_uuid: vtpm, vtpm_domain: "vtpm-lv-v".into(), group: None }).unwrap();
+    a.mark_running(id, 5, 0).unwrap();
+    let xml = format!(
+        "<domain type='xen' id='9'><name>lv-v</name><uuid>{guest}</uuid><metadata><xvtpm:vtpm xmlns:xvtpm='https://xvtpm.invalid/xmlns/1' uuid='{vtpm}'/></metadata></domain>"
+    );
+    let config = d.join("libvirt-migrate.json");
+    let marker = d.join("run/libvirt-incoming/lv-v.json");
+
+    // Without the configuration on the destination: refused at migrate begin, saying how.
+    let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "migrate", "begin", "-"], "");
+    assert_eq!(rc, Some(1), "{err}");
+    assert!(err.contains("host-a") && err.contains(&config.display().to_string()), "{err}");
+    assert!(!marker.exists());
+
+    // With it: let in, and noted.
+    let fake_ssh = d.join("fake-ssh");
+    std::fs::write(&fake_ssh, format!("#!/bin/sh\necho \"$@\" > {}/handoff.args\necho 'host-a refuses host-b: PCR 0 differs' >&2\nexit 4\n", d.display())).unwrap();
+    std::fs::set_permissions(&fake_ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(&config, format!(r#"{{"ssh": "{}", "ek_ca": ["/nonexistent/root.pem"], "host_pcrs_policy": "/nonexistent/pcrs.json"}}"#, fake_ssh.display())).unwrap();
+    let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "migrate", "begin", "-"], "");
+    assert_eq!(rc, Some(0), "{err}");
+    assert!(marker.exists());
+    let m = std::fs::metadata(&marker).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777, 0o600);
+
+    // prepare: no vTPM is made here and no manager is needed (none runs).
+    let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "prepare", "begin", "-"], &xml);
+    assert_eq!(rc, Some(0), "{err}");
+    let row = Registry::connect(&Location::Sqlite(d.join("registry.sqlite")), "host-b").unwrap().get_by_guest(guest).unwrap().unwrap();
+    assert_eq!((row.state, row.active_on.as_deref()), (State::Running, Some("host-a")), "the pair stays with its holder");
+
+    // started: the source's handoff runs through the transport, with this guest, this host
+    // and the arrived domain; it fails, so the hook fails (libvirt destroys its incoming copy).
+    let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "started", "begin", "-"], &xml);
+    assert_eq!(rc, Some(1), "{err}");
+    assert_eq!(std::fs::read_to_string(d.join("handoff.args")).unwrap().trim(), "host-a xl-vtpm libvirt-handoff lv-v host-b --domid 9");
+    assert!(err.contains("cannot take its vTPM") && err.contains("host-a refuses host-b"), "the cause, from the source: {err}");
+    assert!(!marker.exists(), "the note goes with the attempt");
+
+    // release on the destination after that failure, and on a source whose pair moved away:
+    // nothing stopped, nothing changed, no manager asked.
+    for host in ["host-b", "host-c"] {
+        let (rc, err) = hook_on(d, host, &config, &["lv-v", "release", "end", "-"], &xml);
+        assert_eq!(rc, Some(0), "{host}: {err}");
+        assert!(err.is_empty(), "{host}: {err}");
+    }
+    let row = Registry::connect(&Location::Sqlite(d.join("registry.sqlite")), "host-b").unwrap().get_by_guest(guest).unwrap().unwrap();
+    assert_eq!((row.state, row.active_on.as_deref()), (State::Running, Some("host-a")));
+    // The holder's own release still stops it (here: asks for the manager, which is absent).
+    let (rc, _) = hook_on(d, "host-a", &config, &["lv-v", "release", "end", "-"], &xml);
+    assert_eq!(rc, Some(1));
+}
