@@ -10,12 +10,12 @@
 //!
 //! | operation (libxl driver order) | when | non-zero exit means | our action |
 //! |---|---|---|---|
-//! | `prepare begin -` | before anything is set up | **guest is not started** | ensure the vTPM exists and its domain runs with its backend in InitWait |
+//! | `prepare begin -` | before anything is set up | **guest is not started** | ensure the vTPM exists and its domain runs with its backend in InitWait; for a guest arriving with its vTPM (see `migrate`), nothing |
 //! | `start begin -` | libxl config built, domain not yet created | guest is not started | none |
-//! | `started begin -` | domain created and (unless `--paused`) unpaused | libvirt **destroys** the guest | attach the vTPM device to the guest |
+//! | `started begin -` | domain created and (unless `--paused`) unpaused | libvirt **destroys** the guest | attach the vTPM device to the guest; for a guest arriving with its vTPM, pull the identity from its holder (crate::libvirt_migrate), which attaches it |
 //! | `stopped end -` | domain gone | logged, ignored | none (`release` follows) |
-//! | `release end -` | all resources released; also after a failed start | logged, ignored | stop the vTPM domain |
-//! | `migrate begin -` | incoming migration (XML filter) | migration cancelled | refuse if the guest has a vTPM; without XML (libvirt 9.x's libxl driver sends none), refuse if the registry binds a vTPM to a guest of that name |
+//! | `release end -` | all resources released; also after a failed start | logged, ignored | stop the vTPM domain, unless another host holds the pair (the guest moved there) |
+//! | `migrate begin -` | incoming migration (XML filter) | migration cancelled | a guest with a vTPM: refuse, unless the shared registry has its vTPM running on another host and this host has the migration configuration (crate::libvirt_migrate), then let it in with its vTPM; without XML (libvirt 9.x's libxl driver sends none), judged by the guest's name in the registry |
 //! | `reconnect begin -` | libvirtd restarted and found the domain | libvirt **kills the running guest** | verify only; always exit 0 |
 //! | anything else (`restore`, `attach` are QEMU-only) | — | — | none, exit 0 |
 //!
@@ -40,8 +40,11 @@
 //!   in InitWait) is what closes the reattachment trap: a running, unattached vTPM domain is
 //!   one any guest could connect to.
 //! * **reconnect never fails**: a non-zero exit there makes libvirt kill running guests.
-//! * **migrate is refused** for guests with a vTPM: the vTPM's state is sealed to this host's
-//!   physical TPM and cannot follow the guest. libvirt 9.0's libxl driver formats the XML it
+//! * **migrate lets a vTPM follow only through the shared registry**: the vTPM's state is sealed
+//!   to its host's physical TPM, so it can follow the guest only as `xl-vtpm migrate` moves it
+//!   (sealed to the destination's TPM after the source checked it), which needs the hosts'
+//!   configuration (`/etc/xvtpm/libvirt-migrate.json`, crate::libvirt_migrate); without it a guest
+//!   with a vTPM is refused. libvirt 9.0's libxl driver formats the XML it
 //!   hands this hook with flags its formatter refuses (`VIR_DOMAIN_XML_*` where
 //!   `VIR_DOMAIN_DEF_FORMAT_*` belong), so the hook gets an **empty stdin** — seen on two real Xen
 //!   hosts in the testbed (`libvirt-2host`). Failing closed on that refused every incoming
@@ -49,7 +52,7 @@
 //!   registry pair for that name refuses, none lets the migration in. This is only as good as the
 //!   registry: hosts that migrate guests between them share one (`--registry postgres://…`); with
 //!   a registry of its own the destination cannot know the guest has a vTPM, and its `prepare`
-//!   would then make the guest a new one. `migrate` is the only point where a refusal is clean:
+//!   would then make the guest a new one. `migrate` is the only point where a refusal is fully clean:
 //!   libvirt runs it in Prepare, before the source's guest is suspended (libvirt resumes no
 //!   guest whose Perform failed).
 //! * A start that fails *before* `start` (e.g. the lock manager refuses after `prepare`)

@@ -720,21 +720,28 @@ impl Xen {
             .args(["-c", &line])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::piped())
             .output()
             .map_err(|e| CliError::caused(FAILURE, format!("cannot run the handoff ({line})"), e))?;
         crate::libvirt_migrate::Incoming::remove(&self.local.run_dir, &m.guest);
+        let said = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() {
+            // The source's own error line is the cause (the lines before it are its progress).
+            let cause = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(it said nothing)").trim();
+            let cause = cause.strip_prefix("xl-vtpm: error: ").unwrap_or(cause);
             return Err(fail(
                 FAILURE,
                 format!(
-                    "guest {} cannot take its vTPM {} from host {} (`{line}` exit {}): libvirt cancels the migration, and the guest resumes there",
+                    "guest {} cannot take its vTPM {} from host {}: {cause} (`{line}` exit {}); libvirt cancels the migration, and the guest resumes there",
                     m.guest,
                     m.vtpm,
                     m.from_host,
                     out.status.code().unwrap_or(-1)
                 ),
             ));
+        }
+        if !said.trim().is_empty() {
+            eprint!("{said}");
         }
         eprintln!("xl-vtpm libvirt-hook: guest {} (domain {domid}) took its vTPM {} from host {} in {} ms: {}", m.guest, m.vtpm, m.from_host, t.elapsed().as_millis(), String::from_utf8_lossy(&out.stdout).trim());
         Ok(())

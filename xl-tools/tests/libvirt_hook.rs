@@ -360,7 +360,7 @@ fn a_libvirt_migration_brings_the_vtpm_along_through_the_hooks() {
 
     // With it: let in, and noted.
     let fake_ssh = d.join("fake-ssh");
-    std::fs::write(&fake_ssh, format!("#!/bin/sh\necho \"$@\" > {}/handoff.args\necho 'host-a refuses host-b: PCR 0 differs' >&2\nexit 4\n", d.display())).unwrap();
+    std::fs::write(&fake_ssh, format!("#!/bin/sh\necho \"$@\" > {}/handoff.args\necho 'xl-vtpm: offer made by host-b' >&2\necho 'xl-vtpm: error: host-a refuses host-b: PCR 0 differs' >&2\nexit 4\n", d.display())).unwrap();
     std::fs::set_permissions(&fake_ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::write(&config, format!(r#"{{"ssh": "{}", "ek_ca": ["/nonexistent/root.pem"], "host_pcrs_policy": "/nonexistent/pcrs.json"}}"#, fake_ssh.display())).unwrap();
     let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "migrate", "begin", "-"], "");
@@ -380,7 +380,11 @@ fn a_libvirt_migration_brings_the_vtpm_along_through_the_hooks() {
     let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "started", "begin", "-"], &xml);
     assert_eq!(rc, Some(1), "{err}");
     assert_eq!(std::fs::read_to_string(d.join("handoff.args")).unwrap().trim(), "host-a xl-vtpm libvirt-handoff lv-v host-b --domid 9");
-    assert!(err.contains("cannot take its vTPM") && err.contains("host-a refuses host-b"), "the cause, from the source: {err}");
+    assert!(
+        err.lines().any(|l| l.contains("cannot take its vTPM") && l.contains("from host host-a: host-a refuses host-b: PCR 0 differs (")),
+        "the cause, from the source, on the error's own line: {err}"
+    );
+    assert!(!err.contains("offer made"), "the source's progress is not the cause: {err}");
     assert!(!marker.exists(), "the note goes with the attempt");
 
     // release on the destination after that failure, and on a source whose pair moved away:
