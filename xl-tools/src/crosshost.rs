@@ -704,19 +704,43 @@ impl Xen {
     }
 }
 
+/// What `xl-vtpm libvirt-handoff` did: `--prepare` checked the destination and made its offer;
+/// the move reports as `xl-vtpm migrate`.
+#[allow(clippy::large_enum_variant)]
+pub enum Handoff {
+    /// The destination passed this host's checks; its offer waits for the move.
+    Prepared {
+        /// The destination's name in the registry.
+        to_host: String,
+        /// The offer.
+        offer_id: Uuid,
+        /// Challenge, offer and checks (ms).
+        prepare_ms: u64,
+    },
+    /// The vTPM moved.
+    Moved(GuestMigrated, CrossHost),
+}
+
 impl Xen {
-    /// `xl-vtpm libvirt-handoff NAME HOST --domid D`: the source's part of a libvirt migration
-    /// that takes the guest's vTPM along (crate::libvirt_migrate), run by the destination's
-    /// `started` hook through the transport. libvirt moved the guest: it is suspended here (its
-    /// domain not yet destroyed) and paused on HOST as domain `dest_domid`. The steps are
-    /// `xl-vtpm migrate`'s after the guest left, against this host's own `checks`: HOST's
-    /// receiver is told of the arrived domain, HOST's manager proves its TPM and PCRs, the vTPM
-    /// here is suspended, its identity sealed to HOST's TPM and committed there, and the vTPM
-    /// started there and attached to the paused domain (libvirt's Finish unpauses it). Refused
-    /// while the guest still runs here, or when its vTPM is not a dom0 process serving tpmif
-    /// (the only placement the libvirt hook makes).
+    /// `xl-vtpm libvirt-handoff NAME HOST --prepare | --domid D`: the source's part of a libvirt
+    /// migration that takes the guest's vTPM along (crate::libvirt_migrate), run by the
+    /// destination's hooks through the transport, against this host's own `checks`.
+    ///
+    /// `--prepare` (`dest_domid` `None`, the destination's `migrate begin`, the guest still runs
+    /// here): HOST's manager proves its TPM and PCRs and makes its offer, kept in the move record
+    /// here — a destination that fails a check is refused before anything moves.
+    ///
+    /// `--domid D` (the destination's `started`): libvirt moved the guest, which is suspended here
+    /// (its domain not yet destroyed) and paused on HOST as domain D. The steps are `xl-vtpm
+    /// migrate`'s after the guest left, with the prepared offer (or a new one): HOST's receiver is
+    /// told of the arrived domain, the vTPM here is suspended, its identity sealed to HOST's TPM
+    /// and committed there, and the vTPM started there and attached to the paused domain
+    /// (libvirt's Finish unpauses it). A failure once the vTPM was suspended here is
+    /// [`crate::exit::MOVE_UNFINISHED`]: the guest belongs there, and `xl-vtpm migrate NAME HOST
+    /// --finish` completes the move. Refused while the guest still runs here, or when its vTPM is
+    /// not a dom0 process serving tpmif (the only placement the libvirt hook makes).
     #[allow(clippy::too_many_arguments)]
-    pub fn handoff_to(&self, admin: &mut Admin, name: &str, host: &str, dest_domid: u32, ssh: &str, receiver: &str, checks: &Checks) -> Result<(GuestMigrated, CrossHost), CliError> {
+    pub fn handoff_to(&self, admin: &mut Admin, name: &str, host: &str, dest_domid: Option<u32>, ssh: &str, receiver: &str, checks: &Checks) -> Result<Handoff, CliError> {
         let t0 = Instant::now();
         check_host(host)?;
         check_guest(name)?;
@@ -727,12 +751,13 @@ impl Xen {
         }
         let uuid = row.vtpm_uuid;
         let old = row.guest_domid.ok_or_else(|| fail(FAILURE, format!("the registry has no domid for guest {name}")))?;
-        // The guest must have left: libvirt suspended its domain here (xl's state `s`).
         let state = Command::new(&self.xl).arg("list").output().ok().and_then(|o| crate::guestmig::xl_list_state(&String::from_utf8_lossy(&o.stdout), old));
-        match state.as_deref() {
-            Some(s) if s.contains('s') => {}
-            Some(s) => return Err(fail(REFUSED, format!("guest {name} (domain {old}) is still here, state {s}: its vTPM follows only a guest that libvirt suspended here; nothing moved"))),
-            None => return Err(fail(REFUSED, format!("guest {name}'s domain {old} is not here: libvirt destroyed it, or it never was; nothing moved (`xl-vtpm list`)"))),
+        let Some(state) = state else {
+            return Err(fail(REFUSED, format!("guest {name}'s domain {old} is not here: libvirt destroyed it, or it never was; nothing moved (`xl-vtpm list`)")));
+        };
+        // At the move the guest must have left: libvirt suspended its domain here (xl's `s`).
+        if dest_domid.is_some() && !state.contains('s') {
+            return Err(fail(REFUSED, format!("guest {name} (domain {old}) is still here, state {state}: its vTPM follows only a guest that libvirt suspended here; nothing moved")));
         }
         if self.local.runtime(&uuid).is_none() || crate::guestmig::tpmif_device(old) != Some(true) {
             return Err(fail(REFUSED, format!("guest {name}'s vTPM {uuid} is not a dom0 process serving its tpmif device here; nothing moved")));
@@ -741,23 +766,43 @@ impl Xen {
         if to_host == self.host {
             return Err(fail(USAGE, format!("{host} is this host ({to_host} in the registry)")));
         }
-        rx.ok(&RecvRequest::RecvArrived { guest: name.into(), vtpm: uuid, domid: dest_domid, source_boot: boot_id() })?;
+        // The offer `--prepare` made for this move, if its record is here.
+        let path = move_record(&self.local.state_dir, &uuid);
+        let prepared = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<MoveRecord>(&b).ok())
+            .filter(|r| dest_domid.is_some() && r.guest == name && r.to_host == to_host && r.vtpm == uuid && r.from_domid == old && !r.non_live && !r.hvm && r.vtpm_domain.is_none());
+        if let Some(d) = dest_domid {
+            rx.ok(&RecvRequest::RecvArrived { guest: name.into(), vtpm: uuid, domid: d, source_boot: boot_id() })?;
+        }
         let tp = Instant::now();
-        let offer = crate::transfer::prepare(admin, rx.link(), uuid, checks.group.as_deref(), &checks.roots, checks.intermediates.clone(), &checks.policy)?;
-        let withdraw = |rx: &mut Remote, e: CliError| -> CliError {
-            let _ = crate::transfer::cancel(rx.link(), offer.offer_id);
-            fail(e.code, format!("{}; nothing moved", e.text()))
+        let offer = match prepared {
+            Some(r) => r.offer,
+            None => {
+                let offer = crate::transfer::prepare(admin, rx.link(), uuid, checks.group.as_deref(), &checks.roots, checks.intermediates.clone(), &checks.policy)?;
+                if let Err(e) = crate::transfer::verify(admin, uuid, &offer, &checks.roots, &checks.policy) {
+                    let _ = crate::transfer::cancel(rx.link(), offer.offer_id);
+                    return Err(fail(e.code, format!("{}; nothing moved", e.text())));
+                }
+                offer
+            }
         };
-        if let Err(e) = crate::transfer::verify(admin, uuid, &offer, &checks.roots, &checks.policy) {
-            return Err(withdraw(&mut rx, e));
-        }
         let prepare_ms = tp.elapsed().as_millis() as u64;
-        let rec = MoveRecord { guest: name.into(), host: host.into(), to_host, vtpm: uuid, from_domid: old, non_live: false, offer: offer.clone(), hvm: false, vtpm_domain: None };
+        let rec = MoveRecord { guest: name.into(), host: host.into(), to_host: to_host.clone(), vtpm: uuid, from_domid: old, non_live: false, offer: offer.clone(), hvm: false, vtpm_domain: None };
         if let Err(e) = write_record(&self.local.state_dir, &rec) {
-            return Err(withdraw(&mut rx, e));
+            let _ = crate::transfer::cancel(rx.link(), offer.offer_id);
+            return Err(e);
         }
-        let done = self.complete_move(admin, &mut rx, &mut reg, rec.clone(), checks)?;
-        Ok(done.report(&rec, &Left::default(), prepare_ms, t0))
+        if dest_domid.is_none() {
+            return Ok(Handoff::Prepared { to_host, offer_id: offer.offer_id, prepare_ms });
+        }
+        let done = self.complete_move(admin, &mut rx, &mut reg, rec.clone(), checks).map(|c| c.report(&rec, &Left::default(), prepare_ms, t0)).map_err(|e| {
+            fail(crate::exit::MOVE_UNFINISHED, format!("{} (libvirt resumes the guest there without its TPM)", e.text()))
+        })?;
+        // The vTPM process here has ended: libvirt's destroy of the suspended domain need not wait
+        // for it to close the device.
+        crate::guestmig::close_ended_backends(old);
+        Ok(Handoff::Moved(done.0, done.1))
     }
 }
 
@@ -1295,7 +1340,10 @@ impl Receiver<'_> {
                     if incoming {
                         xen.xl_run(&["rename", &domid.to_string(), &guest]).map_err(|e| paused(e.text()))?;
                     }
-                    xen.xl_run(&["unpause", &domid.to_string()]).map_err(|e| paused(e.text()))?;
+                    // (A `--finish` of a libvirt migration: libvirt unpaused it already.)
+                    if xen.domain_paused(domid) != Some(false) {
+                        xen.xl_run(&["unpause", &domid.to_string()]).map_err(|e| paused(e.text()))?;
+                    }
                 }
                 let t = Instant::now();
                 let _ = std::fs::remove_file(&plain);

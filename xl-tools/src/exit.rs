@@ -19,6 +19,10 @@ pub const REFUSED: i32 = 6;
 /// `xl-vtpm verify`: every check passed, but no host PCR policy was given, so the host's state
 /// was not checked. (7, evidence that did not verify, is `guest::NOT_VERIFIED`.)
 pub const HOST_UNCHECKED: i32 = 8;
+/// `xl-vtpm libvirt-handoff`: the vTPM's move began (it was suspended here) and did not complete;
+/// the guest belongs on the destination now, and `xl-vtpm migrate GUEST HOST --finish` completes
+/// the move.
+pub const MOVE_UNFINISHED: i32 = 9;
 
 /// The typed cause of a [`CliError`].
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -607,6 +607,17 @@ pub(crate) fn tpmif_device(domid: u32) -> Option<bool> {
         .map(|d| d.is_some_and(|d| !d.is_empty()))
 }
 
+/// Marks domain `domid`'s tpmif devices under dom0's backend root Closed (6): their backend, a
+/// vTPM process, has ended (its guest left with libvirt's migration, and its identity with the
+/// handoff). libxl waits for a Connected backend to close when it destroys the domain (10 s, then
+/// it removes the device anyway); a backend that says Closed is removed at once. Returns how many.
+pub(crate) fn close_ended_backends(domid: u32) -> usize {
+    use xen_platform::xenstore::Xenstore;
+    let root = format!("{DOM0_BACKEND_ROOT}/{domid}");
+    let devs = with_xs(async |xs| xs.directory(&root).await.map_err(|e| e.to_string())).ok().flatten().unwrap_or_default();
+    devs.iter().filter(|d| d.parse::<u32>().is_ok() && xs_write(&format!("{root}/{d}/state"), "6").is_ok()).count()
+}
+
 /// Domain `domid`'s device model as a process instance: its pid and start time (a pid reused
 /// after it ended is not it).
 pub(crate) fn device_model(domid: u32) -> Option<(u32, u64)> {

@@ -128,16 +128,17 @@ impl MigrateConfig {
         })
     }
 
-    /// The shell line the destination's `started` hook runs: the source's handoff on
-    /// `from_host` for guest `guest`, arrived here (`to_host`) as domain `domid`. Names are
-    /// checked (letters, digits, `.`, `_`, `-`, and for hosts `:@[]`), so nothing in them
-    /// reaches a shell as syntax.
-    pub fn handoff_line(&self, from_host: &str, guest: &str, to_host: &str, domid: u32) -> Result<String, CliError> {
+    /// The shell line the destination's hooks run: the source's handoff on `from_host` for
+    /// guest `guest` coming here (`to_host`) — at `migrate begin` (`domid` `None`:
+    /// `--prepare`), and at `started`, arrived as domain `domid`. Names are checked (letters,
+    /// digits, `.`, `_`, `-`, and for hosts `:@[]`), so nothing in them reaches a shell as syntax.
+    pub fn handoff_line(&self, from_host: &str, guest: &str, to_host: &str, domid: Option<u32>) -> Result<String, CliError> {
         check_name(guest, "guest")?;
         for h in [from_host, to_host] {
             check_host_name(h)?;
         }
-        Ok(format!("{} {from_host} {} {guest} {to_host} --domid {domid}", self.ssh, self.handoff))
+        let what = domid.map_or_else(|| "--prepare".to_string(), |d| format!("--domid {d}"));
+        Ok(format!("{} {from_host} {} {guest} {to_host} {what}", self.ssh, self.handoff))
     }
 }
 
@@ -245,9 +246,10 @@ mod tests {
         std::fs::write(&p, r#"{"ek_ca": ["/r.pem"], "host_pcrs_policy": "/p.json"}"#).unwrap();
         let c = MigrateConfig::load_from(&p).unwrap().unwrap();
         assert_eq!((c.ssh.as_str(), c.handoff.as_str(), c.receiver.as_str()), ("ssh", "xl-vtpm libvirt-handoff", "xl-vtpm migrate-receive"));
-        assert_eq!(c.handoff_line("host-a", "lv-v", "host-b", 7).unwrap(), "ssh host-a xl-vtpm libvirt-handoff lv-v host-b --domid 7");
-        assert!(c.handoff_line("host-a;reboot", "lv-v", "host-b", 7).is_err());
-        assert!(c.handoff_line("host-a", "lv v", "host-b", 7).is_err());
+        assert_eq!(c.handoff_line("host-a", "lv-v", "host-b", Some(7)).unwrap(), "ssh host-a xl-vtpm libvirt-handoff lv-v host-b --domid 7");
+        assert_eq!(c.handoff_line("host-a", "lv-v", "host-b", None).unwrap(), "ssh host-a xl-vtpm libvirt-handoff lv-v host-b --prepare");
+        assert!(c.handoff_line("host-a;reboot", "lv-v", "host-b", Some(7)).is_err());
+        assert!(c.handoff_line("host-a", "lv v", "host-b", Some(7)).is_err());
         std::fs::write(&p, r#"{"ek_ca": [], "host_pcrs_policy": "/p.json"}"#).unwrap();
         assert!(MigrateConfig::load_from(&p).unwrap_err().text().contains("ek_ca"));
         std::fs::write(&p, r#"{"ek_ca": ["/r.pem"], "host_pcrs_policy": "/p.json", "polcy": 1}"#).unwrap();

@@ -17,7 +17,8 @@ use xl_tools::local::{self, Local, Row};
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 failure, 2 bad usage, 3 manager unreachable, \
 4 manager not provisioned, 5 no such vTPM or group, 6 refused (confirmation needed, exists, not permitted), \
 7 evidence, an EK certificate or an enrollment did not verify, \
-8 verify: evidence verified but the host state was not checked (no --host-pcrs-policy FILE).";
+8 verify: evidence verified but the host state was not checked (no --host-pcrs-policy FILE), \
+9 libvirt-handoff: the vTPM left and its move did not complete (`xl-vtpm migrate GUEST HOST --finish`).";
 
 /// Create, run and destroy vTPMs; administer vtpmmgr.
 #[derive(Parser, Debug)]
@@ -144,9 +145,13 @@ enum Cmd {
         /// The destination's registry host name, reached with the configuration's transport.
         #[arg(value_name = "HOST")]
         destination: String,
-        /// The guest's domain there (paused until libvirt's Finish).
+        /// The guest's domain there (paused until libvirt's Finish): move the vTPM.
+        #[arg(long, required_unless_present = "prepare", conflicts_with = "prepare")]
+        domid: Option<u32>,
+        /// Only check the destination and make its offer, while the guest still runs here
+        /// (libvirt's `migrate begin` on the destination); the move reuses the offer.
         #[arg(long)]
-        domid: u32,
+        prepare: bool,
     },
     /// Guests with their vTPMs (registry and what runs now).
     List,
@@ -758,18 +763,24 @@ fn run(args: Args) -> Result<(), CliError> {
         Cmd::Shutdown { name } => xen.stop_pair(&mut admin, &name, xenlife::Stop::Shutdown),
         Cmd::List => run_list(&xen, json),
         Cmd::MigrateReceive => unreachable!("handled above"),
-        Cmd::LibvirtHandoff { name, destination, domid } => {
+        Cmd::LibvirtHandoff { name, destination, domid, prepare: _ } => {
             let path = xl_tools::libvirt_migrate::MigrateConfig::path();
             let cfg = xl_tools::libvirt_migrate::MigrateConfig::load()?.ok_or_else(|| {
                 CliError::new(exit::REFUSED, format!("this host lets no vTPM leave with a libvirt migration: {} does not exist (docs/libvirt.md); nothing moved", path.display()))
             })?;
             let checks = cfg.checks()?;
-            let (m, x) = xen.handoff_to(&mut admin, &name, &destination, domid, &cfg.ssh, &cfg.receiver, &checks)?;
-            let mut v = serde_json::to_value(&m).map_err(|e| CliError::caused(1, "", e))?;
-            if let (Some(o), Ok(serde_json::Value::Object(x))) = (v.as_object_mut(), serde_json::to_value(&x)) {
-                o.extend(x);
+            match xen.handoff_to(&mut admin, &name, &destination, domid, &cfg.ssh, &cfg.receiver, &checks)? {
+                xl_tools::crosshost::Handoff::Prepared { to_host, offer_id, prepare_ms } => {
+                    print_json(&serde_json::json!({"guest_name": name, "to_host": to_host, "offer_id": offer_id, "prepare_ms": prepare_ms}));
+                }
+                xl_tools::crosshost::Handoff::Moved(m, x) => {
+                    let mut v = serde_json::to_value(&m).map_err(|e| CliError::caused(1, "", e))?;
+                    if let (Some(o), Ok(serde_json::Value::Object(x))) = (v.as_object_mut(), serde_json::to_value(&x)) {
+                        o.extend(x);
+                    }
+                    print_json(&v);
+                }
             }
-            print_json(&v);
             Ok(())
         }
         Cmd::Migrate { name, destination: host, ssh, finish, non_live, receiver, ek_ca, ek_intermediate, host_pcrs_policy, group } => {

@@ -681,7 +681,15 @@ impl Xen {
                     let held = r.active_on.clone().filter(|h| *h != self.host && r.state == State::Running);
                     let config = MigrateConfig::load()?;
                     match (held, config) {
-                        (Some(from), Some(_)) => Incoming::new(guest_name, r.vtpm_uuid, &from).save(&run_dir),
+                        // The source checks this host and makes its offer now, while the guest
+                        // runs there: a refusal here is clean.
+                        (Some(from), Some(cfg)) => {
+                            let m = Incoming::new(guest_name, r.vtpm_uuid, &from);
+                            self.handoff(&cfg, &m, None).map_err(|e| {
+                                fail(e.code, format!("incoming migration of guest {guest_name} refused: host {from} does not hand vTPM {} to this host: {}", r.vtpm_uuid, e.text()))
+                            })?;
+                            m.save(&run_dir)
+                        }
                         (held, config) => {
                             let how = match (held, config) {
                                 (Some(_), None) => format!(
@@ -709,13 +717,40 @@ impl Xen {
 
     /// The destination's `started` of a libvirt migration that takes the vTPM along: runs the
     /// source's handoff (`m.from_host`) through the transport, which moves the identity here,
-    /// starts the vTPM and attaches it to the paused domain `domid`. Its report goes to stderr
-    /// (libvirt's log): stdout is libvirt's.
+    /// starts the vTPM and attaches it to the paused domain `domid`. Once the vTPM left the
+    /// source ([`crate::exit::MOVE_UNFINISHED`]) the guest belongs here: the hook then succeeds
+    /// (libvirt unpauses the guest here) and says how to finish the move.
     fn pull_vtpm(&self, m: &crate::libvirt_migrate::Incoming, domid: u32) -> Result<(), CliError> {
         let cfg = crate::libvirt_migrate::MigrateConfig::load()?
             .ok_or_else(|| fail(REFUSED, format!("guest {} arrives with its vTPM, but {} is gone", m.guest, crate::libvirt_migrate::MigrateConfig::path().display())))?;
-        let line = cfg.handoff_line(&m.from_host, &m.guest, &self.host, domid)?;
         let t = std::time::Instant::now();
+        crate::libvirt_migrate::Incoming::remove(&self.local.run_dir, &m.guest);
+        match self.handoff(&cfg, m, Some(domid)) {
+            Ok(report) => {
+                eprintln!("xl-vtpm libvirt-hook: guest {} (domain {domid}) took its vTPM {} from host {} in {} ms: {report}", m.guest, m.vtpm, m.from_host, t.elapsed().as_millis());
+                Ok(())
+            }
+            Err(e) if e.code == crate::exit::MOVE_UNFINISHED => {
+                eprintln!(
+                    "xl-vtpm libvirt-hook: ERROR: guest {} (domain {domid}) stays here without its TPM: {}; on host {}: `xl-vtpm migrate {} {} --finish` with the checks of its {}",
+                    m.guest,
+                    e.text(),
+                    m.from_host,
+                    m.guest,
+                    self.host,
+                    crate::libvirt_migrate::MigrateConfig::path().display()
+                );
+                Ok(())
+            }
+            Err(e) => Err(fail(e.code, format!("guest {} cannot take its vTPM {} from host {}: {}; libvirt cancels the migration, and the guest resumes there", m.guest, m.vtpm, m.from_host, e.text()))),
+        }
+    }
+
+    /// Runs the source's `xl-vtpm libvirt-handoff` for `m` through the transport (`--prepare`
+    /// without `domid`). Returns its report (stdout); its failure carries its exit code and its
+    /// own error line as the cause (the lines before it are its progress, forwarded to stderr).
+    fn handoff(&self, cfg: &crate::libvirt_migrate::MigrateConfig, m: &crate::libvirt_migrate::Incoming, domid: Option<u32>) -> Result<String, CliError> {
+        let line = cfg.handoff_line(&m.from_host, &m.guest, &self.host, domid)?;
         let out = std::process::Command::new("/bin/sh")
             .args(["-c", &line])
             .stdin(std::process::Stdio::null())
@@ -723,28 +758,17 @@ impl Xen {
             .stderr(std::process::Stdio::piped())
             .output()
             .map_err(|e| CliError::caused(FAILURE, format!("cannot run the handoff ({line})"), e))?;
-        crate::libvirt_migrate::Incoming::remove(&self.local.run_dir, &m.guest);
         let said = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            // The source's own error line is the cause (the lines before it are its progress).
-            let cause = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(it said nothing)").trim();
-            let cause = cause.strip_prefix("xl-vtpm: error: ").unwrap_or(cause);
-            return Err(fail(
-                FAILURE,
-                format!(
-                    "guest {} cannot take its vTPM {} from host {}: {cause} (`{line}` exit {}); libvirt cancels the migration, and the guest resumes there",
-                    m.guest,
-                    m.vtpm,
-                    m.from_host,
-                    out.status.code().unwrap_or(-1)
-                ),
-            ));
+        let mut lines: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
+        if out.status.success() {
+            lines.iter().for_each(|l| eprintln!("{l}"));
+            return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
         }
-        if !said.trim().is_empty() {
-            eprint!("{said}");
-        }
-        eprintln!("xl-vtpm libvirt-hook: guest {} (domain {domid}) took its vTPM {} from host {} in {} ms: {}", m.guest, m.vtpm, m.from_host, t.elapsed().as_millis(), String::from_utf8_lossy(&out.stdout).trim());
-        Ok(())
+        let cause = lines.pop().unwrap_or("(it said nothing)").trim();
+        let cause = cause.strip_prefix("xl-vtpm: error: ").unwrap_or(cause).to_string();
+        lines.iter().for_each(|l| eprintln!("{l}"));
+        let code = out.status.code().unwrap_or(FAILURE);
+        Err(fail(if code == 0 { FAILURE } else { code }, format!("{cause} (`{line}` exit {code})")))
     }
 
     fn rollback(&self, admin: &mut Admin, reg: &mut Registry, undo: &Undo) {

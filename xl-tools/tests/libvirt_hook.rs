@@ -311,16 +311,18 @@ fn an_incoming_migration_without_xml_is_judged_by_the_guest_s_name() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Runs `xl-vtpm --host HOST libvirt-hook ARGS` on the registry `reg` with `xml` on stdin and
-/// the libvirt migration configuration `config` (a path that may not exist). No manager runs
-/// (no admin socket under the run directory): every action that reached one would fail.
-fn hook_on(dir: &std::path::Path, host: &str, config: &std::path::Path, args: &[&str], xml: &str) -> (Option<i32>, String) {
+/// Runs `xl-vtpm --host HOST libvirt-hook ARGS` on the registry in `dir` with `xml` on stdin,
+/// the libvirt migration configuration `config` (a path that may not exist) and `envs` (read by
+/// the fake transport). No manager runs (no admin socket under the run directory): every action
+/// that reached one would fail.
+fn hook_on(dir: &std::path::Path, host: &str, config: &std::path::Path, args: &[&str], xml: &str, envs: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_xl-vtpm"))
         .args(["--registry", &dir.join("registry.sqlite").display().to_string(), "--state-dir", &dir.display().to_string()])
         .args(["--run-dir", &dir.join("run").display().to_string(), "--host", host, "libvirt-hook"])
         .args(args)
         .env("NO_COLOR", "1")
         .env("XVTPM_LIBVIRT_MIGRATE", config)
+        .envs(envs.iter().copied())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -332,11 +334,13 @@ fn hook_on(dir: &std::path::Path, host: &str, config: &std::path::Path, args: &[
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// A libvirt migration that takes the vTPM along, as the hooks on both hosts see it: the
-/// destination lets the guest in only with the migration configuration, makes no vTPM of its
-/// own at `prepare`, pulls the identity at `started` through the configured handoff (refused
-/// here: the handoff fails, so the hook fails and libvirt cancels), and neither host's
-/// `release` touches a pair another host holds.
+/// A libvirt migration that takes the vTPM along, as the hooks on both hosts see it (the
+/// source's handoff is a fake transport here; the real one runs between the testbed's two Xen
+/// hosts, `libvirt-2host`): the destination lets the guest in only with the migration
+/// configuration and once the source's `--prepare` passed, makes no vTPM of its own at
+/// `prepare`, pulls the identity at `started` — a failure before the vTPM left the source fails
+/// the hook (libvirt cancels), one after it keeps the guest here and says how to finish — and
+/// neither host's `release` touches a pair another host holds.
 #[test]
 fn a_libvirt_migration_brings_the_vtpm_along_through_the_hooks() {
     use xl_tools::registry::{Location, NewPair, Registry, State};
@@ -351,52 +355,78 @@ fn a_libvirt_migration_brings_the_vtpm_along_through_the_hooks() {
     );
     let config = d.join("libvirt-migrate.json");
     let marker = d.join("run/libvirt-incoming/lv-v.json");
+    let args = d.join("handoff.args");
+    let hook = |host: &str, op: &[&str], xml: &str, envs: &[(&str, &str)]| hook_on(d, host, &config, op, xml, envs);
+    let begin = ["lv-v", "migrate", "begin", "-"];
+    let row = || Registry::connect(&Location::Sqlite(d.join("registry.sqlite")), "host-b").unwrap().get_by_guest(guest).unwrap().unwrap();
 
     // Without the configuration on the destination: refused at migrate begin, saying how.
-    let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "migrate", "begin", "-"], "");
+    let (rc, err) = hook("host-b", &begin, "", &[]);
     assert_eq!(rc, Some(1), "{err}");
     assert!(err.contains("host-a") && err.contains(&config.display().to_string()), "{err}");
     assert!(!marker.exists());
 
-    // With it: let in, and noted.
+    // The fake transport: records its arguments; `--prepare` passes unless PREPARE_FAIL, the
+    // move fails with MOVE_RC after a progress line.
     let fake_ssh = d.join("fake-ssh");
-    std::fs::write(&fake_ssh, format!("#!/bin/sh\necho \"$@\" > {}/handoff.args\necho 'xl-vtpm: offer made by host-b' >&2\necho 'xl-vtpm: error: host-a refuses host-b: PCR 0 differs' >&2\nexit 4\n", d.display())).unwrap();
+    std::fs::write(
+        &fake_ssh,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\ncase \"$*\" in\n *--prepare*) [ -n \"$PREPARE_FAIL\" ] && {{ echo 'xl-vtpm: error: host PCR 0 of host-b is not the policy' >&2; exit 6; }}; echo '{{}}'; exit 0;;\nesac\necho 'xl-vtpm: offer made by host-b' >&2\necho 'xl-vtpm: error: host-a refuses host-b: PCR 0 differs' >&2\nexit ${{MOVE_RC:-4}}\n",
+            args.display()
+        ),
+    )
+    .unwrap();
     std::fs::set_permissions(&fake_ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::write(&config, format!(r#"{{"ssh": "{}", "ek_ca": ["/nonexistent/root.pem"], "host_pcrs_policy": "/nonexistent/pcrs.json"}}"#, fake_ssh.display())).unwrap();
-    let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "migrate", "begin", "-"], "");
+    let last_args = || std::fs::read_to_string(&args).unwrap().lines().last().unwrap().to_string();
+
+    // The source refuses this host at --prepare: a clean refusal, its cause on the line.
+    let (rc, err) = hook("host-b", &begin, "", &[("PREPARE_FAIL", "1")]);
+    assert_eq!(rc, Some(1), "{err}");
+    assert_eq!(last_args(), "host-a xl-vtpm libvirt-handoff lv-v host-b --prepare");
+    assert!(err.lines().any(|l| l.contains("refused") && l.contains("host PCR 0 of host-b is not the policy")), "{err}");
+    assert!(!marker.exists());
+
+    // It passes: let in, and noted (0600).
+    let (rc, err) = hook("host-b", &begin, "", &[]);
     assert_eq!(rc, Some(0), "{err}");
-    assert!(marker.exists());
     let m = std::fs::metadata(&marker).unwrap();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777, 0o600);
 
     // prepare: no vTPM is made here and no manager is needed (none runs).
-    let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "prepare", "begin", "-"], &xml);
+    let (rc, err) = hook("host-b", &["lv-v", "prepare", "begin", "-"], &xml, &[]);
     assert_eq!(rc, Some(0), "{err}");
-    let row = Registry::connect(&Location::Sqlite(d.join("registry.sqlite")), "host-b").unwrap().get_by_guest(guest).unwrap().unwrap();
-    assert_eq!((row.state, row.active_on.as_deref()), (State::Running, Some("host-a")), "the pair stays with its holder");
+    assert_eq!((row().state, row().active_on.as_deref().map(str::to_owned)), (State::Running, Some("host-a".into())), "the pair stays with its holder");
 
-    // started: the source's handoff runs through the transport, with this guest, this host
-    // and the arrived domain; it fails, so the hook fails (libvirt destroys its incoming copy).
-    let (rc, err) = hook_on(d, "host-b", &config, &["lv-v", "started", "begin", "-"], &xml);
+    // started: the source's handoff with this guest, this host and the arrived domain. It fails
+    // before the vTPM left: the hook fails (libvirt destroys its incoming copy), with the cause.
+    let (rc, err) = hook("host-b", &["lv-v", "started", "begin", "-"], &xml, &[]);
     assert_eq!(rc, Some(1), "{err}");
-    assert_eq!(std::fs::read_to_string(d.join("handoff.args")).unwrap().trim(), "host-a xl-vtpm libvirt-handoff lv-v host-b --domid 9");
+    assert_eq!(last_args(), "host-a xl-vtpm libvirt-handoff lv-v host-b --domid 9");
     assert!(
         err.lines().any(|l| l.contains("cannot take its vTPM") && l.contains("from host host-a: host-a refuses host-b: PCR 0 differs (")),
         "the cause, from the source, on the error's own line: {err}"
     );
-    assert!(!err.contains("offer made"), "the source's progress is not the cause: {err}");
+    assert!(!err.contains("error: xl-vtpm: offer made"), "the source's progress is not the cause: {err}");
     assert!(!marker.exists(), "the note goes with the attempt");
 
-    // release on the destination after that failure, and on a source whose pair moved away:
+    // Again, failing after the vTPM left the source (MOVE_UNFINISHED): the guest belongs here,
+    // the hook succeeds (libvirt unpauses it here) and says how to finish.
+    assert_eq!(hook("host-b", &begin, "", &[]).0, Some(0));
+    assert_eq!(hook("host-b", &["lv-v", "prepare", "begin", "-"], &xml, &[]).0, Some(0));
+    let (rc, err) = hook("host-b", &["lv-v", "started", "begin", "-"], &xml, &[("MOVE_RC", "9")]);
+    assert_eq!(rc, Some(0), "{err}");
+    assert!(err.contains("stays here without its TPM") && err.contains("xl-vtpm migrate lv-v host-b --finish"), "{err}");
+
+    // release on the destination after a failed move, and on a source whose pair moved away:
     // nothing stopped, nothing changed, no manager asked.
     for host in ["host-b", "host-c"] {
-        let (rc, err) = hook_on(d, host, &config, &["lv-v", "release", "end", "-"], &xml);
+        let (rc, err) = hook(host, &["lv-v", "release", "end", "-"], &xml, &[]);
         assert_eq!(rc, Some(0), "{host}: {err}");
         assert!(err.is_empty(), "{host}: {err}");
     }
-    let row = Registry::connect(&Location::Sqlite(d.join("registry.sqlite")), "host-b").unwrap().get_by_guest(guest).unwrap().unwrap();
-    assert_eq!((row.state, row.active_on.as_deref()), (State::Running, Some("host-a")));
+    assert_eq!((row().state, row().active_on.as_deref().map(str::to_owned)), (State::Running, Some("host-a".into())));
     // The holder's own release still stops it (here: asks for the manager, which is absent).
-    let (rc, _) = hook_on(d, "host-a", &config, &["lv-v", "release", "end", "-"], &xml);
-    assert_eq!(rc, Some(1));
+    assert_eq!(hook("host-a", &["lv-v", "release", "end", "-"], &xml, &[]).0, Some(1));
 }

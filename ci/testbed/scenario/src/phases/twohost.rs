@@ -588,23 +588,23 @@ fn libvirt_vtpm_moves(cx: &Cx, e: &mut Errs, ek: &str) -> Vec<i64> {
         return Vec::new();
     }
     let uuid = jf(&row_of(cx, "host-a", "lv-v"), "vtpm_uuid");
-    // 3a. A refuses B (A's policy for B names a PCR 0 no host has): B's `started` hook fails
-    // after the guest's memory moved, before the identity left A; libvirt destroys B's copy and
-    // resumes A's, whose vTPM was never touched.
+    // 3a. A refuses B (A's policy for B names a PCR 0 no host has): B's `migrate begin` hook
+    // runs A's `libvirt-handoff --prepare`, which checks B before anything moves, and refuses the
+    // migration with A's cause; lv-v runs on A with its vTPM untouched.
     let bogus = format!(r#"{{"0": "{}"}}"#, "f".repeat(64));
     let w = rsh(cx, "host-a", &format!("printf '%s' '{bogus}' > {POL_BOGUS} && printf '%s' '{}' > {LV_MIGRATE}", lv_migrate_config(POL_BOGUS)), 30);
     let m = virsh_on(cx, "host-a", "migrate --p2p lv-v xen+tcp://host-b/system", 420);
-    let said = rsh(cx, "host-b", "grep -h 'cannot take its vTPM' /var/log/xvtpm/libvirt-hook.log | tail -n 1", 30).stdout.trim().to_string();
+    let said = rsh(cx, "host-b", "grep -h 'does not hand' /var/log/xvtpm/libvirt-hook.log | tail -n 1", 30).stdout.trim().to_string();
     let on_b = rsh(cx, "host-b", "xl domid lv-v", 30).ok();
     let xl_a = super::xhost::xl_state("lv-v").unwrap_or_default();
     let seen_a = virsh_on(cx, "host-a", "domstate lv-v", 30).stdout.trim().to_string();
     let a0 = migcheck(cx, "lv-v", "host-a", 3);
     let ra = row_of(cx, "host-a", "lv-v");
     e.check(
-        "libvirt-2host-vtpm-refused-late",
+        "libvirt-2host-vtpm-policy-refused",
         w.ok() && !m.ok() && said.contains("PCR") && !on_b && !xl_a.is_empty() && !xl_a.contains('p') && !xl_a.contains('s') && field(&a0, "ek") == ek && field(&a0, "pcr16") == PCR_AFTER && field(&a0, "quote") == "verified" && jf(&ra, "host") == "host-a" && jf(&ra, "state") == "running",
         format!(
-            "A's policy for B names a PCR 0 B does not have: virsh migrate rc={}: {}; B's hook said: {}; lv-v on B: {on_b}; on A Xen's state {xl_a}, libvirt says {seen_a}; its TPM on A: EK {} PCR 16 {} quote {}; registry host {} state {}",
+            "A's policy for B names a PCR 0 B does not have: virsh migrate rc={} (want B's migrate begin hook to refuse with A's cause): {}; B's hook said: {}; lv-v on B: {on_b}; on A Xen's state {xl_a}, libvirt says {seen_a}; its TPM on A: EK {} PCR 16 {} quote {}; registry host {} state {}",
             m.rc,
             m.tail1(2),
             none(&said),
@@ -619,7 +619,7 @@ fn libvirt_vtpm_moves(cx: &Cx, e: &mut Errs, ek: &str) -> Vec<i64> {
         // (libvirt's view after a cancelled migration, as in part 2: its reconnect mends it)
         let _ = rsh(cx, "host-a", STOP_LIBVIRTD, 60);
         let l = rsh(cx, "host-a", &libvirtd_line(0), 150);
-        println!("INFO libvirt-2host: libvirt called lv-v {seen_a} after the late refusal; libvirtd restarted rc={}, now {}", l.rc, virsh_on(cx, "host-a", "domstate lv-v", 30).stdout.trim());
+        println!("INFO libvirt-2host: libvirt called lv-v {seen_a} after the refusal; libvirtd restarted rc={}, now {}", l.rc, virsh_on(cx, "host-a", "domstate lv-v", 30).stdout.trim());
     }
     let w = rsh(cx, "host-a", &format!("printf '%s' '{}' > {LV_MIGRATE}", lv_migrate_config(POL_B)), 30);
     if !e.check("libvirt-2host-vtpm-config", w.ok() && e.is_empty(), format!("host-a: {LV_MIGRATE} with B's policy again rc={}", w.rc)) {
