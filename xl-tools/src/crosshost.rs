@@ -1071,6 +1071,20 @@ impl Receiver<'_> {
         }
     }
 
+    /// This receiver takes guest `guest` with vTPM `vtpm` (`RecvAdopt`, `RecvArrived`): one
+    /// guest per receiver, the guest's move lock, and this host's registry binding the two.
+    fn claim(&mut self, guest: &str, vtpm: Uuid) -> Result<(), CliError> {
+        check_guest(guest)?;
+        if self.incoming.is_some() {
+            return Err(fail(REFUSED, "a receiver takes one guest"));
+        }
+        self.lock(guest)?;
+        match self.xen.open_registry()?.get_by_name(guest).map_err(reg_err)? {
+            Some(r) if r.vtpm_uuid == vtpm => Ok(()),
+            _ => Err(fail(REFUSED, format!("this host's registry does not bind guest {guest} to vTPM {vtpm}: hosts that move guests between them share one registry; nothing moved"))),
+        }
+    }
+
     /// The domain of a guest that arrived here: as restored (`GUEST--incoming`) or resumed.
     fn arrived_domid(&self, guest: &str) -> Option<(u32, bool)> {
         self.xen.xl_domid(&format!("{guest}{INCOMING}")).map(|d| (d, true)).or_else(|| self.xen.xl_domid(guest).map(|d| (d, false)))
@@ -1360,16 +1374,7 @@ impl Receiver<'_> {
                 Ok(RecvReply::RecvResumed { domid, vtpm_pid: pid, reconnect_ms, tpm_kept: kept, restore_ms: 0, vtpm_domain })
             }
             RecvRequest::RecvAdopt { guest, vtpm, vtpm_domain } => {
-                check_guest(&guest)?;
-                if self.incoming.is_some() {
-                    return Err(fail(REFUSED, "a receiver takes one guest"));
-                }
-                self.lock(&guest)?;
-                let reg = &mut xen.open_registry()?;
-                match reg.get_by_name(&guest).map_err(reg_err)? {
-                    Some(r) if r.vtpm_uuid == vtpm => {}
-                    _ => return Err(fail(REFUSED, format!("this host's registry does not bind guest {guest} to vTPM {vtpm}"))),
-                }
+                self.claim(&guest, vtpm)?;
                 let dir = xen.local.run_dir.join("guests");
                 let found = self.arrived_domid(&guest);
                 let plain = dir.join(format!("{guest}.incoming.cfg"));
@@ -1381,19 +1386,10 @@ impl Receiver<'_> {
                 Ok(RecvReply::RecvAdopted { domid: found.map(|(d, _)| d), staged })
             }
             RecvRequest::RecvArrived { guest, vtpm, domid, source_boot } => {
-                check_guest(&guest)?;
-                if self.incoming.is_some() {
-                    return Err(fail(REFUSED, "a receiver takes one guest"));
-                }
                 if !source_boot.is_empty() && source_boot == boot_id() {
                     return Err(fail(REFUSED, "libvirt moves guests between hosts: the source runs on this very Xen"));
                 }
-                self.lock(&guest)?;
-                let reg = &mut xen.open_registry()?;
-                match reg.get_by_name(&guest).map_err(reg_err)? {
-                    Some(r) if r.vtpm_uuid == vtpm => {}
-                    _ => return Err(fail(REFUSED, format!("this host's registry does not bind guest {guest} to vTPM {vtpm}: hosts that move guests between them share one registry; nothing moved"))),
-                }
+                self.claim(&guest, vtpm)?;
                 if xen.xl_domid(&guest) != Some(domid) || xen.domain_paused(domid) != Some(true) {
                     return Err(fail(REFUSED, format!("guest {guest} is not the paused domain {domid} here that libvirt's incoming migration makes; nothing moved")));
                 }

@@ -299,16 +299,8 @@ fn an_incoming_migration_without_xml_is_judged_by_the_guest_s_name() {
     // No manager runs here (no admin socket under --run-dir): a guest without a vTPM still
     // starts (before, every hook call connected first and exited 3).
     let plain = format!("<domain type='xen'><name>lv-m</name><uuid>{}</uuid></domain>", Uuid::new_v4());
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_xl-vtpm"))
-        .args(["--registry", &registry.display().to_string(), "--run-dir", &dir.path().join("run").display().to_string()])
-        .args(["libvirt-hook", "lv-m", "prepare", "begin", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut c.stdin.take().unwrap(), plain.as_bytes()).unwrap();
-    let out = c.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (rc, err) = hook_on(dir.path(), &xl_tools::registry::this_host(), &dir.path().join("none.json"), &["lv-m", "prepare", "begin", "-"], &plain, &[]);
+    assert_eq!(rc, Some(0), "{err}");
 }
 
 /// Runs `xl-vtpm --host HOST libvirt-hook ARGS` on the registry in `dir` with `xml` on stdin,

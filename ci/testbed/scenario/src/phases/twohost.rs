@@ -30,11 +30,18 @@
 //!                   libvirt clears a hook's environment): a guest without a vTPM started with
 //!                   `virsh` on A and moved with `virsh migrate --p2p lv-m xen+tcp://host-b/system`
 //!                   (non-live: this Xen has no PV log-dirty) runs on B, not on A, and ticks on
-//!                   (P6 of a move without a vTPM); a guest with a vTPM (the hook's metadata) is
-//!                   refused by B's hook (`migrate begin`, which libvirt 9.0 sends no XML: the
-//!                   guest's name is bound to a vTPM in the registry), still runs on A with the
-//!                   same domid and vTPM process and its TPM answers; libvirt's view of it, which
-//!                   its cancelled p2p migration leaves `paused`, is mended by a libvirtd restart.
+//!                   (P6 of a move without a vTPM); a guest with a vTPM (the hook's metadata),
+//!                   without the hosts' `/etc/xvtpm/libvirt-migrate.json`, is refused by B's hook
+//!                   (`migrate begin`, which libvirt 9.0 sends no XML: the guest's name is bound
+//!                   to a vTPM in the registry), still runs on A with the same domid and vTPM
+//!                   process and its TPM answers; libvirt's view of it, which its cancelled p2p
+//!                   migration leaves `paused`, is mended by a libvirtd restart. With the
+//!                   configuration on both hosts: A's policy for B that B does not meet refuses
+//!                   at B's `migrate begin` (A's `libvirt-handoff --prepare`), the guest runs on
+//!                   with its vTPM and PCR 16; then `virsh migrate --p2p` moves it to B and back
+//!                   with its vTPM (the hooks pull the identity at `started`): the same EK, key,
+//!                   NV and PCR 16, a fresh quote, the registry names the holder, the old host
+//!                   refuses to start the vTPM (P6 `p6-2host-libvirt-vtpm-downtime-ms-rN`).
 
 use std::time::Duration;
 
