@@ -153,6 +153,19 @@ pub struct Checks {
     pub group: Option<String>,
 }
 
+impl Checks {
+    /// The checks a libvirt migration's destination must pass, from this host's configuration
+    /// (certificates and policy read now).
+    pub fn of_libvirt(cfg: &crate::libvirt_migrate::MigrateConfig) -> Result<Checks, CliError> {
+        Ok(Checks {
+            roots: crate::transfer::read_certs(&cfg.ek_ca, "ek_ca")?,
+            intermediates: crate::transfer::read_certs(&cfg.ek_intermediate, "ek_intermediate")?,
+            policy: crate::transfer::read_policy(&cfg.host_pcrs_policy)?,
+            group: cfg.group.clone(),
+        })
+    }
+}
+
 /// A host name as a transport argument: no shell metacharacters.
 fn check_host(host: &str) -> Result<(), CliError> {
     let ok = !host.is_empty()

@@ -33,7 +33,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::crosshost::Checks;
 use crate::exit::{CliError, FAILURE, REFUSED, USAGE};
 
 /// Where a host's configuration for libvirt migrations with vTPMs is.
@@ -116,16 +115,6 @@ impl MigrateConfig {
             }
         }
         Ok(Some(c))
-    }
-
-    /// The checks a destination must pass (certificates and policy read now).
-    pub fn checks(&self) -> Result<Checks, CliError> {
-        Ok(Checks {
-            roots: crate::transfer::read_certs(&self.ek_ca, "ek_ca")?,
-            intermediates: crate::transfer::read_certs(&self.ek_intermediate, "ek_intermediate")?,
-            policy: crate::transfer::read_policy(&self.host_pcrs_policy)?,
-            group: self.group.clone(),
-        })
     }
 
     /// The shell line the destination's hooks run: the source's handoff on `from_host` for

@@ -768,7 +768,7 @@ fn run(args: Args) -> Result<(), CliError> {
             let cfg = xl_tools::libvirt_migrate::MigrateConfig::load()?.ok_or_else(|| {
                 CliError::new(exit::REFUSED, format!("this host lets no vTPM leave with a libvirt migration: {} does not exist (docs/libvirt.md); nothing moved", path.display()))
             })?;
-            let checks = cfg.checks()?;
+            let checks = xl_tools::crosshost::Checks::of_libvirt(&cfg)?;
             match xen.handoff_to(&mut admin, &name, &destination, domid, &cfg.ssh, &cfg.receiver, &checks)? {
                 xl_tools::crosshost::Handoff::Prepared { to_host, offer_id, prepare_ms } => {
                     print_json(&serde_json::json!({"guest_name": name, "to_host": to_host, "offer_id": offer_id, "prepare_ms": prepare_ms}));
