@@ -458,6 +458,12 @@ fn read_file(p: &Path) -> Vec<u8> {
 fn incoming(s: &Stack, v: &VtpmHandle, ctrl: &Path, file: &Path, dir: &Path) -> (u32, u16, Result<(Child, Qmp), std::process::ExitStatus>) {
     // QEMU's firmware starts the TPM; the vTPM must not (that would write a newer state).
     let (pid, port) = restart_vtpm_with(s, v, ctrl, &["--startup", "none"]);
+    (pid, port, load_incoming(ctrl, file, dir))
+}
+
+/// A QEMU in `dir` on the vTPM's control socket `ctrl` that loads the migration stream `file`:
+/// paused once loaded, or its exit status if the load failed.
+fn load_incoming(ctrl: &Path, file: &Path, dir: &Path) -> Result<(Child, Qmp), std::process::ExitStatus> {
     std::fs::create_dir_all(dir).unwrap();
     let from = format!("exec:cat {}", file.display());
     let mut qemu = spawn_qemu(dir, ctrl, &["-incoming", &from]);
@@ -465,11 +471,11 @@ fn incoming(s: &Stack, v: &VtpmHandle, ctrl: &Path, file: &Path, dir: &Path) -> 
     loop {
         // A failed load ends QEMU at any moment, QMP connection included.
         if let Some(st) = qemu.try_wait().unwrap() {
-            return (pid, port, Err(st));
+            return Err(st);
         }
         if matches!(query_status(&dir.join("qmp.sock")).as_deref(), Some(st) if st != "inmigrate") {
             let q = Qmp::connect(&dir.join("qmp.sock"), &mut qemu, &dir.join("qemu.log"), Duration::from_secs(30));
-            return (pid, port, Ok((qemu, q)));
+            return Ok((qemu, q));
         }
         assert!(Instant::now() < deadline, "incoming migration did not finish in 60 s:\n{}", qemu_log(dir));
         std::thread::sleep(Duration::from_millis(50));
@@ -677,6 +683,48 @@ fn a_destination_that_dies_before_its_load_hands_the_tpm_back_to_the_source() {
     qa.execute("quit");
     assert!(wait_exit(&mut a, Duration::from_secs(30)).success(), "{}", qemu_log(&a_dir));
     until("the TPM to be powered off", || pcr(port, 9).is_none());
+}
+
+/// A destination whose device model loaded the TPM's state and died before the guest ran (Xen:
+/// `xl restore` failed after the device model started; the receiver keeps the saved guest for
+/// `xl-vtpm migrate --finish`): on the same vTPM process the same saved state loads again, since
+/// nothing of it changed — before, the load had raised the replay floor past it and the guest
+/// could never be restored. Reads (QEMU's own start-up probe, PCR reads) leave it so; once the
+/// TPM ran a command that changes its state, the same load is a replay and refused.
+#[test]
+fn a_restore_that_failed_after_its_load_loads_the_same_state_again() {
+    let _one_qemu_test = one_qemu_test();
+    let s = Stack::start();
+    let Source { ctrl, uuid, pid, port, qemu: mut a, qmp: mut qa, dir: a_dir, file, mark } = migrated_source(&s, 0x3c);
+    // the guest left: the source's device model ends (the TPM powers off, the process stays)
+    qa.execute("quit");
+    assert!(wait_exit(&mut a, Duration::from_secs(30)).success(), "{}", qemu_log(&a_dir));
+
+    // loaded, then killed before anything ran on the TPM (this test sends nothing either)
+    let b_dir = s.dir.path().join("b");
+    let (mut b, _qb) = load_incoming(&ctrl, &file, &b_dir).unwrap_or_else(|st| panic!("the first load failed ({st}):\n{}\n{}", qemu_log(&b_dir), s.vtpm_log(&uuid)));
+    b.kill().unwrap();
+    b.wait().unwrap();
+
+    // the retry loads the same state: the TPM runs as it was saved; reading it changes nothing
+    for n in ["c", "c2"] {
+        let c_dir = s.dir.path().join(n);
+        let (mut c, _qc) = load_incoming(&ctrl, &file, &c_dir).unwrap_or_else(|st| panic!("{n}: the same state did not load again ({st}):\n{}\n{}", qemu_log(&c_dir), s.vtpm_log(&uuid)));
+        assert_eq!(pcr(port, 9), Some(mark), "{n}: PCR 9 after the retried load");
+        if n == "c2" {
+            // the TPM moves on
+            pcr_extend(port, 9, [0x11; 32]);
+        }
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    // a command changed its state: the same state again is a replay (PCR 9 would roll back)
+    let d_dir = s.dir.path().join("d");
+    let st = load_incoming(&ctrl, &file, &d_dir).err().expect("QEMU loaded a state the TPM had run commands on");
+    assert!(!st.success());
+    assert!(s.vtpm_log(&uuid).contains("older than this vTPM's state"), "{}", s.vtpm_log(&uuid));
+    assert!(!wait_gone(pid, Duration::from_millis(500)), "the vTPM process ended");
 }
 
 /// A manager on its own swtpm manufactured with an EK certificate: a second "host".

@@ -29,11 +29,17 @@ pub struct Shared {
     /// The vTPM's state key: `CMD_GET/SET_STATEBLOB` blobs are sealed under it.
     pub blob_key: zeroize::Zeroizing<[u8; 32]>,
     /// The oldest state generation a `CMD_SET_STATEBLOB` blob may carry: the
-    /// generation this process opened, raised past every loaded blob at the
-    /// `CMD_INIT` that resumes it. An older blob (a replay) is refused.
+    /// generation this process opened, raised to the loaded blobs' at the `CMD_INIT` that
+    /// resumes them, and past them (`import_pending`) once the TPM ran a command on that state.
+    /// An older blob (a replay) is refused.
     pub import_floor: std::cell::Cell<u64>,
-    /// A blob was loaded since the last `CMD_INIT`.
-    pub imported: std::cell::Cell<bool>,
+    /// The newest generation of the blobs loaded since the last `CMD_INIT`.
+    pub imported: std::cell::Cell<Option<u64>>,
+    /// The generation the loaded state was written at and the engine's command count at the
+    /// `CMD_INIT` that resumed it: the floor's next value, once a command ran. Until then the
+    /// same blobs may load again — nothing of that state changed (a destination whose restore
+    /// failed after its device model loaded them is retried: `xl-vtpm migrate --finish`).
+    pub import_pending: std::cell::Cell<Option<(u64, u64)>>,
     /// Control connections open now that gave a data channel (`CMD_SET_DATAFD`): device
     /// models. Two at once is a Xen HVM guest's localhost migration (the destination's device
     /// model loads the state while the source's still runs).

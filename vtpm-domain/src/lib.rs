@@ -170,7 +170,8 @@ pub fn run(cfg: Config) -> Result<(), Fatal> {
             persist: cfg.persist || cfg.listen.iter().any(|l| matches!(l, crate::config::Listen::UnixData(_))),
             blob_key,
             import_floor,
-            imported: std::cell::Cell::new(false),
+            imported: std::cell::Cell::new(None),
+            import_pending: std::cell::Cell::new(None),
             device_models: std::cell::Cell::new(0),
             suspend: std::cell::Cell::new(false),
         });

@@ -579,9 +579,10 @@ fn hand_back(shared: &Shared) {
     }
     match v.resume_stopped() {
         Ok(true) => {
-            if shared.imported.replace(false) {
-                // As at CMD_INIT: the loaded generation is the floor from now on.
+            if shared.imported.take().is_some() {
+                // The source's guest runs on this state: it is the floor from now on.
                 shared.import_floor.set(v.generation());
+                shared.import_pending.set(None);
             }
             guest_info!("a device model ended before it loaded the state or started the TPM (a failed move): the TPM runs on where it stopped, for the other one");
         }
@@ -705,10 +706,12 @@ fn handle_ctrl(req: Request, s: &mut CtrlStream, shared: &Rc<Shared>, other_devi
     match req {
         Request::GetCapability => (ctrl::capability_response(CAPS).to_vec(), false),
         Request::Init { .. } => {
-            if shared.imported.replace(false) {
-                // Loading a blob wrote a newer generation: no blob of this
-                // export (or older) is accepted again.
-                shared.import_floor.set(v.generation());
+            if let Some(loaded) = shared.imported.take() {
+                // No older blob loads from now on; the loaded ones again only until the TPM
+                // runs a command on their state (then the generation their load wrote is the
+                // floor: see set_state_blob).
+                shared.import_floor.set(shared.import_floor.get().max(loaded));
+                shared.import_pending.set(Some((v.generation(), v.commands_run())));
             }
             (ok(result_of(v.init(), "CMD_INIT")), false)
         }
@@ -847,6 +850,12 @@ fn set_state_blob(req: Request, data: &[u8], shared: &Rc<Shared>) -> Vec<u8> {
             return ok(r);
         }
     };
+    if let Some((written, at)) = shared.import_pending.get()
+        && v.commands_run() > at
+    {
+        shared.import_floor.set(shared.import_floor.get().max(written));
+        shared.import_pending.set(None);
+    }
     let floor = shared.import_floor.get();
     if generation < floor {
         guest_warn!(kind, generation, current = floor, "refused a state blob older than this vTPM's state (a replay)");
@@ -854,7 +863,7 @@ fn set_state_blob(req: Request, data: &[u8], shared: &Rc<Shared>) -> Vec<u8> {
     }
     match v.import_blob(kind, plain) {
         Ok(()) => {
-            shared.imported.set(true);
+            shared.imported.set(Some(shared.imported.get().map_or(generation, |g| g.max(generation))));
             crate::guest_info!(kind, generation, "state blob loaded");
             ok(res::SUCCESS)
         }

@@ -99,6 +99,10 @@ pub struct Vtpm {
     opened_generation: u64,
     /// This process started the TPM from a saved volatile state (a suspend's): it runs as it was.
     resumed: bool,
+    /// TPM commands the engine ran in this process that may change its state (all but
+    /// [`reads_only`]): a state loaded by `CMD_SET_STATEBLOB` on which none ran since is still
+    /// exactly the state those blobs carry.
+    commands: u64,
     /// The engine's permanent state when its save failed: the engine is ahead of the disk, so
     /// no command runs until this is written (see [`Vtpm::persist_if_dirty`]).
     unsaved: Option<zeroize::Zeroizing<Vec<u8>>>,
@@ -151,6 +155,7 @@ impl Vtpm {
             opened_generation,
             unsaved: None,
             resumed: vol.is_some(),
+            commands: 0,
         };
         if vol.is_some() {
             let perm = state.permanent.clone();
@@ -230,6 +235,9 @@ impl Vtpm {
             return failure();
         }
         let Some(engine) = self.engine.as_mut() else { return failure() };
+        if !reads_only(family, packet) {
+            self.commands += 1;
+        }
         let mut rsp = engine.process(packet);
         if family == Family::Tpm2
             && let Some(patched) = vtpm_proto::deepquote_cmd::patch_getcap_response(packet, &rsp) {
@@ -480,11 +488,30 @@ impl Vtpm {
         self.opened_generation
     }
 
+    /// How many TPM commands that may change its state the engine ran in this process.
+    pub fn commands_run(&self) -> u64 {
+        self.commands
+    }
+
     /// Whether this process started the TPM from a saved volatile state (a suspend's), so it
     /// runs as it was, PCRs included, rather than powered on anew.
     pub fn resumed(&self) -> bool {
         self.resumed
     }
+}
+
+/// TPM 2.0 commands without sessions that read and change nothing a replay of older state
+/// could roll back: `TPM2_ReadClock` (QEMU's start-up probe of the TPM's version),
+/// `TPM2_GetCapability`, `TPM2_PCR_Read`. Every other command counts as the TPM moving on
+/// (`TPM2_GetRandom` too: it advances the DRBG).
+fn reads_only(family: Family, packet: &[u8]) -> bool {
+    const NO_SESSIONS: [u8; 2] = [0x80, 0x01];
+    const READ_CLOCK: u32 = 0x0000_0181;
+    const GET_CAPABILITY: u32 = 0x0000_017A;
+    const PCR_READ: u32 = 0x0000_017E;
+    family == Family::Tpm2
+        && packet.get(..2) == Some(&NO_SESSIONS[..])
+        && packet.get(6..10).is_some_and(|c| matches!(u32::from_be_bytes([c[0], c[1], c[2], c[3]]), READ_CLOCK | GET_CAPABILITY | PCR_READ))
 }
 
 /// A TPM being manufactured ([`Vtpm::begin_manufacture`]): it has its EK, nothing is on disk.
@@ -524,7 +551,7 @@ impl Manufacturing {
         let perm = engine.permanent_state().map_err(VtpmError::Libtpms)?;
         store.save(&perm, &[])?;
         let _ = engine.take_dirty_permanent();
-        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, stopped_volatile: None, opened_generation: 0, unsaved: None, resumed: false };
+        let v = Vtpm { family, engine: Some(engine), store, buffer_size: DEFAULT_BUFFER, locality: 0, last_saved: Some(perm), pending_volatile: None, stopped_volatile: None, opened_generation: 0, unsaved: None, resumed: false, commands: 0 };
         Ok((v, ek))
     }
 }
