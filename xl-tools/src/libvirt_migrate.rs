@@ -45,6 +45,14 @@ const MAX_CONFIG: u64 = 64 * 1024;
 /// How long after `migrate begin` the destination's `prepare` may come (libvirt runs it as
 /// soon as the source connects its stream); an older marker is stale and ignored.
 pub const PREPARE_WITHIN: Duration = Duration::from_secs(600);
+/// How long the destination's `migrate begin` waits for the source's `--prepare` by default (it
+/// runs in libvirt's Prepare: an unreachable source must not hold the migration).
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
+fn default_prepare_timeout() -> u64 {
+    PREPARE_TIMEOUT.as_secs()
+}
+/// The most of the source's output a hook reads, per stream (the rest is drained).
+pub const MAX_HANDOFF_OUTPUT: u64 = 256 * 1024;
 
 fn default_ssh() -> String {
     "ssh".into()
@@ -84,6 +92,10 @@ pub struct MigrateConfig {
     /// The group the vTPM joins on the destination (default: its default group).
     #[serde(default)]
     pub group: Option<String>,
+    /// How long (s) a destination's `migrate begin` waits for the source's checks and offer
+    /// before it refuses the migration (default 120).
+    #[serde(default = "default_prepare_timeout")]
+    pub prepare_timeout_s: u64,
 }
 
 impl MigrateConfig {
@@ -106,6 +118,9 @@ impl MigrateConfig {
             Err(e) => return Err(e),
         };
         let c: MigrateConfig = serde_json::from_slice(&bytes).map_err(|e| CliError::caused(USAGE, path.display().to_string(), e))?;
+        if !(1..=3600).contains(&c.prepare_timeout_s) {
+            return Err(CliError::new(USAGE, format!("{}: prepare_timeout_s must be 1 to 3600", path.display())));
+        }
         if c.ek_ca.is_empty() {
             return Err(CliError::new(USAGE, format!("{}: ek_ca names no TPM vendor root", path.display())));
         }

@@ -750,24 +750,63 @@ impl Xen {
     /// without `domid`). Returns its report (stdout); its failure carries its exit code and its
     /// own error line as the cause (the lines before it are its progress, forwarded to stderr).
     fn handoff(&self, cfg: &crate::libvirt_migrate::MigrateConfig, m: &crate::libvirt_migrate::Incoming, domid: Option<u32>) -> Result<String, CliError> {
+        use std::io::Read;
+        use std::os::unix::process::CommandExt;
         let line = cfg.handoff_line(&m.from_host, &m.guest, &self.host, domid)?;
-        let out = std::process::Command::new("/bin/sh")
+        let mut child = std::process::Command::new("/bin/sh")
             .args(["-c", &line])
+            // its own process group: a timeout ends the transport too, not only the shell
+            .process_group(0)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
-            .output()
+            .spawn()
             .map_err(|e| CliError::caused(FAILURE, format!("cannot run the handoff ({line})"), e))?;
-        let said = String::from_utf8_lossy(&out.stderr);
+        // What the peer says is read up to a cap (the rest drained), on threads, so a stream
+        // that fills its pipe cannot stall the wait below.
+        let capped = |r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut r = r;
+                let mut buf = Vec::new();
+                let _ = (&mut r).take(crate::libvirt_migrate::MAX_HANDOFF_OUTPUT).read_to_end(&mut buf);
+                let _ = std::io::copy(&mut r, &mut std::io::sink());
+                buf
+            })
+        };
+        let out = capped(Box::new(child.stdout.take().expect("piped")));
+        let err = capped(Box::new(child.stderr.take().expect("piped")));
+        // `--prepare` runs inside libvirt's Prepare: an unreachable source must not hold it.
+        let within = std::time::Duration::from_secs(cfg.prepare_timeout_s);
+        let deadline = domid.is_none().then(|| std::time::Instant::now() + within);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => {
+                    if let Ok(pid) = i32::try_from(child.id()) {
+                        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(fail(
+                        FAILURE,
+                        format!("host {} did not answer within {} s (`{line}`; prepare_timeout_s in the configuration)", m.from_host, within.as_secs()),
+                    ));
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                Err(e) => return Err(CliError::caused(FAILURE, format!("waiting for the handoff ({line})"), e)),
+            }
+        };
+        let (stdout, stderr) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+        let said = String::from_utf8_lossy(&stderr);
         let mut lines: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
-        if out.status.success() {
+        if status.success() {
             lines.iter().for_each(|l| eprintln!("{l}"));
-            return Ok(String::from_utf8_lossy(&out.stdout).trim().to_string());
+            return Ok(String::from_utf8_lossy(&stdout).trim().to_string());
         }
         let cause = lines.pop().unwrap_or("(it said nothing)").trim();
         let cause = cause.strip_prefix("xl-vtpm: error: ").unwrap_or(cause).to_string();
         lines.iter().for_each(|l| eprintln!("{l}"));
-        let code = out.status.code().unwrap_or(FAILURE);
+        let code = status.code().unwrap_or(FAILURE);
         Err(fail(if code == 0 { FAILURE } else { code }, format!("{cause} (`{line}` exit {code})")))
     }
 

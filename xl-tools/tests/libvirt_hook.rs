@@ -364,7 +364,8 @@ fn a_libvirt_migration_brings_the_vtpm_along_through_the_hooks() {
     std::fs::write(
         &fake_ssh,
         format!(
-            "#!/bin/sh\necho \"$@\" >> {}\ncase \"$*\" in\n *--prepare*) [ -n \"$PREPARE_FAIL\" ] && {{ echo 'xl-vtpm: error: host PCR 0 of host-b is not the policy' >&2; exit 6; }}; echo '{{}}'; exit 0;;\nesac\necho 'xl-vtpm: offer made by host-b' >&2\necho 'xl-vtpm: error: host-a refuses host-b: PCR 0 differs' >&2\nexit ${{MOVE_RC:-4}}\n",
+            "#!/bin/sh\necho \"$@\" >> {}\ncase \"$*\" in\n *--prepare*) [ -n \"$PREPARE_HANG\" ] && {{ sleep 30 & echo $! > {}.hang; wait; exit 0; }}; [ -n \"$PREPARE_FAIL\" ] && {{ echo 'xl-vtpm: error: host PCR 0 of host-b is not the policy' >&2; exit 6; }}; echo '{{}}'; exit 0;;\nesac\necho 'xl-vtpm: offer made by host-b' >&2\necho 'xl-vtpm: error: host-a refuses host-b: PCR 0 differs' >&2\nexit ${{MOVE_RC:-4}}\n",
+            args.display(),
             args.display()
         ),
     )
@@ -372,6 +373,24 @@ fn a_libvirt_migration_brings_the_vtpm_along_through_the_hooks() {
     std::fs::set_permissions(&fake_ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::write(&config, format!(r#"{{"ssh": "{}", "ek_ca": ["/nonexistent/root.pem"], "host_pcrs_policy": "/nonexistent/pcrs.json"}}"#, fake_ssh.display())).unwrap();
     let last_args = || std::fs::read_to_string(&args).unwrap().lines().last().unwrap().to_string();
+
+    // A source that does not answer --prepare: refused once the configured wait is over.
+    std::fs::write(&config, format!(r#"{{"ssh": "{}", "ek_ca": ["/nonexistent/root.pem"], "host_pcrs_policy": "/nonexistent/pcrs.json", "prepare_timeout_s": 1}}"#, fake_ssh.display())).unwrap();
+    let t = std::time::Instant::now();
+    let (rc, err) = hook("host-b", &begin, "", &[("PREPARE_HANG", "1")]);
+    assert_eq!(rc, Some(1), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(20), "the hook waited {:?}", t.elapsed());
+    assert!(err.contains("host-a did not answer within 1 s"), "{err}");
+    let hung: i32 = std::fs::read_to_string(format!("{}.hang", args.display())).unwrap().trim().parse().unwrap();
+    // (killed: gone, or a zombie until init reaps it)
+    let gone = || std::fs::read_to_string(format!("/proc/{hung}/stat")).map_or(true, |st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')));
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gone() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(gone(), "the transport {hung} outlived the timeout");
+    assert!(!marker.exists());
+    std::fs::write(&config, format!(r#"{{"ssh": "{}", "ek_ca": ["/nonexistent/root.pem"], "host_pcrs_policy": "/nonexistent/pcrs.json"}}"#, fake_ssh.display())).unwrap();
 
     // The source refuses this host at --prepare: a clean refusal, its cause on the line.
     let (rc, err) = hook("host-b", &begin, "", &[("PREPARE_FAIL", "1")]);
