@@ -336,6 +336,41 @@ fn refusals_name_their_check() {
     holds(&v, &c);
 }
 
+/// Offers that no move used stay open on the destination (their keys in its store) until
+/// withdrawn; at the cap the refusal lists each by id, vTPM and age, and names the command that
+/// withdraws one, which frees a place.
+#[test]
+fn a_destination_full_of_unused_offers_names_them_and_how_to_withdraw_one() {
+    let (a, b) = (host(), host());
+    let d = a.dir.path();
+    let (good, _) = policies(d);
+    let v = a.create_vtpm();
+    let ids: Vec<String> = (0..vtpmmgr::manager::transfer::MAX_OPEN_OFFERS)
+        .map(|n| {
+            let of = offer(&a, &b, &v.uuid, &good, &format!("open{n}"));
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(&of).unwrap()).unwrap()["offer_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let material = d.join("material-open0.json");
+    let ch = d.join("challenge-full.json");
+    ok(a.xl(&["vtpm", "transfer", "challenge", &v.uuid.to_string(), "--material", p(&material), "--ek-ca", p(&b.ek_ca.as_ref().unwrap().root_cert()), "--host-pcrs-policy", p(&good), "--out", p(&ch)]));
+    let full = b.xl(&["vtpm", "transfer", "offer", "--challenge", p(&ch), "--out", p(&d.join("full.json"))]);
+    refused(&full, 1, "transfer offers are outstanding");
+    for id in &ids {
+        assert!(text(&full).contains(id), "the refusal names offer {id}: {}", text(&full));
+    }
+    // The command the refusal names, as it names it, withdraws one.
+    let told = text(&full);
+    let cmd = told.split('`').nth(1).expect("a command in backquotes");
+    let args: Vec<String> = cmd.split_whitespace().skip(1).map(|w| match w {
+        "OFFER" => ids[3].clone(),
+        "FILE" => p(&d.join("withdrawn.json")).to_string(),
+        w => w.to_string(),
+    }).collect();
+    ok(b.xl(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    ok(b.xl(&["vtpm", "transfer", "offer", "--challenge", p(&ch), "--out", p(&d.join("full.json"))]));
+}
+
 /// Kill -9 of either manager between any two steps: the vTPM ends on exactly one host, intact.
 #[test]
 fn killed_managers_leave_exactly_one_runnable_copy() {

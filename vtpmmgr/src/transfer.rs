@@ -371,9 +371,14 @@ impl Manager {
         if self.store.vtpm(&ch.vtpm).is_some() && self.transfer_refusal(&ch.vtpm).is_none() {
             return Err(fail(ErrorCode::Exists, format!("vTPM {} lives on this manager already; nothing to transfer here", ch.vtpm)));
         }
-        let open = self.store.offers.iter().filter(|o| o.key.is_some()).count();
-        if open >= MAX_OPEN_OFFERS {
-            return Err(fail(ErrorCode::Busy, format!("{open} transfer offers are outstanding (at most {MAX_OPEN_OFFERS}); withdraw unused ones with `xl-vtpm vtpm transfer-cancel OFFER`")));
+        let open: Vec<&OfferRecord> = self.store.offers.iter().filter(|o| o.key.is_some()).collect();
+        if open.len() >= MAX_OPEN_OFFERS {
+            let t = now();
+            let list = open.iter().map(|o| format!("{} (vTPM {}, {} s old)", o.offer_id, o.vtpm, t.saturating_sub(o.created))).collect::<Vec<_>>().join(", ");
+            return Err(fail(
+                ErrorCode::Busy,
+                format!("{} transfer offers are outstanding (at most {MAX_OPEN_OFFERS}): {list}; withdraw the unused ones with `xl-vtpm vtpm transfer cancel OFFER --out FILE`", open.len()),
+            ));
         }
         let challenge_id = tp::unhex(&ch.challenge_id, "challenge_id", 32).map_err(bad)?;
         if ch.pcrs.is_empty() || ch.pcrs.len() > 24 || ch.pcrs.iter().any(|p| *p > 23) {
@@ -565,7 +570,7 @@ impl Manager {
                 return Err(AdminReply::Error(Failure::transfer(
                     ErrorCode::Exists,
                     Refusal::AlreadyImported,
-                    format!("import refused: vTPM {uuid} was already imported from this package; its receipt: `xl-vtpm vtpm transfer-receipt {uuid}`"),
+                    format!("import refused: vTPM {uuid} was already imported from this package; its receipt: `xl-vtpm vtpm transfer receipt {uuid} --out FILE`"),
                 )));
             }
             return Err(fail(ErrorCode::Exists, format!("import refused: vTPM {uuid} exists on this manager already")));
@@ -577,7 +582,7 @@ impl Manager {
             )));
         };
         let Some(key) = offer.key.clone() else {
-            return Err(refused(format!("import refused: offer {} was withdrawn (`transfer-cancel`); the package can no longer be opened", pkg.offer_id)));
+            return Err(refused(format!("import refused: offer {} was withdrawn (`xl-vtpm vtpm transfer cancel`); the package can no longer be opened", pkg.offer_id)));
         };
         if offer.vtpm != uuid {
             return Err(refused(format!("import refused: offer {} was made for vTPM {}, the package carries {uuid}", offer.offer_id, offer.vtpm)));
@@ -624,7 +629,7 @@ impl Manager {
         self.refused_states.remove(&uuid);
         xvtpm_log::host_info!(vtpm = %uuid, offer = %offer.offer_id, from = %pkg.source_host, generation = pkg.generation, "vTPM imported");
         let receipt = self.make_receipt(ReceiptKind::Imported, uuid, offer.offer_id, Some(pkg.export_id), pkg.generation, entry.group).map_err(|e| {
-            fail(e.code, format!("vTPM {uuid} was imported, but its receipt could not be made ({}); ask again with `xl-vtpm vtpm transfer-receipt {uuid}`", e.message))
+            fail(e.code, format!("vTPM {uuid} was imported, but its receipt could not be made ({}); ask again with `xl-vtpm vtpm transfer receipt {uuid} --out FILE`", e.message))
         })?;
         Ok(AdminReply::TransferImported { receipt: Box::new(receipt), state_file: state_file.display().to_string() })
     }
@@ -677,7 +682,7 @@ impl Manager {
         let Some(offer) = self.store.offers.iter().find(|o| o.offer_id == offer_id).cloned() else {
             if let Some(t) = self.store.transfers.iter().find(|t| t.import.as_ref().is_some_and(|i| i.offer_id == offer_id)) {
                 return Err(refused(format!(
-                    "offer {offer_id} was imported (vTPM {}): it cannot be cancelled; give the source its receipt (`xl-vtpm vtpm transfer-receipt {}`) to commit",
+                    "offer {offer_id} was imported (vTPM {}): it cannot be cancelled; give the source its receipt (`xl-vtpm vtpm transfer receipt {} --out FILE`) to commit",
                     t.uuid, t.uuid
                 )));
             }
@@ -768,7 +773,7 @@ impl Manager {
                     ErrorCode::Refused,
                     "abort refused",
                     &e,
-                    &format!("only the destination's cancellation of this offer returns the vTPM to service: `xl-vtpm vtpm transfer-cancel {}` on the destination", o.offer_id),
+                    &format!("only the destination's cancellation of this offer returns the vTPM to service: `xl-vtpm vtpm transfer cancel {} --out FILE` on the destination", o.offer_id),
                 ))
             })?;
         let mut next = self.store.clone();

@@ -309,6 +309,27 @@ struct MoveRecord {
 }
 
 
+/// Withdraws the offer of `earlier`, a move record whose vTPM runs here — no move is behind it,
+/// so its offer was never used (a libvirt migration that ended between `migrate begin` and
+/// `started`, an earlier `--prepare`, a run killed before its guest left) — before a new offer is
+/// made, so that unused offers do not pile up in a destination's store (its manager keeps a few
+/// open at most). On `rx`'s host (`to_host`) directly; on another, the log names the command.
+fn withdraw_unused(rx: &mut Remote, earlier: Option<&MoveRecord>, name: &str, to_host: &str) {
+    let Some(r) = earlier else { return };
+    let offer = r.offer.offer_id;
+    if r.to_host != to_host {
+        xvtpm_log::host_warn!(
+            guest = %name, %offer, to = %r.to_host,
+            "an unused transfer offer stays open on {}: withdraw it there with `xl-vtpm vtpm transfer cancel {offer} --out FILE`", r.to_host
+        );
+        return;
+    }
+    match crate::transfer::cancel(rx.link(), offer) {
+        Ok(_) => xvtpm_log::host_info!(guest = %name, %offer, to = %to_host, "an unused transfer offer withdrawn"),
+        Err(e) => xvtpm_log::host_warn!(guest = %name, %offer, to = %to_host, "the unused transfer offer could not be withdrawn: {}", e.text()),
+    }
+}
+
 fn write_record(state_dir: &Path, rec: &MoveRecord) -> Result<(), CliError> {
     let path = move_record(state_dir, &rec.vtpm);
     let dir = path.parent().expect("a parent");
@@ -450,6 +471,8 @@ impl Xen {
         let vtpm_domain = vdom.map(|(v, _)| v);
         rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone(), source_boot: boot_id(), from_domid: old, hvm: hvm_tpm, vtpm_domain: vtpm_domain.clone() })?;
         let vtpm_domain = vtpm_domain.map(|v| v.name);
+        let earlier = std::fs::read(move_record(&self.local.state_dir, &uuid)).ok().and_then(|b| serde_json::from_slice::<MoveRecord>(&b).ok());
+        withdraw_unused(&mut rx, earlier.as_ref().filter(|r| r.vtpm == uuid), name, &to_host);
         let tp = Instant::now();
         let offer = crate::transfer::prepare(admin, rx.link(), uuid, checks.group.as_deref(), &checks.roots, checks.intermediates.clone(), &checks.policy)?;
         let offer_id = offer.offer_id;
@@ -781,10 +804,12 @@ impl Xen {
         }
         // The offer `--prepare` made for this move, if its record is here.
         let path = move_record(&self.local.state_dir, &uuid);
-        let prepared = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<MoveRecord>(&b).ok())
-            .filter(|r| dest_domid.is_some() && r.guest == name && r.to_host == to_host && r.vtpm == uuid && r.from_domid == old && !r.non_live && !r.hvm && r.vtpm_domain.is_none());
+        let earlier = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<MoveRecord>(&b).ok()).filter(|r| r.vtpm == uuid);
+        let fits = |r: &MoveRecord| r.guest == name && r.to_host == to_host && r.from_domid == old && !r.non_live && !r.hvm && r.vtpm_domain.is_none();
+        let prepared = earlier.clone().filter(|r| dest_domid.is_some() && fits(r));
+        if prepared.is_none() {
+            withdraw_unused(&mut rx, earlier.as_ref(), name, &to_host);
+        }
         if let Some(d) = dest_domid {
             rx.ok(&RecvRequest::RecvArrived { guest: name.into(), vtpm: uuid, domid: d, source_boot: boot_id() })?;
         }

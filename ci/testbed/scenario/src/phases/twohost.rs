@@ -632,6 +632,14 @@ fn libvirt_vtpm_moves(cx: &Cx, e: &mut Errs, ek: &str) -> Vec<i64> {
     if !e.check("libvirt-2host-vtpm-config", w.ok() && e.is_empty(), format!("host-a: {LV_MIGRATE} with B's policy again rc={}", w.rc)) {
         return Vec::new();
     }
+    // 3b. Offers no move used do not pile up on B: A's `--prepare` run once more than B's
+    // manager keeps offers open (8), as libvirt migrations that ended between `migrate begin` and
+    // `started` would; each withdraws the one before (else the ninth is refused as too many).
+    let w = rsh(cx, "host-a", "for i in 1 2 3 4 5 6 7 8 9; do xl-vtpm libvirt-handoff lv-v host-b --prepare || exit $?; done", 300);
+    let offers: std::collections::BTreeSet<String> = w.stdout.lines().filter(|l| l.contains("\"offer_id\"")).filter_map(|l| l.split('"').nth(3)).map(str::to_string).collect();
+    if !e.check("libvirt-2host-vtpm-unused-offers", w.ok() && offers.len() == 9, format!("A's libvirt-handoff lv-v host-b --prepare nine times: rc={}, {} distinct offers: {}", w.rc, offers.len(), w.tail1(2))) {
+        return Vec::new();
+    }
     let mut downs = Vec::new();
     for (n, from, to) in [(4u32, "host-a", "host-b"), (5, "host-b", "host-a")] {
         let t = format!("round {} ({from} → {to}, virsh migrate run on {from})", n - 3);
