@@ -308,6 +308,11 @@ struct MoveRecord {
     vtpm_domain: Option<String>,
 }
 
+/// vTPM `uuid`'s move record in `state_dir`, if one is there and reads as one.
+fn read_record(state_dir: &Path, uuid: &Uuid) -> Option<MoveRecord> {
+    let b = std::fs::read(move_record(state_dir, uuid)).ok()?;
+    serde_json::from_slice::<MoveRecord>(&b).ok().filter(|r| r.vtpm == *uuid)
+}
 
 /// Withdraws the offer of `earlier`, a move record whose vTPM runs here — no move is behind it,
 /// so its offer was never used (a libvirt migration that ended between `migrate begin` and
@@ -471,8 +476,7 @@ impl Xen {
         let vtpm_domain = vdom.map(|(v, _)| v);
         rx.ok(&RecvRequest::RecvIncoming { guest: name.into(), vtpm: uuid, config: config.clone(), source_boot: boot_id(), from_domid: old, hvm: hvm_tpm, vtpm_domain: vtpm_domain.clone() })?;
         let vtpm_domain = vtpm_domain.map(|v| v.name);
-        let earlier = std::fs::read(move_record(&self.local.state_dir, &uuid)).ok().and_then(|b| serde_json::from_slice::<MoveRecord>(&b).ok());
-        withdraw_unused(&mut rx, earlier.as_ref().filter(|r| r.vtpm == uuid), name, &to_host);
+        withdraw_unused(&mut rx, read_record(&self.local.state_dir, &uuid).as_ref(), name, &to_host);
         let tp = Instant::now();
         let offer = crate::transfer::prepare(admin, rx.link(), uuid, checks.group.as_deref(), &checks.roots, checks.intermediates.clone(), &checks.policy)?;
         let offer_id = offer.offer_id;
@@ -803,8 +807,7 @@ impl Xen {
             return Err(fail(USAGE, format!("{host} is this host ({to_host} in the registry)")));
         }
         // The offer `--prepare` made for this move, if its record is here.
-        let path = move_record(&self.local.state_dir, &uuid);
-        let earlier = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<MoveRecord>(&b).ok()).filter(|r| r.vtpm == uuid);
+        let earlier = read_record(&self.local.state_dir, &uuid);
         let fits = |r: &MoveRecord| r.guest == name && r.to_host == to_host && r.from_domid == old && !r.non_live && !r.hvm && r.vtpm_domain.is_none();
         let prepared = earlier.clone().filter(|r| dest_domid.is_some() && fits(r));
         if prepared.is_none() {
